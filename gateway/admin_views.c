@@ -116,7 +116,7 @@ static void adapters_add_process(struct cw_app *app, json_t *body)
 		json_object_set_new(body, "matrix", matrix_health(app->matrix));
 	if (app->xmpp)
 		json_object_set_new(body, "xmpp", xa_health(app->xmpp));
-	json_t *pol = app_policy_health(app);
+	json_t *pol = app_policy_health(app, false);
 	if (pol)
 		json_object_set_new(body, "policy", pol);
 }

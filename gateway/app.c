@@ -183,11 +183,26 @@ static void probe_start(struct cw_app *app, struct cw_req *req, void *job, store
 
 /* ------------------------------------------------------------------- readyz */
 
+/* What /readyz, which needs no credentials, says of a read that failed:
+ * never libpq's own text, which names the server's host, port, user and
+ * database when a connection fails (the log's "database unreachable" has
+ * it): an outage or a deadline in words of ours, else the server's error
+ * about the read (a missing table, a permission refused), which the
+ * operator acts on. */
+static const char *readyz_failure(cw_err rc, const char *msg)
+{
+	if (rc == CW_EUNAVAIL)
+		return "the database is unavailable (the log's \"database unreachable\" says why)";
+	if (rc == CW_ETIMEDOUT)
+		return "the database did not answer within database.request_timeout_ms";
+	return msg && msg[0] ? msg : cw_strerror(rc);
+}
+
 /* A stale policy is reported, not a readiness condition: the process goes
  * on deciding with the rules it has (docs/operations.md, "A policy that
  * does not reload"), for a cause that lasts (a rule row the load cannot
  * read) is every process's, and a 503 would take them all out at once. */
-json_t *app_policy_health(struct cw_app *app)
+json_t *app_policy_health(struct cw_app *app, bool in_public)
 {
 	if (!app->policy)
 		return NULL;
@@ -199,7 +214,13 @@ json_t *app_policy_health(struct cw_app *app)
 			      (json_int_t)ps.version, "reload_failures", (json_int_t)ps.reload_failures);
 	if (o && stale) {
 		json_object_set_new(o, "stale_for_s", json_integer(behind_us / 1000000));
-		json_object_set_new(o, "detail", json_string(ps.last_failure));
+		const char *detail = ps.last_failure;
+		if (in_public) /* libpq's words stay in the log (readyz_failure) */
+			detail = ps.last_failure_rc == CW_EUNAVAIL
+					 ? "the policy's database connection is unavailable (the log's \"policy cannot "
+					   "connect\" or \"policy reload failed\" says why)"
+					 : readyz_failure(ps.last_failure_rc, ps.last_failure);
+		json_object_set_new(o, "detail", json_string(detail));
 	}
 	return o;
 }
@@ -246,21 +267,6 @@ static cw_err readyz_query(PGconn *c, void *arg, cw_errmsg *e)
 	return CW_OK;
 }
 
-/* What /readyz, which needs no credentials, says of a read that failed:
- * never libpq's own text, which names the server's host, port, user and
- * database when a connection fails (the log's "database unreachable" has
- * it): an outage or a deadline in words of ours, else the server's error
- * about the read (a missing table, a permission refused), which the
- * operator acts on. */
-static const char *readyz_failure(cw_err rc, const cw_errmsg *e)
-{
-	if (rc == CW_EUNAVAIL)
-		return "the database is unavailable (the log's \"database unreachable\" says why)";
-	if (rc == CW_ETIMEDOUT)
-		return "the database did not answer within database.request_timeout_ms";
-	return e && e->msg[0] ? e->msg : cw_strerror(rc);
-}
-
 static void readyz_done(void *arg, cw_err rc, const cw_errmsg *e)
 {
 	struct readyz_job *j = arg;
@@ -284,7 +290,7 @@ static void readyz_done(void *arg, cw_err rc, const cw_errmsg *e)
 		json_object_set_new(db, "detail", json_string(read ? "writes are refused: the database does not answer "
 								     "the writer's connection (the log's \"database "
 								     "unreachable\" says why)"
-								   : readyz_failure(rc, e)));
+								   : readyz_failure(rc, e ? e->msg : NULL)));
 	json_t *mig = json_pack("{s:s, s:i, s:i}", "status",
 				!read ? "unknown" : current ? "current" : "not_current",
 				"applied", read ? j->applied : 0, "expected", (int)set->n);
@@ -297,7 +303,7 @@ static void readyz_done(void *arg, cw_err rc, const cw_errmsg *e)
 		json_object_set_new(adapters, "xmpp", xa_health(j->app->xmpp));
 	json_t *body = json_pack("{s:s, s:o, s:o, s:o}", "status", db_up && current ? "ready" : "not_ready",
 				 "database", db, "migrations", mig, "adapters", adapters);
-	json_t *pol = app_policy_health(j->app);
+	json_t *pol = app_policy_health(j->app, true);
 	if (body && pol)
 		json_object_set_new(body, "policy", pol);
 	else

@@ -171,8 +171,9 @@ void app_retry_after(struct cw_req *req, int64_t ms);
 /* This process's policy as /readyz and GET /admin/v1/adapters show it:
  * {status: current or stale, version, reload_failures, and when stale
  * (reloads failing for POLICY_STALE_AFTER_S or more) stale_for_s and
- * detail}; NULL without a policy thread. */
-json_t *app_policy_health(struct cw_app *app);
+ * detail}; NULL without a policy thread.  in_public (/readyz, which needs
+ * no credentials): a connection's failure in words of ours, not libpq's. */
+json_t *app_policy_health(struct cw_app *app, bool in_public);
 /* The answer for a store that refused or failed a job. */
 void app_reply_store_error(struct cw_app *app, struct cw_req *req, cw_err rc, const char *why);
 /* False after answering 415 when the body is not application/json. */

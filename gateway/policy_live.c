@@ -1658,6 +1658,7 @@ static void swap_in(struct policy_live *pl, struct policy_view *v)
 	if (!v->base) { /* a whole reload: current again (an overlay is over the rules it has) */
 		pl->st.stale_since_us = 0;
 		pl->st.last_failure[0] = '\0';
+		pl->st.last_failure_rc = CW_OK;
 	}
 	pthread_mutex_unlock(&pl->mu);
 	if (was_stale)
@@ -1812,6 +1813,29 @@ static void analyze_grown_events(struct policy_live *pl)
 		LOG_KV(CW_LOG_INFO, "the events table has grown since its statistics were taken; analyzed");
 }
 
+/* The rules in force may be behind the database from now on: the first
+ * failure since the last whole reload starts the stale clock; its detail
+ * and code are kept for /readyz and the admin API.  Returns whether this
+ * is the first failure of the run. */
+static bool note_failure(struct policy_live *pl, cw_err rc, const cw_errmsg *e, bool reload)
+{
+	pthread_mutex_lock(&pl->mu);
+	pl->st.reload_failures += reload;
+	bool first = !pl->st.stale_since_us;
+	if (first)
+		pl->st.stale_since_us = cw_now_us();
+	memcpy(pl->st.last_failure, e->msg, sizeof(pl->st.last_failure)); /* as long: a whole message */
+	pl->st.last_failure_rc = rc;
+	pthread_mutex_unlock(&pl->mu);
+	return first;
+}
+
+/* A connection that cannot be made is a failure to reload too: until the
+ * forty-seventh session it was retried in silence, never reported stale
+ * (a policy connection refused while the others stayed: the rules in
+ * force fell behind every change, and nothing said so).  Logged at the
+ * first failure of a run; the whole reload on the new connection logs
+ * "policy reloaded after failures". */
 static bool ensure_conn(struct policy_live *pl, bool *fresh)
 {
 	if (pl->c && PQstatus(pl->c) == CONNECTION_OK && !pl->drop_conn)
@@ -1827,6 +1851,9 @@ static bool ensure_conn(struct policy_live *pl, bool *fresh)
 	}
 	store_canceller_set(&pl->cancel, pl->c);
 	*fresh = pl->c != NULL; /* changes may have been missed while away */
+	if (!pl->c && note_failure(pl, CW_EUNAVAIL, &e, false))
+		LOG_KV(CW_LOG_WARN, "policy cannot connect to the database; the previous rules stay in force", "detail",
+		       e.msg);
 	return pl->c != NULL;
 }
 
@@ -1835,12 +1862,7 @@ static bool put_in_force(struct policy_live *pl, cw_err rc, struct policy_view *
 {
 	if (rc) {
 		LOG_KV(CW_LOG_WARN, "policy reload failed; the previous rules stay in force", "detail", e->msg);
-		pthread_mutex_lock(&pl->mu);
-		pl->st.reload_failures++;
-		if (!pl->st.stale_since_us)
-			pl->st.stale_since_us = cw_now_us();
-		memcpy(pl->st.last_failure, e->msg, sizeof(pl->st.last_failure)); /* as long: a whole message */
-		pthread_mutex_unlock(&pl->mu);
+		note_failure(pl, rc, e, true);
 		return false;
 	}
 	swap_in(pl, v);

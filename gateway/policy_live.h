@@ -366,6 +366,7 @@ struct policy_live_stats {
 	 * a change since then; and that failure's detail. */
 	int64_t stale_since_us;
 	char last_failure[sizeof(((cw_errmsg *)0)->msg)];
+	cw_err last_failure_rc; /* CW_EUNAVAIL: the connection; its text is libpq's */
 };
 void policy_live_get_stats(struct policy_live *pl, struct policy_live_stats *st);
 

@@ -442,6 +442,34 @@ def test_a_policy_that_does_not_reload_is_reported_stale_and_retried_less_often(
     assert "policy reloaded after failures" in daemon.log()
 
 
+def test_a_policy_that_cannot_connect_is_reported_stale_in_words_of_its_own(daemon, pg, db_url):
+    """The policy's connection lost and a new one refused (ALLOW_CONNECTIONS
+    false here; a full max_connections, a pg_hba change): the rules in
+    force fall behind every change.  Until the forty-seventh session the
+    policy thread retried in silence and was never reported stale.  Now it
+    is, after 5 s, with the log's "policy cannot connect"; /readyz, which
+    needs no credentials, says so in the daemon's words, never libpq's
+    (which name the server's socket or host, port and database)."""
+    name = db_url.split("?")[0].rsplit("/", 1)[1]
+    assert daemon.get("/readyz").json()["policy"]["status"] == "current"
+    pg.psql(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+    try:
+        pg.psql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' "
+                "AND application_name = 'causewayd'")
+        wait_until(lambda: daemon.get("/readyz").json()["policy"]["status"] == "stale", timeout=30,
+                   what="the policy reported stale")
+        p = daemon.get("/readyz").json()["policy"]
+        assert p["stale_for_s"] >= 5 and "policy cannot connect" in p["detail"], p
+        assert not any(x in p["detail"] for x in ("connection to server", "FATAL", ".s.PGSQL", "socket", name)), p
+        assert "policy cannot connect to the database" in daemon.log()
+    finally:
+        pg.psql(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    wait_until(lambda: daemon.get("/readyz").json()["policy"]["status"] == "current", timeout=30,
+               what="the policy current again")
+    assert daemon.admin("GET", "/adapters").json()["policy"]["status"] == "current"
+    assert "policy reloaded after failures" in daemon.log()
+
+
 def metric(d, name):
     for line in d.get("/metrics").text.splitlines():
         if line.startswith(name + " "):
