@@ -1000,12 +1000,59 @@ static void si_pick_free(struct si_pick *pk)
 	free(pk->scratch);
 }
 
-static bool si_tag_is(const struct sig_input *si, const char *tag)
+/* The string value of si's parameter key, or NULL (absent, not a string). */
+static const char *si_string_param(const struct sig_input *si, const char *key)
 {
 	for (size_t i = 0; i < si->nparams; i++)
-		if (strcmp(si->params[i].key, "tag") == 0)
-			return si->params[i].v.type == SF_STRING && strcmp(si->params[i].v.str, tag) == 0;
-	return false;
+		if (strcmp(si->params[i].key, key) == 0)
+			return si->params[i].v.type == SF_STRING ? si->params[i].v.str : NULL;
+	return NULL;
+}
+
+static bool si_tag_is(const struct sig_input *si, const char *tag)
+{
+	const char *t = si_string_param(si, "tag");
+	return t && strcmp(t, tag) == 0;
+}
+
+/* out->nonces: the verified signature's nonce, then those of the other
+ * candidates of its keyid, each once (httpsig.h).  An other's created
+ * counts up to now + skew, the latest a verified one may have: a replay
+ * cache holds an entry from its created on, and one far ahead would be
+ * held for as long (and hold up the expiry of those after it). */
+static void spent_nonces(const struct si_pick *pk, const struct httpsig_verify_opts *o,
+			 struct httpsig_result *out)
+{
+	out->nnonces = 0;
+	if (out->nonce[0]) {
+		out->nonces_created[0] = out->created;
+		copy_token(out->nonces[out->nnonces++], out->nonce);
+	}
+	for (size_t i = 0; i < pk->ncand; i++) {
+		const struct sig_input *si = pk->cand[i];
+		const char *keyid = si_string_param(si, "keyid");
+		const char *nonce = si_string_param(si, "nonce");
+		if (!nonce || !*nonce || strcmp(keyid ? keyid : "", out->keyid) != 0)
+			continue;
+		int64_t created = out->created;
+		for (size_t j = 0; j < si->nparams; j++)
+			if (strcmp(si->params[j].key, "created") == 0 && si->params[j].v.type == SF_INTEGER &&
+			    si->params[j].v.integer > created)
+				created = si->params[j].v.integer;
+		if (created > o->now + o->max_skew_s) /* out->created, verified, is not */
+			created = o->now + o->max_skew_s;
+		size_t j = 0;
+		while (j < out->nnonces && strcmp(out->nonces[j], nonce) != 0)
+			j++;
+		if (j == out->nnonces) {
+			if (j == HTTPSIG_MAX_TRIES)
+				continue;
+			copy_token(out->nonces[out->nnonces++], nonce);
+			out->nonces_created[j] = created;
+		} else if (created > out->nonces_created[j]) {
+			out->nonces_created[j] = created;
+		}
+	}
 }
 
 /* Every member is parsed (and so checked); the candidates are kept. */
@@ -1318,6 +1365,7 @@ cw_err httpsig_verify(const struct httpsig_msg *m, const char *signature_input, 
 	}
 	if (rc)
 		goto out;
+	spent_nonces(&pick, o, out);
 
 	/* Last the body, now that we know the digest header is authentic. */
 	if (o->check_content_digest) {

@@ -128,6 +128,19 @@ struct httpsig_result {
 	bool has_created, has_expires;
 	int64_t created, expires;
 	size_t ncomponents;
+	/* After CW_OK: the distinct nonces of the signatures picked (those of
+	 * the tag, o->label's, or the first) whose keyid is the one verified,
+	 * nonce (the verified one's) first.  A replay check spends them all: a
+	 * peer rotating its key signs with the old and the new, and a request
+	 * captured while the old one verified, replayed after the rotation
+	 * with the new one's signature alone, must not come with a nonce
+	 * never seen (until the forty-seventh session only the verified one's
+	 * was spent, and it did).  nonces_created[i]: the later of created
+	 * and that signature's own created (at most o->now + o->max_skew_s),
+	 * from when its nonce is to be held. */
+	size_t nnonces;
+	char nonces[HTTPSIG_MAX_TRIES][HTTPSIG_MAX_TOKEN + 1];
+	int64_t nonces_created[HTTPSIG_MAX_TRIES];
 };
 
 /* Parses the two field values (NULL counts as empty), picks the signature by
@@ -139,8 +152,8 @@ struct httpsig_result {
  * the signature that verified); otherwise CW_EINVAL with the reason the
  * first one tried was refused (out: what it said), CW_ENOMEM / CW_EIO for
  * resource or library failures.  The replay check is separate: feed
- * out->keyid / out->nonce / out->created to httpsig_replay_check_and_add()
- * after CW_OK.  out may be NULL. */
+ * out->keyid / each of out->nonces / out->created to
+ * httpsig_replay_check_and_add() after CW_OK.  out may be NULL. */
 cw_err httpsig_verify(const struct httpsig_msg *m, const char *signature_input, const char *signature,
 		      const struct httpsig_verify_opts *o, struct httpsig_result *out, cw_errmsg *e);
 

@@ -166,9 +166,18 @@ bool peer_verify_request(struct cw_app *app, struct cw_req *req, struct peer_pri
 	/* Dictionaries, whose lines RFC 8941 §4.2 joins: one signature a line is fine. */
 	cw_err rc = httpsig_verify(&m, req_header(req, "signature-input"), req_header(req, "signature"), &o, &res, &e);
 	if (rc == CW_OK) {
-		rc = httpsig_replay_check_and_add(app->replay, res.keyid, res.nonce, res.created, o.now);
+		/* Every nonce of the peer's signatures is spent, not only the
+		 * one verified's (httpsig_result.nonces). */
+		for (size_t i = 0; rc == CW_OK && i < res.nnonces; i++)
+			rc = httpsig_replay_check_and_add(app->replay, res.keyid, res.nonces[i], res.nonces_created[i],
+							  o.now);
 		snprintf(p->nonce, sizeof(p->nonce), "%s", res.nonce);
 		p->created = res.created;
+		p->n_other_nonces = 0;
+		for (size_t i = 1; i < res.nnonces && p->n_other_nonces < CW_ARRAY_LEN(p->other_nonces); i++) {
+			p->other_created[p->n_other_nonces] = res.nonces_created[i];
+			snprintf(p->other_nonces[p->n_other_nonces++], sizeof(p->other_nonces[0]), "%s", res.nonces[i]);
+		}
 		if (rc == CW_ECONFLICT)
 			cw_fail(&e, rc, "%s", PEER_NONCE_REPLAYED);
 		else if (rc)

@@ -96,21 +96,25 @@ cw_err peer_nonce_claim(PGconn *c, const struct peer_principal *p, int64_t now_s
 		return CW_OK;
 	char pid[24], created[24], stale[24];
 	snprintf(pid, sizeof(pid), "%lld", (long long)p->id);
-	snprintf(created, sizeof(created), "%lld", (long long)p->created);
 	snprintf(stale, sizeof(stale), "%lld", (long long)(now_s - skew_s - 60));
-	const char *params[] = { pid, p->nonce, created, stale };
-	PGresult *r = PQexecParams(c,
-				   "WITH stale AS (DELETE FROM signature_nonces WHERE ctid = ANY (ARRAY(SELECT ctid "
-				   "FROM signature_nonces WHERE peer_id = $1::bigint AND created < $4::bigint "
-				   "FOR UPDATE SKIP LOCKED))) "
-				   "INSERT INTO signature_nonces (peer_id, nonce, created) "
-				   "VALUES ($1::bigint, $2, $3::bigint) ON CONFLICT DO NOTHING",
-				   4, NULL, params, NULL, NULL, 0);
-	cw_err rc = store_check(c, r, PGRES_COMMAND_OK, e);
-	if (rc)
-		return rc;
-	*fresh = strcmp(PQcmdTuples(r), "1") == 0;
-	PQclear(r);
+	/* The verified signature's nonce, then the others' (one statement
+	 * each: a request signed more than once is rare, a rotation's). */
+	for (size_t i = 0; *fresh && i <= p->n_other_nonces && i <= CW_ARRAY_LEN(p->other_nonces); i++) {
+		snprintf(created, sizeof(created), "%lld", (long long)(i ? p->other_created[i - 1] : p->created));
+		const char *params[] = { pid, i ? p->other_nonces[i - 1] : p->nonce, created, stale };
+		PGresult *r = PQexecParams(c,
+					   "WITH stale AS (DELETE FROM signature_nonces WHERE ctid = ANY (ARRAY(SELECT ctid "
+					   "FROM signature_nonces WHERE peer_id = $1::bigint AND created < $4::bigint "
+					   "FOR UPDATE SKIP LOCKED))) "
+					   "INSERT INTO signature_nonces (peer_id, nonce, created) "
+					   "VALUES ($1::bigint, $2, $3::bigint) ON CONFLICT DO NOTHING",
+					   4, NULL, params, NULL, NULL, 0);
+		cw_err rc = store_check(c, r, PGRES_COMMAND_OK, e);
+		if (rc)
+			return rc;
+		*fresh = strcmp(PQcmdTuples(r), "1") == 0;
+		PQclear(r);
+	}
 	return CW_OK;
 }
 

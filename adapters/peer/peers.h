@@ -10,6 +10,7 @@
 #include "peer/event.h"
 #include "http.h"
 #include "store.h"
+#include "peer/httpsig.h"
 
 #include <openssl/evp.h>
 
@@ -27,14 +28,21 @@ struct peer_principal {
 	uint64_t registry_gen; /* the registry's snapshot it was found in (peer_registry_current) */
 	/* The request's verified signature: its nonce and created (set by
 	 * peer_verify_request), for peer_nonce_claim. */
-	char nonce[257];
+	char nonce[HTTPSIG_MAX_TOKEN + 1];
 	int64_t created;
+	/* The nonces of the peer's other signatures in the request (a peer
+	 * rotating its key signs with both keys), claimed with nonce
+	 * (httpsig_result.nonces). */
+	char other_nonces[HTTPSIG_MAX_TRIES - 1][HTTPSIG_MAX_TOKEN + 1];
+	int64_t other_created[HTTPSIG_MAX_TRIES - 1];
+	size_t n_other_nonces;
 };
 void peer_principal_free(void *p);
 
-/* Claims p's signature nonce for every daemon process (the table
- * signature_nonces), inside the caller's write transaction: *fresh is
- * false when another request claimed it before (a replay).  Rows of the
+/* Claims p's signature nonce, and those of its other signatures, for
+ * every daemon process (the table signature_nonces), inside the caller's
+ * write transaction: *fresh is false when another request claimed one of
+ * them before (a replay).  Rows of the
  * peer older than now_s - skew_s - 60 are deleted on the way, those that
  * no other transaction holds (SKIP LOCKED: two processes' batches that
  * claim for two peers in opposite orders would otherwise wait on each

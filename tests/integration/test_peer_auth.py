@@ -493,6 +493,91 @@ def test_each_signature_with_the_tag_is_tried_up_to_four(daemon):
         srv.close()
 
 
+def test_a_rotating_peers_request_replayed_with_its_new_keys_signature_alone_is_refused(daemon):
+    """A peer rotating its key signs with the old and the new one, each
+    signature with a nonce of its own.  A request captured while the old
+    key was registered (its signature verified, its nonce spent), replayed
+    after the rotation with the new key's signature alone and the new
+    token (sent in every later request), must be refused as a replay: every
+    nonce of the peer's signatures is spent, not only the verified one's.
+    Until the forty-seventh session the replay was answered 200."""
+    from peer import Signer
+    a, b, rm, srv = make_peers(daemon)
+    try:
+        url = a.base + "/v1/rooms/" + rm["id"]
+        new = Signer(a.signer.keyid)
+        h_old, h_new = a.signer.headers("GET", url), new.headers("GET", url)
+        assert h_old["Signature-Input"] != h_new["Signature-Input"]  # two nonces
+        both = {"Signature-Input": "old" + h_old["Signature-Input"][len("sig1"):] + ", new"
+                + h_new["Signature-Input"][len("sig1"):],
+                "Signature": "old" + h_old["Signature"][len("sig1"):] + ", new" + h_new["Signature"][len("sig1"):]}
+        r = requests.get(url, timeout=10, headers=dict(both, Authorization="Bearer " + a.token))
+        assert r.status_code == 200, r.text
+        r = daemon.admin("POST", "/peers/gk/rotate", json={"public_key": new.public_b64})
+        assert r.status_code == 200, r.text
+        token = r.json()["token"]
+        alone = {"Signature-Input": "new" + h_new["Signature-Input"][len("sig1"):],
+                 "Signature": "new" + h_new["Signature"][len("sig1"):]}
+        r = requests.get(url, timeout=10, headers=dict(alone, Authorization="Bearer " + token))
+        assert r.status_code == 401, f"the replay was taken: {r.status_code} {r.text}"
+        assert r.json()["detail"] == "this signature's nonce was seen before (a replay)", r.text
+        # A fresh request with the new key is taken.
+        a.signer, a.token = new, token
+        h = dict(new.headers("GET", url), Authorization="Bearer " + token)
+        r = requests.get(url, timeout=10, headers=h)
+        assert r.status_code == 200, r.text
+    finally:
+        srv.close()
+
+
+def test_a_rotating_peers_write_replayed_to_another_process_with_its_new_signature_is_refused(
+        make_daemon, pg, db_url):
+    """As above, for a write without an idempotency key replayed to another
+    daemon process (behind one load balancer): every nonce of the peer's
+    signatures is claimed in the database with the write, not only the
+    verified one's.  Until the forty-seventh session the replay to the
+    other process was taken (202) and stored again."""
+    from harness import wait_until
+    from peer import Signer, push_peers
+    public = {"server": {"public_url": "https://gw.example.org"}}
+    d1 = make_daemon(db_url, options=public).start()
+    (a, srv), (_, srv2) = push_peers(d1)
+    d2 = make_daemon(db_url, options=public).start()
+    try:
+        a.base = "https://gw.example.org"
+        path = "/v1/reports"
+        raw = json.dumps({"reporter": a.user("wally"), "subject": "mimi://example.org/u/alice",
+                          "reason": "spam"}).encode()
+        new = Signer(a.signer.keyid)
+        h_old, h_new = a.signer.headers("POST", a.base + path, raw), new.headers("POST", a.base + path, raw)
+        both = dict(h_old, Authorization="Bearer " + a.token)
+        both["Signature-Input"] = "old" + h_old["Signature-Input"][4:] + ", new" + h_new["Signature-Input"][4:]
+        both["Signature"] = "old" + h_old["Signature"][4:] + ", new" + h_new["Signature"][4:]
+        count = "SELECT count(*) FROM reports"
+        before = int(pg.psql(count, db_url))
+        r = d1.request("POST", path, data=raw, headers=both)
+        assert r.status_code == 202, r.text
+        assert int(pg.psql(count, db_url)) == before + 1
+        r = d1.admin("POST", "/peers/gk/rotate", json={"public_key": new.public_b64})
+        assert r.status_code == 200, r.text
+        token = r.json()["token"]
+
+        def taken_by_d2():  # d2 has reloaded its peers (NOTIFY causeway_peers)
+            url = a.base + "/v1/events?after=0"
+            h = dict(new.headers("GET", url), Authorization="Bearer " + token)
+            return d2.request("GET", "/v1/events?after=0", headers=h).status_code != 401
+        wait_until(taken_by_d2, what="the rotation at the second process")
+        alone = dict(h_new, Authorization="Bearer " + token)
+        alone["Signature-Input"] = "new" + h_new["Signature-Input"][4:]
+        alone["Signature"] = "new" + h_new["Signature"][4:]
+        r = d2.request("POST", path, data=raw, headers=alone)
+        assert r.status_code == 401 and "replay" in r.json()["detail"], f"replay taken: {r.status_code} {r.text}"
+        assert int(pg.psql(count, db_url)) == before + 1
+    finally:
+        srv.close()
+        srv2.close()
+
+
 def test_a_push_url_as_typed_is_signed_normalised(daemon):
     """A push_url written with an upper-case host (and a trailing slash)
     is requested and signed as the peer rebuilds its URI from the request

@@ -497,12 +497,17 @@ static void append_member(char *field, const char *member)
 
 /* Signs r as label with key and keyid (tag causeway-v1), appending the
  * member to the two fields. */
-static void add_signature(struct req *r, const char *label, EVP_PKEY *key, const char *keyid, char *si, char *sig)
+static void add_signature_nonce(struct req *r, const char *label, EVP_PKEY *key, const char *keyid,
+				const char *nonce, int64_t created, char *si, char *sig)
 {
 	struct httpsig_msg m = req_msg(r);
 	struct httpsig_params p = baseline_params();
 	p.label = label;
 	p.keyid = keyid;
+	if (nonce)
+		p.nonce = nonce;
+	if (created)
+		p.created = created;
 	char one_si[HTTPSIG_MAX_FIELD], one_sig[HTTPSIG_MAX_FIELD];
 	cw_errmsg e = { { 0 } };
 	ck_assert_msg(httpsig_sign(&m, our_components, key, &p, one_si, sizeof(one_si), one_sig, sizeof(one_sig), &e) ==
@@ -510,6 +515,11 @@ static void add_signature(struct req *r, const char *label, EVP_PKEY *key, const
 		      "%s", e.msg);
 	append_member(si, one_si);
 	append_member(sig, one_sig);
+}
+
+static void add_signature(struct req *r, const char *label, EVP_PKEY *key, const char *keyid, char *si, char *sig)
+{
+	add_signature_nonce(r, label, key, keyid, NULL, 0, si, sig);
 }
 
 /* RFC 9421 §3.2: of several signatures with the tag asked for, each is
@@ -597,6 +607,85 @@ START_TEST(several_signatures_of_the_tag_are_tried_in_order)
 	EVP_PKEY_free(a);
 	EVP_PKEY_free(b);
 	EVP_PKEY_free(a_pub);
+}
+END_TEST
+
+/* A peer rotating its key signs with the old and the new one, each
+ * signature with a nonce of its own.  Every nonce of the peer's
+ * signatures is reported (httpsig_result.nonces), the verified one's
+ * first, each once, another keyid's not: a replay cache that spends them
+ * all refuses the request captured while the old key was registered and
+ * replayed, after the rotation, with the new key's signature alone.
+ * Until the forty-seventh session only the verified signature's nonce
+ * was reported and spent, and that replay was taken. */
+START_TEST(every_nonce_of_the_peers_signatures_is_spent)
+{
+	EVP_PKEY *a = new_ed25519(), *b = new_ed25519();
+	EVP_PKEY *a_pub = public_of(a), *b_pub = public_of(b);
+	struct keyring before = { .ids = { "peer-a" }, .keys = { b_pub }, .n = 1 };
+	struct keyring after = { .ids = { "peer-a" }, .keys = { a_pub }, .n = 1 };
+	struct req r;
+	baseline_request(&r);
+	struct httpsig_msg m = req_msg(&r);
+	struct httpsig_verify_opts o = baseline_opts(&before, &r);
+	struct httpsig_result res;
+	cw_errmsg e = { { 0 } };
+	static char si[HTTPSIG_MAX_FIELD], sig[HTTPSIG_MAX_FIELD], si_new[HTTPSIG_MAX_FIELD],
+		sig_new[HTTPSIG_MAX_FIELD];
+	si[0] = sig[0] = si_new[0] = sig_new[0] = '\0';
+	add_signature_nonce(&r, "old", b, "peer-a", "n-old", 0, si, sig);
+	add_signature_nonce(&r, "edge", a, "peer-z", "n-edge", 0, si, sig);
+	add_signature_nonce(&r, "new", a, "peer-a", "n-new", T0 + 30, si, sig);
+	add_signature_nonce(&r, "again", a, "peer-a", "n-old", 0, si, sig);
+	add_signature_nonce(&r, "new", a, "peer-a", "n-new", T0 + 30, si_new, sig_new);
+
+	/* Before the rotation the old key's verifies: its nonce first. */
+	ck_assert_msg(httpsig_verify(&m, si, sig, &o, &res, &e) == CW_OK, "%s", e.msg);
+	ck_assert_str_eq(res.label, "old");
+	ck_assert_str_eq(res.nonce, "n-old");
+	ck_assert_uint_eq(res.nnonces, 2);
+	ck_assert_str_eq(res.nonces[0], "n-old");
+	ck_assert_str_eq(res.nonces[1], "n-new");
+	/* Each held from its own signature's created on. */
+	ck_assert_int_eq(res.nonces_created[0], T0);
+	ck_assert_int_eq(res.nonces_created[1], T0 + 30);
+	struct httpsig_replay *rp = httpsig_replay_new(100, 600);
+	ck_assert_ptr_nonnull(rp);
+	for (size_t i = 0; i < res.nnonces; i++)
+		ck_assert_int_eq(httpsig_replay_check_and_add(rp, res.keyid, res.nonces[i], res.nonces_created[i], T0),
+				 CW_OK);
+
+	/* After it the new key's verifies, the old one's nonce still listed. */
+	o = baseline_opts(&after, &r);
+	ck_assert_msg(httpsig_verify(&m, si, sig, &o, &res, &e) == CW_OK, "%s", e.msg);
+	ck_assert_str_eq(res.label, "new");
+	ck_assert_uint_eq(res.nnonces, 2);
+	ck_assert_str_eq(res.nonces[0], "n-new");
+	ck_assert_str_eq(res.nonces[1], "n-old");
+
+	/* The capture replayed with the new key's signature alone: verified,
+	 * and its nonce already spent. */
+	ck_assert_msg(httpsig_verify(&m, si_new, sig_new, &o, &res, &e) == CW_OK, "%s", e.msg);
+	ck_assert_uint_eq(res.nnonces, 1);
+	ck_assert_str_eq(res.nonces[0], "n-new");
+	ck_assert_int_eq(httpsig_replay_check_and_add(rp, res.keyid, res.nonces[0], res.created, T0 + 1),
+			 CW_ECONFLICT);
+
+	/* Another signature's created far ahead counts as now + skew at most. */
+	si[0] = sig[0] = '\0';
+	add_signature_nonce(&r, "new", a, "peer-a", "n-2", 0, si, sig);
+	add_signature_nonce(&r, "odd", b, "peer-a", "n-3", T0 + 100000, si, sig);
+	ck_assert_msg(httpsig_verify(&m, si, sig, &o, &res, &e) == CW_OK, "%s", e.msg);
+	ck_assert_uint_eq(res.nnonces, 2);
+	ck_assert_str_eq(res.nonces[1], "n-3");
+	ck_assert_int_eq(res.nonces_created[1], T0 + 300);
+
+	httpsig_replay_free(rp);
+	req_free(&r);
+	EVP_PKEY_free(a);
+	EVP_PKEY_free(b);
+	EVP_PKEY_free(a_pub);
+	EVP_PKEY_free(b_pub);
 }
 END_TEST
 
@@ -1421,6 +1510,7 @@ int main(void)
 	TCase *tc = tcase_create("httpsig");
 	tcase_set_timeout(tc, 60);
 	tcase_add_test(tc, rfc9421_b26_ed25519_vector);
+	tcase_add_test(tc, every_nonce_of_the_peers_signatures_is_spent);
 	tcase_add_test(tc, rfc9530_example_digest);
 	tcase_add_test(tc, round_trip_our_profile);
 	tcase_add_test(tc, prepared_keys_verify_as_unprepared);
