@@ -1309,13 +1309,23 @@ static enum batch_outcome run_batch(struct cw_store *s, PGconn *c, struct job *l
 			if (j->rc || !j->fn)
 				continue;
 			cw_err rc = j->fn(c, j->arg, &j->err);
-			if (rc == CW_OK && PQtransactionStatus(c) == PQTRANS_INERROR) {
+			PGTransactionStatusType ts = PQtransactionStatus(c);
+			if (rc == CW_OK && PQstatus(c) == CONNECTION_OK && ts != PQTRANS_INTRANS) {
 				/* A job that took a failed statement for an answer
 				 * (a bug): the transaction is aborted, and the
 				 * other jobs' writes with it, which COMMIT would
-				 * turn into a silent ROLLBACK.  It fails alone. */
-				LOG_KV(CW_LOG_ERROR, "a write job left its transaction aborted; failing it",
-				       "detail", PQerrorMessage(c));
+				 * turn into a silent ROLLBACK.  Or one that ended
+				 * the batch's transaction itself (a ROLLBACK or
+				 * COMMIT of its own, a bug too): the jobs after it
+				 * would run outside any transaction, each statement
+				 * committed alone, and the earlier jobs' writes be
+				 * reported committed whatever it did with them
+				 * (until the forty-seventh session).  It fails
+				 * alone; the others run again. */
+				LOG_KV(CW_LOG_ERROR,
+				       ts == PQTRANS_INERROR ? "a write job left its transaction aborted; failing it"
+							     : "a write job ended its batch's transaction; failing it",
+				       "detail", ts == PQTRANS_INERROR ? PQerrorMessage(c) : "");
 				rc = cw_fail(&j->err, CW_EINTERNAL, "a statement of the write failed");
 			}
 			if (rc == CW_OK)
@@ -1549,18 +1559,48 @@ static void *writer_main(void *arg)
 
 /* ------------------------------------------------------------ the readers */
 
+/* After j's read: a read that left a transaction open on the reader's
+ * connection (a BEGIN whose error path did not end it: a bug of the
+ * caller's) has it rolled back here.  Left open, every later read on that
+ * connection failed "current transaction is aborted" (25P02), or read the
+ * snapshot of the first, for as long as the connection lived: the server
+ * answered, so nothing dropped it.  A read that took a failed statement for
+ * an answer fails (CW_EINTERNAL), as a write does (run_batch).  False when
+ * the ROLLBACK lost the connection (finished here). */
+static bool read_left_idle(struct cw_store *s, struct reader *rd, struct job *j)
+{
+	PGconn *c = rd->conn.c;
+	PGTransactionStatusType ts = PQtransactionStatus(c);
+	if (PQstatus(c) != CONNECTION_OK || ts == PQTRANS_IDLE)
+		return true;
+	LOG_KV(CW_LOG_ERROR, "a read job left its transaction open; rolled back", "detail",
+	       ts == PQTRANS_INERROR ? "its transaction was aborted" : "its transaction was still going");
+	if (!j->rc && ts == PQTRANS_INERROR)
+		j->rc = cw_fail(&j->err, CW_EINTERNAL, "a statement of the read failed");
+	int64_t now = cw_now_us();
+	watch_arm(s, &rd->conn, j->deadline_us > now + WATCH_AGAIN_US ? j->deadline_us : now + WATCH_AGAIN_US, true);
+	cw_errmsg ignored;
+	cw_err rolled = store_exec(c, "ROLLBACK", &ignored);
+	if (watch_disarm(&rd->conn) || rolled || PQtransactionStatus(c) != PQTRANS_IDLE) {
+		conn_lost(s, &rd->conn);
+		return false;
+	}
+	return true;
+}
+
 /* Runs j's read on rd's connection, its statements cancelled at j's
- * deadline (the watchdog: CW_ETIMEDOUT, the connection kept); false when
- * the watchdog shut the connection down: it is finished here, and when
- * the server did not answer the cancel either, writes are refused until
- * the writer finds the database answering again (not for a statement that
- * ran on while the server answered: a backend stuck alone). */
+ * deadline (the watchdog: CW_ETIMEDOUT, the connection kept), and ends a
+ * transaction it left open (read_left_idle); false when the connection is
+ * finished here: that ROLLBACK lost it, or the watchdog shut it down, and
+ * when the server did not answer the cancel either, writes are refused
+ * until the writer finds the database answering again (not for a statement
+ * that ran on while the server answered: a backend stuck alone). */
 static bool read_run(struct cw_store *s, struct reader *rd, struct job *j)
 {
 	watch_arm(s, &rd->conn, j->deadline_us, false);
 	j->rc = j->fn(rd->conn.c, j->arg, &j->err);
 	if (!watch_disarm(&rd->conn))
-		return true;
+		return read_left_idle(s, rd, j);
 	if (j->rc)
 		j->rc = cw_fail(&j->err, CW_ETIMEDOUT, "the database did not answer in time; its connection was dropped");
 	bool dead = conn_dead(&rd->conn);

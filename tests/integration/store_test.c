@@ -664,6 +664,81 @@ START_TEST(store_end_commits_only_what_committed)
 }
 END_TEST
 
+/* A job that leaves its transaction open (a BEGIN whose error path does
+ * not end it) or ends its batch's transaction itself is a bug of the
+ * caller's: it spoils neither the connection nor the other jobs.  Before
+ * the forty-seventh session a read's open transaction stayed on its
+ * reader, and every later read there failed (25P02, "current transaction
+ * is aborted"); a write's own ROLLBACK rolled back the jobs before it in
+ * its batch, reported committed, and the jobs after it ran committing each
+ * statement alone. */
+static cw_err read_begins_and_fails(PGconn *c, void *arg, cw_errmsg *e)
+{
+	(void)arg;
+	cw_err rc = store_exec(c, "BEGIN", e);
+	if (!rc)
+		rc = store_exec(c, "SELECT 1/0", e);
+	return rc; /* no ROLLBACK */
+}
+
+static cw_err read_begins_and_takes_an_error_for_an_answer(PGconn *c, void *arg, cw_errmsg *e)
+{
+	struct rjob *j = arg;
+	cw_err rc = store_exec(c, "BEGIN", e);
+	PGresult *r = PQexec(c, "SELECT 1/0");
+	PQclear(r);
+	j->value = 1;
+	return rc;
+}
+
+static cw_err write_then_rollback(PGconn *c, void *arg, cw_errmsg *e)
+{
+	cw_err rc = insert_row(c, arg, e);
+	if (!rc)
+		rc = store_exec(c, "ROLLBACK", e);
+	return rc; /* "OK" */
+}
+
+START_TEST(a_job_that_leaves_its_transaction_spoils_nothing)
+{
+	reset_table();
+	struct cw_store *s;
+	cw_errmsg e;
+	struct store_opts o = opts(64, 200000);
+	o.readers = 1; /* every read on the one connection */
+	ck_assert_int_eq(store_open(&s, &o, &e), CW_OK);
+	ck_assert_int_ne(store_read_wait(s, read_begins_and_fails, NULL, &e), CW_OK);
+	struct rjob w = { 0 };
+	ck_assert_msg(store_read_wait(s, read_one, &w, &e) == CW_OK, "the next read: %s", e.msg);
+	ck_assert_int_eq(w.value, 42);
+	/* One that took the failure for an answer fails all the same. */
+	ck_assert_int_eq(store_read_wait(s, read_begins_and_takes_an_error_for_an_answer, &w, &e), CW_EINTERNAL);
+	memset(&w, 0, sizeof(w));
+	ck_assert_msg(store_read_wait(s, read_one, &w, &e) == CW_OK, "the next read: %s", e.msg);
+	ck_assert_int_eq(w.value, 42);
+
+	/* Three writes in one batch (queued within its delay), the second
+	 * rolling the batch's transaction back itself. */
+	pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+	pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+	atomic_int left = 3;
+	struct wjob jobs[3];
+	for (int i = 0; i < 3; i++)
+		jobs[i] = (struct wjob){ .id = i + 1, .left = &left, .mu = &mu, .cv = &cv };
+	ck_assert_int_eq(store_write(s, insert_row, wjob_done, &jobs[0]), CW_OK);
+	ck_assert_int_eq(store_write(s, write_then_rollback, wjob_done, &jobs[1]), CW_OK);
+	ck_assert_int_eq(store_write(s, insert_row, wjob_done, &jobs[2]), CW_OK);
+	wait_all(&left, &mu, &cv);
+	store_close(s);
+	ck_assert_int_eq(jobs[0].rc, CW_OK);
+	ck_assert_int_eq(jobs[1].rc, CW_EINTERNAL);
+	ck_assert_int_eq(jobs[2].rc, CW_OK);
+	/* What is reported committed is stored, and nothing else. */
+	ck_assert_int_eq(count_rows("SELECT count(*) FROM store_test_rows WHERE id IN (1, 3)"), 2);
+	ck_assert_int_eq(count_rows("SELECT count(*) FROM store_test_rows"), 2);
+}
+END_TEST
+
 int main(int argc, char **argv)
 {
 	cw_log_set_level(CW_LOG_WARN);
@@ -680,6 +755,7 @@ int main(int argc, char **argv)
 	tcase_add_test(tc, a_notification_read_during_a_statement_is_not_slept_on);
 	tcase_add_test(tc, a_reader_that_cannot_connect_does_not_stop_writes);
 	tcase_add_test(tc, store_end_commits_only_what_committed);
+	tcase_add_test(tc, a_job_that_leaves_its_transaction_spoils_nothing);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
 }
