@@ -15,6 +15,18 @@
 /* An arbitrary constant key for pg_advisory_lock: "causeway" in ASCII. */
 #define MIGRATE_LOCK_KEY "7161132091431352697"
 #define MIGRATION_MAX_BYTES (16L << 20)
+/* How long a migration's statement waits for a table lock another session
+ * holds, and the longest pause before its file is tried again
+ * (apply_waiting).  A statement waiting for a lock (an ALTER TABLE's
+ * ACCESS EXCLUSIVE, an index build's SHARE) queues every later statement
+ * on that table behind it, whatever they ask: without a bound, a
+ * transaction left open or a pg_dump holding its ACCESS SHARE on events
+ * for an hour stopped every daemon's reads and writes of events for that
+ * hour, not only the migration (until the forty-seventh session).  Below
+ * database.request_timeout_ms (5 s), so that the requests queued behind
+ * a wait are answered in time. */
+#define MIGRATE_LOCK_TIMEOUT "1s"
+#define MIGRATE_RETRY_MAX_MS 30000
 
 static int cmp_version(const void *a, const void *b)
 {
@@ -181,8 +193,13 @@ static PGresult *exec_stoppable(PGconn *c, const char *sql, migrate_stop_fn *sto
 	return last;
 }
 
-static cw_err apply_one(PGconn *c, const struct migration *m, migrate_stop_fn *stop, void *stop_arg, cw_errmsg *e)
+/* Applies m in a transaction of its own; *busy: it failed waiting for a
+ * lock another session holds (55P03, MIGRATE_LOCK_TIMEOUT), rolled back,
+ * to be tried again. */
+static cw_err apply_one(PGconn *c, const struct migration *m, migrate_stop_fn *stop, void *stop_arg, bool *busy,
+			cw_errmsg *e)
 {
+	*busy = false;
 	cw_err rc = store_exec(c, "BEGIN", e);
 	if (rc)
 		return rc;
@@ -190,6 +207,8 @@ static cw_err apply_one(PGconn *c, const struct migration *m, migrate_stop_fn *s
 	PGresult *r = exec_stoppable(c, m->sql, stop, stop_arg, &stopped);
 	if (stopped || (PQresultStatus(r) != PGRES_COMMAND_OK && PQresultStatus(r) != PGRES_TUPLES_OK)) {
 		cw_errmsg why;
+		const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
+		*busy = !stopped && state && strcmp(state, "55P03") == 0;
 		rc = stopped ? cw_fail(&why, CW_ESHUTDOWN, "stopped while it ran; rolled back")
 			     : store_result_err(c, r, &why);
 		PQclear(r);
@@ -209,6 +228,35 @@ static cw_err apply_one(PGconn *c, const struct migration *m, migrate_stop_fn *s
 	}
 	PQclear(r);
 	return store_end(c, CW_OK, e);
+}
+
+/* apply_one, tried again while it fails waiting for a lock another
+ * session holds: after 1 s, 2 s, 4 s, ... at most MIGRATE_RETRY_MAX_MS
+ * apart, each wait logged, until it is applied, fails otherwise, or a stop
+ * is asked for.  Between the tries the sessions queued behind its wait go
+ * on. */
+static cw_err apply_waiting(PGconn *c, const struct migration *m, migrate_stop_fn *stop, void *stop_arg,
+			    cw_errmsg *e)
+{
+	for (int tries = 1;; tries++) {
+		bool busy;
+		cw_err rc = apply_one(c, m, stop, stop_arg, &busy, e);
+		if (!busy)
+			return rc;
+		int pause_ms = tries < 6 ? 1000 << (tries - 1) : MIGRATE_RETRY_MAX_MS;
+		if (pause_ms > MIGRATE_RETRY_MAX_MS)
+			pause_ms = MIGRATE_RETRY_MAX_MS;
+		char n[16], ms[16];
+		snprintf(n, sizeof(n), "%d", tries);
+		snprintf(ms, sizeof(ms), "%d", pause_ms);
+		LOG_KV(CW_LOG_WARN,
+		       "a migration waits for a table lock another session holds (a long transaction, a backup): "
+		       "rolled back, tried again",
+		       "file", m->name, "tries", n, "next_in_ms", ms, "detail", e->msg);
+		for (int waited = 0; waited < pause_ms; waited += 250)
+			if (stop(stop_arg, 250))
+				return cw_fail(e, CW_ESHUTDOWN, "stopped while migration %s waited for a lock", m->name);
+	}
 }
 
 static cw_err check_and_apply(PGconn *c, const struct migration_set *set, bool apply, migrate_stop_fn *stop,
@@ -262,7 +310,7 @@ static cw_err check_and_apply(PGconn *c, const struct migration_set *set, bool a
 			break;
 		}
 		int64_t t0 = cw_now_us();
-		rc = apply_one(c, &set->m[k], stop, stop_arg, e);
+		rc = apply_waiting(c, &set->m[k], stop, stop_arg, e);
 		if (!rc) {
 			(*applied_now)++;
 			char ms[32];
@@ -282,8 +330,11 @@ cw_err migrate(PGconn *c, const struct migration_set *set, bool apply, migrate_s
 	/* Not the daemon's statement timeout (database.statement_timeout_ms,
 	 * made for a message's statements), nor the role's: until the
 	 * twenty-fourth session an index build or key rebuild longer than it
-	 * was cancelled, and the daemon refused to start on a large database. */
-	cw_err rc = store_exec(c, "SET statement_timeout = 0; SET lock_timeout = 0", e);
+	 * was cancelled, and the daemon refused to start on a large database.
+	 * A wait for a table lock is bounded, and tried again
+	 * (MIGRATE_LOCK_TIMEOUT, apply_waiting); the wait for another
+	 * process's migrations is not (an advisory lock tried, below). */
+	cw_err rc = store_exec(c, "SET statement_timeout = 0; SET lock_timeout = '" MIGRATE_LOCK_TIMEOUT "'", e);
 	if (rc)
 		return rc;
 	/* Tried, not waited for in the server: a stop asked for meanwhile is

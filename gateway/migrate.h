@@ -34,9 +34,11 @@ typedef bool migrate_stop_fn(void *arg, int wait_ms);
 /* Compares set with the database and, when apply is true, applies what is
  * missing.  *applied_now counts the files applied by this call, *pending
  * those still missing (when apply is false).  The connection is c's for the
- * call: migrations run without statement_timeout and lock_timeout (an index
- * build on a large table takes minutes, and so may the wait for another
- * process migrating), which are set to 0 on it.  stop is asked
+ * call: migrations run without statement_timeout (an index build on a large
+ * table takes minutes, and so may the wait for another process migrating),
+ * set to 0 on it; a migration that waits for a table lock past lock_timeout
+ * (set to 1 s on it: the sessions that queue behind the wait) is rolled
+ * back and tried again, logged, until it is applied.  stop is asked
  * between tries of the lock and while a statement runs: when it says to
  * stop, the statement is cancelled, the file being applied rolled back, and
  * CW_ESHUTDOWN returned (files applied before stay).  CW_EINVAL: the

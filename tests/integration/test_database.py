@@ -320,14 +320,14 @@ def test_daemon_gives_up_on_an_absent_database(make_daemon, tmp_path):
 MIGRATE_LOCK = 7161132091431352697  # gateway/migrate.c's advisory lock
 
 
-class HeldMigrationLock:
-    """The migrations' advisory lock, held by a psql session of its own
-    (another process migrating) until release()."""
+class HeldSession:
+    """A psql session of its own that ran sql (the locks it takes held:
+    a transaction left open, say) until release()."""
 
-    def __init__(self, db_url):
+    def __init__(self, db_url, sql):
         self.proc = subprocess.Popen(["psql", db_url, "-qAt", "-v", "ON_ERROR_STOP=1"], text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self.proc.stdin.write(f"SELECT pg_advisory_lock({MIGRATE_LOCK});\n\\echo held\n")
+        self.proc.stdin.write(f"{sql}\n\\echo held\n")
         self.proc.stdin.flush()
         while self.proc.stdout.readline().strip() != "held":
             assert self.proc.poll() is None, "psql could not take the lock"
@@ -336,6 +336,13 @@ class HeldMigrationLock:
         if self.proc.poll() is None:
             self.proc.stdin.close()  # psql ends its session, and the lock with it
             self.proc.wait(30)
+
+
+class HeldMigrationLock(HeldSession):
+    """The migrations' advisory lock (another process migrating)."""
+
+    def __init__(self, db_url):
+        super().__init__(db_url, f"SELECT pg_advisory_lock({MIGRATE_LOCK});")
 
 
 def wait_for_migration_lock_try(pg, db_url):
@@ -365,6 +372,42 @@ def test_migrations_run_past_the_statement_timeout(make_daemon, pg, empty_db_url
         lock.release()
     d.wait_for(lambda r: r.get("msg") == "migration applied" and r.get("file") == "900_slow.sql")
     assert pg.psql("SELECT count(*) FROM schema_migrations", empty_db_url) == str(N_MIGRATIONS + 1)
+
+
+def test_a_migration_waiting_for_a_lock_does_not_hold_up_the_tables_readers(make_daemon, pg, db_url, tmp_path):
+    """A migration whose ALTER TABLE waits for a lock another session holds
+    (a transaction left open, a pg_dump) waits at most a second at a time,
+    rolled back and tried again, so that the statements queued behind its
+    wait (every reader and writer of the table) go on.  Until the
+    forty-seventh session it waited with no bound, and every daemon's
+    statements on that table waited behind it for as long (a backup's
+    hour), not only the migration; it is applied once the lock is free."""
+    pg.psql("CREATE TABLE lock_probe (id int); INSERT INTO lock_probe VALUES (1)", db_url)
+    schema = copy_schema(tmp_path)
+    with open(os.path.join(schema, "900_alter_busy.sql"), "w") as f:
+        f.write("ALTER TABLE lock_probe ADD COLUMN x int;\n")
+    holder = HeldSession(db_url, "BEGIN; SELECT count(*) FROM lock_probe;")
+    try:
+        d = make_daemon(db_url, schema_dir=schema)
+        d.start(wait_ready=False, args=["--migrate"])
+        waiting = ("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'causewayd' "
+                   "AND datname = current_database() AND query LIKE '%lock_probe ADD COLUMN%'")
+        wait_until(lambda: pg.psql(waiting, db_url) == "1", timeout=30, what="the migration running")
+        # A reader of the table, as a daemon's statement: answered within
+        # a request's time, each time, while the migration waits.
+        for _ in range(4):
+            t0 = time.monotonic()
+            assert pg.psql("SET statement_timeout = '3s'; SELECT count(*) FROM lock_probe", db_url) == "1"
+            assert time.monotonic() - t0 < 2.5
+            time.sleep(0.7)
+        assert d.wait_for(lambda r: r.get("msg", "").startswith("a migration waits for a table lock"),
+                          timeout=10)["file"] == "900_alter_busy.sql"
+        assert d.proc.poll() is None  # still trying
+    finally:
+        holder.release()
+    assert d.wait_exit(60) == 0, d.log()
+    d.wait_for(lambda r: r.get("msg") == "migration applied" and r.get("file") == "900_alter_busy.sql")
+    assert pg.psql("SELECT count(x) FROM lock_probe", db_url) == "0"
 
 
 def test_sigterm_while_waiting_for_the_database_stops_at_once(make_daemon):
