@@ -322,6 +322,29 @@ static cw_err check_and_apply(PGconn *c, const struct migration_set *set, bool a
 	return rc;
 }
 
+/* Tells of the invalid indexes of the daemon's schema: what a CREATE
+ * INDEX CONCURRENTLY that failed or was interrupted leaves behind (an
+ * index built first by hand, as docs/operations.md advises on a large
+ * table), which no query uses but every write maintains.  The migration
+ * that builds it (CREATE INDEX IF NOT EXISTS) takes it for built and is
+ * applied in a moment, and the statements it was for read their table
+ * whole, with nothing to say so (a review saw 029 "applied" in 12 ms over
+ * one).  One still being built is listed too: its build ends it. */
+static void warn_invalid_indexes(PGconn *c)
+{
+	PGresult *r = PQexec(c, "SELECT string_agg(x.relname, ',' ORDER BY x.relname) FROM pg_index i "
+				"JOIN pg_class x ON x.oid = i.indexrelid "
+				"WHERE NOT i.indisvalid AND x.relnamespace = ANY (SELECT oid FROM pg_namespace "
+				" WHERE nspname = ANY (current_schemas(false)))");
+	if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 && !PQgetisnull(r, 0, 0))
+		LOG_KV(CW_LOG_WARN,
+		       "invalid indexes: a CREATE INDEX CONCURRENTLY that failed (or one still running); queries "
+		       "do not use them, and a migration that builds one took it for built: drop each and build it "
+		       "again (docs/operations.md, \"Upgrades and migrations\")",
+		       "indexes", PQgetvalue(r, 0, 0));
+	PQclear(r);
+}
+
 cw_err migrate(PGconn *c, const struct migration_set *set, bool apply, migrate_stop_fn *stop, void *stop_arg,
 	       int *applied_now, int *pending, cw_errmsg *e)
 {
@@ -361,5 +384,7 @@ cw_err migrate(PGconn *c, const struct migration_set *set, bool apply, migrate_s
 	rc = check_and_apply(c, set, apply, stop, stop_arg, applied_now, pending, e);
 	cw_errmsg ignored;
 	store_exec(c, "SELECT pg_advisory_unlock(" MIGRATE_LOCK_KEY ")", &ignored);
+	if (!rc)
+		warn_invalid_indexes(c);
 	return rc;
 }
