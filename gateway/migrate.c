@@ -345,11 +345,28 @@ static void warn_invalid_indexes(PGconn *c)
 	PQclear(r);
 }
 
+cw_err migrate_server_check(int server_version, cw_errmsg *e)
+{
+	if (server_version <= 0 || server_version >= MIGRATE_SERVER_MIN)
+		return CW_OK; /* 0: not known (a connection lost), its statements will say */
+	char v[32];
+	if (server_version >= 100000)
+		snprintf(v, sizeof(v), "%d.%d", server_version / 10000, server_version % 10000);
+	else
+		snprintf(v, sizeof(v), "%d.%d.%d", server_version / 10000, server_version / 100 % 100,
+			 server_version % 100);
+	return cw_fail(e, CW_EINVAL, "the database server is PostgreSQL %s; Causeway needs %d or later "
+		       "(docs/operations.md)", v, MIGRATE_SERVER_MIN / 10000);
+}
+
 cw_err migrate(PGconn *c, const struct migration_set *set, bool apply, migrate_stop_fn *stop, void *stop_arg,
 	       int *applied_now, int *pending, cw_errmsg *e)
 {
 	*applied_now = 0;
 	*pending = 0;
+	cw_err rc = migrate_server_check(PQserverVersion(c), e);
+	if (rc)
+		return rc;
 	/* Not the daemon's statement timeout (database.statement_timeout_ms,
 	 * made for a message's statements), nor the role's: until the
 	 * twenty-fourth session an index build or key rebuild longer than it
@@ -357,7 +374,7 @@ cw_err migrate(PGconn *c, const struct migration_set *set, bool apply, migrate_s
 	 * A wait for a table lock is bounded, and tried again
 	 * (MIGRATE_LOCK_TIMEOUT, apply_waiting); the wait for another
 	 * process's migrations is not (an advisory lock tried, below). */
-	cw_err rc = store_exec(c, "SET statement_timeout = 0; SET lock_timeout = '" MIGRATE_LOCK_TIMEOUT "'", e);
+	rc = store_exec(c, "SET statement_timeout = 0; SET lock_timeout = '" MIGRATE_LOCK_TIMEOUT "'", e);
 	if (rc)
 		return rc;
 	/* Tried, not waited for in the server: a stop asked for meanwhile is

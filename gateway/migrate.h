@@ -44,6 +44,17 @@ typedef bool migrate_stop_fn(void *arg, int wait_ms);
  * CW_ESHUTDOWN returned (files applied before stay).  CW_EINVAL: the
  * database's migrations do not match set; any other failure is the
  * database's (a migration's own names its file). */
+/* The oldest PostgreSQL the schema runs on (PQserverVersion's form):
+ * 001_core.sql's UNIQUE NULLS NOT DISTINCT is PostgreSQL 15's, 025's
+ * statistics on an expression 14's.  Until the forty-seventh session
+ * docs/operations.md said 13, and on 13 or 14 the daemon refused to start
+ * with "syntax error at or near NULLS" in 001. */
+#define MIGRATE_SERVER_MIN 150000
+/* CW_EINVAL, saying which version the server is and which is needed, when
+ * server_version (PQserverVersion's; 0: not known, taken) is older than
+ * MIGRATE_SERVER_MIN.  migrate() asks it first. */
+cw_err migrate_server_check(int server_version, cw_errmsg *e);
+
 cw_err migrate(PGconn *c, const struct migration_set *set, bool apply, migrate_stop_fn *stop, void *stop_arg,
 	       int *applied_now, int *pending, cw_errmsg *e);
 

@@ -118,6 +118,26 @@ START_TEST(the_tree_schema_loads)
 }
 END_TEST
 
+/* The schema needs PostgreSQL 15 (001's UNIQUE NULLS NOT DISTINCT): an
+ * older server is refused by name before any migration, not with a syntax
+ * error in 001; docs/operations.md said 13 until the forty-seventh
+ * session. */
+START_TEST(an_older_server_is_refused_by_name)
+{
+	cw_errmsg e;
+	ck_assert_int_eq(migrate_server_check(140009, &e), CW_EINVAL);
+	ck_assert_msg(strstr(e.msg, "PostgreSQL 14.9") && strstr(e.msg, "needs 15 or later"), "%s", e.msg);
+	ck_assert_int_eq(migrate_server_check(130015, &e), CW_EINVAL);
+	ck_assert_msg(strstr(e.msg, "PostgreSQL 13.15"), "%s", e.msg);
+	ck_assert_int_eq(migrate_server_check(90624, &e), CW_EINVAL);
+	ck_assert_msg(strstr(e.msg, "PostgreSQL 9.6.24"), "%s", e.msg);
+	ck_assert_int_eq(migrate_server_check(150000, &e), CW_OK);
+	ck_assert_int_eq(migrate_server_check(150014, &e), CW_OK);
+	ck_assert_int_eq(migrate_server_check(170002, &e), CW_OK);
+	ck_assert_int_eq(migrate_server_check(0, &e), CW_OK); /* not known: the statements say */
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("migrate");
@@ -127,6 +147,7 @@ int main(void)
 	tcase_add_test(tc, duplicate_numbers_are_refused);
 	tcase_add_test(tc, empty_or_missing_directory_is_refused);
 	tcase_add_test(tc, the_tree_schema_loads);
+	tcase_add_test(tc, an_older_server_is_refused_by_name);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
 }
