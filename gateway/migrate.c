@@ -194,8 +194,11 @@ static PGresult *exec_stoppable(PGconn *c, const char *sql, migrate_stop_fn *sto
 }
 
 /* Applies m in a transaction of its own; *busy: it failed waiting for a
- * lock another session holds (55P03, MIGRATE_LOCK_TIMEOUT), rolled back,
- * to be tried again. */
+ * lock another session holds (55P03, MIGRATE_LOCK_TIMEOUT), or lost a
+ * deadlock with one (40P01: a migration that locks two tables a daemon's
+ * transaction writes in the other order), rolled back, to be tried again.
+ * Until the forty-seventh session a lost deadlock failed the migration,
+ * and the daemon did not start. */
 static cw_err apply_one(PGconn *c, const struct migration *m, migrate_stop_fn *stop, void *stop_arg, bool *busy,
 			cw_errmsg *e)
 {
@@ -208,7 +211,7 @@ static cw_err apply_one(PGconn *c, const struct migration *m, migrate_stop_fn *s
 	if (stopped || (PQresultStatus(r) != PGRES_COMMAND_OK && PQresultStatus(r) != PGRES_TUPLES_OK)) {
 		cw_errmsg why;
 		const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
-		*busy = !stopped && state && strcmp(state, "55P03") == 0;
+		*busy = !stopped && state && (strcmp(state, "55P03") == 0 || strcmp(state, "40P01") == 0);
 		rc = stopped ? cw_fail(&why, CW_ESHUTDOWN, "stopped while it ran; rolled back")
 			     : store_result_err(c, r, &why);
 		PQclear(r);
@@ -231,7 +234,7 @@ static cw_err apply_one(PGconn *c, const struct migration *m, migrate_stop_fn *s
 }
 
 /* apply_one, tried again while it fails waiting for a lock another
- * session holds: after 1 s, 2 s, 4 s, ... at most MIGRATE_RETRY_MAX_MS
+ * session holds (or losing a deadlock): after 1 s, 2 s, 4 s, ... at most MIGRATE_RETRY_MAX_MS
  * apart, each wait logged, until it is applied, fails otherwise, or a stop
  * is asked for.  Between the tries the sessions queued behind its wait go
  * on. */
@@ -250,8 +253,8 @@ static cw_err apply_waiting(PGconn *c, const struct migration *m, migrate_stop_f
 		snprintf(n, sizeof(n), "%d", tries);
 		snprintf(ms, sizeof(ms), "%d", pause_ms);
 		LOG_KV(CW_LOG_WARN,
-		       "a migration waits for a table lock another session holds (a long transaction, a backup): "
-		       "rolled back, tried again",
+		       "a migration waits for a table lock another session holds (a long transaction, a backup), "
+		       "or lost a deadlock with one: rolled back, tried again",
 		       "file", m->name, "tries", n, "next_in_ms", ms, "detail", e->msg);
 		for (int waited = 0; waited < pause_ms; waited += 250)
 			if (stop(stop_arg, 250))

@@ -404,6 +404,34 @@ def test_a_migration_waiting_for_a_lock_does_not_hold_up_the_tables_readers(make
     assert pg.psql("SELECT count(x) FROM lock_probe", db_url) == "0"
 
 
+def test_a_migration_that_loses_a_deadlock_is_tried_again(make_daemon, pg, db_url, tmp_path):
+    """A migration that locks two tables another session takes in the
+    other order loses the deadlock (its deadlock_timeout the shorter, so
+    that it is the one the server rolls back): it is tried again, and
+    applied, rather than failing the start (until the forty-seventh
+    session)."""
+    pg.psql("CREATE TABLE dl_a (id int); CREATE TABLE dl_b (id int)", db_url)
+    schema = copy_schema(tmp_path)
+    with open(os.path.join(schema, "900_two_tables.sql"), "w") as f:
+        f.write("SET LOCAL deadlock_timeout = '50ms';\nLOCK TABLE dl_a IN ACCESS EXCLUSIVE MODE;\n"
+                "SELECT pg_sleep(0.6);\nLOCK TABLE dl_b IN ACCESS EXCLUSIVE MODE;\n")
+    other = HeldSession(db_url)
+    other.run("BEGIN; SELECT count(*) FROM dl_b;")
+    try:
+        d = make_daemon(db_url, schema_dir=schema)
+        d.start(wait_ready=False, args=["--migrate"])
+        sleeping = ("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'causewayd' "
+                    "AND datname = current_database() AND query LIKE '%pg_sleep(0.6)%' AND state = 'active'")
+        wait_until(lambda: pg.psql(sleeping, db_url) == "1", timeout=30, what="the migration holding dl_a")
+        other.run("SELECT count(*) FROM dl_a;")  # waits for the migration, which then waits for it
+        rec = d.wait_for(lambda r: r.get("msg", "").startswith("a migration waits for a table lock"), timeout=20)
+        assert rec["file"] == "900_two_tables.sql" and "deadlock" in rec["detail"], rec
+    finally:
+        other.end()
+    assert d.wait_exit(60) == 0, d.log()
+    d.wait_for(lambda r: r.get("msg") == "migration applied" and r.get("file") == "900_two_tables.sql")
+
+
 def test_an_invalid_index_left_by_a_build_first_is_told_at_start(pg, db_url):
     """docs/operations.md has the operator build a large table's index
     first, CREATE INDEX CONCURRENTLY; one that fails or is interrupted
