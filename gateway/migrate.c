@@ -258,7 +258,8 @@ static cw_err apply_waiting(PGconn *c, const struct migration *m, migrate_stop_f
 		       "file", m->name, "tries", n, "next_in_ms", ms, "detail", e->msg);
 		for (int waited = 0; waited < pause_ms; waited += 250)
 			if (stop(stop_arg, 250))
-				return cw_fail(e, CW_ESHUTDOWN, "stopped while migration %s waited for a lock", m->name);
+				return cw_fail(e, CW_ESHUTDOWN, "stopped while migration %s waited for a lock",
+					       m->name);
 	}
 }
 
