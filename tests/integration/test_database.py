@@ -404,6 +404,30 @@ def test_a_migration_waiting_for_a_lock_does_not_hold_up_the_tables_readers(make
     assert pg.psql("SELECT count(x) FROM lock_probe", db_url) == "0"
 
 
+def test_sigterm_between_the_tries_of_a_migration_waiting_for_a_lock_stops_at_once(make_daemon, pg, db_url,
+                                                                                   tmp_path):
+    """The pauses between a waiting migration's tries (up to 30 s) do not
+    hold a stop: SIGTERM ends --migrate at once, the file not applied."""
+    pg.psql("CREATE TABLE lock_probe (id int)", db_url)
+    schema = copy_schema(tmp_path)
+    with open(os.path.join(schema, "900_alter_busy.sql"), "w") as f:
+        f.write("ALTER TABLE lock_probe ADD COLUMN x int;\n")
+    holder = HeldSession(db_url)
+    holder.run("BEGIN; SELECT count(*) FROM lock_probe;")
+    try:
+        d = make_daemon(db_url, schema_dir=schema)
+        d.start(wait_ready=False, args=["--migrate"])
+        d.wait_for(lambda r: r.get("msg", "").startswith("a migration waits for a table lock")
+                   and r.get("tries") == "2", timeout=30)
+        t0 = time.monotonic()
+        d.signal(signal.SIGTERM)
+        assert d.wait_exit(10) == 1, d.log()
+        assert time.monotonic() - t0 < 2
+    finally:
+        holder.end()
+    assert pg.psql("SELECT count(*) FROM schema_migrations WHERE version = 900", db_url) == "0"
+
+
 def test_a_migration_that_loses_a_deadlock_is_tried_again(make_daemon, pg, db_url, tmp_path):
     """A migration that locks two tables another session takes in the
     other order loses the deadlock (its deadlock_timeout the shorter, so
