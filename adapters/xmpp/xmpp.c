@@ -523,6 +523,14 @@ static const char *const component_features[] = {
 	NULL,
 };
 
+/* Whether st comes from a user of this XMPP server (any resource). */
+static bool from_local_user(struct xcomp *xc, xmpp_stanza_t *st)
+{
+	char bare[XJ_JID_MAX + 1], local[XJ_PART_MAX + 1];
+	const char *from = xmpp_stanza_get_from(st);
+	return from && xa_local_user(xc->x, from, bare, sizeof(bare), local, sizeof(local));
+}
+
 static void disco_info(struct xcomp *xc, xmpp_stanza_t *st, bool user, const char *remote_id)
 {
 	xmpp_ctx_t *ctx = xc->ctx;
@@ -536,8 +544,13 @@ static void disco_info(struct xcomp *xc, xmpp_stanza_t *st, bool user, const cha
 	if (node && q)
 		xmpp_stanza_set_attribute(q, "node", node);
 	if (node) { /* the component's nodes are its commands'; a user's JID has
-		     none (XEP-0030 §7: item-not-found) */
-		if (q && !user && xa_command_info(xc, q, node)) {
+		     none (XEP-0030 §7: item-not-found).  A command's node is
+		     this server's users' only: to anyone else it is a node not
+		     there (xa_command: their command is service-unavailable,
+		     nothing says a command exists); the commands' list node
+		     names none (disco_items). */
+		bool ours = strcmp(node, NS_COMMANDS) == 0 || from_local_user(xc, st);
+		if (q && !user && ours && xa_command_info(xc, q, node)) {
 			xa_send_now(xc, r);
 		} else {
 			xmpp_stanza_release(r);
@@ -578,7 +591,13 @@ static void disco_items(struct xcomp *xc, xmpp_stanza_t *st, bool user)
 		answer_error(xc, st, "cancel", "item-not-found");
 		return;
 	}
-	if (q && node)
+	/* The commands are this server's users' (XEP-0050 §2.2: "The
+	 * responder is not required to send the same list of commands to all
+	 * requesters"): anyone else, who may run none (xa_command), gets an
+	 * empty list.  Until the forty-seventh session the list went to
+	 * anyone, another server's user too, while running one of them
+	 * answered as if it did not exist. */
+	if (q && node && from_local_user(xc, st))
 		xa_command_items(xc, q);
 	xa_send_now(xc, r);
 }
@@ -647,14 +666,6 @@ static void gateway_iq(struct xcomp *xc, xmpp_stanza_t *st, xmpp_stanza_t *q, bo
 		xa_text_child(xc->ctx, rq, "jid", NULL, jid);
 	}
 	xa_send_now(xc, r);
-}
-
-/* Whether st comes from a user of this XMPP server (any resource). */
-static bool from_local_user(struct xcomp *xc, xmpp_stanza_t *st)
-{
-	char bare[XJ_JID_MAX + 1], local[XJ_PART_MAX + 1];
-	const char *from = xmpp_stanza_get_from(st);
-	return from && xa_local_user(xc->x, from, bare, sizeof(bare), local, sizeof(local));
 }
 
 static void on_iq(struct xcomp *xc, xmpp_stanza_t *st)

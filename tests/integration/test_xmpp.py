@@ -5950,6 +5950,41 @@ def test_commands_of_strangers_and_malformed_commands_get_their_errors(make_daem
         srv.close()
 
 
+def test_a_strangers_disco_of_the_commands_names_none(make_daemon, db_url):
+    """The commands are this server's users' (a stranger's command is
+    `service-unavailable`, as if none existed): another server's user who
+    asks for the commands' list gets an empty one (XEP-0050 §2.2: the list
+    need not be the same for every requester), and the disco#info of a
+    command's node `item-not-found`, as for a node not there; a local user
+    gets the six commands and their nodes' identities. Until the
+    forty-seventh session the list and the nodes went to anyone."""
+    srv = HostileServer(SECRET)
+    try:
+        d = srv.daemon(make_daemon, db_url)
+        srv.stream_up(d)
+
+        def ask(frm, payload, sid):
+            srv.send(f"<iq type='get' id='{sid}' from='{frm}' to='{COMP}'>{payload}</iq>")
+            srv._until(f"id=\"{sid}\"".encode())
+            return srv._until(b"</iq>").decode()
+        items = f"<query xmlns='http://jabber.org/protocol/disco#items' node='{CMD}'/>"
+        info = "<query xmlns='http://jabber.org/protocol/disco#info' node='block'/>"
+        mine = ask(f"{ALICE_JID}/a", items, "l1")
+        assert 'type="result"' in mine and mine.count("<item ") == 6 and 'node="block"' in mine, mine
+        theirs = ask("eve@other.example/x", items, "e1")
+        assert 'type="result"' in theirs and "<item " not in theirs, theirs
+        mine = ask(f"{ALICE_JID}/a", info, "l2")
+        assert 'type="result"' in mine and "command-node" in mine, mine
+        theirs = ask("eve@other.example/x", info, "e2")
+        assert "item-not-found" in theirs and "command-node" not in theirs, theirs
+        # the same answer as for a node that is not there
+        nothing = ask("eve@other.example/x", "<query xmlns='http://jabber.org/protocol/disco#info' node='nope'/>",
+                      "e3")
+        assert "item-not-found" in nothing, nothing
+    finally:
+        srv.close()
+
+
 def test_stanzas_without_from_or_to_are_dropped(make_daemon, db_url, pg):
     srv = HostileServer(SECRET)
     try:
