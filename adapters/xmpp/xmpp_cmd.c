@@ -1070,6 +1070,27 @@ static void command_form(struct xcomp *xc, xmpp_stanza_t *iq, const char *node, 
 	xa_send_now(xc, r);
 }
 
+/* A command's error answer: the RFC 6120 condition of type, XEP-0050's
+ * (cmd_cond, may be NULL) beside it, and text (may be NULL). */
+static void command_error(struct xcomp *xc, xmpp_stanza_t *iq, const char *type, const char *cond,
+			  const char *cmd_cond, const char *text)
+{
+	xmpp_stanza_t *r = xa_error_reply(iq, type, cond, text);
+	xmpp_stanza_t *err = r && cmd_cond ? xmpp_stanza_get_child_by_name(r, "error") : NULL;
+	if (err)
+		xa_child(xc->ctx, err, cmd_cond, XA_NS_COMMANDS);
+	xa_send_now(xc, r);
+}
+
+/* A submitted form refused for what it names (a party no command here
+ * takes): bad-request with XEP-0050's bad-payload, as xa_cmd_read's
+ * refusals of the form itself (until the forty-seventh session a bare
+ * bad-request). */
+static void payload_refused(struct xcomp *xc, xmpp_stanza_t *iq, const char *text)
+{
+	command_error(xc, iq, "modify", "bad-request", "bad-payload", text);
+}
+
 /* XEP-0050: action is execute, cancel, prev, next or complete; no
  * command here has a stage that offers prev (a form's only action is
  * complete).  Until the twentieth session any other value ran the
@@ -1090,11 +1111,8 @@ bool xa_command_bad_action(struct xcomp *xc, xmpp_stanza_t *iq, const char *acti
 	if (!why && state == SESSION_OK)
 		return false;
 	bool expired = state == SESSION_EXPIRED;
-	xmpp_stanza_t *r = xa_error_reply(iq, expired ? "cancel" : "modify", expired ? "not-allowed" : "bad-request", NULL);
-	xmpp_stanza_t *err = r ? xmpp_stanza_get_child_by_name(r, "error") : NULL;
-	if (err)
-		xa_child(xc->ctx, err, why ? why : expired ? "session-expired" : "bad-sessionid", XA_NS_COMMANDS);
-	xa_send_now(xc, r);
+	command_error(xc, iq, expired ? "cancel" : "modify", expired ? "not-allowed" : "bad-request",
+		      why ? why : expired ? "session-expired" : "bad-sessionid", NULL);
 	return true;
 }
 
@@ -1151,13 +1169,9 @@ bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 	}
 	xa_cmd_read(iq, req);
 	if (req->what == XA_CMD_REFUSED) {
-		xmpp_stanza_t *r = xa_error_reply(iq, req->error_type, req->error, NULL);
-		xmpp_stanza_t *err = r && req->cmd_error ? xmpp_stanza_get_child_by_name(r, "error") : NULL;
-		if (err)
-			xa_child(xc->ctx, err, req->cmd_error, XA_NS_COMMANDS);
+		command_error(xc, iq, req->error_type, req->error, req->cmd_error, NULL);
 		free(req);
 		free(j);
-		xa_send_now(xc, r);
 		return true;
 	}
 	const char *node = req->node;
@@ -1192,7 +1206,7 @@ bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 		/* one contact a time (until the thirty-sixth session the first
 		 * of two was decided alone, and the user told only of it), a
 		 * reason of at most 8192 bytes */
-		xa_send_now(xc, xa_error_reply(iq, req->error_type, req->error, req->text));
+		command_error(xc, iq, req->error_type, req->error, req->cmd_error, req->text);
 		free(req);
 		free(j);
 		return true;
@@ -1209,7 +1223,7 @@ bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 		if (contact < 0) {
 			free(req);
 			free(j);
-			xa_send_now(xc, xa_error_reply(iq, "modify", "bad-request", own));
+			payload_refused(xc, iq, own);
 			return true;
 		} else if (contact > 0) {
 			; /* this component's contact, as its JID (component_contact) */
@@ -1227,14 +1241,13 @@ bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 			if (policy_same_local_user(xc->x->app, j->own_subject, me)) {
 				free(req);
 				free(j);
-				xa_send_now(xc, xa_error_reply(iq, "modify", "bad-request",
-							       "That is you: name the user you report."));
+				payload_refused(xc, iq, "That is you: name the user you report.");
 				return true;
 			}
 		} else if (own_party(xc, jid, j->verb == V_REPORT, own, sizeof(own))) {
 			free(req);
 			free(j);
-			xa_send_now(xc, xa_error_reply(iq, "modify", "bad-request", own));
+			payload_refused(xc, iq, own);
 			return true;
 		} else if (xa_remote_user(xc, jid, j->remote_id, sizeof(j->remote_id), j->remote_jid,
 					    sizeof(j->remote_jid))) {
@@ -1242,7 +1255,7 @@ bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 		} else if (!other_address(xc, jid, j, own, sizeof(own))) {
 			free(req);
 			free(j);
-			xa_send_now(xc, xa_error_reply(iq, "modify", "bad-request", own));
+			payload_refused(xc, iq, own);
 			return true;
 		}
 	}

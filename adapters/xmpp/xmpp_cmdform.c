@@ -126,11 +126,15 @@ static void refused(struct xa_cmd_req *out, const char *error, const char *type,
 	out->cmd_error = cmd_error;
 }
 
+/* XEP-0050 §4.6's bad-payload: "cannot accept the specified payload
+ * (e.g. the data form did not provide one or more required fields)".
+ * Until the forty-seventh session a refused form was a bare bad-request. */
 static void bad_form(struct xa_cmd_req *out, const char *text)
 {
 	out->what = XA_CMD_BAD_FORM;
 	out->error = "bad-request";
 	out->error_type = "modify";
+	out->cmd_error = "bad-payload";
 	out->text = text;
 }
 
@@ -198,6 +202,14 @@ void xa_cmd_read(xmpp_stanza_t *iq, struct xa_cmd_req *out)
 		 * session read as none, and refused as " is not a contact") */
 		out->reason[0] = '\0';
 		bad_form(out, "The contact is too long: at most 1099 bytes.");
+		return;
+	}
+	if (!out->jid[0]) {
+		/* the form's one required field (command_form) left out or
+		 * empty: until the forty-seventh session refused as
+		 * " is not a contact of this network", naming nothing */
+		out->reason[0] = '\0';
+		bad_form(out, "Give the contact: the form's contact field is required.");
 		return;
 	}
 	const char *hidden = zero_width_in(out->jid);

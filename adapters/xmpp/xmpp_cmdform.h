@@ -37,9 +37,9 @@ enum xa_cmd_what {
 			  * §3.1): answered canceled */
 	XA_CMD_FORM,     /* a staged command without a submitted form: given the form */
 	XA_CMD_RUN,      /* a one-stage command: run, whatever the payload */
-	XA_CMD_BAD_FORM, /* a staged command's submitted form that is refused (bad-request with text): two
-			  * values of a single field, a reason too long */
-	XA_CMD_SUBMIT,   /* a staged command's submitted form: jid and reason read */
+	XA_CMD_BAD_FORM, /* a staged command's submitted form that is refused (bad-request, bad-payload, with
+			  * text): two values of a single field, a value too long, no jid */
+	XA_CMD_SUBMIT,   /* a staged command's submitted form: jid (never empty) and reason read */
 };
 
 /* A command request read (xa_cmd_read).  The pointers are into the
@@ -54,11 +54,12 @@ struct xa_cmd_req {
 				       * §4.1: the sessionid "MUST be present for subsequent stages") */
 	const char *error;            /* XA_CMD_REFUSED, XA_CMD_BAD_FORM: the RFC 6120 condition */
 	const char *error_type;       /* and its type ("modify", "cancel") */
-	const char *cmd_error;        /* XA_CMD_REFUSED: XEP-0050's condition (malformed-action, bad-action), or NULL */
+	const char *cmd_error;        /* XEP-0050's condition: XA_CMD_REFUSED's (malformed-action, bad-action) or
+				       * NULL, XA_CMD_BAD_FORM's bad-payload */
 	const char *text;             /* XA_CMD_BAD_FORM: the error's text */
 	char jid[XA_CMD_JID_MAX + 1]; /* XA_CMD_SUBMIT: the jid field's value without the white space and
 				       * zero-width characters around it (cw_utf8_trim), its domainpart (or a
-				       * mimi:// address's scheme) in lower case (RFC 7622 §3.2); "" when none */
+				       * mimi:// address's scheme) in lower case (RFC 7622 §3.2); "" but in XA_CMD_SUBMIT */
 	char reason[XA_CMD_REASON_MAX + 1]; /* XA_CMD_SUBMIT: the reason field's value without the white space
 					     * and zero-width characters around it, "" when none */
 };
@@ -75,8 +76,8 @@ struct xa_cmd_req {
  * (over all fields of that var), or a reason longer than
  * XA_CMD_REASON_MAX bytes or a jid longer than XA_CMD_JID_MAX (each
  * measured trimmed), or a jid with a zero-width character within it
- * (cw_utf8_zero_width: the text names it), XA_CMD_BAD_FORM; else
- * XA_CMD_SUBMIT.  later is
+ * (cw_utf8_zero_width: the text names it), or no jid (none, or empty
+ * once trimmed), XA_CMD_BAD_FORM; else XA_CMD_SUBMIT.  later is
  * set (whatever what is) for a staged command without a sessionid past its
  * first stage (xa_cmd_later_stage). */
 void xa_cmd_read(xmpp_stanza_t *iq, struct xa_cmd_req *out);

@@ -112,10 +112,13 @@ static void check(const struct xa_cmd_req *r)
 	default:
 		fail("nothing read", r);
 	}
-	if (r->what == XA_CMD_BAD_FORM && (!r->text || !same(r->error, "bad-request") || !same(r->error_type, "modify")))
-		fail("a form refused without its text", r);
-	if (r->what != XA_CMD_BAD_FORM && (r->error || r->text))
+	if (r->what == XA_CMD_BAD_FORM && (!r->text || !same(r->error, "bad-request") || !same(r->error_type, "modify") ||
+					   !same(r->cmd_error, "bad-payload")))
+		fail("a form refused without its text or bad-payload", r);
+	if (r->what != XA_CMD_BAD_FORM && (r->error || r->text || r->cmd_error))
 		fail("an error of no refusal", r);
+	if (r->what == XA_CMD_SUBMIT && !r->jid[0])
+		fail("a form submitted without its contact", r);
 	size_t jl = strnlen(r->jid, sizeof(r->jid)), rl = strnlen(r->reason, sizeof(r->reason));
 	if (jl > XA_CMD_JID_MAX || rl > XA_CMD_REASON_MAX)
 		fail("a value not NUL-terminated within its bound", r);

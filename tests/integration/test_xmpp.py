@@ -4532,6 +4532,33 @@ def test_a_cancelled_form_and_a_form_of_two_contacts(xd, gk, alice, pg, db_url):
                    f"ON i.id = m.identity_id WHERE r.public_id = '{gid}' AND i.uri = '{ALICE}'", db_url) == "joined"
 
 
+def test_a_refused_form_is_bad_payload_and_the_contact_is_required(xd, gk, alice, pg, db_url):
+    """A submitted form refused for what it holds is bad-request with
+    XEP-0050's bad-payload ("cannot accept the specified payload (e.g. the
+    data form did not provide one or more required fields)"), and its
+    text: a form without the required contact, or with an empty one, says
+    the contact is required (until the forty-seventh session it was "
+    is not a contact of this network", naming nothing, and no refused form
+    said bad-payload); nothing is stored."""
+    before = consents_stored(pg, db_url)
+    forms = (("", "required"),
+             ("<field var='jid'><value> \u00a0</value></field>", "required"),
+             ("<field var='jid'/><field var='reason'><value>spam</value></field>", "required"),
+             (f"<field var='jid'><value>mallory@{COMP}</value><value>eve@{COMP}</value></field>", "one contact"),
+             ("<field var='jid'><value>wally@elsewhere.example</value></field>", "is not a contact"),
+             ("<field var='jid'><value>mimi://wa.example/r/x</value></field>", "room"))
+    for node in ("accept", "block", "report"):
+        for values, said in forms:
+            sid = command_first(alice, node)
+            bad = alice.iq("set", COMP, f"<command xmlns='{CMD}' node='{node}' action='complete' sessionid='{sid}'>"
+                                        f"<x xmlns='jabber:x:data' type='submit'>{values}</x></command>",
+                           expect_error=True)
+            text = bad.find(".//{urn:ietf:params:xml:ns:xmpp-stanzas}text")
+            assert bad.error_condition == "bad-request" and bad.find(f".//{{{CMD}}}bad-payload") is not None, bad.xml
+            assert text is not None and said in text.text, (node, values, bad.xml)
+    assert consents_stored(pg, db_url) == before
+
+
 def test_a_users_ninth_open_session_pushes_out_their_oldest(xd, gk, alice, prosody, pg, db_url):
     """A user (bare JID: all their resources) has at most 8 open command
     sessions: a ninth forgets their oldest, whose sessionid is then one the
