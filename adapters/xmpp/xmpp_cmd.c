@@ -975,18 +975,45 @@ static bool own_party(struct xcomp *xc, const char *who, bool report, char *text
  * mimi:// address under a component's domain, mimi://<component>/u/<id>:
  * a contact of that component's network, as the JID <id>@<component> is
  * (no local user lives under a component's domain: its domain stands for
- * the peer's users; policy_report_store stores such a report so).  1:
- * this component's contact, its id and JID into j (decided as the JID
- * is); -1: another component's, of an accept or block, which this
- * component's roster cannot follow: the refusal's text into text; 0:
- * neither (a report of another component's contact is taken as typed:
+ * the peer's users; policy_report_store stores such a report so), or the
+ * JID of another component's contact.  1: this component's contact, its
+ * id and JID into j (decided as the JID is), or a report of another
+ * component's contact by JID, its address into j->own_subject; -1:
+ * another component's, of an accept or block, which this component's
+ * roster cannot follow: the refusal's text into text; 0: neither (a
+ * report of another component's contact by address is taken as typed:
  * own_user).  Until the fortieth session an accept or block of one was
  * refused as "a user of your own server", nothing stored. */
 static int component_contact(struct xcomp *xc, const char *who, struct xconsent *j, char *text, size_t len)
 {
 	struct mimi_uri u;
 	cw_errmsg e;
-	if (strncmp(who, "mimi://", 7) != 0 || mimi_uri_parse(who, &u, &e) != CW_OK || u.kind != MIMI_USER)
+	if (strncmp(who, "mimi://", 7) != 0) {
+		/* The JID of another component's contact, <id>@<component>,
+		 * as its address is (until the forty-seventh session refused
+		 * as "not a contact of this network", a report too, though
+		 * the address was taken): a report is of its address (taken
+		 * as typed, as own_user takes that), an accept or block
+		 * refused naming that component.  This component's own
+		 * contacts by JID are xa_command's (xa_remote_user). */
+		char l[XJ_PART_MAX + 1], d[XJ_PART_MAX + 1], r[XJ_PART_MAX + 1], id[MIMI_LOCAL_MAX + 1], bare[1100];
+		struct xcomp *of = xj_split(who, l, sizeof(l), d, sizeof(d), r, sizeof(r)) && l[0]
+					   ? xa_comp_by_domain(xc->x, d) : NULL;
+		if (!of || of == xc || !xa_remote_user(of, who, id, sizeof(id), bare, sizeof(bare)))
+			return 0;
+		if (j->verb != V_REPORT) {
+			another_network(xc, of, bare, text, len);
+			return -1;
+		}
+		int n = snprintf(j->own_subject, sizeof(j->own_subject), "mimi://%s/u/%s", of->domain, id);
+		if (n < 0 || (size_t)n >= sizeof(j->own_subject) || mimi_uri_parse(j->own_subject, &u, &e) != CW_OK) {
+			j->own_subject[0] = '\0';
+			snprintf(text, len, "%s names no contact this gateway can give an address.", who);
+			return -1;
+		}
+		return 1;
+	}
+	if (mimi_uri_parse(who, &u, &e) != CW_OK || u.kind != MIMI_USER)
 		return 0;
 	struct xcomp *of = xa_comp_by_domain(xc->x, u.domain);
 	if (!of || (of != xc && j->verb == V_REPORT))

@@ -4136,15 +4136,20 @@ def test_commands_about_a_network_not_configured_say_so(make_daemon, db_url, pg,
                 for node in ("accept", "block", "report"):
                     for who in (f"wally@{ZZ}", f"mimi://{ZZ}/u/wally"):
                         assert answer(node, who, ZZ) == not_done, (node, who)
-                assert answer("report", f"mimi://{ZZ}/u/wally", COMP) == (
-                    f"Not reported: mimi://{ZZ}/u/wally names a contact of network peer:zz, which is not "
-                    "configured here. Nothing was stored; tell the operator.")
+                # zz's contact by address or by JID (since the
+                # forty-seventh session: until then the JID was "not a
+                # contact of this network", the report too)
+                for who in (f"mimi://{ZZ}/u/wally", f"wally@{ZZ}/phone"):
+                    assert answer("report", who, COMP) == (
+                        f"Not reported: mimi://{ZZ}/u/wally names a contact of network peer:zz, which is not "
+                        "configured here. Nothing was stored; tell the operator."), who
                 for node in ("accept", "block"):
-                    bad = command_submit(alice, node, {"jid": f"mimi://{ZZ}/u/wally"}, to=COMP, expect_error=True)
-                    assert bad.error_condition == "bad-request", ET.tostring(bad)
-                    assert bad.find(".//{urn:ietf:params:xml:ns:xmpp-stanzas}text").text == (
-                        f"mimi://{ZZ}/u/wally is a contact of another network (peer:zz), not of this one "
-                        f"(peer:gk): accept and block them with the commands of {ZZ}."), ET.tostring(bad)
+                    for who, named in ((f"mimi://{ZZ}/u/wally",) * 2, (f"wally@{ZZ}/phone", f"wally@{ZZ}")):
+                        bad = command_submit(alice, node, {"jid": who}, to=COMP, expect_error=True)
+                        assert bad.error_condition == "bad-request", ET.tostring(bad)
+                        assert bad.find(".//{urn:ietf:params:xml:ns:xmpp-stanzas}text").text == (
+                            f"{named} is a contact of another network (peer:zz), not of this one "
+                            f"(peer:gk): accept and block them with the commands of {ZZ}."), ET.tostring(bad)
                 assert pg.psql("SELECT (SELECT count(*) FROM consents) || ' ' || (SELECT count(*) FROM reports) "
                                "|| ' ' || (SELECT count(*) FROM audit_log WHERE actor LIKE 'user:%')",
                                db_url) == "0 0 0"
@@ -4167,6 +4172,11 @@ def test_commands_about_a_network_not_configured_say_so(make_daemon, db_url, pg,
                 c = command_submit(alice, "accept", {"jid": "mimi://ZZ.example/u/wally"}, to=ZZ)
                 assert c.find(f".//{{{CMD}}}note").text == \
                     "Accepted mimi://zz.example/u/wally. 0 waiting message(s) released.", ET.tostring(c)
+                # a report through gk's of zz's contact by JID is of zz's user, as by address
+                c = command_submit(alice, "report", {"jid": f"wally@{ZZ}"}, to=COMP)
+                assert c.find(f".//{{{CMD}}}note").text == \
+                    "Reported mimi://zz.example/u/wally to the operator. Thank you.", ET.tostring(c)
+                assert pg.psql("SELECT subject_uri FROM reports", db_url) == "mimi://zz.example/u/wally"
                 assert pg.psql("SELECT string_agg(subject || ' ' || state, ',' ORDER BY subject) FROM consents",
                                db_url) == "mimi://wa.example/u/wally blocked,mimi://zz.example/u/wally allowed"
             finally:
