@@ -1167,7 +1167,12 @@ void policy_admin_reports_list(struct cw_req *req, void *ctx)
 static const char report_sql[] =
 	"WITH rep AS (INSERT INTO reports (reporter_kind, reporter, peer_id, subject_uri, subject_identity_id, "
 	"  reason_code, evidence_public_ids, comment) VALUES ($1, $2, $3::bigint, $4, "
-	"  (SELECT id FROM identities WHERE uri = $4), $5, ARRAY(SELECT jsonb_array_elements_text($6::jsonb)), $7) "
+	/* the subject's row locked as identity_id locks it: one the
+	 * retention sweep is deleting is waited for and not found (the
+	 * report then names her address alone); read unlocked until the
+	 * forty-seventh session, the insert failed on the foreign key */
+	"  (SELECT id FROM identities WHERE uri = $4 FOR KEY SHARE), $5, "
+	"  ARRAY(SELECT jsonb_array_elements_text($6::jsonb)), $7) "
 	"  RETURNING id), "
 	"cnt AS (SELECT count(*) AS n, count(DISTINCT (k, who)) AS who_n FROM ("
 	"  SELECT reporter_kind AS k, reporter AS who FROM reports WHERE subject_uri = $4 "

@@ -5110,12 +5110,13 @@ def test_a_refused_first_stanza_to_a_contact_stores_nothing(xd, gk, alice, pg, d
                what="the chat's binding")
 
 
-def swept_meanwhile(pg, db_url, act, local="alice"):
+def swept_meanwhile(pg, db_url, act, local="alice", waits="INSERT INTO identities"):
     """The row of local (a user of this provider), unused (nothing refers
     to it: a name a peer made up), is being forgotten by the retention
     sweep (gateway/retention.c: its row locked FOR UPDATE SKIP LOCKED, then
-    deleted) while act() sends what makes the component use her row. The
-    old row's id."""
+    deleted) while act() sends what makes the component use her row (its
+    statement, which holds waits, waiting for the sweep's lock). The old
+    row's id."""
     uri = "mimi://example.org/u/" + local
     # made now: the daemon's own sweep forgets only rows made 30 days ago
     pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network) VALUES "
@@ -5126,13 +5127,37 @@ def swept_meanwhile(pg, db_url, act, local="alice"):
     try:
         act()
         wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                   "AND query LIKE '%INSERT INTO identities%'", db_url) == "1",
+                                   f"AND query LIKE '%{waits}%'", db_url) == "1",
                    what="the component's statement waiting for the sweep's lock")
         sweep.run(f"DELETE FROM identities WHERE id = {old};")
         sweep.end()
     finally:
         sweep.end()
     return old
+
+
+def test_a_report_of_a_user_whose_row_the_sweep_forgets_meanwhile_is_stored(xd, gk, alice, pg, db_url):
+    """A report of a user of this provider's (the report command) names
+    her row (reports.subject_identity_id) as identity_id does, locked FOR
+    KEY SHARE: while the retention sweep is deleting that row (one nothing
+    referred to) it waits for the sweep, finds no row, and the report is
+    stored of her address alone (as for a user who has no row). Until the
+    forty-seventh session the row was read unlocked, the report failed on
+    the foreign key once the row was gone, and the user was told "That did
+    not work; try again in a moment." (the admin API's POST
+    /admin/v1/reports answered 409)."""
+    sid = command_first(alice, "report")
+    with concurrent.futures.ThreadPoolExecutor(1) as ex:
+        answer = []
+        swept_meanwhile(pg, db_url, lambda: answer.append(ex.submit(
+            command_submit, alice, "report", {"jid": f"bob@{HOST}", "reason": "spam"}, sid=sid)),
+                        local="bob", waits="INSERT INTO reports")
+        c = answer[0].result(timeout=20).find(q(CMD, "command"))
+    note = c.find(q(CMD, "note"))
+    assert note.get("type") == "info" and note.text == \
+        "Reported mimi://example.org/u/bob to the operator. Thank you.", ET.tostring(c)
+    assert pg.psql("SELECT subject_uri || ' ' || coalesce(subject_identity_id::text, 'none') FROM reports",
+                   db_url) == "mimi://example.org/u/bob none"
 
 
 @pytest.mark.parametrize("what", ["chat", "group", "invitee"])
