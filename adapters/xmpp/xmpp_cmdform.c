@@ -226,9 +226,17 @@ void xa_cmd_read(xmpp_stanza_t *iq, struct xa_cmd_req *out)
 	char *slash = strchr(out->jid, '/'), *at = strchr(out->jid, '@');
 	if (at && slash && at > slash)
 		at = NULL; /* an '@' of the resource: no localpart */
-	if (strncasecmp(out->jid, "mimi://", 7) == 0)
+	if (strncasecmp(out->jid, "mimi://", 7) == 0) {
 		mimi_addr_fold(out->jid);
-	else
-		addr_fold_lower(at ? at + 1 : out->jid, "/");
+	} else {
+		char *dom = at ? at + 1 : out->jid;
+		addr_fold_lower(dom, "/");
+		/* RFC 7622 §3.2: a domainpart's final dot "MUST be stripped"
+		 * before the JID is compared (until the forty-seventh session
+		 * wally@gk.xmpp.test. named nobody) */
+		size_t dn = strcspn(dom, "/");
+		if (dn > 1 && dom[dn - 1] == '.' && dom[dn - 2] != '.')
+			memmove(dom + dn - 1, dom + dn, strlen(dom + dn) + 1);
+	}
 	out->what = XA_CMD_SUBMIT;
 }

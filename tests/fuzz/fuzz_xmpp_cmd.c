@@ -70,6 +70,19 @@ static bool domain_has_capital(const char *jid)
 	return false;
 }
 
+/* Whether the jid as read (not a mimi:// address) keeps its domainpart's
+ * final dot (RFC 7622 §3.2: stripped), a single one (".." is no
+ * domainpart anyway). */
+static bool domain_has_final_dot(const char *jid)
+{
+	if (strncmp(jid, "mimi://", 7) == 0)
+		return false;
+	const char *slash = strchr(jid, '/'), *at = strchr(jid, '@');
+	const char *p = at && (!slash || at < slash) ? at + 1 : jid;
+	size_t n = strcspn(p, "/");
+	return n > 1 && p[n - 1] == '.' && p[n - 2] != '.';
+}
+
 static void check(const struct xa_cmd_req *r)
 {
 	bool cancel = r->action && strcmp(r->action, "cancel") == 0;
@@ -130,6 +143,8 @@ static void check(const struct xa_cmd_req *r)
 		fail("a value with white space around it", r);
 	if (domain_has_capital(r->jid))
 		fail("the jid's domainpart not in lower case", r);
+	if (domain_has_final_dot(r->jid))
+		fail("the jid's domainpart with its final dot", r);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)

@@ -1753,6 +1753,12 @@ START_TEST(a_command_forms_values_are_trimmed)
 		{ "\xc2\xa0wally@GK.xmpp.test\t", "\xe3\x80\x80 he spams\xc2\xa0", "wally@gk.xmpp.test", "he spams" },
 		{ " \xe2\x80\x83GK.XMPP.TEST\xe2\x80\xaf", "", "gk.xmpp.test", "" },
 		{ "\xc2\xa0mimi://WA.example/u/Wally ", "a\xc2\xa0" "b", "mimi://wa.example/u/Wally", "a\xc2\xa0" "b" },
+		/* a domainpart's final dot stripped (RFC 7622 §3.2; until the
+		 * forty-seventh session kept: the contact named nobody) */
+		{ "wally@GK.xmpp.test./phone", "", "wally@gk.xmpp.test/phone", "" },
+		{ " gk.xmpp.test. ", "", "gk.xmpp.test", "" },
+		{ "a.@gk.xmpp.test", "", "a.@gk.xmpp.test", "" },
+		{ "wally@gk.xmpp.test../x.", "", "wally@gk.xmpp.test../x.", "" },
 		/* zero-width characters around them too (until the forty-third
 		 * session kept: the contact named nobody); within a reason kept */
 		{ "\xe2\x80\x8bwally@gk.xmpp.test\xef\xbb\xbf", "\xe2\x81\xa0he\xe2\x80\x8dspams\xe2\x80\x8c",
