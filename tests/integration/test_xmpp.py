@@ -4569,6 +4569,29 @@ def test_a_refused_form_is_bad_payload_and_the_contact_is_required(xd, gk, alice
     assert consents_stored(pg, db_url) == before
 
 
+def test_a_session_is_its_resources_only(xd, gk, alice, prosody, pg, db_url):
+    """A command's session is the full JID's that started it (XEP-0050:
+    "valid only between one requester/responder pair"): another resource
+    of the same user submitting or cancelling it is bad-sessionid, changes
+    nothing and leaves it to its own resource, which completes it."""
+    before = consents_stored(pg, db_url)
+    phone = XmppClient(ALICE_JID, "pw-alice", port=prosody.c2s_port, resource="phone")
+    phone.connect()
+    try:
+        sid = command_first(alice, "block")
+        for payload in (f"<command xmlns='{CMD}' node='block' action='cancel' sessionid='{sid}'/>",
+                        f"<command xmlns='{CMD}' node='block' action='complete' sessionid='{sid}'>"
+                        f"<x xmlns='jabber:x:data' type='submit'><field var='jid'><value>mallory@{COMP}</value>"
+                        "</field></x></command>"):
+            bad = phone.iq("set", COMP, payload, expect_error=True)
+            assert bad.find(f".//{{{CMD}}}bad-sessionid") is not None, bad.xml
+        assert consents_stored(pg, db_url) == before
+        done = command_submit(alice, "block", {"jid": f"wally@{COMP}"}, sid=sid).find(q(CMD, "command"))
+        assert done.get("status") == "completed" and "Blocked" in done.find(q(CMD, "note")).text, ET.tostring(done)
+    finally:
+        phone.disconnect()
+
+
 def test_a_users_ninth_open_session_pushes_out_their_oldest(xd, gk, alice, prosody, pg, db_url):
     """A user (bare JID: all their resources) has at most 8 open command
     sessions: a ninth forgets their oldest, whose sessionid is then one the
