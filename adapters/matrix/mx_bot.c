@@ -2197,12 +2197,41 @@ static void name_for_line(const char *name, char *out, size_t len)
 	out[n] = '\0';
 }
 
+/* A management room where the homeserver refuses the bot's words for
+ * good (a 403: the bot is out of it, or its user took away its right to
+ * speak there, as a room's power levels allow; a 404: no such room) is
+ * one no more, as after the bot's kick: the bot forgets it and leaves it,
+ * and the consent requests wait, unshown, for the next room the user
+ * opens with it.  Until the forty-seventh session such a room's requests
+ * stayed first in the bot's look (LIMIT 20, oldest first), refused every
+ * half minute: twenty of them (one user's, who muted the bot, a few days
+ * of first contacts) and no user's request was shown any more. */
+static void mgmt_room_refuses(struct matrix *m, PGconn *c, const char *room, long status)
+{
+	const char *p[] = { room };
+	PGresult *d = PQexecParams(c, "DELETE FROM matrix_mgmt_rooms WHERE room_id = $1 RETURNING 1", 1, NULL, p, NULL,
+				   NULL, 0);
+	bool was = PQresultStatus(d) == PGRES_TUPLES_OK && PQntuples(d) > 0;
+	PQclear(d);
+	if (!was)
+		return;
+	char st[16];
+	snprintf(st, sizeof(st), "%ld", status);
+	LOG_KV_LIMITED(CW_LOG_WARN, "the homeserver refuses the bot's words in a management room: it is one no more",
+		       "room", room, "status", st);
+	cw_errmsg e;
+	if (status == 403 && mx_room_action(m, room, NULL, "leave", &e))
+		LOG_KV_LIMITED(CW_LOG_WARN, "the bot cannot leave a management room that refuses it", "room", room,
+			       "detail", e.msg);
+}
+
 /* Shows pending consent requests that were not shown yet; one the
- * homeserver did not take stays unshown (the user sees it in the
- * management room they open next, if theirs is gone), and is tried again
+ * homeserver did not take for now stays unshown, and is tried again
  * half a minute later (*after_us: when, on the monotonic clock), with the
  * same transaction id; after a 429, when the homeserver asks, the rest
- * then too. */
+ * then too.  One it refuses for good (a 403 or a 404) waits for the
+ * user's next management room (mgmt_room_refuses), as do the batch's
+ * others of that room. */
 static void requests(struct matrix *m, PGconn *c, int64_t *after_us)
 {
 	if (cw_now_us() < *after_us)
@@ -2212,7 +2241,13 @@ static void requests(struct matrix *m, PGconn *c, int64_t *after_us)
 		PQclear(r);
 		return;
 	}
-	for (int i = 0; i < PQntuples(r); i++) {
+	bool refused[20] = { false }; /* the batch's rows (LIMIT 20) whose room refused the bot */
+	for (int i = 0; i < PQntuples(r) && i < 20; i++) {
+		bool gone = false;
+		for (int k = 0; k < i && !gone; k++)
+			gone = refused[k] && strcmp(PQgetvalue(r, k, 1), PQgetvalue(r, i, 1)) == 0;
+		if (gone)
+			continue;
 		char text[2400], name[81];
 		name_for_line(PQgetvalue(r, i, 4), name, sizeof(name));
 		snprintf(text, sizeof(text),
@@ -2225,6 +2260,11 @@ static void requests(struct matrix *m, PGconn *c, int64_t *after_us)
 		snprintf(txn, sizeof(txn), "cwreq-%s", PQgetvalue(r, i, 0));
 		long status, wait;
 		if (!say_txn(m, PQgetvalue(r, i, 1), NULL, text, txn, &status, &wait)) {
+			if (status == 403 || status == 404) {
+				mgmt_room_refuses(m, c, PQgetvalue(r, i, 1), status);
+				refused[i] = true;
+				continue;
+			}
 			int64_t until = cw_now_us() + (status == 429 ? wait * 1000LL : 30 * 1000000LL);
 			if (until > *after_us)
 				*after_us = until;

@@ -1500,6 +1500,49 @@ def test_a_request_whose_sender_the_rules_now_refuse_is_withdrawn_and_never_show
     assert "mimi://wa.example/u/eve" in withdrawn()[1] and "opted out" in withdrawn()[1], withdrawn()
 
 
+def test_a_management_room_that_refuses_the_bot_holds_up_no_one_elses_requests(mx, hs, gk, pg, db_url):
+    """alice takes away the bot's right to speak in her management room
+    (its power levels: the homeserver answers the bot's words 403), and
+    twenty remote users write to her. Her room is one no more, as after
+    the bot's kick: the bot forgets it and leaves, and her requests wait
+    for the next room she opens with it, where they are shown. carol's
+    request, made after those twenty, is shown at once. Until the
+    forty-seventh session the twenty refused requests stayed first in the
+    bot's look (twenty a round, oldest first), tried every half minute,
+    and no other user's request was ever shown."""
+    a, srv = gk
+    bot = "@_cw_bot:example.org"
+    carol = "mimi://example.org/u/carol"
+    assert mx.admin("PATCH", "/settings", json={"policy.consent_requests_per_user_per_day": 0}).ok
+    for user in (ALICE, carol):
+        assert mx.admin("POST", "/optins", json={"user": user, "network": "peer:gk", "opted_in": True}).ok
+    wait_until(lambda: hs.user_exists(bot), what="the bot registered")
+    _, alice_token = hs.create_user("alice")
+    alice = hs.as_user(alice_token)
+    mgmt = alice.create_room(preset="private_chat", is_direct=True, invite=[bot])  # the bot at level 0
+    said = lambda room: [e["content"]["body"] for e in hs.events(room)  # noqa: E731
+                         if e["type"] == "m.room.message" and e["sender"] == bot]
+    wait_until(lambda: any("Commands" in n for n in said(mgmt)), what="the bot's help")
+    pl = hs.state(mgmt, "m.room.power_levels")["content"]
+    pl["events_default"] = 50
+    alice.state(mgmt, "m.room.power_levels", pl)
+    for k in range(20):
+        room = a.create_room([a.user(f"s{k}"), ALICE]).json()["id"]
+        assert a.send(room, a.user(f"s{k}"), f"hello from s{k}").status_code == 202
+    _, _, carol_said = alice_and_the_bot(hs, name="carol")
+    room = a.create_room([a.user("zoe"), carol]).json()["id"]
+    assert a.send(room, a.user("zoe"), "may I? (zoe)").status_code == 202
+    wait_until(lambda: any("mimi://wa.example/u/zoe" in n and "wants to write to you" in n for n in carol_said()),
+               timeout=15, what="zoe's request shown to carol")
+    wait_until(lambda: hs.members(mgmt).get(bot) == "leave", what="the bot leaving alice's room")
+    assert pg.psql("SELECT count(*) FROM matrix_mgmt_rooms WHERE user_id = '@alice:example.org'", db_url) == "0"
+    assert said(mgmt) == [n for n in said(mgmt) if "Commands" in n]
+    assert pg.psql("SELECT count(*) FROM consent_requests WHERE state = 'pending' AND notified_at IS NULL", db_url) == "20"
+    mgmt2 = alice.create_dm(bot)
+    wait_until(lambda: sum("wants to write to you" in n for n in said(mgmt2)) == 20, timeout=15,
+               what="her requests in her new room")
+
+
 def test_first_contacts_from_one_domain_ask_a_user_no_more_than_the_daily_bound(mx, hs, gk, pg, db_url):
     """policy.consent_requests_per_user_per_day (default 10): a peer rotating
     sender names asks one local user no more than that a day.  The first
