@@ -731,10 +731,18 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 		PGresult *pr = PQexecParams(c, "SELECT (SELECT enabled FROM peers WHERE name = $1), "
 					       "(SELECT string_agg('peer:' || name, ', ' ORDER BY name) FROM peers WHERE enabled)",
 					    1, NULL, np, NULL, NULL, 0);
-		bool known = PQresultStatus(pr) == PGRES_TUPLES_OK && PQntuples(pr) == 1 && !PQgetisnull(pr, 0, 0);
+		/* A look-up that failed is no unknown network (until the
+		 * forty-seventh session "I know no network gk. No network is
+		 * connected here yet."). */
+		if (store_check(c, pr, PGRES_TUPLES_OK, &e)) {
+			LOG_KV(CW_LOG_WARN, "a bot command failed", "detail", e.msg);
+			answer(m, c, room, txn, "That did not work; try again in a moment.");
+			return;
+		}
+		bool known = PQntuples(pr) == 1 && !PQgetisnull(pr, 0, 0);
 		bool off = known && strcmp(PQgetvalue(pr, 0, 0), "f") == 0;
 		if (!known) {
-			bool listed = PQresultStatus(pr) == PGRES_TUPLES_OK && PQntuples(pr) == 1 && !PQgetisnull(pr, 0, 1);
+			bool listed = PQntuples(pr) == 1 && !PQgetisnull(pr, 0, 1);
 			snprintf(reply, sizeof(reply), "I know no network %s. %s%s", arg,
 				 listed ? "The networks here: " : "No network is connected here yet.",
 				 listed ? PQgetvalue(pr, 0, 1) : "");
@@ -745,17 +753,29 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 		PQclear(pr);
 		if (!change_allowed(m, c, room, txn, sender))
 			return;
+		/* The opt-in and the policy's word of it (which sweeps her
+		 * held rows and requests) together or not at all, as accept and
+		 * block: until the forty-seventh session each statement was its
+		 * own, and a failure of the second left the change stored,
+		 * unswept, and answered "That network name is not valid." (any
+		 * failure was, the name checked above). */
 		const char *params[] = { local_id, net, verb[4] == 'i' ? "t" : "f" };
-		cw_err rc = store_command(c, "INSERT INTO user_optin (identity_id, network, opted_in, updated_by) "
-				       "VALUES ($1::bigint, $2, $3::boolean, 'user') ON CONFLICT (identity_id, network) DO "
-				       "UPDATE SET opted_in = excluded.opted_in, updated_by = 'user', updated_at = now()",
-				    3, params, &e);
+		cw_err rc = store_exec(c, "BEGIN", &e);
+		if (!rc)
+			rc = store_command(c, "INSERT INTO user_optin (identity_id, network, opted_in, updated_by) "
+					      "VALUES ($1::bigint, $2, $3::boolean, 'user') ON CONFLICT (identity_id, network) DO "
+					      "UPDATE SET opted_in = excluded.opted_in, updated_by = 'user', updated_at = now()",
+					   3, params, &e);
 		if (!rc)
 			rc = policy_notify_user(c, local_id, &e);
-		if (rc)
+		rc = store_end(c, rc, &e);
+		if (rc) {
 			change_back(m, sender);
-		snprintf(reply, sizeof(reply), rc ? "That network name is not valid." : "You are now opted %s for %s.%s",
-			 verb[4] == 'i' ? "in" : "out", net,
+			LOG_KV(CW_LOG_WARN, "a bot command failed", "detail", e.msg);
+			answer(m, c, room, txn, "That did not work; try again in a moment.");
+			return;
+		}
+		snprintf(reply, sizeof(reply), "You are now opted %s for %s.%s", verb[4] == 'i' ? "in" : "out", net,
 			 off && verb[4] == 'i' ? " That network is switched off for now: nothing comes from it until the "
 						 "operator turns it on again." : "");
 		answer(m, c, room, txn, reply);

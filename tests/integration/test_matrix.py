@@ -2019,6 +2019,35 @@ def test_a_bot_command_that_failed_in_the_database_does_not_count_against_the_li
     assert pg.psql("SELECT string_agg(subject || ' ' || state, ',') FROM consents", db_url) == wally + " allowed"
 
 
+def test_an_opt_in_that_failed_in_the_database_is_told_so_and_stores_nothing(mx, hs, gk, pg, db_url):
+    """opt-in and opt-out whose statements fail (here a column they read
+    or write is gone) change nothing and say "That did not work", as
+    accept and block do, and their token is given back. Until the
+    forty-seventh session a failed look-up of the network answered "I know
+    no network gk. No network is connected here yet." and a failed write
+    "That network name is not valid.", both untrue, and the write and the
+    policy's word of it were two statements, the first kept when the
+    second failed."""
+    assert mx.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 1}).ok
+    alice, mgmt, notices = alice_and_the_bot(hs)
+    for table, column in (("peers", "enabled"), ("user_optin", "opted_in")):
+        pg.psql(f"ALTER TABLE {table} RENAME COLUMN {column} TO {column}_gone", db_url)
+        try:
+            for verb in ("opt-in", "opt-out"):
+                before = len(notices())
+                alice.send_text(mgmt, f"{verb} gk")
+                wait_until(lambda: len(notices()) == before + 1, what=f"{verb} with {table}.{column} gone")
+                assert notices()[-1] == "That did not work; try again in a moment.", notices()[-1]
+        finally:
+            pg.psql(f"ALTER TABLE {table} RENAME COLUMN {column}_gone TO {column}", db_url)
+    assert pg.psql("SELECT count(*) FROM user_optin", db_url) == "0"
+    before = len(notices())
+    alice.send_text(mgmt, "opt-in gk")  # the bucket (1) was given back
+    wait_until(lambda: len(notices()) == before + 1, what="the opt-in")
+    assert notices()[-1] == "You are now opted in for peer:gk.", notices()[-1]
+    assert pg.psql("SELECT network || ' ' || opted_in FROM user_optin", db_url) == "peer:gk true"
+
+
 def send_pill(client, room, verb, user_id, name, after="", link=None, mentions=None, reply_to=None):
     """What Element sends for "<verb> <pill>[ after]" once the user picked
     user_id (whose display name is name) from the autocompletion: the name
