@@ -573,9 +573,6 @@ static void domain_optin_hint(struct matrix *m, PGconn *c, const char *local_id,
 static void command(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *sender,
 		    const json_t *content, const char *inbox_id)
 {
-	char local_id[24], uri[600];
-	if (!local_identity(m, c, sender, local_id, sizeof(local_id), uri, sizeof(uri)))
-		return;
 	/* An edit of a command (m.replace) is the command as edited, whose
 	 * answer is the edit's own (its event's transaction id); a reply may
 	 * start with the quote of what it answers; the party may be picked
@@ -585,6 +582,16 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 	struct mx_bot_cmd cmd;
 	if (!mx_bot_parse(content, sender, &names, &cmd))
 		return;
+	/* Her identity not read or stored (the database failed: a sender
+	 * here is one of this server's users, bot_wants): said, as any
+	 * failed command is (until the forty-seventh session the command was
+	 * marked done with no answer at all). */
+	char local_id[24], uri[600];
+	if (!local_identity(m, c, sender, local_id, sizeof(local_id), uri, sizeof(uri))) {
+		if (PQstatus(c) == CONNECTION_OK)
+			answer(m, c, room, txn, "That did not work; try again in a moment.");
+		return;
+	}
 	const char *verb = cmd.verb, *arg = cmd.party;
 	bool report = strcmp(verb, "report") == 0;
 	bool party_verb = strcmp(verb, "accept") == 0 || strcmp(verb, "block") == 0 || report;

@@ -2048,6 +2048,31 @@ def test_an_opt_in_that_failed_in_the_database_is_told_so_and_stores_nothing(mx,
     assert pg.psql("SELECT network || ' ' || opted_in FROM user_optin", db_url) == "peer:gk true"
 
 
+def test_a_command_whose_senders_identity_could_not_be_stored_is_answered(mx, hs, gk, pg, db_url):
+    """The bot reads (and binds) the sender's identity first; when the
+    database refuses that (here a trigger), the command is answered "That
+    did not work; try again in a moment." and nothing is stored. Until the
+    forty-seventh session it was marked done with no answer at all."""
+    alice, mgmt, notices = alice_and_the_bot(hs)
+    pg.psql("CREATE FUNCTION cw_test_refuse() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$BEGIN RAISE EXCEPTION 'refused by the test'; END$$; "
+            "CREATE TRIGGER cw_test_refuse BEFORE INSERT ON identity_bindings "
+            "FOR EACH ROW EXECUTE FUNCTION cw_test_refuse()", db_url)
+    try:
+        for text in ("list", "opt-in gk"):
+            before = len(notices())
+            alice.send_text(mgmt, text)
+            wait_until(lambda: len(notices()) == before + 1, what=f"the answer to {text}")
+            assert notices()[-1] == "That did not work; try again in a moment.", notices()[-1]
+    finally:
+        pg.psql("DROP TRIGGER cw_test_refuse ON identity_bindings; DROP FUNCTION cw_test_refuse()", db_url)
+    assert pg.psql("SELECT count(*) FROM user_optin", db_url) == "0"
+    before = len(notices())
+    alice.send_text(mgmt, "opt-in gk")
+    wait_until(lambda: len(notices()) == before + 1, what="the opt-in")
+    assert notices()[-1] == "You are now opted in for peer:gk.", notices()[-1]
+
+
 def send_pill(client, room, verb, user_id, name, after="", link=None, mentions=None, reply_to=None):
     """What Element sends for "<verb> <pill>[ after]" once the user picked
     user_id (whose display name is name) from the autocompletion: the name
