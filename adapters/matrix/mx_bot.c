@@ -338,7 +338,12 @@ static enum subject subject_of(struct matrix *m, PGconn *c, const char *who, cha
 			LOG_KV(CW_LOG_WARN, "a bot command failed", "detail", e.msg);
 			return SUBJECT_FAILED;
 		}
-		if (PQntuples(r) == 1) {
+		/* The ghost's name holds what no address may ('=40' is an '@',
+		 * a '/' stands for itself): an address of nobody, "Whom?" (until
+		 * the forty-seventh session "block @_cw_gk_wal=40ly:..." stored
+		 * a consent about mimi://wa.example/u/wal@ly, and said
+		 * "Blocked"). */
+		if (PQntuples(r) == 1 && mimi_uri_parse(PQgetvalue(r, 0, 0), &u, &e) == CW_OK && u.kind == MIMI_USER) {
 			strcpy(kind, "user");
 			snprintf(subject, slen, "%s", PQgetvalue(r, 0, 0));
 			of = SUBJECT_TAKEN;

@@ -2073,6 +2073,27 @@ def test_a_command_whose_senders_identity_could_not_be_stored_is_answered(mx, hs
     assert notices()[-1] == "You are now opted in for peer:gk.", notices()[-1]
 
 
+def test_a_ghosts_id_that_makes_no_address_is_whom(mx, hs, gk, pg, db_url):
+    """A Matrix id in the ghosts' namespace whose escaped name stands for
+    bytes no address's local part may hold ('=40' an '@', a '/' itself)
+    names nobody: accept, block and report answer "Whom?" and store
+    nothing. Until the forty-seventh session "block @_cw_gk_wal=40ly:..."
+    answered "Blocked mimi://wa.example/u/wal@ly" and stored that consent,
+    which matched no sender."""
+    alice, mgmt, notices = alice_and_the_bot(hs)
+    for who in ("@_cw_gk_wal=40ly:example.org", "@_cw_gk_wal/ly:example.org"):
+        for verb in ("block", "accept", "report"):
+            before = len(notices())
+            alice.send_text(mgmt, f"{verb} {who}")
+            wait_until(lambda: len(notices()) == before + 1, what=f"{verb} {who}")
+            assert notices()[-1].startswith("Whom?"), notices()[-1]
+    assert pg.psql("SELECT count(*) FROM consents", db_url) == "0"
+    assert pg.psql("SELECT count(*) FROM reports", db_url) == "0"
+    # a ghost's id that makes an address is taken, as ever
+    alice.send_text(mgmt, "block @_cw_gk_wally:example.org")
+    wait_until(lambda: notices()[-1].startswith("Blocked mimi://wa.example/u/wally"), what="the block")
+
+
 def send_pill(client, room, verb, user_id, name, after="", link=None, mentions=None, reply_to=None):
     """What Element sends for "<verb> <pill>[ after]" once the user picked
     user_id (whose display name is name) from the autocompletion: the name
