@@ -993,6 +993,20 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 		says_and_leaves(m, c, room, NULL, others_text, txn);
 		return false;
 	}
+	/* What the bot shows here from now on (who wants to reach her, what
+	 * she decided) is hidden from whoever comes in later: the room's
+	 * history visible to its members from their join on.  The bot leaves
+	 * when someone else comes in (intruded), but a room made as clients
+	 * make a direct one has its history "shared", and until the
+	 * forty-seventh session the newcomer read every consent request
+	 * shown before.  Where the bot has not the power (a room made with
+	 * private_chat: the creator's alone), the room stays as it is. */
+	long hs;
+	cw_errmsg he;
+	if (mx_room_call(m, "PUT", room, NULL, "state/m.room.history_visibility/", NULL,
+			 json_pack("{s:s}", "history_visibility", "joined"), &hs, NULL, &he))
+		LOG_KV_LIMITED(CW_LOG_INFO, "the bot cannot hide a management room's history from later members",
+			       "room", room, "detail", he.msg);
 	char txn[48];
 	txn_for(txn, sizeof(txn), "help", eid, room);
 	say_as(m, c, room, NULL, help_text, txn);

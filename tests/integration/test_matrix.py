@@ -2094,6 +2094,38 @@ def test_a_ghosts_id_that_makes_no_address_is_whom(mx, hs, gk, pg, db_url):
     wait_until(lambda: notices()[-1].startswith("Blocked mimi://wa.example/u/wally"), what="the block")
 
 
+def test_someone_let_into_a_management_room_later_does_not_read_its_requests(mx, hs, gk, pg, db_url):
+    """A room made as clients make a direct one has its history "shared":
+    whoever joins later reads all of it. The bot, taking the room, makes
+    its history visible to members from their join on, so that bob, whom
+    alice lets in after a consent request was shown there (the bot then
+    leaves: the room is hers no more), does not read who wanted to reach
+    her. Until the forty-seventh session he read every request and every
+    answer shown before."""
+    a, srv = gk
+    bot = "@_cw_bot:example.org"
+    assert mx.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+    alice, mgmt, said = alice_and_the_bot(hs)
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    assert a.send(room, a.user("wally"), "may I?").status_code == 202
+    wait_until(lambda: any("wants to write to you" in n for n in said()), what="the request shown")
+    _, bob_token = hs.create_user("bob")
+    bob = hs.as_user(bob_token)
+    alice.invite(mgmt, "@bob:example.org")
+    wait_until(lambda: hs.members(mgmt).get(bot) == "leave", what="the bot leaving")
+    bob.join(mgmt)
+    bodies = reads(bob, mgmt)
+    assert not any("wally" in b for b in bodies), bodies
+    assert any("wally" in b for b in reads(alice, mgmt))
+    assert hs.state(mgmt, "m.room.history_visibility")["content"] == {"history_visibility": "joined"}
+
+
+def reads(client, room):
+    """The bodies of the messages of room that client may read (GET /messages), newest first."""
+    read = client.call("GET", f"/_matrix/client/v3/rooms/{client.q(room)}/messages", query={"dir": "b", "limit": "100"})
+    return [e["content"].get("body", "") for e in read["chunk"] if e["type"] == "m.room.message"]
+
+
 def send_pill(client, room, verb, user_id, name, after="", link=None, mentions=None, reply_to=None):
     """What Element sends for "<verb> <pill>[ after]" once the user picked
     user_id (whose display name is name) from the autocompletion: the name
