@@ -2243,6 +2243,18 @@ static void name_for_line(const char *name, char *out, size_t len)
 	out[n] = '\0';
 }
 
+/* Whether the homeserver takes the bot at all (GET /account/whoami as
+ * the bot answers 200): a 403 in one room is that room's only then.  A
+ * homeserver that refuses the bot everywhere (its registration lost: Conduit
+ * answers an unregistered appservice user 403 everywhere, the bot too)
+ * must not cost every user her management room. */
+static bool bot_taken(struct matrix *m)
+{
+	long status = 0;
+	cw_errmsg e;
+	return mx_call(m, "GET", "/_matrix/client/v3/account/whoami", NULL, NULL, NULL, &status, NULL, &e) == CW_OK;
+}
+
 /* A management room where the homeserver refuses the bot's words for
  * good (a 403: the bot is out of it, or its user took away its right to
  * speak there, as a room's power levels allow; a 404: no such room) is
@@ -2275,9 +2287,9 @@ static void mgmt_room_refuses(struct matrix *m, PGconn *c, const char *room, lon
  * homeserver did not take for now stays unshown, and is tried again
  * half a minute later (*after_us: when, on the monotonic clock), with the
  * same transaction id; after a 429, when the homeserver asks, the rest
- * then too.  One it refuses for good (a 403 or a 404) waits for the
- * user's next management room (mgmt_room_refuses), as do the batch's
- * others of that room. */
+ * then too.  One it refuses for good (a 403 or a 404, while it takes
+ * the bot elsewhere: bot_taken) waits for the user's next management
+ * room (mgmt_room_refuses), as do the batch's others of that room. */
 static void requests(struct matrix *m, PGconn *c, int64_t *after_us)
 {
 	if (cw_now_us() < *after_us)
@@ -2306,7 +2318,7 @@ static void requests(struct matrix *m, PGconn *c, int64_t *after_us)
 		snprintf(txn, sizeof(txn), "cwreq-%s", PQgetvalue(r, i, 0));
 		long status, wait;
 		if (!say_txn(m, PQgetvalue(r, i, 1), NULL, text, txn, &status, &wait)) {
-			if (status == 403 || status == 404) {
+			if ((status == 403 || status == 404) && bot_taken(m)) {
 				mgmt_room_refuses(m, c, PQgetvalue(r, i, 1), status);
 				refused[i] = true;
 				continue;

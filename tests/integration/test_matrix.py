@@ -1543,6 +1543,32 @@ def test_a_management_room_that_refuses_the_bot_holds_up_no_one_elses_requests(m
                what="her requests in her new room")
 
 
+def test_a_homeserver_refusing_the_bot_everywhere_costs_no_one_her_management_room(mx, hs, gk, pg, db_url):
+    """A 403 to the bot's words in a management room ends that room only
+    when the homeserver takes the bot elsewhere (GET /account/whoami): one
+    that refuses the bot everywhere (its registration lost: Conduit
+    answers an unregistered appservice user so) is the homeserver's
+    trouble, not the room's, and the request waits for it to end, shown
+    then in the same room."""
+    a, srv = gk
+    bot = "@_cw_bot:example.org"
+    assert mx.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+    alice, mgmt, said = alice_and_the_bot(hs)
+    hs.refuse = lambda method, path, user: 403 if user == bot else False
+    try:
+        room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+        assert a.send(room, a.user("wally"), "may I?").status_code == 202
+        wait_until(lambda: any(r["user"] == bot and "/send/" in r["path"] and r["status"] == 403
+                               for r in hs.requests), what="the request refused")
+        time.sleep(1)
+        assert pg.psql("SELECT count(*) FROM matrix_mgmt_rooms", db_url) == "1"
+    finally:
+        hs.refuse = None
+    wait_until(lambda: any("wants to write to you" in n for n in said()), timeout=45,
+               what="the request shown once the bot is taken again")
+    assert hs.members(mgmt).get(bot) == "join"
+
+
 def test_first_contacts_from_one_domain_ask_a_user_no_more_than_the_daily_bound(mx, hs, gk, pg, db_url):
     """policy.consent_requests_per_user_per_day (default 10): a peer rotating
     sender names asks one local user no more than that a day.  The first
