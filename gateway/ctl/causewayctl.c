@@ -488,6 +488,14 @@ out:
 	return rc;
 }
 
+/* A change that was sent and got no answer of the daemon (why: what came
+ * instead): it may have been done (docs/causewayctl.md, exit status 3). */
+static enum ctl_rc unanswered(struct ctl *c, const char *method, const char *path, const char *why)
+{
+	return fail(c, CTL_EUNREACHABLE, "no answer to %s %s from %s (%s): it was sent and may have been done; look "
+		    "before you repeat it (causewayctl audit shows what was done)", method, path, c->shown_url, why);
+}
+
 /* One request: CTL_OK with the answer, whatever its status.  auth: send
  * the bearer token (every route but /readyz). */
 static enum ctl_rc http_call(struct ctl *c, const char *method, const char *path, const char *const *q,
@@ -581,9 +589,7 @@ static enum ctl_rc http_call(struct ctl *c, const char *method, const char *path
 		long sent = 0;
 		if (strcmp(method, "GET") != 0 && curl_easy_getinfo(k, CURLINFO_REQUEST_SIZE, &sent) == CURLE_OK &&
 		    sent > 0)
-			rc = fail(c, CTL_EUNREACHABLE, "no answer to %s %s from %s (%s): it was sent and may have been "
-				  "done; look before you repeat it (causewayctl audit shows what was done)", method, path,
-				  c->shown_url, curl_easy_strerror(cr));
+			rc = unanswered(c, method, path, curl_easy_strerror(cr));
 		else
 			rc = fail(c, CTL_EUNREACHABLE, "cannot reach %s: %s%s", c->shown_url, curl_easy_strerror(cr),
 				  cr == CURLE_PEER_FAILED_VERIFICATION ? " (its certificate is not of a CA trusted here, "
@@ -705,6 +711,19 @@ static enum ctl_rc api(struct ctl *c, const char *method, const char *path, cons
 			break;
 		json_decref(a.body);
 		sleep((unsigned)a.retry_after);
+	}
+	/* A gateway's 502 or 504 without the daemon's problem document (a
+	 * reverse proxy whose upstream timed out or went away) is no answer
+	 * of the daemon: a change it passed on may have been done, as when
+	 * the connection closes unanswered (http_call).  Until the
+	 * forty-seventh session's review it was exit 1, "is URL causewayd?",
+	 * and the operator repeated a change that had been made (a token
+	 * made so is never shown). */
+	if (strcmp(method, "GET") != 0 && (a.status == 502 || a.status == 504) && !jstr(a.body, "code")) {
+		char why[64];
+		snprintf(why, sizeof(why), "a gateway answered %ld", a.status);
+		json_decref(a.body);
+		return unanswered(c, method, path, why);
 	}
 	if (a.status < 200 || a.status > 299) {
 		char why[400];

@@ -639,7 +639,7 @@ class StandIn:
                 except OSError:  # the client stopped reading, as it should
                     pass
 
-            do_POST = do_GET
+            do_POST = do_DELETE = do_GET
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -870,6 +870,35 @@ def test_a_change_without_an_answer_may_have_been_done():
         mute.close()
     rc, out, err = ctl("token", "create", "night", url=f"http://127.0.0.1:{free_port()}")
     assert rc == 3 and "cannot reach" in err and "may have been" not in err, err
+
+
+def test_a_change_a_gateway_answered_502_or_504_may_have_been_done():
+    """A reverse proxy whose upstream timed out (504) or went away (502)
+    answers with a page of its own: the daemon did not answer, and a change
+    passed on may have been done, exit 3 as for a connection closed
+    unanswered.  Until the forty-seventh session's review it was exit 1,
+    "is URL causewayd?", and the change was repeated.  The daemon's own
+    refusal (a problem document) and a read so answered stay exit 1."""
+    page = b"<html>504 Gateway Time-out</html>"
+    s = StandIn({"/admin/v1/tokens": (504, page, True),
+                 "/admin/v1/peers/gk/rotate": (502, b"<html>bad gateway</html>", True),
+                 "/admin/v1/rules/7": (502, json.dumps({"status": 502, "code": "upstream",
+                                                         "detail": "the daemon's own"}).encode(), True),
+                 "/admin/v1/peers": (504, page, True)})
+    try:
+        for args, what, status in ((("token", "create", "night"), "POST /admin/v1/tokens", 504),
+                                   (("peers", "rotate", "gk"), "POST /admin/v1/peers/gk/rotate", 502)):
+            rc, out, err = ctl(*args, url=s.url)
+            assert rc == 3 and out == "", (args, rc, out, err)
+            assert err == (f"causewayctl: no answer to {what} from {s.url} (a gateway answered {status}): it "
+                           "was sent and may have been done; look before you repeat it (causewayctl audit "
+                           "shows what was done)\n"), err
+        err = refused("peers", url=s.url)
+        assert err == f"causewayctl: 504 without a problem document: is {s.url} causewayd?\n"
+        err = refused("rules", "delete", "7", url=s.url)
+        assert err == "causewayctl: 502 upstream: the daemon's own\n"
+    finally:
+        s.close()
 
 
 def test_the_token_never_goes_to_a_proxy_of_the_environment():
