@@ -366,6 +366,7 @@ struct ini_ctx {
 	int max;      /* that buffer's size (INI_MAX_LINE of the library's build) */
 	int cut;      /* the first option line inih would cut at an inline comment, 0: none */
 	int *seen;    /* per option of the table: the line that set it, 0: not yet */
+	int first_error; /* the line of the first error on_ini_pair found, 0: none */
 	int read_errno; /* a read that failed (EISDIR, EIO), 0: none */
 	FILE *f;
 };
@@ -428,6 +429,8 @@ static int on_ini_pair(void *user, const char *section, const char *name, const 
 	struct ini_ctx *x = user;
 	int lineno = x->line;
 	cw_errmsg e;
+	if (!x->first_error)
+		x->first_error = lineno; /* taken back below when the pair is good */
 	/* An option set twice: which value the operator meant is a guess, and
 	 * "the last one wins" hid a second `port =` pasted below the first
 	 * (until the thirty-second session).  Refused, both lines named. */
@@ -447,6 +450,8 @@ static int on_ini_pair(void *user, const char *section, const char *name, const 
 			cw_fail(x->e, CW_EINVAL, "%s:%d: %s", x->path, lineno, e.msg);
 		return 0;
 	}
+	if (!x->errors)
+		x->first_error = 0;
 	return 1;
 }
 
@@ -958,9 +963,18 @@ static cw_err load(struct cw_config *c, const char *path, const char *(*getenv_f
 				       path, x.cut);
 		}
 		if (rc != 0 || x.errors) {
-			if (!x.errors) /* a syntax error inih found itself */
+			/* A syntax error inih found itself, before any of ours:
+			 * "[server" without its ']' left the options below it in
+			 * the section above, and until the forty-seventh
+			 * session's review the error named the first of them
+			 * (database.port: unknown option), not the line to mend. */
+			if (rc > 0 && (!x.errors || rc < x.first_error)) {
 				cw_fail(e, CW_EINVAL, "%s:%d: syntax error (expected [section] or name = value)", path, rc);
-			else if (x.errors > 1) {
+				if (x.errors) {
+					size_t n = strlen(e->msg);
+					snprintf(e->msg + n, sizeof(e->msg) - n, " (and %d more errors)", x.errors);
+				}
+			} else if (x.errors > 1) {
 				size_t n = strlen(e->msg);
 				snprintf(e->msg + n, sizeof(e->msg) - n, " (and %d more errors)", x.errors - 1);
 			}
