@@ -129,6 +129,7 @@ struct file_parse {
 	struct source *s;
 	const char *path; /* the file's: its token_file and ca_file are relative to its directory */
 	char bad[160];    /* the first unknown setting */
+	unsigned seen;    /* the settings met, by their slot's bit */
 };
 
 static int ini_entry(void *user, const char *section, const char *name, const char *value)
@@ -151,6 +152,19 @@ static int ini_entry(void *user, const char *section, const char *name, const ch
 				 "url, token, token_file, ca_file)", name, section);
 		return 0;
 	}
+	/* A setting given twice (a url pasted below the first; an indented
+	 * line, which libinih reads as the value of the one above): which one
+	 * was meant is a guess, and the last one won until the forty-seventh
+	 * session's review, as the daemon's own file did until its
+	 * thirty-second. */
+	unsigned bit = 1u << (slot == &f->s->url ? 0 : slot == &f->s->token ? 1 : slot == &f->s->token_file ? 2 : 3);
+	if (f->seen & bit) {
+		if (!f->bad[0])
+			snprintf(f->bad, sizeof(f->bad), "'%s' is set twice; keep one (an indented line is read as "
+				 "more of the one above)", name);
+		return 0;
+	}
+	f->seen |= bit;
 	free(*slot);
 	/* A relative file is the settings file's neighbour, not one of the
 	 * working directory, which may be anyone's (/tmp): a ca_file found

@@ -601,6 +601,28 @@ def test_flags_beat_environment_beat_file(daemon, tmp_path):
     assert rc == 2 and f"{other}:3: unknown setting 'toekn'" in err
 
 
+def test_a_setting_given_twice_in_the_settings_file_is_refused(tmp_path):
+    """A url (or token) set twice, or an indented line libinih reads as more
+    of the one above: which was meant is a guess, and until the
+    forty-seventh session's review the last one won, the token going to
+    the url pasted below.  Refused, exit 2, nothing asked."""
+    mute = Mute()
+    try:
+        f = tmp_path / "ctl.ini"
+        for text, line, name in ((f"[causewayctl]\nurl = http://127.0.0.1:1\nurl = {mute.url}\n", 3, "url"),
+                                 (f"[causewayctl]\nurl = {mute.url}\ntoken = a\n[causewayctl]\ntoken = b\n", 5,
+                                  "token"),
+                                 (f"[causewayctl]\nurl = {mute.url}\n  token_file = t\n", 3, "url")):
+            f.write_text(text)
+            f.chmod(0o600)
+            rc, out, err = ctl("peers", "--config", str(f), token=None)
+            assert rc == 2 and out == "", (text, rc, err)
+            assert f"{f}:{line}: '{name}' is set twice; keep one" in err, (text, err)
+        assert mute.requests == []
+    finally:
+        mute.close()
+
+
 # ------------------------------------------------------------ against a stand-in
 
 class StandIn:
