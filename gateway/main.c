@@ -718,6 +718,15 @@ int main(int argc, char **argv)
 		LOG_KV(CW_LOG_WARN, "server.domain is not set: the interop API answers 503 until it is");
 	app.peers = peer_registry_new();
 	app.submits = submit_queue_new();
+	/* Each made before anything is served: a replay cache that could not
+	 * be had (peer.replay_cache_entries past the memory the process may
+	 * take) started "ready" all the same, and refused every peer's signed
+	 * request (until the forty-seventh session's review). */
+	if (!app.replay || !app.peers || !app.submits) {
+		LOG_KV(CW_LOG_ERROR, "out of memory", "detail", !app.replay ? "the signatures' replay cache "
+		       "(peer.replay_cache_entries)" : "the peer registry");
+		goto out_migrations;
+	}
 	{
 		PGconn *c = connect_at_start(&cfg, &e);
 		if (!c || peer_registry_load(app.peers, c, &e) || admin_tokens_load(app.admins, c, &e)) {
