@@ -365,6 +365,7 @@ struct ini_ctx {
 	int overlong; /* the first line longer than inih's buffer, 0: none */
 	int max;      /* that buffer's size (INI_MAX_LINE of the library's build) */
 	int cut;      /* the first option line inih would cut at an inline comment, 0: none */
+	int after_section; /* the first section line with more than a comment after its ']', 0: none */
 	int *seen;    /* per option of the table: the line that set it, 0: not yet */
 	int first_error; /* the line of the first error on_ini_pair found, 0: none */
 	int read_errno; /* a read that failed (EISDIR, EIO), 0: none */
@@ -415,6 +416,20 @@ static char *ini_read_line(char *str, int num, void *stream)
 	while (isspace((unsigned char)s[indent]))
 		indent++;
 	memmove(s, s + indent, strlen(s + indent) + 1);
+	/* inih ignores what follows a section's ']': "[server] port = 9000"
+	 * was the section alone, and the default port stayed, --check-config
+	 * saying valid (until the forty-seventh session's review).  Only
+	 * blanks or a comment may follow it. */
+	const char *close = *s == '[' ? strchr(s, ']') : NULL;
+	if (close) {
+		const char *p = close + 1;
+		while (*p && isspace((unsigned char)*p))
+			p++;
+		if (*p && *p != ';' && *p != '#') {
+			x->after_section = x->line;
+			return NULL;
+		}
+	}
 	if (*s != ';' && *s != '#' && *s != '[')
 		for (const char *p = s; *p && p[1]; p++)
 			if (isspace((unsigned char)p[0]) && p[1] == ';') {
@@ -953,6 +968,12 @@ static cw_err load(struct cw_config *c, const char *path, const char *(*getenv_f
 				       "%s:%d: line longer than %d bytes, which the INI parser (libinih) cannot read "
 				       "whole; set a long value by the environment (CAUSEWAY_<SECTION>_<NAME>)",
 				       path, x.overlong, x.max - 1);
+		}
+		if (x.after_section && !x.errors) {
+			cfg_free(c);
+			return cw_fail(e, CW_EINVAL,
+				       "%s:%d: text after the section's ']', which the INI parser (libinih) would ignore; "
+				       "put each option on a line of its own", path, x.after_section);
 		}
 		if (x.cut && !x.errors) {
 			cfg_free(c);
