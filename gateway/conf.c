@@ -1,6 +1,7 @@
 /* The option table and the INI (libinih) + environment loader. */
 #include "config.h"
 #include "conf.h"
+#include "ini_lines.h"
 #include "http.h"
 #include "peer/event.h"
 #include "xmpp/xmpp.h"
@@ -361,88 +362,15 @@ struct ini_ctx {
 	const char *path;
 	cw_errmsg *e;
 	int errors;
-	int line; /* of the last line read: Debian's inih has no line numbers in its handler */
-	int overlong; /* the first line longer than inih's buffer, 0: none */
-	int max;      /* that buffer's size (INI_MAX_LINE of the library's build) */
-	int cut;      /* the first option line inih would cut at an inline comment, 0: none */
-	int after_section; /* the first section line with more than a comment after its ']', 0: none */
+	struct ini_lines lines; /* the reader's (ini_lines.h) */
 	int *seen;    /* per option of the table: the line that set it, 0: not yet */
 	int first_error; /* the line of the first error on_ini_pair found, 0: none */
-	int read_errno; /* a read that failed (EISDIR, EIO), 0: none */
-	FILE *f;
 };
-
-/* inih reads a line into a buffer of its build's INI_MAX_LINE (200 in
- * Debian's) and parses what did not fit as a line of its own: a long
- * database.url was a syntax error on the wrong line, and the end of a
- * long comment was read as an option, and taken if it named one (until
- * the twentieth session).  Such a line stops the parse here, and the
- * caller says so.
- * Debian's inih also reads a line with leading whitespace as the
- * continuation of the option above (INI_ALLOW_MULTILINE), whose value it
- * replaced: an indented "hs_token = ..." became matrix.id (until the
- * twenty-fourth session).  The spec's INI is pgbouncer.ini's, where an
- * indented line is a line like any other, so the whitespace goes before
- * inih sees the line.
- * And it takes ';' after whitespace as a comment (INI_ALLOW_INLINE_COMMENTS,
- * quotes or not), which cut "as_token = abc ;def" to "abc" (until the
- * twenty-fourth session).  A value must be the one in the file, so such an
- * option line stops the parse too; on a comment or a section's line the
- * comment cuts nothing. */
-static char *ini_read_line(char *str, int num, void *stream)
-{
-	struct ini_ctx *x = stream;
-	errno = 0;
-	char *s = fgets(str, num, x->f);
-	if (!s) {
-		/* inih takes a failed read for the end of the file: a directory
-		 * named as the file (EISDIR) was an empty configuration, and the
-		 * start, --check-config and a reload went on with the defaults
-		 * and the environment (until the forty-first session). */
-		if (ferror(x->f))
-			x->read_errno = errno ? errno : EIO;
-		return NULL;
-	}
-	x->line++;
-	if (!strchr(s, '\n')) {
-		int ch = fgetc(x->f);
-		if (ch != EOF && ch != '\n') {
-			x->overlong = x->line;
-			x->max = num;
-			return NULL;
-		}
-	}
-	size_t indent = 0;
-	while (isspace((unsigned char)s[indent]))
-		indent++;
-	memmove(s, s + indent, strlen(s + indent) + 1);
-	/* inih ignores what follows a section's ']': "[server] port = 9000"
-	 * was the section alone, and the default port stayed, --check-config
-	 * saying valid (until the forty-seventh session's review).  Only
-	 * blanks or a comment may follow it. */
-	const char *close = *s == '[' ? strchr(s, ']') : NULL;
-	if (close) {
-		const char *p = close + 1;
-		while (*p && isspace((unsigned char)*p))
-			p++;
-		if (*p && *p != ';' && *p != '#') {
-			x->after_section = x->line;
-			return NULL;
-		}
-	}
-	if (*s != ';' && *s != '#' && *s != '[')
-		for (const char *p = s; *p && p[1]; p++)
-			if (isspace((unsigned char)p[0]) && p[1] == ';') {
-				x->cut = x->line;
-				return NULL;
-			}
-	return s;
-}
 
 static int on_ini_pair(void *user, const char *section, const char *name, const char *value)
 {
 	struct ini_ctx *x = user;
-	int lineno = x->line;
+	int lineno = x->lines.line;
 	cw_errmsg e;
 	if (!x->first_error)
 		x->first_error = lineno; /* taken back below when the pair is good */
@@ -948,40 +876,35 @@ static cw_err load(struct cw_config *c, const char *path, const char *(*getenv_f
 			cfg_free(c);
 			return cw_fail(e, CW_EINVAL, "%s: cannot open: %s", path, strerror(errno));
 		}
-		struct ini_ctx x = { .c = c, .path = path, .e = e, .f = f,
+		struct ini_ctx x = { .c = c, .path = path, .e = e, .lines = { .f = f },
 				     .seen = calloc(cfg_option_count, sizeof(int)) };
 		if (!x.seen) {
 			fclose(f);
 			cfg_free(c);
 			return cw_fail(e, CW_ENOMEM, "%s: out of memory", path);
 		}
-		int rc = ini_parse_stream(ini_read_line, &x, on_ini_pair, &x);
+		int rc = ini_parse_stream(ini_lines_read, &x.lines, on_ini_pair, &x);
 		fclose(f);
 		free(x.seen);
-		if (x.read_errno) {
+		if (x.lines.read_errno) {
 			cfg_free(c);
-			return cw_fail(e, CW_EINVAL, "%s: cannot read: %s", path, strerror(x.read_errno));
+			return cw_fail(e, CW_EINVAL, "%s: cannot read: %s", path, strerror(x.lines.read_errno));
 		}
-		if (x.overlong && !x.errors) {
+		if (x.lines.refusal && !x.errors) {
+			char why[160] = "";
+			if (x.lines.refusal == INI_LINE_OVERLONG)
+				snprintf(why, sizeof(why), "line longer than %d bytes, which the INI parser (libinih) "
+					 "cannot read whole", x.lines.max - 1);
 			cfg_free(c);
-			return cw_fail(e, CW_EINVAL,
-				       "%s:%d: line longer than %d bytes, which the INI parser (libinih) cannot read "
-				       "whole; set a long value by the environment (CAUSEWAY_<SECTION>_<NAME>)",
-				       path, x.overlong, x.max - 1);
-		}
-		if (x.after_section && !x.errors) {
-			cfg_free(c);
-			return cw_fail(e, CW_EINVAL,
-				       "%s:%d: text after the section's ']', which the INI parser (libinih) would ignore; "
-				       "put each option on a line of its own", path, x.after_section);
-		}
-		if (x.cut && !x.errors) {
-			cfg_free(c);
-			return cw_fail(e, CW_EINVAL,
-				       "%s:%d: ';' after a space starts a comment in this INI dialect (libinih), which "
-				       "would cut the value here; put a comment on a line of its own, and set a value "
-				       "holding \" ;\" by the environment (CAUSEWAY_<SECTION>_<NAME>)",
-				       path, x.cut);
+			return cw_fail(e, CW_EINVAL, "%s:%d: %s%s", path, x.lines.line, why,
+				       x.lines.refusal == INI_LINE_OVERLONG
+					       ? "; set a long value by the environment (CAUSEWAY_<SECTION>_<NAME>)"
+				       : x.lines.refusal == INI_LINE_AFTER_SECTION
+					       ? "text after the section's ']', which the INI parser (libinih) would "
+						 "ignore; put each option on a line of its own"
+					       : "';' after a space starts a comment in this INI dialect (libinih), which "
+						 "would cut the value here; put a comment on a line of its own, and set a "
+						 "value holding \" ;\" by the environment (CAUSEWAY_<SECTION>_<NAME>)");
 		}
 		if (rc != 0 || x.errors) {
 			/* A syntax error inih found itself, before any of ours:

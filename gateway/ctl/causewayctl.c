@@ -1,6 +1,7 @@
 /* causewayctl: the operator's command-line client of /admin/v1 (docs/causewayctl.md). */
 #include "config.h"
 #include "cw.h"
+#include "ini_lines.h"
 #include "utf8.h"
 
 #include <arpa/inet.h>
@@ -152,16 +153,14 @@ static int ini_entry(void *user, const char *section, const char *name, const ch
 				 "url, token, token_file, ca_file)", name, section);
 		return 0;
 	}
-	/* A setting given twice (a url pasted below the first; an indented
-	 * line, which libinih reads as the value of the one above): which one
+	/* A setting given twice (a url pasted below the first): which one
 	 * was meant is a guess, and the last one won until the forty-seventh
 	 * session's review, as the daemon's own file did until its
 	 * thirty-second. */
 	unsigned bit = 1u << (slot == &f->s->url ? 0 : slot == &f->s->token ? 1 : slot == &f->s->token_file ? 2 : 3);
 	if (f->seen & bit) {
 		if (!f->bad[0])
-			snprintf(f->bad, sizeof(f->bad), "'%s' is set twice; keep one (an indented line is read as "
-				 "more of the one above)", name);
+			snprintf(f->bad, sizeof(f->bad), "'%s' is set twice; keep one", name);
 		return 0;
 	}
 	f->seen |= bit;
@@ -207,10 +206,28 @@ static enum ctl_rc read_file(struct ctl *c, const char *path, bool explicit, str
 	 * ignored without a word (until the forty-first session). */
 	if (S_ISDIR(st.st_mode))
 		return fail(c, CTL_EUSAGE, "cannot read %s: %s", path, strerror(EISDIR));
+	/* Its lines are read as the daemon reads its configuration's
+	 * (ini_lines.h): until the forty-seventh session's review a line past
+	 * libinih's 200 bytes was read as two, an indented line as more of the
+	 * one above, and what followed "[causewayctl]" on its line was
+	 * dropped ("[causewayctl] url = ..." left the default URL). */
+	FILE *in = fopen(path, "r");
+	if (!in)
+		return fail(c, CTL_EUSAGE, "cannot read %s: %s", path, strerror(errno));
 	struct file_parse f = { .s = s, .path = path };
-	int line = ini_parse(path, ini_entry, &f);
+	struct ini_lines lines = { .f = in };
+	int line = ini_parse_stream(ini_lines_read, &lines, ini_entry, &f);
+	fclose(in);
+	if (lines.read_errno)
+		return fail(c, CTL_EUSAGE, "cannot read %s: %s", path, strerror(lines.read_errno));
+	if (lines.refusal && line == 0) /* an error before that line is said below */
+		return fail(c, CTL_EUSAGE, "%s:%d: %s", path, lines.line,
+			    lines.refusal == INI_LINE_OVERLONG ? "the line is longer than the INI parser (libinih) reads"
+			    : lines.refusal == INI_LINE_AFTER_SECTION ? "text after the section's ']': put each setting "
+									"on a line of its own"
+			    : "';' after a space starts a comment here and would cut the value");
 	if (line < 0)
-		return fail(c, CTL_EUSAGE, "cannot read %s: %s", path, line == -1 ? strerror(errno) : "out of memory");
+		return fail(c, CTL_EUSAGE, "cannot read %s: out of memory", path);
 	if (line > 0)
 		return fail(c, CTL_EUSAGE, "%s:%d: %s", path, line, f.bad[0] ? f.bad : "not an INI line");
 	if (s->token)

@@ -601,24 +601,39 @@ def test_flags_beat_environment_beat_file(daemon, tmp_path):
     assert rc == 2 and f"{other}:3: unknown setting 'toekn'" in err
 
 
-def test_a_setting_given_twice_in_the_settings_file_is_refused(tmp_path):
-    """A url (or token) set twice, or an indented line libinih reads as more
-    of the one above: which was meant is a guess, and until the
-    forty-seventh session's review the last one won, the token going to
-    the url pasted below.  Refused, exit 2, nothing asked."""
+def test_a_settings_file_is_read_as_written_or_refused(tmp_path):
+    """The settings file is read as the daemon reads its configuration
+    (gateway/ini_lines.c).  A url (or token) set twice: which was meant is
+    a guess, and until the forty-seventh session's review the last one won,
+    the token going to the url pasted below.  A setting after
+    "[causewayctl]" on its line was dropped by libinih (the default URL
+    stayed), a line past libinih's 200 bytes was read as two, and an
+    indented line as more of the setting above.  Refused, exit 2, nothing
+    asked; an indented line is a line like any other."""
     mute = Mute()
     try:
         f = tmp_path / "ctl.ini"
-        for text, line, name in ((f"[causewayctl]\nurl = http://127.0.0.1:1\nurl = {mute.url}\n", 3, "url"),
-                                 (f"[causewayctl]\nurl = {mute.url}\ntoken = a\n[causewayctl]\ntoken = b\n", 5,
-                                  "token"),
-                                 (f"[causewayctl]\nurl = {mute.url}\n  token_file = t\n", 3, "url")):
+        long_path = "/" + "d" * 230 + "/admin-token"
+        for text, line, what in (
+                (f"[causewayctl]\nurl = http://127.0.0.1:1\nurl = {mute.url}\n", 3, "'url' is set twice; keep one"),
+                (f"[causewayctl]\nurl = {mute.url}\ntoken = a\n[causewayctl]\ntoken = b\n", 5,
+                 "'token' is set twice; keep one"),
+                (f"[causewayctl] url = {mute.url}\n", 1, "text after the section's ']'"),
+                (f"[causewayctl]\nurl = {mute.url}\ntoken_file = {long_path}\n", 3,
+                 "the line is longer than the INI parser (libinih) reads"),
+                (f"[causewayctl]\nurl = {mute.url} ;x\n", 2, "';' after a space starts a comment here")):
             f.write_text(text)
             f.chmod(0o600)
             rc, out, err = ctl("peers", "--config", str(f), token=None)
             assert rc == 2 and out == "", (text, rc, err)
-            assert f"{f}:{line}: '{name}' is set twice; keep one" in err, (text, err)
+            assert f"{f}:{line}: {what}" in err, (text, err)
         assert mute.requests == []
+        # Indented, a setting is one of its own (it was the url's value).
+        (tmp_path / "admin-token").write_text(ADMIN_TOKEN + "\n")
+        (tmp_path / "admin-token").chmod(0o600)
+        f.write_text(f"[causewayctl]\n  url = {mute.url}\n  token_file = admin-token\n")
+        rc, out, err = ctl("peers", "--config", str(f), token=None)
+        assert rc == 3 and mute.requests and mute.requests[-1].startswith("GET /admin/v1/peers"), (rc, err)
     finally:
         mute.close()
 
