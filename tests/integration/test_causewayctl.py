@@ -1159,6 +1159,23 @@ def test_an_audit_export_waits_out_a_writer_of_the_audit_log(daemon, db_url):
         held.end()
 
 
+def test_arguments_that_are_not_utf8_are_a_usage_error():
+    """An argument that goes into the request's JSON must be UTF-8 text:
+    token create's name, as peers add's and rules add's, is a usage error,
+    exit 2, nothing asked (until the forty-seventh session's review token
+    create said "out of memory", exit 1)."""
+    s = StandIn({})
+    try:
+        for args in (("token", "create", b"night\xff"), ("peers", "add", b"g\xffk", "gk.example", "--key", "k",
+                                                         "--pull"),
+                     ("rules", "add", "domain", b"spam\xff.example", "--mode", "deny")):
+            rc, out, err = ctl(*args, url=s.url)
+            assert (rc, out, err) == (2, "", "causewayctl: the arguments must be UTF-8 text\n"), (args, rc, err)
+        assert s.seen == []
+    finally:
+        s.close()
+
+
 def test_a_name_of_dots_or_nothing_is_refused_before_any_request():
     """A name or id goes into the request's path escaped, but escaping
     leaves '.', and libcurl (as a proxy would) resolves the segments "."
