@@ -500,16 +500,21 @@ static void url_quotable(const char *s, char *buf, size_t len)
 static bool web_url_ok(const char *s, bool http_too, bool base)
 {
 	CURLU *u = curl_url();
-	char *scheme = NULL, *host = NULL;
+	char *scheme = NULL, *host = NULL, *port = NULL;
+	/* libcurl takes port 0, to which nothing connects: the homeserver's
+	 * URL with it failed every request, and a public_url with it was no
+	 * URL a peer could sign (until the forty-seventh session's review). */
 	bool ok = u && curl_url_set(u, CURLUPART_URL, s, 0) == CURLUE_OK &&
 		  curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) == CURLUE_OK &&
 		  (strcmp(scheme, "https") == 0 || (http_too && strcmp(scheme, "http") == 0)) &&
 		  curl_url_get(u, CURLUPART_HOST, &host, 0) == CURLUE_OK && *host &&
+		  (curl_url_get(u, CURLUPART_PORT, &port, 0) != CURLUE_OK || strtol(port, NULL, 10) > 0) &&
 		  url_lacks(u, CURLUPART_USER, CURLUE_NO_USER) &&
 		  (!base || (url_lacks(u, CURLUPART_QUERY, CURLUE_NO_QUERY) &&
 			     url_lacks(u, CURLUPART_FRAGMENT, CURLUE_NO_FRAGMENT)));
 	curl_free(scheme);
 	curl_free(host);
+	curl_free(port);
 	curl_url_cleanup(u);
 	return ok;
 }
