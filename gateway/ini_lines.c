@@ -51,11 +51,16 @@ char *ini_lines_read(char *str, int num, void *stream)
 	while (isspace((unsigned char)s[indent]))
 		indent++;
 	memmove(s, s + indent, strlen(s + indent) + 1);
+	/* The first line's UTF-8 byte order mark, which inih skips: the line
+	 * is looked at after it. */
+	const char *t = x->line == 1 && strncmp(s, "\xEF\xBB\xBF", 3) == 0 ? s + 3 : s;
+	while (t != s && isspace((unsigned char)*t))
+		t++;
 	/* inih ignores what follows a section's ']': "[server] port = 9000"
 	 * was the section alone, and the default port stayed, --check-config
 	 * saying valid (until the forty-seventh session's review).  Only
 	 * blanks or a comment may follow it. */
-	const char *close = *s == '[' ? strchr(s, ']') : NULL;
+	const char *close = *t == '[' ? strchr(t, ']') : NULL;
 	if (close) {
 		const char *p = close + 1;
 		while (*p && isspace((unsigned char)*p))
@@ -65,8 +70,8 @@ char *ini_lines_read(char *str, int num, void *stream)
 			return NULL;
 		}
 	}
-	if (*s != ';' && *s != '#' && *s != '[')
-		for (const char *p = s; *p && p[1]; p++)
+	if (*t != ';' && *t != '#' && *t != '[')
+		for (const char *p = t; *p && p[1]; p++)
 			if (isspace((unsigned char)p[0]) && p[1] == ';') {
 				x->refusal = INI_LINE_CUT;
 				return NULL;
