@@ -46,7 +46,7 @@ const struct cfg_option cfg_options[] = {
 	  "URL peers and homeservers use to reach this daemon (empty: http://listen_address:port, 0.0.0.0 "
 	  "as 127.0.0.1); peers' request signatures must cover it as their @target-uri, whatever Host they send: "
 	  "set it whenever peers call another URL (a DNS name, TLS, a proxy); an absolute http or https URL with "
-	  "a host, no user, query or fragment, in its normal form (host in lower case, no default port), at most "
+	  "a host, no user, query or fragment, in its normal form (host in lower case, no default port, no leading zero in the port), at most "
 	  "512 bytes (else the start fails)" },
 	{ "server", "domain", CFG_STR, OFF(domain), "", 0, 0, false, false,
 	  "this provider's domain, a lower-case DNS name with a dot, without a port: local users are mimi://DOMAIN/u/...; "
@@ -539,8 +539,9 @@ static bool public_url_ok(const char *s)
 }
 
 /* Whether public_url_ok's s is in its normal form: its authority (after
- * the scheme, up to the path) without upper-case letters, and without the
- * scheme's default port (:443 for https, :80 for http). */
+ * the scheme, up to the path) without upper-case letters, and its port,
+ * if any, neither the scheme's default (:443 for https, :80 for http) nor
+ * written with a leading zero or empty. */
 static bool public_url_normal(const char *s)
 {
 	bool tls = strncmp(s, "https://", 8) == 0;
@@ -549,9 +550,18 @@ static bool public_url_normal(const char *s)
 	for (size_t i = 0; i < n; i++)
 		if (a[i] >= 'A' && a[i] <= 'Z')
 			return false;
-	const char *dflt = tls ? ":443" : ":80";
-	size_t d = strlen(dflt);
-	return !(n > d && strncmp(a + n - d, dflt, d) == 0);
+	/* The port, after the host (an IPv6 address's brackets hold colons):
+	 * written without leading zeros, which its normal form drops, and
+	 * not the scheme's default (until the forty-seventh session's review
+	 * https://gw.example:0443 was taken, and a peer's signature over
+	 * https://gw.example never matched it). */
+	const char *host_end = a[0] == '[' ? memchr(a, ']', n) : a;
+	const char *colon = host_end ? memchr(host_end, ':', n - (size_t)(host_end - a)) : NULL;
+	if (!colon)
+		return true;
+	const char *port = colon + 1, *dflt = tls ? "443" : "80";
+	size_t pn = n - (size_t)(port - a);
+	return pn > 0 && port[0] != '0' && !(pn == strlen(dflt) && strncmp(port, dflt, pn) == 0);
 }
 
 static bool https_url_ok(const char *s)
