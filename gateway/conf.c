@@ -15,6 +15,9 @@
 #include <curl/curl.h>
 #include <errno.h>
 #include <ini.h>
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
@@ -759,9 +762,21 @@ static cw_err check_values(const struct cw_config *c, cw_errmsg *e)
 		if (!f)
 			return cw_fail(e, CW_EINVAL, "server.ca_file: cannot read %.200s: %s", c->ca_file, strerror(errno));
 		bool regular = fstat(fileno(f), &st) == 0 && S_ISREG(st.st_mode);
+		/* A file without a certificate in PEM (DER, a key, the wrong
+		 * file) was taken, and every outbound HTTPS request then failed
+		 * (libcurl: "error setting certificate file"; until the
+		 * forty-seventh session's review).  Other PEM blocks are passed
+		 * over, as OpenSSL passes them. */
+		int certs = 0;
+		for (X509 *x; regular && certs < 1 && (x = PEM_read_X509(f, NULL, NULL, NULL)); certs++)
+			X509_free(x);
+		ERR_clear_error();
 		fclose(f);
 		if (!regular)
 			return cw_fail(e, CW_EINVAL, "server.ca_file: %.200s is not a file (a CA bundle in PEM)", c->ca_file);
+		if (!certs)
+			return cw_fail(e, CW_EINVAL, "server.ca_file: %.200s holds no certificate in PEM (-----BEGIN "
+				       "CERTIFICATE-----)", c->ca_file);
 	}
 	/* A signature's tag parameter is a structured-field string (RFC 8941):
 	 * printable ASCII, and the daemon writes it unescaped. */

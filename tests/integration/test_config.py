@@ -235,6 +235,26 @@ def test_matrix_server_names_and_xmpp_hosts_of_every_form_are_taken(tmp_path):
         assert r.returncode == 0, (host, r.stderr)
 
 
+def test_a_ca_file_must_hold_a_certificate(tmp_path):
+    """server.ca_file is the CA bundle of every outbound HTTPS request: one
+    without a certificate in PEM (a key, a DER file, the wrong file) was
+    taken until the forty-seventh session's review, and libcurl then
+    refused every such request.  A bundle with a key beside its certificate
+    is taken (OpenSSL passes other blocks over)."""
+    from harness import self_signed_ca
+
+    schema = os.path.join(TOP_SRCDIR, "schema")
+    head = f"[database]\nurl = postgresql:///x\nschema_dir = {schema}\n[server]\ndomain = example.org\n"
+    cert, key = self_signed_ca(str(tmp_path), "a test CA")
+    both = tmp_path / "both.pem"
+    both.write_text(open(key).read() + open(cert).read())
+    for ca in (cert, str(both)):
+        r = run_causewayd(["--check-config", write(tmp_path, f"{head}ca_file = {ca}\n")], env=key_env(tmp_path))
+        assert r.returncode == 0 and "configuration valid" in r.stdout, (ca, r.stderr)
+    r = run_causewayd(["--check-config", write(tmp_path, f"{head}ca_file = {key}\n")], env=key_env(tmp_path))
+    assert r.returncode == 1 and f"server.ca_file: {key} holds no certificate in PEM" in r.stderr, r.stderr
+
+
 def test_the_start_refuses_them_before_touching_the_database(tmp_path, empty_db_url, pg):
     head = f"[database]\nurl = {empty_db_url}\nschema_dir = {SCHEMA_DIR}\n[peer]\n" \
         f"signing_key_file = {tmp_path}/signing.key\n[server]\ndomain = example.org\nport = 0\n"
