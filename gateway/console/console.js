@@ -309,6 +309,35 @@
     signIn(message);
   }
 
+  // A token as it was pasted: what shows nothing around it (white space, a
+  // line break, zero-width characters, a byte order mark, a soft hyphen,
+  // bidirectional marks, as a mail, a chat or a PDF brings them) is taken
+  // off; any other character that is not printable ASCII is refused, named,
+  // and nothing is sent.  A token is printable ASCII (cwa_ and base64url, as
+  // causewayctl token create and causewayd --new-admin-token print it); a
+  // header carries any other character as a Latin-1 byte, never as the UTF-8
+  // a token's hash was made of, so it could not match, and the browser
+  // refuses one past Latin-1 outright: until the forty-seventh session a
+  // zero-width space pasted inside the token was shown as "the daemon could
+  // not be reached", and a soft hyphen or a no-break space went to the
+  // daemon as part of the token.
+  const INVISIBLE = "\\s\\u00ad\\u034f\\u061c\\u115f\\u1160\\u17b4\\u17b5\\u180e\\u200b-\\u200f\\u202a-\\u202e"
+    + "\\u2060-\\u2064\\u2066-\\u2069\\u3164\\ufeff\\uffa0";
+  const AROUND = new RegExp("^[" + INVISIBLE + "]+|[" + INVISIBLE + "]+$", "gu");
+  const NAMES = { 0x20: "a space", 0xa0: "a no-break space", 0xad: "a soft hyphen", 0x200b: "a zero-width space",
+    0x200c: "a zero-width non-joiner", 0x200d: "a zero-width joiner", 0x2060: "a word joiner", 0xfeff: "a byte order mark" };
+  function tokenOf(raw) {
+    const token = raw.replace(AROUND, "");
+    if (!token) return { refused: "The token is empty: paste the token itself." };
+    const chars = [...token];
+    const at = chars.findIndex((c) => c < "\x21" || c > "\x7e");
+    if (at < 0) return { token };
+    const cp = chars[at].codePointAt(0);
+    return { refused: "The token was not sent: its character " + (at + 1) + " is U+"
+      + cp.toString(16).toUpperCase().padStart(4, "0") + " (" + (NAMES[cp] || "not printable ASCII")
+      + "), which no token holds. Copy the token again from where it was shown, or type it." };
+  }
+
   function signIn(message) {
     clearTimeout(timer);
     chrome(false);
@@ -324,7 +353,9 @@
       h("button", { type: "submit", "data-read": true }, "Sign in"));
     f.addEventListener("submit", async (ev) => {
       ev.preventDefault();
-      sessionStorage.setItem(TOKEN_KEY, tok.value.trim());
+      const t = tokenOf(tok.value);
+      if (t.refused) { note.replaceChildren(h("p", { class: "error", role: "alert" }, t.refused)); tok.focus(); return; }
+      sessionStorage.setItem(TOKEN_KEY, t.token);
       try {
         me = await api("GET", "/whoami");
         route();

@@ -144,11 +144,40 @@ try {
     assert.equal(await page.evaluate(() => sessionStorage.length), 0, 'nothing kept');
   });
 
+  // Every Authorization header the page sends to the API.
+  const sent = [];
+  page.on('request', (r) => { if (new URL(r.url()).pathname.startsWith('/admin/v1/')) sent.push(r.headers().authorization); });
+
+  await check('a token with an invisible character inside is refused, and not sent', async () => {
+    // A zero-width space (which the browser cannot send: until the
+    // forty-seventh session "the daemon could not be reached"), a soft
+    // hyphen and a no-break space (sent as Latin-1 bytes, a token no hash
+    // matches), a space: each named, nothing sent, nothing kept.
+    const said = [];
+    for (const [ch, name] of [['\u200b', 'U+200B (a zero-width space)'], ['\u00ad', 'U+00AD (a soft hyphen)'],
+      ['\u00a0', 'U+00A0 (a no-break space)'], [' ', 'U+0020 (a space)']]) {
+      const before = sent.length;
+      await page.getByLabel('Admin token').fill(ADMIN.slice(0, 10) + ch + ADMIN.slice(10));
+      await page.getByRole('button', { name: 'Sign in' }).click();
+      const err = page.locator('.signin .note .error', { hasText: 'The token was not sent' });
+      await err.waitFor({ timeout: WAIT });
+      const text = await err.innerText();
+      assert.ok(text.includes(`character 11 is ${name}`), text);
+      assert.equal(sent.length, before, 'a request went out');
+      assert.equal(await page.evaluate(() => sessionStorage.length), 0, 'nothing kept');
+      said.push(text);
+    }
+    return said[0];
+  });
+
   await check('sign in as admin', async () => {
-    await signIn(page, ADMIN, 'config', 'admin');
+    // pasted with a byte order mark, zero-width and white space around it
+    await signIn(page, '\ufeff\u200b \t' + ADMIN + '\u200b\u00a0\u2060 ', 'config', 'admin');
     assert.equal(await page.evaluate(() => location.hash), '#/dashboard');
     const stored = await page.evaluate(() => Object.keys(sessionStorage));
     assert.deepEqual(stored, ['causeway.admin_token']);
+    assert.equal(await page.evaluate(() => sessionStorage.getItem('causeway.admin_token')), ADMIN, 'kept trimmed');
+    assert.deepEqual([...new Set(sent)], ['Bearer ' + ADMIN], 'only the token itself went out');
     const cookies = await ctx.cookies();
     assert.deepEqual(cookies, [], 'no cookies');
   });

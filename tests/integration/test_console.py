@@ -249,7 +249,8 @@ def test_console_in_a_browser(make_daemon, db_url, pg):
     report = "\n".join(f"{'ok  ' if x['ok'] else 'FAIL'} {x['check']}: {x['detail']}" for x in results)
     assert rc == 0 and not failed, f"console.mjs exited {rc}\n{report}\nother output:\n" + "\n".join(other[-40:])
     checks = {x["check"] for x in results}
-    for must in ("sign in as admin", "dashboard shows live numbers", "add a deny rule",
+    for must in ("a token with an invisible character inside is refused, and not sent",
+                 "sign in as admin", "dashboard shows live numbers", "add a deny rule",
                  "the next message is denied, and its trace says why", "replay a dead letter and see it delivered",
                  "allow a held sender", "a consent of a domain of no peer is marked",
                  "remove a peer's user from a group",
