@@ -815,7 +815,7 @@
     const deliveries = m.deliveries || [];
     const verdicts = [...new Set(deliveries.map((d) => d.verdict))];
     const act = async (d, what, ok) => {
-      try { await api("POST", "/outbox/" + d.id + "/" + what); say(note, ok); reload(); } catch (e) { note.replaceChildren(problem(e)); }
+      try { await api("POST", "/outbox/" + d.id + "/" + what); say(note, ok); reload(); } catch (e) { note.replaceChildren(problem(e)); stale(e, reload); }
     };
     return [
       section("Message", dl([
@@ -846,6 +846,16 @@
     ];
   }
 
+  // A 409 on a row's change: the row is no longer what the page shows (a
+  // dead letter replayed or discarded meanwhile, from another tab or
+  // causewayctl, or dropped by the rules the replay asks first; a report
+  // handled meanwhile), or an earlier dead letter of its room waits.  The
+  // problem stays shown and the rows are read again, so that the row shows
+  // its state now and no button offers again what cannot be done (until the
+  // forty-seventh session a dead letter's row kept its Replay button, which
+  // answered 409 each time).
+  const stale = (e, reload) => { if (e instanceof ApiError && e.status === 409) reload(); };
+
   /* ------------------------------------------------------------ dead letters */
 
   pages.deadletters = ["Dead letters", (root) => {
@@ -866,7 +876,7 @@
         note.replaceChildren(h("p", { class: "ok" }, "Delivery " + r.id + (what === "replay" ? " replayed" : " discarded") + " (now "
           + out.state + "). ", h("a", { href: "#/trace/" + enc(r.message) }, "Follow it in the trace")));
         list.reload();
-      } catch (e) { note.replaceChildren(problem(e)); }
+      } catch (e) { note.replaceChildren(problem(e)); stale(e, list.reload); }
     }
     add(root, h("p", { class: "hint" }, "Deliveries that used up their retries. Replay one once its destination is back."),
       note, filterForm([field("State", select("state", ["dead", "failed"], "dead")),
@@ -889,7 +899,7 @@
           try { await api("POST", "/reports/" + r.id + "/handle"); say(note, "Report " + r.id + " handled."); list.reload(); }
           // 409: handled meanwhile (the detail says when and by whom); the
           // list is read again so that the row shows it.
-          catch (e) { note.replaceChildren(problem(e)); if (e instanceof ApiError && e.status === 409) list.reload(); }
+          catch (e) { note.replaceChildren(problem(e)); stale(e, list.reload); }
         }) || "open"],
       // Dismissed: judged unfounded, it no longer counts toward the
       // automatic limit; a limit already made stands until it expires,
@@ -900,7 +910,7 @@
           say(note, "Report " + r.id + " dismissed." + (d.limit_rule_id ? " The automatic limit it helped make (rule "
             + d.limit_rule_id + ") stands until it expires; delete that rule to lift it now." : ""));
           list.reload();
-        } catch (e) { note.replaceChildren(problem(e)); if (e instanceof ApiError && e.status === 409) list.reload(); }
+        } catch (e) { note.replaceChildren(problem(e)); stale(e, list.reload); }
       }) || "no"],
     ], rows, "No reports here."));
     add(root, note, filterForm([field("Show", select("open", [["true", "open"], ["false", "handled"], ["", "all"]], "true"))],

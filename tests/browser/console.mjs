@@ -309,6 +309,29 @@ try {
     return { message: deadMsg };
   });
 
+  await check('a replay answered 409 shows why, and the row its state now', async () => {
+    // The dead letter is replayed behind the page's back (another tab,
+    // causewayctl): the page's Replay is 409 "only a dead letter"; the
+    // list is read again, and the row, no longer dead, leaves it.  Until
+    // the forty-seventh session it stayed, its Replay answering 409 again.
+    const again = await ask('another dead letter');
+    await go(page, '#/deadletters');
+    const row = page.locator('tr', { hasText: again });
+    await row.waitFor({ timeout: WAIT });
+    await ask('replay it elsewhere');
+    await row.getByRole('button', { name: 'Replay' }).click();
+    const err = page.locator('main .note .error[role="alert"]');
+    await err.waitFor({ timeout: WAIT });
+    const said = await err.innerText();
+    assert.match(said, /only a dead letter can be replayed/, said);
+    assert.match(said, /\(409 conflict\)/, said);
+    await page.waitForFunction((m) => ![...document.querySelectorAll('main tr')].some((r) => r.textContent.includes(m)),
+      again, { timeout: WAIT });
+    assert.equal(await err.count(), 1, 'the problem is still shown');
+    await shot(page, 'admin-06b-replay-409');
+    return said;
+  });
+
   await check('allow a held sender', async () => {
     await go(page, '#/held');
     const row = page.locator('tr', { hasText: 'mimi://wa.example/u/wally' });

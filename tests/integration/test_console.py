@@ -131,13 +131,17 @@ class Scenario:
         self.held = self.send(gk, dm, gk.user("wally"), "hello, do you know me?")
         # gk -> tg while tg is down: a dead letter
         self.peers["tg"][1].fail_next = 10 ** 6
-        down = self.room(gk, [gk.user("alice"), tg.user("bob")])
-        self.dead = self.send(gk, down, gk.user("alice"), "are you there?")
+        self.down = self.room(gk, [gk.user("alice"), tg.user("bob")])
+        self.dead = self.send(gk, self.down, gk.user("alice"), "are you there?")
+        self.dead_row(self.dead)
+        self.again = None
 
+    def dead_row(self, message):
+        """The outbox row of message to tg, once it is a dead letter."""
         def dead_now():
-            rows = d.admin("GET", "/outbox?state=dead&destination=peer:tg").json()["rows"]
-            return [x for x in rows if x["message"] == self.dead]
-        wait_until(dead_now, timeout=20, what="the dead letter")
+            rows = self.d.admin("GET", "/outbox?state=dead&destination=peer:tg").json()["rows"]
+            return [x for x in rows if x["message"] == message]
+        return wait_until(dead_now, timeout=20, what="the dead letter")[0]
 
     @staticmethod
     def room(client, members):
@@ -169,6 +173,17 @@ class Scenario:
         if need == "heal":
             self.peers["tg"][1].fail_next = 0
             return self.dead
+        if need == "another dead letter":
+            gk = self.peers["gk"][0]
+            self.peers["tg"][1].fail_next = 10 ** 6
+            msg = self.send(gk, self.down, gk.user("alice"), "still there?")
+            self.again = self.dead_row(msg)
+            self.peers["tg"][1].fail_next = 0
+            return msg
+        if need == "replay it elsewhere":
+            r = self.d.admin("POST", f"/outbox/{self.again['id']}/replay")
+            assert r.status_code == 200, r.text
+            return str(self.again["id"])
         if need == "group":
             return self.group
         if need == "big group":
@@ -252,6 +267,7 @@ def test_console_in_a_browser(make_daemon, db_url, pg):
     for must in ("a token with an invisible character inside is refused, and not sent",
                  "sign in as admin", "dashboard shows live numbers", "add a deny rule",
                  "the next message is denied, and its trace says why", "replay a dead letter and see it delivered",
+                 "a replay answered 409 shows why, and the row its state now",
                  "allow a held sender", "a consent of a domain of no peer is marked",
                  "remove a peer's user from a group",
                  "a big group's members come a page at a time",
