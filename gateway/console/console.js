@@ -612,11 +612,16 @@
       const keys = Object.keys(SETTINGS).filter((k) => k in cur).concat(Object.keys(cur).filter((k) => !(k in SETTINGS)));
       if (!isAdmin()) return dl(keys.map((k) => [k, h("span", { "data-setting": k }, String(cur[k]))]));
       return changeForm("Server-wide settings", keys.map((k) => field(k, Array.isArray(SETTINGS[k])
-        ? select(k, SETTINGS[k], String(cur[k])) : input(k, { type: "number", value: cur[k] }))),
+        ? select(k, SETTINGS[k], String(cur[k])) : input(k, { type: "number", value: cur[k], required: true, min: 0, step: 1 }))),
       "Save settings", note, async (v) => {
         const body = {};
         for (const k of keys) {
           if (!(k in v) || String(cur[k]) === v[k]) continue;
+          // An emptied field is no number: Number("") is 0, which several
+          // settings take as "no bound" or "off" (until the forty-seventh
+          // session it was saved so).  The field is required; this is for
+          // a browser that does not check.
+          if (v[k].trim() === "") throw new Error(k + " is empty: give it a number (it was not saved)");
           body[k] = k === "policy.default_mode" ? v[k] : k === "policy.optin_default" ? v[k] === "true" : Number(v[k]);
         }
         if (Object.keys(body).length === 0) return "Nothing changed.";

@@ -269,6 +269,29 @@ try {
     await page.locator('.note .ok', { hasText: 'Saved: policy.report_limit_threshold' }).waitFor({ timeout: WAIT });
   });
 
+  await check('a setting emptied is not saved as 0', async () => {
+    // 0 is "no bound" for this one: an emptied field was sent as Number("")
+    // until the forty-seventh session, and the bound was gone.
+    const key = 'policy.consent_requests_per_user_per_day';
+    const form = page.locator('form[aria-label="Server-wide settings"]');
+    const box = form.getByLabel(key);
+    const before = await box.inputValue();
+    assert.match(before, /^[1-9][0-9]*$/);
+    const patches = [];
+    const seen = (r) => { if (r.method() === 'PATCH') patches.push(r.postData()); };
+    page.on('request', seen);
+    await box.fill('');
+    await form.getByRole('button', { name: 'Save settings' }).click();
+    await page.waitForTimeout(1000);
+    page.off('request', seen);
+    assert.deepEqual(patches, [], 'a PATCH went out');
+    assert.equal(await box.evaluate((el) => el.validity.valueMissing), true, 'the field says it is needed');
+    const now = await page.evaluate(() => fetch('/admin/v1/settings', {
+      headers: { Authorization: 'Bearer ' + sessionStorage.getItem('causeway.admin_token') } }).then((r) => r.json()));
+    assert.equal(String(now['policy.consent_requests_per_user_per_day']), before);
+    await box.fill(before);
+  });
+
   await check('the next message is denied, and its trace says why', async () => {
     const id = await ask('denied');
     assert.match(id, /^msg_/);
