@@ -874,7 +874,9 @@
         changeBtn("Replay", () => act(r, "replay")),
         changeBtn("Discard", () => act(r, "discard"), { danger: true, confirm: "Discard delivery " + r.id + " of " + r.message + "? It will never be sent." }))
         : "—"]] : []),
-    ], rows, q.state === "failed" ? "No failed deliveries." : "No dead letters: every delivery got through or is still being tried."));
+    ], rows, q.destination ? "No " + (q.state === "failed" ? "failed deliveries" : "dead letters") + " to " + q.destination
+      + " (a destination is matched whole: peer:<name>, matrix, xmpp:<component domain>)."
+      : q.state === "failed" ? "No failed deliveries." : "No dead letters: every delivery got through or is still being tried."));
     async function act(r, what) {
       try {
         const out = await api("POST", "/outbox/" + r.id + "/" + what);
@@ -885,7 +887,8 @@
     }
     add(root, h("p", { class: "hint" }, "Deliveries that used up their retries. Replay one once its destination is back."),
       note, filterForm([field("State", select("state", ["dead", "failed"], "dead")),
-        field("Destination", input("destination", { placeholder: "peer:tg, matrix, xmpp" }))], (v) => { q = v; list.reload(true); }),
+        field("Destination", input("destination", { placeholder: "peer:tg, matrix, xmpp:chat.example" }),
+          "matched whole")], (v) => { q = v; list.reload(true); }),
       list);
   }];
 

@@ -268,6 +268,7 @@ def test_console_in_a_browser(make_daemon, db_url, pg):
                  "sign in as admin", "dashboard shows live numbers", "add a deny rule", "a setting emptied is not saved as 0",
                  "the next message is denied, and its trace says why", "replay a dead letter and see it delivered",
                  "a replay answered 409 shows why, and the row its state now",
+                 "a destination filter that matches nothing says so",
                  "allow a held sender", "a consent of a domain of no peer is marked",
                  "remove a peer's user from a group",
                  "a big group's members come a page at a time",
