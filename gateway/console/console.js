@@ -275,20 +275,27 @@
   function paged(path, key, query, render) {
     const el = h("div", { class: "paged" });
     const back = [];
-    let after = 0;
+    let after = 0, loading = false;
+    // A page is turned only from the page shown: a second click while the
+    // next one loads (a double click) pushed its start twice, and "Previous
+    // page" then showed the same page again (until the forty-seventh session).
+    const turn = (fn) => () => { if (!loading) { fn(); load(); } };
     async function load() {
       const q = new URLSearchParams(query());
       q.set("limit", PAGE_SIZE);
       if (after) q.set("after", after);
-      await fill(el, async () => {
-        const data = await api("GET", path + "?" + q);
-        const next = data.next_after;
-        return [render(data[key] || [], data), (back.length || next !== null && next !== undefined)
-          ? h("div", { class: "pager row" },
-            back.length ? btn("Previous page", () => { after = back.pop(); load(); }) : null,
-            next !== null && next !== undefined ? btn("Next page", () => { back.push(after); after = next; load(); }) : null)
-          : null];
-      });
+      loading = true;
+      try {
+        await fill(el, async () => {
+          const data = await api("GET", path + "?" + q);
+          const next = data.next_after;
+          return [render(data[key] || [], data), (back.length || next !== null && next !== undefined)
+            ? h("div", { class: "pager row" },
+              back.length ? btn("Previous page", turn(() => { after = back.pop(); })) : null,
+              next !== null && next !== undefined ? btn("Next page", turn(() => { back.push(after); after = next; })) : null)
+            : null];
+        });
+      } finally { loading = false; }
     }
     el.reload = (first) => { if (first) { after = 0; back.length = 0; } return load(); };
     load();
