@@ -239,20 +239,29 @@
   }
 
   // Fills el with what fn builds (fn may be async); an error state on failure.
-  // Folded parts marked data-keep stay open across a refill.
+  // Folded parts marked data-keep stay open across a refill.  Only the last
+  // fill of el asked for is shown: an earlier one answered later (a filter
+  // applied while the list loaded, the daemon slow) is dropped; until the
+  // forty-seventh session it replaced the later one, and the list showed
+  // rows of a filter the form no longer said.
+  const fills = new WeakMap();
   async function fill(el, fn) {
+    const turn = (fills.get(el) || 0) + 1;
+    fills.set(el, turn);
+    const latest = () => fills.get(el) === turn;
     el.setAttribute("aria-busy", "true");
     try {
       const out = await fn();
+      if (!latest()) return true;
       const open = new Set([...el.querySelectorAll("details[data-keep][open]")].map((d) => d.dataset.keep));
       el.replaceChildren(...[out].flat(Infinity).filter((x) => x !== null && x !== undefined && x !== false));
       for (const d of el.querySelectorAll("details[data-keep]")) if (open.has(d.dataset.keep)) d.open = true;
       return true;
     } catch (e) {
-      if (!(e instanceof ApiError && e.status === 401)) el.replaceChildren(problem(e));
+      if (latest() && !(e instanceof ApiError && e.status === 401)) el.replaceChildren(problem(e));
       return false;
     } finally {
-      el.removeAttribute("aria-busy");
+      if (latest()) el.removeAttribute("aria-busy");
     }
   }
   const slot = () => h("div", { class: "slot" }, h("p", { class: "loading" }, "Loading…"));

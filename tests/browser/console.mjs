@@ -374,6 +374,36 @@ try {
     return said;
   });
 
+  await check('a list answered late for a filter changed since is not shown', async () => {
+    // The audit records of rules are asked for and answered slowly; the
+    // filter is changed meanwhile to an actor of none, whose answer comes
+    // first: the slow one, answered after it, is dropped (until the
+    // forty-seventh session its rows replaced the empty list, under a
+    // filter that was no longer theirs).  The delay is the page's own
+    // fetch's (a route's handlers run in turn).
+    await go(page, '#/audit');
+    await page.evaluate(() => {
+      const real = window.fetch;
+      window.__realFetch = real;
+      window.fetch = (u, o) => (String(u).includes('action=rule.')
+        ? new Promise((ok) => setTimeout(ok, 1500)).then(() => real(u, o)) : real(u, o));
+    });
+    try {
+      const filters = page.locator('main form.filters');
+      await filters.getByLabel('Action').fill('rule.');
+      await filters.getByRole('button', { name: 'Show' }).click();
+      await filters.getByLabel('Action').fill('');
+      await filters.getByLabel('Actor').fill('admin:nobody');
+      await filters.getByRole('button', { name: 'Show' }).click();
+      await page.locator('main .paged .empty', { hasText: 'No audit entries match' }).waitFor({ timeout: WAIT });
+      await page.waitForTimeout(2500); // the slow answer has come by now
+      assert.equal(await page.locator('main .paged tbody tr').count(), 0, 'rows of the filter before shown');
+      assert.equal(await page.locator('main .paged .empty').count(), 1);
+    } finally {
+      await page.evaluate(() => { window.fetch = window.__realFetch; });
+    }
+  });
+
   await check('allow a held sender', async () => {
     await go(page, '#/held');
     const row = page.locator('tr', { hasText: 'mimi://wa.example/u/wally' });

@@ -269,6 +269,7 @@ def test_console_in_a_browser(make_daemon, db_url, pg):
                  "the next message is denied, and its trace says why", "replay a dead letter and see it delivered",
                  "a replay answered 409 shows why, and the row its state now",
                  "a destination filter that matches nothing says so",
+                 "a list answered late for a filter changed since is not shown",
                  "allow a held sender", "a consent of a domain of no peer is marked",
                  "remove a peer's user from a group",
                  "a big group's members come a page at a time",
