@@ -94,10 +94,16 @@
   const json = (v) => JSON.stringify(v);
   const enc = encodeURIComponent;
 
+  // A time as the browser's zone has it, the zone named: the API answers in
+  // UTC, the daemon logs in UTC, and an operator comparing them (or reading
+  // a colleague's screen) took a bare local time for either (until the
+  // forty-seventh session no zone was shown).  The title holds the API's.
+  const WHEN = { year: "numeric", month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit",
+    timeZoneName: "short" };
   function when(iso) {
     if (!iso) return "—";
     const d = new Date(iso);
-    return h("time", { datetime: iso, title: iso }, isNaN(d) ? iso : d.toLocaleString());
+    return h("time", { datetime: iso, title: iso }, isNaN(d) ? iso : d.toLocaleString([], WHEN));
   }
   const traceLink = (id) => (id ? h("a", { href: "#/trace/" + enc(id), class: "mono msgid" }, id) : "—");
   const badge = (v) => h("span", { class: "badge b-" + String(v).replace(/[^a-z_]/g, "") }, text(v));

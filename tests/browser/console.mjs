@@ -587,6 +587,33 @@ try {
     return seen;
   });
 
+  await check('a time is shown in the browser\'s zone, the zone named', async () => {
+    // The API answers in UTC; a browser in New York shows the audit log's
+    // times five hours earlier (four in summer), and says EST (EDT) (until the forty-seventh
+    // session it said no zone: a bare local time read as the logs' UTC).
+    const ny = await browser.newContext({ timezoneId: 'America/New_York', locale: 'en-US' });
+    const p = current = watch(await ny.newPage(), 'new-york');
+    try {
+      await p.goto(BASE);
+      await signIn(p, ADMIN, 'config', 'admin');
+      await go(p, '#/audit');
+      const t = p.locator('main td[data-label="At"] time').first();
+      const iso = await t.getAttribute('datetime');
+      const text = (await t.innerText()).trim();
+      const utc = new Date(iso);
+      assert.match(iso, /Z$|[+-]00:00$/, iso);
+      const zone = text.match(/\b(EST|EDT)$/);
+      assert.ok(zone, text);
+      const hour = (utc.getUTCHours() + 24 - (zone[1] === 'EST' ? 5 : 4)) % 24;
+      const h12 = String(hour % 12 === 0 ? 12 : hour % 12).padStart(2, '0');
+      assert.ok(text.includes(`${h12}:${String(utc.getUTCMinutes()).padStart(2, '0')}:`), `${iso} shown as ${text}`);
+      return { iso, text };
+    } finally {
+      current = page;
+      await ny.close();
+    }
+  });
+
   await check('phone width: dashboard and navigation', async () => {
     const phone = await browser.newContext({ viewport: { width: 375, height: 700 }, isMobile: true, hasTouch: true });
     const p = current = watch(await phone.newPage(), 'phone');

@@ -275,6 +275,7 @@ def test_console_in_a_browser(make_daemon, db_url, pg):
                  "a big group's members come a page at a time",
                  "a viewer sees no change controls on any page",
                  "a change whose answer is lost may have been done, and says so",
+                 "a time is shown in the browser's zone, the zone named",
                  "phone width: dashboard and navigation",
                  "no CSP violation, console error or page error"):
         assert must in checks, f"check not run: {must}\n{report}"
