@@ -10,6 +10,7 @@
 // Output: one JSON line per check {"check", "ok", "detail"}; exit status 1
 // on the first failed check.
 import assert from 'node:assert/strict';
+import { generateKeyPairSync } from 'node:crypto';
 import { mkdirSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';
@@ -554,6 +555,23 @@ try {
     await page.unroute('**/admin/v1/tokens', lost);
     await shot(page, 'admin-12-lost-answer');
     return said;
+  });
+
+  await check('add a peer pasted with white space around its fields', async () => {
+    const raw = generateKeyPairSync('ed25519').publicKey.export({ format: 'der', type: 'spki' }).subarray(-32);
+    await go(page, '#/peers');
+    const form = page.getByRole('form', { name: 'Add a peer' });
+    await form.getByLabel('Name').fill(' console-peer ');
+    await form.getByLabel('Domain').fill('console.example\t');
+    await form.getByLabel('Mode').selectOption('pull');
+    await form.getByLabel('Public key').fill(' ' + raw.toString('base64') + '  ');
+    await form.getByRole('button', { name: 'Add peer' }).click();
+    const ok = page.locator('main .note .token', { hasText: 'Peer console-peer added' });
+    await ok.waitFor({ timeout: WAIT }).catch(async (e) => {
+      throw new Error(`${e.message}: the page says ${await page.locator('main .note').innerText()}`);
+    });
+    assert.match(await ok.locator('input').inputValue(), /^\S{20,}$/, 'its token shown');
+    await page.locator('main tr', { hasText: 'console.example' }).waitFor({ timeout: WAIT });
   });
 
   await check('sign out', async () => {

@@ -276,6 +276,7 @@ def test_console_in_a_browser(make_daemon, db_url, pg):
                  "a viewer sees no change controls on any page",
                  "a change whose answer is lost may have been done, and says so",
                  "a time is shown in the browser's zone, the zone named",
+                 "add a peer pasted with white space around its fields",
                  "phone width: dashboard and navigation",
                  "no CSP violation, console error or page error"):
         assert must in checks, f"check not run: {must}\n{report}"
@@ -298,6 +299,8 @@ def test_console_in_a_browser(make_daemon, db_url, pg):
                        "mimi://wa.example/u/dan": ("left", False), ALICE: ("invited", True)}, members
     assert d.admin("GET", "/held").json()["rows"] == [], "the held message was released"
     assert not d.admin("GET", "/audit?actor=admin:night-viewer").json()["rows"], "the viewer changed nothing"
+    (peer,) = [p for p in d.admin("GET", "/peers").json()["peers"] if p["name"] == "console-peer"]
+    assert (peer["domain"], peer["mode"]) == ("console.example", "pull"), peer
     # The lost answer's request never left the browser (the route aborted it).
     assert "lost-answer" not in [t["name"] for t in d.admin("GET", "/tokens").json()["tokens"]]
     shots = sorted(os.listdir(SHOTS))
