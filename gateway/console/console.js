@@ -334,12 +334,13 @@
   // A token as it was pasted: what shows nothing around it (white space, a
   // line break, zero-width characters, a byte order mark, a soft hyphen,
   // bidirectional marks, as a mail, a chat or a PDF brings them) is taken
-  // off; any other character that is not printable ASCII is refused, named,
-  // and nothing is sent.  A token is printable ASCII (cwa_ and base64url, as
-  // causewayctl token create and causewayd --new-admin-token print it); a
-  // header carries any other character as a Latin-1 byte, never as the UTF-8
-  // a token's hash was made of, so it could not match, and the browser
-  // refuses one past Latin-1 outright: until the forty-seventh session a
+  // off; a space or any other character that is not printable ASCII left
+  // inside is refused, named, and nothing is sent.  A token is printable
+  // ASCII without spaces (cwa_ and base64url, as causewayctl token create
+  // and causewayd --new-admin-token print it); a header carries any other
+  // character as a Latin-1 byte, never as the UTF-8 a token's hash was made
+  // of, so it could not match, and the browser refuses one past Latin-1
+  // outright: until the forty-seventh session a
   // zero-width space pasted inside the token was shown as "the daemon could
   // not be reached", and a soft hyphen or a no-break space went to the
   // daemon as part of the token.
