@@ -899,7 +899,13 @@ static cw_err screen_recovered(struct lane *l, PGresult *recovered, cw_errmsg *e
 	" attempts = greatest(attempts - 1, 0) WHERE id = ANY($1::bigint[]) AND state = 'in_flight' " \
 	" AND claimed_by = $2"
 
-static char *id_array(const struct outbox_row *rows, size_t n)
+/* A selection of a batch's rows: rows[at[0]], ..., rows[at[n - 1]], or
+ * rows[0..n) for at NULL (record_outcomes picks its rows by index: until
+ * the forty-seventh session it copied each whole row, 900 bytes, into a
+ * selection of its own per outcome). */
+#define ROW_AT(rows, at, i) (&(rows)[(at) ? (at)[i] : (i)])
+
+static char *id_array(const struct outbox_row *rows, const size_t *at, size_t n)
 {
 	size_t cap = 2 + n * 21;
 	char *s = malloc(cap), *p = s;
@@ -907,7 +913,7 @@ static char *id_array(const struct outbox_row *rows, size_t n)
 		return NULL;
 	*p++ = '{';
 	for (size_t i = 0; i < n; i++)
-		p += snprintf(p, cap - (size_t)(p - s), "%s%lld", i ? "," : "", (long long)rows[i].id);
+		p += snprintf(p, cap - (size_t)(p - s), "%s%lld", i ? "," : "", (long long)ROW_AT(rows, at, i)->id);
 	*p++ = '}';
 	*p = '\0';
 	return s;
@@ -1001,7 +1007,7 @@ static bool adopt_own_rows(struct lane *l, cw_errmsg *e)
 				       "(their delivery's recording lost, or their claim's commit unanswered)", e);
 }
 
-static void release(struct lane *l, const struct outbox_row *rows, size_t n);
+static void release(struct lane *l, const struct outbox_row *rows, const size_t *at, size_t n);
 
 /* The rows of a claim just committed, decided again under the policy in
  * force when this process's recheck of a change was not over as the
@@ -1024,7 +1030,7 @@ static int screen_claimed(struct lane *l, struct outbox_row *rows, int n)
 	int k = 0;
 	if (rc) {
 		LOG_KV(CW_LOG_WARN, "deciding claimed rows again failed; they wait for the next claim", "detail", e.msg);
-		release(l, rows, (size_t)n);
+		release(l, rows, NULL, (size_t)n);
 		for (int i = 0; i < n; i++)
 			json_decref(rows[i].event);
 		k = -1;
@@ -1211,11 +1217,11 @@ static void retries_count(struct dispatcher *d, const struct retries *rt)
  * up and asked for a slower pace, which the wait gives it; counted, a long
  * burst would send messages to the dead letters.  rt: NULL, or where the
  * rows pending again go, counted later (struct retries). */
-static void record(struct lane *l, const struct outbox_row *rows, size_t n, bool ok, long code,
+static void record(struct lane *l, const struct outbox_row *rows, const size_t *at, size_t n, bool ok, long code,
 		   const char *why, int64_t started_ms, long retry_after_ms, struct retries *rt)
 {
 	struct dispatcher *d = l->d;
-	char *ids = id_array(rows, n);
+	char *ids = id_array(rows, at, n);
 	if (!ids)
 		return;
 	char codes[16], budget[16], base[24], max[24], started[24], wait[24];
@@ -1231,7 +1237,7 @@ static void record(struct lane *l, const struct outbox_row *rows, size_t n, bool
 	 * without it walks every row in flight once per id (100 ms and more
 	 * a batch of 500). */
 	const char *params[] = { ids, ok ? "t" : "f", codes, why, budget, base, max, started, wait, limited ? "f" : "t",
-				 l->name, rows[0].destination };
+				 l->name, ROW_AT(rows, at, 0)->destination };
 	/* One statement: the attempts are recorded and the rows move on.  Its
 	 * commit does not wait for the WAL flush (set_config(..., true) holds
 	 * for this statement's own transaction): see claim_open. */
@@ -1265,14 +1271,14 @@ static void record(struct lane *l, const struct outbox_row *rows, size_t n, bool
 	free(ids);
 }
 
-/* Runs sql, an UPDATE of claimed rows whose ids are $1 (and p2, when
- * not NULL, $2); the rows it
+/* Runs sql, an UPDATE of claimed rows (rows, at: ROW_AT) whose ids are
+ * $1 (and p2, when not NULL, $2); the rows it
  * changed, or -1 after logging that what failed (the claim then runs out
  * and the rows go again). */
-static long update_claimed(struct lane *l, const struct outbox_row *rows, size_t n, const char *sql,
-			   const char *p2, const char *what)
+static long update_claimed(struct lane *l, const struct outbox_row *rows, const size_t *at, size_t n,
+			   const char *sql, const char *p2, const char *what)
 {
-	char *ids = id_array(rows, n);
+	char *ids = id_array(rows, at, n);
 	if (!ids)
 		return -1;
 	const char *params[] = { ids, l->name, p2 };
@@ -1290,20 +1296,20 @@ static long update_claimed(struct lane *l, const struct outbox_row *rows, size_t
 
 /* Rows the adapter did not try (the daemon is stopping): back to pending
  * as they were, the attempt the claim counted taken back, due at once. */
-static void release(struct lane *l, const struct outbox_row *rows, size_t n)
+static void release(struct lane *l, const struct outbox_row *rows, const size_t *at, size_t n)
 {
-	update_claimed(l, rows, n,
+	update_claimed(l, rows, at, n,
 		       RELEASE_SQL, NULL,
 		       "releasing untried rows failed; the claim will run out and the rows go again");
 }
 
 /* Rows the adapter is getting something ready for (outcome 3): pending
  * again, the attempt not counted, due after ms. */
-static void release_after(struct lane *l, const struct outbox_row *rows, size_t n, long ms)
+static void release_after(struct lane *l, const struct outbox_row *rows, const size_t *at, size_t n, long ms)
 {
 	char wait[24];
 	snprintf(wait, sizeof(wait), "%ld", ms);
-	update_claimed(l, rows, n,
+	update_claimed(l, rows, at, n,
 		       "UPDATE outbox SET state = 'pending', claimed_by = NULL, claimed_until = NULL, "
 		       " attempts = greatest(attempts - 1, 0), next_attempt_at = now() + make_interval(secs => $3::bigint "
 		       " / 1000.0) WHERE id = ANY($1::bigint[]) AND state = 'in_flight' AND claimed_by = $2", wait,
@@ -1313,12 +1319,13 @@ static void release_after(struct lane *l, const struct outbox_row *rows, size_t 
 /* Rows the recipient's side refused for good (outcome 4: a Matrix user
  * banned the sender's ghost from their room): dropped, with why, as a
  * row the policy denied is (the sender sees "not delivered"). */
-static void drop_refused(struct lane *l, const struct outbox_row *rows, size_t n)
+static void drop_refused(struct lane *l, const struct outbox_row *rows, const size_t *at, size_t n)
 {
-	update_claimed(l, rows, n,
+	const char *why = ROW_AT(rows, at, 0)->why;
+	update_claimed(l, rows, at, n,
 		       "UPDATE outbox SET state = 'dropped', claimed_by = NULL, claimed_until = NULL, last_error = $3 "
 		       "WHERE id = ANY($1::bigint[]) AND state = 'in_flight' AND claimed_by = $2",
-		       rows[0].why[0] ? rows[0].why : "refused by the recipient's side",
+		       why[0] ? why : "refused by the recipient's side",
 		       "dropping refused rows failed; the claim will run out and the rows go again");
 }
 
@@ -1331,13 +1338,14 @@ static void drop_refused(struct lane *l, const struct outbox_row *rows, size_t n
  * not be reached and a replay may help, neither true of it; the operator
  * sees it, with why, among the dead letters, and a peer's user sees it
  * not delivered. */
-static void dead_now(struct lane *l, const struct outbox_row *rows, size_t n)
+static void dead_now(struct lane *l, const struct outbox_row *rows, const size_t *at, size_t n)
 {
-	long changed = update_claimed(l, rows, n,
+	const char *why = ROW_AT(rows, at, 0)->why;
+	long changed = update_claimed(l, rows, at, n,
 				      "UPDATE outbox SET state = 'dead', claimed_by = NULL, claimed_until = NULL, "
 				      "last_error = $3, sender_told_at = now() "
 				      "WHERE id = ANY($1::bigint[]) AND state = 'in_flight' AND claimed_by = $2",
-				      rows[0].why[0] ? rows[0].why : "no event of the destination's kind can be made of it",
+				      why[0] ? why : "no event of the destination's kind can be made of it",
 				      "making rows dead failed; the claim will run out and the rows go again");
 	if (changed > 0)
 		atomic_fetch_add(&l->d->dead, (uint_fast64_t)changed);
@@ -1392,7 +1400,7 @@ static void mark_dying(const struct lane *l, const struct outbox_row *rows, size
  * row's try ended dead. */
 static void record_outcomes(struct lane *l, struct outbox_row *rows, size_t n, int64_t t0)
 {
-	struct outbox_row *sel = malloc(n * sizeof(*sel));
+	size_t *sel = malloc(n * sizeof(*sel));
 	bool *taken = calloc(n, sizeof(bool)), *dead = calloc(n, sizeof(bool));
 	struct retries rt = { malloc(n * sizeof(int64_t)), 0, n, true };
 	const char **room = malloc(n * sizeof(*room));
@@ -1407,42 +1415,42 @@ static void record_outcomes(struct lane *l, struct outbox_row *rows, size_t n, i
 	size_t k = 0;
 	for (size_t i = 0; i < n; i++)
 		if (rows[i].outcome == 1) {
-			sel[k++] = rows[i];
+			sel[k++] = i;
 			taken[i] = true;
 		}
 	if (k)
-		record(l, sel, k, true, 200, NULL, t0, 0, NULL);
+		record(l, rows, sel, k, true, 200, NULL, t0, 0, NULL);
 	k = 0;
 	for (size_t i = 0; i < n; i++)
 		if (rows[i].outcome == 2) {
-			sel[k++] = rows[i];
+			sel[k++] = i;
 			taken[i] = true;
 		}
 	if (k)
-		release(l, sel, k);
+		release(l, rows, sel, k);
 	k = 0;
 	long wait = 0;
 	for (size_t i = 0; i < n; i++)
 		if (rows[i].outcome == 3) {
-			sel[k++] = rows[i];
+			sel[k++] = i;
 			taken[i] = true;
 			wait = rows[i].retry_after_ms > wait ? rows[i].retry_after_ms : wait;
 		}
 	if (k)
-		release_after(l, sel, k, wait);
+		release_after(l, rows, sel, k, wait);
 	for (size_t i = 0; i < n; i++) {
 		if (taken[i] || (rows[i].outcome != 4 && rows[i].outcome != 5))
 			continue;
 		k = 0;
 		for (size_t x = i; x < n; x++)
 			if (!taken[x] && rows[x].outcome == rows[i].outcome && strcmp(rows[x].why, rows[i].why) == 0) {
-				sel[k++] = rows[x];
+				sel[k++] = x;
 				taken[x] = true;
 			}
 		if (rows[i].outcome == 4)
-			drop_refused(l, sel, k);
+			drop_refused(l, rows, sel, k);
 		else
-			dead_now(l, sel, k);
+			dead_now(l, rows, sel, k);
 	}
 	mark_dying(l, rows, n, taken, dead, room);
 	for (int last = 0; last < 2; last++)
@@ -1452,10 +1460,10 @@ static void record_outcomes(struct lane *l, struct outbox_row *rows, size_t n, i
 			k = 0;
 			for (size_t x = i; x < n; x++)
 				if (!taken[x] && dead[x] == last && same_failure(&rows[x], &rows[i])) {
-					sel[k++] = rows[x];
+					sel[k++] = x;
 					taken[x] = true;
 				}
-			record(l, sel, k, false, rows[i].code, rows[i].why[0] ? rows[i].why : "not delivered", t0,
+			record(l, rows, sel, k, false, rows[i].code, rows[i].why[0] ? rows[i].why : "not delivered", t0,
 			       rows[i].retry_after_ms, &rt);
 		}
 	retries_count(l->d, &rt);
@@ -1495,7 +1503,7 @@ static bool unsendable(const struct outbox_row *row, int64_t now_ms, long stale_
 /* Expires the claimed rows (see unsendable). */
 static void expire(struct lane *l, const struct outbox_row *rows, size_t n)
 {
-	long changed = update_claimed(l, rows, n,
+	long changed = update_claimed(l, rows, NULL, n,
 		"UPDATE outbox SET state = 'expired', claimed_by = NULL, claimed_until = NULL, "
 		" last_error = CASE WHEN (SELECT e.expired FROM events e WHERE e.id = outbox.event_id) "
 		"  THEN 'its message expired before it was delivered: not sent' "
@@ -1723,7 +1731,7 @@ static void deliver(struct lane *l, struct outbox_row *rows, size_t n)
 		if (done > n)
 			done = n;
 		if (done)
-			record(l, rows, done, true, rc ? 200 : code, NULL, t0, 0, NULL);
+			record(l, rows, NULL, done, true, rc ? 200 : code, NULL, t0, 0, NULL);
 		if (done < n) {
 			/* The whole destination was told to wait (a peer's 429 or
 			 * 503 answers for all its rooms): no lane claims it until
@@ -1731,7 +1739,7 @@ static void deliver(struct lane *l, struct outbox_row *rows, size_t n)
 			 * same refusal one batch after the other. */
 			long wait = rows_wait(rows, done, n, false);
 			if (!hold)
-				record(l, rows + done, n - done, false, code, e.msg, t0, wait, NULL);
+				record(l, rows + done, NULL, n - done, false, code, e.msg, t0, wait, NULL);
 			if (wait > 0)
 				pause_destination(d, dest, (int64_t)wait * 1000);
 		}
