@@ -2032,9 +2032,8 @@ struct submit *submit_new(size_t n)
 
 /* Round 1 writes every accepted event of the job in one statement: the
  * events (ids in item order) with their idempotency keys and request
- * hashes, their contents being the array $2 (each item names its own by
- * position: the writer splices the texts the HTTP threads serialised
- * instead of building them again), and their outbox rows (ids in event
+ * hashes, their contents (the texts the HTTP threads serialised, as they
+ * are), and their outbox rows (ids in event
  * order, so per-room order holds) in the state the policy gave each
  * (pending, held for consent, dropped).  The full statement also marks
  * what a read receipt reads, asks for consent once per held (local user,
@@ -2050,19 +2049,26 @@ struct submit *submit_new(size_t n)
  * alone; a block or its end names the local user blocked, as POST
  * /v1/blocks does: until the fortieth session it made every process reload
  * everything), and writes the audit records of
- * the decisions ($3: they
+ * the decisions ($30: they
  * exist for refused items too); a job that needs none of that (the common
  * case: allowed messages) runs the plain statement, which is a third
- * cheaper.  The item documents ($1 here and in round 0) are json, not
+ * cheaper.  The items are one array parameter per column ($1-$26, in
+ * binary form: write_send), the policy's settings the same for every item
+ * three scalars ($27-$29).  Round 0's item document ($1) is json, not
  * jsonb: a jsonb parameter is built into a sorted tree when it is bound,
  * which json_to_recordset does not need (a 100-item document: 0.53 ms as
- * json against 0.80 as jsonb, bind included); the contents ($2) stay jsonb,
- * as they are stored. */
-#define IT_COLUMNS \
-	"n int, pid text, room bigint, sender bigint, " \
-	"  type text, ci bigint, replaces bigint, reply bigint, ts bigint, key text, hash text, " \
-	"  dests text, targets text, states text, held text, ask text, expiry bigint, win bigint, read boolean, " \
-	"  scope text, outbound jsonb, wrote boolean, bt text, ba text, dt bigint, crl bigint"
+ * json against 0.80 as jsonb, bind included). */
+#define IT_ROWS \
+	"SELECT x.n::int AS n, x.pid, x.room::bigint AS room, x.sender::bigint AS sender, x.type, " \
+	"  x.content::jsonb AS content, x.replaces::bigint AS replaces, x.reply::bigint AS reply, x.ts::bigint AS ts, " \
+	"  x.key, x.hash, x.dests, x.targets, x.states, x.held, x.ask, $27::bigint AS expiry, $28::bigint AS win, " \
+	"  x.read::boolean AS read, x.scope, x.outbound::jsonb AS outbound, x.wrote::boolean AS wrote, x.bt, x.ba, " \
+	"  x.dt::bigint AS dt, $29::bigint AS crl, x.grp::boolean AS grp, x.rpid, x.xpid " \
+	"FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], " \
+	"  $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[], " \
+	"  $16::text[], $17::text[], $18::text[], $19::text[], $20::text[], $21::text[], $22::text[], $23::text[], " \
+	"  $24::text[], $25::text[], $26::text[]) AS x(n, pid, room, sender, type, content, replaces, reply, ts, " \
+	"  key, hash, dests, targets, states, held, ask, read, scope, outbound, wrote, bt, ba, dt, grp, rpid, xpid)"
 /* lk: the items' rooms are locked first, in id order, until the commit
  * (a transaction-level advisory lock per room, ROOM_LOCK_SQL of store.h): the
  * outbox ids of one room's rows then follow the order in which they were
@@ -2145,7 +2151,6 @@ struct submit *submit_new(size_t n)
  * decided before they joined.  Direct rooms keep their two members: their
  * items (grp absent) pay nothing of it, and a job of direct rooms only
  * runs the statements without it. */
-#define GROUP_IT_COLUMNS IT_COLUMNS ", grp boolean"
 #define GROUP_JM \
 	"jm AS MATERIALIZED (SELECT m.room_id, m.identity_id, p.name, m.membership = 'joined' AS joined " \
 	"  FROM (SELECT DISTINCT it.room FROM it WHERE it.grp) g JOIN room_members m ON m.room_id = g.room " \
@@ -2176,10 +2181,9 @@ struct submit *submit_new(size_t n)
 	WITH " " IT ", " \
 	"lk AS MATERIALIZED (" ROOM_LOCKS_SQL("SELECT DISTINCT it.room AS r FROM it") "), " \
 	JM REFS \
-	"cs AS (SELECT c.value, c.ord FROM jsonb_array_elements($2::jsonb) WITH ORDINALITY AS c(value, ord)), " \
 	"ev AS (INSERT INTO events (" ID_COL "public_id, room_id, sender_id, type, content, replaces_id, in_reply_to_id, " \
-	"  origin_network, origin_native_id, request_hash, ts) SELECT " ID "it.pid, it.room, it.sender, it.type, cs.value, " \
-	"  " REPLACES ", " REPLY ", it.scope, it.key, decode(it.hash, 'hex'), it.ts FROM it JOIN cs ON cs.ord = it.ci " \
+	"  origin_network, origin_native_id, request_hash, ts) SELECT " ID "it.pid, it.room, it.sender, it.type, it.content, " \
+	"  " REPLACES ", " REPLY ", it.scope, it.key, decode(it.hash, 'hex'), it.ts FROM it " \
 	"  WHERE (SELECT n FROM lk) >= 0 AND it.pid NOT IN (SELECT pid FROM gn) ORDER BY it.n ON CONFLICT (origin_network, origin_native_id) WHERE origin_native_id IS NOT NULL DO NOTHING " \
 	"  RETURNING id, public_id, room_id, (extract(epoch FROM accepted_at) * 1000)::bigint AS ms), " \
 	"ob AS (INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state) " \
@@ -2188,14 +2192,13 @@ struct submit *submit_new(size_t n)
 	"  unnest(string_to_array(it.dests, ','), string_to_array(it.targets, ','), " \
 	"   string_to_array(it.states, ',')) WITH ORDINALITY AS d(dest, target, state, dn) " \
 	"  " OB_WHERE "ORDER BY ev.id, d.dn) "
-#define WRITE_EVENTS_WITH_OF(COLS, JM, REFS, OB_WHERE) \
-	WRITE_EVENTS_OF("WITH", "it AS (SELECT * FROM json_to_recordset($1::json) AS x(" COLS "))", JM, REFS, "", "", \
-			"it.replaces", "it.reply", OB_WHERE)
-#define WRITE_EVENTS_WITH(REFS) WRITE_EVENTS_WITH_OF(IT_COLUMNS, "", REFS, "")
+#define WRITE_EVENTS_WITH_OF(JM, REFS, OB_WHERE) \
+	WRITE_EVENTS_OF("WITH", "it AS (" IT_ROWS ")", JM, REFS, "", "", "it.replaces", "it.reply", OB_WHERE)
+#define WRITE_EVENTS_WITH(REFS) WRITE_EVENTS_WITH_OF("", REFS, "")
 #define WRITE_EVENTS WRITE_EVENTS_WITH(REFS_LOCKED(""))
 #define WRITE_EVENTS_NOREFS WRITE_EVENTS_WITH(REFS_NONE)
-#define GROUP_WRITE_EVENTS WRITE_EVENTS_WITH_OF(GROUP_IT_COLUMNS, GROUP_JM, GROUP_REFS_LOCKED(""), GROUP_OB_WHERE)
-#define GROUP_WRITE_EVENTS_NOREFS WRITE_EVENTS_WITH_OF(GROUP_IT_COLUMNS, GROUP_JM, GROUP_REFS_NONE, GROUP_OB_WHERE)
+#define GROUP_WRITE_EVENTS WRITE_EVENTS_WITH_OF(GROUP_JM, GROUP_REFS_LOCKED(""), GROUP_OB_WHERE)
+#define GROUP_WRITE_EVENTS_NOREFS WRITE_EVENTS_WITH_OF(GROUP_JM, GROUP_REFS_NONE, GROUP_OB_WHERE)
 /* Items that name earlier items of the job (rpid, xpid: their public ids):
  * each item's event id is drawn first, in the items' order (the column's
  * own sequence, as its default would), so that a reference can take it.
@@ -2216,14 +2219,13 @@ struct submit *submit_new(size_t n)
 #define REFS_GONE_MORE \
 	" UNION SELECT it.pid, CASE WHEN it.rpid = gn.pid THEN 'in_reply_to' ELSE 'replaces' END " \
 	"FROM it JOIN gn ON gn.pid IN (it.rpid, it.xpid)"
-#define WRITE_EVENTS_REFS_OF(COLS, JM, REFS, OB_WHERE) \
+#define WRITE_EVENTS_REFS_OF(JM, REFS, OB_WHERE) \
 	WRITE_EVENTS_OF("WITH RECURSIVE", \
 			"it AS MATERIALIZED (SELECT y.*, nextval(pg_get_serial_sequence('events', 'id')) AS eid " \
-			"FROM (SELECT * FROM json_to_recordset($1::json) AS x(" COLS ", rpid text, xpid text) " \
-			"ORDER BY x.n) y)", \
+			"FROM (" IT_ROWS " ORDER BY x.n) y)", \
 			JM, REFS, "id, ", "it.eid, ", "coalesce(it.replaces, (SELECT i2.eid FROM it i2 WHERE i2.pid = it.xpid))", \
 			"coalesce(it.reply, (SELECT i2.eid FROM it i2 WHERE i2.pid = it.rpid))", OB_WHERE)
-#define WRITE_EVENTS_REFS WRITE_EVENTS_REFS_OF(IT_COLUMNS, "", REFS_LOCKED(REFS_GONE_MORE), "")
+#define WRITE_EVENTS_REFS WRITE_EVENTS_REFS_OF("", REFS_LOCKED(REFS_GONE_MORE), "")
 /* In a group, an item naming one refused because its sender left
  * ('sender', or down the chain 'sender:<reference>') is refused as that
  * one is, 403 not_allowed (ref 'sender:in_reply_to', 'sender:replaces'),
@@ -2239,7 +2241,7 @@ struct submit *submit_new(size_t n)
 	"gn AS (SELECT DISTINCT ON (gr.pid) gr.pid, gr.ref FROM gr " \
 	"  ORDER BY gr.pid, gr.ref <> 'sender', gr.ref NOT LIKE 'sender:%', gr.ref), "
 #define GROUP_WRITE_EVENTS_REFS \
-	WRITE_EVENTS_REFS_OF(GROUP_IT_COLUMNS, GROUP_JM, \
+	WRITE_EVENTS_REFS_OF(GROUP_JM, \
 			     GROUP_REFS_LOCKED_AS("gr", GROUP_REFS_GONE_MORE) GROUP_REFS_ONCE, GROUP_OB_WHERE)
 
 #define WRITE_ITEMS_PLAIN_ROWS "SELECT public_id, ms, NULL::text FROM ev" GONE_ROWS
@@ -2352,7 +2354,7 @@ struct submit *submit_new(size_t n)
 	"  FROM (SELECT u FROM ou UNION SELECT u FROM bk UNION SELECT u FROM ub) f HAVING count(*) > 0), " \
 	"au AS (INSERT INTO audit_log (actor, action, reason_code, rule_id, event_id, subject, details) " \
 	"  SELECT 'policy', a.action, a.reason, NULLIF(a.rule, 0), (SELECT id FROM ev WHERE ev.public_id = a.pid), " \
-	"  a.subject, " AU_DETAILS " FROM jsonb_to_recordset($3::jsonb) " \
+	"  a.subject, " AU_DETAILS " FROM jsonb_to_recordset($30::jsonb) " \
 	"  AS a(action text, reason text, rule bigint, pid text, subject text, details jsonb)) " \
 	"SELECT public_id, ms, NULL::text FROM ev, (SELECT count(*) FROM nt) AS n" GONE_ROWS CONSENT_UNASKED_ROWS
 #define WRITE_ITEMS_TAIL WRITE_ITEMS_TAIL_OF("", "a.details")
@@ -2518,64 +2520,132 @@ static cw_err add_json_string(struct cw_buf *b, const char *s)
 	return rc;
 }
 
-/* Appends a JSON array of strings and integers as one JSON string, its
- * values comma-separated: the statement splits it with string_to_array(),
- * cheaper than a jsonb array per column and item.  Its values
- * (destinations, identity ids, outbox states) have no commas.  On the
- * stack as long as it fits (a room's few recipients), else on the heap: a
- * fixed 4 KiB held some 500, and a room with more could take no message
- * (and failed the requests merged with it). */
-static cw_err add_joined(struct cw_buf *b, json_t *arr)
+/* Round 1's items go to the write as one array parameter per column
+ * (IT_ROWS: unnest of text[]s, cast there to the columns' types), sent in
+ * PostgreSQL's binary form of a one-dimensional text[] (array_recv): a
+ * header (dimensions 1, flags, the element type text, the length, the
+ * lower bound 1), then each element's length (-1: NULL) and bytes, as
+ * they are: no quoting, no escaping, no JSON to parse.  Until the
+ * forty-seventh session they were one JSON document read with
+ * json_to_recordset, and the contents a second one, a jsonb array: their
+ * parsing was 15 % of the writer's backend.  The values are the texts the
+ * document held (ids, names, digits, the contents the HTTP threads
+ * serialised), cast by the statement as json_to_recordset did (the
+ * types' input functions). */
+enum write_col {
+	WC_N, WC_PID, WC_ROOM, WC_SENDER, WC_TYPE, WC_CONTENT, WC_REPLACES, WC_REPLY, WC_TS, WC_KEY, WC_HASH, WC_DESTS,
+	WC_TARGETS, WC_STATES, WC_HELD, WC_ASK, WC_READ, WC_SCOPE, WC_OUTBOUND, WC_WROTE, WC_BT, WC_BA, WC_DT, WC_GRP,
+	WC_RPID, WC_XPID, WC_COLS
+};
+/* The scalars after the columns ($27-$29: expiry, win, crl) and the audit
+ * records ($30, the full statements only). */
+#define WRITE_PARAMS (WC_COLS + 4)
+#define TEXT_OID 25
+
+static void put_be32(char *p, uint32_t v)
 {
-	char tmp[4096];
-	struct cw_buf big;
-	cw_buf_init(&big, (size_t)64 << 20);
-	size_t len = 0, i;
-	json_t *v;
-	cw_err rc = CW_OK;
-	json_array_foreach(arr, i, v) {
-		const char *sep = i ? "," : "", *s = json_string_value(v) ? json_string_value(v) : "";
-		long long n = (long long)json_integer_value(v);
-		if (big.p) {
-			rc = json_is_integer(v) ? cw_buf_printf(&big, "%s%lld", sep, n) : cw_buf_printf(&big, "%s%s", sep, s);
-			if (rc)
-				break;
-			continue;
-		}
-		int k = json_is_integer(v) ? snprintf(tmp + len, sizeof(tmp) - len, "%s%lld", sep, n)
-					   : snprintf(tmp + len, sizeof(tmp) - len, "%s%s", sep, s);
-		if (k < 0) {
-			rc = CW_EINVAL;
-			break;
-		}
-		if ((size_t)k < sizeof(tmp) - len) {
-			len += (size_t)k;
-			continue;
-		}
-		/* Too long for the stack: what fitted, and this value again. */
-		tmp[len] = '\0';
-		if ((rc = cw_buf_add(&big, tmp, len)) ||
-		    (rc = json_is_integer(v) ? cw_buf_printf(&big, "%s%lld", sep, n) : cw_buf_printf(&big, "%s%s", sep, s)))
-			break;
-	}
-	tmp[len] = '\0';
-	if (!rc)
-		rc = add_json_string(b, big.p ? big.p : tmp);
-	cw_buf_free(&big);
-	return rc;
+	p[0] = (char)(v >> 24);
+	p[1] = (char)(v >> 16);
+	p[2] = (char)(v >> 8);
+	p[3] = (char)v;
 }
 
-/* A reference in round 1's document: the event's id, null, or (the item
- * names an earlier item of the job, "#j") null and key: that item's
- * public id. */
-static cw_err ref_json(struct cw_buf *doc, const struct submit *b, const char *ref, const char *key)
+/* An array's header; its length (at 12) is set by text_array_end. */
+static cw_err text_array_begin(struct cw_buf *a)
 {
-	if (!ref[0])
-		return cw_buf_add(doc, "null", 4) ? CW_ENOMEM : CW_OK;
-	if (ref[0] != '#')
-		return add_json_string(doc, ref);
-	const struct msg_input *j = b->items[strtoul(ref + 1, NULL, 10)];
-	return cw_buf_printf(doc, "null,\"%s\":", key) ? CW_ENOMEM : add_json_string(doc, j->msg_id);
+	char h[20];
+	put_be32(h, 1);
+	put_be32(h + 4, 0);
+	put_be32(h + 8, TEXT_OID);
+	put_be32(h + 12, 0);
+	put_be32(h + 16, 1);
+	return cw_buf_add(a, h, sizeof(h));
+}
+
+static void text_array_end(struct cw_buf *a, size_t n)
+{
+	put_be32(a->p + 12, (uint32_t)n);
+}
+
+/* An element: s (NULL: a NULL), len bytes. */
+static cw_err text_array_add(struct cw_buf *a, const char *s, size_t len)
+{
+	char l[4];
+	put_be32(l, s ? (uint32_t)len : UINT32_MAX);
+	return cw_buf_add(a, l, 4) || (s && cw_buf_add(a, s, len)) ? CW_ENOMEM : CW_OK;
+}
+
+static cw_err text_array_str(struct cw_buf *a, const char *s)
+{
+	return text_array_add(a, s, s ? strlen(s) : 0);
+}
+
+/* An element: a JSON array of strings and integers as one text, its values
+ * comma-separated (the statement splits it with string_to_array(), cheaper
+ * than an array per column and item).  Its values (destinations, identity
+ * ids, outbox states) have no commas. */
+static cw_err text_array_joined(struct cw_buf *a, json_t *arr)
+{
+	size_t at = a->len, i;
+	json_t *v;
+	if (cw_buf_add(a, "\0\0\0\0", 4))
+		return CW_ENOMEM;
+	json_array_foreach(arr, i, v) {
+		char num[24];
+		const char *s = json_string_value(v);
+		size_t n;
+		if (json_is_integer(v)) {
+			n = (size_t)snprintf(num, sizeof(num), "%lld", (long long)json_integer_value(v));
+			s = num;
+		} else {
+			s = s ? s : "";
+			n = strlen(s);
+		}
+		if ((i && cw_buf_add(a, ",", 1)) || cw_buf_add(a, s, n))
+			return CW_ENOMEM;
+	}
+	put_be32(a->p + at, (uint32_t)(a->len - at - 4));
+	return CW_OK;
+}
+
+/* A reference in round 1's columns: the event's id in col, NULL; or (the
+ * item names an earlier item of the job, "#j") NULL and in key_col that
+ * item's public id; else both NULL. */
+static cw_err ref_cols(struct cw_buf *cols, const struct submit *b, const char *ref, enum write_col col,
+		       enum write_col key_col)
+{
+	const char *key = ref[0] == '#' ? b->items[strtoul(ref + 1, NULL, 10)]->msg_id : NULL;
+	return text_array_str(&cols[col], ref[0] && !key ? ref : NULL) || text_array_str(&cols[key_col], key)
+		       ? CW_ENOMEM
+		       : CW_OK;
+}
+
+/* Sends round 1's write (IT_ROWS): its columns (binary text[]s), the
+ * policy's held expiry, consent window and requests' bound, and the
+ * audit records (if not NULL: the full statements). */
+static cw_err write_send(PGconn *c, const char *stmt, struct cw_buf *cols, long long expiry, long long win,
+			 long long bound, json_t *audit, cw_errmsg *e)
+{
+	char *text = audit ? json_dumps(audit, JSON_COMPACT) : NULL;
+	if (audit && !text)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	const char *params[WRITE_PARAMS];
+	int lengths[WRITE_PARAMS] = { 0 }, formats[WRITE_PARAMS] = { 0 };
+	char scalars[3][24];
+	for (size_t k = 0; k < WC_COLS; k++) {
+		params[k] = cols[k].p;
+		lengths[k] = (int)cols[k].len;
+		formats[k] = 1;
+	}
+	snprintf(scalars[0], sizeof(scalars[0]), "%lld", expiry);
+	snprintf(scalars[1], sizeof(scalars[1]), "%lld", win);
+	snprintf(scalars[2], sizeof(scalars[2]), "%lld", bound);
+	for (size_t k = 0; k < 3; k++)
+		params[WC_COLS + k] = scalars[k];
+	params[WC_COLS + 3] = text;
+	int ok = PQsendQueryPrepared(c, stmt, WC_COLS + 3 + (text ? 1 : 0), params, lengths, formats, 0);
+	free(text);
+	return ok ? CW_OK : cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(c));
 }
 
 /* A sender who is not (or no longer) a member of the group: 403 not_allowed
@@ -2776,11 +2846,12 @@ static cw_err joins_send(PGconn *c, struct submit *b, cw_errmsg *e)
 	return rc;
 }
 
-/* The documents of the two rounds are written as text straight into a
- * buffer: every value is an id, a number or a name that needs no escaping
- * (add_json_string checks, and lets jansson encode what does), and the
- * event contents are the texts the HTTP threads made.  Building them as
- * jansson trees and serialising those was most of the writer's time. */
+/* Round 0's document is written as text straight into a buffer: every
+ * value is an id, a number or a name that needs no escaping
+ * (add_json_string checks, and lets jansson encode what does); round 1's
+ * columns are arrays of the texts as they are (write_send), the event
+ * contents the texts the HTTP threads made.  Building them as jansson
+ * trees and serialising those was most of the writer's time. */
 static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 {
 	if (round == 0) {
@@ -2802,21 +2873,25 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 	b->joined = false;
 	struct policy_view *v = policy_live_get(b->app->policy);
 	long long bound = v->set.user_requests_per_day;
-	struct cw_buf doc, contents;
+	long long expiry = v->set.held_expiry_s, win = v->set.consent_window_s;
+	struct cw_buf doc, cols[WC_COLS];
 	cw_buf_init(&doc, SIZE_MAX / 2);
-	cw_buf_init(&contents, SIZE_MAX / 2);
+	for (size_t k = 0; k < WC_COLS; k++)
+		cw_buf_init(&cols[k], SIZE_MAX / 2);
 	size_t items = 0;
 	bool plain = json_array_size(b->audit) == 0; /* round 1: the plain statement will do */
 	bool refs = false;                           /* round 1: an item names an earlier one */
 	bool stored = false;                         /* round 1: an item names a stored event */
 	bool group = false;                          /* round 1: an item is in a group */
 	bool chk = false;                            /* round 1: an item is checked for a delete (DELETED_TARGETS) */
-	cw_err rc = cw_buf_add(&doc, "[", 1) || (round == 1 && cw_buf_add(&contents, "[", 1)) ? CW_ENOMEM : CW_OK;
+	cw_err rc = round == 0 ? (cw_buf_add(&doc, "[", 1) ? CW_ENOMEM : CW_OK) : CW_OK;
+	for (size_t k = 0; round == 1 && k < WC_COLS && !rc; k++)
+		rc = text_array_begin(&cols[k]);
 	for (size_t i = 0; i < b->n && !rc; i++) {
 		struct msg_input *in = b->items[i];
 		if (!in || (round == 1 && !b->write[i]))
 			continue;
-		if (items && cw_buf_add(&doc, ",", 1)) {
+		if (round == 0 && items && cw_buf_add(&doc, ",", 1)) {
 			rc = CW_ENOMEM;
 			break;
 		}
@@ -2840,40 +2915,35 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 				     : CW_OK;
 			continue;
 		}
-		char hex[65];
+		char hex[65], n[24];
 		cw_hex(hex, in->hash, 32);
 		const char *dt = checked_target(b, i);
 		const char *content = b->scrub[i] ? "{}" : in->event_text;
 		char *outbound = json_array_size(b->outbound[i]) ? json_dumps(b->outbound[i], JSON_COMPACT) : NULL;
-		rc = !content || (items > 1 && cw_buf_add(&contents, ",", 1)) ||
-				     cw_buf_add(&contents, content, strlen(content)) ||
-				     cw_buf_printf(&doc, "{\"n\":%zu,\"pid\":", i) || add_json_string(&doc, in->msg_id) ||
-				     cw_buf_add(&doc, ",\"room\":", 8) || add_json_string(&doc, b->room_id[i]) ||
-				     cw_buf_add(&doc, ",\"sender\":", 10) || add_json_string(&doc, b->sender_id[i]) ||
-				     cw_buf_add(&doc, ",\"type\":", 8) || add_json_string(&doc, in->type) ||
-				     cw_buf_printf(&doc, ",\"ci\":%zu,\"ts\":", items) || add_json_string(&doc, in->ts) ||
-				     cw_buf_printf(&doc, ",\"hash\":\"%s\",\"dests\":", hex) ||
-				     add_joined(&doc, b->dests[i]) || cw_buf_add(&doc, ",\"targets\":", 11) ||
-				     add_joined(&doc, b->targets[i]) || cw_buf_add(&doc, ",\"states\":", 10) ||
-				     add_joined(&doc, b->states[i]) || cw_buf_add(&doc, ",\"held\":", 8) ||
-				     add_joined(&doc, b->held[i]) || cw_buf_add(&doc, ",\"ask\":", 7) ||
-				     add_joined(&doc, b->ask[i]) ||
-				     cw_buf_printf(&doc, ",\"expiry\":%lld,\"win\":%lld,\"crl\":%lld,\"read\":%s,\"key\":",
-						   (long long)v->set.held_expiry_s, (long long)v->set.consent_window_s,
-						   bound, in->read_receipt ? "true" : "false") ||
-				     add_json_string(&doc, in->idem_key) || cw_buf_add(&doc, ",\"scope\":", 9) ||
-				     add_json_string(&doc, in->scope) ||
-				     (b->grp[i] && cw_buf_add(&doc, ",\"grp\":true", 11)) ||
-				     cw_buf_printf(&doc, ",\"outbound\":%s,\"wrote\":%s,\"replaces\":", outbound ? outbound : "[]",
-						   b->wrote[i] ? "true" : "false") ||
-				     ref_json(&doc, b, b->replaces_id[i], "xpid") || cw_buf_add(&doc, ",\"reply\":", 9) ||
-				     ref_json(&doc, b, b->reply_id[i], "rpid") ||
-				     (dt && cw_buf_add(&doc, ",\"dt\":", 6)) || (dt && add_json_string(&doc, dt)) ||
-				     (in->block_target[0] &&
-				      (cw_buf_add(&doc, ",\"bt\":", 6) || add_json_string(&doc, in->block_target) ||
-				       cw_buf_printf(&doc, ",\"ba\":\"%s\"", in->unblock ? "unblock" : "block"))) ||
-				     cw_buf_add(&doc, "}", 1)
-				     ? CW_EINVAL
+		snprintf(n, sizeof(n), "%zu", i);
+		rc = !content || (json_array_size(b->outbound[i]) && !outbound) || text_array_str(&cols[WC_N], n) ||
+				     text_array_str(&cols[WC_PID], in->msg_id) ||
+				     text_array_str(&cols[WC_ROOM], b->room_id[i]) ||
+				     text_array_str(&cols[WC_SENDER], b->sender_id[i]) ||
+				     text_array_str(&cols[WC_TYPE], in->type) || text_array_str(&cols[WC_CONTENT], content) ||
+				     ref_cols(cols, b, b->replaces_id[i], WC_REPLACES, WC_XPID) ||
+				     ref_cols(cols, b, b->reply_id[i], WC_REPLY, WC_RPID) ||
+				     text_array_str(&cols[WC_TS], in->ts) || text_array_str(&cols[WC_KEY], in->idem_key) ||
+				     text_array_add(&cols[WC_HASH], hex, 64) || text_array_joined(&cols[WC_DESTS], b->dests[i]) ||
+				     text_array_joined(&cols[WC_TARGETS], b->targets[i]) ||
+				     text_array_joined(&cols[WC_STATES], b->states[i]) ||
+				     text_array_joined(&cols[WC_HELD], b->held[i]) ||
+				     text_array_joined(&cols[WC_ASK], b->ask[i]) ||
+				     text_array_str(&cols[WC_READ], in->read_receipt ? "t" : "f") ||
+				     text_array_str(&cols[WC_SCOPE], in->scope) ||
+				     text_array_str(&cols[WC_OUTBOUND], outbound ? outbound : "[]") ||
+				     text_array_str(&cols[WC_WROTE], b->wrote[i] ? "t" : "f") ||
+				     text_array_str(&cols[WC_BT], in->block_target[0] ? in->block_target : NULL) ||
+				     text_array_str(&cols[WC_BA], !in->block_target[0] ? NULL
+							  : in->unblock			 ? "unblock"
+											 : "block") ||
+				     text_array_str(&cols[WC_DT], dt) || text_array_str(&cols[WC_GRP], b->grp[i] ? "t" : NULL)
+				     ? CW_ENOMEM
 				     : CW_OK;
 		free(outbound);
 		refs = refs || b->reply_id[i][0] == '#' || b->replaces_id[i][0] == '#';
@@ -2884,8 +2954,10 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 			!b->wrote[i] && !in->block_target[0];
 	}
 	policy_view_put(v);
-	if (!rc && (cw_buf_add(&doc, "]", 1) || (round == 1 && cw_buf_add(&contents, "]", 1))))
+	if (!rc && round == 0 && cw_buf_add(&doc, "]", 1))
 		rc = CW_ENOMEM;
+	for (size_t k = 0; round == 1 && k < WC_COLS && !rc; k++)
+		text_array_end(&cols[k], items);
 	if (rc)
 		rc = cw_fail(e, rc, "cannot build the statement's parameters (out of memory, or an id not UTF-8)");
 	else if (round == 0 && items)
@@ -2907,12 +2979,13 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 		if ((plain || (rc = lock_users_send(c, b, bound, e)) == CW_OK) &&
 		    (!(group || chk || refs) || (rc = lock_rooms_send(c, b, e)) == CW_OK) &&
 		    (!group || (rc = joins_send(c, b, e)) == CW_OK))
-			rc = send_text(c, name, doc.p, contents.p, plain && !refs ? NULL : b->audit, e);
+			rc = write_send(c, name, cols, expiry, win, bound, plain && !refs ? NULL : b->audit, e);
 		if (!rc)
 			rc = leaves_send(c, b, e);
 	}
 	cw_buf_free(&doc);
-	cw_buf_free(&contents);
+	for (size_t k = 0; k < WC_COLS; k++)
+		cw_buf_free(&cols[k]);
 	/* Who has rows to deliver now: the dispatcher (its channel wakes the
 	 * pull stream too), or only the pull stream.  Held and dropped rows
 	 * wake no one: a consent releases held rows and notifies then. */

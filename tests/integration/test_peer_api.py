@@ -1386,6 +1386,40 @@ def test_batch_mixed_items_in_order(daemon, peers, pg, db_url):
     assert pg.psql("SELECT count(*) FROM events", db_url) == "46"
 
 
+def test_a_batchs_texts_are_stored_as_sent_whatever_their_characters(daemon, peers, pg, db_url):
+    """The write takes its items as one array per column in binary form
+    (peer_api.c, write_send; until the forty-seventh session a JSON
+    document): contents with what an array's or a JSON text's syntax would
+    quote (quotes, backslashes, braces, commas, spaces, NULL, non-ASCII)
+    and the key NULL are stored as they were sent, a retry of each is the
+    same request, and a reply names its stored message."""
+    (a, _), (b, sb) = peers
+    rm = room(a, b)
+    odd = ['"q"', "back\\slash", "{brace}", "a,b", " sp ", "NULL", "", "caf\u00e9 \U0001f600", "\t\\n"]
+    ev = lambda text: {"type": "message", "sender": a.user("alice"),
+                       "content": {"parts": [{"type": "text/plain", "body": text or "empty"}], "x_note": text}}
+    items = [{"idempotency_key": "NULL" if t == "NULL" else f"k{i}", "room": rm["uri"], "event": ev(t)}
+             for i, t in enumerate(odd)]
+    r = a.call("POST", "/v1/batch", {"events": items})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert [x["status"] for x in res] == ["accepted"] * len(odd), res
+    got = sb.wait_events(len(odd))
+    assert [e["content"]["x_note"] for e in got] == odd
+    assert [e["id"] for e in got] == [x["id"] for x in res]
+    stored = pg.psql("SELECT string_agg(origin_native_id || '=' || (content->'content'->>'x_note'), '|' "
+                     "ORDER BY id) FROM events", db_url)
+    assert stored == "|".join(i["idempotency_key"] + "=" + t for i, t in zip(items, odd))
+    again = a.call("POST", "/v1/batch", {"events": items}).json()["results"]
+    assert [x.get("id") for x in again] == [x["id"] for x in res]
+    # A reply naming a stored item of the batch, sent in a batch of its own.
+    rep = dict(ev("re"), content={"parts": [{"type": "text/plain", "body": "re"}], "in_reply_to": res[0]["id"]})
+    r = a.call("POST", "/v1/batch", {"events": [{"idempotency_key": "re", "room": rm["uri"], "event": rep}]})
+    assert r.json()["results"][0]["status"] == "accepted", r.text
+    assert sb.wait_events(len(odd) + 1)[-1]["content"]["in_reply_to"] == res[0]["id"]
+    assert pg.psql("SELECT count(*) FROM events WHERE in_reply_to_id IS NOT NULL", db_url) == "1"
+
+
 def test_a_batch_item_refused_as_invalid_leaves_its_key_to_a_corrected_copy(daemon, peers, pg, db_url):
     """A key repeats only the key of an earlier item of the batch that was
     valid: a peer that sends an invalid item and its corrected copy under
