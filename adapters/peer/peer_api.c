@@ -1696,22 +1696,29 @@ static char *typing_text(const struct event *ev)
 
 /* What every item takes from its validated event: the room as the request
  * names it (public id, URI or native id), the sender, and the event (a
- * typing notification's state only, typing_text). */
+ * typing notification's state only, typing_text), whose text it takes
+ * over (ev->text is NULL after: every caller frees the event next, and
+ * copying it was one allocation and copy an event for nothing); msg_id:
+ * the message id its adapter gave it, or NULL for a new one. */
 static void msg_input_from_event(struct msg_input *in, struct cw_app *app, const char *room, const char *sender,
-				 const struct event *ev)
+				 struct event *ev, const char *msg_id)
 {
 	in->app = app;
 	snprintf(in->room, sizeof(in->room), "%s", room);
 	/* Serialised here, on the HTTP thread: the writer only splices it into
 	 * its statement (NULL on allocation failure: the writer refuses it). */
-	in->event_text = ev->text ? strdup(ev->text) : json_dumps(ev->json, JSON_COMPACT | JSON_SORT_KEYS);
+	in->event_text = ev->text ? ev->text : json_dumps(ev->json, JSON_COMPACT | JSON_SORT_KEYS);
+	ev->text = NULL;
 	request_hash(in->event_text, in->hash);
 	request_hash_old(room, in->event_text, in->hash_old);
 	if (ev->type == EVENT_TYPING && in->event_text) {
 		free(in->event_text);
 		in->event_text = typing_text(ev);
 	}
-	cw_new_id(in->msg_id, sizeof(in->msg_id), "msg_");
+	if (msg_id)
+		snprintf(in->msg_id, sizeof(in->msg_id), "%s", msg_id);
+	else
+		cw_new_id(in->msg_id, sizeof(in->msg_id), "msg_");
 	snprintf(in->sender, sizeof(in->sender), "%s", sender);
 	snprintf(in->type, sizeof(in->type), "%s", event_type_name(ev->type));
 	snprintf(in->in_reply_to, sizeof(in->in_reply_to), "%s", ev->in_reply_to ? ev->in_reply_to : "");
@@ -4065,7 +4072,7 @@ size_t submit_count(const struct submit *b)
 }
 
 bool submit_put_local(struct submit *b, size_t i, struct cw_app *app, const char *network, const char *room,
-		      const char *native_id, const char *sender, const struct event *ev, const char *msg_id)
+		      const char *native_id, const char *sender, struct event *ev, const char *msg_id)
 {
 	struct msg_input *in = calloc(1, sizeof(*in));
 	if (!in)
@@ -4077,9 +4084,7 @@ bool submit_put_local(struct submit *b, size_t i, struct cw_app *app, const char
 	snprintf(in->scope, sizeof(in->scope), "%s", network);
 	snprintf(in->native_id, sizeof(in->native_id), "%s", native_id);
 	in->idem_key = strdup(native_id);
-	msg_input_from_event(in, app, room, sender, ev);
-	if (msg_id)
-		snprintf(in->msg_id, sizeof(in->msg_id), "%s", msg_id);
+	msg_input_from_event(in, app, room, sender, ev, msg_id);
 	if (!in->idem_key || !in->event_text) {
 		msg_input_free(in);
 		return false;
@@ -4478,7 +4483,7 @@ static void submit_one(struct cw_req *req, struct cw_app *app, unsigned types, b
 	if (in) {
 		msg_input_from_peer(in, p);
 		in->idem_key = strdup(key);
-		msg_input_from_event(in, app, room, sender, &ev);
+		msg_input_from_event(in, app, room, sender, &ev, NULL);
 		membership_by_spelled(in, &ev, p);
 		if (ev.has_room)
 			mimi_uri_format(&ev.room, in->body_room, sizeof(in->body_room), NULL);
@@ -4680,7 +4685,7 @@ void peer_api_batch(struct cw_req *req, void *ctx)
 			char room[MIMI_URI_MAX + 1], sender[MIMI_URI_MAX + 1];
 			mimi_uri_format(&it->room, room, sizeof(room), NULL);
 			mimi_uri_format(&it->ev.sender, sender, sizeof(sender), NULL);
-			msg_input_from_event(in, app, room, sender, &it->ev);
+			msg_input_from_event(in, app, room, sender, &it->ev, NULL);
 			membership_by_spelled(in, &it->ev, p);
 		}
 		b->items[i] = in;

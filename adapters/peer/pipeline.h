@@ -32,13 +32,14 @@ size_t submit_count(const struct submit *b);
  * ("matrix"), room its native room id, native_id the event's native id
  * (the idempotency key: the same native id twice is stored once), sender
  * the user's mimi:// URI; ev a validated event (event_parse), whose
- * references (in_reply_to, replaces) are already neutral message ids;
+ * references (in_reply_to, replaces) are already neutral message ids, and
+ * whose text the item takes over (ev->text is NULL after; event_free it);
  * msg_id the id it gets ("msg_..."), or NULL for a new one.  A reference
  * may name an earlier item of the same job by the msg_id given it (a
  * Matrix transaction that holds a message and a reaction to it): the two
  * are written by one statement, in order.  False when out of memory. */
 bool submit_put_local(struct submit *b, size_t i, struct cw_app *app, const char *network, const char *room,
-		      const char *native_id, const char *sender, const struct event *ev, const char *msg_id);
+		      const char *native_id, const char *sender, struct event *ev, const char *msg_id);
 
 /* The two rounds (round 0 reads, round 1 writes; *more as store_pipe_ops). */
 /* Round 0 on its own, on any connection (a reader's, outside a
