@@ -4951,7 +4951,10 @@ def test_a_reaction_the_homeserver_has_already_holds_nothing_back(mx, hs, gk, pg
     fourth = react("heart-2", "\u2764\ufe0f")
     told("after the repeat")
     assert len(shown()) == 1
-    assert pg.psql(remote.format(fourth), db_url) == pg.psql(remote.format(third), db_url) == shown()[0]["event_id"]
+    # The outcome is recorded after the batch: the later message may be
+    # shown before the repeat's row has its remote id.
+    wait_until(lambda: pg.psql(remote.format(fourth), db_url) == pg.psql(remote.format(third), db_url)
+               == shown()[0]["event_id"], what="the repeat's row recorded with the reaction's event")
 
 
 def test_a_row_never_overtakes_a_held_one_of_its_room(mx, hs, gk, pg, db_url):
