@@ -139,6 +139,8 @@ bool app_authorize(struct cw_req *req, enum cw_auth auth, void *ctx);
 #define APP_PAGE_MAX 500
 #define APP_PAGE_DEFAULT 100
 bool app_paging(struct cw_req *req, long long *after, long *limit);
+/* The query parameters app_paging reads, for the route table (cw_route.query). */
+#define APP_PAGING_QUERY "after limit"
 /* A list of records (the audit log, the abuse reports) pages by row id,
  * and an id is drawn when its row is written but seen when it commits: a
  * transaction that drew a lower id and commits after another's page was

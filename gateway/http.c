@@ -183,6 +183,65 @@ int cw_route_match(const struct cw_route *routes, size_t n, const char *method,
 	return -1;
 }
 
+int cw_route_query_index(const char *query, const char *name, size_t len)
+{
+	int i = 0;
+	for (const char *p = query; p && *p; i++) {
+		size_t n = strcspn(p, " ");
+		if (n == len && memcmp(p, name, len) == 0)
+			return i;
+		p += n;
+		p += *p == ' ';
+	}
+	return -1;
+}
+
+/* A request's query against its route's (query_known). */
+struct query_check {
+	const char *query;   /* the route's cw_route.query */
+	unsigned long seen;  /* bit i: its i-th name was given */
+	char bad[80];        /* the detail of a refusal ("" while none) */
+};
+
+/* MHD_KeyValueIteratorN: whether a query argument is one the route takes,
+ * and the first of its name. */
+static enum MHD_Result query_known(void *cls, enum MHD_ValueKind kind, const char *key, size_t key_size,
+				   const char *value, size_t value_size)
+{
+	(void)kind;
+	(void)value;
+	(void)value_size;
+	struct query_check *q = cls;
+	if (!key)
+		key_size = 0;
+	int i = cw_route_query_index(q->query, key ? key : "", key_size);
+	if (i >= 0 && i < (int)(sizeof(q->seen) * 8) && !(q->seen & (1UL << i))) {
+		q->seen |= 1UL << i;
+		return MHD_YES;
+	}
+	snprintf(q->bad, sizeof(q->bad), i >= 0 ? "the query parameter '%.*s' is given more than once"
+						: "unknown query parameter '%.*s'",
+		 (int)(key_size > 40 ? 40 : key_size), key ? key : "");
+	return MHD_NO;
+}
+
+/* False after answering 400 invalid_query when the request's query names a
+ * parameter the route does not take, or one twice (cw_route.query). */
+static bool query_only_known(struct cw_req *r, const struct cw_route *route)
+{
+	struct query_check q = { .query = route->query };
+	MHD_get_connection_values_n(r->conn, MHD_GET_ARGUMENT_KIND, query_known, &q);
+	if (!q.bad[0])
+		return true;
+	char d[256];
+	if (route->query)
+		snprintf(d, sizeof(d), "%s; this route takes %s", q.bad, route->query);
+	else
+		snprintf(d, sizeof(d), "%s; this route takes no query parameter", q.bad);
+	cw_req_problem(r, 400, "invalid_query", "Invalid query", d);
+	return false;
+}
+
 /* ------------------------------------------------------------ request API */
 
 const char *cw_req_method(const struct cw_req *r) { return r->method; }
@@ -749,14 +808,17 @@ static void dispatch(struct cw_req *r)
 		 * as text for the database, which refuses bytes that are not
 		 * UTF-8 (a 500 until the twentieth session: a review's
 		 * finding), and a NUL would cut them short.  The Matrix
-		 * adapter's routes check their own, with Matrix errors. */
+		 * adapter's routes check their own, with Matrix errors.  And
+		 * they take only the parameters their route names, each once
+		 * (query_only_known). */
 		bool ok = true;
 		if (route->auth != CW_AUTH_NONE)
 			MHD_get_connection_values_n(r->conn, MHD_GET_ARGUMENT_KIND, query_arg_ok, &ok);
 		if (!ok)
 			cw_req_problem(r, 400, "invalid_query", "Invalid query",
 				       "a query parameter is not valid UTF-8 or holds a NUL byte");
-		else if (!route->no_body || body_none(r))
+		else if ((route->auth == CW_AUTH_NONE || query_only_known(r, route)) &&
+			 (!route->no_body || body_none(r)))
 			route->handler(r, h->o.ctx);
 	} else if (!r->replied)
 		cw_req_problem(r, 401, "unauthenticated", "Unauthenticated", "credentials are required");

@@ -33,7 +33,19 @@ struct cw_route {
 	 * JSON object) is refused with 400 invalid_body before the handler,
 	 * which would otherwise ignore it; none, or {}, is taken. */
 	bool no_body;
+	/* The query parameters the route takes, their names separated by
+	 * single spaces; NULL: none.  On a route whose auth is not NONE (the
+	 * peer API, the admin API) a request naming any other, or one of them
+	 * more than once (a handler reads the first alone), is refused with
+	 * 400 invalid_query naming it, before the handler: a misspelt filter
+	 * (?actr= for ?actor=) was ignored until the forty-seventh session,
+	 * and the whole list answered as if it were the filtered one. */
+	const char *query;
 };
+
+/* The position of name (len bytes) among the names of a route's query
+ * (cw_route.query), or -1 when it is not one of them (or query is NULL). */
+int cw_route_query_index(const char *query, const char *name, size_t len);
 
 #define CW_ROUTE_PARAMS_MAX 4
 #define CW_ROUTE_PARAM_LEN 256

@@ -1144,6 +1144,67 @@ def test_the_query_values_the_document_lists_are_those_the_routes_take(daemon, d
     assert asked >= 60 and not faults, "\n".join(faults)
 
 
+def documented_query(doc, path, method):
+    """The names of the query parameters the document gives an operation."""
+    item = doc["paths"].get(path, {})
+    params = [deref(doc, x) for x in item.get("parameters", []) + item.get(method.lower(), {}).get("parameters", [])]
+    return {p["name"] for p in params if p["in"] == "query"}
+
+
+def test_a_query_parameter_the_route_does_not_take_is_refused_naming_it(daemon, pg, db_url, doc):
+    """Every authenticated admin route takes the query parameters the
+    document lists and no other: ?kind=group on the rooms, or a misspelt
+    ?actr= for ?actor=, is 400 invalid_query naming it, before the handler,
+    and so is a parameter given twice (the handler reads the first).  Until
+    the forty-seventh session both were ignored and the whole list answered
+    200, as if filtered, to an operator (or a script) about to act on its
+    rows."""
+    def unknown(r, name):
+        return r.status_code == 400 and r.json()["code"] == "invalid_query" and \
+            f"'{name}'" in r.json()["detail"]
+
+    before = pg.psql("SELECT (SELECT count(*) FROM audit_log) || ' ' || (SELECT count(*) FROM peers)", db_url)
+    faults, lists = [], 0
+    for (method, path), auth in sorted(admin_routes().items()):
+        if auth == "CW_AUTH_NONE":
+            continue
+        known = documented_query(doc, path, method)
+        url = concrete(path)
+        for q, name in (("kind=group", "kind"), ("=1", ""), ("Limit=1", "Limit"), ("limit%20=1", "limit ")):
+            r = call(daemon, method, url + "?" + q, ADMIN_TOKEN)
+            if not unknown(r, name):
+                faults.append(f"{method} {path}?{q}: {r.status_code} {r.text[:160]}")
+        for name in known:
+            # a documented parameter is taken (its value may still be refused)
+            r = call(daemon, method, url + f"?{name}=1", ADMIN_TOKEN)
+            if "unknown query parameter" in r.text:
+                faults.append(f"{method} {path}?{name}=1: {r.status_code} {r.text[:160]}")
+            r = call(daemon, method, url + f"?{name}=1&{name}=2", ADMIN_TOKEN)
+            if not (unknown(r, name) and "more than once" in r.json()["detail"]):
+                faults.append(f"{method} {path}?{name}=1&{name}=2: {r.status_code} {r.text[:160]}")
+        if {"after", "limit"} <= known and "{" not in path:
+            lists += 1
+            r = daemon.admin("GET", path[len("/admin/v1"):] + "?after=0&limit=1")
+            if r.status_code != 200:
+                faults.append(f"GET {path}?after=0&limit=1: {r.status_code} {r.text[:160]}")
+    assert lists >= 8 and not faults, "\n".join(faults)
+    # the examples of the problem, and the detail an operator reads
+    r = daemon.admin("GET", "/audit?actr=admin:config")
+    assert unknown(r, "actr") and "this route takes after limit action actor message" in r.json()["detail"], r.text
+    r = daemon.admin("GET", "/rooms?kind=group")
+    assert unknown(r, "kind"), r.text
+    r = daemon.admin("GET", "/tokens?limit=1")
+    assert unknown(r, "limit") and "takes no query parameter" in r.json()["detail"], r.text
+    # what the console and causewayctl send still works
+    for path in ("/audit?action=rule.&actor=admin%3Aconfig&message=msg_aaaaaaaaaaaaaaaaaaaaaa&limit=50&after=3",
+                 "/outbox?state=dead&destination=peer%3Agk&limit=50", "/consent-requests?state=pending&limit=50",
+                 "/reports?open=true&limit=50", "/rules?scope=domain&limit=50", "/rooms/999999?limit=50"):
+        r = daemon.admin("GET", path)
+        assert r.status_code in (200, 404) and "unknown" not in r.text, (path, r.text)
+    assert pg.psql("SELECT (SELECT count(*) FROM audit_log) || ' ' || (SELECT count(*) FROM peers)", db_url) == \
+        before
+
+
 def undocumented_members(doc, schema, value, where="$"):
     """The members of value (and of the objects in it) that its schema does
     not name, where the schema names its members (properties, through

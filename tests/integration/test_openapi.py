@@ -749,6 +749,43 @@ def test_only_the_operations_that_read_an_idempotency_key_refuse_a_bad_one(daemo
             srv.close()
 
 
+def test_a_query_parameter_a_peer_route_does_not_take_is_refused_naming_it(daemon, doc):
+    """Every route of the peer API takes the query parameters the document
+    lists and no other: /v1/events?after=0&wiat=30 (wait misspelt) is 400
+    invalid_query naming it, before the handler, and so is a parameter
+    given twice.  Until the forty-seventh session both were ignored: the
+    pull answered at once, as if no wait had been asked, or with the
+    first of two cursors."""
+    from peer import push_peers
+    (a, _), (b, _) = made = push_peers(daemon)
+    faults = []
+    try:
+        for (method, path), auth in sorted(api_routes().items()):
+            if auth != "CW_AUTH_PEER":
+                continue
+            item = doc["paths"][path]
+            params = [deref(doc, x) for x in item.get("parameters", []) + item[method.lower()].get("parameters", [])]
+            known = {p["name"] for p in params if p["in"] == "query"}
+            url = re.sub(r"\{(\w+)\}", "x", path)
+            body = {} if method in ("POST", "PATCH", "PUT") else None
+            for q, name, twice in [("wiat=30", "wiat", False)] + [(f"{n}=1&{n}=1", n, True) for n in sorted(known)]:
+                r = b.call(method, f"{url}?{q}", body)
+                p = r.json() if r.headers.get("Content-Type") == "application/problem+json" else {}
+                if r.status_code != 400 or p.get("code") != "invalid_query" or f"'{name}'" not in p.get("detail", "") \
+                        or twice != ("more than once" in p.get("detail", "")):
+                    faults.append(f"{method} {path}?{q}: {r.status_code} {r.text[:160]}")
+            for n in known:
+                r = b.call(method, f"{url}?{n}=1", body)
+                if "unknown query parameter" in r.text:
+                    faults.append(f"{method} {path}?{n}=1: {r.status_code} {r.text[:160]}")
+        assert not faults, "\n".join(faults)
+        r = b.call("GET", "/v1/events?after=0&wait=0&limit=5")
+        assert r.status_code == 200, r.text
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
 def test_a_long_poll_past_the_cap_is_a_documented_429(make_daemon, db_url, doc):
     """GET /v1/events past peer.max_long_polls is 429 rate_limited
     (docs/interop-api.md, "Pulling"); until the thirty-fourth session the

@@ -18,12 +18,12 @@
 static void noop(struct cw_req *r, void *ctx) { (void)r; (void)ctx; }
 
 static const struct cw_route table[] = {
-	{ "GET", "/healthz", noop, CW_AUTH_NONE, NULL, false },
-	{ "GET", "/v1/rooms/{room}", noop, CW_AUTH_NONE, NULL, false },
-	{ "POST", "/v1/rooms/{room}/messages", noop, CW_AUTH_NONE, NULL, false },
-	{ "GET", "/v1/messages/{id}", noop, CW_AUTH_NONE, NULL, false },
-	{ "POST", "/v1/rooms", noop, CW_AUTH_NONE, NULL, false },
-	{ "GET", "/v1/rooms/{room}/members/{member}", noop, CW_AUTH_NONE, NULL, false },
+	{ "GET", "/healthz", noop, CW_AUTH_NONE, NULL, false, NULL },
+	{ "GET", "/v1/rooms/{room}", noop, CW_AUTH_NONE, NULL, false, NULL },
+	{ "POST", "/v1/rooms/{room}/messages", noop, CW_AUTH_NONE, NULL, false, NULL },
+	{ "GET", "/v1/messages/{id}", noop, CW_AUTH_NONE, NULL, false, NULL },
+	{ "POST", "/v1/rooms", noop, CW_AUTH_NONE, NULL, false, NULL },
+	{ "GET", "/v1/rooms/{room}/members/{member}", noop, CW_AUTH_NONE, NULL, false, NULL },
 };
 
 START_TEST(routing_table)
@@ -200,17 +200,18 @@ static bool key_in_headers(struct cw_req *r, enum cw_auth auth, void *ctx)
 static bool allow_all(struct cw_req *r, enum cw_auth auth, void *ctx) { return true; }
 
 static const struct cw_route live_routes[] = {
-	{ "GET", "/hello", h_hello, CW_AUTH_NONE, NULL, false },
-	{ "POST", "/echo", h_echo, CW_AUTH_NONE, NULL, false },
-	{ "GET", "/async", h_async, CW_AUTH_NONE, NULL, false },
-	{ "GET", "/silent", h_silent, CW_AUTH_NONE, NULL, false },
-	{ "POST", "/bare", h_hello, CW_AUTH_NONE, NULL, true },
-	{ "GET", "/lines", h_lines, CW_AUTH_NONE, NULL, false },
-	{ "POST", "/guarded", h_counted, CW_AUTH_PEER, NULL, false },
-	{ "GET", "/no-memory", h_no_memory, CW_AUTH_NONE, NULL, false },
-	{ "GET", "/problem-no-memory", h_problem_no_memory, CW_AUTH_NONE, NULL, false },
-	{ "GET", "/dumps-no-memory", h_dumps_no_memory, CW_AUTH_NONE, NULL, false },
-	{ "GET", "/pack-no-memory", h_pack_no_memory, CW_AUTH_NONE, NULL, false },
+	{ "GET", "/hello", h_hello, CW_AUTH_NONE, NULL, false, NULL },
+	{ "POST", "/echo", h_echo, CW_AUTH_NONE, NULL, false, NULL },
+	{ "GET", "/async", h_async, CW_AUTH_NONE, NULL, false, NULL },
+	{ "GET", "/silent", h_silent, CW_AUTH_NONE, NULL, false, NULL },
+	{ "POST", "/bare", h_hello, CW_AUTH_NONE, NULL, true, NULL },
+	{ "GET", "/lines", h_lines, CW_AUTH_NONE, NULL, false, NULL },
+	{ "POST", "/guarded", h_counted, CW_AUTH_PEER, NULL, false, NULL },
+	{ "GET", "/queried", h_counted, CW_AUTH_PEER, NULL, false, "name limit" },
+	{ "GET", "/no-memory", h_no_memory, CW_AUTH_NONE, NULL, false, NULL },
+	{ "GET", "/problem-no-memory", h_problem_no_memory, CW_AUTH_NONE, NULL, false, NULL },
+	{ "GET", "/dumps-no-memory", h_dumps_no_memory, CW_AUTH_NONE, NULL, false, NULL },
+	{ "GET", "/pack-no-memory", h_pack_no_memory, CW_AUTH_NONE, NULL, false, NULL },
 };
 
 static struct cw_http *live;
@@ -483,6 +484,67 @@ START_TEST(live_credentials_before_the_body)
 	struct resp r = request("POST", "/echo", "x", 1, false);
 	ck_assert_int_eq(r.status, 201);
 	ck_assert_int_eq(atomic_load(&header_checks), 2);
+	live_stop();
+}
+END_TEST
+
+/* A route's query names (cw_route.query), by position. */
+START_TEST(route_query_names)
+{
+	ck_assert_int_eq(cw_route_query_index("after limit state", "after", 5), 0);
+	ck_assert_int_eq(cw_route_query_index("after limit state", "limit", 5), 1);
+	ck_assert_int_eq(cw_route_query_index("after limit state", "state", 5), 2);
+	ck_assert_int_eq(cw_route_query_index("after limit state", "stat", 4), -1);
+	ck_assert_int_eq(cw_route_query_index("after limit state", "states", 6), -1);
+	ck_assert_int_eq(cw_route_query_index("after limit state", "after limit", 11), -1);
+	ck_assert_int_eq(cw_route_query_index("after limit state", "", 0), -1);
+	ck_assert_int_eq(cw_route_query_index(NULL, "after", 5), -1);
+	ck_assert_int_eq(cw_route_query_index("", "", 0), -1);
+}
+END_TEST
+
+/* An authenticated route takes the query parameters it names, each once;
+ * another, or one twice, is 400 invalid_query naming it, and the handler
+ * does not run. */
+START_TEST(live_query_names_checked)
+{
+	live_start();
+	atomic_store(&handled_bodies, 0);
+	static const struct {
+		const char *path;
+		long status;
+		const char *detail;
+	} cases[] = {
+		{ "/queried", 201, NULL },
+		{ "/queried?name=a&limit=2", 201, NULL },
+		{ "/queried?limit=2&name", 201, NULL },
+		{ "/queried?nme=a", 400, "unknown query parameter 'nme'; this route takes name limit" },
+		{ "/queried?name=a&name=b", 400, "the query parameter 'name' is given more than once" },
+		{ "/queried?Name=a", 400, "unknown query parameter 'Name'" },
+		{ "/queried?=a", 400, "unknown query parameter ''" },
+		{ "/guarded?x=1", 400, "unknown query parameter 'x'; this route takes no query parameter" },
+	};
+	int ran = 0;
+	for (size_t i = 0; i < CW_ARRAY_LEN(cases); i++) {
+		struct resp out;
+		memset(&out, 0, sizeof(out));
+		struct curl_slist *h;
+		bool post = strncmp(cases[i].path, "/guarded", 8) == 0;
+		CURL *c = easy(post ? "POST" : "GET", cases[i].path, post ? "{}" : NULL, 2, false, &out, &h);
+		h = curl_slist_append(h, "X-Key: ok");
+		curl_easy_setopt(c, CURLOPT_HTTPHEADER, h);
+		ck_assert_int_eq(curl_easy_perform(c), CURLE_OK);
+		curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &out.status);
+		curl_easy_cleanup(c);
+		curl_slist_free_all(h);
+		ck_assert_msg(out.status == cases[i].status, "%s: %ld %s", cases[i].path, out.status, out.body);
+		if (cases[i].detail) {
+			ck_assert_msg(strstr(out.body, cases[i].detail) && strstr(out.body, "\"code\":\"invalid_query\""),
+				      "%s: %s", cases[i].path, out.body);
+		} else
+			ran++;
+	}
+	ck_assert_int_eq(atomic_load(&handled_bodies), ran);
 	live_stop();
 }
 END_TEST
@@ -841,6 +903,7 @@ int main(void)
 	Suite *s = suite_create("http");
 	TCase *tc = tcase_create("router");
 	tcase_add_test(tc, routing_table);
+	tcase_add_test(tc, route_query_names);
 	tcase_add_test(tc, overlong_segment_never_matches);
 	tcase_add_test(tc, local_urls);
 	tcase_add_test(tc, media_addresses);
@@ -856,6 +919,7 @@ int main(void)
 	tcase_add_test(live_tc, live_body_cap);
 	tcase_add_test(live_tc, live_no_memory_is_one_answer);
 	tcase_add_test(live_tc, live_route_without_a_body);
+	tcase_add_test(live_tc, live_query_names_checked);
 	tcase_add_test(live_tc, live_header_lines_joined);
 	tcase_add_test(live_tc, live_credentials_before_the_body);
 	tcase_add_test(live_tc, live_suspend_resume_many);
