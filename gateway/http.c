@@ -209,11 +209,12 @@ static enum MHD_Result query_known(void *cls, enum MHD_ValueKind kind, const cha
 				   const char *value, size_t value_size)
 {
 	(void)kind;
-	(void)value;
 	(void)value_size;
 	struct query_check *q = cls;
 	if (!key)
 		key_size = 0;
+	if (key_size == 0 && !value)
+		return MHD_YES; /* an empty stretch ("a=1&&b=2"), no parameter (as URLSearchParams reads it) */
 	int i = cw_route_query_index(q->query, key ? key : "", key_size);
 	if (i >= 0 && i < (int)(sizeof(q->seen) * 8) && !(q->seen & (1UL << i))) {
 		q->seen |= 1UL << i;

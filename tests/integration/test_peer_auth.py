@@ -21,9 +21,11 @@ def signed_get(peer, url, signed_for=None):
 
 
 def padded(peer, length, tail):
-    """An events URL of exactly length bytes ending in tail."""
-    head = peer.base + "/v1/events?after=0&pad="
-    url = head + "x" * (length - len(head) - len(tail)) + tail
+    """An events URL of exactly length bytes ending in tail, padded with
+    empty stretches of its query ("&&&", no parameter: a parameter the
+    route does not take is refused since the forty-seventh session)."""
+    head = peer.base + "/v1/events?after=0"
+    url = head + "&" * (length - len(head) - len(tail)) + tail
     assert len(url) == length
     return url
 

@@ -518,6 +518,8 @@ START_TEST(live_query_names_checked)
 		{ "/queried", 201, NULL },
 		{ "/queried?name=a&limit=2", 201, NULL },
 		{ "/queried?limit=2&name", 201, NULL },
+		{ "/queried?&&name=a&&&limit=1&", 201, NULL },
+		{ "/queried?=", 400, "unknown query parameter ''" },
 		{ "/queried?nme=a", 400, "unknown query parameter 'nme'; this route takes name limit" },
 		{ "/queried?name=a&name=b", 400, "the query parameter 'name' is given more than once" },
 		{ "/queried?Name=a", 400, "unknown query parameter 'Name'" },
