@@ -1072,12 +1072,12 @@ def test_every_admin_answer_matches_the_document(daemon, doc):
 
 
 def no_body_routes():
-    """(METHOD, pattern) of app_routes[] whose last field, no_body, is true:
+    """(METHOD, pattern) of app_routes[] whose sixth field, no_body, is true:
     a body other than none or {} is 400 invalid_body (gateway/http.c)."""
     with open(os.path.join(TOP_SRCDIR, "gateway", "app.c"), encoding="utf-8") as f:
         src = f.read()
     found = re.findall(r'\{\s*"([A-Z]+)"\s*,\s*"(/admin/v1/[^"]+)"\s*,\s*\w+\s*,\s*CW_AUTH_\w+\s*,'
-                       r'\s*\w+\s*,\s*true\s*\}', src)
+                       r'\s*\w+\s*,\s*true\s*,\s*\w+\s*\}', src)
     assert found, "no route with no_body parsed from gateway/app.c"
     return found
 
