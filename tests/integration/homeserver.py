@@ -680,6 +680,8 @@ class Homeserver:
             ("GET", c3 + "/rooms/" + seg + "/members", self._h_members, "user"),
             ("GET", c3 + "/rooms/" + seg + "/messages", self._h_messages, "user"),
             ("GET", c3 + "/rooms/" + seg + "/event/" + seg, self._h_get_event, "user"),
+            ("GET", "/_matrix/client/v1/rooms/" + seg + "/relations/" + seg + "(?:/([^/]+)(?:/([^/]+))?)?",
+             self._h_relations, "user"),
             ("GET", c3 + "/directory/room/" + seg, self._h_alias_get, None),
             ("PUT", c3 + "/directory/room/" + seg, self._h_alias_put, "user"),
             ("DELETE", c3 + "/directory/room/" + seg, self._h_alias_delete, "user"),
@@ -1206,6 +1208,52 @@ class Homeserver:
             if found is None or found[0] is not room or event_id not in self._visible(room, req.user_id):
                 raise MatrixError(404, "M_NOT_FOUND", "Event not found.")
             return 200, self._for_client(found[1])
+
+    def _h_relations(self, req, room_id, event_id, rel_type=None, event_type=None):
+        """The child events of event_id (Matrix 1.3, GET /_matrix/client/v1/rooms/{roomId}/relations/
+        {eventId}[/{relType}[/{eventType}]]): those whose content's m.relates_to names it (with rel_type,
+        and of event_type, when given; a redacted one has lost its m.relates_to), in the room's order,
+        newest first unless dir=f, limit at most 1000 (Synapse's cap), paginated by next_batch. The parent
+        must be an event of the room the requester may see (else 404 M_NOT_FOUND); recurse is not read
+        (Synapse's default, no recursion)."""
+        rel_type, event_type = rel_type or None, event_type or None  # a segment not given comes as ""
+        direction = req.query.get("dir", ["b"])[0]
+        if direction not in ("b", "f"):
+            raise MatrixError(400, "M_INVALID_PARAM", "dir must be 'b' or 'f'")
+        limit = req.query.get("limit", ["5"])[0]
+        if not re.fullmatch(r"[0-9]+", limit):
+            raise MatrixError(400, "M_INVALID_PARAM", "limit must be an integer")
+        limit = max(1, min(int(limit), 1000))
+        frm = req.query.get("from", [None])[0]
+        if frm is not None and not re.fullmatch(r"r[0-9]+", frm):
+            raise MatrixError(400, "M_INVALID_PARAM", "Invalid 'from' token")
+        with self._lock:
+            room = self._room(room_id, status=403)
+            self._require_joined(room, req.user_id)
+            visible = self._visible(room, req.user_id)
+            found = self._events.get(event_id)
+            if found is None or found[0] is not room or event_id not in visible:
+                raise MatrixError(404, "M_NOT_FOUND", "Event not found.")
+            children = []
+            for pos, ev in enumerate(room.timeline):
+                rel = ev["content"].get("m.relates_to")
+                if (ev["event_id"] in visible and isinstance(rel, dict) and rel.get("event_id") == event_id
+                        and (rel_type is None or rel.get("rel_type") == rel_type)
+                        and (event_type is None or ev["type"] == event_type)):
+                    children.append((pos, ev))
+            if direction == "b":
+                children.reverse()
+                start = int(frm[1:]) if frm is not None else len(room.timeline)
+                children = [(pos, ev) for pos, ev in children if pos < start]
+            else:
+                start = int(frm[1:]) if frm is not None else 0
+                children = [(pos, ev) for pos, ev in children if pos >= start]
+            page = children[:limit]
+            answer = {"chunk": [self._for_client(ev) for _, ev in page]}
+            if len(children) > limit:
+                last = page[-1][0]
+                answer["next_batch"] = f"r{last if direction == 'b' else last + 1}"
+            return 200, answer
 
     HV_ORDER = ("world_readable", "shared", "invited", "joined")  # from the least restrictive
 

@@ -762,3 +762,40 @@ def test_an_upgrade_makes_a_new_room_with_nobody_else_in_it(world):
     assert pl["events_default"] == 50 and pl["invite"] == 50
     msg = {"msgtype": "m.text", "body": "x"}
     assert err(b.request("PUT", f"{C3}/rooms/{room}/send/m.room.message/late", msg)) == (403, "M_FORBIDDEN")
+
+
+def test_relations_give_an_events_annotations_newest_first_by_page(world):
+    """GET /_matrix/client/v1/rooms/{roomId}/relations/{eventId}[/{relType}[/{eventType}]] (Matrix 1.3): the
+    events relating to the parent, filtered by relation and type, newest first (dir=b, the default), in pages
+    joined by next_batch; a redacted annotation is none (its m.relates_to is gone); an unknown parent is 404,
+    a room the requester is not in 403."""
+    hs, _ = world()
+    alice_id, alice = hs.create_user("alice")
+    a = hs.as_user(alice)
+    g = ghost(hs, "_cw_g")
+    room = g.create_dm(alice_id)
+    a.join(room)
+    ev = a.send_text(room, "react to me")
+    keys = ["1", "2", "3", "4", "5"]
+    mine = [g.react(room, ev, k) for k in keys]
+    hers = a.react(room, ev, "1")
+    g.send_text(room, "a reply", reply_to=ev)
+    a.redact(room, hers)
+    rel = f"/_matrix/client/v1/rooms/{urllib.parse.quote(room)}/relations/{urllib.parse.quote(ev)}"
+    got, frm = [], None
+    while True:
+        page = g.call("GET", rel + "/m.annotation/m.reaction", query=dict({"limit": "2"}, **({"from": frm} if frm
+                                                                                              else {})))
+        got += [(e["sender"], e["content"]["m.relates_to"]["key"], e["event_id"]) for e in page["chunk"]]
+        frm = page.get("next_batch")
+        if not frm:
+            break
+    assert got == [("@_cw_g:example.org", k, e) for k, e in reversed(list(zip(keys, mine)))]
+    forward = g.call("GET", rel + "/m.annotation", query={"dir": "f", "limit": "100"})["chunk"]
+    assert [e["event_id"] for e in forward] == mine and "next_batch" not in g.call(
+        "GET", rel + "/m.annotation", query={"limit": "100"})
+    assert [e["type"] for e in g.call("GET", rel, query={"limit": "100"})["chunk"]] == ["m.reaction"] * 5
+    assert err(g.request("GET", f"/_matrix/client/v1/rooms/{urllib.parse.quote(room)}/relations/%24nope")) == \
+        (404, "M_NOT_FOUND")
+    _, carol = hs.create_user("carol")
+    assert err(hs.as_user(carol).request("GET", rel)) == (403, "M_FORBIDDEN")
