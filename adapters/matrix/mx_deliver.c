@@ -1384,12 +1384,20 @@ static const char *own_membership(const json_t *ev)
 	return ms && who && sender && strcmp(who, sender) == 0 ? ms : NULL;
 }
 
+/* Where a row's event was sent, for its answer (finish_row): the room,
+ * the sender (the bot's id for the bot) and the content. */
+struct sent_to {
+	char room[MX_ID_MAX + 1], actor[MX_ID_MAX + 1];
+	json_t *content;
+};
+
 /* Resolves the row's ghost and direct room (making them the first time:
  * calls to the homeserver and writes, here on the dispatcher's thread),
- * maps the event, and sets up its request on h. */
+ * maps the event, and sets up its request on h (a send's where in to). */
 static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, PGresult *r, int i, json_t *made,
-			  json_t *sent, CURL *h, struct mx_req *rq, cw_errmsg *e)
+			  json_t *sent, CURL *h, struct mx_req *rq, struct sent_to *to, cw_errmsg *e)
 {
+	to->room[0] = '\0';
 	if (!row->target_id) {
 		cw_fail(e, CW_EINVAL, "a Matrix row names no local user");
 		return PREP_DEAD;
@@ -1596,6 +1604,10 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 		curl_free(ty);
 		snprintf(query, sizeof(query), "ts=%s", ts);
 		rc = req_setup(m, h, rq, "PUT", path, actor, query, json_incref(out.content), e);
+		snprintf(to->room, sizeof(to->room), "%s", room);
+		snprintf(to->actor, sizeof(to->actor), "%s", actor ? actor : m->bot);
+		json_decref(to->content);
+		to->content = json_incref(out.content);
 		break;
 	}
 	case MX_OP_REDACT: {
@@ -1700,6 +1712,75 @@ static bool repeated_reaction(PGconn *c, const struct outbox_row *rows, size_t n
 	return found;
 }
 
+/* The annotation the homeserver has already of the reaction sent as to
+ * (its 400 M_DUPLICATE_ANNOTATION): the sender's m.reaction to the same
+ * event with the same key, asked of the relations API (Matrix 1.3: GET
+ * /_matrix/client/v1/rooms/{roomId}/relations/{eventId}/m.annotation/
+ * m.reaction, newest first), up to MX_ANNOTATION_PAGES pages.  The
+ * rows' own lookup (repeated_reaction) knows only the reactions whose
+ * event ids it stored: not the row's own reaction sent before, its
+ * answer lost, and found by the retry neither among the room's last 50
+ * events (already_sent) nor under its transaction id, which a
+ * homeserver remembers a while only (Synapse: half an hour).  Until the
+ * forty-seventh session such a row was delivered without its event, and
+ * a delete of the reaction left it in the room.  Into eid; false when
+ * none is found. */
+#define MX_ANNOTATION_PAGES 10
+
+static bool annotation_of(struct matrix *m, const struct sent_to *to, char *eid, size_t len)
+{
+	const json_t *rel = json_object_get(to->content, "m.relates_to");
+	const char *target = json_string_value(json_object_get(rel, "event_id"));
+	const char *key = json_string_value(json_object_get(rel, "key"));
+	if (!target || !key || !to->room[0])
+		return false;
+	char *rs = seg(m, to->room), *ts = seg(m, target);
+	char path[1200];
+	snprintf(path, sizeof(path), "/_matrix/client/v1/rooms/%s/relations/%s/m.annotation/m.reaction", rs ? rs : "",
+		 ts ? ts : "");
+	curl_free(rs);
+	curl_free(ts);
+	bool found = false;
+	char *from = NULL;
+	for (int page = 0; page < MX_ANNOTATION_PAGES && !found; page++) {
+		char query[700];
+		char *f = from ? seg(m, from) : NULL;
+		snprintf(query, sizeof(query), "limit=100%s%s", f ? "&from=" : "", f ? f : "");
+		curl_free(f);
+		long status;
+		json_t *answer = NULL;
+		cw_errmsg e;
+		if (mx_call(m, "GET", path, to->actor, query, NULL, &status, &answer, &e)) {
+			json_decref(answer);
+			break;
+		}
+		size_t k;
+		json_t *ev;
+		json_array_foreach(json_object_get(answer, "chunk"), k, ev) {
+			const json_t *r = json_object_get(json_object_get(ev, "content"), "m.relates_to");
+			const char *sender = json_string_value(json_object_get(ev, "sender"));
+			const char *id = json_string_value(json_object_get(ev, "event_id"));
+			const char *rt = json_string_value(json_object_get(r, "rel_type"));
+			const char *on = json_string_value(json_object_get(r, "event_id"));
+			if (sender && id && rt && on && strcmp(sender, to->actor) == 0 && strcmp(rt, "m.annotation") == 0 &&
+			    strcmp(on, target) == 0 && same_key(json_string_value(json_object_get(r, "key")), key) &&
+			    strlen(id) < len) {
+				snprintf(eid, len, "%s", id);
+				found = true;
+				break;
+			}
+		}
+		const char *next = json_string_value(json_object_get(answer, "next_batch"));
+		free(from);
+		from = next && !found ? strdup(next) : NULL;
+		json_decref(answer);
+		if (!from)
+			break;
+	}
+	free(from);
+	return found;
+}
+
 /* The answer to a row's request: its Matrix event id is noted in sent.
  * *repeated: the homeserver has the reaction already (Synapse's 400
  * M_DUPLICATE_ANNOTATION: the same sender's annotation of the event with
@@ -1739,6 +1820,7 @@ struct room_run {
 	bool busy, failed;
 	CURL *h;
 	struct mx_req rq;
+	struct sent_to to; /* the request's, a send's */
 };
 
 /* While the media worker fetches a file (mx_media_lookup), its row's room
@@ -1854,7 +1936,8 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 					break;
 				}
 				rate_limited.seen = false;
-				enum prep p = prep_row(m, c, &rows[k], info, info_of[k], made, sent, run->h, &run->rq, &pe);
+				enum prep p = prep_row(m, c, &rows[k], info, info_of[k], made, sent, run->h, &run->rq, &run->to,
+						       &pe);
 				if (p == PREP_FAIL && rate_limited.seen) {
 					/* a call of the preparation was limited: waited out,
 					 * not counted */
@@ -1931,7 +2014,8 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 			if (finish_row(m, run->h, &run->rq, cc, row, sent, &status, &repeated, &fe) == CW_OK) {
 				char eid[MX_ID_MAX + 1];
 				/* a reaction the room has: its delete takes that one away */
-				if (repeated && repeated_reaction(c, rows, n, (size_t)(row - rows), sent, eid, sizeof(eid)))
+				if (repeated && (repeated_reaction(c, rows, n, (size_t)(row - rows), sent, eid, sizeof(eid)) ||
+						 annotation_of(m, &run->to, eid, sizeof(eid))))
 					note_sent(sent, row, eid);
 				row->outcome = 1;
 				row->code = status;
@@ -1956,9 +2040,11 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 		if (!any)
 			curl_multi_poll(m->multi, NULL, 0, 1000, NULL);
 	}
-	for (size_t r = 0; r < nruns; r++)
+	for (size_t r = 0; r < nruns; r++) {
 		if (runs[r].h)
 			curl_easy_cleanup(runs[r].h);
+		json_decref(runs[r].to.content);
+	}
 	for (size_t k = 0; k < n; k++)
 		if (rows[k].outcome == 0)
 			rows[k].outcome = 2; /* not tried: the daemon is stopping */

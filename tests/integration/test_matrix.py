@@ -4886,6 +4886,56 @@ def test_references_within_one_delivery_batch(mx, hs, gk, pg, db_url):
                    f"AND native_id IN ('{orig}', '{evs[1]['event_id']}', '{evs[2]['event_id']}')", db_url) == "3"
 
 
+def test_a_reaction_whose_answer_was_lost_long_ago_keeps_its_event(mx, hs, gk, pg, db_url):
+    """wally's reaction reaches Matrix, but the answer is lost; before its
+    retry more than 50 events come into the room (the retry's look among
+    the room's last 50 finds nothing) and the homeserver has forgotten
+    the transaction id (Synapse keeps it half an hour), so the retry is
+    refused as the annotation the room has (400 M_DUPLICATE_ANNOTATION).
+    The row's event is the one there, asked of the relations API: taking
+    the reaction back takes it away in Matrix. Until the forty-seventh
+    session the row was delivered without an event, and the reaction
+    stayed in the room after wally took it back."""
+    a, _ = gk
+    room, mx_room = wally_wrote_to_alice(mx, hs, a, pg, db_url)
+    wally, ghost = a.user("wally"), "@_cw_gk_wally:example.org"
+    m1 = a.send(room, wally, "react to me").json()["id"]
+    target = wait_until(lambda: next((e["event_id"] for e in hs.events(mx_room) if e["type"] == "m.room.message"
+                                      and e["content"]["body"] == "react to me"), None), what="the message")
+    lost = []
+
+    def lose(method, path, user):
+        if method == "PUT" and "/send/m.reaction/" in path and not lost:
+            lost.append(path)
+            # while the answer is held: the ghost's notices, more than the
+            # retry's look at the room's last 50, then the transaction ids
+            # forgotten
+            for k in range(60):
+                hs.appservice(ghost).send(mx_room, "m.room.message", {"msgtype": "m.notice", "body": f"filler {k}"})
+            hs.forget_txn_ids()
+            return True
+        return False
+    hs.lose_reply = lose
+    r = a.call("POST", f"/v1/rooms/{room}/messages", {"type": "reaction", "sender": wally, "content": {
+        "in_reply_to": m1, "disposition": "reaction", "parts": [{"type": "text/plain", "body": "\U0001f44d"}]}},
+        idem="thumb-lost")
+    assert r.status_code == 202, r.text
+    thumb = r.json()["id"]
+    row = ("SELECT o.state || ' ' || coalesce(o.remote_id, '-') FROM outbox o JOIN events e ON e.id = o.event_id "
+           f"WHERE o.destination = 'matrix' AND e.public_id = '{thumb}'")
+    wait_until(lambda: pg.psql(row, db_url).startswith("delivered"), timeout=30, what="the reaction delivered")
+    hs.lose_reply = None
+    [shown] = [e for e in hs.events(mx_room) if e["type"] == "m.reaction"]
+    assert shown["content"]["m.relates_to"]["event_id"] == target
+    assert [(x["status"], x["lost"]) for x in hs.requests if x["path"] == lost[0]] == [(200, True), (400, False)]
+    assert pg.psql(row, db_url) == "delivered " + shown["event_id"]
+    d = a.call("POST", f"/v1/rooms/{room}/messages", {"type": "delete", "sender": wally,
+                                                      "content": {"replaces": thumb}}, idem="unthumb-lost")
+    assert d.status_code == 202, d.text
+    wait_until(lambda: "redacted_because" in hs.event(shown["event_id"]).get("unsigned", {}),
+               timeout=30, what="the reaction taken away")
+
+
 def test_a_reaction_the_homeserver_has_already_holds_nothing_back(mx, hs, gk, pg, db_url):
     """wally reacts with the same emoji to his message twice (a peer may
     send a reaction again without taking the first back): Synapse refuses
