@@ -1959,8 +1959,13 @@ static void joined_uninvited(struct matrix *m, PGconn *c, const char *room, cons
 static bool left(struct matrix *m, PGconn *c, const char *room, const char *who)
 {
 	char local_id[24], uri[600];
+	struct mimi_uri u;
+	/* One of this provider's users whose identity the database did not
+	 * give (a lock or statement timeout, a failover): tried again.  Until
+	 * the forty-seventh session only a connection that was down was, and
+	 * a statement refused on a live one lost the unbinding for good. */
 	if (!local_identity(m, c, who, local_id, sizeof(local_id), uri, sizeof(uri)))
-		return PQstatus(c) != CONNECTION_OK; /* no local user (or no database) */
+		return local_uri(m, who, uri, sizeof(uri), &u);
 	/* Their management room: the bot leaves it too; consent requests
 	 * wait (not shown) until the user opens a new one. */
 	const char *mp[] = { room, who };

@@ -4602,6 +4602,36 @@ def test_a_leave_whose_unbinding_fails_is_tried_again(mx, hs, gk, pg, db_url):
     assert [e["content"]["body"] for e in hs.events(mx_room) if e["type"] == "m.room.message"] == ["hello"]
 
 
+def test_a_leave_whose_user_the_database_did_not_give_is_tried_again(mx, hs, gk, pg, db_url):
+    """alice leaves her direct room with wally, and the bot's look-up of her
+    identity fails once (a statement refused on a live connection: a lock
+    or statement timeout). The leave is tried again, as an unbinding the
+    database refused is, and wally's next message opens a new room. Until
+    the forty-seventh session only a connection that was down was tried
+    again: the leave was marked done, the room stayed bound, and wally's
+    messages went on into the room she had left, for good."""
+    a, srv = gk
+    room, mx_room, alice, ghost = wally_writes_to_alice(mx, hs, gk)
+    alice.join(mx_room)
+    srv.wait_events(1)
+    pg.psql("CREATE SEQUENCE test_fail_lookup; "
+            "CREATE FUNCTION test_fail_lookup() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f" IF NEW.native_id = '{ALICE_MX}' AND nextval('test_fail_lookup') = 1 THEN "
+            "  RAISE EXCEPTION 'injected failure'; END IF; "
+            " RETURN NEW; END $$; "
+            "CREATE TRIGGER test_fail_lookup BEFORE INSERT ON identity_bindings FOR EACH ROW "
+            " EXECUTE FUNCTION test_fail_lookup()", db_url)
+    alice.leave(mx_room)
+    wait_until(lambda: hs.members(mx_room).get(ghost) == "leave", timeout=20, what="the ghost leaving")
+    assert "a local Matrix user's identity not stored" in mx.log()
+    assert int(pg.psql("SELECT last_value FROM test_fail_lookup", db_url)) >= 2
+    a.send(room, a.user("wally"), "still there?")
+    new_room = wait_until(lambda: next((rid for rid in hs.rooms() if rid != mx_room and any(
+        e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(rid))), None), what="a new room")
+    assert hs.members(new_room).get(ALICE_MX) == "invite"
+    assert [e["content"]["body"] for e in hs.events(mx_room) if e["type"] == "m.room.message"] == ["hello"]
+
+
 def test_a_remote_user_in_the_ghosts_prefix_is_no_ghost(mx, hs, gk, pg, db_url):
     """The ghosts' namespace is @_cw_...:<this server>: a user of another
     server whose name starts the same is nobody of the gateway's. Until the
