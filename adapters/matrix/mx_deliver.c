@@ -1043,12 +1043,19 @@ static const char batch_info_sql[] =
 	" EXISTS (SELECT 1 FROM matrix_portal_members pm WHERE pm.binding_id = pb.id AND pm.identity_id = s.id), "
 	" rm.name, rm.kind = 'group' AND NOT EXISTS (SELECT 1 FROM room_members x WHERE x.room_id = ev.room_id "
 	"  AND x.identity_id = t.id AND (x.membership = 'joined' OR (x.membership = 'invited' AND x.peer_invited))), "
-	" p.domain "
+	" p.domain, "
+	" coalesce(lv.rooms IS NOT NULL AND (pb.native_id = ANY (lv.rooms) OR (SELECT native_id FROM room_bindings "
+	"  WHERE network = 'matrix' AND local_identity_id = t.id AND remote_identity_id = s.id AND rm.kind = 'direct') "
+	"  = ANY (lv.rooms)), false) "
 	"FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS x(ev, tg, k) "
 	"JOIN events ev ON ev.id = x.ev JOIN identities s ON s.id = ev.sender_id JOIN identities t ON t.id = x.tg "
 	"JOIN rooms rm ON rm.id = ev.room_id LEFT JOIN peers p ON p.id = s.peer_id "
 	"LEFT JOIN room_bindings pb ON rm.kind = 'group' AND pb.network = 'matrix' AND pb.room_id = ev.room_id "
-	" AND pb.local_identity_id = t.id AND pb.remote_identity_id IS NULL ORDER BY x.k";
+	" AND pb.local_identity_id = t.id AND pb.remote_identity_id IS NULL "
+	"CROSS JOIN (SELECT array_agg(DISTINCT event->>'room_id') AS rooms FROM matrix_bot_inbox "
+	" WHERE handled_at IS NULL AND ((event->>'type' = 'm.room.member' "
+	"  AND event->'content'->>'membership' IN ('leave', 'ban')) OR event->>'type' = 'm.room.tombstone')) lv "
+	"ORDER BY x.k";
 
 /* What the rows of a batch need, in one statement: per row (in the order
  * given, k = its index), the recipient's localpart and Matrix id, the
@@ -1057,7 +1064,9 @@ static const char batch_info_sql[] =
  * avatar, whether its profile changed since its ghost's was last set, and
  * when it changed; the kind of the event's room; for a group, the
  * recipient's portal (Matrix room, binding id), whether the sender's
- * ghost has joined it, and the group's name (for a portal made now). */
+ * ghost has joined it, and the group's name (for a portal made now);
+ * whether the leave of the row's Matrix room (or its upgrade, or its ghost
+ * put out) waits in the bot's inbox (its unbinding to come: lv). */
 static cw_err batch_info(PGconn *c, const struct outbox_row *rows, size_t n, PGresult **out, cw_errmsg *e)
 {
 	*out = NULL;
@@ -1363,7 +1372,8 @@ static bool sync_profile(struct matrix *m, PGconn *c, const char *sender_id, con
 
 /* What one row needs to go out: the request made (1), nothing to send
  * (0: a receipt Matrix has no form for, or a retry whose event is in the
- * room already), a file being made ready (2: the room waits a little),
+ * room already), a file being made ready or the room's unbinding to
+ * come (2: the room waits a little),
  * refused for good by the user's room (3: the sender's ghost is banned
  * there; e says how), a row no Matrix event can be made of or that can
  * never be delivered for a fact of its own, such as a recipient without a
@@ -1414,6 +1424,14 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	if (group && PQgetvalue(r, i, 20)[0] == 't')
 		return PREP_NOTHING; /* written before the user left the group: it is no longer theirs (and
 					no new room of it is made for them) */
+	/* The user left the row's room (or upgraded it, or put its ghost
+	 * out), and the bot has not unbound it yet (mx_bot.c, left: its next
+	 * round, or its retry when the database did not take it): the row
+	 * waits for that, then goes into a new direct room (a group's: to
+	 * nobody, she left the group).  Until the forty-seventh session it
+	 * went into the room she had left, which she never sees. */
+	if (PQgetvalue(r, i, 22)[0] == 't')
+		return PREP_WAIT;
 	const char *type = json_string_value(json_object_get(row->event, "type"));
 	bool said = type && strcmp(type, "membership") == 0; /* a member came or went: the bot says so */
 	if (relay && !said &&

@@ -4602,6 +4602,42 @@ def test_a_leave_whose_unbinding_fails_is_tried_again(mx, hs, gk, pg, db_url):
     assert [e["content"]["body"] for e in hs.events(mx_room) if e["type"] == "m.room.message"] == ["hello"]
 
 
+def test_a_message_between_her_leave_and_its_unbinding_waits_for_a_new_room(mx, hs, gk, pg, db_url):
+    """alice leaves her direct room with wally, and the bot's unbinding of
+    it fails twice (tried again 2 s, then 4 s later): wally's message
+    written meanwhile waits for the unbinding, then opens a new room with a
+    new invitation. Until the forty-seventh session it went into the room
+    she had left while the room was still bound (the bot's next round,
+    milliseconds, or its retries, seconds), and she never saw it."""
+    a, srv = gk
+    room, mx_room, alice, ghost = wally_writes_to_alice(mx, hs, gk)
+    alice.join(mx_room)
+    srv.wait_events(1)
+    pg.psql("CREATE SEQUENCE test_fail_unbind; "
+            "CREATE FUNCTION test_fail_unbind() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            " IF nextval('test_fail_unbind') <= 2 THEN RAISE EXCEPTION 'injected failure'; END IF; "
+            " RETURN OLD; END $$; "
+            "CREATE TRIGGER test_fail_unbind BEFORE DELETE ON room_bindings FOR EACH ROW "
+            " EXECUTE FUNCTION test_fail_unbind()", db_url)
+    alice.leave(mx_room)
+    wait_until(lambda: "cannot unbind a room its user left" in mx.log(), what="the first unbinding failing")
+    sent = a.send(room, a.user("wally"), "are you there?").json()["id"]
+    state = ("SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id "
+             f"WHERE e.public_id = '{sent}' AND o.destination = 'matrix'")
+    time.sleep(1)  # the row is tried (and waits) while the room is still bound
+    assert pg.psql("SELECT count(*) FROM room_bindings", db_url) == "1"
+    assert pg.psql(state, db_url) in ("pending", "in_flight")
+    new_room = wait_until(lambda: next((rid for rid in hs.rooms() if rid != mx_room and any(
+        e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(rid))), None), timeout=20,
+        what="a new room")
+    assert [e["content"]["body"] for e in hs.events(new_room) if e["type"] == "m.room.message"] == \
+        ["are you there?"]
+    assert hs.members(new_room).get(ALICE_MX) == "invite"
+    assert [e["content"]["body"] for e in hs.events(mx_room) if e["type"] == "m.room.message"] == ["hello"]
+    assert int(pg.psql("SELECT last_value FROM test_fail_unbind", db_url)) >= 3
+    assert pg.psql(state, db_url) == "delivered"
+
+
 def test_a_leave_whose_user_the_database_did_not_give_is_tried_again(mx, hs, gk, pg, db_url):
     """alice leaves her direct room with wally, and the bot's look-up of her
     identity fails once (a statement refused on a live connection: a lock
@@ -7532,6 +7568,39 @@ def test_the_lookup_of_a_delivery_batch_is_not_planned_at_each_batch(make_daemon
             wait_until(lambda: pg_planned.psql(undelivered, db_url) == "0", what=f"message {i} delivered")
         calls, plans = pg_planned.planned(db_url, "SELECT x.k - $")
         assert calls >= 12 and plans <= 3, (calls, plans)
+    finally:
+        srv.close()
+
+
+def test_the_lookup_of_a_delivery_batch_reads_only_the_bots_work_still_to_do(make_daemon, pg_planned, hs):
+    """A batch's lookup asks whether a leave of its rooms waits in the
+    bot's inbox (its unbinding to come, since the forty-seventh session):
+    it reads the rows not yet handled (an index of them), not the handled
+    ones the inbox keeps for days: 20,000 of them change nothing of what
+    a lookup reads."""
+    db_url = pg_planned.new_database("t_mx_batch_inbox")
+    d = start_mx(make_daemon, db_url, hs)
+    a, srv = add_gk(d)
+    try:
+        room, _ = wally_wrote_to_alice(d, hs, a, pg_planned, db_url)
+        undelivered = "SELECT count(*) FROM outbox WHERE state NOT IN ('delivered', 'dropped')"
+
+        def pages_per_lookup(what):
+            assert a.send(room, a.user("wally"), f"{what}: once planned").status_code == 202
+            wait_until(lambda: pg_planned.psql(undelivered, db_url) == "0", what="the first message delivered")
+            calls0, pages0 = pg_planned.pages_read(db_url, "SELECT x.k - $")
+            for i in range(8):
+                assert a.send(room, a.user("wally"), f"{what}: {i}").status_code == 202
+                wait_until(lambda: pg_planned.psql(undelivered, db_url) == "0", what=f"message {i} delivered")
+            calls1, pages1 = pg_planned.pages_read(db_url, "SELECT x.k - $")
+            assert calls1 - calls0 >= 8, (calls0, calls1)
+            return (pages1 - pages0) / (calls1 - calls0)
+        before = pages_per_lookup("an inbox with nothing handled")
+        pg_planned.psql("INSERT INTO matrix_bot_inbox (event_id, event, handled_at) SELECT '$done' || g, "
+                        "'{\"type\": \"m.room.member\", \"content\": {\"membership\": \"leave\"}}', now() "
+                        "FROM generate_series(1, 20000) g; ANALYZE matrix_bot_inbox", db_url)
+        after = pages_per_lookup("20,000 handled")
+        assert after < before + 5, (before, after)
     finally:
         srv.close()
 
