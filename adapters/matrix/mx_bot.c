@@ -2457,7 +2457,11 @@ static PGresult *look_for(PGconn *c, enum bot_look k, const char *what)
 
 /* The ghosts of members who are no longer in a group (the peer removed
  * them: POST /v1/rooms/{room}/members) leave its rooms, so that the users
- * see them go; one who comes back joins again with their next message. */
+ * see them go; one who comes back joins again with their next message.
+ * A ghost whose messages written before (to that room's user) are still
+ * on their way stays until they are delivered (or given up): until the
+ * forty-seventh session it left at once, and such a message brought it
+ * back, the user seeing it join, write and leave again. */
 static void portal_departures(struct matrix *m, PGconn *c)
 {
 	PGresult *r = look_for(c, BOT_DEPARTURES, "members who left a group");
@@ -2687,7 +2691,10 @@ static const struct store_stmt bot_stmts[BOT_LOOKS + 1] = {
 	[BOT_DEPARTURES] = { "mx_bot_departures",
 		"WITH d AS (DELETE FROM matrix_portal_members pm USING room_bindings b, room_members x "
 		" WHERE b.id = pm.binding_id AND x.room_id = b.room_id AND x.identity_id = pm.identity_id "
-		" AND x.membership <> 'joined' RETURNING b.native_id, pm.identity_id) "
+		" AND x.membership <> 'joined' AND NOT EXISTS (SELECT 1 FROM outbox o JOIN events ev ON ev.id = o.event_id "
+		"  WHERE o.room_id = b.room_id AND o.destination = 'matrix' AND o.state IN ('pending', 'in_flight') "
+		"  AND o.target_identity_id = b.local_identity_id AND ev.sender_id = pm.identity_id "
+		"  AND ev.type <> 'membership') RETURNING b.native_id, pm.identity_id) "
 		"SELECT d.native_id, ib.native_id FROM d JOIN identity_bindings ib ON ib.identity_id = d.identity_id "
 		" AND ib.network = 'matrix'" },
 	[BOT_RENAMES] = { "mx_bot_renames",

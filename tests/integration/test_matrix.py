@@ -6044,6 +6044,51 @@ def test_a_peer_users_leave_delivered_after_the_bot_made_her_ghost_leave_brings_
         srv.close()
 
 
+def test_a_members_message_delivered_after_her_leave_does_not_bring_her_ghost_back(make_daemon, db_url, hs, pg):
+    """ed writes to a group, then leaves it, while his message to alice
+    waits for the homeserver (which refuses sends for a while): his ghost
+    stays in alice's room until the message is delivered there, then
+    leaves, once. Until the forty-seventh session the bot's round made the
+    ghost leave at once (mx_bot.c portal_departures), and the message,
+    delivered after, invited it and had it join again, write, and leave a
+    second time at the bot's next round."""
+    mx = start_mx(make_daemon, db_url, hs, dispatcher={"retry_budget": "1000"})
+    gk = add_gk(mx)
+    a, srv = gk
+    try:
+        ed = a.user("ed")
+        consent_alice(mx, ed)
+        group, _, mine, said, state_to_alice = alice_in_wallys_group(mx, hs, gk, pg, db_url, [ed])
+        ed_ghost = "@_cw_gk_ed:example.org"
+        assert a.send(group, ed, "ed here").status_code == 202
+        wait_until(lambda: (ed_ghost, "ed here") in said(mine), what="ed's message in alice's room")
+        joined = member_events(hs, mine, ed_ghost)
+        assert joined[-1] == (ed_ghost, "join"), joined
+        hs.refuse_send = lambda path: True
+        late = a.send(group, ed, "last words").json()["id"]
+        tried = ("SELECT o.attempts FROM outbox o JOIN events e ON e.id = o.event_id "
+                 f"WHERE e.public_id = '{late}' AND o.state = 'pending'")
+        wait_until(lambda: int(pg.psql(tried, db_url) or 0) >= 1, what="ed's message waiting for the homeserver")
+        r = a.call("POST", f"/v1/rooms/{group}/messages",
+                   {"type": "membership", "sender": ed, "content": {"membership": "leave", "target": ed}},
+                   idem="ed-leaves-" + group)
+        assert r.status_code == 202, r.text
+        left = ("SELECT x.membership FROM room_members x JOIN identities i ON i.id = x.identity_id "
+                f"JOIN rooms rm ON rm.id = x.room_id WHERE i.localpart = 'ed' AND rm.public_id = '{group}'")
+        wait_until(lambda: pg.psql(left, db_url) == "left", what="ed out of the group")
+        time.sleep(1.5)  # the bot's rounds (every 500 ms at least) while his message waits
+        assert member_events(hs, mine, ed_ghost) == joined
+        hs.refuse_send = None
+        wait_until(lambda: state_to_alice(late) == "delivered", timeout=30, what="ed's message delivered")
+        wait_until(lambda: hs.members(mine).get(ed_ghost) == "leave", what="ed's ghost leaving")
+        time.sleep(1.5)  # the bot's next rounds bring nothing more
+        assert member_events(hs, mine, ed_ghost) == joined + [(ed_ghost, "leave")]
+        assert [t for _, t in said(mine)][-2:] == ["ed here", "last words"]
+        assert srv.errors == [] and srv.duplicates == 0
+    finally:
+        srv.close()
+
+
 def test_a_local_user_leaving_a_groups_room_waits_for_the_rooms_lock(mx, hs, gk, pg, db_url):
     """alice's leaving her room of a group (mx_bot.c left: the bot's work
     on the leave the appservice stored for it) marks her membership left
