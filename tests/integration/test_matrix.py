@@ -4572,6 +4572,36 @@ def test_a_local_user_leaving_reaches_the_peer(mx, hs, gk):
     assert [e["content"]["body"] for e in hs.events(mx_room) if e["type"] == "m.room.message"] == ["hello"]
 
 
+def alice_joined_and_fails(mx, hs, gk, pg, db_url, table, op, times, when="true"):
+    """wally wrote to alice, who joined the room; then the database refuses
+    the first `times` statements that `op` (DELETE, INSERT) a row of
+    `table` for which `when` holds (a BEFORE trigger; its sequence
+    test_fail counts them). Returns wally_writes_to_alice's (room, Matrix
+    room, her client, ghost)."""
+    _, srv = gk
+    room, mx_room, alice, ghost = wally_writes_to_alice(mx, hs, gk)
+    alice.join(mx_room)
+    srv.wait_events(1)
+    row = "OLD" if op == "DELETE" else "NEW"
+    pg.psql("CREATE SEQUENCE test_fail; "
+            "CREATE FUNCTION test_fail() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f" IF ({when}) AND nextval('test_fail') <= {times} THEN RAISE EXCEPTION 'injected failure'; END IF; "
+            f" RETURN {row}; END $$; "
+            f"CREATE TRIGGER test_fail BEFORE {op} ON {table} FOR EACH ROW EXECUTE FUNCTION test_fail()", db_url)
+    return room, mx_room, alice, ghost
+
+
+def new_room_of(hs, old, ghost, timeout=10):
+    """The room other than old where ghost wrote, once there is one."""
+    return wait_until(lambda: next((rid for rid in hs.rooms() if rid != old and any(
+        e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(rid))), None), timeout=timeout,
+        what="a new room")
+
+
+def bodies(hs, room):
+    return [e["content"]["body"] for e in hs.events(room) if e["type"] == "m.room.message"]
+
+
 def test_a_leave_whose_unbinding_fails_is_tried_again(mx, hs, gk, pg, db_url):
     """alice leaves her direct room with wally, and the bot's unbinding of
     it fails once (the database refuses the statement: a lock or
@@ -4581,25 +4611,16 @@ def test_a_leave_whose_unbinding_fails_is_tried_again(mx, hs, gk, pg, db_url):
     all the same, and wally's next messages went on into the room she left,
     for good; now it is tried again, as work the homeserver did not take
     is, and wally's next message opens a new room."""
-    a, srv = gk
-    room, mx_room, alice, ghost = wally_writes_to_alice(mx, hs, gk)
-    alice.join(mx_room)
-    srv.wait_events(1)
-    pg.psql("CREATE SEQUENCE test_fail_unbind; "
-            "CREATE FUNCTION test_fail_unbind() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-            " IF nextval('test_fail_unbind') = 1 THEN RAISE EXCEPTION 'injected failure'; END IF; "
-            " RETURN OLD; END $$; "
-            "CREATE TRIGGER test_fail_unbind BEFORE DELETE ON room_bindings FOR EACH ROW "
-            " EXECUTE FUNCTION test_fail_unbind()", db_url)
+    a, _ = gk
+    room, mx_room, alice, ghost = alice_joined_and_fails(mx, hs, gk, pg, db_url, "room_bindings", "DELETE", 1)
     alice.leave(mx_room)
     wait_until(lambda: hs.members(mx_room).get(ghost) == "leave", timeout=20, what="the ghost leaving")
-    assert int(pg.psql("SELECT last_value FROM test_fail_unbind", db_url)) >= 2
+    assert int(pg.psql("SELECT last_value FROM test_fail", db_url)) >= 2
     assert "cannot unbind a room its user left" in mx.log()
     a.send(room, a.user("wally"), "still there?")
-    new_room = wait_until(lambda: next((rid for rid in hs.rooms() if rid != mx_room and any(
-        e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(rid))), None), what="a new room")
+    new_room = new_room_of(hs, mx_room, ghost)
     assert hs.members(new_room).get(ALICE_MX) == "invite"
-    assert [e["content"]["body"] for e in hs.events(mx_room) if e["type"] == "m.room.message"] == ["hello"]
+    assert bodies(hs, mx_room) == ["hello"]
 
 
 def test_a_message_between_her_leave_and_its_unbinding_waits_for_a_new_room(mx, hs, gk, pg, db_url):
@@ -4609,16 +4630,8 @@ def test_a_message_between_her_leave_and_its_unbinding_waits_for_a_new_room(mx, 
     new invitation. Until the forty-seventh session it went into the room
     she had left while the room was still bound (the bot's next round,
     milliseconds, or its retries, seconds), and she never saw it."""
-    a, srv = gk
-    room, mx_room, alice, ghost = wally_writes_to_alice(mx, hs, gk)
-    alice.join(mx_room)
-    srv.wait_events(1)
-    pg.psql("CREATE SEQUENCE test_fail_unbind; "
-            "CREATE FUNCTION test_fail_unbind() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-            " IF nextval('test_fail_unbind') <= 2 THEN RAISE EXCEPTION 'injected failure'; END IF; "
-            " RETURN OLD; END $$; "
-            "CREATE TRIGGER test_fail_unbind BEFORE DELETE ON room_bindings FOR EACH ROW "
-            " EXECUTE FUNCTION test_fail_unbind()", db_url)
+    a, _ = gk
+    room, mx_room, alice, ghost = alice_joined_and_fails(mx, hs, gk, pg, db_url, "room_bindings", "DELETE", 2)
     alice.leave(mx_room)
     wait_until(lambda: "cannot unbind a room its user left" in mx.log(), what="the first unbinding failing")
     sent = a.send(room, a.user("wally"), "are you there?").json()["id"]
@@ -4627,14 +4640,11 @@ def test_a_message_between_her_leave_and_its_unbinding_waits_for_a_new_room(mx, 
     time.sleep(1)  # the row is tried (and waits) while the room is still bound
     assert pg.psql("SELECT count(*) FROM room_bindings", db_url) == "1"
     assert pg.psql(state, db_url) in ("pending", "in_flight")
-    new_room = wait_until(lambda: next((rid for rid in hs.rooms() if rid != mx_room and any(
-        e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(rid))), None), timeout=20,
-        what="a new room")
-    assert [e["content"]["body"] for e in hs.events(new_room) if e["type"] == "m.room.message"] == \
-        ["are you there?"]
+    new_room = new_room_of(hs, mx_room, ghost, timeout=20)
+    assert bodies(hs, new_room) == ["are you there?"]
     assert hs.members(new_room).get(ALICE_MX) == "invite"
-    assert [e["content"]["body"] for e in hs.events(mx_room) if e["type"] == "m.room.message"] == ["hello"]
-    assert int(pg.psql("SELECT last_value FROM test_fail_unbind", db_url)) >= 3
+    assert bodies(hs, mx_room) == ["hello"]
+    assert int(pg.psql("SELECT last_value FROM test_fail", db_url)) >= 3
     assert pg.psql(state, db_url) == "delivered"
 
 
@@ -4646,26 +4656,17 @@ def test_a_leave_whose_user_the_database_did_not_give_is_tried_again(mx, hs, gk,
     the forty-seventh session only a connection that was down was tried
     again: the leave was marked done, the room stayed bound, and wally's
     messages went on into the room she had left, for good."""
-    a, srv = gk
-    room, mx_room, alice, ghost = wally_writes_to_alice(mx, hs, gk)
-    alice.join(mx_room)
-    srv.wait_events(1)
-    pg.psql("CREATE SEQUENCE test_fail_lookup; "
-            "CREATE FUNCTION test_fail_lookup() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-            f" IF NEW.native_id = '{ALICE_MX}' AND nextval('test_fail_lookup') = 1 THEN "
-            "  RAISE EXCEPTION 'injected failure'; END IF; "
-            " RETURN NEW; END $$; "
-            "CREATE TRIGGER test_fail_lookup BEFORE INSERT ON identity_bindings FOR EACH ROW "
-            " EXECUTE FUNCTION test_fail_lookup()", db_url)
+    a, _ = gk
+    room, mx_room, alice, ghost = alice_joined_and_fails(mx, hs, gk, pg, db_url, "identity_bindings", "INSERT", 1,
+                                                         when=f"NEW.native_id = '{ALICE_MX}'")
     alice.leave(mx_room)
     wait_until(lambda: hs.members(mx_room).get(ghost) == "leave", timeout=20, what="the ghost leaving")
     assert "a local Matrix user's identity not stored" in mx.log()
-    assert int(pg.psql("SELECT last_value FROM test_fail_lookup", db_url)) >= 2
+    assert int(pg.psql("SELECT last_value FROM test_fail", db_url)) >= 2
     a.send(room, a.user("wally"), "still there?")
-    new_room = wait_until(lambda: next((rid for rid in hs.rooms() if rid != mx_room and any(
-        e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(rid))), None), what="a new room")
+    new_room = new_room_of(hs, mx_room, ghost)
     assert hs.members(new_room).get(ALICE_MX) == "invite"
-    assert [e["content"]["body"] for e in hs.events(mx_room) if e["type"] == "m.room.message"] == ["hello"]
+    assert bodies(hs, mx_room) == ["hello"]
 
 
 def test_a_remote_user_in_the_ghosts_prefix_is_no_ghost(mx, hs, gk, pg, db_url):
