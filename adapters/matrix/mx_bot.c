@@ -587,6 +587,12 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 	struct mx_bot_cmd cmd;
 	if (!mx_bot_parse(content, sender, &names, &cmd))
 		return;
+	/* An image, a file, an emote...: no command, one line (not the help,
+	 * which an image got until the forty-seventh session). */
+	if (!cmd.text) {
+		answer(m, c, room, txn, "I read only text messages: write a command, or \"help\" for the list.");
+		return;
+	}
 	/* Her identity not read or stored (the database failed: a sender
 	 * here is one of this server's users, bot_wants): said, as any
 	 * failed command is (until the forty-seventh session the command was

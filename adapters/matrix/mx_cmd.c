@@ -112,6 +112,16 @@ bool mx_bot_parse(const json_t *content, const char *sender, const struct mx_bot
 	const char *body = json_string_value(json_object_get(content, "body"));
 	if (!body)
 		return false;
+	/* Text only: an image's body is its caption or file name, an emote's
+	 * an action ("/me waves"), neither a command to carry out. */
+	const json_t *msgtype = json_object_get(content, "msgtype");
+	out->text = !msgtype || (json_is_string(msgtype) && strcmp(json_string_value(msgtype), "m.text") == 0);
+	out->kind = MX_BOT_PARTY_SUBJECT;
+	out->mentioned = false;
+	if (!out->text) {
+		out->verb[0] = out->party[0] = out->reason[0] = '\0';
+		return true;
+	}
 	/* A reply (to a consent request, say) may start with the quote of
 	 * what it answers. */
 	body += mx_reply_fallback_len(body);
@@ -126,8 +136,6 @@ bool mx_bot_parse(const json_t *content, const char *sender, const struct mx_bot
 		for (char *p = out->party; *p; p++)
 			*p = (char)tolower((unsigned char)*p);
 	reason_of(after, out->reason, sizeof(out->reason));
-	out->kind = MX_BOT_PARTY_SUBJECT;
-	out->mentioned = false;
 	bool report = strcmp(out->verb, "report") == 0;
 	if (!report && strcmp(out->verb, "accept") != 0 && strcmp(out->verb, "block") != 0)
 		return true;

@@ -37,6 +37,14 @@ enum mx_bot_party {
 
 /* A command read. */
 struct mx_bot_cmd {
+	/* Whether the message is text (msgtype m.text, or none): only text is
+	 * a command.  False for an image, a file, an emote, a location or any
+	 * other msgtype (of an edit: its m.new_content's), and then nothing
+	 * else of *out is read (verb, party, reason ""): the bot says in a
+	 * line that it reads text only (until the forty-seventh session it
+	 * read such a message's body as a command, and an image sent to it
+	 * got the help). */
+	bool text;
 	char verb[MX_BOT_VERB_MAX + 1]; /* the first word, in lower case (ASCII); "" for none or a longer one */
 	/* The word after the verb (of opt-in, opt-out: the network, in lower
 	 * case, ASCII), "" for none or a longer one; of an accept, block or
@@ -69,7 +77,9 @@ struct mx_bot_cmd {
  * with one (until the thirty-eighth session the edit's fallback body
  * "* block ..." was read, and every edit got the help), or an m.notice
  * (msgtype of content or of the edit's m.new_content: the specification
- * says a notice must never be automatically responded to). */
+ * says a notice must never be automatically responded to, the bot's own
+ * included).  True with out->text false for a message of another
+ * msgtype than m.text (above). */
 bool mx_bot_parse(const json_t *content, const char *sender, const struct mx_bot_names *names,
 		  struct mx_bot_cmd *out);
 

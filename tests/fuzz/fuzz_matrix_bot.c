@@ -119,7 +119,9 @@ static void parse(const json_t *content)
 	if (!ok)
 		return;
 	check(&a);
-	if (strcmp(a.verb, b.verb) != 0 || strcmp(a.party, b.party) != 0 || a.kind != b.kind ||
+	if (!a.text && (a.verb[0] || a.party[0] || a.reason[0] || a.mentioned))
+		fail("a message that is no text read as a command", &a);
+	if (a.text != b.text || strcmp(a.verb, b.verb) != 0 || strcmp(a.party, b.party) != 0 || a.kind != b.kind ||
 	    a.mentioned != b.mentioned || strcmp(a.reason, b.reason) != 0)
 		fail("read differently the second time", &a);
 }

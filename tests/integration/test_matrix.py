@@ -7195,6 +7195,31 @@ def test_a_command_in_an_m_notice_is_not_answered(mx, hs, gk, pg, db_url):
     assert pg.psql("SELECT count(*) FROM consents", db_url) == "0"
 
 
+def test_a_message_that_is_no_text_is_no_command(mx, hs, gk, pg, db_url):
+    """Only an m.text message is a command: an image, a file, an emote
+    (or an edit into one) sent to the bot is carried out as nothing and
+    answered with one line, not the help; until the forty-seventh session
+    its body was read as a command (an image named "block ..." blocked,
+    any other got the whole help)."""
+    a, _ = gk
+    wally = a.user("wally")
+    alice, mgmt, said = alice_and_the_bot(hs)
+    n = len(said())
+    alice.send(mgmt, "m.room.message", {"msgtype": "m.image", "body": f"block {wally}", "url": "mxc://example.org/a",
+                                        "info": {"mimetype": "image/png"}})
+    alice.send(mgmt, "m.room.message", {"msgtype": "m.file", "body": "cat.pdf", "url": "mxc://example.org/b"})
+    first = alice.send(mgmt, "m.room.message", {"msgtype": "m.emote", "body": "waves"})
+    alice.send(mgmt, "m.room.message", {"msgtype": "m.text", "body": f"* accept {wally}",
+                                        "m.new_content": {"msgtype": "m.emote", "body": f"accept {wally}"},
+                                        "m.relates_to": {"rel_type": "m.replace", "event_id": first}})
+    alice.send_text(mgmt, "list")
+    # the bot works its inbox in order: the four came before the list
+    wait_until(lambda: len(said()) >= n + 5, what="the answers")
+    line = 'I read only text messages: write a command, or "help" for the list.'
+    assert said()[n:] == [line] * 4 + ["Nothing yet: no requests, no decisions."], said()[n:]
+    assert pg.psql("SELECT count(*) FROM consents", db_url) == "0"
+
+
 def test_a_management_room_encrypted_from_its_start_is_left_with_a_word(mx, hs, gk, pg, db_url):
     """Clients on matrix-rust-sdk (Element X) make every direct room
     encrypted from its start: all alice writes to the bot there is

@@ -1782,6 +1782,25 @@ static void bot_case(const char *json, const char *verb, const char *party, enum
 	ck_assert_msg(cmd.kind == kind, "%s: kind %d", json, (int)cmd.kind);
 	ck_assert_msg(cmd.mentioned == mentioned, "%s: mentioned %d", json, cmd.mentioned);
 	ck_assert_msg(strcmp(cmd.reason, reason) == 0, "%s: reason \"%s\"", json, cmd.reason);
+	ck_assert_msg(cmd.text, "%s: read as no text", json);
+}
+
+/* Whether json is read as a text message (list, the only command in
+ * these), or as one of another kind, with nothing read of it. */
+static void bot_text_case(const char *json, bool text)
+{
+	json_error_t err;
+	json_t *c = json_loads(json, 0, &err);
+	ck_assert_msg(c != NULL, "%s: %s", json, err.text);
+	struct mx_bot_cmd cmd;
+	memset(&cmd, 0x55, sizeof(cmd));
+	ck_assert_msg(mx_bot_parse(c, "@alice:example.org", &bot_names, &cmd), "%s: not read", json);
+	json_decref(c);
+	ck_assert_msg(cmd.text == text, "%s: text %d", json, cmd.text);
+	ck_assert_str_eq(cmd.verb, text ? "list" : "");
+	ck_assert_str_eq(cmd.party, "");
+	ck_assert_str_eq(cmd.reason, "");
+	ck_assert(!cmd.mentioned);
 }
 
 #define PILL(id, label) "<a href=\\\"https://matrix.to/#/" id "\\\">" label "</a>"
@@ -1798,7 +1817,20 @@ START_TEST(bot_parse)
 	bot_case("{\"msgtype\":\"m.text\",\"body\":\"* list\",\"m.new_content\":{\"msgtype\":\"m.notice\","
 		 "\"body\":\"list\"},\"m.relates_to\":{\"rel_type\":\"m.replace\",\"event_id\":\"$x\"}}", NULL, "",
 		 S, false, "");
-	bot_case("{\"msgtype\":\"m.emote\",\"body\":\"list\"}", "list", "", S, false, "");
+	/* Only text is a command (no msgtype is read as text): an emote, an
+	 * image, a file, a msgtype of no string, an edit into one are read as
+	 * no text (verb ""); until the forty-seventh session their body was
+	 * a command, and an image sent to the bot got the help. */
+	bot_text_case("{\"msgtype\":\"m.text\",\"body\":\"list\"}", true);
+	bot_text_case("{\"body\":\"list\"}", true);
+	bot_text_case("{\"msgtype\":\"m.emote\",\"body\":\"list\"}", false);
+	bot_text_case("{\"msgtype\":\"m.image\",\"body\":\"block x.org\",\"url\":\"mxc://a/b\"}", false);
+	bot_text_case("{\"msgtype\":\"m.file\",\"body\":\"accept @x:y.org\"}", false);
+	bot_text_case("{\"msgtype\":7,\"body\":\"list\"}", false);
+	bot_text_case("{\"msgtype\":\"m.text\",\"body\":\"* list\",\"m.new_content\":{\"msgtype\":\"m.emote\","
+		      "\"body\":\"list\"},\"m.relates_to\":{\"rel_type\":\"m.replace\",\"event_id\":\"$x\"}}", false);
+	bot_text_case("{\"msgtype\":\"m.image\",\"body\":\"* x\",\"m.new_content\":{\"msgtype\":\"m.text\","
+		      "\"body\":\"list\"},\"m.relates_to\":{\"rel_type\":\"m.replace\",\"event_id\":\"$x\"}}", true);
 	bot_case("{\"body\":\"\"}", "", "", S, false, "");
 	bot_case("{\"body\":\" \\t\\n \"}", "", "", S, false, "");
 	/* The verb in any case; blanks around the words. */
