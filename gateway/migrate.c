@@ -302,6 +302,23 @@ static cw_err check_and_apply(PGconn *c, const struct migration_set *set, bool a
 			done[k] = true;
 	}
 	PQclear(r);
+	/* A migration of this build not recorded below one that is: the
+	 * database was migrated by a build without it (builds mixed, a branch's
+	 * build), and applied now it would run after the later ones it was
+	 * written before, on a schema it does not expect.  Refused, naming
+	 * both (until the forty-seventh session it was applied after them in
+	 * silence).  The rolling upgrade (docs/operations.md) never makes
+	 * one: a newer build has all of an older build's migrations. */
+	size_t newest = set->n;
+	for (size_t k = 0; k < set->n; k++)
+		if (done[k])
+			newest = k;
+	for (size_t k = 0; k < set->n && newest < set->n && k < newest && !rc; k++)
+		if (!done[k])
+			rc = cw_fail(e, CW_EINVAL, "migration %s is not applied, but the later %s is: the database was "
+				     "migrated by a build without it (builds mixed?), and it is not applied out of order; "
+				     "apply it by hand if it fits (docs/operations.md, \"Upgrades and migrations\")",
+				     set->m[k].name, set->m[newest].name);
 	for (size_t k = 0; k < set->n && !rc; k++) {
 		if (done[k])
 			continue;
