@@ -593,6 +593,31 @@ static void domain_optin_hint(struct matrix *m, PGconn *c, const char *local_id,
 				   "\"opt-in %s\".", net, net);
 }
 
+static json_t *room_get(struct matrix *m, const char *room, const char *what, const char *user, const char *query);
+
+/* The party of the consent request whose notice in room is the event
+ * event_id, into party (len bytes, ""; left so when it is none): the event as
+ * the homeserver gives it to the bot, said by the bot, whose text names
+ * the request's party (mx_bot_request_party).  The reply's own quote of
+ * it (its fallback) is not read: the user's client writes it, and the
+ * event's sender and text are the homeserver's word.  The party is then
+ * taken as if typed, checked as any. */
+static void request_replied(struct matrix *m, const char *room, const char *event_id, char *party, size_t len)
+{
+	char *id = curl_easy_escape(NULL, event_id, 0), what[3 * MX_BOT_EVENT_ID_MAX + 16];
+	if (!id)
+		return;
+	snprintf(what, sizeof(what), "event/%s", id);
+	curl_free(id);
+	json_t *ev = room_get(m, room, what, NULL, NULL);
+	const char *sender = json_string_value(json_object_get(ev, "sender"));
+	const char *type = json_string_value(json_object_get(ev, "type"));
+	const char *body = json_string_value(json_object_get(json_object_get(ev, "content"), "body"));
+	if (sender && strcmp(sender, m->bot) == 0 && type && strcmp(type, "m.room.message") == 0 && body)
+		mx_bot_request_party(body, party, len); /* else party stays "" */
+	json_decref(ev);
+}
+
 static void command(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *sender,
 		    const json_t *content, const char *inbox_id)
 {
@@ -623,6 +648,11 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 	}
 	const char *verb = cmd.verb, *arg = cmd.party;
 	bool report = strcmp(verb, "report") == 0;
+	/* "accept" or "block" alone, in a reply to a request's notice: its
+	 * party (request_replied; until the forty-seventh session "Whom?"). */
+	if (!report && cmd.kind == MX_BOT_PARTY_SUBJECT && !cmd.party[0] && cmd.reply_to[0] &&
+	    (strcmp(verb, "accept") == 0 || strcmp(verb, "block") == 0))
+		request_replied(m, room, cmd.reply_to, cmd.party, sizeof(cmd.party));
 	bool party_verb = strcmp(verb, "accept") == 0 || strcmp(verb, "block") == 0 || report;
 	/* Several users mentioned: the command is not carried out for one
 	 * of them. */
@@ -2339,7 +2369,7 @@ static void requests(struct matrix *m, PGconn *c, int64_t *after_us)
 		name_for_line(PQgetvalue(r, i, 4), name, sizeof(name));
 		snprintf(text, sizeof(text),
 			 "%s%s%s%s (network %s) wants to write to you. Their messages wait until you answer.\n"
-			 "Reply \"accept %s\" or \"block %s\".\n"
+			 MX_BOT_REQUEST_LINE "\n"
 			 "The conversation is bridged: encryption ends at this gateway.",
 			 name[0] ? "\"" : "", name, name[0] ? "\" " : "", PQgetvalue(r, i, 2), PQgetvalue(r, i, 3),
 			 PQgetvalue(r, i, 2), PQgetvalue(r, i, 2));

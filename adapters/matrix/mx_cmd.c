@@ -118,9 +118,18 @@ bool mx_bot_parse(const json_t *content, const char *sender, const struct mx_bot
 	out->text = !msgtype || (json_is_string(msgtype) && strcmp(json_string_value(msgtype), "m.text") == 0);
 	out->kind = MX_BOT_PARTY_SUBJECT;
 	out->mentioned = false;
+	out->reply_to[0] = '\0';
 	if (!out->text) {
 		out->verb[0] = out->party[0] = out->reason[0] = '\0';
 		return true;
+	}
+	const char *to = json_string_value(json_object_get(json_object_get(rel, "m.in_reply_to"), "event_id"));
+	if (to && to[0] == '$' && strlen(to) <= MX_BOT_EVENT_ID_MAX) {
+		bool clean = true;
+		for (const char *p = to; *p && clean; p++)
+			clean = (unsigned char)*p > 0x20 && *p != 0x7f;
+		if (clean)
+			strcpy(out->reply_to, to);
 	}
 	/* A reply (to a consent request, say) may start with the quote of
 	 * what it answers. */
@@ -184,4 +193,29 @@ bool mx_bot_parse(const json_t *content, const char *sender, const struct mx_bot
 	    !mx_in_ghost_namespace(names->prefix, names->server, out->party))
 		out->kind = report && local_matrix_user(names, out->party) ? MX_BOT_PARTY_LOCAL : MX_BOT_PARTY_NOT_REMOTE;
 	return true;
+}
+
+bool mx_bot_request_party(const char *body, char *out, size_t len)
+{
+	static const char start[] = "Reply \"accept ";
+	for (const char *line = body; line; line = strchr(line, '\n'), line = line ? line + 1 : NULL) {
+		if (strncmp(line, start, sizeof(start) - 1) != 0)
+			continue;
+		const char *who = line + sizeof(start) - 1, *end = skip_word(who);
+		size_t n = (size_t)(end - who);
+		if (n < 2 || who[n - 1] != '"' || n - 1 > MX_BOT_PARTY_MAX || n - 1 >= len)
+			return false;
+		char party[MX_BOT_PARTY_MAX + 1], want[2 * MX_BOT_PARTY_MAX + 64];
+		memcpy(party, who, n - 1);
+		party[n - 1] = '\0';
+		if (strchr(party, '"'))
+			return false;
+		snprintf(want, sizeof(want), MX_BOT_REQUEST_LINE, party, party);
+		size_t wl = strlen(want);
+		if (strncmp(line, want, wl) != 0 || (line[wl] && line[wl] != '\n'))
+			return false;
+		memcpy(out, party, n); /* its '\0' */
+		return true;
+	}
+	return false;
 }

@@ -14,6 +14,12 @@
 #define MX_BOT_VERB_MAX 31    /* bytes of a verb; a longer first word is none */
 #define MX_BOT_PARTY_MAX 699  /* bytes of a typed party; a longer word is none */
 #define MX_BOT_REASON_MAX 1000 /* bytes of a report's reason (the rest of its line), at most */
+#define MX_BOT_EVENT_ID_MAX 255 /* bytes of an event id (the specification's bound) */
+
+/* The line of the bot's notice of a consent request that names its party
+ * (twice, the same address): what the bot writes (mx_bot.c, requests) and
+ * mx_bot_request_party reads back. */
+#define MX_BOT_REQUEST_LINE "Reply \"accept %s\" or \"block %s\"."
 
 /* What the reading needs to know of the bot's homeserver. */
 struct mx_bot_names {
@@ -57,6 +63,12 @@ struct mx_bot_cmd {
 	bool mentioned;                   /* party is the user the message mentions */
 	char reason[MX_BOT_REASON_MAX + 1]; /* of a report: what follows the party on its line, without the
 					     * white space around it, whole UTF-8 sequences; "" for none */
+	/* The event the message replies to (m.relates_to's m.in_reply_to
+	 * event_id: a string of 1 to MX_BOT_EVENT_ID_MAX bytes starting with
+	 * '$', no control character), "" for none: of an accept or block with
+	 * no party, the bot's notice of the request it answers, maybe
+	 * (mx_bot_request_party). */
+	char reply_to[MX_BOT_EVENT_ID_MAX + 1];
 };
 
 /* Reads the command that sender (a Matrix id) sends the bot as content
@@ -82,5 +94,14 @@ struct mx_bot_cmd {
  * msgtype than m.text (above). */
 bool mx_bot_parse(const json_t *content, const char *sender, const struct mx_bot_names *names,
 		  struct mx_bot_cmd *out);
+
+/* The party of the consent request whose notice the bot wrote as body
+ * (its line MX_BOT_REQUEST_LINE, at a line's start, the same address
+ * twice, one word of at most MX_BOT_PARTY_MAX bytes), into out (len bytes):
+ * true; false for any other text (another notice of the bot's: an
+ * expiry, an answer).  The line is found only at a line's start: the
+ * notice's first line holds the remote user's name, with its line breaks
+ * made spaces (mx_bot.c, name_for_line), so no name can make one. */
+bool mx_bot_request_party(const char *body, char *out, size_t len);
 
 #endif

@@ -1414,6 +1414,52 @@ def test_management_room_consent_flow(mx, hs, gk, pg, db_url):
     assert pg.psql("SELECT count(*) FROM identities WHERE localpart = '_cw_bot'", db_url) == "0"
 
 
+def test_accept_or_block_alone_in_a_reply_to_a_request_takes_its_party(mx, hs, gk, pg, db_url):
+    """"accept" or "block" with no party, in a reply to the bot's notice of a
+    consent request (m.in_reply_to), is about that request's party: the
+    notice as the homeserver gives it, said by the bot, names it. A reply
+    to another message of the bot's, or to a text of her own that looks
+    like a request, is "Whom?" as before; until the forty-seventh session
+    every such reply was."""
+    a, _ = gk
+    bot = "@_cw_bot:example.org"
+    alice, mgmt, said = alice_and_the_bot(hs)
+    alice.send_text(mgmt, "opt-in gk")
+    wait_until(lambda: any("opted in for peer:gk" in n for n in said()), what="opt-in")
+    for who in ("wally", "ed"):
+        room = a.create_room([a.user(who), ALICE]).json()["id"]
+        assert a.send(room, a.user(who), f"hi from {who}").status_code in (200, 202)
+
+    def request_of(who):
+        return next((e["event_id"] for e in hs.events(mgmt) if e["sender"] == bot and
+                     f"mimi://wa.example/u/{who} (network" in e["content"].get("body", "")), None)
+    wally_req = wait_until(lambda: request_of("wally"), what="wally's request")
+    ed_req = wait_until(lambda: request_of("ed"), what="ed's request")
+    help_ev = next(e["event_id"] for e in hs.events(mgmt) if e["sender"] == bot and
+                   "Commands" in e["content"].get("body", ""))
+    n = len(said())
+    forged = alice.send(mgmt, "m.room.message", {
+        "msgtype": "m.text", "body": 'x\nReply "accept mimi://wa.example/u/ed" or "block mimi://wa.example/u/ed".'})
+    wait_until(lambda: len(said()) > n, what="the help for no command")
+
+    def reply(verb, to, quote=""):
+        n = len(said())
+        alice.send(mgmt, "m.room.message", {"msgtype": "m.text", "body": quote + verb,
+                                            "m.relates_to": {"m.in_reply_to": {"event_id": to}}})
+        wait_until(lambda: len(said()) > n, what=f"the answer to {verb}")
+        return said()[n]
+    whom = "Whom? Give an address (mimi://...), a bridged user's Matrix id, or a domain."
+    assert reply("block", help_ev) == whom
+    assert reply("block", forged) == whom  # her own text: the request line is the bot's word only
+    assert pg.psql("SELECT count(*) FROM consents", db_url) == "0"
+    assert reply("accept", wally_req) == "Accepted mimi://wa.example/u/wally. 1 waiting message(s) released."
+    # with the client's quote of the notice before it (the reply fallback)
+    assert reply("Block", ed_req, quote="> <@_cw_bot:example.org> ed wants to write to you\n\n") == \
+        "Blocked mimi://wa.example/u/ed. 1 waiting message(s) dropped."
+    assert pg.psql("SELECT subject || ' ' || state FROM consents ORDER BY 1", db_url) == \
+        "mimi://wa.example/u/ed blocked\nmimi://wa.example/u/wally allowed"
+
+
 def test_an_expired_request_is_withdrawn_in_the_management_room(mx, hs, gk, pg, db_url):
     """A consent request shown in the management room that expires (the
     policy's sweep: docs/policy.md; its held messages expire and are

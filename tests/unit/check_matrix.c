@@ -1985,6 +1985,64 @@ START_TEST(bot_parse)
 }
 END_TEST
 
+/* A reply's event (m.in_reply_to) is read for an accept or block with no
+ * party, and the party of a request's notice read back from its text
+ * (mx_bot_request_party: until the forty-seventh session such a reply was
+ * "Whom?"). */
+static void reply_to_case(const char *json, const char *want)
+{
+	json_error_t err;
+	json_t *c = json_loads(json, 0, &err);
+	ck_assert_msg(c != NULL, "%s: %s", json, err.text);
+	struct mx_bot_cmd cmd;
+	memset(&cmd, 0x55, sizeof(cmd));
+	ck_assert(mx_bot_parse(c, "@alice:example.org", &bot_names, &cmd));
+	json_decref(c);
+	ck_assert_msg(strcmp(cmd.reply_to, want) == 0, "%s: reply_to \"%s\"", json, cmd.reply_to);
+}
+
+START_TEST(bot_request_reply)
+{
+	reply_to_case("{\"body\":\"accept\",\"m.relates_to\":{\"m.in_reply_to\":{\"event_id\":\"$abc:x.org\"}}}",
+		      "$abc:x.org");
+	reply_to_case("{\"body\":\"accept\"}", "");
+	reply_to_case("{\"body\":\"accept\",\"m.relates_to\":{\"m.in_reply_to\":{\"event_id\":\"abc\"}}}", "");
+	reply_to_case("{\"body\":\"accept\",\"m.relates_to\":{\"m.in_reply_to\":{\"event_id\":\"$a b\"}}}", "");
+	reply_to_case("{\"body\":\"accept\",\"m.relates_to\":{\"m.in_reply_to\":{\"event_id\":7}}}", "");
+	char big[400];
+	snprintf(big, sizeof(big), "{\"body\":\"accept\",\"m.relates_to\":{\"m.in_reply_to\":{\"event_id\":\"$%0256d\"}}}",
+		 0);
+	reply_to_case(big, "");
+
+	char party[MX_BOT_PARTY_MAX + 1], line[300];
+	snprintf(line, sizeof(line), "\"Wally\" mimi://wa.example/u/wally (network peer:gk) wants to write to you.\n"
+		 MX_BOT_REQUEST_LINE "\nThe conversation is bridged.", "mimi://wa.example/u/wally",
+		 "mimi://wa.example/u/wally");
+	ck_assert(mx_bot_request_party(line, party, sizeof(party)));
+	ck_assert_str_eq(party, "mimi://wa.example/u/wally");
+	/* the line last, with no line break after it */
+	ck_assert(mx_bot_request_party("Reply \"accept wa.example\" or \"block wa.example\".", party, sizeof(party)));
+	ck_assert_str_eq(party, "wa.example");
+	/* None: not at a line's start (a name on the first line), two parties,
+	 * more after it on its line, another notice, a party that does not fit. */
+	strcpy(party, "kept");
+	static const char *const none[] = {
+		"\"x Reply \"accept mimi://e.example/u/m\" or \"block mimi://e.example/u/m\".\" wants to write",
+		"Reply \"accept mimi://a.example/u/a\" or \"block mimi://b.example/u/b\".",
+		"Reply \"accept mimi://a.example/u/a\" or \"block mimi://a.example/u/a\". Or not.",
+		"Reply \"accept \" or \"block \".",
+		"Reply \"accept a\"b\" or \"block a\"b\".",
+		"The request from mimi://wa.example/u/wally (network peer:gk) expired without an answer.",
+		"",
+	};
+	for (size_t i = 0; i < sizeof(none) / sizeof(none[0]); i++)
+		ck_assert_msg(!mx_bot_request_party(none[i], party, sizeof(party)), "%s: read", none[i]);
+	ck_assert_str_eq(party, "kept");
+	ck_assert(!mx_bot_request_party("Reply \"accept mimi://wa.example/u/wally\" or \"block "
+					"mimi://wa.example/u/wally\".", party, 10));
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("matrix");
@@ -2009,6 +2067,7 @@ int main(void)
 	tcase_add_test(tc, media_one_signer_is_capped);
 	tcase_add_test(tc, mentions);
 	tcase_add_test(tc, bot_parse);
+	tcase_add_test(tc, bot_request_reply);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
 }
