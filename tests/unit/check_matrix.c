@@ -1764,16 +1764,23 @@ END_TEST
 static const struct mx_bot_names bot_names = { .bot = "@_cw_bot:example.org", .server = "example.org",
 					       .prefix = "_cw_" };
 
-static void bot_case(const char *json, const char *verb, const char *party, enum mx_bot_party kind, bool mentioned,
-		     const char *reason)
+/* mx_bot_parse of json as alice's, into *cmd (filled with garbage first). */
+static bool bot_read(const char *json, struct mx_bot_cmd *cmd)
 {
 	json_error_t err;
 	json_t *c = json_loads(json, 0, &err);
 	ck_assert_msg(c != NULL, "%s: %s", json, err.text);
-	struct mx_bot_cmd cmd;
-	memset(&cmd, 0x55, sizeof(cmd));
-	bool ok = mx_bot_parse(c, "@alice:example.org", &bot_names, &cmd);
+	memset(cmd, 0x55, sizeof(*cmd));
+	bool ok = mx_bot_parse(c, "@alice:example.org", &bot_names, cmd);
 	json_decref(c);
+	return ok;
+}
+
+static void bot_case(const char *json, const char *verb, const char *party, enum mx_bot_party kind, bool mentioned,
+		     const char *reason)
+{
+	struct mx_bot_cmd cmd;
+	bool ok = bot_read(json, &cmd);
 	ck_assert_msg(ok == (verb != NULL), "%s: read %d", json, ok);
 	if (!verb)
 		return;
@@ -1789,13 +1796,8 @@ static void bot_case(const char *json, const char *verb, const char *party, enum
  * these), or as one of another kind, with nothing read of it. */
 static void bot_text_case(const char *json, bool text)
 {
-	json_error_t err;
-	json_t *c = json_loads(json, 0, &err);
-	ck_assert_msg(c != NULL, "%s: %s", json, err.text);
 	struct mx_bot_cmd cmd;
-	memset(&cmd, 0x55, sizeof(cmd));
-	ck_assert_msg(mx_bot_parse(c, "@alice:example.org", &bot_names, &cmd), "%s: not read", json);
-	json_decref(c);
+	ck_assert_msg(bot_read(json, &cmd), "%s: not read", json);
 	ck_assert_msg(cmd.text == text, "%s: text %d", json, cmd.text);
 	ck_assert_str_eq(cmd.verb, text ? "list" : "");
 	ck_assert_str_eq(cmd.party, "");
@@ -1991,13 +1993,8 @@ END_TEST
  * "Whom?"). */
 static void reply_to_case(const char *json, const char *want)
 {
-	json_error_t err;
-	json_t *c = json_loads(json, 0, &err);
-	ck_assert_msg(c != NULL, "%s: %s", json, err.text);
 	struct mx_bot_cmd cmd;
-	memset(&cmd, 0x55, sizeof(cmd));
-	ck_assert(mx_bot_parse(c, "@alice:example.org", &bot_names, &cmd));
-	json_decref(c);
+	ck_assert_msg(bot_read(json, &cmd), "%s: not read", json);
 	ck_assert_msg(strcmp(cmd.reply_to, want) == 0, "%s: reply_to \"%s\"", json, cmd.reply_to);
 }
 
