@@ -1160,7 +1160,7 @@ const char POLICY_USER_SUMMARY_SQL[] =
 	 * forty-fifth only the Matrix bot's list did (a query of its own). */
 	"UNION ALL (SELECT i.uri || ' (' || i.network || ') blocked you: what you write to them is not delivered' "
 	" FROM blocks b JOIN identities i ON i.id = b.blocker_id AND NOT i.is_local "
-	" WHERE b.blocked_id = $1::bigint ORDER BY i.uri)";
+	" WHERE b.blocked_id = $1::bigint ORDER BY i.uri) LIMIT $2::int";
 
 cw_err policy_notify_user(PGconn *c, const char *local_id, cw_errmsg *e)
 {

@@ -186,8 +186,15 @@ cw_err policy_live_optin_state(struct policy_live *pl, PGconn *c, const char *lo
  * pending requests, decisions, opt-ins, (since the fortieth session) the
  * senders whose messages wait for her with no request pending (a limit on
  * requests held them unasked), and the remote users who blocked her; what
- * a user's "list" command shows in any network. */
+ * a user's "list" command shows in any network.  $2: the most lines read,
+ * POLICY_USER_SUMMARY_ROWS + 1 (the union's branches in this order, the
+ * later ones not at all once it is reached): more than one answer holds,
+ * so the count of lines left out is exact up to POLICY_USER_SUMMARY_ROWS
+ * and a floor ("at least") past it.  Until the forty-seventh session every
+ * line was read, thousands for a user with as many decisions. */
 extern const char POLICY_USER_SUMMARY_SQL[];
+#define POLICY_USER_SUMMARY_ROWS 400
+#define POLICY_USER_SUMMARY_LIMIT "401" /* the ROWS + 1, as a parameter */
 
 struct policy_live;
 struct cw_config;

@@ -417,35 +417,18 @@ static void answer(struct matrix *m, PGconn *c, const char *room, const char *tx
 	say_as(m, c, room, NULL, text, txn);
 }
 
-/* The most lines list reads: more than fit in its notice (4000 bytes, each
- * line at least a dozen), so that the count of those left out is exact up
- * to it; past it the count is a floor ("at least"). */
-#define LIST_ROWS 400
-
 /* The user's pending requests, decisions, opt-ins and the remote users
  * who blocked her (POLICY_USER_SUMMARY_SQL, the XMPP component's list's
  * too).  The lines that do not fit one notice are counted at its end
  * instead of left out in silence (until the thirty-eighth session they
- * were).  At most LIST_ROWS + 1 lines are read (the union's branches in
- * their order, the last ones not at all once the limit is reached): until
- * the forty-seventh session every line was, tens of thousands for a user
- * with as many decisions, for a notice of 4000 bytes. */
+ * were).  At most POLICY_USER_SUMMARY_ROWS + 1 lines are read. */
 static void cmd_list(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *local_id)
 {
-	char lim[16];
-	snprintf(lim, sizeof(lim), "%d", LIST_ROWS + 1);
-	const char *params[] = { local_id, lim };
+	const char *params[] = { local_id, POLICY_USER_SUMMARY_LIMIT };
 	char text[4000] = "";
 	size_t n = 0;
 	long more = 0;
-	size_t ql = strlen(POLICY_USER_SUMMARY_SQL);
-	char *sql = malloc(ql + 32);
-	PGresult *r = NULL;
-	if (sql) {
-		snprintf(sql, ql + 32, "%s LIMIT $2::int", POLICY_USER_SUMMARY_SQL);
-		r = PQexecParams(c, sql, 2, NULL, params, NULL, NULL, 0);
-		free(sql);
-	}
+	PGresult *r = PQexecParams(c, POLICY_USER_SUMMARY_SQL, 2, NULL, params, NULL, NULL, 0);
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		PQclear(r);
 		LOG_KV_LIMITED(CW_LOG_WARN, "cannot read what list shows", "detail", PQerrorMessage(c));
@@ -463,7 +446,7 @@ static void cmd_list(struct matrix *m, PGconn *c, const char *room, const char *
 	PQclear(r);
 	if (more)
 		snprintf(text + n, sizeof(text) - n, "\n... and %s%ld more not shown here (ask the operator for all).",
-			 rows > LIST_ROWS ? "at least " : "", more);
+			 rows > POLICY_USER_SUMMARY_ROWS ? "at least " : "", more);
 	answer(m, c, room, txn, n || more ? text : "Nothing yet: no requests, no decisions.");
 }
 

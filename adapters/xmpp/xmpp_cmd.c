@@ -278,8 +278,8 @@ static cw_err list_fn(PGconn *c, void *arg, cw_errmsg *e)
 	if (PQntuples(r) == 1)
 		snprintf(local_id, sizeof(local_id), "%s", PQgetvalue(r, 0, 0));
 	PQclear(r);
-	const char *params[] = { local_id };
-	r = local_id[0] ? PQexecParams(c, POLICY_USER_SUMMARY_SQL, 1, NULL, params, NULL, NULL, 0) : NULL;
+	const char *params[] = { local_id, POLICY_USER_SUMMARY_LIMIT };
+	r = local_id[0] ? PQexecParams(c, POLICY_USER_SUMMARY_SQL, 2, NULL, params, NULL, NULL, 0) : NULL;
 	if (r && (rc = store_check(c, r, PGRES_TUPLES_OK, e)))
 		return rc;
 	/* As many lines as fit, whole, then how many more there are:
@@ -293,7 +293,8 @@ static cw_err list_fn(PGconn *c, void *arg, cw_errmsg *e)
 		n += (size_t)snprintf(j->note + n, sizeof(j->note) - n, "%s%s", n ? "\n" : "", PQgetvalue(r, i, 0));
 	}
 	if (i < rows)
-		snprintf(j->note + n, sizeof(j->note) - n, "%s... and %d more.", n ? "\n" : "", rows - i);
+		snprintf(j->note + n, sizeof(j->note) - n, "%s... and %s%d more.", n ? "\n" : "",
+			 rows > POLICY_USER_SUMMARY_ROWS ? "at least " : "", rows - i);
 	PQclear(r);
 	if (!rows)
 		snprintf(j->note, sizeof(j->note), "Nothing yet: no requests, no decisions.");

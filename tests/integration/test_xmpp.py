@@ -4457,6 +4457,16 @@ def test_a_long_list_says_how_many_it_leaves_out(xd, gk, alice, pg, db_url):
     m = re.fullmatch(r"\.\.\. and (\d+) more\.", lines[-1])
     assert m and len(lines) - 1 + int(m.group(1)) == 100, lines[-3:]
     assert len(text.encode()) <= 3000
+    # Past 400 lines no more are read (401, to know there are more; until
+    # the forty-seventh session every line was, here 2,000, for one note):
+    # the count is then a floor.
+    pg.psql("INSERT INTO consents (local_identity_id, subject_kind, subject, state, source) "
+            "SELECT i.id, 'user', 'mimi://wa.example/u/yy' || lpad(g::text, 4, '0'), 'blocked', 'user' "
+            f"FROM identities i, generate_series(1, 1900) g WHERE i.uri = '{ALICE}'", db_url)
+    lines = alice.iq("set", COMP, f"<command xmlns='{CMD}' node='list' action='execute'/>").find(
+        f".//{{{CMD}}}note").text.splitlines()
+    m = re.fullmatch(r"\.\.\. and at least (\d+) more\.", lines[-1])
+    assert m and len(lines) - 1 + int(m.group(1)) == 401, lines[-3:]
 
 
 def test_a_later_stage_without_a_sessionid_is_refused(xd, gk, alice, pg, db_url):
