@@ -54,7 +54,12 @@ static bool v4_public(const unsigned char a[4])
 	return !(a[0] == 0 || a[0] == 10 || a[0] == 127 || (a[0] == 100 && (a[1] & 0xc0) == 64) ||
 		 (a[0] == 169 && a[1] == 254) || (a[0] == 172 && (a[1] & 0xf0) == 16) ||
 		 (a[0] == 192 && a[1] == 168) || (a[0] == 192 && a[1] == 0 && a[2] == 0) ||
-		 (a[0] == 198 && (a[1] & 0xfe) == 18) || a[0] >= 224);
+		 (a[0] == 198 && (a[1] & 0xfe) == 18) || a[0] >= 224 ||
+		 /* documentation (RFC 5737) and the 6to4 relays' anycast
+		  * (RFC 7526), until the forty-seventh session's review let
+		  * through though docs/security.md named them */
+		 (a[0] == 192 && a[1] == 0 && a[2] == 2) || (a[0] == 198 && a[1] == 51 && a[2] == 100) ||
+		 (a[0] == 203 && a[1] == 0 && a[2] == 113) || (a[0] == 192 && a[1] == 88 && a[2] == 99));
 }
 
 bool media_address_public(const struct sockaddr *sa)
@@ -66,8 +71,22 @@ bool media_address_public(const struct sockaddr *sa)
 	const unsigned char *a = ((const struct sockaddr_in6 *)(const void *)sa)->sin6_addr.s6_addr;
 	static const unsigned char zero[16];
 	static const unsigned char mapped[12] = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff };
+	static const unsigned char translated[12] = { 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0 };
 	if (memcmp(a, mapped, 12) == 0 || memcmp(a, zero, 12) == 0) /* ::ffff:a.b.c.d, ::a.b.c.d, ::1, :: */
 		return v4_public(a + 12) && memcmp(a, zero, 12) != 0;
+	/* The forms that carry an IPv4 address to a translator or a tunnel
+	 * of this host's network (until the forty-seventh session's review
+	 * they passed as public whatever they carried): IPv4-translated
+	 * ::ffff:0:a.b.c.d (RFC 2765, SIIT), 6to4 2002:AABB:CCDD::/48
+	 * (RFC 3056, the address in bits 16 to 47), and Teredo 2001::/32
+	 * (RFC 4380: its client's address obfuscated, its server's in the
+	 * clear; no store is reached that way, so refused whole). */
+	if (memcmp(a, translated, 12) == 0)
+		return v4_public(a + 12);
+	if (a[0] == 0x20 && a[1] == 0x02)
+		return v4_public(a + 2);
+	if (a[0] == 0x20 && a[1] == 0x01 && a[2] == 0 && a[3] == 0)
+		return false;
 	if (a[0] == 0 && a[1] == 0x64 && a[2] == 0xff && a[3] == 0x9b && a[4] == 0 && a[5] == 1)
 		return false; /* local-use NAT64 64:ff9b:1::/48 (RFC 8215): the operator's own translator,
 			       * the IPv4 address anywhere in it (RFC 6052 prefixes /48 to /96) */
@@ -77,7 +96,8 @@ bool media_address_public(const struct sockaddr *sa)
 		 (a[0] == 0xfe && (a[1] & 0xc0) == 0x80) || /* fe80::/10 link-local */
 		 (a[0] == 0xfe && (a[1] & 0xc0) == 0xc0) || /* fec0::/10 site-local */
 		 a[0] == 0xff ||                            /* multicast */
-		 (a[0] == 0x20 && a[1] == 0x01 && a[2] == 0x0d && a[3] == 0xb8)); /* documentation */
+		 (a[0] == 0x20 && a[1] == 0x01 && a[2] == 0x0d && a[3] == 0xb8) || /* documentation */
+		 (a[0] == 0x01 && memcmp(a + 1, zero, 7) == 0)); /* discard-only 100::/64 (RFC 6666) */
 }
 
 /* What the connections of one hop of a peer-named fetch met. */

@@ -860,6 +860,15 @@ START_TEST(media_addresses)
 		 * whatever the IPv4 address and where it sits (until the
 		 * forty-third session's review these passed as public) */
 		{ "64:ff9b:1::7f00:1", false }, { "64:ff9b:1:a00:1:0:808:808", false }, { "64:ff9b:1::808:808", false },
+		/* IPv4-translated (SIIT), 6to4, Teredo, discard-only, and the
+		 * IPv4 documentation ranges (until the forty-seventh session's
+		 * review these passed as public, whatever they carried) */
+		{ "::ffff:0:127.0.0.1", false }, { "::ffff:0:a9fe:a9fe", false }, { "::ffff:0:8.8.8.8", true },
+		{ "2002:7f00:1::1", false },     { "2002:a00:1::", false },      { "2002:a9fe:a9fe:1::1", false },
+		{ "2002:808:808::1", true },     { "2001:0:4136:e378:8000:63bf:3fff:fdd2", false },
+		{ "2001:4860:4860::8888", true }, { "100::1", false },
+		{ "192.0.2.1", false },          { "198.51.100.7", false },      { "203.0.113.9", false },
+		{ "192.88.99.1", false },        { "203.0.114.1", true },
 	};
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		struct sockaddr_storage ss = { 0 };
