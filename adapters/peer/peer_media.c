@@ -8,6 +8,8 @@
 #include "store.h"
 #include "workers.h"
 
+#include <ctype.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -213,6 +215,9 @@ struct media_job {
 	struct media_blob b;
 	size_t reserved;            /* of app->media_held, from the start of the transfer */
 	bool over;                  /* no room for it in the budget: not fetched */
+	char share[300];            /* whose share of the fetchers it takes (share_take) */
+	bool shared;                /* it holds one of share's fetchers */
+	bool crowded;               /* share holds its part of the fetchers: not fetched */
 	bool capped;                /* b.max is the declared size, under server.media_max_bytes */
 	long status;
 	cw_err rc;
@@ -220,6 +225,88 @@ struct media_job {
 };
 
 static void fetched(void *arg);
+
+/* The fetches under way by whose they are (a job's share): the files of
+ * one peer (a link's by), of one host (a link that names no peer: an
+ * XMPP user's, one made before the nineteenth session) or asked for by
+ * one peer (its tokens) take at most half of the fetchers, at least one,
+ * so that one peer's store that trickles (under the 30 s timeout, over
+ * the low-speed limit) cannot hold every fetcher while its links are
+ * followed (clients that fetch every image at once) and have every other
+ * peer's links, tokens and the vCard photos answered 503.  Until the
+ * forty-seventh session's review nothing was counted by whose: four
+ * followed links of one peer's slow store held the four fetchers.  At
+ * most SHARES shares at once (more fetches than server.media_fetches'
+ * most are never under way; a full table refuses as a busy share). */
+#define SHARES 128
+static struct {
+	pthread_mutex_t mu;
+	struct share {
+		char key[300];
+		int n;
+	} e[SHARES];
+} shares = { .mu = PTHREAD_MUTEX_INITIALIZER };
+
+static int share_most(const struct cw_app *app)
+{
+	return app->cfg->media_fetches / 2 > 1 ? app->cfg->media_fetches / 2 : 1;
+}
+
+/* Takes one of key's fetchers: false when it holds share_most already. */
+static bool share_take(const struct cw_app *app, const char *key)
+{
+	struct share *free_e = NULL, *at = NULL;
+	bool ok = false;
+	pthread_mutex_lock(&shares.mu);
+	for (size_t i = 0; i < SHARES && !at; i++) {
+		if (shares.e[i].n == 0) {
+			if (!free_e)
+				free_e = &shares.e[i];
+		} else if (strcmp(shares.e[i].key, key) == 0) {
+			at = &shares.e[i];
+		}
+	}
+	if (!at && free_e) {
+		at = free_e;
+		snprintf(at->key, sizeof(at->key), "%s", key);
+	}
+	if (at && at->n < share_most(app)) {
+		at->n++;
+		ok = true;
+	}
+	pthread_mutex_unlock(&shares.mu);
+	return ok;
+}
+
+static void share_give(const char *key)
+{
+	pthread_mutex_lock(&shares.mu);
+	for (size_t i = 0; i < SHARES; i++)
+		if (shares.e[i].n > 0 && strcmp(shares.e[i].key, key) == 0) {
+			shares.e[i].n--;
+			break;
+		}
+	pthread_mutex_unlock(&shares.mu);
+}
+
+/* A link's share: "by" and its peer's domain, else "host" and its
+ * source's host (as libcurl reads it, lower-case). */
+static void link_share(struct media_job *j)
+{
+	if (j->signer[0]) {
+		snprintf(j->share, sizeof(j->share), "by\n%s", j->signer);
+		return;
+	}
+	CURLU *u = curl_url();
+	char *host = NULL;
+	if (u && curl_url_set(u, CURLUPART_URL, j->source, 0) == CURLUE_OK)
+		curl_url_get(u, CURLUPART_HOST, &host, 0);
+	snprintf(j->share, sizeof(j->share), "host\n%.280s", host ? host : "");
+	for (char *c = j->share; *c; c++)
+		*c = (char)tolower((unsigned char)*c);
+	curl_free(host);
+	curl_url_cleanup(u);
+}
 
 /* The answer to a token that does not open for this peer, to one of a
  * room the peer has no member in any more and to one whose message's row
@@ -499,6 +586,8 @@ static void fetched(void *arg)
 			       "the file cannot be fetched from where it is kept now; try again later");
 	}
 	media_held_release(j->app, j->reserved); /* no answer holds it */
+	if (j->shared)
+		share_give(j->share);
 	free(h);
 	media_blob_free(&j->b);
 	cw_req_resume(req);
@@ -540,8 +629,16 @@ void peer_api_media(struct cw_req *req, void *ctx)
 	snprintf(j->event, sizeof(j->event), "%s", ev); /* message_id_valid: at most 68 */
 	j->exp = strtoll(exp, NULL, 10);
 	snprintf(j->peer_id, sizeof(j->peer_id), "%lld", (long long)p->id);
+	snprintf(j->share, sizeof(j->share), "token\n%.280s", p->name);
 	cw_req_suspend(req);
 	start_fetch(app, req, j, (size_t)app->cfg->media_max_bytes);
+}
+
+/* Why a fetch was not started: every fetcher busy, or its share's. */
+static const char *busy_detail(const struct media_job *j)
+{
+	return j->crowded ? "too many files of the same sender or host are being fetched now"
+			  : "too many files are being fetched now";
 }
 
 /* The answer to a token while every fetcher is busy, once event_holds
@@ -554,8 +651,7 @@ static void busy_answer(void *arg, cw_err rc, const cw_errmsg *e)
 	struct media_job *j = arg;
 	if (rc || !answer_not_there(j->req, j)) {
 		app_retry_after(j->req, 1000);
-		cw_req_problem(j->req, 503, "unavailable", "Service unavailable",
-			       "too many files are being fetched now");
+		cw_req_problem(j->req, 503, "unavailable", "Service unavailable", busy_detail(j));
 	}
 	cw_req_resume(j->req);
 	free(j);
@@ -578,13 +674,18 @@ static void start_fetch(struct cw_app *app, struct cw_req *req, struct media_job
 	j->b.max = max < (size_t)app->cfg->media_max_bytes ? max : (size_t)app->cfg->media_max_bytes;
 	j->capped = j->b.max < (size_t)app->cfg->media_max_bytes;
 	j->b.cancel = &app->stopping;
-	if (cw_workers_run_then(app->fetchers, fetch, fetched, j))
+	j->shared = share_take(app, j->share);
+	j->crowded = !j->shared;
+	if (j->shared && cw_workers_run_then(app->fetchers, fetch, fetched, j))
 		return;
+	if (j->shared)
+		share_give(j->share);
+	j->shared = false;
 	if (asks_event(j) && store_read(app->store, event_holds, busy_answer, j) == CW_OK)
 		return;
-	free(j);
 	app_retry_after(req, 1000);
-	cw_req_problem(req, 503, "unavailable", "Service unavailable", "too many files are being fetched now");
+	cw_req_problem(req, 503, "unavailable", "Service unavailable", busy_detail(j));
+	free(j);
 	cw_req_resume(req);
 }
 
@@ -632,6 +733,7 @@ void media_public_get(struct cw_req *req, void *ctx)
 	 * forty-third session's review names none and is served as before,
 	 * until its exp. */
 	snprintf(j->event, sizeof(j->event), "%s", ev ? ev : "");
+	link_share(j);
 	/* The declared size, as the MAC vouches for it: a longer file is
 	 * refused (413) as it is on Matrix (until the seventeenth session the
 	 * link fetched up to server.media_max_bytes whatever was declared). */

@@ -664,3 +664,55 @@ def test_a_links_file_is_cached_no_longer_than_an_hour_nor_past_the_links_end(ma
     finally:
         srv.close()
         media.close()
+
+
+def test_one_peers_files_take_at_most_half_of_the_fetchers(make_daemon, db_url, prosody, alice, tmp_path):
+    """The files of one peer (a link's by=) take at most half of the
+    fetchers (server.media_fetches, here four: two), so that its store,
+    slow to give them, cannot hold every fetcher while its links are
+    followed and have every other file answered 503. A third of its
+    links is told 503 "try again" while two are fetched; a link of another
+    host, naming no peer (made before the nineteenth session), is fetched
+    meanwhile, and the peer's link once one of its fetches ended. Until
+    the forty-seventh session's review one peer's links took them all."""
+    media, d, a, srv, key, room = start(make_daemon, db_url, prosody, tmp_path, media_fetches="4")
+    threads = []
+    try:
+        links = {}
+        for name in ("slow1", "slow2", "third"):
+            data = os.urandom(700)
+            url = media.put(f"/f/{name}.jpg", "image/jpeg", data, host="media.wa.localhost")
+            links[name] = (photo_link(a, alice, room, url, data)[1], data)
+        other = os.urandom(600)
+        url = media.put("/f/other.jpg", "image/jpeg", other, host="media.tg.localhost")
+        link, _ = links["third"]
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(link).query)
+        base = link.split("?")[0].rsplit("/", 1)[0]
+        exp = query["exp"][0]
+        scope = f"\npublic\n{len(other)}\n{exp}"  # no by: its host's share
+        src = base64.urlsafe_b64encode(url.encode()).decode().rstrip("=")
+        old = f"{base}/{link_mac(d, scope, url)}?src={src}&size={len(other)}&exp={exp}"
+        media.delay["/f/slow1.jpg"] = media.delay["/f/slow2.jpg"] = 6.0
+        asked, out = len(media.requests), {}
+        for name in ("slow1", "slow2"):
+            t = threading.Thread(target=lambda n=name: out.update({n: requests.get(links[n][0], timeout=30)}))
+            t.start()
+            threads.append(t)
+        wait_until(lambda: len(media.requests) >= asked + 2, what="the two slow fetches under way")
+        r = requests.get(links["third"][0], timeout=10)
+        assert r.status_code == 503 and "same sender" in r.json()["detail"], (r.status_code, r.text[:200])
+        assert r.headers.get("Retry-After"), r.headers
+        got = requests.get(old, timeout=10)
+        assert got.status_code == 200 and got.content == other, (got.status_code, got.text[:200])
+        for t in threads:
+            t.join(30)
+        for name in ("slow1", "slow2"):
+            assert out[name].status_code == 200 and out[name].content == links[name][1], out[name]
+        r = requests.get(links["third"][0], timeout=10)
+        assert r.status_code == 200 and r.content == links["third"][1], (r.status_code, r.text[:200])
+    finally:
+        media.delay.clear()
+        for t in threads:
+            t.join(30)
+        srv.close()
+        media.close()
