@@ -425,7 +425,10 @@ static const char releasable_sql[] =
  * over it (SKIP LOCKED) and sends a later row of its room passes over a
  * row that is not sent (unless the sweep's transaction fails).  The
  * content of an event that no one will now receive is deleted; its rows
- * stay, so its sender still sees "not delivered". */
+ * stay, so its sender still sees "not delivered".  The records of its
+ * files re-hosted on the homeserver go with it (RETENTION_FORGET_FILES;
+ * until the forty-seventh session's review they stayed for ever, the
+ * peer's file URL, digest and size of a message whose content went). */
 /* The record of consent requests expired (consent.expire, the local user
  * its subject, as the XMPP component and the Matrix bot read it), by the
  * sweep past their expiry or withdrawn by a rule (requests_withdraw_sql):
@@ -473,7 +476,8 @@ static const char releasable_sql[] =
 	" WHERE e.id IN (SELECT event_id FROM ch WHERE state <> 'pending') " \
 	" AND e.id NOT IN (SELECT event_id FROM ch WHERE state = 'pending') AND NOT EXISTS " \
 	"  (SELECT 1 FROM outbox x WHERE x.event_id = e.id AND x.id NOT IN (SELECT id FROM ch) " \
-	"   AND x.state NOT IN ('dropped', 'expired'))), " \
+	"   AND x.state NOT IN ('dropped', 'expired')) RETURNING e.id), " \
+	RETENTION_FORGET_FILES("(SELECT " RETENTION_ATTS("f") " FROM events f WHERE f.id IN (SELECT id FROM gone))") ", " \
 	"cr AS (UPDATE consent_requests SET state = 'expired' WHERE state = 'pending' AND expires_at < now() " \
 	" AND $2::bigint IS NULL RETURNING id, local_identity_id, remote_identity_id, NULL::text AS reason, " \
 	"  NULL::bigint AS rule), " \
@@ -793,7 +797,8 @@ static const char recheck_drop_sql[] =
 	" FROM ch ORDER BY ch.id), "
 	"gone AS (UPDATE events e SET content = '{}'::jsonb WHERE e.id IN (SELECT event_id FROM ch) "
 	" AND NOT EXISTS (SELECT 1 FROM outbox x WHERE x.event_id = e.id AND x.id NOT IN (SELECT id FROM ch) "
-	"  AND x.state NOT IN ('dropped', 'expired'))) "
+	"  AND x.state NOT IN ('dropped', 'expired')) RETURNING e.id), "
+	RETENTION_FORGET_FILES("(SELECT " RETENTION_ATTS("f") " FROM events f WHERE f.id IN (SELECT id FROM gone))") " "
 	"SELECT count(*), min(reason), coalesce(json_agg(id ORDER BY id), '[]')::text, "
 	" (SELECT coalesce(json_agg(dn.id ORDER BY dn.id), '[]') FROM dn WHERE dn.id NOT IN (SELECT id FROM ch))::text "
 	"FROM ch";

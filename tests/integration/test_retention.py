@@ -661,6 +661,35 @@ def test_a_files_rehosting_record_goes_with_its_messages_content(make_daemon, db
     srv.close()
 
 
+def test_a_files_rehosting_record_goes_when_its_message_is_dropped(make_daemon, db_url, pg):
+    """A message dropped by the policy before it reached anyone (a deny
+    rule of its sender's domain while it waited at the pulling peer) has
+    its content deleted, and since the forty-seventh session's review the
+    record of its file re-hosted on the homeserver (media_rehosted) goes
+    with it, as it does at retention.content_days: before, the record (the
+    sender's URL of the file, its digest, size, for whom) stayed for ever,
+    its message gone. Another file's record stays."""
+    d = start(make_daemon, db_url)
+    a, b, rm, srv = peers(d)
+    files = {k: f"https://media.wa.example/f/{k}.png" for k in ("dropped", "other")}
+    msg = a.send(rm["id"], a.user("alice"), "", content={
+        "parts": [{"type": "text/plain", "body": "a file"}],
+        "attachments": [{"content_type": "image/png", "url": files["dropped"], "size": 10}]}).json()["id"]
+    assert pg.psql("SELECT string_agg(o.state, ',') FROM outbox o JOIN events e ON e.id = o.event_id "
+                   f"WHERE e.public_id = '{msg}'", db_url) == "pending"  # tg has not pulled it
+    pg.psql("INSERT INTO media_rehosted (network, source, sha256, native_uri, size, fetched_for) SELECT 'matrix', "
+            "s, repeat('a', 64), 'mxc://hs.example/' || md5(s), 10, 'wa.example' FROM unnest(ARRAY['%s', '%s']) s"
+            % (files["dropped"], files["other"]), db_url)
+    assert rehosted(pg, db_url) == set(files.values())
+    r = d.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example", "mode": "deny"})
+    assert r.status_code == 201, r.text
+    wait_until(lambda: contents(pg, db_url, [msg]).get(msg) == "{}", timeout=30, what="the message dropped")
+    assert pg.psql("SELECT string_agg(o.state, ',') FROM outbox o JOIN events e ON e.id = o.event_id "
+                   f"WHERE e.public_id = '{msg}'", db_url) == "dropped"
+    assert rehosted(pg, db_url) == {files["other"]}
+    srv.close()
+
+
 LOCAL = "mimi://example.org/u/"
 
 
