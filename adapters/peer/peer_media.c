@@ -218,6 +218,11 @@ struct media_job {
 	char share[300];            /* whose share of the fetchers it takes (share_take) */
 	bool shared;                /* it holds one of share's fetchers */
 	bool crowded;               /* share holds its part of the fetchers: not fetched */
+	bool leading;               /* a link's fetch that others of the same link wait for (flights) */
+	struct media_job *next_flight; /* the next such fetch under way */
+	struct media_job *waiters;  /* the follows of the same link that wait for it */
+	struct media_job *next_waiter;
+	int nwaiters;
 	bool capped;                /* b.max is the declared size, under server.media_max_bytes */
 	long status;
 	cw_err rc;
@@ -306,6 +311,64 @@ static void link_share(struct media_job *j)
 		*c = (char)tolower((unsigned char)*c);
 	curl_free(host);
 	curl_url_cleanup(u);
+}
+
+/* A link's fetches under way (after their message was asked about and
+ * their budget taken), by MAC: a follow of a link that is being fetched
+ * waits for that fetch and is answered what it is, without a fetcher nor
+ * a request to the store of its own, so that the members of a group whose
+ * clients all fetch a new image at once are not all but a few told 503
+ * (until the forty-seventh session's review every follow took a fetcher
+ * of its own and fetched the file again).  At most FLIGHT_WAITERS wait
+ * for one fetch; more follow as before. */
+#define FLIGHT_WAITERS 64
+static struct {
+	pthread_mutex_t mu;
+	struct media_job *flying;
+} flights = { .mu = PTHREAD_MUTEX_INITIALIZER };
+
+/* Whether j (a link's, not started) waits for a fetch of its link. */
+static bool flight_join(struct media_job *j)
+{
+	bool joined = false;
+	pthread_mutex_lock(&flights.mu);
+	for (struct media_job *l = flights.flying; l && !joined; l = l->next_flight)
+		if (strcmp(l->mac, j->mac) == 0 && l->nwaiters < FLIGHT_WAITERS) {
+			j->next_waiter = l->waiters;
+			l->waiters = j;
+			l->nwaiters++;
+			joined = true;
+		}
+	pthread_mutex_unlock(&flights.mu);
+	return joined;
+}
+
+/* j's fetch starts: others of its link may wait for it. */
+static void flight_begin(struct media_job *j)
+{
+	pthread_mutex_lock(&flights.mu);
+	j->next_flight = flights.flying;
+	flights.flying = j;
+	j->leading = true;
+	pthread_mutex_unlock(&flights.mu);
+}
+
+/* j's fetch ended: the jobs that waited for it (none join it after). */
+static struct media_job *flight_end(struct media_job *j)
+{
+	if (!j->leading)
+		return NULL;
+	pthread_mutex_lock(&flights.mu);
+	for (struct media_job **at = &flights.flying; *at; at = &(*at)->next_flight)
+		if (*at == j) {
+			*at = j->next_flight;
+			break;
+		}
+	struct media_job *w = j->waiters;
+	j->waiters = NULL;
+	j->leading = false;
+	pthread_mutex_unlock(&flights.mu);
+	return w;
 }
 
 /* The answer to a token that does not open for this peer, to one of a
@@ -422,6 +485,8 @@ static void fetch(void *arg)
 		return;
 	}
 	j->reserved = most;
+	if (j->public)
+		flight_begin(j);
 	if (!j->public) {
 		j->rc = app->media.fetch(app->media.ctx, j->source, &j->b, &j->status, &j->err);
 	} else {
@@ -494,20 +559,70 @@ static const char *cache_control(long long exp, char *out, size_t len)
 	return out;
 }
 
+static void answer(struct media_job *j, bool mismatch, const char *got);
+
+/* What the fetch of l came to, for w, which waited for it (flight_join):
+ * its file copied, counted in the held budget as its own (no room: 503 as
+ * for a fetch that found none). */
+static void follow(const struct media_job *l, struct media_job *w)
+{
+	w->rc = l->rc;
+	w->err = l->err;
+	w->status = l->status;
+	w->b.too_big = l->b.too_big;
+	w->b.refused = l->b.refused;
+	w->capped = l->capped;
+	memcpy(w->b.content_type, l->b.content_type, sizeof(w->b.content_type));
+	if (w->rc != CW_OK)
+		return;
+	if (!media_held_reserve(w->app, l->b.n)) {
+		w->over = true;
+		w->rc = CW_EUNAVAIL;
+		return;
+	}
+	w->reserved = l->b.n;
+	w->b.p = malloc(l->b.n ? l->b.n : 1);
+	if (!w->b.p) {
+		w->rc = cw_fail(&w->err, CW_ENOMEM, "out of memory");
+		return;
+	}
+	if (l->b.n)
+		memcpy(w->b.p, l->b.p, l->b.n);
+	w->b.n = l->b.n;
+}
+
 static void fetched(void *arg)
 {
 	struct media_job *j = arg;
-	struct cw_req *req = j->req;
 	/* The whole file is here (nothing is streamed before): checked
 	 * against its declared digest, as a re-hosted Matrix file and a
 	 * vCard photo are (until the thirty-first session a link served
 	 * whatever the store answered). */
-	char got[65];
+	char got[65] = "";
 	bool mismatch = j->rc == CW_OK && j->sha256[0] && (media_sha256_hex(&j->b, got), strcmp(got, j->sha256) != 0);
 	if (mismatch) {
 		media_blob_free(&j->b);
 		j->rc = cw_fail(&j->err, CW_EIO, "the file does not match its declared sha256");
 	}
+	struct media_job *w = flight_end(j), *next;
+	if (w && j->rc == CW_OK) {
+		/* Its reservation becomes its file's size before the copies
+		 * reserve theirs (answer keeps it so). */
+		media_held_release(j->app, j->reserved - j->b.n);
+		j->reserved = j->b.n;
+	}
+	for (; w; w = next) {
+		next = w->next_waiter;
+		follow(j, w);
+		answer(w, mismatch, got);
+	}
+	answer(j, mismatch, got);
+}
+
+/* The answer to j once its file is fetched (or not), then j freed. */
+static void answer(struct media_job *j, bool mismatch, const char *got)
+{
+	struct cw_req *req = j->req;
 	struct held *h = j->rc == CW_OK ? malloc(sizeof(*h)) : NULL;
 	if (j->rc == CW_OK && !h) {
 		media_blob_free(&j->b);
@@ -674,6 +789,8 @@ static void start_fetch(struct cw_app *app, struct cw_req *req, struct media_job
 	j->b.max = max < (size_t)app->cfg->media_max_bytes ? max : (size_t)app->cfg->media_max_bytes;
 	j->capped = j->b.max < (size_t)app->cfg->media_max_bytes;
 	j->b.cancel = &app->stopping;
+	if (j->public && flight_join(j))
+		return;
 	j->shared = share_take(app, j->share);
 	j->crowded = !j->shared;
 	if (j->shared && cw_workers_run_then(app->fetchers, fetch, fetched, j))

@@ -716,3 +716,42 @@ def test_one_peers_files_take_at_most_half_of_the_fetchers(make_daemon, db_url, 
             t.join(30)
         srv.close()
         media.close()
+
+
+def test_follows_of_a_link_being_fetched_wait_for_that_fetch(make_daemon, db_url, prosody, alice, tmp_path):
+    """Clients that follow the same link while its file is being fetched
+    (a group's members whose clients all fetch a new image at once) wait
+    for that one fetch and get its file, without a fetcher or a request to
+    the store of their own: here one fetcher, and three follows of a link
+    whose store is slow all get the file, which the store gave once. Until
+    the forty-seventh session's review each follow took a fetcher, and all
+    but the first were told 503 "too many files"."""
+    media, d, a, srv, key, room = start(make_daemon, db_url, prosody, tmp_path, media_fetches="1")
+    threads, out = [], {}
+    try:
+        data = os.urandom(1500)
+        url = media.put("/f/group.jpg", "image/jpeg", data, host="media.wa.localhost")
+        _, link = photo_link(a, alice, room, url, data)
+        media.delay["/f/group.jpg"] = 4.0
+        asked = len(media.requests)
+        for i in range(3):
+            t = threading.Thread(target=lambda i=i: out.update({i: requests.get(link, timeout=30)}))
+            t.start()
+            threads.append(t)
+            if i == 0:
+                wait_until(lambda: len(media.requests) > asked, what="the fetch under way")
+        for t in threads:
+            t.join(30)
+        for i in range(3):
+            r = out[i]
+            assert r.status_code == 200 and r.content == data, (i, r.status_code, r.text[:200])
+            assert r.headers["Content-Type"] == "image/jpeg" and r.headers["Content-Disposition"] == "inline"
+        assert [p for p, _ in media.requests[asked:]] == ["/f/group.jpg"]  # fetched once
+        media.delay.clear()
+        wait_until(lambda: held_bytes(d) == 0, what="every answer's copy given back")
+    finally:
+        media.delay.clear()
+        for t in threads:
+            t.join(30)
+        srv.close()
+        media.close()
