@@ -4,6 +4,7 @@
 #include "app.h"
 #include "peer/httpsig.h"
 
+#include <ctype.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -399,26 +400,32 @@ struct curl_slist *media_signed_get(EVP_PKEY *key, const char *keyid, const char
 	return l2;
 }
 
+void media_url_host(const char *url, char *out, size_t len)
+{
+	CURLU *u = curl_url();
+	char *host = NULL;
+	out[0] = '\0';
+	if (u && curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK &&
+	    curl_url_get(u, CURLUPART_HOST, &host, 0) == CURLUE_OK && host && strlen(host) < len)
+		for (size_t i = 0; i <= strlen(host); i++)
+			out[i] = (char)tolower((unsigned char)host[i]);
+	curl_free(host);
+	curl_url_cleanup(u);
+}
+
 bool media_host_in_domain(const char *url, const char *domain)
 {
 	if (!url || !domain || !*domain)
 		return false;
 	/* The host as libcurl reads it to connect: the parser that decides
 	 * where the request goes decides whether it is signed. */
-	CURLU *u = curl_url();
-	char *host = NULL;
-	bool in = false;
-	if (u && curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK &&
-	    curl_url_get(u, CURLUPART_HOST, &host, 0) == CURLUE_OK && host) {
-		size_t hn = strlen(host), dn = strlen(domain);
-		/* The domain itself, or a name under it: on a label boundary,
-		 * so that evil-wa.example is not under wa.example. */
-		in = hn == dn ? strcasecmp(host, domain) == 0
-			      : hn > dn && host[hn - dn - 1] == '.' && strcasecmp(host + hn - dn, domain) == 0;
-	}
-	curl_free(host);
-	curl_url_cleanup(u);
-	return in;
+	char host[256];
+	media_url_host(url, host, sizeof(host));
+	size_t hn = strlen(host), dn = strlen(domain);
+	/* The domain itself, or a name under it: on a label boundary, so
+	 * that evil-wa.example is not under wa.example. */
+	return hn && (hn == dn ? strcasecmp(host, domain) == 0
+			       : hn > dn && host[hn - dn - 1] == '.' && strcasecmp(host + hn - dn, domain) == 0);
 }
 
 #define MEDIA_REDIRECTS 3

@@ -54,6 +54,10 @@ struct curl_slist *media_signed_get(EVP_PKEY *key, const char *keyid, const char
  * domain, or a URL libcurl cannot parse. */
 bool media_host_in_domain(const char *url, const char *domain);
 
+/* url's host as libcurl reads it to connect, lower-case, into out (""
+ * when libcurl cannot read one or it does not fit). */
+void media_url_host(const char *url, char *out, size_t len);
+
 /* A GET of a file a peer named (url: https://), trusting server.ca_file,
  * into b (b->max and b->cancel set by the caller).  Signed as Causeway
  * (media_signed_get: app's key, keyid its server.domain, its

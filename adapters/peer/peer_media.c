@@ -8,7 +8,6 @@
 #include "store.h"
 #include "workers.h"
 
-#include <ctype.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -302,15 +301,9 @@ static void link_share(struct media_job *j)
 		snprintf(j->share, sizeof(j->share), "by\n%s", j->signer);
 		return;
 	}
-	CURLU *u = curl_url();
-	char *host = NULL;
-	if (u && curl_url_set(u, CURLUPART_URL, j->source, 0) == CURLUE_OK)
-		curl_url_get(u, CURLUPART_HOST, &host, 0);
-	snprintf(j->share, sizeof(j->share), "host\n%.280s", host ? host : "");
-	for (char *c = j->share; *c; c++)
-		*c = (char)tolower((unsigned char)*c);
-	curl_free(host);
-	curl_url_cleanup(u);
+	char host[256];
+	media_url_host(j->source, host, sizeof(host));
+	snprintf(j->share, sizeof(j->share), "host\n%s", host);
 }
 
 /* A link's fetches under way (after their message was asked about and
