@@ -6900,15 +6900,40 @@ def test_a_peers_file_reaches_xmpp_as_a_link_of_causeways(make_daemon, db_url, p
             r = requests.get(bad, timeout=10)
             assert r.status_code == 404 and r.json()["code"] == "unknown_media", (bad, r.text)
         assert len(media.requests) == 1
-        # Files are fetched on server.media_fetches threads (2 here): two
-        # followed at once are both served, a third meanwhile is told to
-        # try again, and counted.
+        # Follows of a link being fetched wait for that fetch (since the
+        # forty-seventh session's review): two more while it runs are
+        # served its file, the store asked once.
         media.delay[long_path] = 1.5
+        with concurrent.futures.ThreadPoolExecutor(3) as ex:
+            first = ex.submit(requests.get, link, timeout=10)
+            wait_until(lambda: len(media.requests) == 2, what="the fetch running")
+            more = [ex.submit(requests.get, link, timeout=10), ex.submit(requests.get, link, timeout=10)]
+            assert [(f.result().status_code, f.result().content == data) for f in [first] + more] == [(200, True)] * 3
+        assert len(media.requests) == 2
+        # Files are fetched on server.media_fetches threads (2 here), one
+        # peer's or host's on at most half of them: two files of two hosts
+        # (links made before they named their peer: each host's share)
+        # followed at once are both served, a third host's meanwhile is
+        # told to try again, and counted.
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(link).query)
+        base, exp = link.split("?")[0].rsplit("/", 1)[0], query["exp"][0]
+
+        def old_link(u):
+            src = base64.urlsafe_b64encode(u.encode()).decode().rstrip("=")
+            scope = f"\npublic\n{len(data)}\n{exp}"  # no by
+            return f"{base}/{link_mac(d, scope, u)}?src={src}&size={len(data)}&exp={exp}"
+        slow = [media.put(f"/f/slow{i}.jpg", "image/jpeg", data, host=h)
+                for i, h in enumerate(("media.wa.localhost", None))]
+        for u in slow:
+            media.delay[urllib.parse.urlsplit(u).path] = 1.5
+        third_url = media.put("/f/third.jpg", "image/jpeg", data, host="localhost")
+        asked = len(media.requests)
         with concurrent.futures.ThreadPoolExecutor(2) as ex:
-            both = [ex.submit(requests.get, link, timeout=10) for _ in range(2)]
-            wait_until(lambda: len(media.requests) == 3, what="two fetches running")
-            third = requests.get(link, timeout=10)
+            both = [ex.submit(requests.get, old_link(u), timeout=10) for u in slow]
+            wait_until(lambda: len(media.requests) == asked + 2, what="two fetches running")
+            third = requests.get(old_link(third_url), timeout=10)
             assert third.status_code == 503 and third.json()["code"] == "unavailable", third.text
+            assert third.json()["detail"] == "too many files are being fetched now", third.text
             assert int(third.headers["Retry-After"]) >= 1
             assert [(f.result().status_code, f.result().content == data) for f in both] == [(200, True)] * 2
         assert re.search(r"^causeway_media_fetches_refused_total 1$", d.get("/metrics").text, re.M)
