@@ -98,6 +98,7 @@ bool media_address_public(const struct sockaddr *sa)
 		 (a[0] == 0xfe && (a[1] & 0xc0) == 0xc0) || /* fec0::/10 site-local */
 		 a[0] == 0xff ||                            /* multicast */
 		 (a[0] == 0x20 && a[1] == 0x01 && a[2] == 0x0d && a[3] == 0xb8) || /* documentation */
+		 (a[0] == 0x3f && a[1] == 0xff && (a[2] & 0xf0) == 0) ||          /* documentation 3fff::/20 (RFC 9637) */
 		 (a[0] == 0x01 && memcmp(a + 1, zero, 7) == 0)); /* discard-only 100::/64 (RFC 6666) */
 }
 

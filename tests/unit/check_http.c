@@ -868,7 +868,8 @@ START_TEST(media_addresses)
 		{ "2002:808:808::1", true },     { "2001:0:4136:e378:8000:63bf:3fff:fdd2", false },
 		{ "2001:4860:4860::8888", true }, { "100::1", false },
 		{ "192.0.2.1", false },          { "198.51.100.7", false },      { "203.0.113.9", false },
-		{ "192.88.99.1", false },        { "203.0.114.1", true },
+		{ "192.88.99.1", false },        { "203.0.114.1", true },        { "3fff:fff::1", false },
+		{ "3fff:1000::1", true },
 	};
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		struct sockaddr_storage ss = { 0 };
