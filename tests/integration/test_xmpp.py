@@ -6903,7 +6903,7 @@ def test_a_peers_file_reaches_xmpp_as_a_link_of_causeways(make_daemon, db_url, p
         # Follows of a link being fetched wait for that fetch (since the
         # forty-seventh session's review): two more while it runs are
         # served its file, the store asked once.
-        media.delay[long_path] = 1.5
+        media.delay[long_path] = 3.0
         with concurrent.futures.ThreadPoolExecutor(3) as ex:
             first = ex.submit(requests.get, link, timeout=10)
             wait_until(lambda: len(media.requests) == 2, what="the fetch running")
@@ -6925,7 +6925,7 @@ def test_a_peers_file_reaches_xmpp_as_a_link_of_causeways(make_daemon, db_url, p
         slow = [media.put(f"/f/slow{i}.jpg", "image/jpeg", data, host=h)
                 for i, h in enumerate(("media.wa.localhost", None))]
         for u in slow:
-            media.delay[urllib.parse.urlsplit(u).path] = 1.5
+            media.delay[urllib.parse.urlsplit(u).path] = 3.0
         third_url = media.put("/f/third.jpg", "image/jpeg", data, host="localhost")
         asked = len(media.requests)
         with concurrent.futures.ThreadPoolExecutor(2) as ex:
