@@ -794,9 +794,14 @@ static cw_err job_run(PGconn *c, void *arg, cw_errmsg *e)
 	return j->fn(c, j, e);
 }
 
-/* A write on behalf of a peer: its signature's nonce is claimed for
- * every daemon process first (peer_nonce_claim), so that a request
- * replayed to another process behind a load balancer changes nothing.
+/* A write on behalf of a peer: its peer is asked of the table first,
+ * still enabled with the token it came with, and its signature's nonce
+ * claimed for every daemon process (peer_nonce_claim, one statement), so
+ * that a peer disabled or rotated through another process changes nothing
+ * here while this one's registry still holds it (401 as an unknown token;
+ * until the forty-seventh session it did until this process's pull thread
+ * reloaded the registry), and a request replayed to another process
+ * behind a load balancer changes nothing.
  * (Messages and batches are pipelined, not run here: their idempotency
  * keys make a replay harmless.)  An operator's: its token is asked of
  * the table first (admin_tokens_in_force), so that one revoked by another
@@ -807,11 +812,16 @@ static cw_err job_write(PGconn *c, void *arg, cw_errmsg *e)
 {
 	struct app_job *j = arg;
 	if (j->req && cw_req_auth(j->req) == CW_AUTH_PEER) {
-		bool fresh;
+		bool fresh, in_force;
 		cw_err rc = peer_nonce_claim(c, cw_req_principal(j->req), cw_wall_ms() / 1000,
-					     j->app->cfg->max_clock_skew_s, &fresh, e);
+					     j->app->cfg->max_clock_skew_s, &fresh, &in_force, e);
 		if (rc)
 			return rc;
+		if (!in_force) {
+			job_reset(j);
+			app_job_fail(j, 401, "unauthenticated", "%s", APP_PEER_TOKEN_REQUIRED);
+			return CW_OK;
+		}
 		if (!fresh) {
 			job_reset(j);
 			app_job_fail(j, 401, "bad_signature", "%s", PEER_NONCE_REPLAYED);

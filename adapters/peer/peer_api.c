@@ -1601,6 +1601,9 @@ struct msg_input {
 	char native_id[MX_NATIVE_MAX + 1]; /* the event's id on its network, or "" */
 	char scope[PEER_NAME_MAX + 8];
 	char *idem_key;
+	char *nonces;                 /* a peer's item without an Idempotency-Key: its signatures' nonces,
+				       claimed by the write (PEER_NONCES), JSON; else NULL */
+	int64_t nonces_stale;         /* and the created below which the peer's claims are forgotten */
 	unsigned char hash[32];
 	unsigned char hash_old[32];   /* the same request as stored before the sixteenth session */
 	unsigned char hash_spelled[32]; /* as stored in the forty-second session: its `by` respelled */
@@ -1642,6 +1645,7 @@ static void msg_input_free(void *arg)
 {
 	struct msg_input *in = arg;
 	free(in->idem_key);
+	free(in->nonces);
 	free(in->event_text);
 	free(in);
 }
@@ -2056,26 +2060,67 @@ struct submit *submit_new(size_t n)
  * alone; a block or its end names the local user blocked, as POST
  * /v1/blocks does: until the fortieth session it made every process reload
  * everything), and writes the audit records of
- * the decisions ($30: they
+ * the decisions ($34: they
  * exist for refused items too); a job that needs none of that (the common
  * case: allowed messages) runs the plain statement, which is a third
- * cheaper.  The items are one array parameter per column ($1-$26, in
+ * cheaper.  The items are one array parameter per column ($1-$30, in
  * binary form: write_send), the policy's settings the same for every item
- * three scalars ($27-$29).  Round 0's item document ($1) is json, not
+ * three scalars ($31-$33).  Round 0's item document ($1) is json, not
  * jsonb: a jsonb parameter is built into a sorted tree when it is bound,
  * which json_to_recordset does not need (a 100-item document: 0.53 ms as
  * json against 0.80 as jsonb, bind included). */
 #define IT_ROWS \
 	"SELECT x.n::int AS n, x.pid, x.room::bigint AS room, x.sender::bigint AS sender, x.type, " \
 	"  x.content::jsonb AS content, x.replaces::bigint AS replaces, x.reply::bigint AS reply, x.ts::bigint AS ts, " \
-	"  x.key, x.hash, x.dests, x.targets, x.states, x.held, x.ask, $27::bigint AS expiry, $28::bigint AS win, " \
+	"  x.key, x.hash, x.dests, x.targets, x.states, x.held, x.ask, $31::bigint AS expiry, $32::bigint AS win, " \
 	"  x.read::boolean AS read, x.scope, x.outbound::jsonb AS outbound, x.wrote::boolean AS wrote, x.bt, x.ba, " \
-	"  x.dt::bigint AS dt, $29::bigint AS crl, x.grp::boolean AS grp, x.rpid, x.xpid " \
+	"  x.dt::bigint AS dt, $33::bigint AS crl, x.grp::boolean AS grp, x.rpid, x.xpid, " \
+	"  x.pp::bigint AS pp, x.pa, x.nn::json AS nn, x.st::bigint AS st " \
 	"FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], " \
 	"  $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[], " \
 	"  $16::text[], $17::text[], $18::text[], $19::text[], $20::text[], $21::text[], $22::text[], $23::text[], " \
-	"  $24::text[], $25::text[], $26::text[]) AS x(n, pid, room, sender, type, content, replaces, reply, ts, " \
-	"  key, hash, dests, targets, states, held, ask, read, scope, outbound, wrote, bt, ba, dt, grp, rpid, xpid)"
+	"  $24::text[], $25::text[], $26::text[], $27::text[], $28::text[], $29::text[], $30::text[]) AS x(n, pid, " \
+	"  room, sender, type, content, replaces, reply, ts, key, hash, dests, targets, states, held, ask, read, scope, " \
+	"  outbound, wrote, bt, ba, dt, grp, rpid, xpid, pp, pa, nn, st)"
+/* pk: the peers of the job's peers' items (pp: the peer's id, pa: the hex
+ * SHA-256 of the token its request came with; absent for a local
+ * adapter's item) still in force (PEER_IN_FORCE_SQL of peers.h), their
+ * rows locked until the commit FOR KEY SHARE, so that a disable or a
+ * rotation waits for the write or the write for it; an item whose peer is
+ * not among them is not written (PEER_OK, in ev) and answered 'peer' (401
+ * as an unknown token: GONE_ROWS).  The table is asked, not this
+ * process's registry, which another process's change reaches only at its
+ * next reload: until the forty-seventh session a peer disabled because
+ * its token leaked wrote on through the other processes meanwhile.  A
+ * lookup by primary key per peer of the job (mostly one), no round trip
+ * more. */
+#define PEER_KEYS \
+	"pk AS MATERIALIZED (SELECT p.id, y.pa AS th FROM (SELECT DISTINCT it.pp, it.pa FROM it " \
+	"  WHERE it.pp IS NOT NULL) y JOIN peers p ON p.id = y.pp WHERE " PEER_IN_FORCE_SQL("p", "y.pa") \
+	"  FOR KEY SHARE OF p), "
+#define PEER_OK "(it.pp IS NULL OR EXISTS (SELECT 1 FROM pk WHERE pk.id = it.pp AND pk.th = it.pa))"
+/* A peer's receipt or typing notification sent without an Idempotency-Key
+ * (nn: the nonces of its request's signatures, [{nonce, created}]; st:
+ * the created below which the peer's claims are forgotten) claims them
+ * for every daemon process, as a job's write does (peer_nonce_claim of
+ * peers.h: nd forgets the stale ones of its peers, those no other
+ * transaction holds; nc claims), and is not written, answered 'replay'
+ * (401 bad_signature), unless it claimed every one (NONCES_OK).  Its key,
+ * made from the verified signature's nonce, makes a replay with that
+ * signature the same request again; a rotating peer signs with two keys,
+ * and until the forty-seventh session a capture replayed to another
+ * process with the other signature alone made another key, and was
+ * stored twice.  A job with no such item inserts and deletes nothing. */
+#define PEER_NONCES \
+	"nd AS (DELETE FROM signature_nonces WHERE ctid = ANY (ARRAY(SELECT s.ctid FROM signature_nonces s " \
+	"  JOIN (SELECT it.pp, min(it.st) AS st FROM it WHERE it.nn IS NOT NULL GROUP BY it.pp) y " \
+	"  ON s.peer_id = y.pp AND s.created < y.st FOR UPDATE OF s SKIP LOCKED))), " \
+	"nc AS (INSERT INTO signature_nonces (peer_id, nonce, created) SELECT it.pp, x.nonce, x.created " \
+	"  FROM it, json_to_recordset(it.nn) AS x(nonce text, created bigint) WHERE it.nn IS NOT NULL " \
+	"  AND " PEER_OK " ON CONFLICT DO NOTHING RETURNING peer_id, nonce), "
+#define NONCES_OK \
+	"(it.nn IS NULL OR (SELECT count(*) FROM nc WHERE nc.peer_id = it.pp AND nc.nonce IN (SELECT x.nonce " \
+	"  FROM json_to_recordset(it.nn) AS x(nonce text))) = json_array_length(it.nn))"
 /* lk: the items' rooms are locked first, in id order, until the commit
  * (a transaction-level advisory lock per room, ROOM_LOCK_SQL of store.h): the
  * outbox ids of one room's rows then follow the order in which they were
@@ -2177,8 +2222,15 @@ struct submit *submit_new(size_t n)
 			      "ELSE jm.identity_id = d.target::bigint END") " "
 #define GROUP_HELD_COND "AND " GROUP_JOINED("jm.identity_id = h.value::bigint") " "
 /* The answer's rows: each written event (public id, acceptance time), and
- * each item refused in gn (its pid, NULL, the reference gone or 'sender'). */
-#define GONE_ROWS " UNION ALL SELECT pid, NULL::bigint, ref FROM gn"
+ * each item refused in gn (its pid, NULL, the reference gone or 'sender'),
+ * but those refused for their peer or a nonce (PEER_KEYS, PEER_NONCES),
+ * which are answered so, once: a peer's user joining a group with her
+ * event is not joined when her peer is not in force (JOIN_MEMBERS), and
+ * gn has her event too, as a non-member's. */
+#define PEER_REFUSED "NOT (" PEER_OK " AND " NONCES_OK ")"
+#define GONE_ROWS " UNION ALL SELECT pid, NULL::bigint, ref FROM gn " \
+	"WHERE pid NOT IN (SELECT it.pid FROM it WHERE " PEER_REFUSED ") UNION ALL SELECT it.pid, NULL::bigint, " \
+	"CASE WHEN " PEER_OK " THEN 'replay' ELSE 'peer' END FROM it WHERE " PEER_REFUSED
 /* WITH: "WITH" or "WITH RECURSIVE" (for GONE_MORE); IT: the items; JM:
  * GROUP_JM or empty; REFS: REFS_LOCKED(GONE_MORE: more items of gn, naming
  * one of gn) or REFS_NONE (or their GROUP_ forms); ID_COL, ID: the
@@ -2187,11 +2239,11 @@ struct submit *submit_new(size_t n)
 #define WRITE_EVENTS_OF(WITH, IT, JM, REFS, ID_COL, ID, REPLACES, REPLY, OB_WHERE) \
 	WITH " " IT ", " \
 	"lk AS MATERIALIZED (" ROOM_LOCKS_SQL("SELECT DISTINCT it.room AS r FROM it") "), " \
-	JM REFS \
+	PEER_KEYS PEER_NONCES JM REFS \
 	"ev AS (INSERT INTO events (" ID_COL "public_id, room_id, sender_id, type, content, replaces_id, in_reply_to_id, " \
 	"  origin_network, origin_native_id, request_hash, ts) SELECT " ID "it.pid, it.room, it.sender, it.type, it.content, " \
 	"  " REPLACES ", " REPLY ", it.scope, it.key, decode(it.hash, 'hex'), it.ts FROM it " \
-	"  WHERE (SELECT n FROM lk) >= 0 AND it.pid NOT IN (SELECT pid FROM gn) ORDER BY it.n ON CONFLICT (origin_network, origin_native_id) WHERE origin_native_id IS NOT NULL DO NOTHING " \
+	"  WHERE (SELECT n FROM lk) >= 0 AND it.pid NOT IN (SELECT pid FROM gn) AND " PEER_OK " AND " NONCES_OK " ORDER BY it.n ON CONFLICT (origin_network, origin_native_id) WHERE origin_native_id IS NOT NULL DO NOTHING " \
 	"  RETURNING id, public_id, room_id, (extract(epoch FROM accepted_at) * 1000)::bigint AS ms), " \
 	"ob AS (INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state) " \
 	"  SELECT ev.id, d.dest, NULLIF(d.target::bigint, 0), ev.room_id, d.state FROM it " \
@@ -2361,7 +2413,7 @@ struct submit *submit_new(size_t n)
 	"  FROM (SELECT u FROM ou UNION SELECT u FROM bk UNION SELECT u FROM ub) f HAVING count(*) > 0), " \
 	"au AS (INSERT INTO audit_log (actor, action, reason_code, rule_id, event_id, subject, details) " \
 	"  SELECT 'policy', a.action, a.reason, NULLIF(a.rule, 0), (SELECT id FROM ev WHERE ev.public_id = a.pid), " \
-	"  a.subject, " AU_DETAILS " FROM jsonb_to_recordset($30::jsonb) " \
+	"  a.subject, " AU_DETAILS " FROM jsonb_to_recordset($34::jsonb) " \
 	"  AS a(action text, reason text, rule bigint, pid text, subject text, details jsonb)) " \
 	"SELECT public_id, ms, NULL::text FROM ev, (SELECT count(*) FROM nt) AS n" GONE_ROWS CONSENT_UNASKED_ROWS
 #define WRITE_ITEMS_TAIL WRITE_ITEMS_TAIL_OF("", "a.details")
@@ -2449,10 +2501,19 @@ struct submit *submit_new(size_t n)
  * her own leave in the job, which is written after (LEAVE_MEMBERS, which
  * then leaves her joined): still joined here, she is a member anew, from
  * now on (updated_at: since when, for the policy's recipient_wrote_here),
- * as she is after a leave and a join sent apart. */
+ * as she is after a leave and a join sent apart.  $4: the peer of each
+ * pair and the hash of the token its request came with ("id:hex"; "0:"
+ * when not a peer's, which nothing more is asked of): a peer no longer in
+ * force (PEER_IN_FORCE_SQL, as the write's PEER_KEYS, which
+ * then refuses her event) joins nobody (since the forty-seventh session). */
 #define JOIN_MEMBERS \
+	"WITH jx AS (SELECT * FROM unnest(string_to_array($1, ','), string_to_array($2, ','), " \
+	"  string_to_array($4, ',')) AS x(r, u, t)), " \
+	"jp AS MATERIALIZED (SELECT y.t FROM (SELECT DISTINCT jx.t FROM jx) y JOIN peers p " \
+	"  ON p.id = split_part(y.t, ':', 1)::bigint WHERE " PEER_IN_FORCE_SQL("p", "split_part(y.t, ':', 2)") \
+	"  FOR KEY SHARE OF p) " \
 	"INSERT INTO room_members (room_id, identity_id, membership) SELECT x.r::bigint, x.u::bigint, 'joined' " \
-	"FROM unnest(string_to_array($1, ','), string_to_array($2, ',')) AS x(r, u) " \
+	"FROM jx x WHERE x.t = '0:' OR x.t IN (SELECT t FROM jp) " \
 	"ON CONFLICT (room_id, identity_id) DO UPDATE SET membership = 'joined', peer_invited = false, " \
 	"updated_at = now() WHERE room_members.membership = 'left' OR (room_members.membership = 'joined' " \
 	"AND room_members.room_id || ':' || room_members.identity_id = ANY (string_to_array($3, ',')))"
@@ -2542,10 +2603,10 @@ static cw_err add_json_string(struct cw_buf *b, const char *s)
 enum write_col {
 	WC_N, WC_PID, WC_ROOM, WC_SENDER, WC_TYPE, WC_CONTENT, WC_REPLACES, WC_REPLY, WC_TS, WC_KEY, WC_HASH, WC_DESTS,
 	WC_TARGETS, WC_STATES, WC_HELD, WC_ASK, WC_READ, WC_SCOPE, WC_OUTBOUND, WC_WROTE, WC_BT, WC_BA, WC_DT, WC_GRP,
-	WC_RPID, WC_XPID, WC_COLS
+	WC_RPID, WC_XPID, WC_PP, WC_PA, WC_NN, WC_ST, WC_COLS
 };
-/* The scalars after the columns ($27-$29: expiry, win, crl) and the audit
- * records ($30, the full statements only). */
+/* The scalars after the columns ($31-$33: expiry, win, crl) and the audit
+ * records ($34, the full statements only). */
 #define WRITE_PARAMS (WC_COLS + 4)
 #define TEXT_OID 25
 
@@ -2814,10 +2875,11 @@ static bool same_member(const struct submit *b, size_t i, size_t j)
  * b->joined. */
 static cw_err joins_send(PGconn *c, struct submit *b, cw_errmsg *e)
 {
-	struct cw_buf rooms, users, again;
+	struct cw_buf rooms, users, again, peers;
 	cw_buf_init(&rooms, SIZE_MAX / 2);
 	cw_buf_init(&users, SIZE_MAX / 2);
 	cw_buf_init(&again, SIZE_MAX / 2);
+	cw_buf_init(&peers, SIZE_MAX / 2);
 	cw_err rc = CW_OK;
 	for (size_t i = 0; i < b->n && !rc; i++) {
 		if (!b->items[i] || !b->write[i] || !b->joins[i])
@@ -2830,8 +2892,17 @@ static cw_err joins_send(PGconn *c, struct submit *b, cw_errmsg *e)
 				first = first && !b->joins[j];
 				rejoin = rejoin || leaves_group(b, j);
 			}
-		if (first)
-			rc = id_list_add(&rooms, b->room_id[i]) ? CW_ENOMEM : id_list_add(&users, b->sender_id[i]);
+		if (first) {
+			char pa[65] = "";
+			const struct peer_principal *p = b->items[i]->p;
+			if (p)
+				cw_hex(pa, p->token_hash, 32);
+			rc = id_list_add(&rooms, b->room_id[i]) || id_list_add(&users, b->sender_id[i]) ||
+					     cw_buf_printf(&peers, "%s%lld:%s", peers.len ? "," : "",
+							   (long long)(p ? p->id : 0), pa)
+				     ? CW_ENOMEM
+				     : CW_OK;
+		}
 		if (!rc && rejoin)
 			rc = cw_buf_printf(&again, "%s%s:%s", again.len ? "," : "", b->room_id[i], b->sender_id[i])
 				     ? CW_ENOMEM
@@ -2842,14 +2913,15 @@ static cw_err joins_send(PGconn *c, struct submit *b, cw_errmsg *e)
 	if (rc)
 		rc = cw_fail(e, rc, "out of memory");
 	else if (rooms.len) {
-		const char *params[] = { rooms.p, users.p, again.p };
-		if (!PQsendQueryPrepared(c, "submit_join", 3, params, NULL, NULL, 0))
+		const char *params[] = { rooms.p, users.p, again.p, peers.p };
+		if (!PQsendQueryPrepared(c, "submit_join", 4, params, NULL, NULL, 0))
 			rc = cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(c));
 	}
 	b->joined = !rc && rooms.len;
 	cw_buf_free(&rooms);
 	cw_buf_free(&users);
 	cw_buf_free(&again);
+	cw_buf_free(&peers);
 	return rc;
 }
 
@@ -2922,12 +2994,16 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 				     : CW_OK;
 			continue;
 		}
-		char hex[65], n[24];
+		char hex[65], n[24], pa[65], pp[24], st[24];
 		cw_hex(hex, in->hash, 32);
+		if (in->p)
+			cw_hex(pa, in->p->token_hash, 32);
 		const char *dt = checked_target(b, i);
 		const char *content = b->scrub[i] ? "{}" : in->event_text;
 		char *outbound = json_array_size(b->outbound[i]) ? json_dumps(b->outbound[i], JSON_COMPACT) : NULL;
 		snprintf(n, sizeof(n), "%zu", i);
+		snprintf(pp, sizeof(pp), "%lld", in->p ? (long long)in->p->id : 0LL);
+		snprintf(st, sizeof(st), "%lld", (long long)in->nonces_stale);
 		rc = !content || (json_array_size(b->outbound[i]) && !outbound) || text_array_str(&cols[WC_N], n) ||
 				     text_array_str(&cols[WC_PID], in->msg_id) ||
 				     text_array_str(&cols[WC_ROOM], b->room_id[i]) ||
@@ -2949,7 +3025,11 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 				     text_array_str(&cols[WC_BA], !in->block_target[0] ? NULL
 							  : in->unblock			 ? "unblock"
 											 : "block") ||
-				     text_array_str(&cols[WC_DT], dt) || text_array_str(&cols[WC_GRP], b->grp[i] ? "t" : NULL)
+				     text_array_str(&cols[WC_DT], dt) || text_array_str(&cols[WC_GRP], b->grp[i] ? "t" : NULL) ||
+				     text_array_str(&cols[WC_PP], in->p ? pp : NULL) ||
+				     text_array_str(&cols[WC_PA], in->p ? pa : NULL) ||
+				     text_array_str(&cols[WC_NN], in->nonces) ||
+				     text_array_str(&cols[WC_ST], in->nonces ? st : NULL)
 				     ? CW_ENOMEM
 				     : CW_OK;
 		free(outbound);
@@ -3867,7 +3947,21 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 						json_decref(b->res[i].body); /* a rerun of the write */
 						b->res[i].body = NULL;
 						const char *gone = PQgetisnull(r, k, 2) ? NULL : PQgetvalue(r, k, 2);
-						if (gone && strcmp(gone, "sender") == 0) {
+						if (gone && strcmp(gone, "replay") == 0) {
+							/* A nonce of its signatures was
+							 * claimed before (PEER_NONCES). */
+							b->write[i] = false;
+							b->wake[i] = 0;
+							item_fail(&b->res[i], 401, "bad_signature", "%s", PEER_NONCE_REPLAYED);
+						} else if (gone && strcmp(gone, "peer") == 0) {
+							/* Its peer was disabled or rotated
+							 * (PEER_KEYS): refused as a request
+							 * with an unknown token is. */
+							b->write[i] = false;
+							b->wake[i] = 0;
+							item_fail(&b->res[i], 401, "unauthenticated", "%s",
+								  APP_PEER_TOKEN_REQUIRED);
+						} else if (gone && strcmp(gone, "sender") == 0) {
 							/* Its sender left the group since
 							 * round 0 (GROUP_JM): refused as
 							 * round 0 refuses one not a member. */
@@ -3999,10 +4093,17 @@ static json_t *problem_item(json_t *key, int status, const char *code, const cha
 			 "code", code, "detail", cw_problem_detail(detail));
 }
 
-/* The answer to POST /v1/batch, one result per item. */
+/* The answer to POST /v1/batch, one result per item; 401 as a whole when
+ * the write found its peer disabled or rotated (PEER_KEYS: then none of
+ * its items was written). */
 static void batch_answer(struct app_job *j)
 {
 	struct submit *b = j->data;
+	for (size_t i = 0; i < b->n; i++)
+		if (b->items[i] && b->res[i].code && strcmp(b->res[i].code, "unauthenticated") == 0) {
+			app_job_fail(j, 401, "unauthenticated", "%s", APP_PEER_TOKEN_REQUIRED);
+			return;
+		}
 	json_t *results = json_array();
 	for (size_t i = 0; i < b->n; i++) {
 		json_t *key = json_array_get(b->keys, i);
@@ -4198,6 +4299,8 @@ static void answer_item(struct cw_app *app, struct msg_input *in, const struct i
 	else if (res->code) {
 		if (res->status == 429)
 			app_retry_after(req, res->retry_after_ms);
+		else if (res->status == 401)
+			cw_req_add_header(req, "WWW-Authenticate", "Bearer");
 		else if (strcmp(res->code, CONFLICT_RETRY) == 0)
 			cw_req_add_header(req, "Retry-After", "1"); /* the other request's commit is near */
 		cw_req_problem(req, res->status, res->code, app_status_title(res->status), res->detail);
@@ -4409,11 +4512,27 @@ static void membership_by_spelled(struct msg_input *in, struct event *ev, const 
 	}
 }
 
+/* The nonces of p's signatures, the verified one's first, for the write
+ * to claim (PEER_NONCES): [{"nonce", "created"}], or NULL (out of memory). */
+static char *nonces_json(const struct peer_principal *p)
+{
+	json_t *a = json_array();
+	for (size_t i = 0; a && i <= p->n_other_nonces && i <= CW_ARRAY_LEN(p->other_nonces); i++)
+		json_array_append_new(a, json_pack("{s:s, s:I}", "nonce", i ? p->other_nonces[i - 1] : p->nonce,
+						   "created", (json_int_t)(i ? p->other_created[i - 1] : p->created)));
+	char *text = a ? json_dumps(a, JSON_COMPACT) : NULL;
+	json_decref(a);
+	return text;
+}
+
 /* Submits one event to the room of the URL.  key_required: the request
  * must carry an Idempotency-Key (otherwise one is made from the request's
  * signature, its created and nonce: a captured request replayed to another
  * daemon process, which has not seen the nonce, is then the same request
- * again and changes nothing, while each fresh signature is a new event). */
+ * again and changes nothing, while each fresh signature is a new event;
+ * and the nonces of all its signatures are claimed with the write,
+ * PEER_NONCES, so that one replayed with another of them alone, which
+ * makes another key, is refused there). */
 static void submit_one(struct cw_req *req, struct cw_app *app, unsigned types, bool key_required)
 {
 	if (!peer_api_enabled(app, req))
@@ -4428,6 +4547,7 @@ static void submit_one(struct cw_req *req, struct cw_app *app, unsigned types, b
 	if (key)
 		cw_req_set_retry_safe(req); /* a key made of the signature is not: a retry is signed anew */
 	char made_key[64]; /* "sig-", then 43 of base64url (the padded form is encoded first) */
+	bool claim = false; /* the key is made: the nonces are claimed */
 	if (!key && !key_required) {
 		char created[24];
 		unsigned char md[32];
@@ -4439,6 +4559,7 @@ static void submit_one(struct cw_req *req, struct cw_app *app, unsigned types, b
 		memcpy(made_key, "sig-", 4);
 		cw_b64url_encode(made_key + 4, sizeof(made_key) - 4, md, sizeof(md));
 		key = made_key;
+		claim = p->nonce[0] != '\0';
 	}
 	if (!key || !idempotency_key_valid(key)) {
 		cw_req_problem(req, 400, "invalid_header", "Invalid header",
@@ -4483,13 +4604,17 @@ static void submit_one(struct cw_req *req, struct cw_app *app, unsigned types, b
 	if (in) {
 		msg_input_from_peer(in, p);
 		in->idem_key = strdup(key);
+		if (claim) {
+			in->nonces = nonces_json(p);
+			in->nonces_stale = cw_wall_ms() / 1000 - app->cfg->max_clock_skew_s - 60;
+		}
 		msg_input_from_event(in, app, room, sender, &ev, NULL);
 		membership_by_spelled(in, &ev, p);
 		if (ev.has_room)
 			mimi_uri_format(&ev.room, in->body_room, sizeof(in->body_room), NULL);
 	}
 	event_free(&ev);
-	if (!in || !in->idem_key || !in->event_text) {
+	if (!in || !in->idem_key || !in->event_text || (claim && !in->nonces)) {
 		if (in)
 			msg_input_free(in);
 		cw_req_no_memory(req);

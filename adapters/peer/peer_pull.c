@@ -280,16 +280,25 @@ static void unavailable(const struct peer_pull *p, struct waiter *w, const cw_er
  * way to one process and replayed to another is 401 bad_signature there,
  * and nothing is handed out (until the forty-first session the replay was
  * answered the peer's events: those in flight above its cursor, and any
- * new ones).  False after answering (a replay: 401; the database away:
- * 503, which a retry, signed anew, gets past). */
+ * new ones).  The peer is asked of the table with it (PEER_IN_FORCE_SQL):
+ * one disabled or rotated through another process is 401, as an unknown
+ * token, whenever this process's registry reloads (since the
+ * forty-seventh session).  False after answering (a replay, a peer no
+ * longer in force: 401; the database away: 503, which a retry, signed
+ * anew, gets past). */
 static bool claim_nonce(struct peer_pull *p, struct waiter *w)
 {
 	if (w->claimed || !p->app || !w->principal)
 		return true;
-	bool fresh = true;
+	bool fresh = true, in_force = true;
 	cw_errmsg e;
-	if (peer_nonce_claim(p->c, w->principal, cw_wall_ms() / 1000, p->app->cfg->max_clock_skew_s, &fresh, &e)) {
+	if (peer_nonce_claim(p->c, w->principal, cw_wall_ms() / 1000, p->app->cfg->max_clock_skew_s, &fresh,
+			     &in_force, &e)) {
 		unavailable(p, w, &e);
+		return false;
+	}
+	if (!in_force) { /* disabled or rotated, this process's registry not reloaded yet */
+		app_unauthenticated(w->req, APP_PEER_TOKEN_REQUIRED);
 		return false;
 	}
 	if (!fresh) {

@@ -89,31 +89,46 @@ void peer_principal_free(void *p)
 }
 
 cw_err peer_nonce_claim(PGconn *c, const struct peer_principal *p, int64_t now_s, int64_t skew_s, bool *fresh,
-			cw_errmsg *e)
+			bool *in_force, cw_errmsg *e)
 {
 	*fresh = true;
-	if (!p->nonce[0])
-		return CW_OK;
-	char pid[24], created[24], stale[24];
+	*in_force = true;
+	char pid[24], created[24], stale[24], th[65];
 	snprintf(pid, sizeof(pid), "%lld", (long long)p->id);
 	snprintf(stale, sizeof(stale), "%lld", (long long)(now_s - skew_s - 60));
-	/* The verified signature's nonce, then the others' (one statement
-	 * each: a request signed more than once is rare, a rotation's). */
+	cw_hex(th, p->token_hash, 32);
+	/* The first statement asks the table whether the peer is still
+	 * enabled with the token p came with (PEER_IN_FORCE_SQL), and
+	 * claims the verified signature's nonce (none: the check alone);
+	 * then the others' (one statement each: a request signed more than
+	 * once is rare, a rotation's). */
 	for (size_t i = 0; *fresh && i <= p->n_other_nonces && i <= CW_ARRAY_LEN(p->other_nonces); i++) {
 		snprintf(created, sizeof(created), "%lld", (long long)(i ? p->other_created[i - 1] : p->created));
-		const char *params[] = { pid, i ? p->other_nonces[i - 1] : p->nonce, created, stale };
+		const char *nonce = i ? p->other_nonces[i - 1] : p->nonce[0] ? p->nonce : NULL;
+		const char *params[] = { pid, nonce, created, stale, th };
 		PGresult *r = PQexecParams(c,
-					   "WITH stale AS (DELETE FROM signature_nonces WHERE ctid = ANY (ARRAY(SELECT ctid "
+					   "WITH pk AS MATERIALIZED (SELECT 1 FROM peers WHERE id = $1::bigint AND "
+					   PEER_IN_FORCE_SQL("peers", "$5") " FOR KEY SHARE), "
+					   "stale AS (DELETE FROM signature_nonces WHERE ctid = ANY (ARRAY(SELECT ctid "
 					   "FROM signature_nonces WHERE peer_id = $1::bigint AND created < $4::bigint "
-					   "FOR UPDATE SKIP LOCKED))) "
-					   "INSERT INTO signature_nonces (peer_id, nonce, created) "
-					   "VALUES ($1::bigint, $2, $3::bigint) ON CONFLICT DO NOTHING",
-					   4, NULL, params, NULL, NULL, 0);
-		cw_err rc = store_check(c, r, PGRES_COMMAND_OK, e);
+					   "FOR UPDATE SKIP LOCKED))), "
+					   "ins AS (INSERT INTO signature_nonces (peer_id, nonce, created) "
+					   "SELECT $1::bigint, $2, $3::bigint FROM pk WHERE $2::text IS NOT NULL "
+					   "ON CONFLICT DO NOTHING RETURNING 1) "
+					   "SELECT (SELECT count(*) FROM pk), (SELECT count(*) FROM ins)",
+					   5, NULL, params, NULL, NULL, 0);
+		cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 		if (rc)
 			return rc;
-		*fresh = strcmp(PQcmdTuples(r), "1") == 0;
+		*in_force = strcmp(PQgetvalue(r, 0, 0), "1") == 0;
+		*fresh = !nonce || strcmp(PQgetvalue(r, 0, 1), "1") == 0;
 		PQclear(r);
+		if (!*in_force) {
+			*fresh = true; /* not asked: refused for its token */
+			break;
+		}
+		if (!p->nonce[0])
+			break; /* nothing more to claim */
 	}
 	return CW_OK;
 }
@@ -968,10 +983,16 @@ static cw_err enable_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	 * disabled_at kept, with no audit record nor NOTIFY, as a token
 	 * revoked already is (until the thirty-sixth session each repeat was
 	 * audited again, moved updated_at and made every process reload). */
+	/* FOR UPDATE: the disable waits for the peer's writes under way
+	 * (their KEY SHARE, PEER_IN_FORCE_SQL of peers.h), and those that
+	 * come after find the peer disabled; the UPDATE's own lock (no key
+	 * changes) would not.  A rotation changes token_hash, a key. */
 	return update_fn(c, j, e,
+			 "WITH l AS (SELECT id AS lid FROM peers WHERE name = $1 AND enabled IS DISTINCT FROM "
+			 "$2::boolean FOR UPDATE) "
 			 "UPDATE peers SET enabled = $2::boolean, updated_at = now(), "
 			 "disabled_at = CASE WHEN $2::boolean THEN NULL ELSE coalesce(disabled_at, now()) END "
-			 "WHERE name = $1 AND enabled IS DISTINCT FROM $2::boolean RETURNING " PEER_COLUMNS,
+			 "FROM l WHERE id = l.lid AND enabled IS DISTINCT FROM $2::boolean RETURNING " PEER_COLUMNS,
 			 "SELECT " PEER_COLUMNS " FROM peers WHERE name = $1",
 			 in->enable ? "peer.enable" : "peer.disable", 2, params, NULL, NULL);
 }

@@ -39,10 +39,25 @@ struct peer_principal {
 };
 void peer_principal_free(void *p);
 
-/* Claims p's signature nonce, and those of its other signatures, for
- * every daemon process (the table signature_nonces), inside the caller's
- * write transaction: *fresh is false when another request claimed one of
- * them before (a replay).  Rows of the
+/* Whether the peer row T (of the table peers) is still in force for a
+ * request that came with the token whose SHA-256 is the hex text TH
+ * (SQL): enabled, and not rotated since.  A peer's write asks it of the
+ * table within its transaction, the row locked FOR KEY SHARE (not held up
+ * by other changes of the row, waited for by a disable's FOR UPDATE and a
+ * rotation's new token_hash, a key of the table), so that a peer disabled
+ * or rotated writes nothing more through any daemon process, whenever
+ * that process's registry reloads (peer_nonce_claim; peer_api.c's
+ * PEER_KEYS for the pipelined submits).  Since the forty-seventh session:
+ * before, another process took its writes until its pull thread reloaded
+ * the registry (NOTIFY, or every 30 s). */
+#define PEER_IN_FORCE_SQL(T, TH) T ".enabled AND " T ".token_hash = decode(" TH ", 'hex')"
+
+/* Checks that p's peer is still in force (PEER_IN_FORCE_SQL: *in_force
+ * false when not, and nothing claimed), then claims p's signature nonce,
+ * and those of its other signatures, for every daemon process (the table
+ * signature_nonces), inside the caller's write transaction: *fresh is
+ * false when another request claimed one of them before (a replay).  One
+ * statement when the request is signed once.  Rows of the
  * peer older than now_s - skew_s - 60 are deleted on the way, those that
  * no other transaction holds (SKIP LOCKED: two processes' batches that
  * claim for two peers in opposite orders would otherwise wait on each
@@ -50,7 +65,7 @@ void peer_principal_free(void *p);
  * the state-changing requests that no idempotency key makes repeatable;
  * the in-memory replay cache stays the first check of every request. */
 cw_err peer_nonce_claim(PGconn *c, const struct peer_principal *p, int64_t now_s, int64_t skew_s, bool *fresh,
-			cw_errmsg *e);
+			bool *in_force, cw_errmsg *e);
 /* The detail of the 401 bad_signature a replayed nonce gets, one text
  * wherever it is found: the in-memory cache (peer_verify_request), a
  * write's claim (gateway/app.c, job_write), a pull's (peer_pull.c). */

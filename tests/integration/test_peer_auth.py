@@ -805,3 +805,187 @@ def test_http10_and_chunked_with_a_right_token(daemon):
         assert status in (200, 201, 202), answer
     finally:
         srv.close()
+
+
+def test_a_peer_disabled_or_rotated_writes_nothing_through_a_process_not_yet_reloaded(make_daemon, pg, db_url):
+    """A peer disabled (its token leaked) or rotated is refused every write
+    at once by every daemon process of the database, not only at the next
+    reload of each one's registry: each write asks the table, within its
+    transaction, whether the peer is still enabled with the token the
+    request came with (PEER_IN_FORCE_SQL).  The change is made here in SQL,
+    which tells no process (no NOTIFY): the second process's registry
+    still holds the peer as it was until its periodic reload (30 s after
+    its start), which is what a busy or reconnecting pull thread makes of
+    an admin change.  Messages and receipts (the pipelined submit), a batch
+    and a report (a job's write) are all 401 there, and nothing is stored.
+    Until the forty-seventh session each was taken (202/200)."""
+    import hashlib
+    from peer import PeerClient, push_peers
+    d1 = make_daemon(db_url).start()
+    (a, srv), (b, srv2) = push_peers(d1)
+    try:
+        rm = a.create_room([a.user("alice"), b.user("bob")]).json()
+        d2 = make_daemon(db_url).start()
+        a2 = PeerClient(d2.url, a.name, a.domain, token=a.token, signer=a.signer)
+        m = a2.send(rm["id"], a.user("alice"), "taken before")
+        assert m.status_code == 202, m.text  # d2's registry has the peer
+        events = "SELECT count(*) FROM events"
+        reports = "SELECT count(*) FROM reports"
+
+        def writes(c, what):
+            before = (int(pg.psql(events, db_url)), int(pg.psql(reports, db_url)))
+            got = [
+                c.send(rm["id"], a.user("alice"), "after " + what),
+                c.call("POST", f"/v1/rooms/{rm['id']}/receipts",
+                       {"type": "receipt", "sender": a.user("alice"),
+                        "content": {"receipt": "read", "in_reply_to": m.json()["id"]}}),
+                c.call("POST", "/v1/batch", {"events": [
+                    {"idempotency_key": "b-" + what, "room": rm["uri"],
+                     "event": {"type": "message", "sender": a.user("alice"),
+                               "content": {"parts": [{"type": "text/plain", "body": "batch " + what}]}}}]}),
+                c.call("POST", "/v1/reports", {"reporter": a.user("alice"), "subject": "mimi://example.org/u/alice",
+                                               "reason": "spam"}),
+            ]
+            for r in got:
+                assert r.status_code == 401, f"{what}: {r.request.method} {r.request.url}: {r.status_code} {r.text}"
+                assert r.json()["code"] == "unauthenticated", r.text
+                assert r.headers.get("WWW-Authenticate") == "Bearer", r.headers
+            assert (int(pg.psql(events, db_url)), int(pg.psql(reports, db_url))) == before, what
+
+        pg.psql("UPDATE peers SET enabled = false, disabled_at = now() WHERE name = 'gk'", db_url)
+        writes(a2, "disabled")
+        token = "cwp_" + base64.urlsafe_b64encode(os.urandom(24)).decode().rstrip("=")
+        pg.psql("UPDATE peers SET enabled = true, disabled_at = NULL, token_hash = '\\x"
+                + hashlib.sha256(token.encode()).hexdigest() + "' WHERE name = 'gk'", db_url)
+        writes(a2, "rotated")
+        # d2 takes the new token once it reloads; d1 (told of nothing
+        # either) takes the old one's writes no more.
+        writes(a, "rotated-d1")
+    finally:
+        srv.close()
+        srv2.close()
+
+
+def test_a_rotating_peers_keyless_receipt_replayed_to_another_process_with_its_new_signature_is_refused(
+        make_daemon, pg, db_url):
+    """A receipt (or typing notification) sent without an Idempotency-Key
+    gets a key made from its verified signature's nonce; a rotating peer
+    signs with its old and its new key, and the capture, replayed to
+    another daemon process after the rotation with the new key's signature
+    alone, made another key there.  The write now claims the nonces of all
+    the request's signatures, as a job's write does: the replay is 401
+    bad_signature and nothing is stored again.  Until the forty-seventh
+    session it was taken (202) and stored twice."""
+    from harness import wait_until
+    from peer import Signer, push_peers
+    public = {"server": {"public_url": "https://gw.example.org"}}
+    d1 = make_daemon(db_url, options=public).start()
+    (a, srv), (b, srv2) = push_peers(d1)
+    d2 = make_daemon(db_url, options=public).start()
+    try:
+        a.base = "https://gw.example.org"
+
+        def signed(path, body, idem):
+            data = json.dumps(body).encode()
+            h = dict(a.signer.headers("POST", a.base + path, data, idem=idem), Authorization="Bearer " + a.token)
+            return d1.request("POST", path, data=data, headers=h)
+        rm = signed("/v1/rooms", {"kind": "direct", "members": [a.user("alice"), b.user("bob")]}, "rm1").json()
+        m = signed(f"/v1/rooms/{rm['id']}/messages", {"type": "message", "sender": a.user("alice"), "content": {
+            "parts": [{"type": "text/plain", "body": "read me"}]}}, "m1")
+        assert m.status_code == 202, m.text
+        path = f"/v1/rooms/{rm['id']}/receipts"
+        raw = json.dumps({"type": "receipt", "sender": a.user("alice"),
+                          "content": {"receipt": "read", "in_reply_to": m.json()["id"]}}).encode()
+        new = Signer(a.signer.keyid)
+        h_old, h_new = a.signer.headers("POST", a.base + path, raw), new.headers("POST", a.base + path, raw)
+        both = dict(h_old, Authorization="Bearer " + a.token)
+        both["Signature-Input"] = "old" + h_old["Signature-Input"][4:] + ", new" + h_new["Signature-Input"][4:]
+        both["Signature"] = "old" + h_old["Signature"][4:] + ", new" + h_new["Signature"][4:]
+        count = "SELECT count(*) FROM events WHERE type = 'receipt'"
+        before = int(pg.psql(count, db_url))
+        r = d1.request("POST", path, data=raw, headers=both)
+        assert r.status_code == 202, r.text
+        assert int(pg.psql(count, db_url)) == before + 1
+        r = d1.admin("POST", "/peers/gk/rotate", json={"public_key": new.public_b64})
+        assert r.status_code == 200, r.text
+        token = r.json()["token"]
+
+        def taken_by_d2():  # d2 has reloaded its peers (NOTIFY causeway_peers)
+            url = a.base + "/v1/events?after=0"
+            h = dict(new.headers("GET", url), Authorization="Bearer " + token)
+            return d2.request("GET", "/v1/events?after=0", headers=h).status_code != 401
+        wait_until(taken_by_d2, what="the rotation at the second process")
+        alone = dict(h_new, Authorization="Bearer " + token)
+        alone["Signature-Input"] = "new" + h_new["Signature-Input"][4:]
+        alone["Signature"] = "new" + h_new["Signature"][4:]
+        r = d2.request("POST", path, data=raw, headers=alone)
+        assert r.status_code == 401 and "replay" in r.json()["detail"], f"replay taken: {r.status_code} {r.text}"
+        assert int(pg.psql(count, db_url)) == before + 1
+        # A fresh keyless receipt signed with the new key is taken there.
+        fresh = dict(new.headers("POST", a.base + path, raw), Authorization="Bearer " + token)
+        r = d2.request("POST", path, data=raw, headers=fresh)
+        assert r.status_code == 202, r.text
+        assert int(pg.psql(count, db_url)) == before + 2
+    finally:
+        srv.close()
+        srv2.close()
+
+
+def test_a_rotated_peers_users_join_through_a_process_not_yet_reloaded_joins_nobody(make_daemon, pg, db_url):
+    """A peer's user's own join of a group she left joins her in a statement
+    before its event is written (submit_join): that statement asks the
+    table too (PEER_IN_FORCE_SQL), so a peer rotated (here in SQL: no
+    process is told) has its user's join through a process whose registry
+    still holds the old token refused 401 with her membership unchanged.
+    Until the forty-seventh session she was joined."""
+    import hashlib
+    from peer import PeerClient, push_peers
+    d1 = make_daemon(db_url).start()
+    (a, srv), (b, srv2) = push_peers(d1)
+    try:
+        eve = a.user("eve")
+        gid = a.create_room([a.user("alice"), eve, b.user("bob")], kind="group").json()["id"]
+
+        def own(membership):
+            return {"type": "membership", "sender": eve, "content": {"membership": membership, "target": eve}}
+        assert a.call("POST", f"/v1/rooms/{gid}/messages", own("leave"), idem="eve-leaves").status_code == 202
+        eves = ("SELECT m.membership FROM room_members m JOIN identities i ON i.id = m.identity_id "
+                f"JOIN rooms r ON r.id = m.room_id WHERE r.public_id = '{gid}' AND i.uri = '{eve}'")
+        assert pg.psql(eves, db_url) == "left"
+        d2 = make_daemon(db_url).start()
+        a2 = PeerClient(d2.url, a.name, a.domain, token=a.token, signer=a.signer)
+        assert a2.send(gid, a.user("alice"), "taken before").status_code == 202  # d2 has the peer
+        token = "cwp_" + base64.urlsafe_b64encode(os.urandom(24)).decode().rstrip("=")
+        pg.psql("UPDATE peers SET token_hash = '\\x" + hashlib.sha256(token.encode()).hexdigest()
+                + "' WHERE name = 'gk'", db_url)
+        r = a2.call("POST", f"/v1/rooms/{gid}/messages", own("join"), idem="eve-joins")
+        assert r.status_code == 401, r.text
+        assert pg.psql(eves, db_url) == "left"
+    finally:
+        srv.close()
+        srv2.close()
+
+
+def test_a_disabled_pull_peers_pull_through_a_process_not_yet_reloaded_is_refused(make_daemon, pg, db_url):
+    """A pull acknowledges and hands out: its claim asks the table whether
+    the peer is still in force (PEER_IN_FORCE_SQL) as a write does, so a
+    pull peer disabled (here in SQL: no process is told) gets 401 from a
+    process whose registry still holds it, and nothing is handed out.
+    Until the forty-seventh session it was answered its events."""
+    from peer import PeerClient
+    d1 = make_daemon(db_url).start()
+    a, b, rm, srv = make_peers(d1)
+    try:
+        d2 = make_daemon(db_url).start()
+        b2 = PeerClient(d2.url, b.name, b.domain, token=b.token, signer=b.signer)
+        assert b2.call("GET", "/v1/events?after=0").status_code == 200  # d2 has the peer
+        assert a.send(rm["id"], a.user("alice"), "for bob").status_code == 202
+        pg.psql("UPDATE peers SET enabled = false, disabled_at = now() WHERE name = 'tg'", db_url)
+        r = b2.call("GET", "/v1/events?after=0")
+        assert r.status_code == 401 and r.json()["code"] == "unauthenticated", r.text
+        pg.psql("UPDATE peers SET enabled = true, disabled_at = NULL WHERE name = 'tg'", db_url)
+        r = b2.call("GET", "/v1/events?after=0")
+        assert r.status_code == 200 and [e["content"]["parts"][0]["body"] for e in r.json()["events"]
+                                         if e["type"] == "message"] == ["for bob"], r.text
+    finally:
+        srv.close()
