@@ -415,7 +415,16 @@ void dispatcher_dead_text(char *buf, size_t len, const char *destination, const 
  * sweeps at once (SKIP LOCKED) or a message decided after the consent may
  * make a later row due first (a probe of the held rows' index, per row).
  * Only the same sender's: in a group, a member the user has not accepted
- * yet holds back their own messages, not the whole group's.  A claim
+ * yet holds back their own messages, not the whole group's.  The probe
+ * is one descent of outbox_held_probe_idx (056) whatever the statistics:
+ * IS NOT DISTINCT FROM (state is NOT NULL: the same test as =) proves
+ * that index's predicate and no other's, and the sender is a subquery,
+ * not a join, so that no index's order of event_id is of use.  With
+ * state = 'held' and a join the planner read a whole index per row
+ * claimed (outbox_held_age_idx when the statistics counted no held row,
+ * outbox_event_dest_key when they counted a backlog since released by a
+ * consent): 0.4-12.6 s a claim of 250 rows (docs/performance.md,
+ * "Forty-seventh session").  A claim
  * holds at most batch_max rows ($1) and about claim_bytes of their events
  * ($5, sized): its rows, their text and their JSON are all in memory at
  * once, in each lane (until the thirtieth session only the count bounded
@@ -430,10 +439,11 @@ static const struct store_stmt lane_stmts[] = {
 		" SELECT o.id, o.event_id FROM outbox o"
 		" WHERE o.state = 'pending' AND o.destination = $4 AND o.next_attempt_at <= now()"
 		"  AND o.room_id NOT IN (SELECT room_id FROM blocked)"
-		"  AND (o.target_identity_id IS NULL OR NOT EXISTS (SELECT 1 FROM outbox h JOIN events he ON he.id = h.event_id"
-		"   WHERE h.state = 'held' AND h.target_identity_id = o.target_identity_id AND h.id < o.id"
-		"   AND h.room_id = o.room_id AND h.destination = o.destination"
-		"   AND he.sender_id = (SELECT oe.sender_id FROM events oe WHERE oe.id = o.event_id)))"
+		"  AND (o.target_identity_id IS NULL OR NOT EXISTS (SELECT 1 FROM outbox h"
+		"   WHERE h.state IS NOT DISTINCT FROM 'held' AND h.target_identity_id = o.target_identity_id"
+		"   AND h.room_id = o.room_id AND h.id < o.id AND h.destination = o.destination"
+		"   AND (SELECT he.sender_id FROM events he WHERE he.id = h.event_id)"
+		"    = (SELECT oe.sender_id FROM events oe WHERE oe.id = o.event_id)))"
 		" ORDER BY o.id LIMIT $1::int FOR UPDATE OF o SKIP LOCKED), "
 		/* At most $5 bytes of stored events (their text, as read here,
 		 * plus CLAIM_EVENT_OVERHEAD each), always one: the rows due

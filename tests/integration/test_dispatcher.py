@@ -4,8 +4,11 @@ destination that comes up while every known one is busy, the stop while
 the claims' keeper waits (for a lock, for a frozen postmaster), a lane's
 round of the destinations, a failed renewal tried again in time."""
 import os
+import re
 import signal
 import time
+
+import pytest
 
 from harness import wait_until
 from peer import push_peers
@@ -304,6 +307,59 @@ def test_the_claims_rows_backing_off_are_read_in_their_index_whatever_the_statis
         for p in plans:
             assert "Filter: (next_attempt_at > now())" not in p, p
             assert "outbox_backing_off_idx" in p, p
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
+@pytest.mark.parametrize("statistics", ["no held row", "a backlog since released"])
+def test_the_claims_held_rows_probe_is_one_descent_whatever_the_statistics(make_daemon, db_url, pg, statistics):
+    """The claim's probe of an earlier held row (same user, room and
+    sender) is planned as a descent of outbox_held_probe_idx (056) with
+    statistics that count no held row while thousands are held (analyzed
+    before they came), and with statistics taken while a user's backlog
+    was held, since released: with the probe's state = 'held' and its join
+    of events, the first read outbox_held_age_idx whole for each row
+    claimed and the second outbox_event_dest_key (0.4-0.8 s and 3.4-12.6
+    s a claim of 250 rows; docs/performance.md, "Forty-seventh
+    session").  The daemon's sessions log their plans (auto_explain);
+    autovacuum is off for outbox, so the statistics stay as made.  (A
+    bitmap scan of that index, with the same conditions, is the same
+    descent.)"""
+    name = db_url.split("?")[0].rsplit("/", 1)[1]
+    pg.psql(f'ALTER DATABASE "{name}" SET session_preload_libraries = \'auto_explain\'')
+    pg.psql(f'ALTER DATABASE "{name}" SET auto_explain.log_min_duration = 0')
+    pg.psql("ALTER TABLE outbox SET (autovacuum_enabled = off)", db_url)
+    held = ("INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state) "
+            "SELECT -g, 'peer:zz', -1 - g % 4, -1 - g % 4, 'held' FROM generate_series(1, 3000) g")
+    if statistics == "no held row":
+        pg.psql("INSERT INTO outbox (event_id, destination, room_id, state, delivered_at) "
+                "SELECT -100000 - g, 'peer:zz', -1, 'delivered', now() FROM generate_series(1, 5000) g", db_url)
+        pg.psql("ANALYZE outbox", db_url)
+        pg.psql(held, db_url)
+    else:
+        pg.psql(held, db_url)
+        pg.psql("ANALYZE outbox", db_url)
+        pg.psql("UPDATE outbox SET state = 'dropped' WHERE state = 'held'", db_url)
+    log = os.path.join(pg.dir, "postgresql.log")
+    start = os.path.getsize(log)
+    d = make_daemon(db_url).start()
+    (a, sa), (b, sb) = made = push_peers(d)
+    try:
+        rm = room(a, b)
+        assert a.send(rm["id"], a.user("alice"), "planned").status_code == 202
+        sb.wait_events(1)
+        with open(log, encoding="utf-8", errors="replace") as f:
+            f.seek(start)
+            plans = [p for p in f.read().split("plan:") if "blocked AS" in p]
+        assert plans, "no plan of the claim logged"
+        for p in plans:
+            scans = re.findall(r"->  ([^(\n]*?) on outbox h\b", p)
+            assert scans and all(s in ("Index Scan using outbox_held_probe_idx", "Bitmap Heap Scan")
+                                 for s in scans), p
+            assert re.search(r"(Index Scan using outbox_held_probe_idx on outbox h|Bitmap Index Scan on"
+                             r" outbox_held_probe_idx)\b.*\n\s+Index Cond: \(\(target_identity_id"
+                             r" = (o\w*)\.target_identity_id\) AND \(room_id = \2\.room_id\) AND \(id < \2\.id\)\)", p), p
     finally:
         for _, srv in made:
             srv.close()

@@ -1,0 +1,32 @@
+-- 056_outbox_held_probe_index.sql: the held rows of a user in a room, in
+-- id order, for the dispatcher's claim alone (gateway/dispatcher.c,
+-- cw_claim's probe: is an earlier row of this room, from the same sender
+-- to the same user, still held?).
+--
+-- outbox_held_idx has the same columns, but its predicate (state =
+-- 'held') is also outbox_held_age_idx's, and the probe's state = 'held'
+-- let the planner read any index of held rows (or of the states around
+-- them: outbox_state_dest_idx, outbox_room_order_idx) in full, with the
+-- probe's tests as a filter.  Statistics that count no held row cost
+-- every such index as empty, and its smallest won (outbox_held_age_idx);
+-- statistics taken while a large backlog was held, then released by a
+-- consent, made the planner expect a match at once in any of them
+-- (outbox_event_dest_key, read whole).  Every held row was read for each
+-- row claimed: 0.4-0.8 s a claim of 250 rows in the first case, 3.4-12.6
+-- s in the second (docs/performance.md, "Forty-seventh session").  The
+-- probe now says state IS NOT DISTINCT FROM 'held' (the same test, as
+-- state is NOT NULL), which proves this predicate and no other index's
+-- and is no index condition of outbox_state_dest_idx: this index is the
+-- only one the probe can read but the whole table's (the primary key on
+-- h.id < o.id, outbox_event_dest_key by its later columns), which no
+-- statistics make cheaper than one descent here.  EXPLAIN (ANALYZE), a
+-- claim of 250 rows, never analyzed, analyzed with every row delivered,
+-- analyzed with 20,000 rows held for others, analyzed while 20,000 were
+-- held for the claimed user then released: this index each time, 9-28 ms.
+--
+-- Its cost: one entry per held row (written when a row is held, as
+-- outbox_held_idx's is), none for the other states.  On a large live
+-- outbox, build it first by hand with CREATE INDEX CONCURRENTLY
+-- (docs/schema.md).
+CREATE INDEX IF NOT EXISTS outbox_held_probe_idx ON outbox (target_identity_id, room_id, id)
+    WHERE state IS NOT DISTINCT FROM 'held';
