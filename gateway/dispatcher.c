@@ -416,7 +416,7 @@ void dispatcher_dead_text(char *buf, size_t len, const char *destination, const 
  * make a later row due first (a probe of the held rows' index, per row).
  * Only the same sender's: in a group, a member the user has not accepted
  * yet holds back their own messages, not the whole group's.  The probe
- * is one descent of outbox_held_probe_idx (056) whatever the statistics:
+ * is one descent of outbox_held_probe_idx (047) whatever the statistics:
  * IS NOT DISTINCT FROM (state is NOT NULL: the same test as =) proves
  * that index's predicate and no other's, and the sender is a subquery,
  * not a join, so that no index's order of event_id is of use.  With

@@ -315,7 +315,7 @@ def test_the_claims_rows_backing_off_are_read_in_their_index_whatever_the_statis
 @pytest.mark.parametrize("statistics", ["no held row", "a backlog since released"])
 def test_the_claims_held_rows_probe_is_one_descent_whatever_the_statistics(make_daemon, db_url, pg, statistics):
     """The claim's probe of an earlier held row (same user, room and
-    sender) is planned as a descent of outbox_held_probe_idx (056) with
+    sender) is planned as a descent of outbox_held_probe_idx (047) with
     statistics that count no held row while thousands are held (analyzed
     before they came), and with statistics taken while a user's backlog
     was held, since released: with the probe's state = 'held' and its join

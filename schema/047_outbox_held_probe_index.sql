@@ -1,4 +1,4 @@
--- 056_outbox_held_probe_index.sql: the held rows of a user in a room, in
+-- 047_outbox_held_probe_index.sql: the held rows of a user in a room, in
 -- id order, for the dispatcher's claim alone (gateway/dispatcher.c,
 -- cw_claim's probe: is an earlier row of this room, from the same sender
 -- to the same user, still held?).
