@@ -4517,9 +4517,11 @@ static void membership_by_spelled(struct msg_input *in, struct event *ev, const 
 static char *nonces_json(const struct peer_principal *p)
 {
 	json_t *a = json_array();
-	for (size_t i = 0; a && i <= p->n_other_nonces && i <= CW_ARRAY_LEN(p->other_nonces); i++)
-		json_array_append_new(a, json_pack("{s:s, s:I}", "nonce", i ? p->other_nonces[i - 1] : p->nonce,
-						   "created", (json_int_t)(i ? p->other_created[i - 1] : p->created)));
+	for (size_t i = 0; a && i <= p->n_other_nonces; i++) {
+		int64_t created;
+		const char *nonce = peer_nonce_at(p, i, &created);
+		json_array_append_new(a, json_pack("{s:s, s:I}", "nonce", nonce, "created", (json_int_t)created));
+	}
 	char *text = a ? json_dumps(a, JSON_COMPACT) : NULL;
 	json_decref(a);
 	return text;
@@ -4606,7 +4608,7 @@ static void submit_one(struct cw_req *req, struct cw_app *app, unsigned types, b
 		in->idem_key = strdup(key);
 		if (claim) {
 			in->nonces = nonces_json(p);
-			in->nonces_stale = cw_wall_ms() / 1000 - app->cfg->max_clock_skew_s - 60;
+			in->nonces_stale = peer_nonce_stale_before(cw_wall_ms() / 1000, app->cfg->max_clock_skew_s);
 		}
 		msg_input_from_event(in, app, room, sender, &ev, NULL);
 		membership_by_spelled(in, &ev, p);

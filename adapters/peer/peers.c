@@ -88,6 +88,17 @@ void peer_principal_free(void *p)
 	free(pp);
 }
 
+const char *peer_nonce_at(const struct peer_principal *p, size_t i, int64_t *created)
+{
+	*created = i ? p->other_created[i - 1] : p->created;
+	return i ? p->other_nonces[i - 1] : p->nonce;
+}
+
+int64_t peer_nonce_stale_before(int64_t now_s, int64_t skew_s)
+{
+	return now_s - skew_s - 60;
+}
+
 cw_err peer_nonce_claim(PGconn *c, const struct peer_principal *p, int64_t now_s, int64_t skew_s, bool *fresh,
 			bool *in_force, cw_errmsg *e)
 {
@@ -95,16 +106,18 @@ cw_err peer_nonce_claim(PGconn *c, const struct peer_principal *p, int64_t now_s
 	*in_force = true;
 	char pid[24], created[24], stale[24], th[65];
 	snprintf(pid, sizeof(pid), "%lld", (long long)p->id);
-	snprintf(stale, sizeof(stale), "%lld", (long long)(now_s - skew_s - 60));
+	snprintf(stale, sizeof(stale), "%lld", (long long)peer_nonce_stale_before(now_s, skew_s));
 	cw_hex(th, p->token_hash, 32);
 	/* The first statement asks the table whether the peer is still
 	 * enabled with the token p came with (PEER_IN_FORCE_SQL), and
 	 * claims the verified signature's nonce (none: the check alone);
 	 * then the others' (one statement each: a request signed more than
 	 * once is rare, a rotation's). */
-	for (size_t i = 0; *fresh && i <= p->n_other_nonces && i <= CW_ARRAY_LEN(p->other_nonces); i++) {
-		snprintf(created, sizeof(created), "%lld", (long long)(i ? p->other_created[i - 1] : p->created));
-		const char *nonce = i ? p->other_nonces[i - 1] : p->nonce[0] ? p->nonce : NULL;
+	for (size_t i = 0; *fresh && i <= p->n_other_nonces; i++) {
+		int64_t at;
+		const char *nonce = peer_nonce_at(p, i, &at);
+		snprintf(created, sizeof(created), "%lld", (long long)at);
+		nonce = nonce[0] ? nonce : NULL;
 		const char *params[] = { pid, nonce, created, stale, th };
 		PGresult *r = PQexecParams(c,
 					   "WITH pk AS MATERIALIZED (SELECT 1 FROM peers WHERE id = $1::bigint AND "

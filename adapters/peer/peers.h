@@ -38,6 +38,14 @@ struct peer_principal {
 	size_t n_other_nonces;
 };
 void peer_principal_free(void *p);
+/* The nonces of p's signatures, for the claims of a write (peer_nonce_claim,
+ * peer_api.c's PEER_NONCES): i from 0 to p->n_other_nonces, the verified
+ * one's first ("" when it has none), then the others'; *created: from when
+ * the nonce is held. */
+const char *peer_nonce_at(const struct peer_principal *p, size_t i, int64_t *created);
+/* The created below which a peer's claimed nonces are forgotten (now_s
+ * past the clock skew and a minute more): no signature that old is taken. */
+int64_t peer_nonce_stale_before(int64_t now_s, int64_t skew_s);
 
 /* Whether the peer row T (of the table peers) is still in force for a
  * request that came with the token whose SHA-256 is the hex text TH

@@ -4,6 +4,7 @@
 #include "config.h"
 #include "peer/httpsig.h"
 #include "peer/peer_out.h"
+#include "peer/peers.h"
 #include "media.h"
 #include "unit.h"
 
@@ -1447,6 +1448,29 @@ END_TEST
 /* The capability tokens of GET /v1/media/{token} (media.h): made for one
  * peer under a key derived from the signing key; every other peer, key,
  * or changed character fails. */
+/* A principal's nonces as the write claims them (peer_nonce_claim,
+ * PEER_NONCES): the verified signature's first, then the others', each
+ * with its own created; the bound below which claims are forgotten is the
+ * skew and a minute before now. */
+START_TEST(principal_nonces_verified_first)
+{
+	struct peer_principal p = { .created = 1000, .n_other_nonces = 2 };
+	snprintf(p.nonce, sizeof(p.nonce), "%s", "n-verified");
+	snprintf(p.other_nonces[0], sizeof(p.other_nonces[0]), "%s", "n-old-key");
+	snprintf(p.other_nonces[1], sizeof(p.other_nonces[1]), "%s", "n-third");
+	p.other_created[0] = 1005;
+	p.other_created[1] = 990;
+	const char *want[] = { "n-verified", "n-old-key", "n-third" };
+	const int64_t want_created[] = { 1000, 1005, 990 };
+	for (size_t i = 0; i <= p.n_other_nonces; i++) {
+		int64_t created = -1;
+		ck_assert_str_eq(peer_nonce_at(&p, i, &created), want[i]);
+		ck_assert_int_eq(created, want_created[i]);
+	}
+	ck_assert_int_eq(peer_nonce_stale_before(10000, 300), 10000 - 300 - 60);
+}
+END_TEST
+
 START_TEST(media_tokens_open_for_their_peer_only)
 {
 	EVP_PKEY *k1 = EVP_PKEY_Q_keygen(NULL, NULL, "ED25519"), *k2 = EVP_PKEY_Q_keygen(NULL, NULL, "ED25519");
@@ -1528,6 +1552,7 @@ int main(void)
 	tcase_add_test(tc, replay_is_thread_safe);
 	tcase_add_test(tc, key_file_created_once_with_mode_0600);
 	tcase_add_test(tc, media_tokens_open_for_their_peer_only);
+	tcase_add_test(tc, principal_nonces_verified_first);
 	tcase_add_test(tc, public_key_from_bad_base64);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
