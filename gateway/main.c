@@ -723,8 +723,10 @@ int main(int argc, char **argv)
 	 * take) started "ready" all the same, and refused every peer's signed
 	 * request (until the forty-seventh session's review). */
 	if (!app.replay || !app.peers || !app.submits) {
-		LOG_KV(CW_LOG_ERROR, "out of memory", "detail", !app.replay ? "the signatures' replay cache "
-		       "(peer.replay_cache_entries)" : "the peer registry");
+		LOG_KV(CW_LOG_ERROR, "out of memory", "detail",
+		       !app.replay  ? "the signatures' replay cache (peer.replay_cache_entries)"
+		       : !app.peers ? "the peer registry"
+				    : "the submit queue");
 		goto out_migrations;
 	}
 	{
