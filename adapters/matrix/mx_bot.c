@@ -22,7 +22,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* The rows of one look for work: the inbox's (a parameter), the notices',
+ * the consent requests' and their expiries' (the statements' LIMIT,
+ * BOT_BATCH_SQL), and so of the arrays that note what became of each row
+ * of a batch (notices, requests). */
 #define BOT_BATCH 20
+#define BOT_BATCH_SQL "20" /* BOT_BATCH, as the statements write it */
 #define BOT_TRIES 12      /* an inbox row the homeserver could not take: tried this often */
 #define BOT_RETRY_MAX_S 600 /* the longest wait between two tries (2 s, 4 s, ... 10 min: 37 min in all) */
 #define BOT_HANDLED_KEEP_DAYS 7 /* a handled event's id is kept this long against the homeserver's resends */
@@ -1179,10 +1184,10 @@ static const char *notice_sender(const struct matrix *m, const PGresult *r, int 
  * try waits for it: notices' NOT EXISTS). */
 static void hold_room(PGconn *c, const PGresult *r, int i, int n_rows, bool *given_back)
 {
-	char ids[20 * 24 + 4];
+	char ids[BOT_BATCH * 24 + 4];
 	size_t n = 0;
 	ids[n++] = '{';
-	for (int k = i + 1; k < n_rows && k < 20; k++) {
+	for (int k = i + 1; k < n_rows && k < BOT_BATCH; k++) {
 		if (given_back[k] || strcmp(PQgetvalue(r, k, 1), PQgetvalue(r, i, 1)) != 0)
 			continue;
 		given_back[k] = true;
@@ -1225,8 +1230,8 @@ static void notices(struct matrix *m, PGconn *c)
 		return;
 	}
 	int n_rows = PQntuples(r);
-	bool given_back[20] = { false }; /* the batch's rows (LIMIT 20) of a sender limited, or behind one not sent */
-	for (int i = 0; i < n_rows && i < 20; i++) {
+	bool given_back[BOT_BATCH] = { false }; /* the batch's rows of a sender limited, or behind one not sent */
+	for (int i = 0; i < n_rows && i < BOT_BATCH; i++) {
 		if (given_back[i])
 			continue;
 		const char *id = PQgetvalue(r, i, 0), *room = PQgetvalue(r, i, 1);
@@ -1243,10 +1248,10 @@ static void notices(struct matrix *m, PGconn *c)
 			/* this row and the batch's later ones of its sender, due
 			 * when it asks (a stale one among them is given up at its
 			 * next try, as any) */
-			char ids[20 * 24 + 4], ms[24];
+			char ids[BOT_BATCH * 24 + 4], ms[24];
 			size_t n = 0;
 			ids[n++] = '{';
-			for (int k = i; k < n_rows && k < 20; k++) {
+			for (int k = i; k < n_rows && k < BOT_BATCH; k++) {
 				const char *other = notice_sender(m, r, k);
 				if (given_back[k] || !(other == user || (other && user && strcmp(other, user) == 0)))
 					continue;
@@ -2303,7 +2308,7 @@ static bool bot_taken(struct matrix *m)
  * one no more, as after the bot's kick: the bot forgets it and leaves it,
  * and the consent requests wait, unshown, for the next room the user
  * opens with it.  Until the forty-seventh session such a room's requests
- * stayed first in the bot's look (LIMIT 20, oldest first), refused every
+ * stayed first in the bot's look (LIMIT BOT_BATCH, oldest first), refused every
  * half minute: twenty of them (one user's, who muted the bot, a few days
  * of first contacts) and no user's request was shown any more. */
 static void mgmt_room_refuses(struct matrix *m, PGconn *c, const char *room, long status)
@@ -2341,8 +2346,8 @@ static void requests(struct matrix *m, PGconn *c, int64_t *after_us)
 		PQclear(r);
 		return;
 	}
-	bool refused[20] = { false }; /* the batch's rows (LIMIT 20) whose room refused the bot */
-	for (int i = 0; i < PQntuples(r) && i < 20; i++) {
+	bool refused[BOT_BATCH] = { false }; /* the batch's rows whose room refused the bot */
+	for (int i = 0; i < PQntuples(r) && i < BOT_BATCH; i++) {
 		bool gone = false;
 		for (int k = 0; k < i && !gone; k++)
 			gone = refused[k] && strcmp(PQgetvalue(r, k, 1), PQgetvalue(r, i, 1)) == 0;
@@ -2457,7 +2462,7 @@ static void expiries(struct matrix *m, PGconn *c, int64_t *seen)
 			       "detail", e.msg);
 	}
 	PQclear(r);
-	if (n == 20)
+	if (n == BOT_BATCH)
 		return; /* more to queue: the cursor waits for them */
 	r = bot_look(c, BOT_EXPIRY_CURSOR, 1, p);
 	if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 && !PQgetisnull(r, 0, 0))
@@ -2694,7 +2699,7 @@ static const struct store_stmt bot_stmts[BOT_LOOKS + 1] = {
 		" JOIN identities ri ON ri.id = q.remote_identity_id "
 		"WHERE q.state = 'pending' AND q.notified_at IS NULL AND NOT EXISTS (SELECT 1 FROM matrix_notices x "
 		" WHERE x.room_id = mr.room_id AND " NOTICE_WAITS("x") ") "
-		"ORDER BY q.id LIMIT 20" },
+		"ORDER BY q.id LIMIT " BOT_BATCH_SQL },
 	[BOT_EXPIRIES] = { "mx_bot_expiries",
 		"SELECT a.id, mr.room_id, ri.uri, ri.network, coalesce(ri.display_name, ''), "
 		" coalesce(a.details->>'reason', '') FROM audit_log a "
@@ -2709,7 +2714,7 @@ static const struct store_stmt bot_stmts[BOT_LOOKS + 1] = {
 		"  AND k.updated_at > a.at AND ((k.subject_kind = 'user' AND k.subject = ri.uri) "
 		"  OR (k.subject_kind = 'domain' AND k.subject = ri.domain))) "
 		" AND NOT EXISTS (SELECT 1 FROM matrix_notices x WHERE x.txn_id = 'cwexpire-' || a.id) "
-		"ORDER BY a.id LIMIT 20" },
+		"ORDER BY a.id LIMIT " BOT_BATCH_SQL },
 	[BOT_EXPIRY_CURSOR] = { "mx_bot_expiry_cursor",
 		"SELECT max(id) FROM audit_log WHERE action = 'consent.expire' AND id > $1::bigint "
 		"AND at < now() - interval '1 minute'" },
@@ -2717,7 +2722,7 @@ static const struct store_stmt bot_stmts[BOT_LOOKS + 1] = {
 		"WITH d AS (SELECT id FROM matrix_notices x WHERE next_at <= now() AND done_at IS NULL "
 		"  AND NOT EXISTS (SELECT 1 FROM matrix_notices y WHERE y.room_id = x.room_id AND y.id < x.id "
 		"  AND y.next_at > now() AND " NOTICE_WAITS("y") ") "
-		"  ORDER BY id LIMIT 20 "
+		"  ORDER BY id LIMIT " BOT_BATCH_SQL " "
 		"  FOR UPDATE SKIP LOCKED), "
 		"t AS (UPDATE matrix_notices x SET tries = x.tries + 1, "
 		"  next_at = now() + least(power(2, x.tries + 1), 600) * interval '1 second' FROM d WHERE x.id = d.id "
