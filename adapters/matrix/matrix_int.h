@@ -106,16 +106,23 @@ bool mx_mark_if_joined(struct matrix *m, PGconn *c, const char *room, const char
  * the room's lock of every write of events, in a short transaction of its
  * own on c (which must be in none): the one mark of an invitee's join. */
 cw_err mx_mark_joined(PGconn *c, const char *room_id, const char *identity_id, cw_errmsg *e);
+/* The same for an invitation the homeserver refused for good: the member
+ * is marked left, as after a decline (which the peer is not told of). */
+cw_err mx_mark_refused(PGconn *c, const char *room_id, const char *identity_id, cw_errmsg *e);
+/* The room the making of a portal left behind when the homeserver refused
+ * its invitation for good: left by the bot, its alias deleted. */
+void mx_portal_refused(struct matrix *m, const char *neutral_room, const char *target_mxid);
 /* The portal of group neutral_room (its id) for the local user target_id
  * (Matrix id target_mxid): made by the bot with the user invited, bound;
  * its room id and binding id out.  Made once: a portal bound meanwhile
  * takes the new one's place.  Once bound, the homeserver is asked whether
  * the user joined it already (mx_mark_if_joined: a join before the
  * binding marked nothing).  *wait_ms (unless NULL): after a createRoom
- * answered 429 M_LIMIT_EXCEEDED, the wait it asked for, else 0. */
+ * answered 429 M_LIMIT_EXCEEDED, the wait it asked for, else 0; *status
+ * (unless NULL): the homeserver's last answer to the making (0: none). */
 cw_err mx_ensure_portal(struct matrix *m, PGconn *c, const char *neutral_room, const char *name,
 			const char *target_id, const char *target_mxid, char *room, size_t rlen, char *binding,
-			size_t blen, long *wait_ms, cw_errmsg *e);
+			size_t blen, long *wait_ms, long *status, cw_errmsg *e);
 /* POST /rooms/{room}/<action> ("join" or "leave", no body) as user (NULL:
  * the bot). */
 cw_err mx_room_action(struct matrix *m, const char *room, const char *user, const char *action, cw_errmsg *e);

@@ -2635,18 +2635,48 @@ static void forget_handled(struct matrix *m, PGconn *c, int64_t *next_us)
  * again as backed_off_round says: a homeserver may have made the room
  * before it failed, and a room each round would pile up.  Until the
  * forty-fifth session's review a 429's wait was not kept: a homeserver
- * asking 30 s was asked again after 2 s, 4 s, ... */
+ * asking 30 s was asked again after 2 s, 4 s, ...  An invitation the
+ * homeserver refuses for good (a 403: the user's server refuses it, as
+ * Synapse answers when a federated invitation is refused, or a server's
+ * policy forbids it; a 404: no such user), while it takes the bot
+ * (bot_taken), ends as a decline does: the member is marked left (the
+ * peer is not told, as of a decline), with a line in the log, and the
+ * room the making left behind is left (mx_portal_refused); the peer may
+ * invite them again.  One not taken for now goes to the back of the look
+ * (its updated_at), behind the other invited users.  Until the forty-seventh session both stayed
+ * first in the look (LIMIT 16, in a fixed order), asked again for ever,
+ * and sixteen refused invitations held up every other user's portal
+ * (test_a_refused_portal_invitation_holds_up_no_one_elses). */
 static enum row_outcome invitation_row(struct matrix *m, PGconn *c, PGresult *r, int i, long *wait_ms)
 {
 	char room[MX_ID_MAX + 1], binding[24];
 	cw_errmsg e;
+	long status = 0;
 	cw_err rc = mx_ensure_portal(m, c, PQgetvalue(r, i, 0), PQgetisnull(r, i, 1) ? NULL : PQgetvalue(r, i, 1),
 				     PQgetvalue(r, i, 2), PQgetvalue(r, i, 3), room, sizeof(room), binding, sizeof(binding),
-				     wait_ms, &e);
+				     wait_ms, &status, &e);
 	if (rc == CW_OK)
 		return ROW_DONE; /* a join that came before the binding: mx_ensure_portal asked */
-	LOG_KV(CW_LOG_WARN, "cannot make the room of a user invited to a group", "user", PQgetvalue(r, i, 3), "detail",
-	       e.msg);
+	const char *params[] = { PQgetvalue(r, i, 0), PQgetvalue(r, i, 2) };
+	cw_errmsg e2;
+	if (rc != CW_EUNAVAIL && (status == 403 || status == 404) && bot_taken(m)) {
+		char st[16];
+		snprintf(st, sizeof(st), "%ld", status);
+		LOG_KV_LIMITED(CW_LOG_WARN, "the homeserver refuses for good a user's invitation to a group: it ends",
+			       "user", PQgetvalue(r, i, 3), "status", st, "detail", e.msg);
+		mx_portal_refused(m, params[0], PQgetvalue(r, i, 3));
+		if (mx_mark_refused(c, params[0], params[1], &e2)) {
+			LOG_KV_LIMITED(CW_LOG_WARN, "cannot end a refused invitation", "user", PQgetvalue(r, i, 3),
+				       "detail", e2.msg);
+			return ROW_AGAIN;
+		}
+		return ROW_DONE;
+	}
+	LOG_KV_LIMITED(CW_LOG_WARN, "cannot make the room of a user invited to a group", "user", PQgetvalue(r, i, 3),
+		       "detail", e.msg);
+	if (store_command(c, "UPDATE room_members SET updated_at = now() WHERE room_id = $1::bigint "
+			  "AND identity_id = $2::bigint AND membership = 'invited'", 2, params, &e2))
+		LOG_KV_LIMITED(CW_LOG_WARN, "cannot put back a user invited to a group", "detail", e2.msg);
 	/* CW_EUNAVAIL: no answer (mx_call), or no database */
 	return *wait_ms > 0 || rc == CW_EUNAVAIL ? ROW_AGAIN_ALL : ROW_AGAIN;
 }
@@ -2752,7 +2782,7 @@ static const struct store_stmt bot_stmts[BOT_LOOKS + 1] = {
 		"JOIN identity_bindings ib ON ib.identity_id = i.id AND ib.network = 'matrix' "
 		"WHERE x.membership = 'invited' AND NOT x.peer_invited AND NOT EXISTS (SELECT 1 FROM room_bindings b "
 		" WHERE b.network = 'matrix' AND b.room_id = x.room_id AND b.local_identity_id = x.identity_id) "
-		"ORDER BY x.room_id, x.identity_id LIMIT 16" },
+		"ORDER BY x.updated_at, x.room_id, x.identity_id LIMIT 16" },
 	[BOT_INVITEES] = { "mx_bot_invitees",
 		"SELECT x.room_id, x.identity_id, b.native_id, coalesce(ib.native_id, '@' || i.localpart || ':' || $1) "
 		"FROM room_members x "

@@ -850,7 +850,7 @@ bool mx_mark_if_joined(struct matrix *m, PGconn *c, const char *room, const char
  * or the rollback, or when the connection goes, never left held by a
  * failure on the way (a reader's connection holding a group's lock would
  * hold every write of the group). */
-cw_err mx_mark_joined(PGconn *c, const char *room_id, const char *identity_id, cw_errmsg *e)
+static cw_err mark_invited(PGconn *c, const char *room_id, const char *identity_id, bool joined, cw_errmsg *e)
 {
 	const char *params[] = { room_id, identity_id };
 	cw_err rc = store_exec(c, "BEGIN", e);
@@ -865,11 +865,27 @@ cw_err mx_mark_joined(PGconn *c, const char *room_id, const char *identity_id, c
 	}
 	/* "0": not invited (no lock was taken): nothing to mark */
 	if (!rc && strcmp(PQgetvalue(r, 0, 0), "0") != 0)
-		rc = store_command(c, "UPDATE room_members SET membership = 'joined', peer_invited = false, updated_at = now() "
-				   "WHERE room_id = $1::bigint AND identity_id = $2::bigint AND membership = 'invited'",
+		rc = store_command(c, joined ? "UPDATE room_members SET membership = 'joined', peer_invited = false, "
+					       "updated_at = now() WHERE room_id = $1::bigint AND identity_id = $2::bigint "
+					       "AND membership = 'invited'"
+					     : "UPDATE room_members SET membership = 'left', peer_invited = false, "
+					       "updated_at = now() WHERE room_id = $1::bigint AND identity_id = $2::bigint "
+					       "AND membership = 'invited'",
 				   2, params, e);
 	PQclear(r);
 	return store_end(c, rc, e);
+}
+
+cw_err mx_mark_joined(PGconn *c, const char *room_id, const char *identity_id, cw_errmsg *e)
+{
+	return mark_invited(c, room_id, identity_id, true, e);
+}
+
+/* Under the same lock: an invitation refused for good (invitation_row)
+ * ends as a decline does. */
+cw_err mx_mark_refused(PGconn *c, const char *room_id, const char *identity_id, cw_errmsg *e)
+{
+	return mark_invited(c, room_id, identity_id, false, e);
 }
 
 /* A group's name (NULL: none) as its portals show it: as it is when it
@@ -888,6 +904,13 @@ static const char *portal_name(const char *name, char *out, size_t len)
 	return out[0] ? out : NULL;
 }
 
+/* The key of a portal's making (create_room): the group and its user. */
+#define PORTAL_KEY_MAX (MX_ID_MAX + 64)
+static void portal_key(const char *neutral_room, const char *target_mxid, char key[PORTAL_KEY_MAX])
+{
+	snprintf(key, PORTAL_KEY_MAX, "portal|%s|%s", neutral_room, target_mxid);
+}
+
 /* The portal of a group for one local user: a room made by the bot with
  * the user invited, bound to the group (a room binding with no remote
  * user, schema/017_group_portals.sql).  Per user, not one for all: the
@@ -896,13 +919,13 @@ static const char *portal_name(const char *name, char *out, size_t len)
  * else not: clients name it after its members. */
 cw_err mx_ensure_portal(struct matrix *m, PGconn *c, const char *neutral_room, const char *name,
 			const char *target_id, const char *target_mxid, char *room, size_t rlen, char *binding,
-			size_t blen, long *wait_ms, cw_errmsg *e)
+			size_t blen, long *wait_ms, long *status_out, cw_errmsg *e)
 {
 	/* As in a direct room, nobody may redact another's events (the bot
 	 * included): a ghost deletes only its own remote user's messages. */
-	char key[MX_ID_MAX + 64], shown[4 * CW_NAME_SHOWN_MAX + 8];
-	long status;
-	snprintf(key, sizeof(key), "portal|%s|%s", neutral_room, target_mxid);
+	char key[PORTAL_KEY_MAX], shown[4 * CW_NAME_SHOWN_MAX + 8];
+	long status = 0;
+	portal_key(neutral_room, target_mxid, key);
 	cw_err rc = create_room(m, NULL,
 				json_pack("{s:s, s:[s], s:s, s:{s:i}, s:s*}", "preset", "private_chat", "invite", target_mxid,
 					  "topic",
@@ -913,6 +936,8 @@ cw_err mx_ensure_portal(struct matrix *m, PGconn *c, const char *neutral_room, c
 				key, target_mxid, room, rlen, &status, e);
 	if (wait_ms)
 		*wait_ms = rc && status == 429 ? mx_rate_limited_wait_ms() : 0;
+	if (status_out)
+		*status_out = status;
 	if (rc)
 		return rc;
 	const char *params[] = { neutral_room, room, target_id, name };
@@ -933,6 +958,31 @@ cw_err mx_ensure_portal(struct matrix *m, PGconn *c, const char *neutral_room, c
 	 * load so). */
 	mx_mark_if_joined(m, c, room, neutral_room, target_id, target_mxid);
 	return CW_OK;
+}
+
+/* A portal whose invitation the homeserver refused for good
+ * (invitation_row): Synapse makes the room, its state and its alias before
+ * the invitation, whose failure fails the createRoom, the room left made.
+ * The bot leaves that room, found by its alias, and the alias goes: else
+ * it stayed, the bot alone in it, for ever. */
+void mx_portal_refused(struct matrix *m, const char *neutral_room, const char *target_mxid)
+{
+	char key[PORTAL_KEY_MAX], local[MX_ID_MAX + 1], alias[MX_ID_MAX + 1], dir[900];
+	portal_key(neutral_room, target_mxid, key);
+	alias_of(m, key, local, sizeof(local), alias, sizeof(alias));
+	if (!mx_alias_directory_path(alias, dir, sizeof(dir)))
+		return;
+	long status;
+	json_t *answer = NULL;
+	cw_errmsg e;
+	if (mx_call(m, "GET", dir, NULL, NULL, NULL, &status, &answer, &e) == CW_OK) {
+		const char *id = json_string_value(json_object_get(answer, "room_id"));
+		if (id && mx_room_id_valid(id) && mx_room_action(m, id, NULL, "leave", &e))
+			LOG_KV_LIMITED(CW_LOG_WARN, "the bot cannot leave a room made for a refused invitation", "room",
+				       id, "detail", e.msg);
+	}
+	json_decref(answer);
+	forget_alias(m, NULL, key);
 }
 
 /* The portal's name, as the group's now is (NULL: none; shown as
@@ -1516,7 +1566,7 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	}
 	if (!have_room && group) {
 		if (mx_ensure_portal(m, c, neutral_room, PQgetisnull(r, i, 19) ? NULL : PQgetvalue(r, i, 19), target,
-				     target_mxid, room, sizeof(room), binding, sizeof(binding), NULL, e))
+				     target_mxid, room, sizeof(room), binding, sizeof(binding), NULL, NULL, e))
 			return PREP_FAIL;
 		json_object_set_new(made, rkey, json_string(room));
 		json_object_set_new(made, bkey, json_string(binding));

@@ -347,6 +347,14 @@ class Homeserver:
         # request (500 M_UNKNOWN) before the invitations, which are never
         # sent: a homeserver whose making of a room stopped half way.
         self.fail_invites = None
+        # A test's predicate on an invitation (inviter, invitee): True
+        # refuses it for good, 403 M_FORBIDDEN, as Synapse answers when the
+        # invitee's server refuses it over federation or a module's
+        # user_may_invite says no; in a createRoom after the room, its
+        # state and its alias are made (Synapse sends the invitations
+        # last, and an invitation's failure fails the request, the room
+        # left made: handlers/room.py, create_room).
+        self.refuse_invite = None
         self._buckets = {}          # user_id -> (level, time): the rate limiter's
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
@@ -1464,6 +1472,8 @@ class Homeserver:
                 raise MatrixError(403, "M_FORBIDDEN", f"{target} is already in the room.")
             if room.user_level(sender) < room.needed("invite", 0):
                 raise MatrixError(403, "M_FORBIDDEN", "You don't have permission to invite users")
+            if self.refuse_invite is not None and self.refuse_invite(sender, target):
+                raise MatrixError(403, "M_FORBIDDEN", f"The invitation of {target} was refused")
             if cur == "invite" and allow_noop:
                 return room.state[("m.room.member", target)]
         elif membership == "leave":

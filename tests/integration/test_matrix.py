@@ -6771,6 +6771,58 @@ def test_a_homeserver_not_answering_ends_the_round_of_portal_makings(mx, hs, gk,
                                db_url) == "2", timeout=40, what="both rooms made once the homeserver answers")
 
 
+def test_a_refused_portal_invitation_holds_up_no_one_elses(mx, hs, gk, pg, db_url):
+    """The homeserver refuses for good the bot's invitation of sixteen
+    users to their portals (403 M_FORBIDDEN, as Synapse answers when the
+    invitee's server refuses it: after the room is made).  Each refused
+    invitation ends as a decline does: the member is left (the peer is
+    told nothing), asked once and not again, and the bot leaves the room
+    its making left behind; zed, invited after them, gets his portal at
+    once.  Until the forty-seventh session the refused
+    rows stayed first in the bot's look (sixteen a round, in a fixed
+    order), asked again for ever (a new room each time), and no other
+    user's portal was made."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    alice.send_text(room, "hi wally")
+    srv.wait_events(1)
+    bot = "@_cw_bot:example.org"
+    refused = [f"r{k:02d}" for k in range(16)]
+    for u in refused + ["zed"]:
+        hs.create_user(u)
+
+    def makings(who):
+        return [r for r in hs.requests if r["method"] == "POST" and r["path"].endswith("/createRoom")
+                and r["user"] == bot and (r["body"] or {}).get("invite") == [f"@{who}:example.org"]]
+
+    def membership(who):
+        return pg.psql("SELECT x.membership FROM room_members x JOIN identities i ON i.id = x.identity_id "
+                       f"WHERE i.uri = 'mimi://example.org/u/{who}'", db_url)
+    hs.refuse_invite = lambda sender, target: sender == bot and target.split(":")[0][1:] in refused  # noqa: E731
+    try:
+        for u in refused:
+            alice.invite(room, f"@{u}:example.org")
+        wait_until(lambda: all(makings(u) for u in refused), timeout=20, what="every refused portal asked for")
+        alice.invite(room, "@zed:example.org")
+        wait_until(lambda: pg.psql("SELECT count(*) FROM room_bindings b JOIN identities i ON i.id = b.local_identity_id "
+                                   "WHERE i.uri = 'mimi://example.org/u/zed'", db_url) == "1",
+                   timeout=20, what="zed's portal made")
+        wait_until(lambda: all(membership(u) == "left" for u in refused), what="the refused invitations ended")
+        time.sleep(5)  # rounds of the bot's: none asks for them again
+        assert [len(makings(u)) for u in refused] == [1] * 16
+        # the rooms their makings left behind (Synapse's, made before the
+        # invitation) are left by the bot, their aliases gone
+        left_behind = [rid for rid in hs.rooms() if hs.members(rid).get(bot)
+                       and not any(hs.members(rid).get(f"@{u}:example.org") for u in ["zed", "alice"])]
+        assert len(left_behind) == 16 and all(hs.members(rid)[bot] == "leave" for rid in left_behind), left_behind
+        with hs._lock:
+            assert not [al for al, (rid, _) in hs._aliases.items() if rid in left_behind]
+    finally:
+        hs.refuse_invite = None
+    assert not [e for e in list(srv.events) if e.get("type") == "membership"
+                and e["content"].get("membership") == "leave"], list(srv.events)
+
+
 def _alice(hs):
     """A client of alice, whom wally_wrote_to_alice made."""
     with hs._lock:
