@@ -396,6 +396,10 @@ static int on_ini_pair(void *user, const char *section, const char *name, const 
 			cw_fail(x->e, CW_EINVAL, "%s:%d: %s", x->path, lineno, e.msg);
 		return 0;
 	}
+	if (o && o->secret && o->type == CFG_STR && !x->c->file_secret && *value &&
+	    strcmp(o->name, "token_sha256") != 0 && (o->offset != OFF(db_url) ||
+						      store_url_has_password(value)))
+		x->c->file_secret = o;
 	if (!x->errors)
 		x->first_error = 0;
 	return 1;

@@ -100,6 +100,12 @@ struct cw_config {
 	 * thread) adds to them. */
 	char **retired;
 	size_t nretired;
+	/* The first secret the file (not the environment) holds, NULL: none:
+	 * a masked string option set to a value, database.url only with a
+	 * password, admin.token_sha256 never (the hash is not the token).
+	 * The file gives it away to whoever may read it, even when the
+	 * environment sets the option too (and wins). */
+	const struct cfg_option *file_secret;
 };
 
 enum cfg_type { CFG_STR, CFG_INT, CFG_SIZE, CFG_BOOL, CFG_LOGLEVEL };

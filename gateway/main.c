@@ -471,8 +471,10 @@ static cw_err start_files_check(const struct cw_config *c, size_t *migrations, c
  * own admin.token_sha256 (in force at the next reload) or another
  * database.  One every user may read is told (a warning, not a refusal: a
  * container's mounted file is often 0644, and the host's other users may
- * be none), naming the first secret it holds; a secret set by the
- * environment (CAUSEWAY_<SECTION>_<NAME>, which wins) is not the file's.
+ * be none), naming the first secret it holds (cw_config.file_secret),
+ * even one the environment sets too (CAUSEWAY_<SECTION>_<NAME>, which
+ * wins): until the forty-seventh session's review that was not said, and
+ * the file still gave the secret away.
  * The group is left alone: root:causeway 0640 is the usual install.
  * Returns 0, or 1 after filling why with the warning, or 2 with the
  * refusal. */
@@ -488,26 +490,18 @@ static int config_file_mode(const char *path, const struct cw_config *c, char *w
 			 "(chmod 600)", path, mode);
 		return 2;
 	}
-	if (!(st.st_mode & S_IROTH))
+	const struct cfg_option *o = c->file_secret;
+	if (!(st.st_mode & S_IROTH) || !o)
 		return 0;
-	for (size_t i = 0; i < cfg_option_count; i++) {
-		const struct cfg_option *o = &cfg_options[i];
-		char env[128], value[8];
-		/* the bootstrap token's hash is not the token */
-		if (!o->secret || o->type != CFG_STR || strcmp(o->name, "token_sha256") == 0)
-			continue;
-		cfg_env_name(o, env, sizeof(env));
-		cfg_value_text(c, o, true, value, sizeof(value));
-		if (!*value || getenv(env))
-			continue;
-		if (strcmp(o->section, "database") == 0 && !store_url_has_password(c->db_url))
-			continue;
-		snprintf(why, len, "%s has mode %04o: every user of the host may read it, and it holds %s.%s%s; "
-			 "chmod o-r (600, or 640 with the daemon's group), or set it by the environment (%s)",
-			 path, mode, o->section, o->name, strcmp(o->section, "database") == 0 ? "'s password" : "", env);
-		return 1;
-	}
-	return 0;
+	char env[128];
+	cfg_env_name(o, env, sizeof(env));
+	bool in_env = getenv(env) != NULL;
+	snprintf(why, len, "%s has mode %04o: every user of the host may read it, and it holds %s.%s%s; chmod o-r (600, "
+		 "or 640 with the daemon's group), or %s (%s)%s", path, mode, o->section, o->name,
+		 strcmp(o->section, "database") == 0 ? "'s password" : "",
+		 in_env ? "take it out of the file: the environment sets it too" : "set it by the environment", env,
+		 in_env ? ", and wins" : "");
+	return 1;
 }
 
 /* A file the start would refuse is refused whole, the running
