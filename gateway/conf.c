@@ -936,6 +936,7 @@ static cw_err load(struct cw_config *c, const char *path, const char *(*getenv_f
 				       : x.lines.refusal == INI_LINE_AFTER_SECTION
 					       ? "text after the section's ']', which the INI parser (libinih) would "
 						 "ignore; put each option on a line of its own"
+				       : x.lines.refusal == INI_LINE_NUL ? INI_LINE_NUL_HINT
 					       : "';' after a space starts a comment in this INI dialect (libinih), which "
 						 "would cut the value here; put a comment on a line of its own, and set a "
 						 "value holding \" ;\" by the environment (CAUSEWAY_<SECTION>_<NAME>)");

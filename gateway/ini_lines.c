@@ -28,6 +28,14 @@ char *ini_lines_read(char *str, int num, void *stream)
 {
 	struct ini_lines *x = stream;
 	errno = 0;
+	/* fgets says nothing of a NUL byte it read, and the string ends there:
+	 * a file saved as UTF-16 (a NUL in every other byte) was refused as
+	 * "line longer than 199 bytes" (until the forty-seventh session's
+	 * review), for the newline went unseen.  The buffer is filled first,
+	 * so the last NUL in it is the one fgets wrote after what it read. */
+	if (num < 1)
+		return NULL;
+	memset(str, 1, (size_t)num);
 	char *s = fgets(str, num, x->f);
 	if (!s) {
 		/* inih takes a failed read for the end of the file: a directory
@@ -39,6 +47,13 @@ char *ini_lines_read(char *str, int num, void *stream)
 		return NULL;
 	}
 	x->line++;
+	size_t end = (size_t)num - 1;
+	while (s[end])
+		end--;
+	if (strlen(s) < end) {
+		x->refusal = INI_LINE_NUL;
+		return NULL;
+	}
 	if (!strchr(s, '\n')) {
 		int ch = fgetc(x->f);
 		if (ch != EOF && ch != '\n') {

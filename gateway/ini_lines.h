@@ -11,7 +11,12 @@ enum ini_line_refusal {
 	INI_LINE_OVERLONG,      /* longer than libinih's buffer (max - 1 bytes) */
 	INI_LINE_AFTER_SECTION, /* more than a comment after a section's ']' */
 	INI_LINE_CUT,           /* an option's value with ';' after a blank (libinih's inline comment) */
+	INI_LINE_NUL,           /* a NUL byte: a UTF-16 file, most likely (INI_LINE_NUL_HINT) */
 };
+
+/* What to tell of a line with a NUL byte. */
+#define INI_LINE_NUL_HINT "the line holds a NUL byte: is the file UTF-16? save it as UTF-8"
+
 
 struct ini_lines {
 	FILE *f;

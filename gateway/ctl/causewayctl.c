@@ -225,6 +225,7 @@ static enum ctl_rc read_file(struct ctl *c, const char *path, bool explicit, str
 			    lines.refusal == INI_LINE_OVERLONG ? "the line is longer than the INI parser (libinih) reads"
 			    : lines.refusal == INI_LINE_AFTER_SECTION ? "text after the section's ']': put each setting "
 									"on a line of its own"
+			    : lines.refusal == INI_LINE_NUL ? INI_LINE_NUL_HINT
 			    : "';' after a space starts a comment here and would cut the value");
 	if (line < 0)
 		return fail(c, CTL_EUSAGE, "cannot read %s: out of memory", path);

@@ -621,8 +621,11 @@ def test_a_settings_file_is_read_as_written_or_refused(tmp_path):
                 (f"[causewayctl] url = {mute.url}\n", 1, "text after the section's ']'"),
                 (f"[causewayctl]\nurl = {mute.url}\ntoken_file = {long_path}\n", 3,
                  "the line is longer than the INI parser (libinih) reads"),
-                (f"[causewayctl]\nurl = {mute.url} ;x\n", 2, "';' after a space starts a comment here")):
-            f.write_text(text)
+                (f"[causewayctl]\nurl = {mute.url} ;x\n", 2, "';' after a space starts a comment here"),
+                # was "the line is longer than ...", for the string ended at the first NUL
+                (f"[causewayctl]\nurl = {mute.url}\n".encode("utf-16"), 1,
+                 "the line holds a NUL byte: is the file UTF-16? save it as UTF-8")):
+            f.write_bytes(text if isinstance(text, bytes) else text.encode())
             f.chmod(0o600)
             rc, out, err = ctl("peers", "--config", str(f), token=None)
             assert rc == 2 and out == "", (text, rc, err)

@@ -64,6 +64,13 @@ def test_a_line_longer_than_the_ini_parser_reads_is_refused_by_its_number(tmp_pa
                        (f"[database]\nurl = postgresql:///x?application_name={'a' * 200}\n", 2)):
         r = run_causewayd(["--check-config", write(tmp_path, text)])
         assert r.returncode == 1 and f"c.ini:{line}: line longer than 199 bytes" in r.stderr, r.stderr
+    # A NUL byte (a file saved as UTF-16) was told as a line too long.
+    p = write(tmp_path, "")
+    with open(p, "wb") as f:
+        f.write("[database]\nurl = postgresql:///x\n".encode("utf-16"))
+    r = run_causewayd(["--check-config", p])
+    assert r.returncode == 1 and "c.ini:1: the line holds a NUL byte: is the file UTF-16? save it as UTF-8" \
+        in r.stderr, r.stderr
     r = run_causewayd(["--check-config", write(tmp_path, f"[server]\n{ok}[database]\nurl = postgresql:///x\n"
                                                          f"schema_dir = {schema}\n")], env=key_env(tmp_path))
     assert r.returncode == 0, r.stderr

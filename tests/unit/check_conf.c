@@ -202,6 +202,100 @@ START_TEST(matrix_id_is_bounded)
 }
 END_TEST
 
+/* cfg_load of len bytes of INI text (NUL bytes included). */
+static cw_err load_bytes(struct cw_config *c, const char *ini, size_t len, const char *(*env)(const char *),
+			 cw_errmsg *e)
+{
+	char path[] = "/tmp/cw_conf_XXXXXX";
+	int fd = mkstemp(path);
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(write(fd, ini, len), (ssize_t)len);
+	close(fd);
+	cw_err rc = cfg_load(c, path, env, e);
+	unlink(path);
+	return rc;
+}
+
+/* A file with a NUL byte, a UTF-16 one most likely, is refused as such:
+ * until the forty-seventh session's review it was "line longer than 199
+ * bytes", for fgets's string ended at the NUL, before the newline. */
+START_TEST(a_nul_byte_is_refused_as_such)
+{
+	static const struct {
+		const char *ini;
+		size_t len;
+		int line;
+	} cases[] = {
+		/* "[database]\nurl = x\n" saved as UTF-16LE, with its byte order mark */
+		{ "\xFF\xFE[\0d\0a\0t\0a\0b\0a\0s\0e\0]\0\n\0u\0r\0l\0 \0=\0 \0x\0\n\0", 40, 1 },
+		{ "[database]\nurl = postgresql:///x\n; a\0b\n[server]\n", 48, 3 },
+		{ "[database]\nurl = postgresql:///x\n[server]\nport = 1\0", 51, 4 }, /* the last line */
+	};
+	for (size_t i = 0; i < CW_ARRAY_LEN(cases); i++) {
+		struct cw_config c;
+		cw_errmsg e;
+		char want[64];
+		ck_assert_int_eq(load_bytes(&c, cases[i].ini, cases[i].len, no_env, &e), CW_EINVAL);
+		snprintf(want, sizeof(want), ":%d: the line holds a NUL byte: is the file UTF-16?", cases[i].line);
+		ck_assert_msg(strstr(e.msg, want) && strstr(e.msg, "save it as UTF-8"), "case %zu: %s", i, e.msg);
+	}
+	/* a line of 199 bytes, the most libinih reads, is still read whole */
+	char ini[300];
+	int n = snprintf(ini, sizeof(ini), "[database]\nurl = postgresql:///x?application_name=%0*d\n", 160, 0);
+	struct cw_config c;
+	cw_errmsg e;
+	ck_assert_int_eq(load_bytes(&c, ini, (size_t)n, no_env, &e), CW_OK);
+	ck_assert_uint_eq(strlen("url = ") + strlen(c.db_url), 199);
+	cfg_free(&c);
+}
+END_TEST
+
+static const char *secret_env(const char *name)
+{
+	if (strcmp(name, "CAUSEWAY_XMPP_SECRET") == 0)
+		return "from-env";
+	if (strcmp(name, "CAUSEWAY_SERVER_DOMAIN") == 0)
+		return "example.org";
+	return strcmp(name, "CAUSEWAY_DATABASE_URL") == 0 ? "postgresql://cw@h/db" : NULL;
+}
+
+/* The first secret the file itself holds, whatever the environment sets
+ * (main.c warns of it when every user may read the file). */
+START_TEST(the_file_secret_is_the_files)
+{
+	static const struct {
+		const char *ini;
+		const char *secret; /* "section.name", NULL: none */
+	} cases[] = {
+		{ "[database]\nurl = postgresql:///x\n", NULL },
+		{ "[database]\nurl = postgresql://cw:pw@h/x\n", "database.url" },
+		{ "[database]\nurl = host=h password=pw\n", "database.url" },
+		{ "[admin]\ntoken_sha256 = " "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\n", NULL },
+		{ "[xmpp]\ncomponents = gk.example.org=gk\nsecret =\n", NULL },
+		{ "[xmpp]\ncomponents = gk.example.org=gk\nsecret = s\n", "xmpp.secret" },
+		{ "[xmpp]\ncomponents = gk.example.org=gk\nsecret = s\n[server]\ndomain = example.org\n"
+		  "[database]\nurl = postgresql://cw:pw@h/x\n",
+		  "xmpp.secret" },
+	};
+	for (size_t i = 0; i < CW_ARRAY_LEN(cases); i++)
+		for (int env = 0; env < 2; env++) {
+			struct cw_config c;
+			cw_errmsg e;
+			const char *(*getenv_fn)(const char *) = env ? secret_env : no_env;
+			if (!env && !strstr(cases[i].ini, "[database]"))
+				continue; /* database.url is required */
+			ck_assert_msg(load_bytes(&c, cases[i].ini, strlen(cases[i].ini), getenv_fn, &e) == CW_OK,
+				      "case %zu: %s", i, e.msg);
+			char got[64] = "";
+			if (c.file_secret)
+				snprintf(got, sizeof(got), "%s.%s", c.file_secret->section, c.file_secret->name);
+			ck_assert_msg(strcmp(got, cases[i].secret ? cases[i].secret : "") == 0, "case %zu env %d: %s", i,
+				      env, got);
+			cfg_free(&c);
+		}
+}
+END_TEST
+
 START_TEST(missing_file_is_an_error)
 {
 	struct cw_config c;
@@ -456,6 +550,8 @@ int main(void)
 	TCase *tc = tcase_create("conf");
 	tcase_add_test(tc, table_driven_cases);
 	tcase_add_test(tc, environment_overrides_file);
+	tcase_add_test(tc, a_nul_byte_is_refused_as_such);
+	tcase_add_test(tc, the_file_secret_is_the_files);
 	tcase_add_test(tc, bad_environment_value_names_the_variable);
 	tcase_add_test(tc, public_url_is_bounded);
 	tcase_add_test(tc, missing_file_is_an_error);
