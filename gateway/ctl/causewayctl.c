@@ -89,7 +89,8 @@ struct answer {
 	long status;
 	long retry_after; /* its Retry-After in seconds (a date made a delay by libcurl); 0: none */
 	char location[256]; /* a redirect's target (never followed: the token would go along); "" if none */
-	json_t *body;     /* NULL when the answer was empty; the caller frees with json_decref */
+	json_t *body;     /* NULL when the answer was empty or not a JSON object; the caller frees with json_decref */
+	bool not_json;    /* the body was not empty, and not a JSON object (a proxy's page, say) */
 };
 
 static void defang(char *s);
@@ -537,6 +538,7 @@ static enum ctl_rc http_call(struct ctl *c, const char *method, const char *path
 	a->retry_after = 0;
 	a->location[0] = '\0';
 	a->body = NULL;
+	a->not_json = false;
 	char *url = NULL, *body = NULL;
 	struct curl_slist *headers = NULL, *h;
 	struct sink s = { 0 };
@@ -641,6 +643,7 @@ static enum ctl_rc http_call(struct ctl *c, const char *method, const char *path
 		if (!a->body || !json_is_object(a->body)) {
 			json_decref(a->body);
 			a->body = NULL;
+			a->not_json = true;
 			/* A refusal without a problem document (a proxy's 502 page, say)
 			 * is still a refusal, described by its status. */
 			if (a->status >= 200 && a->status <= 299)
@@ -1707,9 +1710,15 @@ static enum ctl_rc cmd_status(struct ctl *c, char **argv)
 	enum ctl_rc rc = http_call(c, "GET", "/readyz", NULL, NULL, false, &ready);
 	if (rc)
 		return rc;
-	if (!json_is_object(ready.body)) {
-		json_decref(ready.body);
-		return fail(c, CTL_EREFUSED, "the answer to GET /readyz (HTTP %ld) is empty", ready.status);
+	/* Until the forty-seventh session's review a body that was not JSON
+	 * (a proxy's error page) was said to be empty, and a redirect too. */
+	if (!ready.body) {
+		if (ready.location[0]) {
+			describe_refusal(c, &ready, why[0], sizeof(why[0]));
+			return fail(c, CTL_EREFUSED, "GET /readyz: %s", why[0]);
+		}
+		return fail(c, CTL_EREFUSED, "the answer to GET /readyz (HTTP %ld) is %s: is %s causewayd?", ready.status,
+			    ready.not_json ? "not a JSON object" : "empty", c->shown_url);
 	}
 	for (int i = 0; i < 2 && !rc; i++) {
 		rc = http_call(c, "GET", paths[i], NULL, NULL, true, &parts[i]);

@@ -820,6 +820,29 @@ def test_a_stale_policys_detail_cannot_drive_the_terminal():
         s.close()
 
 
+def test_status_says_what_readyz_answered_that_is_no_readiness_document():
+    """Until the forty-seventh session's review an answer to /readyz that
+    was not JSON (a proxy's error page) or a redirect was said to be
+    "empty"."""
+    s = StandIn({"/readyz": (502, b"<html>bad gateway</html>", True), "/admin/v1/adapters": doc(ADAPTERS),
+                 "/admin/v1/stats": doc(STATS)})
+    try:
+        err = refused("status", url=s.url)
+        assert err == f"causewayctl: the answer to GET /readyz (HTTP 502) is not a JSON object: is {s.url} " \
+                      "causewayd?\n", err
+        s.routes["/readyz"] = (503, b"", True)
+        err = refused("status", url=s.url)
+        assert err == f"causewayctl: the answer to GET /readyz (HTTP 503) is empty: is {s.url} causewayd?\n", err
+        s.routes["/readyz"] = (301, b"", True, {"Location": "https://ctl.example/readyz"})
+        err = refused("status", url=s.url)
+        assert err == f"causewayctl: GET /readyz: 301: {s.url} redirects to https://ctl.example/readyz, which " \
+                      "causewayctl does not follow (the token would go along); if that is the daemon, give its " \
+                      "URL with --url\n", err
+        assert [p for p, _, _ in s.seen] == ["/readyz"] * 3  # nothing asked after it
+    finally:
+        s.close()
+
+
 def test_status_of_a_daemon_that_is_not_ready_exits_1():
     """/readyz answering 503 (the database down, a migration missing) is a
     daemon that is not ready: status shows what it said and what the admin
