@@ -641,7 +641,12 @@ static bool content_type_valid(const char *s)
 	return b > 0 && sub[b] == '\0';
 }
 
-static bool url_valid(const char *s)
+/* What is wrong with an attachment's url (NULL: nothing).  A user or
+ * password before the host (https://user:password@host/...) is refused:
+ * libcurl sends it as Basic authentication when the gateway fetches the
+ * file, and a peer has no business making the gateway send credentials
+ * anywhere (until the forty-seventh session's review it was taken). */
+static const char *url_problem(const char *s)
 {
 	const char *rest;
 	if (strncmp(s, "https://", 8) == 0)
@@ -649,13 +654,22 @@ static bool url_valid(const char *s)
 	else if (strncmp(s, "mxc://", 6) == 0)
 		rest = s + 6;
 	else
-		return false;
-	if (*rest == '\0' || *rest == '/')
-		return false;
+		rest = NULL;
+	if (!rest || *rest == '\0' || *rest == '/' || strlen(s) > EVENT_URL_MAX)
+		return "url must be an https:// or mxc:// URL of visible ASCII without spaces.";
 	for (const unsigned char *p = (const unsigned char *)rest; *p; p++)
 		if (*p <= 0x20 || *p >= 0x7f || strchr("\"<>\\^`{|}", *p))
-			return false;
-	return true;
+			return "url must be an https:// or mxc:// URL of visible ASCII without spaces.";
+	/* The authority ends at the first '/', '?' or '#' (RFC 3986 3.2). */
+	if (memchr(rest, '@', strcspn(rest, "/?#")))
+		return "url must not carry a user name or password (user:password@ before the host): the gateway "
+		       "fetches files without credentials.";
+	return NULL;
+}
+
+bool event_url_valid(const char *s)
+{
+	return url_problem(s) == NULL;
 }
 
 static bool sha256_valid(const char *s)
@@ -689,10 +703,10 @@ static cw_err check_attachment(struct vctx *c, json_t *a, struct event *ev)
 	rc = string_member(c, a, "url", M_REQUIRED, EVENT_URL_MAX, &s);
 	if (rc)
 		return rc;
-	if (!url_valid(s)) {
+	const char *bad = url_problem(s);
+	if (bad) {
 		jptr_push(&c->ptr, "url");
-		return vfail(c, EVENT_ERR_INVALID,
-			     "url must be an https:// or mxc:// URL of visible ASCII without spaces.");
+		return vfail(c, EVENT_ERR_INVALID, "%s", bad);
 	}
 	json_t *v;
 	jptr_mark m;

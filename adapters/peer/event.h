@@ -125,6 +125,10 @@ struct event_limits event_limits_default(void);
  * '/', '\\', control characters (C0, DEL, C1) or bidirectional controls
  * (cw_utf8_has_bidi_control: since the thirtieth session), not "." or "..". */
 bool event_filename_valid(const char *s);
+/* An attachment's url as event_parse takes it: https:// or mxc://, a
+ * host, visible ASCII, no user or password, at most EVENT_URL_MAX bytes
+ * (what an adapter makes an attachment of, a local user's link). */
+bool event_url_valid(const char *s);
 #define EVENT_CONTENT_TYPE_MAX 255    /* bytes of an attachment content_type */
 #define EVENT_TS_LIMIT 9007199254740992LL /* 2^53: ts, and every integer's magnitude, are below it */
 /* expires is below 10^15 (the year 33658): schema/014's event_expires(),
@@ -173,7 +177,9 @@ bool event_filename_valid(const char *s);
  *                                characters, no parameters, <= 255 bytes
  *                  url           required, "https://..." or "mxc://..." with
  *                                a non-empty rest of visible ASCII (no space,
- *                                no " < > \ ^ ` { | }), <= 2048 bytes
+ *                                no " < > \ ^ ` { | }), no user or password
+ *                                ('@' before the path), <= 2048 bytes
+ *                                (event_url_valid)
  *                  size          optional integer 0..max_attachment_bytes;
  *                                absent: unknown (counted as
  *                                max_attachment_bytes in attachment_bytes)

@@ -484,18 +484,6 @@ static void strip_fallback(xmpp_stanza_t *msg, const char *ns, char *text)
 	text[o] = '\0';
 }
 
-/* The url rule of event_parse for https URLs. */
-static bool https_url_ok(const char *s)
-{
-	size_t n = strlen(s);
-	if (n > EVENT_URL_MAX || strncmp(s, "https://", 8) != 0 || !s[8] || s[8] == '/')
-		return false;
-	for (const unsigned char *p = (const unsigned char *)s + 8; *p; p++)
-		if (*p <= 0x20 || *p >= 0x7f || strchr("\"<>\\^`{|}", *p))
-			return false;
-	return true;
-}
-
 /* XEP-0066 OOB urls as attachments (NULL when there are none). */
 static json_t *oob_attachments(xmpp_stanza_t *msg)
 {
@@ -522,7 +510,10 @@ static json_t *oob_attachments(xmpp_stanza_t *msg)
 		json_t *a;
 		json_array_foreach(list, i, a)
 			dup |= eq(json_string_value(json_object_get(a, "url")), s);
-		if (https_url_ok(s) && !dup) {
+		/* An https URL event_parse takes: one with a user or password
+		 * (which whoever fetches the file would send) stays in the
+		 * text alone, as other URLs that are no attachment. */
+		if (strncmp(s, "https://", 8) == 0 && event_url_valid(s) && !dup) {
 			if (!list)
 				list = json_array();
 			/* No size: XEP-0066 says none, and an attachment without one

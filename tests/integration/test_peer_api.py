@@ -255,6 +255,34 @@ def test_numbers_the_store_would_change_are_refused_where_they_are(daemon, peers
     assert ev["content"]["parts"][0]["body"] == "n"
 
 
+def test_an_attachment_url_with_a_user_or_password_is_refused(daemon, peers, pg, db_url):
+    """libcurl sends a URL's user:password as Basic authentication: until
+    the forty-seventh session's review an attachment at
+    https://user:password@host/ was taken, and the gateway sent them when
+    it fetched the file.  Refused at the input, nothing stored; an '@' in
+    the path is no user."""
+    (a, _), (b, sb) = peers
+    rm = room(a, b)
+
+    def post(url, idem):
+        return a.call("POST", f"/v1/rooms/{rm['id']}/messages", idem=idem, body={
+            "type": "message", "sender": a.user("alice"),
+            "content": {"parts": [{"type": "text/plain", "body": "f"}],
+                        "attachments": [{"content_type": "image/png", "url": url, "size": 1}]}})
+
+    for i, url in enumerate(("https://u:p@files.example/1", "https://u@files.example/1",
+                             "mxc://u:p@hs.example/abc")):
+        r = post(url, f"cred{i}")
+        assert r.status_code == 400 and r.json()["code"] == "invalid_body", r.text
+        assert "must not carry a user name or password" in r.json()["detail"], r.text
+        assert "(at /content/attachments/0/url)" in r.json()["detail"], r.text
+    assert pg.psql("SELECT count(*) FROM events", db_url) == "0"
+    r = post("https://files.example/u@1?by=a@b", "path")
+    assert r.status_code == 202, r.text
+    ev = sb.wait_events(1)[0]
+    assert ev["content"]["attachments"][0]["url"] == "https://files.example/u@1?by=a@b"
+
+
 def test_a_stored_event_that_does_not_parse_is_a_dead_letter_not_an_empty_shell(daemon, peers, pg, db_url):
     """An event stored before the thirtieth session may hold a number that
     jansson cannot read back (1e19, stored as 20 digits): until then it was
