@@ -549,7 +549,11 @@ def test_a_file_behind_a_redirect_it_may_not_follow_is_a_notice(mx, hs, gk, medi
     cat = os.urandom(2000)
     media.redirect["/f/plain.png"] = "http://127.0.0.1:9/f/plain.png"
     media.redirect["/f/loop.png"] = media.url + "/f/loop.png"
-    cases = [("plain.png", "not over https"), ("loop.png", "too many redirects")]
+    # libcurl would send the user and password as Basic authentication
+    # (until the forty-seventh session's review it did)
+    media.redirect["/f/cred.png"] = media.url.replace("https://", "https://u:hunter2@", 1) + "/f/real.png"
+    cases = [("plain.png", "not over https"), ("loop.png", "too many redirects"),
+             ("cred.png", "its URL carries a user or password")]
     ids = [send_file(a, room, f"file {name}", attachment(media.url + "/f/" + name, cat, name=name), name)
            for name, _ in cases]
     ms = ghost_messages(hs, len(cases))
@@ -565,6 +569,8 @@ def test_a_file_behind_a_redirect_it_may_not_follow_is_a_notice(mx, hs, gk, medi
                                    db_url) == "delivered 1", what="delivered 1")
     # the loop was followed 3 times after its first answer, once
     assert [p for p, _ in media.requests].count("/f/loop.png") == 4
+    assert "/f/real.png" not in [p for p, _ in media.requests]
+    assert "hunter2" not in json.dumps(ms)
 
 
 def test_a_file_at_a_url_libcurl_cannot_read_is_a_notice(mx, hs, gk, media, pg, db_url):

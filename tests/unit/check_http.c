@@ -840,6 +840,29 @@ START_TEST(media_fetch_refuses_a_url_libcurl_cannot_read)
 }
 END_TEST
 
+/* A URL with a user or password (a redirect's, or a row's taken before
+ * event_parse refused it) is not fetched: libcurl would send them as Basic
+ * authentication.  The refusal does not quote the password. */
+START_TEST(media_fetch_refuses_a_url_with_a_user_or_password)
+{
+	static const char *const urls[] = { "https://u:hunter2@127.0.0.1:1/f/1", "https://u@127.0.0.1:1/f/1",
+					    "https://:hunter2@127.0.0.1:1/f/1" };
+	struct cw_config cfg = { .media_fetches = 1, .media_max_bytes = 1000 };
+	struct cw_app app = { .cfg = &cfg };
+	for (size_t i = 0; i < sizeof(urls) / sizeof(urls[0]); i++) {
+		struct media_blob b = { .max = 1000 };
+		long status = -1;
+		cw_errmsg e = { { 0 } };
+		ck_assert_int_eq(media_fetch_peer(&app, urls[i], NULL, 2000, &b, &status, &e), CW_EINVAL);
+		ck_assert_msg(b.refused && strcmp(b.refused, "its URL carries a user or password") == 0, "%s: %s",
+			      urls[i], e.msg);
+		ck_assert_msg(strstr(e.msg, "127.0.0.1") && !strstr(e.msg, "hunter2"), "%s", e.msg);
+		ck_assert_int_eq(status, 0);
+		media_blob_free(&b);
+	}
+}
+END_TEST
+
 START_TEST(media_addresses)
 {
 	static const struct {
@@ -923,6 +946,7 @@ int main(void)
 	tcase_add_test(tc, media_held_budget);
 	tcase_add_test(tc, media_recent_is_bounded_and_expires);
 	tcase_add_test(tc, media_fetch_refuses_a_url_libcurl_cannot_read);
+	tcase_add_test(tc, media_fetch_refuses_a_url_with_a_user_or_password);
 	tcase_add_test(tc, problem_detail_scrubs);
 	suite_add_tcase(s, tc);
 	TCase *live_tc = tcase_create("live");
