@@ -210,6 +210,7 @@ struct media_job {
 	char peer_id[24];           /* a token's peer (its row id): served only while it has a member in the room */
 	long long exp;              /* a token's or link's end (unix seconds): no cache keeps its file past it */
 	bool gone;                  /* that event is gone, deleted, erased or edited without the file: not fetched */
+	bool asked;                 /* a link's event asked about before it joins a fetch of its link (flight_join) */
 	bool stranger;              /* the peer has no member in the event's room now: not fetched */
 	struct media_blob b;
 	size_t reserved;            /* of app->media_held, from the start of the transfer */
@@ -312,7 +313,13 @@ static void link_share(struct media_job *j)
  * a request to the store of its own, so that the members of a group whose
  * clients all fetch a new image at once are not all but a few told 503
  * (until the forty-seventh session's review every follow took a fetcher
- * of its own and fetched the file again).  At most FLIGHT_WAITERS wait
+ * of its own and fetched the file again).  A follow of a link that names
+ * its message (asks_event) joins only once that message was asked about
+ * for it (j->asked, on a reader): the fetch asked (fetch) for the
+ * follow that started it, up to its 30 s before, and a follow that comes
+ * after the message was deleted (or edited without the file) meanwhile
+ * is answered 404 as at any other time (until the forty-seventh
+ * session's review it was served the file).  At most FLIGHT_WAITERS wait
  * for one fetch; more follow as before. */
 #define FLIGHT_WAITERS 64
 static struct {
@@ -320,13 +327,20 @@ static struct {
 	struct media_job *flying;
 } flights = { .mu = PTHREAD_MUTEX_INITIALIZER };
 
-/* Whether j (a link's, not started) waits for a fetch of its link. */
-static bool flight_join(struct media_job *j)
+static bool asks_event(const struct media_job *j);
+
+/* Whether j (a link's, not started) waits for a fetch of its link; *ask
+ * set when there is one, but j's message is to be asked about first. */
+static bool flight_join(struct media_job *j, bool *ask)
 {
 	bool joined = false;
+	*ask = false;
 	pthread_mutex_lock(&flights.mu);
 	for (struct media_job *l = flights.flying; l && !joined; l = l->next_flight)
 		if (strcmp(l->mac, j->mac) == 0 && l->nwaiters < FLIGHT_WAITERS) {
+			*ask = asks_event(j) && !j->asked;
+			if (*ask)
+				break;
 			j->next_waiter = l->waiters;
 			l->waiters = j;
 			l->nwaiters++;
@@ -765,6 +779,8 @@ static void busy_answer(void *arg, cw_err rc, const cw_errmsg *e)
 	free(j);
 }
 
+static void begin_fetch(struct media_job *j);
+
 /* Runs j's fetch on a fetcher (server.media_fetches at once), at most max
  * bytes (at most server.media_max_bytes); req suspended by the caller.
  * Every fetcher busy, a token's peer is first asked about as a fetcher
@@ -782,7 +798,39 @@ static void start_fetch(struct cw_app *app, struct cw_req *req, struct media_job
 	j->b.max = max < (size_t)app->cfg->media_max_bytes ? max : (size_t)app->cfg->media_max_bytes;
 	j->capped = j->b.max < (size_t)app->cfg->media_max_bytes;
 	j->b.cancel = &app->stopping;
-	if (j->public && flight_join(j))
+	begin_fetch(j);
+}
+
+/* A follow of a link being fetched once its message was asked about for
+ * it (flight_join; rc the read's outcome): gone, answered 404 as when a
+ * fetcher is free (the store unreachable: 503, as a fetcher's read
+ * that fails); there, it joins that fetch, or starts its own if that one
+ * ended meanwhile.  On a store thread. */
+static void follow_asked(void *arg, cw_err rc, const cw_errmsg *e)
+{
+	struct media_job *j = arg;
+	if (rc || j->gone) {
+		if (rc && e)
+			j->err = *e;
+		j->rc = rc ? CW_EUNAVAIL : CW_ENOTFOUND;
+		answer(j, false, "");
+		return;
+	}
+	j->asked = true;
+	begin_fetch(j);
+}
+
+/* j joins a fetch of its link (its message asked about first), or takes
+ * a fetcher of its own, or is answered that every one is busy. */
+static void begin_fetch(struct media_job *j)
+{
+	struct cw_app *app = j->app;
+	struct cw_req *req = j->req;
+	bool ask = false;
+	if (j->public && flight_join(j, &ask))
+		return;
+	/* The read refused (the database known away): its own fetch asks. */
+	if (ask && store_read(app->store, event_holds, follow_asked, j) == CW_OK)
 		return;
 	j->shared = share_take(app, j->share);
 	j->crowded = !j->shared;

@@ -755,3 +755,50 @@ def test_follows_of_a_link_being_fetched_wait_for_that_fetch(make_daemon, db_url
             t.join(30)
         srv.close()
         media.close()
+
+
+def test_a_follow_after_the_messages_delete_is_not_served_by_the_fetch_under_way(make_daemon, db_url, prosody,
+                                                                               alice, tmp_path):
+    """A follow of a link whose fetch is under way joins it only once its
+    own message was asked about: one that comes after wally deleted the
+    message (while the store is slow to give the file) gets the 404 any
+    follow of a deleted message's link gets, and the follow that started
+    the fetch before the delete its file as before. Until the
+    forty-seventh session's review the later follow joined the fetch
+    without asking, and was served the deleted message's file."""
+    media, d, a, srv, key, room = start(make_daemon, db_url, prosody, tmp_path)
+    t, out = None, {}
+    try:
+        data = os.urandom(1300)
+        url = media.put("/f/gone.jpg", "image/jpeg", data, host="media.wa.localhost")
+        _, link = photo_link(a, alice, room, url, data)
+        ev = urllib.parse.parse_qs(urllib.parse.urlsplit(link).query)["ev"][0]
+        media.delay["/f/gone.jpg"] = 8.0
+        asked = len(media.requests)
+        t = threading.Thread(target=lambda: out.update(r=requests.get(link, timeout=30)))
+        t.start()
+        wait_until(lambda: len(media.requests) > asked, what="the fetch under way")
+        at = alice.count()
+        assert a.call("POST", f"/v1/rooms/{room}/messages", {
+            "type": "delete", "sender": a.user("wally"), "content": {"replaces": ev}},
+            idem=base64.urlsafe_b64encode(os.urandom(9)).decode()).status_code == 202
+        alice.wait_for_message(lambda el: el.find("{urn:xmpp:message-retract:1}retract") is not None,
+                               timeout=15, start=at)
+        assert t.is_alive()  # the fetch is still under way
+        r = requests.get(link, timeout=30)
+        assert r.status_code == 404 and r.json()["code"] == "unknown_media", (r.status_code, r.text[:200])
+        assert data not in r.content
+        assert t.is_alive()  # answered without waiting for the fetch
+        t.join(30)
+        assert out["r"].status_code == 200 and out["r"].content == data, out
+        media.delay.clear()
+        again = requests.get(link, timeout=10)
+        assert (again.status_code, again.content) == (r.status_code, r.content), (again.status_code, again.text)
+        assert [p for p, _ in media.requests[asked:]] == ["/f/gone.jpg"]  # fetched once, by the first follow
+        wait_until(lambda: held_bytes(d) == 0, what="every answer's copy given back")
+    finally:
+        media.delay.clear()
+        if t:
+            t.join(30)
+        srv.close()
+        media.close()
