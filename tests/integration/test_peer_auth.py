@@ -534,6 +534,40 @@ def test_a_rotating_peers_request_replayed_with_its_new_keys_signature_alone_is_
         srv.close()
 
 
+def _replayed_after_rotation(a, d1, d2, pg, db_url, path, raw, count):
+    """A write signed with a's old and a new key at d1 (taken: count one
+    more), a rotated to the new key there and d2 told, then the capture
+    replayed to d2 with the new key's signature alone: 401 replay, the
+    count unchanged.  The new Signer and token."""
+    from harness import wait_until
+    from peer import Signer
+    new = Signer(a.signer.keyid)
+    h_old, h_new = a.signer.headers("POST", a.base + path, raw), new.headers("POST", a.base + path, raw)
+    both = dict(h_old, Authorization="Bearer " + a.token)
+    both["Signature-Input"] = "old" + h_old["Signature-Input"][4:] + ", new" + h_new["Signature-Input"][4:]
+    both["Signature"] = "old" + h_old["Signature"][4:] + ", new" + h_new["Signature"][4:]
+    before = int(pg.psql(count, db_url))
+    r = d1.request("POST", path, data=raw, headers=both)
+    assert r.status_code == 202, r.text
+    assert int(pg.psql(count, db_url)) == before + 1
+    r = d1.admin("POST", "/peers/gk/rotate", json={"public_key": new.public_b64})
+    assert r.status_code == 200, r.text
+    token = r.json()["token"]
+
+    def taken_by_d2():  # d2 has reloaded its peers (NOTIFY causeway_peers)
+        url = a.base + "/v1/events?after=0"
+        h = dict(new.headers("GET", url), Authorization="Bearer " + token)
+        return d2.request("GET", "/v1/events?after=0", headers=h).status_code != 401
+    wait_until(taken_by_d2, what="the rotation at the second process")
+    alone = dict(h_new, Authorization="Bearer " + token)
+    alone["Signature-Input"] = "new" + h_new["Signature-Input"][4:]
+    alone["Signature"] = "new" + h_new["Signature"][4:]
+    r = d2.request("POST", path, data=raw, headers=alone)
+    assert r.status_code == 401 and "replay" in r.json()["detail"], f"replay taken: {r.status_code} {r.text}"
+    assert int(pg.psql(count, db_url)) == before + 1
+    return new, token, before
+
+
 def test_a_rotating_peers_write_replayed_to_another_process_with_its_new_signature_is_refused(
         make_daemon, pg, db_url):
     """As above, for a write without an idempotency key replayed to another
@@ -541,8 +575,7 @@ def test_a_rotating_peers_write_replayed_to_another_process_with_its_new_signatu
     signatures is claimed in the database with the write, not only the
     verified one's.  Until the forty-seventh session the replay to the
     other process was taken (202) and stored again."""
-    from harness import wait_until
-    from peer import Signer, push_peers
+    from peer import push_peers
     public = {"server": {"public_url": "https://gw.example.org"}}
     d1 = make_daemon(db_url, options=public).start()
     (a, srv), (_, srv2) = push_peers(d1)
@@ -552,31 +585,7 @@ def test_a_rotating_peers_write_replayed_to_another_process_with_its_new_signatu
         path = "/v1/reports"
         raw = json.dumps({"reporter": a.user("wally"), "subject": "mimi://example.org/u/alice",
                           "reason": "spam"}).encode()
-        new = Signer(a.signer.keyid)
-        h_old, h_new = a.signer.headers("POST", a.base + path, raw), new.headers("POST", a.base + path, raw)
-        both = dict(h_old, Authorization="Bearer " + a.token)
-        both["Signature-Input"] = "old" + h_old["Signature-Input"][4:] + ", new" + h_new["Signature-Input"][4:]
-        both["Signature"] = "old" + h_old["Signature"][4:] + ", new" + h_new["Signature"][4:]
-        count = "SELECT count(*) FROM reports"
-        before = int(pg.psql(count, db_url))
-        r = d1.request("POST", path, data=raw, headers=both)
-        assert r.status_code == 202, r.text
-        assert int(pg.psql(count, db_url)) == before + 1
-        r = d1.admin("POST", "/peers/gk/rotate", json={"public_key": new.public_b64})
-        assert r.status_code == 200, r.text
-        token = r.json()["token"]
-
-        def taken_by_d2():  # d2 has reloaded its peers (NOTIFY causeway_peers)
-            url = a.base + "/v1/events?after=0"
-            h = dict(new.headers("GET", url), Authorization="Bearer " + token)
-            return d2.request("GET", "/v1/events?after=0", headers=h).status_code != 401
-        wait_until(taken_by_d2, what="the rotation at the second process")
-        alone = dict(h_new, Authorization="Bearer " + token)
-        alone["Signature-Input"] = "new" + h_new["Signature-Input"][4:]
-        alone["Signature"] = "new" + h_new["Signature"][4:]
-        r = d2.request("POST", path, data=raw, headers=alone)
-        assert r.status_code == 401 and "replay" in r.json()["detail"], f"replay taken: {r.status_code} {r.text}"
-        assert int(pg.psql(count, db_url)) == before + 1
+        _replayed_after_rotation(a, d1, d2, pg, db_url, path, raw, "SELECT count(*) FROM reports")
     finally:
         srv.close()
         srv2.close()
@@ -876,8 +885,7 @@ def test_a_rotating_peers_keyless_receipt_replayed_to_another_process_with_its_n
     the request's signatures, as a job's write does: the replay is 401
     bad_signature and nothing is stored again.  Until the forty-seventh
     session it was taken (202) and stored twice."""
-    from harness import wait_until
-    from peer import Signer, push_peers
+    from peer import push_peers
     public = {"server": {"public_url": "https://gw.example.org"}}
     d1 = make_daemon(db_url, options=public).start()
     (a, srv), (b, srv2) = push_peers(d1)
@@ -896,31 +904,8 @@ def test_a_rotating_peers_keyless_receipt_replayed_to_another_process_with_its_n
         path = f"/v1/rooms/{rm['id']}/receipts"
         raw = json.dumps({"type": "receipt", "sender": a.user("alice"),
                           "content": {"receipt": "read", "in_reply_to": m.json()["id"]}}).encode()
-        new = Signer(a.signer.keyid)
-        h_old, h_new = a.signer.headers("POST", a.base + path, raw), new.headers("POST", a.base + path, raw)
-        both = dict(h_old, Authorization="Bearer " + a.token)
-        both["Signature-Input"] = "old" + h_old["Signature-Input"][4:] + ", new" + h_new["Signature-Input"][4:]
-        both["Signature"] = "old" + h_old["Signature"][4:] + ", new" + h_new["Signature"][4:]
         count = "SELECT count(*) FROM events WHERE type = 'receipt'"
-        before = int(pg.psql(count, db_url))
-        r = d1.request("POST", path, data=raw, headers=both)
-        assert r.status_code == 202, r.text
-        assert int(pg.psql(count, db_url)) == before + 1
-        r = d1.admin("POST", "/peers/gk/rotate", json={"public_key": new.public_b64})
-        assert r.status_code == 200, r.text
-        token = r.json()["token"]
-
-        def taken_by_d2():  # d2 has reloaded its peers (NOTIFY causeway_peers)
-            url = a.base + "/v1/events?after=0"
-            h = dict(new.headers("GET", url), Authorization="Bearer " + token)
-            return d2.request("GET", "/v1/events?after=0", headers=h).status_code != 401
-        wait_until(taken_by_d2, what="the rotation at the second process")
-        alone = dict(h_new, Authorization="Bearer " + token)
-        alone["Signature-Input"] = "new" + h_new["Signature-Input"][4:]
-        alone["Signature"] = "new" + h_new["Signature"][4:]
-        r = d2.request("POST", path, data=raw, headers=alone)
-        assert r.status_code == 401 and "replay" in r.json()["detail"], f"replay taken: {r.status_code} {r.text}"
-        assert int(pg.psql(count, db_url)) == before + 1
+        new, token, before = _replayed_after_rotation(a, d1, d2, pg, db_url, path, raw, count)
         # A fresh keyless receipt signed with the new key is taken there.
         fresh = dict(new.headers("POST", a.base + path, raw), Authorization="Bearer " + token)
         r = d2.request("POST", path, data=raw, headers=fresh)
