@@ -273,6 +273,27 @@ def test_sigterm_while_the_claims_keeper_connects_to_a_frozen_postmaster_stops_i
             srv.close()
 
 
+def _claims_plans(make_daemon, pg, db_url):
+    """The plans of the claims (logged by auto_explain, which the caller
+    turned on) of one message from a to b through a daemon started now."""
+    log = os.path.join(pg.dir, "postgresql.log")
+    start = os.path.getsize(log)
+    d = make_daemon(db_url).start()
+    (a, sa), (b, sb) = made = push_peers(d)
+    try:
+        rm = room(a, b)
+        assert a.send(rm["id"], a.user("alice"), "planned").status_code == 202
+        sb.wait_events(1)
+        with open(log, encoding="utf-8", errors="replace") as f:
+            f.seek(start)
+            plans = [p for p in f.read().split("plan:") if "blocked AS" in p]
+        assert plans, "no plan of the claim logged"
+        return plans
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
 def test_the_claims_rows_backing_off_are_read_in_their_index_whatever_the_statistics(make_daemon, db_url, pg):
     """The claim's arm of the rows backing off (pending, next_attempt_at
     still to come) is planned, on a table never analyzed, as a descent of
@@ -292,24 +313,9 @@ def test_the_claims_rows_backing_off_are_read_in_their_index_whatever_the_statis
             "SELECT -g, 'peer:zz', -1, 'delivered', now() FROM generate_series(1, 5000) g", db_url)
     pg.psql("DELETE FROM pg_statistic WHERE starelid = 'outbox'::regclass", db_url)
     pg.psql("UPDATE pg_class SET reltuples = -1, relpages = 0 WHERE oid = 'outbox'::regclass", db_url)
-    log = os.path.join(pg.dir, "postgresql.log")
-    start = os.path.getsize(log)
-    d = make_daemon(db_url).start()
-    (a, sa), (b, sb) = made = push_peers(d)
-    try:
-        rm = room(a, b)
-        assert a.send(rm["id"], a.user("alice"), "planned").status_code == 202
-        sb.wait_events(1)
-        with open(log, encoding="utf-8", errors="replace") as f:
-            f.seek(start)
-            plans = [p for p in f.read().split("plan:") if "blocked AS" in p]
-        assert plans, "no plan of the claim logged"
-        for p in plans:
-            assert "Filter: (next_attempt_at > now())" not in p, p
-            assert "outbox_backing_off_idx" in p, p
-    finally:
-        for _, srv in made:
-            srv.close()
+    for p in _claims_plans(make_daemon, pg, db_url):
+        assert "Filter: (next_attempt_at > now())" not in p, p
+        assert "outbox_backing_off_idx" in p, p
 
 
 @pytest.mark.parametrize("statistics", ["no held row", "a backlog since released"])
@@ -341,25 +347,10 @@ def test_the_claims_held_rows_probe_is_one_descent_whatever_the_statistics(make_
         pg.psql(held, db_url)
         pg.psql("ANALYZE outbox", db_url)
         pg.psql("UPDATE outbox SET state = 'dropped' WHERE state = 'held'", db_url)
-    log = os.path.join(pg.dir, "postgresql.log")
-    start = os.path.getsize(log)
-    d = make_daemon(db_url).start()
-    (a, sa), (b, sb) = made = push_peers(d)
-    try:
-        rm = room(a, b)
-        assert a.send(rm["id"], a.user("alice"), "planned").status_code == 202
-        sb.wait_events(1)
-        with open(log, encoding="utf-8", errors="replace") as f:
-            f.seek(start)
-            plans = [p for p in f.read().split("plan:") if "blocked AS" in p]
-        assert plans, "no plan of the claim logged"
-        for p in plans:
-            scans = re.findall(r"->  ([^(\n]*?) on outbox h\b", p)
-            assert scans and all(s in ("Index Scan using outbox_held_probe_idx", "Bitmap Heap Scan")
-                                 for s in scans), p
-            assert re.search(r"(Index Scan using outbox_held_probe_idx on outbox h|Bitmap Index Scan on"
-                             r" outbox_held_probe_idx)\b.*\n\s+Index Cond: \(\(target_identity_id"
-                             r" = (o\w*)\.target_identity_id\) AND \(room_id = \2\.room_id\) AND \(id < \2\.id\)\)", p), p
-    finally:
-        for _, srv in made:
-            srv.close()
+    for p in _claims_plans(make_daemon, pg, db_url):
+        scans = re.findall(r"->  ([^(\n]*?) on outbox h\b", p)
+        assert scans and all(s in ("Index Scan using outbox_held_probe_idx", "Bitmap Heap Scan")
+                             for s in scans), p
+        assert re.search(r"(Index Scan using outbox_held_probe_idx on outbox h|Bitmap Index Scan on"
+                         r" outbox_held_probe_idx)\b.*\n\s+Index Cond: \(\(target_identity_id"
+                         r" = (o\w*)\.target_identity_id\) AND \(room_id = \2\.room_id\) AND \(id < \2\.id\)\)", p), p
