@@ -508,20 +508,19 @@ enum alias_room { ALIAS_ROOM, ALIAS_STALE, ALIAS_UNKNOWN };
  * ALIAS_STALE: refused for good (403: the maker may not invite there), the
  * room cannot be finished and is made anew. */
 static enum alias_room finish_room(struct matrix *m, const char *user, const char *room, const char *invitee,
-				   bool direct)
+				   bool direct, long *status)
 {
 	char what[600];
 	member_event(m, invitee, what, sizeof(what));
-	long status;
 	cw_errmsg e;
 	if (!mx_room_call(m, "PUT", room, user, what, NULL,
 			  json_pack("{s:s, s:o*}", "membership", "invite", "is_direct", direct ? json_true() : NULL),
-			  &status, NULL, &e)) {
+			  status, NULL, &e)) {
 		LOG_KV(CW_LOG_INFO, "a room found by its alias without its invitation is finished", "room", room);
 		return ALIAS_ROOM;
 	}
 	LOG_KV(CW_LOG_WARN, "cannot invite to a room found by its alias", "room", room, "detail", e.msg);
-	return status == 403 ? ALIAS_STALE : ALIAS_UNKNOWN;
+	return *status == 403 ? ALIAS_STALE : ALIAS_UNKNOWN;
 }
 
 /* The room an alias of the appservice's names (into room), when invitee is
@@ -529,17 +528,19 @@ static enum alias_room finish_room(struct matrix *m, const char *user, const cha
  * when they have no membership there yet.  ALIAS_STALE: the homeserver
  * says they are out of it (declined, left: a room made long ago and never
  * bound), or that the alias names nothing; the alias is deleted then.
- * ALIAS_UNKNOWN: no answer that says (it is tried again later).  A retry
+ * ALIAS_UNKNOWN: no answer that says (it is tried again later); *status
+ * the homeserver's last answer then (0: none, the homeserver away).  A retry
  * after a createRoom that is slow (past MX_TIMEOUT_MS) finds the room
  * before its invitation: until the eighteenth session that was taken for
  * stale (the alias deleted and a second room made). */
 static enum alias_room room_of_alias(struct matrix *m, const char *user, const char *alias, const char *invitee,
-				     bool direct, char *room, size_t rlen)
+				     bool direct, char *room, size_t rlen, long *status_out)
 {
 	char dir[900], ms[16];
-	long status;
+	long status = 0;
 	json_t *answer = NULL;
 	cw_errmsg e;
+	*status_out = 0;
 	if (!mx_alias_directory_path(alias, dir, sizeof(dir)))
 		return ALIAS_UNKNOWN;
 	cw_err rc = mx_call(m, "GET", dir, user, NULL, NULL, &status, &answer, &e);
@@ -552,7 +553,7 @@ static enum alias_room room_of_alias(struct matrix *m, const char *user, const c
 	if (res == ALIAS_ROOM) {
 		/* 404: no membership there (another failure: asked again later) */
 		if (member_state(m, user, room, invitee, ms, sizeof(ms), &status, &e))
-			res = status == 404 ? finish_room(m, user, room, invitee, direct) : ALIAS_UNKNOWN;
+			res = status == 404 ? finish_room(m, user, room, invitee, direct, &status) : ALIAS_UNKNOWN;
 		else if (strcmp(ms, "invite") != 0 && strcmp(ms, "join") != 0)
 			res = ALIAS_STALE;
 	}
@@ -560,6 +561,7 @@ static enum alias_room room_of_alias(struct matrix *m, const char *user, const c
 		LOG_KV(CW_LOG_WARN, "cannot delete a stale room alias", "alias", alias, "detail", e.msg);
 		res = ALIAS_UNKNOWN;
 	}
+	*status_out = status;
 	return res;
 }
 
@@ -606,15 +608,27 @@ static cw_err create_room(struct matrix *m, const char *user, json_t *body, cons
 	cw_err rc = mx_call(m, "POST", "/_matrix/client/v3/createRoom", user, NULL, json_incref(body), status, &answer, e);
 	const char *code = json_string_value(json_object_get(answer, "errcode"));
 	if (rc && *status == 400 && code && strcmp(code, "M_ROOM_IN_USE") == 0) {
+		long last;
 		enum alias_room found = room_of_alias(m, user, alias, invitee,
-						      json_is_true(json_object_get(body, "is_direct")), room, rlen);
+						      json_is_true(json_object_get(body, "is_direct")), room, rlen, &last);
 		json_decref(answer);
 		if (found != ALIAS_STALE) {
 			json_decref(body);
-			if (found == ALIAS_ROOM)
+			if (found == ALIAS_ROOM) {
 				LOG_KV(CW_LOG_INFO, "a room made before, its answer lost, is taken", "room", room);
-			return found == ALIAS_ROOM ? CW_OK
-						   : cw_fail(e, CW_EUNAVAIL, "a room was made before, and cannot be found");
+				return CW_OK;
+			}
+			/* The homeserver answered (a 5xx: the invitee's server
+			 * not reached): this making's trouble, not the
+			 * homeserver's (CW_EUNAVAIL ends the bot's round, the
+			 * other users' portals with it); a 429 keeps its wait
+			 * (mx_ensure_portal).  Until the forty-seventh session
+			 * any of them was CW_EUNAVAIL. */
+			if (last == 429)
+				*status = last;
+			return last ? cw_fail(e, CW_EIO, "a room was made before, and cannot be found or finished "
+							  "(the homeserver answered %ld)", last)
+				    : cw_fail(e, CW_EUNAVAIL, "a room was made before, and cannot be found");
 		}
 		answer = NULL; /* a stale alias, deleted: made again */
 		rc = mx_call(m, "POST", "/_matrix/client/v3/createRoom", user, NULL, json_incref(body), status, &answer,

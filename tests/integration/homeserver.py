@@ -348,7 +348,9 @@ class Homeserver:
         # sent: a homeserver whose making of a room stopped half way.
         self.fail_invites = None
         # A test's predicate on an invitation (inviter, invitee): True
-        # refuses it for good, 403 M_FORBIDDEN, as Synapse answers when the
+        # refuses it for good, 403 M_FORBIDDEN (a status instead, such as
+        # 502: refused for now, the invitee's server not reached, in a
+        # createRoom as in an invitation of its own), as Synapse answers when the
         # invitee's server refuses it over federation or a module's
         # user_may_invite says no; in a createRoom after the room, its
         # state and its alias are made (Synapse sends the invitations
@@ -1472,8 +1474,13 @@ class Homeserver:
                 raise MatrixError(403, "M_FORBIDDEN", f"{target} is already in the room.")
             if room.user_level(sender) < room.needed("invite", 0):
                 raise MatrixError(403, "M_FORBIDDEN", "You don't have permission to invite users")
-            if self.refuse_invite is not None and self.refuse_invite(sender, target):
+            refused = self.refuse_invite(sender, target) if self.refuse_invite is not None else False
+            if refused is True:
                 raise MatrixError(403, "M_FORBIDDEN", f"The invitation of {target} was refused")
+            if refused:
+                # a status: the invitee's server not reached (Synapse
+                # answers 502 when the federated invitation cannot be sent)
+                raise MatrixError(refused, "M_UNKNOWN", f"Failed to send the invitation of {target}")
             if cur == "invite" and allow_noop:
                 return room.state[("m.room.member", target)]
         elif membership == "leave":

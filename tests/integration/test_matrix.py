@@ -6823,6 +6823,57 @@ def test_a_refused_portal_invitation_holds_up_no_one_elses(mx, hs, gk, pg, db_ur
                 and e["content"].get("membership") == "leave"], list(srv.events)
 
 
+def test_a_portal_made_before_its_failed_invitation_holds_up_no_one_elses(mx, hs, gk, pg, db_url):
+    """The homeserver makes three users' portals but cannot send their
+    invitations (502: their server not reached; Synapse's room is made,
+    the createRoom fails).  Each retry finds the room made before by its
+    alias and cannot finish it (the invitation fails again): the
+    homeserver answered, so that is the row's own trouble and the round
+    goes on; zed, invited after them, gets his portal in the same round
+    as their retries.  Until the forty-seventh session that was taken
+    for no answer: it ended the bot's round, one such row a round, each
+    round backed off longer (2 s, 4 s, 8 s, ...), and zed waited for
+    all of them."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    alice.send_text(room, "hi wally")
+    srv.wait_events(1)
+    bot = "@_cw_bot:example.org"
+    away = ["s0", "s1", "s2"]
+    for u in away + ["zed"]:
+        hs.create_user(u)
+
+    def makings(who):
+        return [r for r in hs.requests if r["method"] == "POST" and r["path"].endswith("/createRoom")
+                and r["user"] == bot and (r["body"] or {}).get("invite") == [f"@{who}:example.org"]]
+
+    def bound(who):
+        return pg.psql("SELECT count(*) FROM room_bindings b JOIN identities i ON i.id = b.local_identity_id "
+                       f"WHERE i.uri = 'mimi://example.org/u/{who}'", db_url) == "1"
+    hs.refuse_invite = lambda sender, target: 502 if sender == bot and target.split(":")[0][1:] in away else False  # noqa: E731
+    try:
+        for u in away:
+            alice.invite(room, f"@{u}:example.org")
+        # asked once, and once again: the retries find the rooms made
+        wait_until(lambda: all(len(makings(u)) >= 2 for u in away), timeout=40, what="every portal asked again")
+        alice.invite(room, "@zed:example.org")
+        wait_until(lambda: bound("zed"), timeout=60, what="zed's portal made")
+        zed = makings("zed")[0]["time"]
+        nearest = [min(abs(r["time"] - zed) for r in makings(u)) for u in away]
+        # the other rows of the look were asked in zed's round
+        assert all(d < 1.5 for d in nearest), nearest
+        assert not any(bound(u) for u in away)
+        assert [pg.psql("SELECT x.membership FROM room_members x JOIN identities i ON i.id = x.identity_id "
+                        f"WHERE i.uri = 'mimi://example.org/u/{u}'", db_url) for u in away] == ["invited"] * 3
+    finally:
+        hs.refuse_invite = None
+    # once their server is reached, the rooms made before are finished
+    wait_until(lambda: all(bound(u) for u in away), timeout=60, what="the three portals made")
+    made = [rid for rid in hs.rooms() if hs.members(rid).get(bot) and rid != room
+            and any(hs.members(rid).get(f"@{u}:example.org") for u in away)]
+    assert len(made) == 3, made
+
+
 def _alice(hs):
     """A client of alice, whom wally_wrote_to_alice made."""
     with hs._lock:
