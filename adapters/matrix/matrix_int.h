@@ -106,12 +106,16 @@ bool mx_mark_if_joined(struct matrix *m, PGconn *c, const char *room, const char
  * the room's lock of every write of events, in a short transaction of its
  * own on c (which must be in none): the one mark of an invitee's join. */
 cw_err mx_mark_joined(PGconn *c, const char *room_id, const char *identity_id, cw_errmsg *e);
-/* The same for an invitation the homeserver refused for good: the member
- * is marked left, as after a decline (which the peer is not told of). */
-cw_err mx_mark_refused(PGconn *c, const char *room_id, const char *identity_id, cw_errmsg *e);
-/* The room the making of a portal left behind when the homeserver refused
- * its invitation for good: left by the bot, its alias deleted. */
-void mx_portal_refused(struct matrix *m, const char *neutral_room, const char *target_mxid);
+/* Whether the homeserver takes the bot at all (GET /account/whoami as
+ * the bot answers 200): a 403 in one room is that room's only then. */
+bool mx_bot_taken(struct matrix *m);
+/* After mx_ensure_portal failed (rc, its *status): when the homeserver
+ * refused the portal's invitation for good (403/404, while it takes the
+ * bot), it ends as a decline does: the member (neutral_room, target_id)
+ * marked left, the room the making left behind left, its alias deleted;
+ * true then.  why: the failure's text, for the log. */
+bool mx_portal_refusal_ends(struct matrix *m, PGconn *c, const char *neutral_room, const char *target_id,
+			    const char *target_mxid, cw_err rc, long status, const char *why);
 /* The portal of group neutral_room (its id) for the local user target_id
  * (Matrix id target_mxid): made by the bot with the user invited, bound;
  * its room id and binding id out.  Made once: a portal bound meanwhile

@@ -2290,18 +2290,6 @@ static void name_for_line(const char *name, char *out, size_t len)
 	out[n] = '\0';
 }
 
-/* Whether the homeserver takes the bot at all (GET /account/whoami as
- * the bot answers 200): a 403 in one room is that room's only then.  A
- * homeserver that refuses the bot everywhere (its registration lost: Conduit
- * answers an unregistered appservice user 403 everywhere, the bot too)
- * must not cost every user her management room. */
-static bool bot_taken(struct matrix *m)
-{
-	long status = 0;
-	cw_errmsg e;
-	return mx_call(m, "GET", "/_matrix/client/v3/account/whoami", NULL, NULL, NULL, &status, NULL, &e) == CW_OK;
-}
-
 /* A management room where the homeserver refuses the bot's words for
  * good (a 403: the bot is out of it, or its user took away its right to
  * speak there, as a room's power levels allow; a 404: no such room) is
@@ -2335,7 +2323,7 @@ static void mgmt_room_refuses(struct matrix *m, PGconn *c, const char *room, lon
  * half a minute later (*after_us: when, on the monotonic clock), with the
  * same transaction id; after a 429, when the homeserver asks, the rest
  * then too.  One it refuses for good (a 403 or a 404, while it takes
- * the bot elsewhere: bot_taken) waits for the user's next management
+ * the bot elsewhere: mx_bot_taken) waits for the user's next management
  * room (mgmt_room_refuses), as do the batch's others of that room. */
 static void requests(struct matrix *m, PGconn *c, int64_t *after_us)
 {
@@ -2365,7 +2353,7 @@ static void requests(struct matrix *m, PGconn *c, int64_t *after_us)
 		snprintf(txn, sizeof(txn), "cwreq-%s", PQgetvalue(r, i, 0));
 		long status, wait;
 		if (!say_txn(m, PQgetvalue(r, i, 1), NULL, text, txn, &status, &wait)) {
-			if ((status == 403 || status == 404) && bot_taken(m)) {
+			if ((status == 403 || status == 404) && mx_bot_taken(m)) {
 				mgmt_room_refuses(m, c, PQgetvalue(r, i, 1), status);
 				refused[i] = true;
 				continue;
@@ -2639,9 +2627,9 @@ static void forget_handled(struct matrix *m, PGconn *c, int64_t *next_us)
  * homeserver refuses for good (a 403: the user's server refuses it, as
  * Synapse answers when a federated invitation is refused, or a server's
  * policy forbids it; a 404: no such user), while it takes the bot
- * (bot_taken), ends as a decline does: the member is marked left (the
+ * (mx_bot_taken), ends as a decline does (mx_portal_refusal_ends): the member is marked left (the
  * peer is not told, as of a decline), with a line in the log, and the
- * room the making left behind is left (mx_portal_refused); the peer may
+ * room the making left behind is left (portal_refused); the peer may
  * invite them again.  One not taken for now goes to the back of the look
  * (its updated_at), behind the other invited users.  Until the forty-seventh session both stayed
  * first in the look (LIMIT 16, in a fixed order), asked again for ever,
@@ -2657,21 +2645,11 @@ static enum row_outcome invitation_row(struct matrix *m, PGconn *c, PGresult *r,
 				     wait_ms, &status, &e);
 	if (rc == CW_OK)
 		return ROW_DONE; /* a join that came before the binding: mx_ensure_portal asked */
+	if (mx_portal_refusal_ends(m, c, PQgetvalue(r, i, 0), PQgetvalue(r, i, 2), PQgetvalue(r, i, 3), rc, status,
+				   e.msg))
+		return ROW_DONE;
 	const char *params[] = { PQgetvalue(r, i, 0), PQgetvalue(r, i, 2) };
 	cw_errmsg e2;
-	if (rc != CW_EUNAVAIL && (status == 403 || status == 404) && bot_taken(m)) {
-		char st[16];
-		snprintf(st, sizeof(st), "%ld", status);
-		LOG_KV_LIMITED(CW_LOG_WARN, "the homeserver refuses for good a user's invitation to a group: it ends",
-			       "user", PQgetvalue(r, i, 3), "status", st, "detail", e.msg);
-		mx_portal_refused(m, params[0], PQgetvalue(r, i, 3));
-		if (mx_mark_refused(c, params[0], params[1], &e2)) {
-			LOG_KV_LIMITED(CW_LOG_WARN, "cannot end a refused invitation", "user", PQgetvalue(r, i, 3),
-				       "detail", e2.msg);
-			return ROW_AGAIN;
-		}
-		return ROW_DONE;
-	}
 	LOG_KV_LIMITED(CW_LOG_WARN, "cannot make the room of a user invited to a group", "user", PQgetvalue(r, i, 3),
 		       "detail", e.msg);
 	if (store_command(c, "UPDATE room_members SET updated_at = now() WHERE room_id = $1::bigint "

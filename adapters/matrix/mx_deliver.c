@@ -882,8 +882,8 @@ static cw_err mark_invited(PGconn *c, const char *room_id, const char *identity_
 		rc = store_command(c, joined ? "UPDATE room_members SET membership = 'joined', peer_invited = false, "
 					       "updated_at = now() WHERE room_id = $1::bigint AND identity_id = $2::bigint "
 					       "AND membership = 'invited'"
-					     : "UPDATE room_members SET membership = 'left', peer_invited = false, "
-					       "updated_at = now() WHERE room_id = $1::bigint AND identity_id = $2::bigint "
+					     : "UPDATE room_members SET membership = 'left', updated_at = now() "
+					       "WHERE room_id = $1::bigint AND identity_id = $2::bigint "
 					       "AND membership = 'invited'",
 				   2, params, e);
 	PQclear(r);
@@ -895,9 +895,10 @@ cw_err mx_mark_joined(PGconn *c, const char *room_id, const char *identity_id, c
 	return mark_invited(c, room_id, identity_id, true, e);
 }
 
-/* Under the same lock: an invitation refused for good (invitation_row)
- * ends as a decline does. */
-cw_err mx_mark_refused(PGconn *c, const char *room_id, const char *identity_id, cw_errmsg *e)
+/* Under the same lock: an invitation refused for good
+ * (mx_portal_refusal_ends) ends as a decline does: left, peer_invited kept
+ * (a peer's invitation declined is listed invited to the peers, schema/037). */
+static cw_err mark_refused(PGconn *c, const char *room_id, const char *identity_id, cw_errmsg *e)
 {
 	return mark_invited(c, room_id, identity_id, false, e);
 }
@@ -979,7 +980,7 @@ cw_err mx_ensure_portal(struct matrix *m, PGconn *c, const char *neutral_room, c
  * the invitation, whose failure fails the createRoom, the room left made.
  * The bot leaves that room, found by its alias, and the alias goes: else
  * it stayed, the bot alone in it, for ever. */
-void mx_portal_refused(struct matrix *m, const char *neutral_room, const char *target_mxid)
+static void portal_refused(struct matrix *m, const char *neutral_room, const char *target_mxid)
 {
 	char key[PORTAL_KEY_MAX], local[MX_ID_MAX + 1], alias[MX_ID_MAX + 1], dir[900];
 	portal_key(neutral_room, target_mxid, key);
@@ -997,6 +998,36 @@ void mx_portal_refused(struct matrix *m, const char *neutral_room, const char *t
 	}
 	json_decref(answer);
 	forget_alias(m, NULL, key);
+}
+
+bool mx_bot_taken(struct matrix *m)
+{
+	long status = 0;
+	cw_errmsg e;
+	return mx_call(m, "GET", "/_matrix/client/v3/account/whoami", NULL, NULL, NULL, &status, NULL, &e) == CW_OK;
+}
+
+/* Shared by the bot's making of a portal (invitation_row, a user a local
+ * member invited) and the delivery's (prep_row, a user a peer invited):
+ * until the forty-seventh session the delivery's went through the
+ * delivery's retries, a room left behind at each, and every later
+ * message of the group made more. */
+bool mx_portal_refusal_ends(struct matrix *m, PGconn *c, const char *neutral_room, const char *target_id,
+			    const char *target_mxid, cw_err rc, long status, const char *why)
+{
+	if (rc == CW_EUNAVAIL || (status != 403 && status != 404) || !mx_bot_taken(m))
+		return false;
+	char st[16];
+	snprintf(st, sizeof(st), "%ld", status);
+	LOG_KV_LIMITED(CW_LOG_WARN, "the homeserver refuses for good a user's invitation to a group: it ends", "user",
+		       target_mxid, "status", st, "detail", why);
+	portal_refused(m, neutral_room, target_mxid);
+	cw_errmsg e;
+	if (mark_refused(c, neutral_room, target_id, &e)) {
+		LOG_KV_LIMITED(CW_LOG_WARN, "cannot end a refused invitation", "user", target_mxid, "detail", e.msg);
+		return false;
+	}
+	return true;
 }
 
 /* The portal's name, as the group's now is (NULL: none; shown as
@@ -1579,8 +1610,21 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 		json_object_set_new(made, gkey, json_string(ghost));
 	}
 	if (!have_room && group) {
-		if (mx_ensure_portal(m, c, neutral_room, PQgetisnull(r, i, 19) ? NULL : PQgetvalue(r, i, 19), target,
-				     target_mxid, room, sizeof(room), binding, sizeof(binding), NULL, NULL, e))
+		/* a refused invitation ends as a decline does: the rows of
+		 * the batch after it are hers no more */
+		char nkey[70];
+		snprintf(nkey, sizeof(nkey), "n%s", rkey);
+		if (json_object_get(made, nkey))
+			return PREP_NOTHING;
+		long st = 0;
+		cw_err prc = mx_ensure_portal(m, c, neutral_room, PQgetisnull(r, i, 19) ? NULL : PQgetvalue(r, i, 19),
+					      target, target_mxid, room, sizeof(room), binding, sizeof(binding), NULL,
+					      &st, e);
+		if (prc && mx_portal_refusal_ends(m, c, neutral_room, target, target_mxid, prc, st, e->msg)) {
+			json_object_set_new(made, nkey, json_true());
+			return PREP_NOTHING;
+		}
+		if (prc)
 			return PREP_FAIL;
 		json_object_set_new(made, rkey, json_string(room));
 		json_object_set_new(made, bkey, json_string(binding));

@@ -6874,6 +6874,54 @@ def test_a_portal_made_before_its_failed_invitation_holds_up_no_one_elses(mx, hs
     assert len(made) == 3, made
 
 
+def test_a_refused_portal_invitation_of_a_user_a_peer_invited_ends_as_her_decline(mx, hs, gk, pg, db_url):
+    """bob, whom gk put into a group (invited, schema/037), accepted wally:
+    wally's message brings him his room of the group, but the homeserver
+    refuses the bot's invitation for good (403, as Synapse answers when
+    bob's server refuses it).  As the bot's own making of a portal (a
+    user a local member invited) it ends as his decline would: he is left
+    (peer_invited kept: gk goes on listing him invited, and hears nothing),
+    the bot leaves the room the making left behind, its alias goes, and
+    the next message makes no room.  Until the forty-seventh session each
+    of the delivery's retries made the room again (a room left behind at
+    each, the bot alone in it) until its retries were spent, and every
+    later message of the group the same."""
+    a, srv = gk
+    bob_uri = "mimi://example.org/u/bob"
+    bot = "@_cw_bot:example.org"
+    assert mx.admin("POST", "/optins", json={"user": bob_uri, "network": "peer:gk", "opted_in": True}).ok
+    assert mx.admin("POST", "/consents", json={"user": bob_uri, "subject_kind": "user",
+                                               "subject": a.user("wally"), "state": "allowed"}).ok
+    hs.create_user("bob")
+    gid = a.create_room([a.user("wally"), bob_uri], kind="group", name="Quiz").json()["id"]
+    assert group_members(a, gid)[bob_uri] == "invited"
+
+    def makings():
+        return [r for r in hs.requests if r["method"] == "POST" and r["path"].endswith("/createRoom")
+                and r["user"] == bot and (r["body"] or {}).get("invite") == ["@bob:example.org"]]
+
+    def member():
+        return pg.psql("SELECT x.membership || ',' || x.peer_invited FROM room_members x "
+                       f"JOIN identities i ON i.id = x.identity_id WHERE i.uri = '{bob_uri}'", db_url)
+    hs.refuse_invite = lambda sender, target: sender == bot and target == "@bob:example.org"  # noqa: E731
+    try:
+        assert a.send(gid, a.user("wally"), "hello bob").status_code == 202
+        wait_until(lambda: member() == "left,true", timeout=20, what="bob's refused invitation ended")
+        assert a.send(gid, a.user("wally"), "still there?").status_code == 202
+        time.sleep(5)  # the delivery's retries: none makes the room again
+        assert len(makings()) == 1, makings()
+    finally:
+        hs.refuse_invite = None
+    assert group_members(a, gid)[bob_uri] == "invited"
+    left_behind = [rid for rid in hs.rooms() if hs.members(rid).get(bot) and "@bob:example.org" not in hs.members(rid)]
+    assert len(left_behind) == 1 and hs.members(left_behind[0])[bot] == "leave", left_behind
+    with hs._lock:
+        assert not [al for al, (rid, _) in hs._aliases.items() if rid in left_behind]
+    assert pg.psql("SELECT count(*) FROM outbox WHERE state NOT IN ('delivered')", db_url) == "0", \
+        pg.psql("SELECT state, last_error FROM outbox", db_url)
+    assert not [e for e in list(srv.events) if e.get("type") == "membership"], list(srv.events)
+
+
 def _alice(hs):
     """A client of alice, whom wally_wrote_to_alice made."""
     with hs._lock:
