@@ -1871,8 +1871,12 @@ static bool annotation_of(struct matrix *m, const struct sent_to *to, char *eid,
 	for (int page = 0; page < MX_ANNOTATION_PAGES && !found; page++) {
 		char query[700];
 		char *f = from ? seg(m, from) : NULL;
-		snprintf(query, sizeof(query), "limit=100%s%s", f ? "&from=" : "", f ? f : "");
+		int ql = snprintf(query, sizeof(query), "limit=100%s%s", f ? "&from=" : "", f ? f : "");
+		bool lost = from && !f;
 		curl_free(f);
+		if (lost || ql < 0 || (size_t)ql >= sizeof(query))
+			break; /* a token too long to send (read_back's rule), or no memory: cut or left out,
+				* the request would ask for another page */
 		long status;
 		json_t *answer = NULL;
 		cw_errmsg e;
