@@ -12,6 +12,7 @@
 #include "ratelimit.h"
 #include "fnv.h"
 
+#include <limits.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -2694,6 +2695,9 @@ static cw_err ref_cols(struct cw_buf *cols, const struct submit *b, const char *
 static cw_err write_send(PGconn *c, const char *stmt, struct cw_buf *cols, long long expiry, long long win,
 			 long long bound, json_t *audit, cw_errmsg *e)
 {
+	for (size_t k = 0; k < WC_COLS; k++)
+		if (cols[k].len > (size_t)INT_MAX) /* libpq's lengths are ints (PostgreSQL takes 1 GB a value) */
+			return cw_fail(e, CW_EINVAL, "a write's column of %zu bytes is too large", cols[k].len);
 	char *text = audit ? json_dumps(audit, JSON_COMPACT) : NULL;
 	if (audit && !text)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
