@@ -257,20 +257,30 @@ static int share_most(const struct cw_app *app)
 	return app->cfg->media_fetches / 2 > 1 ? app->cfg->media_fetches / 2 : 1;
 }
 
+/* key's entry (under shares.mu), or NULL; *free_e (if not NULL): the
+ * first unused entry, or NULL. */
+static struct share *share_find(const char *key, struct share **free_e)
+{
+	if (free_e)
+		*free_e = NULL;
+	for (size_t i = 0; i < SHARES; i++) {
+		if (shares.e[i].n == 0) {
+			if (free_e && !*free_e)
+				*free_e = &shares.e[i];
+		} else if (strcmp(shares.e[i].key, key) == 0) {
+			return &shares.e[i];
+		}
+	}
+	return NULL;
+}
+
 /* Takes one of key's fetchers: false when it holds share_most already. */
 static bool share_take(const struct cw_app *app, const char *key)
 {
-	struct share *free_e = NULL, *at = NULL;
+	struct share *free_e;
 	bool ok = false;
 	pthread_mutex_lock(&shares.mu);
-	for (size_t i = 0; i < SHARES && !at; i++) {
-		if (shares.e[i].n == 0) {
-			if (!free_e)
-				free_e = &shares.e[i];
-		} else if (strcmp(shares.e[i].key, key) == 0) {
-			at = &shares.e[i];
-		}
-	}
+	struct share *at = share_find(key, &free_e);
 	if (!at && free_e) {
 		at = free_e;
 		snprintf(at->key, sizeof(at->key), "%s", key);
@@ -286,11 +296,9 @@ static bool share_take(const struct cw_app *app, const char *key)
 static void share_give(const char *key)
 {
 	pthread_mutex_lock(&shares.mu);
-	for (size_t i = 0; i < SHARES; i++)
-		if (shares.e[i].n > 0 && strcmp(shares.e[i].key, key) == 0) {
-			shares.e[i].n--;
-			break;
-		}
+	struct share *at = share_find(key, NULL);
+	if (at)
+		at->n--;
 	pthread_mutex_unlock(&shares.mu);
 }
 
