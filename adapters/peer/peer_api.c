@@ -4516,21 +4516,6 @@ static void membership_by_spelled(struct msg_input *in, struct event *ev, const 
 	}
 }
 
-/* The nonces of p's signatures, the verified one's first, for the write
- * to claim (PEER_NONCES): [{"nonce", "created"}], or NULL (out of memory). */
-static char *nonces_json(const struct peer_principal *p)
-{
-	json_t *a = json_array();
-	for (size_t i = 0; a && i <= p->n_other_nonces; i++) {
-		int64_t created;
-		const char *nonce = peer_nonce_at(p, i, &created);
-		json_array_append_new(a, json_pack("{s:s, s:I}", "nonce", nonce, "created", (json_int_t)created));
-	}
-	char *text = a ? json_dumps(a, JSON_COMPACT) : NULL;
-	json_decref(a);
-	return text;
-}
-
 /* Submits one event to the room of the URL.  key_required: the request
  * must carry an Idempotency-Key (otherwise one is made from the request's
  * signature, its created and nonce: a captured request replayed to another
@@ -4611,7 +4596,7 @@ static void submit_one(struct cw_req *req, struct cw_app *app, unsigned types, b
 		msg_input_from_peer(in, p);
 		in->idem_key = strdup(key);
 		if (claim) {
-			in->nonces = nonces_json(p);
+			in->nonces = peer_nonces_json(p);
 			in->nonces_stale = peer_nonce_stale_before(cw_wall_ms() / 1000, app->cfg->max_clock_skew_s);
 		}
 		msg_input_from_event(in, app, room, sender, &ev, NULL);

@@ -99,50 +99,61 @@ int64_t peer_nonce_stale_before(int64_t now_s, int64_t skew_s)
 	return now_s - skew_s - 60;
 }
 
+char *peer_nonces_json(const struct peer_principal *p)
+{
+	json_t *a = json_array();
+	for (size_t i = 0; a && i <= p->n_other_nonces; i++) {
+		int64_t created;
+		const char *nonce = peer_nonce_at(p, i, &created);
+		if (nonce[0] && json_array_append_new(a, json_pack("{s:s, s:I}", "nonce", nonce, "created",
+								   (json_int_t)created))) {
+			json_decref(a);
+			return NULL;
+		}
+	}
+	char *text = a ? json_dumps(a, JSON_COMPACT) : NULL;
+	json_decref(a);
+	return text;
+}
+
 cw_err peer_nonce_claim(PGconn *c, const struct peer_principal *p, int64_t now_s, int64_t skew_s, bool *fresh,
 			bool *in_force, cw_errmsg *e)
 {
 	*fresh = true;
 	*in_force = true;
-	char pid[24], created[24], stale[24], th[65];
+	char pid[24], stale[24], th[65];
 	snprintf(pid, sizeof(pid), "%lld", (long long)p->id);
 	snprintf(stale, sizeof(stale), "%lld", (long long)peer_nonce_stale_before(now_s, skew_s));
 	cw_hex(th, p->token_hash, 32);
-	/* The first statement asks the table whether the peer is still
-	 * enabled with the token p came with (PEER_IN_FORCE_SQL), and
-	 * claims the verified signature's nonce (none: the check alone);
-	 * then the others' (one statement each: a request signed more than
-	 * once is rare, a rotation's). */
-	for (size_t i = 0; *fresh && i <= p->n_other_nonces; i++) {
-		int64_t at;
-		const char *nonce = peer_nonce_at(p, i, &at);
-		snprintf(created, sizeof(created), "%lld", (long long)at);
-		nonce = nonce[0] ? nonce : NULL;
-		const char *params[] = { pid, nonce, created, stale, th };
-		PGresult *r = PQexecParams(c,
-					   "WITH pk AS MATERIALIZED (SELECT 1 FROM peers WHERE id = $1::bigint AND "
-					   PEER_IN_FORCE_SQL("peers", "$5") " FOR KEY SHARE), "
-					   "stale AS (DELETE FROM signature_nonces WHERE ctid = ANY (ARRAY(SELECT ctid "
-					   "FROM signature_nonces WHERE peer_id = $1::bigint AND created < $4::bigint "
-					   "FOR UPDATE SKIP LOCKED))), "
-					   "ins AS (INSERT INTO signature_nonces (peer_id, nonce, created) "
-					   "SELECT $1::bigint, $2, $3::bigint FROM pk WHERE $2::text IS NOT NULL "
-					   "ON CONFLICT DO NOTHING RETURNING 1) "
-					   "SELECT (SELECT count(*) FROM pk), (SELECT count(*) FROM ins)",
-					   5, NULL, params, NULL, NULL, 0);
-		cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
-		if (rc)
-			return rc;
-		*in_force = strcmp(PQgetvalue(r, 0, 0), "1") == 0;
-		*fresh = !nonce || strcmp(PQgetvalue(r, 0, 1), "1") == 0;
-		PQclear(r);
-		if (!*in_force) {
-			*fresh = true; /* not asked: refused for its token */
-			break;
-		}
-		if (!p->nonce[0])
-			break; /* nothing more to claim */
-	}
+	char *nonces = peer_nonces_json(p);
+	if (!nonces)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	/* Asks the table whether the peer is still enabled with the token p
+	 * came with (PEER_IN_FORCE_SQL), and claims the nonces of all its
+	 * signatures (none: the check alone), in one statement; until the
+	 * forty-eighth session one statement a nonce, the stale rows'
+	 * DELETE in each. */
+	const char *params[] = { pid, nonces, stale, th };
+	PGresult *r = PQexecParams(c,
+				   "WITH pk AS MATERIALIZED (SELECT 1 FROM peers WHERE id = $1::bigint AND "
+				   PEER_IN_FORCE_SQL("peers", "$4") " FOR KEY SHARE), "
+				   "stale AS (DELETE FROM signature_nonces WHERE ctid = ANY (ARRAY(SELECT ctid "
+				   "FROM signature_nonces WHERE peer_id = $1::bigint AND created < $3::bigint "
+				   "FOR UPDATE SKIP LOCKED))), "
+				   "ins AS (INSERT INTO signature_nonces (peer_id, nonce, created) "
+				   "SELECT $1::bigint, x.nonce, x.created FROM pk, "
+				   "json_to_recordset($2::json) AS x(nonce text, created bigint) "
+				   "ON CONFLICT DO NOTHING RETURNING 1) "
+				   "SELECT (SELECT count(*) FROM pk), (SELECT count(*) FROM ins) = json_array_length($2::json)",
+				   4, NULL, params, NULL, NULL, 0);
+	free(nonces);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	*in_force = strcmp(PQgetvalue(r, 0, 0), "1") == 0;
+	/* not in force: not asked, refused for its token */
+	*fresh = !*in_force || strcmp(PQgetvalue(r, 0, 1), "t") == 0;
+	PQclear(r);
 	return CW_OK;
 }
 

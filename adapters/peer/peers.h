@@ -65,7 +65,7 @@ int64_t peer_nonce_stale_before(int64_t now_s, int64_t skew_s);
  * and those of its other signatures, for every daemon process (the table
  * signature_nonces), inside the caller's write transaction: *fresh is
  * false when another request claimed one of them before (a replay).  One
- * statement when the request is signed once.  Rows of the
+ * statement.  Rows of the
  * peer older than now_s - skew_s - 60 are deleted on the way, those that
  * no other transaction holds (SKIP LOCKED: two processes' batches that
  * claim for two peers in opposite orders would otherwise wait on each
@@ -74,6 +74,10 @@ int64_t peer_nonce_stale_before(int64_t now_s, int64_t skew_s);
  * the in-memory replay cache stays the first check of every request. */
 cw_err peer_nonce_claim(PGconn *c, const struct peer_principal *p, int64_t now_s, int64_t skew_s, bool *fresh,
 			bool *in_force, cw_errmsg *e);
+/* The nonces of p's signatures, the verified one's first, as the claims
+ * take them (peer_nonce_claim, peer_api.c's PEER_NONCES): a JSON array
+ * [{"nonce", "created"}], or NULL (out of memory); free() it. */
+char *peer_nonces_json(const struct peer_principal *p);
 /* The detail of the 401 bad_signature a replayed nonce gets, one text
  * wherever it is found: the in-memory cache (peer_verify_request), a
  * write's claim (gateway/app.c, job_write), a pull's (peer_pull.c). */
