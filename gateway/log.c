@@ -57,12 +57,17 @@ void cw_log_set_request_id(const char *request_id) { log_request_id = request_id
  * raw: a record that is not UTF-8 is shown by journalctl as "[N bytes
  * blob data]", hiding the whole line, a C1 control (U+009B is CSI)
  * reaches a terminal that shows the log, and a U+202E in a path turned
- * round what a terminal or a log viewer showed after it. */
+ * round what a terminal or a log viewer showed after it.  Since the
+ * forty-eighth session's review also a character that shows nothing
+ * (cw_utf8_invisible: a zero-width space or joiner, U+FEFF, a filler), so
+ * that "alice<U+200B>" does not pass for alice, and a white space that is
+ * not ASCII (cw_utf8_blank: U+00A0, U+2003, U+3000...), which in a value
+ * without quotes showed as the space between two fields. */
 static size_t shown_as_is(const unsigned char *v, size_t n)
 {
 	unsigned cp;
 	size_t k = cw_utf8_seq(v, n, &cp);
-	return k && cw_utf8_display_control(cp) ? 0 : k;
+	return k && (cw_utf8_display_control(cp) || cw_utf8_blank(cp) || cw_utf8_invisible(cp)) ? 0 : k;
 }
 
 static bool needs_quotes(const char *v)

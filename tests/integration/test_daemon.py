@@ -229,16 +229,20 @@ def test_a_bidirectional_control_in_a_path_is_escaped_in_the_access_log(daemon):
     what a terminal or a log viewer showed after it, the record's own pairs
     included; the marks (U+200E, U+200F, U+061C) move the text around them.
     Each is escaped as its bytes, \\xHH, as a byte that is not UTF-8 is,
-    since the forty-fourth session's review; a character next to them (the
-    narrow no-break space U+202F) is written as it is."""
+    since the forty-fourth session's review.  The narrow no-break space
+    U+202F next to them was written as it is until the forty-eighth
+    session's review: a white space that is not ASCII is escaped too (it
+    showed as the gap between two fields), and so is a character that shows
+    nothing (U+200B: "/bidi<U+200B>" read as "/bidi")."""
     with socket.create_connection(("127.0.0.1", daemon.port)) as s:
-        s.sendall(b"GET /bidi%E2%80%AEtxt.exe%E2%81%A6%E2%80%8F%D8%9C%E2%80%AF HTTP/1.1\r\nHost: x\r\n"
+        s.sendall(b"GET /bidi%E2%80%AEtxt.exe%E2%81%A6%E2%80%8F%D8%9C%E2%80%AF%E2%80%8B HTTP/1.1\r\nHost: x\r\n"
                   b"Connection: close\r\n\r\n")
         s.recv(4096)
     rec = daemon.wait_for(lambda r: r.get("msg") == "request" and r.get("path", "").startswith("/bidi"))
     line = next(x for x in daemon.lines if "path=" in x and "/bidi" in x and "msg=request" in x)
-    assert line.endswith('path="/bidi\\xe2\\x80\\xaetxt.exe\\xe2\\x81\\xa6\\xe2\\x80\\x8f\\xd8\\x9c\u202f"'), line
-    for c in ("\u202e", "\u2066", "\u200f", "\u061c"):
+    assert line.endswith('path="/bidi\\xe2\\x80\\xaetxt.exe\\xe2\\x81\\xa6\\xe2\\x80\\x8f\\xd8\\x9c'
+                         '\\xe2\\x80\\xaf\\xe2\\x80\\x8b"'), line
+    for c in ("\u202e", "\u2066", "\u200f", "\u061c", "\u202f", "\u200b"):
         assert c not in line, (c, line)
     assert rec["path"].startswith("/bidi\xe2\x80\xaetxt.exe"), rec
 

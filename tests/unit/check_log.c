@@ -144,18 +144,21 @@ END_TEST
  * isolates, marks) are escaped as the bytes that are not UTF-8 are, each
  * byte \xHH; their neighbours are written as they are.  Until the
  * forty-fourth session's review they were written raw: a U+202E in a
- * request's path turned round what a terminal showed after it. */
+ * request's path turned round what a terminal showed after it.  (Two of
+ * the neighbours this test wrote raw, U+202F, a space, and U+200D, a
+ * zero-width joiner, are escaped since the forty-eighth session:
+ * invisible_characters_and_unicode_spaces_are_hex_escaped.) */
 START_TEST(bidirectional_controls_are_hex_escaped)
 {
 	char buf[512];
 	const char *kv[] = { "rlo", "invoice.pdf\xe2\x80\xaegpj.exe", "lre", "\xe2\x80\xaa", "pdi", "\xe2\x81\xa9",
 			     "lri", "\xe2\x81\xa6", "lrm", "a\xe2\x80\x8e", "rlm", "\xe2\x80\x8f", "alm", "\xd8\x9c",
-			     "near", "\xe2\x80\xaf\xe2\x81\xa5\xe2\x81\xaa\xe2\x80\x8d\xd8\x9b", NULL };
+			     "near", "\xe2\x81\xa5\xe2\x81\xaa\xd8\x9b", NULL };
 	cw_log_format(buf, sizeof(buf), 0, CW_LOG_INFO, "m", NULL, kv);
 	ck_assert_str_eq(buf, "ts=1970-01-01T00:00:00.000Z level=info msg=m rlo=\"invoice.pdf\\xe2\\x80\\xaegpj.exe\" "
 			      "lre=\"\\xe2\\x80\\xaa\" pdi=\"\\xe2\\x81\\xa9\" lri=\"\\xe2\\x81\\xa6\" "
 			      "lrm=\"a\\xe2\\x80\\x8e\" rlm=\"\\xe2\\x80\\x8f\" alm=\"\\xd8\\x9c\" "
-			      "near=\xe2\x80\xaf\xe2\x81\xa5\xe2\x81\xaa\xe2\x80\x8d\xd8\x9b\n");
+			      "near=\xe2\x81\xa5\xe2\x81\xaa\xd8\x9b\n");
 	/* the message itself (cw_logf) likewise */
 	cw_log_format(buf, sizeof(buf), 0, CW_LOG_INFO, "x\xe2\x80\xaey", NULL, NULL);
 	ck_assert_str_eq(buf, "ts=1970-01-01T00:00:00.000Z level=info msg=\"x\\xe2\\x80\\xaey\"\n");
@@ -175,6 +178,28 @@ START_TEST(line_and_paragraph_separators_are_hex_escaped)
 	ck_assert_str_eq(buf, "ts=1970-01-01T00:00:00.000Z level=info msg=m "
 			      "path=\"/a\\xe2\\x80\\xa8ts=1970-01-01T00:00:00.000Z level=error msg=forged\" "
 			      "ps=\"\\xe2\\x80\\xa9\" near=\xe2\x80\xa7\xe2\x80\xb0\n");
+}
+END_TEST
+
+/* A character that shows nothing (a zero-width space or joiner, U+FEFF, a
+ * filler: cw_utf8_invisible) is escaped as the controls are, each byte
+ * \xHH: "alice\u200b" written raw looks like alice, another user, and a
+ * path with one like the route it is not.  A white space that is not
+ * ASCII (U+00A0, U+2003, U+3000...: cw_utf8_space) is escaped too: in a
+ * value written without quotes it showed as the space between two fields,
+ * and a path "/x<U+3000>admin" looked like a field of its own.  Until the
+ * forty-eighth session's review both were written raw. */
+START_TEST(invisible_characters_and_unicode_spaces_are_hex_escaped)
+{
+	char buf[512];
+	const char *kv[] = { "user", "alice\xe2\x80\x8b", "bom", "\xef\xbb\xbfx", "zwj", "a\xe2\x80\x8d" "b",
+			     "nbsp", "/x\xc2\xa0" "admin", "ideo", "/x\xe3\x80\x80" "admin", "em", "\xe2\x80\x83",
+			     "filler", "\xe3\x85\xa4", "near", "\xe2\x80\xa7\xc2\xa1", NULL };
+	cw_log_format(buf, sizeof(buf), 0, CW_LOG_INFO, "m", NULL, kv);
+	ck_assert_str_eq(buf, "ts=1970-01-01T00:00:00.000Z level=info msg=m user=\"alice\\xe2\\x80\\x8b\" "
+			      "bom=\"\\xef\\xbb\\xbfx\" zwj=\"a\\xe2\\x80\\x8db\" nbsp=\"/x\\xc2\\xa0admin\" "
+			      "ideo=\"/x\\xe3\\x80\\x80admin\" em=\"\\xe2\\x80\\x83\" filler=\"\\xe3\\x85\\xa4\" "
+			      "near=\xe2\x80\xa7\xc2\xa1\n");
 }
 END_TEST
 
@@ -447,6 +472,7 @@ int main(void)
 	tcase_add_test(tc, bytes_that_are_not_utf8_and_c1_controls_are_hex_escaped);
 	tcase_add_test(tc, bidirectional_controls_are_hex_escaped);
 	tcase_add_test(tc, line_and_paragraph_separators_are_hex_escaped);
+	tcase_add_test(tc, invisible_characters_and_unicode_spaces_are_hex_escaped);
 	tcase_add_test(tc, null_value_is_empty);
 	tcase_add_test(tc, long_records_are_truncated_but_end_in_newline);
 	tcase_add_test(tc, a_cut_record_never_leaves_a_quote_open_or_an_escape_split);
