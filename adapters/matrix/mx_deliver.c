@@ -447,7 +447,7 @@ cw_err mx_register_ghost(struct matrix *m, const char *peer, const char *localpa
 	curl_free(g);
 	cw_errmsg e2;
 	if (mx_call(m, "PUT", path, ghost, NULL, json_pack("{s:s}", "displayname", name), &status, NULL, &e2))
-		LOG_KV(CW_LOG_WARN, "cannot set a ghost's display name", "user", ghost, "detail", e2.msg);
+		LOG_KV_LIMITED(CW_LOG_WARN, "cannot set a ghost's display name", "user", ghost, "detail", e2.msg);
 	return CW_OK;
 }
 
@@ -1425,10 +1425,10 @@ static bool sync_profile(struct matrix *m, PGconn *c, const char *sender_id, con
 		if (rh == MX_REHOST_WAIT) /* the message waits for its face */
 			return true;
 		if (rh == MX_REHOST_RETRY) {
-			LOG_KV(CW_LOG_WARN, "cannot fetch a ghost's avatar", "user", ghost, "detail", e.msg);
+			LOG_KV_LIMITED(CW_LOG_WARN, "cannot fetch a ghost's avatar", "user", ghost, "detail", e.msg);
 			avatar_ok = false;
 		} else if (rh == MX_REHOST_NOTICE) {
-			LOG_KV(CW_LOG_INFO, "a ghost's avatar is not carried", "user", ghost, "why", why);
+			LOG_KV_LIMITED(CW_LOG_INFO, "a ghost's avatar is not carried", "user", ghost, "why", why);
 			mxc[0] = '\0';
 		}
 	}
@@ -1441,13 +1441,13 @@ static bool sync_profile(struct matrix *m, PGconn *c, const char *sender_id, con
 	bool name_ok = g != NULL;
 	snprintf(path, sizeof(path), "/_matrix/client/v3/profile/%s/displayname", g ? g : "");
 	if (name_ok && mx_call(m, "PUT", path, ghost, NULL, json_pack("{s:s}", "displayname", name), &status, NULL, &e)) {
-		LOG_KV(CW_LOG_WARN, "cannot set a ghost's display name", "user", ghost, "detail", e.msg);
+		LOG_KV_LIMITED(CW_LOG_WARN, "cannot set a ghost's display name", "user", ghost, "detail", e.msg);
 		name_ok = false;
 	}
 	avatar_ok = avatar_ok && g != NULL;
 	snprintf(path, sizeof(path), "/_matrix/client/v3/profile/%s/avatar_url", g ? g : "");
 	if (avatar_ok && mx_call(m, "PUT", path, ghost, NULL, json_pack("{s:s}", "avatar_url", mxc), &status, NULL, &e)) {
-		LOG_KV(CW_LOG_WARN, "cannot set a ghost's avatar", "user", ghost, "detail", e.msg);
+		LOG_KV_LIMITED(CW_LOG_WARN, "cannot set a ghost's avatar", "user", ghost, "detail", e.msg);
 		avatar_ok = false;
 	}
 	curl_free(g);

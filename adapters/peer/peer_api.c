@@ -3769,8 +3769,8 @@ static void facts_catch_up(struct submit *b, PGresult *r, int nfacts)
 	}
 	policy_view_put(v);
 	if (ns && !policy_live_catch_up(b->app->policy, stale, ns, 1000))
-		log_warn("policy: a local user's facts changed and the snapshot did not follow within 1 s; "
-			 "deciding with the one in force");
+		LOG_KV_LIMITED(CW_LOG_WARN, "policy: a local user's facts changed and the snapshot did not follow "
+					    "within 1 s; deciding with the one in force");
 }
 
 /* Whether ref names ("#j") an item of the job that was to be written and
