@@ -226,14 +226,27 @@ static int64_t wait_for(int64_t units, uint32_t capacity, int64_t period_ms)
 	return wait < 1 ? 1 : wait;
 }
 
+/* A clock gone back by more than this is a step (NTP, an operator), not
+ * two threads' readings taken out of order (a request's clock read
+ * before a statement, another's after). */
+#define CLOCK_STEP_MS 5000
+
 /* The bucket's fill brought to now_ms, under (capacity, period_ms) from
- * now on. */
+ * now on.  A clock gone back refills nothing (fill); gone back by a step
+ * (more than CLOCK_STEP_MS), its time is the bucket's from then on, and
+ * the refill runs again from it, as the wait answered says.  Until the
+ * forty-eighth session last_ms stayed at the later time whatever the
+ * step, and a wall clock set back an hour kept every bucket that was not
+ * full where it was for the hour: a sender at its limit refused for an
+ * hour while "retry after" named a second.  Readings out of order (less
+ * than a step) keep the later time: each rebase to an earlier one would
+ * give the bucket the gap's refill again. */
 static void refresh(struct bucket *b, uint32_t capacity, int64_t period_ms, int64_t now_ms)
 {
 	b->units = fill(b, capacity, period_ms, now_ms);
 	b->capacity = capacity;
 	b->period = period_ms;
-	if (now_ms > b->last_ms)
+	if (now_ms > b->last_ms || now_ms < b->last_ms - CLOCK_STEP_MS)
 		b->last_ms = now_ms;
 }
 
@@ -274,6 +287,8 @@ int64_t ratelimit_peek(struct ratelimit *rl, const char *key, uint32_t capacity,
 	struct where at;
 	lock_window(rl, key, &capacity, &period_ms, first_refusal, &at);
 	struct bucket *b = kept(rl, &at);
+	if (b && now_ms < b->last_ms - CLOCK_STEP_MS)
+		b->last_ms = now_ms; /* a step back (refresh): the fill is as it was */
 	/* A bucket not kept would start full. */
 	int64_t wait = wait_for(b ? fill(b, capacity, period_ms, now_ms) : (int64_t)capacity * period_ms, capacity,
 				period_ms);

@@ -35,7 +35,9 @@ void ratelimit_free(struct ratelimit *rl);
  * period_ms).  *first_refusal (may be NULL) is set to whether this refusal
  * is the first since the bucket last granted a token (false when granted).
  * A change of capacity or period keeps the bucket's fill level in
- * proportion. */
+ * proportion.  now_ms is the wall clock: one gone back refills nothing,
+ * and one gone back more than 5 s (a step, not two threads' readings out
+ * of order) is the bucket's time from then on (peek too). */
 int64_t ratelimit_take(struct ratelimit *rl, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms,
 		       bool *first_refusal);
 

@@ -1671,8 +1671,31 @@ START_TEST(rl_refill_timing)
 	for (int i = 0; i < 3; i++)
 		ck_assert_int_eq(ratelimit_take(rl, "k", 3, 1000, t, NULL), 0);
 	ck_assert_int_gt(ratelimit_take(rl, "k", 3, 1000, t, NULL), 0);
-	/* A clock going back does not refill nor break. */
-	ck_assert_int_gt(ratelimit_take(rl, "k", 3, 1000, t - 50000, NULL), 0);
+	/* A clock going back does not refill nor break, and the wait it
+	 * answers holds from the new time on: a wall clock set back 50 s
+	 * (NTP, an operator) must not keep an empty bucket empty for 50 s
+	 * more while "retry after 334 ms" is answered. */
+	w = ratelimit_take(rl, "k", 3, 1000, t - 50000, NULL);
+	ck_assert_int_eq(w, 334);
+	ck_assert_int_eq(ratelimit_peek(rl, "k", 3, 1000, t - 50000 + w, NULL), 0);
+	ck_assert_int_eq(ratelimit_take(rl, "k", 3, 1000, t - 50000 + w, NULL), 0);
+	ck_assert_int_gt(ratelimit_take(rl, "k", 3, 1000, t - 50000 + w, NULL), 0);
+	/* nor does the way back to the old time refill beyond its length */
+	ck_assert_int_eq(ratelimit_take(rl, "k", 3, 1000, t - 50000 + w + 333, NULL), 0);
+	ck_assert_int_gt(ratelimit_take(rl, "k", 3, 1000, t - 50000 + w + 333, NULL), 0);
+	/* A peek alone after a step sees the refill from the new time. */
+	for (int i = 0; i < 3; i++)
+		ratelimit_take(rl, "p", 3, 1000, t, NULL);
+	ck_assert_int_eq(ratelimit_peek(rl, "p", 3, 1000, t - 60000, NULL), 334);
+	ck_assert_int_eq(ratelimit_peek(rl, "p", 3, 1000, t - 60000 + 334, NULL), 0);
+	/* Readings out of order by less than a step (two threads) give no
+	 * refill: the later time stays the bucket's. */
+	for (int i = 0; i < 3; i++)
+		ratelimit_take(rl, "o", 3, 1000, t, NULL);
+	for (int i = 0; i < 10; i++) {
+		ck_assert_int_gt(ratelimit_take(rl, "o", 3, 1000, t - 4000, NULL), 0);
+		ck_assert_int_gt(ratelimit_take(rl, "o", 3, 1000, t + 300, NULL), 0);
+	}
 	/* Retry-after is right within 1 ms for assorted rates. */
 	const uint32_t caps[] = { 1, 2, 7, 60, 1000 };
 	const int64_t periods[] = { 1000, 60000, 3600000, 86400000 };
