@@ -374,18 +374,57 @@ static bool user_filter(struct cw_app *app, struct cw_req *req, char *out, const
  * twenty-first session "gk..example" and a name without a dot were stored
  * as subjects, and patterns no address can match as rules.  A wildcard
  * *.x covers the names <label>.x: x need be a domain only with a label
- * before it (*.example covers a.example). */
-static bool domain_valid(const char *s, bool wildcard)
+ * before it (*.example covers a.example).  A user pattern or subject is
+ * a user URI whose domain is one so. */
+/* Why s is no domain (user false; a wildcard *.x where wildcard) or user
+ * URI (user true) an address can have, into why: the parser's reason,
+ * and where the name is a spelling of one that is, what to write
+ * instead: an internationalized domain in its ASCII form (xn--..., the
+ * form every address carries, so that a rule or consent of bücher.example
+ * would match no one), a domain without its final dot.  Until the
+ * forty-eighth session the answer said only "must be a lower-case
+ * domain", also of example.org. (lower case) and of bücher.example, and
+ * left the operator guessing.  False when s is valid. */
+static bool address_why(const char *s, bool user, bool wildcard, char *why, size_t len)
 {
-	size_t n = strlen(s);
-	if (n > MIMI_DOMAIN_MAX)
-		return false;
-	char d[MIMI_DOMAIN_MAX + 1];
-	memcpy(d, s, n + 1);
-	if (wildcard && n >= 2 && s[0] == '*' && s[1] == '.')
-		d[0] = 'a';
 	cw_errmsg e;
-	return mimi_domain_check(d, n, &e) == CW_OK;
+	struct mimi_uri u;
+	const char *d = s;
+	size_t n;
+	cw_err rc;
+	if (!s) {
+		snprintf(why, len, "it is missing or not a string");
+		return true;
+	}
+	if (user) {
+		rc = mimi_uri_parse(s, &u, &e);
+		if (!rc && u.kind != MIMI_USER)
+			rc = cw_fail(&e, CW_EINVAL, "it names a room (/r/), not a user (/u/)");
+		d = strncmp(s, "mimi://", 7) == 0 ? s + 7 : s;
+		n = strcspn(d, "/:?#");
+	} else {
+		n = strlen(s);
+		char buf[MIMI_DOMAIN_MAX + 1];
+		if (n > MIMI_DOMAIN_MAX) {
+			rc = mimi_domain_check(s, n, &e); /* its "longer than" */
+		} else {
+			memcpy(buf, s, n + 1);
+			if (wildcard && n >= 2 && s[0] == '*' && s[1] == '.')
+				buf[0] = 'a';
+			rc = mimi_domain_check(buf, n, &e);
+		}
+	}
+	if (rc == CW_OK)
+		return false;
+	bool wide = false;
+	for (size_t i = 0; i < n; i++)
+		wide = wide || (unsigned char)d[i] >= 0x80;
+	snprintf(why, len, "%s%s", e.msg,
+		 wide ? " (an internationalized domain is written in its ASCII form, xn--..., as every address "
+			"carries it)"
+		 : n > 1 && d[n - 1] == '.' ? " (write the domain without its final dot)"
+					    : "");
+	return true;
 }
 
 static const char *str(json_t *o, const char *k)
@@ -440,13 +479,9 @@ static bool pattern_valid(enum policy_scope scope, const char *pattern)
 	policy_builder_free(b);
 	if (rc != 0)
 		return false;
-	if (scope == POLICY_SCOPE_DOMAIN)
-		return domain_valid(pattern, true);
-	if (scope == POLICY_SCOPE_USER) {
-		struct mimi_uri u;
-		cw_errmsg e;
-		return mimi_uri_parse(pattern, &u, &e) == CW_OK && u.kind == MIMI_USER;
-	}
+	char why[MIMI_URI_MAX + 200];
+	if (scope == POLICY_SCOPE_DOMAIN || scope == POLICY_SCOPE_USER)
+		return !address_why(pattern, scope == POLICY_SCOPE_USER, true, why, sizeof(why));
 	/* The engine asks the rules of the remote party, whose network is
 	 * always a peer's (peer:<name>: every message from outside comes
 	 * through a peer; matrix and xmpp are local users' networks), so a
@@ -583,13 +618,18 @@ void policy_admin_rule_create(struct cw_req *req, void *ctx)
 		;
 	else if (!scope || !policy_scope_parse(scope, &sc))
 		bad_body(req, "scope must be domain, network or user");
-	else if (!pattern || !pattern_valid(sc, pattern))
-		bad_body(req, sc == POLICY_SCOPE_DOMAIN ? "pattern must be a lower-case domain such as a.example or *.example"
+	else if (!pattern || !pattern_valid(sc, pattern)) {
+		char why[MIMI_URI_MAX + 200], d[sizeof(why) + 300];
+		bool said = sc != POLICY_SCOPE_NETWORK && address_why(pattern, sc == POLICY_SCOPE_USER, true, why, sizeof(why));
+		snprintf(d, sizeof(d), "%s%s%s",
+			 sc == POLICY_SCOPE_DOMAIN    ? "pattern must be a lower-case domain such as a.example or *.example"
 			 : sc == POLICY_SCOPE_NETWORK ? "pattern must be a peer's network: peer:* (every peer) or peer:<name> "
 							"with a peer's name (1 to 32 of a-z, 0-9, '_' and '-', starting with a "
 							"letter or digit); senders from outside come from peers"
-						      : "pattern must be a user URI mimi://<domain>/u/<local>");
-	else if (pattern_ours(ctx, sc, pattern, own, sizeof(own))) {
+						      : "pattern must be a user URI mimi://<domain>/u/<local>",
+			 said ? ": " : "", said ? why : "");
+		bad_body(req, d);
+	} else if (pattern_ours(ctx, sc, pattern, own, sizeof(own))) {
 		char d[MIMI_DOMAIN_MAX + 480];
 		snprintf(d, sizeof(d),
 			 "%s is this provider's own domain: rules apply only to remote parties (the users, "
@@ -1000,11 +1040,14 @@ void policy_admin_consent_set(struct cw_req *req, void *ctx)
 		bad_body(req, d);
 	} else if (!kind || (strcmp(kind, "user") != 0 && strcmp(kind, "domain") != 0))
 		bad_body(req, "subject_kind must be user or domain");
-	else if (strcmp(kind, "user") == 0 && user_uri_problem(app, subject, false))
-		bad_body(req, "subject must be a user URI mimi://<domain>/u/<local>");
-	else if (strcmp(kind, "domain") == 0 && (!subject || !domain_valid(subject, false)))
-		bad_body(req, "subject must be a lower-case domain such as gk.example");
-	else if (!state || (strcmp(state, "allowed") != 0 && strcmp(state, "blocked") != 0 && strcmp(state, "none") != 0))
+	else if (address_why(subject, strcmp(kind, "user") == 0, false, why, sizeof(why))) {
+		char d[sizeof(why) + 100];
+		snprintf(d, sizeof(d), "%s: %s",
+			 strcmp(kind, "user") == 0 ? "subject must be a user URI mimi://<domain>/u/<local>"
+						   : "subject must be a lower-case domain such as gk.example",
+			 why);
+		bad_body(req, d);
+	} else if (!state || (strcmp(state, "allowed") != 0 && strcmp(state, "blocked") != 0 && strcmp(state, "none") != 0))
 		bad_body(req, "state must be allowed, blocked or none (forget the decision)");
 	else if (strcmp(state, "none") != 0 && policy_consent_subject_ours(app, kind, subject)) {
 		/* The policy asks a user's consents of a remote sender only;

@@ -2357,6 +2357,47 @@ def test_a_network_rule_names_a_peers_network(daemon):
         assert r.json()["pattern"] == pattern
 
 
+def test_a_misspelt_domain_is_refused_saying_what_to_write(daemon, pg, db_url):
+    """A rule's pattern or a consent's subject that is a spelling of a
+    valid name (upper case, a final dot, an internationalized domain that
+    addresses carry in its ASCII form) is refused saying why and what to
+    write: until the forty-eighth session every one of them was "must be a
+    lower-case domain", also of example.org. (lower case) and of
+    bücher.example, whose ASCII form (xn--bcher-kva.example) is the one a
+    peer's addresses carry. Nothing is stored."""
+    count = "SELECT (SELECT count(*) FROM rules) || ' ' || (SELECT count(*) FROM consents) || ' ' || " \
+            "(SELECT count(*) FROM audit_log)"
+    before = pg.psql(count, db_url)
+    cases = [
+        ("domain", "bad.example.", "final dot"),
+        ("domain", "*.bad.example.", "final dot"),
+        ("domain", "b\u00fccher.example", "xn--"),
+        ("domain", "*.b\u00fccher.example", "xn--"),
+        ("domain", "Bad.Example", "lower-case"),
+        ("domain", "example", "at least one dot"),
+        ("user", "mimi://b\u00fccher.example/u/bob", "xn--"),
+        ("user", "mimi://bad.example./u/bob", "final dot"),
+        ("user", "mimi://Bad.Example/u/bob", "lower-case"),
+        ("user", "mimi://bad.example/r/room", "names a room"),
+    ]
+    for scope, pattern, says in cases:
+        r = daemon.admin("POST", "/rules", json={"scope": scope, "pattern": pattern, "mode": "deny"})
+        assert r.status_code == 400 and r.json()["code"] == "invalid_body", (pattern, r.text)
+        detail = r.json()["detail"]
+        assert detail.startswith("pattern must be a ") and says in detail, (pattern, detail)
+        if pattern.startswith("*."):
+            continue
+        r = daemon.admin("POST", "/consents", json={"user": ALICE, "subject_kind": scope, "subject": pattern,
+                                                    "state": "blocked"})
+        assert r.status_code == 400 and r.json()["code"] == "invalid_body", (pattern, r.text)
+        detail = r.json()["detail"]
+        assert detail.startswith("subject must be a ") and says in detail, (pattern, detail)
+    assert pg.psql(count, db_url) == before
+    # the ASCII form is taken
+    r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "xn--bcher-kva.example", "mode": "deny"})
+    assert r.status_code == 201, r.text
+
+
 def test_a_rule_naming_this_providers_own_users_or_domain_is_refused(daemon, pg, db_url):
     """The rules are asked about the remote party only (docs/policy.md): a
     rule whose user is one of this provider's own, or whose domain is its
