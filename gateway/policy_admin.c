@@ -375,8 +375,9 @@ static bool user_filter(struct cw_app *app, struct cw_req *req, char *out, const
  * as subjects, and patterns no address can match as rules.  A wildcard
  * *.x covers the names <label>.x: x need be a domain only with a label
  * before it (*.example covers a.example).  A user pattern or subject is
- * a user URI whose domain is one so. */
-/* Why s is no domain (user false; a wildcard *.x where wildcard) or user
+ * a user URI whose domain is one so.
+ *
+ * Why s is no domain (user false; a wildcard *.x where wildcard) or user
  * URI (user true) an address can have, into why: the parser's reason,
  * and where the name is a spelling of one that is, what to write
  * instead: an internationalized domain in its ASCII form (xn--..., the
