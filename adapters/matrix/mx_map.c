@@ -354,6 +354,7 @@ struct walker {
 	struct cw_buf out;
 	bool keep_reply;   /* mx-reply: keep its content (without the tag) */
 	bool images;       /* keep <img> (of an mxc:// src), else its alt text */
+	bool replied;      /* an mx-reply was met */
 	int depth;         /* elements written and still open */
 };
 
@@ -383,8 +384,10 @@ static bool enter(void *arg, xmlNode *n)
 	const char *tag = (const char *)n->name;
 	if (in_list(tag, dropped_tags))
 		return false;
-	if (strcmp(tag, "mx-reply") == 0)
+	if (strcmp(tag, "mx-reply") == 0) {
+		w->replied = true;
 		return w->keep_reply;
+	}
 	if (!w->images && strcmp(tag, "img") == 0) {
 		xmlChar *alt = xmlGetProp(n, (const xmlChar *)"alt");
 		if (alt)
@@ -508,7 +511,9 @@ static htmlDocPtr html_doc(const char *html, size_t len)
 	return doc;
 }
 
-static char *html_walk(const char *html, size_t len, bool keep_reply, bool images)
+/* The sanitised HTML (NULL without memory or past HTML_INPUT_MAX); with
+ * replied, whether an mx-reply was in it. */
+static char *html_walk(const char *html, size_t len, bool keep_reply, bool images, bool *replied)
 {
 	if (len > HTML_INPUT_MAX)
 		return NULL;
@@ -521,6 +526,8 @@ static char *html_walk(const char *html, size_t len, bool keep_reply, bool image
 	cw_buf_init(&w.out, len * 6 + 64);
 	cw_html_walk(doc, enter, leave, overflowed, &w);
 	xmlFreeDoc(doc);
+	if (replied)
+		*replied = w.replied;
 	return take(&w.out);
 }
 
@@ -528,7 +535,7 @@ char *mx_sanitize_html(const char *html, size_t len)
 {
 	if (!html)
 		return calloc(1, 1);
-	return html_walk(html, len, false, true);
+	return html_walk(html, len, false, true, NULL);
 }
 
 /* ------------------------------------------------------------ mentions */
@@ -871,18 +878,25 @@ static enum mx_in_result text_parts(const json_t *c, const char *msgtype, bool s
 		}
 		formatted = json_string_value(fb);
 	}
-	if (strip_reply) {
-		size_t skip = mx_reply_fallback_len(body);
-		if (skip < strlen(body))
-			body += skip;
-	}
 	/* HTML that cannot be sanitised (no memory) is left out: the text goes. */
-	char *clean = formatted ? html_walk(formatted, strlen(formatted), keep_reply, true) : NULL;
+	bool html_reply = false;
+	char *clean = formatted ? html_walk(formatted, strlen(formatted), keep_reply, true, &html_reply) : NULL;
 	if (clean) {
 		if (html_blank(clean)) {
 			free(clean);
 			clean = NULL;
 		}
+	}
+	/* A client that quotes the replied-to message in body quotes it in
+	 * its HTML too (<mx-reply>): HTML that shows something without one
+	 * says that the body's leading "> <@bob:example.org> ..." is the
+	 * user's own quote (a reply without fallbacks, Matrix 1.13), which
+	 * until the forty-eighth session was taken out as a fallback and
+	 * lost. */
+	if (strip_reply && (!clean || html_reply)) {
+		size_t skip = mx_reply_fallback_len(body);
+		if (skip < strlen(body))
+			body += skip;
 	}
 
 	/* Capped at what a part may hold: overflow means too long. */
@@ -1497,7 +1511,7 @@ static bool neutral_text(const json_t *content, bool list_attachments, struct te
 	if (html) {
 		/* No <img>, its alt text instead: a peer's mxc:// is no file
 		 * it sent (a relayed member's inline image goes the same way) */
-		clean = html_walk(html, strlen(html), false, false);
+		clean = html_walk(html, strlen(html), false, false, NULL);
 		if (!clean) { /* only memory, unless the part is larger than any event is */
 			say(why, whylen, "%s",
 			    strlen(html) > HTML_INPUT_MAX ? "the HTML part is too large" : MX_WHY_NOMEM);
