@@ -108,9 +108,57 @@ static void xml_init(void)
 static const char BODY_OPEN[] = "<html><body>";
 #define BODY_OPEN_LEN (sizeof(BODY_OPEN) - 1)
 
+/* The code points of numeric character references 0x80 to 0x9F as HTML
+ * reads them (windows-1252; 0: left as it is). */
+static const unsigned short c1_refs[32] = {
+	0x20AC, 0, 0x201A, 0x0192, 0x201E, 0x2026, 0x2020, 0x2021, 0x02C6, 0x2030, 0x0160, 0x2039, 0x0152, 0, 0x017D, 0,
+	0, 0x2018, 0x2019, 0x201C, 0x201D, 0x2022, 0x2013, 0x2014, 0x02DC, 0x2122, 0x0161, 0x203A, 0x0153, 0, 0x017E, 0x0178,
+};
+
+/* For the numeric character reference at p (n bytes, p[0..1] "&#"): into
+ * rep what libxml2 is to read for it, as HTML reads it, and the bytes of
+ * it replaced; 0 when it is read right as it is.  libxml2 2.9 drops a
+ * "&#" without digits with the text after it up to a non-digit ("a &# b"
+ * read "a  b", "&#xZZ" "ZZ", and an href "?a=1&#b" lost its "#b"), drops
+ * the references to no character (0, surrogates, past U+10FFFF) or to C0
+ * controls, and reads 0x80 to 0x9F as C1 controls, not as the characters
+ * a browser shows ("&#150;" of a word processor's HTML is an en dash). */
+static size_t numeric_ref(const unsigned char *p, size_t n, char *rep, size_t size)
+{
+	bool hex = n > 2 && (p[2] == 'x' || p[2] == 'X');
+	size_t i = hex ? 3 : 2, start = i;
+	unsigned long v = 0;
+	for (; i < n; i++) {
+		unsigned d;
+		if (p[i] >= '0' && p[i] <= '9')
+			d = p[i] - '0';
+		else if (hex && (p[i] | 0x20) >= 'a' && (p[i] | 0x20) <= 'f')
+			d = (unsigned)((p[i] | 0x20) - 'a' + 10);
+		else
+			break;
+		v = v > 0x10FFFF ? v : v * (hex ? 16 : 10) + d;
+	}
+	if (i == start) { /* no digits: the '&' is text */
+		snprintf(rep, size, "&amp;");
+		return 1;
+	}
+	if (i < n && p[i] == ';')
+		i++;
+	if (v >= 0x80 && v <= 0x9F && c1_refs[v - 0x80])
+		v = c1_refs[v - 0x80];
+	else if (v == 0 || v > 0x10FFFF || (v >= 0xD800 && v <= 0xDFFF) || v == 0xFFFE || v == 0xFFFF ||
+		 (v < 0x20 && v != '\t' && v != '\n' && v != '\r' && v != '\f'))
+		v = 0xFFFD;
+	else
+		return 0;
+	snprintf(rep, size, "&#x%lX;", v);
+	return i;
+}
+
 /* BODY_OPEN, then s as valid UTF-8 without NUL and the characters XML/HTML
  * parsers refuse (C0 controls but tab, LF, CR; U+FFFE, U+FFFF): each bad
- * byte or character becomes U+FFFD.  Nothing is added after s: what an
+ * byte or character becomes U+FFFD; and each numeric character reference
+ * as HTML reads it (numeric_ref).  Nothing is added after s: what an
  * unfinished construct at its end (an attribute value, a doctype) takes in
  * would show. */
 static char *clean_input(const char *s, size_t n, size_t *outlen)
@@ -120,6 +168,16 @@ static char *clean_input(const char *s, size_t n, size_t *outlen)
 	add(&b, BODY_OPEN, BODY_OPEN_LEN);
 	const unsigned char *p = (const unsigned char *)s, *run = p; /* run: the good bytes not added yet */
 	while (n) {
+		char rep[16];
+		size_t r = n >= 2 && p[0] == '&' && p[1] == '#' ? numeric_ref(p, n, rep, sizeof(rep)) : 0;
+		if (r) {
+			add(&b, (const char *)run, (size_t)(p - run));
+			adds(&b, rep);
+			p += r;
+			n -= r;
+			run = p;
+			continue;
+		}
 		size_t l = cw_utf8_seq(p, n, NULL);
 		bool bad = l == 0 || (l == 1 && *p < 0x20 && *p != '\t' && *p != '\n' && *p != '\r') ||
 			   (l == 3 && p[0] == 0xEF && p[1] == 0xBF && (p[2] == 0xBE || p[2] == 0xBF));
