@@ -4761,12 +4761,16 @@ def test_a_peer_cannot_name_the_gateways_own_matrix_users(mx, hs, gk, pg, db_url
     wally = a.user("wally")
     for path, body in (("/v1/blocks", {"blocker": wally, "blocked": target, "action": "block"}),
                        ("/v1/consent/updates", {"user": wally, "target": target, "consent": "revoked"}),
-                       ("/v1/consent/requests", {"requester": wally, "target": target})):
+                       ("/v1/consent/requests", {"requester": wally, "target": target}),
+                       # nor is it a report's subject (until the forty-eighth session
+                       # stored as a report against a user of this provider)
+                       ("/v1/reports", {"reporter": wally, "subject": target, "reason": "spam"})):
         r = a.call("POST", path, body)
         assert r.status_code == 400 and r.json()["code"] == "invalid_body", (path, r.text)
         assert target in r.json()["detail"] and "namespace" in r.json()["detail"], (path, r.text)
     assert pg.psql(f"SELECT count(*) FROM identities WHERE localpart = '{name}'", db_url) == "0"
     assert pg.psql("SELECT count(*) FROM blocks", db_url) == "0"
+    assert pg.psql("SELECT count(*) FROM reports", db_url) == "0"
 
 
 def wally_writes_to_alice(mx, hs, gk):
