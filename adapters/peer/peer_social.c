@@ -427,18 +427,50 @@ void peer_api_block(struct cw_req *req, void *ctx)
 
 /* ------------------------------------------------------------ reports */
 
+/* The first evidence id (a JSON array, as text) that names a message kept
+ * here of a room the reporter is no member of (in any state: one who left
+ * still reports what she was sent), into bad; "" when none does.  An id
+ * of no message kept is taken as it comes: the message may have been
+ * purged (docs/operations.md, "Retention"), and a report keeps its ids
+ * as text for that reason.  Until the forty-eighth session any id was
+ * stored, and a peer's report could cite as its user's evidence a
+ * message of a conversation she never saw, which the operator looking
+ * it up (GET /admin/v1/messages/{id}) read as what the subject sent her. */
+static cw_err foreign_evidence(PGconn *c, const char *evidence, const char *reporter, char *bad, size_t len,
+			       cw_errmsg *e)
+{
+	const char *params[] = { evidence, reporter };
+	PGresult *r = PQexecParams(c,
+		"SELECT ev.public_id FROM jsonb_array_elements_text($1::jsonb) WITH ORDINALITY AS x(id, n) "
+		"JOIN events ev ON ev.public_id = x.id WHERE NOT EXISTS (SELECT 1 FROM room_members m "
+		"JOIN identities i ON i.id = m.identity_id WHERE m.room_id = ev.room_id AND i.uri = $2) "
+		"ORDER BY x.n LIMIT 1", 2, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	snprintf(bad, len, "%s", PQntuples(r) == 1 ? PQgetvalue(r, 0, 0) : "");
+	PQclear(r);
+	return CW_OK;
+}
+
 static cw_err report_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct social_input *in = j->data;
-	char pid[24];
+	char pid[24], bad[MIMI_URI_MAX + 1] = "";
 	snprintf(pid, sizeof(pid), "%lld", (long long)in->peer_id);
 	char *evidence = json_dumps(in->evidence, JSON_COMPACT);
 	const struct policy_report rep = { .reporter_kind = "peer", .reporter = in->remote, .peer_id = pid,
 					   .subject = in->local, .reason = in->reason, .evidence = evidence,
 					   .comment = in->comment, .actor = in->peer_network };
-	cw_err rc = evidence ? policy_report_store(c, j->app, &rep, NULL, e) : cw_fail(e, CW_ENOMEM, "out of memory");
+	cw_err rc = evidence ? foreign_evidence(c, evidence, in->remote, bad, sizeof(bad), e)
+			     : cw_fail(e, CW_ENOMEM, "out of memory");
+	if (!rc && bad[0]) /* nothing stored */
+		app_job_fail(j, 400, "invalid_body", "evidence %s is no message of a conversation of the reporter's",
+			     bad);
+	else if (!rc)
+		rc = policy_report_store(c, j->app, &rep, NULL, e);
 	free(evidence);
-	if (!rc)
+	if (!rc && !bad[0])
 		accepted(j);
 	return rc;
 }

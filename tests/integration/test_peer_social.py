@@ -247,6 +247,34 @@ def test_reports_are_stored_with_evidence(daemon, peers, pg, db_url):
         "peer mimi://wa.example/u/wally mimi://example.org/u/spammer spam msg_abc,msg_def x'); --"
 
 
+def test_report_evidence_is_of_the_reporters_conversations(daemon, peers, pg, db_url):
+    """A peer's report cites as evidence messages of rooms its reporter is
+    (or was) a member of; one of a conversation she never saw is 400
+    invalid_body naming it, and nothing is stored; an id of no message
+    kept (purged, say) is taken as it comes.  Until the forty-eighth
+    session any id was stored, and the operator looking the evidence up
+    read another conversation's message as what the subject sent her."""
+    (a, _), (b, _) = peers
+    wally, tom = a.user("wally"), b.user("tom")
+    mine = a.create_room([wally, LOCAL + "alice"]).json()["id"]
+    ours = a.send(mine, wally, "you wrote me spam").json()["id"]
+    theirs_room = b.create_room([tom, LOCAL + "alice"]).json()["id"]
+    theirs = b.send(theirs_room, tom, "not wally's").json()["id"]
+    rep = {"reporter": wally, "subject": LOCAL + "alice", "reason": "spam"}
+    r = a.call("POST", "/v1/reports", dict(rep, evidence=[ours, theirs]))
+    assert r.status_code == 400 and r.json()["code"] == "invalid_body", r.text
+    assert theirs in r.json()["detail"] and ours not in r.json()["detail"], r.text
+    assert pg.psql("SELECT count(*) FROM reports", db_url) == "0"
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'report.create'", db_url) == "0"
+    # nor can another of its users, who is not in that room
+    r = a.call("POST", "/v1/reports", dict(rep, reporter=a.user("eve"), evidence=[ours]))
+    assert r.status_code == 400 and ours in r.json()["detail"], r.text
+    r = a.call("POST", "/v1/reports", dict(rep, evidence=[ours, "msg_purged_long_ago"]))
+    assert r.status_code == 202, r.text
+    assert pg.psql("SELECT array_to_string(evidence_public_ids, ',') FROM reports", db_url) == \
+        f"{ours},msg_purged_long_ago"
+
+
 def test_discovery_finds_only_discoverable_users(daemon, peers, pg, db_url):
     (a, _), _ = peers
     pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network, discoverable) VALUES "
