@@ -337,22 +337,41 @@ void peer_api_consent_request(struct cw_req *req, void *ctx)
 	start(req, ctx, in, consent_request_fn, true);
 }
 
+/* A lift (granted, unblock) of the block of the two users named, if there
+ * is one, and every daemon process told of it.  It makes neither user an
+ * identity row: until the forty-eighth session it made both (both()), so
+ * that a peer's "granted" for names it made up, which lifts nothing, made
+ * each a user of this provider, listed in GET /admin/v1/users. */
+static cw_err lift(PGconn *c, struct social_input *in, cw_errmsg *e)
+{
+	const char *params[] = { in->remote, in->local };
+	PGresult *r = PQexecParams(c,
+		"WITH d AS (DELETE FROM blocks b USING identities x, identities y WHERE x.uri = $1 AND y.uri = $2 "
+		"  AND y.is_local AND b.blocker_id = x.id AND b.blocked_id = y.id RETURNING b.blocked_id) "
+		"SELECT pg_notify('causeway_policy', 'u:' || blocked_id) FROM d", 2, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (!rc)
+		PQclear(r);
+	return rc;
+}
+
 /* updateConsent: the peer's user grants or revokes consent to be contacted
  * by a local user.  Revoked is stored as that user blocking the local one
- * (the policy engine treats both alike); granted lifts it. */
+ * (the policy engine treats both alike; the block makes her an identity
+ * row, a user never seen yet included, so that it holds when she first
+ * writes); granted lifts it. */
 static cw_err consent_update_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct social_input *in = j->data;
 	char rid[24], lid[24];
-	cw_err rc = both(c, in, rid, lid, e);
-	if (rc)
-		return rc;
-	const char *params[] = { rid, lid };
-	rc = in->flag ? store_command(c, "DELETE FROM blocks WHERE blocker_id = $1::bigint AND blocked_id = $2::bigint", 2, params, e)
-		      : store_command(c, "INSERT INTO blocks (blocker_id, blocked_id) VALUES ($1::bigint, $2::bigint) "
-			       "ON CONFLICT DO NOTHING", 2, params, e);
-	if (!rc) /* every daemon process takes the change into its policy */
-		rc = policy_notify_user(c, lid, e);
+	cw_err rc = in->flag ? lift(c, in, e) : both(c, in, rid, lid, e);
+	if (!rc && !in->flag) {
+		const char *params[] = { rid, lid };
+		rc = store_command(c, "INSERT INTO blocks (blocker_id, blocked_id) VALUES ($1::bigint, $2::bigint) "
+				   "ON CONFLICT DO NOTHING", 2, params, e);
+		if (!rc) /* every daemon process takes the change into its policy */
+			rc = policy_notify_user(c, lid, e);
+	}
 	if (!rc) { /* the operator sees who changed what */
 		const char *ap[] = { in->peer_network, in->action, in->local, in->remote };
 		rc = store_command(c, "INSERT INTO audit_log (actor, action, subject, details) "

@@ -47,6 +47,28 @@ def test_consent_updates_and_blocks(daemon, peers, pg, db_url):
     assert pg.psql(q, db_url) == "0"
 
 
+def test_a_grant_or_unblock_of_a_name_never_seen_makes_nobody(daemon, peers, pg, db_url):
+    """A grant or an unblock lifts a block if there is one, and makes no
+    identity row: until the forty-eighth session each made both users one,
+    so that a peer naming made-up names in grants (which lift nothing) made
+    each a user of this provider, listed by GET /admin/v1/users, and the
+    first grant of a name never seen did more work than one of a known
+    user's.  The answers are the same and the operator sees each in the
+    audit log."""
+    (a, _), _ = peers
+    for path, body in (("/v1/consent/updates", {"user": a.user("wally"), "target": LOCAL + "made-up-1",
+                                                "consent": "granted"}),
+                       ("/v1/blocks", {"blocker": a.user("wally"), "blocked": LOCAL + "made-up-2",
+                                       "action": "unblock"})):
+        r = a.call("POST", path, body)
+        assert (r.status_code, r.json()) == (202, {"status": "accepted"}), r.text
+    assert pg.psql("SELECT count(*) FROM identities", db_url) == "0"
+    assert [u["user"] for u in daemon.admin("GET", "/users").json()["rows"]] == []
+    assert pg.psql("SELECT string_agg(action || ' ' || subject, ', ' ORDER BY id) FROM audit_log "
+                   "WHERE actor = 'peer:gk'", db_url) == \
+        f"peer.consent.grant {LOCAL}made-up-1, peer.unblock {LOCAL}made-up-2"
+
+
 def test_a_replay_to_another_process_changes_nothing(make_daemon, pg, db_url):
     """Two daemon processes behind one public URL (a load balancer): a
     signed request that changes something without an idempotency key,

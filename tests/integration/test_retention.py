@@ -700,8 +700,9 @@ def local_ids(pg, db_url):
 
 def test_local_names_a_peer_made_up_are_forgotten_once_nothing_refers_to_them(make_daemon, db_url, pg):
     """A peer makes an identity of this provider's for any name it names in
-    a consent update or a block (either way: the row stays when the block
-    is lifted), or in a consent request held for it (policy.optin_default
+    a revoking consent update or a block (the row stays when the block is
+    lifted; a grant or an unblock alone makes none since the forty-eighth
+    session), or in a consent request held for it (policy.optin_default
     on), at policy.peer_updates_per_minute; until the forty-sixth session
     nothing removed one, and a peer could grow the table for months. The
     sweep forgets a local identity nothing refers to, 30 days after it was
@@ -720,6 +721,11 @@ def test_local_names_a_peer_made_up_are_forgotten_once_nothing_refers_to_them(ma
         r = a.call("POST", "/v1/consent/updates", {"user": a.user("wally"), "target": LOCAL + name,
                                                     "consent": consent})
         assert r.status_code == 202, r.text
+
+    def known(name):
+        """the name made an identity row, with no block left"""
+        update(name, "revoked")
+        update(name)
 
     def block(name, action="block"):
         r = a.call("POST", "/v1/blocks", {"blocker": a.user("wally"), "blocked": LOCAL + name, "action": action})
@@ -751,17 +757,18 @@ def test_local_names_a_peer_made_up_are_forgotten_once_nothing_refers_to_them(ma
     assert a.create_room([a.user("wally"), LOCAL + "k-member"]).status_code == 201
     assert a.call("POST", "/v1/reports", {"reporter": a.user("wally"), "subject": LOCAL + "k-reported",
                                           "reason": "spam"}).status_code == 202
-    update("k-native")                  # a user who talked to the bot (an adapter's native id)
+    known("k-native")                   # a user who talked to the bot (an adapter's native id)
     pg.psql("INSERT INTO identity_bindings (identity_id, network, native_id) SELECT id, 'matrix', "
             "'@k-native:example.org' FROM identities WHERE localpart = 'k-native'", db_url)
     assert a.call("POST", "/v1/reports", {"reporter": a.user("wally"), "subject": LOCAL + "k-reported",
                                           "reason": "spam"}).status_code == 202
-    update("k-reported")                # made after the reports, then bound to them
+    known("k-reported")                 # made after the reports, then bound to them
     pg.psql("UPDATE reports r SET subject_identity_id = i.id FROM identities i "
             "WHERE i.uri = r.subject_uri AND i.localpart = 'k-reported'", db_url)
-    update("k-young")                   # made today
+    known("k-young")                    # made today
     made = local_ids(pg, db_url)
-    assert {"g-granted", "g-lifted", "g-revoked-lifted", "g-asked", "k-blocked", "k-young"} <= made, made
+    assert "g-granted" not in made, made  # a grant alone made nothing
+    assert {"g-lifted", "g-revoked-lifted", "g-asked", "k-blocked", "k-young"} <= made, made
     remote = pg.psql("SELECT count(*) FROM identities WHERE NOT is_local", db_url)
     # Made 40 days ago; the requests expired (the sweep's state), g-asked's
     # and k-owed's made 2 days ago, k-recent's an hour ago (the window: a day).
@@ -774,21 +781,21 @@ def test_local_names_a_peer_made_up_are_forgotten_once_nothing_refers_to_them(ma
             "jsonb_build_object('request', q.id) FROM consent_requests q "
             "JOIN identities l ON l.id = q.local_identity_id WHERE l.localpart = 'k-owed'; "
             "INSERT INTO xmpp_roster_sync (component, audit_id) VALUES ('xmpp.example.org', 0)", db_url)
-    gone = {"g-granted", "g-lifted", "g-revoked-lifted", "g-asked"}
+    gone = {"g-lifted", "g-revoked-lifted", "g-asked"}
     wait_until(lambda: not gone & local_ids(pg, db_url), timeout=30, interval=0.2, what="the made-up names forgotten")
     assert local_ids(pg, db_url) == made - gone
     assert pg.psql("SELECT count(*) FROM identities WHERE NOT is_local", db_url) == remote
-    assert retention_metric(d, "causeway_retention_removed_total", "identities") == 4
+    assert retention_metric(d, "causeway_retention_removed_total", "identities") == 3
     assert int(d.wait_for(lambda r: r.get("msg") == "old data removed"
-                          and r.get("identities_forgotten") != "0")["identities_forgotten"]) == 4
+                          and r.get("identities_forgotten") != "0")["identities_forgotten"]) == 3
     # The component follows: the withdrawal is no longer owed, and k-owed goes.
     pg.psql("UPDATE xmpp_roster_sync SET audit_id = (SELECT max(id) FROM audit_log)", db_url)
     wait_until(lambda: "k-owed" not in local_ids(pg, db_url), timeout=30, interval=0.2, what="k-owed forgotten")
     assert local_ids(pg, db_url) == made - gone - {"k-owed"}
     # A forgotten name is as one never seen.
-    update("g-granted")
+    update("g-revoked-lifted", "revoked")
     block("g-lifted")
-    assert {"g-granted", "g-lifted"} <= local_ids(pg, db_url)
+    assert {"g-revoked-lifted", "g-lifted"} <= local_ids(pg, db_url)
     srv.close()
 
 
@@ -803,7 +810,8 @@ def test_a_name_named_while_the_sweep_forgets_it_is_made_anew(make_daemon, db_ur
     d = start(make_daemon, db_url)
     a, b, rm, srv = peers(d)
     body = {"blocker": a.user("wally"), "blocked": LOCAL + "ghost", "action": "unblock"}
-    assert a.call("POST", "/v1/blocks", body).status_code == 202
+    assert a.call("POST", "/v1/blocks", dict(body, action="block")).status_code == 202
+    assert a.call("POST", "/v1/blocks", body).status_code == 202  # the row stays, no block
     old = pg.psql("SELECT id FROM identities WHERE localpart = 'ghost'", db_url)
     sweep = HeldSession(db_url)  # the sweep's transaction, as retention.c takes it
     sweep.run(f"BEGIN; SELECT id FROM identities WHERE id = {old} FOR UPDATE SKIP LOCKED;")
