@@ -472,6 +472,28 @@ static cw_err foreign_evidence(PGconn *c, const char *evidence, const char *repo
 	return CW_OK;
 }
 
+/* Whether the report is one of the same reporter's still open, the same
+ * in every member (subject, reason, evidence in order, comment): a peer's
+ * retry of a report whose answer it did not get (the routes take no
+ * Idempotency-Key).  Until the forty-eighth session each was stored again,
+ * a second open report in the operator's list and one more in the
+ * subject's count.  Two sent at once to two processes may both be stored. */
+static cw_err report_open_already(PGconn *c, const struct policy_report *rep, bool *same, cw_errmsg *e)
+{
+	const char *params[] = { rep->reporter, rep->subject, rep->reason, rep->evidence, rep->comment };
+	PGresult *r = PQexecParams(c,
+		"SELECT EXISTS (SELECT 1 FROM reports WHERE reporter_kind = 'peer' AND reporter = $1 "
+		"AND subject_uri = $2 AND reason_code = $3 AND handled_at IS NULL "
+		"AND evidence_public_ids = ARRAY(SELECT jsonb_array_elements_text($4::jsonb)) "
+		"AND comment IS NOT DISTINCT FROM $5)", 5, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	*same = PQgetvalue(r, 0, 0)[0] == 't';
+	PQclear(r);
+	return CW_OK;
+}
+
 static cw_err report_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct social_input *in = j->data;
@@ -481,12 +503,13 @@ static cw_err report_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	const struct policy_report rep = { .reporter_kind = "peer", .reporter = in->remote, .peer_id = pid,
 					   .subject = in->local, .reason = in->reason, .evidence = evidence,
 					   .comment = in->comment, .actor = in->peer_network };
+	bool same = false;
 	cw_err rc = evidence ? foreign_evidence(c, evidence, in->remote, bad, sizeof(bad), e)
 			     : cw_fail(e, CW_ENOMEM, "out of memory");
 	if (!rc && bad[0]) /* nothing stored */
 		app_job_fail(j, 400, "invalid_body", "evidence %s is no message of a conversation of the reporter's",
 			     bad);
-	else if (!rc)
+	else if (!rc && !(rc = report_open_already(c, &rep, &same, e)) && !same)
 		rc = policy_report_store(c, j->app, &rep, NULL, e);
 	free(evidence);
 	if (!rc && !bad[0])

@@ -297,6 +297,32 @@ def test_report_evidence_is_of_the_reporters_conversations(daemon, peers, pg, db
         f"{ours},msg_purged_long_ago"
 
 
+def test_a_report_sent_again_while_open_is_stored_once(daemon, peers, pg, db_url):
+    """The same report again (a retry whose answer the peer did not get:
+    the route takes no Idempotency-Key) while the first is open is
+    answered the same and stores nothing; one that differs in any member,
+    or comes after the operator handled the first, is a report of its own.
+    Until the forty-eighth session every retry was a report more in the
+    operator's list and in the subject's count."""
+    (a, _), _ = peers
+    rep = {"reporter": a.user("wally"), "subject": LOCAL + "alice", "reason": "spam", "comment": "again and again"}
+    for _ in range(3):
+        r = a.call("POST", "/v1/reports", rep)
+        assert (r.status_code, r.json()) == (202, {"status": "accepted"}), r.text
+    assert pg.psql("SELECT count(*) FROM reports", db_url) == "1"
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'report.create'", db_url) == "1"
+    for other in (dict(rep, comment="something else"), {k: v for k, v in rep.items() if k != "comment"},
+                  dict(rep, reason="abuse"), dict(rep, evidence=["msg_gone"]), dict(rep, reporter=a.user("eve"))):
+        assert a.call("POST", "/v1/reports", other).status_code == 202
+    assert pg.psql("SELECT count(*) FROM reports", db_url) == "6"
+    first = daemon.admin("GET", "/reports").json()["rows"][0]
+    assert daemon.admin("POST", f"/reports/{first['id']}/handle").status_code == 200
+    assert a.call("POST", "/v1/reports", rep).status_code == 202
+    rows = daemon.admin("GET", "/reports").json()["rows"]
+    assert len(rows) == 7 and rows[-1]["comment"] == "again and again" and rows[-1]["handled_at"] is None
+    assert rows[-1]["reports_against_subject"] == 7
+
+
 def test_discovery_finds_only_discoverable_users(daemon, peers, pg, db_url):
     (a, _), _ = peers
     pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network, discoverable) VALUES "
