@@ -315,8 +315,6 @@ static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 	snprintf(uri, sizeof(uri), "mimi://%s/u/%s", dom, j->local);
 	struct mimi_uri u;
 	cw_err rc = mimi_uri_parse(uri, &u, e);
-	if (!rc)
-		rc = identity_id(c, &u, true, "xmpp", NULL, local_id, sizeof(local_id), e);
 	if (rc)
 		return rc;
 	const char *pp[] = { j->xc->peer };
@@ -349,6 +347,17 @@ static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 			 j->xc->peer);
 		return CW_OK;
 	}
+	/* A report is stored by her address (report_run), and may yet be
+	 * refused (policy_report_store): it makes no identity. */
+	if (j->verb == V_REPORT)
+		return report_run(c, j, uri, subject, e); /* done unless refused */
+	/* The user's identity, made if she has none, once the command is
+	 * taken: until the forty-eighth session it was made first, and a
+	 * command refused above (another network's contact, a name of no
+	 * contact, a network not configured, a report refused) left a row
+	 * behind. */
+	if ((rc = identity_id(c, &u, true, "xmpp", NULL, local_id, sizeof(local_id), e)))
+		return rc;
 	switch (j->verb) {
 	case V_SUBSCRIBE: {
 		bool blocked = false;
@@ -472,8 +481,7 @@ static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 		snprintf(j->note, sizeof(j->note), "You are now opted %s for %s.", j->verb == V_OPTIN ? "in" : "out", net);
 		break;
 	}
-	case V_REPORT:
-		return report_run(c, j, uri, subject, e); /* done unless refused */
+	case V_REPORT: /* above */
 	case V_LIST: /* list_fn */
 		break;
 	}

@@ -4150,9 +4150,11 @@ def test_commands_about_a_network_not_configured_say_so(make_daemon, db_url, pg,
                         assert bad.find(".//{urn:ietf:params:xml:ns:xmpp-stanzas}text").text == (
                             f"{named} is a contact of another network (peer:zz), not of this one "
                             f"(peer:gk): accept and block them with the commands of {ZZ}."), ET.tostring(bad)
+                # nor her identity (since the forty-eighth session: until
+                # then each refused command made it first)
                 assert pg.psql("SELECT (SELECT count(*) FROM consents) || ' ' || (SELECT count(*) FROM reports) "
-                               "|| ' ' || (SELECT count(*) FROM audit_log WHERE actor LIKE 'user:%')",
-                               db_url) == "0 0 0"
+                               "|| ' ' || (SELECT count(*) FROM audit_log WHERE actor LIKE 'user:%') || ' ' || "
+                               "(SELECT count(*) FROM identities WHERE is_local)", db_url) == "0 0 0 0"
                 # gk's contact by address is still taken through gk's component.
                 c = command_submit(alice, "block", {"jid": f"mimi://{COMP}/u/wally"}, to=COMP)
                 assert "Blocked mimi://wa.example/u/wally" in c.find(f".//{{{CMD}}}note").text, ET.tostring(c)
