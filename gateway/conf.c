@@ -88,8 +88,8 @@ const struct cfg_option cfg_options[] = {
 	  "most events a peer submits in one POST /v1/batch (more: 413), published in the directory; "
 	  "the body is also bounded by server.max_body_bytes" },
 	{ "peer", "max_long_polls", CFG_INT, OFF(peer_max_long_polls), "4", 1, 1000, false, false,
-	  "most long polls (GET /v1/events with wait) one pull peer keeps waiting at once in this process "
-	  "(more: 429 with Retry-After)" },
+	  "most long polls (GET /v1/events with wait) one pull peer keeps waiting at once in this process, and "
+	  "apart from them most of its pulls without wait being answered at once (more: 429 with Retry-After)" },
 
 	{ "rooms", "max_members", CFG_INT, OFF(rooms_max_members), "1000", 2, 100000, false, false,
 	  "most members (joined or invited) a group may have, published in the directory: a room created with "

@@ -29,15 +29,18 @@ struct waiter {
 	long long after;
 	int limit;
 	int64_t deadline_us;
-	bool counted; /* a long poll, counted in its peer's polls */
+	bool counted; /* a long poll, counted in its peer's polls (n) */
+	bool quick;   /* one without wait, counted in its peer's polls (quick) */
 	bool claimed; /* its signature's nonce claimed (claim_nonce) */
 	struct waiter *next;
 };
 
-/* A pull peer's long polls open in this process (counted below). */
+/* A pull peer's pulls open in this process (counted below): n long
+ * polls, quick ones without wait (queued for the poller or being
+ * answered), each kind up to peer.max_long_polls. */
 struct polls {
 	char destination[PEER_NAME_MAX + 8];
-	int n;
+	int n, quick;
 };
 
 struct peer_pull {
@@ -478,17 +481,19 @@ static struct polls *polls_of(struct peer_pull *p, const char *destination)
 	}
 	struct polls *e = &p->polls[p->npolls++];
 	snprintf(e->destination, sizeof(e->destination), "%s", destination);
-	e->n = 0;
+	e->n = e->quick = 0;
 	return e;
 }
 
 static void finish(struct peer_pull *p, struct waiter *w)
 {
-	if (w->counted) {
+	if (w->counted || w->quick) {
 		pthread_mutex_lock(&p->mu);
 		struct polls *e = polls_of(p, w->destination); /* there: made when counted */
-		if (e && e->n > 0)
+		if (e && w->counted && e->n > 0)
 			e->n--;
+		if (e && w->quick && e->quick > 0)
+			e->quick--;
 		pthread_mutex_unlock(&p->mu);
 	}
 	cw_req_resume(w->req);
@@ -769,26 +774,37 @@ void peer_api_events(struct cw_req *req, void *ctx)
 	/* A long poll is counted against the peer's cap: held by one
 	 * thread, each costs a hand-out per notification while it waits,
 	 * and one peer holding hundreds slowed every pull peer (until the
-	 * thirtieth session).  One without wait is answered at once. */
+	 * thirtieth session).  One without wait is answered at once, but by
+	 * the same thread, one after the other: those are capped alike, in a
+	 * count of their own (until the forty-eighth session they were not,
+	 * and one peer's 40 pulls at once, each a hand-out of its backlog,
+	 * made another pull peer's waiting poll answer a new event 2 s late
+	 * instead of 0.01 s; a peer's pulls take turns anyway, pull_lock_sql). */
+	long cap = app->cfg->peer_max_long_polls;
+	struct polls *e = polls_of(app->pull, w->destination);
+	if (!e || (wt > 0 ? e->n : e->quick) >= cap) {
+		pthread_mutex_unlock(&app->pull->mu);
+		free(w);
+		cw_req_add_header(req, "Retry-After", "1");
+		char detail[200];
+		snprintf(detail, sizeof(detail),
+			 wt > 0 ? "%ld long polls of this peer are waiting already, the most there may be; "
+				  "ask again once one is answered"
+				: "%ld pulls of this peer without wait are being answered already, the most there may "
+				  "be; ask again once one is answered",
+			 cap);
+		if (e)
+			cw_req_problem(req, 429, "rate_limited", "Too many requests", detail);
+		else
+			cw_req_no_memory(req);
+		return;
+	}
 	if (wt > 0) {
-		long cap = app->cfg->peer_max_long_polls;
-		struct polls *e = polls_of(app->pull, w->destination);
-		if (!e || e->n >= cap) {
-			pthread_mutex_unlock(&app->pull->mu);
-			free(w);
-			cw_req_add_header(req, "Retry-After", "1");
-			char detail[160];
-			snprintf(detail, sizeof(detail),
-				 "%ld long polls of this peer are waiting already, the most there may be; "
-				 "ask again once one is answered", cap);
-			if (e)
-				cw_req_problem(req, 429, "rate_limited", "Too many requests", detail);
-			else
-				cw_req_no_memory(req);
-			return;
-		}
 		e->n++;
 		w->counted = true;
+	} else {
+		e->quick++;
+		w->quick = true;
 	}
 	cw_req_suspend(req);
 	w->next = app->pull->incoming;

@@ -453,6 +453,57 @@ def test_a_pull_peer_keeps_at_most_max_long_polls_waiting(make_daemon, db_url):
         srv.close()
 
 
+def test_a_pull_peer_keeps_at_most_max_long_polls_pulls_without_wait_open(make_daemon, db_url):
+    """Pulls without wait are answered at once, but by the one thread that
+    answers every pull peer, one after the other: a peer's open ones are
+    capped too (peer.max_long_polls, here 2, a count apart from its long
+    polls'), one more 429 rate_limited with Retry-After at once. Until
+    the forty-eighth session they had no cap: one peer's 40 pulls at once
+    made another pull peer's waiting poll answer a new event 2 s late
+    instead of 0.01 s (a review's probe). Here the peer's turn is held
+    (its advisory lock, pull_lock_sql), so that its first pull waits in
+    the thread and the second behind it."""
+    d = make_daemon(db_url, options={"peer": {"max_long_polls": "2"}}).start()
+    a, b, rm, srv = make_peers(d)
+    lock = "hashtextextended('causeway.pull:peer:tg', 0)"
+    holder = subprocess.Popen(["psql", db_url, "-v", "ON_ERROR_STOP=1", "-qAt"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    answers = {}
+
+    def pull(i):
+        answers[i] = b.call("GET", "/v1/events?after=0")
+    threads = []
+    try:
+        holder.stdin.write(f"SELECT pg_advisory_lock({lock});\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == ""
+        for i in range(2):
+            threads.append(threading.Thread(target=pull, args=(i,)))
+            threads[-1].start()
+            wait_until(lambda: in_flight(b.base) > i, what="the pull at the daemon")
+        t0 = time.time()
+        r = b.call("GET", "/v1/events?after=0")
+        assert r.status_code == 429 and r.json()["code"] == "rate_limited", r.text
+        assert int(r.headers["Retry-After"]) >= 1 and time.time() - t0 < 2
+        assert "without wait" in r.json()["detail"] and "2" in r.json()["detail"], r.text
+        assert all(t.is_alive() for t in threads)
+        # a long poll has a count of its own
+        waiting = threading.Thread(target=lambda: answers.update(w=b.call("GET", "/v1/events?after=0&wait=1")))
+        waiting.start()
+        wait_until(lambda: in_flight(b.base) > 2 or not waiting.is_alive(), what="the long poll at the daemon")
+        holder.stdin.write(f"SELECT pg_advisory_unlock({lock});\n")
+        holder.stdin.flush()
+        for t in threads + [waiting]:
+            t.join(15)
+        assert [answers[k].status_code for k in (0, 1, "w")] == [200, 200, 200], answers
+        # the places are free again
+        assert b.call("GET", "/v1/events?after=0").status_code == 200
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+        srv.close()
+
+
 def test_a_disabled_or_rotated_peers_waiting_long_poll_is_answered_401(daemon):
     """A long poll waiting when its peer is disabled, or its token
     rotated, is answered at once as a fresh request with that token would
