@@ -9,7 +9,7 @@ import threading
 import time
 
 from harness import HeldSession, wait_until
-from peer import push_peers
+from peer import NotifyServer, push_peers
 from test_peer_api import room
 
 
@@ -311,4 +311,53 @@ def test_the_record_of_deliveries_is_not_planned_at_each_call(make_daemon, pg_pl
         assert calls >= 15 and plans <= 3, ("cw_push_peers", calls, plans)
     finally:
         for _, srv in made:
+            srv.close()
+
+
+def test_a_push_over_https_verifies_the_peers_certificate_and_name(make_daemon, db_url, pg, tmp_path):
+    """A push to an https push_url goes only to a peer whose certificate a
+    trusted CA signed (server.ca_file, else the system's) for the push_url's
+    host: one of a CA not trusted, or of a trusted one for another name,
+    is a failure, retried until a dead letter, and the peer gets nothing.
+    Written down in the forty-eighth session's review (libcurl's defaults,
+    which curl_easy_reset keeps); no test said so before."""
+    import ssl
+    from harness import self_signed_ca
+    good = self_signed_ca(tmp_path, "notify tls good", (), ["127.0.0.1"])
+    other_name = self_signed_ca(tmp_path, "notify tls other name", ["other.example"], ())
+    untrusted = self_signed_ca(tmp_path, "notify tls untrusted", (), ["127.0.0.1"])
+    bundle = tmp_path / "trusted.pem"
+    bundle.write_bytes(open(good[0], "rb").read() + open(other_name[0], "rb").read())
+    d = make_daemon(db_url, options={"server": {"ca_file": str(bundle)},
+                                     "dispatcher": {"retry_budget": "2", "retry_base_ms": "50",
+                                                    "retry_max_ms": "100"}}).start()
+    (a, _), (b, sb) = made = push_peers(d)
+    q = "SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id WHERE o.destination = 'peer:tg' " \
+        "AND e.content->'content'->'parts'->0->>'body' = '{}'"
+    servers = []
+    try:
+        rm = room(a, b)
+        for (cert, key), text, want in ((untrusted, "untrusted", "dead"), (other_name, "other name", "dead"),
+                                        (good, "good", "delivered")):
+            # the peer's notify server, speaking TLS with this certificate
+            srv = NotifyServer()
+            servers.append(srv)
+            srv.public_b64 = sb.public_b64
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(cert, key)
+            srv.httpd.socket = ctx.wrap_socket(srv.httpd.socket, server_side=True)
+            srv.target_base = f"https://127.0.0.1:{srv.port}"
+            assert d.admin("PATCH", "/peers/tg", json={"push_url": srv.target_base}).status_code == 200
+            assert a.send(rm["id"], a.user("alice"), text).status_code == 202
+            state = wait_until(lambda: (lambda s: s if s in ("delivered", "dead") else None)(
+                pg.psql(q.format(text), db_url)), timeout=30, what=f"the push to the {text} certificate's peer")
+            err = pg.psql("SELECT error FROM delivery_attempts ORDER BY id DESC LIMIT 1", db_url)
+            assert state == want, (text, state, err)
+            if want == "dead":
+                assert "certificate" in err, err
+                assert srv.requests == 0
+        assert [e["content"]["parts"][0]["body"] for e in servers[-1].events] == ["good"], servers[-1].events
+        assert servers[-1].errors == [], servers[-1].errors
+    finally:
+        for srv in servers + [s for _, s in made]:
             srv.close()
