@@ -313,7 +313,10 @@ static bool claim_nonce(struct peer_pull *p, struct waiter *w)
 	return true;
 }
 
-static bool try_answer(struct peer_pull *p, struct waiter *w, bool final)
+/* One hand-out (try_answer): true after answering; false when there is
+ * nothing to answer yet (not final), *passed when rows were handed out
+ * and all passed over (pass_over: then w->after is past them). */
+static bool hand_out(struct peer_pull *p, struct waiter *w, bool final, bool pass_over, bool *passed)
 {
 	char after[24];
 	snprintf(after, sizeof(after), "%lld", w->after);
@@ -455,6 +458,18 @@ static bool try_answer(struct peer_pull *p, struct waiter *w, bool final)
 	snprintf(next, sizeof(next), "%s", n ? PQgetvalue(r, n - 1, 0) : after);
 	PQclear(r);
 	free(gone);
+	/* Nothing to give (rows of types the peer does not take, stale
+	 * typing, rows the screen dropped): a long poll waits on from the
+	 * answer's next, which its next hand-out acknowledges (those rows
+	 * were never to be sent), instead of being answered an empty list at
+	 * once: until the forty-eighth session every typing notification
+	 * ended the long polls of a peer that takes no typing. */
+	if (json_array_size(events) == 0 && !final && pass_over) {
+		json_decref(events);
+		w->after = atoll(next);
+		*passed = true;
+		return false;
+	}
 	cw_req_reply_json(w->req, 200, json_pack("{s:o, s:s}", "events", events, "next", next));
 	return true;
 fail:
@@ -462,6 +477,30 @@ fail:
 	free(gone);
 	unavailable(p, w, &e);
 	return true;
+}
+
+/* How many hand-outs in a row one request may pass over wholly (a
+ * backlog of rows the peer does not take, a limit of 1): then it is
+ * answered the empty list and its next, as a pull without wait is, so
+ * that the poller, which answers every pull peer, does not spend itself
+ * on one. */
+#define PASS_OVER_MAX 8
+
+/* Acknowledges up to w->after, then hands out what follows: true after
+ * answering (rows, or a failure), false while there is nothing for a
+ * request that is not final.  A hand-out whose rows were all passed over
+ * (hand_out) is followed by the next at once: rows beyond its limit or
+ * its size bound may be waiting, and no notification would come for
+ * them. */
+static bool try_answer(struct peer_pull *p, struct waiter *w, bool final)
+{
+	for (int i = 1;; i++) {
+		bool passed = false;
+		if (hand_out(p, w, final, i < PASS_OVER_MAX, &passed))
+			return true;
+		if (!passed)
+			return false;
+	}
 }
 
 /* The entry of destination in p->polls, made when missing (NULL: out of

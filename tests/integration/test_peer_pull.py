@@ -179,6 +179,60 @@ def test_a_pull_peer_gets_only_the_event_types_it_takes(daemon):
     srv.close()
 
 
+def test_a_long_poll_waits_on_past_events_the_peer_does_not_take(daemon):
+    """A waiting long poll is answered when an event the peer takes comes,
+    not when one of a type it leaves out does (a reaction here; typing,
+    all day long, for a peer that takes none): that one is passed over and
+    the poll waits on, from a cursor past it, which the answer's next
+    acknowledges with the rest. Until the forty-eighth session each such
+    event answered the poll at once with an empty list."""
+    a, b, rm, srv = make_peers(daemon)
+    try:
+        assert daemon.admin("PATCH", "/peers/tg", json={"event_types": ["message"]}).status_code == 200
+        m1 = a.send(rm["id"], a.user("alice"), "one").json()["id"]
+        cursor = b.call("GET", "/v1/events?after=0").json()["next"]
+        t, result = long_poll(b, cursor, 20)
+        body = {"type": "reaction", "sender": a.user("alice"),
+                "content": {"parts": [{"type": "text/plain", "body": "+1"}], "in_reply_to": m1,
+                            "disposition": "reaction"}}
+        assert a.call("POST", f"/v1/rooms/{rm['id']}/messages", body, idem="re-1").status_code == 202
+        time.sleep(1.5)
+        assert t.is_alive(), result["r"].text
+        m2 = a.send(rm["id"], a.user("alice"), "two").json()["id"]
+        t.join(15)
+        r = result["r"]
+        assert r.status_code == 200 and [e["id"] for e in r.json()["events"]] == [m2], r.text
+        cursor = r.json()["next"]
+        assert b.call("GET", f"/v1/events?after={cursor}").json()["events"] == []
+        rows = daemon.admin("GET", "/outbox?destination=peer:tg").json()["rows"]
+        assert [x["state"] for x in rows] == ["delivered"] * 3, rows
+
+        def react(n, start):
+            for i in range(start, start + n):
+                assert a.call("POST", f"/v1/rooms/{rm['id']}/messages", dict(body, content=dict(
+                    body["content"], parts=[{"type": "text/plain", "body": f"+{i}"}])), idem=f"re-{i}").status_code == 202
+        # Passed over one hand-out at a time (limit=1), those waiting
+        # already are passed over as the poll comes, and it waits on.
+        react(3, 2)
+        t, result = long_poll(b, f"{cursor}&limit=1", 20)
+        m3 = a.send(rm["id"], a.user("alice"), "three").json()["id"]
+        t.join(15)
+        assert not t.is_alive(), "the message waits behind the rows passed over"
+        r = result["r"]
+        assert r.status_code == 200 and [e["id"] for e in r.json()["events"]] == [m3], r.text
+        assert result["t"] < 5, result["t"]
+        # A backlog of them is passed over some hand-outs at a time: the
+        # poll is answered an empty list and a next past those, at once.
+        cursor = r.json()["next"]
+        react(12, 5)
+        t0 = time.time()
+        r = b.call("GET", f"/v1/events?after={cursor}&limit=1&wait=20")
+        assert r.status_code == 200 and r.json()["events"] == [] and int(r.json()["next"]) > int(cursor), r.text
+        assert time.time() - t0 < 5
+    finally:
+        srv.close()
+
+
 def test_a_row_committed_late_is_pulled_not_acknowledged_unseen(daemon, pg, db_url):
     """Outbox ids are taken when a transaction writes, not when it commits:
     a row with a lower id can become visible after a higher one was pulled
