@@ -695,6 +695,31 @@ static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_
 	}
 }
 
+/* The request target in origin form (path and query, RFC 9112 3.2.1):
+ * one in absolute form ("http://host/v1/rooms?x", which a server MUST
+ * accept, RFC 9112 3.2.2) without its scheme and authority, an empty path
+ * as "/"; any other target as it is.  libmicrohttpd 0.9.75 passes the
+ * absolute form on as it came, and until the forty-eighth session such a
+ * request matched no route (404).  Malloc'ed; NULL when out of memory. */
+static char *origin_form(const char *uri)
+{
+	size_t s = 0;
+	if (strncasecmp(uri, "http", 4) == 0)
+		s = (uri[4] == 's' || uri[4] == 'S') ? 5 : 4;
+	if (!s || strncmp(uri + s, "://", 3) != 0)
+		return strdup(uri);
+	const char *path = uri + s + 3;
+	path += strcspn(path, "/?#");
+	if (*path == '/')
+		return strdup(path);
+	char *out = malloc(strlen(path) + 2);
+	if (out) {
+		out[0] = '/';
+		strcpy(out + 1, path);
+	}
+	return out;
+}
+
 /* libmicrohttpd calls this once per request, before the headers are read,
  * with the raw request target; what it returns becomes the request's
  * con_cls, so the request object is made here. */
@@ -716,7 +741,7 @@ static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn)
 	cs->asked = true;
 	r->start_us = cw_now_us();
 	r->route = -1;
-	r->raw_target = strdup(uri ? uri : "");
+	r->raw_target = origin_form(uri ? uri : "");
 	uint_fast64_t n = atomic_fetch_add(&h->next_id, 1);
 	snprintf(r->id, sizeof(r->id), "%s%08llx", h->id_prefix, (unsigned long long)n);
 	atomic_fetch_add(&h->in_flight, 1);
@@ -836,8 +861,19 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 		return MHD_NO; /* on_uri could not allocate */
 	if (!r->method) {
 		r->method = strdup(method);
-		r->path = strdup(url);
-		if (!r->method || !r->path || !r->raw_target)
+		if (!r->raw_target)
+			return MHD_NO;
+		/* url, libmicrohttpd's decoded path, keeps the scheme and
+		 * authority of a target in absolute form: the path is then the
+		 * origin form's, decoded as libmicrohttpd decodes one. */
+		if (r->raw_target[0] == '/' && url[0] != '/') {
+			r->path = strndup(r->raw_target, strcspn(r->raw_target, "?"));
+			if (r->path)
+				MHD_http_unescape(r->path);
+		} else {
+			r->path = strdup(url);
+		}
+		if (!r->method || !r->path)
 			return MHD_NO;
 		/* After the drain the daemon takes no more work on a connection
 		 * it answered before (kept alive): what the rest of the stop

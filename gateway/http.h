@@ -166,7 +166,9 @@ void cw_req_headers_each(struct cw_req *r,
 			 bool (*fn)(void *arg, const char *name, size_t name_len, const char *value, size_t value_len),
 			 void *arg);
 /* The request target exactly as the client sent it (path and query, not
- * decoded), as needed for @target-uri in request signatures. */
+ * decoded), as needed for @target-uri in request signatures; one sent in
+ * absolute form ("http://host/path?query") without its scheme and
+ * authority, which @target-uri takes from server.public_url. */
 const char *cw_req_raw_target(const struct cw_req *r);
 /* Who the authorize hook found (a peer, an admin token); owned by the
  * request, freed with free_fn when the request ends. */

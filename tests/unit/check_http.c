@@ -199,6 +199,13 @@ static bool key_in_headers(struct cw_req *r, enum cw_auth auth, void *ctx)
 
 static bool allow_all(struct cw_req *r, enum cw_auth auth, void *ctx) { return true; }
 
+/* The target and path the front gives the handler. */
+static void h_target(struct cw_req *r, void *ctx)
+{
+	cw_req_reply_json(r, 200, json_pack("{s:s, s:s, s:s?}", "raw", cw_req_raw_target(r), "path",
+					    cw_req_path(r), "name", cw_req_query(r, "name")));
+}
+
 static const struct cw_route live_routes[] = {
 	{ "GET", "/hello", h_hello, CW_AUTH_NONE, NULL, false, NULL },
 	{ "POST", "/echo", h_echo, CW_AUTH_NONE, NULL, false, NULL },
@@ -212,6 +219,7 @@ static const struct cw_route live_routes[] = {
 	{ "GET", "/problem-no-memory", h_problem_no_memory, CW_AUTH_NONE, NULL, false, NULL },
 	{ "GET", "/dumps-no-memory", h_dumps_no_memory, CW_AUTH_NONE, NULL, false, NULL },
 	{ "GET", "/pack-no-memory", h_pack_no_memory, CW_AUTH_NONE, NULL, false, NULL },
+	{ "GET", "/target/{x}", h_target, CW_AUTH_NONE, NULL, false, NULL },
 };
 
 static struct cw_http *live;
@@ -321,6 +329,68 @@ static struct resp request(const char *method, const char *path, const char *bod
 	curl_slist_free_all(h);
 	return out;
 }
+
+/* Sends req (len bytes) on a connection of its own and reads until the
+ * server closes it (or 5 s pass): the answer's bytes, NUL-ended, in out. */
+static size_t raw_exchange(const char *req, size_t len, char *out, size_t size)
+{
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+	ck_assert_int_ge(fd, 0);
+	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)cw_http_port(live)) };
+	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	ck_assert_int_eq(connect(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+	ck_assert_int_eq(write(fd, req, len), (ssize_t)len);
+	struct timeval tv = { 5, 0 };
+	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+	size_t n = 0;
+	ssize_t k;
+	while (n + 1 < size && (k = read(fd, out + n, size - 1 - n)) > 0)
+		n += (size_t)k;
+	out[n] = '\0';
+	close(fd);
+	return n;
+}
+
+/* How many header lines of the answer in text are named name. */
+static int header_lines(const char *text, const char *name)
+{
+	int count = 0;
+	size_t nl = strlen(name);
+	for (const char *p = text; p && *p && strncmp(p, "\r\n", 2) != 0;) {
+		if (strncasecmp(p, name, nl) == 0 && p[nl] == ':')
+			count++;
+		p = strstr(p, "\r\n");
+		if (p)
+			p += 2;
+	}
+	return count;
+}
+
+#define RAW(req, out) raw_exchange(req, sizeof(req) - 1, out, sizeof(out))
+
+/* A request target in absolute form, which a server MUST accept (RFC 9112
+ * 3.2.2), is routed by its path: until the forty-eighth session it was
+ * 404, the scheme and authority taken for part of the path. */
+START_TEST(live_absolute_form)
+{
+	live_start();
+	static char out[4096];
+	RAW("GET http://gw.example/target/a%2Fb?name=ada HTTP/1.1\r\nHost: gw.example\r\nConnection: close\r\n\r\n",
+	    out);
+	ck_assert_msg(strncmp(out, "HTTP/1.1 200 ", 13) == 0, "%s", out);
+	ck_assert_ptr_nonnull(strstr(out, "{\"raw\":\"/target/a%2Fb?name=ada\",\"path\":\"/target/a/b\",\"name\":\"ada\"}"));
+	ck_assert_int_eq(header_lines(out, "Content-Type"), 1);
+	RAW("GET HTTPS://gw.example:8443/target/x HTTP/1.1\r\nHost: gw.example\r\nConnection: close\r\n\r\n", out);
+	ck_assert_msg(strncmp(out, "HTTP/1.1 200 ", 13) == 0, "%s", out);
+	ck_assert_ptr_nonnull(strstr(out, "{\"raw\":\"/target/x\",\"path\":\"/target/x\",\"name\":null}"));
+	/* An empty path is "/"; a scheme not HTTP's stays a path of none. */
+	RAW("GET http://gw.example?name=x HTTP/1.1\r\nHost: gw.example\r\nConnection: close\r\n\r\n", out);
+	ck_assert_msg(strncmp(out, "HTTP/1.1 404 ", 13) == 0, "%s", out);
+	RAW("GET ftp://gw.example/target/x HTTP/1.1\r\nHost: gw.example\r\nConnection: close\r\n\r\n", out);
+	ck_assert_msg(strncmp(out, "HTTP/1.1 404 ", 13) == 0, "%s", out);
+	live_stop();
+}
+END_TEST
 
 START_TEST(live_sync_and_errors)
 {
@@ -952,6 +1022,7 @@ int main(void)
 	TCase *live_tc = tcase_create("live");
 	tcase_set_timeout(live_tc, 30);
 	tcase_add_test(live_tc, live_sync_and_errors);
+	tcase_add_test(live_tc, live_absolute_form);
 	tcase_add_test(live_tc, live_body_cap);
 	tcase_add_test(live_tc, live_no_memory_is_one_answer);
 	tcase_add_test(live_tc, live_route_without_a_body);
