@@ -626,7 +626,7 @@ static enum MHD_Result queue_reply(struct cw_req *r)
 	 * another process or waits (until the forty-sixth session the
 	 * connection stayed open to the end of the stop, took requests after
 	 * the drain, and the stop cut some of them off unanswered). */
-	if (atomic_load(&r->h->stopping))
+	if (atomic_load(&r->h->stopping) && !added_header(r, MHD_HTTP_HEADER_CONNECTION))
 		MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
 	enum MHD_Result ret = MHD_queue_response(r->conn, (unsigned)r->status, resp);
 	MHD_destroy_response(resp);
@@ -747,6 +747,71 @@ static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn)
 	atomic_fetch_add(&h->in_flight, 1);
 	cs->req = r;
 	return r;
+}
+
+/* What the header lines that frame a request say (framing_line). */
+struct framing {
+	unsigned hosts, lengths, codings;
+	const char *length;  /* the first Content-Length */
+	size_t length_len;
+	bool lengths_differ;
+	bool chunked;        /* Transfer-Encoding is "chunked", alone */
+};
+
+/* MHD_KeyValueIteratorN: counts Host, Content-Length and Transfer-Encoding. */
+static enum MHD_Result framing_line(void *cls, enum MHD_ValueKind kind, const char *key, size_t key_size,
+				    const char *value, size_t value_size)
+{
+	(void)kind;
+	struct framing *f = cls;
+	if (!value)
+		value_size = 0;
+	if (key_size == 4 && strncasecmp(key, "Host", 4) == 0) {
+		f->hosts++;
+	} else if (key_size == 14 && strncasecmp(key, MHD_HTTP_HEADER_CONTENT_LENGTH, 14) == 0) {
+		if (f->lengths++ == 0) {
+			f->length = value;
+			f->length_len = value_size;
+		} else if (value_size != f->length_len || memcmp(value, f->length, value_size) != 0) {
+			f->lengths_differ = true;
+		}
+	} else if (key_size == 17 && strncasecmp(key, MHD_HTTP_HEADER_TRANSFER_ENCODING, 17) == 0) {
+		f->chunked = f->codings++ == 0 && value_size == 7 && strncasecmp(value, "chunked", 7) == 0;
+	}
+	return MHD_YES;
+}
+
+/* False after answering a request whose header lines do not say where it
+ * ends, or that RFC 9112 makes a server refuse: two Content-Length lines
+ * that differ (libmicrohttpd 0.9.75 reads the first; what a proxy in
+ * front read by another would be a second request, smuggled), a
+ * Content-Length with a Transfer-Encoding (RFC 9112 6.3: which one counts
+ * is where such a request is smuggled), a transfer coding other than
+ * "chunked" alone (501, RFC 9112 6.1: libmicrohttpd waited for the body
+ * until the timeout, then closed without an answer), and an HTTP/1.1
+ * request without one Host line (400, RFC 9112 3.2: libmicrohttpd took
+ * it).  Each closes its connection: what follows on it cannot be told
+ * from the body.  Until the forty-eighth session all were taken. */
+static bool framing_ok(struct cw_req *r, const char *version)
+{
+	struct framing f = { 0 };
+	MHD_get_connection_values_n(r->conn, MHD_HEADER_KIND, framing_line, &f);
+	const char *bad = NULL;
+	if (f.lengths_differ)
+		bad = "the request has Content-Length lines that differ";
+	else if (f.codings && f.lengths)
+		bad = "the request has both Content-Length and Transfer-Encoding";
+	else if (strcmp(version, MHD_HTTP_VERSION_1_1) == 0 && f.hosts != 1)
+		bad = f.hosts ? "the request has more than one Host line" : "an HTTP/1.1 request needs a Host line";
+	else if (!f.codings || f.chunked)
+		return true;
+	cw_req_add_header(r, MHD_HTTP_HEADER_CONNECTION, "close");
+	if (bad)
+		cw_req_problem(r, 400, "invalid_request", "Invalid request", bad);
+	else
+		cw_req_problem(r, 501, "not_implemented", "Not implemented",
+			       "the only transfer coding taken is chunked");
+	return false;
 }
 
 /* Whether pattern is one of the GETs that HEAD must not run (no_head_routes). */
@@ -875,6 +940,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 		}
 		if (!r->method || !r->path)
 			return MHD_NO;
+		if (!framing_ok(r, version)) {
+			r->handled = true;
+			return queue_reply(r);
+		}
 		/* After the drain the daemon takes no more work on a connection
 		 * it answered before (kept alive): what the rest of the stop
 		 * would leave unanswered (or cut off when the HTTP front stops)

@@ -243,8 +243,10 @@ PEER_SOURCES = ("adapters/peer/peer_api.c", "adapters/peer/peer_pull.c", "adapte
 # Codes of the admin API's alone (gateway/app.c's admin_authorize).
 ADMIN_ONLY = {"admin_disabled", "forbidden"}
 # Given outside the document's operations: the front's answer to a path or
-# a method it does not serve, and a /media/ capability link's.
-OUTSIDE_OPERATIONS = {"not_found", "method_not_allowed", "expired_media", "media_mismatch", "media_refused"}
+# a method it does not serve, or to a request line and headers that frame
+# no request it takes, and a /media/ capability link's.
+OUTSIDE_OPERATIONS = {"not_found", "method_not_allowed", "invalid_request", "not_implemented",
+                      "expired_media", "media_mismatch", "media_refused"}
 
 
 def emitted_problems():

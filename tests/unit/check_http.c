@@ -392,6 +392,57 @@ START_TEST(live_absolute_form)
 }
 END_TEST
 
+/* A request whose header lines do not say where it ends, or say it two
+ * ways, is refused (problem+json, the connection closed) before a byte of
+ * its body is read: two Content-Length lines that differ (libmicrohttpd
+ * read the first, and the rest of the body was taken for a second
+ * request), Content-Length with chunked (RFC 9112 6.3), a coding other
+ * than chunked (501: libmicrohttpd waited for the timeout and closed
+ * without an answer), HTTP/1.1 without one Host line (RFC 9112 3.2). */
+START_TEST(live_framing_refused)
+{
+	live_start();
+	static char out[4096];
+	static const struct {
+		const char *req;
+		const char *status;
+	} cases[] = {
+		{ "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 36\r\n\r\n"
+		  "abcdeGET /hello HTTP/1.1\r\nHost: x\r\n\r\n", "HTTP/1.1 400 " },
+		{ "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+		  "3\r\nabc\r\n0\r\n\r\n", "HTTP/1.1 400 " },
+		{ "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nabc", "HTTP/1.1 501 " },
+		{ "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+		  "HTTP/1.1 501 " },
+		{ "GET /hello HTTP/1.1\r\n\r\n", "HTTP/1.1 400 " },
+		{ "GET /hello HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", "HTTP/1.1 400 " },
+	};
+	for (size_t i = 0; i < CW_ARRAY_LEN(cases); i++) {
+		int64_t t0 = cw_now_us();
+		raw_exchange(cases[i].req, strlen(cases[i].req), out, sizeof(out));
+		ck_assert_msg(cw_now_us() - t0 < 3000000, "case %zu waited for the timeout", i);
+		ck_assert_msg(strncmp(out, cases[i].status, strlen(cases[i].status)) == 0, "case %zu: %s", i, out);
+		ck_assert_msg(strstr(out, "Content-Type: application/problem+json\r\n"), "case %zu: %s", i, out);
+		ck_assert_int_eq(header_lines(out, "Connection"), 1);
+		ck_assert_ptr_nonnull(strstr(out, "Connection: close\r\n"));
+		/* one answer: nothing after the first was taken for a request */
+		const char *cl = strstr(out, "Content-Length: "), *end = strstr(out, "\r\n\r\n");
+		ck_assert(cl && end);
+		ck_assert_msg(strlen(end + 4) == strtoul(cl + 16, NULL, 10), "case %zu: %s", i, out);
+	}
+	/* the same lines twice, one Host, chunked alone, HTTP/1.0 without Host: taken */
+	RAW("POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
+	    out);
+	ck_assert_msg(strncmp(out, "HTTP/1.1 201 ", 13) == 0, "%s", out);
+	RAW("POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+	    out);
+	ck_assert_msg(strncmp(out, "HTTP/1.1 201 ", 13) == 0, "%s", out);
+	RAW("GET /hello HTTP/1.0\r\n\r\n", out);
+	ck_assert_msg(strncmp(out, "HTTP/1.1 200 ", 13) == 0, "%s", out);
+	live_stop();
+}
+END_TEST
+
 START_TEST(live_sync_and_errors)
 {
 	live_start();
@@ -1023,6 +1074,7 @@ int main(void)
 	tcase_set_timeout(live_tc, 30);
 	tcase_add_test(live_tc, live_sync_and_errors);
 	tcase_add_test(live_tc, live_absolute_form);
+	tcase_add_test(live_tc, live_framing_refused);
 	tcase_add_test(live_tc, live_body_cap);
 	tcase_add_test(live_tc, live_no_memory_is_one_answer);
 	tcase_add_test(live_tc, live_route_without_a_body);
