@@ -415,8 +415,28 @@ static void sent_body_free(void *cls)
 	free(b);
 }
 
+/* The index of the header of that name the handler added
+ * (cw_req_add_header), or -1. */
+static int header_index(const struct cw_req *r, const char *name)
+{
+	for (int i = 0; i < r->nheaders; i++)
+		if (r->headers[i][0] && strcasecmp(r->headers[i][0], name) == 0)
+			return i;
+	return -1;
+}
+
+static bool added_header(const struct cw_req *r, const char *name) { return header_index(r, name) >= 0; }
+
 void cw_req_reply(struct cw_req *r, int status, const char *content_type, char *body, size_t len)
 {
+	/* A type given replaces one a handler added for an answer it meant
+	 * before (a file's, then a problem): never two Content-Type lines. */
+	int ct = content_type ? header_index(r, MHD_HTTP_HEADER_CONTENT_TYPE) : -1;
+	if (ct >= 0) {
+		free(r->headers[ct][0]);
+		free(r->headers[ct][1]);
+		r->headers[ct][0] = r->headers[ct][1] = NULL;
+	}
 	drop_rbody(r);
 	json_decref(r->rjson);
 	r->rjson = NULL;
@@ -482,6 +502,15 @@ void cw_req_problem(struct cw_req *r, int status, const char *code, const char *
 
 void cw_req_add_header(struct cw_req *r, const char *name, const char *value)
 {
+	/* One line a name: a second (a Retry-After set twice on the way to
+	 * an answer) replaces the first; until the forty-eighth session both
+	 * were sent. */
+	int i = header_index(r, name);
+	if (i >= 0) {
+		free(r->headers[i][1]);
+		r->headers[i][1] = strdup(value);
+		return;
+	}
 	if (r->nheaders >= REQ_MAX_HEADERS)
 		return;
 	r->headers[r->nheaders][0] = strdup(name);
@@ -534,15 +563,6 @@ static void free_req(struct cw_req *r)
 		free(x);
 	}
 	free(r);
-}
-
-/* Whether the handler added a header of that name (cw_req_add_header). */
-static bool added_header(const struct cw_req *r, const char *name)
-{
-	for (int i = 0; i < r->nheaders; i++)
-		if (r->headers[i][0] && strcasecmp(r->headers[i][0], name) == 0)
-			return true;
-	return false;
 }
 
 /* Whether content_type is a JSON answer's (the API's, a problem's). */
@@ -614,7 +634,7 @@ static enum MHD_Result queue_reply(struct cw_req *r)
 			return MHD_NO;
 	}
 	r->rbody = NULL; /* now the response's */
-	if (r->content_type)
+	if (r->content_type && !added_header(r, MHD_HTTP_HEADER_CONTENT_TYPE))
 		MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, r->content_type);
 	MHD_add_response_header(resp, "X-Request-Id", r->id);
 	for (int i = 0; i < r->nheaders; i++)

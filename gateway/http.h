@@ -212,7 +212,10 @@ void cw_req_no_memory(struct cw_req *r);
  * a detail may repeat outside input cut to a length in bytes, and its
  * invalid UTF-8 becomes U+FFFD.  NULL only when out of memory. */
 json_t *cw_problem_detail(const char *text);
-/* An extra response header (copied); at most a few per reply. */
+/* An extra response header (copied); at most a few per reply.  One of a
+ * name added before (any case) has its value replaced: an answer never
+ * carries a name twice (nor Content-Type twice: a reply given a type
+ * drops one added). */
 void cw_req_add_header(struct cw_req *r, const char *name, const char *value);
 
 /* Suspends the connection: call before handing r to another thread, which

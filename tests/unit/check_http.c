@@ -206,6 +206,17 @@ static void h_target(struct cw_req *r, void *ctx)
 					    cw_req_path(r), "name", cw_req_query(r, "name")));
 }
 
+/* Headers set twice on the way to an answer, and a file's type before a
+ * problem replaced the file. */
+static void h_doubled(struct cw_req *r, void *ctx)
+{
+	cw_req_add_header(r, "Retry-After", "1");
+	cw_req_add_header(r, "Content-Type", "image/png");
+	cw_req_add_header(r, "retry-after", "2");
+	cw_req_reply(r, 200, NULL, strdup("png"), 3);
+	cw_req_problem(r, 503, "unavailable", "Service unavailable", "later");
+}
+
 static const struct cw_route live_routes[] = {
 	{ "GET", "/hello", h_hello, CW_AUTH_NONE, NULL, false, NULL },
 	{ "POST", "/echo", h_echo, CW_AUTH_NONE, NULL, false, NULL },
@@ -220,6 +231,7 @@ static const struct cw_route live_routes[] = {
 	{ "GET", "/dumps-no-memory", h_dumps_no_memory, CW_AUTH_NONE, NULL, false, NULL },
 	{ "GET", "/pack-no-memory", h_pack_no_memory, CW_AUTH_NONE, NULL, false, NULL },
 	{ "GET", "/target/{x}", h_target, CW_AUTH_NONE, NULL, false, NULL },
+	{ "GET", "/doubled", h_doubled, CW_AUTH_NONE, NULL, false, NULL },
 };
 
 static struct cw_http *live;
@@ -439,6 +451,22 @@ START_TEST(live_framing_refused)
 	ck_assert_msg(strncmp(out, "HTTP/1.1 201 ", 13) == 0, "%s", out);
 	RAW("GET /hello HTTP/1.0\r\n\r\n", out);
 	ck_assert_msg(strncmp(out, "HTTP/1.1 200 ", 13) == 0, "%s", out);
+	live_stop();
+}
+END_TEST
+
+/* An answer carries each header name once: one set again replaces the
+ * first, and a problem's type the type added for the file it replaced
+ * (until the forty-eighth session both lines went out). */
+START_TEST(live_headers_once)
+{
+	live_start();
+	static char out[4096];
+	RAW("GET /doubled HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", out);
+	ck_assert_msg(strncmp(out, "HTTP/1.1 503 ", 13) == 0, "%s", out);
+	ck_assert_msg(header_lines(out, "Retry-After") == 1 && strstr(out, "\r\nRetry-After: 2\r\n"), "%s", out);
+	ck_assert_msg(header_lines(out, "Content-Type") == 1 &&
+		      strstr(out, "\r\nContent-Type: application/problem+json\r\n"), "%s", out);
 	live_stop();
 }
 END_TEST
@@ -1074,6 +1102,7 @@ int main(void)
 	tcase_set_timeout(live_tc, 30);
 	tcase_add_test(live_tc, live_sync_and_errors);
 	tcase_add_test(live_tc, live_absolute_form);
+	tcase_add_test(live_tc, live_headers_once);
 	tcase_add_test(live_tc, live_framing_refused);
 	tcase_add_test(live_tc, live_body_cap);
 	tcase_add_test(live_tc, live_no_memory_is_one_answer);
