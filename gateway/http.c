@@ -87,21 +87,6 @@ struct joined {
 
 /* ------------------------------------------------------------------ routing */
 
-/* MHD_KeyValueIteratorN: whether a query argument's name and value are
- * UTF-8 without NUL (percent-decoded: %00 and %FF arrive as bytes). */
-static enum MHD_Result query_arg_ok(void *cls, enum MHD_ValueKind kind, const char *key, size_t key_size,
-				    const char *value, size_t value_size)
-{
-	(void)kind;
-	bool *ok = cls;
-	if ((key && (memchr(key, 0, key_size) || !cw_utf8_valid(key, key_size))) ||
-	    (value && (memchr(value, 0, value_size) || !cw_utf8_valid(value, value_size)))) {
-		*ok = false;
-		return MHD_NO;
-	}
-	return MHD_YES;
-}
-
 /* A segment of a raw path (len bytes at u, up to the next '/'),
  * percent-decoded into out (CW_ROUTE_PARAM_LEN bytes) as libmicrohttpd
  * decodes a path (MHD_http_unescape: "%zz" stays as it is): false when it
@@ -201,16 +186,30 @@ struct query_check {
 	const char *query;   /* the route's cw_route.query */
 	unsigned long seen;  /* bit i: its i-th name was given */
 	char bad[80];        /* the detail of a refusal ("" while none) */
+	bool not_text;       /* refused as not UTF-8 or with a NUL (bad says so) */
 };
 
-/* MHD_KeyValueIteratorN: whether a query argument is one the route takes,
- * and the first of its name. */
+/* Whether len bytes at s are UTF-8 without a NUL (percent-decoded: %00
+ * and %FF arrive as bytes); NULL is. */
+static bool query_text_ok(const char *s, size_t len)
+{
+	return !s || (!memchr(s, 0, len) && cw_utf8_valid(s, len));
+}
+
+/* MHD_KeyValueIteratorN: whether a query argument's name and value are
+ * text (query_text_ok), and it is one the route takes and the first of
+ * its name.  One walk checks both: until the forty-eighth session a
+ * request's arguments were walked twice. */
 static enum MHD_Result query_known(void *cls, enum MHD_ValueKind kind, const char *key, size_t key_size,
 				   const char *value, size_t value_size)
 {
 	(void)kind;
-	(void)value_size;
 	struct query_check *q = cls;
+	if (!query_text_ok(key, key_size) || !query_text_ok(value, value_size)) {
+		snprintf(q->bad, sizeof(q->bad), "%s", "a query parameter is not valid UTF-8 or holds a NUL byte");
+		q->not_text = true;
+		return MHD_NO;
+	}
 	if (!key)
 		key_size = 0;
 	if (key_size == 0 && !value)
@@ -226,7 +225,8 @@ static enum MHD_Result query_known(void *cls, enum MHD_ValueKind kind, const cha
 	return MHD_NO;
 }
 
-/* False after answering 400 invalid_query when the request's query names a
+/* False after answering 400 invalid_query when a query argument is not
+ * text (query_text_ok), or the request's query names a
  * parameter the route does not take, or one twice (cw_route.query). */
 static bool query_only_known(struct cw_req *r, const struct cw_route *route)
 {
@@ -235,7 +235,9 @@ static bool query_only_known(struct cw_req *r, const struct cw_route *route)
 	if (!q.bad[0])
 		return true;
 	char d[256];
-	if (route->query)
+	if (q.not_text)
+		snprintf(d, sizeof(d), "%s", q.bad);
+	else if (route->query)
 		snprintf(d, sizeof(d), "%s; this route takes %s", q.bad, route->query);
 	else
 		snprintf(d, sizeof(d), "%s; this route takes no query parameter", q.bad);
@@ -921,15 +923,8 @@ static void dispatch(struct cw_req *r)
 		 * finding), and a NUL would cut them short.  The Matrix
 		 * adapter's routes check their own, with Matrix errors.  And
 		 * they take only the parameters their route names, each once
-		 * (query_only_known). */
-		bool ok = true;
-		if (route->auth != CW_AUTH_NONE)
-			MHD_get_connection_values_n(r->conn, MHD_GET_ARGUMENT_KIND, query_arg_ok, &ok);
-		if (!ok)
-			cw_req_problem(r, 400, "invalid_query", "Invalid query",
-				       "a query parameter is not valid UTF-8 or holds a NUL byte");
-		else if ((route->auth == CW_AUTH_NONE || query_only_known(r, route)) &&
-			 (!route->no_body || body_none(r)))
+		 * (query_only_known, which checks both). */
+		if ((route->auth == CW_AUTH_NONE || query_only_known(r, route)) && (!route->no_body || body_none(r)))
 			route->handler(r, h->o.ctx);
 	} else if (!r->replied)
 		cw_req_problem(r, 401, "unauthenticated", "Unauthenticated", "credentials are required");

@@ -674,6 +674,10 @@ START_TEST(live_query_names_checked)
 		{ "/queried?Name=a", 400, "unknown query parameter 'Name'" },
 		{ "/queried?=a", 400, "unknown query parameter ''" },
 		{ "/guarded?x=1", 400, "unknown query parameter 'x'; this route takes no query parameter" },
+		/* text is checked in the same walk: a name's or a value's */
+		{ "/queried?name=%FF", 400, "\"a query parameter is not valid UTF-8 or holds a NUL byte\"" },
+		{ "/queried?limit=1&na%00me=a", 400, "\"a query parameter is not valid UTF-8 or holds a NUL byte\"" },
+		{ "/queried?name=a&limit=%C3", 400, "\"a query parameter is not valid UTF-8 or holds a NUL byte\"" },
 	};
 	int ran = 0;
 	for (size_t i = 0; i < CW_ARRAY_LEN(cases); i++) {
