@@ -21,6 +21,8 @@
 #include <unistd.h>
 
 #define REQ_MAX_HEADERS 10
+/* The least of a body past its limit read and dropped for its 413. */
+#define DISCARD_MIN ((size_t)64 * 1024)
 
 struct cw_http {
 	struct MHD_Daemon *d;
@@ -58,6 +60,7 @@ struct cw_req {
 	char *body;
 	size_t body_len, body_alloc;
 	bool too_large;
+	size_t discarded; /* bytes of a body past its limit, read and dropped */
 	size_t limit;  /* the largest body its route takes */
 	size_t expected; /* its Content-Length, or 0 */
 	bool path_matched; /* no route, but the path is one's (405, not 404) */
@@ -1044,6 +1047,20 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 		size_t n = *upload_data_size;
 		*upload_data_size = 0;
 		if (r->too_large || n > r->limit - r->body_len) {
+			/* A body without a Content-Length (chunked) is found too
+			 * large as it comes, and libmicrohttpd 0.9.75 queues no
+			 * answer before the whole body is read: the rest is read
+			 * and dropped for the 413, up to the limit again (64 KiB
+			 * at least: DISCARD_MIN).  Past
+			 * that the connection is closed without an answer: until
+			 * the forty-eighth session a client could stream a chunked
+			 * body for ever (each chunk restarts the idle timeout),
+			 * holding a connection and a share of a worker. */
+			if (r->too_large && (r->discarded += n) > (r->limit > DISCARD_MIN ? r->limit : DISCARD_MIN)) {
+				LOG_KV_LIMITED(CW_LOG_WARN, "a body far past its limit: the connection is closed",
+					       "request_id", r->id, "path", r->path);
+				return MHD_NO;
+			}
 			r->too_large = true;
 			free(r->body);
 			r->body = NULL;

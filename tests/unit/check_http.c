@@ -471,6 +471,35 @@ START_TEST(live_headers_once)
 }
 END_TEST
 
+/* A chunked body past the limit is read and dropped for its 413 up to the
+ * limit again (64 KiB at least), then the connection is closed: until the forty-eighth
+ * session it was read to its end, however long, each chunk restarting
+ * the idle timeout. */
+START_TEST(live_chunked_body_far_past_the_cap)
+{
+	live_start();
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)cw_http_port(live)) };
+	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	ck_assert_int_eq(connect(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+	static const char head[] = "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
+	ck_assert_int_eq(send(fd, head, sizeof(head) - 1, MSG_NOSIGNAL), (ssize_t)sizeof(head) - 1);
+	static char chunk[4096 + 16];
+	int hl = snprintf(chunk, sizeof(chunk), "%x\r\n", 4096);
+	memset(chunk + hl, 'c', 4096);
+	memcpy(chunk + hl + 4096, "\r\n", 2);
+	size_t clen = (size_t)hl + 4096 + 2, sent = 0, cap = 256u << 20; /* 256 MiB; the limit is 4 KiB */
+	struct timeval tv = { 5, 0 };
+	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+	while (sent < cap && send(fd, chunk, clen, MSG_NOSIGNAL) == (ssize_t)clen)
+		sent += clen;
+	close(fd);
+	ck_assert_msg(sent < cap, "the whole %zu bytes were taken", sent);
+	/* a chunked body a little past it is still answered 413: live_body_cap */
+	live_stop();
+}
+END_TEST
+
 START_TEST(live_sync_and_errors)
 {
 	live_start();
@@ -1109,6 +1138,7 @@ int main(void)
 	tcase_add_test(live_tc, live_headers_once);
 	tcase_add_test(live_tc, live_framing_refused);
 	tcase_add_test(live_tc, live_body_cap);
+	tcase_add_test(live_tc, live_chunked_body_far_past_the_cap);
 	tcase_add_test(live_tc, live_no_memory_is_one_answer);
 	tcase_add_test(live_tc, live_route_without_a_body);
 	tcase_add_test(live_tc, live_query_names_checked);
