@@ -811,7 +811,8 @@ static enum MHD_Result framing_line(void *cls, enum MHD_ValueKind kind, const ch
  * that differ (libmicrohttpd 0.9.75 reads the first; what a proxy in
  * front read by another would be a second request, smuggled), a
  * Content-Length with a Transfer-Encoding (RFC 9112 6.3: which one counts
- * is where such a request is smuggled), a transfer coding other than
+ * is where such a request is smuggled), a Transfer-Encoding in HTTP/1.0
+ * (RFC 9112 6.1: its framing is faulty), a transfer coding other than
  * "chunked" alone (501, RFC 9112 6.1: libmicrohttpd waited for the body
  * until the timeout, then closed without an answer), and an HTTP/1.1
  * request without one Host line (400, RFC 9112 3.2: libmicrohttpd took
@@ -826,6 +827,8 @@ static bool framing_ok(struct cw_req *r, const char *version)
 		bad = "the request has Content-Length lines that differ";
 	else if (f.codings && f.lengths)
 		bad = "the request has both Content-Length and Transfer-Encoding";
+	else if (f.codings && strcmp(version, MHD_HTTP_VERSION_1_0) == 0)
+		bad = "an HTTP/1.0 request has no Transfer-Encoding";
 	else if (strcmp(version, MHD_HTTP_VERSION_1_1) == 0 && f.hosts != 1)
 		bad = f.hosts ? "the request has more than one Host line" : "an HTTP/1.1 request needs a Host line";
 	else if (!f.codings || f.chunked)

@@ -426,6 +426,7 @@ START_TEST(live_framing_refused)
 		{ "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nabc", "HTTP/1.1 501 " },
 		{ "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
 		  "HTTP/1.1 501 " },
+		{ "POST /echo HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", "HTTP/1.1 400 " },
 		{ "GET /hello HTTP/1.1\r\n\r\n", "HTTP/1.1 400 " },
 		{ "GET /hello HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", "HTTP/1.1 400 " },
 	};
