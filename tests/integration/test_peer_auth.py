@@ -816,6 +816,38 @@ def test_http10_and_chunked_with_a_right_token(daemon):
         srv.close()
 
 
+def test_a_signed_request_line_in_absolute_form_is_served(daemon):
+    """A request line in absolute form (POST http://host/v1/... HTTP/1.1),
+    which RFC 9112 3.2.2 makes a server accept, is routed by its path and
+    its signature checked over the same @target-uri as in origin form;
+    another authority in it does not change what the signature must cover.
+    Until the forty-eighth session every such request was 404."""
+    a, b, rm, srv = make_peers(daemon)
+    try:
+        for authority in (daemon.url, "http://elsewhere.example"):
+            path, h, body = _signed_message(a, rm["id"], "abs")
+            s = send_head(daemon.port, "POST", authority + path, list(h.items()))
+            try:
+                s.sendall(body)
+                status, _, answer, _ = read_answer(s, 10)
+            finally:
+                s.close()
+            assert status in (200, 201, 202), (authority, status, answer)
+        # signed for another authority than the gateway's: refused, as in origin form
+        path, h, body = _signed_message(a, rm["id"], "abs")
+        body_h = dict(h, **a.signer.headers("POST", "http://elsewhere.example" + path, body=body,
+                                            idem=h["Idempotency-Key"]))
+        s = send_head(daemon.port, "POST", "http://elsewhere.example" + path, list(body_h.items()))
+        try:
+            s.sendall(body)
+            status, _, answer, _ = read_answer(s, 10)
+        finally:
+            s.close()
+        assert status == 401, answer
+    finally:
+        srv.close()
+
+
 def test_a_peer_disabled_or_rotated_writes_nothing_through_a_process_not_yet_reloaded(make_daemon, pg, db_url):
     """A peer disabled (its token leaked) or rotated is refused every write
     at once by every daemon process of the database, not only at the next
