@@ -344,13 +344,20 @@ static struct resp request(const char *method, const char *path, const char *bod
 
 /* Sends req (len bytes) on a connection of its own and reads until the
  * server closes it (or 5 s pass): the answer's bytes, NUL-ended, in out. */
-static size_t raw_exchange(const char *req, size_t len, char *out, size_t size)
+/* A connection of its own to the live front. */
+static int raw_connect(void)
 {
 	int fd = socket(AF_INET, SOCK_STREAM, 0);
 	ck_assert_int_ge(fd, 0);
 	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)cw_http_port(live)) };
 	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
 	ck_assert_int_eq(connect(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+	return fd;
+}
+
+static size_t raw_exchange(const char *req, size_t len, char *out, size_t size)
+{
+	int fd = raw_connect();
 	ck_assert_int_eq(write(fd, req, len), (ssize_t)len);
 	struct timeval tv = { 5, 0 };
 	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
@@ -379,6 +386,12 @@ static int header_lines(const char *text, const char *name)
 }
 
 #define RAW(req, out) raw_exchange(req, sizeof(req) - 1, out, sizeof(out))
+/* The same, and the answer's status must be status. */
+#define RAW_IS(req, out, status)                                                                   \
+	do {                                                                                       \
+		RAW(req, out);                                                                     \
+		ck_assert_msg(strncmp(out, "HTTP/1.1 " #status " ", 13) == 0, "%s", out);          \
+	} while (0)
 
 /* A request target in absolute form, which a server MUST accept (RFC 9112
  * 3.2.2), is routed by its path: until the forty-eighth session it was
@@ -387,19 +400,16 @@ START_TEST(live_absolute_form)
 {
 	live_start();
 	static char out[4096];
-	RAW("GET http://gw.example/target/a%2Fb?name=ada HTTP/1.1\r\nHost: gw.example\r\nConnection: close\r\n\r\n",
-	    out);
-	ck_assert_msg(strncmp(out, "HTTP/1.1 200 ", 13) == 0, "%s", out);
+	RAW_IS("GET http://gw.example/target/a%2Fb?name=ada HTTP/1.1"
+	       "\r\nHost: gw.example\r\nConnection: close\r\n\r\n", out, 200);
 	ck_assert_ptr_nonnull(strstr(out, "{\"raw\":\"/target/a%2Fb?name=ada\",\"path\":\"/target/a/b\",\"name\":\"ada\"}"));
 	ck_assert_int_eq(header_lines(out, "Content-Type"), 1);
-	RAW("GET HTTPS://gw.example:8443/target/x HTTP/1.1\r\nHost: gw.example\r\nConnection: close\r\n\r\n", out);
-	ck_assert_msg(strncmp(out, "HTTP/1.1 200 ", 13) == 0, "%s", out);
+	RAW_IS("GET HTTPS://gw.example:8443/target/x HTTP/1.1"
+	       "\r\nHost: gw.example\r\nConnection: close\r\n\r\n", out, 200);
 	ck_assert_ptr_nonnull(strstr(out, "{\"raw\":\"/target/x\",\"path\":\"/target/x\",\"name\":null}"));
 	/* An empty path is "/"; a scheme not HTTP's stays a path of none. */
-	RAW("GET http://gw.example?name=x HTTP/1.1\r\nHost: gw.example\r\nConnection: close\r\n\r\n", out);
-	ck_assert_msg(strncmp(out, "HTTP/1.1 404 ", 13) == 0, "%s", out);
-	RAW("GET ftp://gw.example/target/x HTTP/1.1\r\nHost: gw.example\r\nConnection: close\r\n\r\n", out);
-	ck_assert_msg(strncmp(out, "HTTP/1.1 404 ", 13) == 0, "%s", out);
+	RAW_IS("GET http://gw.example?name=x HTTP/1.1\r\nHost: gw.example\r\nConnection: close\r\n\r\n", out, 404);
+	RAW_IS("GET ftp://gw.example/target/x HTTP/1.1\r\nHost: gw.example\r\nConnection: close\r\n\r\n", out, 404);
 	live_stop();
 }
 END_TEST
@@ -444,14 +454,11 @@ START_TEST(live_framing_refused)
 		ck_assert_msg(strlen(end + 4) == strtoul(cl + 16, NULL, 10), "case %zu: %s", i, out);
 	}
 	/* the same lines twice, one Host, chunked alone, HTTP/1.0 without Host: taken */
-	RAW("POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
-	    out);
-	ck_assert_msg(strncmp(out, "HTTP/1.1 201 ", 13) == 0, "%s", out);
-	RAW("POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
-	    out);
-	ck_assert_msg(strncmp(out, "HTTP/1.1 201 ", 13) == 0, "%s", out);
-	RAW("GET /hello HTTP/1.0\r\n\r\n", out);
-	ck_assert_msg(strncmp(out, "HTTP/1.1 200 ", 13) == 0, "%s", out);
+	RAW_IS("POST /echo HTTP/1.1"
+	       "\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc", out, 201);
+	RAW_IS("POST /echo HTTP/1.1"
+	       "\r\nHost: x\r\nTransfer-Encoding: Chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n", out, 201);
+	RAW_IS("GET /hello HTTP/1.0\r\n\r\n", out, 200);
 	live_stop();
 }
 END_TEST
@@ -463,8 +470,7 @@ START_TEST(live_headers_once)
 {
 	live_start();
 	static char out[4096];
-	RAW("GET /doubled HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", out);
-	ck_assert_msg(strncmp(out, "HTTP/1.1 503 ", 13) == 0, "%s", out);
+	RAW_IS("GET /doubled HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", out, 503);
 	ck_assert_msg(header_lines(out, "Retry-After") == 1 && strstr(out, "\r\nRetry-After: 2\r\n"), "%s", out);
 	ck_assert_msg(header_lines(out, "Content-Type") == 1 &&
 		      strstr(out, "\r\nContent-Type: application/problem+json\r\n"), "%s", out);
@@ -479,10 +485,7 @@ END_TEST
 START_TEST(live_chunked_body_far_past_the_cap)
 {
 	live_start();
-	int fd = socket(AF_INET, SOCK_STREAM, 0);
-	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)cw_http_port(live)) };
-	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-	ck_assert_int_eq(connect(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+	int fd = raw_connect();
 	static const char head[] = "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
 	ck_assert_int_eq(send(fd, head, sizeof(head) - 1, MSG_NOSIGNAL), (ssize_t)sizeof(head) - 1);
 	static char chunk[4096 + 16];
