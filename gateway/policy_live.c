@@ -2560,7 +2560,8 @@ static void *live_main(void *arg)
 			if (any)
 				LOG_KV(CW_LOG_INFO, "old data removed", "contents_erased", n[0],
 				       "idempotency_keys", n[1], "delivery_attempts", n[2],
-				       "events_deleted", n[3], "audit_records", n[4], "identities_forgotten", n[5]);
+				       "events_deleted", n[3], "audit_records", n[4], "identities_forgotten", n[5],
+				       "media_records", n[6]);
 			next_retention = now + (more ? 1000000LL : pl->o.retention->retention_interval_s * 1000000LL);
 		}
 		bool recheck_more = recheck_turn(pl);

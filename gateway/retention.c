@@ -108,6 +108,28 @@ static const char audit_sql[] =
 	"  ORDER BY a.at LIMIT $2::int FOR UPDATE SKIP LOCKED) "
 	"DELETE FROM audit_log d USING x WHERE d.id = x.id";
 
+/* The records of files re-hosted on the homeserver (media_rehosted) made
+ * more than $1 days ago, whatever message named them: the rows
+ * RETENTION_FORGET_FILES did not find.  A record goes with the content of
+ * the messages naming its URL, but one written after that content went
+ * is named by none, and nothing found it again: the Matrix adapter's
+ * media worker (mx_media.c) fetches and uploads a file while its message
+ * waits, and writes the record once done; a message that expired, or
+ * that the policy dropped, meanwhile (its content and records gone),
+ * left its record for ever (the peer's URL of the file, its digest, size,
+ * for whom; until the forty-eighth session's review), as did the records
+ * of messages whose content went before the forty-fifth session.  Every
+ * message that named a record's file was accepted before the record was
+ * made, so its content is gone by this age unless a delivery of it is
+ * still open (then a try fetches the file again: a cache's miss).  $1 is
+ * content_days, or rows_days when content is kept until its row goes
+ * (retention_sweep).  By media_rehosted_created_idx (schema/051), oldest
+ * first; by ctid, as fetched_for may be NULL (schema/027). */
+static const char media_sql[] =
+	"DELETE FROM media_rehosted WHERE ctid = ANY (ARRAY(SELECT r.ctid FROM media_rehosted r "
+	"  WHERE r.created_at < now() - make_interval(days => $1::int) ORDER BY r.created_at LIMIT $2::int "
+	"  FOR UPDATE SKIP LOCKED))";
+
 /* Old enough for rows_days ($1). */
 #define OLD_ROW(at) at " < now() - make_interval(days => $1::int)"
 
@@ -376,7 +398,7 @@ static cw_err run_identities(PGconn *c, int64_t *cursor, int64_t window_s, long 
 }
 
 const char *const retention_kind_names[RETENTION_KINDS] = { "content", "idempotency_keys", "delivery_attempts",
-								"events", "audit", "identities" };
+								"events", "audit", "identities", "media" };
 
 cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, struct retention_state *st,
 		       long counts[RETENTION_KINDS], bool failed[RETENTION_KINDS], cw_errmsg *e)
@@ -386,7 +408,7 @@ cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, struct retention_
 	 * failing (the events' deletion, say) kept every later one from
 	 * running, the erasure of old content among them.  Rows first: the
 	 * content of what they delete is not erased first. */
-	static const int order[RETENTION_KINDS] = { 3, 0, 1, 2, 4, 5 };
+	static const int order[RETENTION_KINDS] = { 3, 0, 1, 2, 4, 5, 6 };
 	const struct {
 		const char *sql;
 		long days;
@@ -395,7 +417,9 @@ cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, struct retention_
 				     { attempts_sql, cfg->retention_attempts_days },
 				     { NULL, cfg->retention_rows_days },
 				     { audit_sql, cfg->retention_audit_days },
-				     { NULL, RETENTION_IDENTITY_DAYS } };
+				     { NULL, RETENTION_IDENTITY_DAYS },
+				     { media_sql, cfg->retention_content_days > 0 ? cfg->retention_content_days
+										 : cfg->retention_rows_days } };
 	cw_err first = CW_OK;
 	for (int k = 0; k < RETENTION_KINDS; k++) {
 		int i = order[k];

@@ -13,7 +13,10 @@
  * retention.rows_days ago and no delivery of one, nor of a reply to one,
  * is open.  Audit records older than retention.audit_days are deleted,
  * but a consent change an XMPP component has not yet followed into its
- * rosters.  A setting of 0 keeps that kind of data for ever.  Local
+ * rosters.  The record of a file re-hosted on the homeserver goes with
+ * the content of the messages that name it, and at the latest
+ * retention.content_days after it was made (retention.rows_days when
+ * content_days is 0).  A setting of 0 keeps that kind of data for ever.  Local
  * identities nothing refers to (names a peer made up) are forgotten
  * RETENTION_IDENTITY_DAYS after they were made. */
 #ifndef CW_RETENTION_H
@@ -62,7 +65,7 @@
 #define RETENTION_IDENTITY_SCAN 10000
 
 /* The kinds a sweep counts (below). */
-#define RETENTION_KINDS 6
+#define RETENTION_KINDS 7
 
 /* What a sweep keeps from one run to the next, and is told: where the
  * look for unused local identities goes on (0: from the first), and the
@@ -83,7 +86,9 @@ extern const char *const retention_kind_names[RETENTION_KINDS];
  * erased, idempotency keys deleted, delivery attempts deleted, events
  * deleted, audit records deleted, local identities forgotten (since the
  * forty-sixth session; always, RETENTION_IDENTITY_DAYS, whatever the
- * settings); one of RETENTION_BATCH or more means
+ * settings), records of re-hosted files no message's content took with
+ * it (since the forty-eighth; at content_days, or rows_days while content
+ * is kept for ever); one of RETENTION_BATCH or more means
  * more may be due (run again: events come in families of any size, up to
  * RETENTION_BATCH families a run).  Each kind runs whatever became of the
  * others: one that fails is logged ("retention sweep failed", its kind),

@@ -1,0 +1,14 @@
+-- 051_media_retention.sql: the index of the retention sweep's removal of
+-- the records of re-hosted files no message's content took with it
+-- (gateway/retention.c, media_sql; docs/operations.md, "Retention").
+--
+-- A record of media_rehosted goes with the content of the messages that
+-- name its URL (RETENTION_FORGET_FILES), but one the Matrix adapter's
+-- media worker wrote after that content went (the message expired, or
+-- the policy dropped it, while its file was being fetched), and those of
+-- messages whose content went before the forty-fifth session, were named
+-- by none and kept for ever.  The sweep now deletes every record made
+-- more than retention.content_days ago (rows_days while content is kept
+-- for ever), oldest first, a batch at a time, by this index.  Its cost:
+-- one entry per file re-hosted, written once.
+CREATE INDEX IF NOT EXISTS media_rehosted_created_idx ON media_rehosted (created_at);
