@@ -35,26 +35,37 @@
 	"  'body', " e ".content->'content'->'parts'->0->'body'))))) " \
 	" ELSE '{}'::jsonb END"
 
+/* The events (e) by what is left of their content, each the predicate of
+ * a partial index in accepted_at order: erased (events_erased_idx,
+ * schema/029), due (still to be erased or trimmed:
+ * events_content_due_idx, 051) and trimmed to what KEPT_CONTENT keeps
+ * (events.content_trimmed, events_content_trimmed_idx, 051). */
+#define ERASED "e.content = '{}'::jsonb"
+#define CONTENT_DUE "e.content <> '{}'::jsonb AND NOT e.content_trimmed"
+#define TRIMMED "e.content <> '{}'::jsonb AND e.content_trimmed"
+
 /* Events old enough whose deliveries are all closed (delivered, dropped,
  * expired, or none at all): their content goes, but for what KEPT_CONTENT
  * keeps, as for a held message no one will receive (policy_live.c).
- * events_content_kept_idx (schema/025) holds only the events that still
- * have content, in accepted_at order: an erased event leaves it (one that
- * keeps something stays, and is read again by each run, as it always
- * was), so a run reads the events due and those kept, never the erased
- * bulk of the table.  The outbox rows of each are found by
+ * events_content_due_idx (schema/051) holds only the events whose
+ * content is still to be erased or trimmed, in accepted_at order: an
+ * erased or trimmed (content_trimmed) event leaves it, so a run reads the
+ * events due and those kept for an open delivery, never the erased bulk
+ * of the table nor the trimmed reactions (until the forty-eighth session
+ * it read events_content_kept_idx, schema/025, where a trimmed event
+ * stayed: every old reaction, each run).  An event trimmed before 051 is
+ * read once more, and marked.  The outbox rows of each are found by
  * outbox_event_dest_key (event_id first).  The re-check under the lock
  * skips an event another statement erased meanwhile.  $1: days, $2:
  * batch. */
 static const char content_sql[] =
 	"WITH x AS (SELECT e.id, " RETENTION_ATTS("e") " FROM events e "
-	"  WHERE e.content <> '{}'::jsonb AND e.accepted_at < now() - make_interval(days => $1::int) "
-	"  AND e.content <> " KEPT_CONTENT("e") " "
+	"  WHERE " CONTENT_DUE " AND e.accepted_at < now() - make_interval(days => $1::int) "
 	"  AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = e.id " OPEN ") "
 	"  ORDER BY e.accepted_at LIMIT $2::int FOR UPDATE OF e SKIP LOCKED), "
 	RETENTION_FORGET_FILES("x") " "
-	"UPDATE events e SET content = " KEPT_CONTENT("e") " FROM x "
-	"WHERE e.id = x.id AND e.content <> " KEPT_CONTENT("e");
+	"UPDATE events e SET content = " KEPT_CONTENT("e") ", content_trimmed = " KEPT_CONTENT("e") " <> '{}'::jsonb "
+	"FROM x WHERE e.id = x.id AND " CONTENT_DUE;
 
 /* A message whose expiry is still to come rows_days ($1) after it was
  * accepted has it brought forward to now (the database's clock, in ms: a
@@ -156,10 +167,11 @@ static const char media_sql[] =
 	"   OR EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = f.id " OPEN ") " \
 	"   OR EXISTS (SELECT 1 FROM events r JOIN outbox o ON o.event_id = r.id WHERE r.in_reply_to_id = f.id " OPEN "))"
 
-/* The families due of one kind of content of their first event (c: "<>"
- * or "=" '{}'), oldest first, by that kind's partial index. */
-#define ROWS_OF(c) \
-	"(SELECT e.id, e.accepted_at FROM events e WHERE e.content " c " '{}'::jsonb AND " DUE("") \
+/* The families due of one kind of content of their first event (k:
+ * ERASED, CONTENT_DUE or TRIMMED), oldest first, by that kind's partial
+ * index. */
+#define ROWS_OF(k) \
+	"(SELECT e.id, e.accepted_at FROM events e WHERE " k " AND " DUE("") \
 	"  ORDER BY e.accepted_at LIMIT $2::int)"
 
 /* Old events whose deliveries are all closed go as families: a message
@@ -196,10 +208,11 @@ static const char media_sql[] =
  * only if the first locked every member of it (a member another
  * statement holds, or one written since, keeps it for the next run).
  *
- * Found oldest first by two partial indexes, merged: events_erased_idx
- * (schema/029; old enough, an event's content is erased already) and
- * events_content_kept_idx (025), so a run reads the events due and those
- * kept, never the young bulk (the brin index of 004 hands back every old
+ * Found oldest first by three partial indexes, merged: events_erased_idx
+ * (schema/029; old enough, an event's content is erased already),
+ * events_content_due_idx and events_content_trimmed_idx (051; before,
+ * the two were events_content_kept_idx, 025), so a run reads the events
+ * due and those kept, never the young bulk (the brin index of 004 hands back every old
  * page, and every page once deleted rows' space is reused).  The members
  * and replies by events_replaces_idx and events_in_reply_to_idx, the
  * idempotency keys by idempotency_keys_event_idx, the outbox rows by
@@ -207,7 +220,7 @@ static const char media_sql[] =
  * rows_lock_sql: $1: days, $2: batch; the ids locked, as an array.
  * rows_sql: $1: days, $2: those ids. */
 static const char rows_lock_sql[] =
-	"WITH RECURSIVE c AS (" ROWS_OF("=") " UNION ALL " ROWS_OF("<>") "), "
+	"WITH RECURSIVE c AS (" ROWS_OF(ERASED) " UNION ALL " ROWS_OF(CONTENT_DUE) " UNION ALL " ROWS_OF(TRIMMED) "), "
 	"fam(id, at) AS (SELECT id, accepted_at FROM (SELECT id, accepted_at FROM c ORDER BY accepted_at "
 	"  LIMIT $2::int) y UNION " MEMBERS_OF("fam") ") "
 	"SELECT array_agg(l.id)::text FROM (SELECT e.id FROM events e WHERE e.id IN (SELECT id FROM fam) "
