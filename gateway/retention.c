@@ -132,9 +132,8 @@ static const char audit_sql[] =
  * of messages whose content went before the forty-fifth session.  Every
  * message that named a record's file was accepted before the record was
  * made, so its content is gone by this age unless a delivery of it is
- * still open (then a try fetches the file again: a cache's miss).  $1 is
- * content_days, or rows_days when content is kept until its row goes
- * (retention_sweep).  By media_rehosted_created_idx (schema/051), oldest
+ * still open (then a try fetches the file again: a cache's miss).  $1:
+ * media_days (below).  By media_rehosted_created_idx (schema/051), oldest
  * first; by ctid, as fetched_for may be NULL (schema/027). */
 static const char media_sql[] =
 	"DELETE FROM media_rehosted WHERE ctid = ANY (ARRAY(SELECT r.ctid FROM media_rehosted r "
@@ -413,6 +412,15 @@ static cw_err run_identities(PGconn *c, int64_t *cursor, int64_t window_s, long 
 const char *const retention_kind_names[RETENTION_KINDS] = { "content", "idempotency_keys", "delivery_attempts",
 								"events", "audit", "identities", "media" };
 
+/* The age of the records of re-hosted files media_sql deletes: the
+ * sooner of content_days and rows_days (a message's content goes at the
+ * one or with its row at the other), 0 (kept) when both are 0. */
+static long media_days(const struct cw_config *cfg)
+{
+	long c = cfg->retention_content_days, r = cfg->retention_rows_days;
+	return c > 0 && (r <= 0 || c <= r) ? c : r;
+}
+
 cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, struct retention_state *st,
 		       long counts[RETENTION_KINDS], bool failed[RETENTION_KINDS], cw_errmsg *e)
 {
@@ -431,8 +439,7 @@ cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, struct retention_
 				     { NULL, cfg->retention_rows_days },
 				     { audit_sql, cfg->retention_audit_days },
 				     { NULL, RETENTION_IDENTITY_DAYS },
-				     { media_sql, cfg->retention_content_days > 0 ? cfg->retention_content_days
-										 : cfg->retention_rows_days } };
+				     { media_sql, media_days(cfg) } };
 	cw_err first = CW_OK;
 	for (int k = 0; k < RETENTION_KINDS; k++) {
 		int i = order[k];

@@ -15,8 +15,8 @@
  * but a consent change an XMPP component has not yet followed into its
  * rosters.  The record of a file re-hosted on the homeserver goes with
  * the content of the messages that name it, and at the latest
- * retention.content_days after it was made (retention.rows_days when
- * content_days is 0).  A setting of 0 keeps that kind of data for ever.  Local
+ * retention.content_days or retention.rows_days after it was made,
+ * whichever is sooner (0: not that one).  A setting of 0 keeps that kind of data for ever.  Local
  * identities nothing refers to (names a peer made up) are forgotten
  * RETENTION_IDENTITY_DAYS after they were made. */
 #ifndef CW_RETENTION_H
@@ -87,8 +87,8 @@ extern const char *const retention_kind_names[RETENTION_KINDS];
  * deleted, audit records deleted, local identities forgotten (since the
  * forty-sixth session; always, RETENTION_IDENTITY_DAYS, whatever the
  * settings), records of re-hosted files no message's content took with
- * it (since the forty-eighth; at content_days, or rows_days while content
- * is kept for ever); one of RETENTION_BATCH or more means
+ * it (since the forty-eighth; at the sooner of content_days and
+ * rows_days); one of RETENTION_BATCH or more means
  * more may be due (run again: events come in families of any size, up to
  * RETENTION_BATCH families a run).  Each kind runs whatever became of the
  * others: one that fails is logged ("retention sweep failed", its kind),

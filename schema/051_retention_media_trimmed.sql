@@ -10,8 +10,8 @@
 -- the policy dropped it, while its file was being fetched), and those of
 -- messages whose content went before the forty-fifth session, were named
 -- by none and kept for ever.  The sweep now deletes every record made
--- more than retention.content_days ago (rows_days while content is kept
--- for ever), oldest first, a batch at a time, by this index.  Its cost:
+-- more than retention.content_days or rows_days ago, whichever is
+-- sooner, oldest first, a batch at a time, by this index.  Its cost:
 -- one entry per file re-hosted, written once.
 CREATE INDEX IF NOT EXISTS media_rehosted_created_idx ON media_rehosted (created_at);
 
