@@ -38,8 +38,8 @@
 /* The events (e) by what is left of their content, each the predicate of
  * a partial index in accepted_at order: erased (events_erased_idx,
  * schema/029), due (still to be erased or trimmed:
- * events_content_due_idx, 051) and trimmed to what KEPT_CONTENT keeps
- * (events.content_trimmed, events_content_trimmed_idx, 051). */
+ * events_content_due_idx, 048) and trimmed to what KEPT_CONTENT keeps
+ * (events.content_trimmed, events_content_trimmed_idx, 048). */
 #define ERASED "e.content = '{}'::jsonb"
 #define CONTENT_DUE "e.content <> '{}'::jsonb AND NOT e.content_trimmed"
 #define TRIMMED "e.content <> '{}'::jsonb AND e.content_trimmed"
@@ -47,13 +47,13 @@
 /* Events old enough whose deliveries are all closed (delivered, dropped,
  * expired, or none at all): their content goes, but for what KEPT_CONTENT
  * keeps, as for a held message no one will receive (policy_live.c).
- * events_content_due_idx (schema/051) holds only the events whose
+ * events_content_due_idx (schema/048) holds only the events whose
  * content is still to be erased or trimmed, in accepted_at order: an
  * erased or trimmed (content_trimmed) event leaves it, so a run reads the
  * events due and those kept for an open delivery, never the erased bulk
  * of the table nor the trimmed reactions (until the forty-eighth session
  * it read events_content_kept_idx, schema/025, where a trimmed event
- * stayed: every old reaction, each run).  An event trimmed before 051 is
+ * stayed: every old reaction, each run).  An event trimmed before 048 is
  * read once more, and marked.  The outbox rows of each are found by
  * outbox_event_dest_key (event_id first).  The re-check under the lock
  * skips an event another statement erased meanwhile.  $1: days, $2:
@@ -133,7 +133,7 @@ static const char audit_sql[] =
  * message that named a record's file was accepted before the record was
  * made, so its content is gone by this age unless a delivery of it is
  * still open (then a try fetches the file again: a cache's miss).  $1:
- * media_days (below).  By media_rehosted_created_idx (schema/051), oldest
+ * media_days (below).  By media_rehosted_created_idx (schema/048), oldest
  * first; by ctid, as fetched_for may be NULL (schema/027). */
 static const char media_sql[] =
 	"DELETE FROM media_rehosted WHERE ctid = ANY (ARRAY(SELECT r.ctid FROM media_rehosted r "
@@ -209,7 +209,7 @@ static const char media_sql[] =
  *
  * Found oldest first by three partial indexes, merged: events_erased_idx
  * (schema/029; old enough, an event's content is erased already),
- * events_content_due_idx and events_content_trimmed_idx (051; before,
+ * events_content_due_idx and events_content_trimmed_idx (048; before,
  * the two were events_content_kept_idx, 025), so a run reads the events
  * due and those kept, never the young bulk (the brin index of 004 hands back every old
  * page, and every page once deleted rows' space is reused).  The members

@@ -739,8 +739,8 @@ def test_a_run_reads_no_reaction_it_trimmed_before(make_daemon, db_url, pg):
     default, all of them, for ever) to find none due, computing each one's
     kept content: 300,000 took 4.7-4.9 s a run, once a minute (until the
     forty-eighth session's review).  The sweep marks what it trims now
-    (content_trimmed, 051) and reads events_content_due_idx, which a
-    trimmed event leaves; one trimmed before 051 is read once more and
+    (content_trimmed, 048) and reads events_content_due_idx, which a
+    trimmed event leaves; one trimmed before 048 is read once more and
     marked, its content unchanged.  Counted in the events' rows the daemon
     fetched by index over three runs, against 3000 old trimmed reactions:
     fewer than one run's walk."""
@@ -765,7 +765,7 @@ def test_a_run_reads_no_reaction_it_trimmed_before(make_daemon, db_url, pg):
     copy = ("INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, origin_native_id, "
             "ts, accepted_at, content_trimmed) SELECT '%s' || g, room_id, sender_id, type, content, origin_network, "
             "'%s' || g, ts, accepted_at, %s FROM events, generate_series(1, %d) g WHERE public_id = '" + r + "'")
-    # trimmed before 051: not marked
+    # trimmed before 048: not marked
     pg.psql(copy % ("msg_l", "l", "false", 5), db_url)
     wait_until(lambda: marked("msg_l%") == "true", timeout=30, interval=0.2, what="the old trimmed ones marked")
     assert {json.dumps(json.loads(c), sort_keys=True) for c in pg.psql(
