@@ -6,7 +6,9 @@ round of the destinations, a failed renewal tried again in time."""
 import os
 import re
 import signal
+import threading
 import time
+import types
 
 import pytest
 
@@ -14,6 +16,24 @@ from harness import wait_until
 from peer import push_peers
 from test_faults import outbox_locked
 from test_peer_api import room
+
+
+def answer_held(srv):
+    """The server's next request is recorded as it comes (came set), and
+    answered once go is set (or after 60 s): a stand-in of a peer slow to
+    answer for as long as the test needs."""
+    held = types.SimpleNamespace(came=threading.Event(), go=threading.Event())
+    handle = srv.handle
+
+    def holding(method, path, headers, body, port):
+        got = handle(method, path, headers, body, port)
+        if not held.came.is_set():
+            held.came.set()
+            srv.handle = handle
+            held.go.wait(60)
+        return got
+    srv.handle = holding
+    return held
 
 
 def settled(pg, db_url):
@@ -150,18 +170,25 @@ def test_a_lane_goes_round_the_destinations_in_the_same_order_after_a_peers_chan
         ab, ac = room(a, b), room(a, c)
         settled(pg, db_url)
         servers = {"gk": sa, "tg": sb, "xx": sc}
-        sa.delay, sb.delay = 0.5, 1.5  # tg's long enough for the PATCH to come during one
-        sc.delay = 3.0  # the first row, xx's, holds the lane while the others are written
+        sa.delay = sb.delay = sc.delay = 0.5
         seen = {k: len(s.answers) for k, s in servers.items()}
+        # The first row, xx's, holds the lane while the others are written;
+        # tg's first push, until the PATCH is made. Each push is held from
+        # the moment it comes until released, not for a delay the server
+        # reads after recording it (a delay changed once the push was seen
+        # could be the one it read) nor for a time the writes may outlast
+        # on a loaded machine (3 s for nine messages, before).
+        xx_held, tg_held = answer_held(sc), answer_held(sb)
         assert a.send(ac["id"], a.user("alice"), "x0").status_code == 202
-        wait_until(lambda: len(sc.answers) > seen["xx"], what="the first push under way")
-        sc.delay = 0.5
+        wait_until(xx_held.came.is_set, what="the first push under way")
         for i in range(3):
             assert b.send(ab["id"], b.user("bob"), f"g{i}").status_code == 202
             assert a.send(ab["id"], a.user("alice"), f"t{i}").status_code == 202
             assert a.send(ac["id"], a.user("alice"), f"x{i + 1}").status_code == 202
-        wait_until(lambda: len(sb.answers) > seen["tg"], what="the first push to tg")
+        xx_held.go.set()
+        wait_until(tg_held.came.is_set, what="the first push to tg")
         assert d.admin("PATCH", "/peers/tg", json={"event_types": None}).status_code == 200
+        tg_held.go.set()
         settled(pg, db_url)
         order = sorted((t, k) for k, s in servers.items() for t, _ in s.answers[seen[k]:])
         got = [k for _, k in order]
