@@ -84,11 +84,11 @@ def test_a_destination_enabled_while_every_known_one_is_busy_is_claimed(make_dae
     """Every push destination of the last claim is a lane's, each in a slow
     delivery (its answer held here until the end), and a peer is enabled
     meanwhile: an idle lane claims its rows within a second or so, not
-    once one of the slow deliveries is over.  Until the forty-sixth session the idle lanes
-    counted the destinations as of the last claim and, all of those taken,
-    made no claim at all: the new peer's rows waited for a busy lane to
-    finish (with a peer's refused events searched, 33 requests of up to
-    dispatcher.http_timeout_ms)."""
+    once one of the slow deliveries is over.  Until the forty-sixth
+    session the idle lanes counted the destinations as of the last claim
+    and, all of those taken, made no claim at all: the new peer's rows
+    waited for a busy lane to finish (with a peer's refused events
+    searched, 33 requests of up to dispatcher.http_timeout_ms)."""
     d = make_daemon(db_url, options={"dispatcher": {"http_timeout_ms": "30000", "lanes": "4"}}).start()
     (a, sa), (b, sb) = made = push_peers(d)
     slow = []
@@ -171,6 +171,7 @@ def test_a_lane_goes_round_the_destinations_in_the_same_order_after_a_peers_chan
     round (fairness, not order: a room's rows kept theirs)."""
     d = make_daemon(db_url, options={"dispatcher": {"lanes": "1", "batch_max": "1"}}).start()
     (a, sa), (b, sb) = made = push_peers(d)
+    held = []
     try:
         [(c, sc)] = push_peers(d, [("xx", "xx.example")])
         made.append((c, sc))
@@ -185,7 +186,8 @@ def test_a_lane_goes_round_the_destinations_in_the_same_order_after_a_peers_chan
         # reads after recording it (a delay changed once the push was seen
         # could be the one it read) nor for a time the writes may outlast
         # on a loaded machine (3 s for nine messages, before).
-        xx_held, tg_held = answer_held(sc), answer_held(sb)
+        held += [answer_held(sc), answer_held(sb)]
+        xx_held, tg_held = held
         assert a.send(ac["id"], a.user("alice"), "x0").status_code == 202
         wait_until(xx_held.came.is_set, what="the first push under way")
         for i in range(3):
@@ -201,6 +203,8 @@ def test_a_lane_goes_round_the_destinations_in_the_same_order_after_a_peers_chan
         got = [k for _, k in order]
         assert got == ["xx", "gk", "tg", "xx", "gk", "tg", "xx", "gk", "tg", "xx"], got
     finally:
+        for h in held:
+            h.go.set()
         for _, srv in made:
             srv.close()
 
