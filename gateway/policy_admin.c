@@ -1187,6 +1187,45 @@ void policy_admin_reports_list(struct cw_req *req, void *ctx)
 	aq_run(ctx, req, q);
 }
 
+/* A local user's report with no evidence of its own takes at most
+ * REPORT_EVIDENCE_MAX messages, found among the last REPORT_EVIDENCE_SCAN
+ * events of each room she shares with its subject (report_sql). */
+#define REPORT_EVIDENCE_MAX "20"
+#define REPORT_EVIDENCE_SCAN "10000"
+/* Whether the message of alias X (an events row) is one of the subject's
+ * (him) that reached the reporter (me): a message of his delivered to
+ * her (an outbox row of hers, delivered).  Only what she saw is evidence
+ * of hers: not what waits for her consent, was dropped, or went to a
+ * room she was not in then. */
+#define REPORT_SEEN(X)                                                                                            \
+	X ".sender_id = (SELECT id FROM him) AND " X ".type = 'message' AND EXISTS (SELECT 1 FROM outbox o "  \
+	"WHERE o.event_id = " X ".id AND o.target_identity_id = me.id AND o.state = 'delivered')"
+/* The evidence report_sql stores, a text[]: $6's ids as given, or, for
+ * a local user's report with no evidence of its own ($14 true, $6 NULL),
+ * the public ids of the last REPORT_EVIDENCE_MAX messages the subject
+ * sent her (REPORT_SEEN), the one her command points at first ($15,
+ * $16, $17: its native id, a Matrix event id the bridge stored for its
+ * delivery to her), the others newest first: found in each room they
+ * share (both have a row in room_members, whatever the membership now)
+ * among its last REPORT_EVIDENCE_SCAN events (events_room_idx
+ * backwards: bounded however big the group and however long ago he
+ * wrote in it).  Only what the database still holds
+ * (retention.rows_days).  A subquery of the insert, so that the
+ * statement's start, all pg_stat_activity shows of a long one, says
+ * what it is. */
+#define REPORT_EVIDENCE_SQL                                                                                       \
+	"WITH me AS (SELECT id FROM identities WHERE uri = $2 AND $14::boolean AND $6::jsonb IS NULL), "            \
+	"him AS (SELECT id FROM identities WHERE uri = $4), "                                                       \
+	"seen AS (SELECT 0 AS k, e.id, e.public_id FROM me, event_native_ids n JOIN events e ON e.id = n.event_id " \
+	"  WHERE n.network = $15 AND n.kind = $16 AND n.native_id = $17 AND " REPORT_SEEN("e") " "                  \
+	"  UNION ALL SELECT 1, x.id, x.public_id FROM me JOIN room_members a ON a.identity_id = me.id "             \
+	"  JOIN room_members b ON b.room_id = a.room_id AND b.identity_id = (SELECT id FROM him) "                 \
+	"  CROSS JOIN LATERAL (SELECT r.id, r.public_id FROM (SELECT id, public_id, sender_id, type FROM events "   \
+	"   WHERE room_id = a.room_id ORDER BY id DESC LIMIT " REPORT_EVIDENCE_SCAN ") r "                          \
+	"   WHERE " REPORT_SEEN("r") " ORDER BY r.id DESC LIMIT " REPORT_EVIDENCE_MAX ") x) "                       \
+	"SELECT CASE WHEN $6::jsonb IS NOT NULL THEN ARRAY(SELECT jsonb_array_elements_text($6::jsonb)) "          \
+	"  ELSE ARRAY(SELECT s.public_id FROM (SELECT DISTINCT ON (id) k, id, public_id FROM seen ORDER BY id, k) s " \
+	"  ORDER BY s.k, s.id DESC LIMIT " REPORT_EVIDENCE_MAX ") END"
 /* Every report, however it arrives, in one statement (so that a bot's
  * connection, outside any transaction, stores it whole): the report; the
  * reports against the subject within policy.report_window_seconds ($8)
@@ -1205,9 +1244,10 @@ void policy_admin_reports_list(struct cw_req *req, void *ctx)
  * judged unfounded, it must not help limit anyone (until the fortieth
  * session there was no dismissal, and every report counted).  The
  * answer: {id, subject, reports_in_window, reporters_in_window,
- * limit_rule_id}.  The rule is "in_addition" (docs/policy.md): charged
- * on top of what the sender's domain or network allows, so that a report
- * only ever tightens. */
+ * limit_rule_id, evidence (the ids stored: REPORT_EVIDENCE_SQL)}.  The
+ * rule is "in_addition" (docs/policy.md): charged on top of what the
+ * sender's domain or network allows, so that a report only ever
+ * tightens. */
 static const char report_sql[] =
 	"WITH rep AS (INSERT INTO reports (reporter_kind, reporter, peer_id, subject_uri, subject_identity_id, "
 	"  reason_code, evidence_public_ids, comment) VALUES ($1, $2, $3::bigint, $4, "
@@ -1216,8 +1256,8 @@ static const char report_sql[] =
 	 * report then names her address alone); read unlocked until the
 	 * forty-seventh session, the insert failed on the foreign key */
 	"  (SELECT id FROM identities WHERE uri = $4 FOR KEY SHARE), $5, "
-	"  ARRAY(SELECT jsonb_array_elements_text($6::jsonb)), $7) "
-	"  RETURNING id), "
+	"  (" REPORT_EVIDENCE_SQL "), $7) "
+	"  RETURNING id, evidence_public_ids), "
 	"cnt AS (SELECT count(*) AS n, count(DISTINCT (k, who)) AS who_n FROM ("
 	"  SELECT reporter_kind AS k, reporter AS who FROM reports WHERE subject_uri = $4 "
 	"  AND created_at > now() - make_interval(secs => $8::bigint) AND NOT dismissed "
@@ -1232,7 +1272,7 @@ static const char report_sql[] =
 	"  WHERE rules.created_by = 'system:reports' AND rules.expires_at <= now() RETURNING id), "
 	"ans AS (SELECT json_build_object('id', (SELECT id FROM rep), 'subject', $4::text, "
 	"  'reports_in_window', (SELECT n FROM cnt), 'reporters_in_window', (SELECT who_n FROM cnt), "
-	"  'limit_rule_id', (SELECT id FROM lim)) AS a), "
+	"  'limit_rule_id', (SELECT id FROM lim), 'evidence', (SELECT to_json(evidence_public_ids) FROM rep)) AS a), "
 	"aud AS (INSERT INTO audit_log (actor, action, subject, details) "
 	"  SELECT coalesce($13, 'user:' || $2), 'report.create', $4, a::jsonb FROM ans) "
 	"SELECT a::text, (SELECT count(pg_notify('causeway_policy', '')) FROM lim) FROM ans";
@@ -1306,9 +1346,10 @@ cw_err policy_report_store(PGconn *c, struct cw_app *app, const struct policy_re
 	snprintf(nums[3], sizeof(nums[3]), "%lld", (long long)v->set.report_limit_s);
 	policy_view_put(v);
 	const char *params[] = { rep->reporter_kind, rep->reporter, rep->peer_id, subject, rep->reason,
-				 rep->evidence ? rep->evidence : "[]", rep->comment, nums[0], nums[1], nums[2], nums[3],
-				 local ? "t" : "f", rep->actor };
-	PGresult *r = PQexecParams(c, report_sql, 13, NULL, params, NULL, NULL, 0);
+				 rep->evidence ? rep->evidence : rep->gather ? NULL : "[]", rep->comment, nums[0], nums[1],
+				 nums[2], nums[3], local ? "t" : "f", rep->actor, rep->gather ? "t" : "f",
+				 rep->first_network, rep->first_kind, rep->first_native };
+	PGresult *r = PQexecParams(c, report_sql, 17, NULL, params, NULL, NULL, 0);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;
@@ -1319,6 +1360,15 @@ cw_err policy_report_store(PGconn *c, struct cw_app *app, const struct policy_re
 	}
 	PQclear(r);
 	return rc;
+}
+
+void policy_report_evidence_words(const json_t *answer, char *out, size_t len)
+{
+	size_t n = json_array_size(json_object_get(answer, "evidence"));
+	if (n)
+		snprintf(out, len, "with %zu message(s) of theirs to you as evidence", n);
+	else
+		snprintf(out, len, "with no message of theirs: none that reached you is kept here");
 }
 
 static cw_err report_fn(PGconn *c, struct app_job *j, cw_errmsg *e)

@@ -39,6 +39,15 @@ struct policy_report {
 	const char *evidence;      /* a JSON array of message ids, or NULL: none */
 	const char *comment;       /* or NULL */
 	const char *actor;         /* the audit log's actor; NULL: user:<reporter> (a local user's own) */
+	/* A local user's own report (a bot command): with evidence NULL, the
+	 * evidence is the public ids of the last 20 messages the subject sent
+	 * her that were delivered to her (what she saw), found at the store;
+	 * first (network, kind, native: all three or none) the one her command
+	 * points at, by the native id its delivery to her has there (the
+	 * Matrix event id of the message her command replies to), if it is
+	 * one of those. */
+	bool gather;
+	const char *first_network, *first_kind, *first_native;
 };
 struct cw_app;
 /* Stores rep on c with its audit record, and sets the automatic limit on
@@ -50,9 +59,14 @@ struct cw_app;
  * peer's user); CW_EINVAL when it names a contact of a component whose
  * peer is not configured (nothing stored).  answer (NULL: not wanted):
  * {id, subject (as stored), reports_in_window, reporters_in_window,
- * limit_rule_id}. */
+ * limit_rule_id, evidence (the message ids stored, an array)}. */
 cw_err policy_report_store(PGconn *c, struct cw_app *app, const struct policy_report *rep, json_t **answer,
 			   cw_errmsg *e);
+/* What went with a report, from policy_report_store's answer, for the
+ * reporter's answer into out (len bytes): "with 3 message(s) of theirs to
+ * you as evidence", or "with no message of theirs: none that reached you
+ * is kept here". */
+void policy_report_evidence_words(const json_t *answer, char *out, size_t len);
 /* Whether a valid consent subject of kind user (a user URI) or domain
  * names one of this provider's own users or domains (app_domain_is_ours).
  * The policy asks a user's consents of remote senders only, so such a

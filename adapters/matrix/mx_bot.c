@@ -848,8 +848,15 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 		}
 		if (!change_allowed(m, c, room, txn, sender))
 			return;
+		/* What he sent her goes with it (policy_report_store), the
+		 * message her command replies to first. */
 		const struct policy_report rep = { .reporter_kind = "local_user", .reporter = uri, .subject = subject,
-						   .reason = "abuse", .comment = cmd.reason[0] ? cmd.reason : NULL };
+						   .reason = "abuse", .comment = cmd.reason[0] ? cmd.reason : NULL,
+						   .gather = true, .first_network = cmd.reply_to[0] ? "matrix" : NULL,
+						   .first_kind = cmd.reply_to[0] ? "event_id" : NULL,
+						   .first_native = cmd.reply_to[0] ? cmd.reply_to : NULL };
+		json_t *ans = NULL;
+		char said[200], with[120];
 		/* The report, the command's handled mark and the answer (a
 		 * notice) are kept together or not at all: a report whose
 		 * answer was lost with the connection is then one report, told
@@ -859,11 +866,15 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 		 * and the rerun stored a second one). */
 		cw_err rc = store_exec(c, "BEGIN", &e);
 		if (!rc)
-			rc = policy_report_store(c, m->app, &rep, NULL, &e);
+			rc = policy_report_store(c, m->app, &rep, &ans, &e);
 		if (!rc)
 			rc = inbox_handled(c, inbox_id, &e);
-		if (!rc)
-			rc = notice_queue(c, room, "Reported to the operator. Thank you.", NULL, &e);
+		if (!rc) {
+			policy_report_evidence_words(ans, with, sizeof(with));
+			snprintf(said, sizeof(said), "Reported to the operator, %s. Thank you.", with);
+			rc = notice_queue(c, room, said, NULL, &e);
+		}
+		json_decref(ans);
 		if (!store_end(c, rc, &e))
 			return;
 		change_back(m, sender); /* a run again takes its own */

@@ -67,7 +67,9 @@ struct mx_bot_cmd {
 	 * event_id: a string of 1 to MX_BOT_EVENT_ID_MAX bytes starting with
 	 * '$', no control character), "" for none: of an accept or block with
 	 * no party, the bot's notice of the request it answers, maybe
-	 * (mx_bot_request_party). */
+	 * (mx_bot_request_party); of a report, the message it is about,
+	 * maybe (policy_report_store takes it first as evidence if it is one
+	 * of the party's delivered to her). */
 	char reply_to[MX_BOT_EVENT_ID_MAX + 1];
 };
 

@@ -182,7 +182,7 @@ static void another_network(const struct xcomp *xc, const struct xcomp *of, cons
 static cw_err report_run(PGconn *c, struct xconsent *j, const char *uri, const char *subject, cw_errmsg *e)
 {
 	const struct policy_report rep = { .reporter_kind = "local_user", .reporter = uri, .subject = subject,
-					   .reason = "abuse", .comment = j->reason[0] ? j->reason : NULL };
+					   .reason = "abuse", .comment = j->reason[0] ? j->reason : NULL, .gather = true };
 	json_t *ans = NULL;
 	cw_err rc = policy_report_store(c, j->xc->x->app, &rep, &ans, e);
 	if (rc == CW_EINVAL) {
@@ -199,7 +199,10 @@ static cw_err report_run(PGconn *c, struct xconsent *j, const char *uri, const c
 	 * provider's by her one address, a component's contact as the
 	 * peer's user) */
 	const char *stored = json_string_value(json_object_get(ans, "subject"));
-	snprintf(j->note, sizeof(j->note), "Reported %s to the operator. Thank you.", stored ? stored : subject);
+	char with[120];
+	policy_report_evidence_words(ans, with, sizeof(with));
+	snprintf(j->note, sizeof(j->note), "Reported %s to the operator, %s. Thank you.", stored ? stored : subject,
+		 with);
 	json_decref(ans);
 	j->done = true;
 	return CW_OK;

@@ -30,6 +30,10 @@ AS_TOKEN = "as-" + "a" * 40
 HS_TOKEN = "hs-" + "b" * 40
 ALICE_MX = "@alice:example.org"
 ALICE = "mimi://example.org/u/alice"
+# The answer to a report that took none of its subject's messages as
+# evidence (policy_report_evidence_words)
+NO_EVIDENCE = "with no message of theirs: none that reached you is kept here"
+REPORTED = f"Reported to the operator, {NO_EVIDENCE}. Thank you."
 
 
 def registration(url="http://127.0.0.1:1"):
@@ -1936,7 +1940,7 @@ def test_a_report_whose_answer_was_lost_is_stored_once_and_answered(make_daemon,
             # command, a second run of the report would have happened.
             alice.send_text(mgmt, "help")
             wait_until(lambda: any("Commands" in n for n in said()[n0:]), timeout=20, what="the answer to help")
-            assert [n for n in said()[n0:] if "Commands" not in n] == ["Reported to the operator. Thank you."]
+            assert [n for n in said()[n0:] if "Commands" not in n] == [REPORTED]
             assert pg.psql("SELECT count(*) FROM reports", db_url) == "1"
         finally:
             srv.close()
@@ -2266,7 +2270,7 @@ def test_a_bridged_user_picked_in_the_client_is_the_commands_party(mx, hs, gk, p
     assert answered(n).startswith(f"Accepted {wally}.")
     n = len(said())
     send_pill(alice, mgmt, "report", ghost, "Wally (gk)", after=" sends spam")
-    assert answered(n) == "Reported to the operator. Thank you."
+    assert answered(n) == REPORTED
     assert pg.psql("SELECT subject_uri || ' ' || comment FROM reports", db_url) == f"{wally} sends spam"
     assert pg.psql("SELECT string_agg(action || ' ' || subject, ',' ORDER BY id) FROM audit_log "
                    "WHERE actor = 'user:@alice:example.org'", db_url) == \
@@ -2335,9 +2339,9 @@ def test_the_bot_as_a_commands_party_is_told_and_a_pills_name_is_a_whole_word(mx
     assert pg.psql("SELECT (SELECT count(*) FROM consents) || ' ' || (SELECT count(*) FROM reports) || ' ' || "
                    "(SELECT count(*) FROM audit_log WHERE actor LIKE 'user:%')", db_url) == "0 0 0"
     assert bot_answer(said, lambda: send_pill(alice, mgmt, "report", ghost, "Wal", after="ly spams")) == \
-        "Reported to the operator. Thank you."
+        REPORTED
     assert bot_answer(said, lambda: send_pill(alice, mgmt, "report", ghost, "Wally", after=": sends spam")) == \
-        "Reported to the operator. Thank you."
+        REPORTED
     assert pg.psql("SELECT string_agg(subject_uri || ' ' || comment, ',' ORDER BY id) FROM reports", db_url) == \
         f"{wally} Wally spams,{wally} sends spam"
 
@@ -2414,7 +2418,7 @@ def test_a_partys_domain_in_any_case_and_an_address_of_no_peer(mx, hs, gk, pg, d
     assert answer_to("block WA.Example") == "Blocked wa.example. 0 waiting message(s) dropped."
     text = answer_to("block mimi://Example.ORG/u/bob")
     assert text.startswith("mimi://example.org/u/bob is not someone from another network"), text
-    assert answer_to("report mimi://WA.example/u/wally spam") == "Reported to the operator. Thank you."
+    assert answer_to("report mimi://WA.example/u/wally spam") == REPORTED
     for verb, done in (("accept", "stored"), ("block", "stored"), ("report", "reported")):
         assert answer_to(f"{verb} mimi://Nowhere.Example/u/x") == (
             "mimi://nowhere.example/u/x is nobody who can reach you here: nowhere.example is the domain of no "
@@ -2596,7 +2600,7 @@ def test_a_command_in_any_case_and_white_space_of_any_kind(mx, hs, gk, pg, db_ur
     wally = "mimi://wa.example/u/wally"
     assert answer_to("block\u00a0mimi://WA.example/u/wally\u202f") == \
         f"Blocked {wally}. 0 waiting message(s) dropped."
-    assert answer_to("report\u00a0" + wally + "\u00a0he\u00a0spams\u3000\t") == "Reported to the operator. Thank you."
+    assert answer_to("report\u00a0" + wally + "\u00a0he\u00a0spams\u3000\t") == REPORTED
     assert pg.psql("SELECT string_agg(subject_kind || ' ' || subject || ' ' || state, ',') FROM consents", db_url) \
         == f"user {wally} blocked"
     assert pg.psql("SELECT subject_uri || ' [' || comment || ']' FROM reports", db_url) == \
@@ -2625,7 +2629,7 @@ def test_a_commands_words_are_separated_by_zero_width_characters_too(mx, hs, gk,
     wally = "mimi://wa.example/u/wally"
     assert answer_to("\ufeffblock\u2060" + wally + "\u200d") == f"Blocked {wally}. 0 waiting message(s) dropped."
     assert answer_to("report\u200b" + wally + "\u200b\u200che\u200dspams\u200b") == \
-        "Reported to the operator. Thank you."
+        REPORTED
     assert pg.psql("SELECT string_agg(subject_kind || ' ' || subject || ' ' || state, ',') FROM consents", db_url) \
         == f"user {wally} blocked"
     # within the reason, kept
@@ -7024,9 +7028,9 @@ def test_a_report_of_a_user_of_this_service_is_taken(make_daemon, db_url, hs, pg
     def answer_to(send):
         return bot_answer(said, send)
     for text in ("report @bob:example.org spam in the group", "report mimi://chat.example.org/u/dave rude"):
-        assert answer_to(lambda: alice.send_text(mgmt, text)) == "Reported to the operator. Thank you."
+        assert answer_to(lambda: alice.send_text(mgmt, text)) == REPORTED
     assert answer_to(lambda: send_pill(alice, mgmt, "report", "@bob:example.org", "Bob", after=" again")) == \
-        "Reported to the operator. Thank you."
+        REPORTED
     assert pg.psql("SELECT string_agg(reporter_kind || ' ' || reporter || ' ' || subject_uri || ' ' || comment, ','"
                    " ORDER BY id) FROM reports", db_url) == \
         (f"local_user {ALICE} mimi://example.org/u/bob spam in the group,"
@@ -7064,8 +7068,69 @@ def test_a_long_report_reason_is_cut_at_a_whole_character(mx, hs, gk, pg, db_url
         n = len(said())
         alice.send_text(mgmt, f"report {wally} {reason}\nsecond line")
         wait_until(lambda: len(said()) > n, what="the answer")
-        assert said()[n] == "Reported to the operator. Thank you.", said()[n]
+        assert said()[n] == REPORTED, said()[n]
         assert pg.psql("SELECT comment FROM reports ORDER BY id DESC LIMIT 1", db_url) == stored
+
+
+def reports_evidence(d):
+    """The evidence of each stored report, oldest report first, as the
+    operator sees it (GET /admin/v1/reports)."""
+    return [r["evidence"] for r in d.admin("GET", "/reports").json()["rows"]]
+
+
+def test_a_report_takes_what_its_subject_sent_her_as_evidence(mx, hs, gk, pg, db_url):
+    """A user's `report` goes to the operator with what its subject sent
+    her: the public ids of his last 20 messages delivered to her, newest
+    first, found at the report's store; a `report` that replies to one of
+    them takes that one first (its Matrix event id, as the bridge stored
+    its delivery to her). Only what reached her: not his message to bob,
+    nor ed's message held for her consent, nor a message of someone else's
+    her command replies to. The answer says how many went with it. Until
+    the forty-eighth session a bot's report had no evidence at all (the
+    spec's "stored with the evidence message ids" held only for peers and
+    the admin API), and the operator saw a report and nothing of what was
+    said."""
+    a, _ = gk
+    wally, ed = a.user("wally"), a.user("ed")
+    alice, mgmt, said = alice_and_the_bot(hs)
+    consent_alice(mx)
+    room = a.create_room([wally, ALICE]).json()["id"]
+    sent = []
+    for i in range(23):
+        r = a.send(room, wally, f"insult {i}")
+        assert r.status_code == 202, r.text
+        sent.append(r.json()["id"])
+    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.type = "
+                               "'message' AND o.state = 'delivered'", db_url) == "23", what="wally's messages delivered")
+    hs.create_user("bob")
+    to_bob = a.create_room([wally, "mimi://example.org/u/bob"]).json()["id"]
+    held = a.create_room([ed, ALICE]).json()["id"]
+    others = [a.send(to_bob, wally, "to bob, not alice").json()["id"],
+              a.send(held, ed, "held for her consent").json()["id"]]
+    wait_until(lambda: pg.psql("SELECT string_agg(o.state, ',' ORDER BY o.id) FROM outbox o JOIN events e ON "
+                               f"e.id = o.event_id WHERE e.public_id IN ('{others[0]}', '{others[1]}')", db_url)
+               == "dropped,held", what="the message to bob dropped (no consent of his), ed's held for hers")
+    wait_until(lambda: any(n.startswith(f"{ed} (network peer:gk) wants to write to you") for n in said()),
+               what="ed's request told")
+    newest = list(reversed(sent))
+
+    def answer_to(text, reply_to=None):
+        return bot_answer(said, lambda: alice.send_text(mgmt, text, reply_to=reply_to))
+    assert answer_to(f"report {wally} insults") == \
+        "Reported to the operator, with 20 message(s) of theirs to you as evidence. Thank you."
+    assert reports_evidence(mx) == [newest[:20]]
+    # a reply to his first message (in her room with his ghost) takes it first
+    first = pg.psql("SELECT o.remote_id FROM outbox o JOIN events e ON e.id = o.event_id "
+                    f"WHERE e.public_id = '{sent[0]}' AND o.destination = 'matrix'", db_url)
+    assert first.startswith("$"), first
+    assert answer_to(f"report {wally} this one", reply_to=first) == \
+        "Reported to the operator, with 20 message(s) of theirs to you as evidence. Thank you."
+    # ed's one message waits for her consent: she never saw it; the reply
+    # is to wally's message, no evidence about ed
+    assert answer_to(f"report {ed} spam", reply_to=first) == REPORTED
+    assert reports_evidence(mx) == [newest[:20], [sent[0]] + newest[:19], []]
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'report.create' AND "
+                   "jsonb_array_length(details->'evidence') = 20", db_url) == "2"
 
 
 def test_list_shows_who_blocked_the_user_and_accept_says_so(mx, hs, gk, pg, db_url):

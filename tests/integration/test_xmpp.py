@@ -33,6 +33,9 @@ SECRET = "component-secret-123"
 ALICE = "mimi://example.org/u/alice"
 ALICE_JID = "alice@" + HOST
 WALLY_JID = "wally@" + COMP
+# What a report's answer says when none of its subject's messages went
+# with it (policy_report_evidence_words)
+NO_EVIDENCE = "with no message of theirs: none that reached you is kept here"
 NS_REPLY = "urn:xmpp:reply:0"
 MUC = "http://jabber.org/protocol/muc"
 MUC_USER = "http://jabber.org/protocol/muc#user"
@@ -3910,7 +3913,7 @@ def test_a_report_of_a_user_of_this_service_is_taken(xd, gk, alice, pg, db_url):
         done = report(who, reason)
         c = done.find(q(CMD, "command"))
         assert c.get("status") == "completed", ET.tostring(done)
-        assert c.find(q(CMD, "note")).text == f"Reported {subject} to the operator. Thank you.", ET.tostring(done)
+        assert c.find(q(CMD, "note")).text == f"Reported {subject} to the operator, {NO_EVIDENCE}. Thank you.", ET.tostring(done)
     assert pg.psql("SELECT string_agg(reporter_kind || ' ' || reporter || ' ' || subject_uri || ' ' || reason_code || "
                    "' ' || coalesce(comment, '-'), ',' ORDER BY id) FROM reports", db_url) == \
         ",".join(f"local_user {ALICE} {subject} abuse {reason or '-'}" for _, subject, reason in taken)
@@ -3961,7 +3964,7 @@ def test_a_report_of_herself_under_another_own_domain_is_refused(xd, gk, alice, 
     for who, stored in taken:
         done = command_submit(alice, "report", {"jid": who})
         assert done.find(q(CMD, "command")).get("status") == "completed", ET.tostring(done)
-        assert done.find(f".//{{{CMD}}}note").text == f"Reported {stored} to the operator. Thank you.", ET.tostring(done)
+        assert done.find(f".//{{{CMD}}}note").text == f"Reported {stored} to the operator, {NO_EVIDENCE}. Thank you.", ET.tostring(done)
     r = xd.admin("POST", "/reports", json={"reporter": ALICE, "subject": f"mimi://{HOST}/u/Bob", "reason": "spam"})
     assert r.status_code == 201 and r.json()["subject"] == "mimi://example.org/u/bob", r.text
     assert pg.psql("SELECT string_agg(reporter || ' ' || subject_uri, ',' ORDER BY id) FROM reports", db_url) == \
@@ -3997,7 +4000,7 @@ def test_a_components_contact_by_address_is_its_contact(xd, gk, alice, pg, db_ur
     assert presence_types(alice, WALLY_JID, start)[-2:] == ["unavailable", "unsubscribed"]  # as of his JID
     assert pg.psql("SELECT subject_kind || ' ' || subject || ' ' || state FROM consents", db_url) == \
         "user mimi://wa.example/u/wally blocked"
-    assert note("report", addr) == "Reported mimi://wa.example/u/wally to the operator. Thank you."
+    assert note("report", addr) == f"Reported mimi://wa.example/u/wally to the operator, {NO_EVIDENCE}. Thank you."
     assert pg.psql("SELECT string_agg(actor || ' ' || action || ' ' || subject, ',' ORDER BY id) FROM audit_log "
                    "WHERE actor LIKE 'user:%'", db_url) == \
         ",".join(f"user:{ALICE_JID} consent.{a} mimi://wa.example/u/wally" for a in ("allow", "block")) + \
@@ -4045,7 +4048,7 @@ def test_a_contacts_address_in_any_case_or_on_the_peers_domain_is_taken(xd, gk, 
                             and el.get("type") == "unsubscribed", start=start)
     assert presence_types(alice, WALLY_JID, start)[-2:] == ["unavailable", "unsubscribed"]  # as of his JID
     assert note("report", "mimi://Wa.Example/u/Wally") == \
-        "Reported mimi://wa.example/u/Wally to the operator. Thank you."
+        f"Reported mimi://wa.example/u/Wally to the operator, {NO_EVIDENCE}. Thank you."
     assert stored() == "mimi://wa.example/u/wally blocked,mimi://wa.example/u/zoe allowed / mimi://wa.example/u/Wally"
 
     # A domain no peer has: nobody who can reach her; nothing stored.
@@ -4065,7 +4068,7 @@ def test_a_contacts_address_in_any_case_or_on_the_peers_domain_is_taken(xd, gk, 
             "Not done: mimi://other.example/u/Otto is a user of network peer:ot, which no contact on this XMPP "
             "server stands for, so nothing of theirs reaches you here. Nothing was stored."), node
     assert note("report", "mimi://OTHER.example/u/Otto") == \
-        "Reported mimi://other.example/u/Otto to the operator. Thank you."
+        f"Reported mimi://other.example/u/Otto to the operator, {NO_EVIDENCE}. Thank you."
     assert stored() == ("mimi://wa.example/u/wally blocked,mimi://wa.example/u/zoe allowed / "
                         "mimi://wa.example/u/Wally,mimi://other.example/u/Otto")
 
@@ -4177,7 +4180,7 @@ def test_commands_about_a_network_not_configured_say_so(make_daemon, db_url, pg,
                 # a report through gk's of zz's contact by JID is of zz's user, as by address
                 c = command_submit(alice, "report", {"jid": f"wally@{ZZ}"}, to=COMP)
                 assert c.find(f".//{{{CMD}}}note").text == \
-                    "Reported mimi://zz.example/u/wally to the operator. Thank you.", ET.tostring(c)
+                    f"Reported mimi://zz.example/u/wally to the operator, {NO_EVIDENCE}. Thank you.", ET.tostring(c)
                 assert pg.psql("SELECT subject_uri FROM reports", db_url) == "mimi://zz.example/u/wally"
                 assert pg.psql("SELECT string_agg(subject || ' ' || state, ',' ORDER BY subject) FROM consents",
                                db_url) == "mimi://wa.example/u/wally blocked,mimi://zz.example/u/wally allowed"
@@ -4358,7 +4361,7 @@ def test_a_command_forms_values_are_taken_without_white_space_around_them(xd, gk
     assert pg.psql("SELECT string_agg(subject_kind || ' ' || subject || ' ' || state, ',' ORDER BY subject_kind) "
                    "FROM consents", db_url) == f"domain wa.example allowed,user {wally} blocked"
     done = command_submit(alice, "report", {"jid": f" wally@{COMP}\u2003", "reason": "\u00a0he\u00a0spams\u3000 "})
-    assert done.find(f".//{{{CMD}}}note").text == f"Reported {wally} to the operator. Thank you."
+    assert done.find(f".//{{{CMD}}}note").text == f"Reported {wally} to the operator, {NO_EVIDENCE}. Thank you."
     assert pg.psql("SELECT subject_uri || ' [' || comment || ']' FROM reports", db_url) == f"{wally} [he\u00a0spams]"
     # White space alone is no JID: refused, nothing stored.
     before = consents_stored(pg, db_url)
@@ -4378,7 +4381,7 @@ def test_a_command_forms_values_are_taken_without_zero_width_characters_around_t
     done = command_submit(alice, "block", {"jid": "\u200bwally@" + COMP + "\ufeff\u2060"})
     assert f"Blocked {wally}" in done.find(f".//{{{CMD}}}note").text, ET.tostring(done)
     done = command_submit(alice, "report", {"jid": WALLY_JID + "\u200b", "reason": "\u200che\u200dspams\u200b"})
-    assert done.find(f".//{{{CMD}}}note").text == f"Reported {wally} to the operator. Thank you."
+    assert done.find(f".//{{{CMD}}}note").text == f"Reported {wally} to the operator, {NO_EVIDENCE}. Thank you."
     assert pg.psql("SELECT subject_uri || ' [' || comment || ']' FROM reports", db_url) == f"{wally} [he\u200dspams]"
     before = consents_stored(pg, db_url)
     bad = command_submit(alice, "accept", {"jid": "wally\u200b@" + COMP}, expect_error=True)
@@ -4401,7 +4404,7 @@ def test_a_command_forms_values_are_measured_without_the_white_space_around_them
     assert f"Blocked {wally}" in done.find(f".//{{{CMD}}}note").text, ET.tostring(done)
     reason = "\u00e9" * 4095 + "xy"  # 8192 bytes
     done = command_submit(alice, "report", {"jid": WALLY_JID, "reason": " " + reason + "\u3000" * 10})
-    assert done.find(f".//{{{CMD}}}note").text == f"Reported {wally} to the operator. Thank you.", ET.tostring(done)
+    assert done.find(f".//{{{CMD}}}note").text == f"Reported {wally} to the operator, {NO_EVIDENCE}. Thank you.", ET.tostring(done)
     assert pg.psql("SELECT octet_length(comment) || ' ' || (comment = $$" + reason + "$$) FROM reports",
                    db_url) == "8192 true"
     # one byte more than the limit once trimmed: refused, nothing stored
@@ -4913,6 +4916,39 @@ def test_reports_by_command_set_the_automatic_limit(xd, gk, alice, prosody, pg, 
                  for r, n, k in zip(reporters, (1, 2, 3, 4, 5), (1, 1, 1, 2, 3)))
 
 
+def test_a_report_takes_what_its_subject_sent_her_as_evidence(xd, gk, alice, pg, db_url):
+    """The `report` command goes to the operator with what its subject
+    sent her, as the Matrix bot's: the public ids of his last messages
+    delivered to her, newest first (at most 20), found at the report's
+    store; not his message to bob, nor ed's held for her consent. The
+    note says how many went with it. Until the forty-eighth session a
+    command's report had no evidence at all, and the operator saw a report
+    and nothing of what was said."""
+    a, _ = gk
+    wally, ed = a.user("wally"), a.user("ed")
+    consent_alice(xd)
+    room = a.create_room([wally, ALICE]).json()["id"]
+    sent = [a.send(room, wally, f"insult {i}").json()["id"] for i in range(3)]
+    to_bob = a.create_room([wally, "mimi://example.org/u/bob"]).json()["id"]
+    held = a.create_room([ed, ALICE]).json()["id"]
+    others = [a.send(to_bob, wally, "to bob, not alice").json()["id"],
+              a.send(held, ed, "held for her consent").json()["id"]]
+    ids = ", ".join(f"'{m}'" for m in sent + others)
+    wait_until(lambda: pg.psql("SELECT string_agg(o.state, ',' ORDER BY e.id) FROM outbox o JOIN events e ON "
+                               f"e.id = o.event_id WHERE e.public_id IN ({ids})", db_url)
+               == "delivered,delivered,delivered,dropped,held", what="wally's messages delivered, ed's held")
+
+    def note(who):
+        done = command_submit(alice, "report", {"jid": who, "reason": "insults"})
+        c = done.find(q(CMD, "command"))
+        assert c.get("status") == "completed", ET.tostring(done)
+        return c.find(q(CMD, "note")).text
+    assert note(WALLY_JID) == (f"Reported {wally} to the operator, with 3 message(s) of theirs to you as evidence. "
+                               "Thank you.")
+    assert note("ed@" + COMP) == f"Reported {ed} to the operator, {NO_EVIDENCE}. Thank you."
+    assert [r["evidence"] for r in xd.admin("GET", "/reports").json()["rows"]] == [list(reversed(sent)), []]
+
+
 def test_hostile_stanzas_get_errors_and_store_nothing(xd, gk, alice, pg, db_url):
     def err_of(stanza_id):
         el = alice.wait_for_message(lambda m: m.get("id") == stanza_id and m.get("type") == "error")
@@ -5190,7 +5226,7 @@ def test_a_report_of_a_user_whose_row_the_sweep_forgets_meanwhile_is_stored(xd, 
         c = answer[0].result(timeout=20).find(q(CMD, "command"))
     note = c.find(q(CMD, "note"))
     assert note.get("type") == "info" and note.text == \
-        "Reported mimi://example.org/u/bob to the operator. Thank you.", ET.tostring(c)
+        f"Reported mimi://example.org/u/bob to the operator, {NO_EVIDENCE}. Thank you.", ET.tostring(c)
     assert pg.psql("SELECT subject_uri || ' ' || coalesce(subject_identity_id::text, 'none') FROM reports",
                    db_url) == "mimi://example.org/u/bob none"
 
