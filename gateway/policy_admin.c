@@ -1196,10 +1196,12 @@ void policy_admin_reports_list(struct cw_req *req, void *ctx)
  * (him) that reached the reporter (me): a message of his delivered to
  * her (an outbox row of hers, delivered).  Only what she saw is evidence
  * of hers: not what waits for her consent, was dropped, or went to a
- * room she was not in then. */
+ * room she was not in then.  Probed per message by outbox_event_dest_key
+ * (OFFSET 0: not made a semi-join, which the planner hashed over every
+ * delivered row of the outbox for the one message a reply names). */
 #define REPORT_SEEN(X)                                                                                            \
 	X ".sender_id = (SELECT id FROM him) AND " X ".type = 'message' AND EXISTS (SELECT 1 FROM outbox o "  \
-	"WHERE o.event_id = " X ".id AND o.target_identity_id = me.id AND o.state = 'delivered')"
+	"WHERE o.event_id = " X ".id AND o.target_identity_id = me.id AND o.state = 'delivered' OFFSET 0)"
 /* The evidence report_sql stores, a text[]: $6's ids as given, or, for
  * a local user's report with no evidence of its own ($14 true, $6 NULL),
  * the public ids of the last REPORT_EVIDENCE_MAX messages the subject
