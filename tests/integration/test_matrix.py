@@ -19,7 +19,7 @@ import pytest
 import requests
 import yaml
 
-from harness import CAUSEWAYD, NAMES_SHOWN, HeldSession, delivered_to_her, free_port, wait_until
+from harness import CAUSEWAYD, NAMES_SHOWN, HeldSession, delivered_to_her, free_port, outbox_state_of, wait_until
 import homeserver
 from homeserver import Homeserver
 from peer import MediaServer, NotifyServer, PeerClient
@@ -2249,7 +2249,7 @@ def test_a_bridged_user_picked_in_the_client_is_the_commands_party(mx, hs, gk, p
     assert mx.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
     alice, mgmt, said = alice_and_the_bot(hs)
     room = a.create_room([wally, ALICE]).json()["id"]
-    a.send(room, wally, "hello")
+    hello = a.send(room, wally, "hello").json()["id"]
     request = wait_until(lambda: next((e for e in hs.events(mgmt) if e["sender"] == bot and
                                        "wants to write to you" in e["content"].get("body", "")), None),
                          what="the consent request")
@@ -2269,9 +2269,13 @@ def test_a_bridged_user_picked_in_the_client_is_the_commands_party(mx, hs, gk, p
               mentions=False)
     assert answered(n).startswith(f"Accepted {wally}.")
     n = len(said())
+    # his message released by her accept, delivered to her: it goes with
+    # her report
+    wait_until(lambda: outbox_state_of(pg, db_url, hello) == "delivered", what="his message delivered")
     send_pill(alice, mgmt, "report", ghost, "Wally (gk)", after=" sends spam")
-    assert answered(n) == REPORTED
-    assert pg.psql("SELECT subject_uri || ' ' || comment FROM reports", db_url) == f"{wally} sends spam"
+    assert answered(n) == "Reported to the operator, with 1 message(s) of theirs to you as evidence. Thank you."
+    assert pg.psql("SELECT subject_uri || ' ' || comment || ' ' || array_to_string(evidence_public_ids, ',') "
+                   "FROM reports", db_url) == f"{wally} sends spam {hello}"
     assert pg.psql("SELECT string_agg(action || ' ' || subject, ',' ORDER BY id) FROM audit_log "
                    "WHERE actor = 'user:@alice:example.org'", db_url) == \
         f"consent.allow {wally},consent.block {wally},consent.allow {wally}"
