@@ -1260,7 +1260,7 @@ cw_err policy_allow_blocked_note(PGconn *c, const char *local_id, const char *ki
 /* Remembers a bucket's answer past the struct's entries, in the array on
  * the heap.  Out of memory that bucket is not remembered: a later
  * decision of the event may charge it again (the stricter error). */
-static void memo_spill(struct policy_rate_memo *m, uint64_t h, int64_t r)
+static void memo_spill(struct policy_rate_memo *m, struct ratelimit_id h, int64_t r)
 {
 	if (m->nmore == m->cap) {
 		size_t cap = m->cap ? 2 * m->cap : 2 * POLICY_MEMO_INLINE;
@@ -1277,24 +1277,19 @@ static void memo_spill(struct policy_rate_memo *m, uint64_t h, int64_t r)
 }
 
 /* The bucket's answer to this memo's earlier take (*r), if it took. */
-static bool memo_find(const struct policy_rate_memo *m, uint64_t h, int64_t *r)
+static bool memo_find(const struct policy_rate_memo *m, struct ratelimit_id h, int64_t *r)
 {
 	for (int i = 0; i < m->n; i++)
-		if (m->in[i].key == h) {
+		if (ratelimit_id_eq(m->in[i].key, h)) {
 			*r = m->in[i].result;
 			return true;
 		}
 	for (size_t i = 0; i < m->nmore; i++)
-		if (m->more[i].key == h) {
+		if (ratelimit_id_eq(m->more[i].key, h)) {
 			*r = m->more[i].result;
 			return true;
 		}
 	return false;
-}
-
-static uint64_t memo_hash(const char *key)
-{
-	return fnv1a(FNV1A_START, key, strlen(key));
 }
 
 /* Room for one more element of size in *p (n of *cap, doubled from
@@ -1334,11 +1329,11 @@ static void ledger_grant(struct policy_rate_ledger *l, const char *key, uint32_t
  * it is too when a rolled-back run saw the first (owed: once).  One array
  * (since the forty-fourth session: two, of one capacity, the owed ones
  * past it lost). */
-static bool ledger_refusal(struct policy_rate_ledger *l, uint64_t h, bool first)
+static bool ledger_refusal(struct policy_rate_ledger *l, struct ratelimit_id h, bool first)
 {
 	struct policy_rate_first *f = NULL;
 	for (size_t i = 0; i < l->nf && !f; i++)
-		if (l->f[i].bucket == h)
+		if (ratelimit_id_eq(l->f[i].bucket, h))
 			f = &l->f[i];
 	if (f) {
 		if (!first && !f->owed)
@@ -1445,7 +1440,7 @@ void policy_rate_ledger_take_item(struct policy_rate_ledger *l, size_t item, int
 static int64_t memo_take(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms)
 {
 	struct policy_rate_memo *m = ctx;
-	uint64_t h = memo_hash(key);
+	struct ratelimit_id h = ratelimit_id(m->rl, key);
 	int64_t r;
 	if (memo_find(m, h, &r))
 		return r;
@@ -1470,13 +1465,14 @@ static int64_t memo_take(void *ctx, const char *key, uint32_t capacity, int64_t 
 static int64_t memo_peek(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms)
 {
 	struct policy_rate_memo *m = ctx;
+	struct ratelimit_id h = ratelimit_id(m->rl, key);
 	int64_t r;
-	if (memo_find(m, memo_hash(key), &r))
+	if (memo_find(m, h, &r))
 		return r;
 	bool first = false;
 	r = ratelimit_peek(m->rl, key, capacity, period_ms, now_ms, &first);
 	if (r > 0 && m->ledger)
-		first = ledger_refusal(m->ledger, memo_hash(key), first);
+		first = ledger_refusal(m->ledger, h, first);
 	if (r > 0 && first)
 		m->first_refusal = true;
 	return r;

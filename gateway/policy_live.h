@@ -15,6 +15,7 @@
 
 #include "cw.h"
 #include "policy.h"
+#include "ratelimit.h"
 #include "retention.h"
 
 #include <libpq-fe.h>
@@ -256,10 +257,13 @@ void policy_user_update_give(struct policy_live *pl, struct ratelimit *rl, const
  * it once the event's decisions are made (after init, always).  Until
  * the twenty-seventh session only 8 were remembered, and a bucket past
  * them (a group whose recipients match more rules) was charged once per
- * decision naming it. */
+ * decision naming it.  Buckets are told apart as the table does
+ * (ratelimit_id: since the forty-eighth session, before which an unseeded
+ * hash of the key let a peer choose a sender whose bucket was answered
+ * with its domain's). */
 #define POLICY_MEMO_INLINE 8
 struct policy_memo_entry {
-	uint64_t key; /* the bucket's name, hashed */
+	struct ratelimit_id key; /* the bucket, as the table tells it apart (ratelimit_id) */
 	int64_t result;
 };
 struct policy_rate_ledger;
@@ -303,10 +307,11 @@ struct policy_rate_grant {
 /* A memo's ledger_item when its takes are the job's, not one item's (a
  * consent request's, given back per request: policy_rate_ledger_give). */
 #define POLICY_LEDGER_JOB SIZE_MAX
-/* A bucket (a memo's hash) whose first refusal of an episode this run saw,
- * or (owed) a rolled-back run saw and this run has not reported yet. */
+/* A bucket (ratelimit_id, as a memo's) whose first refusal of an episode
+ * this run saw, or (owed) a rolled-back run saw and this run has not
+ * reported yet. */
 struct policy_rate_first {
-	uint64_t bucket;
+	struct ratelimit_id bucket;
 	bool owed;
 };
 struct policy_rate_ledger {

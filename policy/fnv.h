@@ -1,5 +1,5 @@
 /* FNV-1a, 64 bits: the tree's one small hash of bytes for tables and
- * change detection inside one process (the policy's fingerprint and memo,
+ * change detection inside one process (the policy's fingerprint,
  * the rate limiter's buckets, a batch's idempotency keys).  Nothing stores
  * its values or sends them to another process, so its start may change.
  * Until the forty-fifth session it was written out four times, two of

@@ -181,12 +181,18 @@ static void lock_window(struct ratelimit *rl, const char *key, uint32_t *capacit
 		*period_ms = MAX_PERIOD;
 	if (*capacity > MAX_CAPACITY)
 		*capacity = MAX_CAPACITY;
-	size_t len = strlen(key);
-	at->h1 = first_hash(rl, key, len);
-	at->h2 = hash_b(rl->seed_b, key, len);
+	struct ratelimit_id id = ratelimit_id(rl, key);
+	at->h1 = id.h1;
+	at->h2 = id.h2;
 	at->w = window_of(rl, at->h1);
 	at->st = &rl->stripes[(at->w / WINDOW) % STRIPES];
 	pthread_mutex_lock(&at->st->mu);
+}
+
+struct ratelimit_id ratelimit_id(const struct ratelimit *rl, const char *key)
+{
+	size_t len = strlen(key);
+	return (struct ratelimit_id){ first_hash(rl, key, len), hash_b(rl->seed_b, key, len) };
 }
 
 size_t ratelimit_window(const struct ratelimit *rl, const char *key)

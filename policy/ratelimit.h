@@ -60,6 +60,25 @@ int64_t ratelimit_peek(struct ratelimit *rl, const char *key, uint32_t capacity,
  * refused, adapters/peer/peer_api.c). */
 void ratelimit_give(struct ratelimit *rl, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms);
 
+/* What tells key's bucket apart in the table: its two hashes, from the
+ * starts drawn in ratelimit_new (no peer can choose keys that share them).
+ * Whoever keeps answers per bucket (the gateway's per-event memo,
+ * gateway/policy_live.c) keys them on it: two keys it tells apart are two
+ * buckets here too, and two it does not are one.  Since the forty-eighth
+ * session: until then the memo keyed on an unseeded FNV-1a of the key, and
+ * a peer could search out a sender whose per-user bucket's hash equalled
+ * its domain's bucket's, so that the memo answered the user's limit with
+ * the domain's and the user's bucket was never charged. */
+struct ratelimit_id {
+	uint64_t h1, h2;
+};
+struct ratelimit_id ratelimit_id(const struct ratelimit *rl, const char *key);
+
+static inline bool ratelimit_id_eq(struct ratelimit_id a, struct ratelimit_id b)
+{
+	return a.h1 == b.h1 && a.h2 == b.h2;
+}
+
 /* struct policy_rate's take and peek, with ctx a struct ratelimit *. */
 int64_t ratelimit_policy_take(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms);
 int64_t ratelimit_policy_peek(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms);

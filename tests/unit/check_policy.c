@@ -2311,6 +2311,54 @@ START_TEST(rate_memo_charges_each_key_once)
 }
 END_TEST
 
+/* Two keys the memo is asked for in one event are two buckets, even when
+ * a peer chose them to share a hash: until the forty-eighth session the
+ * memo told buckets apart by an unseeded FNV-1a of the key alone, so a
+ * sender URI whose per-user key hashed as its domain's key of the same
+ * event was answered with the domain's bucket, and its own never charged.
+ * These two (a known FNV-1a-64 collision, kept by any common suffix) are
+ * told apart as the table tells them (ratelimit_id). */
+START_TEST(rate_memo_tells_apart_keys_of_one_fnv_hash)
+{
+	static const char *const sfx[] = { "@wa.example", "@wb.example", "@wc.example" };
+	char a[3][64], b[3][64];
+	for (int i = 0; i < 3; i++) {
+		snprintf(a[i], sizeof(a[i]), "7mohtcOFVz%s", sfx[i]);
+		snprintf(b[i], sizeof(b[i]), "c1E51sSEyx%s", sfx[i]);
+		ck_assert_str_ne(a[i], b[i]);
+		ck_assert_uint_eq(fnv1a(FNV1A_START, a[i], strlen(a[i])), fnv1a(FNV1A_START, b[i], strlen(b[i])));
+	}
+	struct ratelimit *rl = ratelimit_new(4096);
+	ck_assert_ptr_nonnull(rl);
+	ck_assert(!ratelimit_id_eq(ratelimit_id(rl, a[0]), ratelimit_id(rl, b[0])));
+	ck_assert(ratelimit_id_eq(ratelimit_id(rl, a[0]), ratelimit_id(rl, a[0])));
+	struct policy_rate_memo m;
+	/* Both granted, each from its own bucket: both charged. */
+	policy_rate_memo_init(&m, rl);
+	ck_assert_int_eq(m.rate.take(m.rate.ctx, a[0], 1, 60000, 0), 0);
+	ck_assert_int_eq(m.rate.take(m.rate.ctx, b[0], 1, 60000, 0), 0);
+	policy_rate_memo_finish(&m);
+	ck_assert_int_eq(ratelimit_peek(rl, a[0], 1, 60000, 0, NULL), 60000);
+	ck_assert_msg(ratelimit_peek(rl, b[0], 1, 60000, 0, NULL) == 60000, "the second key's bucket not charged");
+	/* The first refused: the second is still granted, from its own. */
+	ck_assert_int_eq(ratelimit_take(rl, a[1], 1, 60000, 0, NULL), 0);
+	policy_rate_memo_init(&m, rl);
+	ck_assert_int_eq(m.rate.take(m.rate.ctx, a[1], 1, 60000, 0), 60000);
+	ck_assert_int_eq(m.rate.take(m.rate.ctx, b[1], 1, 60000, 0), 0);
+	policy_rate_memo_finish(&m);
+	ck_assert_int_eq(ratelimit_peek(rl, b[1], 1, 60000, 0, NULL), 60000);
+	/* A peek of the second after a take of the first asks its own bucket
+	 * (empty: refused), not the first's answer. */
+	ck_assert_int_eq(ratelimit_take(rl, b[2], 1, 60000, 0, NULL), 0);
+	policy_rate_memo_init(&m, rl);
+	ck_assert_int_eq(m.rate.take(m.rate.ctx, a[2], 1, 60000, 0), 0);
+	ck_assert_int_eq(m.rate.peek(m.rate.ctx, b[2], 1, 60000, 0), 60000);
+	ck_assert(m.first_refusal);
+	policy_rate_memo_finish(&m);
+	ratelimit_free(rl);
+}
+END_TEST
+
 /* A memo's ledger (since the forty-third session): a write that runs
  * again gives back what its run before took (undo), and is charged once;
  * a give (policy_rate_ledger_give) gives back only a token the write took,
@@ -2711,6 +2759,7 @@ int main(void)
 	tcase_add_test(tc, in_addition_rule_charged_first);
 	tcase_add_test(tc, in_addition_rules_all_charged_most_specific_first);
 	tcase_add_test(tc, rate_memo_charges_each_key_once);
+	tcase_add_test(tc, rate_memo_tells_apart_keys_of_one_fnv_hash);
 	tcase_add_test(tc, outbound_group_event_past_the_old_memo_charges_each_rule_once);
 	tcase_add_test(tc, rate_memo_peek_sees_its_own_takes);
 	tcase_add_test(tc, rate_ledger_charges_a_write_once_whatever_its_runs);
