@@ -237,6 +237,8 @@ struct policy_snapshot {
 	 * of the local users not in `users` are base's. */
 	const struct policy_snapshot *base;
 	struct table users;        /* (local): the users whose facts are here */
+	struct table per_user;     /* (local) -> how many of the facts here are its */
+	size_t nfacts;             /* policy_snapshot_fact_count (finish) */
 };
 
 struct policy_builder {
@@ -267,6 +269,7 @@ static void snapshot_release(struct policy_snapshot *s)
 		free(s->rt[i].slots);
 	free(s->optins.slots);
 	free(s->users.slots);
+	free(s->per_user.slots);
 	free(s->consents.slots);
 	free(s->blocks.slots);
 }
@@ -462,16 +465,26 @@ int policy_builder_rule(struct policy_builder *b, int64_t id, enum policy_scope 
 	return 0;
 }
 
-/* Adds or updates a fact. */
-static int put_fact(struct policy_builder *b, struct table *t, const struct part *p, int np, uint32_t val)
+/* Adds or updates a fact, whose local user is p[local] (counted in
+ * per_user when it is new; the overlay's users are put here too, with no
+ * count). */
+static int put_fact(struct policy_builder *b, struct table *t, const struct part *p, int np, int local,
+		    uint32_t val)
 {
-	struct slot *slot;
+	struct slot *slot, *per;
 	bool added;
 	if (table_put(t, &b->a, p, np, &slot, &added) < 0) {
 		b->failed = true;
 		return -2;
 	}
 	slot->val = val;
+	if (added && t != &b->s.users) {
+		if (table_put(&b->s.per_user, &b->a, &p[local], 1, &per, &added) < 0) {
+			b->failed = true;
+			return -2;
+		}
+		per->val++; /* 0 when added */
+	}
 	return 0;
 }
 
@@ -482,7 +495,7 @@ int policy_builder_optin(struct policy_builder *b, const char *local_uri, const 
 	if (!valid_text(local_uri, MAX_USER_URI) || !valid_text(network, 512))
 		return -1;
 	struct part p[2] = { { local_uri, strlen(local_uri) }, { network, strlen(network) } };
-	return put_fact(b, &b->s.optins, p, 2, opted_in);
+	return put_fact(b, &b->s.optins, p, 2, 0, opted_in);
 }
 
 int policy_builder_consent(struct policy_builder *b, const char *local_uri, bool subject_is_domain,
@@ -494,7 +507,7 @@ int policy_builder_consent(struct policy_builder *b, const char *local_uri, bool
 		return -1;
 	struct part p[3] = { { local_uri, strlen(local_uri) }, { subject_is_domain ? "d" : "u", 1 },
 			     { subject, strlen(subject) } };
-	return put_fact(b, &b->s.consents, p, 3, allowed);
+	return put_fact(b, &b->s.consents, p, 3, 0, allowed);
 }
 
 int policy_builder_remote_block(struct policy_builder *b, const char *remote_uri, const char *local_uri)
@@ -504,7 +517,7 @@ int policy_builder_remote_block(struct policy_builder *b, const char *remote_uri
 	if (!valid_text(remote_uri, MAX_USER_URI) || !valid_text(local_uri, MAX_USER_URI))
 		return -1;
 	struct part p[2] = { { remote_uri, strlen(remote_uri) }, { local_uri, strlen(local_uri) } };
-	return put_fact(b, &b->s.blocks, p, 2, 1);
+	return put_fact(b, &b->s.blocks, p, 2, 1, 1);
 }
 
 struct policy_builder *policy_builder_overlay(const struct policy_snapshot *base)
@@ -527,7 +540,37 @@ int policy_builder_user(struct policy_builder *b, const char *local_uri)
 	if (!valid_text(local_uri, MAX_USER_URI))
 		return -1;
 	struct part p[1] = { { local_uri, strlen(local_uri) } };
-	return put_fact(b, &b->s.users, p, 1, 1);
+	return put_fact(b, &b->s.users, p, 1, 0, 1);
+}
+
+/* How many of the facts in s are local user u's (its key in arena). */
+static size_t facts_of_user(const struct policy_snapshot *s, const char *arena, const struct slot *u)
+{
+	struct part p = { arena + u->off, u->len };
+	const struct slot *n = table_find(&s->per_user, s->arena, &p, 1);
+	return n ? n->val : 0;
+}
+
+/* The facts in force in s: its own, and an overlay's base's but those of
+ * the users the overlay names (whose facts are its own: those it holds of
+ * a user it does not name are not in force).  Until the forty-eighth
+ * session an overlay added all its own to all its base's, the users it
+ * names counted twice (causeway_policy_facts too high while one is in
+ * force). */
+static size_t count_facts(const struct policy_snapshot *s)
+{
+	size_t n = s->optins.count + s->consents.count + s->blocks.count;
+	if (!s->base)
+		return n;
+	size_t named = 0, gone = 0;
+	for (size_t i = 0; i < s->users.cap; i++) {
+		const struct slot *u = &s->users.slots[i];
+		if (!u->hash)
+			continue;
+		named += facts_of_user(s, s->arena, u);
+		gone += facts_of_user(s->base, s->arena, u);
+	}
+	return s->base->nfacts - gone + named;
 }
 
 struct policy_snapshot *policy_builder_finish(struct policy_builder *b, uint64_t version)
@@ -553,6 +596,7 @@ struct policy_snapshot *policy_builder_finish(struct policy_builder *b, uint64_t
 		free(b->a.p);
 		s->arena = NULL;
 	}
+	s->nfacts = count_facts(s);
 	if (s->nrules) {
 		struct rule *r = realloc(s->rules, s->nrules * sizeof(*r));
 		if (r)
@@ -583,7 +627,7 @@ size_t policy_snapshot_rule_count(const struct policy_snapshot *s)
 
 size_t policy_snapshot_fact_count(const struct policy_snapshot *s)
 {
-	return s ? s->optins.count + s->consents.count + s->blocks.count + policy_snapshot_fact_count(s->base) : 0;
+	return s ? s->nfacts : 0;
 }
 
 const struct policy_snapshot *policy_snapshot_base(const struct policy_snapshot *s)

@@ -237,7 +237,8 @@ struct policy_snapshot *policy_builder_finish(struct policy_builder *b, uint64_t
 void policy_snapshot_free(struct policy_snapshot *s);
 uint64_t policy_snapshot_version(const struct policy_snapshot *s);
 size_t policy_snapshot_rule_count(const struct policy_snapshot *s);
-/* opt-ins + consents + remote blocks (an overlay: its base's and its own) */
+/* opt-ins + consents + remote blocks in force (an overlay: its own of the
+ * users it names, and its base's of the others) */
 size_t policy_snapshot_fact_count(const struct policy_snapshot *s);
 /* The full snapshot an overlay is made over; s itself when it is full. */
 const struct policy_snapshot *policy_snapshot_base(const struct policy_snapshot *s);

@@ -988,6 +988,9 @@ START_TEST(prop_overlay_decides_as_a_whole_rebuild)
 		ck_assert_ptr_nonnull(whole);
 		ck_assert_ptr_eq(policy_snapshot_base(ov), base);
 		ck_assert_uint_eq(policy_snapshot_rule_count(ov), policy_snapshot_rule_count(whole));
+		/* each user's facts once: the overlay's for the users it names
+		 * (until the forty-eighth session also their base's) */
+		ck_assert_uint_eq(policy_snapshot_fact_count(ov), policy_snapshot_fact_count(whole));
 		for (int iter = 0; iter < 100; iter++) {
 			struct policy_request r;
 			struct gparty snd, rcp;
@@ -1044,6 +1047,8 @@ START_TEST(overlay_edges)
 	ck_assert_int_eq(policy_consent_fact(base, "mimi://hub.example/u/l0", false, "mimi://a.example/u/u1"), 1);
 	ck_assert_int_eq(policy_consent_fact(ov, "mimi://hub.example/u/l0", false, "mimi://a.example/u/u1"), -1);
 	ck_assert_int_eq(policy_consent_fact(ov, "mimi://hub.example/u/l1", false, "mimi://a.example/u/u1"), -1);
+	ck_assert_uint_eq(policy_snapshot_fact_count(base), 1);
+	ck_assert_uint_eq(policy_snapshot_fact_count(ov), 0); /* l0's none, l1's ignored */
 	b = policy_builder_overlay(ov);
 	struct policy_snapshot *ov2 = policy_builder_finish(b, 3);
 	ck_assert_ptr_eq(policy_snapshot_base(ov2), base);
