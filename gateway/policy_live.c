@@ -1445,7 +1445,7 @@ static int64_t memo_take(void *ctx, const char *key, uint32_t capacity, int64_t 
 	if (memo_find(m, h, &r))
 		return r;
 	bool first = false;
-	r = ratelimit_take(m->rl, key, capacity, period_ms, now_ms, &first);
+	r = ratelimit_take_id(m->rl, h, capacity, period_ms, now_ms, &first);
 	if (r > 0 && m->ledger)
 		first = ledger_refusal(m->ledger, h, first);
 	else if (r == 0 && m->ledger)
@@ -1470,7 +1470,7 @@ static int64_t memo_peek(void *ctx, const char *key, uint32_t capacity, int64_t 
 	if (memo_find(m, h, &r))
 		return r;
 	bool first = false;
-	r = ratelimit_peek(m->rl, key, capacity, period_ms, now_ms, &first);
+	r = ratelimit_peek_id(m->rl, h, capacity, period_ms, now_ms, &first);
 	if (r > 0 && m->ledger)
 		first = ledger_refusal(m->ledger, h, first);
 	if (r > 0 && first)

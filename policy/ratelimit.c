@@ -165,23 +165,20 @@ static size_t window_of(const struct ratelimit *rl, uint64_t h1)
 	return (size_t)h1 & rl->mask & ~(size_t)(WINDOW - 1);
 }
 
-/* Finds where key lives and takes its stripe's lock; the arguments are
- * brought within the table's bounds, and *first_refusal (may be NULL) set
- * false. */
-static void lock_window(struct ratelimit *rl, const char *key, uint32_t *capacity, int64_t *period_ms,
+/* Finds where the bucket id (ratelimit_id) lives and takes its stripe's
+ * lock; the arguments are brought within the table's bounds, and
+ * *first_refusal (may be NULL) set false. */
+static void lock_window(struct ratelimit *rl, struct ratelimit_id id, uint32_t *capacity, int64_t *period_ms,
 			bool *first_refusal, struct where *at)
 {
 	if (first_refusal)
 		*first_refusal = false;
-	if (!key)
-		key = "";
 	if (*period_ms < 1)
 		*period_ms = 1;
 	if (*period_ms > MAX_PERIOD)
 		*period_ms = MAX_PERIOD;
 	if (*capacity > MAX_CAPACITY)
 		*capacity = MAX_CAPACITY;
-	struct ratelimit_id id = ratelimit_id(rl, key);
 	at->h1 = id.h1;
 	at->h2 = id.h2;
 	at->w = window_of(rl, at->h1);
@@ -191,6 +188,8 @@ static void lock_window(struct ratelimit *rl, const char *key, uint32_t *capacit
 
 struct ratelimit_id ratelimit_id(const struct ratelimit *rl, const char *key)
 {
+	if (!key)
+		key = "";
 	size_t len = strlen(key);
 	return (struct ratelimit_id){ first_hash(rl, key, len), hash_b(rl->seed_b, key, len) };
 }
@@ -269,8 +268,14 @@ static struct bucket *kept(struct ratelimit *rl, const struct where *at)
 int64_t ratelimit_take(struct ratelimit *rl, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms,
 		       bool *first_refusal)
 {
+	return ratelimit_take_id(rl, ratelimit_id(rl, key), capacity, period_ms, now_ms, first_refusal);
+}
+
+int64_t ratelimit_take_id(struct ratelimit *rl, struct ratelimit_id id, uint32_t capacity, int64_t period_ms,
+			  int64_t now_ms, bool *first_refusal)
+{
 	struct where at;
-	lock_window(rl, key, &capacity, &period_ms, first_refusal, &at);
+	lock_window(rl, id, &capacity, &period_ms, first_refusal, &at);
 	struct bucket *b = find(rl, at.st, at.w, at.h1, at.h2, capacity, period_ms, now_ms);
 	b->used = ++at.st->clock;
 	refresh(b, capacity, period_ms, now_ms);
@@ -290,8 +295,14 @@ int64_t ratelimit_take(struct ratelimit *rl, const char *key, uint32_t capacity,
 int64_t ratelimit_peek(struct ratelimit *rl, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms,
 		       bool *first_refusal)
 {
+	return ratelimit_peek_id(rl, ratelimit_id(rl, key), capacity, period_ms, now_ms, first_refusal);
+}
+
+int64_t ratelimit_peek_id(struct ratelimit *rl, struct ratelimit_id id, uint32_t capacity, int64_t period_ms,
+			  int64_t now_ms, bool *first_refusal)
+{
 	struct where at;
-	lock_window(rl, key, &capacity, &period_ms, first_refusal, &at);
+	lock_window(rl, id, &capacity, &period_ms, first_refusal, &at);
 	struct bucket *b = kept(rl, &at);
 	if (b && now_ms < b->last_ms - CLOCK_STEP_MS)
 		b->last_ms = now_ms; /* a step back (refresh): the fill is as it was */
@@ -309,7 +320,7 @@ int64_t ratelimit_peek(struct ratelimit *rl, const char *key, uint32_t capacity,
 void ratelimit_give(struct ratelimit *rl, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms)
 {
 	struct where at;
-	lock_window(rl, key, &capacity, &period_ms, NULL, &at);
+	lock_window(rl, ratelimit_id(rl, key), &capacity, &period_ms, NULL, &at);
 	struct bucket *b = kept(rl, &at);
 	if (b) {
 		refresh(b, capacity, period_ms, now_ms);

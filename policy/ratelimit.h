@@ -72,12 +72,19 @@ void ratelimit_give(struct ratelimit *rl, const char *key, uint32_t capacity, in
 struct ratelimit_id {
 	uint64_t h1, h2;
 };
-struct ratelimit_id ratelimit_id(const struct ratelimit *rl, const char *key);
+struct ratelimit_id ratelimit_id(const struct ratelimit *rl, const char *key); /* key NULL: "" */
 
 static inline bool ratelimit_id_eq(struct ratelimit_id a, struct ratelimit_id b)
 {
 	return a.h1 == b.h1 && a.h2 == b.h2;
 }
+
+/* ratelimit_take and ratelimit_peek of the bucket id (ratelimit_id of its
+ * key): for a caller that has it already, so that the key is hashed once. */
+int64_t ratelimit_take_id(struct ratelimit *rl, struct ratelimit_id id, uint32_t capacity, int64_t period_ms,
+			  int64_t now_ms, bool *first_refusal);
+int64_t ratelimit_peek_id(struct ratelimit *rl, struct ratelimit_id id, uint32_t capacity, int64_t period_ms,
+			  int64_t now_ms, bool *first_refusal);
 
 /* struct policy_rate's take and peek, with ctx a struct ratelimit *. */
 int64_t ratelimit_policy_take(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms);
