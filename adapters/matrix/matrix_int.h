@@ -182,7 +182,7 @@ cw_err mx_call(struct matrix *m, const char *method, const char *path, const cha
 long mx_rate_limited_wait_ms(void);
 
 /* Media (mx_media.c). */
-enum mx_rehost { MX_REHOST_OK, MX_REHOST_NOTICE, MX_REHOST_RETRY, MX_REHOST_WAIT };
+enum mx_rehost { MX_REHOST_OK, MX_REHOST_NOTICE, MX_REHOST_RETRY, MX_REHOST_WAIT, MX_REHOST_UNWANTED };
 #define MX_MEDIA_STATE_MAX 10000 /* what the worker remembers of files (media_state) */
 #define MX_MEDIA_QUEUE_MAX 1000  /* files queued for the worker (media_queue); below MX_MEDIA_STATE_MAX */
 #define MX_MEDIA_QUEUE_PER_SIGNER 250 /* of those, one signer's: the others still find room */
@@ -192,23 +192,28 @@ enum mx_rehost { MX_REHOST_OK, MX_REHOST_NOTICE, MX_REHOST_RETRY, MX_REHOST_WAIT
  * media_fetch_peer): its mxc:// URI into mxc (OK); or why
  * it cannot be carried, for the text that goes instead (NOTICE: too large,
  * gone, a wrong checksum); or RETRY, e says why (the peer's server or the
- * homeserver is away: the row goes again later). */
-enum mx_rehost mx_rehost(struct matrix *m, const char *ghost, const char *signer, const json_t *att, char *mxc,
-			 size_t len, char *why, size_t wlen, cw_errmsg *e);
+ * homeserver is away: the row goes again later); or UNWANTED: event_id,
+ * the event whose row asked for it, no longer wants it (expired, dropped,
+ * its content gone: nothing uploaded, nothing recorded). */
+enum mx_rehost mx_rehost(struct matrix *m, int64_t event_id, const char *ghost, const char *signer,
+			 const json_t *att, char *mxc, size_t len, char *why, size_t wlen, cw_errmsg *e);
 /* The same answer without waiting on a far side (for the delivery lane):
  * OK when the file is on the homeserver already (its size as fetched into
  * *size unless NULL: at most what att declares, maybe less), NOTICE or RETRY when the
  * worker found so (a RETRY is forgotten once told: the next asks again),
  * or when its queue is full (MX_MEDIA_QUEUE_MAX, or MX_MEDIA_QUEUE_PER_SIGNER
  * of the signer's), WAIT when the worker
- * has it queued now (and queues it if not). */
-enum mx_rehost mx_media_lookup(struct matrix *m, PGconn *c, const char *ghost, const char *signer, const json_t *att,
-			       char *mxc, size_t len, json_int_t *size, char *why, size_t wlen, cw_errmsg *e);
+ * has it queued now (and queues it if not: for event_id, the event of
+ * the row that asks, which the worker looks at again before it fetches
+ * and uploads the file and records it: mx_rehost). */
+enum mx_rehost mx_media_lookup(struct matrix *m, PGconn *c, int64_t event_id, const char *ghost, const char *signer,
+			       const json_t *att, char *mxc, size_t len, json_int_t *size, char *why, size_t wlen,
+			       cw_errmsg *e);
 /* mx_media_lookup's answer for a file not on the homeserver: what the
  * worker found of att (an https:// URL), or WAIT when it has it queued
  * now (and queues it if not).  Under no lock; takes mu. */
-enum mx_rehost mx_media_ask(struct matrix *m, const char *ghost, const char *signer, const json_t *att, char *why,
-			    size_t wlen, cw_errmsg *e);
+enum mx_rehost mx_media_ask(struct matrix *m, int64_t event_id, const char *ghost, const char *signer,
+			    const json_t *att, char *why, size_t wlen, cw_errmsg *e);
 void mx_media_start(struct matrix *m);
 void mx_media_stop(struct matrix *m);
 

@@ -1315,7 +1315,7 @@ static cw_err media_parts(struct matrix *m, PGconn *c, struct outbox_row *row, c
 		char mxc[300], why[160] = "", text[200];
 		json_int_t size = -1;
 		enum mx_rehost rh =
-			mx_media_lookup(m, c, ghost, signer, a, mxc, sizeof(mxc), &size, why, sizeof(why), e);
+			mx_media_lookup(m, c, row->event_id, ghost, signer, a, mxc, sizeof(mxc), &size, why, sizeof(why), e);
 		if (rh == MX_REHOST_RETRY) {
 			json_decref(copy);
 			return CW_EUNAVAIL;
@@ -1400,11 +1400,12 @@ static cw_err media_parts(struct matrix *m, PGconn *c, struct outbox_row *row, c
  * file.  Recorded only when done, so that a failure is tried again with a
  * later delivery of the sender (PROFILE_RETRY_MS on); never fails the row
  * (a name is not worth a message's loss).  True when the avatar is being
- * fetched (the media worker): the row waits for it, so that the ghost has
- * its face when its message appears. */
-static bool sync_profile(struct matrix *m, PGconn *c, const char *sender_id, const char *peer, const char *signer,
-			 const char *localpart, const char *display, const char *avatar, const char *changed_at,
-			 const char *ghost)
+ * fetched (the media worker, for event_id, the row's event: a message
+ * that expires meanwhile has it left unfetched): the row waits for it,
+ * so that the ghost has its face when its message appears. */
+static bool sync_profile(struct matrix *m, PGconn *c, int64_t event_id, const char *sender_id, const char *peer,
+			 const char *signer, const char *localpart, const char *display, const char *avatar,
+			 const char *changed_at, const char *ghost)
 {
 	int64_t now = cw_wall_ms();
 	pthread_mutex_lock(&m->mu);
@@ -1420,7 +1421,7 @@ static bool sync_profile(struct matrix *m, PGconn *c, const char *sender_id, con
 	json_t *att = avatar ? json_loads(avatar, 0, NULL) : NULL;
 	if (att) {
 		enum mx_rehost rh =
-			mx_media_lookup(m, c, ghost, signer, att, mxc, sizeof(mxc), NULL, why, sizeof(why), &e);
+			mx_media_lookup(m, c, event_id, ghost, signer, att, mxc, sizeof(mxc), NULL, why, sizeof(why), &e);
 		json_decref(att);
 		if (rh == MX_REHOST_WAIT) /* the message waits for its face */
 			return true;
@@ -1655,7 +1656,7 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	char pkey[40];
 	snprintf(pkey, sizeof(pkey), "f%s", sender_id);
 	if (!relay && PQgetvalue(r, i, 13)[0] == 't' && !json_object_get(made, pkey)) { /* once a batch */
-		if (sync_profile(m, c, sender_id, peer, signer, localpart, display,
+		if (sync_profile(m, c, row->event_id, sender_id, peer, signer, localpart, display,
 				 PQgetisnull(r, i, 12) ? NULL : PQgetvalue(r, i, 12), PQgetvalue(r, i, 14), ghost))
 			return PREP_WAIT;
 		json_object_set_new(made, pkey, json_true());

@@ -238,8 +238,9 @@ static void forget_answers(json_t *state)
 	}
 }
 
-enum mx_rehost mx_media_lookup(struct matrix *m, PGconn *c, const char *ghost, const char *signer, const json_t *att,
-			       char *mxc, size_t len, json_int_t *size, char *why, size_t wlen, cw_errmsg *e)
+enum mx_rehost mx_media_lookup(struct matrix *m, PGconn *c, int64_t event_id, const char *ghost, const char *signer,
+			       const json_t *att, char *mxc, size_t len, json_int_t *size, char *why, size_t wlen,
+			       cw_errmsg *e)
 {
 	const char *url = json_string_value(json_object_get(att, "url"));
 	json_int_t declared = declared_size(att, (size_t)m->cfg->media_max_bytes);
@@ -257,7 +258,7 @@ enum mx_rehost mx_media_lookup(struct matrix *m, PGconn *c, const char *ghost, c
 		return MX_REHOST_RETRY;
 	if (found)
 		return MX_REHOST_OK;
-	return mx_media_ask(m, ghost, signer, att, why, wlen, e);
+	return mx_media_ask(m, event_id, ghost, signer, att, why, wlen, e);
 }
 
 /* The signer of a queued item ("" for none), the key of media_turns. */
@@ -277,8 +278,8 @@ static size_t queued_of(struct matrix *m, const char *signer)
 	return n;
 }
 
-enum mx_rehost mx_media_ask(struct matrix *m, const char *ghost, const char *signer, const json_t *att, char *why,
-			    size_t wlen, cw_errmsg *e)
+enum mx_rehost mx_media_ask(struct matrix *m, int64_t event_id, const char *ghost, const char *signer,
+			    const json_t *att, char *why, size_t wlen, cw_errmsg *e)
 {
 	enum mx_rehost res = MX_REHOST_WAIT;
 	char key[2500];
@@ -307,7 +308,7 @@ enum mx_rehost mx_media_ask(struct matrix *m, const char *ghost, const char *sig
 	} else if (!s) {
 		if (json_object_size(m->media_state) >= MX_MEDIA_STATE_MAX)
 			forget_answers(m->media_state);
-		json_array_append_new(m->media_queue, json_pack("[O, s?, s?]", att, ghost, signer));
+		json_array_append_new(m->media_queue, json_pack("[O, s?, s?, I]", att, ghost, signer, (json_int_t)event_id));
 		json_object_set_new(m->media_state, key, json_pack("{s:s}", "s", "queued"));
 		pthread_cond_broadcast(&m->media_cond);
 	}
@@ -384,10 +385,14 @@ static void *media_main(void *arg)
 		char mxc[300], why[160] = "", key[2500];
 		state_key(signer, att, (size_t)m->cfg->media_max_bytes, key, sizeof(key));
 		cw_errmsg e = { { 0 } };
-		enum mx_rehost res = mx_rehost(m, json_string_value(json_array_get(item, 1)), signer, att, mxc, sizeof(mxc),
+		enum mx_rehost res = mx_rehost(m, (int64_t)json_integer_value(json_array_get(item, 3)),
+					       json_string_value(json_array_get(item, 1)), signer, att, mxc, sizeof(mxc),
 					       why, sizeof(why), &e);
 		pthread_mutex_lock(&m->mu);
-		if (res == MX_REHOST_OK)
+		/* Carried, or no longer wanted by its message: forgotten, and a
+		 * row of another message that waited for the same file asks
+		 * again (and queues it for its own). */
+		if (res == MX_REHOST_OK || res == MX_REHOST_UNWANTED)
 			json_object_del(m->media_state, key);
 		else
 			json_object_set_new(m->media_state, key,
@@ -435,8 +440,51 @@ void mx_media_stop(struct matrix *m)
 	m->media_turns = NULL;
 }
 
-enum mx_rehost mx_rehost(struct matrix *m, const char *ghost, const char *signer, const json_t *att, char *mxc,
-			 size_t len, char *why, size_t wlen, cw_errmsg *e)
+/* The message (or edit) event $1 a file is fetched for still wants it:
+ * its content is there and a row of it to Matrix is still owed (not
+ * delivered, expired or dropped).  The worker may hold a file for a
+ * long time (a slow store: up to the fetch's timeout, behind the
+ * queue), and the message may expire, or the policy drop it, meanwhile,
+ * its content and the records of its files going with it
+ * (RETENTION_FORGET_FILES): until the forty-eighth session's review the
+ * worker uploaded the file all the same and wrote a record nothing named
+ * any more, kept until the retention sweep's media kind (schema/048). */
+#define FILE_WANTED(e) \
+	e ".id = $1::bigint AND " e ".content <> '{}'::jsonb AND EXISTS (SELECT 1 FROM outbox o " \
+	"  WHERE o.event_id = " e ".id AND o.destination = 'matrix' " \
+	"  AND o.state IN ('pending', 'held', 'in_flight', 'failed', 'dead'))"
+
+/* Whether event_id still wants its file (FILE_WANTED), on the workers'
+ * connection.  A failure says yes: the fetch goes on, as before. */
+static bool file_wanted(struct matrix *m, int64_t event_id)
+{
+	char id[24];
+	snprintf(id, sizeof(id), "%lld", (long long)event_id);
+	const char *p[] = { id };
+	cw_errmsg e;
+	PGconn *c = db_take(m, &e);
+	if (!c)
+		return true;
+	PGresult *r = PQexecParams(c, "SELECT 1 FROM events e WHERE " FILE_WANTED("e"), 1, NULL, p, NULL, NULL, 0);
+	bool wanted = store_check(c, r, PGRES_TUPLES_OK, &e) != CW_OK || PQntuples(r) > 0;
+	PQclear(r);
+	db_give(m);
+	return wanted;
+}
+
+/* The record of a file uploaded for event $1 ($2 source, $3 sha256, $4
+ * mxc://, $5 size, $6 signer), written only while the event still wants
+ * it, its row locked (FOR SHARE) until the record is in: an expiry or a
+ * drop erasing its content meanwhile waits for this statement (the
+ * expiry sweep passes over it, SKIP LOCKED, and takes it, record and
+ * all, the next time), or, committed first, leaves nothing to lock. */
+static const char record_sql[] =
+	"WITH w AS (SELECT e.id FROM events e WHERE " FILE_WANTED("e") " FOR SHARE OF e) "
+	"INSERT INTO media_rehosted (network, source, sha256, native_uri, size, fetched_for) "
+	"SELECT 'matrix', $2, $3, $4, $5::bigint, $6 FROM w ON CONFLICT DO NOTHING";
+
+enum mx_rehost mx_rehost(struct matrix *m, int64_t event_id, const char *ghost, const char *signer,
+			 const json_t *att, char *mxc, size_t len, char *why, size_t wlen, cw_errmsg *e)
 {
 	const char *url = json_string_value(json_object_get(att, "url"));
 	const char *ct = json_string_value(json_object_get(att, "content_type"));
@@ -462,6 +510,8 @@ enum mx_rehost mx_rehost(struct matrix *m, const char *ghost, const char *signer
 		return MX_REHOST_RETRY;
 	if (found)
 		return MX_REHOST_OK;
+	if (!file_wanted(m, event_id))
+		return MX_REHOST_UNWANTED;
 
 	/* Signed as Causeway, as every request to a peer is, when the file is
 	 * on a host of the sender's peer (signer); another host's file is
@@ -499,18 +549,18 @@ enum mx_rehost mx_rehost(struct matrix *m, const char *ghost, const char *signer
 	} else if (media_sha256_hex(&b, got), want && strcmp(got, want) != 0) {
 		snprintf(why, wlen, "it does not match its checksum");
 		res = MX_REHOST_NOTICE;
+	} else if (!file_wanted(m, event_id)) {
+		res = MX_REHOST_UNWANTED; /* expired or dropped while it came: not uploaded */
 	} else {
 		long up = 0;
 		if (upload(m, ghost, &b, ct, name && *name ? name : "file", mxc, len, &up, e) == CW_OK) {
-			char size[24];
+			char size[24], id[24];
 			snprintf(size, sizeof(size), "%zu", b.n);
-			const char *q[] = { url, got, mxc, size, signer ? signer : "" };
+			snprintf(id, sizeof(id), "%lld", (long long)event_id);
+			const char *q[] = { id, url, got, mxc, size, signer ? signer : "" };
 			cw_errmsg e2;
 			c = db_take(m, &e2);
-			if (!c || store_command(c, "INSERT INTO media_rehosted (network, source, sha256, native_uri, "
-						   "size, fetched_for) VALUES ('matrix', $1, $2, $3, $4::bigint, $5) "
-						   "ON CONFLICT DO NOTHING",
-						5, q, &e2))
+			if (!c || store_command(c, record_sql, 6, q, &e2))
 				LOG_KV(CW_LOG_WARN, "cannot remember a re-hosted file", "detail", e2.msg);
 			if (c)
 				db_give(m);

@@ -624,6 +624,11 @@ class Homeserver:
             m = self._media.get(mxc[len(prefix):]) if mxc.startswith(prefix) else None
             return dict(m) if m else None
 
+    def uploaded(self):
+        """The files uploaded to this server's content repository, their bytes."""
+        with self._lock:
+            return [m["data"] for m in self._media.values()]
+
     def delete_media(self, mxc):
         with self._lock:
             self._media.pop(mxc.rsplit("/", 1)[-1], None)

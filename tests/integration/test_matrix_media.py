@@ -240,6 +240,42 @@ def test_a_rehosted_files_record_goes_when_its_message_expires(mx, hs, wally_roo
                what="the record forgotten")
 
 
+def test_a_file_whose_message_expires_while_it_comes_is_neither_uploaded_nor_recorded(mx, hs, wally_room, media, pg,
+                                                                                      db_url):
+    """The media worker fetches a peer's file while its message waits; a
+    message that expires meanwhile (its row expired, its content erased
+    with the records of its files) no longer wants it.  Until the
+    forty-eighth session's review the worker uploaded the file all the
+    same and wrote its record (the peer's URL, digest, size, for whom),
+    which nothing named any more: the file stayed on the homeserver for
+    nobody.  The worker looks at the message again before the upload
+    (and before the record, under the message's lock)."""
+    a, room = wally_room
+    cat = b"\x89PNG\r\n\x1a\n" + os.urandom(3000)
+    url = media.put("/f/slow-expiring.png", "image/png", cat, host="media.wa.localhost")
+    media.delay["/f/slow-expiring.png"] = 8  # under the fetch's 10 s low-speed cut
+    r = a.call("POST", f"/v1/rooms/{room}/messages", {
+        "type": "message", "sender": a.user("wally"),
+        "content": {"attachments": [attachment(url, cat)], "expires": int(time.time() * 1000) + 3600000}}, idem="x2")
+    assert r.status_code == 202, r.text
+    msg = r.json()["id"]
+    wait_until(lambda: "/f/slow-expiring.png" in [p for p, _ in media.requests], what="the slow fetch under way")
+    pg.psql("UPDATE events SET content = jsonb_set(content, '{content,expires}', "
+            "to_jsonb((extract(epoch FROM clock_timestamp()) * 1000)::bigint)) WHERE public_id = '%s'" % msg, db_url)
+    wait_until(lambda: pg.psql("SELECT string_agg(o.state, ',') || ' ' || e.content::text FROM outbox o "
+                               f"JOIN events e ON e.id = o.event_id WHERE e.public_id = '{msg}' "
+                               "GROUP BY e.content", db_url) == "expired {}", timeout=20, what="the expiry")
+    # wally's next file comes after the slow one: the worker takes one
+    # file of a peer at a time, so the slow one is done with by then
+    dog = b"\x89PNG\r\n\x1a\n" + os.urandom(2500)
+    send_file(a, room, "after", attachment(media.put("/f/dog.png", "image/png", dog, host="media.wa.localhost"),
+                                           dog, name="dog.png"), "x3")
+    [m] = ghost_messages(hs, 1)
+    assert hs.media(m["content"]["url"])["data"] == dog
+    assert hs.uploaded().count(cat) == 0  # not uploaded
+    assert pg.psql(f"SELECT count(*) FROM media_rehosted WHERE source = '{url}'", db_url) == "0"
+
+
 def test_a_file_or_avatar_on_another_host_is_fetched_unsigned(mx, hs, wally_room, media):
     """Causeway's signature is its credential at every peer's store: a file
     the peer names on a host outside its own domain (another peer's, a

@@ -1623,7 +1623,7 @@ static enum mx_rehost media_ask(struct matrix *m, int i, cw_errmsg *e)
 	 * MX_MEDIA_QUEUE_PER_SIGNER of the places (media_one_signer_is_capped). */
 	char signer[32];
 	snprintf(signer, sizeof(signer), "wa%d.example", i % 8);
-	enum mx_rehost r = mx_media_ask(m, "@_cw_gk_wally:example.org", signer, att, why, sizeof(why), e);
+	enum mx_rehost r = mx_media_ask(m, 1000 + i, "@_cw_gk_wally:example.org", signer, att, why, sizeof(why), e);
 	json_decref(att);
 	return r;
 }
@@ -1640,12 +1640,15 @@ START_TEST(media_one_signer_is_capped)
 		char url[64];
 		snprintf(url, sizeof(url), "https://media.wa.example/one/%d", i);
 		json_t *att = json_pack("{s:s, s:s}", "url", url, "content_type", "image/png");
-		enum mx_rehost r = mx_media_ask(&m, "@_cw_gk_wally:example.org", "slow.example", att, why,
-						sizeof(why), &e);
+		enum mx_rehost r = mx_media_ask(&m, 1000 + i, "@_cw_gk_wally:example.org", "slow.example", att,
+						why, sizeof(why), &e);
 		json_decref(att);
 		ck_assert_int_eq(r, i < MX_MEDIA_QUEUE_PER_SIGNER ? MX_REHOST_WAIT : MX_REHOST_RETRY);
 	}
 	ck_assert_uint_eq(json_array_size(m.media_queue), MX_MEDIA_QUEUE_PER_SIGNER);
+	/* Each file queued for the event whose row asked for it: the worker
+	 * looks at that event again before the upload (mx_rehost). */
+	ck_assert_int_eq(json_integer_value(json_array_get(json_array_get(m.media_queue, 7), 3)), 1007);
 	/* Another signer still finds room. */
 	ck_assert_int_eq(media_ask(&m, 1, &e), MX_REHOST_WAIT);
 	json_decref(m.media_queue);
