@@ -74,13 +74,19 @@ static const char content_sql[] =
  * erases it, and the next run deletes it with its family (DUE waits for
  * an expiry to come: the sweep takes a message back by its stored content
  * and native ids).  Until the thirtieth session such a row waited for its
- * expiry, for ever for one in the year 33658.  By events_expires_idx
- * (schema/014): only the messages that expire are read.  $2: batch. */
+ * expiry, for ever for one in the year 33658.  By events_expiring_idx
+ * (schema/049), the messages that expire in accepted_at order, oldest
+ * first: a run reads the old ones (due, or expired and about to be
+ * erased, which leaves the index), never the young.  Until the
+ * forty-eighth session's review it went by events_expires_idx (014, in
+ * expiry order), or the primary key, and read every message whose expiry
+ * was still to come, young ones included, to find the few old enough:
+ * 300,000 young ones took 0.3-1.1 s a run, once a minute.  $2: batch. */
 static const char expiry_due_sql[] =
 	"WITH t AS (SELECT (extract(epoch FROM now()) * 1000)::bigint AS ms), "
-	"x AS (SELECT e.id FROM events e WHERE event_expires(e.content) > (SELECT ms FROM t) "
-	"  AND e.type = 'message' AND e.accepted_at < now() - make_interval(days => $1::int) "
-	"  ORDER BY e.id LIMIT $2::int FOR UPDATE OF e SKIP LOCKED) "
+	"x AS (SELECT e.id FROM events e WHERE e.type = 'message' AND event_expires(e.content) IS NOT NULL "
+	"  AND e.accepted_at < now() - make_interval(days => $1::int) AND event_expires(e.content) > (SELECT ms FROM t) "
+	"  ORDER BY e.accepted_at LIMIT $2::int FOR UPDATE OF e SKIP LOCKED) "
 	"UPDATE events e SET content = jsonb_set(e.content, '{content,expires}', to_jsonb((SELECT ms FROM t))) FROM x "
 	"WHERE e.id = x.id";
 
