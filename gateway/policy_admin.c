@@ -470,19 +470,21 @@ void policy_admin_rules_list(struct cw_req *req, void *ctx)
 	aq_run(ctx, req, q);
 }
 
-/* Checks a rule's pattern the way the engine will read it. */
-static bool pattern_valid(enum policy_scope scope, const char *pattern)
+/* Checks a rule's pattern the way the engine will read it; why (len
+ * bytes): the reason address_why gives for a domain or user pattern, ""
+ * when it gives none. */
+static bool pattern_valid(enum policy_scope scope, const char *pattern, char *why, size_t len)
 {
+	why[0] = '\0';
 	struct policy_builder *b = policy_builder_new();
 	if (!b)
 		return false;
 	int rc = policy_builder_rule(b, 1, scope, pattern, POLICY_MODE_OPEN, NULL, 0);
 	policy_builder_free(b);
+	if (scope == POLICY_SCOPE_DOMAIN || scope == POLICY_SCOPE_USER)
+		return !address_why(pattern, scope == POLICY_SCOPE_USER, true, why, len) && rc == 0;
 	if (rc != 0)
 		return false;
-	char why[MIMI_URI_MAX + 200];
-	if (scope == POLICY_SCOPE_DOMAIN || scope == POLICY_SCOPE_USER)
-		return !address_why(pattern, scope == POLICY_SCOPE_USER, true, why, sizeof(why));
 	/* The engine asks the rules of the remote party, whose network is
 	 * always a peer's (peer:<name>: every message from outside comes
 	 * through a peer; matrix and xmpp are local users' networks), so a
@@ -612,16 +614,16 @@ void policy_admin_rule_create(struct cw_req *req, void *ctx)
 	enum policy_scope sc;
 	bool has_mode, mode_null, has_limits, limits_empty;
 	bool ok = false;
-	char own[MIMI_DOMAIN_MAX + 1];
+	char own[MIMI_DOMAIN_MAX + 1], why[MIMI_URI_MAX + 200];
 	if (!q)
 		cw_req_no_memory(req); /* until the forty-fourth session without Retry-After */
 	else if (!app_json_only_known(req, body, rule_members))
 		;
 	else if (!scope || !policy_scope_parse(scope, &sc))
 		bad_body(req, "scope must be domain, network or user");
-	else if (!pattern || !pattern_valid(sc, pattern)) {
-		char why[MIMI_URI_MAX + 200], d[sizeof(why) + 300];
-		bool said = sc != POLICY_SCOPE_NETWORK && address_why(pattern, sc == POLICY_SCOPE_USER, true, why, sizeof(why));
+	else if (!pattern || !pattern_valid(sc, pattern, why, sizeof(why))) {
+		char d[sizeof(why) + 300];
+		bool said = pattern && why[0];
 		snprintf(d, sizeof(d), "%s%s%s",
 			 sc == POLICY_SCOPE_DOMAIN    ? "pattern must be a lower-case domain such as a.example or *.example"
 			 : sc == POLICY_SCOPE_NETWORK ? "pattern must be a peer's network: peer:* (every peer) or peer:<name> "
