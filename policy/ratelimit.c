@@ -236,6 +236,9 @@ static int64_t wait_for(int64_t units, uint32_t capacity, int64_t period_ms)
  * before a statement, another's after). */
 #define CLOCK_STEP_MS 5000
 
+/* Whether now_ms is a clock stepped back from the bucket's time. */
+static bool stepped_back(const struct bucket *b, int64_t now_ms) { return now_ms < b->last_ms - CLOCK_STEP_MS; }
+
 /* The bucket's fill brought to now_ms, under (capacity, period_ms) from
  * now on.  A clock gone back refills nothing (fill); gone back by a step
  * (more than CLOCK_STEP_MS), its time is the bucket's from then on, and
@@ -251,7 +254,7 @@ static void refresh(struct bucket *b, uint32_t capacity, int64_t period_ms, int6
 	b->units = fill(b, capacity, period_ms, now_ms);
 	b->capacity = capacity;
 	b->period = period_ms;
-	if (now_ms > b->last_ms || now_ms < b->last_ms - CLOCK_STEP_MS)
+	if (now_ms > b->last_ms || stepped_back(b, now_ms))
 		b->last_ms = now_ms;
 }
 
@@ -304,7 +307,7 @@ int64_t ratelimit_peek_id(struct ratelimit *rl, struct ratelimit_id id, uint32_t
 	struct where at;
 	lock_window(rl, id, &capacity, &period_ms, first_refusal, &at);
 	struct bucket *b = kept(rl, &at);
-	if (b && now_ms < b->last_ms - CLOCK_STEP_MS)
+	if (b && stepped_back(b, now_ms))
 		b->last_ms = now_ms; /* a step back (refresh): the fill is as it was */
 	/* A bucket not kept would start full. */
 	int64_t wait = wait_for(b ? fill(b, capacity, period_ms, now_ms) : (int64_t)capacity * period_ms, capacity,
