@@ -446,6 +446,20 @@ void peer_api_block(struct cw_req *req, void *ctx)
 
 /* ------------------------------------------------------------ reports */
 
+/* The first column of the first row sql ($1...: the n params) gives,
+ * into out (len bytes), "" when it gives no row. */
+static cw_err first_text(PGconn *c, const char *sql, int n, const char *const *params, char *out, size_t len,
+			 cw_errmsg *e)
+{
+	PGresult *r = PQexecParams(c, sql, n, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	snprintf(out, len, "%s", PQntuples(r) > 0 ? PQgetvalue(r, 0, 0) : "");
+	PQclear(r);
+	return CW_OK;
+}
+
 /* The first evidence id (a JSON array, as text) that names a message kept
  * here of a room the reporter is no member of (in any state: one who left
  * still reports what she was sent), into bad; "" when none does.  An id
@@ -459,17 +473,11 @@ static cw_err foreign_evidence(PGconn *c, const char *evidence, const char *repo
 			       cw_errmsg *e)
 {
 	const char *params[] = { evidence, reporter };
-	PGresult *r = PQexecParams(c,
+	return first_text(c,
 		"SELECT ev.public_id FROM jsonb_array_elements_text($1::jsonb) WITH ORDINALITY AS x(id, n) "
 		"JOIN events ev ON ev.public_id = x.id WHERE NOT EXISTS (SELECT 1 FROM room_members m "
 		"JOIN identities i ON i.id = m.identity_id WHERE m.room_id = ev.room_id AND i.uri = $2) "
-		"ORDER BY x.n LIMIT 1", 2, NULL, params, NULL, NULL, 0);
-	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
-	if (rc)
-		return rc;
-	snprintf(bad, len, "%s", PQntuples(r) == 1 ? PQgetvalue(r, 0, 0) : "");
-	PQclear(r);
-	return CW_OK;
+		"ORDER BY x.n LIMIT 1", 2, params, bad, len, e);
 }
 
 /* Whether the report is one of the same reporter's still open, the same
@@ -481,17 +489,14 @@ static cw_err foreign_evidence(PGconn *c, const char *evidence, const char *repo
 static cw_err report_open_already(PGconn *c, const struct policy_report *rep, bool *same, cw_errmsg *e)
 {
 	const char *params[] = { rep->reporter, rep->subject, rep->reason, rep->evidence, rep->comment };
-	PGresult *r = PQexecParams(c,
+	char t[2];
+	cw_err rc = first_text(c,
 		"SELECT EXISTS (SELECT 1 FROM reports WHERE reporter_kind = 'peer' AND reporter = $1 "
 		"AND subject_uri = $2 AND reason_code = $3 AND handled_at IS NULL "
 		"AND evidence_public_ids = ARRAY(SELECT jsonb_array_elements_text($4::jsonb)) "
-		"AND comment IS NOT DISTINCT FROM $5)", 5, NULL, params, NULL, NULL, 0);
-	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
-	if (rc)
-		return rc;
-	*same = PQgetvalue(r, 0, 0)[0] == 't';
-	PQclear(r);
-	return CW_OK;
+		"AND comment IS NOT DISTINCT FROM $5)", 5, params, t, sizeof(t), e);
+	*same = !rc && t[0] == 't';
+	return rc;
 }
 
 static cw_err report_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
