@@ -56,15 +56,16 @@
  * stayed: every old reaction, each run).  An event trimmed before 048 is
  * read once more, and marked.  The outbox rows of each are found by
  * outbox_event_dest_key (event_id first).  The re-check under the lock
- * skips an event another statement erased meanwhile.  $1: days, $2:
- * batch. */
+ * skips an event another statement erased meanwhile.  What an event
+ * keeps is computed once (x.kept), from the version locked.  $1: days,
+ * $2: batch. */
 static const char content_sql[] =
-	"WITH x AS (SELECT e.id, " RETENTION_ATTS("e") " FROM events e "
+	"WITH x AS (SELECT e.id, " RETENTION_ATTS("e") ", " KEPT_CONTENT("e") " AS kept FROM events e "
 	"  WHERE " CONTENT_DUE " AND e.accepted_at < now() - make_interval(days => $1::int) "
 	"  AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = e.id " OPEN ") "
 	"  ORDER BY e.accepted_at LIMIT $2::int FOR UPDATE OF e SKIP LOCKED), "
 	RETENTION_FORGET_FILES("x") " "
-	"UPDATE events e SET content = " KEPT_CONTENT("e") ", content_trimmed = " KEPT_CONTENT("e") " <> '{}'::jsonb "
+	"UPDATE events e SET content = x.kept, content_trimmed = x.kept <> '{}'::jsonb "
 	"FROM x WHERE e.id = x.id AND " CONTENT_DUE;
 
 /* A message whose expiry is still to come rows_days ($1) after it was
