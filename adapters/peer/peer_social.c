@@ -485,12 +485,20 @@ static cw_err foreign_evidence(PGconn *c, const char *evidence, const char *repo
  * retry of a report whose answer it did not get (the routes take no
  * Idempotency-Key).  Until the forty-eighth session each was stored again,
  * a second open report in the operator's list and one more in the
- * subject's count.  Two sent at once to two processes may both be stored. */
+ * subject's count.  The reporter's reports take turns (a transaction
+ * lock, held to the commit, taken before the look, which then sees what
+ * the one before committed): without it two sent at once to two daemon
+ * processes both found none and both were stored. */
 static cw_err report_open_already(PGconn *c, const struct policy_report *rep, bool *same, cw_errmsg *e)
 {
 	const char *params[] = { rep->reporter, rep->subject, rep->reason, rep->evidence, rep->comment };
 	char t[2];
-	cw_err rc = first_text(c,
+	*same = false;
+	cw_err rc = first_text(c, "SELECT pg_advisory_xact_lock(hashtextextended('causeway.report:' || $1, 0))", 1,
+			       params, t, sizeof(t), e);
+	if (rc)
+		return rc;
+	rc = first_text(c,
 		"SELECT EXISTS (SELECT 1 FROM reports WHERE reporter_kind = 'peer' AND reporter = $1 "
 		"AND subject_uri = $2 AND reason_code = $3 AND handled_at IS NULL "
 		"AND evidence_public_ids = ARRAY(SELECT jsonb_array_elements_text($4::jsonb)) "

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from harness import HeldSession, wait_until
-from peer import push_peers
+from peer import PeerClient, push_peers
 from pgproxy import PgProxy
 from test_peer_api import peers  # noqa: F401  (the fixture)
 from test_policy import ALICE, BOB, consent, gauge, opt_in, reloads
@@ -321,6 +321,34 @@ def test_a_report_sent_again_while_open_is_stored_once(daemon, peers, pg, db_url
     rows = daemon.admin("GET", "/reports").json()["rows"]
     assert len(rows) == 7 and rows[-1]["comment"] == "again and again" and rows[-1]["handled_at"] is None
     assert rows[-1]["reports_against_subject"] == 7
+
+
+def test_a_report_sent_at_once_to_two_processes_is_stored_once(daemon, make_daemon, peers, pg, db_url):
+    """The same report sent to two daemon processes at once (a retry that
+    a balancer sends to another process) is stored once: the reporter's
+    reports take turns (a transaction lock) before the look for one open
+    already. Until the forty-eighth session's review both looked before
+    either committed, found none, and both were stored. Here the first's
+    insert is held (a SHARE lock on reports) until the second has come."""
+    (a, _), _ = peers
+    other = make_daemon(db_url).start()
+    a2 = PeerClient(other.url, a.name, a.domain, token=a.token, signer=a.signer)
+    rep = {"reporter": a.user("wally"), "subject": LOCAL + "alice", "reason": "spam", "comment": "at once"}
+    waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%report%'"
+    held = HeldSession(db_url)
+    try:
+        held.run("BEGIN; LOCK TABLE reports IN SHARE MODE;")
+        with concurrent.futures.ThreadPoolExecutor(max_workers=2) as ex:
+            first = ex.submit(a.call, "POST", "/v1/reports", rep)
+            wait_until(lambda: pg.psql(waiting, db_url) == "1", what="the first report's insert waiting")
+            second = ex.submit(a2.call, "POST", "/v1/reports", rep)
+            wait_until(lambda: pg.psql(waiting, db_url) == "2", what="the second report waiting")
+            held.run("COMMIT;")
+            assert [f.result().status_code for f in (first, second)] == [202, 202]
+    finally:
+        held.end()
+    assert pg.psql("SELECT count(*) FROM reports", db_url) == "1"
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'report.create'", db_url) == "1"
 
 
 def test_discovery_finds_only_discoverable_users(daemon, peers, pg, db_url):
