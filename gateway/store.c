@@ -437,44 +437,41 @@ static long url_connect_timeout(const char *url)
 	return t > 0 ? t : 0;
 }
 
-/* store_connect; a connection made on a job's time (until_us, 0: none)
- * gives up near the job's deadline rather than at connect_timeout (5 s
- * unless the URL sets it): a server that stopped answering takes the
- * connection and never answers it, and the job's request would wait as
- * long.  libpq's connect_timeout is whole seconds, at least 2: a job with
- * less time left waits up to 2 s. The URL's own, if shorter, stays.
- * libpq's blocking connect keeps its own handling of several hosts
- * (each tried for the timeout). */
-static PGconn *connect_by(const char *url, long statement_timeout_ms, int64_t until_us, cw_errmsg *e)
-{
-	if (store_check_url(url, e))
-		return NULL;
-	/* Our defaults first; whatever the operator's URL says overrides them
-	 * (expand_dbname).  A database host that goes without a reset (powered
-	 * off, a network partition) leaves a statement waiting for ever, and a
-	 * cancel request (PQcancel, which since libpq 15 uses the connection's
-	 * keepalives and tcp_user_timeout) with it: TCP keepalives find an
-	 * idle connection dead within 10 + 3 x 5 s, and data left
-	 * unacknowledged 10 s ends it (the connection is lost, its jobs
-	 * answer 503).  A statement that merely runs long is not affected: the
-	 * server's kernel acknowledges all the same.  Ignored on a Unix socket.
-	 * Until the twenty-fourth session the kernel's defaults applied: no
-	 * keepalives, some 15 minutes of retransmissions. */
+/* The keywords and values every connection of the daemon is made with:
+ * our defaults first; whatever the operator's URL says overrides them
+ * (expand_dbname).  A database host that goes without a reset (powered
+ * off, a network partition) leaves a statement waiting for ever, and a
+ * cancel request (PQcancel, which since libpq 15 uses the connection's
+ * keepalives and tcp_user_timeout) with it: TCP keepalives find an idle
+ * connection dead within 10 + 3 x 5 s, and data left unacknowledged 10 s
+ * ends it (the connection is lost, its jobs answer 503).  A statement
+ * that merely runs long is not affected: the server's kernel acknowledges
+ * all the same.  Ignored on a Unix socket.  Until the twenty-fourth
+ * session the kernel's defaults applied: no keepalives, some 15 minutes
+ * of retransmissions.  keys[8]/vals[8] are left free for a connect_timeout
+ * over the URL's (connect_by). */
+struct conn_params {
+	const char *keys[10];
+	const char *vals[10];
 	char in_time[24];
-	const char *keys[] = { "application_name", "connect_timeout", "keepalives", "keepalives_idle",
-			       "keepalives_interval", "keepalives_count", "tcp_user_timeout", "dbname", NULL, NULL };
-	const char *vals[] = { "causewayd", "5", "1", "10", "5", "3", "10000", url, NULL, NULL };
-	if (until_us) {
-		int64_t left = until_us - cw_now_us();
-		long t = left > 2000000 ? (long)((left + 999999) / 1000000) : 2;
-		long own = url_connect_timeout(url);
-		if (own > 0 && own < t)
-			t = own;
-		snprintf(in_time, sizeof(in_time), "%ld", t);
-		keys[8] = "connect_timeout"; /* after dbname: over the URL's (expand_dbname) */
-		vals[8] = in_time;
+};
+
+static void conn_params_init(struct conn_params *cp, const char *url)
+{
+	static const char *const keys[] = { "application_name", "connect_timeout", "keepalives", "keepalives_idle",
+					    "keepalives_interval", "keepalives_count", "tcp_user_timeout", "dbname" };
+	static const char *const vals[] = { "causewayd", "5", "1", "10", "5", "3", "10000", NULL };
+	memset(cp, 0, sizeof(*cp));
+	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
+		cp->keys[i] = keys[i];
+		cp->vals[i] = vals[i] ? vals[i] : url;
 	}
-	PGconn *c = PQconnectdbParams(keys, vals, 1);
+}
+
+/* A connection libpq made (or failed to make) given its session settings:
+ * c is taken (finished on failure). */
+static PGconn *connect_finish(PGconn *c, long statement_timeout_ms, cw_errmsg *e)
+{
 	if (!c) {
 		cw_fail(e, CW_ENOMEM, "out of memory");
 		return NULL;
@@ -508,9 +505,86 @@ static PGconn *connect_by(const char *url, long statement_timeout_ms, int64_t un
 	return c;
 }
 
+/* store_connect; a connection made on a job's time (until_us, 0: none)
+ * gives up near the job's deadline rather than at connect_timeout (5 s
+ * unless the URL sets it): a server that stopped answering takes the
+ * connection and never answers it, and the job's request would wait as
+ * long.  libpq's connect_timeout is whole seconds, at least 2: a job with
+ * less time left waits up to 2 s. The URL's own, if shorter, stays.
+ * libpq's blocking connect keeps its own handling of several hosts
+ * (each tried for the timeout). */
+static PGconn *connect_by(const char *url, long statement_timeout_ms, int64_t until_us, cw_errmsg *e)
+{
+	if (store_check_url(url, e))
+		return NULL;
+	struct conn_params cp;
+	conn_params_init(&cp, url);
+	if (until_us) {
+		int64_t left = until_us - cw_now_us();
+		long t = left > 2000000 ? (long)((left + 999999) / 1000000) : 2;
+		long own = url_connect_timeout(url);
+		if (own > 0 && own < t)
+			t = own;
+		snprintf(cp.in_time, sizeof(cp.in_time), "%ld", t);
+		cp.keys[8] = "connect_timeout"; /* after dbname: over the URL's (expand_dbname) */
+		cp.vals[8] = cp.in_time;
+	}
+	return connect_finish(PQconnectdbParams(cp.keys, cp.vals, 1), statement_timeout_ms, e);
+}
+
 PGconn *store_connect(const char *url, long statement_timeout_ms, cw_errmsg *e)
 {
 	return connect_by(url, statement_timeout_ms, 0, e);
+}
+
+/* How often store_connect_abortable asks give_up without a wake. */
+#define ABORTABLE_SLICE_MS 100
+
+PGconn *store_connect_abortable(const char *url, long statement_timeout_ms, int wake_fd,
+				bool (*give_up)(void *arg), void *arg, cw_errmsg *e)
+{
+	if (store_check_url(url, e))
+		return NULL;
+	/* libpq leaves connect_timeout to the caller of PQconnectPoll: the
+	 * URL's (5 s by default) for the whole attempt, every host of it. */
+	long t = url_connect_timeout(url);
+	int64_t until_us = cw_now_us() + (t > 0 ? t : 5) * 1000000LL;
+	struct conn_params cp;
+	conn_params_init(&cp, url);
+	PGconn *c = PQconnectStartParams(cp.keys, cp.vals, 1);
+	if (!c)
+		return connect_finish(NULL, statement_timeout_ms, e);
+	PostgresPollingStatusType st = PGRES_POLLING_WRITING; /* as libpq's docs begin it */
+	bool watch_wake = wake_fd >= 0;
+	while (PQstatus(c) != CONNECTION_BAD && st != PGRES_POLLING_OK && st != PGRES_POLLING_FAILED) {
+		int64_t left = until_us - cw_now_us();
+		if (left <= 0) {
+			PQfinish(c);
+			cw_fail(e, CW_EUNAVAIL, "cannot connect to the database: no answer within %ld s", t > 0 ? t : 5);
+			return NULL;
+		}
+		struct pollfd fds[2] = { { .fd = PQsocket(c), .events = st == PGRES_POLLING_READING ? POLLIN : POLLOUT },
+					 { .fd = watch_wake ? wake_fd : -1, .events = POLLIN } };
+		int ms = left > ABORTABLE_SLICE_MS * 1000LL ? ABORTABLE_SLICE_MS : (int)((left + 999) / 1000);
+		int n = poll(fds, 2, ms);
+		if (n < 0 && errno != EINTR) {
+			PQfinish(c);
+			cw_fail(e, CW_EIO, "cannot connect to the database: poll failed");
+			return NULL;
+		}
+		if (give_up && give_up(arg)) {
+			PQfinish(c);
+			cw_fail(e, CW_ESHUTDOWN, "the connection to the database was given up");
+			return NULL;
+		}
+		/* A wake give_up let pass is not watched again (the caller reads
+		 * its fd): give_up is asked each slice from then on. */
+		if (n > 0 && fds[1].revents)
+			watch_wake = false;
+		if (fds[0].fd < 0 || (n > 0 && fds[0].revents))
+			st = PQconnectPoll(c);
+	}
+	return connect_finish(c, statement_timeout_ms, e);
 }
 
 static void watch_arm(struct cw_store *s, struct conn *sc, int64_t until_us, bool kill_only);

@@ -215,6 +215,18 @@ cw_err store_check_url(const char *url, cw_errmsg *e);
  * postgresql://user:PASSWORD@...). */
 bool store_url_has_password(const char *url);
 PGconn *store_connect(const char *url, long statement_timeout_ms, cw_errmsg *e);
+/* store_connect for a thread that must not block on it: a server that
+ * takes the connection and never answers it (a host gone without a reset,
+ * a firewall that drops) holds the attempt until the URL's connect_timeout
+ * (5 s unless it says) at most, and give_up(arg) (NULL: never) ends it
+ * sooner: it is asked whenever wake_fd (-1: none; not read here) becomes
+ * readable, and every 100 ms.  libpq's non-blocking connect
+ * (PQconnectStartParams, PQconnectPoll); the session's settings as
+ * store_connect's.  NULL and e filled on failure: CW_EUNAVAIL (refused,
+ * timed out), CW_ESHUTDOWN (given up).  A host name is still resolved
+ * blocking, by libpq (hostaddr= avoids it). */
+PGconn *store_connect_abortable(const char *url, long statement_timeout_ms, int wake_fd,
+				bool (*give_up)(void *arg), void *arg, cw_errmsg *e);
 
 /* Prepares every statement of lists (as store_opts.stmts) on c; false with
  * e set (and logged) when one fails. */

@@ -61,7 +61,18 @@ struct peer_pull {
 	 * notified while there was none (its LISTEN not yet made) reached no
 	 * one, so the waiting polls are asked again as on a notification. */
 	bool reconnected;
+	/* While the database is away: the next attempt to connect is not
+	 * before retry_at_us, and backoff_us follows it (ensure_conn). */
+	int64_t retry_at_us, backoff_us;
+	int64_t connect_started_us; /* of the attempt under way (give_up_connect) */
 };
+
+/* The pause after a failed connect, doubled after each up to the most. */
+#define CONNECT_BACKOFF_MIN_US 250000LL
+#define CONNECT_BACKOFF_MAX_US 4000000LL
+/* How long a connect that has not come through goes on while pulls wait
+ * to be answered (give_up_connect). */
+#define CONNECT_PULLS_WAIT_US 1000000LL
 
 #define REGISTRY_RELOAD_US (30 * 1000000LL)
 
@@ -556,13 +567,43 @@ static bool known_empty(const struct empty *empty, int n, const struct waiter *w
 	return false;
 }
 
+/* The connect under way (ensure_conn) is given up when the daemon stops,
+ * and once it has taken CONNECT_PULLS_WAIT_US while pulls came in: those
+ * are answered 503 then, not after connect_timeout (5 s). */
+static bool give_up_connect(void *arg)
+{
+	struct peer_pull *p = arg;
+	char buf[64];
+	while (read(p->wake[0], buf, sizeof(buf)) > 0)
+		; /* the pulls come in through p->incoming, looked at below */
+	pthread_mutex_lock(&p->mu);
+	bool waiting = p->incoming != NULL;
+	pthread_mutex_unlock(&p->mu);
+	return atomic_load(&p->stop) ||
+	       (waiting && cw_now_us() - p->connect_started_us >= CONNECT_PULLS_WAIT_US);
+}
+
+/* The poller's connection, made again when lost.  The connect does not
+ * block the poller, which answers every pull peer, beyond a second while
+ * pulls wait, nor the daemon's stop (store_connect_abortable); while the
+ * database is away it is tried again after 250 ms, then twice as long
+ * each time up to 4 s, and from 250 ms again once connected.  Until the
+ * forty-eighth session it was tried every 250 ms, each attempt blocking
+ * up to connect_timeout (5 s) when the database's host took the
+ * connection and never answered (a dropped route, a firewall that
+ * drops): every pull waited as long, and so did a stop. */
 static bool ensure_conn(struct peer_pull *p)
 {
 	if (p->c && PQstatus(p->c) == CONNECTION_OK)
 		return true;
 	PQfinish(p->c);
+	p->c = NULL;
+	int64_t now = cw_now_us();
+	if (now < p->retry_at_us || atomic_load(&p->stop))
+		return false;
 	cw_errmsg e;
-	p->c = store_connect(p->url, p->statement_timeout_ms, &e);
+	p->connect_started_us = now;
+	p->c = store_connect_abortable(p->url, p->statement_timeout_ms, p->wake[0], give_up_connect, p, &e);
 	if (p->c && (store_exec(p->c, "LISTEN causeway_outbox", &e) || store_exec(p->c, "LISTEN causeway_pull", &e) ||
 		     store_exec(p->c, "LISTEN causeway_peers", &e) || !store_prepare_all(p->c, pull_stmt_lists, &e))) {
 		PQfinish(p->c);
@@ -571,8 +612,19 @@ static bool ensure_conn(struct peer_pull *p)
 	if (p->c) {
 		p->next_reload_us = 0; /* changes may have been missed while away */
 		p->reconnected = true;
+		p->backoff_us = 0;
+		p->retry_at_us = 0;
+		return true;
 	}
-	return p->c != NULL;
+	p->backoff_us = p->backoff_us ? p->backoff_us * 2 : CONNECT_BACKOFF_MIN_US;
+	if (p->backoff_us > CONNECT_BACKOFF_MAX_US)
+		p->backoff_us = CONNECT_BACKOFF_MAX_US;
+	p->retry_at_us = cw_now_us() + p->backoff_us;
+	char in_ms[24];
+	snprintf(in_ms, sizeof(in_ms), "%lld", (long long)(p->backoff_us / 1000));
+	if (!atomic_load(&p->stop))
+		LOG_KV(CW_LOG_WARN, "pull poller cannot connect to the database", "detail", e.msg, "retry_in_ms", in_ms);
+	return false;
 }
 
 struct heard {

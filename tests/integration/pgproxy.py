@@ -17,7 +17,11 @@ goes on, the new connections held are relayed.  Slowed (slow), the server
 answers everything but late: a COMMIT (simple query) reaches it some time
 late (a slow fsync, a synchronous standby), a new connection (a cancel
 request, a ping) is relayed some time late (a loaded postmaster, a far
-server).  Recording (record), it keeps the statements each
+server).  Swallowing (swallow), it takes new connections and never
+answers them while those open go on: a database host whose address is
+routed nowhere, or a firewall that drops, for a client that connects
+anew; refusing (refuse), it closes new connections at once, as a server
+that is down.  Recording (record), it keeps the statements each
 connection sends, to compare what two requests made the server do.
 """
 import time
@@ -165,12 +169,29 @@ class PgProxy:
         with self.lock:
             self.commit_delay, self.accept_delay = commit, connect
 
+    swallowing = False
+    refusing = False
+    swallowed = 0   # new connections taken and held while swallowing
+    refused = 0     # new connections closed at once while refusing
+
+    def swallow(self):
+        """From now on new connections are taken and held unanswered (until
+        thaw, which relays them); those open go on."""
+        with self.lock:
+            self.swallowing, self.refusing = True, False
+
+    def refuse(self):
+        """From now on new connections are closed at once (until thaw);
+        those open go on."""
+        with self.lock:
+            self.refusing, self.swallowing = True, False
+
     def thaw(self):
         """The end of freeze: the messages held go on, in order, and the
         connections taken meanwhile (a cancel request, say) are relayed
         now, as a partition that heals delivers what was sent into it."""
         with self.lock:
-            self.frozen = False
+            self.frozen = self.swallowing = self.refusing = False
             held, self.held = self.held, []
             self.thawed.notify_all()
         for client in held:
@@ -202,8 +223,13 @@ class PgProxy:
             except OSError:
                 return
             with self.lock:
-                if self.frozen:   # taken, not answered until thaw (a cancel request, say)
+                if self.frozen or self.swallowing:   # taken, not answered until thaw (a cancel request, say)
+                    self.swallowed += self.swallowing
                     self.held.append(client)
+                    continue
+                if self.refusing:
+                    self.refused += 1
+                    client.close()
                     continue
                 delay = self.accept_delay
             if delay:

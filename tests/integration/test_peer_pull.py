@@ -869,3 +869,71 @@ def test_a_dead_letter_replayed_to_a_pull_peer_wakes_its_waiting_long_poll(daemo
         assert took < 3, took
     finally:
         srv.close()
+
+
+def test_the_pull_poller_reconnects_without_blocking_and_backs_off(make_daemon, db_url, pg):
+    """The pull poller's connection lost while the database's address takes
+    new connections and never answers them (a dropped route, a firewall
+    that drops): each pull is answered 503 within about a second, not
+    after connect_timeout (5 s; until the forty-eighth session every
+    attempt blocked the poller, which answers every pull peer, that
+    long), and the daemon stops at once.  While the database refuses,
+    the poller tries again after 250 ms, then twice as long each time
+    (until then every 250 ms), and is back once the database is."""
+    from pgproxy import PgProxy
+    with PgProxy(db_url) as px:
+        d = make_daemon(px.url).start()
+        a, b, rm, srv = make_peers(d)
+        kill = ("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                "AND query LIKE '%ack AS (UPDATE outbox%'")
+
+        def cut():
+            r = b.call("GET", "/v1/events?after=0")   # the poller's last statement: the pull's
+            assert r.status_code == 200, r.text
+            assert pg.psql(kill, db_url) == "1"
+
+        def failures():
+            return sum(1 for rec in list(d.records) if rec.get("msg") == "pull poller cannot connect to the database")
+
+        px.swallow()
+        cut()
+        wait_until(lambda: px.swallowed > 0, what="the poller's connect, swallowed")
+        times = []
+        t_end = time.time() + 6
+        while time.time() < t_end:
+            t0 = time.time()
+            r = b.call("GET", "/v1/events?after=0")
+            times.append(time.time() - t0)
+            assert r.status_code == 503 and r.headers.get("Retry-After"), r.text
+            time.sleep(0.2)
+        assert max(times) < 2.5, times
+
+        # Refused: the attempts back off (250 ms, 0.5 s, 1 s, 2 s, 4 s).
+        px.thaw()
+        wait_until(lambda: b.call("GET", "/v1/events?after=0").status_code == 200, timeout=20,
+                   what="the poller back")
+        px.refuse()
+        cut()
+        wait_until(lambda: px.refused > 0, what="the poller's connect, refused")
+        n0, f0 = px.refused, failures()
+        time.sleep(5)
+        tries, logged = px.refused - n0, failures() - f0
+        assert 2 <= tries <= 6 and 2 <= logged <= 6, (tries, logged)
+        px.thaw()
+        t0 = time.time()
+        wait_until(lambda: b.call("GET", "/v1/events?after=0").status_code == 200, timeout=20,
+                   what="the poller back")
+        assert time.time() - t0 < 6
+
+        # A stop while the poller's connect is swallowed: at once.
+        px.swallow()
+        s0 = px.swallowed
+        cut()
+        wait_until(lambda: px.swallowed > s0, what="the poller's connect, swallowed")
+        time.sleep(0.5)
+        t0 = time.time()
+        assert d.stop() == 0
+        took = time.time() - t0
+        assert took < 3, took
+        px.thaw()
+        srv.close()
