@@ -222,9 +222,9 @@ PGconn *store_connect(const char *url, long statement_timeout_ms, cw_errmsg *e);
  * sooner: it is asked whenever wake_fd (-1: none; not read here) becomes
  * readable, and every 100 ms.  libpq's non-blocking connect
  * (PQconnectStartParams, PQconnectPoll); the session's settings as
- * store_connect's.  NULL and e filled on failure: CW_EUNAVAIL (refused,
- * timed out), CW_ESHUTDOWN (given up).  A host name is still resolved
- * blocking, by libpq (hostaddr= avoids it). */
+ * store_connect's.  NULL and e filled on failure (refused, no answer
+ * in time: "no answer within N s"; given up: "... given up").  A host
+ * name is still resolved blocking, by libpq (hostaddr= avoids it). */
 PGconn *store_connect_abortable(const char *url, long statement_timeout_ms, int wake_fd,
 				bool (*give_up)(void *arg), void *arg, cw_errmsg *e);
 

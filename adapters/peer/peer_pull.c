@@ -67,9 +67,9 @@ struct peer_pull {
 	int64_t connect_started_us; /* of the attempt under way (give_up_connect) */
 };
 
-/* The pause after a failed connect, doubled after each up to the most. */
+/* The pause after a failed connect, doubled after each up to
+ * database.reconnect_max_ms, as the store's connections (5 s by default). */
 #define CONNECT_BACKOFF_MIN_US 250000LL
-#define CONNECT_BACKOFF_MAX_US 4000000LL
 /* How long a connect that has not come through goes on while pulls wait
  * to be answered (give_up_connect). */
 #define CONNECT_PULLS_WAIT_US 1000000LL
@@ -587,7 +587,8 @@ static bool give_up_connect(void *arg)
  * block the poller, which answers every pull peer, beyond a second while
  * pulls wait, nor the daemon's stop (store_connect_abortable); while the
  * database is away it is tried again after 250 ms, then twice as long
- * each time up to 4 s, and from 250 ms again once connected.  Until the
+ * each time up to database.reconnect_max_ms, and from 250 ms again once
+ * connected.  Until the
  * forty-eighth session it was tried every 250 ms, each attempt blocking
  * up to connect_timeout (5 s) when the database's host took the
  * connection and never answered (a dropped route, a firewall that
@@ -616,9 +617,10 @@ static bool ensure_conn(struct peer_pull *p)
 		p->retry_at_us = 0;
 		return true;
 	}
+	int64_t most = p->app ? p->app->cfg->db_reconnect_max_ms * 1000LL : 5000000LL;
 	p->backoff_us = p->backoff_us ? p->backoff_us * 2 : CONNECT_BACKOFF_MIN_US;
-	if (p->backoff_us > CONNECT_BACKOFF_MAX_US)
-		p->backoff_us = CONNECT_BACKOFF_MAX_US;
+	if (p->backoff_us > most)
+		p->backoff_us = most;
 	p->retry_at_us = cw_now_us() + p->backoff_us;
 	char in_ms[24];
 	snprintf(in_ms, sizeof(in_ms), "%lld", (long long)(p->backoff_us / 1000));

@@ -1,9 +1,15 @@
 /* The group-commit planner (from tests/unit/data/gc_plan_cases.txt), its
- * properties, and the capped buffer. */
+ * properties, the capped buffer, and the abortable connect against a
+ * server that takes connections and never answers. */
 #include "config.h"
 #include "buf.h"
 #include "store.h"
 #include "unit.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 START_TEST(plan_table)
 {
@@ -107,6 +113,90 @@ START_TEST(buf_cap_holds)
 }
 END_TEST
 
+/* A listening socket never accepted from: the kernel completes each
+ * connection and nothing ever answers (a host that swallows them).  Its
+ * URL in url. */
+static int swallower(char *url, size_t n)
+{
+	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	ck_assert_int_ge(fd, 0);
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	ck_assert_int_eq(bind(fd, (struct sockaddr *)&a, sizeof(a)), 0);
+	ck_assert_int_eq(listen(fd, 16), 0);
+	socklen_t len = sizeof(a);
+	ck_assert_int_eq(getsockname(fd, (struct sockaddr *)&a, &len), 0);
+	snprintf(url, n, "host=127.0.0.1 port=%d dbname=x user=x sslmode=disable gssencmode=disable connect_timeout=2",
+		 ntohs(a.sin_port));
+	return fd;
+}
+
+struct asked {
+	int calls;
+	int64_t after_us; /* give up from then on (0: never) */
+};
+
+static bool give_up_at(void *arg)
+{
+	struct asked *a = arg;
+	a->calls++;
+	return a->after_us && cw_now_us() >= a->after_us;
+}
+
+/* No answer: given up at the URL's connect_timeout (2 s), not for ever;
+ * a wake that give_up lets pass does not make it spin (asked about every
+ * 100 ms from then on, the fd left unread). */
+START_TEST(abortable_connect_ends_at_the_timeout)
+{
+	char url[200];
+	int fd = swallower(url, sizeof(url));
+	int wake[2];
+	ck_assert_int_eq(pipe(wake), 0);
+	ck_assert_int_eq(write(wake[1], "x", 1), 1);
+	struct asked a = { 0, 0 };
+	cw_errmsg e;
+	int64_t t0 = cw_now_us();
+	PGconn *c = store_connect_abortable(url, 1000, wake[0], give_up_at, &a, &e);
+	int64_t took = cw_now_us() - t0;
+	ck_assert_ptr_null(c);
+	ck_assert_msg(strstr(e.msg, "no answer within 2 s"), "%s", e.msg);
+	ck_assert_msg(took >= 1900000 && took < 3500000, "took %lld us", (long long)took);
+	ck_assert_msg(a.calls >= 5 && a.calls <= 40, "give_up asked %d times", a.calls);
+	close(wake[0]);
+	close(wake[1]);
+	close(fd);
+}
+END_TEST
+
+/* give_up ends it at once (asked within 100 ms), and a wake asks it then. */
+START_TEST(abortable_connect_is_given_up)
+{
+	char url[200];
+	int fd = swallower(url, sizeof(url));
+	struct asked a = { 0, cw_now_us() + 300000 };
+	cw_errmsg e;
+	int64_t t0 = cw_now_us();
+	PGconn *c = store_connect_abortable(url, 1000, -1, give_up_at, &a, &e);
+	int64_t took = cw_now_us() - t0;
+	ck_assert_ptr_null(c);
+	ck_assert_msg(strstr(e.msg, "given up"), "%s", e.msg);
+	ck_assert_msg(took >= 300000 && took < 700000, "took %lld us", (long long)took);
+
+	int wake[2];
+	ck_assert_int_eq(pipe(wake), 0);
+	ck_assert_int_eq(write(wake[1], "x", 1), 1);
+	a = (struct asked){ 0, 1 }; /* at the first asking */
+	t0 = cw_now_us();
+	c = store_connect_abortable(url, 1000, wake[0], give_up_at, &a, &e);
+	took = cw_now_us() - t0;
+	ck_assert_ptr_null(c);
+	ck_assert_msg(strstr(e.msg, "given up"), "%s", e.msg);
+	ck_assert_msg(took < 90000, "took %lld us", (long long)took);
+	close(wake[0]);
+	close(wake[1]);
+	close(fd);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("store_plan");
@@ -115,6 +205,8 @@ int main(void)
 	tcase_add_test(tc, plan_properties);
 	tcase_add_test(tc, retry_pause_is_short_jittered_and_grows);
 	tcase_add_test(tc, buf_cap_holds);
+	tcase_add_test(tc, abortable_connect_ends_at_the_timeout);
+	tcase_add_test(tc, abortable_connect_is_given_up);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
 }
