@@ -1,4 +1,4 @@
--- 051_retention_media_trimmed.sql: two fixes of the retention sweep
+-- 048_retention_media_trimmed.sql: two fixes of the retention sweep
 -- (gateway/retention.c; docs/operations.md, "Retention"): the removal of
 -- the records of re-hosted files no message's content took with it
 -- (media_sql), and the erasure's index, which held the events whose
