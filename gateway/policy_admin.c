@@ -1423,9 +1423,13 @@ void policy_admin_report_create(struct cw_req *req, void *ctx)
 		char d[MIMI_URI_MAX + 400];
 		snprintf(d, sizeof(d), "reporter %s (or absent: the operator reports)", p);
 		bad_body(req, d);
-	} else if (user_uri_problem(app, subject, false))
-		bad_body(req, "subject must be a user URI mimi://<domain>/u/<local>");
-	else if (reporter && policy_same_local_user(app, reporter, subject))
+	} else if (address_why(subject, true, false, why, sizeof(why))) {
+		/* the parser's reason, as a rule's pattern or a consent's
+		 * subject says it (since the forty-eighth session) */
+		char d[sizeof(why) + 80];
+		snprintf(d, sizeof(d), "subject must be a user URI mimi://<domain>/u/<local>: %s", why);
+		bad_body(req, d);
+	} else if (reporter && policy_same_local_user(app, reporter, subject))
 		bad_body(req, "subject is the reporter herself (under another of this provider's domains, or spelt "
 			      "otherwise): a user reports someone else");
 	else if (!reason || !*reason || strlen(reason) > 64)

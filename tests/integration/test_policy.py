@@ -2358,7 +2358,7 @@ def test_a_network_rule_names_a_peers_network(daemon):
 
 
 def test_a_misspelt_domain_is_refused_saying_what_to_write(daemon, pg, db_url):
-    """A rule's pattern or a consent's subject that is a spelling of a
+    """A rule's pattern, a consent's subject or a report's that is a spelling of a
     valid name (upper case, a final dot, an internationalized domain that
     addresses carry in its ASCII form) is refused saying why and what to
     write: until the forty-eighth session every one of them was "must be a
@@ -2368,6 +2368,7 @@ def test_a_misspelt_domain_is_refused_saying_what_to_write(daemon, pg, db_url):
     count = "SELECT (SELECT count(*) FROM rules) || ' ' || (SELECT count(*) FROM consents) || ' ' || " \
             "(SELECT count(*) FROM audit_log)"
     before = pg.psql(count, db_url)
+    assert pg.psql("SELECT count(*) FROM reports", db_url) == "0"
     cases = [
         ("domain", "bad.example.", "final dot"),
         ("domain", "*.bad.example.", "final dot"),
@@ -2392,7 +2393,12 @@ def test_a_misspelt_domain_is_refused_saying_what_to_write(daemon, pg, db_url):
         assert r.status_code == 400 and r.json()["code"] == "invalid_body", (pattern, r.text)
         detail = r.json()["detail"]
         assert detail.startswith("subject must be a ") and says in detail, (pattern, detail)
-    assert pg.psql(count, db_url) == before
+        if scope == "user":  # a report's subject says it too (since the forty-eighth session)
+            r = daemon.admin("POST", "/reports", json={"subject": pattern, "reason": "spam"})
+            assert r.status_code == 400 and r.json()["code"] == "invalid_body", (pattern, r.text)
+            detail = r.json()["detail"]
+            assert detail.startswith("subject must be a user URI") and says in detail, (pattern, detail)
+    assert pg.psql(count + " || ' ' || (SELECT count(*) FROM reports)", db_url) == before + " 0"
     # the ASCII form is taken
     r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "xn--bcher-kva.example", "mode": "deny"})
     assert r.status_code == 201, r.text
