@@ -453,8 +453,9 @@ struct txn {
 	json_t *joining;      /* the keys of m->joining this transaction holds (hold_joins), or NULL */
 	json_t *bot_send;     /* of bot, those that are the bot's (txn_prepare) */
 	json_t *typing;       /* room -> who types, as this transaction says (kept once it is durable) */
-	json_t *item_rooms;   /* per pipeline item: [Matrix room, neutral type, Matrix event id] (a refusal's notice
-				 goes there) */
+	struct item_room *item_rooms; /* per pipeline item: where a refusal's notice goes (txn_convert) */
+	size_t n_item_rooms;  /* ... those set */
+	struct cw_buf ir_text; /* their texts */
 	json_t *refusals;     /* [[room, text, event id], ...]: events refused, told once durable (once per event) */
 	json_t *nul;          /* events holding a NUL in a string (txn_new): refused, never stored */
 	struct backfill_wait *wait; /* mx_backfill's: told the outcome */
@@ -468,6 +469,39 @@ struct txn {
 };
 
 static void release_joins(struct txn *t);
+
+/* Where item i's refusal is told: its Matrix room, its neutral type and
+ * its Matrix event id (NULL: none), their texts copied into t->ir_text
+ * (one block for the transaction).  Until the forty-eighth session a JSON
+ * array an item holding strings of the parsed transaction: made on the
+ * reader, and its eight blocks (the array, its table, three strings and
+ * their texts) freed on the writer after the commit, the parsed
+ * transaction being freed on the reader before (txn_prepare). */
+struct item_room {
+	size_t at[3]; /* offsets in ir_text, SIZE_MAX: NULL */
+};
+
+static cw_err item_room_set(struct txn *t, size_t i, const char *room, const char *type, const char *event_id)
+{
+	const char *v[3] = { room, type, event_id };
+	for (size_t k = 0; k < 3; k++) {
+		t->item_rooms[i].at[k] = v[k] ? t->ir_text.len : SIZE_MAX;
+		if (v[k] && cw_buf_add(&t->ir_text, v[k], strlen(v[k]) + 1))
+			return CW_ENOMEM;
+	}
+	t->n_item_rooms = i + 1;
+	return CW_OK;
+}
+
+static void item_room_get(const struct txn *t, size_t i, const char **room, const char **type,
+			  const char **event_id)
+{
+	const char **v[3] = { room, type, event_id };
+	for (size_t k = 0; k < 3; k++) {
+		size_t at = i < t->n_item_rooms ? t->item_rooms[i].at[k] : SIZE_MAX;
+		*v[k] = at == SIZE_MAX ? NULL : t->ir_text.p + at;
+	}
+}
 
 static void txn_free(void *arg)
 {
@@ -487,7 +521,8 @@ static void txn_free(void *arg)
 	json_decref(t->prior);
 	json_decref(t->bot_send);
 	json_decref(t->typing);
-	json_decref(t->item_rooms);
+	free(t->item_rooms);
+	cw_buf_free(&t->ir_text);
 	json_decref(t->refusals);
 	json_decref(t->nul);
 	if (t->b)
@@ -1157,7 +1192,10 @@ static void convert_events(struct txn *t, json_t *conv, json_t *copies)
 static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 {
 	t->conv_invalid = t->conv_ignored = 0;
-	json_array_clear(t->item_rooms);
+	free(t->item_rooms);
+	t->item_rooms = NULL;
+	t->n_item_rooms = 0;
+	t->ir_text.len = 0;
 	json_array_clear(t->refusals);
 	size_t n = json_array_size(t->events);
 	json_t *conv = json_array(); /* [ [room, event_id, sender uri, neutral body], ... ] */
@@ -1245,11 +1283,20 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 	}
 	submit_setup(t->b, t->app, SUBMIT_ROOM_BY_NATIVE);
 	struct event_limits lim = event_limits_default();
+	t->item_rooms = calloc(total ? total : 1, sizeof(*t->item_rooms));
+	if (!t->item_rooms) {
+		json_decref(conv);
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	}
 	json_t *x;
 	json_array_foreach(conv, i, x) {
 		json_t *neutral = json_array_get(x, 3);
-		json_array_append_new(t->item_rooms, json_pack("[O, O, O]", json_array_get(x, 0),
-							       json_object_get(neutral, "type"), json_array_get(x, 1)));
+		if (item_room_set(t, i, json_string_value(json_array_get(x, 0)),
+				  json_string_value(json_object_get(neutral, "type")),
+				  json_string_value(json_array_get(x, 1)))) {
+			json_decref(conv);
+			return cw_fail(e, CW_ENOMEM, "out of memory");
+		}
 		struct event pev;
 		struct event_error err;
 		cw_err rc = event_from_json(neutral, &lim, 0, &pev, &err);
@@ -1600,10 +1647,8 @@ static void txn_taken(struct txn *t)
 			n[MX_EV_ACCEPTED]++;
 		else if (st)
 			n[MX_EV_REFUSED]++;
-		json_t *ir = json_array_get(t->item_rooms, i);
-		const char *room = json_string_value(json_array_get(ir, 0));
-		const char *type = json_string_value(json_array_get(ir, 1));
-		const char *event_id = json_string_value(json_array_get(ir, 2));
+		const char *room, *type, *event_id;
+		item_room_get(t, i, &room, &type, &event_id);
 		bool others = st == 400 && detail && strcmp(detail, SUBMIT_WHY_NOT_SENDERS) == 0;
 		if (!room || !type ||
 		    (strcmp(type, "message") != 0 && strcmp(type, "edit") != 0 &&
@@ -1703,7 +1748,7 @@ static struct txn *txn_new(struct cw_app *app, const char *txn_id, const unsigne
 	t->prior = json_object();
 	t->bot_send = json_array();
 	t->typing = json_object();
-	t->item_rooms = json_array();
+	cw_buf_init(&t->ir_text, SIZE_MAX / 2);
 	t->refusals = json_array();
 	t->nul = json_array();
 	size_t i;
