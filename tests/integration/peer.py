@@ -8,6 +8,7 @@ import json
 import os
 import threading
 import time
+import types
 
 import requests
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -155,13 +156,15 @@ class NotifyServer:
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
-    def handle(self, method, path, headers, body, port):
-        """The status to answer, and the Retry-After header's value (None: none)."""
+    def handle(self, method, path, headers, body, port, answer=None):
+        """The status to answer, and the Retry-After header's value (None: none);
+        answer(came): both, from the time the request came, instead of the script's
+        or the server's own."""
         with self.lock:
             came = time.time()
-            if self.script:
+            if answer or self.script:
                 self.requests += 1
-                status, retry_after = self.script.pop(0)
+                status, retry_after = answer(came) if answer else self.script.pop(0)
             else:
                 status, retry_after = self._handle(method, path, headers, body, port), None
             self.answers.append((came, status))
@@ -191,6 +194,58 @@ class NotifyServer:
                 self.events.append(ev)
         self.cond.notify_all()
         return 200
+
+    def hold(self, pick=None, count=None, bound=60.0, answer=None):
+        """Holds the requests pick(events) picks (the request's events; None: every
+        request), the first count of them (None: until released): each is handled as
+        it comes (counted, its events recorded, its answer decided: answer(came), as
+        in handle, or the server's own), then answered once release() is called or
+        bound seconds passed (0: at once).  Whether a request is held, and what it
+        carried noted, is one decision taken before it is handled: none is held
+        unnoted, and none after the release.  Returns the hold: came (an Event set
+        once the first held request was handled), carried() (the ids of the held
+        requests' events), release() (answers those held, holds no more, and gives
+        the server back its handler, as reaching count does)."""
+        handle = self.handle
+        mu = threading.Lock()
+        ids = []
+        held = types.SimpleNamespace(came=threading.Event(), n=0, done=threading.Event())
+
+        def restore():  # under mu
+            if self.__dict__.get("handle") is holding:
+                self.handle = handle
+
+        def holding(method, path, headers, body, port):
+            try:
+                events = json.loads(body).get("events", [])
+            except (ValueError, AttributeError):
+                events = []
+            with mu:
+                take = not held.done.is_set() and held.n != count and (pick is None or pick(events))
+                if take:
+                    held.n += 1
+                    ids.extend(ev.get("id") for ev in events)
+                    if held.n == count:
+                        restore()
+            if not take:
+                return handle(method, path, headers, body, port)
+            got = handle(method, path, headers, body, port, answer) if answer else handle(
+                method, path, headers, body, port)
+            held.came.set()
+            held.done.wait(bound)
+            return got
+
+        def carried():
+            with mu:
+                return list(ids)
+
+        def release():
+            with mu:
+                held.done.set()
+                restore()
+        held.carried, held.release = carried, release
+        self.handle = holding
+        return held
 
     def wait_events(self, n, timeout=20):
         deadline = time.time() + timeout

@@ -6,9 +6,7 @@ round of the destinations, a failed renewal tried again in time."""
 import os
 import re
 import signal
-import threading
 import time
-import types
 
 import pytest
 
@@ -16,24 +14,6 @@ from harness import wait_until
 from peer import push_peers
 from test_faults import outbox_locked
 from test_peer_api import room
-
-
-def answer_held(srv):
-    """The server's next request is recorded as it comes (came set), and
-    answered once go is set (or after 60 s): a stand-in of a peer slow to
-    answer for as long as the test needs."""
-    held = types.SimpleNamespace(came=threading.Event(), go=threading.Event())
-    handle = srv.handle
-
-    def holding(method, path, headers, body, port):
-        got = handle(method, path, headers, body, port)
-        if not held.came.is_set():
-            held.came.set()
-            srv.handle = handle
-            held.go.wait(60)
-        return got
-    srv.handle = holding
-    return held
 
 
 def settled(pg, db_url):
@@ -103,11 +83,11 @@ def test_a_destination_enabled_while_every_known_one_is_busy_is_claimed(make_dae
         assert b.send(ab["id"], b.user("bob"), "counted without xx").status_code == 202
         sa.wait_events(1)
         settled(pg, db_url)
-        # The slow pushes are held until xx's row is delivered (answer_held),
+        # The slow pushes are held until xx's row is delivered (hold),
         # not answered after 12 s: xx's row waiting for one of them to end
         # is then a failure whatever the machine's load, and a loaded
         # machine's enable, claim and push, slower than 4 s, none.
-        slow += [answer_held(sa), answer_held(sb)]
+        slow += [sa.hold(count=1), sb.hold(count=1)]
         ga, gb = sa.requests, sb.requests
         assert a.send(ab["id"], a.user("alice"), "to tg, slowly").status_code == 202
         assert b.send(ab["id"], b.user("bob"), "to gk, slowly").status_code == 202
@@ -121,7 +101,7 @@ def test_a_destination_enabled_while_every_known_one_is_busy_is_claimed(make_dae
         assert sa.requests == ga + 1 and sb.requests == gb + 1
     finally:
         for h in slow:
-            h.go.set()
+            h.release()
         for _, srv in made:
             srv.close()
 
@@ -186,7 +166,7 @@ def test_a_lane_goes_round_the_destinations_in_the_same_order_after_a_peers_chan
         # reads after recording it (a delay changed once the push was seen
         # could be the one it read) nor for a time the writes may outlast
         # on a loaded machine (3 s for nine messages, before).
-        held += [answer_held(sc), answer_held(sb)]
+        held += [sc.hold(count=1), sb.hold(count=1)]
         xx_held, tg_held = held
         assert a.send(ac["id"], a.user("alice"), "x0").status_code == 202
         wait_until(xx_held.came.is_set, what="the first push under way")
@@ -194,17 +174,17 @@ def test_a_lane_goes_round_the_destinations_in_the_same_order_after_a_peers_chan
             assert b.send(ab["id"], b.user("bob"), f"g{i}").status_code == 202
             assert a.send(ab["id"], a.user("alice"), f"t{i}").status_code == 202
             assert a.send(ac["id"], a.user("alice"), f"x{i + 1}").status_code == 202
-        xx_held.go.set()
+        xx_held.release()
         wait_until(tg_held.came.is_set, what="the first push to tg")
         assert d.admin("PATCH", "/peers/tg", json={"event_types": None}).status_code == 200
-        tg_held.go.set()
+        tg_held.release()
         settled(pg, db_url)
         order = sorted((t, k) for k, s in servers.items() for t, _ in s.answers[seen[k]:])
         got = [k for _, k in order]
         assert got == ["xx", "gk", "tg", "xx", "gk", "tg", "xx", "gk", "tg", "xx"], got
     finally:
         for h in held:
-            h.go.set()
+            h.release()
         for _, srv in made:
             srv.close()
 

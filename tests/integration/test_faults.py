@@ -209,32 +209,18 @@ def test_two_processes_one_killed_under_load_keep_order_and_lose_nothing(make_da
     # is one decision, taken as it comes: when it was the server's delay,
     # read again after the request was handled, a request that came just
     # before the change could hang unnoted, holding d1's lane for the
-    # destination (one at a time a process) past the wait (CI, session 47).
-    hung = set()  # the ids of the events of the requests that hang
-    hanging = threading.Event()
-    released = threading.Event()
-    handle = sb.handle
-
-    def noting(method, path, headers, body, port):
-        got = handle(method, path, headers, body, port)
-        if hanging.is_set():
-            with sb.lock:
-                hung.update(ev["id"] for ev in json.loads(body).get("events", []))
-            released.wait(60)
-        return got
-    sb.handle = noting
-    hanging.set()
+    # destination (one at a time a process) past the wait (CI, session 47):
+    # hold takes both as one.
+    hung = sb.hold()
 
     def hung_at_d1():
-        with sb.lock:
-            noted = set(hung)
-        return noted & set(pg.psql("SELECT e.public_id FROM outbox o JOIN events e ON e.id = o.event_id "
-                                   f"WHERE o.state = 'in_flight' AND o.{first}", db_url).split())
+        return set(hung.carried()) & set(pg.psql("SELECT e.public_id FROM outbox o JOIN events e "
+                                                 f"ON e.id = o.event_id WHERE o.state = 'in_flight' AND o.{first}",
+                                                 db_url).split())
     wait_until(hung_at_d1, timeout=20, what="a delivery of d1 in flight, its request hanging")
     d1.signal(signal.SIGKILL)
     d1.proc.wait()
-    hanging.clear()
-    released.set()
+    hung.release()
     orphaned = rows_of(pg, db_url, f"state = 'in_flight' AND {first}")
     assert orphaned  # in flight under the dead process's claim, for d2 to take back
     before = s.total()

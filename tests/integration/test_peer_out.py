@@ -130,16 +130,10 @@ def test_a_retry_after_given_as_a_date_is_obeyed(make_daemon, db_url, pg):
     until then, as for the seconds form."""
     d = make_daemon(db_url).start()
     (a, _), (b, sb) = made = push_peers(d)
-    handle = sb.handle
-
-    def dated(method, path, headers, body, port):
-        # the date 4 s from the push, made as it comes: made before the
-        # room, the message and the claim, what they took on a loaded
-        # machine was taken from the 2.5 s asserted below
-        if not sb.answers:
-            sb.script = [(503, email.utils.formatdate(time.time() + 4, usegmt=True))]
-        return handle(method, path, headers, body, port)
-    sb.handle = dated
+    # the first push answered at once with the date 4 s from it, made as it
+    # comes: made before the room, the message and the claim, what they took
+    # on a loaded machine was taken from the 2.5 s asserted below
+    sb.hold(count=1, bound=0, answer=lambda came: (503, email.utils.formatdate(came + 4, usegmt=True)))
     try:
         rm = room(a, b)
         assert a.send(rm["id"], a.user("alice"), "later").status_code == 202
