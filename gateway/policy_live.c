@@ -1831,6 +1831,12 @@ static bool note_failure(struct policy_live *pl, cw_err rc, const cw_errmsg *e, 
 	return first;
 }
 
+static bool policy_gives_up(void *arg)
+{
+	struct policy_live *pl = arg;
+	return atomic_load(&pl->stop);
+}
+
 /* A connection that cannot be made is a failure to reload too: until the
  * forty-seventh session it was retried in silence, never reported stale
  * (a policy connection refused while the others stayed: the rules in
@@ -1845,14 +1851,17 @@ static bool ensure_conn(struct policy_live *pl, bool *fresh)
 	PQfinish(pl->c);
 	pl->drop_conn = false;
 	cw_errmsg e;
-	pl->c = store_connect(pl->url, pl->o.statement_timeout_ms, &e);
+	/* Not blocking the daemon's stop while the database's host takes the
+	 * connection and never answers (until the forty-eighth session: up to
+	 * connect_timeout, 5 s); a poke meanwhile is taken at the next turn. */
+	pl->c = store_connect_abortable(pl->url, pl->o.statement_timeout_ms, pl->wake[0], policy_gives_up, pl, &e);
 	if (pl->c && !conn_ready(pl->c, &e)) {
 		PQfinish(pl->c);
 		pl->c = NULL;
 	}
 	store_canceller_set(&pl->cancel, pl->c);
 	*fresh = pl->c != NULL; /* changes may have been missed while away */
-	if (!pl->c && note_failure(pl, CW_EUNAVAIL, &e, false))
+	if (!pl->c && !atomic_load(&pl->stop) && note_failure(pl, CW_EUNAVAIL, &e, false))
 		LOG_KV(CW_LOG_WARN, "policy cannot connect to the database; the previous rules stay in force", "detail",
 		       e.msg);
 	return pl->c != NULL;
