@@ -587,6 +587,18 @@ PGconn *store_connect_abortable(const char *url, long statement_timeout_ms, int 
 	return connect_finish(c, statement_timeout_ms, e);
 }
 
+#define BACKOFF_MIN_US 250000LL
+
+long store_backoff_failed(struct store_backoff *b, long most_ms)
+{
+	int64_t most = most_ms > 0 ? most_ms * 1000LL : 5000000LL;
+	b->delay_us = b->delay_us ? b->delay_us * 2 : BACKOFF_MIN_US;
+	if (b->delay_us > most)
+		b->delay_us = most;
+	b->retry_at_us = cw_now_us() + b->delay_us;
+	return (long)(b->delay_us / 1000);
+}
+
 static void watch_arm(struct cw_store *s, struct conn *sc, int64_t until_us, bool kill_only);
 static bool watch_disarm(struct conn *sc);
 static void probe_put(struct store_probe *p);

@@ -228,6 +228,21 @@ PGconn *store_connect(const char *url, long statement_timeout_ms, cw_errmsg *e);
 PGconn *store_connect_abortable(const char *url, long statement_timeout_ms, int wake_fd,
 				bool (*give_up)(void *arg), void *arg, cw_errmsg *e);
 
+/* The pace of a thread's own connection while the database is away: an
+ * attempt is due once retry_at_us has passed (0: at once); after a failed
+ * one the next waits 250 ms, then twice as long each time up to
+ * database.reconnect_max_ms; a connection made resets it (zeroes). */
+struct store_backoff {
+	int64_t delay_us, retry_at_us;
+};
+/* Notes a failed attempt; the new delay, in milliseconds.  most_ms <= 0:
+ * 5 s. */
+long store_backoff_failed(struct store_backoff *b, long most_ms);
+static inline void store_backoff_reset(struct store_backoff *b)
+{
+	b->delay_us = b->retry_at_us = 0;
+}
+
 /* Prepares every statement of lists (as store_opts.stmts) on c; false with
  * e set (and logged) when one fails. */
 bool store_prepare_all(PGconn *c, const struct store_stmt *const *lists, cw_errmsg *e);

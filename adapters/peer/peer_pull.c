@@ -61,15 +61,11 @@ struct peer_pull {
 	 * notified while there was none (its LISTEN not yet made) reached no
 	 * one, so the waiting polls are asked again as on a notification. */
 	bool reconnected;
-	/* While the database is away: the next attempt to connect is not
-	 * before retry_at_us, and backoff_us follows it (ensure_conn). */
-	int64_t retry_at_us, backoff_us;
+	/* While the database is away: the pace of attempts to connect (ensure_conn). */
+	struct store_backoff backoff;
 	int64_t connect_started_us; /* of the attempt under way (give_up_connect) */
 };
 
-/* The pause after a failed connect, doubled after each up to
- * database.reconnect_max_ms, as the store's connections (5 s by default). */
-#define CONNECT_BACKOFF_MIN_US 250000LL
 /* How long a connect that has not come through goes on while pulls wait
  * to be answered (give_up_connect). */
 #define CONNECT_PULLS_WAIT_US 1000000LL
@@ -600,7 +596,7 @@ static bool ensure_conn(struct peer_pull *p)
 	PQfinish(p->c);
 	p->c = NULL;
 	int64_t now = cw_now_us();
-	if (now < p->retry_at_us || atomic_load(&p->stop))
+	if (now < p->backoff.retry_at_us || atomic_load(&p->stop))
 		return false;
 	cw_errmsg e;
 	p->connect_started_us = now;
@@ -613,17 +609,12 @@ static bool ensure_conn(struct peer_pull *p)
 	if (p->c) {
 		p->next_reload_us = 0; /* changes may have been missed while away */
 		p->reconnected = true;
-		p->backoff_us = 0;
-		p->retry_at_us = 0;
+		store_backoff_reset(&p->backoff);
 		return true;
 	}
-	int64_t most = p->app ? p->app->cfg->db_reconnect_max_ms * 1000LL : 5000000LL;
-	p->backoff_us = p->backoff_us ? p->backoff_us * 2 : CONNECT_BACKOFF_MIN_US;
-	if (p->backoff_us > most)
-		p->backoff_us = most;
-	p->retry_at_us = cw_now_us() + p->backoff_us;
+	long delay_ms = store_backoff_failed(&p->backoff, p->app ? p->app->cfg->db_reconnect_max_ms : 0);
 	char in_ms[24];
-	snprintf(in_ms, sizeof(in_ms), "%lld", (long long)(p->backoff_us / 1000));
+	snprintf(in_ms, sizeof(in_ms), "%ld", delay_ms);
 	if (!atomic_load(&p->stop))
 		LOG_KV(CW_LOG_WARN, "pull poller cannot connect to the database", "detail", e.msg, "retry_in_ms", in_ms);
 	return false;

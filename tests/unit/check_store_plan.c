@@ -87,6 +87,27 @@ START_TEST(retry_pause_is_short_jittered_and_grows)
 }
 END_TEST
 
+/* A thread's own connection's pace (store_backoff): 250 ms, doubled up to
+ * the most, from 250 ms again once reset; most <= 0 is 5 s. */
+START_TEST(backoff_doubles_to_the_most_and_resets)
+{
+	struct store_backoff b = { 0, 0 };
+	long want[] = { 250, 500, 1000, 2000, 3000, 3000 };
+	for (size_t i = 0; i < sizeof(want) / sizeof(want[0]); i++) {
+		int64_t before = cw_now_us();
+		ck_assert_int_eq(store_backoff_failed(&b, 3000), want[i]);
+		ck_assert_int_ge(b.retry_at_us, before + want[i] * 1000LL);
+		ck_assert_int_le(b.retry_at_us, cw_now_us() + want[i] * 1000LL);
+	}
+	store_backoff_reset(&b);
+	ck_assert_int_eq(b.retry_at_us, 0);
+	ck_assert_int_eq(store_backoff_failed(&b, 3000), 250);
+	for (int i = 0; i < 10; i++)
+		store_backoff_failed(&b, 0);
+	ck_assert_int_eq(b.delay_us, 5000000);
+}
+END_TEST
+
 START_TEST(buf_cap_holds)
 {
 	struct cw_buf b;
@@ -204,6 +225,7 @@ int main(void)
 	tcase_add_test(tc, plan_table);
 	tcase_add_test(tc, plan_properties);
 	tcase_add_test(tc, retry_pause_is_short_jittered_and_grows);
+	tcase_add_test(tc, backoff_doubles_to_the_most_and_resets);
 	tcase_add_test(tc, buf_cap_holds);
 	tcase_add_test(tc, abortable_connect_ends_at_the_timeout);
 	tcase_add_test(tc, abortable_connect_is_given_up);
