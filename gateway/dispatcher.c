@@ -49,6 +49,7 @@ struct lane {
 	 * reconnections when it last took back its own rows (adopt_own_rows). */
 	bool connected_once;
 	uint_fast64_t adopted_at;
+	struct store_backoff backoff; /* the pace of its connects while the database is away */
 	/* policy_live_facts's count as its last claim began (see
 	 * screen_failed). */
 	uint64_t facts;
@@ -600,34 +601,65 @@ static void drop_conn(struct lane *l)
 	l->c = NULL;
 }
 
+static bool lane_gives_up(void *arg)
+{
+	struct dispatcher *d = arg;
+	return atomic_load(&d->stop);
+}
+
+/* The lane's connection, made again when lost.  The connect does not hold
+ * the daemon's stop (store_connect_abortable); while the database is away
+ * it is tried at the pace of l->backoff (up to database.reconnect_max_ms
+ * apart).  Until the forty-eighth session each attempt blocked up to
+ * connect_timeout (5 s) when the database's host took the connection and
+ * never answered, and so did a stop; failed ones were tried again every
+ * second. */
 static bool ensure_conn(struct lane *l)
 {
 	struct dispatcher *d = l->d;
 	if (l->c && PQstatus(l->c) == CONNECTION_OK)
 		return true;
 	drop_conn(l);
-	cw_errmsg e;
-	l->c = store_connect(d->url, 30000, &e);
-	if (!l->c)
+	if (cw_now_us() < l->backoff.retry_at_us || atomic_load(&d->stop))
 		return false;
-	store_canceller_set(&l->cancel, l->c);
-	if (!store_prepare_all(l->c, lane_stmt_lists, &e) || store_exec(l->c, "LISTEN causeway_outbox", &e)) {
-		drop_conn(l);
+	cw_errmsg e;
+	l->c = store_connect_abortable(d->url, 30000, -1, lane_gives_up, d, &e);
+	if (l->c) {
+		store_canceller_set(&l->cancel, l->c);
+		if (!store_prepare_all(l->c, lane_stmt_lists, &e) || store_exec(l->c, "LISTEN causeway_outbox", &e))
+			drop_conn(l);
+	}
+	if (!l->c) {
+		char in_ms[24];
+		snprintf(in_ms, sizeof(in_ms), "%ld", store_backoff_failed(&l->backoff, d->o.reconnect_max_ms));
+		if (!atomic_load(&d->stop))
+			LOG_KV(CW_LOG_WARN, "dispatcher lane cannot connect to the database", "detail", e.msg,
+			       "retry_in_ms", in_ms);
 		return false;
 	}
+	store_backoff_reset(&l->backoff);
 	if (l->connected_once)
 		atomic_fetch_add(&d->reconnects, 1);
 	l->connected_once = true;
 	return true;
 }
 
-/* The pace of a lane without a database: a second, cut short by a stop. */
-static void nap(struct dispatcher *d)
+/* Sleeps until until_us (cw_now_us), cut short by a stop. */
+static void nap_until(struct dispatcher *d, int64_t until_us)
 {
-	for (int i = 0; i < 10 && !atomic_load(&d->stop); i++) {
-		struct timespec ts = { 0, 100 * 1000000L };
+	while (!atomic_load(&d->stop)) {
+		int64_t left = until_us - cw_now_us();
+		if (left <= 0)
+			return;
+		struct timespec ts = { 0, (left < 100000 ? left : 100000) * 1000L };
 		nanosleep(&ts, NULL);
 	}
+}
+
+/* The pace of a lane whose statement failed: a second, cut short by a stop. */
+static void nap(struct dispatcher *d)
+{
+	nap_until(d, cw_now_us() + 1000000);
 }
 
 /* Whether the rows of the lane's last claim are still its own: its claim,
@@ -646,7 +678,7 @@ static bool reconnect_within_claim(struct lane *l)
 	struct dispatcher *d = l->d;
 	drop_conn(l);
 	while (!atomic_load(&d->stop) && claim_holds(l)) {
-		nap(d);
+		nap_until(d, l->backoff.retry_at_us ? l->backoff.retry_at_us : cw_now_us() + 250000);
 		if (!atomic_load(&d->stop) && ensure_conn(l))
 			return claim_holds(l);
 	}
@@ -1787,7 +1819,7 @@ static void *dispatcher_main(void *arg)
 	bool failed = false;
 	while (!atomic_load(&d->stop)) {
 		if (!ensure_conn(l)) {
-			nap(d);
+			nap_until(d, l->backoff.retry_at_us);
 			continue;
 		}
 		uint_fast64_t reconnects = atomic_load(&d->reconnects);

@@ -99,6 +99,9 @@ struct dispatcher_opts {
 	long retry_max_ms;
 	long typing_stale_ms;     /* typing rows older than this are expired, not sent (0: never) */
 	long claim_timeout_s;
+	/* A lane's connection, lost, is tried again after 250 ms, then twice
+	 * as long each time up to this (database.reconnect_max_ms; 0: 5 s). */
+	long reconnect_max_ms;
 	/* What one claim holds at most of its rows' stored events, in bytes
 	 * (each counted as its text plus 512; always at least one row):
 	 * server.max_body_bytes, as a pull answer (0: 1 MiB).  Since the

@@ -825,7 +825,7 @@ int main(int argc, char **argv)
 		.url = cfg.db_url, .name = dname, .batch_max = (int)cfg.dispatch_batch_max, .lanes = (int)cfg.dispatch_lanes,
 		.claim_bytes = (long)cfg.max_body_bytes,
 		.retry_budget = (int)cfg.retry_budget, .retry_base_ms = cfg.retry_base_ms,
-		.retry_max_ms = cfg.retry_max_ms, .claim_timeout_s = cfg.claim_timeout_s,
+		.retry_max_ms = cfg.retry_max_ms, .claim_timeout_s = cfg.claim_timeout_s, .reconnect_max_ms = cfg.db_reconnect_max_ms,
 		.typing_stale_ms = cfg.typing_stale_ms,
 		.peer_deliver = peer_out_deliver, .peer_ctx = pout,
 		.local_deliver = app.matrix ? matrix_deliver : app.xmpp ? xa_deliver : NULL,

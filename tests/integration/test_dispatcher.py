@@ -372,3 +372,58 @@ def test_the_claims_held_rows_probe_is_one_descent_whatever_the_statistics(make_
         assert re.search(r"(Index Scan using outbox_held_probe_idx on outbox h|Bitmap Index Scan on"
                          r" outbox_held_probe_idx)\b.*\n\s+Index Cond: \(\(target_identity_id"
                          r" = (o\w*)\.target_identity_id\) AND \(room_id = \2\.room_id\) AND \(id < \2\.id\)\)", p), p
+
+
+def test_the_lanes_reconnect_without_blocking_the_stop_and_back_off(make_daemon, db_url, pg):
+    """The lanes' connections lost while the database's address takes new
+    connections and never answers them (a dropped route, a firewall that
+    drops): the daemon stops at once, not after connect_timeout (5 s;
+    until the forty-eighth session each lane's connect blocked it that
+    long).  While the database refuses, a lane tries again after 250 ms,
+    then twice as long each time up to database.reconnect_max_ms (until
+    then every second, each lane), and delivers again once it is back."""
+    from pgproxy import PgProxy
+    # The lane's backend among the daemon's idle ones (the policy's too: a
+    # stop waits for it as well).
+    cut = ("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'causewayd' "
+           "AND query = 'COMMIT'")
+
+    def failures():
+        return sum(1 for rec in list(d.records) if rec.get("msg") == "dispatcher lane cannot connect to the database")
+    with PgProxy(db_url) as px:
+        d = make_daemon(px.url, options={"dispatcher": {"lanes": "1"},
+                                         "database": {"reconnect_max_ms": "4000"}}).start()
+        (a, sa), (b, sb) = made = push_peers(d)
+        try:
+            rm = room(a, b)
+            assert a.send(rm["id"], a.user("alice"), "first").status_code == 202
+            sb.wait_events(1)
+            settled(pg, db_url)
+
+            # Refused: after 250 ms, 0.5 s, 1 s, 2 s, 4 s: 4 attempts in 8 s
+            # (every second before: 8).
+            px.refuse()
+            assert int(pg.psql(cut, db_url)) >= 1
+            wait_until(lambda: failures() > 0, what="the lane's connect, refused")
+            f0 = failures()
+            time.sleep(8)
+            tries = failures() - f0
+            assert 3 <= tries <= 5, tries
+            px.thaw()
+            assert a.send(rm["id"], a.user("alice"), "second").status_code == 202
+            sb.wait_events(2, timeout=20)
+
+            # A stop while the lanes' connects are swallowed: at once.
+            px.swallow()
+            s0 = px.swallowed
+            assert int(pg.psql(cut, db_url)) >= 1
+            wait_until(lambda: px.swallowed > s0, what="the lane's connect, swallowed")
+            time.sleep(0.5)
+            t0 = time.time()
+            assert d.stop() == 0
+            took = time.time() - t0
+            assert took < 3, took
+            px.thaw()
+        finally:
+            for _, srv in made:
+                srv.close()
