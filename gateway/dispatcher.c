@@ -647,13 +647,7 @@ static bool ensure_conn(struct lane *l)
 /* Sleeps until until_us (cw_now_us), cut short by a stop. */
 static void nap_until(struct dispatcher *d, int64_t until_us)
 {
-	while (!atomic_load(&d->stop)) {
-		int64_t left = until_us - cw_now_us();
-		if (left <= 0)
-			return;
-		struct timespec ts = { 0, (left < 100000 ? left : 100000) * 1000L };
-		nanosleep(&ts, NULL);
-	}
+	store_sleep_until(until_us, &d->stop);
 }
 
 /* The pace of a lane whose statement failed: a second, cut short by a stop. */

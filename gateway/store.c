@@ -599,6 +599,17 @@ long store_backoff_failed(struct store_backoff *b, long most_ms)
 	return (long)(b->delay_us / 1000);
 }
 
+void store_sleep_until(int64_t until_us, const atomic_bool *stop)
+{
+	while (!atomic_load(stop)) {
+		int64_t left = until_us - cw_now_us();
+		if (left <= 0)
+			return;
+		struct timespec ts = { 0, (left < 100000 ? left : 100000) * 1000L };
+		nanosleep(&ts, NULL);
+	}
+}
+
 static void watch_arm(struct cw_store *s, struct conn *sc, int64_t until_us, bool kill_only);
 static bool watch_disarm(struct conn *sc);
 static void probe_put(struct store_probe *p);

@@ -15,6 +15,7 @@
 #include "cw.h"
 #include <libpq-fe.h>
 #include <pthread.h>
+#include <stdatomic.h>
 
 struct cw_store;
 
@@ -242,6 +243,9 @@ static inline void store_backoff_reset(struct store_backoff *b)
 {
 	b->delay_us = b->retry_at_us = 0;
 }
+/* Sleeps until until_us (cw_now_us), in slices of 100 ms, cut short once
+ * *stop is set. */
+void store_sleep_until(int64_t until_us, const atomic_bool *stop);
 
 /* Prepares every statement of lists (as store_opts.stmts) on c; false with
  * e set (and logged) when one fails. */

@@ -2785,6 +2785,12 @@ static const struct store_stmt bot_stmts[BOT_LOOKS + 1] = {
 };
 static const struct store_stmt *const bot_stmt_lists[] = { bot_stmts, dispatcher_dead_stmts, NULL };
 
+static bool bot_gives_up(void *arg)
+{
+	struct matrix *m = arg;
+	return atomic_load(&m->bot_stop);
+}
+
 static void *bot_main(void *arg)
 {
 	cw_thread_name("cw-mx-bot");
@@ -2793,21 +2799,35 @@ static void *bot_main(void *arg)
 	bool mine = false;
 	int64_t requests_after = 0, forget_after = 0, expired_seen = -1;
 	struct backoff invitations = { 0, 0 }, renames = { 0, 0 };
+	/* The pace of its connects while the database is away: 250 ms, then
+	 * twice as long each time up to database.reconnect_max_ms (until the
+	 * forty-eighth session every 500 ms, each attempt blocking the stop
+	 * up to connect_timeout, 5 s, when the database's host took the
+	 * connection and never answered). */
+	struct store_backoff reconnect = { 0, 0 };
 	while (!atomic_load(&m->bot_stop)) {
 		if (!c || PQstatus(c) != CONNECTION_OK) {
 			PQfinish(c);
 			mine = false;
 			expired_seen = -1;
 			cw_errmsg e;
-			c = store_connect(m->app->cfg->db_url, m->app->cfg->db_statement_timeout_ms, &e);
+			c = store_connect_abortable(m->app->cfg->db_url, m->app->cfg->db_statement_timeout_ms, -1,
+						    bot_gives_up, m, &e);
 			if (c && (store_exec(c, "LISTEN causeway_matrix_bot", &e) || !store_prepare_all(c, bot_stmt_lists, &e))) {
 				PQfinish(c);
 				c = NULL;
 			}
 			if (!c) {
-				poll(NULL, 0, 500);
+				char in_ms[24];
+				snprintf(in_ms, sizeof(in_ms), "%ld",
+					 store_backoff_failed(&reconnect, m->app->cfg->db_reconnect_max_ms));
+				if (!atomic_load(&m->bot_stop))
+					LOG_KV(CW_LOG_WARN, "matrix bot cannot connect to the database", "detail", e.msg,
+					       "retry_in_ms", in_ms);
+				store_sleep_until(reconnect.retry_at_us, &m->bot_stop);
 				continue;
 			}
+			store_backoff_reset(&reconnect);
 		}
 		if (!mine)
 			mine = bot_lock(c);

@@ -363,3 +363,25 @@ class PgProxy:
                 c.client.sendall(msg)
         except (EOFError, OSError):
             self._close(c)
+
+
+def stop_while_connects_swallowed(px, d, pg, db_url, where="application_name = 'causewayd'", settle=1.0):
+    """The daemon d (connected through px) has the backends that match where
+    cut while px swallows new connections, so that its threads connect
+    anew into the void; once they are at it (settle seconds after the
+    first connect swallowed), d is stopped: the time it
+    took (asserted under 3 s: no thread's connect may hold the stop for its
+    connect_timeout, 5 s)."""
+    from harness import wait_until
+    px.swallow()
+    s0 = px.swallowed
+    cut = pg.psql(f"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE {where}", db_url)
+    assert int(cut) >= 1, cut
+    wait_until(lambda: px.swallowed > s0, what="a connect, swallowed")
+    time.sleep(settle)  # the others' too
+    t0 = time.time()
+    assert d.stop() == 0
+    took = time.time() - t0
+    px.thaw()
+    assert took < 3, took
+    return took

@@ -8042,3 +8042,17 @@ def test_her_membership_before_a_member_event_without_prev_content_is_read_in_he
         assert calls1 > calls0 and (pages1 - pages0) / (calls1 - calls0) < 1000, (calls1 - calls0, pages1 - pages0)
     finally:
         srv.close()
+
+
+def test_a_stop_while_the_databases_address_swallows_reconnects_is_at_once(make_daemon, db_url, hs, pg):
+    """Every connection of the daemon cut while the database's address takes
+    new connections and never answers them (a dropped route, a firewall
+    that drops): the daemon, with the bot's thread connecting anew, stops
+    at once.  Until the forty-eighth session the bot's connect (and the
+    dispatcher's lanes', the policy's) held the stop up to connect_timeout
+    (5 s)."""
+    from pgproxy import stop_while_connects_swallowed
+    with PgProxy(db_url) as px:
+        d = start_mx(make_daemon, px.url, hs)
+        time.sleep(1.0)  # its threads connected
+        stop_while_connects_swallowed(px, d, pg, db_url)
