@@ -1444,6 +1444,12 @@ static void stream_stable(struct xcomp *xc)
 	xc->flap_log_next_ms = 0;
 }
 
+static bool comp_gives_up(void *arg)
+{
+	struct xmpp *x = arg;
+	return atomic_load(&x->stop);
+}
+
 static void *comp_main(void *arg)
 {
 	cw_thread_name("cw-xmpp");
@@ -1454,6 +1460,12 @@ static void *comp_main(void *arg)
 	PGconn *lock = NULL;
 	long backoff = 0;
 	int64_t next_try = 0, next_house = 0, up_since = 0; /* mono_ms() it came up, 0: down */
+	/* The pace of the lock connection's connects while the database is
+	 * away: 250 ms, then twice as long each time up to
+	 * database.reconnect_max_ms (until the forty-eighth session every
+	 * second, each attempt blocking the stop up to connect_timeout, 5 s,
+	 * when the database's host took the connection and never answered). */
+	struct store_backoff db_wait = { 0, 0 };
 	while (!atomic_load(&x->stop)) {
 		int64_t now = mono_ms();
 		if (!lock) {
@@ -1462,7 +1474,7 @@ static void *comp_main(void *arg)
 				continue;
 			}
 			cw_errmsg e;
-			lock = store_connect(cfg->db_url, cfg->db_statement_timeout_ms, &e);
+			lock = store_connect_abortable(cfg->db_url, cfg->db_statement_timeout_ms, -1, comp_gives_up, x, &e);
 			static const struct store_stmt *const lock_stmts[] = { dispatcher_dead_stmts, NULL };
 			if (lock && !store_prepare_all(lock, lock_stmts, &e)) {
 				PQfinish(lock);
@@ -1471,9 +1483,10 @@ static void *comp_main(void *arg)
 			if (!lock) {
 				set_state(xc, XC_DOWN, "the database is away: waiting for it to take the component's lock",
 					  false);
-				next_try = now + 1000;
+				next_try = mono_ms() + store_backoff_failed(&db_wait, cfg->db_reconnect_max_ms);
 				continue;
 			}
+			store_backoff_reset(&db_wait);
 			if (!lock_component(xc, lock)) {
 				PQfinish(lock);
 				lock = NULL;

@@ -7519,3 +7519,20 @@ def test_the_components_commands_are_those_xmpp_md_lists():
     assert set(limits) == {"XA_CMD_JID_MAX", "XA_CMD_REASON_MAX"}, limits
     assert f"a reason of {limits['XA_CMD_REASON_MAX']} bytes, or a JID\n  of {limits['XA_CMD_JID_MAX']}," in doc
     assert f"(its reason up to {limits['XA_CMD_REASON_MAX']}\n  bytes" in doc
+
+
+def test_a_stop_while_the_databases_address_swallows_the_lock_reconnect_is_at_once(make_daemon, db_url, prosody,
+                                                                                  pg):
+    """Every connection of the daemon cut while the database's address takes
+    new connections and never answers them (a dropped route, a firewall
+    that drops): the component finds its lock's connection lost (within
+    its housekeeping's second), connects anew a second later, and the
+    daemon stops at once.  Until the forty-eighth session that connect held
+    the stop up to connect_timeout (5 s)."""
+    from pgproxy import stop_while_connects_swallowed
+    with PgProxy(db_url) as px:
+        d, _, srv = start_with_gk(make_daemon, px.url, prosody)
+        try:
+            stop_while_connects_swallowed(px, d, pg, db_url, settle=2.5)
+        finally:
+            srv.close()
