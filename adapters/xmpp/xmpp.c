@@ -677,8 +677,8 @@ static void on_iq(struct xcomp *xc, xmpp_stanza_t *st)
 		if (id && xc->ping_sent_ms && strcmp(id, xc->ping_id) == 0) {
 			/* the server answered our ping (an error answer proves it
 			 * alive too): what was written before it got there */
+			xc->proven_ms = xc->ping_sent_ms;
 			xc->ping_sent_ms = 0;
-			xc->proven_ms = xc->ping_sent_wall_ms;
 			xc->pings_answered = xc->pings_sent;
 		}
 		return;
@@ -989,7 +989,7 @@ void xa_send_kept(struct xcomp *xc, xmpp_stanza_t *st)
 		atomic_fetch_add(&xc->stanzas_out, 1);
 		char *copy = strdup(buf);
 		if (copy)
-			recent_add(xc, copy, cw_wall_ms());
+			recent_add(xc, copy, mono_ms());
 	}
 	if (buf)
 		xmpp_free(xc->ctx, buf);
@@ -1090,7 +1090,7 @@ static void drain(struct xcomp *xc)
 	if (!it)
 		return;
 	uint64_t last = 0;
-	int64_t now = cw_wall_ms();
+	int64_t now = mono_ms();
 	/* One write for the whole list (libstrophe writes each queued piece
 	 * with a send() of its own): stanzas are only concatenated. */
 	size_t total = 0;
@@ -1166,8 +1166,8 @@ static void stream_up(struct xcomp *xc)
 	 * (stamped with the same time: a later one would count them as
 	 * proven, and a second break would forget them), is proven by the
 	 * next ping. */
-	int64_t up_ms = cw_wall_ms();
-	recent_resend(xc, xc->drop_wall_ms, up_ms);
+	int64_t up_ms = mono_ms();
+	recent_resend(xc, xc->drop_ms, up_ms);
 	xc->proven_ms = up_ms;
 	xc->resend_pending = true;
 	xc->resend_after = 0;
@@ -1246,7 +1246,7 @@ static void stream_give_up(struct xcomp *xc, enum xc_state s, const char *why, b
 {
 	stream_close(xc);
 	set_state(xc, s, why, true);
-	xc->drop_wall_ms = cw_wall_ms();
+	xc->drop_ms = mono_ms();
 	if (!keep_recent) {
 		recent_clear(xc);
 		xa_fanout_clear(xc);
@@ -1268,7 +1268,6 @@ static void send_ping(struct xcomp *xc, int64_t now)
 	xa_send_now(xc, iq);
 	xc->pings_sent++;
 	xc->ping_sent_ms = now;
-	xc->ping_sent_wall_ms = cw_wall_ms();
 	xc->ping_next_ms = now + PING_EVERY_MS;
 }
 

@@ -121,11 +121,13 @@ struct xcomp {
 	struct xr_item recent[XMPP_RECENT_MAX];
 	size_t recent_head, recent_n;
 	size_t recent_bytes;            /* their texts' sizes (bounded: XMPP_RECENT_BYTES) */
-	/* The wall time before which everything written has reached the
-	 * server: the sending of the last ping it answered (TCP keeps order),
-	 * or the stream's start. */
+	/* The time (mono_ms, as every time of the re-send) before which
+	 * everything written has reached the server: the sending of the last
+	 * ping it answered (TCP keeps order), or the stream's start.  Until
+	 * the forty-eighth session these times were the wall clock's, and a
+	 * clock set back after a ping made the stanzas written after it look
+	 * proven: a break then did not write them again. */
 	int64_t proven_ms;
-	int64_t ping_sent_wall_ms;
 	bool resend_pending;            /* pending consent requests go out again after a (re)connect, */
 	long long resend_after;         /* those with an id above this one still (xa_requests) */
 	long long audit_seen;           /* the operator's consent changes up to this audit_log id are done (-1: none yet) */
@@ -149,7 +151,7 @@ struct xcomp {
 	int64_t profiles_wait_since_ms;
 	bool up_event, dropped, auth_failed; /* set by libstrophe's connection handler */
 	PGconn *lock;                   /* the connection that holds the component's lock (the thread's), or NULL */
-	int64_t drop_wall_ms;           /* when the last stream was given up (wall clock), for the re-send */
+	int64_t drop_ms;                /* when the last stream was given up (mono_ms), for the re-send */
 	bool closing;                   /* the thread's own: the stream is being closed (stream_close) */
 	bool unreadable;                /* it too: the server found the stream not well-formed (or invalid XML) */
 	char drop_reason[200];
