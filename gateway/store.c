@@ -923,10 +923,35 @@ static void *watch_cancel_main(void *arg)
 	return NULL;
 }
 
+/* What the watchdog has to say of a connection, gathered under watch_mu
+ * and written once it is released: a blocked stderr (a full pipe to the
+ * journal) must not hold the lock the connection's own thread takes to end
+ * its watch (watch_disarm).  At most one line of each kind a look. */
+struct watch_notes {
+	const char *probe_answered, *killed, *fired; /* the killed one's detail; set: said */
+	char cancel_err[256];                        /* set: a cancel request not sent */
+};
+
+static void watch_notes_write(const struct watch_notes *w, const char *conn)
+{
+	if (w->probe_answered)
+		LOG_KV(CW_LOG_INFO, "a statement runs on past its deadline; the database answers, so it is waited for",
+		       "connection", conn);
+	if (w->killed)
+		LOG_KV(CW_LOG_WARN, "the database stopped answering: a connection is dropped", "connection", conn,
+		       "detail", w->killed);
+	if (w->fired)
+		LOG_KV(CW_LOG_INFO, "a statement still running at its job's deadline is cancelled", "connection", conn);
+	if (w->cancel_err[0])
+		LOG_KV(CW_LOG_WARN, "cannot cancel a statement past its deadline", "connection", conn, "detail",
+		       w->cancel_err);
+}
+
 /* Sends a cancel request for sc's statement from a detached thread (under
  * watch_mu); true when one is on its way.  Without a thread, it is sent
- * here and waited for, as before the thirty-third session. */
-static bool watch_cancel(struct conn *sc)
+ * here and waited for, as before the thirty-third session (its failure
+ * into w). */
+static bool watch_cancel(struct conn *sc, struct watch_notes *w)
 {
 	struct store_cancel *x = cancel_get(&sc->cancel);
 	if (!x)
@@ -937,9 +962,8 @@ static bool watch_cancel(struct conn *sc)
 	}
 	if (cw_thread_detached(watch_cancel_main, x))
 		return true;
-	char err[256];
-	if (!PQcancel(x->pc, err, sizeof(err)))
-		LOG_KV(CW_LOG_WARN, "cannot cancel a statement past its deadline", "detail", err);
+	if (!PQcancel(x->pc, w->cancel_err, sizeof(w->cancel_err)) && !w->cancel_err[0])
+		snprintf(w->cancel_err, sizeof(w->cancel_err), "%s", "unknown");
 	atomic_store(&x->watching, false);
 	cancel_put(x);
 	return false;
@@ -1001,7 +1025,7 @@ static struct store_probe *probe_start(const char *url)
 /* A kill_only watch past its time (under watch_mu): takes the answer of
  * the ping on its way, and sends the next one when due; true when the
  * server did not answer one (refused, or not within its connect_timeout). */
-static bool probe_look(struct cw_store *s, struct conn *sc, int64_t now)
+static bool probe_look(struct cw_store *s, struct conn *sc, int64_t now, struct watch_notes *w)
 {
 	if (sc->probe) {
 		int st = atomic_load(&sc->probe->state);
@@ -1013,8 +1037,7 @@ static bool probe_look(struct cw_store *s, struct conn *sc, int64_t now)
 			return true;
 		if (!sc->probe_told) {
 			sc->probe_told = true;
-			LOG_KV(CW_LOG_INFO, "a statement runs on past its deadline; the database answers, so it is waited for",
-			       "connection", sc->name);
+			w->probe_answered = "";
 		}
 		sc->probe_next_us = now + WATCH_PROBE_US;
 	}
@@ -1031,6 +1054,7 @@ static bool probe_look(struct cw_store *s, struct conn *sc, int64_t now)
  * down (above); when to look again (INT64_MAX: not armed). */
 static int64_t watch_check(struct cw_store *s, struct conn *sc, int64_t now)
 {
+	struct watch_notes w = { 0 };
 	pthread_mutex_lock(&sc->watch_mu);
 	int64_t next = INT64_MAX;
 	if (sc->watch_until_us && !sc->killed) {
@@ -1042,7 +1066,7 @@ static int64_t watch_check(struct cw_store *s, struct conn *sc, int64_t now)
 		int64_t late_at = sc->kill_only ? INT64_MAX : sc->watch_until_us + WATCH_LATE_US;
 		bool pinged = false;
 		if (sc->kill_only && now >= sc->watch_until_us) {
-			if (probe_look(s, sc, now))
+			if (probe_look(s, sc, now, &w))
 				dead_at = now;
 			else if (sc->probe && sc->probe_sent_us + WATCH_KILL_US < dead_at)
 				dead_at = sc->probe_sent_us + WATCH_KILL_US;
@@ -1054,18 +1078,15 @@ static int64_t watch_check(struct cw_store *s, struct conn *sc, int64_t now)
 			sc->killed = true;
 			sc->dead = now >= dead_at;
 			pthread_cond_broadcast(&sc->watch_cv);
-			LOG_KV(CW_LOG_WARN, "the database stopped answering: a connection is dropped", "connection",
-			       sc->name, "detail",
-			       pinged        ? "no answer by its deadline, nor to a ping"
-			       : going       ? "a cancel request at its deadline was not answered"
-					     : "its statement ran on past its deadline, cancelled");
+			w.killed = pinged ? "no answer by its deadline, nor to a ping"
+				   : going ? "a cancel request at its deadline was not answered"
+					   : "its statement ran on past its deadline, cancelled";
 		} else {
 			if (sc->watch_us && now >= sc->watch_us) {
 				if (!sc->watch_fired)
-					LOG_KV(CW_LOG_INFO, "a statement still running at its job's deadline is cancelled",
-					       "connection", sc->name);
+					w.fired = "";
 				sc->watch_fired = true; /* before it is sent: watch_fired */
-				if (!going && watch_cancel(sc))
+				if (!going && watch_cancel(sc, &w))
 					sc->cancel_sent_us = now;
 				sc->watch_us = now + WATCH_AGAIN_US;
 			}
@@ -1083,6 +1104,7 @@ static int64_t watch_check(struct cw_store *s, struct conn *sc, int64_t now)
 		}
 	}
 	pthread_mutex_unlock(&sc->watch_mu);
+	watch_notes_write(&w, sc->name); /* a name of the code's: not sc's to free */
 	return next;
 }
 
