@@ -747,8 +747,11 @@ static bool tell_moved_locked(struct xcomp *xc, xmpp_ctx_t *ctx, const char *roo
  * which is nobody else's in their view (a remote namesake of a member is
  * "<local part>@<domain>": MUC_NICK), told as a nick change the room
  * made; a joining occupant is told after its join's answer (joined).
- * Whether it moved. */
-static bool give_way_locked(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room, const char *full, const char *nick)
+ * Whether it moved; *queued made false when what it is told did not fit
+ * the queue (for the caller to say once xc->mu is released: a blocked
+ * stderr must not hold the component's lock). */
+static bool give_way_locked(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room, const char *full, const char *nick,
+			    bool *queued)
 {
 	json_t *o = xc->muc ? json_object_get(json_object_get(xc->muc, room), full) : NULL;
 	const char *user = o ? json_string_value(json_object_get(o, "user")) : NULL;
@@ -764,16 +767,24 @@ static bool give_way_locked(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room,
 	if (json_is_true(json_object_get(o, "joining")))
 		json_object_set_new(o, "moved", json_true());
 	else if (!tell_moved_locked(xc, ctx, room, full, old, local))
-		LOG_KV(CW_LOG_WARN, "xmpp: an occupant's move did not fit the queue", "component", xc->domain, "room",
-		       room);
+		*queued = false;
 	return true;
+}
+
+/* After give_way_locked (xc->mu released): what it could not queue. */
+static void move_lost(const struct xcomp *xc, const char *room)
+{
+	LOG_KV(CW_LOG_WARN, "xmpp: an occupant's move did not fit the queue", "component", xc->domain, "room", room);
 }
 
 bool xa_muc_give_way(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room, const char *full, const char *nick)
 {
+	bool queued = true;
 	pthread_mutex_lock(&xc->mu);
-	bool moved = give_way_locked(xc, ctx, room, full, nick);
+	bool moved = give_way_locked(xc, ctx, room, full, nick, &queued);
 	pthread_mutex_unlock(&xc->mu);
+	if (!queued)
+		move_lost(xc, room);
 	if (moved)
 		xa_wake(xc);
 	return moved;
@@ -863,7 +874,7 @@ static json_t *members_since(struct xcomp *xc, xmpp_ctx_t *ctx, const struct mjo
 static void joined(struct xcomp *xc, xmpp_ctx_t *ctx, const struct mjoin *j, json_t *out, json_t *given,
 		   json_t *going)
 {
-	bool queued = true;
+	bool queued = true, move_queued = true;
 	pthread_mutex_lock(&xc->mu);
 	json_t *o = xc->muc ? json_object_get(json_object_get(xc->muc, j->room), j->full) : NULL;
 	json_t *kept = o ? json_incref(json_object_get(o, "kept")) : NULL;
@@ -889,7 +900,7 @@ static void joined(struct xcomp *xc, xmpp_ctx_t *ctx, const struct mjoin *j, jso
 			queued = queued && tell_moved_locked(xc, ctx, j->room, j->full, j->nick, now);
 		json_object_del(o, "moved");
 		if (told && now && json_object_get(told, now))
-			give_way_locked(xc, ctx, j->room, j->full, now);
+			give_way_locked(xc, ctx, j->room, j->full, now, &move_queued);
 		json_t *since = told ? members_since(xc, ctx, j, told) : NULL;
 		json_array_foreach(since, i, v)
 			queued = queued && xa_enqueue_locked(xc, json_string_value(v), json_string_length(v));
@@ -903,6 +914,8 @@ static void joined(struct xcomp *xc, xmpp_ctx_t *ctx, const struct mjoin *j, jso
 	pthread_mutex_unlock(&xc->mu);
 	json_decref(kept);
 	xa_wake(xc);
+	if (!move_queued)
+		move_lost(xc, j->room);
 	if (!queued)
 		LOG_KV(CW_LOG_WARN, "xmpp: a join's answer did not fit the queue", "component", xc->domain, "room",
 		       j->room);
@@ -1926,6 +1939,8 @@ void xa_muc_members(struct xcomp *xc, PGconn *c)
 	 * may not even be stored yet: the join makes it); a room with only
 	 * such occupants is told by the join (announce_first). */
 	json_t *out = json_array();
+	bool queued = true;
+	char lost[XJ_JID_MAX + 1] = "";
 	pthread_mutex_lock(&xc->mu);
 	if (!xc->muc_members)
 		xc->muc_members = json_object();
@@ -1950,10 +1965,15 @@ void xa_muc_members(struct xcomp *xc, PGconn *c)
 			if (!local_in(set, local)) /* not the nick: a namesake of the peer's may hold it */
 				json_array_append_new(out, json_pack("[s, s, O]", room, full, json_object_get(o, "nick")));
 			else if (json_object_get(set, json_string_value(json_object_get(o, "nick"))))
-				give_way_locked(xc, xc->ctx, room, full, json_string_value(json_object_get(o, "nick")));
+				give_way_locked(xc, xc->ctx, room, full, json_string_value(json_object_get(o, "nick")),
+						&queued);
+			if (!queued && !lost[0]) /* the first room of a lost move, said below */
+				snprintf(lost, sizeof(lost), "%s", room);
 		}
 	}
 	pthread_mutex_unlock(&xc->mu);
+	if (lost[0])
+		move_lost(xc, lost);
 	xa_wake(xc); /* what an occupant that gave way was told */
 	size_t oi;
 	json_t *ov;
