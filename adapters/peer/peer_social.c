@@ -337,22 +337,48 @@ void peer_api_consent_request(struct cw_req *req, void *ctx)
 	start(req, ctx, in, consent_request_fn, true);
 }
 
+/* A change of blocks (sql, its two params), whose statement tells every
+ * daemon process of the local user whose facts it changed (a row of
+ * pg_notify: policy_notify_user's payload) and nobody when it changed
+ * nothing; whether it changed something into *changed. */
+static cw_err block_change(PGconn *c, const char *sql, const char *const params[2], bool *changed, cw_errmsg *e)
+{
+	PGresult *r = PQexecParams(c, sql, 2, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (!rc) {
+		*changed = PQntuples(r) > 0;
+		PQclear(r);
+	}
+	return rc;
+}
+
 /* A lift (granted, unblock) of the block of the two users named, if there
  * is one, and every daemon process told of it.  It makes neither user an
  * identity row: until the forty-eighth session it made both (both()), so
  * that a peer's "granted" for names it made up, which lifts nothing, made
  * each a user of this provider, listed in GET /admin/v1/users. */
-static cw_err lift(PGconn *c, struct social_input *in, cw_errmsg *e)
+static cw_err lift(PGconn *c, struct social_input *in, bool *changed, cw_errmsg *e)
 {
 	const char *params[] = { in->remote, in->local };
-	PGresult *r = PQexecParams(c,
+	return block_change(c,
 		"WITH d AS (DELETE FROM blocks b USING identities x, identities y WHERE x.uri = $1 AND y.uri = $2 "
 		"  AND y.is_local AND b.blocker_id = x.id AND b.blocked_id = y.id RETURNING b.blocked_id) "
-		"SELECT pg_notify('causeway_policy', 'u:' || blocked_id) FROM d", 2, NULL, params, NULL, NULL, 0);
-	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
-	if (!rc)
-		PQclear(r);
-	return rc;
+		"SELECT pg_notify('causeway_policy', 'u:' || blocked_id) FROM d", params, changed, e);
+}
+
+/* A block (revoked, block) of the local user by the remote one, and every
+ * daemon process told of it, unless it is in force already: until the
+ * forty-eighth session a peer repeating it had every process reload that
+ * user's facts each time, and each wrote an audit record. */
+static cw_err impose(PGconn *c, struct social_input *in, bool *changed, cw_errmsg *e)
+{
+	char rid[24], lid[24];
+	cw_err rc = both(c, in, rid, lid, e);
+	const char *params[] = { rid, lid };
+	return rc ? rc : block_change(c,
+		"WITH i AS (INSERT INTO blocks (blocker_id, blocked_id) VALUES ($1::bigint, $2::bigint) "
+		"  ON CONFLICT DO NOTHING RETURNING blocked_id) "
+		"SELECT pg_notify('causeway_policy', 'u:' || blocked_id) FROM i", params, changed, e);
 }
 
 /* updateConsent: the peer's user grants or revokes consent to be contacted
@@ -363,16 +389,12 @@ static cw_err lift(PGconn *c, struct social_input *in, cw_errmsg *e)
 static cw_err consent_update_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct social_input *in = j->data;
-	char rid[24], lid[24];
-	cw_err rc = in->flag ? lift(c, in, e) : both(c, in, rid, lid, e);
-	if (!rc && !in->flag) {
-		const char *params[] = { rid, lid };
-		rc = store_command(c, "INSERT INTO blocks (blocker_id, blocked_id) VALUES ($1::bigint, $2::bigint) "
-				   "ON CONFLICT DO NOTHING", 2, params, e);
-		if (!rc) /* every daemon process takes the change into its policy */
-			rc = policy_notify_user(c, lid, e);
-	}
-	if (!rc) { /* the operator sees who changed what */
+	bool changed = false;
+	cw_err rc = in->flag ? lift(c, in, &changed, e) : impose(c, in, &changed, e);
+	/* The operator sees who changed what, and every lift asked for (one
+	 * of names made up included), but not a block already in force (the
+	 * peer's answer is the same: no oracle). */
+	if (!rc && (changed || in->flag)) {
 		const char *ap[] = { in->peer_network, in->action, in->local, in->remote };
 		rc = store_command(c, "INSERT INTO audit_log (actor, action, subject, details) "
 				   "VALUES ($1, $2, $3, jsonb_build_object('user', $4::text))", 4, ap, e);

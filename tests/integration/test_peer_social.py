@@ -5,6 +5,7 @@ import concurrent.futures
 import json
 import os
 
+import psycopg
 import pytest
 
 from harness import HeldSession, wait_until
@@ -45,6 +46,35 @@ def test_consent_updates_and_blocks(daemon, peers, pg, db_url):
     assert pg.psql(q, db_url) == "1"
     assert a.call("POST", "/v1/blocks", dict(blk, action="unblock")).status_code == 202
     assert pg.psql(q, db_url) == "0"
+
+
+def test_a_block_already_in_force_writes_nothing_and_reloads_nothing(daemon, peers, pg, db_url):
+    """A peer's block or revoke of a local user its user blocks already
+    changes nothing: the same answer, but no audit record and no NOTIFY
+    (every daemon process reloaded that user's facts).  Until the
+    forty-eighth session each repeat did both."""
+    (a, _), _ = peers
+    audit = "SELECT count(*) FROM audit_log WHERE actor = 'peer:gk'"
+    upd = ("/v1/consent/updates", {"user": a.user("wally"), "target": LOCAL + "alice", "consent": "revoked"})
+    blk = ("/v1/blocks", {"blocker": a.user("wally"), "blocked": LOCAL + "alice", "action": "block"})
+    got = []
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.add_notify_handler(lambda n: got.append(n.payload))
+        conn.execute("LISTEN causeway_policy")
+        r = a.call("POST", *upd)
+        assert (r.status_code, r.json()) == (202, {"status": "accepted"}), r.text
+        # answered once committed, its notification sent
+        wait_until(lambda: conn.execute("SELECT 1") and got, timeout=5, what="the block notified")
+        alice = pg.psql(f"SELECT id FROM identities WHERE uri = '{LOCAL}alice'", db_url)
+        assert got == [f"u:{alice}"], got
+        assert pg.psql(audit, db_url) == "1"
+        for path, body in (upd, blk, upd):
+            r = a.call("POST", path, body)
+            assert (r.status_code, r.json()) == (202, {"status": "accepted"}), r.text
+        conn.execute("SELECT 1")
+        assert got == [f"u:{alice}"], got
+    assert pg.psql(audit, db_url) == "1"
+    assert pg.psql("SELECT count(*) FROM blocks", db_url) == "1"
 
 
 def test_a_grant_or_unblock_of_a_name_never_seen_makes_nobody(daemon, peers, pg, db_url):
