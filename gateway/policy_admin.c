@@ -19,6 +19,7 @@
 #include "policy_json.h"
 #include "policy_live.h"
 #include "store.h"
+#include "utf8.h"
 #include "log.h"
 #include "xmpp/xmpp.h"
 
@@ -1327,6 +1328,31 @@ static cw_err report_subject(PGconn *c, struct cw_app *app, const char *subject,
 	return rc;
 }
 
+const char *policy_report_fields_problem(const json_t *reason, const json_t *evidence, const json_t *comment,
+					 char *why, size_t len)
+{
+	const char *r = json_is_string(reason) ? json_string_value(reason) : "", *p;
+	bool ok = json_string_length(reason) <= 64 && r[0] >= 'a' && r[0] <= 'z';
+	for (const char *c = r; ok && *c; c++)
+		ok = (*c >= 'a' && *c <= 'z') || (*c >= '0' && *c <= '9') || *c == '_';
+	if (!ok)
+		return "reason must be a reason code of 1 to 64 of a-z, 0-9 and '_', starting with a letter";
+	if (evidence && (!json_is_array(evidence) || json_array_size(evidence) > 100))
+		return "evidence must be an array of at most 100 message ids";
+	for (size_t i = 0; evidence && i < json_array_size(evidence); i++) {
+		const json_t *v = json_array_get(evidence, i);
+		if (!json_is_string(v) || !message_id_valid(json_string_value(v)))
+			return "every evidence entry must be a message id (msg_...)";
+	}
+	if (comment && (!json_is_string(comment) || json_string_length(comment) > 8192))
+		return "comment must be a string of at most 8192 bytes";
+	if (comment && (p = cw_utf8_text_problem(json_string_value(comment), json_string_length(comment)))) {
+		snprintf(why, len, "comment %s: it is shown to the operator as it is", p);
+		return why;
+	}
+	return NULL;
+}
+
 cw_err policy_report_store(PGconn *c, struct cw_app *app, const struct policy_report *rep, json_t **answer,
 			   cw_errmsg *e)
 {
@@ -1432,26 +1458,11 @@ void policy_admin_report_create(struct cw_req *req, void *ctx)
 	} else if (reporter && policy_same_local_user(app, reporter, subject))
 		bad_body(req, "subject is the reporter herself (under another of this provider's domains, or spelt "
 			      "otherwise): a user reports someone else");
-	else if (!reason || !*reason || strlen(reason) > 64)
-		bad_body(req, "reason must be a reason code of 1 to 64 of a-z, 0-9 and '_', starting with a letter");
-	else if (evidence && (!json_is_array(evidence) || json_array_size(evidence) > 100))
-		bad_body(req, "evidence must be an array of at most 100 message ids");
-	else if (comment && (!json_is_string(comment) || json_string_length(comment) > 8192))
-		bad_body(req, "comment must be a string of at most 8192 bytes");
-	else {
-		ok = reason[0] >= 'a' && reason[0] <= 'z';
-		for (const char *c = reason; ok && *c; c++)
-			ok = (*c >= 'a' && *c <= 'z') || (*c >= '0' && *c <= '9') || *c == '_';
-		if (!ok)
-			bad_body(req, "reason must be a reason code of 1 to 64 of a-z, 0-9 and '_', starting with a letter");
-		for (size_t i = 0; ok && evidence && i < json_array_size(evidence); i++) {
-			json_t *v = json_array_get(evidence, i);
-			if (!json_is_string(v) || !message_id_valid(json_string_value(v))) {
-				bad_body(req, "every evidence entry must be a message id (msg_...)");
-				ok = false;
-			}
-		}
-	}
+	else if ((p = policy_report_fields_problem(json_object_get(body, "reason"), evidence, comment, why,
+						   sizeof(why))))
+		bad_body(req, p);
+	else
+		ok = true;
 	/* No statement: the job's parameters (report_fn). */
 	struct aq *q = ok ? aq_new(NULL) : NULL;
 	if (q) {

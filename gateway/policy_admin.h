@@ -62,6 +62,17 @@ struct cw_app;
  * limit_rule_id, evidence (the message ids stored, an array)}. */
 cw_err policy_report_store(PGconn *c, struct cw_app *app, const struct policy_report *rep, json_t **answer,
 			   cw_errmsg *e);
+/* Why a report's reason, evidence and comment (members of a JSON body,
+ * NULL when absent; the reason is required) are none: NULL when they are
+ * one, else the detail of a 400 invalid_body (a constant, or why, len
+ * bytes).  The one check of POST /admin/v1/reports and of a peer's POST
+ * /v1/reports: a reason code of 1 to 64 of [a-z0-9_] starting with a
+ * letter, at most 100 message ids, a comment of at most 8192 bytes that
+ * is text shown to the operator (cw_utf8_text_problem: since the
+ * forty-eighth session no control but line feed and tab, no
+ * bidirectional control, no noncharacter). */
+const char *policy_report_fields_problem(const json_t *reason, const json_t *evidence, const json_t *comment,
+					 char *why, size_t len);
 /* What went with a report, from policy_report_store's answer, for the
  * reporter's answer into out (len bytes): "with 3 message(s) of theirs to
  * you as evidence", or "with no message of theirs: none that reached you

@@ -113,6 +113,22 @@ bool cw_utf8_has_noncharacter(const char *s, size_t n)
 	return has_cp(s, n, noncharacter);
 }
 
+static bool text_control(unsigned cp)
+{
+	return cp != '\n' && cp != '\t' && (cp < 0x20 || (cp >= 0x7F && cp <= 0x9F));
+}
+
+const char *cw_utf8_text_problem(const char *s, size_t n)
+{
+	if (has_cp(s, n, text_control))
+		return "may hold no control character but line feed and tab";
+	if (cw_utf8_has_bidi_control(s, n))
+		return "may hold no bidirectional control (U+202A-U+202E, U+2066-U+2069)";
+	if (cw_utf8_has_noncharacter(s, n))
+		return "may hold no noncharacter (U+FFFE, U+FFFF, U+FDD0-U+FDEF, ...)";
+	return NULL;
+}
+
 bool cw_utf8_invisible(unsigned cp)
 {
 	return cw_utf8_bidi_format(cp) || (cp >= 0x200B && cp <= 0x200D) ||

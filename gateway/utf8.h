@@ -48,6 +48,14 @@ bool cw_utf8_bidi_format(unsigned cp);
  * tests/unit/check_utf8.c holds to it. */
 bool cw_utf8_display_control(unsigned cp);
 
+/* Why the n bytes of valid UTF-8 at s are no text a person's words are
+ * shown as to another (a report's comment or reason, in the console and
+ * causewayctl): NULL when they are one.  Refused are the controls (C0,
+ * DEL, C1) but the line feed and the tab, the bidirectional embeddings,
+ * overrides and isolates (cw_utf8_has_bidi_control) and the
+ * noncharacters (cw_utf8_has_noncharacter). */
+const char *cw_utf8_text_problem(const char *s, size_t n);
+
 /* Whether the n bytes of valid UTF-8 at s hold a noncharacter (U+FDD0-
  * U+FDEF, and the last two code points of every plane: U+FFFE, U+FFFF,
  * U+1FFFE, ...): never text, and U+FFFE and U+FFFF are not characters

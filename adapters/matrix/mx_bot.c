@@ -846,6 +846,16 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 			answer(m, c, room, txn, "That is you: name the user you report.");
 			return;
 		}
+		/* the reason is the report's comment, shown to the operator as
+		 * it is (policy_report_fields_problem; until the forty-eighth
+		 * session a control character or a bidirectional override was
+		 * stored, and reached the console and causewayctl) */
+		if (cw_utf8_text_problem(cmd.reason, strlen(cmd.reason))) {
+			answer(m, c, room, txn, "Your reason holds a control character, a bidirectional control or a "
+						"noncharacter, which the operator would not see as you typed it: send the "
+						"report again without it.");
+			return;
+		}
 		if (!change_allowed(m, c, room, txn, sender))
 			return;
 		/* What he sent her goes with it (policy_report_store), the

@@ -16,8 +16,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define EVIDENCE_MAX 100
-#define COMMENT_MAX 8192
 
 /* What every job here needs: the two users, and a few strings. */
 struct social_input {
@@ -564,24 +562,10 @@ void peer_api_report(struct cw_req *req, void *ctx)
 	struct social_input *in = begin(req, ctx, &body, known, "subject");
 	if (!in)
 		return;
-	const char *bad = NULL;
 	json_t *reason = json_object_get(body, "reason");
 	json_t *evidence = json_object_get(body, "evidence"), *comment = json_object_get(body, "comment");
-	if (!json_is_string(reason) || json_string_length(reason) < 1 || json_string_length(reason) > 64)
-		bad = "reason must be a reason code of 1 to 64 of a-z, 0-9 and '_', starting with a letter";
-	else if (evidence && (!json_is_array(evidence) || json_array_size(evidence) > EVIDENCE_MAX))
-		bad = "evidence must be an array of at most 100 message ids";
-	else if (comment && (!json_is_string(comment) || json_string_length(comment) > COMMENT_MAX))
-		bad = "comment must be a string of at most 8192 bytes";
-	for (const char *p = json_is_string(reason) ? json_string_value(reason) : ""; !bad && *p; p++)
-		if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9' && p != json_string_value(reason)) ||
-		      (*p == '_' && p != json_string_value(reason))))
-			bad = "reason must be a reason code of 1 to 64 of a-z, 0-9 and '_', starting with a letter";
-	for (size_t i = 0; !bad && evidence && i < json_array_size(evidence); i++) {
-		json_t *v = json_array_get(evidence, i);
-		if (!json_is_string(v) || !message_id_valid(json_string_value(v)))
-			bad = "every evidence entry must be a message id (msg_...)";
-	}
+	char why[200];
+	const char *bad = policy_report_fields_problem(reason, evidence, comment, why, sizeof(why));
 	if (bad)
 		cw_req_problem(req, 400, "invalid_body", "Invalid body", bad);
 	if (bad || !peer_updates_allowed(app, req)) {

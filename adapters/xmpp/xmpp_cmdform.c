@@ -197,6 +197,15 @@ void xa_cmd_read(xmpp_stanza_t *iq, struct xa_cmd_req *out)
 		bad_form(out, "The reason is too long: at most 8192 bytes.");
 		return;
 	}
+	if (cw_utf8_text_problem(out->reason, strlen(out->reason))) {
+		/* the report's comment, shown to the operator as it is
+		 * (policy_report_fields_problem; until the forty-eighth
+		 * session stored as it came) */
+		out->reason[0] = '\0';
+		bad_form(out, "The reason holds a control character (but line breaks and tabs), a bidirectional control "
+			      "or a noncharacter, which the operator would not see as you typed it: send it without.");
+		return;
+	}
 	if (!form_value(x, "jid", out->jid, sizeof(out->jid))) {
 		/* longer than any JID of the component's (until the forty-third
 		 * session read as none, and refused as " is not a contact") */

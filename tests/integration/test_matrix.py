@@ -7076,6 +7076,27 @@ def test_a_long_report_reason_is_cut_at_a_whole_character(mx, hs, gk, pg, db_url
         assert pg.psql("SELECT comment FROM reports ORDER BY id DESC LIMIT 1", db_url) == stored
 
 
+def test_a_report_reason_with_a_control_character_is_refused(mx, hs, gk, pg, db_url):
+    """A report's reason is its comment, shown to the operator as it is:
+    one holding a control character or a bidirectional override is
+    refused with an answer saying so, and nothing is stored (until the
+    forty-eighth session it was stored as typed)."""
+    a, _ = gk
+    wally = a.user("wally")
+    alice, mgmt, said = alice_and_the_bot(hs)
+    for reason in ("ring\u0007", "invoice.pdf\u202egpj.exe", "x\ufffe"):
+        n = len(said())
+        alice.send_text(mgmt, f"report {wally} {reason}")
+        wait_until(lambda: len(said()) > n, what="the answer")
+        assert "control character" in said()[n] and "again" in said()[n], said()[n]
+    assert pg.psql("SELECT count(*) FROM reports", db_url) == "0"
+    n = len(said())
+    alice.send_text(mgmt, f"report {wally} spam\tagain")
+    wait_until(lambda: len(said()) > n, what="the answer")
+    assert said()[n] == REPORTED, said()[n]
+    assert pg.psql("SELECT comment = E'spam\\tagain' FROM reports", db_url) == "t"
+
+
 def reports_evidence(d):
     """The evidence of each stored report, oldest report first, as the
     operator sees it (GET /admin/v1/reports)."""

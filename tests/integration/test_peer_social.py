@@ -299,6 +299,29 @@ def test_reports_are_stored_with_evidence(daemon, peers, pg, db_url):
         "peer mimi://wa.example/u/wally mimi://example.org/u/spammer spam msg_abc,msg_def x'); --"
 
 
+def test_a_report_comment_with_a_control_character_is_refused(daemon, peers, pg, db_url):
+    """A report's comment is shown to the operator as it is (the console,
+    causewayctl): one holding a control character other than a line feed
+    or a tab, a bidirectional override or isolate, or a noncharacter is
+    400 invalid_body saying so, and nothing is stored.  Until the
+    forty-eighth session it was stored as it came.  Line feeds and tabs,
+    and the marks right-to-left text uses, are taken."""
+    (a, _), _ = peers
+    rep = {"reporter": a.user("wally"), "subject": LOCAL + "spammer", "reason": "spam"}
+    for comment, said in (("ring\u0007", "control character"), ("csi\u009b31m", "control character"),
+                          ("cr\r", "control character"), ("invoice.pdf\u202egpj.exe", "bidirectional"),
+                          ("isolate\u2066x", "bidirectional"), ("x\ufffe", "noncharacter"),
+                          ("x\U0001fffe", "noncharacter")):
+        r = a.call("POST", "/v1/reports", dict(rep, comment=comment))
+        assert r.status_code == 400 and r.json()["code"] == "invalid_body", (comment, r.text)
+        assert "comment" in r.json()["detail"] and said in r.json()["detail"], (comment, r.text)
+    assert pg.psql("SELECT count(*) FROM reports", db_url) == "0"
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'report.create'", db_url) == "0"
+    r = a.call("POST", "/v1/reports", dict(rep, comment="line one\n\tline two \u05e9\u200f!"))
+    assert r.status_code == 202, r.text
+    assert pg.psql("SELECT comment = E'line one\\n\\tline two \u05e9\u200f!' FROM reports", db_url) == "t"
+
+
 def test_report_evidence_is_of_the_reporters_conversations(daemon, peers, pg, db_url):
     """A peer's report cites as evidence messages of rooms its reporter is
     (or was) a member of; one of a conversation she never saw is 400

@@ -1718,6 +1718,30 @@ def report_wally(daemon, a):
     assert rule["limits"] == {"messages_per_minute": 10, "in_addition": True}
 
 
+def test_an_admin_report_comment_with_a_control_character_is_refused(daemon, pg, db_url):
+    """POST /admin/v1/reports checks a report's fields as a peer's POST
+    /v1/reports does (policy_report_fields_problem): a comment holding a
+    control character other than a line feed or a tab, a bidirectional
+    override or a noncharacter is 400 invalid_body saying so, and nothing
+    is stored (until the forty-eighth session it was stored, and shown to
+    the operator as it came); the reason and evidence as before."""
+    body = {"subject": "mimi://wa.example/u/spammer", "reason": "spam"}
+    for extra, said in (({"comment": "ring\u0007"}, "control character"),
+                        ({"comment": "a\u202eb"}, "bidirectional"),
+                        ({"comment": "\ufdd0"}, "noncharacter"),
+                        ({"comment": 5}, "comment must be a string"),
+                        ({"reason": "Spam"}, "reason must be"),
+                        ({"reason": "s" * 65}, "reason must be"),
+                        ({"evidence": ["nope"]}, "message id")):
+        r = daemon.admin("POST", "/reports", json=dict(body, **extra))
+        assert r.status_code == 400 and r.json()["code"] == "invalid_body", (extra, r.text)
+        assert said in r.json()["detail"], (extra, r.text)
+    assert pg.psql("SELECT count(*) FROM reports", db_url) == "0"
+    r = daemon.admin("POST", "/reports", json=dict(body, comment="one\n\ttwo"))
+    assert r.status_code == 201, r.text
+    assert pg.psql("SELECT comment = E'one\\n\\ttwo' FROM reports", db_url) == "t"
+
+
 def test_a_report_threshold_of_zero_limits_no_one(daemon, pg, db_url):
     """policy.report_limit_threshold 0 (PATCH takes it) turns the automatic
     limit off: reports are stored and counted, no rule is made."""

@@ -4584,6 +4584,28 @@ def test_a_refused_form_is_bad_payload_and_the_contact_is_required(xd, gk, alice
     assert consents_stored(pg, db_url) == before
 
 
+def test_a_report_reason_with_a_control_character_is_refused(xd, gk, alice, pg, db_url):
+    """A report's reason is its comment, shown to the operator as it is:
+    one holding a bidirectional override, a control character (C1: XML
+    carries no C0 but tab and line breaks) or a noncharacter is
+    bad-payload saying so, and nothing is stored (until the forty-eighth
+    session it was stored as it came); line breaks are taken."""
+    for reason in ("invoice.pdf\u202egpj.exe", "a\u0085b", "a\ufdd0b"):
+        sid = command_first(alice, "report")
+        bad = alice.iq("set", COMP, f"<command xmlns='{CMD}' node='report' action='complete' sessionid='{sid}'>"
+                                    f"<x xmlns='jabber:x:data' type='submit'><field var='jid'><value>{WALLY_JID}"
+                                    f"</value></field><field var='reason'><value>{reason}</value></field></x>"
+                                    "</command>", expect_error=True)
+        text = bad.find(".//{urn:ietf:params:xml:ns:xmpp-stanzas}text")
+        assert bad.error_condition == "bad-request" and bad.find(f".//{{{CMD}}}bad-payload") is not None, bad.xml
+        assert text is not None and "control character" in text.text, (reason, bad.xml)
+    assert pg.psql("SELECT count(*) FROM reports", db_url) == "0"
+    done = command_submit(alice, "report", {"jid": WALLY_JID, "reason": "spam\nand more"})
+    assert done.find("{http://jabber.org/protocol/commands}command").get("status") == "completed", \
+        ET.tostring(done)
+    assert pg.psql("SELECT comment = E'spam\\nand more' FROM reports", db_url) == "t"
+
+
 def test_a_session_is_its_resources_only(xd, gk, alice, prosody, pg, db_url):
     """A command's session is the full JID's that started it (XEP-0050:
     "valid only between one requester/responder pair"): another resource
