@@ -1337,14 +1337,14 @@ const char *policy_report_fields_problem(const json_t *reason, const json_t *evi
 		ok = (*c >= 'a' && *c <= 'z') || (*c >= '0' && *c <= '9') || *c == '_';
 	if (!ok)
 		return "reason must be a reason code of 1 to 64 of a-z, 0-9 and '_', starting with a letter";
-	if (evidence && (!json_is_array(evidence) || json_array_size(evidence) > 100))
+	if (evidence && (!json_is_array(evidence) || json_array_size(evidence) > REPORT_EVIDENCE_IDS_MAX))
 		return "evidence must be an array of at most 100 message ids";
 	for (size_t i = 0; evidence && i < json_array_size(evidence); i++) {
 		const json_t *v = json_array_get(evidence, i);
 		if (!json_is_string(v) || !message_id_valid(json_string_value(v)))
 			return "every evidence entry must be a message id (msg_...)";
 	}
-	if (comment && (!json_is_string(comment) || json_string_length(comment) > 8192))
+	if (comment && (!json_is_string(comment) || json_string_length(comment) > REPORT_COMMENT_MAX))
 		return "comment must be a string of at most 8192 bytes";
 	if (comment && (p = cw_utf8_text_problem(json_string_value(comment), json_string_length(comment)))) {
 		snprintf(why, len, "comment %s: it is shown to the operator as it is", p);

@@ -71,6 +71,8 @@ cw_err policy_report_store(PGconn *c, struct cw_app *app, const struct policy_re
  * is text shown to the operator (cw_utf8_text_problem: since the
  * forty-eighth session no control but line feed and tab, no
  * bidirectional control, no noncharacter). */
+#define REPORT_EVIDENCE_IDS_MAX 100 /* message ids a report cites */
+#define REPORT_COMMENT_MAX 8192  /* bytes */
 const char *policy_report_fields_problem(const json_t *reason, const json_t *evidence, const json_t *comment,
 					 char *why, size_t len);
 /* What went with a report, from policy_report_store's answer, for the

@@ -513,7 +513,8 @@ def test_the_documents_bounds_are_the_constants_of_the_code(doc):
     against, and the bounds of the signature profile docs/interop-api.md
     gives are httpsig.h's."""
     k = c_constants("adapters/peer/event.h", "adapters/peer/peer_api.h", "adapters/peer/peer_api.c",
-                    "adapters/peer/peer_social.c", "adapters/peer/peer_pull.c", "adapters/peer/httpsig.h")
+                    "adapters/peer/peer_social.c", "adapters/peer/peer_pull.c", "adapters/peer/httpsig.h",
+                    "gateway/policy_admin.h")
     sc = doc["components"]["schemas"]
     paths = doc["paths"]
 
@@ -544,8 +545,8 @@ def test_the_documents_bounds_are_the_constants_of_the_code(doc):
         "members remove": (body("/v1/rooms/{room}/members", "remove")["maxItems"], k["ROOM_MEMBERS_MAX"]),
         "room name": (sc["RoomCreate"]["properties"]["name"]["maxLength"], k["ROOM_NAME_MAX"]),
         "rename": (body("/v1/rooms/{room}", "name")["maxLength"], k["ROOM_NAME_MAX"]),
-        "report evidence": (body("/v1/reports", "evidence")["maxItems"], k["EVIDENCE_MAX"]),
-        "report comment": (body("/v1/reports", "comment")["maxLength"], k["COMMENT_MAX"]),
+        "report evidence": (body("/v1/reports", "evidence")["maxItems"], k["REPORT_EVIDENCE_IDS_MAX"]),
+        "report comment": (body("/v1/reports", "comment")["maxLength"], k["REPORT_COMMENT_MAX"]),
         "display_name": (body("/v1/profiles", "display_name")["maxLength"], k["DISPLAY_NAME_MAX"]),
         "handle": (body("/v1/identifiers/query", "handle")["maxLength"], k["MIMI_LOCAL_MAX"]),
         "wait": (params["wait"]["maximum"], k["WAIT_MAX_S"]),

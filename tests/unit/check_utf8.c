@@ -374,6 +374,25 @@ START_TEST(console_display_control_is_the_same_list)
 }
 END_TEST
 
+/* A report's comment (policy_report_fields_problem): text with line
+ * breaks, tabs and right-to-left marks is one; controls, overrides and
+ * isolates, noncharacters are none. */
+START_TEST(text_problem_cases)
+{
+	static const char *const ok[] = { "", "spam", "line one\nline two\tend", "\xd7\xa9\xe2\x80\x8f!",
+					  "\xc3\xa9\xe2\x80\x8b", "\xef\xbf\xbd" };
+	static const char *const bad[] = { "a\x07", "\x1b[31m", "a\rb", "a\x7f", "a\xc2\x9b", "a\xc2\x85",
+					   "x\xe2\x80\xaey", "x\xe2\x81\xa6y", "\xef\xbf\xbe",
+					   "\xef\xb7\x90", "\xf0\x9f\xbf\xbf" };
+	for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++)
+		ck_assert_msg(!cw_utf8_text_problem(ok[i], strlen(ok[i])), "ok[%zu]", i);
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+		ck_assert_msg(cw_utf8_text_problem(bad[i], strlen(bad[i])) != NULL, "bad[%zu]", i);
+	/* the NUL a JSON string may hold: a control */
+	ck_assert_ptr_nonnull(cw_utf8_text_problem("a\0b", 3));
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("utf8");
@@ -389,6 +408,7 @@ int main(void)
 	tcase_add_test(tc, noncharacter_cases);
 	tcase_add_test(tc, reference_property);
 	tcase_add_test(tc, console_display_control_is_the_same_list);
+	tcase_add_test(tc, text_problem_cases);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
 }
