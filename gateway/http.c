@@ -1026,6 +1026,20 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 			}
 			r->expected = (size_t)n; /* the buffer, at once and no larger */
 		}
+		/* A request no route takes (404, 405, the unmatched hook's) is
+		 * answered from its headers when a body is announced: the body
+		 * is left unread (no 100 Continue is sent, RFC 9110 10.1.1, and
+		 * libmicrohttpd closes the connection after the answer).  Until
+		 * the forty-ninth session it was read to the end, up to the cap
+		 * (1 MiB), before the 404: work for nothing, and a client that
+		 * had asked for 100 Continue was told to send it. */
+		if (r->route < 0 && ((cl && r->expected > 0) ||
+				     MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
+								 MHD_HTTP_HEADER_TRANSFER_ENCODING))) {
+			r->handled = true;
+			dispatch(r);
+			return queue_reply(r);
+		}
 		/* Then the credentials, from the headers: a request refused
 		 * here never has its body read (no 100 Continue is sent, and
 		 * libmicrohttpd closes the connection after the answer).
