@@ -41,6 +41,13 @@ struct cw_http {
 	 * connection; once a drain has ended, a request that comes on a
 	 * connection still open is answered 503 at once (cw_http_drain). */
 	atomic_bool stopping, drained;
+	/* The open connections (struct conn_state), for the reaper of
+	 * request heads too slow (head_reaper). */
+	pthread_mutex_t conns_mu;
+	pthread_cond_t reaper_cv;
+	struct conn_state *conns;
+	bool reaper_stop;
+	pthread_t reaper;
 };
 
 struct cw_req {
@@ -677,6 +684,12 @@ struct conn_state {
 	bool unread;
 	bool asked; /* a request came on it before */
 	struct cw_req *req;
+	/* For head_reaper, under cw_http.conns_mu but the atomics: */
+	struct conn_state *prev, *next;
+	int fd;
+	atomic_llong since_us; /* its accept, or its last request's end (cw_now_us) */
+	atomic_bool in_head;   /* false once the head of its request is whole, until the request ends */
+	bool cut;
 };
 
 static void unread_done(struct cw_http *h, struct conn_state *cs)
@@ -708,10 +721,32 @@ static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_
 		if (cs) {
 			cs->unread = true;
 			atomic_fetch_add(&h->unread, 1);
+			const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+			cs->fd = ci ? ci->connect_fd : -1;
+			atomic_init(&cs->since_us, cw_now_us());
+			atomic_init(&cs->in_head, true);
+			pthread_mutex_lock(&h->conns_mu);
+			cs->next = h->conns;
+			if (h->conns)
+				h->conns->prev = cs;
+			h->conns = cs;
+			pthread_mutex_unlock(&h->conns_mu);
 		}
 		*socket_context = cs;
 	} else if (code == MHD_CONNECTION_NOTIFY_CLOSED) {
 		struct conn_state *cs = *socket_context;
+		/* Out of the reaper's list before libmicrohttpd closes the
+		 * socket (after this call): its number may be another's then. */
+		if (cs) {
+			pthread_mutex_lock(&h->conns_mu);
+			if (cs->prev)
+				cs->prev->next = cs->next;
+			else
+				h->conns = cs->next;
+			if (cs->next)
+				cs->next->prev = cs->prev;
+			pthread_mutex_unlock(&h->conns_mu);
+		}
 		unread_done(h, cs);
 		if (cs && cs->req)
 			end_req(h, conn, cs->req, MHD_REQUEST_TERMINATED_WITH_ERROR);
@@ -961,6 +996,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 		}
 		if (!r->method || !r->path)
 			return MHD_NO;
+		struct conn_state *cs = conn_state_of(conn);
+		if (cs)
+			atomic_store(&cs->in_head, false);
 		if (!framing_ok(r, version)) {
 			r->handled = true;
 			return queue_reply(r);
@@ -1143,8 +1181,11 @@ static void end_req(struct cw_http *h, struct MHD_Connection *conn, struct cw_re
 		    enum MHD_RequestTerminationCode toe)
 {
 	struct conn_state *cs = conn_state_of(conn);
-	if (cs && cs->req == r)
+	if (cs && cs->req == r) {
 		cs->req = NULL;
+		atomic_store(&cs->since_us, cw_now_us()); /* the next request's head begins */
+		atomic_store(&cs->in_head, true);
+	}
 	int64_t dur = cw_now_us() - r->start_us;
 	int status = toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? r->status : 0;
 	cw_metrics_http(h->metrics, r->route, status, dur);
@@ -1211,6 +1252,54 @@ static void mhd_logger(void *cls, const char *fmt, va_list ap)
 	LOG_KV_LIMITED(CW_LOG_WARN, "libmicrohttpd", "detail", msg);
 }
 
+/* How long past server.connection_timeout_s a head may take before the
+ * reaper closes its connection: libmicrohttpd's own idle timeout closes
+ * an idle kept-alive connection first, and the reaper cuts only what
+ * kept itself alive by trickling bytes. */
+#define HEAD_GRACE_US 1000000LL
+
+/* The reaper of slow request heads (a thread of the front): a connection
+ * whose request head is not whole server.connection_timeout_s (and
+ * HEAD_GRACE_US) after it was accepted, or after its last request ended,
+ * is shut down, and libmicrohttpd closes it.  libmicrohttpd 0.9.75 has
+ * only an idle timeout, which each byte restarts: until the forty-ninth
+ * session a client sending a header a byte every few seconds held its
+ * connection for ever, and server.connection_limit of them (from as
+ * many addresses, or one with no connection_limit_per_client) took
+ * every connection the daemon had (slowloris).  The body of a request
+ * is not timed so: a large one is read at the client's pace, each chunk
+ * under the idle timeout, and capped (max_body_bytes). */
+static void *head_reaper(void *arg)
+{
+	struct cw_http *h = arg;
+	int64_t limit = (int64_t)h->o.connection_timeout_s * 1000000 + HEAD_GRACE_US;
+	pthread_mutex_lock(&h->conns_mu);
+	while (!h->reaper_stop) {
+		struct timespec ts;
+		cw_deadline_ts(&ts, CLOCK_REALTIME, 500000);
+		pthread_cond_timedwait(&h->reaper_cv, &h->conns_mu, &ts);
+		int64_t now = cw_now_us();
+		unsigned cut = 0;
+		for (struct conn_state *cs = h->conns; cs && h->o.connection_timeout_s && !h->reaper_stop; cs = cs->next)
+			if (!cs->cut && cs->fd >= 0 && atomic_load(&cs->in_head) &&
+			    now - atomic_load(&cs->since_us) > limit) {
+				cs->cut = true;
+				shutdown(cs->fd, SHUT_RDWR); /* its worker sees the end and closes it */
+				cut++;
+			}
+		if (cut) { /* the lock let go: connections come and go meanwhile */
+			pthread_mutex_unlock(&h->conns_mu);
+			char n[16];
+			snprintf(n, sizeof(n), "%u", cut);
+			LOG_KV_LIMITED(CW_LOG_WARN, "a request head not whole within server.connection_timeout_s: "
+				       "the connection is closed", "connections", n);
+			pthread_mutex_lock(&h->conns_mu);
+		}
+	}
+	pthread_mutex_unlock(&h->conns_mu);
+	return NULL;
+}
+
 cw_err cw_http_start(struct cw_http **out, const struct cw_http_opts *o, cw_errmsg *e)
 {
 	struct cw_http *h = calloc(1, sizeof(*h));
@@ -1222,6 +1311,8 @@ cw_err cw_http_start(struct cw_http **out, const struct cw_http_opts *o, cw_errm
 	atomic_init(&h->drained, false);
 	pthread_mutex_init(&h->mu, NULL);
 	pthread_cond_init(&h->idle, NULL);
+	pthread_mutex_init(&h->conns_mu, NULL);
+	pthread_cond_init(&h->reaper_cv, NULL);
 	unsigned char rnd[4];
 	if (cw_random(rnd, sizeof(rnd))) {
 		free(h);
@@ -1281,6 +1372,13 @@ cw_err cw_http_start(struct cw_http **out, const struct cw_http_opts *o, cw_errm
 	}
 	const union MHD_DaemonInfo *info = MHD_get_daemon_info(h->d, MHD_DAEMON_INFO_BIND_PORT);
 	h->port = info ? info->port : o->port;
+	int prc = pthread_create(&h->reaper, NULL, head_reaper, h);
+	if (prc) {
+		MHD_stop_daemon(h->d);
+		cw_metrics_free(h->metrics);
+		free(h);
+		return cw_fail(e, CW_EIO, "cannot start the HTTP front's reaper thread: %s", strerror(prc));
+	}
 	*out = h;
 	return CW_OK;
 }
@@ -1392,8 +1490,17 @@ void cw_http_stop(struct cw_http *h)
 {
 	if (!h)
 		return;
+	/* The reaper first: no socket is shut down while libmicrohttpd
+	 * closes them. */
+	pthread_mutex_lock(&h->conns_mu);
+	h->reaper_stop = true;
+	pthread_cond_signal(&h->reaper_cv);
+	pthread_mutex_unlock(&h->conns_mu);
+	pthread_join(h->reaper, NULL);
 	MHD_stop_daemon(h->d);
 	cw_metrics_free(h->metrics);
+	pthread_cond_destroy(&h->reaper_cv);
+	pthread_mutex_destroy(&h->conns_mu);
 	pthread_cond_destroy(&h->idle);
 	pthread_mutex_destroy(&h->mu);
 	free(h);

@@ -77,6 +77,10 @@ struct cw_http_opts {
 	 * limit but connection_limit); libmicrohttpd counts them across the
 	 * pool and closes a connection past it as soon as it is accepted. */
 	unsigned connection_limit_per_client;
+	/* The idle timeout of a connection, and the most a request's head
+	 * (request line and header lines) may take as a whole, from the
+	 * connection's accept or its last request's end (a second more:
+	 * head_reaper in http.c).  0: neither. */
 	unsigned connection_timeout_s;
 	size_t max_body_bytes;
 	/* The routes (by pattern, NULL-terminated) that take bodies up to

@@ -1,6 +1,8 @@
 """The HTTP front (gateway/http.c) against what a client does on the wire:
 a body sent to no route, a request head trickled a byte at a time."""
 import json
+import socket
+import time
 
 import requests
 
@@ -43,3 +45,77 @@ def test_a_request_no_route_takes_is_answered_before_its_body(daemon):
         r2 = sess.get(daemon.url + "/healthz", timeout=10)
         assert r1.status_code == 404 and r2.status_code == 200, (r1.text, r2.text)
         assert r1.headers.get("Connection", "").lower() != "close", r1.headers
+
+
+def _trickle(port, n):
+    """n connections each sending the start of a request head."""
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        socks.append(s)
+    return socks
+
+
+def _alive(s):
+    """Sends one more byte of the head: whether the daemon still holds it."""
+    try:
+        s.sendall(b"a")
+        s.settimeout(0.05)
+        try:
+            return s.recv(1) != b""
+        except socket.timeout:
+            return True
+    except OSError:
+        return False
+
+
+def _served(url, timeout):
+    try:
+        return requests.get(url + "/healthz", timeout=timeout).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def test_a_request_head_trickled_a_byte_at_a_time_is_cut_at_the_timeout(make_daemon, db_url):
+    """server.connection_timeout_s bounds a request head as a whole: a
+    client sending a header one byte every half second (well inside the
+    idle timeout, which each byte restarts) is closed once the head is
+    not whole connection_timeout_s (and a second) after the connection
+    was accepted.  Before, server.connection_limit such connections held
+    every slot of the daemon for as long as they trickled, and a real
+    client's connection waited unanswered in the listen queue
+    (libmicrohttpd takes no connection past the limit); now it is served
+    once the timeout has passed.  A normal client's
+    keep-alive connection, idle between its requests, is untouched."""
+    d = make_daemon(db_url, options={"server": {"connection_limit": "8", "connection_timeout_s": "3"}}).start()
+    keep = requests.Session()
+    assert keep.get(d.url + "/healthz", timeout=5).status_code == 200
+    keep.close()  # its slot back before the trickle takes them all
+    time.sleep(0.3)
+    socks = _trickle(d.port, 8)
+    try:
+        t0 = time.monotonic()
+        time.sleep(0.5)
+        assert all(_alive(s) for s in socks)
+        assert not _served(d.url, 1), "the daemon served a client past its connection limit"
+        alive = socks
+        while alive and time.monotonic() - t0 < 10:
+            time.sleep(0.5)
+            alive = [s for s in alive if _alive(s)]
+        took = time.monotonic() - t0
+        assert not alive, f"{len(alive)} trickling connections still open after {took:.1f} s"
+        assert 3 <= took <= 6.5, took
+        assert _served(d.url, 5)
+        assert "request head not whole" in d.log()
+    finally:
+        for s in socks:
+            s.close()
+    # A request on a kept-alive connection after a pause shorter than the
+    # timeout is served, the head deadline counting from the last answer.
+    with requests.Session() as sess:
+        assert sess.get(d.url + "/healthz", timeout=5).status_code == 200
+        time.sleep(2)
+        assert sess.get(d.url + "/healthz", timeout=5).status_code == 200
+        time.sleep(2)
+        assert sess.get(d.url + "/healthz", timeout=5).status_code == 200
