@@ -809,10 +809,12 @@ static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn)
 	return r;
 }
 
-/* What the header lines that frame a request say (framing_line). */
+/* What the header lines that frame a request say (framing_line): one
+ * walk of them, which also gives on_request the Content-Length and
+ * whether a body is announced. */
 struct framing {
 	unsigned hosts, lengths, codings;
-	const char *length;  /* the first Content-Length */
+	const char *length;  /* the first Content-Length (NUL-ended, libmicrohttpd's) */
 	size_t length_len;
 	bool lengths_differ;
 	bool chunked;        /* Transfer-Encoding is "chunked", alone */
@@ -853,20 +855,20 @@ static enum MHD_Result framing_line(void *cls, enum MHD_ValueKind kind, const ch
  * request without one Host line (400, RFC 9112 3.2: libmicrohttpd took
  * it).  Each closes its connection: what follows on it cannot be told
  * from the body.  Until the forty-eighth session all were taken. */
-static bool framing_ok(struct cw_req *r, const char *version)
+static bool framing_ok(struct cw_req *r, const char *version, struct framing *f)
 {
-	struct framing f = { 0 };
-	MHD_get_connection_values_n(r->conn, MHD_HEADER_KIND, framing_line, &f);
+	*f = (struct framing){ 0 };
+	MHD_get_connection_values_n(r->conn, MHD_HEADER_KIND, framing_line, f);
 	const char *bad = NULL;
-	if (f.lengths_differ)
+	if (f->lengths_differ)
 		bad = "the request has Content-Length lines that differ";
-	else if (f.codings && f.lengths)
+	else if (f->codings && f->lengths)
 		bad = "the request has both Content-Length and Transfer-Encoding";
-	else if (f.codings && strcmp(version, MHD_HTTP_VERSION_1_0) == 0)
+	else if (f->codings && strcmp(version, MHD_HTTP_VERSION_1_0) == 0)
 		bad = "an HTTP/1.0 request has no Transfer-Encoding";
-	else if (strcmp(version, MHD_HTTP_VERSION_1_1) == 0 && f.hosts != 1)
-		bad = f.hosts ? "the request has more than one Host line" : "an HTTP/1.1 request needs a Host line";
-	else if (!f.codings || f.chunked)
+	else if (strcmp(version, MHD_HTTP_VERSION_1_1) == 0 && f->hosts != 1)
+		bad = f->hosts ? "the request has more than one Host line" : "an HTTP/1.1 request needs a Host line";
+	else if (!f->codings || f->chunked)
 		return true;
 	cw_req_add_header(r, MHD_HTTP_HEADER_CONNECTION, "close");
 	if (bad)
@@ -999,7 +1001,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 		struct conn_state *cs = conn_state_of(conn);
 		if (cs)
 			atomic_store(&cs->in_head, false);
-		if (!framing_ok(r, version)) {
+		struct framing f;
+		if (!framing_ok(r, version, &f)) {
 			r->handled = true;
 			return queue_reply(r);
 		}
@@ -1050,7 +1053,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 			if (strcmp(*p, h->o.routes[r->route].pattern) == 0 && h->o.max_large_body_bytes > r->limit &&
 			    (!h->o.large_body_ok || h->o.large_body_ok(h->o.ctx, r)))
 				r->limit = h->o.max_large_body_bytes;
-		const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+		const char *cl = f.length;
 		if (cl) {
 			char *end;
 			errno = 0;
@@ -1071,9 +1074,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 		 * the forty-ninth session it was read to the end, up to the cap
 		 * (1 MiB), before the 404: work for nothing, and a client that
 		 * had asked for 100 Continue was told to send it. */
-		if (r->route < 0 && ((cl && r->expected > 0) ||
-				     MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
-								 MHD_HTTP_HEADER_TRANSFER_ENCODING))) {
+		if (r->route < 0 && ((cl && r->expected > 0) || f.codings)) {
 			r->handled = true;
 			dispatch(r);
 			return queue_reply(r);
