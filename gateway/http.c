@@ -818,9 +818,11 @@ struct framing {
 	size_t length_len;
 	bool lengths_differ;
 	bool chunked;        /* Transfer-Encoding is "chunked", alone */
+	bool expect;         /* an Expect line (100-continue: the only expectation) */
 };
 
-/* MHD_KeyValueIteratorN: counts Host, Content-Length and Transfer-Encoding. */
+/* MHD_KeyValueIteratorN: counts Host, Content-Length and Transfer-Encoding,
+ * and notes an Expect. */
 static enum MHD_Result framing_line(void *cls, enum MHD_ValueKind kind, const char *key, size_t key_size,
 				    const char *value, size_t value_size)
 {
@@ -839,6 +841,8 @@ static enum MHD_Result framing_line(void *cls, enum MHD_ValueKind kind, const ch
 		}
 	} else if (key_size == 17 && strncasecmp(key, MHD_HTTP_HEADER_TRANSFER_ENCODING, 17) == 0) {
 		f->chunked = f->codings++ == 0 && value_size == 7 && strncasecmp(value, "chunked", 7) == 0;
+	} else if (key_size == 6 && strncasecmp(key, MHD_HTTP_HEADER_EXPECT, 6) == 0) {
+		f->expect = true;
 	}
 	return MHD_YES;
 }
@@ -1068,13 +1072,16 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 			r->expected = (size_t)n; /* the buffer, at once and no larger */
 		}
 		/* A request no route takes (404, 405, the unmatched hook's) is
-		 * answered from its headers when a body is announced: the body
-		 * is left unread (no 100 Continue is sent, RFC 9110 10.1.1, and
-		 * libmicrohttpd closes the connection after the answer).  Until
-		 * the forty-ninth session it was read to the end, up to the cap
-		 * (1 MiB), before the 404: work for nothing, and a client that
-		 * had asked for 100 Continue was told to send it. */
-		if (r->route < 0 && ((cl && r->expected > 0) || f.codings)) {
+		 * answered from its headers when its client waits for a 100
+		 * Continue (RFC 9110 10.1.1: a server that will refuse SHOULD
+		 * NOT send it), or its body is chunked or larger than
+		 * DISCARD_MIN: the body is left unread and libmicrohttpd closes
+		 * the connection after the answer.  A smaller body is read and
+		 * dropped, its connection kept alive for the client's next
+		 * request.  Until the forty-ninth session every body was read,
+		 * up to the cap (1 MiB), before the 404: work for nothing, and
+		 * a client that had asked for 100 Continue was told to send it. */
+		if (r->route < 0 && (f.codings || r->expected > DISCARD_MIN || (r->expected > 0 && f.expect))) {
 			r->handled = true;
 			dispatch(r);
 			return queue_reply(r);
