@@ -146,6 +146,42 @@ def test_a_retry_after_given_as_a_date_is_obeyed(make_daemon, db_url, pg):
             srv.close()
 
 
+def _first_wait_s(make_daemon, db_url, pg, retry_after):
+    """How long after a 503 with Retry-After: retry_after the row waits
+    (its next_attempt_at), a daemon and peers of their own on a database
+    of their own."""
+    db_url = pg.new_database("ra_" + re.sub(r"[^a-z0-9]", "_", retry_after.lower())[:40])
+    d = make_daemon(db_url, options={"dispatcher": {"retry_base_ms": "1000", "retry_max_ms": "2000"}}).start()
+    (a, _), (b, sb) = made = push_peers(d)
+    sb.hold(count=1, bound=0, answer=lambda came: (503, retry_after))
+    try:
+        rm = room(a, b)
+        assert a.send(rm["id"], a.user("alice"), "when?").status_code == 202
+        q = ("SELECT extract(epoch FROM next_attempt_at - now()) FROM outbox WHERE destination = 'peer:tg' "
+             "AND state = 'pending' AND attempts > 0")
+        wait_until(lambda: pg.psql(q, db_url) != "", timeout=30, what="the 503 recorded")
+        return float(pg.psql(q, db_url))
+    finally:
+        d.stop()
+        for _, srv in made:
+            srv.close()
+
+
+def test_a_retry_after_out_of_range_or_past_waits_a_bounded_time(make_daemon, db_url, pg):
+    """libcurl reads a Retry-After leniently (CURLINFO_RETRY_AFTER): a
+    number past 64 bits is 0, INT64_MAX itself, a date in the past a
+    negative delay, "120abc" 120.  Each is bounded (outbox_retry_after_ms):
+    at most an hour, and a wait of 0 or less is the retry backoff, never an
+    immediate retry."""
+    wait = _first_wait_s(make_daemon, db_url, pg, "9223372036854775807")
+    assert 3500 <= wait <= 3600, wait
+    for ra in ("Thu, 01 Jan 1970 00:00:00 GMT", "-5", "99999999999999999999"):
+        wait = _first_wait_s(make_daemon, db_url, pg, ra)
+        assert 0.2 <= wait <= 2.5, (ra, wait)  # the backoff (base 1 s, jittered)
+    wait = _first_wait_s(make_daemon, db_url, pg, "120abc")
+    assert 100 <= wait <= 120, wait
+
+
 def test_a_peer_disabled_between_the_claim_and_the_push_spends_no_try(make_daemon, db_url, pg):
     """A peer disabled after a lane claimed its rows and before it pushed
     them: the rows wait for it untried, as a disabled peer's rows do (no
