@@ -113,12 +113,14 @@ def test_a_request_head_trickled_a_byte_at_a_time_is_cut_at_the_timeout(make_dae
         assert all(_alive(s) for s in socks)
         assert not _served(d.url, 1), "the daemon served a client past its connection limit"
         alive = socks
-        while alive and time.monotonic() - t0 < 10:
+        while alive and time.monotonic() - t0 < 20:
             time.sleep(0.5)
             alive = [s for s in alive if _alive(s)]
         took = time.monotonic() - t0
         assert not alive, f"{len(alive)} trickling connections still open after {took:.1f} s"
-        assert 3 <= took <= 6.5, took
+        # 4 s is due (the timeout and its second); the bound above it is
+        # loose, for a loaded machine: without the reaper they stay for ever.
+        assert 3 <= took <= 15, took
         assert _served(d.url, 5)
         assert "request head not whole" in d.log()
     finally:
