@@ -644,13 +644,13 @@ const struct cw_route app_routes[] = {
 	{ "PATCH", "/admin/v1/peers/{name}", peer_admin_update, CW_AUTH_ADMIN, NULL, false, NULL },
 	{ "GET", "/admin/v1/outbox", outbox_admin_list, CW_AUTH_ADMIN_READ, NULL, false, APP_PAGING_QUERY " state destination" },
 	{ "POST", "/admin/v1/outbox/{id}/replay", outbox_admin_replay, CW_AUTH_ADMIN, NULL, true, NULL },
-	{ "PUT", "/_matrix/app/v1/transactions/{txn}", matrix_as_transaction, CW_AUTH_NONE, NULL, false, NULL },
-	{ "PUT", "/transactions/{txn}", matrix_as_transaction, CW_AUTH_NONE, NULL, false, NULL },
-	{ "GET", "/_matrix/app/v1/users/{user}", matrix_as_user, CW_AUTH_NONE, NULL, false, NULL },
-	{ "GET", "/users/{user}", matrix_as_user, CW_AUTH_NONE, NULL, false, NULL },
-	{ "GET", "/_matrix/app/v1/rooms/{alias}", matrix_as_room_alias, CW_AUTH_NONE, NULL, false, NULL },
-	{ "GET", "/rooms/{alias}", matrix_as_room_alias, CW_AUTH_NONE, NULL, false, NULL },
-	{ "POST", "/_matrix/app/v1/ping", matrix_as_ping, CW_AUTH_NONE, NULL, false, NULL },
+	{ "PUT", "/_matrix/app/v1/transactions/{txn}", matrix_as_transaction, CW_AUTH_HOMESERVER, NULL, false, NULL },
+	{ "PUT", "/transactions/{txn}", matrix_as_transaction, CW_AUTH_HOMESERVER, NULL, false, NULL },
+	{ "GET", "/_matrix/app/v1/users/{user}", matrix_as_user, CW_AUTH_HOMESERVER, NULL, false, NULL },
+	{ "GET", "/users/{user}", matrix_as_user, CW_AUTH_HOMESERVER, NULL, false, NULL },
+	{ "GET", "/_matrix/app/v1/rooms/{alias}", matrix_as_room_alias, CW_AUTH_HOMESERVER, NULL, false, NULL },
+	{ "GET", "/rooms/{alias}", matrix_as_room_alias, CW_AUTH_HOMESERVER, NULL, false, NULL },
+	{ "POST", "/_matrix/app/v1/ping", matrix_as_ping, CW_AUTH_HOMESERVER, NULL, false, NULL },
 	{ "GET", "/admin/v1/rules", policy_admin_rules_list, CW_AUTH_ADMIN_READ, NULL, false, APP_PAGING_QUERY " scope" },
 	{ "POST", "/admin/v1/rules", policy_admin_rule_create, CW_AUTH_ADMIN, NULL, false, NULL },
 	{ "GET", "/admin/v1/rules/{id}", policy_admin_rule_get, CW_AUTH_ADMIN_READ, NULL, false, NULL },
@@ -1213,6 +1213,8 @@ bool app_authorize_headers(struct cw_req *req, enum cw_auth auth, void *ctx)
 		return admin_authorize(app, req, auth);
 	case CW_AUTH_PEER:
 		return peer_of(app, req) != NULL && peer_headers_ok(req);
+	case CW_AUTH_HOMESERVER:
+		return matrix_hs_authorized(req, app);
 	}
 	return false;
 }
@@ -1246,6 +1248,8 @@ bool app_authorize(struct cw_req *req, enum cw_auth auth, void *ctx)
 		}
 		return p && peer_verify_request(app, req, p);
 	}
+	case CW_AUTH_HOMESERVER:
+		return matrix_hs_authorized(req, app);
 	}
 	return false;
 }

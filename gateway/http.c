@@ -971,7 +971,8 @@ static void dispatch(struct cw_req *r)
 		 * adapter's routes check their own, with Matrix errors.  And
 		 * they take only the parameters their route names, each once
 		 * (query_only_known, which checks both). */
-		if ((route->auth == CW_AUTH_NONE || query_only_known(r, route)) && (!route->no_body || body_none(r)))
+		if ((route->auth == CW_AUTH_NONE || route->auth == CW_AUTH_HOMESERVER || query_only_known(r, route)) &&
+		    (!route->no_body || body_none(r)))
 			route->handler(r, h->o.ctx);
 	} else if (!r->replied)
 		cw_req_problem(r, 401, "unauthenticated", "Unauthenticated", "credentials are required");

@@ -19,6 +19,8 @@ enum cw_auth {
 	CW_AUTH_ADMIN_READ,  /* an admin token (any role) */
 	CW_AUTH_ADMIN,       /* an admin token allowed to change things */
 	CW_AUTH_PEER,        /* a peer's bearer token and request signature */
+	CW_AUTH_HOMESERVER,  /* the Matrix homeserver's hs_token: its refusals are Matrix
+				errors, and its query is the adapter's (access_token) */
 };
 
 typedef void (*cw_handler)(struct cw_req *req, void *ctx);

@@ -277,8 +277,9 @@ static int hs_token_check(struct cw_req *req, struct cw_app *app)
 }
 
 /* False after answering 401/403 (or 404 with the adapter off: then these
- * paths do not exist). */
-static bool hs_authorized(struct cw_req *req, struct cw_app *app)
+ * paths do not exist).  The routes' check (CW_AUTH_HOMESERVER), made from
+ * the headers, before the body is read, and again after it (app.c). */
+bool matrix_hs_authorized(struct cw_req *req, struct cw_app *app)
 {
 	switch (hs_token_check(req, app)) {
 	case 0:
@@ -304,9 +305,7 @@ bool matrix_large_body_ok(void *ctx, struct cw_req *req)
 
 void matrix_as_ping(struct cw_req *req, void *ctx)
 {
-	struct cw_app *app = ctx;
-	if (!hs_authorized(req, app))
-		return;
+	(void)ctx;
 	size_t len;
 	const char *body = cw_req_body(req, &len);
 	json_t *j = len ? json_loadb(body, len, 0, NULL) : json_object();
@@ -392,8 +391,6 @@ static void user_query_after(struct app_job *j)
 void matrix_as_user(struct cw_req *req, void *ctx)
 {
 	struct cw_app *app = ctx;
-	if (!hs_authorized(req, app))
-		return;
 	struct user_query *q = calloc(1, sizeof(*q));
 	const char *id = cw_req_param(req, "user");
 	if (q && app->matrix && id && strcmp(id, app->matrix->bot) == 0)
@@ -422,9 +419,7 @@ void matrix_as_user(struct cw_req *req, void *ctx)
 
 void matrix_as_room_alias(struct cw_req *req, void *ctx)
 {
-	struct cw_app *app = ctx;
-	if (!hs_authorized(req, app))
-		return;
+	(void)ctx;
 	/* The gateway makes no rooms by alias (yet): none exists. */
 	mx_error(req, 404, "M_NOT_FOUND", "no such room alias");
 }
@@ -1908,8 +1903,6 @@ const char *const matrix_transaction_routes[] = { "/_matrix/app/v1/transactions/
 void matrix_as_transaction(struct cw_req *req, void *ctx)
 {
 	struct cw_app *app = ctx;
-	if (!hs_authorized(req, app))
-		return;
 	const char *txn_id = cw_req_param(req, "txn");
 	size_t len;
 	const char *body = cw_req_body(req, &len);

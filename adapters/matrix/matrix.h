@@ -52,6 +52,14 @@ extern const char *const matrix_transaction_routes[];
  * the homeserver's (its token checked with the headers, before the body
  * is read). ctx: the cw_app. */
 bool matrix_large_body_ok(void *ctx, struct cw_req *req);
+/* The appservice routes' credentials (CW_AUTH_HOMESERVER): the
+ * homeserver's hs_token, as Authorization: Bearer or the legacy
+ * access_token parameter (both: both must be it); false after answering
+ * 401 M_MISSING_TOKEN, 403 M_FORBIDDEN, or 404 M_UNRECOGNIZED with the
+ * adapter off.  Checked from the headers, before the body is read, and
+ * again after it: until the forty-ninth session the handlers checked it,
+ * after anyone's body had been read (up to server.max_body_bytes). */
+bool matrix_hs_authorized(struct cw_req *req, struct cw_app *app);
 void matrix_as_user(struct cw_req *req, void *ctx);
 void matrix_as_room_alias(struct cw_req *req, void *ctx);
 void matrix_as_ping(struct cw_req *req, void *ctx);

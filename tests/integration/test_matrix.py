@@ -24,6 +24,7 @@ import homeserver
 from homeserver import Homeserver
 from peer import MediaServer, NotifyServer, PeerClient
 from pgproxy import PgProxy
+from test_peer_auth import read_answer, send_head
 from test_retention import dangling, written_while_deleted
 
 AS_TOKEN = "as-" + "a" * 40
@@ -259,6 +260,24 @@ def test_a_large_transaction_is_taken(mx):
         r = requests.put(mx.url + "/_matrix/app/v1/transactions/nobody", data=body,
                          headers=dict(auth, **{"Content-Type": "application/json"}))
         assert r.status_code == 413, (auth, r.status_code, r.text[:200])
+    # Under that cap, the token is checked from the headers too: anyone
+    # else is refused before a byte of the body (900 KB announced, never
+    # sent) is read, with no 100 Continue (until the forty-ninth session
+    # the handler checked it, after reading the whole body).
+    for path in ("/_matrix/app/v1/transactions/nobody", "/transactions/nobody", "/_matrix/app/v1/ping"):
+        for auth, want, code in (([], 401, "M_MISSING_TOKEN"), ([("Authorization", "Bearer wrong")], 403,
+                                                                 "M_FORBIDDEN")):
+            for expect in (True, False):
+                h = auth + [("Content-Type", "application/json"), ("Content-Length", "900000")]
+                if expect:
+                    h.append(("Expect", "100-continue"))
+                s = send_head(mx.port, "POST" if path.endswith("ping") else "PUT", path, h)
+                try:
+                    status, _, answer, interim = read_answer(s, 5)
+                finally:
+                    s.close()
+                assert status == want and interim == [], (path, auth, expect, status, interim)
+                assert json.loads(answer)["errcode"] == code, (path, auth, answer)
     r = requests.put(mx.url + "/_matrix/app/v1/transactions/query-token", data=body,
                      params={"access_token": HS_TOKEN}, headers={"Content-Type": "application/json"})
     assert r.status_code == 200, r.text[:200]
