@@ -140,6 +140,13 @@ const struct cfg_option cfg_options[] = {
 	  "audit log records (policy decisions, administrative changes) are deleted this many days after they were "
 	  "written, but an operator's consent change an XMPP component has not yet sent to its rosters "
 	  "(0: kept for ever; a year, like rows_days, is a reasonable setting, docs/operations.md)" },
+	{ "retention", "reports_days", CFG_INT, OFF(retention_reports_days), "365", 0, 3650, false, false,
+	  "abuse reports the operator handled or dismissed are deleted this many days after that (and never within "
+	  "policy.report_window_seconds of being made); an open report is kept until handled (0: kept for ever)" },
+	{ "retention", "consent_requests_days", CFG_INT, OFF(retention_consent_requests_days), "30", 0, 3650, false,
+	  false,
+	  "consent requests answered or expired are deleted this many days after that (7 at least, and never within "
+	  "policy.consent_request_window_seconds); a pending request is kept (0: kept for ever)" },
 	{ "retention", "interval_s", CFG_INT, OFF(retention_interval_s), "60", 1, 86400, false, false,
 	  "how often the retention sweep runs (every second while it finds a full batch of 1000 due)" },
 

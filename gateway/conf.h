@@ -54,6 +54,8 @@ struct cw_config {
 	long retention_attempts_days;
 	long retention_rows_days;
 	long retention_audit_days;
+	long retention_reports_days;
+	long retention_consent_requests_days;
 	long retention_interval_s;
 	/* [database] */
 	char *db_url;

@@ -478,7 +478,8 @@ static const char releasable_sql[] =
 	"  (SELECT 1 FROM outbox x WHERE x.event_id = e.id AND x.id NOT IN (SELECT id FROM ch) " \
 	"   AND x.state NOT IN ('dropped', 'expired')) RETURNING e.id), " \
 	RETENTION_FORGET_FILES("(SELECT " RETENTION_ATTS("f") " FROM events f WHERE f.id IN (SELECT id FROM gone))") ", " \
-	"cr AS (UPDATE consent_requests SET state = 'expired' WHERE state = 'pending' AND expires_at < now() " \
+	"cr AS (UPDATE consent_requests SET state = 'expired', decided_at = now() WHERE state = 'pending' " \
+	" AND expires_at < now() " \
 	" AND $2::bigint IS NULL RETURNING id, local_identity_id, remote_identity_id, NULL::text AS reason, " \
 	"  NULL::bigint AS rule), " \
 	"cra AS (" REQUESTS_EXPIRED_AUDIT("cr") ") " \
@@ -2075,7 +2076,8 @@ static const char requests_page_sql[] =
  * the Matrix bot tells her it is gone. */
 static const char requests_withdraw_sql[] =
 	"WITH d AS (SELECT * FROM jsonb_to_recordset($1::jsonb) AS d(id bigint, reason text, rule bigint)), "
-	"x AS (UPDATE consent_requests q SET state = 'expired' FROM d WHERE q.id = d.id AND q.state = 'pending' "
+	"x AS (UPDATE consent_requests q SET state = 'expired', decided_at = now() FROM d WHERE q.id = d.id "
+	"  AND q.state = 'pending' "
 	"  RETURNING q.id, q.local_identity_id, q.remote_identity_id, d.reason, NULLIF(d.rule, 0) AS rule), "
 	"au AS (" REQUESTS_EXPIRED_AUDIT("x") ") "
 	"SELECT count(*) FROM x";
@@ -2550,6 +2552,7 @@ static void *live_main(void *arg)
 			/* each failed kind is logged by the sweep; the others counted */
 			struct policy_view *rv = policy_live_get(pl);
 			pl->retention.consent_window_s = rv->set.consent_window_s;
+			pl->retention.report_window_s = rv->set.report_window_s;
 			policy_view_put(rv);
 			retention_sweep(pl->c, pl->o.retention, &pl->retention, rt, failed, &e);
 			char n[RETENTION_KINDS][24];
@@ -2566,7 +2569,7 @@ static void *live_main(void *arg)
 				LOG_KV(CW_LOG_INFO, "old data removed", "contents_erased", n[0],
 				       "idempotency_keys", n[1], "delivery_attempts", n[2],
 				       "events_deleted", n[3], "audit_records", n[4], "identities_forgotten", n[5],
-				       "media_records", n[6]);
+				       "media_records", n[6], "reports", n[7], "consent_requests", n[8]);
 			next_retention = now + (more ? 1000000LL : pl->o.retention->retention_interval_s * 1000000LL);
 		}
 		bool recheck_more = recheck_turn(pl);

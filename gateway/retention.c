@@ -147,6 +147,59 @@ static const char media_sql[] =
 	"  WHERE r.created_at < now() - make_interval(days => $1::int) ORDER BY r.created_at LIMIT $2::int "
 	"  FOR UPDATE SKIP LOCKED))";
 
+/* Reports the operator handled (or dismissed) more than $1 days ago, and
+ * more than $3 seconds ago (policy.report_window_seconds): a report made
+ * within the window counts toward the automatic limit (report_sql,
+ * policy_admin.c), and one handled before that was made before it.  An
+ * open report is never deleted, however old: it waits for the operator.
+ * Until the forty-ninth session every report was kept for ever (a peer's
+ * or a user's, its comment of up to 8 KB among them): the handled ones
+ * of years.  The audit records of a report (report.create, its handling)
+ * are the audit log's, and go at audit_days.  By reports_handled_idx
+ * (schema/051), oldest first.  $1: days, $2: batch. */
+static const char reports_sql[] =
+	"WITH x AS (SELECT r.id FROM reports r WHERE r.handled_at IS NOT NULL "
+	"  AND r.handled_at < now() - greatest(make_interval(days => $1::int), make_interval(secs => $3::bigint)) "
+	"  ORDER BY r.handled_at LIMIT $2::int FOR UPDATE SKIP LOCKED) "
+	"DELETE FROM reports d USING x WHERE d.id = x.id";
+
+/* When a consent request q stopped being pending: answered (accepted,
+ * blocked) or expired (the policy's sweep or a withdrawal by a rule set
+ * decided_at then, since the forty-ninth session; before, an expired one
+ * had only its expires_at, which a withdrawal comes before).  The
+ * expression of consent_requests_closed_idx (schema/051). */
+#define REQUEST_CLOSED(q) "coalesce(" q ".decided_at, " q ".expires_at)"
+
+/* The consent requests answered or expired more than $1 days ago (at
+ * least RETENTION_REQUEST_MIN_DAYS: the caller's) and longer ago than the
+ * request window ($3 seconds): what reads a request that no longer
+ * stands reads a young one: one per pair and window
+ * (CONSENT_REQUEST_STANDS_SQL, CONSENT_REQUEST_ANSWERED_SQL, store.h),
+ * the user's daily bound (her requests of the last day, peer_api.c), the
+ * Matrix bot's notice of an expiry (its look back: six days).  A request
+ * created_at is before it closed, so these are older still.  Kept
+ * besides while an XMPP component has yet to withdraw it from the user's
+ * roster (xmpp_cmd.c, xmpp_roster_sync, past the slowest component's
+ * cursor: an expiry's consent.expire record names the request, an
+ * operator's accept's consent.set record names her and has the time the
+ * accept wrote as its decided_at).  A pending request is never deleted.  Until the
+ * forty-ninth session every request was kept for ever (who asked whom,
+ * and when), but those of a local identity forgotten.  By
+ * consent_requests_closed_idx (schema/051), oldest first.  $1: days, $2:
+ * batch. */
+static const char requests_sql[] =
+	"WITH ba AS MATERIALIZED (SELECT a.action, a.at, a.details->>'request' AS request, a.details->>'user' AS usr "
+	"  FROM audit_log a "
+	"  WHERE a.action IN ('consent.set', 'consent.expire') "
+	"  AND a.id > (SELECT min(s.audit_id) FROM xmpp_roster_sync s)), "
+	"x AS (SELECT q.id FROM consent_requests q WHERE q.state <> 'pending' "
+	"  AND " REQUEST_CLOSED("q") " < now() - greatest(make_interval(days => $1::int), make_interval(secs => $3::bigint)) "
+	"  AND NOT EXISTS (SELECT 1 FROM ba WHERE ba.action = 'consent.expire' AND ba.request = q.id::text) "
+	"  AND NOT (q.state = 'accepted' AND EXISTS (SELECT 1 FROM ba JOIN identities l ON l.uri = ba.usr "
+	"   WHERE ba.action = 'consent.set' AND ba.at = q.decided_at AND l.id = q.local_identity_id)) "
+	"  ORDER BY " REQUEST_CLOSED("q") " LIMIT $2::int FOR UPDATE OF q SKIP LOCKED) "
+	"DELETE FROM consent_requests d USING x WHERE d.id = x.id";
+
 /* Old enough for rows_days ($1). */
 #define OLD_ROW(at) at " < now() - make_interval(days => $1::int)"
 
@@ -297,17 +350,19 @@ static cw_err run_rows(PGconn *c, long days, long *count, cw_errmsg *e)
 }
 
 /* One statement, its own transaction on the idle connection: its locks
- * last as long as it runs.  days 0: kept for ever, nothing run. */
-static cw_err run(PGconn *c, const char *sql, long days, long *count, cw_errmsg *e)
+ * last as long as it runs.  days 0: kept for ever, nothing run.  win:
+ * the statement's $3 (a policy window in seconds), or -1 for none. */
+static cw_err run(PGconn *c, const char *sql, long days, int64_t win, long *count, cw_errmsg *e)
 {
 	*count = 0;
 	if (days <= 0)
 		return CW_OK;
-	char d[24], n[24];
+	char d[24], n[24], w[24];
 	snprintf(d, sizeof(d), "%ld", days);
 	snprintf(n, sizeof(n), "%d", RETENTION_BATCH);
-	const char *params[] = { d, n };
-	PGresult *r = PQexecParams(c, sql, 2, NULL, params, NULL, NULL, 0);
+	snprintf(w, sizeof(w), "%lld", (long long)win);
+	const char *params[] = { d, n, w };
+	PGresult *r = PQexecParams(c, sql, win >= 0 ? 3 : 2, NULL, params, NULL, NULL, 0);
 	cw_err rc = store_check(c, r, PGRES_COMMAND_OK, e);
 	if (rc)
 		return rc;
@@ -417,7 +472,8 @@ static cw_err run_identities(PGconn *c, int64_t *cursor, int64_t window_s, long 
 }
 
 const char *const retention_kind_names[RETENTION_KINDS] = { "content", "idempotency_keys", "delivery_attempts",
-								"events", "audit", "identities", "media" };
+								"events", "audit", "identities", "media", "reports",
+								"consent_requests" };
 
 /* The age of the records of re-hosted files media_sql deletes: the
  * sooner of content_days and rows_days (a message's content goes at the
@@ -436,17 +492,23 @@ cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, struct retention_
 	 * failing (the events' deletion, say) kept every later one from
 	 * running, the erasure of old content among them.  Rows first: the
 	 * content of what they delete is not erased first. */
-	static const int order[RETENTION_KINDS] = { 3, 0, 1, 2, 4, 5, 6 };
+	static const int order[RETENTION_KINDS] = { 3, 0, 1, 2, 4, 5, 6, 7, 8 };
+	long req_days = cfg->retention_consent_requests_days;
+	if (req_days > 0 && req_days < RETENTION_REQUEST_MIN_DAYS)
+		req_days = RETENTION_REQUEST_MIN_DAYS;
 	const struct {
 		const char *sql;
 		long days;
-	} kinds[RETENTION_KINDS] = { { content_sql, cfg->retention_content_days },
-				     { keys_sql, cfg->retention_idempotency_days },
-				     { attempts_sql, cfg->retention_attempts_days },
-				     { NULL, cfg->retention_rows_days },
-				     { audit_sql, cfg->retention_audit_days },
-				     { NULL, RETENTION_IDENTITY_DAYS },
-				     { media_sql, media_days(cfg) } };
+		int64_t win;
+	} kinds[RETENTION_KINDS] = { { content_sql, cfg->retention_content_days, -1 },
+				     { keys_sql, cfg->retention_idempotency_days, -1 },
+				     { attempts_sql, cfg->retention_attempts_days, -1 },
+				     { NULL, cfg->retention_rows_days, -1 },
+				     { audit_sql, cfg->retention_audit_days, -1 },
+				     { NULL, RETENTION_IDENTITY_DAYS, -1 },
+				     { media_sql, media_days(cfg), -1 },
+				     { reports_sql, cfg->retention_reports_days, st->report_window_s },
+				     { requests_sql, req_days, st->consent_window_s } };
 	cw_err first = CW_OK;
 	for (int k = 0; k < RETENTION_KINDS; k++) {
 		int i = order[k];
@@ -455,10 +517,10 @@ cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, struct retention_
 		cw_err rc;
 		counts[i] = 0;
 		if (kinds[i].sql)
-			rc = run(c, kinds[i].sql, kinds[i].days, &counts[i], &ke);
+			rc = run(c, kinds[i].sql, kinds[i].days, kinds[i].win, &counts[i], &ke);
 		else if (i == 5)
 			rc = run_identities(c, &st->identity_cursor, st->consent_window_s, &counts[i], &ke);
-		else if (!(rc = run(c, expiry_due_sql, kinds[i].days, &brought, &ke)))
+		else if (!(rc = run(c, expiry_due_sql, kinds[i].days, -1, &brought, &ke)))
 			rc = run_rows(c, kinds[i].days, &counts[i], &ke);
 		failed[i] = rc != CW_OK;
 		if (rc) {

@@ -18,7 +18,10 @@
  * retention.content_days or retention.rows_days after it was made,
  * whichever is sooner (0: not that one).  A setting of 0 keeps that kind of data for ever.  Local
  * identities nothing refers to (names a peer made up) are forgotten
- * RETENTION_IDENTITY_DAYS after they were made. */
+ * RETENTION_IDENTITY_DAYS after they were made.  Reports are deleted
+ * retention.reports_days after the operator handled (or dismissed) them,
+ * never while open; consent requests retention.consent_requests_days
+ * after they were answered or expired, never while pending. */
 #ifndef CW_RETENTION_H
 #define CW_RETENTION_H
 
@@ -64,16 +67,25 @@
  * from where the last run stopped, round the table). */
 #define RETENTION_IDENTITY_SCAN 10000
 
+/* A consent request answered or expired is kept at least this many days
+ * after that, whatever retention.consent_requests_days says: the Matrix
+ * bot, started again, looks back six days of consent.expire records for
+ * the expiry notices it still owes (mx_bot.c, EXPIRY_LOOKBACK_DAYS), and
+ * reads the request each names. */
+#define RETENTION_REQUEST_MIN_DAYS 7
+
 /* The kinds a sweep counts (below). */
-#define RETENTION_KINDS 7
+#define RETENTION_KINDS 9
 
 /* What a sweep keeps from one run to the next, and is told: where the
- * look for unused local identities goes on (0: from the first), and the
+ * look for unused local identities goes on (0: from the first), the
  * policy's consent_request_window_seconds (a request expired unanswered
- * within it still stands). */
+ * within it still stands) and report_window_seconds (the reports made
+ * within it count toward the automatic limit). */
 struct retention_state {
 	int64_t identity_cursor;
 	int64_t consent_window_s;
+	int64_t report_window_s;
 };
 
 /* The kinds' names, in the order of the counts below (the metrics' and
@@ -88,7 +100,9 @@ extern const char *const retention_kind_names[RETENTION_KINDS];
  * forty-sixth session; always, RETENTION_IDENTITY_DAYS, whatever the
  * settings), records of re-hosted files no message's content took with
  * it (since the forty-eighth; at the sooner of content_days and
- * rows_days); one of RETENTION_BATCH or more means
+ * rows_days), handled reports (retention.reports_days) and answered or
+ * expired consent requests (retention.consent_requests_days; both since
+ * the forty-ninth); one of RETENTION_BATCH or more means
  * more may be due (run again: events come in families of any size, up to
  * RETENTION_BATCH families a run).  Each kind runs whatever became of the
  * others: one that fails is logged ("retention sweep failed", its kind),

@@ -977,3 +977,141 @@ def test_a_name_named_while_the_sweep_forgets_it_is_made_anew(make_daemon, db_ur
     assert new and new != old
     assert pg.psql(f"SELECT count(*) FROM blocks WHERE blocked_id = {new}", db_url) == "1"
     srv.close()
+
+
+def report_ids(pg, db_url):
+    return {int(i) for i in pg.psql("SELECT id FROM reports", db_url).split()}
+
+
+@pytest.mark.parametrize("days", [1, 0])
+def test_handled_reports_go_at_reports_days_and_open_ones_stay(make_daemon, db_url, pg, days):
+    """Every report was kept for ever until the forty-ninth session (a
+    peer or a user can file many, each with a comment of up to 8 KB).
+    retention.reports_days: a report the operator handled or dismissed
+    longer ago than that goes, and never one made within
+    policy.report_window_seconds (it counts toward the automatic limit:
+    here 3 days, longer than the setting); an open report stays however
+    old; 0 keeps them all."""
+    d = start(make_daemon, db_url, reports_days=days)
+    assert d.admin("PATCH", "/settings", json={"policy.report_window_seconds": 3 * 86400}).ok
+
+    def report(name):
+        r = d.admin("POST", "/reports", json={"subject": f"mimi://wa.example/u/{name}", "reason": "spam",
+                                              "comment": "a comment"})
+        assert r.status_code in (200, 201), r.text
+        return r.json()["id"]
+
+    ids = {n: report(n) for n in ("open-old", "handled-old", "dismissed-old", "handled-in-window", "handled-young")}
+    for n in ("handled-old", "handled-in-window", "handled-young"):
+        assert d.admin("POST", f"/reports/{ids[n]}/handle").status_code == 200
+    assert d.admin("POST", f"/reports/{ids['dismissed-old']}/dismiss").status_code == 200
+    # Made 10 days ago, handled 9; in the window: made and handled 2 days ago.
+    pg.psql("UPDATE reports SET created_at = CASE "
+            f"WHEN id = {ids['handled-in-window']} THEN now() - interval '2 days' "
+            f"WHEN id = {ids['handled-young']} THEN created_at ELSE now() - interval '10 days' END, "
+            f"handled_at = CASE WHEN handled_at IS NULL THEN NULL "
+            f"WHEN id = {ids['handled-in-window']} THEN now() - interval '2 days' "
+            f"WHEN id = {ids['handled-young']} THEN handled_at ELSE now() - interval '9 days' END", db_url)
+    kept = {ids[n] for n in ("open-old", "handled-in-window", "handled-young")}
+    if days:
+        wait_until(lambda: report_ids(pg, db_url) == kept, timeout=30, interval=0.2, what="the old handled reports")
+        assert int(d.wait_for(lambda r: r.get("msg") == "old data removed"
+                              and r.get("reports") != "0")["reports"]) == 2
+        wait_until(lambda: retention_metric(d, "causeway_retention_removed_total", "reports") == 2,
+                   what="the sweep counted")
+        listed = {r["id"] for r in d.admin("GET", "/reports").json()["rows"]}
+        assert listed == kept
+        # The window passes: the one handled in it goes too.
+        pg.psql("UPDATE reports SET created_at = now() - interval '4 days', handled_at = now() - interval '4 days' "
+                f"WHERE id = {ids['handled-in-window']}", db_url)
+        wait_until(lambda: report_ids(pg, db_url) == kept - {ids["handled-in-window"]}, timeout=30, interval=0.2,
+                   what="the report handled before the window")
+    else:
+        add_old_key(pg, db_url)
+        wait_until(lambda: "witness" not in keys(pg, db_url), timeout=30, interval=0.2, what="the witness")
+        assert report_ids(pg, db_url) == set(ids.values())
+        assert retention_metric(d, "causeway_retention_removed_total", "reports") == 0
+
+
+def request_states(pg, db_url):
+    rows = pg.psql("SELECT l.localpart, q.state FROM consent_requests q JOIN identities l "
+                   "ON l.id = q.local_identity_id", db_url)
+    return dict(r.split("|") for r in rows.splitlines())
+
+
+def test_consent_requests_answered_or_expired_go_at_consent_requests_days(make_daemon, db_url, pg):
+    """Every consent request was kept for ever until the forty-ninth
+    session (who asked whom, and when), whatever became of it.
+    retention.consent_requests_days (1 here: taken as 7, the least): a
+    request answered or expired longer ago than that goes; a pending one
+    stays however old, as does one closed within the week (the Matrix
+    bot's look back for expiry notices) or within the request window, one
+    an XMPP component has yet to withdraw from a roster (an expiry's
+    record, an operator's accept past its cursor). The policy's expiry
+    of a request sets its decided_at (when it closed) since then."""
+    d = start(make_daemon, db_url, consent_requests_days=1)
+    a, b, rm, srv = peers(d)
+    assert d.admin("PATCH", "/settings", json={"policy.optin_default": True}).ok
+    names = ("pending-old", "accepted-old", "blocked-old", "expired-old", "expired-legacy", "expired-week",
+             "expired-window", "expired-owed", "accepted-owed", "expiring")
+    for n in names:
+        r = a.call("POST", "/v1/consent/requests", {"requester": a.user("wally"), "target": LOCAL + n})
+        assert r.status_code == 202, r.text
+    assert set(request_states(pg, db_url)) == set(names)
+
+    def of(n):
+        return f"(SELECT id FROM identities WHERE localpart = '{n}')"
+
+    def close(n, state, ago, decided=True):
+        return (f"UPDATE consent_requests SET state = '{state}', created_at = now() - interval '{ago} days' - "
+                f"interval '1 hour', expires_at = now() - interval '{ago} days', decided_at = "
+                + (f"now() - interval '{ago} days'" if decided else "NULL")
+                + f" WHERE local_identity_id = {of(n)}")
+
+    assert d.admin("PATCH", "/settings", json={"policy.consent_request_window_seconds": 15 * 86400}).ok
+    sql = ["UPDATE consent_requests SET created_at = now() - interval '40 days' "
+           f"WHERE local_identity_id = {of('pending-old')}"]
+    for n, state in (("accepted-old", "accepted"), ("blocked-old", "blocked"), ("expired-old", "expired"),
+                     ("expired-owed", "expired"), ("accepted-owed", "accepted")):
+        sql.append(close(n, state, 20))
+    sql.append(close("expired-legacy", "expired", 20, decided=False))  # expired before decided_at was set so
+    sql.append(close("expired-week", "expired", 5))
+    sql.append(close("expired-window", "expired", 12))
+    # What an XMPP component still owes: the expiry's record, the
+    # operator's accept (its time the accepted request's decided_at;
+    # accepted-old's, the same time, is another user's).
+    sql += ["INSERT INTO xmpp_roster_sync (component, audit_id) VALUES ('xmpp.example.org', "
+            "(SELECT coalesce(max(id), 0) FROM audit_log))",
+            "INSERT INTO audit_log (actor, action, subject, details) SELECT 'policy', 'consent.expire', "
+            f"'{LOCAL}expired-owed', jsonb_build_object('request', q.id) FROM consent_requests q "
+            f"WHERE q.local_identity_id = {of('expired-owed')}",
+            "INSERT INTO audit_log (at, actor, action, subject, details) SELECT q.decided_at, 'admin:config', "
+            f"'consent.set', '{LOCAL}accepted-owed', jsonb_build_object('user', '{LOCAL}accepted-owed', 'state', "
+            "'allowed') FROM consent_requests q "
+            f"WHERE q.local_identity_id = {of('accepted-owed')}",
+            # the policy's sweep expires this one now
+            "UPDATE consent_requests SET created_at = now() - interval '2 hours', expires_at = now() - interval "
+            f"'1 hour' WHERE local_identity_id = {of('expiring')}"]
+    pg.psql("; ".join(sql), db_url)
+    # The window of 15 days keeps expired-window (closed 12 days ago) first.
+    gone = {"accepted-old", "blocked-old", "expired-old", "expired-legacy"}
+    wait_until(lambda: not gone & set(request_states(pg, db_url)), timeout=30, interval=0.2,
+               what="the old closed requests deleted")
+    assert set(request_states(pg, db_url)) == set(names) - gone
+    wait_until(lambda: retention_metric(d, "causeway_retention_removed_total", "consent_requests") == len(gone),
+               what="the sweep counted")
+    assert int(d.wait_for(lambda r: r.get("msg") == "old data removed"
+                          and r.get("consent_requests") != "0")["consent_requests"]) == len(gone)
+    assert request_states(pg, db_url)["pending-old"] == "pending"
+    wait_until(lambda: request_states(pg, db_url)["expiring"] == "expired", timeout=30, interval=0.2,
+               what="the request expired by the policy's sweep")
+    assert pg.psql("SELECT decided_at > now() - interval '1 minute' FROM consent_requests "
+                   f"WHERE local_identity_id = {of('expiring')}", db_url) == "t"
+    # The window shortened to a day, the component caught up: those go too.
+    assert d.admin("PATCH", "/settings", json={"policy.consent_request_window_seconds": 86400}).ok
+    pg.psql("UPDATE xmpp_roster_sync SET audit_id = (SELECT max(id) FROM audit_log)", db_url)
+    gone |= {"expired-window", "expired-owed", "accepted-owed"}
+    wait_until(lambda: not gone & set(request_states(pg, db_url)), timeout=30, interval=0.2,
+               what="the requests no longer kept deleted")
+    assert set(request_states(pg, db_url)) == set(names) - gone
+    srv.close()
