@@ -156,7 +156,7 @@ static const char media_sql[] =
  * or a user's, its comment of up to 8 KB among them): the handled ones
  * of years.  The audit records of a report (report.create, its handling)
  * are the audit log's, and go at audit_days.  By reports_handled_idx
- * (schema/051), oldest first.  $1: days, $2: batch. */
+ * (schema/051), oldest first.  $1: days, $2: batch, $3: the window. */
 static const char reports_sql[] =
 	"WITH x AS (SELECT r.id FROM reports r WHERE r.handled_at IS NOT NULL "
 	"  AND r.handled_at < now() - greatest(make_interval(days => $1::int), make_interval(secs => $3::bigint)) "
@@ -176,24 +176,25 @@ static const char reports_sql[] =
  * stands reads a young one: one per pair and window
  * (CONSENT_REQUEST_STANDS_SQL, CONSENT_REQUEST_ANSWERED_SQL, store.h),
  * the user's daily bound (her requests of the last day, peer_api.c), the
- * Matrix bot's notice of an expiry (its look back: six days).  A request
- * created_at is before it closed, so these are older still.  Kept
+ * Matrix bot's notice of an expiry (its look back: six days).  A
+ * request's created_at comes before its closing: older still.  Kept
  * besides while an XMPP component has yet to withdraw it from the user's
  * roster (xmpp_cmd.c, xmpp_roster_sync, past the slowest component's
  * cursor: an expiry's consent.expire record names the request, an
  * operator's accept's consent.set record names her and has the time the
- * accept wrote as its decided_at).  A pending request is never deleted.  Until the
- * forty-ninth session every request was kept for ever (who asked whom,
- * and when), but those of a local identity forgotten.  By
- * consent_requests_closed_idx (schema/051), oldest first.  $1: days, $2:
- * batch. */
+ * accept wrote as its decided_at).  A pending request is never
+ * deleted.  Until the forty-ninth session every request was kept for
+ * ever (who asked whom, and when), but those of a local identity
+ * forgotten.  By consent_requests_closed_idx (schema/051), oldest first.
+ * $1: days, $2: batch, $3: policy.consent_request_window_seconds. */
 static const char requests_sql[] =
 	"WITH ba AS MATERIALIZED (SELECT a.action, a.at, a.details->>'request' AS request, a.details->>'user' AS usr "
 	"  FROM audit_log a "
 	"  WHERE a.action IN ('consent.set', 'consent.expire') "
 	"  AND a.id > (SELECT min(s.audit_id) FROM xmpp_roster_sync s)), "
 	"x AS (SELECT q.id FROM consent_requests q WHERE q.state <> 'pending' "
-	"  AND " REQUEST_CLOSED("q") " < now() - greatest(make_interval(days => $1::int), make_interval(secs => $3::bigint)) "
+	"  AND " REQUEST_CLOSED("q") " < now() "
+	"   - greatest(make_interval(days => $1::int), make_interval(secs => $3::bigint)) "
 	"  AND NOT EXISTS (SELECT 1 FROM ba WHERE ba.action = 'consent.expire' AND ba.request = q.id::text) "
 	"  AND NOT (q.state = 'accepted' AND EXISTS (SELECT 1 FROM ba JOIN identities l ON l.uri = ba.usr "
 	"   WHERE ba.action = 'consent.set' AND ba.at = q.decided_at AND l.id = q.local_identity_id)) "
