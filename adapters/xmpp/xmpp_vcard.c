@@ -322,8 +322,9 @@ static void vcard_done(void *arg, cw_err rc, const cw_errmsg *e)
 	struct vjob *j = arg;
 	struct xcomp *xc = j->xc;
 	xmpp_ctx_t *ctx = xa_thread_ctx(xc->x);
-	if (rc)
-		LOG_KV(CW_LOG_WARN, "xmpp: a vCard could not be read", "component", xc->domain, "detail", e ? e->msg : "");
+	if (rc) /* limited: one a contact of every roster a client loads while the database is away */
+		LOG_KV_LIMITED(CW_LOG_WARN, "xmpp: a vCard could not be read", "component", xc->domain, "detail",
+			       e ? e->msg : "");
 	if (ctx && j->iq) {
 		xmpp_stanza_t *iq = xmpp_stanza_new_from_string(ctx, j->iq);
 		/* A photo that cannot be had now: a vCard without it, a pubsub
