@@ -1001,8 +1001,12 @@ void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st)
 		/* The subject is the group's name, which only its peer sets
 		 * (there is no neutral rename event): a change is refused, as
 		 * XEP-0045 §8.1 has it for an occupant without the privilege,
-		 * rather than ignored. */
-		if (xmpp_stanza_get_child_by_name(st, "subject")) {
+		 * rather than ignored.  A change is a <subject/> without a
+		 * <body/> or a <thread/>: with one it is a message, §8.1 says,
+		 * and carried as any (until the forty-ninth session it was
+		 * refused, and lost). */
+		if (xmpp_stanza_get_child_by_name(st, "subject") && !xmpp_stanza_get_child_by_name(st, "body") &&
+		    !xmpp_stanza_get_child_by_name(st, "thread")) {
 			free(in);
 			atomic_fetch_add(&xc->errors_out, 1);
 			xa_answer_now(xc, xa_error_reply(st, "auth", "forbidden",

@@ -1256,7 +1256,7 @@ def test_wrong_addresses_get_the_errors_their_specifications_name(xd, gk, alice,
     resource that is not in the room not-acceptable (§7.4); an iq to a
     remote JID whose localpart is no valid escape names nobody:
     service-unavailable (RFC 6121 §8.5.1), as a message to it gets."""
-    a, _ = gk
+    a, srv = gk
     with a_group_with_bob(xd, a, alice, prosody) as (bob, gid, room):
         start = alice.count()
         alice.send_presence(to=f"{room}/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='0'/></x>")
@@ -1274,6 +1274,15 @@ def test_wrong_addresses_get_the_errors_their_specifications_name(xd, gk, alice,
         err = alice.wait_for_message(lambda el: el.get("id") == "s1" and el.get("type") == "error")
         assert err.error_condition == "forbidden", err.xml
         assert err.find("{jabber:client}error").get("type") == "auth", err.xml
+        # A <subject/> with a <body/> is a message, not a change (§8.1):
+        # carried and reflected as any (it was refused until the
+        # forty-ninth session, and lost)
+        alice.send_raw(f"<message to='{room}' type='groupchat' id='s2'><subject>Lunch</subject>"
+                       "<body>who is in?</body></message>")
+        mine = message_from(alice, room, lambda el: el.get("id") == "s2")
+        assert mine.get("type") == "groupchat" and body(mine) == "who is in?", mine.xml
+        wait_until(lambda: any(e.get("type") == "message" and e["content"]["parts"][0]["body"] == "who is in?"
+                               for e in list(srv.events) if e.get("room_id") == gid), what="it at the peer")
     nobody = "\\61lice@" + COMP  # an escape of a byte that stays as it is
     err = alice.iq("get", nobody, "<query xmlns='http://jabber.org/protocol/disco#info'/>", expect_error=True)
     assert err.error_condition == "service-unavailable", err.xml
