@@ -478,7 +478,10 @@ static cw_err may_make_group(PGconn *c, const struct mjoin *j, bool *ok, cw_errm
 /* On the writer: the member check, the binding (made on a first join), the
  * other members and the history the user may read (what was delivered to
  * them, and their own messages) among the room's last HISTORY_WINDOW
- * events.  A row to them still on its way counts as delivered: its stanza
+ * events, each with the text of its last correction that was delivered to
+ * them too (or is their own): until the forty-ninth session the last
+ * correction of all, and one the policy dropped for them (they blocked
+ * its writer since) came by the history.  A row to them still on its way counts as delivered: its stanza
  * may have been made before they were in (the group's first message: their
  * invitation), and reaches them here; if it is made after, xa_muc_route
  * skips it.  The window is a subquery with a LIMIT, so no plan reads
@@ -570,7 +573,9 @@ static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 		"  ON CONFLICT DO NOTHING), "
 		"h AS (SELECT e.id, e.public_id, CASE WHEN e.sender_id = ok.me THEN '' " MUC_NICK("s", "ok.room") " AS localpart, "
 		"  coalesce(jsonb_set(e.content, '{content,parts}', (SELECT x.content->'content'->'parts' FROM events x "
-		"  WHERE x.type = 'edit' AND x.replaces_id = e.id AND x.sender_id = e.sender_id ORDER BY x.id DESC LIMIT 1)), "
+		"  WHERE x.type = 'edit' AND x.replaces_id = e.id AND x.sender_id = e.sender_id AND (x.sender_id = ok.me "
+		"  OR EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = x.id AND o.target_identity_id = ok.me "
+		"  AND o.state IN ('delivered', 'in_flight'))) ORDER BY x.id DESC LIMIT 1)), "
 		"  e.content) AS ev, e.ts, EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = e.id "
 		"  AND o.target_identity_id = ok.me AND o.state = 'in_flight') AS going "
 		"  FROM ok, (SELECT w.id, w.public_id, w.sender_id, w.type, w.content, w.ts, w.accepted_at FROM events w "

@@ -887,6 +887,34 @@ def test_a_group_is_a_room_of_the_component(xd, gk, alice, prosody, pg, db_url):
     alice.expect_no_message(lambda el: body(el) == "see you all", start=start)
 
 
+def test_a_joins_history_shows_no_correction_the_policy_kept_from_the_user(xd, gk, alice, prosody, pg, db_url):
+    """The history shows a message with its last correction's text only
+    when that correction was let through for the user: wally's message
+    reached alice and bob, she blocked him, and his correction, dropped for
+    her (delivered to bob), is not in the history she gets on joining
+    (until the forty-ninth session it was: what her block kept from her
+    came by the history); bob's history has it."""
+    a, srv = gk
+    with a_group_with_bob(xd, a, alice, prosody) as (bob, gid, room):
+        first = pg.psql("SELECT public_id FROM events WHERE type = 'message'", db_url)
+        assert xd.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "user",
+                                                  "subject": a.user("wally"), "state": "blocked"}).ok
+        edit = post(a, f"/v1/rooms/{gid}/messages", {
+            "type": "edit", "sender": a.user("wally"), "content": {
+                "parts": [{"type": "text/plain", "body": "not for alice"}], "replaces": first}})
+        assert edit.status_code == 202, edit.text
+        wait_until(lambda: pg.psql("SELECT string_agg(o.state, ',' ORDER BY i.localpart) FROM outbox o "
+                                   "JOIN events e ON e.id = o.event_id JOIN identities i ON i.id = o.target_identity_id "
+                                   f"WHERE e.public_id = '{edit.json()['id']}'", db_url) == "dropped,delivered",
+                   what="the correction dropped for alice, delivered to bob")
+        for c, nick, want in ((alice, "alice", "hello both"), (bob, "bob", "not for alice")):
+            start = c.count()
+            c.send_presence(to=f"{room}/{nick}", payload=f"<x xmlns='{MUC}'/>")
+            c.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+            history = [body(el) for el in c.stanzas()[start:] if el.tag == "{jabber:client}message" and body(el)]
+            assert history == [want], (nick, history)
+
+
 def test_a_member_the_operator_removes_leaves_the_groups_room(xd, gk, alice, pg, db_url):
     """POST /admin/v1/rooms/{id}/members with remove, seen from XMPP: alice,
     in the group's room, sees the removed member go (an unavailable
