@@ -1467,10 +1467,17 @@ static void leave_request(struct xcomp *xc, xmpp_stanza_t *iq, const char *room,
 		return;
 	}
 	/* muc#admin: one item, the user's own affiliation to none (by JID or
-	 * by their nick in the room); any other change is an admin's. */
-	xmpp_stanza_t *q = xmpp_stanza_get_child_by_name_and_ns(iq, "query", NS_MUC_ADMIN);
-	xmpp_stanza_t *item = q ? xmpp_stanza_get_child_by_name(q, "item") : NULL;
-	if (!item || xmpp_stanza_get_next(item)) {
+	 * by their nick in the room); any other change is an admin's.  One
+	 * item: the query's one element (the whitespace a client lays its
+	 * XML out with is none: until the forty-ninth session a line break
+	 * after the item was a second one, bad-request). */
+	xmpp_stanza_t *q = xmpp_stanza_get_child_by_name_and_ns(iq, "query", NS_MUC_ADMIN), *item = NULL;
+	int tags = 0;
+	for (xmpp_stanza_t *c = q ? xmpp_stanza_get_children(q) : NULL; c; c = xmpp_stanza_get_next(c))
+		if (xmpp_stanza_is_tag(c) && !tags++)
+			item = c;
+	const char *iname = item ? xmpp_stanza_get_name(item) : NULL;
+	if (tags != 1 || !iname || strcmp(iname, "item") != 0) {
 		xa_send_now(xc, xa_error_reply(iq, "modify", "bad-request", NULL));
 		return;
 	}

@@ -2468,9 +2468,12 @@ def test_an_xmpp_user_leaves_a_group(xd, gk, alice, prosody, pg, db_url):
         err = alice.wait_for_presence(lambda el: el.get("type") == "error", start=start)
         assert err.error_condition == "item-not-found"
         assert not [el for el in alice.stanzas()[start:] if body(el) == "still here, bob?"]
-        # bob leaves by his affiliation, naming himself by his nick.
+        # bob leaves by his affiliation, naming himself by his nick, his
+        # client's XML laid out on lines: the whitespace around the item
+        # is no second item (until the forty-ninth session it was, and
+        # bad-request)
         start = bob.count()
-        bob.iq("set", room, f"<query xmlns='{admin}'><item affiliation='none' nick='bob'/></query>")
+        bob.iq("set", room, f"<query xmlns='{admin}'>\n  <item affiliation='none' nick='bob'/>\n</query>")
         bob.wait_for_presence(lambda el: el.get("from") == room + "/bob" and el.get("type") == "unavailable",
                               start=start)
         wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "membership" and e["room_id"] == gid
