@@ -137,7 +137,10 @@ size_t xa_muc_count_locked(const struct xcomp *xc)
 }
 
 /* full in room under nick; joining: its join is being looked at (what an
- * occupant had before, joining, kept and seen, stays). */
+ * occupant had before, joining, kept and seen, stays).  The room is made
+ * for the occupant it takes only: until the forty-ninth session a join
+ * refused as the rooms were full (OCCUPANTS_MAX) left its room, empty,
+ * in xc->muc for good. */
 static bool occupant_put(struct xcomp *xc, const char *room, const char *full, const char *nick, const char *user,
 			 bool joining)
 {
@@ -146,11 +149,15 @@ static bool occupant_put(struct xcomp *xc, const char *room, const char *full, c
 	if (!xc->muc)
 		xc->muc = json_object();
 	json_t *r = xc->muc ? json_object_get(xc->muc, room) : NULL;
-	if (xc->muc && !r && json_object_set_new(xc->muc, room, json_object()) == 0)
-		r = json_object_get(xc->muc, room);
 	json_t *had = r ? json_object_get(r, full) : NULL;
-	json_t *o = r && (had || occupants_count(xc->muc) < OCCUPANTS_MAX) ?
+	json_t *o = xc->muc && (had || occupants_count(xc->muc) < OCCUPANTS_MAX) ?
 			    json_pack("{s:s, s:s}", "nick", nick, "user", user) : NULL;
+	if (o && !r && json_object_set_new(xc->muc, room, json_object()) == 0)
+		r = json_object_get(xc->muc, room);
+	if (!r) {
+		json_decref(o);
+		o = NULL;
+	}
 	static const char *const keep[] = { "joining", "kept", "seen" };
 	for (size_t i = 0; o && had && i < sizeof(keep) / sizeof(keep[0]); i++)
 		if (json_object_get(had, keep[i]))

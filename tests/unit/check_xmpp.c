@@ -10,6 +10,7 @@
 #include "xmpp/xmpp_cmdform.h"
 #include "peer/event.h"
 #include "peers.h"
+#include "conf.h"
 #include "unit.h"
 
 #include <expat.h>
@@ -2938,6 +2939,56 @@ START_TEST(a_joiner_is_told_the_members_since_its_snapshot_by_who_they_are)
 }
 END_TEST
 
+/* A join refused because the component's rooms are full (10,000
+ * occupants) leaves nothing behind: until the forty-ninth session each
+ * such join left its room in xc->muc, empty, for good (one more room a
+ * name, looked up on every turn of the members' housekeeping). */
+START_TEST(a_join_refused_as_the_rooms_are_full_leaves_no_room)
+{
+	struct xmpp *x = calloc(1, sizeof(*x));
+	struct cw_config *cfg = calloc(1, sizeof(*cfg));
+	ck_assert_ptr_nonnull(x);
+	ck_assert_ptr_nonnull(cfg);
+	x->cfg = cfg;
+	snprintf(x->local_domain, sizeof(x->local_domain), "x.example");
+	struct xcomp *xc = &x->comp[0];
+	xc->x = x;
+	xc->ctx = ctx;
+	snprintf(xc->domain, sizeof(xc->domain), "gk.example");
+	pthread_mutex_init(&xc->mu, NULL);
+	xc->state = XC_DOWN; /* the answer goes nowhere */
+	xc->muc = json_object();
+	json_t *full = json_object();
+	for (int i = 0; i < 10000; i++) {
+		char jid[64];
+		snprintf(jid, sizeof(jid), "u%d@x.example/r", i);
+		json_object_set_new(full, jid, json_pack("{s:s, s:s}", "nick", "n", "user", "u@x.example"));
+	}
+	json_object_set_new(xc->muc, "#full@gk.example", full);
+	ck_assert_uint_eq(xa_muc_count_locked(xc), 10000);
+	for (int i = 0; i < 3; i++) {
+		char to[64];
+		snprintf(to, sizeof(to), "#new%d@gk.example/alice", i);
+		xmpp_stanza_t *p = xmpp_presence_new(ctx);
+		xmpp_stanza_set_from(p, "alice@x.example/phone");
+		xmpp_stanza_set_to(p, to);
+		xmpp_stanza_t *mx = xmpp_stanza_new(ctx);
+		xmpp_stanza_set_name(mx, "x");
+		xmpp_stanza_set_ns(mx, "http://jabber.org/protocol/muc");
+		xmpp_stanza_add_child(p, mx);
+		xmpp_stanza_release(mx);
+		xa_muc_presence(xc, p);
+		xmpp_stanza_release(p);
+	}
+	ck_assert_uint_eq(xa_muc_count_locked(xc), 10000);
+	ck_assert_uint_eq(json_object_size(xc->muc), 1);
+	json_decref(xc->muc);
+	pthread_mutex_destroy(&xc->mu);
+	free(cfg);
+	free(x);
+}
+END_TEST
+
 int main(void)
 {
 	xmpp_initialize();
@@ -2981,6 +3032,7 @@ int main(void)
 	tcase_add_test(tc, a_command_forms_values_are_measured_trimmed);
 	tcase_add_test(tc, a_command_forms_jid_with_a_zero_width_character_is_refused);
 	tcase_add_test(tc, a_command_form_without_its_contact_is_bad_payload);
+	tcase_add_test(tc, a_join_refused_as_the_rooms_are_full_leaves_no_room);
 	suite_add_tcase(s, tc);
 	int rc = unit_run(s);
 	xmpp_shutdown();
