@@ -171,6 +171,19 @@ static bool occupant_put(struct xcomp *xc, const char *room, const char *full, c
 	return ok;
 }
 
+/* full, while an occupant of room, under nick: one that went meanwhile
+ * (its client left while its join was looked at) stays out.  Until the
+ * forty-ninth session a join's answer giving the occupant another nick
+ * put it back in (occupant_put), a gone client in for good. */
+static void occupant_renick(struct xcomp *xc, const char *room, const char *full, const char *nick)
+{
+	pthread_mutex_lock(&xc->mu);
+	json_t *o = xc->muc ? json_object_get(json_object_get(xc->muc, room), full) : NULL;
+	if (o && json_object_set_new(o, "nick", json_string(nick)) == 0)
+		xc->muc_dirty = true;
+	pthread_mutex_unlock(&xc->mu);
+}
+
 /* Whether full is an occupant of room (its nick into nick). */
 static bool occupant_get(struct xcomp *xc, const char *room, const char *full, char *nick, size_t nlen)
 {
@@ -988,7 +1001,7 @@ static void join_done(void *arg, cw_err rc, const cw_errmsg *e)
 		assigned = assigned || strcmp(json_string_value(json_array_get(v, 0)), j->nick) == 0;
 	if (assigned && strcmp(j->nick, j->local) != 0) {
 		snprintf(j->nick, sizeof(j->nick), "%s", j->local);
-		occupant_put(xc, j->room, j->full, j->nick, j->user, true);
+		occupant_renick(xc, j->room, j->full, j->nick);
 	}
 	/* The answer, in order: the others, the user (110), the history, the
 	 * subject (XEP-0045 §7.2). */

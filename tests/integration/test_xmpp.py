@@ -1920,6 +1920,38 @@ def test_a_writer_under_the_joiners_nick_gives_her_another(xd, gk, alice, prosod
     assert alice.ping(room + "/alice")
 
 
+def test_a_client_that_leaves_while_its_join_is_looked_at_stays_out(xd, gk, alice, prosody, pg, db_url):
+    """alice joins as "boss", a writer's nick in the history (the room
+    gives her her local part instead), her join looked at slowly; her
+    client leaves meanwhile (unavailable), and is out when the join is
+    done: no answer, no occupant (until the forty-ninth session the nick
+    the room gave her put the gone client back in, an occupant for good,
+    sent the room's messages)."""
+    a, _ = gk
+    boss = a.user("boss")
+    consent_alice(xd)
+    consent_alice(xd, subject=boss)
+    gid = a.create_room([a.user("wally"), boss, ALICE], kind="group").json()["id"]
+    assert a.send(gid, boss, "before you came").status_code == 202
+    room = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None).get("from")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'xmpp' AND state = 'delivered'",
+                               db_url) == "1", what="boss's message delivered (to the history)")
+    assert a.call("POST", f"/v1/rooms/{gid}/members", {"remove": [boss]}).status_code == 200
+    slow_joins(pg, db_url, 3)
+    start = alice.count()
+    alice.send_presence(to=f"{room}/boss", payload=f"<x xmlns='{MUC}'/>")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'",
+                               db_url) == "1", what="the join on the writer")
+    assert component_state(xd)["room_occupants"] == 1
+    alice.send_presence(to=f"{room}/boss", ptype="unavailable")
+    alice.wait_for_presence(lambda el: el.get("from") == room + "/boss" and el.get("type") == "unavailable",
+                            start=start)
+    wait_until(lambda: "xmpp: a user joined a group" in xd.log(), timeout=20, what="the join done")
+    time.sleep(0.5)
+    assert component_state(xd)["room_occupants"] == 0
+    assert not [el for el in alice.stanzas()[start:] if el.find("{jabber:client}subject") is not None]
+
+
 def test_a_member_who_comes_under_the_joiners_nick_while_her_join_is_looked_at(xd, gk, alice, prosody, pg,
                                                                                  db_url):
     """bob is in the room; alice joins as "boss", her join looked at slowly,
