@@ -976,17 +976,19 @@ void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st)
 		 * (a member's own view is the only real room here), and said
 		 * so, with where to write instead; a chat state or marker
 		 * without a body is let go. */
-		free(in);
 		if (xmpp_stanza_get_child_by_name(st, "body")) {
 			char text[XJ_JID_MAX + 400], jid[XJ_JID_MAX + 1];
-			if (!xa_remote_jid(xc, nick, jid, sizeof(jid)))
+			/* a member of this server at her own JID (until the
+			 * forty-ninth session the JID of a namesake on the peer) */
+			if (!xa_muc_member_jid(xc, in->remote_bare, nick, jid, sizeof(jid)))
 				snprintf(jid, sizeof(jid), "their address");
 			snprintf(text, sizeof(text),
 				 "Private messages are not carried in a bridged group: write to the member directly "
-				 "(%s for a member on %s).", jid, xc->peer);
+				 "(%s).", jid);
 			atomic_fetch_add(&xc->errors_out, 1);
 			xa_answer_now(xc, xa_error_reply(st, "cancel", "not-allowed", text));
 		}
+		free(in);
 		return;
 	}
 	if (to_room && type && strcmp(type, "groupchat") == 0) {

@@ -455,6 +455,10 @@ xmpp_stanza_t *xa_muc_groupchat(xmpp_ctx_t *ctx, xmpp_stanza_t *st);
  * nick change the room made (XEP-0045 303, then 110 and 210), before
  * anything comes from nick.  Whether it moved. */
 bool xa_muc_give_way(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room, const char *full, const char *nick);
+/* The JID to write to the member the room speaks for under nick in room
+ * (bare JID), into out: a member of this server's own, a remote member's
+ * on the component; false when nick names no member. */
+bool xa_muc_member_jid(struct xcomp *xc, const char *room, const char *nick, char *out, size_t len);
 /* [[full JID, nick]] of user's resources in room (a new reference). */
 json_t *xa_muc_occupants(struct xcomp *xc, const char *room, const char *user);
 /* What becomes of a stanza (text, for the event id) to the occupant full

@@ -815,6 +815,23 @@ bool xa_muc_give_way(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room, const 
 	return moved;
 }
 
+bool xa_muc_member_jid(struct xcomp *xc, const char *room, const char *nick, char *out, size_t len)
+{
+	pthread_mutex_lock(&xc->mu);
+	const json_t *set = xc->muc_members ? json_object_get(xc->muc_members, room) : NULL;
+	bool member = nick[0] != '#' && json_object_get(set, nick) != NULL, local = member && local_in(set, nick);
+	pthread_mutex_unlock(&xc->mu);
+	if (local) {
+		int n = snprintf(out, len, "%s@%s", nick, xc->x->local_domain);
+		return n > 0 && (size_t)n < len;
+	}
+	/* a remote member's nick: their id, or "<id>@<their domain>" beside
+	 * one of ours of that name (MUC_NICK) */
+	char id[MIMI_LOCAL_MAX + 1];
+	return member && (size_t)snprintf(id, sizeof(id), "%.*s", (int)strcspn(nick, "@"), nick) < sizeof(id) &&
+	       xa_remote_jid(xc, id, out, len);
+}
+
 /* The members of the set from (each set as xc->muc_members holds a
  * room's) that are not in the set to, as [sign, nick] at out's end: the
  * nick absent from to, or naming another member there (one of this

@@ -1311,6 +1311,16 @@ def test_wrong_addresses_get_the_errors_their_specifications_name(xd, gk, alice,
         assert mine.get("type") == "groupchat" and body(mine) == "who is in?", mine.xml
         wait_until(lambda: any(e.get("type") == "message" and e["content"]["parts"][0]["body"] == "who is in?"
                                for e in list(srv.events) if e.get("room_id") == gid), what="it at the peer")
+        # A private message is not carried (§7.5): the error names where
+        # to write instead, for a member of this server her own address
+        # (until the forty-ninth session a JID of the peer's namesake)
+        start = alice.count()
+        join_room(room, (bob, "bob"))  # a member by his join (invited until then)
+        alice.wait_for_presence(lambda el: el.get("from") == f"{room}/bob", start=start)
+        alice.send_message(f"{room}/bob", "psst", mtype="chat", id="pm2")
+        err = alice.wait_for_message(lambda el: el.get("id") == "pm2" and el.get("type") == "error")
+        assert err.error_condition == "not-allowed", err.xml
+        assert f"bob@{HOST}" in err.xml and f"bob@{COMP}" not in err.xml, err.xml
     nobody = "\\61lice@" + COMP  # an escape of a byte that stays as it is
     err = alice.iq("get", nobody, "<query xmlns='http://jabber.org/protocol/disco#info'/>", expect_error=True)
     assert err.error_condition == "service-unavailable", err.xml
