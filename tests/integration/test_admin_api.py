@@ -1233,6 +1233,45 @@ def undocumented_members(doc, schema, value, where="$"):
     return faults
 
 
+def bare_objects(doc, schema, where="$"):
+    """The objects of schema that neither name their members (properties,
+    through allOf and $ref) nor say they are free (additionalProperties):
+    what test_admin_api's undocumented_members cannot look into."""
+    schema = deref(doc, schema)
+    subs = [deref(doc, x) for x in schema.get("allOf", [])]
+    props = {}
+    for s in [schema] + subs:
+        props.update(s.get("properties", {}))
+    types = schema.get("type") or next((s["type"] for s in subs if "type" in s), None)
+    types = [types] if isinstance(types, str) else types or []
+    faults = [where] if "object" in types and not props and "additionalProperties" not in schema else []
+    for k, v in props.items():
+        faults += bare_objects(doc, v, f"{where}.{k}")
+    items = schema.get("items") or next((s["items"] for s in subs if "items" in s), None)
+    if items is not None:
+        faults += bare_objects(doc, items, f"{where}[]")
+    return faults
+
+
+def test_every_answer_names_its_members(doc):
+    """Each object of every answer the document gives (its 2xx JSON
+    bodies) names its members, or says it is free (additionalProperties:
+    an audit record's details, a health as in /readyz): an object
+    documented as any object is one test_every_member_of_an_answer_is_documented
+    cannot look into, and a client made from the document knows nothing
+    of.  Until the forty-ninth session the peers, the rows of every list
+    but the rules, the decisions of a message, the rooms, the adapters,
+    the configuration and the answers of a report's handle and dismiss
+    were such objects."""
+    faults = []
+    for method, path, op in operations(doc):
+        for status, resp in op["responses"].items():
+            content = deref(doc, resp).get("content", {}).get("application/json")
+            if status.startswith("2") and content:
+                faults += [f"{method} {path} {status}: {x}" for x in bare_objects(doc, content["schema"])]
+    assert not faults, "\n".join(faults)
+
+
 def test_every_member_of_an_answer_is_documented(daemon, pg, db_url, doc):
     """Each member of every answer of the routes that read, after traffic
     that fills each of them (a delivery and its attempt, a held first

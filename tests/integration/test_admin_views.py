@@ -495,27 +495,6 @@ VIEW_ANSWERS = (("get", "/admin/v1/rooms"), ("get", "/admin/v1/rooms/{id}"), ("p
                 ("get", "/admin/v1/adapters"), ("get", "/admin/v1/config"), ("get", "/admin/v1/stats"))
 
 
-def bare_objects(doc, schema, where="$"):
-    """The objects of schema that neither name their members (properties,
-    through allOf and $ref) nor say they are free (additionalProperties):
-    what test_admin_api's undocumented_members cannot look into."""
-    from test_openapi import deref
-    schema = deref(doc, schema)
-    subs = [deref(doc, x) for x in schema.get("allOf", [])]
-    props = {}
-    for s in [schema] + subs:
-        props.update(s.get("properties", {}))
-    types = schema.get("type") or next((s["type"] for s in subs if "type" in s), None)
-    types = [types] if isinstance(types, str) else types or []
-    faults = [where] if "object" in types and not props and "additionalProperties" not in schema else []
-    for k, v in props.items():
-        faults += bare_objects(doc, v, f"{where}.{k}")
-    items = schema.get("items") or next((s["items"] for s in subs if "items" in s), None)
-    if items is not None:
-        faults += bare_objects(doc, items, f"{where}[]")
-    return faults
-
-
 def test_the_views_answers_are_documented_member_by_member(make_daemon, pg):
     """Each object of the answers of the rooms, the adapters, the
     configuration and the statistics is documented member by member in
@@ -526,7 +505,7 @@ def test_the_views_answers_are_documented_member_by_member(make_daemon, pg):
     documented as any object: test_admin_api's check of every member
     answered did not look into them, and a client made from the document
     knew none of their members."""
-    from test_admin_api import undocumented_members
+    from test_admin_api import bare_objects, undocumented_members
     with open(os.path.join(TOP_SRCDIR, "docs", "admin-openapi.json"), encoding="utf-8") as f:
         doc = json.load(f)
 
