@@ -1205,18 +1205,25 @@ def test_a_query_parameter_the_route_does_not_take_is_refused_naming_it(daemon, 
         before
 
 
+def schema_parts(doc, schema):
+    """schema ($ref followed), the members it names (its properties and
+    those of its allOf) and the schema of its items (or None)."""
+    schema = deref(doc, schema)
+    subs = [deref(doc, x) for x in schema.get("allOf", [])]
+    props = {}
+    for s in [schema] + subs:
+        props.update(s.get("properties", {}))
+    return schema, props, next((s["items"] for s in [schema] + subs if "items" in s), None)
+
+
 def undocumented_members(doc, schema, value, where="$"):
     """The members of value (and of the objects in it) that its schema does
     not name, where the schema names its members (properties, through
     allOf and $ref); an object schema that names none (details, limits
     written as free objects) is not looked into."""
-    schema = deref(doc, schema)
-    subs = [deref(doc, x) for x in schema.get("allOf", [])]
+    schema, props, items = schema_parts(doc, schema)
     faults = []
     if isinstance(value, dict):
-        props = dict(schema.get("properties", {}))
-        for sub in subs:
-            props.update(sub.get("properties", {}))
         extra = schema.get("additionalProperties")
         if props:
             faults += [f"{where}.{k}" for k in value if k not in props and not isinstance(extra, dict)]
@@ -1226,7 +1233,6 @@ def undocumented_members(doc, schema, value, where="$"):
             elif isinstance(extra, dict):
                 faults += undocumented_members(doc, extra, v, f"{where}.{k}")
     elif isinstance(value, list):
-        items = schema.get("items") or next((sub["items"] for sub in subs if "items" in sub), None)
         for i, v in enumerate(value):
             if items is not None:
                 faults += undocumented_members(doc, items, v, f"{where}[{i}]")
@@ -1237,17 +1243,12 @@ def bare_objects(doc, schema, where="$"):
     """The objects of schema that neither name their members (properties,
     through allOf and $ref) nor say they are free (additionalProperties):
     what test_admin_api's undocumented_members cannot look into."""
-    schema = deref(doc, schema)
-    subs = [deref(doc, x) for x in schema.get("allOf", [])]
-    props = {}
-    for s in [schema] + subs:
-        props.update(s.get("properties", {}))
-    types = schema.get("type") or next((s["type"] for s in subs if "type" in s), None)
-    types = [types] if isinstance(types, str) else types or []
+    schema, props, items = schema_parts(doc, schema)
+    types = next((s["type"] for s in [schema] + [deref(doc, x) for x in schema.get("allOf", [])] if "type" in s), [])
+    types = [types] if isinstance(types, str) else types
     faults = [where] if "object" in types and not props and "additionalProperties" not in schema else []
     for k, v in props.items():
         faults += bare_objects(doc, v, f"{where}.{k}")
-    items = schema.get("items") or next((s["items"] for s in subs if "items" in s), None)
     if items is not None:
         faults += bare_objects(doc, items, f"{where}[]")
     return faults
