@@ -211,9 +211,9 @@ void admin_whoami(struct cw_req *req, void *ctx)
  * keys are migrate.c's, dispatcher.c's, policy_live.c's and peers.c's. */
 #define TOKEN_NAME_LOCK_KEY "7161132091431352700"
 
-#define TOKEN_JSON                                                                                               \
-	"json_build_object('id', id, 'name', name, 'role', role, 'created_at', created_at, 'last_used_at', " \
-	"last_used_at, 'revoked_at', revoked_at)"
+#define TOKEN_JSON                                                                                      \
+	"json_build_object('id', id, 'name', name, 'role', role, 'created_at', " APP_SQL_TS("created_at") ", " \
+	"'last_used_at', " APP_SQL_TS("last_used_at") ", 'revoked_at', " APP_SQL_TS("revoked_at") ")"
 
 /* One statement whose one row and column is the answer (as JSON text). */
 struct tok_job {

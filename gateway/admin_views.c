@@ -52,9 +52,6 @@ void admin_views_free(struct admin_views *av)
 	free(av);
 }
 
-/* A timestamptz column as RFC 3339 UTC text with milliseconds. */
-#define TS(x) "to_char((" x ") AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
-
 /* ------------------------------------------------------- one-statement views */
 
 #define VIEW_PARAMS 3
@@ -167,10 +164,10 @@ static void view_run(struct cw_app *app, struct cw_req *req, struct view *v)
 /* A room of x, as listed (the members counted are those joined now). */
 #define ROOM_FIELDS \
 	"'id', x.public_id, 'row', x.id, 'uri', x.uri, 'kind', x.kind, 'name', x.name, " \
-	"'created_at', " TS("x.created_at") ", " \
+	"'created_at', " APP_SQL_TS("x.created_at") ", " \
 	"'member_count', (SELECT count(*) FROM room_members m WHERE m.room_id = x.id AND m.membership = 'joined'), " \
 	"'bindings', (SELECT coalesce(json_agg(json_build_object('network', b.network, 'native_id', b.native_id, " \
-	" 'created_at', " TS("b.created_at") ") ORDER BY b.network, b.id), '[]'::json) " \
+	" 'created_at', " APP_SQL_TS("b.created_at") ") ORDER BY b.network, b.id), '[]'::json) " \
 	" FROM room_bindings b WHERE b.room_id = x.id)"
 
 static const char ROOMS_SQL[] =
@@ -427,7 +424,7 @@ static const char STATS_SQL[] =
 	" UNION ALL SELECT dl.m, dl.net, 'out', count(*) FROM dl GROUP BY 1, 2), "
 	"tp AS (SELECT tn.m, split_part(tn.net, ':', 1) AS adapter, tn.direction, sum(tn.n)::bigint AS n FROM tn "
 	"  GROUP BY 1, 2, 3) "
-	"SELECT json_build_object('window_s', $1::int, 'now', " TS("now()") ", "
+	"SELECT json_build_object('window_s', $1::int, 'now', " APP_SQL_TS("now()") ", "
 	" 'throughput', (SELECT coalesce(json_agg(json_build_object("
 	"   'minute', to_char(tp.m AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), 'adapter', tp.adapter, "
 	"   'direction', tp.direction, 'count', tp.n) ORDER BY tp.m, tp.adapter, tp.direction), '[]'::json) FROM tp), "

@@ -134,6 +134,15 @@ void app_job_fail(struct app_job *j, int status, const char *code, const char *f
 bool app_authorize_headers(struct cw_req *req, enum cw_auth auth, void *ctx);
 bool app_authorize(struct cw_req *req, enum cw_auth auth, void *ctx);
 
+/* A timestamptz expression x as the admin API writes every time: RFC 3339
+ * in UTC with milliseconds (2026-12-05T14:29:48.123Z), whatever the
+ * session's TimeZone; NULL stays NULL.  A SQL fragment to splice into a
+ * statement's text.  Until the forty-ninth session's review the lists
+ * wrote three forms (this one, whole seconds, and PostgreSQL's own with
+ * microseconds and +00:00), one delivery's created_at differing between
+ * the outbox list and its trace. */
+#define APP_SQL_TS(x) "to_char((" x ") AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+
 /* Admin lists: ?after= (a row id, 0 when absent) and ?limit= (1 to
  * APP_PAGE_MAX, 100 when absent); false after answering 400. */
 #define APP_PAGE_MAX 500

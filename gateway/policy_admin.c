@@ -437,10 +437,14 @@ static const char *str(json_t *o, const char *k)
 
 /* ------------------------------------------------------------ rules */
 
+/* A rule's expiry: 'infinity' and '-infinity', which SQL alone writes
+ * (policy_live.c: no expiry; past), as that text. */
+#define RULE_EXPIRY(x) "coalesce(" APP_SQL_TS(x) ", " x "::text)"
+
 #define RULE_JSON \
 	"json_build_object('id', id, 'scope', scope, 'pattern', pattern, 'mode', mode, 'limits', limits, " \
-	" 'enabled', enabled, 'comment', comment, 'created_by', created_by, 'created_at', created_at, " \
-	" 'updated_at', updated_at, 'expires_at', expires_at)"
+	" 'enabled', enabled, 'comment', comment, 'created_by', created_by, 'created_at', " APP_SQL_TS("created_at") ", " \
+	" 'updated_at', " APP_SQL_TS("updated_at") ", 'expires_at', " RULE_EXPIRY("expires_at") ")"
 
 /* The page wrapper: rows of x (which has an id) as JSON objects j. */
 #define PAGE(JSON, FROM) \
@@ -461,8 +465,8 @@ void policy_admin_rules_list(struct cw_req *req, void *ctx)
 	}
 	struct aq *q = aq_page(after, limit, PAGE("json_build_object('id', x.id, 'scope', x.scope, 'pattern', x.pattern, "
 				   "'mode', x.mode, 'limits', x.limits, 'enabled', x.enabled, 'comment', x.comment, "
-				   "'created_by', x.created_by, 'created_at', x.created_at, 'updated_at', x.updated_at, "
-				   "'expires_at', x.expires_at)",
+				   "'created_by', x.created_by, 'created_at', " APP_SQL_TS("x.created_at") ", 'updated_at', " APP_SQL_TS("x.updated_at") ", "
+				   "'expires_at', " RULE_EXPIRY("x.expires_at") ")",
 				   "(SELECT * FROM rules WHERE id > $1::bigint AND ($3::text IS NULL OR scope = $3) "
 				   "ORDER BY id LIMIT $2::int) x"));
 	if (q) {
@@ -905,7 +909,7 @@ void policy_admin_users_list(struct cw_req *req, void *ctx)
 		" 'optins', (SELECT coalesce(json_object_agg(o.network, o.opted_in), '{}'::json) FROM user_optin o "
 		"  WHERE o.identity_id = x.id), "
 		" 'consents', (SELECT coalesce(json_agg(json_build_object('subject_kind', c.subject_kind, 'subject', "
-		"  c.subject, 'state', c.state, 'source', c.source, 'updated_at', c.updated_at, "
+		"  c.subject, 'state', c.state, 'source', c.source, 'updated_at', " APP_SQL_TS("c.updated_at") ", "
 		"  'peer', (SELECT p.name FROM peers p WHERE p.domain = CASE c.subject_kind WHEN 'domain' THEN c.subject "
 		"  ELSE split_part(substr(c.subject, 8), '/', 1) END)) ORDER BY c.subject_kind, "
 		"  c.subject), '[]'::json) FROM consents c WHERE c.local_identity_id = x.id), "
@@ -1118,8 +1122,8 @@ void policy_admin_consent_requests(struct cw_req *req, void *ctx)
 		return;
 	struct aq *q = aq_page(after, limit, PAGE(
 		"json_build_object('id', x.id, 'user', l.uri, 'requester', r.uri, 'requester_network', r.network, "
-		" 'state', x.state, 'created_at', x.created_at, 'notified_at', x.notified_at, 'decided_at', "
-		" x.decided_at, 'expires_at', x.expires_at, 'held', (SELECT count(*) FROM outbox o JOIN events e "
+		" 'state', x.state, 'created_at', " APP_SQL_TS("x.created_at") ", 'notified_at', " APP_SQL_TS("x.notified_at") ", "
+		" 'decided_at', " APP_SQL_TS("x.decided_at") ", 'expires_at', " APP_SQL_TS("x.expires_at") ", 'held', (SELECT count(*) FROM outbox o JOIN events e "
 		" ON e.id = o.event_id WHERE o.target_identity_id = x.local_identity_id AND o.state = 'held' "
 		" AND e.sender_id = x.remote_identity_id))",
 		"(SELECT * FROM consent_requests WHERE id > $1::bigint AND ($3::text IS NULL OR state = $3) "
@@ -1149,7 +1153,8 @@ void policy_admin_held_list(struct cw_req *req, void *ctx)
 	policy_view_put(v);
 	struct aq *q = aq_page(after, limit, PAGE(
 		"json_build_object('id', x.id, 'message', e.public_id, 'user', t.uri, 'sender', s.uri, 'type', e.type, "
-		" 'held_since', x.created_at, 'expires_at', x.created_at + make_interval(secs => $4::bigint))",
+		" 'held_since', " APP_SQL_TS("x.created_at") ", "
+		" 'expires_at', " APP_SQL_TS("x.created_at + make_interval(secs => $4::bigint)") ")",
 		"(SELECT id, event_id, target_identity_id, created_at FROM outbox WHERE state = 'held' "
 		" AND id > $1::bigint AND ($3::text IS NULL OR target_identity_id = (SELECT id FROM identities "
 		" WHERE uri = $3)) ORDER BY id LIMIT $2::int) x JOIN events e ON e.id = x.event_id "
@@ -1177,7 +1182,7 @@ void policy_admin_reports_list(struct cw_req *req, void *ctx)
 	struct aq *q = aq_page(after, limit, PAGE(
 		"json_build_object('id', x.id, 'reporter_kind', x.reporter_kind, 'reporter', x.reporter, "
 		" 'subject', x.subject_uri, 'reason', x.reason_code, 'evidence', to_json(x.evidence_public_ids), "
-		" 'comment', x.comment, 'created_at', x.created_at, 'handled_at', x.handled_at, "
+		" 'comment', x.comment, 'created_at', " APP_SQL_TS("x.created_at") ", 'handled_at', " APP_SQL_TS("x.handled_at") ", "
 		" 'handled_by', x.handled_by, 'dismissed', x.dismissed, "
 		" 'reports_against_subject', (SELECT count(*) FROM reports y "
 		" WHERE y.subject_uri = x.subject_uri))",
@@ -1511,7 +1516,7 @@ static cw_err report_conflict(PGconn *c, struct app_job *j, cw_errmsg *e, const 
 static cw_err report_handle_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	return report_conflict(c, j, e,
-			       "SELECT to_json(handled_at) #>> '{}', handled_by FROM reports "
+			       "SELECT " APP_SQL_TS("handled_at") ", handled_by FROM reports "
 			       "WHERE id = $1::bigint AND handled_at IS NOT NULL",
 			       "handled");
 }
@@ -1522,7 +1527,7 @@ void policy_admin_report_handle(struct cw_req *req, void *ctx)
 	if (!app_path_id(req, "id", "report", id))
 		return;
 	struct aq *q = aq_new("UPDATE reports SET handled_at = now(), handled_by = $2 WHERE id = $1::bigint "
-			      "AND handled_at IS NULL RETURNING json_build_object('id', id, 'handled_at', handled_at, "
+			      "AND handled_at IS NULL RETURNING json_build_object('id', id, 'handled_at', " APP_SQL_TS("handled_at") ", "
 			      "'handled_by', handled_by)::text");
 	if (!q) {
 		aq_run(ctx, req, NULL); /* answers 503 */
@@ -1549,7 +1554,7 @@ void policy_admin_report_handle(struct cw_req *req, void *ctx)
 static cw_err report_dismiss_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	return report_conflict(c, j, e,
-			       "SELECT to_json(handled_at) #>> '{}', handled_by FROM reports "
+			       "SELECT " APP_SQL_TS("handled_at") ", handled_by FROM reports "
 			       "WHERE id = $1::bigint AND dismissed",
 			       "dismissed; it was handled");
 }
@@ -1561,7 +1566,7 @@ void policy_admin_report_dismiss(struct cw_req *req, void *ctx)
 		return;
 	struct aq *q = aq_new("UPDATE reports SET handled_at = coalesce(handled_at, now()), "
 			      "handled_by = coalesce(handled_by, $2), dismissed = true WHERE id = $1::bigint "
-			      "AND NOT dismissed RETURNING json_build_object('id', id, 'handled_at', handled_at, "
+			      "AND NOT dismissed RETURNING json_build_object('id', id, 'handled_at', " APP_SQL_TS("handled_at") ", "
 			      "'handled_by', handled_by, 'dismissed', dismissed, 'limit_rule_id', (SELECT r.id FROM rules r "
 			      "WHERE r.scope = 'user' AND r.pattern = reports.subject_uri AND r.created_by = 'system:reports' "
 			      "AND r.enabled AND (r.expires_at IS NULL OR r.expires_at > now())))::text");
@@ -1582,7 +1587,7 @@ void policy_admin_report_dismiss(struct cw_req *req, void *ctx)
 /* ------------------------------------------------------------ audit */
 
 #define AUDIT_JSON \
-	"json_build_object('id', x.id, 'at', x.at, 'actor', x.actor, 'action', x.action, 'reason', x.reason_code, " \
+	"json_build_object('id', x.id, 'at', " APP_SQL_TS("x.at") ", 'actor', x.actor, 'action', x.action, 'reason', x.reason_code, " \
 	" 'rule_id', x.rule_id, 'message', (SELECT public_id FROM events WHERE id = x.event_id), " \
 	" 'subject', x.subject, 'details', x.details)"
 
@@ -1658,16 +1663,16 @@ void policy_admin_decision(struct cw_req *req, void *ctx)
 	}
 	struct aq *q = aq_new(
 		"SELECT json_build_object('message', e.public_id, 'sender', s.uri, 'type', e.type, "
-		" 'accepted_at', e.accepted_at, 'content_deleted', e.content = '{}'::jsonb, "
+		" 'accepted_at', " APP_SQL_TS("e.accepted_at") ", 'content_deleted', e.content = '{}'::jsonb, "
 		" 'recipients', (SELECT coalesce(json_agg(json_build_object('destination', o.destination, "
 		"  'recipient', t.uri, 'state', o.state, 'attempts', o.attempts, 'last_error', o.last_error, "
 		"  'verdict', " DELIVERY_VERDICT("a.action") ", 'reason', a.reason_code, "
-		"  'rule_id', a.rule_id, 'decided_at', a.at) ORDER BY o.id), '[]'::json) "
+		"  'rule_id', a.rule_id, 'decided_at', " APP_SQL_TS("a.at") ") ORDER BY o.id), '[]'::json) "
 		"  FROM outbox o LEFT JOIN identities t ON t.id = o.target_identity_id "
 		"  LEFT JOIN LATERAL (SELECT * FROM audit_log a WHERE a.event_id = e.id AND a.actor = 'policy' "
 		"   AND " DELIVERY_DECISION " ORDER BY a.id DESC LIMIT 1) a ON true "
 		"  WHERE o.event_id = e.id), "
-		" 'decisions', (SELECT coalesce(json_agg(json_build_object('at', a.at, 'verdict', "
+		" 'decisions', (SELECT coalesce(json_agg(json_build_object('at', " APP_SQL_TS("a.at") ", 'verdict', "
 		"  split_part(a.action, '.', 2), 'reason', a.reason_code, 'rule_id', a.rule_id, "
 		"  'recipient', coalesce(a.details->>'user', a.subject), "
 		"  'details', a.details) ORDER BY a.id), '[]'::json) FROM audit_log a WHERE a.event_id = e.id "

@@ -33,9 +33,7 @@ static bool state_valid(const char *s)
 /* A page of the list: the rows of o, the page's outbox rows. */
 #define LIST_SQL(O) \
 	"SELECT o.id, ev.public_id, o.destination, t.uri, o.state, o.attempts, o.last_error, " \
-	" to_char(o.next_attempt_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), " \
-	" to_char(o.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), " \
-	" to_char(o.delivered_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') " \
+	" " APP_SQL_TS("o.next_attempt_at") ", " APP_SQL_TS("o.created_at") ", " APP_SQL_TS("o.delivered_at") " " \
 	"FROM " O " JOIN events ev ON ev.id = o.event_id LEFT JOIN identities t ON t.id = o.target_identity_id " \
 	"ORDER BY o.id"
 
@@ -266,18 +264,18 @@ void outbox_admin_discard(struct cw_req *req, void *ctx)
 static const char TRACE_SQL[] =
 	"SELECT json_build_object('message', e.public_id, 'room', r.public_id, 'sender', s.uri, 'type', e.type, "
 	" 'origin', json_build_object('network', e.origin_network, 'native_id', e.origin_native_id), "
-	" 'accepted_at', e.accepted_at, 'content_deleted', e.content = '{}'::jsonb, "
-	" 'decisions', (SELECT coalesce(json_agg(json_build_object('at', a.at, 'verdict', split_part(a.action, '.', 2), "
+	" 'accepted_at', " APP_SQL_TS("e.accepted_at") ", 'content_deleted', e.content = '{}'::jsonb, "
+	" 'decisions', (SELECT coalesce(json_agg(json_build_object('at', " APP_SQL_TS("a.at") ", 'verdict', split_part(a.action, '.', 2), "
 	"  'reason', a.reason_code, 'rule_id', a.rule_id, 'recipient', coalesce(a.details->>'user', a.subject), "
 	"  'details', a.details) ORDER BY a.id), "
 	"  '[]'::json) FROM audit_log a WHERE a.event_id = e.id AND a.actor = 'policy'), "
 	" 'deliveries', (SELECT coalesce(json_agg(json_build_object('id', o.id, 'destination', o.destination, "
-	"  'recipient', t.uri, 'state', o.state, 'attempts', o.attempts, 'next_attempt_at', o.next_attempt_at, "
-	"  'last_error', o.last_error, 'remote_id', o.remote_id, 'created_at', o.created_at, "
-	"  'delivered_at', o.delivered_at, 'read_at', o.read_at, "
+	"  'recipient', t.uri, 'state', o.state, 'attempts', o.attempts, 'next_attempt_at', " APP_SQL_TS("o.next_attempt_at") ", "
+	"  'last_error', o.last_error, 'remote_id', o.remote_id, 'created_at', " APP_SQL_TS("o.created_at") ", "
+	"  'delivered_at', " APP_SQL_TS("o.delivered_at") ", 'read_at', " APP_SQL_TS("o.read_at") ", "
 	"  'verdict', " DELIVERY_VERDICT("d.action") ", 'reason', d.reason_code, "
-	"  'tries', (SELECT coalesce(json_agg(json_build_object('attempt', x.attempt, 'started_at', x.started_at, "
-	"   'finished_at', x.finished_at, 'ok', x.ok, 'code', x.code, 'error', x.error) ORDER BY x.attempt), "
+	"  'tries', (SELECT coalesce(json_agg(json_build_object('attempt', x.attempt, 'started_at', " APP_SQL_TS("x.started_at") ", "
+	"   'finished_at', " APP_SQL_TS("x.finished_at") ", 'ok', x.ok, 'code', x.code, 'error', x.error) ORDER BY x.attempt), "
 	"   '[]'::json) FROM delivery_attempts x WHERE x.outbox_id = o.id)) ORDER BY o.id), '[]'::json) "
 	"  FROM outbox o LEFT JOIN identities t ON t.id = o.target_identity_id "
 	"  LEFT JOIN LATERAL (SELECT * FROM audit_log a WHERE a.event_id = e.id AND a.actor = 'policy' "

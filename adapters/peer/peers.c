@@ -632,9 +632,7 @@ static json_t *peer_row_json(PGresult *r, int i)
 
 #define PEER_COLUMNS \
 	"name, domain, mode, " PEER_PUSH_URL_SHOWN ", translate(encode(ed25519_public_key, 'base64'), E'\\n', ''), " \
-	"enabled, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), " \
-	"to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), " \
-	"to_char(disabled_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), " \
+	"enabled, " APP_SQL_TS("created_at") ", " APP_SQL_TS("updated_at") ", " APP_SQL_TS("disabled_at") ", " \
 	"id, encode(token_hash, 'hex'), encode(ed25519_public_key, 'hex'), event_types::text"
 
 struct admin_change {

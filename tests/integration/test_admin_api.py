@@ -529,6 +529,74 @@ def test_times_are_utc_whatever_the_time_zone_of_the_database(make_daemon, pg, d
         assert abs(datetime.fromisoformat(t) - now) < timedelta(hours=2), t
 
 
+def test_every_time_of_every_answer_has_one_form(daemon, pg, db_url):
+    """Every time the admin API answers, in every list, record and trace,
+    and in the detail of a report handled twice, is written in one form:
+    RFC 3339 in UTC with milliseconds and Z (the statistics' minutes, whole
+    minutes, without the fraction).  Until the forty-ninth session's review
+    the rooms, the outbox list and the statistics wrote that form, the
+    peers whole seconds, and the others PostgreSQL's own (microseconds and
+    +00:00): one delivery's created_at was ....123Z in GET /outbox and
+    ....123456+00:00 in its trace, and a script comparing them as text,
+    or sorting the times of two lists, went wrong."""
+    one = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+    minute = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:00Z$")
+    (a, sa), (b, sb) = made = push_peers(daemon)
+    try:
+        local = "mimi://example.org/u/alice"
+        assert daemon.admin("POST", "/optins", json={"user": local, "network": "peer:gk",
+                                                     "opted_in": True}).status_code == 200
+        assert daemon.admin("POST", "/consents", json={"user": local, "subject_kind": "domain",
+                                                       "subject": "tg.example", "state": "blocked"}).status_code == 200
+        gid = a.create_room([a.user("wally"), b.user("bob"), local], kind="group", name="n").json()["id"]
+        assert a.send(gid, a.user("wally"), "to the group").status_code < 300
+        direct = a.create_room([a.user("wally"), local]).json()["id"]
+        assert a.send(direct, a.user("wally"), "first contact").status_code < 300
+        wait_until(lambda: pg.psql("SELECT count(*) FROM delivery_attempts", db_url) != "0", timeout=30)
+        assert daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "x.example", "mode": "deny",
+                                                    "expires_in_s": 3600}).status_code == 201
+        assert daemon.admin("POST", "/reports", json={"subject": a.user("wally"), "reason": "spam"}).status_code == 201
+        assert daemon.admin("POST", "/peers/tg/disable").status_code == 200
+        make_token(daemon, "looker", "viewer")
+        assert call(daemon, "GET", "/admin/v1/whoami", make_token(daemon, "used", "viewer")["token"]).status_code == 200
+        assert daemon.admin("POST", "/tokens/used/revoke").status_code == 200
+        group_msg = pg.psql("SELECT e.public_id FROM events e JOIN outbox o ON o.event_id = e.id "
+                            "JOIN delivery_attempts x ON x.outbox_id = o.id LIMIT 1", db_url)
+        held = daemon.admin("GET", "/held").json()["rows"][-1]["message"]
+        answers = {p: daemon.admin("GET", p).json() for p in (
+            "/tokens", "/peers", "/rules", "/users", "/consent-requests", "/held", "/reports", "/audit", "/outbox",
+            "/rooms", f"/rooms/{gid}", "/stats", f"/messages/{group_msg}", f"/messages/{held}",
+            f"/messages/{held}/decision")}
+        answers["handle"] = daemon.admin("POST", "/reports/1/handle").json()
+        again = daemon.admin("POST", "/reports/1/handle")
+        assert again.status_code == 409, again.text
+        when = re.search(r"handled at (\S+) by", again.json()["detail"])
+        assert when and one.match(when.group(1)), again.text
+        assert when.group(1) == answers["handle"]["handled_at"]
+    finally:
+        for _, srv in made:
+            srv.close()
+
+    def times(node, where):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from times(v, f"{where}.{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                yield from times(v, f"{where}[{i}]")
+        elif isinstance(node, str) and re.match(r"^\d{4}-\d\d-\d\dT", node):
+            yield where, node
+    found = [(w, t) for p, body in answers.items() for w, t in times(body, p)]
+    faults = [(w, t) for w, t in found if not (one.match(t) or w.endswith(".minute") and minute.match(t))]
+    named = {re.sub(r"\[\d+\]", "[]", w) for w, _ in found}
+    for w in ("/tokens.tokens[].last_used_at", "/tokens.tokens[].revoked_at", "/peers.peers[].disabled_at",
+              "/rules.rows[].expires_at", "/users.rows[].consents[].updated_at", "/consent-requests.rows[].expires_at",
+              "/held.rows[].held_since", "/reports.rows[].created_at", "/audit.rows[].at", "/outbox.rows[].created_at",
+              "/rooms.rooms[].created_at", "/stats.now"):
+        assert w in named, (w, sorted(named))
+    assert len(found) >= 40 and not faults, faults
+
+
 def test_a_taken_token_name_spoils_no_other_write_of_its_batch(make_daemon, db_url, pg):
     """A token made under a name that exists is 409, and the writes that
     share its group commit are written as answered.  The failed INSERT
