@@ -238,6 +238,35 @@ def test_an_unreadable_stored_event_is_a_dead_letter_counted_as_one(make_daemon,
         srv.close()
 
 
+def test_a_claimed_event_takes_its_members_from_the_rows_whatever_its_stored_text(make_daemon, db_url, pg):
+    """The claim reads a stored event without the members the dispatcher
+    sets from the rows anyway (id, room, room_id, sender, accepted_ts, and
+    its type where it is the row's), which the daemon parsed only to
+    replace (the forty-ninth session): a stored text naming others still
+    goes out with the rows' own, and its other members with it."""
+    d = make_daemon(db_url).start()
+    peers = push_peers(d)
+    (a, _), (b, sb) = peers
+    room = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
+    assert d.admin("POST", "/peers/tg/disable").status_code == 200
+    plain = a.send(room, a.user("alice"), "plain").json()["id"]
+    doctored = a.send(room, a.user("alice"), "doctored").json()["id"]
+    pg.psql("UPDATE events SET content = content || jsonb_build_object('id', 'bogus', 'room', 'mimi://x.invalid/r/z', "
+            "'room_id', 'bogus', 'sender', 'mimi://x.invalid/u/mallory', 'accepted_ts', 1, 'extra', 'kept') "
+            f"WHERE public_id = '{doctored}'", db_url)
+    assert d.admin("POST", "/peers/tg/enable").status_code == 200
+    got = sb.wait_events(2)
+    assert [e["id"] for e in got] == [plain, doctored], got
+    own = ("id", "ts", "accepted_ts", "content")
+    want = {k: v for k, v in got[0].items() if k not in own}
+    have = {k: v for k, v in got[1].items() if k not in own + ("extra",)}
+    assert have == want and want["sender"] == a.user("alice") and want["type"] == "message", (want, have)
+    assert 0 <= got[1]["accepted_ts"] - got[0]["accepted_ts"] < 600000, (got[0], got[1])
+    assert got[1].get("extra") == "kept", got[1]
+    for _, srv in peers:
+        srv.close()
+
+
 def test_a_replay_waits_for_the_earlier_dead_letters_of_its_room(make_daemon, db_url, pg):
     """A dead letter whose room has an earlier dead letter to the same
     destination is not replayed before it: 409 naming that row, nothing
