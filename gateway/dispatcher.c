@@ -80,7 +80,7 @@ struct pause {
  * accepted_ts, and type where it is the column's): the daemon parses each
  * claimed event whole with jansson, at a cost that goes with its members,
  * and parsed those only to replace them (in tests/bench/xmpp the sender's
- * URI and the type, 55 of an event's 143 bytes: 0.7 of the 2.3 µs a row
+ * URI and the type, 55 of an event's 136 bytes: 0.7 of the 2.3 µs a row
  * took to parse, set and free; docs/performance.md, "Forty-ninth
  * session").  A stored event is an object (events_content_check), which
  * jsonb's "-" needs. */
