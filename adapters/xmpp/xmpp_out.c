@@ -19,6 +19,17 @@
 
 #define WRITE_TIMEOUT_MS 5000
 
+/* Whether the user t has seen the event ev (an alias of events): hers, or
+ * delivered to her (or on its way: a row of the same batch).  A reply's
+ * or a correction's quote (columns 12 and 35) is given only then: until
+ * the forty-ninth session it was given whatever became of the quoted
+ * message for her, and a member's reply in a group quoted to her the
+ * text of a message the policy had dropped for her (she had blocked its
+ * writer). */
+#define SEEN_BY(ev, t)                                                                                        \
+	"(" ev ".sender_id = " t " OR EXISTS (SELECT 1 FROM outbox so WHERE so.event_id = " ev ".id "         \
+	"AND so.target_identity_id = " t " AND so.state IN ('delivered', 'in_flight')))"
+
 static const char batch_sql[] =
 	"WITH x AS (SELECT (j->>0)::bigint AS i, (j->>1)::bigint AS ev_id, (j->>2)::bigint AS target "
 	"  FROM jsonb_array_elements($1::jsonb) AS j), "
@@ -56,7 +67,7 @@ static const char batch_sql[] =
 	"   AND coalesce(NOT bool_or(w.sender_id = tg.sender_id AND w.type = 'message'), true) "
 	"   FROM (SELECT l.sender_id, l.type FROM events l WHERE l.room_id = tg.room_id AND l.id > tg.id "
 	"   ORDER BY l.id LIMIT 1000) w) END, "
-	"  CASE WHEN r.type IN ('message', 'edit') THEN (tg.content->'content')::text END, "
+	"  CASE WHEN r.type IN ('message', 'edit') AND " SEEN_BY("tg", "r.t_id") " THEN (tg.content->'content')::text END, "
 	"  r.tg_type = 'reaction', "
 	/* 14-16: the message reacted to (ids) and the sender's whole set on it */
 	"  r.rt_id IS NOT NULL, "
@@ -100,7 +111,7 @@ static const char batch_sql[] =
 	"  (SELECT substr(n.native_id, length(r.room_id::text) + 2) FROM event_native_ids n "
 	"   WHERE n.event_id = rp.id AND n.network = 'xmpp' AND n.kind = 'origin_id' "
 	"   AND starts_with(n.native_id, r.room_id::text || '/') LIMIT 1), "
-	"  (rp.content->'content')::text, rp.sender_id = r.t_id, "
+	"  CASE WHEN " SEEN_BY("rp", "r.t_id") " THEN (rp.content->'content')::text END, rp.sender_id = r.t_id, "
 	"  CASE WHEN rm.kind <> 'group' OR rs.id IS NULL THEN NULL " MUC_NICK("rs", "r.room_id") ", "
 	/* 38: a group's: the public id of the message the edited one answered */
 	"  rp.public_id "

@@ -915,6 +915,41 @@ def test_a_joins_history_shows_no_correction_the_policy_kept_from_the_user(xd, g
             assert history == [want], (nick, history)
 
 
+def test_a_reply_quotes_no_message_the_policy_kept_from_the_user(xd, gk, alice, prosody, pg, db_url):
+    """zoe's reply in a group to a message of wally's that the policy
+    dropped for alice (she blocked him) reaches her without its quote of
+    wally's text (XEP-0461's fallback: what she never received), and
+    reaches bob, who had the message, with it.  Until the forty-ninth
+    session the quote went to everyone: what her block kept from her came
+    by another member's reply."""
+    a, srv = gk
+    with a_group_with_bob(xd, a, alice, prosody, more=(a.user("zoe"),)) as (bob, gid, room):
+        for user in (ALICE, "mimi://example.org/u/bob"):
+            consent_alice(xd, subject=a.user("zoe"), user=user)
+        join_room(room, (alice, "alice"), (bob, "bob"))
+        assert xd.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "user",
+                                                  "subject": a.user("wally"), "state": "blocked"}).ok
+        secret = a.send(gid, a.user("wally"), "the place is secret")
+        assert secret.status_code == 202, secret.text
+        wait_until(lambda: pg.psql("SELECT string_agg(o.state, ',' ORDER BY i.localpart) FROM outbox o "
+                                   "JOIN events e ON e.id = o.event_id JOIN identities i ON i.id = o.target_identity_id "
+                                   f"WHERE e.public_id = '{secret.json()['id']}' AND o.destination = 'xmpp'",
+                                   db_url) == "dropped,delivered",
+                   what="wally's message dropped for alice, delivered to bob")
+        starts = {c: c.count() for c in (alice, bob)}
+        reply = post(a, f"/v1/rooms/{gid}/messages", {
+            "type": "message", "sender": a.user("zoe"), "content": {
+                "in_reply_to": secret.json()["id"], "parts": [{"type": "text/plain", "body": "sounds good"}]}})
+        assert reply.status_code == 202, reply.text
+        for c, quoted in ((alice, False), (bob, True)):
+            got = c.wait_for_message(lambda el: el.get("from") == room + "/zoe"
+                                     and (body(el) or "").endswith("sounds good"), start=starts[c])
+            text = ET.tostring(got, encoding="unicode")
+            assert ("the place is secret" in text) == quoted, (c, text)
+            assert got.find(f"{{{NS_REPLY}}}reply").get("id") == secret.json()["id"], text
+        assert srv.errors == []
+
+
 def test_a_member_the_operator_removes_leaves_the_groups_room(xd, gk, alice, pg, db_url):
     """POST /admin/v1/rooms/{id}/members with remove, seen from XMPP: alice,
     in the group's room, sees the removed member go (an unavailable
