@@ -374,23 +374,32 @@ static char *option_text(const struct cw_config *cfg, const struct cfg_option *o
 }
 
 /* Straight from the option table and the configuration in force; a secret
- * shows "********" when set and "" when not, its default likewise. */
+ * shows "********" when set and "" when not, its default likewise.
+ * "changed": the value is not the default's, both written the same way
+ * (the default as the table writes it may read otherwise: 1MiB for
+ * 1048576; until the forty-ninth session the console compared those two
+ * texts, and showed every size at its default as changed). */
 void admin_views_config(struct cw_req *req, void *ctx)
 {
 	struct cw_app *app = ctx;
 	json_t *options = json_array();
 	bool ok = options != NULL;
+	struct cw_config defaults;
+	cfg_defaults(&defaults);
 	for (size_t i = 0; ok && i < cfg_option_count; i++) {
 		const struct cfg_option *o = &cfg_options[i];
-		char *value = option_text(app->cfg, o);
+		char *value = option_text(app->cfg, o), *dv = option_text(&defaults, o);
 		const char *def = o->secret ? (*o->def ? "********" : "") : o->def;
-		json_t *x = value ? json_pack("{s:s, s:s, s:s, s:s, s:b, s:b, s:s}", "section", o->section, "name",
-					      o->name, "value", value, "default", def, "reloadable", o->reloadable,
-					      "secret", o->secret, "doc", o->doc)
+		json_t *x = value && dv ? json_pack("{s:s, s:s, s:s, s:s, s:b, s:b, s:b, s:s}", "section", o->section,
+						    "name", o->name, "value", value, "default", def, "changed",
+						    strcmp(value, dv) != 0, "reloadable", o->reloadable, "secret",
+						    o->secret, "doc", o->doc)
 				  : NULL;
 		free(value);
+		free(dv);
 		ok = x && json_array_append_new(options, x) == 0;
 	}
+	cfg_free(&defaults);
 	if (!ok) {
 		json_decref(options);
 		cw_req_no_memory(req);

@@ -1046,7 +1046,7 @@
       if (bySection.size === 0) return h("p", { class: "empty" }, "No options reported.");
       return [...bySection].map(([sec, rows]) => section("[" + sec + "]", h("div", { class: "config" }, table([
         ["Option", (o) => h("code", {}, o.name)],
-        ["Value", (o) => h("span", { class: "mono" + (String(o.value) !== String(o.default) ? " changed" : "") }, o.secret && !o.value ? "(not set)" : text(o.value))],
+        ["Value", (o) => h("span", { class: "mono" + (o.changed ? " changed" : "") }, o.secret && !o.value ? "(not set)" : text(o.value))],
         ["Default", (o) => h("span", { class: "mono" }, text(o.default))], ["Reloadable", (o) => (o.reloadable ? "yes" : "no")],
         ["What", (o) => text(o.doc)]], rows, ""))));
     });

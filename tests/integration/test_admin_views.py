@@ -430,12 +430,22 @@ def test_config_in_force_with_secrets_masked(make_daemon, db_url, tmp_path):
         assert s not in r.text, s
     opts = {(o["section"], o["name"]): o for o in r.json()["options"]}
     assert opts[("xmpp", "secret")] == {"section": "xmpp", "name": "secret", "value": "********", "default": "",
-                                        "reloadable": False, "secret": True,
+                                        "changed": True, "reloadable": False, "secret": True,
                                         "doc": opts[("xmpp", "secret")]["doc"]}
     for k in (("matrix", "as_token"), ("matrix", "hs_token"), ("database", "url")):
         assert opts[k]["value"] == "********" and opts[k]["secret"] is True, k
     assert opts[("dispatcher", "retry_budget")]["value"] == "7"
     assert opts[("dispatcher", "retry_budget")]["default"] == "12"
+    assert opts[("dispatcher", "retry_budget")]["changed"] is True
+    # A size at its default is not changed, though its value (bytes) and
+    # its default (as the table writes it) read otherwise: until the
+    # forty-ninth session the console compared the two texts and marked
+    # every size at its default as changed.
+    body = opts[("server", "max_body_bytes")]
+    assert (body["value"], body["default"], body["changed"]) == ("1048576", "1MiB", False), body
+    assert opts[("log", "level")]["changed"] is False
+    for k in (("xmpp", "components"), ("xmpp", "reconnect_max_ms"), ("matrix", "as_token")):
+        assert opts[k]["changed"] is True, k
     assert opts[("xmpp", "components")]["value"] == "gk.example.org=gk"
     assert opts[("log", "level")]["value"] == "info" and opts[("log", "level")]["reloadable"] is True
     # Every option of the table, in its order, with its default and doc.
