@@ -12,6 +12,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <time.h>
 #include <unistd.h>
@@ -126,6 +127,15 @@ static void h_async(struct cw_req *r, void *ctx)
 
 static void h_silent(struct cw_req *r, void *ctx) { (void)r; }
 
+/* The thread of the last request to /whoami. */
+static pthread_t whoami;
+
+static void h_whoami(struct cw_req *r, void *ctx)
+{
+	whoami = pthread_self();
+	cw_req_reply_json(r, 200, json_pack("{}"));
+}
+
 /* jansson's allocations on this thread fail while json_fail_left > 0, one
  * less each (json_set_alloc_funcs, jansson's own hook): memory running out
  * where the daemon builds or encodes an answer. */
@@ -223,6 +233,7 @@ static const struct cw_route live_routes[] = {
 	{ "POST", "/echo", h_echo, CW_AUTH_NONE, NULL, false, NULL },
 	{ "GET", "/async", h_async, CW_AUTH_NONE, NULL, false, NULL },
 	{ "GET", "/silent", h_silent, CW_AUTH_NONE, NULL, false, NULL },
+	{ "GET", "/whoami", h_whoami, CW_AUTH_NONE, NULL, false, NULL },
 	{ "POST", "/bare", h_hello, CW_AUTH_NONE, NULL, true, NULL },
 	{ "GET", "/lines", h_lines, CW_AUTH_NONE, NULL, false, NULL },
 	{ "POST", "/guarded", h_counted, CW_AUTH_PEER, NULL, false, NULL },
@@ -238,13 +249,14 @@ static const struct cw_route live_routes[] = {
 static struct cw_http *live;
 static char base[64];
 static int live_null = -1;
+static unsigned live_threads = 2;
 
 static void live_start(void)
 {
 	live_null = open("/dev/null", O_WRONLY);
 	cw_log_set_fd(live_null); /* access log lines */
 	struct cw_http_opts o = {
-		.listen_address = "127.0.0.1", .port = 0, .threads = 2, .connection_limit = 64,
+		.listen_address = "127.0.0.1", .port = 0, .threads = live_threads, .connection_limit = 64,
 		.connection_timeout_s = 5, .max_body_bytes = 4096,
 		.routes = live_routes, .nroutes = CW_ARRAY_LEN(live_routes),
 		.authorize_headers = key_in_headers, .authorize = allow_all,
@@ -842,6 +854,63 @@ START_TEST(live_quiesce_finishes_in_flight)
 }
 END_TEST
 
+/* Holds the thread it interrupts 1.5 s: past the stop's grace for
+ * connections that have sent nothing (http.c UNREAD_GRACE_MS). */
+static void hold_thread(int sig)
+{
+	(void)sig;
+	struct timespec ts = { 1, 500 * 1000 * 1000 };
+	while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+		;
+}
+
+/* A request sent before the stop is answered before the drain ends, even
+ * when no worker takes it up within the grace for silent connections: here
+ * the only worker is held 1.5 s (a loaded machine), with the connections
+ * in the accept queue until the stop takes them.  Until the forty-ninth
+ * session the drain knew a connection only once a worker had started it,
+ * and gave up at the grace on one whose request was still unread: it ended
+ * at once here, and the HTTP front's stop then reset the connections.  A
+ * connection that sends nothing does not hold the drain. */
+START_TEST(live_drain_waits_for_a_request_not_read_yet)
+{
+	live_threads = 1;
+	live_start();
+	live_threads = 2;
+	ck_assert_int_eq(request("GET", "/whoami", NULL, 0, false).status, 200);
+	struct sigaction sa = { .sa_handler = hold_thread }, old;
+	sigemptyset(&sa.sa_mask);
+	ck_assert_int_eq(sigaction(SIGUSR2, &sa, &old), 0);
+	int silent = raw_connect();
+	usleep(100 * 1000); /* taken up before the worker is held: the silent one is known */
+	ck_assert_int_eq(pthread_kill(whoami, SIGUSR2), 0);
+	enum { N = 8 };
+	int fd[N];
+	static const char req[] = "GET /hello HTTP/1.1\r\nHost: x\r\n\r\n";
+	for (int i = 0; i < N; i++) {
+		fd[i] = raw_connect();
+		ck_assert_int_eq(write(fd[i], req, sizeof(req) - 1), (ssize_t)(sizeof(req) - 1));
+	}
+	cw_http_quiesce(live);
+	int64_t t0 = cw_now_us();
+	ck_assert(cw_http_drain(live, 20000));
+	int64_t took_ms = (cw_now_us() - t0) / 1000;
+	/* each answered by now: nothing more to wait for */
+	for (int i = 0; i < N; i++) {
+		char out[4096];
+		ssize_t n = recv(fd[i], out, sizeof(out) - 1, MSG_DONTWAIT);
+		out[n > 0 ? n : 0] = '\0';
+		ck_assert_msg(strncmp(out, "HTTP/1.1 200 ", 13) == 0, "%d not answered when the drain ended: '%.40s'",
+			      i, out);
+		close(fd[i]);
+	}
+	ck_assert_msg(took_ms < 10000, "the silent connection held the drain %lld ms", (long long)took_ms);
+	close(silent);
+	live_stop();
+	sigaction(SIGUSR2, &old, NULL);
+}
+END_TEST
+
 /* Stopping while clients keep connecting, many times over: no stop may
  * abort the process.  (On epoll, libmicrohttpd 0.9.75's quiesce raced its
  * workers and MHD_PANICked within a few hundred of these.)  It runs in a
@@ -1162,6 +1231,7 @@ int main(void)
 	tcase_add_test(live_tc, live_credentials_before_the_body);
 	tcase_add_test(live_tc, live_suspend_resume_many);
 	tcase_add_test(live_tc, live_quiesce_finishes_in_flight);
+	tcase_add_test(live_tc, live_drain_waits_for_a_request_not_read_yet);
 	suite_add_tcase(s, live_tc);
 	TCase *stops_tc = tcase_create("stops");
 	tcase_set_timeout(stops_tc, 300);
