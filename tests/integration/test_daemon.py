@@ -528,14 +528,22 @@ def test_sigterm_finishes_the_request_in_flight(daemon):
     assert [r for r in daemon.records if r.get("msg") == "libmicrohttpd"] == []
 
 
+# For the tests that a stop is not held to the drain timeout: one far from
+# the bound they set on the stop (10 s), which a loaded machine may take a
+# sanitized daemon's stop near (its exit's leak check, its threads slow to
+# run); with the harness's 5 s and a bound of 3 s it could pass the bound
+# with nothing held.
+LONG_DRAIN = {"server": {"drain_timeout_ms": "20000"}}
+
+
 def test_a_connection_that_sends_nothing_does_not_hold_the_stop(make_daemon, db_url):
     """The drain waits for connections that have sent no request yet (one
     taken from the accept queue at the stop has its request on the way),
     but only a second: one that connected to send nothing (a browser's
-    preconnect) does not hold the stop for the whole drain timeout (5 s
-    here; a review measured 6.2 s before), and is no request left
+    preconnect) does not hold the stop for the whole drain timeout (a
+    review measured 6.2 s with 5 s before), and is no request left
     undrained."""
-    d = make_daemon(db_url).start()
+    d = make_daemon(db_url, options=LONG_DRAIN).start()
     s = socket.create_connection(("127.0.0.1", d.port))
     try:
         time.sleep(0.3)
@@ -546,7 +554,7 @@ def test_a_connection_that_sends_nothing_does_not_hold_the_stop(make_daemon, db_
         stopped = d.wait_for(lambda r: r.get("msg") == "stopped")
     finally:
         s.close()
-    assert took < 3, f"the stop took {took:.1f} s"
+    assert took < 10, f"the stop took {took:.1f} s"
     assert stopped["drained"] == "true", stopped
 
 
@@ -669,9 +677,10 @@ def test_logfmt_lines_parse(daemon):
         assert "ts" in rec and rec["level"] in ("error", "warn", "info", "debug"), line
 
 
-def test_malformed_requests_do_not_hold_shutdown(daemon):
+def test_malformed_requests_do_not_hold_shutdown(make_daemon, db_url):
     # Broken request lines and headers, oversized headers, and a client that
     # goes away mid-request: none may leave a request counted in flight.
+    daemon = make_daemon(db_url, options=LONG_DRAIN).start()
     for raw in (b"GARBAGE\r\n\r\n", b"GET /healthz HTTP/1.1\r\nBad Header Line\r\n\r\n",
                 b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100000 + b"\r\n\r\n",
                 b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc"):
@@ -691,7 +700,7 @@ def test_malformed_requests_do_not_hold_shutdown(daemon):
     assert daemon.wait_exit(15) == 0
     stopped = daemon.wait_for(lambda r: r.get("msg") == "stopped")
     assert stopped["drained"] == "true" and stopped["abandoned_requests"] == "0"
-    assert time.time() - t0 < 3
+    assert time.time() - t0 < 10
 
 
 def raw_exchange(port, data, close_early=False):
@@ -736,7 +745,7 @@ def test_requests_libmicrohttpd_ends_before_the_handler_are_not_left_in_flight(m
     every stop waited the whole drain timeout (a review: 50 requests, 51
     in flight, the stop 6.4 s, LeakSanitizer 74 KB direct + 745 KB
     indirect)."""
-    d = make_daemon(db_url).start()
+    d = make_daemon(db_url, options=LONG_DRAIN).start()
     for name, (raw, expect) in EARLY_ENDS.items():
         for _ in range(10):
             answer = raw_exchange(d.port, raw, close_early=expect == "close")
@@ -752,7 +761,7 @@ def test_requests_libmicrohttpd_ends_before_the_handler_are_not_left_in_flight(m
     took = time.time() - t0
     stopped = d.wait_for(lambda r: r.get("msg") == "stopped")
     assert stopped["drained"] == "true" and stopped["abandoned_requests"] == "0", stopped
-    assert took < 3, f"the stop took {took:.1f} s"
+    assert took < 10, f"the stop took {took:.1f} s"
     assert "LeakSanitizer" not in d.log()
 
 
