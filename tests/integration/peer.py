@@ -203,13 +203,15 @@ class NotifyServer:
         bound seconds passed (0: at once).  Whether a request is held, and what it
         carried noted, is one decision taken before it is handled: none is held
         unnoted, and none after the release.  Returns the hold: came (an Event set
-        once the first held request was handled), carried() (the ids of the held
-        requests' events), release() (answers those held, holds no more, and gives
-        the server back its handler, as reaching count does)."""
+        once the first held request was handled), answered (one set once a held
+        request's answer was let go, by the release or the bound), carried() (the
+        ids of the held requests' events), release() (answers those held, holds no
+        more, and gives the server back its handler, as reaching count does)."""
         handle = self.handle
         mu = threading.Lock()
         ids = []
-        held = types.SimpleNamespace(came=threading.Event(), n=0, done=threading.Event())
+        held = types.SimpleNamespace(came=threading.Event(), n=0, done=threading.Event(),
+                                     answered=threading.Event())
 
         def restore():  # under mu
             if self.__dict__.get("handle") is holding:
@@ -233,6 +235,7 @@ class NotifyServer:
                 method, path, headers, body, port)
             held.came.set()
             held.done.wait(bound)
+            held.answered.set()
             return got
 
         def carried():

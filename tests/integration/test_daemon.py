@@ -6,7 +6,6 @@ import re
 import signal
 import socket
 import subprocess
-import threading
 import time
 
 import pytest
@@ -435,17 +434,10 @@ def test_a_delivery_that_could_go_and_does_not_shows_in_oldest_due(make_daemon, 
         return metric(t, "causeway_outbox_oldest_due_seconds")
     assert oldest_due() == 0
     rooms = [a.create_room([a.user(f"alice{k}"), b.user("bob")]).json()["id"] for k in range(2)]
-    release, came = threading.Event(), threading.Event()
-    handle = sb.handle
-
-    def holding(*args):
-        came.set()
-        release.wait(90)  # the first request hangs until released (the lane's one at a time)
-        return handle(*args)
-    sb.handle = holding
+    held = sb.hold(bound=120)  # the first request hangs until released (the lane's one at a time)
     try:
         first = a.send(rooms[0], a.user("alice0"), "hangs").json()["id"]
-        assert came.wait(30), "the first delivery's request never came"
+        assert held.came.wait(30), "the first delivery's request never came"
         second = a.send(rooms[1], a.user("alice1"), "waits").json()["id"]
         assert pg.psql("SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id "
                        f"WHERE e.public_id = '{second}'", db_url) == "pending"
@@ -454,7 +446,7 @@ def test_a_delivery_that_could_go_and_does_not_shows_in_oldest_due(make_daemon, 
         assert pg.psql("SELECT count(*) FROM outbox WHERE state = 'pending' AND next_attempt_at <= now() "
                        "AND destination = 'peer:tg'", db_url) == "1"  # the second, still not taken
     finally:
-        release.set()
+        held.release()
     assert sorted(e["id"] for e in sb.wait_events(2, timeout=60)) == sorted([first, second])
     wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE state <> 'delivered'", db_url) == "0",
                what="both delivered")

@@ -7,7 +7,6 @@ import re
 import shutil
 import signal
 import subprocess
-import threading
 import time
 
 import pytest
@@ -281,24 +280,16 @@ def a_delivery_held_over_an_outage(d, private_pg):
     the caller's): yields (a, room, B's notify server, an event set once B
     answered)."""
     (a, sa), (b, sb) = push_peers(d)
-    answer, answered = threading.Event(), threading.Event()
-    took = sb.handle
-
-    def held(*args):  # the peer takes the events, and answers when told
-        got = took(*args)
-        answer.wait(90)
-        answered.set()
-        return got
-    sb.handle = held
+    held = sb.hold(bound=90)  # the peer takes the events, and answers when told
     try:
         room = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
         assert a.send(room, a.user("alice"), "before").status_code == 202
         sb.wait_events(1)
         private_pg.stop()
-        answer.set()
-        yield a, room, sb, answered
+        held.release()
+        yield a, room, sb, held.answered
     finally:
-        answer.set()
+        held.release()
         for x in (sa, sb):
             x.close()
 

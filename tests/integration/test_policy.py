@@ -2958,20 +2958,12 @@ def test_two_processes_dropping_one_events_rows_erase_its_content(daemon, peers,
                timeout=20, what="the content erased")
 
 
-def held_answers(srv):
-    """Holds the peer srv's answers to pushes of messages until the event
-    returned is set: such a push stays in flight until the test lets it go
-    (session 35: a fixed 3 s delay, which a slow rule change on a loaded
-    machine could outlast)."""
-    gate = threading.Event()
-    handle = srv.handle
-
-    def held(method, path, headers, body, port):
-        if any(ev.get("type") == "message" for ev in json.loads(body).get("events", [])):
-            gate.wait(60)
-        return handle(method, path, headers, body, port)
-    srv.handle = held
-    return gate
+def a_message(events):
+    """For NotifyServer.hold: a push of messages, whose answer is held so
+    that its row stays in flight until the test lets it go (session 35: a
+    fixed 3 s delay, which a slow rule change on a loaded machine could
+    outlast)."""
+    return any(ev.get("type") == "message" for ev in events)
 
 
 def test_a_row_in_flight_at_a_change_that_fails_is_decided_before_it_goes_again(daemon, peers, pg, db_url):
@@ -2985,7 +2977,7 @@ def test_a_row_in_flight_at_a_change_that_fails_is_decided_before_it_goes_again(
     it to the denied domain."""
     (a, _), (b, sb) = peers
     group = a.create_room([a.user("wally"), b.user("tom"), ALICE], kind="group").json()["id"]
-    gate = held_answers(sb)  # the first push waits, then fails: the row is in flight meanwhile
+    held = sb.hold(pick=a_message)  # the first push waits, then fails: the row is in flight meanwhile
     sb.fail_next = 1
     msg = send(a, group, "to the group").json()["id"]
     row = "SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id = '%s' " \
@@ -2994,7 +2986,7 @@ def test_a_row_in_flight_at_a_change_that_fails_is_decided_before_it_goes_again(
     r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "tg.example", "mode": "deny"})
     assert r.status_code == 201, r.text
     assert pg.psql(row, db_url) == "in_flight"  # the pass did not recall it
-    gate.set()  # the retry, if any, is answered at once
+    held.release()  # the retry, if any, is answered at once
     wait_until(lambda: pg.psql(row, db_url) in ("delivered", "dropped"), timeout=20, interval=0.1,
                what="the row decided or delivered")
     assert pg.psql(row, db_url) == "dropped" and not sb.events, sb.events
@@ -3045,7 +3037,7 @@ def test_a_row_dropped_as_its_failed_delivery_goes_back_keeps_the_record_of_its_
     the trace showed a row dropped with one attempt counted and no try."""
     (a, _), (b, sb) = peers
     group = a.create_room([a.user("wally"), b.user("tom"), ALICE], kind="group").json()["id"]
-    gate = held_answers(sb)  # the first push waits, then fails: the row is in flight meanwhile
+    held = sb.hold(pick=a_message)  # the first push waits, then fails: the row is in flight meanwhile
     sb.fail_next = 1
     msg = send(a, group, "to the group").json()["id"]
     row = "SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id = '%s' " \
@@ -3053,7 +3045,7 @@ def test_a_row_dropped_as_its_failed_delivery_goes_back_keeps_the_record_of_its_
     wait_until(lambda: pg.psql(row, db_url) == "in_flight", timeout=10, interval=0.05, what="the push in flight")
     r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "tg.example", "mode": "deny"})
     assert r.status_code == 201, r.text
-    gate.set()
+    held.release()
     wait_until(lambda: pg.psql(row, db_url) in ("delivered", "dropped"), timeout=20, interval=0.1,
                what="the row decided or delivered")
     assert pg.psql(row, db_url) == "dropped" and not sb.events, sb.events
@@ -3072,7 +3064,7 @@ def test_a_row_dropped_as_its_rate_limited_delivery_goes_back_counts_no_attempt(
     the drop kept the claim's count."""
     (a, _), (b, sb) = peers
     group = a.create_room([a.user("wally"), b.user("tom"), ALICE], kind="group").json()["id"]
-    gate = held_answers(sb)  # the first push waits, then is refused: the row is in flight meanwhile
+    held = sb.hold(pick=a_message)  # the first push waits, then is refused: the row is in flight meanwhile
     sb.script = [(429, None)]
     msg = send(a, group, "to the group").json()["id"]
     row = "SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id = '%s' " \
@@ -3080,7 +3072,7 @@ def test_a_row_dropped_as_its_rate_limited_delivery_goes_back_counts_no_attempt(
     wait_until(lambda: pg.psql(row, db_url) == "in_flight", timeout=10, interval=0.05, what="the push in flight")
     r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "tg.example", "mode": "deny"})
     assert r.status_code == 201, r.text
-    gate.set()
+    held.release()
     wait_until(lambda: pg.psql(row, db_url) in ("delivered", "dropped"), timeout=20, interval=0.1,
                what="the row decided or delivered")
     assert pg.psql(row, db_url) == "dropped" and not sb.events, sb.events
