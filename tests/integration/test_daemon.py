@@ -623,7 +623,9 @@ def test_sigterm_answers_a_slow_admin_change_whose_after_hook_starts_late(make_d
             db_url)
     with concurrent.futures.ThreadPoolExecutor(1) as ex:
         call = ex.submit(d.admin, "POST", "/tokens", json={"name": "late", "role": "viewer"}, timeout=20)
-        time.sleep(0.5)
+        # in flight (its insert sleeps 2 s) before the stop: a fixed half
+        # second, which a loaded machine could outlast, had the stop refuse it
+        in_flight(d, 1)
         d.signal(signal.SIGTERM)
         assert d.wait_exit(20) == 0
         assert call.result().status_code == 201
