@@ -350,28 +350,38 @@ struct metrics_job {
 
 /* How long the oldest pending row that is due has been due (0: none is),
  * for an alert on deliveries that could go and do not (a dispatcher
- * stuck, every lane busy elsewhere, a destination paused).  The first
- * entry of outbox_due_idx (next_attempt_at, id) WHERE state = 'pending',
- * in a plain statement, planned for the tables of the moment (a prepared
- * statement's generic plan can go stale: docs/performance.md, "Forty-third
- * session").  A row of a pull peer waits for that peer to pull it, and
- * one of a disabled peer for the operator: neither is the dispatcher's to
- * take, and they are read past (one index entry and its row each, only
- * those older than the first counted: 43 ms past 100,000).  NOT IN, whose
- * hashed subplan the planner counts as keeping half the rows: the same
- * test as "<> ALL (ARRAY(...))" was estimated to keep one row in
- * 100,000, and an analyzed table was then read whole and sorted (64 ms
- * instead of 0.1, EXPLAIN ANALYZE).  A row due behind an earlier row of
- * its room that is in flight or backing off, or behind a held row of its
- * sender, counts: the claim (dispatcher.c) tests that with probes per
- * row, and during a destination's outage every newer row of its rooms is
- * such a row, so testing it here would read the whole backlog on every
- * scrape (docs/operations.md says what the gauge then shows). */
+ * stuck, every lane busy elsewhere, a destination paused).  Each
+ * destination's oldest pending row is its first entry of
+ * outbox_backing_off_idx (destination, next_attempt_at) WHERE state =
+ * 'pending'; the destinations with pending rows are found in the same
+ * index, one descent each (d: the next destination after the last, a
+ * loose index scan), and the oldest of their first entries that has come
+ * is the answer.  Until the forty-ninth session the statement read
+ * outbox_due_idx (next_attempt_at, id) WHERE state = 'pending', which no
+ * other statement read (the claim is per destination) and every pending
+ * row paid an entry of (050 dropped it), and it read past every row of a
+ * pull or disabled peer older than the first it counted (43 ms past
+ * 100,000).  A row of a pull peer waits for that peer to pull it, and one
+ * of a disabled peer for the operator: neither is the dispatcher's to
+ * take, and their destinations are left out whole.  In a plain
+ * statement, planned for the tables of the moment (a prepared
+ * statement's generic plan can go stale: docs/performance.md,
+ * "Forty-third session").  A row due behind an earlier row of its room
+ * that is in flight or backing off, or behind a held row of its sender,
+ * counts: the claim (dispatcher.c) tests that with probes per row, and
+ * during a destination's outage every newer row of its rooms is such a
+ * row, so testing it here would read the whole backlog on every scrape
+ * (docs/operations.md says what the gauge then shows). */
 static const char oldest_due_sql[] =
-	"SELECT coalesce((SELECT extract(epoch FROM now() - o.next_attempt_at) FROM outbox o "
-	" WHERE o.state = 'pending' AND o.next_attempt_at <= now() "
-	" AND o.destination NOT IN (SELECT 'peer:' || p.name FROM peers p WHERE p.mode = 'pull' OR NOT p.enabled) "
-	" ORDER BY o.next_attempt_at, o.id LIMIT 1), 0)";
+	"WITH RECURSIVE d (dest) AS ("
+	" (SELECT o.destination FROM outbox o WHERE o.state = 'pending' ORDER BY o.destination LIMIT 1)"
+	" UNION ALL SELECT (SELECT o.destination FROM outbox o WHERE o.state = 'pending' AND o.destination > d.dest"
+	"  ORDER BY o.destination LIMIT 1) FROM d WHERE d.dest IS NOT NULL) "
+	"SELECT coalesce(extract(epoch FROM now() - min(f.at)), 0) FROM d CROSS JOIN LATERAL "
+	" (SELECT o.next_attempt_at AS at FROM outbox o WHERE o.state = 'pending' AND o.destination = d.dest"
+	"  ORDER BY o.next_attempt_at LIMIT 1) f "
+	"WHERE d.dest NOT IN (SELECT 'peer:' || p.name FROM peers p WHERE p.mode = 'pull' OR NOT p.enabled) "
+	" AND f.at <= now()";
 
 static cw_err metrics_query(PGconn *c, void *arg, cw_errmsg *e)
 {

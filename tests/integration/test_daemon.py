@@ -466,6 +466,49 @@ def test_a_delivery_that_could_go_and_does_not_shows_in_oldest_due(make_daemon, 
         srv.close()
 
 
+def test_oldest_due_skips_a_pull_peers_waiting_rows_whole(make_daemon, pg_planned):
+    """causeway_outbox_oldest_due_seconds reads each destination's first
+    pending row (outbox_backing_off_idx, since the forty-ninth session,
+    when 050 dropped outbox_due_idx, which every pending row paid an entry
+    of for this gauge alone): 50,000 rows waiting for a pull peer's pull,
+    older than the one row it counts, are skipped as one destination, not
+    read past one by one (before: some 1,200 pages a scrape); a row
+    backing off is not due, and the due one is counted from when it came
+    due."""
+    db_url = pg_planned.new_database("t_oldest_due_pull_backlog")
+    d = make_daemon(db_url).start()
+    a = PeerClient(d.url, "pl", "pl.example")
+    r = d.admin("POST", "/peers", json={"name": "pl", "domain": "pl.example", "mode": "pull",
+                                        "public_key": a.signer.public_b64})
+    assert r.status_code == 201, r.text
+    a.token = r.json()["token"]
+    room = a.create_room([a.user("carol"), a.user("dave")]).json()["id"]
+    assert a.send(room, a.user("carol"), "one").status_code == 202
+    q = lambda sql: pg_planned.psql(sql, db_url)  # noqa: E731
+    q("INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
+      "SELECT 'msg_fill' || g, e.room_id, e.sender_id, e.type, e.content, e.origin_network, e.ts "
+      "FROM (SELECT * FROM events WHERE type = 'message' LIMIT 1) e, generate_series(1, 50002) g")
+    # 50,000 rows of the pull peer due for two hours; one of 'xmpp' (no
+    # adapter runs here: no lane takes it) due for an hour, one backing off.
+    q("INSERT INTO outbox (event_id, destination, room_id, state, next_attempt_at) "
+      "SELECT id, CASE WHEN n <= 50000 THEN 'peer:pl' ELSE 'xmpp' END, room_id, 'pending', "
+      " CASE WHEN n <= 50000 THEN now() - interval '2 hours' WHEN n = 50001 THEN now() - interval '1 hour' "
+      " ELSE now() + interval '1 hour' END "
+      "FROM (SELECT id, room_id, row_number() OVER (ORDER BY id) AS n FROM events "
+      " WHERE public_id LIKE 'msg_fill%') x")
+    q("ANALYZE outbox")
+    gauge = ("SELECT coalesce(sum(calls), 0) || ' ' || coalesce(sum(shared_blks_hit + shared_blks_read), 0) "
+             "FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database "
+             " WHERE datname = 't_oldest_due_pull_backlog') AND query LIKE '%next_attempt_at%' "
+             "AND query LIKE '%FROM peers p WHERE p.mode = $% OR NOT p.enabled%'")
+    calls0, pages0 = map(int, pg_planned.psql(gauge).split())  # the extension is the cluster's first database's
+    text = d.get("/metrics").text
+    calls1, pages1 = map(int, pg_planned.psql(gauge).split())
+    assert 3600 <= metric(text, "causeway_outbox_oldest_due_seconds") < 3900
+    assert calls1 - calls0 == 1, (calls0, calls1)
+    assert pages1 - pages0 < 300, pages1 - pages0  # some 150, 120 of them its planning's
+
+
 @pytest.mark.parametrize("network", ["matrix", "xmpp"])
 def test_metrics_of_an_adapter_are_a_valid_exposition(make_daemon, db_url, network):
     """The adapters' families too (the homeserver and the XMPP server are

@@ -1,0 +1,22 @@
+-- 050_outbox_due_index_dropped.sql: one index entry fewer to write for
+-- every pending outbox row (each event accepted for delivery, each retry,
+-- each held row released).
+--
+-- outbox_due_idx (next_attempt_at, id) WHERE state = 'pending' (001) was
+-- the global claim's ("the rows due first, of any destination").  Since
+-- the dispatcher claims per destination (each lane: state = 'pending' AND
+-- destination = $4, gateway/dispatcher.c, cw_claim) no claim reads it;
+-- its last reader was /metrics' causeway_outbox_oldest_due_seconds
+-- (gateway/app.c, oldest_due_sql), which now takes each destination's
+-- first entry of outbox_backing_off_idx (046: (destination,
+-- next_attempt_at) WHERE state = 'pending', the same rows), one descent
+-- per destination with pending rows, and skips the pull and disabled
+-- peers' destinations whole instead of reading past their rows.
+-- Measured with tests/bench/matrix --transactions and tests/bench/batched
+-- (docs/performance.md, "Forty-ninth session").
+--
+-- Dropping an index takes a lock that waits for, and then blocks, every
+-- reader and writer of outbox while it waits; on a busy gateway drop it
+-- first by hand with DROP INDEX CONCURRENTLY outbox_due_idx
+-- (docs/operations.md, "Upgrading"): this file then drops nothing.
+DROP INDEX IF EXISTS outbox_due_idx;
