@@ -18,5 +18,6 @@
 -- Dropping an index takes a lock that waits for, and then blocks, every
 -- reader and writer of outbox while it waits; on a busy gateway drop it
 -- first by hand with DROP INDEX CONCURRENTLY outbox_due_idx
--- (docs/operations.md, "Upgrading"): this file then drops nothing.
+-- (docs/operations.md, "Upgrades and migrations"): this file then drops
+-- nothing.
 DROP INDEX IF EXISTS outbox_due_idx;
