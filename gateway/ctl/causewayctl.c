@@ -1084,32 +1084,54 @@ static enum ctl_rc print_rows(struct ctl *c, const json_t *rows, const struct co
 	return t.no_memory ? fail(c, CTL_EREFUSED, "out of memory") : CTL_OK;
 }
 
-/* "key          value" lines of status and trace. */
+/* "key          value" lines of status and trace, the value as long as it
+ * is: until the forty-ninth session's review it was cut at 1023 bytes
+ * without a word. */
 static void kv(const char *key, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void kv(const char *key, const char *fmt, ...)
 {
-	char v[1024];
 	va_list ap;
 	va_start(ap, fmt);
-	vsnprintf(v, sizeof(v), fmt, ap);
+	int n = vsnprintf(NULL, 0, fmt, ap);
 	va_end(ap);
-	defang(v);
-	printf("%-*s%s\n", KEY_WIDTH, key, v);
+	char *v = n >= 0 ? malloc((size_t)n + 1) : NULL;
+	if (v) {
+		va_start(ap, fmt);
+		vsnprintf(v, (size_t)n + 1, fmt, ap);
+		va_end(ap);
+		defang(v);
+	}
+	printf("%-*s%s\n", KEY_WIDTH, key, v ? v : "? (out of memory)");
+	free(v);
 }
 
-/* Buffers for the members one line shows: each tx() takes the next. */
+/* The members one line shows, each whole: tx() keeps the last TEXTS_HELD
+ * it made, and TEXTS() frees them when its block ends.  Until the
+ * forty-ninth session's review each was cut at 299 bytes without a word:
+ * a sender or recipient of trace (a user URI of up to 512 bytes) was shown
+ * as another user's, and a remote id as one that does not exist. */
+#define TEXTS_HELD 8
 struct texts {
-	char b[8][300];
+	char *b[TEXTS_HELD];
 	unsigned n;
 };
 
-/* A member of o as text (as in a table cell, not clipped) for kv and printf. */
+static void texts_done(struct texts *t)
+{
+	for (unsigned i = 0; i < TEXTS_HELD; i++)
+		free(t->b[i]);
+}
+
+#define TEXTS(t) struct texts t __attribute__((cleanup(texts_done))) = { .n = 0 }
+
+/* A member of o as text (as in a table cell, not clipped) for kv and
+ * printf; valid until TEXTS_HELD more are asked for. */
 static const char *tx(struct texts *t, const json_t *o, const char *key, enum cell_kind kind)
 {
-	char *buf = t->b[t->n++ % 8], *s = cell_text(json_object_get(o, key), kind, 0);
-	snprintf(buf, sizeof(t->b[0]), "%s", s ? s : "?");
-	free(s);
-	return buf;
+	char **slot = &t->b[t->n++ % TEXTS_HELD];
+	free(*slot);
+	*slot = cell_text(json_object_get(o, key), kind, 0);
+	return *slot ? *slot : "?";
 }
 
 /* ------------------------------------------------------------ commands */
@@ -1305,7 +1327,7 @@ static enum ctl_rc outbox_change(struct ctl *c, const char *id, const char *verb
 	if (c->json) {
 		print_json(body);
 	} else {
-		struct texts t = { .n = 0 };
+		TEXTS(t);
 		printf("outbox row %s: %s (%s)\n", id, tx(&t, body, "state", CELL_TEXT), what);
 	}
 	json_decref(body);
@@ -1345,7 +1367,7 @@ static enum ctl_rc cmd_token_create(struct ctl *c, char **argv)
 	} else if (!token || !token_valid(token)) {
 		rc = fail(c, CTL_EREFUSED, "the answer to POST /admin/v1/tokens holds no token");
 	} else {
-		struct texts t = { .n = 0 };
+		TEXTS(t);
 		printf("Made the token '%s' (role %s). Here it is, shown only this once:\n\n    %s\n\n"
 		       "Keep it now: the daemon stores only its SHA-256 and cannot show it again.\n",
 		       tx(&t, body, "name", CELL_TEXT), tx(&t, body, "role", CELL_TEXT), token);
@@ -1363,7 +1385,7 @@ static enum ctl_rc cmd_token_revoke(struct ctl *c, char **argv)
 	if (c->json) {
 		print_json(body);
 	} else {
-		struct texts t = { .n = 0 };
+		TEXTS(t);
 		printf("Revoked the token '%s' (at %s): it is refused from now on.\n",
 		       tx(&t, body, "name", CELL_TEXT), tx(&t, body, "revoked_at", CELL_TIME));
 	}
@@ -1378,7 +1400,7 @@ static enum ctl_rc show_peer_token(struct ctl *c, const json_t *body, const char
 	const char *token = jstr(body, "token");
 	if (!token || !*token || !token_valid(token))
 		return fail(c, CTL_EREFUSED, "the answer to POST %s holds no token", path);
-	struct texts t = { .n = 0 };
+	TEXTS(t);
 	const char *mode = tx(&t, body, "mode", CELL_TEXT);
 	printf("%s the peer '%s' (%s, %s%s%s). Its bearer token, shown only this once:\n\n    %s\n\n"
 	       "Give it to the peer's operator over a channel others cannot read; the daemon stores only its\n"
@@ -1451,7 +1473,7 @@ static enum ctl_rc peer_switch(struct ctl *c, const char *name, bool enable)
 	if (c->json) {
 		print_json(body);
 	} else {
-		struct texts t = { .n = 0 };
+		TEXTS(t);
 		if (enable)
 			printf("The peer '%s' is enabled: its requests are taken and it is sent its rows.\n",
 			       tx(&t, body, "name", CELL_TEXT));
@@ -1512,7 +1534,7 @@ static enum ctl_rc cmd_rule_add(struct ctl *c, char **argv)
 	if (c->json) {
 		print_json(body);
 	} else {
-		struct texts t = { .n = 0 };
+		TEXTS(t);
 		json_t *rows = json_pack("[O]", body);
 		printf("Made the rule %s; every daemon process applies it within about a second.\n",
 		       tx(&t, body, "id", CELL_TEXT));
@@ -1534,7 +1556,7 @@ static enum ctl_rc cmd_rule_delete(struct ctl *c, char **argv)
 	if (c->json) {
 		print_json(body);
 	} else {
-		struct texts t = { .n = 0 };
+		TEXTS(t);
 		printf("Deleted the rule %s (%s %s); every daemon process drops it within about a second.\n",
 		       tx(&t, body, "id", CELL_TEXT), tx(&t, body, "scope", CELL_TEXT), tx(&t, body, "pattern", CELL_TEXT));
 	}
@@ -1544,7 +1566,7 @@ static enum ctl_rc cmd_rule_delete(struct ctl *c, char **argv)
 
 static void print_delivery(struct ctl *c, const json_t *d, enum ctl_rc *rc)
 {
-	struct texts t = { .n = 0 };
+	TEXTS(t);
 	/* A delivery to a peer is for the room (no recipient); a local one for a user. */
 	printf("  #%s  to %s%s%s\n", tx(&t, d, "id", CELL_TEXT), tx(&t, d, "destination", CELL_TEXT),
 	       jstr(d, "recipient") ? ", for " : "", jstr(d, "recipient") ? tx(&t, d, "recipient", CELL_TEXT) : "");
@@ -1573,7 +1595,7 @@ static enum ctl_rc cmd_trace(struct ctl *c, char **argv)
 		json_decref(tr);
 		return CTL_OK;
 	}
-	struct texts t = { .n = 0 };
+	TEXTS(t);
 	json_t *origin = json_object_get(tr, "origin");
 	kv("message", "%s", tx(&t, tr, "message", CELL_TEXT));
 	kv("room", "%s", tx(&t, tr, "room", CELL_TEXT));
@@ -1600,7 +1622,7 @@ static enum ctl_rc cmd_trace(struct ctl *c, char **argv)
  * their own: the well-known members, else the JSON as it is. */
 static void print_adapter(const char *name, const json_t *h)
 {
-	struct texts t = { .n = 0 };
+	TEXTS(t);
 	if (strcmp(name, "matrix") == 0 && jstr(h, "homeserver")) {
 		const char *err = jstr(h, "last_error");
 		kv(name, "%s, ping %s%s%s", tx(&t, h, "homeserver", CELL_TEXT), tx(&t, h, "ping", CELL_TEXT),
@@ -1627,7 +1649,7 @@ static void print_adapter(const char *name, const json_t *h)
 /* "peer in 42, peer out 40" of stats' totals, or "x rule_deny 7" of its decisions. */
 static void counts_line(const char *key, const json_t *arr, const char *a, const char *b, const char *none)
 {
-	struct texts t = { .n = 0 };
+	TEXTS(t);
 	char line[900] = "";
 	size_t i;
 	json_t *e;
@@ -1642,7 +1664,7 @@ static void counts_line(const char *key, const json_t *arr, const char *a, const
  * another shape as the JSON it is. */
 static void print_policy(const json_t *p)
 {
-	struct texts t = { .n = 0 };
+	TEXTS(t);
 	const char *st = jstr(p, "status");
 	if (st && strcmp(st, "current") == 0) {
 		kv("policy", "current (version %s)", tx(&t, p, "version", CELL_TEXT));
@@ -1660,7 +1682,7 @@ static void print_policy(const json_t *p)
 static void print_status(const struct ctl *c, const json_t *ready, const json_t *adapters, const char *adapters_why,
 			 const json_t *stats, const char *stats_why)
 {
-	struct texts t = { .n = 0 };
+	TEXTS(t);
 	json_t *db = json_object_get(ready, "database"), *mig = json_object_get(ready, "migrations");
 	kv("daemon", "%s: %s", c->shown_url, tx(&t, ready, "status", CELL_TEXT));
 	kv("database", "%s, %s ms%s%s", tx(&t, db, "status", CELL_TEXT), tx(&t, db, "latency_ms", CELL_TEXT),

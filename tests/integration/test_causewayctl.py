@@ -1286,3 +1286,35 @@ def test_a_redirect_is_not_followed_and_is_named():
     finally:
         s.close()
         elsewhere.close()
+
+
+def test_trace_and_status_show_long_values_whole():
+    """A user URI may be 512 bytes (MIMI_URI_MAX), a remote id and a reload's
+    failure longer than a line: trace and status show each whole.  Until the
+    forty-ninth session's review a value of trace was cut at 299 bytes and a
+    line of status at 1023, without a word: the sender or recipient shown was
+    another user's (a prefix of the real one), the remote id one that does
+    not exist."""
+    sender = "mimi://wa.example/u/" + "s" * 470 + "\u00e9" * 11  # 512 bytes
+    recipient = "mimi://example.org/u/" + "r" * 480 + "\u00e9" * 5
+    remote = "$" + "x" * 254
+    detail = "cannot read the rules: " + "d" * 1200 + " (the end)"
+    trace = {"message": "msg_1", "room": "r_1", "sender": sender, "type": "message",
+             "origin": {"network": "peer", "native_id": "n" * 400}, "accepted_at": "2026-11-29T06:01:00Z",
+             "content_deleted": False, "decisions": [],
+             "deliveries": [{"id": 7, "destination": "matrix", "recipient": recipient, "state": "delivered",
+                             "attempts": 1, "verdict": "allow", "reason": "open", "remote_id": remote,
+                             "created_at": "2026-11-29T06:01:00Z", "tries": []}]}
+    ready = dict(READY, policy={"status": "stale", "stale_for_s": 12, "version": 3, "detail": detail})
+    s = StandIn({"/admin/v1/messages/msg_1": doc(trace), "/readyz": doc(ready), "/admin/v1/adapters": doc(ADAPTERS),
+                 "/admin/v1/stats": doc(STATS)})
+    try:
+        out = ok("trace", "msg_1", url=s.url)
+        assert f"\nsender       {sender}\n" in out, out
+        assert "origin       peer (native id " + "n" * 400 + ")\n" in out, out
+        assert f"  #7  to matrix, for {recipient}\n" in out, out
+        assert f"remote id {remote}\n" in out, out
+        out = ok("status", url=s.url)
+        assert f"\npolicy       stale for 12 s (version 3 in force): {detail}\n" in out, out
+    finally:
+        s.close()
