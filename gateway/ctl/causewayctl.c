@@ -12,6 +12,7 @@
 #include <ini.h>
 #include <jansson.h>
 #include <limits.h>
+#include <locale.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -20,6 +21,7 @@
 #include <strings.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <wchar.h>
 
 #define DEFAULT_URL "http://127.0.0.1:8480"
 #define CONNECT_TIMEOUT_S 5L
@@ -28,7 +30,7 @@
 #define PAGE_MAX 500                 /* the API's largest page */
 #define LIST_MAX 100000              /* rows one list command gathers when --limit is not given */
 #define LIST_BYTES_MAX (32L * 1024 * 1024) /* the rows of a list's pages held at once, as compact JSON */
-#define CELL_MAX 64                  /* characters shown of one table cell (--json shows all) */
+#define CELL_MAX 64                  /* columns shown of one table cell (--json shows all) */
 #define TOKEN_LINE_MAX 512           /* a token file's first line; tokens are under 128 bytes */
 #define QUERY_MAX 8                  /* name=value pairs of one request */
 #define COLS_MAX 10
@@ -883,13 +885,45 @@ static void defang(char *s)
 	}
 }
 
-/* Cuts s to max characters (the column widths count characters, not
- * bytes), the last three being "...". */
+/* The columns of a terminal the longest prefix of s that fits in max
+ * columns takes, *bytes (if not NULL) its length: a wide character (CJK,
+ * most emoji) takes two, a combining or zero-width one none (wcwidth of
+ * the C.UTF-8 locale main sets), anything else one.  Until the forty-ninth
+ * session's review a column was as wide as its cells' characters: a cell
+ * of CJK text pushed the columns after it out of line, and one cut at 64
+ * characters took 128 columns. */
+static size_t columns_upto(const char *s, size_t max, size_t *bytes)
+{
+	size_t cols = 0, i = 0, len = strlen(s);
+	while (i < len) {
+		unsigned cp;
+		size_t n = cw_utf8_seq((const unsigned char *)s + i, len - i, &cp);
+		int w = n ? wcwidth((wchar_t)cp) : 1;
+		if (w < 0)
+			w = 1;
+		if (cols + (size_t)w > max)
+			break;
+		cols += (size_t)w;
+		i += n ? n : 1;
+	}
+	if (bytes)
+		*bytes = i;
+	return cols;
+}
+
+static size_t columns(const char *s)
+{
+	return columns_upto(s, SIZE_MAX, NULL);
+}
+
+/* Cuts s to max columns of a terminal, the last three being "...". */
 static void clip(char *s, size_t max)
 {
-	if (cw_utf8_count(s) <= max)
+	size_t keep;
+	if (columns(s) <= max)
 		return;
-	strcpy(s + cw_utf8_prefix(s, max - 3, NULL), "...");
+	columns_upto(s, max - 3, &keep);
+	strcpy(s + keep, "...");
 }
 
 /* An RFC 3339 time as "2026-11-29 06:01:00Z" (ms: "06:01:00.123Z"), UTC
@@ -1034,10 +1068,10 @@ static void table_print(const struct table *t, size_t indent)
 {
 	size_t w[COLS_MAX];
 	for (size_t j = 0; j < t->ncols; j++) {
-		w[j] = cw_utf8_count(t->head[j]);
+		w[j] = columns(t->head[j]);
 		for (size_t i = 0; i < t->nrows; i++)
-			if (cw_utf8_count(t->cell[i * t->ncols + j]) > w[j])
-				w[j] = cw_utf8_count(t->cell[i * t->ncols + j]);
+			if (columns(t->cell[i * t->ncols + j]) > w[j])
+				w[j] = columns(t->cell[i * t->ncols + j]);
 	}
 	for (size_t i = 0; i <= t->nrows; i++) {
 		pad(indent);
@@ -1045,7 +1079,7 @@ static void table_print(const struct table *t, size_t indent)
 			const char *s = i ? t->cell[(i - 1) * t->ncols + j] : t->head[j];
 			fputs(s, stdout);
 			if (j + 1 < t->ncols)
-				pad(w[j] - cw_utf8_count(s) + 2);
+				pad(w[j] - columns(s) + 2);
 		}
 		putchar('\n');
 	}
@@ -2019,6 +2053,9 @@ int main(int argc, char **argv)
 	bool help = false;
 	long long num;
 	int opt, rc = CTL_OK;
+	/* wcwidth's table (columns_upto), whatever locale the terminal has:
+	 * nothing else causewayctl does depends on LC_CTYPE. */
+	setlocale(LC_CTYPE, "C.UTF-8");
 	opterr = 0;
 	while ((opt = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
 		char **slot = NULL;

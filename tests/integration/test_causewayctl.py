@@ -9,6 +9,7 @@ import re
 import subprocess
 import threading
 import time
+import unicodedata
 import urllib.parse
 
 import pytest
@@ -1316,5 +1317,42 @@ def test_trace_and_status_show_long_values_whole():
         assert f"remote id {remote}\n" in out, out
         out = ok("status", url=s.url)
         assert f"\npolicy       stale for 12 s (version 3 in force): {detail}\n" in out, out
+    finally:
+        s.close()
+
+
+def columns(text):
+    """The columns of a terminal text takes: two for a wide character, none
+    for a combining one, one for the rest."""
+    return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+               for ch in text)
+
+
+def test_a_tables_columns_are_counted_in_terminal_columns():
+    """A cell of CJK text (an XMPP user's name, a peer's user) takes two
+    columns a character, a combining accent none: the columns after it stay
+    in line, whatever the locale causewayctl runs in, and a long cell is cut
+    at 64 columns, not 64 characters.  Until the forty-ninth session's review
+    a column was as wide as its characters, and the columns after such a
+    cell were pushed out of line."""
+    rows = [{"id": 1, "message": "msg_1", "user": ALICE, "sender": "mimi://wa.example/u/\u5c71\u7530\u592a\u90ce",
+             "type": "message"},
+            {"id": 2, "message": "msg_2", "user": ALICE, "sender": "mimi://wa.example/u/jose\u0301",
+             "type": "message"},
+            {"id": 3, "message": "msg_3", "user": ALICE, "sender": "mimi://wa.example/u/" + "\u6f22" * 40,
+             "type": "message"},
+            {"id": 4, "message": "msg_4", "user": ALICE, "sender": "mimi://wa.example/u/wally", "type": "message"}]
+    s = StandIn({"/admin/v1/held": doc({"rows": rows, "next_after": None})})
+    try:
+        for lang in ("C", "C.UTF-8"):
+            out = ok("held", url=s.url, env={"LC_ALL": lang})
+            lines = out.splitlines()
+            assert len(lines) == 5, out
+            at = {columns(line[:line.index(" message ") + 1]) for line in lines[1:]}
+            at.add(columns(lines[0][:lines[0].index("TYPE")]))
+            assert len(at) == 1, (lang, at, out)
+            cut = re.split(r"\s{2,}", lines[3])[3]
+            assert cut.endswith("...") and 62 <= columns(cut) <= 64, (cut, columns(cut))
+            assert "mimi://wa.example/u/jose\u0301  " in lines[2], lines[2]
     finally:
         s.close()
