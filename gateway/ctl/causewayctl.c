@@ -59,11 +59,12 @@ enum {
 	OPT_KEY = 1 << 3,    /* --key */
 	OPT_PEER = 1 << 4,   /* --push-url, --pull, --event-types */
 	OPT_RULE = 1 << 5,   /* --mode, --limits, --comment, --expires-in */
+	OPT_OPEN = 1 << 6,   /* --open */
 };
 /* The options of each OPT_* bit, for "takes no ..." (in bit order). */
 static const char *const opt_names[] = { "--role", "--action, --actor or --message", "--limit or --after", "--key",
 					 "--push-url, --pull or --event-types",
-					 "--mode, --limits, --comment or --expires-in" };
+					 "--mode, --limits, --comment or --expires-in", "--open" };
 
 struct ctl {
 	char *url;       /* the base URL, without a trailing '/'; owned (curl_free) */
@@ -77,6 +78,7 @@ struct ctl {
 	const char *role, *action, *actor, *message;
 	const char *key, *push_url, *event_types; /* peers add, peers rotate */
 	bool pull;
+	bool open;                           /* reports: the open ones only */
 	const char *mode, *limits, *comment; /* rules add */
 	json_t *types_json, *limits_json;    /* --event-types, --limits as read by the command's check; owned */
 	long long expires_in;                /* rules add; 0: never */
@@ -1231,6 +1233,15 @@ static const struct column decision_cols[] = {
 	{ NULL, NULL, CELL_TEXT },
 };
 
+static const struct column report_cols[] = {
+	{ "ID", "id", CELL_TEXT },           { "CREATED", "created_at", CELL_TIME },
+	{ "REPORTER", "reporter", CELL_TEXT }, { "SUBJECT", "subject", CELL_TEXT },
+	{ "REASON", "reason", CELL_TEXT },   { "COMMENT", "comment", CELL_TEXT },
+	{ "HANDLED", "handled_at", CELL_TIME }, { "BY", "handled_by", CELL_TEXT },
+	{ "DISMISSED", "dismissed", CELL_TEXT },
+	{ NULL, NULL, CELL_TEXT },
+};
+
 static const struct column try_cols[] = {
 	{ "ATTEMPT", "attempt", CELL_TEXT }, { "STARTED", "started_at", CELL_TIME_MS },
 	{ "FINISHED", "finished_at", CELL_TIME_MS }, { "OK", "ok", CELL_TEXT },
@@ -1304,6 +1315,12 @@ static enum ctl_rc cmd_audit(struct ctl *c, char **argv)
 	return show_paged(c, "/admin/v1/audit", q, audit_cols, "no audit records");
 }
 
+static enum ctl_rc cmd_reports(struct ctl *c, char **argv)
+{
+	const char *q[] = { "open", c->open ? "true" : NULL, NULL };
+	return show_paged(c, "/admin/v1/reports", q, report_cols, c->open ? "no open reports" : "no reports");
+}
+
 static enum ctl_rc cmd_token_list(struct ctl *c, char **argv)
 {
 	return show_whole(c, "/admin/v1/tokens", "tokens", token_cols, "no named tokens (only the configuration's)");
@@ -1367,6 +1384,34 @@ static enum ctl_rc outbox_change(struct ctl *c, const char *id, const char *verb
 	json_decref(body);
 	return CTL_OK;
 }
+
+/* reports handle ID, reports dismiss ID. */
+static enum ctl_rc report_change(struct ctl *c, const char *id, bool dismiss)
+{
+	json_t *body;
+	enum ctl_rc rc = parse_id(c, id, "a report id (the ID column of causewayctl reports)");
+	if (!rc)
+		rc = api_at(c, "POST", "/admin/v1/reports/", id, dismiss ? "/dismiss" : "/handle", NULL, &body);
+	if (rc)
+		return rc;
+	if (c->json) {
+		print_json(body);
+	} else {
+		TEXTS(t);
+		printf("%s the report %s (handled at %s by %s)%s\n", dismiss ? "Dismissed" : "Handled", id,
+		       tx(&t, body, "handled_at", CELL_TIME), tx(&t, body, "handled_by", CELL_TEXT),
+		       dismiss ? ": it no longer counts toward an automatic limit" : ".");
+		json_t *limit = json_object_get(body, "limit_rule_id");
+		if (dismiss && json_is_integer(limit))
+			printf("The automatic limit on its subject stays in force: causewayctl rules delete %s lifts it.\n",
+			       tx(&t, body, "limit_rule_id", CELL_TEXT));
+	}
+	json_decref(body);
+	return CTL_OK;
+}
+
+static enum ctl_rc cmd_report_handle(struct ctl *c, char **argv) { return report_change(c, argv[0], false); }
+static enum ctl_rc cmd_report_dismiss(struct ctl *c, char **argv) { return report_change(c, argv[0], true); }
 
 static enum ctl_rc cmd_replay(struct ctl *c, char **argv)
 {
@@ -1903,6 +1948,19 @@ static const struct command commands[] = {
 	  "Gives up on a dead (or failed) delivery: it becomes dropped, and the trace keeps it\n"
 	  "(POST /admin/v1/outbox/OUTBOX-ID/discard). Needs an admin token.\n"
 	  "\nexample: causewayctl deadletters discard 12", NULL },
+	{ "reports", "[--open]", 0, OPT_OPEN | OPT_PAGE, cmd_reports, "abuse reports",
+	  "Lists the abuse reports (GET /admin/v1/reports), oldest first; with --open only those\n"
+	  "not handled yet. The ID column is what handle and dismiss take.\n"
+	  "\nexample: causewayctl reports --open", NULL },
+	{ "reports handle", "REPORT-ID", 1, 0, cmd_report_handle, "mark a report handled",
+	  "Marks a report handled (POST /admin/v1/reports/REPORT-ID/handle; audited as report.handle).\n"
+	  "A report handled already is refused (409, naming when and by whom). Needs an admin token.\n"
+	  "\nexample: causewayctl reports handle 12", NULL },
+	{ "reports dismiss", "REPORT-ID", 1, 0, cmd_report_dismiss, "dismiss a report",
+	  "Dismisses a report (POST /admin/v1/reports/REPORT-ID/dismiss): it is handled, and no longer\n"
+	  "counts toward the automatic limit of its subject; a limit in force stays (docs/policy.md,\n"
+	  "\"Dismissed reports\"), and is named. Needs an admin token.\n"
+	  "\nexample: causewayctl reports dismiss 12", NULL },
 	{ "token list", "", 0, 0, cmd_token_list, "the named admin tokens",
 	  "Lists the named admin tokens (GET /admin/v1/tokens); never the tokens themselves.\n"
 	  "\nexample: causewayctl token list", NULL },
@@ -2022,7 +2080,7 @@ static int usage_error(const char *fmt, ...)
 int main(int argc, char **argv)
 {
 	enum { O_URL = 256, O_TOKEN, O_TOKEN_FILE, O_CA_FILE, O_CONFIG, O_JSON, O_ROLE, O_ACTION, O_ACTOR, O_MESSAGE, O_LIMIT,
-	       O_AFTER, O_KEY, O_PUSH_URL, O_PULL, O_EVENT_TYPES, O_MODE, O_LIMITS, O_COMMENT, O_EXPIRES_IN };
+	       O_AFTER, O_KEY, O_PUSH_URL, O_PULL, O_EVENT_TYPES, O_MODE, O_LIMITS, O_COMMENT, O_EXPIRES_IN, O_OPEN };
 	static const struct option longopts[] = {
 		{ "url", required_argument, NULL, O_URL },
 		{ "token", required_argument, NULL, O_TOKEN },
@@ -2044,6 +2102,7 @@ int main(int argc, char **argv)
 		{ "limits", required_argument, NULL, O_LIMITS },
 		{ "comment", required_argument, NULL, O_COMMENT },
 		{ "expires-in", required_argument, NULL, O_EXPIRES_IN },
+		{ "open", no_argument, NULL, O_OPEN },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -2117,6 +2176,10 @@ int main(int argc, char **argv)
 		case O_PULL:
 			c.pull = true;
 			c.given |= OPT_PEER;
+			break;
+		case O_OPEN:
+			c.open = true;
+			c.given |= OPT_OPEN;
 			break;
 		case O_MODE:
 		case O_LIMITS:

@@ -1356,3 +1356,40 @@ def test_a_tables_columns_are_counted_in_terminal_columns():
             assert "mimi://wa.example/u/jose\u0301  " in lines[2], lines[2]
     finally:
         s.close()
+
+
+def test_reports_listed_handled_and_dismissed(daemon, pg, db_url):
+    """An operator handles an abuse report from the command line as from the
+    console: reports (--open: those not handled yet), reports handle ID,
+    reports dismiss ID, each the API's answer; a second handle is the API's
+    409 naming who handled it, exit 1; a bad id a usage error, nothing
+    asked.  Until the forty-ninth session's review causewayctl had no
+    report command at all: a report was handled from the console or curl."""
+    made = [daemon.admin("POST", "/reports", json={"subject": f"mimi://wa.example/u/{who}", "reason": "spam",
+                                                   "comment": "line one\nline \u200ftwo"}).json()
+            for who in ("w1", "w2")]
+    first, second = (str(r["id"]) for r in made)
+    rows = cells(ok("reports", url=daemon.url))
+    assert [r[0] for r in rows] == [first, second], rows
+    assert rows[0][2:6] == ["admin:config", "mimi://wa.example/u/w1", "spam", "line one line ???two"], rows
+    assert rows[0][6:] == ["-", "-", "no"], rows
+    assert json.loads(ok("--json", "reports", url=daemon.url))["rows"] == \
+        daemon.admin("GET", "/reports").json()["rows"]
+    out = ok("reports", "handle", first, url=daemon.url)
+    assert re.fullmatch(rf"Handled the report {first} \(handled at \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\dZ by admin:config\)\.\n",
+                        out), out
+    err = refused("reports", "handle", first, url=daemon.url)
+    assert f"409 conflict: report {first} was already handled" in err and "by admin:config" in err, err
+    assert [r[0] for r in cells(ok("reports", "--open", url=daemon.url))] == [second]
+    out = ok("reports", "dismiss", second, url=daemon.url)
+    assert out.startswith(f"Dismissed the report {second} (handled at ") and \
+        "it no longer counts toward an automatic limit" in out, out
+    assert ok("reports", "--open", url=daemon.url) == "no open reports\n"
+    assert pg.psql(f"SELECT dismissed FROM reports WHERE id = {second}", db_url) == "t"
+    assert "404" in refused("reports", "dismiss", "999999", url=daemon.url)
+    for args, why in ((["reports", "handle", "x1"], "'x1' is not a report id"),
+                      (["reports", "dismiss", "0"], "'0' is not a report id"),
+                      (["reports", "handle", first, "--open"], "reports handle takes no --open"),
+                      (["peers", "--open"], "peers takes no --open")):
+        rc, out, err = ctl(*args, url="http://127.0.0.1:1")
+        assert rc == 2 and why in err and out == "", (args, rc, err)
