@@ -1697,6 +1697,44 @@ static enum ctl_rc cmd_trace(struct ctl *c, char **argv)
 	return rc;
 }
 
+/* A kv line made of parts, as long as they are: until the forty-ninth
+ * session's review status's decisions (a verdict and reason each, of some
+ * forty reasons) and its XMPP components (each with its last error) were
+ * cut at 899 bytes without a word. */
+struct line {
+	char *p; /* open_memstream's, freed by line_done */
+	size_t len;
+	FILE *f; /* NULL until the first part */
+	bool failed;
+};
+
+#define LINE_INIT { NULL, 0, NULL, false }
+
+__attribute__((format(printf, 2, 3))) static void line_add(struct line *l, const char *fmt, ...)
+{
+	if (!l->failed && !l->f && !(l->f = open_memstream(&l->p, &l->len)))
+		l->failed = true;
+	if (l->failed)
+		return;
+	va_list ap;
+	va_start(ap, fmt);
+	if (vfprintf(l->f, fmt, ap) < 0)
+		l->failed = true;
+	va_end(ap);
+}
+
+/* kv(key, the line), or none when nothing was added. */
+static void line_done(struct line *l, const char *key, const char *none)
+{
+	if (l->f && fclose(l->f) != 0)
+		l->failed = true;
+	if (l->failed)
+		kv(key, "? (out of memory)");
+	else
+		kv(key, "%s", l->p && *l->p ? l->p : none ? none : "");
+	free(l->p);
+}
+
 /* One line per adapter of readyz (matrix, xmpp), whose health shapes are
  * their own: the well-known members, else the JSON as it is. */
 static void print_adapter(const char *name, const json_t *h)
@@ -1707,17 +1745,16 @@ static void print_adapter(const char *name, const json_t *h)
 		kv(name, "%s, ping %s%s%s", tx(&t, h, "homeserver", CELL_TEXT), tx(&t, h, "ping", CELL_TEXT),
 		   err && *err ? ", last error: " : "", err && *err ? err : "");
 	} else if (strcmp(name, "xmpp") == 0 && json_is_object(json_object_get(h, "components"))) {
-		char line[900];
+		struct line l = LINE_INIT;
 		const char *dom;
 		json_t *x;
-		snprintf(line, sizeof(line), "%s:%s", tx(&t, h, "server", CELL_TEXT), tx(&t, h, "port", CELL_TEXT));
+		line_add(&l, "%s:%s", tx(&t, h, "server", CELL_TEXT), tx(&t, h, "port", CELL_TEXT));
 		json_object_foreach(json_object_get(h, "components"), dom, x) {
 			const char *err = jstr(x, "last_error");
-			snprintf(line + strlen(line), sizeof(line) - strlen(line), "; %s %s%s%s%s", dom,
-				 tx(&t, x, "state", CELL_TEXT), err && *err ? " (" : "", err && *err ? err : "",
-				 err && *err ? ")" : "");
+			line_add(&l, "; %s %s%s%s%s", dom, tx(&t, x, "state", CELL_TEXT), err && *err ? " (" : "",
+				 err && *err ? err : "", err && *err ? ")" : "");
 		}
-		kv(name, "%s", line);
+		line_done(&l, name, NULL);
 	} else {
 		char *s = cell_text(h, CELL_TEXT, 200);
 		kv(name, "%s", s ? s : "?");
@@ -1729,13 +1766,13 @@ static void print_adapter(const char *name, const json_t *h)
 static void counts_line(const char *key, const json_t *arr, const char *a, const char *b, const char *none)
 {
 	TEXTS(t);
-	char line[900] = "";
+	struct line l = LINE_INIT;
 	size_t i;
 	json_t *e;
 	json_array_foreach(arr, i, e)
-		snprintf(line + strlen(line), sizeof(line) - strlen(line), "%s%s %s %s", i ? ", " : "",
-			 tx(&t, e, a, CELL_TEXT), tx(&t, e, b, CELL_TEXT), tx(&t, e, "count", CELL_TEXT));
-	kv(key, "%s", line[0] ? line : none);
+		line_add(&l, "%s%s %s %s", i ? ", " : "", tx(&t, e, a, CELL_TEXT), tx(&t, e, b, CELL_TEXT),
+			 tx(&t, e, "count", CELL_TEXT));
+	line_done(&l, key, none);
 }
 
 /* The policy snapshot of readyz: current, or stale for N s with the

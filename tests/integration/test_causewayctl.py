@@ -1393,3 +1393,27 @@ def test_reports_listed_handled_and_dismissed(daemon, pg, db_url):
                       (["peers", "--open"], "peers takes no --open")):
         rc, out, err = ctl(*args, url="http://127.0.0.1:1")
         assert rc == 2 and why in err and out == "", (args, rc, err)
+
+
+def test_status_shows_every_decision_and_component():
+    """A busy hour's decisions (a verdict and reason each, of some forty
+    reasons) and a deployment's XMPP components, each with its last error,
+    are shown every one.  Until the forty-ninth session's review each line
+    was cut at 899 bytes without a word, in the middle of an entry."""
+    decisions = [{"verdict": v, "reason": f"reason_{i:02d}", "count": 1000 + i}
+                 for i in range(40) for v in ("deny", "hold")]
+    components = {f"c{i:02d}.example.org": {"state": "down", "last_error": f"stream closed: host-unknown {i:02d}"}
+                  for i in range(30)}
+    ready = dict(READY, adapters={"xmpp": {"server": "xmpp.example", "port": 5347, "components": components}})
+    adapters = dict(ADAPTERS, xmpp=ready["adapters"]["xmpp"])
+    adapters.pop("matrix")
+    s = StandIn({"/readyz": doc(ready), "/admin/v1/adapters": doc(adapters),
+                 "/admin/v1/stats": doc(dict(STATS, decisions=decisions))})
+    try:
+        out = ok("status", url=s.url)
+        want = ", ".join(f"{d['verdict']} {d['reason']} {d['count']}" for d in decisions)
+        assert f"\ndecisions    {want}\n" in out, out
+        want = "; ".join(f"{c} down ({x['last_error']})" for c, x in components.items())
+        assert f"\nxmpp         xmpp.example:5347; {want}\n" in out, out
+    finally:
+        s.close()
