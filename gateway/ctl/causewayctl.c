@@ -60,11 +60,13 @@ enum {
 	OPT_PEER = 1 << 4,   /* --push-url, --pull, --event-types */
 	OPT_RULE = 1 << 5,   /* --mode, --limits, --comment, --expires-in */
 	OPT_OPEN = 1 << 6,   /* --open */
+	OPT_OUTBOX = 1 << 7, /* --state, --destination */
 };
 /* The options of each OPT_* bit, for "takes no ..." (in bit order). */
 static const char *const opt_names[] = { "--role", "--action, --actor or --message", "--limit or --after", "--key",
 					 "--push-url, --pull or --event-types",
-					 "--mode, --limits, --comment or --expires-in", "--open" };
+					 "--mode, --limits, --comment or --expires-in", "--open",
+					 "--state or --destination" };
 
 struct ctl {
 	char *url;       /* the base URL, without a trailing '/'; owned (curl_free) */
@@ -79,6 +81,7 @@ struct ctl {
 	const char *key, *push_url, *event_types; /* peers add, peers rotate */
 	bool pull;
 	bool open;                           /* reports: the open ones only */
+	const char *state, *destination;     /* outbox */
 	const char *mode, *limits, *comment; /* rules add */
 	json_t *types_json, *limits_json;    /* --event-types, --limits as read by the command's check; owned */
 	long long expires_in;                /* rules add; 0: never */
@@ -1211,6 +1214,15 @@ static const struct column dead_cols[] = {
 	{ NULL, NULL, CELL_TEXT },
 };
 
+static const struct column outbox_cols[] = {
+	{ "ID", "id", CELL_TEXT },             { "MESSAGE", "message", CELL_TEXT },
+	{ "DESTINATION", "destination", CELL_TEXT }, { "RECIPIENT", "recipient", CELL_TEXT },
+	{ "STATE", "state", CELL_TEXT },       { "ATTEMPTS", "attempts", CELL_TEXT },
+	{ "NEXT ATTEMPT", "next_attempt_at", CELL_TIME }, { "CREATED", "created_at", CELL_TIME },
+	{ "LAST ERROR", "last_error", CELL_TEXT },
+	{ NULL, NULL, CELL_TEXT },
+};
+
 static const struct column token_cols[] = {
 	{ "ID", "id", CELL_TEXT },              { "NAME", "name", CELL_TEXT },
 	{ "ROLE", "role", CELL_TEXT },          { "CREATED", "created_at", CELL_TIME },
@@ -1307,6 +1319,12 @@ static enum ctl_rc cmd_deadletters(struct ctl *c, char **argv)
 {
 	static const char *const q[] = { "state", "dead", NULL };
 	return show_paged(c, "/admin/v1/outbox", q, dead_cols, "no dead letters");
+}
+
+static enum ctl_rc cmd_outbox(struct ctl *c, char **argv)
+{
+	const char *q[] = { "state", c->state, "destination", c->destination, NULL };
+	return show_paged(c, "/admin/v1/outbox", q, outbox_cols, "no deliveries");
 }
 
 static enum ctl_rc cmd_audit(struct ctl *c, char **argv)
@@ -1971,6 +1989,12 @@ static const struct command commands[] = {
 	  "Shows where a message came from, each policy decision about it (verdict and reason),\n"
 	  "and each delivery with every attempt (GET /admin/v1/messages/MESSAGE-ID).\n"
 	  "\nexample: causewayctl trace msg_3q2fJ0bM1xk9W1p5f7YqAg", NULL },
+	{ "outbox", "[--state S] [--destination D]", 0, OPT_OUTBOX | OPT_PAGE, cmd_outbox, "deliveries, by state",
+	  "Lists the deliveries (GET /admin/v1/outbox) in id order: --state pending, held, in_flight,\n"
+	  "delivered, failed, dead, dropped or expired; --destination peer:NAME, matrix or\n"
+	  "xmpp:COMPONENT-DOMAIN (matched whole). Without --limit every page: with no --state that\n"
+	  "is every delivery ever made (up to 100000 rows); give --state or --limit.\n"
+	  "\nexample: causewayctl outbox --state failed --destination peer:gk", NULL },
 	{ "deadletters", "", 0, OPT_PAGE, cmd_deadletters, "deliveries that gave up",
 	  "Lists the dead letters (GET /admin/v1/outbox?state=dead): deliveries that used up their\n"
 	  "retries. The ID column is what replay and discard take.\n"
@@ -2117,7 +2141,8 @@ static int usage_error(const char *fmt, ...)
 int main(int argc, char **argv)
 {
 	enum { O_URL = 256, O_TOKEN, O_TOKEN_FILE, O_CA_FILE, O_CONFIG, O_JSON, O_ROLE, O_ACTION, O_ACTOR, O_MESSAGE, O_LIMIT,
-	       O_AFTER, O_KEY, O_PUSH_URL, O_PULL, O_EVENT_TYPES, O_MODE, O_LIMITS, O_COMMENT, O_EXPIRES_IN, O_OPEN };
+	       O_AFTER, O_KEY, O_PUSH_URL, O_PULL, O_EVENT_TYPES, O_MODE, O_LIMITS, O_COMMENT, O_EXPIRES_IN, O_OPEN,
+	       O_STATE, O_DESTINATION };
 	static const struct option longopts[] = {
 		{ "url", required_argument, NULL, O_URL },
 		{ "token", required_argument, NULL, O_TOKEN },
@@ -2140,6 +2165,8 @@ int main(int argc, char **argv)
 		{ "comment", required_argument, NULL, O_COMMENT },
 		{ "expires-in", required_argument, NULL, O_EXPIRES_IN },
 		{ "open", no_argument, NULL, O_OPEN },
+		{ "state", required_argument, NULL, O_STATE },
+		{ "destination", required_argument, NULL, O_DESTINATION },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -2217,6 +2244,11 @@ int main(int argc, char **argv)
 		case O_OPEN:
 			c.open = true;
 			c.given |= OPT_OPEN;
+			break;
+		case O_STATE:
+		case O_DESTINATION:
+			*(opt == O_STATE ? &c.state : &c.destination) = optarg;
+			c.given |= OPT_OUTBOX;
 			break;
 		case O_MODE:
 		case O_LIMITS:

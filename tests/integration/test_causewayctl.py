@@ -1417,3 +1417,28 @@ def test_status_shows_every_decision_and_component():
         assert f"\nxmpp         xmpp.example:5347; {want}\n" in out, out
     finally:
         s.close()
+
+
+def test_the_outbox_by_state_and_destination(world):
+    """outbox lists the deliveries as GET /admin/v1/outbox does, filtered by
+    --state and --destination: the operator finds a failed or pending
+    delivery to replay, or what waits for a peer, where until the
+    forty-ninth session's review causewayctl showed the dead ones alone (and
+    replay, which takes a failed one too, had no list of them)."""
+    api = world.d.admin("GET", "/outbox?destination=peer:tg").json()
+    assert api["rows"], api
+    assert json.loads(ok("--json", "outbox", "--destination", "peer:tg", url=world.url))["rows"] == api["rows"]
+    rows = cells(ok("outbox", "--destination", "peer:tg", url=world.url))
+    assert [r[0] for r in rows] == [str(r["id"]) for r in api["rows"]], rows
+    assert all(r[2] == "peer:tg" for r in rows) and "dead" in [r[4] for r in rows], rows
+    dead = cells(ok("outbox", "--state", "dead", url=world.url))
+    assert [(r[0], r[4]) for r in dead] == [(str(r["id"]), "dead")
+                                           for r in world.d.admin("GET", "/outbox?state=dead").json()["rows"]]
+    held = cells(ok("outbox", "--state", "held", url=world.url))
+    assert [r[1:5] for r in held] == [[world.held, "local", ALICE, "held"]], held
+    assert ok("outbox", "--state", "failed", "--destination", "peer:nobody", url=world.url) == "no deliveries\n"
+    assert "400 invalid_query: state must be one of" in refused("outbox", "--state", "stuck", url=world.url)
+    for args, why in ((["deadletters", "--state", "dead"], "deadletters takes no --state or --destination"),
+                      (["outbox", "--state"], "--state needs a value")):
+        rc, out, err = ctl(*args, url="http://127.0.0.1:1")
+        assert rc == 2 and why in err and out == "", (args, rc, err)
