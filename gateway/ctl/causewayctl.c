@@ -874,7 +874,10 @@ static enum ctl_rc fetch_pages(struct ctl *c, const char *path, const char *cons
 
 /* Replaces what could drive the terminal (C0 and C1 controls, DEL) or
  * reorder what it shows (the bidirectional controls) with '?': the daemon
- * relays text from remote networks (errors, subjects, user ids). */
+ * relays text from remote networks (errors, subjects, user ids).  So is a
+ * byte of no UTF-8 character: what a message's "%.40s" left of a character
+ * it cut, or an argument that is not UTF-8 quoted back (until the
+ * forty-ninth session's review they went out raw). */
 static void defang(char *s)
 {
 	unsigned char *p = (unsigned char *)s;
@@ -885,8 +888,10 @@ static void defang(char *s)
 			*p++ = ' ';
 		else if (bad)
 			p = (unsigned char *)memset(p, '?', bad) + bad;
+		else if (!(bad = cw_utf8_seq(p, strnlen((const char *)p, 4), NULL)))
+			*p++ = '?';
 		else
-			p++;
+			p += bad; /* a character shown as it is */
 	}
 }
 
@@ -2129,12 +2134,17 @@ static const struct command *find_command(int n, char **args, int *words)
 static int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static int usage_error(const char *fmt, ...)
 {
+	/* It quotes the command line back, which may come from elsewhere (a
+	 * script's variable, a pasted id): defanged as the API's words are,
+	 * where until the forty-ninth session's review an escape sequence in
+	 * an unknown command went to the terminal as it was. */
+	char why[400];
 	va_list ap;
 	va_start(ap, fmt);
-	fputs("causewayctl: ", stderr);
-	vfprintf(stderr, fmt, ap);
+	vsnprintf(why, sizeof(why), fmt, ap);
 	va_end(ap);
-	fputs(" (see causewayctl --help)\n", stderr);
+	defang(why);
+	fprintf(stderr, "causewayctl: %s (see causewayctl --help)\n", why);
 	return CTL_EUSAGE;
 }
 

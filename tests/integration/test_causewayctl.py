@@ -1442,3 +1442,19 @@ def test_the_outbox_by_state_and_destination(world):
                       (["outbox", "--state"], "--state needs a value")):
         rc, out, err = ctl(*args, url="http://127.0.0.1:1")
         assert rc == 2 and why in err and out == "", (args, rc, err)
+
+
+def test_what_the_command_line_quotes_back_cannot_drive_the_terminal():
+    """A usage error quotes the command line, which may come from elsewhere
+    (a script's variable, a pasted id): its controls are '?' as the API's
+    words are, and what a message's bound cut of a character, or an
+    argument that is not UTF-8, is a '?' too, never a broken character.
+    Until the forty-ninth session's review an unknown command's escape
+    sequence went to the terminal as it was, and a long id of accented
+    letters ended in half a character."""
+    rc, out, err = ctl("\x1b[2Jfoo\u202e", url="http://127.0.0.1:1")
+    assert (rc, out, err) == (2, "", "causewayctl: no command '?[2Jfoo???' (see causewayctl --help)\n"), err
+    rc, out, err = ctl("rules", "delete", "a" + "\u00e9" * 30, url="http://127.0.0.1:1")
+    assert rc == 2 and err.startswith("causewayctl: 'a" + "\u00e9" * 19 + "?' is not a rule id"), err
+    r = subprocess.run([CTL, b"token\xff"], capture_output=True, env={"HOME": "/nonexistent"}, timeout=60)
+    assert r.returncode == 2 and r.stderr == b"causewayctl: no command 'token?' (see causewayctl --help)\n", r.stderr
