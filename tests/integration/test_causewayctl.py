@@ -93,7 +93,8 @@ def test_help_and_usage_errors():
     for command in ("status", "peers", "rules", "users", "held", "trace MESSAGE-ID", "deadletters replay OUTBOX-ID",
                     "deadletters discard OUTBOX-ID", "token create NAME", "token revoke NAME", "token list", "audit", "peers add NAME DOMAIN --key KEY",
                     "peers disable NAME", "peers enable NAME", "peers rotate NAME [--key KEY]", "rules add SCOPE PATTERN",
-                    "rules delete ID"):
+                    "rules delete ID", "reports [--open]", "reports handle REPORT-ID", "reports dismiss REPORT-ID",
+                    "outbox [--state S] [--destination D]"):
         assert command in out, command
     assert "exit status" in out
     rc, out, _ = ctl("help", "trace", token=None)
