@@ -210,14 +210,7 @@ static long slowdown(struct dispatcher *d, const char *dest, bool limited)
 	pthread_mutex_unlock(&d->mu);
 	if (!limited)
 		return 0;
-	long ms = d->o.retry_base_ms;
-	for (int k = 1; k < streak && ms < d->o.retry_max_ms; k++)
-		ms *= 2;
-	if (ms > d->o.retry_max_ms)
-		ms = d->o.retry_max_ms;
-	unsigned char r = 255;
-	cw_random(&r, 1);
-	return ms / 2 + ms / 2 * r / 255;
+	return (long)store_jittered(store_backoff_nth(streak, d->o.retry_base_ms, d->o.retry_max_ms));
 }
 
 /* Takes dest for lane l (which holds none); false if another lane has it
@@ -2040,7 +2033,7 @@ cw_err dispatcher_start(struct dispatcher **out, const struct dispatcher_opts *o
 
 void dispatcher_stop(struct dispatcher *d)
 {
-	if (!d || atomic_exchange(&d->stop, true))
+	if (!d || store_sleepers_stop(&d->stop))
 		return;
 	pthread_mutex_lock(&d->mu);
 	pthread_cond_broadcast(&d->idle);

@@ -743,6 +743,7 @@ int main(int argc, char **argv)
 	struct policy_live_opts po = {
 		.url = cfg.db_url, .statement_timeout_ms = cfg.db_statement_timeout_ms,
 		.sweep_interval_ms = cfg.policy_sweep_interval_ms, .reload_interval_s = cfg.policy_reload_interval_s,
+		.reconnect_max_ms = cfg.db_reconnect_max_ms,
 		.retention = &cfg, .on_reload = reload_admins, .reload_arg = app.admins,
 	};
 	app.limits = ratelimit_new((size_t)cfg.policy_rate_buckets);

@@ -2431,17 +2431,20 @@ static void *live_main(void *arg)
 	int64_t next_reload = cw_now_us() + pl->o.reload_interval_s * 1000000LL;
 	int64_t next_sweep = cw_now_us();
 	int64_t next_retention = cw_now_us();
-	int64_t backoff_us = 0;
+	/* Its connects' pace while the database is away: as every thread's
+	 * own connection's, 250 ms doubling to database.reconnect_max_ms
+	 * (until the forty-ninth session 100 ms doubling to 5 s, whatever
+	 * that said). */
+	struct store_backoff reconnect = { 0, 0 };
 	int64_t retry_us = 0; /* after a failed reload: the wait before the next try, doubled each time */
 	while (!atomic_load(&pl->stop)) {
 		bool fresh = false, want = false;
 		if (!ensure_conn(pl, &fresh)) {
-			backoff_us = backoff_us ? (backoff_us * 2 > 5000000 ? 5000000 : backoff_us * 2) : 100000;
-			struct pollfd pf = { .fd = pl->wake[0], .events = POLLIN };
-			poll(&pf, 1, (int)(backoff_us / 1000));
+			struct pollfd pf = { .fd = pl->wake[0], .events = POLLIN }; /* woken by a stop */
+			poll(&pf, 1, (int)store_backoff_failed(&reconnect, pl->o.reconnect_max_ms));
 			continue;
 		}
-		backoff_us = 0;
+		store_backoff_reset(&reconnect);
 		/* A poke (a change of this process: sync) or a new connection
 		 * (changes may have been missed) reloads everything, and so does
 		 * a change of anything but some users' facts; those alone load
@@ -2480,9 +2483,7 @@ static void *live_main(void *arg)
 			 * nothing but the log and a counter told.  The hook's
 			 * failure alike (reload). */
 			bool again = !loaded || !hook_ok;
-			retry_us = !again ? 0 : retry_us ? retry_us * 2 : 1000000;
-			if (retry_us > POLICY_RETRY_MAX_S * 1000000LL)
-				retry_us = POLICY_RETRY_MAX_S * 1000000LL;
+			retry_us = !again ? 0 : store_backoff_next(retry_us, 1000000, POLICY_RETRY_MAX_S * 1000000LL);
 			next_reload = now + (again ? retry_us : pl->o.reload_interval_s * 1000000LL);
 			if (loaded) {
 				/* Just past the first expiry of a rule with a mode

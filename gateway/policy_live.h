@@ -204,6 +204,7 @@ struct policy_live_opts {
 	long statement_timeout_ms;
 	long sweep_interval_ms;
 	long reload_interval_s;
+	long reconnect_max_ms; /* database.reconnect_max_ms: its connects' pace while the database is away */
 	/* The retention settings (retention.*), run on this thread's sweep
 	 * loop (gateway/retention.h); NULL: no retention sweep. */
 	const struct cw_config *retention;

@@ -90,7 +90,7 @@ struct conn {
 	int64_t probe_sent_us, probe_next_us;
 	bool probe_told;
 	int fd;
-	int64_t retry_at_us;
+	struct store_backoff backoff; /* its connects' pace while the database is away */
 	int failures;
 	bool was_up;
 };
@@ -142,12 +142,7 @@ size_t gc_plan(size_t queued, int64_t oldest_age_us, size_t batch_max, int64_t d
 
 int64_t store_retry_pause_us(int retry, unsigned char r)
 {
-	if (retry < 1)
-		retry = 1;
-	if (retry > 6)
-		retry = 6; /* 64-128 ms */
-	int64_t base = 4000LL << (retry - 1);
-	return base / 2 + base / 2 * r / 255; /* jitter: 50..100 % */
+	return store_jitter(store_backoff_nth(retry, 4000, 128000), r); /* from the sixth on, 64-128 ms */
 }
 
 /* ---------------------------------------------------------------- queues */
@@ -587,27 +582,88 @@ PGconn *store_connect_abortable(const char *url, long statement_timeout_ms, int 
 	return connect_finish(c, statement_timeout_ms, e);
 }
 
-#define BACKOFF_MIN_US 250000LL
+int64_t store_backoff_next(int64_t prev, int64_t first, int64_t most)
+{
+	int64_t b = prev <= 0 ? first : prev > most / 2 ? most : prev * 2;
+	return b > most ? most : b;
+}
+
+int64_t store_backoff_nth(int n, int64_t first, int64_t most)
+{
+	int64_t b = store_backoff_next(0, first, most);
+	for (int k = 1; k < n && b < most; k++)
+		b = store_backoff_next(b, first, most);
+	return b;
+}
+
+int64_t store_jitter(int64_t d, unsigned char r)
+{
+	return d / 2 + d / 2 * r / 255;
+}
+
+int64_t store_jittered(int64_t d)
+{
+	unsigned char r = 255;
+	cw_random(&r, 1);
+	return store_jitter(d, r);
+}
+
+int64_t store_backoff_grow(struct store_backoff *b, int64_t first_us, int64_t most_us, bool jitter)
+{
+	b->delay_us = store_backoff_next(b->delay_us, first_us, most_us);
+	int64_t wait = jitter ? store_jittered(b->delay_us) : b->delay_us;
+	b->retry_at_us = cw_now_us() + wait;
+	return wait;
+}
 
 long store_backoff_failed(struct store_backoff *b, long most_ms)
 {
-	int64_t most = most_ms > 0 ? most_ms * 1000LL : 5000000LL;
-	b->delay_us = b->delay_us ? b->delay_us * 2 : BACKOFF_MIN_US;
-	if (b->delay_us > most)
-		b->delay_us = most;
-	b->retry_at_us = cw_now_us() + b->delay_us;
-	return (long)(b->delay_us / 1000);
+	return (long)(store_backoff_grow(b, 250000, most_ms > 0 ? most_ms * 1000LL : 5000000LL, false) / 1000);
+}
+
+/* The sleepers of store_sleep_until, woken by store_sleepers_stop.  One for the
+ * whole process: a stop is rare, and a sleeper a stop that is not its own
+ * wakes goes back to sleep.  Until the forty-ninth session they polled
+ * their flag every 100 ms: a stop waited up to that per sleeper, and a
+ * sleeper woke ten times a second for nothing. */
+static pthread_mutex_t sleep_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t sleep_cv;
+static pthread_once_t sleep_once = PTHREAD_ONCE_INIT;
+
+static void sleep_init(void)
+{
+	pthread_condattr_t a;
+	pthread_condattr_init(&a);
+	pthread_condattr_setclock(&a, CLOCK_MONOTONIC); /* cw_now_us's */
+	pthread_cond_init(&sleep_cv, &a);
+	pthread_condattr_destroy(&a);
 }
 
 void store_sleep_until(int64_t until_us, const atomic_bool *stop)
 {
+	pthread_once(&sleep_once, sleep_init);
+	pthread_mutex_lock(&sleep_mu);
 	while (!atomic_load(stop)) {
 		int64_t left = until_us - cw_now_us();
 		if (left <= 0)
-			return;
-		struct timespec ts = { 0, (left < 100000 ? left : 100000) * 1000L };
-		nanosleep(&ts, NULL);
+			break;
+		struct timespec ts;
+		cw_deadline_ts(&ts, CLOCK_MONOTONIC, left);
+		pthread_cond_timedwait(&sleep_cv, &sleep_mu, &ts);
 	}
+	pthread_mutex_unlock(&sleep_mu);
+}
+
+bool store_sleepers_stop(atomic_bool *stop)
+{
+	pthread_once(&sleep_once, sleep_init);
+	/* Set under the mutex: a sleeper between its look at the flag and
+	 * its wait cannot miss the broadcast. */
+	pthread_mutex_lock(&sleep_mu);
+	bool was = atomic_exchange(stop, true);
+	pthread_cond_broadcast(&sleep_cv);
+	pthread_mutex_unlock(&sleep_mu);
+	return was;
 }
 
 static void watch_arm(struct cw_store *s, struct conn *sc, int64_t until_us, bool kill_only);
@@ -675,7 +731,7 @@ static bool conn_ensure(struct cw_store *s, struct conn *sc, int64_t until_us)
 		return true;
 	conn_lost(s, sc);
 	int64_t now = cw_now_us();
-	if (now < sc->retry_at_us)
+	if (now < sc->backoff.retry_at_us)
 		return false;
 	cw_errmsg e;
 	PGconn *c = connect_by(s->url, s->o.statement_timeout_ms, until_us, &e);
@@ -702,14 +758,10 @@ static bool conn_ensure(struct cw_store *s, struct conn *sc, int64_t until_us)
 		}
 	}
 	if (!sc->c) {
-		int64_t backoff = 100000LL << (sc->failures < 10 ? sc->failures : 10);
-		int64_t max = (int64_t)s->o.reconnect_max_ms * 1000;
-		if (backoff > max)
-			backoff = max;
-		unsigned char r;
-		cw_random(&r, 1);
-		backoff = backoff / 2 + backoff / 2 * r / 255; /* jitter: 50..100 % */
-		sc->retry_at_us = now + backoff;
+		/* Jittered: the pool's connections fail together (until the
+		 * forty-ninth session no more than 102 s apart, whatever
+		 * reconnect_max_ms said). */
+		store_backoff_grow(&sc->backoff, 100000, (int64_t)s->o.reconnect_max_ms * 1000, true);
 		if (sc->failures++ == 0 || atomic_load(&s->db_up))
 			LOG_KV(CW_LOG_WARN, "database unreachable", "connection", who, "detail", e.msg);
 		db_down(s);
@@ -719,7 +771,7 @@ static bool conn_ensure(struct cw_store *s, struct conn *sc, int64_t until_us)
 		LOG_KV(CW_LOG_INFO, "database connection established", "connection", who);
 	atomic_fetch_add(&s->reconnects, 1);
 	sc->failures = 0;
-	sc->retry_at_us = 0;
+	store_backoff_reset(&sc->backoff);
 	sc->was_up = true;
 	atomic_fetch_add(&s->conns_up, 1);
 	atomic_store(&s->db_up, true);
@@ -1654,7 +1706,7 @@ static void *writer_main(void *arg)
 		/* While the database is away, come back to reconnect even with
 		 * nothing queued, so that writes are taken again soon after. */
 		if (!atomic_load(&s->db_up)) {
-			int64_t until = s->wconn.retry_at_us - now;
+			int64_t until = s->wconn.backoff.retry_at_us - now;
 			if (until <= 0) {
 				pthread_mutex_unlock(&s->mu);
 				writer_check(s);
@@ -1741,7 +1793,7 @@ static void read_once(struct cw_store *s, struct reader *rd, struct job *j)
 		/* Retry once on a fresh connection, within the job's deadline:
 		 * a read has no side effect. */
 		conn_lost(s, &rd->conn);
-		rd->conn.retry_at_us = 0;
+		rd->conn.backoff.retry_at_us = 0;
 		if (conn_ensure(s, &rd->conn, j->deadline_us)) {
 			j->err.msg[0] = '\0';
 			read_run(s, rd, j);

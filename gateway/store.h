@@ -229,23 +229,45 @@ PGconn *store_connect(const char *url, long statement_timeout_ms, cw_errmsg *e);
 PGconn *store_connect_abortable(const char *url, long statement_timeout_ms, int wake_fd,
 				bool (*give_up)(void *arg), void *arg, cw_errmsg *e);
 
-/* The pace of a thread's own connection while the database is away: an
- * attempt is due once retry_at_us has passed (0: at once); after a failed
- * one the next waits 250 ms, then twice as long each time up to
- * database.reconnect_max_ms; a connection made resets it (zeroes). */
+/* Backing off: the one mechanism of every wait that grows while what it
+ * waits for fails (a connection, a peer, a homeserver, a deadlocked write).
+ * A wait starts at first, is twice the last one at each failure after, and
+ * never more than most (first more than most: most); with jitter, what is
+ * waited is 50..100 % of it, so that many that failed together do not try
+ * again together.  Pure, for the tests: */
+/* The wait after prev (0 or less: none yet, the first failure). */
+int64_t store_backoff_next(int64_t prev, int64_t first, int64_t most);
+/* The n-th wait (n <= 1: the first). */
+int64_t store_backoff_nth(int n, int64_t first, int64_t most);
+/* 50..100 % of d by the random byte r (0: half, 255: whole). */
+int64_t store_jitter(int64_t d, unsigned char r);
+/* store_jitter with a random byte of its own. */
+int64_t store_jittered(int64_t d);
+
+/* A backoff that keeps its own state: an attempt is due once retry_at_us
+ * (cw_now_us) has passed (0: at once); store_backoff_reset (a success)
+ * starts it again from its first wait. */
 struct store_backoff {
 	int64_t delay_us, retry_at_us;
 };
-/* Notes a failed attempt; the new delay, in milliseconds.  most_ms <= 0:
- * 5 s. */
+/* Notes a failure: the wait after it (store_backoff_next, jittered if
+ * asked), in microseconds, and retry_at_us set. */
+int64_t store_backoff_grow(struct store_backoff *b, int64_t first_us, int64_t most_us, bool jitter);
+/* A thread's own connection while the database is away: 250 ms, then
+ * twice as long each time up to database.reconnect_max_ms (most_ms; <= 0:
+ * 5 s), not jittered (one connection a thread: none to spread; the pool's
+ * connections are, conn_ensure).  The new delay, in milliseconds. */
 long store_backoff_failed(struct store_backoff *b, long most_ms);
 static inline void store_backoff_reset(struct store_backoff *b)
 {
 	b->delay_us = b->retry_at_us = 0;
 }
-/* Sleeps until until_us (cw_now_us), in slices of 100 ms, cut short once
- * *stop is set. */
+/* Sleeps until until_us (cw_now_us), cut short at once once *stop is set by
+ * store_sleepers_stop (a condition variable, not a poll: set with atomic_store
+ * alone, the flag is seen only at until_us). */
 void store_sleep_until(int64_t until_us, const atomic_bool *stop);
+/* Sets *stop and wakes every store_sleep_until; whether it was set already. */
+bool store_sleepers_stop(atomic_bool *stop);
 
 /* Prepares every statement of lists (as store_opts.stmts) on c; false with
  * e set (and logged) when one fails. */

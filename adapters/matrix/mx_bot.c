@@ -2539,10 +2539,6 @@ static void portal_departures(struct matrix *m, PGconn *c)
  * answer: a homeserver that did not answer held the bot up its 10 s
  * (MX_TIMEOUT_MS) for each user invited, up to 16 a round
  * (test_a_homeserver_not_answering_ends_the_round_of_portal_makings). */
-struct backoff {
-	int64_t next_us;  /* when the round is due again, on the monotonic clock */
-	int64_t delay_us; /* the last wait (0: the last round did not fail) */
-};
 
 enum row_outcome {
 	ROW_DONE,      /* taken (or refused for good: not asked again) */
@@ -2553,11 +2549,10 @@ enum row_outcome {
 /* One row of a round: *wait_ms the wait a 429 asked for, else 0. */
 typedef enum row_outcome (*row_fn)(struct matrix *m, PGconn *c, PGresult *r, int i, long *wait_ms);
 
-static void backed_off_round(struct matrix *m, PGconn *c, enum bot_look look, const char *what, struct backoff *b,
+static void backed_off_round(struct matrix *m, PGconn *c, enum bot_look look, const char *what, struct store_backoff *b,
 			     row_fn fn)
 {
-	int64_t now = cw_now_us();
-	if (now < b->next_us)
+	if (cw_now_us() < b->retry_at_us)
 		return;
 	PGresult *r = look_for(c, look, what);
 	if (!r)
@@ -2577,13 +2572,11 @@ static void backed_off_round(struct matrix *m, PGconn *c, enum bot_look look, co
 	}
 	PQclear(r);
 	if (!failed) {
-		b->delay_us = 0;
+		store_backoff_reset(b);
 		return;
 	}
-	b->delay_us = b->delay_us ? b->delay_us * 2 : 2000000;
-	if (b->delay_us > (int64_t)BOT_RETRY_MAX_S * 1000000)
-		b->delay_us = (int64_t)BOT_RETRY_MAX_S * 1000000;
-	b->next_us = now + (wait * 1000LL > b->delay_us ? wait * 1000LL : b->delay_us);
+	if (wait * 1000LL > store_backoff_grow(b, 2000000, BOT_RETRY_MAX_S * 1000000LL, false))
+		b->retry_at_us = cw_now_us() + wait * 1000LL; /* what a 429 asked, when longer */
 }
 
 /* Portals whose group was renamed (PATCH /v1/rooms/{room}, which wakes
@@ -2808,7 +2801,7 @@ static void *bot_main(void *arg)
 	PGconn *c = NULL;
 	bool mine = false;
 	int64_t requests_after = 0, forget_after = 0, expired_seen = -1;
-	struct backoff invitations = { 0, 0 }, renames = { 0, 0 };
+	struct store_backoff invitations = { 0, 0 }, renames = { 0, 0 };
 	/* The pace of its connects while the database is away: 250 ms, then
 	 * twice as long each time up to database.reconnect_max_ms (until the
 	 * forty-eighth session every 500 ms, each attempt blocking the stop
@@ -2869,7 +2862,7 @@ void mx_bot_stop(struct matrix *m)
 {
 	if (!m->bot_started)
 		return;
-	atomic_store(&m->bot_stop, true);
+	store_sleepers_stop(&m->bot_stop);
 	pthread_join(m->bot_thread, NULL);
 	m->bot_started = false;
 }

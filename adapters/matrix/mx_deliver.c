@@ -288,7 +288,7 @@ static void *ping_main(void *arg)
 		cw_deadline_ts(&until, CLOCK_REALTIME, wait_ms * 1000);
 		while (!m->ping_stop && pthread_cond_timedwait(&m->ping_cond, &m->mu, &until) == 0)
 			;
-		wait_ms = wait_ms * 2 < PING_RETRY_MAX_MS ? wait_ms * 2 : PING_RETRY_MAX_MS;
+		wait_ms = store_backoff_next(wait_ms, PING_RETRY_FIRST_MS, PING_RETRY_MAX_MS);
 	}
 	pthread_mutex_unlock(&m->mu);
 	return NULL;

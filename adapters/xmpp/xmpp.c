@@ -1419,8 +1419,7 @@ static void fanout_turn(struct xcomp *xc, int64_t now)
 
 long xa_reconnect_backoff(long prev, int64_t up_ms, bool auth, long max)
 {
-	long b = up_ms >= XA_STABLE_MS ? 0 : prev;
-	b = b > 0 ? (b > max / 2 ? max : b * 2) : 250;
+	long b = (long)store_backoff_next(up_ms >= XA_STABLE_MS ? 0 : prev, 250, max);
 	if (auth && b < 5000)
 		b = 5000;
 	return b > max ? max : b;
@@ -1469,7 +1468,7 @@ static void *comp_main(void *arg)
 		int64_t now = mono_ms();
 		if (!lock) {
 			if (now < next_try) {
-				nap(xc, 100);
+				nap(xc, (int)(next_try - now)); /* woken by a stop (xa_stop) */
 				continue;
 			}
 			cw_errmsg e;
@@ -1501,7 +1500,7 @@ static void *comp_main(void *arg)
 		}
 		if (!xc->conn) {
 			if (now < next_try) {
-				nap(xc, 50);
+				nap(xc, (int)(next_try - now));
 				continue;
 			}
 			xa_xml_watch(true, cfg->xmpp_max_stanza_bytes); /* its parser: see refuse_stream */
@@ -1568,9 +1567,7 @@ static void *comp_main(void *arg)
 			stream_give_up(xc, auth ? XC_AUTH_FAILED : XC_DOWN, why, !unreadable);
 			backoff = xa_reconnect_backoff(backoff, up_ms, auth, cfg->xmpp_reconnect_max_ms);
 			up_since = 0;
-			unsigned char r;
-			cw_random(&r, 1);
-			next_try = now + backoff / 2 + (backoff / 2) * r / 255;
+			next_try = now + store_jittered(backoff);
 			continue;
 		}
 		pthread_mutex_lock(&xc->mu);
@@ -1595,7 +1592,7 @@ static void *comp_main(void *arg)
 				up_since = 0;
 				PQfinish(lock);
 				lock = xc->lock = NULL;
-				next_try = now + 1000;
+				next_try = now + store_backoff_failed(&db_wait, cfg->db_reconnect_max_ms);
 				continue;
 			}
 			if (up) {

@@ -7,6 +7,10 @@
 #include "unit.h"
 
 #include <arpa/inet.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <time.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -87,24 +91,158 @@ START_TEST(retry_pause_is_short_jittered_and_grows)
 }
 END_TEST
 
-/* A thread's own connection's pace (store_backoff): 250 ms, doubled up to
- * the most, from 250 ms again once reset; most <= 0 is 5 s. */
-START_TEST(backoff_doubles_to_the_most_and_resets)
+typedef int64_t (*grow_fn)(struct store_backoff *b, int64_t first_us, int64_t most_us, bool jitter);
+
+static int64_t failed_us(struct store_backoff *b, int64_t first_us, int64_t most_us, bool jitter)
+{
+	(void)first_us, (void)jitter; /* 250 ms, not jittered */
+	return store_backoff_failed(b, (long)(most_us / 1000)) * 1000LL;
+}
+
+/* The waits of a backoff with its state, one a failure: each delay as
+ * want says, the wait 50..100 % of it when jittered (else the delay), the
+ * attempt due after it; reset, from the first again. */
+static void check_waits(grow_fn grow, int64_t first, int64_t most, bool jitter, const int64_t *want, size_t n)
 {
 	struct store_backoff b = { 0, 0 };
-	long want[] = { 250, 500, 1000, 2000, 3000, 3000 };
-	for (size_t i = 0; i < sizeof(want) / sizeof(want[0]); i++) {
+	for (size_t i = 0; i < n; i++) {
 		int64_t before = cw_now_us();
-		ck_assert_int_eq(store_backoff_failed(&b, 3000), want[i]);
-		ck_assert_int_ge(b.retry_at_us, before + want[i] * 1000LL);
-		ck_assert_int_le(b.retry_at_us, cw_now_us() + want[i] * 1000LL);
+		int64_t wait = grow(&b, first, most, jitter);
+		ck_assert_int_eq(b.delay_us, want[i]);
+		ck_assert_int_ge(wait, jitter ? want[i] / 2 : want[i]);
+		ck_assert_int_le(wait, want[i]);
+		ck_assert_int_ge(b.retry_at_us, before + wait);
+		ck_assert_int_le(b.retry_at_us, cw_now_us() + wait);
 	}
 	store_backoff_reset(&b);
+	ck_assert_int_eq(b.delay_us, 0);
 	ck_assert_int_eq(b.retry_at_us, 0);
-	ck_assert_int_eq(store_backoff_failed(&b, 3000), 250);
+	ck_assert_int_le(grow(&b, first, most, jitter), first);
+	ck_assert_int_eq(b.delay_us, first);
+}
+
+/* A thread's own connection's pace (store_backoff_failed): 250 ms, doubled
+ * up to the most, from 250 ms again once reset; most <= 0 is 5 s.  The
+ * pool's (store_backoff_grow, jittered): 100 ms doubled up to the most. */
+START_TEST(backoff_doubles_to_the_most_and_resets)
+{
+	static const int64_t own[] = { 250000, 500000, 1000000, 2000000, 3000000, 3000000 };
+	check_waits(failed_us, 250000, 3000000, false, own, sizeof(own) / sizeof(own[0]));
+	static const int64_t pool[] = { 100000, 200000, 400000, 800000, 1000000, 1000000 };
+	check_waits(store_backoff_grow, 100000, 1000000, true, pool, sizeof(pool) / sizeof(pool[0]));
+	struct store_backoff b = { 0, 0 };
 	for (int i = 0; i < 10; i++)
 		store_backoff_failed(&b, 0);
 	ck_assert_int_eq(b.delay_us, 5000000);
+}
+END_TEST
+
+/* The one backoff of the waits that grow (store_backoff_next/_nth): the
+ * first wait, then twice the last, never above the most, whatever the
+ * input (a most below the first, a last wait past the most or near the
+ * top of int64_t); the n-th is the first grown n - 1 times. */
+START_TEST(backoff_bounds_and_cap)
+{
+	ck_assert_int_eq(store_backoff_next(0, 250, 30000), 250);
+	ck_assert_int_eq(store_backoff_next(-7, 250, 30000), 250);
+	ck_assert_int_eq(store_backoff_next(250, 250, 30000), 500);
+	ck_assert_int_eq(store_backoff_next(16000, 250, 30000), 30000);
+	ck_assert_int_eq(store_backoff_next(30000, 250, 30000), 30000);
+	ck_assert_int_eq(store_backoff_next(90000, 250, 30000), 30000); /* a most made smaller meanwhile */
+	ck_assert_int_eq(store_backoff_next(0, 5000, 100), 100);         /* the first above the most */
+	ck_assert_int_eq(store_backoff_next(INT64_MAX - 1, 1, INT64_MAX), INT64_MAX); /* no overflow */
+	for (int64_t first = 1; first < 5000; first += 333)
+		for (int64_t most = 1; most < 90000; most += 4099) {
+			int64_t b = 0;
+			for (int n = 1; n < 40; n++) {
+				int64_t next = store_backoff_next(b, first, most);
+				ck_assert_int_eq(store_backoff_nth(n, first, most), next);
+				ck_assert_int_le(next, most);
+				ck_assert_int_ge(next, first < most ? first : most);
+				ck_assert(next == most || next == (b ? b * 2 : first));
+				b = next;
+			}
+			ck_assert_int_eq(b, most);
+		}
+	ck_assert_int_eq(store_backoff_nth(0, 100, 1000), 100);
+	ck_assert_int_eq(store_backoff_nth(-3, 100, 1000), 100);
+	ck_assert_int_eq(store_backoff_nth(INT32_MAX, 100, 1000), 1000); /* at once: stops at the most */
+}
+END_TEST
+
+/* The jitter: 50..100 % of the wait, growing with the random byte; drawn
+ * by the helper, within the range and spread over it. */
+START_TEST(jitter_range)
+{
+	int64_t waits[] = { 0, 1, 2, 255, 1000, 100000, 5000000, 3600000000LL };
+	for (size_t i = 0; i < sizeof(waits) / sizeof(waits[0]); i++) {
+		int64_t d = waits[i], last = -1;
+		ck_assert_int_eq(store_jitter(d, 0), d / 2);
+		ck_assert_int_le(store_jitter(d, 255), d);
+		ck_assert_int_ge(store_jitter(d, 255), d - 1);
+		for (unsigned r = 0; r < 256; r++) {
+			int64_t j = store_jitter(d, (unsigned char)r);
+			ck_assert_int_ge(j, d / 2);
+			ck_assert_int_le(j, d);
+			ck_assert_int_ge(j, last);
+			last = j;
+		}
+	}
+	int64_t lo = INT64_MAX, hi = 0;
+	for (int i = 0; i < 2000; i++) {
+		int64_t j = store_jittered(1000000);
+		ck_assert_int_ge(j, 500000);
+		ck_assert_int_le(j, 1000000);
+		lo = j < lo ? j : lo;
+		hi = j > hi ? j : hi;
+	}
+	ck_assert_int_lt(lo, 600000); /* 2000 draws of 256: both ends reached */
+	ck_assert_int_gt(hi, 900000);
+}
+END_TEST
+
+struct sleeper {
+	atomic_bool stop;
+	int64_t until_us, woke_us;
+};
+
+static void *sleeper_main(void *arg)
+{
+	struct sleeper *z = arg;
+	store_sleep_until(z->until_us, &z->stop);
+	z->woke_us = cw_now_us();
+	return NULL;
+}
+
+/* A sleep ends at its time, and at once at a stop, wherever the stop
+ * falls (until the forty-ninth session the flag was looked at every
+ * 100 ms: a stop 10 ms into the sleep waited 90 ms more). */
+START_TEST(sleep_ends_at_its_time_and_at_once_at_a_stop)
+{
+	atomic_bool never = false;
+	int64_t t0 = cw_now_us();
+	store_sleep_until(t0 + 30000, &never);
+	ck_assert_int_ge(cw_now_us() - t0, 30000);
+	atomic_bool stopped = true;
+	t0 = cw_now_us();
+	store_sleep_until(t0 + 10000000, &stopped);
+	ck_assert_int_lt(cw_now_us() - t0, 50000);
+	int64_t worst = 0;
+	for (int i = 0; i < 10; i++) {
+		struct sleeper z = { .until_us = cw_now_us() + 10000000 };
+		atomic_init(&z.stop, false);
+		pthread_t t;
+		ck_assert_int_eq(pthread_create(&t, NULL, sleeper_main, &z), 0);
+		struct timespec ts = { 0, (5 + 10 * i) * 1000000L }; /* 5..95 ms in: all along a poll's period */
+		nanosleep(&ts, NULL);
+		int64_t stop_us = cw_now_us();
+		ck_assert(!store_sleepers_stop(&z.stop));
+		ck_assert(store_sleepers_stop(&z.stop)); /* set already */
+		pthread_join(t, NULL);
+		int64_t took = z.woke_us - stop_us;
+		worst = took > worst ? took : worst;
+	}
+	ck_assert_msg(worst < 40000, "a stop took %lld us to end a sleep", (long long)worst);
 }
 END_TEST
 
@@ -226,6 +364,9 @@ int main(void)
 	tcase_add_test(tc, plan_properties);
 	tcase_add_test(tc, retry_pause_is_short_jittered_and_grows);
 	tcase_add_test(tc, backoff_doubles_to_the_most_and_resets);
+	tcase_add_test(tc, backoff_bounds_and_cap);
+	tcase_add_test(tc, jitter_range);
+	tcase_add_test(tc, sleep_ends_at_its_time_and_at_once_at_a_stop);
 	tcase_add_test(tc, buf_cap_holds);
 	tcase_add_test(tc, abortable_connect_ends_at_the_timeout);
 	tcase_add_test(tc, abortable_connect_is_given_up);
