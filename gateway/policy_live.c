@@ -2440,8 +2440,12 @@ static void *live_main(void *arg)
 	while (!atomic_load(&pl->stop)) {
 		bool fresh = false, want = false;
 		if (!ensure_conn(pl, &fresh)) {
-			struct pollfd pf = { .fd = pl->wake[0], .events = POLLIN }; /* woken by a stop */
-			poll(&pf, 1, (int)store_backoff_failed(&reconnect, pl->o.reconnect_max_ms));
+			/* Woken by a stop.  The pipe emptied: a poke (a sync) left
+			 * in it made every poll return at once, and the thread
+			 * tried to connect without a pause until the database was
+			 * back (until the forty-ninth session); the poke itself is
+			 * pl->poked, and the new connection reloads everything. */
+			store_sleep_fd(pl->wake[0], (int)store_backoff_failed(&reconnect, pl->o.reconnect_max_ms));
 			continue;
 		}
 		store_backoff_reset(&reconnect);

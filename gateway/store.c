@@ -666,6 +666,17 @@ bool store_sleepers_stop(atomic_bool *stop)
 	return was;
 }
 
+bool store_sleep_fd(int wake_fd, int ms)
+{
+	struct pollfd p = { .fd = wake_fd, .events = POLLIN };
+	if (poll(&p, 1, ms) <= 0)
+		return false;
+	char buf[256];
+	while (read(wake_fd, buf, sizeof(buf)) > 0)
+		;
+	return true;
+}
+
 static void watch_arm(struct cw_store *s, struct conn *sc, int64_t until_us, bool kill_only);
 static bool watch_disarm(struct conn *sc);
 static void probe_put(struct store_probe *p);

@@ -268,6 +268,11 @@ static inline void store_backoff_reset(struct store_backoff *b)
 void store_sleep_until(int64_t until_us, const atomic_bool *stop);
 /* Sets *stop and wakes every store_sleep_until; whether it was set already. */
 bool store_sleepers_stop(atomic_bool *stop);
+/* The same for a thread woken by a pipe (its stop writes to it): sleeps up
+ * to ms (< 0: until woken), or until wake_fd (the pipe's non-blocking read
+ * end) is readable, and empties the pipe: a wake-up left in it would end
+ * every later sleep at once.  Whether it was woken. */
+bool store_sleep_fd(int wake_fd, int ms);
 
 /* Prepares every statement of lists (as store_opts.stmts) on c; false with
  * e set (and logged) when one fails. */

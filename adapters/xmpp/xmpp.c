@@ -911,12 +911,7 @@ static int64_t mono_ms(void) { return cw_now_us() / 1000; }
 /* Sleeps up to ms, or until something is queued. */
 static void nap(struct xcomp *xc, int ms)
 {
-	struct pollfd p = { .fd = xc->wake_fd[0], .events = POLLIN };
-	if (poll(&p, 1, ms) > 0) {
-		char buf[256];
-		while (read(xc->wake_fd[0], buf, sizeof(buf)) > 0)
-			;
-	}
+	store_sleep_fd(xc->wake_fd[0], ms);
 }
 
 static void recent_drop_oldest(struct xcomp *xc)

@@ -7,6 +7,7 @@
 #include "unit.h"
 
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -246,6 +247,29 @@ START_TEST(sleep_ends_at_its_time_and_at_once_at_a_stop)
 }
 END_TEST
 
+/* A sleep on a wake-up pipe: a wake-up ends it at once and is taken, so
+ * the next sleep lasts its time (the policy thread's wait while the
+ * database was away polled the pipe without reading it: a sync's wake-up
+ * left there ended every wait at once, and it connected without a pause
+ * until the database was back). */
+START_TEST(sleep_fd_is_woken_once)
+{
+	int p[2];
+	ck_assert_int_eq(pipe2(p, O_NONBLOCK | O_CLOEXEC), 0);
+	ck_assert_int_eq(write(p[1], "xyz", 3), 3);
+	int64_t t0 = cw_now_us();
+	ck_assert(store_sleep_fd(p[0], 10000));
+	ck_assert_int_lt(cw_now_us() - t0, 1000000);
+	t0 = cw_now_us();
+	ck_assert(!store_sleep_fd(p[0], 60));
+	ck_assert_int_ge(cw_now_us() - t0, 60000);
+	char c;
+	ck_assert_int_eq(read(p[0], &c, 1), -1); /* nothing left */
+	close(p[0]);
+	close(p[1]);
+}
+END_TEST
+
 START_TEST(buf_cap_holds)
 {
 	struct cw_buf b;
@@ -367,6 +391,7 @@ int main(void)
 	tcase_add_test(tc, backoff_bounds_and_cap);
 	tcase_add_test(tc, jitter_range);
 	tcase_add_test(tc, sleep_ends_at_its_time_and_at_once_at_a_stop);
+	tcase_add_test(tc, sleep_fd_is_woken_once);
 	tcase_add_test(tc, buf_cap_holds);
 	tcase_add_test(tc, abortable_connect_ends_at_the_timeout);
 	tcase_add_test(tc, abortable_connect_is_given_up);
