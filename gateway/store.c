@@ -621,11 +621,11 @@ long store_backoff_failed(struct store_backoff *b, long most_ms)
 	return (long)(store_backoff_grow(b, 250000, most_ms > 0 ? most_ms * 1000LL : 5000000LL, false) / 1000);
 }
 
-/* The sleepers of store_sleep_until, woken by store_sleepers_stop.  One for the
- * whole process: a stop is rare, and a sleeper a stop that is not its own
- * wakes goes back to sleep.  Until the forty-ninth session they polled
- * their flag every 100 ms: a stop waited up to that per sleeper, and a
- * sleeper woke ten times a second for nothing. */
+/* The sleepers of store_sleep_until, woken by store_sleepers_stop.  One
+ * for the whole process: a stop is rare, and a sleeper a stop that is not
+ * its own wakes goes back to sleep.  Until the forty-ninth session they
+ * polled their flag every 100 ms: a stop waited up to that per sleeper,
+ * and a sleeper woke ten times a second for nothing. */
 static pthread_mutex_t sleep_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t sleep_cv;
 static pthread_once_t sleep_once = PTHREAD_ONCE_INIT;

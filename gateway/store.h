@@ -262,9 +262,9 @@ static inline void store_backoff_reset(struct store_backoff *b)
 {
 	b->delay_us = b->retry_at_us = 0;
 }
-/* Sleeps until until_us (cw_now_us), cut short at once once *stop is set by
- * store_sleepers_stop (a condition variable, not a poll: set with atomic_store
- * alone, the flag is seen only at until_us). */
+/* Sleeps until until_us (cw_now_us), cut short at once once *stop is set
+ * by store_sleepers_stop (a condition variable, not a poll: set with
+ * atomic_store alone, the flag is seen only at until_us). */
 void store_sleep_until(int64_t until_us, const atomic_bool *stop);
 /* Sets *stop and wakes every store_sleep_until; whether it was set already. */
 bool store_sleepers_stop(atomic_bool *stop);
