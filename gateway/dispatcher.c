@@ -516,6 +516,10 @@ static const struct store_stmt lane_stmts[] = {
 		"   AND e.attempts >= $5::int)) THEN 'dead' ELSE 'pending' END, "
 		" delivered_at = CASE WHEN $2::boolean THEN now() END, "
 		" last_error = CASE WHEN $2::boolean THEN NULL ELSE $4 END, "
+		/* The backoff of store_backoff_nth and store_jitter (retry_base_ms
+		 * doubling with each attempt up to retry_max_ms, 50-100 %), written
+		 * again in SQL on purpose: each row of the batch by its own
+		 * attempts, in the statement that records them. */
 		" next_attempt_at = CASE WHEN $2::boolean THEN next_attempt_at ELSE now() + make_interval(secs => "
 		"  greatest($9::bigint / 1000.0, least($7::bigint, $6::bigint * (1::bigint << least(attempts - 1, 30))) "
 		"  / 1000.0 * (0.5 + random() / 2))) END "

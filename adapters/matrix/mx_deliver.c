@@ -1392,7 +1392,9 @@ static cw_err media_parts(struct matrix *m, PGconn *c, struct outbox_row *row, c
 
 /* After a failure, a ghost's profile is tried again no sooner than this
  * (an avatar's store that hangs would otherwise cost every message of
- * that sender the fetch's timeout). */
+ * that sender the fetch's timeout).  A fixed wait, not a backoff
+ * (store_backoff_next): a try comes with a delivery of the sender, not
+ * on a timer, and a failure's time is all that is kept of it. */
 #define PROFILE_RETRY_MS (10 * 60 * 1000LL)
 
 /* Brings a ghost's display name and avatar to its remote user's profile
