@@ -7,12 +7,14 @@
 #include "store.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 /* Serialises claims across daemon processes: together with the "no earlier
  * row of this room in flight or backing off" condition it keeps per-room
@@ -103,6 +105,7 @@ struct dispatcher {
 	struct dispatcher_opts o;
 	char *url, *name;
 	atomic_bool stop;
+	int wake[2]; /* a pipe, written by the stop alone: the lanes' waits on the database end at once */
 	struct lane *lanes;
 	int nlanes;
 	pthread_mutex_t mu;
@@ -633,7 +636,7 @@ static bool ensure_conn(struct lane *l)
 	if (cw_now_us() < l->backoff.retry_at_us || atomic_load(&d->stop))
 		return false;
 	cw_errmsg e;
-	l->c = store_connect_abortable(d->url, 30000, -1, lane_gives_up, d, &e);
+	l->c = store_connect_abortable(d->url, 30000, d->wake[0], lane_gives_up, d, &e);
 	if (l->c) {
 		store_canceller_set(&l->cancel, l->c);
 		if (!store_prepare_all(l->c, lane_stmt_lists, &e) || store_exec(l->c, "LISTEN causeway_outbox", &e))
@@ -1857,7 +1860,7 @@ static void *dispatcher_main(void *arg)
 			}
 			/* Waits for a NOTIFY (one that came while the claim ran
 			 * returns at once), then reads every notification there is. */
-			store_wait_notify(l->c, -1, failed ? 500 : 200, NULL, NULL);
+			store_wait_notify(l->c, d->wake[0], failed ? 500 : 200, NULL, NULL);
 		}
 		fresh = false;
 		if (all_taken(d))
@@ -2011,6 +2014,11 @@ cw_err dispatcher_start(struct dispatcher **out, const struct dispatcher_opts *o
 	pthread_cond_init(&d->keeper_cv, &ca);
 	pthread_condattr_destroy(&ca);
 	d->watcher = -1;
+	/* Until the forty-ninth session the watcher's wait for a notification
+	 * (200 or 500 ms) held the stop: 118 ms measured of a 126 ms stop.
+	 * Without the pipe (-1) it still does. */
+	if (pipe2(d->wake, O_NONBLOCK | O_CLOEXEC) != 0)
+		d->wake[0] = d->wake[1] = -1;
 	if (!d->url || !d->name || !d->lanes) {
 		dispatcher_free(d);
 		return cw_fail(e, CW_ENOMEM, "out of memory");
@@ -2039,6 +2047,9 @@ void dispatcher_stop(struct dispatcher *d)
 {
 	if (!d || store_sleepers_stop(&d->stop))
 		return;
+	if (d->wake[1] >= 0 && write(d->wake[1], "x", 1) < 0) {
+		/* never read: a first write cannot find it full */
+	}
 	pthread_mutex_lock(&d->mu);
 	pthread_cond_broadcast(&d->idle);
 	pthread_cond_signal(&d->keeper_cv);
@@ -2074,6 +2085,9 @@ void dispatcher_free(struct dispatcher *d)
 	pthread_cond_destroy(&d->idle);
 	pthread_cond_destroy(&d->keeper_cv);
 	pthread_mutex_destroy(&d->mu);
+	for (int k = 0; k < 2; k++)
+		if (d->wake[k] >= 0)
+			close(d->wake[k]);
 	free(d->url);
 	free(d->name);
 	free(d);
