@@ -1537,7 +1537,7 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 		return PREP_NOTHING; /* the bot reacting or typing would say nothing of who did */
 	/* A remote member's own leave of a group has nothing to send: the
 	 * bot's round makes their ghost leave the user's room of it
-	 * (portal_departures, mx_bot.c).  Until the forty-sixth session the
+	 * (departure_row, mx_bot.c).  Until the forty-sixth session the
 	 * row was prepared as one with something to say, whose ghost joins
 	 * first: when the bot's round had come before it (the ghost gone, its
 	 * membership of the room forgotten), the ghost was invited and joined

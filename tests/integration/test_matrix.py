@@ -6079,6 +6079,41 @@ def test_a_peer_users_own_leave_of_a_group_is_her_ghosts_leaving(mx, hs, gk, pg,
     assert srv.errors == [] and srv.duplicates == 0
 
 
+def test_a_ghost_whose_leave_of_a_portal_fails_leaves_it_later(mx, hs, gk, pg, db_url):
+    """The peer removes ed from the group while the homeserver does not
+    take his ghost's leave of alice's room (503): the bot asks again,
+    backing off, and once the homeserver takes it the ghost leaves, once.
+    Until the forty-ninth session the bot counted the ghost out of the
+    room (matrix_portal_members) before it asked, and a leave not taken
+    left ed's ghost in alice's room for good, though he was gone."""
+    a, srv = gk
+    ed = a.user("ed")
+    consent_alice(mx, ed)
+    group, _, mine, said, _ = alice_in_wallys_group(mx, hs, gk, pg, db_url, [ed])
+    ed_ghost = "@_cw_gk_ed:example.org"
+    assert a.send(group, ed, "ed here").status_code == 202
+    wait_until(lambda: (ed_ghost, "ed here") in said(mine), what="ed's message in alice's room")
+    joined = member_events(hs, mine, ed_ghost)
+    assert joined[-1] == (ed_ghost, "join"), joined
+
+    def leaves():
+        return [q for q in hs.requests if q["method"] == "POST" and q["path"].endswith("/leave")
+                and q["user"] == ed_ghost]
+    hs.refuse = lambda method, path, user: method == "POST" and path.endswith("/leave") and user == ed_ghost
+    try:
+        assert a.call("POST", f"/v1/rooms/{group}/members", {"remove": [ed]}).status_code == 200
+        wait_until(lambda: len(leaves()) >= 2, timeout=20, what="the ghost's leave refused, and asked again")
+        assert {q["status"] for q in leaves()} == {503}
+        assert hs.members(mine).get(ed_ghost) == "join"
+    finally:
+        hs.refuse = None
+    wait_until(lambda: hs.members(mine).get(ed_ghost) == "leave", timeout=20, what="ed's ghost leaving at last")
+    time.sleep(1.5)  # the bot's next rounds ask nothing more
+    assert [q["status"] for q in leaves()][-1] == 200 and len([q for q in leaves() if q["status"] == 200]) == 1
+    assert member_events(hs, mine, ed_ghost) == joined + [(ed_ghost, "leave")]
+    assert srv.errors == [] and srv.duplicates == 0
+
+
 def member_events(hs, room, user):
     """(sender, membership) of each m.room.member event of user in room, in order."""
     return [(e["sender"], e["content"]["membership"]) for e in hs.events(room)
@@ -6089,7 +6124,7 @@ def test_a_peer_users_leave_delivered_after_the_bot_made_her_ghost_leave_brings_
         make_daemon, db_url, hs, pg):
     """The row of a peer user's own leave of a group, to alice, is
     delivered after the bot's round has made her ghost leave alice's room
-    (mx_bot.c portal_departures: the two race, and the bot wins when the
+    (mx_bot.c departure_row: the two race, and the bot wins when the
     room's rows wait, here behind a message the homeserver refuses for a
     while): the ghost stays out. Until the forty-sixth session the row was
     prepared as one with something to say, so the ghost was invited and
@@ -6138,7 +6173,7 @@ def test_a_members_message_delivered_after_her_leave_does_not_bring_her_ghost_ba
     waits for the homeserver (which refuses sends for a while): his ghost
     stays in alice's room until the message is delivered there, then
     leaves, once. Until the forty-seventh session the bot's round made the
-    ghost leave at once (mx_bot.c portal_departures), and the message,
+    ghost leave at once (mx_bot.c departure_row), and the message,
     delivered after, invited it and had it join again, write, and leave a
     second time at the bot's next round."""
     mx = start_mx(make_daemon, db_url, hs, dispatcher={"retry_budget": "1000"})
@@ -7948,7 +7983,7 @@ def test_the_bots_looks_for_work_are_not_planned_at_each_round(make_daemon, pg_p
              "expiries": "SELECT a.id, mr.room_id, ri.uri",
              "dead letters": "WITH d AS (SELECT o.id, o.destination, o.attempts",
              "notices": "WITH d AS (SELECT id FROM matrix_notices x",
-             "departures": "WITH d AS (DELETE FROM matrix_portal_members",
+             "departures": "SELECT b.native_id, ib.native_id, pm.binding_id",
              "renames": "SELECT b.native_id, b.id, rm.name",
              "invitations": "SELECT x.room_id, rm.name, x.identity_id",
              "invitees": "SELECT x.room_id, x.identity_id, b.native_id"}
