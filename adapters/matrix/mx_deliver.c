@@ -527,7 +527,8 @@ static enum alias_room finish_room(struct matrix *m, const char *user, const cha
  * still invited to it or has joined it, or once invited to it (finish_room)
  * when they have no membership there yet.  ALIAS_STALE: the homeserver
  * says they are out of it (declined, left: a room made long ago and never
- * bound), or that the alias names nothing; the alias is deleted then.
+ * bound), or that the alias names nothing; the alias is deleted then, and
+ * user leaves the room it named.
  * ALIAS_UNKNOWN: no answer that says (it is tried again later); *status
  * the homeserver's last answer then (0: none, the homeserver away).  A retry
  * after a createRoom that is slow (past MX_TIMEOUT_MS) finds the room
@@ -547,10 +548,11 @@ static enum alias_room room_of_alias(struct matrix *m, const char *user, const c
 	const char *id = json_string_value(json_object_get(answer, "room_id"));
 	enum alias_room res = rc ? (status == 404 ? ALIAS_STALE : ALIAS_UNKNOWN)
 				 : id && mx_room_id_valid(id) && strlen(id) < rlen ? ALIAS_ROOM : ALIAS_UNKNOWN;
-	if (res == ALIAS_ROOM)
+	bool found = res == ALIAS_ROOM;
+	if (found)
 		snprintf(room, rlen, "%s", id);
 	json_decref(answer);
-	if (res == ALIAS_ROOM) {
+	if (found) {
 		/* 404: no membership there (another failure: asked again later) */
 		if (member_state(m, user, room, invitee, ms, sizeof(ms), &status, &e))
 			res = status == 404 ? finish_room(m, user, room, invitee, direct, &status) : ALIAS_UNKNOWN;
@@ -561,6 +563,13 @@ static enum alias_room room_of_alias(struct matrix *m, const char *user, const c
 		LOG_KV(CW_LOG_WARN, "cannot delete a stale room alias", "alias", alias, "detail", e.msg);
 		res = ALIAS_UNKNOWN;
 	}
+	/* The stale room itself, never bound (its alias goes once it is), is
+	 * left by its maker: until the forty-ninth session it stayed, its
+	 * maker alone in it for good (a portal whose invitation failed for
+	 * now, then for good: the second room's making is left by
+	 * portal_refused, the first was not). */
+	if (res == ALIAS_STALE && found && mx_room_action(m, room, user, "leave", &e))
+		LOG_KV_LIMITED(CW_LOG_WARN, "cannot leave a stale room", "room", room, "detail", e.msg);
 	*status_out = status;
 	return res;
 }

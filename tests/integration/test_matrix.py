@@ -6951,6 +6951,43 @@ def test_a_portal_made_before_its_failed_invitation_holds_up_no_one_elses(mx, hs
     assert len(made) == 3, made
 
 
+def test_a_portal_whose_invitation_fails_for_now_then_for_good_leaves_no_room_behind(mx, hs, gk, pg, db_url):
+    """The homeserver makes s0's portal but cannot send his invitation
+    (502), then refuses it for good (403): the retry finds the first room
+    by its alias, cannot finish it, and makes the portal anew, whose
+    invitation is refused too; the invitation ends as his decline. The bot
+    leaves both rooms. Until the forty-ninth session it left only the
+    second (portal_refused): the first, its alias deleted as stale, kept
+    the bot alone in it for good."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    alice.send_text(room, "hi wally")
+    srv.wait_events(1)
+    bot, s0 = "@_cw_bot:example.org", "@s0:example.org"
+    hs.create_user("s0")
+
+    def makings():
+        return [r for r in hs.requests if r["method"] == "POST" and r["path"].endswith("/createRoom")
+                and r["user"] == bot and (r["body"] or {}).get("invite") == [s0]]
+    hs.refuse_invite = lambda sender, target: 502 if sender == bot and target == s0 else False  # noqa: E731
+    try:
+        alice.invite(room, s0)
+        wait_until(lambda: len(makings()) >= 2, timeout=20, what="s0's portal asked again")
+        hs.refuse_invite = lambda sender, target: sender == bot and target == s0  # noqa: E731
+        wait_until(lambda: pg.psql("SELECT x.membership FROM room_members x JOIN identities i ON i.id = x.identity_id "
+                                   "WHERE i.uri = 'mimi://example.org/u/s0'", db_url) == "left",
+                   timeout=40, what="s0's refused invitation ended")
+    finally:
+        hs.refuse_invite = None
+    made = [rid for rid in hs.rooms() if hs.members(rid).get(bot) and rid != room and s0 not in hs.members(rid)]
+    assert len(made) == 2, made
+    assert [hs.members(rid)[bot] for rid in made] == ["leave", "leave"], made
+    with hs._lock:
+        assert not [al for al, (rid, _) in hs._aliases.items() if rid in made]
+    assert not [e for e in list(srv.events) if e.get("type") == "membership"
+                and e["content"].get("membership") == "leave"], list(srv.events)
+
+
 def test_a_refused_portal_invitation_of_a_user_a_peer_invited_ends_as_her_decline(mx, hs, gk, pg, db_url):
     """bob, whom gk put into a group (invited, schema/037), accepted wally:
     wally's message brings him his room of the group, but the homeserver
