@@ -1212,9 +1212,20 @@ static int info_row(PGresult *info, size_t k, int *from)
 }
 
 /* Notes the Matrix event id a row's event got, for the batch's record and
- * for later rows that refer to it (to_native). */
+ * for later rows that refer to it (to_native).  An id that is none (the
+ * homeserver's answer, or an event it listed: mx_event_id_valid) is not
+ * noted, with a line in the log: until the
+ * forty-ninth session it was stored as the event's Matrix id, and later
+ * replies, edits and deletes of the message named it. */
 static void note_sent(json_t *sent, const struct outbox_row *row, const char *eid)
 {
+	if (!mx_event_id_valid(eid)) {
+		char id[24];
+		snprintf(id, sizeof(id), "%lld", (long long)row->id);
+		LOG_KV_LIMITED(CW_LOG_WARN, "the homeserver gave a sent event no valid event id: not recorded",
+			       "outbox_id", id);
+		return;
+	}
 	json_array_append_new(sent, json_pack("{s:I, s:s, s:I, s:I, s:s?}", "ev", (json_int_t)row->event_id, "eid", eid,
 					      "row", (json_int_t)row->id, "tg", (json_int_t)row->target_id, "pid",
 					      json_string_value(json_object_get(row->event, "id"))));

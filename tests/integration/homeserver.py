@@ -313,6 +313,10 @@ class Homeserver:
         self.rc_message = None      # (per_second, burst_count): see the module's docstring
         self.members_filters = True  # False: GET /members ignores its filters (Conduit)
         self.refuse_send = None     # a test's predicate on a send's path: True answers it 500 M_UNKNOWN
+        # A test's function on a send's event id (the event is sent as
+        # usual): what the answer's event_id says instead (a homeserver
+        # answering an id that is none, which a client must not take).
+        self.answer_event_id = None
         # A test's predicate on any authenticated call (method, path, user):
         # True answers it 503 M_UNKNOWN (the homeserver unavailable for it,
         # as behind a proxy while it restarts), 403 answers M_FORBIDDEN,
@@ -1080,7 +1084,7 @@ class Homeserver:
                     raise MatrixError(403, "M_FORBIDDEN", f"You don't have permission to send {etype}")
                 ev = self._emit(room, req.user_id, etype, copy.deepcopy(content), ts=ts)
             self._txn_memory[key] = ev["event_id"]
-            return 200, {"event_id": ev["event_id"]}
+            return 200, {"event_id": self.answer_event_id(ev["event_id"]) if self.answer_event_id else ev["event_id"]}
 
     def _ratelimit(self, req):
         """Synapse's Ratelimiter for events (rc_message), a leaky bucket per sender."""
@@ -1153,7 +1157,7 @@ class Homeserver:
                                   "Cannot provide a redacts value incoherent with the event_id of the URL parameter")
             ev = self._redact(room, req.user_id, event_id, content, None)
             self._txn_memory[key] = ev["event_id"]
-            return 200, {"event_id": ev["event_id"]}
+            return 200, {"event_id": self.answer_event_id(ev["event_id"]) if self.answer_event_id else ev["event_id"]}
 
     def _h_state_put(self, req, room_id, etype, state_key):
         ts = self._ts_param(req)

@@ -1068,6 +1068,28 @@ def test_a_redaction_deletes_at_the_peer_what_the_homeserver_redacted(mx, hs, gk
     assert deleted == sorted([peer["two"], peer["three"]]), (deleted, peer)
 
 
+def test_an_event_id_that_is_none_in_a_sends_answer_is_not_recorded(mx, hs, gk, pg, db_url):
+    """The homeserver answers wally's second message to alice with an
+    event_id that is no event id: the message is delivered (the room has
+    it), but no Matrix id is recorded for it. Until the forty-ninth session the
+    answer's id was stored as the message's Matrix id, as it was."""
+    a, srv = gk
+    room, mx_room = wally_wrote_to_alice(mx, hs, a, pg, db_url)
+    hs.answer_event_id = lambda eid: "$not an id"
+    try:
+        second = a.send(room, a.user("wally"), "second").json()["id"]
+        state = ("SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id "
+                 f"WHERE e.public_id = '{second}'")
+        wait_until(lambda: pg.psql(state, db_url) == "delivered", what="the second message delivered")
+    finally:
+        hs.answer_event_id = None
+    assert "second" in [e["content"].get("body") for e in hs.events(mx_room) if e["type"] == "m.room.message"]
+    assert pg.psql("SELECT count(*) FROM event_native_ids n JOIN events e ON e.id = n.event_id "
+                   f"WHERE e.public_id = '{second}'", db_url) == "0"
+    assert pg.psql(f"SELECT coalesce(o.remote_id, '') FROM outbox o JOIN events e ON e.id = o.event_id "
+                   f"WHERE e.public_id = '{second}'", db_url) == ""
+
+
 def test_references_to_an_event_being_deleted_are_refused_down_the_chain(mx, hs, gk, pg, db_url):
     """A reply from Matrix to a message the retention sweep deletes while
     the reply is being written is refused (its sender told), not stored
