@@ -516,10 +516,11 @@ static enum alias_room finish_room(struct matrix *m, const char *user, const cha
 	if (!mx_room_call(m, "PUT", room, user, what, NULL,
 			  json_pack("{s:s, s:o*}", "membership", "invite", "is_direct", direct ? json_true() : NULL),
 			  status, NULL, &e)) {
-		LOG_KV(CW_LOG_INFO, "a room found by its alias without its invitation is finished", "room", room);
+		LOG_KV_LIMITED(CW_LOG_INFO, "a room found by its alias without its invitation is finished", "room",
+			       room);
 		return ALIAS_ROOM;
 	}
-	LOG_KV(CW_LOG_WARN, "cannot invite to a room found by its alias", "room", room, "detail", e.msg);
+	LOG_KV_LIMITED(CW_LOG_WARN, "cannot invite to a room found by its alias", "room", room, "detail", e.msg);
 	return *status == 403 ? ALIAS_STALE : ALIAS_UNKNOWN;
 }
 
@@ -560,7 +561,7 @@ static enum alias_room room_of_alias(struct matrix *m, const char *user, const c
 			res = ALIAS_STALE;
 	}
 	if (res == ALIAS_STALE && mx_call(m, "DELETE", dir, user, NULL, NULL, &status, NULL, &e) && status != 404) {
-		LOG_KV(CW_LOG_WARN, "cannot delete a stale room alias", "alias", alias, "detail", e.msg);
+		LOG_KV_LIMITED(CW_LOG_WARN, "cannot delete a stale room alias", "alias", alias, "detail", e.msg);
 		res = ALIAS_UNKNOWN;
 	}
 	/* The stale room itself, never bound (its alias goes once it is), is
@@ -624,7 +625,8 @@ static cw_err create_room(struct matrix *m, const char *user, json_t *body, cons
 		if (found != ALIAS_STALE) {
 			json_decref(body);
 			if (found == ALIAS_ROOM) {
-				LOG_KV(CW_LOG_INFO, "a room made before, its answer lost, is taken", "room", room);
+				LOG_KV_LIMITED(CW_LOG_INFO, "a room made before, its answer lost, is taken", "room",
+					       room);
 				return CW_OK;
 			}
 			/* The homeserver answered (a 5xx: the invitee's server
@@ -645,8 +647,8 @@ static cw_err create_room(struct matrix *m, const char *user, json_t *body, cons
 	} else if (rc && *status == 400 && code && strcmp(code, "M_EXCLUSIVE") == 0) {
 		/* A registration from before the alias namespace: rooms are
 		 * made as they were, without the alias. */
-		LOG_KV(CW_LOG_WARN, "the registration reserves no room aliases (matrix.alias_prefix): a room whose "
-		       "answer is lost may be made twice", "alias", alias);
+		LOG_KV_LIMITED(CW_LOG_WARN, "the registration reserves no room aliases (matrix.alias_prefix): a room "
+			       "whose answer is lost may be made twice", "alias", alias);
 		json_decref(answer);
 		answer = NULL;
 		json_object_del(body, "room_alias_name");
@@ -675,7 +677,7 @@ static void forget_alias(struct matrix *m, const char *user, const char *key)
 	if (!mx_alias_directory_path(alias, path, sizeof(path)))
 		return; /* cannot be: an alias is at most 255 bytes, escaped 765 */
 	if (mx_call(m, "DELETE", path, user, NULL, NULL, &status, NULL, &e) && status != 404) /* 404: made without */
-		LOG_KV(CW_LOG_WARN, "cannot delete the alias of a room made", "alias", alias, "detail", e.msg);
+		LOG_KV_LIMITED(CW_LOG_WARN, "cannot delete the alias of a room made", "alias", alias, "detail", e.msg);
 }
 
 /* A room just made lost the race to be bound (the bot bound the user's
@@ -718,9 +720,10 @@ static cw_err spare_room(struct matrix *m, PGconn *c, const char *ghost, bool po
 	if (invitee && mx_room_post(m, room, ghost, "kick",
 				    json_pack("{s:s, s:s}", "user_id", invitee, "reason", "a room made twice"), &status,
 				    &e2))
-		LOG_KV(CW_LOG_WARN, "cannot take back the invitation to a spare room", "room", room, "detail", e2.msg);
+		LOG_KV_LIMITED(CW_LOG_WARN, "cannot take back the invitation to a spare room", "room", room, "detail",
+			       e2.msg);
 	if (mx_room_action(m, room, ghost, "leave", &e2))
-		LOG_KV(CW_LOG_WARN, "cannot leave a spare room", "room", room, "detail", e2.msg);
+		LOG_KV_LIMITED(CW_LOG_WARN, "cannot leave a spare room", "room", room, "detail", e2.msg);
 	snprintf(room, rlen, "%s", PQgetvalue(r, 0, 0));
 	if (binding)
 		snprintf(binding, blen, "%s", PQgetvalue(r, 0, 1));
@@ -843,7 +846,8 @@ bool mx_mark_if_joined(struct matrix *m, PGconn *c, const char *room, const char
 	cw_err rc = mx_backfill(m, events, MX_TIMEOUT_MS, &e);
 	json_decref(events);
 	if (rc) {
-		LOG_KV(CW_LOG_WARN, "cannot store the join of a user to their group's room", "room", room, "detail", e.msg);
+		LOG_KV_LIMITED(CW_LOG_WARN, "cannot store the join of a user to their group's room", "room", room,
+			       "detail", e.msg);
 		return false;
 	}
 	/* The transaction path marked them (this finds nothing then); one
@@ -852,7 +856,8 @@ bool mx_mark_if_joined(struct matrix *m, PGconn *c, const char *room, const char
 	 * Under the room's lock, as there (since the twenty-seventh session;
 	 * before, this took none). */
 	if (mx_mark_joined(c, neutral_room, target_id, &e)) {
-		LOG_KV(CW_LOG_WARN, "cannot mark a user who joined their group's room", "room", room, "detail", e.msg);
+		LOG_KV_LIMITED(CW_LOG_WARN, "cannot mark a user who joined their group's room", "room", room, "detail",
+			       e.msg);
 		return false;
 	}
 	return true;
@@ -1083,7 +1088,7 @@ static cw_err ensure_portal_member(struct matrix *m, PGconn *c, const char *room
 	*refused = false;
 	if (mx_room_post(m, room, NULL, "invite", json_pack("{s:s}", "user_id", ghost), &status, &e2) &&
 	    status != 403) /* 403: a member already (or the join below says why not) */
-		LOG_KV(CW_LOG_WARN, "the bot cannot invite a ghost to a group", "room", room, "detail", e2.msg);
+		LOG_KV_LIMITED(CW_LOG_WARN, "the bot cannot invite a ghost to a group", "room", room, "detail", e2.msg);
 	cw_err rc = mx_room_post(m, room, ghost, "join", json_object(), &status, e);
 	*refused = rc && status == 403;
 	if (rc)

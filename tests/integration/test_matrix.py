@@ -6136,6 +6136,39 @@ def test_a_ghost_whose_leave_of_a_portal_fails_leaves_it_later(mx, hs, gk, pg, d
     assert srv.errors == [] and srv.duplicates == 0
 
 
+def test_a_ghosts_refused_invitations_to_a_portal_are_logged_at_most_ten_a_second(mx, hs, gk, pg, db_url):
+    """Forty members of a group each write to it once while the homeserver
+    refuses the bot's invitations of their ghosts to alice's room of it
+    (503): each row's failed invitation is a line a peer can multiply (one
+    per member and message), so at most ten are written a second, the rest
+    counted (`suppressed`). Until the forty-ninth session (this and the
+    other lines of the makings of rooms and portals) each was written."""
+    a, srv = gk
+    flood = 40
+    writers = [a.user(f"w{k:02d}") for k in range(flood)]
+    assert mx.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "domain", "subject": "wa.example",
+                                               "state": "allowed"}).ok
+    group, _, mine, said, _ = alice_in_wallys_group(mx, hs, gk, pg, db_url, writers)
+    bot = "@_cw_bot:example.org"
+    hs.refuse = lambda method, path, user: user == bot and path.endswith("/invite")
+    try:
+        for w in writers:
+            assert a.send(group, w, "hi from " + w).status_code == 202
+
+        def lines():
+            return [r for r in mx.records if r.get("msg") == "the bot cannot invite a ghost to a group"]
+
+        def written():
+            return [r for r in lines() if "room" in r]
+        told = lambda: sum(int(r.get("suppressed", "0")) for r in lines())  # noqa: E731
+        wait_until(lambda: len(written()) + told() >= flood, timeout=30, what="every refused invitation logged or counted")
+    finally:
+        hs.refuse = None
+    per_second = collections.Counter(r["ts"][:19] for r in written())
+    assert max(per_second.values()) <= 10 and told() > 0, (per_second, told())
+    assert all(r["room"] == mine for r in written())
+
+
 def member_events(hs, room, user):
     """(sender, membership) of each m.room.member event of user in room, in order."""
     return [(e["sender"], e["content"]["membership"]) for e in hs.events(room)
