@@ -195,6 +195,16 @@ static bool occupant_get(struct xcomp *xc, const char *room, const char *full, c
 	return o != NULL;
 }
 
+/* Whether full's join of room is still being looked at. */
+static bool occupant_joining(struct xcomp *xc, const char *room, const char *full)
+{
+	pthread_mutex_lock(&xc->mu);
+	json_t *o = xc->muc ? json_object_get(json_object_get(xc->muc, room), full) : NULL;
+	bool joining = json_is_true(json_object_get(o, "joining"));
+	pthread_mutex_unlock(&xc->mu);
+	return joining;
+}
+
 static void occupant_del(struct xcomp *xc, const char *room, const char *full)
 {
 	pthread_mutex_lock(&xc->mu);
@@ -1185,6 +1195,14 @@ static void join(struct xcomp *xc, xmpp_stanza_t *st, const char *room, const ch
 		to_occupant(xc, room, from, NULL, occupant_presence(ctx, room, nick, from, true, false));
 		return;
 	}
+	/* A join again while the client's first is looked at (a client that
+	 * sent it twice, or again as it heard nothing yet): the first's answer
+	 * answers both.  Until the forty-ninth session each was looked at and
+	 * answered in full (the history and the subject twice), and the first,
+	 * failing, took the occupant the second had made out of the room, the
+	 * second's answer then telling the client it was in. */
+	if (occupant_joining(xc, room, from))
+		return;
 	if (!user_may_join(xc, room, from, user)) {
 		/* nothing looked at, nothing made: the user's own bound */
 		xmpp_stanza_t *err = xa_error_reply(st, "wait", "resource-constraint",

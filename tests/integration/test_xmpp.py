@@ -1997,6 +1997,36 @@ def test_a_client_that_leaves_while_its_join_is_looked_at_stays_out(xd, gk, alic
     assert not [el for el in alice.stanzas()[start:] if el.find("{jabber:client}subject") is not None]
 
 
+def test_a_join_sent_again_while_the_first_is_looked_at_is_answered_once(xd, gk, alice, prosody, pg, db_url):
+    """alice's client sends its join twice, the first looked at slowly: the
+    first's answer answers both, one presence of hers (110), one history,
+    one subject, and she is one occupant (until the forty-ninth session
+    each join was looked at and answered in full, and a first that failed
+    took the occupant the second had made out of the room)."""
+    a, _ = gk
+    consent_alice(xd)
+    gid = a.create_room([a.user("wally"), ALICE], kind="group").json()["id"]
+    assert a.send(gid, a.user("wally"), "before you came").status_code == 202
+    room = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None).get("from")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'xmpp' AND state = 'delivered'",
+                               db_url) == "1", what="wally's message delivered (to the history)")
+    slow_joins(pg, db_url, 2)
+    start = alice.count()
+    alice.send_presence(to=f"{room}/alice", payload=f"<x xmlns='{MUC}'/>")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'",
+                               db_url) == "1", what="the join on the writer")
+    alice.send_presence(to=f"{room}/alice", payload=f"<x xmlns='{MUC}'/>")
+    alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start, timeout=20)
+    time.sleep(3)  # a second answer would be done by now
+    got = alice.stanzas()[start:]
+    own = [el for el in got if el.get("from") == room + "/alice" and el.get("type") is None
+           and "110" in [x.get("code") for x in el.iter(q(MUC_USER, "status"))]]
+    subjects = [el for el in got if el.find("{jabber:client}subject") is not None]
+    history = [el for el in got if body(el) == "before you came"]
+    assert (len(own), len(subjects), len(history)) == (1, 1, 1), [el.xml for el in got]
+    assert component_state(xd)["room_occupants"] == 1
+
+
 def test_a_member_who_comes_under_the_joiners_nick_while_her_join_is_looked_at(xd, gk, alice, prosody, pg,
                                                                                  db_url):
     """bob is in the room; alice joins as "boss", her join looked at slowly,
