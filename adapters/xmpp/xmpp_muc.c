@@ -1180,6 +1180,19 @@ static bool nick_change(struct xcomp *xc, xmpp_stanza_t *st, const char *room, c
 	return true;
 }
 
+/* A join refused before it is looked at: with the muc x (XEP-0045
+ * §7.2.6) and why (why: NULL for none), behind a join's answer that may
+ * still be queued.  Until the forty-ninth session the refusal of a join
+ * as the component's rooms were full (OCCUPANTS_MAX) had neither, and
+ * went ahead of the queue. */
+static void join_refused(struct xcomp *xc, xmpp_stanza_t *st, const char *type, const char *cond, const char *why)
+{
+	xmpp_stanza_t *err = xa_error_reply(st, type, cond, why);
+	if (err)
+		xa_child(xc->ctx, err, "x", NS_MUC);
+	xa_enqueue_stanza(xc, err);
+}
+
 static void join(struct xcomp *xc, xmpp_stanza_t *st, const char *room, const char *public_id, const char *nick,
 		 const char *from, const char *user, const char *local)
 {
@@ -1205,21 +1218,15 @@ static void join(struct xcomp *xc, xmpp_stanza_t *st, const char *room, const ch
 		return;
 	if (!user_may_join(xc, room, from, user)) {
 		/* nothing looked at, nothing made: the user's own bound */
-		xmpp_stanza_t *err = xa_error_reply(st, "wait", "resource-constraint",
-						    "You are in too many group rooms (counting each of your clients "
-						    "in each room): leave one first.");
-		if (err)
-			xa_child(ctx, err, "x", NS_MUC);
-		xa_enqueue_stanza(xc, err); /* behind a join's answer that may still be queued */
+		join_refused(xc, st, "wait", "resource-constraint",
+			     "You are in too many group rooms (counting each of your clients in each room): "
+			     "leave one first.");
 		return;
 	}
 	if (nick_taken(nick, local, false)) {
 		/* refused before the join is looked at, which may make the
 		 * group (the members' nicks are checked with its answer) */
-		xmpp_stanza_t *err = xa_error_reply(st, "cancel", "conflict", NULL);
-		if (err)
-			xa_child(ctx, err, "x", NS_MUC);
-		xa_enqueue_stanza(xc, err); /* behind a join's answer that may still be queued */
+		join_refused(xc, st, "cancel", "conflict", NULL);
 		return;
 	}
 	struct mjoin *j = calloc(1, sizeof(*j));
@@ -1227,7 +1234,7 @@ static void join(struct xcomp *xc, xmpp_stanza_t *st, const char *room, const ch
 	size_t len;
 	if (!j || xmpp_stanza_to_text(st, &text, &len) != XMPP_EOK || !text) {
 		free(j);
-		xa_send_now(xc, xa_error_reply(st, "wait", "resource-constraint", NULL));
+		join_refused(xc, st, "wait", "resource-constraint", NULL);
 		return;
 	}
 	j->text = strdup(text);
@@ -1248,11 +1255,14 @@ static void join(struct xcomp *xc, xmpp_stanza_t *st, const char *room, const ch
 	/* An occupant from now on, joining: what is delivered to it while the
 	 * join is looked at is kept, and follows the join's answer
 	 * (xa_muc_route, joined). */
-	if (!j->text || !j->members || !j->locals || !j->history || !occupant_put(xc, room, from, nick, user, true) ||
-	    store_write(xc->x->app->store, join_fn, join_done, j) != CW_OK) {
+	bool made = j->text && j->members && j->locals && j->history, full = false;
+	if (made && !(made = occupant_put(xc, room, from, nick, user, true)))
+		full = true; /* OCCUPANTS_MAX (or no memory) */
+	if (!made || store_write(xc->x->app->store, join_fn, join_done, j) != CW_OK) {
 		occupant_del(xc, room, from);
 		mjoin_free(j);
-		xa_send_now(xc, xa_error_reply(st, "wait", "resource-constraint", NULL));
+		join_refused(xc, st, "wait", "resource-constraint",
+			     full ? "This service's group rooms are full: try again later." : NULL);
 	}
 }
 
@@ -1285,10 +1295,7 @@ void xa_muc_presence(struct xcomp *xc, xmpp_stanza_t *st)
 	if (type)
 		return; /* the subscription decisions of a room: not answered (a subscribe or probe: xa_presence) */
 	if (!nick[0]) { /* XEP-0045 §7.2.1: a join names a nick */
-		xmpp_stanza_t *err = xa_error_reply(st, "modify", "jid-malformed", NULL);
-		if (err)
-			xa_child(xc->ctx, err, "x", NS_MUC);
-		xa_send_now(xc, err);
+		join_refused(xc, st, "modify", "jid-malformed", NULL);
 		return;
 	}
 	join(xc, st, room, public_id, nick, from, user, local);

@@ -2956,7 +2956,8 @@ START_TEST(a_join_refused_as_the_rooms_are_full_leaves_no_room)
 	xc->ctx = ctx;
 	snprintf(xc->domain, sizeof(xc->domain), "gk.example");
 	pthread_mutex_init(&xc->mu, NULL);
-	xc->state = XC_DOWN; /* the answer goes nowhere */
+	xc->state = XC_DOWN; /* the answers are queued */
+	xc->wake_fd[0] = xc->wake_fd[1] = -1;
 	xc->muc = json_object();
 	json_t *full = json_object();
 	for (int i = 0; i < 10000; i++) {
@@ -2982,6 +2983,18 @@ START_TEST(a_join_refused_as_the_rooms_are_full_leaves_no_room)
 	}
 	ck_assert_uint_eq(xa_muc_count_locked(xc), 10000);
 	ck_assert_uint_eq(json_object_size(xc->muc), 1);
+	/* each told why, as a join's error (XEP-0045 §7.2.6: with the muc
+	 * x), queued behind what may still be: until the forty-ninth session
+	 * the refusal had neither the x nor the text, and went ahead */
+	size_t answers = 0;
+	for (struct xq_item *it = xc->head; it; it = it->next, answers++) {
+		ck_assert_msg(strstr(it->text, "resource-constraint") && strstr(it->text, "type=\"error\"") &&
+				      strstr(it->text, "<x xmlns=\"http://jabber.org/protocol/muc\"/>") &&
+				      strstr(it->text, "group rooms are full"),
+			      "%s", it->text);
+	}
+	ck_assert_uint_eq(answers, 3);
+	queue_free_all(xc, "", NULL);
 	json_decref(xc->muc);
 	pthread_mutex_destroy(&xc->mu);
 	free(cfg);
