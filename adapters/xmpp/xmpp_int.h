@@ -426,6 +426,9 @@ void xa_wake_thread(struct xcomp *xc);
  * (told: xc->muc_members' set of the room; own: the joiner's local part):
  * [["+" or "-", nick]], who came, then who went, in order (xmpp_muc.c). */
 json_t *xa_muc_since(const json_t *told, const json_t *members, const json_t *locals, const char *own);
+/* The history a join (st, its <history/>) asks for at now: at most *max
+ * messages, those after since (ISO 8601, "" for any; len its size). */
+void xa_muc_history_wanted(xmpp_stanza_t *st, time_t now, int *max, char *since, size_t len);
 
 /* xmpp_muc.c: group chats (XEP-0045).  A group is the room
  * "#<escaped public id>@<component>"; each local member has a view of

@@ -1129,12 +1129,33 @@ static bool datetime_valid(const char *s)
 	       sscanf(p + 1, "%2d:%2d%n", &th, &tm, &m) == 2 && m == 5 && th <= 14 && tm <= 59;
 }
 
-/* The <history/> a join asks for (XEP-0045 §7.2.13): maxstanzas, seconds
- * and since; maxchars is taken as "none" only when 0. */
-static void history_wanted(xmpp_stanza_t *st, struct mjoin *j)
+/* The time s (datetime_valid) names, in seconds since the epoch (the
+ * fraction dropped). */
+static time_t datetime_epoch(const char *s)
 {
-	j->max = HISTORY_DEFAULT;
-	j->since[0] = '\0';
+	struct tm tm = { 0 };
+	sscanf(s, "%4d-%2d-%2dT%2d:%2d:%2d", &tm.tm_year, &tm.tm_mon, &tm.tm_mday, &tm.tm_hour, &tm.tm_min, &tm.tm_sec);
+	tm.tm_year -= 1900;
+	tm.tm_mon -= 1;
+	time_t t = timegm(&tm);
+	const char *z = s + 19 + (s[19] == '.' ? 1 + strspn(s + 20, "0123456789") : 0);
+	int th = 0, tmin = 0;
+	if (*z == '+' || *z == '-') {
+		sscanf(z + 1, "%2d:%2d", &th, &tmin);
+		t += (*z == '+' ? -1 : 1) * (time_t)(th * 3600 + tmin * 60);
+	}
+	return t;
+}
+
+/* The <history/> a join asks for (XEP-0045 §7.2.13), at now: maxstanzas,
+ * seconds and since (into max and since, "" for any time); maxchars is
+ * taken as "none" only when 0.  Both seconds and since: the messages that
+ * meet both (§7.2.15), those after the later of the two; until the
+ * forty-ninth session seconds alone was applied. */
+void xa_muc_history_wanted(xmpp_stanza_t *st, time_t now, int *max, char *since, size_t len)
+{
+	*max = HISTORY_DEFAULT;
+	since[0] = '\0';
 	xmpp_stanza_t *x = xmpp_stanza_get_child_by_name_and_ns(st, "x", NS_MUC);
 	xmpp_stanza_t *h = x ? xmpp_stanza_get_child_by_name(x, "history") : NULL;
 	if (!h)
@@ -1142,21 +1163,22 @@ static void history_wanted(xmpp_stanza_t *st, struct mjoin *j)
 	const char *ms = xmpp_stanza_get_attribute(h, "maxstanzas");
 	const char *mc = xmpp_stanza_get_attribute(h, "maxchars");
 	const char *sec = xmpp_stanza_get_attribute(h, "seconds");
-	const char *since = xmpp_stanza_get_attribute(h, "since");
+	const char *at = xmpp_stanza_get_attribute(h, "since");
 	long long v;
 	if (cw_decimal(ms, 0, 99999, false, &v))
-		j->max = (int)v;
+		*max = (int)v;
 	if (mc && strcmp(mc, "0") == 0)
-		j->max = 0;
-	if (j->max > HISTORY_MAX)
-		j->max = HISTORY_MAX;
-	if (cw_decimal(sec, 0, 999999999, false, &v)) {
+		*max = 0;
+	if (*max > HISTORY_MAX)
+		*max = HISTORY_MAX;
+	bool at_ok = at && strlen(at) < len && datetime_valid(at);
+	if (at_ok)
+		snprintf(since, len, "%s", at);
+	if (cw_decimal(sec, 0, 999999999, false, &v) && !(at_ok && datetime_epoch(at) >= now - (time_t)v)) {
 		struct tm tm;
-		time_t t = time(NULL) - (time_t)v;
+		time_t t = now - (time_t)v;
 		gmtime_r(&t, &tm);
-		strftime(j->since, sizeof(j->since), "%Y-%m-%dT%H:%M:%SZ", &tm);
-	} else if (since && strlen(since) < sizeof(j->since) && datetime_valid(since)) {
-		snprintf(j->since, sizeof(j->since), "%s", since);
+		strftime(since, len, "%Y-%m-%dT%H:%M:%SZ", &tm);
 	}
 }
 
@@ -1248,7 +1270,7 @@ static void join(struct xcomp *xc, xmpp_stanza_t *st, const char *room, const ch
 	snprintf(j->uri, sizeof(j->uri), "mimi://%s/u/%s", xc->x->cfg->domain ? xc->x->cfg->domain : "", local);
 	snprintf(j->local, sizeof(j->local), "%s", local);
 	xa_room_native(user, room, j->native, sizeof(j->native));
-	history_wanted(st, j);
+	xa_muc_history_wanted(st, time(NULL), &j->max, j->since, sizeof(j->since));
 	j->members = json_array();
 	j->locals = json_array();
 	j->history = json_array();

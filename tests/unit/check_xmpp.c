@@ -2939,6 +2939,42 @@ START_TEST(a_joiner_is_told_the_members_since_its_snapshot_by_who_they_are)
 }
 END_TEST
 
+/* The history a join asks for, at now (2026-01-02T00:00:00Z): seconds
+ * and since together give the messages that meet both (XEP-0045
+ * §7.2.15), after the later of the two, whatever the zone since is
+ * written in; until the forty-ninth session seconds alone counted. */
+static void history_is(const char *attrs, int max, const char *since)
+{
+	char text[300], got[40] = "x";
+	snprintf(text, sizeof(text), "<presence><x xmlns='http://jabber.org/protocol/muc'><history %s/></x></presence>",
+		 attrs);
+	xmpp_stanza_t *st = xmpp_stanza_new_from_string(ctx, text);
+	ck_assert_ptr_nonnull(st);
+	int m = -1;
+	xa_muc_history_wanted(st, 1767312000, &m, got, sizeof(got));
+	ck_assert_msg(m == max && strcmp(got, since) == 0, "%s: %d %s", attrs, m, got);
+	xmpp_stanza_release(st);
+}
+
+START_TEST(a_joins_history_with_seconds_and_since_meets_both)
+{
+	history_is("", 20, "");
+	history_is("maxstanzas='5' maxchars='0'", 0, "");
+	history_is("seconds='60'", 20, "2026-01-01T23:59:00Z");
+	history_is("since='2026-01-01T12:00:00Z'", 20, "2026-01-01T12:00:00Z");
+	/* seconds the later */
+	history_is("seconds='60' since='2026-01-01T12:00:00Z'", 20, "2026-01-01T23:59:00Z");
+	/* since the later: it counts, as written */
+	history_is("seconds='86400' since='2026-01-01T12:00:00.5Z'", 20, "2026-01-01T12:00:00.5Z");
+	history_is("seconds='3600' since='2026-01-02T00:30:00+02:00'", 20, "2026-01-01T23:00:00Z");
+	history_is("seconds='3600' since='2026-01-02T00:30:00+01:00'", 20, "2026-01-02T00:30:00+01:00");
+	history_is("seconds='3600' since='2026-01-01T18:30:00-05:00'", 20, "2026-01-01T18:30:00-05:00");
+	/* a since that is no DateTime counts for nothing */
+	history_is("seconds='60' since='2026-13-01T00:00:00Z'", 20, "2026-01-01T23:59:00Z");
+	history_is("since='yesterday'", 20, "");
+}
+END_TEST
+
 /* A join refused because the component's rooms are full (10,000
  * occupants) leaves nothing behind: until the forty-ninth session each
  * such join left its room in xc->muc, empty, for good (one more room a
@@ -3046,6 +3082,7 @@ int main(void)
 	tcase_add_test(tc, a_command_forms_jid_with_a_zero_width_character_is_refused);
 	tcase_add_test(tc, a_command_form_without_its_contact_is_bad_payload);
 	tcase_add_test(tc, a_join_refused_as_the_rooms_are_full_leaves_no_room);
+	tcase_add_test(tc, a_joins_history_with_seconds_and_since_meets_both);
 	suite_add_tcase(s, tc);
 	int rc = unit_run(s);
 	xmpp_shutdown();
