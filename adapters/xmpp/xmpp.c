@@ -1682,6 +1682,7 @@ void xa_free(struct xmpp *x)
 		json_decref(xc->fanout_dropped);
 		json_decref(xc->muc);
 		json_decref(xc->muc_members);
+		json_decref(xc->muc_gone);
 	}
 	xmpp_ctx_t *c = pthread_getspecific(x->ctx_key);
 	if (c) {

@@ -178,8 +178,10 @@ struct xcomp {
 	uint64_t pings_sent, pings_answered, fanout_gate;
 	/* The group chats' occupants, and the members they were told of
 	 * (xmpp_muc.c), under mu; muc_dirty: occupants changed since they
-	 * were last written to xmpp_muc_occupants. */
-	json_t *muc, *muc_members;
+	 * were last written to xmpp_muc_occupants; muc_gone: those told
+	 * that they are out (332) whose rows may still be stored (the
+	 * connection that writes them was lost), "<room> <full JID>" keys. */
+	json_t *muc, *muc_members, *muc_gone;
 	bool muc_dirty;
 	/* The ad-hoc commands' sessions, the stream thread's own (xmpp_cmd.c). */
 	struct xa_session sessions[XA_SESSIONS_MAX];

@@ -1601,7 +1601,10 @@ void xa_muc_left(struct xcomp *xc, const char *iq_text, enum xa_leave how, bool 
 
 /* The stream is closing (the daemon stops, or gives the component up):
  * every occupant hears that the service is going (332), so that clients
- * join again when it is back instead of thinking they are in. */
+ * join again when it is back instead of thinking they are in.  Their rows
+ * go with the next write (xa_muc_sync), but the connection that writes
+ * them may be what was lost: those told are kept (xc->muc_gone) for the
+ * load that follows taking the component again (xa_muc_load). */
 void xa_muc_shutdown(struct xcomp *xc)
 {
 	pthread_mutex_lock(&xc->mu);
@@ -1610,9 +1613,17 @@ void xa_muc_shutdown(struct xcomp *xc)
 	json_decref(xc->muc_members);
 	xc->muc_members = NULL;
 	xc->muc_dirty = xc->muc_dirty || muc != NULL;
-	pthread_mutex_unlock(&xc->mu);
+	if (muc && !xc->muc_gone)
+		xc->muc_gone = json_object();
 	const char *room, *full;
 	json_t *occ, *o;
+	json_object_foreach(muc, room, occ)
+		json_object_foreach(occ, full, o) {
+			char key[XJ_JID_MAX * 2 + 2];
+			snprintf(key, sizeof(key), "%s %s", room, full);
+			json_object_set_new(xc->muc_gone, key, json_true());
+		}
+	pthread_mutex_unlock(&xc->mu);
 	json_object_foreach(muc, room, occ)
 		json_object_foreach(occ, full, o)
 			xa_send_now(xc, occupant_gone(xc->ctx, room, json_string_value(json_object_get(o, "nick")), full,
@@ -1659,26 +1670,43 @@ void xa_muc_sync(struct xcomp *xc, PGconn *c)
 	}
 }
 
+/* The rooms' occupants, as stored, when this process knows none: those
+ * of a process that had the component and stopped without telling them
+ * (a crash), or of this one's last stream.  Those this process told that
+ * they were out (xa_muc_shutdown: the connection that would have written
+ * that was lost) stay out; until the forty-ninth session they were
+ * loaded back, clients told they were out sent the rooms' messages until
+ * they joined again or one bounced. */
 void xa_muc_load(struct xcomp *xc, PGconn *c)
 {
 	pthread_mutex_lock(&xc->mu);
 	bool empty = occupants_count(xc->muc) == 0;
+	json_t *gone = xc->muc_gone;
+	xc->muc_gone = NULL;
 	pthread_mutex_unlock(&xc->mu);
-	if (!empty)
+	if (!empty) {
+		json_decref(gone);
 		return; /* this process had the stream: what it knows is newer */
+	}
 	const char *params[] = { xc->domain };
 	PGresult *r = PQexecParams(c, "SELECT room, full_jid, nick, user_jid FROM xmpp_muc_occupants WHERE component = $1 "
 				      "ORDER BY room, full_jid LIMIT 10000", 1, NULL, params, NULL, NULL, 0);
 	cw_errmsg e;
 	if (store_check(c, r, PGRES_TUPLES_OK, &e)) {
 		LOG_KV(CW_LOG_WARN, "xmpp: cannot read the rooms' occupants", "component", xc->domain, "detail", e.msg);
+		json_decref(gone);
 		return;
 	}
 	int n = 0;
-	for (int i = 0; i < PQntuples(r); i++)
-		n += occupant_put(xc, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), PQgetvalue(r, i, 2), PQgetvalue(r, i, 3),
-				  false);
+	for (int i = 0; i < PQntuples(r); i++) {
+		char key[XJ_JID_MAX * 2 + 2];
+		snprintf(key, sizeof(key), "%s %s", PQgetvalue(r, i, 0), PQgetvalue(r, i, 1));
+		if (!json_object_get(gone, key)) /* else left out: written without it (muc_dirty) */
+			n += occupant_put(xc, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), PQgetvalue(r, i, 2),
+					  PQgetvalue(r, i, 3), false);
+	}
 	PQclear(r);
+	json_decref(gone);
 	if (n) {
 		char count[16];
 		snprintf(count, sizeof(count), "%d", n);

@@ -2662,6 +2662,33 @@ def test_a_stopping_daemon_tells_the_rooms_occupants(make_daemon, db_url, prosod
     assert sorted(s.get("code") for s in gone.iter(q(MUC_USER, "status"))) == ["110", "332"], gone.xml
 
 
+def test_occupants_told_they_are_out_as_the_lock_is_lost_stay_out(xd, gk, alice, pg, db_url):
+    """The connection that holds the component's lock is lost: alice's
+    client in the room is told that the service is going (332), and when
+    the component is taken again she is no occupant, although the row
+    saying she was could not be deleted then (until the forty-ninth
+    session the load brought her back, sent the room's messages)."""
+    a, _ = gk
+    consent_alice(xd)
+    gid = a.create_room([a.user("wally"), ALICE], kind="group").json()["id"]
+    assert a.send(gid, a.user("wally"), "hi").status_code == 202
+    room = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None).get("from")
+    join_room(room, (alice, "alice"))
+    rows = "SELECT count(*) FROM xmpp_muc_occupants"
+    wait_until(lambda: pg.psql(rows, db_url) == "1", what="her row written")
+    start = alice.count()
+    assert pg.psql("SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' "
+                   "AND pid <> pg_backend_pid()", db_url) == "1"
+    gone = alice.wait_for_presence(lambda el: el.get("from") == room + "/alice" and el.get("type") == "unavailable",
+                                   start=start)
+    assert "332" in [s.get("code") for s in gone.iter(q(MUC_USER, "status"))], gone.xml
+    wait_until(lambda: "lost the database connection that holds" in xd.log(), what="the lock lost")
+    wait_until(lambda: component_state(xd)["state"] == "up", timeout=20, what="the component taken again")
+    wait_until(lambda: pg.psql(rows, db_url) == "0", what="her row gone")
+    assert component_state(xd)["room_occupants"] == 0
+    assert not alice.ping(room + "/alice")
+
+
 def test_a_row_no_stanza_can_be_made_of_is_dead_at_once(make_daemon, db_url, prosody, alice, pg):
     """As for Matrix (test_matrix.py): a row of which no stanza can be made
     (its stored event lost its type and content) is a dead letter at once,
