@@ -1683,6 +1683,7 @@ void xa_free(struct xmpp *x)
 		json_decref(xc->muc);
 		json_decref(xc->muc_members);
 		json_decref(xc->muc_gone);
+		json_decref(xc->muc_stored);
 	}
 	xmpp_ctx_t *c = pthread_getspecific(x->ctx_key);
 	if (c) {

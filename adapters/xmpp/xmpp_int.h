@@ -180,8 +180,10 @@ struct xcomp {
 	 * (xmpp_muc.c), under mu; muc_dirty: occupants changed since they
 	 * were last written to xmpp_muc_occupants; muc_gone: those told
 	 * that they are out (332) whose rows may still be stored (the
-	 * connection that writes them was lost), "<room> <full JID>" keys. */
-	json_t *muc, *muc_members, *muc_gone;
+	 * connection that writes them was lost), "<room> <full JID>" keys;
+	 * muc_stored: the rows as this process last wrote them, under the
+	 * same keys (NULL: not known, the next write rewrites them all). */
+	json_t *muc, *muc_members, *muc_gone, *muc_stored;
 	bool muc_dirty;
 	/* The ad-hoc commands' sessions, the stream thread's own (xmpp_cmd.c). */
 	struct xa_session sessions[XA_SESSIONS_MAX];
