@@ -158,7 +158,7 @@ static bool occupant_put(struct xcomp *xc, const char *room, const char *full, c
 		json_decref(o);
 		o = NULL;
 	}
-	static const char *const keep[] = { "joining", "kept", "seen" };
+	static const char *const keep[] = { "joining", "kept", "seen", "writers" };
 	for (size_t i = 0; o && had && i < sizeof(keep) / sizeof(keep[0]); i++)
 		if (json_object_get(had, keep[i]))
 			json_object_set(o, keep[i], json_object_get(had, keep[i]));
@@ -1030,6 +1030,25 @@ static void join_done(void *arg, cw_err rc, const cw_errmsg *e)
 		snprintf(j->nick, sizeof(j->nick), "%s", j->local);
 		occupant_renick(xc, j->room, j->full, j->nick);
 	}
+	/* The history's writers who are no members (gone since): the
+	 * occupant's nick changes are refused theirs as its join was
+	 * (nick_change); until the forty-ninth session only the members'
+	 * were. */
+	json_t *writers = json_object();
+	json_array_foreach(j->history, i, v) {
+		const char *w = json_string_value(json_array_get(v, 0));
+		bool member = false;
+		for (size_t m = 0; m < json_array_size(j->members); m++)
+			member = member || strcmp(json_string_value(json_array_get(j->members, m)), w) == 0;
+		if (writers && w[0] && strcmp(w, j->local) != 0 && !member)
+			json_object_set_new(writers, w, json_true());
+	}
+	pthread_mutex_lock(&xc->mu);
+	json_t *occ = xc->muc ? json_object_get(json_object_get(xc->muc, j->room), j->full) : NULL;
+	if (occ && json_object_size(writers))
+		json_object_set(occ, "writers", writers);
+	pthread_mutex_unlock(&xc->mu);
+	json_decref(writers);
 	/* The answer, in order: the others, the user (110), the history, the
 	 * subject (XEP-0045 §7.2). */
 	json_t *out = json_array(), *given = json_object(), *going = json_object();
@@ -1183,8 +1202,8 @@ void xa_muc_history_wanted(xmpp_stanza_t *st, time_t now, int *max, char *since,
 }
 
 /* An occupant's new nick (XEP-0045 §7.6): a member's local part (other
- * than the user's own: the room speaks for the members under those) is a
- * conflict; else the old nick goes with status 303 naming the new one,
+ * than the user's own: the room speaks for the members under those), or
+ * the nick of a writer in the history its join got, is a conflict; else the old nick goes with status 303 naming the new one,
  * and the caller sends the new one's presence.  False when refused
  * (answered). */
 static bool nick_change(struct xcomp *xc, xmpp_stanza_t *st, const char *room, const char *from, const char *local,
@@ -1192,7 +1211,8 @@ static bool nick_change(struct xcomp *xc, xmpp_stanza_t *st, const char *room, c
 {
 	pthread_mutex_lock(&xc->mu);
 	json_t *set = xc->muc_members ? json_object_get(xc->muc_members, room) : NULL;
-	bool taken = nick_taken(nick, local, json_object_get(set, nick) != NULL);
+	json_t *o = xc->muc ? json_object_get(json_object_get(xc->muc, room), from) : NULL;
+	bool taken = nick_taken(nick, local, json_object_get(set, nick) || json_object_get(json_object_get(o, "writers"), nick));
 	pthread_mutex_unlock(&xc->mu);
 	if (taken) {
 		to_occupant(xc, room, from, NULL, xa_error_reply(st, "cancel", "conflict", NULL));

@@ -1941,6 +1941,14 @@ def test_a_writer_under_the_joiners_nick_gives_her_another(xd, gk, alice, prosod
     assert [(own, el.get("from"), body(el)) for own, el in own_nick_moves(got, room)] == [
         ("alice", room + "/boss", "before you came")]
     assert alice.ping(room + "/alice") and not alice.ping(room + "/boss")
+    # a nick change to the history's writer's nick: a conflict, as the join
+    # asking for it got another (until the forty-ninth session it was taken)
+    start = alice.count()
+    alice.send_presence(to=f"{room}/boss")
+    err = alice.wait_for_presence(lambda el: el.get("from") == f"{room}/boss" and el.get("type") == "error",
+                                  start=start)
+    assert err.find(".//{urn:ietf:params:xml:ns:xmpp-stanzas}conflict") is not None, err.xml
+    assert alice.ping(room + "/alice") and not alice.ping(room + "/boss")
     # a nick change to the peer's bob's name with the domain: nobody's yet
     start = alice.count()
     alice.send_presence(to=f"{room}/bob@{domain}")
