@@ -1619,6 +1619,14 @@ void xa_muc_left(struct xcomp *xc, const char *iq_text, enum xa_leave how, bool 
 	xmpp_stanza_release(iq);
 }
 
+/* The key of full in room in xc->muc_gone and xc->muc_stored, "<room>
+ * <full JID>" (a room's bare JID has no space), into k. */
+#define OCCUPANT_KEY_MAX (XJ_JID_MAX * 2 + 2)
+static void occupant_key(char *k, const char *room, const char *full)
+{
+	snprintf(k, OCCUPANT_KEY_MAX, "%s %s", room, full);
+}
+
 /* The stream is closing (the daemon stops, or gives the component up):
  * every occupant hears that the service is going (332), so that clients
  * join again when it is back instead of thinking they are in.  Their rows
@@ -1639,8 +1647,8 @@ void xa_muc_shutdown(struct xcomp *xc)
 	json_t *occ, *o;
 	json_object_foreach(muc, room, occ)
 		json_object_foreach(occ, full, o) {
-			char key[XJ_JID_MAX * 2 + 2];
-			snprintf(key, sizeof(key), "%s %s", room, full);
+			char key[OCCUPANT_KEY_MAX];
+			occupant_key(key, room, full);
 			json_object_set_new(xc->muc_gone, key, json_true());
 		}
 	pthread_mutex_unlock(&xc->mu);
@@ -1671,8 +1679,8 @@ void xa_muc_sync(struct xcomp *xc, PGconn *c)
 	bool whole = !xc->muc_stored, ok = now && put && del;
 	json_object_foreach(xc->muc, room, occ)
 		json_object_foreach(occ, full, o) {
-			char k[XJ_JID_MAX * 2 + 2];
-			snprintf(k, sizeof(k), "%s %s", room, full);
+			char k[OCCUPANT_KEY_MAX];
+			occupant_key(k, room, full);
 			json_t *row = json_pack("[s, s, O, O]", room, full, json_object_get(o, "nick"),
 						json_object_get(o, "user"));
 			ok = ok && row && json_object_set(now, k, row) == 0;
@@ -1755,8 +1763,8 @@ void xa_muc_load(struct xcomp *xc, PGconn *c)
 	}
 	int n = 0;
 	for (int i = 0; i < PQntuples(r); i++) {
-		char key[XJ_JID_MAX * 2 + 2];
-		snprintf(key, sizeof(key), "%s %s", PQgetvalue(r, i, 0), PQgetvalue(r, i, 1));
+		char key[OCCUPANT_KEY_MAX];
+		occupant_key(key, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1));
 		if (!json_object_get(gone, key)) /* else left out: written without it (muc_dirty) */
 			n += occupant_put(xc, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), PQgetvalue(r, i, 2),
 					  PQgetvalue(r, i, 3), false);
