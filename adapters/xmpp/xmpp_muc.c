@@ -1118,8 +1118,9 @@ static void join_done(void *arg, cw_err rc, const cw_errmsg *e)
 
 /* Whether s is a XEP-0082 DateTime, CCYY-MM-DDThh:mm:ss[.sss](Z|(+|-)hh:mm),
  * with its fields in range (PostgreSQL would refuse a 13th month or a
- * 25th hour, failing the join). */
-static bool datetime_valid(const char *s)
+ * 25th hour, failing the join); if so, the time it names into *t, in
+ * seconds since the epoch (the fraction dropped). */
+static bool datetime_epoch(const char *s, time_t *t)
 {
 	static const char shape[] = "dddd-dd-ddTdd:dd:dd";
 	for (size_t i = 0; i < sizeof(shape) - 1; i++)
@@ -1140,30 +1141,16 @@ static bool datetime_valid(const char *s)
 			return false;
 		p += 1 + digits;
 	}
-	if (strcmp(p, "Z") == 0)
-		return true;
-	int th, tm, m = 0;
-	return (*p == '+' || *p == '-') && p[1] >= '0' && p[1] <= '9' && p[2] >= '0' && p[2] <= '9' && p[3] == ':' &&
-	       p[4] >= '0' && p[4] <= '9' && p[5] >= '0' && p[5] <= '9' && !p[6] &&
-	       sscanf(p + 1, "%2d:%2d%n", &th, &tm, &m) == 2 && m == 5 && th <= 14 && tm <= 59;
-}
-
-/* The time s (datetime_valid) names, in seconds since the epoch (the
- * fraction dropped). */
-static time_t datetime_epoch(const char *s)
-{
-	struct tm tm = { 0 };
-	sscanf(s, "%4d-%2d-%2dT%2d:%2d:%2d", &tm.tm_year, &tm.tm_mon, &tm.tm_mday, &tm.tm_hour, &tm.tm_min, &tm.tm_sec);
-	tm.tm_year -= 1900;
-	tm.tm_mon -= 1;
-	time_t t = timegm(&tm);
-	const char *z = s + 19 + (s[19] == '.' ? 1 + strspn(s + 20, "0123456789") : 0);
-	int th = 0, tmin = 0;
-	if (*z == '+' || *z == '-') {
-		sscanf(z + 1, "%2d:%2d", &th, &tmin);
-		t += (*z == '+' ? -1 : 1) * (time_t)(th * 3600 + tmin * 60);
-	}
-	return t;
+	int th = 0, tm = 0, m = 0;
+	if (strcmp(p, "Z") != 0 &&
+	    !((*p == '+' || *p == '-') && p[1] >= '0' && p[1] <= '9' && p[2] >= '0' && p[2] <= '9' && p[3] == ':' &&
+	      p[4] >= '0' && p[4] <= '9' && p[5] >= '0' && p[5] <= '9' && !p[6] &&
+	      sscanf(p + 1, "%2d:%2d%n", &th, &tm, &m) == 2 && m == 5 && th <= 14 && tm <= 59))
+		return false;
+	struct tm when = { .tm_year = y - 1900, .tm_mon = mo - 1, .tm_mday = d, .tm_hour = h, .tm_min = mi,
+			   .tm_sec = sec };
+	*t = timegm(&when) + (*p == '+' ? -1 : *p == '-' ? 1 : 0) * (time_t)(th * 3600 + tm * 60);
+	return true;
 }
 
 /* The <history/> a join asks for (XEP-0045 §7.2.13), at now: maxstanzas,
@@ -1190,10 +1177,11 @@ void xa_muc_history_wanted(xmpp_stanza_t *st, time_t now, int *max, char *since,
 		*max = 0;
 	if (*max > HISTORY_MAX)
 		*max = HISTORY_MAX;
-	bool at_ok = at && strlen(at) < len && datetime_valid(at);
+	time_t at_t = 0;
+	bool at_ok = at && strlen(at) < len && datetime_epoch(at, &at_t);
 	if (at_ok)
 		snprintf(since, len, "%s", at);
-	if (cw_decimal(sec, 0, 999999999, false, &v) && !(at_ok && datetime_epoch(at) >= now - (time_t)v)) {
+	if (cw_decimal(sec, 0, 999999999, false, &v) && !(at_ok && at_t >= now - (time_t)v)) {
 		struct tm tm;
 		time_t t = now - (time_t)v;
 		gmtime_r(&t, &tm);
