@@ -48,10 +48,8 @@ struct cw_http {
 	 * connection; once a drain has ended, a request that comes on a
 	 * connection still open is answered 503 at once (cw_http_drain). */
 	atomic_bool stopping, drained;
-	/* The open connections (struct conn_state), for the reaper of
-	 * request heads too slow (head_reaper) and the drain (taken inside mu
-	 * there, never the other way round). */
-	pthread_mutex_t conns_mu;
+	/* Under mu: the open connections (struct conn_state), for the reaper
+	 * of request heads too slow (head_reaper) and the drain. */
 	pthread_cond_t reaper_cv;
 	struct conn_state *conns;
 	bool reaper_stop;
@@ -692,14 +690,14 @@ struct conn_state {
 	bool unread;
 	bool asked; /* a request came on it before */
 	struct cw_req *req;
-	/* On cw_http.conns (under conns_mu), for head_reaper and the stop's
+	/* On cw_http.conns (under mu), for head_reaper and the stop's
 	 * drain; its socket (libmicrohttpd closes it only after the
 	 * connection's NOTIFY_CLOSED, which takes it off the list first). */
 	struct conn_state *prev, *next;
 	int fd;
 	atomic_llong since_us; /* its accept, or its last request's end (cw_now_us) */
 	atomic_bool in_head;   /* false once the head of its request is whole, until the request ends */
-	bool cut;              /* shut down by the reaper (under conns_mu) */
+	bool cut;              /* shut down by the reaper (under mu) */
 };
 
 static void unread_done(struct cw_http *h, struct conn_state *cs)
@@ -763,12 +761,10 @@ static void conn_start(struct cw_http *h, struct MHD_Connection *conn, struct co
 	pthread_mutex_lock(&h->mu);
 	cs->unread = true;
 	handed_drop(h, cs->fd);
-	pthread_mutex_lock(&h->conns_mu);
 	cs->next = h->conns;
 	if (h->conns)
 		h->conns->prev = cs;
 	h->conns = cs;
-	pthread_mutex_unlock(&h->conns_mu);
 	pthread_mutex_unlock(&h->mu);
 }
 
@@ -792,17 +788,17 @@ static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_
 		*socket_context = cs;
 	} else if (code == MHD_CONNECTION_NOTIFY_CLOSED) {
 		struct conn_state *cs = *socket_context;
-		/* Out of the reaper's list before libmicrohttpd closes the
-		 * socket (after this call): its number may be another's then. */
+		/* Out of the list before libmicrohttpd closes the socket
+		 * (after this call): its number may be another's then. */
 		if (cs) {
-			pthread_mutex_lock(&h->conns_mu);
+			pthread_mutex_lock(&h->mu);
 			if (cs->prev)
 				cs->prev->next = cs->next;
 			else
 				h->conns = cs->next;
 			if (cs->next)
 				cs->next->prev = cs->prev;
-			pthread_mutex_unlock(&h->conns_mu);
+			pthread_mutex_unlock(&h->mu);
 		}
 		unread_done(h, cs);
 		if (cs && cs->req)
@@ -1345,11 +1341,11 @@ static void *head_reaper(void *arg)
 {
 	struct cw_http *h = arg;
 	int64_t limit = (int64_t)h->o.connection_timeout_s * 1000000 + HEAD_GRACE_US;
-	pthread_mutex_lock(&h->conns_mu);
+	pthread_mutex_lock(&h->mu);
 	while (!h->reaper_stop) {
 		struct timespec ts;
 		cw_deadline_ts(&ts, CLOCK_REALTIME, 500000);
-		pthread_cond_timedwait(&h->reaper_cv, &h->conns_mu, &ts);
+		pthread_cond_timedwait(&h->reaper_cv, &h->mu, &ts);
 		int64_t now = cw_now_us();
 		unsigned cut = 0;
 		for (struct conn_state *cs = h->conns; cs && h->o.connection_timeout_s && !h->reaper_stop; cs = cs->next)
@@ -1360,15 +1356,15 @@ static void *head_reaper(void *arg)
 				cut++;
 			}
 		if (cut) { /* the lock let go: connections come and go meanwhile */
-			pthread_mutex_unlock(&h->conns_mu);
+			pthread_mutex_unlock(&h->mu);
 			char n[16];
 			snprintf(n, sizeof(n), "%u", cut);
 			LOG_KV_LIMITED(CW_LOG_WARN, "a request head not whole within server.connection_timeout_s: "
 				       "the connection is closed", "connections", n);
-			pthread_mutex_lock(&h->conns_mu);
+			pthread_mutex_lock(&h->mu);
 		}
 	}
-	pthread_mutex_unlock(&h->conns_mu);
+	pthread_mutex_unlock(&h->mu);
 	return NULL;
 }
 
@@ -1383,7 +1379,6 @@ cw_err cw_http_start(struct cw_http **out, const struct cw_http_opts *o, cw_errm
 	atomic_init(&h->drained, false);
 	pthread_mutex_init(&h->mu, NULL);
 	pthread_cond_init(&h->idle, NULL);
-	pthread_mutex_init(&h->conns_mu, NULL);
 	pthread_cond_init(&h->reaper_cv, NULL);
 	unsigned char rnd[4];
 	if (cw_random(rnd, sizeof(rnd))) {
@@ -1574,13 +1569,9 @@ static bool drain_waits(struct cw_http *h, bool grace_over)
 {
 	if (atomic_load(&h->in_flight) > 0)
 		return true;
-	bool wait = false;
-	pthread_mutex_lock(&h->conns_mu);
-	for (const struct conn_state *cs = h->conns; cs && !wait; cs = cs->next)
-		wait = cs->unread && (!grace_over || bytes_waiting(cs->fd));
-	pthread_mutex_unlock(&h->conns_mu);
-	if (wait)
-		return true;
+	for (const struct conn_state *cs = h->conns; cs; cs = cs->next)
+		if (cs->unread && (!grace_over || bytes_waiting(cs->fd)))
+			return true;
 	for (size_t i = 0; i < h->nhanded; i++)
 		if (!grace_over || bytes_waiting(h->handed[i]))
 			return true;
@@ -1604,7 +1595,7 @@ bool cw_http_drain(struct cw_http *h, long timeout_ms)
 		const struct timespec *t = &until;
 		struct timespec soon;
 		if (!grace_over) {
-			t = ts_min(&unread_until, &until);
+			t = &unread_until; /* never after until */
 		} else if (atomic_load(&h->in_flight) == 0) {
 			cw_deadline_ts(&soon, CLOCK_REALTIME, UNREAD_POLL_MS * 1000);
 			t = ts_min(&soon, &until);
@@ -1625,15 +1616,14 @@ void cw_http_stop(struct cw_http *h)
 		return;
 	/* The reaper first: no socket is shut down while libmicrohttpd
 	 * closes them. */
-	pthread_mutex_lock(&h->conns_mu);
+	pthread_mutex_lock(&h->mu);
 	h->reaper_stop = true;
 	pthread_cond_signal(&h->reaper_cv);
-	pthread_mutex_unlock(&h->conns_mu);
+	pthread_mutex_unlock(&h->mu);
 	pthread_join(h->reaper, NULL);
 	MHD_stop_daemon(h->d);
 	cw_metrics_free(h->metrics);
 	pthread_cond_destroy(&h->reaper_cv);
-	pthread_mutex_destroy(&h->conns_mu);
 	pthread_cond_destroy(&h->idle);
 	pthread_mutex_destroy(&h->mu);
 	free(h->handed);
