@@ -176,14 +176,16 @@ bool event_url_valid(const char *s);
  *                  content_type  required, "type/subtype" of RFC 9110 token
  *                                characters, no parameters, <= 255 bytes
  *                  url           required, "https://..." or "mxc://..." with
- *                                a non-empty rest of visible ASCII (no space,
- *                                no " < > \ ^ ` { | }), no user or password
- *                                ('@' before the path), <= 2048 bytes
+ *                                a rest of visible ASCII (no space, no " < >
+ *                                \ ^ ` { | }) that starts with a host (not
+ *                                with '/', '?', '#' or ':'), no user or
+ *                                password ('@' before the path), <= 2048 bytes
  *                                (event_url_valid)
  *                  size          optional integer 0..max_attachment_bytes;
  *                                absent: unknown (counted as
  *                                max_attachment_bytes in attachment_bytes)
- *                  sha256        optional, 64 lower-case hex digits
+ *                  sha256        optional, 64 lower-case hex digits (any
+ *                                other length: invalid_body)
  *                  filename      optional, 1..255 bytes, no '/', '\', control
  *                                characters (C0, DEL, C1), not "." or ".."
  *   in_reply_to  null or a message id (msg_...)

@@ -628,6 +628,47 @@ def test_the_identifier_patterns_take_what_the_daemon_takes(daemon, doc):
             srv.close()
 
 
+def test_the_attachment_patterns_take_what_the_daemon_takes(daemon, doc):
+    """Attachment's url and sha256 patterns take exactly what the daemon
+    takes (event.c, check_attachment), asked through a batch's items: a
+    value it refuses is the item's 400 invalid_body at the member (any
+    other answer is one it took).  Until the fiftieth session's review
+    the daemon took a url that names no host (https://?x, https://#x,
+    https://:443/x), which the pattern refuses, and a sha256 of 65 digits
+    was 413 too_large, not invalid_body."""
+    from peer import push_peers
+    (a, sa), (b, sb) = made = push_peers(daemon)
+    try:
+        att = doc["components"]["schemas"]["Attachment"]["properties"]
+        urls = ["https://a.example/f", "https://a.example", "mxc://matrix.example/AbC", "https://a.example:8443/f",
+                "https://a.example?f=1", "https://a.example#x", "https://[::1]/f", "https://a.example/a@b",
+                "https://?x", "https://#x", "https://:443/x", "https:///x", "https://", "mxc://", "mxc://?x",
+                "https://u@a.example/f", "https://u:p@a.example/f", "http://a.example/f", "https://a b/f",
+                "https://a.example/{x}", "https://a.example/\u00e9", "https://a.example/" + "a" * 2030,
+                "https://a.example/" + "a" * 2031]
+        digest = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        sums = [digest, digest[:63], digest + "0", digest.upper(), "g" * 64, ""]
+        cases = [("url", u, {"content_type": "image/png", "url": u}) for u in urls] + \
+                [("sha256", h, {"content_type": "image/png", "url": "https://a.example/f", "sha256": h}) for h in sums]
+        items = [{"idempotency_key": f"k{i}", "room": "mimi://wa.example/r/r_1",
+                  "event": {"type": "message", "sender": a.user("wally"), "content": {"attachments": [x]}}}
+                 for i, (_, _, x) in enumerate(cases)]
+        r = a.call("POST", "/v1/batch", {"events": items})
+        assert r.status_code == 200, r.text
+        wrong = []
+        for (member, value, _), res in zip(cases, r.json()["results"]):
+            refused = f"/content/attachments/0/{member}" in res.get("detail", "")
+            if refused == bool(re.fullmatch(att[member]["pattern"], value) and len(value) <=
+                               att[member].get("maxLength", len(value))):
+                wrong.append((member, value, res))
+            elif refused and res.get("code") != "invalid_body" and not (member == "url" and len(value) > 2048):
+                wrong.append((member, value, res))
+        assert not wrong, wrong
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
 # ------------------------------------------------------------ the answers
 
 class Answer:
