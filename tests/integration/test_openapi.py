@@ -669,6 +669,39 @@ def test_the_attachment_patterns_take_what_the_daemon_takes(daemon, doc):
             srv.close()
 
 
+def test_an_events_nesting_and_values_are_answered_as_documented(daemon, doc):
+    """The Event schema's description says what an event nested too deep
+    and one of too many values are answered, and the daemon answers so:
+    nesting past EVENT_MAX_DEPTH is 400 invalid_body (a syntax fault,
+    pointing at the member), values past EVENT_MAX_VALUES 413 too_large.
+    Until the fiftieth session's review the description said 413
+    too_large for both."""
+    from peer import push_peers
+    k = c_constants("adapters/peer/event.h")
+    said = " ".join(doc["components"]["schemas"]["Event"]["description"].split())
+    depth, values = k["EVENT_MAX_DEPTH"], k["EVENT_MAX_VALUES"]
+    m = re.search(rf"at most {depth} levels of nesting \(deeper: (\d+) (\w+)", said)
+    n = re.search(rf"{values} JSON values \(more: (\d+) (\w+)\)", said)
+    assert m and n, said
+    (a, _), _ = made = push_peers(daemon)
+    try:
+        deep = 1
+        for _ in range(depth - 1):  # the event object, content, x, then depth - 3 arrays: depth + 1 levels
+            deep = [deep]
+        many = list(range(values))
+        events = [{"type": "message", "sender": a.user("wally"),
+                   "content": {"parts": [{"type": "text/plain", "body": "x"}], "x": extra}} for extra in (deep, many)]
+        r = a.call("POST", "/v1/batch", {"events": [{"idempotency_key": f"k{i}", "room": "mimi://wa.example/r/r_1",
+                                                     "event": ev} for i, ev in enumerate(events)]})
+        assert r.status_code == 200, r.text
+        got = [(str(x.get("http_status")), x.get("code")) for x in r.json()["results"]]
+        assert got == [m.groups(), n.groups()], (got, said)
+        assert "/events/0/event/content/x/0" in r.json()["results"][0]["detail"], r.text
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
 # ------------------------------------------------------------ the answers
 
 class Answer:
