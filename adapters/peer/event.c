@@ -1027,6 +1027,12 @@ static cw_err load_json(struct vctx *c, const char *body, size_t len, size_t max
 		return vfail(c, EVENT_ERR_INVALID, "The %s has more data after its JSON text (line %d, column %d).",
 			     what, je.line, je.column);
 	default:
+		/* A \u escape of a surrogate alone (\uD800, or \uD800\u0041)
+		 * is no character: jansson says so as a syntax error. */
+		if (strncmp(je.text, "invalid Unicode", 15) == 0)
+			return vfail(c, EVENT_ERR_INVALID,
+				     "A string in the %s holds a \\u escape of a lone UTF-16 surrogate, which is no "
+				     "character (line %d, column %d).", what, je.line, je.column);
 		return vfail(c, EVENT_ERR_INVALID, "The %s is not valid JSON (line %d, column %d).", what, je.line,
 			     je.column);
 	}
