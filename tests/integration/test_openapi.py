@@ -553,6 +553,8 @@ def test_the_documents_bounds_are_the_constants_of_the_code(doc):
         "limit": (params["limit"]["maximum"], k["LIMIT_MAX"]),
     }
     assert f"At most {k['EVENT_TOPIC_MAX']} bytes" in content["topic"]["description"]
+    assert k["EVENT_TS_AHEAD_MS"] == 86400000 and \
+        "more than a day ahead of this server's clock is 400" in sc["Event"]["properties"]["ts"]["description"]
     reaction = [x["then"]["properties"]["content"] for x in sc["Event"]["allOf"]
                 if x["if"]["properties"].get("type", {}).get("const") == "reaction"]
     assert reaction and f"body is at most {k['EVENT_REACTION_MAX']} bytes" in reaction[0]["description"]
