@@ -242,6 +242,28 @@ out:
 /* How long rows wait when the peer's address could not be read. */
 #define DB_RETRY_MS 1000L
 
+/* The push URL as a failure's reason names it: at most URL_SHOWN bytes of
+ * it, "..." after a longer one's cut.  A reason is a cw_errmsg (512
+ * bytes, as outbox.last_error, delivery_attempts.error and the log's
+ * detail keep it); a push_url may have 2048: until the fiftieth session
+ * such a URL filled the reason, and the status or libcurl's error after
+ * it ("answered 503") was cut off, the operator told nothing but where. */
+#define URL_SHOWN 240
+struct url_shown {
+	char s[URL_SHOWN + 4];
+};
+
+static struct url_shown url_shown(const char *url)
+{
+	struct url_shown u;
+	size_t n = strlen(url);
+	if (n <= URL_SHOWN)
+		memcpy(u.s, url, n + 1);
+	else
+		snprintf(u.s, sizeof(u.s), "%.*s...", URL_SHOWN, url);
+	return u;
+}
+
 /* One signed POST of {"events": events} to url: CW_OK on a 2xx, else e
  * says why, *code holds the status (0: no answer), *wait_s the
  * Retry-After of a 429 or 503 (0: none) and *stopped whether the daemon's
@@ -323,14 +345,17 @@ static cw_err post_events(struct peer_out *p, const char *url, json_t *events, l
 	if ((*code == 429 || *code == 503) && curl_easy_getinfo(cu, CURLINFO_RETRY_AFTER, wait_s) != CURLE_OK)
 		*wait_s = 0;
 	give_handle(p, hh);
+	struct url_shown us = url_shown(url);
+	const char *shown = us.s;
 	if (*stopped)
-		return cw_fail(e, CW_ESHUTDOWN, "%s: cut off, the daemon is stopping", url);
+		return cw_fail(e, CW_ESHUTDOWN, "%s: cut off, the daemon is stopping", shown);
 	if (cc != CURLE_OK && !acked && *code == 0)
-		return cw_fail(e, CW_EUNAVAIL, "%s: %s", url, curl_easy_strerror(cc));
+		return cw_fail(e, CW_EUNAVAIL, "%s: %s", shown, curl_easy_strerror(cc));
 	if (!acked) {
 		if (*wait_s > 0)
-			return cw_fail(e, CW_EUNAVAIL, "%s answered %ld (retry after %lld s)", url, *code, (long long)*wait_s);
-		return cw_fail(e, CW_EUNAVAIL, "%s answered %ld", url, *code);
+			return cw_fail(e, CW_EUNAVAIL, "%s answered %ld (retry after %lld s)", shown, *code,
+				       (long long)*wait_s);
+		return cw_fail(e, CW_EUNAVAIL, "%s answered %ld", shown, *code);
 	}
 	return CW_OK;
 }
@@ -555,9 +580,13 @@ cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct ou
 		return cw_fail(e, CW_ENOTFOUND, "peer %s has no push URL (disabled or pull mode)", name);
 	}
 	char url[2200];
-	if (peer_out_notify_url(PQgetvalue(r, 0, 0), url, sizeof(url), e) != CW_OK) {
+	cw_errmsg ue;
+	if (peer_out_notify_url(PQgetvalue(r, 0, 0), url, sizeof(url), &ue) != CW_OK) {
+		/* (ue apart: until the fiftieth session e->msg was both the
+		 * format's argument and its output, and the reason came out as
+		 * "peer tg: peer tg: has a user or password ...") */
 		PQclear(r);
-		return cw_fail(e, CW_EUNAVAIL, "peer %s: %.400s", name, e->msg);
+		return cw_fail(e, CW_EUNAVAIL, "peer %s: %.400s", name, ue.msg);
 	}
 	/* Events of a type the peer does not take are not sent (and count as
 	 * done: there is nothing to send them as), so that they never cost

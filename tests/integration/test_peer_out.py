@@ -125,6 +125,58 @@ def test_a_redirect_is_not_followed(make_daemon, db_url, pg):
             srv.close()
 
 
+def _first_error(pg, db_url):
+    """The error of the first try of the peer tg's row, once it is recorded."""
+    q = ("SELECT a.error FROM delivery_attempts a JOIN outbox o ON o.id = a.outbox_id "
+         "WHERE o.destination = 'peer:tg' ORDER BY a.id LIMIT 1")
+    wait_until(lambda: pg.psql(q, db_url) != "", timeout=30, what="the first try recorded")
+    return pg.psql(q, db_url)
+
+
+def test_a_long_push_urls_failure_says_what_the_peer_answered(make_daemon, db_url, pg):
+    """A push_url may have 2048 bytes, a failure's reason (outbox.last_error,
+    delivery_attempts.error, the log's detail) 511: the reason names the
+    URL cut short and keeps what the peer answered.  Until the fiftieth
+    session a push_url of 700 bytes filled it, and "answered 503" was cut
+    off, the operator told where the push went and not what came back."""
+    d = make_daemon(db_url, options={"dispatcher": {"retry_budget": "1"}}).start()
+    (a, _), (b, sb) = made = push_peers(d)
+    raw = RawPeer(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+    try:
+        url = raw.url + "/" + "p" * 700
+        assert d.admin("PATCH", "/peers/tg", json={"push_url": url}).status_code == 200
+        rm = room(a, b)
+        assert a.send(rm["id"], a.user("alice"), "what came back?").status_code == 202
+        err = _first_error(pg, db_url)
+        assert err.startswith(url[:200]) and "..." in err and err.endswith(" answered 503"), err
+        assert len(err) < 300, err
+        assert raw.requests and raw.requests[0][1].startswith("POST /" + "p" * 700 + "/v1/notify "), raw.requests
+    finally:
+        raw.close()
+        for _, srv in made:
+            srv.close()
+
+
+def test_a_push_url_stored_before_its_check_fails_with_a_reason_that_reads(make_daemon, db_url, pg):
+    """A push_url the admin API refuses now (a user and password: since the
+    thirty-sixth session), kept in the row from before its check, fails
+    each push with a reason that names the peer and the fault once.  Until
+    the fiftieth session the reason was written over the text it quoted,
+    and read "peer tg: peer tg: has a user or password ..."."""
+    d = make_daemon(db_url, options={"dispatcher": {"retry_budget": "1"}}).start()
+    (a, _), (b, sb) = made = push_peers(d)
+    try:
+        pg.psql(f"UPDATE peers SET push_url = 'http://u:pw@127.0.0.1:{sb.port}' WHERE name = 'tg'", db_url)
+        rm = room(a, b)
+        assert a.send(rm["id"], a.user("alice"), "nowhere to go").status_code == 202
+        err = _first_error(pg, db_url)
+        assert err == "peer tg: push_url has a user or password (a signed URI cannot)", err
+        assert sb.requests == 0
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
 def test_a_retry_after_given_as_a_date_is_obeyed(make_daemon, db_url, pg):
     """Retry-After as an HTTP date (RFC 9110) on a 503: the batch waits
     until then, as for the seconds form."""
