@@ -650,6 +650,19 @@ cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct ou
 		for (size_t i = 0; i < n && !rc; i++)
 			if (rows[i].outcome != 1)
 				rc = cw_fail(e, CW_EUNAVAIL, "%s", rows[i].why);
+	} else if (rc && k < n) {
+		/* The rows not sent (a type the peer does not take) are done
+		 * whatever became of the request, as they are when it went
+		 * through: only the rows sent failed.  Until the fiftieth
+		 * session a batch's failure was every row's, and a peer away
+		 * for a while made its receipts, reactions and blocks dead
+		 * letters (and the later rows of their rooms with them) that
+		 * it would never have been sent. */
+		for (size_t i = 0; i < n; i++) {
+			rows[i].outcome = evs[i] ? -1 : 1;
+			rows[i].code = *code;
+			snprintf(rows[i].why, sizeof(rows[i].why), "%s", e->msg);
+		}
 	}
 out:
 	for (size_t i = 0; i < n; i++)

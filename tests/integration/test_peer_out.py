@@ -177,6 +177,41 @@ def test_a_push_url_stored_before_its_check_fails_with_a_reason_that_reads(make_
             srv.close()
 
 
+def test_rows_of_a_type_the_peer_does_not_take_are_done_when_their_batch_fails(make_daemon, db_url, pg):
+    """A row of a type the peer does not take (its event_types) is not sent
+    and is done, in a batch the peer refuses as in one it takes: only the
+    rows sent spend their tries.  Until the fiftieth session a failed
+    batch failed them too, and a peer away for the retry budget made its
+    receipts dead letters, which it would never have been sent (and the
+    later rows of their rooms with them)."""
+    d = make_daemon(db_url, options={"dispatcher": {"retry_budget": "2", "retry_base_ms": "50",
+                                                   "retry_max_ms": "100"}}).start()
+    (a, _), (b, sb) = made = push_peers(d)
+    try:
+        assert d.admin("PATCH", "/peers/tg", json={"event_types": ["message"]}).status_code == 200
+        rm = room(a, b)["id"]
+        alice = a.user("alice")
+        first = a.send(rm, alice, "taken").json()["id"]
+        sb.wait_events(1, timeout=30)
+        assert d.admin("POST", "/peers/tg/disable").status_code == 200  # the rows wait: one batch
+        rc = a.call("POST", f"/v1/rooms/{rm}/receipts", {"type": "receipt", "sender": alice,
+                                                          "content": {"in_reply_to": first, "receipt": "read"}})
+        assert rc.status_code == 202, rc.text
+        assert a.send(rm, alice, "refused").status_code == 202
+        sb.fail_next = 1000
+        assert d.admin("POST", "/peers/tg/enable").status_code == 200
+        q = ("SELECT string_agg(e.type || ' ' || o.state || ' ' || o.attempts, ', ' ORDER BY o.id) FROM outbox o "
+             "JOIN events e ON e.id = o.event_id WHERE o.destination = 'peer:tg' AND o.id > "
+             "(SELECT min(id) FROM outbox WHERE destination = 'peer:tg')")
+        got = wait_until(lambda: (lambda s: s if s and "pending" not in s and "in_flight" not in s else None)(
+            pg.psql(q, db_url)), timeout=30, what="the batch's rows settled")
+        assert got == "receipt delivered 1, message dead 2", got
+        assert [e["content"]["parts"][0]["body"] for e in sb.events] == ["taken"], sb.events
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
 def test_a_retry_after_given_as_a_date_is_obeyed(make_daemon, db_url, pg):
     """Retry-After as an HTTP date (RFC 9110) on a 503: the batch waits
     until then, as for the seconds form."""
