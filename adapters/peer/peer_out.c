@@ -111,11 +111,33 @@ static void give_handle(struct peer_out *p, struct handle h)
 	}
 }
 
+/* What a transfer has read of the answer: its body's bytes so far, and
+ * whether the head of the final answer (not a 1xx's) is in whole. */
+struct answer {
+	CURL *e;
+	size_t got;
+	bool head_done;
+};
+
 static size_t discard(char *ptr, size_t size, size_t n, void *u)
 {
-	size_t *total = u;
-	*total += size * n;
-	return *total > RESPONSE_MAX ? 0 : size * n; /* a huge answer aborts the transfer */
+	struct answer *a = u;
+	(void)ptr;
+	a->got += size * n;
+	return a->got > RESPONSE_MAX ? 0 : size * n; /* a huge answer aborts the transfer */
+}
+
+/* The blank line that ends a head: the final answer's (its status 200 or
+ * more) is all that is read of it, its status and its Retry-After. */
+static size_t head_line(char *ptr, size_t size, size_t n, void *u)
+{
+	struct answer *a = u;
+	size_t len = size * n;
+	long code = 0;
+	if ((len == 2 && ptr[0] == '\r' && ptr[1] == '\n') || (len == 1 && ptr[0] == '\n'))
+		if (curl_easy_getinfo(a->e, CURLINFO_RESPONSE_CODE, &code) == CURLE_OK && code >= 200)
+			a->head_done = true;
+	return len;
 }
 
 /* Runs h's transfer on its multi handle, looking every STOP_POLL_MS
@@ -124,15 +146,24 @@ static size_t discard(char *ptr, size_t size, size_t n, void *u)
  * them), so that a slow peer cannot hold the stop for
  * dispatcher.http_timeout_ms.  (The architecture's "one multi handle per
  * thread": here one per handle pair, so that a lane's next request to
- * the same peer reuses the connection the multi handle keeps.) */
+ * the same peer reuses the connection the multi handle keeps.)
+ *
+ * The answer's body, which nothing reads, gets BODY_GRACE_MS after its
+ * head (a: head_done) to end, then the transfer ends (its connection
+ * with it): the status and the Retry-After are in.  Until the fiftieth
+ * session a peer whose body stalled after its head (a 200 whose
+ * Content-Length never came) held the lane, and every batch to it, for
+ * dispatcher.http_timeout_ms (10 s by default) each. */
 #define STOP_POLL_MS 200
-static CURLcode perform(struct handle h, const struct cw_app *app, bool *cut)
+#define BODY_GRACE_MS 1000
+static CURLcode perform(struct handle h, const struct cw_app *app, const struct answer *a, bool *cut)
 {
 	*cut = false;
 	if (curl_multi_add_handle(h.m, h.e) != CURLM_OK)
 		return CURLE_FAILED_INIT;
 	CURLcode cc = CURLE_OK;
 	bool done = false;
+	int64_t head_at = -1; /* when the head was seen in (ms, monotonic) */
 	for (;;) {
 		int running = 0, left;
 		if (curl_multi_perform(h.m, &running) != CURLM_OK) {
@@ -151,7 +182,20 @@ static CURLcode perform(struct handle h, const struct cw_app *app, bool *cut)
 			*cut = true;
 			break;
 		}
-		if (curl_multi_poll(h.m, NULL, 0, STOP_POLL_MS, NULL) != CURLM_OK) {
+		int wait = STOP_POLL_MS;
+		if (a->head_done) {
+			int64_t now = cw_now_us() / 1000;
+			if (head_at < 0)
+				head_at = now;
+			if (now - head_at >= BODY_GRACE_MS) {
+				cc = CURLE_OPERATION_TIMEDOUT; /* the answer is known: its status counts */
+				done = true;
+				break;
+			}
+			if (BODY_GRACE_MS - (now - head_at) < wait)
+				wait = (int)(BODY_GRACE_MS - (now - head_at));
+		}
+		if (curl_multi_poll(h.m, NULL, 0, wait, NULL) != CURLM_OK) {
 			cc = CURLE_FAILED_INIT;
 			break;
 		}
@@ -302,7 +346,6 @@ static cw_err post_events(struct peer_out *p, const char *url, json_t *events, l
 	struct curl_slist *list = curl_slist_append(NULL, "Expect:");
 	for (int i = 0; i < 4; i++)
 		list = curl_slist_append(list, hd[i]);
-	size_t got = 0;
 	struct handle hh;
 	if (!take_handle(p, &hh)) {
 		curl_slist_free_all(list);
@@ -320,11 +363,14 @@ static cw_err post_events(struct peer_out *p, const char *url, json_t *events, l
 	curl_easy_setopt(cu, CURLOPT_CONNECTTIMEOUT_MS, p->timeout_ms < 3000 ? p->timeout_ms : 3000L);
 	curl_easy_setopt(cu, CURLOPT_NOSIGNAL, 1L);
 	curl_easy_setopt(cu, CURLOPT_PROTOCOLS_STR, "http,https");
+	struct answer ans = { .e = cu };
 	curl_easy_setopt(cu, CURLOPT_WRITEFUNCTION, discard);
-	curl_easy_setopt(cu, CURLOPT_WRITEDATA, &got);
+	curl_easy_setopt(cu, CURLOPT_WRITEDATA, &ans);
+	curl_easy_setopt(cu, CURLOPT_HEADERFUNCTION, head_line);
+	curl_easy_setopt(cu, CURLOPT_HEADERDATA, &ans);
 	if (p->app && p->app->cfg->ca_file && *p->app->cfg->ca_file)
 		curl_easy_setopt(cu, CURLOPT_CAINFO, p->app->cfg->ca_file);
-	CURLcode cc = perform(hh, p->app, stopped);
+	CURLcode cc = perform(hh, p->app, &ans, stopped);
 	curl_slist_free_all(list);
 	free(text);
 	/* The status is read whatever became of the transfer after it (0: no

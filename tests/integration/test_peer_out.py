@@ -101,6 +101,43 @@ def test_a_2xx_whose_body_never_ends_is_an_acknowledgement(make_daemon, db_url, 
             srv.close()
 
 
+def test_an_answer_whose_body_stalls_holds_the_lane_a_second_not_the_timeout(make_daemon, db_url, pg):
+    """The body of the peer's answer is not read (its status and
+    Retry-After are): one that stalls after the head is cut off a second
+    later, not at dispatcher.http_timeout_ms (10 s by default), a 200 then
+    delivered and a 503 with Retry-After then waited out as it says.  Until
+    the fiftieth session each batch to such a peer held its lane for the
+    whole timeout."""
+    d = make_daemon(db_url, options={"dispatcher": {"retry_budget": "3"}}).start()
+    (a, _), (b, sb) = made = push_peers(d)
+    stalled_503 = RawPeer(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 7\r\nContent-Length: 10\r\n\r\n{",
+                          hang=True)
+    stalled_200 = RawPeer(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{", hang=True)
+    q = ("SELECT o.state, o.attempts, extract(epoch FROM a.finished_at), extract(epoch FROM o.next_attempt_at - a.finished_at) "
+         "FROM outbox o JOIN delivery_attempts a ON a.outbox_id = o.id WHERE o.destination = 'peer:tg' "
+         "ORDER BY a.id DESC LIMIT 1")
+    try:
+        rm = room(a, b)
+        for raw, want in ((stalled_503, "pending"), (stalled_200, "delivered")):
+            assert d.admin("PATCH", "/peers/tg", json={"push_url": raw.url}).status_code == 200
+            if want == "pending":
+                assert a.send(rm["id"], a.user("alice"), "a stalled answer").status_code == 202
+            else:
+                pg.psql("UPDATE outbox SET next_attempt_at = now() WHERE destination = 'peer:tg'", db_url)
+            row = wait_until(lambda: (lambda s: s.split("|") if s.startswith(want) else None)(pg.psql(q, db_url)),
+                             timeout=30, what=f"the try answered by the stalled {want}")
+            came = raw.requests[0][0]
+            assert float(row[2]) - came < 2.5, (want, row, came)  # recorded a second after the head, not 10 s
+            if want == "pending":
+                assert 6 <= float(row[3]) <= 7.5, row  # Retry-After: 7, read from the head
+        assert len(stalled_200.requests) == 1, stalled_200.requests
+    finally:
+        stalled_503.close()
+        stalled_200.close()
+        for _, srv in made:
+            srv.close()
+
+
 def test_a_redirect_is_not_followed(make_daemon, db_url, pg):
     """A peer answering 3xx with a Location elsewhere (another host, an
     address inside the operator's network) is not followed: the push is
