@@ -455,7 +455,7 @@ static const struct store_stmt lane_stmts[] = {
 		" WHERE o.state = 'pending' AND o.destination = $4 AND o.next_attempt_at <= now()"
 		"  AND o.room_id NOT IN (SELECT room_id FROM blocked)"
 		"  AND (o.target_identity_id IS NULL OR NOT EXISTS (SELECT 1 FROM outbox h"
-		"   WHERE h.state IS NOT DISTINCT FROM 'held' AND h.target_identity_id = o.target_identity_id"
+		"   WHERE " OUTBOX_HELD("h") " AND h.target_identity_id = o.target_identity_id"
 		"   AND h.room_id = o.room_id AND h.id < o.id AND h.destination = o.destination"
 		"   AND (SELECT he.sender_id FROM events he WHERE he.id = h.event_id)"
 		"    = (SELECT oe.sender_id FROM events oe WHERE oe.id = o.event_id)))"

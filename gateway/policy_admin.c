@@ -913,7 +913,7 @@ void policy_admin_users_list(struct cw_req *req, void *ctx)
 		"  'peer', (SELECT p.name FROM peers p WHERE p.domain = CASE c.subject_kind WHEN 'domain' THEN c.subject "
 		"  ELSE split_part(substr(c.subject, 8), '/', 1) END)) ORDER BY c.subject_kind, "
 		"  c.subject), '[]'::json) FROM consents c WHERE c.local_identity_id = x.id), "
-		" 'held', (SELECT count(*) FROM outbox h WHERE h.target_identity_id = x.id AND h.state = 'held'), "
+		" 'held', (SELECT count(*) FROM outbox h WHERE h.target_identity_id = x.id AND " OUTBOX_HELD("h") "), "
 		" 'pending_requests', (SELECT count(*) FROM consent_requests r WHERE r.local_identity_id = x.id "
 		"  AND r.state = 'pending'))",
 		"(SELECT id, uri, network, discoverable FROM identities WHERE is_local AND id > $1::bigint "
@@ -1124,7 +1124,7 @@ void policy_admin_consent_requests(struct cw_req *req, void *ctx)
 		"json_build_object('id', x.id, 'user', l.uri, 'requester', r.uri, 'requester_network', r.network, "
 		" 'state', x.state, 'created_at', " APP_SQL_TS("x.created_at") ", 'notified_at', " APP_SQL_TS("x.notified_at") ", "
 		" 'decided_at', " APP_SQL_TS("x.decided_at") ", 'expires_at', " APP_SQL_TS("x.expires_at") ", 'held', (SELECT count(*) FROM outbox o JOIN events e "
-		" ON e.id = o.event_id WHERE o.target_identity_id = x.local_identity_id AND o.state = 'held' "
+		" ON e.id = o.event_id WHERE o.target_identity_id = x.local_identity_id AND " OUTBOX_HELD("o") " "
 		" AND e.sender_id = x.remote_identity_id))",
 		"(SELECT * FROM consent_requests WHERE id > $1::bigint AND ($3::text IS NULL OR state = $3) "
 		" AND ($4::text IS NULL OR local_identity_id = (SELECT id FROM identities WHERE uri = $4)) "
@@ -1155,7 +1155,7 @@ void policy_admin_held_list(struct cw_req *req, void *ctx)
 		"json_build_object('id', x.id, 'message', e.public_id, 'user', t.uri, 'sender', s.uri, 'type', e.type, "
 		" 'held_since', " APP_SQL_TS("x.created_at") ", "
 		" 'expires_at', " APP_SQL_TS("x.created_at + make_interval(secs => $4::bigint)") ")",
-		"(SELECT id, event_id, target_identity_id, created_at FROM outbox WHERE state = 'held' "
+		"(SELECT id, event_id, target_identity_id, created_at FROM outbox o WHERE " OUTBOX_HELD("o") " "
 		" AND id > $1::bigint AND ($3::text IS NULL OR target_identity_id = (SELECT id FROM identities "
 		" WHERE uri = $3)) ORDER BY id LIMIT $2::int) x JOIN events e ON e.id = x.event_id "
 		" JOIN identities s ON s.id = e.sender_id JOIN identities t ON t.id = x.target_identity_id"));

@@ -328,9 +328,14 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
  * wrote there in the last minutes (WROTE_IN_GROUP: the write stamps
  * room_members.wrote_at, found in room_members_wrote_idx, so the next
  * periodic sweep releases what waited; one that arrived as she wrote is
- * seen by a later one). */
+ * seen by a later one).  One user's rows are a descent of
+ * outbox_held_probe_idx (OUTBOX_HELD: a custom plan folds the CASE into
+ * its arm); the periodic sweep's generic plan keeps state = 'held' for
+ * outbox_held_age_idx, whose range on created_at releasable_sql reads
+ * (the rows not expired yet). */
 #define SWEPT_HELD                                                                                      \
 	"o.state = 'held' AND CASE WHEN $2::bigint IS NOT NULL THEN o.target_identity_id = $2::bigint "     \
+	" AND " OUTBOX_HELD("o") " "                                                                          \
 	" ELSE (o.created_at < now() - make_interval(secs => $1::bigint) OR o.target_identity_id IN "       \
 	"  (SELECT local_identity_id FROM consents WHERE updated_at > now() - interval '10 minutes') "      \
 	"  OR (o.target_identity_id, o.room_id) IN (SELECT identity_id, room_id FROM room_members "         \
@@ -712,7 +717,7 @@ static const char *const recheck_state_sql[] = {
  * decision; most changes are consents of users who opted out of nothing:
  * no row is read), one kind after the other, each a walk in an index's
  * order from after the cursor ($2, $3, $4), $5 rows at a time: held ones
- * in outbox_held_idx and dead and failed ones in
+ * in outbox_held_probe_idx (OUTBOX_HELD) and dead and failed ones in
  * outbox_dead_target_order_idx (schema/039), by (user, room, id); pending
  * ones in outbox_room_order_idx, by (room, destination, id), as a block's
  * sweep finds them (no index on the pending rows' user: every row written
@@ -735,7 +740,7 @@ static const char *const recheck_state_sql[] = {
 	" ORDER BY o.target_identity_id, o.room_id, o.id LIMIT $5::int) "                                      \
 	RECHECK_SELECT "ORDER BY b.target_identity_id, b.room_id, b.id"
 static const char *const recheck_users_sql[] = {
-	RECHECK_USER_ROWS("o.state = 'held'"),
+	RECHECK_USER_ROWS(OUTBOX_HELD("o")),
 	RECHECK_USER_ROWS("o.state IN ('dead', 'failed') AND o.target_identity_id IS NOT NULL"),
 	"WITH RECURSIVE" RECHECK_OPTED_OUT
 	"rm AS MATERIALIZED (SELECT coalesce(array_agg(DISTINCT m.room_id ORDER BY m.room_id), '{}') AS a "
@@ -1153,7 +1158,7 @@ const char POLICY_USER_SUMMARY_SQL[] =
 	" FROM user_optin o WHERE o.identity_id = $1::bigint "
 	"UNION ALL SELECT 'held, not asked (too many requests): ' || i.uri || ' (' || i.network || ')' "
 	" FROM identities i WHERE i.id IN (SELECT e.sender_id FROM outbox o JOIN events e ON e.id = o.event_id "
-	" WHERE o.target_identity_id = $1::bigint AND o.state = 'held') AND NOT EXISTS (SELECT 1 "
+	" WHERE o.target_identity_id = $1::bigint AND " OUTBOX_HELD("o") ") AND NOT EXISTS (SELECT 1 "
 	" FROM consent_requests q WHERE q.local_identity_id = $1::bigint AND q.remote_identity_id = i.id "
 	" AND q.state = 'pending') "
 	/* the remote users who blocked her (the blocks table: their peer's

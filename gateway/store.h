@@ -62,6 +62,20 @@ struct cw_store;
 	"(SELECT DISTINCT x::bigint AS u FROM unnest(string_to_array($1, ',')) AS x ORDER BY 1) y"
 #define XMPP_GROUP_LOCK_CLASS "1129797703"
 
+/* Outbox row o (its alias) is held, said so that outbox_held_probe_idx
+ * ((target_identity_id, room_id, id) WHERE state IS NOT DISTINCT FROM
+ * 'held', schema/047) is the only index of held rows the planner can read
+ * for it (state is NOT NULL: the same test as state = 'held').  Every
+ * statement that finds a user's held rows by user (and room) says it so:
+ * the dispatcher's probe (047: with state = 'held', stale statistics
+ * planned it on another index of held rows, read whole for each row
+ * claimed), a consent's sweep, the opt-out's recheck, the user summary,
+ * the admin counts and the held list of one user.  Until the fiftieth
+ * session all but the probe said state = 'held' and read outbox_held_idx,
+ * the same rows and key, which 052 dropped: one index entry fewer to
+ * write for every row held. */
+#define OUTBOX_HELD(o) o ".state IS NOT DISTINCT FROM 'held'"
+
 /* A new event's public id made in SQL, as cw_new_id makes one ("msg_" and
  * 16 random bytes, base64url): gen_random_uuid() is PostgreSQL's strong
  * random.  For the events the gateway writes itself. */

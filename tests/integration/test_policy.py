@@ -3294,7 +3294,7 @@ def test_an_opt_out_decides_every_waiting_row_of_the_user_in_batches(make_daemon
     (one a group she shares with bob), held, dead and failed, all dropped,
     each once; bob's in the same group and in his own room stay. Each batch
     goes on from where the last ended (the held ones in
-    outbox_held_idx, the dead and failed ones in
+    outbox_held_probe_idx, the dead and failed ones in
     outbox_dead_target_order_idx, the pending ones through her rooms in
     outbox_room_order_idx): until the thirty-second session each batch read
     all of her waiting rows again, 70 ms a batch at 100,000 of them."""
@@ -3344,6 +3344,68 @@ def test_an_opt_out_decides_every_waiting_row_of_the_user_in_batches(make_daemon
                        "AND EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = e.id AND o.state = 'dropped')"
                        % rooms[2], db_url) == "false:true,true:false"
         assert "recheck of waiting rows failed" not in d.log()
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
+def test_a_users_held_rows_are_read_in_the_one_index_of_them_by_user(make_daemon, db_url, pg):
+    """Every statement that finds a user's held rows by user reads them in
+    outbox_held_probe_idx (047), the one index of held rows by user and
+    room: the admin users' and consent requests' held counts, the held
+    list of one user, a consent's sweep and its releasable rows, an
+    opt-out's recheck.  Until the fiftieth session they read
+    outbox_held_idx, the same rows in the same key, which every held row
+    paid an entry of; 052 dropped it.  Their plans, logged by auto_explain,
+    over 3,000 rows held for others and 20,000 delivered (copies of her
+    message, 23,000 events), analyzed."""
+    name = db_url.split("?")[0].rsplit("/", 1)[1]
+    pg.psql(f'ALTER DATABASE "{name}" SET session_preload_libraries = \'auto_explain\'')
+    pg.psql(f'ALTER DATABASE "{name}" SET auto_explain.log_min_duration = 0')
+    held_indexes = pg.psql("SELECT string_agg(indexname, ' ' ORDER BY 1) FROM pg_indexes WHERE tablename = 'outbox' "
+                           "AND indexdef LIKE '%(target_identity_id, room_id, id)%held%'", db_url)
+    assert held_indexes == "outbox_held_probe_idx", held_indexes
+    log = os.path.join(pg.dir, "postgresql.log")
+    d = make_daemon(db_url, options={"policy": {"reload_interval_s": "3600"}}).start()
+    made = push_peers(d)
+    try:
+        (a, _), _ = made
+        opt_in(d)
+        room = dm(a)
+        ids = [send(a, room, f"wait {i}").json()["id"] for i in range(3)]
+        assert [s for _, s in states(pg, db_url, ids)] == ["held"] * 3
+        pg.psql("INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
+                "SELECT 'msg_fill' || g, room_id, sender_id, type, content, origin_network, ts "
+                f"FROM events, generate_series(1, 23000) g WHERE public_id = '{ids[0]}' ORDER BY g", db_url)
+        pg.psql("INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state, delivered_at) "
+                "SELECT e.id, 'peer:zz', CASE WHEN g <= 3000 THEN -1 - g % 40 END, -1 - g % 40, "
+                " CASE WHEN g <= 3000 THEN 'held' ELSE 'delivered' END, CASE WHEN g > 3000 THEN now() END "
+                "FROM events e, CAST(substr(e.public_id, 9) AS int) g WHERE e.public_id LIKE 'msg_fill%' ORDER BY g; "
+                "ANALYZE outbox; ANALYZE events", db_url)
+        start = os.path.getsize(log)
+        users = d.admin("GET", f"/users?user={ALICE}").json()["rows"]
+        assert [u["held"] for u in users] == [3]
+        assert [q["held"] for q in d.admin("GET", f"/consent-requests?user={ALICE}").json()["rows"]] == [3]
+        assert [h["message"] for h in d.admin("GET", f"/held?user={ALICE}").json()["rows"]] == ids
+        opt_in(d, on=False)
+        wait_until(lambda: {s for _, s in states(pg, db_url, ids)} == {"dropped"}, what="the held rows dropped")
+        opt_in(d)
+        consent(d, a.user("wally"), "allowed")
+        time.sleep(0.5)  # the log's last lines written
+        with open(log, encoding="utf-8", errors="replace") as f:
+            f.seek(start)
+            plans = f.read().split("plan:")
+        readers = {"users' held count": "'held', (SELECT count(*) FROM outbox h ",
+                   "requests' held count": "'held', (SELECT count(*) FROM outbox o JOIN events e ",
+                   "held list": "'held_since'", "sweep": "hd AS (SELECT h.*", "releasable": "AS gw) g",
+                   "recheck": "ORDER BY o.target_identity_id, o.room_id, o.id LIMIT $5::int"}
+        for what, marker in readers.items():
+            mine = [p for p in plans if marker in p]
+            assert mine, f"no plan of the {what} logged"
+            assert not [p for p in mine if "outbox_held_idx" in p], (what, mine)
+            # One user's: a descent of the index by user.
+            assert any(re.search(r"(Index Scan using|Bitmap Index Scan on) outbox_held_probe_idx\b.*\n\s+"
+                                 r"Index Cond: \(+target_identity_id = ", p) for p in mine), (what, mine)
     finally:
         for _, srv in made:
             srv.close()
