@@ -556,6 +556,19 @@ static bool rule_fields(struct cw_req *req, json_t *body, struct aq *q, bool *ha
 		bad_body(req, "comment must be a string of at most 1024 bytes, or null");
 		return false;
 	}
+	/* Shown to every operator as it is (the rules list, a decision's
+	 * rule, causewayctl rules), as a report's comment is: the same text
+	 * check (until the fiftieth session a rule's comment took any control
+	 * or bidirectional override, which a report's has refused since the
+	 * forty-eighth). */
+	const char *tp = json_is_string(comment) ? cw_utf8_text_problem(json_string_value(comment),
+									 json_string_length(comment))
+						 : NULL;
+	if (tp) {
+		snprintf(why, sizeof(why), "comment %s: it is shown to the operator as it is", tp);
+		bad_body(req, why);
+		return false;
+	}
 	if (exp && !json_is_null(exp) &&
 	    (!json_is_integer(exp) || json_integer_value(exp) < 1 || json_integer_value(exp) > 10LL * 366 * 86400)) {
 		bad_body(req, "expires_in_s must be a number of seconds from 1 to ten years, or null (never)");

@@ -1091,30 +1091,37 @@ def test_a_settings_file_others_may_change_is_warned_about(tmp_path):
         s.close()
 
 
-def test_json_output_cannot_drive_the_terminal(daemon):
+def test_json_output_cannot_drive_the_terminal(daemon, pg, db_url):
     """--json prints the API's answer for scripts, but it reaches a terminal
     too: a string's C1 controls (U+009B is CSI), DEL and bidirectional
     overrides and isolates are written as \\u escapes, the same JSON once
     parsed, where until the forty-third session they went out raw (the
     table defanged them; --json printed a rule's comment, a delivery's last
     error or a report's comment, which a peer writes, as it was).  Other
-    text, accents and all, is printed as it is."""
+    text, accents and all, is printed as it is.  The API refuses such a
+    rule comment since the fiftieth session: one stored before (or by SQL)
+    is stored here by hand."""
     comment = "wave \u009b2J\u202eevil\u2066 caf\u00e9 \x7f\x1b[31m"
     r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "x.example", "mode": "deny",
-                                             "comment": comment})
+                                             "comment": "replaced below"})
     assert r.status_code == 201, r.text
+    pg.psql("UPDATE rules SET comment = E'wave \\u009b2J\\u202eevil\\u2066 caf\\u00e9 \\u007f\\u001b[31m' "
+            f"WHERE id = {r.json()['id']}", db_url)
     out = ok("--json", "rules", url=daemon.url)
     for c in ("\u009b", "\u202e", "\u2066", "\x7f", "\x1b"):
         assert c not in out, (c, out)
     assert "caf\u00e9" in out and "\\u009b2J\\u202eevil\\u2066" in out and "\\u007f" in out, out
     assert json.loads(out)["rows"][0]["comment"] == comment
-    # A refusal's problem document on stdout likewise.
-    rc, out, err = ctl("--json", "rules", "add", "domain", "x.example", "--mode", "deny",
-                       "--comment", comment, url=daemon.url)
-    assert rc == 1 and json.loads(out)["code"] == "conflict", (rc, out, err)
-    out = ok("--json", "rules", "add", "domain", "y.example", "--mode", "deny", "--comment", comment,
-             url=daemon.url)
-    assert "\u009b" not in out and "\u202e" not in out and json.loads(out)["comment"] == comment, out
+    # A refusal's problem document on stdout likewise: its detail names the
+    # unknown member of --limits as it was given.
+    key = "k\u009b2J\u202e\x1b[31m"
+    rc, out, err = ctl("--json", "rules", "add", "domain", "y.example", "--mode", "deny",
+                       "--limits", json.dumps({key: 1}, ensure_ascii=False), url=daemon.url)
+    assert rc == 1 and json.loads(out)["code"] == "invalid_body", (rc, out, err)
+    assert "\u009b" not in out and "\u202e" not in out and "\x1b" not in out and key in json.loads(out)["detail"], out
+    rc, out, err = ctl("--json", "rules", "add", "domain", "y.example", "--mode", "deny", "--comment", comment,
+                       url=daemon.url)
+    assert rc == 1 and json.loads(out)["code"] == "invalid_body" and "control" in json.loads(out)["detail"], out
 
 
 def test_a_read_answered_503_with_retry_after_is_asked_again():

@@ -1742,6 +1742,35 @@ def test_an_admin_report_comment_with_a_control_character_is_refused(daemon, pg,
     assert pg.psql("SELECT comment = E'one\\n\\ttwo' FROM reports", db_url) == "t"
 
 
+def test_a_rule_comment_with_a_control_character_is_refused(daemon, pg, db_url):
+    """A rule's comment is shown to every operator as it is, as a report's
+    is: POST and PATCH /admin/v1/rules refuse one holding a control
+    character other than a line feed or a tab (an ESC starts a terminal's
+    escape sequence in causewayctl rules), a bidirectional override (which
+    turns the text shown around it) or a noncharacter, 400 invalid_body
+    saying so, and nothing is stored or audited (until the fiftieth session
+    each was stored, audited and shown)."""
+    count = "SELECT (SELECT count(*) FROM rules) || ' ' || (SELECT count(*) FROM audit_log)"
+    before = pg.psql(count, db_url)
+    rule = {"scope": "domain", "pattern": "cmt.example", "mode": "deny"}
+    bad = (("ring\u0007", "control character"), ("\u001b[2Jgone", "control character"),
+           ("deny \u202eelpmaxe", "bidirectional"), ("\ufdd0", "noncharacter"))
+    for comment, said in bad:
+        r = daemon.admin("POST", "/rules", json=dict(rule, comment=comment))
+        assert r.status_code == 400 and r.json()["code"] == "invalid_body", (comment, r.text)
+        assert said in r.json()["detail"], (comment, r.text)
+    assert pg.psql(count, db_url) == before
+    r = daemon.admin("POST", "/rules", json=dict(rule, comment="one\n\ttwo"))
+    assert r.status_code == 201, r.text
+    rid = r.json()["id"]
+    before = pg.psql(count, db_url)
+    for comment, said in bad:
+        r = daemon.admin("PATCH", f"/rules/{rid}", json={"comment": comment})
+        assert r.status_code == 400 and said in r.json()["detail"], (comment, r.text)
+    assert pg.psql(count, db_url) == before
+    assert pg.psql(f"SELECT comment = E'one\\n\\ttwo' FROM rules WHERE id = {rid}", db_url) == "t"
+
+
 def test_a_report_threshold_of_zero_limits_no_one(daemon, pg, db_url):
     """policy.report_limit_threshold 0 (PATCH takes it) turns the automatic
     limit off: reports are stored and counted, no rule is made."""
