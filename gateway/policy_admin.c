@@ -504,6 +504,44 @@ static bool pattern_valid(enum policy_scope scope, const char *pattern, char *wh
 	return strcmp(pattern + 5, "*") == 0 || peer_name_valid(pattern + 5);
 }
 
+/* Whether s, a valid domain (user false) or user URI (user true), names an
+ * XMPP component's domain, and then why it is no rule's pattern or
+ * consent's subject, into why (len bytes).  A component's contact
+ * (mimi://<component>/u/wally, the JID wally@<component>) stands for a
+ * user of its peer, whose messages carry the address on the peer's own
+ * domain: the policy asks about that one, so a rule or consent naming the
+ * component's would match no one.  app_domain_is_ours counts the
+ * component's domain among this provider's, and until the fiftieth
+ * session the refusal said so ("this provider's own domain ... a local
+ * user"), of what is a remote party; POST /reports takes the address and
+ * stores it as the peer's user's (report_subject). */
+static bool component_why(struct cw_app *app, const char *s, bool user, char *why, size_t len)
+{
+	struct mimi_uri u;
+	cw_errmsg e;
+	const char *d = s;
+	if (user) {
+		if (mimi_uri_parse(s, &u, &e) != CW_OK)
+			return false;
+		d = u.domain;
+	}
+	const char *peer = app->xmpp ? xa_component_peer(app->xmpp, d) : NULL;
+	if (!peer)
+		return false;
+	if (user)
+		snprintf(why, len,
+			 "%s is the XMPP contact %s@%s, which stands for a user of peer:%s, whose messages carry "
+			 "their address on that peer's own domain: name them by it, mimi://<the domain of peer "
+			 "%s>/u/%s (GET /admin/v1/peers/%s gives the domain)",
+			 s, u.id, d, peer, peer, u.id, peer);
+	else
+		snprintf(why, len,
+			 "%s is the domain of the XMPP component that stands for peer:%s, whose users' addresses "
+			 "carry that peer's own domain: name it (GET /admin/v1/peers/%s gives it)",
+			 d, peer, peer);
+	return true;
+}
+
 /* The domain of this provider's own (app_domain_is_ours) that a valid
  * pattern names, a user of its or the domain itself, into own; false when
  * it names a remote party's.  The engine asks the rules about the remote
@@ -632,7 +670,7 @@ void policy_admin_rule_create(struct cw_req *req, void *ctx)
 	enum policy_scope sc;
 	bool has_mode, mode_null, has_limits, limits_empty;
 	bool ok = false;
-	char own[MIMI_DOMAIN_MAX + 1], why[MIMI_URI_MAX + 200];
+	char own[MIMI_DOMAIN_MAX + 1], why[2 * MIMI_URI_MAX + 400];
 	if (!q)
 		cw_req_no_memory(req); /* until the forty-fourth session without Retry-After */
 	else if (!app_json_only_known(req, body, rule_members))
@@ -650,6 +688,8 @@ void policy_admin_rule_create(struct cw_req *req, void *ctx)
 						      : "pattern must be a user URI mimi://<domain>/u/<local>",
 			 said ? ": " : "", said ? why : "");
 		bad_body(req, d);
+	} else if (sc != POLICY_SCOPE_NETWORK && component_why(ctx, pattern, sc == POLICY_SCOPE_USER, why, sizeof(why))) {
+		bad_body(req, why);
 	} else if (pattern_ours(ctx, sc, pattern, own, sizeof(own))) {
 		char d[MIMI_DOMAIN_MAX + 480];
 		snprintf(d, sizeof(d),
@@ -1050,7 +1090,7 @@ void policy_admin_consent_set(struct cw_req *req, void *ctx)
 	static const char *const members[] = { "user", "subject_kind", "subject", "state", NULL };
 	const char *kind = str(body, "subject_kind"), *subject = str(body, "subject");
 	const char *state = str(body, "state");
-	char user[MIMI_URI_MAX + 1], why[MIMI_URI_MAX + 300];
+	char user[MIMI_URI_MAX + 1], why[2 * MIMI_URI_MAX + 400];
 	const char *p;
 	bool ok = false;
 	if (!app_json_only_known(req, body, members))
@@ -1070,6 +1110,8 @@ void policy_admin_consent_set(struct cw_req *req, void *ctx)
 		bad_body(req, d);
 	} else if (!state || (strcmp(state, "allowed") != 0 && strcmp(state, "blocked") != 0 && strcmp(state, "none") != 0))
 		bad_body(req, "state must be allowed, blocked or none (forget the decision)");
+	else if (strcmp(state, "none") != 0 && component_why(app, subject, strcmp(kind, "user") == 0, why, sizeof(why)))
+		bad_body(req, why);
 	else if (strcmp(state, "none") != 0 && policy_consent_subject_ours(app, kind, subject)) {
 		/* The policy asks a user's consents of a remote sender only;
 		 * what local users send one another is decided by nobody here

@@ -1594,15 +1594,17 @@ def test_a_rule_naming_the_xmpp_domain_or_a_component_is_refused(xd, pg, db_url)
     (a contact there is a peer's user under the peer's domain, a local user
     is mimi://<server.domain>/u/...): a rule naming one, or a user there,
     would never match (the rules are asked about the remote party), so it
-    is 400 invalid_body naming the domain, and nothing is stored. A
-    wildcard over them is taken: it covers other, remote, domains."""
+    is 400 invalid_body naming the domain, and nothing is stored (a
+    component's naming its peer, whose domain is the one to write: since
+    the fiftieth session). A wildcard over them is taken: it covers other,
+    remote, domains."""
     before = pg.psql("SELECT (SELECT count(*) FROM rules) || ' ' || (SELECT count(*) FROM audit_log)", db_url)
-    for scope, pattern, own in (("domain", COMP, COMP), ("domain", HOST, HOST),
-                                ("user", "mimi://" + COMP + "/u/wally", COMP),
-                                ("user", "mimi://" + HOST + "/u/alice", HOST)):
+    for scope, pattern, own, said in (("domain", COMP, COMP, "peer:gk"), ("domain", HOST, HOST, "remote parties"),
+                                      ("user", "mimi://" + COMP + "/u/wally", COMP, "peer:gk"),
+                                      ("user", "mimi://" + HOST + "/u/alice", HOST, "remote parties")):
         r = xd.admin("POST", "/rules", json={"scope": scope, "pattern": pattern, "mode": "deny"})
         assert r.status_code == 400 and r.json()["code"] == "invalid_body", (pattern, r.text)
-        assert own in r.json()["detail"] and "remote parties" in r.json()["detail"], r.text
+        assert own in r.json()["detail"] and said in r.json()["detail"], r.text
     assert pg.psql("SELECT (SELECT count(*) FROM rules) || ' ' || (SELECT count(*) FROM audit_log)",
                    db_url) == before
     r = xd.admin("POST", "/rules", json={"scope": "domain", "pattern": "*." + HOST, "mode": "deny"})
@@ -1646,6 +1648,40 @@ def test_reports_name_a_user_by_her_one_address_and_a_components_contact_as_the_
         [(ALICE, 3)] * 3 + [("mimi://wa.example/u/wally", 3)] * 3, listed
     assert pg.psql("SELECT string_agg(subject, ',' ORDER BY id) FROM audit_log WHERE action = 'report.create'",
                    db_url) == ",".join([ALICE] * 3 + ["mimi://wa.example/u/wally"] * 3)
+
+
+def test_a_rule_or_consent_naming_a_components_contact_says_which_address_to_write(xd, gk, pg, db_url):
+    """A component's contact (mimi://<component>/u/wally, the JID
+    wally@<component>) stands for a user of the component's peer, whose
+    messages carry the address on the peer's own domain: a rule or a
+    consent naming the component's address or domain would match no one,
+    and is refused (400, nothing stored) saying so, naming the peer and
+    where its domain is read. Until the fiftieth session the refusal said
+    the component's domain was "this provider's own domain", of a remote
+    party, and spoke of local users. The peer's own address is taken."""
+    wally = "mimi://" + COMP + "/u/wally"
+    count = "SELECT (SELECT count(*) FROM rules) || ' ' || (SELECT count(*) FROM consents) || ' ' || " \
+            "(SELECT count(*) FROM audit_log)"
+    before = pg.psql(count, db_url)
+    for path, body in (
+            ("/rules", {"scope": "user", "pattern": wally, "mode": "deny"}),
+            ("/rules", {"scope": "domain", "pattern": COMP, "mode": "deny"}),
+            ("/consents", {"user": ALICE, "subject_kind": "user", "subject": wally, "state": "blocked"}),
+            ("/consents", {"user": ALICE, "subject_kind": "domain", "subject": COMP, "state": "allowed"})):
+        r = xd.admin("POST", path, json=body)
+        assert r.status_code == 400 and r.json()["code"] == "invalid_body", (body, r.text)
+        detail = r.json()["detail"]
+        assert "peer:gk" in detail and "/admin/v1/peers/gk" in detail, (body, detail)
+        assert "this provider's own" not in detail and "local user" not in detail, (body, detail)
+    assert pg.psql(count, db_url) == before
+    # the XMPP server's own domain is still this provider's
+    r = xd.admin("POST", "/rules", json={"scope": "domain", "pattern": HOST, "mode": "deny"})
+    assert r.status_code == 400 and "this provider's own domain" in r.json()["detail"], r.text
+    r = xd.admin("POST", "/rules", json={"scope": "user", "pattern": "mimi://wa.example/u/wally", "mode": "deny"})
+    assert r.status_code == 201, r.text
+    r = xd.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "user",
+                                           "subject": "mimi://wa.example/u/wally", "state": "blocked"})
+    assert r.status_code == 200, r.text
 
 
 def test_a_report_of_a_contact_of_a_network_not_configured_is_refused(xd, pg, db_url):
