@@ -3974,6 +3974,38 @@ def test_every_pending_request_goes_again_after_a_reconnect(xd, gk, alice, pg, d
         raise AssertionError(f"{len(want - got())} of {n} requests not sent again") from None
 
 
+def test_a_page_of_new_requests_is_marked_shown_in_one_statement(make_daemon, pg_planned, prosody, alice):
+    """The requests whose notices the component sends in one turn are
+    marked shown (consent_requests.notified_at) by one statement: until
+    the fiftieth session each took an UPDATE of its own, a round trip of
+    the stream's lock connection per request, a hundred for a page."""
+    db_url = pg_planned.new_database("t_xmpp_requests_marked_in_one")
+    d, a, srv = start_with_gk(make_daemon, db_url, prosody)
+    try:
+        requests_to_alice(d, a, alice, "wally")
+        wait_until(lambda: pg_planned.psql("SELECT count(*) FROM consent_requests WHERE notified_at IS NULL",
+                                           db_url) == "0", what="wally's request marked shown")
+        mark = "UPDATE consent_requests SET notified_at"
+        before = pg_planned.planned(db_url, mark)[0]
+        # 40 more requests to alice at once, not shown yet: one page.
+        n = 40
+        start = alice.count()
+        pg_planned.psql(
+            "INSERT INTO identities (uri, domain, localpart, is_local, network, peer_id) "
+            "SELECT 'mimi://' || w.domain || '/u/u' || g, w.domain, 'u' || g, false, w.network, w.peer_id "
+            f"FROM identities w, generate_series(1000, {999 + n}) g WHERE w.uri = 'mimi://wa.example/u/wally'; "
+            "INSERT INTO consent_requests (local_identity_id, remote_identity_id, expires_at) "
+            "SELECT q.local_identity_id, i.id, now() + interval '1 day' FROM consent_requests q "
+            "JOIN identities i ON i.localpart ~ '^u[0-9]{4}$' ORDER BY i.id", db_url)
+        wait_until(lambda: pg_planned.psql("SELECT count(*) FROM consent_requests WHERE notified_at IS NULL",
+                                           db_url) == "0", what="the new requests marked shown")
+        wait_until(lambda: len([el for el in alice.stanzas()[start:] if el.get("from") == COMP
+                                and "wants to write to you" in (body(el) or "")]) == n, what="a notice each")
+        assert pg_planned.planned(db_url, mark)[0] - before <= 2, (before, pg_planned.planned(db_url, mark))
+    finally:
+        srv.close()
+
+
 @pytest.mark.parametrize("contact", ["mallory@" + COMP, COMP])
 def test_dropping_a_contact_shows_it_offline(xd, gk, alice, contact):
     """A user who drops a remote contact (or the gateway itself) from
