@@ -23,6 +23,7 @@
 #include <openssl/evp.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #define NS_VCARD "vcard-temp"
 #define NS_VCARD_UPDATE "vcard-temp:x:update"
@@ -118,6 +119,40 @@ static void cache_put(struct xcomp *xc, const char *remote_id, json_t *photo)
 	pthread_mutex_unlock(&xc->mu);
 }
 
+/* The types of image an avatar is carried as (XEP-0153 §3.1: "image/gif,
+ * image/jpeg, or image/png"; XEP-0084's PNG, and WebP, which clients
+ * show too), each with the bytes its files begin with; type: the peer's
+ * (RFC 6838 §4.2: in any case).  The type as named here, or NULL for any
+ * other: an SVG runs scripts and loads what it links to in a client that
+ * renders it (the user's address and presence to whoever serves it), and
+ * a TIFF or a BMP is what few clients show.  Until the fiftieth session
+ * any image/ type the peer named was carried. */
+static const char *photo_type(const char *type)
+{
+	static const char *const types[] = { "image/png", "image/jpeg", "image/gif", "image/webp" };
+	for (size_t i = 0; type && i < sizeof(types) / sizeof(types[0]); i++)
+		if (strcasecmp(type, types[i]) == 0)
+			return types[i];
+	return NULL;
+}
+
+/* Whether the n bytes at p are a file of type (photo_type's): a peer
+ * that names one type and serves another (an SVG or a page as
+ * image/png) gets no avatar, as one that serves another file than its
+ * sha256 says.  Until the fiftieth session the bytes were carried as
+ * they came, whatever they were, to clients that may tell an image's
+ * type from its bytes. */
+static bool photo_is(const char *type, const unsigned char *p, size_t n)
+{
+	if (strcmp(type, "image/png") == 0)
+		return n >= 8 && memcmp(p, "\x89PNG\r\n\x1a\n", 8) == 0;
+	if (strcmp(type, "image/jpeg") == 0)
+		return n >= 3 && p[0] == 0xFF && p[1] == 0xD8 && p[2] == 0xFF;
+	if (strcmp(type, "image/gif") == 0)
+		return n >= 6 && (memcmp(p, "GIF87a", 6) == 0 || memcmp(p, "GIF89a", 6) == 0);
+	return n >= 12 && memcmp(p, "RIFF", 4) == 0 && memcmp(p + 8, "WEBP", 4) == 0; /* image/webp */
+}
+
 /* The avatar of the profile (JSON text) as a photo: from the cache when its
  * URL is the same, else fetched; NULL when it cannot be had now (nothing is
  * cached then: the next ask tries again). */
@@ -126,10 +161,9 @@ static json_t *photo_of(struct vjob *j, const char *avatar_text)
 	struct cw_app *app = j->xc->x->app;
 	json_t *av = avatar_text ? json_loads(avatar_text, 0, NULL) : NULL;
 	const char *url = json_string_value(json_object_get(av, "url"));
-	const char *type = json_string_value(json_object_get(av, "content_type"));
+	const char *type = photo_type(json_string_value(json_object_get(av, "content_type")));
 	const char *want = json_string_value(json_object_get(av, "sha256"));
-	if (!url || strncmp(url, "https://", 8) != 0 || !type || strncmp(type, "image/", 6) != 0 ||
-	    !media_type_ok(type)) {
+	if (!url || strncmp(url, "https://", 8) != 0 || !type) {
 		json_decref(av);
 		return json_pack("{s:s}", "url", ""); /* no avatar */
 	}
@@ -180,9 +214,10 @@ static json_t *photo_of(struct vjob *j, const char *avatar_text)
 		media_recent_note(&refused_avatars, url, cw_now_us() / 1000);
 		photo = json_pack("{s:s}", "url", url);
 	} else if (rc || status != 200 || b.too_big ||
-		   (media_sha256_hex(&b, got), want && strcmp(got, want) != 0)) {
+		   (media_sha256_hex(&b, got), want && strcmp(got, want) != 0) || !photo_is(type, b.p, b.n)) {
 		LOG_KV_LIMITED(CW_LOG_INFO, "xmpp: an avatar could not be had", "component", j->xc->domain, "detail",
-		       b.too_big ? "larger than a vCard carries" : rc ? e.msg : status != 200 ? "not 200" : "checksum");
+		       b.too_big ? "larger than a vCard carries" : rc ? e.msg : status != 200 ? "not 200"
+		       : want && strcmp(got, want) != 0 ? "checksum" : "not an image of the type its profile names");
 		/* Too large, or not this file: as none (and kept so); away: later.
 		 * A fetch cut short as too large fails (rc): until the eighteenth
 		 * session such a photo was fetched again at every ask. */

@@ -231,6 +231,40 @@ def test_a_link_whose_fetch_is_refused_for_good_is_403_not_try_again(make_daemon
         media.close()
 
 
+def test_an_avatar_is_carried_only_as_an_image_of_the_type_its_profile_names(make_daemon, db_url, pg, prosody,
+                                                                             alice, tmp_path):
+    """A remote user's avatar reaches XMPP clients only as a PNG, JPEG, GIF
+    or WebP (XEP-0153 §3.1), and only when its bytes are a file of the
+    type the profile names: an SVG (which runs scripts and loads what it
+    links to in a client that renders it) is not fetched, and a file
+    served as image/png that is an SVG is none (logged why), as an empty
+    one is.  Until the fiftieth session any
+    image/ type was carried, and the bytes as they came."""
+    media, d, a, srv, key, _ = start(make_daemon, db_url, prosody, tmp_path)
+    try:
+        svg = b"<svg xmlns='http://www.w3.org/2000/svg'><image href='https://tracker.example/p.png'/></svg>"
+        give_avatar(a, media.put("/u/face.svg", "image/svg+xml", svg, host="media.wa.localhost"), svg,
+                    "image/svg+xml")
+        profile_changes_read(pg, db_url)
+        assert_no_avatar(alice)
+        assert "/u/face.svg" not in [p for p, _ in media.requests]
+        for i, data in enumerate((svg, b"")):
+            give_avatar(a, media.put(f"/u/face{i}.png", "image/png", data, host="media.wa.localhost"), data)
+            profile_changes_read(pg, db_url)
+            assert_no_avatar(alice)
+            assert f"/u/face{i}.png" in [p for p, _ in media.requests]
+        assert any("not an image of the type its profile names" in r.get("detail", "") for r in avatar_logs(d)), \
+            avatar_logs(d)
+        face = b"\xff\xd8\xff\xe0" + os.urandom(1200)
+        give_avatar(a, media.put("/u/face.jpg", "image/jpeg", face, host="media.wa.localhost"), face, "image/jpeg")
+        wait_until(lambda: vcard_photo(alice) == face, timeout=20, what="the JPEG avatar in the vCard")
+        v = alice.iq("get", WALLY_JID, "<vCard xmlns='vcard-temp'/>").find("{vcard-temp}vCard")
+        assert v.find("{vcard-temp}PHOTO/{vcard-temp}TYPE").text == "image/jpeg"
+    finally:
+        srv.close()
+        media.close()
+
+
 def test_an_avatar_whose_fetch_is_refused_for_good_is_none_not_fetched_again(make_daemon, db_url, prosody, alice,
                                                                              tmp_path):
     """A remote user's avatar whose fetch is refused for a fact of its URL
