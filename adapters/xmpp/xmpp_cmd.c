@@ -321,12 +321,15 @@ static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 	if (rc)
 		return rc;
 	const char *pp[] = { j->xc->peer };
-	PGresult *r = PQexecParams(c, "SELECT domain FROM peers WHERE name = $1", 1, NULL, pp, NULL, NULL, 0);
+	PGresult *r = PQexecParams(c, "SELECT domain, enabled FROM peers WHERE name = $1", 1, NULL, pp, NULL, NULL, 0);
 	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
 		return rc;
 	char peer_domain[300] = "";
-	if (PQntuples(r) == 1)
+	bool peer_off = false; /* the operator switched the peer off (POST /admin/v1/peers/{name}/disable) */
+	if (PQntuples(r) == 1) {
 		snprintf(peer_domain, sizeof(peer_domain), "%s", PQgetvalue(r, 0, 0));
+		peer_off = strcmp(PQgetvalue(r, 0, 1), "f") == 0;
+	}
 	PQclear(r);
 	if (j->addr_domain[0] && strcmp(j->addr_domain, peer_domain) != 0)
 		return peer_address(c, j, e);
@@ -347,6 +350,20 @@ static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 		snprintf(j->note, sizeof(j->note),
 			 "Not done: this gateway's network (peer:%s) is not configured here yet, so its contacts "
 			 "are nobody known. Nothing was stored; tell the operator.",
+			 j->xc->peer);
+		return CW_OK;
+	}
+	if (j->verb == V_OPTIN && !peer_domain[0]) {
+		/* An opt-in to a network no peer has is asked of no sender:
+		 * refused, nothing stored (her identity not made either), as
+		 * POST /admin/v1/optins answers 422 unknown_peer and the Matrix
+		 * bot "I know no network".  Until the fiftieth session it was
+		 * stored and answered "You are now opted in", and she believed
+		 * herself reachable.  An opt-out is taken (it keeps her out of
+		 * a peer yet to come, as the admin API's). */
+		snprintf(j->note, sizeof(j->note),
+			 "Not done: this gateway's network (peer:%s) is not configured here yet, so nothing can come "
+			 "from it. Nothing was stored; tell the operator.",
 			 j->xc->peer);
 		return CW_OK;
 	}
@@ -481,7 +498,13 @@ static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 			rc = policy_notify_user(c, local_id, e);
 		if (rc)
 			return rc;
-		snprintf(j->note, sizeof(j->note), "You are now opted %s for %s.", j->verb == V_OPTIN ? "in" : "out", net);
+		/* An opt-in to a network switched off says so, as the Matrix
+		 * bot's does (mx_bot.c): until the fiftieth session she read
+		 * "opted in" alone, and waited for contacts that could not
+		 * come. */
+		snprintf(j->note, sizeof(j->note), "You are now opted %s for %s.%s", j->verb == V_OPTIN ? "in" : "out",
+			 net, j->verb == V_OPTIN && peer_off ? " That network is switched off for now: nothing comes "
+							       "from it until the operator turns it on again." : "");
 		break;
 	}
 	case V_REPORT: /* above */

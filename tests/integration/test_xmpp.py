@@ -4603,6 +4603,35 @@ def test_accepting_the_whole_network_without_its_opt_in_says_to_opt_in(xd, gk, a
 
 
 
+def test_an_opt_in_to_a_network_that_sends_nothing_is_refused_or_says_so(xd, alice, pg, db_url):
+    """An opt-in to the component's network while no peer has its name is
+    refused and stores nothing, not even the user (as POST
+    /admin/v1/optins answers 422 unknown_peer and the Matrix bot "I know
+    no network"); an opt-out is taken. An opt-in to a network its
+    operator switched off is stored and its answer says that nothing
+    comes from it meanwhile, as the Matrix bot's does. Until the fiftieth
+    session both were answered "You are now opted in" alone, the first
+    stored for no sender, and the user believed herself reachable."""
+    def opt(node):
+        c = alice.iq("set", COMP, f"<command xmlns='{CMD}' node='{node}' action='execute'/>").find(q(CMD, "command"))
+        assert c.get("status") == "completed", ET.tostring(c)
+        n = c.find(q(CMD, "note"))
+        return n.get("type"), n.text
+    assert opt("opt-in") == ("error", "Not done: this gateway's network (peer:gk) is not configured here yet, so "
+                             "nothing can come from it. Nothing was stored; tell the operator.")
+    assert pg.psql("SELECT (SELECT count(*) FROM user_optin) || ' ' || (SELECT count(*) FROM identities)",
+                   db_url) == "0 0"
+    assert opt("opt-out") == ("info", "You are now opted out for peer:gk.")
+    a = PeerClient(xd.url, "gk", "wa.example")
+    assert xd.admin("POST", "/peers", json={"name": "gk", "domain": "wa.example", "mode": "pull",
+                                           "public_key": a.signer.public_b64}).status_code == 201
+    assert opt("opt-in") == ("info", "You are now opted in for peer:gk.")
+    assert xd.admin("POST", "/peers/gk/disable").ok
+    assert opt("opt-in") == ("info", "You are now opted in for peer:gk. That network is switched off for now: "
+                             "nothing comes from it until the operator turns it on again.")
+    assert pg.psql("SELECT network || ' ' || opted_in FROM user_optin", db_url) == "peer:gk true"
+
+
 def test_an_accept_under_a_block_of_the_other_kind_says_the_block_stands(xd, gk, alice, pg, db_url):
     """A block wins over an allow of the other kind (since the forty-fifth
     session the request it answers is 'blocked'): the accept command's
