@@ -34,6 +34,8 @@
 #define VCARD_PHOTO_MAX (192 * 1024) /* base64 in one stanza: under Prosody's 512 KiB for components */
 #define VCARD_CACHE_MAX 256
 #define VCARD_CACHE_BYTES (8u << 20) /* of base64: a peer's 256 large avatars would be 64 MiB */
+#define VCARD_NONE_MAX 4096 /* remote users known to have no avatar (none_put) */
+#define NONE_KEY "" /* the set of those in xc->vcards: no remote id is empty */
 #define VCARD_TIMEOUT_MS 5000L
 #define VCARD_REFUSED_MS (3600 * 1000L)
 
@@ -95,8 +97,43 @@ static void cache_drop(struct xcomp *xc, const char *remote_id)
 	if (xc->vcards) {
 		xc->vcard_bytes -= photo_bytes(json_object_get(xc->vcards, remote_id));
 		json_object_del(xc->vcards, remote_id);
+		json_object_del(json_object_get(xc->vcards, NONE_KEY), remote_id);
 	}
 	pthread_mutex_unlock(&xc->mu);
+}
+
+/* The remote users whose profile has no avatar (none, or one of a type
+ * not carried: photo_of), kept apart from the photos (a name each, at
+ * most VCARD_NONE_MAX, then started again, as when the photos start
+ * again: cache_put), until their profile changes
+ * (cache_drop), so that a presence of theirs says at once that there is
+ * none (xa_vcard_hash).  Until the fiftieth session nothing was kept of
+ * them, and each presence that answered a probe of one of them took a
+ * file fetcher and a read of the database: a client loading a roster of
+ * contacts without avatars took every fetcher for it, the peers' files
+ * refused meanwhile (causeway_media_fetches_refused_total, which said to
+ * raise server.media_fetches). */
+static void none_put(struct xcomp *xc, const char *remote_id)
+{
+	pthread_mutex_lock(&xc->mu);
+	if (!xc->vcards)
+		xc->vcards = json_object();
+	json_t *none = json_object_get(xc->vcards, NONE_KEY);
+	if (xc->vcards && (!none || json_object_size(none) >= VCARD_NONE_MAX)) {
+		none = json_object();
+		json_object_set_new(xc->vcards, NONE_KEY, none);
+	}
+	if (none)
+		json_object_set_new(none, remote_id, json_true());
+	pthread_mutex_unlock(&xc->mu);
+}
+
+static bool none_has(struct xcomp *xc, const char *remote_id)
+{
+	pthread_mutex_lock(&xc->mu);
+	bool has = json_object_get(json_object_get(xc->vcards, NONE_KEY), remote_id) != NULL;
+	pthread_mutex_unlock(&xc->mu);
+	return has;
 }
 
 /* At most VCARD_CACHE_MAX photos and VCARD_CACHE_BYTES: past either, the
@@ -108,8 +145,10 @@ static void cache_put(struct xcomp *xc, const char *remote_id, json_t *photo)
 	if (xc->vcards) {
 		xc->vcard_bytes -= photo_bytes(json_object_get(xc->vcards, remote_id));
 		json_object_del(xc->vcards, remote_id);
+		json_object_del(json_object_get(xc->vcards, NONE_KEY), remote_id);
 	}
-	if (!xc->vcards || json_object_size(xc->vcards) >= VCARD_CACHE_MAX || xc->vcard_bytes + n > VCARD_CACHE_BYTES) {
+	size_t kept = xc->vcards ? json_object_size(xc->vcards) - (json_object_get(xc->vcards, NONE_KEY) ? 1 : 0) : 0;
+	if (!xc->vcards || kept >= VCARD_CACHE_MAX || xc->vcard_bytes + n > VCARD_CACHE_BYTES) {
 		json_decref(xc->vcards);
 		xc->vcards = json_object();
 		xc->vcard_bytes = 0;
@@ -165,6 +204,7 @@ static json_t *photo_of(struct vjob *j, const char *avatar_text)
 	const char *want = json_string_value(json_object_get(av, "sha256"));
 	if (!url || strncmp(url, "https://", 8) != 0 || !type) {
 		json_decref(av);
+		none_put(j->xc, j->remote_id);
 		return json_pack("{s:s}", "url", ""); /* no avatar */
 	}
 	json_t *cached = cache_get(j->xc, j->remote_id, url);
@@ -487,6 +527,10 @@ void xa_vcard_hash(struct xcomp *xc, xmpp_ctx_t *ctx, xmpp_stanza_t *presence, c
 		add_update(ctx, presence, photo);
 		xa_enqueue_stanza(xc, avatar_event(ctx, remote_jid, to, photo));
 		json_decref(photo);
+		return;
+	}
+	if (none_has(xc, remote_id)) {
+		add_update(ctx, presence, NULL); /* XEP-0153 §3.2: an empty photo, no avatar */
 		return;
 	}
 	/* Not known yet: the presence goes without it (XEP-0153: no <x/>, not

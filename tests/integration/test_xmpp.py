@@ -3181,6 +3181,49 @@ def test_a_remote_users_profile_is_their_vcard_and_avatar(make_daemon, db_url, p
         srv.close()
 
 
+def test_a_contact_without_an_avatar_is_known_to_have_none(make_daemon, pg_planned, prosody, alice):
+    """A remote user whose profile has no avatar is kept as one without
+    (until the profile changes): the presences that answer probes of him
+    say so at once, with an empty photo (XEP-0153 §3.2), and take no file
+    fetcher and no read of the database. Until the fiftieth session each
+    probe of such a contact read his profile on a fetcher, so that a
+    client loading a roster of them took every fetcher (the peers' files
+    refused meanwhile) and the database's reads a contact each."""
+    db_url = pg_planned.new_database("t_xmpp_no_avatar_kept")
+    d, a, srv = start_with_gk(make_daemon, db_url, prosody)
+    try:
+        assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally"}).status_code == 200
+        read = "SELECT coalesce(i.display_name, "  # its profile (vcard_fn)
+        photos = []
+        for k in range(8):
+            start = alice.count()
+            alice.send_presence(to=WALLY_JID, ptype="probe")
+            p = alice.wait_for_presence(lambda el: el.get("from", "").startswith(WALLY_JID), start=start)
+            photos.append(p.find("{vcard-temp:x:update}x/{vcard-temp:x:update}photo"))
+            if k == 0:
+                wait_until(lambda: pg_planned.planned(db_url, read)[0] == 1, what="his profile read")
+        assert photos[0] is None  # not known yet: nothing said (XEP-0153)
+        assert all(ph is not None and not ph.text for ph in photos[1:]), photos
+        assert pg_planned.planned(db_url, read)[0] == 1
+        # His profile changes: read again, and his avatar shown.
+        v = alice.iq("get", WALLY_JID, "<vCard xmlns='vcard-temp'/>").find("{vcard-temp}vCard")
+        assert v.find("{vcard-temp}FN").text == "Wally (gk)" and v.find("{vcard-temp}PHOTO") is None
+        assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally", "avatar": {
+            "content_type": "image/png", "url": "https://127.0.0.1:9/none.png", "size": 10}}).status_code == 200
+        wait_until(lambda: pg_planned.psql(
+            "SELECT count(*) FROM xmpp_roster_sync s WHERE s.profiles_xid IS NOT NULL AND NOT EXISTS (SELECT 1 "
+            "FROM identities i WHERE i.profile_xid IS NOT NULL AND NOT i.is_local "
+            "AND (i.profile_xid, i.id) > (s.profiles_xid, s.profiles_xid_id))", db_url) == "1",
+            what="the profile change read")
+        before = pg_planned.planned(db_url, read)[0]
+        start = alice.count()
+        alice.send_presence(to=WALLY_JID, ptype="probe")
+        alice.wait_for_presence(lambda el: el.get("from", "").startswith(WALLY_JID), start=start)
+        wait_until(lambda: pg_planned.planned(db_url, read)[0] > before, what="his changed profile read")
+    finally:
+        srv.close()
+
+
 @pytest.mark.parametrize("name, shown", NAMES_SHOWN)
 def test_a_vcards_name_keeps_its_network_in_sight(xd, gk, alice, name, shown):
     """The vCard's FN and NICKNAME of a peer's user are the peer's name for
