@@ -88,34 +88,53 @@ struct ctl {
 	long limit;      /* 0: every row (up to LIST_MAX) */
 	long long after;
 	CURL *curl;
-	char err[512];
+	char *err; /* the reason of a failure, as long as it is; owned; NULL: none, or no memory for it */
 };
 
 /* An answer of the daemon, whatever its status. */
 struct answer {
 	long status;
 	long retry_after; /* its Retry-After in seconds (a date made a delay by libcurl); 0: none */
-	char location[256]; /* a redirect's target (never followed: the token would go along); "" if none */
+	char *location;   /* a redirect's target (never followed: the token would go along), whole; owned; NULL if none */
 	json_t *body;     /* NULL when the answer was empty or not a JSON object; the caller frees with json_decref */
 	bool not_json;    /* the body was not empty, and not a JSON object (a proxy's page, say) */
 };
 
 static void defang(char *s);
 
-/* Formats the reason into c->err and returns rc.  Control characters
- * become '?', as the reason may quote what the daemon said: C0 and DEL
- * here, the C1 ones and the bidirectional overrides by defang, as in a
- * table cell (until the fortieth session only C0 and DEL were). */
+/* fmt formatted, as long as it is; NULL when out of memory.  The caller
+ * frees it. */
+__attribute__((format(printf, 1, 0))) static char *vformat(const char *fmt, va_list ap)
+{
+	va_list again;
+	va_copy(again, ap);
+	int n = vsnprintf(NULL, 0, fmt, ap);
+	char *s = n >= 0 ? malloc((size_t)n + 1) : NULL;
+	if (s)
+		vsnprintf(s, (size_t)n + 1, fmt, again);
+	va_end(again);
+	return s;
+}
+
+/* Formats the reason into c->err, whole, and returns rc.  Control
+ * characters become '?', as the reason may quote what the daemon said:
+ * the C0 and C1 ones, DEL and the bidirectional overrides, by defang, as
+ * in a table cell (until the fortieth session only C0 and DEL were).
+ * Until the fiftieth session's review the reason was cut at 511 bytes
+ * without a mark, and a refusal's at 399: a long detail or redirect
+ * target lost its end unseen. */
 __attribute__((format(printf, 3, 4))) static enum ctl_rc fail(struct ctl *c, enum ctl_rc rc, const char *fmt, ...)
 {
 	va_list ap;
 	va_start(ap, fmt);
-	vsnprintf(c->err, sizeof(c->err), fmt, ap);
+	free(c->err);
+	c->err = vformat(fmt, ap); /* NULL: main says "out of memory" */
 	va_end(ap);
-	for (unsigned char *p = (unsigned char *)c->err; *p; p++)
+	for (unsigned char *p = (unsigned char *)c->err; p && *p; p++)
 		if (*p < 0x20 || *p == 0x7f)
 			*p = '?';
-	defang(c->err);
+	if (c->err)
+		defang(c->err);
 	return rc;
 }
 
@@ -352,7 +371,7 @@ static enum ctl_rc set_url(struct ctl *c, const char *url, const char *where)
 	if (curl_url_set(u, CURLUPART_URL, url, 0) != CURLUE_OK ||
 	    curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) != CURLUE_OK ||
 	    (strcmp(scheme, "http") != 0 && strcmp(scheme, "https") != 0))
-		rc = fail(c, CTL_EUSAGE, "%s: '%.200s' is not an http:// or https:// URL", where, url);
+		rc = fail(c, CTL_EUSAGE, "%s: '%s' is not an http:// or https:// URL", where, url);
 	else if (curl_url_get(u, CURLUPART_QUERY, &query, 0) == CURLUE_OK ||
 		 curl_url_get(u, CURLUPART_FRAGMENT, &frag, 0) == CURLUE_OK)
 		rc = fail(c, CTL_EUSAGE, "%s: the daemon's URL takes no ?query or #fragment", where);
@@ -543,7 +562,7 @@ static enum ctl_rc http_call(struct ctl *c, const char *method, const char *path
 {
 	a->status = 0;
 	a->retry_after = 0;
-	a->location[0] = '\0';
+	a->location = NULL;
 	a->body = NULL;
 	a->not_json = false;
 	char *url = NULL, *body = NULL;
@@ -639,8 +658,10 @@ static enum ctl_rc http_call(struct ctl *c, const char *method, const char *path
 	}
 	curl_easy_getinfo(k, CURLINFO_RESPONSE_CODE, &a->status);
 	char *to = NULL;
-	if (curl_easy_getinfo(k, CURLINFO_REDIRECT_URL, &to) == CURLE_OK && to)
-		snprintf(a->location, sizeof(a->location), "%s", to);
+	if (curl_easy_getinfo(k, CURLINFO_REDIRECT_URL, &to) == CURLE_OK && to && !(a->location = strdup(to))) {
+		rc = fail(c, CTL_EREFUSED, "out of memory");
+		goto out;
+	}
 	curl_off_t wait = 0;
 	if (curl_easy_getinfo(k, CURLINFO_RETRY_AFTER, &wait) == CURLE_OK && wait > 0)
 		a->retry_after = wait > LONG_MAX ? LONG_MAX : (long)wait;
@@ -659,6 +680,10 @@ static enum ctl_rc http_call(struct ctl *c, const char *method, const char *path
 		}
 	}
 out:
+	if (rc) {
+		free(a->location);
+		a->location = NULL;
+	}
 	curl_slist_free_all(headers);
 	curl_free(url);
 	free(body);
@@ -715,17 +740,28 @@ static void print_json(const json_t *j)
 	free(s);
 }
 
-/* A refusal in one line: "401 unauthenticated: a valid admin bearer ...". */
-static void describe_refusal(const struct ctl *c, const struct answer *a, char *out, size_t len)
+/* A refusal in one line, whole ("401 unauthenticated: a valid admin
+ * bearer ..."), then more (after "", " (asked 4 times ...)"): into c->err
+ * as fail does, returning CTL_EREFUSED.  Until the fiftieth session's
+ * review it was cut at 399 bytes without a mark, a redirect's target at
+ * 200: the URL to give with --url was shown cut. */
+static enum ctl_rc refusal(struct ctl *c, const struct answer *a, const char *prefix, const char *more)
 {
 	const char *code = jstr(a->body, "code"), *detail = jstr(a->body, "detail");
 	if (code && detail)
-		snprintf(out, len, "%ld %s: %s", a->status, code, detail);
-	else if (a->location[0]) /* an http:// URL a proxy sends to https://, say */
-		snprintf(out, len, "%ld: %s redirects to %.200s, which causewayctl does not follow (the token would "
-			 "go along); if that is the daemon, give its URL with --url", a->status, c->shown_url, a->location);
-	else
-		snprintf(out, len, "%ld without a problem document: is %s causewayd?", a->status, c->shown_url);
+		return fail(c, CTL_EREFUSED, "%s%ld %s: %s%s", prefix, a->status, code, detail, more);
+	if (a->location) /* an http:// URL a proxy sends to https://, say */
+		return fail(c, CTL_EREFUSED, "%s%ld: %s redirects to %s, which causewayctl does not follow (the token "
+			    "would go along); if that is the daemon, give its URL with --url%s", prefix, a->status,
+			    c->shown_url, a->location, more);
+	return fail(c, CTL_EREFUSED, "%s%ld without a problem document: is %s causewayd?%s", prefix, a->status,
+		    c->shown_url, more);
+}
+
+static void answer_free(struct answer *a)
+{
+	json_decref(a->body);
+	free(a->location);
 }
 
 /* A call that must succeed: a refusal becomes CTL_EREFUSED with the
@@ -751,7 +787,7 @@ static enum ctl_rc api(struct ctl *c, const char *method, const char *path, cons
 		if (strcmp(method, "GET") != 0 || (a.status != 503 && a.status != 429) || !a.retry_after ||
 		    a.retry_after > RETRY_WAIT_MAX_S || tries == READ_TRIES)
 			break;
-		json_decref(a.body);
+		answer_free(&a);
 		sleep((unsigned)a.retry_after);
 	}
 	/* A gateway's 502 or 504 without the daemon's problem document (a
@@ -764,24 +800,24 @@ static enum ctl_rc api(struct ctl *c, const char *method, const char *path, cons
 	if (strcmp(method, "GET") != 0 && (a.status == 502 || a.status == 504) && !jstr(a.body, "code")) {
 		char why[64];
 		snprintf(why, sizeof(why), "a gateway answered %ld", a.status);
-		json_decref(a.body);
+		answer_free(&a);
 		return unanswered(c, method, path, why);
 	}
 	if (a.status < 200 || a.status > 299) {
-		char why[400];
-		describe_refusal(c, &a, why, sizeof(why));
-		size_t n = strlen(why);
+		char more[80] = "";
 		if (tries > 1)
-			snprintf(why + n, sizeof(why) - n, " (asked %d times, as Retry-After said)", tries);
+			snprintf(more, sizeof(more), " (asked %d times, as Retry-After said)", tries);
 		else if (strcmp(method, "GET") == 0 && (a.status == 503 || a.status == 429) &&
 			 a.retry_after > RETRY_WAIT_MAX_S)
-			snprintf(why + n, sizeof(why) - n, " (Retry-After %ld s, longer than causewayctl waits)",
+			snprintf(more, sizeof(more), " (Retry-After %ld s, longer than causewayctl waits)",
 				 a.retry_after);
 		if (c->json && a.body)
 			print_json(a.body);
-		json_decref(a.body);
-		return fail(c, CTL_EREFUSED, "%s", why);
+		rc = refusal(c, &a, "", more);
+		answer_free(&a);
+		return rc;
 	}
+	free(a.location);
 	if (!a.body)
 		return fail(c, CTL_EREFUSED, "the answer to %s %s (HTTP %ld) is empty", method, path, a.status);
 	*out = a.body;
@@ -1136,15 +1172,10 @@ static void kv(const char *key, const char *fmt, ...)
 {
 	va_list ap;
 	va_start(ap, fmt);
-	int n = vsnprintf(NULL, 0, fmt, ap);
+	char *v = vformat(fmt, ap);
 	va_end(ap);
-	char *v = n >= 0 ? malloc((size_t)n + 1) : NULL;
-	if (v) {
-		va_start(ap, fmt);
-		vsnprintf(v, (size_t)n + 1, fmt, ap);
-		va_end(ap);
+	if (v)
 		defang(v);
-	}
 	printf("%-*s%s\n", KEY_WIDTH, key, v ? v : "? (out of memory)");
 	free(v);
 }
@@ -1867,25 +1898,30 @@ static enum ctl_rc cmd_status(struct ctl *c, char **argv)
 {
 	struct answer ready, parts[2] = { { 0 }, { 0 } };
 	static const char *const paths[2] = { "/admin/v1/adapters", "/admin/v1/stats" };
-	char why[2][400] = { "", "" };
+	char *why[2] = { NULL, NULL }; /* a part's refusal; NULL: it answered */
 	enum ctl_rc rc = http_call(c, "GET", "/readyz", NULL, NULL, false, &ready);
 	if (rc)
 		return rc;
 	/* Until the forty-seventh session's review a body that was not JSON
 	 * (a proxy's error page) was said to be empty, and a redirect too. */
 	if (!ready.body) {
-		if (ready.location[0]) {
-			describe_refusal(c, &ready, why[0], sizeof(why[0]));
-			return fail(c, CTL_EREFUSED, "GET /readyz: %s", why[0]);
-		}
-		return fail(c, CTL_EREFUSED, "the answer to GET /readyz (HTTP %ld) is %s: is %s causewayd?", ready.status,
-			    ready.not_json ? "not a JSON object" : "empty", c->shown_url);
+		if (ready.location)
+			rc = refusal(c, &ready, "GET /readyz: ", "");
+		else
+			rc = fail(c, CTL_EREFUSED, "the answer to GET /readyz (HTTP %ld) is %s: is %s causewayd?",
+				  ready.status, ready.not_json ? "not a JSON object" : "empty", c->shown_url);
+		answer_free(&ready);
+		return rc;
 	}
 	for (int i = 0; i < 2 && !rc; i++) {
 		rc = http_call(c, "GET", paths[i], NULL, NULL, true, &parts[i]);
 		bool ok = !rc && parts[i].status >= 200 && parts[i].status <= 299 && parts[i].body;
-		if (!rc && !ok)
-			describe_refusal(c, &parts[i], why[i], sizeof(why[i]));
+		if (!rc && !ok) {
+			refusal(c, &parts[i], "", "");
+			if (!(why[i] = c->err)) /* taken over */
+				rc = CTL_EREFUSED; /* out of memory */
+			c->err = NULL;
+		}
 	}
 	if (!rc && c->json) {
 		json_t *all = json_pack("{s:O, s:O?, s:O?}", "ready", ready.body, "adapters", parts[0].body, "stats",
@@ -1896,7 +1932,7 @@ static enum ctl_rc cmd_status(struct ctl *c, char **argv)
 			rc = fail(c, CTL_EREFUSED, "out of memory");
 		json_decref(all);
 	} else if (!rc) {
-		print_status(c, ready.body, why[0][0] ? NULL : parts[0].body, why[0], why[1][0] ? NULL : parts[1].body,
+		print_status(c, ready.body, why[0] ? NULL : parts[0].body, why[0], why[1] ? NULL : parts[1].body,
 			     why[1]);
 	}
 	/* A daemon that is not ready (/readyz 503: the database down, a
@@ -1905,19 +1941,21 @@ static enum ctl_rc cmd_status(struct ctl *c, char **argv)
 	char unready[160] = "";
 	if (!rc && (ready.status < 200 || ready.status > 299))
 		snprintf(unready, sizeof(unready), "the daemon is not ready: GET /readyz answered %ld (%.40s)%s",
-			 ready.status, jstr_or(ready.body, "status"), why[0][0] || why[1][0] ? "; " : "");
-	if (!rc && (unready[0] || why[0][0] || why[1][0])) {
+			 ready.status, jstr_or(ready.body, "status"), why[0] || why[1] ? "; " : "");
+	if (!rc && (unready[0] || why[0] || why[1])) {
 		/* One reason when both parts were refused alike (a wrong token). */
-		if (!why[0][0] && !why[1][0])
+		if (!why[0] && !why[1])
 			rc = fail(c, CTL_EREFUSED, "%s", unready);
-		else if (!why[0][0] || !why[1][0] || strcmp(why[0], why[1]) == 0)
-			rc = fail(c, CTL_EREFUSED, "%s%s", unready, why[0][0] ? why[0] : why[1]);
+		else if (!why[0] || !why[1] || strcmp(why[0], why[1]) == 0)
+			rc = fail(c, CTL_EREFUSED, "%s%s", unready, why[0] ? why[0] : why[1]);
 		else
 			rc = fail(c, CTL_EREFUSED, "%sadapters: %s; stats: %s", unready, why[0], why[1]);
 	}
-	json_decref(ready.body);
-	json_decref(parts[0].body);
-	json_decref(parts[1].body);
+	answer_free(&ready);
+	answer_free(&parts[0]);
+	answer_free(&parts[1]);
+	free(why[0]);
+	free(why[1]);
 	return rc;
 }
 
@@ -2137,14 +2175,16 @@ static int usage_error(const char *fmt, ...)
 	/* It quotes the command line back, which may come from elsewhere (a
 	 * script's variable, a pasted id): defanged as the API's words are,
 	 * where until the forty-ninth session's review an escape sequence in
-	 * an unknown command went to the terminal as it was. */
-	char why[400];
+	 * an unknown command went to the terminal as it was.  Whole: until the
+	 * fiftieth session's review it was cut at 399 bytes without a mark. */
 	va_list ap;
 	va_start(ap, fmt);
-	vsnprintf(why, sizeof(why), fmt, ap);
+	char *why = vformat(fmt, ap);
 	va_end(ap);
-	defang(why);
-	fprintf(stderr, "causewayctl: %s (see causewayctl --help)\n", why);
+	if (why)
+		defang(why);
+	fprintf(stderr, "causewayctl: %s (see causewayctl --help)\n", why ? why : "out of memory");
+	free(why);
 	return CTL_EUSAGE;
 }
 
@@ -2354,7 +2394,7 @@ int main(int argc, char **argv)
 	if (!rc)
 		rc = cmd->run(&c, args + words);
 	if (rc)
-		fprintf(stderr, "causewayctl: %s\n", c.err);
+		fprintf(stderr, "causewayctl: %s\n", c.err ? c.err : "out of memory");
 	curl_easy_cleanup(c.curl);
 	curl_global_cleanup();
 out:
@@ -2366,6 +2406,7 @@ out:
 	curl_free(c.shown_url);
 	free(c.token);
 	free(c.ca_file);
+	free(c.err);
 	json_decref(c.types_json);
 	json_decref(c.limits_json);
 	source_free(&flags);

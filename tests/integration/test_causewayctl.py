@@ -1297,6 +1297,32 @@ def test_a_redirect_is_not_followed_and_is_named():
         elsewhere.close()
 
 
+def test_a_long_refusal_and_a_long_redirect_target_are_said_whole():
+    """The reason of a refusal is said whole: a daemon's long detail (one
+    quoting a 512-byte user URI), a redirect's target to give with --url,
+    status's reason of a part refused.  Until the fiftieth session's review
+    the reason was cut at 511 bytes and a refusal at 399 without a mark,
+    and a redirect's target at 200: a URL shown cut, to be pasted as it
+    was."""
+    detail = "held by mimi://example.org/u/" + "\u00e9" * 600 + " (see the audit log) END"
+    prob = {"type": "about:blank", "title": "Conflict", "status": 409, "code": "conflict", "detail": detail}
+    target = "https://ctl.example/" + "p" * 900 + "/admin/v1/tokens"
+    s = StandIn({"/admin/v1/peers": (409, json.dumps(prob).encode(), True),
+                 "/admin/v1/tokens": (301, b"", True, {"Location": target}),
+                 "/readyz": doc(READY), "/admin/v1/adapters": doc(ADAPTERS),
+                 "/admin/v1/stats": (409, json.dumps(prob).encode(), True)})
+    try:
+        assert refused("peers", url=s.url) == f"causewayctl: 409 conflict: {detail}\n"
+        err = refused("token", "list", url=s.url)
+        assert err == f"causewayctl: 301: {s.url} redirects to {target}, which causewayctl does not follow (the " \
+                      "token would go along); if that is the daemon, give its URL with --url\n", err
+        rc, out, err = ctl("status", url=s.url)
+        assert rc == 1 and err == f"causewayctl: 409 conflict: {detail}\n", err
+        assert f"not shown: 409 conflict: {detail}\n" in out, out
+    finally:
+        s.close()
+
+
 def test_trace_and_status_show_long_values_whole():
     """A user URI may be 512 bytes (MIMI_URI_MAX), a remote id and a reload's
     failure longer than a line: trace and status show each whole.  Until the
