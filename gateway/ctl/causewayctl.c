@@ -290,7 +290,12 @@ static enum ctl_rc default_config(struct ctl *c, char **out)
 	return CTL_OK;
 }
 
-/* The first line of path, without the line end and trailing blanks. */
+/* The first line of path, without the line end and trailing blanks, and
+ * without a UTF-8 byte order mark before it (an editor's, which no token
+ * has; the settings file's is skipped alike, by libinih): until the
+ * fiftieth session's review the token was refused as having "blanks or
+ * control characters", naming neither the file nor the mark.  A file
+ * saved as UTF-16 is refused, saying so. */
 static enum ctl_rc read_token_file(struct ctl *c, const char *path, char **out)
 {
 	FILE *f = fopen(path, "r");
@@ -306,12 +311,16 @@ static enum ctl_rc read_token_file(struct ctl *c, const char *path, char **out)
 	size_t n = got ? strlen(line) : 0;
 	if (n == sizeof(line) - 1 && line[n - 1] != '\n')
 		return fail(c, CTL_EUSAGE, "the token file %s: the first line is too long for a token", path);
-	while (n && strchr(" \t\r\n", line[n - 1]))
+	if (n >= 2 && (memcmp(line, "\xff\xfe", 2) == 0 || memcmp(line, "\xfe\xff", 2) == 0))
+		return fail(c, CTL_EUSAGE, "the token file %s is UTF-16 text (it starts with a UTF-16 byte order "
+			    "mark): save it as UTF-8 or ASCII", path);
+	size_t bom = n >= 3 && memcmp(line, "\xef\xbb\xbf", 3) == 0 ? 3 : 0;
+	while (n > bom && strchr(" \t\r\n", line[n - 1]))
 		line[--n] = '\0';
-	if (!n)
+	if (n == bom)
 		return fail(c, CTL_EUSAGE, "the token file %s holds no token on its first line", path);
 	warn_if_shared(path, "a token");
-	if (!(*out = strdup(line)))
+	if (!(*out = strdup(line + bom)))
 		return fail(c, CTL_EREFUSED, "out of memory");
 	return CTL_OK;
 }

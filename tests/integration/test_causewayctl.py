@@ -1323,6 +1323,33 @@ def test_a_long_refusal_and_a_long_redirect_target_are_said_whole():
         s.close()
 
 
+def test_a_token_files_byte_order_mark_is_skipped_and_utf16_is_named(tmp_path):
+    """An editor's UTF-8 byte order mark before the token is no part of it
+    (no token has one), and is skipped, as libinih skips the settings
+    file's; a file saved as UTF-16 is refused, saying so.  Until the
+    fiftieth session's review both were "the admin token has characters no
+    token has (blanks or control characters)", naming neither the file nor
+    the mark."""
+    s = StandIn({"/admin/v1/peers": doc({"peers": []})})
+    f = tmp_path / "token"
+    try:
+        f.write_bytes(b"\xef\xbb\xbf" + ADMIN_TOKEN.encode() + b"\r\n")
+        f.chmod(0o600)
+        assert ok("peers", "--token-file", str(f), url=s.url, token=None) == "no peers\n"
+        assert s.seen[-1][2]["Authorization"] == f"Bearer {ADMIN_TOKEN}"
+        for data, why in ((b"\xef\xbb\xbf \n", f"the token file {f} holds no token on its first line"),
+                          ("\ufeff" + ADMIN_TOKEN + "\n", f"the token file {f} is UTF-16 text")):
+            f.write_bytes(data if isinstance(data, bytes) else data.encode("utf-16-le"))
+            rc, out, err = ctl("peers", "--token-file", str(f), url=s.url, token=None)
+            assert rc == 2 and out == "" and err.startswith(f"causewayctl: {why}"), (rc, err)
+        f.write_bytes(("\ufeff" + ADMIN_TOKEN).encode("utf-16-be"))
+        rc, _, err = ctl("peers", "--token-file", str(f), url=s.url, token=None)
+        assert rc == 2 and "save it as UTF-8 or ASCII" in err, err
+        assert len(s.seen) == 1
+    finally:
+        s.close()
+
+
 def test_trace_and_status_show_long_values_whole():
     """A user URI may be 512 bytes (MIMI_URI_MAX), a remote id and a reload's
     failure longer than a line: trace and status show each whole.  Until the
