@@ -32,6 +32,7 @@
 #define LIST_BYTES_MAX (32L * 1024 * 1024) /* the rows of a list's pages held at once, as compact JSON */
 #define CELL_MAX 64                  /* columns shown of one table cell (--json shows all) */
 #define TOKEN_LINE_MAX 512           /* a token file's first line; tokens are under 128 bytes */
+#define DESTINATION_MAX 299           /* an outbox destination's bytes (GET /admin/v1/outbox) */
 #define QUERY_MAX 8                  /* name=value pairs of one request */
 #define COLS_MAX 10
 #define KEY_WIDTH 13                 /* the key column of status and trace */
@@ -1366,6 +1367,27 @@ static enum ctl_rc cmd_deadletters(struct ctl *c, char **argv)
 	return show_paged(c, "/admin/v1/outbox", q, dead_cols, "no dead letters");
 }
 
+/* --state and --destination as GET /admin/v1/outbox takes them
+ * (docs/admin-openapi.json: OutboxStateFilter's enum, a destination of 1
+ * to 299 bytes), checked before the token is looked for: until the
+ * fiftieth session's review a state mistyped was sent, and refused by the
+ * daemon as exit 1, not as the usage error it is (exit 2). */
+static enum ctl_rc check_outbox(struct ctl *c)
+{
+	static const char *const states[] = { "pending", "held", "in_flight", "delivered", "failed", "dead",
+					      "dropped", "expired" };
+	bool known = !c->state;
+	for (size_t i = 0; !known && i < sizeof(states) / sizeof(states[0]); i++)
+		known = strcmp(c->state, states[i]) == 0;
+	if (!known)
+		return fail(c, CTL_EUSAGE, "--state takes pending, held, in_flight, delivered, failed, dead, dropped "
+			    "or expired, not '%.40s'", c->state);
+	if (c->destination && (!*c->destination || strlen(c->destination) > DESTINATION_MAX))
+		return fail(c, CTL_EUSAGE, "--destination takes a destination of 1 to %d bytes (peer:NAME, matrix or "
+			    "xmpp:COMPONENT-DOMAIN), not one of %zu", DESTINATION_MAX, strlen(c->destination));
+	return CTL_OK;
+}
+
 static enum ctl_rc cmd_outbox(struct ctl *c, char **argv)
 {
 	const char *q[] = { "state", c->state, "destination", c->destination, NULL };
@@ -2046,7 +2068,7 @@ static const struct command commands[] = {
 	  "delivered, failed, dead, dropped or expired; --destination peer:NAME, matrix or\n"
 	  "xmpp:COMPONENT-DOMAIN (matched whole). Without --limit every page: with no --state that\n"
 	  "is every delivery ever made (up to 100000 rows); give --state or --limit.\n"
-	  "\nexample: causewayctl outbox --state failed --destination peer:gk", NULL },
+	  "\nexample: causewayctl outbox --state failed --destination peer:gk", check_outbox },
 	{ "deadletters", "", 0, OPT_PAGE, cmd_deadletters, "deliveries that gave up",
 	  "Lists the dead letters (GET /admin/v1/outbox?state=dead): deliveries that used up their\n"
 	  "retries. The ID column is what replay and discard take.\n"
