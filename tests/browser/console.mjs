@@ -210,6 +210,32 @@ try {
     return got;
   });
 
+  await check('the chart draws every minute of the window, the oldest too', async () => {
+    // An hour's window touches 61 minutes (05:02 to 06:02 for now 06:02:30):
+    // until the fiftieth session's review the chart drew 60, from 05:03,
+    // and the oldest minute's messages (in the totals) were not on it.
+    const doc = { window_s: 3600, now: '2026-11-29T06:02:30.000Z',
+      throughput: [{ minute: '2026-11-29T05:02:00Z', adapter: 'peer', direction: 'in', count: 7 },
+        { minute: '2026-11-29T06:02:00Z', adapter: 'peer', direction: 'in', count: 3 }],
+      totals: [{ adapter: 'peer', direction: 'in', count: 10 }],
+      queue: { pending: 0, in_flight: 0, held: 0, dead: 0, failed: 0 }, latency_ms: { count: 0 }, decisions: [] };
+    const fake = (route) => route.fulfill({ status: 200, contentType: 'application/json', body: JSON.stringify(doc) });
+    await page.route('**/admin/v1/stats', fake);
+    try {
+      await go(page, '#/peers');
+      await go(page, '#/dashboard');
+      await page.locator('[data-stat="total.peer.in"]').filter({ hasText: /^10$/ }).waitFor({ timeout: WAIT });
+      const pts = (await page.locator('svg.chart polyline').getAttribute('points')).split(' ');
+      assert.equal(pts.length, 61, 'a point for each minute the window touches');
+      // the oldest minute's 7, the highest, at the chart's left edge and top
+      assert.equal(pts[0], '40.0,10.0', pts.slice(0, 3).join(' '));
+      assert.equal(pts[60].split(',')[0], '630.0', 'the last minute at the right edge');
+      assert.ok(pts.slice(1, 60).every((p) => p.endsWith(',196.0')), 'the minutes between at 0');
+    } finally {
+      await page.unroute('**/admin/v1/stats', fake);
+    }
+  });
+
   await check('keyboard reaches the navigation', async () => {
     await page.keyboard.press('Tab'); // the skip link
     let label = '';
