@@ -907,7 +907,7 @@
         changeBtn("Discard", () => act(r, "discard"), { danger: true, confirm: "Discard delivery " + r.id + " of " + r.message + "? It will never be sent." }))
         : "—"]] : []),
     ], rows, q.destination ? "No " + (q.state === "failed" ? "failed deliveries" : "dead letters") + " to " + q.destination
-      + " (a destination is matched whole: peer:<name>, matrix, xmpp:<component domain>)."
+      + " (a destination is matched whole: peer:<name>, matrix or xmpp, for every XMPP component alike)."
       : q.state === "failed" ? "No failed deliveries." : "No dead letters: every delivery got through or is still being tried."));
     async function act(r, what) {
       try {
@@ -919,7 +919,7 @@
     }
     add(root, h("p", { class: "hint" }, "Deliveries that used up their retries. Replay one once its destination is back."),
       note, filterForm([field("State", select("state", ["dead", "failed"], "dead")),
-        field("Destination", input("destination", { placeholder: "peer:tg, matrix, xmpp:chat.example" }),
+        field("Destination", input("destination", { placeholder: "peer:tg, matrix, xmpp" }),
           "matched whole")], (v) => { q = v; list.reload(true); }),
       list);
   }];

@@ -1384,7 +1384,7 @@ static enum ctl_rc check_outbox(struct ctl *c)
 			    "or expired, not '%.40s'", c->state);
 	if (c->destination && (!*c->destination || strlen(c->destination) > DESTINATION_MAX))
 		return fail(c, CTL_EUSAGE, "--destination takes a destination of 1 to %d bytes (peer:NAME, matrix or "
-			    "xmpp:COMPONENT-DOMAIN), not one of %zu", DESTINATION_MAX, strlen(c->destination));
+			    "xmpp), not one of %zu", DESTINATION_MAX, strlen(c->destination));
 	return CTL_OK;
 }
 
@@ -2065,8 +2065,8 @@ static const struct command commands[] = {
 	  "\nexample: causewayctl trace msg_3q2fJ0bM1xk9W1p5f7YqAg", NULL },
 	{ "outbox", "[--state S] [--destination D]", 0, OPT_OUTBOX | OPT_PAGE, cmd_outbox, "deliveries, by state",
 	  "Lists the deliveries (GET /admin/v1/outbox) in id order: --state pending, held, in_flight,\n"
-	  "delivered, failed, dead, dropped or expired; --destination peer:NAME, matrix or\n"
-	  "xmpp:COMPONENT-DOMAIN (matched whole). Without --limit every page: with no --state that\n"
+	  "delivered, failed, dead, dropped or expired; --destination peer:NAME, matrix or xmpp\n"
+	  "(matched whole; xmpp for every component). Without --limit every page: with no --state that\n"
 	  "is every delivery ever made (up to 100000 rows); give --state or --limit.\n"
 	  "\nexample: causewayctl outbox --state failed --destination peer:gk", check_outbox },
 	{ "deadletters", "", 0, OPT_PAGE, cmd_deadletters, "deliveries that gave up",
