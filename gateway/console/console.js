@@ -498,9 +498,13 @@
     const desc = keys.map((k) => k + ": " + [...series.get(k).values()].reduce((a, b) => a + b, 0)).join(", ");
     const svg = s("svg", { viewBox: "0 0 " + W + " " + H, class: "chart", role: "img",
       "aria-label": "Messages per minute from " + hm(start) + " to " + hm(end) + ". Totals: " + desc },
-    [0, 0.5, 1].map((f) => [
-      s("line", { x1: L, x2: W - R, y1: y(max * f), y2: y(max * f), class: "grid" }),
-      s("text", { x: L - 4, y: y(max * f) + 4, class: "tick", "text-anchor": "end" }, String(Math.round(max * f))),
+    // Grid lines at 0, the middle and the top, each at the whole number
+    // its label says: until the fiftieth session's review the middle one was
+    // drawn at max / 2 and labelled rounded (at 3.5 of 7 it said 4, and at
+    // 0.5 of 1 it said 1, as the top did).
+    [...new Set([0, Math.round(max / 2), max])].map((v) => [
+      s("line", { x1: L, x2: W - R, y1: y(v), y2: y(v), class: "grid" }),
+      s("text", { x: L - 4, y: y(v) + 4, class: "tick", "text-anchor": "end" }, String(v)),
     ]),
     [start, start + Math.floor(n / 2) * 60000, end].map((t, i) =>
       s("text", { x: x(t), y: H - 6, class: "tick", "text-anchor": ["start", "middle", "end"][i] }, hm(t))),

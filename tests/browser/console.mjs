@@ -231,6 +231,12 @@ try {
       assert.equal(pts[0], '40.0,10.0', pts.slice(0, 3).join(' '));
       assert.equal(pts[60].split(',')[0], '630.0', 'the last minute at the right edge');
       assert.ok(pts.slice(1, 60).every((p) => p.endsWith(',196.0')), 'the minutes between at 0');
+      // each grid line's label is the value at its height (the middle one
+      // was drawn at 3.5 and said 4 until the fiftieth session's review)
+      const ticks = await page.$$eval('svg.chart text.tick[x="36"]',
+        (ts) => ts.map((t) => [t.textContent, Number(t.getAttribute('y'))]));
+      assert.deepEqual(ticks.map(([v]) => v), ['0', '4', '7'], JSON.stringify(ticks));
+      for (const [v, ty] of ticks) assert.ok(Math.abs(ty - 4 - (10 + 186 * (1 - Number(v) / 7))) < 0.01, JSON.stringify(ticks));
     } finally {
       await page.unroute('**/admin/v1/stats', fake);
     }
