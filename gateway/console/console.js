@@ -845,13 +845,20 @@
 
   async function traceView(m, note, reload) {
     const ruleIds = [...new Set((m.decisions || []).map((d) => d.rule_id).filter((x) => x))];
+    // A rule that cannot be read is "since deleted" only when the answer
+    // says so (404): until the fiftieth session's review any failure (the
+    // daemon busy, 503) was said so, and the operator looked for who had
+    // deleted a rule still in force.
     const rules = {};
-    await Promise.all(ruleIds.map(async (rid) => { try { rules[rid] = await api("GET", "/rules/" + rid); } catch (e) { rules[rid] = null; } }));
+    await Promise.all(ruleIds.map(async (rid) => { try { rules[rid] = await api("GET", "/rules/" + rid); } catch (e) { rules[rid] = e; } }));
     const ruleText = (rid) => {
       if (!rid) return "default or the user's own decision";
       const r = rules[rid];
-      return r ? [h("a", { href: "#/rules" }, "rule " + rid), ": " + r.scope + " " + r.pattern + " → " + text(r.mode),
-        r.comment ? [" ", h("q", {}, r.comment)] : null] : "rule " + rid + " (since deleted)";
+      if (r instanceof ApiError && r.status === 404) return "rule " + rid + " (since deleted)";
+      if (r instanceof Error || !r) return "rule " + rid + " (could not be read: " + (r ? r.message : "no answer")
+        + (r instanceof ApiError && r.status ? ", " + r.status : "") + ")";
+      return [h("a", { href: "#/rules" }, "rule " + rid), ": " + r.scope + " " + r.pattern + " → " + text(r.mode),
+        r.comment ? [" ", h("q", {}, r.comment)] : null];
     };
     const deliveries = m.deliveries || [];
     const verdicts = [...new Set(deliveries.map((d) => d.verdict))];
