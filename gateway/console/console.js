@@ -229,7 +229,16 @@
       signOut("The token was refused (unknown, revoked or mistyped). Sign in again.");
       throw new ApiError(401, data);
     }
-    if (!r.ok) throw new ApiError(r.status, data || { title: "HTTP " + r.status, detail: raw.slice(0, 200) });
+    // An answer that is not the daemon's JSON (a sign-in page of a proxy in
+    // front of it, answered 200) is said so: until the fiftieth session's
+    // review it went on as null, and the page showed "Cannot read
+    // properties of null"; an error's page was cut at 200 characters
+    // without a mark.
+    if (!r.ok) throw new ApiError(r.status, data || { title: "HTTP " + r.status,
+      detail: raw.length > 200 ? raw.slice(0, 200) + "…" : raw });
+    if (raw && (data === null || typeof data !== "object"))
+      throw new ApiError(r.status, { title: "Not the daemon's answer", detail: "the answer to " + method + " " + path
+        + " is not a JSON object: is a proxy in front of the daemon answering instead?" });
     return data;
   }
 

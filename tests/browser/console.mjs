@@ -585,6 +585,23 @@ try {
     await page.locator('[data-stat="queue.held"]').waitFor({ timeout: WAIT }); // the next refresh recovers
   });
 
+  await check('an answer that is not the daemon\'s JSON is said so', async () => {
+    // A proxy's sign-in page, answered 200: until the fiftieth session's
+    // review the page said "Cannot read properties of null".
+    const page200 = (r) => r.fulfill({ status: 200, contentType: 'text/html', body: '<html><body>Sign in to the proxy</body></html>' });
+    await page.route('**/admin/v1/peers', page200);
+    try {
+      await go(page, '#/peers');
+      const err = page.locator('main .error[role="alert"]');
+      await err.first().waitFor({ timeout: WAIT });
+      const said = await err.first().innerText();
+      assert.match(said, /^Not the daemon's answer the answer to GET \/peers is not a JSON object: is a proxy in front/, said);
+      assert.doesNotMatch(said, /null/, said);
+    } finally {
+      await page.unroute('**/admin/v1/peers', page200);
+    }
+  });
+
   await check('a change whose answer is lost may have been done, and says so', async () => {
     // The request goes out and the connection drops before an answer: the
     // daemon may have made the token (a repeat is 409, the token never

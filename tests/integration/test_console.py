@@ -276,6 +276,7 @@ def test_console_in_a_browser(make_daemon, db_url, pg):
                  "a big group's members come a page at a time",
                  "a viewer sees no change controls on any page",
                  "a change whose answer is lost may have been done, and says so",
+                 "an answer that is not the daemon's JSON is said so",
                  "a time is shown in the browser's zone, the zone named",
                  "add a peer pasted with white space around its fields",
                  "phone width: dashboard and navigation",
