@@ -1007,14 +1007,16 @@
     ], (v) => { q = v; list.reload(true); }), list);
   }];
 
-  // An audit entry's details: "key: value" (so that it wraps); long ones folded.
+  // An audit entry's details: "key: value" (so that it wraps); long ones
+  // folded, the summary cut between characters (until the fiftieth
+  // session's review an emoji there was cut in half, shown as U+FFFD).
   function details(d) {
     if (!d || (typeof d === "object" && Object.keys(d).length === 0)) return "—";
     const line = typeof d === "object" && !Array.isArray(d)
       ? Object.entries(d).map(([k, v]) => k + ": " + (v !== null && typeof v === "object" ? json(v) : String(v))).join(", ")
       : json(d);
     if (line.length <= 80) return h("span", { class: "details" }, line);
-    return h("details", { class: "details" }, h("summary", {}, line.slice(0, 60) + "…"),
+    return h("details", { class: "details" }, h("summary", {}, [...line].slice(0, 60).join("") + "…"),
       h("pre", {}, JSON.stringify(d, null, 2)));
   }
 

@@ -454,6 +454,28 @@ try {
     }
   });
 
+  await check('a long audit detail is folded between characters', async () => {
+    // "comment: " and 50 letters are 59 UTF-16 units: the emoji after them
+    // was cut in half by the 60-unit summary until the fiftieth session's
+    // review.
+    const comment = 'a'.repeat(50) + '\u{1F600}' + 'b'.repeat(40);
+    const rows = [{ id: 1, at: '2026-11-29T06:01:00.000Z', actor: 'admin:config', action: 'rule.create', reason: null,
+      rule_id: null, message: null, subject: null, details: { comment } }];
+    const fake = (r) => r.fulfill({ status: 200, contentType: 'application/json', body: JSON.stringify({ rows, next_after: null }) });
+    const audit = /\/admin\/v1\/audit\?/;
+    await page.route(audit, fake);
+    try {
+      await go(page, '#/peers'); // from the audit page the check before left
+      await go(page, '#/audit');
+      const summary = page.locator('main details.details summary');
+      await summary.first().waitFor({ timeout: WAIT });
+      const said = await summary.first().textContent();
+      assert.equal(said, 'comment: ' + 'a'.repeat(50) + '\u{1F600}' + '…', JSON.stringify(said));
+    } finally {
+      await page.unroute(audit, fake);
+    }
+  });
+
   await check('allow a held sender', async () => {
     await go(page, '#/held');
     const row = page.locator('tr', { hasText: 'mimi://wa.example/u/wally' });
