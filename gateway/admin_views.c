@@ -415,7 +415,9 @@ void admin_views_config(struct cw_req *req, void *ctx)
  *   adapter of their origin network (the part before ':': peer:gk -> peer);
  * - out: outbox rows delivered in the window (BRIN
  *   outbox_delivered_at_brin), by the adapter of their destination
- *   (xmpp:<domain> -> xmpp); the same rows give the latency percentiles, so
+ *   (peer:gk -> peer; xmpp, matrix and local are one each: an XMPP
+ *   delivery's destination is xmpp, whatever its component); the same
+ *   rows give the latency percentiles, so
  *   they are materialized (dl) rather than scanned twice;
  * - the queue now, by state (outbox_state_dest_idx: delivered rows, the
  *   bulk of the table, are not in it);
