@@ -62,6 +62,7 @@ struct matrix {
 	pthread_t bot_thread;
 	bool bot_started;
 	atomic_bool bot_stop;
+	int bot_wake[2];             /* a pipe, written by mx_bot_stop alone: the bot's waits end at once */
 	/* Rooms a ghost is joining (mx_bot.c: what the user wrote meanwhile
 	 * is read back from the homeserver and stored): a transaction with
 	 * events of one is parked, its request suspended, until the

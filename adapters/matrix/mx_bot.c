@@ -17,10 +17,12 @@
 #include "utf8.h"
 
 #include <ctype.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 /* The rows of one look for work: the inbox's (a parameter), the notices',
  * the consent requests' and their expiries' (the statements' LIMIT,
@@ -2834,8 +2836,8 @@ static void *bot_main(void *arg)
 			mine = false;
 			expired_seen = -1;
 			cw_errmsg e;
-			c = store_connect_abortable(m->app->cfg->db_url, m->app->cfg->db_statement_timeout_ms, -1,
-						    bot_gives_up, m, &e);
+			c = store_connect_abortable(m->app->cfg->db_url, m->app->cfg->db_statement_timeout_ms,
+						    m->bot_wake[0], bot_gives_up, m, &e);
 			if (c && (store_exec(c, "LISTEN causeway_matrix_bot", &e) || !store_prepare_all(c, bot_stmt_lists, &e))) {
 				PQfinish(c);
 				c = NULL;
@@ -2867,15 +2869,32 @@ static void *bot_main(void *arg)
 			invitees_joined(m, c);
 			forget_handled(m, c, &forget_after);
 		}
-		store_wait_notify(c, -1, 500, NULL, NULL);
+		/* Its stop writes to bot_wake (never read: the stop is for good).
+		 * Until the fiftieth session nothing woke this wait: matrix_stop,
+		 * after "stopped" is logged, held the process's exit up to 500 ms. */
+		store_wait_notify(c, m->bot_wake[0], 500, NULL, NULL);
 	}
 	PQfinish(c);
 	return NULL;
 }
 
+static void mx_bot_wake_close(struct matrix *m)
+{
+	for (int k = 0; k < 2; k++) {
+		if (m->bot_wake[k] >= 0)
+			close(m->bot_wake[k]);
+		m->bot_wake[k] = -1;
+	}
+}
+
 void mx_bot_start(struct matrix *m)
 {
+	/* Without the pipe (-1) its waits still end, at their timeouts. */
+	if (pipe2(m->bot_wake, O_NONBLOCK | O_CLOEXEC) != 0)
+		m->bot_wake[0] = m->bot_wake[1] = -1;
 	m->bot_started = cw_thread_start(&m->bot_thread, bot_main, m);
+	if (!m->bot_started)
+		mx_bot_wake_close(m);
 }
 
 void mx_bot_stop(struct matrix *m)
@@ -2883,6 +2902,10 @@ void mx_bot_stop(struct matrix *m)
 	if (!m->bot_started)
 		return;
 	store_sleepers_stop(&m->bot_stop);
+	if (m->bot_wake[1] >= 0 && write(m->bot_wake[1], "x", 1) < 0) {
+		/* never read: a first write cannot find it full */
+	}
 	pthread_join(m->bot_thread, NULL);
 	m->bot_started = false;
+	mx_bot_wake_close(m);
 }
