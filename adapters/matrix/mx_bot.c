@@ -2509,62 +2509,137 @@ static PGresult *look_for(PGconn *c, enum bot_look k, const char *what)
 }
 
 /* A round of the bot's that asks the homeserver something for each row a
- * look finds (rename_row, invitation_row), backing off while the
- * homeserver does not take it: tried again 2 s, 4 s, ... (at most
- * BOT_RETRY_MAX_S) after a round where a row failed, or when a 429 asked
- * if that is later; a homeserver that did not answer, or answered 429,
- * ends the round (the next row would fare no better), another failure
- * (a 5xx, say) does not (it may be that row's alone).  The rows left wait
- * in the database, not here.  Until the forty-sixth session each round
- * had a loop of its own, and the makings of portals went on after no
- * answer: a homeserver that did not answer held the bot up its 10 s
- * (MX_TIMEOUT_MS) for each user invited, up to 16 a round
- * (test_a_homeserver_not_answering_ends_the_round_of_portal_makings). */
+ * look finds (departure_row, rename_row, invitation_row), backing off
+ * while the homeserver does not take it.  A homeserver that did not
+ * answer, or answered 429, ends the round (the next row would fare no
+ * better), and the whole round is tried again 2 s, 4 s, ... (at most
+ * BOT_RETRY_MAX_S) later, or when the 429 asked if that is later.
+ * Another failure (a 5xx, say) may be that row's alone: the round goes
+ * on, and that row alone backs off the same way (its key, the row's
+ * columns; in memory, forgotten once a whole round's look no longer
+ * finds it).  The rows left wait in the database, not here.  Until the
+ * forty-sixth session each round had a loop of its own, and the makings
+ * of portals went on after no answer: a homeserver that did not answer
+ * held the bot up its 10 s (MX_TIMEOUT_MS) for each user invited, up to
+ * 16 a round (test_a_homeserver_not_answering_ends_the_round_of_portal_makings).
+ * Until the fiftieth session a 5xx backed off the whole round: one room
+ * whose leave the homeserver kept refusing held every later departure
+ * (renamed group, invitation) up to BOT_RETRY_MAX_S
+ * (test_a_ghosts_refused_leave_holds_up_no_other_departure). */
 
 enum row_outcome {
 	ROW_DONE,      /* taken (or refused for good: not asked again) */
-	ROW_AGAIN,     /* not taken for now: the round goes on */
-	ROW_AGAIN_ALL, /* no answer, or 429: the round ends */
+	ROW_AGAIN,     /* not taken for now: the round goes on, that row backs off */
+	ROW_AGAIN_ALL, /* no answer, or 429: the round ends, and backs off */
 };
 
 /* One row of a round: *wait_ms the wait a 429 asked for, else 0. */
 typedef enum row_outcome (*row_fn)(struct matrix *m, PGconn *c, PGresult *r, int i, long *wait_ms);
 
-static void backed_off_round(struct matrix *m, PGconn *c, enum bot_look look, const char *what, struct store_backoff *b,
+/* The rows a look gives at most (the statements' LIMIT): a round's rows
+ * backing off each fit, with those of the round before. */
+#define BOT_ROUND_ROWS 64
+
+struct bot_round {
+	struct store_backoff all; /* the whole round's (no answer, a 429) */
+	unsigned long looks;      /* its looks so far */
+	int nrows;
+	struct {
+		uint64_t key;         /* row_key */
+		unsigned long seen;   /* the last look that found it */
+		struct store_backoff b;
+	} rows[BOT_ROUND_ROWS];
+};
+
+/* A row's key: FNV-1a of its columns (a value and its end), of which
+ * a look's rows have at most BOT_ROUND_ROWS. */
+static uint64_t row_key(PGresult *r, int i)
+{
+	uint64_t h = 14695981039346656037ULL;
+	for (int f = 0; f < PQnfields(r); f++) {
+		const unsigned char *v = (const unsigned char *)PQgetvalue(r, i, f);
+		for (int k = 0, n = PQgetlength(r, i, f); k < n; k++)
+			h = (h ^ v[k]) * 1099511628211ULL;
+		h = (h ^ (PQgetisnull(r, i, f) ? 0x1feU : 0x1ffU)) * 1099511628211ULL;
+	}
+	return h;
+}
+
+/* The slot of a row's own backoff (add: made if there is none and room
+ * for it); -1: none. */
+static int round_row(struct bot_round *s, uint64_t key, bool add)
+{
+	for (int k = 0; k < s->nrows; k++)
+		if (s->rows[k].key == key)
+			return k;
+	if (!add || s->nrows == BOT_ROUND_ROWS)
+		return -1;
+	s->rows[s->nrows].key = key;
+	s->rows[s->nrows].b = (struct store_backoff){ 0, 0 };
+	return s->nrows++;
+}
+
+static void round_row_drop(struct bot_round *s, int k)
+{
+	s->rows[k] = s->rows[--s->nrows];
+}
+
+/* Backs b off: 2 s, 4 s, ..., or what a 429 asked (wait_ms) when longer. */
+static void bot_back_off(struct store_backoff *b, long wait_ms)
+{
+	if (wait_ms * 1000LL > store_backoff_grow(b, 2000000, BOT_RETRY_MAX_S * 1000000LL, false))
+		b->retry_at_us = cw_now_us() + wait_ms * 1000LL;
+}
+
+static void backed_off_round(struct matrix *m, PGconn *c, enum bot_look look, const char *what, struct bot_round *s,
 			     row_fn fn)
 {
-	if (cw_now_us() < b->retry_at_us)
+	int64_t now = cw_now_us();
+	if (now < s->all.retry_at_us)
 		return;
 	PGresult *r = look_for(c, look, what);
 	if (!r)
 		return;
-	bool failed = false;
+	s->looks++;
+	bool ended = false;
 	long wait = 0;
-	for (int i = 0; i < PQntuples(r); i++) {
+	for (int i = 0; i < PQntuples(r) && !ended; i++) {
+		uint64_t key = row_key(r, i);
+		int k = round_row(s, key, false);
+		if (k >= 0) {
+			s->rows[k].seen = s->looks;
+			if (now < s->rows[k].b.retry_at_us)
+				continue;
+		}
 		long w = 0;
 		enum row_outcome o = fn(m, c, r, i, &w);
-		if (o == ROW_DONE)
-			continue;
-		failed = true;
-		if (w > wait)
+		if (o == ROW_DONE) {
+			if (k >= 0)
+				round_row_drop(s, k);
+		} else if (o == ROW_AGAIN_ALL || (k = round_row(s, key, true)) < 0) {
+			ended = true; /* no room to note the row's own (not met: the LIMIT): the round's */
 			wait = w;
-		if (o == ROW_AGAIN_ALL)
-			break;
+		} else {
+			s->rows[k].seen = s->looks;
+			bot_back_off(&s->rows[k].b, w);
+		}
 	}
 	PQclear(r);
-	if (!failed) {
-		store_backoff_reset(b);
+	if (ended) {
+		bot_back_off(&s->all, wait);
 		return;
 	}
-	if (wait * 1000LL > store_backoff_grow(b, 2000000, BOT_RETRY_MAX_S * 1000000LL, false))
-		b->retry_at_us = cw_now_us() + wait * 1000LL; /* what a 429 asked, when longer */
+	store_backoff_reset(&s->all);
+	for (int k = s->nrows - 1; k >= 0; k--) /* rows the look found no more: done elsewhere, or gone */
+		if (s->rows[k].seen != s->looks)
+			round_row_drop(s, k);
 }
 
 /* Portals whose group was renamed (PATCH /v1/rooms/{room}, which wakes
  * the bot) since the bot last named them take the new name at its next
  * round (BOT_RENAMES: room, binding, name).  A rename the homeserver did
- * not take for now (no answer, a 5xx, a 429) is tried again with the
- * others that wait (backed_off_round).  Until the forty-fifth session a
+ * not take for now (no answer, a 5xx, a 429) is tried again as
+ * backed_off_round says.  Until the forty-fifth session a
  * failing homeserver was asked every round. */
 static enum row_outcome rename_row(struct matrix *m, PGconn *c, PGresult *r, int i, long *wait_ms)
 {
@@ -2823,7 +2898,7 @@ static void *bot_main(void *arg)
 	PGconn *c = NULL;
 	bool mine = false;
 	int64_t requests_after = 0, forget_after = 0, expired_seen = -1;
-	struct store_backoff invitations = { 0, 0 }, renames = { 0, 0 }, departures = { 0, 0 };
+	struct bot_round invitations = { 0 }, renames = { 0 }, departures = { 0 };
 	/* The pace of its connects while the database is away: 250 ms, then
 	 * twice as long each time up to database.reconnect_max_ms (until the
 	 * forty-eighth session every 500 ms, each attempt blocking the stop

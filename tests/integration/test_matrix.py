@@ -6136,6 +6136,43 @@ def test_a_ghost_whose_leave_of_a_portal_fails_leaves_it_later(mx, hs, gk, pg, d
     assert srv.errors == [] and srv.duplicates == 0
 
 
+def test_a_ghosts_refused_leave_holds_up_no_other_departure(mx, hs, gk, pg, db_url):
+    """The homeserver keeps refusing ed's ghost's leave of alice's room
+    (503) while it takes fred's: the bot asks ed's again and again, backing
+    off (2 s, 4 s, ...), and fred, removed from the group meanwhile, sees
+    his ghost leave at the bot's next round.  Until the fiftieth session a
+    refused leave backed off the whole round of departures: fred's waited
+    for ed's next try (here 8 s; up to ten minutes)."""
+    a, srv = gk
+    ed, fred = a.user("ed"), a.user("fred")
+    consent_alice(mx, ed)
+    consent_alice(mx, fred)
+    group, _, mine, said, _ = alice_in_wallys_group(mx, hs, gk, pg, db_url, [ed, fred])
+    ed_ghost, fred_ghost = "@_cw_gk_ed:example.org", "@_cw_gk_fred:example.org"
+    for who, ghost in ((ed, ed_ghost), (fred, fred_ghost)):
+        assert a.send(group, who, "here").status_code == 202
+        wait_until(lambda: (ghost, "here") in said(mine), what="the member's message in alice's room")
+
+    def leaves(ghost):
+        return [q for q in hs.requests if q["method"] == "POST" and q["path"].endswith("/leave")
+                and q["user"] == ghost]
+    hs.refuse = lambda method, path, user: method == "POST" and path.endswith("/leave") and user == ed_ghost
+    try:
+        assert a.call("POST", f"/v1/rooms/{group}/members", {"remove": [ed]}).status_code == 200
+        wait_until(lambda: len(leaves(ed_ghost)) >= 3, timeout=20, what="ed's ghost's leave refused three times")
+        assert a.call("POST", f"/v1/rooms/{group}/members", {"remove": [fred]}).status_code == 200
+        t0 = time.monotonic()
+        wait_until(lambda: hs.members(mine).get(fred_ghost) == "leave", timeout=20, what="fred's ghost leaving")
+        took = time.monotonic() - t0
+        assert took < 3, took  # the bot's next round (500 ms); 5-8 s before
+        assert {q["status"] for q in leaves(ed_ghost)} == {503} and hs.members(mine).get(ed_ghost) == "join"
+    finally:
+        hs.refuse = None
+    wait_until(lambda: hs.members(mine).get(ed_ghost) == "leave", timeout=20, what="ed's ghost leaving at last")
+    assert len([q for q in leaves(fred_ghost) if q["status"] == 200]) == 1
+    assert srv.errors == [] and srv.duplicates == 0
+
+
 def test_a_ghosts_refused_invitations_to_a_portal_are_logged_at_most_ten_a_second(mx, hs, gk, pg, db_url):
     """Forty members of a group each write to it once while the homeserver
     refuses the bot's invitations of their ghosts to alice's room of it
