@@ -181,6 +181,22 @@ cw_err mx_call(struct matrix *m, const char *method, const char *path, const cha
 /* The wait (ms) the last 429 answer of this thread's calls asked for: its
  * retry_after_ms or Retry-After header, the longer (0: it said none). */
 long mx_rate_limited_wait_ms(void);
+/* Whether a failed call's status (0: no answer) is the homeserver's of
+ * the moment, the work to be tried again: no answer, a 5xx, a 429, a 408
+ * (a timeout) or a 401 (M_UNKNOWN_TOKEN, M_MISSING_TOKEN: the as_token not
+ * taken, the operator's to fix; the same for every call: mx_all_refused).
+ * Another 4xx (403 M_FORBIDDEN: not in the room, banned; 404) is its
+ * answer, the same on every try.  Until the fiftieth session a ghost's
+ * leave of a group and a portal's rename answered 401 counted as done. */
+static inline bool mx_for_now(long status)
+{
+	return status < 400 || status >= 500 || status == 401 || status == 408 || status == 429;
+}
+/* Whether the next call would fare no better (no answer, 429, 401). */
+static inline bool mx_all_refused(long status)
+{
+	return status == 0 || status == 401 || status == 429;
+}
 
 /* Media (mx_media.c). */
 enum mx_rehost { MX_REHOST_OK, MX_REHOST_NOTICE, MX_REHOST_RETRY, MX_REHOST_WAIT, MX_REHOST_UNWANTED };

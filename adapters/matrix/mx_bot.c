@@ -134,14 +134,6 @@ static void txn_for(char *out, size_t len, const char *what, const char *eid, co
 	snprintf(out, len, "cw%s-%s", what, hex);
 }
 
-/* Whether a call's failure is the homeserver's of the moment (no answer,
- * 429, 5xx): the work is tried again later (inbox). A 4xx is its answer
- * (not invited any more, banned, no such room). */
-static bool for_now(long status)
-{
-	return status == 0 || status == 429 || status >= 500;
-}
-
 /* Whether room has notices queued and not sent yet (matrix_notices): 1
  * yes, 0 no, -1 the database did not say (taken as yes: the word is
  * queued, and goes out in its turn).  A word said at once while older
@@ -184,7 +176,7 @@ static bool say_later(struct matrix *m, PGconn *c, const char *room, const char 
 {
 	long status = 0, wait = 0;
 	int queued = notices_waiting(c, room);
-	if (queued == 0 && (say_txn(m, room, user, text, txn, &status, &wait) || !for_now(status)))
+	if (queued == 0 && (say_txn(m, room, user, text, txn, &status, &wait) || !mx_for_now(status)))
 		return true;
 	char ms[24];
 	snprintf(ms, sizeof(ms), "%ld", queued ? 0L : status == 429 ? wait : 2000L);
@@ -927,7 +919,7 @@ static int others_in(struct matrix *m, const char *room, const char *ghost, cons
 	if (mx_room_call(m, "GET", room, ghost, "members", "not_membership=leave", NULL, &status, &answer, &e)) {
 		LOG_KV_LIMITED(CW_LOG_WARN, "cannot read a room", "room", room, "what", "members", "detail", e.msg);
 		json_decref(answer);
-		return for_now(status) ? -1 : 1;
+		return mx_for_now(status) ? -1 : 1;
 	}
 	int others = !json_is_array(json_object_get(answer, "chunk"));
 	size_t i;
@@ -976,7 +968,7 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 	long status;
 	if (mx_room_post(m, room, NULL, "join", json_object(), &status, &e)) {
 		LOG_KV_LIMITED(CW_LOG_WARN, "the bot cannot join", "room", room, "detail", e.msg);
-		return for_now(status);
+		return mx_for_now(status);
 	}
 	/* A management room is the user's and the bot's alone: not a
 	 * bridged conversation (what the user writes there would be both a
@@ -1636,7 +1628,7 @@ static int room_encrypted(struct matrix *m, const char *room, const char *user)
 		return 1;
 	if (status != 404)
 		LOG_KV_LIMITED(CW_LOG_WARN, "cannot tell whether a room is encrypted", "room", room, "detail", e.msg);
-	return for_now(status) ? -1 : 0;
+	return mx_for_now(status) ? -1 : 0;
 }
 
 /* The ghost of a user not added to the group of room, the portal the
@@ -1657,7 +1649,7 @@ static bool turned_away(struct matrix *m, PGconn *c, const char *room, const cha
 	cw_errmsg e;
 	if (mx_room_post(m, room, ghost, "leave", json_object(), &status, &e)) {
 		LOG_KV_LIMITED(CW_LOG_WARN, "a ghost cannot decline a group's invitation", "room", room, "detail", e.msg);
-		return for_now(status);
+		return mx_for_now(status);
 	}
 	LOG_KV_LIMITED(CW_LOG_INFO, "a Matrix user's invitation of a ghost into a group was declined", "room", room,
 		       "why", what);
@@ -1738,7 +1730,7 @@ static bool ghost_joins(struct matrix *m, PGconn *c, const char *room, const cha
 	long status;
 	if (mx_room_post(m, room, ghost, "join", json_object(), &status, &e)) {
 		LOG_KV_LIMITED(CW_LOG_WARN, "the ghost cannot join", "room", room, "detail", e.msg);
-		return for_now(status);
+		return mx_for_now(status);
 	}
 	/* A management room is for commands: bound too, what the user writes
 	 * there would be a command and a message to the remote user both (her
@@ -2638,8 +2630,8 @@ static void backed_off_round(struct matrix *m, PGconn *c, enum bot_look look, co
 /* Portals whose group was renamed (PATCH /v1/rooms/{room}, which wakes
  * the bot) since the bot last named them take the new name at its next
  * round (BOT_RENAMES: room, binding, name).  A rename the homeserver did
- * not take for now (no answer, a 5xx, a 429) is tried again as
- * backed_off_round says.  Until the forty-fifth session a
+ * not take for now (no answer, a 5xx, a 429, a 401: mx_for_now) is tried
+ * again as backed_off_round says.  Until the forty-fifth session a
  * failing homeserver was asked every round. */
 static enum row_outcome rename_row(struct matrix *m, PGconn *c, PGresult *r, int i, long *wait_ms)
 {
@@ -2647,7 +2639,7 @@ static enum row_outcome rename_row(struct matrix *m, PGconn *c, PGresult *r, int
 	if (mx_rename_portal(m, c, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), PQgetisnull(r, i, 2) ? NULL : PQgetvalue(r, i, 2),
 			     &status, wait_ms))
 		return ROW_DONE;
-	return status == 0 || status == 429 ? ROW_AGAIN_ALL : ROW_AGAIN;
+	return mx_all_refused(status) ? ROW_AGAIN_ALL : ROW_AGAIN;
 }
 
 /* The ghosts of members who are no longer in a group (the peer removed
@@ -2660,7 +2652,7 @@ static enum row_outcome rename_row(struct matrix *m, PGconn *c, PGresult *r, int
  * join, write and leave again.  The ghost counts as out of the room
  * (matrix_portal_members) once the homeserver took its leave, or refused
  * it for good (another 4xx: it is not in the room, the user put it out);
- * a leave not taken for now (no answer, a 5xx, a 429) is tried again as
+ * a leave not taken for now (no answer, a 5xx, a 429, a 401: mx_for_now) is tried again as
  * backed_off_round says.  Until the forty-ninth session the ghost was
  * counted out before its leave was asked, and a leave the homeserver did
  * not take left it in the user's room for good, the member gone
@@ -2675,9 +2667,9 @@ static enum row_outcome departure_row(struct matrix *m, PGconn *c, PGresult *r, 
 			       "detail", e.msg);
 		if (status == 429)
 			*wait_ms = mx_rate_limited_wait_ms();
-		if (status == 0 || status == 429)
+		if (mx_all_refused(status))
 			return ROW_AGAIN_ALL;
-		if (status < 400 || status >= 500)
+		if (mx_for_now(status))
 			return ROW_AGAIN;
 	}
 	const char *params[] = { PQgetvalue(r, i, 2), PQgetvalue(r, i, 3) };

@@ -1066,7 +1066,7 @@ bool mx_rename_portal(struct matrix *m, PGconn *c, const char *room, const char 
 		LOG_KV_LIMITED(CW_LOG_WARN, "cannot rename a group's room", "room", room, "detail", e.msg);
 		if (*status == 429)
 			*wait_ms = mx_rate_limited_wait_ms();
-		if (*status < 400 || *status >= 500 || *status == 429)
+		if (mx_for_now(*status))
 			return false;
 	}
 	const char *params[] = { binding, name };

@@ -319,7 +319,8 @@ class Homeserver:
         self.answer_event_id = None
         # A test's predicate on any authenticated call (method, path, user):
         # True answers it 503 M_UNKNOWN (the homeserver unavailable for it,
-        # as behind a proxy while it restarts), 403 answers M_FORBIDDEN,
+        # as behind a proxy while it restarts), 401 answers M_UNKNOWN_TOKEN
+        # (the as_token not taken), 403 answers M_FORBIDDEN,
         # 429 answers M_LIMIT_EXCEEDED with retry_after_ms
         # refuse_retry_after_ms (and its Retry-After header, as for any 429).
         self.refuse = None
@@ -752,6 +753,8 @@ class Homeserver:
                         raise MatrixError(400, "M_BAD_JSON", "Content must be a JSON object.")
                 args = [urllib.parse.unquote(g) if g is not None else "" for g in groups]
                 refused = self.refuse(method, path, req.user_id) if self.refuse else False
+                if refused == 401:  # the as_token not (or no longer) taken
+                    raise MatrixError(401, "M_UNKNOWN_TOKEN", "Invalid application service token.")
                 if refused == 403:
                     raise MatrixError(403, "M_FORBIDDEN", "Refused by the test")
                 if refused == 429:

@@ -6173,6 +6173,47 @@ def test_a_ghosts_refused_leave_holds_up_no_other_departure(mx, hs, gk, pg, db_u
     assert srv.errors == [] and srv.duplicates == 0
 
 
+def test_a_ghosts_leave_and_a_rename_answered_401_are_tried_again(mx, hs, gk, pg, db_url):
+    """The homeserver answers ed's ghost's leave of alice's room, and the
+    bot's rename of it, 401 M_UNKNOWN_TOKEN (its as_token not taken: a
+    registration changed on one side, the operator's to fix): the bot asks
+    again, backing off, and once the homeserver takes them again the
+    ghost leaves and the room has the group's new name.  Until the
+    fiftieth session a 401 counted as a refusal for good: the ghost was
+    counted out of the room and stayed in it for good, and the name
+    counted as given, never set."""
+    a, srv = gk
+    ed = a.user("ed")
+    consent_alice(mx, ed)
+    group, alice, mine, said, _ = alice_in_wallys_group(mx, hs, gk, pg, db_url, [ed])
+    ed_ghost = "@_cw_gk_ed:example.org"
+    assert a.send(group, ed, "ed here").status_code == 202
+    wait_until(lambda: (ed_ghost, "ed here") in said(mine), what="ed's message in alice's room")
+    alice.join(mine)  # a portal's name follows the group's once she is in
+    wait_until(lambda: {m["user"]: m["membership"] for m in a.call("GET", f"/v1/rooms/{group}").json()["members"]}[
+        ALICE] == "joined", what="alice joined")
+
+    def asked(what, user=None):
+        return [q for q in hs.requests if q["method"] in ("POST", "PUT") and what in q["path"]
+                and mine in urllib.parse.unquote(q["path"]) and (user is None or q["user"] == user)]
+
+    def named():
+        return (hs.state(mine, "m.room.name") or {}).get("content", {}).get("name")
+    hs.refuse = lambda method, path, user: 401 if ((path.endswith("/leave") and user == ed_ghost)
+                                                   or "/state/m.room.name" in path) else False
+    try:
+        assert a.call("POST", f"/v1/rooms/{group}/members", {"remove": [ed]}).status_code == 200
+        assert a.call("PATCH", f"/v1/rooms/{group}", {"name": "Renamed 401"}).status_code == 200
+        wait_until(lambda: len(asked("/leave", ed_ghost)) >= 2 and len(asked("/state/m.room.name")) >= 2,
+                   timeout=20, what="the leave and the rename refused 401, and asked again")
+        assert {q["status"] for q in asked("/leave", ed_ghost) + asked("/state/m.room.name")} == {401}
+    finally:
+        hs.refuse = None
+    wait_until(lambda: hs.members(mine).get(ed_ghost) == "leave", timeout=20, what="ed's ghost leaving at last")
+    wait_until(lambda: named() == "Renamed 401", timeout=20, what="the room renamed at last")
+    assert srv.errors == [] and srv.duplicates == 0
+
+
 def test_a_ghosts_refused_invitations_to_a_portal_are_logged_at_most_ten_a_second(mx, hs, gk, pg, db_url):
     """Forty members of a group each write to it once while the homeserver
     refuses the bot's invitations of their ghosts to alice's room of it
