@@ -178,6 +178,11 @@ void mx_bot_notice(struct matrix *m, const char *room, const char *text, const c
  * answer); *answer the parsed JSON answer (may be NULL). */
 cw_err mx_call(struct matrix *m, const char *method, const char *path, const char *user_id, const char *query,
 	       json_t *body, long *status, json_t **answer, cw_errmsg *e);
+/* This thread's mx_call calls end (no answer: status 0) once *stop is set
+ * (NULL: never; libcurl asks at least once a second while it waits), so
+ * that a homeserver that does not answer holds its stop a second, not its
+ * MX_TIMEOUT_MS, 10 s, per call (the bot's thread: mx_bot_stop). */
+void mx_call_stop_on(atomic_bool *stop);
 /* The wait (ms) the last 429 answer of this thread's calls asked for: its
  * retry_after_ms or Retry-After header, the longer (0: it said none). */
 long mx_rate_limited_wait_ms(void);

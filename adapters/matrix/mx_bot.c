@@ -2887,6 +2887,9 @@ static void *bot_main(void *arg)
 {
 	cw_thread_name("cw-mx-bot");
 	struct matrix *m = arg;
+	/* A homeserver that does not answer held the stop its 10 s a call
+	 * until the fiftieth session, each of the round's in turn. */
+	mx_call_stop_on(&m->bot_stop);
 	PGconn *c = NULL;
 	bool mine = false;
 	int64_t requests_after = 0, forget_after = 0, expired_seen = -1;

@@ -177,6 +177,19 @@ static cw_err req_done(struct matrix *m, CURL *c, struct mx_req *rq, CURLcode cc
 	return rc;
 }
 
+static _Thread_local atomic_bool *call_stop; /* mx_call_stop_on */
+
+void mx_call_stop_on(atomic_bool *stop)
+{
+	call_stop = stop;
+}
+
+static int call_progress(void *stop, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal, curl_off_t ulnow)
+{
+	(void)dltotal, (void)dlnow, (void)ultotal, (void)ulnow;
+	return atomic_load((atomic_bool *)stop) ? 1 : 0; /* 1: CURLE_ABORTED_BY_CALLBACK */
+}
+
 cw_err mx_call(struct matrix *m, const char *method, const char *path, const char *user_id, const char *query,
 	       json_t *body, long *status, json_t **answer, cw_errmsg *e)
 {
@@ -195,6 +208,11 @@ cw_err mx_call(struct matrix *m, const char *method, const char *path, const cha
 	cw_err rc = req_setup(m, c, &rq, method, path, user_id, query, body, e);
 	if (rc)
 		return rc;
+	if (call_stop) {
+		curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, call_progress);
+		curl_easy_setopt(c, CURLOPT_XFERINFODATA, (void *)call_stop);
+		curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
+	}
 	return req_done(m, c, &rq, curl_easy_perform(c), status, answer, e);
 }
 

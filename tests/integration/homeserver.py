@@ -308,7 +308,7 @@ class Homeserver:
         # Seconds a send takes before it is answered (outside the lock, so
         # sends to several rooms overlap): a real homeserver spends
         # milliseconds on each (auth rules, persisting, fan-out); 0 here
-        # by default.
+        # by default.  A callable: given the sender, its seconds.
         self.send_latency = 0.0
         self.rc_message = None      # (per_second, burst_count): see the module's docstring
         self.members_filters = True  # False: GET /members ignores its filters (Conduit)
@@ -1059,8 +1059,9 @@ class Homeserver:
         if self.refuse_send and self.refuse_send(req.path):
             raise MatrixError(500, "M_UNKNOWN", "Internal server error (a test's)")
         key = (req.path, self._txn_scope(req))
-        if self.send_latency:
-            time.sleep(self.send_latency)
+        latency = self.send_latency(req.user_id) if callable(self.send_latency) else self.send_latency
+        if latency:
+            time.sleep(latency)
         with self._lock:
             if key in self._txn_memory:
                 return 200, {"event_id": self._txn_memory[key]}

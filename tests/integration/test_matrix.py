@@ -1634,6 +1634,31 @@ def test_a_management_room_that_refuses_the_bot_holds_up_no_one_elses_requests(m
                what="her requests in her new room")
 
 
+def test_a_stop_while_the_bot_waits_for_the_homeserver_is_at_once(make_daemon, db_url, hs):
+    """The bot's answer to alice's "help" is slow to be taken (the
+    homeserver answers the bot's sends after 8 s) when the daemon is
+    stopped: the bot's call ends with the stop, within a second (libcurl
+    looks at it at least once a second), and the process exits in 0.6 s
+    (with the leak check).  Until the fiftieth session the stop waited
+    for the call, up to its 10 s timeout (6.7 s measured here), and for
+    each later call of the round in turn."""
+    mx = start_mx(make_daemon, db_url, hs)
+    alice, mgmt, said = alice_and_the_bot(hs)
+    bot = "@_cw_bot:example.org"
+    hs.send_latency = lambda user: 8.0 if user == bot else 0.0
+    try:
+        alice.send_text(mgmt, "help")
+        time.sleep(1.5)  # the bot in its send of the answer
+        t0 = time.monotonic()
+        mx.signal(signal.SIGTERM)
+        assert mx.wait_exit(30) == 0, mx.log()[-3000:]
+        took = time.monotonic() - t0
+    finally:
+        hs.send_latency = 0.0
+    assert took < 3.5, took
+    assert not any(r.get("msg", "").startswith("the stop took too long") for r in mx.records)
+
+
 def test_a_homeserver_refusing_the_bot_everywhere_costs_no_one_her_management_room(mx, hs, gk, pg, db_url):
     """A 403 to the bot's words in a management room ends that room only
     when the homeserver takes the bot elsewhere (GET /account/whoami): one
