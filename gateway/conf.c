@@ -908,37 +908,79 @@ static cw_err cfg_check(const struct cw_config *c, bool registration, cw_errmsg 
 	return CW_OK;
 }
 
+/* Where the value a check of the options together refused came from, put
+ * before e's message: "FILE:LINE: " when the file set it, "environment
+ * CAUSEWAY_...: " when the environment did (and won), nothing for a
+ * default.  The option is the one the message begins with (every check
+ * names the option it refuses first).  Until the fiftieth session's review
+ * these refusals (server.domain, server.public_url, the Matrix URLs,
+ * server.ca_file, ...) named neither: the log's "configuration invalid"
+ * did not say whether to mend the file, and which line, or the unit's
+ * environment. */
+static void where_refused(cw_errmsg *e, const char *path, const int *line, const bool *from_env)
+{
+	const struct cfg_option *o = NULL;
+	for (size_t i = 0; i < cfg_option_count && !o; i++) {
+		size_t sl = strlen(cfg_options[i].section), nl = strlen(cfg_options[i].name);
+		const char *m = e->msg;
+		if (strncmp(m, cfg_options[i].section, sl) == 0 && m[sl] == '.' &&
+		    strncmp(m + sl + 1, cfg_options[i].name, nl) == 0 &&
+		    !isalnum((unsigned char)m[sl + 1 + nl]) && m[sl + 1 + nl] != '_')
+			o = &cfg_options[i];
+	}
+	if (!o)
+		return;
+	size_t i = (size_t)(o - cfg_options);
+	char where[160];
+	if (from_env[i]) {
+		char env[128];
+		cfg_env_name(o, env, sizeof(env));
+		snprintf(where, sizeof(where), "environment %s: ", env);
+	} else if (line[i]) {
+		snprintf(where, sizeof(where), "%.120s:%d: ", path, line[i]);
+	} else {
+		return;
+	}
+	size_t wl = strlen(where), ml = strlen(e->msg);
+	if (wl + ml >= sizeof(e->msg)) /* its end is cut, as cw_fail cuts */
+		ml = sizeof(e->msg) - 1 - wl;
+	memmove(e->msg + wl, e->msg, ml);
+	memcpy(e->msg, where, wl);
+	e->msg[wl + ml] = '\0';
+}
+
 static cw_err load(struct cw_config *c, const char *path, const char *(*getenv_fn)(const char *), bool registration,
 		   cw_errmsg *e)
 {
 	cfg_defaults(c);
+	/* per option: the file's line that set it (0: none), whether the
+	 * environment set it */
+	int *line = calloc(cfg_option_count, sizeof(*line));
+	bool *from_env = calloc(cfg_option_count, sizeof(*from_env));
+	cw_err rc = CW_EINVAL;
+	if (!line || !from_env) {
+		rc = cw_fail(e, CW_ENOMEM, "out of memory");
+		goto out;
+	}
 	if (path) {
 		FILE *f = fopen(path, "r");
 		if (!f) {
-			cfg_free(c);
-			return cw_fail(e, CW_EINVAL, "%s: cannot open: %s", path, strerror(errno));
+			cw_fail(e, CW_EINVAL, "%s: cannot open: %s", path, strerror(errno));
+			goto out;
 		}
-		struct ini_ctx x = { .c = c, .path = path, .e = e, .lines = { .f = f },
-				     .seen = calloc(cfg_option_count, sizeof(int)) };
-		if (!x.seen) {
-			fclose(f);
-			cfg_free(c);
-			return cw_fail(e, CW_ENOMEM, "%s: out of memory", path);
-		}
-		int rc = ini_parse_stream(ini_lines_read, &x.lines, on_ini_pair, &x);
+		struct ini_ctx x = { .c = c, .path = path, .e = e, .lines = { .f = f }, .seen = line };
+		int prc = ini_parse_stream(ini_lines_read, &x.lines, on_ini_pair, &x);
 		fclose(f);
-		free(x.seen);
 		if (x.lines.read_errno) {
-			cfg_free(c);
-			return cw_fail(e, CW_EINVAL, "%s: cannot read: %s", path, strerror(x.lines.read_errno));
+			cw_fail(e, CW_EINVAL, "%s: cannot read: %s", path, strerror(x.lines.read_errno));
+			goto out;
 		}
 		if (x.lines.refusal && !x.errors) {
 			char why[160] = "";
 			if (x.lines.refusal == INI_LINE_OVERLONG)
 				snprintf(why, sizeof(why), "line longer than %d bytes, which the INI parser (libinih) "
 					 "cannot read whole", x.lines.max - 1);
-			cfg_free(c);
-			return cw_fail(e, CW_EINVAL, "%s:%d: %s%s", path, x.lines.line, why,
+			cw_fail(e, CW_EINVAL, "%s:%d: %s%s", path, x.lines.line, why,
 				       x.lines.refusal == INI_LINE_OVERLONG
 					       ? "; set a long value by the environment (CAUSEWAY_<SECTION>_<NAME>)"
 				       : x.lines.refusal == INI_LINE_AFTER_SECTION
@@ -948,15 +990,18 @@ static cw_err load(struct cw_config *c, const char *path, const char *(*getenv_f
 					       : "';' after a space starts a comment in this INI dialect (libinih), which "
 						 "would cut the value here; put a comment on a line of its own, and set a "
 						 "value holding \" ;\" by the environment (CAUSEWAY_<SECTION>_<NAME>)");
+			goto out;
 		}
-		if (rc != 0 || x.errors) {
+		if (prc != 0 || x.errors) {
 			/* A syntax error inih found itself, before any of ours:
 			 * "[server" without its ']' left the options below it in
 			 * the section above, and until the forty-seventh
 			 * session's review the error named the first of them
 			 * (database.port: unknown option), not the line to mend. */
-			if (rc > 0 && (!x.errors || rc < x.first_error)) {
-				cw_fail(e, CW_EINVAL, "%s:%d: syntax error (expected [section] or name = value)", path, rc);
+			if (prc < 0 && !x.errors) {
+				cw_fail(e, CW_ENOMEM, "%s: out of memory", path); /* inih's -2 */
+			} else if (prc > 0 && (!x.errors || prc < x.first_error)) {
+				cw_fail(e, CW_EINVAL, "%s:%d: syntax error (expected [section] or name = value)", path, prc);
 				if (x.errors) {
 					size_t n = strlen(e->msg);
 					snprintf(e->msg + n, sizeof(e->msg) - n, " (and %d more errors)", x.errors);
@@ -965,8 +1010,7 @@ static cw_err load(struct cw_config *c, const char *path, const char *(*getenv_f
 				size_t n = strlen(e->msg);
 				snprintf(e->msg + n, sizeof(e->msg) - n, " (and %d more errors)", x.errors - 1);
 			}
-			cfg_free(c);
-			return CW_EINVAL;
+			goto out;
 		}
 	}
 	if (!getenv_fn)
@@ -980,19 +1024,23 @@ static cw_err load(struct cw_config *c, const char *path, const char *(*getenv_f
 		cw_errmsg e2;
 		if (set_option(c, &cfg_options[i], v, &e2)) {
 			cw_fail(e, CW_EINVAL, "environment %s: %s", name, e2.msg);
-			cfg_free(c);
-			return CW_EINVAL;
+			goto out;
 		}
+		from_env[i] = true;
 	}
-	if (getenv_fn == plain_getenv && env_unknown_option(e)) {
-		cfg_free(c);
-		return CW_EINVAL;
-	}
+	if (getenv_fn == plain_getenv && env_unknown_option(e))
+		goto out;
 	if (cfg_check(c, registration, e)) {
-		cfg_free(c);
-		return CW_EINVAL;
+		where_refused(e, path, line, from_env);
+		goto out;
 	}
-	return CW_OK;
+	rc = CW_OK;
+out:
+	free(line);
+	free(from_env);
+	if (rc)
+		cfg_free(c);
+	return rc;
 }
 
 cw_err cfg_load(struct cw_config *c, const char *path, const char *(*getenv_fn)(const char *), cw_errmsg *e)

@@ -296,6 +296,36 @@ START_TEST(the_file_secret_is_the_files)
 }
 END_TEST
 
+static const char *upper_domain_env(const char *name)
+{
+	return strcmp(name, "CAUSEWAY_SERVER_DOMAIN") == 0 ? "Env.example.org" : NULL;
+}
+
+/* A check of the options together (here server.domain's) says where the
+ * value it refuses came from, as a single option's check does: the
+ * file's line, or the environment's variable that won over it; a
+ * default's refusal says neither.  Until the fiftieth session's review
+ * it named neither, and the log did not tell which to mend. */
+START_TEST(a_refusal_says_where_the_value_came_from)
+{
+	const char ini[] = "[database]\nurl = x\n\n[server]\ndomain = File.example.org\n";
+	struct cw_config c;
+	cw_errmsg e;
+	ck_assert_int_eq(load_bytes(&c, ini, strlen(ini), no_env, &e), CW_EINVAL);
+	const char *at = strstr(e.msg, ":5: server.domain must be");
+	ck_assert_msg(at && at > e.msg && strstr(e.msg, "File.example.org"), "%s", e.msg);
+	ck_assert_int_eq(load_bytes(&c, ini, strlen(ini), upper_domain_env, &e), CW_EINVAL);
+	ck_assert_msg(strncmp(e.msg, "environment CAUSEWAY_SERVER_DOMAIN: server.domain must be", 57) == 0 &&
+		      strstr(e.msg, "Env.example.org"), "%s", e.msg);
+	/* set empty in the file: that line */
+	const char empty_url[] = "[database]\nurl =\n";
+	ck_assert_int_eq(load_bytes(&c, empty_url, strlen(empty_url), no_env, &e), CW_EINVAL);
+	ck_assert_msg(strstr(e.msg, ":2: database.url is not set"), "%s", e.msg);
+	ck_assert_int_eq(cfg_load(&c, NULL, no_env, &e), CW_EINVAL);
+	ck_assert_msg(strncmp(e.msg, "database.url is not set", 23) == 0, "%s", e.msg);
+}
+END_TEST
+
 START_TEST(missing_file_is_an_error)
 {
 	struct cw_config c;
@@ -555,6 +585,7 @@ int main(void)
 	tcase_add_test(tc, bad_environment_value_names_the_variable);
 	tcase_add_test(tc, public_url_is_bounded);
 	tcase_add_test(tc, missing_file_is_an_error);
+	tcase_add_test(tc, a_refusal_says_where_the_value_came_from);
 	tcase_add_test(tc, matrix_id_is_bounded);
 	tcase_add_test(tc, env_names_follow_section_and_option);
 	tcase_add_test(tc, table_is_well_formed);
