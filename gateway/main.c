@@ -909,6 +909,14 @@ int main(int argc, char **argv)
 	dispatcher_stop(app.dispatcher);
 	stop_step(&stop_guard, "the XMPP component");
 	xa_stop(app.xmpp);
+	/* The bot and the ping stop before "stopped" is said, and while the
+	 * store still takes the jobs they may be finishing: until the
+	 * fiftieth session's review they were stopped after it (out_store),
+	 * and a bot or ping thread inside a homeserver request kept the
+	 * process alive past "stopped", its time not in shutdown_ms and the
+	 * stop's guard naming "the last clean-up". */
+	stop_step(&stop_guard, "the Matrix bot and ping");
+	matrix_stop(app.matrix);
 	stop_step(&stop_guard, "the fetchers");
 	cw_workers_stop(app.fetchers); /* their requests are answered: before the HTTP front stops */
 	stop_step(&stop_guard, "the policy thread");
@@ -938,7 +946,7 @@ int main(int argc, char **argv)
 	exit_code = 0;
 out_store:
 	xa_stop(app.xmpp); /* its jobs use the store */
-	matrix_stop(app.matrix); /* and so do the bot's */
+	matrix_stop(app.matrix); /* and so do the bot's (stopped already after "ready") */
 	cw_workers_free(app.fetchers); /* and so do the fetchers' */
 	peer_pull_free(app.pull);
 	store_close(app.store);

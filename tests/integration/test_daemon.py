@@ -6,12 +6,16 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import time
+from datetime import datetime
 
 import pytest
 
 from harness import CAUSEWAYD, N_MIGRATIONS, SCHEMA_DIR, free_port, parse_logfmt, run_causewayd, wait_until
+from homeserver import Homeserver
 from peer import PeerClient, push_peers
+from test_matrix import registration, start_mx
 
 
 def test_healthz(daemon):
@@ -591,6 +595,39 @@ def test_a_connection_that_sends_nothing_does_not_hold_the_stop(make_daemon, db_
         s.close()
     assert took < 10, f"the stop took {took:.1f} s"
     assert stopped["drained"] == "true", stopped
+
+
+def test_stopped_is_said_once_the_matrix_bot_and_ping_have_stopped(make_daemon, db_url):
+    """The Matrix adapter's ping thread is inside a homeserver request (the
+    bot's registration, answered 3 s late) when SIGTERM comes: the stop
+    waits for it before it says "stopped", which is the last line and
+    whose shutdown_ms counts it.  Until the fiftieth session's review the
+    bot and the ping were stopped after "stopped": the process lived on
+    for the rest of the request, unaccounted."""
+    hs = Homeserver(server_name="example.org", registration=registration())
+    registering = threading.Event()
+
+    def slow_register(method, path, user):
+        if path == "/_matrix/client/v3/register" and not registering.is_set():
+            registering.set()
+            time.sleep(3)
+        return False
+    hs.refuse = slow_register
+    hs.start()
+    try:
+        d = start_mx(make_daemon, db_url, hs)
+        assert registering.wait(10), "the bot's registration was not asked for"
+        d.signal(signal.SIGTERM)
+        assert d.wait_exit(30) == 0
+        exited = time.time()
+        stopped = d.wait_for(lambda r: r.get("msg") == "stopped")
+    finally:
+        hs.close()
+    said = datetime.fromisoformat(stopped["ts"].replace("Z", "+00:00")).timestamp()
+    assert exited - said < 1.5, f"the process exited {exited - said:.1f} s after it said stopped"
+    assert float(stopped["shutdown_ms"]) >= 1500, stopped
+    after = [r for r in d.records[d.records.index(stopped) + 1:] if r.get("msg")]
+    assert after == [], after
 
 
 def read_to_close(s):
