@@ -104,7 +104,7 @@ const struct cfg_option cfg_options[] = {
 	{ "dispatcher", "retry_budget", CFG_INT, OFF(retry_budget), "12", 1, 1000, false, false,
 	  "delivery attempts before a row is dead-lettered" },
 	{ "dispatcher", "retry_base_ms", CFG_INT, OFF(retry_base_ms), "500", 10, 3600000, false, false,
-	  "first retry delay; doubles with each attempt (and with each 429 without Retry-After in a row, "
+	  "first retry delay (at most retry_max_ms); doubles with each attempt (and with each 429 without Retry-After in a row, "
 	  "which spends no attempt), with 50-100 % jitter" },
 	{ "dispatcher", "retry_max_ms", CFG_INT, OFF(retry_max_ms), "300000", 10, 86400000, false, false,
 	  "longest delay between two attempts" },
@@ -849,6 +849,15 @@ static cw_err cfg_check(const struct cw_config *c, bool registration, cw_errmsg 
 			       "server.connection_limit_per_client (%ld) is above server.connection_limit (%ld): "
 			       "no client could open that many; lower it, or 0 for no limit per client",
 			       c->connection_limit_per_client, c->connection_limit);
+	/* The delays double from the first up to the longest: a first above
+	 * the longest was never waited (every retry waited the longest, from
+	 * the first on), and the operator meant one or the other (until the
+	 * fiftieth session's review taken without a word). */
+	if (c->retry_base_ms > c->retry_max_ms)
+		return cw_fail(e, CW_EINVAL,
+			       "dispatcher.retry_base_ms (%ld) is above dispatcher.retry_max_ms (%ld): the first retry's "
+			       "delay would be cut to the longest; lower it, or raise retry_max_ms",
+			       c->retry_base_ms, c->retry_max_ms);
 	if (!set(c->listen_address))
 		return cw_fail(e, CW_EINVAL, "server.listen_address is empty");
 	if (cw_http_listen_address_check(c->listen_address, e))
