@@ -5,9 +5,11 @@
 #include "config.h"
 #include "http.h"
 #include "store.h"
+#include <ctype.h>
 #include <netdb.h>
 #include <stdio.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <sys/types.h>
 
@@ -26,6 +28,75 @@ static PQconninfoOption *parse_url(const char *url, bool *conninfo)
 	return parsed;
 }
 
+/* The values libpq (15, Debian's) takes for the parameters it checks only
+ * when it connects (connectOptions2, PQconnectPoll): PQconninfoParse takes
+ * any.  Until the fiftieth session's review sslmode=required passed
+ * --check-config, and the start then tried the connection again and again
+ * for database.startup_timeout_ms (30 s) before it gave up on the
+ * parameter's error. */
+static const struct {
+	const char *keyword, *values; /* values: '|'-separated */
+	bool any_case;
+} libpq_enums[] = {
+	{ "sslmode", "disable|allow|prefer|require|verify-ca|verify-full", false },
+	{ "gssencmode", "disable|prefer|require", false },
+	{ "channel_binding", "disable|prefer|require", false },
+	{ "target_session_attrs", "any|read-write|read-only|primary|standby|prefer-standby", false },
+	{ "ssl_min_protocol_version", "TLSv1|TLSv1.1|TLSv1.2|TLSv1.3", true },
+	{ "ssl_max_protocol_version", "TLSv1|TLSv1.1|TLSv1.2|TLSv1.3", true },
+};
+
+static bool one_of(const char *v, const char *values, bool any_case)
+{
+	size_t n = strlen(v);
+	for (const char *p = values; *p;) {
+		size_t k = strcspn(p, "|");
+		if (k == n && (any_case ? strncasecmp(p, v, n) : strncmp(p, v, n)) == 0)
+			return true;
+		p += k + (p[k] == '|');
+	}
+	return false;
+}
+
+/* Each of a port's comma-separated values (one a host) empty (the
+ * default) or a port number, blanks around it (as libpq reads it). */
+static bool ports_ok(const char *v)
+{
+	for (const char *p = v;;) {
+		size_t k = strcspn(p, ","), i = 0, end = k;
+		while (i < k && isspace((unsigned char)p[i]))
+			i++;
+		while (end > i && isspace((unsigned char)p[end - 1]))
+			end--;
+		long port = 0;
+		for (; i < end && port <= 65535; i++)
+			port = isdigit((unsigned char)p[i]) ? port * 10 + (p[i] - '0') : 65536;
+		if (end > 0 && (port < 1 || port > 65535))
+			return false;
+		if (!p[k])
+			return true;
+		p += k + 1;
+	}
+}
+
+/* The parameters libpq checks only as it connects; their values (never
+ * the password's) may be quoted. */
+static cw_err check_params(const PQconninfoOption *parsed, cw_errmsg *e)
+{
+	for (const PQconninfoOption *o = parsed; o && o->keyword; o++) {
+		if (!o->val || !*o->val)
+			continue;
+		if (strcmp(o->keyword, "port") == 0 && !ports_ok(o->val))
+			return cw_fail(e, CW_EINVAL, "database.url: port \"%.40s\" is not a port number (1 to 65535; "
+				       "one per host, comma-separated)", o->val);
+		for (size_t i = 0; i < sizeof(libpq_enums) / sizeof(libpq_enums[0]); i++)
+			if (strcmp(o->keyword, libpq_enums[i].keyword) == 0 && !one_of(o->val, libpq_enums[i].values, libpq_enums[i].any_case))
+				return cw_fail(e, CW_EINVAL, "database.url: %s \"%.40s\" is not one of libpq's values (%s)",
+					       o->keyword, o->val, libpq_enums[i].values);
+	}
+	return CW_OK;
+}
+
 cw_err store_check_url(const char *url, cw_errmsg *e)
 {
 	/* libpq's message for a URL it cannot parse quotes the URL, password
@@ -35,7 +106,10 @@ cw_err store_check_url(const char *url, cw_errmsg *e)
 	if (conninfo && !parsed)
 		return cw_fail(e, CW_EINVAL, "database.url is not a valid PostgreSQL URL or key=value string "
 					     "(libpq's message is not shown: it would show the password)");
+	cw_err rc = check_params(parsed, e);
 	PQconninfoFree(parsed);
+	if (rc)
+		return rc;
 	/* libpq takes anything else for a database's name, on the default
 	 * socket: a URL it does not know as one (written in quotes, of
 	 * another scheme, jdbc:postgresql://...) was checked valid, the start
