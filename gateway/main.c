@@ -68,24 +68,29 @@ struct stop_guard {
 	sigset_t sigs;
 	int64_t until_us;
 	_Atomic(const char *) waiting_for; /* the step of the stop under way */
-	atomic_bool done;
 };
 
+/* The guard waits in sigtimedwait alone, and the stop's end cancels it
+ * there (stop_guard_end): until the fiftieth session's review it looked
+ * at a done flag every 200 ms, and every exit waited up to that for the
+ * guard's join, after "stopped" (198-212 ms measured).  Cancelled only in
+ * that wait: not while it logs (the log's lock). */
 static void *stop_guard_main(void *arg)
 {
 	cw_thread_name("cw-stop-guard");
 	struct stop_guard *g = arg;
-	while (!atomic_load(&g->done)) {
+	pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, NULL);
+	for (;;) {
 		int64_t left = g->until_us - cw_now_us();
 		if (left <= 0) {
 			LOG_KV(CW_LOG_ERROR, "the stop took too long: exiting without finishing it",
 			       "waiting_for", atomic_load(&g->waiting_for));
 			_exit(1);
 		}
-		if (left > 200000) /* done is looked at as often */
-			left = 200000;
 		struct timespec ts = { .tv_sec = (time_t)(left / 1000000), .tv_nsec = (long)(left % 1000000) * 1000 };
+		pthread_setcancelstate(PTHREAD_CANCEL_ENABLE, NULL);
 		int sig = sigtimedwait(&g->sigs, NULL, &ts);
+		pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, NULL);
 		if (sig == SIGTERM || sig == SIGINT) {
 			LOG_KV(CW_LOG_WARN, "a second signal during the stop: exiting at once", "signal",
 			       sig == SIGTERM ? "SIGTERM" : "SIGINT", "waiting_for", atomic_load(&g->waiting_for));
@@ -100,7 +105,6 @@ static void stop_guard_start(struct stop_guard *g, const sigset_t *sigs, long dr
 	g->sigs = *sigs;
 	g->until_us = cw_now_us() + ((int64_t)drain_timeout_ms + STOP_REST_MS) * 1000;
 	atomic_store(&g->waiting_for, "the requests in flight");
-	atomic_store(&g->done, false);
 	g->started = pthread_create(&g->thread, NULL, stop_guard_main, g) == 0;
 	if (!g->started)
 		LOG_KV(CW_LOG_WARN, "cannot start the stop's guard: the stop has no deadline");
@@ -115,7 +119,7 @@ static void stop_guard_end(struct stop_guard *g)
 {
 	if (!g->started)
 		return;
-	atomic_store(&g->done, true);
+	pthread_cancel(g->thread);
 	pthread_join(g->thread, NULL);
 	g->started = false;
 }
