@@ -1005,18 +1005,20 @@ def test_a_stop_of_an_idle_daemon_is_at_once(make_daemon, db_url):
 
 def test_the_process_exits_at_once_after_its_stop(make_daemon, db_url):
     """The whole exit, SIGTERM to the process's end, and not only the
-    logged shutdown_ms: the Matrix bot's thread is stopped after "stopped"
-    is logged (matrix_stop), and idle it waits for a notification 500 ms
-    at a time.  Its stop wakes it through a pipe, as the dispatcher's
-    lanes: the bot's stop takes 0.2 ms.  The exit still takes about 200 ms
-    more than shutdown_ms (198-212 measured, the leak check off: it alone
-    takes 0.2-0.3 s): the stop's guard (main.c, stop_guard_main) looks
-    whether it is done every 200 ms.  Until the fiftieth session the stop
-    waited for the bot's wait to end too, 0-500 ms (123 and 140 measured):
-    the exit 200, 400 or 600 ms more, by where in its wait the stop came.
-    Five stops 100 ms apart in it found it, two or three of them (the
-    bot's rounds start when the daemon does: stops at one time after the
-    start all found it at one point of its wait)."""
+    logged shutdown_ms, with the Matrix adapter on.  Idle, the Matrix
+    bot's thread waits for a notification 500 ms at a time; its stop
+    wakes it through a pipe, as the dispatcher's lanes (0.2 ms).  Until
+    the fiftieth session the bot was stopped after "stopped" was logged
+    (matrix_stop), its wait ran out first (0-500 ms), and the stop's
+    guard (main.c, stop_guard_main) looked every 200 ms whether the stop
+    was done: the exit came 200 to 600 ms after shutdown_ms, by where in
+    its wait the stop found the bot.  Since then the bot stops within the
+    timed stop (its wait counted by
+    test_a_stop_of_an_idle_daemon_is_at_once) and the guard is cancelled
+    in its wait: what is left after "stopped" is freeing (15-25 ms
+    measured, the leak check off: it alone takes 0.2-0.3 s).  Five stops
+    100 ms apart in the bot's cycle (its rounds start when the daemon
+    does)."""
     env = {"ASAN_OPTIONS": os.environ.get("ASAN_OPTIONS", "") + ":detect_leaks=0"}
     extra = []
     for k in range(5):
@@ -1029,7 +1031,7 @@ def test_the_process_exits_at_once_after_its_stop(make_daemon, db_url):
             d.proc.wait(30)
             exit_ms = (time.monotonic() - t0) * 1000
             extra.append(round(exit_ms - stop_takes_ms(d)))
-    assert max(extra) < 300, extra
+    assert max(extra) < 200, extra
 
 
 def test_a_sync_while_the_policy_cannot_connect_leaves_its_backoff_as_it_is(make_daemon, db_url, pg):
