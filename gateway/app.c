@@ -75,45 +75,77 @@ static void h_healthz(struct cw_req *req, void *ctx)
  * SIGSTOP) holds that read, and the store's cancel of it, for a minute and
  * more: until the thirty-first session the probes waited as long, and a
  * prober saw a hung daemon rather than a database down.  A probe is now
- * answered by whichever comes first: the read's outcome, or a timer thread
- * at database.request_timeout_ms (CW_ETIMEDOUT).  The read may still run
- * then; the job is freed once both have let go of it.  answer replies and
+ * answered by whichever comes first: the read's outcome, or its deadline
+ * at database.request_timeout_ms (CW_ETIMEDOUT).  The deadlines are kept
+ * by one timer thread for all the probes pending (struct app_probes; until
+ * the fiftieth session a thread per probe, as many as a probe storm had
+ * connections).  The read may still run at the deadline; the job is freed
+ * once both the read and the timer have let go of it.  answer replies and
  * resumes the request (it must not read what the query fills unless rc is
- * CW_OK); release frees the job. */
+ * CW_OK); release frees the job.  A probe counts in app->afters until it
+ * is answered: the stop waits for it. */
 struct probe {
 	struct cw_app *app;
 	void *job;
 	store_fn query;
 	store_done_fn answer;
 	void (*release)(void *job);
-	pthread_mutex_t mu;
-	pthread_cond_t cv;
-	int refs; /* the read's callback, and the timer's */
-	bool answered;
+	int64_t deadline_us;
+	struct probe *prev, *next; /* on app_probes' list while listed */
+	int refs;                  /* the read's callback, and the timer's (under app_probes.mu) */
+	bool listed, answered;     /* under app_probes.mu */
 };
+
+/* The probes pending, in the order of their deadlines (each is
+ * request_timeout_ms after its start, a setting read at start-up only:
+ * the order they came in), and the thread that times them out, started
+ * with the first probe and joined by app_probes_free. */
+struct app_probes {
+	pthread_mutex_t mu;
+	pthread_cond_t cv; /* CLOCK_MONOTONIC: the thread waits on it */
+	struct probe *head, *tail;
+	bool started, stop;
+	pthread_t thread;
+};
+
+static void probe_unlink(struct app_probes *ps, struct probe *p)
+{
+	*(p->prev ? &p->prev->next : &ps->head) = p->next;
+	*(p->next ? &p->next->prev : &ps->tail) = p->prev;
+	p->prev = p->next = NULL;
+	p->listed = false;
+}
 
 static void probe_unref(struct probe *p)
 {
-	pthread_mutex_lock(&p->mu);
+	struct app_probes *ps = p->app->probes;
+	pthread_mutex_lock(&ps->mu);
 	bool last = --p->refs == 0;
-	pthread_mutex_unlock(&p->mu);
+	pthread_mutex_unlock(&ps->mu);
 	if (!last)
 		return;
-	pthread_cond_destroy(&p->cv);
-	pthread_mutex_destroy(&p->mu);
 	p->release(p->job);
 	free(p);
 }
 
+/* The probe's outcome (the read's, or its deadline's): the first answers
+ * it; the caller holds a reference, dropped here. */
 static void probe_answer(struct probe *p, cw_err rc, const cw_errmsg *e)
 {
-	pthread_mutex_lock(&p->mu);
+	struct app_probes *ps = p->app->probes;
+	pthread_mutex_lock(&ps->mu);
 	bool first = !p->answered;
 	p->answered = true;
-	pthread_cond_signal(&p->cv);
-	pthread_mutex_unlock(&p->mu);
-	if (first)
+	if (p->listed) { /* answered before its deadline: the timer lets go of it */
+		probe_unlink(ps, p);
+		p->refs--;
+	}
+	pthread_mutex_unlock(&ps->mu);
+	if (first) {
 		p->answer(p->job, rc, e);
+		atomic_fetch_sub(&p->app->afters, 1);
+	}
+	probe_unref(p);
 }
 
 static cw_err probe_query(PGconn *c, void *arg, cw_errmsg *e)
@@ -125,26 +157,75 @@ static cw_err probe_query(PGconn *c, void *arg, cw_errmsg *e)
 static void probe_done(void *arg, cw_err rc, const cw_errmsg *e)
 {
 	probe_answer(arg, rc, e);
-	probe_unref(arg);
 }
 
 static void *probe_timer(void *arg)
 {
-	cw_thread_name("cw-probe");
-	struct probe *p = arg;
-	struct cw_app *app = p->app;
-	struct timespec until;
-	cw_deadline_ts(&until, CLOCK_MONOTONIC, (int64_t)app->cfg->db_request_timeout_ms * 1000);
-	pthread_mutex_lock(&p->mu);
-	while (!p->answered && pthread_cond_timedwait(&p->cv, &p->mu, &until) != ETIMEDOUT)
-		;
-	pthread_mutex_unlock(&p->mu);
-	cw_errmsg e;
-	cw_fail(&e, CW_ETIMEDOUT, "the database did not answer within database.request_timeout_ms");
-	probe_answer(p, CW_ETIMEDOUT, &e);
-	probe_unref(p);
-	atomic_fetch_sub(&app->afters, 1); /* counted like an after hook: the stop waits for it */
+	cw_thread_name("cw-probes");
+	struct app_probes *ps = arg;
+	pthread_mutex_lock(&ps->mu);
+	while (!ps->stop) {
+		struct probe *p = ps->head;
+		if (!p) {
+			pthread_cond_wait(&ps->cv, &ps->mu);
+			continue;
+		}
+		if (p->deadline_us > cw_now_us()) {
+			struct timespec until = { .tv_sec = p->deadline_us / 1000000,
+						  .tv_nsec = (p->deadline_us % 1000000) * 1000 };
+			pthread_cond_timedwait(&ps->cv, &ps->mu, &until);
+			continue;
+		}
+		probe_unlink(ps, p); /* its listing's reference is the timer's now */
+		pthread_mutex_unlock(&ps->mu);
+		cw_errmsg e;
+		cw_fail(&e, CW_ETIMEDOUT, "the database did not answer within database.request_timeout_ms");
+		probe_answer(p, CW_ETIMEDOUT, &e);
+		pthread_mutex_lock(&ps->mu);
+	}
+	pthread_mutex_unlock(&ps->mu);
 	return NULL;
+}
+
+/* app->probes, made by the first probe (requests come on several threads). */
+static struct app_probes *app_probes_get(struct cw_app *app)
+{
+	struct app_probes *ps = atomic_load(&app->probes);
+	if (ps)
+		return ps;
+	ps = calloc(1, sizeof(*ps));
+	if (!ps)
+		return NULL;
+	pthread_mutex_init(&ps->mu, NULL);
+	pthread_condattr_t ca;
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(&ps->cv, &ca);
+	pthread_condattr_destroy(&ca);
+	struct app_probes *none = NULL;
+	if (atomic_compare_exchange_strong(&app->probes, &none, ps))
+		return ps;
+	pthread_cond_destroy(&ps->cv);
+	pthread_mutex_destroy(&ps->mu);
+	free(ps);
+	return none;
+}
+
+void app_probes_free(struct cw_app *app)
+{
+	struct app_probes *ps = atomic_exchange(&app->probes, NULL);
+	if (!ps)
+		return;
+	pthread_mutex_lock(&ps->mu);
+	ps->stop = true;
+	pthread_cond_signal(&ps->cv);
+	bool join = ps->started;
+	pthread_mutex_unlock(&ps->mu);
+	if (join)
+		pthread_join(ps->thread, NULL);
+	pthread_cond_destroy(&ps->cv);
+	pthread_mutex_destroy(&ps->mu);
+	free(ps);
 }
 
 /* Suspends req and runs query for job on a reader; answer is called once. */
@@ -152,7 +233,8 @@ static void probe_start(struct cw_app *app, struct cw_req *req, void *job, store
 			void (*release)(void *job))
 {
 	cw_req_suspend(req);
-	struct probe *p = calloc(1, sizeof(*p));
+	struct app_probes *ps = app_probes_get(app);
+	struct probe *p = ps ? calloc(1, sizeof(*p)) : NULL;
 	if (!p) {
 		cw_errmsg e;
 		cw_fail(&e, CW_ENOMEM, "out of memory");
@@ -160,19 +242,22 @@ static void probe_start(struct cw_app *app, struct cw_req *req, void *job, store
 		release(job);
 		return;
 	}
-	*p = (struct probe){ .app = app, .job = job, .query = query, .answer = answer, .release = release, .refs = 1 };
-	pthread_mutex_init(&p->mu, NULL);
-	pthread_condattr_t ca;
-	pthread_condattr_init(&ca);
-	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-	pthread_cond_init(&p->cv, &ca);
-	pthread_condattr_destroy(&ca);
+	*p = (struct probe){ .app = app, .job = job, .query = query, .answer = answer, .release = release, .refs = 1,
+			     .deadline_us = cw_now_us() + (int64_t)app->cfg->db_request_timeout_ms * 1000 };
 	atomic_fetch_add(&app->afters, 1);
-	p->refs = 2;
-	if (!cw_thread_detached(probe_timer, p)) { /* then the read's outcome alone, as before */
-		p->refs = 1;
-		atomic_fetch_sub(&app->afters, 1);
+	pthread_mutex_lock(&ps->mu);
+	if (!ps->started) /* else the read's outcome alone (as before the thirty-first session), and the next tries again */
+		ps->started = cw_thread_start(&ps->thread, probe_timer, ps);
+	if (ps->started) {
+		p->prev = ps->tail;
+		*(ps->tail ? &ps->tail->next : &ps->head) = p;
+		ps->tail = p;
+		p->listed = true;
+		p->refs = 2;
+		if (ps->head == p) /* the thread waited for nothing, or for a later deadline */
+			pthread_cond_signal(&ps->cv);
 	}
+	pthread_mutex_unlock(&ps->mu);
 	cw_err rc = store_read(app->store, probe_query, probe_done, p);
 	if (rc) {
 		cw_errmsg e;

@@ -50,7 +50,8 @@ struct cw_app {
 	struct media_source media;      /* where local users' files come from (ctx NULL: nowhere) */
 	struct cw_workers *fetchers;    /* the threads that fetch files (server.media_fetches; workers.h) */
 	atomic_bool stopping;           /* set once the HTTP front has drained: long transfers end */
-	atomic_int afters;              /* after hooks running on threads of their own (app_afters_wait) */
+	atomic_int afters;              /* after hooks running on threads of their own, and probes pending (app_afters_wait) */
+	struct app_probes *_Atomic probes; /* the deadlines of /readyz's and /metrics' reads (app.c) */
 	atomic_size_t media_held;       /* bytes of fetched files whose answers are still being sent (peer_media.c) */
 };
 
@@ -59,6 +60,9 @@ struct cw_app {
  * called at the stop, before any of those goes.  Each hook's waits are
  * bounded by its own timeouts. */
 void app_afters_wait(struct cw_app *app);
+/* Ends the thread that keeps the deadlines of /readyz's and /metrics'
+ * reads, once none is pending (after store_close), and frees what it kept. */
+void app_probes_free(struct cw_app *app);
 
 /* A database job on behalf of a request: the request is suspended, fn runs
  * on a store thread (inside the group-commit transaction for a write, and

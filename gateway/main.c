@@ -954,6 +954,7 @@ out_store:
 	cw_workers_free(app.fetchers); /* and so do the fetchers' */
 	peer_pull_free(app.pull);
 	store_close(app.store);
+	app_probes_free(&app); /* every probe answered: the store's reads are done */
 out_migrations:
 	if (stopped_at_start) {
 		/* A stop asked for during start-up is a stop: exit 0, as after "ready". */

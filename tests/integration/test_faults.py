@@ -4,6 +4,7 @@ none twice after the peer's deduplication, in order per room."""
 import concurrent.futures
 import contextlib
 import json
+import os
 import re
 import signal
 import socket
@@ -599,6 +600,59 @@ def test_health_endpoints_answer_by_the_deadline_when_the_database_stopped_answe
                 assert m.status_code == 200, m.text
                 assert "causeway_database_up 0" in m.text and "causeway_build_info{" in m.text, m.text[:2000]
                 assert "causeway_http_requests_total" in m.text and "causeway_outbox_depth" not in m.text
+        finally:
+            if d.proc.poll() is None:
+                d.proc.kill()
+                d.proc.wait()
+
+
+def probe_threads(pid):
+    """How many of the daemon's threads keep the probes' deadlines (named cw-probe...)."""
+    n = 0
+    for t in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{t}/comm") as f:
+            n += f.read().startswith("cw-probe")
+    return n
+
+
+def test_a_storm_of_probes_on_a_held_database_is_timed_by_one_thread(make_daemon, db_url):
+    """Each /readyz and /metrics started a timer thread of its own for its
+    deadline (database.request_timeout_ms), so a probe storm on a database
+    that stopped answering made a thread per probe, bounded only by the
+    connection limit (until the fiftieth session). One thread keeps them
+    all now, and every probe is still answered by its deadline; the stop
+    waits for none of them once answered."""
+    with PgProxy(db_url) as p:
+        d = make_daemon(p.url, options={"server": {"drain_timeout_ms": "1000"},
+                                        "database": {"request_timeout_ms": "3000"}}).start()
+        try:
+            assert d.get("/readyz").status_code == 200
+            assert "causeway_database_up 1" in d.get("/metrics").text
+            p.freeze()
+            n = 24
+            seen = []
+            with concurrent.futures.ThreadPoolExecutor(n) as ex:
+                t0 = time.time()
+                calls = [ex.submit(d.get, "/readyz" if i % 2 else "/metrics", timeout=30) for i in range(n)]
+                while not all(c.done() for c in calls) and time.time() - t0 < 30:
+                    seen.append(probe_threads(d.proc.pid))
+                    time.sleep(0.05)
+                took = time.time() - t0
+                answers = [c.result() for c in calls]
+            assert took < 3 + 4, took  # the deadline, and the time to send 24 requests
+            assert max(seen) == 1, seen  # it was one per probe pending: up to 24
+            for i, r in enumerate(answers):
+                if i % 2:
+                    assert r.status_code == 503 and r.json()["database"]["status"] == "down", r.text
+                else:
+                    assert r.status_code == 200 and "causeway_database_up 0" in r.text, r.text[:2000]
+            p.thaw()
+            wait_until(lambda: d.get("/readyz").status_code == 200, timeout=30, what="ready again")
+            assert probe_threads(d.proc.pid) == 1  # kept, not one made per probe
+            t0 = time.time()
+            d.signal(signal.SIGTERM)
+            assert d.wait_exit(30) == 0
+            assert time.time() - t0 < 10, time.time() - t0
         finally:
             if d.proc.poll() is None:
                 d.proc.kill()
