@@ -53,6 +53,7 @@ struct cw_http {
 	pthread_cond_t reaper_cv;
 	struct conn_state *conns;
 	bool reaper_stop;
+	bool reaper_started; /* not with connection_timeout_s 0 */
 	pthread_t reaper;
 };
 
@@ -1336,9 +1337,13 @@ static void mhd_logger(void *cls, const char *fmt, va_list ap)
  * many addresses, or one with no connection_limit_per_client) took
  * every connection the daemon had (slowloris).  The body of a request
  * is not timed so: a large one is read at the client's pace, each chunk
- * under the idle timeout, and capped (max_body_bytes). */
+ * under the idle timeout, and capped (max_body_bytes).  Not started
+ * with connection_timeout_s 0 (no timeout: libmicrohttpd's, and so no
+ * head's either; the configuration's least is 1 s): until the fiftieth
+ * session it woke every half second then to look at nothing. */
 static void *head_reaper(void *arg)
 {
+	cw_thread_name("cw-http-reaper");
 	struct cw_http *h = arg;
 	int64_t limit = (int64_t)h->o.connection_timeout_s * 1000000 + HEAD_GRACE_US;
 	pthread_mutex_lock(&h->mu);
@@ -1348,7 +1353,7 @@ static void *head_reaper(void *arg)
 		pthread_cond_timedwait(&h->reaper_cv, &h->mu, &ts);
 		int64_t now = cw_now_us();
 		unsigned cut = 0;
-		for (struct conn_state *cs = h->conns; cs && h->o.connection_timeout_s && !h->reaper_stop; cs = cs->next)
+		for (struct conn_state *cs = h->conns; cs && !h->reaper_stop; cs = cs->next)
 			if (!cs->cut && cs->fd >= 0 && atomic_load(&cs->in_head) &&
 			    now - atomic_load(&cs->since_us) > limit) {
 				cs->cut = true;
@@ -1439,7 +1444,8 @@ cw_err cw_http_start(struct cw_http **out, const struct cw_http_opts *o, cw_errm
 	}
 	const union MHD_DaemonInfo *info = MHD_get_daemon_info(h->d, MHD_DAEMON_INFO_BIND_PORT);
 	h->port = info ? info->port : o->port;
-	int prc = pthread_create(&h->reaper, NULL, head_reaper, h);
+	int prc = o->connection_timeout_s ? pthread_create(&h->reaper, NULL, head_reaper, h) : 0;
+	h->reaper_started = o->connection_timeout_s && !prc;
 	if (prc) {
 		MHD_stop_daemon(h->d);
 		cw_metrics_free(h->metrics);
@@ -1620,7 +1626,8 @@ void cw_http_stop(struct cw_http *h)
 	h->reaper_stop = true;
 	pthread_cond_signal(&h->reaper_cv);
 	pthread_mutex_unlock(&h->mu);
-	pthread_join(h->reaper, NULL);
+	if (h->reaper_started)
+		pthread_join(h->reaper, NULL);
 	MHD_stop_daemon(h->d);
 	cw_metrics_free(h->metrics);
 	pthread_cond_destroy(&h->reaper_cv);

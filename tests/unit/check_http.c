@@ -9,6 +9,7 @@
 #include <arpa/inet.h>
 
 #include <curl/curl.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -1199,6 +1200,47 @@ START_TEST(problem_detail_scrubs)
 }
 END_TEST
 
+static int threads_now(void)
+{
+	int n = 0;
+	DIR *d = opendir("/proc/self/task");
+	ck_assert_ptr_nonnull(d);
+	for (struct dirent *de; (de = readdir(d));)
+		n += de->d_name[0] != '.';
+	closedir(d);
+	return n;
+}
+
+/* The threads a front of one worker starts with connection_timeout_s s. */
+static int front_threads(unsigned s)
+{
+	struct cw_http_opts o = {
+		.listen_address = "127.0.0.1", .port = 0, .threads = 1, .connection_limit = 8,
+		.connection_timeout_s = s, .max_body_bytes = 4096,
+		.routes = live_routes, .nroutes = CW_ARRAY_LEN(live_routes),
+		.authorize_headers = key_in_headers, .authorize = allow_all,
+	};
+	int before = threads_now();
+	struct cw_http *h = NULL;
+	cw_errmsg e;
+	ck_assert_msg(cw_http_start(&h, &o, &e) == CW_OK, "%s", e.msg);
+	int n = threads_now() - before;
+	cw_http_stop(h);
+	ck_assert_int_eq(threads_now(), before);
+	return n;
+}
+
+/* With no timeout (0) there is no head to time: the front starts no
+ * reaper of slow heads (it did until the fiftieth session, waking every
+ * half second to look at nothing), and stops as well without one. */
+START_TEST(live_no_reaper_without_a_timeout)
+{
+	int timed = front_threads(5);
+	int untimed = front_threads(0);
+	ck_assert_int_eq(untimed, timed - 1);
+}
+END_TEST
+
 int main(void)
 {
 	curl_global_init(CURL_GLOBAL_DEFAULT);
@@ -1232,6 +1274,7 @@ int main(void)
 	tcase_add_test(live_tc, live_suspend_resume_many);
 	tcase_add_test(live_tc, live_quiesce_finishes_in_flight);
 	tcase_add_test(live_tc, live_drain_waits_for_a_request_not_read_yet);
+	tcase_add_test(live_tc, live_no_reaper_without_a_timeout);
 	suite_add_tcase(s, live_tc);
 	TCase *stops_tc = tcase_create("stops");
 	tcase_set_timeout(stops_tc, 300);
