@@ -29,10 +29,18 @@
  * dashboards do not keep the store's readers busy. */
 #define STATS_CACHE_US (5 * 1000000LL)
 
+/* A request for the statistics waiting for the one computing them. */
+struct stats_waiter {
+	struct cw_req *req;
+	struct stats_waiter *next;
+};
+
 struct admin_views {
 	pthread_mutex_t mu;
 	char *stats;        /* the last statistics, as JSON text */
 	int64_t stats_us;   /* when they were computed */
+	bool computing;     /* a request's statement is on its way: the others wait for it */
+	struct stats_waiter *waiters;
 };
 
 struct admin_views *admin_views_new(void)
@@ -65,7 +73,9 @@ struct view {
 	char p[VIEW_PARAMS][VIEW_PARAM_MAX];
 	const char *what;
 	bool adapters; /* add what the process knows: dispatcher, Matrix, XMPP */
-	bool cache;    /* keep the answer as the statistics of the moment */
+	bool cache;    /* keep the answer as the statistics of the moment, and answer the waiters */
+	struct admin_views *av; /* with cache */
+	int64_t t0_us;          /* with cache: when the statement was asked for */
 };
 
 static struct view *view_new(const char *sql, const char *what)
@@ -456,24 +466,98 @@ static const char STATS_SQL[] =
 	"   FROM audit_log a WHERE a.at >= now() - make_interval(secs => $1::int) AND a.actor = 'policy' "
 	"   AND a.action LIKE 'policy.%' GROUP BY 1, 2) d))::text";
 
+/* The end of a statistics flight asked for at t0_us: the requests that
+ * waited for it get the answer it stored, else a 503 to try again (the
+ * failure itself, in its words, is the first request's answer: the
+ * database away or too slow, the stop). */
+static void stats_flight_end(struct admin_views *av, int64_t t0_us)
+{
+	pthread_mutex_lock(&av->mu);
+	struct stats_waiter *w = av->waiters;
+	av->waiters = NULL;
+	av->computing = false;
+	bool stored = av->stats && av->stats_us >= t0_us;
+	char *text = stored ? strdup(av->stats) : NULL;
+	pthread_mutex_unlock(&av->mu);
+	while (w) {
+		struct stats_waiter *next = w->next;
+		char *copy = text ? strdup(text) : NULL;
+		if (copy) {
+			cw_req_reply(w->req, 200, "application/json", copy, strlen(copy));
+		} else if (stored) {
+			cw_req_no_memory(w->req);
+		} else {
+			cw_req_add_header(w->req, "Retry-After", "1");
+			cw_req_problem(w->req, 503, "unavailable", "Service unavailable",
+				       "the statistics could not be read; try again");
+		}
+		cw_req_resume(w->req);
+		free(w);
+		w = next;
+	}
+	free(text);
+}
+
+/* A statistics job's data_free: it ends the flight whatever the outcome. */
+static void stats_view_free(void *arg)
+{
+	struct view *v = arg;
+	stats_flight_end(v->av, v->t0_us);
+	free(v);
+}
+
+/* Single flight: with no answer of the last STATS_CACHE_US, the first
+ * request runs the statement and the others asking meanwhile wait for its
+ * answer, never a staler copy (docs/admin-api.md): until the fiftieth
+ * session N consoles opened at once ran N copies of the heaviest read. */
 void admin_views_stats(struct cw_req *req, void *ctx)
 {
 	struct cw_app *app = ctx;
 	struct admin_views *av = app->views;
-	char *fresh = NULL;
-	if (av) {
-		pthread_mutex_lock(&av->mu);
-		if (av->stats && cw_now_us() - av->stats_us < STATS_CACHE_US)
-			fresh = strdup(av->stats);
-		pthread_mutex_unlock(&av->mu);
+	if (!av) {
+		struct view *v = view_new(STATS_SQL, "statistics");
+		view_num(v, STATS_WINDOW_S);
+		view_run(ctx, req, v);
+		return;
 	}
+	char *fresh = NULL;
+	struct stats_waiter *w = NULL;
+	pthread_mutex_lock(&av->mu);
+	if (av->stats && cw_now_us() - av->stats_us < STATS_CACHE_US) {
+		fresh = strdup(av->stats);
+		if (!fresh) {
+			pthread_mutex_unlock(&av->mu);
+			cw_req_no_memory(req);
+			return;
+		}
+	} else if (av->computing && (w = malloc(sizeof(*w)))) {
+		*w = (struct stats_waiter){ .req = req, .next = av->waiters };
+		av->waiters = w;
+		cw_req_suspend(req); /* before the lock goes: the answer may come at once */
+	}
+	bool leader = !fresh && !w && !av->computing;
+	if (leader)
+		av->computing = true;
+	pthread_mutex_unlock(&av->mu);
 	if (fresh) {
 		cw_req_reply(req, 200, "application/json", fresh, strlen(fresh));
 		return;
 	}
+	if (w)
+		return;
+	if (!leader) { /* no memory to wait with */
+		cw_req_no_memory(req);
+		return;
+	}
 	struct view *v = view_new(STATS_SQL, "statistics");
-	if (v)
+	if (v) {
 		v->cache = true;
-	view_num(v, STATS_WINDOW_S);
-	view_run(ctx, req, v);
+		v->av = av;
+		v->t0_us = cw_now_us();
+		view_num(v, STATS_WINDOW_S);
+		app_job_run(app, req, view_fn, v, stats_view_free, false);
+		return;
+	}
+	stats_flight_end(av, INT64_MAX); /* no job: those who came to wait for it meanwhile try again */
+	cw_req_no_memory(req);
 }

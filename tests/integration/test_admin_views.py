@@ -3,11 +3,14 @@ bindings (paged), adapters' health, the configuration in force with its
 secrets masked, and the last hour's statistics, all checked against real
 traffic between two peers; and the operator's one change to a room, the
 removal of a remote member."""
+import concurrent.futures
 import json
 import os
 import re
+import time
 
-from harness import TOP_SRCDIR, run_causewayd, wait_until
+from harness import TOP_SRCDIR, HeldSession, run_causewayd, wait_until
+from pgproxy import PgProxy
 from peer import push_peers
 from test_admin_api import make_token
 from test_openapi import check_schema
@@ -415,6 +418,57 @@ def test_stats_queue_dead_letters_and_decisions(make_daemon, db_url, pg):
 
 
 SECRETS = {"xmpp": "xmpp-secret-do-not-show", "as": "as-token-do-not-show", "hs": "hs-token-do-not-show"}
+
+
+def stats_statements(recording):
+    """How many times the statistics' statement was sent (PgProxy.record)."""
+    return sum(1 for _, kind, text in list(recording) if kind == "B" and text.startswith("WITH dl AS MATERIALIZED"))
+
+
+def test_consoles_asking_at_once_share_one_statistics_statement(make_daemon, db_url):
+    """With no statistics of the last 5 s, N consoles (or causewayctl
+    status runs) asking at once ran N copies of the heaviest read, each on
+    a reader of its own (until the fiftieth session). The first runs it
+    now and the others wait for its answer: one statement, one answer for
+    all; and when it fails (here its deadline, the database held), those
+    waiting are answered 503 to try again, as the first is."""
+    with PgProxy(db_url) as p:
+        d = make_daemon(p.url, options={"database": {"pool_size": "4", "request_timeout_ms": "2000"}}).start()
+        def all_connected():   # the readers connect at their first job; the lock below would hold that
+            with concurrent.futures.ThreadPoolExecutor(8) as ex:
+                list(ex.map(lambda _: d.admin("GET", "/rooms"), range(8)))
+            m = d.get("/metrics").text
+            return re.search(r"^causeway_db_pool_connections_up (\d+)", m, re.M).group(1) == \
+                re.search(r"^causeway_db_pool_connections (\d+)", m, re.M).group(1)
+        wait_until(all_connected, what="every pool connection made")
+        rec = p.record()
+        n = 5
+        for release_after in (None, 0.8):   # held past the deadline; then released before it
+            del rec[:]
+            locker = HeldSession(db_url)
+            try:
+                locker.run("BEGIN; LOCK TABLE audit_log IN ACCESS EXCLUSIVE MODE;")
+                with concurrent.futures.ThreadPoolExecutor(n) as ex:
+                    calls = [ex.submit(d.admin, "GET", "/stats", timeout=30) for _ in range(n)]
+                    wait_until(lambda: stats_statements(rec) >= 1, what="the statement sent")
+                    if release_after:
+                        time.sleep(release_after)   # the others come meanwhile
+                        locker.end()
+                    answers = [c.result() for c in calls]
+            finally:
+                locker.end()
+            assert stats_statements(rec) == 1, rec
+            if release_after:
+                assert [r.status_code for r in answers] == [200] * n, [r.text for r in answers]
+                assert all(r.json() == answers[0].json() for r in answers)   # one answer: the same "now"
+                assert "throughput" in answers[0].json()
+            else:
+                assert [r.status_code for r in answers] == [503] * n, [r.text for r in answers]
+                assert all("Retry-After" in r.headers for r in answers)
+        # Within 5 s of that answer, no statement at all.
+        del rec[:]
+        assert d.admin("GET", "/stats").json() == answers[0].json()
+        assert stats_statements(rec) == 0
 
 
 def test_config_in_force_with_secrets_masked(make_daemon, db_url, tmp_path):
