@@ -74,7 +74,7 @@ struct view {
 	const char *what;
 	bool adapters; /* add what the process knows: dispatcher, Matrix, XMPP */
 	bool cache;    /* keep the answer as the statistics of the moment, and answer the waiters */
-	struct admin_views *av; /* with cache */
+	struct cw_app *app;     /* with cache */
 	int64_t t0_us;          /* with cache: when the statement was asked for */
 };
 
@@ -470,8 +470,9 @@ static const char STATS_SQL[] =
  * waited for it get the answer it stored, else a 503 to try again (the
  * failure itself, in its words, is the first request's answer: the
  * database away or too slow, the stop). */
-static void stats_flight_end(struct admin_views *av, int64_t t0_us)
+static void stats_flight_end(struct cw_app *app, int64_t t0_us)
 {
+	struct admin_views *av = app->views;
 	pthread_mutex_lock(&av->mu);
 	struct stats_waiter *w = av->waiters;
 	av->waiters = NULL;
@@ -487,7 +488,7 @@ static void stats_flight_end(struct admin_views *av, int64_t t0_us)
 		} else if (stored) {
 			cw_req_no_memory(w->req);
 		} else {
-			cw_req_add_header(w->req, "Retry-After", "1");
+			app_retry_after(w->req, app->cfg->db_retry_after_s * 1000);
 			cw_req_problem(w->req, 503, "unavailable", "Service unavailable",
 				       "the statistics could not be read; try again");
 		}
@@ -502,7 +503,7 @@ static void stats_flight_end(struct admin_views *av, int64_t t0_us)
 static void stats_view_free(void *arg)
 {
 	struct view *v = arg;
-	stats_flight_end(v->av, v->t0_us);
+	stats_flight_end(v->app, v->t0_us);
 	free(v);
 }
 
@@ -552,12 +553,12 @@ void admin_views_stats(struct cw_req *req, void *ctx)
 	struct view *v = view_new(STATS_SQL, "statistics");
 	if (v) {
 		v->cache = true;
-		v->av = av;
+		v->app = app;
 		v->t0_us = cw_now_us();
 		view_num(v, STATS_WINDOW_S);
 		app_job_run(app, req, view_fn, v, stats_view_free, false);
 		return;
 	}
-	stats_flight_end(av, INT64_MAX); /* no job: those who came to wait for it meanwhile try again */
+	stats_flight_end(app, INT64_MAX); /* no job: those who came to wait for it meanwhile try again */
 	cw_req_no_memory(req);
 }

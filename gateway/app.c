@@ -254,7 +254,7 @@ static void probe_start(struct cw_app *app, struct cw_req *req, void *job, store
 		ps->tail = p;
 		p->listed = true;
 		p->refs = 2;
-		if (ps->head == p) /* the thread waited for nothing, or for a later deadline */
+		if (ps->head == p) /* the list was empty: the thread waits for nothing */
 			pthread_cond_signal(&ps->cv);
 	}
 	pthread_mutex_unlock(&ps->mu);
