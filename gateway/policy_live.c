@@ -397,9 +397,10 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
 
 /* Of the held rows, the ones the sweep would release: their user allowed the
  * sender or its domain, or wrote in its group (column 8), and blocked
- * neither (the rules are asked again first: policy_sweep). */
+ * neither (the rules are asked again first: policy_sweep); column 9 the
+ * event's content, whose size and kinds are asked again (server_denials). */
 static const char releasable_sql[] =
-	"SELECT o.id, s.uri, s.domain, s.network, t.uri, t.domain, t.network, e.type, g.gw "
+	"SELECT o.id, s.uri, s.domain, s.network, t.uri, t.domain, t.network, e.type, g.gw, e.content "
 	"FROM outbox o JOIN events e ON e.id = o.event_id JOIN identities s ON s.id = e.sender_id "
 	"JOIN identities t ON t.id = o.target_identity_id "
 	"CROSS JOIN LATERAL (SELECT " WROTE_IN_GROUP " AS gw) g "
@@ -547,25 +548,54 @@ static PGresult *sweep_exec(PGconn *c, bool prepared, int k, int n, const char *
 			: PQexecParams(c, sweep_stmts[k].sql, n, NULL, params, NULL, NULL, 0);
 }
 
+/* The size and content kinds of a held row's event, from its stored
+ * content (text, len bytes), into *q: read as the peer API reads an
+ * arriving event (event_parse with the same limits: peer_api.c's
+ * msg_input_from_event takes its request's from there), so a held
+ * message meets a limit as it would arriving now.  jsonb's text spaces
+ * out what came compact: its length was judged at arrival, and is not
+ * here.  Content that does not parse (erased: '{}') carries none, as
+ * nothing of it is left to deliver.  CW_ENOMEM when out of memory. */
+static cw_err held_content(const char *text, size_t len, struct policy_request *q)
+{
+	struct event_limits lim = event_limits_default();
+	lim.max_event_bytes = len;
+	struct event ev;
+	struct event_error err;
+	cw_err rc = event_parse(text, len, &lim, 0, &ev, &err);
+	if (rc == CW_OK) {
+		q->body_bytes = ev.body_bytes;
+		q->attachment_bytes = ev.attachment_bytes;
+		q->content_kinds = ev.kinds;
+		event_free(&ev);
+	}
+	return rc == CW_ENOMEM ? CW_ENOMEM : CW_OK;
+}
+
 /* What the server's rules (and the user's opt-in) say now of the rows
  * about to be released: those they stop, as sweep_sql's $3.  A row was
  * held under the rules of its arrival; a rule added since (deny: abuse
  * always wins; the server closed, or the sender's domain off the
- * allowlist) or the user's opt-out applies to it as to a new message.
- * The user's own consent is the database's (the snapshot may be a
- * moment behind the change that runs this sweep); sizes and rate limits
- * were decided at arrival. */
+ * allowlist), the user's opt-out, or a limit on the message itself (its
+ * body or attachments' size, its content kinds) applies to it as to a
+ * new message.  The user's own consent is the database's (the snapshot
+ * may be a moment behind the change that runs this sweep); rate limits
+ * were decided at arrival, when the message was counted. */
 /* The rows of r (columns: id; sender uri, domain, network; recipient
- * uri, domain, network; event type) an inbound message of which the
- * server's rules (or its recipient's explicit opt-out) now refuse, as a
- * JSON array [{id, reason, rule}]; NULL when out of memory.  Each is
- * decided as the recheck decides a waiting row (recheck_refused: an
- * opt-in missing refuses only what comes, an explicit opt-out
- * everything), but only the server's side is listed: a block is the
- * sweep's to read from consents, and answers a consent request itself.
- * Shared by the release's sweep (rule_denials) and the walk of the
- * pending consent requests (requests_turn). */
-static json_t *server_denials(const struct policy_snapshot *snap, PGresult *r)
+ * uri, domain, network; event type; the event's stored content in
+ * column content, -1: none) an inbound message of which the server's rules (or its
+ * recipient's explicit opt-out) now refuse, as a JSON array
+ * [{id, reason, rule}]; NULL when out of memory.  Each is decided as the
+ * recheck decides a waiting row (recheck_refused: an opt-in missing
+ * refuses only what comes, an explicit opt-out everything), but only
+ * the server's side is listed: a block is the sweep's to read from
+ * consents, and answers a consent request itself.  With its content, a
+ * row's size and kinds are judged too (too_large, content_kind_disabled,
+ * as for a message arriving now); a consent request (requests_turn) has
+ * none: it asks about its sender, whom a limit on what a message holds
+ * does not refuse.  Shared by the release's sweep (rule_denials) and the
+ * walk of the pending consent requests (requests_turn). */
+static json_t *server_denials(const struct policy_snapshot *snap, PGresult *r, int content)
 {
 	json_t *list = json_array();
 	int64_t now = cw_wall_ms();
@@ -579,9 +609,14 @@ static json_t *server_denials(const struct policy_snapshot *snap, PGresult *r)
 			.now_ms = now,
 			.recipient_wrote_here = true,
 		};
+		if (content >= 0 && !PQgetisnull(r, i, content) &&
+		    held_content(PQgetvalue(r, i, content), (size_t)PQgetlength(r, i, content), &q)) {
+			json_decref(list);
+			return NULL;
+		}
 		struct policy_decision d;
 		policy_decide(snap, &q, &d);
-		if (d.verdict == POLICY_DENY && policy_reason_is_servers(d.reason) &&
+		if (d.verdict == POLICY_DENY && (policy_reason_is_servers(d.reason) || policy_reason_is_content(d.reason)) &&
 		    json_array_append_new(list, json_pack("{s:s, s:s, s:I}", "id", PQgetvalue(r, i, 0), "reason",
 							  d.reason, "rule", (json_int_t)d.rule_id))) {
 			json_decref(list);
@@ -607,7 +642,7 @@ static cw_err rule_denials(PGconn *c, bool prepared, const struct policy_view *v
 	 * before the accept that runs this sweep, had no consent of hers:
 	 * with policy.optin_default turned off since the row arrived, her
 	 * accept dropped what it accepted (user_not_opted_in). */
-	json_t *list = server_denials(v->snap, r);
+	json_t *list = server_denials(v->snap, r, 9);
 	PQclear(r);
 	*out = list ? json_dumps(list, JSON_COMPACT) : NULL;
 	json_decref(list);
@@ -2114,7 +2149,7 @@ static bool requests_turn(struct policy_live *pl, const struct policy_view *v)
 		return false;
 	}
 	int n = PQntuples(r);
-	json_t *list = server_denials(v->snap, r);
+	json_t *list = server_denials(v->snap, r, -1);
 	if (n) {
 		snprintf(pl->req_exp, sizeof(pl->req_exp), "%s", PQgetvalue(r, n - 1, 8));
 		pl->req_after = atoll(PQgetvalue(r, n - 1, 0));

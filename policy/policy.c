@@ -1325,6 +1325,11 @@ bool policy_reason_is_servers(const char *reason)
 	return false;
 }
 
+bool policy_reason_is_content(const char *reason)
+{
+	return reason && (strcmp(reason, "too_large") == 0 || strcmp(reason, "content_kind_disabled") == 0);
+}
+
 const char *policy_verdict_name(enum policy_verdict v)
 {
 	switch (v) {

@@ -268,9 +268,14 @@ const char *policy_reason_text(const char *reason);
  * whatever was refused; otherwise policy_reason_text(d->reason). */
 const char *policy_decision_text(const struct policy_decision *d);
 /* Whether a deny reason is the server's rules' or the local user's opt-in
- * (not a consent fact, a size or a rate limit): what a held message's
- * release asks again. */
+ * (not a consent fact, a size or a rate limit): what a change of the
+ * rules asks again of every message waiting, and a held message's
+ * release too. */
 bool policy_reason_is_servers(const char *reason);
+/* Whether a deny reason is a limit on the message itself, its size or its
+ * content kinds (too_large, content_kind_disabled): what a held message's
+ * release asks again besides (a rate limit stays decided at arrival). */
+bool policy_reason_is_content(const char *reason);
 const char *policy_verdict_name(enum policy_verdict v);
 const char *policy_mode_name(enum policy_mode m);
 const char *policy_scope_name(enum policy_scope s);

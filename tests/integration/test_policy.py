@@ -172,6 +172,58 @@ def test_a_rule_made_while_messages_wait_decides_them_when_they_are_accepted(dae
                 == "pending", "carl opted in again")
 
 
+def media(a, room, name, sender="wally"):
+    """A message of one attachment and no text (content kind media alone)."""
+    att = {"content_type": "image/png", "url": f"https://files.wa.example/{name}.png", "size": 2000,
+           "filename": f"{name}.png"}
+    r = a.call("POST", f"/v1/rooms/{room}/messages", {"type": "message", "sender": a.user(sender),
+                                                      "content": {"attachments": [att]}}, idem=idem())
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def test_a_limit_on_what_a_message_holds_made_while_it_waits_decides_it_when_accepted(daemon, peers, pg, db_url):
+    """wally's text, picture and long text wait for alice's consent;
+    meanwhile the operator limits wally's domain to text of at most 1000
+    bytes. A rule of limits alone drops nothing that waits, but accepting
+    wally releases only what the rule lets through arriving now: the
+    picture is dropped content_kind_disabled, the long text too_large
+    (the rule named, content deleted), the short texts go. Until the
+    fiftieth session the release asked no size and no content kind (its
+    request carried none): a held picture went through a "text only"
+    rule. Rate limits stay decided at arrival."""
+    (a, _), _ = peers
+    opt_in(daemon)
+    room = dm(a)
+    ids = [send(a, room, "hello").json()["id"], media(a, room, "held"),
+           send(a, room, "x" * 3000).json()["id"], send(a, room, "bye").json()["id"]]
+    assert [s for _, s in states(pg, db_url, ids)] == ["held"] * 4
+    r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example",
+                                             "limits": {"content_kinds": ["text"], "max_body_bytes": 1000}})
+    assert r.status_code == 201, r.text
+    rule = r.json()["id"]
+    # In force: a picture to carol, who allowed wally, is dropped as it comes.
+    carol = "mimi://example.org/u/carol"
+    opt_in(daemon, user=carol)
+    consent(daemon, a.user("wally"), "allowed", user=carol)
+    room_c = dm(a, local=carol)
+    wait_policy(daemon, lambda: states(pg, db_url, [media(a, room_c, "probe")])[0][1] == "dropped",
+                "the rule in force")
+    assert [s for _, s in states(pg, db_url, ids)] == ["held"] * 4
+    out = consent(daemon, a.user("wally"), "allowed")
+    assert (out["released"], out["dropped"]) == (2, 2), out
+    assert [s for _, s in states(pg, db_url, ids)] == ["pending", "dropped", "dropped", "pending"]
+    got = [(w["verdict"], w["reason"], w["rule_id"]) for w in (decision(daemon, i)["recipients"][0] for i in ids)]
+    assert got == [("allow", "user_allowed_sender", None), ("deny", "content_kind_disabled", rule),
+                   ("deny", "too_large", rule), ("allow", "user_allowed_sender", None)], got
+    assert pg.psql("SELECT string_agg((content = '{}'::jsonb)::text, ',' ORDER BY id) FROM events "
+                   "WHERE public_id IN (%s)" % ",".join("'%s'" % i for i in ids), db_url) == "false,true,true,false"
+    audit = pg.psql("SELECT string_agg(a.reason_code || ' ' || a.rule_id || ' ' || (a.details->>'by'), ',' "
+                    "ORDER BY a.id) FROM audit_log a JOIN events e ON e.id = a.event_id "
+                    "WHERE a.action = 'policy.deny' AND e.public_id IN ('%s', '%s')" % (ids[1], ids[2]), db_url)
+    assert audit == f"content_kind_disabled {rule} sweep,too_large {rule} sweep", audit
+
+
 def test_an_allow_under_a_standing_block_of_the_other_kind_decides_the_request_as_blocked(daemon, peers, pg, db_url):
     """alice's request from wally waits while her block of wally's domain
     stands (stored by a process whose policy had not loaded the block

@@ -1591,6 +1591,16 @@ START_TEST(names)
 	ck_assert_ptr_null(policy_reason_text("rate_limited_sender")); /* a remote sender's: not a local user's */
 	ck_assert_ptr_null(policy_reason_text("no_such_reason"));
 	ck_assert_ptr_null(policy_reason_text(NULL));
+	/* What a held message's release asks again of it besides the
+	 * server's rules: its size and content kinds, not a rate limit nor
+	 * a consent fact (gateway/policy_live.c, server_denials). */
+	for (int i = 0; policy_reason_codes[i]; i++) {
+		const char *c = policy_reason_codes[i];
+		ck_assert_msg(policy_reason_is_content(c) ==
+				      (strcmp(c, "too_large") == 0 || strcmp(c, "content_kind_disabled") == 0), "%s", c);
+		ck_assert_msg(!(policy_reason_is_content(c) && policy_reason_is_servers(c)), "%s", c);
+	}
+	ck_assert(!policy_reason_is_content(NULL) && !policy_reason_is_content("no_such_reason"));
 }
 END_TEST
 
