@@ -616,7 +616,9 @@ static json_t *server_denials(const struct policy_snapshot *snap, PGresult *r, i
 		}
 		struct policy_decision d;
 		policy_decide(snap, &q, &d);
-		if (d.verdict == POLICY_DENY && (policy_reason_is_servers(d.reason) || policy_reason_is_content(d.reason)) &&
+		bool refused = d.verdict == POLICY_DENY &&
+			       (policy_reason_is_servers(d.reason) || policy_reason_is_content(d.reason));
+		if (refused &&
 		    json_array_append_new(list, json_pack("{s:s, s:s, s:I}", "id", PQgetvalue(r, i, 0), "reason",
 							  d.reason, "rule", (json_int_t)d.rule_id))) {
 			json_decref(list);

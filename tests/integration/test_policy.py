@@ -172,10 +172,12 @@ def test_a_rule_made_while_messages_wait_decides_them_when_they_are_accepted(dae
                 == "pending", "carl opted in again")
 
 
-def media(a, room, name, sender="wally"):
-    """A message of one attachment and no text (content kind media alone)."""
-    att = {"content_type": "image/png", "url": f"https://files.wa.example/{name}.png", "size": 2000,
-           "filename": f"{name}.png"}
+def media(a, room, name, sender="wally", size=2000):
+    """A message of one attachment and no text (content kind media alone);
+    size None: the attachment declares none."""
+    att = {"content_type": "image/png", "url": f"https://files.wa.example/{name}.png", "filename": f"{name}.png"}
+    if size is not None:
+        att["size"] = size
     r = a.call("POST", f"/v1/rooms/{room}/messages", {"type": "message", "sender": a.user(sender),
                                                       "content": {"attachments": [att]}}, idem=idem())
     assert r.status_code == 202, r.text
@@ -191,13 +193,19 @@ def test_a_limit_on_what_a_message_holds_made_while_it_waits_decides_it_when_acc
     (the rule named, content deleted), the short texts go. Until the
     fiftieth session the release asked no size and no content kind (its
     request carried none): a held picture went through a "text only"
-    rule. Rate limits stay decided at arrival."""
+    rule. Likewise bob's pictures under a max_attachment_bytes made
+    while they wait: the one that declares no size counts as the most an
+    attachment may declare, as at arrival. Rate limits stay decided at
+    arrival."""
     (a, _), _ = peers
     opt_in(daemon)
     room = dm(a)
     ids = [send(a, room, "hello").json()["id"], media(a, room, "held"),
            send(a, room, "x" * 3000).json()["id"], send(a, room, "bye").json()["id"]]
-    assert [s for _, s in states(pg, db_url, ids)] == ["held"] * 4
+    opt_in(daemon, user=BOB)
+    room_b = dm(a, local=BOB)
+    held_b = [media(a, room_b, "small", size=500), media(a, room_b, "unsized", size=None)]
+    assert [s for _, s in states(pg, db_url, ids + held_b)] == ["held"] * 6
     r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example",
                                              "limits": {"content_kinds": ["text"], "max_body_bytes": 1000}})
     assert r.status_code == 201, r.text
@@ -209,7 +217,7 @@ def test_a_limit_on_what_a_message_holds_made_while_it_waits_decides_it_when_acc
     room_c = dm(a, local=carol)
     wait_policy(daemon, lambda: states(pg, db_url, [media(a, room_c, "probe")])[0][1] == "dropped",
                 "the rule in force")
-    assert [s for _, s in states(pg, db_url, ids)] == ["held"] * 4
+    assert [s for _, s in states(pg, db_url, ids + held_b)] == ["held"] * 6
     out = consent(daemon, a.user("wally"), "allowed")
     assert (out["released"], out["dropped"]) == (2, 2), out
     assert [s for _, s in states(pg, db_url, ids)] == ["pending", "dropped", "dropped", "pending"]
@@ -222,6 +230,19 @@ def test_a_limit_on_what_a_message_holds_made_while_it_waits_decides_it_when_acc
                     "ORDER BY a.id) FROM audit_log a JOIN events e ON e.id = a.event_id "
                     "WHERE a.action = 'policy.deny' AND e.public_id IN ('%s', '%s')" % (ids[1], ids[2]), db_url)
     assert audit == f"content_kind_disabled {rule} sweep,too_large {rule} sweep", audit
+
+    # The attachments' declared sizes likewise, one that declares none
+    # counting as the most one may declare, as at arrival.
+    r = daemon.admin("PATCH", f"/rules/{rule}", json={"limits": {"max_attachment_bytes": 1000}})
+    assert r.status_code == 200, r.text
+    wait_policy(daemon, lambda: states(pg, db_url, [media(a, room_c, "probe", size=500)])[0][1] == "pending",
+                "the change in force")
+    assert [s for _, s in states(pg, db_url, held_b)] == ["held"] * 2
+    out = consent(daemon, a.user("wally"), "allowed", user=BOB)
+    assert (out["released"], out["dropped"]) == (1, 1), out
+    assert [s for _, s in states(pg, db_url, held_b)] == ["pending", "dropped"]
+    why = decision(daemon, held_b[1])["recipients"][0]
+    assert (why["verdict"], why["reason"], why["rule_id"]) == ("deny", "too_large", rule), why
 
 
 def test_an_allow_under_a_standing_block_of_the_other_kind_decides_the_request_as_blocked(daemon, peers, pg, db_url):
