@@ -27,6 +27,7 @@
 #define ENVELOPE_RESERVE (2 * MIMI_URI_MAX + 64)
 
 static const char HTML_FORMAT[] = "org.matrix.custom.html";
+static const char EDIT_NEEDS_NEW_CONTENT[] = "an edit (m.replace) needs m.new_content as an object";
 
 /* ------------------------------------------------------------ small helpers */
 
@@ -1097,7 +1098,7 @@ static enum mx_in_result from_message(const json_t *content, bool sticker, json_
 		const json_t *newc = json_object_get(content, "m.new_content");
 		if (!json_is_object(newc)) {
 			json_decref(nc);
-			say(why, whylen, "an edit (m.replace) needs m.new_content as an object");
+			say(why, whylen, "%s", EDIT_NEEDS_NEW_CONTENT);
 			return MX_IN_INVALID;
 		}
 		const json_t *nt = json_object_get(newc, "msgtype");
@@ -1140,6 +1141,12 @@ static enum mx_in_result from_message(const json_t *content, bool sticker, json_
 	}
 	if (!reply && thread)
 		reply = lookup_msg(to_msg, ctx, r.event_id, target, sizeof(target));
+	/* A thread whose root the gateway does not know (written before the
+	 * room was bridged): the fallback's target, the thread's latest event,
+	 * which is what a client without threads shows it in reply to (until
+	 * the fiftieth session such a thread's messages lost every relation). */
+	if (!reply && thread && r.reply_to && r.falling_back)
+		reply = lookup_msg(to_msg, ctx, r.reply_to, target, sizeof(target));
 	res = text_parts(content, msgtype, sticker, from_reply, !from_reply, nc, why, whylen);
 	if (res != MX_IN_OK) {
 		json_decref(nc);
@@ -1329,8 +1336,14 @@ static enum mx_in_result from_fallback(const json_t *content, json_int_t ts, mx_
 				       json_t **out, char *why, size_t whylen)
 {
 	struct rel r;
-	bool edit = parse_rel(content, &r, NULL, 0) == MX_IN_OK && r.rel_type && strcmp(r.rel_type, "m.replace") == 0 &&
-		    json_is_object(json_object_get(content, "m.new_content"));
+	bool edit = parse_rel(content, &r, NULL, 0) == MX_IN_OK && r.rel_type && strcmp(r.rel_type, "m.replace") == 0;
+	if (edit && !json_is_object(json_object_get(content, "m.new_content"))) {
+		/* Not a new message of its fallback text ("* ..."): until the
+		 * fiftieth session such an edit, which Matrix clients do not
+		 * apply, became one at the peer. */
+		say(why, whylen, "%s", EDIT_NEEDS_NEW_CONTENT);
+		return MX_IN_INVALID;
+	}
 	const char *text = fallback_text(edit ? json_object_get(content, "m.new_content") : content);
 	if (!text || !*text) {
 		say(why, whylen, "events of this type are not carried");

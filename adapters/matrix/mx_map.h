@@ -39,7 +39,8 @@
  *                             Unknown target: a plain message, fallback kept
  *                             (the <mx-reply> becomes its inner blockquote).
  *   thread (rel_type m.thread) in_reply_to the m.in_reply_to target unless
- *                             is_falling_back, else the thread root (if known)
+ *                             is_falling_back, else the thread root (if known;
+ *                             else the fallback's m.in_reply_to target)
  *   edit: rel_type m.replace + m.new_content
  *                             type "edit", "replaces": the target, parts from
  *                             m.new_content (the "* " fallback of the outer
@@ -68,7 +69,8 @@
  *   text fallback: m.text     or org.matrix.msc3381.poll.start, and its
  *   [{body}], org.matrix.     end carry one), never dropped in silence;
  *   msc1767.text, or body     with m.replace, an edit of m.new_content's
- *                             text (unknown target: IGNORE)
+ *                             text (unknown target: IGNORE; without an
+ *                             object m.new_content: INVALID)
  *   other state events (state_key present), other event types, redacted
  *   events (unsigned.redacted_because)
  *                             IGNORE.
