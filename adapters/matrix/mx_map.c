@@ -1174,7 +1174,21 @@ static enum mx_in_result from_reaction(const json_t *content, json_int_t ts, mx_
 		return MX_IN_INVALID;
 	}
 	struct event_limits lim = event_limits_default();
-	size_t klen = strlen(r.key);
+	/* An image as the key (MSC4027, Element's custom reactions: an mxc://
+	 * URI) is its shortcode (":partyparrot:", "shortcode" or the unstable
+	 * MX_SHORTCODE_KEY), else "[reaction: an image]": the URI names a file
+	 * of the homeserver's store, which a peer can neither show nor fetch
+	 * (media crosses the gateway re-hosted, never as a link into a store;
+	 * until the fiftieth session the URI was the peer's reaction). */
+	const char *key = r.key;
+	bool image = starts_with(key, "mxc://");
+	if (image) {
+		const char *sc = str_member(content, "shortcode");
+		if (!sc)
+			sc = str_member(content, MX_SHORTCODE_KEY);
+		key = sc && *sc && !starts_with(sc, "mxc://") ? sc : NULL;
+	}
+	size_t klen = key ? strlen(key) : 0;
 	if (klen + 16 > lim.max_body_bytes) {
 		say(why, whylen, "a reaction's key is longer than %zu bytes", lim.max_body_bytes - 16);
 		return MX_IN_INVALID;
@@ -1185,17 +1199,20 @@ static enum mx_in_result from_reaction(const json_t *content, json_int_t ts, mx_
 		return MX_IN_IGNORE;
 	}
 	json_t *nc;
-	if (klen <= EVENT_REACTION_MAX) {
-		nc = json_pack("{s:[{s:s, s:s}], s:s, s:s}", "parts", "type", "text/plain", "body", r.key, "disposition",
+	if (key && klen <= EVENT_REACTION_MAX) {
+		nc = json_pack("{s:[{s:s, s:s}], s:s, s:s}", "parts", "type", "text/plain", "body", key, "disposition",
 			       "reaction", "in_reply_to", target);
 		*out = neutral_event("reaction", ts, nc);
 	} else {
-		/* Longer than a neutral reaction may be: said as a reply instead. */
-		size_t n = klen + 16;
+		/* Longer than a neutral reaction may be (or an image without a
+		 * name): said as a reply instead. */
+		if (!key)
+			key = "an image";
+		size_t n = strlen(key) + 16;
 		char *text = malloc(n);
 		if (!text)
 			return MX_IN_INVALID;
-		snprintf(text, n, "[reaction: %s]", r.key);
+		snprintf(text, n, "[reaction: %s]", key);
 		nc = json_pack("{s:[{s:s, s:s}], s:s}", "parts", "type", "text/plain", "body", text, "in_reply_to",
 			       target);
 		free(text);
@@ -1998,6 +2015,11 @@ static bool out_reaction(const json_t *content, mx_lookup_fn to_native, void *ct
 	char target[MX_ID_MAX + 1];
 	if (!lookup_event(to_native, ctx, target_msg, target, sizeof(target)))
 		return none(out, why, whylen, "a reaction to a message that is not in Matrix");
+	/* Clients show a key that is an mxc:// URI as that file (MSC4027): one
+	 * the peer did not send, of any Matrix server, as a peer's <img> is
+	 * not carried either. */
+	if (starts_with(key, "mxc://"))
+		return none(out, why, whylen, "a reaction whose key is an mxc:// URI names no file the peer sent");
 	/* As Matrix clients send an emoji ("\u2764\uFE0F"): a peer's "\u2764"
 	 * would be a reaction of its own beside theirs, shown as text. */
 	char emoji[MX_REACTION_KEY_MAX];

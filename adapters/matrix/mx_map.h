@@ -52,7 +52,10 @@
  *                             "body":key}],"disposition":"reaction",
  *                             "in_reply_to":target}; unknown target: IGNORE;
  *                             a key longer than 64 bytes (the neutral limit):
- *                             a message "[reaction: key]" in reply instead.
+ *                             a message "[reaction: key]" in reply instead;
+ *                             an image key (an mxc:// URI, MSC4027): its
+ *                             shortcode as the key, else "[reaction: an
+ *                             image]" in reply.
  *   m.room.redaction          type "delete", "replaces": the redacted event
  *                             ("redacts" at the top level, else in content:
  *                             room version 11; both, differing: INVALID);
@@ -105,7 +108,8 @@
  *             message, the text the caption (else the file's name).
  *   reaction  m.reaction {m.relates_to: {m.annotation, target, key: body
  *             with the emoji variation selectors Matrix clients send,
- *             mx_reaction_key}}; unknown target: MX_OP_NONE.
+ *             mx_reaction_key}}; unknown target, or a key that is an
+ *             mxc:// URI (a file the peer did not send): MX_OP_NONE.
  *   delete    MX_OP_REDACT of the target (content {}); unknown: MX_OP_NONE.
  *   receipt   "read": MX_OP_RECEIPT (m.read) on the target; "delivered"
  *             (Matrix has none) and unknown targets: MX_OP_NONE.
@@ -225,6 +229,8 @@ bool mx_from_neutral(const json_t *neutral, mx_lookup_fn to_native, void *ctx, c
  * MX_REACTION_KEY_MAX for a neutral reaction); false when key is not
  * UTF-8 or the result does not fit. */
 #define MX_REACTION_KEY_MAX (4 * 64 + 1)
+/* The unstable name of an image reaction's shortcode (MSC4027). */
+#define MX_SHORTCODE_KEY "com.beeper.reaction.shortcode"
 bool mx_reaction_key(const char *key, char *out, size_t size);
 
 /* Releases out->content and clears out; safe on a cleared struct. */
