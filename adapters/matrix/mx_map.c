@@ -937,9 +937,13 @@ static enum mx_in_result text_parts(const json_t *c, const char *msgtype, bool s
 		}
 		formatted = json_string_value(fb);
 	}
-	/* HTML that cannot be sanitised (no memory) is left out: the text goes. */
+	/* HTML that cannot be sanitised (no memory) is left out: the text goes.
+	 * An <img> is its alt text (a custom emoji's ":blobcat:"): its mxc://
+	 * source is a file of the homeserver's store, which no peer can fetch
+	 * (media crosses re-hosted, as attachments, never as a link into a
+	 * store); until the fiftieth session the peer got the URI. */
 	bool html_reply = false;
-	char *clean = formatted ? html_walk(formatted, strlen(formatted), keep_reply, true, &html_reply) : NULL;
+	char *clean = formatted ? html_walk(formatted, strlen(formatted), keep_reply, false, &html_reply) : NULL;
 	if (clean) {
 		if (html_blank(clean)) {
 			free(clean);

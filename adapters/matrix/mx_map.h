@@ -9,7 +9,8 @@
  *
  *   m.room.message m.text     message, parts [text/plain body, text/html
  *     (+ format org.matrix.   sanitised formatted_body]; the HTML part only
- *     custom.html)            with format "org.matrix.custom.html", left out
+ *     custom.html)            with format "org.matrix.custom.html" (an <img>
+ *                             its alt text: no peer can fetch mxc://), left out
  *                             when nothing remains after sanitising or when
  *                             it is longer than a part may be
  *   m.notice                  the same + content "x.matrix.msgtype":"m.notice"
@@ -325,7 +326,8 @@ bool mx_json_duplicate_key(const json_t *v, bool deep);
  * re-nest some misnested markup (a table inside a link) on a second pass,
  * which stays safe.  Returns a malloc'd NUL-terminated UTF-8 string (free()
  * it), "" for empty or NULL input; NULL when memory runs out or len is over
- * 1 MiB. */
+ * 1 MiB.  (The mapping, both ways, writes every img as its alt text: no
+ * peer can fetch an mxc:// file, and no peer's is carried.) */
 char *mx_sanitize_html(const char *html, size_t len);
 
 
