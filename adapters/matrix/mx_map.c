@@ -1396,11 +1396,21 @@ static enum mx_in_result fit(json_t *neutral, char *why, size_t whylen)
 	struct event_limits lim = event_limits_default();
 	json_t *parts = json_object_get(json_object_get(neutral, "content"), "parts");
 	/* A JSON string is at most 6 bytes per byte of text (\u00XX): most
-	 * events are far below the limit without writing them out. */
+	 * events are far below the limit without writing them out.  An
+	 * attachment's strings count too: its url, name and type may be
+	 * 2.5 KB together, past the 1 KB the rest is given (until the fiftieth
+	 * session a caption of controls with such a file was taken unmeasured,
+	 * and the event failed its check once the caller added the sender). */
 	size_t bound = 1024, i;
 	json_t *p;
 	json_array_foreach(parts, i, p)
 		bound += 6 * json_string_length(json_object_get(p, "body")) + 64;
+	json_array_foreach(json_object_get(json_object_get(neutral, "content"), "attachments"), i, p) {
+		const char *k;
+		json_t *v;
+		json_object_foreach(p, k, v)
+			bound += 6 * json_string_length(v) + 32;
+	}
 	if (bound + ENVELOPE_RESERVE <= lim.max_event_bytes)
 		return MX_IN_OK;
 	for (int round = 0; round < 2; round++) {

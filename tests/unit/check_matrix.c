@@ -1291,6 +1291,76 @@ START_TEST(from_neutral_edges)
 }
 END_TEST
 
+/* What mx_to_neutral gives passes event_parse whatever sender and room the
+ * caller adds (each up to MIMI_URI_MAX): a caption of control characters
+ * (six bytes of JSON each) beside a file whose url, name and type are as
+ * long as they may be.  Until the fiftieth session the attachment was not
+ * counted, and such an event was taken unmeasured and then refused. */
+START_TEST(to_neutral_fits_any_envelope)
+{
+	char server[256], url[600], mime[128], name[256], sender[MIMI_URI_MAX + 1], room[MIMI_URI_MAX + 1];
+	memset(server, 'a', 255); /* four labels of 63, the longest server name */
+	server[63] = server[127] = server[191] = '.';
+	server[255] = '\0';
+	char media[256];
+	memset(media, 'm', 255);
+	media[255] = '\0';
+	snprintf(url, sizeof(url), "mxc://%s/%s", server, media);
+	memset(mime, 'x', sizeof(mime) - 1);
+	memcpy(mime, "application/", 12);
+	mime[sizeof(mime) - 1] = '\0';
+	memset(name, '"', sizeof(name) - 1);
+	name[sizeof(name) - 1] = '\0';
+	/* the longest URIs: a domain of 247 bytes, a local part of 255 */
+	char domain[248], local[256];
+	memset(domain, 'd', 247);
+	domain[63] = domain[127] = domain[191] = '.';
+	domain[247] = '\0';
+	memset(local, 'l', 255);
+	local[255] = '\0';
+	snprintf(sender, sizeof(sender), "mimi://%s/u/%s", domain, local);
+	snprintf(room, sizeof(room), "mimi://%s/r/%.128s", domain, local); /* a room id: 128 at most */
+	ck_assert_uint_eq(strlen(sender), MIMI_URI_MAX);
+	int mapped = 0;
+	for (size_t n = 10400; n <= 10700; n += 25) {
+		char *caption = malloc(n + 1);
+		ck_assert_ptr_nonnull(caption);
+		memset(caption, 1, n);
+		caption[n] = '\0';
+		json_t *ev = json_pack("{s:s, s:I, s:{s:s, s:s, s:s, s:s, s:{s:s, s:i}, s:{s:{s:s}}}}", "type",
+				       "m.room.message", "origin_server_ts", (json_int_t)1700000000000, "content", "msgtype",
+				       "m.file", "body", caption, "filename", name, "url", url, "info", "mimetype", mime,
+				       "size", 5, "m.relates_to", "m.in_reply_to", "event_id", "$known");
+		ck_assert_ptr_nonnull(ev);
+		free(caption);
+		json_t *out = NULL;
+		char why[200];
+		enum mx_in_result r = mx_to_neutral(ev, id_lookup, NULL, &out, why, sizeof(why));
+		if (r == MX_IN_OK) {
+			mapped++;
+			ck_assert_ptr_nonnull(json_object_get(json_object_get(out, "content"), "attachments"));
+			json_object_set_new(out, "sender", json_string(sender));
+			json_object_set_new(out, "room", json_string(room));
+			char *text = json_dumps(out, JSON_COMPACT);
+			struct event_limits lim = event_limits_default();
+			struct event pe;
+			struct event_error err;
+			cw_err rc = event_parse(text, strlen(text), &lim, EVENT_REQUIRE_ROOM, &pe, &err);
+			ck_assert_msg(rc == CW_OK, "a caption of %zu controls: %zu bytes, refused: %s", n, strlen(text),
+				      err.detail);
+			event_free(&pe);
+			free(text);
+		} else {
+			ck_assert_int_eq(r, MX_IN_INVALID);
+			ck_assert_ptr_null(out);
+		}
+		json_decref(out);
+		json_decref(ev);
+	}
+	ck_assert_int_gt(mapped, 0);
+}
+END_TEST
+
 /* A homeserver's transaction as jansson reads it (mx_json_load): valid JSON
  * that a plain json_loadb refuses, a NUL in a string or an integer past 64
  * bits, must not fail the whole body, only the events holding it (until
@@ -2061,6 +2131,7 @@ int main(void)
 	tcase_add_test(tc, media_info);
 	tcase_add_test(tc, from_neutral_edges);
 	tcase_add_test(tc, from_neutral_fits_an_event);
+	tcase_add_test(tc, to_neutral_fits_any_envelope);
 	tcase_add_test(tc, ephemeral_cap);
 	tcase_add_test(tc, json_load_lenient);
 	tcase_add_test(tc, media_queue_is_bounded);
