@@ -1076,6 +1076,31 @@ static json_t *neutral_event(const char *type, json_int_t ts, json_t *content)
 	return json_pack("{s:s, s:I, s:o}", "type", type, "ts", ts, "content", content);
 }
 
+/* What a message with relation r answers, into target (size bytes), or
+ * NULL: a reply's target, or in a thread the closest known event.  *real:
+ * a reply of the user's own (m.in_reply_to known and no thread's mere
+ * fallback), whose reply fallback is taken out of the text. */
+static const char *reply_target(const struct rel *r, mx_lookup_fn to_msg, void *ctx, char *target, size_t size,
+				bool *real)
+{
+	const char *reply = NULL;
+	bool thread = r->rel_type && strcmp(r->rel_type, "m.thread") == 0;
+	*real = false;
+	if (r->reply_to && !(thread && r->falling_back)) {
+		reply = lookup_msg(to_msg, ctx, r->reply_to, target, size);
+		*real = reply != NULL;
+	}
+	if (!reply && thread)
+		reply = lookup_msg(to_msg, ctx, r->event_id, target, size);
+	/* A thread whose root the gateway does not know (written before the
+	 * room was bridged): the fallback's target, the thread's latest event,
+	 * which is what a client without threads shows it in reply to (until
+	 * the fiftieth session such a thread's messages lost every relation). */
+	if (!reply && thread && r->reply_to && r->falling_back)
+		reply = lookup_msg(to_msg, ctx, r->reply_to, target, size);
+	return reply;
+}
+
 static enum mx_in_result from_message(const json_t *content, bool sticker, json_int_t ts,
 				      mx_lookup_fn to_msg, void *ctx, json_t **out, char *why, size_t whylen)
 {
@@ -1135,22 +1160,8 @@ static enum mx_in_result from_message(const json_t *content, bool sticker, json_
 		*out = neutral_event("edit", ts, nc);
 		return MX_IN_OK;
 	}
-	/* A reply, or a message in a thread: the closest known event. */
-	const char *reply = NULL;
-	bool from_reply = false;
-	bool thread = r.rel_type && strcmp(r.rel_type, "m.thread") == 0;
-	if (r.reply_to && !(thread && r.falling_back)) {
-		reply = lookup_msg(to_msg, ctx, r.reply_to, target, sizeof(target));
-		from_reply = reply != NULL;
-	}
-	if (!reply && thread)
-		reply = lookup_msg(to_msg, ctx, r.event_id, target, sizeof(target));
-	/* A thread whose root the gateway does not know (written before the
-	 * room was bridged): the fallback's target, the thread's latest event,
-	 * which is what a client without threads shows it in reply to (until
-	 * the fiftieth session such a thread's messages lost every relation). */
-	if (!reply && thread && r.reply_to && r.falling_back)
-		reply = lookup_msg(to_msg, ctx, r.reply_to, target, sizeof(target));
+	bool from_reply;
+	const char *reply = reply_target(&r, to_msg, ctx, target, sizeof(target), &from_reply);
 	res = text_parts(content, msgtype, sticker, from_reply, !from_reply, nc, why, whylen);
 	if (res != MX_IN_OK) {
 		json_decref(nc);
@@ -1357,7 +1368,8 @@ static enum mx_in_result from_fallback(const json_t *content, json_int_t ts, mx_
 				       json_t **out, char *why, size_t whylen)
 {
 	struct rel r;
-	bool edit = parse_rel(content, &r, NULL, 0) == MX_IN_OK && r.rel_type && strcmp(r.rel_type, "m.replace") == 0;
+	bool rel_ok = parse_rel(content, &r, NULL, 0) == MX_IN_OK;
+	bool edit = rel_ok && r.rel_type && strcmp(r.rel_type, "m.replace") == 0;
 	if (edit && !json_is_object(json_object_get(content, "m.new_content"))) {
 		/* Not a new message of its fallback text ("* ..."): until the
 		 * fiftieth session such an edit, which Matrix clients do not
@@ -1375,6 +1387,10 @@ static enum mx_in_result from_fallback(const json_t *content, json_int_t ts, mx_
 		say(why, whylen, "an edit of a message the gateway does not know");
 		return MX_IN_IGNORE;
 	}
+	/* A poll in reply or in a thread answers what a message there would
+	 * (until the fiftieth session it named nothing). */
+	bool real;
+	const char *reply = rel_ok && !edit ? reply_target(&r, to_msg, ctx, target, sizeof(target), &real) : NULL;
 	json_t *plain = json_pack("{s:s, s:s}", "msgtype", "m.text", "body", text);
 	json_t *nc = json_object();
 	enum mx_in_result res = plain && nc ? text_parts(plain, "m.text", false, false, false, nc, why, whylen)
@@ -1386,6 +1402,8 @@ static enum mx_in_result from_fallback(const json_t *content, json_int_t ts, mx_
 	}
 	if (edit)
 		json_object_set_new(nc, "replaces", json_string(target));
+	else if (reply)
+		json_object_set_new(nc, "in_reply_to", json_string(reply));
 	*out = neutral_event(edit ? "edit" : "message", ts, nc);
 	return MX_IN_OK;
 }

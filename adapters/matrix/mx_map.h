@@ -74,7 +74,8 @@
  *   [{body}], org.matrix.     end carry one), never dropped in silence;
  *   msc1767.text, or body     with m.replace, an edit of m.new_content's
  *                             text (unknown target: IGNORE; without an
- *                             object m.new_content: INVALID)
+ *                             object m.new_content: INVALID); in reply or
+ *                             in a thread, in_reply_to as for a message
  *   other state events (state_key present), other event types, redacted
  *   events (unsigned.redacted_because)
  *                             IGNORE.
