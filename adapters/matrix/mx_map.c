@@ -1387,10 +1387,13 @@ static enum mx_in_result from_fallback(const json_t *content, json_int_t ts, mx_
 		say(why, whylen, "an edit of a message the gateway does not know");
 		return MX_IN_IGNORE;
 	}
-	/* A poll in reply or in a thread answers what a message there would
-	 * (until the fiftieth session it named nothing). */
+	/* A poll in reply or in a thread answers what a message there would,
+	 * and a poll's end ("Ended poll", m.reference) the poll it ends
+	 * (until the fiftieth session they named nothing). */
 	bool real;
 	const char *reply = rel_ok && !edit ? reply_target(&r, to_msg, ctx, target, sizeof(target), &real) : NULL;
+	if (!reply && rel_ok && r.rel_type && strcmp(r.rel_type, "m.reference") == 0)
+		reply = lookup_msg(to_msg, ctx, r.event_id, target, sizeof(target));
 	json_t *plain = json_pack("{s:s, s:s}", "msgtype", "m.text", "body", text);
 	json_t *nc = json_object();
 	enum mx_in_result res = plain && nc ? text_parts(plain, "m.text", false, false, false, nc, why, whylen)

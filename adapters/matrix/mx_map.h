@@ -75,7 +75,8 @@
  *   msc1767.text, or body     with m.replace, an edit of m.new_content's
  *                             text (unknown target: IGNORE; without an
  *                             object m.new_content: INVALID); in reply or
- *                             in a thread, in_reply_to as for a message
+ *                             in a thread, in_reply_to as for a message;
+ *                             with m.reference (a poll's end), its target
  *   other state events (state_key present), other event types, redacted
  *   events (unsigned.redacted_because)
  *                             IGNORE.
