@@ -361,8 +361,11 @@ def stored_text_in_a_browser(make_daemon, db_url, pg, text, shown):
         r = d.admin("POST", "/rules", json={"scope": "domain", "pattern": "spam.example", "mode": "deny",
                                              "comment": "commented below" if text == BIDI else text})
         assert r.status_code == 201, r.text
-        if text == BIDI:  # refused by the API since the fiftieth session; one stored before is shown so
+        if text == BIDI:  # refused by the API since the fiftieth session; one stored before is shown so,
+            # in the rule and in its creation's audit record (whose details are the rule as answered)
             pg.psql("UPDATE rules SET comment = " + pg_text(text) + f" WHERE id = {r.json()['id']}", db_url)
+            pg.psql("UPDATE audit_log SET details = jsonb_set(details, '{comment}', to_jsonb(" + pg_text(text)
+                    + "::text)) WHERE action = 'rule.create' AND subject = 'spam.example'", db_url)
         r = d.admin("POST", "/reports", json={"subject": gk.user("wally"), "reason": "spam",
                                                "comment": "commented below" if text == BIDI else text})
         assert r.status_code == 201, r.text
