@@ -359,31 +359,36 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
  * recent_blocks_sql asks whether there is one). */
 #define BLOCKED_LATELY "b.updated_at > now() - interval '10 minutes'"
 
-/* A row of such a user, from a remote sender they blocked (or its
- * domain), not the expiry's taking back of what they were shown (origin
- * gateway: it is the gateway's, after their block as before it).  A row
- * between two local users is not the policy's at arrival, nor here. */
-#define TO_BLOCKER                                                                                      \
-	"o.target_identity_id = ANY(" BLOCKERS ") AND NOT s.is_local AND e.origin_network <> 'gateway' "   \
-	" AND " BLOCKED_SENDER("o.target_identity_id")
+/* A row of such a user (TO_BLOCKER), from a remote sender they blocked
+ * (or its domain: FROM_BLOCKED), not the expiry's taking back of what
+ * they were shown (origin gateway: it is the gateway's, after their
+ * block as before it).  A row between two local users is not the
+ * policy's at arrival, nor here. */
+#define TO_BLOCKER "o.target_identity_id = ANY(" BLOCKERS ")"
+#define FROM_BLOCKED                                                                                    \
+	"NOT s.is_local AND e.origin_network <> 'gateway' AND " BLOCKED_SENDER("o.target_identity_id")
 
 /* The rows a sweep decides: the held ones (SWEPT_HELD), and those not
  * handed to their destination yet whose user has since blocked their
- * sender (TO_BLOCKER): pending ones (due, or backing off), and dead
- * letters and failures, which the operator could send again.  Until the
- * twenty-third session only held rows were swept, and a block let what
- * waited for delivery through (a review's finding).  A row in flight is
- * not recalled: the far side may have it already.  Only a row with a
- * target is a user's (a local user's rows are theirs alone, also in a
- * group: a portal or chat room per member; a peer's row, no target, is
- * its users'); one user's block takes nothing from another.  Each kind
- * of row is found by index: pending ones in the rows of the blockers'
- * rooms (outbox_room_order_idx: no index more for every row written),
- * dead and failed ones in outbox_dead_target_idx (schema/033). */
+ * sender (TO_BLOCKER, FROM_BLOCKED): pending ones (due, or backing off),
+ * and dead letters and failures, which the operator could send again.
+ * Until the twenty-third session only held rows were swept, and a block
+ * let what waited for delivery through (a review's finding).  A row in
+ * flight is not recalled: the far side may have it already.  Only a row
+ * with a target is a user's (a local user's rows are theirs alone, also
+ * in a group: a portal or chat room per member; a peer's row, no target,
+ * is its users'); one user's block takes nothing from another.  Each
+ * kind of row is found by index: pending ones in the rows of the
+ * blockers' rooms (outbox_room_order_idx: no index more for every row
+ * written), dead and failed ones in outbox_dead_target_idx (schema/033).
+ * What is of the row alone comes first, apart from what is of its event
+ * and sender (FROM_BLOCKED, which a held row needs not), so that it is
+ * the scan's condition on outbox (SWEEP_SQL joins the event and sender
+ * to each row it takes). */
 #define SWEPT_ROWS                                                                                      \
 	"((" SWEPT_HELD ") OR (o.state = 'pending' AND o.room_id = ANY(ARRAY(SELECT m.room_id "             \
 	"  FROM room_members m WHERE m.identity_id = ANY(" BLOCKERS "))) AND " TO_BLOCKER ") "             \
-	" OR (o.state IN ('dead', 'failed') AND " TO_BLOCKER "))"
+	" OR (o.state IN ('dead', 'failed') AND " TO_BLOCKER ")) AND (o.state = 'held' OR (" FROM_BLOCKED "))"
 
 /* The held row o, of the event e, is to a user who wrote in its group
  * since the sender became a member: what the policy's step 6
@@ -449,6 +454,31 @@ static const char releasable_sql[] =
 	" FROM " X " JOIN identities l ON l.id = " X ".local_identity_id " \
 	" JOIN identities r ON r.id = " X ".remote_identity_id ORDER BY " X ".id"
 
+/* The row of TABLE (its alias A) where COND (its primary key
+ * equal to a column of the rows before it), joined to each of them: a
+ * descent of the primary key for each.  As a join the planner, on its
+ * guess of how many rows a periodic sweep decides (half of the held ones:
+ * 2,400 of 5,000, when it is none or ten), hashed the whole of events and
+ * identities for them (docs/performance.md, "Fiftieth session: the
+ * sweep's erase step and the held list"). */
+#define BY_ID(TABLE, A, COND) " CROSS JOIN LATERAL (SELECT * FROM " TABLE " " A " WHERE " COND " OFFSET 0) " A " "
+
+/* The content of the events EVENTS (a query of their ids) erased when none
+ * of their rows but those the statement decided (the CTE ch, in it as
+ * they were before it) is still waiting or delivered: no one will now
+ * receive them; their rows stay, so their sender still sees "not
+ * delivered".  Then the records of their files re-hosted on the
+ * homeserver (RETENTION_FORGET_FILES).  Each event is a descent of
+ * events_pkey (the array) and its rows one of outbox_event_dest_key (the
+ * subquery, kept one by OFFSET 0): until the fiftieth session, as joins
+ * the planner made on its guess of how many rows a sweep decides, a
+ * periodic sweep that expired ten rows read the whole of both tables. */
+#define CONTENT_GONE(EVENTS) \
+	"gone AS (UPDATE events e SET content = '{}'::jsonb WHERE e.id = ANY (ARRAY(" EVENTS ")) " \
+	" AND NOT EXISTS (SELECT 1 FROM outbox x WHERE x.event_id = e.id AND x.id NOT IN (SELECT id FROM ch) " \
+	"  AND x.state NOT IN ('dropped', 'expired') OFFSET 0) RETURNING e.id), " \
+	RETENTION_FORGET_FILES("(SELECT " RETENTION_ATTS("f") " FROM events f WHERE f.id = ANY (ARRAY(SELECT id FROM gone)))")
+
 #define SWEEP_SQL(ROWS) \
 	"WITH dn AS (SELECT * FROM jsonb_to_recordset($3::jsonb) AS d(id bigint, reason text, rule bigint)), " \
 	"h AS (SELECT o.id, o.event_id, o.created_at, t.uri AS turi, " \
@@ -457,8 +487,8 @@ static const char releasable_sql[] =
 	"  (SELECT c.state FROM consents c WHERE c.local_identity_id = o.target_identity_id " \
 	"    AND c.subject_kind = 'domain' AND c.subject = s.domain) AS ds, " \
 	"  " WROTE_IN_GROUP " AS gw " \
-	" FROM outbox o JOIN events e ON e.id = o.event_id JOIN identities s ON s.id = e.sender_id " \
-	" JOIN identities t ON t.id = o.target_identity_id " \
+	" FROM outbox o " BY_ID("events", "e", "e.id = o.event_id") BY_ID("identities", "s", "s.id = e.sender_id") \
+	BY_ID("identities", "t", "t.id = o.target_identity_id") \
 	" WHERE " ROWS " ORDER BY o.id FOR UPDATE OF o SKIP LOCKED), " \
 	"hd AS (SELECT h.*, dn.reason AS rule_reason, NULLIF(dn.rule, 0) AS rule FROM h LEFT JOIN dn ON dn.id = h.id), " \
 	"ch AS (UPDATE outbox o SET state = CASE WHEN hd.us = 'blocked' OR hd.ds = 'blocked' " \
@@ -466,7 +496,8 @@ static const char releasable_sql[] =
 	"   WHEN hd.created_at < now() - make_interval(secs => $1::bigint) THEN 'expired' " \
 	"   WHEN hd.us = 'allowed' OR hd.ds = 'allowed' OR hd.gw THEN 'pending' ELSE 'expired' END, " \
 	"  next_attempt_at = now() " \
-	" FROM hd WHERE o.id = hd.id AND (hd.us IS NOT NULL OR hd.ds IS NOT NULL OR hd.gw " \
+	" FROM hd WHERE o.id = ANY (ARRAY(SELECT id FROM h)) AND o.id = hd.id " \
+	"  AND (hd.us IS NOT NULL OR hd.ds IS NOT NULL OR hd.gw " \
 	"  OR hd.created_at < now() - make_interval(secs => $1::bigint)) " \
 	" RETURNING o.id, o.event_id, o.state, hd.turi, hd.rule, CASE WHEN hd.us = 'blocked' THEN 'user_blocked_sender' " \
 	"  WHEN hd.ds = 'blocked' THEN 'user_blocked_domain' WHEN hd.rule_reason IS NOT NULL THEN hd.rule_reason " \
@@ -478,12 +509,8 @@ static const char releasable_sql[] =
 	" SELECT 'policy', CASE ch.state WHEN 'pending' THEN 'policy.allow' ELSE 'policy.deny' END, ch.reason, ch.rule, " \
 	" ch.event_id, ch.turi, '{\"by\": \"sweep\"}'::jsonb FROM ch WHERE ch.state IN ('pending', 'dropped') " \
 	" ORDER BY ch.id), " \
-	"gone AS (UPDATE events e SET content = '{}'::jsonb " \
-	" WHERE e.id IN (SELECT event_id FROM ch WHERE state <> 'pending') " \
-	" AND e.id NOT IN (SELECT event_id FROM ch WHERE state = 'pending') AND NOT EXISTS " \
-	"  (SELECT 1 FROM outbox x WHERE x.event_id = e.id AND x.id NOT IN (SELECT id FROM ch) " \
-	"   AND x.state NOT IN ('dropped', 'expired')) RETURNING e.id), " \
-	RETENTION_FORGET_FILES("(SELECT " RETENTION_ATTS("f") " FROM events f WHERE f.id IN (SELECT id FROM gone))") ", " \
+	CONTENT_GONE("SELECT event_id FROM ch WHERE state <> 'pending' " \
+	" EXCEPT SELECT event_id FROM ch WHERE state = 'pending'") ", " \
 	"cr AS (UPDATE consent_requests SET state = 'expired', decided_at = now() WHERE state = 'pending' " \
 	" AND expires_at < now() " \
 	" AND $2::bigint IS NULL RETURNING id, local_identity_id, remote_identity_id, NULL::text AS reason, " \
@@ -838,10 +865,7 @@ static const char recheck_drop_sql[] =
 	"au AS (INSERT INTO audit_log (actor, action, reason_code, rule_id, event_id, subject, details) "
 	" SELECT 'policy', 'policy.deny', ch.reason, ch.rule, ch.event_id, ch.subject, '{\"by\": \"sweep\"}'::jsonb "
 	" FROM ch ORDER BY ch.id), "
-	"gone AS (UPDATE events e SET content = '{}'::jsonb WHERE e.id IN (SELECT event_id FROM ch) "
-	" AND NOT EXISTS (SELECT 1 FROM outbox x WHERE x.event_id = e.id AND x.id NOT IN (SELECT id FROM ch) "
-	"  AND x.state NOT IN ('dropped', 'expired')) RETURNING e.id), "
-	RETENTION_FORGET_FILES("(SELECT " RETENTION_ATTS("f") " FROM events f WHERE f.id IN (SELECT id FROM gone))") " "
+	CONTENT_GONE("SELECT event_id FROM ch") " "
 	"SELECT count(*), min(reason), coalesce(json_agg(id ORDER BY id), '[]')::text, "
 	" (SELECT coalesce(json_agg(dn.id ORDER BY dn.id), '[]') FROM dn WHERE dn.id NOT IN (SELECT id FROM ch))::text "
 	"FROM ch";

@@ -3513,6 +3513,85 @@ def test_a_users_held_rows_are_read_in_the_one_index_of_them_by_user(make_daemon
             srv.close()
 
 
+def logged_plans(pg, db_url, plan_cache_mode=None):
+    """The daemon's sessions log the plan of every statement (auto_explain);
+    the log's path."""
+    name = db_url.split("?")[0].rsplit("/", 1)[1]
+    pg.psql(f'ALTER DATABASE "{name}" SET session_preload_libraries = \'auto_explain\'')
+    pg.psql(f'ALTER DATABASE "{name}" SET auto_explain.log_min_duration = 0')
+    if plan_cache_mode:
+        pg.psql(f'ALTER DATABASE "{name}" SET plan_cache_mode = {plan_cache_mode}')
+    return os.path.join(pg.dir, "postgresql.log")
+
+
+def plans_since(log, start, marker):
+    time.sleep(0.5)  # the log's last lines written
+    with open(log, encoding="utf-8", errors="replace") as f:
+        f.seek(start)
+        return [p for p in f.read().split("plan:") if marker in p]
+
+
+def fill_outbox(pg, db_url, msg, held, delivered, target, destinations=("peer:zz",)):
+    """Copies of the message msg, each with an outbox row: first the
+    delivered ones, then the held ones (to target, an identity id, now),
+    their destinations in turn; analyzed."""
+    pg.psql("INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
+            "SELECT 'msg_fill' || g, room_id, sender_id, type, content, origin_network, ts "
+            f"FROM events, generate_series(1, {held + delivered}) g WHERE public_id = '{msg}' ORDER BY g", db_url)
+    dests = "ARRAY[%s]" % ",".join(f"'{x}'" for x in destinations)
+    pg.psql("INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state, delivered_at) "
+            f"SELECT e.id, ({dests})[1 + g % {len(destinations)}], {target}, e.room_id, "
+            f" CASE WHEN g > {delivered} THEN 'held' ELSE 'delivered' END, CASE WHEN g <= {delivered} THEN now() END "
+            "FROM events e, CAST(substr(e.public_id, 9) AS int) g WHERE e.public_id LIKE 'msg_fill%' ORDER BY g; "
+            "ANALYZE outbox; ANALYZE events; ANALYZE identities", db_url)
+
+
+def other_user(pg, db_url):
+    return pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network) VALUES "
+                   "('mimi://example.org/u/other', 'example.org', 'other', true, 'matrix') RETURNING id", db_url)
+
+
+@pytest.mark.parametrize("mode", ["force_generic_plan", "force_custom_plan"])
+def test_a_periodic_sweep_that_expires_held_rows_reads_only_theirs(make_daemon, db_url, pg, mode):
+    """A periodic sweep that expires held rows (or drops them) reads their
+    events, senders and users, and to erase the content of their events
+    the other rows of those events, each by index.  Until the fiftieth
+    session the planner, guessing that a sweep decides half of the held
+    rows, hashed the whole of events (twice), identities and outbox and
+    walked outbox's primary key for them: 0.6 s to expire 10 rows at
+    200,000 rows.  Generic and custom plans (the daemon prepares the
+    periodic sweep's statements), logged by auto_explain, over 3,000
+    rows held for another user and 20,000 delivered, analyzed."""
+    log = logged_plans(pg, db_url, mode)
+    d = make_daemon(db_url, options={"policy": {"sweep_interval_ms": "300"}}).start()
+    made = push_peers(d)
+    try:
+        (a, _), _ = made
+        opt_in(d)
+        assert d.admin("PATCH", "/settings", json={"policy.held_expiry_seconds": 3600}).status_code == 200
+        room = dm(a)
+        ids = [send(a, room, f"wait {i}").json()["id"] for i in range(3)]
+        assert [s for _, s in states(pg, db_url, ids)] == ["held"] * 3
+        fill_outbox(pg, db_url, ids[0], 1000, 40000, other_user(pg, db_url))
+        start = os.path.getsize(log)
+        pg.psql("UPDATE outbox SET created_at = now() - interval '2 hours' WHERE event_id IN "
+                "(SELECT id FROM events WHERE public_id IN (%s))" % ",".join(f"'{i}'" for i in ids), db_url)
+        wait_until(lambda: [s for _, s in states(pg, db_url, ids)] == ["expired"] * 3, what="the held rows expired")
+        # No one will receive them now: their content is erased, the others' kept.
+        assert pg.psql("SELECT count(*) FROM events WHERE content = '{}'::jsonb", db_url) == "3"
+        mine = plans_since(log, start, "hd AS (SELECT h.*")
+        assert mine, "no plan of the sweep logged"
+        for p in mine:
+            assert not re.search(r"Seq Scan on (events|outbox)\b", p), p
+            # outbox by its primary key only for the rows decided (ch), never walked.
+            assert all(re.match(r".*\n\s+Index Cond: \(id = ANY", p[m.start():])
+                       for m in re.finditer(r"outbox_pkey on outbox", p)), p
+            assert re.search(r"outbox_event_dest_key on outbox x\b.*\n\s+Index Cond: \(event_id = ", p), p
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
 def test_the_periodic_sweep_reads_no_stored_message_to_find_those_that_expire(make_daemon, db_url, pg):
     """The expiry sweep (with the held messages' sweep, every
     policy.sweep_interval_ms) finds the messages due in events_expires_idx.
