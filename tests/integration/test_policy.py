@@ -3592,6 +3592,46 @@ def test_a_periodic_sweep_that_expires_held_rows_reads_only_theirs(make_daemon, 
             srv.close()
 
 
+def test_the_held_list_of_all_users_reads_only_its_page(make_daemon, db_url, pg):
+    """GET /admin/v1/held without ?user= lists the held rows in id order
+    across destinations, a page at a time, from the held rows of each
+    destination that holds any (found in outbox_state_dest_idx).  Until
+    the fiftieth session every page walked outbox's primary key through
+    every row delivered since the first held one.  Its plans, logged by
+    auto_explain, over 20,000 rows delivered then 1,000 held for another
+    user on three destinations, analyzed."""
+    log = logged_plans(pg, db_url)
+    d = make_daemon(db_url, options={"policy": {"reload_interval_s": "3600"}}).start()
+    made = push_peers(d)
+    try:
+        (a, _), _ = made
+        opt_in(d)
+        room = dm(a)
+        mine = send(a, room, "wait").json()["id"]
+        fill_outbox(pg, db_url, mine, 1000, 20000, other_user(pg, db_url), ("matrix", "xmpp", "peer:zz"))
+        want = pg.psql("SELECT string_agg(e.public_id, ' ' ORDER BY o.id) FROM outbox o JOIN events e "
+                       "ON e.id = o.event_id WHERE o.state = 'held'", db_url).split()
+        assert len(want) == 1001 and want[0] == mine
+        start = os.path.getsize(log)
+        got, after = [], 0
+        while after is not None:
+            r = d.admin("GET", f"/held?limit=100&after={after}")
+            assert r.status_code == 200, r.text
+            got += [h["message"] for h in r.json()["rows"]]
+            after = r.json()["next_after"]
+        assert got == want
+        assert [h["message"] for h in d.admin("GET", f"/held?user={ALICE}").json()["rows"]] == [mine]
+        plans = plans_since(log, start, "'held_since'")
+        assert len(plans) == 12, len(plans)  # 11 pages, then hers
+        for p in plans[:-1]:
+            assert "outbox_pkey" not in p and "Seq Scan on outbox" not in p, p
+            assert re.search(r"Index Only Scan using outbox_state_dest_idx on outbox \w+\b.*\n\s+Index Cond: "
+                             r"\(\(state = 'held'::text\) AND \(destination > ", p), p
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
 def test_the_periodic_sweep_reads_no_stored_message_to_find_those_that_expire(make_daemon, db_url, pg):
     """The expiry sweep (with the held messages' sweep, every
     policy.sweep_interval_ms) finds the messages due in events_expires_idx.
