@@ -1201,8 +1201,10 @@ void policy_admin_consent_requests(struct cw_req *req, void *ctx)
  * (3,240 buffers, 18-37 ms a page at 190,000 delivered rows).
  * outbox_state_dest_idx (state, destination, id) holds them in id
  * order for each destination: the destinations that hold any (a
- * descent each, d) then a page of each from $1, merged (a few
- * destinations: local users' adapters).  Rather than an index more of
+ * descent each, d; its last row is the NULL that ends it, which the
+ * walk of a destination's rows must not be given: a plan walking the
+ * primary key read it all for none) then a page of each from $1,
+ * merged (a few destinations: local users' adapters).  Rather than an index more of
  * held rows (one more entry for every row held). */
 #define HELD_ALL_PAGE                                                                                          \
 	"(WITH RECURSIVE d AS ((SELECT destination FROM outbox WHERE state = 'held' ORDER BY destination LIMIT 1) " \
@@ -1210,7 +1212,7 @@ void policy_admin_consent_requests(struct cw_req *req, void *ctx)
 	"  AND o.destination > d.destination ORDER BY o.destination LIMIT 1) FROM d WHERE d.destination IS NOT NULL) " \
 	" SELECT h.* FROM d CROSS JOIN LATERAL (SELECT id, event_id, target_identity_id, created_at FROM outbox o " \
 	"  WHERE o.state = 'held' AND o.destination = d.destination AND o.id > $1::bigint AND $3::text IS NULL "   \
-	"  ORDER BY o.id LIMIT $2::int) h ORDER BY h.id LIMIT $2::int) x "
+	"  ORDER BY o.id LIMIT $2::int) h WHERE d.destination IS NOT NULL ORDER BY h.id LIMIT $2::int) x "
 /* One user's ($3): a descent of outbox_held_probe_idx by user. */
 #define HELD_USER_PAGE                                                                                         \
 	"(SELECT id, event_id, target_identity_id, created_at FROM outbox o WHERE " OUTBOX_HELD("o") " "            \

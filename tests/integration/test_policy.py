@@ -3513,12 +3513,14 @@ def test_a_users_held_rows_are_read_in_the_one_index_of_them_by_user(make_daemon
             srv.close()
 
 
-def logged_plans(pg, db_url, plan_cache_mode=None):
-    """The daemon's sessions log the plan of every statement (auto_explain);
-    the log's path."""
+def logged_plans(pg, db_url, plan_cache_mode=None, analyze=False):
+    """The daemon's sessions log the plan of every statement (auto_explain;
+    analyze: as run); the log's path."""
     name = db_url.split("?")[0].rsplit("/", 1)[1]
     pg.psql(f'ALTER DATABASE "{name}" SET session_preload_libraries = \'auto_explain\'')
     pg.psql(f'ALTER DATABASE "{name}" SET auto_explain.log_min_duration = 0')
+    if analyze:
+        pg.psql(f'ALTER DATABASE "{name}" SET auto_explain.log_analyze = on')
     if plan_cache_mode:
         pg.psql(f'ALTER DATABASE "{name}" SET plan_cache_mode = {plan_cache_mode}')
     return os.path.join(pg.dir, "postgresql.log")
@@ -3599,8 +3601,10 @@ def test_the_held_list_of_all_users_reads_only_its_page(make_daemon, db_url, pg)
     the fiftieth session every page walked outbox's primary key through
     every row delivered since the first held one.  Its plans, logged by
     auto_explain, over 20,000 rows delivered then 1,000 held for another
-    user on three destinations, analyzed."""
-    log = logged_plans(pg, db_url)
+    user on three destinations, analyzed: each destination's rows are
+    read once a page, and nothing for the NULL that ends the list of
+    destinations (a walk of the primary key read it all for none)."""
+    log = logged_plans(pg, db_url, analyze=True)
     d = make_daemon(db_url, options={"policy": {"reload_interval_s": "3600"}}).start()
     made = push_peers(d)
     try:
@@ -3612,6 +3616,7 @@ def test_the_held_list_of_all_users_reads_only_its_page(make_daemon, db_url, pg)
         want = pg.psql("SELECT string_agg(e.public_id, ' ' ORDER BY o.id) FROM outbox o JOIN events e "
                        "ON e.id = o.event_id WHERE o.state = 'held'", db_url).split()
         assert len(want) == 1001 and want[0] == mine
+        dests = pg.psql("SELECT count(DISTINCT destination) FROM outbox WHERE state = 'held'", db_url)
         start = os.path.getsize(log)
         got, after = [], 0
         while after is not None:
@@ -3627,6 +3632,8 @@ def test_the_held_list_of_all_users_reads_only_its_page(make_daemon, db_url, pg)
             assert "outbox_pkey" not in p and "Seq Scan on outbox" not in p, p
             assert re.search(r"Index Only Scan using outbox_state_dest_idx on outbox \w+\b.*\n\s+Index Cond: "
                              r"\(\(state = 'held'::text\) AND \(destination > ", p), p
+            walks = re.findall(r"Scan using \w+ on outbox o\s.*\(actual [^)]* loops=(\d+)\)", p)
+            assert walks == [dests], (walks, dests, p)
     finally:
         for _, srv in made:
             srv.close()
