@@ -53,11 +53,10 @@ bool xa_command_info(struct xcomp *xc, xmpp_stanza_t *query, const char *node)
 }
 
 /* A presence from one of the component's JIDs to a local user: written now
- * (on the stream's thread) or queued; nick (may be NULL): XEP-0172;
- * avatar_of (may be NULL): the remote user whose avatar's hash goes in it
- * (XEP-0153). */
+ * (on the stream's thread) or queued; nick (may be NULL): XEP-0172.  An
+ * available one of a contact: xa_vcard_presence. */
 static void presence_to(struct xcomp *xc, bool now, const char *from, const char *to, const char *type,
-			const char *nick, const char *avatar_of)
+			const char *nick)
 {
 	xmpp_ctx_t *ctx = now ? xc->ctx : xa_thread_ctx(xc->x);
 	xmpp_stanza_t *p = ctx ? xmpp_presence_new(ctx) : NULL;
@@ -69,8 +68,6 @@ static void presence_to(struct xcomp *xc, bool now, const char *from, const char
 		xmpp_stanza_set_type(p, type);
 	if (nick && *nick)
 		xa_text_child(ctx, p, "nick", NS_NICK, nick);
-	if (avatar_of)
-		xa_vcard_hash(xc, ctx, p, avatar_of, from, to);
 	if (now)
 		xa_send_kept(xc, p); /* a roster change or request is nothing the user asks for again */
 	else
@@ -91,9 +88,9 @@ static bool user_update_allowed(struct xcomp *xc, const char *local, bool *notic
 static void roster_drop(struct xcomp *xc, bool now, const char *remote, const char *local_bare)
 {
 	xa_fanout_forget(xc, remote, local_bare); /* no profile presence of a batch under way after these */
-	presence_to(xc, now, remote, local_bare, "unavailable", NULL, NULL);
-	presence_to(xc, now, remote, local_bare, "unsubscribe", NULL, NULL);
-	presence_to(xc, now, remote, local_bare, "unsubscribed", NULL, NULL);
+	presence_to(xc, now, remote, local_bare, "unavailable", NULL);
+	presence_to(xc, now, remote, local_bare, "unsubscribe", NULL);
+	presence_to(xc, now, remote, local_bare, "unsubscribed", NULL);
 }
 
 /* ------------------------------------------------------------ the job */
@@ -255,6 +252,17 @@ static cw_err peer_address(PGconn *c, struct xconsent *j, cw_errmsg *e)
 	return CW_OK;
 }
 
+cw_err xa_local_uri(const struct xmpp *x, const char *local, char *uri, size_t len, cw_errmsg *e)
+{
+	char raw[MIMI_URI_MAX + 1];
+	snprintf(raw, sizeof(raw), "mimi://%s/u/%s", x->cfg->domain ? x->cfg->domain : "", local);
+	struct mimi_uri u;
+	cw_err rc = mimi_uri_parse(raw, &u, e);
+	if (!rc)
+		mimi_uri_format(&u, uri, len, NULL); /* as identity_id stores it */
+	return rc;
+}
+
 /* list: a read (store_read), as the Matrix bot's.  The user's identity is
  * looked up, not made: a user who has none has nothing to list.  Until
  * the forty-fifth session it ran as a write, which made her identity
@@ -263,16 +271,12 @@ static cw_err peer_address(PGconn *c, struct xconsent *j, cw_errmsg *e)
 static cw_err list_fn(PGconn *c, void *arg, cw_errmsg *e)
 {
 	struct xconsent *j = arg;
-	const struct cw_config *cfg = j->xc->x->cfg;
 	j->note[0] = '\0';
 	j->done = false;
 	char uri[MIMI_URI_MAX + 1];
-	snprintf(uri, sizeof(uri), "mimi://%s/u/%s", cfg->domain ? cfg->domain : "", j->local);
-	struct mimi_uri u;
-	cw_err rc = mimi_uri_parse(uri, &u, e);
+	cw_err rc = xa_local_uri(j->xc->x, j->local, uri, sizeof(uri), e);
 	if (rc)
 		return rc;
-	mimi_uri_format(&u, uri, sizeof(uri), NULL); /* as identity_id stores it */
 	const char *ip[] = { uri };
 	PGresult *r = PQexecParams(c, "SELECT id FROM identities WHERE uri = $1", 1, NULL, ip, NULL, NULL, 0);
 	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
@@ -719,16 +723,16 @@ static void consent_done(void *arg, cw_err rc, const cw_errmsg *e)
 		if (!json_is_string(id) || !xa_remote_jid(j->xc, json_string_value(id), remote, sizeof(remote)))
 			continue;
 		if (j->verb == V_ACCEPT)
-			presence_to(j->xc, false, remote, j->local_bare, "unsubscribe", NULL, NULL);
+			presence_to(j->xc, false, remote, j->local_bare, "unsubscribe", NULL);
 		else
 			roster_drop(j->xc, false, remote, j->local_bare); /* a whole network's block */
 	}
 	if (j->verb == V_SUBSCRIBE && (rc || !j->blocked)) {
 		/* The user adds the contact: it is there. */
-		presence_to(j->xc, false, j->remote_jid, j->local_bare, "subscribed", NULL, NULL);
-		presence_to(j->xc, false, j->remote_jid, j->local_bare, NULL, NULL, j->remote_id); /* with the avatar */
+		presence_to(j->xc, false, j->remote_jid, j->local_bare, "subscribed", NULL);
+		xa_vcard_presence(j->xc, j->remote_id, j->remote_jid, j->local_bare); /* with the avatar */
 	} else if (j->verb == V_SUBSCRIBE) {
-		presence_to(j->xc, false, j->remote_jid, j->local_bare, "unsubscribed", NULL, NULL);
+		presence_to(j->xc, false, j->remote_jid, j->local_bare, "unsubscribed", NULL);
 		xa_notice(j->xc, XA_QUEUED, j->local_bare,
 			  "%s is blocked: adding it to your contacts does not unblock it, and its messages and yours "
 			  "stay refused. To unblock it, use this gateway's accept command.",
@@ -761,7 +765,7 @@ static void consent_start(struct xconsent *j)
 		if (j->iq)
 			command_answer(j->xc, j->iq, j->node, "The gateway's database is away; try again later.", "error");
 		if (j->verb == V_SUBSCRIBE) /* answered as before the check */
-			presence_to(j->xc, false, j->remote_jid, j->local_bare, "subscribed", NULL, NULL);
+			presence_to(j->xc, false, j->remote_jid, j->local_bare, "subscribed", NULL);
 		xconsent_free(j);
 	}
 }
@@ -784,7 +788,7 @@ static void to_nobody(struct xcomp *xc, const char *to, const char *user_bare, c
 		return; /* the other types: silently ignored (§8.5.1) */
 	memcpy(jid, to, n);
 	jid[n] = '\0';
-	presence_to(xc, true, jid, user_bare, "unsubscribed", NULL, NULL);
+	presence_to(xc, true, jid, user_bare, "unsubscribed", NULL);
 }
 
 static bool subscribe_or_probe(const char *type)
@@ -821,11 +825,11 @@ void xa_presence(struct xcomp *xc, xmpp_stanza_t *st)
 		/* the gateway itself as a contact (a full JID of it taken as
 		 * its bare one, RFC 6121 §3.1.3: not nobody, to_nobody) */
 		if (type && strcmp(type, "subscribe") == 0)
-			presence_to(xc, true, xc->domain, bare, "subscribed", NULL, NULL);
+			presence_to(xc, true, xc->domain, bare, "subscribed", NULL);
 		if (type && (strcmp(type, "subscribe") == 0 || strcmp(type, "probe") == 0))
-			presence_to(xc, true, xc->domain, bare, NULL, NULL, NULL);
+			presence_to(xc, true, xc->domain, bare, NULL, NULL);
 		if (type && strcmp(type, "unsubscribe") == 0)
-			presence_to(xc, true, xc->domain, bare, "unavailable", NULL, NULL); /* gone: see below */
+			presence_to(xc, true, xc->domain, bare, "unavailable", NULL); /* gone: see below */
 		return;
 	}
 	struct xconsent *j = calloc(1, sizeof(*j));
@@ -842,7 +846,7 @@ void xa_presence(struct xcomp *xc, xmpp_stanza_t *st)
 		 * "unavailable" from each of the contact's available resources to
 		 * the user), or the user's clients keep showing it online (until
 		 * the twentieth session they did: a review's finding). */
-		presence_to(xc, true, j->remote_jid, bare, "unavailable", NULL, NULL);
+		presence_to(xc, true, j->remote_jid, bare, "unavailable", NULL);
 		free(j);
 		return;
 	}
@@ -852,7 +856,7 @@ void xa_presence(struct xcomp *xc, xmpp_stanza_t *st)
 	}
 	if (strcmp(type, "probe") == 0) {
 		/* The user asks how the contact is: it is there. */
-		presence_to(xc, true, j->remote_jid, bare, NULL, NULL, j->remote_id); /* available, with the avatar */
+		xa_vcard_presence(xc, j->remote_id, j->remote_jid, bare); /* available, with the avatar; none if blocked */
 		free(j);
 		return;
 	}
@@ -1393,7 +1397,7 @@ void xa_requests(struct xcomp *xc, PGconn *c)
 		const char *local = PQgetvalue(r, i, 1);
 		char nick[XA_PEER_NAME_MAX];
 		xa_peer_name(xc, PQgetvalue(r, i, 3), PQgetvalue(r, i, 2), nick, sizeof(nick));
-		presence_to(xc, true, remote, local, "subscribe", nick, NULL);
+		presence_to(xc, true, remote, local, "subscribe", nick);
 		if (PQgetvalue(r, i, 5)[0] == 't') {
 			/* now: kept for a re-send, for it is marked sent below */
 			xa_notice(xc, XA_NOW_KEPT, local,
@@ -1627,7 +1631,7 @@ void xa_roster_sync(struct xcomp *xc, PGconn *c)
 		if (!xa_remote_jid(xc, PQgetvalue(r, i, 1), remote, sizeof(remote)))
 			continue;
 		if (PQgetvalue(r, i, 3)[0] == 'w')
-			presence_to(xc, true, remote, PQgetvalue(r, i, 0), "unsubscribe", NULL, NULL);
+			presence_to(xc, true, remote, PQgetvalue(r, i, 0), "unsubscribe", NULL);
 		else
 			roster_drop(xc, true, remote, PQgetvalue(r, i, 0));
 	}

@@ -306,6 +306,9 @@ enum xa_leave { XA_LEAVE_NONE, XA_LEAVE_ADMIN, XA_LEAVE_COMMAND };
  * xmpp_muc.c calls it once it found the user no invitee to decline). */
 void xa_in_leave(struct xcomp *xc, xmpp_stanza_t *iq, enum xa_leave how, const char *room, const char *local_bare,
 		 const char *local);
+/* The address of the local user whose localpart is local, as her identity
+ * stores it (identities.uri), into uri (len: MIMI_URI_MAX + 1). */
+cw_err xa_local_uri(const struct xmpp *x, const char *local, char *uri, size_t len, cw_errmsg *e);
 /* The local user's bare JID and localpart of a full JID of local_domain, or false. */
 bool xa_local_user(struct xmpp *x, const char *jid, char *bare, size_t blen, char *local, size_t llen);
 /* The remote user's id (unescaped localpart) of a JID of the component, or false. */
@@ -357,10 +360,7 @@ void xa_dead_letters(struct xcomp *xc, PGconn *c);
 
 /* XEP-0054 vcard-temp for a remote user's JID (an iq get, answered from a
  * store reader: the name and avatar the peer gave, POST /v1/profiles, the
- * avatar fetched signed).  XEP-0153: xa_vcard_hash puts the avatar's
- * SHA-1 known for remote_id into a presence (<x xmlns='vcard-temp:x:update'>)
- * and, when it is not known yet, looks (xa_vcard_presence: a presence with
- * it follows to to when there is an avatar). */
+ * avatar fetched signed). */
 void xa_vcard(struct xcomp *xc, xmpp_stanza_t *iq, const char *remote_id);
 /* XEP-0084: a pubsub items ask (an iq get holding pubsub) of a remote JID's
  * avatar nodes, urn:xmpp:avatar:metadata and urn:xmpp:avatar:data, answered
@@ -368,8 +368,17 @@ void xa_vcard(struct xcomp *xc, xmpp_stanza_t *iq, const char *remote_id);
  * presences that carry the hash are followed by the metadata as a PEP
  * notification (a headline). */
 void xa_avatar_items(struct xcomp *xc, xmpp_stanza_t *iq, xmpp_stanza_t *pubsub, const char *remote_id);
-void xa_vcard_hash(struct xcomp *xc, xmpp_ctx_t *ctx, xmpp_stanza_t *presence, const char *remote_id,
-		   const char *remote_jid, const char *to);
+/* The available presence of the remote JID remote_jid (of remote_id) that
+ * answers the local bare JID to (her probe, her subscribe), with the
+ * avatar's SHA-1 known for remote_id (XEP-0153 <x
+ * xmlns='vcard-temp:x:update'>, and its XEP-0084 event) or, when it is
+ * not known yet, without it, a presence with it following when there is
+ * an avatar.  Queued as a fan-out's (xa_fanout_add), so that it goes only
+ * if she does not block the contact (or his network), as the one with
+ * the hash that follows it: until the fiftieth session it went at once,
+ * and a probe of a contact she blocked showed it online, with its avatar
+ * when that was kept.  Any thread. */
+void xa_vcard_presence(struct xcomp *xc, const char *remote_id, const char *remote_jid, const char *to);
 /* Housekeeping of the stream's holder: the peer's users whose profile
  * changed (POST /v1/profiles) since the component's cursor get their avatar
  * fetched again, and each local XMPP user who allowed them a presence with
@@ -384,8 +393,10 @@ void xa_profiles(struct xcomp *xc, PGconn *c);
  * photo's hash: kept here and written a batch at a time by the stream's
  * thread (xa_fanout_queue), so that a remote user's 10,000 contacts do
  * not fill the queue ahead of the messages.  contacts: to are the remote
- * user's contacts (a profile change's); else users the presence answered
- * (a probe, a subscribe).  Any thread. */
+ * user's contacts (a profile change's); else users the presence answers
+ * (a probe, a subscribe: xa_vcard_presence).  photo NULL: not known yet,
+ * the presence without the hash (XEP-0153: no <x/>) and no event.  Any
+ * thread. */
 void xa_fanout_add(struct xcomp *xc, const char *from, const char *remote_id, bool contacts, json_t *to,
 		   json_t *photo);
 /* On the stream's thread: queues the presences and events of up to max

@@ -36,6 +36,12 @@
 #define VCARD_CACHE_BYTES (8u << 20) /* of base64: a peer's 256 large avatars would be 64 MiB */
 #define VCARD_NONE_MAX 4096 /* remote users known to have no avatar (none_put) */
 #define NONE_KEY "" /* the set of those in xc->vcards: no remote id is empty */
+/* Recipients of presences waiting to be written (xa_fanout_left) past
+ * which a presence that answers a user (xa_vcard_presence) is not
+ * queued: a client that probes faster than they are written costs no
+ * more memory than this (a profile change's fan-out stops being read at
+ * FANOUT_BACKLOG, below). */
+#define ANSWERS_BACKLOG 40000
 #define VCARD_TIMEOUT_MS 5000L
 #define VCARD_REFUSED_MS (3600 * 1000L)
 
@@ -107,7 +113,7 @@ static void cache_drop(struct xcomp *xc, const char *remote_id)
  * most VCARD_NONE_MAX, then started again, as when the photos start
  * again: cache_put), until their profile changes
  * (cache_drop), so that a presence of theirs says at once that there is
- * none (xa_vcard_hash).  Until the fiftieth session nothing was kept of
+ * none (xa_vcard_presence).  Until the fiftieth session nothing was kept of
  * them, and each presence that answered a probe of one of them took a
  * file fetcher and a read of the database: a client loading a roster of
  * contacts without avatars took every fetcher for it, the peers' files
@@ -519,20 +525,22 @@ void xa_avatar_items(struct xcomp *xc, xmpp_stanza_t *iq, xmpp_stanza_t *pubsub,
 	ask_start(xc, iq, remote_id, meta ? VASK_META : VASK_DATA, id);
 }
 
-void xa_vcard_hash(struct xcomp *xc, xmpp_ctx_t *ctx, xmpp_stanza_t *presence, const char *remote_id,
-		   const char *remote_jid, const char *to)
+void xa_vcard_presence(struct xcomp *xc, const char *remote_id, const char *remote_jid, const char *to)
 {
 	json_t *photo = cache_get(xc, remote_id, NULL);
-	if (photo) {
-		add_update(ctx, presence, photo);
-		xa_enqueue_stanza(xc, avatar_event(ctx, remote_jid, to, photo));
-		json_decref(photo);
+	bool known = photo || none_has(xc, remote_id);
+	if (!photo && known)
+		photo = json_pack("{s:s}", "url", ""); /* XEP-0153 §3.2: an empty photo, no avatar */
+	json_t *recipient = json_pack("[s]", to);
+	if (recipient && xa_fanout_left(xc) <= ANSWERS_BACKLOG)
+		xa_fanout_add(xc, remote_jid, remote_id, false, recipient, photo);
+	else
+		LOG_KV_LIMITED(CW_LOG_INFO, "xmpp: a contact's presence was not answered: too many presences wait",
+			       "component", xc->domain);
+	json_decref(recipient);
+	json_decref(photo);
+	if (known)
 		return;
-	}
-	if (none_has(xc, remote_id)) {
-		add_update(ctx, presence, NULL); /* XEP-0153 §3.2: an empty photo, no avatar */
-		return;
-	}
 	/* Not known yet: the presence goes without it (XEP-0153: no <x/>, not
 	 * ready to say), and one with it follows when there is an avatar. */
 	struct vjob *j = calloc(1, sizeof(*j));
@@ -647,7 +655,7 @@ static void profiles_waiting(struct xcomp *xc, long long w)
 void xa_fanout_add(struct xcomp *xc, const char *from, const char *remote_id, bool contacts, json_t *to,
 		   json_t *photo)
 {
-	json_t *f = json_pack("{s:s, s:s, s:b, s:O, s:i, s:O}", "from", from, "id", remote_id, "contacts", contacts,
+	json_t *f = json_pack("{s:s, s:s, s:b, s:O, s:i, s:O?}", "from", from, "id", remote_id, "contacts", contacts,
 			      "to", to, "at", 0, "photo", photo);
 	pthread_mutex_lock(&xc->mu);
 	if (!xc->fanouts)
@@ -696,9 +704,12 @@ void xa_fanout_forget(struct xcomp *xc, const char *from, const char *to)
 /* Whether each recipient of picks (n) is still to be told, into go: of
  * a profile change, still a contact of the remote user (she allowed
  * them, as the change's read in xa_profiles found her); of a presence
- * that answered the user (a probe, her subscribe: xa_vcard_hash), not
+ * that answers the user (a probe, her subscribe: xa_vcard_presence), not
  * blocking them (her own decision, else about their network, as
- * xmpp_cmd.c's consent_is reads it).  Her decisions are read each by
+ * xmpp_cmd.c's consent_is reads it; her identity by her binding, else by
+ * her address: until the fiftieth session by her binding alone, and a
+ * user who had only probed and blocked by command was never found to
+ * block anyone).  Her decisions are read each by
  * its own scalar subquery, an index's look-up whatever the statistics
  * say: as an EXISTS, or as joins, the planner hashed every contact of the
  * remote user when it guessed few rows, 40 ms a batch for 9,000 of them.
@@ -706,12 +717,22 @@ void xa_fanout_forget(struct xcomp *xc, const char *from, const char *to)
 static bool fanout_check(struct xcomp *xc, PGconn *c, struct xa_fan_pick *picks, size_t n)
 {
 	json_t *asked = json_array();
-	for (size_t i = 0; asked && i < n; i++)
-		if (json_array_append_new(asked, json_pack("{s:O, s:s, s:O}", "r", json_object_get(picks[i].f, "id"), "b",
-							   picks[i].to, "c", json_object_get(picks[i].f, "contacts")))) {
+	for (size_t i = 0; asked && i < n; i++) {
+		/* her address too, for a presence that answers her: she may
+		 * have no binding yet (only commands and presences of hers
+		 * came, which make none) */
+		json_t *contacts = json_object_get(picks[i].f, "contacts");
+		char bare[XJ_JID_MAX + 1], local[MIMI_LOCAL_MAX + 1], uri[MIMI_URI_MAX + 1] = "";
+		cw_errmsg e;
+		if (!json_is_true(contacts) && xa_local_user(xc->x, picks[i].to, bare, sizeof(bare), local, sizeof(local)) &&
+		    xa_local_uri(xc->x, local, uri, sizeof(uri), &e))
+			uri[0] = '\0';
+		if (json_array_append_new(asked, json_pack("{s:O, s:s, s:O, s:s}", "r", json_object_get(picks[i].f, "id"), "b",
+							   picks[i].to, "c", contacts, "l", uri))) {
 			json_decref(asked);
 			asked = NULL;
 		}
+	}
 	char *text = asked ? json_dumps(asked, JSON_COMPACT) : NULL;
 	json_decref(asked);
 	if (!text || !c) {
@@ -721,13 +742,14 @@ static bool fanout_check(struct xcomp *xc, PGconn *c, struct xa_fan_pick *picks,
 	const char *p[] = { xc->peer, text };
 	PGresult *r = PQexecParams(c,
 		"SELECT t.n FROM jsonb_array_elements($2::jsonb) WITH ORDINALITY t(p, n) JOIN peers pe ON pe.name = $1 "
+		"CROSS JOIN LATERAL (SELECT coalesce((SELECT lb.identity_id FROM identity_bindings lb "
+		"  WHERE lb.network = 'xmpp' AND lb.native_id = t.p->>'b'), "
+		" (SELECT li.id FROM identities li WHERE li.uri = nullif(t.p->>'l', ''))) AS id) l "
 		"CROSS JOIN LATERAL (SELECT "
-		" (SELECT k.state FROM identity_bindings lb JOIN consents k ON k.local_identity_id = lb.identity_id "
-		"  AND k.subject_kind = 'user' AND k.subject = 'mimi://' || pe.domain || '/u/' || (t.p->>'r') "
-		"  WHERE lb.network = 'xmpp' AND lb.native_id = t.p->>'b') AS u, "
-		" (SELECT k.state FROM identity_bindings lb JOIN consents k ON k.local_identity_id = lb.identity_id "
-		"  AND k.subject_kind = 'domain' AND k.subject = pe.domain "
-		"  WHERE lb.network = 'xmpp' AND lb.native_id = t.p->>'b') AS d) s "
+		" (SELECT k.state FROM consents k WHERE k.local_identity_id = l.id "
+		"  AND k.subject_kind = 'user' AND k.subject = 'mimi://' || pe.domain || '/u/' || (t.p->>'r')) AS u, "
+		" (SELECT k.state FROM consents k WHERE k.local_identity_id = l.id "
+		"  AND k.subject_kind = 'domain' AND k.subject = pe.domain) AS d) s "
 		"WHERE CASE WHEN (t.p->>'c')::boolean THEN s.u IS NOT DISTINCT FROM 'allowed' "
 		" ELSE coalesce(s.u, s.d) IS DISTINCT FROM 'blocked' END",
 		2, NULL, p, NULL, NULL, 0);
@@ -812,14 +834,17 @@ size_t xa_fanout_put(struct xcomp *xc, struct xa_fan_pick *picks, size_t n)
 		const char *from = json_string_value(json_object_get(picks[i].f, "from"));
 		json_t *photo = json_object_get(picks[i].f, "photo");
 		xmpp_stanza_t *p = xmpp_presence_new(xc->ctx);
+		bool known = !json_is_null(photo); /* else no <x/> and no event (xa_fanout_add) */
 		if (p) {
 			xmpp_stanza_set_from(p, from);
 			xmpp_stanza_set_to(p, picks[i].to);
-			add_update(xc->ctx, p, photo);
+			if (known)
+				add_update(xc->ctx, p, photo);
 		}
 		pick_text(&picks[i], 0, p);
-		pick_text(&picks[i], 1, avatar_event(xc->ctx, from, picks[i].to, photo));
-		want += 2;
+		if (known)
+			pick_text(&picks[i], 1, avatar_event(xc->ctx, from, picks[i].to, photo));
+		want += known ? 2 : 1;
 	}
 	/* Queued together, or not at all (the queue full: they wait for the
 	 * next turn, as the recipients not taken yet do; until the

@@ -3224,6 +3224,67 @@ def test_a_contact_without_an_avatar_is_known_to_have_none(make_daemon, pg_plann
         srv.close()
 
 
+def test_a_probe_of_a_blocked_contact_is_not_answered_online(make_daemon, db_url, pg, prosody, alice, tmp_path):
+    """A probe of a contact the user blocked is answered nothing (the
+    contact stays offline in her client), whether his avatar is kept or
+    not: the presence that answers a probe passes the same check as the
+    avatar's hash that follows it (not blocked by her, his own block or
+    his network's). Until the fiftieth session the presence went out
+    available at once, and with his avatar's hash and its PEP event when
+    the avatar was kept (a review's finding)."""
+    media = MediaServer(tmp_path, hosts=("media.wa.localhost",))
+    d, a, srv = start_with_gk(make_daemon, db_url, prosody, domain="wa.localhost",
+                              server={"ca_file": media.cert_file, "media_private_addresses": "true"})
+    bob_jid = "bob@" + COMP
+
+    def from_(jid, start):
+        return [el for el in alice.stanzas()[start:] if el.get("from", "").split("/")[0] == jid]
+
+    def probe_wally_then_bob():
+        """wally's answers to a probe: bob (not blocked) probed after him
+        is answered after him (the answers keep their order)."""
+        start = alice.count()
+        alice.send_presence(to=WALLY_JID, ptype="probe")
+        alice.send_presence(to=bob_jid, ptype="probe")
+        p = alice.wait_for_presence(lambda el: el.get("from", "").startswith(bob_jid), start=start)
+        assert p.get("type") is None  # available: the others are answered as before
+        return from_(WALLY_JID, start)
+    try:
+        face = b"\x89PNG\r\n\x1a\n" + os.urandom(3000)
+        url = media.put("/u/wally.png", "image/png", face, host="media.wa.localhost")
+        assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally", "avatar": {
+            "content_type": "image/png", "url": url, "size": len(face)}}).status_code == 200
+        profile_changes_read(pg, db_url)
+        start = alice.count()
+        alice.send_presence(to=WALLY_JID, ptype="probe")
+        p = alice.wait_for_presence(lambda el: el.get("from", "").startswith(WALLY_JID) and el.find(
+            "{vcard-temp:x:update}x/{vcard-temp:x:update}photo") is not None, start=start)
+        assert p.find("{vcard-temp:x:update}x/{vcard-temp:x:update}photo").text == hashlib.sha1(face).hexdigest()
+        assert len(media.requests) == 1  # kept from now on
+        command_submit(alice, "block", {"jid": WALLY_JID})
+        wait_until(lambda: pg.psql("SELECT state FROM consents", db_url) == "blocked", what="the block")
+        alice.ping(COMP)  # the roster drop's presences came before its answer
+        got = probe_wally_then_bob()
+        assert not got, [ET.tostring(el) for el in got]  # neither the presence nor the avatar's event
+        assert len(media.requests) == 1
+        # The same with the avatar not kept (the profile changed since).
+        assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally W", "avatar": {
+            "content_type": "image/png", "url": url, "size": len(face)}}).status_code == 200
+        profile_changes_read(pg, db_url)
+        got = probe_wally_then_bob()
+        assert not got, [ET.tostring(el) for el in got]
+        # Unblocked: answered available again, with the hash.
+        command_submit(alice, "accept", {"jid": WALLY_JID})
+        wait_until(lambda: pg.psql("SELECT state FROM consents", db_url) == "allowed", what="the accept")
+        start = alice.count()
+        alice.send_presence(to=WALLY_JID, ptype="probe")
+        p = alice.wait_for_presence(lambda el: el.get("from", "").startswith(WALLY_JID) and el.find(
+            "{vcard-temp:x:update}x/{vcard-temp:x:update}photo") is not None, start=start)
+        assert p.get("type") is None
+    finally:
+        srv.close()
+
+
 @pytest.mark.parametrize("name, shown", NAMES_SHOWN)
 def test_a_vcards_name_keeps_its_network_in_sight(xd, gk, alice, name, shown):
     """The vCard's FN and NICKNAME of a peer's user are the peer's name for
