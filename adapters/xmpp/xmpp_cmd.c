@@ -1326,15 +1326,18 @@ bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 		}
 	}
 	free(req);
-	if (j->verb != V_LIST && !user_update_allowed(xc, j->local, NULL)) {
-		free(j);
-		xa_send_now(xc, xa_error_reply(iq, "wait", "resource-constraint",
-					       "Too many changes in a short time; try again in a minute."));
-		return true;
-	}
+	/* What the answer needs, before a token is taken: until the
+	 * fiftieth session it was made after, and a command that found
+	 * memory short kept the user's token. */
 	if (!(j->iq = iq_skeleton(xc->ctx, iq, cmd))) {
 		free(j);
 		return false;
+	}
+	if (j->verb != V_LIST && !user_update_allowed(xc, j->local, NULL)) {
+		xconsent_free(j);
+		xa_send_now(xc, xa_error_reply(iq, "wait", "resource-constraint",
+					       "Too many changes in a short time; try again in a minute."));
+		return true;
 	}
 	consent_start(j);
 	return true;
