@@ -1678,6 +1678,7 @@ void xa_free(struct xmpp *x)
 		json_decref(xc->in_flight);
 		pthread_cond_destroy(&xc->written);
 		json_decref(xc->vcards);
+		json_decref(xc->vcard_none);
 		json_decref(xc->fanouts);
 		json_decref(xc->fanout_dropped);
 		json_decref(xc->muc);

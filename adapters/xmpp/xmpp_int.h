@@ -161,6 +161,7 @@ struct xcomp {
 	 * sha1} of the avatar fetched last, under mu. */
 	json_t *vcards;
 	size_t vcard_bytes;             /* their photos' base64, bounded (xmpp_vcard.c), under mu */
+	json_t *vcard_none;             /* remote id -> true: known to have no avatar (xmpp_vcard.c), under mu */
 	/* The presences with a remote user's avatar hash not yet written
 	 * (xa_fanout_add: [{from, to: [bare JID], at, photo}]), and how many
 	 * recipients they have left, under mu. */

@@ -35,7 +35,6 @@
 #define VCARD_CACHE_MAX 256
 #define VCARD_CACHE_BYTES (8u << 20) /* of base64: a peer's 256 large avatars would be 64 MiB */
 #define VCARD_NONE_MAX 4096 /* remote users known to have no avatar (none_put) */
-#define NONE_KEY "" /* the set of those in xc->vcards: no remote id is empty */
 /* Recipients of presences waiting to be written (xa_fanout_left) past
  * which a presence that answers a user (xa_vcard_presence) is not
  * queued: a client that probes faster than they are written costs no
@@ -103,15 +102,16 @@ static void cache_drop(struct xcomp *xc, const char *remote_id)
 	if (xc->vcards) {
 		xc->vcard_bytes -= photo_bytes(json_object_get(xc->vcards, remote_id));
 		json_object_del(xc->vcards, remote_id);
-		json_object_del(json_object_get(xc->vcards, NONE_KEY), remote_id);
 	}
+	json_object_del(xc->vcard_none, remote_id);
 	pthread_mutex_unlock(&xc->mu);
 }
 
 /* The remote users whose profile has no avatar (none, or one of a type
- * not carried: photo_of), kept apart from the photos (a name each, at
- * most VCARD_NONE_MAX, then started again, as when the photos start
- * again: cache_put), until their profile changes
+ * not carried: photo_of), kept apart from the photos (xc->vcard_none:
+ * a name each, at most VCARD_NONE_MAX, then started again, as when the
+ * photos start again: cache_put; earlier in the fiftieth session kept
+ * inside xc->vcards, under the key ""), until their profile changes
  * (cache_drop), so that a presence of theirs says at once that there is
  * none (xa_vcard_presence).  Until the fiftieth session nothing was kept of
  * them, and each presence that answered a probe of one of them took a
@@ -122,22 +122,19 @@ static void cache_drop(struct xcomp *xc, const char *remote_id)
 static void none_put(struct xcomp *xc, const char *remote_id)
 {
 	pthread_mutex_lock(&xc->mu);
-	if (!xc->vcards)
-		xc->vcards = json_object();
-	json_t *none = json_object_get(xc->vcards, NONE_KEY);
-	if (xc->vcards && (!none || json_object_size(none) >= VCARD_NONE_MAX)) {
-		none = json_object();
-		json_object_set_new(xc->vcards, NONE_KEY, none);
+	if (!xc->vcard_none || json_object_size(xc->vcard_none) >= VCARD_NONE_MAX) {
+		json_decref(xc->vcard_none);
+		xc->vcard_none = json_object();
 	}
-	if (none)
-		json_object_set_new(none, remote_id, json_true());
+	if (xc->vcard_none)
+		json_object_set_new(xc->vcard_none, remote_id, json_true());
 	pthread_mutex_unlock(&xc->mu);
 }
 
 static bool none_has(struct xcomp *xc, const char *remote_id)
 {
 	pthread_mutex_lock(&xc->mu);
-	bool has = json_object_get(json_object_get(xc->vcards, NONE_KEY), remote_id) != NULL;
+	bool has = json_object_get(xc->vcard_none, remote_id) != NULL;
 	pthread_mutex_unlock(&xc->mu);
 	return has;
 }
@@ -151,10 +148,9 @@ static void cache_put(struct xcomp *xc, const char *remote_id, json_t *photo)
 	if (xc->vcards) {
 		xc->vcard_bytes -= photo_bytes(json_object_get(xc->vcards, remote_id));
 		json_object_del(xc->vcards, remote_id);
-		json_object_del(json_object_get(xc->vcards, NONE_KEY), remote_id);
 	}
-	size_t kept = xc->vcards ? json_object_size(xc->vcards) - (json_object_get(xc->vcards, NONE_KEY) ? 1 : 0) : 0;
-	if (!xc->vcards || kept >= VCARD_CACHE_MAX || xc->vcard_bytes + n > VCARD_CACHE_BYTES) {
+	json_object_del(xc->vcard_none, remote_id);
+	if (!xc->vcards || json_object_size(xc->vcards) >= VCARD_CACHE_MAX || xc->vcard_bytes + n > VCARD_CACHE_BYTES) {
 		json_decref(xc->vcards);
 		xc->vcards = json_object();
 		xc->vcard_bytes = 0;
