@@ -1575,7 +1575,8 @@ static size_t queue_free_all(struct xcomp *xc, const char *needle, bool *found)
  * longer counts (go false): the blocked contact is not shown online
  * after the drop's "unavailable".  A drop outside a batch keeps
  * nothing. */
-START_TEST(a_profile_fanout_waits_for_room_and_leaves_out_dropped_pairs)
+/* A component up, with nothing queued, for the fan-out's tests. */
+static struct xcomp *fanout_comp(void)
 {
 	struct xmpp *x = calloc(1, sizeof(*x));
 	ck_assert_ptr_nonnull(x);
@@ -1588,6 +1589,21 @@ START_TEST(a_profile_fanout_waits_for_room_and_leaves_out_dropped_pairs)
 	xc->next_seq = 1;
 	xc->wake_fd[0] = xc->wake_fd[1] = -1;
 	xc->state = XC_UP;
+	return xc;
+}
+
+static void fanout_comp_free(struct xcomp *xc)
+{
+	json_decref(xc->fanouts);
+	json_decref(xc->fanout_dropped);
+	pthread_mutex_destroy(&xc->mu);
+	pthread_cond_destroy(&xc->written);
+	free(xc->x);
+}
+
+START_TEST(a_profile_fanout_waits_for_room_and_leaves_out_dropped_pairs)
+{
+	struct xcomp *xc = fanout_comp();
 	const char *wally = "wally@gk.example";
 	json_t *to = json_pack("[s, s, s, s, s]", "a@x.example", "b@x.example", "c@x.example", "d@x.example",
 			       "e@x.example");
@@ -1643,11 +1659,38 @@ START_TEST(a_profile_fanout_waits_for_room_and_leaves_out_dropped_pairs)
 
 	json_decref(to);
 	json_decref(photo);
-	json_decref(xc->fanouts);
-	json_decref(xc->fanout_dropped);
-	pthread_mutex_destroy(&xc->mu);
-	pthread_cond_destroy(&xc->written);
-	free(x);
+	fanout_comp_free(xc);
+}
+END_TEST
+
+/* The presence that answers a user's probe goes as a fan-out's
+ * (xa_vcard_presence), so that it passes the same check: with the
+ * avatar not known yet (photo NULL) it is the presence alone, without
+ * the hash (XEP-0153: no <x/>, not ready to say) and without the PEP
+ * event; known to have none, an empty photo. */
+START_TEST(a_probe_answer_without_a_known_avatar_is_the_presence_alone)
+{
+	struct xcomp *xc = fanout_comp();
+	json_t *to = json_pack("[s]", "a@x.example"), *none = json_pack("{s:s}", "url", "");
+	xa_fanout_add(xc, "wally@gk.example", "wally", false, to, NULL);
+	xa_fanout_add(xc, "wally@gk.example", "wally", false, to, none);
+	struct xa_fan_pick picks[2];
+	memset(picks, 0, sizeof(picks));
+	ck_assert_uint_eq(xa_fanout_take(xc, picks, 1), 1);
+	picks[0].go = true;
+	ck_assert_uint_eq(xa_fanout_put(xc, picks, 1), 1);
+	bool found;
+	ck_assert_uint_eq(queue_free_all(xc, "vcard-temp:x:update", &found), 1); /* no event */
+	ck_assert(!found);
+	memset(picks, 0, sizeof(picks));
+	ck_assert_uint_eq(xa_fanout_take(xc, picks, 2), 1);
+	picks[0].go = true;
+	ck_assert_uint_eq(xa_fanout_put(xc, picks, 1), 1);
+	ck_assert_uint_eq(queue_free_all(xc, "vcard-temp:x:update", &found), 2); /* an empty photo; the event */
+	ck_assert(found);
+	json_decref(to);
+	json_decref(none);
+	fanout_comp_free(xc);
 }
 END_TEST
 
@@ -3061,6 +3104,7 @@ int main(void)
 	tcase_add_test(tc, html_text_property);
 	tcase_add_test(tc, queue_takes_rows_only_while_up);
 	tcase_add_test(tc, a_profile_fanout_waits_for_room_and_leaves_out_dropped_pairs);
+	tcase_add_test(tc, a_probe_answer_without_a_known_avatar_is_the_presence_alone);
 	tcase_add_test(tc, components_take_the_peers_rule);
 	tcase_add_test(tc, config_check_takes_what_the_adapter_needs);
 	tcase_add_test(tc, restricted_xml_is_refused);
