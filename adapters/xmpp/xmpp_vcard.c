@@ -530,7 +530,7 @@ void xa_vcard_presence(struct xcomp *xc, const char *remote_id, const char *remo
 	json_t *recipient = json_pack("[s]", to);
 	if (recipient && xa_fanout_left(xc) <= ANSWERS_BACKLOG)
 		xa_fanout_add(xc, remote_jid, remote_id, false, recipient, photo);
-	else
+	else if (recipient)
 		LOG_KV_LIMITED(CW_LOG_INFO, "xmpp: a contact's presence was not answered: too many presences wait",
 			       "component", xc->domain);
 	json_decref(recipient);
