@@ -6,8 +6,10 @@
 #include "http.h"
 #include "store.h"
 #include <ctype.h>
+#include <errno.h>
 #include <netdb.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <sys/socket.h>
@@ -33,17 +35,33 @@ static PQconninfoOption *parse_url(const char *url, bool *conninfo)
  * any.  Until the fiftieth session's review sslmode=required passed
  * --check-config, and the start then tried the connection again and again
  * for database.startup_timeout_ms (30 s) before it gave up on the
- * parameter's error. */
+ * parameter's error.  An empty value is refused as libpq refuses it, but
+ * for the TLS bounds' (none). */
 static const struct {
 	const char *keyword, *values; /* values: '|'-separated */
-	bool any_case;
+	bool any_case, empty_ok;
 } libpq_enums[] = {
-	{ "sslmode", "disable|allow|prefer|require|verify-ca|verify-full", false },
-	{ "gssencmode", "disable|prefer|require", false },
-	{ "channel_binding", "disable|prefer|require", false },
-	{ "target_session_attrs", "any|read-write|read-only|primary|standby|prefer-standby", false },
-	{ "ssl_min_protocol_version", "TLSv1|TLSv1.1|TLSv1.2|TLSv1.3", true },
-	{ "ssl_max_protocol_version", "TLSv1|TLSv1.1|TLSv1.2|TLSv1.3", true },
+	{ "sslmode", "disable|allow|prefer|require|verify-ca|verify-full", false, false },
+	{ "gssencmode", "disable|prefer|require", false, false },
+	{ "channel_binding", "disable|prefer|require", false, false },
+	{ "target_session_attrs", "any|read-write|read-only|primary|standby|prefer-standby", false, false },
+	{ "ssl_min_protocol_version", "TLSv1|TLSv1.1|TLSv1.2|TLSv1.3", true, true },
+	{ "ssl_max_protocol_version", "TLSv1|TLSv1.1|TLSv1.2|TLSv1.3", true, true },
+};
+
+/* libpq's integer parameters (parse_int_param: an int, strtol's blanks
+ * and sign before it, blanks after; empty is not one).  keepalives_idle,
+ * _interval and _count go to setsockopt on each TCP connection when
+ * keepalives is on (the daemon's default), and Linux takes them only
+ * within tcp_min..tcp_max: a 0 or -1 failed every connection, as the
+ * start's retries ran out ("setsockopt(TCP_KEEPIDLE) failed").  On a Unix
+ * socket libpq does not look at them. */
+static const struct {
+	const char *keyword;
+	long tcp_min, tcp_max; /* 0, 0: any int */
+} libpq_ints[] = {
+	{ "connect_timeout", 0, 0 },	     { "keepalives", 0, 0 },	       { "keepalives_idle", 1, 32767 },
+	{ "keepalives_interval", 1, 32767 }, { "keepalives_count", 1, 127 }, { "tcp_user_timeout", 0, 0 },
 };
 
 static bool one_of(const char *v, const char *values, bool any_case)
@@ -58,20 +76,43 @@ static bool one_of(const char *v, const char *values, bool any_case)
 	return false;
 }
 
+/* v's first n bytes an int as libpq's parse_int_param reads one. */
+static bool libpq_int(const char *v, size_t n, long *out)
+{
+	char buf[64];
+	if (n >= sizeof(buf)) /* blanks around a number that long: not worth taking */
+		return false;
+	memcpy(buf, v, n);
+	buf[n] = '\0';
+	char *end;
+	errno = 0;
+	long x = strtol(buf, &end, 10);
+	if (end == buf || errno || x != (int)x)
+		return false;
+	while (isspace((unsigned char)*end))
+		end++;
+	*out = x;
+	return !*end;
+}
+
+/* The number of a host list's comma-separated values, as libpq counts
+ * them (no quoting). */
+static size_t count_list(const char *v)
+{
+	size_t n = 1;
+	for (; *v; v++)
+		n += *v == ',';
+	return n;
+}
+
 /* Each of a port's comma-separated values (one a host) empty (the
- * default) or a port number, blanks around it (as libpq reads it). */
+ * default) or a port number (libpq's int, 1 to 65535). */
 static bool ports_ok(const char *v)
 {
 	for (const char *p = v;;) {
-		size_t k = strcspn(p, ","), i = 0, end = k;
-		while (i < k && isspace((unsigned char)p[i]))
-			i++;
-		while (end > i && isspace((unsigned char)p[end - 1]))
-			end--;
-		long port = 0;
-		for (; i < end && port <= 65535; i++)
-			port = isdigit((unsigned char)p[i]) ? port * 10 + (p[i] - '0') : 65536;
-		if (end > 0 && (port < 1 || port > 65535))
+		size_t k = strcspn(p, ",");
+		long port;
+		if (k > 0 && (!libpq_int(p, k, &port) || port < 1 || port > 65535))
 			return false;
 		if (!p[k])
 			return true;
@@ -79,22 +120,80 @@ static bool ports_ok(const char *v)
 	}
 }
 
+static const char *param(const PQconninfoOption *parsed, const char *keyword)
+{
+	for (const PQconninfoOption *o = parsed; o && o->keyword; o++)
+		if (strcmp(o->keyword, keyword) == 0)
+			return o->val && *o->val ? o->val : NULL;
+	return NULL;
+}
+
+/* Whether libpq would make a TCP connection to one of the hosts: a
+ * hostaddr, or a host not a socket's directory ('/' or '@' first); none
+ * is the default socket (PGHOST aside). */
+static bool some_tcp(const PQconninfoOption *parsed)
+{
+	if (param(parsed, "hostaddr"))
+		return true;
+	for (const char *p = param(parsed, "host"); p;) {
+		size_t k = strcspn(p, ",");
+		if (k > 0 && *p != '/' && *p != '@')
+			return true;
+		p = p[k] ? p + k + 1 : NULL;
+	}
+	return false;
+}
+
+/* As connectOptions2: as many host names as hostaddr values, and one port
+ * for every host or one per host.  Hosts the URL does not give (PGHOST,
+ * the default socket) are not counted. */
+static cw_err check_hosts(const PQconninfoOption *parsed, cw_errmsg *e)
+{
+	const char *host = param(parsed, "host"), *addr = param(parsed, "hostaddr"), *port = param(parsed, "port");
+	if (!host && !addr)
+		return CW_OK;
+	size_t hosts = count_list(addr ? addr : host);
+	if (host && addr && count_list(host) != hosts)
+		return cw_fail(e, CW_EINVAL, "database.url: host \"%.80s\" has %zu names for %zu hostaddr values (one "
+			       "address per name)", host, count_list(host), hosts);
+	if (port && count_list(port) != 1 && count_list(port) != hosts)
+		return cw_fail(e, CW_EINVAL, "database.url: port \"%.40s\" has %zu values for %zu hosts (one port "
+			       "for all, or one per host)", port, count_list(port), hosts);
+	return CW_OK;
+}
+
 /* The parameters libpq checks only as it connects; their values (never
  * the password's) may be quoted. */
 static cw_err check_params(const PQconninfoOption *parsed, cw_errmsg *e)
 {
+	const char *ka = param(parsed, "keepalives");
+	long on = 1;
+	bool tcp_keepalives = some_tcp(parsed) && (!ka || !libpq_int(ka, strlen(ka), &on) || on != 0);
 	for (const PQconninfoOption *o = parsed; o && o->keyword; o++) {
-		if (!o->val || !*o->val)
+		if (!o->val)
 			continue;
 		if (strcmp(o->keyword, "port") == 0 && !ports_ok(o->val))
 			return cw_fail(e, CW_EINVAL, "database.url: port \"%.40s\" is not a port number (1 to 65535; "
 				       "one per host, comma-separated)", o->val);
 		for (size_t i = 0; i < sizeof(libpq_enums) / sizeof(libpq_enums[0]); i++)
-			if (strcmp(o->keyword, libpq_enums[i].keyword) == 0 && !one_of(o->val, libpq_enums[i].values, libpq_enums[i].any_case))
+			if (strcmp(o->keyword, libpq_enums[i].keyword) == 0 && !(libpq_enums[i].empty_ok && !*o->val) &&
+			    !one_of(o->val, libpq_enums[i].values, libpq_enums[i].any_case))
 				return cw_fail(e, CW_EINVAL, "database.url: %s \"%.40s\" is not one of libpq's values (%s)",
 					       o->keyword, o->val, libpq_enums[i].values);
+		for (size_t i = 0; i < sizeof(libpq_ints) / sizeof(libpq_ints[0]); i++) {
+			long x;
+			if (strcmp(o->keyword, libpq_ints[i].keyword) != 0)
+				continue;
+			if (!libpq_int(o->val, strlen(o->val), &x))
+				return cw_fail(e, CW_EINVAL, "database.url: %s \"%.40s\" is not an integer (libpq takes "
+					       "digits only, a sign and blanks around them)", o->keyword, o->val);
+			if (tcp_keepalives && libpq_ints[i].tcp_max && (x < libpq_ints[i].tcp_min || x > libpq_ints[i].tcp_max))
+				return cw_fail(e, CW_EINVAL, "database.url: %s \"%.40s\" is not within %ld to %ld: the "
+					       "kernel would refuse it on every TCP connection with keepalives on",
+					       o->keyword, o->val, libpq_ints[i].tcp_min, libpq_ints[i].tcp_max);
+		}
 	}
-	return CW_OK;
+	return check_hosts(parsed, e);
 }
 
 cw_err store_check_url(const char *url, cw_errmsg *e)
