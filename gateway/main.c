@@ -20,6 +20,7 @@
 
 #include <errno.h>
 #include <getopt.h>
+#include <limits.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -466,6 +467,33 @@ static cw_err start_files_check(const struct cw_config *c, size_t *migrations, c
 	return CW_OK;
 }
 
+/* Into dir the first directory above path (from its own up to the root)
+ * that every user may write and that has no sticky bit, and its mode:
+ * false if there is none.  A relative path is taken from the working
+ * directory; the directories' own links are followed. */
+static bool open_dir_above(const char *path, char *dir, size_t len, unsigned *mode)
+{
+	char cwd[PATH_MAX];
+	bool rel = path[0] != '/';
+	if (rel && !getcwd(cwd, sizeof(cwd)))
+		return false;
+	int n = snprintf(dir, len, "%s%s%s", rel ? cwd : "", rel ? "/" : "", path);
+	if (n < 0 || (size_t)n >= len)
+		return false;
+	for (char *slash; (slash = strrchr(dir, '/'));) {
+		bool root = slash == dir;
+		slash[root] = '\0';
+		struct stat st;
+		if (stat(dir, &st) == 0 && S_ISDIR(st.st_mode) && (st.st_mode & S_IWOTH) && !(st.st_mode & S_ISVTX)) {
+			*mode = (unsigned)(st.st_mode & 07777);
+			return true;
+		}
+		if (root)
+			return false;
+	}
+	return false;
+}
+
 /* The configuration file's mode.  spec/quality.md: the secrets the daemon
  * uses itself live in files readable only by it, as peer.signing_key_file
  * must be (httpsig.c refuses it otherwise); until the forty-fourth session
@@ -479,6 +507,11 @@ static cw_err start_files_check(const struct cw_config *c, size_t *migrations, c
  * even one the environment sets too (CAUSEWAY_<SECTION>_<NAME>, which
  * wins): until the forty-seventh session's review that was not said, and
  * the file still gave the secret away.
+ * A file in a directory every user may write, without the sticky bit
+ * (o+w, not +t), or under one, or a link into such a place (or in one),
+ * is refused as well: any user may rename it, or the directory it is in,
+ * and put their own in its place, as good as writing it; until the
+ * fiftieth session's review only the file's own mode was looked at.
  * The group is left alone: root:causeway 0640 is the usual install.
  * Returns 0, or 1 after filling why with the warning, or 2 with the
  * refusal. */
@@ -492,6 +525,16 @@ static int config_file_mode(const char *path, const struct cw_config *c, char *w
 		snprintf(why, len, "%s has mode %04o: every user of the host may change it (the database, the admin "
 			 "token's hash); chmod o-w, and keep it readable by the daemon alone when it holds secrets "
 			 "(chmod 600)", path, mode);
+		return 2;
+	}
+	char real[PATH_MAX], dir[PATH_MAX];
+	unsigned dir_mode;
+	bool in_link = false;
+	if (open_dir_above(path, dir, sizeof(dir), &dir_mode) ||
+	    (in_link = realpath(path, real) && open_dir_above(real, dir, sizeof(dir), &dir_mode))) {
+		snprintf(why, len, "%.100s%s%.100s is in %.100s, mode %04o: every user of the host may put another file "
+			 "in its place (the database, the admin token's hash); chmod o-w (or +t) that directory, or keep "
+			 "the file elsewhere", path, in_link ? ", a link to " : "", in_link ? real : "", dir, dir_mode);
 		return 2;
 	}
 	const struct cfg_option *o = c->file_secret;

@@ -896,6 +896,54 @@ def test_a_configuration_file_others_may_write_is_refused_one_they_may_read_with
         assert "hunter2" not in r.stderr and "s3cret" not in r.stderr
 
 
+def test_a_configuration_file_others_may_replace_is_refused(tmp_path):
+    """A file in a directory every user may write (without the sticky bit),
+    or a link into one, or a link in one, is as good as one they may write:
+    any user may rename it and put their own in its place (another
+    database, their own admin token's hash).  Until the fiftieth session's
+    review only the file's own mode was looked at, and such a file was
+    taken."""
+    schema = os.path.join(TOP_SRCDIR, "schema")
+    text = f"[database]\nurl = postgresql://cw:hunter2@127.0.0.1/cw\nschema_dir = {schema}\n"
+    open_dir, safe = tmp_path / "open", tmp_path / "safe"
+    open_dir.mkdir()
+    safe.mkdir()
+    os.chmod(open_dir, 0o777)  # chmod: the umask would take o+w away
+    inside, kept = open_dir / "c.ini", safe / "c.ini"
+    for p in (inside, kept):
+        p.write_text(text)
+        os.chmod(p, 0o600)
+    (safe / "to-open.ini").symlink_to(inside)
+    (open_dir / "to-safe.ini").symlink_to(kept)
+
+    def check(p):
+        return run_causewayd(["--check-config", str(p)], env=key_env(tmp_path))
+
+    for p, said in ((inside, f"{inside} is in {open_dir}, mode 0777: every user of the host may put another "
+                             "file in its place"),
+                    (safe / "to-open.ini", f"{safe}/to-open.ini, a link to {inside} is in {open_dir}, mode 0777"),
+                    (open_dir / "to-safe.ini", f"{open_dir}/to-safe.ini is in {open_dir}, mode 0777")):
+        r = check(p)
+        assert r.returncode == 1 and "configuration valid" not in r.stdout, r.stdout
+        assert said in r.stderr and "chmod o-w (or +t) that directory" in r.stderr, r.stderr
+        assert "hunter2" not in r.stderr
+    # under such a directory too: the directory itself may be renamed
+    (open_dir / "sub").mkdir(mode=0o700)
+    below = open_dir / "sub" / "c.ini"
+    below.write_text(text)
+    os.chmod(below, 0o600)
+    r = check(below)
+    assert r.returncode == 1 and f"{below} is in {open_dir}, mode 0777" in r.stderr, r.stderr
+    # the sticky bit (as /tmp's) keeps others from renaming what is not theirs
+    os.chmod(open_dir, 0o1777)
+    for p in (inside, safe / "to-open.ini", open_dir / "to-safe.ini", below, kept):
+        r = check(p)
+        assert r.returncode == 0 and "configuration valid" in r.stdout and r.stderr == "", r.stderr
+    os.chmod(open_dir, 0o775)  # the group's writing is left alone, as the file's
+    r = check(inside)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
 def test_the_start_and_a_reload_refuse_a_configuration_file_others_may_write(make_daemon, db_url, empty_db_url, pg):
     """The start refuses it before it touches the database, and tells one
     others may read with a secret; a reload refuses it and keeps the
