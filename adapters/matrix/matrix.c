@@ -1038,16 +1038,42 @@ static bool redacts_an_edit(struct txn *t, json_t *ev)
 	"an edit of a message the other side does not have (written before the conversation was bridged, or " \
 	"not delivered itself): write it again as a new message"
 
-static bool edits_unknown(struct txn *t, const json_t *ev)
+/* The event ev edits when it is an edit (an m.room.message m.replace with
+ * m.new_content, not redacted), else NULL.  Points into ev. */
+static const char *edit_target(const json_t *ev)
 {
 	const json_t *content = json_object_get(ev, "content");
 	const json_t *rel = json_object_get(content, "m.relates_to");
 	const char *type = json_string_value(json_object_get(ev, "type"));
 	const char *rt = json_string_value(json_object_get(rel, "rel_type"));
 	const char *target = json_string_value(json_object_get(rel, "event_id"));
-	return type && strcmp(type, "m.room.message") == 0 && rt && strcmp(rt, "m.replace") == 0 && target &&
-	       json_is_object(json_object_get(content, "m.new_content")) &&
-	       !json_object_get(json_object_get(ev, "unsigned"), "redacted_because") && !lookup_ref_or_user(t, target);
+	bool edit = type && strcmp(type, "m.room.message") == 0 && rt && strcmp(rt, "m.replace") == 0 && target &&
+		    json_is_object(json_object_get(content, "m.new_content")) &&
+		    !json_object_get(json_object_get(ev, "unsigned"), "redacted_because");
+	return edit ? target : NULL;
+}
+
+static bool edits_unknown(struct txn *t, const json_t *ev)
+{
+	const char *target = edit_target(ev);
+	return target && !lookup_ref_or_user(t, target);
+}
+
+/* Whether ev is an edit of an edit of its room (stored, or of this
+ * transaction).  Matrix forbids it (an m.replace's target must not be an
+ * edit itself) and its clients ignore it, showing the message as it was;
+ * the lookup lets an edit stand for its message (txn_lookup), so until
+ * the fiftieth session it went to the peer as an edit of the message,
+ * and the two sides showed different texts.  It is refused as invalid
+ * and told to its writer (EDIT_OF_EDIT). */
+#define EDIT_OF_EDIT                                                                                              \
+	"an edit of an edit, which Matrix does not allow (its clients still show the message as it was): edit " \
+	"the message itself"
+
+static bool edits_an_edit(struct txn *t, const json_t *ev)
+{
+	const char *target = edit_target(ev);
+	return target && json_object_get(t->edits, target) && lookup_ref_or_user(t, target);
 }
 
 /* One room event of the transaction into conv (as txn_convert says), or
@@ -1077,6 +1103,13 @@ static void convert_event(struct txn *t, json_t *ev, json_t *conv, json_t *copie
 		LOG_KV_LIMITED(CW_LOG_INFO, "matrix event refused", "event_id",
 			       json_string_value(json_object_get(ev, "event_id")), "detail", "a redaction of an edit");
 		refusal(t->refusals, room, json_string_value(json_object_get(ev, "event_id")), EDIT_REDACTED);
+		return;
+	}
+	if (edits_an_edit(t, ev)) {
+		t->conv_invalid++;
+		LOG_KV_LIMITED(CW_LOG_INFO, "matrix event refused", "event_id",
+			       json_string_value(json_object_get(ev, "event_id")), "detail", "an edit of an edit");
+		refusal(t->refusals, room, json_string_value(json_object_get(ev, "event_id")), EDIT_OF_EDIT);
 		return;
 	}
 	enum mx_in_result res = mx_to_neutral(ev, lookup_ref_or_user, t, &neutral, why, sizeof(why));

@@ -4488,6 +4488,41 @@ EDIT_REDACTED = ("Not delivered: taking back an edit has no form on the other si
                  "message as edited (delete the whole message to take it back there).")
 
 
+def test_an_edit_of_an_edit_is_refused_and_told(mx, hs, gk, pg, db_url):
+    """Matrix forbids an edit (m.replace) whose target is itself an edit,
+    and its clients ignore one, showing the message as it was. The lookup
+    lets an edit stand for its message, so until the fiftieth session such
+    an edit went to the peer as an edit of the message: the peer showed the
+    new text, Matrix the old. Now it is refused and told to its writer,
+    whether the edit it names is stored or of the same transaction; a valid
+    edit after it still goes."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    first = alice.send_text(room, "first")
+    srv.wait_events(1)
+    second = alice.edit(room, first, "second")
+    srv.wait_events(2)
+    base = {"room_id": room, "sender": ALICE_MX, "origin_server_ts": int(time.time() * 1000)}
+    evs = [edit_ev(base, "$ee1", second, "edit of a stored edit"),
+           text_ev(base, "$em2", "m2"), edit_ev(base, "$ee2", "$em2", "m2 edited"),
+           edit_ev(base, "$ee3", "$ee2", "edit of an edit of this transaction"),
+           edit_ev(base, "$ee4", first, "third")]
+    assert as_put(mx, "edit-an-edit", {"events": evs}).status_code == 200
+    told = lambda: [n for n in ghost_notices(hs, room, ghost) if n.startswith("Not delivered")]  # noqa: E731
+    wait_until(lambda: len(told()) >= 2 and len(srv.events) >= 5, what="two notices and the valid events")
+    assert told() == [EDIT_OF_EDIT] * 2, told()
+    got = list(srv.events)
+    bodies = [(e["type"], e["content"]["parts"][0]["body"]) for e in got]
+    assert bodies == [("message", "first"), ("edit", "second"), ("message", "m2"), ("edit", "m2 edited"),
+                      ("edit", "third")], bodies
+    assert got[4]["content"]["replaces"] == got[0]["id"] and got[3]["content"]["replaces"] == got[2]["id"]
+    assert pg.psql("SELECT count(*) FROM events WHERE origin_native_id IN ('$ee1', '$ee3')", db_url) == "0"
+
+
+EDIT_OF_EDIT = ("Not delivered: an edit of an edit, which Matrix does not allow (its clients still show the "
+                "message as it was): edit the message itself.")
+
+
 def test_a_members_change_by_another_never_reaches_the_peer_whoever_else_the_transaction_names(
         mx, hs, gk, pg, db_url):
     """alice's invitation of carol into her direct room with wally, and her
