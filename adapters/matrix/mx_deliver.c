@@ -348,6 +348,8 @@ struct lookup_ctx {
 	PGconn *c;
 	json_t *sent;  /* this batch's deliveries, not recorded yet: [{pid, eid, tg, ...}] */
 	int64_t target; /* the local user whose room the row goes to */
+	struct matrix *m;
+	const char *room, *actor; /* the row's Matrix room, and who sends into it (NULL: the bot) */
 	char out[MX_ID_MAX + 1];
 	bool failed;    /* a lookup could not be made (err says why): the row is tried again */
 	cw_errmsg err;
@@ -356,9 +358,13 @@ struct lookup_ctx {
 /* msg_... -> its Matrix event id in the room of the row's local user: the
  * one it got when delivered to them (a group's message has one per
  * member's portal), or its own when that user sent it from Matrix. */
+static const char *thread_root(struct lookup_ctx *l, const char *event_id);
+
 static const char *to_native(void *arg, const char *msg_id)
 {
 	struct lookup_ctx *l = arg;
+	if (msg_id[0] == '$')
+		return thread_root(l, msg_id);
 	size_t i;
 	json_t *s;
 	json_array_foreach(l->sent, i, s) {
@@ -390,6 +396,47 @@ static const char *to_native(void *arg, const char *msg_id)
 		res = l->out;
 	}
 	PQclear(r);
+	return res;
+}
+
+/* $event (a Matrix event of the row's room: what a reply answers) -> the
+ * root of the thread it is in, as the homeserver gives it to the row's
+ * sender: its m.thread relation (mx_from_neutral puts the reply in that
+ * thread, where Matrix wants a reply to a thread's event; until the
+ * fiftieth session it went to the room's main timeline).  NULL when it is
+ * in none, or the homeserver does not give it (4xx: not to be had); a
+ * homeserver that did not answer (or 5xx, 429) fails the lookup, and the
+ * row is tried again, as when the database did not answer. */
+static const char *thread_root(struct lookup_ctx *l, const char *event_id)
+{
+	char *id = seg(l->m, event_id), what[3 * MX_ID_MAX + 16];
+	if (!id) {
+		cw_fail(&l->err, CW_ENOMEM, "out of memory");
+		l->failed = true;
+		return NULL;
+	}
+	snprintf(what, sizeof(what), "event/%s", id);
+	curl_free(id);
+	long status;
+	json_t *ev = NULL;
+	cw_errmsg e;
+	if (mx_room_call(l->m, "GET", l->room, l->actor, what, NULL, NULL, &status, &ev, &e)) {
+		json_decref(ev);
+		if (status < 400 || status >= 500 || status == 429) {
+			cw_fail(&l->err, CW_EIO, "cannot read the event a reply answers: %s", e.msg);
+			l->failed = true;
+		}
+		return NULL;
+	}
+	const json_t *rel = json_object_get(json_object_get(ev, "content"), "m.relates_to");
+	const char *rt = json_string_value(json_object_get(rel, "rel_type"));
+	const char *root = json_string_value(json_object_get(rel, "event_id"));
+	const char *res = NULL;
+	if (rt && strcmp(rt, "m.thread") == 0 && root && strlen(root) < sizeof(l->out)) {
+		snprintf(l->out, sizeof(l->out), "%s", root);
+		res = l->out;
+	}
+	json_decref(ev);
 	return res;
 }
 
@@ -1736,7 +1783,7 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 		snprintf(html, sizeof(html), "<b>%s</b>: ", localpart);
 		ev = labelled = event_label(ev, text, html);
 	}
-	struct lookup_ctx l = { .c = c, .sent = sent, .target = row->target_id };
+	struct lookup_ctx l = { .c = c, .sent = sent, .target = row->target_id, .m = m, .room = room, .actor = actor };
 	char marker[24];
 	snprintf(marker, sizeof(marker), "%lld", (long long)row->id);
 	struct mx_out out;

@@ -1888,6 +1888,20 @@ static bool fail(struct mx_out *out, char *why, size_t whylen, const char *what)
 	return false;
 }
 
+/* The m.relates_to of a reply to the Matrix event target: in the thread
+ * target is in, when to_native (asked for target itself) names its root:
+ * a reply to a thread's event belongs in the thread (m.thread to the
+ * root, not a fallback, m.in_reply_to target); until the fiftieth session
+ * it went to the room's main timeline.  Else a plain reply. */
+static json_t *reply_relation(mx_lookup_fn to_native, void *ctx, const char *target)
+{
+	char root[MX_ID_MAX + 1];
+	if (lookup_event(to_native, ctx, target, root, sizeof(root)) && strcmp(root, target) != 0)
+		return json_pack("{s:s, s:s, s:b, s:{s:s}}", "rel_type", "m.thread", "event_id", root, "is_falling_back",
+				 0, "m.in_reply_to", "event_id", target);
+	return json_pack("{s:{s:s}}", "m.in_reply_to", "event_id", target);
+}
+
 static bool out_message(const json_t *content, mx_lookup_fn to_native, void *ctx, const char *marker_key,
 			const char *marker_value, struct mx_out *out, char *why, size_t whylen)
 {
@@ -1911,7 +1925,7 @@ static bool out_message(const json_t *content, mx_lookup_fn to_native, void *ctx
 	char target[MX_ID_MAX + 1];
 	const char *reply = str_member(content, "in_reply_to");
 	if (reply && lookup_event(to_native, ctx, reply, target, sizeof(target)))
-		json_object_set_new(c, "m.relates_to", json_pack("{s:{s:s}}", "m.in_reply_to", "event_id", target));
+		json_object_set_new(c, "m.relates_to", reply_relation(to_native, ctx, target));
 	json_object_set_new(c, "m.mentions", json_object());
 	if (!finish_send(out, "m.room.message", c, marker_key, marker_value))
 		return fail(out, why, whylen, MX_WHY_NOMEM);

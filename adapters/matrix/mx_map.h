@@ -99,7 +99,10 @@
  *             formatted_body with format org.matrix.custom.html; emote: a
  *             leading "* " is removed from both; in_reply_to known to
  *             to_native: m.relates_to.m.in_reply_to (no fallback: spec 1.13
- *             dropped them); unknown: sent as a plain message.  A single
+ *             dropped them), in the target's thread when to_native, asked
+ *             for the target's Matrix event id itself, answers the root
+ *             of the thread it is in (m.thread to the root,
+ *             is_falling_back false); unknown: sent as a plain message.  A single
  *             attachment with an mxc:// url becomes m.image/m.video/m.audio/
  *             m.file (by content_type) with the text as caption; other
  *             attachments are listed in the body as "[image: a.jpg] <url>".

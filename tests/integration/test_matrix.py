@@ -4523,6 +4523,39 @@ EDIT_OF_EDIT = ("Not delivered: an edit of an edit, which Matrix does not allow 
                 "message as it was): edit the message itself.")
 
 
+def test_a_peers_reply_to_a_message_in_a_thread_goes_in_the_thread(mx, hs, gk, pg, db_url):
+    """A reply belongs where what it answers is: Matrix puts a reply to an
+    event in a thread in that thread (m.thread to the root, not a
+    fallback, m.in_reply_to the event). The neutral reply names only the
+    message; the adapter reads the thread of its Matrix event from the
+    homeserver. Until the fiftieth session a peer's reply to a message in
+    a thread went to the room's main timeline. A reply to a thread's root,
+    or to a message in no thread, stays a plain reply."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    root = alice.send_text(room, "root")
+    in_thread = alice.send(room, "m.room.message", {
+        "msgtype": "m.text", "body": "in the thread",
+        "m.relates_to": {"rel_type": "m.thread", "event_id": root, "is_falling_back": True,
+                         "m.in_reply_to": {"event_id": root}}})
+    got = srv.wait_events(2)
+    conversation, m_root, m_thread = got[0]["room_id"], got[0]["id"], got[1]["id"]
+    assert got[1]["content"]["in_reply_to"] == m_root, got[1]
+    for k, (body, target) in enumerate((("to the thread", m_thread), ("to the root", m_root))):
+        reply = {"type": "message", "sender": a.user("wally"),
+                 "content": {"in_reply_to": target, "parts": [{"type": "text/plain", "body": body}]}}
+        r = a.call("POST", f"/v1/rooms/{conversation}/messages", reply, idem=f"thread-{k}")
+        assert r.status_code == 202, r.text
+
+    def relation(body):
+        evs = [e for e in hs.events(room) if e["sender"] == ghost and e["content"].get("body") == body]
+        return evs[0]["content"].get("m.relates_to") if evs else None
+    wait_until(lambda: relation("to the thread") and relation("to the root"), what="the ghost's replies")
+    assert relation("to the thread") == {"rel_type": "m.thread", "event_id": root, "is_falling_back": False,
+                                         "m.in_reply_to": {"event_id": in_thread}}, relation("to the thread")
+    assert relation("to the root") == {"m.in_reply_to": {"event_id": root}}, relation("to the root")
+
+
 def test_a_members_change_by_another_never_reaches_the_peer_whoever_else_the_transaction_names(
         mx, hs, gk, pg, db_url):
     """alice's invitation of carol into her direct room with wally, and her
