@@ -372,25 +372,34 @@ bool peer_domain_valid(const char *s)
 	return mimi_domain_check(s, strlen(s), &e) == CW_OK;
 }
 
-bool peer_url_valid(const char *s)
+cw_err peer_url_check(const char *s, cw_errmsg *e)
 {
 	size_t n = strlen(s);
-	if (n > PEER_URL_MAX || (strncmp(s, "https://", 8) != 0 && strncmp(s, "http://", 7) != 0))
-		return false;
+	if (n > PEER_URL_MAX)
+		return cw_fail(e, CW_EINVAL, "push_url is longer than %d bytes", PEER_URL_MAX);
+	if (strncmp(s, "https://", 8) != 0 && strncmp(s, "http://", 7) != 0)
+		return cw_fail(e, CW_EINVAL, "push_url is not an http:// or https:// URL");
 	const char *host = strstr(s, "://") + 3;
 	if (!*host || *host == '/')
-		return false;
+		return cw_fail(e, CW_EINVAL, "push_url has no host");
 	for (const unsigned char *p = (const unsigned char *)s; *p; p++)
 		if (*p <= ' ' || *p >= 0x7f || *p == '#')
-			return false;
+			return cw_fail(e, CW_EINVAL, "push_url has %s at byte %zu (0x%02x)",
+				       *p == '#' ? "a fragment ('#')" : "a byte that is not printable ASCII",
+				       (size_t)(p - (const unsigned char *)s), *p);
 	/* As the dispatcher will push to it: one it rebuilds (a host, a port
 	 * up to 65535, no user or password, which a signed @target-uri
 	 * cannot carry).  Until the thirty-sixth session such a URL was
 	 * taken here and every push to the peer failed until its rows went
 	 * dead, the user:password shown to every viewer meanwhile. */
 	char notify[PEER_URL_MAX + 160];
+	return peer_out_notify_url(s, notify, sizeof(notify), e);
+}
+
+bool peer_url_valid(const char *s)
+{
 	cw_errmsg e;
-	return peer_out_notify_url(s, notify, sizeof(notify), &e) == CW_OK;
+	return peer_url_check(s, &e) == CW_OK;
 }
 
 /* ------------------------------------------------------------ admin API */
@@ -605,6 +614,14 @@ static json_t *peer_row_json(PGresult *r, int i)
 			      "mode", PQgetvalue(r, i, 2), "public_key", PQgetvalue(r, i, 4),
 			      "enabled", PQgetvalue(r, i, 5)[0] == 't', "created_at", PQgetvalue(r, i, 6));
 	json_object_set_new(o, "push_url", PQgetisnull(r, i, 3) ? json_null() : json_string(PQgetvalue(r, i, 3)));
+	/* A push_url stored before its rule (peer_url_check) was held to,
+	 * which nothing is pushed to (its rows wait): what is wrong with it.
+	 * (The URL shown has its user information as ********: a URL with
+	 * one is refused for it as the stored one is.) */
+	cw_errmsg ue;
+	bool bad = !PQgetisnull(r, i, 3) && strcmp(PQgetvalue(r, i, 2), "push") == 0 &&
+		   peer_url_check(PQgetvalue(r, i, 3), &ue) != CW_OK;
+	json_object_set_new(o, "push_url_problem", bad ? json_string(ue.msg) : json_null());
 	json_object_set_new(o, "updated_at", json_string(PQgetvalue(r, i, 7)));
 	json_object_set_new(o, "disabled_at", PQgetisnull(r, i, 8) ? json_null() : json_string(PQgetvalue(r, i, 8)));
 	/* event_types: NULL (every type) or a text[] of bare words, "{a,b}". */

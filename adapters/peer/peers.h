@@ -118,6 +118,9 @@ bool peer_event_type_wanted(const char *types, const char *type);
 /* Validators, shared with the tests (peer_name_valid: peer/event.h). */
 bool peer_domain_valid(const char *s);
 bool peer_url_valid(const char *s);
+/* The same, with what is wrong with s in e (the rule the admin API holds
+ * push_url to: the dispatcher holds a push_url stored before it so too). */
+cw_err peer_url_check(const char *s, cw_errmsg *e);
 /* Whether an Ed25519 public key's encoding is of a small-order point or
  * not canonical (y not below p): no peer may register it. */
 bool peer_key_weak(const unsigned char key[32]);

@@ -194,21 +194,44 @@ def test_a_long_push_urls_failure_says_what_the_peer_answered(make_daemon, db_ur
             srv.close()
 
 
-def test_a_push_url_stored_before_its_check_fails_with_a_reason_that_reads(make_daemon, db_url, pg):
-    """A push_url the admin API refuses now (a user and password: since the
-    thirty-sixth session), kept in the row from before its check, fails
-    each push with a reason that names the peer and the fault once.  Until
-    the fiftieth session the reason was written over the text it quoted,
-    and read "peer tg: peer tg: has a user or password ..."."""
-    d = make_daemon(db_url, options={"dispatcher": {"retry_budget": "1"}}).start()
+def test_a_push_url_stored_before_its_check_waits_untried(make_daemon, db_url, pg):
+    """A push_url the admin API refuses now (a user and password, since the
+    thirty-sixth session; a byte that is not ASCII), kept in the row from
+    before its check: nothing is sent to it, and its rows wait, untried
+    (no attempt counted, never dead), as a disabled peer's do; the log
+    (rate-limited) and GET /admin/v1/peers say which peer and what is
+    wrong with its URL; given a good push_url, the peer gets them.  Until
+    the fiftieth session's review each claim counted a failed try and the
+    rows went dead though nothing was sent (the URL that was not ASCII
+    failed at its signing, "target URI has an invalid byte 0xc3", naming
+    no peer)."""
+    d = make_daemon(db_url, options={"dispatcher": {"retry_budget": "1", "retry_base_ms": "10",
+                                                   "retry_max_ms": "50"}}).start()
     (a, _), (b, sb) = made = push_peers(d)
+    rows = "SELECT string_agg(state || ' ' || attempts, ',') FROM outbox WHERE destination = 'peer:tg'"
+    tries = ("SELECT count(*) FROM delivery_attempts t JOIN outbox o ON o.id = t.outbox_id "
+             "WHERE o.destination = 'peer:tg'")
     try:
-        pg.psql(f"UPDATE peers SET push_url = 'http://u:pw@127.0.0.1:{sb.port}' WHERE name = 'tg'", db_url)
         rm = room(a, b)
-        assert a.send(rm["id"], a.user("alice"), "nowhere to go").status_code == 202
-        err = _first_error(pg, db_url)
-        assert err == "peer tg: push_url has a user or password (a signed URI cannot)", err
-        assert sb.requests == 0
+        bad = [(f"http://u:pw@127.0.0.1:{sb.port}", "push_url has a user or password (a signed URI cannot)"),
+               (f"http://127.0.0.1:{sb.port}/caf\u00e9", "push_url has a byte that is not printable ASCII at byte")]
+        for k, (url, why) in enumerate(bad):
+            pg.psql(f"UPDATE peers SET push_url = '{url}' WHERE name = 'tg'", db_url)
+            start = len(d.records)
+            assert a.send(rm["id"], a.user("alice"), f"nowhere to go {k}").status_code == 202
+            rec = d.wait_for(lambda r: r.get("msg", "").startswith("a push peer's push_url cannot be pushed to"),
+                             timeout=30, start=start)
+            assert rec.get("peer") == "tg" and rec.get("detail", "").startswith(why), rec
+            time.sleep(0.5)  # long enough for the budget of 1 try, were they tried
+            assert pg.psql(rows, db_url) == ",".join(["pending 0"] * (k + 1)), pg.psql(rows, db_url)
+            assert pg.psql(tries, db_url) == "0"
+            shown = [p for p in d.admin("GET", "/peers").json()["peers"] if p["name"] == "tg"][0]
+            assert shown["push_url_problem"].startswith(why), shown
+            assert sb.requests == 0
+        assert d.admin("PATCH", "/peers/tg", json={"push_url": sb.url}).status_code == 200
+        assert d.admin("GET", "/peers/tg").json()["push_url_problem"] is None
+        got = sb.wait_events(2, timeout=30)  # within the rows' wait (10 s) of the last look
+        assert [e["content"]["parts"][0]["body"] for e in got] == ["nowhere to go 0", "nowhere to go 1"], got
     finally:
         for _, srv in made:
             srv.close()
@@ -407,6 +430,45 @@ def test_a_retry_after_met_while_refused_events_are_searched_holds_the_whole_pee
             srv.close()
 
 
+def _refused_batches(d, a, b, sb, pg, db_url, answers):
+    """For each (status, body) of answers: 8 rows in 4 rooms wait (the
+    peer disabled), then go in one batch to a peer that answers every
+    request so; returns, for each, the events of each request it got and
+    the rows that went dead with a reason naming the status (and the
+    problem's code, when its body has one)."""
+    sizes = []  # the events of each request the peer got
+
+    def answer(status):
+        def handle(method, path, headers, body, port):
+            sb.requests += 1
+            sizes.append(len(json.loads(body)["events"]))
+            return status
+        return handle
+    rooms = [room(a, b) for _ in range(4)]
+    q = "SELECT count(*) FROM outbox WHERE destination = 'peer:tg' AND state IN ('pending', 'in_flight')"
+    got = []
+    for status, body in answers:
+        sb._handle = answer(status)
+        sb.answer_body = body
+        del sizes[:]
+        before = pg.psql("SELECT coalesce(max(id), 0) FROM outbox", db_url)
+        assert d.admin("POST", "/peers/tg/disable").status_code == 200  # the rows wait: one batch
+        for rm in rooms:
+            for i in range(2):
+                assert a.send(rm["id"], a.user("alice"), f"{status} {i}").status_code == 202
+        assert d.admin("POST", "/peers/tg/enable").status_code == 200
+        wait_until(lambda: pg.psql(q, db_url) == "0", timeout=60, what=f"the rows answered {status} settled")
+        try:
+            code = json.loads(body).get("code")
+        except ValueError:
+            code = None
+        why = f"%answered {status}" + (f" {code}" if code else "")
+        dead = pg.psql("SELECT count(*) FROM outbox WHERE destination = 'peer:tg' AND state = 'dead' "
+                       f"AND last_error LIKE '{why}' AND id > {before}", db_url)
+        got.append((list(sizes), dead))
+    return got
+
+
 def test_a_refusal_of_the_request_as_a_whole_is_not_searched(make_daemon, db_url, pg):
     """A peer (or the proxy in front of it) that answers every push 421
     Misdirected Request, 426 Upgrade Required or 431 Request Header Fields
@@ -418,30 +480,37 @@ def test_a_refusal_of_the_request_as_a_whole_is_not_searched(make_daemon, db_url
     d = make_daemon(db_url, options={"dispatcher": {"retry_budget": "1", "retry_base_ms": "10",
                                                    "retry_max_ms": "50"}}).start()
     (a, _), (b, sb) = made = push_peers(d)
-    sizes = []  # the events of each request the peer got
-
-    def answer(status):
-        def handle(method, path, headers, body, port):
-            sb.requests += 1
-            sizes.append(len(json.loads(body)["events"]))
-            return status
-        return handle
     try:
-        rooms = [room(a, b) for _ in range(4)]
-        q = "SELECT count(*) FROM outbox WHERE destination = 'peer:tg' AND state IN ('pending', 'in_flight')"
-        for status in (421, 426, 431):
-            sb._handle = answer(status)
-            del sizes[:]
-            assert d.admin("POST", "/peers/tg/disable").status_code == 200  # the rows wait: one batch
-            for rm in rooms:
-                for i in range(2):
-                    assert a.send(rm["id"], a.user("alice"), f"{status} {i}").status_code == 202
-            assert d.admin("POST", "/peers/tg/enable").status_code == 200
-            wait_until(lambda: pg.psql(q, db_url) == "0", timeout=60, what=f"the rows answered {status} settled")
-            assert sizes == [8], (status, sizes)
-            dead = pg.psql("SELECT count(*) FROM outbox WHERE destination = 'peer:tg' AND state = 'dead' "
-                           f"AND last_error LIKE '%answered {status}%'", db_url)
-            assert dead == "8", (status, dead)
+        got = _refused_batches(d, a, b, sb, pg, db_url, [(421, b""), (426, b""), (431, b"")])
+        assert got == [([8], "8")] * 3, got
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
+def test_a_400_whose_problem_is_about_the_request_is_not_searched(make_daemon, db_url, pg):
+    """A 400 whose problem+json code is about the request as a whole (a
+    header the peer will not take: invalid_header, as a peer that runs
+    Causeway answers it; the request's framing, its signature) is not
+    searched for the events refused: each try is one request, its rows'
+    reason names the code.  A 400 about the body (invalid_body), or one
+    whose body says nothing readable, is searched as before.  Until the
+    fiftieth session's review the answer's body was not read, and every
+    400 made each try of a batch of 4 rooms 11 requests (up to 33)."""
+    d = make_daemon(db_url, options={"dispatcher": {"retry_budget": "1", "retry_base_ms": "10",
+                                                   "retry_max_ms": "50"}}).start()
+    (a, _), (b, sb) = made = push_peers(d)
+
+    def problem(code):
+        return json.dumps({"type": "about:blank", "title": "Bad Request", "status": 400,
+                           "detail": "refused", "code": code}).encode()
+    try:
+        got = _refused_batches(d, a, b, sb, pg, db_url, [(400, problem("invalid_header")),
+                                                   (400, problem("bad_signature")),
+                                                   (400, problem("invalid_body")), (400, b"not json")])
+        assert got[0] == ([8], "8") and got[1] == ([8], "8"), got
+        for sizes, dead in got[2:]:  # searched: every row refused alone in the end
+            assert sizes[0] == 8 and len(sizes) > 8 and dead == "8", got
     finally:
         for _, srv in made:
             srv.close()
