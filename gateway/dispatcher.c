@@ -1735,6 +1735,7 @@ static void deliver(struct lane *l, struct outbox_row *rows, size_t n)
 		return;
 	for (size_t x = 0; x < n; x++) {
 		rows[x].outcome = 0;
+		rows[x].code = 0;
 		rows[x].retry_after_ms = 0;
 	}
 	bool local = d->o.local_deliver && strcmp(dest, d->o.local_destination) == 0;
@@ -1751,13 +1752,19 @@ static void deliver(struct lane *l, struct outbox_row *rows, size_t n)
 	 * slows down (slowdown); a delivery ends that.  A 429 that says
 	 * (Retry-After) is waited out as it says and leaves the streak as it
 	 * is (until a review of the thirtieth session's change it lengthened
-	 * it, and the next 429 without one waited base x 2^n). */
+	 * it, and the next 429 without one waited base x 2^n).  A delivery
+	 * is a row the far side took (its code 0 or a 2xx), not one done
+	 * without it (a peer's row of a type it does not take, carried in a
+	 * batch the peer answered 503: code -1 or the status): until the
+	 * fiftieth session's review such a row ended the streak, and a 503
+	 * between 429s made the next one wait retry_base_ms again. */
 	bool limited = false, took = !per_row && (rc == CW_OK || done > 0);
 	for (size_t x = 0; x < n; x++) {
 		limited = limited || (rows[x].retry_after_ms == 0 &&
 				      (per_row ? rows[x].outcome == -1 && rows[x].code == 429
 					       : rc != CW_OK && x >= done && code == 429));
-		took = took || (per_row && rows[x].outcome == 1);
+		took = took || (per_row && rows[x].outcome == 1 &&
+				(rows[x].code == 0 || (rows[x].code >= 200 && rows[x].code <= 299)));
 	}
 	if (limited || took) {
 		long slow = slowdown(d, dest, limited);

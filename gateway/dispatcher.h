@@ -39,7 +39,9 @@ struct outbox_row {
 	 * same room must fail too, or be given back untried (2, 3: the claim
 	 * takes no row of a room with one in flight or backing off, so they
 	 * wait behind it); the dispatcher never lets a room's row overtake
-	 * an earlier one. */
+	 * an earlier one.  A row delivered (1) has code 0 or the 2xx that
+	 * took it; one done without the far side (nothing to send it as),
+	 * -1: it tells nothing of the far side's pace. */
 	int outcome;
 	long code;
 	char why[512];  /* as long as a cw_errmsg */

@@ -741,7 +741,10 @@ cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct ou
 		}
 	}
 	if (k == 0) {
-		*done = n;
+		for (size_t i = 0; i < n; i++) { /* done, nothing sent (dispatcher.h) */
+			rows[i].outcome = 1;
+			rows[i].code = -1;
+		}
 		goto out;
 	}
 	curl_off_t wait_s = 0;
@@ -767,6 +770,7 @@ cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct ou
 		snprintf(s.why, sizeof(s.why), "%s", e->msg);
 		for (size_t i = 0; i < n; i++) {
 			rows[i].outcome = evs[i] ? 0 : 1;
+			rows[i].code = evs[i] ? 0 : -1; /* done, nothing sent (dispatcher.h) */
 			rows[i].retry_after_ms = 0;
 		}
 		isolate(&s, idx, k);
@@ -784,7 +788,7 @@ cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct ou
 		 * it would never have been sent. */
 		for (size_t i = 0; i < n; i++) {
 			rows[i].outcome = evs[i] ? -1 : 1;
-			rows[i].code = *code;
+			rows[i].code = evs[i] ? *code : -1; /* done, nothing sent (dispatcher.h) */
 			snprintf(rows[i].why, sizeof(rows[i].why), "%s", e->msg);
 		}
 	}

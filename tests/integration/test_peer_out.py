@@ -272,6 +272,44 @@ def test_rows_of_a_type_the_peer_does_not_take_are_done_when_their_batch_fails(m
             srv.close()
 
 
+def test_a_503_to_a_batch_with_rows_not_sent_leaves_the_429_slow_down(make_daemon, db_url, pg):
+    """A 429 without Retry-After slows the pace down, retry_base_ms doubling
+    with each one in a row (here 400 ms to 4 s); a delivery ends it, a 503
+    does not.  A 503 to a batch that carried rows of a type the peer does
+    not take (done, not sent: docs/interop-api.md) is no delivery either:
+    the next 429 waits on from the streak (2-4 s), not from its start
+    (0.2-0.4 s).  Until the fiftieth session's review those rows, marked
+    done, ended the streak as if the peer had taken them."""
+    d = make_daemon(db_url, options={"dispatcher": {"retry_base_ms": "400", "retry_max_ms": "4000"}}).start()
+    (a, _), (b, sb) = made = push_peers(d)
+    try:
+        assert d.admin("PATCH", "/peers/tg", json={"event_types": ["message"]}).status_code == 200
+        alice = a.user("alice")
+        r1, r2 = room(a, b)["id"], room(a, b)["id"]
+        first = a.send(r2, alice, "taken").json()["id"]
+        sb.wait_events(1, timeout=30)
+        came = len(sb.answers)
+        sb.script = [(429, None)] * 4 + [(503, None), (429, None)]
+        assert a.send(r1, alice, "slow down").status_code == 202
+        wait_until(lambda: len(sb.answers) >= came + 4, timeout=30, what="four 429s")
+        # the fifth try (1.6-3.2 s after the fourth) carries a receipt, not sent
+        rc = a.call("POST", f"/v1/rooms/{r2}/receipts", {"type": "receipt", "sender": alice,
+                                                          "content": {"in_reply_to": first, "receipt": "read"}})
+        assert rc.status_code == 202, rc.text
+        sb.wait_events(2, timeout=60)
+        answers = sb.answers[came:]
+        assert [st for _, st in answers] == [429] * 4 + [503, 429, 200], answers
+        assert len(sb.events) == 2  # the receipt was not sent
+        gap = answers[6][0] - answers[5][0]
+        assert gap >= 1.9, gap  # 2-4 s: the sixth 429 in a row (with the 503 between), not the first
+        q = ("SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.type = 'receipt' "
+             "AND o.destination = 'peer:tg'")
+        assert pg.psql(q, db_url) == "delivered"
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
 def test_a_retry_after_given_as_a_date_is_obeyed(make_daemon, db_url, pg):
     """Retry-After as an HTTP date (RFC 9110) on a 503: the batch waits
     until then, as for the seconds form."""
