@@ -1199,6 +1199,13 @@ def test_refused_signatures_are_logged_at_most_ten_a_second(make_daemon, db_url)
 
 
 def test_message_errors_change_nothing(daemon, peers, pg, db_url):
+    """Each refusal of a message says what was wrong, with its status and
+    code, and stores nothing.  An event without a sender is 400
+    invalid_body at /sender, as docs/openapi.json has sender required (in
+    a batch, that item alone, at /events/N/event/sender); until the
+    fiftieth session's review it was 403 not_allowed, "sender must be a
+    user of the calling peer's domain", which is the answer to a sender
+    of another domain."""
     (a, _), (b, _) = peers
     rm = room(a, b)
     path = f"/v1/rooms/{rm['id']}/messages"
@@ -1208,7 +1215,7 @@ def test_message_errors_change_nothing(daemon, peers, pg, db_url):
         ("bad room id", "/v1/rooms/bad!/messages", ok, "k", 404, "unknown_room"),
         ("sender of another domain", path, dict(ok, sender=b.user("bob")), "k", 403, "not_allowed"),
         ("sender not a member", path, dict(ok, sender=a.user("mallory")), "k", 403, "not_allowed"),
-        ("no sender", path, {k: v for k, v in ok.items() if k != "sender"}, "k", 403, "not_allowed"),
+        ("no sender", path, {k: v for k, v in ok.items() if k != "sender"}, "k", 400, "invalid_body"),
         ("missing idempotency key", path, ok, None, 400, "invalid_header"),
         ("bad idempotency key", path, ok, "a b", 400, "invalid_header"),
         ("unknown type", path, dict(ok, type="poke"), "k", 400, "invalid_body"),
@@ -1230,6 +1237,15 @@ def test_message_errors_change_nothing(daemon, peers, pg, db_url):
         assert r.json()["code"] == code, (what, r.json())
     r = a.call("POST", path, raw=b"{not json", idem="k")
     assert r.status_code == 400 and r.json()["code"] == "invalid_body"
+    r = a.call("POST", path, {k: v for k, v in ok.items() if k != "sender"}, idem="k")
+    assert r.json()["detail"] == "sender is required. (at /sender)", r.text
+    items = [{"idempotency_key": "s0", "room": rm["uri"], "event": dict(ok, sender=b.user("bob"))},
+             {"idempotency_key": "s1", "room": rm["uri"], "event": {k: v for k, v in ok.items() if k != "sender"}}]
+    r = a.call("POST", "/v1/batch", {"events": items})
+    assert r.status_code == 200, r.text
+    assert [(x["status"], x.get("code"), x.get("detail")) for x in r.json()["results"]] == [
+        ("refused", "not_allowed", "sender must be a user of the calling peer's domain"),
+        ("refused", "invalid_body", "sender is required. (at /events/1/event/sender)")], r.text
     assert pg.psql("SELECT count(*) FROM events", db_url) == "0"
     assert pg.psql("SELECT count(*) FROM outbox", db_url) == "0"
     assert pg.psql("SELECT count(*) FROM idempotency_keys", db_url) == "0"
