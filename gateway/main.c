@@ -956,13 +956,14 @@ int main(int argc, char **argv)
 	dispatcher_stop(app.dispatcher);
 	stop_step(&stop_guard, "the XMPP component");
 	xa_stop(app.xmpp);
-	/* The bot and the ping stop before "stopped" is said, and while the
-	 * store still takes the jobs they may be finishing: until the
-	 * fiftieth session's review they were stopped after it (out_store),
-	 * and a bot or ping thread inside a homeserver request kept the
-	 * process alive past "stopped", its time not in shutdown_ms and the
-	 * stop's guard naming "the last clean-up". */
-	stop_step(&stop_guard, "the Matrix bot and ping");
+	/* The Matrix adapter's threads (the bot, the ping, the media
+	 * workers) stop before "stopped" is said, and while the store still
+	 * takes the jobs they may be finishing: until the fiftieth session's
+	 * review they were stopped after it (out_store, matrix_free), and a
+	 * thread inside a homeserver request (an upload) kept the process
+	 * alive past "stopped", its time not in shutdown_ms and the stop's
+	 * guard naming "the last clean-up". */
+	stop_step(&stop_guard, "the Matrix adapter");
 	matrix_stop(app.matrix);
 	stop_step(&stop_guard, "the fetchers");
 	cw_workers_stop(app.fetchers); /* their requests are answered: before the HTTP front stops */

@@ -78,11 +78,22 @@ cw_err matrix_new(struct matrix **out, struct cw_app *app, cw_errmsg *e)
 	return CW_OK;
 }
 
+/* The adapter's threads, before "stopped" is said (gateway/main.c): the
+ * ping, the bot (its homeserver call in flight ends with its stop:
+ * mx_call_stop_on), then the media workers, whose transfers end once
+ * app->stopping is set (media.h), earlier in the stop, so that their wait
+ * overlaps the bot's.  Until the fiftieth session's review the media
+ * workers were stopped only in matrix_free, after "stopped": an upload in
+ * flight held the process's exit up to a second past it, outside
+ * shutdown_ms.  Nothing queues files after this: the dispatcher, which
+ * alone does (mx_media_lookup), has stopped; a peer's download of a
+ * Matrix file (matrix_media_fetch) is no worker's. */
 void matrix_stop(struct matrix *m)
 {
 	if (m) {
 		mx_ping_stop(m);
 		mx_bot_stop(m);
+		mx_media_stop(m);
 	}
 }
 

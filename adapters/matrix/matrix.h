@@ -26,8 +26,11 @@ void matrix_free(struct matrix *m);
  * (matrix_int.h) are started now, and none is parked any more, so that
  * none holds the drain or stays suspended when the HTTP front stops. */
 void matrix_stop_parking(struct matrix *m);
-/* Stops the bot's thread (matrix_free does too): before the store closes,
- * since what the bot fetches is stored through the store's threads. */
+/* Stops the adapter's threads, the bot's, the ping's and the media
+ * workers' (matrix_free does too): before the store closes, since what
+ * the bot fetches is stored through the store's threads, and before
+ * "stopped" is said.  The dispatcher, which queues the workers' files,
+ * has stopped before. */
 void matrix_stop(struct matrix *m);
 
 /* causewayd --matrix-registration: the registration YAML on out (tokens

@@ -237,6 +237,8 @@ enum mx_rehost mx_media_lookup(struct matrix *m, PGconn *c, int64_t event_id, co
 enum mx_rehost mx_media_ask(struct matrix *m, int64_t event_id, const char *ghost, const char *signer,
 			    const json_t *att, char *why, size_t wlen, cw_errmsg *e);
 void mx_media_start(struct matrix *m);
+/* Stops the media workers and waits for them (a transfer in flight ends
+ * within a second once app->stopping is set); again: nothing. */
 void mx_media_stop(struct matrix *m);
 
 #endif

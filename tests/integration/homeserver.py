@@ -295,6 +295,8 @@ class Homeserver:
         self._remote = {}           # (server, media id) -> the same, other servers' files (remote_media)
         self.media_latency = 0.0    # seconds a download takes before it is answered
         self.downloads_started = 0  # downloads asked for (requests lists them once answered)
+        self.upload_latency = 0.0   # seconds an upload takes before it is answered (a large file, a slow disk)
+        self.uploads_started = 0    # uploads taken in (requests lists them once answered)
         self.registration = registration if registration is not None else {}
         self.legacy_paths = legacy_paths
         self.token_in_query = token_in_query
@@ -646,6 +648,10 @@ class Homeserver:
         if len(req.raw) > self.max_upload_size:
             raise MatrixError(413, "M_TOO_LARGE", "Cannot upload files larger than the configured limit")
         name = req.query.get("filename", [None])[0]
+        with self._lock:
+            self.uploads_started += 1
+        if self.upload_latency:
+            time.sleep(self.upload_latency)
         return 200, {"content_uri": self.upload(req.user_id, req.raw, ctype, name)}
 
     def _serve(self, server, media_id):

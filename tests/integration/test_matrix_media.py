@@ -1112,6 +1112,49 @@ def test_a_slow_homeserver_does_not_hold_up_the_shutdown(make_daemon, db_url, hs
         srv.close()
 
 
+def test_a_stop_while_a_file_is_uploaded_to_a_slow_homeserver_is_at_once(make_daemon, db_url, hs, media):
+    """A peer's file is being uploaded to the homeserver, which takes 10 s
+    to answer, when SIGTERM comes: the media worker's upload ends with the
+    stop (its transfer looks at the stop at least once a second), the
+    process exits at once, and the worker has ended before "stopped" is
+    said, the last thing before the exit (the sanitizers' leak check off
+    here, as in test_daemon.py::test_the_process_exits_at_once_after_stopped).
+    Until the fiftieth session's review the media workers were stopped
+    only after "stopped": an upload in flight kept the process alive past
+    it, up to a second, outside shutdown_ms."""
+    env = {"ASAN_OPTIONS": os.environ.get("ASAN_OPTIONS", "") + ":detect_leaks=0"}
+    port = free_port()
+    hs.registration["url"] = f"http://127.0.0.1:{port}"
+    d = make_daemon(db_url, env=env,
+                    options={"server": {"port": str(port), "ca_file": media.cert_file, "media_max_bytes": str(MAX),
+                                        "media_private_addresses": "true"},
+                             "matrix": {"homeserver_url": hs.url, "as_token": AS_TOKEN, "hs_token": HS_TOKEN}}).start()
+    a, srv = add_peer(d, "gk", "wa.localhost")
+    try:
+        consent_alice(d, subject="mimi://wa.localhost/u/wally")
+        hs.create_user("alice")
+        room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+        cat = b"\x89PNG\r\n\x1a\n" + os.urandom(3000)
+        url = media.put("/f/cat.png", "image/png", cat, host="media.wa.localhost")
+        hs.upload_latency = 10
+        send_file(a, room, "a cat", attachment(url, cat), "f1")
+        wait_until(lambda: hs.uploads_started > 0, what="the upload")
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        d.signal(signal.SIGTERM)
+        assert d.wait_exit(30) == 0, d.log()[-3000:]
+        exit_ms = (time.monotonic() - t0) * 1000
+        stopped = d.wait_for(lambda r: r.get("msg") == "stopped")
+    finally:
+        hs.upload_latency = 0
+        srv.close()
+    extra = exit_ms - float(stopped["shutdown_ms"])
+    assert exit_ms < 3500, exit_ms  # not the homeserver's 10 s, nor the upload's 30 s timeout
+    assert extra < 150, f"the process exited {extra:.0f} ms after its stop was said done ({stopped})"
+    assert not any(r.get("msg", "").startswith("the stop took too long") for r in d.records)
+    assert ghost_messages_now(hs) == []  # the message waited for its file: it goes at the next start
+
+
 def test_several_files_go_as_several_events_in_order_and_once(mx, hs, gk, media):
     """A Matrix event holds one file: the files before the last go first,
     each as an event of its own, and the row's event carries the last one
