@@ -296,6 +296,9 @@ class Homeserver:
         self.media_latency = 0.0    # seconds a download takes before it is answered
         self.downloads_started = 0  # downloads asked for (requests lists them once answered)
         self.upload_latency = 0.0   # seconds an upload takes before it is answered (a large file, a slow disk)
+        # False: every answer closes its connection (Connection: close, as
+        # some proxies do), so no client's request goes on a kept-alive one.
+        self.keep_alive = True
         self.uploads_started = 0    # uploads taken in (requests lists them once answered)
         self.registration = registration if registration is not None else {}
         self.legacy_paths = legacy_paths
@@ -419,6 +422,8 @@ class Homeserver:
                     return
                 if isinstance(answer, RawBody):
                     self.send_response(status)
+                    if not outer.keep_alive:
+                        self.send_header("Connection", "close")
                     self.send_header("Content-Type", answer.content_type)
                     self.send_header("Content-Disposition", answer.disposition)
                     self.send_header("Content-Length", str(len(answer.data)))
@@ -427,6 +432,8 @@ class Homeserver:
                     return
                 data = json.dumps(answer).encode()
                 self.send_response(status)
+                if not outer.keep_alive:
+                    self.send_header("Connection", "close")
                 if status == 429 and isinstance(answer.get("retry_after_ms"), int):
                     self.send_header("Retry-After", str(math.ceil(answer["retry_after_ms"] / 1000)))
                 self.send_header("Content-Type", "application/json")
