@@ -1150,7 +1150,7 @@ def test_a_stop_while_a_file_is_uploaded_to_a_slow_homeserver_is_at_once(make_da
         srv.close()
     extra = exit_ms - float(stopped["shutdown_ms"])
     assert exit_ms < 3500, exit_ms  # not the homeserver's 10 s, nor the upload's 30 s timeout
-    assert extra < 150, f"the process exited {extra:.0f} ms after its stop was said done ({stopped})"
+    assert extra < 300, f"the process exited {extra:.0f} ms after its stop was said done ({stopped})"
     assert not any(r.get("msg", "").startswith("the stop took too long") for r in d.records)
     assert ghost_messages_now(hs) == []  # the message waited for its file: it goes at the next start
 
