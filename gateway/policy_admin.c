@@ -1291,7 +1291,9 @@ void policy_admin_reports_list(struct cw_req *req, void *ctx)
 #define REPORT_SEEN(X)                                                                                            \
 	X ".sender_id = (SELECT id FROM him) AND " X ".type = 'message' AND EXISTS (SELECT 1 FROM outbox o "  \
 	"WHERE o.event_id = " X ".id AND o.target_identity_id = me.id AND o.state = 'delivered' OFFSET 0)"
-/* The evidence report_sql stores, a text[]: $6's ids as given, or, for
+/* The evidence report_sql stores, a text[]: $6's ids as given, each once
+ * in the order of its first mention (until the fiftieth session a
+ * repeated id was stored and shown as often as it was given), or, for
  * a local user's report with no evidence of its own ($14 true, $6 NULL),
  * the public ids of the last REPORT_EVIDENCE_MAX messages the subject
  * sent her (REPORT_SEEN), the one her command points at first ($15,
@@ -1314,7 +1316,8 @@ void policy_admin_reports_list(struct cw_req *req, void *ctx)
 	"  CROSS JOIN LATERAL (SELECT r.id, r.public_id FROM (SELECT id, public_id, sender_id, type FROM events "   \
 	"   WHERE room_id = a.room_id ORDER BY id DESC LIMIT " REPORT_EVIDENCE_SCAN ") r "                          \
 	"   WHERE " REPORT_SEEN("r") " ORDER BY r.id DESC LIMIT " REPORT_EVIDENCE_MAX ") x) "                       \
-	"SELECT CASE WHEN $6::jsonb IS NOT NULL THEN ARRAY(SELECT jsonb_array_elements_text($6::jsonb)) "          \
+	"SELECT CASE WHEN $6::jsonb IS NOT NULL THEN ARRAY(SELECT v FROM jsonb_array_elements_text($6::jsonb) "   \
+	"  WITH ORDINALITY AS g(v, i) GROUP BY v ORDER BY min(i)) "                                                 \
 	"  ELSE ARRAY(SELECT s.public_id FROM (SELECT DISTINCT ON (id) k, id, public_id FROM seen ORDER BY id, k) s " \
 	"  ORDER BY s.k, s.id DESC LIMIT " REPORT_EVIDENCE_MAX ") END"
 /* Every report, however it arrives, in one statement (so that a bot's

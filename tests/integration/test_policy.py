@@ -1783,6 +1783,27 @@ def three_reports_of_wally(daemon, a):
     return r.json()
 
 
+def test_evidence_given_twice_is_stored_once(daemon, peers, pg, db_url):
+    """A report's evidence names each message once: an id given twice (a
+    client adding the same message again) is stored and answered once, in
+    the order of its first mention, by the operator's POST /reports and a
+    peer's POST /v1/reports alike.  The schema does not ask the ids to be
+    unique, so such a list is taken, not refused.  Until the fiftieth
+    session it was stored as given, and the operator read one message as
+    two pieces of evidence."""
+    (a, _), _ = peers
+    r = daemon.admin("POST", "/reports", json={"subject": a.user("wally"), "reason": "spam",
+                                               "evidence": ["msg_b", "msg_a", "msg_b", "msg_a", "msg_c"]})
+    assert r.status_code == 201 and r.json()["evidence"] == ["msg_b", "msg_a", "msg_c"], r.text
+    r = a.call("POST", "/v1/reports", {"reporter": a.user("wally"), "subject": ALICE, "reason": "spam",
+                                       "evidence": ["msg_x2", "msg_x2"]})
+    assert r.status_code == 202, r.text
+    assert pg.psql("SELECT string_agg(array_to_string(evidence_public_ids, ','), ' ' ORDER BY id) FROM reports",
+                   db_url) == "msg_b,msg_a,msg_c msg_x2"
+    listed = daemon.admin("GET", "/reports").json()["rows"]
+    assert sorted(len(x["evidence"]) for x in listed) == [1, 3], listed
+
+
 def report_wally(daemon, a):
     """Three reporters (the threshold) report wally: his automatic rule
     (policy.report_limit_messages_per_minute set to 10), in force here
