@@ -46,6 +46,8 @@ struct aq {
 			         policy_consent_apply before the statement, which only builds the answer */
 	char local_id[24];    /* the local user's id (local >= 0), once resolved */
 	bool known_only;      /* local: a user not known is not made; the change is then a no-op */
+	bool rule_record;     /* a rule's change: its audit record names the rule (rule_id, the
+			         answer's id) */
 	bool noop;            /* known_only and the user is not known: answered, not audited */
 	bool not_policy;      /* a change of nothing the policy reads (a report's handling, a report
 			         that made no limit): no NOTIFY, no wait for this process's reload */
@@ -222,11 +224,14 @@ static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		return CW_OK;
 	}
 	if (q->action && !q->noop) {
-		char *details = json_dumps(body, JSON_COMPACT);
+		char *details = json_dumps(body, JSON_COMPACT), rule[24] = "";
+		json_t *id = q->rule_record ? json_object_get(body, "id") : NULL;
+		if (json_is_integer(id))
+			snprintf(rule, sizeof(rule), "%lld", (long long)json_integer_value(id));
 		const char *ap[] = { q->action, q->subject >= 0 ? q->p[q->subject] : NULL, details ? details : "{}",
-				     admin_actor(j->req) };
-		r = PQexecParams(c, "INSERT INTO audit_log (actor, action, subject, details) VALUES ($4, $1, $2, "
-				    "$3::jsonb)", 4, NULL, ap, NULL, NULL, 0);
+				     admin_actor(j->req), rule[0] ? rule : NULL };
+		r = PQexecParams(c, "INSERT INTO audit_log (actor, action, subject, details, rule_id) VALUES ($4, $1, "
+				    "$2, $3::jsonb, $5::bigint)", 5, NULL, ap, NULL, NULL, 0);
 		free(details);
 		if ((rc = store_check(c, r, PGRES_COMMAND_OK, e))) {
 			json_decref(body);
@@ -721,6 +726,7 @@ void policy_admin_rule_create(struct cw_req *req, void *ctx)
 	q->none_detail = "a rule with that scope and pattern exists and has not expired: change it (PATCH "
 			 "/admin/v1/rules/{id}) or delete it first";
 	q->action = "rule.create";
+	q->rule_record = true;
 	q->subject = 1;
 	aq_run(ctx, req, q);
 }
@@ -797,6 +803,7 @@ void policy_admin_rule_update(struct cw_req *req, void *ctx)
 	q->none_status = 409;
 	q->none_detail = "the change would leave the rule with neither a mode nor a limit (in_addition alone sets none)";
 	q->action = "rule.update";
+	q->rule_record = true;
 	q->subject = 0;
 	aq_run(ctx, req, q);
 }
@@ -811,6 +818,7 @@ void policy_admin_rule_delete(struct cw_req *req, void *ctx)
 		aq_param(q, id);
 		q->none_detail = "no rule with that id";
 		q->action = "rule.delete";
+		q->rule_record = true;
 		q->subject = 0;
 	}
 	aq_run(ctx, req, q);
@@ -1331,9 +1339,15 @@ void policy_admin_reports_list(struct cw_req *req, void *ctx)
  * mode an operator gave it meanwhile, a deny say, is not brought back with
  * it, as it was until the thirty-ninth session) and never over an
  * operator's; the audit record (report.create, the answer as its
- * details); and, when a rule was made, NOTIFY causeway_policy (every
- * process reloads).  Reporters, not reports, reach the threshold: one
- * user reporting again and again must not be able to limit anyone.  A
+ * details) and, when a rule was made, the rule's own after it
+ * (rule.create, rule_id the rule, the rule and the report's id as its
+ * details, its actor system:reports, the rule's created_by, as an
+ * operator's rule's record has the operator's name: until the fiftieth
+ * session the rule was named in the report's details alone, and the
+ * rule.* records of the audit log had no trace of it); and, when a rule
+ * was made, NOTIFY causeway_policy (every process reloads).  Reporters,
+ * not reports, reach the threshold: one user reporting again and again
+ * must not be able to limit anyone.  A
  * report the operator dismissed (report_dismiss_fn) is not counted:
  * judged unfounded, it must not help limit anyone (until the fortieth
  * session there was no dismissal, and every report counted).  The
@@ -1363,12 +1377,16 @@ static const char report_sql[] =
 	"  FROM cnt WHERE $9::bigint > 0 AND who_n >= $9::bigint AND NOT $12::boolean "
 	"  ON CONFLICT (scope, pattern) DO UPDATE SET mode = NULL, limits = excluded.limits, "
 	"  comment = excluded.comment, enabled = true, updated_at = now(), expires_at = excluded.expires_at "
-	"  WHERE rules.created_by = 'system:reports' AND rules.expires_at <= now() RETURNING id), "
+	"  WHERE rules.created_by = 'system:reports' AND rules.expires_at <= now() RETURNING *), "
 	"ans AS (SELECT json_build_object('id', (SELECT id FROM rep), 'subject', $4::text, "
 	"  'reports_in_window', (SELECT n FROM cnt), 'reporters_in_window', (SELECT who_n FROM cnt), "
 	"  'limit_rule_id', (SELECT id FROM lim), 'evidence', (SELECT to_json(evidence_public_ids) FROM rep)) AS a), "
-	"aud AS (INSERT INTO audit_log (actor, action, subject, details) "
-	"  SELECT coalesce($13, 'user:' || $2), 'report.create', $4, a::jsonb FROM ans) "
+	"aud AS (INSERT INTO audit_log (actor, action, rule_id, subject, details) "
+	"  SELECT x.actor, x.action, x.rule_id, $4, x.d FROM ("
+	"  SELECT 0 AS k, coalesce($13, 'user:' || $2) AS actor, 'report.create' AS action, NULL::bigint AS rule_id, "
+	"  a::jsonb AS d FROM ans "
+	"  UNION ALL SELECT 1, 'system:reports', 'rule.create', id, " RULE_JSON "::jsonb "
+	"  || jsonb_build_object('report', (SELECT id FROM rep)) FROM lim) x ORDER BY x.k) "
 	"SELECT a::text, (SELECT count(pg_notify('causeway_policy', '')) FROM lim) FROM ans";
 
 /* The subject a report is stored under, into out (MIMI_URI_MAX + 1

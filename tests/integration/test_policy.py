@@ -1783,6 +1783,47 @@ def three_reports_of_wally(daemon, a):
     return r.json()
 
 
+def test_an_automatic_limit_is_audited_as_a_rule_creation(daemon, peers, pg, db_url):
+    """The automatic limit a report makes has its own rule.create record,
+    after the report's, in the same statement: actor system:reports (the
+    rule's created_by, as an operator's rule's record has her name),
+    rule_id the rule, the rule and the report's id as details; so GET
+    /audit?action=rule. (the console's rule history) shows it, and made
+    again over its expired self it is recorded again.  Until the fiftieth
+    session it was named in the report.create's details alone.  An
+    operator's rule.* records name their rule (rule_id) too."""
+    (a, _), _ = peers
+    wally = a.user("wally")
+    made = three_reports_of_wally(daemon, a)
+    rule = made["limit_rule_id"]
+    assert rule is not None
+    rows = daemon.admin("GET", "/audit?action=rule.").json()["rows"]
+    assert [(x["actor"], x["action"], x["rule_id"], x["subject"]) for x in rows] == [
+        ("system:reports", "rule.create", rule, wally)], rows
+    details = rows[0]["details"]
+    assert details.pop("report") == made["id"], details
+    assert details == daemon.admin("GET", f"/rules/{rule}").json(), details
+    assert pg.psql("SELECT string_agg(action, ' ' ORDER BY id) FROM audit_log WHERE subject = '%s'" % wally,
+                   db_url) == "report.create report.create report.create rule.create"
+    # Reports without a limit: no rule record.
+    r = daemon.admin("POST", "/reports", json={"subject": wally, "reason": "spam"})
+    assert r.status_code == 201 and r.json()["limit_rule_id"] is None, r.text
+    assert len(daemon.admin("GET", "/audit?action=rule.").json()["rows"]) == 1
+    # Made again over its expired self: recorded again, with the same id.
+    pg.psql("UPDATE rules SET expires_at = now() - interval '1 second' WHERE id = %d" % rule, db_url)
+    again = daemon.admin("POST", "/reports", json={"subject": wally, "reason": "spam"}).json()
+    assert again["limit_rule_id"] == rule, again
+    rows = daemon.admin("GET", "/audit?action=rule.create&actor=system:reports").json()["rows"]
+    assert [(x["rule_id"], x["details"]["report"]) for x in rows] == [(rule, made["id"]), (rule, again["id"])]
+    # The operator's rule records name their rule too.
+    op = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "tg.example", "mode": "deny"}).json()
+    assert daemon.admin("PATCH", f"/rules/{op['id']}", json={"mode": "open"}).status_code == 200
+    assert daemon.admin("DELETE", f"/rules/{op['id']}").status_code == 200
+    rows = daemon.admin("GET", "/audit?action=rule.&actor=admin:config").json()["rows"]
+    assert [(x["action"], x["rule_id"]) for x in rows] == [
+        ("rule.create", op["id"]), ("rule.update", op["id"]), ("rule.delete", op["id"])], rows
+
+
 def test_evidence_given_twice_is_stored_once(daemon, peers, pg, db_url):
     """A report's evidence names each message once: an id given twice (a
     client adding the same message again) is stored and answered once, in
