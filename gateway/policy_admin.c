@@ -46,9 +46,14 @@ struct aq {
 			         policy_consent_apply before the statement, which only builds the answer */
 	char local_id[24];    /* the local user's id (local >= 0), once resolved */
 	bool known_only;      /* local: a user not known is not made; the change is then a no-op */
+	bool noop;            /* known_only and the user is not known, or a repeat (repeat_col,
+			         consent_repeat): answered, not audited, nothing reloaded */
+	bool repeat_col;      /* the statement's second column says whether it changed anything: false
+			         is a repeat of the state stored (an opt-in or settings as they are),
+			         answered as a change is, with no audit record and no NOTIFY, as a
+			         token's or a peer's repeat is */
 	bool rule_record;     /* a rule's change: its audit record names the rule (rule_id, the
 			         answer's id) */
-	bool noop;            /* known_only and the user is not known: answered, not audited */
 	bool not_policy;      /* a change of nothing the policy reads (a report's handling, a report
 			         that made no limit): no NOTIFY, no wait for this process's reload */
 	bool peer_subject;    /* consent: its subject ($3, kind $2) must be of a peer's domain, asked
@@ -156,6 +161,34 @@ static cw_err network_of_peer(PGconn *c, struct app_job *j, const char *network,
 	return CW_OK;
 }
 
+/* Whether a consent change (local user local_id, kind, subject, state)
+ * repeats what is stored (*same): the state she has for that subject
+ * (none: no consent stored), and no pending request of that pair for it
+ * to decide.  Such a repeat is answered as a change (nothing released,
+ * dropped or decided), with no audit record and no reload, the consent's
+ * source and updated_at kept, as a token's or a peer's repeat is; until
+ * the fiftieth session each was applied, audited and reloaded again.  Read
+ * before the change's lock (policy_consent_apply): a change of the pair
+ * committed meanwhile is one this repeat came before. */
+static cw_err consent_repeat(PGconn *c, const char *local_id, const char *kind, const char *subject,
+			     const char *state, bool *same, cw_errmsg *e)
+{
+	const char *params[] = { local_id, kind, subject, state };
+	PGresult *r = PQexecParams(
+		c,
+		"SELECT coalesce((SELECT state FROM consents WHERE local_identity_id = $1::bigint AND subject_kind = $2 "
+		" AND subject = $3), 'none') = $4 AND ($4 = 'none' OR NOT EXISTS (SELECT 1 FROM consent_requests q "
+		" JOIN identities r ON r.id = q.remote_identity_id WHERE q.local_identity_id = $1::bigint "
+		" AND q.state = 'pending' AND (($2 = 'user' AND r.uri = $3) OR ($2 = 'domain' AND r.domain = $3))))",
+		4, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	*same = PQntuples(r) == 1 && strcmp(PQgetvalue(r, 0, 0), "t") == 0;
+	PQclear(r);
+	return CW_OK;
+}
+
 static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct aq *q = j->data;
@@ -192,6 +225,11 @@ static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	}
 	long counts[3] = { 0, 0, 0 }, decided = 0;
 	if (q->consent && local_id[0]) {
+		cw_err crc = consent_repeat(c, local_id, params[1], params[2], params[3], &q->noop, e);
+		if (crc)
+			return crc;
+	}
+	if (q->consent && local_id[0] && !q->noop) {
 		struct policy_view *v = policy_live_get(j->app->policy);
 		cw_err crc = policy_consent_apply(c, v, local_id, params[1], params[2], params[3], "admin", counts,
 						  &decided, e);
@@ -209,6 +247,8 @@ static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		return CW_OK;
 	}
 	json_t *body = json_loads(PQgetvalue(r, 0, 0), JSON_DECODE_ANY, NULL);
+	if (q->repeat_col && PQnfields(r) > 1 && strcmp(PQgetvalue(r, 0, 1), "t") != 0)
+		q->noop = true;
 	PQclear(r);
 	if (!body)
 		return cw_fail(e, CW_EINTERNAL, "the database gave an answer that is not JSON");
@@ -922,12 +962,20 @@ void policy_admin_settings_update(struct cw_req *req, void *ctx)
 		json_decref(body);
 		return;
 	}
+	/* A setting given its stored value is not written (its updated_by
+	 * and updated_at stay); none written at all is a repeat (repeat_col):
+	 * answered as a change, no audit record, no reload.  Until the
+	 * fiftieth session each repeat was audited and made every process
+	 * reload.  A value equal to the default but not stored is written:
+	 * stored, it no longer follows the default. */
 	struct aq *q = aq_new(
 		"WITH up AS (INSERT INTO settings (key, value, updated_by) SELECT key, value, $2 "
 		" FROM jsonb_each($1::jsonb) ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
-		" updated_by = excluded.updated_by, updated_at = now() RETURNING key, value) "
+		" updated_by = excluded.updated_by, updated_at = now() "
+		" WHERE settings.value IS DISTINCT FROM excluded.value RETURNING key, value) "
 		"SELECT ($3::jsonb || (SELECT jsonb_object_agg(key, value) FROM (SELECT key, value FROM settings "
-		" WHERE key LIKE 'policy.%' AND key NOT IN (SELECT key FROM up) UNION ALL SELECT key, value FROM up) s))::text");
+		" WHERE key LIKE 'policy.%' AND key NOT IN (SELECT key FROM up) UNION ALL SELECT key, value FROM up) s))::text, "
+		" EXISTS (SELECT 1 FROM up)");
 	char *text = json_dumps(body, JSON_COMPACT), *dflt = settings_defaults_json();
 	json_decref(body);
 	if (q && (!text || !dflt)) {
@@ -939,6 +987,7 @@ void policy_admin_settings_update(struct cw_req *req, void *ctx)
 		aq_param(q, admin_actor(req));
 		aq_param(q, dflt);
 		q->action = "settings.update";
+		q->repeat_col = true;
 	}
 	free(text);
 	free(dflt);
@@ -1014,12 +1063,17 @@ void policy_admin_optin_set(struct cw_req *req, void *ctx)
 		bad_body(req, "opted_in must be true or false");
 	else
 		ok = true;
+	/* The opt-in the user has already is not written again (its
+	 * updated_by and updated_at stay): a repeat (repeat_col), answered as
+	 * a change, with no audit record and no reload (until the fiftieth
+	 * session each repeat was audited and made every process reload). */
 	struct aq *q = ok ? aq_new(
 		"WITH up AS (INSERT INTO user_optin (identity_id, network, opted_in, updated_by) "
 		" VALUES ($1::bigint, $2, $3::boolean, $5) ON CONFLICT (identity_id, network) DO UPDATE "
 		" SET opted_in = excluded.opted_in, updated_by = excluded.updated_by, updated_at = now() "
-		" RETURNING network, opted_in) "
-		"SELECT json_build_object('user', $4::text, 'network', network, 'opted_in', opted_in)::text FROM up")
+		" WHERE user_optin.opted_in IS DISTINCT FROM excluded.opted_in RETURNING 1) "
+		"SELECT json_build_object('user', $4::text, 'network', $2::text, 'opted_in', $3::boolean)::text, "
+		" EXISTS (SELECT 1 FROM up)")
 		: NULL;
 	if (q) {
 		aq_param(q, user);
@@ -1029,6 +1083,7 @@ void policy_admin_optin_set(struct cw_req *req, void *ctx)
 		aq_param(q, admin_actor(req));
 		q->local = 0;
 		q->action = "optin.set";
+		q->repeat_col = true;
 		q->subject = 3;
 		/* An opt-in for a network no peer has is asked of no sender: the
 		 * user would believe herself reachable (until the forty-sixth

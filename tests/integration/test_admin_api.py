@@ -1566,6 +1566,78 @@ def test_a_reports_reporter_is_taken_as_an_opt_ins_user(make_daemon, pg, db_url)
     assert pg.psql("SELECT reporter FROM reports", mx_db) == "mimi://example.org/u/Alice"
 
 
+def reloads(d, settle=False):
+    """The policy's reloads so far, whole and of users' facts; settle: once
+    none came for half a second (a change may notify twice: its answer
+    waits for the first reload alone)."""
+    def now():
+        return sum(float(line.split()[1]) for line in d.get("/metrics").text.splitlines()
+                   if line.startswith("causeway_policy_reloads_total{"))
+    n = now()
+    while settle:
+        time.sleep(0.5)
+        m = now()
+        settle, n = m != n, m
+    return n
+
+
+def test_a_repeated_opt_in_setting_or_consent_is_answered_with_no_audit_and_no_reload(daemon, pg, db_url):
+    """An opt-in, settings or a consent given again as they are stored is
+    answered as the change was (200, the same body), with no audit record
+    and no reload of any process, the stored row's updated_by and
+    updated_at kept: as a token revoked or a peer disabled again is.
+    Until the fiftieth session each repeat wrote another optin.set,
+    settings.update or consent.set record and made every process reload.
+    A change that differs in anything is audited and reloaded as before."""
+    made = push_peers(daemon, (("gk", "wa.example"),))
+    for _, srv in made:
+        srv.close()
+    alice = "mimi://example.org/u/alice"
+    optin = {"user": alice, "network": "peer:gk", "opted_in": True}
+    consent = {"user": alice, "subject_kind": "domain", "subject": "wa.example", "state": "blocked"}
+    none = {"user": alice, "subject_kind": "user", "subject": "mimi://wa.example/u/x", "state": "none"}
+    settings = {"policy.held_expiry_seconds": 3600, "policy.default_mode": "allowlist"}
+    changes = (("POST", "/optins", optin, "optin.set", "user_optin"),
+               ("PATCH", "/settings", settings, "settings.update", "settings"),
+               ("POST", "/consents", consent, "consent.set", "consents"),
+               ("POST", "/consents", none, "consent.set", "consents"))
+    audits = "SELECT count(*) FROM audit_log"
+    r = daemon.admin("POST", "/consents", json=dict(none, state="blocked"))  # for none to forget
+    assert r.status_code == 200, r.text
+    for method, path, body, action, table in changes:
+        first = daemon.admin(method, path, json=body)
+        assert first.status_code == 200, (path, first.text)
+        stamps = f"SELECT string_agg(updated_at::text, ',' ORDER BY updated_at) FROM {table}"
+        stamped, audited = pg.psql(stamps, db_url), pg.psql(audits, db_url)
+        before = reloads(daemon, settle=True)
+        again = daemon.admin(method, path, json=body)
+        assert again.status_code == 200 and again.json() == first.json(), (path, again.text)
+        time.sleep(0.5)
+        assert (pg.psql(audits, db_url), pg.psql(stamps, db_url), reloads(daemon)) == (audited, stamped, before), \
+            path
+    assert pg.psql("SELECT string_agg(action, ' ' ORDER BY id) FROM audit_log WHERE action <> 'peer.create'",
+                   db_url) == "consent.set optin.set settings.update consent.set consent.set"
+    # Forgetting what was never decided is a repeat too (nothing stored).
+    r = daemon.admin("POST", "/consents", json=dict(none, subject="mimi://wa.example/u/never"))
+    assert r.status_code == 200 and r.json()["state"] == "none", r.text
+    assert pg.psql(audits, db_url) == audited
+    # Anything different is a change: audited, and reloaded.
+    before = reloads(daemon, settle=True)
+    for method, path, body in (("POST", "/optins", dict(optin, opted_in=False)),
+                               ("PATCH", "/settings", dict(settings, **{"policy.held_expiry_seconds": 7200})),
+                               ("POST", "/consents", dict(consent, state="allowed"))):
+        r = daemon.admin(method, path, json=body)
+        assert r.status_code == 200, (path, r.text)
+    assert pg.psql("SELECT string_agg(action, ' ' ORDER BY id) FROM audit_log WHERE action <> 'peer.create'",
+                   db_url) == "consent.set optin.set settings.update consent.set consent.set optin.set " \
+        "settings.update consent.set"
+    wait_until(lambda: reloads(daemon) >= before + 3, what="the changes' reloads")
+    # A setting given its stored value in a change of another keeps its
+    # updated_by and updated_at; the one changed is stamped.
+    assert pg.psql("SELECT count(DISTINCT updated_at) FROM settings WHERE key IN "
+                   "('policy.held_expiry_seconds', 'policy.default_mode')", db_url) == "2"
+
+
 def test_a_full_page_says_where_to_go_on_even_when_nothing_follows(daemon):
     """next_after is null on a page that is not full; a full page names its
     last id, whether or not rows follow (the list does not look past the
