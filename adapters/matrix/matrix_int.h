@@ -38,8 +38,10 @@ struct matrix {
 	char last_error[256];        /* the homeserver's last refusal (M_FORBIDDEN, M_UNKNOWN_TOKEN, ...) */
 	pthread_t ping_thread;
 	bool ping_started;
-	bool ping_stop;              /* under mu: the daemon is stopping, nothing is tried again */
-	pthread_cond_t ping_cond;    /* signalled with ping_stop */
+	/* Set under mu (and signalled with ping_cond): the daemon is stopping,
+	 * nothing is tried again, and the call in flight ends (mx_call_stop_on). */
+	atomic_bool ping_stop;
+	pthread_cond_t ping_cond;
 	json_t *typing;              /* room -> who types there now (m.typing gives the whole list) */
 	json_t *profile_failed;      /* sender identity id -> when its ghost's profile last failed (ms), under mu */
 	/* Matrix room -> until when (wall ms) no more notice of a rate limit
@@ -181,7 +183,8 @@ cw_err mx_call(struct matrix *m, const char *method, const char *path, const cha
 /* This thread's mx_call calls end (no answer: status 0) once *stop is set
  * (NULL: never; libcurl asks at least once a second while it waits), so
  * that a homeserver that does not answer holds its stop a second, not its
- * MX_TIMEOUT_MS, 10 s, per call (the bot's thread: mx_bot_stop). */
+ * MX_TIMEOUT_MS, 10 s, per call (the bot's thread: mx_bot_stop; the
+ * ping's: mx_ping_stop).  Such a call fails "not answered before the stop". */
 void mx_call_stop_on(atomic_bool *stop);
 /* The wait (ms) the last 429 answer of this thread's calls asked for: its
  * retry_after_ms or Retry-After header, the longer (0: it said none). */

@@ -137,6 +137,15 @@ long mx_rate_limited_wait_ms(void)
 	return rate_limited.wait_ms;
 }
 
+static _Thread_local atomic_bool *call_stop; /* mx_call_stop_on */
+
+/* Whether this thread's calls end now: its stop is set.  A call that
+ * failed then failed for the stop, not for the homeserver. */
+static bool call_stopped(void)
+{
+	return call_stop && atomic_load(call_stop);
+}
+
 /* The outcome of a finished call; frees rq. */
 static cw_err req_done(struct matrix *m, CURL *c, struct mx_req *rq, CURLcode cc, long *status, json_t **answer,
 		       cw_errmsg *e)
@@ -150,7 +159,10 @@ static cw_err req_done(struct matrix *m, CURL *c, struct mx_req *rq, CURLcode cc
 	json_error_t jerr;
 	json_t *a = rq->buf.p ? mx_json_load(rq->buf.p, rq->buf.n, 0, &jerr) : NULL;
 	if (cc != CURLE_OK) {
-		rc = cw_fail(e, CW_EUNAVAIL, "homeserver: %s", rq->buf.too_big ? "answer too large" : curl_easy_strerror(cc));
+		const char *why = rq->buf.too_big ? "answer too large" : curl_easy_strerror(cc);
+		if (cc == CURLE_ABORTED_BY_CALLBACK && call_stopped())
+			why = "not answered before the stop"; /* not libcurl's "Callback aborted" */
+		rc = cw_fail(e, CW_EUNAVAIL, "homeserver: %s", why);
 		*status = 0;
 	} else if (*status < 200 || *status > 299) {
 		pthread_mutex_lock(&m->mu);
@@ -176,8 +188,6 @@ static cw_err req_done(struct matrix *m, CURL *c, struct mx_req *rq, CURLcode cc
 		json_decref(a);
 	return rc;
 }
-
-static _Thread_local atomic_bool *call_stop; /* mx_call_stop_on */
 
 void mx_call_stop_on(atomic_bool *stop)
 {
@@ -238,8 +248,8 @@ bool mx_register_bot(struct matrix *m, cw_errmsg *e)
 	if (rc && st == 400 && code && strcmp(code, "M_USER_IN_USE") == 0)
 		rc = CW_OK;
 	json_decref(ans);
-	if (rc)
-		LOG_KV(CW_LOG_WARN, "cannot register the bot", "detail", e->msg);
+	if (rc) /* the stop's doing (the ping thread's stop, mx_ping_stop): no warning */
+		LOG_KV(call_stopped() ? CW_LOG_INFO : CW_LOG_WARN, "cannot register the bot", "detail", e->msg);
 	return rc == CW_OK;
 }
 
@@ -267,6 +277,11 @@ static bool ping_once(struct matrix *m)
 	 * not "failed", which operators alert on (docs/operations.md; until
 	 * the thirty-fourth session it was "failed" for as long as it ran). */
 	bool unsupported = rc && status == 404 && code && strcmp(code, "M_UNRECOGNIZED") == 0;
+	if (rc && call_stopped()) { /* ended by mx_ping_stop: the homeserver's state is not known */
+		LOG_KV(CW_LOG_INFO, "matrix homeserver ping", "result", "stopped", "detail", e.msg);
+		json_decref(answer);
+		return false;
+	}
 	const char *state = rc == CW_OK ? "ok" : unsupported ? "unsupported" : "failed";
 	pthread_mutex_lock(&m->mu);
 	snprintf(m->ping_state, sizeof(m->ping_state), "%s", state);
@@ -289,6 +304,10 @@ static void *ping_main(void *arg)
 {
 	cw_thread_name("cw-mx-ping");
 	struct matrix *m = arg;
+	/* A homeserver that does not answer held the stop its 10 s a call
+	 * (the registration's, then the ping's) until the fiftieth session's
+	 * review; the bot's calls end so too (mx_bot.c, bot_main). */
+	mx_call_stop_on(&m->ping_stop);
 	bool registered = false, pinged = false;
 	int64_t wait_ms = PING_RETRY_FIRST_MS;
 	pthread_mutex_lock(&m->mu);
@@ -297,7 +316,7 @@ static void *ping_main(void *arg)
 		cw_errmsg e;
 		if (!registered)
 			registered = mx_register_bot(m, &e);
-		if (!pinged)
+		if (!pinged && !m->ping_stop)
 			pinged = ping_once(m);
 		pthread_mutex_lock(&m->mu);
 		if (registered && pinged)
