@@ -963,7 +963,8 @@ static cw_err check_event(struct vctx *c, json_t *root, unsigned flags, struct e
 	}
 	ev->type = (enum event_type)t;
 
-	if ((rc = uri_member(c, root, "sender", 0, MIMI_USER, &ev->sender, &ev->has_sender)) ||
+	if ((rc = uri_member(c, root, "sender", (flags & EVENT_REQUIRE_SENDER) ? M_REQUIRED : 0, MIMI_USER,
+			     &ev->sender, &ev->has_sender)) ||
 	    (rc = uri_member(c, root, "room", (flags & EVENT_REQUIRE_ROOM) ? M_REQUIRED : 0, MIMI_ROOM, &ev->room,
 			     &ev->has_room)) ||
 	    (rc = ts_member(c, root, "ts", 0, EVENT_TS_LIMIT, "2^53", &ev->ts)))
@@ -1123,7 +1124,8 @@ static cw_err check_other_depth(struct vctx *c, json_t *obj, const char *skip)
 	return CW_OK;
 }
 
-static cw_err check_item(struct vctx *c, json_t *item, struct batch_item *it, const struct batch *b, size_t idx)
+static cw_err check_item(struct vctx *c, json_t *item, struct batch_item *it, const struct batch *b, size_t idx,
+			 unsigned flags)
 {
 	if (!json_is_object(item))
 		return vfail(c, EVENT_ERR_INVALID, "Each item of events must be an object with idempotency_key, room and event.");
@@ -1169,7 +1171,7 @@ static cw_err check_item(struct vctx *c, json_t *item, struct batch_item *it, co
 		free(text);
 		return vfail(c, EVENT_ERR_TOO_LARGE, "The event is larger than %zu bytes.", c->lim->max_event_bytes);
 	}
-	if ((rc = check_event(c, ev, 0, &it->ev))) {
+	if ((rc = check_event(c, ev, flags, &it->ev))) {
 		free(text);
 		return rc;
 	}
@@ -1184,8 +1186,8 @@ static cw_err check_item(struct vctx *c, json_t *item, struct batch_item *it, co
 	return CW_OK;
 }
 
-cw_err batch_parse(const char *body, size_t len, const struct event_limits *lim, struct batch *out,
-		   struct event_error *err)
+cw_err batch_parse(const char *body, size_t len, const struct event_limits *lim, unsigned flags,
+		   struct batch *out, struct event_error *err)
 {
 	struct vctx c;
 	json_t *root;
@@ -1229,7 +1231,7 @@ cw_err batch_parse(const char *body, size_t len, const struct event_limits *lim,
 		vctx_init(&ic, lim, &it->err);
 		jptr_push(&ic.ptr, "events");
 		jptr_push_index(&ic.ptr, i);
-		it->rc = check_item(&ic, json_array_get(events, i), it, out, i);
+		it->rc = check_item(&ic, json_array_get(events, i), it, out, i, flags);
 		if (it->rc) {
 			memset(&it->ev, 0, sizeof(it->ev)); /* holds no reference: taken last */
 			out->nfailed++;

@@ -160,8 +160,10 @@ bool event_url_valid(const char *s);
  * Envelope members:
  *   type      required: message edit delete reaction receipt typing
  *             membership block; anything else is refused
- *   sender    optional user URI (the peer's identity comes from its
- *             credential; the caller checks the sender's domain against it)
+ *   sender    user URI; required only with EVENT_REQUIRE_SENDER (a peer's
+ *             events: the local adapters' have none yet); the peer's
+ *             identity comes from its credential, and the caller checks the
+ *             sender's domain against it
  *   room      room URI; required only with EVENT_REQUIRE_ROOM (the URL path
  *             names the room otherwise; comparing the two is the caller's job)
  *   ts        optional integer milliseconds, 0 < ts < 2^53, and at most
@@ -266,6 +268,12 @@ enum event_membership {
 
 /* Flags of event_parse. */
 #define EVENT_REQUIRE_ROOM 0x1u  /* the body must name the room */
+/* The body must name its sender (a peer's event: docs/openapi.json has it
+ * required).  Until the fiftieth session's review the peer API checked
+ * that itself after parsing: a batch item without one still held its
+ * idempotency key, and its corrected copy later in the batch was refused
+ * as a repeat, though an invalid item holds no key. */
+#define EVENT_REQUIRE_SENDER 0x2u
 
 struct event {
 	json_t *json;               /* the whole validated object, unknown members
@@ -356,10 +364,13 @@ struct batch {
 	size_t nfailed;
 };
 
-/* On CW_OK the caller releases out with batch_free(); on failure nothing is
- * left to free. CW_ENOMEM when memory runs out. */
-cw_err batch_parse(const char *body, size_t len, const struct event_limits *lim, struct batch *out,
-		   struct event_error *err);
+/* flags are event_parse's, applied to each item's event (the item names
+ * its room: EVENT_REQUIRE_ROOM makes its event name it too).  An item
+ * whose event they refuse is an invalid item like any other: it holds no
+ * key.  On CW_OK the caller releases out with batch_free(); on failure
+ * nothing is left to free. CW_ENOMEM when memory runs out. */
+cw_err batch_parse(const char *body, size_t len, const struct event_limits *lim, unsigned flags,
+		   struct batch *out, struct event_error *err);
 void batch_free(struct batch *b);
 
 /* A peer's name, as POST /admin/v1/peers takes it: 1 to 32 of a-z, 0-9,

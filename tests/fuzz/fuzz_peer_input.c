@@ -75,7 +75,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	size_t len = size - 1;
 	if (data[0] < 85) {
 		struct event ev;
-		if (event_parse(body, len, &lim, data[0] & 1 ? EVENT_REQUIRE_ROOM : 0, &ev, &err) == CW_OK)
+		if (event_parse(body, len, &lim, data[0] & 3, &ev, &err) == CW_OK) /* EVENT_REQUIRE_ROOM, _SENDER */
 			event_free(&ev);
 		char uri[MIMI_URI_MAX + 2], back[MIMI_URI_MAX + 1];
 		struct mimi_uri u;
@@ -96,7 +96,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		}
 	} else if (data[0] < 170) {
 		struct batch b;
-		if (batch_parse(body, len, &lim, &b, &err) == CW_OK)
+		if (batch_parse(body, len, &lim, data[0] & 2 ? EVENT_REQUIRE_SENDER : 0, &b, &err) == CW_OK)
 			batch_free(&b);
 	} else {
 		/* signature-input \n signature \n content-digest \n content-type \n idempotency-key \n body */

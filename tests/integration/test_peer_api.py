@@ -1465,25 +1465,33 @@ def test_a_batchs_texts_are_stored_as_sent_whatever_their_characters(daemon, pee
     assert pg.psql("SELECT count(*) FROM events WHERE in_reply_to_id IS NOT NULL", db_url) == "1"
 
 
-def test_a_batch_item_refused_as_invalid_leaves_its_key_to_a_corrected_copy(daemon, peers, pg, db_url):
+@pytest.mark.parametrize("fault", ["type", "sender"])
+def test_a_batch_item_refused_as_invalid_leaves_its_key_to_a_corrected_copy(daemon, peers, pg, db_url, fault):
     """A key repeats only the key of an earlier item of the batch that was
     valid: a peer that sends an invalid item and its corrected copy under
     the same key in one batch gets the copy accepted (until the
     thirty-second session it was refused as a repeat of the invalid one);
-    a third copy repeats the accepted one."""
+    a third copy repeats the accepted one.  An item without a sender is
+    such an invalid item (the parser requires a peer's sender): until the
+    fiftieth session's review it was refused after the parser had given
+    it its key, and its corrected copy was refused as a repeat."""
     (a, _), (b, sb) = peers
     rm = room(a, b)
     ev = lambda text: {"type": "message", "sender": a.user("alice"),
                        "content": {"parts": [{"type": "text/plain", "body": text}]}}
     bad = ev("first try")
-    bad["type"] = "poke"
+    if fault == "type":
+        bad["type"] = "poke"
+    else:
+        del bad["sender"]
     items = [{"idempotency_key": "k", "room": rm["uri"], "event": e} for e in (bad, ev("fixed"), ev("again"))]
     r = a.call("POST", "/v1/batch", {"events": items})
     assert r.status_code == 200, r.text
     res = r.json()["results"]
     assert [x["status"] for x in res] == ["refused", "accepted", "refused"], res
     assert [x["idempotency_key"] for x in res] == ["k", "k", "k"]
-    assert "type" in res[0]["detail"] and "repeats the key of item 1 of this batch" in res[2]["detail"], res
+    assert res[0]["code"] == "invalid_body" and res[0]["detail"].endswith(f"(at /events/0/event/{fault})"), res
+    assert "repeats the key of item 1 of this batch" in res[2]["detail"], res
     assert [e["content"]["parts"][0]["body"] for e in sb.wait_events(1)] == ["fixed"]
     assert pg.psql("SELECT origin_native_id FROM events", db_url) == "k"
 

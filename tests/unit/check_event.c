@@ -103,6 +103,8 @@ static int load_cases(const char *file, struct ecase *cases, int max)
 			parse_expect(line + 8, k->code, sizeof(k->code), k->pointer, sizeof(k->pointer));
 		} else if (strcmp(line, "flags: require_room") == 0) {
 			k->flags |= EVENT_REQUIRE_ROOM;
+		} else if (strcmp(line, "flags: require_sender") == 0) {
+			k->flags |= EVENT_REQUIRE_SENDER;
 		} else if (strncmp(line, "limit: ", 7) == 0) {
 			set_limit(&k->lim, line + 7, k->name);
 		} else if (strncmp(line, "detail: ", 8) == 0) {
@@ -693,7 +695,7 @@ START_TEST(batch_cases)
 		char *body = unit_decode(k->body, &len);
 		struct batch b;
 		struct event_error err;
-		cw_err rc = batch_parse(body, len, &k->lim, &b, &err);
+		cw_err rc = batch_parse(body, len, &k->lim, k->flags, &b, &err);
 		if (strcmp(k->code, "ok") == 0) {
 			ck_assert_msg(rc == CW_OK, "case '%s': expected ok, got %s '%s': %s", k->name, err.code, err.pointer,
 				      err.detail);
@@ -759,7 +761,7 @@ START_TEST(batch_count_boundary)
 	len += (size_t)snprintf(body + len, cap - len, "]}");
 	struct batch b;
 	struct event_error err;
-	ck_assert_int_eq(batch_parse(body, len, &lim, &b, &err), CW_OK);
+	ck_assert_int_eq(batch_parse(body, len, &lim, 0, &b, &err), CW_OK);
 	ck_assert_uint_eq(b.n, lim.max_batch);
 	ck_assert_uint_eq(b.nfailed, 0);
 	ck_assert_str_eq(b.items[255].idempotency_key, "k-255");
@@ -769,7 +771,7 @@ START_TEST(batch_count_boundary)
 	len = before_close;
 	len += (size_t)snprintf(body + len, cap - len,
 				",{\"idempotency_key\":\"k-x\",\"room\":\"mimi://hub.example/r/r\",\"event\":{}}]}");
-	ck_assert_int_eq(batch_parse(body, len, &lim, &b, &err), CW_EINVAL);
+	ck_assert_int_eq(batch_parse(body, len, &lim, 0, &b, &err), CW_EINVAL);
 	ck_assert_str_eq(err.code, "too_large");
 	ck_assert_str_eq(err.pointer, "/events");
 	free(body);
@@ -795,7 +797,7 @@ START_TEST(batch_repeated_keys)
 	struct event_limits lim = event_limits_default();
 	struct batch b;
 	struct event_error err;
-	ck_assert_int_eq(batch_parse(body, strlen(body), &lim, &b, &err), CW_OK);
+	ck_assert_int_eq(batch_parse(body, strlen(body), &lim, 0, &b, &err), CW_OK);
 	ck_assert_uint_eq(b.n, 4);
 	ck_assert_uint_eq(b.nfailed, 2);
 	ck_assert_int_eq(b.items[0].rc, CW_EINVAL);
