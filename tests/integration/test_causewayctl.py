@@ -203,6 +203,49 @@ def test_peers_table_and_json(world):
     assert all("token" not in p for p in got["peers"])
 
 
+def test_a_push_url_nothing_is_pushed_to_is_said_under_the_table(world, pg, db_url):
+    """A push_url stored before the admin API checked it (here one with a
+    user and password), to which nothing is pushed and whose rows wait
+    untried: GET /admin/v1/peers' push_url_problem is said, whole (a table
+    cell is clipped), under the table, for that peer only; a good one
+    given, nothing is.  Until the fiftieth session's review causewayctl
+    peers showed such a peer as it showed any other."""
+    pg.psql(f"UPDATE peers SET push_url = 'http://u:pw@127.0.0.1:{world.sb.port}/in' WHERE name = 'gk'", db_url)
+    pg.psql(f"UPDATE peers SET push_url = 'http://127.0.0.1:{world.sb.port}/caf\u00e9' WHERE name = 'tg'", db_url)
+    problem = {p["name"]: p["push_url_problem"] for p in world.d.admin("GET", "/peers").json()["peers"]}
+    assert problem["gk"].startswith("push_url has a user or password"), problem
+    assert problem["tg"].startswith("push_url has a byte that is not printable ASCII") and len(problem["tg"]) > 64
+    out = ok("peers", url=world.url)
+    table, _, said = out.partition("\n\n")
+    assert [r[:4] for r in cells(table)] == [["gk", "wa.example", "push", "yes"], ["tg", "tg.example", "push", "yes"]]
+    assert said == "\n".join(f"peer '{n}': push URL problem: {problem[n]}\n  nothing is pushed to it; its rows wait, "
+                             f"untried, until a good push_url is given (PATCH /admin/v1/peers/{n})\n"
+                             for n in ("gk", "tg")), out
+    assert ":pw@" not in out
+    assert json.loads(ok("peers", "--json", url=world.url)) == world.d.admin("GET", "/peers").json()
+    for n in ("gk", "tg"):
+        assert world.d.admin("PATCH", f"/peers/{n}", json={"push_url": world.sb.url}).status_code == 200
+    out = ok("peers", url=world.url)
+    assert "push URL problem" not in out and "\n\n" not in out, out
+
+
+def test_a_push_url_problem_cannot_drive_the_terminal():
+    """push_url_problem is the API's text as any other: its controls are
+    '?' for each byte, the name's as well, and it is not clipped."""
+    peer = {"name": "p\u202eq", "domain": "p.example", "mode": "push", "enabled": True,
+            "push_url": "https://********@p.example/", "event_types": None, "created_at": "2026-12-01T00:00:00.000Z",
+            "push_url_problem": "push_url has \x1b[2J and \u009b31m " + "x" * 200}
+    s = StandIn({"/admin/v1/peers": doc({"peers": [peer, dict(peer, name="ok", push_url_problem=None)]})})
+    try:
+        out = ok("peers", url=s.url)
+        for c in ("\x1b", "\u009b", "\u202e"):
+            assert c not in out, (c, out)
+        assert ("\npeer 'p???q': push URL problem: push_url has ?[2J and ??31m " + "x" * 200 + "\n") in out, out
+        assert out.count("push URL problem") == 1, out
+    finally:
+        s.close()
+
+
 def test_rules_users_held_tables_and_json(world, pg, db_url):
     out = ok("rules", url=world.url)
     [row] = cells(out)
