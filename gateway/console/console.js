@@ -572,7 +572,15 @@
       const peers = (await api("GET", "/peers")).peers;
       return table([
         ["Name", (p) => h("strong", {}, p.name)], ["Domain", (p) => p.domain], ["Mode", (p) => p.mode],
-        ["Push URL", (p) => h("span", { class: "mono" }, text(p.push_url))],
+        // A push_url stored before the admin API checked it, which nothing
+        // is pushed to (GET /peers' push_url_problem): said under it, as
+        // text, as every other of the API's.  Until the fiftieth session's
+        // review such a peer looked as well as any other.
+        ["Push URL", (p) => [h("span", { class: "mono" }, text(p.push_url)), p.push_url_problem
+          ? h("p", { class: "url-problem", "data-push-url-problem": "" }, "Push URL problem: ", p.push_url_problem,
+            ". Nothing is pushed to it; its rows wait, untried, until a good push URL is given "
+            + "(PATCH /admin/v1/peers/" + p.name + ").")
+          : null]],
         ["Event types", (p) => p.event_types ? p.event_types.join(", ") : "all"],
         ["State", (p) => p.enabled ? badge("enabled") : [badge("disabled"), " since ", when(p.disabled_at)]],
         ["Created", (p) => when(p.created_at)],

@@ -662,6 +662,44 @@ try {
     await page.locator('main tr', { hasText: 'console.example' }).waitFor({ timeout: WAIT });
   });
 
+  await check('a push URL nothing is pushed to is said under it, as text', async () => {
+    // sp's push_url, stored before the admin API checked it: its rows wait
+    // untried, and GET /peers says why (push_url_problem).  Until the
+    // fiftieth session's review the console showed such a peer as any other.
+    const problem = await ask('a push url stored before its check');
+    const tail = '. Nothing is pushed to it; its rows wait, untried, until a good push URL is given ';
+    await go(page, '#/dashboard');
+    await go(page, '#/peers');
+    const said = page.locator('main tr', { hasText: 'spam.example' }).locator('[data-push-url-problem]');
+    assert.equal(await said.innerText(), 'Push URL problem: ' + problem + tail + '(PATCH /admin/v1/peers/sp).');
+    assert.equal(await page.locator('main [data-push-url-problem]').count(), 1, 'the other peers have none');
+    assert.doesNotMatch(await page.locator('main tr', { hasText: 'spam.example' }).innerText(), /:pw@/);
+    await shot(page, 'admin-15-push-url-problem');
+    // Markup and controls in it (a daemon's text as any other) are shown as text.
+    const hostile = '<b class="planted">bold</b><img src=x onerror="window.__pwned=1"> \u202eexe.pdf\u0085';
+    const doc = { peers: [{ name: 'xp', domain: 'xp.example', mode: 'push', enabled: true,
+      push_url: 'https://********@xp.example/', event_types: null, created_at: '2026-12-01T00:00:00.000Z',
+      updated_at: '2026-12-01T00:00:00.000Z', disabled_at: null, push_url_problem: hostile }] };
+    const fake = (route) => route.fulfill({ status: 200, contentType: 'application/json', body: JSON.stringify(doc) });
+    await page.route('**/admin/v1/peers', fake);
+    try {
+      await go(page, '#/dashboard');
+      await go(page, '#/peers');
+      const el = page.locator('main [data-push-url-problem]');
+      await el.waitFor({ timeout: WAIT });
+      assert.equal(await page.locator('main .planted, main td img').count(), 0, 'no markup made');
+      assert.equal(await page.evaluate(() => window.__pwned), undefined);
+      const shownText = await el.innerText();
+      assert.ok(shownText.startsWith('Push URL problem: <b class="planted">bold</b><img src=x onerror="window.__pwned=1"> '),
+        shownText);
+      assert.ok(!shownText.includes('\u202e') && !shownText.includes('\u0085'), 'the controls escaped: ' + shownText);
+      assert.equal(await el.locator('bdi .ctl').count(), 2, 'each control marked');
+    } finally {
+      await page.unroute('**/admin/v1/peers', fake);
+    }
+    return problem;
+  });
+
   await check('sign out', async () => {
     await page.getByRole('button', { name: 'Sign out' }).click();
     await page.getByLabel('Admin token').waitFor();

@@ -202,6 +202,12 @@ class Scenario:
             for name in ("gk", "sp"):
                 wait_until(lambda: told(name), what=f"dan's leaving at {name}")
             return json.dumps({name: len(told(name)) for name in ("gk", "sp")})
+        if need == "a push url stored before its check":
+            url = self.peers["sp"][1].url.replace("://", "://u:pw@", 1)
+            self.pg.psql(f"UPDATE peers SET push_url = '{url}' WHERE name = 'sp'", self.db_url)
+            (sp,) = [p for p in self.d.admin("GET", "/peers").json()["peers"] if p["name"] == "sp"]
+            assert sp["push_url_problem"], sp
+            return sp["push_url_problem"]
         raise AssertionError(f"the browser script asked for {need!r}")
 
     def close(self):
@@ -248,6 +254,7 @@ def test_console_in_a_browser(make_daemon, db_url, pg):
     assert r.status_code == 201, r.text
     viewer = r.json()["token"]
     scenario = Scenario(d)
+    scenario.pg, scenario.db_url = pg, db_url
     # A consent of a domain no peer has, as one stored before the admin API
     # refused them: the users page marks it.
     pg.psql("INSERT INTO consents (local_identity_id, subject_kind, subject, state, source) SELECT id, 'domain', "
@@ -280,6 +287,7 @@ def test_console_in_a_browser(make_daemon, db_url, pg):
                  "an answer that is not the daemon's JSON is said so",
                  "a time is shown in the browser's zone, the zone named",
                  "add a peer pasted with white space around its fields",
+                 "a push URL nothing is pushed to is said under it, as text",
                  "phone width: dashboard and navigation",
                  "no CSP violation, console error or page error"):
         assert must in checks, f"check not run: {must}\n{report}"
