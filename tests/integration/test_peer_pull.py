@@ -700,11 +700,24 @@ def test_a_long_poll_is_answered_for_rows_written_while_its_poller_reconnected(m
             result["at"] = time.time()
         t = threading.Thread(target=poll)
         t.start()
-        wait_until(lambda: in_flight(b.base) > 0, what="the long poll at the daemon")
-        time.sleep(1)
+        # The poller's backend: after the start its last statement is a
+        # hand-out or the registry's reload (a peer's change notified),
+        # which it alone runs.  The poll waits at the poller once its
+        # nonce is claimed (there, on that connection) and that backend is
+        # idle after the hand-out that followed: a cut before it (a second
+        # after the request, on a loaded machine) left it a pull coming in
+        # while the poller connected, answered 503; and the reload that
+        # came after the hand-out was no "ack AS (UPDATE outbox" for the
+        # cut to find (session 50).
+        poller = ("pid <> pg_backend_pid() AND (query LIKE '%ack AS (UPDATE outbox%' "
+                  "OR query LIKE 'SELECT id, name, domain, token_hash,%')")
+        wait_until(lambda: pg.psql("SELECT EXISTS (SELECT 1 FROM signature_nonces n JOIN peers p ON p.id = n.peer_id "
+                                   "WHERE p.name = 'tg') AND EXISTS (SELECT 1 FROM pg_stat_activity WHERE "
+                                   f"state = 'idle' AND {poller})", db_url) == "t",
+                   what="the long poll waiting at the poller")
+        assert t.is_alive()
         px.slow(connect=3.0)
-        cut = pg.psql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
-                      "AND (query LIKE '%ack AS (UPDATE outbox%' OR query LIKE 'LISTEN causeway_pull%')", db_url)
+        cut = pg.psql(f"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE {poller}", db_url)
         assert cut == "1", cut
         one = a.send(rm["id"], a.user("alice"), "while away").json()["id"]
         sent = time.time()
