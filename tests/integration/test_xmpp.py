@@ -1272,17 +1272,24 @@ def test_a_local_member_who_left_is_put_out_though_a_peers_namesake_takes_her_ni
     consent_alice(xd, subject=their_alice)
     consent_alice(xd, subject=their_alice, user="mimi://example.org/u/bob")
     with a_group_with_bob(xd, a, alice, prosody, more=[their_alice]) as (bob, gid, room):
+        astart = alice.count()
         join_room(room, (alice, "alice"), (bob, "bob"))
         # our alice is a member from her join (the peer put her in
         # invited), so the peer's alice is named again as the component
         # takes the change (within a second)
-        def view(since=0):
-            """bob's view of the room: each nick's last presence since since."""
-            return {el.get("from").split("/", 1)[1]: el.get("type", "available") for el in bob.stanzas()[since:]
+        def view(since=0, c=bob):
+            """c's (bob's) view of the room: each nick's last presence since since."""
+            return {el.get("from").split("/", 1)[1]: el.get("type", "available") for el in c.stanzas()[since:]
                     if el.tag == "{jabber:client}presence" and el.get("from", "").startswith(room + "/")}
 
-        wait_until(lambda: view() == {"wally": "available", f"alice@{domain}": "available", "alice": "available",
-                                      "bob": "available"}, what="bob's view of both alices")
+        everyone = {"wally": "available", f"alice@{domain}": "available", "alice": "available", "bob": "available"}
+        wait_until(lambda: view() == everyone, what="bob's view of both alices")
+        # and alice's: her join's answer (before bob's join) had the peer's
+        # alice as "alice" and no bob; the component's next look at the
+        # members tells her "alice@<domain>" and bob, which came after
+        # bob's answer had shown him everything (a loaded machine: in
+        # what she was told after her leave, session 50)
+        wait_until(lambda: view(astart, alice) == everyone, what="alice's view of the room")
         start, bstart = alice.count(), bob.count()
         # she leaves the group (her own affiliation set to none, XEP-0045
         # muc#admin): the only way a local member goes (the peer and the
