@@ -55,12 +55,23 @@ struct xr_item {
  * theirs stay as they are.  The join's members and history, the holder's
  * member look (xmpp_muc.c) and a group row's sender (xmpp_out.c) all say
  * it with this. */
-#define MUC_NICK_OF(IS_LOCAL, LOCALPART, DOMAIN, ID, ROOM) \
+#define MUC_NICK_OF(IS_LOCAL, LOCALPART, DOMAIN, ID, ROOM) MUC_NICK_IF(IS_LOCAL, LOCALPART, DOMAIN, ID, ROOM, \
+	"y.membership = 'joined'")
+#define MUC_NICK_IF(IS_LOCAL, LOCALPART, DOMAIN, ID, ROOM, JOINED) \
 	"WHEN NOT " IS_LOCAL " AND EXISTS (SELECT 1 FROM room_members y JOIN identities o " \
-	"ON o.id = y.identity_id WHERE y.room_id = " ROOM " AND y.membership = 'joined' AND o.localpart = " LOCALPART \
+	"ON o.id = y.identity_id WHERE y.room_id = " ROOM " AND " JOINED " AND o.localpart = " LOCALPART \
 	" AND o.id <> " ID ") THEN " LOCALPART " || '@' || " DOMAIN " ELSE " LOCALPART " END"
 /* The same of an identities row named WHO. */
 #define MUC_NICK(WHO, ROOM) MUC_NICK_OF(WHO ".is_local", WHO ".localpart", WHO ".domain", WHO ".id", ROOM)
+/* The same in a join's statement, the joining identity ME counted as
+ * joined: an invited user's join makes her a member in that statement,
+ * whose snapshot still has her invited.  Until the fiftieth session her
+ * join's answer (its members; its history, for a message of the
+ * namesake's delivered to her while invited) named a peer's namesake by
+ * her own nick until the member look a second later, and the occupants
+ * who joined next saw the namesake go and come back. */
+#define MUC_NICK_JOINING(WHO, ROOM, ME) MUC_NICK_IF(WHO ".is_local", WHO ".localpart", WHO ".domain", WHO ".id", \
+	ROOM, "(y.membership = 'joined' OR y.identity_id = " ME ")")
 
 struct xin; /* xmpp_in.c */
 

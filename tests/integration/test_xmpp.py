@@ -1284,11 +1284,24 @@ def test_a_local_member_who_left_is_put_out_though_a_peers_namesake_takes_her_ni
 
         everyone = {"wally": "available", f"alice@{domain}": "available", "alice": "available", "bob": "available"}
         wait_until(lambda: view() == everyone, what="bob's view of both alices")
-        # and alice's: her join's answer (before bob's join) had the peer's
-        # alice as "alice" and no bob; the component's next look at the
-        # members tells her "alice@<domain>" and bob, which came after
-        # bob's answer had shown him everything (a loaded machine: in
-        # what she was told after her leave, session 50)
+        # her join's answer names the peer's alice "alice@<domain>" at once,
+        # "alice" being hers (until the fiftieth session the peer's alice
+        # was "alice" there until the component's next look at the
+        # members, and bob, who joined next, saw "alice@<domain>" go and
+        # come back)
+        answer = []
+        for el in alice.stanzas()[astart:]:
+            if el.tag == "{jabber:client}message" and el.find("{jabber:client}subject") is not None:
+                break
+            if el.tag == "{jabber:client}presence" and el.get("from", "").startswith(room + "/"):
+                answer.append(el.get("from").split("/", 1)[1])
+        assert sorted(answer) == sorted(["wally", f"alice@{domain}", "alice"]), answer
+        assert not [el.xml for el in bob.stanzas() if el.tag == "{jabber:client}presence"
+                    and el.get("from", "").startswith(room + "/") and el.get("type") == "unavailable"]
+        # and alice's: her join's answer (before bob's join) has no bob;
+        # the component's next look at the members tells her of him, up
+        # to a second after bob's answer showed him everything (a loaded
+        # machine: in what she was told after her leave, session 50)
         wait_until(lambda: view(astart, alice) == everyone, what="alice's view of the room")
         start, bstart = alice.count(), bob.count()
         # she leaves the group (her own affiliation set to none, XEP-0045
