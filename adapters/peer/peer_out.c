@@ -681,10 +681,9 @@ cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct ou
 		}
 		return cw_fail(e, CW_ENOTFOUND, "peer %s has no push URL (disabled or pull mode)", name);
 	}
-	char url[2200];
+	char url[PEER_NOTIFY_URL_MAX];
 	cw_errmsg ue;
-	if (peer_url_check(PQgetvalue(r, 0, 0), &ue) != CW_OK ||
-	    peer_out_notify_url(PQgetvalue(r, 0, 0), url, sizeof(url), &ue) != CW_OK) {
+	if (peer_url_notify(PQgetvalue(r, 0, 0), url, sizeof(url), &ue) != CW_OK) {
 		/* A push_url stored before the admin API held it to the rule
 		 * it holds one to now (a user and password, a byte that is not
 		 * ASCII): nothing can be sent, so nothing is tried, and the

@@ -372,7 +372,7 @@ bool peer_domain_valid(const char *s)
 	return mimi_domain_check(s, strlen(s), &e) == CW_OK;
 }
 
-cw_err peer_url_check(const char *s, cw_errmsg *e)
+cw_err peer_url_notify(const char *s, char *notify, size_t len, cw_errmsg *e)
 {
 	size_t n = strlen(s);
 	if (n > PEER_URL_MAX)
@@ -392,8 +392,13 @@ cw_err peer_url_check(const char *s, cw_errmsg *e)
 	 * cannot carry).  Until the thirty-sixth session such a URL was
 	 * taken here and every push to the peer failed until its rows went
 	 * dead, the user:password shown to every viewer meanwhile. */
-	char notify[PEER_URL_MAX + 160];
-	return peer_out_notify_url(s, notify, sizeof(notify), e);
+	return peer_out_notify_url(s, notify, len, e);
+}
+
+cw_err peer_url_check(const char *s, cw_errmsg *e)
+{
+	char notify[PEER_NOTIFY_URL_MAX];
+	return peer_url_notify(s, notify, sizeof(notify), e);
 }
 
 bool peer_url_valid(const char *s)

@@ -121,6 +121,11 @@ bool peer_url_valid(const char *s);
 /* The same, with what is wrong with s in e (the rule the admin API holds
  * push_url to: the dispatcher holds a push_url stored before it so too). */
 cw_err peer_url_check(const char *s, cw_errmsg *e);
+/* The same, and the notify URL pushes to s go to (peer_out_notify_url)
+ * into notify (len: PEER_NOTIFY_URL_MAX): the dispatcher's one parse of a
+ * push_url for a delivery. */
+#define PEER_NOTIFY_URL_MAX (PEER_URL_MAX + 160)
+cw_err peer_url_notify(const char *s, char *notify, size_t len, cw_errmsg *e);
 /* Whether an Ed25519 public key's encoding is of a small-order point or
  * not canonical (y not below p): no peer may register it. */
 bool peer_key_weak(const unsigned char key[32]);
