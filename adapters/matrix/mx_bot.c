@@ -8,6 +8,7 @@
  * pending consent requests that were not shown yet. */
 #include "config.h"
 #include "matrix_int.h"
+#include "fnv.h"
 #include "matrix/mx_cmd.h"
 #include "log.h"
 #include "peer_api.h"
@@ -2543,16 +2544,16 @@ struct bot_round {
 	} rows[BOT_ROUND_ROWS];
 };
 
-/* A row's key: FNV-1a of its columns (a value and its end), of which
- * a look's rows have at most BOT_ROUND_ROWS. */
+/* A row's key: FNV-1a (fnv.h) of its columns, each a value and a byte
+ * that ends it (NULL apart from ''), of which a look's rows have at most
+ * BOT_ROUND_ROWS. */
 static uint64_t row_key(PGresult *r, int i)
 {
-	uint64_t h = 14695981039346656037ULL;
+	uint64_t h = FNV1A_START;
 	for (int f = 0; f < PQnfields(r); f++) {
-		const unsigned char *v = (const unsigned char *)PQgetvalue(r, i, f);
-		for (int k = 0, n = PQgetlength(r, i, f); k < n; k++)
-			h = (h ^ v[k]) * 1099511628211ULL;
-		h = (h ^ (PQgetisnull(r, i, f) ? 0x1feU : 0x1ffU)) * 1099511628211ULL;
+		const unsigned char end = PQgetisnull(r, i, f) ? 0xfe : 0xff;
+		h = fnv1a(h, PQgetvalue(r, i, f), (size_t)PQgetlength(r, i, f));
+		h = fnv1a(h, &end, 1);
 	}
 	return h;
 }
