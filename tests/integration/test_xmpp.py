@@ -3632,6 +3632,35 @@ def test_a_message_whose_commit_was_not_answered_is_looked_up(make_daemon, db_ur
             srv.close()
 
 
+def test_a_message_in_doubt_waits_for_the_database_past_one_deadline(make_daemon, db_url, prosody, alice, pg):
+    """As above, and the database then stays away (new connections
+    refused) for three times
+    `database.request_timeout_ms`: the look-up is tried again until the
+    database answers, and alice is told no error.  Until the fifty-first
+    session it gave up at one deadline and told her internal-server-error
+    for a message stored and delivered (a PostgreSQL restart under load
+    outlasts 5 s: test_faults.py's stop test failed so)."""
+    with PgProxy(db_url) as px:
+        d, a, srv = start_with_gk(make_daemon, px.url, prosody, database={"request_timeout_ms": "1000"})
+        try:
+            consent_alice(d)
+            alice.send_message(WALLY_JID, "first")
+            srv.wait_events(1)
+            px.cut_commit_matching(lambda s: s.startswith("submit_write"))
+            px.refuse()
+            sid = alice.send_message(WALLY_JID, "cut one")
+            wait_until(lambda: px.cuts == 1, what="the commit's answer cut")
+            time.sleep(3)
+            assert px.refused > 0   # the look-up was tried while the database was away
+            assert not [el for el in alice.stanzas() if el.get("type") == "error" and el.get("id") == sid]
+            px.thaw()
+            assert answered_after_unknown_outcome(d, alice, sid) == []
+            wait_until(lambda: len(srv.events) >= 2, what="the message at the peer")
+            assert [e["content"]["parts"][0]["body"] for e in srv.events] == ["first", "cut one"]
+        finally:
+            srv.close()
+
+
 def test_a_groupchat_whose_commit_was_not_answered_is_reflected(make_daemon, db_url, prosody, alice, pg):
     """As above, in a group: alice gets her message back from the room
     (XEP-0045 §7.4), with its stanza-id, not an error."""
