@@ -440,6 +440,14 @@
     add(root, updated, section("Traffic and queue", stats), section("Adapters", adapters));
     async function tick() {
       if (!root.isConnected) return;
+      if (document.hidden) {
+        // A tab in the background asks nothing: every 5 s for hours, each
+        // /stats an hour of events read (until the fifty-first session).
+        // It refreshes the moment it is shown again.
+        updated.textContent = "Paused while this tab is hidden.";
+        document.addEventListener("visibilitychange", tick, { once: true });
+        return;
+      }
       const ok = await Promise.all([fill(stats, async () => statsView(await api("GET", "/stats"))),
         fill(adapters, async () => adaptersView(await api("GET", "/adapters")))]);
       if (!root.isConnected) return;

@@ -210,6 +210,32 @@ try {
     return got;
   });
 
+  await check('a hidden tab asks for nothing until it is shown again', async () => {
+    const asked = [];
+    const onRequest = (r) => { if (/\/(stats|adapters)$/.test(new URL(r.url()).pathname)) asked.push(Date.now()); };
+    const visible = (shown) => page.evaluate((v) => {
+      Object.defineProperty(document, 'hidden', { configurable: true, get: () => !v });
+      Object.defineProperty(document, 'visibilityState', { configurable: true, get: () => (v ? 'visible' : 'hidden') });
+      document.dispatchEvent(new Event('visibilitychange'));
+    }, shown);
+    await visible(false);
+    await page.waitForTimeout(1000); // a refresh already asked for may still come back
+    page.on('request', onRequest);
+    try {
+      await page.waitForTimeout(11000); // two refreshes' time
+      assert.deepEqual(asked, [], 'nothing asked while hidden');
+      assert.match(await page.locator('p.updated').innerText(), /Paused while this tab is hidden/);
+      const shown = Date.now();
+      await visible(true);
+      await page.waitForFunction(() => /^Updated /.test(document.querySelector('p.updated').textContent), null,
+        { timeout: 4000 });
+      assert.ok(asked.length >= 2 && asked[0] - shown < 2000, `asked again at once: ${asked.map((t) => t - shown)}`);
+    } finally {
+      page.off('request', onRequest);
+      await page.evaluate(() => { delete document.hidden; delete document.visibilityState; });
+    }
+  });
+
   await check('the chart draws every minute of the window, the oldest too', async () => {
     // An hour's window touches 61 minutes (05:02 to 06:02 for now 06:02:30):
     // until the fiftieth session's review the chart drew 60, from 05:03,

@@ -273,6 +273,7 @@ def test_console_in_a_browser(make_daemon, db_url, pg):
     checks = {x["check"] for x in results}
     for must in ("a token with an invisible character inside is refused, and not sent",
                  "sign in as admin", "dashboard shows live numbers",
+                 "a hidden tab asks for nothing until it is shown again",
                  "the chart draws every minute of the window, the oldest too", "add a deny rule", "a setting emptied is not saved as 0",
                  "the next message is denied, and its trace says why", "replay a dead letter and see it delivered",
                  "a replay answered 409 shows why, and the row its state now",
