@@ -1473,6 +1473,19 @@ void peer_api_room_members(struct cw_req *req, void *ctx)
 			cw_req_problem(req, 400, "invalid_body", "Invalid body", d);
 			return;
 		}
+	/* One user both added and removed is no change anyone can mean:
+	 * until the fifty-first session it was taken, and the group's other
+	 * peers were sent her join and then her leave. */
+	for (size_t i = 0; i < in->nremove; i++)
+		for (size_t k = 0; k < in->nadd; k++)
+			if (strcasecmp(in->remove[i].u.domain, in->add[k].u.domain) == 0 &&
+			    strcmp(in->remove[i].u.id, in->add[k].u.id) == 0) {
+				char d[MIMI_URI_MAX + 64];
+				snprintf(d, sizeof(d), "%s is in both add and remove", in->remove[i].uri);
+				free(in);
+				cw_req_problem(req, 400, "invalid_body", "Invalid body", d);
+				return;
+			}
 	snprintf(in->public_id, sizeof(in->public_id), "%s", room);
 	snprintf(in->domain, sizeof(in->domain), "%s", app->cfg->domain);
 	app_job_run(app, req, members_fn, in, free, true);

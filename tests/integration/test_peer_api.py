@@ -1757,9 +1757,14 @@ def test_members_add_and_remove(daemon, peers, pg, db_url):
     # Errors change nothing.
     direct = room(a, b)
     for body, code in [({}, "invalid_body"), ({"add": ["nope"]}, "invalid_body"), ({"add": "x"}, "invalid_body"),
-                       ({"add": ["mimi://nowhere.example/u/x"]}, "unknown_domain")]:
+                       ({"add": ["mimi://nowhere.example/u/x"]}, "unknown_domain"),
+                       # one user both added and removed (taken until the fifty-first
+                       # session: the other peers were sent her join, then her leave)
+                       ({"add": [a.user("zed")], "remove": [a.user("zed")]}, "invalid_body")]:
         r = a.call("POST", f"/v1/rooms/{rm['id']}/members", body)
         assert r.status_code == 400 and r.json()["code"] == code, (body, r.text)
+    assert "both add and remove" in r.json()["detail"] and a.user("zed") in r.json()["detail"], r.text
+    assert a.user("zed") not in {m["user"] for m in a.call("GET", f"/v1/rooms/{rm['id']}").json()["members"]}
     r = a.call("POST", f"/v1/rooms/{direct['id']}/members", {"add": [b.user("eve")]})
     assert r.status_code == 400 and "direct" in r.json()["detail"]
     assert a.call("POST", "/v1/rooms/r_none/members", {"add": [b.user("x")]}).status_code == 404
