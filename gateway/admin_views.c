@@ -385,6 +385,9 @@ static char *option_text(const struct cw_config *cfg, const struct cfg_option *o
 
 /* Straight from the option table and the configuration in force; a secret
  * shows "********" when set and "" when not, its default likewise.
+ * "pending": the value the file gave at the last reload to an option that
+ * takes effect at a restart only, while it differs from the one in force
+ * (null otherwise; until the fifty-first session only the log said so).
  * "changed": the value is not the default's, both written the same way
  * (the default as the table writes it may read otherwise: 1MiB for
  * 1048576; until the forty-ninth session the console compared those two
@@ -399,14 +402,16 @@ void admin_views_config(struct cw_req *req, void *ctx)
 	for (size_t i = 0; ok && i < cfg_option_count; i++) {
 		const struct cfg_option *o = &cfg_options[i];
 		char *value = option_text(app->cfg, o), *dv = option_text(&defaults, o);
+		char *pending = cfg_pending_text(app->cfg, o, true);
 		const char *def = o->secret ? (*o->def ? "********" : "") : o->def;
-		json_t *x = value && dv ? json_pack("{s:s, s:s, s:s, s:s, s:b, s:b, s:b, s:s}", "section", o->section,
-						    "name", o->name, "value", value, "default", def, "changed",
-						    strcmp(value, dv) != 0, "reloadable", o->reloadable, "secret",
-						    o->secret, "doc", o->doc)
+		json_t *x = value && dv ? json_pack("{s:s, s:s, s:s, s:s, s:b, s:b, s:b, s:s, s:s?}", "section",
+						    o->section, "name", o->name, "value", value, "default", def,
+						    "changed", strcmp(value, dv) != 0, "reloadable", o->reloadable,
+						    "secret", o->secret, "doc", o->doc, "pending", pending)
 				  : NULL;
 		free(value);
 		free(dv);
+		free(pending);
 		ok = x && json_array_append_new(options, x) == 0;
 	}
 	cfg_free(&defaults);

@@ -366,6 +366,11 @@ void cfg_free(struct cw_config *c)
 	free(c->retired);
 	c->retired = NULL;
 	c->nretired = 0;
+	if (c->pending)
+		for (size_t i = 0; i < cfg_option_count; i++)
+			free(c->pending[i]);
+	free(c->pending);
+	c->pending = NULL;
 }
 
 struct ini_ctx {
@@ -1075,19 +1080,52 @@ static const char *cfg_str(const struct cw_config *c, const struct cfg_option *o
  * /admin/v1/config), and the new one published atomically.  Until the
  * fortieth session no string was reloadable; set_option frees the old
  * value at once, which only the start may do. */
-static cw_err reload_str(struct cw_config *c, const struct cfg_option *o, const char *value, cw_errmsg *e)
+/* Publishes value (a copy; NULL: none) in *slot, the old one retired. */
+static cw_err publish_str(struct cw_config *c, char **slot, const char *value, cw_errmsg *e)
 {
 	char **grown = realloc(c->retired, (c->nretired + 1) * sizeof(*grown));
 	if (!grown)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	c->retired = grown;
-	char *s = strdup(value);
-	if (!s)
+	char *s = NULL;
+	if (value && !(s = strdup(value)))
 		return cw_fail(e, CW_ENOMEM, "out of memory");
-	char *old = __atomic_exchange_n(FIELD(c, o, char *), s, __ATOMIC_ACQ_REL);
+	char *old = __atomic_exchange_n(slot, s, __ATOMIC_ACQ_REL);
 	if (old)
 		c->retired[c->nretired++] = old;
 	return CW_OK;
+}
+
+static cw_err reload_str(struct cw_config *c, const struct cfg_option *o, const char *value, cw_errmsg *e)
+{
+	return publish_str(c, FIELD(c, o, char *), value, e);
+}
+
+/* Option i's value waiting for a restart becomes then (NULL: none). */
+static void set_pending(struct cw_config *c, size_t i, const char *then)
+{
+	char **p = __atomic_load_n(&c->pending, __ATOMIC_ACQUIRE);
+	if (!p && !then)
+		return;
+	if (!p) {
+		if (!(p = calloc(cfg_option_count, sizeof(*p))))
+			return; /* out of memory: not shown, as before (the log says it) */
+		__atomic_store_n(&c->pending, p, __ATOMIC_RELEASE);
+	}
+	const char *was = __atomic_load_n(&p[i], __ATOMIC_ACQUIRE);
+	if ((was == NULL) != (then == NULL) || (was && strcmp(was, then) != 0)) {
+		cw_errmsg e;
+		publish_str(c, &p[i], then, &e);
+	}
+}
+
+char *cfg_pending_text(const struct cw_config *c, const struct cfg_option *o, bool mask)
+{
+	char **p = __atomic_load_n(&c->pending, __ATOMIC_ACQUIRE);
+	const char *v = p ? __atomic_load_n(&p[o - cfg_options], __ATOMIC_ACQUIRE) : NULL;
+	if (!v)
+		return NULL;
+	return strdup(mask && o->secret ? (*v ? "********" : "") : v);
 }
 
 void cfg_value_text(const struct cw_config *c, const struct cfg_option *o, bool mask, char *buf, size_t len)
@@ -1137,11 +1175,15 @@ int cfg_apply_reload(struct cw_config *c, const struct cw_config *next)
 			cfg_value_text(c, o, false, a, sizeof(a));
 			cfg_value_text(next, o, false, b, sizeof(b));
 		}
-		if (strcmp(now, then) == 0)
+		if (strcmp(now, then) == 0) {
+			if (!o->reloadable)
+				set_pending(c, i, NULL); /* the file says what is in force again */
 			continue;
+		}
 		if (!o->reloadable) {
 			LOG_KV(CW_LOG_WARN, "option changed; it takes effect after a restart",
 			       "option", o->name, "section", o->section);
+			set_pending(c, i, then); /* GET /admin/v1/config shows it (since the fifty-first session) */
 			continue;
 		}
 		cw_errmsg e;

@@ -102,6 +102,12 @@ struct cw_config {
 	 * thread) adds to them. */
 	char **retired;
 	size_t nretired;
+	/* The value, as text, that the file read by the last reload gives
+	 * each option that takes effect at a restart only, where it differs
+	 * from the value in force (NULL: none waits; the array itself NULL
+	 * until a reload): cfg_option_count entries, published and replaced
+	 * as the reloadable strings are (the old ones retired). */
+	char **pending;
 	/* The first secret the file (not the environment) holds, NULL: none:
 	 * a masked string option set to a value, database.url only with a
 	 * password, admin.token_sha256 never (the hash is not the token).
@@ -172,6 +178,11 @@ void cfg_value_text(const struct cw_config *c, const struct cfg_option *o,
  * and the new one is published atomically: other threads may read c
  * meanwhile (cfg_value_text). */
 int cfg_apply_reload(struct cw_config *c, const struct cw_config *next);
+
+/* The value of option o that waits for a restart (what the last reload
+ * read, as text, masked as cfg_value_text masks when mask is true), or
+ * NULL when none waits: the caller frees it. */
+char *cfg_pending_text(const struct cw_config *c, const struct cfg_option *o, bool mask);
 
 /* Prints the option table, a line an option, tab-separated: name, type,
  * default, reloadable or restart, environment variable, doc, and the values

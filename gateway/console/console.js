@@ -1090,7 +1090,9 @@
       if (bySection.size === 0) return h("p", { class: "empty" }, "No options reported.");
       return [...bySection].map(([sec, rows]) => section("[" + sec + "]", h("div", { class: "config" }, table([
         ["Option", (o) => h("code", {}, o.name)],
-        ["Value", (o) => h("span", { class: "mono" + (o.changed ? " changed" : "") }, o.secret && !o.value ? "(not set)" : text(o.value))],
+        ["Value", (o) => [h("span", { class: "mono" + (o.changed ? " changed" : "") }, o.secret && !o.value ? "(not set)" : text(o.value)),
+          typeof o.pending === "string" ? h("p", { class: "pending", "data-pending": o.section + "." + o.name },
+            "After a restart: ", h("span", { class: "mono" }, o.secret && !o.pending ? "(not set)" : text(o.pending))) : null]],
         ["Default", (o) => h("span", { class: "mono" }, text(o.default))], ["Reloadable", (o) => (o.reloadable ? "yes" : "no")],
         ["What", (o) => text(o.doc)]], rows, ""))));
     });

@@ -480,6 +480,27 @@ try {
     }
   });
 
+  await check('an option waiting for a restart shows the value it waits with', async () => {
+    // GET /config's pending (since the fifty-first session): the daemon's
+    // own answer, one restart-only option given a value waiting.
+    const fake = async (r) => {
+      const real = await r.fetch();
+      const doc = await real.json();
+      for (const o of doc.options) if (o.section === 'database' && o.name === 'pool_size') o.pending = '9';
+      await r.fulfill({ response: real, json: doc });
+    };
+    await page.route('**/admin/v1/config', fake);
+    try {
+      await go(page, '#/config');
+      const waiting = page.locator('[data-pending="database.pool_size"]');
+      await waiting.waitFor({ timeout: WAIT });
+      assert.equal((await waiting.innerText()).trim(), 'After a restart: 9');
+      assert.equal(await page.locator('[data-pending]').count(), 1, 'only that one');
+    } finally {
+      await page.unroute('**/admin/v1/config', fake);
+    }
+  });
+
   await check('a long audit detail is folded between characters', async () => {
     // "comment: " and 50 letters are 59 UTF-16 units: the emoji after them
     // was cut in half by the 60-unit summary until the fiftieth session's

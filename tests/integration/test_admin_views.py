@@ -485,7 +485,7 @@ def test_config_in_force_with_secrets_masked(make_daemon, db_url, tmp_path):
     opts = {(o["section"], o["name"]): o for o in r.json()["options"]}
     assert opts[("xmpp", "secret")] == {"section": "xmpp", "name": "secret", "value": "********", "default": "",
                                         "changed": True, "reloadable": False, "secret": True,
-                                        "doc": opts[("xmpp", "secret")]["doc"]}
+                                        "doc": opts[("xmpp", "secret")]["doc"], "pending": None}
     for k in (("matrix", "as_token"), ("matrix", "hs_token"), ("database", "url")):
         assert opts[k]["value"] == "********" and opts[k]["secret"] is True, k
     assert opts[("dispatcher", "retry_budget")]["value"] == "7"

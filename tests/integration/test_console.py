@@ -280,6 +280,7 @@ def test_console_in_a_browser(make_daemon, db_url, pg):
                  "a destination filter that matches nothing says so",
                  "a list answered late for a filter changed since is not shown",
                  "a long audit detail is folded between characters",
+                 "an option waiting for a restart shows the value it waits with",
                  "allow a held sender", "a consent of a domain of no peer is marked",
                  "remove a peer's user from a group",
                  "a big group's members come a page at a time",
