@@ -1392,8 +1392,9 @@ void policy_admin_reports_list(struct cw_req *req, void *ctx)
  * ($12 false) the automatic user rule (policy.report_limit_*, $10 and
  * $11), made again over an expired one of its own (the limit alone: a
  * mode an operator gave it meanwhile, a deny say, is not brought back with
- * it, as it was until the thirty-ninth session) and never over an
- * operator's; the audit record (report.create, the answer as its
+ * it, as it was until the thirty-ninth session; made now: its created_at
+ * too, as an operator's rule over an expired one, since the fifty-first
+ * session) and never over an operator's; the audit record (report.create, the answer as its
  * details) and, when a rule was made, the rule's own after it
  * (rule.create, rule_id the rule, the rule and the report's id as its
  * details, its actor system:reports, the rule's created_by, as an
@@ -1431,7 +1432,8 @@ static const char report_sql[] =
 	"  now() + make_interval(secs => $11::bigint) "
 	"  FROM cnt WHERE $9::bigint > 0 AND who_n >= $9::bigint AND NOT $12::boolean "
 	"  ON CONFLICT (scope, pattern) DO UPDATE SET mode = NULL, limits = excluded.limits, "
-	"  comment = excluded.comment, enabled = true, updated_at = now(), expires_at = excluded.expires_at "
+	"  comment = excluded.comment, enabled = true, created_at = now(), updated_at = now(), "
+	"  expires_at = excluded.expires_at "
 	"  WHERE rules.created_by = 'system:reports' AND rules.expires_at <= now() RETURNING *), "
 	"ans AS (SELECT json_build_object('id', (SELECT id FROM rep), 'subject', $4::text, "
 	"  'reports_in_window', (SELECT n FROM cnt), 'reporters_in_window', (SELECT who_n FROM cnt), "

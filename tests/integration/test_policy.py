@@ -1716,12 +1716,17 @@ def test_an_automatic_limit_made_again_is_only_the_limit(daemon, peers, pg, db_u
     assert rule is not None
     assert daemon.admin("PATCH", f"/rules/{rule}", json={"mode": "deny"}).status_code == 200
     assert states(pg, db_url, [send(a, room, "denied").json()["id"]])[0][1] == "dropped"
-    pg.psql("UPDATE rules SET expires_at = now() - interval '1 second' WHERE id = %d" % rule, db_url)
+    pg.psql("UPDATE rules SET expires_at = now() - interval '1 second', created_at = now() - interval '30 days' "
+            "WHERE id = %d" % rule, db_url)
     again = daemon.admin("POST", "/reports", json={"subject": a.user("wally"), "reason": "spam"})
     assert again.status_code == 201 and again.json()["limit_rule_id"] == rule, again.text
     got = daemon.admin("GET", f"/rules/{rule}").json()
     assert (got["mode"], got["limits"], got["created_by"]) == (
         None, {"messages_per_minute": 1, "in_addition": True}, "system:reports"), got
+    # made now, as an operator's rule over an expired one is (until the
+    # fifty-first session it kept the first one's created_at: a limit made
+    # today listed as thirty days old)
+    assert pg.psql(f"SELECT created_at > now() - interval '1 minute' FROM rules WHERE id = {rule}", db_url) == "t"
     # in force: limited (the denied message took the minute's token), nothing more
     assert send(a, room, "limited").status_code == 429
 
