@@ -9,6 +9,7 @@
 #include "matrix_int.h"
 #include "log.h"
 #include "media.h"
+#include "peer/event.h"
 #include "store.h"
 
 #include <signal.h>
@@ -116,7 +117,11 @@ static cw_err upload(struct matrix *m, const char *ghost, const struct media_blo
 	CURL *h = curl_easy_init();
 	char *g = h && ghost ? curl_easy_escape(h, ghost, 0) : NULL;
 	char *f = h && filename ? curl_easy_escape(h, filename, 0) : NULL;
-	char url[1800], auth[600], ctype[200];
+	/* The type whole (the peer API takes up to EVENT_CONTENT_TYPE_MAX
+	 * bytes): until the fifty-first session's review 200 bytes here cut
+	 * a type longer than 185 short, and the homeserver kept another type
+	 * than the event named. */
+	char url[1800], auth[600], ctype[sizeof("Content-Type: ") + EVENT_CONTENT_TYPE_MAX];
 	snprintf(url, sizeof(url), "%.*s/_matrix/media/v3/upload?user_id=%s&filename=%s", (int)mx_hs_base_len(m->cfg),
 		 m->cfg->mx_homeserver_url, g ? g : "", f ? f : "");
 	snprintf(auth, sizeof(auth), "Authorization: Bearer %s", m->cfg->mx_as_token);

@@ -212,6 +212,24 @@ def test_matrix_shows_the_size_of_the_file_as_fetched(mx, hs, wally_room, media)
     assert len(media.requests) == 1
 
 
+def test_a_long_content_type_is_uploaded_whole(mx, hs, wally_room, media):
+    """The peer API takes a content_type of up to 255 bytes; the upload to
+    the homeserver carries it whole, as info.mimetype does.  Until the
+    fifty-first session's review the upload's Content-Type header was
+    written into 200 bytes, and a type longer than 185 was uploaded cut
+    short: the homeserver kept (and served) another type than the one the
+    event named."""
+    a, room = wally_room
+    ctype = "application/vnd." + "x" * (255 - len("application/vnd."))
+    data = os.urandom(1000)
+    url = media.put("/f/long.bin", ctype, data, host="media.wa.localhost")
+    send_file(a, room, "", attachment(url, data, ctype=ctype, name="long.bin"), "ct1")
+    [m] = ghost_messages(hs, 1)
+    assert m["content"]["info"]["mimetype"] == ctype, m["content"]
+    kept = hs.media(m["content"]["url"])
+    assert kept and kept["data"] == data and kept["content_type"] == ctype, kept and kept["content_type"]
+
+
 def test_a_rehosted_files_record_goes_when_its_message_expires(mx, hs, wally_room, media, pg, db_url):
     """What is remembered of a peer's file re-hosted on the homeserver
     (media_rehosted: the store's URL, digest, size, for whom, the mxc://
