@@ -5,6 +5,7 @@
 #include "peer/httpsig.h"
 
 #include <ctype.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -431,6 +432,88 @@ bool media_host_in_domain(const char *url, const char *domain)
 
 #define MEDIA_REDIRECTS 3
 
+/* One hop of a peer-named fetch as its answer comes: its status (of the
+ * last status line: a 1xx one is followed by another) and declared
+ * length, and whether its body is a redirect's page.  libcurl follows no
+ * redirect here (media_fetch_peer does, hop by hop), so it hands a 3xx
+ * answer's body to the write callback and holds its Content-Length to
+ * CURLOPT_MAXFILESIZE like a file's: a redirect's page (nginx's is 154
+ * bytes) counted against the file's cap, and a file declared smaller
+ * than it (an icon, a line of text, an empty file) was refused as
+ * "larger than its declared size" until the fifty-first session's
+ * review.  Now a 3xx answer's body is neither kept nor counted against
+ * the file's cap, but is held to REDIRECT_PAGE_MAX of its own (a store
+ * must not have the gateway read a page without end: a longer one is
+ * refused for good, b->refused), and a Content-Length over the cap ends
+ * any other answer before its body, as CURLOPT_MAXFILESIZE did. */
+#define REDIRECT_PAGE_MAX (64 * 1024)
+#define REDIRECT_PAGE_LONG "its redirect's page is longer than 64 KiB"
+struct hop_answer {
+	struct media_blob *b;
+	long status;
+	curl_off_t length; /* -1: none declared */
+	bool page;         /* a 3xx answer: its body is no file */
+	size_t page_n;     /* of it, read */
+};
+
+/* The decimal number at p (n bytes) after any blanks: -1 for none,
+ * INT64_MAX for one larger (over any cap). */
+static curl_off_t header_number(const char *p, size_t n)
+{
+	size_t i = 0;
+	while (i < n && (p[i] == ' ' || p[i] == '\t'))
+		i++;
+	curl_off_t v = -1;
+	for (; i < n && p[i] >= '0' && p[i] <= '9'; i++) {
+		if (v > (INT64_MAX - 9) / 10)
+			return INT64_MAX;
+		v = (v < 0 ? 0 : v * 10) + (p[i] - '0');
+	}
+	return v;
+}
+
+static size_t hop_header(char *ptr, size_t size, size_t nmemb, void *arg)
+{
+	struct hop_answer *a = arg;
+	size_t n = size * nmemb;
+	static const char cl[] = "content-length:";
+	if (n > 5 && memcmp(ptr, "HTTP/", 5) == 0) {
+		const char *sp = memchr(ptr, ' ', n);
+		curl_off_t st = sp ? header_number(sp, n - (size_t)(sp - ptr)) : -1;
+		a->status = st >= 100 && st <= 999 ? (long)st : 0;
+		a->length = -1;
+		a->page = false;
+		a->page_n = 0;
+	} else if (n > sizeof(cl) - 1 && strncasecmp(ptr, cl, sizeof(cl) - 1) == 0) {
+		a->length = header_number(ptr + sizeof(cl) - 1, n - (sizeof(cl) - 1));
+	} else if (n <= 2 && (ptr[0] == '\r' || ptr[0] == '\n')) { /* the headers' end */
+		a->page = a->status / 100 == 3;
+		if (a->page && a->length > REDIRECT_PAGE_MAX) {
+			a->b->refused = REDIRECT_PAGE_LONG;
+			return 0; /* ends the transfer */
+		}
+		if (!a->page && a->status / 100 != 1 && a->length > (curl_off_t)a->b->max) {
+			a->b->too_big = true;
+			return 0;
+		}
+	}
+	return n;
+}
+
+static size_t hop_data(char *ptr, size_t size, size_t nmemb, void *arg)
+{
+	struct hop_answer *a = arg;
+	size_t n = size * nmemb;
+	if (!a->page)
+		return on_data(ptr, size, nmemb, a->b);
+	if (n > REDIRECT_PAGE_MAX - a->page_n) {
+		a->b->refused = REDIRECT_PAGE_LONG;
+		return 0; /* aborts the transfer */
+	}
+	a->page_n += n;
+	return n;
+}
+
 /* Whether a URL libcurl reads holds a user or a password, which it would
  * send as Basic authentication. */
 static bool url_has_user(const char *url)
@@ -495,9 +578,16 @@ cw_err media_fetch_peer(const struct cw_app *app, const char *url, const char *s
 			cc = CURLE_OPERATION_TIMEDOUT;
 			break;
 		}
-		media_blob_free(b); /* a redirect's own body */
+		media_blob_free(b);
 		b->too_big = false;
 		media_download_setup(h, at, hd, b, cfg->ca_file, left_ms);
+		/* A redirect's page is no part of the file (hop_answer). */
+		struct hop_answer ans = { .b = b, .length = -1 };
+		curl_easy_setopt(h, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)0);
+		curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, hop_header);
+		curl_easy_setopt(h, CURLOPT_HEADERDATA, &ans);
+		curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, hop_data);
+		curl_easy_setopt(h, CURLOPT_WRITEDATA, &ans);
 		/* A URL a peer chose: https only, redirects included, and never
 		 * to an address of this host or its private network (SSRF: the
 		 * body comes back to users the peer can reach). */

@@ -69,7 +69,9 @@ void media_url_host(const char *url, char *out, size_t len);
  * was signed, whatever its host).  Never through a proxy, whatever the
  * environment says (https_proxy, all_proxy: since the thirty-second
  * session).  Redirects: https only, at most 3,
- * each hop signed or not by its own host; every connection's address is
+ * each hop signed or not by its own host, a redirect's own body neither
+ * kept nor counted against b->max, but read to 64 KiB at most (since the
+ * fifty-first session; a longer one is refused for good, below); every connection's address is
  * checked (media_address_public) unless server.media_private_addresses
  * (loopback, private, link-local and other non-public addresses then
  * pass: the setting is read here, not by each caller, so that no fetch a
@@ -78,7 +80,7 @@ void media_url_host(const char *url, char *out, size_t len);
  * CW_EINVAL when the fetch was refused for a fact of the URL, which no
  * retry changes (b->refused says which, since the twenty-sixth session):
  * every address of its host not public, a hop not over https, too many
- * redirects, a URL libcurl cannot read (one the peer API takes, https://
+ * redirects, a redirect's page over 64 KiB, a URL libcurl cannot read (one the peer API takes, https://
  * and visible ASCII, with a port past 65535, say); CW_EUNAVAIL when no answer came
  * (e says why; b->too_big when the cap cut it off). */
 cw_err media_fetch_peer(const struct cw_app *app, const char *url, const char *signer_domain, long timeout_ms,

@@ -350,7 +350,9 @@ class MediaServer:
     libcurl resolves to loopback by itself: a peer of domain wa.localhost
     keeps its files at media.wa.localhost); files[path] = (content type,
     bytes); status[path] = an answer instead; redirect[path] = a URL
-    answered with a 302; requests: (path, headers) in order."""
+    answered with a 302, with redirect_body[path] as its body (none when
+    not given; a web server's redirect has a short page, as nginx's 154
+    bytes); requests: (path, headers) in order."""
 
     def __init__(self, directory, hosts=()):
         import ssl
@@ -358,6 +360,7 @@ class MediaServer:
 
         self.cert_file, key_file = self_signed_ca(directory, "peer media store test CA", hosts, ["127.0.0.1"])
         self.files, self.status, self.redirect, self.requests = {}, {}, {}, []
+        self.redirect_body = {}
         self.delay = {}  # path -> seconds before the answer
         outer = self
 
@@ -373,9 +376,12 @@ class MediaServer:
                     time.sleep(outer.delay[self.path])
                 if self.path in outer.redirect:
                     self.send_response(302)
+                    page = outer.redirect_body.get(self.path, b"")
                     self.send_header("Location", outer.redirect[self.path])
-                    self.send_header("Content-Length", "0")
+                    self.send_header("Content-Type", "text/html")
+                    self.send_header("Content-Length", str(len(page)))
                     self.end_headers()
+                    self.wfile.write(page)
                     return
                 status = outer.status.get(self.path)
                 found = outer.files.get(self.path)

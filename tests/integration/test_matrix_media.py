@@ -230,6 +230,39 @@ def test_a_long_content_type_is_uploaded_whole(mx, hs, wally_room, media):
     assert kept and kept["data"] == data and kept["content_type"] == ctype, kept and kept["content_type"]
 
 
+def test_a_small_file_behind_a_redirect_with_a_page_is_carried(mx, hs, wally_room, media):
+    """A redirect's own body (the short page a web server answers a 302
+    with, nginx's 154 bytes) is not the file: it counts against neither
+    the file's declared size nor server.media_max_bytes, and is not kept.
+    Until the fifty-first session's review it counted (libcurl follows no
+    redirect for a peer's file: media_fetch_peer does, hop by hop), and a
+    file declared smaller than its redirect's page (an icon, a line of
+    text, an empty file) was refused for good, "larger than its declared
+    size".  A page is held to 64 KiB of its own: a store cannot have the
+    gateway read one without end (refused for good, as a redirect off
+    https is)."""
+    a, room = wally_room
+    page = b"<html>\r\n<head><title>302 Found</title></head>\r\n<body>\r\n<center><h1>302 Found</h1></center>\r\n" \
+           b"<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+    host = f"https://media.wa.localhost:{media.port}"
+    tiny, empty, big = b"hello, world\n", b"", os.urandom(2000)
+    cases = (("short", tiny, page), ("empty", empty, page), ("long", big, b"<!-- moved -->" * 4600),
+             ("endless", big, b"<!-- moved -->" * 4700))
+    for i, (name, data, body) in enumerate(cases):
+        real = media.put(f"/f/{name}.bin", "application/octet-stream", data, host="media.wa.localhost")
+        media.redirect[f"/f/{name}"] = real
+        media.redirect_body[f"/f/{name}"] = body
+        send_file(a, room, "", attachment(host + f"/f/{name}", data, ctype="application/octet-stream",
+                                          name=f"{name}.bin"), f"rb{i}")
+    ms = ghost_messages(hs, len(cases))
+    for m, (name, data, body) in zip(ms, cases):
+        if len(body) > 64 * 1024:
+            assert m["content"]["body"] == f"[file: {name}.bin] (not carried: its redirect's page is longer than 64 KiB)", m
+            continue
+        assert m["content"]["msgtype"] == "m.file" and m["content"]["url"].startswith("mxc://"), (name, m["content"])
+        assert hs.media(m["content"]["url"])["data"] == data
+
+
 def test_a_rehosted_files_record_goes_when_its_message_expires(mx, hs, wally_room, media, pg, db_url):
     """What is remembered of a peer's file re-hosted on the homeserver
     (media_rehosted: the store's URL, digest, size, for whom, the mxc://

@@ -836,3 +836,31 @@ def test_a_follow_after_the_messages_delete_is_not_served_by_the_fetch_under_way
             t.join(30)
         srv.close()
         media.close()
+
+
+def test_a_links_file_behind_a_redirect_with_a_page_is_served(make_daemon, db_url, prosody, alice, tmp_path):
+    """A link's fetch follows a redirect hop by hop: the redirect's own
+    page (the short body of a web server's 302) is not the file and does
+    not count against the size its attachment declared.  Until the
+    fifty-first session's review it did, and a file declared smaller
+    than that page was answered 413 too_large ("larger than its declared
+    size").  A page longer than 64 KiB is not read to its end: 403
+    media_refused, as for a redirect off https."""
+    media, d, a, srv, key, room = start(make_daemon, db_url, prosody, tmp_path)
+    try:
+        page = b"<html><head><title>302 Found</title></head><body><h1>302 Found</h1><hr>nginx</body></html>\r\n" * 2
+        data = b"\xff\xd8\xff" + os.urandom(20)
+        real = media.put("/f/real.jpg", "image/jpeg", data, host="media.wa.localhost")
+        host = f"https://media.wa.localhost:{media.port}"
+        media.redirect["/f/moved.jpg"], media.redirect_body["/f/moved.jpg"] = real, page
+        media.redirect["/f/endless.jpg"], media.redirect_body["/f/endless.jpg"] = real, b"x" * (64 * 1024 + 1)
+        _, link = photo_link(a, alice, room, host + "/f/moved.jpg", data)
+        got = requests.get(link, timeout=10)
+        assert got.status_code == 200 and got.content == data, (got.status_code, got.text[:200])
+        _, link = photo_link(a, alice, room, host + "/f/endless.jpg", data)
+        r = requests.get(link, timeout=10)
+        assert r.status_code == 403 and r.json()["code"] == "media_refused", (r.status_code, r.text[:200])
+        assert "its redirect's page is longer than 64 KiB" in r.json()["detail"], r.text
+    finally:
+        srv.close()
+        media.close()
