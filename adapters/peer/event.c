@@ -699,12 +699,18 @@ static cw_err check_attachment(struct vctx *c, json_t *a, struct event *ev)
 	if (!json_is_object(a))
 		return vfail(c, EVENT_ERR_INVALID, "Each attachment must be an object.");
 	const char *s;
-	cw_err rc = string_member(c, a, "content_type", M_REQUIRED, EVENT_CONTENT_TYPE_MAX, &s);
+	/* Its length is part of its syntax (RFC 6838: a type and a subtype
+	 * of at most 127 characters each), as a sha256's: a longer one is
+	 * invalid_body, not too_large (413 until the fifty-first session's
+	 * review). */
+	cw_err rc = string_member(c, a, "content_type", M_REQUIRED, SIZE_MAX, &s);
 	if (rc)
 		return rc;
-	if (!content_type_valid(s)) {
+	if (strlen(s) > EVENT_CONTENT_TYPE_MAX || !content_type_valid(s)) {
 		jptr_push(&c->ptr, "content_type");
-		return vfail(c, EVENT_ERR_INVALID, "content_type must be a media type type/subtype without parameters.");
+		return vfail(c, EVENT_ERR_INVALID,
+			     "content_type must be a media type type/subtype without parameters, at most %d bytes.",
+			     EVENT_CONTENT_TYPE_MAX);
 	}
 	rc = string_member(c, a, "url", M_REQUIRED, EVENT_URL_MAX, &s);
 	if (rc)

@@ -637,7 +637,8 @@ def test_the_attachment_patterns_take_what_the_daemon_takes(daemon, doc):
     other answer is one it took).  Until the fiftieth session's review
     the daemon took a url that names no host (https://?x, https://#x,
     https://:443/x), which the pattern refuses, and a sha256 of 65 digits
-    was 413 too_large, not invalid_body."""
+    was 413 too_large, not invalid_body; until the fifty-first session's
+    review so was a content_type over 255 bytes."""
     from peer import push_peers
     (a, sa), (b, sb) = made = push_peers(daemon)
     try:
@@ -650,8 +651,11 @@ def test_the_attachment_patterns_take_what_the_daemon_takes(daemon, doc):
                 "https://a.example/" + "a" * 2031]
         digest = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         sums = [digest, digest[:63], digest + "0", digest.upper(), "g" * 64, ""]
+        types = ["image/png", "application/vnd.a+b", "image/x-'or'1", "image/" + "x" * 249, "image/" + "x" * 250,
+                 "image", "/png", "image/", "image/png; q=1", "a/b/c", "image/p\u00e9", ""]
         cases = [("url", u, {"content_type": "image/png", "url": u}) for u in urls] + \
-                [("sha256", h, {"content_type": "image/png", "url": "https://a.example/f", "sha256": h}) for h in sums]
+                [("sha256", h, {"content_type": "image/png", "url": "https://a.example/f", "sha256": h}) for h in sums] + \
+                [("content_type", t, {"content_type": t, "url": "https://a.example/f"}) for t in types]
         items = [{"idempotency_key": f"k{i}", "room": "mimi://wa.example/r/r_1",
                   "event": {"type": "message", "sender": a.user("wally"), "content": {"attachments": [x]}}}
                  for i, (_, _, x) in enumerate(cases)]
