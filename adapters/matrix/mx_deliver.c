@@ -1188,9 +1188,16 @@ static cw_err ensure_portal_member(struct matrix *m, PGconn *c, const char *room
  * who sent the row (part >= 0: the event of that extra attachment, with
  * MX_PART_KEY; -1: the row's own event).  Anyone in the room may write
  * any key into their content (a client that forwards a message copies
- * it): an event of someone else's is not the row's. */
-static bool already_sent(struct matrix *m, const char *room, const char *ghost, int64_t row_id, int part,
-			 char *eid, size_t elen)
+ * it): an event of someone else's is not the row's.  A look the
+ * homeserver did not answer (down, a 5xx, a 408 or 429) says nothing:
+ * the error (e), and the row is tried again, not sent blind (until the
+ * fifty-first session a failed look was taken for "not there", and a row
+ * whose answer was lost went twice once the homeserver had forgotten its
+ * txnId).  One it refuses (another 4xx: a homeserver that wants a from
+ * token, say) can never be made: not there, as before, or the row would
+ * never go. */
+static cw_err already_sent(struct matrix *m, const char *room, const char *ghost, int64_t row_id, int part,
+			   char *eid, size_t elen, bool *found, cw_errmsg *e)
 {
 	const char *actor = ghost ? ghost : m->bot;
 	char path[600], *r = seg(m, room);
@@ -1198,9 +1205,14 @@ static bool already_sent(struct matrix *m, const char *room, const char *ghost, 
 	curl_free(r);
 	long status;
 	json_t *answer = NULL;
-	cw_errmsg e;
-	bool found = false;
-	if (mx_call(m, "GET", path, ghost, "dir=b&limit=50", NULL, &status, &answer, &e) == CW_OK) {
+	*found = false;
+	cw_errmsg ce;
+	cw_err rc = mx_call(m, "GET", path, ghost, "dir=b&limit=50", NULL, &status, &answer, &ce);
+	if (rc && (status == 0 || status == 408 || status == 429 || status >= 500))
+		cw_fail(e, rc, "cannot look for an earlier try's event in the room: %s", ce.msg);
+	else if (rc)
+		rc = CW_OK; /* refused: never to be had */
+	else {
 		size_t i;
 		json_t *ev;
 		json_array_foreach(json_object_get(answer, "chunk"), i, ev) {
@@ -1211,13 +1223,13 @@ static bool already_sent(struct matrix *m, const char *room, const char *ghost, 
 			    (part < 0 ? !p : json_is_integer(p) && json_integer_value(p) == part) &&
 			    json_is_string(json_object_get(ev, "event_id"))) {
 				snprintf(eid, elen, "%s", json_string_value(json_object_get(ev, "event_id")));
-				found = true;
+				*found = true;
 				break;
 			}
 		}
 	}
 	json_decref(answer);
-	return found;
+	return rc;
 }
 
 /* batch_info's statement, prepared on the dispatcher's connection and run
@@ -1450,7 +1462,11 @@ static cw_err media_parts(struct matrix *m, PGconn *c, struct outbox_row *row, c
 	cw_err rc = rs ? CW_OK : cw_fail(e, CW_ENOMEM, "out of memory");
 	for (size_t k = first; !rc && k + 1 < n; k++) {
 		char eid[MX_ID_MAX + 1];
-		if (row->attempts > 1 && already_sent(m, room, ghost, row->id, (int)k, eid, sizeof(eid))) {
+		bool found = false;
+		if (row->attempts > 1 &&
+		    (rc = already_sent(m, room, ghost, row->id, (int)k, eid, sizeof(eid), &found, e)))
+			break;
+		if (found) {
 			note_part(c, row, eid);
 			continue;
 		}
@@ -1832,7 +1848,10 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	cw_err rc = CW_OK;
 	switch (out.op) {
 	case MX_OP_SEND: {
-		if (row->attempts > 1 && already_sent(m, room, actor, row->id, -1, eid, sizeof(eid))) {
+		bool found = false;
+		if (row->attempts > 1 && (rc = already_sent(m, room, actor, row->id, -1, eid, sizeof(eid), &found, e)))
+			break;
+		if (found) {
 			note_sent(sent, row, eid);
 			res = PREP_NOTHING;
 			break;

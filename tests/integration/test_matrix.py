@@ -5598,6 +5598,48 @@ def test_a_homeserver_refusing_an_event_as_too_large_holds_no_later_row(mx, hs, 
     assert [x["status"] for x in st["recipients"]] == ["not_delivered"], st
 
 
+def test_a_row_whose_look_for_its_earlier_try_fails_is_not_sent_blind(mx, hs, gk, pg, db_url):
+    """wally's message reaches the room but the answer is lost, and the
+    homeserver forgets its txnId (a restart) before the retry, which
+    first looks for the message among the room's last events; that look
+    fails once (503). The row is tried again, not sent: the look after
+    finds it, and alice sees the message once. Until the fifty-first
+    session a failed look was taken for "not there" and the message went
+    twice."""
+    a, _ = gk
+    room, mx_room = wally_wrote_to_alice(mx, hs, a, pg, db_url)
+    lost, looks = [], []
+
+    def lose(method, path, user):
+        # (libcurl sends a request again at once when a kept-alive
+        # connection closes unanswered: that one's answer is lost too)
+        if method == "PUT" and "/send/m.room.message/" in path and not looks:
+            lost.append(path)
+            return True
+        return False
+
+    def refuse(method, path, user):
+        if lost and method == "GET" and path.endswith("/messages"):
+            looks.append(path)
+            if len(looks) == 1:
+                hs.forget_txn_ids()
+                return True
+        return False
+    hs.lose_reply, hs.refuse = lose, refuse
+    try:
+        m = a.send(room, a.user("wally"), "only once").json()["id"]
+        row = ("SELECT o.state || ' ' || coalesce(o.remote_id, '-') FROM outbox o JOIN events e ON e.id = o.event_id "
+               f"WHERE o.destination = 'matrix' AND e.public_id = '{m}'")
+        wait_until(lambda: pg.psql(row, db_url).startswith("delivered"), what="the row delivered")
+    finally:
+        hs.lose_reply = hs.refuse = None
+    assert len(looks) == 2, looks
+    shown = [e for e in hs.events(mx_room) if e["type"] == "m.room.message" and e["content"]["body"] == "only once"]
+    assert len(shown) == 1, shown
+    assert pg.psql(row, db_url) == "delivered " + shown[0]["event_id"]
+    assert {(x["status"], x["lost"]) for x in hs.requests if x["path"] == lost[0]} == {(200, True)}
+
+
 def rate_limited_homeserver():
     """A stand-in whose registration says rate_limited: true, and a notify
     server (the caller closes both)."""
