@@ -50,6 +50,29 @@ static char *seg(struct matrix *m, const char *s)
 	return curl_easy_escape(NULL, s, 0);
 }
 
+/* Whether the homeserver's refusal of a row's request (its status and
+ * errcode) is for good: the same request is refused the same way on every
+ * try, so that the row is a dead letter at once and its room's later rows
+ * go on, not held behind it for the whole retry budget and then dead with
+ * it.  A 413 (M_TOO_LARGE), and a 4xx that says, with a Matrix errcode,
+ * that the request itself is wrong (400 M_BAD_JSON, M_INVALID_PARAM, a
+ * relation Synapse refuses as M_UNKNOWN; 404 M_NOT_FOUND, the event a
+ * receipt names not in the room; 404/405 M_UNRECOGNIZED, no such
+ * endpoint).  Not a 401 or 403 (a token not taken, a ghost not in the
+ * room: the operator or the bot mends them, and health tells them:
+ * note_refusal), a 408 or a 429 (a wait mends them), nor a 4xx without
+ * an errcode (a proxy's page, not the homeserver's word).  Until the
+ * fifty-first session only a 413 was. */
+static bool refused_for_good(long status, const json_t *answer)
+{
+	const char *code = json_string_value(json_object_get(answer, "errcode"));
+	if (status == 413)
+		return true;
+	return status >= 400 && status < 500 && status != 401 && status != 403 && status != 408 && status != 429 &&
+	       code && strcmp(code, "M_LIMIT_EXCEEDED") != 0 && strcmp(code, "M_FORBIDDEN") != 0 &&
+	       strcmp(code, "M_UNKNOWN_TOKEN") != 0 && strcmp(code, "M_MISSING_TOKEN") != 0;
+}
+
 static void note_refusal(struct matrix *m, long status, json_t *answer)
 {
 	const char *code = json_string_value(json_object_get(answer, "errcode"));
@@ -1491,7 +1514,7 @@ static cw_err media_parts(struct matrix *m, PGconn *c, struct outbox_row *row, c
 			long status;
 			json_t *answer = NULL;
 			rc = mx_call(m, "PUT", path, ghost, query, json_incref(o.content), &status, &answer, e);
-			*never = rc && status == 413; /* as for the row's own event (matrix_deliver) */
+			*never = rc && refused_for_good(status, answer); /* as the row's own event (matrix_deliver) */
 			const char *sent_id = json_string_value(json_object_get(answer, "event_id"));
 			if (!rc && sent_id && mx_event_id_valid(sent_id))
 				note_part(c, row, sent_id);
@@ -2046,14 +2069,16 @@ static bool annotation_of(struct matrix *m, const struct sent_to *to, char *eid,
  * *repeated: the homeserver has the reaction already (Synapse's 400
  * M_DUPLICATE_ANNOTATION: the same sender's annotation of the event with
  * the key, not redacted), which no retry changes and the room shows: the
- * row is delivered, its event the one there (the caller notes it). */
+ * row is delivered, its event the one there (the caller notes it).
+ * *final: refused for good (refused_for_good). */
 static cw_err finish_row(struct matrix *m, CURL *h, struct mx_req *rq, CURLcode cc, struct outbox_row *row,
-			 json_t *sent, long *code, bool *repeated, cw_errmsg *e)
+			 json_t *sent, long *code, bool *repeated, bool *final, cw_errmsg *e)
 {
 	long status = 0;
 	json_t *answer = NULL;
 	cw_err rc = req_done(m, h, rq, cc, &status, &answer, e);
 	*code = status;
+	*final = rc && refused_for_good(status, answer);
 	const char *errcode = json_string_value(json_object_get(answer, "errcode"));
 	*repeated = rc && status == 400 && errcode && strcmp(errcode, "M_DUPLICATE_ANNOTATION") == 0;
 	if (*repeated)
@@ -2270,9 +2295,9 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 			run->busy = false;
 			struct outbox_row *row = &rows[run->idx[run->next]];
 			long status = 0;
-			bool repeated = false;
+			bool repeated = false, final = false;
 			cw_errmsg fe = { { 0 } };
-			if (finish_row(m, run->h, &run->rq, cc, row, sent, &status, &repeated, &fe) == CW_OK) {
+			if (finish_row(m, run->h, &run->rq, cc, row, sent, &status, &repeated, &final, &fe) == CW_OK) {
 				char eid[MX_ID_MAX + 1];
 				/* a reaction the room has: its delete takes that one away */
 				if (repeated && (repeated_reaction(c, rows, n, (size_t)(row - rows), sent, eid, sizeof(eid)) ||
@@ -2281,15 +2306,20 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 				row->outcome = 1;
 				row->code = status;
 				run->next++;
-			} else if (status == 413) {
-				/* M_TOO_LARGE: a homeserver that takes smaller events
-				 * than Matrix (the content is made to fit Matrix's
-				 * limit) answers so on every try: dead at once
-				 * (outcome 5), the room's next rows go on */
+			} else if (final) {
+				/* refused for good (refused_for_good): say, a
+				 * homeserver that takes smaller events than Matrix
+				 * (the content is made to fit Matrix's limit) answers
+				 * 413 M_TOO_LARGE on every try: dead at once (outcome
+				 * 5), the room's next rows go on */
 				char id[24];
 				snprintf(id, sizeof(id), "%lld", (long long)row->id);
-				LOG_KV_LIMITED(CW_LOG_WARN, "the homeserver refused an event as too large", "outbox_id", id,
-					       "detail", fe.msg);
+				if (status == 413)
+					LOG_KV_LIMITED(CW_LOG_WARN, "the homeserver refused an event as too large",
+						       "outbox_id", id, "detail", fe.msg);
+				else
+					LOG_KV_LIMITED(CW_LOG_WARN, "the homeserver refused a row's request for good",
+						       "outbox_id", id, "detail", fe.msg);
 				row->outcome = 5;
 				row->code = status;
 				snprintf(row->why, sizeof(row->why), "%s", fe.msg);

@@ -5598,6 +5598,40 @@ def test_a_homeserver_refusing_an_event_as_too_large_holds_no_later_row(mx, hs, 
     assert [x["status"] for x in st["recipients"]] == ["not_delivered"], st
 
 
+def test_a_request_the_homeserver_refuses_for_good_holds_no_later_row(mx, hs, gk, pg, db_url):
+    """alice wrote to wally, then left their direct room; wally's next
+    message opens a new one, and his read receipt of her message names
+    her event in the room she left: the homeserver refuses it, 404
+    M_NOT_FOUND (the event is not in this room), on every try. The row is
+    a dead letter at once, with why, and the room's later rows go on.
+    Until the fifty-first session only a 413 was final: the receipt was
+    tried again for its whole retry budget, the room's later rows behind
+    it, then they went dead with it."""
+    a, srv = gk
+    room, mx_room, alice, ghost = wally_writes_to_alice(mx, hs, gk)
+    wally = a.user("wally")
+    alice.join(mx_room)
+    alice.send_text(mx_room, "hi wally")
+    hi = wait_until(lambda: next((e["id"] for e in list(srv.events) if e["type"] == "message" and
+                                  e["sender"] == ALICE), None), what="alice's message at the peer")
+    alice.leave(mx_room)
+    wait_until(lambda: hs.members(mx_room).get(ghost) == "leave", what="the ghost leaving")
+    a.send(room, wally, "still there?")
+    new_room = new_room_of(hs, mx_room, ghost)
+    r = a.call("POST", f"/v1/rooms/{room}/receipts", {"type": "receipt", "sender": wally,
+                                                      "content": {"receipt": "read", "in_reply_to": hi}})
+    assert r.status_code == 202, r.text
+    receipt = r.json()["id"]
+    assert a.send(room, wally, "after the refused one").status_code == 202
+    wait_until(lambda: "after the refused one" in bodies(hs, new_room), what="the row after the refused one")
+    refused = [x for x in hs.requests if x["method"] == "POST" and "/receipt/m.read/" in x["path"]]
+    assert [(x["status"], x["answer"]["errcode"]) for x in refused] == [(404, "M_NOT_FOUND")], refused
+    row = (f"SELECT o.state || ' ' || o.attempts || ' ' || coalesce(o.last_error, '') FROM outbox o JOIN events e "
+           f"ON e.id = o.event_id WHERE e.public_id = '{receipt}' AND o.destination = 'matrix'")
+    wait_until(lambda: pg.psql(row, db_url).split(" ")[0] not in ("in_flight", "pending"), what="the row's outcome")
+    assert pg.psql(row, db_url) == "dead 1 homeserver answered 404 M_NOT_FOUND", pg.psql(row, db_url)
+
+
 def test_a_row_whose_look_for_its_earlier_try_fails_is_not_sent_blind(mx, hs, gk, pg, db_url):
     """wally's message reaches the room but the answer is lost, and the
     homeserver forgets its txnId (a restart) before the retry, which
