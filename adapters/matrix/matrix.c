@@ -1298,12 +1298,16 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 			/* No event id: the same content is the same event (a
 			 * receipt); typing is the same only within one
 			 * transaction (its retry), or a second "start" later
-			 * would be lost. */
+			 * would be lost, and in one room (its content names
+			 * none: until the fifty-first session a start in a
+			 * second room of the same transaction was taken for
+			 * the first's and dropped). */
 			char *text = json_dumps(neutral, JSON_COMPACT | JSON_SORT_KEYS);
 			unsigned char h[32];
-			char hex[65], native[120];
-			cw_sha256_pair(text ? text : "", text ? strlen(text) : 0, typing ? t->txn_id : "",
-				       typing ? strlen(t->txn_id) : 0, h);
+			char hex[65], native[120], scope[2 * MX_ID_MAX + 4] = "";
+			if (typing)
+				snprintf(scope, sizeof(scope), "%s %s", room, t->txn_id);
+			cw_sha256_pair(text ? text : "", text ? strlen(text) : 0, scope, strlen(scope), h);
 			free(text);
 			cw_hex(hex, h, 16);
 			snprintf(native, sizeof(native), "eph:%s", hex);

@@ -4704,6 +4704,44 @@ def test_typing_and_read_receipts_reach_the_peer(mx, hs, gk, pg, db_url):
     assert got[2]["content"]["in_reply_to"] == sent and all(e["sender"] == ALICE for e in got)
 
 
+def test_typing_in_two_rooms_in_one_transaction_reaches_both(mx, hs, gk, pg, db_url):
+    """alice starts typing in her rooms with wally and with vera, and
+    stops in both, each pair in one transaction (the homeserver batches
+    what came while its last one was in flight). Each room's typing
+    reaches the peer: a typing event's key is its content, its transaction
+    and its room. Until the fifty-first session it left the room out, and
+    the second room's start (and stop) was taken for the first's, sent
+    again, and dropped."""
+    a, srv = gk
+    consent_alice(mx)
+    consent_alice(mx, "mimi://wa.example/u/vera")
+    _, alice_token = hs.create_user("alice")
+    alice = hs.as_user(alice_token)
+    rooms = {}
+    for who in ("wally", "vera"):
+        room = a.create_room([a.user(who), ALICE]).json()["id"]
+        a.send(room, a.user(who), f"hi from {who}")
+        ghost = f"@_cw_gk_{who}:example.org"
+        mx_room = wait_until(lambda: next((rid for rid in hs.rooms() if any(
+            e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(rid))), None), what="delivery")
+        alice.join(mx_room)
+        rooms[room] = mx_room
+    wait_until(lambda: len([e for e in list(srv.events) if e["type"] == "membership"]) == 2, what="her joins")
+    typing = lambda: sorted((e["room_id"], e["content"]["state"]) for e in list(srv.events)  # noqa: E731
+                            if e["type"] == "typing")
+    for state in (True, False):
+        n = len(hs.transactions)
+        hs.stop_pushing()
+        for mx_room in rooms.values():
+            alice.typing(mx_room, state)
+        hs.resume_pushing()
+        wait_until(lambda: len(hs.transactions) > n and all(t["done"] for t in hs.transactions[n:]),
+                   what="the transaction taken")
+        assert any(len(t["ephemeral"]) == 2 for t in hs.transactions[n:]), hs.transactions[n:]
+    want = sorted((room, state) for room in rooms for state in ("start", "stop"))
+    wait_until(lambda: typing() == want, what="both rooms' typing at the peer")
+
+
 def test_a_typing_stop_lost_with_a_failed_transaction_is_not_forgotten(mx, hs, gk, pg, db_url):
     """m.typing says who types now; who stopped is who was in the list before.
     The list before is what the last durable transaction said: a transaction
