@@ -418,13 +418,26 @@ static const char *to_native(void *arg, const char *msg_id)
 	}
 	char target[24];
 	snprintf(target, sizeof(target), "%lld", (long long)l->target);
-	const char *params[] = { msg_id, target };
+	const char *params[] = { msg_id, target, l->room ? l->room : "" };
+	/* Only an event of the row's room: one delivered (or written by the
+	 * user) before that room was bound is of another, an earlier direct
+	 * room the user left, say.  Homeservers refuse a relation to an event
+	 * of another room (Synapse: 400 "Relations must be in the same room")
+	 * and a receipt of one (404), and a redaction there takes nothing
+	 * away: the reference is taken for a message that never reached this
+	 * room (an edit goes as a new message; a reaction, delete or receipt
+	 * as nothing).  Until the fifty-first session it named the other
+	 * room's event, and the row failed for its whole retry budget.  A
+	 * delivery not recorded yet (no delivered_at) counts as this room's. */
 	PGresult *r = PQexecParams(l->c,
 		"SELECT coalesce((SELECT o.remote_id FROM outbox o WHERE o.event_id = e.id AND o.destination = 'matrix' "
-		" AND o.target_identity_id = $2::bigint AND o.remote_id IS NOT NULL), "
-		" CASE WHEN e.origin_network = 'matrix' AND e.sender_id = $2::bigint THEN e.origin_native_id END) "
-		"FROM events e WHERE e.public_id = $1",
-		2, NULL, params, NULL, NULL, 0);
+		" AND o.target_identity_id = $2::bigint AND o.remote_id IS NOT NULL "
+		" AND NOT coalesce(o.delivered_at < b.created_at, false)), "
+		" CASE WHEN e.origin_network = 'matrix' AND e.sender_id = $2::bigint "
+		"  AND NOT coalesce(e.accepted_at < b.created_at, false) THEN e.origin_native_id END) "
+		"FROM events e LEFT JOIN room_bindings b ON b.network = 'matrix' AND b.native_id = $3 "
+		"WHERE e.public_id = $1",
+		3, NULL, params, NULL, NULL, 0);
 	/* A database that did not answer says nothing of the message: taken
 	 * for unknown, an edit went as a new message and a delete, reaction
 	 * or receipt as nothing, for good (until the twenty-fifth session). */

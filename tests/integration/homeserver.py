@@ -327,7 +327,8 @@ class Homeserver:
         # as behind a proxy while it restarts), 401 answers M_UNKNOWN_TOKEN
         # (the as_token not taken), 403 answers M_FORBIDDEN,
         # 429 answers M_LIMIT_EXCEEDED with retry_after_ms
-        # refuse_retry_after_ms (and its Retry-After header, as for any 429).
+        # refuse_retry_after_ms (and its Retry-After header, as for any 429),
+        # 400 answers M_BAD_JSON (the request refused as invalid).
         self.refuse = None
         self.refuse_retry_after_ms = 1000
         # A test's predicate on a transaction pushed (its dict, as in
@@ -773,6 +774,8 @@ class Homeserver:
                 if refused == 429:
                     raise MatrixError(429, "M_LIMIT_EXCEEDED", "Too Many Requests",
                                       retry_after_ms=self.refuse_retry_after_ms)
+                if refused == 400:  # the request itself refused, as invalid content is
+                    raise MatrixError(400, "M_BAD_JSON", "Refused by the test")
                 if refused:
                     raise MatrixError(503, "M_UNKNOWN", "Service unavailable")
                 status, answer = fn(req, *args)
@@ -1095,6 +1098,7 @@ class Homeserver:
                 ev = self._redact(room, req.user_id, target, content, ts)
             else:
                 self._check_annotation(room, req.user_id, etype, content)
+                self._check_relation(room, content)
                 self._check_event(room, {"type": etype, "sender": req.user_id, "room_id": room_id,
                                          "content": content, "origin_server_ts": 0})
                 if room.user_level(req.user_id) < room.event_level(etype, False):
@@ -1120,6 +1124,17 @@ class Homeserver:
             wait_ms = int(math.ceil((level + 1 - burst) / rate * 1000))
             raise MatrixError(429, "M_LIMIT_EXCEEDED", "Too Many Requests", retry_after_ms=wait_ms)
         self._buckets[req.user_id] = (level + 1, now)
+
+    def _check_relation(self, room, content):
+        """Synapse's check of a relation (handlers/message.py, _validate_event_relation): the event it
+        relates to, when the server has it, must be of the same room (400, errcode M_UNKNOWN)."""
+        rel = content.get("m.relates_to")
+        if not isinstance(rel, dict) or not isinstance(rel.get("rel_type"), str) or \
+                not isinstance(rel.get("event_id"), str):
+            return
+        found = self._events.get(rel["event_id"])
+        if found is not None and found[0] is not room:
+            raise MatrixError(400, "M_UNKNOWN", "Relations must be in the same room")
 
     def _check_annotation(self, room, sender, etype, content):
         rel = content.get("m.relates_to")

@@ -5637,14 +5637,12 @@ def test_a_homeserver_refusing_an_event_as_too_large_holds_no_later_row(mx, hs, 
 
 
 def test_a_request_the_homeserver_refuses_for_good_holds_no_later_row(mx, hs, gk, pg, db_url):
-    """alice wrote to wally, then left their direct room; wally's next
-    message opens a new one, and his read receipt of her message names
-    her event in the room she left: the homeserver refuses it, 404
-    M_NOT_FOUND (the event is not in this room), on every try. The row is
-    a dead letter at once, with why, and the room's later rows go on.
-    Until the fifty-first session only a 413 was final: the receipt was
-    tried again for its whole retry budget, the room's later rows behind
-    it, then they went dead with it."""
+    """The homeserver refuses wally's read receipt as an invalid request
+    (400 M_BAD_JSON), the same way on every try: the row is a dead
+    letter at once, with why, and the room's later rows go on. Until the
+    fifty-first session only a 413 was final: the receipt was tried again
+    for its whole retry budget, the room's later rows behind it, then
+    they went dead with it."""
     a, srv = gk
     room, mx_room, alice, ghost = wally_writes_to_alice(mx, hs, gk)
     wally = a.user("wally")
@@ -5652,22 +5650,67 @@ def test_a_request_the_homeserver_refuses_for_good_holds_no_later_row(mx, hs, gk
     alice.send_text(mx_room, "hi wally")
     hi = wait_until(lambda: next((e["id"] for e in list(srv.events) if e["type"] == "message" and
                                   e["sender"] == ALICE), None), what="alice's message at the peer")
+    hs.refuse = lambda method, path, user: 400 if method == "POST" and "/receipt/m.read/" in path else None
+    try:
+        r = a.call("POST", f"/v1/rooms/{room}/receipts", {"type": "receipt", "sender": wally,
+                                                          "content": {"receipt": "read", "in_reply_to": hi}})
+        assert r.status_code == 202, r.text
+        receipt = r.json()["id"]
+        assert a.send(room, wally, "after the refused one").status_code == 202
+        wait_until(lambda: "after the refused one" in bodies(hs, mx_room), what="the row after the refused one")
+    finally:
+        hs.refuse = None
+    refused = [x for x in hs.requests if x["method"] == "POST" and "/receipt/m.read/" in x["path"]]
+    assert [(x["status"], x["answer"]["errcode"]) for x in refused] == [(400, "M_BAD_JSON")], refused
+    row = (f"SELECT o.state || ' ' || o.attempts || ' ' || coalesce(o.last_error, '') FROM outbox o JOIN events e "
+           f"ON e.id = o.event_id WHERE e.public_id = '{receipt}' AND o.destination = 'matrix'")
+    wait_until(lambda: pg.psql(row, db_url).split(" ")[0] not in ("in_flight", "pending"), what="the row's outcome")
+    assert pg.psql(row, db_url) == "dead 1 homeserver answered 400 M_BAD_JSON", pg.psql(row, db_url)
+
+
+def test_a_reference_to_a_message_of_a_room_the_user_left_names_none_of_it(mx, hs, gk, pg, db_url):
+    """alice left her direct room with wally, and his next message opened
+    a new one. His edit and reaction of a message delivered to the old
+    room, and his read receipt of hers written there, name events of
+    another room: Synapse refuses a relation to one (400 "Relations must
+    be in the same room") and a receipt of one (404). They are taken as
+    references to a message that never reached this room: the edit goes
+    as a new message, the reaction and the receipt as nothing, and no row
+    fails. Until the fifty-first session each named the old room's event,
+    and was tried for the whole retry budget, the room's later rows
+    behind it."""
+    a, srv = gk
+    room, mx_room, alice, ghost = wally_writes_to_alice(mx, hs, gk)
+    wally = a.user("wally")
+    alice.join(mx_room)
+    m1 = a.send(room, wally, "react to me").json()["id"]
+    wait_until(lambda: "react to me" in bodies(hs, mx_room), what="the message in the first room")
+    alice.send_text(mx_room, "hi wally")
+    hi = wait_until(lambda: next((e["id"] for e in list(srv.events) if e["type"] == "message" and
+                                  e["sender"] == ALICE), None), what="alice's message at the peer")
     alice.leave(mx_room)
     wait_until(lambda: hs.members(mx_room).get(ghost) == "leave", what="the ghost leaving")
     a.send(room, wally, "still there?")
     new_room = new_room_of(hs, mx_room, ghost)
-    r = a.call("POST", f"/v1/rooms/{room}/receipts", {"type": "receipt", "sender": wally,
-                                                      "content": {"receipt": "read", "in_reply_to": hi}})
-    assert r.status_code == 202, r.text
-    receipt = r.json()["id"]
-    assert a.send(room, wally, "after the refused one").status_code == 202
-    wait_until(lambda: "after the refused one" in bodies(hs, new_room), what="the row after the refused one")
-    refused = [x for x in hs.requests if x["method"] == "POST" and "/receipt/m.read/" in x["path"]]
-    assert [(x["status"], x["answer"]["errcode"]) for x in refused] == [(404, "M_NOT_FOUND")], refused
-    row = (f"SELECT o.state || ' ' || o.attempts || ' ' || coalesce(o.last_error, '') FROM outbox o JOIN events e "
-           f"ON e.id = o.event_id WHERE e.public_id = '{receipt}' AND o.destination = 'matrix'")
-    wait_until(lambda: pg.psql(row, db_url).split(" ")[0] not in ("in_flight", "pending"), what="the row's outcome")
-    assert pg.psql(row, db_url) == "dead 1 homeserver answered 404 M_NOT_FOUND", pg.psql(row, db_url)
+    n = len(hs.requests)
+    ids = [a.call("POST", f"/v1/rooms/{room}/messages", {"type": "reaction", "sender": wally, "content": {
+        "in_reply_to": m1, "disposition": "reaction", "parts": [{"type": "text/plain", "body": "\U0001f44d"}]}},
+        idem="left-react"),
+        a.call("POST", f"/v1/rooms/{room}/messages", {"type": "edit", "sender": wally, "content": {
+            "replaces": m1, "parts": [{"type": "text/plain", "body": "edited"}]}}, idem="left-edit"),
+        a.call("POST", f"/v1/rooms/{room}/receipts", {"type": "receipt", "sender": wally,
+                                                      "content": {"receipt": "read", "in_reply_to": hi}})]
+    assert all(r.status_code == 202 for r in ids), [r.text for r in ids]
+    assert a.send(room, wally, "after them").status_code == 202
+    wait_until(lambda: "after them" in bodies(hs, new_room), what="the message after them")
+    assert bodies(hs, new_room) == ["still there?", "* edited", "after them"], bodies(hs, new_room)
+    assert not [e for e in hs.events(new_room) if e["type"] == "m.reaction"]
+    refused = [(x["method"], x["path"], x["status"]) for x in hs.requests[n:] if x["status"] >= 400]
+    assert not refused, refused
+    rows = ("SELECT string_agg(o.state, ' ' ORDER BY o.id) FROM outbox o JOIN events e ON e.id = o.event_id "
+            "WHERE o.destination = 'matrix' AND e.public_id IN (" + ", ".join(f"'{r.json()['id']}'" for r in ids) + ")")
+    wait_until(lambda: pg.psql(rows, db_url) == "delivered delivered delivered", what="the rows delivered")
+    assert bodies(hs, mx_room) == ["hello", "react to me", "hi wally"]
 
 
 def test_a_row_whose_look_for_its_earlier_try_fails_is_not_sent_blind(mx, hs, gk, pg, db_url):
