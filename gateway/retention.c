@@ -54,19 +54,44 @@
  * of the table nor the trimmed reactions (until the forty-eighth session
  * it read events_content_kept_idx, schema/025, where a trimmed event
  * stayed: every old reaction, each run).  An event trimmed before 048 is
- * read once more, and marked.  The outbox rows of each are found by
+ * read once more, and marked.
+ *
+ * A run looks at RETENTION_CONTENT_SCAN of them at most (s), in
+ * (accepted_at, id) order after the cursor ($3, $4: where the last run
+ * stopped; -infinity, 0 at first), and erases the first $2 of those whose
+ * deliveries are closed (x).  Until the fifty-first session each run read
+ * from the oldest, every event kept for an open delivery on the way (a
+ * pull peer that stopped pulling, a dead letter): 100,000 such events took
+ * 0.34-0.63 s a run, once a minute, and some millions more than
+ * database.statement_timeout_ms (10 s): the statement failed every run,
+ * and no content was erased any more, anyone's (docs/performance.md,
+ * "Fifty-first session").  The outbox rows of each are found by
  * outbox_event_dest_key (event_id first).  The re-check under the lock
- * skips an event another statement erased meanwhile.  What an event
- * keeps is computed once (x.kept), from the version locked.  $1: days,
- * $2: batch. */
+ * skips an event another statement erased meanwhile.  What an event keeps
+ * is computed once (x.kept), from the version locked.  Each event's open
+ * row is looked for by a probe of its own (the lateral LIMIT 1), and the
+ * closed ones locked by events_pkey (the array): as a join, the planner
+ * hashed every open row of the outbox, or read the whole of events.
+ * Answers the events erased and the cursor for the next run: the last of
+ * the $2 closed ones it took when it found $2, else the last one looked
+ * at when the scan was full, else none (the next run starts from the
+ * oldest again).  $1: days. */
 static const char content_sql[] =
-	"WITH x AS (SELECT e.id, " RETENTION_ATTS("e") ", " KEPT_CONTENT("e") " AS kept FROM events e "
+	"WITH s AS MATERIALIZED (SELECT e.id, e.accepted_at, o.open IS NULL AS closed FROM events e "
+	"  LEFT JOIN LATERAL (SELECT 1 AS open FROM outbox o WHERE o.event_id = e.id " OPEN " LIMIT 1) o ON true "
 	"  WHERE " CONTENT_DUE " AND e.accepted_at < now() - make_interval(days => $1::int) "
-	"  AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = e.id " OPEN ") "
-	"  ORDER BY e.accepted_at LIMIT $2::int FOR UPDATE OF e SKIP LOCKED), "
-	RETENTION_FORGET_FILES("x") " "
-	"UPDATE events e SET content = x.kept, content_trimmed = x.kept <> '{}'::jsonb "
-	"FROM x WHERE e.id = x.id AND " CONTENT_DUE;
+	"  AND e.accepted_at >= $3::timestamptz AND (e.accepted_at, e.id) > ($3::timestamptz, $4::bigint) "
+	"  ORDER BY e.accepted_at, e.id LIMIT $5::int), "
+	"c AS MATERIALIZED (SELECT s.id, s.accepted_at FROM s WHERE s.closed ORDER BY s.accepted_at, s.id LIMIT $2::int), "
+	"x AS MATERIALIZED (SELECT e.id, " RETENTION_ATTS("e") ", " KEPT_CONTENT("e") " AS kept FROM events e "
+	"  WHERE e.id = ANY (ARRAY(SELECT id FROM c)) AND " CONTENT_DUE " FOR UPDATE OF e SKIP LOCKED), "
+	RETENTION_FORGET_FILES("x") ", "
+	"u AS (UPDATE events e SET content = x.kept, content_trimmed = x.kept <> '{}'::jsonb "
+	"  FROM x WHERE e.id = x.id AND " CONTENT_DUE " RETURNING 1) "
+	"SELECT (SELECT count(*) FROM u), k.accepted_at::text, k.id FROM (SELECT 1) one LEFT JOIN LATERAL ("
+	"  SELECT c.accepted_at, c.id FROM c WHERE (SELECT count(*) FROM c) >= $2::int "
+	"  UNION ALL SELECT s.accepted_at, s.id FROM s WHERE (SELECT count(*) FROM c) < $2::int "
+	"  AND (SELECT count(*) FROM s) >= $5::int ORDER BY 1 DESC, 2 DESC LIMIT 1) k ON true";
 
 /* A message whose expiry is still to come rows_days ($1) after it was
  * accepted has it brought forward to now (the database's clock, in ms: a
@@ -372,6 +397,35 @@ static cw_err run(PGconn *c, const char *sql, long days, int64_t win, long *coun
 	return CW_OK;
 }
 
+/* content_sql (above), its own transaction, from st's cursor, which it
+ * moves on (back to the oldest when the scan came to the end).  count:
+ * the events whose content went.  A scan that stopped short of the end
+ * goes on at the next run, at retention.interval_s as ever (a full batch
+ * erased: a second later): a backlog kept for ever (a pull peer gone)
+ * would otherwise keep every kind running each second. */
+static cw_err run_content(PGconn *c, long days, struct retention_state *st, long *count, cw_errmsg *e)
+{
+	*count = 0;
+	if (days <= 0)
+		return CW_OK;
+	char d[24], n[24], id[24], scan[24];
+	snprintf(d, sizeof(d), "%ld", days);
+	snprintf(n, sizeof(n), "%d", RETENTION_BATCH);
+	snprintf(id, sizeof(id), "%lld", (long long)st->content_cursor_id);
+	snprintf(scan, sizeof(scan), "%d", RETENTION_CONTENT_SCAN);
+	const char *params[] = { d, n, st->content_cursor_at[0] ? st->content_cursor_at : "-infinity", id, scan };
+	PGresult *r = PQexecParams(c, content_sql, 5, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	*count = atol(PQgetvalue(r, 0, 0));
+	bool at_end = PQgetisnull(r, 0, 1);
+	snprintf(st->content_cursor_at, sizeof(st->content_cursor_at), "%s", at_end ? "" : PQgetvalue(r, 0, 1));
+	st->content_cursor_id = at_end ? 0 : atoll(PQgetvalue(r, 0, 2));
+	PQclear(r);
+	return CW_OK;
+}
+
 /* A local identity (i) nothing refers to, made more than $days days ago
  * (and so, for a name a peer made up, never a user of this provider as
  * far as Causeway knows): a peer makes one for any name of this provider
@@ -501,7 +555,7 @@ cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, struct retention_
 		const char *sql;
 		long days;
 		int64_t win;
-	} kinds[RETENTION_KINDS] = { { content_sql, cfg->retention_content_days, -1 },
+	} kinds[RETENTION_KINDS] = { { NULL, cfg->retention_content_days, -1 },
 				     { keys_sql, cfg->retention_idempotency_days, -1 },
 				     { attempts_sql, cfg->retention_attempts_days, -1 },
 				     { NULL, cfg->retention_rows_days, -1 },
@@ -519,6 +573,8 @@ cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, struct retention_
 		counts[i] = 0;
 		if (kinds[i].sql)
 			rc = run(c, kinds[i].sql, kinds[i].days, kinds[i].win, &counts[i], &ke);
+		else if (i == 0)
+			rc = run_content(c, kinds[i].days, st, &counts[i], &ke);
 		else if (i == 5)
 			rc = run_identities(c, &st->identity_cursor, st->consent_window_s, &counts[i], &ke);
 		else if (!(rc = run(c, expiry_due_sql, kinds[i].days, -1, &brought, &ke)))

@@ -67,6 +67,12 @@
  * from where the last run stopped, round the table). */
 #define RETENTION_IDENTITY_SCAN 10000
 
+/* Events whose content is due a run of the content erasure looks at, at
+ * most (in accepted_at order, from where the last run stopped, round the
+ * table): those kept for an open delivery are looked at again each turn,
+ * not each run (retention.c, content_sql). */
+#define RETENTION_CONTENT_SCAN 10000
+
 /* A consent request answered or expired is kept at least this many days
  * after that, whatever retention.consent_requests_days says: the Matrix
  * bot, started again, looks back six days of consent.expire records for
@@ -78,12 +84,16 @@
 #define RETENTION_KINDS 9
 
 /* What a sweep keeps from one run to the next, and is told: where the
- * look for unused local identities goes on (0: from the first), the
+ * look for unused local identities goes on (0: from the first), where the
+ * content erasure's (the accepted_at, as PostgreSQL writes it, and id of
+ * the last event looked at; "" and 0: from the oldest), the
  * policy's consent_request_window_seconds (a request expired unanswered
  * within it still stands) and report_window_seconds (the reports made
  * within it count toward the automatic limit). */
 struct retention_state {
 	int64_t identity_cursor;
+	char content_cursor_at[48];
+	int64_t content_cursor_id;
 	int64_t consent_window_s;
 	int64_t report_window_s;
 };
