@@ -46,8 +46,9 @@ struct aq {
 			         policy_consent_apply before the statement, which only builds the answer */
 	char local_id[24];    /* the local user's id (local >= 0), once resolved */
 	bool known_only;      /* local: a user not known is not made; the change is then a no-op */
-	bool noop;            /* known_only and the user is not known, or a repeat (repeat_col,
-			         consent_repeat): answered, not audited, nothing reloaded */
+	bool noop;            /* known_only and the user is not known, or a repeat (repeat_col; a
+			         consent's: policy_consent_apply): answered, not audited, nothing
+			         reloaded */
 	bool repeat_col;      /* the statement's second column says whether it changed anything: false
 			         is a repeat of the state stored (an opt-in or settings as they are),
 			         answered as a change is, with no audit record and no NOTIFY, as a
@@ -161,34 +162,6 @@ static cw_err network_of_peer(PGconn *c, struct app_job *j, const char *network,
 	return CW_OK;
 }
 
-/* Whether a consent change (local user local_id, kind, subject, state)
- * repeats what is stored (*same): the state she has for that subject
- * (none: no consent stored), and no pending request of that pair for it
- * to decide.  Such a repeat is answered as a change (nothing released,
- * dropped or decided), with no audit record and no reload, the consent's
- * source and updated_at kept, as a token's or a peer's repeat is; until
- * the fiftieth session each was applied, audited and reloaded again.  Read
- * before the change's lock (policy_consent_apply): a change of the pair
- * committed meanwhile is one this repeat came before. */
-static cw_err consent_repeat(PGconn *c, const char *local_id, const char *kind, const char *subject,
-			     const char *state, bool *same, cw_errmsg *e)
-{
-	const char *params[] = { local_id, kind, subject, state };
-	PGresult *r = PQexecParams(
-		c,
-		"SELECT coalesce((SELECT state FROM consents WHERE local_identity_id = $1::bigint AND subject_kind = $2 "
-		" AND subject = $3), 'none') = $4 AND ($4 = 'none' OR NOT EXISTS (SELECT 1 FROM consent_requests q "
-		" JOIN identities r ON r.id = q.remote_identity_id WHERE q.local_identity_id = $1::bigint "
-		" AND q.state = 'pending' AND (($2 = 'user' AND r.uri = $3) OR ($2 = 'domain' AND r.domain = $3))))",
-		4, NULL, params, NULL, NULL, 0);
-	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
-	if (rc)
-		return rc;
-	*same = PQntuples(r) == 1 && strcmp(PQgetvalue(r, 0, 0), "t") == 0;
-	PQclear(r);
-	return CW_OK;
-}
-
 static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct aq *q = j->data;
@@ -225,14 +198,10 @@ static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	}
 	long counts[3] = { 0, 0, 0 }, decided = 0;
 	if (q->consent && local_id[0]) {
-		cw_err crc = consent_repeat(c, local_id, params[1], params[2], params[3], &q->noop, e);
-		if (crc)
-			return crc;
-	}
-	if (q->consent && local_id[0] && !q->noop) {
+		/* a repeat (policy_consent_apply): q->noop */
 		struct policy_view *v = policy_live_get(j->app->policy);
 		cw_err crc = policy_consent_apply(c, v, local_id, params[1], params[2], params[3], "admin", counts,
-						  &decided, e);
+						  &decided, &q->noop, e);
 		policy_view_put(v);
 		if (crc)
 			return crc;

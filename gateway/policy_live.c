@@ -1245,9 +1245,19 @@ cw_err policy_notify_user(PGconn *c, const char *local_id, cw_errmsg *e)
 	return rc;
 }
 
+/* Whether a consent change of local user $1 (kind $2, subject $3, state
+ * $4) repeats what is stored: the state she has for that subject (none:
+ * no consent stored), and no pending request of that pair for it to
+ * decide. */
+static const char consent_repeat_sql[] =
+	"SELECT coalesce((SELECT state FROM consents WHERE local_identity_id = $1::bigint AND subject_kind = $2 "
+	" AND subject = $3), 'none') = $4 AND ($4 = 'none' OR NOT EXISTS (SELECT 1 FROM consent_requests q "
+	" JOIN identities r ON r.id = q.remote_identity_id WHERE q.local_identity_id = $1::bigint "
+	" AND q.state = 'pending' AND (($2 = 'user' AND r.uri = $3) OR ($2 = 'domain' AND r.domain = $3))))";
+
 cw_err policy_consent_apply(PGconn *c, const struct policy_view *v, const char *local_id, const char *kind,
 			    const char *subject, const char *state, const char *source, long counts[3], long *decided,
-			    cw_errmsg *e)
+			    bool *repeat, cw_errmsg *e)
 {
 	/* One change of a pair at a time (every caller is in a transaction:
 	 * the writer's batch, the Matrix bot's BEGIN): consent_sql reads the
@@ -1267,7 +1277,23 @@ cw_err policy_consent_apply(PGconn *c, const struct policy_view *v, const char *
 	if (rc)
 		return rc;
 	PQclear(r);
+	/* A repeat changes nothing: no statement, no block event, no sweep,
+	 * no NOTIFY; its caller writes no audit record.  Read under the
+	 * pair's lock (a new statement: a new snapshot), so that of two
+	 * identical changes at once the second is the repeat.  Until the
+	 * fifty-first session only the admin API asked (before the lock:
+	 * two at once were both changes), and a decision repeated through
+	 * the Matrix bot or the XMPP commands was audited and reloaded
+	 * again each time. */
 	const char *params[] = { local_id, kind, subject, state, source };
+	r = PQexecParams(c, consent_repeat_sql, 4, NULL, params, NULL, NULL, 0);
+	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
+		return rc;
+	*repeat = PQntuples(r) == 1 && strcmp(PQgetvalue(r, 0, 0), "t") == 0;
+	PQclear(r);
+	*decided = 0;
+	if (*repeat)
+		return CW_OK;
 	r = PQexecParams(c, consent_sql, 5, NULL, params, NULL, NULL, 0);
 	rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)

@@ -158,10 +158,15 @@ cw_err policy_live_screen_claim(struct policy_live *pl, PGconn *c, const int64_t
  * (user, admin, peer, outbound): stored; the pending consent requests of
  * that pair decided; the user's held messages released in order or dropped
  * now; every process told (NOTIFY).  counts as policy_sweep's; *decided:
- * the consent requests decided. */
+ * the consent requests decided.  *repeat: the decision is the one stored
+ * (none: nothing stored) and no pending request of that pair is left to
+ * decide; then nothing is done (counts and *decided 0, the consent's
+ * source and updated_at kept), and the caller answers it as a change but
+ * writes no audit record (the admin API, the Matrix bot, the XMPP
+ * commands alike). */
 cw_err policy_consent_apply(PGconn *c, const struct policy_view *v, const char *local_id, const char *kind,
 			    const char *subject, const char *state, const char *source, long counts[3], long *decided,
-			    cw_errmsg *e);
+			    bool *repeat, cw_errmsg *e);
 
 /* After local_id's allow of kind ("user", "domain") subject: what of
  * hers still keeps the subject out, for the adapters' answers (mx_bot.c,

@@ -724,12 +724,15 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 			return;
 		struct policy_view *v = policy_live_get(m->app->policy);
 		long counts[3] = { 0, 0, 0 }, decided = 0;
+		bool repeat = false;
 		cw_err rc = store_exec(c, "BEGIN", &e);
 		if (!rc)
 			rc = policy_consent_apply(c, v, local_id, kind, subject, verb[0] == 'a' ? "allowed" : "blocked",
-						  "user", counts, &decided, &e);
+						  "user", counts, &decided, &repeat, &e);
 		policy_view_put(v);
-		if (!rc) {
+		/* A repeat of her decision is answered as the change, not
+		 * audited again (as the admin API's and the XMPP commands') */
+		if (!rc && !repeat) {
 			const char *ap[] = { sender, verb[0] == 'a' ? "consent.allow" : "consent.block", subject };
 			rc = store_command(c, "INSERT INTO audit_log (actor, action, subject) VALUES ('user:' || $1, $2, $3)", 3, ap,
 				     &e);

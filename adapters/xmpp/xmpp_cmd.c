@@ -429,14 +429,17 @@ static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 		}
 		struct policy_view *v = policy_live_get(x->app->policy);
 		long counts[3] = { 0, 0, 0 }, decided = 0;
+		bool repeat = false;
 		rc = policy_consent_apply(c, v, local_id, j->whole_domain ? "domain" : "user", subject,
-					  j->verb == V_ACCEPT ? "allowed" : "blocked", "user", counts, &decided, e);
+					  j->verb == V_ACCEPT ? "allowed" : "blocked", "user", counts, &decided, &repeat, e);
 		policy_view_put(v);
 		if (rc)
 			return rc;
+		/* A repeat of her decision is answered as the change, not
+		 * audited again (as the admin API's and the Matrix bot's) */
 		const char *ap[] = { j->local_bare, j->verb == V_ACCEPT ? "consent.allow" : "consent.block", subject };
-		if ((rc = store_command(c, "INSERT INTO audit_log (actor, action, subject) VALUES ('user:' || $1, $2, $3)",
-					3, ap, e)))
+		if (!repeat && (rc = store_command(c, "INSERT INTO audit_log (actor, action, subject) "
+						   "VALUES ('user:' || $1, $2, $3)", 3, ap, e)))
 			return rc;
 		if (j->verb == V_BLOCK && j->whole_domain) {
 			const char *np[] = { local_id, j->xc->peer };

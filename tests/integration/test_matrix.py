@@ -24,6 +24,7 @@ import homeserver
 from homeserver import Homeserver
 from peer import MediaServer, NotifyServer, PeerClient
 from pgproxy import PgProxy
+from test_admin_api import reloads
 from test_peer_auth import read_answer, send_head
 from test_retention import dangling, written_while_deleted
 
@@ -2593,6 +2594,40 @@ def test_an_accept_under_a_block_of_the_other_kind_says_the_block_stands(mx, hs,
     assert answer_to(f"accept {wally}") == f"Accepted {wally}. 0 waiting message(s) released."
     assert answer_to(f"accept {zoe}") == f"Accepted {zoe}. 0 waiting message(s) released."
     assert answer_to("accept wa.example") == "Accepted wa.example. 0 waiting message(s) released."
+
+def test_a_decision_repeated_through_the_bot_is_answered_and_not_audited_again(mx, hs, gk, pg, db_url):
+    """An accept or a block the user has already (and no request of theirs
+    left to decide) is answered as the change was, with no second
+    consent.allow or consent.block record, no reload of any process, and
+    the consent's source and updated_at kept, as the admin API answers a
+    repeat (policy_consent_apply decides it for both).  Until the
+    fifty-first session each repeat was audited and reloaded again."""
+    a, _ = gk
+    wally = a.user("wally")
+    alice, mgmt, said = alice_and_the_bot(hs)
+    audit = ("SELECT string_agg(action || ' ' || subject, ',' ORDER BY id) FROM audit_log "
+             "WHERE actor = 'user:@alice:example.org'")
+    stamp = "SELECT state || ' ' || source || ' ' || updated_at FROM consents"
+
+    def answer_to(text):
+        return bot_answer(said, lambda: alice.send_text(mgmt, text))
+    for verb, state, action in (("block", "blocked", "consent.block"), ("accept", "allowed", "consent.allow")):
+        first = answer_to(f"{verb} {wally}")
+        assert first.startswith("Blocked " if verb == "block" else "Accepted "), first
+        stamped, audited = pg.psql(stamp, db_url), pg.psql(audit, db_url)
+        assert stamped.startswith(f"{state} user ") and audited.endswith(f"{action} {wally}"), (stamped, audited)
+        before = reloads(mx, settle=True)
+        assert answer_to(f"{verb} {wally}") == first
+        time.sleep(0.5)
+        assert (pg.psql(stamp, db_url), pg.psql(audit, db_url), reloads(mx)) == (stamped, audited, before), verb
+    assert pg.psql(audit, db_url) == f"consent.block {wally},consent.allow {wally}"
+    # The admin's decision given again by her is a repeat too (its source kept).
+    assert mx.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "user", "subject": wally,
+                                               "state": "blocked"}).ok
+    assert answer_to(f"block {wally}").startswith(f"Blocked {wally}.")
+    assert pg.psql("SELECT state || ' ' || source FROM consents", db_url) == "blocked admin"
+    assert pg.psql(audit, db_url) == f"consent.block {wally},consent.allow {wally}"
+
 
 def test_a_failed_look_up_of_the_partys_peer_is_try_again_and_stores_nothing(mx, hs, gk, pg, db_url):
     """Whose a party is (a domain's peer, a ghost's) is read from the peers

@@ -26,6 +26,7 @@ from harness import NAMES_SHOWN, HeldSession, delivered_to_her, free_port, wait_
 from peer import MediaServer, NotifyServer, PeerClient, Signer, verify_get
 from pgproxy import PgProxy
 from prosody import NS_STANZAS, Prosody, XmppClient
+from test_admin_api import reloads
 
 HOST = "xmpp.test"
 COMP = "gk.xmpp.test"
@@ -3866,6 +3867,29 @@ def requests_to_alice(xd, a, alice, *who):
         a.send(rooms[-1], a.user(w), "may I?")
         alice.wait_for_presence(lambda el: el.get("from", "").startswith(f"{w}@") and el.get("type") == "subscribe")
     return rooms
+
+
+def test_a_decision_repeated_by_command_is_not_audited_again(xd, gk, alice, pg, db_url):
+    """A block or an accept the user has already (no request of theirs left
+    to decide), given again by the ad-hoc commands, is carried out as
+    before (the same note) with no second consent.block or consent.allow
+    record, no reload and the consent's updated_at kept, as the admin API
+    answers a repeat (policy_consent_apply decides it for both).  Until
+    the fifty-first session each repeat was audited and reloaded again."""
+    audit = ("SELECT string_agg(action || ' ' || subject, ',' ORDER BY id) FROM audit_log "
+             f"WHERE actor = 'user:{ALICE_JID}'")
+    stamp = "SELECT state || ' ' || updated_at FROM consents"
+    wally = "mimi://wa.example/u/wally"
+    for node, state in (("block", "blocked"), ("accept", "allowed")):
+        first = command_submit(alice, node, {"jid": WALLY_JID}).find(f".//{{{CMD}}}note").text
+        stamped, audited = pg.psql(stamp, db_url), pg.psql(audit, db_url)
+        assert stamped.startswith(state + " "), stamped
+        before = reloads(xd, settle=True)
+        again = command_submit(alice, node, {"jid": WALLY_JID}).find(f".//{{{CMD}}}note").text
+        assert again == first
+        time.sleep(0.5)
+        assert (pg.psql(stamp, db_url), pg.psql(audit, db_url), reloads(xd)) == (stamped, audited, before), node
+    assert pg.psql(audit, db_url) == f"consent.block {wally},consent.allow {wally}"
 
 
 def test_accepting_a_request_by_command_withdraws_it_from_the_roster(xd, gk, alice, pg, db_url):
