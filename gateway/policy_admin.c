@@ -248,8 +248,13 @@ static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		}
 		PQclear(r);
 		/* A change of one local user's facts (opt-in, consent): every
-		 * process reloads that user's alone; anything else, all. */
-		if (!q->not_policy && (rc = policy_notify_user(c, q->local >= 0 ? local_id : NULL, e))) {
+		 * process reloads that user's alone; anything else, all.  A
+		 * consent's is sent by policy_consent_apply (until the
+		 * fifty-first session a second pg_notify of the same payload
+		 * followed it here: one round trip for nothing, PostgreSQL
+		 * delivering one of the two). */
+		if (!q->not_policy && !q->consent &&
+		    (rc = policy_notify_user(c, q->local >= 0 ? local_id : NULL, e))) {
 			json_decref(body);
 			return rc;
 		}

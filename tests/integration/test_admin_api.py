@@ -1568,8 +1568,9 @@ def test_a_reports_reporter_is_taken_as_an_opt_ins_user(make_daemon, pg, db_url)
 
 def reloads(d, settle=False):
     """The policy's reloads so far, whole and of users' facts; settle: once
-    none came for half a second (a change may notify twice: its answer
-    waits for the first reload alone)."""
+    none came for half a second (a change may reload twice in the process
+    that made it: once for its answer, which waits for it, and once more
+    when its one NOTIFY comes back, if that comes after the first)."""
     def now():
         return sum(float(line.split()[1]) for line in d.get("/metrics").text.splitlines()
                    if line.startswith("causeway_policy_reloads_total{"))
