@@ -1639,6 +1639,37 @@ def test_a_repeated_opt_in_setting_or_consent_is_answered_with_no_audit_and_no_r
                    "('policy.held_expiry_seconds', 'policy.default_mode')", db_url) == "2"
 
 
+def test_two_identical_consent_changes_at_once_are_one_change(make_daemon, pg, db_url):
+    """Two processes given the same consent change at once make one change:
+    the second, waiting for the first's lock of that user and subject, then
+    finds it stored and is answered as a repeat (no second consent.set).
+    Until the fifty-first session the repeat was read before the lock, and
+    both changes were applied and audited."""
+    a = make_daemon(db_url).start()
+    b = make_daemon(db_url).start()
+    made = push_peers(a, (("gk", "wa.example"),))
+    for _, srv in made:
+        srv.close()
+    alice, wally = "mimi://example.org/u/alice", "mimi://wa.example/u/wally"
+    assert a.admin("POST", "/optins", json={"user": alice, "network": "peer:gk", "opted_in": True}).ok
+    uid = pg.psql(f"SELECT id FROM identities WHERE uri = '{alice}'", db_url)
+    body = {"user": alice, "subject_kind": "user", "subject": wally, "state": "blocked"}
+    waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+    locker = HeldSession(db_url)
+    try:
+        locker.run(f"BEGIN; SELECT pg_advisory_xact_lock(1668247156, hashtext('{uid} user {wally}'));")
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            answers = [pool.submit(d.admin, "POST", "/consents", json=body) for d in (a, b)]
+            wait_until(lambda: pg.psql(waiting, db_url) == "2", what="both changes at the pair's lock")
+            locker.run("COMMIT;")
+            answers = [f.result() for f in answers]
+    finally:
+        locker.end()
+    assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
+    assert [r.json()["state"] for r in answers] == ["blocked", "blocked"]
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'consent.set'", db_url) == "1"
+
+
 def test_a_full_page_says_where_to_go_on_even_when_nothing_follows(daemon):
     """next_after is null on a page that is not full; a full page names its
     last id, whether or not rows follow (the list does not look past the
