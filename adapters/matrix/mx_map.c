@@ -754,6 +754,29 @@ static char *html_text(const char *html, bool keep_reply)
 	return t;
 }
 
+/* Where the first line's text starts in sanitised HTML h: past the start
+ * tags without attributes of the blocks it opens with (p, div, h1-h6),
+ * whose first text is the message's first line.  An emote's "* " goes
+ * there (until the fifty-first session it went before them, and before a
+ * <p> it stood on a line of its own), and is taken from there. */
+static size_t first_line_at(const char *h)
+{
+	static const char *const blocks[] = { "p", "div", "h1", "h2", "h3", "h4", "h5", "h6", NULL };
+	size_t at = 0;
+	while (h[at] == '<') {
+		size_t n = strcspn(h + at + 1, " >");
+		char name[8];
+		if (n >= sizeof(name) || h[at + 1 + n] != '>')
+			break;
+		memcpy(name, h + at + 1, n);
+		name[n] = '\0';
+		if (!in_list(name, blocks))
+			break;
+		at += n + 2;
+	}
+	return at;
+}
+
 /* Whether sanitised HTML shows nothing (only whitespace, no element). */
 static bool html_blank(const char *h)
 {
@@ -969,7 +992,6 @@ static enum mx_in_result text_parts(const json_t *c, const char *msgtype, bool s
 	bool emote = strcmp(msgtype, "m.emote") == 0;
 	if (emote) {
 		adds(&text, "* ");
-		adds(&html, "* ");
 	}
 	size_t empty = text.len;
 	bool with_html = false, carried = false;
@@ -1041,7 +1063,11 @@ static enum mx_in_result text_parts(const json_t *c, const char *msgtype, bool s
 			free(t);
 		}
 		if (clean) {
-			adds(&html, clean);
+			size_t at = emote ? first_line_at(clean) : 0;
+			add(&html, clean, at);
+			if (emote)
+				adds(&html, "* ");
+			adds(&html, clean + at);
 			with_html = true;
 		}
 	}
@@ -1654,8 +1680,11 @@ static bool neutral_text(const json_t *content, bool list_attachments, struct te
 	cw_buf_init(&h, 256 * 1024);
 	if (text)
 		adds(&b, emote && starts_with(text, "* ") ? text + 2 : text);
-	if (clean)
-		adds(&h, emote && starts_with(clean, "* ") ? clean + 2 : clean);
+	if (clean) {
+		size_t at = emote ? first_line_at(clean) : 0;
+		add(&h, clean, at);
+		adds(&h, emote && starts_with(clean + at, "* ") ? clean + at + 2 : clean + at);
+	}
 	free(derived);
 	free(clean);
 	if (list_attachments) {
