@@ -210,14 +210,14 @@ static bool in_list(const char *name, const char *const *list)
 static const char *const allowed_tags[] = {
 	"del", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "p", "a", "ul", "ol", "sup", "sub", "li",
 	"b", "i", "u", "strong", "em", "s", "code", "hr", "br", "div", "table", "thead", "tbody", "tr", "th",
-	"td", "caption", "pre", "span", "img", "details", "summary", NULL,
+	"td", "caption", "pre", "span", "details", "summary", NULL,
 };
 /* Elements whose whole content goes (mx-reply unless kept on purpose). */
 static const char *const dropped_tags[] = {
 	"script", "style", "head", "title", "template", "iframe", "object", "embed", "applet", "noembed",
 	"noframes", NULL,
 };
-static const char *const void_tags[] = { "br", "hr", "img", NULL };
+static const char *const void_tags[] = { "br", "hr", NULL };
 
 static bool digits_ok(const char *v)
 {
@@ -332,17 +332,13 @@ static void language_classes(const char *v, char *out, size_t size)
 	}
 }
 
-/* The start tag of an allowed element with its permitted attributes.
- * Returns false when the element is not written (an img without an mxc://
- * source: its alt text is written instead). */
-static bool emit_start(struct cw_buf *b, xmlNode *n, const char *tag)
+/* The start tag of an allowed element with its permitted attributes. */
+static void emit_start(struct cw_buf *b, xmlNode *n, const char *tag)
 {
 	const char *out_tag = strcmp(tag, "font") == 0 ? "span" : tag;
 	struct cw_buf attrs;
 	cw_buf_init(&attrs, 64 * 1024);
 	char seen[512] = "";
-	char *alt = NULL;
-	bool has_src = false;
 	for (xmlAttr *a = n->properties; a; a = a->next) {
 		const char *name = (const char *)a->name;
 		char *v = attr_value(a);
@@ -363,17 +359,6 @@ static bool emit_start(struct cw_buf *b, xmlNode *n, const char *tag)
 				emit_attr(&attrs, name, v, seen, sizeof(seen));
 			else if (href && href_ok(href))
 				emit_attr(&attrs, name, href, seen, sizeof(seen));
-		} else if (strcmp(tag, "img") == 0) {
-			if ((strcmp(name, "width") == 0 || strcmp(name, "height") == 0) && digits_ok(v)) {
-				emit_attr(&attrs, name, v, seen, sizeof(seen));
-			} else if (strcmp(name, "alt") == 0 || strcmp(name, "title") == 0) {
-				emit_attr(&attrs, name, v, seen, sizeof(seen));
-				if (strcmp(name, "alt") == 0 && !alt)
-					alt = strdup(v);
-			} else if (strcmp(name, "src") == 0 && !has_src && mxc_ok(v)) {
-				emit_attr(&attrs, name, v, seen, sizeof(seen));
-				has_src = true;
-			}
 		} else if (strcmp(tag, "ol") == 0) {
 			if (strcmp(name, "start") == 0 && digits_ok(v))
 				emit_attr(&attrs, name, v, seen, sizeof(seen));
@@ -390,29 +375,19 @@ static bool emit_start(struct cw_buf *b, xmlNode *n, const char *tag)
 		}
 		free(v);
 	}
-	bool written = true;
-	if (strcmp(tag, "img") == 0 && !has_src) {
-		if (alt)
-			add_escaped(b, alt, false);
-		written = false;
-	} else {
-		add(b, "<", 1);
-		adds(b, out_tag);
-		if (attrs.overflow)
-			b->overflow = true;
-		else if (attrs.len)
-			add(b, attrs.p, attrs.len);
-		add(b, ">", 1);
-	}
-	free(alt);
+	add(b, "<", 1);
+	adds(b, out_tag);
+	if (attrs.overflow)
+		b->overflow = true;
+	else if (attrs.len)
+		add(b, attrs.p, attrs.len);
+	add(b, ">", 1);
 	cw_buf_free(&attrs);
-	return written;
 }
 
 struct walker {
 	struct cw_buf out;
 	bool keep_reply;   /* mx-reply: keep its content (without the tag) */
-	bool images;       /* keep <img> (of an mxc:// src), else its alt text */
 	bool replied;      /* an mx-reply was met */
 	int depth;         /* elements written and still open */
 };
@@ -447,7 +422,7 @@ static bool enter(void *arg, xmlNode *n)
 		w->replied = true;
 		return w->keep_reply;
 	}
-	if (!w->images && strcmp(tag, "img") == 0) {
+	if (strcmp(tag, "img") == 0) {
 		xmlChar *alt = xmlGetProp(n, (const xmlChar *)"alt");
 		if (alt)
 			add_escaped(&w->out, (const char *)alt, false);
@@ -455,7 +430,8 @@ static bool enter(void *arg, xmlNode *n)
 		return false;
 	}
 	if ((in_list(tag, allowed_tags) || strcmp(tag, "font") == 0) && w->depth < HTML_DEPTH_MAX) {
-		if (emit_start(&w->out, n, tag) && !in_list(tag, void_tags)) {
+		emit_start(&w->out, n, tag);
+		if (!in_list(tag, void_tags)) {
 			n->_private = (void *)n;
 			w->depth++;
 		}
@@ -572,7 +548,7 @@ static htmlDocPtr html_doc(const char *html, size_t len)
 
 /* The sanitised HTML (NULL without memory or past HTML_INPUT_MAX); with
  * replied, whether an mx-reply was in it. */
-static char *html_walk(const char *html, size_t len, bool keep_reply, bool images, bool *replied)
+static char *html_walk(const char *html, size_t len, bool keep_reply, bool *replied)
 {
 	if (len > HTML_INPUT_MAX)
 		return NULL;
@@ -581,7 +557,7 @@ static char *html_walk(const char *html, size_t len, bool keep_reply, bool image
 	htmlDocPtr doc = html_doc(html, len);
 	if (!doc)
 		return NULL;
-	struct walker w = { .keep_reply = keep_reply, .images = images };
+	struct walker w = { .keep_reply = keep_reply };
 	cw_buf_init(&w.out, len * 6 + 64);
 	cw_html_walk(doc, enter, leave, overflowed, &w);
 	xmlFreeDoc(doc);
@@ -594,7 +570,7 @@ char *mx_sanitize_html(const char *html, size_t len)
 {
 	if (!html)
 		return calloc(1, 1);
-	return html_walk(html, len, false, true, NULL);
+	return html_walk(html, len, false, NULL);
 }
 
 /* ------------------------------------------------------------ mentions */
@@ -966,7 +942,7 @@ static enum mx_in_result text_parts(const json_t *c, const char *msgtype, bool s
 	 * (media crosses re-hosted, as attachments, never as a link into a
 	 * store); until the fiftieth session the peer got the URI. */
 	bool html_reply = false;
-	char *clean = formatted ? html_walk(formatted, strlen(formatted), keep_reply, false, &html_reply) : NULL;
+	char *clean = formatted ? html_walk(formatted, strlen(formatted), keep_reply, &html_reply) : NULL;
 	if (clean) {
 		if (html_blank(clean)) {
 			free(clean);
@@ -1660,7 +1636,7 @@ static bool neutral_text(const json_t *content, bool list_attachments, struct te
 	if (html) {
 		/* No <img>, its alt text instead: a peer's mxc:// is no file
 		 * it sent (a relayed member's inline image goes the same way) */
-		clean = html_walk(html, strlen(html), false, false, NULL);
+		clean = mx_sanitize_html(html, strlen(html));
 		if (!clean) { /* only memory, unless the part is larger than any event is */
 			say(why, whylen, "%s",
 			    strlen(html) > HTML_INPUT_MAX ? "the HTML part is too large" : MX_WHY_NOMEM);
@@ -2161,43 +2137,6 @@ bool mx_from_neutral(const json_t *neutral, mx_lookup_fn to_native, void *ctx, c
 	if (strcmp(type, "membership") == 0 || strcmp(type, "block") == 0)
 		return none(out, why, whylen, "memberships and blocks are handled by the adapter, not sent as events");
 	return fail(out, why, whylen, "unknown neutral event type");
-}
-
-/* ------------------------------------------------------------ media */
-
-bool mx_media_info(const json_t *ev, struct mx_media *out)
-{
-	memset(out, 0, sizeof(*out));
-	out->size = -1;
-	const char *type = str_member(ev, "type");
-	const json_t *c = json_object_get(ev, "content");
-	if (!type || !json_is_object(c))
-		return false;
-	const char *msgtype;
-	if (strcmp(type, "m.sticker") == 0)
-		msgtype = "m.sticker";
-	else if (strcmp(type, "m.room.message") == 0 && (msgtype = str_member(c, "msgtype")) && media_label(msgtype))
-		;
-	else
-		return false;
-	const char *url = str_member(c, "url");
-	if (!url || !mxc_ok(url) || strlen(url) >= sizeof(out->url))
-		return false;
-	snprintf(out->msgtype, sizeof(out->msgtype), "%s", msgtype);
-	snprintf(out->url, sizeof(out->url), "%s", url);
-	const json_t *info = json_object_get(c, "info");
-	const char *mime = str_member(info, "mimetype");
-	if (mime && strlen(mime) < sizeof(out->mimetype))
-		snprintf(out->mimetype, sizeof(out->mimetype), "%s", mime);
-	const json_t *size = json_object_get(info, "size");
-	if (json_is_integer(size) && json_integer_value(size) >= 0)
-		out->size = json_integer_value(size);
-	const char *name = str_member(c, "filename");
-	if (!name || !*name)
-		name = str_member(c, "body");
-	if (name && strlen(name) < sizeof(out->filename))
-		snprintf(out->filename, sizeof(out->filename), "%s", name);
-	return true;
 }
 
 /* ------------------------------------------------------------ reading JSON */

@@ -242,20 +242,6 @@ bool mx_reaction_key(const char *key, char *out, size_t size);
 /* Releases out->content and clears out; safe on a cleared struct. */
 void mx_out_clear(struct mx_out *o);
 
-/* The media of an m.image / m.file / m.video / m.audio / m.sticker event,
- * for re-hosting: the mxc:// url, its mimetype and size (from info, when
- * present and valid; "" and -1 otherwise) and the filename ("filename", else
- * "body").  false for other events and media without a plain mxc:// url
- * (encrypted files). */
-struct mx_media {
-	char msgtype[32];      /* "m.image", ..., or "m.sticker" */
-	char url[512];
-	char mimetype[256];
-	int64_t size;
-	char filename[256];
-};
-bool mx_media_info(const json_t *ev, struct mx_media *out);
-
 /* A homeserver's JSON body (a transaction, an answer) read with jansson
  * (flags: json_loadb's, JSON_ALLOW_NUL added) so that what is valid JSON
  * but only some events' trouble fails those events alone, never the whole
@@ -309,20 +295,24 @@ bool mx_json_too_deep(const json_t *v);
  * mark that mx_json_has_nul finds too). */
 bool mx_json_duplicate_key(const json_t *v, bool deep);
 
-/* HTML to the subset the Matrix spec recommends (libxml2's HTML parser):
+/* HTML to the subset the Matrix spec recommends (libxml2's HTML parser),
+ * as a peer's text/html part goes to Matrix (a formatted_body goes to a
+ * peer so too, its reply fallback kept or not):
  *   - allowed elements: del h1-h6 blockquote p a ul ol sup sub li b i u
  *     strong em s code hr br div table thead tbody tr th td caption pre span
- *     img details summary (font, deprecated, becomes span); others are dropped
+ *     details summary (font, deprecated, becomes span); others are dropped
  *     with their text kept, except that the whole content of script, style,
  *     head, title, template, iframe, object, embed, applet, noembed, noframes
  *     and mx-reply is dropped; comments and processing instructions too;
  *   - attributes per element: span data-mx-bg-color, data-mx-color ("#" + 6
  *     hex digits), data-mx-spoiler, data-mx-maths; a name, target, href (an
  *     absolute URL with scheme http, https, ftp, mailto, magnet or matrix);
- *     img width, height (digits), alt, title, src (mxc:// only: an img
- *     without one is replaced by its alt text); ol start (digits); code class
- *     (only its language-* classes); div data-mx-maths; font color ->
- *     data-mx-color;
+ *     ol start (digits); code class (only its language-* classes); div
+ *     data-mx-maths; font color -> data-mx-color;
+ *   - an img is its alt text: an mxc:// file of the homeserver's store is
+ *     none a peer can fetch, nor a peer's one it sent (media crosses
+ *     re-hosted, as attachments; until the fifty-first session an img of
+ *     an mxc:// src was kept here, which the mapping never asked for);
  *   - elements nested deeper than 100 keep only their text;
  *   - invalid UTF-8, NUL and the control characters HTML forbids become
  *     U+FFFD first; entities are decoded and the text re-escaped (& < > and
@@ -331,8 +321,7 @@ bool mx_json_duplicate_key(const json_t *v, bool deep);
  * re-nest some misnested markup (a table inside a link) on a second pass,
  * which stays safe.  Returns a malloc'd NUL-terminated UTF-8 string (free()
  * it), "" for empty or NULL input; NULL when memory runs out or len is over
- * 1 MiB.  (The mapping, both ways, writes every img as its alt text: no
- * peer can fetch an mxc:// file, and no peer's is carried.) */
+ * 1 MiB. */
 char *mx_sanitize_html(const char *html, size_t len);
 
 

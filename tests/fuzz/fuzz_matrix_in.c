@@ -1,7 +1,7 @@
 /* libFuzzer target: what a homeserver pushes (an appservice transaction's
  * JSON) as the Matrix adapter reads it (adapters/matrix: mx_event_refs,
  * mx_to_neutral for each room event, mx_ephemeral_to_neutral for each
- * ephemeral one, mx_media_info), and the ghost ids: mx_ghost_parse of every
+ * ephemeral one), and the ghost ids: mx_ghost_parse of every
  * sender, and mx_ghost_id of the transaction's text.  Properties: nothing
  * crashes or leaks; every event mapped from Matrix, with a sender added, is
  * accepted by event_parse; a ghost id parses back to what built it. */
@@ -67,8 +67,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 					if (mx_to_neutral(ev, to_msg, NULL, &out, why, sizeof(why)) == MX_IN_OK)
 						check_valid(out);
 					json_decref(out);
-					struct mx_media media;
-					(void)mx_media_info(ev, &media);
 				} else {
 					json_t *items = mx_ephemeral_to_neutral(ev, to_msg, NULL), *it;
 					size_t j;
