@@ -3,7 +3,10 @@
  * flag byte (unused; the corpus is shared with xmpp_out) and the event's
  * JSON, which must first pass the neutral API's validation (event_parse),
  * as every event the dispatcher hands the adapter did.  Properties: nothing
- * crashes or leaks; a send's content is a JSON object with a body; and a
+ * crashes or leaks; a send's content is a JSON object with a body; its
+ * formatted_body (a peer's HTML part, sanitised) holds no script, style,
+ * image, event handler or link of another scheme than the subset's
+ * (html_safe); and a
  * plain text message, read back by the inbound mapping (mx_to_neutral, as
  * the homeserver would push a local user's event with that content), is a
  * message with the same text: what Matrix can represent survives the trip. */
@@ -15,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -45,6 +49,44 @@ static const char *plain_text(const json_t *ev)
 	return json_string_value(json_object_get(p, "body"));
 }
 
+/* Whether sanitised HTML h is in the subset as a browser reads it (mx_map.h
+ * mx_sanitize_html): no '<' or '>' but a tag's; tags of no element of
+ * script, style or media, their attributes name="value" (the value without
+ * '"', '<' or '>'), none an event handler, a style or a source, an href
+ * only of a scheme the subset has. */
+static bool html_safe(const char *h)
+{
+	static const char *const elements[] = { "script", "style", "img", "iframe", "svg", "math", "object",
+						"embed", "template", "title", "textarea", "xmp", "noscript", NULL };
+	static const char *const schemes[] = { "http:", "https:", "ftp:", "mailto:", "magnet:", "matrix:", NULL };
+	for (const char *p = strpbrk(h, "<>"); p; p = strpbrk(p, "<>")) {
+		if (*p++ == '>')
+			return false;
+		p += *p == '/';
+		size_t n = strspn(p, "abcdefghijklmnopqrstuvwxyz0123456789-");
+		for (const char *const *e = elements; *e; e++)
+			if (n == strlen(*e) && strncmp(p, *e, n) == 0)
+				return false;
+		for (p += n; *p == ' '; ) {
+			const char *name = ++p;
+			p += strcspn(p, "=\"<> ");
+			if (p[0] != '=' || p[1] != '"' || strncasecmp(name, "on", 2) == 0 ||
+			    strncasecmp(name, "style=", 6) == 0 || strncasecmp(name, "src=", 4) == 0)
+				return false;
+			const char *v = p + 2, *end = v + strcspn(v, "\"<>");
+			bool known = strncmp(name, "href=", 5) != 0;
+			for (const char *const *sc = schemes; *sc && !known; sc++)
+				known = strncasecmp(v, *sc, strlen(*sc)) == 0;
+			if (*end != '"' || !known)
+				return false;
+			p = end + 1;
+		}
+		if (*p++ != '>')
+			return false;
+	}
+	return true;
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	if (size < 1)
@@ -64,6 +106,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	    out.op == MX_OP_SEND) {
 		if (!json_is_object(out.content) || !json_is_string(json_object_get(out.content, "body")))
 			abort(); /* a send without a body: clients would show nothing */
+		const char *fb = json_string_value(json_object_get(out.content, "formatted_body"));
+		if (fb && !html_safe(fb)) {
+			fprintf(stderr, "formatted_body not in the subset: %s\n", fb);
+			abort();
+		}
 		const char *text = plain_text(ev);
 		if (text && strcmp(out.event_type, "m.room.message") == 0) {
 			json_t *mx = json_pack("{s:s, s:O, s:s, s:s, s:s, s:I}", "type", out.event_type, "content",
