@@ -1049,24 +1049,9 @@ static bool redacts_an_edit(struct txn *t, json_t *ev)
 	"an edit of a message the other side does not have (written before the conversation was bridged, or " \
 	"not delivered itself): write it again as a new message"
 
-/* The event ev edits when it is an edit (an m.room.message m.replace with
- * m.new_content, not redacted), else NULL.  Points into ev. */
-static const char *edit_target(const json_t *ev)
-{
-	const json_t *content = json_object_get(ev, "content");
-	const json_t *rel = json_object_get(content, "m.relates_to");
-	const char *type = json_string_value(json_object_get(ev, "type"));
-	const char *rt = json_string_value(json_object_get(rel, "rel_type"));
-	const char *target = json_string_value(json_object_get(rel, "event_id"));
-	bool edit = type && strcmp(type, "m.room.message") == 0 && rt && strcmp(rt, "m.replace") == 0 && target &&
-		    json_is_object(json_object_get(content, "m.new_content")) &&
-		    !json_object_get(json_object_get(ev, "unsigned"), "redacted_because");
-	return edit ? target : NULL;
-}
-
 static bool edits_unknown(struct txn *t, const json_t *ev)
 {
-	const char *target = edit_target(ev);
+	const char *target = mx_edit_target(ev);
 	return target && !lookup_ref_or_user(t, target);
 }
 
@@ -1083,7 +1068,7 @@ static bool edits_unknown(struct txn *t, const json_t *ev)
 
 static bool edits_an_edit(struct txn *t, const json_t *ev)
 {
-	const char *target = edit_target(ev);
+	const char *target = mx_edit_target(ev);
 	return target && json_object_get(t->edits, target) && lookup_ref_or_user(t, target);
 }
 

@@ -1516,6 +1516,23 @@ enum mx_in_result mx_to_neutral(const json_t *ev, mx_lookup_fn to_msg, void *ctx
 	return res;
 }
 
+const char *mx_edit_target(const json_t *ev)
+{
+	const char *type = str_member(ev, "type");
+	const json_t *content = json_object_get(ev, "content");
+	const json_t *rel = json_object_get(content, "m.relates_to");
+	const json_t *newc = json_object_get(content, "m.new_content");
+	const char *rt = str_member(rel, "rel_type"), *target = str_member(rel, "event_id");
+	if (!type || !rt || strcmp(rt, "m.replace") != 0 || !target || !json_is_object(newc) ||
+	    json_object_get(ev, "state_key") || json_object_get(json_object_get(ev, "unsigned"), "redacted_because"))
+		return NULL;
+	if (strcmp(type, "m.room.message") == 0)
+		return target;
+	static const char *const own[] = { "m.sticker", "m.reaction", "m.room.redaction", "m.room.encrypted", NULL };
+	const char *text = in_list(type, own) ? NULL : fallback_text(newc);
+	return text && *text ? target : NULL;
+}
+
 /* ------------------------------------------------------------ ephemeral */
 
 static json_t *item(const char *who, json_t *event)

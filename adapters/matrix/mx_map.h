@@ -183,6 +183,16 @@ enum mx_in_result {
 enum mx_in_result mx_to_neutral(const json_t *ev, mx_lookup_fn to_msg, void *ctx, json_t **out, char *why,
 				size_t whylen);
 
+/* The event id ev replaces when mx_to_neutral reads it as an edit, else
+ * NULL (points into ev): an m.replace (its event_id a string) with
+ * m.new_content as an object, not redacted, not a state event, of
+ * m.room.message or of a type read as its text fallback (a poll: its
+ * m.new_content has one).  The Matrix spec's rules of an edit are the same
+ * whatever its type (among them: its target is no edit itself); until the
+ * fifty-first session the adapter checked those of m.room.message only,
+ * and a poll's edit of an edit went to the peer as an edit of the poll. */
+const char *mx_edit_target(const json_t *ev);
+
 /* Ephemeral m.typing (content.user_ids) and m.receipt ({event_id: {"m.read":
  * {user_id: {"ts": ...}}}}) events to neutral events: a new JSON array of
  * {"sender_mxid": user_id, "event": {...neutral body without sender...}}, one

@@ -4564,6 +4564,42 @@ EDIT_OF_EDIT = ("Not delivered: an edit of an edit, which Matrix does not allow 
                 "message as it was): edit the message itself.")
 
 
+def poll_ev(base, eid, text, target=None):
+    """Element's poll (org.matrix.msc3381.poll.start) of text, or with
+    target its edit: an event of the poll's type holding m.new_content and
+    the relation alone."""
+    poll = {"org.matrix.msc3381.poll.start": {"kind": "org.matrix.msc3381.poll.disclosed", "max_selections": 1,
+                                              "question": {"org.matrix.msc1767.text": text}, "answers": []},
+            "org.matrix.msc1767.text": text}
+    content = poll if target is None else {"m.new_content": poll,
+                                           "m.relates_to": {"rel_type": "m.replace", "event_id": target}}
+    return dict(base, event_id=eid, type="org.matrix.msc3381.poll.start", content=content)
+
+
+def test_an_edit_of_a_poll_edit_is_refused_and_told(mx, hs, gk, pg, db_url):
+    """Matrix's rules of an edit hold whatever its type: a poll's edit of
+    a poll's edit is no edit its clients apply. Until the fifty-first
+    session only an m.room.message was checked, and a poll's went to the
+    peer as an edit of the poll: the peer showed the new question, Matrix
+    the old. Now it is refused and told, as a message's is."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    base = {"room_id": room, "sender": ALICE_MX, "origin_server_ts": int(time.time() * 1000)}
+    evs = [poll_ev(base, "$ep1", "Where?"), poll_ev(base, "$ep2", "Where, then?", "$ep1"),
+           poll_ev(base, "$ep3", "Where now?", "$ep2"), edit_ev(base, "$ep4", "$ep2", "as a message"),
+           poll_ev(base, "$ep5", "Here.", "$ep1")]
+    assert as_put(mx, "edit-a-poll-edit", {"events": evs}).status_code == 200
+    told = lambda: [n for n in ghost_notices(hs, room, ghost) if n.startswith("Not delivered")]  # noqa: E731
+    wait_until(lambda: len(told()) >= 2 and len(srv.events) >= 3, what="two notices and the valid events")
+    time.sleep(0.5)
+    assert told() == [EDIT_OF_EDIT] * 2, told()
+    got = list(srv.events)
+    assert [(e["type"], e["content"]["parts"][0]["body"]) for e in got] == [
+        ("message", "Where?"), ("edit", "Where, then?"), ("edit", "Here.")], got
+    assert got[1]["content"]["replaces"] == got[0]["id"] and got[2]["content"]["replaces"] == got[0]["id"]
+    assert pg.psql("SELECT count(*) FROM events WHERE origin_native_id IN ('$ep3', '$ep4')", db_url) == "0"
+
+
 def test_a_peers_reply_to_a_message_in_a_thread_goes_in_the_thread(mx, hs, gk, pg, db_url):
     """A reply belongs where what it answers is: Matrix puts a reply to an
     event in a thread in that thread (m.thread to the root, not a

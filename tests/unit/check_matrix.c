@@ -695,6 +695,11 @@ START_TEST(map_cases)
 					json_decref(want);
 				}
 				assert_event_parses(out, k->name);
+				/* What the mapping reads as an edit is what the
+				 * adapter checks as one (an edit of an edit). */
+				bool edit = strcmp(json_string_value(json_object_get(out, "type")), "edit") == 0;
+				ck_assert_msg(edit == (mx_edit_target(ev) != NULL), "case '%s': mx_edit_target says %s",
+					      k->name, mx_edit_target(ev) ? mx_edit_target(ev) : "none");
 				json_decref(out);
 			} else {
 				ck_assert_ptr_null(out);
