@@ -86,6 +86,11 @@ static bool in_list(const char *s, const char *const *list)
 	return false;
 }
 
+bool cw_html_hidden(const char *tag)
+{
+	return in_list(tag, skipped_tags);
+}
+
 struct tw {
 	struct cw_buf out;
 	int breaks;     /* line feeds wanted before the next text (1 or 2) */
@@ -222,7 +227,7 @@ static bool tw_enter(struct tw *w, xmlNode *n)
 	const char *tag = (const char *)n->name;
 	const char *parent = n->parent && n->parent->type == XML_ELEMENT_NODE ? (const char *)n->parent->name : "";
 	n->_private = NULL;
-	if (in_list(tag, skipped_tags) || (w->skip && in_list(tag, w->skip)))
+	if (cw_html_hidden(tag) || (w->skip && in_list(tag, w->skip)))
 		return false;
 	if (strcmp(tag, "br") == 0) {
 		w->space = false; /* no space at a line's end */

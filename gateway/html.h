@@ -29,6 +29,12 @@ void cw_html_walk(xmlDoc *doc, bool (*enter)(void *arg, xmlNode *n), void (*leav
  * leading. */
 char *cw_url_trim(char *v);
 
+/* Whether the element named tag holds no message text: head, title,
+ * script, style, template, noscript, iframe, object, embed, applet,
+ * noembed, noframes.  Its whole content goes, from the text (cw_html_text)
+ * and from a Matrix formatted_body (mx_map.h mx_sanitize_html) alike. */
+bool cw_html_hidden(const char *tag);
+
 /* The text of doc as a reader of plain text expects it, the body an
  * HTML-only message gets on a network of plain text (docs/xmpp.md
  * "HTML-only text", docs/matrix.md): line breaks for <br> and blocks (a

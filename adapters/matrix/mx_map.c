@@ -212,11 +212,6 @@ static const char *const allowed_tags[] = {
 	"b", "i", "u", "strong", "em", "s", "code", "hr", "br", "div", "table", "thead", "tbody", "tr", "th",
 	"td", "caption", "pre", "span", "details", "summary", NULL,
 };
-/* Elements whose whole content goes (mx-reply unless kept on purpose). */
-static const char *const dropped_tags[] = {
-	"script", "style", "head", "title", "template", "iframe", "object", "embed", "applet", "noembed",
-	"noframes", NULL,
-};
 static const char *const void_tags[] = { "br", "hr", NULL };
 
 static bool digits_ok(const char *v)
@@ -416,8 +411,8 @@ static bool enter(void *arg, xmlNode *n)
 	if (n->type != XML_ELEMENT_NODE || !n->name)
 		return false; /* comments, processing instructions, DTDs */
 	const char *tag = (const char *)n->name;
-	if (in_list(tag, dropped_tags))
-		return false;
+	if (cw_html_hidden(tag))
+		return false; /* the text's own list: until the fifty-first session noscript's content stayed */
 	if (strcmp(tag, "mx-reply") == 0) {
 		w->replied = true;
 		return w->keep_reply;

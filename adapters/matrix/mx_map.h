@@ -311,9 +311,9 @@ bool mx_json_duplicate_key(const json_t *v, bool deep);
  *   - allowed elements: del h1-h6 blockquote p a ul ol sup sub li b i u
  *     strong em s code hr br div table thead tbody tr th td caption pre span
  *     details summary (font, deprecated, becomes span); others are dropped
- *     with their text kept, except that the whole content of script, style,
- *     head, title, template, iframe, object, embed, applet, noembed, noframes
- *     and mx-reply is dropped; comments and processing instructions too;
+ *     with their text kept, except that the whole content of an element of
+ *     no message text (html.h cw_html_hidden: script, style, noscript, ...)
+ *     and of mx-reply is dropped; comments and processing instructions too;
  *   - attributes per element: span data-mx-bg-color, data-mx-color ("#" + 6
  *     hex digits), data-mx-spoiler, data-mx-maths; a name, target, href (an
  *     absolute URL with scheme http, https, ftp, mailto, magnet or matrix);
