@@ -1,10 +1,12 @@
 /* libFuzzer target: what a homeserver pushes (an appservice transaction's
  * JSON) as the Matrix adapter reads it (adapters/matrix: mx_event_refs,
- * mx_to_neutral for each room event, mx_ephemeral_to_neutral for each
- * ephemeral one), and the ghost ids: mx_ghost_parse of every
- * sender, and mx_ghost_id of the transaction's text.  Properties: nothing
- * crashes or leaks; every event mapped from Matrix, with a sender added, is
- * accepted by event_parse; a ghost id parses back to what built it. */
+ * mx_to_neutral and mx_edit_target for each room event,
+ * mx_ephemeral_to_neutral for each ephemeral one), and the ghost ids:
+ * mx_ghost_parse of every sender, and mx_ghost_id of the transaction's
+ * text.  Properties: nothing crashes or leaks; every event mapped from
+ * Matrix, with a sender added, is accepted by event_parse; an event mapped
+ * to an edit is one mx_edit_target names a target of (the adapter's check
+ * of an edit of an edit); a ghost id parses back to what built it. */
 #include "config.h"
 #include "matrix/mx_id.h"
 #include "matrix/mx_map.h"
@@ -64,8 +66,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 						abort();
 					json_t *out = NULL;
 					char why[200];
-					if (mx_to_neutral(ev, to_msg, NULL, &out, why, sizeof(why)) == MX_IN_OK)
+					if (mx_to_neutral(ev, to_msg, NULL, &out, why, sizeof(why)) == MX_IN_OK) {
 						check_valid(out);
+						const char *type = json_string_value(json_object_get(out, "type"));
+						if (type && strcmp(type, "edit") == 0 && !mx_edit_target(ev))
+							abort(); /* an edit the adapter would not check */
+					}
 					json_decref(out);
 				} else {
 					json_t *items = mx_ephemeral_to_neutral(ev, to_msg, NULL), *it;
