@@ -36,6 +36,12 @@
 #define IDLE_WAIT_MS 200        /* longest sleep of an up stream with nothing to do */
 #define PING_EVERY_MS 60000     /* XEP-0199 keepalive to the server */
 #define PING_TIMEOUT_MS 30000
+/* From the connect to the handshake's answer: a server that takes the
+ * connection and then says nothing (hung, or a proxy in front of a dead
+ * one) is given up after this, as an unanswered ping is (libstrophe
+ * bounds the TCP connect and, once the server's header came, the
+ * handshake, but not the wait for that header). */
+#define OPEN_TIMEOUT_MS PING_TIMEOUT_MS
 #define HOUSEKEEPING_MS 1000    /* consent requests, the lock connection */
 #define STANDBY_RETRY_MS 2000
 
@@ -1453,6 +1459,7 @@ static void *comp_main(void *arg)
 	PGconn *lock = NULL;
 	long backoff = 0;
 	int64_t next_try = 0, next_house = 0, up_since = 0; /* mono_ms() it came up, 0: down */
+	int64_t connect_since = 0; /* mono_ms() of the connect being tried */
 	/* The pace of the lock connection's connects while the database is
 	 * away: 250 ms, then twice as long each time up to
 	 * database.reconnect_max_ms (until the forty-eighth session every
@@ -1511,6 +1518,7 @@ static void *comp_main(void *arg)
 			xmpp_conn_set_sockopt_callback(xc->conn, check_fd);
 			xmpp_handler_add(xc->conn, on_stanza, NULL, NULL, NULL, xc);
 			set_state(xc, XC_CONNECTING, NULL, false);
+			connect_since = now;
 			release_low_fd(xc);
 			if (xmpp_connect_component(xc->conn, cfg->xmpp_server_host, (unsigned short)cfg->xmpp_server_port,
 						   on_conn, xc) != XMPP_EOK) {
@@ -1528,6 +1536,14 @@ static void *comp_main(void *arg)
 			parser_memory(xc);
 		}
 		now = mono_ms();
+		if (!xc->dropped && xc->state == XC_CONNECTING && now - connect_since >= OPEN_TIMEOUT_MS) {
+			/* Until the fifty-first session such a server kept the
+			 * component "connecting" for good, never tried again. */
+			snprintf(xc->drop_reason, sizeof(xc->drop_reason),
+				 "the server did not open the stream and answer the handshake within %d s",
+				 OPEN_TIMEOUT_MS / 1000);
+			xc->dropped = true;
+		}
 		if (xc->up_event && !xc->dropped) { /* up since the handshake's answer (stream_up) */
 			xc->up_event = false;
 			up_since = now;

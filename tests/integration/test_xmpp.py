@@ -6820,6 +6820,35 @@ def test_a_server_that_closes_the_stream_at_once_is_connected_to_less_and_less_o
         srv.close()
 
 
+def test_a_server_that_takes_the_connection_and_says_nothing_is_given_up_and_tried_again(make_daemon, db_url):
+    """A server that takes the TCP connection and never opens the stream (a
+    hung one, a proxy in front of a dead one): libstrophe bounds the TCP
+    connect and the handshake once the server's header came, not the wait
+    for that header. The component gives the attempt up after 30 s (as an
+    unanswered ping), says why, and connects again. Until the fifty-first
+    session it stayed "connecting" for good, never tried again."""
+    srv = HostileServer(SECRET)
+    try:
+        d = srv.daemon(make_daemon, db_url, xmpp={"reconnect_max_ms": "500"})
+        srv.listener.settimeout(15)
+        silent, _ = srv.listener.accept()
+        t0 = time.time()
+        wait_until(lambda: component_state(d)["state"] == "connecting", what="connecting")
+        time.sleep(5)
+        assert component_state(d)["state"] == "connecting"  # not given up early
+        srv.accept(timeout=40)  # the next attempt, whose server answers
+        assert 29 <= time.time() - t0 <= 40
+        wait_until(lambda: component_state(d)["state"] == "up", what="the component's stream")
+        silent.settimeout(5)
+        while silent.recv(4096):  # its header, its close: then the first connection is closed
+            pass
+        assert [r for r in d.records if r.get("msg") == "xmpp component" and r.get("detail") ==
+                "the server did not open the stream and answer the handshake within 30 s"]
+        silent.close()
+    finally:
+        srv.close()
+
+
 def test_a_stream_that_is_not_well_formed_is_closed(make_daemon, db_url):
     """libstrophe answers XML that is not well-formed with invalid-xml but
     keeps the stream, every later read failing: until the twenty-sixth
