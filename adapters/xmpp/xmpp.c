@@ -17,6 +17,7 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/select.h>
@@ -806,6 +807,19 @@ static int on_stanza(xmpp_conn_t *conn, xmpp_stanza_t *st, void *arg)
 	if (!to || !from) {
 		/* The server stamps both; without them there is nobody to answer. */
 		LOG_KV_LIMITED(CW_LOG_INFO, "xmpp stanza without from or to dropped", "component", xc->domain, "name", name);
+		return 1;
+	}
+	/* The server routes to the component only what is addressed to its
+	 * domain (a JID at it).  Anything else is not the component's to
+	 * answer: its answer would come from that other address, which the
+	 * server refuses from a component (Prosody closes the stream:
+	 * invalid-from), and a message to it would be taken as one to a
+	 * remote user.  Until the fifty-first session such a stanza was
+	 * served (disco#info to another domain answered as the gateway). */
+	char tl[XJ_PART_MAX + 1], td[XJ_PART_MAX + 1], tr[XJ_PART_MAX + 1];
+	if (!xj_split(to, tl, sizeof(tl), td, sizeof(td), tr, sizeof(tr)) || strcasecmp(td, xc->domain) != 0) {
+		LOG_KV_LIMITED(CW_LOG_WARN, "xmpp: a stanza not addressed to the component dropped", "component",
+			       xc->domain, "name", name, "to", to);
 		return 1;
 	}
 	if (strcmp(name, "iq") == 0)

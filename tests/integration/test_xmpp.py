@@ -6667,6 +6667,42 @@ def test_stanzas_without_from_or_to_are_dropped(make_daemon, db_url, pg):
         srv.close()
 
 
+def test_stanzas_not_addressed_to_the_component_are_dropped(make_daemon, db_url, pg):
+    """The server routes to the component only what is addressed to its
+    domain. A stanza to another domain (or a JID that is none) is not the
+    component's to answer: its answer would come from that other address,
+    which Prosody refuses from a component (invalid-from: the stream
+    closed). Until the fifty-first session a disco#info to another domain
+    was answered as the gateway's, from that domain, and a message to a
+    user of it was taken as one to a remote user."""
+    srv = HostileServer(SECRET)
+    try:
+        d = srv.daemon(make_daemon, db_url)
+        srv.stream_up(d)
+        frm = f"{ALICE_JID}/phone"
+        srv.send(f"<iq type='get' id='x1' from='{frm}' to='other.example'>"
+                 "<query xmlns='http://jabber.org/protocol/disco#info'/></iq>")
+        srv.send(f"<iq type='get' id='x2' from='{frm}' to='wally@other.example'><ping xmlns='urn:xmpp:ping'/></iq>")
+        srv.send(f"<iq type='get' id='x3' from='{frm}' to='{COMP}.evil'><ping xmlns='urn:xmpp:ping'/></iq>")
+        srv.send(f"<message from='{frm}' to='wally@other.example' type='chat' id='x4'><body>elsewhere</body></message>")
+        srv.send(f"<presence from='{frm}' to='wally@other.example' type='subscribe'/>")
+        srv.send(f"<presence from='{frm}' to='#room@other.example/alice'/>")
+        # The stream is still up and answers a stanza to the component.
+        srv.send(f"<iq type='get' id='ok1' from='{frm}' to='{COMP}'><ping xmlns='urn:xmpp:ping'/></iq>")
+        answer = srv._until(b"ok1") + srv._until(b">")
+        assert b"result" in answer, answer
+        got = answer + srv.read_for(1.5)
+        assert b"other.example" not in got and b"x1" not in got and b"x3" not in got, got
+        wait_until(lambda: len([r for r in d.records if r.get("msg") ==
+                                "xmpp: a stanza not addressed to the component dropped"]) == 6,
+                   what="six stanzas dropped and logged")
+        assert component_state(d)["state"] == "up"
+        assert pg.psql("SELECT count(*) FROM events", db_url) == "0"
+        assert pg.psql("SELECT count(*) FROM identities WHERE network = 'xmpp'", db_url) == "0"
+    finally:
+        srv.close()
+
+
 LAUGHS = (b"<!DOCTYPE stream:stream [<!ENTITY a 'aaaaaaaaaa'><!ENTITY b '&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;'>"
           b"<!ENTITY c '&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;'>]>")
 
