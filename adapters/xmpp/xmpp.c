@@ -1463,6 +1463,27 @@ static bool comp_gives_up(void *arg)
 	return atomic_load(&x->stop);
 }
 
+/* Whether the connection that holds the component's lock still answers
+ * (without it the lock is gone: another process may take the component). */
+static bool lock_alive(PGconn *lock)
+{
+	PGresult *r = PQexec(lock, "SELECT 1");
+	bool ok = PQresultStatus(r) == PGRES_TUPLES_OK;
+	PQclear(r);
+	return ok;
+}
+
+/* The lock's connection was found lost: the stream is given up (it may be
+ * another process's next) and the connection closed; when to connect to
+ * the database again. */
+static int64_t lock_lost(struct xcomp *xc, PGconn **lock, struct store_backoff *db_wait, int64_t now)
+{
+	stream_give_up(xc, XC_DOWN, "lost the database connection that holds the component's lock", false);
+	PQfinish(*lock);
+	*lock = xc->lock = NULL;
+	return now + store_backoff_failed(db_wait, xc->x->cfg->db_reconnect_max_ms);
+}
+
 static void *comp_main(void *arg)
 {
 	cw_thread_name("cw-xmpp");
@@ -1517,6 +1538,17 @@ static void *comp_main(void *arg)
 		if (!xc->conn) {
 			if (now < next_try) {
 				nap(xc, (int)(next_try - now));
+				continue;
+			}
+			/* The lock is looked at before each connect: the
+			 * housekeeping that looks at it does not run during the
+			 * backoff's wait (up to xmpp.reconnect_max_ms).  Until the
+			 * fifty-first session a lock lost then was found only once
+			 * the stream was up again: a process without it took the
+			 * stream, and the one that had taken the lock meanwhile was
+			 * refused by the server (conflict) and backed off. */
+			if (!lock_alive(lock)) {
+				next_try = lock_lost(xc, &lock, &db_wait, now);
 				continue;
 			}
 			xa_xml_watch(true, cfg->xmpp_max_stanza_bytes); /* its parser: see refuse_stream */
@@ -1606,18 +1638,9 @@ static void *comp_main(void *arg)
 			stream_stable(xc);
 		if (now >= next_house) {
 			next_house = now + HOUSEKEEPING_MS;
-			PGresult *r = PQexec(lock, "SELECT 1");
-			bool db_ok = PQresultStatus(r) == PGRES_TUPLES_OK;
-			PQclear(r);
-			if (!db_ok) {
-				/* Without its connection the lock is gone: another
-				 * process may take the component now. */
-				stream_give_up(xc, XC_DOWN, "lost the database connection that holds the component's lock",
-					       false);
+			if (!lock_alive(lock)) {
 				up_since = 0;
-				PQfinish(lock);
-				lock = xc->lock = NULL;
-				next_try = now + store_backoff_failed(&db_wait, cfg->db_reconnect_max_ms);
+				next_try = lock_lost(xc, &lock, &db_wait, now);
 				continue;
 			}
 			if (up) {

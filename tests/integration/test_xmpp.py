@@ -6885,6 +6885,44 @@ def test_a_server_that_takes_the_connection_and_says_nothing_is_given_up_and_tri
         srv.close()
 
 
+def test_a_lock_lost_during_the_reconnects_wait_is_found_before_the_connect(make_daemon, db_url, pg):
+    """The housekeeping that looks at the component's lock does not run
+    while the thread waits out the reconnect's backoff. A lock lost then
+    (its connection cut: the database restarted) and taken by another
+    process is found before the next connect, and this one goes on
+    standby. Until the fifty-first session it connected without the lock
+    and held the stream (until its first housekeeping), and the process
+    that had taken the lock was refused by the server (conflict) and
+    backed off, up to xmpp.reconnect_max_ms."""
+    key = f"hashtextextended('causeway.xmpp:{COMP}', 0)"
+    srv = HostileServer(SECRET)
+    held = None
+    try:
+        d = srv.daemon(make_daemon, db_url, xmpp={"reconnect_max_ms": "8000"})
+        for _ in range(5):  # breaks at once: the backoff grows to 2-4 s
+            srv.accept()
+            time.sleep(0.05)
+            srv.send("</stream:stream>")
+            srv.conn.close()
+            srv.conn = None
+        wait_until(lambda: component_state(d)["state"] == "down", what="the stream down")
+        assert pg.psql("SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' "
+                       f"AND ((classid::bigint << 32) | objid::bigint) = {key}", db_url) == "1"
+        held = HeldSession(db_url)
+        held.run(f"SELECT pg_advisory_lock({key});")
+        srv.listener.settimeout(8)
+        with pytest.raises((socket.timeout, TimeoutError)):
+            srv.listener.accept()  # no connect without the lock
+        assert component_state(d)["state"] == "standby"
+        held.end()
+        held = None
+        srv.stream_up(d)  # the lock free again: taken, and the stream
+    finally:
+        if held:
+            held.end()
+        srv.close()
+
+
 def test_a_stream_that_is_not_well_formed_is_closed(make_daemon, db_url):
     """libstrophe answers XML that is not well-formed with invalid-xml but
     keeps the stream, every later read failing: until the twenty-sixth
