@@ -1264,6 +1264,16 @@ static void stream_give_up(struct xcomp *xc, enum xc_state s, const char *why, b
 	xc->drop_ms = mono_ms();
 	if (!keep_recent) {
 		recent_clear(xc);
+		/* The presences waiting (probe answers, a profile change's) are
+		 * this process's memory only: not handed over (docs/xmpp.md,
+		 * "Profiles"), but said. */
+		size_t left = xa_fanout_left(xc);
+		if (left) {
+			char n[24];
+			snprintf(n, sizeof(n), "%zu", left);
+			LOG_KV(CW_LOG_WARN, "xmpp: presences waiting to be written are forgotten with the stream",
+			       "component", xc->domain, "recipients", n);
+		}
 		xa_fanout_clear(xc);
 	}
 }

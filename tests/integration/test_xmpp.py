@@ -6923,6 +6923,30 @@ def test_a_lock_lost_during_the_reconnects_wait_is_found_before_the_connect(make
         srv.close()
 
 
+def test_presences_waiting_when_the_stream_goes_are_said_to_be_forgotten(make_daemon, db_url):
+    """The presences waiting for their batch (probe answers here: the server
+    never answers the ping that lets the next batch go) are the holder's
+    memory only: when the daemon stops (the stream may be another
+    process's next) they are forgotten, not handed over, and the log says
+    how many recipients were left. Until the fifty-first session nothing
+    said it."""
+    srv = HostileServer(SECRET)
+    ns = NotifyServer()
+    try:
+        d, _ = hostile_with_gk(srv, ns, make_daemon, db_url)
+        srv.send("".join(f"<presence type='probe' from='u{i}@{HOST}' to='{WALLY_JID}'/>" for i in range(300)))
+        got = srv.read_for(3)  # a batch, then its ping, never answered
+        written = len(re.findall(rb"<presence[^>]*to=\"u\d+@", got))
+        assert 0 < written < 300, got
+        d.stop()
+        said = [r for r in d.records if r.get("msg") ==
+                "xmpp: presences waiting to be written are forgotten with the stream"]
+        assert len(said) == 1 and 0 < int(said[0]["recipients"]) <= 300 - written // 2, said
+    finally:
+        ns.close()
+        srv.close()
+
+
 def test_a_stream_that_is_not_well_formed_is_closed(make_daemon, db_url):
     """libstrophe answers XML that is not well-formed with invalid-xml but
     keeps the stream, every later read failing: until the twenty-sixth
