@@ -465,6 +465,26 @@ static bool answer_not_there(struct cw_req *req, const struct media_job *j)
 #define REFUSED_LOG_MS (3600 * 1000L)
 static struct media_recent refused_links = MEDIA_RECENT_INIT(REFUSED_LOG_MS);
 
+/* Why a store's final answer status (not 200) is no file however often
+ * it is asked, or NULL (a 4xx or 5xx: answer tells gone from away).  A
+ * 3xx that media_fetch_peer did not follow names no Location (or is a
+ * 304 to a request that asked nothing conditional), and a 2xx other than
+ * 200 holds no file or part of one (204, 206 to a request without
+ * Range): until the fifty-first session's review they were answered 503
+ * "try again later", and a client followed the link again for ever. */
+static const char *store_answer_for_good(long status)
+{
+	if (status / 100 == 3)
+		return "its store answers a redirect that names no other place";
+	if (status == 204)
+		return "its store answers 204 No Content, not the file";
+	if (status == 206)
+		return "its store answers a part of the file (206), not all of it";
+	if (status / 100 == 2)
+		return "its store answers another success than 200 OK, not the file";
+	return NULL;
+}
+
 /* On a fetcher (workers.h): the far side answers within its timeout.  The
  * budget is taken here, on the fetcher: a fetch refused because every
  * fetcher is busy is still counted as such (workers.h), not as over the
@@ -507,8 +527,11 @@ static void fetch(void *arg)
 	} else {
 		j->rc = media_fetch_peer(app, j->source, j->signer[0] ? j->signer : NULL, FETCH_TIMEOUT_MS, &j->b,
 					 &j->status, &j->err);
-		if (!j->rc && j->status != 200)
-			j->rc = cw_fail(&j->err, CW_EIO, "the peer's store answered %ld", j->status);
+		if (!j->rc && j->status != 200) {
+			j->b.refused = store_answer_for_good(j->status);
+			j->rc = cw_fail(&j->err, j->b.refused ? CW_EINVAL : CW_EIO, "the peer's store answered %ld",
+					j->status);
+		}
 	}
 }
 
@@ -708,6 +731,20 @@ static void answer(struct media_job *j, bool mismatch, const char *got)
 	} else if (j->status == 404 || j->status == 410 || (j->public && j->status >= 400 && j->status < 500 &&
 							       j->status != 408 && j->status != 429)) {
 		cw_req_problem(req, 404, "unknown_media", "Not found", "no such file (it may have been deleted)");
+	} else if (!j->public && j->status >= 400 && j->status < 500 && j->status != 401 && j->status != 408 &&
+		   j->status != 429) {
+		/* A token's file the homeserver refuses (403 M_FORBIDDEN, any
+		 * 4xx but its 401, which is this gateway's token and mends
+		 * when the operator fixes it, 408 and 429): no later try
+		 * changes it, so 403 media_refused as for a link refused for
+		 * good, no Retry-After (until the fifty-first session's review
+		 * 503 "try again later", and the peer asked again for ever). */
+		LOG_KV_LIMITED(CW_LOG_WARN, "the homeserver refuses a file for a peer", "request_id", cw_req_id(req),
+			       "detail", j->err.msg);
+		char why[96];
+		snprintf(why, sizeof(why), "this gateway cannot serve this file: the homeserver refuses it (%ld)",
+			 j->status);
+		cw_req_problem(req, 403, "media_refused", "Forbidden", why);
 	} else {
 		LOG_KV_LIMITED(CW_LOG_WARN, "cannot fetch a file for a peer", "request_id", cw_req_id(req), "detail",
 			       j->err.msg);

@@ -47,7 +47,9 @@ json_t *peer_media_public(struct cw_app *app, json_t *ev);
  * names (ev) is deleted, expired, erased or edited without the file, or
  * its row is gone; 403 media_refused when the source is one
  * media_fetch_peer refuses for a fact of its URL (no retry changes it;
- * logged at warn once an hour per link, since the twenty-seventh session);
+ * logged at warn once an hour per link, since the twenty-seventh session)
+ * or its store's last answer holds no file for good (a 3xx without
+ * Location, a 2xx other than 200);
  * 503 with Retry-After when its store is away. */
 void media_public_get(struct cw_req *req, void *ctx);
 

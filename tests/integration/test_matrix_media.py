@@ -930,6 +930,36 @@ def alice_edits(mx, srv, mx_room, target, event_id, new_content):
                       what=f"the edit {event_id} at the peer")[0]
 
 
+def test_a_file_the_homeserver_refuses_is_403_not_try_again(mx, hs, gk, pg, db_url, monkeypatch):
+    """A token's file that the homeserver refuses (403 M_FORBIDDEN, or a 400)
+    is refused for good: 403 media_refused, no Retry-After, as a link's
+    file that the gateway will not fetch.  Until the fifty-first session's
+    review it was 503 "try again later" with Retry-After, and the peer
+    asked again for ever.  A homeserver that is away (its 502, 429) or that
+    refuses this gateway's own token (401: the operator mends it) is still
+    503 with Retry-After."""
+    from homeserver import MatrixError
+    a, srv = gk
+    room, mx_room = matrix_dm(mx, hs, a, pg, db_url)
+    [(photo, _, _, path)] = alice_sends_photos(mx, hs, srv, mx_room, 1, "refused")
+    serve = hs._serve
+    for status, errcode, code in ((403, "M_FORBIDDEN", 403), (400, "M_UNKNOWN", 403), (502, "M_UNKNOWN", 503),
+                                  (429, "M_LIMIT_EXCEEDED", 503), (401, "M_UNKNOWN_TOKEN", 503)):
+        def refuse(server, media_id, status=status, errcode=errcode):
+            raise MatrixError(status, errcode, "no")
+        monkeypatch.setattr(hs, "_serve", refuse)
+        r = a.call("GET", path)
+        assert r.status_code == code, (status, r.status_code, r.text[:200])
+        if code == 403:
+            assert "Retry-After" not in r.headers and r.json()["code"] == "media_refused", (status, r.text)
+            assert "the homeserver refuses it" in r.json()["detail"], r.text
+        else:
+            assert r.json()["code"] == "unavailable" and int(r.headers["Retry-After"]) >= 1, (status, r.text)
+    monkeypatch.setattr(hs, "_serve", serve)
+    r = a.call("GET", path)
+    assert r.status_code == 200 and r.content == photo, (r.status_code, r.text[:200])
+
+
 def test_an_edit_that_takes_the_file_out_ends_its_link(mx, hs, gk, pg, db_url):
     """alice edits an image into text: the file is no longer in her
     message, and its link at the peer ends there, as after a delete (404

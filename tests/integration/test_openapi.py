@@ -244,9 +244,10 @@ PEER_SOURCES = ("adapters/peer/peer_api.c", "adapters/peer/peer_pull.c", "adapte
 ADMIN_ONLY = {"admin_disabled", "forbidden"}
 # Given outside the document's operations: the front's answer to a path or
 # a method it does not serve, or to a request line and headers that frame
-# no request it takes, and a /media/ capability link's.
+# no request it takes, and a /media/ capability link's (its media_refused
+# a token's too since the fifty-first session: GET /v1/media/{token}).
 OUTSIDE_OPERATIONS = {"not_found", "method_not_allowed", "invalid_request", "not_implemented",
-                      "expired_media", "media_mismatch", "media_refused"}
+                      "expired_media", "media_mismatch"}
 
 
 def emitted_problems():

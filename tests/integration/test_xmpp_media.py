@@ -231,6 +231,37 @@ def test_a_link_whose_fetch_is_refused_for_good_is_403_not_try_again(make_daemon
         media.close()
 
 
+def test_a_link_whose_store_answers_no_file_for_good_is_403_not_try_again(make_daemon, db_url, prosody, alice,
+                                                                          tmp_path):
+    """A store whose last answer is a redirect that names no Location (or a
+    304 to a plain GET), or a success other than 200 (204: nothing, 206:
+    part of the file to a request for all of it), holds no file for the
+    link however often it is asked: 403 media_refused with why, no
+    Retry-After.  Until the fifty-first session's review it was 503 "try
+    again later" with Retry-After, and an XMPP client followed the link
+    again for ever."""
+    media, d, a, srv, key, room = start(make_daemon, db_url, prosody, tmp_path)
+    try:
+        data = os.urandom(600)
+        for status, why in ((302, "redirect"), (304, "redirect"), (204, "204"), (206, "part of the file"),
+                            (203, "another success than 200")):
+            url = media.put(f"/f/s{status}.jpg", "image/jpeg", data, host="media.wa.localhost")
+            media.status[f"/f/s{status}.jpg"] = status
+            _, link = photo_link(a, alice, room, url, data)
+            r = requests.get(link, timeout=10)
+            assert r.status_code == 403 and "Retry-After" not in r.headers, (status, r.status_code, r.text[:200])
+            p = r.json()
+            assert p["code"] == "media_refused" and why in p["detail"], (status, p)
+        # The store asked once a follow, and the file served once it answers it.
+        assert [p for p, _ in media.requests].count("/f/s203.jpg") == 1
+        del media.status["/f/s203.jpg"]
+        r = requests.get(link, timeout=10)
+        assert r.status_code == 200 and r.content == data, (r.status_code, r.text[:200])
+    finally:
+        srv.close()
+        media.close()
+
+
 def test_an_avatar_is_carried_only_as_an_image_of_the_type_its_profile_names(make_daemon, db_url, pg, prosody,
                                                                              alice, tmp_path):
     """A remote user's avatar reaches XMPP clients only as a PNG, JPEG, GIF
