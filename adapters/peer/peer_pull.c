@@ -107,6 +107,14 @@ struct peer_pull {
  * one row of nulls, which try_answer refuses 400.  Until the forty-sixth
  * session it acknowledged every row handed out to the peer, those of an
  * answer it never got too, and came back as the answer's next.
+ * A peer no longer in pull mode (switched to push) is handed nothing,
+ * neither rows not handed out yet nor those in flight above its cursor
+ * (mode): its cursor still acknowledges what it was handed while it
+ * pulled, and the rest runs out of its hand-out and goes by the push.
+ * Until the fifty-first session's review such a peer pulling from an
+ * older cursor was handed them again and their claim renewed, for as
+ * long as it pulled: their rooms, which the push does not take while a
+ * row of theirs is in flight, waited as long.
  * A typing notification accepted longer ago than $6 milliseconds
  * (dispatcher.typing_stale_ms; 0: never) is stale (the last column): the
  * answer leaves it out and try_answer expires its row, as a lane expires
@@ -119,17 +127,19 @@ struct peer_pull {
 static const char pull_sql[] =
 	"WITH cur AS MATERIALIZED (SELECT $2::bigint <= coalesce(pg_sequence_last_value("
 	" pg_get_serial_sequence('outbox', 'id')::regclass), 0) AS ok), "
+	"mode AS MATERIALIZED (SELECT EXISTS (SELECT 1 FROM peers p WHERE p.name = substr($1, 6) "
+	" AND p.mode = 'pull' AND p.enabled) AS pull), "
 	"ack AS (UPDATE outbox SET state = 'delivered', delivered_at = now(), claimed_by = NULL, "
 	" claimed_until = NULL, last_error = NULL WHERE destination = $1 AND state = 'in_flight' AND " PULL_POS " <= $2::bigint "
 	" AND (SELECT ok FROM cur)), "
 	"sent AS (SELECT id, " PULL_POS " AS pos FROM outbox WHERE destination = $1 "
-	" AND state = 'in_flight' AND " PULL_POS " > $2::bigint AND (SELECT ok FROM cur)), "
+	" AND state = 'in_flight' AND " PULL_POS " > $2::bigint AND (SELECT ok FROM cur) AND (SELECT pull FROM mode)), "
 	"kept AS (UPDATE outbox o SET claimed_until = now() + make_interval(secs => $4::int) FROM sent "
 	" WHERE o.id = sent.id AND o.state = 'in_flight' AND o.claimed_by = 'pull#' || sent.pos "
 	" RETURNING o.id, sent.pos, o.event_id, o.room_id), "
 	"fresh AS MATERIALIZED (SELECT f.id, nextval(pg_get_serial_sequence('outbox', 'id')) AS pos "
 	" FROM (SELECT id FROM outbox WHERE destination = $1 AND state = 'pending' AND (SELECT ok FROM cur) "
-	"  AND EXISTS (SELECT 1 FROM peers p WHERE p.name = substr($1, 6) AND p.mode = 'pull' AND p.enabled) "
+	"  AND (SELECT pull FROM mode) "
 	"  AND room_id NOT IN (SELECT b.room_id FROM outbox b WHERE b.destination = $1 AND b.state = 'in_flight' "
 	"   AND NOT starts_with(b.claimed_by, 'pull#')) ORDER BY id "
 	"  LIMIT greatest($3::int - (SELECT count(*) FROM sent), 0)) f), "

@@ -310,6 +310,38 @@ def test_a_push_peer_cannot_pull_its_rows_away_from_the_push(daemon, pg, db_url)
         srv.close()
 
 
+def test_a_peer_switched_to_push_is_not_handed_its_pulled_rows_again(daemon, pg, db_url):
+    """A pull peer switched to push that pulls again from an older cursor
+    (its old poller still running) is handed nothing: neither new rows nor
+    those it was handed and did not acknowledge, whose claim is not
+    renewed (they run out of their hand-out and go by the push; the push
+    takes no row of a room while one of its rows is in flight).  Its
+    cursor still acknowledges what it was handed.  Until the fifty-first
+    session's review it was handed them again, their claim renewed for
+    10 minutes at each pull, for as long as it pulled."""
+    a, b, rm, srv = make_peers(daemon)
+    try:
+        ids = [a.send(rm["id"], a.user("alice"), f"s{i}").json()["id"] for i in range(2)]
+        got = b.call("GET", "/v1/events?after=0").json()
+        assert [e["id"] for e in got["events"]] == ids, got
+        pg.psql(f"UPDATE peers SET mode = 'push', push_url = '{srv.url}' WHERE name = 'tg'", db_url)
+        until = "SELECT string_agg(claimed_until::text, ',' ORDER BY id) FROM outbox WHERE destination = 'peer:tg'"
+        pg.psql("UPDATE outbox SET claimed_until = now() + interval '5 minutes' WHERE destination = 'peer:tg'",
+                db_url)
+        before = pg.psql(until, db_url)
+        again = b.call("GET", "/v1/events?after=0")
+        assert again.status_code == 200 and again.json() == {"events": [], "next": "0"}, again.text
+        assert pg.psql(until, db_url) == before  # not renewed
+        assert pg.psql("SELECT string_agg(DISTINCT state, ',') FROM outbox WHERE destination = 'peer:tg'",
+                       db_url) == "in_flight"
+        # Its cursor acknowledges what it was handed while it pulled.
+        assert b.call("GET", f"/v1/events?after={got['next']}").json()["events"] == []
+        assert pg.psql("SELECT string_agg(DISTINCT state, ',') FROM outbox WHERE destination = 'peer:tg'",
+                       db_url) == "delivered"
+    finally:
+        srv.close()
+
+
 def test_a_pulled_row_taken_back_unacknowledged_has_no_try_in_its_trace(make_daemon, pg, db_url):
     """Rows a pull handed out and the peer did not acknowledge within 10
     minutes are taken back by the dispatcher's recovery of run-out claims,
