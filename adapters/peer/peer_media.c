@@ -657,6 +657,13 @@ static void fetched(void *arg)
 	answer(j, mismatch, got);
 }
 
+/* Whether a 4xx status is the far side's answer at every later try too
+ * (not 408 Request Timeout nor 429 Too Many Requests). */
+static bool final_4xx(long status)
+{
+	return status >= 400 && status < 500 && status != 408 && status != 429;
+}
+
 /* The answer to j once its file is fetched (or not), then j freed. */
 static void answer(struct media_job *j, bool mismatch, const char *got)
 {
@@ -728,11 +735,9 @@ static void answer(struct media_job *j, bool mismatch, const char *got)
 			LOG_KV(CW_LOG_DEBUG, "a file for a link is refused for good", "request_id", cw_req_id(req),
 			       "detail", j->err.msg);
 		cw_req_problem(req, 403, "media_refused", "Forbidden", why);
-	} else if (j->status == 404 || j->status == 410 || (j->public && j->status >= 400 && j->status < 500 &&
-							       j->status != 408 && j->status != 429)) {
+	} else if (j->status == 404 || j->status == 410 || (j->public && final_4xx(j->status))) {
 		cw_req_problem(req, 404, "unknown_media", "Not found", "no such file (it may have been deleted)");
-	} else if (!j->public && j->status >= 400 && j->status < 500 && j->status != 401 && j->status != 408 &&
-		   j->status != 429) {
+	} else if (!j->public && final_4xx(j->status) && j->status != 401) {
 		/* A token's file the homeserver refuses (403 M_FORBIDDEN, any
 		 * 4xx but its 401, which is this gateway's token and mends
 		 * when the operator fixes it, 408 and 429): no later try
