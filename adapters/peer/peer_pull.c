@@ -64,6 +64,7 @@ struct peer_pull {
 	/* While the database is away: the pace of attempts to connect (ensure_conn). */
 	struct store_backoff backoff;
 	int64_t connect_started_us; /* of the attempt under way (give_up_connect) */
+	int64_t waiting_due_us;     /* the earliest deadline of the waiting polls (give_up_connect) */
 };
 
 /* How long a connect that has not come through goes on while pulls wait
@@ -574,8 +575,11 @@ static bool known_empty(const struct empty *empty, int n, const struct waiter *w
 }
 
 /* The connect under way (ensure_conn) is given up when the daemon stops,
- * and once it has taken CONNECT_PULLS_WAIT_US while pulls came in: those
- * are answered 503 then, not after connect_timeout (5 s). */
+ * once it has taken CONNECT_PULLS_WAIT_US while pulls came in (those
+ * are answered 503 then, not after connect_timeout, 5 s), and when a
+ * waiting long poll's wait is over: answered then (503: no database),
+ * not held up to connect_timeout past it, as it was until the fifty-first
+ * session's review. */
 static bool give_up_connect(void *arg)
 {
 	struct peer_pull *p = arg;
@@ -585,8 +589,9 @@ static bool give_up_connect(void *arg)
 	pthread_mutex_lock(&p->mu);
 	bool waiting = p->incoming != NULL;
 	pthread_mutex_unlock(&p->mu);
-	return atomic_load(&p->stop) ||
-	       (waiting && cw_now_us() - p->connect_started_us >= CONNECT_PULLS_WAIT_US);
+	int64_t now = cw_now_us();
+	return atomic_load(&p->stop) || now >= p->waiting_due_us ||
+	       (waiting && now - p->connect_started_us >= CONNECT_PULLS_WAIT_US);
 }
 
 /* The poller's connection, made again when lost.  The connect does not
@@ -691,6 +696,10 @@ static void *poller_main(void *arg)
 	struct heard heard = { 0 };
 	for (;;) {
 		bool stopping = atomic_load(&p->stop);
+		p->waiting_due_us = INT64_MAX;
+		for (const struct waiter *w = waiting; w; w = w->next)
+			if (w->deadline_us < p->waiting_due_us)
+				p->waiting_due_us = w->deadline_us;
 		ensure_conn(p);
 		pthread_mutex_lock(&p->mu);
 		struct waiter *in = p->incoming;

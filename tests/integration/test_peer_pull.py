@@ -916,6 +916,33 @@ def test_a_dead_letter_replayed_to_a_pull_peer_wakes_its_waiting_long_poll(daemo
         srv.close()
 
 
+def test_a_long_poll_is_answered_at_its_end_while_the_poller_cannot_connect(make_daemon, db_url, pg):
+    """A long poll waiting as the poller's connection is lost, while the
+    database's address takes new connections and never answers them, is
+    answered at the end of its wait (503: no database), not held until
+    the connect's timeout (5 s) is over.  Until the fifty-first session's
+    review only a pull that came in during the connect cut it short."""
+    from pgproxy import PgProxy
+    with PgProxy(db_url) as px:
+        d = make_daemon(px.url).start()
+        a, b, rm, srv = make_peers(d)
+        try:
+            got = b.call("GET", "/v1/events?after=0").json()
+            t, result = long_poll(b, got["next"], 3)  # waits a second in there
+            px.swallow()
+            kill = ("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                    "AND query LIKE '%ack AS (UPDATE outbox%'")
+            assert pg.psql(kill, db_url) == "1"
+            wait_until(lambda: px.swallowed > 0, what="the poller's connect, swallowed")
+            t.join(15)
+            r = result["r"]
+            assert r.status_code == 503 and r.headers.get("Retry-After"), r.text
+            assert result["t"] < 4.2, result["t"]  # 3 s and a round; after 6 s until then
+        finally:
+            px.thaw()
+            srv.close()
+
+
 def test_the_pull_poller_reconnects_without_blocking_and_backs_off(make_daemon, db_url, pg):
     """The pull poller's connection lost while the database's address takes
     new connections and never answers them (a dropped route, a firewall
