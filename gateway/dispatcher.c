@@ -820,8 +820,11 @@ static bool claim_destination(struct lane *l, const char *dest, struct outbox_ro
 		row->event = ev;
 		row->event_id = atoll(PQgetvalue(r, i, 10));
 		row->target_id = atoll(PQgetvalue(r, i, 11));
-		if (!json_object_get(row->event, "type"))
+		json_t *stored = json_object_get(row->event, "type");
+		if (!stored)
 			json_object_set_new(row->event, "type", json_string(PQgetvalue(r, i, 12)));
+		const char *type = stored ? json_string_value(stored) : PQgetvalue(r, i, 12);
+		row->typing = type && strcmp(type, "typing") == 0;
 		row->expired = PQgetvalue(r, i, 13)[0] == 't';
 	}
 	PQclear(r);
@@ -1535,10 +1538,10 @@ static void record_outcomes(struct lane *l, struct outbox_row *rows, size_t n, i
  * late "composing" would never end. */
 static bool stale_typing(const struct outbox_row *row, int64_t now_ms, long stale_ms)
 {
-	const char *type = json_string_value(json_object_get(row->event, "type"));
+	if (!row->typing || stale_ms <= 0)
+		return false;
 	json_t *at = json_object_get(row->event, "accepted_ts");
-	return stale_ms > 0 && type && strcmp(type, "typing") == 0 && json_is_integer(at) &&
-	       now_ms - json_integer_value(at) > stale_ms;
+	return json_is_integer(at) && now_ms - json_integer_value(at) > stale_ms;
 }
 
 /* A row of an event the expiry sweep took back (events.expired: its

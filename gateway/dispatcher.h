@@ -52,6 +52,12 @@ struct outbox_row {
 	 * less) is not counted against the retry budget. */
 	long retry_after_ms;
 	bool expired;   /* its event was expired (events.expired): expired, never sent */
+	/* Its event's type is "typing", as the claim found it: the dispatcher
+	 * asks for every row of a batch (stale_typing), and looked up in the
+	 * event's tree, out of the cache by then, that was 1.8 % of the
+	 * dispatcher thread on tests/bench/xmpp's release (docs/performance.md,
+	 * "Fifty-first session"). */
+	bool typing;
 };
 
 /* The wait a far side asked for, given in seconds (a Retry-After header),
