@@ -2241,23 +2241,27 @@ struct submit *submit_new(size_t n)
  * which are answered so, once: a peer's user joining a group with her
  * event is not joined when her peer is not in force (JOIN_MEMBERS), and
  * gn has her event too, as a non-member's. */
-#define PEER_REFUSED "NOT (" PEER_OK " AND " NONCES_OK ")"
+#define PEERS_CHECKED PEER_KEYS PEER_NONCES
+#define PEERS_OK PEER_OK " AND " NONCES_OK
+#define PEER_REFUSED "NOT (" PEERS_OK ")"
 #define GONE_ROWS " UNION ALL SELECT pid, NULL::bigint, ref FROM gn " \
 	"WHERE pid NOT IN (SELECT it.pid FROM it WHERE " PEER_REFUSED ") UNION ALL SELECT it.pid, NULL::bigint, " \
 	"CASE WHEN " PEER_OK " THEN 'replay' ELSE 'peer' END FROM it WHERE " PEER_REFUSED
-/* WITH: "WITH" or "WITH RECURSIVE" (for GONE_MORE); IT: the items; JM:
+/* WITH: "WITH" or "WITH RECURSIVE" (for GONE_MORE); IT: the items; PEERS,
+ * ITEM_OK: PEERS_CHECKED and PEERS_OK, or for a job none of whose items
+ * came from a peer (WRITE_ITEMS_LOCAL) empty and "true"; JM:
  * GROUP_JM or empty; REFS: REFS_LOCKED(GONE_MORE: more items of gn, naming
  * one of gn) or REFS_NONE (or their GROUP_ forms); ID_COL, ID: the
  * events' ids when the statement gives them; REPLACES, REPLY: the
  * references' event ids; OB_WHERE: GROUP_OB_WHERE or empty. */
-#define WRITE_EVENTS_OF(WITH, IT, JM, REFS, ID_COL, ID, REPLACES, REPLY, OB_WHERE) \
+#define WRITE_EVENTS_OF(WITH, IT, PEERS, ITEM_OK, JM, REFS, ID_COL, ID, REPLACES, REPLY, OB_WHERE) \
 	WITH " " IT ", " \
 	"lk AS MATERIALIZED (" ROOM_LOCKS_SQL("SELECT DISTINCT it.room AS r FROM it") "), " \
-	PEER_KEYS PEER_NONCES JM REFS \
+	PEERS JM REFS \
 	"ev AS (INSERT INTO events (" ID_COL "public_id, room_id, sender_id, type, content, replaces_id, in_reply_to_id, " \
 	"  origin_network, origin_native_id, request_hash, ts) SELECT " ID "it.pid, it.room, it.sender, it.type, it.content, " \
 	"  " REPLACES ", " REPLY ", it.scope, it.key, decode(it.hash, 'hex'), it.ts FROM it " \
-	"  WHERE (SELECT n FROM lk) >= 0 AND it.pid NOT IN (SELECT pid FROM gn) AND " PEER_OK " AND " NONCES_OK " ORDER BY it.n ON CONFLICT (origin_network, origin_native_id) WHERE origin_native_id IS NOT NULL DO NOTHING " \
+	"  WHERE (SELECT n FROM lk) >= 0 AND it.pid NOT IN (SELECT pid FROM gn) AND " ITEM_OK " ORDER BY it.n ON CONFLICT (origin_network, origin_native_id) WHERE origin_native_id IS NOT NULL DO NOTHING " \
 	"  RETURNING id, public_id, room_id, (extract(epoch FROM accepted_at) * 1000)::bigint AS ms), " \
 	"ob AS (INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state) " \
 	"  SELECT ev.id, d.dest, NULLIF(d.target::bigint, 0), ev.room_id, d.state FROM it " \
@@ -2266,7 +2270,8 @@ struct submit *submit_new(size_t n)
 	"   string_to_array(it.states, ',')) WITH ORDINALITY AS d(dest, target, state, dn) " \
 	"  " OB_WHERE "ORDER BY ev.id, d.dn) "
 #define WRITE_EVENTS_WITH_OF(JM, REFS, OB_WHERE) \
-	WRITE_EVENTS_OF("WITH", "it AS (" IT_ROWS ")", JM, REFS, "", "", "it.replaces", "it.reply", OB_WHERE)
+	WRITE_EVENTS_OF("WITH", "it AS (" IT_ROWS ")", PEERS_CHECKED, PEERS_OK, JM, REFS, "", "", "it.replaces", \
+			"it.reply", OB_WHERE)
 #define WRITE_EVENTS_WITH(REFS) WRITE_EVENTS_WITH_OF("", REFS, "")
 #define WRITE_EVENTS WRITE_EVENTS_WITH(REFS_LOCKED(""))
 #define WRITE_EVENTS_NOREFS WRITE_EVENTS_WITH(REFS_NONE)
@@ -2296,7 +2301,8 @@ struct submit *submit_new(size_t n)
 	WRITE_EVENTS_OF("WITH RECURSIVE", \
 			"it AS MATERIALIZED (SELECT y.*, nextval(pg_get_serial_sequence('events', 'id')) AS eid " \
 			"FROM (" IT_ROWS " ORDER BY x.n) y)", \
-			JM, REFS, "id, ", "it.eid, ", "coalesce(it.replaces, (SELECT i2.eid FROM it i2 WHERE i2.pid = it.xpid))", \
+			PEERS_CHECKED, PEERS_OK, JM, REFS, "id, ", "it.eid, ", \
+			"coalesce(it.replaces, (SELECT i2.eid FROM it i2 WHERE i2.pid = it.xpid))", \
 			"coalesce(it.reply, (SELECT i2.eid FROM it i2 WHERE i2.pid = it.rpid))", OB_WHERE)
 #define WRITE_EVENTS_REFS WRITE_EVENTS_REFS_OF("", REFS_LOCKED(REFS_GONE_MORE), "")
 /* In a group, an item naming one refused because its sender left
@@ -2317,9 +2323,22 @@ struct submit *submit_new(size_t n)
 	WRITE_EVENTS_REFS_OF(GROUP_JM, \
 			     GROUP_REFS_LOCKED_AS("gr", GROUP_REFS_GONE_MORE) GROUP_REFS_ONCE, GROUP_OB_WHERE)
 
-#define WRITE_ITEMS_PLAIN_ROWS "SELECT public_id, ms, NULL::text FROM ev" GONE_ROWS
+#define EV_ROWS "SELECT public_id, ms, NULL::text FROM ev"
+#define WRITE_ITEMS_PLAIN_ROWS EV_ROWS GONE_ROWS
 #define WRITE_ITEMS_PLAIN WRITE_EVENTS WRITE_ITEMS_PLAIN_ROWS
 #define WRITE_ITEMS_PLAIN_NOREFS WRITE_EVENTS_NOREFS WRITE_ITEMS_PLAIN_ROWS
+/* A plain job in direct rooms naming no stored event, none of whose items
+ * came from a peer (a local adapter's, Matrix or XMPP: pp and nn absent,
+ * no peer's key to hold and no nonce to claim): WRITE_ITEMS_PLAIN_NOREFS
+ * without pk, nd and nc, whose conditions each such item passes, and
+ * without GONE_ROWS, which answer nothing for it (gn is empty).  The same
+ * rows and the same answer.  PostgreSQL sets up and tears down the whole
+ * plan of a statement at every call, its never-run parts included: these
+ * were some 2 us an event of the write's 15-45 (fifty-first session,
+ * docs/performance.md). */
+#define WRITE_ITEMS_LOCAL \
+	WRITE_EVENTS_OF("WITH", "it AS (" IT_ROWS ")", "", "true", "", REFS_NONE, "", "", "it.replaces", "it.reply", "") \
+	EV_ROWS
 
 /* The consent requests of a job: cq, each pair (local user, sender) of its
  * items' ask lists (round 0 found no request of the pair standing, and the
@@ -2541,6 +2560,7 @@ const struct store_stmt peer_api_statements[] = {
 	{ "submit_write_plain", WRITE_ITEMS_PLAIN },
 	{ "submit_write_norefs", WRITE_ITEMS_NOREFS },
 	{ "submit_write_plain_norefs", WRITE_ITEMS_PLAIN_NOREFS },
+	{ "submit_write_local", WRITE_ITEMS_LOCAL },
 	{ "submit_write_refs", WRITE_ITEMS_REFS },
 	{ "submit_lock_rooms", LOCK_ROOMS },
 	{ "submit_lock_users", LOCK_USERS },
@@ -2980,6 +3000,7 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 	bool stored = false;                         /* round 1: an item names a stored event */
 	bool group = false;                          /* round 1: an item is in a group */
 	bool chk = false;                            /* round 1: an item is checked for a delete (DELETED_TARGETS) */
+	bool local = true;                           /* round 1: no item from a peer (WRITE_ITEMS_LOCAL) */
 	cw_err rc = round == 0 ? (cw_buf_add(&doc, "[", 1) ? CW_ENOMEM : CW_OK) : CW_OK;
 	for (size_t k = 0; round == 1 && k < WC_COLS && !rc; k++)
 		rc = text_array_begin(&cols[k]);
@@ -3054,6 +3075,7 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 		stored = stored || b->reply_id[i][0] || b->replaces_id[i][0];
 		group = group || b->grp[i];
 		chk = chk || dt;
+		local = local && !in->p && !in->nonces;
 		plain = plain && !in->read_receipt && !json_array_size(b->held[i]) && !json_array_size(b->outbound[i]) &&
 			!b->wrote[i] && !in->block_target[0];
 	}
@@ -3076,7 +3098,9 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 		 * event ids drawn after the locks: WRITE_EVENTS_REFS_OF):
 		 * its rooms' locks first */
 		const char *w = refs ? "submit_write_refs"
-			      : plain ? (stored ? "submit_write_plain" : "submit_write_plain_norefs")
+			      : plain ? (stored		     ? "submit_write_plain"
+					 : local && !group ? "submit_write_local"
+							   : "submit_write_plain_norefs")
 				      : (stored ? "submit_write" : "submit_write_norefs");
 		char name[40];
 		snprintf(name, sizeof(name), "%s%s", w, group ? "_g" : "");

@@ -8618,6 +8618,39 @@ def test_the_lookup_of_a_transaction_is_planned_once_and_reads_events_by_key(mak
         srv.close()
 
 
+def test_a_transaction_of_messages_is_written_without_the_peers_checks(make_daemon, pg_planned, hs):
+    """A transaction of plain messages in a direct room (no item from a
+    peer) is written by the statement without the peers' keys, their
+    nonces and the answers for them (WRITE_ITEMS_LOCAL): PostgreSQL set up
+    and tore down those never-run parts at every call, some 2 us an event
+    of the write's 40 (until the fifty-first session; docs/performance.md).
+    The same rows: every event stored once, in order, and delivered."""
+    db_url = pg_planned.new_database("t_mx_write_local")
+    d = start_mx(make_daemon, db_url, hs)
+    a, srv = add_gk(d)
+    writes = ("SELECT coalesce(sum(calls) FILTER (WHERE query LIKE '%signature_nonces%'), 0) || ' ' || "
+              "coalesce(sum(calls) FILTER (WHERE query NOT LIKE '%signature_nonces%'), 0) FROM pg_stat_statements "
+              "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = 't_mx_write_local') "
+              "AND starts_with(query, 'WITH it AS (') AND query LIKE '%INSERT INTO events (public_id%'")
+    try:
+        room, _, base = alice_wrote_first(hs, a, srv)
+        checked0, local0 = map(int, pg_planned.psql(writes).split())
+        for t in range(3):
+            evs = [text_ev(base, f"$wl{t}_{i}", f"message {t}.{i}") for i in range(5)]
+            assert as_put(d, f"wl-{t}", {"events": evs}).status_code == 200
+        # a retried transaction: stored once
+        assert as_put(d, "wl-again", {"events": [text_ev(base, "$wl0_0", "message 0.0")]}).status_code == 200
+        got = srv.wait_events(1 + 15)
+        assert [e["content"]["parts"][0]["body"] for e in got[1:]] == [
+            f"message {t}.{i}" for t in range(3) for i in range(5)]
+        assert pg_planned.psql("SELECT count(*), count(DISTINCT origin_native_id) FROM events "
+                               "WHERE origin_native_id LIKE '$wl%'", db_url) == "15|15"
+        checked, local = map(int, pg_planned.psql(writes).split())
+        assert local - local0 >= 3 and checked == checked0, (checked0, local0, checked, local)
+    finally:
+        srv.close()
+
+
 def test_her_membership_before_a_member_event_without_prev_content_is_read_in_her_room_alone(
         make_daemon, pg_planned, hs):
     """A member event of her own told without unsigned.prev_content, in a
