@@ -57,6 +57,9 @@ usage: $PROG COMMAND DIR [ARGS]
 The server listens only on a unix socket (port $PG_PORT) in DIR/sock.
 Binaries: \$PG_BINDIR, else \`pg_config --bindir\`, else the newest
 /usr/lib/postgresql/*/bin.  PG_START_TIMEOUT (seconds, default 30).
+PG_LC_COLLATE: the cluster's collation (initdb --lc-collate), e.g. C; by
+default the locale's (C.UTF-8, else C), the character classes staying the
+locale's either way (docs/performance.md, fifty-first session).
 EOF
 }
 
@@ -231,7 +234,8 @@ do_initdb() {
 
     for loc in C.UTF-8 C; do
         if as_pg "$BINDIR/initdb" -D "$DATA" --auth=trust -U "$PG_ROLE" \
-            --encoding=UTF8 --locale="$loc" >"$DIR/initdb.log" 2>&1; then
+            --encoding=UTF8 --locale="$loc" ${PG_LC_COLLATE:+--lc-collate="$PG_LC_COLLATE"} \
+            >"$DIR/initdb.log" 2>&1; then
             ok=1
             break
         fi
