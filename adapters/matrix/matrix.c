@@ -1724,6 +1724,11 @@ void matrix_metrics(struct matrix *m, struct cw_buf *b)
 			 "# TYPE causeway_matrix_ping gauge\n");
 	for (int i = 0; i < 4; i++)
 		cw_buf_printf(b, "causeway_matrix_ping{state=\"%s\"} %d\n", states[i], strcmp(ping, states[i]) == 0);
+	cw_buf_printf(b, "# HELP causeway_matrix_token_refused 1 while the homeserver refuses the as_token (401 "
+			 "M_UNKNOWN_TOKEN): Matrix delivery waits.\n"
+			 "# TYPE causeway_matrix_token_refused gauge\n"
+			 "causeway_matrix_token_refused %d\n",
+		      atomic_load(&m->token_refused) ? 1 : 0);
 	cw_buf_printf(b, "# HELP causeway_matrix_transactions_total Homeserver transactions answered: once durable "
 			 "(taken), or again from memory (repeat).\n"
 			 "# TYPE causeway_matrix_transactions_total counter\n"

@@ -74,6 +74,12 @@ bool matrix_unmatched(struct cw_req *req, bool method_mismatch, void *ctx);
 cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_row *rows, size_t n,
 		      size_t *done, long *code, cw_errmsg *e);
 
+/* Whether the Matrix rows are to be claimed now (the dispatcher's
+ * local_ready): false while the homeserver refuses the as_token (401
+ * M_UNKNOWN_TOKEN, M_MISSING_TOKEN): they wait, untried and not counted
+ * against the retry budget, until it takes it again. */
+bool matrix_ready(void *ctx);
+
 /* Pings the homeserver (POST /_matrix/client/v1/appservice/{id}/ping) in the
  * background; the outcome is in matrix_health. */
 void matrix_ping_start(struct matrix *m);
@@ -81,7 +87,9 @@ void matrix_ping_start(struct matrix *m);
  * transactions and their events by outcome. */
 struct cw_buf;
 void matrix_metrics(struct matrix *m, struct cw_buf *b);
-/* {"homeserver": ..., "ping": "ok"|"failed"|"pending", "last_error": ...}. */
+/* {"homeserver": ..., "ping": "ok"|"failed"|"pending"|"unsupported",
+ * "last_error": ..., "delivery": "up"|"token_refused", and while the
+ * token is refused "token_refused_since_ms"}. */
 json_t *matrix_health(struct matrix *m);
 /* The media source of this provider's users (app->media, media.h):
  * mxc:// URIs of the homeserver, fetched with the appservice's token. */

@@ -38,6 +38,14 @@ struct matrix {
 	char last_error[256];        /* the homeserver's last refusal (M_FORBIDDEN, M_UNKNOWN_TOKEN, ...) */
 	pthread_t ping_thread;
 	bool ping_started;
+	/* The homeserver refused the as_token (401 M_UNKNOWN_TOKEN or
+	 * M_MISSING_TOKEN, to any call): the delivery is held (matrix_ready
+	 * false, its rows wait untried and uncounted) until a call is answered
+	 * 2xx again, which the ping's thread asks for (token_check).  Set and
+	 * cleared under mu (signalled on ping_cond), read anywhere;
+	 * token_refused_ms: since when (wall ms), under mu. */
+	atomic_bool token_refused;
+	int64_t token_refused_ms;
 	/* Set under mu (and signalled with ping_cond): the daemon is stopping,
 	 * nothing is tried again, and the call in flight ends (mx_call_stop_on). */
 	atomic_bool ping_stop;

@@ -73,6 +73,43 @@ static bool refused_for_good(long status, const json_t *answer)
 	       strcmp(code, "M_UNKNOWN_TOKEN") != 0 && strcmp(code, "M_MISSING_TOKEN") != 0;
 }
 
+/* Whether a refusal is of the as_token itself: 401 M_UNKNOWN_TOKEN (the
+ * registration's as_token is not the configured one: a token rotated on
+ * one side) or M_MISSING_TOKEN.  Every call fares the same until the
+ * operator mends it; a 401 without an errcode (a proxy's page) is not. */
+static bool token_refusal(long status, const json_t *answer)
+{
+	const char *code = json_string_value(json_object_get(answer, "errcode"));
+	return status == 401 && code && (strcmp(code, "M_UNKNOWN_TOKEN") == 0 || strcmp(code, "M_MISSING_TOKEN") == 0);
+}
+
+/* Whether one of this thread's calls was answered a token_refusal since
+ * it was last cleared (the delivery clears it before a row's preparation). */
+static _Thread_local bool token_refusal_seen;
+
+/* The as_token refused (refused) or taken again (a call answered 2xx):
+ * the hold of the delivery begins or ends, said once in the log.  Under
+ * no lock. */
+static void token_state(struct matrix *m, bool refused)
+{
+	if (atomic_load(&m->token_refused) == refused)
+		return;
+	pthread_mutex_lock(&m->mu);
+	bool changed = atomic_load(&m->token_refused) != refused;
+	if (changed) {
+		atomic_store(&m->token_refused, refused);
+		m->token_refused_ms = refused ? cw_wall_ms() : 0;
+		pthread_cond_broadcast(&m->ping_cond); /* the ping's thread checks it again, later */
+	}
+	pthread_mutex_unlock(&m->mu);
+	if (changed && refused)
+		LOG_KV(CW_LOG_ERROR, "the homeserver refuses the as_token: Matrix delivery is held until it takes it",
+		       "detail", "401 M_UNKNOWN_TOKEN or M_MISSING_TOKEN: matrix.as_token and the registration's as_token "
+				 "differ");
+	else if (changed)
+		LOG_KV(CW_LOG_INFO, "the homeserver takes the as_token again: Matrix delivery resumes", "detail", "");
+}
+
 static void note_refusal(struct matrix *m, long status, json_t *answer)
 {
 	const char *code = json_string_value(json_object_get(answer, "errcode"));
@@ -191,6 +228,10 @@ static cw_err req_done(struct matrix *m, CURL *c, struct mx_req *rq, CURLcode cc
 		pthread_mutex_lock(&m->mu);
 		note_refusal(m, *status, a);
 		pthread_mutex_unlock(&m->mu);
+		if (token_refusal(*status, a)) {
+			token_refusal_seen = true;
+			token_state(m, true);
+		}
 		const char *code = json_string_value(json_object_get(a, "errcode"));
 		rc = cw_fail(e, CW_EIO, "homeserver answered %ld %s", *status, code ? code : "");
 		if (*status == 429) {
@@ -203,6 +244,8 @@ static cw_err req_done(struct matrix *m, CURL *c, struct mx_req *rq, CURLcode cc
 			rate_limited.seen = true;
 			rate_limited.wait_ms = outbox_retry_after_ms(secs, json_is_integer(ra) ? json_integer_value(ra) : 0);
 		}
+	} else {
+		token_state(m, false); /* answered as the appservice: the token is taken */
 	}
 	req_free(rq);
 	if (answer)
@@ -323,6 +366,14 @@ static bool ping_once(struct matrix *m)
 	return done;
 }
 
+/* The thread registers the bot and pings the homeserver until both are
+ * done, then stays: while the homeserver refuses the as_token (any call's
+ * 401 M_UNKNOWN_TOKEN, token_state), it asks whether it takes it again
+ * (GET /account/whoami as the bot: its 200, req_done, ends the hold of the
+ * delivery), backing off as the ping does, 1 s to a minute.  Until the
+ * fifty-first session it ended once both were done, and a token refused
+ * later (a registration changed, a token rotated on one side) made every
+ * Matrix row fail, spend its retry budget and go dead. */
 static void *ping_main(void *arg)
 {
 	cw_thread_name("cw-mx-ping");
@@ -337,13 +388,20 @@ static void *ping_main(void *arg)
 	while (!m->ping_stop) {
 		pthread_mutex_unlock(&m->mu);
 		cw_errmsg e;
+		bool done = registered && pinged; /* else their calls are the check */
 		if (!registered)
 			registered = mx_register_bot(m, &e);
 		if (!pinged && !m->ping_stop)
 			pinged = ping_once(m);
+		if (done && !m->ping_stop && atomic_load(&m->token_refused))
+			mx_bot_taken(m); /* its 2xx ends the hold (token_state) */
 		pthread_mutex_lock(&m->mu);
-		if (registered && pinged)
-			break;
+		if (registered && pinged && !atomic_load(&m->token_refused)) {
+			/* nothing to do until a call is refused its token */
+			while (!m->ping_stop && !atomic_load(&m->token_refused))
+				pthread_cond_wait(&m->ping_cond, &m->mu);
+			wait_ms = PING_RETRY_FIRST_MS; /* the first check after a second */
+		}
 		struct timespec until;
 		cw_deadline_ts(&until, CLOCK_REALTIME, wait_ms * 1000);
 		while (!m->ping_stop && pthread_cond_timedwait(&m->ping_cond, &m->mu, &until) == 0)
@@ -378,10 +436,19 @@ void mx_ping_stop(struct matrix *m)
 json_t *matrix_health(struct matrix *m)
 {
 	pthread_mutex_lock(&m->mu);
-	json_t *o = json_pack("{s:s, s:s, s:s}", "homeserver", m->cfg->mx_homeserver_url, "ping", m->ping_state,
-			      "last_error", m->last_error);
+	bool held = atomic_load(&m->token_refused);
+	json_t *o = json_pack("{s:s, s:s, s:s, s:s}", "homeserver", m->cfg->mx_homeserver_url, "ping", m->ping_state,
+			      "last_error", m->last_error, "delivery", held ? "token_refused" : "up");
+	if (o && held)
+		json_object_set_new(o, "token_refused_since_ms", json_integer(m->token_refused_ms));
 	pthread_mutex_unlock(&m->mu);
 	return o;
+}
+
+bool matrix_ready(void *ctx)
+{
+	struct matrix *m = ctx;
+	return !m || !atomic_load(&m->token_refused);
 }
 
 /* ------------------------------------------------------------ delivery */
@@ -2160,6 +2227,17 @@ static void fail_rest(struct room_run *r, struct outbox_row *rows, long code, co
 		rows[r->idx[k]].outcome = 2;
 }
 
+/* Room r's rows from its next one on wait, untried and not counted
+ * (outcome 2), while the homeserver refuses the as_token (token_state):
+ * no try can fare better until the operator mends it, and the dispatcher
+ * claims none meanwhile (matrix_ready). */
+static void hold_rest(struct room_run *r, struct outbox_row *rows)
+{
+	r->failed = true;
+	for (size_t k = r->next; k < r->n; k++)
+		rows[r->idx[k]].outcome = 2;
+}
+
 cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_row *rows, size_t n,
 		      size_t *done, long *code, cw_errmsg *e)
 {
@@ -2222,9 +2300,11 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 	int in_flight = 0;
 	for (;;) {
 		/* Start the next row of every idle room, up to the limit; none
-		 * once the daemon is stopping (what is in flight finishes, the
-		 * rest is not tried and goes again). */
-		bool stopping = m->app && m->app->dispatcher && dispatcher_stopping(m->app->dispatcher);
+		 * once the daemon is stopping or the homeserver refuses the
+		 * as_token (what is in flight finishes, the rest is not tried
+		 * and goes again). */
+		bool stopping = (m->app && m->app->dispatcher && dispatcher_stopping(m->app->dispatcher)) ||
+				atomic_load(&m->token_refused);
 		for (size_t r = 0; r < nruns && in_flight < MX_ROOMS_IN_FLIGHT && !stopping; r++) {
 			struct room_run *run = &runs[r];
 			while (!run->busy && !run->failed && run->next < run->n) {
@@ -2235,8 +2315,13 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 					break;
 				}
 				rate_limited.seen = false;
+				token_refusal_seen = false;
 				enum prep p = prep_row(m, c, &rows[k], info, info_of[k], made, sent, run->h, &run->rq, &run->to,
 						       &pe);
+				if (p == PREP_FAIL && token_refusal_seen) {
+					hold_rest(run, rows);
+					break;
+				}
 				if (p == PREP_FAIL && rate_limited.seen) {
 					/* a call of the preparation was limited: waited out,
 					 * not counted */
@@ -2310,6 +2395,7 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 			long status = 0;
 			bool repeated = false, final = false;
 			cw_errmsg fe = { { 0 } };
+			token_refusal_seen = false;
 			if (finish_row(m, run->h, &run->rq, cc, row, sent, &status, &repeated, &final, &fe) == CW_OK) {
 				char eid[MX_ID_MAX + 1];
 				/* a reaction the room has: its delete takes that one away */
@@ -2337,6 +2423,8 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 				row->code = status;
 				snprintf(row->why, sizeof(row->why), "%s", fe.msg);
 				run->next++;
+			} else if (token_refusal_seen) {
+				hold_rest(run, rows);
 			} else {
 				fail_rest(run, rows, status, fe.msg);
 			}
@@ -2351,7 +2439,7 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 	}
 	for (size_t k = 0; k < n; k++)
 		if (rows[k].outcome == 0)
-			rows[k].outcome = 2; /* not tried: the daemon is stopping */
+			rows[k].outcome = 2; /* not tried: the daemon is stopping, or the token is refused */
 	PQclear(info);
 	json_decref(made);
 	free(runs);

@@ -3922,6 +3922,67 @@ def test_a_dead_letter_is_told_to_its_matrix_writer(make_daemon, db_url, hs, pg)
         srv.close()
 
 
+def test_a_refused_as_token_holds_the_matrix_rows_until_it_is_taken(make_daemon, db_url, hs, pg):
+    """The homeserver refuses the gateway's as_token (401 M_UNKNOWN_TOKEN:
+    the registration changed, the token rotated on one side): the Matrix
+    rows wait, untried and not counted, however long, and /readyz, GET
+    /admin/v1/adapters and /metrics say so; once the homeserver takes the
+    token again (the adapter asks it again, backing off), they are
+    delivered in order, once.  Until the fifty-first session every row
+    failed, spent its retry budget and went dead (here in well under a
+    second)."""
+    d = start_mx(make_daemon, db_url, hs,
+                 dispatcher={"retry_budget": "2", "retry_base_ms": "20", "retry_max_ms": "50"})
+    a, srv = add_gk(d)
+    try:
+        consent_alice(d)
+        hs.create_user("alice")
+        room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+        ghost = "@_cw_gk_wally:example.org"
+
+        def bodies():
+            return [e["content"]["body"] for rid in hs.rooms() for e in hs.events(rid)
+                    if e["type"] == "m.room.message" and e["sender"] == ghost]
+
+        def health(view):
+            body = (d.get("/readyz") if view == "readyz" else d.admin("GET", "/adapters")).json()
+            return body["adapters"]["matrix"] if view == "readyz" else body["matrix"]
+        assert a.send(room, a.user("wally"), "before").status_code == 202
+        wait_until(lambda: bodies() == ["before"], timeout=20, what="the first delivery")
+        wait_until(lambda: health("readyz")["ping"] == "ok", what="the ping")
+        assert health("readyz")["delivery"] == "up"
+        hs.registration["as_token"] = "rotated-on-the-homeserver"
+        texts = [f"held {i}" for i in range(4)]
+        for text in texts:
+            assert a.send(room, a.user("wally"), text).status_code == 202
+        wait_until(lambda: health("readyz")["delivery"] == "token_refused", timeout=20, what="the hold")
+        time.sleep(3)  # the whole retry budget many times over
+        rows = ("SELECT string_agg(o.state || ' ' || o.attempts, ',' ORDER BY o.id) FROM outbox o "
+                "WHERE o.destination = 'matrix' AND o.id > (SELECT min(id) FROM outbox WHERE destination = 'matrix')")
+        assert pg.psql(rows, db_url) == ",".join(["pending 0"] * 4)
+        assert d.admin("GET", "/outbox?state=dead").json()["rows"] == []
+        assert bodies() == ["before"]
+        for view in ("readyz", "adapters"):
+            h = health(view)
+            assert h["delivery"] == "token_refused" and "M_UNKNOWN_TOKEN" in h["last_error"], h
+            assert abs(h["token_refused_since_ms"] - time.time() * 1000) < 60000, h
+        assert d.get("/readyz").status_code == 200  # not a readiness condition
+        assert metrics_plain(d, "causeway_matrix_token_refused") == 1
+        # asked again meanwhile, each refused
+        checks = [r for r in hs.requests if r["path"].endswith("/account/whoami") and r["status"] == 401]
+        assert len(checks) >= 1, checks
+        hs.registration["as_token"] = AS_TOKEN  # the operator mends it
+        wait_until(lambda: bodies() == ["before"] + texts, timeout=30, what="the held rows delivered")
+        wait_until(lambda: health("adapters")["delivery"] == "up", what="the hold over")
+        assert "token_refused_since_ms" not in health("readyz")
+        assert metrics_plain(d, "causeway_matrix_token_refused") == 0
+        wait_until(lambda: pg.psql(rows, db_url) == ",".join(["delivered 1"] * 4), what="the rows delivered")
+        time.sleep(0.5)
+        assert bodies() == ["before"] + texts  # once each
+    finally:
+        srv.close()
+
+
 @pytest.mark.parametrize("lost", ["look", "commit"])
 def test_a_dead_letter_whose_telling_lost_its_answer_is_told(make_daemon, db_url, hs, pg, lost):
     """The look that marks dead letters told ran and its answer was lost
