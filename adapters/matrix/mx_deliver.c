@@ -2193,13 +2193,18 @@ struct room_run {
  * is released, the attempt not counted, and claimed again after this. */
 #define MX_MEDIA_WAIT_MS 300L
 
-/* The rows of room r from its next one on wait for a file. */
-static void wait_rest(struct room_run *r, struct outbox_row *rows)
+/* The rows of room r from its from-th on are given back untried, the
+ * attempt not counted: outcome 2 (pending again), or 3 (due again after
+ * wait_ms); the room goes no further in this batch.  Its next one on: they
+ * wait for a file (3, MX_MEDIA_WAIT_MS), or for the homeserver to take the
+ * as_token again (2: no try can fare better until the operator mends it,
+ * and the dispatcher claims none meanwhile: matrix_ready, token_state). */
+static void release_rest(struct room_run *r, struct outbox_row *rows, size_t from, int outcome, long wait_ms)
 {
 	r->failed = true;
-	for (size_t k = r->next; k < r->n; k++) {
-		rows[r->idx[k]].outcome = 3;
-		rows[r->idx[k]].retry_after_ms = MX_MEDIA_WAIT_MS;
+	for (size_t k = from; k < r->n; k++) {
+		rows[r->idx[k]].outcome = outcome;
+		rows[r->idx[k]].retry_after_ms = wait_ms;
 	}
 }
 
@@ -2223,19 +2228,7 @@ static void fail_rest(struct room_run *r, struct outbox_row *rows, long code, co
 	row->outcome = -1;
 	row->code = code;
 	snprintf(row->why, sizeof(row->why), "%s", why);
-	for (size_t k = r->next + 1; k < r->n; k++)
-		rows[r->idx[k]].outcome = 2;
-}
-
-/* Room r's rows from its next one on wait, untried and not counted
- * (outcome 2), while the homeserver refuses the as_token (token_state):
- * no try can fare better until the operator mends it, and the dispatcher
- * claims none meanwhile (matrix_ready). */
-static void hold_rest(struct room_run *r, struct outbox_row *rows)
-{
-	r->failed = true;
-	for (size_t k = r->next; k < r->n; k++)
-		rows[r->idx[k]].outcome = 2;
+	release_rest(r, rows, r->next + 1, 2, 0);
 }
 
 cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_row *rows, size_t n,
@@ -2319,7 +2312,7 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 				enum prep p = prep_row(m, c, &rows[k], info, info_of[k], made, sent, run->h, &run->rq, &run->to,
 						       &pe);
 				if (p == PREP_FAIL && token_refusal_seen) {
-					hold_rest(run, rows);
+					release_rest(run, rows, run->next, 2, 0);
 					break;
 				}
 				if (p == PREP_FAIL && rate_limited.seen) {
@@ -2344,7 +2337,7 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 					break;
 				}
 				if (p == PREP_WAIT) {
-					wait_rest(run, rows);
+					release_rest(run, rows, run->next, 3, MX_MEDIA_WAIT_MS);
 					break;
 				}
 				if (p == PREP_NOTHING) {
@@ -2424,7 +2417,7 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 				snprintf(row->why, sizeof(row->why), "%s", fe.msg);
 				run->next++;
 			} else if (token_refusal_seen) {
-				hold_rest(run, rows);
+				release_rest(run, rows, run->next, 2, 0);
 			} else {
 				fail_rest(run, rows, status, fe.msg);
 			}
