@@ -41,7 +41,7 @@ struct matrix {
 	/* The homeserver refused the as_token (401 M_UNKNOWN_TOKEN or
 	 * M_MISSING_TOKEN, to any call): the delivery is held (matrix_ready
 	 * false, its rows wait untried and uncounted) until a call is answered
-	 * 2xx again, which the ping's thread asks for (token_check).  Set and
+	 * 2xx again, which the ping's thread asks for (ping_main).  Set and
 	 * cleared under mu (signalled on ping_cond), read anywhere;
 	 * token_refused_ms: since when (wall ms), under mu. */
 	atomic_bool token_refused;
