@@ -1848,8 +1848,12 @@ static void print_adapter(const char *name, const json_t *h)
 {
 	TEXTS(t);
 	if (strcmp(name, "matrix") == 0 && jstr(h, "homeserver")) {
-		const char *err = jstr(h, "last_error");
-		kv(name, "%s, ping %s%s%s", tx(&t, h, "homeserver", CELL_TEXT), tx(&t, h, "ping", CELL_TEXT),
+		const char *err = jstr(h, "last_error"), *del = jstr(h, "delivery");
+		/* delivery held while the homeserver refuses the as_token (since
+		 * the fifty-first session: docs/operations.md) */
+		bool held = del && strcmp(del, "token_refused") == 0;
+		kv(name, "%s, ping %s%s%s%s", tx(&t, h, "homeserver", CELL_TEXT), tx(&t, h, "ping", CELL_TEXT),
+		   held ? ", delivery held: the homeserver refuses the as_token" : "",
 		   err && *err ? ", last error: " : "", err && *err ? err : "");
 	} else if (strcmp(name, "xmpp") == 0 && json_is_object(json_object_get(h, "components"))) {
 		struct line l = LINE_INIT;

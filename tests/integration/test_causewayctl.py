@@ -780,6 +780,23 @@ def test_status_shows_the_documented_adapters_and_stats():
         s.close()
 
 
+def test_status_says_matrix_delivery_is_held_while_the_token_is_refused():
+    """/readyz's matrix part says delivery: token_refused while the
+    homeserver refuses the as_token (the rows wait, docs/operations.md):
+    status says so on the matrix line (since the fifty-first session)."""
+    held = dict(READY["adapters"]["matrix"], delivery="token_refused", token_refused_since_ms=1,
+                last_error="401 M_UNKNOWN_TOKEN")
+    ready = dict(READY, adapters=dict(READY["adapters"], matrix=held))
+    s = StandIn({"/readyz": doc(ready), "/admin/v1/adapters": doc(dict(ADAPTERS, matrix=held)),
+                 "/admin/v1/stats": doc(STATS)})
+    try:
+        out = ok("status", url=s.url)
+        assert ("matrix       http://hs.example, ping ok, delivery held: the homeserver refuses the as_token, "
+                "last error: 401 M_UNKNOWN_TOKEN") in out.splitlines(), out
+    finally:
+        s.close()
+
+
 def test_filters_are_encoded_and_answers_are_capped():
     big = b'{"peers": ["' + b"x" * (17 << 20) + b'"]}'
     s = StandIn({"/admin/v1/audit": doc({"rows": [], "next_after": None}),
