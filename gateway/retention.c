@@ -44,6 +44,30 @@
 #define CONTENT_DUE "e.content <> '{}'::jsonb AND NOT e.content_trimmed"
 #define TRIMMED "e.content <> '{}'::jsonb AND e.content_trimmed"
 
+/* A bounded scan of events (e) in (accepted_at, id) order, from a cursor
+ * kept from run to run (struct retention_cursor): the content erasure's
+ * and the events' deletion's.  Each read the events kept (for an open
+ * delivery: a pull peer that stopped pulling, a dead letter) from the
+ * oldest each run, to find those due behind them, until the fifty-first
+ * session (docs/performance.md, "Fifty-first session").  AFTER_CURSOR:
+ * after the cursor ($3, $4: the last looked at; -infinity, 0 at first).
+ * SCANNED: the order and bound of a scan (a relation s, of columns id
+ * and accepted_at) of at most $5 events after the cursor.  SCAN_NEXT:
+ * the end of a statement that took its first $2 due (a relation c, the
+ * same columns) from s: FROM and the columns of the cursor for the next
+ * run: the last of c when it has $2, else the last of s when the scan
+ * was full, else none (the next run starts from the oldest again).  An
+ * event kept is looked at again each turn round the table, not each
+ * run. */
+#define AFTER_CURSOR(e) \
+	"AND " e ".accepted_at >= $3::timestamptz AND (" e ".accepted_at, " e ".id) > ($3::timestamptz, $4::bigint) "
+#define SCANNED(e) AFTER_CURSOR(e) "ORDER BY " e ".accepted_at, " e ".id LIMIT $5::int"
+#define SCAN_NEXT \
+	"k.accepted_at::text, k.id FROM (SELECT 1) one LEFT JOIN LATERAL (" \
+	"  SELECT c.accepted_at, c.id FROM c WHERE (SELECT count(*) FROM c) >= $2::int " \
+	"  UNION ALL SELECT s.accepted_at, s.id FROM s WHERE (SELECT count(*) FROM c) < $2::int " \
+	"  AND (SELECT count(*) FROM s) >= $5::int ORDER BY 1 DESC, 2 DESC LIMIT 1) k ON true"
+
 /* Events old enough whose deliveries are all closed (delivered, dropped,
  * expired, or none at all): their content goes, but for what KEPT_CONTENT
  * keeps, as for a held message no one will receive (policy_live.c).
@@ -79,19 +103,14 @@
 static const char content_sql[] =
 	"WITH s AS MATERIALIZED (SELECT e.id, e.accepted_at, o.open IS NULL AS closed FROM events e "
 	"  LEFT JOIN LATERAL (SELECT 1 AS open FROM outbox o WHERE o.event_id = e.id " OPEN " LIMIT 1) o ON true "
-	"  WHERE " CONTENT_DUE " AND e.accepted_at < now() - make_interval(days => $1::int) "
-	"  AND e.accepted_at >= $3::timestamptz AND (e.accepted_at, e.id) > ($3::timestamptz, $4::bigint) "
-	"  ORDER BY e.accepted_at, e.id LIMIT $5::int), "
+	"  WHERE " CONTENT_DUE " AND e.accepted_at < now() - make_interval(days => $1::int) " SCANNED("e") "), "
 	"c AS MATERIALIZED (SELECT s.id, s.accepted_at FROM s WHERE s.closed ORDER BY s.accepted_at, s.id LIMIT $2::int), "
 	"x AS MATERIALIZED (SELECT e.id, " RETENTION_ATTS("e") ", " KEPT_CONTENT("e") " AS kept FROM events e "
 	"  WHERE e.id = ANY (ARRAY(SELECT id FROM c)) AND " CONTENT_DUE " FOR UPDATE OF e SKIP LOCKED), "
 	RETENTION_FORGET_FILES("x") ", "
 	"u AS (UPDATE events e SET content = x.kept, content_trimmed = x.kept <> '{}'::jsonb "
 	"  FROM x WHERE e.id = x.id AND " CONTENT_DUE " RETURNING 1) "
-	"SELECT (SELECT count(*) FROM u), k.accepted_at::text, k.id FROM (SELECT 1) one LEFT JOIN LATERAL ("
-	"  SELECT c.accepted_at, c.id FROM c WHERE (SELECT count(*) FROM c) >= $2::int "
-	"  UNION ALL SELECT s.accepted_at, s.id FROM s WHERE (SELECT count(*) FROM c) < $2::int "
-	"  AND (SELECT count(*) FROM s) >= $5::int ORDER BY 1 DESC, 2 DESC LIMIT 1) k ON true";
+	"SELECT (SELECT count(*) FROM u), " SCAN_NEXT;
 
 /* A message whose expiry is still to come rows_days ($1) after it was
  * accepted has it brought forward to now (the database's clock, in ms: a
@@ -252,12 +271,18 @@ static const char requests_sql[] =
 	"   OR EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = f.id " OPEN ") " \
 	"   OR EXISTS (SELECT 1 FROM events r JOIN outbox o ON o.event_id = r.id WHERE r.in_reply_to_id = f.id " OPEN "))"
 
-/* The families due of one kind of content of their first event (k:
- * ERASED, CONTENT_DUE or TRIMMED), oldest first, by that kind's partial
+/* The old events of one kind of content (k: ERASED, CONTENT_DUE or
+ * TRIMMED) a run looks at (SCANNED), by that kind's partial index. */
+#define ROWS_SCAN(k) \
+	"(SELECT e.id, e.accepted_at FROM events e WHERE " k " AND " OLD_ROW("e.accepted_at") " " SCANNED("e") ")"
+
+/* The families due among those (up to the last of the scan, w) of one
+ * kind of content of their first event, oldest first, by the same
  * index. */
 #define ROWS_OF(k) \
-	"(SELECT e.id, e.accepted_at FROM events e WHERE " k " AND " DUE("") \
-	"  ORDER BY e.accepted_at LIMIT $2::int)"
+	"(SELECT e.id, e.accepted_at FROM events e WHERE " k " AND " DUE("") " " AFTER_CURSOR("e") \
+	"  AND e.accepted_at <= (SELECT at FROM w) AND (e.accepted_at, e.id) <= (SELECT at, id FROM w) " \
+	"  ORDER BY e.accepted_at, e.id LIMIT $2::int)"
 
 /* Old events whose deliveries are all closed go as families: a message
  * (or any event that names none it depends on) with its edits and
@@ -301,15 +326,30 @@ static const char requests_sql[] =
  * page, and every page once deleted rows' space is reused).  The members
  * and replies by events_replaces_idx and events_in_reply_to_idx, the
  * idempotency keys by idempotency_keys_event_idx, the outbox rows by
- * outbox_event_dest_key.  At most $2 families a run.
- * rows_lock_sql: $1: days, $2: batch; the ids locked, as an array.
+ * outbox_event_dest_key.  At most $2 families a run, among at most $5
+ * old events looked at (s, SCANNED: the three indexes merged, from the
+ * cursor), the families due looked for up to the last of those (w), so
+ * that no index is read further: until the fifty-first session each run
+ * read from the oldest, every old event kept (an open row of it, of a
+ * member or of a reply; an expiry to come; an edit or a reaction whose
+ * target is there) checked on the way, its family walked: 100,000 kept
+ * took 0.7-1.3 s a run (docs/performance.md, "Fifty-first session"), a
+ * million more than database.statement_timeout_ms, and then no row was
+ * deleted any more.
+ * rows_lock_sql: $1: days, $2: batch, $3 to $5 (SCANNED); the ids
+ * locked, as an array, and the cursor for the next run (SCAN_NEXT).
  * rows_sql: $1: days, $2: those ids. */
 static const char rows_lock_sql[] =
-	"WITH RECURSIVE c AS (" ROWS_OF(ERASED) " UNION ALL " ROWS_OF(CONTENT_DUE) " UNION ALL " ROWS_OF(TRIMMED) "), "
-	"fam(id, at) AS (SELECT id, accepted_at FROM (SELECT id, accepted_at FROM c ORDER BY accepted_at "
-	"  LIMIT $2::int) y UNION " MEMBERS_OF("fam") ") "
-	"SELECT array_agg(l.id)::text FROM (SELECT e.id FROM events e WHERE e.id IN (SELECT id FROM fam) "
-	"  FOR UPDATE OF e SKIP LOCKED) l";
+	"WITH RECURSIVE s AS MATERIALIZED (SELECT id, accepted_at FROM (" ROWS_SCAN(ERASED) " UNION ALL "
+	ROWS_SCAN(CONTENT_DUE) " UNION ALL " ROWS_SCAN(TRIMMED) ") a ORDER BY accepted_at, id LIMIT $5::int), "
+	"w AS MATERIALIZED (SELECT coalesce(l.accepted_at, 'infinity') AS at, coalesce(l.id, 0) AS id "
+	"  FROM (SELECT 1) one LEFT JOIN (SELECT s.accepted_at, s.id FROM s WHERE (SELECT count(*) FROM s) >= $5::int "
+	"  ORDER BY 1 DESC, 2 DESC LIMIT 1) l ON true), "
+	"c AS MATERIALIZED (SELECT id, accepted_at FROM (" ROWS_OF(ERASED) " UNION ALL " ROWS_OF(CONTENT_DUE)
+	" UNION ALL " ROWS_OF(TRIMMED) ") a ORDER BY accepted_at, id LIMIT $2::int), "
+	"fam(id, at) AS (SELECT id, accepted_at FROM c UNION " MEMBERS_OF("fam") ") "
+	"SELECT (SELECT array_agg(l.id)::text FROM (SELECT e.id FROM events e WHERE e.id IN (SELECT id FROM fam) "
+	"  FOR UPDATE OF e SKIP LOCKED) l), " SCAN_NEXT;
 static const char rows_sql[] =
 	"WITH RECURSIVE fam(id, at) AS (SELECT e.id, e.accepted_at FROM events e WHERE e.id = ANY($2::bigint[]) "
 	"  AND " DUE(" OR f.id <> ALL($2::bigint[])") " UNION " MEMBERS_OF("fam") "), "
@@ -328,51 +368,87 @@ static const char rows_sql[] =
 /* In one transaction on the idle connection: lock_sql (nl parameters
  * lp), whose answer's first column is the ids it locked (an array, NULL
  * for none), then, when it locked any, del_sql with the nd parameters dp,
- * dp[ids_at] set to those ids.  count: the rows del_sql deleted; *next
- * (next not NULL): the lock's answer's second column, set when the
- * transaction committed. */
+ * dp[ids_at] set to those ids.  count: the rows del_sql deleted; *answer:
+ * the lock's answer when the transaction committed (the caller's to
+ * clear), else NULL. */
 static cw_err lock_then_delete(PGconn *c, const char *lock_sql, int nl, const char *const *lp, const char *del_sql,
-			       int nd, const char **dp, int ids_at, long *count, int64_t *next, cw_errmsg *e)
+			       int nd, const char **dp, int ids_at, long *count, PGresult **answer, cw_errmsg *e)
 {
 	*count = 0;
+	*answer = NULL;
 	cw_err rc = store_exec(c, "BEGIN", e);
 	if (rc)
 		return rc;
 	PGresult *r = PQexecParams(c, lock_sql, nl, NULL, lp, NULL, NULL, 0);
 	rc = store_check(c, r, PGRES_TUPLES_OK, e);
-	int64_t after = 0;
-	if (!rc) {
-		after = next ? atoll(PQgetvalue(r, 0, 1)) : 0;
-		if (!PQgetisnull(r, 0, 0)) {
-			dp[ids_at] = PQgetvalue(r, 0, 0);
-			PGresult *x = PQexecParams(c, del_sql, nd, NULL, dp, NULL, NULL, 0);
-			rc = store_check(c, x, PGRES_COMMAND_OK, e);
-			if (!rc) {
-				*count = atol(PQcmdTuples(x));
-				PQclear(x);
-			}
+	if (rc)
+		r = NULL; /* cleared */
+	else if (!PQgetisnull(r, 0, 0)) {
+		dp[ids_at] = PQgetvalue(r, 0, 0);
+		PGresult *x = PQexecParams(c, del_sql, nd, NULL, dp, NULL, NULL, 0);
+		rc = store_check(c, x, PGRES_COMMAND_OK, e);
+		if (!rc) {
+			*count = atol(PQcmdTuples(x));
+			PQclear(x);
 		}
-		PQclear(r);
 	}
 	rc = store_end(c, rc, e);
-	if (rc)
+	if (rc) {
 		*count = 0;
-	else if (next)
-		*next = after;
+		PQclear(r);
+	} else {
+		*answer = r;
+	}
 	return rc;
 }
 
-/* rows_lock_sql, then rows_sql (above).  count: the events deleted. */
-static cw_err run_rows(PGconn *c, long days, long *count, cw_errmsg *e)
+/* The parameters of a statement that scans events from a cursor
+ * (SCANNED): $1 days, $2 the batch, $3 and $4 the cursor, $5 the scan. */
+struct scan_params {
+	char days[24], batch[24], id[24], scan[24];
+	const char *p[5];
+};
+
+static const char *const *scan_params(struct scan_params *sp, long days, const struct retention_cursor *cur)
+{
+	snprintf(sp->days, sizeof(sp->days), "%ld", days);
+	snprintf(sp->batch, sizeof(sp->batch), "%d", RETENTION_BATCH);
+	snprintf(sp->id, sizeof(sp->id), "%lld", (long long)cur->id);
+	snprintf(sp->scan, sizeof(sp->scan), "%d", RETENTION_CONTENT_SCAN);
+	sp->p[0] = sp->days;
+	sp->p[1] = sp->batch;
+	sp->p[2] = cur->at[0] ? cur->at : "-infinity";
+	sp->p[3] = sp->id;
+	sp->p[4] = sp->scan;
+	return sp->p;
+}
+
+/* The cursor for the next run from r's answer (SCAN_NEXT: its columns 1
+ * and 2; NULL: from the oldest again). */
+static void scan_next(struct retention_cursor *cur, const PGresult *r)
+{
+	bool at_end = PQgetisnull(r, 0, 1);
+	snprintf(cur->at, sizeof(cur->at), "%s", at_end ? "" : PQgetvalue(r, 0, 1));
+	cur->id = at_end ? 0 : atoll(PQgetvalue(r, 0, 2));
+}
+
+/* rows_lock_sql, then rows_sql (above), from cur, which it moves on.
+ * count: the events deleted. */
+static cw_err run_rows(PGconn *c, long days, struct retention_cursor *cur, long *count, cw_errmsg *e)
 {
 	*count = 0;
 	if (days <= 0)
 		return CW_OK;
-	char d[24], n[24];
-	snprintf(d, sizeof(d), "%ld", days);
-	snprintf(n, sizeof(n), "%d", RETENTION_BATCH);
-	const char *params[] = { d, n }, *dp[] = { d, NULL };
-	return lock_then_delete(c, rows_lock_sql, 2, params, rows_sql, 2, dp, 1, count, NULL, e);
+	struct scan_params sp;
+	const char *const *params = scan_params(&sp, days, cur);
+	const char *dp[] = { sp.days, NULL };
+	PGresult *r;
+	cw_err rc = lock_then_delete(c, rows_lock_sql, 5, params, rows_sql, 2, dp, 1, count, &r, e);
+	if (!rc) {
+		scan_next(cur, r);
+		PQclear(r);
+	}
+	return rc;
 }
 
 /* One statement, its own transaction on the idle connection: its locks
@@ -397,31 +473,24 @@ static cw_err run(PGconn *c, const char *sql, long days, int64_t win, long *coun
 	return CW_OK;
 }
 
-/* content_sql (above), its own transaction, from st's cursor, which it
+/* content_sql (above), its own transaction, from cur, which it
  * moves on (back to the oldest when the scan came to the end).  count:
  * the events whose content went.  A scan that stopped short of the end
  * goes on at the next run, at retention.interval_s as ever (a full batch
  * erased: a second later): a backlog kept for ever (a pull peer gone)
  * would otherwise keep every kind running each second. */
-static cw_err run_content(PGconn *c, long days, struct retention_state *st, long *count, cw_errmsg *e)
+static cw_err run_content(PGconn *c, long days, struct retention_cursor *cur, long *count, cw_errmsg *e)
 {
 	*count = 0;
 	if (days <= 0)
 		return CW_OK;
-	char d[24], n[24], id[24], scan[24];
-	snprintf(d, sizeof(d), "%ld", days);
-	snprintf(n, sizeof(n), "%d", RETENTION_BATCH);
-	snprintf(id, sizeof(id), "%lld", (long long)st->content_cursor_id);
-	snprintf(scan, sizeof(scan), "%d", RETENTION_CONTENT_SCAN);
-	const char *params[] = { d, n, st->content_cursor_at[0] ? st->content_cursor_at : "-infinity", id, scan };
-	PGresult *r = PQexecParams(c, content_sql, 5, NULL, params, NULL, NULL, 0);
+	struct scan_params sp;
+	PGresult *r = PQexecParams(c, content_sql, 5, NULL, scan_params(&sp, days, cur), NULL, NULL, 0);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;
 	*count = atol(PQgetvalue(r, 0, 0));
-	bool at_end = PQgetisnull(r, 0, 1);
-	snprintf(st->content_cursor_at, sizeof(st->content_cursor_at), "%s", at_end ? "" : PQgetvalue(r, 0, 1));
-	st->content_cursor_id = at_end ? 0 : atoll(PQgetvalue(r, 0, 2));
+	scan_next(cur, r);
 	PQclear(r);
 	return CW_OK;
 }
@@ -523,7 +592,13 @@ static cw_err run_identities(PGconn *c, int64_t *cursor, int64_t window_s, long 
 	snprintf(days, sizeof(days), "%d", RETENTION_IDENTITY_DAYS);
 	snprintf(win, sizeof(win), "%lld", (long long)window_s);
 	const char *params[] = { cur, scan, n, days, win }, *dp[] = { NULL, days, win };
-	return lock_then_delete(c, identities_lock_sql, 5, params, identities_sql, 3, dp, 0, count, cursor, e);
+	PGresult *r;
+	cw_err rc = lock_then_delete(c, identities_lock_sql, 5, params, identities_sql, 3, dp, 0, count, &r, e);
+	if (!rc) {
+		*cursor = atoll(PQgetvalue(r, 0, 1));
+		PQclear(r);
+	}
+	return rc;
 }
 
 const char *const retention_kind_names[RETENTION_KINDS] = { "content", "idempotency_keys", "delivery_attempts",
@@ -574,11 +649,11 @@ cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, struct retention_
 		if (kinds[i].sql)
 			rc = run(c, kinds[i].sql, kinds[i].days, kinds[i].win, &counts[i], &ke);
 		else if (i == 0)
-			rc = run_content(c, kinds[i].days, st, &counts[i], &ke);
+			rc = run_content(c, kinds[i].days, &st->content_cursor, &counts[i], &ke);
 		else if (i == 5)
 			rc = run_identities(c, &st->identity_cursor, st->consent_window_s, &counts[i], &ke);
 		else if (!(rc = run(c, expiry_due_sql, kinds[i].days, -1, &brought, &ke)))
-			rc = run_rows(c, kinds[i].days, &counts[i], &ke);
+			rc = run_rows(c, kinds[i].days, &st->rows_cursor, &counts[i], &ke);
 		failed[i] = rc != CW_OK;
 		if (rc) {
 			LOG_KV(CW_LOG_WARN, "retention sweep failed", "kind", retention_kind_names[i], "detail", ke.msg);

@@ -67,10 +67,11 @@
  * from where the last run stopped, round the table). */
 #define RETENTION_IDENTITY_SCAN 10000
 
-/* Events whose content is due a run of the content erasure looks at, at
- * most (in accepted_at order, from where the last run stopped, round the
- * table): those kept for an open delivery are looked at again each turn,
- * not each run (retention.c, content_sql). */
+/* Events a run of the content erasure (those whose content is due) or
+ * of the events' deletion (the old ones) looks at, at most (in
+ * accepted_at order, from where the last run stopped, round the table):
+ * those kept (for an open delivery) are looked at again each turn, not
+ * each run (retention.c, SCANNED). */
 #define RETENTION_CONTENT_SCAN 10000
 
 /* A consent request answered or expired is kept at least this many days
@@ -83,17 +84,23 @@
 /* The kinds a sweep counts (below). */
 #define RETENTION_KINDS 9
 
+/* Where a scan of events goes on: the accepted_at (as PostgreSQL writes
+ * it) and id of the last event looked at; "" and 0: from the oldest. */
+struct retention_cursor {
+	char at[48];
+	int64_t id;
+};
+
 /* What a sweep keeps from one run to the next, and is told: where the
  * look for unused local identities goes on (0: from the first), where the
- * content erasure's (the accepted_at, as PostgreSQL writes it, and id of
- * the last event looked at; "" and 0: from the oldest), the
+ * content erasure's and the events' deletion's (since the fifty-first
+ * session), the
  * policy's consent_request_window_seconds (a request expired unanswered
  * within it still stands) and report_window_seconds (the reports made
  * within it count toward the automatic limit). */
 struct retention_state {
 	int64_t identity_cursor;
-	char content_cursor_at[48];
-	int64_t content_cursor_id;
+	struct retention_cursor content_cursor, rows_cursor;
 	int64_t consent_window_s;
 	int64_t report_window_s;
 };

@@ -611,6 +611,46 @@ def test_a_failing_kind_does_not_stop_the_others(make_daemon, db_url, pg):
     srv.close()
 
 
+def owed_backlog(make_daemon, db_url, pg, n, old, done_at, state="pending"):
+    """n events accepted from old on (SQL), each owed to the pull peer (a
+    row in state: pending, or in flight under the claim of a daemon gone
+    for a day), and behind them msg_done1, accepted at done_at, whose
+    deliveries are done (none)."""
+    d, a, b, rm, srv = started_with_peers(make_daemon, db_url)
+    alice = a.user("alice")
+    owed = a.send(rm["id"], alice, "owed to the pull peer").json()["id"]
+    assert pg.psql("SELECT count(*) FROM outbox o JOIN events e ON e.id = o.event_id "
+                   f"WHERE e.public_id = '{owed}' AND o.state = 'pending'", db_url) == "1"
+    assert d.stop() == 0
+    srv.close()
+    # accepted a millisecond apart, as events come (a run reads the events
+    # accepted at one instant whole: one transaction's, a batch of 1024 at most)
+    pg.psql(copies(owed, "k", n, accepted_at=f"{old} + g * interval '1 millisecond'") + "; "
+            "INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state, claimed_by, "
+            f"claimed_until) SELECT e.id, o.destination, o.target_identity_id, o.room_id, '{state}', "
+            f"CASE WHEN '{state}' = 'in_flight' THEN 'gone' END, "
+            f"CASE WHEN '{state}' = 'in_flight' THEN now() + interval '1 day' END FROM events e, outbox o "
+            f"JOIN events s ON s.id = o.event_id WHERE s.public_id = '{owed}' AND e.public_id LIKE 'msg_k%'; "
+            + copies(owed, "done", 1, accepted_at=done_at) + "; ANALYZE", db_url)
+
+
+def fetched(pg, db_url):
+    """The events' rows read, by index or whole (once the daemon's sessions are gone)."""
+    events_read(pg, db_url)
+    return int(pg.psql("SELECT coalesce(idx_tup_fetch, 0) + seq_tup_read FROM pg_stat_all_tables "
+                       "WHERE relname = 'events'", db_url))
+
+
+def one_run(make_daemon, db_url, pg, **retention):
+    """The events read by a daemon that runs one sweep (and starts, and stops)."""
+    base = fetched(pg, db_url)
+    add_old_key(pg, db_url)  # the run's witness
+    d = start(make_daemon, db_url, interval_s=3600, **retention)  # one run: nothing hurries it
+    wait_until(lambda: "witness" not in keys(pg, db_url), timeout=60, interval=0.2, what="the run")
+    assert d.stop() == 0
+    return fetched(pg, db_url) - base
+
+
 def test_content_behind_a_long_owed_backlog_is_erased(make_daemon, db_url, pg):
     """Each run of the content erasure read from the oldest event due,
     every one kept for an open delivery on the way (a pull peer that
@@ -624,43 +664,46 @@ def test_content_behind_a_long_owed_backlog_is_erased(make_daemon, db_url, pg):
     events a daemon reads with the content erasure off aside: before, it
     read them all); runs a second apart get to the one behind, erase it,
     and keep the owed ones."""
-    d, a, b, rm, srv = started_with_peers(make_daemon, db_url)
-    alice = a.user("alice")
-    owed = a.send(rm["id"], alice, "owed to the pull peer").json()["id"]
-    assert pg.psql("SELECT count(*) FROM outbox o JOIN events e ON e.id = o.event_id "
-                   f"WHERE e.public_id = '{owed}' AND o.state = 'pending'", db_url) == "1"
-    assert d.stop() == 0
-    srv.close()
     n = 30000
-    # accepted a millisecond apart, as events come (a run reads the events
-    # accepted at one instant whole: one transaction's, a batch of 1024 at most)
-    pg.psql(copies(owed, "k", n, accepted_at=f"{OLD} + g * interval '1 millisecond'") + "; "
-            "INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state) "
-            "SELECT e.id, o.destination, o.target_identity_id, o.room_id, 'pending' FROM events e, outbox o "
-            f"JOIN events s ON s.id = o.event_id WHERE s.public_id = '{owed}' AND e.public_id LIKE 'msg_k%'; "
-            + copies(owed, "done", 1, accepted_at="now() - interval '35 days'") + "; ANALYZE", db_url)
-
-    def fetched():  # the events' rows read, by index or whole (once the daemon's sessions are gone)
-        events_read(pg, db_url)
-        return int(pg.psql("SELECT coalesce(idx_tup_fetch, 0) + seq_tup_read FROM pg_stat_all_tables "
-                           "WHERE relname = 'events'", db_url))
-
-    def one_run(**retention):  # the events read by a daemon that runs one sweep (and starts, and stops)
-        base = fetched()
-        add_old_key(pg, db_url)  # the run's witness
-        d = start(make_daemon, db_url, rows_days=0, interval_s=3600, **retention)  # one run: nothing hurries it
-        wait_until(lambda: "witness" not in keys(pg, db_url), timeout=60, interval=0.2, what="the run")
-        assert d.stop() == 0
-        return fetched() - base
-
-    others = one_run(content_days=0)  # all but the content erasure
-    read = one_run() - others
+    owed_backlog(make_daemon, db_url, pg, n, OLD, "now() - interval '35 days'")
+    others = one_run(make_daemon, db_url, pg, rows_days=0, content_days=0)  # all but the content erasure
+    read = one_run(make_daemon, db_url, pg, rows_days=0) - others
     assert read < n / 2, (read, others)
     d = start(make_daemon, db_url, rows_days=0)
     wait_until(lambda: contents(pg, db_url, ["msg_done1"])["msg_done1"] == "{}", timeout=60, interval=0.2,
                what="the content behind the backlog erased")
     assert pg.psql("SELECT count(*) FROM events WHERE public_id LIKE 'msg_k%' AND content = '{}'::jsonb",
                    db_url) == "0"
+    assert d.stop() == 0
+
+
+def test_a_family_behind_a_long_owed_backlog_is_deleted(make_daemon, db_url, pg):
+    """The events' deletion (retention.rows_days) found the families due
+    oldest first, each run, every old event kept for an open delivery on
+    the way (a pull peer that stopped pulling, dead letters): 100,000 such
+    events took 0.7-1.3 s a run and 423,000 buffers, a million more than
+    database.statement_timeout_ms, and then no row was deleted any more
+    (until the fifty-first session).  A run looks at 10,000 old events
+    now, from where the last stopped, round the table, as the content
+    erasure does.  Here 40,000 events of 400 days, each owed to the pull
+    peer (in flight under the claim of a daemon gone: no other part of
+    the daemon reads them, as it reads pending rows and dead letters, a
+    few thousand or more a run), and behind them one whose deliveries are
+    done: one run (retention.interval_s an hour) reads fewer than 60% of
+    them (the scan and the families due in it, 20,000; the events a
+    daemon reads with rows_days off aside: before, 120,000); runs a second
+    apart get to the one behind and delete it, and keep the owed ones."""
+    n = 40000
+    owed_backlog(make_daemon, db_url, pg, n, OLDER, "now() - interval '390 days'", state="in_flight")
+    others = one_run(make_daemon, db_url, pg, rows_days=0, content_days=0)  # all but the deletion
+    read = one_run(make_daemon, db_url, pg, content_days=0) - others
+    print("events read in one run:", read, "others:", others)
+    assert read < n * 0.6, (read, others)
+    assert event_exists(pg, db_url, "msg_done1")
+    d = start(make_daemon, db_url, content_days=0)
+    wait_until(lambda: not event_exists(pg, db_url, "msg_done1"), timeout=90, interval=0.2,
+               what="the family behind the backlog deleted")
+    assert pg.psql("SELECT count(*) FROM events WHERE public_id LIKE 'msg_k%'", db_url) == str(n)
     assert d.stop() == 0
 
 
