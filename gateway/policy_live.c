@@ -2653,13 +2653,14 @@ static void *live_main(void *arg)
 			long rt[RETENTION_KINDS];
 			bool failed[RETENTION_KINDS];
 			cw_errmsg e;
-			bool more = false, any = false;
+			bool more, any = false;
 			/* each failed kind is logged by the sweep; the others counted */
 			struct policy_view *rv = policy_live_get(pl);
 			pl->retention.consent_window_s = rv->set.consent_window_s;
 			pl->retention.report_window_s = rv->set.report_window_s;
 			policy_view_put(rv);
 			retention_sweep(pl->c, pl->o.retention, &pl->retention, rt, failed, &e);
+			more = pl->retention.again;
 			char n[RETENTION_KINDS][24];
 			pthread_mutex_lock(&pl->mu);
 			for (int i = 0; i < RETENTION_KINDS; i++) {

@@ -103,6 +103,10 @@ struct retention_state {
 	struct retention_cursor content_cursor, rows_cursor;
 	int64_t consent_window_s;
 	int64_t report_window_s;
+	/* Set by a sweep: more is due of what no count counts (the expiries
+	 * brought forward, RETENTION_BATCH of them): run again a second
+	 * later, as for a full batch counted. */
+	bool again;
 };
 
 /* The kinds' names, in the order of the counts below (the metrics' and
@@ -121,7 +125,8 @@ extern const char *const retention_kind_names[RETENTION_KINDS];
  * expired consent requests (retention.consent_requests_days; both since
  * the forty-ninth); one of RETENTION_BATCH or more means
  * more may be due (run again: events come in families of any size, up to
- * RETENTION_BATCH families a run).  Each kind runs whatever became of the
+ * RETENTION_BATCH families a run; st->again says the same of what no
+ * count counts).  Each kind runs whatever became of the
  * others: one that fails is logged ("retention sweep failed", its kind),
  * marked in failed (its count 0), and the first failure returned. */
 cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, struct retention_state *st,

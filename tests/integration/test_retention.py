@@ -935,6 +935,33 @@ def test_a_run_reads_no_young_message_that_expires(make_daemon, db_url, pg):
     assert event_exists(pg, db_url, "msg_y1") and event_exists(pg, db_url, young)
 
 
+def test_a_backlog_of_expiries_is_brought_forward_a_batch_a_second(make_daemon, db_url, pg):
+    """With rows_days on, a run brings forward the expiry of 1000 old
+    messages still to expire (then taken back, and their rows deleted at
+    the next run).  A full batch of any other kind has the next run come a
+    second later, but this one was counted by none: a backlog of them
+    (rows_days turned on, their content long erased at content_days) came
+    forward at 1000 a retention.interval_s (a minute by default), not a
+    second (until the fifty-first session).  Here 1500 old ones and
+    interval_s an hour: all brought forward within seconds."""
+    d, a, b, rm, srv = started_with_peers(make_daemon, db_url)
+    alice = a.user("alice")
+    far = a.send(rm["id"], alice, "", content={
+        "parts": [{"type": "text/plain", "body": "for a while"}], "expires": 999999999999999}).json()["id"]
+    pull_and_ack(b)
+    wait_until(lambda: delivered(pg, db_url, far), what="the pull ack")
+    assert d.stop() == 0
+    srv.close()
+    pg.psql(copies(far, "x", 1500, accepted_at=OLDER) + "; ANALYZE events", db_url)
+
+    def still_to_come():
+        return int(pg.psql("SELECT count(*) FROM events WHERE public_id LIKE 'msg_x%' "
+                           "AND event_expires(content) > (extract(epoch FROM now()) * 1000)::bigint", db_url))
+    d = start(make_daemon, db_url, content_days=0, interval_s=3600)
+    wait_until(lambda: still_to_come() == 0, timeout=30, interval=0.2, what="every expiry brought forward")
+    assert d.stop() == 0
+
+
 LOCAL = "mimi://example.org/u/"
 
 
