@@ -322,6 +322,28 @@ bool xa_wait_written(struct xcomp *xc, uint64_t seq, long timeout_ms)
 		if (pthread_cond_timedwait(&xc->written, &xc->mu, &dl) == ETIMEDOUT)
 			break;
 	bool ok = xc->written_seq >= seq;
+	if (!ok && xc->state == XC_UP && !atomic_load(&xc->x->stop)) {
+		/* The wait passed its time: a stanza still in our queue is
+		 * taken back (its row goes again, and it is not written
+		 * besides); one handed to libstrophe (drain) goes out, or is
+		 * written again after a break (the re-send window holds all
+		 * that was handed and not yet written), so it counts. */
+		struct xq_item **pp = &xc->head, *prev = NULL;
+		while (*pp && (*pp)->seq != seq) {
+			prev = *pp;
+			pp = &(*pp)->next;
+		}
+		struct xq_item *it = *pp;
+		if (it) {
+			*pp = it->next;
+			if (xc->tail == it)
+				xc->tail = prev;
+			xc->queued--;
+			free(it);
+		} else {
+			ok = seq <= xc->handed_seq;
+		}
+	}
 	for (unsigned i = 0; ok && i < 8 && i < xc->lost_n; i++)
 		if (seq >= xc->lost_from[i] && seq <= xc->lost_to[i])
 			ok = false;
@@ -337,6 +359,17 @@ static struct xq_item *queue_take_lost_locked(struct xcomp *xc)
 {
 	struct xq_item *lost = NULL, *lost_tail = NULL, *kept = NULL, *kept_tail = NULL;
 	size_t nkept = 0;
+	/* What was handed to libstrophe and not yet written is written again
+	 * after the reconnect (recent_resend: drain hands no more than the
+	 * window holds); without a window it is lost. */
+	if (xc->handed_seq > xc->written_seq) {
+		if (xc->x->cfg->xmpp_resend_window_ms <= 0) {
+			unsigned k = xc->lost_n++ % 8;
+			xc->lost_from[k] = xc->written_seq + 1;
+			xc->lost_to[k] = xc->handed_seq;
+		}
+		xc->written_seq = xc->handed_seq;
+	}
 	for (struct xq_item *it = xc->head, *next; it; it = next) {
 		next = it->next;
 		it->next = NULL;
@@ -1094,27 +1127,57 @@ static void recent_resend(struct xcomp *xc, int64_t drop_ms, int64_t now)
 	}
 }
 
+/* What one drain hands to libstrophe at most, and only once libstrophe has
+ * written all it was handed before (its send queue is empty): libstrophe's
+ * queue has no bound and takes whatever is given, whether the server reads
+ * or not.  Until the fifty-first session the whole queue (up to QUEUE_MAX
+ * stanzas) was handed at every turn and counted written at once, so a
+ * server that read slowly let libstrophe's queue grow without limit, and a
+ * break lost what was handed before the newest XMPP_RECENT_MAX stanzas
+ * while its rows counted as delivered.  A batch is far below the re-send
+ * window's bounds (XMPP_RECENT_MAX, XMPP_RECENT_BYTES). */
+#define DRAIN_BATCH_MAX 512
+#define DRAIN_BATCH_BYTES (64u << 10)
+_Static_assert(2 * DRAIN_BATCH_MAX <= XMPP_RECENT_MAX && 2 * DRAIN_BATCH_BYTES <= XMPP_RECENT_BYTES / 4,
+	       "the re-send window holds what is handed and not yet written");
+
 static void drain(struct xcomp *xc)
 {
+	/* libstrophe does not count an element it has begun writing, so a
+	 * blank (white space between stanzas, RFC 6120 4.6.1) goes after
+	 * each batch: an empty count then means the batch is on the wire. */
+	bool idle = xmpp_conn_send_queue_len(xc->conn) == 0;
 	pthread_mutex_lock(&xc->mu);
-	struct xq_item *it = xc->head;
-	xc->head = xc->tail = NULL;
-	xc->queued = 0;
-	xc->woken = false;
+	if (idle && xc->handed_seq > xc->written_seq) {
+		xc->written_seq = xc->handed_seq;
+		pthread_cond_broadcast(&xc->written);
+	}
+	struct xq_item *it = idle ? xc->head : NULL, *end = it;
+	size_t n = 0, total = 0;
+	while (end && n < DRAIN_BATCH_MAX && (n == 0 || total + end->len <= DRAIN_BATCH_BYTES)) {
+		total += end->len;
+		n++;
+		if (end->seq > xc->handed_seq) /* answers kept from before a break have older seqs */
+			xc->handed_seq = end->seq;
+		end = end->next;
+	}
+	if (it) {
+		xc->head = end;
+		if (!end)
+			xc->tail = NULL;
+		xc->queued -= n;
+		xc->woken = false;
+	}
 	pthread_mutex_unlock(&xc->mu);
 	if (!it)
 		return;
-	uint64_t last = 0;
 	int64_t now = mono_ms();
-	/* One write for the whole list (libstrophe writes each queued piece
+	/* One write for the batch (libstrophe writes each queued piece
 	 * with a send() of its own): stanzas are only concatenated. */
-	size_t total = 0;
-	for (struct xq_item *x = it; x; x = x->next)
-		total += x->len;
 	char *all = malloc(total + 1);
 	if (all) {
 		size_t off = 0;
-		for (struct xq_item *x = it; x; x = x->next) {
+		for (struct xq_item *x = it; x != end; x = x->next) {
 			memcpy(all + off, x->text, x->len);
 			off += x->len;
 		}
@@ -1122,22 +1185,17 @@ static void drain(struct xcomp *xc)
 		xmpp_send_raw(xc->conn, all, total);
 		free(all);
 	}
-	while (it) {
+	while (it != end) {
 		struct xq_item *next = it->next;
 		if (!all)
 			xmpp_send_raw(xc->conn, it->text, it->len);
 		atomic_fetch_add(&xc->stanzas_out, 1);
-		last = it->seq;
 		/* the item's memory becomes the remembered text */
 		memmove(it, it->text, it->len + 1);
 		recent_add(xc, (char *)it, now);
 		it = next;
 	}
-	pthread_mutex_lock(&xc->mu);
-	if (last > xc->written_seq) /* answers kept from before a break have older seqs */
-		xc->written_seq = last;
-	pthread_cond_broadcast(&xc->written);
-	pthread_mutex_unlock(&xc->mu);
+	xmpp_send_raw(xc->conn, " ", 1);
 }
 
 static bool lock_component(struct xcomp *xc, PGconn *c)
@@ -1434,7 +1492,8 @@ static void fanout_turn(struct xcomp *xc, int64_t now)
 			send_ping(xc, now);
 		return;
 	}
-	if (!xa_fanout_left(xc) || !xa_fanout_queue(xc, xc->lock, FANOUT_BATCH))
+	/* not while libstrophe still has stanzas to write (drain) */
+	if (xmpp_conn_send_queue_len(xc->conn) > 0 || !xa_fanout_left(xc) || !xa_fanout_queue(xc, xc->lock, FANOUT_BATCH))
 		return;
 	drain(xc); /* one write, kept for a re-send as every queued stanza, then the ping */
 	xc->fanout_gate = xc->pings_sent + 1;

@@ -104,6 +104,7 @@ struct xcomp {
 	size_t queued;
 	bool woken;                     /* a wake-up was sent that the thread has not taken the queue for yet */
 	uint64_t next_seq, written_seq;
+	uint64_t handed_seq;            /* the newest seq handed to libstrophe (drain): written once its send queue is empty */
 	uint64_t lost_from[8], lost_to[8]; /* seqs dropped from the queue when a stream broke (a ring) */
 	unsigned lost_n;
 	enum xc_state state;

@@ -1,0 +1,136 @@
+"""A server that reads the component's stream slowly (since the fifty-first
+session).
+
+The component's thread handed its whole queue (up to 20,000 stanzas) to
+libstrophe at every turn, whose send queue has no bound, and counted each
+stanza written as soon as it was handed: a server that stopped reading
+grew that queue without limit, the stanzas' outbox rows counted as
+delivered while they still sat in the daemon's memory, and a break lost
+those handed before the newest 4,096 stanzas / 16 MiB (what is kept to be
+written again after a reconnect).  Now a batch of 64 KiB at most is handed
+once libstrophe has written the one before, a stanza counts as written once
+libstrophe has written it, and a row whose wait for the stream passes its
+time takes its stanza back when it was not handed yet."""
+import contextlib
+import socket
+import threading
+import time
+
+from harness import wait_until
+from prosody import XmppClient
+from test_xmpp import (prosody, ALICE, ALICE_JID, body, component_state, consent_alice,  # noqa: F401
+                       start_with_gk)
+
+SIZE = 16000  # a message's text (the peer API takes 16384 bytes)
+COUNT = 1250  # 20 MB: past the 16 MiB written again after a break
+
+
+class StallProxy:
+    """Relays the component's stream to the server; while `stalled`, what
+    the component writes is not read (the server's side still is): a
+    server that does not keep up.  A small receive buffer keeps what the
+    kernel holds for it small.  `received`: the bytes read from the
+    component; cut() breaks the streams (what was not read is lost)."""
+
+    def __init__(self, port):
+        self.port, self.stalled, self.received, self.conns = port, False, 0, []
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.local_port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.port))
+            self.conns.append((client, server))
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, src, dst, up):
+        try:
+            while True:
+                if up and self.stalled:
+                    time.sleep(0.05)
+                    continue
+                data = src.recv(65536)
+                if not data:
+                    break
+                if up:
+                    self.received += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self):
+        self.stalled = False
+        for pair in self.conns:
+            for s in pair:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self):
+        self.cut()
+        self.sock.close()
+
+
+def test_a_server_that_does_not_read_gets_no_stanza_counted_before_it_is_written(make_daemon, db_url, prosody,
+                                                                                   pg):
+    proxy = StallProxy(prosody.component_port)
+    d, a, srv = start_with_gk(make_daemon, db_url, prosody, server={"max_body_bytes": "32MiB"},
+                              xmpp={"server_port": str(proxy.local_port), "resend_window_ms": "600000"})
+    alice = XmppClient(ALICE_JID, "pw-alice", port=prosody.c2s_port)
+    delivered = ("SELECT count(*) FROM outbox o JOIN events e ON e.id = o.event_id "
+                 "WHERE o.destination = 'xmpp' AND o.state = 'delivered'")
+    try:
+        consent_alice(d)
+        alice.connect()
+        room = a.create_room([a.user("wally"), ALICE]).json()
+        assert a.send(room["id"], a.user("wally"), "first").status_code == 202
+        wait_until(lambda: any(body(el) == "first" for el in alice.stanzas()), what="the first message")
+        wait_until(lambda: pg.psql(delivered, db_url) == "1", what="the first row delivered")
+        proxy.stalled = True
+        texts = [f"m{i:04d}-" + "x" * SIZE for i in range(COUNT)]
+        for k in range(0, COUNT, 250):
+            items = [{"idempotency_key": f"slow-{i}", "room": room["uri"],
+                      "event": {"type": "message", "sender": a.user("wally"),
+                                "content": {"parts": [{"type": "text/plain", "body": texts[i]}]}}}
+                     for i in range(k, min(k + 250, COUNT))]
+            r = a.call("POST", "/v1/batch", {"events": items})
+            assert r.status_code == 200, r.text
+            assert all("id" in x for x in r.json()["results"]), r.json()["results"][:2]
+        # The rows are tried while the server does not read.
+        time.sleep(8)  # past a write's wait (xmpp_out.c's WRITE_TIMEOUT_MS)
+        # What counts as delivered was read by the server, or is in the
+        # kernel's buffers between the two (a few MB at most), or in the
+        # one batch libstrophe was given last: not the whole 20 MB.
+        n = int(pg.psql(delivered, db_url)) - 1
+        assert n * SIZE <= proxy.received + (8 << 20), (n, proxy.received)
+        assert component_state(d)["state"] == "up"
+        # The stream breaks with what the server did not read lost; after
+        # the reconnect every message reaches alice: what counted as
+        # delivered was written again, the rest goes with its row's retry.
+        proxy.cut()
+        wait_until(lambda: pg.psql(delivered, db_url) == str(COUNT + 1), timeout=240,
+                   what="every row delivered after the reconnect")
+
+        def got():
+            return {body(el)[:5] for el in alice.stanzas() if (body(el) or "").startswith("m")}
+        wait_until(lambda: len(got()) == COUNT, timeout=120, what="every message at alice")
+    except BaseException:
+        print("delivered", pg.psql(delivered, db_url), "read by the server", proxy.received)
+        print(pg.psql("SELECT state, attempts, left(last_error, 200), count(*) FROM outbox GROUP BY 1, 2, 3", db_url))
+        raise
+    finally:
+        print("causewayd log:\n" + d.log()[-20000:])  # shown by pytest when the test failed
+        alice.disconnect()
+        srv.close()
+        proxy.close()
