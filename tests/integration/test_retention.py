@@ -679,9 +679,9 @@ def test_content_behind_a_long_owed_backlog_is_erased(make_daemon, db_url, pg):
     d = start(make_daemon, db_url, rows_days=0, interval_s=3600)  # one run: nothing hurries it
     wait_until(lambda: "witness" not in keys(pg, db_url), timeout=60, interval=0.2, what="the run")
     assert d.stop() == 0
-    runs = [rows_read(json.JSONDecoder().raw_decode(p, p.index("{"))[0]["Plan"], "events")
-            for p in plans_since(log, start_at, "UPDATE events e SET content = x.kept")]
-    assert len(runs) == 1 and runs[0] < n / 2, runs
+    plans = plans_since(log, start_at, "UPDATE events e SET content = x.kept")
+    runs = [rows_read(json.JSONDecoder().raw_decode(p, p.index("{"))[0]["Plan"], "events") for p in plans]
+    assert len(runs) == 1 and runs[0] < n / 2, (runs, plans)  # the plans: how it read them
     d = start(make_daemon, db_url, rows_days=0)
     wait_until(lambda: contents(pg, db_url, ["msg_done1"])["msg_done1"] == "{}", timeout=60, interval=0.2,
                what="the content behind the backlog erased")
