@@ -5,7 +5,6 @@
 #include "peer/httpsig.h"
 
 #include <ctype.h>
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -432,67 +431,46 @@ bool media_host_in_domain(const char *url, const char *domain)
 
 #define MEDIA_REDIRECTS 3
 
-/* One hop of a peer-named fetch as its answer comes: its status (of the
- * last status line: a 1xx one is followed by another) and declared
- * length, and whether its body is a redirect's page.  libcurl follows no
- * redirect here (media_fetch_peer does, hop by hop), so it hands a 3xx
- * answer's body to the write callback and holds its Content-Length to
- * CURLOPT_MAXFILESIZE like a file's: a redirect's page (nginx's is 154
- * bytes) counted against the file's cap, and a file declared smaller
- * than it (an icon, a line of text, an empty file) was refused as
- * "larger than its declared size" until the fifty-first session's
- * review.  Now a 3xx answer's body is neither kept nor counted against
- * the file's cap, but is held to REDIRECT_PAGE_MAX of its own (a store
- * must not have the gateway read a page without end: a longer one is
- * refused for good, b->refused), and a Content-Length over the cap ends
- * any other answer before its body, as CURLOPT_MAXFILESIZE did. */
+/* One hop of a peer-named fetch as its answer comes: whether its body is
+ * a redirect's page, read at each head's end from what libcurl parsed of
+ * it (the status, the declared length: a 1xx head is followed by
+ * another).  libcurl follows no redirect here (media_fetch_peer does, hop
+ * by hop), so it hands a 3xx answer's body to the write callback and
+ * holds its Content-Length to CURLOPT_MAXFILESIZE like a file's: a
+ * redirect's page (nginx's is 154 bytes) counted against the file's cap,
+ * and a file declared smaller than it (an icon, a line of text, an empty
+ * file) was refused as "larger than its declared size" until the
+ * fifty-first session's review.  Now a 3xx answer's body is neither kept
+ * nor counted against the file's cap, but is held to REDIRECT_PAGE_MAX of
+ * its own (a store must not have the gateway read a page without end: a
+ * longer one is refused for good, b->refused), and a declared length over
+ * the cap ends any other answer before its body, as CURLOPT_MAXFILESIZE
+ * did. */
 #define REDIRECT_PAGE_MAX (64 * 1024)
 #define REDIRECT_PAGE_LONG "its redirect's page is longer than 64 KiB"
 struct hop_answer {
+	CURL *h;
 	struct media_blob *b;
-	long status;
-	curl_off_t length; /* -1: none declared */
-	bool page;         /* a 3xx answer: its body is no file */
-	size_t page_n;     /* of it, read */
+	bool page;     /* a 3xx answer: its body is no file */
+	size_t page_n; /* of it, read */
 };
-
-/* The decimal number at p (n bytes) after any blanks: -1 for none,
- * INT64_MAX for one larger (over any cap). */
-static curl_off_t header_number(const char *p, size_t n)
-{
-	size_t i = 0;
-	while (i < n && (p[i] == ' ' || p[i] == '\t'))
-		i++;
-	curl_off_t v = -1;
-	for (; i < n && p[i] >= '0' && p[i] <= '9'; i++) {
-		if (v > (INT64_MAX - 9) / 10)
-			return INT64_MAX;
-		v = (v < 0 ? 0 : v * 10) + (p[i] - '0');
-	}
-	return v;
-}
 
 static size_t hop_header(char *ptr, size_t size, size_t nmemb, void *arg)
 {
 	struct hop_answer *a = arg;
 	size_t n = size * nmemb;
-	static const char cl[] = "content-length:";
-	if (n > 5 && memcmp(ptr, "HTTP/", 5) == 0) {
-		const char *sp = memchr(ptr, ' ', n);
-		curl_off_t st = sp ? header_number(sp, n - (size_t)(sp - ptr)) : -1;
-		a->status = st >= 100 && st <= 999 ? (long)st : 0;
-		a->length = -1;
-		a->page = false;
+	if (n <= 2 && (ptr[0] == '\r' || ptr[0] == '\n')) { /* a head's end */
+		long status = 0;
+		curl_off_t length = -1; /* none declared */
+		curl_easy_getinfo(a->h, CURLINFO_RESPONSE_CODE, &status);
+		curl_easy_getinfo(a->h, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &length);
+		a->page = status / 100 == 3;
 		a->page_n = 0;
-	} else if (n > sizeof(cl) - 1 && strncasecmp(ptr, cl, sizeof(cl) - 1) == 0) {
-		a->length = header_number(ptr + sizeof(cl) - 1, n - (sizeof(cl) - 1));
-	} else if (n <= 2 && (ptr[0] == '\r' || ptr[0] == '\n')) { /* the headers' end */
-		a->page = a->status / 100 == 3;
-		if (a->page && a->length > REDIRECT_PAGE_MAX) {
+		if (a->page && length > REDIRECT_PAGE_MAX) {
 			a->b->refused = REDIRECT_PAGE_LONG;
 			return 0; /* ends the transfer */
 		}
-		if (!a->page && a->status / 100 != 1 && a->length > (curl_off_t)a->b->max) {
+		if (!a->page && status / 100 != 1 && length > (curl_off_t)a->b->max) {
 			a->b->too_big = true;
 			return 0;
 		}
@@ -582,7 +560,7 @@ cw_err media_fetch_peer(const struct cw_app *app, const char *url, const char *s
 		b->too_big = false;
 		media_download_setup(h, at, hd, b, cfg->ca_file, left_ms);
 		/* A redirect's page is no part of the file (hop_answer). */
-		struct hop_answer ans = { .b = b, .length = -1 };
+		struct hop_answer ans = { .h = h, .b = b };
 		curl_easy_setopt(h, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)0);
 		curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, hop_header);
 		curl_easy_setopt(h, CURLOPT_HEADERDATA, &ans);
