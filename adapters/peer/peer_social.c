@@ -625,13 +625,18 @@ void peer_api_identifier_query(struct cw_req *req, void *ctx)
 		return;
 	}
 	cw_errmsg e;
-	char uri[MIMI_URI_MAX + 1];
+	/* Room for the longest domain and local part, which together are
+	 * longer than an identifier may be (MIMI_URI_MAX): the parser says
+	 * so.  Until the fifty-second session the text was cut at
+	 * MIMI_URI_MAX bytes, and with a long server.domain a handle too long
+	 * to be anyone's was looked up as its first bytes, another user. */
+	char uri[sizeof("mimi://") + MIMI_DOMAIN_MAX + sizeof("/u/") + MIMI_LOCAL_MAX];
 	bool ok = json_is_string(handle) && json_string_length(handle) <= MIMI_LOCAL_MAX &&
 		  json_object_size(body) == 1;
 	if (ok) {
-		snprintf(uri, sizeof(uri), "mimi://%s/u/%s", app->cfg->domain, json_string_value(handle));
+		int w = snprintf(uri, sizeof(uri), "mimi://%s/u/%s", app->cfg->domain, json_string_value(handle));
 		struct mimi_uri u;
-		ok = mimi_uri_parse(uri, &u, &e) == CW_OK;
+		ok = w > 0 && (size_t)w < sizeof(uri) && mimi_uri_parse(uri, &u, &e) == CW_OK;
 		if (ok)
 			peer_local_fold(app, &u, uri);
 	}
@@ -652,7 +657,10 @@ void peer_api_identifier_query(struct cw_req *req, void *ctx)
 		free(in);
 		return;
 	}
-	snprintf(in->local, sizeof(in->local), "%s", uri);
+	/* at most MIMI_URI_MAX bytes: the parser took it */
+	size_t n = strnlen(uri, sizeof(in->local) - 1);
+	memcpy(in->local, uri, n);
+	in->local[n] = '\0';
 	start(req, ctx, in, query_fn, false);
 }
 

@@ -417,6 +417,36 @@ def test_discovery_finds_only_discoverable_users(daemon, peers, pg, db_url):
     assert hidden.json() == unknown.json() == {"matches": []}
 
 
+def test_discovery_with_the_longest_domain_never_cuts_the_handle(make_daemon, db_url, pg):
+    """With a server.domain of 253 bytes, the longest a DNS name has, a
+    user's identifier holds a local part of at most 249 (512 bytes in all):
+    such a user is found, and a longer handle, which can be no one's, is
+    400 invalid_body.  Until the fifty-second session the identifier was
+    cut at 512 bytes, and a handle of 255 bytes found the user whose local
+    part is its first 249."""
+    domain = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])
+    assert len(domain) == 253
+    # (a line of the INI file holds at most 199 bytes: set by the environment)
+    d = make_daemon(db_url, env={"CAUSEWAY_SERVER_DOMAIN": domain}).start()
+    made = push_peers(d)
+    try:
+        (a, _), _ = made
+        local = "u" * 249
+        uri = f"mimi://{domain}/u/{local}"
+        assert len(uri) == 512
+        pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network, discoverable) VALUES "
+                f"('{uri}', '{domain}', '{local}', true, 'local', true)", db_url)
+        r = a.call("POST", "/v1/identifiers/query", {"handle": local})
+        assert r.status_code == 200 and r.json() == {"matches": [uri]}, r.text
+        for longer in (local + "x", local + "x" * 6):
+            r = a.call("POST", "/v1/identifiers/query", {"handle": longer})
+            assert r.status_code == 400 and r.json()["code"] == "invalid_body", (len(longer), r.text)
+        assert pg.psql("SELECT count(*) FROM identities", db_url) == "1"
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
 def test_discovery_is_rate_limited_per_peer(daemon, peers, pg, db_url):
     """A peer cannot run through every phone number: at most
     policy.identifier_queries_per_minute queries (here 5), then 429 with
