@@ -255,7 +255,8 @@ cw_err peer_out_notify_url(const char *push_url, char *out, size_t len, cw_errms
 	for (char *c = host; *c; c++)
 		*c = (char)tolower((unsigned char)*c);
 	/* An IPv6 literal's zone id (a link-local push target) is a part of
-	 * its own, which setting the host clears: kept as typed. */
+	 * its own, which setting the host clears: kept as typed, for the
+	 * request; it is not signed (peer_out_signed_uri). */
 	if (curl_url_get(u, CURLUPART_ZONEID, &zone, 0) != CURLUE_OK)
 		zone = NULL;
 	if (curl_url_get(u, CURLUPART_PATH, &path, 0) != CURLUE_OK) {
@@ -293,6 +294,28 @@ out:
 	curl_free(full);
 	curl_url_cleanup(u);
 	return rc;
+}
+
+/* The request goes to the zone's interface (libcurl sets the address's
+ * scope), but the Host header libcurl sends is the address without its
+ * zone id ("[fe80::1]:8080"): the zone names an interface of this host,
+ * which the peer neither knows nor sees, and the @target-uri it rebuilds
+ * has none.  Until the fifty-second session the zone id was signed, and
+ * every push to a link-local push_url such as http://[fe80::1%25eth0]
+ * failed the peer's check of the signature. */
+void peer_out_signed_uri(const char *notify_url, char *out, size_t len)
+{
+	if (!len)
+		return;
+	const char *host = strstr(notify_url, "://");
+	const char *open = host && host[3] == '[' ? host + 3 : NULL;
+	const char *close = open ? strchr(open, ']') : NULL;
+	const char *zone = close ? strstr(open, "%25") : NULL;
+	if (!zone || zone > close) {
+		snprintf(out, len, "%s", notify_url);
+		return;
+	}
+	snprintf(out, len, "%.*s%s", (int)(zone - notify_url), notify_url, close);
 }
 
 /* How long rows wait when the peer's address could not be read, and when
@@ -365,7 +388,9 @@ static cw_err post_events(struct peer_out *p, const char *name, const char *url,
 	cw_random(rnd, sizeof(rnd));
 	cw_b64url_encode(nonce, sizeof(nonce), rnd, sizeof(rnd));
 	struct hdrs h = { "application/json", digest };
-	struct httpsig_msg m = { .method = "POST", .target_uri = url, .header = sign_header, .ctx = &h };
+	char target[PEER_NOTIFY_URL_MAX];
+	peer_out_signed_uri(url, target, sizeof(target));
+	struct httpsig_msg m = { .method = "POST", .target_uri = target, .header = sign_header, .ctx = &h };
 	static const char *const components[] = { "@method", "@target-uri", "content-digest", "content-type", NULL };
 	struct httpsig_params sp = { .created = cw_wall_ms() / 1000, .keyid = p->keyid, .nonce = nonce, .tag = p->tag };
 	cw_errmsg se;

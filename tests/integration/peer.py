@@ -6,6 +6,7 @@ import hashlib
 import http.server
 import json
 import os
+import socket
 import threading
 import time
 import types
@@ -99,7 +100,7 @@ def verify(method, url, headers, body, public_b64, tag=TAG, max_skew=300):
 class NotifyServer:
     """POST /v1/notify: verifies, records in order, deduplicates by event id."""
 
-    def __init__(self):
+    def __init__(self, host="127.0.0.1"):
         self.events = []          # unique events in arrival order
         self.seen = set()         # their ids
         self.requests = 0
@@ -150,9 +151,12 @@ class NotifyServer:
                 except OSError:  # the daemon stopped reading (a cut-off answer)
                     pass
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server = http.server.ThreadingHTTPServer
+        if ":" in host:  # an IPv6 address, such as "::1"
+            server = type("V6Server", (server,), {"address_family": socket.AF_INET6})
+        self.httpd = server((host, 0), Handler)
         self.port = self.httpd.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 

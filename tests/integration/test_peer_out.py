@@ -631,3 +631,40 @@ def test_a_push_over_https_verifies_the_peers_certificate_and_name(make_daemon, 
     finally:
         for srv in servers + [s for _, s in made]:
             srv.close()
+
+
+def test_a_link_local_push_url_signs_the_address_without_its_zone(make_daemon, db_url, pg):
+    """A push_url with an IPv6 zone id (http://[fe80::1%25eth0]:port, here
+    ::1 on lo, which every host has) is requested through that interface,
+    but the zone is this host's and is not in the Host header libcurl sends
+    ("[::1]:port"): the @target-uri signed is the URL without it, as the
+    peer rebuilds it.  Until the fifty-second session "%25lo" was signed
+    and every push failed the peer's check (401, then dead letters)."""
+    d = make_daemon(db_url, options={"dispatcher": {"retry_budget": "2", "retry_base_ms": "50",
+                                                   "retry_max_ms": "100"}}).start()
+    (a, _), (b, sb) = made = push_peers(d)
+    v6 = NotifyServer(host="::1")
+    v6.public_b64 = sb.public_b64
+    v6.target_base = f"http://[::1]:{v6.port}"
+    hosts = []
+    handle = v6.handle
+
+    def noting(method, path, headers, body, port, answer=None):
+        hosts.append(headers.get("Host"))
+        return handle(method, path, headers, body, port, answer)
+
+    v6.handle = noting
+    try:
+        r = d.admin("PATCH", "/peers/tg", json={"push_url": f"http://[::1%25lo]:{v6.port}"})
+        assert r.status_code == 200, r.text
+        rm = room(a, b)
+        assert a.send(rm["id"], a.user("alice"), "over the link").status_code == 202
+        q = "SELECT string_agg(DISTINCT state, ',') FROM outbox WHERE destination = 'peer:tg'"
+        state = wait_until(lambda: (lambda s: s if s and "pending" not in s and "in_flight" not in s else None)(
+            pg.psql(q, db_url)), timeout=30, what="the outcomes recorded")
+        assert state == "delivered", (state, v6.errors, v6.answers)
+        assert v6.errors == [] and v6.events and set(hosts) == {f"[::1]:{v6.port}"}, (v6.errors, hosts)
+    finally:
+        v6.close()
+        for _, srv in made:
+            srv.close()

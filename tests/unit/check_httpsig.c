@@ -740,6 +740,35 @@ START_TEST(notify_url_normalised)
 	m = req_msg(&r);
 	struct httpsig_verify_opts o = baseline_opts(&kr, &r);
 	ck_assert_msg(httpsig_verify(&m, si, sig, &o, NULL, &e) == CW_OK, "%s", e.msg);
+
+	/* A link-local push_url's zone id is requested (libcurl scopes the
+	 * address by it) but not signed: the Host header libcurl sends has
+	 * none, so neither has the @target-uri the peer rebuilds.  Until the
+	 * fifty-second session "%25eth0" was signed and every such push
+	 * failed the peer's check. */
+	static const char *const zoned[][2] = {
+		{ "http://[FE80::1%25eth0]:8080/x", "http://[fe80::1]:8080/x/v1/notify" },
+		{ "https://[fe80::1%25eth0]", "https://[fe80::1]/v1/notify" },
+		{ "http://[::1%25lo]:9/a?b=%25c]", "http://[::1]:9/a/v1/notify?b=%25c]" },
+		{ "http://[::1]:9/a%25b]", "http://[::1]:9/a%25b]/v1/notify" },
+		{ "http://h.example/a%25b]", "http://h.example/a%25b]/v1/notify" },
+	};
+	char target[2200];
+	for (size_t i = 0; i < CW_ARRAY_LEN(zoned); i++) {
+		ck_assert_msg(peer_out_notify_url(zoned[i][0], out, sizeof(out), &e) == CW_OK, "%s: %s", zoned[i][0],
+			      e.msg);
+		peer_out_signed_uri(out, target, sizeof(target));
+		ck_assert_str_eq(target, zoned[i][1]);
+	}
+	ck_assert_int_eq(peer_out_notify_url("http://[FE80::1%25eth0]:8080", out, sizeof(out), &e), CW_OK);
+	ck_assert_str_eq(out, "http://[fe80::1%25eth0]:8080/v1/notify");
+	peer_out_signed_uri(out, target, sizeof(target));
+	set_str(&r.uri, target);
+	m = req_msg(&r);
+	ck_assert_int_eq(httpsig_sign(&m, our_components, k, &p, si, sizeof(si), sig, sizeof(sig), &e), CW_OK);
+	set_str(&r.uri, "http://[fe80::1]:8080/v1/notify");
+	m = req_msg(&r);
+	ck_assert_msg(httpsig_verify(&m, si, sig, &o, NULL, &e) == CW_OK, "%s", e.msg);
 	req_free(&r);
 	EVP_PKEY_free(k);
 	EVP_PKEY_free(pub);
