@@ -923,19 +923,40 @@ out:
 
 struct sig_input {
 	char label[HTTPSIG_MAX_TOKEN + 1];
+	char unsupported[HTTPSIG_MAX_TOKEN + 96]; /* why it cannot be verified here ("": it can) */
 	size_t ncomp;
 	char comp[HTTPSIG_MAX_COMPONENTS][HTTPSIG_MAX_TOKEN + 1];
 	size_t nparams;
 	struct sf_param params[HTTPSIG_MAX_PARAMS];
 };
 
-/* One Signature-Input member: an inner list of strings with parameters. */
+/* Notes the first reason si cannot be verified here. */
+__attribute__((format(printf, 2, 3)))
+static void si_unsupported(struct sig_input *si, const char *fmt, ...)
+{
+	if (si->unsupported[0])
+		return;
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(si->unsupported, sizeof(si->unsupported), fmt, ap);
+	va_end(ap);
+}
+
+/* One Signature-Input member: an inner list of strings with parameters.
+ * What RFC 9421 allows but this verifier does not take (a component's
+ * parameters, "content-type";sf or "@query-param";name="x", a byte
+ * sequence as a parameter's value, a component that is not a string)
+ * makes the member one that cannot be verified here (si->unsupported),
+ * refused when it is tried: another signer's (a proxy's, RFC 9421 §3.2
+ * and §4.3) stands beside ours.  Until the fifty-second session any such
+ * member refused the whole request, a peer's valid signature with it. */
 static cw_err parse_sig_input_member(struct sf *s, struct sig_input *si)
 {
 	if (!sf_at(s, '('))
 		return sf_unexpected(s, "'(' opening the list of components");
 	s->p++;
 	si->ncomp = 0;
+	si->unsupported[0] = '\0';
 	struct sf_item it;
 	for (;;) {
 		sf_skip_sp(s);
@@ -951,10 +972,19 @@ static cw_err parse_sig_input_member(struct sf *s, struct sig_input *si)
 		if (rc)
 			return rc;
 		if (it.type != SF_STRING)
-			return sf_fail(s, "component %zu of '%s' is not a string", si->ncomp + 1, si->label);
-		if (sf_at(s, ';'))
-			return sf_fail(s, "component parameters are not supported (on '%s')", it.str);
-		memcpy(si->comp[si->ncomp++], it.str, it.len + 1);
+			si_unsupported(si, "Signature-Input: component %zu of '%s' is not a string", si->ncomp + 1,
+				       si->label);
+		if (sf_at(s, ';')) {
+			si_unsupported(si, "Signature-Input: component parameters are not supported (on '%s')",
+				       it.type == SF_STRING || it.type == SF_TOKEN ? it.str : "?");
+			if ((rc = sf_params(s, NULL, NULL)))
+				return rc;
+		}
+		if (it.type == SF_STRING)
+			memcpy(si->comp[si->ncomp], it.str, it.len + 1);
+		else
+			si->comp[si->ncomp][0] = '\0';
+		si->ncomp++;
 		if (s->p < s->end && *s->p != ' ' && *s->p != ')')
 			return sf_unexpected(s, "' ' or ')' after a component");
 	}
@@ -963,7 +993,7 @@ static cw_err parse_sig_input_member(struct sf *s, struct sig_input *si)
 		return rc;
 	for (size_t i = 0; i < si->nparams; i++)
 		if (si->params[i].v.type == SF_BYTES)
-			return sf_fail(s, "parameter '%s' of '%s' is a byte sequence (not supported)",
+			si_unsupported(si, "Signature-Input: parameter '%s' of '%s' is a byte sequence (not supported)",
 				       si->params[i].key, si->label);
 	return CW_OK;
 }
@@ -1245,6 +1275,8 @@ static cw_err verify_one(const struct httpsig_msg *m, const struct sig_input *ch
 	memset(out, 0, sizeof(*out));
 	copy_token(out->label, chosen->label);
 	out->ncomponents = chosen->ncomp;
+	if (chosen->unsupported[0])
+		return cw_fail(e, CW_EINVAL, "%s", chosen->unsupported);
 	size_t k = 0;
 	while (k < sigs->n && strcmp(sigs->label[k], chosen->label) != 0)
 		k++;
