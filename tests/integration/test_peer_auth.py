@@ -232,6 +232,43 @@ def test_the_signature_with_the_configured_tag_is_verified_among_others(daemon):
         srv.close()
 
 
+def test_another_signers_signature_with_component_parameters_stands_beside_the_peers(daemon):
+    """RFC 9421 allows a component's parameters ("content-type";sf,
+    "@query-param";name="after") and a byte sequence as a parameter's
+    value, which Causeway does not take: another signer's member using
+    them (a proxy's), before or after the peer's, leaves the peer's
+    signature verified.  Until the fifty-second session such a member
+    refused the whole request 401 "component parameters are not
+    supported"; one of the peer's own tag using them, alone, still is."""
+    import time
+    a, b, rm, srv = make_peers(daemon)
+    try:
+        url = b.base + "/v1/events?after=0"
+        now = int(time.time())
+        proxies = ['proxy=("@method";req "@query-param";name="after" "content-type";sf);created=%d;'
+                   'keyid="edge";nonce="zz";tag="edge-proxy"' % now,
+                   'proxy=("@method");created=%d;keyid="edge";nonce="zz";key=:AAAA:;tag="edge-proxy"' % now]
+        other_sig = "proxy=:" + "A" * 86 + "==:"
+        for other_in in proxies:
+            for proxy_first in (True, False):
+                h = b.signer.headers("GET", url)
+                ins, sigs = [other_in, h["Signature-Input"]], [other_sig, h["Signature"]]
+                if not proxy_first:
+                    ins.reverse()
+                    sigs.reverse()
+                r = requests.get(url, timeout=10, headers={"Authorization": "Bearer " + b.token,
+                                                           "Signature-Input": ", ".join(ins),
+                                                           "Signature": ", ".join(sigs)})
+                assert r.status_code == 200, (other_in, proxy_first, r.text)
+        own = proxies[0].replace('"edge-proxy"', '"%s"' % b.signer.tag).replace('"edge"', '"%s"' % b.signer.keyid)
+        r = requests.get(url, timeout=10, headers={"Authorization": "Bearer " + b.token,
+                                                   "Signature-Input": own, "Signature": other_sig})
+        assert r.status_code == 401 and "component parameters are not supported" in r.json()["detail"], r.text
+        assert r.headers["Content-Type"].startswith("application/problem+json"), r.headers
+    finally:
+        srv.close()
+
+
 def read_answer(sock, timeout):
     """The first final answer on sock (interim 1xx answers collected):
     (status, lower-case headers, body, [interim statuses]); the socket
