@@ -193,7 +193,7 @@ static cw_err sb_check(const struct sbuf *b, const char *what, cw_errmsg *e)
 
 /* ------------------------------------ RFC 8941: the subset these fields use */
 
-enum sf_type { SF_INTEGER, SF_STRING, SF_TOKEN, SF_BOOLEAN, SF_BYTES };
+enum sf_type { SF_INTEGER, SF_DECIMAL, SF_STRING, SF_TOKEN, SF_BOOLEAN, SF_BYTES };
 
 struct sf_item {
 	enum sf_type type;
@@ -297,10 +297,25 @@ static cw_err sf_integer(struct sf *s, struct sf_item *it)
 			return sf_fail(s, "integer longer than 15 digits at offset %ld", SF_OFF(s));
 		v = v * 10 + (*s->p++ - '0');
 	}
-	if (sf_at(s, '.'))
-		return sf_fail(s, "decimal numbers are not supported (offset %ld)", SF_OFF(s));
 	it->type = SF_INTEGER;
 	it->integer = neg ? -v : v;
+	if (sf_at(s, '.')) {
+		/* A decimal (RFC 8941 §3.3.2), parsed for its syntax: no
+		 * value of ours is one, but another signer's parameter may be
+		 * (its member then cannot be verified here). */
+		if (digits > 12)
+			return sf_fail(s, "decimal with more than 12 integer digits at offset %ld", SF_OFF(s));
+		s->p++;
+		int frac = 0;
+		while (s->p < s->end && is_digit((unsigned char)*s->p)) {
+			if (++frac > 3)
+				return sf_fail(s, "decimal with more than 3 fraction digits at offset %ld", SF_OFF(s));
+			s->p++;
+		}
+		if (!frac)
+			return sf_unexpected(s, "a digit after the decimal point");
+		it->type = SF_DECIMAL;
+	}
 	return CW_OK;
 }
 
@@ -529,7 +544,8 @@ static void ser_signature_params(struct sbuf *b, const char *const *names, size_
 			if (!ps[i].v.boolean)
 				sb_str(b, "=?0");
 			break;
-		case SF_BYTES: /* refused when parsing Signature-Input */
+		case SF_DECIMAL: /* a member with one is never verified (si->unsupported) */
+		case SF_BYTES:
 			break;
 		}
 	}
@@ -945,7 +961,8 @@ static void si_unsupported(struct sig_input *si, const char *fmt, ...)
 /* One Signature-Input member: an inner list of strings with parameters.
  * What RFC 9421 allows but this verifier does not take (a component's
  * parameters, "content-type";sf or "@query-param";name="x", a byte
- * sequence as a parameter's value, a component that is not a string)
+ * sequence or a decimal as a parameter's value, a component that is not
+ * a string)
  * makes the member one that cannot be verified here (si->unsupported),
  * refused when it is tried: another signer's (a proxy's, RFC 9421 §3.2
  * and §4.3) stands beside ours.  Until the fifty-second session any such
@@ -994,6 +1011,9 @@ static cw_err parse_sig_input_member(struct sf *s, struct sig_input *si)
 	for (size_t i = 0; i < si->nparams; i++)
 		if (si->params[i].v.type == SF_BYTES)
 			si_unsupported(si, "Signature-Input: parameter '%s' of '%s' is a byte sequence (not supported)",
+				       si->params[i].key, si->label);
+		else if (si->params[i].v.type == SF_DECIMAL)
+			si_unsupported(si, "Signature-Input: decimal numbers are not supported (parameter '%s' of '%s')",
 				       si->params[i].key, si->label);
 	return CW_OK;
 }
