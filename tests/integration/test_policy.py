@@ -3977,3 +3977,77 @@ def test_the_events_table_is_analyzed_once_it_has_grown_on_a_new_database(daemon
                     timeout=30, start=start)
     assert pg.psql("SELECT reltuples >= 10000 FROM pg_class WHERE oid = 'events'::regclass", db_url) == "t"
     assert pg.psql("SELECT analyze_count FROM pg_stat_user_tables WHERE relname = 'events'", db_url) == "1"
+
+
+def rows_read(node, table):
+    """The rows of table a plan as run (EXPLAIN ANALYZE's JSON) read: those
+    its scans of it gave and those their filters removed, every loop."""
+    here = (node.get("Actual Rows", 0) + node.get("Rows Removed by Filter", 0)) * node.get("Actual Loops", 1) \
+        if node.get("Relation Name") == table else 0
+    return here + sum(rows_read(c, table) for c in node.get("Plans", []))
+
+
+@pytest.mark.parametrize("statistics", ["none", "analyzed"])
+def test_the_recheck_reads_only_its_batch_whatever_the_statistics(make_daemon, db_url, pg, statistics):
+    """A deny of wally's domain drops the 6,002 rows of his waiting for
+    alice (pending: she allowed him), by the recheck's pass, 500 rows a
+    batch, each batch a range of outbox_state_dest_idx and, for each of
+    its rows, its event, sender and user by their primary keys: no batch
+    reads more of outbox, events or identities than its rows' (plans
+    logged by auto_explain, as run), among 20,000 rows delivered and
+    5,000 other users, with the tables analyzed and without statistics
+    (filled before autovacuum came: the start's pass, a restore).  Until
+    the fifty-second session, without statistics, each batch read all
+    the pending rows to sort them and keep 500 (a bitmap scan), and
+    analyzed, hashed all the users twice (the sender's and the target's
+    joins)."""
+    name = db_url.split("?")[0].rsplit("/", 1)[1]
+    log = logged_plans(pg, db_url, analyze=True)
+    pg.psql(f'ALTER DATABASE "{name}" SET auto_explain.log_format = json')
+    d = make_daemon(db_url, options={"policy": {"reload_interval_s": "3600"}}).start()
+    made = push_peers(d)
+    try:
+        (a, _), _ = made
+        opt_in(d)
+        room = dm(a)
+        consent(d, a.user("wally"), "allowed")
+        wait_policy(d, lambda: states(pg, db_url, [send(a, room, "first").json()["id"]])[0][1] == "pending",
+                    "the consent in force")
+        mine = send(a, room, "waiting").json()["id"]
+        assert [s for _, s in states(pg, db_url, [mine])] == ["pending"]
+        pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network) SELECT "
+                "'mimi://example.org/u/o' || g, 'example.org', 'o' || g, true, 'matrix' "
+                "FROM generate_series(1, 5000) g", db_url)
+        pg.psql("INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
+                "SELECT 'msg_fill' || g, room_id, sender_id, type, content, origin_network, ts "
+                f"FROM events, generate_series(1, 26000) g WHERE public_id = '{mine}' ORDER BY g", db_url)
+        pg.psql("INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state, delivered_at) "
+                "SELECT e.id, o.destination, o.target_identity_id, o.room_id, "
+                " CASE WHEN g > 20000 THEN 'pending' ELSE 'delivered' END, CASE WHEN g <= 20000 THEN now() END "
+                "FROM events e, CAST(substr(e.public_id, 9) AS int) g, outbox o JOIN events m ON m.id = o.event_id "
+                f"WHERE m.public_id = '{mine}' AND e.public_id LIKE 'msg_fill%' ORDER BY g", db_url)
+        waiting = "SELECT count(*) FROM outbox WHERE state = 'pending'"
+        assert pg.psql(waiting, db_url) == "6002"  # with "first"
+        if statistics == "none":
+            pg.psql("DELETE FROM pg_statistic WHERE starelid IN ('outbox'::regclass, 'events'::regclass, "
+                    "'identities'::regclass); UPDATE pg_class SET reltuples = -1, relpages = 0 WHERE oid IN "
+                    "('outbox'::regclass, 'events'::regclass, 'identities'::regclass)", db_url)
+        else:
+            pg.psql("ANALYZE outbox; ANALYZE events; ANALYZE identities", db_url)
+        start = os.path.getsize(log)
+        r = d.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example", "mode": "deny"})
+        assert r.status_code == 201, r.text
+        wait_until(lambda: pg.psql(waiting, db_url) == "0", timeout=60, interval=0.2, what="the rows dropped")
+        plans = plans_since(log, start, "AND i.peer_id = p.id")
+        runs = [json.JSONDecoder().raw_decode(p, p.index("{"))[0] for p in plans]
+        batches = [x for x in runs if "'pending'" in x["Query Text"]]
+        assert len(batches) >= 6002 // 500, len(batches)
+        for x in runs:
+            got = rows_read(x["Plan"], "outbox")
+            read = {t: rows_read(x["Plan"], t) for t in ("outbox", "events", "identities")}
+            assert read["outbox"] <= 501 and read["events"] <= got and read["identities"] <= 2 * got, \
+                (read, x["Plan"])
+        assert "recheck of waiting rows failed" not in d.log()
+    finally:
+        for _, srv in made:
+            srv.close()

@@ -17,7 +17,7 @@ import pytest
 
 from harness import HeldSession, wait_until
 from test_peer_pull import make_peers
-from test_policy import logged_plans, plans_since
+from test_policy import logged_plans, plans_since, rows_read
 
 OLD = "now() - interval '40 days'"  # past retention.content_days and attempts_days (30)
 OLD_KEY = "now() - interval '8 days'"  # past retention.idempotency_days (7)
@@ -718,14 +718,6 @@ def test_a_family_behind_a_long_owed_backlog_is_deleted(make_daemon, db_url, pg)
                what="the family behind the backlog deleted")
     assert pg.psql("SELECT count(*) FROM events WHERE public_id LIKE 'msg_k%'", db_url) == str(n)
     assert d.stop() == 0
-
-
-def rows_read(node, table):
-    """The rows of table a plan as run (EXPLAIN ANALYZE's JSON) read: those
-    its scans of it gave and those their filters removed, every loop."""
-    here = (node.get("Actual Rows", 0) + node.get("Rows Removed by Filter", 0)) * node.get("Actual Loops", 1) \
-        if node.get("Relation Name") == table else 0
-    return here + sum(rows_read(c, table) for c in node.get("Plans", []))
 
 
 def rehosted(pg, db_url):
