@@ -657,6 +657,15 @@ static void metrics_done(void *arg, cw_err rc, const cw_errmsg *e)
 				  "causeway_policy_rechecked_total{outcome=\"decided\"} %llu\n"
 				  "causeway_policy_rechecked_total{outcome=\"dropped\"} %llu\n",
 			      (unsigned long long)ps.rechecked, (unsigned long long)ps.recheck_dropped);
+		cw_buf_printf(&b, "# HELP causeway_policy_recheck_dropped_total Waiting outbox rows the recheck "
+				  "dropped, by the refusal and the kind of row (inbound: to a local user; outbound: "
+				  "from one to a peer; transit: from a peer to a peer).\n"
+				  "# TYPE causeway_policy_recheck_dropped_total counter\n");
+		for (int k = 0; k < POLICY_RECHECK_REASONS; k++)
+			for (int w = 0; w < POLICY_RECHECK_KINDS; w++)
+				cw_buf_printf(&b, "causeway_policy_recheck_dropped_total{reason=\"%s\",kind=\"%s\"} %llu\n",
+					      policy_recheck_reasons[k], policy_recheck_kinds[w],
+					      (unsigned long long)ps.recheck_dropped_by[k][w]);
 	}
 	if (app->xmpp)
 		xa_metrics(app->xmpp, &b);

@@ -852,7 +852,7 @@ static const char recheck_ids_sql[] =
 	"WITH b AS MATERIALIZED (SELECT id, destination, event_id, target_identity_id, room_id FROM outbox "
 	" WHERE id = ANY($1::bigint[]) AND " RECHECK_WAITING ") " RECHECK_COLUMNS;
 
-/* Drops the rows $1 ([{id, reason, rule, subject}]) still not handed over
+/* Drops the rows $1 ([{id, reason, rule, subject, kind}]) still not handed over
  * (or in flight under the claim $2: RECHECK_WAITING), as sweep_sql drops
  * a row: locked in id order, skipped when locked (a dispatcher claiming
  * it: it goes in flight, not recalled), the content of an event no one
@@ -861,9 +861,10 @@ static const char recheck_ids_sql[] =
  * id is in $3 (an array; NULL: none) has the try its claim counted taken
  * back: the claim's lane never made it (or made one that does not count,
  * a 429), as its release would have (policy_live_screen_claim).  The
- * count of rows dropped, the reason of the first, their ids (JSON), and
- * the ids of those not dropped (JSON: skipped as locked, or no longer
- * waiting). */
+ * count of rows dropped, the reason of the first, their ids (JSON), the
+ * ids of those not dropped (JSON: skipped as locked, or no longer
+ * waiting), and how many were dropped of each reason and kind (JSON:
+ * [[reason, kind, count], ...], kind an index of policy_recheck_kinds). */
 /* The events of the rows $1 ([{id, ...}]) locked, in id order, before
  * recheck_drop_sql (in the same transaction). */
 static const char recheck_lock_sql[] =
@@ -872,20 +873,22 @@ static const char recheck_lock_sql[] =
 
 static const char recheck_drop_sql[] =
 	"WITH dn AS (SELECT * FROM jsonb_to_recordset($1::jsonb) AS d(id bigint, reason text, rule bigint, "
-	"  subject text)), "
+	"  subject text, kind int)), "
 	"lk AS (SELECT o.id FROM outbox o WHERE o.id IN (SELECT id FROM dn) "
 	"  AND " RECHECK_WAITING " ORDER BY o.id FOR UPDATE OF o SKIP LOCKED), "
 	"ch AS (UPDATE outbox o SET state = 'dropped', next_attempt_at = now(), claimed_by = NULL, "
 	"  claimed_until = NULL, attempts = CASE WHEN o.state = 'in_flight' AND o.id = ANY($3::bigint[]) "
 	"  THEN greatest(o.attempts - 1, 0) ELSE o.attempts END "
 	"  FROM dn WHERE o.id = dn.id AND o.id IN (SELECT id FROM lk) "
-	"  RETURNING o.id, o.event_id, dn.reason, NULLIF(dn.rule, 0) AS rule, dn.subject), "
+	"  RETURNING o.id, o.event_id, dn.reason, NULLIF(dn.rule, 0) AS rule, dn.subject, dn.kind), "
 	"au AS (INSERT INTO audit_log (actor, action, reason_code, rule_id, event_id, subject, details) "
 	" SELECT 'policy', 'policy.deny', ch.reason, ch.rule, ch.event_id, ch.subject, '{\"by\": \"sweep\"}'::jsonb "
 	" FROM ch ORDER BY ch.id), "
 	CONTENT_GONE("SELECT event_id FROM ch") " "
 	"SELECT count(*), min(reason), coalesce(json_agg(id ORDER BY id), '[]')::text, "
-	" (SELECT coalesce(json_agg(dn.id ORDER BY dn.id), '[]') FROM dn WHERE dn.id NOT IN (SELECT id FROM ch))::text "
+	" (SELECT coalesce(json_agg(dn.id ORDER BY dn.id), '[]') FROM dn WHERE dn.id NOT IN (SELECT id FROM ch))::text, "
+	" (SELECT coalesce(json_agg(json_build_array(x.reason, x.kind, x.n) ORDER BY x.reason, x.kind), '[]') "
+	"  FROM (SELECT reason, kind, count(*) AS n FROM ch GROUP BY reason, kind) x)::text "
 	"FROM ch";
 
 /* Whether the server's rules (and an inbound row's user's opt-out or her
@@ -955,16 +958,62 @@ static bool recheck_refused(const struct policy_snapshot *snap, PGresult *r, int
 	return any && all;
 }
 
+const char *const policy_recheck_reasons[POLICY_RECHECK_REASONS] = {
+	"server_denied_user", "server_denied_domain", "server_denied_network", "server_closed",
+	"server_not_allowlisted", "user_not_opted_in", "user_blocked_sender", "user_blocked_domain",
+};
+const char *const policy_recheck_kinds[POLICY_RECHECK_KINDS] = { "inbound", "outbound", "transit" };
+
+/* The rows a recheck dropped, by reason and kind (the indexes of
+ * policy_recheck_reasons and policy_recheck_kinds; a reason not listed,
+ * none today, is counted in none but the total). */
+struct recheck_drops {
+	long n[POLICY_RECHECK_REASONS][POLICY_RECHECK_KINDS];
+};
+
+/* The kind of row i of a RECHECK_COLUMNS result (policy_recheck_kinds):
+ * to a local user (a target), from one (the sender local), a peer's. */
+static int recheck_kind(PGresult *r, int i)
+{
+	if (!PQgetisnull(r, i, 5))
+		return 0;
+	return PQgetvalue(r, i, 10)[0] == 't' ? 1 : 2;
+}
+
+/* by from recheck_drop_sql's tally (JSON: [[reason, kind, count], ...]). */
+static bool recheck_drops_parse(const char *text, struct recheck_drops *by)
+{
+	json_t *a = json_loads(text, 0, NULL);
+	if (!json_is_array(a)) {
+		json_decref(a);
+		return false;
+	}
+	size_t i;
+	json_t *row;
+	json_array_foreach(a, i, row) {
+		const char *why = json_string_value(json_array_get(row, 0));
+		json_int_t kind = json_integer_value(json_array_get(row, 1));
+		for (int k = 0; why && kind >= 0 && kind < POLICY_RECHECK_KINDS && k < POLICY_RECHECK_REASONS; k++)
+			if (strcmp(why, policy_recheck_reasons[k]) == 0)
+				by->n[k][kind] += (long)json_integer_value(json_array_get(row, 2));
+	}
+	json_decref(a);
+	return true;
+}
+
 /* Decides the rows of r (RECHECK_COLUMNS) again with v and drops those
  * refused (recheck_drop_sql; claimed_by its $2, uncounted its $3);
  * counts: rows decided, dropped; *reason: the first drop's (static), or NULL; *gone (NULL: not
  * wanted) the ids dropped, a JSON array (NULL: none); *kept (NULL: not
  * wanted) the ids refused and not dropped (another transaction held
- * them, or they were no longer waiting), a JSON array (NULL: none). */
+ * them, or they were no longer waiting), a JSON array (NULL: none); by
+ * (NULL: not wanted) the drops by reason and kind. */
 static cw_err recheck(PGconn *c, const struct policy_view *v, PGresult *r, const char *claimed_by,
 		      const char *uncounted, long counts[2], const char **reason, json_t **gone, json_t **kept,
-		      cw_errmsg *e)
+		      struct recheck_drops *by, cw_errmsg *e)
 {
+	if (by)
+		memset(by, 0, sizeof(*by));
 	json_t *list = json_array();
 	int64_t now = cw_wall_ms();
 	const char *first = NULL;
@@ -973,8 +1022,9 @@ static cw_err recheck(PGconn *c, const struct policy_view *v, PGresult *r, const
 		char subject[MIMI_URI_MAX + 1];
 		if (!recheck_refused(v->snap, r, i, now, &d, subject, sizeof(subject)))
 			continue;
-		if (json_array_append_new(list, json_pack("{s:s, s:s, s:I, s:s}", "id", PQgetvalue(r, i, 0), "reason",
-							  d.reason, "rule", (json_int_t)d.rule_id, "subject", subject))) {
+		if (json_array_append_new(list, json_pack("{s:s, s:s, s:I, s:s, s:i}", "id", PQgetvalue(r, i, 0),
+							  "reason", d.reason, "rule", (json_int_t)d.rule_id, "subject",
+							  subject, "kind", recheck_kind(r, i)))) {
 			json_decref(list);
 			list = NULL;
 		}
@@ -1023,6 +1073,8 @@ static cw_err recheck(PGconn *c, const struct policy_view *v, PGresult *r, const
 		rc = cw_fail(e, CW_ENOMEM, "out of memory");
 	if (!rc && kept && !(*kept = json_loads(PQgetvalue(dr, 0, 3), 0, NULL)))
 		rc = cw_fail(e, CW_ENOMEM, "out of memory");
+	if (!rc && by && counts[1] && !recheck_drops_parse(PQgetvalue(dr, 0, 4), by))
+		rc = cw_fail(e, CW_ENOMEM, "out of memory");
 	PQclear(dr);
 	if (counts[1])
 		*reason = first;
@@ -1040,7 +1092,7 @@ cw_err policy_recheck_row(PGconn *c, const struct policy_view *v, const char *ou
 	if (rc)
 		return rc;
 	long counts[2];
-	rc = recheck(c, v, r, NULL, NULL, counts, reason, NULL, NULL, e);
+	rc = recheck(c, v, r, NULL, NULL, counts, reason, NULL, NULL, NULL, e);
 	PQclear(r);
 	return rc;
 }
@@ -2274,18 +2326,34 @@ static cw_err recheck_after_claims(struct policy_live *pl, cw_errmsg *e)
 	return CW_OK;
 }
 
-/* A recheck's figures (counts: rows decided, rows dropped) into the
- * metrics, and the drops into the log as msg. */
-static void recheck_counted(struct policy_live *pl, const long counts[2], const char *msg)
+/* A recheck's figures (counts: rows decided, rows dropped; by: the drops
+ * by reason and kind) into the metrics, and the drops into the log as
+ * msg: how many, and how many of each reason and kind ("by":
+ * reason/kind=count, ...).  Until the fifty-second session the log and
+ * the metrics said how many rows went, not why nor whose: an operator
+ * who denied a domain could not tell its drops from those of a user's
+ * opt-out but by the audit log, a record a row. */
+static void recheck_counted(struct policy_live *pl, const long counts[2], const struct recheck_drops *by,
+			    const char *msg)
 {
 	pthread_mutex_lock(&pl->mu);
 	pl->st.rechecked += (uint64_t)counts[0];
 	pl->st.recheck_dropped += (uint64_t)counts[1];
+	for (int k = 0; k < POLICY_RECHECK_REASONS; k++)
+		for (int j = 0; j < POLICY_RECHECK_KINDS; j++)
+			pl->st.recheck_dropped_by[k][j] += (uint64_t)by->n[k][j];
 	pthread_mutex_unlock(&pl->mu);
 	if (counts[1]) {
-		char d[24];
+		char d[24], text[POLICY_RECHECK_REASONS * POLICY_RECHECK_KINDS * 48] = "";
+		size_t len = 0;
 		snprintf(d, sizeof(d), "%ld", counts[1]);
-		LOG_KV(CW_LOG_INFO, msg, "dropped", d);
+		for (int k = 0; k < POLICY_RECHECK_REASONS; k++)
+			for (int j = 0; j < POLICY_RECHECK_KINDS; j++)
+				if (by->n[k][j] && len < sizeof(text))
+					len += (size_t)snprintf(text + len, sizeof(text) - len, "%s%s/%s=%ld", len ? "," : "",
+								policy_recheck_reasons[k], policy_recheck_kinds[j],
+								by->n[k][j]);
+		LOG_KV(CW_LOG_INFO, msg, "dropped", d, "by", text);
 	}
 }
 
@@ -2306,9 +2374,10 @@ static void kept_turn(struct policy_live *pl, const struct policy_view *v)
 	PGresult *r = rc ? NULL : PQexecParams(pl->c, recheck_ids_sql, 2, NULL, params, NULL, NULL, 0);
 	json_t *kept = NULL;
 	long counts[2] = { 0, 0 };
+	struct recheck_drops by = { 0 };
 	if (!rc && !(rc = store_check(pl->c, r, PGRES_TUPLES_OK, &e))) {
 		const char *reason;
-		rc = recheck(pl->c, v, r, NULL, NULL, counts, &reason, NULL, &kept, &e);
+		rc = recheck(pl->c, v, r, NULL, NULL, counts, &reason, NULL, &kept, &by, &e);
 		PQclear(r);
 	}
 	if (arr)
@@ -2320,7 +2389,7 @@ static void kept_turn(struct policy_live *pl, const struct policy_view *v)
 		pl->nkept = 0;
 		recheck_kept_add(pl, kept);
 		counts[0] = 0; /* decided already: only the drops are new */
-		recheck_counted(pl, counts, "waiting rows the server's rules now refuse dropped once their lock went");
+		recheck_counted(pl, counts, &by, "waiting rows the server's rules now refuse dropped once their lock went");
 	}
 	json_decref(kept);
 }
@@ -2416,6 +2485,7 @@ static bool recheck_turn(struct policy_live *pl)
 		PQclear(r);
 	int n = 0;
 	long counts[2] = { 0, 0 };
+	struct recheck_drops by = { 0 };
 	json_t *kept = NULL;
 	/* the last row is the cursor (the walk's order): the pass's
 	 * (destination, id), the users' walk's (user, room, id) or, of the
@@ -2431,7 +2501,7 @@ static bool recheck_turn(struct policy_live *pl)
 			snprintf(last_dest, sizeof(last_dest), "%s", PQgetvalue(r, n - 1, pass || rooms ? 1 : 14));
 		}
 		const char *reason;
-		rc = recheck(pl->c, v, r, NULL, NULL, counts, &reason, NULL, &kept, &e);
+		rc = recheck(pl->c, v, r, NULL, NULL, counts, &reason, NULL, &kept, &by, &e);
 		PQclear(r);
 	}
 	rc = store_end(pl->c, rc, &e);
@@ -2459,7 +2529,7 @@ static bool recheck_turn(struct policy_live *pl)
 	} else {
 		pl->nrecheck_users = 0;
 	}
-	recheck_counted(pl, counts, "waiting rows the server's rules now refuse dropped");
+	recheck_counted(pl, counts, &by, "waiting rows the server's rules now refuse dropped");
 	if (pl->recheck_state == RECHECK_STATES && !pl->more && pl->nrecheck_users == 0 && !pl->nkept)
 		atomic_store(&pl->settled, changes);
 	return pl->recheck_state < RECHECK_STATES || pl->nrecheck_users || req_more;
@@ -2522,9 +2592,10 @@ cw_err policy_live_screen_claim(struct policy_live *pl, PGconn *c, const int64_t
 	PGresult *r = rc ? NULL : PQexecParams(c, recheck_ids_sql, 2, NULL, params, NULL, NULL, 0);
 	json_t *list = NULL;
 	long counts[2] = { 0, 0 };
+	struct recheck_drops by = { 0 };
 	if (!rc && !(rc = store_check(c, r, PGRES_TUPLES_OK, e))) {
 		const char *reason;
-		rc = recheck(c, v, r, claimed_by, back, counts, &reason, &list, NULL, e);
+		rc = recheck(c, v, r, claimed_by, back, counts, &reason, &list, NULL, &by, e);
 		PQclear(r);
 	}
 	if (own)
@@ -2539,7 +2610,7 @@ cw_err policy_live_screen_claim(struct policy_live *pl, PGconn *c, const int64_t
 			for (size_t i = 0; i < n; i++)
 				gone[i] = gone[i] || ids[i] == json_integer_value(id);
 		*dropped = counts[1];
-		recheck_counted(pl, counts, "claimed rows the server's rules or a user's block now refuse dropped");
+		recheck_counted(pl, counts, &by, "claimed rows the server's rules or a user's block now refuse dropped");
 	}
 	json_decref(list);
 	return rc;

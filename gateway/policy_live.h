@@ -368,6 +368,15 @@ bool policy_live_sync_user(struct policy_live *pl, int64_t local_id, long timeou
  * the stats as a catch-up.  n 0: nothing is asked, false. */
 bool policy_live_catch_up(struct policy_live *pl, const int64_t *ids, size_t n, long timeout_ms);
 
+/* What the recheck drops, by refusal (policy_recheck_reasons: the server's
+ * refusals, then a user's block of the sender or of his domain) and by
+ * kind of row (policy_recheck_kinds: to a local user, from one to a peer,
+ * from a peer to a peer). */
+#define POLICY_RECHECK_REASONS 8
+#define POLICY_RECHECK_KINDS 3
+extern const char *const policy_recheck_reasons[POLICY_RECHECK_REASONS];
+extern const char *const policy_recheck_kinds[POLICY_RECHECK_KINDS];
+
 struct policy_live_stats {
 	uint64_t version;
 	uint64_t reloads, reload_failures;
@@ -377,6 +386,7 @@ struct policy_live_stats {
 	uint64_t released, dropped, expired; /* rows changed by sweeps */
 	uint64_t retention_removed[RETENTION_KINDS], retention_failures[RETENTION_KINDS]; /* by kind (retention.h) */
 	uint64_t rechecked, recheck_dropped; /* rows decided again after a change of the rules, and dropped */
+	uint64_t recheck_dropped_by[POLICY_RECHECK_REASONS][POLICY_RECHECK_KINDS]; /* those dropped, by why and what */
 	size_t rules, facts;
 	double last_load_ms;
 	/* When (cw_now_us) the first reload failed since the last whole one

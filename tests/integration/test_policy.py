@@ -4000,7 +4000,9 @@ def test_the_recheck_reads_only_its_batch_whatever_the_statistics(make_daemon, d
     the fifty-second session, without statistics, each batch read all
     the pending rows to sort them and keep 500 (a bitmap scan), and
     analyzed, hashed all the users twice (the sender's and the target's
-    joins)."""
+    joins).  What was dropped is told by reason and kind, in the log and
+    the metrics (causeway_policy_recheck_dropped_total): before, only how
+    many."""
     name = db_url.split("?")[0].rsplit("/", 1)[1]
     log = logged_plans(pg, db_url, analyze=True)
     pg.psql(f'ALTER DATABASE "{name}" SET auto_explain.log_format = json')
@@ -4047,6 +4049,15 @@ def test_the_recheck_reads_only_its_batch_whatever_the_statistics(make_daemon, d
             read = {t: rows_read(x["Plan"], t) for t in ("outbox", "events", "identities")}
             assert read["outbox"] <= 501 and read["events"] <= got and read["identities"] <= 2 * got, \
                 (read, x["Plan"])
+        metrics = d.get("/metrics").text
+        m = re.search(r'^causeway_policy_recheck_dropped_total\{reason="server_denied_domain",kind="inbound"\} (\d+)$',
+                      metrics, re.M)
+        assert m and int(m.group(1)) == 6002, metrics
+        assert not re.search(r'^causeway_policy_recheck_dropped_total\{reason="(?!server_denied_domain)\w+",'
+                             r'kind="\w+"\} [1-9]', metrics, re.M)
+        told = [x for x in list(d.records) if x.get("msg") == "waiting rows the server's rules now refuse dropped"]
+        assert sum(int(x["dropped"]) for x in told) == 6002, told
+        assert all(x["by"] == "server_denied_domain/inbound=" + x["dropped"] for x in told), told
         assert "recheck of waiting rows failed" not in d.log()
     finally:
         for _, srv in made:
