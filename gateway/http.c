@@ -790,7 +790,10 @@ static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_
 	} else if (code == MHD_CONNECTION_NOTIFY_CLOSED) {
 		struct conn_state *cs = *socket_context;
 		/* Out of the list before libmicrohttpd closes the socket
-		 * (after this call): its number may be another's then. */
+		 * (after this call): its number may be another's then; no
+		 * longer unread (unread_done) in the same critical section,
+		 * where until the fifty-second session the mutex was taken
+		 * twice in a row for the two. */
 		if (cs) {
 			pthread_mutex_lock(&h->mu);
 			if (cs->prev)
@@ -799,9 +802,12 @@ static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_
 				h->conns = cs->next;
 			if (cs->next)
 				cs->next->prev = cs->prev;
+			if (cs->unread) {
+				cs->unread = false;
+				pthread_cond_broadcast(&h->idle); /* a drain may wait for it */
+			}
 			pthread_mutex_unlock(&h->mu);
 		}
-		unread_done(h, cs);
 		if (cs && cs->req)
 			end_req(h, conn, cs->req, MHD_REQUEST_TERMINATED_WITH_ERROR);
 		free(cs);
