@@ -172,14 +172,38 @@ static const char *stop_signal_name(int sig)
 	return sig == SIGINT ? "SIGINT" : "SIGTERM";
 }
 
+/* store_connect_abortable's give_up: a stop asked for. */
+static bool stop_asked_now(void *arg)
+{
+	return stop_asked(arg, 0);
+}
+
 /* Connects, retrying until the start-up timeout, so that the daemon and its
- * database may start together. */
+ * database may start together.  A refusal that lasts (a wrong password, a
+ * role or database that does not exist: store_connect_abortable's
+ * CW_EINVAL) is not retried: until the fifty-second session it was, for
+ * database.startup_timeout_ms (30 s, up to an hour), a daemon restarted by
+ * its supervisor meanwhile saying only "waiting for the database". */
 static PGconn *connect_at_start(const struct cw_config *cfg, cw_errmsg *e)
 {
 	int64_t until = cw_now_us() + cfg->db_startup_timeout_ms * 1000;
 	bool told = false;
 	for (;;) {
-		PGconn *c = store_connect(cfg->db_url, cfg->db_statement_timeout_ms, e);
+		cw_err why;
+		PGconn *c = store_connect_abortable_why(cfg->db_url, cfg->db_statement_timeout_ms, -1, stop_asked_now,
+							NULL, &why, e);
+		if (!c && stopped_at_start) {
+			cw_fail(e, CW_ESHUTDOWN, "stopped by %s while waiting for the database",
+				stop_signal_name(stopped_at_start));
+			return NULL;
+		}
+		if (!c && why == CW_EINVAL) {
+			char m[sizeof(e->msg)];
+			snprintf(m, sizeof(m), "%s", e->msg);
+			cw_fail(e, CW_EINVAL, "%s (not retried: check database.url, its user, password and "
+				"database name)", m);
+			return NULL;
+		}
 		if (c || cw_now_us() >= until)
 			return c;
 		if (!told) {

@@ -463,24 +463,74 @@ static void conn_params_init(struct conn_params *cp, const char *url)
 	}
 }
 
+/* The SQLSTATEs of a server's refusal of a connection that trying again
+ * does not mend: a wrong password (28P01), a role that does not exist or
+ * no pg_hba.conf entry for it (28000), a database that does not exist
+ * (3D000).  A server starting up, shutting down or full (57P03, 57P01,
+ * 53300) refuses for a while only. */
+static bool sqlstate_lasting(const char *code)
+{
+	return strncmp(code, "28P01", 5) == 0 || strncmp(code, "28000", 5) == 0 || strncmp(code, "3D000", 5) == 0;
+}
+
+/* Why c failed to connect, into msg (size bytes, one line per host tried,
+ * its trailing newline cut), and whether that lasts (sqlstate_lasting,
+ * or a password needed and none given, PQconnectionNeedsPassword).  A
+ * server's refusal carries its SQLSTATE only in a verbose message
+ * (PQERRORS_VERBOSE, set by store_connect_abortable before the first
+ * PQconnectPoll: "FATAL:  3D000: database ... does not exist", and a
+ * "LOCATION:" line): the code is taken out of the text, and the LOCATION
+ * line dropped, so that the message reads as libpq's default one.  The
+ * severity before it may be translated, the code is not.  Several hosts
+ * tried: lasting only if every refusal found is. */
+static bool connect_failure_text(PGconn *c, char *msg, size_t size)
+{
+	const char *in = PQerrorMessage(c);
+	size_t n = 0;
+	int lasting = 0, passing = 0;
+	while (*in && n + 1 < size) {
+		if (strncmp(in, "LOCATION:", 9) == 0 && (n == 0 || msg[n - 1] == '\n')) {
+			in += strcspn(in, "\n");
+			in += *in == '\n';
+			continue;
+		}
+		if (strncmp(in, ":  ", 3) == 0 && strspn(in + 3, "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ") == 5 &&
+		    strncmp(in + 8, ": ", 2) == 0) {
+			if (sqlstate_lasting(in + 3))
+				lasting++;
+			else
+				passing++;
+			if (n + 3 < size) {
+				memcpy(msg + n, ":  ", 3);
+				n += 3;
+			}
+			in += 10;
+			continue;
+		}
+		msg[n++] = *in++;
+	}
+	while (n && (msg[n - 1] == '\n' || msg[n - 1] == ' '))
+		n--;
+	msg[n] = '\0';
+	return (lasting && !passing) || PQconnectionNeedsPassword(c);
+}
+
 /* A connection libpq made (or failed to make) given its session settings:
  * c is taken (finished on failure). */
-static PGconn *connect_finish(PGconn *c, long statement_timeout_ms, cw_errmsg *e)
+static PGconn *connect_finish(PGconn *c, long statement_timeout_ms, cw_err *why, cw_errmsg *e)
 {
 	if (!c) {
-		cw_fail(e, CW_ENOMEM, "out of memory");
+		*why = cw_fail(e, CW_ENOMEM, "out of memory");
 		return NULL;
 	}
 	if (PQstatus(c) != CONNECTION_OK) {
 		char msg[400];
-		snprintf(msg, sizeof(msg), "%s", PQerrorMessage(c));
-		size_t n = strlen(msg);
-		while (n && (msg[n - 1] == '\n' || msg[n - 1] == ' '))
-			msg[--n] = '\0';
-		cw_fail(e, CW_EUNAVAIL, "cannot connect to the database: %s", msg);
+		bool lasting = connect_failure_text(c, msg, sizeof(msg));
+		*why = cw_fail(e, lasting ? CW_EINVAL : CW_EUNAVAIL, "cannot connect to the database: %s", msg);
 		PQfinish(c);
 		return NULL;
 	}
+	PQsetErrorVerbosity(c, PQERRORS_DEFAULT); /* store_connect_abortable's verbose, for the above */
 	PQsetNoticeProcessor(c, on_notice, NULL);
 	/* No JIT: its compile time (tens of ms for the adapters' batched
 	 * lookups, whose estimated cost passes jit_above_cost) dwarfs the
@@ -493,7 +543,7 @@ static PGconn *connect_finish(PGconn *c, long statement_timeout_ms, cw_errmsg *e
 	char sql[128];
 	snprintf(sql, sizeof(sql), "SET statement_timeout = %ld; SET jit = off; SET TimeZone = 'UTC'",
 		 statement_timeout_ms);
-	if (store_exec(c, sql, e)) {
+	if ((*why = store_exec(c, sql, e))) {
 		PQfinish(c);
 		return NULL;
 	}
@@ -524,7 +574,8 @@ static PGconn *connect_by(const char *url, long statement_timeout_ms, int64_t un
 		cp.keys[8] = "connect_timeout"; /* after dbname: over the URL's (expand_dbname) */
 		cp.vals[8] = cp.in_time;
 	}
-	return connect_finish(PQconnectdbParams(cp.keys, cp.vals, 1), statement_timeout_ms, e);
+	cw_err why;
+	return connect_finish(PQconnectdbParams(cp.keys, cp.vals, 1), statement_timeout_ms, &why, e);
 }
 
 PGconn *store_connect(const char *url, long statement_timeout_ms, cw_errmsg *e)
@@ -538,7 +589,14 @@ PGconn *store_connect(const char *url, long statement_timeout_ms, cw_errmsg *e)
 PGconn *store_connect_abortable(const char *url, long statement_timeout_ms, int wake_fd,
 				bool (*give_up)(void *arg), void *arg, cw_errmsg *e)
 {
-	if (store_check_url(url, e))
+	cw_err why;
+	return store_connect_abortable_why(url, statement_timeout_ms, wake_fd, give_up, arg, &why, e);
+}
+
+PGconn *store_connect_abortable_why(const char *url, long statement_timeout_ms, int wake_fd,
+				    bool (*give_up)(void *arg), void *arg, cw_err *why, cw_errmsg *e)
+{
+	if ((*why = store_check_url(url, e)))
 		return NULL;
 	/* libpq leaves connect_timeout to the caller of PQconnectPoll: the
 	 * URL's (5 s by default) for the whole attempt, every host of it. */
@@ -548,14 +606,19 @@ PGconn *store_connect_abortable(const char *url, long statement_timeout_ms, int 
 	conn_params_init(&cp, url);
 	PGconn *c = PQconnectStartParams(cp.keys, cp.vals, 1);
 	if (!c)
-		return connect_finish(NULL, statement_timeout_ms, e);
+		return connect_finish(NULL, statement_timeout_ms, why, e);
+	/* A refusal's SQLSTATE in its message (connect_failure_text), for
+	 * the start-up's connect_at_start, which gives up at once on a
+	 * refusal that lasts. */
+	PQsetErrorVerbosity(c, PQERRORS_VERBOSE);
 	PostgresPollingStatusType st = PGRES_POLLING_WRITING; /* as libpq's docs begin it */
 	bool watch_wake = wake_fd >= 0;
 	while (PQstatus(c) != CONNECTION_BAD && st != PGRES_POLLING_OK && st != PGRES_POLLING_FAILED) {
 		int64_t left = until_us - cw_now_us();
 		if (left <= 0) {
 			PQfinish(c);
-			cw_fail(e, CW_EUNAVAIL, "cannot connect to the database: no answer within %ld s", t > 0 ? t : 5);
+			*why = cw_fail(e, CW_EUNAVAIL, "cannot connect to the database: no answer within %ld s",
+				       t > 0 ? t : 5);
 			return NULL;
 		}
 		struct pollfd fds[2] = { { .fd = PQsocket(c), .events = st == PGRES_POLLING_READING ? POLLIN : POLLOUT },
@@ -564,12 +627,12 @@ PGconn *store_connect_abortable(const char *url, long statement_timeout_ms, int 
 		int n = poll(fds, 2, ms);
 		if (n < 0 && errno != EINTR) {
 			PQfinish(c);
-			cw_fail(e, CW_EIO, "cannot connect to the database: poll failed");
+			*why = cw_fail(e, CW_EIO, "cannot connect to the database: poll failed");
 			return NULL;
 		}
 		if (give_up && give_up(arg)) {
 			PQfinish(c);
-			cw_fail(e, CW_ESHUTDOWN, "the connection to the database was given up");
+			*why = cw_fail(e, CW_ESHUTDOWN, "the connection to the database was given up");
 			return NULL;
 		}
 		/* A wake give_up let pass is not watched again (the caller reads
@@ -579,7 +642,7 @@ PGconn *store_connect_abortable(const char *url, long statement_timeout_ms, int 
 		if (fds[0].fd < 0 || (n > 0 && fds[0].revents))
 			st = PQconnectPoll(c);
 	}
-	return connect_finish(c, statement_timeout_ms, e);
+	return connect_finish(c, statement_timeout_ms, why, e);
 }
 
 int64_t store_backoff_next(int64_t prev, int64_t first, int64_t most)

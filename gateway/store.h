@@ -238,10 +238,18 @@ PGconn *store_connect(const char *url, long statement_timeout_ms, cw_errmsg *e);
  * readable, and every 100 ms.  libpq's non-blocking connect
  * (PQconnectStartParams, PQconnectPoll); the session's settings as
  * store_connect's.  NULL and e filled on failure (refused, no answer
- * in time: "no answer within N s"; given up: "... given up").  A host
+ * in time: "no answer within N s"; given up: "... given up"); CW_EINVAL
+ * for a refusal that trying again does not mend (a wrong password, a
+ * role or database that does not exist, no pg_hba.conf entry; a
+ * password needed and none given), CW_EUNAVAIL for one that may.  A host
  * name is still resolved blocking, by libpq (hostaddr= avoids it). */
 PGconn *store_connect_abortable(const char *url, long statement_timeout_ms, int wake_fd,
 				bool (*give_up)(void *arg), void *arg, cw_errmsg *e);
+/* store_connect_abortable, and why it failed in *why (CW_OK when it did
+ * not): CW_EINVAL, a refusal that lasts, is the start-up's end
+ * (main.c, connect_at_start). */
+PGconn *store_connect_abortable_why(const char *url, long statement_timeout_ms, int wake_fd,
+				    bool (*give_up)(void *arg), void *arg, cw_err *why, cw_errmsg *e);
 
 /* Backing off: the one mechanism of every wait that grows while what it
  * waits for fails (a connection, a peer, a homeserver, a deadlocked write).

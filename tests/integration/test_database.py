@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.parse
 
 import pytest
 
@@ -1059,3 +1060,57 @@ def test_a_sync_while_the_policy_cannot_connect_leaves_its_backoff_as_it_is(make
         px.thaw()
         wait_until(lambda: d.get("/readyz").json()["policy"]["status"] == "current", timeout=30,
                    what="the policy current again")
+
+
+def _refused_at_start(make_daemon, url):
+    """A daemon on url with an hour's database.startup_timeout_ms: it must
+    end by itself, at once, exit 1, having said why."""
+    d = make_daemon(url, options={"database": {"startup_timeout_ms": "3600000"}})
+    t0 = time.time()
+    d.start(wait_ready=False)
+    assert d.wait_exit(30) == 1, d.log()
+    took = time.time() - t0
+    rec = d.wait_for(lambda r: r.get("msg") == "database unreachable")
+    assert "not retried" in rec["detail"] and "database.url" in rec["detail"], rec
+    assert not any(r.get("msg") in ("waiting for the database", "ready") for r in d.records), d.log()
+    assert took < 20, took  # a sanitized start, on a loaded machine; it retried for the hour before
+    return rec["detail"]
+
+
+def test_a_database_that_does_not_exist_ends_the_start(make_daemon, pg, db_url):
+    """A refusal that lasts (a database or role that does not exist, a wrong
+    password, none given) ends the start with exit 1 and the server's
+    reason, without the "LOCATION" or SQLSTATE the verbose message it is
+    read from has; until the fifty-second session the daemon retried it for
+    database.startup_timeout_ms (30 s by default, up to an hour)."""
+    name = urllib.parse.urlsplit(db_url).path
+    assert db_url.startswith(f"postgresql://{name}?"), db_url
+    detail = _refused_at_start(make_daemon, db_url.replace(f"{name}?", "/no_such_db_52?", 1))
+    assert 'database "no_such_db_52" does not exist' in detail, detail
+    assert "3D000" not in detail and "LOCATION" not in detail, detail
+    detail = _refused_at_start(make_daemon, db_url + "&user=no_such_role_52")
+    assert 'role "no_such_role_52" does not exist' in detail, detail
+
+
+def test_a_wrong_password_ends_the_start(make_daemon, pg, db_url):
+    """The session's cluster trusts every local connection: one role of its
+    own is asked for its password (a pg_hba.conf line for it alone, the
+    other tests' connections as they were)."""
+    role = "cw_password_52"
+    pg.psql(f"DROP ROLE IF EXISTS {role}")
+    pg.psql(f"CREATE ROLE {role} LOGIN PASSWORD 'right-one'")
+    hba = os.path.join(pg.dir, "data", "pg_hba.conf")
+    before = open(hba).read()
+    try:
+        with open(hba, "w") as f:
+            f.write(f"local all {role} scram-sha-256\n" + before)
+        pg.psql("SELECT pg_reload_conf()")
+        time.sleep(0.5)  # the postmaster reads it on SIGHUP
+        detail = _refused_at_start(make_daemon, db_url + f"&user={role}&password=wrong-one")
+        assert f'password authentication failed for user "{role}"' in detail, detail
+        detail = _refused_at_start(make_daemon, db_url + f"&user={role}&passfile=/nonexistent")
+        assert "no password supplied" in detail, detail
+    finally:
+        with open(hba, "w") as f:
+            f.write(before)
+        pg.psql("SELECT pg_reload_conf()")
