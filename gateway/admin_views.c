@@ -15,6 +15,7 @@
 #include "event.h"
 #include "matrix/matrix.h"
 #include "peer_api.h"
+#include "peers.h"
 #include "xmpp/xmpp.h"
 
 #include <pthread.h>
@@ -128,6 +129,43 @@ static void adapters_add_process(struct cw_app *app, json_t *body)
 		json_object_set_new(body, "policy", pol);
 }
 
+/* The most peer names push_url_problem_peers lists. */
+#define PUSH_PROBLEM_NAMES 20
+
+/* The push peers whose stored push_url nothing is pushed to (as GET
+ * /admin/v1/peers' push_url_problem finds them, peer_url_check: one stored
+ * before the admin API checked it), counted into the adapters' "peer" part
+ * with the first PUSH_PROBLEM_NAMES of their names: their rows wait,
+ * untried, and until the fifty-second session only `causewayctl peers`
+ * said so, not `status`.  In C: the rule is peer_url_check's, not SQL. */
+static cw_err adapters_add_push_problems(PGconn *c, json_t *body, cw_errmsg *e)
+{
+	PGresult *r = PQexec(c, "SELECT name, push_url FROM peers WHERE mode = 'push' AND push_url IS NOT NULL "
+				"ORDER BY name");
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	json_t *names = json_array();
+	json_int_t n = 0;
+	for (int i = 0; i < PQntuples(r); i++) {
+		cw_errmsg ue;
+		if (peer_url_check(PQgetvalue(r, i, 1), &ue) == CW_OK)
+			continue;
+		if (n++ < PUSH_PROBLEM_NAMES)
+			json_array_append_new(names, json_string(PQgetvalue(r, i, 0)));
+	}
+	PQclear(r);
+	json_t *peer = json_object_get(body, "peer");
+	if (!json_is_object(peer)) {
+		json_decref(names);
+		return cw_fail(e, CW_EINTERNAL, "the adapters' statement gave no peer part");
+	}
+	if (!names || json_object_set_new(peer, "push_url_problems", json_integer(n)) ||
+	    json_object_set_new(peer, "push_url_problem_peers", names))
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	return CW_OK;
+}
+
 static cw_err view_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct view *v = j->data;
@@ -158,8 +196,12 @@ static cw_err view_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	} else {
 		free(text);
 	}
-	if (v->adapters)
+	if (v->adapters) {
+		rc = adapters_add_push_problems(c, j->body, e);
+		if (rc)
+			return rc;
 		adapters_add_process(j->app, j->body);
+	}
 	return CW_OK;
 }
 

@@ -1930,8 +1930,23 @@ static void print_status(const struct ctl *c, const json_t *ready, const json_t 
 	if (adapters) {
 		json_t *p = json_object_get(adapters, "peer");
 		kv("dispatcher", "%s", tx(&t, json_object_get(adapters, "dispatcher"), "status", CELL_TEXT));
-		kv("peers", "%s (%s enabled), %s pending, %s dead", tx(&t, p, "peers", CELL_TEXT),
-		   tx(&t, p, "enabled", CELL_TEXT), tx(&t, p, "pending", CELL_TEXT), tx(&t, p, "dead", CELL_TEXT));
+		/* The push peers nothing is pushed to (push_url_problems, since
+		 * the fifty-second session; a daemon before it says none), named
+		 * as far as the API lists them. */
+		struct line l = LINE_INIT;
+		line_add(&l, "%s (%s enabled), %s pending, %s dead", tx(&t, p, "peers", CELL_TEXT),
+			 tx(&t, p, "enabled", CELL_TEXT), tx(&t, p, "pending", CELL_TEXT), tx(&t, p, "dead", CELL_TEXT));
+		json_int_t bad = json_integer_value(json_object_get(p, "push_url_problems"));
+		json_t *names = json_object_get(p, "push_url_problem_peers");
+		if (bad > 0) {
+			line_add(&l, ", %lld push URL problem%s (", (long long)bad, bad == 1 ? "" : "s");
+			size_t i;
+			json_t *nm;
+			json_array_foreach(names, i, nm)
+				line_add(&l, "%s%s", i ? ", " : "", json_is_string(nm) ? json_string_value(nm) : "?");
+			line_add(&l, "%s: causewayctl peers)", (size_t)bad > json_array_size(names) ? ", …" : "");
+		}
+		line_done(&l, "peers", NULL);
 	} else {
 		kv("adapters", "not shown: %s", adapters_why);
 	}

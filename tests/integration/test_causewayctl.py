@@ -229,6 +229,40 @@ def test_a_push_url_nothing_is_pushed_to_is_said_under_the_table(world, pg, db_u
     assert "push URL problem" not in out and "\n\n" not in out, out
 
 
+def test_status_counts_the_push_urls_nothing_is_pushed_to(world, pg, db_url):
+    """GET /admin/v1/adapters counts the push peers whose stored push_url
+    nothing is pushed to (push_url_problem in GET /admin/v1/peers), and
+    names them; causewayctl status says so on its peers line.  Until the
+    fifty-second session only causewayctl peers said it: status showed
+    such a daemon as a healthy one."""
+    def peers_line():
+        out = ok("status", url=world.url)
+        return next(x for x in out.splitlines() if x.startswith("peers ")), out
+
+    line, _ = peers_line()
+    assert "push URL problem" not in line, line
+    assert world.d.admin("GET", "/adapters").json()["peer"]["push_url_problems"] == 0
+    pg.psql(f"UPDATE peers SET push_url = 'http://u:pw@127.0.0.1:{world.sb.port}/in' WHERE name = 'gk'", db_url)
+    peer = world.d.admin("GET", "/adapters").json()["peer"]
+    assert peer["push_url_problems"] == 1 and peer["push_url_problem_peers"] == ["gk"], peer
+    line, out = peers_line()
+    assert line.endswith(", 1 push URL problem (gk: causewayctl peers)"), out
+    pg.psql(f"UPDATE peers SET push_url = 'http://127.0.0.1:{world.sb.port}/caf\u00e9' WHERE name = 'tg'", db_url)
+    line, out = peers_line()
+    assert line.endswith(", 2 push URL problems (gk, tg: causewayctl peers)"), out
+    assert ":pw@" not in out
+    # A disabled push peer's is counted too (as GET /admin/v1/peers says it).
+    pg.psql("UPDATE peers SET enabled = false, disabled_at = now() WHERE name = 'tg'", db_url)
+    assert world.d.admin("GET", "/adapters").json()["peer"]["push_url_problems"] == 2
+    pg.psql("UPDATE peers SET enabled = true, disabled_at = NULL WHERE name = 'tg'", db_url)
+    for n in ("gk", "tg"):
+        assert world.d.admin("PATCH", f"/peers/{n}", json={"push_url": world.sb.url}).status_code == 200
+    line, out = peers_line()
+    assert "push URL problem" not in line, out
+    assert world.d.admin("GET", "/adapters").json()["peer"] == dict(peer, push_url_problems=0,
+                                                                    push_url_problem_peers=[])
+
+
 def test_a_push_url_problem_cannot_drive_the_terminal():
     """push_url_problem is the API's text as any other: its controls are
     '?' for each byte, the name's as well, and it is not clipped."""
