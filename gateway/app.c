@@ -422,9 +422,17 @@ static void h_readyz(struct cw_req *req, void *ctx)
 
 /* ------------------------------------------------------------------ metrics */
 
-/* The open states of the outbox gauge, as metrics_query counts them. */
-#define OUTBOX_STATES 5
-static const char *const outbox_states[OUTBOX_STATES] = { "pending", "held", "in_flight", "failed", "dead" };
+/* The open states of the outbox gauge, as metrics_query counts them: one
+ * list, which gives both the gauge's labels and the statement's IN list
+ * (until the fifty-second session each spelled them, and a state added to
+ * one and not the other would have been a gauge at 0 or a row counted
+ * nowhere). */
+#define OUTBOX_OPEN(X, SEP) X(pending) SEP X(held) SEP X(in_flight) SEP X(failed) SEP X(dead)
+#define OUTBOX_NAME(s) #s
+#define OUTBOX_SQL(s) "'" #s "'"
+#define OUTBOX_COMMA ,
+static const char *const outbox_states[] = { OUTBOX_OPEN(OUTBOX_NAME, OUTBOX_COMMA) };
+#define OUTBOX_STATES (sizeof(outbox_states) / sizeof(outbox_states[0]))
 
 struct metrics_job {
 	struct cw_app *app;
@@ -478,14 +486,14 @@ static cw_err metrics_query(PGconn *c, void *arg, cw_errmsg *e)
 	 * session).  The open states are each a range of
 	 * outbox_state_dest_idx. */
 	PGresult *r = PQexec(c, "SELECT state, count(*) FROM outbox "
-				"WHERE state IN ('pending', 'held', 'in_flight', 'failed', 'dead') GROUP BY state");
+				"WHERE state IN (" OUTBOX_OPEN(OUTBOX_SQL, ", ") ") GROUP BY state");
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		cw_err rc = store_result_err(c, r, e);
 		PQclear(r);
 		return rc;
 	}
 	for (int i = 0; i < PQntuples(r); i++)
-		for (int k = 0; k < OUTBOX_STATES; k++)
+		for (size_t k = 0; k < OUTBOX_STATES; k++)
 			if (strcmp(PQgetvalue(r, i, 0), outbox_states[k]) == 0)
 				j->outbox[k] = atoll(PQgetvalue(r, i, 1));
 	PQclear(r);
@@ -565,7 +573,7 @@ static void metrics_done(void *arg, cw_err rc, const cw_errmsg *e)
 	if (rc == CW_OK) {
 		cw_buf_printf(&b, "# HELP causeway_outbox_depth Outbox rows still to deliver or dead, by state.\n"
 				  "# TYPE causeway_outbox_depth gauge\n");
-		for (int k = 0; k < OUTBOX_STATES; k++)
+		for (size_t k = 0; k < OUTBOX_STATES; k++)
 			cw_buf_printf(&b, "causeway_outbox_depth{state=\"%s\"} %lld\n", outbox_states[k], j->outbox[k]);
 		cw_metrics_sample(&b, "causeway_outbox_oldest_due_seconds", "gauge",
 				  "How long the oldest pending outbox row that is due has been due, pull and disabled "
