@@ -698,6 +698,10 @@ struct conn_state {
 	int fd;
 	atomic_llong since_us; /* its accept, or its last request's end (cw_now_us) */
 	atomic_bool in_head;   /* false once the head of its request is whole, until the request ends */
+	/* From the head's end until its body is whole (head_reaper's
+	 * BODY_MIN_RATE): when that began, and the body's bytes since. */
+	atomic_bool in_body;
+	atomic_llong body_since_us, body_bytes;
 	bool cut;              /* shut down by the reaper (under mu) */
 };
 
@@ -759,6 +763,9 @@ static void conn_start(struct cw_http *h, struct MHD_Connection *conn, struct co
 	cs->fd = ci ? ci->connect_fd : -1;
 	atomic_init(&cs->since_us, cw_now_us());
 	atomic_init(&cs->in_head, true);
+	atomic_init(&cs->in_body, false);
+	atomic_init(&cs->body_since_us, 0);
+	atomic_init(&cs->body_bytes, 0);
 	pthread_mutex_lock(&h->mu);
 	cs->unread = true;
 	handed_drop(h, cs->fd);
@@ -1070,8 +1077,12 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 		if (!r->method || !r->path)
 			return MHD_NO;
 		struct conn_state *cs = conn_state_of(conn);
-		if (cs)
+		if (cs) {
+			atomic_store(&cs->body_since_us, cw_now_us());
+			atomic_store(&cs->body_bytes, 0);
+			atomic_store(&cs->in_body, true);
 			atomic_store(&cs->in_head, false);
+		}
 		struct framing f;
 		if (!framing_ok(r, version, &f)) {
 			r->handled = true;
@@ -1176,6 +1187,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 	if (*upload_data_size) {
 		size_t n = *upload_data_size;
 		*upload_data_size = 0;
+		struct conn_state *cs = conn_state_of(conn);
+		if (cs)
+			atomic_fetch_add(&cs->body_bytes, (long long)n);
 		if (r->too_large || n > r->limit - r->body_len) {
 			/* A body without a Content-Length (chunked) is found too
 			 * large as it comes, and libmicrohttpd 0.9.75 queues no
@@ -1223,6 +1237,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 	if (r->handled) /* the reply is already queued */
 		return MHD_YES;
 	r->handled = true;
+	struct conn_state *cs = conn_state_of(conn);
+	if (cs) /* the body is whole: the handler's time is not the client's */
+		atomic_store(&cs->in_body, false);
 	dispatch(r);
 	if (r->suspended)
 		return MHD_YES;
@@ -1259,6 +1276,7 @@ static void end_req(struct cw_http *h, struct MHD_Connection *conn, struct cw_re
 	if (cs && cs->req == r) {
 		cs->req = NULL;
 		atomic_store(&cs->since_us, cw_now_us()); /* the next request's head begins */
+		atomic_store(&cs->in_body, false);
 		atomic_store(&cs->in_head, true);
 	}
 	int64_t dur = cw_now_us() - r->start_us;
@@ -1332,8 +1350,13 @@ static void mhd_logger(void *cls, const char *fmt, va_list ap)
  * an idle kept-alive connection first, and the reaper cuts only what
  * kept itself alive by trickling bytes. */
 #define HEAD_GRACE_US 1000000LL
+/* The least rate a request body is read at, past the head's time: a body
+ * has connection_timeout_s (and HEAD_GRACE_US) from the end of its head,
+ * and a second more for every BODY_MIN_RATE bytes of it received, as
+ * Apache's mod_reqtimeout gives one by default (body=20,MinRate=500). */
+#define BODY_MIN_RATE 500LL
 
-/* The reaper of slow request heads (a thread of the front): a connection
+/* The reaper of slow request heads and bodies (a thread of the front): a connection
  * whose request head is not whole server.connection_timeout_s (and
  * HEAD_GRACE_US) after it was accepted, or after its last request ended,
  * is shut down, and libmicrohttpd closes it.  libmicrohttpd 0.9.75 has
@@ -1341,9 +1364,13 @@ static void mhd_logger(void *cls, const char *fmt, va_list ap)
  * session a client sending a header a byte every few seconds held its
  * connection for ever, and server.connection_limit of them (from as
  * many addresses, or one with no connection_limit_per_client) took
- * every connection the daemon had (slowloris).  The body of a request
- * is not timed so: a large one is read at the client's pace, each chunk
- * under the idle timeout, and capped (max_body_bytes).  Not started
+ * every connection the daemon had (slowloris).  A body is read at
+ * the client's pace, capped (max_body_bytes), but not slower than
+ * BODY_MIN_RATE past the head's time: until the fifty-second session it
+ * was not timed at all, and a GET /healthz (no credentials) announcing a
+ * body of 1 MiB and sending a byte of it every few seconds held its
+ * connection for days, server.connection_limit of them every connection
+ * the daemon had, as a slow head did before.  Not started
  * with connection_timeout_s 0 (no timeout: libmicrohttpd's, and so no
  * head's either; the configuration's least is 1 s): until the fiftieth
  * session it woke every half second then to look at nothing. */
@@ -1358,20 +1385,34 @@ static void *head_reaper(void *arg)
 		cw_deadline_ts(&ts, CLOCK_REALTIME, 500000);
 		pthread_cond_timedwait(&h->reaper_cv, &h->mu, &ts);
 		int64_t now = cw_now_us();
-		unsigned cut = 0;
-		for (struct conn_state *cs = h->conns; cs && !h->reaper_stop; cs = cs->next)
-			if (!cs->cut && cs->fd >= 0 && atomic_load(&cs->in_head) &&
-			    now - atomic_load(&cs->since_us) > limit) {
+		unsigned cut = 0, cut_body = 0;
+		for (struct conn_state *cs = h->conns; cs && !h->reaper_stop; cs = cs->next) {
+			if (cs->cut || cs->fd < 0)
+				continue;
+			bool head = atomic_load(&cs->in_head) && now - atomic_load(&cs->since_us) > limit;
+			bool body = !head && atomic_load(&cs->in_body) &&
+				    now - atomic_load(&cs->body_since_us) >
+					    limit + atomic_load(&cs->body_bytes) * 1000000LL / BODY_MIN_RATE;
+			if (head || body) {
 				cs->cut = true;
 				shutdown(cs->fd, SHUT_RDWR); /* its worker sees the end and closes it */
-				cut++;
+				cut += head;
+				cut_body += body;
 			}
-		if (cut) { /* the lock let go: connections come and go meanwhile */
+		}
+		if (cut || cut_body) { /* the lock let go: connections come and go meanwhile */
 			pthread_mutex_unlock(&h->mu);
 			char n[16];
-			snprintf(n, sizeof(n), "%u", cut);
-			LOG_KV_LIMITED(CW_LOG_WARN, "a request head not whole within server.connection_timeout_s: "
-				       "the connection is closed", "connections", n);
+			if (cut) {
+				snprintf(n, sizeof(n), "%u", cut);
+				LOG_KV_LIMITED(CW_LOG_WARN, "a request head not whole within server.connection_timeout_s: "
+					       "the connection is closed", "connections", n);
+			}
+			if (cut_body) {
+				snprintf(n, sizeof(n), "%u", cut_body);
+				LOG_KV_LIMITED(CW_LOG_WARN, "a request body read slower than 500 bytes a second past "
+					       "server.connection_timeout_s: the connection is closed", "connections", n);
+			}
 			pthread_mutex_lock(&h->mu);
 		}
 	}

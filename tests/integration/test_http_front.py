@@ -134,3 +134,52 @@ def test_a_request_head_trickled_a_byte_at_a_time_is_cut_at_the_timeout(make_dae
         assert sess.get(d.url + "/healthz", timeout=5).status_code == 200
         time.sleep(2)
         assert sess.get(d.url + "/healthz", timeout=5).status_code == 200
+
+
+def test_a_request_body_trickled_a_byte_at_a_time_is_cut_at_the_least_rate(make_daemon, db_url):
+    """A body is read at the client's pace, but not slower than 500 bytes a
+    second past server.connection_timeout_s (and its second) from the end
+    of its head: eight GET /healthz (no credentials needed) announcing a
+    body of 100,000 bytes and sending a byte of it every half second held
+    the eight connections of the daemon for as long as they trickled (each
+    byte restarts libmicrohttpd's idle timeout) until the fifty-second
+    session; now they are closed at about 3 s, and a client is served.  A
+    body sent slowly but above the rate, longer than the timeout, is read
+    and answered."""
+    d = make_daemon(db_url, options={"server": {"connection_limit": "8", "connection_timeout_s": "2"}}).start()
+    time.sleep(0.3)
+    socks = []
+    for _ in range(8):
+        s = socket.create_connection(("127.0.0.1", d.port), timeout=5)
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        socks.append(s)
+    try:
+        t0 = time.monotonic()
+        time.sleep(0.5)
+        assert all(_alive(s) for s in socks)
+        assert not _served(d.url, 1), "the daemon served a client past its connection limit"
+        alive = socks
+        while alive and time.monotonic() - t0 < 30:
+            time.sleep(0.5)
+            alive = [s for s in alive if _alive(s)]
+        took = time.monotonic() - t0
+        assert not alive, f"{len(alive)} trickling connections still open after {took:.1f} s"
+        # 3 s and a few bytes' worth are due; the bound above is loose, for
+        # a loaded machine: without the rate they stay for ever.
+        assert 2 <= took <= 20, took
+        assert _served(d.url, 5)
+        assert "request body read slower than 500 bytes a second" in d.log()
+    finally:
+        for s in socks:
+            s.close()
+    # 6,000 bytes at 1,000 a second: past the timeout, above the rate.
+    s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+    try:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 6000\r\n\r\n")
+        for _ in range(12):
+            time.sleep(0.5)
+            s.sendall(b"x" * 500)
+        status, _, _, _ = read_answer(s, 10)
+        assert status == 200, status
+    finally:
+        s.close()
