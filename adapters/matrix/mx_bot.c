@@ -1778,6 +1778,15 @@ static bool ghost_joins(struct matrix *m, PGconn *c, const char *room, const cha
 		ghost_says_and_leaves(m, c, room, ghost, text, "leave", eid);
 		return false;
 	}
+	/* A direct room the user opened anew with the ghost takes the
+	 * conversation over (mv): the binding is the new room's from now on,
+	 * made now.  Its created_at says when the room was bound to what
+	 * reads it (mx_deliver.c, to_native: an event delivered before is
+	 * of another room; matrix.c, the 'prior' look: her events since the
+	 * room was bound); until the fifty-second session the move kept the
+	 * old room's, and a reaction or edit of a message delivered to the
+	 * old room named its event in the new one (Synapse: 400 "Relations
+	 * must be in the same room"), failing for its whole retry budget. */
 	/* The lock of the group this may be a portal of, first (grow_group,
 	 * below, may add the ghost's user to it): taken after the remote
 	 * user's identity is made, it could wait for a group write that waits
@@ -1795,7 +1804,7 @@ static bool ghost_joins(struct matrix *m, PGconn *c, const char *room, const cha
 			"WITH same AS (SELECT 1 FROM room_bindings WHERE network = 'matrix' AND native_id = $2), "
 			"old AS (SELECT native_id FROM room_bindings WHERE network = 'matrix' "
 			"  AND local_identity_id = $3::bigint AND remote_identity_id = $4::bigint), "
-			"mv AS (UPDATE room_bindings SET native_id = $2 WHERE network = 'matrix' "
+			"mv AS (UPDATE room_bindings SET native_id = $2, created_at = now() WHERE network = 'matrix' "
 			"  AND local_identity_id = $3::bigint AND remote_identity_id = $4::bigint "
 			"  AND NOT EXISTS (SELECT 1 FROM same) RETURNING 1), "
 			"rb AS (INSERT INTO room_bindings (room_id, network, native_id, local_identity_id, remote_identity_id) "

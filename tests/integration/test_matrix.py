@@ -5847,6 +5847,47 @@ def test_a_reference_to_a_message_of_a_room_the_user_left_names_none_of_it(mx, h
     assert bodies(hs, mx_room) == ["hello", "react to me", "hi wally"]
 
 
+def test_a_reference_to_a_message_of_the_room_a_new_direct_room_took_over_names_none_of_it(
+        mx, hs, gk, pg, db_url):
+    """alice opens a new direct room with wally's ghost while the old one
+    is still bound: the binding moves to the new room, made then. wally's
+    reaction and edit of a message delivered to the old room name an event
+    of another room (Synapse: 400 "Relations must be in the same room"):
+    the edit goes as a new message, the reaction as nothing, and no row
+    fails. Until the fifty-second session the moved binding kept the old
+    room's created_at, so the old room's event was named in the new one
+    and each row was tried for its whole retry budget."""
+    a, _ = gk
+    room, mx_room, alice, ghost = wally_writes_to_alice(mx, hs, gk)
+    wally = a.user("wally")
+    alice.join(mx_room)
+    m1 = a.send(room, wally, "react to me").json()["id"]
+    wait_until(lambda: "react to me" in bodies(hs, mx_room), what="the message in the first room")
+    bound = pg.psql("SELECT created_at FROM room_bindings WHERE network = 'matrix'", db_url)
+    second = alice.create_dm(ghost)
+    wait_until(lambda: hs.members(second).get(ghost) == "join", what="the ghost joins the second room")
+    wait_until(lambda: hs.members(mx_room).get(ghost) == "leave", what="the ghost leaves the first room")
+    n = len(hs.requests)
+    ids = [a.call("POST", f"/v1/rooms/{room}/messages", {"type": "reaction", "sender": wally, "content": {
+        "in_reply_to": m1, "disposition": "reaction", "parts": [{"type": "text/plain", "body": "\U0001f44d"}]}},
+        idem="moved-react"),
+        a.call("POST", f"/v1/rooms/{room}/messages", {"type": "edit", "sender": wally, "content": {
+            "replaces": m1, "parts": [{"type": "text/plain", "body": "edited"}]}}, idem="moved-edit")]
+    assert all(r.status_code == 202 for r in ids), [r.text for r in ids]
+    assert a.send(room, wally, "after them").status_code == 202
+    wait_until(lambda: "after them" in bodies(hs, second), what="the message after them")
+    assert bodies(hs, second) == ["* edited", "after them"], bodies(hs, second)
+    assert not [e for e in hs.events(second) if e["type"] == "m.reaction"]
+    refused = [(x["method"], x["path"], x["status"]) for x in hs.requests[n:] if x["status"] >= 400]
+    assert not refused, refused
+    rows = ("SELECT string_agg(o.state, ' ' ORDER BY o.id) FROM outbox o JOIN events e ON e.id = o.event_id "
+            "WHERE o.destination = 'matrix' AND e.public_id IN (" + ", ".join(f"'{r.json()['id']}'" for r in ids) + ")")
+    wait_until(lambda: pg.psql(rows, db_url) == "delivered delivered", what="the rows delivered")
+    assert "react to me" in bodies(hs, mx_room) and "* edited" not in bodies(hs, mx_room)
+    assert pg.psql("SELECT native_id || ' ' || (created_at > '" + bound + "') FROM room_bindings "
+                   "WHERE network = 'matrix'", db_url) == second + " true"
+
+
 def test_a_row_whose_look_for_its_earlier_try_fails_is_not_sent_blind(mx, hs, gk, pg, db_url):
     """wally's message reaches the room but the answer is lost, and the
     homeserver forgets its txnId (a restart) before the retry, which
