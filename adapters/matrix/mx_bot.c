@@ -1289,6 +1289,29 @@ static void notices(struct matrix *m, PGconn *c)
 			hold_room(c, r, i, n_rows, given_back);
 			continue;
 		}
+		if (!sent && status == 401 && atomic_load(&m->token_refused)) {
+			/* the as_token refused: this row and the batch's later
+			 * ones wait for it, due at once when it is taken again,
+			 * the try not counted, none given up (bot_main does not
+			 * look meanwhile) */
+			char ids[BOT_BATCH * 24 + 4];
+			size_t n = 0;
+			ids[n++] = '{';
+			for (int k = i; k < n_rows && k < BOT_BATCH; k++) {
+				if (given_back[k])
+					continue;
+				given_back[k] = true;
+				n += (size_t)snprintf(ids + n, sizeof(ids) - n, "%s%s", n > 1 ? "," : "", PQgetvalue(r, k, 0));
+			}
+			snprintf(ids + n, sizeof(ids) - n, "}");
+			const char *p[] = { ids };
+			cw_errmsg e;
+			if (store_command(c, "UPDATE matrix_notices SET tries = tries - 1, next_at = now() "
+					     "WHERE id = ANY ($1::bigint[])", 1, p, &e))
+				LOG_KV(CW_LOG_WARN, "cannot give back a notice the as_token's refusal held: tried again later",
+				       "detail", e.msg);
+			break;
+		}
 		bool refused = !sent && (status == 403 || status == 404);
 		if (!sent && !refused && !stale)
 			hold_room(c, r, i, n_rows, given_back);
@@ -2278,6 +2301,11 @@ static bool inbox(struct matrix *m, PGconn *c)
 		}
 		json_decref(ev);
 		const char *id[] = { PQgetvalue(r, i, 0) };
+		/* Not taken because the homeserver refuses the as_token: the
+		 * row, and the batch's later ones, wait for the token, the
+		 * try not counted (bot_main does not look meanwhile). */
+		if (again && atomic_load(&m->token_refused))
+			break;
 		if (again && try_later(c, id[0]))
 			continue;
 		if (again)
@@ -2939,17 +2967,32 @@ static void *bot_main(void *arg)
 		}
 		if (!mine)
 			mine = bot_lock(c);
+		/* While the homeserver refuses the as_token (token_state) no
+		 * call of the bot's can fare better: its work waits, untried
+		 * and not counted, as the Matrix rows do (matrix_ready), until
+		 * the ping's thread finds the token taken again (mx_bot_taken).
+		 * Until the fifty-second session each inbox row spent its
+		 * BOT_TRIES meanwhile (some 40 minutes) and was given up: an
+		 * invitation of the bot never answered, a command never run;
+		 * the notices backed off to 10 minutes a try. */
 		if (mine) {
-			while (!atomic_load(&m->bot_stop) && inbox(m, c))
+			bool held = atomic_load(&m->token_refused);
+			while (!atomic_load(&m->bot_stop) && !atomic_load(&m->token_refused) && inbox(m, c))
 				;
-			requests(m, c, &requests_after);
-			expiries(m, c, &expired_seen);
+			if (!held) {
+				requests(m, c, &requests_after);
+				expiries(m, c, &expired_seen);
+			}
 			dead_letters(c);
-			notices(m, c);
-			backed_off_round(m, c, BOT_DEPARTURES, "members who left a group", &departures, departure_row);
-			backed_off_round(m, c, BOT_RENAMES, "renamed groups", &renames, rename_row);
-			backed_off_round(m, c, BOT_INVITATIONS, "users invited to a group", &invitations, invitation_row);
-			invitees_joined(m, c);
+			if (!held && !atomic_load(&m->token_refused)) {
+				notices(m, c);
+				backed_off_round(m, c, BOT_DEPARTURES, "members who left a group", &departures,
+						 departure_row);
+				backed_off_round(m, c, BOT_RENAMES, "renamed groups", &renames, rename_row);
+				backed_off_round(m, c, BOT_INVITATIONS, "users invited to a group", &invitations,
+						 invitation_row);
+				invitees_joined(m, c);
+			}
 			forget_handled(m, c, &forget_after);
 		}
 		/* Its stop writes to bot_wake (never read: the stop is for good).

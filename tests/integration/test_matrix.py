@@ -3983,6 +3983,53 @@ def test_a_refused_as_token_holds_the_matrix_rows_until_it_is_taken(make_daemon,
         srv.close()
 
 
+def test_a_refused_as_token_holds_the_bots_work_and_notices_until_it_is_taken(mx, hs, pg, db_url):
+    """While the homeserver refuses the as_token, the bot's work waits as
+    the Matrix rows do, untried and not counted: bob's invitation of the
+    bot (an inbox row) and the bot's answer to alice's command (a queued
+    notice) spend no tries meanwhile, and once the token is taken again
+    bob gets the bot's help and alice her answer, once. Until the
+    fifty-second session the inbox row spent its twelve tries (2 s, 4 s,
+    ... some 40 minutes) and was given up, and the notice backed off to
+    ten minutes a try."""
+    bot = "@_cw_bot:example.org"
+    alice, mgmt, said = alice_and_the_bot(hs)
+    helps = len([t for t in said() if "Commands" in t])
+
+    def delivery():
+        return mx.get("/readyz").json()["adapters"]["matrix"]["delivery"]
+    hs.registration["as_token"] = "rotated-on-the-homeserver"
+    try:
+        alice.send_text(mgmt, "help")
+        wait_until(lambda: delivery() == "token_refused", timeout=20, what="the hold")
+        wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_notices WHERE done_at IS NULL", db_url) == "1",
+                   what="the answer queued")
+        _, bob_token = hs.create_user("bob")
+        bob = hs.as_user(bob_token)
+        bob_room = bob.create_dm(bot)
+        wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_bot_inbox WHERE handled_at IS NULL "
+                                   f"AND event->>'room_id' = '{bob_room}'", db_url) == "1", what="bob's invitation")
+        time.sleep(7)  # 2 s + 4 s: three tries of each before
+        assert pg.psql("SELECT attempts FROM matrix_bot_inbox WHERE handled_at IS NULL "
+                       f"AND event->>'room_id' = '{bob_room}'", db_url) == "0"
+        assert pg.psql("SELECT tries FROM matrix_notices WHERE done_at IS NULL", db_url) == "0"
+        assert delivery() == "token_refused"
+        assert len([t for t in said() if "Commands" in t]) == helps
+    finally:
+        hs.registration["as_token"] = AS_TOKEN  # the operator mends it
+    wait_until(lambda: len([t for t in said() if "Commands" in t]) == helps + 1, timeout=30,
+               what="alice's answer")
+    bob_said = lambda: [e["content"]["body"] for e in hs.events(bob_room)  # noqa: E731
+                        if e["type"] == "m.room.message" and e["sender"] == bot]
+    wait_until(lambda: any("Commands" in t for t in bob_said()), timeout=30, what="bob's help")
+    assert hs.members(bob_room).get(bot) == "join"
+    assert pg.psql("SELECT room_id FROM matrix_mgmt_rooms WHERE user_id = '@bob:example.org'", db_url) == bob_room
+    wait_until(lambda: delivery() == "up", what="the hold over")
+    time.sleep(0.5)
+    assert len([t for t in said() if "Commands" in t]) == helps + 1
+    assert len([t for t in bob_said() if "Commands" in t]) == 1
+
+
 @pytest.mark.parametrize("lost", ["look", "commit"])
 def test_a_dead_letter_whose_telling_lost_its_answer_is_told(make_daemon, db_url, hs, pg, lost):
     """The look that marks dead letters told ran and its answer was lost
