@@ -2064,7 +2064,16 @@ static bool left(struct matrix *m, PGconn *c, const char *room, const char *who)
 	const char *mp[] = { room, who };
 	PGresult *mr = PQexecParams(c, "DELETE FROM matrix_mgmt_rooms WHERE room_id = $1 AND user_id = $2 RETURNING 1", 2,
 				    NULL, mp, NULL, NULL, 0);
-	bool was_mgmt = PQresultStatus(mr) == PGRES_TUPLES_OK && PQntuples(mr) == 1;
+	/* A statement the database refused says nothing of the room: tried
+	 * again (until the fifty-second session it was taken for no
+	 * management room, and the room stayed hers, the bot in it, her
+	 * consent requests shown where she no longer reads). */
+	cw_errmsg me;
+	if (store_check(c, mr, PGRES_TUPLES_OK, &me)) { /* clears mr */
+		LOG_KV(CW_LOG_WARN, "cannot unbind a room its user left", "room", room, "detail", me.msg);
+		return true;
+	}
+	bool was_mgmt = PQntuples(mr) == 1;
 	PQclear(mr);
 	if (was_mgmt) {
 		cw_errmsg e;
@@ -2276,10 +2285,17 @@ static bool inbox(struct matrix *m, PGconn *c)
 			if (strcmp(key, m->bot) == 0) {
 				/* the bot put out of a room by its user: if it was their
 				 * management room, it is one no more (requests wait for
-				 * the next one they open) */
+				 * the next one they open).  A forgetting the database
+				 * did not take is tried again: until the fifty-second
+				 * session it was lost, and her consent requests went on
+				 * to a room the bot was out of (refused, given up) */
 				const char *bp[] = { room };
 				cw_errmsg e;
-				store_command(c, "DELETE FROM matrix_mgmt_rooms WHERE room_id = $1", 1, bp, &e);
+				if (store_command(c, "DELETE FROM matrix_mgmt_rooms WHERE room_id = $1", 1, bp, &e)) {
+					LOG_KV(CW_LOG_WARN, "cannot forget a management room the bot was put out of",
+					       "room", room, "detail", e.msg);
+					again = true;
+				}
 			} else if (mx_in_ghost_namespace(m->cfg->mx_user_prefix, mx_server_name(m->cfg), key)) {
 				again = ghost_removed(c, room, key);
 			} else {

@@ -1460,6 +1460,41 @@ def test_management_room_consent_flow(mx, hs, gk, pg, db_url):
     assert pg.psql("SELECT count(*) FROM identities WHERE localpart = '_cw_bot'", db_url) == "0"
 
 
+@pytest.mark.parametrize("how", ["leave", "kick"])
+def test_a_management_room_whose_forgetting_fails_is_tried_again(mx, hs, pg, db_url, how):
+    """alice leaves her room with the bot, or puts the bot out of it, and
+    the database refuses the statement that forgets the room once (a lock
+    or statement timeout, a failover). The work is tried again, as an
+    unbinding of a direct room is: the room is hers no more, and a leave
+    has the bot leave it too. Until the fifty-second session the failure
+    was taken for no management room (her leave: the bot stayed in the
+    room) or lost (the bot put out), and the room stayed hers: her consent
+    requests went on to it."""
+    bot = "@_cw_bot:example.org"
+    alice, mgmt, _ = alice_and_the_bot(hs)
+    if how == "kick":  # a room of hers to kick in
+        mgmt = alice.create_room(preset="private_chat", is_direct=True, invite=[bot])
+        wait_until(lambda: pg.psql("SELECT room_id FROM matrix_mgmt_rooms", db_url) == mgmt, what="the new room")
+        wait_until(lambda: any("Commands" in e["content"].get("body", "") for e in hs.events(mgmt)
+                               if e["sender"] == bot), what="the bot's help")
+    pg.psql("CREATE SEQUENCE test_fail; "
+            "CREATE FUNCTION test_fail() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            " IF nextval('test_fail') <= 1 THEN RAISE EXCEPTION 'injected failure'; END IF; "
+            " RETURN OLD; END $$; "
+            "CREATE TRIGGER test_fail BEFORE DELETE ON matrix_mgmt_rooms FOR EACH ROW EXECUTE FUNCTION test_fail()",
+            db_url)
+    if how == "leave":
+        alice.leave(mgmt)
+    else:
+        r = alice.request("POST", f"/_matrix/client/v3/rooms/{mgmt}/kick", {"user_id": bot})
+        assert r.status_code == 200, r.text
+    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_mgmt_rooms", db_url) == "0", timeout=20,
+               what="the room forgotten")
+    assert int(pg.psql("SELECT last_value FROM test_fail", db_url)) >= 2
+    wait_until(lambda: hs.members(mgmt).get(bot) == "leave", what="the bot out of the room")
+    assert pg.psql("SELECT count(*) FROM matrix_bot_inbox WHERE handled_at IS NULL", db_url) == "0"
+
+
 def test_accept_or_block_alone_in_a_reply_to_a_request_takes_its_party(mx, hs, gk, pg, db_url):
     """"accept" or "block" with no party, in a reply to the bot's notice of a
     consent request (m.in_reply_to), is about that request's party: the
