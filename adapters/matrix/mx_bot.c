@@ -1301,15 +1301,16 @@ static void notices(struct matrix *m, PGconn *c)
 				if (given_back[k])
 					continue;
 				given_back[k] = true;
-				n += (size_t)snprintf(ids + n, sizeof(ids) - n, "%s%s", n > 1 ? "," : "", PQgetvalue(r, k, 0));
+				n += (size_t)snprintf(ids + n, sizeof(ids) - n, "%s%s", n > 1 ? "," : "",
+						      PQgetvalue(r, k, 0));
 			}
 			snprintf(ids + n, sizeof(ids) - n, "}");
 			const char *p[] = { ids };
 			cw_errmsg e;
 			if (store_command(c, "UPDATE matrix_notices SET tries = tries - 1, next_at = now() "
 					     "WHERE id = ANY ($1::bigint[])", 1, p, &e))
-				LOG_KV(CW_LOG_WARN, "cannot give back a notice the as_token's refusal held: tried again later",
-				       "detail", e.msg);
+				LOG_KV(CW_LOG_WARN, "cannot give back a notice the as_token's refusal held: "
+				       "tried again later", "detail", e.msg);
 			break;
 		}
 		bool refused = !sent && (status == 403 || status == 404);
