@@ -48,6 +48,7 @@ static CURLcode hs_get(struct matrix *m, CURL *h, const char *path, struct media
 	struct curl_slist *hd = curl_slist_append(NULL, auth);
 	media_blob_free(b);
 	b->too_big = false;
+	b->refused = NULL;
 	b->cancel = &m->app->stopping;
 	media_download_setup(h, url, hd, b, m->cfg->ca_file, MEDIA_TIMEOUT_MS);
 	CURLcode cc = hd ? curl_easy_perform(h) : CURLE_OUT_OF_MEMORY;
@@ -69,6 +70,32 @@ static void errcode_of(const struct media_blob *b, char *code, size_t len)
 	if (c)
 		snprintf(code, len, "%s", c);
 	json_decref(j);
+}
+
+/* Why the homeserver's answer (status, not 200, and errcode code) to a
+ * download is no file however often it is asked, or NULL (a try later
+ * may have it: a 502 or 504 without M_TOO_LARGE, a 429, a 401 of this
+ * gateway's token; or a 4xx, which the peer's answer tells apart).  The
+ * specification's download answers a file (200), a redirect to it (307,
+ * 308: libcurl follows up to 3 hops, so a 3xx here names no other
+ * place), 502 M_TOO_LARGE (a file larger than the homeserver serves),
+ * 504 M_NOT_YET_UPLOADED, 429; a 2xx other than 200 holds no file or a
+ * part of one (204, 206 to a request without Range), not to be given as
+ * the whole.  Until the fifty-second session every one of them was
+ * answered 503 "try again later", and the peer asked again for ever. */
+static const char *hs_answer_for_good(long status, const char *code)
+{
+	if (strcmp(code, "M_TOO_LARGE") == 0)
+		return "the homeserver will not serve a file this large (M_TOO_LARGE)";
+	if (status / 100 == 3)
+		return "the homeserver answers a redirect that names no other place";
+	if (status == 204)
+		return "the homeserver answers 204 No Content, not the file";
+	if (status == 206)
+		return "the homeserver answers a part of the file (206), not all of it";
+	if (status / 100 == 2)
+		return "the homeserver answers another success than 200 OK, not the file";
+	return NULL;
 }
 
 cw_err matrix_media_fetch(void *ctx, const char *url, struct media_blob *b, long *status, cw_errmsg *e)
@@ -104,16 +131,20 @@ cw_err matrix_media_fetch(void *ctx, const char *url, struct media_blob *b, long
 	if (*status != 200) {
 		errcode_of(b, code, sizeof(code));
 		media_blob_free(b);
-		return cw_fail(e, CW_EIO, "homeserver answered %ld %s", *status, code);
+		b->refused = hs_answer_for_good(*status, code);
+		return cw_fail(e, b->refused ? CW_EINVAL : CW_EIO, "homeserver answered %ld %s", *status, code);
 	}
 	return CW_OK;
 }
 
-/* Uploads b as ghost; its mxc:// URI into mxc. */
+/* Uploads b as ghost; its mxc:// URI into mxc.  *too_large: the
+ * homeserver refused it as too large (413, or M_TOO_LARGE under another
+ * status: no later try takes it). */
 static cw_err upload(struct matrix *m, const char *ghost, const struct media_blob *b, const char *ct,
-		     const char *filename, char *mxc, size_t len, long *status, cw_errmsg *e)
+		     const char *filename, char *mxc, size_t len, long *status, bool *too_large, cw_errmsg *e)
 {
 	*status = 0;
+	*too_large = false;
 	CURL *h = curl_easy_init();
 	char *g = h && ghost ? curl_easy_escape(h, ghost, 0) : NULL;
 	char *f = h && filename ? curl_easy_escape(h, filename, 0) : NULL;
@@ -150,6 +181,7 @@ static cw_err upload(struct matrix *m, const char *ghost, const struct media_blo
 	json_t *j = answer.p ? json_loadb((const char *)answer.p, answer.n, 0, NULL) : NULL;
 	const char *uri = json_string_value(json_object_get(j, "content_uri"));
 	const char *code = json_string_value(json_object_get(j, "errcode"));
+	*too_large = *status == 413 || (*status != 200 && code && strcmp(code, "M_TOO_LARGE") == 0);
 	if (*status != 200)
 		rc = cw_fail(e, CW_EIO, "homeserver answered the upload %ld %s", *status, code ? code : "");
 	else if (!uri || !mx_mxc_parse(uri, NULL, 0, NULL) || strlen(uri) >= len)
@@ -558,7 +590,8 @@ enum mx_rehost mx_rehost(struct matrix *m, int64_t event_id, const char *ghost, 
 		res = MX_REHOST_UNWANTED; /* expired or dropped while it came: not uploaded */
 	} else {
 		long up = 0;
-		if (upload(m, ghost, &b, ct, name && *name ? name : "file", mxc, len, &up, e) == CW_OK) {
+		bool too_large = false;
+		if (upload(m, ghost, &b, ct, name && *name ? name : "file", mxc, len, &up, &too_large, e) == CW_OK) {
 			char size[24], id[24];
 			snprintf(size, sizeof(size), "%zu", b.n);
 			snprintf(id, sizeof(id), "%lld", (long long)event_id);
@@ -570,7 +603,7 @@ enum mx_rehost mx_rehost(struct matrix *m, int64_t event_id, const char *ghost, 
 			if (c)
 				db_give(m);
 			res = MX_REHOST_OK;
-		} else if (up == 413) {
+		} else if (too_large) {
 			snprintf(why, wlen, "larger than the homeserver takes");
 			res = MX_REHOST_NOTICE;
 		}

@@ -86,7 +86,12 @@ The choices made where the specification allows several behaviours:
   M_UNRECOGNIZED) and the old path serves the file.  A file of another
   server (mxc://other.server/...) is served as a homeserver serves it
   after fetching it over federation: the test puts it in with
-  remote_media(); one it has not is 404 M_NOT_FOUND.
+  remote_media(); one it has not is 404 M_NOT_FOUND.  A test may have a
+  download answered as the specification lets a homeserver answer it
+  instead (a RawBody with headers, or a MatrixError): 307/308 with a
+  Location where the file is (a CDN), 502 M_TOO_LARGE (a file larger than
+  it serves), 504 M_NOT_YET_UPLOADED, 429 M_LIMIT_EXCEEDED; and as a
+  broken proxy might, 204, a 206 part, a 3xx without Location.
 """
 import base64
 import copy
@@ -141,10 +146,13 @@ LOST = object()  # _dispatch's answer when the reply is to be lost (lose_reply)
 
 
 class RawBody:
-    """A non-JSON answer (a file of the content repository)."""
+    """A non-JSON answer (a file of the content repository).  headers: more
+    of them (a redirect's Location, a 206's Content-Range); a 204's or a
+    304's data is not sent (RFC 9110: they have no content)."""
 
-    def __init__(self, data, content_type, disposition):
+    def __init__(self, data, content_type, disposition, headers=None):
         self.data, self.content_type, self.disposition = data, content_type, disposition
+        self.headers = dict(headers or {})
 
 
 def now_ms():
@@ -425,6 +433,11 @@ class Homeserver:
                     self.send_response(status)
                     if not outer.keep_alive:
                         self.send_header("Connection", "close")
+                    for k, v in answer.headers.items():
+                        self.send_header(k, v)
+                    if status in (204, 304):
+                        self.end_headers()
+                        return
                     self.send_header("Content-Type", answer.content_type)
                     self.send_header("Content-Disposition", answer.disposition)
                     self.send_header("Content-Length", str(len(answer.data)))

@@ -960,6 +960,53 @@ def test_a_file_the_homeserver_refuses_is_403_not_try_again(mx, hs, gk, pg, db_u
     assert r.status_code == 200 and r.content == photo, (r.status_code, r.text[:200])
 
 
+def test_a_file_the_homeserver_will_never_serve_whole_is_403_and_a_redirect_is_followed(mx, hs, gk, pg, db_url,
+                                                                                       media, monkeypatch):
+    """The homeserver's download answers as the specification has them
+    (Matrix 1.11 GET /_matrix/client/v1/media/download): 502 M_TOO_LARGE,
+    a file larger than it serves, is so at every try: 403 media_refused
+    with why, no Retry-After; a 502 without it, or 504
+    M_NOT_YET_UPLOADED, is for now: 503 with Retry-After.  A 204, a 206
+    part (to a request without Range) or a 3xx that names no other place
+    is no file, and never given as one: 403 too.  A 307 to where the file
+    is (a CDN) is followed.  Until the fifty-second session each of those
+    refusals was 503 "try again later", for ever."""
+    from homeserver import MatrixError, RawBody
+    a, srv = gk
+    room, mx_room = matrix_dm(mx, hs, a, pg, db_url)
+    [(photo, _, _, path)] = alice_sends_photos(mx, hs, srv, mx_room, 1, "whole")
+    serve = hs._serve
+    part = RawBody(photo[:100], "image/jpeg", "inline", {"Content-Range": f"bytes 0-99/{len(photo)}"})
+    cdn = media.put("/cdn/whole0.jpg", "image/jpeg", photo)
+    cases = ((MatrixError(502, "M_TOO_LARGE", "too large"), 403, "M_TOO_LARGE"),
+             (MatrixError(413, "M_TOO_LARGE", "too large"), 403, "M_TOO_LARGE"),
+             (MatrixError(502, "M_UNKNOWN", "bad gateway"), 503, None),
+             (MatrixError(504, "M_NOT_YET_UPLOADED", "not yet"), 503, None),
+             ((204, RawBody(b"", "image/jpeg", "inline")), 403, "204"),
+             ((206, part), 403, "206"),
+             ((302, RawBody(b"<a>moved</a>", "text/html", "inline")), 403, "redirect"),
+             ((307, RawBody(b"", "text/plain", "inline", {"Location": cdn})), 200, None))
+    for answer, code, why in cases:
+        def instead(server, media_id, answer=answer):
+            if isinstance(answer, MatrixError):
+                raise answer
+            return answer
+        monkeypatch.setattr(hs, "_serve", instead)
+        r = a.call("GET", path)
+        assert r.status_code == code, (answer, r.status_code, r.text[:200])
+        if code == 403:
+            assert "Retry-After" not in r.headers and r.json()["code"] == "media_refused", (answer, r.text)
+            assert why in r.json()["detail"], (answer, r.text)
+        elif code == 503:
+            assert r.json()["code"] == "unavailable" and int(r.headers["Retry-After"]) >= 1, (answer, r.text)
+        else:
+            assert r.content == photo, (answer, len(r.content))
+    assert [p for p, _ in media.requests].count("/cdn/whole0.jpg") == 1
+    monkeypatch.setattr(hs, "_serve", serve)
+    r = a.call("GET", path)
+    assert r.status_code == 200 and r.content == photo, (r.status_code, r.text[:200])
+
+
 def test_an_edit_that_takes_the_file_out_ends_its_link(mx, hs, gk, pg, db_url):
     """alice edits an image into text: the file is no longer in her
     message, and its link at the peer ends there, as after a delete (404
