@@ -1489,6 +1489,32 @@ static cw_err redact_parts(struct matrix *m, PGconn *c, const struct outbox_row 
 	return rc;
 }
 
+/* Whether row was tried before (*tried): a try counted (attempts > 1),
+ * or one that was not but is in delivery_attempts, a 429's (the
+ * dispatcher's record gives the attempt back: a slower pace is no
+ * failure).  A file's event sent before the row's own event was answered
+ * 429 is in the room then, and a homeserver that has forgotten its txnId
+ * (a restart; Synapse keeps them for a while, not for ever) makes another
+ * of a PUT with the same one: until the fifty-second session only a
+ * counted try looked for it (already_sent), and the file went twice. */
+static cw_err tried_before(PGconn *c, const struct outbox_row *row, bool *tried, cw_errmsg *e)
+{
+	*tried = row->attempts > 1;
+	if (*tried)
+		return CW_OK;
+	char id[24];
+	snprintf(id, sizeof(id), "%lld", (long long)row->id);
+	const char *p[] = { id };
+	PGresult *r = PQexecParams(c, "SELECT 1 FROM delivery_attempts WHERE outbox_id = $1::bigint LIMIT 1", 1, NULL,
+				   p, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e); /* clears r on failure */
+	if (rc)
+		return rc;
+	*tried = PQntuples(r) > 0;
+	PQclear(r);
+	return CW_OK;
+}
+
 /* The row's attachments, re-hosted: each https:// file is fetched and
  * uploaded (mx_rehost), one that cannot be carried becomes a line saying
  * why, and so does a peer's mxc:// (signer: the sender's peer's domain,
@@ -1563,11 +1589,13 @@ static cw_err media_parts(struct matrix *m, PGconn *c, struct outbox_row *row, c
 	}
 	char *rs = seg(m, room);
 	cw_err rc = rs ? CW_OK : cw_fail(e, CW_ENOMEM, "out of memory");
+	bool tried = false;
+	if (!rc && first + 1 < n)
+		rc = tried_before(c, row, &tried, e);
 	for (size_t k = first; !rc && k + 1 < n; k++) {
 		char eid[MX_ID_MAX + 1];
 		bool found = false;
-		if (row->attempts > 1 &&
-		    (rc = already_sent(m, room, ghost, row->id, (int)k, eid, sizeof(eid), &found, e)))
+		if (tried && (rc = already_sent(m, room, ghost, row->id, (int)k, eid, sizeof(eid), &found, e)))
 			break;
 		if (found) {
 			note_part(c, row, eid);

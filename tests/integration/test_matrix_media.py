@@ -1330,6 +1330,46 @@ def test_several_files_go_as_several_events_in_order_and_once(mx, hs, gk, media)
     assert "org.causeway.part" not in last and last["filename"] == "dog.png"
 
 
+def test_several_files_go_once_when_the_rows_event_is_rate_limited(mx, hs, gk, media, pg, db_url):
+    """The row's own event, after its first file went as an event of its
+    own, is answered 429 M_LIMIT_EXCEEDED, and the homeserver forgets its
+    txnIds meanwhile (as after a restart): the row's next try, which a 429
+    does not count (outbox.attempts stays 1), looks for the file's event
+    before it sends it again, as after any other failure, and the room
+    shows the file once.  Until the fifty-second session only a try
+    counted past the first (attempts > 1) looked: the file went twice."""
+    a, _ = gk
+    consent_alice(mx)
+    hs.create_user("alice")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    cat, dog = os.urandom(1500), os.urandom(1700)
+    atts = [attachment(media.put("/f/cat.png", "image/png", cat), cat),
+            attachment(media.put("/f/dog.png", "image/png", dog), dog, name="dog.png")]
+    hs.refuse_retry_after_ms = 200
+    limited = []
+
+    def refuse(method, path, user):
+        if method == "PUT" and re.search(r"/send/m\.room\.message/cw-\d+$", path) and not limited:
+            limited.append(path)
+            hs.forget_txn_ids()
+            return 429
+        return False
+    hs.refuse = refuse
+    r = a.call("POST", f"/v1/rooms/{room}/messages",
+               {"type": "message", "sender": a.user("wally"),
+                "content": {"parts": [{"type": "text/plain", "body": "pair"}], "attachments": atts}}, idem="pair")
+    assert r.status_code == 202, r.text
+    wait_until(lambda: limited, what="the rate-limited send")
+    ghost_messages(hs, 2)
+    assert a.send(room, a.user("wally"), "after the pair").status_code == 202
+    ms = ghost_messages(hs, 3)
+    assert [m["content"]["body"] for m in ms] == ["cat.png", "pair", "after the pair"], [m["content"] for m in ms]
+    assert hs.media(ms[0]["content"]["url"])["data"] == cat and hs.media(ms[1]["content"]["url"])["data"] == dog
+    row = (f"SELECT o.state || ' ' || o.attempts FROM outbox o JOIN events e ON e.id = o.event_id "
+           f"WHERE e.public_id = '{r.json()['id']}' AND o.destination = 'matrix'")
+    assert pg.psql(row, db_url) == "delivered 1", pg.psql(row, db_url)  # the 429 was not counted
+
+
 def test_a_delete_of_a_message_with_several_files_takes_every_file_away(mx, hs, gk, media, pg, db_url):
     """wally sends two files and a caption, the first as an event of its
     own (a Matrix event holds one file), then deletes the message: the
