@@ -54,23 +54,40 @@ static char *seg(struct matrix *m, const char *s)
  * errcode) is for good: the same request is refused the same way on every
  * try, so that the row is a dead letter at once and its room's later rows
  * go on, not held behind it for the whole retry budget and then dead with
- * it.  A 413 (M_TOO_LARGE), and a 4xx that says, with a Matrix errcode,
- * that the request itself is wrong (400 M_BAD_JSON, M_INVALID_PARAM, a
- * relation Synapse refuses as M_UNKNOWN; 404 M_NOT_FOUND, the event a
- * receipt names not in the room; 404/405 M_UNRECOGNIZED, no such
- * endpoint).  Not a 401 or 403 (a token not taken, a ghost not in the
- * room: the operator or the bot mends them, and health tells them:
- * note_refusal), a 408 or a 429 (a wait mends them), nor a 4xx without
- * an errcode (a proxy's page, not the homeserver's word).  Until the
- * fifty-first session only a 413 was. */
+ * it.  A 413 (M_TOO_LARGE, whatever its errcode), and a 4xx (not 401, 403,
+ * 408 or 429) whose errcode the specification (client-server API,
+ * "Standard error response") gives for a request that is itself wrong:
+ * permanent_errcodes.  Any other errcode is tried again for the budget:
+ * M_UNKNOWN ("an unknown error has occurred") says nothing of the
+ * request, and a homeserver answers it for a failure of its own too (a
+ * worker or a database away behind a 400); a custom one (M_LIMIT_...,
+ * a module's) is the homeserver's, not the specification's word.  Not a
+ * 401 or 403 (a token not taken, a ghost not in the room: the operator or
+ * the bot mends them, and health tells them: note_refusal), a 408 or a
+ * 429 (a wait mends them), nor a 4xx without an errcode (a proxy's page,
+ * not the homeserver's word).  Until the fifty-first session only a 413
+ * was; until the fifty-second any errcode was, 400 M_UNKNOWN too. */
 static bool refused_for_good(long status, const json_t *answer)
 {
+	/* The request's own fault, as the specification describes them:
+	 * malformed (M_NOT_JSON, M_BAD_JSON), a parameter missing or wrong
+	 * (M_MISSING_PARAM, M_INVALID_PARAM), too large (M_TOO_LARGE), no such
+	 * resource or endpoint (M_NOT_FOUND, M_UNRECOGNIZED), a state change
+	 * that cannot be (M_BAD_STATE), a room version not supported
+	 * (M_UNSUPPORTED_ROOM_VERSION, M_INCOMPATIBLE_ROOM_VERSION). */
+	static const char *const permanent_errcodes[] = {
+		"M_NOT_JSON", "M_BAD_JSON", "M_MISSING_PARAM", "M_INVALID_PARAM", "M_TOO_LARGE", "M_NOT_FOUND",
+		"M_UNRECOGNIZED", "M_BAD_STATE", "M_UNSUPPORTED_ROOM_VERSION", "M_INCOMPATIBLE_ROOM_VERSION", NULL,
+	};
 	const char *code = json_string_value(json_object_get(answer, "errcode"));
 	if (status == 413)
 		return true;
-	return status >= 400 && status < 500 && status != 401 && status != 403 && status != 408 && status != 429 &&
-	       code && strcmp(code, "M_LIMIT_EXCEEDED") != 0 && strcmp(code, "M_FORBIDDEN") != 0 &&
-	       strcmp(code, "M_UNKNOWN_TOKEN") != 0 && strcmp(code, "M_MISSING_TOKEN") != 0;
+	if (status < 400 || status >= 500 || status == 401 || status == 403 || status == 408 || status == 429 || !code)
+		return false;
+	for (size_t i = 0; permanent_errcodes[i]; i++)
+		if (strcmp(code, permanent_errcodes[i]) == 0)
+			return true;
+	return false;
 }
 
 /* Whether a refusal is of the as_token itself: 401 M_UNKNOWN_TOKEN (the

@@ -336,7 +336,8 @@ class Homeserver:
         # (the as_token not taken), 403 answers M_FORBIDDEN,
         # 429 answers M_LIMIT_EXCEEDED with retry_after_ms
         # refuse_retry_after_ms (and its Retry-After header, as for any 429),
-        # 400 answers M_BAD_JSON (the request refused as invalid).
+        # 400 answers M_BAD_JSON (the request refused as invalid), a
+        # MatrixError answers as it says (400 M_UNKNOWN, say).
         self.refuse = None
         self.refuse_retry_after_ms = 1000
         # A test's predicate on a transaction pushed (its dict, as in
@@ -780,6 +781,8 @@ class Homeserver:
                         raise MatrixError(400, "M_BAD_JSON", "Content must be a JSON object.")
                 args = [urllib.parse.unquote(g) if g is not None else "" for g in groups]
                 refused = self.refuse(method, path, req.user_id) if self.refuse else False
+                if isinstance(refused, MatrixError):
+                    raise refused
                 if refused == 401:  # the as_token not (or no longer) taken
                     raise MatrixError(401, "M_UNKNOWN_TOKEN", "Invalid application service token.")
                 if refused == 403:

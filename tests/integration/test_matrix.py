@@ -5884,6 +5884,46 @@ def test_a_request_the_homeserver_refuses_for_good_holds_no_later_row(mx, hs, gk
     assert pg.psql(row, db_url) == "dead 1 homeserver answered 400 M_BAD_JSON", pg.psql(row, db_url)
 
 
+def test_a_refusal_whose_errcode_says_nothing_of_the_request_is_tried_again(mx, hs, gk, pg, db_url):
+    """The homeserver refuses wally's read receipt once as 400 M_UNKNOWN,
+    then takes it: the specification's M_UNKNOWN is "an unknown error",
+    nothing the request itself is wrong in (a homeserver answers it for a
+    failure of its own too), so the row is tried again and delivered, not
+    a dead letter at once as a 400 M_BAD_JSON is. Until the fifty-second
+    session any 4xx with an errcode but 401, 403, 408 and 429 was final."""
+    from homeserver import MatrixError
+    a, srv = gk
+    room, mx_room, alice, ghost = wally_writes_to_alice(mx, hs, gk)
+    wally = a.user("wally")
+    alice.join(mx_room)
+    alice.send_text(mx_room, "hi wally")
+    hi = wait_until(lambda: next((e["id"] for e in list(srv.events) if e["type"] == "message" and
+                                  e["sender"] == ALICE), None), what="alice's message at the peer")
+    refused = []
+
+    def refuse(method, path, user):
+        if method == "POST" and "/receipt/m.read/" in path and not refused:
+            refused.append(path)
+            return MatrixError(400, "M_UNKNOWN", "Internal error behind a 400")
+        return None
+    hs.refuse = refuse
+    try:
+        r = a.call("POST", f"/v1/rooms/{room}/receipts", {"type": "receipt", "sender": wally,
+                                                          "content": {"receipt": "read", "in_reply_to": hi}})
+        assert r.status_code == 202, r.text
+        receipt = r.json()["id"]
+        row = (f"SELECT o.state || ' ' || o.attempts FROM outbox o JOIN events e "
+               f"ON e.id = o.event_id WHERE e.public_id = '{receipt}' AND o.destination = 'matrix'")
+        wait_until(lambda: pg.psql(row, db_url).split(" ")[0] not in ("in_flight", "pending"), timeout=30,
+                   what="the row's outcome")
+    finally:
+        hs.refuse = None
+    assert pg.psql(row, db_url) == "delivered 2", pg.psql(row, db_url)
+    tries = [(x["status"], (x["answer"] or {}).get("errcode")) for x in hs.requests
+             if x["method"] == "POST" and "/receipt/m.read/" in x["path"]]
+    assert tries == [(400, "M_UNKNOWN"), (200, None)], tries
+
+
 def test_a_reference_to_a_message_of_a_room_the_user_left_names_none_of_it(mx, hs, gk, pg, db_url):
     """alice left her direct room with wally, and his next message opened
     a new one. His edit and reaction of a message delivered to the old
