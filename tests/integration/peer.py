@@ -356,7 +356,9 @@ class MediaServer:
     bytes); status[path] = an answer instead; redirect[path] = a URL
     answered with a 302, with redirect_body[path] as its body (none when
     not given; a web server's redirect has a short page, as nginx's 154
-    bytes); requests: (path, headers) in order."""
+    bytes); raw[path] = (status, headers, body) answered as it is (a 206
+    part, a 204, a 3xx without Location); requests: (path, headers) in
+    order."""
 
     def __init__(self, directory, hosts=()):
         import ssl
@@ -365,6 +367,7 @@ class MediaServer:
         self.cert_file, key_file = self_signed_ca(directory, "peer media store test CA", hosts, ["127.0.0.1"])
         self.files, self.status, self.redirect, self.requests = {}, {}, {}, []
         self.redirect_body = {}
+        self.raw = {}
         self.delay = {}  # path -> seconds before the answer
         outer = self
 
@@ -386,6 +389,17 @@ class MediaServer:
                     self.send_header("Content-Length", str(len(page)))
                     self.end_headers()
                     self.wfile.write(page)
+                    return
+                if self.path in outer.raw:
+                    status, headers, body = outer.raw[self.path]
+                    self.send_response(status)
+                    for k, v in headers.items():
+                        self.send_header(k, v)
+                    if status not in (204, 304):
+                        self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    if status not in (204, 304):
+                        self.wfile.write(body)
                     return
                 status = outer.status.get(self.path)
                 found = outer.files.get(self.path)

@@ -454,6 +454,34 @@ def test_a_file_that_cannot_be_carried_becomes_a_notice_and_a_failing_store_is_r
     assert m["content"]["msgtype"] == "m.image" and hs.media(m["content"]["url"])["data"] == small
 
 
+def test_a_stores_answer_that_is_no_whole_file_is_a_notice_and_nothing_is_uploaded(mx, hs, gk, media):
+    """A peer's store answers a 206 part of the file (to a request without
+    Range), a 204 or a 3xx that names no other place: none of them is the
+    file, so none is uploaded as it, and no retry changes them: the
+    message goes at once with a notice saying which answer came."""
+    a, _ = gk
+    consent_alice(mx)
+    hs.create_user("alice")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    data = os.urandom(3000)
+    media.raw["/f/part.png"] = (206, {"Content-Type": "image/png", "Content-Range": f"bytes 0-999/{len(data)}"},
+                                data[:1000])
+    media.raw["/f/empty.png"] = (204, {}, b"")
+    media.raw["/f/moved.png"] = (302, {"Content-Type": "text/html"}, b"<p>moved</p>")
+    cases = [(name, status) for name, status in (("part.png", 206), ("empty.png", 204), ("moved.png", 302))]
+    for i, (name, _) in enumerate(cases):
+        send_file(a, room, f"file {i}", attachment(f"{media.url}/f/{name}", data, name=name), f"w{i}")
+    ms = ghost_messages(hs, len(cases))
+    for m, (name, status) in zip(ms, cases):
+        c = m["content"]
+        assert c["msgtype"] == "m.text" and "url" not in c, c
+        assert name in c["body"] and f"not available from the sender's network ({status})" in c["body"], c["body"]
+    assert not [q for q in hs.requests if q["path"] == "/_matrix/media/v3/upload"]
+    assert not hs.uploaded()
+    for name, _ in cases:  # each fetched once: refused for good, not retried
+        assert [p for p, _ in media.requests].count(f"/f/{name}") == 1, (name, media.requests)
+
+
 def test_a_files_earlier_refusal_is_not_the_answer_for_a_later_correct_attachment(mx, hs, gk, media):
     """A file not carried for what its attachment declared (a sha256 or
     size its bytes do not match) is remembered with that declaration: a
