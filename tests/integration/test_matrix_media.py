@@ -482,6 +482,44 @@ def test_a_stores_answer_that_is_no_whole_file_is_a_notice_and_nothing_is_upload
         assert [p for p, _ in media.requests].count(f"/f/{name}") == 1, (name, media.requests)
 
 
+def test_an_upload_refused_as_too_large_is_a_notice_and_a_502_is_retried(mx, hs, gk, media):
+    """The homeserver refuses an upload with M_TOO_LARGE (the spec's 413,
+    or under another status, as a proxy or another homeserver may): no
+    retry changes that, the message goes at once with a notice, after one
+    upload.  A 502 is the homeserver away for now: the row is tried again
+    (its backoff) and the file goes re-hosted.  Until the fifty-second
+    session only a 413 was taken as too large."""
+    from homeserver import MatrixError
+    a, _ = gk
+    consent_alice(mx)
+    hs.create_user("alice")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    big, later = os.urandom(2500), os.urandom(2600)
+    answers = {"big.png": [MatrixError(400, "M_TOO_LARGE", "too large for this homeserver")],
+               "later.png": [MatrixError(502, "M_UNKNOWN", "Bad gateway")]}
+
+    def refuse(method, path, user):  # the file being sent's next answer instead, while it has one
+        if method == "POST" and path == "/_matrix/media/v3/upload" and answers.get(refuse.name):
+            return answers[refuse.name].pop(0)
+        return None
+    refuse.name = None
+    hs.refuse = refuse
+    try:
+        refuse.name = "big.png"
+        send_file(a, room, "big", attachment(media.put("/f/big.png", "image/png", big), big, name="big.png"), "u0")
+        m = ghost_messages(hs, 1)[0]["content"]
+        assert m["msgtype"] == "m.text" and "not carried: larger than the homeserver takes" in m["body"], m
+        refuse.name = "later.png"
+        send_file(a, room, "later", attachment(media.put("/f/later.png", "image/png", later), later,
+                                               name="later.png"), "u1")
+        m = ghost_messages(hs, 2)[1]["content"]
+        assert m["msgtype"] == "m.image" and hs.media(m["url"])["data"] == later, m
+    finally:
+        hs.refuse = None
+    ups = [(q["query"].get("filename"), q["status"]) for q in hs.requests if q["path"] == "/_matrix/media/v3/upload"]
+    assert ups == [("big.png", 400), ("later.png", 502), ("later.png", 200)], ups
+
+
 def test_a_files_earlier_refusal_is_not_the_answer_for_a_later_correct_attachment(mx, hs, gk, media):
     """A file not carried for what its attachment declared (a sha256 or
     size its bytes do not match) is remembered with that declaration: a
