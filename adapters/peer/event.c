@@ -628,17 +628,72 @@ static bool is_tchar(unsigned char ch)
 	return is_alnum(ch) || (ch && strchr("!#$%&'*+-.^_`|~", ch) != NULL);
 }
 
+/* RFC 6838 4.2 restricted-name: a letter or digit, then at most 126
+ * letters, digits and !#$&-^_.+; the end of it in *end. */
+static bool restricted_name(const char *s, const char **end)
+{
+	size_t n = 0;
+	if (!is_alnum((unsigned char)s[0]))
+		return false;
+	while (s[n] && (is_alnum((unsigned char)s[n]) || strchr("!#$&-^_.+", s[n])))
+		n++;
+	*end = s + n;
+	return n <= 127;
+}
+
+static const char *skip_ows(const char *s)
+{
+	while (*s == ' ' || *s == '\t')
+		s++;
+	return s;
+}
+
+/* A media type as RFC 9110 8.3.1 writes it, its type and subtype RFC 6838's
+ * restricted names (4.2):
+ *   media-type = type "/" subtype *( OWS ";" OWS [ parameter ] )
+ *   parameter  = token "=" ( token / quoted-string )
+ * ASCII only (no obs-text: a byte above 0x7e in a quoted string is
+ * refused), so that it goes whole into a Content-Type header
+ * (mx_media.c's upload) and never carries a line break.  Until the
+ * fifty-second session a type and a subtype were any RFC 9110 tokens
+ * ("image/x-'or'1", "*" + "/" + "*", a name of 249 bytes) and no
+ * parameter was taken ("text/plain; charset=utf-8" was refused). */
 static bool content_type_valid(const char *s)
 {
-	size_t a = 0, b = 0;
-	while (is_tchar((unsigned char)s[a]))
-		a++;
-	if (a == 0 || s[a] != '/')
+	const char *p;
+	if (!restricted_name(s, &p) || *p != '/' || !restricted_name(p + 1, &p))
 		return false;
-	const char *sub = s + a + 1;
-	while (is_tchar((unsigned char)sub[b]))
-		b++;
-	return b > 0 && sub[b] == '\0';
+	for (;;) {
+		if (*p == '\0')
+			return true;
+		p = skip_ows(p); /* white space only before a ';' */
+		if (*p != ';')
+			return false;
+		p = skip_ows(p + 1);
+		if (*p == ';' || *p == '\0')
+			continue; /* an empty parameter: "[ parameter ]" */
+		const char *name = p;
+		while (is_tchar((unsigned char)*p))
+			p++;
+		if (p == name || *p != '=')
+			return false;
+		p++;
+		if (*p == '"') {
+			for (p++; *p != '"'; p++) {
+				if (*p == '\\')
+					p++; /* quoted-pair: HTAB, SP or VCHAR follows */
+				if (*p != '\t' && (*p < 0x20 || *p > 0x7e))
+					return false; /* the end, a control or a byte past ASCII */
+			}
+			p++;
+		} else {
+			const char *value = p;
+			while (is_tchar((unsigned char)*p))
+				p++;
+			if (p == value)
+				return false;
+		}
+	}
 }
 
 /* What is wrong with an attachment's url (NULL: nothing).  A user or
@@ -709,7 +764,9 @@ static cw_err check_attachment(struct vctx *c, json_t *a, struct event *ev)
 	if (strlen(s) > EVENT_CONTENT_TYPE_MAX || !content_type_valid(s)) {
 		jptr_push(&c->ptr, "content_type");
 		return vfail(c, EVENT_ERR_INVALID,
-			     "content_type must be a media type type/subtype without parameters, at most %d bytes.",
+			     "content_type must be a media type: type/subtype (RFC 6838: letters, digits, !#$&-^_.+, "
+			     "each from a letter or digit, at most 127 bytes), then any ; name=value parameters "
+			     "(RFC 9110: a token or a quoted string of ASCII), at most %d bytes.",
 			     EVENT_CONTENT_TYPE_MAX);
 	}
 	rc = string_member(c, a, "url", M_REQUIRED, EVENT_URL_MAX, &s);
@@ -747,14 +804,18 @@ static cw_err check_attachment(struct vctx *c, json_t *a, struct event *ev)
 		jptr_push(&c->ptr, "sha256");
 		return vfail(c, EVENT_ERR_INVALID, "sha256 must be 64 lower-case hex digits.");
 	}
-	rc = string_member(c, a, "filename", 0, EVENT_FILENAME_MAX, &s);
+	/* Its length is part of its syntax too (a name of at most 255 bytes,
+	 * as file systems take): a longer one is invalid_body, not too_large
+	 * (413 until the fifty-second session). */
+	rc = string_member(c, a, "filename", 0, SIZE_MAX, &s);
 	if (rc)
 		return rc;
 	if (s && !event_filename_valid(s)) {
 		jptr_push(&c->ptr, "filename");
 		return vfail(c, EVENT_ERR_INVALID,
-			     "filename must be a non-empty name without '/', '\\', control characters or bidirectional "
-			     "controls, not . or ..");
+			     "filename must be a non-empty name of at most %d bytes without '/', '\\', control "
+			     "characters or bidirectional controls, not . or ..",
+			     EVENT_FILENAME_MAX);
 	}
 	return CW_OK;
 }

@@ -639,7 +639,9 @@ def test_the_attachment_patterns_take_what_the_daemon_takes(daemon, doc):
     the daemon took a url that names no host (https://?x, https://#x,
     https://:443/x), which the pattern refuses, and a sha256 of 65 digits
     was 413 too_large, not invalid_body; until the fifty-first session's
-    review so was a content_type over 255 bytes."""
+    review so was a content_type over 255 bytes.  Since the fifty-second
+    session a content_type is RFC 9110's media type, its names RFC 6838's,
+    parameters taken."""
     from peer import push_peers
     (a, sa), (b, sb) = made = push_peers(daemon)
     try:
@@ -653,7 +655,13 @@ def test_the_attachment_patterns_take_what_the_daemon_takes(daemon, doc):
         digest = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         sums = [digest, digest[:63], digest + "0", digest.upper(), "g" * 64, ""]
         types = ["image/png", "application/vnd.a+b", "image/x-'or'1", "image/" + "x" * 249, "image/" + "x" * 250,
-                 "image", "/png", "image/", "image/png; q=1", "a/b/c", "image/p\u00e9", ""]
+                 "image", "/png", "image/", "image/png; q=1", "a/b/c", "image/p\u00e9", "",
+                 "x" * 127 + "/" + "y" * 127, "x" * 128 + "/y", "*/*", "-a/b", "a/+b", "image/png ", "image/png;",
+                 "image/png; ", "text/plain;charset=\"utf-8\" ;format=flowed", "a/b;\tq=\"a \\\"b\\\" ;=c\";;",
+                 "image/png; q", "image/png; q=", "image/png; =1", "image/png; q = 1", "image/png; q=a/b",
+                 "image/png; q=\"abc", "image/png; q=\"abc\\\"", "image/png; q=\"a\r\nX: 1\"",
+                 "image/png; q=\"\u00e9\"", "image/png; q=\"a\x7f\"", "image/png; a=" + "x" * 242,
+                 "image/png; a=" + "x" * 243]
         cases = [("url", u, {"content_type": "image/png", "url": u}) for u in urls] + \
                 [("sha256", h, {"content_type": "image/png", "url": "https://a.example/f", "sha256": h}) for h in sums] + \
                 [("content_type", t, {"content_type": t, "url": "https://a.example/f"}) for t in types]

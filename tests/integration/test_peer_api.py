@@ -283,6 +283,65 @@ def test_an_attachment_url_with_a_user_or_password_is_refused(daemon, peers, pg,
     assert ev["content"]["attachments"][0]["url"] == "https://files.example/u@1?by=a@b"
 
 
+def test_an_attachment_filename_too_long_is_malformed_not_too_large(daemon, peers, pg, db_url):
+    """A filename is at most 255 bytes (EVENT_FILENAME_MAX): a longer one
+    is malformed input, 400 invalid_body at the member saying so, as every
+    other filename the API does not take, and nothing is stored.  Until the
+    fifty-second session it was 413 too_large, which tells a peer to send
+    less (its body was small).  255 bytes pass, in two-byte letters too."""
+    (a, _), (b, sb) = peers
+    rm = room(a, b)
+
+    def post(name, idem):
+        return a.call("POST", f"/v1/rooms/{rm['id']}/messages", idem=idem, body={
+            "type": "message", "sender": a.user("alice"),
+            "content": {"parts": [{"type": "text/plain", "body": "f"}],
+                        "attachments": [{"content_type": "image/png", "url": "https://files.example/1",
+                                         "size": 1, "filename": name}]}})
+
+    for i, name in enumerate(("f" * 256, "\u00e9" * 128, "f" * 4096)):
+        r = post(name, f"long{i}")
+        assert r.status_code == 400 and r.json()["code"] == "invalid_body", r.text
+        assert "at most 255 bytes" in r.json()["detail"], r.text
+        assert "(at /content/attachments/0/filename)" in r.json()["detail"], r.text
+        assert r.headers["Content-Type"].startswith("application/problem+json"), r.headers
+    assert pg.psql("SELECT count(*) FROM events", db_url) == "0"
+    assert post("f" * 254 + ".", "fits").status_code == 202
+    assert post("\u00e9" * 127 + "x", "fits2").status_code == 202
+    got = sb.wait_events(2)
+    assert sorted(len(e["content"]["attachments"][0]["filename"].encode()) for e in got) == [255, 255], got
+
+
+def test_an_attachment_content_type_is_a_media_type_with_parameters(daemon, peers, pg, db_url):
+    """An attachment's content_type is an RFC 9110 media type whose type
+    and subtype are RFC 6838 restricted names: parameters are taken and
+    passed on as they came; a wildcard, a token character outside the
+    names' set, a line break in a quoted value are 400 invalid_body, and
+    nothing is stored.  Until the fifty-second session any two tokens were
+    taken (*/*, image/x-'or'1) and "text/plain; charset=utf-8" was
+    refused."""
+    (a, _), (b, sb) = peers
+    rm = room(a, b)
+
+    def post(ct, idem):
+        return a.call("POST", f"/v1/rooms/{rm['id']}/messages", idem=idem, body={
+            "type": "message", "sender": a.user("alice"),
+            "content": {"parts": [{"type": "text/plain", "body": "f"}],
+                        "attachments": [{"content_type": ct, "url": "https://files.example/1", "size": 1}]}})
+
+    for i, ct in enumerate(("*/*", "image/x-'or'1", "image/png; q=\"a\r\nX-Injected: 1\"", "image/png ",
+                            "image/png; q", "-x/y")):
+        r = post(ct, f"bad{i}")
+        assert r.status_code == 400 and r.json()["code"] == "invalid_body", (ct, r.text)
+        assert "(at /content/attachments/0/content_type)" in r.json()["detail"], r.text
+    assert pg.psql("SELECT count(*) FROM events", db_url) == "0"
+    good = ["text/plain; charset=utf-8", 'text/plain;charset="utf-8" ;format=flowed']
+    for i, ct in enumerate(good):
+        assert post(ct, f"good{i}").status_code == 202, ct
+    got = sb.wait_events(2)
+    assert sorted(e["content"]["attachments"][0]["content_type"] for e in got) == sorted(good), got
+
+
 def test_a_stored_event_that_does_not_parse_is_a_dead_letter_not_an_empty_shell(daemon, peers, pg, db_url):
     """An event stored before the thirtieth session may hold a number that
     jansson cannot read back (1e19, stored as 20 digits): until then it was

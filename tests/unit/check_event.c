@@ -259,8 +259,8 @@ static void assert_error(const struct ecase *k, const char *code, const char *po
 
 START_TEST(event_cases)
 {
-	static struct ecase cases[200];
-	int n = load_cases("event_cases.txt", cases, 200);
+	static struct ecase cases[300];
+	int n = load_cases("event_cases.txt", cases, 300);
 	ck_assert_int_ge(n, 60);
 	for (int i = 0; i < n; i++) {
 		struct ecase *k = &cases[i];
@@ -306,8 +306,8 @@ END_TEST
  * \u0000 rule), with its limits. */
 START_TEST(from_json_agrees_with_parse)
 {
-	static struct ecase cases[200];
-	int n = load_cases("event_cases.txt", cases, 200);
+	static struct ecase cases[300];
+	int n = load_cases("event_cases.txt", cases, 300);
 	int compared = 0;
 	for (int i = 0; i < n; i++) {
 		struct ecase *k = &cases[i];
