@@ -481,23 +481,33 @@ static cw_err first_text(PGconn *c, const char *sql, int n, const char *const *p
 }
 
 /* The first evidence id (a JSON array, as text) that names a message kept
- * here of a room the reporter is no member of (in any state: one who left
- * still reports what she was sent), into bad; "" when none does.  An id
- * of no message kept is taken as it comes: the message may have been
- * purged (docs/operations.md, "Retention"), and a report keeps its ids
- * as text for that reason.  Until the forty-eighth session any id was
- * stored, and a peer's report could cite as its user's evidence a
- * message of a conversation she never saw, which the operator looking
- * it up (GET /admin/v1/messages/{id}) read as what the subject sent her. */
-static cw_err foreign_evidence(PGconn *c, const char *evidence, const char *reporter, char *bad, size_t len,
-			       cw_errmsg *e)
+ * here the reporting peer was never party to, into bad; "" when none
+ * does.  A message is the peer's when the reporter is (or was: one who
+ * left still reports what she was sent) a member of its room, and the
+ * peer sent it (origin_network, peer_network here) or was sent it: a row
+ * of it to the peer that went out (delivered, in flight, or tried).  An
+ * id of no message kept is taken as it comes: the message may have been
+ * purged (docs/operations.md, "Retention"; its outbox rows go with it),
+ * and a report keeps its ids as text for that reason.  Until the
+ * forty-eighth session any id was stored, and a peer's report could cite
+ * as its user's evidence a message of a conversation she never saw, which
+ * the operator looking it up (GET /admin/v1/messages/{id}) read as what
+ * the subject sent her; until the fifty-second session membership alone
+ * was asked, in any state and at any time, so that a user taken out of a
+ * group (or added to it late) cited what was written there while she was
+ * not in it, and her peer never got. */
+static cw_err foreign_evidence(PGconn *c, const char *evidence, const char *reporter, const char *peer_network,
+			       char *bad, size_t len, cw_errmsg *e)
 {
-	const char *params[] = { evidence, reporter };
+	const char *params[] = { evidence, reporter, peer_network };
 	return first_text(c,
 		"SELECT ev.public_id FROM jsonb_array_elements_text($1::jsonb) WITH ORDINALITY AS x(id, n) "
 		"JOIN events ev ON ev.public_id = x.id WHERE NOT EXISTS (SELECT 1 FROM room_members m "
 		"JOIN identities i ON i.id = m.identity_id WHERE m.room_id = ev.room_id AND i.uri = $2) "
-		"ORDER BY x.n LIMIT 1", 2, params, bad, len, e);
+		"OR (ev.origin_network <> $3 AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = ev.id "
+		" AND o.destination = $3 AND (o.state IN ('delivered', 'in_flight', 'failed', 'dead') "
+		" OR o.attempts > 0))) "
+		"ORDER BY x.n LIMIT 1", 3, params, bad, len, e);
 }
 
 /* Whether the report is one of the same reporter's still open, the same
@@ -537,11 +547,12 @@ static cw_err report_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 					   .subject = in->local, .reason = in->reason, .evidence = evidence,
 					   .comment = in->comment, .actor = in->peer_network };
 	bool same = false;
-	cw_err rc = evidence ? foreign_evidence(c, evidence, in->remote, bad, sizeof(bad), e)
+	cw_err rc = evidence ? foreign_evidence(c, evidence, in->remote, in->peer_network, bad, sizeof(bad), e)
 			     : cw_fail(e, CW_ENOMEM, "out of memory");
 	if (!rc && bad[0]) /* nothing stored */
-		app_job_fail(j, 400, "invalid_body", "evidence %s is no message of a conversation of the reporter's",
-			     bad);
+		app_job_fail(j, 400, "invalid_body",
+			     "evidence %s is no message of a conversation of the reporter's that her provider sent "
+			     "or was sent", bad);
 	else if (!rc && !(rc = report_open_already(c, &rep, &same, e)) && !same)
 		rc = policy_report_store(c, j->app, &rep, NULL, e);
 	free(evidence);

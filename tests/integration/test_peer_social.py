@@ -350,6 +350,39 @@ def test_report_evidence_is_of_the_reporters_conversations(daemon, peers, pg, db
         f"{ours},msg_purged_long_ago"
 
 
+def test_report_evidence_is_what_the_reporters_peer_was_party_to(daemon, peers, pg, db_url):
+    """A member taken out of a group stays one who was in it: what was
+    written there after she left was never sent to her peer, and is no
+    evidence of hers (400 invalid_body naming it, nothing stored), while
+    what her peer was sent while she was in it, or sent itself, is.  Until
+    the fifty-second session her membership in any state was enough, and a
+    peer cited in its user's name messages it never got."""
+    (a, sa), (b, _) = peers
+    wally, tom = a.user("wally"), b.user("tom")
+    r = a.create_room([wally, tom, LOCAL + "alice"], kind="group")
+    assert r.status_code == 201, r.text
+    g = r.json()["id"]
+    own = a.send(g, wally, "wally's own").json()["id"]
+    seen = b.send(g, tom, "seen by wally").json()["id"]
+    sent = ("SELECT state FROM outbox o JOIN events ev ON ev.id = o.event_id "
+            f"WHERE ev.public_id = '{seen}' AND o.destination = 'peer:gk'")
+    wait_until(lambda: pg.psql(sent, db_url) == "delivered", what="the message pushed to wally's peer")
+    r = a.call("POST", f"/v1/rooms/{g}/members", {"remove": [wally]})
+    assert r.status_code == 200, r.text
+    unseen = b.send(g, tom, "after wally left").json()["id"]
+    assert pg.psql("SELECT count(*) FROM outbox o JOIN events ev ON ev.id = o.event_id "
+                   f"WHERE ev.public_id = '{unseen}' AND o.destination = 'peer:gk'", db_url) == "0"
+    rep = {"reporter": wally, "subject": LOCAL + "alice", "reason": "spam"}
+    r = a.call("POST", "/v1/reports", dict(rep, evidence=[seen, unseen]))
+    assert r.status_code == 400 and r.json()["code"] == "invalid_body", r.text
+    assert unseen in r.json()["detail"] and seen not in r.json()["detail"], r.text
+    assert pg.psql("SELECT count(*) FROM reports", db_url) == "0"
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'report.create'", db_url) == "0"
+    r = a.call("POST", "/v1/reports", dict(rep, evidence=[own, seen]))
+    assert r.status_code == 202, r.text
+    assert pg.psql("SELECT array_to_string(evidence_public_ids, ',') FROM reports", db_url) == f"{own},{seen}"
+
+
 def test_a_report_sent_again_while_open_is_stored_once(daemon, peers, pg, db_url):
     """The same report again (a retry whose answer the peer did not get:
     the route takes no Idempotency-Key) while the first is open is
