@@ -1124,16 +1124,71 @@ void peer_admin_rotate(struct cw_req *req, void *ctx)
 	start_change(ctx, req, in, rotate_fn);
 }
 
+/* The rows a pull handed out to the peer $1 (its destination) and it did
+ * not acknowledge, made due again for the push when the peer is switched
+ * from pull to push (change_fn): until the fifty-second session they
+ * stayed in flight until their hand-out ran out (10 minutes, peer_pull.c's
+ * HANDOUT_S), and their rooms with them, for the push takes no row of a
+ * room while one of its rows is in flight.  Not a try (the pull counts
+ * none), as when a hand-out runs out (dispatcher.c, cw_take_back). */
+static const char release_pulled_sql[] =
+	"WITH r AS (UPDATE outbox SET state = 'pending', claimed_by = NULL, claimed_until = NULL, "
+	" last_error = 'handed out to the peer''s pull and not acknowledged when the peer was switched to push: "
+	"to be pushed (not a try: none counted)' "
+	" WHERE destination = $1 AND state = 'in_flight' AND starts_with(claimed_by, 'pull#') RETURNING 1) "
+	"SELECT count(*) FROM r";
+
+/* A PATCH that gives a mode takes the peer's pull turn first (peer_pull.c's
+ * pull_lock_sql, held to the commit), so that no pull of it hands rows out
+ * across the switch: one after it sees the new mode. */
 static cw_err change_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct peer_input *in = &((struct admin_change *)j->data)->in;
+	char dest[PEER_NAME_MAX + 8];
+	snprintf(dest, sizeof(dest), "peer:%s", in->name);
+	const char *dp[] = { dest };
+	bool was_pull = false;
+	if (in->mode[0]) {
+		PGresult *r = PQexecParams(c, "SELECT pg_advisory_xact_lock(hashtextextended('causeway.pull:' || $1, 0))",
+					   1, NULL, dp, NULL, NULL, 0);
+		cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+		if (rc)
+			return rc;
+		PQclear(r);
+		const char *np[] = { in->name };
+		r = PQexecParams(c, "SELECT mode, push_url IS NOT NULL FROM peers WHERE name = $1 FOR UPDATE", 1, NULL,
+				 np, NULL, NULL, 0);
+		if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
+			return rc;
+		if (PQntuples(r) == 0) {
+			PQclear(r);
+			app_job_fail(j, 404, "not_found", "no peer of that name");
+			return CW_OK;
+		}
+		was_pull = strcmp(PQgetvalue(r, 0, 0), "pull") == 0;
+		bool has_url = PQgetvalue(r, 0, 1)[0] == 't';
+		PQclear(r);
+		if (strcmp(in->mode, "push") == 0 && !in->has_url && !has_url) {
+			app_job_fail(j, 400, "invalid_body", "a push peer needs a push_url: give one with mode push");
+			return CW_OK;
+		}
+	}
 	/* without event_types, $3 is no array at all ("" is not one) */
 	const char *params[] = { in->name, in->has_types ? "t" : "f", in->has_types && !in->types_null ? in->types : NULL,
-				 in->has_url ? in->url : NULL };
-	return update_fn(c, j, e,
-			 "UPDATE peers SET event_types = CASE WHEN $2::boolean THEN $3::text[] ELSE event_types END, "
-			 "push_url = coalesce($4, push_url), updated_at = now() WHERE name = $1 RETURNING " PEER_COLUMNS,
-			 NULL, "peer.update", 4, params, NULL, NULL);
+				 in->has_url ? in->url : NULL, in->mode[0] ? in->mode : NULL };
+	cw_err rc = update_fn(c, j, e,
+			      "UPDATE peers SET event_types = CASE WHEN $2::boolean THEN $3::text[] ELSE event_types END, "
+			      "push_url = coalesce($4, push_url), mode = coalesce($5, mode), updated_at = now() "
+			      "WHERE name = $1 RETURNING " PEER_COLUMNS,
+			      NULL, "peer.update", 5, params, NULL, NULL);
+	if (rc || j->err_code || !was_pull || strcmp(in->mode, "push") != 0)
+		return rc;
+	PGresult *r = PQexecParams(c, release_pulled_sql, 1, NULL, dp, NULL, NULL, 0);
+	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
+		return rc;
+	bool some = strcmp(PQgetvalue(r, 0, 0), "0") != 0;
+	PQclear(r);
+	return some ? store_exec(c, "NOTIFY causeway_outbox", e) : CW_OK;
 }
 
 void peer_admin_update(struct cw_req *req, void *ctx)
@@ -1150,18 +1205,20 @@ void peer_admin_update(struct cw_req *req, void *ctx)
 	const char *key, *bad = NULL;
 	json_t *v;
 	json_object_foreach(body, key, v)
-		if (strcmp(key, "event_types") != 0 && strcmp(key, "push_url") != 0)
-			bad = "only event_types and push_url can be changed (credentials: /rotate)";
-	const char *url = str_field(body, "push_url");
+		if (strcmp(key, "event_types") != 0 && strcmp(key, "push_url") != 0 && strcmp(key, "mode") != 0)
+			bad = "only event_types, push_url and mode can be changed (credentials: /rotate)";
+	const char *url = str_field(body, "push_url"), *mode = str_field(body, "mode");
 	if (!in) {
 		cw_req_no_memory(req);
 		json_decref(body);
 		return;
 	}
 	if (!bad && json_object_size(body) == 0)
-		bad = "nothing to change: give event_types or push_url";
+		bad = "nothing to change: give event_types, push_url or mode";
 	else if (!bad && json_object_get(body, "push_url") && (!url || !peer_url_valid(url)))
 		bad = PUSH_URL_RULE;
+	else if (!bad && json_object_get(body, "mode") && (!mode || (strcmp(mode, "push") != 0 && strcmp(mode, "pull") != 0)))
+		bad = "mode must be push or pull";
 	if (bad) {
 		cw_req_problem(req, 400, "invalid_body", "Invalid body", bad);
 		free(in);
@@ -1178,6 +1235,8 @@ void peer_admin_update(struct cw_req *req, void *ctx)
 		snprintf(in->url, sizeof(in->url), "%s", url);
 		in->has_url = true;
 	}
+	if (mode)
+		snprintf(in->mode, sizeof(in->mode), "%s", mode);
 	json_decref(body);
 	start_change(ctx, req, in, change_fn);
 }

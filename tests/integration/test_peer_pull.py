@@ -342,6 +342,52 @@ def test_a_peer_switched_to_push_is_not_handed_its_pulled_rows_again(daemon, pg,
         srv.close()
 
 
+def test_a_peer_switched_to_push_by_the_admin_api_is_pushed_its_pulled_rows_at_once(daemon, pg, db_url):
+    """PATCH /admin/v1/peers/{name} with "mode": "push" switches a pull
+    peer to push, and the rows a pull handed out and the peer did not
+    acknowledge are made due again at once, to be pushed in order with the
+    rest (none counted as a try), not left in flight until their hand-out
+    runs out 10 minutes on, their rooms waiting with them (until the
+    fifty-second session the API had no mode, and a peer switched in the
+    table waited so).  A mode of another value, or push without a push_url
+    given or stored, is 400 and changes nothing."""
+    a, b, rm, srv = make_peers(daemon)
+    srv2 = NotifyServer()
+    srv2.public_b64 = daemon.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
+    try:
+        ids = [a.send(rm["id"], a.user("alice"), f"p{i}").json()["id"] for i in range(2)]
+        got = b.call("GET", "/v1/events?after=0").json()
+        assert [e["id"] for e in got["events"]] == ids, got
+        ids.append(a.send(rm["id"], a.user("alice"), "p2").json()["id"])  # not handed out yet
+        mode = "SELECT mode FROM peers WHERE name = 'tg'"
+        for body in ({"mode": "poll"}, {"mode": 1}, {"mode": "push"}, {"mode": "push", "push_url": "ftp://x"}):
+            r = daemon.admin("PATCH", "/peers/tg", json=body)
+            assert r.status_code == 400 and r.json()["code"] == "invalid_body", (body, r.text)
+        assert pg.psql(mode, db_url) == "pull"
+        assert pg.psql("SELECT count(*) FROM outbox WHERE destination = 'peer:tg' AND state = 'in_flight'",
+                       db_url) == "2"
+        started = time.monotonic()
+        r = daemon.admin("PATCH", "/peers/tg", json={"mode": "push", "push_url": srv2.url})
+        assert r.status_code == 200 and r.json()["mode"] == "push", r.text
+        assert pg.psql(mode, db_url) == "push"
+        pushed = srv2.wait_events(3, timeout=15)
+        assert [e["id"] for e in pushed] == ids, pushed
+        assert time.monotonic() - started < 15
+        wait_until(lambda: pg.psql("SELECT string_agg(DISTINCT state, ',') FROM outbox "
+                                   "WHERE destination = 'peer:tg'", db_url) == "delivered", what="all pushed")
+        assert pg.psql("SELECT count(*) FROM delivery_attempts d JOIN outbox o ON o.id = d.outbox_id "
+                       "WHERE o.destination = 'peer:tg' AND NOT d.ok", db_url) == "0"
+        # a pull now (an old poller) is handed nothing, and acknowledges nothing it did not get
+        again = b.call("GET", f"/v1/events?after={got['next']}")
+        assert again.status_code == 200 and again.json()["events"] == [], again.text
+        audit = pg.psql("SELECT details->>'mode' FROM audit_log WHERE action = 'peer.update' "
+                        "AND subject = 'tg' ORDER BY id DESC LIMIT 1", db_url)
+        assert audit == "push", audit
+    finally:
+        srv.close()
+        srv2.close()
+
+
 def test_a_pulled_row_taken_back_unacknowledged_has_no_try_in_its_trace(make_daemon, pg, db_url):
     """Rows a pull handed out and the peer did not acknowledge within 10
     minutes are taken back by the dispatcher's recovery of run-out claims,
