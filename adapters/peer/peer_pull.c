@@ -417,6 +417,16 @@ static bool hand_out(struct peer_pull *p, struct waiter *w, bool final, bool pas
 	json_t *events = json_array();
 	struct cw_buf expired; /* the stale typing notifications' rows (pull_expire_sql) */
 	cw_buf_init(&expired, 24 * (size_t)n + 1);
+	/* The answer's size as it is sent (compact JSON): pull_sql's bound
+	 * counts the stored content, but a local user's file goes as a link of
+	 * Causeway's (peer_media_offer), a third longer than its source and
+	 * then some, and an answer of such events passed the bound by half
+	 * (until the fifty-second session).  The rows from the one that would
+	 * pass it on are left in flight above the answer's next, as pull_sql
+	 * leaves those past its bound: the next answer starts with them.  The
+	 * first event goes whatever its size. */
+	size_t answer = sizeof("{\"events\":[],\"next\":\"\"}") + 24, bound = (size_t)answer_bytes(p);
+	int upto = n; /* the rows this answer passes (its next is the last one's) */
 	for (int i = 0; i < n; i++) {
 		/* A type the peer does not take is passed over (and acknowledged
 		 * with the rest by the next request's after); so is a row the
@@ -458,8 +468,16 @@ static bool hand_out(struct peer_pull *p, struct waiter *w, bool final, bool pas
 			}
 			continue;
 		}
-		json_array_append_new(events, p->app ? peer_media_offer(p->app, w->destination + 5, ev) : json_incref(ev));
+		json_t *out = p->app ? peer_media_offer(p->app, w->destination + 5, ev) : json_incref(ev);
 		json_decref(ev);
+		size_t size = json_dumpb(out, NULL, 0, JSON_COMPACT) + 1; /* and its comma */
+		if (json_array_size(events) > 0 && answer + size > bound) {
+			json_decref(out);
+			upto = i;
+			break;
+		}
+		answer += size;
+		json_array_append_new(events, out);
 	}
 	/* Not expired (the database away): 503, as for an unreadable row. */
 	if (expired.len) {
@@ -473,7 +491,7 @@ static bool hand_out(struct peer_pull *p, struct waiter *w, bool final, bool pas
 	}
 	cw_buf_free(&expired);
 	char next[24];
-	snprintf(next, sizeof(next), "%s", n ? PQgetvalue(r, n - 1, 0) : after);
+	snprintf(next, sizeof(next), "%s", upto ? PQgetvalue(r, upto - 1, 0) : after);
 	PQclear(r);
 	free(gone);
 	/* Nothing to give (rows of types the peer does not take, stale

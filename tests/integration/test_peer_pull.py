@@ -464,6 +464,61 @@ def test_a_backlog_of_large_events_comes_in_several_bounded_answers(make_daemon,
     srv.close()
 
 
+def test_an_answer_of_local_users_files_keeps_its_bound_as_sent(make_daemon, db_url, pg):
+    """A local user's file goes to the peer as a link of Causeway's
+    (/v1/media/{token}?ev=&exp=, peer_media_offer), longer than its mxc://
+    source: the answer's bound (server.max_body_bytes) holds for the
+    answer as sent, links and all, not for the stored events, and a
+    backlog of such messages comes in several answers, in order, none
+    lost.  Until the fifty-second session the bound counted the stored
+    content, and such an answer passed it by some 40 %."""
+    from homeserver import Homeserver
+    from test_matrix import registration, start_mx  # here: test_matrix imports this module's neighbours
+    budget = 128 * 1024
+    hs = Homeserver(server_name="example.org", registration=registration())
+    hs.start()
+    d = start_mx(make_daemon, db_url, hs, server={"max_body_bytes": "128KiB"})
+    a, b, rm, srv = make_peers(d)
+    try:
+        ids = []
+        for k in range(3):
+            items = [{"idempotency_key": f"f{k}-{i}", "room": rm["uri"] if "uri" in rm else rm["id"],
+                      "event": {"type": "message", "sender": a.user("alice"),
+                                "content": {"attachments": [
+                                    {"content_type": "image/png", "size": 1,
+                                     "url": f"mxc://example.org/{k:02d}{i:02d}{j}" + "m" * 140} for j in range(8)]}}}
+                     for i in range(40)]
+            r = a.call("POST", "/v1/batch", {"events": items})
+            assert r.status_code == 200, r.text
+            res = r.json()["results"]
+            assert all(x["status"] == "accepted" for x in res), res
+            ids += [x["id"] for x in res]
+        # made a local user's (a Matrix user's files, as her adapter makes them)
+        pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network) "
+                "VALUES ('mimi://example.org/u/zed', 'example.org', 'zed', true, 'matrix')", db_url)
+        pg.psql("UPDATE events SET sender_id = (SELECT id FROM identities WHERE uri = 'mimi://example.org/u/zed') "
+                f"WHERE public_id IN ({', '.join(repr(i) for i in ids)})", db_url)
+        got, sizes, cursor = [], [], "0"
+        for _ in range(len(ids) + 1):
+            r = b.call("GET", f"/v1/events?after={cursor}&limit=1000")
+            assert r.status_code == 200, r.text
+            body = r.json()
+            if not body["events"]:
+                break
+            sizes.append(len(r.content))
+            for e in body["events"]:
+                assert all(x["url"].startswith(d.url + "/v1/media/") for x in e["content"]["attachments"]), e
+            got += [e["id"] for e in body["events"]]
+            cursor = body["next"]
+        assert got == ids
+        assert len(sizes) >= 3 and max(sizes) <= budget, sizes
+        assert pg.psql("SELECT string_agg(DISTINCT state, ',') FROM outbox WHERE destination = 'peer:tg'",
+                       db_url) == "delivered"
+    finally:
+        srv.close()
+        hs.close()
+
+
 def test_a_stored_event_that_does_not_parse_is_not_pulled_as_an_empty_shell(daemon, pg, db_url):
     """As for a push (test_peer_api.py): an event stored before the
     thirtieth session with a number jansson cannot read (1e19, stored as
