@@ -40,7 +40,8 @@ const struct cfg_option cfg_options[] = {
 	  "behind a reverse proxy every connection is the proxy's)" },
 	{ "server", "connection_timeout_s", CFG_INT, OFF(connection_timeout_s), "30", 1, 3600, false, false,
 	  "idle HTTP connections are closed after this many seconds, and one whose request head (request line "
-	  "and headers) is not whole this long (and a second) after it was accepted or its last request ended" },
+	  "and headers) is not whole this long (and a second) after it was accepted or its last request ended, "
+	  "and one whose request body is read slower than that and a second more per 500 bytes from its head's end" },
 	{ "server", "max_body_bytes", CFG_SIZE, OFF(max_body_bytes), "1MiB", 1024, 64L << 20, false, false,
 	  "largest request body accepted (larger: 413), and about the most of stored events in one pull answer or "
 	  "one delivery batch; suffixes KiB, MiB" },
