@@ -230,6 +230,7 @@ struct tok_job {
 	const char *same_sql; /* sql changed no row: the row as it is, a repeat's answer (no audit, no NOTIFY) */
 	const char *lock_sql; /* run before sql, a statement of its own (its lock held until the commit) */
 	bool same;            /* answered by same_sql */
+	char xid[POLICY_XID_LEN]; /* the change's transaction, for the sync */
 };
 
 static cw_err tok_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
@@ -278,8 +279,10 @@ static cw_err tok_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		cw_err rc = store_check(c, r, PGRES_COMMAND_OK, e);
 		if (!rc) {
 			PQclear(r);
-			rc = store_exec(c, "NOTIFY causeway_policy", e); /* every process reloads its tokens */
+			rc = policy_notify_user(c, NULL, e); /* every process reloads its tokens */
 		}
+		if (!rc)
+			rc = policy_change_xid(c, q->xid, e);
 		if (rc) {
 			json_decref(body);
 			return rc;
@@ -310,7 +313,7 @@ static void tok_after(struct app_job *j)
 	 * tokens' read failed.  A new token held by then is in force, as a
 	 * revoked one is once dropped (below): the warning is for a new token
 	 * not held yet, whatever the sync says. */
-	policy_live_sync(j->app->policy, 2000);
+	policy_live_sync(j->app->policy, q->xid, 2000);
 	if (!revoke && !admin_tokens_known(j->app->admins, q->buf[0]))
 		LOG_KV(CW_LOG_WARN, "the token change is committed but not yet in force here (reload slow or failing)");
 	/* Again: a reload that read the tokens before the revocation

@@ -63,6 +63,7 @@ struct aq {
 			         anything is made */
 	const char *records;  /* a page of this table's records: the id up to which every row is
 			         committed (app_list_horizon) is the statement's last parameter */
+	char xid[POLICY_XID_LEN]; /* a change the policy reads: its transaction, for the sync ("": none) */
 };
 
 static void aq_free(void *arg)
@@ -258,6 +259,12 @@ static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 			json_decref(body);
 			return rc;
 		}
+		/* the sync waits for a view that has this transaction's change,
+		 * and loads nothing for it when its NOTIFY's load has */
+		if (!q->not_policy && (rc = policy_change_xid(c, q->xid, e))) {
+			json_decref(body);
+			return rc;
+		}
 	}
 	j->status = q->status;
 	j->body = body;
@@ -272,8 +279,8 @@ static void poke_after(struct app_job *j)
 	if (q && (q->noop || q->not_policy)) /* nothing the policy reads changed */
 		return;
 	/* A change of one user's facts: that user's alone (an overlay). */
-	bool ok = q && q->local_id[0] ? policy_live_sync_user(j->app->policy, atoll(q->local_id), 2000)
-				      : policy_live_sync(j->app->policy, 2000);
+	bool ok = q && q->local_id[0] ? policy_live_sync_user(j->app->policy, atoll(q->local_id), q->xid, 2000)
+				      : policy_live_sync(j->app->policy, q ? q->xid : NULL, 2000);
 	if (!ok)
 		LOG_KV(CW_LOG_WARN, "the policy change is committed but not yet in force here (reload slow or failing)");
 }
@@ -1418,7 +1425,7 @@ static const char report_sql[] =
 	"  a::jsonb AS d FROM ans "
 	"  UNION ALL SELECT 1, 'system:reports', 'rule.create', id, " RULE_JSON "::jsonb "
 	"  || jsonb_build_object('report', (SELECT id FROM rep)) FROM lim) x ORDER BY x.k) "
-	"SELECT a::text, (SELECT count(pg_notify('causeway_policy', '')) FROM lim) FROM ans";
+	"SELECT a::text, (SELECT count(pg_notify('causeway_policy', 'x:' || pg_current_xact_id())) FROM lim) FROM ans";
 
 /* The subject a report is stored under, into out (MIMI_URI_MAX + 1
  * bytes), so that one person is one subject (the admin views' counts, the
@@ -1557,6 +1564,8 @@ static cw_err report_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		/* report_sql notifies every process of a limit it made; with
 		 * none, no reload is waited for */
 		q->not_policy = json_is_null(json_object_get(j->body, "limit_rule_id"));
+		if (!q->not_policy)
+			rc = policy_change_xid(c, q->xid, e);
 	}
 	return rc;
 }

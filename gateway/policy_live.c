@@ -19,9 +19,65 @@
 #include <time.h>
 #include <unistd.h>
 
+bool policy_xsnap_parse(const char *text, struct policy_xsnap *s)
+{
+	*s = (struct policy_xsnap){ 0, 0, NULL, 0 };
+	char *end;
+	uint64_t xmin, xmax;
+	size_t n = 0;
+	if (*text < '0' || *text > '9')
+		return false;
+	xmin = strtoull(text, &end, 10);
+	if (*end != ':' || end[1] < '0' || end[1] > '9')
+		return false;
+	xmax = strtoull(end + 1, &end, 10);
+	if (*end != ':' || xmin > xmax)
+		return false;
+	const char *list = end + 1;
+	for (const char *p = list; *p; p++)
+		n += *p == ',';
+	n += *list != '\0';
+	uint64_t *xip = n ? malloc(n * sizeof(*xip)) : NULL;
+	if (n && !xip)
+		return false;
+	const char *p = list;
+	for (size_t i = 0; i < n; i++) {
+		if (*p < '0' || *p > '9')
+			goto bad;
+		xip[i] = strtoull(p, &end, 10);
+		if (xip[i] < xmin || xip[i] >= xmax || (*end != ',' && *end != '\0') || (*end == '\0') != (i + 1 == n))
+			goto bad;
+		p = end + 1;
+	}
+	*s = (struct policy_xsnap){ xmin, xmax, xip, n };
+	return true;
+bad:
+	free(xip);
+	return false;
+}
+
+bool policy_xsnap_sees(const struct policy_xsnap *s, uint64_t xid)
+{
+	if (xid == 0 || xid >= s->xmax)
+		return false;
+	if (xid < s->xmin)
+		return true;
+	for (size_t i = 0; i < s->nxip; i++)
+		if (s->xip[i] == xid)
+			return false;
+	return true;
+}
+
+void policy_xsnap_free(struct policy_xsnap *s)
+{
+	free(s->xip);
+	*s = (struct policy_xsnap){ 0, 0, NULL, 0 };
+}
+
 void policy_view_put(struct policy_view *v)
 {
 	if (v && atomic_fetch_sub(&v->refs, 1) == 1) {
+		policy_xsnap_free(&v->xs);
 		policy_snapshot_free(v->snap);
 		policy_view_put(v->base); /* after: the overlay refers to it */
 		free(v->users);
@@ -234,16 +290,27 @@ static cw_err load_view(PGconn *c, uint64_t version, struct policy_builder *b, f
 		policy_builder_free(b);
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	}
-	cw_err rc = store_exec(c, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", e);
-	if (!rc)
+	/* The transaction's snapshot is taken by its first statement, which
+	 * says what it is: the changes this view has (policy_xsnap).  One
+	 * that does not parse sees nothing: each NOTIFY is loaded. */
+	PGresult *r = PQexec(c, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT pg_current_snapshot()");
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (!rc) {
+		policy_xsnap_parse(PQgetvalue(r, 0, 0), &v->xs);
+		PQclear(r);
 		rc = store_end(c, fill(c, b, arg, e), e);
+	} else if (PQtransactionStatus(c) == PQTRANS_INERROR) {
+		store_end(c, rc, e); /* BEGIN went, the snapshot's statement failed: rolled back */
+	}
 	if (rc) {
 		policy_builder_free(b);
+		policy_xsnap_free(&v->xs);
 		free(v);
 		return rc;
 	}
 	v->snap = policy_builder_finish(b, version);
 	if (!v->snap) {
+		policy_xsnap_free(&v->xs);
 		free(v);
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	}
@@ -1307,12 +1374,23 @@ const char POLICY_USER_SUMMARY_SQL[] =
 cw_err policy_notify_user(PGconn *c, const char *local_id, cw_errmsg *e)
 {
 	const char *np[] = { local_id && *local_id ? local_id : NULL };
-	PGresult *r = PQexecParams(c, "SELECT pg_notify('causeway_policy', coalesce('u:' || $1::bigint, ''))", 1,
-				   NULL, np, NULL, NULL, 0);
+	PGresult *r = PQexecParams(c, "SELECT pg_notify('causeway_policy', 'x:' || pg_current_xact_id() "
+				      "|| coalesce(';u:' || $1::bigint, ''))", 1, NULL, np, NULL, NULL, 0);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (!rc)
 		PQclear(r);
 	return rc;
+}
+
+cw_err policy_change_xid(PGconn *c, char *xid, cw_errmsg *e)
+{
+	PGresult *r = PQexec(c, "SELECT pg_current_xact_id()::text");
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	snprintf(xid, POLICY_XID_LEN, "%s", PQgetvalue(r, 0, 0));
+	PQclear(r);
+	return CW_OK;
 }
 
 /* Whether a consent change of local user $1 (kind $2, subject $3, state
@@ -1691,9 +1769,10 @@ struct policy_live {
 	int64_t pending[POLICY_OVERLAY_MAX];
 	size_t npending;
 	bool want_full;
-	/* Asked by policy_live_sync_user (under mu): a reload of these users,
-	 * or (asked_all) of everything. */
-	int64_t asked[POLICY_OVERLAY_MAX];
+	/* Asked by the syncs (under mu): a reload of these users (id; 0:
+	 * everything) unless the view in force has the change of transaction
+	 * xid (0: not known), or (asked_all) of everything. */
+	struct { int64_t id; uint64_t xid; } asked[POLICY_OVERLAY_MAX];
 	size_t nasked;
 	bool asked_all;
 	/* The recheck of the rows not handed over (recheck_turn): a pass over
@@ -1763,29 +1842,83 @@ static void add_pending(struct policy_live *pl, int64_t id)
 		pl->pending[pl->npending++] = id;
 }
 
+/* Whether view v has read the change of transaction xid (0: not known) to
+ * everything (n 0: its base's whole load did) or to the facts of the
+ * users ids (n), which an overlay of them may have read since. */
+static bool view_has(const struct policy_view *v, uint64_t xid, const int64_t *ids, size_t n)
+{
+	const struct policy_view *base = v->base ? v->base : v;
+	if (policy_xsnap_sees(&base->xs, xid))
+		return true;
+	if (n == 0 || !v->base || !policy_xsnap_sees(&v->xs, xid))
+		return false;
+	for (size_t i = 0; i < n; i++) {
+		size_t k = 0;
+		while (k < v->nusers && v->users[k] != ids[i])
+			k++;
+		if (k == v->nusers)
+			return false;
+	}
+	return true;
+}
+
+static void recheck_users_add(struct policy_live *pl, const int64_t *ids, size_t n);
+
 /* A NOTIFY causeway_policy: "u:<id>,..." names the local users whose facts
  * changed; anything else (or more users than an overlay holds) asks for a
- * whole reload. */
+ * whole reload.  Either may start "x:<xid8>;" (or be "x:<xid8>" alone: a
+ * change of more than users' facts), the transaction that made it
+ * (policy_notify_user): a change the view in force has read already
+ * (loaded for this process's own sync, or for another change heard
+ * before) is not loaded again; its users' rows are decided again all the
+ * same, as for a change loaded (recheck_users_add).  Called on the
+ * thread, the only one that swaps pl->cur. */
 static void heard(const char *channel, const char *payload, void *arg)
 {
 	(void)channel;
 	struct policy_live *pl = arg;
 	if (pl->want_full)
 		return;
+	uint64_t xid = 0;
+	char *end;
+	if (strncmp(payload, "x:", 2) == 0 && payload[2] >= '0' && payload[2] <= '9') {
+		xid = strtoull(payload + 2, &end, 10);
+		if (*end != ';' && *end != '\0') {
+			pl->want_full = true;
+			return;
+		}
+		payload = *end ? end + 1 : end;
+		if (!*payload) { /* a change of more than users' facts */
+			if (!view_has(pl->cur, xid, NULL, 0))
+				pl->want_full = true;
+			return;
+		}
+	}
 	if (strncmp(payload, "u:", 2) != 0) {
 		pl->want_full = true;
 		return;
 	}
+	int64_t ids[POLICY_OVERLAY_MAX];
+	size_t n = 0;
 	for (const char *p = payload + 2; *p;) {
-		char *end;
 		long long id = strtoll(p, &end, 10);
-		if (end == p || id <= 0 || (*end && *end != ',')) {
+		if (end == p || id <= 0 || (*end && *end != ',') || n == POLICY_OVERLAY_MAX) {
 			pl->want_full = true;
 			return;
 		}
-		add_pending(pl, id);
+		ids[n++] = id;
 		p = *end ? end + 1 : end;
 	}
+	if (n == 0) {
+		pl->want_full = true;
+		return;
+	}
+	if (view_has(pl->cur, xid, ids, n)) {
+		recheck_users_add(pl, ids, n);
+		return;
+	}
+	for (size_t i = 0; i < n; i++)
+		add_pending(pl, ids[i]);
 }
 
 struct policy_view *policy_live_get(struct policy_live *pl)
@@ -2080,17 +2213,19 @@ static bool reload_users(struct policy_live *pl)
 	return !pl->want_full && put_in_force(pl, rc, v, &e);
 }
 
-/* n 0: everything. */
-static bool sync_request(struct policy_live *pl, const int64_t *ids, size_t n, long timeout_ms)
+/* n 0: everything; xid the change's transaction (0: not known). */
+static bool sync_request(struct policy_live *pl, const int64_t *ids, size_t n, uint64_t xid, long timeout_ms)
 {
 	if (!pl)
 		return false;
 	pthread_mutex_lock(&pl->mu);
 	uint64_t want = ++pl->requested;
-	if (n == 0 || pl->nasked + n > POLICY_OVERLAY_MAX)
+	if (pl->nasked + (n ? n : 1) > POLICY_OVERLAY_MAX)
 		pl->asked_all = true;
-	for (size_t i = 0; i < n && !pl->asked_all; i++)
-		pl->asked[pl->nasked++] = ids[i];
+	for (size_t i = 0; i < (n ? n : 1) && !pl->asked_all; i++) {
+		pl->asked[pl->nasked].id = n ? ids[i] : 0;
+		pl->asked[pl->nasked++].xid = xid;
+	}
 	pthread_mutex_unlock(&pl->mu);
 	wake_thread(pl);
 	struct timespec until;
@@ -2105,14 +2240,24 @@ static bool sync_request(struct policy_live *pl, const int64_t *ids, size_t n, l
 	return ok;
 }
 
-bool policy_live_sync(struct policy_live *pl, long timeout_ms)
+/* A transaction id's text (policy_change_xid), 0 when none or not one. */
+static uint64_t xid_of(const char *xid)
 {
-	return sync_request(pl, NULL, 0, timeout_ms);
+	if (!xid || *xid < '0' || *xid > '9')
+		return 0;
+	char *end;
+	uint64_t x = strtoull(xid, &end, 10);
+	return *end ? 0 : x;
 }
 
-bool policy_live_sync_user(struct policy_live *pl, int64_t local_id, long timeout_ms)
+bool policy_live_sync(struct policy_live *pl, const char *xid, long timeout_ms)
 {
-	return sync_request(pl, &local_id, local_id > 0, timeout_ms);
+	return sync_request(pl, NULL, 0, xid_of(xid), timeout_ms);
+}
+
+bool policy_live_sync_user(struct policy_live *pl, int64_t local_id, const char *xid, long timeout_ms)
+{
+	return sync_request(pl, &local_id, local_id > 0, xid_of(xid), timeout_ms);
 }
 
 bool policy_live_catch_up(struct policy_live *pl, const int64_t *ids, size_t n, long timeout_ms)
@@ -2122,7 +2267,7 @@ bool policy_live_catch_up(struct policy_live *pl, const int64_t *ids, size_t n, 
 	pthread_mutex_lock(&pl->mu);
 	pl->st.catch_ups++;
 	pthread_mutex_unlock(&pl->mu);
-	return sync_request(pl, ids, n, timeout_ms);
+	return sync_request(pl, ids, n, 0, timeout_ms);
 }
 
 /* The walk of the pending consent requests (requests_turn) is due, from
@@ -2656,12 +2801,25 @@ static void *live_main(void *arg)
 		 * a change of anything but some users' facts; those alone load
 		 * an overlay of these users (policy_load_users). */
 		want = fresh || atomic_exchange(&pl->poked, false);
+		/* The syncs this turn answers (serving), and what they need
+		 * loaded: a sync whose change the view in force has read
+		 * (its NOTIFY's load, heard first) needs nothing. */
+		bool asked_whole = false, asked_users = false;
 		pthread_mutex_lock(&pl->mu);
-		uint64_t serving = pl->requested; /* the syncs this turn's reload answers */
+		uint64_t serving = pl->requested;
 		if (pl->asked_all)
-			pl->want_full = true;
-		for (size_t i = 0; i < pl->nasked; i++)
-			add_pending(pl, pl->asked[i]);
+			pl->want_full = asked_whole = true;
+		for (size_t i = 0; i < pl->nasked; i++) {
+			int64_t id = pl->asked[i].id;
+			if (view_has(pl->cur, pl->asked[i].xid, &id, id > 0))
+				continue;
+			if (id > 0) {
+				add_pending(pl, id);
+				asked_users = true;
+			} else {
+				pl->want_full = asked_whole = true;
+			}
+		}
 		pl->nasked = 0;
 		pl->asked_all = false;
 		pthread_mutex_unlock(&pl->mu);
@@ -2669,10 +2827,10 @@ static void *live_main(void *arg)
 		recheck_users_add(pl, pl->pending, pl->npending);
 		int64_t now = cw_now_us();
 		bool users = pl->npending > 0 && !want && !pl->want_full && now < next_reload && reload_users(pl);
-		bool loaded = users;
+		bool loaded = users, whole = false;
 		if (!users && (want || pl->want_full || pl->npending || now >= next_reload)) {
 			bool hook_ok;
-			loaded = reload(pl, &hook_ok);
+			loaded = whole = reload(pl, &hook_ok);
 			/* A whole load that failed (a query the database
 			 * refuses) took the users heard this turn with it:
 			 * until the forty-fifth session their new facts (a
@@ -2706,7 +2864,11 @@ static void *live_main(void *arg)
 		pl->npending = 0;
 		pl->want_full = false;
 		pthread_mutex_lock(&pl->mu);
-		if ((loaded || users) && serving > pl->done)
+		/* A sync of everything is answered by a whole load, not by an
+		 * overlay loaded after the whole one failed (until the
+		 * fifty-second session it was: the change was said in force
+		 * here while the rules in force were those of before it). */
+		if ((whole || (!asked_whole && (users || !asked_users))) && serving > pl->done)
 			pl->done = serving;
 		pthread_cond_broadcast(&pl->loaded);
 		pthread_mutex_unlock(&pl->mu);

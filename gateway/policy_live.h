@@ -52,8 +52,32 @@ struct policy_settings {
  * only those set, and the migrations' seeds). */
 void policy_settings_defaults(struct policy_settings *s);
 
+/* The snapshot a load read the database under (pg_current_snapshot()):
+ * whose changes it has.  A NOTIFY causeway_policy names the transaction
+ * that made its change (policy_notify_user), and one whose change the
+ * view in force has already read is not loaded again (until the
+ * fifty-second session the process that made a change loaded it twice:
+ * for its own sync, and again when it heard its own NOTIFY).  xmax 0:
+ * none known (it sees no transaction). */
+struct policy_xsnap {
+	uint64_t xmin, xmax; /* every transaction below xmin ended; none from xmax on had */
+	uint64_t *xip;       /* those between that had not (nxip, malloc'd) */
+	size_t nxip;
+};
+/* Parses pg_snapshot text ("xmin:xmax:xip,..."): false (and *s none
+ * known) when it is not one or memory runs out. */
+bool policy_xsnap_parse(const char *text, struct policy_xsnap *s);
+/* Whether the changes of transaction xid (xid8; 0: not known) committed
+ * before s was taken: a NOTIFY comes only from a transaction that
+ * committed, so ended before s is committed before it. */
+bool policy_xsnap_sees(const struct policy_xsnap *s, uint64_t xid);
+void policy_xsnap_free(struct policy_xsnap *s);
+/* The length of a transaction id's text (xid8: 20 digits) and its 0. */
+#define POLICY_XID_LEN 24
+
 struct policy_view {
 	struct policy_snapshot *snap;
+	struct policy_xsnap xs; /* what the load read under (an overlay: its users' facts) */
 	struct policy_settings set;
 	int64_t loaded_ms;
 	double load_ms;                  /* how long loading and compiling took */
@@ -83,8 +107,14 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
 #define POLICY_OVERLAY_MAX 256
 /* Tells every process that local user local_id's facts changed (on c, in
  * the caller's transaction: sent at its commit); local_id NULL or "":
- * something else changed, reload everything. */
+ * something else changed, reload everything.  The payload names the
+ * transaction first, "x:<xid8>;u:<id>" (or "x:<xid8>"): a process whose
+ * view in force has read it already loads nothing for it (policy_xsnap);
+ * one without it (an operator's NOTIFY by hand) is loaded as before. */
 cw_err policy_notify_user(PGconn *c, const char *local_id, cw_errmsg *e);
+/* The id of c's transaction (xid8 text, POLICY_XID_LEN bytes): for the
+ * sync of a change it made (policy_live_sync). */
+cw_err policy_change_xid(PGconn *c, char *xid, cw_errmsg *e);
 void policy_view_put(struct policy_view *v);
 
 /* Applies consent to held rows (all local users, or only target_id when it
@@ -357,11 +387,14 @@ void policy_rate_ledger_take_item(struct policy_rate_ledger *l, size_t item, int
 
 /* Asks for a reload and waits until a snapshot loaded after this call is
  * in force (a change this process just committed is then in effect here);
- * false after timeout_ms. */
-bool policy_live_sync(struct policy_live *pl, long timeout_ms);
+ * false after timeout_ms.  xid (NULL or "": not known) the transaction of
+ * the change (policy_change_xid, after its commit): a view in force that
+ * has read it answers at once, with no load (the one its NOTIFY made, heard
+ * first), and the load this sync makes answers that NOTIFY when it comes. */
+bool policy_live_sync(struct policy_live *pl, const char *xid, long timeout_ms);
 /* The same when only local user local_id's facts changed: that user's are
  * reloaded over the snapshot in force (an overlay), not everything. */
-bool policy_live_sync_user(struct policy_live *pl, int64_t local_id, long timeout_ms);
+bool policy_live_sync_user(struct policy_live *pl, int64_t local_id, const char *xid, long timeout_ms);
 /* The same for n local users (ids > 0) whose facts a reader found newer in
  * the database than in the snapshot in force (a change committed at
  * another process, or here, whose NOTIFY is not handled yet): counted in

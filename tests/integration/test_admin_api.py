@@ -1748,3 +1748,58 @@ def test_an_admin_answer_says_no_store_once(daemon):
         values = [x.partition(":")[2].strip() for x in lines[1:] if x.lower().startswith("cache-control:")]
         assert int(lines[0].split(" ")[1]) == status, (method, path, raw)
         assert values == ["no-store"], (method, path, lines)
+
+
+def reloads(d):
+    """The policy's reloads so far: (whole, users)."""
+    text = d.get("/metrics").text
+    return tuple(int(float(re.search(r'^causeway_policy_reloads_total\{kind="%s"\} (\S+)' % k, text, re.M).group(1)))
+                 for k in ("whole", "users"))
+
+
+def settled_reloads(d, quiet=1.0):
+    """reloads(d) once they have not moved for quiet seconds."""
+    last, since = reloads(d), time.time()
+    while time.time() - since < quiet:
+        time.sleep(0.1)
+        now = reloads(d)
+        if now != last:
+            last, since = now, time.time()
+    return last
+
+
+def test_a_change_is_loaded_once_where_it_is_made_and_once_where_it_is_heard(make_daemon, pg, db_url):
+    """A change through the admin API is answered once it is in force on the
+    process that made it (its sync), and NOTIFYs every process.  Until the
+    fifty-second session the process that made it loaded the policy twice
+    for it: once for the sync, once more when it heard its own NOTIFY (in
+    whichever order the two came), a whole reload of every rule and fact
+    for nothing.  It now loads once, and the other process, which only
+    hears the NOTIFY, loads once too: nothing heard is lost."""
+    opts = {"policy": {"reload_interval_s": "3600"}}
+    a = make_daemon(db_url, options=opts).start()
+    b = make_daemon(db_url, options=opts).start()
+    made = push_peers(a, (("gk", "wa.example"),))
+    for _, srv in made:
+        srv.close()
+    alice = "mimi://example.org/u/alice"
+    assert a.admin("POST", "/optins", json={"user": alice, "network": "peer:gk", "opted_in": True}).status_code == 200
+    rules = metric(b, "causeway_policy_rules")
+    a0, b0 = settled_reloads(a), settled_reloads(b)
+    n = 6
+    for i in range(n):
+        r = a.admin("POST", "/rules", json={"scope": "domain", "pattern": f"once{i}.example", "mode": "deny"})
+        assert r.status_code == 201, r.text
+        # in force here when answered, and heard there
+        assert metric(a, "causeway_policy_rules") == rules + i + 1
+        wait_until(lambda: metric(b, "causeway_policy_rules") == rules + i + 1, what="the rule heard by b")
+    for i in range(n):  # one user's facts: an overlay of hers
+        r = a.admin("POST", "/consents", json={"user": alice, "subject_kind": "user",
+                                                "subject": "mimi://wa.example/u/wally",
+                                                "state": "blocked" if i % 2 == 0 else "allowed"})
+        assert r.status_code == 200, r.text
+    a1, b1 = settled_reloads(a), settled_reloads(b)
+    assert (a1[0] - a0[0], a1[1] - a0[1]) == (n, n), (a0, a1)
+    # b heard each rule apart (waited for above); her changes maybe two at a time
+    assert b1[0] - b0[0] == n and 1 <= b1[1] - b0[1] <= n, (b0, b1)
+    assert "not yet in force here" not in a.log()

@@ -2735,6 +2735,45 @@ START_TEST(outbound_group_event_past_the_old_memo_charges_each_rule_once)
 }
 END_TEST
 
+/* The snapshot a policy load read under (pg_current_snapshot()'s text)
+ * tells which transactions' changes it has: those below xmin, and those
+ * below xmax not in progress then; a NOTIFY of one it has is not loaded
+ * again (gateway/policy_live.c, heard).  Text that is not a snapshot
+ * sees nothing, so every NOTIFY is loaded. */
+START_TEST(xsnap_sees_what_committed_before_it)
+{
+	struct policy_xsnap x;
+	ck_assert(policy_xsnap_parse("100:105:100,103", &x));
+	ck_assert_uint_eq(x.nxip, 2);
+	ck_assert(policy_xsnap_sees(&x, 3));
+	ck_assert(policy_xsnap_sees(&x, 99));
+	ck_assert(!policy_xsnap_sees(&x, 100)); /* in progress */
+	ck_assert(policy_xsnap_sees(&x, 101));
+	ck_assert(policy_xsnap_sees(&x, 102));
+	ck_assert(!policy_xsnap_sees(&x, 103));
+	ck_assert(policy_xsnap_sees(&x, 104));
+	ck_assert(!policy_xsnap_sees(&x, 105)); /* not yet begun */
+	ck_assert(!policy_xsnap_sees(&x, 0));   /* not known */
+	ck_assert(!policy_xsnap_sees(&x, UINT64_MAX));
+	policy_xsnap_free(&x);
+	ck_assert(policy_xsnap_parse("748:748:", &x));
+	ck_assert_uint_eq(x.nxip, 0);
+	ck_assert(policy_xsnap_sees(&x, 747) && !policy_xsnap_sees(&x, 748));
+	policy_xsnap_free(&x);
+	ck_assert(policy_xsnap_parse("4294967296:4294967300:4294967297", &x)); /* an epoch past the first */
+	ck_assert(policy_xsnap_sees(&x, 4294967296ULL) && !policy_xsnap_sees(&x, 4294967297ULL));
+	ck_assert(!policy_xsnap_sees(&x, 4294967300ULL) && policy_xsnap_sees(&x, 4294967295ULL));
+	policy_xsnap_free(&x);
+	static const char *const bad[] = { "", "100", "100:", "100:105", ":105:", "105:100:", "100:105:99",
+					   "100:105:105", "100:105:101,", "100:105:,101", "100:105:1x", "x:1:",
+					   "-1:5:", "100:105:101 ", NULL };
+	for (int i = 0; bad[i]; i++) {
+		ck_assert_msg(!policy_xsnap_parse(bad[i], &x), "%s", bad[i]);
+		ck_assert(!policy_xsnap_sees(&x, 1) && x.xip == NULL);
+	}
+}
+END_TEST
+
 /* The one FNV-1a (fnv.h) gives the published 64-bit FNV-1a values, in one
  * piece or in parts, and a field's NUL keeps neighbouring fields apart. */
 START_TEST(fnv1a_vectors)
@@ -2794,6 +2833,7 @@ int main(void)
 	tcase_add_test(rt, rl_windows_are_the_tables_own);
 	tcase_add_test(rt, rl_threads);
 	tcase_add_test(rt, fnv1a_vectors);
+	tcase_add_test(rt, xsnap_sees_what_committed_before_it);
 	suite_add_tcase(s, rt);
 	return unit_run(s);
 }
