@@ -2864,10 +2864,9 @@ static void *live_main(void *arg)
 		pl->npending = 0;
 		pl->want_full = false;
 		pthread_mutex_lock(&pl->mu);
-		/* A sync of everything is answered by a whole load, not by an
-		 * overlay loaded after the whole one failed (until the
-		 * fifty-second session it was: the change was said in force
-		 * here while the rules in force were those of before it). */
+		/* The syncs are answered when what they needed is loaded: a
+		 * whole load for one of everything, a whole load or an overlay
+		 * for some users'; nothing for those the view in force had. */
 		if ((whole || (!asked_whole && (users || !asked_users))) && serving > pl->done)
 			pl->done = serving;
 		pthread_cond_broadcast(&pl->loaded);
