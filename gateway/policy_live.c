@@ -1775,6 +1775,10 @@ struct policy_live {
 	struct { int64_t id; uint64_t xid; } asked[POLICY_OVERLAY_MAX];
 	size_t nasked;
 	bool asked_all;
+	/* The thread's: what the syncs taken so far need loaded still (a
+	 * whole load, or one of some users' facts), the load made for them
+	 * having failed; none: they are answered (done). */
+	bool owe_whole, owe_users;
 	/* The recheck of the rows not handed over (recheck_turn): a pass over
 	 * them all after a change of the fingerprint (fp; none known at the
 	 * start: a pass, for what a process stopped mid-pass left), in state
@@ -2802,22 +2806,21 @@ static void *live_main(void *arg)
 		 * an overlay of these users (policy_load_users). */
 		want = fresh || atomic_exchange(&pl->poked, false);
 		/* The syncs this turn answers (serving), and what they need
-		 * loaded: a sync whose change the view in force has read
-		 * (its NOTIFY's load, heard first) needs nothing. */
-		bool asked_whole = false, asked_users = false;
+		 * loaded (owe_*): a sync whose change the view in force has
+		 * read (its NOTIFY's load, heard first) needs nothing. */
 		pthread_mutex_lock(&pl->mu);
 		uint64_t serving = pl->requested;
 		if (pl->asked_all)
-			pl->want_full = asked_whole = true;
+			pl->want_full = pl->owe_whole = true;
 		for (size_t i = 0; i < pl->nasked; i++) {
 			int64_t id = pl->asked[i].id;
 			if (view_has(pl->cur, pl->asked[i].xid, &id, id > 0))
 				continue;
 			if (id > 0) {
 				add_pending(pl, id);
-				asked_users = true;
+				pl->owe_users = true;
 			} else {
-				pl->want_full = asked_whole = true;
+				pl->want_full = pl->owe_whole = true;
 			}
 		}
 		pl->nasked = 0;
@@ -2864,10 +2867,15 @@ static void *live_main(void *arg)
 		pl->npending = 0;
 		pl->want_full = false;
 		pthread_mutex_lock(&pl->mu);
-		/* The syncs are answered when what they needed is loaded: a
+		/* The syncs are answered once what they need is loaded: a
 		 * whole load for one of everything, a whole load or an overlay
-		 * for some users'; nothing for those the view in force had. */
-		if ((whole || (!asked_whole && (users || !asked_users))) && serving > pl->done)
+		 * for some users' (the users of a failed load are in the
+		 * whole one retried); nothing for those the view in force had. */
+		if (whole)
+			pl->owe_whole = pl->owe_users = false;
+		else if (users)
+			pl->owe_users = false;
+		if (!pl->owe_whole && !pl->owe_users && serving > pl->done)
 			pl->done = serving;
 		pthread_cond_broadcast(&pl->loaded);
 		pthread_mutex_unlock(&pl->mu);

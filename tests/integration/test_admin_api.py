@@ -1865,3 +1865,34 @@ def test_changes_made_at_once_on_two_processes_are_all_in_force_on_both(make_dae
         wait_until(lambda: metric(d, "causeway_policy_rules") == rules + 2 * n, timeout=10,
                    what="every rule in force on both")
         assert "not yet in force here" not in d.log()
+
+
+def test_a_change_of_everything_is_not_answered_in_force_by_a_load_of_some_users_facts(daemon, pg, db_url):
+    """The admin API answers a change once its process has it in force (its
+    sync), or after 2 s with a warning.  While the whole load fails (here a
+    column of rules renamed under it), an overlay of some users' facts
+    still loads (it reads no rule), and until the fifty-second session one
+    loaded after the failed whole load answered the sync of a settings
+    change as though it were in force: no warning, though the settings in
+    force were those of before it."""
+    alice = pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network) VALUES "
+                    "('mimi://example.org/u/alice', 'example.org', 'alice', true, 'local') RETURNING id", db_url)
+    failures = reload_failures(daemon)
+    users = reloads_by_kind(daemon)[1]
+    pg.psql("ALTER TABLE rules RENAME COLUMN limits TO limits_gone", db_url)
+    try:
+        answer = []
+        change = threading.Thread(target=lambda: answer.append(
+            daemon.admin("PATCH", "/settings", json={"policy.held_expiry_seconds": 1234})))
+        t0 = time.time()
+        change.start()
+        wait_until(lambda: reload_failures(daemon) > failures, what="the change's whole load failing")
+        pg.psql(f"NOTIFY causeway_policy, 'u:{alice}'", db_url)
+        wait_until(lambda: reloads_by_kind(daemon)[1] > users, what="her facts loaded")
+        change.join(10)
+        assert answer and answer[0].status_code == 200, answer
+        assert time.time() - t0 >= 1.9
+        wait_until(lambda: "the policy change is committed but not yet in force here" in daemon.log(),
+                   timeout=5, what="the warning")
+    finally:
+        pg.psql("ALTER TABLE rules RENAME COLUMN limits_gone TO limits", db_url)
