@@ -490,15 +490,64 @@ xmpp_stanza_t *xa_iq_result(xmpp_stanza_t *iq)
 	return r;
 }
 
-void xa_send_now(struct xcomp *xc, xmpp_stanza_t *st)
+/* What is written at once, outside the drain's batches, while a stanza of
+ * the server is served (on_stanza: the answers to its requests, errors,
+ * notices), is handed to libstrophe only while its send queue holds fewer
+ * than DIRECT_QUEUE_MAX pieces and, since it was last found empty, fewer
+ * than DIRECT_BYTES_MAX bytes were handed so: past that the server does
+ * not read what it asks for, and the answer is dropped and counted
+ * (answers_dropped).  Until the fifty-second session a server that wrote
+ * requests and read nothing had every answer queued in libstrophe, whose
+ * queue has no bound.  What the thread writes of its own accord is bounded
+ * where it is made (the keepalive ping, one a minute; the re-send after a
+ * reconnect, by the window; the housekeeping's notices and presences, by
+ * their queries' limits; the rooms' goodbyes, by OCCUPANTS_MAX) and is not
+ * dropped: the dead letters are marked told once written. */
+#define DIRECT_QUEUE_MAX 1024
+#define DIRECT_BYTES_MAX (1u << 20)
+
+static bool direct_room(struct xcomp *xc, size_t len)
+{
+	int queued = xmpp_conn_send_queue_len(xc->conn);
+	if (queued == 0)
+		xc->direct_bytes = 0;
+	if (queued < DIRECT_QUEUE_MAX && xc->direct_bytes + len <= DIRECT_BYTES_MAX) {
+		xc->direct_bytes += len;
+		return true;
+	}
+	atomic_fetch_add(&xc->answers_dropped, 1);
+	if (!xc->direct_full) { /* once each time the bound is reached */
+		char n[24];
+		snprintf(n, sizeof(n), "%d", queued);
+		LOG_KV_LIMITED(CW_LOG_WARN, "xmpp: the server does not read what the component writes: stanzas written "
+			       "at once are dropped", "component", xc->domain, "pieces_waiting", n);
+	}
+	xc->direct_full = true;
+	return false;
+}
+
+/* bounded: counted in the direct bound (direct_room) while a stanza of the
+ * server is served */
+static void send_direct(struct xcomp *xc, xmpp_stanza_t *st, bool bounded)
 {
 	if (!st)
 		return;
-	if (xc->conn && xc->state == XC_UP && !xc->closing) {
-		xmpp_send(xc->conn, st);
+	char *buf = NULL;
+	size_t len = 0;
+	if (xc->conn && xc->state == XC_UP && !xc->closing && xmpp_stanza_to_text(st, &buf, &len) == XMPP_EOK && buf &&
+	    (!bounded || !xc->serving || direct_room(xc, len))) {
+		xc->direct_full = false;
+		xmpp_send_raw(xc->conn, buf, len);
 		atomic_fetch_add(&xc->stanzas_out, 1);
 	}
+	if (buf)
+		xmpp_free(xc->ctx, buf);
 	xmpp_stanza_release(st);
+}
+
+void xa_send_now(struct xcomp *xc, xmpp_stanza_t *st)
+{
+	send_direct(xc, st, true);
 }
 
 void xa_answer_now(struct xcomp *xc, xmpp_stanza_t *st)
@@ -829,7 +878,9 @@ static int on_stanza(xmpp_conn_t *conn, xmpp_stanza_t *st, void *arg)
 	(void)conn;
 	struct xcomp *xc = arg;
 	if (xa_xml_cut()) {
+		xc->serving = true;
 		refuse_cut(xc, st);
+		xc->serving = false;
 		return 1;
 	}
 	atomic_fetch_add(&xc->stanzas_in, 1);
@@ -855,12 +906,14 @@ static int on_stanza(xmpp_conn_t *conn, xmpp_stanza_t *st, void *arg)
 			       xc->domain, "name", name, "to", to);
 		return 1;
 	}
+	xc->serving = true; /* its answers: within the direct bound (direct_room) */
 	if (strcmp(name, "iq") == 0)
 		on_iq(xc, st);
 	else if (strcmp(name, "message") == 0)
 		xa_in_message(xc, st);
 	else if (strcmp(name, "presence") == 0)
 		xa_presence(xc, st);
+	xc->serving = false;
 	return 1;
 }
 
@@ -1032,7 +1085,9 @@ void xa_send_kept(struct xcomp *xc, xmpp_stanza_t *st)
 		return;
 	char *buf = NULL;
 	size_t len = 0;
-	if (xc->conn && xc->state == XC_UP && xmpp_stanza_to_text(st, &buf, &len) == XMPP_EOK && buf) {
+	if (xc->conn && xc->state == XC_UP && xmpp_stanza_to_text(st, &buf, &len) == XMPP_EOK && buf &&
+	    (!xc->serving || direct_room(xc, len))) {
+		xc->direct_full = false;
 		xmpp_send_raw(xc->conn, buf, len);
 		atomic_fetch_add(&xc->stanzas_out, 1);
 		char *copy = strdup(buf);
@@ -1348,7 +1403,7 @@ static void send_ping(struct xcomp *xc, int64_t now)
 	xmpp_stanza_set_from(iq, xc->domain);
 	xmpp_stanza_set_to(iq, xc->x->local_domain);
 	xa_child(xc->ctx, iq, "ping", NS_PING);
-	xa_send_now(xc, iq);
+	send_direct(xc, iq, false); /* one a minute: never dropped, or the stream would break for it */
 	xc->pings_sent++;
 	xc->ping_sent_ms = now;
 	xc->ping_next_ms = now + PING_EVERY_MS;
@@ -1838,7 +1893,7 @@ json_t *xa_health(struct xmpp *x)
 		struct xcomp *xc = &x->comp[i];
 		size_t waiting = xa_in_waiting(xc); /* under in_mu, never taken with mu */
 		pthread_mutex_lock(&xc->mu);
-		json_t *o = json_pack("{s:s, s:s, s:s, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}", "state",
+		json_t *o = json_pack("{s:s, s:s, s:s, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}", "state",
 				      state_name(xc->state), "peer", xc->peer, "last_error", xc->last_error, "connected_since_ms",
 				      (json_int_t)(xc->state == XC_UP ? xc->connected_since_ms : 0), "queued",
 				      (json_int_t)xc->queued, "stanzas_waiting", (json_int_t)waiting, "stanzas_in",
@@ -1849,7 +1904,8 @@ json_t *xa_health(struct xmpp *x)
 				      (json_int_t)atomic_load(&xc->stanza_too_large), "stanzas_cut",
 				      (json_int_t)atomic_load(&xc->stanzas_cut), "parser_bytes",
 				      (json_int_t)atomic_load(&xc->parser_bytes), "parser_renewals",
-				      (json_int_t)atomic_load(&xc->parser_renewals));
+				      (json_int_t)atomic_load(&xc->parser_renewals), "answers_dropped",
+				      (json_int_t)atomic_load(&xc->answers_dropped));
 		pthread_mutex_unlock(&xc->mu);
 		json_object_set_new(comps, xc->domain, o);
 	}
@@ -1893,17 +1949,18 @@ void xa_metrics(struct xmpp *x, struct cw_buf *b)
 		cw_buf_printf(b, "causeway_xmpp_stanzas_waiting{component=\"%s\"} %zu\n", x->comp[i].domain,
 			      xa_in_waiting(&x->comp[i]));
 	static const char *const names[] = { "in", "out", "errors_out", "connects", "restricted_xml",
-					     "stanza_too_large", "cut" };
+					     "stanza_too_large", "cut", "dropped" };
 	cw_buf_printf(b, "# HELP causeway_xmpp_stanzas_total Stanzas read from and written to the streams; error answers; "
 			 "stream (re)connections; streams closed for markup XMPP forbids, or for a tag or stream "
-			 "header over the size cap; stanzas over the cap, refused.\n"
+			 "header over the size cap; stanzas over the cap, refused; stanzas to be written at once dropped, the "
+			 "server not reading.\n"
 			 "# TYPE causeway_xmpp_stanzas_total counter\n");
 	for (int i = 0; i < x->ncomp; i++) {
 		struct xcomp *xc = &x->comp[i];
 		unsigned long long v[] = { atomic_load(&xc->stanzas_in), atomic_load(&xc->stanzas_out),
 					   atomic_load(&xc->errors_out), atomic_load(&xc->connects),
 					   atomic_load(&xc->restricted_xml), atomic_load(&xc->stanza_too_large),
-					   atomic_load(&xc->stanzas_cut) };
+					   atomic_load(&xc->stanzas_cut), atomic_load(&xc->answers_dropped) };
 		for (size_t k = 0; k < CW_ARRAY_LEN(names); k++)
 			cw_buf_printf(b, "causeway_xmpp_stanzas_total{component=\"%s\",kind=\"%s\"} %llu\n", xc->domain,
 				      names[k], v[k]);

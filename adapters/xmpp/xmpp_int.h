@@ -207,6 +207,12 @@ struct xcomp {
 	atomic_ullong stanzas_cut;           /* stanzas over it, refused (xa_xml_cut) */
 	atomic_ullong parser_renewals;       /* the stream parser renewed for what expat held (xa_xml_renewed) */
 	atomic_long parser_bytes;            /* what expat holds for the stream's parser (xa_xml_held), after each turn */
+	atomic_ullong answers_dropped;       /* stanzas to be written at once, dropped: the server did not read (direct_room) */
+	/* the thread's own: bytes written at once since libstrophe's send
+	 * queue was last found empty, and whether the last was dropped */
+	size_t direct_bytes;
+	bool direct_full;
+	bool serving;                        /* the thread's own: a stanza of the server is being served (on_stanza) */
 };
 
 struct xmpp {

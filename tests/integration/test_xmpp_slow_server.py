@@ -12,6 +12,7 @@ once libstrophe has written the one before, a stanza counts as written once
 libstrophe has written it, and a row whose wait for the stream passes its
 time takes its stanza back when it was not handed yet."""
 import contextlib
+import re
 import socket
 import threading
 import time
@@ -134,3 +135,54 @@ def test_a_server_that_does_not_read_gets_no_stanza_counted_before_it_is_written
         alice.disconnect()
         srv.close()
         proxy.close()
+
+
+def test_answers_to_a_flood_of_requests_from_a_server_that_does_not_read_are_bounded(make_daemon, db_url):
+    """The component answers the server's requests (a ping, disco, an
+    error) at once, outside the drain's batches.  A server that writes
+    requests and reads nothing had every answer handed to libstrophe,
+    whose send queue has no bound (until the fifty-second session): here
+    100,000 pings, 100,000 answers held in the daemon.  Past the bound
+    they are dropped and counted (answers_dropped); what the server reads
+    once it reads again is the bound and what the kernel held, and the
+    stream stays up and answers the next request."""
+    from test_xmpp import HostileServer, SECRET, COMP, HOST, component_state as state
+    srv = HostileServer(SECRET)
+    srv.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    d = srv.daemon(make_daemon, db_url)
+    try:
+        srv.stream_up(d)
+        # the component's first keepalive ping, answered: the next is a
+        # minute away (one unanswered for 30 s breaks the stream)
+        ping = srv._until(b"</iq>").decode()
+        srv.send(f"<iq type='result' id='{re.search(r'id=.(cw-ping-[0-9a-f]+)', ping).group(1)}' "
+                 f"from='{HOST}' to='{COMP}'/>")
+        count, chunk = 100000, 5000
+        for k in range(0, count, chunk):
+            srv.send("".join(f"<iq type='get' id='f{i}' from='flood@{HOST}/r' to='{COMP}'>"
+                             "<ping xmlns='urn:xmpp:ping'/></iq>" for i in range(k, k + chunk)))
+        # every request read (the server's writes went through) and served
+        wait_until(lambda: state(d)["stanzas_in"] >= count, timeout=120, what="the flood read")
+        # the server reads again: what was handed is written, then nothing
+        got = b""
+        while True:
+            more = srv.read_for(3)
+            if not more:
+                break
+            got += more
+        answers = got.count(b"type='result'") + got.count(b'type="result"')
+        assert answers < count // 2, answers
+        dropped = state(d).get("answers_dropped", 0)
+        assert dropped > 0 and answers + dropped >= count, (answers, state(d))
+        m = re.search(r'causeway_xmpp_stanzas_total\{component="%s",kind="dropped"\} (\d+)' % re.escape(COMP),
+                      d.get("/metrics").text)
+        assert m and int(m.group(1)) == dropped
+        # and a request now is answered
+        srv.send(f"<iq type='get' id='after' from='flood@{HOST}/r' to='{COMP}'><ping xmlns='urn:xmpp:ping'/></iq>")
+        got = srv.read_for(3)
+        assert b"id='after'" in got or b'id="after"' in got, got
+        assert state(d)["state"] == "up"
+    finally:
+        print("causewayd log:\n" + d.log()[-8000:])
+        d.stop()
+
