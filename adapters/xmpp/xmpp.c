@@ -1427,6 +1427,20 @@ static void sm_scratch_event(xmpp_conn_t *conn, xmpp_conn_event_t ev, int error,
 		*(bool *)arg = true;
 }
 
+/* The scratch connection's socket is waited for with libstrophe's select()
+ * too (xmpp_run_once): one at or past FD_SETSIZE is refused (glibc's
+ * FD_SET aborts the daemon for it: __fdelt_chk), the connect fails, and
+ * the state is taken all the same (it is made before the connect).  Until
+ * the fifty-second session it was not looked at: the scratch socket is
+ * made while the low descriptor kept for the stream's (reserve_low_fd) is
+ * still held, so a daemon with a thousand HTTP connections aborted at the
+ * stream's next reconnect. */
+static int scratch_fd(xmpp_conn_t *conn, void *sock)
+{
+	(void)conn;
+	return *(int *)sock >= FD_SETSIZE ? -1 : 0;
+}
+
 static void give_sm_state(xmpp_ctx_t *ctx, xmpp_conn_t *conn)
 {
 	int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -1444,6 +1458,7 @@ static void give_sm_state(xmpp_ctx_t *ctx, xmpp_conn_t *conn)
 	bool over = false;
 	xmpp_conn_set_jid(scratch, "causeway@localhost");
 	xmpp_conn_set_flags(scratch, XMPP_CONN_FLAG_DISABLE_TLS);
+	xmpp_conn_set_sockopt_callback(scratch, scratch_fd);
 	if (xmpp_connect_client(scratch, "127.0.0.1", ntohs(a.sin_port), sm_scratch_event, &over) == XMPP_EOK)
 		for (int i = 0; i < 200 && !over; i++)
 			xmpp_run_once(ctx, 5);

@@ -186,3 +186,40 @@ def test_answers_to_a_flood_of_requests_from_a_server_that_does_not_read_are_bou
         print("causewayd log:\n" + d.log()[-8000:])
         d.stop()
 
+
+def test_a_reconnect_with_a_thousand_http_connections_open_keeps_the_daemon(make_daemon, db_url):
+    """libstrophe waits with select(), and glibc aborts on a descriptor at
+    or past FD_SETSIZE (1024).  The stream's socket gets a low descriptor
+    kept for it, but the scratch connection made first (give_sm_state) did
+    not: with a thousand HTTP connections open the next reconnect aborted
+    the daemon (until the fifty-second session)."""
+    import os
+    import resource
+    from urllib.parse import urlparse
+    from test_xmpp import HostileServer, SECRET, component_state as state
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        import pytest
+        pytest.skip("needs 4096 descriptors")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), hard))
+    srv = HostileServer(SECRET)
+    d = srv.daemon(make_daemon, db_url, server={"domain": "example.org", "connection_limit": "3000"})
+    held = []
+    try:
+        srv.stream_up(d)
+        u = urlparse(d.url)
+        for _ in range(1100):
+            held.append(socket.create_connection((u.hostname, u.port)))
+        pid = d.proc.pid
+        wait_until(lambda: len(os.listdir(f"/proc/{pid}/fd")) > 1100, what="the daemon holding the connections")
+        srv.conn.close()
+        srv.conn = None
+        srv.accept(timeout=30)
+        wait_until(lambda: state(d)["state"] == "up", what="the stream up again")
+        assert d.proc.poll() is None
+    finally:
+        for s in held:
+            s.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        print("causewayd log:\n" + d.log()[-8000:])
+        d.stop()
