@@ -196,7 +196,7 @@ def test_a_reconnect_with_a_thousand_http_connections_open_keeps_the_daemon(make
     import os
     import resource
     from urllib.parse import urlparse
-    from test_xmpp import HostileServer, SECRET, component_state as state
+    from test_xmpp import HostileServer, SECRET, COMP, HOST, component_state as state
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 4096:
         import pytest
@@ -216,6 +216,13 @@ def test_a_reconnect_with_a_thousand_http_connections_open_keeps_the_daemon(make
         srv.conn = None
         srv.accept(timeout=30)
         wait_until(lambda: state(d)["state"] == "up", what="the stream up again")
+        # served on the new stream (its stream-management state taken)
+        srv.send(f"<iq type='get' id='again' from='a@{HOST}/r' to='{COMP}'><ping xmlns='urn:xmpp:ping'/></iq>")
+        got = b""
+        while b"'again'" not in got and b'"again"' not in got:
+            more = srv.read_for(5)
+            assert more, got
+            got += more
         assert d.proc.poll() is None
     finally:
         for s in held:
