@@ -344,11 +344,37 @@ bool xa_wait_written(struct xcomp *xc, uint64_t seq, long timeout_ms)
 			ok = seq <= xc->handed_seq;
 		}
 	}
-	for (unsigned i = 0; ok && i < 8 && i < xc->lost_n; i++)
+	/* A seq within the ranges the ring forgot (lost_floor_from to
+	 * lost_floor, all of them and what was written between) may have
+	 * been lost: counted as not written (its
+	 * row goes again; a stanza twice rather than none).  Until the
+	 * fifty-second session the ring had 8 ranges, two a break, and a
+	 * stream that broke five times while a batch's rows were waited for
+	 * in turn (up to 5 s each) had the older lost stanzas count as
+	 * written. */
+	if (ok && xc->lost_floor && seq >= xc->lost_floor_from && seq <= xc->lost_floor)
+		ok = false;
+	for (unsigned i = 0; ok && i < XA_LOST_MAX && i < xc->lost_n; i++)
 		if (seq >= xc->lost_from[i] && seq <= xc->lost_to[i])
 			ok = false;
 	pthread_mutex_unlock(&xc->mu);
 	return ok;
+}
+
+/* Under xc->mu: seqs from..to lost.  The ring's oldest range, when it is
+ * full, goes into the one range it forgot (lost_floor_from..lost_floor:
+ * ranges rise, so that is the oldest one to the newest one forgotten). */
+static void lost_range(struct xcomp *xc, uint64_t from, uint64_t to)
+{
+	unsigned k = xc->lost_n % XA_LOST_MAX;
+	if (xc->lost_n >= XA_LOST_MAX) {
+		if (!xc->lost_floor)
+			xc->lost_floor_from = xc->lost_from[k];
+		xc->lost_floor = xc->lost_to[k];
+	}
+	xc->lost_from[k] = from;
+	xc->lost_to[k] = to;
+	xc->lost_n++;
 }
 
 /* Under xc->mu: what is queued leaves the queue (the caller frees it with
@@ -363,11 +389,8 @@ static struct xq_item *queue_take_lost_locked(struct xcomp *xc)
 	 * after the reconnect (recent_resend: drain hands no more than the
 	 * window holds); without a window it is lost. */
 	if (xc->handed_seq > xc->written_seq) {
-		if (xc->x->cfg->xmpp_resend_window_ms <= 0) {
-			unsigned k = xc->lost_n++ % 8;
-			xc->lost_from[k] = xc->written_seq + 1;
-			xc->lost_to[k] = xc->handed_seq;
-		}
+		if (xc->x->cfg->xmpp_resend_window_ms <= 0)
+			lost_range(xc, xc->written_seq + 1, xc->handed_seq);
 		xc->written_seq = xc->handed_seq;
 	}
 	for (struct xq_item *it = xc->head, *next; it; it = next) {
@@ -382,9 +405,7 @@ static struct xq_item *queue_take_lost_locked(struct xcomp *xc)
 		nkept += it->kept;
 	}
 	if (lost) {
-		unsigned k = xc->lost_n++ % 8;
-		xc->lost_from[k] = lost->seq;
-		xc->lost_to[k] = lost_tail->seq;
+		lost_range(xc, lost->seq, lost_tail->seq);
 		if (xc->written_seq < lost_tail->seq)
 			xc->written_seq = lost_tail->seq; /* later seqs are judged against the lost ranges */
 	}
@@ -406,7 +427,7 @@ static void queue_free(struct xq_item *it)
 }
 
 /* The queue is dropped (see queue_take_lost_locked). */
-static void queue_drop(struct xcomp *xc)
+void xa_queue_drop(struct xcomp *xc)
 {
 	pthread_mutex_lock(&xc->mu);
 	struct xq_item *it = queue_take_lost_locked(xc);
@@ -1670,7 +1691,7 @@ static void *comp_main(void *arg)
 			}
 			/* Stanzas queued while this process did not hold the
 			 * stream answer one that may have been another's since. */
-			queue_drop(xc);
+			xa_queue_drop(xc);
 			next_try = 0;
 			xc->lock = lock;
 		}

@@ -43,6 +43,7 @@ struct xr_item {
 	char *text;
 };
 #define XMPP_RECENT_MAX 4096
+#define XA_LOST_MAX 64 /* ranges of lost seqs remembered (struct xcomp) */
 #define XMPP_RECENT_BYTES (16u << 20)
 
 /* A member's nick in a group's room, as SQL: the tail of a CASE (after
@@ -105,8 +106,12 @@ struct xcomp {
 	bool woken;                     /* a wake-up was sent that the thread has not taken the queue for yet */
 	uint64_t next_seq, written_seq;
 	uint64_t handed_seq;            /* the newest seq handed to libstrophe (drain): written once its send queue is empty */
-	uint64_t lost_from[8], lost_to[8]; /* seqs dropped from the queue when a stream broke (a ring) */
+	/* seqs dropped from the queue when a stream broke (a ring of ranges,
+	 * in rising order); lost_floor_from..lost_floor: the ranges the ring
+	 * no longer holds, and what was written between them (0: none) */
+	uint64_t lost_from[XA_LOST_MAX], lost_to[XA_LOST_MAX];
 	unsigned lost_n;
+	uint64_t lost_floor_from, lost_floor;
 	enum xc_state state;
 	char last_error[256];
 	int64_t connected_since_ms;
@@ -262,6 +267,10 @@ void xa_answer_now(struct xcomp *xc, xmpp_stanza_t *st);
  * or the stream went down (what was queued is then dropped: it never
  * reached the wire, and its rows go again): true when written. */
 bool xa_wait_written(struct xcomp *xc, uint64_t seq, long timeout_ms);
+/* What is queued is dropped, never written: its seqs are remembered as lost
+ * (xa_wait_written answers false for them), the answers kept for the next
+ * stream stay. */
+void xa_queue_drop(struct xcomp *xc);
 /* On the component's thread: writes st now (released by the call). */
 void xa_send_now(struct xcomp *xc, xmpp_stanza_t *st);
 /* The same, and keeps it for a re-send after a break, as a queued

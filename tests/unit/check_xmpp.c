@@ -1545,6 +1545,52 @@ START_TEST(queue_takes_rows_only_while_up)
 }
 END_TEST
 
+/* A row's stanza dropped with the queue (a break) is not written, however
+ * many breaks came before its wait was looked at: the rows of a batch are
+ * waited for in turn (xmpp_out.c, up to 5 s each), and a stream that
+ * flaps breaks meanwhile.  Until the fifty-second session the ring kept 8
+ * ranges (up to two a break), and an older lost stanza counted as
+ * written. */
+START_TEST(a_lost_stanza_stays_lost_past_the_ring)
+{
+	struct xmpp *x = calloc(1, sizeof(*x));
+	ck_assert_ptr_nonnull(x);
+	struct cw_config cfg = { 0 };
+	x->cfg = &cfg;
+	struct xcomp *xc = &x->comp[0];
+	xc->x = x;
+	pthread_mutex_init(&xc->mu, NULL);
+	pthread_cond_init(&xc->written, NULL);
+	xc->next_seq = 1;
+	xc->wake_fd[0] = xc->wake_fd[1] = -1;
+	xc->state = XC_UP;
+	enum { BREAKS = 3 * XA_LOST_MAX };
+	uint64_t seqs[BREAKS];
+	for (int i = 0; i < BREAKS; i++) {
+		ck_assert(xa_enqueue(xc, "<message/>", 10, &seqs[i], false));
+		xa_queue_drop(xc); /* the stream broke with it queued */
+		if (i == 9) /* past the old ring's 8 */
+			for (int k = 0; k <= i; k++)
+				ck_assert_msg(!xa_wait_written(xc, seqs[k], 0), "seq %d of %d counted written", k, i);
+	}
+	for (int k = 0; k < BREAKS; k++)
+		ck_assert_msg(!xa_wait_written(xc, seqs[k], 0), "seq %d counted written", k);
+	/* one written after them is written */
+	uint64_t seq;
+	ck_assert(xa_enqueue(xc, "<message/>", 10, &seq, false));
+	pthread_mutex_lock(&xc->mu);
+	free(xc->head);
+	xc->head = xc->tail = NULL;
+	xc->queued = 0;
+	xc->handed_seq = xc->written_seq = seq;
+	pthread_mutex_unlock(&xc->mu);
+	ck_assert(xa_wait_written(xc, seq, 0));
+	pthread_mutex_destroy(&xc->mu);
+	pthread_cond_destroy(&xc->written);
+	free(x);
+}
+END_TEST
+
 /* The queue's items freed (as the thread's drain would write them);
  * how many there were, and whether one of them holds needle. */
 static size_t queue_free_all(struct xcomp *xc, const char *needle, bool *found)
@@ -3103,6 +3149,7 @@ int main(void)
 	tcase_add_test(tc, hostile_events_property);
 	tcase_add_test(tc, html_text_property);
 	tcase_add_test(tc, queue_takes_rows_only_while_up);
+	tcase_add_test(tc, a_lost_stanza_stays_lost_past_the_ring);
 	tcase_add_test(tc, a_profile_fanout_waits_for_room_and_leaves_out_dropped_pairs);
 	tcase_add_test(tc, a_probe_answer_without_a_known_avatar_is_the_presence_alone);
 	tcase_add_test(tc, components_take_the_peers_rule);
