@@ -386,10 +386,20 @@ struct curl_slist *media_signed_get(EVP_PKEY *key, const char *keyid, const char
 	unsigned char rnd[16];
 	cw_random(rnd, sizeof(rnd));
 	cw_b64url_encode(nonce, sizeof(nonce), rnd, sizeof(rnd));
-	struct httpsig_msg m = { .method = "GET", .target_uri = url, .header = no_header };
+	/* Without a zone id, which the Host header libcurl sends has not. */
+	size_t cap = strlen(url) + 1;
+	char *target = malloc(cap);
+	if (!target) {
+		cw_fail(e, CW_ENOMEM, "out of memory");
+		return NULL;
+	}
+	httpsig_target_uri(url, target, cap);
+	struct httpsig_msg m = { .method = "GET", .target_uri = target, .header = no_header };
 	static const char *const components[] = { "@method", "@target-uri", NULL };
 	struct httpsig_params sp = { .created = cw_wall_ms() / 1000, .keyid = keyid, .nonce = nonce, .tag = tag };
-	if (httpsig_sign(&m, components, key, &sp, sig_input, sizeof(sig_input), sig, sizeof(sig), e))
+	cw_err rc = httpsig_sign(&m, components, key, &sp, sig_input, sizeof(sig_input), sig, sizeof(sig), e);
+	free(target);
+	if (rc)
 		return NULL;
 	snprintf(hd[0], sizeof(hd[0]), "Signature-Input: %s", sig_input);
 	snprintf(hd[1], sizeof(hd[1]), "Signature: %s", sig);
@@ -514,6 +524,7 @@ cw_err media_fetch_peer(const struct cw_app *app, const char *url, const char *s
 	const struct cw_config *cfg = app->cfg;
 	CURL *h = curl_easy_init();
 	char *at = strdup(url); /* where this hop goes */
+	char *req = NULL;       /* the same in its normal form, as requested */
 	if (!h || !at) {
 		curl_easy_cleanup(h);
 		free(at);
@@ -542,8 +553,27 @@ cw_err media_fetch_peer(const struct cw_app *app, const char *url, const char *s
 			rc = cw_fail(e, CW_EINVAL, "cannot fetch a file of %.200s: %s", host, b->refused);
 			break;
 		}
-		if (media_host_in_domain(at, signer_domain)) {
-			hd = media_signed_get(app->signing_key, cfg->domain ? cfg->domain : "", cfg->signature_tag, at,
+		/* The hop is requested and signed in the normal form a push's
+		 * URL has (httpsig_request_url), the one the store rebuilds
+		 * from the request it receives: until the fifty-second session
+		 * it was signed as the peer (or its redirect) spelled it, and a
+		 * store checking @target-uri refused "https://Media.Peer.
+		 * Example:443/x" or "/a/../x".  A URL that has no normal form
+		 * (not http or https, no host, one libcurl cannot read) is
+		 * requested as it is and never signed: libcurl refuses it as
+		 * before. */
+		size_t cap = strlen(at) + 64; /* libcurl adds at most a "/" */
+		free(req);
+		req = malloc(cap);
+		if (!req) {
+			rc = cw_fail(e, CW_ENOMEM, "out of memory");
+			break;
+		}
+		cw_errmsg ue;
+		bool normal = httpsig_request_url(at, NULL, "the file's URL", req, cap, &ue) == CW_OK;
+		const char *go = normal ? req : at;
+		if (normal && media_host_in_domain(req, signer_domain)) {
+			hd = media_signed_get(app->signing_key, cfg->domain ? cfg->domain : "", cfg->signature_tag, req,
 					      e);
 			if (!hd) {
 				rc = CW_ENOMEM;
@@ -558,7 +588,7 @@ cw_err media_fetch_peer(const struct cw_app *app, const char *url, const char *s
 		}
 		media_blob_free(b);
 		b->too_big = false;
-		media_download_setup(h, at, hd, b, cfg->ca_file, left_ms);
+		media_download_setup(h, go, hd, b, cfg->ca_file, left_ms);
 		/* A redirect's page is no part of the file (hop_answer). */
 		struct hop_answer ans = { .h = h, .b = b };
 		curl_easy_setopt(h, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)0);
@@ -607,6 +637,7 @@ cw_err media_fetch_peer(const struct cw_app *app, const char *url, const char *s
 		b->too_big = true;
 	curl_easy_cleanup(h);
 	free(at);
+	free(req);
 	if (rc)
 		return rc;
 	if (cc != CURLE_OK) {

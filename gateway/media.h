@@ -44,7 +44,11 @@ bool media_type_ok(const char *s);
 
 /* Headers that sign a GET of url as Causeway (RFC 9421: @method and
  * @target-uri, created, keyid, nonce, tag), as every request to a peer is:
- * a peer's media store may check them.  NULL when out of memory. */
+ * a peer's media store may check them.  url is the URL requested, in
+ * httpsig_request_url's normal form (the store rebuilds that form from the
+ * request it receives); @target-uri is it without an IPv6 zone id
+ * (httpsig_target_uri).  NULL when out of memory or url cannot be signed
+ * (e says why). */
 struct curl_slist *media_signed_get(EVP_PKEY *key, const char *keyid, const char *tag, const char *url,
 				    cw_errmsg *e);
 
@@ -62,7 +66,10 @@ void media_url_host(const char *url, char *out, size_t len);
  * into b (b->max and b->cancel set by the caller).  Signed as Causeway
  * (media_signed_get: app's key, keyid its server.domain, its
  * server.signature_tag) only when the URL's host is under signer_domain
- * (media_host_in_domain), the domain of the peer that named the URL;
+ * (media_host_in_domain), the domain of the peer that named the URL,
+ * each hop requested and signed in httpsig_request_url's normal form (the
+ * host in lower case, no default port, dot segments resolved, no
+ * fragment: as a push's URL, since the fifty-second session);
  * plain otherwise, and always when signer_domain is NULL: Causeway's
  * signature is its credential at every peer, and a peer must not have it
  * lent to another's store (until the nineteenth session every such fetch

@@ -3,6 +3,7 @@
 #include "config.h"
 #include "httpsig.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -15,6 +16,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <curl/curl.h>
 #include <openssl/bio.h>
 #include <openssl/crypto.h>
 #include <openssl/err.h>
@@ -769,6 +771,123 @@ static cw_err build_base(const struct httpsig_msg *m, const char *const *names, 
 	sb_str(base, "\"@signature-params\": ");
 	sb_add(base, params->p, params->len);
 	return sb_check(base, "signature base", e);
+}
+
+/* ---------------------------------------------- the URI a request goes to */
+
+/* A peer verifies our @target-uri against the URI it rebuilds from the
+ * request it receives: its own URL in its normal form (RFC 9110 §4.2.3)
+ * and the path and query the request carries.  libcurl parses and
+ * rebuilds the URL; the same text is then requested, so what is signed
+ * is what is sent.  Pushes were signed so since the thirty-second
+ * session; a peer's file, and each redirect of it, since the fifty-second
+ * (until then as the peer spelled it: "https://Media.Peer.Example:443/a"
+ * signed so, "/x/../a" signed with its dot segments, which libcurl
+ * resolves before it sends the path, and a URL with a "#fragment" not
+ * signed at all, the fetch failing as the store being away). */
+cw_err httpsig_request_url(const char *url, const char *append, const char *what, char *out, size_t len,
+			   cw_errmsg *e)
+{
+	CURLU *u = curl_url();
+	char *host = NULL, *path = NULL, *user = NULL, *password = NULL, *full = NULL, *scheme = NULL, *zone = NULL;
+	char *with = NULL; /* the path with append */
+	cw_err rc = CW_OK;
+	if (!u)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	CURLUcode uc = curl_url_set(u, CURLUPART_URL, url ? url : "", 0);
+	if (uc != CURLUE_OK) {
+		rc = cw_fail(e, CW_EINVAL, "%s is not a URL: %s", what, curl_url_strerror(uc));
+		goto out;
+	}
+	if (curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) != CURLUE_OK ||
+	    (strcasecmp(scheme, "http") != 0 && strcasecmp(scheme, "https") != 0)) {
+		rc = cw_fail(e, CW_EINVAL, "%s is not an http or https URL", what);
+		goto out;
+	}
+	if (curl_url_get(u, CURLUPART_USER, &user, 0) != CURLUE_NO_USER ||
+	    curl_url_get(u, CURLUPART_PASSWORD, &password, 0) != CURLUE_NO_PASSWORD) {
+		rc = cw_fail(e, CW_EINVAL, "%s has a user or password (a signed URI cannot)", what);
+		goto out;
+	}
+	for (char *c = scheme; *c; c++)
+		*c = (char)tolower((unsigned char)*c);
+	if (curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK || !*host) {
+		rc = cw_fail(e, CW_EINVAL, "%s has no host", what);
+		goto out;
+	}
+	for (char *c = host; *c; c++)
+		*c = (char)tolower((unsigned char)*c);
+	/* An IPv6 literal's zone id (a link-local target) is a part of its
+	 * own, which setting the host clears: kept as typed, for the
+	 * request; it is not signed (httpsig_target_uri). */
+	if (curl_url_get(u, CURLUPART_ZONEID, &zone, 0) != CURLUE_OK)
+		zone = NULL;
+	if (curl_url_get(u, CURLUPART_PATH, &path, 0) != CURLUE_OK) {
+		rc = cw_fail(e, CW_ENOMEM, "out of memory");
+		goto out;
+	}
+	if (append) {
+		size_t plen = strlen(path), alen = strlen(append);
+		while (plen && path[plen - 1] == '/')
+			plen--;
+		with = malloc(plen + alen + 1);
+		if (!with) {
+			rc = cw_fail(e, CW_ENOMEM, "out of memory");
+			goto out;
+		}
+		memcpy(with, path, plen);
+		memcpy(with + plen, append, alen + 1);
+	}
+	/* The fragment is the client's own: libcurl sends none, and a target
+	 * URI has none (RFC 9421 §2.2.2). */
+	bool ok = curl_url_set(u, CURLUPART_SCHEME, scheme, 0) == CURLUE_OK &&
+		  curl_url_set(u, CURLUPART_HOST, host, 0) == CURLUE_OK &&
+		  (!zone || curl_url_set(u, CURLUPART_ZONEID, zone, 0) == CURLUE_OK) &&
+		  (!with || curl_url_set(u, CURLUPART_PATH, with, 0) == CURLUE_OK) &&
+		  curl_url_set(u, CURLUPART_FRAGMENT, NULL, 0) == CURLUE_OK &&
+		  curl_url_get(u, CURLUPART_URL, &full, CURLU_NO_DEFAULT_PORT) == CURLUE_OK;
+	free(with);
+	if (!ok) {
+		rc = cw_fail(e, CW_EINVAL, "%s cannot be rebuilt as a URL", what);
+		goto out;
+	}
+	if (strlen(full) >= len)
+		rc = cw_fail(e, CW_EINVAL, "%s is too long (%zu bytes%s%s)", what, strlen(full), append ? " with " : "",
+			     append ? append : "");
+	else
+		memcpy(out, full, strlen(full) + 1);
+out:
+	curl_free(scheme);
+	curl_free(host);
+	curl_free(zone);
+	curl_free(path);
+	curl_free(user);
+	curl_free(password);
+	curl_free(full);
+	curl_url_cleanup(u);
+	return rc;
+}
+
+/* The request goes to the zone's interface (libcurl sets the address's
+ * scope), but the Host header libcurl sends is the address without its
+ * zone id ("[fe80::1]:8080"): the zone names an interface of this host,
+ * which the peer neither knows nor sees, and the @target-uri it rebuilds
+ * has none.  Until the fifty-second session the zone id was signed, and
+ * every push to a link-local push_url such as http://[fe80::1%25eth0]
+ * failed the peer's check of the signature. */
+void httpsig_target_uri(const char *request_url, char *out, size_t len)
+{
+	if (!len)
+		return;
+	const char *host = strstr(request_url, "://");
+	const char *open = host && host[3] == '[' ? host + 3 : NULL;
+	const char *close = open ? strchr(open, ']') : NULL;
+	const char *zone = close ? strstr(open, "%25") : NULL;
+	if (!zone || zone > close) {
+		snprintf(out, len, "%s", request_url);
+		return;
+	}
+	snprintf(out, len, "%.*s%s", (int)(zone - request_url), request_url, close);
 }
 
 /* ------------------------------------------------------------------ signing */

@@ -60,6 +60,32 @@ struct httpsig_msg {
 /* Derived components: @method @target-uri @authority @scheme @path @query
  * @request-target.  Anything else not starting with '@' is a header name. */
 
+/* --- the URI a request of ours goes to ------------------------------------- */
+
+/* url as Causeway requests it and, but for a zone id (httpsig_target_uri),
+ * signs it as @target-uri: in the normal form a peer rebuilds from the
+ * request it receives (its own URL, the path and query sent).  libcurl's
+ * URL parser reads it (dot segments resolved, as libcurl sends the path),
+ * the scheme and host are lower-cased, the scheme's default port is left
+ * out and so is a fragment (libcurl sends none); when append is not NULL,
+ * the path without its trailing slashes and append after it (before a
+ * query, kept).  The same text is then requested, so what is signed is
+ * what is sent.  An IPv6 literal's zone id is kept (the request goes out
+ * through that interface).  CW_EINVAL, e's message starting with what
+ * ("push_url"), for a URL libcurl does not take as http or https with a
+ * host, one with a user or password, or one longer than len.  One
+ * function for every signed request of ours (a push's notify URL, a
+ * peer's file and each of its redirects): since the fifty-second session
+ * a file's URL too, signed as the peer spelled it before. */
+cw_err httpsig_request_url(const char *url, const char *append, const char *what, char *out, size_t len,
+			   cw_errmsg *e);
+/* The @target-uri signed for a request to request_url (one of
+ * httpsig_request_url's): the same without an IPv6 literal's zone id,
+ * which libcurl leaves out of the Host header it sends ("[fe80::1]"), and
+ * which names an interface of this host, not the peer's.  Into out (len
+ * bytes, at least strlen(request_url) + 1 for the whole). */
+void httpsig_target_uri(const char *request_url, char *out, size_t len);
+
 /* --- signing --------------------------------------------------------------- */
 
 /* Signature parameters.  Every member is optional: NULL / 0 leaves it out.

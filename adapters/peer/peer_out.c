@@ -221,101 +221,11 @@ static CURLcode perform(struct handle h, const struct cw_app *app, const struct 
 /* A peer verifies our @target-uri against the URI it rebuilds from the
  * request it receives (its own public URL and the request target): the
  * push_url as typed ("https://Peer.Example:443") is not that, and until
- * the thirty-second session it was signed as typed.  libcurl parses and
- * rebuilds the URL; the same text is then requested, so what is signed
- * is what is sent. */
+ * the thirty-second session it was signed as typed.  The normal form is
+ * httpsig_request_url's, the one every signed request of ours has. */
 cw_err peer_out_notify_url(const char *push_url, char *out, size_t len, cw_errmsg *e)
 {
-	CURLU *u = curl_url();
-	char *host = NULL, *path = NULL, *user = NULL, *password = NULL, *full = NULL, *scheme = NULL, *zone = NULL;
-	cw_err rc = CW_OK;
-	if (!u)
-		return cw_fail(e, CW_ENOMEM, "out of memory");
-	CURLUcode uc = curl_url_set(u, CURLUPART_URL, push_url ? push_url : "", 0);
-	if (uc != CURLUE_OK) {
-		rc = cw_fail(e, CW_EINVAL, "push_url is not a URL: %s", curl_url_strerror(uc));
-		goto out;
-	}
-	if (curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) != CURLUE_OK ||
-	    (strcasecmp(scheme, "http") != 0 && strcasecmp(scheme, "https") != 0)) {
-		rc = cw_fail(e, CW_EINVAL, "push_url is not an http or https URL");
-		goto out;
-	}
-	if (curl_url_get(u, CURLUPART_USER, &user, 0) != CURLUE_NO_USER ||
-	    curl_url_get(u, CURLUPART_PASSWORD, &password, 0) != CURLUE_NO_PASSWORD) {
-		rc = cw_fail(e, CW_EINVAL, "push_url has a user or password (a signed URI cannot)");
-		goto out;
-	}
-	for (char *c = scheme; *c; c++)
-		*c = (char)tolower((unsigned char)*c);
-	if (curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK || !*host) {
-		rc = cw_fail(e, CW_EINVAL, "push_url has no host");
-		goto out;
-	}
-	for (char *c = host; *c; c++)
-		*c = (char)tolower((unsigned char)*c);
-	/* An IPv6 literal's zone id (a link-local push target) is a part of
-	 * its own, which setting the host clears: kept as typed, for the
-	 * request; it is not signed (peer_out_signed_uri). */
-	if (curl_url_get(u, CURLUPART_ZONEID, &zone, 0) != CURLUE_OK)
-		zone = NULL;
-	if (curl_url_get(u, CURLUPART_PATH, &path, 0) != CURLUE_OK) {
-		rc = cw_fail(e, CW_ENOMEM, "out of memory");
-		goto out;
-	}
-	size_t plen = strlen(path);
-	while (plen && path[plen - 1] == '/')
-		plen--;
-	char notify[2200];
-	int w = snprintf(notify, sizeof(notify), "%.*s/v1/notify", (int)plen, path);
-	if (w < 0 || (size_t)w >= sizeof(notify)) {
-		rc = cw_fail(e, CW_EINVAL, "push_url's path is too long");
-		goto out;
-	}
-	if (curl_url_set(u, CURLUPART_SCHEME, scheme, 0) != CURLUE_OK ||
-	    curl_url_set(u, CURLUPART_HOST, host, 0) != CURLUE_OK ||
-	    (zone && curl_url_set(u, CURLUPART_ZONEID, zone, 0) != CURLUE_OK) ||
-	    curl_url_set(u, CURLUPART_PATH, notify, 0) != CURLUE_OK ||
-	    curl_url_get(u, CURLUPART_URL, &full, CURLU_NO_DEFAULT_PORT) != CURLUE_OK) {
-		rc = cw_fail(e, CW_EINVAL, "push_url cannot be rebuilt as a URL");
-		goto out;
-	}
-	if (strlen(full) >= len)
-		rc = cw_fail(e, CW_EINVAL, "push_url is too long (%zu bytes with /v1/notify)", strlen(full));
-	else
-		memcpy(out, full, strlen(full) + 1);
-out:
-	curl_free(scheme);
-	curl_free(host);
-	curl_free(zone);
-	curl_free(path);
-	curl_free(user);
-	curl_free(password);
-	curl_free(full);
-	curl_url_cleanup(u);
-	return rc;
-}
-
-/* The request goes to the zone's interface (libcurl sets the address's
- * scope), but the Host header libcurl sends is the address without its
- * zone id ("[fe80::1]:8080"): the zone names an interface of this host,
- * which the peer neither knows nor sees, and the @target-uri it rebuilds
- * has none.  Until the fifty-second session the zone id was signed, and
- * every push to a link-local push_url such as http://[fe80::1%25eth0]
- * failed the peer's check of the signature. */
-void peer_out_signed_uri(const char *notify_url, char *out, size_t len)
-{
-	if (!len)
-		return;
-	const char *host = strstr(notify_url, "://");
-	const char *open = host && host[3] == '[' ? host + 3 : NULL;
-	const char *close = open ? strchr(open, ']') : NULL;
-	const char *zone = close ? strstr(open, "%25") : NULL;
-	if (!zone || zone > close) {
-		snprintf(out, len, "%s", notify_url);
-		return;
-	}
-	snprintf(out, len, "%.*s%s", (int)(zone - notify_url), notify_url, close);
+	return httpsig_request_url(push_url, "/v1/notify", "push_url", out, len, e);
 }
 
 /* How long rows wait when the peer's address could not be read, and when
@@ -389,7 +299,7 @@ static cw_err post_events(struct peer_out *p, const char *name, const char *url,
 	cw_b64url_encode(nonce, sizeof(nonce), rnd, sizeof(rnd));
 	struct hdrs h = { "application/json", digest };
 	char target[PEER_NOTIFY_URL_MAX];
-	peer_out_signed_uri(url, target, sizeof(target));
+	httpsig_target_uri(url, target, sizeof(target));
 	struct httpsig_msg m = { .method = "POST", .target_uri = target, .header = sign_header, .ctx = &h };
 	static const char *const components[] = { "@method", "@target-uri", "content-digest", "content-type", NULL };
 	struct httpsig_params sp = { .created = cw_wall_ms() / 1000, .keyid = p->keyid, .nonce = nonce, .tag = p->tag };

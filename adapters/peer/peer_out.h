@@ -16,20 +16,13 @@ struct peer_out *peer_out_new(struct cw_app *app, EVP_PKEY *key, const char *key
 void peer_out_free(struct peer_out *p);
 /* The URL of the notify endpoint of a peer whose push_url is push_url,
  * as it is requested and, but for a zone id, signed (@target-uri:
- * peer_out_signed_uri): normalised with libcurl's
- * URL parser as the peer rebuilds it from the request it receives, the
- * scheme and host lower-case, the scheme's default port left out, then
- * the path without its trailing slashes and "/v1/notify" (before a
+ * httpsig_target_uri): httpsig_request_url's normal form (libcurl's URL
+ * parser, the scheme and host lower-case, the scheme's default port left
+ * out), the path without its trailing slashes and "/v1/notify" (before a
  * query, kept).  CW_EINVAL (e naming push_url) for a URL libcurl does
  * not take as http or https with a host, one with a user or password,
  * or one longer than len. */
 cw_err peer_out_notify_url(const char *push_url, char *out, size_t len, cw_errmsg *e);
-/* The @target-uri signed for a request to notify_url (one of
- * peer_out_notify_url's): the same without an IPv6 literal's zone id,
- * which libcurl leaves out of the Host header it sends ("[fe80::1]"), and
- * which names an interface of this host, not the peer's.  Into out (len
- * bytes, at least strlen(notify_url) + 1 for the whole). */
-void peer_out_signed_uri(const char *notify_url, char *out, size_t len);
 
 /* The dispatcher's deliver_fn for "peer:<name>" destinations. */
 cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_row *rows, size_t n, size_t *done,

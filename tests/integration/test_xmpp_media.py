@@ -895,3 +895,49 @@ def test_a_links_file_behind_a_redirect_with_a_page_is_served(make_daemon, db_ur
     finally:
         srv.close()
         media.close()
+
+
+def test_a_files_url_is_signed_as_the_store_rebuilds_it(make_daemon, db_url, prosody, alice, tmp_path):
+    """A store checks Causeway's @target-uri against the URI it rebuilds
+    from the request it receives: its own URL (the host in lower case, no
+    default port, no zone id) and the path and query libcurl sent (dot
+    segments resolved, no fragment).  The file's URL is requested and
+    signed in that normal form, the one a push's URL has
+    (docs/interop-api.md, "Media"), each redirect hop's as that hop goes
+    out.  Until the fifty-second session it was signed as the peer spelled
+    it, and a store checking its signature refused "https://Media.WA..."
+    or ".../x/../f.jpg"."""
+    media, d, a, srv, key, room = start(make_daemon, db_url, prosody, tmp_path)
+    port = media.port
+    own = {h: f"https://{h}:{port}" for h in SIGNED}  # each store host's own URL
+    try:
+        data = os.urandom(600)
+        media.files["/f/caps.jpg"] = media.files["/f/dots.jpg"] = media.files["/f/frag.jpg"] = \
+            ("image/jpeg", data)
+        media.files["/cdn/there.jpg"] = ("image/jpeg", data)
+        media.redirect["/f/moved.jpg"] = f"https://CDN.Media.WA.localhost:{port}/cdn/x/../there.jpg#z"
+        cases = [  # (the URL the peer names, [(host, path) each hop requests])
+            (f"https://Media.WA.Localhost:{port}/f/caps.jpg", [("media.wa.localhost", "/f/caps.jpg")]),
+            (f"https://media.wa.localhost:{port}/f/x/../dots.jpg", [("media.wa.localhost", "/f/dots.jpg")]),
+            (f"https://media.wa.localhost:{port}/f/frag.jpg#part", [("media.wa.localhost", "/f/frag.jpg")]),
+            (f"https://MEDIA.wa.localhost:{port}/f/moved.jpg", [("media.wa.localhost", "/f/moved.jpg"),
+                                                                ("cdn.media.wa.localhost", "/cdn/there.jpg")]),
+        ]
+        refused = []  # (URL, hop, why): every case is tried, all said at once
+        for url, hops in cases:
+            media.requests.clear()
+            _, link = photo_link(a, alice, room, url, data)
+            got = requests.get(link, timeout=10)
+            assert got.status_code == 200 and got.content == data, (url, link, media.requests, got.text[:200])
+            assert [p for p, _ in media.requests] == [p for _, p in hops], (url, media.requests)
+            for (host, path), (_, headers) in zip(hops, media.requests):
+                try:
+                    verify_get("GET", own[host] + path, headers, key)
+                except Exception as ex:  # noqa: BLE001 (InvalidSignature says nothing)
+                    refused.append((url, path, repr(ex)))
+                if headers["Host"] != f"{host}:{port}":
+                    refused.append((url, path, "Host " + headers["Host"]))
+        assert not refused, refused
+    finally:
+        srv.close()
+        media.close()

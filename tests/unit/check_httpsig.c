@@ -757,12 +757,12 @@ START_TEST(notify_url_normalised)
 	for (size_t i = 0; i < CW_ARRAY_LEN(zoned); i++) {
 		ck_assert_msg(peer_out_notify_url(zoned[i][0], out, sizeof(out), &e) == CW_OK, "%s: %s", zoned[i][0],
 			      e.msg);
-		peer_out_signed_uri(out, target, sizeof(target));
+		httpsig_target_uri(out, target, sizeof(target));
 		ck_assert_str_eq(target, zoned[i][1]);
 	}
 	ck_assert_int_eq(peer_out_notify_url("http://[FE80::1%25eth0]:8080", out, sizeof(out), &e), CW_OK);
 	ck_assert_str_eq(out, "http://[fe80::1%25eth0]:8080/v1/notify");
-	peer_out_signed_uri(out, target, sizeof(target));
+	httpsig_target_uri(out, target, sizeof(target));
 	set_str(&r.uri, target);
 	m = req_msg(&r);
 	ck_assert_int_eq(httpsig_sign(&m, our_components, k, &p, si, sizeof(si), sig, sizeof(sig), &e), CW_OK);
@@ -772,6 +772,49 @@ START_TEST(notify_url_normalised)
 	req_free(&r);
 	EVP_PKEY_free(k);
 	EVP_PKEY_free(pub);
+}
+END_TEST
+
+/* A peer's file (and each redirect of it) is requested and signed in the
+ * form a push's URL has, by the same function, without a path appended:
+ * the host lower-case, no default port, dot segments resolved and no
+ * fragment (libcurl sends neither), the zone id requested but not
+ * signed.  Until the fifty-second session a file's URL was signed as the
+ * peer spelled it. */
+START_TEST(request_url_of_a_file_normalised)
+{
+	static const char *const cases[][3] = { /* URL, requested, signed */
+		{ "https://Media.Peer.EXAMPLE:443/f/A.jpg", "https://media.peer.example/f/A.jpg",
+		  "https://media.peer.example/f/A.jpg" },
+		{ "https://media.peer.example:8443/f/x/../y/./A.jpg?v=1", "https://media.peer.example:8443/f/y/A.jpg?v=1",
+		  "https://media.peer.example:8443/f/y/A.jpg?v=1" },
+		{ "https://media.peer.example/f/A.jpg#part", "https://media.peer.example/f/A.jpg",
+		  "https://media.peer.example/f/A.jpg" },
+		{ "https://media.peer.example", "https://media.peer.example/", "https://media.peer.example/" },
+		{ "https://media.peer.example?x=1#y", "https://media.peer.example/?x=1", "https://media.peer.example/?x=1" },
+		{ "http://[FE80::1%25eth0]:80/f/", "http://[fe80::1%25eth0]/f/", "http://[fe80::1]/f/" },
+		{ "https://media.peer.example/f/A%2Fb%25c", "https://media.peer.example/f/A%2Fb%25c",
+		  "https://media.peer.example/f/A%2Fb%25c" },
+	};
+	char out[256], target[256];
+	cw_errmsg e = { { 0 } };
+	for (size_t i = 0; i < CW_ARRAY_LEN(cases); i++) {
+		ck_assert_msg(httpsig_request_url(cases[i][0], NULL, "url", out, sizeof(out), &e) == CW_OK, "%s: %s",
+			      cases[i][0], e.msg);
+		ck_assert_str_eq(out, cases[i][1]);
+		httpsig_target_uri(out, target, sizeof(target));
+		ck_assert_str_eq(target, cases[i][2]);
+	}
+	static const char *const bad[] = { "", "media.peer.example/f", "ftp://media.peer.example/f", "https://",
+					   "https://u@media.peer.example/f", "https://media.peer.example:99999/f" };
+	for (size_t i = 0; i < CW_ARRAY_LEN(bad); i++) {
+		ck_assert_msg(httpsig_request_url(bad[i], NULL, "the file's URL", out, sizeof(out), &e) == CW_EINVAL,
+			      "%s taken", bad[i]);
+		ck_assert_msg(strncmp(e.msg, "the file's URL ", 15) == 0, "%s: %s", bad[i], e.msg);
+	}
+	ck_assert_int_eq(httpsig_request_url("https://media.peer.example/f", NULL, "url", out, 28, &e), CW_EINVAL);
+	ck_assert_int_eq(httpsig_request_url("https://media.peer.example/f", NULL, "url", out, 29, &e), CW_OK);
+	ck_assert_str_eq(out, "https://media.peer.example/f");
 }
 END_TEST
 
@@ -1569,6 +1612,7 @@ int main(void)
 	tcase_add_test(tc, prepared_keys_verify_as_unprepared);
 	tcase_add_test(tc, several_signatures_of_the_tag_are_tried_in_order);
 	tcase_add_test(tc, notify_url_normalised);
+	tcase_add_test(tc, request_url_of_a_file_normalised);
 	tcase_add_test(tc, derived_components_normalise);
 	tcase_add_test(tc, signing_refuses_bad_input);
 	tcase_add_test(tc, table_driven_cases);
