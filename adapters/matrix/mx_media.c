@@ -98,6 +98,22 @@ static const char *hs_answer_for_good(long status, const char *code)
 	return NULL;
 }
 
+/* Why a download the homeserver's redirects ended (cc) is no file
+ * however often it is asked, or NULL.  The homeserver (or its CDN, where
+ * a 307 or 308 sends the download) sends it round more than the 3 hops
+ * libcurl follows (a loop, or a chain too long), or to a place not over
+ * http or https (ftp://, file://): each try meets the same redirects.
+ * Until the fifty-second session both were answered 503 "try again
+ * later", and the peer asked again for ever. */
+static const char *hs_transfer_for_good(CURLcode cc)
+{
+	if (cc == CURLE_TOO_MANY_REDIRECTS)
+		return "the homeserver's download redirects more than 3 times (a loop, or a chain too long)";
+	if (cc == CURLE_UNSUPPORTED_PROTOCOL)
+		return "the homeserver's download redirects to a place not over http or https";
+	return NULL;
+}
+
 cw_err matrix_media_fetch(void *ctx, const char *url, struct media_blob *b, long *status, cw_errmsg *e)
 {
 	struct matrix *m = ctx;
@@ -126,7 +142,9 @@ cw_err matrix_media_fetch(void *ctx, const char *url, struct media_blob *b, long
 		b->too_big = true;
 	if (cc != CURLE_OK) {
 		media_blob_free(b);
-		return cw_fail(e, CW_EUNAVAIL, "homeserver: %s", b->too_big ? "the file is too large" : curl_easy_strerror(cc));
+		b->refused = hs_transfer_for_good(cc);
+		return cw_fail(e, b->refused ? CW_EINVAL : CW_EUNAVAIL, "homeserver: %s",
+			       b->too_big ? "the file is too large" : curl_easy_strerror(cc));
 	}
 	if (*status != 200) {
 		errcode_of(b, code, sizeof(code));

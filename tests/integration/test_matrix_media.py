@@ -1076,6 +1076,54 @@ def test_a_file_the_homeserver_will_never_serve_whole_is_403_and_a_redirect_is_f
     assert r.status_code == 200 and r.content == photo, (r.status_code, r.text[:200])
 
 
+def test_a_download_the_homeserver_redirects_for_ever_or_off_http_is_403(mx, hs, gk, pg, db_url, monkeypatch):
+    """The homeserver's download (Matrix 1.11: it may answer 307 or 308 to
+    where the file is, a CDN) redirects round a loop, more than the 3 hops
+    the gateway follows, or to a place not over http or https (ftp://,
+    file://): every try meets the same redirects, so the peer's answer is
+    403 media_refused with why, no Retry-After.  Until the fifty-second
+    session it was 503 "try again later", and the peer asked again for
+    ever.  A chain of 3 hops, within the limit, is followed."""
+    from homeserver import RawBody
+    a, srv = gk
+    room, mx_room = matrix_dm(mx, hs, a, pg, db_url)
+    [(photo, mxc, _, path)] = alice_sends_photos(mx, hs, srv, mx_room, 1, "looped")
+    serve = hs._serve
+    loop = f"{hs.url}/_matrix/client/v1/media/download/example.org/looped"
+    cases = (((307, RawBody(b"", "text/plain", "inline", {"Location": loop})), 403, "redirects more than 3 times"),
+             ((308, RawBody(b"", "text/plain", "inline", {"Location": "ftp://127.0.0.1/looped.jpg"})), 403,
+              "not over http or https"),
+             ((307, RawBody(b"", "text/plain", "inline", {"Location": "file:///etc/hostname"})), 403,
+              "not over http or https"),
+             ("hops", 200, None))
+    file_id = mxc.rsplit("/", 1)[-1]
+    for answer, code, why in cases:
+        asked = []
+
+        def instead(server, media_id, answer=answer):
+            asked.append(media_id)
+            if answer != "hops":
+                return answer
+            if media_id in (file_id, "hop1", "hop2"):  # file -> hop1 -> hop2 -> hop3, which serves it
+                nxt = {file_id: "hop1", "hop1": "hop2", "hop2": "hop3"}[media_id]
+                return 307, RawBody(b"", "text/plain", "inline",
+                                    {"Location": f"{hs.url}/_matrix/client/v1/media/download/example.org/{nxt}"})
+            return serve(server, file_id)
+        monkeypatch.setattr(hs, "_serve", instead)
+        r = a.call("GET", path)
+        assert r.status_code == code, (answer, r.status_code, r.text[:200])
+        if code == 403:
+            assert "Retry-After" not in r.headers and r.json()["code"] == "media_refused", (answer, r.text)
+            assert why in r.json()["detail"], (answer, r.text)
+            # the loop followed 3 times, then given up: 4 asks
+            assert len(asked) == (4 if "3 times" in why else 1), (answer, asked)
+        else:
+            assert r.content == photo and asked == [file_id, "hop1", "hop2", "hop3"], (len(r.content), asked)
+    monkeypatch.setattr(hs, "_serve", serve)
+    r = a.call("GET", path)
+    assert r.status_code == 200 and r.content == photo, (r.status_code, r.text[:200])
+
+
 def test_an_edit_that_takes_the_file_out_ends_its_link(mx, hs, gk, pg, db_url):
     """alice edits an image into text: the file is no longer in her
     message, and its link at the peer ends there, as after a delete (404
