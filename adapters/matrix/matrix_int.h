@@ -197,6 +197,15 @@ void mx_call_stop_on(atomic_bool *stop);
 /* The wait (ms) the last 429 answer of this thread's calls asked for: its
  * retry_after_ms or Retry-After header, the longer (0: it said none). */
 long mx_rate_limited_wait_ms(void);
+/* The wait (ms) a 429 answer (answer: its body, c: its handle, which
+ * holds its Retry-After) asks for: its retry_after_ms or Retry-After, the
+ * longer (0: it said none). */
+long mx_limit_wait_ms(CURL *c, const json_t *answer);
+/* This thread's calls met a 429 asking wait_ms, as if one of its own
+ * calls had been answered it (mx_rate_limited_wait_ms, and a delivery's
+ * row is not counted against its retry budget): the media worker's upload
+ * answered 429, told to the delivery lane that asks for the file. */
+void mx_rate_limited_note(long wait_ms);
 /* Whether a failed call's status (0: no answer) is the homeserver's of
  * the moment, the work to be tried again: no answer, a 5xx, a 429, a 408
  * (a timeout) or a 401 (M_UNKNOWN_TOKEN, M_MISSING_TOKEN: the as_token not
@@ -227,15 +236,19 @@ enum mx_rehost { MX_REHOST_OK, MX_REHOST_NOTICE, MX_REHOST_RETRY, MX_REHOST_WAIT
  * gone, a wrong checksum); or RETRY, e says why (the peer's server or the
  * homeserver is away: the row goes again later); or UNWANTED: event_id,
  * the event whose row asked for it, no longer wants it (expired, dropped,
- * its content gone: nothing uploaded, nothing recorded). */
+ * its content gone: nothing uploaded, nothing recorded).  *limited_ms:
+ * with RETRY after the homeserver answered the upload 429 M_LIMIT_EXCEEDED,
+ * the wait it asked for (mx_limit_wait_ms: 0 when it said none), else -1. */
 enum mx_rehost mx_rehost(struct matrix *m, int64_t event_id, const char *ghost, const char *signer,
-			 const json_t *att, char *mxc, size_t len, char *why, size_t wlen, cw_errmsg *e);
+			 const json_t *att, char *mxc, size_t len, char *why, size_t wlen, long *limited_ms,
+			 cw_errmsg *e);
 /* The same answer without waiting on a far side (for the delivery lane):
  * OK when the file is on the homeserver already (its size as fetched into
  * *size unless NULL: at most what att declares, maybe less), NOTICE or RETRY when the
  * worker found so (a RETRY is forgotten once told: the next asks again),
  * or when its queue is full (MX_MEDIA_QUEUE_MAX, or MX_MEDIA_QUEUE_PER_SIGNER
- * of the signer's), WAIT when the worker
+ * of the signer's; a RETRY of an upload answered 429 is noted as this
+ * thread's 429, mx_rate_limited_note), WAIT when the worker
  * has it queued now (and queues it if not: for event_id, the event of
  * the row that asks, which the worker looks at again before it fetches
  * and uploads the file and records it: mx_rehost). */

@@ -214,6 +214,23 @@ long mx_rate_limited_wait_ms(void)
 	return rate_limited.wait_ms;
 }
 
+void mx_rate_limited_note(long wait_ms)
+{
+	rate_limited.seen = true;
+	rate_limited.wait_ms = wait_ms;
+}
+
+long mx_limit_wait_ms(CURL *c, const json_t *answer)
+{
+	/* the body's retry_after_ms or (Matrix 1.10 on) the Retry-After
+	 * header: the longer */
+	const json_t *ra = json_object_get(answer, "retry_after_ms");
+	curl_off_t secs = 0;
+	if (curl_easy_getinfo(c, CURLINFO_RETRY_AFTER, &secs) != CURLE_OK)
+		secs = 0;
+	return outbox_retry_after_ms(secs, json_is_integer(ra) ? json_integer_value(ra) : 0);
+}
+
 static _Thread_local atomic_bool *call_stop; /* mx_call_stop_on */
 
 /* Whether this thread's calls end now: its stop is set.  A call that
@@ -251,16 +268,8 @@ static cw_err req_done(struct matrix *m, CURL *c, struct mx_req *rq, CURLcode cc
 		}
 		const char *code = json_string_value(json_object_get(a, "errcode"));
 		rc = cw_fail(e, CW_EIO, "homeserver answered %ld %s", *status, code ? code : "");
-		if (*status == 429) {
-			/* the wait asked for is the body's retry_after_ms or
-			 * (Matrix 1.10 on) the Retry-After header: the longer */
-			json_t *ra = json_object_get(a, "retry_after_ms");
-			curl_off_t secs = 0;
-			if (curl_easy_getinfo(c, CURLINFO_RETRY_AFTER, &secs) != CURLE_OK)
-				secs = 0;
-			rate_limited.seen = true;
-			rate_limited.wait_ms = outbox_retry_after_ms(secs, json_is_integer(ra) ? json_integer_value(ra) : 0);
-		}
+		if (*status == 429)
+			mx_rate_limited_note(mx_limit_wait_ms(c, a));
 	} else {
 		token_state(m, false); /* answered as the appservice: the token is taken */
 	}

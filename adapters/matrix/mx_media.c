@@ -157,12 +157,16 @@ cw_err matrix_media_fetch(void *ctx, const char *url, struct media_blob *b, long
 
 /* Uploads b as ghost; its mxc:// URI into mxc.  *too_large: the
  * homeserver refused it as too large (413, or M_TOO_LARGE under another
- * status: no later try takes it). */
+ * status: no later try takes it).  *limited_ms: after a 429 (Synapse
+ * limits uploads as it limits sends), the wait it asked for
+ * (mx_limit_wait_ms), else -1. */
 static cw_err upload(struct matrix *m, const char *ghost, const struct media_blob *b, const char *ct,
-		     const char *filename, char *mxc, size_t len, long *status, bool *too_large, cw_errmsg *e)
+		     const char *filename, char *mxc, size_t len, long *status, bool *too_large, long *limited_ms,
+		     cw_errmsg *e)
 {
 	*status = 0;
 	*too_large = false;
+	*limited_ms = -1;
 	CURL *h = curl_easy_init();
 	char *g = h && ghost ? curl_easy_escape(h, ghost, 0) : NULL;
 	char *f = h && filename ? curl_easy_escape(h, filename, 0) : NULL;
@@ -200,7 +204,12 @@ static cw_err upload(struct matrix *m, const char *ghost, const struct media_blo
 	const char *uri = json_string_value(json_object_get(j, "content_uri"));
 	const char *code = json_string_value(json_object_get(j, "errcode"));
 	*too_large = *status == 413 || (*status != 200 && code && strcmp(code, "M_TOO_LARGE") == 0);
-	if (*status != 200)
+	if (*status == 429)
+		*limited_ms = mx_limit_wait_ms(h, j);
+	if (*status == 429)
+		rc = cw_fail(e, CW_EIO, "homeserver rate limit on the upload (429 %s): retry after %ld ms",
+			     code ? code : "", *limited_ms);
+	else if (*status != 200)
 		rc = cw_fail(e, CW_EIO, "homeserver answered the upload %ld %s", *status, code ? code : "");
 	else if (!uri || !mx_mxc_parse(uri, NULL, 0, NULL) || strlen(uri) >= len)
 		rc = cw_fail(e, CW_EIO, "homeserver answered the upload without a valid content_uri");
@@ -348,6 +357,14 @@ enum mx_rehost mx_media_ask(struct matrix *m, int64_t event_id, const char *ghos
 		res = MX_REHOST_NOTICE;
 	} else if (s && strcmp(s, "retry") == 0) {
 		cw_fail(e, CW_EUNAVAIL, "%s", w ? w : "the file could not be fetched");
+		/* The upload answered 429: the row waits as asked and its try is
+		 * not counted, as after a 429 to any call of its own (until the
+		 * fifty-second session's review the upload, made on the worker's
+		 * thread, was a failed attempt, and a homeserver limiting
+		 * uploads made dead letters of messages with files). */
+		const json_t *lim = json_object_get(st, "limited_ms");
+		if (json_is_integer(lim))
+			mx_rate_limited_note((long)json_integer_value(lim));
 		json_object_del(m->media_state, key);
 		res = MX_REHOST_RETRY;
 	} else if (!s && (json_array_size(m->media_queue) >= MX_MEDIA_QUEUE_MAX ||
@@ -440,15 +457,20 @@ static void *media_main(void *arg)
 		char mxc[300], why[160] = "", key[2500];
 		state_key(signer, att, (size_t)m->cfg->media_max_bytes, key, sizeof(key));
 		cw_errmsg e = { { 0 } };
+		long limited_ms = -1;
 		enum mx_rehost res = mx_rehost(m, (int64_t)json_integer_value(json_array_get(item, 3)),
 					       json_string_value(json_array_get(item, 1)), signer, att, mxc, sizeof(mxc),
-					       why, sizeof(why), &e);
+					       why, sizeof(why), &limited_ms, &e);
 		pthread_mutex_lock(&m->mu);
 		/* Carried, or no longer wanted by its message: forgotten, and a
 		 * row of another message that waited for the same file asks
 		 * again (and queues it for its own). */
 		if (res == MX_REHOST_OK || res == MX_REHOST_UNWANTED)
 			json_object_del(m->media_state, key);
+		else if (res == MX_REHOST_RETRY && limited_ms >= 0)
+			json_object_set_new(m->media_state, key,
+					    json_pack("{s:s, s:s, s:I}", "s", "retry", "why", e.msg, "limited_ms",
+						      (json_int_t)limited_ms));
 		else
 			json_object_set_new(m->media_state, key,
 					    json_pack("{s:s, s:s}", "s", res == MX_REHOST_NOTICE ? "notice" : "retry", "why",
@@ -539,8 +561,10 @@ static const char record_sql[] =
 	"SELECT 'matrix', $2, $3, $4, $5::bigint, $6 FROM w ON CONFLICT DO NOTHING";
 
 enum mx_rehost mx_rehost(struct matrix *m, int64_t event_id, const char *ghost, const char *signer,
-			 const json_t *att, char *mxc, size_t len, char *why, size_t wlen, cw_errmsg *e)
+			 const json_t *att, char *mxc, size_t len, char *why, size_t wlen, long *limited_ms,
+			 cw_errmsg *e)
 {
+	*limited_ms = -1;
 	const char *url = json_string_value(json_object_get(att, "url"));
 	const char *ct = json_string_value(json_object_get(att, "content_type"));
 	const char *want = json_string_value(json_object_get(att, "sha256"));
@@ -609,7 +633,8 @@ enum mx_rehost mx_rehost(struct matrix *m, int64_t event_id, const char *ghost, 
 	} else {
 		long up = 0;
 		bool too_large = false;
-		if (upload(m, ghost, &b, ct, name && *name ? name : "file", mxc, len, &up, &too_large, e) == CW_OK) {
+		if (upload(m, ghost, &b, ct, name && *name ? name : "file", mxc, len, &up, &too_large, limited_ms,
+			   e) == CW_OK) {
 			char size[24], id[24];
 			snprintf(size, sizeof(size), "%zu", b.n);
 			snprintf(id, sizeof(id), "%lld", (long long)event_id);

@@ -523,6 +523,56 @@ def test_an_upload_refused_as_too_large_is_a_notice_and_a_502_is_retried(mx, hs,
     assert ups == [("big.png", 400), ("later.png", 502), ("later.png", 200)], ups
 
 
+def test_an_upload_rate_limited_past_the_retry_budget_is_waited_out_and_the_file_goes_once(make_daemon, db_url, hs,
+                                                                                           media, pg):
+    """The homeserver answers the upload of a peer's file 429
+    M_LIMIT_EXCEEDED with retry_after_ms, more times than the row's retry
+    budget (3 here) would allow: as a 429 to any other call of the row's,
+    each waits as long as asked and is not counted, and the file arrives
+    once, its row delivered on its first counted attempt.  Until the
+    fifty-second session's review the upload, made on the media worker's
+    thread, was a failed attempt of the row: the message was a dead letter
+    after 3 such answers, never shown."""
+    port = free_port()
+    hs.registration["url"] = f"http://127.0.0.1:{port}"
+    d = make_daemon(db_url, options={"server": {"port": str(port), "ca_file": media.cert_file,
+                                                "media_max_bytes": str(MAX), "media_private_addresses": "true"},
+                                     "matrix": {"homeserver_url": hs.url, "as_token": AS_TOKEN,
+                                                "hs_token": HS_TOKEN},
+                                     "dispatcher": {"retry_budget": "3", "retry_base_ms": "20",
+                                                    "retry_max_ms": "50"}}).start()
+    a, srv = add_peer(d, "gk", "wa.example")
+    try:
+        consent_alice(d)
+        hs.create_user("alice")
+        room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+        cat = os.urandom(2000)
+        hs.refuse_retry_after_ms = 300
+        limited = []
+
+        def refuse(method, path, user):
+            if method == "POST" and path == "/_matrix/media/v3/upload" and len(limited) < 5:
+                limited.append(time.monotonic())
+                return 429
+            return False
+        hs.refuse = refuse
+        mid = send_file(a, room, "look", attachment(media.put("/f/limited.png", "image/png", cat), cat), "lim")
+        [m] = ghost_messages(hs, 1)
+        assert m["content"]["msgtype"] == "m.image" and hs.media(m["content"]["url"])["data"] == cat, m["content"]
+        ups = [q["status"] for q in hs.requests if q["path"] == "/_matrix/media/v3/upload"]
+        assert ups == [429] * 5 + [200], ups
+        # each wait as asked (300 ms) before the file was asked for again
+        gaps = [b - a_ for a_, b in zip(limited, limited[1:])]
+        assert min(gaps) >= 0.25, gaps
+        wait_until(lambda: pg.psql("SELECT o.state || ' ' || o.attempts FROM outbox o JOIN events e "
+                                   f"ON e.id = o.event_id WHERE e.public_id = '{mid}' AND o.destination = 'matrix'",
+                                   db_url) == "delivered 1", what="delivered 1")
+        assert len(ghost_messages_now(hs)) == 1
+    finally:
+        hs.refuse = None
+        srv.close()
+
+
 def test_a_files_earlier_refusal_is_not_the_answer_for_a_later_correct_attachment(mx, hs, gk, media):
     """A file not carried for what its attachment declared (a sha256 or
     size its bytes do not match) is remembered with that declaration: a
