@@ -66,7 +66,9 @@ static char *seg(struct matrix *m, const char *s)
  * the bot mends them, and health tells them: note_refusal), a 408 or a
  * 429 (a wait mends them), nor a 4xx without an errcode (a proxy's page,
  * not the homeserver's word).  Until the fifty-first session only a 413
- * was; until the fifty-second any errcode was, 400 M_UNKNOWN too. */
+ * was; until the fifty-second any errcode was, 400 M_UNKNOWN too.  The
+ * peer API's final_4xx (peer_media.c) judges a file download's status,
+ * not a row's request: a separate list on purpose (see there). */
 static bool refused_for_good(long status, const json_t *answer)
 {
 	/* The request's own fault, as the specification describes them:

@@ -658,7 +658,15 @@ static void fetched(void *arg)
 }
 
 /* Whether a 4xx status is the far side's answer at every later try too
- * (not 408 Request Timeout nor 429 Too Many Requests). */
+ * (not 408 Request Timeout nor 429 Too Many Requests).  Not the Matrix
+ * adapter's refused_for_good (mx_deliver.c), and not to be one list with
+ * it (the fifty-second session's review looked): this judges the HTTP
+ * status of a file's store, a peer's or any web server with no Matrix
+ * errcode to read, and of the homeserver's download, where 403 is the
+ * file refused; that one judges the errcode of the homeserver's answer to
+ * a row's send, where 403 is a ghost not (yet) in the room, which the bot
+ * mends, and where "for good" makes the row a dead letter, never tried
+ * again, while here it is only this answer: the peer may ask later. */
 static bool final_4xx(long status)
 {
 	return status >= 400 && status < 500 && status != 408 && status != 429;
