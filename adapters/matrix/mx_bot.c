@@ -412,9 +412,12 @@ static bool local_identity(struct matrix *m, PGconn *c, const char *mxid, char *
  * did not take for now is queued (say_later) with the same transaction
  * id (since the thirty-second session; before, the row's own: a command
  * run again after a crash before its mark was answered twice). */
+static bool still_hers_alone(struct matrix *m, PGconn *c, const char *room, const char *txn);
+
 static void answer(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *text)
 {
-	say_as(m, c, room, NULL, text, txn);
+	if (still_hers_alone(m, c, room, txn))
+		say_as(m, c, room, NULL, text, txn);
 }
 
 /* The user's pending requests, decisions, opt-ins and the remote users
@@ -1081,6 +1084,18 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 	return false;
 }
 
+/* The bot's word to her when someone else is in her management room
+ * (ended: its row gone), and its leave; eid names what it answers. */
+static void intruder_words(struct matrix *m, PGconn *c, const char *room, const char *eid)
+{
+	LOG_KV_LIMITED(CW_LOG_INFO, "someone else came into a management room: the bot leaves it", "room", room);
+	char txn[48];
+	txn_for(txn, sizeof(txn), "intruded", eid, room);
+	says_and_leaves(m, c, room, NULL, "Someone else is in this room now, and what I show here (who wants to reach "
+					  "you, what you decided) is for you alone: I leave, and take your commands in "
+					  "a new direct room with me, which you may open any time.", txn);
+}
+
 /* Someone other than its user (who, another user of this server or of
  * another, invited or joining) in a management room: the room is hers
  * and the bot's alone (invited, others_in), for what it shows there says
@@ -1099,13 +1114,62 @@ static bool intruded(struct matrix *m, PGconn *c, const char *room, const char *
 	PQclear(r);
 	if (!was)
 		return false;
-	LOG_KV_LIMITED(CW_LOG_INFO, "someone else came into a management room: the bot leaves it", "room", room);
-	char txn[48];
-	txn_for(txn, sizeof(txn), "intruded", eid, room);
-	says_and_leaves(m, c, room, NULL, "Someone else is in this room now, and what I show here (who wants to reach "
-					  "you, what you decided) is for you alone: I leave, and take your commands in "
-					  "a new direct room with me, which you may open any time.", txn);
+	intruder_words(m, c, room, eid);
 	return true;
+}
+
+/* Whether a command's answer (her consent list, whom she accepted or
+ * blocked...) may be said in management room room: it is still hers, and
+ * nobody but her, the bot and ghosts is in it, joined or invited.  A
+ * command queued before someone else came in is answered after they are
+ * in (their member event comes later in the inbox, and intruded, which
+ * ends the room, runs after the command): until the fifty-second session
+ * her list was shown to them (a review's finding).  Someone else in it:
+ * the room is ended as intruded ends it (the bot says so, leaves, and
+ * forgets it; the later member event finds no management room), and the
+ * answer is not said.  A room that is hers no more (left, moved, ended
+ * meanwhile: the bot has left it) gets no answer either; nor does one
+ * whose members the homeserver did not give, or whose owner the database
+ * did not (logged: her command was carried out, and she may ask again). */
+static bool still_hers_alone(struct matrix *m, PGconn *c, const char *room, const char *txn)
+{
+	const char *p[] = { room };
+	PGresult *r = PQexecParams(c, "SELECT user_id FROM matrix_mgmt_rooms WHERE room_id = $1", 1, NULL, p, NULL,
+				   NULL, 0);
+	cw_errmsg e;
+	if (store_check(c, r, PGRES_TUPLES_OK, &e)) {
+		LOG_KV_LIMITED(CW_LOG_WARN, "a command's answer is not said: whose room it is was not read", "room",
+			       room, "detail", e.msg);
+		return false;
+	}
+	if (PQntuples(r) != 1) {
+		PQclear(r);
+		LOG_KV_LIMITED(CW_LOG_INFO, "a command's answer is not said: the room is no management room now",
+			       "room", room);
+		return false;
+	}
+	char owner[MX_ID_MAX + 1];
+	snprintf(owner, sizeof(owner), "%s", PQgetvalue(r, 0, 0));
+	PQclear(r);
+	int others = others_in(m, room, NULL, owner);
+	if (others == 0)
+		return true;
+	if (others < 0) {
+		LOG_KV_LIMITED(CW_LOG_WARN, "a command's answer is not said: the room's members were not read",
+			       "room", room);
+		return false;
+	}
+	const char *dp[] = { room, owner };
+	r = PQexecParams(c, "DELETE FROM matrix_mgmt_rooms WHERE room_id = $1 AND user_id = $2 RETURNING 1", 2, NULL,
+			 dp, NULL, NULL, 0);
+	bool was = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) > 0;
+	if (PQresultStatus(r) != PGRES_TUPLES_OK)
+		LOG_KV(CW_LOG_WARN, "cannot forget a management room someone else came into", "room", room, "detail",
+		       PQerrorMessage(c));
+	PQclear(r);
+	if (was)
+		intruder_words(m, c, room, txn);
+	return false;
 }
 
 /* The ghost says why it goes (a notice), and leaves the room; the word's

@@ -8140,6 +8140,42 @@ def test_someone_else_in_a_management_room_ends_it(mx, hs, gk, pg, db_url):
                            if e["sender"] == bot), what="ed's request in her new room")
 
 
+def test_a_command_queued_before_someone_else_came_in_is_not_answered_to_them(mx, hs, gk, pg, db_url):
+    """alice's "list" is in the bot's inbox before bob is invited into her
+    management room; bob's member event comes after it, so the intruder's
+    check ran after the command, and her consent list was said with bob
+    in the room (until the fifty-second session, a review's finding).
+    Here the command waits on a lock of a table its list reads while bob
+    is invited: the bot, about to answer, finds him there, says what it
+    says to an intruder, leaves, and forgets the room; the list is not
+    said."""
+    bot = "@_cw_bot:example.org"
+    consent_alice(mx)
+    alice, mgmt, said = alice_and_the_bot(hs)
+    hs.create_user("bob")
+    held = HeldSession(db_url)
+    try:
+        held.run("BEGIN; LOCK TABLE blocks IN ACCESS EXCLUSIVE MODE;")
+        alice.send_text(mgmt, "list")
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                   "AND query LIKE '%FROM blocks%'", db_url) == "1",
+                   timeout=30, what="her list waiting for the lock")
+        alice.invite(mgmt, "@bob:example.org")
+        wait_until(lambda: any(t["done"] and any(e["type"] == "m.room.member"
+                                                 and e.get("state_key") == "@bob:example.org"
+                                                 for e in t["events"]) for t in hs.transactions),
+                   what="the transaction with bob's invitation taken")
+        held.end()
+    finally:
+        held.end()
+    wait_until(lambda: hs.members(mgmt).get(bot) == "leave", what="the bot leaving")
+    time.sleep(1)  # the intruder's member event handled too
+    words = said()
+    assert not any("mimi://wa.example/u/wally" in w or "opted in" in w for w in words), words
+    assert len(words) == 2 and "Someone else is in this room now" in words[1], words
+    assert pg.psql("SELECT count(*) FROM matrix_mgmt_rooms", db_url) == "0"
+
+
 @pytest.mark.parametrize("before", ["none", "another"])
 def test_someone_invited_while_the_bot_sets_up_a_management_room_ends_it(mx, hs, pg, db_url, before):
     """The bot, invited by alice, joins, finds nobody else in the room, and
