@@ -2104,6 +2104,24 @@ static void joined_uninvited(struct matrix *m, PGconn *c, const char *room, cons
 		 sizeof(actor));
 }
 
+/* The bot leaves the management room its user left (forgotten already):
+ * false when the homeserver did not take the leave for now (no answer, a
+ * 5xx, a 429, a 401), so that the inbox row is tried again, backed off
+ * and at most BOT_TRIES times (try_later; until the fifty-second session
+ * the failure was logged and the bot stayed in the room for good).  A
+ * refusal for good (a 403: the bot is not in the room) is taken as
+ * left. */
+static bool bot_leaves(struct matrix *m, const char *room)
+{
+	long status = 0;
+	cw_errmsg e;
+	if (!mx_room_post(m, room, NULL, "leave", json_object(), &status, &e))
+		return true;
+	LOG_KV_LIMITED(CW_LOG_WARN, "the bot cannot leave a management room its user left", "room", room, "detail",
+		       e.msg);
+	return !mx_for_now(status);
+}
+
 /* One of this provider's users left (or was removed from) a bridged direct
  * room, a group's portal, or their management room: the room is no longer
  * theirs to read, so its binding goes and the ghost (or the bot) leaves
@@ -2114,7 +2132,7 @@ static void joined_uninvited(struct matrix *m, PGconn *c, const char *room, cons
  * the forty-sixth session the work was marked done all the same, and the
  * room stayed bound: the ghost's sends went on into a room she had left,
  * taken by the homeserver, never seen). */
-static bool left(struct matrix *m, PGconn *c, const char *room, const char *who)
+static bool left(struct matrix *m, PGconn *c, const char *room, const char *who, bool retry)
 {
 	char local_id[24], uri[600];
 	struct mimi_uri u;
@@ -2140,13 +2158,8 @@ static bool left(struct matrix *m, PGconn *c, const char *room, const char *who)
 	}
 	bool was_mgmt = PQntuples(mr) == 1;
 	PQclear(mr);
-	if (was_mgmt) {
-		cw_errmsg e;
-		if (mx_room_action(m, room, NULL, "leave", &e))
-			LOG_KV_LIMITED(CW_LOG_WARN, "the bot cannot leave a management room its user left", "room",
-				       room, "detail", e.msg);
-		return false;
-	}
+	if (was_mgmt)
+		return !bot_leaves(m, room);
 	/* A group's portal (no remote user in its binding): leaving it is
 	 * leaving the group (the peer hears of it from the leave event
 	 * itself); its ghosts and the bot leave too.  The membership changes
@@ -2179,6 +2192,13 @@ static bool left(struct matrix *m, PGconn *c, const char *room, const char *who)
 		PQclear(r);
 		LOG_KV(CW_LOG_WARN, "cannot unbind a room its user left", "room", room, "detail", e.msg);
 		return true;
+	}
+	/* Neither her management room nor bound (any more): on a try again,
+	 * one whose management room was forgotten on the first, and whose bot's
+	 * leave the homeserver did not take */
+	if (PQntuples(r) == 0 && retry) {
+		PQclear(r);
+		return !bot_leaves(m, room);
 	}
 	bool portal = false;
 	for (int k = 0; k < PQntuples(r); k++) {
@@ -2364,7 +2384,7 @@ static bool inbox(struct matrix *m, PGconn *c)
 			} else if (mx_in_ghost_namespace(m->cfg->mx_user_prefix, mx_server_name(m->cfg), key)) {
 				again = ghost_removed(c, room, key);
 			} else {
-				again = left(m, c, room, key);
+				again = left(m, c, room, key, atoi(PQgetvalue(r, i, 2)) > 0);
 			}
 		}
 		else if (type && room && strcmp(type, "m.room.encryption") == 0)
@@ -2923,7 +2943,7 @@ static void invitees_joined(struct matrix *m, PGconn *c)
  * looks for; and dead_letters' (dispatcher_dead_stmts). */
 static const struct store_stmt bot_stmts[BOT_LOOKS + 1] = {
 	[BOT_INBOX] = { "mx_bot_inbox",
-		"SELECT id, event::text FROM matrix_bot_inbox WHERE handled_at IS NULL "
+		"SELECT id, event::text, attempts FROM matrix_bot_inbox WHERE handled_at IS NULL "
 		"AND (not_before IS NULL OR not_before <= now()) ORDER BY id LIMIT $1::int" },
 	[BOT_REQUESTS] = { "mx_bot_requests",
 		"SELECT q.id, mr.room_id, ri.uri, ri.network, coalesce(ri.display_name, '') FROM consent_requests q "
