@@ -1160,19 +1160,30 @@ static cw_err recheck(PGconn *c, const struct policy_view *v, PGresult *r, const
 	return rc;
 }
 
-cw_err policy_recheck_row(PGconn *c, const struct policy_view *v, const char *outbox_id, const char **reason,
+static void recheck_counted(struct policy_live *pl, const long counts[2], const struct recheck_drops *by,
+			    const char *msg);
+
+cw_err policy_recheck_row(struct policy_live *pl, PGconn *c, const char *outbox_id, const char **reason,
 			  cw_errmsg *e)
 {
 	char arr[32];
 	snprintf(arr, sizeof(arr), "{%s}", outbox_id);
 	const char *params[] = { arr, NULL };
+	*reason = NULL;
 	PGresult *r = PQexecParams(c, recheck_ids_sql, 2, NULL, params, NULL, NULL, 0);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;
-	long counts[2];
-	rc = recheck(c, v, r, NULL, NULL, counts, reason, NULL, NULL, NULL, e);
+	long counts[2] = { 0, 0 };
+	struct recheck_drops by = { 0 };
+	struct policy_view *v = policy_live_get(pl);
+	rc = recheck(c, v, r, NULL, NULL, counts, reason, NULL, NULL, &by, e);
+	policy_view_put(v);
 	PQclear(r);
+	/* counted as the policy thread's and the lanes' rechecks are (until
+	 * the fifty-second session a replay's drop was in neither metric) */
+	if (!rc)
+		recheck_counted(pl, counts, &by, "a dead letter the server's rules now refuse dropped by its replay");
 	return rc;
 }
 

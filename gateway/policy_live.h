@@ -124,7 +124,8 @@ void policy_view_put(struct policy_view *v);
 cw_err policy_sweep(PGconn *c, const struct policy_view *v, const char *target_id, long counts[3], cw_errmsg *e);
 
 /* Decides the outbox row outbox_id again, if it is not handed over yet
- * (pending, held, dead, failed), by v's server rules, its user's opt-out
+ * (pending, held, dead, failed), by the server rules of pl's view in
+ * force, its user's opt-out
  * (what policy_reason_is_servers covers) and her block of the sender or
  * their domain (since the forty-third session): one they now refuse is
  * dropped as a block's sweep drops a row (content erased unless another
@@ -132,8 +133,11 @@ cw_err policy_sweep(PGconn *c, const struct policy_view *v, const char *target_i
  * *reason: the refusal's reason code (static), or NULL when the row stays
  * (allowed, handed over, or locked by another transaction).  The policy
  * thread does the same to every such row after a change of the rules, the
- * default mode or an opt-out (docs/policy.md). */
-cw_err policy_recheck_row(PGconn *c, const struct policy_view *v, const char *outbox_id, const char **reason,
+ * default mode or an opt-out (docs/policy.md).  Counted and logged as its
+ * rechecks are (causeway_policy_rechecked_total,
+ * causeway_policy_recheck_dropped_total; since the fifty-second session). */
+struct policy_live;
+cw_err policy_recheck_row(struct policy_live *pl, PGconn *c, const char *outbox_id, const char **reason,
 			  cw_errmsg *e);
 
 /* What the dispatcher asks so that no row waiting after a change of the

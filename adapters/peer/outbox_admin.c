@@ -203,9 +203,7 @@ static cw_err replay_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	PQclear(r);
 	const char *reason = NULL;
 	if (dead) {
-		struct policy_view *v = policy_live_get(j->app->policy);
-		rc = policy_recheck_row(c, v, j->data, &reason, e);
-		policy_view_put(v);
+		rc = policy_recheck_row(j->app->policy, c, j->data, &reason, e);
 		if (rc)
 			return rc;
 	}

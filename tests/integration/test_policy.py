@@ -2970,6 +2970,25 @@ def test_the_expiry_of_a_rule_decides_the_waiting_rows_again_when_it_comes(make_
         srv2.close()
 
 
+def recheck_drops(d):
+    """(rows the rechecks dropped, of them those of a deny of a domain to
+    a local user): causeway_policy_rechecked_total{outcome="dropped"},
+    causeway_policy_recheck_dropped_total{reason="server_denied_domain",
+    kind="inbound"}."""
+    text = d.get("/metrics").text
+    return (int(re.search(r'^causeway_policy_rechecked_total\{outcome="dropped"\} (\d+)$', text, re.M).group(1)),
+            int(re.search(r'^causeway_policy_recheck_dropped_total\{reason="server_denied_domain",'
+                          r'kind="inbound"\} (\d+)$', text, re.M).group(1)))
+
+
+def swept(pg, db_url):
+    """The drops of a deny of a domain recorded as the recheck's (each
+    once, as both recheck_drops count them)."""
+    n = int(pg.psql("SELECT count(*) FROM audit_log WHERE action = 'policy.deny' AND details = '{\"by\": \"sweep\"}' "
+                    "AND reason_code = 'server_denied_domain'", db_url))
+    return (n, n)
+
+
 def test_a_dead_letter_the_rules_now_refuse_is_not_replayed(daemon, peers, pg, db_url):
     """A dead letter whose sender the server now denies is not sent again
     by a replay: the replay answers 409 and drops it (its content erased,
@@ -2998,9 +3017,17 @@ def test_a_dead_letter_the_rules_now_refuse_is_not_replayed(daemon, peers, pg, d
     pg.psql(sql % ("dead", "", "", msg), db_url)
     row = pg.psql(f"SELECT o.id FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id = '{msg}'",
                   db_url)
+    # the pass's drops counted (after their commit) before the replay
+    wait_until(lambda: recheck_drops(daemon) == swept(pg, db_url), what="the pass's drops counted")
+    before = recheck_drops(daemon)
     r = daemon.admin("POST", f"/outbox/{row}/replay")
     assert r.status_code == 409 and "server_denied_domain" in r.json()["detail"], r.text
     assert states(pg, db_url, [msg])[0][1] == "dropped"
+    # The replay's drop is counted as the recheck's are (until the
+    # fifty-second session it was in neither metric nor the log).
+    assert recheck_drops(daemon) == (before[0] + 1, before[1] + 1) == swept(pg, db_url)
+    assert any(x.get("msg") == "a dead letter the server's rules now refuse dropped by its replay"
+               and x["by"] == "server_denied_domain/inbound=1" for x in list(daemon.records))
     d = decision(daemon, msg)
     assert d["content_deleted"] and d["recipients"][0]["reason"] == "server_denied_domain", d
     # Without the rule, a dead letter is replayed as before.
