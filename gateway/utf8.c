@@ -287,3 +287,56 @@ char *cw_utf8_scrub(const char *s)
 	out[o] = '\0';
 	return out;
 }
+
+/* cw_utf8_echo's step: the sanitized s into out (NULL: only counted), the
+ * bytes it makes; with cut, at most max bytes and CW_UTF8_ECHO_MAX
+ * characters, room kept for an ellipsis, and *whole set to whether all of
+ * s went in. */
+static size_t echo_put(const char *s, char *out, size_t max, bool cut, bool *whole)
+{
+	static const char repl[] = "\xEF\xBF\xBD";
+	const unsigned char *p = (const unsigned char *)s;
+	size_t n = 0, chars = 0, left = strlen(s);
+	*whole = true;
+	while (left) {
+		unsigned cp = 0;
+		size_t k = cw_utf8_seq(p, left, &cp);
+		const char *put = (const char *)p;
+		size_t put_len = k;
+		if (k == 0 || cw_utf8_display_control(cp)) {
+			put = repl;
+			put_len = 3;
+			k = k ? k : 1;
+		}
+		if (cut && (chars == CW_UTF8_ECHO_MAX || n + put_len + 3 > max)) {
+			*whole = false;
+			break;
+		}
+		if (out)
+			memcpy(out + n, put, put_len);
+		n += put_len;
+		chars++;
+		p += k;
+		left -= k;
+	}
+	if (chars > CW_UTF8_ECHO_MAX)
+		*whole = false;
+	return n;
+}
+
+void cw_utf8_echo(const char *s, char *out, size_t len)
+{
+	out[0] = '\0';
+	if (len < 4)
+		return;
+	bool whole;
+	size_t n = echo_put(s, NULL, 0, false, &whole);
+	if (whole && n <= len - 1) {
+		echo_put(s, out, 0, false, &whole);
+	} else {
+		n = echo_put(s, out, len - 1, true, &whole); /* n + 3 <= len - 1 */
+		memcpy(out + n, "\xE2\x80\xA6", 3);
+		n += 3;
+	}
+	out[n] = '\0';
+}

@@ -144,6 +144,21 @@ size_t cw_utf8_prefix(const char *s, size_t max, size_t *chars);
  * and does not end inside a character. */
 size_t cw_utf8_cut(const char *s, size_t max);
 
+/* The characters of what a user typed that a bot's answer quotes at most. */
+#define CW_UTF8_ECHO_MAX 100
+
+/* What a user typed (s, NUL-terminated), as a bot's answer quotes it back to
+ * her (the Matrix bot's notices, the XMPP component's command answers), into
+ * out (len bytes, at least 4): each character that could drive a terminal
+ * or change what is shown around it (cw_utf8_display_control: controls,
+ * bidirectional controls and marks, line and paragraph separators) and
+ * each byte that is not UTF-8 written as U+FFFD, at most CW_UTF8_ECHO_MAX
+ * characters and len - 1 bytes (a cut one ends with U+2026).  Since the
+ * fifty-second session: until then "I know no network %s" and the like
+ * quoted a bidirectional override as typed, which turned the bot's words
+ * round in her client. */
+void cw_utf8_echo(const char *s, char *out, size_t len);
+
 /* A copy of s (NUL-terminated) in which every byte that does not start a
  * valid sequence is U+FFFD: text that must be UTF-8 (a JSON string) from
  * text that may hold outside bytes or a character cut in two.  malloc'd,

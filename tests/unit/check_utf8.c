@@ -393,6 +393,52 @@ START_TEST(text_problem_cases)
 }
 END_TEST
 
+/* What a bot's answer quotes of what a user typed (cw_utf8_echo): every
+ * display control and every byte that is not UTF-8 a U+FFFD, at most
+ * CW_UTF8_ECHO_MAX characters and the buffer's bytes, a cut one ending
+ * with an ellipsis and never inside a character. */
+START_TEST(echo_cases)
+{
+	char out[600];
+	cw_utf8_echo("gk", out, sizeof(out));
+	ck_assert_str_eq(out, "gk");
+	cw_utf8_echo("", out, sizeof(out));
+	ck_assert_str_eq(out, "");
+	cw_utf8_echo("caf\xC3\xA9 \xE4\xB8\xAD", out, sizeof(out)); /* kept as typed */
+	ck_assert_str_eq(out, "caf\xC3\xA9 \xE4\xB8\xAD");
+	/* U+202E, U+2066, U+2069, U+200F, C0 (line feed, ESC), DEL, C1 (U+009B), U+2028 */
+	cw_utf8_echo("a\xE2\x80\xAE" "b\xE2\x81\xA6" "c\xE2\x81\xA9" "d\xE2\x80\x8F"
+		     "e\nf\x1B[2Jg\x7Fh\xC2\x9Bi\xE2\x80\xA8j", out, sizeof(out));
+	ck_assert_str_eq(out, "a\xEF\xBF\xBD" "b\xEF\xBF\xBD" "c\xEF\xBF\xBD" "d\xEF\xBF\xBD" "e\xEF\xBF\xBD"
+			      "f\xEF\xBF\xBD[2Jg\xEF\xBF\xBD" "h\xEF\xBF\xBD" "i\xEF\xBF\xBD" "j");
+	/* bytes that are not UTF-8, one U+FFFD each; a character cut at the end */
+	cw_utf8_echo("x\xFFy\xC3", out, sizeof(out));
+	ck_assert_str_eq(out, "x\xEF\xBF\xBDy\xEF\xBF\xBD");
+	/* at most CW_UTF8_ECHO_MAX characters */
+	char longer[CW_UTF8_ECHO_MAX * 2 + 1];
+	memset(longer, 'w', sizeof(longer) - 1);
+	longer[sizeof(longer) - 1] = '\0';
+	cw_utf8_echo(longer, out, sizeof(out));
+	ck_assert_uint_eq(strlen(out), CW_UTF8_ECHO_MAX + 3);
+	ck_assert_mem_eq(out + CW_UTF8_ECHO_MAX, "\xE2\x80\xA6", 3);
+	longer[CW_UTF8_ECHO_MAX] = '\0'; /* exactly the most: no ellipsis */
+	cw_utf8_echo(longer, out, sizeof(out));
+	ck_assert_str_eq(out, longer);
+	/* a small buffer: whole characters, the ellipsis within it */
+	char small[9];
+	cw_utf8_echo("\xC3\xA9\xC3\xA9\xC3\xA9\xC3\xA9\xC3\xA9", small, sizeof(small));
+	ck_assert_str_eq(small, "\xC3\xA9\xC3\xA9\xE2\x80\xA6");
+	cw_utf8_echo("\xC3\xA9\xC3\xA9\xC3\xA9\xC3\xA9", small, sizeof(small)); /* 8 bytes: fits */
+	ck_assert_str_eq(small, "\xC3\xA9\xC3\xA9\xC3\xA9\xC3\xA9");
+	for (size_t cap = 4; cap <= sizeof(small); cap++) {
+		cw_utf8_echo("\xE2\x80\xAE\xE2\x80\xAE\xE2\x80\xAE", small, cap);
+		ck_assert_uint_lt(strlen(small), cap);
+		ck_assert(cw_utf8_valid(small, strlen(small)));
+		ck_assert(!cw_utf8_has_bidi_control(small, strlen(small)));
+	}
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("utf8");
@@ -409,6 +455,7 @@ int main(void)
 	tcase_add_test(tc, reference_property);
 	tcase_add_test(tc, console_display_control_is_the_same_list);
 	tcase_add_test(tc, text_problem_cases);
+	tcase_add_test(tc, echo_cases);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
 }
