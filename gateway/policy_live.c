@@ -2049,6 +2049,25 @@ void policy_user_update_give(struct policy_live *pl, struct ratelimit *rl, const
 	ratelimit_give(rl, key, per_minute, 60000, cw_wall_ms());
 }
 
+bool policy_user_command_allowed(struct policy_live *pl, struct ratelimit *rl, const char *localpart, bool *notice)
+{
+	if (notice)
+		*notice = false;
+	if (!rl)
+		return true;
+	char key[MIMI_LOCAL_MAX + 8];
+	uint32_t per_minute = user_update_bucket(pl, localpart, key, sizeof(key)) + POLICY_USER_COMMANDS_EXTRA;
+	key[1] = 'c'; /* "ucp:": her changes' bucket is "uup:", its notice's "unp:" */
+	int64_t now = cw_wall_ms();
+	if (ratelimit_take(rl, key, per_minute, 60000, now, NULL) <= 0)
+		return true;
+	if (notice) {
+		key[2] = 'n'; /* "ucn:" */
+		*notice = ratelimit_take(rl, key, 1, 60000, now, NULL) <= 0;
+	}
+	return false;
+}
+
 void policy_live_get_stats(struct policy_live *pl, struct policy_live_stats *st)
 {
 	pthread_mutex_lock(&pl->mu);

@@ -283,6 +283,19 @@ bool policy_user_update_allowed(struct policy_live *pl, struct ratelimit *rl, co
  * decide, a decision she had made already). */
 void policy_user_update_give(struct policy_live *pl, struct ratelimit *rl, const char *localpart);
 
+/* Every command of local user localpart to an adapter's bot (the Matrix
+ * bot's messages, list, help and what it does not understand included;
+ * the XMPP component's commands run): whether she may give one more now.
+ * Her bucket holds policy.user_updates_per_minute + POLICY_USER_COMMANDS_EXTRA
+ * a minute (the changes her own limit allows, and as many others), one per
+ * user in this process whichever adapter, apart from her changes' bucket.
+ * notice (may be NULL): on a refusal, whether it may be told (at most one
+ * notice a minute a user).  rl NULL: no limit.  Since the fifty-second
+ * session: until then only changes were limited, and one user made the
+ * bot send a notice (and list run a query) for every message she sent. */
+#define POLICY_USER_COMMANDS_EXTRA 30
+bool policy_user_command_allowed(struct policy_live *pl, struct ratelimit *rl, const char *localpart, bool *notice);
+
 /* Rate limits for one decision (or the decisions of one event, one per
  * recipient): each bucket is charged at most once, however many the
  * decisions name, and first_refusal says whether a refusal was the first

@@ -502,6 +502,27 @@ static bool change_allowed(struct matrix *m, PGconn *c, const char *room, const 
 	return false;
 }
 
+/* policy_user_command_allowed: whether sender may give the bot one more
+ * command now (any: list, help, an image, what it does not understand),
+ * before anything of it is read or answered; her localpart's bucket, shared
+ * with the XMPP component's commands.  The first refusal in a minute is
+ * answered, the others are not.  Until the fifty-second session only the
+ * changes were limited (change_allowed): each list, help or unknown word
+ * was a notice (and a list a query) as fast as she could send them. */
+static bool command_allowed(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *sender)
+{
+	char localpart[MX_ID_MAX + 1], server[MX_ID_MAX + 1];
+	bool notice = false;
+	if (!mx_user_id_parse(sender, localpart, sizeof(localpart), server, sizeof(server)) ||
+	    policy_user_command_allowed(m->app->policy, m->app->limits, localpart, &notice))
+		return true; /* not parsed: not a local user, who has no command (local_identity) */
+	if (notice)
+		answer(m, c, room, txn, "Slow down: you sent me too many commands in a short time. Those sent too "
+				     "fast are neither carried out nor answered, and I will not say so again for a "
+				     "minute. Wait a moment before the next one.");
+	return false;
+}
+
 /* The token change_allowed took, given back: the command changed nothing
  * (its statements failed), as the XMPP component's commands give theirs
  * back (xmpp_cmd.c, token_back).  Until the forty-sixth session a failure
@@ -527,7 +548,9 @@ static void change_back(struct matrix *m, const char *sender)
 static void not_remote(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *who,
 		       bool domain, bool report)
 {
-	char reply[1100];
+	char reply[1100], shown[CW_UTF8_ECHO_MAX * 4 + 4];
+	cw_utf8_echo(who, shown, sizeof(shown)); /* what she typed, quoted (cw_utf8_echo) */
+	who = shown;
 	if (report)
 		snprintf(reply, sizeof(reply), "%s is not someone from another network nor a user of this service: "
 			 "what a Matrix user of another server sends you does not pass the gateway, and its operator "
@@ -604,6 +627,15 @@ static void request_replied(struct matrix *m, const char *room, const char *even
 	json_decref(ev);
 }
 
+/* What she typed, as an answer quotes it (cw_utf8_echo): a control or a
+ * bidirectional override turned the bot's words round in her room until
+ * the fifty-second session. */
+static const char *echo(const char *typed, char *out, size_t len)
+{
+	cw_utf8_echo(typed, out, len);
+	return out;
+}
+
 static void command(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *sender,
 		    const json_t *content, const char *inbox_id)
 {
@@ -615,6 +647,8 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 					    .prefix = m->cfg->mx_user_prefix };
 	struct mx_bot_cmd cmd;
 	if (!mx_bot_parse(content, sender, &names, &cmd))
+		return;
+	if (!command_allowed(m, c, room, txn, sender))
 		return;
 	/* An image, a file, an emote...: no command, one line (not the help,
 	 * which an image got until the forty-seventh session). */
@@ -661,6 +695,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 	 * read as the display name the client wrote until the thirty-fourth
 	 * session ("Whom?"). */
 	char kind[8], subject[700];
+	char shown[CW_UTF8_ECHO_MAX * 4 + 4], shown2[CW_UTF8_ECHO_MAX * 4 + 4]; /* what she typed, quoted */
 	bool found = false, local_party = false;
 	/* The bot itself (its id is in the ghosts' namespace with the
 	 * default names, and was looked up as a ghost's until the fortieth
@@ -669,7 +704,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 		snprintf(reply, sizeof(reply), "%s is me, this gateway's bot, not someone from another network: %s is "
 			 "for the people who reach you through the gateway (an address such as mimi://..., a bridged "
 			 "user's Matrix id%s). For a problem with me, tell the operator of this service.",
-			 arg, verb, report ? ", or a user of this server" : ", or a domain");
+			 echo(arg, shown, sizeof(shown)), verb, report ? ", or a user of this server" : ", or a domain");
 		answer(m, c, room, txn, reply);
 		return;
 	}
@@ -694,7 +729,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 			snprintf(reply, sizeof(reply), "%s is the domain of no network this gateway is connected to: "
 				 "nobody from it can reach you here. Nothing was stored. Give a connected network's "
 				 "domain, an address on one (mimi://...) or a bridged user's Matrix id.",
-				 subject);
+				 echo(subject, shown, sizeof(shown)));
 			answer(m, c, room, txn, reply);
 			return;
 		}
@@ -705,7 +740,8 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 			snprintf(reply, sizeof(reply), "%s is nobody who can reach you here: %s is the domain of no network "
 				 "this gateway is connected to. Nothing was %s. Give an address on a connected network's "
 				 "domain (mimi://...) or a bridged user's Matrix id.",
-				 subject, u.domain, report ? "reported" : "stored");
+				 echo(subject, shown, sizeof(shown)), echo(u.domain, shown2, sizeof(shown2)),
+				 report ? "reported" : "stored");
 			answer(m, c, room, txn, reply);
 			return;
 		}
@@ -798,7 +834,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 		bool off = known && strcmp(PQgetvalue(pr, 0, 0), "f") == 0;
 		if (!known) {
 			bool listed = PQntuples(pr) == 1 && !PQgetisnull(pr, 0, 1);
-			snprintf(reply, sizeof(reply), "I know no network %s. %s%s", arg,
+			snprintf(reply, sizeof(reply), "I know no network %s. %s%s", echo(arg, shown, sizeof(shown)),
 				 listed ? "The networks here: " : "No network is connected here yet.",
 				 listed ? PQgetvalue(pr, 0, 1) : "");
 			PQclear(pr);

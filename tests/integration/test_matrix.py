@@ -2164,6 +2164,53 @@ def test_a_users_commands_to_the_bot_are_limited(mx, hs, gk, pg, db_url):
 
 
 
+def test_every_command_to_the_bot_is_limited_and_the_limit_told_once(mx, hs, gk, pg, db_url):
+    """Every command takes a token of the user's commands bucket
+    (policy.user_updates_per_minute + 30 a minute, here 31), list, help
+    and words the bot does not understand included; past it a command is
+    neither run nor answered, and one notice (at most one a minute) says
+    to slow down. Until the fifty-second session only changes were
+    limited: each list or unknown word was a notice (and a list a query),
+    as fast as she sent them."""
+    assert mx.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 1}).ok
+    alice, mgmt, said = alice_and_the_bot(hs)
+    before = len(said())
+    start = time.monotonic()
+    for i in range(60):
+        alice.send_text(mgmt, "list" if i % 2 else f"what now {i}")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_bot_inbox WHERE handled_at IS NULL", db_url) == "0",
+               what="every command handled")
+    elapsed = time.monotonic() - start
+    time.sleep(1)  # any notice still on its way
+    answers = said()[before:]
+    slow = [n for n in answers if n.startswith("Slow down")]
+    assert len(slow) == 1, answers
+    assert "not say so again for a minute" in slow[0], slow[0]
+    # 31 at once, then one every 60/31 s at most
+    assert 31 <= len(answers) - 1 <= 31 + elapsed * 31 / 60 + 1, (len(answers), elapsed)
+    assert answers.index(slow[0]) >= 31, answers
+    # bob has his own bucket
+    bob, bob_mgmt, bob_said = alice_and_the_bot(hs, "bob")
+    assert bot_answer(bob_said, lambda: bob.send_text(bob_mgmt, "list")).startswith("Nothing yet")
+
+
+def test_what_the_bot_quotes_of_a_command_is_shown_safe(mx, hs, gk, pg, db_url):
+    """An answer that quotes what the user typed (here "I know no network
+    ...") writes each control character, bidirectional control or mark
+    as U+FFFD, and at most 100 characters of it (a cut one ends with an
+    ellipsis): until the fifty-second session it quoted her words as typed,
+    a right-to-left override turning the bot's own words round."""
+    alice, mgmt, said = alice_and_the_bot(hs)
+
+    def answer_to(text):
+        return bot_answer(said, lambda: alice.send_text(mgmt, text))
+    assert answer_to("opt-in ev\u202eil\u2066x\u200fy\u009bz") == \
+        "I know no network ev\ufffdil\ufffdx\ufffdy\ufffdz. The networks here: peer:gk"
+    text = answer_to("opt-in " + "n" * 150)
+    assert text == "I know no network " + "n" * 100 + "\u2026. The networks here: peer:gk", text
+    assert pg.psql("SELECT count(*) FROM user_optin", db_url) == "0"
+
+
 def test_a_bot_command_that_failed_in_the_database_does_not_count_against_the_limit(mx, hs, gk, pg, db_url):
     """policy.user_updates_per_minute (here 2): a command whose statements
     failed (here a column its transaction writes is gone) changed nothing
