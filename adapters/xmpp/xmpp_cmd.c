@@ -1336,6 +1336,17 @@ bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 		free(j);
 		return false;
 	}
+	/* Every command run (list too, a query each), apart from her changes'
+	 * bucket (policy_user_command_allowed, shared with the Matrix bot's
+	 * commands); an iq is answered either way, so each refusal is one
+	 * error and nothing more.  Until the fifty-second session list was
+	 * not limited at all. */
+	if (!policy_user_command_allowed(xc->x->app->policy, xc->x->app->limits, j->local, NULL)) {
+		xconsent_free(j);
+		xa_send_now(xc, xa_error_reply(iq, "wait", "resource-constraint",
+					       "Too many commands in a short time; try again in a minute."));
+		return true;
+	}
 	if (j->verb != V_LIST && !user_update_allowed(xc, j->local, NULL)) {
 		xconsent_free(j);
 		xa_send_now(xc, xa_error_reply(iq, "wait", "resource-constraint",

@@ -53,6 +53,18 @@ static bool form_value(xmpp_stanza_t *x, const char *var, char *out, size_t len)
  * left at its ends: form_value), naming the first, or NULL when it has
  * none.  It would be refused anyway (no address has one), as "... is not
  * a contact" with the character unseen in the text. */
+/* Whether jid holds what cw_utf8_display_control names, or is no UTF-8. */
+static bool display_control_in(const char *jid)
+{
+	const unsigned char *p = (const unsigned char *)jid;
+	for (size_t i = 0, n = strlen(jid), l; i < n; i += l) {
+		unsigned cp = 0;
+		if (!(l = cw_utf8_seq(p + i, n - i, &cp)) || cw_utf8_display_control(cp))
+			return true;
+	}
+	return false;
+}
+
 static const char *zero_width_in(const char *jid)
 {
 	static const struct {
@@ -225,6 +237,18 @@ void xa_cmd_read(xmpp_stanza_t *iq, struct xa_cmd_req *out)
 	if (hidden) {
 		out->jid[0] = out->reason[0] = '\0';
 		bad_form(out, hidden);
+		return;
+	}
+	/* A control, a bidirectional control or mark, a line separator: in no
+	 * JID (RFC 7622 refuses them) nor address, and the answers that name
+	 * the contact would quote it back, turning their words round in her
+	 * client (cw_utf8_echo): refused, naming nothing.  Until the
+	 * fifty-second session "... is not a contact of this network" quoted
+	 * it as typed. */
+	if (display_control_in(out->jid)) {
+		out->jid[0] = out->reason[0] = '\0';
+		bad_form(out, "The contact holds a control character or a bidirectional control, which no JID or "
+			      "address has: type it again without.");
 		return;
 	}
 	/* Both trimmed (form_value): until the forty-second session

@@ -4887,6 +4887,52 @@ def test_a_command_forms_values_are_taken_without_zero_width_characters_around_t
     assert consents_stored(pg, db_url) == before
 
 
+def test_a_command_forms_contact_with_a_display_control_is_refused_unquoted(xd, gk, alice, pg, db_url):
+    """A contact holding a control character, a bidirectional control or
+    mark (no JID or address has one) is refused, bad-request, naming
+    nothing of it, and nothing is stored: until the fifty-second session
+    the refusal quoted it ("... is not a contact of this network"), an
+    override turning the answer round in her client."""
+    before = consents_stored(pg, db_url)
+    for jid in ("wally\u202e@" + COMP, "\u2066wally@" + COMP + "\u2069", "mimi://wa.example/u/wa\u200flly",
+                "wally\u0085x@" + COMP):
+        bad = command_submit(alice, "block", {"jid": jid}, expect_error=True)
+        text = ET.tostring(bad, encoding="unicode")
+        assert bad.error_condition == "bad-request", text
+        assert "The contact holds a control character or a bidirectional control" in text, text
+        assert not any(ch in text for ch in "\u202e\u2066\u2069\u200f\u0085"), text
+    assert consents_stored(pg, db_url) == before
+
+
+def test_every_command_is_limited_list_too(xd, gk, alice, pg, db_url):
+    """Every command run takes a token of the user's commands bucket
+    (policy.user_updates_per_minute + 30 a minute, here 31), list
+    included, apart from her changes' bucket; past it wait/
+    resource-constraint, and nothing runs. Until the fifty-second session
+    list was not limited: one query for each, as fast as she asked."""
+    assert xd.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 1}).ok
+    before = consents_stored(pg, db_url)
+    granted = 0
+    start = time.monotonic()
+    while True:
+        ans = alice.iq("set", COMP, f"<command xmlns='{CMD}' node='list' action='execute'/>", expect_error=None)
+        if ans.get("type") == "error":
+            break
+        assert ans.find(f".//{{{CMD}}}note") is not None, ET.tostring(ans)
+        granted += 1
+        assert granted < 100, "list is not limited"
+    elapsed = time.monotonic() - start
+    text = ET.tostring(ans, encoding="unicode")
+    assert ans.error_condition == "resource-constraint" and ans.find("{jabber:client}error").get("type") == "wait", \
+        text
+    assert "Too many commands" in text, text
+    assert 31 <= granted <= 31 + elapsed * 31 / 60 + 1, (granted, elapsed)
+    # a change is refused too, though her changes' bucket is full: nothing stored
+    bad = command_submit(alice, "block", {"jid": WALLY_JID}, expect_error=True)
+    assert bad.error_condition == "resource-constraint", ET.tostring(bad)
+    assert consents_stored(pg, db_url) == before
+
+
 def test_a_command_forms_values_are_measured_without_the_white_space_around_them(xd, gk, alice, pg, db_url):
     """A form's JID and reason are trimmed before their length is checked:
     a value padded with white space past the limit (8192 bytes of a

@@ -1940,6 +1940,39 @@ START_TEST(a_command_forms_jid_with_a_zero_width_character_is_refused)
 }
 END_TEST
 
+/* A jid holding a control, a bidirectional control or mark or a line
+ * separator is refused naming nothing of it: the answers that name the
+ * contact quoted it as typed until the fifty-second session, and an
+ * override turned their words round in the user's client. */
+START_TEST(a_command_forms_jid_with_a_display_control_is_refused)
+{
+	static const char *const jids[] = {
+		"wally\xe2\x80\xae" "tset.ppmx.kg@", /* U+202E */
+		"\xe2\x81\xa6wally@gk.xmpp.test\xe2\x81\xa9", /* U+2066, U+2069 */
+		"wally@gk.xmpp.test\xe2\x80\x8f/x", /* U+200F */
+		"mimi://wa.example/u/wal\xc2\x9bly", /* U+009B, CSI */
+		"wally\xe2\x80\xa8@gk.xmpp.test", /* U+2028 */
+	};
+	for (size_t i = 0; i < sizeof(jids) / sizeof(jids[0]); i++) {
+		char xml[1024];
+		snprintf(xml, sizeof(xml), "<iq type='set' id='c'><command xmlns='" XA_NS_COMMANDS "' node='block' "
+			 "sessionid='s'><x xmlns='" XA_NS_DATA "' type='submit'><field var='jid'><value>%s</value>"
+			 "</field></x></command></iq>", jids[i]);
+		xmpp_stanza_t *iq = parse_stanza(xml, "a command form");
+		struct xa_cmd_req *req = malloc(sizeof(*req));
+		ck_assert_ptr_nonnull(req);
+		xa_cmd_read(iq, req);
+		ck_assert_msg(req->what == XA_CMD_BAD_FORM, "case %zu: %d", i, (int)req->what);
+		ck_assert_msg(strstr(req->text, "control character or a bidirectional control"), "case %zu: %s", i,
+			      req->text);
+		ck_assert_str_eq(req->jid, "");
+		ck_assert(!cw_utf8_has_bidi_control(req->text, strlen(req->text)));
+		free(req);
+		xmpp_stanza_release(iq);
+	}
+}
+END_TEST
+
 /* A form without its one required field, the contact (none, an empty
  * one, one of white space only), is refused with XEP-0050's bad-payload
  * and a text that says so, as every refused form is; until the
@@ -3171,6 +3204,7 @@ int main(void)
 	tcase_add_test(tc, a_command_forms_values_are_trimmed);
 	tcase_add_test(tc, a_command_forms_values_are_measured_trimmed);
 	tcase_add_test(tc, a_command_forms_jid_with_a_zero_width_character_is_refused);
+	tcase_add_test(tc, a_command_forms_jid_with_a_display_control_is_refused);
 	tcase_add_test(tc, a_command_form_without_its_contact_is_bad_payload);
 	tcase_add_test(tc, a_join_refused_as_the_rooms_are_full_leaves_no_room);
 	tcase_add_test(tc, a_joins_history_with_seconds_and_since_meets_both);
