@@ -2148,7 +2148,7 @@ def test_a_users_commands_to_the_bot_are_limited(mx, hs, gk, pg, db_url):
     before = len(notices())
     for text in ["block " + wally, "opt-out gk", "opt-in gk", f"report {wally} spam"] * 3:
         alice.send_text(mgmt, text)
-    alice.send_text(mgmt, "list")  # not limited, and answered after the others
+    alice.send_text(mgmt, "list")  # no change: not limited by this bucket (its commands bucket has room), answered last
     wait_until(lambda: any("allowed: " + wally in n for n in notices()[before:]), what="the list")
     said = notices()[before:]
     assert len(said) == 2 and "too many changes" in said[0] and "Try again in a minute" in said[0], said
