@@ -295,8 +295,18 @@ json_t *app_policy_health(struct cw_app *app, bool in_public)
 	policy_live_get_stats(app->policy, &ps);
 	int64_t behind_us = ps.stale_since_us ? cw_now_us() - ps.stale_since_us : 0;
 	bool stale = behind_us >= POLICY_STALE_AFTER_S * 1000000LL;
-	json_t *o = json_pack("{s:s, s:I, s:I}", "status", stale ? "stale" : "current", "version",
-			      (json_int_t)ps.version, "reload_failures", (json_int_t)ps.reload_failures);
+	/* degraded: loaded, but a setting it could not read was replaced by
+	 * the safe value (policy_settings.default_mode_unreadable) */
+	bool degraded = !stale && ps.default_mode_unreadable;
+	json_t *o = json_pack("{s:s, s:I, s:I}", "status", stale ? "stale" : degraded ? "degraded" : "current",
+			      "version", (json_int_t)ps.version, "reload_failures", (json_int_t)ps.reload_failures);
+	if (o && degraded) {
+		char d[200];
+		snprintf(d, sizeof(d), "policy.default_mode cannot be read (not open, allowlist or closed): %s, the "
+				       "mode in force before it, stays until it is set again",
+			 policy_mode_name((enum policy_mode)ps.default_mode_kept));
+		json_object_set_new(o, "detail", json_string(d));
+	}
 	if (o && stale) {
 		json_object_set_new(o, "stale_for_s", json_integer(behind_us / 1000000));
 		const char *detail = ps.last_failure;
@@ -630,6 +640,10 @@ static void metrics_done(void *arg, cw_err rc, const cw_errmsg *e)
 				  NULL, ps.last_load_ms);
 		cw_metrics_sample(&b, "causeway_policy_reload_failures_total", "counter", "Snapshot reloads that failed.",
 				  NULL, (double)ps.reload_failures);
+		cw_metrics_sample(&b, "causeway_policy_settings_unreadable", "gauge",
+				  "Policy settings in the database the snapshot in force could not read (1: "
+				  "policy.default_mode, whose mode in force before it stays).",
+				  NULL, ps.default_mode_unreadable ? 1.0 : 0.0);
 		cw_metrics_sample(&b, "causeway_policy_stale_seconds", "gauge",
 				  "Seconds since the first reload that failed after the last whole one that succeeded "
 				  "(0: the rules in force are current).",

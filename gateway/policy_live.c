@@ -110,15 +110,23 @@ void policy_settings_defaults(struct policy_settings *s)
 	s->mode_rule_expiry_in_ms = 0;
 }
 
-/* One settings row (value is JSON text). */
-static void setting_apply(struct policy_settings *s, const char *key, const char *value)
+/* One settings row (value is JSON text).  A default mode it cannot read
+ * (only SQL writes one: the admin API refuses it) is kept_mode, the mode
+ * in force before, not the default open: until the fifty-second session
+ * such a row opened the server, silently. */
+static void setting_apply(struct policy_settings *s, const char *key, const char *value, enum policy_mode kept_mode)
 {
 	if (strcmp(key, "policy.default_mode") == 0) {
 		enum policy_mode m;
-		char name[32] = "";
-		if (sscanf(value, "\"%31[a-z]\"", name) == 1 && policy_mode_parse(name, &m) && m != POLICY_MODE_NONE &&
-		    m != POLICY_MODE_DENY)
+		char name[32] = "", end = 0;
+		if (sscanf(value, "\"%31[a-z]\"%c", name, &end) == 1 && policy_mode_parse(name, &m) &&
+		    m != POLICY_MODE_NONE && m != POLICY_MODE_DENY) {
 			s->default_mode = m;
+			s->default_mode_unreadable = false;
+		} else {
+			s->default_mode = kept_mode;
+			s->default_mode_unreadable = true;
+		}
 	} else if (strcmp(key, "policy.optin_default") == 0) {
 		s->optin_default = strcmp(value, "true") == 0;
 	} else if (strcmp(key, "policy.held_expiry_seconds") == 0) {
@@ -160,16 +168,26 @@ static cw_err query_ids(PGconn *c, const char *sql, const char *ids, PGresult **
 static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, uint64_t *fp, bool *opted_out,
 			 cw_errmsg *e);
 
-/* Settings (into arg, a struct policy_settings), rules and every fact. */
+struct load_all_arg {
+	struct policy_settings set;
+	enum policy_mode kept_mode; /* for a default mode that cannot be read */
+	char bad_mode[64];          /* that row's value, for the log */
+};
+
+/* Settings (into arg, a struct load_all_arg), rules and every fact. */
 static cw_err load_all(PGconn *c, struct policy_builder *b, void *arg, cw_errmsg *e)
 {
-	struct policy_settings *set = arg;
+	struct load_all_arg *la = arg;
+	struct policy_settings *set = &la->set;
 	PGresult *r;
 	cw_err rc = query(c, "SELECT key, value::text FROM settings WHERE key LIKE 'policy.%'", &r, e);
 	if (rc)
 		return rc;
-	for (int i = 0; i < PQntuples(r); i++)
-		setting_apply(set, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1));
+	for (int i = 0; i < PQntuples(r); i++) {
+		setting_apply(set, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), la->kept_mode);
+		if (set->default_mode_unreadable && !la->bad_mode[0] && strcmp(PQgetvalue(r, i, 0), "policy.default_mode") == 0)
+			snprintf(la->bad_mode, sizeof(la->bad_mode), "%s", PQgetvalue(r, i, 1));
+	}
 	PQclear(r);
 	policy_builder_defaults(b, set->default_mode, set->optin_default);
 	/* the settings' fingerprint (policy_settings.fingerprint): FNV-1a
@@ -222,8 +240,19 @@ static cw_err load_all(PGconn *c, struct policy_builder *b, void *arg, cw_errmsg
 		if (brc == 1)
 			LOG_KV(CW_LOG_WARN, "policy rule's limits partly not understood: its mode and the limits "
 					    "understood apply", "rule_id", PQgetvalue(r, i, 0));
-		else if (brc)
-			LOG_KV(CW_LOG_WARN, "policy rule ignored: not understood", "rule_id", PQgetvalue(r, i, 0));
+		else if (brc) {
+			/* Not skipped: a rule of limits alone (or an open one) lost
+			 * lets through what it bounds.  The load fails, the rules in
+			 * force stay whole, and the failure is reported as a stale
+			 * policy (until the fifty-second session the row was skipped
+			 * with a warning, and its limits were off). */
+			cw_err frc = cw_fail(e, CW_EINVAL,
+					     "policy rule %s cannot be read (scope %.16s, pattern %.200s, limits %.200s): "
+					     "the rules in force stay until it is mended or removed",
+					     PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), PQgetvalue(r, i, 2), PQgetvalue(r, i, 4));
+			PQclear(r);
+			return frc;
+		}
 	}
 	PQclear(r);
 	rc = load_facts(c, b, NULL, &fp, NULL, e);
@@ -321,13 +350,22 @@ static cw_err load_view(PGconn *c, uint64_t version, struct policy_builder *b, f
 	return CW_OK;
 }
 
-cw_err policy_load(PGconn *c, uint64_t version, struct policy_view **out, cw_errmsg *e)
+cw_err policy_load(PGconn *c, uint64_t version, const struct policy_view *prev, struct policy_view **out,
+		   cw_errmsg *e)
 {
-	struct policy_settings set;
-	policy_settings_defaults(&set);
-	cw_err rc = load_view(c, version, policy_builder_new(), load_all, &set, cw_now_us(), out, e);
-	if (!rc)
-		(*out)->set = set;
+	struct load_all_arg la = { .kept_mode = prev ? prev->set.default_mode : POLICY_MODE_CLOSED };
+	policy_settings_defaults(&la.set);
+	cw_err rc = load_view(c, version, policy_builder_new(), load_all, &la, cw_now_us(), out, e);
+	if (rc)
+		return rc;
+	(*out)->set = la.set;
+	/* Said once a run, when it starts (each reload reads it again). */
+	if (la.set.default_mode_unreadable && !(prev && prev->set.default_mode_unreadable))
+		LOG_KV(CW_LOG_ERROR, "policy.default_mode cannot be read (not \"open\", \"allowlist\" or \"closed\"): "
+				     "the mode in force before it stays (closed when the daemon starts) until it is set "
+				     "again", "value", la.bad_mode, "mode", policy_mode_name(la.set.default_mode));
+	else if (!la.set.default_mode_unreadable && prev && prev->set.default_mode_unreadable)
+		LOG_KV(CW_LOG_INFO, "policy.default_mode is read again", "mode", policy_mode_name(la.set.default_mode));
 	return rc;
 }
 
@@ -1978,6 +2016,8 @@ static void swap_in(struct policy_live *pl, struct policy_view *v)
 	pl->st.rules = policy_snapshot_rule_count(v->snap);
 	pl->st.facts = policy_snapshot_fact_count(v->snap);
 	pl->st.last_load_ms = v->load_ms;
+	pl->st.default_mode_unreadable = v->set.default_mode_unreadable; /* an overlay's is its base's */
+	pl->st.default_mode_kept = (int)v->set.default_mode;
 	bool was_stale = !v->base && pl->st.stale_since_us;
 	if (!v->base) { /* a whole reload: current again (an overlay is over the rules it has) */
 		pl->st.stale_since_us = 0;
@@ -2227,7 +2267,9 @@ static bool reload(struct policy_live *pl, bool *hook_ok)
 {
 	struct policy_view *v = NULL;
 	cw_errmsg e;
-	cw_err rc = policy_load(pl->c, ++pl->version, &v, &e);
+	struct policy_view *cur = policy_live_get(pl);
+	cw_err rc = policy_load(pl->c, ++pl->version, cur->base ? cur->base : cur, &v, &e);
+	policy_view_put(cur);
 	bool ok = put_in_force(pl, rc, v, &e);
 	/* The hook's state (the admin tokens) is read whether or not the
 	 * policy loaded: it needs nothing of it.  Until the thirty-seventh
@@ -3041,7 +3083,7 @@ cw_err policy_live_start(struct policy_live **out, const struct policy_live_opts
 		return CW_EUNAVAIL;
 	}
 	struct policy_view *v;
-	cw_err rc = policy_load(pl->c, ++pl->version, &v, e);
+	cw_err rc = policy_load(pl->c, ++pl->version, NULL, &v, e);
 	if (rc) {
 		policy_live_free(pl);
 		return rc;

@@ -46,6 +46,10 @@ struct policy_settings {
 	 * thread reloads then, so that the rows waiting are decided again
 	 * without it (docs/policy.md, "Consent and the sweep"). */
 	int64_t mode_rule_expiry_in_ms;
+	/* policy.default_mode's row could not be read (SQL wrote a value the
+	 * admin API refuses): default_mode is then the mode in force before
+	 * it, closed at the first load, never open by default. */
+	bool default_mode_unreadable;
 };
 
 /* The settings as they are where none is stored (the settings table holds
@@ -92,8 +96,12 @@ struct policy_view {
 };
 
 /* Loads rules, settings and consent facts in one read-only transaction on
- * c and compiles them (a new view with one reference). */
-cw_err policy_load(PGconn *c, uint64_t version, struct policy_view **out, cw_errmsg *e);
+ * c and compiles them (a new view with one reference).  prev (or NULL at
+ * the first load): the view in force, whose default mode stays when the
+ * settings' one cannot be read.  A rule row that cannot be read fails the
+ * load (CW_EINVAL, naming the row): the rules in force stay whole. */
+cw_err policy_load(PGconn *c, uint64_t version, const struct policy_view *prev, struct policy_view **out,
+		   cw_errmsg *e);
 /* An overlay of base (a full view, or an overlay whose base is taken): the
  * current facts of the n local users ids (identity ids) over everything
  * else of base (a new view with one reference, holding one on base). */
@@ -445,6 +453,8 @@ struct policy_live_stats {
 	int64_t stale_since_us;
 	char last_failure[sizeof(((cw_errmsg *)0)->msg)];
 	cw_err last_failure_rc; /* CW_EUNAVAIL: the connection; its text is libpq's */
+	bool default_mode_unreadable; /* the view in force's (policy_settings) */
+	int default_mode_kept;        /* and the mode it kept (enum policy_mode) */
 };
 void policy_live_get_stats(struct policy_live *pl, struct policy_live_stats *st);
 

@@ -1899,6 +1899,10 @@ static void print_policy(const json_t *p)
 		const char *d = jstr(p, "detail");
 		kv("policy", "stale for %s s (version %s in force)%s%s", tx(&t, p, "stale_for_s", CELL_TEXT),
 		   tx(&t, p, "version", CELL_TEXT), d && *d ? ": " : "", d && *d ? d : "");
+	} else if (st && strcmp(st, "degraded") == 0) {
+		const char *d = jstr(p, "detail");
+		kv("policy", "degraded (version %s)%s%s", tx(&t, p, "version", CELL_TEXT), d && *d ? ": " : "",
+		   d && *d ? d : "");
 	} else {
 		char *s = cell_text(p, CELL_TEXT, 200);
 		kv("policy", "%s", s ? s : "?");

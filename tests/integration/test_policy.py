@@ -1422,6 +1422,114 @@ def test_a_deny_rule_whose_limits_this_build_cannot_read_still_denies(daemon, pe
     assert dropped()
 
 
+
+def policy_health(d, view="readyz"):
+    return (d.get("/readyz") if view == "readyz" else d.admin("GET", "/adapters")).json()["policy"]
+
+
+def test_a_default_mode_sql_wrote_that_cannot_be_read_opens_nothing(daemon, make_daemon, peers, pg, db_url):
+    """A policy.default_mode value the admin API refuses can only be
+    written by SQL (by hand, a migration gone wrong). Until the
+    fifty-second session the load passed over it in silence and the
+    default `open` was in force: such a row opened the server. The mode in
+    force before it now stays (closed in a daemon that starts with it),
+    the log says so at ERROR, and the policy is shown `degraded` (/readyz,
+    GET /admin/v1/adapters, causeway_policy_settings_unreadable) until
+    the setting is set again."""
+    (a, _), _ = peers
+    opt_in(daemon)
+    consent(daemon, a.user("wally"), "allowed")
+    room = dm(a)
+    for bad in ("shut", "deny", 3):
+        r = daemon.admin("PATCH", "/settings", json={"policy.default_mode": bad})
+        assert r.status_code == 400, (bad, r.text)
+    assert daemon.admin("PATCH", "/settings", json={"policy.default_mode": "allowlist"}).status_code == 200
+
+    def verdict():
+        m = send(a, room, "x").json()["id"]
+        rec = decision(daemon, m)["recipients"][0]
+        return states(pg, db_url, [m])[0][1], rec["reason"]
+    wait_policy(daemon, lambda: verdict() == ("dropped", "server_not_allowlisted"), "the allowlist in force")
+    assert policy_health(daemon)["status"] == "current"
+    assert gauge(daemon, "causeway_policy_settings_unreadable") == 0
+    start = len(daemon.records)
+    pg.psql("UPDATE settings SET value = '\"shut\"' WHERE key = 'policy.default_mode'; NOTIFY causeway_policy", db_url)
+    rec = daemon.wait_for(lambda rec: rec.get("msg", "").startswith("policy.default_mode cannot be read"),
+                          start=start)
+    assert rec["level"] == "error" and rec["value"] == '"shut"' and rec["mode"] == "allowlist", rec
+    # the row read by the view in force, the mode of before in force
+    wait_policy(daemon, lambda: policy_health(daemon)["status"] == "degraded", "the policy shown degraded")
+    assert verdict() == ("dropped", "server_not_allowlisted")
+    for view in ("readyz", "adapters"):
+        p = policy_health(daemon, view)
+        assert p["status"] == "degraded" and "allowlist, the mode in force before it" in p["detail"], p
+    assert gauge(daemon, "causeway_policy_settings_unreadable") == 1
+    assert daemon.get("/readyz").json()["status"] == "ready"
+    # A daemon that starts with the row has no mode of before: closed.
+    other = make_daemon(db_url).start()
+    p = policy_health(other)
+    assert p["status"] == "degraded" and "closed, the mode in force before it" in p["detail"], p
+    other.wait_for(lambda rec: rec.get("msg", "").startswith("policy.default_mode cannot be read")
+                   and rec.get("mode") == "closed")
+    a2 = PeerClient(other.url, a.name, a.domain, token=a.token, signer=a.signer)
+    m = send(a2, room, "x").json()["id"]
+    rec = decision(other, m)["recipients"][0]
+    assert (states(pg, db_url, [m])[0][1], rec["reason"]) == ("dropped", "server_closed"), rec
+    # Set again through the admin API: read, current, on both.
+    assert daemon.admin("PATCH", "/settings", json={"policy.default_mode": "open"}).status_code == 200
+    for d in (daemon, other):
+        wait_policy(d, lambda: policy_health(d)["status"] == "current", "the policy current again")
+        assert gauge(d, "causeway_policy_settings_unreadable") == 0
+        d.wait_for(lambda rec: rec.get("msg") == "policy.default_mode is read again" and rec.get("mode") == "open")
+    state, reason = verdict()
+    assert state == "pending", (state, reason)
+
+
+def test_a_rule_row_the_load_cannot_read_keeps_the_rules_in_force_whole(daemon, make_daemon, peers, pg, db_url):
+    """A rule of limits alone (or an open one) whose limits cannot be read
+    (a value SQL wrote that the admin API refuses): until the
+    fifty-second session the load skipped the row with a warning, and
+    what its limits bounded went through. The load now fails: the rules
+    in force stay whole (the limit as it was), the failure names the
+    row, the policy is reported stale, a daemon does not start with it,
+    and mending or removing the row makes the policy current again."""
+    (a, _), _ = peers
+    opt_in(daemon)
+    consent(daemon, a.user("wally"), "allowed")
+    room = dm(a)
+    r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example",
+                                             "limits": {"max_body_bytes": 100}})
+    assert r.status_code == 201, r.text
+    rid = r.json()["id"]
+
+    def big():
+        m = send(a, room, "y" * 200).json()["id"]
+        return states(pg, db_url, [m])[0][1], decision(daemon, m)["recipients"][0]["reason"]
+    wait_policy(daemon, lambda: big() == ("dropped", "too_large"), "the limit in force")
+    r = daemon.admin("PATCH", f"/rules/{rid}", json={"limits": {"max_body_bytes": 0}})
+    assert r.status_code == 400, r.text
+    def reload_failures(d):
+        return gauge(d, "causeway_policy_reload_failures_total")
+    failures = reload_failures(daemon)
+    pg.psql(f"UPDATE rules SET limits = '{{\"max_body_bytes\": 0}}' WHERE id = {rid}; NOTIFY causeway_policy",
+            db_url)
+    wait_until(lambda: reload_failures(daemon) > failures, what="the reload failing")
+    assert f"policy rule {rid} cannot be read" in daemon.log()
+    assert big() == ("dropped", "too_large")
+    wait_until(lambda: policy_health(daemon)["status"] == "stale", timeout=30, what="the policy reported stale")
+    p = policy_health(daemon)
+    assert f"policy rule {rid} cannot be read" in p["detail"], p
+    # A daemon that would start without the rule does not start.
+    other = make_daemon(db_url).start(wait_ready=False)
+    assert other.wait_exit() == 1, other.log()
+    assert f"policy rule {rid} cannot be read" in other.log()
+    # Mended by the admin API (it writes only what it validates).
+    assert daemon.admin("PATCH", f"/rules/{rid}", json={"limits": {"max_body_bytes": 300}}).status_code == 200
+    wait_policy(daemon, lambda: policy_health(daemon)["status"] == "current", "the policy current again")
+    state, reason = big()
+    assert state == "pending", (state, reason)
+
+
 def gauge(d, name):
     m = re.search(r"^" + name + r" (\S+)$", d.get("/metrics").text, re.M)
     return float(m.group(1)) if m else None
