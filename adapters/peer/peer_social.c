@@ -337,8 +337,10 @@ void peer_api_consent_request(struct cw_req *req, void *ctx)
 
 /* A change of blocks (sql, its two params), whose statement tells every
  * daemon process of the local user whose facts it changed (a row of
- * pg_notify: policy_notify_user's payload) and nobody when it changed
- * nothing; whether it changed something into *changed. */
+ * pg_notify: policy_notify_user's payload, "x:<xid8>;u:<id>", so that a
+ * process whose view has read the change already loads nothing for it)
+ * and nobody when it changed nothing; whether it changed something into
+ * *changed. */
 static cw_err block_change(PGconn *c, const char *sql, const char *const params[2], bool *changed, cw_errmsg *e)
 {
 	PGresult *r = PQexecParams(c, sql, 2, NULL, params, NULL, NULL, 0);
@@ -361,7 +363,7 @@ static cw_err lift(PGconn *c, struct social_input *in, bool *changed, cw_errmsg 
 	return block_change(c,
 		"WITH d AS (DELETE FROM blocks b USING identities x, identities y WHERE x.uri = $1 AND y.uri = $2 "
 		"  AND y.is_local AND b.blocker_id = x.id AND b.blocked_id = y.id RETURNING b.blocked_id) "
-		"SELECT pg_notify('causeway_policy', 'u:' || blocked_id) FROM d", params, changed, e);
+		"SELECT pg_notify('causeway_policy', 'x:' || pg_current_xact_id() || ';u:' || blocked_id) FROM d", params, changed, e);
 }
 
 /* A block (revoked, block) of the local user by the remote one, and every
@@ -376,7 +378,7 @@ static cw_err impose(PGconn *c, struct social_input *in, bool *changed, cw_errms
 	return rc ? rc : block_change(c,
 		"WITH i AS (INSERT INTO blocks (blocker_id, blocked_id) VALUES ($1::bigint, $2::bigint) "
 		"  ON CONFLICT DO NOTHING RETURNING blocked_id) "
-		"SELECT pg_notify('causeway_policy', 'u:' || blocked_id) FROM i", params, changed, e);
+		"SELECT pg_notify('causeway_policy', 'x:' || pg_current_xact_id() || ';u:' || blocked_id) FROM i", params, changed, e);
 }
 
 /* updateConsent: the peer's user grants or revokes consent to be contacted
