@@ -791,6 +791,33 @@ STATS = {"window_s": 3600, "now": "2026-11-29T06:02:00Z",
          "decisions": [{"verdict": "deny", "reason": "rule_deny", "count": 7}]}
 
 
+
+def test_status_shows_a_policy_degraded_by_a_setting_it_cannot_read(daemon, pg, db_url):
+    """A policy.default_mode SQL wrote that the load cannot read keeps the
+    mode in force before it (docs/policy.md, "Rows the load cannot
+    read"): /readyz says "degraded" with why, and status shows it so (it
+    printed the JSON of an unknown status), exit status 0."""
+    def line(out):
+        [m] = re.findall(r"^policy\s+(.*)$", out, re.M)
+        return m
+
+    def state():
+        return daemon.get("/readyz").json()["policy"]
+    pg.psql("UPDATE settings SET value = '\"shut\"' WHERE key = 'policy.default_mode'; NOTIFY causeway_policy",
+            db_url)
+    try:
+        wait_until(lambda: state()["status"] == "degraded", what="the policy reported degraded")
+        rc, out, err = ctl("status", url=daemon.url)
+        assert rc == 0 and err == "", (rc, out, err)
+        assert line(out) == (f"degraded (version {state()['version']}): policy.default_mode cannot be read "
+                             "(not open, allowlist or closed): open, the mode in force before it, stays until "
+                             "it is set again"), out
+    finally:
+        pg.psql("UPDATE settings SET value = '\"open\"' WHERE key = 'policy.default_mode'; "
+                "NOTIFY causeway_policy", db_url)
+    wait_until(lambda: state()["status"] == "current", what="the policy current again")
+
+
 def test_status_shows_the_documented_adapters_and_stats():
     s = StandIn({"/readyz": doc(READY), "/admin/v1/adapters": doc(ADAPTERS), "/admin/v1/stats": doc(STATS)})
     try:
