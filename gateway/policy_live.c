@@ -185,7 +185,8 @@ static cw_err load_all(PGconn *c, struct policy_builder *b, void *arg, cw_errmsg
 		return rc;
 	for (int i = 0; i < PQntuples(r); i++) {
 		setting_apply(set, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), la->kept_mode);
-		if (set->default_mode_unreadable && !la->bad_mode[0] && strcmp(PQgetvalue(r, i, 0), "policy.default_mode") == 0)
+		if (set->default_mode_unreadable && !la->bad_mode[0] &&
+		    strcmp(PQgetvalue(r, i, 0), "policy.default_mode") == 0)
 			snprintf(la->bad_mode, sizeof(la->bad_mode), "%s", PQgetvalue(r, i, 1));
 	}
 	PQclear(r);
@@ -247,9 +248,9 @@ static cw_err load_all(PGconn *c, struct policy_builder *b, void *arg, cw_errmsg
 			 * policy (until the fifty-second session the row was skipped
 			 * with a warning, and its limits were off). */
 			cw_err frc = cw_fail(e, CW_EINVAL,
-					     "policy rule %s cannot be read (scope %.16s, pattern %.200s, limits %.200s): "
-					     "the rules in force stay until it is mended or removed",
-					     PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), PQgetvalue(r, i, 2), PQgetvalue(r, i, 4));
+				"policy rule %s cannot be read (scope %.16s, pattern %.200s, limits %.200s): "
+				"the rules in force stay until it is mended or removed",
+				PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), PQgetvalue(r, i, 2), PQgetvalue(r, i, 4));
 			PQclear(r);
 			return frc;
 		}
@@ -361,9 +362,10 @@ cw_err policy_load(PGconn *c, uint64_t version, const struct policy_view *prev, 
 	(*out)->set = la.set;
 	/* Said once a run, when it starts (each reload reads it again). */
 	if (la.set.default_mode_unreadable && !(prev && prev->set.default_mode_unreadable))
-		LOG_KV(CW_LOG_ERROR, "policy.default_mode cannot be read (not \"open\", \"allowlist\" or \"closed\"): "
-				     "the mode in force before it stays (closed when the daemon starts) until it is set "
-				     "again", "value", la.bad_mode, "mode", policy_mode_name(la.set.default_mode));
+		LOG_KV(CW_LOG_ERROR, "policy.default_mode cannot be read (not \"open\", \"allowlist\" or "
+				     "\"closed\"): the mode in force before it stays (closed when the daemon "
+				     "starts) until it is set again",
+		       "value", la.bad_mode, "mode", policy_mode_name(la.set.default_mode));
 	else if (!la.set.default_mode_unreadable && prev && prev->set.default_mode_unreadable)
 		LOG_KV(CW_LOG_INFO, "policy.default_mode is read again", "mode", policy_mode_name(la.set.default_mode));
 	return rc;

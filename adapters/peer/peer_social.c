@@ -363,7 +363,8 @@ static cw_err lift(PGconn *c, struct social_input *in, bool *changed, cw_errmsg 
 	return block_change(c,
 		"WITH d AS (DELETE FROM blocks b USING identities x, identities y WHERE x.uri = $1 AND y.uri = $2 "
 		"  AND y.is_local AND b.blocker_id = x.id AND b.blocked_id = y.id RETURNING b.blocked_id) "
-		"SELECT pg_notify('causeway_policy', 'x:' || pg_current_xact_id() || ';u:' || blocked_id) FROM d", params, changed, e);
+		"SELECT pg_notify('causeway_policy', 'x:' || pg_current_xact_id() || ';u:' || blocked_id) FROM d",
+		params, changed, e);
 }
 
 /* A block (revoked, block) of the local user by the remote one, and every
@@ -378,7 +379,8 @@ static cw_err impose(PGconn *c, struct social_input *in, bool *changed, cw_errms
 	return rc ? rc : block_change(c,
 		"WITH i AS (INSERT INTO blocks (blocker_id, blocked_id) VALUES ($1::bigint, $2::bigint) "
 		"  ON CONFLICT DO NOTHING RETURNING blocked_id) "
-		"SELECT pg_notify('causeway_policy', 'x:' || pg_current_xact_id() || ';u:' || blocked_id) FROM i", params, changed, e);
+		"SELECT pg_notify('causeway_policy', 'x:' || pg_current_xact_id() || ';u:' || blocked_id) FROM i",
+		params, changed, e);
 }
 
 /* updateConsent: the peer's user grants or revokes consent to be contacted
