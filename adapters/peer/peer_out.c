@@ -662,11 +662,31 @@ cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct ou
 		json_decref(events);
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	}
+	/* The batch's size as it is sent (compact JSON, as post_events makes
+	 * it): the claim's bound (dispatcher_opts.claim_bytes) counts the
+	 * stored events, but a local user's file goes as a link of Causeway's
+	 * (peer_media_offer), longer than its source, and a batch of such
+	 * messages passed server.max_body_bytes, which the peer holds a body
+	 * to as Causeway does (until the fifty-second session: by some 40 %,
+	 * as a pull answer did).  The rows from the one that would pass it on
+	 * are given back untried (outcome 2: pending again, due at once, the
+	 * attempt not counted) for the next batch, in order; the first event
+	 * goes whatever its size. */
+	size_t all = n, batch = sizeof("{\"events\":[]}") - 1,
+	       bound = p->app ? (size_t)p->app->cfg->max_body_bytes : 1024 * 1024;
 	size_t k = 0;
 	for (size_t i = 0; i < n; i++) {
 		const char *type = json_string_value(json_object_get(rows[i].event, "type"));
 		if (all_types || !type || peer_event_type_wanted(types, type)) {
 			evs[i] = peer_media_offer(p->app, name, rows[i].event);
+			size_t size = json_dumpb(evs[i], NULL, 0, JSON_COMPACT) + (k > 0); /* and its comma */
+			if (k > 0 && batch + size > bound) {
+				json_decref(evs[i]);
+				evs[i] = NULL;
+				n = i;
+				break;
+			}
+			batch += size;
 			idx[k++] = i;
 			if (json_array_append(events, evs[i])) { /* as in try_rows */
 				rc = cw_fail(e, CW_ENOMEM, "out of memory");
@@ -727,7 +747,27 @@ cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct ou
 		}
 	}
 out:
-	for (size_t i = 0; i < n; i++)
+	if (n < all) {
+		/* Each row's outcome of its own (dispatcher.h): the rows sent
+		 * as the request went, those past the bound untried. */
+		for (size_t i = 0; i < n; i++) {
+			if (rows[i].outcome != 0)
+				continue;
+			if (rc == CW_OK) {
+				rows[i].outcome = 1;
+				rows[i].code = evs[i] ? *code : -1; /* done, nothing sent (dispatcher.h) */
+			} else {
+				rows[i].outcome = -1;
+				rows[i].code = *code;
+				snprintf(rows[i].why, sizeof(rows[i].why), "%s", e->msg);
+			}
+		}
+		for (size_t i = n; i < all; i++) {
+			rows[i].outcome = 2;
+			rows[i].retry_after_ms = 0;
+		}
+	}
+	for (size_t i = 0; i < all; i++)
 		json_decref(evs[i]);
 	free(evs);
 	free(idx);

@@ -668,3 +668,65 @@ def test_a_link_local_push_url_signs_the_address_without_its_zone(make_daemon, d
         v6.close()
         for _, srv in made:
             srv.close()
+
+
+def test_a_batch_of_local_users_files_keeps_its_bound_as_sent(make_daemon, db_url, pg):
+    """A local user's file goes to the peer as a link of Causeway's
+    (/v1/media/{token}?ev=&exp=, peer_media_offer), longer than its mxc://
+    source: a pushed batch's bound (server.max_body_bytes) holds for the
+    body as sent, links and all, not for the stored events the claim
+    counts, and a backlog of such messages goes in several batches, in
+    order, none lost.  Until the fifty-second session the batch was
+    bounded by the stored content only and passed the bound by some 40 %
+    (as a pull answer did: test_peer_pull.py)."""
+    from homeserver import Homeserver
+    from test_matrix import registration, start_mx
+    budget = 128 * 1024
+    hs = Homeserver(server_name="example.org", registration=registration())
+    hs.start()
+    d = start_mx(make_daemon, db_url, hs, server={"max_body_bytes": "128KiB"})
+    peers = push_peers(d)
+    (a, _), (b, sb) = peers
+    sizes = []
+    handle = sb.handle
+
+    def sized(method, path, headers, body, port):
+        sizes.append(len(body))
+        return handle(method, path, headers, body, port)
+    sb.handle = sized
+    try:
+        rm = room(a, b)
+        assert d.admin("POST", "/peers/tg/disable").status_code == 200
+        ids = []
+        for k in range(3):
+            items = [{"idempotency_key": f"f{k}-{i}", "room": rm["uri"] if "uri" in rm else rm["id"],
+                      "event": {"type": "message", "sender": a.user("alice"),
+                                "content": {"attachments": [
+                                    {"content_type": "image/png", "size": 1,
+                                     "url": f"mxc://example.org/{k:02d}{i:02d}{j}" + "m" * 140} for j in range(8)]}}}
+                     for i in range(40)]
+            r = a.call("POST", "/v1/batch", {"events": items})
+            assert r.status_code == 200, r.text
+            res = r.json()["results"]
+            assert all(x["status"] == "accepted" for x in res), res
+            ids += [x["id"] for x in res]
+        # made a local user's (a Matrix user's files, as her adapter makes them)
+        pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network) "
+                "VALUES ('mimi://example.org/u/zed', 'example.org', 'zed', true, 'matrix')", db_url)
+        pg.psql("UPDATE events SET sender_id = (SELECT id FROM identities WHERE uri = 'mimi://example.org/u/zed') "
+                f"WHERE public_id IN ({', '.join(repr(i) for i in ids)})", db_url)
+        assert d.admin("POST", "/peers/tg/enable").status_code == 200
+        got = sb.wait_events(len(ids), timeout=60)
+        for e in got:
+            assert all(x["url"].startswith(d.url + "/v1/media/") for x in e["content"]["attachments"]), e
+        assert [e["id"] for e in got] == ids
+        assert len(sizes) >= 3 and max(sizes) <= budget, sizes
+        wait_until(lambda: pg.psql("SELECT string_agg(DISTINCT state, ',') FROM outbox "
+                                   "WHERE destination = 'peer:tg'", db_url) == "delivered",
+                   what="every row delivered")
+        # no try counted for the rows a batch gave back untried
+        assert pg.psql("SELECT max(attempts) FROM outbox WHERE destination = 'peer:tg'", db_url) == "1"
+    finally:
+        for _, srv in peers:
+            srv.close()
+        hs.close()
