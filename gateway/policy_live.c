@@ -704,7 +704,11 @@ static cw_err held_content(const char *text, size_t len, struct policy_request *
 	lim.max_event_bytes = len;
 	struct event ev;
 	struct event_error err;
-	cw_err rc = event_parse(text, len, &lim, 0, &ev, &err);
+	/* EVENT_STORED: an attachment's content_type taken at arrival and
+	 * refused by a stricter check since is still counted (until the
+	 * fifty-second session such a message parsed as nothing here, and
+	 * its size and kinds counted none against the rules). */
+	cw_err rc = event_parse(text, len, &lim, EVENT_STORED, &ev, &err);
 	if (rc == CW_OK) {
 		q->body_bytes = ev.body_bytes;
 		q->attachment_bytes = ev.attachment_bytes;

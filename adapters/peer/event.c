@@ -337,6 +337,7 @@ struct vctx {
 	bool counting; /* check_depth counts values (an event's) */
 	int values;
 	const char *what; /* what is counted: "event" unless said */
+	bool stored; /* EVENT_STORED */
 };
 
 static void vctx_init(struct vctx *c, const struct event_limits *lim, struct event_error *err)
@@ -761,7 +762,7 @@ static cw_err check_attachment(struct vctx *c, json_t *a, struct event *ev)
 	cw_err rc = string_member(c, a, "content_type", M_REQUIRED, SIZE_MAX, &s);
 	if (rc)
 		return rc;
-	if (strlen(s) > EVENT_CONTENT_TYPE_MAX || !content_type_valid(s)) {
+	if (strlen(s) > EVENT_CONTENT_TYPE_MAX || (!c->stored && !content_type_valid(s))) {
 		jptr_push(&c->ptr, "content_type");
 		return vfail(c, EVENT_ERR_INVALID,
 			     "content_type must be a media type: type/subtype (RFC 6838: letters, digits, !#$&-^_.+, "
@@ -1011,6 +1012,7 @@ static cw_err check_event(struct vctx *c, json_t *root, unsigned flags, struct e
 	if (!json_is_object(root))
 		return vfail(c, EVENT_ERR_INVALID, "An event must be a JSON object, not %s.",
 			     json_type_phrase(json_typeof(root)));
+	c->stored = (flags & EVENT_STORED) != 0;
 	c->counting = true;
 	c->values = 0;
 	cw_err rc = check_depth(c, root, 1);

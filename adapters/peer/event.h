@@ -274,6 +274,13 @@ enum event_membership {
  * idempotency key, and its corrected copy later in the batch was refused
  * as a repeat, though an invalid item holds no key. */
 #define EVENT_REQUIRE_SENDER 0x2u
+/* A stored event, taken under the rules of its arrival (the policy's
+ * release of a held message reads it so, policy_live.c's held_content):
+ * an attachment's content_type is not held to a syntax made stricter
+ * since (RFC 6838's names, the fifty-second session), only to its length,
+ * so that such a message still counts its size and content kinds.  Until
+ * then it parsed as nothing there, and counted none against the rules. */
+#define EVENT_STORED 0x4u
 
 struct event {
 	json_t *json;               /* the whole validated object, unknown members

@@ -245,6 +245,50 @@ def test_a_limit_on_what_a_message_holds_made_while_it_waits_decides_it_when_acc
     assert (why["verdict"], why["reason"], why["rule_id"]) == ("deny", "too_large", rule), why
 
 
+def test_a_held_message_whose_content_type_a_stricter_check_refuses_now_still_counts(daemon, peers, pg, db_url):
+    """A held picture whose attachment's content_type was taken at its
+    arrival and is refused by the RFC 6838 check since (image/x-'or'1,
+    written here into the stored event directly) is still read whole at
+    its release: its content kind and its declared size count against a
+    rule made while it waits, as they would have then.  Until the
+    fifty-second session such a message parsed as nothing there, counted
+    no kind and no size, and went through a "text only" rule."""
+    (a, _), _ = peers
+    opt_in(daemon)
+    room = dm(a)
+    ids = [send(a, room, "hello").json()["id"], media(a, room, "old")]
+    opt_in(daemon, user=BOB)
+    held_b = [media(a, dm(a, local=BOB), "old", size=5000)]
+    assert [s for _, s in states(pg, db_url, ids + held_b)] == ["held"] * 3
+    pg.psql("UPDATE events SET content = jsonb_set(content, '{content,attachments,0,content_type}', "
+            "to_jsonb('image/x-''or''1'::text)) WHERE public_id IN ('%s', '%s')" % (ids[1], held_b[0]), db_url)
+    r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example",
+                                             "limits": {"content_kinds": ["text"]}})
+    assert r.status_code == 201, r.text
+    rule = r.json()["id"]
+    carol = "mimi://example.org/u/carol"
+    opt_in(daemon, user=carol)
+    consent(daemon, a.user("wally"), "allowed", user=carol)
+    room_c = dm(a, local=carol)
+    wait_policy(daemon, lambda: states(pg, db_url, [media(a, room_c, "probe")])[0][1] == "dropped",
+                "the rule in force")
+    out = consent(daemon, a.user("wally"), "allowed")
+    assert (out["released"], out["dropped"]) == (1, 1), out
+    assert [s for _, s in states(pg, db_url, ids)] == ["pending", "dropped"]
+    why = decision(daemon, ids[1])["recipients"][0]
+    assert (why["verdict"], why["reason"], why["rule_id"]) == ("deny", "content_kind_disabled", rule), why
+
+    # Its declared size likewise.
+    r = daemon.admin("PATCH", f"/rules/{rule}", json={"limits": {"max_attachment_bytes": 1000}})
+    assert r.status_code == 200, r.text
+    wait_policy(daemon, lambda: states(pg, db_url, [media(a, room_c, "probe", size=500)])[0][1] == "pending",
+                "the change in force")
+    out = consent(daemon, a.user("wally"), "allowed", user=BOB)
+    assert (out["released"], out["dropped"]) == (0, 1), out
+    why = decision(daemon, held_b[0])["recipients"][0]
+    assert (why["verdict"], why["reason"], why["rule_id"]) == ("deny", "too_large", rule), why
+
+
 def test_an_allow_under_a_standing_block_of_the_other_kind_decides_the_request_as_blocked(daemon, peers, pg, db_url):
     """alice's request from wally waits while her block of wally's domain
     stands (stored by a process whose policy had not loaded the block
