@@ -406,6 +406,31 @@ START_TEST(event_size_boundary)
 }
 END_TEST
 
+/* EVENT_STORED: a stored event whose attachment's content_type was taken
+ * at its arrival and is refused by the RFC 6838 check since still parses,
+ * with its kinds and sizes (the policy's release counts them); its length
+ * is still held to, and a new event is refused as before. */
+START_TEST(stored_event_content_type_taken_as_at_arrival)
+{
+	struct event_limits lim = event_limits_default();
+	const char *body = "{\"type\":\"message\",\"content\":{\"attachments\":[{\"content_type\":"
+			   "\"image/x-'or'1\",\"url\":\"mxc://example.org/abc\",\"size\":5000}]}}";
+	struct event ev;
+	struct event_error err;
+	ck_assert_int_eq(event_parse(body, strlen(body), &lim, 0, &ev, &err), CW_EINVAL);
+	ck_assert_str_eq(err.pointer, "/content/attachments/0/content_type");
+	ck_assert_int_eq(event_parse(body, strlen(body), &lim, EVENT_STORED, &ev, &err), CW_OK);
+	ck_assert_uint_eq(ev.kinds, EVENT_KIND_MEDIA);
+	ck_assert_uint_eq(ev.attachment_bytes, 5000);
+	event_free(&ev);
+	char longer[600];
+	snprintf(longer, sizeof(longer),
+		 "{\"type\":\"message\",\"content\":{\"attachments\":[{\"content_type\":\"image/%0256d\","
+		 "\"url\":\"mxc://example.org/abc\"}]}}", 0);
+	ck_assert_int_eq(event_parse(longer, strlen(longer), &lim, EVENT_STORED, &ev, &err), CW_EINVAL);
+}
+END_TEST
+
 /* Every prefix and every single-byte change of a valid body: no crash, no
  * leak, and a failure always comes with a stable code and a pointer. */
 START_TEST(event_mutations_never_crash)
@@ -886,6 +911,7 @@ int main(void)
 	tcase_add_test(tc, batch_repeated_keys);
 	tcase_add_test(tc, peer_event_types_match_whole_words);
 	tcase_add_test(tc, label_goes_before_text_only);
+	tcase_add_test(tc, stored_event_content_type_taken_as_at_arrival);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
 }
