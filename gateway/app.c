@@ -752,7 +752,7 @@ const struct cw_route app_routes[] = {
 	{ "POST", "/v1/rooms/{room}/typing", peer_api_typing_submit, CW_AUTH_PEER, NULL, false, NULL },
 	{ "GET", "/v1/messages/{id}", peer_api_message_status, CW_AUTH_PEER, NULL, false, NULL },
 	{ "GET", "/v1/events", peer_api_events, CW_AUTH_PEER, NULL, false, "after wait limit" },
-	{ "GET", "/v1/media/{token}", peer_api_media, CW_AUTH_PEER, NULL, false, "ev exp" },
+	{ "GET", "/v1/media/{token}", peer_api_media, CW_AUTH_PEER, NULL, false, "ev exp src" },
 	{ "GET", "/media/{token}", media_public_get, CW_AUTH_NONE, NULL, false, NULL },
 	{ "POST", "/v1/consent/requests", peer_api_consent_request, CW_AUTH_PEER, NULL, false, NULL },
 	{ "POST", "/v1/consent/updates", peer_api_consent_update, CW_AUTH_PEER, NULL, false, NULL },

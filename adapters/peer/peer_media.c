@@ -184,15 +184,30 @@ json_t *peer_media_offer(struct cw_app *app, const char *peer, json_t *ev)
 		return json_incref(ev);
 	json_array_foreach(json_object_get(json_object_get(copy, "content"), "attachments"), i, a) {
 		const char *url = json_string_value(json_object_get(a, "url"));
-		char token[TOKEN_MAX + 1], link[MEDIA_URL_MAX + 1];
+		char token[3 * MEDIA_URL_MAX], link[4 * MEDIA_URL_MAX];
 		if (!url || !app->media.owns(app->media.ctx, url))
 			continue;
-		/* A source too long for one path segment stays as it is (the
-		 * peer cannot fetch it): docs/interop-api.md says so.  The id
-		 * is of URL-safe characters (message_id_valid). */
+		/* The id is of URL-safe characters (message_id_valid).  A token
+		 * too long for one path segment (a source over about 170 bytes:
+		 * a valid content URI has a server name and a media id of up to
+		 * 255 each) goes as the public links do, its source in the
+		 * query: /v1/media/m2.<MAC>?src=<base64url source>&ev=&exp=
+		 * (peer_api_media puts it together again).  Until the
+		 * fifty-second session it stayed an mxc:// URL the peer could
+		 * not fetch. */
 		if (!media_token_make(app->media_key, scope, url, token, sizeof(token)))
 			continue;
-		snprintf(link, sizeof(link), "%s/v1/media/%s?ev=%s&exp=%s", base, token, id, exp);
+		int w;
+		if (strlen(token) <= TOKEN_MAX) {
+			w = snprintf(link, sizeof(link), "%s/v1/media/%s?ev=%s&exp=%s", base, token, id, exp);
+		} else {
+			char *dot = strrchr(token, '.');
+			*dot = '\0';
+			w = snprintf(link, sizeof(link), "%s/v1/media/m2.%s?src=%s&ev=%s&exp=%s", base, dot + 1, token + 3,
+				     id, exp);
+		}
+		if (w < 0 || (size_t)w >= sizeof(link))
+			continue;
 		json_object_set_new(a, "url", json_string(link));
 	}
 	return copy;
@@ -790,8 +805,18 @@ void peer_api_media(struct cw_req *req, void *ctx)
 	 * peer's, a forged one, one with its event or time changed, one made
 	 * before the thirty-second session (no ev, no exp: it served its
 	 * source for ever) and a source no longer served look alike. */
-	const char *ev = cw_req_query(req, "ev"), *exp = cw_req_query(req, "exp");
-	char scope[320];
+	const char *ev = cw_req_query(req, "ev"), *exp = cw_req_query(req, "exp"), *src = cw_req_query(req, "src");
+	char scope[320], whole[3 * MEDIA_URL_MAX];
+	/* m2.<MAC>?src=: a long source's token (peer_media_offer), its
+	 * source in the query; any other token takes no src. */
+	if (token && strncmp(token, "m2.", 3) == 0) {
+		if (!src || (size_t)snprintf(whole, sizeof(whole), "m1.%s.%s", src, token + 3) >= sizeof(whole))
+			token = NULL;
+		else
+			token = whole;
+	} else if (src) {
+		token = NULL;
+	}
 	if (!p || !token || !app->media.fetch || !offer_scope(p->name, ev, exp, scope, sizeof(scope)) ||
 	    !media_token_open(app->media_key, scope, token, j->source, sizeof(j->source)) ||
 	    !app->media.owns(app->media.ctx, j->source)) {

@@ -1017,6 +1017,47 @@ def test_a_files_token_ends_with_its_message_and_its_time(mx, hs, gk, pg, db_url
     assert r.status_code == 404 and r.json()["code"] == "unknown_media", r.text[:200]
 
 
+def test_a_file_of_a_long_content_uri_reaches_the_peer_as_a_link_it_can_fetch(mx, hs, gk, pg, db_url):
+    """A valid content URI may have a media id of up to 255 characters
+    (Matrix spec): its token, the source in base64 with the MAC, does not
+    fit in one path segment (255 bytes), so it goes with its source in the
+    query, /v1/media/m2.<MAC>?src=&ev=&exp=, and the peer fetches the
+    file by it.  Until the fifty-second session a source over about 170
+    bytes stayed an mxc:// URL the peer could not fetch.  Its source
+    changed, or moved onto an m1 token, is the same 404 as a made-up one."""
+    import urllib.parse
+    a, srv = gk
+    room, mx_room = matrix_dm(mx, hs, a, pg, db_url)
+    photo = b"\xff\xd8\xff\xe0" + os.urandom(3000)
+    media_id = "L" * 200 + "x" * 55
+    with hs._lock:
+        hs._media[media_id] = {"content_type": "image/jpeg", "data": photo, "filename": "long.jpg",
+                               "user": ALICE_MX}
+    mxc = f"mxc://example.org/{media_id}"
+    ev = {"event_id": "$long", "room_id": mx_room, "sender": ALICE_MX, "type": "m.room.message",
+          "origin_server_ts": 1700000000000,
+          "content": {"msgtype": "m.image", "body": "long.jpg", "url": mxc,
+                      "info": {"mimetype": "image/jpeg", "size": len(photo)}}}
+    assert as_put(mx, "tlong", {"events": [ev]}).status_code == 200
+    got = wait_until(lambda: [e for e in srv.events if e.get("content", {}).get("attachments")] or None,
+                     what="the photo at the peer")[0]
+    url = got["content"]["attachments"][0]["url"]
+    assert url.startswith(mx.url + "/v1/media/m2."), url
+    path = url[len(mx.url):]
+    assert len(urllib.parse.urlsplit(path).path.rsplit("/", 1)[1]) <= 255, path
+    r = a.call("GET", path)
+    assert r.status_code == 200 and r.content == photo, (r.status_code, r.text[:200])
+    q = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)
+    src, mac = q["src"][0], urllib.parse.urlsplit(path).path.rsplit("/m2.", 1)[1]
+    for bad in (path.replace("src=" + src, "src=" + src[:-4] + "AAAA"),
+                path.replace("/m2.", "/m1."),
+                path.split("?")[0] + f"?ev={q['ev'][0]}&exp={q['exp'][0]}",
+                path.replace(f"exp={q['exp'][0]}", f"exp={int(q['exp'][0]) + 1}"),
+                path.replace("/m2." + mac, "/m2." + mac[:-2] + ("AA" if mac[-2:] != "AA" else "BA"))):
+        r = a.call("GET", bad)
+        assert r.status_code == 404 and r.json()["code"] == "unknown_media", (bad, r.status_code, r.text[:200])
+
+
 def alice_sends_photos(mx, hs, srv, mx_room, n, tag):
     """alice sends n photos ($<tag><i>) in mx_room: [(bytes, mxc, the peer's
     id, its token's path)] as the peer got them."""
