@@ -379,20 +379,19 @@ static const char *no_header(void *ctx, const char *name)
 	return NULL;
 }
 
-struct curl_slist *media_signed_get(EVP_PKEY *key, const char *keyid, const char *tag, const char *url,
-				    cw_errmsg *e)
+cw_err media_signed_get(EVP_PKEY *key, const char *keyid, const char *tag, const char *url,
+			struct curl_slist **out, cw_errmsg *e)
 {
 	char nonce[32], sig_input[1024], sig[256], hd[2][1300];
 	unsigned char rnd[16];
+	*out = NULL;
 	cw_random(rnd, sizeof(rnd));
 	cw_b64url_encode(nonce, sizeof(nonce), rnd, sizeof(rnd));
 	/* Without a zone id, which the Host header libcurl sends has not. */
 	size_t cap = strlen(url) + 1;
 	char *target = malloc(cap);
-	if (!target) {
-		cw_fail(e, CW_ENOMEM, "out of memory");
-		return NULL;
-	}
+	if (!target)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
 	httpsig_target_uri(url, target, cap);
 	struct httpsig_msg m = { .method = "GET", .target_uri = target, .header = no_header };
 	static const char *const components[] = { "@method", "@target-uri", NULL };
@@ -400,15 +399,16 @@ struct curl_slist *media_signed_get(EVP_PKEY *key, const char *keyid, const char
 	cw_err rc = httpsig_sign(&m, components, key, &sp, sig_input, sizeof(sig_input), sig, sizeof(sig), e);
 	free(target);
 	if (rc)
-		return NULL;
+		return rc;
 	snprintf(hd[0], sizeof(hd[0]), "Signature-Input: %s", sig_input);
 	snprintf(hd[1], sizeof(hd[1]), "Signature: %s", sig);
 	struct curl_slist *l = curl_slist_append(NULL, hd[0]), *l2 = l ? curl_slist_append(l, hd[1]) : NULL;
 	if (!l2) {
 		curl_slist_free_all(l);
-		cw_fail(e, CW_ENOMEM, "out of memory");
+		return cw_fail(e, CW_ENOMEM, "out of memory");
 	}
-	return l2;
+	*out = l2;
+	return CW_OK;
 }
 
 void media_url_host(const char *url, char *out, size_t len)
@@ -517,6 +517,30 @@ static bool url_has_user(const char *url)
 	return has;
 }
 
+/* A redirect's Location as libcurl itself follows one (CURLU_URLENCODE,
+ * CURLU_ALLOW_SPACE): spaces and bytes that are not ASCII percent-encoded
+ * ("/f/caf\xc3\xa9 x" as "/f/caf%c3%a9%20x"), what is encoded already
+ * kept, as a browser does.  libcurl 7.88 hands a relative Location on so
+ * in CURLINFO_REDIRECT_URL, but an absolute one raw: until the
+ * fifty-second session's review such a hop was refused for good as "not
+ * a URL this gateway can fetch" (a space), or its raw bytes refused by
+ * httpsig_sign (a hop to be signed) or sent as they were (one not).  A
+ * Location libcurl cannot read is kept as it is, for libcurl to refuse as
+ * before.  NULL when out of memory. */
+static char *redirect_target(const char *next)
+{
+	CURLU *u = curl_url();
+	char *enc = NULL, *out;
+	if (u && curl_url_set(u, CURLUPART_URL, next, CURLU_URLENCODE | CURLU_ALLOW_SPACE) == CURLUE_OK &&
+	    curl_url_get(u, CURLUPART_URL, &enc, 0) == CURLUE_OK)
+		out = strdup(enc);
+	else
+		out = strdup(next);
+	curl_free(enc);
+	curl_url_cleanup(u);
+	return out;
+}
+
 cw_err media_fetch_peer(const struct cw_app *app, const char *url, const char *signer_domain, long timeout_ms,
 			struct media_blob *b, long *status, cw_errmsg *e)
 {
@@ -573,10 +597,29 @@ cw_err media_fetch_peer(const struct cw_app *app, const char *url, const char *s
 		bool normal = httpsig_request_url(at, NULL, "the file's URL", req, cap, &ue) == CW_OK;
 		const char *go = normal ? req : at;
 		if (normal && media_host_in_domain(req, signer_domain)) {
-			hd = media_signed_get(app->signing_key, cfg->domain ? cfg->domain : "", cfg->signature_tag, req,
-					      e);
-			if (!hd) {
-				rc = CW_ENOMEM;
+			cw_errmsg se;
+			cw_err src = media_signed_get(app->signing_key, cfg->domain ? cfg->domain : "",
+						      cfg->signature_tag, req, &hd, &se);
+			/* A URL httpsig_sign refuses (CW_EINVAL: a target URI
+			 * over 8 KiB, a byte that is not visible ASCII) is
+			 * refused so at every try: for good, not as memory
+			 * running out, which until the fifty-second session's
+			 * review every failure here was (a 503 "try again
+			 * later" for a link, a Matrix row retried until its
+			 * budget was spent).  Not fetched unsigned either: the
+			 * store is the peer's, and checks it.  Memory or
+			 * OpenSSL failing may mend: another try. */
+			if (src && src != CW_EINVAL) {
+				rc = cw_fail(e, src, "%s", se.msg);
+				break;
+			}
+			if (src) {
+				char host[256];
+				media_url_host(req, host, sizeof(host));
+				b->refused = "its URL cannot be signed";
+				*status = 0;
+				rc = cw_fail(e, CW_EINVAL, "cannot fetch a file of %.200s: %s (%s)", host, b->refused,
+					     se.msg);
 				break;
 			}
 		}
@@ -627,7 +670,7 @@ cw_err media_fetch_peer(const struct cw_app *app, const char *url, const char *s
 			break;
 		}
 		free(at);
-		at = strdup(next);
+		at = redirect_target(next);
 		if (!at) {
 			rc = cw_fail(e, CW_ENOMEM, "out of memory");
 			break;

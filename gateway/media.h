@@ -47,10 +47,13 @@ bool media_type_ok(const char *s);
  * a peer's media store may check them.  url is the URL requested, in
  * httpsig_request_url's normal form (the store rebuilds that form from the
  * request it receives); @target-uri is it without an IPv6 zone id
- * (httpsig_target_uri).  NULL when out of memory or url cannot be signed
- * (e says why). */
-struct curl_slist *media_signed_get(EVP_PKEY *key, const char *keyid, const char *tag, const char *url,
-				    cw_errmsg *e);
+ * (httpsig_target_uri).  CW_OK with the headers in *out; CW_ENOMEM when
+ * out of memory (another try may do); any other error (CW_EINVAL: e says
+ * why) when url cannot be signed, which no later try changes (a target
+ * URI over HTTPSIG_MAX_FIELD bytes, a byte that is not visible ASCII);
+ * *out NULL then. */
+cw_err media_signed_get(EVP_PKEY *key, const char *keyid, const char *tag, const char *url,
+			struct curl_slist **out, cw_errmsg *e);
 
 /* Whether url's host (as libcurl parses it) is domain or a name under it,
  * compared case-insensitively on a label boundary (media.wa.example is
@@ -87,7 +90,9 @@ void media_url_host(const char *url, char *out, size_t len);
  * CW_EINVAL when the fetch was refused for a fact of the URL, which no
  * retry changes (b->refused says which, since the twenty-sixth session):
  * every address of its host not public, a hop not over https, too many
- * redirects, a redirect's page over 64 KiB, a URL libcurl cannot read (one the peer API takes, https://
+ * redirects, a redirect's page over 64 KiB, a hop to be signed whose URL
+ * cannot be (media_signed_get's CW_EINVAL, since the fifty-second
+ * session's review), a URL libcurl cannot read (one the peer API takes, https://
  * and visible ASCII, with a port past 65535, say); CW_EUNAVAIL when no answer came
  * (e says why; b->too_big when the cap cut it off). */
 cw_err media_fetch_peer(const struct cw_app *app, const char *url, const char *signer_domain, long timeout_ms,

@@ -779,6 +779,40 @@ def test_a_file_behind_a_redirect_it_may_not_follow_is_a_notice(mx, hs, gk, medi
     assert "hunter2" not in json.dumps(ms)
 
 
+def test_a_file_whose_url_cannot_be_signed_is_a_notice_at_once(mx, hs, wally_room, media, pg, db_url):
+    """A hop on the peer's own hosts is signed; a redirect there whose URL
+    httpsig_sign refuses (a Location of 9000 bytes: a target URI is at most
+    8 KiB) is refused for good: a line of the text, "not carried: its URL
+    cannot be signed", delivered on its first attempt, the long URL never
+    asked for.  Until the fifty-second session's review every failure to
+    sign was "out of memory", and the row was retried until its budget was
+    spent.  A Location with UTF-8 bytes and spaces is carried: followed
+    percent-encoded, as libcurl follows one itself, and signed so (until
+    then an absolute one was taken raw, and its space made the file "not a
+    URL this gateway can fetch")."""
+    a, room = wally_room
+    cat = b"\x89PNG\r\n\x1a\n" + os.urandom(2000)
+    host = f"https://media.wa.localhost:{media.port}"
+    media.redirect["/f/long.png"] = f"{host}/f/{'a' * 9000}.png"
+    sent = "/f/caf%c3%a9%20au%20lait.png"  # as libcurl encodes it
+    media.files[sent] = ("image/png", cat)
+    media.redirect["/f/utf.png"] = f"{host}/f/caf\u00c3\u00a9 au lait.png"
+    mid = send_file(a, room, "", attachment(host + "/f/long.png", cat, name="long.png"), "long")
+    send_file(a, room, "", attachment(host + "/f/utf.png", cat, name="utf.png"), "utf")
+    [m1, m2] = ghost_messages(hs, 2)
+    c = m1["content"]
+    assert c["msgtype"] == "m.text" and "url" not in c, c
+    assert "[image: long.png] (not carried: its URL cannot be signed)" in c["body"], c["body"]
+    assert m2["content"]["msgtype"] == "m.image" and hs.media(m2["content"]["url"])["data"] == cat, m2["content"]
+    wait_until(lambda: pg.psql("SELECT o.state || ' ' || o.attempts FROM outbox o JOIN events e "
+                               f"ON e.id = o.event_id WHERE e.public_id = '{mid}' AND o.destination = 'matrix'",
+                               db_url) == "delivered 1", what="delivered 1")
+    paths = [p for p, _ in media.requests]
+    assert paths == ["/f/long.png", "/f/utf.png", sent], [p[:40] for p in paths]
+    key = mx.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
+    verify_get("GET", host + sent, media.requests[2][1], key)
+
+
 def test_a_file_at_a_url_libcurl_cannot_read_is_a_notice(mx, hs, gk, media, pg, db_url):
     """An attachment URL the peer API takes (https://, visible ASCII) but
     libcurl cannot read (a port past 65535) is refused for a fact of its

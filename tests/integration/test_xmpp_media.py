@@ -941,3 +941,47 @@ def test_a_files_url_is_signed_as_the_store_rebuilds_it(make_daemon, db_url, pro
     finally:
         srv.close()
         media.close()
+
+
+def test_a_links_url_that_cannot_be_signed_is_refused_for_good(make_daemon, db_url, prosody, alice, tmp_path):
+    """A hop on the peer's own hosts is signed; one whose URL httpsig_sign
+    refuses (here a redirect's Location of 9000 bytes: a target URI is at
+    most 8 KiB) is refused so at every try: 403 media_refused with why, no
+    Retry-After, never asked for unsigned.  Until the fifty-second
+    session's review every failure to sign was "out of memory", a 503 "try
+    again later", and a client followed the link again for ever.  A
+    Location with UTF-8 bytes and spaces is no such URL: it is followed
+    percent-encoded, as libcurl follows a redirect itself and a browser
+    does, and that is what is requested and signed.  Until then libcurl's
+    CURLINFO_REDIRECT_URL was taken as it came, raw for an absolute
+    Location: a space made it "not a URL this gateway can fetch" (403),
+    and bytes that are not ASCII were refused by httpsig_sign (503)."""
+    media, d, a, srv, key, room = start(make_daemon, db_url, prosody, tmp_path)
+    port = media.port
+    try:
+        data = os.urandom(600)
+        media.redirect["/f/long.jpg"] = f"https://cdn.media.wa.localhost:{port}/f/{'a' * 9000}.jpg"
+        _, link = photo_link(a, alice, room, f"https://media.wa.localhost:{port}/f/long.jpg", data)
+        for _ in range(2):
+            r = requests.get(link, timeout=10)
+            assert r.status_code == 403 and "Retry-After" not in r.headers, (r.status_code, r.text[:200])
+            p = r.json()
+            assert p["code"] == "media_refused" and "its URL cannot be signed" in p["detail"], p
+        assert [p for p, _ in media.requests] == ["/f/long.jpg"] * 2, [p[:40] for p, _ in media.requests]
+        # UTF-8 bytes and spaces in a Location (http.server sends the
+        # header's text as Latin-1: these are the bytes of "café au lait").
+        media.requests.clear()
+        sent = "/f/caf%c3%a9%20au%20lait.jpg?w=%c3%a9+1"  # as libcurl encodes them (CURLU_URLENCODE)
+        media.files[sent] = ("image/jpeg", data)
+        media.redirect["/f/utf.jpg"] = \
+            f"https://cdn.media.wa.localhost:{port}/f/caf\u00c3\u00a9 au lait.jpg?w=\u00c3\u00a9 1"
+        _, link = photo_link(a, alice, room, f"https://media.wa.localhost:{port}/f/utf.jpg", data)
+        got = requests.get(link, timeout=10)
+        assert got.status_code == 200 and got.content == data, (got.status_code, got.text[:200], media.requests)
+        [(p1, h1), (p2, h2)] = media.requests
+        assert (p1, p2) == ("/f/utf.jpg", sent), media.requests
+        verify_get("GET", f"https://media.wa.localhost:{port}/f/utf.jpg", h1, key)
+        verify_get("GET", f"https://cdn.media.wa.localhost:{port}{sent}", h2, key)
+    finally:
+        srv.close()
+        media.close()
