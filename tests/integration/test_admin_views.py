@@ -116,7 +116,8 @@ def test_views_after_real_traffic(daemon, peers, pg, db_url):  # noqa: F811
     assert ad["policy"]["status"] == "current" and ad["policy"]["reload_failures"] == 0
     assert ad["dispatcher"]["status"] == "up" and ad["dispatcher"]["delivered"] == 5
     assert ad["dispatcher"]["dead"] == 0 and ad["dispatcher"]["requests_ok"] >= 1
-    assert ad["peer"] == {"peers": 2, "enabled": 2, "pending": 0, "dead": 0}
+    assert ad["peer"] == {"peers": 2, "enabled": 2, "pending": 0, "dead": 0, "push_url_problems": 0,
+                          "push_url_problem_peers": []}
     assert daemon.admin("POST", "/peers/tg/disable").status_code == 200
     assert get(daemon, "/adapters")["peer"]["enabled"] == 1
 
