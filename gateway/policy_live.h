@@ -111,7 +111,7 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
 /* How many local users an overlay holds at most: a change of more users
  * (or of anything else: rules, settings) reloads everything.  The NOTIFY
  * causeway_policy of a change of some users' facts says whose: payload
- * "u:<id>,<id>,...". */
+ * "u:<id>,<id>,..." (after "x:<xid8>;", policy_notify_user). */
 #define POLICY_OVERLAY_MAX 256
 /* Tells every process that local user local_id's facts changed (on c, in
  * the caller's transaction: sent at its commit); local_id NULL or "":

@@ -2070,10 +2070,15 @@ struct submit *submit_new(size_t n)
  * message implies, records a block (or its end) that a peer's user sends
  * as a block event (the last one per pair in the job: all of the
  * statement's parts see the same snapshot), tells every process whose
- * facts changed (NOTIFY causeway_policy "u:<ids>": they reload those users'
- * alone; a block or its end names the local user blocked, as POST
- * /v1/blocks does: until the fortieth session it made every process reload
- * everything), and writes the audit records of
+ * facts changed (NOTIFY causeway_policy "x:<xid8>;u:<ids>", the
+ * transaction first as policy_notify_user has it: they reload those users'
+ * alone, and a process whose view read the change already nothing; a
+ * block or its end names the local user blocked, as POST /v1/blocks does:
+ * until the fortieth session it made every process reload everything;
+ * above 64 users "x:<xid8>" alone, a whole reload where the view in force
+ * has not read it; until the fifty-second session without the "x:", so
+ * that the process that wrote it loaded it again after a whole load had
+ * read it), and writes the audit records of
  * the decisions ($34: they
  * exist for refused items too); a job that needs none of that (the common
  * case: allowed messages) runs the plain statement, which is a third
@@ -2441,8 +2446,8 @@ struct submit *submit_new(size_t n)
 	"  RETURNING blocked_id AS u), " \
 	"ub AS (DELETE FROM blocks x USING bl, identities t WHERE bl.ba = 'unblock' AND t.uri = bl.bt AND t.is_local " \
 	"  AND x.blocker_id = bl.sender AND x.blocked_id = t.id RETURNING x.blocked_id AS u), " \
-	"nt AS (SELECT pg_notify('causeway_policy', CASE WHEN count(*) > 64 THEN '' " \
-	"  ELSE 'u:' || string_agg(f.u::text, ',') END) AS n " \
+	"nt AS (SELECT pg_notify('causeway_policy', 'x:' || pg_current_xact_id() || CASE WHEN count(*) > 64 " \
+	"  THEN '' ELSE ';u:' || string_agg(f.u::text, ',') END) AS n " \
 	"  FROM (SELECT u FROM ou UNION SELECT u FROM bk UNION SELECT u FROM ub) f HAVING count(*) > 0), " \
 	"au AS (INSERT INTO audit_log (actor, action, reason_code, rule_id, event_id, subject, details) " \
 	"  SELECT 'policy', a.action, a.reason, NULLIF(a.rule, 0), (SELECT id FROM ev WHERE ev.public_id = a.pid), " \

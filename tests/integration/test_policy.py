@@ -4370,3 +4370,64 @@ def test_an_opt_outs_walk_reads_only_its_batch_whatever_the_statistics(make_daem
     finally:
         for _, srv in made:
             srv.close()
+
+
+def test_a_rooms_block_events_notify_the_transaction_that_wrote_them(daemon, peers, pg, db_url):
+    """A peer's block events in a room notify causeway_policy as
+    policy_notify_user does, the transaction first: "x:<xid8>;u:<id>,..."
+    of the local users blocked, or "x:<xid8>" alone above 64 of them (a
+    whole reload where the view in force has not read that transaction).
+    Until the fifty-second session the payload was "u:<ids>" (or empty),
+    and a process whose view had read the change loaded it again.  The
+    blocks are in force on the daemon that wrote them either way."""
+    import psycopg
+    (a, _), _ = peers
+    wally = a.user("wally")
+    room = a.create_room([wally, ALICE, BOB]).json()
+    net = pg.psql(f"SELECT network FROM identities WHERE uri = '{ALICE}'", db_url)
+    pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network) SELECT "
+            "'mimi://example.org/u/many' || g, 'example.org', 'many' || g, true, "
+            f"'{net}' FROM generate_series(1, 65) g", db_url)
+    wait_until(lambda: reloads(daemon).get("whole", 0) >= 1, what="the first snapshot")
+
+    def post(targets):
+        r = a.call("POST", "/v1/batch", {"events": [
+            {"idempotency_key": idem(), "room": room["uri"],
+             "event": {"type": "block", "sender": wally, "content": {"target": t, "action": "block"}}}
+            for t in targets]})
+        assert r.status_code == 200 and all(x["status"] == "accepted" for x in r.json()["results"]), r.text
+
+    def ids(where):
+        return pg.psql(f"SELECT string_agg(id::text, ',' ORDER BY id) FROM identities WHERE {where}", db_url)
+
+    def notified(conn, got):
+        wait_until(lambda: conn.execute("SELECT 1") and got, timeout=10, what="the blocks notified")
+        conn.execute("SELECT pg_sleep(0.2)")
+        assert len(got) == 1, got
+        return got.pop()
+
+    def xid(localparts):
+        # the test's cluster is in its first xid epoch: xid8 is the xmin
+        return pg.psql("SELECT string_agg(DISTINCT b.xmin::text, ',') FROM blocks b JOIN identities i "
+                       f"ON i.id = b.blocked_id WHERE i.localpart LIKE '{localparts}'", db_url)
+
+    was = gauge(daemon, "causeway_policy_facts")
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        got = []
+        conn.add_notify_handler(lambda n: got.append(n.payload))
+        conn.execute("LISTEN causeway_policy")
+        post([ALICE, BOB])  # one job: one NOTIFY naming both
+        payload, x = notified(conn, got), xid("%")
+        head, _, users = payload.partition(";u:")
+        assert head == f"x:{x}" and "," not in x, (payload, x)
+        assert sorted(users.split(","), key=int) == ids(f"uri IN ('{ALICE}', '{BOB}')").split(","), payload
+        wait_until(lambda: gauge(daemon, "causeway_policy_facts") == was + 2, timeout=30,
+                   what="both blocks in force")
+        whole = reloads(daemon)["whole"]
+        post([f"mimi://example.org/u/many{i}" for i in range(1, 66)])  # above 64: the transaction alone
+        payload, x = notified(conn, got), xid("many%")
+        assert payload == f"x:{x}" and "," not in x, (payload, x)
+        wait_until(lambda: gauge(daemon, "causeway_policy_facts") == was + 67, timeout=30,
+                   what="the 65 blocks in force")
+        assert reloads(daemon)["whole"] > whole
+    assert pg.psql("SELECT count(*) FROM blocks", db_url) == "67"
