@@ -1225,6 +1225,16 @@ static void join_refused(struct xcomp *xc, xmpp_stanza_t *st, const char *type, 
 	xa_enqueue_stanza(xc, err);
 }
 
+/* A refusal before anything is looked at (no room, no user of ours):
+ * written at once, under the bound of what is written so (xa_send_now). */
+static void muc_refused_now(struct xcomp *xc, xmpp_stanza_t *st, const char *type, const char *cond, const char *why)
+{
+	xmpp_stanza_t *err = xa_error_reply(st, type, cond, why);
+	if (err)
+		xa_child(xc->ctx, err, "x", NS_MUC);
+	xa_send_now(xc, err);
+}
+
 static void join(struct xcomp *xc, xmpp_stanza_t *st, const char *room, const char *public_id, const char *nick,
 		 const char *from, const char *user, const char *local)
 {
@@ -1302,17 +1312,20 @@ void xa_muc_presence(struct xcomp *xc, xmpp_stanza_t *st)
 {
 	const char *type = xmpp_stanza_get_type(st), *from = xmpp_stanza_get_from(st), *to = xmpp_stanza_get_to(st);
 	char user[1100], local[MIMI_LOCAL_MAX + 1], public_id[EVENT_OPAQUE_ID_MAX + 1], room[XJ_JID_MAX + 1];
-	char nick[NICK_MAX + 1];
+	char nick[XJ_PART_MAX + 1]; /* any resourcepart: one over NICK_MAX is refused below */
 	if (type && strcmp(type, "error") == 0)
 		return;
 	if (!xa_muc_room(xc, to, public_id, sizeof(public_id), room, sizeof(room), nick, sizeof(nick))) {
-		if (!type) /* no group's JID, or a nick over 255 bytes */
-			xa_send_now(xc, xa_error_reply(st, "cancel", "item-not-found", NULL));
+		/* A name no group can have: no such room (XEP-0045 §7.2,
+		 * RFC 6120 §8.3.3.7), the muc x echoed as on every refused
+		 * join.  Until the fifty-second session the x was missing. */
+		if (!type)
+			muc_refused_now(xc, st, "cancel", "item-not-found", NULL);
 		return;
 	}
 	if (!xa_local_user(xc->x, from, user, sizeof(user), local, sizeof(local))) {
 		if (!type)
-			xa_send_now(xc, xa_error_reply(st, "cancel", "item-not-found", NULL));
+			muc_refused_now(xc, st, "cancel", "item-not-found", NULL);
 		return;
 	}
 	if (type && strcmp(type, "unavailable") == 0) {
@@ -1328,6 +1341,24 @@ void xa_muc_presence(struct xcomp *xc, xmpp_stanza_t *st)
 		return; /* the subscription decisions of a room: not answered (a subscribe or probe: xa_presence) */
 	if (!nick[0]) { /* XEP-0045 §7.2.1: a join names a nick */
 		join_refused(xc, st, "modify", "jid-malformed", NULL);
+		return;
+	}
+	if (strlen(nick) > NICK_MAX) {
+		/* A nick the room keeps no longer than NICK_MAX bytes: a JID
+		 * (RFC 7622 allows 1023), so not jid-malformed, but one the
+		 * room does not accept (RFC 6120 §8.3.3.12), which the user
+		 * can change (modify).  A join's refusal echoes the muc x
+		 * (XEP-0045 §7.2), a nick change's does not (§7.6).  Until the
+		 * fifty-second session either was item-not-found, as if the
+		 * room were not there. */
+		char have[NICK_MAX + 1];
+		bool change = occupant_get(xc, room, from, have, sizeof(have)) &&
+			      !xmpp_stanza_get_child_by_name_and_ns(st, "x", NS_MUC);
+		const char *why = "Your nickname is over 255 bytes long: choose a shorter one.";
+		if (change)
+			xa_enqueue_stanza(xc, xa_error_reply(st, "modify", "not-acceptable", why));
+		else
+			join_refused(xc, st, "modify", "not-acceptable", why);
 		return;
 	}
 	join(xc, st, room, public_id, nick, from, user, local);

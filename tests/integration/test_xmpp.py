@@ -867,6 +867,7 @@ def test_a_group_is_a_room_of_the_component(xd, gk, alice, prosody, pg, db_url):
         err = bob.wait_for_presence(lambda el: el.get("type") == "error", start=start)
         assert err.find("{jabber:client}error").find(
             "{urn:ietf:params:xml:ns:xmpp-stanzas}item-not-found") is not None
+        assert join_refusal(err) == ("cancel", "item-not-found", True), err.xml  # XEP-0045 §7.2
         bob.send_message(room, "let me in", mtype="groupchat", id="b1")
         message_from(bob, room, lambda el: el.get("type") == "error" and el.get("id") == "b1")
         assert not bob.ping(room + "/bob")
@@ -2525,6 +2526,47 @@ def test_invitations_take_a_token_of_the_inviters_bucket(xd, gk, alice, pg, db_u
                    "(details->>'direction') || ' ' || (details->>'type') || ' ' || (details->>'room'), ',') "
                    "FROM audit_log WHERE action = 'policy.limit'", db_url) == \
         f"rate_limited_local_sender {rule} {ALICE} outbound member_add r_many"
+
+
+def join_refusal(el):
+    """(error type, condition, whether the muc x is echoed) of a presence error."""
+    err = el.find("{jabber:client}error")
+    return (err.get("type") if err is not None else None, el.error_condition, el.find(q(MUC, "x")) is not None)
+
+
+def test_a_refused_join_says_why_as_xep_0045_has_it(xd, gk, alice, pg, db_url):
+    """A join is refused with the condition and type XEP-0045 §7.2 gives,
+    the muc x echoed: no nick, jid-malformed (modify, §7.2.1); a nick over
+    the room's 255 bytes, a valid resourcepart (RFC 7622) the room does not
+    take, not-acceptable (modify: choose another, RFC 6120 §8.3.3.12); a
+    name no group can have, item-not-found (cancel). A nick change to an
+    over-long nick is not-acceptable too, without the x (§7.6), and she
+    stays in under her nick. Nothing is made by a refused join. Until the
+    fifty-second session the over-long nick and the room that cannot be
+    were item-not-found without the x, as if the room were not there."""
+    room = "#longnick@" + COMP
+    rooms = "SELECT count(*) FROM rooms WHERE public_id = 'r_longnick'"
+    for to, want in ((room, ("modify", "jid-malformed", True)),
+                     (room + "/" + "n" * 256, ("modify", "not-acceptable", True)),
+                     ("#" + "a" * 300 + "@" + COMP + "/alice", ("cancel", "item-not-found", True))):
+        start = alice.count()
+        alice.send_presence(to=to, payload=f"<x xmlns='{MUC}'/>")
+        got = alice.wait_for_presence(lambda el: el.get("type") == "error", start=start)
+        assert got.get("from") == to and join_refusal(got) == want, (to, got.xml)
+        if want[1] == "not-acceptable":
+            assert "255 bytes" in got.find("{jabber:client}error").findtext(
+                "{urn:ietf:params:xml:ns:xmpp-stanzas}text"), got.xml
+        assert pg.psql(rooms, db_url) == "0"
+    # 255 bytes are a nick; a change to 256 is refused, and she stays.
+    nick = "n" * 255
+    start = alice.count()
+    alice.send_presence(to=f"{room}/{nick}", payload=f"<x xmlns='{MUC}'/>")
+    alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+    start = alice.count()
+    alice.send_presence(to=f"{room}/{nick}n")
+    got = alice.wait_for_presence(lambda el: el.get("type") == "error", start=start)
+    assert got.get("from") == f"{room}/{nick}n" and join_refusal(got) == ("modify", "not-acceptable", False), got.xml
+    assert alice.ping(f"{room}/{nick}") and not alice.ping(f"{room}/{nick}n")
 
 
 def test_a_nick_beginning_with_a_hash_is_refused_on_joining_too(xd, gk, alice, pg, db_url):
