@@ -8846,7 +8846,7 @@ def test_the_bots_looks_for_work_are_not_planned_at_each_round(make_daemon, pg_p
     5-7 ms of the database's CPU a round under load (docs/performance.md)."""
     db_url = pg_planned.new_database("t_bot_looks_planned")
     start_mx(make_daemon, db_url, hs)
-    looks = {"inbox": "SELECT id, event::text FROM matrix_bot_inbox",
+    looks = {"inbox": "SELECT id, event::text, attempts FROM matrix_bot_inbox",
              "requests": "SELECT q.id, mr.room_id, ri.uri",
              "expiries": "SELECT a.id, mr.room_id, ri.uri",
              "dead letters": "WITH d AS (SELECT o.id, o.destination, o.attempts",
