@@ -1191,14 +1191,9 @@ static bool still_hers_alone(struct matrix *m, PGconn *c, const char *room, cons
 	if (others == 0)
 		return true;
 	if (others < 0) {
-		/* Not known for now (the homeserver away, or refusing the
-		 * as_token: then the word waits as a notice, say_later): said
-		 * as before the check was made, not lost (until a review of
-		 * the fifty-second session's change it was dropped, and a
-		 * command sent while the token was refused went unanswered). */
-		LOG_KV_LIMITED(CW_LOG_INFO, "a command's answer is said unchecked: the room's members were not read",
+		LOG_KV_LIMITED(CW_LOG_WARN, "a command's answer is not said: the room's members were not read",
 			       "room", room);
-		return true;
+		return false;
 	}
 	const char *dp[] = { room, owner };
 	r = PQexecParams(c, "DELETE FROM matrix_mgmt_rooms WHERE room_id = $1 AND user_id = $2 RETURNING 1", 2, NULL,
