@@ -412,7 +412,13 @@ static bool local_identity(struct matrix *m, PGconn *c, const char *mxid, char *
  * did not take for now is queued (say_later) with the same transaction
  * id (since the thirty-second session; before, the row's own: a command
  * run again after a crash before its mark was answered twice). */
-static bool still_hers_alone(struct matrix *m, PGconn *c, const char *room, const char *txn);
+static int hers_alone(struct matrix *m, PGconn *c, const char *room, const char *txn);
+
+/* hers_alone's 1: the answer may be said. */
+static bool still_hers_alone(struct matrix *m, PGconn *c, const char *room, const char *txn)
+{
+	return hers_alone(m, c, room, txn) == 1;
+}
 
 static void answer(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *text)
 {
@@ -1166,8 +1172,13 @@ static bool intruded(struct matrix *m, PGconn *c, const char *room, const char *
  * answer is not said.  A room that is hers no more (left, moved, ended
  * meanwhile: the bot has left it) gets no answer either; nor does one
  * whose members the homeserver did not give, or whose owner the database
- * did not (logged: her command was carried out, and she may ask again). */
-static bool still_hers_alone(struct matrix *m, PGconn *c, const char *room, const char *txn)
+ * did not (logged: her command was carried out, and she may ask again).
+ *
+ * 1: hers alone; 0: no management room (still_hers_alone says nothing
+ * there; a queued notice, a word of another room, is sent: notices);
+ * -1: someone else was in it (ended as said); -2: not known for now (the
+ * database or the homeserver did not answer). */
+static int hers_alone(struct matrix *m, PGconn *c, const char *room, const char *txn)
 {
 	const char *p[] = { room };
 	PGresult *r = PQexecParams(c, "SELECT user_id FROM matrix_mgmt_rooms WHERE room_id = $1", 1, NULL, p, NULL,
@@ -1176,24 +1187,24 @@ static bool still_hers_alone(struct matrix *m, PGconn *c, const char *room, cons
 	if (store_check(c, r, PGRES_TUPLES_OK, &e)) {
 		LOG_KV_LIMITED(CW_LOG_WARN, "a command's answer is not said: whose room it is was not read", "room",
 			       room, "detail", e.msg);
-		return false;
+		return -2;
 	}
 	if (PQntuples(r) != 1) {
 		PQclear(r);
 		LOG_KV_LIMITED(CW_LOG_INFO, "a command's answer is not said: the room is no management room now",
 			       "room", room);
-		return false;
+		return 0;
 	}
 	char owner[MX_ID_MAX + 1];
 	snprintf(owner, sizeof(owner), "%s", PQgetvalue(r, 0, 0));
 	PQclear(r);
 	int others = others_in(m, room, NULL, owner);
 	if (others == 0)
-		return true;
+		return 1;
 	if (others < 0) {
 		LOG_KV_LIMITED(CW_LOG_WARN, "a command's answer is not said: the room's members were not read",
 			       "room", room);
-		return false;
+		return -2;
 	}
 	const char *dp[] = { room, owner };
 	r = PQexecParams(c, "DELETE FROM matrix_mgmt_rooms WHERE room_id = $1 AND user_id = $2 RETURNING 1", 2, NULL,
@@ -1205,7 +1216,7 @@ static bool still_hers_alone(struct matrix *m, PGconn *c, const char *room, cons
 	PQclear(r);
 	if (was)
 		intruder_words(m, c, room, txn);
-	return false;
+	return -1;
 }
 
 /* The ghost says why it goes (a notice), and leaves the room; the word's
@@ -1361,8 +1372,19 @@ static void notices(struct matrix *m, PGconn *c)
 			snprintf(txn, sizeof(txn), "cwnotice-%s", id);
 		else
 			snprintf(txn, sizeof(txn), "%s", PQgetvalue(r, i, 5));
+		/* A word of the bot's in a management room (a report's answer,
+		 * a command's answer the homeserver did not take at once, an
+		 * expiry) is said only while the room is still hers alone, as
+		 * a command's answer is (hers_alone): one queued before
+		 * someone else came in would be said to them, their member
+		 * event not handled yet (until the fifty-second session it
+		 * was).  Someone else there: the room is ended, and the row
+		 * done, unsaid; not known for now: tried again later.  A word
+		 * the bot leaves after (then_leave: to an intruder, to a room
+		 * it moved from) is for whoever is there. */
+		int alone = !user && PQgetvalue(r, i, 6)[0] != 't' ? hers_alone(m, c, room, txn) : 1;
 		long status = 0, wait = 0;
-		bool sent = say_txn(m, room, user, PQgetvalue(r, i, 2), txn, &status, &wait);
+		bool sent = alone >= 0 && say_txn(m, room, user, PQgetvalue(r, i, 2), txn, &status, &wait);
 		if (!sent && status == 429 && !stale) {
 			/* this row and the batch's later ones of its sender, due
 			 * when it asks (a stale one among them is given up at its
@@ -1413,10 +1435,13 @@ static void notices(struct matrix *m, PGconn *c)
 				       "tried again later", "detail", e.msg);
 			break;
 		}
-		bool refused = !sent && (status == 403 || status == 404);
+		bool refused = !sent && (status == 403 || status == 404 || alone == -1);
 		if (!sent && !refused && !stale)
 			hold_room(c, r, i, n_rows, given_back);
-		if (refused)
+		if (alone == -1)
+			LOG_KV_LIMITED(CW_LOG_INFO, "a notice is not said: someone else came into the management room",
+				       "room", room);
+		else if (refused)
 			LOG_KV_LIMITED(CW_LOG_WARN, "a notice for a Matrix user is given up: the homeserver refuses it",
 				       "room", room);
 		else if (!sent && stale)
@@ -2544,6 +2569,19 @@ static void requests(struct matrix *m, PGconn *c, int64_t *after_us)
 			 PQgetvalue(r, i, 2), PQgetvalue(r, i, 2));
 		char txn[48];
 		snprintf(txn, sizeof(txn), "cwreq-%s", PQgetvalue(r, i, 0));
+		/* Shown only while the room is still hers alone (hers_alone,
+		 * as a command's answer): someone else come in, their member
+		 * event not handled yet, would read it (until the fifty-second
+		 * session they did).  Ended so, or no management room now,
+		 * the request waits for her next one, as the batch's others
+		 * of the room do; not known for now: tried again later. */
+		int alone = hers_alone(m, c, PQgetvalue(r, i, 1), txn);
+		if (alone != 1) {
+			refused[i] = true;
+			if (alone == -2 && cw_now_us() + 30 * 1000000LL > *after_us)
+				*after_us = cw_now_us() + 30 * 1000000LL;
+			continue;
+		}
 		long status, wait;
 		if (!say_txn(m, PQgetvalue(r, i, 1), NULL, text, txn, &status, &wait)) {
 			if ((status == 403 || status == 404) && mx_bot_taken(m)) {

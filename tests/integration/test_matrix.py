@@ -8224,6 +8224,53 @@ def test_a_command_queued_before_someone_else_came_in_is_not_answered_to_them(mx
     assert pg.psql("SELECT count(*) FROM matrix_mgmt_rooms", db_url) == "0"
 
 
+def test_a_queued_notice_is_not_said_to_someone_else_who_came_in(mx, hs, gk, pg, db_url):
+    """alice's "list" is answered, but the homeserver does not take the
+    answer for now (a 503): it is queued (matrix_notices), as a report's
+    answer always is, and sent by the bot's notices.  bob is invited
+    before it goes out, his member event not pushed to the bot yet:
+    until the fifty-second session the queued answer (her consent list)
+    was said to him.  Now the bot, about to send it, finds him there,
+    says what it says to an intruder, leaves, and forgets the room; the
+    list is not said."""
+    bot = "@_cw_bot:example.org"
+    consent_alice(mx)
+    alice, mgmt, said = alice_and_the_bot(hs)
+    hs.create_user("bob")
+    refusing = [True]
+    refused = []
+
+    def refuse(method, path, user):
+        if refusing[0] and method == "PUT" and "/send/m.room.message/" in path and user == bot:
+            refused.append(path)
+            return True
+        return False
+
+    hs.refuse = refuse
+    try:
+        alice.send_text(mgmt, "list")
+        wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_notices WHERE room_id = '%s' AND done_at IS NULL"
+                                   % mgmt, db_url) == "1", what="her list's answer queued")
+        hs.stop_pushing()
+        try:
+            alice.invite(mgmt, "@bob:example.org")
+            refusing[0] = False
+            wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_notices WHERE room_id = '%s' "
+                                       "AND done_at IS NULL" % mgmt, db_url) == "0",
+                       timeout=30, what="her list's queued answer done with")
+        finally:
+            hs.resume_pushing()
+    finally:
+        hs.refuse = None
+    assert refused
+    wait_until(lambda: hs.members(mgmt).get(bot) == "leave", what="the bot leaving")
+    time.sleep(1)  # bob's member event handled too
+    words = said()
+    assert not any("mimi://wa.example/u/wally" in w or "opted in" in w for w in words), words
+    assert len(words) == 2 and "Someone else is in this room now" in words[1], words
+    assert pg.psql("SELECT count(*) FROM matrix_mgmt_rooms", db_url) == "0"
+
+
 def test_the_bots_refused_leave_of_a_management_room_she_left_is_tried_again(mx, hs, pg, db_url):
     """alice leaves her management room: the bot forgets it and leaves too.
     A leave the homeserver did not take for now (a 503, twice here) is
