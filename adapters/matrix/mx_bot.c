@@ -414,16 +414,25 @@ static bool local_identity(struct matrix *m, PGconn *c, const char *mxid, char *
  * run again after a crash before its mark was answered twice). */
 static int hers_alone(struct matrix *m, PGconn *c, const char *room, const char *txn);
 
-/* hers_alone's 1: the answer may be said. */
-static bool still_hers_alone(struct matrix *m, PGconn *c, const char *room, const char *txn)
-{
-	return hers_alone(m, c, room, txn) == 1;
-}
-
 static void answer(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *text)
 {
-	if (still_hers_alone(m, c, room, txn))
+	int alone = hers_alone(m, c, room, txn);
+	if (alone == 1) {
 		say_as(m, c, room, NULL, text, txn);
+	} else if (alone == -2) {
+		/* not known for now: queued, looked at again when sent
+		 * (notices) */
+		const char *p[] = { room, text, m->bot, txn };
+		cw_errmsg e;
+		cw_err rc = store_command(c, "INSERT INTO matrix_notices (room_id, body, sender, txn_id, next_at) "
+					     "VALUES ($1, $2, $3, $4, now() + interval '2 seconds') ON CONFLICT DO NOTHING",
+					  4, p, &e);
+		if (!rc)
+			rc = store_command(c, "NOTIFY causeway_matrix_bot", 0, NULL, &e);
+		if (rc)
+			LOG_KV_LIMITED(CW_LOG_WARN, "a command's answer is lost: the database did not take it", "room",
+				       room, "detail", e.msg);
+	}
 }
 
 /* The user's pending requests, decisions, opt-ins and the remote users
@@ -960,14 +969,26 @@ static json_t *room_get(struct matrix *m, const char *room, const char *what, co
  * the homeserver did not answer for now (ask again later).  A refusal
  * to say counts as yes (a room is bridged only when it is known to be
  * one user's). */
+static int others_in_st(struct matrix *m, const char *room, const char *ghost, const char *user, long *refused);
+
 static int others_in(struct matrix *m, const char *room, const char *ghost, const char *user)
+{
+	long refused;
+	return others_in_st(m, room, ghost, user, &refused);
+}
+
+/* others_in, with *refused the homeserver's status when it did not say
+ * (0 when it did). */
+static int others_in_st(struct matrix *m, const char *room, const char *ghost, const char *user, long *refused)
 {
 	long status;
 	json_t *answer = NULL;
+	*refused = 0;
 	cw_errmsg e;
 	if (mx_room_call(m, "GET", room, ghost, "members", "not_membership=leave", NULL, &status, &answer, &e)) {
 		LOG_KV_LIMITED(CW_LOG_WARN, "cannot read a room", "room", room, "what", "members", "detail", e.msg);
 		json_decref(answer);
+		*refused = status;
 		return mx_for_now(status) ? -1 : 1;
 	}
 	int others = !json_is_array(json_object_get(answer, "chunk"));
@@ -1171,11 +1192,13 @@ static bool intruded(struct matrix *m, PGconn *c, const char *room, const char *
  * forgets it; the later member event finds no management room), and the
  * answer is not said.  A room that is hers no more (left, moved, ended
  * meanwhile: the bot has left it) gets no answer either; nor does one
- * whose members the homeserver did not give, or whose owner the database
- * did not (logged: her command was carried out, and she may ask again).
+ * whose owner the database did not give (logged: her command was carried
+ * out, and she may ask again).  One whose members the homeserver did not
+ * give for now is queued, and looked at again when sent (answer,
+ * notices).
  *
- * 1: hers alone; 0: no management room (still_hers_alone says nothing
- * there; a queued notice, a word of another room, is sent: notices);
+ * 1: hers alone; 0: no management room (answer says nothing there; a
+ * queued notice, a word of another room, is sent: notices);
  * -1: someone else was in it (ended as said); -2: not known for now (the
  * database or the homeserver did not answer). */
 static int hers_alone(struct matrix *m, PGconn *c, const char *room, const char *txn)
@@ -1198,8 +1221,15 @@ static int hers_alone(struct matrix *m, PGconn *c, const char *room, const char 
 	char owner[MX_ID_MAX + 1];
 	snprintf(owner, sizeof(owner), "%s", PQgetvalue(r, 0, 0));
 	PQclear(r);
-	int others = others_in(m, room, NULL, owner);
-	if (others == 0)
+	long refused;
+	int others = others_in_st(m, room, NULL, owner, &refused);
+	/* The members not given because the homeserver refuses the bot (a
+	 * 403, a 404: out of the room, or refused everywhere; a 401: the
+	 * as_token refused) is no one else in it: the word is sent, and
+	 * its send refused as well, handled as such a refusal is (queued
+	 * for the as_token, the room ended only where the homeserver takes
+	 * the bot elsewhere: mgmt_room_refuses). */
+	if (others == 0 || refused == 401 || refused == 403 || refused == 404)
 		return 1;
 	if (others < 0) {
 		LOG_KV_LIMITED(CW_LOG_WARN, "a command's answer is not said: the room's members were not read",
