@@ -1035,6 +1035,22 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 	if (!local_identity(m, c, sender, local_id, sizeof(local_id), uri, sizeof(uri)))
 		return false;
 	cw_errmsg e;
+	/* An invitation of the bot is a command (command_allowed's bucket,
+	 * her localpart's): each is answered (the help, or why the room is
+	 * none of hers), and takes the management room from the one she had,
+	 * which is told so and left.  Past her limit it is declined, and
+	 * nothing said: until the fifty-second session a user who invited
+	 * the bot again and again (kicking it, opening new direct rooms with
+	 * it) had a join, a help and a "moved" notice for each, uncounted. */
+	char localpart[MX_ID_MAX + 1], server[MX_ID_MAX + 1];
+	if (mx_user_id_parse(sender, localpart, sizeof(localpart), server, sizeof(server)) &&
+	    !policy_user_command_allowed(m->app->policy, m->app->limits, localpart, NULL)) {
+		LOG_KV_LIMITED(CW_LOG_INFO, "an invitation of the bot past the user's commands limit is declined", "user",
+			       sender);
+		if (mx_room_action(m, room, NULL, "leave", &e))
+			LOG_KV_LIMITED(CW_LOG_WARN, "the bot cannot decline an invitation", "room", room, "detail", e.msg);
+		return false;
+	}
 	long status;
 	if (mx_room_post(m, room, NULL, "join", json_object(), &status, &e)) {
 		LOG_KV_LIMITED(CW_LOG_WARN, "the bot cannot join", "room", room, "detail", e.msg);

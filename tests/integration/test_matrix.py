@@ -2194,6 +2194,38 @@ def test_every_command_to_the_bot_is_limited_and_the_limit_told_once(mx, hs, gk,
     assert bot_answer(bob_said, lambda: bob.send_text(bob_mgmt, "list")).startswith("Nothing yet")
 
 
+def test_invitations_of_the_bot_are_limited_as_commands(mx, hs, pg, db_url):
+    """Each invitation of the bot is answered (its help in the new room, a
+    "moved" notice in the one she had, which it leaves): it takes a token
+    of her commands bucket (here 31 a minute), and past it is declined,
+    nothing said. Until the fifty-second session a user opening room after
+    room with the bot (or kicking it and inviting it again) had a join, a
+    help and a notice for each, uncounted."""
+    bot = "@_cw_bot:example.org"
+    assert mx.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 1}).ok
+    alice, first, _ = alice_and_the_bot(hs)  # one token
+    start = time.monotonic()
+    rooms = [alice.create_dm(bot) for _ in range(40)]
+    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_bot_inbox WHERE handled_at IS NULL", db_url) == "0",
+               timeout=60, what="every invitation handled")
+    elapsed = time.monotonic() - start
+    time.sleep(1)  # any notice still on its way
+
+    def bot_said(room):
+        return [e["content"]["body"] for e in hs.events(room) if e["type"] == "m.room.message"
+                and e["sender"] == bot]
+
+    helps = sum(1 for r in rooms if any("Commands" in w for w in bot_said(r)))
+    declined = [r for r in rooms if hs.members(r).get(bot) == "leave" and not bot_said(r)]
+    # 30 tokens left at once, then one every 60/31 s at most
+    assert 30 <= helps <= 30 + elapsed * 31 / 60 + 1, (helps, elapsed)
+    assert len(declined) == 40 - helps, (len(declined), helps)
+    # the room that took the management room last is hers, and answers
+    last = pg.psql("SELECT room_id FROM matrix_mgmt_rooms", db_url)
+    assert last in rooms and last not in declined
+    assert not any(hs.members(r).get(bot) == "join" for r in rooms + [first] if r != last)
+
+
 def test_what_the_bot_quotes_of_a_command_is_shown_safe(mx, hs, gk, pg, db_url):
     """An answer that quotes what the user typed (here "I know no network
     ...") writes each control character, bidirectional control or mark
