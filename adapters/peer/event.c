@@ -659,7 +659,7 @@ static const char *skip_ows(const char *s)
  * fifty-second session a type and a subtype were any RFC 9110 tokens
  * ("image/x-'or'1", "*" + "/" + "*", a name of 249 bytes) and no
  * parameter was taken ("text/plain; charset=utf-8" was refused). */
-static bool content_type_valid(const char *s)
+bool event_content_type_valid(const char *s)
 {
 	const char *p;
 	if (!restricted_name(s, &p) || *p != '/' || !restricted_name(p + 1, &p))
@@ -762,7 +762,7 @@ static cw_err check_attachment(struct vctx *c, json_t *a, struct event *ev)
 	cw_err rc = string_member(c, a, "content_type", M_REQUIRED, SIZE_MAX, &s);
 	if (rc)
 		return rc;
-	if (strlen(s) > EVENT_CONTENT_TYPE_MAX || (!c->stored && !content_type_valid(s))) {
+	if (strlen(s) > EVENT_CONTENT_TYPE_MAX || (!c->stored && !event_content_type_valid(s))) {
 		jptr_push(&c->ptr, "content_type");
 		return vfail(c, EVENT_ERR_INVALID,
 			     "content_type must be a media type: type/subtype (RFC 6838: letters, digits, !#$&-^_.+, "

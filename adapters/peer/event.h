@@ -125,6 +125,9 @@ struct event_limits event_limits_default(void);
  * '/', '\\', control characters (C0, DEL, C1) or bidirectional controls
  * (cw_utf8_has_bidi_control: since the thirtieth session), not "." or "..". */
 bool event_filename_valid(const char *s);
+/* Whether s is a content_type the peer API takes (RFC 6838 names, RFC 9110
+ * parameters): what an adapter maps in must be one. */
+bool event_content_type_valid(const char *s);
 /* An attachment's url as event_parse takes it: https:// or mxc://, a
  * host, visible ASCII, no user or password, at most EVENT_URL_MAX bytes
  * (what an adapter makes an attachment of, a local user's link). */
