@@ -159,6 +159,29 @@ static int notices_waiting(PGconn *c, const char *room)
 	return n;
 }
 
+/* Queues text, said in room as user (NULL: the bot) with transaction id
+ * txn, due in after_ms (the bot's thread sends it: notices; leave: the
+ * sender leaves the room once it is said): false when the database did
+ * not take it (logged: the word is lost). */
+static bool queue_word(struct matrix *m, PGconn *c, const char *room, const char *user, const char *text,
+		       const char *txn, bool leave, long after_ms)
+{
+	char ms[24];
+	snprintf(ms, sizeof(ms), "%ld", after_ms);
+	const char *p[] = { room, text, user ? user : m->bot, txn, leave ? "t" : "f", ms };
+	cw_errmsg e;
+	cw_err rc = store_command(c,
+		"INSERT INTO matrix_notices (room_id, body, sender, txn_id, then_leave, next_at) "
+		"VALUES ($1, $2, $3, $4, $5::boolean, now() + $6::bigint * interval '1 millisecond') "
+		"ON CONFLICT DO NOTHING", 6, p, &e);
+	if (!rc)
+		rc = store_command(c, "NOTIFY causeway_matrix_bot", 0, NULL, &e);
+	if (rc)
+		LOG_KV_LIMITED(CW_LOG_WARN, "a notice the homeserver did not take is lost: the database did not take it",
+			       "room", room, "detail", e.msg);
+	return !rc;
+}
+
 /* Says text in room as user (NULL: the bot), with transaction id txn
  * (made from what it answers: txn_for, a command's).  What the homeserver
  * does not take for now (a 429, a 5xx, no answer) is queued
@@ -179,22 +202,7 @@ static bool say_later(struct matrix *m, PGconn *c, const char *room, const char 
 	int queued = notices_waiting(c, room);
 	if (queued == 0 && (say_txn(m, room, user, text, txn, &status, &wait) || !mx_for_now(status)))
 		return true;
-	char ms[24];
-	snprintf(ms, sizeof(ms), "%ld", queued ? 0L : status == 429 ? wait : 2000L);
-	const char *p[] = { room, text, user ? user : m->bot, txn, leave ? "t" : "f", ms };
-	cw_errmsg e;
-	cw_err rc = store_command(c,
-		"INSERT INTO matrix_notices (room_id, body, sender, txn_id, then_leave, next_at) "
-		"VALUES ($1, $2, $3, $4, $5::boolean, now() + $6::bigint * interval '1 millisecond') "
-		"ON CONFLICT DO NOTHING", 6, p, &e);
-	if (!rc)
-		rc = store_command(c, "NOTIFY causeway_matrix_bot", 0, NULL, &e);
-	if (rc) {
-		LOG_KV_LIMITED(CW_LOG_WARN, "a notice the homeserver did not take is lost: the database did not take it",
-			       "room", room, "detail", e.msg);
-		return true;
-	}
-	return false;
+	return !queue_word(m, c, room, user, text, txn, leave, queued ? 0L : status == 429 ? wait : 2000L);
 }
 
 static void say_as(struct matrix *m, PGconn *c, const char *room, const char *user, const char *text,
@@ -422,16 +430,7 @@ static void answer(struct matrix *m, PGconn *c, const char *room, const char *tx
 	} else if (alone == -2) {
 		/* not known for now: queued, looked at again when sent
 		 * (notices) */
-		const char *p[] = { room, text, m->bot, txn };
-		cw_errmsg e;
-		cw_err rc = store_command(c, "INSERT INTO matrix_notices (room_id, body, sender, txn_id, next_at) "
-					     "VALUES ($1, $2, $3, $4, now() + interval '2 seconds') ON CONFLICT DO NOTHING",
-					  4, p, &e);
-		if (!rc)
-			rc = store_command(c, "NOTIFY causeway_matrix_bot", 0, NULL, &e);
-		if (rc)
-			LOG_KV_LIMITED(CW_LOG_WARN, "a command's answer is lost: the database did not take it", "room",
-				       room, "detail", e.msg);
+		queue_word(m, c, room, NULL, text, txn, false, 2000L);
 	}
 }
 

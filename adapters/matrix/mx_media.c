@@ -204,12 +204,11 @@ static cw_err upload(struct matrix *m, const char *ghost, const struct media_blo
 	const char *uri = json_string_value(json_object_get(j, "content_uri"));
 	const char *code = json_string_value(json_object_get(j, "errcode"));
 	*too_large = *status == 413 || (*status != 200 && code && strcmp(code, "M_TOO_LARGE") == 0);
-	if (*status == 429)
+	if (*status == 429) {
 		*limited_ms = mx_limit_wait_ms(h, j);
-	if (*status == 429)
 		rc = cw_fail(e, CW_EIO, "homeserver rate limit on the upload (429 %s): retry after %ld ms",
 			     code ? code : "", *limited_ms);
-	else if (*status != 200)
+	} else if (*status != 200)
 		rc = cw_fail(e, CW_EIO, "homeserver answered the upload %ld %s", *status, code ? code : "");
 	else if (!uri || !mx_mxc_parse(uri, NULL, 0, NULL) || strlen(uri) >= len)
 		rc = cw_fail(e, CW_EIO, "homeserver answered the upload without a valid content_uri");
