@@ -1163,10 +1163,23 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 }
 
 /* The bot's word to her when someone else is in her management room
- * (ended: its row gone), and its leave; eid names what it answers. */
+ * (ended: its row gone), and its leave; eid names what it answers.  The
+ * bot's words still queued for her there (a command's or a report's
+ * answer the homeserver did not take at once, an expiry) are done with
+ * first, unsaid: once the room is no management room, notices can no
+ * longer tell them from a word of another room (hers_alone's 0), and
+ * said them to whoever came in, before the bot's leave queued behind
+ * them (until the fifty-third session's review: the fifty-second's check
+ * held back only the word being sent when the intruder was found). */
 static void intruder_words(struct matrix *m, PGconn *c, const char *room, const char *eid)
 {
 	LOG_KV_LIMITED(CW_LOG_INFO, "someone else came into a management room: the bot leaves it", "room", room);
+	const char *qp[] = { room, m->bot };
+	cw_errmsg qe;
+	if (store_command(c, "UPDATE matrix_notices SET done_at = now(), next_at = 'infinity' WHERE room_id = $1 "
+			     "AND done_at IS NULL AND NOT then_leave AND (sender IS NULL OR sender = $2)", 2, qp, &qe))
+		LOG_KV(CW_LOG_WARN, "cannot drop the bot's words queued for a management room someone else came into",
+		       "room", room, "detail", qe.msg);
 	char txn[48];
 	txn_for(txn, sizeof(txn), "intruded", eid, room);
 	says_and_leaves(m, c, room, NULL, "Someone else is in this room now, and what I show here (who wants to reach "
@@ -1483,9 +1496,17 @@ static void notices(struct matrix *m, PGconn *c)
 		bool refused = !sent && (status == 403 || status == 404 || alone == -1);
 		if (!sent && !refused && !stale)
 			hold_room(c, r, i, n_rows, given_back);
-		if (alone == -1)
+		if (alone == -1) {
 			LOG_KV_LIMITED(CW_LOG_INFO, "a notice is not said: someone else came into the management room",
 				       "room", room);
+			/* the batch's later words of the bot's for her there:
+			 * done with, unsaid (intruder_words), not to be sent
+			 * as words of a room that is no management room */
+			for (int k = i + 1; k < n_rows && k < BOT_BATCH; k++)
+				if (!notice_sender(m, r, k) && PQgetvalue(r, k, 6)[0] != 't' &&
+				    strcmp(PQgetvalue(r, k, 1), room) == 0)
+					given_back[k] = true;
+		}
 		else if (refused)
 			LOG_KV_LIMITED(CW_LOG_WARN, "a notice for a Matrix user is given up: the homeserver refuses it",
 				       "room", room);

@@ -8303,6 +8303,63 @@ def test_a_queued_notice_is_not_said_to_someone_else_who_came_in(mx, hs, gk, pg,
     assert pg.psql("SELECT count(*) FROM matrix_mgmt_rooms", db_url) == "0"
 
 
+@pytest.mark.parametrize("found_by", ["member_event", "notices"])
+def test_none_of_the_bots_queued_words_is_said_to_someone_else_who_came_in(mx, hs, gk, pg, db_url, found_by):
+    """Two answers of alice's commands are queued (the homeserver does not
+    take them for now), and bob comes in before they go out.  Whether the
+    bot finds him by his member event (the room ended before the answers'
+    turn) or when it is about to send the first answer (his member event
+    not pushed yet), neither answer is said to him: the bot's words still
+    queued for her there are done with, unsaid, when the room ends.  Until
+    the fifty-third session's review only the word being sent when he was
+    found was held back: the room no management room any more, the others
+    went out as words of another room, before the bot's leave queued
+    behind them."""
+    bot = "@_cw_bot:example.org"
+    consent_alice(mx)
+    alice, mgmt, said = alice_and_the_bot(hs)
+    hs.create_user("bob")
+    refusing = [True]
+    refused = []
+
+    def refuse(method, path, user):
+        if refusing[0] and method == "PUT" and "/send/m.room.message/" in path and user == bot:
+            refused.append(path)
+            return True
+        return False
+
+    queued = "SELECT count(*) FROM matrix_notices WHERE room_id = '%s' AND done_at IS NULL" % mgmt
+    hs.refuse = refuse
+    try:
+        alice.send_text(mgmt, "list")
+        wait_until(lambda: pg.psql(queued, db_url) == "1", what="her first list's answer queued")
+        alice.send_text(mgmt, "list")
+        wait_until(lambda: pg.psql(queued, db_url) == "2", what="her second list's answer queued")
+        if found_by == "member_event":
+            alice.invite(mgmt, "@bob:example.org")
+            wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_mgmt_rooms", db_url) == "0",
+                       what="the room ended by bob's member event")
+            refusing[0] = False
+            wait_until(lambda: hs.members(mgmt).get(bot) == "leave", timeout=60, what="the bot leaving")
+        else:
+            hs.stop_pushing()
+            try:
+                alice.invite(mgmt, "@bob:example.org")
+                refusing[0] = False
+                wait_until(lambda: hs.members(mgmt).get(bot) == "leave", timeout=60, what="the bot leaving")
+            finally:
+                hs.resume_pushing()
+    finally:
+        hs.refuse = None
+    assert refused
+    time.sleep(1)  # bob's member event handled too
+    words = said()
+    assert not any("mimi://wa.example/u/wally" in w or "opted in" in w for w in words), words
+    assert len(words) == 2 and "Someone else is in this room now" in words[1], words
+    assert pg.psql(queued, db_url) == "0"
+    assert pg.psql("SELECT count(*) FROM matrix_mgmt_rooms", db_url) == "0"
+
+
 def test_the_bots_refused_leave_of_a_management_room_she_left_is_tried_again(mx, hs, pg, db_url):
     """alice leaves her management room: the bot forgets it and leaves too.
     A leave the homeserver did not take for now (a 503, twice here) is
