@@ -49,10 +49,6 @@ static bool form_value(xmpp_stanza_t *x, const char *var, char *out, size_t len)
 	return true;
 }
 
-/* The refusal of a jid with a zero-width character within it (none is
- * left at its ends: form_value), naming the first, or NULL when it has
- * none.  It would be refused anyway (no address has one), as "... is not
- * a contact" with the character unseen in the text. */
 /* Whether jid holds what cw_utf8_display_control names, or is no UTF-8. */
 static bool display_control_in(const char *jid)
 {
@@ -65,6 +61,10 @@ static bool display_control_in(const char *jid)
 	return false;
 }
 
+/* The refusal of a jid with a zero-width character within it (none is
+ * left at its ends: form_value), naming the first, or NULL when it has
+ * none.  It would be refused anyway (no address has one), as "... is not
+ * a contact" with the character unseen in the text. */
 static const char *zero_width_in(const char *jid)
 {
 	static const struct {
