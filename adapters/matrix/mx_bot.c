@@ -427,6 +427,9 @@ static void answer(struct matrix *m, PGconn *c, const char *room, const char *tx
 	int alone = hers_alone(m, c, room, txn);
 	if (alone == 1) {
 		say_as(m, c, room, NULL, text, txn);
+	} else if (alone == 0) {
+		LOG_KV_LIMITED(CW_LOG_INFO, "a command's answer is not said: the room is no management room now",
+			       "room", room);
 	} else if (alone == -2) {
 		/* not known for now: queued, looked at again when sent
 		 * (notices) */
@@ -1240,10 +1243,8 @@ static int hers_alone(struct matrix *m, PGconn *c, const char *room, const char 
 			       room, "detail", e.msg);
 		return -2;
 	}
-	if (PQntuples(r) != 1) {
+	if (PQntuples(r) != 1) { /* no log here: for notices, a word of another room, said (answer logs) */
 		PQclear(r);
-		LOG_KV_LIMITED(CW_LOG_INFO, "a command's answer is not said: the room is no management room now",
-			       "room", room);
 		return 0;
 	}
 	char owner[MX_ID_MAX + 1];

@@ -4600,6 +4600,48 @@ def test_a_groups_room_turned_encrypted_gets_the_bots_notice(mx, hs, gk, pg, db_
                            for e in hs.events(room)), what="the bot's notice")
 
 
+def test_a_queued_word_of_the_bot_in_a_groups_room_is_said_without_a_false_log_line(mx, hs, gk, pg, db_url):
+    """The bot's word in a group's room (its notice that the room is now
+    encrypted) which the homeserver did not take at once is queued and said
+    by the bot's notices, which look first whether the room is a management
+    room still hers alone (hers_alone): it is none, and the word is said.
+    Until the fifty-third session's review that look logged "a command's
+    answer is not said: the room is no management room now" for each such
+    word, which was said; only a command's answer in a room that is no
+    management room now logs it."""
+    a, _ = gk
+    bot = "@_cw_bot:example.org"
+    consent_alice(mx)
+    consent_alice(mx, "mimi://wa.example/u/bob")
+    a.create_room([a.user("bob"), "mimi://example.org/u/someone"])  # the peer introduced bob
+    alice, room, _ = alice_writes_to_wally(hs, a)
+    alice.invite(room, "@_cw_gk_bob:example.org")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_portal_members", db_url) == "2", what="a group")
+    wait_until(lambda: hs.members(room).get(bot) == "join", what="the bot in")
+    refused = []
+
+    def refuse(method, path, user):
+        if not refused and method == "PUT" and "/send/m.room.message/" in path and user == bot:
+            refused.append(path)
+            return True
+        return False
+
+    start = len(mx.records)
+    hs.refuse = refuse
+    try:
+        alice.state(room, "m.room.encryption", {"algorithm": "m.megolm.v1.aes-sha2"})
+        wait_until(lambda: any(e["sender"] == bot and "group's room is now end-to-end encrypted"
+                               in e["content"].get("body", "") for e in hs.events(room)),
+                   timeout=30, what="the bot's notice, said from the queue")
+    finally:
+        hs.refuse = None
+    assert refused
+    assert pg.psql("SELECT count(*) FROM matrix_notices WHERE room_id = '%s' AND done_at IS NOT NULL" % room,
+                   db_url) == "1"
+    false_lines = [r for r in mx.records[start:] if r.get("msg", "").startswith("a command's answer is not said")]
+    assert not false_lines, false_lines
+
+
 def test_a_direct_room_encrypted_from_its_start_is_not_bridged_in_silence(mx, hs, gk, pg, db_url):
     """Clients on matrix-rust-sdk (Element X) make every direct room with
     m.room.encryption in its initial state: that event comes before any
