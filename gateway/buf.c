@@ -62,6 +62,19 @@ cw_err cw_buf_printf(struct cw_buf *b, const char *fmt, ...)
 	return CW_OK;
 }
 
+void cw_buf_cut(struct cw_buf *b, size_t len)
+{
+	if (len < b->len) {
+		b->len = len;
+		b->p[len] = '\0';
+	}
+}
+
+int cw_buf_json(const char *text, size_t len, void *data)
+{
+	return cw_buf_add(data, text, len) == CW_OK ? 0 : -1;
+}
+
 char *cw_buf_take(struct cw_buf *b, size_t *len)
 {
 	char *p = b->p;

@@ -1,6 +1,7 @@
 /* Signed, batched notify requests to push-mode peers (libcurl). */
 #include "config.h"
 #include "peer_out.h"
+#include "buf.h"
 #include "httpsig.h"
 #include "log.h"
 #include "peer_media.h"
@@ -275,25 +276,20 @@ static void problem_code(const char *body, size_t len, char problem[PROBLEM_CODE
 	json_decref(j);
 }
 
-/* One signed POST of {"events": events} to url (of the peer name): CW_OK on a 2xx, else e
+/* One signed POST of text (len bytes, {"events":[...]}) to url (of the peer name): CW_OK on a 2xx, else e
  * says why, *code holds the status (0: no answer), problem the code of a
  * 4xx's problem ("": none), *wait_s the Retry-After of a 429 or 503 (0:
  * none) and *stopped whether the daemon's stop cut it off. */
-static cw_err post_events(struct peer_out *p, const char *name, const char *url, json_t *events, long *code,
-			  char problem[PROBLEM_CODE_MAX], curl_off_t *wait_s, bool *stopped, cw_errmsg *e)
+static cw_err post_events(struct peer_out *p, const char *name, const char *url, const char *text, size_t len,
+			  long *code, char problem[PROBLEM_CODE_MAX], curl_off_t *wait_s, bool *stopped, cw_errmsg *e)
 {
 	*code = 0;
 	*problem = '\0';
 	*wait_s = 0;
 	*stopped = false;
-	json_t *body = json_pack("{s:O}", "events", events);
-	char *text = body ? json_dumps(body, JSON_COMPACT) : NULL;
-	json_decref(body);
-	if (!text)
-		return cw_fail(e, CW_ENOMEM, "out of memory");
 
 	char digest[HTTPSIG_DIGEST_HEADER_LEN], nonce[32], sig_input[1024], sig[256];
-	httpsig_content_digest(text, strlen(text), digest, sizeof(digest));
+	httpsig_content_digest(text, len, digest, sizeof(digest));
 	unsigned char rnd[16];
 	cw_random(rnd, sizeof(rnd));
 	cw_b64url_encode(nonce, sizeof(nonce), rnd, sizeof(rnd));
@@ -308,7 +304,6 @@ static cw_err post_events(struct peer_out *p, const char *name, const char *url,
 	if (rc) {
 		/* named: until the fiftieth session's review "target URI has
 		 * an invalid byte 0xc3" said neither whose nor which */
-		free(text);
 		return cw_fail(e, rc, "peer %s: the push cannot be signed: %.400s", name, se.msg);
 	}
 	char hd[4][1200];
@@ -322,7 +317,6 @@ static cw_err post_events(struct peer_out *p, const char *name, const char *url,
 	struct handle hh;
 	if (!take_handle(p, &hh)) {
 		curl_slist_free_all(list);
-		free(text);
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	}
 	CURL *cu = hh.e;
@@ -330,7 +324,7 @@ static cw_err post_events(struct peer_out *p, const char *name, const char *url,
 	curl_easy_setopt(cu, CURLOPT_URL, url);
 	curl_easy_setopt(cu, CURLOPT_POST, 1L);
 	curl_easy_setopt(cu, CURLOPT_POSTFIELDS, text);
-	curl_easy_setopt(cu, CURLOPT_POSTFIELDSIZE, (long)strlen(text));
+	curl_easy_setopt(cu, CURLOPT_POSTFIELDSIZE, (long)len);
 	curl_easy_setopt(cu, CURLOPT_HTTPHEADER, list);
 	curl_easy_setopt(cu, CURLOPT_TIMEOUT_MS, p->timeout_ms);
 	curl_easy_setopt(cu, CURLOPT_CONNECTTIMEOUT_MS, p->timeout_ms < 3000 ? p->timeout_ms : 3000L);
@@ -345,7 +339,6 @@ static cw_err post_events(struct peer_out *p, const char *name, const char *url,
 		curl_easy_setopt(cu, CURLOPT_CAINFO, p->app->cfg->ca_file);
 	CURLcode cc = perform(hh, p->app, &ans, stopped);
 	curl_slist_free_all(list);
-	free(text);
 	/* The status is read whatever became of the transfer after it (0: no
 	 * status line came): a 2xx is the peer's acknowledgement, whatever it
 	 * wrote after it, an answer cut off for its size, one whose body
@@ -422,12 +415,44 @@ static bool refusal_of_events(long code, const char *problem)
  * single refused event among 250 rooms takes about 2 x log2(250) = 16. */
 #define ISOLATE_REQUESTS 32
 
+/* Where a row's event is in the text of its batch, as it is sent
+ * (compact JSON, printed once: peer_out_deliver): n == 0 when it is not
+ * sent (a type the peer does not take). */
+struct ev_text {
+	size_t at, n;
+};
+
+/* The body of a push of rows idx[0..k), their events as printed in text:
+ * {"events":[...]} (NULL: out of memory). */
+static char *batch_body(const char *text, const struct ev_text *evs, const size_t *idx, size_t k, size_t *len)
+{
+	static const char head[] = "{\"events\":[", tail[] = "]}";
+	size_t n = sizeof(head) - 1 + sizeof(tail) - 1 + (k ? k - 1 : 0);
+	for (size_t x = 0; x < k; x++)
+		n += evs[idx[x]].n;
+	char *b = malloc(n + 1), *o = b;
+	if (!b)
+		return NULL;
+	memcpy(o, head, sizeof(head) - 1);
+	o += sizeof(head) - 1;
+	for (size_t x = 0; x < k; x++) {
+		if (x > 0)
+			*o++ = ',';
+		memcpy(o, text + evs[idx[x]].at, evs[idx[x]].n);
+		o += evs[idx[x]].n;
+	}
+	memcpy(o, tail, sizeof(tail));
+	*len = n;
+	return b;
+}
+
 /* The search for the refused events of a batch (isolate). */
 struct iso {
 	struct peer_out *p;
 	const char *name, *url;
 	struct outbox_row *rows;
-	json_t **evs;      /* per row: its event as sent, NULL when not sent (a type the peer does not take) */
+	const char *text;  /* the events as printed (peer_out_deliver) */
+	const struct ev_text *evs; /* per row: where its event is in text */
 	int left;          /* requests it may still make */
 	bool halted;       /* a request failed for another reason than its events: no more */
 	long code;         /* the last failure's status, reason and wait */
@@ -465,22 +490,18 @@ static void try_rows(struct iso *s, size_t *idx, size_t k)
 		return;
 	}
 	s->left--;
-	/* A batch short of a row it failed to take (memory) is not sent: a
-	 * 2xx would mark the row left out delivered (until the forty-sixth
-	 * session it was sent so). */
-	json_t *events = json_array();
-	for (size_t x = 0; events && x < k; x++)
-		if (json_array_append(events, s->evs[idx[x]])) {
-			json_decref(events);
-			events = NULL;
-		}
+	/* Joined from the events as printed for the whole batch: none is
+	 * printed again (until the fifty-third session each smaller batch
+	 * printed its events anew). */
+	size_t len;
+	char *text = batch_body(s->text, s->evs, idx, k, &len);
 	long code = 0;
 	char problem[PROBLEM_CODE_MAX] = "";
 	curl_off_t wait_s = 0;
 	cw_errmsg e = { { 0 } };
-	cw_err rc = events ? post_events(s->p, s->name, s->url, events, &code, problem, &wait_s, &s->stopped, &e)
-			   : cw_fail(&e, CW_ENOMEM, "out of memory");
-	json_decref(events);
+	cw_err rc = text ? post_events(s->p, s->name, s->url, text, len, &code, problem, &wait_s, &s->stopped, &e)
+			 : cw_fail(&e, CW_ENOMEM, "out of memory");
+	free(text);
 	if (rc == CW_OK) {
 		for (size_t x = 0; x < k; x++)
 			s->rows[idx[x]].outcome = 1;
@@ -653,45 +674,51 @@ cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct ou
 	PQclear(r);
 
 	cw_err rc = CW_OK;
-	json_t **evs = calloc(n ? n : 1, sizeof(*evs));
+	struct ev_text *evs = calloc(n ? n : 1, sizeof(*evs));
 	size_t *idx = malloc((n ? n : 1) * sizeof(*idx));
-	json_t *events = json_array();
-	if (!evs || !idx || !events) {
+	struct cw_buf text;
+	cw_buf_init(&text, SIZE_MAX);
+	if (!evs || !idx || cw_buf_add(&text, "{\"events\":[", sizeof("{\"events\":[") - 1)) {
 		free(evs);
 		free(idx);
-		json_decref(events);
+		cw_buf_free(&text);
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	}
-	/* The batch's size as it is sent (compact JSON, as post_events makes
-	 * it): the claim's bound (dispatcher_opts.claim_bytes) counts the
-	 * stored events, but a local user's file goes as a link of Causeway's
-	 * (peer_media_offer), longer than its source, and a batch of such
-	 * messages passed server.max_body_bytes, which the peer holds a body
-	 * to as Causeway does (until the fifty-second session: by some 40 %,
-	 * as a pull answer did).  The rows from the one that would pass it on
-	 * are given back untried (outcome 2: pending again, due at once, the
-	 * attempt not counted) for the next batch, in order; the first event
-	 * goes whatever its size. */
-	size_t all = n, batch = sizeof("{\"events\":[]}") - 1,
-	       bound = p->app ? (size_t)p->app->cfg->max_body_bytes : 1024 * 1024;
+	/* The batch as it is sent (compact JSON), each event printed once,
+	 * straight into it: the claim's bound (dispatcher_opts.claim_bytes)
+	 * counts the stored events, but a local user's file goes as a link of
+	 * Causeway's (peer_media_offer), longer than its source, and a batch
+	 * of such messages passed server.max_body_bytes, which the peer holds
+	 * a body to as Causeway does (until the fifty-second session: by some
+	 * 40 %, as a pull answer did).  The bound is of these bytes, the
+	 * batch's "]}" counted in; the event that would pass it is cut off
+	 * again, and the rows from it on are given back untried (outcome 2:
+	 * pending again, due at once, the attempt not counted) for the next
+	 * batch, in order; the first event goes whatever its size.  Until the
+	 * fifty-third session each event was printed twice, once to be
+	 * measured and again in the body. */
+	size_t all = n, bound = p->app ? (size_t)p->app->cfg->max_body_bytes : 1024 * 1024;
 	size_t k = 0;
 	for (size_t i = 0; i < n; i++) {
 		const char *type = json_string_value(json_object_get(rows[i].event, "type"));
 		if (all_types || !type || peer_event_type_wanted(types, type)) {
-			evs[i] = peer_media_offer(p->app, name, rows[i].event);
-			size_t size = json_dumpb(evs[i], NULL, 0, JSON_COMPACT) + (k > 0); /* and its comma */
-			if (k > 0 && batch + size > bound) {
-				json_decref(evs[i]);
-				evs[i] = NULL;
-				n = i;
-				break;
-			}
-			batch += size;
-			idx[k++] = i;
-			if (json_array_append(events, evs[i])) { /* as in try_rows */
+			json_t *ev = peer_media_offer(p->app, name, rows[i].event);
+			size_t at = text.len;
+			bool printed = ev && (k == 0 || cw_buf_add(&text, ",", 1) == CW_OK) &&
+				       json_dump_callback(ev, cw_buf_json, &text, JSON_COMPACT) == 0;
+			json_decref(ev);
+			if (!printed) {
 				rc = cw_fail(e, CW_ENOMEM, "out of memory");
 				goto out;
 			}
+			if (k > 0 && text.len + sizeof("]}") - 1 > bound) {
+				cw_buf_cut(&text, at);
+				n = i;
+				break;
+			}
+			evs[i].at = at + (k > 0); /* past its comma */
+			evs[i].n = text.len - evs[i].at;
+			idx[k++] = i;
 		}
 	}
 	if (k == 0) {
@@ -704,7 +731,11 @@ cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct ou
 	curl_off_t wait_s = 0;
 	bool stopped;
 	char problem[PROBLEM_CODE_MAX];
-	rc = post_events(p, name, url, events, code, problem, &wait_s, &stopped, e);
+	if (cw_buf_add(&text, "]}", sizeof("]}") - 1)) {
+		rc = cw_fail(e, CW_ENOMEM, "out of memory");
+		goto out;
+	}
+	rc = post_events(p, name, url, text.p, text.len, code, problem, &wait_s, &stopped, e);
 	if (stopped) {
 		for (size_t i = 0; i < n; i++)
 			rows[i].outcome = 2;
@@ -719,12 +750,12 @@ cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct ou
 		 * it alone (and the later rows of its room) waits and, after
 		 * the retry budget, goes dead; every other room's rows are
 		 * delivered (until the thirtieth session they went dead with it). */
-		struct iso s = { .p = p, .name = name, .url = url, .rows = rows, .evs = evs, .left = ISOLATE_REQUESTS,
-				 .code = *code };
+		struct iso s = { .p = p, .name = name, .url = url, .rows = rows, .text = text.p, .evs = evs,
+				 .left = ISOLATE_REQUESTS, .code = *code };
 		snprintf(s.why, sizeof(s.why), "%s", e->msg);
 		for (size_t i = 0; i < n; i++) {
-			rows[i].outcome = evs[i] ? 0 : 1;
-			rows[i].code = evs[i] ? 0 : -1; /* done, nothing sent (dispatcher.h) */
+			rows[i].outcome = evs[i].n ? 0 : 1;
+			rows[i].code = evs[i].n ? 0 : -1; /* done, nothing sent (dispatcher.h) */
 			rows[i].retry_after_ms = 0;
 		}
 		isolate(&s, idx, k);
@@ -741,8 +772,8 @@ cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct ou
 		 * letters (and the later rows of their rooms with them) that
 		 * it would never have been sent. */
 		for (size_t i = 0; i < n; i++) {
-			rows[i].outcome = evs[i] ? -1 : 1;
-			rows[i].code = evs[i] ? *code : -1; /* done, nothing sent (dispatcher.h) */
+			rows[i].outcome = evs[i].n ? -1 : 1;
+			rows[i].code = evs[i].n ? *code : -1; /* done, nothing sent (dispatcher.h) */
 			snprintf(rows[i].why, sizeof(rows[i].why), "%s", e->msg);
 		}
 	}
@@ -755,7 +786,7 @@ out:
 				continue;
 			if (rc == CW_OK) {
 				rows[i].outcome = 1;
-				rows[i].code = evs[i] ? *code : -1; /* done, nothing sent (dispatcher.h) */
+				rows[i].code = evs[i].n ? *code : -1; /* done, nothing sent (dispatcher.h) */
 			} else {
 				rows[i].outcome = -1;
 				rows[i].code = *code;
@@ -767,10 +798,8 @@ out:
 			rows[i].retry_after_ms = 0;
 		}
 	}
-	for (size_t i = 0; i < all; i++)
-		json_decref(evs[i]);
 	free(evs);
 	free(idx);
-	json_decref(events);
+	cw_buf_free(&text);
 	return rc;
 }
