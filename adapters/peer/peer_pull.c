@@ -414,18 +414,33 @@ static bool hand_out(struct peer_pull *p, struct waiter *w, bool final, bool pas
 		if ((unsettled || unsettled_after || now != stamp) && screen_handed(p, w, after, &gone, &ngone, &e))
 			goto fail;
 	}
-	json_t *events = json_array();
 	struct cw_buf expired; /* the stale typing notifications' rows (pull_expire_sql) */
 	cw_buf_init(&expired, 24 * (size_t)n + 1);
-	/* The answer's size as it is sent (compact JSON): pull_sql's bound
-	 * counts the stored content, but a local user's file goes as a link of
-	 * Causeway's (peer_media_offer), a third longer than its source and
-	 * then some, and an answer of such events passed the bound by half
-	 * (until the fifty-second session).  The rows from the one that would
-	 * pass it on are left in flight above the answer's next, as pull_sql
-	 * leaves those past its bound: the next answer starts with them.  The
-	 * first event goes whatever its size. */
-	size_t answer = sizeof("{\"events\":[],\"next\":\"\"}") + 24, bound = (size_t)answer_bytes(p);
+	/* The answer as it is sent, each event printed once, straight into it
+	 * (compact JSON, as a push's): pull_sql's bound counts the stored
+	 * content, but a local user's file goes as a link of Causeway's
+	 * (peer_media_offer), a third longer than its source and then some,
+	 * and an answer of such events passed the bound by half (until the
+	 * fifty-second session).  The bound is of these bytes, the answer's
+	 * end counted in (its next: no more digits than the last row's); the
+	 * event that would pass it is cut off again, and the rows from it on
+	 * are left in flight above the answer's next, as pull_sql leaves
+	 * those past its bound: the next answer starts with them.  The first
+	 * event goes whatever its size.  Until the fifty-third session each
+	 * event was printed twice, once to be measured and again in the
+	 * answer, and that second printing, the HTTP thread's of every JSON
+	 * answer, gave a number 6 significant digits where a push gives 17
+	 * (docs/interop-api.md, "Unknown members and numbers"): 0.123456789
+	 * was pulled as 0.123457. */
+	struct cw_buf body;
+	cw_buf_init(&body, SIZE_MAX);
+	size_t end = sizeof("],\"next\":\"\"}") - 1 + (n ? strlen(PQgetvalue(r, n - 1, 0)) : 0),
+	       bound = (size_t)answer_bytes(p);
+	int sent = 0; /* the events in the answer */
+	if (cw_buf_add(&body, "{\"events\":[", sizeof("{\"events\":[") - 1)) {
+		cw_fail(&e, CW_ENOMEM, "out of memory");
+		goto fail;
+	}
 	int upto = n; /* the rows this answer passes (its next is the last one's) */
 	for (int i = 0; i < n; i++) {
 		/* A type the peer does not take is passed over (and acknowledged
@@ -436,7 +451,7 @@ static bool hand_out(struct peer_pull *p, struct waiter *w, bool final, bool pas
 			continue;
 		if (PQgetvalue(r, i, 12)[0] == 't') {
 			if (cw_buf_printf(&expired, "%s%s", expired.len ? "," : "", PQgetvalue(r, i, 11))) {
-				json_decref(events);
+				cw_buf_free(&body);
 				cw_buf_free(&expired);
 				cw_fail(&e, CW_ENOMEM, "out of memory");
 				goto fail;
@@ -446,7 +461,7 @@ static bool hand_out(struct peer_pull *p, struct waiter *w, bool final, bool pas
 		bool unreadable;
 		json_t *ev = outbox_event_json(r, i, 1, &unreadable);
 		if (!ev && !unreadable) {
-			json_decref(events);
+			cw_buf_free(&body);
 			cw_buf_free(&expired);
 			cw_fail(&e, CW_ENOMEM, "out of memory");
 			goto fail;
@@ -462,7 +477,7 @@ static bool hand_out(struct peer_pull *p, struct waiter *w, bool final, bool pas
 			snprintf(by, sizeof(by), "pull#%s", PQgetvalue(r, i, 0));
 			if (outbox_dead_unreadable(p->c, PQgetvalue(r, i, 11), PQgetvalue(r, i, 1), w->destination, by,
 						   &e) < 0) {
-				json_decref(events);
+				cw_buf_free(&body);
 				cw_buf_free(&expired);
 				goto fail;
 			}
@@ -470,21 +485,29 @@ static bool hand_out(struct peer_pull *p, struct waiter *w, bool final, bool pas
 		}
 		json_t *out = p->app ? peer_media_offer(p->app, w->destination + 5, ev) : json_incref(ev);
 		json_decref(ev);
-		size_t size = json_dumpb(out, NULL, 0, JSON_COMPACT) + 1; /* and its comma */
-		if (json_array_size(events) > 0 && answer + size > bound) {
-			json_decref(out);
+		size_t at = body.len;
+		bool printed = out && (sent == 0 || cw_buf_add(&body, ",", 1) == CW_OK) &&
+			       json_dump_callback(out, cw_buf_json, &body, JSON_COMPACT) == 0;
+		json_decref(out);
+		if (!printed) {
+			cw_buf_free(&body);
+			cw_buf_free(&expired);
+			cw_fail(&e, CW_ENOMEM, "out of memory");
+			goto fail;
+		}
+		if (sent > 0 && body.len + end > bound) {
+			cw_buf_cut(&body, at);
 			upto = i;
 			break;
 		}
-		answer += size;
-		json_array_append_new(events, out);
+		sent++;
 	}
 	/* Not expired (the database away): 503, as for an unreadable row. */
 	if (expired.len) {
 		const char *ep[] = { expired.p, w->destination };
 		cw_err erc = store_command(p->c, pull_expire_sql, 2, ep, &e);
 		if (erc) {
-			json_decref(events);
+			cw_buf_free(&body);
 			cw_buf_free(&expired);
 			goto fail;
 		}
@@ -500,13 +523,20 @@ static bool hand_out(struct peer_pull *p, struct waiter *w, bool final, bool pas
 	 * were never to be sent), instead of being answered an empty list at
 	 * once: until the forty-eighth session every typing notification
 	 * ended the long polls of a peer that takes no typing. */
-	if (json_array_size(events) == 0 && !final && pass_over) {
-		json_decref(events);
+	if (sent == 0 && !final && pass_over) {
+		cw_buf_free(&body);
 		w->after = atoll(next);
 		*passed = true;
 		return false;
 	}
-	cw_req_reply_json(w->req, 200, json_pack("{s:o, s:s}", "events", events, "next", next));
+	if (cw_buf_printf(&body, "],\"next\":\"%s\"}", next)) {
+		cw_buf_free(&body);
+		cw_req_no_memory(w->req);
+		return true;
+	}
+	size_t len;
+	char *text = cw_buf_take(&body, &len);
+	cw_req_reply(w->req, 200, "application/json", text, len);
 	return true;
 fail:
 	PQclear(r);

@@ -519,6 +519,26 @@ def test_an_answer_of_local_users_files_keeps_its_bound_as_sent(make_daemon, db_
         hs.close()
 
 
+def test_a_pulled_events_numbers_are_those_a_push_gives(daemon):
+    """A pulled event's numbers are printed as a pushed one's, 17
+    significant digits (docs/interop-api.md, "Unknown members and
+    numbers"): until the fifty-third session the answer was printed with
+    the HTTP thread's 6, and 0.123456789 was pulled as 0.123457,
+    1234567.891 as 1234570.0."""
+    a, b, rm, srv = make_peers(daemon)
+    body = {"type": "message", "sender": a.user("alice"), "x_real": 0.123456789, "x_big": 1234567.891,
+            "x_small": 1e-15, "x_int": 9007199254740991,
+            "content": {"parts": [{"type": "text/plain", "body": "n"}], "x": [2.718281828459045]}}
+    r = a.call("POST", f"/v1/rooms/{rm['id']}/messages", body, idem="numbers")
+    assert r.status_code == 202, r.text
+    r = b.call("GET", "/v1/events?after=0")
+    assert r.status_code == 200 and r.headers["Content-Type"] == "application/json", r.text
+    ev = r.json()["events"][0]
+    assert (ev["x_real"], ev["x_big"], ev["x_small"], ev["x_int"], ev["content"]["x"]) == (
+        0.123456789, 1234567.891, 1e-15, 9007199254740991, [2.718281828459045]), r.text
+    srv.close()
+
+
 def test_a_stored_event_that_does_not_parse_is_not_pulled_as_an_empty_shell(daemon, pg, db_url):
     """As for a push (test_peer_api.py): an event stored before the
     thirtieth session with a number jansson cannot read (1e19, stored as
