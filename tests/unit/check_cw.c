@@ -1,11 +1,15 @@
 /* The small helpers of gateway/cw.h that read text from outside: decimal
  * numbers (query parameters, path ids, stanza attributes, causewayctl's
- * options) and hex. */
+ * options) and hex; and gateway/buf.h's printing of JSON into a buffer. */
 #include "config.h"
+#include "buf.h"
 #include "cw.h"
 #include "unit.h"
 
+#include <jansson.h>
 #include <limits.h>
+#include <stdlib.h>
+#include <string.h>
 
 START_TEST(decimal_cases)
 {
@@ -91,6 +95,40 @@ START_TEST(sha256_cases)
 }
 END_TEST
 
+/* A value printed into a cw_buf (cw_buf_json, as a push's batch and a
+ * pull's answer are made, fifty-third session) is jansson's text of it,
+ * after what the buffer held; cw_buf_cut takes an event off again; a cap
+ * passed fails the printing, never grows the buffer past it. */
+START_TEST(buf_json_cases)
+{
+	json_t *j = json_pack("{s:s, s:f, s:[i, b]}", "body", "h\u00e9 \"x\"/", "r", 0.123456789, "l", 7, 1);
+	ck_assert_ptr_nonnull(j);
+	char *want = json_dumps(j, JSON_COMPACT);
+	struct cw_buf b;
+	cw_buf_init(&b, SIZE_MAX);
+	ck_assert_int_eq(cw_buf_add(&b, "[", 1), CW_OK);
+	ck_assert_int_eq(json_dump_callback(j, cw_buf_json, &b, JSON_COMPACT), 0);
+	ck_assert_uint_eq(b.len, 1 + strlen(want));
+	ck_assert_str_eq(b.p + 1, want);
+	ck_assert_ptr_nonnull(strstr(b.p, "0.123456789"));
+	size_t at = b.len;
+	ck_assert_int_eq(cw_buf_add(&b, ",", 1), CW_OK);
+	ck_assert_int_eq(json_dump_callback(j, cw_buf_json, &b, JSON_COMPACT), 0);
+	cw_buf_cut(&b, at);
+	ck_assert_uint_eq(b.len, at);
+	ck_assert_str_eq(b.p + 1, want);
+	cw_buf_cut(&b, b.len + 5); /* never longer */
+	ck_assert_uint_eq(b.len, at);
+	cw_buf_free(&b);
+	cw_buf_init(&b, 8);
+	ck_assert_int_eq(json_dump_callback(j, cw_buf_json, &b, JSON_COMPACT), -1);
+	ck_assert(b.overflow && b.len <= 8);
+	cw_buf_free(&b);
+	free(want);
+	json_decref(j);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("cw");
@@ -98,6 +136,7 @@ int main(void)
 	tcase_add_test(tc, decimal_cases);
 	tcase_add_test(tc, unhex_cases);
 	tcase_add_test(tc, sha256_cases);
+	tcase_add_test(tc, buf_json_cases);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
 }
