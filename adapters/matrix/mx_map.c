@@ -1120,14 +1120,18 @@ static enum mx_in_result from_message(const json_t *content, bool sticker, json_
 		return res;
 	char target[EVENT_OPAQUE_ID_MAX + 8];
 	json_t *nc = json_object();
-	if (r.rel_type && strcmp(r.rel_type, "m.replace") == 0 && !sticker) {
+	/* A sticker's edit (an m.sticker with m.replace, Matrix's rules of an
+	 * edit being the same for every type) is one too: until the
+	 * fifty-third session it went to the peer as a second sticker, its
+	 * fallback "[sticker: * Landing]", beside the one it replaced. */
+	if (r.rel_type && strcmp(r.rel_type, "m.replace") == 0) {
 		const json_t *newc = json_object_get(content, "m.new_content");
 		if (!json_is_object(newc)) {
 			json_decref(nc);
 			say(why, whylen, "%s", EDIT_NEEDS_NEW_CONTENT);
 			return MX_IN_INVALID;
 		}
-		const json_t *nt = json_object_get(newc, "msgtype");
+		const json_t *nt = sticker ? NULL : json_object_get(newc, "msgtype");
 		if (nt && !json_is_string(nt)) {
 			json_decref(nc);
 			say(why, whylen, "m.new_content.msgtype must be a string");
@@ -1138,7 +1142,7 @@ static enum mx_in_result from_message(const json_t *content, bool sticker, json_
 			say(why, whylen, "an edit of a message the gateway does not know");
 			return MX_IN_IGNORE;
 		}
-		res = text_parts(newc, nt ? json_string_value(nt) : msgtype, false, false, false, nc, why, whylen);
+		res = text_parts(newc, nt ? json_string_value(nt) : msgtype, sticker, false, false, nc, why, whylen);
 		if (res == MX_IN_OK && !json_object_get(nc, "parts")) {
 			/* A file whose caption was taken away (Element X's "remove
 			 * caption"): a neutral edit needs a text, and one made up
@@ -1521,9 +1525,9 @@ const char *mx_edit_target(const json_t *ev)
 	if (!type || !rt || strcmp(rt, "m.replace") != 0 || !target || !json_is_object(newc) ||
 	    json_object_get(ev, "state_key") || json_object_get(json_object_get(ev, "unsigned"), "redacted_because"))
 		return NULL;
-	if (strcmp(type, "m.room.message") == 0)
+	if (strcmp(type, "m.room.message") == 0 || strcmp(type, "m.sticker") == 0)
 		return target;
-	static const char *const own[] = { "m.sticker", "m.reaction", "m.room.redaction", "m.room.encrypted", NULL };
+	static const char *const own[] = { "m.reaction", "m.room.redaction", "m.room.encrypted", NULL };
 	const char *text = in_list(type, own) ? NULL : fallback_text(newc);
 	return text && *text ? target : NULL;
 }

@@ -46,6 +46,8 @@
  *                             type "edit", "replaces": the target, parts from
  *                             m.new_content (the "* " fallback of the outer
  *                             content is not used); unknown target: IGNORE.
+ *                             An m.sticker's edit too: "[sticker: body]" of
+ *                             its m.new_content.
  *                             Note: "replaces" is whatever to_msg gives for
  *                             the target; Matrix edits name the original
  *                             event, an edit of an edit is invalid Matrix.
@@ -186,7 +188,7 @@ enum mx_in_result mx_to_neutral(const json_t *ev, mx_lookup_fn to_msg, void *ctx
 /* The event id ev replaces when mx_to_neutral reads it as an edit, else
  * NULL (points into ev): an m.replace (its event_id a string) with
  * m.new_content as an object, not redacted, not a state event, of
- * m.room.message or of a type read as its text fallback (a poll: its
+ * m.room.message, of m.sticker or of a type read as its text fallback (a poll: its
  * m.new_content has one).  The Matrix spec's rules of an edit are the same
  * whatever its type (among them: its target is no edit itself); until the
  * fifty-first session the adapter checked those of m.room.message only,
