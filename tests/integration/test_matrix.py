@@ -4829,6 +4829,38 @@ EDIT_OF_EDIT = ("Not delivered: an edit of an edit, which Matrix does not allow 
                 "message as it was): edit the message itself.")
 
 
+def sticker_ev(base, eid, body, target=None):
+    """A sticker of body, or with target its edit (an m.sticker with
+    m.new_content and m.replace, the outer body the "* " fallback)."""
+    sticker = {"body": body, "url": "mxc://example.org/st", "info": {"mimetype": "image/png"}}
+    content = sticker if target is None else dict(sticker, body="* " + body, **{
+        "m.new_content": sticker, "m.relates_to": {"rel_type": "m.replace", "event_id": target}})
+    return dict(base, event_id=eid, type="m.sticker", content=content)
+
+
+def test_a_stickers_edit_is_an_edit_at_the_peer(mx, hs, gk, pg, db_url):
+    """A sticker's edit (m.sticker with m.replace: Matrix's rules of an
+    edit are the same for every type) reaches the peer as an edit of the
+    sticker. Until the fifty-third session it went as a second sticker,
+    "[sticker: * Landing]", beside the first; an edit of a sticker never
+    carried is told as a message's is, and a message's edit of a sticker
+    (a sticker into a text) is an edit too."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    base = {"room_id": room, "sender": ALICE_MX, "origin_server_ts": int(time.time() * 1000)}
+    evs = [sticker_ev(base, "$es1", "Take off"), sticker_ev(base, "$es2", "Landing", "$es1"),
+           sticker_ev(base, "$es3", "Nowhere", "$never-carried"), edit_ev(base, "$es4", "$es1", "no sticker")]
+    assert as_put(mx, "edit-a-sticker", {"events": evs}).status_code == 200
+    told = lambda: [n for n in ghost_notices(hs, room, ghost) if n.startswith("Not delivered")]  # noqa: E731
+    wait_until(lambda: len(told()) >= 1 and len(srv.events) >= 3, what="a notice and the valid events")
+    time.sleep(0.5)
+    assert told() == [EDIT_UNKNOWN], told()
+    got = list(srv.events)
+    assert [(e["type"], e["content"]["parts"][0]["body"]) for e in got] == [
+        ("message", "[sticker: Take off]"), ("edit", "[sticker: Landing]"), ("edit", "no sticker")], got
+    assert got[1]["content"]["replaces"] == got[0]["id"] and got[2]["content"]["replaces"] == got[0]["id"]
+
+
 def poll_ev(base, eid, text, target=None):
     """Element's poll (org.matrix.msc3381.poll.start) of text, or with
     target its edit: an event of the poll's type holding m.new_content and
