@@ -4,6 +4,8 @@
 
 #include "buf.h"
 
+#include <libxml/SAX2.h>
+#include <libxml/globals.h>
 #include <libxml/parserInternals.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -22,6 +24,35 @@ htmlParserCtxtPtr cw_html_context(const char *buf, size_t n, int options)
 	if (utf8)
 		xmlSwitchToEncoding(ctxt, utf8);
 	return ctxt;
+}
+
+/* libxml2 2.9 drops an end tag of an element that is not open; the HTML
+ * Standard's parser reads a stray </br> as <br> and a stray </p> as an
+ * empty <p>, so that "one</br>two" and "one</p>two" show on two lines,
+ * where libxml2 glued the words: "onetwo".  Its error for such a tag
+ * (XML_ERR_TAG_NAME_MISMATCH naming the tag alone, "Unexpected end tag")
+ * is where a <br> goes, at the parser's current node, for either: an
+ * empty <p> in a <b> or a heading would end it when read again (libxml2
+ * closes those at a <p>), and sanitised HTML is read again. */
+static void stray_end_tag(void *arg, xmlErrorPtr e)
+{
+	htmlParserCtxtPtr ctxt = arg;
+	if (!e || e->code != XML_ERR_TAG_NAME_MISMATCH || !e->str1 || e->str2 || e->ctxt != (void *)ctxt ||
+	    !ctxt->node || ctxt->disableSAX)
+		return;
+	if (strcmp(e->str1, "br") == 0 || strcmp(e->str1, "p") == 0) {
+		xmlSAX2StartElement(ctxt, (const xmlChar *)"br", NULL);
+		xmlSAX2EndElement(ctxt, (const xmlChar *)"br");
+	}
+}
+
+void cw_html_parse(htmlParserCtxtPtr ctxt)
+{
+	xmlStructuredErrorFunc was = xmlStructuredError; /* the thread's */
+	void *was_ctx = xmlStructuredErrorContext;
+	xmlSetStructuredErrorFunc(ctxt, stray_end_tag);
+	htmlParseDocument(ctxt);
+	xmlSetStructuredErrorFunc(was_ctx, was);
 }
 
 void cw_html_walk(xmlDoc *doc, bool (*enter)(void *arg, xmlNode *n), void (*leave)(void *arg, xmlNode *n),

@@ -485,7 +485,7 @@ static htmlDocPtr html_parse(const char *buf, size_t n, bool only_document)
 		return NULL;
 	if (only_document)
 		ctxt->sax->startElement = first_element;
-	htmlParseDocument(ctxt);
+	cw_html_parse(ctxt);
 	htmlDocPtr doc = ctxt->myDoc;
 	ctxt->myDoc = NULL;
 	if (only_document && ctxt->_private != &AS_DOCUMENT) {

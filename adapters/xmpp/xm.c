@@ -718,7 +718,7 @@ static htmlDocPtr html_parse(const char *html, size_t n, bool *oom)
 		*oom = true;
 		return NULL;
 	}
-	htmlParseDocument(ctxt);
+	cw_html_parse(ctxt);
 	htmlDocPtr doc = ctxt->myDoc;
 	ctxt->myDoc = NULL;
 	htmlFreeParserCtxt(ctxt);
