@@ -625,6 +625,15 @@ size_t policy_snapshot_rule_count(const struct policy_snapshot *s)
 	return s ? policy_snapshot_base(s)->nrules : 0;
 }
 
+bool policy_snapshot_limits_content(const struct policy_snapshot *s)
+{
+	const struct policy_snapshot *b = s ? policy_snapshot_base(s) : NULL;
+	for (size_t i = 0; b && i < b->nrules; i++)
+		if (b->rules[i].lim.set & (POLICY_LIM_MAX_BODY | POLICY_LIM_MAX_ATTACH | POLICY_LIM_CONTENT_KINDS))
+			return true;
+	return false;
+}
+
 size_t policy_snapshot_fact_count(const struct policy_snapshot *s)
 {
 	return s ? s->nfacts : 0;

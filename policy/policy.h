@@ -237,6 +237,10 @@ struct policy_snapshot *policy_builder_finish(struct policy_builder *b, uint64_t
 void policy_snapshot_free(struct policy_snapshot *s);
 uint64_t policy_snapshot_version(const struct policy_snapshot *s);
 size_t policy_snapshot_rule_count(const struct policy_snapshot *s);
+/* Whether any rule (expired or not) sets a limit on what a message holds
+ * (max_body_bytes, max_attachment_bytes, content_kinds): without one, a
+ * request's body_bytes, attachment_bytes and content_kinds decide nothing. */
+bool policy_snapshot_limits_content(const struct policy_snapshot *s);
 /* opt-ins + consents + remote blocks in force (an overlay: its own of the
  * users it names, and its base's of the others) */
 size_t policy_snapshot_fact_count(const struct policy_snapshot *s);

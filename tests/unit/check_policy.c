@@ -1496,6 +1496,76 @@ START_TEST(large_tables)
 }
 END_TEST
 
+/* policy_snapshot_limits_content says whether a rule limits what a
+ * message holds; a consent's release (policy_live.c's server_denials)
+ * parses no held event without one.  Without one, the sizes and kinds a
+ * request carries decide nothing: the same decision for a text of 5
+ * bytes and for 100 MB of every kind, under rate limits, a deny, an
+ * in_addition rule and the closed default. */
+START_TEST(content_limits_are_known_from_the_rules)
+{
+	ck_assert(!policy_snapshot_limits_content(NULL));
+	static const unsigned content[] = { POLICY_LIM_MAX_BODY, POLICY_LIM_MAX_ATTACH, POLICY_LIM_CONTENT_KINDS };
+	for (int add = 0; add < 2; add++)
+		for (size_t i = 0; i < sizeof(content) / sizeof(content[0]); i++) {
+			struct policy_builder *b = policy_builder_new();
+			struct policy_limits l = { .set = content[i] | POLICY_LIM_MSG_MINUTE, .messages_per_minute = 9,
+						   .max_body_bytes = 10, .max_attachment_bytes = 10,
+						   .content_kinds = POLICY_KIND_TEXT, .in_addition = add };
+			ck_assert_int_eq(policy_builder_rule(b, 3, POLICY_SCOPE_DOMAIN, "wa.example", POLICY_MODE_NONE,
+							     &l, 1), 0); /* expired long ago: still counted */
+			struct policy_snapshot *s = policy_builder_finish(b, 1);
+			ck_assert(policy_snapshot_limits_content(s));
+			/* an overlay's rules are its base's */
+			struct policy_builder *o = policy_builder_overlay(s);
+			ck_assert_int_eq(policy_builder_user(o, "mimi://hub.example/u/l0"), 0);
+			struct policy_snapshot *ov = policy_builder_finish(o, 2);
+			ck_assert(policy_snapshot_limits_content(ov));
+			policy_snapshot_free(ov);
+			policy_snapshot_free(s);
+		}
+	for (int closed = 0; closed < 2; closed++) {
+		struct policy_builder *b = policy_builder_new();
+		policy_builder_defaults(b, closed ? POLICY_MODE_CLOSED : POLICY_MODE_OPEN, true);
+		struct policy_limits rate = { .set = POLICY_LIM_MSG_MINUTE_USER | POLICY_LIM_NEW_CONV_HOUR,
+					      .messages_per_minute_per_user = 1000, .new_conversations_per_hour = 1000 };
+		struct policy_limits more = { .set = POLICY_LIM_MSG_MINUTE, .messages_per_minute = 1000,
+					      .in_addition = true };
+		ck_assert_int_eq(policy_builder_rule(b, 1, POLICY_SCOPE_DOMAIN, "wa.example", POLICY_MODE_OPEN, &rate, 0),
+				 0);
+		ck_assert_int_eq(policy_builder_rule(b, 2, POLICY_SCOPE_DOMAIN, "*.wa.example", POLICY_MODE_NONE, &more,
+						     0), 0);
+		ck_assert_int_eq(policy_builder_rule(b, 4, POLICY_SCOPE_DOMAIN, "bad.example", POLICY_MODE_DENY, NULL, 0),
+				 0);
+		struct policy_snapshot *s = policy_builder_finish(b, 1);
+		ck_assert(!policy_snapshot_limits_content(s));
+		static const char *const from[] = { "wa.example", "x.wa.example", "bad.example", "other.example" };
+		for (size_t f = 0; f < sizeof(from) / sizeof(from[0]); f++) {
+			char uri[80];
+			snprintf(uri, sizeof(uri), "mimi://%s/u/w", from[f]);
+			struct policy_request r = {
+				.direction = POLICY_INBOUND, .action = POLICY_ACT_EVENT, .event_type = "message",
+				.sender = { uri, from[f], "peer:wa" },
+				.recipient = { "mimi://hub.example/u/l", "hub.example", "local" },
+				.now_ms = 1000000, .recipient_wrote_here = true,
+			};
+			struct policy_decision small, large;
+			r.body_bytes = 5;
+			r.content_kinds = POLICY_KIND_TEXT;
+			policy_decide(s, &r, &small);
+			r.body_bytes = 100u << 20;
+			r.attachment_bytes = 100u << 20;
+			r.content_kinds = POLICY_KIND_TEXT | POLICY_KIND_MEDIA;
+			policy_decide(s, &r, &large);
+			ck_assert_int_eq(small.verdict, large.verdict);
+			ck_assert_str_eq(small.reason ? small.reason : "", large.reason ? large.reason : "");
+			ck_assert_int_eq(small.rule_id, large.rule_id);
+		}
+		policy_snapshot_free(s);
+	}
+}
+END_TEST
+
 /* A content_kinds that refuses a message is told by the kinds it refused:
  * a text to a domain that allows media only is "text messages", not
  * "files" (until the thirty-ninth session every refusal said "(files)"). */
@@ -2795,6 +2865,7 @@ int main(void)
 	tcase_set_timeout(tc, 120);
 	tcase_add_test(tc, policy_cases);
 	tcase_add_test(tc, content_kind_refusal_names_the_kind);
+	tcase_add_test(tc, content_limits_are_known_from_the_rules);
 	tcase_add_test(tc, outbound_limits_json);
 	tcase_add_test(tc, rule_row_with_limits_not_understood_keeps_its_refusal);
 	tcase_add_test(tc, builder_cases);
