@@ -746,9 +746,9 @@ static json_t *server_denials(const struct policy_snapshot *snap, PGresult *r, i
 	json_t *list = json_array();
 	int64_t now = cw_wall_ms();
 	/* The content is read only when a rule limits it: its parse and check
-	 * (event_parse) was most of a consent's release when none does, 5-7 µs
-	 * of the daemon's CPU a row released (docs/performance.md, "Fifty-third
-	 * session"), for sizes and kinds no rule reads. */
+	 * (event_parse) was most of a consent's CPU when none does, 3.5-5 µs of
+	 * the daemon's a row released in tests/bench/xmpp (docs/performance.md,
+	 * "Fifty-third session"), for sizes and kinds no rule reads. */
 	if (!policy_snapshot_limits_content(snap))
 		content = -1;
 	for (int i = 0; list && i < PQntuples(r); i++) {
