@@ -1528,15 +1528,16 @@ START_TEST(content_limits_are_known_from_the_rules)
 		struct policy_builder *b = policy_builder_new();
 		policy_builder_defaults(b, closed ? POLICY_MODE_CLOSED : POLICY_MODE_OPEN, true);
 		struct policy_limits rate = { .set = POLICY_LIM_MSG_MINUTE_USER | POLICY_LIM_NEW_CONV_HOUR,
-					      .messages_per_minute_per_user = 1000, .new_conversations_per_hour = 1000 };
+					      .messages_per_minute_per_user = 1000,
+					      .new_conversations_per_hour = 1000 };
 		struct policy_limits more = { .set = POLICY_LIM_MSG_MINUTE, .messages_per_minute = 1000,
 					      .in_addition = true };
-		ck_assert_int_eq(policy_builder_rule(b, 1, POLICY_SCOPE_DOMAIN, "wa.example", POLICY_MODE_OPEN, &rate, 0),
-				 0);
+		ck_assert_int_eq(policy_builder_rule(b, 1, POLICY_SCOPE_DOMAIN, "wa.example", POLICY_MODE_OPEN, &rate,
+						     0), 0);
 		ck_assert_int_eq(policy_builder_rule(b, 2, POLICY_SCOPE_DOMAIN, "*.wa.example", POLICY_MODE_NONE, &more,
 						     0), 0);
-		ck_assert_int_eq(policy_builder_rule(b, 4, POLICY_SCOPE_DOMAIN, "bad.example", POLICY_MODE_DENY, NULL, 0),
-				 0);
+		ck_assert_int_eq(policy_builder_rule(b, 4, POLICY_SCOPE_DOMAIN, "bad.example", POLICY_MODE_DENY, NULL,
+						     0), 0);
 		struct policy_snapshot *s = policy_builder_finish(b, 1);
 		ck_assert(!policy_snapshot_limits_content(s));
 		static const char *const from[] = { "wa.example", "x.wa.example", "bad.example", "other.example" };
