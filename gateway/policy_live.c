@@ -81,6 +81,7 @@ void policy_view_put(struct policy_view *v)
 		policy_snapshot_free(v->snap);
 		policy_view_put(v->base); /* after: the overlay refers to it */
 		free(v->users);
+		free(v->outs);
 		free(v);
 	}
 }
@@ -165,11 +166,25 @@ static cw_err query_ids(PGconn *c, const char *sql, const char *ids, PGresult **
 	return store_check(c, *out, PGRES_TUPLES_OK, e);
 }
 
-static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, uint64_t *fp, bool *opted_out,
-			 cw_errmsg *e);
+/* The opt-outs a load read (policy_view.outs), as it reads them. */
+struct optouts {
+	struct policy_optout *v;
+	size_t n, cap;
+};
+
+static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, struct optouts *outs, cw_errmsg *e);
+
+static int optout_cmp(const void *a, const void *b)
+{
+	const struct policy_optout *x = a, *y = b;
+	if (x->id != y->id)
+		return x->id < y->id ? -1 : 1;
+	return x->net < y->net ? -1 : x->net > y->net;
+}
 
 struct load_all_arg {
 	struct policy_settings set;
+	struct optouts outs;
 	enum policy_mode kept_mode; /* for a default mode that cannot be read */
 	char bad_mode[64];          /* that row's value, for the log */
 };
@@ -256,32 +271,44 @@ static cw_err load_all(PGconn *c, struct policy_builder *b, void *arg, cw_errmsg
 		}
 	}
 	PQclear(r);
-	rc = load_facts(c, b, NULL, &fp, NULL, e);
+	/* The opt-outs are not in the fingerprint: until the fifty-third
+	 * session they were, and every whole reload after a user's opt-out
+	 * or opt-in (the periodic one, a NOTIFY without users, a new
+	 * connection) decided again every waiting row, everyone's, where her
+	 * walk had decided hers already (policy_view.outs). */
 	set->fingerprint = fp;
-	return rc;
+	return load_facts(c, b, NULL, &la->outs, e);
 }
 
 /* The facts of the local users ids (a PostgreSQL array text), or of all
- * (NULL); fp (or NULL) takes in the opt-outs; *opted_out (or NULL) is set
- * if there is one. */
-static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, uint64_t *fp, bool *opted_out,
-			 cw_errmsg *e)
+ * (NULL); the opt-outs into outs, in (user, network) order. */
+static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, struct optouts *outs, cw_errmsg *e)
 {
 	PGresult *r;
 	cw_err rc;
-	if ((rc = query_ids(c, "SELECT i.uri, o.network, o.opted_in FROM user_optin o "
+	if ((rc = query_ids(c, "SELECT i.uri, o.network, o.opted_in, o.identity_id FROM user_optin o "
 			   "JOIN identities i ON i.id = o.identity_id WHERE $1::bigint[] IS NULL "
 			   "OR o.identity_id = ANY($1::bigint[])", ids, &r, e)))
 		return rc;
 	for (int i = 0; i < PQntuples(r); i++) {
-		if (fp && PQgetvalue(r, i, 2)[0] != 't') /* a sum: the rows' order is not the hash's */
-			*fp += fnv1a_field(fnv1a_field(FNV1A_START, PQgetvalue(r, i, 0)), PQgetvalue(r, i, 1));
-		if (opted_out && PQgetvalue(r, i, 2)[0] != 't')
-			*opted_out = true;
+		if (PQgetvalue(r, i, 2)[0] != 't') {
+			if (outs->n == outs->cap) {
+				size_t cap = outs->cap ? 2 * outs->cap : 16;
+				struct policy_optout *v = realloc(outs->v, cap * sizeof(*v));
+				if (!v)
+					goto oom;
+				outs->v = v;
+				outs->cap = cap;
+			}
+			outs->v[outs->n++] = (struct policy_optout){ atoll(PQgetvalue(r, i, 3)),
+								     fnv1a_field(FNV1A_START, PQgetvalue(r, i, 1)) };
+		}
 		if (policy_builder_optin(b, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), PQgetvalue(r, i, 2)[0] == 't') == -2)
 			goto oom;
 	}
 	PQclear(r);
+	if (outs->n > 1)
+		qsort(outs->v, outs->n, sizeof(*outs->v), optout_cmp);
 
 	if ((rc = query_ids(c, "SELECT i.uri, c.subject_kind = 'domain', c.subject, c.state = 'allowed' FROM consents c "
 			   "JOIN identities i ON i.id = c.local_identity_id WHERE $1::bigint[] IS NULL "
@@ -357,9 +384,13 @@ cw_err policy_load(PGconn *c, uint64_t version, const struct policy_view *prev, 
 	struct load_all_arg la = { .kept_mode = prev ? prev->set.default_mode : POLICY_MODE_CLOSED };
 	policy_settings_defaults(&la.set);
 	cw_err rc = load_view(c, version, policy_builder_new(), load_all, &la, cw_now_us(), out, e);
-	if (rc)
+	if (rc) {
+		free(la.outs.v);
 		return rc;
+	}
 	(*out)->set = la.set;
+	(*out)->outs = la.outs.v;
+	(*out)->nouts = la.outs.n;
 	/* Said once a run, when it starts (each reload reads it again). */
 	if (la.set.default_mode_unreadable && !(prev && prev->set.default_mode_unreadable))
 		LOG_KV(CW_LOG_ERROR, "policy.default_mode cannot be read (not \"open\", \"allowlist\" or "
@@ -375,7 +406,7 @@ cw_err policy_load(PGconn *c, uint64_t version, const struct policy_view *prev, 
  * whether one of them opted out of a network. */
 struct users_fill {
 	const char *ids;
-	bool opted_out;
+	struct optouts outs;
 };
 static cw_err fill_users(PGconn *c, struct policy_builder *b, void *arg, cw_errmsg *e)
 {
@@ -388,7 +419,7 @@ static cw_err fill_users(PGconn *c, struct policy_builder *b, void *arg, cw_errm
 		if (policy_builder_user(b, PQgetvalue(r, i, 0)) == -2)
 			rc = cw_fail(e, CW_ENOMEM, "out of memory");
 	PQclear(r);
-	return rc ? rc : load_facts(c, b, f->ids, NULL, &f->opted_out, e);
+	return rc ? rc : load_facts(c, b, f->ids, &f->outs, e);
 }
 
 cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, const int64_t *ids, size_t n,
@@ -411,11 +442,12 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
 		len += (size_t)snprintf(arr + len, cap - len, "%s%lld", i ? "," : "", (long long)ids[i]);
 	snprintf(arr + len, cap - len, "}");
 	memcpy(users, ids, n * sizeof(*users));
-	struct users_fill f = { arr, false };
+	struct users_fill f = { arr, { NULL, 0, 0 } };
 	cw_err rc = load_view(c, version, policy_builder_overlay(base->snap), fill_users, &f, t0, out, e);
 	free(arr);
 	if (rc) {
 		free(users);
+		free(f.outs.v);
 		return rc;
 	}
 	struct policy_view *v = *out;
@@ -424,7 +456,9 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
 	v->base = base;
 	v->users = users;
 	v->nusers = n;
-	v->opted_out = f.opted_out;
+	v->opted_out = f.outs.n > 0;
+	v->outs = f.outs.v;
+	v->nouts = f.outs.n;
 	return CW_OK;
 }
 
@@ -1940,6 +1974,7 @@ static bool view_has(const struct policy_view *v, uint64_t xid, const int64_t *i
 }
 
 static void recheck_users_add(struct policy_live *pl, const int64_t *ids, size_t n);
+static void recheck_whole(struct policy_live *pl);
 
 /* A NOTIFY causeway_policy: "u:<id>,..." names the local users whose facts
  * changed; anything else (or more users than an overlay holds) asks for a
@@ -2012,8 +2047,9 @@ static void swap_in(struct policy_live *pl, struct policy_view *v)
 	pthread_mutex_lock(&pl->mu);
 	struct policy_view *old = pl->cur;
 	/* counted before it is in force (policy_live_stamp): a change of what
-	 * the recheck reads, or an overlay of users among whom one opted out
-	 * (their rows are decided again: recheck_users_add) */
+	 * the recheck reads, or an overlay of users among whom one opted out,
+	 * or a whole view with an opt-out the one before had not (their rows
+	 * are decided again: recheck_users_add) */
 	if (old && (old->set.fingerprint != v->set.fingerprint || v->opted_out))
 		atomic_fetch_add(&pl->changes, 1);
 	/* after changes: a count of facts read before a change is counted
@@ -2273,16 +2309,56 @@ static bool put_in_force(struct policy_live *pl, cw_err rc, struct policy_view *
 	return true;
 }
 
+/* The users with an opt-out in v (a whole load) that the view in force,
+ * cur, has not (its overlay's, for the users it holds; else its base's):
+ * their ids into *ids (malloc'd), how many; -1 out of memory. */
+static long opt_outs_new(const struct policy_view *cur, const struct policy_view *v, int64_t **ids)
+{
+	const struct policy_view *base = cur->base ? cur->base : cur;
+	long n = 0;
+	*ids = v->nouts ? malloc(v->nouts * sizeof(**ids)) : NULL;
+	if (v->nouts && !*ids)
+		return -1;
+	for (size_t i = 0; i < v->nouts; i++) {
+		const struct policy_view *of = base;
+		for (size_t k = 0; cur->base && k < cur->nusers; k++)
+			if (cur->users[k] == v->outs[i].id)
+				of = cur;
+		if (bsearch(&v->outs[i], of->outs, of->nouts, sizeof(*of->outs), optout_cmp))
+			continue;
+		if (n == 0 || (*ids)[n - 1] != v->outs[i].id) /* in user order */
+			(*ids)[n++] = v->outs[i].id;
+	}
+	return n;
+}
+
 /* False when the policy's load failed; *hook_ok false when the hook
- * failed. */
+ * failed.  A user's new opt-out it finds (one no NOTIFY named: a change
+ * of more users than an overlay holds, one missed while the connection
+ * was gone, SQL's) has her rows decided again, her walk
+ * (recheck_users_add; too many users, a whole pass); the view counts as
+ * a change for the dispatcher (swap_in: opted_out).  Since the
+ * fifty-third session, not a pass over every waiting row: the opt-outs
+ * were in the fingerprint, and every whole reload after one (the
+ * periodic one too) made such a pass, where her walk had decided her
+ * rows already. */
 static bool reload(struct policy_live *pl, bool *hook_ok)
 {
 	struct policy_view *v = NULL;
 	cw_errmsg e;
 	struct policy_view *cur = policy_live_get(pl);
 	cw_err rc = policy_load(pl->c, ++pl->version, cur->base ? cur->base : cur, &v, &e);
+	int64_t *ids = NULL;
+	long n = rc ? 0 : opt_outs_new(cur, v, &ids);
+	if (!rc)
+		v->opted_out = n != 0;
 	policy_view_put(cur);
 	bool ok = put_in_force(pl, rc, v, &e);
+	if (ok && n < 0)
+		recheck_whole(pl);
+	else if (ok && n > 0)
+		recheck_users_add(pl, ids, (size_t)n);
+	free(ids);
 	/* The hook's state (the admin tokens) is read whether or not the
 	 * policy loaded: it needs nothing of it.  Until the thirty-seventh
 	 * session it followed only a load that succeeded, and while the

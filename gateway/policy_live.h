@@ -36,10 +36,11 @@ struct policy_settings {
 	int64_t user_updates_per_minute; /* each local user's consent changes, opt-ins and reports by command */
 	int64_t user_requests_per_day;   /* first contacts' requests each local user gets from each remote
 					  * domain a day; 0: unbounded */
-	/* A hash of what the server's side of a decision reads (the default
-	 * mode and opt-in, the rules in force, the users' opt-outs): when it
+	/* A hash of what the server's side of a decision reads for every
+	 * row (the default mode and opt-in, the rules in force): when it
 	 * changes, the rows not handed over yet are decided again
-	 * (policy_recheck_rows).  An overlay's is its base's. */
+	 * (policy_recheck_rows).  An overlay's is its base's.  The users'
+	 * opt-outs are not in it (policy_view.outs). */
 	uint64_t fingerprint;
 	/* Milliseconds from the load (the database's clock) to the first
 	 * expiry of a rule with a mode in force, 0 for none: the policy
@@ -92,7 +93,15 @@ struct policy_view {
 	struct policy_view *base;
 	int64_t *users;
 	size_t nusers;
-	bool opted_out; /* one of those users opted out of a network */
+	/* One of those users opted out of a network (a full view: one
+	 * opted out that the view before it had not: reload). */
+	bool opted_out;
+	/* The opt-outs the load read (a full view: all; an overlay: its
+	 * users'), in (user, network) order: a whole reload decides again the
+	 * rows of the users it finds a new one of (their walk), not every
+	 * waiting row (policy_live.c, opt_outs_new). */
+	struct policy_optout { int64_t id; uint64_t net; } *outs;
+	size_t nouts;
 };
 
 /* Loads rules, settings and consent facts in one read-only transaction on

@@ -4312,11 +4312,18 @@ def test_an_opt_outs_walk_reads_only_its_batch_whatever_the_statistics(make_daem
     before autovacuum came; plans logged by auto_explain, as run).  The
     fifty-second session measured them as the pass's were (which read all
     the pending rows to keep 500): 500 rows a batch of the held, dead and
-    failed walks, 1,000 of the pending one's, either way."""
+    failed walks, 1,000 of the pending one's, either way.  No pass over
+    every waiting row runs meanwhile, though whole reloads do (every
+    second here): in the fifty-second session, on the merged main, some
+    of the batches were a pass's (the test then counted every recheck
+    batch); the opt-outs were in the fingerprint the pass follows, and
+    a whole reload that came during the walks started one (the
+    fifty-third session took them out of it:
+    test_an_opt_out_decides_her_rows_alone_whatever_load_takes_it)."""
     name = db_url.split("?")[0].rsplit("/", 1)[1]
     log = logged_plans(pg, db_url, analyze=True)
     pg.psql(f'ALTER DATABASE "{name}" SET auto_explain.log_format = json')
-    d = make_daemon(db_url, options={"policy": {"reload_interval_s": "3600"}}).start()
+    d = make_daemon(db_url, options={"policy": {"reload_interval_s": "1"}}).start()
     made = push_peers(d)
     try:
         (a, _), _ = made
@@ -4355,13 +4362,16 @@ def test_an_opt_outs_walk_reads_only_its_batch_whatever_the_statistics(make_daem
         else:
             pg.psql("ANALYZE outbox; ANALYZE events; ANALYZE identities", db_url)
         start = os.path.getsize(log)
+        whole = reloads(d).get("whole", 0)
         opt_in(d, on=False)
         wait_until(lambda: pg.psql(users % ALICE, db_url) == "dropped:6000", timeout=120, interval=0.2,
                    what="alice's waiting rows dropped")
-        # Every batch that decided rows again (RECHECK_SELECT's, "pm AS
-        # MATERIALIZED"): the walks', or a pass's where the change is
-        # taken by one (a view loaded whole for the change).
-        plans = plans_since(log, start, "pm AS MATERIALIZED")
+        wait_until(lambda: reloads(d).get("whole", 0) >= whole + 2, what="whole reloads since the opt-out")
+        # The walks' batches ("ou AS MATERIALIZED"), and no pass's
+        # (RECHECK_STATE_SQL's range of one state).
+        passes = [p for p in plans_since(log, start, "pm AS MATERIALIZED") if "WHERE state = '" in p]
+        assert not passes, len(passes)
+        plans = plans_since(log, start, "ou AS MATERIALIZED")
         runs = [json.JSONDecoder().raw_decode(p, p.index("{"))[0] for p in plans]
         assert len(runs) >= 4 * 1500 // 500, len(runs)
         for x in runs:
@@ -4369,6 +4379,78 @@ def test_an_opt_outs_walk_reads_only_its_batch_whatever_the_statistics(make_daem
             read = {t: rows_read(x["Plan"], t) for t in ("outbox", "events", "identities")}
             assert got <= (2 if "RECURSIVE" in x["Query Text"] else 1) * 500 + 1, (read, x["Plan"])
             assert read["events"] <= got and read["identities"] <= 2 * got, (read, x["Plan"])
+        assert "recheck of waiting rows failed" not in d.log()
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
+def test_an_opt_out_decides_her_rows_alone_whatever_load_takes_it(make_daemon, db_url, pg):
+    """An opt-out decides again the rows of the user who made it, not
+    everyone's waiting rows: neither the whole reloads that follow it
+    (policy.reload_interval_s, here 1 s) nor a whole reload that finds it
+    (SQL's, with a NOTIFY naming no one) start a pass over every waiting
+    row.  Until the fifty-third session the opt-outs were in the
+    fingerprint the pass follows: each of them, and the opt-in that ended
+    one, made the next whole reload decide again every row waiting
+    (carol's 1,000 here, and 1,000 more by the pass after the claims),
+    where the users' walk had decided hers already."""
+    carol = "mimi://example.org/u/carol"
+    d = make_daemon(db_url, options={"policy": {"reload_interval_s": "1"}}).start()
+    made = push_peers(d)
+
+    def decided():
+        m = re.search(r'^causeway_policy_rechecked_total\{outcome="decided"\} (\S+)$', d.get("/metrics").text, re.M)
+        return float(m.group(1))
+
+    def quiet(seconds=1.5):
+        last = [decided(), time.monotonic()]
+
+        def still():
+            now = decided()
+            if now != last[0]:
+                last[:] = [now, time.monotonic()]
+            return time.monotonic() - last[1] >= seconds
+        wait_until(still, timeout=60, interval=0.1, what="the recheck quiet")
+        return last[0]
+
+    def whole_reloads(n):
+        at = reloads(d).get("whole", 0)
+        wait_until(lambda: reloads(d).get("whole", 0) >= at + n, timeout=30, what="whole reloads")
+
+    dead = ("SELECT count(*) FROM outbox o JOIN identities t ON t.id = o.target_identity_id WHERE t.uri = '%s' "
+            "AND o.state = 'dead' AND o.event_id IN (SELECT id FROM events WHERE public_id LIKE 'msg_back%%')")
+    try:
+        (a, _), _ = made
+        for user in (ALICE, BOB, carol):
+            opt_in(d, user=user)
+            consent(d, a.user("wally"), "allowed", user=user)
+        seeds = []
+        for user in (ALICE, BOB, carol):
+            seed = send(a, dm(a, local=user), "seed").json()["id"]
+            wait_policy(d, lambda: len(states(pg, db_url, [seed])) == 1, "the seed's row")
+            seeds.append(seed)
+        for who, seed, n in (("a", seeds[0], 200), ("b", seeds[1], 200), ("c", seeds[2], 1000)):
+            pg.psql("INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
+                    f"SELECT 'msg_back_{who}_' || g, room_id, sender_id, type, content, origin_network, ts "
+                    f"FROM events, generate_series(1, {n}) g WHERE public_id = '{seed}' ORDER BY g", db_url)
+            pg.psql("INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state) "
+                    "SELECT e.id, o.destination, o.target_identity_id, o.room_id, 'dead' FROM events e, outbox o "
+                    f"WHERE o.event_id = (SELECT id FROM events WHERE public_id = '{seed}') "
+                    f"AND e.public_id LIKE 'msg_back_{who}_%' ORDER BY e.id", db_url)
+        assert [pg.psql(dead % u, db_url) for u in (ALICE, BOB, carol)] == ["200", "200", "1000"]
+        before = quiet()
+        opt_in(d, on=False)
+        wait_until(lambda: pg.psql(dead % ALICE, db_url) == "0", what="alice's rows dropped")
+        whole_reloads(2)
+        # an opt-out no NOTIFY names: its whole reload decides her rows
+        pg.psql(f"UPDATE user_optin SET opted_in = false WHERE network = 'peer:gk' AND identity_id = "
+                f"(SELECT id FROM identities WHERE uri = '{BOB}'); NOTIFY causeway_policy", db_url)
+        wait_until(lambda: pg.psql(dead % BOB, db_url) == "0", what="bob's rows dropped")
+        whole_reloads(2)
+        after = quiet()
+        assert pg.psql(dead % carol, db_url) == "1000"
+        assert after - before < 1000, (before, after)
         assert "recheck of waiting rows failed" not in d.log()
     finally:
         for _, srv in made:
