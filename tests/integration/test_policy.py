@@ -4457,6 +4457,58 @@ def test_an_opt_out_decides_her_rows_alone_whatever_load_takes_it(make_daemon, d
             srv.close()
 
 
+def test_a_block_of_more_users_than_its_notify_names_leaves_their_waiting_rows_as_one_that_names_them(
+        daemon, peers, pg, db_url):
+    """A peer's block events naming 65 local users notify "x:<xid8>"
+    alone (a whole reload), 64 name them ("u:<ids>", their overlay and
+    walk): what waits from those users to the peer is treated the same
+    either way.  A remote user's block of a local one refuses what she
+    writes to him from then on (recipient_blocked_sender, decided as she
+    writes); her messages written before it are hers to send, not the
+    server's to decide again (the recheck's column 9: a local sender's
+    row is never dropped by it, nor by a dispatcher's screen), so no
+    recheck of them is lost with the users' names.  The blocks are in
+    force after either (the facts counted)."""
+    (a, _), _ = peers
+    wally = a.user("wally")
+    room = a.create_room([wally, ALICE]).json()
+    rid = pg.psql(f"SELECT m.room_id FROM room_members m JOIN identities i ON i.id = m.identity_id "
+                  f"WHERE i.uri = '{wally}'", db_url)
+    net = pg.psql(f"SELECT network FROM identities WHERE uri = '{ALICE}'", db_url)
+    pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network) SELECT "
+            "'mimi://example.org/u/many' || g, 'example.org', 'many' || g, true, "
+            f"'{net}' FROM generate_series(1, 129) g", db_url)
+    pg.psql("INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
+            f"SELECT 'msg_many_' || i.localpart, {rid}, i.id, 'message', "
+            "jsonb_build_object('type', 'message', 'sender', i.uri, 'content', jsonb_build_object('text', 'hi')), "
+            f"'{net}', 0 FROM identities i WHERE i.localpart LIKE 'many%' ORDER BY i.id", db_url)
+    pg.psql("INSERT INTO outbox (event_id, destination, room_id, state) SELECT e.id, 'peer:gk', e.room_id, 'dead' "
+            "FROM events e WHERE e.public_id LIKE 'msg_many_%' ORDER BY e.id", db_url)
+    wait_until(lambda: reloads(daemon).get("whole", 0) >= 1, what="the first snapshot")
+    was = gauge(daemon, "causeway_policy_facts")
+
+    def post(targets):
+        r = a.call("POST", "/v1/batch", {"events": [
+            {"idempotency_key": idem(), "room": room["uri"],
+             "event": {"type": "block", "sender": wally, "content": {"target": t, "action": "block"}}}
+            for t in targets]})
+        assert r.status_code == 200 and all(x["status"] == "accepted" for x in r.json()["results"]), r.text
+
+    waiting = ("SELECT string_agg(o.state || ':' || n, ',') FROM (SELECT o.state, count(*) AS n FROM outbox o "
+               "JOIN events e ON e.id = o.event_id WHERE e.public_id LIKE 'msg_many_%' GROUP BY 1) o")
+    named, whole = reloads(daemon), reloads(daemon)["whole"]
+    post([f"mimi://example.org/u/many{i}" for i in range(1, 65)])  # 64: named
+    wait_until(lambda: gauge(daemon, "causeway_policy_facts") == was + 64, timeout=30, what="the 64 blocks in force")
+    assert reloads(daemon)["whole"] == whole and reloads(daemon)["users"] > named["users"]
+    post([f"mimi://example.org/u/many{i}" for i in range(65, 130)])  # 65: the transaction alone
+    wait_until(lambda: gauge(daemon, "causeway_policy_facts") == was + 129, timeout=30,
+               what="the 65 blocks in force")
+    assert reloads(daemon)["whole"] > whole
+    time.sleep(1.5)  # a recheck of either would have run by now
+    assert pg.psql(waiting, db_url) == "dead:129"
+    assert "recheck of waiting rows failed" not in daemon.log()
+
+
 def test_a_rooms_block_events_notify_the_transaction_that_wrote_them(daemon, peers, pg, db_url):
     """A peer's block events in a room notify causeway_policy as
     policy_notify_user does, the transaction first: "x:<xid8>;u:<id>,..."
