@@ -2759,9 +2759,12 @@ static bool recheck_turn(struct policy_live *pl)
 	char after[24], limit[16], users[POLICY_OVERLAY_MAX * 21 + 3];
 	snprintf(limit, sizeof(limit), "%d", RECHECK_BATCH);
 	PGresult *r = NULL;
-	cw_err rc = store_exec(pl->c, "BEGIN", &e);
+	/* a pass's batch: its paths off with the BEGIN, one round trip
+	 * (until the fifty-third session one of their own) */
+	cw_err rc = store_exec(pl->c, pass ? "BEGIN; SET LOCAL enable_sort = off; SET LOCAL enable_incremental_sort = off"
+					   : "BEGIN", &e);
 	if (!rc && pass && !pl->again && pl->recheck_state == 0 && pl->recheck_after == 0 && !pl->recheck_dest[0])
-		rc = recheck_after_claims(pl, &e);
+		rc = recheck_after_claims(pl, &e); /* a max() of an index: no sort either way */
 	if (!rc && pass) {
 		/* The batch is a range of outbox_state_dest_idx read in its
 		 * order, whatever the statistics (RECHECK_STATE_SQL): no sort of
@@ -2777,8 +2780,7 @@ static bool recheck_turn(struct policy_live *pl)
 		 * off: store.c). */
 		snprintf(after, sizeof(after), "%lld", pl->recheck_after);
 		const char *params[] = { pl->recheck_dest, after, limit };
-		rc = store_exec(pl->c, "SET LOCAL enable_sort = off; SET LOCAL enable_incremental_sort = off", &e);
-		r = rc ? NULL : PQexecParams(pl->c, recheck_state_sql[pl->recheck_state], 3, NULL, params, NULL, NULL, 0);
+		r = PQexecParams(pl->c, recheck_state_sql[pl->recheck_state], 3, NULL, params, NULL, NULL, 0);
 		cw_errmsg se;
 		if (!rc && PQresultStatus(r) == PGRES_TUPLES_OK &&
 		    (rc = store_exec(pl->c, "SET LOCAL enable_sort TO DEFAULT; SET LOCAL enable_incremental_sort TO DEFAULT",
