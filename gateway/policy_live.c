@@ -2636,13 +2636,18 @@ static bool requests_turn(struct policy_live *pl, const struct policy_view *v)
  * process that had not loaded the change yet. */
 static cw_err recheck_after_claims(struct policy_live *pl, cw_errmsg *e)
 {
-	PGresult *r = PQexec(pl->c, "SELECT greatest(0, (extract(epoch FROM max(claimed_until) - now()) * 1000))::bigint "
+	/* NULL when none is in flight: no pass after this one (until the
+	 * fifty-third session greatest(0, NULL), 0, made one a second after
+	 * every pass, which read every waiting row again for nothing) */
+	PGresult *r = PQexec(pl->c, "SELECT (extract(epoch FROM max(claimed_until) - now()) * 1000)::bigint "
 				    "FROM outbox WHERE state = 'in_flight'");
 	cw_err rc = store_check(pl->c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;
-	if (!PQgetisnull(r, 0, 0))
-		pl->again_at_us = cw_now_us() + (atoll(PQgetvalue(r, 0, 0)) + 1000) * 1000LL;
+	if (!PQgetisnull(r, 0, 0)) {
+		long long ms = atoll(PQgetvalue(r, 0, 0));
+		pl->again_at_us = cw_now_us() + ((ms > 0 ? ms : 0) + 1000) * 1000LL;
+	}
 	PQclear(r);
 	return CW_OK;
 }

@@ -4393,7 +4393,8 @@ def test_an_opt_out_decides_her_rows_alone_whatever_load_takes_it(make_daemon, d
     row.  Until the fifty-third session the opt-outs were in the
     fingerprint the pass follows: each of them, and the opt-in that ended
     one, made the next whole reload decide again every row waiting
-    (carol's 1,000 here, and 1,000 more by the pass after the claims),
+    (carol's 1,000 here, and 1,000 more by the pass after the claims, made
+    though none was in flight),
     where the users' walk had decided hers already."""
     carol = "mimi://example.org/u/carol"
     d = make_daemon(db_url, options={"policy": {"reload_interval_s": "1"}}).start()
@@ -4507,6 +4508,57 @@ def test_a_block_of_more_users_than_its_notify_names_leaves_their_waiting_rows_a
     time.sleep(1.5)  # a recheck of either would have run by now
     assert pg.psql(waiting, db_url) == "dead:129"
     assert "recheck of waiting rows failed" not in daemon.log()
+
+
+def test_a_rule_change_decides_the_waiting_rows_once_when_none_is_in_flight(make_daemon, db_url, pg):
+    """A rule with a mode decides every waiting row again by one pass; the
+    pass after the claims in flight at its start comes only when some
+    were.  Until the fifty-third session greatest(0, NULL) made that
+    second pass a second after every pass, nothing in flight: 700 rows
+    waiting, a deny of another peer's domain decided 1,400."""
+    d = make_daemon(db_url).start()
+    made = push_peers(d)
+
+    def decided():
+        m = re.search(r'^causeway_policy_rechecked_total\{outcome="decided"\} (\S+)$', d.get("/metrics").text, re.M)
+        return float(m.group(1))
+
+    def quiet(seconds=2.5):
+        last = [decided(), time.monotonic()]
+
+        def still():
+            now = decided()
+            if now != last[0]:
+                last[:] = [now, time.monotonic()]
+            return time.monotonic() - last[1] >= seconds
+        wait_until(still, timeout=60, interval=0.1, what="the recheck quiet")
+        return last[0]
+
+    try:
+        (a, _), (b, _) = made
+        opt_in(d)
+        consent(d, a.user("wally"), "allowed")
+        seed = send(a, dm(a), "seed").json()["id"]
+        wait_policy(d, lambda: len(states(pg, db_url, [seed])) == 1, "the seed's row")
+        pg.psql("INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
+                "SELECT 'msg_back_' || g, room_id, sender_id, type, content, origin_network, ts "
+                f"FROM events, generate_series(1, 700) g WHERE public_id = '{seed}' ORDER BY g", db_url)
+        pg.psql("INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state) "
+                "SELECT e.id, o.destination, o.target_identity_id, o.room_id, 'dead' FROM events e, outbox o "
+                f"WHERE o.event_id = (SELECT id FROM events WHERE public_id = '{seed}') "
+                "AND e.public_id LIKE 'msg_back_%' ORDER BY e.id", db_url)
+        before = quiet()
+        assert pg.psql("SELECT count(*) FROM outbox WHERE state = 'in_flight'", db_url) == "0"
+        r = d.admin("POST", "/rules", json={"scope": "domain", "pattern": b.domain, "mode": "deny"})
+        assert r.status_code == 201, r.text
+        after = quiet()
+        waiting = int(pg.psql("SELECT count(*) FROM outbox WHERE state IN ('pending', 'held', 'dead', 'failed')",
+                              db_url))
+        assert waiting >= 700 and after - before == waiting, (before, after, waiting)
+        assert "recheck of waiting rows failed" not in d.log()
+    finally:
+        for _, srv in made:
+            srv.close()
 
 
 def test_a_rooms_block_events_notify_the_transaction_that_wrote_them(daemon, peers, pg, db_url):
