@@ -2766,8 +2766,8 @@ static bool recheck_turn(struct policy_live *pl)
 	PGresult *r = NULL;
 	/* a pass's batch: its paths off with the BEGIN, one round trip
 	 * (until the fifty-third session one of their own) */
-	cw_err rc = store_exec(pl->c, pass ? "BEGIN; SET LOCAL enable_sort = off; SET LOCAL enable_incremental_sort = off"
-					   : "BEGIN", &e);
+	cw_err rc = store_exec(pl->c, pass ? "BEGIN; SET LOCAL enable_sort = off; "
+					     "SET LOCAL enable_incremental_sort = off" : "BEGIN", &e);
 	if (!rc && pass && !pl->again && pl->recheck_state == 0 && pl->recheck_after == 0 && !pl->recheck_dest[0])
 		rc = recheck_after_claims(pl, &e); /* a max() of an index: no sort either way */
 	if (!rc && pass) {
