@@ -1250,11 +1250,29 @@ class Homeserver:
             ev = self._emit(room, req.user_id, etype, copy.deepcopy(content), state_key=state_key, ts=ts)
             return 200, {"event_id": ev["event_id"]}
 
+    def _readable_state(self, room, user_id):
+        """The room's state as user_id may read it (lock held), as the specification has GET /state: the
+        current state for a member; for one who left or was banned (a kick is a leave), the state when they
+        left (Synapse: check_user_in_room_or_world_readable with allow_departed_users); anyone else is
+        refused. Until the fifty-third session one who had left was refused too."""
+        membership = room.membership(user_id)
+        if membership == "join":
+            return room.state
+        if membership not in ("leave", "ban"):
+            self._require_joined(room, user_id)
+        last = room.state[("m.room.member", user_id)]["event_id"]
+        state = {}
+        for ev in room.timeline:
+            if "state_key" in ev:
+                state[(ev["type"], ev["state_key"])] = ev
+            if ev["event_id"] == last:
+                break
+        return state
+
     def _h_state_get(self, req, room_id, etype, state_key):
         with self._lock:
             room = self._room(room_id, status=403)
-            self._require_joined(room, req.user_id)
-            ev = room.state.get((etype, state_key))
+            ev = self._readable_state(room, req.user_id).get((etype, state_key))
             if ev is None:
                 raise MatrixError(404, "M_NOT_FOUND", "Event not found.")
             if req.query.get("format", ["content"])[0] == "event":
@@ -1264,8 +1282,7 @@ class Homeserver:
     def _h_state_all(self, req, room_id):
         with self._lock:
             room = self._room(room_id, status=403)
-            self._require_joined(room, req.user_id)
-            return 200, copy.deepcopy(list(room.state.values()))
+            return 200, copy.deepcopy(list(self._readable_state(room, req.user_id).values()))
 
     def _h_get_event(self, req, room_id, event_id):
         with self._lock:
