@@ -1777,10 +1777,14 @@ static const char *own_membership(const json_t *ev)
 }
 
 /* Where a row's event was sent, for its answer (finish_row): the room,
- * the sender (the bot's id for the bot) and the content. */
+ * the sender (the bot's id for the bot) and the content (a send's); and,
+ * for any request of a row of a group, the user's room of the group
+ * (portal, "" for a direct room's row) and who acted there (by, the bot's
+ * id for the bot): out_of_portal's question after a 403. */
 struct sent_to {
 	char room[MX_ID_MAX + 1], actor[MX_ID_MAX + 1];
 	json_t *content;
+	char portal[MX_ID_MAX + 1], by[MX_ID_MAX + 1];
 };
 
 /* Resolves the row's ghost and direct room (making them the first time:
@@ -1790,6 +1794,7 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 			  json_t *sent, CURL *h, struct mx_req *rq, struct sent_to *to, cw_errmsg *e)
 {
 	to->room[0] = '\0';
+	to->portal[0] = '\0';
 	if (!row->target_id) {
 		cw_fail(e, CW_EINVAL, "a Matrix row names no local user");
 		return PREP_DEAD;
@@ -2005,6 +2010,10 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	snprintf(txn, sizeof(txn), "cw-%lld", (long long)row->id);
 	enum prep res = PREP_SEND;
 	cw_err rc = CW_OK;
+	if (group) {
+		snprintf(to->portal, sizeof(to->portal), "%s", room);
+		snprintf(to->by, sizeof(to->by), "%s", actor ? actor : m->bot);
+	}
 	switch (out.op) {
 	case MX_OP_SEND: {
 		bool found = false;
@@ -2199,6 +2208,50 @@ static bool annotation_of(struct matrix *m, const struct sent_to *to, char *eid,
 	}
 	free(from);
 	return found;
+}
+
+/* Whether a row of a group whose request the homeserver refused with a
+ * 403 was refused because who acted there (to->by: the sender's ghost, or
+ * the bot relaying) is out of the user's room of the group for as long as
+ * the room's admins want: banned (a ghost or the bot), or the bot put out
+ * (kicked).  Such a row is not delivered (outcome 4; why says who is out,
+ * and what lets it in again), and the room's next rows go on: no retry
+ * mends it.  Until the fifty-third session each such row was tried again
+ * for its whole retry budget, then a dead letter that named no cause.  A
+ * ghost merely kicked is not: its next try invites it again, as its next
+ * message does once the kick's event is taken (ghost_removed, mx_bot.c).
+ * The homeserver tells the departed user their membership too (GET
+ * /state/m.room.member: the state when they left, as the specification
+ * has it); no answer, or another membership (the room's power levels took
+ * the right to speak away): false, the row is tried again as before. */
+static bool out_of_portal(struct matrix *m, const struct sent_to *to, char *why, size_t len)
+{
+	if (!to->portal[0])
+		return false;
+	char ms[16];
+	long status = 0;
+	cw_errmsg e;
+	if (member_state(m, to->by, to->portal, to->by, ms, sizeof(ms), &status, &e))
+		return false;
+	bool bot = strcmp(to->by, m->bot) == 0, banned = strcmp(ms, "ban") == 0;
+	if (!banned && !(bot && strcmp(ms, "leave") == 0))
+		return false;
+	if (bot && banned)
+		snprintf(why, len, "the gateway's bot is banned from the recipient's room of the group: what it relays "
+				   "there is not delivered until the ban is lifted and the bot invited again");
+	else if (bot)
+		snprintf(why, len, "the gateway's bot was put out of the recipient's room of the group: what it relays "
+				   "there is not delivered until it is invited again");
+	else
+		snprintf(why, len, "the recipient's room refuses the sender (banned there): their messages are not "
+				   "delivered until the ban is lifted");
+	if (bot)
+		LOG_KV_LIMITED(CW_LOG_WARN, "the gateway's bot is out of a user's room of a group: what it relays there "
+			       "is not delivered", "room", to->portal, "membership", ms);
+	else
+		LOG_KV_LIMITED(CW_LOG_WARN, "a ghost is banned from a user's room of a group: its rows there are not "
+			       "delivered", "room", to->portal, "user", to->by);
+	return true;
 }
 
 /* The answer to a row's request: its Matrix event id is noted in sent.
@@ -2474,6 +2527,12 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 				run->next++;
 			} else if (token_refusal_seen) {
 				release_rest(run, rows, run->next, 2, 0);
+			} else if (status == 403 && out_of_portal(m, &run->to, row->why, sizeof(row->why))) {
+				/* out of the room for as long as its admins want:
+				 * not delivered, the room's next rows go on */
+				row->outcome = 4;
+				row->code = status;
+				run->next++;
 			} else {
 				fail_rest(run, rows, status, fe.msg);
 			}

@@ -3444,6 +3444,57 @@ def test_a_ghost_banned_from_a_users_room_of_a_group_is_not_delivered_there(mx, 
     assert not any(e["type"] == "m.room.message" and e["content"]["body"] == "let me back in" for e in hs.events(room))
 
 
+def test_a_ghost_banned_from_a_room_of_a_group_before_the_adapter_hears_of_it_is_not_retried(mx, hs, gk, pg, db_url):
+    """As above, but the peer's messages come while the ban has not reached
+    the adapter yet (the homeserver's transaction still pending): the ghost
+    is still counted in the room, and every send is refused 403 M_FORBIDDEN.
+    The adapter asks the homeserver for the ghost's membership (the state
+    when it left, as the specification has GET /state answer a departed
+    user): banned, so each row is not delivered at once, with the reason
+    in the admin API, none retried, and the room's next rows go on. Until
+    the fifty-third session each row was tried again for its whole retry
+    budget and then a dead letter that said nothing of the ban."""
+    a, srv = gk
+    consent_alice(mx)
+    consent_alice(mx, "mimi://wa.example/u/bob")
+    a.create_room([a.user("bob"), "mimi://example.org/u/someone"])  # the peer introduced bob
+    alice, room, wally = alice_writes_to_wally(hs, a)
+    bob = "@_cw_gk_bob:example.org"
+    alice.invite(room, bob)
+    wait_until(lambda: hs.members(room).get(bob) == "join", what="bob's ghost in")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_portal_members", db_url) == "2", what="a group")
+    alice.send_text(room, "hi both")
+    gid = wait_until(lambda: next((e["room_id"] for e in list(srv.events) if e.get("type") == "message"
+                                   and e["content"]["parts"][0]["body"] == "hi both"), None), what="the group")
+    hs.stop_pushing()
+    r = alice.request("POST", f"/_matrix/client/v3/rooms/{room}/ban", {"user_id": bob, "reason": "spam"})
+    assert r.status_code == 200, r.text
+    ids = []
+    for i in range(3):
+        s = a.send(gid, a.user("bob"), f"spam {i}")
+        assert s.status_code == 202, s.text
+        ids.append(s.json()["id"])
+    rows = ("SELECT string_agg(o.state || ' ' || o.attempts, ',' ORDER BY o.id) FROM outbox o "
+            "JOIN events e ON e.id = o.event_id WHERE o.destination = 'matrix' AND e.public_id IN ("
+            + ", ".join(f"'{i}'" for i in ids) + ")")
+    wait_until(lambda: pg.psql(rows, db_url) == "dropped 1,dropped 1,dropped 1", timeout=20,
+               what="bob's rows not delivered at once, each tried once")
+    assert pg.psql("SELECT count(*) FROM matrix_portal_members", db_url) == "2"  # the ban not heard of yet
+    errors = pg.psql("SELECT DISTINCT o.last_error FROM outbox o JOIN events e ON e.id = o.event_id "
+                     f"WHERE e.public_id = '{ids[0]}' AND o.destination = 'matrix'", db_url)
+    assert errors.startswith("the recipient's room refuses the sender (banned there)"), errors
+    dropped = mx.admin("GET", "/outbox?state=dropped&destination=matrix").json()["rows"]
+    assert sorted(x["message"] for x in dropped if x["last_error"] == errors) == sorted(ids), dropped
+    st = a.call("GET", f"/v1/messages/{ids[0]}").json()
+    assert [x["status"] for x in st["recipients"]] == ["accepted"], st  # the peer: not_delivered, as a block
+    assert a.send(gid, a.user("wally"), "still here").status_code == 202
+    wait_until(lambda: any(e["sender"] == wally and e["type"] == "m.room.message"
+                           and e["content"]["body"] == "still here" for e in hs.events(room)), what="wally's message")
+    hs.resume_pushing()
+    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_portal_members", db_url) == "1", what="bob's ghost out")
+    assert not any(e["type"] == "m.room.message" and e["content"]["body"].startswith("spam") for e in hs.events(room))
+
+
 @pytest.mark.parametrize("how", ["own leave", "removed", "banned", "left meanwhile"])
 def test_a_ghost_whose_user_left_a_group_made_here_is_not_brought_back(mx, hs, gk, pg, db_url, how):
     """alice makes a group of her room with wally's ghost by inviting bob's;
