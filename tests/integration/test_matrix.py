@@ -3495,6 +3495,68 @@ def test_a_ghost_banned_from_a_room_of_a_group_before_the_adapter_hears_of_it_is
     assert not any(e["type"] == "m.room.message" and e["content"]["body"].startswith("spam") for e in hs.events(room))
 
 
+def test_what_the_bot_relays_into_a_room_of_a_group_it_was_put_out_of_is_not_delivered(mx, hs, gk, pg, db_url):
+    """alice makes a group of her room (wally's and bob's ghosts); carol,
+    another user here, becomes a member in a room of her own. alice then
+    kicks the bot out of her room: what carol writes, which the bot relays
+    into alice's room, is refused 403; the bot's membership there is
+    "leave", so each such row is not delivered at once, the reason in the
+    admin API, and not retried (until the fifty-third session each spent
+    its retry budget and ended a dead letter naming no cause). alice
+    inviting the bot back lets carol's next message in."""
+    a, srv = gk
+    consent_alice(mx)
+    consent_alice(mx, "mimi://wa.example/u/bob")
+    a.create_room([a.user("bob"), "mimi://example.org/u/someone"])  # the peer introduced bob
+    a.create_room([a.user("wally"), "mimi://example.org/u/someone"])
+    alice = hs.as_user(hs.create_user("alice")[1])
+    wally, bob, bot = "@_cw_gk_wally:example.org", "@_cw_gk_bob:example.org", "@_cw_bot:example.org"
+    # private_chat: only alice has power there (the ghosts and the bot none), hers to kick the bot
+    room = alice.create_room(preset="private_chat", is_direct=True, invite=[wally])
+    wait_until(lambda: hs.members(room).get(wally) == "join", what="the ghost joins")
+    alice.invite(room, bob)
+    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_portal_members", db_url) == "2", what="a group")
+    wait_until(lambda: hs.members(room).get(bot) == "join", what="the bot in alice's room of the group")
+    alice.send_text(room, "hi both")
+    gid = wait_until(lambda: next((e["room_id"] for e in list(srv.events) if e.get("type") == "message"
+                                   and e["content"]["parts"][0]["body"] == "hi both"), None), what="the group")
+    carol = hs.as_user(hs.create_user("carol")[1])
+    carol_uri, carol_mx = "mimi://example.org/u/carol", "@carol:example.org"
+    assert mx.admin("POST", "/optins", json={"user": carol_uri, "network": "peer:gk", "opted_in": True}).ok
+    assert mx.admin("POST", "/consents", json={"user": carol_uri, "subject_kind": "user", "subject": a.user("bob"),
+                                              "state": "allowed"}).ok
+    alice.invite(room, carol_mx)
+    hers = wait_until(lambda: next((rid for rid in hs.rooms() if rid != room and hs.state(rid, "m.room.create")
+                                    and hs.state(rid, "m.room.create")["sender"] == bot
+                                    and hs.members(rid).get(carol_mx) == "invite"), None), what="carol's room")
+    carol.join(hers)
+    wait_until(lambda: {m["user"]: m["membership"] for m in a.call("GET", f"/v1/rooms/{gid}").json()["members"]}
+               .get(carol_uri) == "joined", what="carol a member")
+    r = alice.request("POST", f"/_matrix/client/v3/rooms/{room}/kick", {"user_id": bot, "reason": "no bots"})
+    assert r.status_code == 200, r.text
+    wait_until(lambda: hs.members(room).get(bot) == "leave", what="the bot out")
+    n = len(hs.events(room))
+    for i in range(3):
+        carol.send_text(hers, f"carol {i}")
+    rows = ("SELECT string_agg(o.state || ' ' || o.attempts, ',' ORDER BY o.id) FROM outbox o "
+            "JOIN events e ON e.id = o.event_id JOIN identities t ON t.id = o.target_identity_id "
+            f"WHERE o.destination = 'matrix' AND t.uri = '{ALICE}' AND e.content::text LIKE '%carol _%'")
+    wait_until(lambda: pg.psql(rows, db_url) == "dropped 1,dropped 1,dropped 1", timeout=30,
+               what="the relayed rows not delivered at once, each tried once")
+    errors = pg.psql("SELECT DISTINCT o.last_error FROM outbox o JOIN identities t ON t.id = o.target_identity_id "
+                     f"WHERE o.destination = 'matrix' AND t.uri = '{ALICE}' AND o.state = 'dropped'", db_url)
+    assert errors.startswith("the gateway's bot was put out of the recipient's room of the group"), errors
+    dropped = mx.admin("GET", "/outbox?state=dropped&destination=matrix").json()["rows"]
+    assert len([x for x in dropped if x["last_error"] == errors]) == 3, dropped
+    assert not [e for e in hs.events(room)[n:] if e["type"] == "m.room.message"]
+    # alice invites the bot back: it joins, and carol's next message is relayed
+    alice.invite(room, bot)
+    wait_until(lambda: hs.members(room).get(bot) == "join", what="the bot back")
+    carol.send_text(hers, "back again")
+    wait_until(lambda: any(e["type"] == "m.room.message" and e["sender"] == bot and
+                           "back again" in e["content"]["body"] for e in hs.events(room)), what="the relay")
+
+
 @pytest.mark.parametrize("how", ["own leave", "removed", "banned", "left meanwhile"])
 def test_a_ghost_whose_user_left_a_group_made_here_is_not_brought_back(mx, hs, gk, pg, db_url, how):
     """alice makes a group of her room with wally's ghost by inviting bob's;
