@@ -63,7 +63,9 @@ static char *seg(struct matrix *m, const char *s)
  * worker or a database away behind a 400); a custom one (M_LIMIT_...,
  * a module's) is the homeserver's, not the specification's word.  Not a
  * 401 or 403 (a token not taken, a ghost not in the room: the operator or
- * the bot mends them, and health tells them: note_refusal), a 408 or a
+ * the bot mends them, and health tells them: note_refusal; but a group's
+ * row whose ghost is banned, or whose bot is out, is not delivered:
+ * out_of_portal), a 408 or a
  * 429 (a wait mends them), nor a 4xx without an errcode (a proxy's page,
  * not the homeserver's word).  Until the fifty-first session only a 413
  * was; until the fifty-second any errcode was, 400 M_UNKNOWN too.  The
