@@ -2323,10 +2323,28 @@ static bool left(struct matrix *m, PGconn *c, const char *room, const char *who,
 	}
 	/* Neither her management room nor bound (any more): on a try again,
 	 * one whose management room was forgotten on the first, and whose bot's
-	 * leave the homeserver did not take */
+	 * leave the homeserver did not take.  Only a room bound to nobody and
+	 * no one's management room is: a first try that failed before it
+	 * forgot anything (her identity or the statement refused) tells
+	 * nothing of the room, which may be someone else's (another user of
+	 * this server who came into alice's room of a group by himself, and
+	 * left it): until the fifty-third session the bot left it, and
+	 * alice's room lost it. */
 	if (PQntuples(r) == 0 && retry) {
 		PQclear(r);
-		return !bot_leaves(m, room);
+		const char *np[] = { room };
+		PGresult *n = PQexecParams(c,
+			"SELECT EXISTS (SELECT 1 FROM room_bindings WHERE network = 'matrix' AND native_id = $1) "
+			"OR EXISTS (SELECT 1 FROM matrix_mgmt_rooms WHERE room_id = $1)",
+			1, NULL, np, NULL, NULL, 0);
+		if (store_check(c, n, PGRES_TUPLES_OK, &e)) { /* clears n */
+			LOG_KV(CW_LOG_WARN, "cannot tell whether a room its user left is someone else's", "room", room,
+			       "detail", e.msg);
+			return true;
+		}
+		bool someones = PQgetvalue(n, 0, 0)[0] == 't';
+		PQclear(n);
+		return !someones && !bot_leaves(m, room);
 	}
 	bool portal = false;
 	for (int k = 0; k < PQntuples(r); k++) {

@@ -5395,6 +5395,47 @@ def test_a_leave_whose_user_the_database_did_not_give_is_tried_again(mx, hs, gk,
     assert bodies(hs, mx_room) == ["hello"]
 
 
+def test_a_leave_tried_again_of_someone_else_in_a_group_leaves_its_room_as_it_is(mx, hs, gk, pg, db_url):
+    """bob, another user of this server, joins alice's room of wally's group
+    by himself (she made it public), is not put out (the homeserver
+    refuses the kick), and leaves; the bot's look-up of his identity at his
+    leave fails once (a lock or statement timeout), and the leave is tried
+    again. bob had no binding there and no management room: the room is
+    alice's, bound, and stays as it is, the bot in it. Until the
+    fifty-third session a leave tried again that found neither the
+    leaver's management room nor a binding of his had the bot leave the
+    room (meant for a management room forgotten on the first try), and
+    alice's room of the group lost the bot."""
+    a, _ = gk
+    bot, bob, wally = "@_cw_bot:example.org", "@bob:example.org", "@_cw_gk_wally:example.org"
+    group, alice, mine, said, _ = alice_in_wallys_group(mx, hs, gk, pg, db_url, [])
+    wait_until(lambda: hs.members(mine).get(bot) == "join", what="the bot in alice's room of the group")
+    pg.psql("CREATE SEQUENCE test_fail; "
+            "CREATE FUNCTION test_fail() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f" IF NEW.native_id = '{bob}' AND nextval('test_fail') <= 1 THEN RAISE EXCEPTION 'injected failure'; "
+            " END IF; RETURN NEW; END $$; "
+            "CREATE TRIGGER test_fail BEFORE INSERT ON identity_bindings FOR EACH ROW EXECUTE FUNCTION test_fail()",
+            db_url)
+    hs.appservice().state(mine, "m.room.join_rules", {"join_rule": "public"})
+    hs.refuse = lambda method, path, user: 403 if path.endswith("/kick") else False
+    bob_client = hs.as_user(hs.create_user("bob")[1])
+    bob_client.join(mine)
+    wait_until(lambda: "a member cannot be put out of a bridged room" in mx.log(), what="bob's kick refused")
+    hs.refuse = None
+    bob_client.leave(mine)
+    wait_until(lambda: "a local Matrix user's identity not stored" in mx.log(), what="his leave's first try failing")
+    wait_until(lambda: int(pg.psql("SELECT last_value FROM test_fail", db_url)) >= 2, timeout=20,
+               what="his leave tried again")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_bot_inbox WHERE handled_at IS NULL", db_url) == "0",
+               what="his leave's work done")
+    time.sleep(0.5)  # a leave of the bot's on its way
+    assert hs.members(mine).get(bot) == "join", member_events(hs, mine, bot)
+    assert pg.psql("SELECT count(*) FROM room_bindings WHERE network = 'matrix' AND native_id = "
+                   f"'{mine}'", db_url) == "1"
+    assert a.send(group, a.user("wally"), "still here").status_code == 202
+    wait_until(lambda: (wally, "still here") in said(mine), what="the group going on in alice's room")
+
+
 def test_a_remote_user_in_the_ghosts_prefix_is_no_ghost(mx, hs, gk, pg, db_url):
     """The ghosts' namespace is @_cw_...:<this server>: a user of another
     server whose name starts the same is nobody of the gateway's. Until the
