@@ -1012,7 +1012,8 @@ static int others_in_st(struct matrix *m, const char *room, const char *ghost, c
 /* An invitation of the bot by one of this provider's users: join, and
  * make the room that user's management room (unless it is bridged or
  * others are in it).  True: the homeserver did not take the join for
- * now, try again later.
+ * now, try again later.  retry: this invitation was tried before (its
+ * inbox row's attempts).
  *
  * Someone invited into the room (or joining it) after others_in read the
  * members is an intruder the transaction path hands to the bot (matrix.c,
@@ -1029,7 +1030,8 @@ static int others_in_st(struct matrix *m, const char *room, const char *ghost, c
  * stays, so that a room found shared never takes over the user's
  * management room; one the second finds shared (or cannot read for now)
  * gives it back. */
-static bool invited(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *eid)
+static bool invited(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *eid,
+		    bool retry)
 {
 	static const char others_text[] = "I take commands in a room of your own with me (open a direct room with "
 					  "me there); this one is a bridged conversation, or others are in it.";
@@ -1043,9 +1045,14 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 	 * which is told so and left.  Past her limit it is declined, and
 	 * nothing said: until the fifty-second session a user who invited
 	 * the bot again and again (kicking it, opening new direct rooms with
-	 * it) had a join, a help and a "moved" notice for each, uncounted. */
+	 * it) had a join, a help and a "moved" notice for each, uncounted.
+	 * A try again of the same invitation (its inbox row: the join not
+	 * taken for now, the members not read) is not another: its token was
+	 * taken at the first try (until the fifty-third session each try took
+	 * one, and an invitation the homeserver was slow to take could be
+	 * declined half way). */
 	char localpart[MX_ID_MAX + 1], server[MX_ID_MAX + 1];
-	if (mx_user_id_parse(sender, localpart, sizeof(localpart), server, sizeof(server)) &&
+	if (!retry && mx_user_id_parse(sender, localpart, sizeof(localpart), server, sizeof(server)) &&
 	    !policy_user_command_allowed(m->app->policy, m->app->limits, localpart, NULL)) {
 		LOG_KV_LIMITED(CW_LOG_INFO, "an invitation of the bot past the user's commands limit is declined", "user",
 			       sender);
@@ -2496,7 +2503,7 @@ static bool inbox(struct matrix *m, PGconn *c)
 		    json_is_string(json_object_get(content, "membership")) &&
 		    strcmp(json_string_value(json_object_get(content, "membership")), "invite") == 0) {
 			if (strcmp(key, m->bot) == 0)
-				again = invited(m, c, room, sender, eid);
+				again = invited(m, c, room, sender, eid, atoi(PQgetvalue(r, i, 2)) > 0);
 			else if (mx_in_ghost_namespace(m->cfg->mx_user_prefix, mx_server_name(m->cfg), key))
 				again = ghost_invited(m, c, room, sender, key, eid);
 			else if (!intruded(m, c, room, key, eid))

@@ -2226,6 +2226,42 @@ def test_invitations_of_the_bot_are_limited_as_commands(mx, hs, pg, db_url):
     assert not any(hs.members(r).get(bot) == "join" for r in rooms + [first] if r != last)
 
 
+def test_an_invitation_of_the_bot_tried_again_takes_one_token(mx, hs, pg, db_url):
+    """Each of alice's 25 invitations of the bot is tried again once (the
+    homeserver did not take the bot's first join, a 503): a try again of
+    the same invitation takes no token of her commands bucket (31 a
+    minute), so the 25 cost 25 of the 30 she has left and each is
+    answered. Until the fifty-third session every try took one: 50
+    tokens, and the tries again past her 30th were declined (the bot left,
+    nothing said) though she had invited it only 25 times."""
+    bot = "@_cw_bot:example.org"
+    assert mx.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 1}).ok
+    alice, first, _ = alice_and_the_bot(hs)  # one token
+    refused = set()
+
+    def refuse(method, path, user):
+        if user == bot and path.endswith("/join") and path not in refused:
+            refused.add(path)
+            return True
+        return False
+    hs.refuse = refuse
+    rooms = [alice.create_dm(bot) for _ in range(25)]
+    wait_until(lambda: len(refused) == 25, timeout=60, what="every first join refused")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_bot_inbox WHERE handled_at IS NULL", db_url) == "0",
+               timeout=60, what="every invitation handled")
+    hs.refuse = None
+    time.sleep(1)  # any notice still on its way
+
+    def bot_said(room):
+        return [e["content"]["body"] for e in hs.events(room) if e["type"] == "m.room.message"
+                and e["sender"] == bot]
+    assert len(refused) == 25, len(refused)
+    helps = [r for r in rooms if any("Commands" in w for w in bot_said(r))]
+    assert len(helps) == 25, [(hs.members(r).get(bot), bot_said(r)) for r in rooms if r not in helps]
+    assert "past the user's commands limit" not in mx.log()
+    assert pg.psql("SELECT room_id FROM matrix_mgmt_rooms", db_url) == rooms[-1]
+
+
 def test_what_the_bot_quotes_of_a_command_is_shown_safe(mx, hs, gk, pg, db_url):
     """An answer that quotes what the user typed (here "I know no network
     ...") writes each control character, bidirectional control or mark
