@@ -273,16 +273,17 @@ static cw_err tok_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		char *details = json_dumps(body, JSON_COMPACT);
 		const char *ap[] = { q->actor, q->action, json_string_value(json_object_get(body, "name")),
 				     details ? details : "{}" };
-		r = PQexecParams(c, "INSERT INTO audit_log (actor, action, subject, details) VALUES ($1, $2, $3, $4::jsonb)",
-				 4, NULL, ap, NULL, NULL, 0);
+		/* The record names the change's transaction, for the sync
+		 * (until the fifty-third session a statement of its own). */
+		r = PQexecParams(c, "INSERT INTO audit_log (actor, action, subject, details) VALUES ($1, $2, $3, $4::jsonb) "
+				    "RETURNING pg_current_xact_id()::text", 4, NULL, ap, NULL, NULL, 0);
 		free(details);
-		cw_err rc = store_check(c, r, PGRES_COMMAND_OK, e);
+		cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 		if (!rc) {
+			snprintf(q->xid, sizeof(q->xid), "%s", PQgetvalue(r, 0, 0));
 			PQclear(r);
 			rc = policy_notify_user(c, NULL, e); /* every process reloads its tokens */
 		}
-		if (!rc)
-			rc = policy_change_xid(c, q->xid, e);
 		if (rc) {
 			json_decref(body);
 			return rc;

@@ -240,13 +240,21 @@ static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 			snprintf(rule, sizeof(rule), "%lld", (long long)json_integer_value(id));
 		const char *ap[] = { q->action, q->subject >= 0 ? q->p[q->subject] : NULL, details ? details : "{}",
 				     admin_actor(j->req), rule[0] ? rule : NULL };
+		/* The record names the change's transaction too: the sync
+		 * waits for a view that has it, and loads nothing for it when
+		 * its NOTIFY's load has.  Until the fifty-third session a
+		 * statement of its own read it after the NOTIFY
+		 * (policy_change_xid): one round trip more for each change. */
 		r = PQexecParams(c, "INSERT INTO audit_log (actor, action, subject, details, rule_id) VALUES ($4, $1, "
-				    "$2, $3::jsonb, $5::bigint)", 5, NULL, ap, NULL, NULL, 0);
+				    "$2, $3::jsonb, $5::bigint) RETURNING pg_current_xact_id()::text", 5, NULL, ap, NULL,
+				 NULL, 0);
 		free(details);
-		if ((rc = store_check(c, r, PGRES_COMMAND_OK, e))) {
+		if ((rc = store_check(c, r, PGRES_TUPLES_OK, e))) {
 			json_decref(body);
 			return rc;
 		}
+		if (!q->not_policy)
+			snprintf(q->xid, sizeof(q->xid), "%s", PQgetvalue(r, 0, 0));
 		PQclear(r);
 		/* A change of one local user's facts (opt-in, consent): every
 		 * process reloads that user's alone; anything else, all.  A
@@ -256,12 +264,6 @@ static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		 * delivering one of the two). */
 		if (!q->not_policy && !q->consent &&
 		    (rc = policy_notify_user(c, q->local >= 0 ? local_id : NULL, e))) {
-			json_decref(body);
-			return rc;
-		}
-		/* the sync waits for a view that has this transaction's change,
-		 * and loads nothing for it when its NOTIFY's load has */
-		if (!q->not_policy && (rc = policy_change_xid(c, q->xid, e))) {
 			json_decref(body);
 			return rc;
 		}
@@ -1425,7 +1427,8 @@ static const char report_sql[] =
 	"  a::jsonb AS d FROM ans "
 	"  UNION ALL SELECT 1, 'system:reports', 'rule.create', id, " RULE_JSON "::jsonb "
 	"  || jsonb_build_object('report', (SELECT id FROM rep)) FROM lim) x ORDER BY x.k) "
-	"SELECT a::text, (SELECT count(pg_notify('causeway_policy', 'x:' || pg_current_xact_id())) FROM lim) FROM ans";
+	"SELECT a::text, (SELECT count(pg_notify('causeway_policy', 'x:' || pg_current_xact_id())) FROM lim), "
+	"  pg_current_xact_id()::text FROM ans";
 
 /* The subject a report is stored under, into out (MIMI_URI_MAX + 1
  * bytes), so that one person is one subject (the admin views' counts, the
@@ -1499,7 +1502,7 @@ const char *policy_report_fields_problem(const json_t *reason, const json_t *evi
 }
 
 cw_err policy_report_store(PGconn *c, struct cw_app *app, const struct policy_report *rep, json_t **answer,
-			   cw_errmsg *e)
+			   char *xid, cw_errmsg *e)
 {
 	if (user_uri_problem(app, rep->subject, false))
 		return cw_fail(e, CW_EINVAL, "a report's subject must be a user URI");
@@ -1533,6 +1536,8 @@ cw_err policy_report_store(PGconn *c, struct cw_app *app, const struct policy_re
 		if (!*answer)
 			rc = cw_fail(e, CW_EINTERNAL, "the database gave an answer that is not JSON");
 	}
+	if (xid)
+		snprintf(xid, POLICY_XID_LEN, "%s", PQntuples(r) == 1 ? PQgetvalue(r, 0, 2) : "");
 	PQclear(r);
 	return rc;
 }
@@ -1552,7 +1557,7 @@ static cw_err report_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	const struct policy_report rep = { .reporter_kind = q->p[0], .reporter = q->p[1], .subject = q->p[2],
 					   .reason = q->p[3], .evidence = q->p[4], .comment = q->p[5],
 					   .actor = q->p[6] };
-	cw_err rc = policy_report_store(c, j->app, &rep, &j->body, e);
+	cw_err rc = policy_report_store(c, j->app, &rep, &j->body, q->xid, e);
 	if (rc == CW_EINVAL) {
 		/* the subject names a contact of a network not configured
 		 * (report_subject): nothing stored */
@@ -1562,10 +1567,10 @@ static cw_err report_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	if (!rc) {
 		j->status = 201;
 		/* report_sql notifies every process of a limit it made; with
-		 * none, no reload is waited for */
+		 * none, no reload is waited for.  Its answer names its
+		 * transaction (q->xid, for the sync): until the fifty-third
+		 * session a statement of its own read it. */
 		q->not_policy = json_is_null(json_object_get(j->body, "limit_rule_id"));
-		if (!q->not_policy)
-			rc = policy_change_xid(c, q->xid, e);
 	}
 	return rc;
 }

@@ -59,9 +59,11 @@ struct cw_app;
  * peer's user); CW_EINVAL when it names a contact of a component whose
  * peer is not configured (nothing stored).  answer (NULL: not wanted):
  * {id, subject (as stored), reports_in_window, reporters_in_window,
- * limit_rule_id, evidence (the message ids stored, an array)}. */
+ * limit_rule_id, evidence (the message ids stored, an array)}.  xid
+ * (NULL: not wanted; else POLICY_XID_LEN bytes): the id of c's
+ * transaction, for the sync of the limit it made (policy_live_sync). */
 cw_err policy_report_store(PGconn *c, struct cw_app *app, const struct policy_report *rep, json_t **answer,
-			   cw_errmsg *e);
+			   char *xid, cw_errmsg *e);
 /* Why a report's reason, evidence and comment (members of a JSON body,
  * NULL when absent; the reason is required) are none: NULL when they are
  * one, else the detail of a 400 invalid_body (a constant, or why, len

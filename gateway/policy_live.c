@@ -1489,17 +1489,6 @@ cw_err policy_notify_user(PGconn *c, const char *local_id, cw_errmsg *e)
 	return rc;
 }
 
-cw_err policy_change_xid(PGconn *c, char *xid, cw_errmsg *e)
-{
-	PGresult *r = PQexec(c, "SELECT pg_current_xact_id()::text");
-	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
-	if (rc)
-		return rc;
-	snprintf(xid, POLICY_XID_LEN, "%s", PQgetvalue(r, 0, 0));
-	PQclear(r);
-	return CW_OK;
-}
-
 /* Whether a consent change of local user $1 (kind $2, subject $3, state
  * $4) repeats what is stored: the state she has for that subject (none:
  * no consent stored), and no pending request of that pair for it to
@@ -2416,7 +2405,7 @@ static bool sync_request(struct policy_live *pl, const int64_t *ids, size_t n, u
 	return ok;
 }
 
-/* A transaction id's text (policy_change_xid), 0 when none or not one. */
+/* A transaction id's text (pg_current_xact_id()::text), 0 when none or not one. */
 static uint64_t xid_of(const char *xid)
 {
 	if (!xid || *xid < '0' || *xid > '9')

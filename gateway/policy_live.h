@@ -129,9 +129,6 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
  * view in force has read it already loads nothing for it (policy_xsnap);
  * one without it (an operator's NOTIFY by hand) is loaded as before. */
 cw_err policy_notify_user(PGconn *c, const char *local_id, cw_errmsg *e);
-/* The id of c's transaction (xid8 text, POLICY_XID_LEN bytes): for the
- * sync of a change it made (policy_live_sync). */
-cw_err policy_change_xid(PGconn *c, char *xid, cw_errmsg *e);
 void policy_view_put(struct policy_view *v);
 
 /* Applies consent to held rows (all local users, or only target_id when it
@@ -422,7 +419,9 @@ void policy_rate_ledger_take_item(struct policy_rate_ledger *l, size_t item, int
 /* Asks for a reload and waits until a snapshot loaded after this call is
  * in force (a change this process just committed is then in effect here);
  * false after timeout_ms.  xid (NULL or "": not known) the transaction of
- * the change (policy_change_xid, after its commit): a view in force that
+ * the change (pg_current_xact_id()::text, read by one of the change's own
+ * statements: its audit record's RETURNING, since the fifty-third session;
+ * the sync is called after its commit): a view in force that
  * has read it answers at once, with no load (the one its NOTIFY made, heard
  * first), and the load this sync makes answers that NOTIFY when it comes. */
 bool policy_live_sync(struct policy_live *pl, const char *xid, long timeout_ms);

@@ -930,7 +930,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 		 * and the rerun stored a second one). */
 		cw_err rc = store_exec(c, "BEGIN", &e);
 		if (!rc)
-			rc = policy_report_store(c, m->app, &rep, &ans, &e);
+			rc = policy_report_store(c, m->app, &rep, &ans, NULL, &e);
 		if (!rc)
 			rc = inbox_handled(c, inbox_id, &e);
 		if (!rc) {

@@ -558,7 +558,7 @@ static cw_err report_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 			     "evidence %s is no message of a conversation of the reporter's that her provider sent "
 			     "or was sent", bad);
 	else if (!rc && !(rc = report_open_already(c, &rep, &same, e)) && !same)
-		rc = policy_report_store(c, j->app, &rep, NULL, e);
+		rc = policy_report_store(c, j->app, &rep, NULL, NULL, e);
 	free(evidence);
 	if (!rc && !bad[0])
 		accepted(j);

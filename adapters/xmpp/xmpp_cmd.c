@@ -181,7 +181,7 @@ static cw_err report_run(PGconn *c, struct xconsent *j, const char *uri, const c
 	const struct policy_report rep = { .reporter_kind = "local_user", .reporter = uri, .subject = subject,
 					   .reason = "abuse", .comment = j->reason[0] ? j->reason : NULL, .gather = true };
 	json_t *ans = NULL;
-	cw_err rc = policy_report_store(c, j->xc->x->app, &rep, &ans, e);
+	cw_err rc = policy_report_store(c, j->xc->x->app, &rep, &ans, NULL, e);
 	if (rc == CW_EINVAL) {
 		/* the subject names a contact of another component whose
 		 * peer is not configured (policy_report_store: nothing

@@ -16,7 +16,9 @@ import pytest
 
 from harness import ADMIN_TOKEN, TOP_SRCDIR, HeldSession, free_port, wait_until
 from peer import push_peers
+from pgproxy import PgProxy
 from test_peer_auth import read_answer, send_head
+from test_peer_social import transactions
 from test_openapi import check_schema, concurrent_change_faults, deref, operations, query_400_faults, resolve, route_table, too_large_answers, \
     too_large_faults, walk
 
@@ -1803,6 +1805,51 @@ def test_a_change_is_loaded_once_where_it_is_made_and_once_where_it_is_heard(mak
     # b heard each rule apart (waited for above); her changes maybe two at a time
     assert b1[0] - b0[0] == n and 1 <= b1[1] - b0[1] <= n, (b0, b1)
     assert "not yet in force here" not in a.log()
+
+
+def test_a_change_reads_its_transaction_in_its_own_statements(make_daemon, pg, db_url):
+    """The sync of a change (a rule, a consent, a token, a report's
+    automatic limit) names the change's transaction, so that its process
+    loads it once.  The id is read by the change's own statements (its
+    audit record's RETURNING, the report's statement): until the
+    fifty-third session a SELECT pg_current_xact_id() of its own followed,
+    one round trip more for every change.  Each is still loaded once where
+    it is made (the id read is the right one)."""
+    with PgProxy(db_url) as px:
+        d = make_daemon(px.url, options={"policy": {"reload_interval_s": "3600"}}).start()
+        made = push_peers(d, (("gk", "wa.example"),))
+        for _, srv in made:
+            srv.close()
+        alice = "mimi://example.org/u/alice"
+        assert d.admin("POST", "/optins", json={"user": alice, "network": "peer:gk", "opted_in": True}).ok
+        assert d.admin("PATCH", "/settings", json={"policy.report_limit_threshold": 1}).ok
+        changes = {
+            "rule": lambda: d.admin("POST", "/rules", json={"scope": "domain", "pattern": "xid.example",
+                                                            "mode": "deny"}),
+            "consent": lambda: d.admin("POST", "/consents", json={"user": alice, "subject_kind": "user",
+                                                                  "subject": "mimi://wa.example/u/wally",
+                                                                  "state": "blocked"}),
+            "token": lambda: call(d, "POST", "/admin/v1/tokens", ADMIN_TOKEN, json={"name": "xid-viewer",
+                                                                                   "role": "viewer"}),
+            "report": lambda: d.admin("POST", "/reports", json={"subject": "mimi://wa.example/u/wally",
+                                                                "reason": "spam"}),
+        }
+        before = settled_reloads(d)
+        for what, change in changes.items():
+            rec = px.record()
+            r = change()
+            px.stop_recording()
+            assert r.status_code in (200, 201), (what, r.text)
+            if what == "report":
+                assert r.json()["limit_rule_id"] is not None, r.text
+            mine = [x for x in transactions(rec) if any("audit_log" in s for s in x["statements"])]
+            assert len(mine) == 1, (what, transactions(rec))
+            assert not [s for s in mine[0]["statements"] if s.strip().startswith("SELECT pg_current_xact_id()")], \
+                (what, mine[0])
+        after = settled_reloads(d)
+        # rule, token, report: everything; consent: her facts
+        assert (after[0] - before[0], after[1] - before[1]) == (3, 1), (before, after)
+        assert "not yet in force here" not in d.log()
 
 
 def test_a_change_missed_while_the_policy_connection_was_gone_is_loaded_on_reconnect(make_daemon, pg, db_url):
