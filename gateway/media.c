@@ -158,25 +158,83 @@ void media_download_setup(CURL *h, const char *url, struct curl_slist *headers, 
 	}
 }
 
-bool media_type_ok(const char *s)
+/* An ASCII letter or digit (whatever the locale). */
+static bool is_alnum(unsigned char ch)
 {
-	/* RFC 6838 §4.2: restricted-name-chars, one slash. */
-	size_t n = strlen(s), slash = 0, at = 0;
-	if (n == 0 || n > 127)
+	return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9');
+}
+
+/* RFC 9110 tchar. */
+static bool is_tchar(unsigned char ch)
+{
+	return is_alnum(ch) || (ch && strchr("!#$%&'*+-.^_`|~", ch) != NULL);
+}
+
+/* RFC 6838 4.2 restricted-name: a letter or digit, then at most 126
+ * letters, digits and !#$&-^_.+; the end of it in *end. */
+static bool restricted_name(const char *s, const char **end)
+{
+	size_t n = 0;
+	if (!is_alnum((unsigned char)s[0]))
 		return false;
-	for (size_t i = 0; i < n; i++) {
-		char c = s[i];
-		if (c == '/') {
-			slash++;
-			at = i;
-			continue;
-		}
-		bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-			  strchr("!#$&-^_.+", c) != NULL;
-		if (!ok)
+	while (s[n] && (is_alnum((unsigned char)s[n]) || strchr("!#$&-^_.+", s[n])))
+		n++;
+	*end = s + n;
+	return n <= 127;
+}
+
+static const char *skip_ows(const char *s)
+{
+	while (*s == ' ' || *s == '\t')
+		s++;
+	return s;
+}
+
+/* The one check of a media type's syntax (media.h).  Until the
+ * fifty-third session there were two: this one, the peer API's
+ * (event.c), and media_type_ok here (a fetched file's type and a Matrix
+ * file's mimetype), which took a type or subtype starting with a symbol
+ * ("image/+png", "-x/y": not RFC 6838 names) and no parameter, and which
+ * mx_map.c asked together with this one.  Until the fifty-second session
+ * a type and a subtype were any RFC 9110 tokens ("image/x-'or'1", "*" +
+ * "/" + "*", a name of 249 bytes) and no parameter was taken
+ * ("text/plain; charset=utf-8" was refused). */
+bool media_type_valid(const char *s)
+{
+	const char *p;
+	if (!restricted_name(s, &p) || *p != '/' || !restricted_name(p + 1, &p))
+		return false;
+	for (;;) {
+		if (*p == '\0')
+			return true;
+		p = skip_ows(p); /* white space only before a ';' */
+		if (*p != ';')
 			return false;
+		p = skip_ows(p + 1);
+		if (*p == ';' || *p == '\0')
+			continue; /* an empty parameter: "[ parameter ]" */
+		const char *name = p;
+		while (is_tchar((unsigned char)*p))
+			p++;
+		if (p == name || *p != '=')
+			return false;
+		p++;
+		if (*p == '"') {
+			for (p++; *p != '"'; p++) {
+				if (*p == '\\')
+					p++; /* quoted-pair: HTAB, SP or VCHAR follows */
+				if (*p != '\t' && (*p < 0x20 || *p > 0x7e))
+					return false; /* the end, a control or a byte past ASCII */
+			}
+			p++;
+		} else {
+			const char *value = p;
+			while (is_tchar((unsigned char)*p))
+				p++;
+			if (p == value)
+				return false;
+		}
 	}
-	return slash == 1 && at > 0 && at < n - 1;
 }
 
 void media_download_done(CURL *h, struct media_blob *b)
@@ -190,7 +248,9 @@ void media_download_done(CURL *h, struct media_blob *b)
 		return;
 	memcpy(b->content_type, ct, n);
 	b->content_type[n] = '\0';
-	if (!media_type_ok(b->content_type))
+	/* The type without its parameters (cut above): a bare
+	 * type/subtype, what the media is served as (peer_media.c). */
+	if (!media_type_valid(b->content_type))
 		b->content_type[0] = '\0';
 }
 

@@ -38,9 +38,18 @@ void media_download_setup(CURL *h, const char *url, struct curl_slist *headers, 
 /* After the transfer: the answer's content type into b (when valid). */
 void media_download_done(CURL *h, struct media_blob *b);
 
-/* Whether s is a media type "type/subtype" of RFC 6838 characters, without
- * parameters, at most 127 bytes. */
-bool media_type_ok(const char *s);
+/* Whether s is a media type as RFC 9110 8.3.1 writes it, its type and
+ * subtype RFC 6838's restricted names (4.2: a letter or digit, then
+ * letters, digits and !#$&-^_.+, at most 127 bytes each):
+ *   media-type = type "/" subtype *( OWS ";" OWS [ parameter ] )
+ *   parameter  = token "=" ( token / quoted-string )
+ * ASCII only (no obs-text: a byte above 0x7e in a quoted string is
+ * refused), so that it goes whole into a Content-Type header and never
+ * carries a line break.  The one syntax check of every media type: a peer
+ * API attachment's content_type (which adds its length, at most
+ * EVENT_CONTENT_TYPE_MAX bytes), a Matrix file's mimetype mapped in, the
+ * type a fetched file was answered with (its parameters cut first). */
+bool media_type_valid(const char *s);
 
 /* Headers that sign a GET of url as Causeway (RFC 9421: @method and
  * @target-uri, created, keyid, nonce, tag), as every request to a peer is:

@@ -977,7 +977,7 @@ static enum mx_in_result text_parts(const json_t *c, const char *msgtype, bool s
 		const char *filename = str_member(c, "filename");
 		bool caption = filename && *filename && strcmp(filename, body) != 0 && *body;
 		const char *name = caption ? filename : body;
-		json_t *a = json_pack("{s:s, s:s, s:I}", "content_type", mime && media_type_ok(mime) && event_content_type_valid(mime) ? mime :
+		json_t *a = json_pack("{s:s, s:s, s:I}", "content_type", mime && strlen(mime) <= EVENT_CONTENT_TYPE_MAX && media_type_valid(mime) ? mime :
 							     "application/octet-stream",
 				      "url", url, "size", (json_int_t)json_integer_value(size));
 		if (event_filename_valid(name))

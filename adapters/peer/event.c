@@ -1,6 +1,7 @@
 /* Validation of the neutral API's inputs: identifiers, event bodies, batches. */
 #include "config.h"
 #include "peer/event.h"
+#include "media.h"
 #include "utf8.h"
 
 #include <stdarg.h>
@@ -623,80 +624,6 @@ static cw_err check_parts(struct vctx *c, json_t *content, struct event *ev)
 	return CW_OK;
 }
 
-/* RFC 9110 tchar. */
-static bool is_tchar(unsigned char ch)
-{
-	return is_alnum(ch) || (ch && strchr("!#$%&'*+-.^_`|~", ch) != NULL);
-}
-
-/* RFC 6838 4.2 restricted-name: a letter or digit, then at most 126
- * letters, digits and !#$&-^_.+; the end of it in *end. */
-static bool restricted_name(const char *s, const char **end)
-{
-	size_t n = 0;
-	if (!is_alnum((unsigned char)s[0]))
-		return false;
-	while (s[n] && (is_alnum((unsigned char)s[n]) || strchr("!#$&-^_.+", s[n])))
-		n++;
-	*end = s + n;
-	return n <= 127;
-}
-
-static const char *skip_ows(const char *s)
-{
-	while (*s == ' ' || *s == '\t')
-		s++;
-	return s;
-}
-
-/* A media type as RFC 9110 8.3.1 writes it, its type and subtype RFC 6838's
- * restricted names (4.2):
- *   media-type = type "/" subtype *( OWS ";" OWS [ parameter ] )
- *   parameter  = token "=" ( token / quoted-string )
- * ASCII only (no obs-text: a byte above 0x7e in a quoted string is
- * refused), so that it goes whole into a Content-Type header
- * (mx_media.c's upload) and never carries a line break.  Until the
- * fifty-second session a type and a subtype were any RFC 9110 tokens
- * ("image/x-'or'1", "*" + "/" + "*", a name of 249 bytes) and no
- * parameter was taken ("text/plain; charset=utf-8" was refused). */
-bool event_content_type_valid(const char *s)
-{
-	const char *p;
-	if (!restricted_name(s, &p) || *p != '/' || !restricted_name(p + 1, &p))
-		return false;
-	for (;;) {
-		if (*p == '\0')
-			return true;
-		p = skip_ows(p); /* white space only before a ';' */
-		if (*p != ';')
-			return false;
-		p = skip_ows(p + 1);
-		if (*p == ';' || *p == '\0')
-			continue; /* an empty parameter: "[ parameter ]" */
-		const char *name = p;
-		while (is_tchar((unsigned char)*p))
-			p++;
-		if (p == name || *p != '=')
-			return false;
-		p++;
-		if (*p == '"') {
-			for (p++; *p != '"'; p++) {
-				if (*p == '\\')
-					p++; /* quoted-pair: HTAB, SP or VCHAR follows */
-				if (*p != '\t' && (*p < 0x20 || *p > 0x7e))
-					return false; /* the end, a control or a byte past ASCII */
-			}
-			p++;
-		} else {
-			const char *value = p;
-			while (is_tchar((unsigned char)*p))
-				p++;
-			if (p == value)
-				return false;
-		}
-	}
-}
-
 /* What is wrong with an attachment's url (NULL: nothing).  A user or
  * password before the host (https://user:password@host/...) is refused:
  * libcurl sends it as Basic authentication when the gateway fetches the
@@ -762,7 +689,7 @@ static cw_err check_attachment(struct vctx *c, json_t *a, struct event *ev)
 	cw_err rc = string_member(c, a, "content_type", M_REQUIRED, SIZE_MAX, &s);
 	if (rc)
 		return rc;
-	if (strlen(s) > EVENT_CONTENT_TYPE_MAX || (!c->stored && !event_content_type_valid(s))) {
+	if (strlen(s) > EVENT_CONTENT_TYPE_MAX || (!c->stored && !media_type_valid(s))) {
 		jptr_push(&c->ptr, "content_type");
 		return vfail(c, EVENT_ERR_INVALID,
 			     "content_type must be a media type: type/subtype (RFC 6838: letters, digits, !#$&-^_.+, "

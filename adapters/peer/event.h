@@ -125,9 +125,6 @@ struct event_limits event_limits_default(void);
  * '/', '\\', control characters (C0, DEL, C1) or bidirectional controls
  * (cw_utf8_has_bidi_control: since the thirtieth session), not "." or "..". */
 bool event_filename_valid(const char *s);
-/* Whether s is a content_type the peer API takes (RFC 6838 names, RFC 9110
- * parameters): what an adapter maps in must be one. */
-bool event_content_type_valid(const char *s);
 /* An attachment's url as event_parse takes it: https:// or mxc://, a
  * host, visible ASCII, no user or password, at most EVENT_URL_MAX bytes
  * (what an adapter makes an attachment of, a local user's link). */
@@ -178,8 +175,9 @@ bool event_url_valid(const char *s);
  *                text/plain text/markdown text/html (and allowed by
  *                part_types), body a string of 1..max_body_bytes bytes
  *   attachments  array of 0..max_attachments objects:
- *                  content_type  required, "type/subtype" of RFC 9110 token
- *                                characters, no parameters, <= 255 bytes
+ *                  content_type  required, a media type (media_type_valid:
+ *                                RFC 6838 names, RFC 9110 parameters),
+ *                                <= 255 bytes
  *                  url           required, "https://..." or "mxc://..." with
  *                                a rest of visible ASCII (no space, no " < >
  *                                \ ^ ` { | }) that starts with a host (not

@@ -571,7 +571,7 @@ static void released(void *arg)
 }
 
 /* Whether a browser may show a file of type ct (as answered: type/subtype,
- * media_type_ok) in its window: images, audio, video and plain text that
+ * media_type_valid) in its window: images, audio, video and plain text that
  * run nothing (the list Matrix's homeservers serve inline, spec 1.11
  * "Content-Disposition").  Any other, HTML, SVG, XML and PDF among them,
  * is answered as an attachment, to save rather than show: someone

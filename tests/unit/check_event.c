@@ -1,6 +1,7 @@
 /* Identifiers, event bodies and batches of the neutral API, table-driven from
  * tests/unit/data/event_ids.txt, event_cases.txt and event_batch_cases.txt. */
 #include "config.h"
+#include "media.h"
 #include "peer/event.h"
 #include "peer/peers.h"
 #include "unit.h"
@@ -428,6 +429,68 @@ START_TEST(stored_event_content_type_taken_as_at_arrival)
 		 "{\"type\":\"message\",\"content\":{\"attachments\":[{\"content_type\":\"image/%0256d\","
 		 "\"url\":\"mxc://example.org/abc\"}]}}", 0);
 	ck_assert_int_eq(event_parse(longer, strlen(longer), &lim, EVENT_STORED, &ev, &err), CW_EINVAL);
+}
+END_TEST
+
+/* media_type_valid is the one syntax of a media type: the peer API's
+ * content_type (event_parse agrees with it on each), a Matrix mimetype
+ * mapped in, a fetched file's type.  Until the fifty-third session a
+ * fetched type was checked by media_type_ok, which took a name from a
+ * symbol (the last rows): those are no RFC 6838 names, and a file so
+ * answered is served as application/octet-stream now. */
+START_TEST(media_type_valid_is_the_peer_apis_content_type)
+{
+	static const struct {
+		const char *s;
+		bool ok;
+	} cases[] = {
+		{ "image/png", true },
+		{ "application/vnd.oasis.opendocument.text", true },
+		{ "0a!#$&-^_.+/9Z!#$&-^_.+", true },
+		{ "text/plain; charset=utf-8", true },
+		{ "Text/Plain;charset=\"utf-8\" ;format=flowed", true },
+		{ "image/png;", true },
+		{ "", false },
+		{ "image", false },
+		{ "image/", false },
+		{ "/png", false },
+		{ "*/*", false },
+		{ "image/x-'or'1", false },
+		{ "image/png x", false },
+		{ "image/png; a", false },
+		{ "image/png; a=", false },
+		{ "image/png; a=\"\xc3\xa9\"", false },
+		{ "image/png; a=\"x", false },
+		{ "image/png; a=\"\n\"", false },
+		{ "image/+png", false },
+		{ "-image/png", false },
+		{ ".a/b", false },
+		{ "+/+", false },
+	};
+	struct event_limits lim = event_limits_default();
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		ck_assert_msg(media_type_valid(cases[i].s) == cases[i].ok, "%s", cases[i].s);
+		json_t *b = json_pack("{s:s, s:{s:[{s:s, s:s}]}}", "type", "message", "content", "attachments",
+				      "content_type", cases[i].s, "url", "https://a.example/1");
+		char *body = json_dumps(b, JSON_COMPACT);
+		struct event ev;
+		struct event_error err;
+		cw_err rc = event_parse(body, strlen(body), &lim, 0, &ev, &err);
+		ck_assert_msg((rc == CW_OK) == cases[i].ok, "%s", cases[i].s);
+		if (rc == CW_OK)
+			event_free(&ev);
+		else
+			ck_assert_str_eq(err.pointer, "/content/attachments/0/content_type");
+		free(body);
+		json_decref(b);
+	}
+	char name[300];
+	snprintf(name, sizeof(name), "%0127d/%0127d", 0, 0);
+	ck_assert(media_type_valid(name));
+	snprintf(name, sizeof(name), "%0128d/png", 0);
+	ck_assert(!media_type_valid(name));
+	snprintf(name, sizeof(name), "image/%0128d", 0);
+	ck_assert(!media_type_valid(name));
 }
 END_TEST
 
@@ -912,6 +975,7 @@ int main(void)
 	tcase_add_test(tc, peer_event_types_match_whole_words);
 	tcase_add_test(tc, label_goes_before_text_only);
 	tcase_add_test(tc, stored_event_content_type_taken_as_at_arrival);
+	tcase_add_test(tc, media_type_valid_is_the_peer_apis_content_type);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
 }
