@@ -1051,6 +1051,31 @@ def test_a_files_token_ends_with_its_message_and_its_time(mx, hs, gk, pg, db_url
     assert r.status_code == 404 and r.json()["code"] == "unknown_media", r.text[:200]
 
 
+def test_a_file_answered_with_a_type_that_is_no_media_type_is_served_as_octet_stream(mx, hs, gk, pg, db_url):
+    """The type a file is served to the peer with is the one the homeserver
+    answered, when it is a media type (media_type_valid: the peer API's
+    check, RFC 6838 names).  Until the fifty-third session a fetched type
+    had a laxer check of its own, which took a name from a symbol: a file
+    answered as image/+png was served so."""
+    a, srv = gk
+    room, mx_room = matrix_dm(mx, hs, a, pg, db_url)
+    data = os.urandom(300)
+    for i, (answered, served) in enumerate((("image/+png", "application/octet-stream"),
+                                            ("image/png; x=1", "image/png"))):
+        mxc = hs.upload(ALICE_MX, data, answered, "f.bin")
+        ev = {"event_id": f"$odd{i}", "room_id": mx_room, "sender": ALICE_MX, "type": "m.room.message",
+              "origin_server_ts": 1700000000000 + i,
+              "content": {"msgtype": "m.file", "body": "f.bin", "url": mxc,
+                          "info": {"mimetype": "image/png", "size": len(data)}}}
+        assert as_put(mx, f"odd{i}", {"events": [ev]}).status_code == 200
+        wait_until(lambda: len([e for e in srv.events if e.get("content", {}).get("attachments")]) == i + 1,
+                   what="the file at the peer")  # noqa: B023 (waited for in the loop)
+        att = [e for e in srv.events if e.get("content", {}).get("attachments")][i]["content"]["attachments"][0]
+        r = a.call("GET", att["url"][len(mx.url):])
+        assert r.status_code == 200 and r.content == data, (r.status_code, r.text[:200])
+        assert r.headers["Content-Type"] == served, (answered, r.headers)
+
+
 def test_a_file_of_a_long_content_uri_reaches_the_peer_as_a_link_it_can_fetch(mx, hs, gk, pg, db_url):
     """A valid content URI may have a media id of up to 255 characters
     (Matrix spec): its token, the source in base64 with the MAC, does not
