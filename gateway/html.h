@@ -21,7 +21,8 @@ htmlParserCtxtPtr cw_html_context(const char *buf, size_t n, int options);
  * would read as the end of an open <b> or heading when the sanitised HTML
  * is read again); until the fifty-third session "one</br>two" was the
  * text "onetwo".  The thread's structured error
- * handler is libxml2's own again afterwards. */
+ * handler is the one it had before again afterwards (the parse's own is
+ * set for this thread only: libxml2's error globals are per thread). */
 void cw_html_parse(htmlParserCtxtPtr ctxt);
 
 /* Visits every node of doc in document order without recursion (a tree
