@@ -34,7 +34,12 @@ htmlParserCtxtPtr cw_html_context(const char *buf, size_t n, int options)
  * is where a <br> goes, at the parser's current node, for either: an
  * empty <p> in a <b> or a heading would end it when read again (libxml2
  * closes those at a <p>), and sanitised HTML is read again. */
+/* libxml2 2.12 made the handler's error const (xmlStructuredErrorFunc). */
+#if LIBXML_VERSION >= 21200
+static void stray_end_tag(void *arg, const xmlError *e)
+#else
 static void stray_end_tag(void *arg, xmlErrorPtr e)
+#endif
 {
 	htmlParserCtxtPtr ctxt = arg;
 	if (!e || e->code != XML_ERR_TAG_NAME_MISMATCH || !e->str1 || e->str2 || e->ctxt != (void *)ctxt ||
