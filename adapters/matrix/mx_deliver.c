@@ -1292,11 +1292,46 @@ bool mx_rename_portal(struct matrix *m, PGconn *c, const char *room, const char 
 	return true;
 }
 
+/* Why the homeserver refused (403) a ghost's join of a user's room of a
+ * group, said in why for the row's last_error: the bot out of the room
+ * (kicked or banned: it cannot invite the ghost, a new member's or one
+ * kicked, so the join of an invite-only room is refused; inviting the bot
+ * again lets it in), the ghost banned there, or else the homeserver's
+ * answer (detail).  Asked of the homeserver as out_of_portal asks (the
+ * membership of who left, as they left it); no answer: the last.  Until
+ * the fifty-third session every such refusal said "banned there", the
+ * bot's being out too. */
+static void join_refusal(struct matrix *m, const char *room, const char *ghost, const char *detail, char *why,
+			 size_t len)
+{
+	char ms[16];
+	long status = 0;
+	cw_errmsg e;
+	if (!member_state(m, m->bot, room, m->bot, ms, sizeof(ms), &status, &e) &&
+	    (strcmp(ms, "leave") == 0 || strcmp(ms, "ban") == 0)) {
+		bool banned = strcmp(ms, "ban") == 0;
+		snprintf(why, len, "the gateway's bot %s the recipient's room of the group, so the sender's ghost "
+				   "cannot be let in: their messages are not delivered there until %s",
+			 banned ? "is banned from" : "was put out of",
+			 banned ? "the ban is lifted and the bot invited again" : "the bot is invited again");
+		LOG_KV_LIMITED(CW_LOG_WARN, "the gateway's bot is out of a user's room of a group: a ghost cannot be "
+			       "let in, its rows there are not delivered", "room", room, "user", ghost);
+		return;
+	}
+	if (!member_state(m, ghost, room, ghost, ms, sizeof(ms), &status, &e) && strcmp(ms, "ban") == 0)
+		snprintf(why, len, "the recipient's room refuses the sender (banned there): their messages are not "
+				   "delivered until the ban is lifted");
+	else
+		snprintf(why, len, "the recipient's room of the group does not let the sender's ghost in: %.400s",
+			 detail);
+}
+
 /* A remote member's ghost in a portal: invited by the bot, then joined
  * (both idempotent on a homeserver: an invite of a member is refused, and
  * the join that follows says whether it is in), and recorded.  *refused:
  * the join was forbidden (403: the user banned the ghost from their room,
- * or the room lets it in no more), an answer that holds. */
+ * the bot is out of it, or the room lets it in no more), an answer that
+ * holds; e then says which (join_refusal). */
 static cw_err ensure_portal_member(struct matrix *m, PGconn *c, const char *room, const char *binding,
 				   const char *sender_id, const char *ghost, bool *refused, cw_errmsg *e)
 {
@@ -1308,6 +1343,11 @@ static cw_err ensure_portal_member(struct matrix *m, PGconn *c, const char *room
 		LOG_KV_LIMITED(CW_LOG_WARN, "the bot cannot invite a ghost to a group", "room", room, "detail", e2.msg);
 	cw_err rc = mx_room_post(m, room, ghost, "join", json_object(), &status, e);
 	*refused = rc && status == 403;
+	if (*refused) {
+		char why[sizeof(e->msg)];
+		join_refusal(m, room, ghost, e->msg, why, sizeof(why));
+		cw_fail(e, rc, "%s", why);
+	}
 	if (rc)
 		return rc;
 	const char *params[] = { binding, sender_id };
@@ -1933,14 +1973,15 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	if (group && !relay && !(have_room && PQgetvalue(r, i, 18)[0] == 't') && !json_object_get(made, jkey)) {
 		char xkey[90];
 		snprintf(xkey, sizeof(xkey), "x%s", jkey);
-		if (json_object_get(made, xkey)) { /* refused before in this batch */
-			cw_fail(e, CW_EIO, "homeserver answered 403 M_FORBIDDEN");
+		const char *before = json_string_value(json_object_get(made, xkey));
+		if (before) { /* refused before in this batch: why */
+			cw_fail(e, CW_EIO, "%s", before);
 			return PREP_DROP;
 		}
 		bool refused;
 		if (ensure_portal_member(m, c, room, binding, sender_id, ghost, &refused, e)) {
 			if (refused)
-				json_object_set_new(made, xkey, json_true());
+				json_object_set_new(made, xkey, json_string(e->msg));
 			return refused ? PREP_DROP : PREP_FAIL;
 		}
 		json_object_set_new(made, jkey, json_true());
@@ -2457,12 +2498,12 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 					continue;
 				}
 				if (p == PREP_DROP) {
-					/* the user keeps that member out of their room:
-					 * its row goes as not delivered, the room's next
-					 * rows go on */
+					/* the user's room does not let that member in
+					 * (banned, or the bot out: pe says which,
+					 * join_refusal): its row goes as not delivered,
+					 * the room's next rows go on */
 					rows[k].outcome = 4;
-					snprintf(rows[k].why, sizeof(rows[k].why), "the recipient's room refuses the sender "
-						 "(banned there): %.400s", pe.msg);
+					snprintf(rows[k].why, sizeof(rows[k].why), "%s", pe.msg);
 					run->next++;
 					continue;
 				}

@@ -3476,6 +3476,10 @@ def test_a_ghost_banned_from_a_users_room_of_a_group_is_not_delivered_there(mx, 
     row = f"(SELECT o.state || ' ' || o.attempts FROM outbox o JOIN events e ON e.id = o.event_id " \
           f"WHERE e.public_id = '{spam.json()['id']}' AND o.destination = 'matrix')"
     wait_until(lambda: pg.psql(f"SELECT {row}", db_url) == "dropped 1", what="bob's row dropped at once")
+    # his ghost's join refused: the room bans it (the bot is in, it could invite)
+    error = pg.psql("SELECT o.last_error FROM outbox o JOIN events e ON e.id = o.event_id "
+                    f"WHERE e.public_id = '{spam.json()['id']}' AND o.destination = 'matrix'", db_url)
+    assert error.startswith("the recipient's room refuses the sender (banned there)"), error
     st = a.call("GET", f"/v1/messages/{spam.json()['id']}").json()
     assert [x["status"] for x in st["recipients"]] == ["accepted"], st  # as a block: not_delivered a week later
     assert a.send(gid, a.user("wally"), "still here").status_code == 202
@@ -3596,6 +3600,84 @@ def test_what_the_bot_relays_into_a_room_of_a_group_it_was_put_out_of_is_not_del
     carol.send_text(hers, "back again")
     wait_until(lambda: any(e["type"] == "m.room.message" and e["sender"] == bot and
                            "back again" in e["content"]["body"] for e in hs.events(room)), what="the relay")
+
+
+@pytest.mark.parametrize("who", ["new member", "kicked ghost"])
+def test_a_ghost_the_bot_cannot_let_into_a_room_it_was_put_out_of_is_not_delivered_as_banned(mx, hs, gk, pg,
+                                                                                            db_url, who):
+    """alice makes a group of her room (wally's and bob's ghosts), then
+    kicks the bot out of it. A member whose ghost is not in her room
+    writes: zed, whom the peer adds to the group afterwards, or bob, whose
+    ghost alice kicked too. His ghost must be invited by the bot, which is
+    out: the invitation is refused, and so is the ghost's join. Each row is
+    not delivered at once (the peer sees only that), and its last_error, in
+    the admin API too, says what is true: the bot is out, so the ghost
+    cannot be let in, until the bot is invited again; until the
+    fifty-third session it said "banned there". alice inviting the bot back
+    lets his next message in."""
+    a, srv = gk
+    consent_alice(mx)
+    consent_alice(mx, a.user("bob"))
+    consent_alice(mx, a.user("zed"))
+    a.create_room([a.user("bob"), "mimi://example.org/u/someone"])  # the peer introduced bob
+    a.create_room([a.user("wally"), "mimi://example.org/u/someone"])
+    a.create_room([a.user("zed"), "mimi://example.org/u/someone"])
+    alice = hs.as_user(hs.create_user("alice")[1])
+    wally, bob, bot = "@_cw_gk_wally:example.org", "@_cw_gk_bob:example.org", "@_cw_bot:example.org"
+    # private_chat: only alice has power there (the ghosts and the bot none), hers to kick the bot
+    room = alice.create_room(preset="private_chat", is_direct=True, invite=[wally])
+    wait_until(lambda: hs.members(room).get(wally) == "join", what="the ghost joins")
+    alice.invite(room, bob)
+    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_portal_members", db_url) == "2", what="a group")
+    wait_until(lambda: hs.members(room).get(bot) == "join", what="the bot in alice's room of the group")
+    alice.send_text(room, "hi both")
+    gid = wait_until(lambda: next((e["room_id"] for e in list(srv.events) if e.get("type") == "message"
+                                   and e["content"]["parts"][0]["body"] == "hi both"), None), what="the group")
+    r = alice.request("POST", f"/_matrix/client/v3/rooms/{room}/kick", {"user_id": bot, "reason": "no bots"})
+    assert r.status_code == 200, r.text
+    wait_until(lambda: hs.members(room).get(bot) == "leave", what="the bot out")
+    members = lambda: {m["user"]: m["membership"]  # noqa: E731
+                       for m in a.call("GET", f"/v1/rooms/{gid}").json()["members"]}
+    if who == "new member":
+        sender, ghost = a.user("zed"), "@_cw_gk_zed:example.org"
+        r = a.call("POST", f"/v1/rooms/{gid}/members", {"add": [sender]})
+        assert r.status_code == 200, r.text
+        wait_until(lambda: members().get(sender) == "joined", what="zed a member of the group")
+    else:
+        sender, ghost = a.user("bob"), bob
+        r = alice.request("POST", f"/_matrix/client/v3/rooms/{room}/kick", {"user_id": bob})
+        assert r.status_code == 200, r.text
+        wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_portal_members", db_url) == "1",
+                   what="bob's ghost no longer counted in")
+        assert members().get(sender) == "joined"  # still a member: only his ghost is out
+    ids = []
+    for i in range(2):
+        s = a.send(gid, sender, f"hello {i}")
+        assert s.status_code == 202, s.text
+        ids.append(s.json()["id"])
+    rows = ("SELECT string_agg(o.state || ' ' || o.attempts, ',' ORDER BY o.id) FROM outbox o "
+            "JOIN events e ON e.id = o.event_id WHERE o.destination = 'matrix' AND e.public_id IN ("
+            + ", ".join(f"'{i}'" for i in ids) + ")")
+    wait_until(lambda: pg.psql(rows, db_url) == "dropped 1,dropped 1", timeout=30,
+               what="the rows not delivered at once, each tried once")
+    assert hs.members(room).get(ghost) != "join"
+    errors = pg.psql("SELECT string_agg(DISTINCT o.last_error, '|') FROM outbox o JOIN events e ON e.id = o.event_id "
+                     "WHERE o.destination = 'matrix' AND e.public_id IN ("
+                     + ", ".join(f"'{i}'" for i in ids) + ")", db_url)
+    assert errors.startswith("the gateway's bot was put out of the recipient's room of the group, so the sender's "
+                             "ghost cannot be let in"), errors
+    assert "banned" not in errors and "|" not in errors, errors
+    dropped = mx.admin("GET", "/outbox?state=dropped&destination=matrix").json()["rows"]
+    assert sorted(x["message"] for x in dropped if x["last_error"] == errors) == sorted(ids), dropped
+    st = a.call("GET", f"/v1/messages/{ids[0]}").json()
+    assert [x["status"] for x in st["recipients"]] == ["accepted"], st  # the peer: not_delivered, as a block
+    assert not any(e["type"] == "m.room.message" and e["content"]["body"].startswith("hello") for e in hs.events(room))
+    # alice invites the bot back: it joins, lets the ghost in, and the next message comes
+    alice.invite(room, bot)
+    wait_until(lambda: hs.members(room).get(bot) == "join", what="the bot back")
+    assert a.send(gid, sender, "back again").status_code == 202
+    wait_until(lambda: any(e["type"] == "m.room.message" and e["sender"] == ghost and
+                           e["content"]["body"] == "back again" for e in hs.events(room)), what="his message")
 
 
 @pytest.mark.parametrize("how", ["own leave", "removed", "banned", "left meanwhile"])
