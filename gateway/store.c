@@ -482,14 +482,34 @@ static bool sqlstate_lasting(const char *code)
  * "LOCATION:" line): the code is taken out of the text, and the LOCATION
  * line dropped, so that the message reads as libpq's default one.  The
  * severity before it may be translated, the code is not.  Several hosts
- * tried: lasting only if every refusal found is. */
+ * tried (database.url's host=a,b): libpq writes one failure per address,
+ * each beginning "connection to server " (the daemon does not set a
+ * locale, so libpq's messages are not translated), and the whole is
+ * lasting only if every address answered and refused for good.  One that
+ * could not be reached (no SQLSTATE: refused over TCP, a time-out, a name
+ * not found) may come up, and the start waits for it: until the
+ * fifty-third session one host refusing for good ended the start while
+ * the other was down.  A password needed and none given is told without a
+ * SQLSTATE too; PQconnectionNeedsPassword says so of the last address
+ * tried only (libpq resets it per host), so that one failure is not
+ * counted unreached, and one of an earlier address is (the start waits). */
 static bool connect_failure_text(PGconn *c, char *msg, size_t size)
 {
+	static const char host_failed[] = "connection to server ";
 	const char *in = PQerrorMessage(c);
 	size_t n = 0;
-	int lasting = 0, passing = 0;
-	while (*in && n + 1 < size) {
-		if (strncmp(in, "LOCATION:", 9) == 0 && (n == 0 || msg[n - 1] == '\n')) {
+	int lasting = 0, passing = 0, uncoded = 0;
+	bool coded = false, begun = false; /* of the address whose failure is read */
+	/* the whole message is read for its codes, what fits is copied */
+	for (const char *start = in; *in;) {
+		bool line_start = in == start || in[-1] == '\n';
+		if (line_start && strncmp(in, host_failed, sizeof(host_failed) - 1) == 0) {
+			if (begun && !coded)
+				uncoded++;
+			coded = false;
+		}
+		begun = true;
+		if (line_start && strncmp(in, "LOCATION:", 9) == 0) {
 			in += strcspn(in, "\n");
 			in += *in == '\n';
 			continue;
@@ -500,6 +520,7 @@ static bool connect_failure_text(PGconn *c, char *msg, size_t size)
 				lasting++;
 			else
 				passing++;
+			coded = true;
 			if (n + 3 < size) {
 				memcpy(msg + n, ":  ", 3);
 				n += 3;
@@ -507,12 +528,18 @@ static bool connect_failure_text(PGconn *c, char *msg, size_t size)
 			in += 10;
 			continue;
 		}
-		msg[n++] = *in++;
+		if (n + 1 < size)
+			msg[n++] = *in;
+		in++;
 	}
 	while (n && (msg[n - 1] == '\n' || msg[n - 1] == ' '))
 		n--;
 	msg[n] = '\0';
-	return (lasting && !passing) || PQconnectionNeedsPassword(c);
+	if (begun && !coded)
+		uncoded++;
+	bool needs_password = PQconnectionNeedsPassword(c);
+	int unreached = uncoded - (needs_password ? 1 : 0);
+	return !passing && unreached <= 0 && (lasting || needs_password);
 }
 
 /* A connection libpq made (or failed to make) given its session settings:

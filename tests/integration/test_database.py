@@ -1114,3 +1114,45 @@ def test_a_wrong_password_ends_the_start(make_daemon, pg, db_url):
         with open(hba, "w") as f:
             f.write(before)
         pg.psql("SELECT pg_reload_conf()")
+
+
+def _closed_tcp_port():
+    """A port of 127.0.0.1 nothing listens on (connections refused)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_lasting_refusal_of_one_host_while_another_is_unreachable_waits(make_daemon, pg, db_url):
+    """database.url may name several hosts (host=a,b), which libpq tries in
+    order until one answers.  One that cannot be reached and then one that
+    refuses for good (here a database it does not have) is no lasting
+    refusal: the first may come up and have it, so the start waits for the
+    database as for any host down, and says why of both.  Until the
+    fifty-third session it ended the start at once.  A host that answers
+    and refuses before one that cannot be reached ends the start as a
+    single host does: libpq does not try the hosts after one that answered
+    (its message names that one only), so waiting would mend nothing."""
+    name = urllib.parse.urlsplit(db_url).path
+    gone = db_url.replace(f"{name}?", "/no_such_db_53?", 1)
+    sock = re.search(r"host=([^&]+)", gone).group(1)
+    port = re.search(r"port=(\d+)", gone).group(1)
+    closed = _closed_tcp_port()
+
+    def url_of(hosts, ports):
+        return gone.replace(f"host={sock}", "host=" + ",".join(hosts), 1).replace(
+            f"port={port}", "port=" + ",".join(map(str, ports)), 1)
+
+    d = make_daemon(url_of(("127.0.0.1", sock), (closed, port)), options={"database": {"startup_timeout_ms": "4000"}})
+    t0 = time.time()
+    d.start(wait_ready=False)
+    rec = d.wait_for(lambda r: r.get("msg") == "waiting for the database", timeout=30)
+    assert 'database "no_such_db_53" does not exist' in rec["detail"], rec
+    assert f'"127.0.0.1", port {closed} failed: Connection refused' in rec["detail"], rec
+    assert d.wait_exit(60) == 1, d.log()
+    assert time.time() - t0 >= 3.5
+    assert not any("not retried" in r.get("detail", "") for r in d.records), d.log()
+    # the host that refuses first: the start ends at once
+    detail = _refused_at_start(make_daemon, url_of((sock, "127.0.0.1"), (port, closed)))
+    assert 'database "no_such_db_53" does not exist' in detail and "127.0.0.1" not in detail, detail
