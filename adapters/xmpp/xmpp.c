@@ -514,28 +514,56 @@ xmpp_stanza_t *xa_iq_result(xmpp_stanza_t *iq)
 /* What is written at once, outside the drain's batches, while a stanza of
  * the server is served (on_stanza: the answers to its requests, errors,
  * notices), is handed to libstrophe only while its send queue holds fewer
- * than DIRECT_QUEUE_MAX pieces and, since it was last found empty, fewer
- * than DIRECT_BYTES_MAX bytes were handed so: past that the server does
- * not read what it asks for, and the answer is dropped and counted
- * (answers_dropped).  Until the fifty-second session a server that wrote
- * requests and read nothing had every answer queued in libstrophe, whose
- * queue has no bound.  What the thread writes of its own accord is bounded
- * where it is made (the keepalive ping, one a minute; the re-send after a
- * reconnect, by the window; the housekeeping's notices and presences, by
- * their queries' limits; the rooms' goodbyes, by OCCUPANTS_MAX) and is not
- * dropped: the dead letters are marked told once written. */
-#define DIRECT_QUEUE_MAX 1024
-#define DIRECT_BYTES_MAX (1u << 20)
+ * than XA_DIRECT_QUEUE_MAX pieces not yet begun, and of them at most
+ * XA_DIRECT_BYTES_MAX bytes so written (xa_direct_fits): past that the
+ * server does not read what it asks for, and the answer is dropped and
+ * counted (answers_dropped).  Until the fifty-second session a server that
+ * wrote requests and read nothing had every answer queued in libstrophe,
+ * whose queue has no bound; in the fifty-second the bytes were counted
+ * since the queue was last found empty, so a server that read, but whose
+ * stream was busy enough that the queue was never empty at an answer,
+ * reached the bound over time and lost answers.  What the thread writes of
+ * its own accord is bounded where it is made (the keepalive ping, one a
+ * minute; the re-send after a reconnect, by the window; the housekeeping's
+ * notices and presences, by their queries' limits; the rooms' goodbyes, by
+ * OCCUPANTS_MAX) and is not dropped: the dead letters are marked told once
+ * written. */
+void xa_direct_handed(struct xa_direct *d, size_t len)
+{
+	if (d->n == XA_DIRECT_QUEUE_MAX) { /* past the bound anyway while it is queued */
+		d->bytes -= d->len[d->head];
+		d->head = (d->head + 1) % XA_DIRECT_QUEUE_MAX;
+		d->n--;
+	}
+	d->len[(d->head + d->n) % XA_DIRECT_QUEUE_MAX] = len;
+	d->n++;
+	d->bytes += len;
+}
+
+bool xa_direct_fits(struct xa_direct *d, int queued, size_t len)
+{
+	size_t waiting = queued > 0 ? (size_t)queued : 0;
+	while (d->n > waiting) {
+		d->bytes -= d->len[d->head];
+		d->head = (d->head + 1) % XA_DIRECT_QUEUE_MAX;
+		d->n--;
+	}
+	return waiting < XA_DIRECT_QUEUE_MAX && len <= XA_DIRECT_BYTES_MAX && d->bytes + len <= XA_DIRECT_BYTES_MAX;
+}
+
+/* Every piece the component writes goes to libstrophe here (direct: its
+ * bytes count in the direct bound). */
+static void hand(struct xcomp *xc, const char *buf, size_t len, bool direct)
+{
+	xmpp_send_raw(xc->conn, buf, len);
+	xa_direct_handed(&xc->direct, direct ? len : 0);
+}
 
 static bool direct_room(struct xcomp *xc, size_t len)
 {
 	int queued = xmpp_conn_send_queue_len(xc->conn);
-	if (queued == 0)
-		xc->direct_bytes = 0;
-	if (queued < DIRECT_QUEUE_MAX && xc->direct_bytes + len <= DIRECT_BYTES_MAX) {
-		xc->direct_bytes += len;
+	if (xa_direct_fits(&xc->direct, queued, len))
 		return true;
-	}
 	atomic_fetch_add(&xc->answers_dropped, 1);
 	if (!xc->direct_full) { /* once each time the bound is reached */
 		char n[24];
@@ -555,10 +583,11 @@ static void send_direct(struct xcomp *xc, xmpp_stanza_t *st, bool bounded)
 		return;
 	char *buf = NULL;
 	size_t len = 0;
+	bool direct = bounded && xc->serving;
 	if (xc->conn && xc->state == XC_UP && !xc->closing && xmpp_stanza_to_text(st, &buf, &len) == XMPP_EOK && buf &&
-	    (!bounded || !xc->serving || direct_room(xc, len))) {
+	    (!direct || direct_room(xc, len))) {
 		xc->direct_full = false;
-		xmpp_send_raw(xc->conn, buf, len);
+		hand(xc, buf, len, direct);
 		atomic_fetch_add(&xc->stanzas_out, 1);
 	}
 	if (buf)
@@ -1109,7 +1138,7 @@ void xa_send_kept(struct xcomp *xc, xmpp_stanza_t *st)
 	if (xc->conn && xc->state == XC_UP && xmpp_stanza_to_text(st, &buf, &len) == XMPP_EOK && buf &&
 	    (!xc->serving || direct_room(xc, len))) {
 		xc->direct_full = false;
-		xmpp_send_raw(xc->conn, buf, len);
+		hand(xc, buf, len, xc->serving);
 		atomic_fetch_add(&xc->stanzas_out, 1);
 		char *copy = strdup(buf);
 		if (copy)
@@ -1190,7 +1219,7 @@ static void recent_resend(struct xcomp *xc, int64_t drop_ms, int64_t now)
 			free(all[i].text);
 			continue;
 		}
-		xmpp_send_raw(xc->conn, all[i].text, strlen(all[i].text));
+		hand(xc, all[i].text, strlen(all[i].text), false);
 		recent_keep(xc, all[i].text, all[i].first_ms, now);
 		n++;
 	}
@@ -1258,20 +1287,20 @@ static void drain(struct xcomp *xc)
 			off += x->len;
 		}
 		all[total] = '\0'; /* libstrophe reads what it is given as a C string too */
-		xmpp_send_raw(xc->conn, all, total);
+		hand(xc, all, total, false);
 		free(all);
 	}
 	while (it != end) {
 		struct xq_item *next = it->next;
 		if (!all)
-			xmpp_send_raw(xc->conn, it->text, it->len);
+			hand(xc, it->text, it->len, false);
 		atomic_fetch_add(&xc->stanzas_out, 1);
 		/* the item's memory becomes the remembered text */
 		memmove(it, it->text, it->len + 1);
 		recent_add(xc, (char *)it, now);
 		it = next;
 	}
-	xmpp_send_raw(xc->conn, " ", 1);
+	hand(xc, " ", 1, false);
 }
 
 static bool lock_component(struct xcomp *xc, PGconn *c)

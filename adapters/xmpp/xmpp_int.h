@@ -91,6 +91,28 @@ struct xa_session {
 /* audit_log ids the roster sync waits for at once (xa_roster_sync) */
 #define XA_AUDIT_GAPS 256
 
+/* The bound of what the component writes at once while a stanza of the
+ * server is served (xmpp.c's direct_room): libstrophe's send queue holds at
+ * most XA_DIRECT_QUEUE_MAX pieces not yet begun, and of them at most
+ * XA_DIRECT_BYTES_MAX bytes written at once.  libstrophe tells how many
+ * pieces it has not begun (xmpp_conn_send_queue_len), not their bytes; it
+ * writes them in order, so they are the newest handed: this ring keeps the
+ * bytes of the newest XA_DIRECT_QUEUE_MAX pieces handed (0 for those
+ * written of the thread's own accord), and their sum. */
+#define XA_DIRECT_QUEUE_MAX 1024
+#define XA_DIRECT_BYTES_MAX (1u << 20)
+struct xa_direct {
+	size_t len[XA_DIRECT_QUEUE_MAX];
+	size_t head, n; /* the oldest kept, how many */
+	size_t bytes;   /* the sum of len over the n kept */
+};
+/* A piece handed to libstrophe; len: its bytes if written at once within
+ * the bound, else 0. */
+void xa_direct_handed(struct xa_direct *d, size_t len);
+/* Whether len more bytes fit while libstrophe holds queued pieces not
+ * begun (the older ones are forgotten: written). */
+bool xa_direct_fits(struct xa_direct *d, int queued, size_t len);
+
 struct xcomp {
 	struct xmpp *x;
 	char domain[XJ_PART_MAX + 1];   /* the component's JID */
@@ -213,9 +235,10 @@ struct xcomp {
 	atomic_ullong parser_renewals;       /* the stream parser renewed for what expat held (xa_xml_renewed) */
 	atomic_long parser_bytes;            /* what expat holds for the stream's parser (xa_xml_held), after each turn */
 	atomic_ullong answers_dropped;       /* stanzas to be written at once, dropped: the server did not read (direct_room) */
-	/* the thread's own: bytes written at once since libstrophe's send
-	 * queue was last found empty, and whether the last was dropped */
-	size_t direct_bytes;
+	/* the thread's own: the pieces handed to libstrophe, for the bound of
+	 * what is written at once (xa_direct_fits), and whether the last was
+	 * dropped */
+	struct xa_direct direct;
 	bool direct_full;
 	bool serving;                        /* the thread's own: a stanza of the server is being served (on_stanza) */
 };

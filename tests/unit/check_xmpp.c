@@ -3160,6 +3160,52 @@ START_TEST(a_join_refused_as_the_rooms_are_full_leaves_no_room)
 }
 END_TEST
 
+
+/* The direct bound is of what libstrophe holds now.  A server that reads,
+ * on a stream busy enough that libstrophe's queue is never found empty at
+ * an answer (one piece not begun each time), gets every answer: until the
+ * fifty-third session the bytes were counted since the queue was last
+ * found empty, and after 1 MiB of answers every one was dropped. */
+START_TEST(the_direct_bound_is_of_what_libstrophe_holds_not_begun)
+{
+	static struct xa_direct d;
+	memset(&d, 0, sizeof(d));
+	/* a busy stream: 20,000 answers of 200 bytes (4 MB), the drain's
+	 * batch and blank between them, one piece never begun at an answer */
+	for (int i = 0; i < 20000; i++) {
+		ck_assert_msg(xa_direct_fits(&d, 1, 200), "answer %d dropped", i);
+		xa_direct_handed(&d, 200);
+		xa_direct_handed(&d, 0); /* a batch of the drain */
+		xa_direct_handed(&d, 0); /* its blank */
+	}
+	/* a server that reads nothing: what is not begun adds up to the bound */
+	memset(&d, 0, sizeof(d));
+	int queued = 0;
+	size_t taken = 0;
+	while (xa_direct_fits(&d, queued, 4096)) {
+		xa_direct_handed(&d, 4096);
+		queued++;
+		taken += 4096;
+	}
+	ck_assert_uint_eq(taken, XA_DIRECT_BYTES_MAX);
+	/* what it reads is forgotten: the newest 100 pieces are held now */
+	ck_assert(xa_direct_fits(&d, 100, XA_DIRECT_BYTES_MAX - 100 * 4096));
+	ck_assert(!xa_direct_fits(&d, 100, XA_DIRECT_BYTES_MAX - 100 * 4096 + 1));
+	/* the pieces are bounded too, whatever their bytes, and the thread's
+	 * own pieces (0 bytes) count as pieces */
+	memset(&d, 0, sizeof(d));
+	for (int i = 0; i < 3 * XA_DIRECT_QUEUE_MAX; i++)
+		xa_direct_handed(&d, i % 2 ? 0 : 10);
+	ck_assert(!xa_direct_fits(&d, XA_DIRECT_QUEUE_MAX, 1));
+	ck_assert(xa_direct_fits(&d, XA_DIRECT_QUEUE_MAX - 1, 1));
+	ck_assert_uint_eq(d.bytes, (XA_DIRECT_QUEUE_MAX - 1) / 2 * 10);
+	/* one piece over the bound by itself is never taken */
+	memset(&d, 0, sizeof(d));
+	ck_assert(!xa_direct_fits(&d, 0, XA_DIRECT_BYTES_MAX + 1));
+	ck_assert(xa_direct_fits(&d, 0, XA_DIRECT_BYTES_MAX));
+}
+END_TEST
+
 int main(void)
 {
 	xmpp_initialize();
@@ -3208,6 +3254,7 @@ int main(void)
 	tcase_add_test(tc, a_command_form_without_its_contact_is_bad_payload);
 	tcase_add_test(tc, a_join_refused_as_the_rooms_are_full_leaves_no_room);
 	tcase_add_test(tc, a_joins_history_with_seconds_and_since_meets_both);
+	tcase_add_test(tc, the_direct_bound_is_of_what_libstrophe_holds_not_begun);
 	suite_add_tcase(s, tc);
 	int rc = unit_run(s);
 	xmpp_shutdown();
