@@ -473,10 +473,26 @@ static bool sqlstate_lasting(const char *code)
 	return strncmp(code, "28P01", 5) == 0 || strncmp(code, "28000", 5) == 0 || strncmp(code, "3D000", 5) == 0;
 }
 
-/* Why c failed to connect, into msg (size bytes, one line per host tried,
- * its trailing newline cut), and whether that lasts (sqlstate_lasting,
- * or a password needed and none given, PQconnectionNeedsPassword).  A
- * server's refusal carries its SQLSTATE only in a verbose message
+/* The host (and port) a failure line of libpq names, "connection to
+ * server at \"h\" (addr), port p failed: ..." or "... on socket \"s\"
+ * failed: ...", into key: the quoted name and the port, without the
+ * address (the addresses of one host name are one host). */
+static void failure_host(const char *line, char *key, size_t size)
+{
+	size_t eol = strcspn(line, "\n");
+	const char *q = memchr(line, '"', eol);
+	const char *q2 = q ? memchr(q + 1, '"', eol - (size_t)(q + 1 - line)) : NULL;
+	const char *port = q2 ? strstr(q2, ", port ") : NULL;
+	int np = q2 ? (int)(q2 - q - 1) : 0;
+	int pp = port && port < line + eol ? (int)strspn(port + 7, "0123456789") : 0;
+	snprintf(key, size, "%.*s:%.*s", np, q ? q + 1 : "", pp, pp ? port + 7 : "");
+}
+
+/* Why a connection failed (in: libpq's PQerrorMessage, needs_password:
+ * its PQconnectionNeedsPassword), into msg (size bytes, one line per
+ * host tried, its trailing newline cut), and whether that lasts
+ * (sqlstate_lasting, or a password needed and none given).  A server's
+ * refusal carries its SQLSTATE only in a verbose message
  * (PQERRORS_VERBOSE, set by store_connect_abortable before the first
  * PQconnectPoll: "FATAL:  3D000: database ... does not exist", and a
  * "LOCATION:" line): the code is taken out of the text, and the LOCATION
@@ -485,28 +501,36 @@ static bool sqlstate_lasting(const char *code)
  * tried (database.url's host=a,b): libpq writes one failure per address,
  * each beginning "connection to server " (the daemon does not set a
  * locale, so libpq's messages are not translated), and the whole is
- * lasting only if every address answered and refused for good.  One that
- * could not be reached (no SQLSTATE: refused over TCP, a time-out, a name
- * not found) may come up, and the start waits for it: until the
- * fifty-third session one host refusing for good ended the start while
+ * lasting only if every host answered and refused for good; the addresses
+ * of one host name are one host (failure_host: "localhost" as ::1 refused
+ * over TCP, then 127.0.0.1 refusing the password, is a host that answered;
+ * until a review of the fifty-third session's change such a start waited
+ * for ::1).  One that could not be reached (no SQLSTATE: refused over
+ * TCP, a time-out, a name not found) may come up, and the start waits
+ * for it: until the fifty-third session one host refusing for good ended the start while
  * the other was down.  A password needed and none given is told without a
- * SQLSTATE too; PQconnectionNeedsPassword says so of the last address
+ * SQLSTATE too; PQconnectionNeedsPassword says so of the last host
  * tried only (libpq resets it per host), so that one failure is not
- * counted unreached, and one of an earlier address is (the start waits). */
-static bool connect_failure_text(PGconn *c, char *msg, size_t size)
+ * counted unreached, and one of an earlier host is (the start waits). */
+bool store_failure_text(const char *in, bool needs_password, char *msg, size_t size)
 {
 	static const char host_failed[] = "connection to server ";
-	const char *in = PQerrorMessage(c);
 	size_t n = 0;
 	int lasting = 0, passing = 0, uncoded = 0;
-	bool coded = false, begun = false; /* of the address whose failure is read */
+	bool coded = false, begun = false; /* of the host whose failures are read */
+	char host[300] = "";
 	/* the whole message is read for its codes, what fits is copied */
 	for (const char *start = in; *in;) {
 		bool line_start = in == start || in[-1] == '\n';
 		if (line_start && strncmp(in, host_failed, sizeof(host_failed) - 1) == 0) {
-			if (begun && !coded)
-				uncoded++;
-			coded = false;
+			char key[sizeof(host)];
+			failure_host(in, key, sizeof(key));
+			if (strcmp(key, host) != 0) { /* another host: the one before ends */
+				if (begun && !coded)
+					uncoded++;
+				coded = false;
+				snprintf(host, sizeof(host), "%s", key);
+			}
 		}
 		begun = true;
 		if (line_start && strncmp(in, "LOCATION:", 9) == 0) {
@@ -534,12 +558,17 @@ static bool connect_failure_text(PGconn *c, char *msg, size_t size)
 	}
 	while (n && (msg[n - 1] == '\n' || msg[n - 1] == ' '))
 		n--;
-	msg[n] = '\0';
+	if (size)
+		msg[n] = '\0';
 	if (begun && !coded)
 		uncoded++;
-	bool needs_password = PQconnectionNeedsPassword(c);
 	int unreached = uncoded - (needs_password ? 1 : 0);
 	return !passing && unreached <= 0 && (lasting || needs_password);
+}
+
+static bool connect_failure_text(PGconn *c, char *msg, size_t size)
+{
+	return store_failure_text(PQerrorMessage(c), PQconnectionNeedsPassword(c), msg, size);
 }
 
 /* A connection libpq made (or failed to make) given its session settings:

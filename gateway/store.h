@@ -170,6 +170,10 @@ cw_err store_pipe_result(PGconn *c, ExecStatusType want, PGresult **out, cw_errm
 bool store_pipe_drain(PGconn *c);
 
 /* Starts the threads; does not need the database to be up. */
+/* Why a connection failed, from libpq's message (PQerrorMessage) and
+ * PQconnectionNeedsPassword, into msg; true if it lasts (not worth
+ * waiting for: store.c says when).  For store.c and its tests. */
+bool store_failure_text(const char *in, bool needs_password, char *msg, size_t size);
 cw_err store_open(struct cw_store **out, const struct store_opts *o, cw_errmsg *e);
 /* Fails every queued job with CW_ESHUTDOWN, finishes the batch in hand and
  * joins the threads; later jobs are refused with CW_ESHUTDOWN.  Idempotent. */

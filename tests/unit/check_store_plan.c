@@ -380,6 +380,66 @@ START_TEST(abortable_connect_is_given_up)
 }
 END_TEST
 
+/* Whether a failed connection's message lasts (the start ends) or is
+ * waited for, from libpq 15's own texts (verbose: the SQLSTATE in it). */
+START_TEST(connect_failure_lasts_only_when_every_host_answered)
+{
+	static const struct {
+		const char *in;
+		bool needs_password, lasting;
+		const char *text; /* what msg starts with */
+	} cases[] = {
+		/* one host, one address refusing for good */
+		{ "connection to server on socket \"/tmp/.s.PGSQL.5432\" failed: FATAL:  3D000: database \"nodb\" "
+		  "does not exist\nLOCATION:  InitPostgres, postinit.c:941\n",
+		  false, true, "connection to server on socket \"/tmp/.s.PGSQL.5432\" failed: FATAL:  database" },
+		/* starting up: waited for */
+		{ "connection to server at \"db\" (10.0.0.5), port 5432 failed: FATAL:  57P03: the database system "
+		  "is starting up\n",
+		  false, false, "connection to server at \"db\"" },
+		/* one host name, two addresses: ::1 refused over TCP, 127.0.0.1
+		 * answered and refused the password: the host answered */
+		{ "connection to server at \"localhost\" (::1), port 5432 failed: Connection refused\n\tIs the server "
+		  "running on that host and accepting TCP/IP connections?\nconnection to server at \"localhost\" "
+		  "(127.0.0.1), port 5432 failed: FATAL:  28P01: password authentication failed for user \"cw\"\n"
+		  "LOCATION:  auth_failed, auth.c:326\n",
+		  false, true, "connection to server at \"localhost\" (::1)" },
+		/* two hosts: the first down, the second refusing for good */
+		{ "connection to server at \"127.0.0.1\", port 1 failed: Connection refused\n\tIs the server running "
+		  "on that host and accepting TCP/IP connections?\nconnection to server at \"127.0.0.1\", port 5432 "
+		  "failed: FATAL:  3D000: database \"nodb\" does not exist\n",
+		  false, false, "connection to server at \"127.0.0.1\", port 1" },
+		/* the same two hosts the other way round: libpq stops at the
+		 * one that answered */
+		{ "connection to server at \"127.0.0.1\", port 5432 failed: FATAL:  3D000: database \"nodb\" does not "
+		  "exist\n",
+		  false, true, "connection to server at \"127.0.0.1\", port 5432" },
+		/* a name not found, then a host refusing for good */
+		{ "could not translate host name \"nohost\" to address: Name or service not known\nconnection to "
+		  "server at \"127.0.0.1\", port 5432 failed: FATAL:  28000: no pg_hba.conf entry\n",
+		  false, false, "could not translate host name" },
+		/* a password needed and none given (no SQLSTATE) */
+		{ "connection to server at \"127.0.0.1\", port 5432 failed: fe_sendauth: no password supplied\n", true,
+		  true, "connection to server at" },
+		/* down alone */
+		{ "connection to server at \"127.0.0.1\", port 1 failed: Connection refused\n", false, false,
+		  "connection to server" },
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		char msg[400];
+		bool lasting = store_failure_text(cases[i].in, cases[i].needs_password, msg, sizeof(msg));
+		ck_assert_msg(lasting == cases[i].lasting, "case %zu: lasting %d", i, lasting);
+		ck_assert_msg(strncmp(msg, cases[i].text, strlen(cases[i].text)) == 0, "case %zu: %s", i, msg);
+		ck_assert_msg(!strstr(msg, "LOCATION:") && !strstr(msg, "3D000") && !strstr(msg, "28P01"),
+			      "case %zu: %s", i, msg);
+	}
+	/* a message longer than msg: read whole for its codes, cut to fit */
+	char small[16];
+	ck_assert(!store_failure_text(cases[3].in, false, small, sizeof(small)));
+	ck_assert_uint_eq(strlen(small), sizeof(small) - 1);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("store_plan");
@@ -395,6 +455,7 @@ int main(void)
 	tcase_add_test(tc, buf_cap_holds);
 	tcase_add_test(tc, abortable_connect_ends_at_the_timeout);
 	tcase_add_test(tc, abortable_connect_is_given_up);
+	tcase_add_test(tc, connect_failure_lasts_only_when_every_host_answered);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
 }
