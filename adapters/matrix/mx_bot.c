@@ -1175,8 +1175,9 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 /* The bot's word to her when someone else is in her management room
  * (ended: its row gone), and its leave; eid names what it answers.  The
  * bot's words still queued for her there (a command's or a report's
- * answer the homeserver did not take at once, an expiry) are done with
- * first, unsaid: once the room is no management room, notices can no
+ * answer the homeserver did not take at once, an expiry) were done with,
+ * unsaid, as the room was ended (end_mgmt_room): once the room is no
+ * management room, notices can no
  * longer tell them from a word of another room (hers_alone's 0), and
  * said them to whoever came in, before the bot's leave queued behind
  * them (until the fifty-third session's review: the fifty-second's check
@@ -1184,17 +1185,38 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 static void intruder_words(struct matrix *m, PGconn *c, const char *room, const char *eid)
 {
 	LOG_KV_LIMITED(CW_LOG_INFO, "someone else came into a management room: the bot leaves it", "room", room);
-	const char *qp[] = { room, m->bot };
-	cw_errmsg qe;
-	if (store_command(c, "UPDATE matrix_notices SET done_at = now(), next_at = 'infinity' WHERE room_id = $1 "
-			     "AND done_at IS NULL AND NOT then_leave AND (sender IS NULL OR sender = $2)", 2, qp, &qe))
-		LOG_KV(CW_LOG_WARN, "cannot drop the bot's words queued for a management room someone else came into",
-		       "room", room, "detail", qe.msg);
 	char txn[48];
 	txn_for(txn, sizeof(txn), "intruded", eid, room);
 	says_and_leaves(m, c, room, NULL, "Someone else is in this room now, and what I show here (who wants to reach "
 					  "you, what you decided) is for you alone: I leave, and take your commands in "
 					  "a new direct room with me, which you may open any time.", txn);
+}
+
+/* Ends management room room, its user's (owner: user is she) or not
+ * (owner false: user is the newcomer, the room is another's), and the
+ * bot's words still queued for her there are done with, unsaid
+ * (intruder_words) in the same statement: a failure between the two left
+ * the room ended and its words to be said as words of a room that is no
+ * management room (until a review of the fifty-third session's change).
+ * True if the room was ended. */
+static bool end_mgmt_room(struct matrix *m, PGconn *c, const char *room, const char *user, bool owner)
+{
+	const char *p[] = { room, user, owner ? "t" : "f", m->bot };
+	PGresult *r = PQexecParams(c,
+		"WITH gone AS (DELETE FROM matrix_mgmt_rooms WHERE room_id = $1 AND (user_id = $2) = $3::boolean "
+		"RETURNING 1), hushed AS (UPDATE matrix_notices SET done_at = now(), next_at = 'infinity' "
+		"WHERE room_id = $1 AND done_at IS NULL AND NOT then_leave AND (sender IS NULL OR sender = $4) "
+		"AND EXISTS (SELECT 1 FROM gone)) SELECT count(*) FROM gone",
+		4, NULL, p, NULL, NULL, 0);
+	cw_errmsg e;
+	if (store_check(c, r, PGRES_TUPLES_OK, &e)) { /* clears r */
+		LOG_KV(CW_LOG_WARN, "cannot forget a management room someone else came into", "room", room, "detail",
+		       e.msg);
+		return false;
+	}
+	bool was = atoi(PQgetvalue(r, 0, 0)) > 0;
+	PQclear(r);
+	return was;
 }
 
 /* Someone other than its user (who, another user of this server or of
@@ -1208,12 +1230,7 @@ static void intruder_words(struct matrix *m, PGconn *c, const char *room, const 
  * of another user's (the caller goes on). */
 static bool intruded(struct matrix *m, PGconn *c, const char *room, const char *who, const char *eid)
 {
-	const char *p[] = { room, who };
-	PGresult *r = PQexecParams(c, "DELETE FROM matrix_mgmt_rooms WHERE room_id = $1 AND user_id <> $2 RETURNING 1", 2,
-				   NULL, p, NULL, NULL, 0);
-	bool was = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) > 0;
-	PQclear(r);
-	if (!was)
+	if (!end_mgmt_room(m, c, room, who, false))
 		return false;
 	intruder_words(m, c, room, eid);
 	return true;
@@ -1272,15 +1289,7 @@ static int hers_alone(struct matrix *m, PGconn *c, const char *room, const char 
 			       "room", room);
 		return -2;
 	}
-	const char *dp[] = { room, owner };
-	r = PQexecParams(c, "DELETE FROM matrix_mgmt_rooms WHERE room_id = $1 AND user_id = $2 RETURNING 1", 2, NULL,
-			 dp, NULL, NULL, 0);
-	bool was = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) > 0;
-	if (PQresultStatus(r) != PGRES_TUPLES_OK)
-		LOG_KV(CW_LOG_WARN, "cannot forget a management room someone else came into", "room", room, "detail",
-		       PQerrorMessage(c));
-	PQclear(r);
-	if (was)
+	if (end_mgmt_room(m, c, room, owner, true))
 		intruder_words(m, c, room, txn);
 	return -1;
 }

@@ -8654,7 +8654,7 @@ def test_a_queued_notice_is_not_said_to_someone_else_who_came_in(mx, hs, gk, pg,
     assert pg.psql("SELECT count(*) FROM matrix_mgmt_rooms", db_url) == "0"
 
 
-@pytest.mark.parametrize("found_by", ["member_event", "notices"])
+@pytest.mark.parametrize("found_by", ["member_event", "notices", "hush_refused"])
 def test_none_of_the_bots_queued_words_is_said_to_someone_else_who_came_in(mx, hs, gk, pg, db_url, found_by):
     """Two answers of alice's commands are queued (the homeserver does not
     take them for now), and bob comes in before they go out.  Whether the
@@ -8665,7 +8665,11 @@ def test_none_of_the_bots_queued_words_is_said_to_someone_else_who_came_in(mx, h
     the fifty-third session's review only the word being sent when he was
     found was held back: the room no management room any more, the others
     went out as words of another room, before the bot's leave queued
-    behind them."""
+    behind them.  hush_refused: the database refuses the words' being done
+    with once, when bob's member event ends the room; the room's end and
+    its words' go together (one statement), so the room is ended when the
+    first answer's turn finds bob (until a review of the fifty-third
+    session's change the room was ended, its words left to be said)."""
     bot = "@_cw_bot:example.org"
     consent_alice(mx)
     alice, mgmt, said = alice_and_the_bot(hs)
@@ -8686,7 +8690,19 @@ def test_none_of_the_bots_queued_words_is_said_to_someone_else_who_came_in(mx, h
         wait_until(lambda: pg.psql(queued, db_url) == "1", what="her first list's answer queued")
         alice.send_text(mgmt, "list")
         wait_until(lambda: pg.psql(queued, db_url) == "2", what="her second list's answer queued")
-        if found_by == "member_event":
+        if found_by == "hush_refused":
+            pg.psql("CREATE SEQUENCE test_fail; "
+                    "CREATE FUNCTION test_fail() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                    " IF NEW.next_at = 'infinity' AND OLD.done_at IS NULL AND nextval('test_fail') <= 1 THEN "
+                    " RAISE EXCEPTION 'injected failure'; END IF; RETURN NEW; END $$; "
+                    "CREATE TRIGGER test_fail BEFORE UPDATE ON matrix_notices FOR EACH ROW "
+                    "EXECUTE FUNCTION test_fail()", db_url)
+            alice.invite(mgmt, "@bob:example.org")
+            wait_until(lambda: pg.psql("SELECT last_value FROM test_fail", db_url) == "1",
+                       what="the words' end refused once")
+            refusing[0] = False
+            wait_until(lambda: hs.members(mgmt).get(bot) == "leave", timeout=60, what="the bot leaving")
+        elif found_by == "member_event":
             alice.invite(mgmt, "@bob:example.org")
             wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_mgmt_rooms", db_url) == "0",
                        what="the room ended by bob's member event")
