@@ -544,9 +544,17 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
 /* Of the held rows, the ones the sweep would release: their user allowed the
  * sender or its domain, or wrote in its group (column 8), and blocked
  * neither (the rules are asked again first: policy_sweep); column 9 the
- * event's content, whose size and kinds are asked again (server_denials). */
+ * event's content, whose size and kinds are asked again (server_denials),
+ * when $3 is true (a rule limits what a message holds:
+ * policy_snapshot_limits_content), else NULL: PostgreSQL then reads none
+ * of it (no detoasting) and libpq carries none to the writer, 20,000
+ * contents for a consent that releases 20,000 rows (docs/performance.md,
+ * "Fifty-third session: the XMPP delivery path's CPU").  One statement
+ * for both: a custom plan folds the CASE, a generic one skips the column
+ * per row. */
 static const char releasable_sql[] =
-	"SELECT o.id, s.uri, s.domain, s.network, t.uri, t.domain, t.network, e.type, g.gw, e.content "
+	"SELECT o.id, s.uri, s.domain, s.network, t.uri, t.domain, t.network, e.type, g.gw, "
+	" CASE WHEN $3::boolean THEN e.content END "
 	"FROM outbox o JOIN events e ON e.id = o.event_id JOIN identities s ON s.id = e.sender_id "
 	"JOIN identities t ON t.id = o.target_identity_id "
 	"CROSS JOIN LATERAL (SELECT " WROTE_IN_GROUP " AS gw) g "
@@ -818,7 +826,9 @@ static cw_err rule_denials(PGconn *c, bool prepared, const struct policy_view *v
 			   char **out, cw_errmsg *e)
 {
 	*out = NULL;
-	PGresult *r = sweep_exec(c, prepared, 0, 2, params);
+	/* The content only when server_denials reads it (releasable_sql's $3). */
+	const char *const rparams[] = { params[0], params[1], policy_snapshot_limits_content(v->snap) ? "t" : "f" };
+	PGresult *r = sweep_exec(c, prepared, 0, 3, rparams);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;
