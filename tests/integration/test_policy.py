@@ -3876,6 +3876,57 @@ def test_a_consent_that_releases_thousands_of_held_rows_reads_each_once(make_dae
             srv.close()
 
 
+def test_a_consent_reads_no_held_content_when_no_rule_limits_it(make_daemon, db_url, pg):
+    """alice's consent releases her 40 held messages of 190 KB from wally
+    (kept in TOAST). No rule limits what a message holds (max_body_bytes,
+    max_attachment_bytes, content_kinds), so the sweep has nothing to ask
+    of their contents: its first statement selects none (releasable_sql's
+    $3), and its update takes of each event only the columns it reads
+    (SWEEP_SQL's BY_ID). Until the fifty-third session the first selected
+    every content, which PostgreSQL read from TOAST and libpq carried to
+    the daemon, and the update, its rows locked, carried each event's
+    whole row (its content read from TOAST again, and sorted on disk):
+    each read the 40, for nothing. Counted as the expiry's test counts
+    them (one index scan of the events' TOAST per value read), nothing
+    claimed (the peer disabled): none is read."""
+    d = make_daemon(db_url, options={"policy": {"sweep_interval_ms": "600000"}}).start()
+    made = push_peers(d)
+    try:
+        (a, _), _ = made
+        assert d.admin("POST", "/peers/tg/disable").status_code == 200  # nothing is claimed
+        opt_in(d)
+        room = dm(a)
+        mine = send(a, room, "wait").json()["id"]
+        alice = pg.psql(f"SELECT id FROM identities WHERE uri = '{ALICE}'", db_url)
+        n = 40
+        pg.psql("INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
+                "SELECT 'msg_big' || i, room_id, sender_id, type, jsonb_set(content, '{content,parts,0,body}', "
+                "to_jsonb((SELECT string_agg(md5(random()::text || i || k), '') FROM generate_series(1, 6000) k))), "
+                f"origin_network, ts FROM events, generate_series(1, {n}) i WHERE public_id = '{mine}' ORDER BY i",
+                db_url)
+        pg.psql("INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state) "
+                f"SELECT id, 'peer:tg', {alice}, room_id, 'held' FROM events WHERE public_id LIKE 'msg_big%' "
+                "ORDER BY id", db_url)
+
+        def toast():  # one index scan of the TOAST table per value read
+            return int(pg.psql("SELECT idx_scan FROM pg_stat_all_tables WHERE relid = "
+                               "(SELECT reltoastrelid FROM pg_class WHERE relname = 'events')", db_url))
+        base = toast()
+        consent(d, a.user("wally"), "allowed")
+        assert pg.psql("SELECT count(*) FROM outbox WHERE state = 'held'", db_url) == "0"
+        assert pg.psql("SELECT count(*) FROM outbox o JOIN events e ON e.id = o.event_id "
+                       "WHERE e.public_id LIKE 'msg_big%' AND o.state = 'pending'", db_url) == str(n)
+        assert d.stop() == 0
+        # The daemon's sessions count their reads as they end.
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                   "AND pid <> pg_backend_pid()", db_url) == "0", what="the daemon's sessions gone")
+        read = toast() - base
+        assert read < n, read
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
 def test_the_held_list_of_all_users_reads_only_its_page(make_daemon, db_url, pg):
     """GET /admin/v1/held without ?user= lists the held rows in id order
     across destinations, a page at a time, from the held rows of each
