@@ -1198,8 +1198,9 @@ static void intruder_words(struct matrix *m, PGconn *c, const char *room, const 
  * (intruder_words) in the same statement: a failure between the two left
  * the room ended and its words to be said as words of a room that is no
  * management room (until a review of the fifty-third session's change).
- * True if the room was ended. */
-static bool end_mgmt_room(struct matrix *m, PGconn *c, const char *room, const char *user, bool owner)
+ * 1: the room was ended; 0: it is no such management room; -1: the
+ * database did not answer (nothing changed: the caller tries again). */
+static int end_mgmt_room(struct matrix *m, PGconn *c, const char *room, const char *user, bool owner)
 {
 	const char *p[] = { room, user, owner ? "t" : "f", m->bot };
 	PGresult *r = PQexecParams(c,
@@ -1212,9 +1213,9 @@ static bool end_mgmt_room(struct matrix *m, PGconn *c, const char *room, const c
 	if (store_check(c, r, PGRES_TUPLES_OK, &e)) { /* clears r */
 		LOG_KV(CW_LOG_WARN, "cannot forget a management room someone else came into", "room", room, "detail",
 		       e.msg);
-		return false;
+		return -1;
 	}
-	bool was = atoi(PQgetvalue(r, 0, 0)) > 0;
+	int was = atoi(PQgetvalue(r, 0, 0)) > 0;
 	PQclear(r);
 	return was;
 }
@@ -1226,14 +1227,17 @@ static bool end_mgmt_room(struct matrix *m, PGconn *c, const char *room, const c
  * room no more: the bot says so, and leaves; her consent requests wait
  * for the next room she opens with it (as after her leave).  Until the
  * thirty-eighth session the bot went on showing them to whoever she
- * invited (a review's finding).  False when room is no management room
- * of another user's (the caller goes on). */
-static bool intruded(struct matrix *m, PGconn *c, const char *room, const char *who, const char *eid)
+ * invited (a review's finding).  0 when room is no management room of
+ * another user's (the caller goes on); -1 when the database did not
+ * answer (the member event is tried again: until a review of the
+ * fifty-third session's change it was taken as no management room, and
+ * the newcomer stayed in one until the bot's next word there). */
+static int intruded(struct matrix *m, PGconn *c, const char *room, const char *who, const char *eid)
 {
-	if (!end_mgmt_room(m, c, room, who, false))
-		return false;
-	intruder_words(m, c, room, eid);
-	return true;
+	int ended = end_mgmt_room(m, c, room, who, false);
+	if (ended > 0)
+		intruder_words(m, c, room, eid);
+	return ended;
 }
 
 /* Whether a command's answer (her consent list, whom she accepted or
@@ -1289,7 +1293,10 @@ static int hers_alone(struct matrix *m, PGconn *c, const char *room, const char 
 			       "room", room);
 		return -2;
 	}
-	if (end_mgmt_room(m, c, room, owner, true))
+	int ended = end_mgmt_room(m, c, room, owner, true);
+	if (ended < 0)
+		return -2; /* not ended: looked at again when sent */
+	if (ended)
 		intruder_words(m, c, room, txn);
 	return -1;
 }
@@ -2515,14 +2522,22 @@ static bool inbox(struct matrix *m, PGconn *c)
 				again = invited(m, c, room, sender, eid, atoi(PQgetvalue(r, i, 2)) > 0);
 			else if (mx_in_ghost_namespace(m->cfg->mx_user_prefix, mx_server_name(m->cfg), key))
 				again = ghost_invited(m, c, room, sender, key, eid);
-			else if (!intruded(m, c, room, key, eid))
-				local_invited(m, c, room, sender, key, eid);
+			else {
+				int in = intruded(m, c, room, key, eid);
+				if (in < 0)
+					again = true;
+				else if (in == 0)
+					local_invited(m, c, room, sender, key, eid);
+			}
 		}
 		else if (type && room && key && strcmp(type, "m.room.member") == 0 &&
 			 json_is_string(json_object_get(content, "membership")) &&
 			 strcmp(json_string_value(json_object_get(content, "membership")), "join") == 0 &&
 			 strcmp(key, m->bot) != 0 && !mx_in_ghost_namespace(m->cfg->mx_user_prefix, mx_server_name(m->cfg), key)) {
-			if (!intruded(m, c, room, key, eid))
+			int in = intruded(m, c, room, key, eid);
+			if (in < 0)
+				again = true;
+			else if (in == 0)
 				joined_uninvited(m, c, room, key, eid);
 		}
 		else if (type && room && key && strcmp(type, "m.room.member") == 0 &&

@@ -1321,9 +1321,17 @@ static void join_refusal(struct matrix *m, const char *room, const char *ghost, 
 	if (!member_state(m, ghost, room, ghost, ms, sizeof(ms), &status, &e) && strcmp(ms, "ban") == 0)
 		snprintf(why, len, "the recipient's room refuses the sender (banned there): their messages are not "
 				   "delivered until the ban is lifted");
-	else
-		snprintf(why, len, "the recipient's room of the group does not let the sender's ghost in: %.400s",
-			 detail);
+	else {
+		/* the homeserver's answer cut whole characters only: why is
+		 * stored (last_error) and kept as JSON text (the batch's
+		 * refused joins) */
+		size_t cut = 0, n = strlen(detail);
+		for (size_t k; cut < n; cut += k)
+			if (!(k = cw_utf8_seq((const unsigned char *)detail + cut, n - cut, NULL)) || cut + k > 400)
+				break;
+		snprintf(why, len, "the recipient's room of the group does not let the sender's ghost in: %.*s",
+			 (int)cut, detail);
+	}
 }
 
 /* A remote member's ghost in a portal: invited by the bot, then joined
