@@ -1292,46 +1292,61 @@ bool mx_rename_portal(struct matrix *m, PGconn *c, const char *room, const char 
 	return true;
 }
 
-/* Why the homeserver refused (403) a ghost's join of a user's room of a
- * group, said in why for the row's last_error: the bot out of the room
- * (kicked or banned: it cannot invite the ghost, a new member's or one
- * kicked, so the join of an invite-only room is refused; inviting the bot
- * again lets it in), the ghost banned there, or else the homeserver's
- * answer (detail).  Asked of the homeserver as out_of_portal asks (the
- * membership of who left, as they left it); no answer: the last.  Until
- * the fifty-third session every such refusal said "banned there", the
- * bot's being out too. */
-static void join_refusal(struct matrix *m, const char *room, const char *ghost, const char *detail, char *why,
-			 size_t len)
+/* Whether who (a ghost, or the bot) is out of the user's room of a group
+ * room for as long as the room's admins want: banned, or the bot put out
+ * (kicked).  The homeserver tells a departed user their membership (GET
+ * /state/m.room.member: the state when they left, as the specification
+ * has it); no answer, or another membership: false.  True: why says who
+ * is out and what lets it in again, of the rows the bot relays there, or
+ * (ghost_join) of a sender's ghost the bot cannot let in.  The one reading
+ * of out_of_portal and join_refusal. */
+static bool out_of_room(struct matrix *m, const char *who, const char *room, bool ghost_join, char *why, size_t len)
 {
 	char ms[16];
 	long status = 0;
 	cw_errmsg e;
-	if (!member_state(m, m->bot, room, m->bot, ms, sizeof(ms), &status, &e) &&
-	    (strcmp(ms, "leave") == 0 || strcmp(ms, "ban") == 0)) {
-		bool banned = strcmp(ms, "ban") == 0;
-		snprintf(why, len, "the gateway's bot %s the recipient's room of the group, so the sender's ghost "
-				   "cannot be let in: their messages are not delivered there until %s",
-			 banned ? "is banned from" : "was put out of",
-			 banned ? "the ban is lifted and the bot invited again" : "the bot is invited again");
-		LOG_KV_LIMITED(CW_LOG_WARN, "the gateway's bot is out of a user's room of a group: a ghost cannot be "
-			       "let in, its rows there are not delivered", "room", room, "user", ghost);
-		return;
-	}
-	if (!member_state(m, ghost, room, ghost, ms, sizeof(ms), &status, &e) && strcmp(ms, "ban") == 0)
+	if (member_state(m, who, room, who, ms, sizeof(ms), &status, &e))
+		return false;
+	bool bot = strcmp(who, m->bot) == 0, banned = strcmp(ms, "ban") == 0;
+	if (!banned && !(bot && strcmp(ms, "leave") == 0))
+		return false;
+	const char *was = banned ? "is banned from" : "was put out of";
+	if (!bot)
 		snprintf(why, len, "the recipient's room refuses the sender (banned there): their messages are not "
 				   "delivered until the ban is lifted");
-	else {
-		/* the homeserver's answer cut whole characters only: why is
-		 * stored (last_error) and kept as JSON text (the batch's
-		 * refused joins) */
-		size_t cut = 0, n = strlen(detail);
-		for (size_t k; cut < n; cut += k)
-			if (!(k = cw_utf8_seq((const unsigned char *)detail + cut, n - cut, NULL)) || cut + k > 400)
-				break;
-		snprintf(why, len, "the recipient's room of the group does not let the sender's ghost in: %.*s",
-			 (int)cut, detail);
-	}
+	else if (ghost_join)
+		snprintf(why, len, "the gateway's bot %s the recipient's room of the group, so the sender's ghost "
+				   "cannot be let in: their messages are not delivered there until %s",
+			 was, banned ? "the ban is lifted and the bot invited again" : "the bot is invited again");
+	else
+		snprintf(why, len, "the gateway's bot %s the recipient's room of the group: what it relays there is "
+				   "not delivered until %s",
+			 was, banned ? "the ban is lifted and the bot invited again" : "it is invited again");
+	LOG_KV_LIMITED(CW_LOG_WARN, "out of a user's room of a group: its rows there are not delivered", "room", room,
+		       "user", who, "membership", ms);
+	return true;
+}
+
+/* Why the homeserver refused (403) a ghost's join of a user's room of a
+ * group, said in why for the row's last_error: the bot out of the room
+ * (kicked or banned: it cannot invite the ghost, a new member's or one
+ * kicked, so the join of an invite-only room is refused; inviting the bot
+ * again lets it in), the ghost banned there (out_of_room), or else the
+ * homeserver's answer (detail).  Until the fifty-third session every such
+ * refusal said "banned there", the bot's being out too. */
+static void join_refusal(struct matrix *m, const char *room, const char *ghost, const char *detail, char *why,
+			 size_t len)
+{
+	if (out_of_room(m, m->bot, room, true, why, len) || out_of_room(m, ghost, room, true, why, len))
+		return;
+	/* the homeserver's answer cut whole characters only: why is stored
+	 * (last_error) and kept as JSON text (the batch's refused joins) */
+	size_t cut = 0, n = strlen(detail);
+	for (size_t k; cut < n; cut += k)
+		if (!(k = cw_utf8_seq((const unsigned char *)detail + cut, n - cut, NULL)) || cut + k > 400)
+			break;
+	snprintf(why, len, "the recipient's room of the group does not let the sender's ghost in: %.*s", (int)cut,
+		 detail);
 }
 
 /* A remote member's ghost in a portal: invited by the bot, then joined
@@ -2277,32 +2292,7 @@ static bool annotation_of(struct matrix *m, const struct sent_to *to, char *eid,
  * the right to speak away): false, the row is tried again as before. */
 static bool out_of_portal(struct matrix *m, const struct sent_to *to, char *why, size_t len)
 {
-	if (!to->portal[0])
-		return false;
-	char ms[16];
-	long status = 0;
-	cw_errmsg e;
-	if (member_state(m, to->by, to->portal, to->by, ms, sizeof(ms), &status, &e))
-		return false;
-	bool bot = strcmp(to->by, m->bot) == 0, banned = strcmp(ms, "ban") == 0;
-	if (!banned && !(bot && strcmp(ms, "leave") == 0))
-		return false;
-	if (bot && banned)
-		snprintf(why, len, "the gateway's bot is banned from the recipient's room of the group: what it relays "
-				   "there is not delivered until the ban is lifted and the bot invited again");
-	else if (bot)
-		snprintf(why, len, "the gateway's bot was put out of the recipient's room of the group: what it relays "
-				   "there is not delivered until it is invited again");
-	else
-		snprintf(why, len, "the recipient's room refuses the sender (banned there): their messages are not "
-				   "delivered until the ban is lifted");
-	if (bot)
-		LOG_KV_LIMITED(CW_LOG_WARN, "the gateway's bot is out of a user's room of a group: what it relays there "
-			       "is not delivered", "room", to->portal, "membership", ms);
-	else
-		LOG_KV_LIMITED(CW_LOG_WARN, "a ghost is banned from a user's room of a group: its rows there are not "
-			       "delivered", "room", to->portal, "user", to->by);
-	return true;
+	return to->portal[0] && out_of_room(m, to->by, to->portal, false, why, len);
 }
 
 /* The answer to a row's request: its Matrix event id is noted in sent.
