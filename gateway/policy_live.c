@@ -795,12 +795,6 @@ static json_t *server_denials(const struct policy_snapshot *snap, PGresult *r, i
 {
 	json_t *list = json_array();
 	int64_t now = cw_wall_ms();
-	/* The content is read only when a rule limits it: its parse and check
-	 * (event_parse) was most of a consent's CPU when none does, 3.5-5 µs of
-	 * the daemon's a row released in tests/bench/xmpp (docs/performance.md,
-	 * "Fifty-third session"), for sizes and kinds no rule reads. */
-	if (!policy_snapshot_limits_content(snap))
-		content = -1;
 	for (int i = 0; list && i < PQntuples(r); i++) {
 		struct policy_request q = {
 			.direction = POLICY_INBOUND,
@@ -834,7 +828,11 @@ static cw_err rule_denials(PGconn *c, bool prepared, const struct policy_view *v
 			   char **out, cw_errmsg *e)
 {
 	*out = NULL;
-	/* The content only when server_denials reads it (releasable_sql's $3). */
+	/* The content only when a rule limits it (releasable_sql's $3; NULL
+	 * otherwise, which server_denials does not parse): its parse and check
+	 * (event_parse) was most of a consent's CPU when none does, 3.5-5 µs of
+	 * the daemon's a row released in tests/bench/xmpp (docs/performance.md,
+	 * "Fifty-third session"), for sizes and kinds no rule reads. */
 	const char *const rparams[] = { params[0], params[1], policy_snapshot_limits_content(v->snap) ? "t" : "f" };
 	PGresult *r = sweep_exec(c, prepared, 0, 3, rparams);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
