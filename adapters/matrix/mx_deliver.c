@@ -18,6 +18,12 @@
  * a homeserver answers a send in milliseconds, so one room after another
  * would bound the whole gateway by that latency. */
 #define MX_ROOMS_IN_FLIGHT 16
+/* The wait for the answer to a membership question that only words a
+ * refused join's reason (join_refusal): it is asked while the delivery
+ * waits, every room with it, and no answer words it as well as a late one
+ * (the homeserver's refusal is said instead); the row is not delivered
+ * either way. */
+#define MX_MEMBER_TIMEOUT_MS 2000L
 
 struct answer_buf {
 	char *p;
@@ -65,7 +71,7 @@ static char *seg(struct matrix *m, const char *s)
  * 401 or 403 (a token not taken, a ghost not in the room: the operator or
  * the bot mends them, and health tells them: note_refusal; but a group's
  * row whose ghost is banned, or whose bot is out, is not delivered:
- * out_of_portal), a 408 or a
+ * ask_portal), a 408 or a
  * 429 (a wait mends them), nor a 4xx without an errcode (a proxy's page,
  * not the homeserver's word).  Until the fifty-first session only a 413
  * was; until the fifty-second any errcode was, 400 M_UNKNOWN too.  The
@@ -296,8 +302,9 @@ static int call_progress(void *stop, curl_off_t dltotal, curl_off_t dlnow, curl_
 	return atomic_load((atomic_bool *)stop) ? 1 : 0; /* 1: CURLE_ABORTED_BY_CALLBACK */
 }
 
-cw_err mx_call(struct matrix *m, const char *method, const char *path, const char *user_id, const char *query,
-	       json_t *body, long *status, json_t **answer, cw_errmsg *e)
+/* mx_call, its answer awaited up to timeout_ms. */
+static cw_err call_timed(struct matrix *m, const char *method, const char *path, const char *user_id, const char *query,
+			 json_t *body, long timeout_ms, long *status, json_t **answer, cw_errmsg *e)
 {
 	*status = 0;
 	if (answer)
@@ -314,12 +321,19 @@ cw_err mx_call(struct matrix *m, const char *method, const char *path, const cha
 	cw_err rc = req_setup(m, c, &rq, method, path, user_id, query, body, e);
 	if (rc)
 		return rc;
+	curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, timeout_ms);
 	if (call_stop) {
 		curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, call_progress);
 		curl_easy_setopt(c, CURLOPT_XFERINFODATA, (void *)call_stop);
 		curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
 	}
 	return req_done(m, c, &rq, curl_easy_perform(c), status, answer, e);
+}
+
+cw_err mx_call(struct matrix *m, const char *method, const char *path, const char *user_id, const char *query,
+	       json_t *body, long *status, json_t **answer, cw_errmsg *e)
+{
+	return call_timed(m, method, path, user_id, query, body, MX_TIMEOUT_MS, status, answer, e);
 }
 
 /* ------------------------------------------------------------ ping */
@@ -690,19 +704,43 @@ static void member_event(struct matrix *m, const char *target, char *what, size_
 	curl_free(u);
 }
 
-/* target's membership of room ("invite", "join", "leave", ...; "" when the
- * event has none) as user (NULL: the bot) sees it, into ms.  Fails with
- * *status 404 when target has no membership there at all. */
-static cw_err member_state(struct matrix *m, const char *user, const char *room, const char *target, char *ms,
-			   size_t mslen, long *status, cw_errmsg *e)
+/* The path of target's m.room.member state event in room (GET
+ * /rooms/{roomId}/state/m.room.member/{stateKey}), into path; false when
+ * out of memory. */
+static bool member_path(struct matrix *m, const char *room, const char *target, char *path, size_t len)
 {
-	char what[600];
+	char what[600], *rs = seg(m, room);
+	if (!rs)
+		return false;
 	member_event(m, target, what, sizeof(what));
-	json_t *answer = NULL;
-	cw_err rc = mx_room_call(m, "GET", room, user, what, NULL, NULL, status, &answer, e);
+	snprintf(path, len, "/_matrix/client/v3/rooms/%s/%s", rs, what);
+	curl_free(rs);
+	return true;
+}
+
+/* The membership an answer to member_path's GET (rc, answer) says, into
+ * ms ("" when none); answer is taken. */
+static void membership_of(cw_err rc, json_t *answer, char *ms, size_t mslen)
+{
 	const char *v = json_string_value(json_object_get(answer, "membership"));
 	snprintf(ms, mslen, "%s", !rc && v ? v : "");
 	json_decref(answer);
+}
+
+/* target's membership of room ("invite", "join", "leave", ...; "" when the
+ * event has none) as user (NULL: the bot) sees it, into ms, its answer
+ * awaited up to timeout_ms.  Fails with *status 404 when target has no
+ * membership there at all. */
+static cw_err member_state(struct matrix *m, const char *user, const char *room, const char *target, long timeout_ms,
+			   char *ms, size_t mslen, long *status, cw_errmsg *e)
+{
+	char path[1400];
+	*status = 0;
+	if (!member_path(m, room, target, path, sizeof(path)))
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	json_t *answer = NULL;
+	cw_err rc = call_timed(m, "GET", path, user, NULL, NULL, timeout_ms, status, &answer, e);
+	membership_of(rc, answer, ms, mslen);
 	return rc;
 }
 
@@ -772,7 +810,7 @@ static enum alias_room room_of_alias(struct matrix *m, const char *user, const c
 	json_decref(answer);
 	if (found) {
 		/* 404: no membership there (another failure: asked again later) */
-		if (member_state(m, user, room, invitee, ms, sizeof(ms), &status, &e))
+		if (member_state(m, user, room, invitee, MX_TIMEOUT_MS, ms, sizeof(ms), &status, &e))
 			res = status == 404 ? finish_room(m, user, room, invitee, direct, &status) : ALIAS_UNKNOWN;
 		else if (strcmp(ms, "invite") != 0 && strcmp(ms, "join") != 0)
 			res = ALIAS_STALE;
@@ -1296,17 +1334,14 @@ bool mx_rename_portal(struct matrix *m, PGconn *c, const char *room, const char 
  * room for as long as the room's admins want: banned, or the bot put out
  * (kicked).  The homeserver tells a departed user their membership (GET
  * /state/m.room.member: the state when they left, as the specification
- * has it); no answer, or another membership: false.  True: why says who
- * is out and what lets it in again, of the rows the bot relays there, or
- * (ghost_join) of a sender's ghost the bot cannot let in.  The one reading
- * of out_of_portal and join_refusal. */
-static bool out_of_room(struct matrix *m, const char *who, const char *room, bool ghost_join, char *why, size_t len)
+ * has it); ms is its answer ("" for none), and no answer, or another
+ * membership, is false.  True: why says who is out and what lets it in
+ * again, of the rows the bot relays there, or (ghost_join) of a sender's
+ * ghost the bot cannot let in.  The one reading of portal_answer and
+ * join_refusal (out_of_room). */
+static bool out_by(struct matrix *m, const char *who, const char *room, const char *ms, bool ghost_join, char *why,
+		   size_t len)
 {
-	char ms[16];
-	long status = 0;
-	cw_errmsg e;
-	if (member_state(m, who, room, who, ms, sizeof(ms), &status, &e))
-		return false;
 	bool bot = strcmp(who, m->bot) == 0, banned = strcmp(ms, "ban") == 0;
 	if (!banned && !(bot && strcmp(ms, "leave") == 0))
 		return false;
@@ -1327,13 +1362,28 @@ static bool out_of_room(struct matrix *m, const char *who, const char *room, boo
 	return true;
 }
 
+/* out_by, the homeserver asked at once (join_refusal's question, within a
+ * row's preparation), its answer awaited MX_MEMBER_TIMEOUT_MS at most. */
+static bool out_of_room(struct matrix *m, const char *who, const char *room, bool ghost_join, char *why, size_t len)
+{
+	char ms[16];
+	long status = 0;
+	cw_errmsg e;
+	return !member_state(m, who, room, who, MX_MEMBER_TIMEOUT_MS, ms, sizeof(ms), &status, &e) &&
+	       out_by(m, who, room, ms, ghost_join, why, len);
+}
+
 /* Why the homeserver refused (403) a ghost's join of a user's room of a
  * group, said in why for the row's last_error: the bot out of the room
  * (kicked or banned: it cannot invite the ghost, a new member's or one
  * kicked, so the join of an invite-only room is refused; inviting the bot
  * again lets it in), the ghost banned there (out_of_room), or else the
  * homeserver's answer (detail).  Until the fifty-third session every such
- * refusal said "banned there", the bot's being out too. */
+ * refusal said "banned there", the bot's being out too.  Its two questions
+ * are asked within the row's preparation, while every other room of the
+ * batch waits (as for the invitation and the join themselves): each
+ * awaited MX_MEMBER_TIMEOUT_MS at most, not MX_TIMEOUT_MS, since they only
+ * word the reason (the row is not delivered whatever they answer). */
 static void join_refusal(struct matrix *m, const char *room, const char *ghost, const char *detail, char *why,
 			 size_t len)
 {
@@ -1845,7 +1895,7 @@ static const char *own_membership(const json_t *ev)
  * the sender (the bot's id for the bot) and the content (a send's); and,
  * for any request of a row of a group, the user's room of the group
  * (portal, "" for a direct room's row) and who acted there (by, the bot's
- * id for the bot): out_of_portal's question after a 403. */
+ * id for the bot): ask_portal's question after a 403. */
 struct sent_to {
 	char room[MX_ID_MAX + 1], actor[MX_ID_MAX + 1];
 	json_t *content;
@@ -2276,11 +2326,11 @@ static bool annotation_of(struct matrix *m, const struct sent_to *to, char *eid,
 	return found;
 }
 
-/* Whether a row of a group whose request the homeserver refused with a
- * 403 was refused because who acted there (to->by: the sender's ghost, or
- * the bot relaying) is out of the user's room of the group for as long as
- * the room's admins want: banned (a ghost or the bot), or the bot put out
- * (kicked).  Such a row is not delivered (outcome 4; why says who is out,
+/* The question whether a row of a group whose request the homeserver
+ * refused with a 403 was refused because who acted there (to->by: the
+ * sender's ghost, or the bot relaying) is out of the user's room of the
+ * group for as long as the room's admins want: banned (a ghost or the
+ * bot), or the bot put out (kicked).  Such a row is not delivered (outcome 4; why says who is out,
  * and what lets it in again), and the room's next rows go on: no retry
  * mends it.  Until the fifty-third session each such row was tried again
  * for its whole retry budget, then a dead letter that named no cause.  A
@@ -2289,10 +2339,33 @@ static bool annotation_of(struct matrix *m, const struct sent_to *to, char *eid,
  * The homeserver tells the departed user their membership too (GET
  * /state/m.room.member: the state when they left, as the specification
  * has it); no answer, or another membership (the room's power levels took
- * the right to speak away): false, the row is tried again as before. */
-static bool out_of_portal(struct matrix *m, const struct sent_to *to, char *why, size_t len)
+ * the right to speak away): portal_answer's false, the row is tried again
+ * as before.  The question is the row's room's next request on the delivery's multi
+ * handle (ask_portal sets it up on h, portal_answer reads its answer), so
+ * that the other rooms' requests go on meanwhile: until the fifty-fourth
+ * session it was asked at once, on the delivery thread, and a homeserver
+ * slow to answer it held every other room in flight up to MX_TIMEOUT_MS.
+ * False: no question to ask (a direct room's row), or out of memory. */
+static bool ask_portal(struct matrix *m, CURL *h, struct mx_req *rq, const struct sent_to *to)
 {
-	return to->portal[0] && out_of_room(m, to->by, to->portal, false, why, len);
+	char path[1400];
+	cw_errmsg e;
+	return to->portal[0] && member_path(m, to->portal, to->by, path, sizeof(path)) &&
+	       req_setup(m, h, rq, "GET", path, to->by, NULL, NULL, &e) == CW_OK;
+}
+
+/* Whether the answer to ask_portal's question (cc, on h) says to->by is
+ * out of the room (out_by: why says so then). */
+static bool portal_answer(struct matrix *m, CURL *h, struct mx_req *rq, CURLcode cc, const struct sent_to *to,
+			  char *why, size_t len)
+{
+	char ms[16];
+	long status = 0;
+	json_t *answer = NULL;
+	cw_errmsg e;
+	cw_err rc = req_done(m, h, rq, cc, &status, &answer, &e);
+	membership_of(rc, answer, ms, sizeof(ms));
+	return !rc && out_by(m, to->by, to->portal, ms, false, why, len);
 }
 
 /* The answer to a row's request: its Matrix event id is noted in sent.
@@ -2334,6 +2407,13 @@ struct room_run {
 	size_t *idx;           /* the rows, in the batch's (id) order */
 	size_t n, next;
 	bool busy, failed;
+	/* asking: its request in flight is the membership question after
+	 * its next row's 403 (ask_portal), whose status and error are
+	 * refused_code and refused_why (the row's failure, should the answer
+	 * not say the sender is out) */
+	bool asking;
+	long refused_code;
+	char refused_why[sizeof(((cw_errmsg *)0)->msg)];
 	CURL *h;
 	struct mx_req rq;
 	struct sent_to to; /* the request's, a send's */
@@ -2535,6 +2615,21 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 				continue;
 			run->busy = false;
 			struct outbox_row *row = &rows[run->idx[run->next]];
+			if (run->asking) {
+				/* the membership question's answer (ask_portal):
+				 * out of the room for as long as its admins want,
+				 * the row is not delivered and the room's next rows
+				 * go on; else the 403 fails it as any */
+				run->asking = false;
+				if (portal_answer(m, run->h, &run->rq, cc, &run->to, row->why, sizeof(row->why))) {
+					row->outcome = 4;
+					row->code = run->refused_code;
+					run->next++;
+				} else {
+					fail_rest(run, rows, run->refused_code, run->refused_why);
+				}
+				continue;
+			}
 			long status = 0;
 			bool repeated = false, final = false;
 			cw_errmsg fe = { { 0 } };
@@ -2568,12 +2663,19 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 				run->next++;
 			} else if (token_refusal_seen) {
 				release_rest(run, rows, run->next, 2, 0);
-			} else if (status == 403 && out_of_portal(m, &run->to, row->why, sizeof(row->why))) {
-				/* out of the room for as long as its admins want:
-				 * not delivered, the room's next rows go on */
-				row->outcome = 4;
-				row->code = status;
-				run->next++;
+			} else if (status == 403 && ask_portal(m, run->h, &run->rq, &run->to)) {
+				/* who acted there may be out of the room: asked
+				 * while the other rooms go on (ask_portal) */
+				run->refused_code = status;
+				snprintf(run->refused_why, sizeof(run->refused_why), "%s", fe.msg);
+				curl_easy_setopt(run->h, CURLOPT_PRIVATE, run);
+				if (curl_multi_add_handle(m->multi, run->h) != CURLM_OK) {
+					req_free(&run->rq);
+					fail_rest(run, rows, status, fe.msg);
+				} else {
+					run->busy = run->asking = true;
+					in_flight++;
+				}
 			} else {
 				fail_rest(run, rows, status, fe.msg);
 			}

@@ -323,6 +323,10 @@ class Homeserver:
         # milliseconds on each (auth rules, persisting, fan-out); 0 here
         # by default.  A callable: given the sender, its seconds.
         self.send_latency = 0.0
+        # Seconds a GET of one state event takes before it is answered
+        # (outside the lock, as send_latency). A callable: given the room,
+        # the event type, the state key and the user asking, its seconds.
+        self.state_latency = 0.0
         self.rc_message = None      # (per_second, burst_count): see the module's docstring
         self.members_filters = True  # False: GET /members ignores its filters (Conduit)
         self.refuse_send = None     # a test's predicate on a send's path: True answers it 500 M_UNKNOWN
@@ -1270,6 +1274,10 @@ class Homeserver:
         return state
 
     def _h_state_get(self, req, room_id, etype, state_key):
+        latency = (self.state_latency(room_id, etype, state_key, req.user_id) if callable(self.state_latency)
+                   else self.state_latency)
+        if latency:
+            time.sleep(latency)
         with self._lock:
             room = self._room(room_id, status=403)
             ev = self._readable_state(room, req.user_id).get((etype, state_key))

@@ -3540,6 +3540,78 @@ def test_a_ghost_banned_from_a_room_of_a_group_before_the_adapter_hears_of_it_is
     assert not any(e["type"] == "m.room.message" and e["content"]["body"].startswith("spam") for e in hs.events(room))
 
 
+def test_the_membership_question_after_a_403_holds_up_no_other_room(mx, hs, gk, pg, db_url):
+    """As above, bob's ghost banned from alice's room of the group before the
+    adapter hears of it: his row's send is refused 403, and the adapter asks
+    the homeserver the ghost's membership. The homeserver is slow to answer
+    that question (5 s here); the rows of another of alice's rooms (zed's
+    direct room), delivered in the same batch, go on meanwhile, one after
+    the other, and bob's row is not delivered once the answer says banned.
+    Until the fifty-fourth session the question was asked on the delivery
+    thread, and every other room in flight waited for its answer."""
+    a, srv = gk
+    consent_alice(mx)
+    consent_alice(mx, a.user("bob"))
+    consent_alice(mx, a.user("zed"))
+    a.create_room([a.user("bob"), "mimi://example.org/u/someone"])  # the peer introduced bob
+    alice, room, wally = alice_writes_to_wally(hs, a)
+    bob, zed = "@_cw_gk_bob:example.org", "@_cw_gk_zed:example.org"
+    alice.invite(room, bob)
+    wait_until(lambda: hs.members(room).get(bob) == "join", what="bob's ghost in")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_portal_members", db_url) == "2", what="a group")
+    alice.send_text(room, "hi both")
+    gid = wait_until(lambda: next((e["room_id"] for e in list(srv.events) if e.get("type") == "message"
+                                   and e["content"]["parts"][0]["body"] == "hi both"), None), what="the group")
+    zid = a.create_room([a.user("zed"), ALICE]).json()["id"]
+    assert a.send(zid, a.user("zed"), "hello").status_code == 202
+    zroom = wait_until(lambda: next((rid for rid in hs.rooms() if any(
+        e["sender"] == zed and e["type"] == "m.room.message" for e in hs.events(rid))), None), what="zed's room")
+    hs.stop_pushing()
+    r = alice.request("POST", f"/_matrix/client/v3/rooms/{room}/ban", {"user_id": bob, "reason": "spam"})
+    assert r.status_code == 200, r.text
+    asked = []
+
+    def slow_question(room_id, etype, state_key, user):
+        if room_id == room and etype == "m.room.member" and state_key == bob:
+            asked.append(time.time())
+            return 5.0
+        return 0
+
+    slow = []
+
+    def slow_first_send(user):
+        if user == zed and not slow:
+            slow.append(time.time())
+            return 2.0
+        return 0
+
+    hs.state_latency = slow_question
+    # one slow send of zed's holds the delivery while bob's row and zed's
+    # next ones are queued: the next batch takes them all
+    hs.send_latency = slow_first_send
+    assert a.send(zid, a.user("zed"), "first").status_code == 202
+    wait_until(lambda: slow, what="zed's slow send")
+    spam = a.send(gid, a.user("bob"), "spam")
+    assert spam.status_code == 202, spam.text
+    for i in range(5):
+        assert a.send(zid, a.user("zed"), f"z {i}").status_code == 202
+    row = ("SELECT o.state || ' ' || o.attempts FROM outbox o JOIN events e ON e.id = o.event_id "
+           f"WHERE e.public_id = '{spam.json()['id']}' AND o.destination = 'matrix'")
+    wait_until(lambda: pg.psql(row, db_url) == "dropped 1", timeout=30, what="bob's row not delivered, tried once")
+    error = pg.psql(row.replace("o.state || ' ' || o.attempts", "o.last_error"), db_url)
+    assert error.startswith("the recipient's room refuses the sender (banned there)"), error
+    wait_until(lambda: sum(e["sender"] == zed and e["type"] == "m.room.message" and e["content"]["body"].startswith("z ")
+                           for e in hs.events(zroom)) == 5, what="zed's messages")
+    sends = [q["time"] for q in hs.requests if q["method"] == "PUT" and q["user"] == zed and q["status"] == 200
+             and str((q["body"] or {}).get("body", "")).startswith("z ")]
+    assert len(sends) == 5 and len(asked) == 1, (sends, asked)
+    # zed's rows went one after the other while the question waited its 5 s
+    assert max(sends) < asked[0] + 2.5, (sends, asked)
+    hs.state_latency = 0.0
+    hs.send_latency = 0.0
+    hs.resume_pushing()
+
+
 def test_what_the_bot_relays_into_a_room_of_a_group_it_was_put_out_of_is_not_delivered(mx, hs, gk, pg, db_url):
     """alice makes a group of her room (wally's and bob's ghosts); carol,
     another user here, becomes a member in a room of her own. alice then
