@@ -3757,6 +3757,62 @@ def test_a_ghost_the_bot_cannot_let_into_a_room_it_was_put_out_of_is_not_deliver
                            e["content"]["body"] == "back again" for e in hs.events(room)), what="his message")
 
 
+def test_a_refused_joins_questions_are_awaited_briefly(mx, hs, gk, pg, db_url):
+    """As above (the bot kicked out of alice's room of the group, zed new to
+    the group), but the homeserver is slow to answer the two membership
+    questions that word the refused join's reason (the bot's, then the
+    ghost's: 9 s each here, within the adapter's request timeout). They are asked while the row is prepared, every
+    other room of the batch waiting: each is awaited 2 s at most, since the
+    row is not delivered whatever the answer, and the reason is then the
+    homeserver's refusal. Until the fifty-fourth session each was awaited
+    the adapter's 10 s request timeout."""
+    a, srv = gk
+    consent_alice(mx)
+    consent_alice(mx, a.user("bob"))
+    consent_alice(mx, a.user("zed"))
+    a.create_room([a.user("bob"), "mimi://example.org/u/someone"])  # the peer introduced bob
+    a.create_room([a.user("wally"), "mimi://example.org/u/someone"])
+    a.create_room([a.user("zed"), "mimi://example.org/u/someone"])
+    alice = hs.as_user(hs.create_user("alice")[1])
+    wally, bob, bot = "@_cw_gk_wally:example.org", "@_cw_gk_bob:example.org", "@_cw_bot:example.org"
+    ghost = "@_cw_gk_zed:example.org"
+    room = alice.create_room(preset="private_chat", is_direct=True, invite=[wally])
+    wait_until(lambda: hs.members(room).get(wally) == "join", what="the ghost joins")
+    alice.invite(room, bob)
+    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_portal_members", db_url) == "2", what="a group")
+    wait_until(lambda: hs.members(room).get(bot) == "join", what="the bot in alice's room of the group")
+    alice.send_text(room, "hi both")
+    gid = wait_until(lambda: next((e["room_id"] for e in list(srv.events) if e.get("type") == "message"
+                                   and e["content"]["parts"][0]["body"] == "hi both"), None), what="the group")
+    r = alice.request("POST", f"/_matrix/client/v3/rooms/{room}/kick", {"user_id": bot, "reason": "no bots"})
+    assert r.status_code == 200, r.text
+    wait_until(lambda: hs.members(room).get(bot) == "leave", what="the bot out")
+    r = a.call("POST", f"/v1/rooms/{gid}/members", {"add": [a.user("zed")]})
+    assert r.status_code == 200, r.text
+    wait_until(lambda: {m["user"]: m["membership"] for m in a.call("GET", f"/v1/rooms/{gid}").json()["members"]}
+               .get(a.user("zed")) == "joined", what="zed a member of the group")
+    asked = []
+
+    def slow_question(room_id, etype, state_key, user):
+        if room_id == room and etype == "m.room.member" and state_key in (bot, ghost) and user == state_key:
+            asked.append((state_key, time.time()))
+            return 9.0
+        return 0
+
+    hs.state_latency = slow_question
+    s = a.send(gid, a.user("zed"), "hello")
+    assert s.status_code == 202, s.text
+    row = ("SELECT o.state || ' ' || o.attempts FROM outbox o JOIN events e ON e.id = o.event_id "
+           f"WHERE e.public_id = '{s.json()['id']}' AND o.destination = 'matrix'")
+    wait_until(lambda: pg.psql(row, db_url) == "dropped 1", timeout=30, what="the row not delivered, tried once")
+    done = time.time()
+    assert asked and done - asked[0][1] < 7, (asked, done)  # not 9 s each
+    assert [who for who, _ in asked] == [bot, ghost], asked
+    error = pg.psql(row.replace("o.state || ' ' || o.attempts", "o.last_error"), db_url)
+    assert error.startswith("the recipient's room of the group does not let the sender's ghost in: "), error
+    hs.state_latency = 0.0
+
+
 @pytest.mark.parametrize("how", ["own leave", "removed", "banned", "left meanwhile"])
 def test_a_ghost_whose_user_left_a_group_made_here_is_not_brought_back(mx, hs, gk, pg, db_url, how):
     """alice makes a group of her room with wally's ghost by inviting bob's;
