@@ -1301,6 +1301,51 @@ static int hers_alone(struct matrix *m, PGconn *c, const char *room, const char 
 	return -1;
 }
 
+/* hers_alone's answers for the rooms of one batch of the bot's words
+ * (notices, requests): a room's first word of the batch asks, its others
+ * take that answer.  Until the fifty-fourth session each word asked
+ * again (a query and a GET /members per word: ten answers queued in one
+ * room, ten reads of its members).  The first word's look is made right
+ * before its send, as before; a later word of the same room is sent
+ * after it as it would have been, so someone let in after that look is
+ * the race the look always had (the look before the send, never after
+ * it), open now until the room's last word of the batch is sent, never
+ * beyond the batch (BOT_BATCH words): the next batch looks again.  A
+ * "not known for now" (-2) is not kept: the next word asks again, as
+ * before (a failure is no steady cost).  The room strings are the
+ * batch's (PQgetvalue), alive as long as it is. */
+struct alone_memo {
+	int n;
+	const char *room[BOT_BATCH];
+	int alone[BOT_BATCH];
+};
+
+static int hers_alone_once(struct matrix *m, PGconn *c, struct alone_memo *memo, const char *room,
+			   const char *txn)
+{
+	for (int k = 0; k < memo->n; k++)
+		if (strcmp(memo->room[k], room) == 0)
+			return memo->alone[k];
+	int alone = hers_alone(m, c, room, txn);
+	if (alone != -2 && memo->n < BOT_BATCH) {
+		memo->room[memo->n] = room;
+		memo->alone[memo->n++] = alone;
+	}
+	return alone;
+}
+
+/* The batch's answer for room is no longer to be taken (the bot left it
+ * after a word: then_leave): a later word there asks again. */
+static void hers_alone_forget(struct alone_memo *memo, const char *room)
+{
+	for (int k = 0; k < memo->n; k++)
+		if (strcmp(memo->room[k], room) == 0) {
+			memo->room[k] = memo->room[--memo->n];
+			memo->alone[k] = memo->alone[memo->n];
+			return;
+		}
+}
+
 /* The ghost says why it goes (a notice), and leaves the room; the word's
  * transaction id is made of eid (what it answers: the invitation) and
  * what (which word). */
@@ -1443,6 +1488,7 @@ static void notices(struct matrix *m, PGconn *c)
 	}
 	int n_rows = PQntuples(r);
 	bool given_back[BOT_BATCH] = { false }; /* the batch's rows of a sender limited, or behind one not sent */
+	struct alone_memo memo = { 0 };
 	for (int i = 0; i < n_rows && i < BOT_BATCH; i++) {
 		if (given_back[i])
 			continue;
@@ -1463,8 +1509,9 @@ static void notices(struct matrix *m, PGconn *c)
 		 * was).  Someone else there: the room is ended, and the row
 		 * done, unsaid; not known for now: tried again later.  A word
 		 * the bot leaves after (then_leave: to an intruder, to a room
-		 * it moved from) is for whoever is there. */
-		int alone = !user && PQgetvalue(r, i, 6)[0] != 't' ? hers_alone(m, c, room, txn) : 1;
+		 * it moved from) is for whoever is there.  Looked at once for
+		 * the batch's words of a room (hers_alone_once). */
+		int alone = !user && PQgetvalue(r, i, 6)[0] != 't' ? hers_alone_once(m, c, &memo, room, txn) : 1;
 		long status = 0, wait = 0;
 		bool sent = alone >= 0 && say_txn(m, room, user, PQgetvalue(r, i, 2), txn, &status, &wait);
 		if (!sent && status == 429 && !stale) {
@@ -1546,9 +1593,12 @@ static void notices(struct matrix *m, PGconn *c)
 					 "DELETE FROM matrix_notices WHERE id = $1::bigint "
 					 " AND NOT EXISTS (SELECT 1 FROM x)",
 				      1, p, &e);
-			if (PQgetvalue(r, i, 6)[0] == 't' && mx_room_action(m, room, user, "leave", &e))
-				LOG_KV_LIMITED(CW_LOG_WARN, "cannot leave a room after a notice", "room", room, "detail",
-					       e.msg);
+			if (PQgetvalue(r, i, 6)[0] == 't') {
+				hers_alone_forget(&memo, room);
+				if (mx_room_action(m, room, user, "leave", &e))
+					LOG_KV_LIMITED(CW_LOG_WARN, "cannot leave a room after a notice", "room", room,
+						       "detail", e.msg);
+			}
 		}
 	}
 	PQclear(r);
@@ -2669,6 +2719,7 @@ static void requests(struct matrix *m, PGconn *c, int64_t *after_us)
 		return;
 	}
 	bool refused[BOT_BATCH] = { false }; /* the batch's rows whose room refused the bot */
+	struct alone_memo memo = { 0 };
 	for (int i = 0; i < PQntuples(r) && i < BOT_BATCH; i++) {
 		bool gone = false;
 		for (int k = 0; k < i && !gone; k++)
@@ -2690,8 +2741,9 @@ static void requests(struct matrix *m, PGconn *c, int64_t *after_us)
 		 * event not handled yet, would read it (until the fifty-second
 		 * session they did).  Ended so, or no management room now,
 		 * the request waits for her next one, as the batch's others
-		 * of the room do; not known for now: tried again later. */
-		int alone = hers_alone(m, c, PQgetvalue(r, i, 1), txn);
+		 * of the room do; not known for now: tried again later.  Looked
+		 * at once for the batch's requests of a room (hers_alone_once). */
+		int alone = hers_alone_once(m, c, &memo, PQgetvalue(r, i, 1), txn);
 		if (alone != 1) {
 			refused[i] = true;
 			if (alone == -2 && cw_now_us() + 30 * 1000000LL > *after_us)

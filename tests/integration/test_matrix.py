@@ -8860,6 +8860,79 @@ def test_none_of_the_bots_queued_words_is_said_to_someone_else_who_came_in(mx, h
     assert pg.psql("SELECT count(*) FROM matrix_mgmt_rooms", db_url) == "0"
 
 
+def members_reads_after_help(hs, room, last_word):
+    """The GET /rooms/{room}/members the homeserver served after the bot
+    said its help in room and before the bot's word for which last_word
+    is true (the requests in the order they were served)."""
+    bot = "@_cw_bot:example.org"
+    reads, counting = 0, False
+    for q in hs.requests:
+        path = urllib.parse.unquote(q["path"])
+        said = (q["method"] == "PUT" and "/send/m.room.message/" in path and room in path
+                and q.get("user") == bot and q["status"] == 200)
+        if said and "Commands" in q["body"].get("body", ""):
+            counting = True
+        elif counting and said and last_word(q["body"].get("body", "")):
+            return reads
+        elif counting and q["method"] == "GET" and path.endswith(room + "/members"):
+            reads += 1
+    raise AssertionError("the help or the last word not said in " + room)
+
+
+def test_the_bots_queued_words_of_one_room_read_its_members_once(make_daemon, pg_planned, hs):
+    """Ten of the bot's words queued for alice's management room (as a
+    report's answers, answers the homeserver did not take at once,
+    expiries are: matrix_notices) go out in one batch, each only while the
+    room is hers alone (hers_alone: whose room it is, then its members).
+    Until the fifty-fourth session each word asked again: ten reads of
+    whose room it is, ten GET /rooms/{id}/members, for one room and one
+    batch; now the batch's first word of the room asks and the others
+    take its answer.  All ten are said, in order."""
+    db_url = pg_planned.new_database("t_mx_words_one_look")
+    start_mx(make_daemon, db_url, hs)
+    alice, mgmt, said = alice_and_the_bot(hs)
+    whose = "SELECT user_id FROM matrix_mgmt_rooms WHERE room_id = $1"
+    asked0, _ = pg_planned.planned(db_url, whose)
+    pg_planned.psql("INSERT INTO matrix_notices (room_id, body) SELECT '%s', 'word ' || g "
+                    "FROM generate_series(1, 10) g ORDER BY g; NOTIFY causeway_matrix_bot" % mgmt, db_url)
+    wait_until(lambda: sum(w.startswith("word ") for w in said()) == 10, timeout=30, what="the ten words")
+    assert [w for w in said() if w.startswith("word ")] == ["word %d" % g for g in range(1, 11)], said()
+    assert members_reads_after_help(hs, mgmt, lambda b: b == "word 10") == 1
+    asked, _ = pg_planned.planned(db_url, whose)
+    assert asked - asked0 == 1, (asked0, asked)
+    wait_until(lambda: pg_planned.psql("SELECT count(*) FROM matrix_notices WHERE done_at IS NULL", db_url) == "0",
+               what="the words done with")
+
+
+def test_the_consent_requests_waiting_for_her_room_read_its_members_once(mx, hs, gk, pg, db_url):
+    """Three consent requests wait for alice's management room (she has
+    none yet); once she opens one, all three are shown in one batch, each
+    only while the room is hers alone.  Until the fifty-fourth session
+    each request read the room's members again (three GET
+    /rooms/{id}/members after the bot's help); now one."""
+    a, _ = gk
+    bot = "@_cw_bot:example.org"
+    assert mx.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+    wait_until(lambda: hs.user_exists(bot), what="the bot registered")
+    _, alice_token = hs.create_user("alice")
+    alice = hs.as_user(alice_token)
+    for who in ("ed", "fay", "gus"):
+        room = a.create_room([a.user(who), ALICE]).json()["id"]
+        a.send(room, a.user(who), "hi alice")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM consent_requests WHERE state = 'pending'", db_url) == "3",
+               what="the three requests")
+    mgmt = alice.create_dm(bot)
+    shown = lambda: [e["content"]["body"] for e in hs.events(mgmt)  # noqa: E731
+                     if e["type"] == "m.room.message" and e["sender"] == bot and "wants to write" in
+                     e["content"].get("body", "")]
+    wait_until(lambda: len(shown()) == 3, timeout=30, what="the three requests shown")
+    for who in ("ed", "fay", "gus"):
+        assert sum(f"mimi://wa.example/u/{who}" in w for w in shown()) == 1, shown()
+    last = shown()[-1]
+    assert members_reads_after_help(hs, mgmt, lambda b: b == last) == 1
+    assert pg.psql("SELECT count(*) FROM consent_requests WHERE notified_at IS NULL", db_url) == "0"
+
+
 def test_the_bots_refused_leave_of_a_management_room_she_left_is_tried_again(mx, hs, pg, db_url):
     """alice leaves her management room: the bot forgets it and leaves too.
     A leave the homeserver did not take for now (a 503, twice here) is
