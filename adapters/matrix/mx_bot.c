@@ -1047,10 +1047,12 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 	 * the bot again and again (kicking it, opening new direct rooms with
 	 * it) had a join, a help and a "moved" notice for each, uncounted.
 	 * A try again of the same invitation (its inbox row: the join not
-	 * taken for now, the members not read) is not another: its token was
-	 * taken at the first try (until the fifty-third session each try took
-	 * one, and an invitation the homeserver was slow to take could be
-	 * declined half way). */
+	 * taken for now, the members not read, or either refused for the
+	 * as_token: held_tried) is not another: its token was taken at the
+	 * first try (until the fifty-third session each try took one, and an
+	 * invitation the homeserver was slow to take could be declined half
+	 * way; until the fifty-fourth, each run again after the as_token's
+	 * refusal). */
 	char localpart[MX_ID_MAX + 1], server[MX_ID_MAX + 1];
 	if (!retry && mx_user_id_parse(sender, localpart, sizeof(localpart), server, sizeof(server)) &&
 	    !policy_user_command_allowed(m->app->policy, m->app->limits, localpart, NULL)) {
@@ -2544,6 +2546,30 @@ static bool try_later(PGconn *c, const char *id)
 	return kept;
 }
 
+/* An inbox row whose work stopped at the homeserver's refusal of the
+ * as_token (inbox: it waits for the token, due at once): marked tried, so
+ * that its run again once the token is taken is known as a try again (the
+ * row's attempts, as try_later's): an invitation of the bot takes no
+ * second token of her commands bucket (invited), a leave whose management
+ * room was forgotten at the first run leaves all the same (left).  The try
+ * that met the refusal counts as one (it was one), the wait for the token
+ * none, however long: attempts is made 1 once, the not_before left.
+ * Until the fifty-fourth session nothing was marked, and each run again
+ * was a first: an invitation held ten times took eleven tokens and was
+ * declined (test_an_invitation_of_the_bot_held_for_the_as_token_takes_
+ * one_token), and the bot stayed in a management room its user had left
+ * (test_the_bots_leave_of_a_management_room_she_left_refused_for_the_as_
+ * token_is_tried_again). */
+static void held_tried(PGconn *c, const char *id)
+{
+	const char *params[] = { id };
+	cw_errmsg e;
+	if (store_command(c, "UPDATE matrix_bot_inbox SET attempts = 1 WHERE id = $1::bigint AND attempts = 0", 1,
+			  params, &e))
+		LOG_KV_LIMITED(CW_LOG_WARN, "cannot mark tried the bot's work held for the as_token: its run again "
+			       "is taken for a first", "inbox_row", id, "detail", e.msg);
+}
+
 /* Works off the inbox's due rows; false when there were none. */
 static bool inbox(struct matrix *m, PGconn *c)
 {
@@ -2631,9 +2657,12 @@ static bool inbox(struct matrix *m, PGconn *c)
 		const char *id[] = { PQgetvalue(r, i, 0) };
 		/* Not taken because the homeserver refuses the as_token: the
 		 * row, and the batch's later ones, wait for the token, the
-		 * try not counted (bot_main does not look meanwhile). */
-		if (again && atomic_load(&m->token_refused))
+		 * wait not counted (bot_main does not look meanwhile); the
+		 * row is marked tried (held_tried). */
+		if (again && atomic_load(&m->token_refused)) {
+			held_tried(c, id[0]);
 			break;
+		}
 		if (again && try_later(c, id[0]))
 			continue;
 		if (again)

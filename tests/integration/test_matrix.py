@@ -2267,6 +2267,51 @@ def test_an_invitation_of_the_bot_tried_again_takes_one_token(mx, hs, pg, db_url
     assert pg.psql("SELECT room_id FROM matrix_mgmt_rooms", db_url) == rooms[-1]
 
 
+def test_an_invitation_of_the_bot_held_for_the_as_token_takes_one_token(mx, hs, pg, db_url):
+    """Alice's commands bucket (31 a minute) is emptied, and has one token
+    again when she invites the bot to a new room, whose join the homeserver
+    refuses 401 M_UNKNOWN_TOKEN ten times (the as_token refused: the bot's
+    work waits for it, and runs again once the token is taken, some second
+    later each time): the runs again of the same invitation take no token,
+    so it is answered. Until the fifty-fourth session a row stopped by the
+    as_token's refusal was not marked tried (only a try again backed off
+    was), and each run again took a token as a new invitation would: the
+    eleven runs needed eleven tokens in some twelve seconds, and the
+    invitation was declined, the bot left, nothing said, though she had
+    invited it once."""
+    bot = "@_cw_bot:example.org"
+    assert mx.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 1}).ok
+    alice, mgmt, said = alice_and_the_bot(hs)
+    for i in range(40):
+        alice.send_text(mgmt, f"what now {i}")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_bot_inbox WHERE handled_at IS NULL", db_url) == "0",
+               timeout=30, what="every command handled")
+    wait_until(lambda: any(n.startswith("Slow down") for n in said()), what="the bucket emptied")
+    time.sleep(2)  # a token back (31 a minute), and at most a second one
+    refused = []
+
+    def refuse(method, path, user):
+        if user == bot and path.endswith("/join") and mgmt not in urllib.parse.unquote(path) and len(refused) < 10:
+            refused.append(path)
+            return 401
+        return False
+    hs.refuse = refuse
+    try:
+        room = alice.create_dm(bot)
+        wait_until(lambda: len(refused) == 10 or hs.members(room).get(bot) == "leave", timeout=60,
+                   what="the join refused ten times, or the invitation declined")
+        wait_until(lambda: hs.members(room).get(bot) in ("join", "leave"), timeout=30,
+                   what="the invitation joined or declined")
+    finally:
+        hs.refuse = None
+    assert "past the user's commands limit" not in mx.log()
+    assert hs.members(room).get(bot) == "join", (len(refused), hs.members(room))
+    bot_said = lambda: [e["content"]["body"] for e in hs.events(room)  # noqa: E731
+                        if e["type"] == "m.room.message" and e["sender"] == bot]
+    wait_until(lambda: any("Commands" in t for t in bot_said()), what="the bot's help")
+    assert pg.psql("SELECT room_id FROM matrix_mgmt_rooms", db_url) == room
+
+
 def test_what_the_bot_quotes_of_a_command_is_shown_safe(mx, hs, gk, pg, db_url):
     """An answer that quotes what the user typed (here "I know no network
     ...") writes each control character, bidirectional control or mark
@@ -8954,6 +8999,36 @@ def test_the_bots_refused_leave_of_a_management_room_she_left_is_tried_again(mx,
         alice.leave(mgmt)
         wait_until(lambda: len(refused) == 2, timeout=30, what="the bot's leave refused twice")
         assert hs.members(mgmt).get(bot) == "join"
+        wait_until(lambda: hs.members(mgmt).get(bot) == "leave", timeout=30, what="the bot leaving at last")
+    finally:
+        hs.refuse = None
+    assert pg.psql("SELECT count(*) FROM matrix_mgmt_rooms", db_url) == "0"
+    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_bot_inbox WHERE handled_at IS NULL", db_url) == "0",
+               what="her leave's work done")
+
+
+def test_the_bots_leave_of_a_management_room_she_left_refused_for_the_as_token_is_tried_again(mx, hs, pg, db_url):
+    """As above, the bot's leave refused 401 M_UNKNOWN_TOKEN (the as_token
+    refused: the bot's work waits for it, and runs again once it is
+    taken): the run again, which finds her management room forgotten
+    already, is a try again, and the bot leaves. Until the fifty-fourth
+    session a row stopped by the as_token's refusal was not marked tried,
+    and its run again took the room for someone else's: the row was done,
+    the bot in her empty room for good."""
+    bot = "@_cw_bot:example.org"
+    alice, mgmt, said = alice_and_the_bot(hs)
+    refused = []
+
+    def refuse(method, path, user):
+        if method == "POST" and path.endswith("/leave") and user == bot and not refused:
+            refused.append(path)
+            return 401
+        return False
+
+    hs.refuse = refuse
+    try:
+        alice.leave(mgmt)
+        wait_until(lambda: refused, timeout=30, what="the bot's leave refused")
         wait_until(lambda: hs.members(mgmt).get(bot) == "leave", timeout=30, what="the bot leaving at last")
     finally:
         hs.refuse = None
