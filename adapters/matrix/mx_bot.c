@@ -505,7 +505,14 @@ static cw_err inbox_handled(PGconn *c, const char *id, cw_errmsg *e)
  * sender may make one more change (accept, block, opt-in, opt-out, report)
  * now; the bucket is her localpart's, shared with the XMPP component's
  * commands.  The first refusal in a minute is answered, the others are not:
- * a flood of commands must not become a flood of notices. */
+ * a flood of commands must not become a flood of notices.  A refused
+ * change takes no token of this bucket and keeps the one of her commands
+ * bucket it took first (command_allowed), as the XMPP component's
+ * commands do: it was read, its party looked up (a query, a homeserver's
+ * answer for a reply) and the first refusal answered, which is what that
+ * bucket bounds; given back, a user past her changes' limit would have the
+ * bot look up a party for each message she sent, as fast as she sent them
+ * (test_a_change_refused_by_her_changes_limit_counts_as_a_command). */
 static bool change_allowed(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *sender)
 {
 	char localpart[MX_ID_MAX + 1], server[MX_ID_MAX + 1];

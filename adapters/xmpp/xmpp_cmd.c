@@ -1347,6 +1347,9 @@ bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 					       "Too many commands in a short time; try again in a minute."));
 		return true;
 	}
+	/* Refused here, it keeps the commands token above (as the Matrix
+	 * bot's refused changes do: mx_bot.c, change_allowed): it was run as
+	 * far as this, and answered. */
 	if (j->verb != V_LIST && !user_update_allowed(xc, j->local, NULL)) {
 		xconsent_free(j);
 		xa_send_now(xc, xa_error_reply(iq, "wait", "resource-constraint",

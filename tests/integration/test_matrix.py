@@ -2194,6 +2194,35 @@ def test_every_command_to_the_bot_is_limited_and_the_limit_told_once(mx, hs, gk,
     assert bot_answer(bob_said, lambda: bob.send_text(bob_mgmt, "list")).startswith("Nothing yet")
 
 
+def test_a_change_refused_by_her_changes_limit_counts_as_a_command(mx, hs, gk, pg, db_url):
+    """A change her changes' limit refuses (here 1 a minute) keeps the
+    token of her commands bucket it took (here 31 a minute): it was read,
+    its party looked up, and the first such refusal answered, which is
+    what that bucket bounds; it takes none of her changes' bucket. So
+    fifty blocks sent at once are one change, one "too many changes"
+    notice, silence, and once her commands are spent one "Slow down". Were
+    the token given back, a user past her changes' limit could have the
+    bot look up a party for every message she sent, as fast as she sent
+    them."""
+    a, _ = gk
+    wally = a.user("wally")
+    assert mx.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 1}).ok
+    alice, mgmt, said = alice_and_the_bot(hs)  # one command token
+    before = len(said())
+    for _ in range(50):
+        alice.send_text(mgmt, f"block {wally}")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_bot_inbox WHERE handled_at IS NULL", db_url) == "0",
+               timeout=30, what="every command handled")
+    time.sleep(1)  # any notice still on its way
+    answers = said()[before:]
+    assert answers[0].startswith("Blocked " + wally), answers
+    assert len([n for n in answers if "too many changes" in n]) == 1, answers
+    assert len([n for n in answers if n.startswith("Slow down")]) == 1, answers
+    assert len(answers) == 3, answers
+    assert pg.psql("SELECT string_agg(subject || ' ' || state, ',') FROM consents", db_url) == wally + " blocked"
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE actor LIKE 'user:%'", db_url) == "1"
+
+
 def test_invitations_of_the_bot_are_limited_as_commands(mx, hs, pg, db_url):
     """Each invitation of the bot is answered (its help in the new room, a
     "moved" notice in the one she had, which it leaves): it takes a token
