@@ -158,6 +158,11 @@ size_t cw_b64url_encode(char *out, size_t outlen, const unsigned char *in, size_
 	return len;
 }
 
+bool cw_ascii_alnum(unsigned char ch)
+{
+	return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9');
+}
+
 long cw_b64_decode(unsigned char *out, size_t outlen, const char *in)
 {
 	size_t len = strlen(in);

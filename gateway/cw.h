@@ -52,6 +52,9 @@ void cw_hex(char *out, const unsigned char *in, size_t n);
 /* The reverse: exactly 2n hex digits into n bytes; false (out undefined)
  * for any other text. */
 bool cw_unhex(const char *hex, unsigned char *out, size_t n);
+/* An ASCII letter or digit, whatever the locale (isalnum follows it): the
+ * one test of the grammars that allow these (media types, tokens, ids). */
+bool cw_ascii_alnum(unsigned char ch);
 
 /* A whole number from outside written as decimal digits and nothing else
  * (no sign, no white space, no exponent), 1 to 18 of them, from lo to hi

@@ -158,16 +158,10 @@ void media_download_setup(CURL *h, const char *url, struct curl_slist *headers, 
 	}
 }
 
-/* An ASCII letter or digit (whatever the locale). */
-static bool is_alnum(unsigned char ch)
-{
-	return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9');
-}
-
 /* RFC 9110 tchar. */
 static bool is_tchar(unsigned char ch)
 {
-	return is_alnum(ch) || (ch && strchr("!#$%&'*+-.^_`|~", ch) != NULL);
+	return cw_ascii_alnum(ch) || (ch && strchr("!#$%&'*+-.^_`|~", ch) != NULL);
 }
 
 /* RFC 6838 4.2 restricted-name: a letter or digit, then at most 126
@@ -175,9 +169,9 @@ static bool is_tchar(unsigned char ch)
 static bool restricted_name(const char *s, const char **end)
 {
 	size_t n = 0;
-	if (!is_alnum((unsigned char)s[0]))
+	if (!cw_ascii_alnum((unsigned char)s[0]))
 		return false;
-	while (s[n] && (is_alnum((unsigned char)s[n]) || strchr("!#$&-^_.+", s[n])))
+	while (s[n] && (cw_ascii_alnum((unsigned char)s[n]) || strchr("!#$&-^_.+", s[n])))
 		n++;
 	*end = s + n;
 	return n <= 127;

@@ -17,21 +17,16 @@ static bool is_lower_alnum(unsigned char ch)
 	return (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9');
 }
 
-static bool is_alnum(unsigned char ch)
-{
-	return is_lower_alnum(ch) || (ch >= 'A' && ch <= 'Z');
-}
-
 /* [A-Za-z0-9_-]: room ids and the opaque ids. */
 static bool is_id_char(unsigned char ch)
 {
-	return is_alnum(ch) || ch == '_' || ch == '-';
+	return cw_ascii_alnum(ch) || ch == '_' || ch == '-';
 }
 
 /* RFC 3986 unreserved plus '+' (E.164) and '='. */
 static bool is_local_char(unsigned char ch)
 {
-	return is_alnum(ch) || ch == '-' || ch == '.' || ch == '_' || ch == '~' || ch == '+' || ch == '=';
+	return cw_ascii_alnum(ch) || ch == '-' || ch == '.' || ch == '_' || ch == '~' || ch == '+' || ch == '=';
 }
 
 cw_err mimi_domain_check(const char *d, size_t len, cw_errmsg *e)
@@ -244,7 +239,7 @@ bool idempotency_key_valid(const char *key)
 	for (; key[i]; i++) {
 		unsigned char ch = (unsigned char)key[i];
 		if (i >= IDEMPOTENCY_KEY_MAX ||
-		    !(is_alnum(ch) || ch == '.' || ch == '_' || ch == ':' || ch == '-'))
+		    !(cw_ascii_alnum(ch) || ch == '.' || ch == '_' || ch == ':' || ch == '-'))
 			return false;
 	}
 	return i >= 1;
