@@ -274,15 +274,18 @@ static cw_err tok_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		const char *ap[] = { q->actor, q->action, json_string_value(json_object_get(body, "name")),
 				     details ? details : "{}" };
 		/* The record names the change's transaction, for the sync
-		 * (until the fifty-third session a statement of its own). */
-		r = PQexecParams(c, "INSERT INTO audit_log (actor, action, subject, details) VALUES ($1, $2, $3, $4::jsonb) "
-				    "RETURNING pg_current_xact_id()::text", 4, NULL, ap, NULL, NULL, 0);
+		 * (until the fifty-third session a statement of its own), and
+		 * NOTIFYs every process, which reloads its tokens (until the
+		 * fifty-fourth session a statement of its own after it:
+		 * policy_notify_user). */
+		r = PQexecParams(c, "WITH a AS (INSERT INTO audit_log (actor, action, subject, details) "
+				    "VALUES ($1, $2, $3, $4::jsonb) RETURNING pg_current_xact_id()::text AS x) "
+				    "SELECT a.x, " POLICY_NOTIFY_EXPR("NULL::bigint") " FROM a", 4, NULL, ap, NULL, NULL, 0);
 		free(details);
 		cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 		if (!rc) {
 			snprintf(q->xid, sizeof(q->xid), "%s", PQgetvalue(r, 0, 0));
 			PQclear(r);
-			rc = policy_notify_user(c, NULL, e); /* every process reloads its tokens */
 		}
 		if (rc) {
 			json_decref(body);

@@ -42,8 +42,9 @@ struct aq {
 	int subject;          /* the parameter naming the subject (-1: none) */
 	int local;            /* the parameter holding a local user's URI, replaced by its id before the
 			         statement (-1: none); the identity is made if it does not exist */
-	bool consent;         /* a consent change (user $1, kind $2, subject $3, state $4): applied with
-			         policy_consent_apply before the statement, which only builds the answer */
+	bool consent;         /* a consent change (user $1, kind $2, subject $3, state $4, the user as
+			         given $5): applied with policy_consent_apply, answered without a
+			         statement (sql NULL) */
 	char local_id[24];    /* the local user's id (local >= 0), once resolved */
 	bool known_only;      /* local: a user not known is not made; the change is then a no-op */
 	bool noop;            /* known_only and the user is not known, or a repeat (repeat_col; a
@@ -207,26 +208,35 @@ static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		if (crc)
 			return crc;
 	}
-	PGresult *r = PQexecParams(c, q->sql, n, NULL, params, NULL, NULL, 0);
-	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
-	if (rc)
-		return rc;
-	if (PQntuples(r) == 0 || PQgetisnull(r, 0, 0)) {
-		PQclear(r);
-		app_job_fail(j, q->none_status, q->none_status == 409 ? "conflict" : "not_found", "%s", q->none_detail);
-		return CW_OK;
-	}
-	json_t *body = json_loads(PQgetvalue(r, 0, 0), JSON_DECODE_ANY, NULL);
-	if (q->repeat_col && PQnfields(r) > 1 && strcmp(PQgetvalue(r, 0, 1), "t") != 0)
-		q->noop = true;
-	PQclear(r);
-	if (!body)
-		return cw_fail(e, CW_EINTERNAL, "the database gave an answer that is not JSON");
+	PGresult *r;
+	cw_err rc;
+	json_t *body;
 	if (q->consent) {
-		json_object_del(body, "local_id");
-		json_object_set_new(body, "released", json_integer(counts[0]));
-		json_object_set_new(body, "dropped", json_integer(counts[1]));
-		json_object_set_new(body, "requests_decided", json_integer(decided));
+		/* The answer says what was asked ($5 the user as given) and
+		 * what it did: built here (until the fifty-fourth session a
+		 * statement built it, json_build_object of its parameters, a
+		 * round trip for nothing the database knew). */
+		body = json_pack("{s:s, s:s, s:s, s:s, s:I, s:I, s:I}", "user", q->p[4], "subject_kind", q->p[1],
+				 "subject", q->p[2], "state", q->p[3], "released", (json_int_t)counts[0], "dropped",
+				 (json_int_t)counts[1], "requests_decided", (json_int_t)decided);
+		if (!body)
+			return cw_fail(e, CW_ENOMEM, "out of memory");
+	} else {
+		r = PQexecParams(c, q->sql, n, NULL, params, NULL, NULL, 0);
+		if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
+			return rc;
+		if (PQntuples(r) == 0 || PQgetisnull(r, 0, 0)) {
+			PQclear(r);
+			app_job_fail(j, q->none_status, q->none_status == 409 ? "conflict" : "not_found", "%s",
+				     q->none_detail);
+			return CW_OK;
+		}
+		body = json_loads(PQgetvalue(r, 0, 0), JSON_DECODE_ANY, NULL);
+		if (q->repeat_col && PQnfields(r) > 1 && strcmp(PQgetvalue(r, 0, 1), "t") != 0)
+			q->noop = true;
+		PQclear(r);
+		if (!body)
+			return cw_fail(e, CW_EINTERNAL, "the database gave an answer that is not JSON");
 	}
 	if (json_is_string(body)) { /* the statement names what does not exist */
 		app_job_fail(j, 404, "not_found", "no %s with that id", json_string_value(body));
@@ -238,16 +248,29 @@ static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		json_t *id = q->rule_record ? json_object_get(body, "id") : NULL;
 		if (json_is_integer(id))
 			snprintf(rule, sizeof(rule), "%lld", (long long)json_integer_value(id));
+		/* A change of one local user's facts (opt-in, consent): every
+		 * process reloads that user's alone; anything else, all ($6,
+		 * NULL).  A consent's is sent by policy_consent_apply (until
+		 * the fifty-first session a second pg_notify of the same
+		 * payload followed it here: one round trip for nothing,
+		 * PostgreSQL delivering one of the two), a change of nothing
+		 * the policy reads sends none ($7 false). */
+		bool notify = !q->not_policy && !q->consent;
 		const char *ap[] = { q->action, q->subject >= 0 ? q->p[q->subject] : NULL, details ? details : "{}",
-				     admin_actor(j->req), rule[0] ? rule : NULL };
+				     admin_actor(j->req), rule[0] ? rule : NULL,
+				     q->local >= 0 && local_id[0] ? local_id : NULL, notify ? "t" : "f" };
 		/* The record names the change's transaction too: the sync
 		 * waits for a view that has it, and loads nothing for it when
 		 * its NOTIFY's load has.  Until the fifty-third session a
 		 * statement of its own read it after the NOTIFY
-		 * (policy_change_xid): one round trip more for each change. */
-		r = PQexecParams(c, "INSERT INTO audit_log (actor, action, subject, details, rule_id) VALUES ($4, $1, "
-				    "$2, $3::jsonb, $5::bigint) RETURNING pg_current_xact_id()::text", 5, NULL, ap, NULL,
-				 NULL, 0);
+		 * (policy_change_xid): one round trip more for each change.
+		 * The NOTIFY is the record's statement's (until the
+		 * fifty-fourth session one of its own followed it:
+		 * policy_notify_user). */
+		r = PQexecParams(c, "WITH a AS (INSERT INTO audit_log (actor, action, subject, details, rule_id) "
+				    "VALUES ($4, $1, $2, $3::jsonb, $5::bigint) RETURNING pg_current_xact_id()::text AS x) "
+				    "SELECT a.x, CASE WHEN $7::boolean THEN " POLICY_NOTIFY_EXPR("$6::bigint") " END FROM a",
+				 7, NULL, ap, NULL, NULL, 0);
 		free(details);
 		if ((rc = store_check(c, r, PGRES_TUPLES_OK, e))) {
 			json_decref(body);
@@ -256,17 +279,6 @@ static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		if (!q->not_policy)
 			snprintf(q->xid, sizeof(q->xid), "%s", PQgetvalue(r, 0, 0));
 		PQclear(r);
-		/* A change of one local user's facts (opt-in, consent): every
-		 * process reloads that user's alone; anything else, all.  A
-		 * consent's is sent by policy_consent_apply (until the
-		 * fifty-first session a second pg_notify of the same payload
-		 * followed it here: one round trip for nothing, PostgreSQL
-		 * delivering one of the two). */
-		if (!q->not_policy && !q->consent &&
-		    (rc = policy_notify_user(c, q->local >= 0 ? local_id : NULL, e))) {
-			json_decref(body);
-			return rc;
-		}
 	}
 	j->status = q->status;
 	j->body = body;
@@ -1175,9 +1187,7 @@ void policy_admin_consent_set(struct cw_req *req, void *ctx)
 		bad_body(req, d);
 	} else
 		ok = true;
-	struct aq *q = ok ? aq_new("SELECT json_build_object('user', $5::text, 'subject_kind', $2::text, 'subject', "
-				   "$3::text, 'state', $4::text, 'local_id', $1::bigint)::text")
-			  : NULL;
+	struct aq *q = ok ? aq_new(NULL) : NULL; /* the answer is aq_fn's (q->consent) */
 	if (q) {
 		aq_param(q, user);
 		aq_param(q, kind);

@@ -682,7 +682,8 @@ static const char releasable_sql[] =
 	"  NULL::bigint AS rule), " \
 	"cra AS (" REQUESTS_EXPIRED_AUDIT("cr") ") " \
 	"SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'dropped'), " \
-	" count(*) FILTER (WHERE state = 'expired') FROM ch"
+	" count(*) FILTER (WHERE state = 'expired'), CASE WHEN $4::boolean AND count(*) FILTER " \
+	" (WHERE state = 'pending') > 0 THEN pg_notify('causeway_outbox', '') END FROM ch"
 
 static const char sweep_sql[] = SWEEP_SQL(SWEPT_ROWS);
 
@@ -732,13 +733,6 @@ static const struct store_stmt sweep_stmts[] = {
 	{ NULL, NULL },
 };
 static const struct store_stmt *const sweep_stmt_lists[] = { sweep_stmts, NULL };
-
-/* Runs sweep_stmts[k], prepared on c or sent whole. */
-static PGresult *sweep_exec(PGconn *c, bool prepared, int k, int n, const char *const *params)
-{
-	return prepared ? PQexecPrepared(c, sweep_stmts[k].name, n, params, NULL, NULL, 0)
-			: PQexecParams(c, sweep_stmts[k].sql, n, NULL, params, NULL, NULL, 0);
-}
 
 /* The size and content kinds of a held row's event, from its stored
  * content (text, len bytes), into *q: read as the peer API reads an
@@ -824,20 +818,9 @@ static json_t *server_denials(const struct policy_snapshot *snap, PGresult *r, i
 	return list;
 }
 
-static cw_err rule_denials(PGconn *c, bool prepared, const struct policy_view *v, const char *const params[2],
-			   char **out, cw_errmsg *e)
+/* The denials (sweep_sql's $3) of releasable_sql's result r, into *out. */
+static cw_err rule_denials(const struct policy_view *v, PGresult *r, char **out, cw_errmsg *e)
 {
-	*out = NULL;
-	/* The content only when a rule limits it (releasable_sql's $3; NULL
-	 * otherwise, which server_denials does not parse): its parse and check
-	 * (event_parse) was most of a consent's CPU when none does, 3.5-5 µs of
-	 * the daemon's a row released in tests/bench/xmpp (docs/performance.md,
-	 * "Fifty-third session"), for sizes and kinds no rule reads. */
-	const char *const rparams[] = { params[0], params[1], policy_snapshot_limits_content(v->snap) ? "t" : "f" };
-	PGresult *r = sweep_exec(c, prepared, 0, 3, rparams);
-	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
-	if (rc)
-		return rc;
 	/* The row arrived opted in (else it was not held), and its user has
 	 * just allowed its sender (or their domain), or wrote in its group:
 	 * each is her opt-in for that conversation (server_denials decides
@@ -847,10 +830,15 @@ static cw_err rule_denials(PGconn *c, bool prepared, const struct policy_view *v
 	 * with policy.optin_default turned off since the row arrived, her
 	 * accept dropped what it accepted (user_not_opted_in). */
 	json_t *list = server_denials(v->snap, r, 9);
-	PQclear(r);
 	*out = list ? json_dumps(list, JSON_COMPACT) : NULL;
 	json_decref(list);
 	return *out ? CW_OK : cw_fail(e, CW_ENOMEM, "out of memory");
+}
+
+/* sweep_stmts[k] as a statement of a pipeline (store_pipeline). */
+static struct store_piped sweep_piped(bool prepared, int k, int n, const char *const *params)
+{
+	return (struct store_piped){ prepared ? NULL : sweep_stmts[k].sql, sweep_stmts[k].name, n, params, NULL };
 }
 
 /* Sweeps take turns (a transaction-level advisory lock): two at once would
@@ -861,43 +849,86 @@ static cw_err rule_denials(PGconn *c, bool prepared, const struct policy_view *v
  * turn; on an idle connection the sweep is its own transaction. */
 #define SWEEP_LOCK_KEY "7161132091431352699"
 
-/* policy_sweep, its statements prepared on c (sweep_stmts) or not. */
+/* policy_sweep, its statements prepared on c (sweep_stmts) or not.
+ * Its statements go in two round trips (store_pipeline): the turn's lock
+ * and the reads (the rows to release, for the rules to be asked again:
+ * rule_denials; whether anyone blocked lately), then the sweep's
+ * statement, whose $3 is the rules' answer.  first, when not NULL, is a
+ * statement of the caller's sent before the lock in the first (its
+ * result into first->r), then one sent after the sweep's statement in
+ * the second; notify: the sweep's statement NOTIFYs the dispatchers when
+ * it released a row.  Until the fifty-fourth session the lock, the reads
+ * and the caller's statements were a round trip each: a consent's five
+ * round trips are two. */
 static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const char *target_id, long counts[3],
-		    cw_errmsg *e)
+		    struct store_piped *first, struct store_piped *then, bool notify, cw_errmsg *e)
 {
 	char secs[24];
 	snprintf(secs, sizeof(secs), "%lld", (long long)v->set.held_expiry_s);
 	char *denials = NULL;
-	const char *params[] = { secs, target_id, NULL };
+	const char *params[] = { secs, target_id, NULL, notify ? "t" : "f" };
 	bool own = PQtransactionStatus(c) == PQTRANS_IDLE;
 	cw_err rc = own ? store_exec(c, "BEGIN", e) : CW_OK;
+	/* The content only when a rule limits it (releasable_sql's $3; NULL
+	 * otherwise, which server_denials does not parse): its parse and check
+	 * (event_parse) was most of a consent's CPU when none does, 3.5-5 µs of
+	 * the daemon's a row released in tests/bench/xmpp (docs/performance.md,
+	 * "Fifty-third session"), for sizes and kinds no rule reads. */
+	const char *const rparams[] = { secs, target_id, policy_snapshot_limits_content(v->snap) ? "t" : "f" };
+	struct store_piped q[4];
+	int n = 0, mine = first ? 1 : 0;
+	if (first)
+		q[n++] = *first;
+	q[n++] = (struct store_piped){ "SELECT pg_advisory_xact_lock(" SWEEP_LOCK_KEY ")", NULL, 0, NULL, NULL };
+	q[n++] = sweep_piped(prepared, 0, 3, rparams);
+	if (!target_id)
+		q[n++] = sweep_piped(prepared, 3, 0, NULL);
 	if (!rc)
-		rc = store_exec(c, "SELECT pg_advisory_xact_lock(" SWEEP_LOCK_KEY ")", e);
-	if (!rc)
-		rc = rule_denials(c, prepared, v, params, &denials, e);
-	params[2] = denials;
+		rc = store_pipeline(c, q, n, e);
 	int k = 1; /* sweep_sql; 2: sweep_held_sql */
-	if (!rc && !target_id) {
-		PGresult *b = sweep_exec(c, prepared, 3, 0, NULL);
-		if (!(rc = store_check(c, b, PGRES_TUPLES_OK, e))) {
-			if (strcmp(PQgetvalue(b, 0, 0), "t") != 0)
-				k = 2;
-			PQclear(b);
-		}
+	if (!rc) {
+		if (first)
+			first->r = q[0].r;
+		rc = rule_denials(v, q[mine + 1].r, &denials, e);
+		if (!target_id && strcmp(PQgetvalue(q[mine + 2].r, 0, 0), "t") != 0)
+			k = 2;
+		for (int i = mine; i < n; i++)
+			PQclear(q[i].r);
 	}
-	PGresult *r = rc ? NULL : sweep_exec(c, prepared, k, 3, params);
+	params[2] = denials;
+	if (!rc) {
+		n = 0;
+		q[n++] = sweep_piped(prepared, k, 4, params);
+		if (then)
+			q[n++] = *then;
+		rc = store_pipeline(c, q, n, e);
+	}
 	free(denials);
-	if (!rc && !(rc = store_check(c, r, PGRES_TUPLES_OK, e))) {
+	if (!rc) {
 		for (int i = 0; i < 3; i++)
-			counts[i] = atol(PQgetvalue(r, 0, i));
-		PQclear(r);
+			counts[i] = atol(PQgetvalue(q[0].r, 0, i));
+		PQclear(q[0].r);
+		if (then)
+			then->r = q[1].r;
+	} else if (first) {
+		PQclear(first->r);
+		first->r = NULL;
 	}
 	return own ? store_end(c, rc, e) : rc;
 }
 
 cw_err policy_sweep(PGconn *c, const struct policy_view *v, const char *target_id, long counts[3], cw_errmsg *e)
 {
-	return sweep(c, false, v, target_id, counts, e);
+	return sweep(c, false, v, target_id, counts, NULL, NULL, false, e);
+}
+
+/* policy_sweep of a user's rows (target_id) in the caller's transaction,
+ * with the caller's statements first and then (sweep's) in its round
+ * trips, NOTIFYing the dispatchers of the rows it released. */
+static cw_err policy_sweep_with(PGconn *c, const struct policy_view *v, const char *target_id, long counts[3],
+				struct store_piped *first, struct store_piped *then, cw_errmsg *e)
+{
+	return sweep(c, false, v, target_id, counts, first, then, true, e);
 }
 
 /* ------------------------------------------------------------ recheck */
@@ -1402,24 +1433,32 @@ static cw_err expiry_sweep(PGconn *c, long counts[3], cw_errmsg *e)
  * sweep drops what he sent, and the request is 'blocked', as what became
  * of his messages says (GET /admin/v1/messages/{id}/decision:
  * user_blocked_domain).  Until the forty-fifth session it was 'accepted'
- * while his messages were dropped. */
+ * while his messages were dropped.  Column 3 (rp) says whether the
+ * change repeats what is stored: the state she has for that subject
+ * (none: no consent stored), and no pending request of that pair for it
+ * to decide; a repeat changes nothing here.  Until the fifty-fourth
+ * session a statement of its own asked that first (policy_consent_apply). */
 static const char consent_sql[] =
 	"WITH old AS (SELECT state FROM consents WHERE local_identity_id = $1::bigint AND subject_kind = $2 "
 	"  AND subject = $3), "
-	"del AS (DELETE FROM consents WHERE $4 = 'none' AND local_identity_id = $1::bigint "
+	"rp AS (SELECT coalesce((SELECT state FROM old), 'none') = $4 AND ($4 = 'none' OR NOT EXISTS (SELECT 1 "
+	"  FROM consent_requests q JOIN identities r ON r.id = q.remote_identity_id "
+	"  WHERE q.local_identity_id = $1::bigint AND q.state = 'pending' "
+	"  AND (($2 = 'user' AND r.uri = $3) OR ($2 = 'domain' AND r.domain = $3)))) AS same), "
+	"del AS (DELETE FROM consents WHERE $4 = 'none' AND NOT (SELECT same FROM rp) AND local_identity_id = $1::bigint "
 	"  AND subject_kind = $2 AND subject = $3), "
 	"up AS (INSERT INTO consents (local_identity_id, subject_kind, subject, state, source) "
-	"  SELECT $1::bigint, $2, $3, $4, $5 WHERE $4 <> 'none' "
+	"  SELECT $1::bigint, $2, $3, $4, $5 WHERE $4 <> 'none' AND NOT (SELECT same FROM rp) "
 	"  ON CONFLICT (local_identity_id, subject_kind, subject) DO UPDATE SET state = excluded.state, "
 	"  source = excluded.source, updated_at = now()), "
 	"rq AS (UPDATE consent_requests q SET state = CASE WHEN $4 = 'allowed' AND NOT EXISTS (SELECT 1 FROM consents b "
 	"  WHERE b.local_identity_id = $1::bigint AND b.state = 'blocked' AND (($2 = 'user' AND b.subject_kind = 'domain' "
 	"  AND b.subject = r.domain) OR ($2 = 'domain' AND b.subject_kind = 'user' AND b.subject = r.uri))) "
 	"  THEN 'accepted' ELSE 'blocked' END, "
-	"  decided_at = now() FROM identities r WHERE $4 <> 'none' AND q.state = 'pending' "
-	"  AND q.local_identity_id = $1::bigint AND r.id = q.remote_identity_id "
+	"  decided_at = now() FROM identities r WHERE $4 <> 'none' AND NOT (SELECT same FROM rp) "
+	"  AND q.state = 'pending' AND q.local_identity_id = $1::bigint AND r.id = q.remote_identity_id "
 	"  AND (($2 = 'user' AND r.uri = $3) OR ($2 = 'domain' AND r.domain = $3)) RETURNING q.id) "
-	"SELECT count(*), coalesce((SELECT state FROM old), 'none') FROM rq";
+	"SELECT count(*), coalesce((SELECT state FROM old), 'none'), (SELECT same FROM rp) FROM rq";
 
 /* A local user's block (or its end) of a peer's user travels to that peer
  * (spec: policy.md, "Blocks travel"): a block event from the local user,
@@ -1497,23 +1536,12 @@ const char POLICY_USER_SUMMARY_SQL[] =
 cw_err policy_notify_user(PGconn *c, const char *local_id, cw_errmsg *e)
 {
 	const char *np[] = { local_id && *local_id ? local_id : NULL };
-	PGresult *r = PQexecParams(c, "SELECT pg_notify('causeway_policy', 'x:' || pg_current_xact_id() "
-				      "|| coalesce(';u:' || $1::bigint, ''))", 1, NULL, np, NULL, NULL, 0);
+	PGresult *r = PQexecParams(c, POLICY_NOTIFY_USER_SQL, 1, NULL, np, NULL, NULL, 0);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (!rc)
 		PQclear(r);
 	return rc;
 }
-
-/* Whether a consent change of local user $1 (kind $2, subject $3, state
- * $4) repeats what is stored: the state she has for that subject (none:
- * no consent stored), and no pending request of that pair for it to
- * decide. */
-static const char consent_repeat_sql[] =
-	"SELECT coalesce((SELECT state FROM consents WHERE local_identity_id = $1::bigint AND subject_kind = $2 "
-	" AND subject = $3), 'none') = $4 AND ($4 = 'none' OR NOT EXISTS (SELECT 1 FROM consent_requests q "
-	" JOIN identities r ON r.id = q.remote_identity_id WHERE q.local_identity_id = $1::bigint "
-	" AND q.state = 'pending' AND (($2 = 'user' AND r.uri = $3) OR ($2 = 'domain' AND r.domain = $3))))";
 
 cw_err policy_consent_apply(PGconn *c, const struct policy_view *v, const char *local_id, const char *kind,
 			    const char *subject, const char *state, const char *source, long counts[3], long *decided,
@@ -1529,50 +1557,49 @@ cw_err policy_consent_apply(PGconn *c, const struct policy_view *v, const char *
 	 * the decision it made.  A transaction-level advisory lock of two keys
 	 * (its own space, apart from the one-key locks of the sweep and the
 	 * token names), taken before any room's lock (block_event_sql) and the
-	 * sweep's, as nothing else takes it. */
-	const char *lp[] = { local_id, kind, subject };
-	PGresult *r = PQexecParams(c, "SELECT pg_advisory_xact_lock(" CONSENT_LOCK_KEY ", "
-				      "hashtext($1 || ' ' || $2 || ' ' || $3))", 3, NULL, lp, NULL, NULL, 0);
-	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
-	if (rc)
-		return rc;
-	PQclear(r);
-	/* A repeat changes nothing: no statement, no block event, no sweep,
-	 * no NOTIFY; its caller writes no audit record.  Read under the
-	 * pair's lock (a new statement: a new snapshot), so that of two
-	 * identical changes at once the second is the repeat.  Until the
-	 * fifty-first session only the admin API asked (before the lock:
-	 * two at once were both changes), and a decision repeated through
-	 * the Matrix bot or the XMPP commands was audited and reloaded
-	 * again each time. */
+	 * sweep's, as nothing else takes it.  The lock and the change go in
+	 * one round trip (store_pipeline): the change is still a statement of
+	 * its own, which starts once the lock is held.
+	 * A repeat changes nothing: no change, no block event, no sweep, no
+	 * NOTIFY; its caller writes no audit record.  Read under the pair's
+	 * lock (consent_sql's rp), so that of two identical changes at once
+	 * the second is the repeat.  Until the fifty-first session only the
+	 * admin API asked (before the lock: two at once were both changes),
+	 * and a decision repeated through the Matrix bot or the XMPP commands
+	 * was audited and reloaded again each time; until the fifty-fourth
+	 * a statement of its own asked, between the lock and the change. */
 	const char *params[] = { local_id, kind, subject, state, source };
-	r = PQexecParams(c, consent_repeat_sql, 4, NULL, params, NULL, NULL, 0);
-	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
-		return rc;
-	*repeat = PQntuples(r) == 1 && strcmp(PQgetvalue(r, 0, 0), "t") == 0;
-	PQclear(r);
-	*decided = 0;
-	if (*repeat)
-		return CW_OK;
-	r = PQexecParams(c, consent_sql, 5, NULL, params, NULL, NULL, 0);
-	rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	struct store_piped q[2] = {
+		{ "SELECT pg_advisory_xact_lock(" CONSENT_LOCK_KEY ", hashtext($1 || ' ' || $2 || ' ' || $3))", NULL, 3,
+		  params, NULL },
+		{ consent_sql, NULL, 5, params, NULL },
+	};
+	cw_err rc = store_pipeline(c, q, 2, e);
 	if (rc)
 		return rc;
+	PQclear(q[0].r);
+	PGresult *r = q[1].r;
+	*repeat = strcmp(PQgetvalue(r, 0, 2), "t") == 0;
 	*decided = atol(PQgetvalue(r, 0, 0));
 	bool was_blocked = strcmp(PQgetvalue(r, 0, 1), "blocked") == 0, blocked = strcmp(state, "blocked") == 0;
 	PQclear(r);
-	if (strcmp(kind, "user") == 0 && was_blocked != blocked) {
-		const char *bp[] = { local_id, subject, blocked ? "block" : "unblock" };
-		PGresult *br = PQexecParams(c, block_event_sql, 3, NULL, bp, NULL, NULL, 0);
-		if ((rc = store_check(c, br, PGRES_TUPLES_OK, e)))
-			return rc;
-		PQclear(br);
+	if (*repeat)
+		return CW_OK;
+	/* The block event (rooms' locks, before the sweep's), and after the
+	 * sweep the NOTIFY of her facts (policy_notify_user), ride in the
+	 * sweep's round trips; the sweep's own statement NOTIFYs the
+	 * dispatchers when it released a row. */
+	const char *bp[] = { local_id, subject, blocked ? "block" : "unblock" };
+	struct store_piped block = { block_event_sql, NULL, 3, bp, NULL };
+	const char *np[] = { local_id };
+	struct store_piped note = { POLICY_NOTIFY_USER_SQL, NULL, 1, np, NULL };
+	rc = policy_sweep_with(c, v, local_id, counts, strcmp(kind, "user") == 0 && was_blocked != blocked ? &block : NULL,
+			       &note, e);
+	if (!rc) {
+		PQclear(block.r);
+		PQclear(note.r);
 	}
-	if ((rc = policy_sweep(c, v, local_id, counts, e)))
-		return rc;
-	if (counts[0] && (rc = store_exec(c, "NOTIFY causeway_outbox", e)))
-		return rc;
-	return policy_notify_user(c, local_id, e);
+	return rc;
 }
 
 /* The domain of a mimi:// user address x (SQL), '' for another text. */
@@ -3070,7 +3097,7 @@ static void *live_main(void *arg)
 			if (!pl->events_known)
 				analyze_grown_events(pl);
 			int64_t t0 = cw_now_us();
-			cw_err src = sweep(pl->c, true, v, NULL, counts, &e);
+			cw_err src = sweep(pl->c, true, v, NULL, counts, NULL, NULL, false, &e);
 			int64_t took = cw_now_us() - t0;
 			if (src) {
 				LOG_KV(CW_LOG_WARN, "policy sweep failed", "detail", e.msg);

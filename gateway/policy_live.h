@@ -129,6 +129,11 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
  * view in force has read it already loads nothing for it (policy_xsnap);
  * one without it (an operator's NOTIFY by hand) is loaded as before. */
 cw_err policy_notify_user(PGconn *c, const char *local_id, cw_errmsg *e);
+/* policy_notify_user's expression (a local user's id $1 or NULL), for a
+ * statement that NOTIFYs with what else it does (an audit record's
+ * INSERT: one round trip for both). */
+#define POLICY_NOTIFY_EXPR(ID) "pg_notify('causeway_policy', 'x:' || pg_current_xact_id() || coalesce(';u:' || " ID ", ''))"
+#define POLICY_NOTIFY_USER_SQL "SELECT " POLICY_NOTIFY_EXPR("$1::bigint")
 void policy_view_put(struct policy_view *v);
 
 /* Applies consent to held rows (all local users, or only target_id when it

@@ -345,6 +345,77 @@ PGresult *store_exec_generic_sql(PGconn *c, const char *name, const char *sql, i
 	return store_exec_generic(c, name, n, params);
 }
 
+static PGresult *piped_exec(PGconn *c, const struct store_piped *q)
+{
+	return q->sql ? PQexecParams(c, q->sql, q->n, NULL, q->params, NULL, NULL, 0)
+		      : PQexecPrepared(c, q->name, q->n, q->params, NULL, NULL, 0);
+}
+
+static bool piped_ok(const PGresult *r)
+{
+	return PQresultStatus(r) == PGRES_TUPLES_OK || PQresultStatus(r) == PGRES_COMMAND_OK;
+}
+
+cw_err store_pipeline(PGconn *c, struct store_piped *q, int n, cw_errmsg *e)
+{
+	cw_err rc = CW_OK;
+	for (int i = 0; i < n; i++)
+		q[i].r = NULL;
+	if (PQpipelineStatus(c) != PQ_PIPELINE_OFF || !PQenterPipelineMode(c)) {
+		for (int i = 0; i < n && !rc; i++) {
+			PGresult *r = piped_exec(c, &q[i]);
+			if (piped_ok(r))
+				q[i].r = r;
+			else {
+				rc = store_result_err(c, r, e);
+				PQclear(r);
+			}
+		}
+	} else {
+		int sent = 0;
+		while (sent < n && (q[sent].sql ? PQsendQueryParams(c, q[sent].sql, q[sent].n, NULL, q[sent].params,
+								    NULL, NULL, 0)
+						: PQsendQueryPrepared(c, q[sent].name, q[sent].n, q[sent].params, NULL,
+								      NULL, 0)))
+			sent++;
+		if (sent < n)
+			rc = cw_fail(e, CW_EUNAVAIL, "a statement could not be sent: %s", PQerrorMessage(c));
+		if (!PQpipelineSync(c)) {
+			if (!rc)
+				rc = cw_fail(e, CW_EUNAVAIL, "the pipeline could not be sent: %s", PQerrorMessage(c));
+		} else {
+			/* Each statement's results end with a NULL; after the
+			 * first failure the others answer PGRES_PIPELINE_ABORTED. */
+			for (int i = 0; i < sent; i++) {
+				PGresult *r = PQgetResult(c), *extra;
+				while (r && (extra = PQgetResult(c)))
+					PQclear(extra);
+				if (!r) {
+					if (!rc)
+						rc = cw_fail(e, CW_EUNAVAIL, "no result: %s", PQerrorMessage(c));
+					break;
+				}
+				if (!rc && piped_ok(r))
+					q[i].r = r;
+				else {
+					if (!rc)
+						rc = store_result_err(c, r, e);
+					PQclear(r);
+				}
+			}
+			if (!store_pipe_drain(c) && !rc)
+				rc = cw_fail(e, CW_EUNAVAIL, "the connection was lost: %s", PQerrorMessage(c));
+		}
+		PQexitPipelineMode(c); /* fails only with results unread: a connection lost */
+	}
+	if (rc)
+		for (int i = 0; i < n; i++) {
+			PQclear(q[i].r);
+			q[i].r = NULL;
+		}
+	return rc;
+}
+
 cw_err store_exec(PGconn *c, const char *sql, cw_errmsg *e)
 {
 	PGresult *r = PQexec(c, sql);

@@ -325,6 +325,25 @@ PGresult *store_exec_generic(PGconn *c, const char *name, int n, const char *con
  * transaction block only (the run that finds it missing would abort it). */
 PGresult *store_exec_generic_sql(PGconn *c, const char *name, const char *sql, int n, const char *const *params);
 
+/* One statement of store_pipeline: sql sent whole, or (sql NULL) the
+ * statement prepared on the connection as name. */
+struct store_piped {
+	const char *sql;
+	const char *name;
+	int n;
+	const char *const *params;
+	PGresult *r; /* its result (rows or a command's), which the caller PQclear()s */
+};
+/* Sends the n statements at once (libpq pipeline mode) and reads their
+ * results: one round trip for them all, each still a statement of its
+ * own, whose snapshot is taken when it starts (after the statements
+ * before it: a lock one of them took is held by then).  For statements
+ * none of whose parameters is read from an earlier one's answer.  On a
+ * failure the results are cleared and the first failed statement's error
+ * returned (store_result_err's code): those after it did not run, and a
+ * transaction block is aborted, as by one statement that failed.  On a
+ * connection in pipeline mode already, one statement at a time. */
+cw_err store_pipeline(PGconn *c, struct store_piped *q, int n, cw_errmsg *e);
 /* Runs a command without results; a failure is store_result_err's code
  * (CW_EUNAVAIL: the connection lost, CW_ECONFLICT: a key taken or
  * removed, ...). */
