@@ -1865,6 +1865,59 @@ def test_a_change_reads_its_transaction_in_its_own_statements(make_daemon, pg, d
         assert "not yet in force here" not in d.log()
 
 
+def test_a_consent_whose_pipelined_statement_fails_changes_nothing_and_the_next_goes(make_daemon, pg, db_url):
+    """A consent's statements go in pipelines since the fifty-fourth
+    session (the pair's lock with the change; the block event with the
+    sweep's lock and reads; the sweep with the NOTIFY).  A statement of a
+    pipeline that fails (the change, refused by a trigger here; the pair's
+    lock, waited for past the statement timeout, the change after it not
+    run) answers as a failed statement did, stores and audits nothing, and
+    leaves the write connection able to run the next change (out of
+    pipeline mode)."""
+    d = make_daemon(db_url, options={"database": {"statement_timeout_ms": "700"}}).start()
+    made = push_peers(d, (("gk", "wa.example"),))
+    for _, srv in made:
+        srv.close()
+    alice, wally = "mimi://example.org/u/alice", "mimi://wa.example/u/wally"
+    assert d.admin("POST", "/optins", json={"user": alice, "network": "peer:gk", "opted_in": True}).ok
+
+    def block(state="blocked"):
+        return d.admin("POST", "/consents", json={"user": alice, "subject_kind": "user", "subject": wally,
+                                                  "state": state})
+
+    def stored():
+        return (pg.psql("SELECT count(*) FROM consents c JOIN identities i ON i.id = c.local_identity_id "
+                        f"WHERE i.uri = '{alice}'", db_url),
+                pg.psql("SELECT count(*) FROM audit_log WHERE action = 'consent.set'", db_url))
+    pg.psql("CREATE FUNCTION cw_test_refuse() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$BEGIN RAISE EXCEPTION 'refused by the test'; END$$; "
+            "CREATE TRIGGER cw_test_refuse BEFORE INSERT ON consents FOR EACH ROW EXECUTE FUNCTION cw_test_refuse()",
+            db_url)
+    try:
+        r = block()
+        assert r.status_code == 500, r.text
+        assert stored() == ("0", "0")
+    finally:
+        pg.psql("DROP TRIGGER cw_test_refuse ON consents; DROP FUNCTION cw_test_refuse()", db_url)
+    r = block()
+    assert r.status_code == 200 and r.json()["state"] == "blocked", r.text
+    assert stored() == ("1", "1")
+    # the pair's lock held by another transaction past the statement timeout
+    me = pg.psql(f"SELECT id FROM identities WHERE uri = '{alice}'", db_url)
+    held = HeldSession(db_url)
+    try:
+        held.run(f"BEGIN; SELECT pg_advisory_xact_lock(1668247156, hashtext('{me} user {wally}'));")
+        r = block("allowed")
+        assert r.status_code >= 500, r.text
+        assert stored() == ("1", "1")
+        assert pg.psql("SELECT state FROM consents", db_url) == "blocked"
+    finally:
+        held.end()
+    r = block("allowed")
+    assert r.status_code == 200 and r.json()["state"] == "allowed", r.text
+    assert stored() == ("1", "2")
+
+
 def test_a_change_missed_while_the_policy_connection_was_gone_is_loaded_on_reconnect(make_daemon, pg, db_url):
     """The policy thread's connection is the one that LISTENs: a change
     whose NOTIFY came while it was gone (its backend terminated, no new
