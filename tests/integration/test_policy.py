@@ -108,6 +108,45 @@ def test_first_contact_held_one_request_then_accept_releases_in_order(daemon, pe
                                                                       ("allow", "user_allowed_sender")]
 
 
+def test_a_consent_that_releases_notifies_the_dispatchers_and_her_facts_from_its_transaction(daemon, peers, pg,
+                                                                                           db_url):
+    """A consent that releases held messages wakes the dispatchers (NOTIFY
+    causeway_outbox) and tells every process her facts changed (NOTIFY
+    causeway_policy, "x:<xid8>;u:<her id>"), both from its transaction,
+    once each; one that releases nothing wakes no dispatcher.  Since the
+    fifty-fourth session the sweep's statement sends the first (a
+    statement of its own before) and the second is pipelined after it."""
+    import psycopg
+    (a, _), _ = peers
+    opt_in(daemon)
+    room = dm(a)
+    ids = [send(a, room, f"held {i}").json()["id"] for i in range(2)]
+    assert [s for _, s in states(pg, db_url, ids)] == ["held"] * 2
+    me = pg.psql(f"SELECT id FROM identities WHERE uri = '{ALICE}'", db_url)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        got = []
+        conn.add_notify_handler(lambda n: got.append((n.channel, n.payload, n.pid)))
+        conn.execute("LISTEN causeway_outbox")
+        conn.execute("LISTEN causeway_policy")
+
+        def heard():
+            wait_until(lambda: conn.execute("SELECT 1") and [g for g in got if g[1].endswith(f";u:{me}")],
+                       timeout=10, what="her facts notified")
+            conn.execute("SELECT pg_sleep(0.3)")
+            out = list(got)
+            got.clear()
+            return out
+        assert consent(daemon, a.user("wally"), "allowed")["released"] == 2
+        out = heard()
+        facts = [g for g in out if g[0] == "causeway_policy" and g[1].endswith(f";u:{me}")]
+        assert len(facts) == 1 and facts[0][1].startswith("x:"), out
+        assert [g for g in out if g[0] == "causeway_outbox"] == [("causeway_outbox", "", facts[0][2])], out
+        assert consent(daemon, a.user("walter"), "blocked")["released"] == 0
+        out = heard()
+        assert len([g for g in out if g[0] == "causeway_policy" and g[1].endswith(f";u:{me}")]) == 1, out
+        assert not [g for g in out if g[0] == "causeway_outbox"], out
+
+
 def test_a_rule_made_while_messages_wait_decides_them_when_they_are_accepted(daemon, peers, pg, db_url):
     """wally's messages wait for alice's consent; meanwhile the operator
     denies wally's domain (abuse). The deny rule wins, as it would for a
