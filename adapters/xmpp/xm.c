@@ -922,13 +922,15 @@ static void trackable(struct ob *b, const struct xm_out_info *info)
 	el(b, b->msg, "markable", NS_MARKERS);
 }
 
-/* A chat message: prefix + text, the reply to target (when known) with its
- * quote as fallback, attachments (when with_attachments), <active/> (when
- * active). */
-static enum xm_out_result out_message(struct ob *b, const json_t *content, const struct xm_out_info *info,
-				      const char *prefix, const struct xm_target *target, bool with_attachments,
-				      bool active, char *why, size_t whylen)
+/* A message's own text (XML-safe, malloc'd into *text_out): its parts' text and,
+ * when with_attachments, the attachments' links but the first, which is
+ * *oob (NULL when none); XM_OUT_STANZA, or XM_OUT_INVALID (b->oom when
+ * memory ran out). */
+static enum xm_out_result message_text(struct ob *b, const json_t *content, bool with_attachments, const char **oob_out,
+				       char **text_out, char *why, size_t whylen)
 {
+	*text_out = NULL;
+	*oob_out = NULL;
 	char *text = neutral_text(content);
 	if (!text) {
 		b->oom = true;
@@ -978,6 +980,23 @@ static enum xm_out_result out_message(struct ob *b, const json_t *content, const
 		say(why, whylen, "the message has no text and no attachment");
 		return XM_OUT_INVALID;
 	}
+	*text_out = main_text;
+	*oob_out = oob;
+	return XM_OUT_STANZA;
+}
+
+/* A chat message: prefix + text, the reply to target (when known) with its
+ * quote as fallback, attachments (when with_attachments), <active/> (when
+ * active). */
+static enum xm_out_result out_message(struct ob *b, const json_t *content, const struct xm_out_info *info,
+				      const char *prefix, const struct xm_target *target, bool with_attachments,
+				      bool active, char *why, size_t whylen)
+{
+	const char *oob;
+	char *main_text;
+	enum xm_out_result made = message_text(b, content, with_attachments, &oob, &main_text, why, whylen);
+	if (made != XM_OUT_STANZA)
+		return made;
 	bool reply = target && target_ok(target);
 	/* The quote is of the text the target's own body was made of. */
 	char *quoted = reply && target->content ? neutral_text(target->content) : NULL;
@@ -1165,8 +1184,77 @@ static enum xm_out_result build(struct ob *b, const char *type, const json_t *co
 	return invalid(why, whylen, "unknown neutral event type");
 }
 
+/* A message whose stanza is xm_keep's shape: no reply (in_reply_to
+ * makes one when its target is known), no non-empty topic (a <thread>),
+ * no attachment (an <x> of OOB, links in the body). */
+static bool plain_message(const char *type, const json_t *content)
+{
+	const char *topic = str_member(content, "topic");
+	return strcmp(type, "message") == 0 && !str_member(content, "in_reply_to") && (!topic || !*topic) &&
+	       json_array_size(json_object_get(content, "attachments")) == 0;
+}
+
+void xm_keep_drop(struct xm_keep *keep)
+{
+	if (keep && keep->msg)
+		xmpp_stanza_release(keep->msg);
+	if (keep)
+		*keep = (struct xm_keep){ 0 };
+}
+
+/* The kept stanza made the next plain message's: its text as out_message
+ * makes it (the same function), its attributes set again in the order a
+ * new stanza gets them (xmpp_message_new: type, id, to; then from; in
+ * <origin-id> xmlns, then id).  libstrophe's attribute table puts a key
+ * set again at the head of its bucket's chain, and renders in the table's
+ * order: setting again the keys a new stanza set last, in their order,
+ * leaves every chain as a new stanza's, so the rendering is its bytes. */
+static enum xm_out_result from_kept(struct xm_keep *keep, const json_t *content, const struct xm_out_info *info,
+				    xmpp_stanza_t **out, char *why, size_t whylen)
+{
+	struct ob b = { .ctx = keep->ctx };
+	const char *oob;
+	char *body;
+	enum xm_out_result r = message_text(&b, content, true, &oob, &body, why, whylen);
+	if (b.oom)
+		return nomem(why, whylen);
+	if (r != XM_OUT_STANZA)
+		return r;
+	bool ok = xmpp_stanza_set_id(keep->msg, info->id) == XMPP_EOK &&
+		  xmpp_stanza_set_to(keep->msg, info->to) == XMPP_EOK &&
+		  xmpp_stanza_set_from(keep->msg, info->from) == XMPP_EOK &&
+		  xmpp_stanza_set_text(keep->text, body) == XMPP_EOK &&
+		  xmpp_stanza_set_id(keep->origin, info->id) == XMPP_EOK;
+	free(body);
+	if (!ok) { /* half changed: made anew the next time */
+		xm_keep_drop(keep);
+		return nomem(why, whylen);
+	}
+	*out = xmpp_stanza_clone(keep->msg);
+	return XM_OUT_STANZA;
+}
+
+/* A new plain message's stanza kept (keep's reference), when it has the
+ * shape from_kept changes. */
+static void keep_new(struct xm_keep *keep, xmpp_ctx_t *ctx, xmpp_stanza_t *msg)
+{
+	xmpp_stanza_t *body = xmpp_stanza_get_child_by_name(msg, "body");
+	xmpp_stanza_t *text = body ? xmpp_stanza_get_children(body) : NULL;
+	xmpp_stanza_t *origin = xmpp_stanza_get_child_by_ns(msg, NS_SID);
+	if (!text || !xmpp_stanza_is_text(text) || !origin)
+		return;
+	xm_keep_drop(keep);
+	*keep = (struct xm_keep){ .ctx = ctx, .msg = xmpp_stanza_clone(msg), .text = text, .origin = origin };
+}
+
 enum xm_out_result xm_from_neutral(xmpp_ctx_t *ctx, const json_t *event, const struct xm_out_info *info,
 				   xmpp_stanza_t **out, char *why, size_t whylen)
+{
+	return xm_from_neutral_kept(ctx, NULL, event, info, out, why, whylen);
+}
+
+enum xm_out_result xm_from_neutral_kept(xmpp_ctx_t *ctx, struct xm_keep *keep, const json_t *event,
+					const struct xm_out_info *info, xmpp_stanza_t **out, char *why, size_t whylen)
 {
 	if (why && whylen)
 		why[0] = '\0';
@@ -1181,6 +1269,9 @@ enum xm_out_result xm_from_neutral(xmpp_ctx_t *ctx, const json_t *event, const s
 	if (!info->from || !info->to || !xj_split(info->from, NULL, 0, NULL, 0, NULL, 0) ||
 	    !xj_split(info->to, NULL, 0, NULL, 0, NULL, 0) || !id_ok(info->id))
 		return invalid(why, whylen, "the stanza needs valid from and to JIDs and an id");
+	bool plain = keep && plain_message(type, content);
+	if (plain && keep->msg && keep->ctx == ctx)
+		return from_kept(keep, content, info, out, why, whylen);
 	struct ob b = { .ctx = ctx };
 	b.msg = xmpp_message_new(ctx, "chat", info->to, info->id);
 	if (!b.msg || xmpp_stanza_set_from(b.msg, info->from) != XMPP_EOK) {
@@ -1197,6 +1288,8 @@ enum xm_out_result xm_from_neutral(xmpp_ctx_t *ctx, const json_t *event, const s
 		xmpp_stanza_release(b.msg);
 		return r;
 	}
+	if (plain)
+		keep_new(keep, ctx, b.msg);
 	*out = b.msg;
 	return r;
 }

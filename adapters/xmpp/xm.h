@@ -258,6 +258,32 @@ enum xm_out_result {
 enum xm_out_result xm_from_neutral(xmpp_ctx_t *ctx, const json_t *event, const struct xm_out_info *info,
 				   xmpp_stanza_t **out, char *why, size_t whylen);
 
+/* A plain chat message's stanza (a message with no reply, topic or
+ * attachment: <message> with <body>, <origin-id>, <request>, <markable>,
+ * <active>), kept by one thread from one message to the next: the next
+ * plain message changes its from, to, id, body and origin-id in place
+ * instead of building the tree again.  A chat's stanza is some 67
+ * allocations of libstrophe's, made and freed per message (the DOM and
+ * its release were 17 % of the dispatcher thread, docs/performance.md);
+ * in place it is 13.  Zeroed before its first use; one ctx, one thread. */
+struct xm_keep {
+	xmpp_ctx_t *ctx;      /* the context the kept stanza was made in */
+	xmpp_stanza_t *msg;   /* the kept <message> (one reference: the keep's), or NULL */
+	xmpp_stanza_t *text;  /* its <body>'s text node */
+	xmpp_stanza_t *origin; /* its <origin-id> */
+};
+
+/* xm_from_neutral, with keep (may be NULL: the same as xm_from_neutral).
+ * A plain message's *out is then the kept stanza (a reference of its
+ * own): the caller renders and releases it before its next call with the
+ * same keep, and changes nothing in it.  The bytes it renders are a new
+ * stanza's (check_xm compares them). */
+enum xm_out_result xm_from_neutral_kept(xmpp_ctx_t *ctx, struct xm_keep *keep, const json_t *event,
+					const struct xm_out_info *info, xmpp_stanza_t **out, char *why, size_t whylen);
+
+/* Releases the kept stanza (before keep's ctx is freed). */
+void xm_keep_drop(struct xm_keep *keep);
+
 /* Text for an XML document: invalid UTF-8 and the characters XML 1.0 does
  * not allow (C0 controls but tab and line feed, U+FFFE, U+FFFF) become
  * U+FFFD; CR LF and lone CR become LF.  Every text the adapter writes into

@@ -84,17 +84,48 @@ static void strophe_log(void *userdata, xmpp_log_level_t level, const char *area
 }
 static const xmpp_log_t strophe_logger = { strophe_log, NULL };
 
-static void ctx_release(void *c) { xmpp_ctx_free(c); }
+/* A thread's own libstrophe context, and the chat stanza it keeps in it
+ * (xm_keep: released before the context that made it). */
+struct thread_strophe {
+	xmpp_ctx_t *ctx;
+	struct xm_keep keep;
+};
+
+static void ctx_release(void *p)
+{
+	struct thread_strophe *t = p;
+	xm_keep_drop(&t->keep);
+	xmpp_ctx_free(t->ctx);
+	free(t);
+}
+
+static struct thread_strophe *thread_strophe(struct xmpp *x)
+{
+	struct thread_strophe *t = pthread_getspecific(x->ctx_key);
+	if (!t) {
+		t = calloc(1, sizeof(*t));
+		if (t)
+			t->ctx = xmpp_ctx_new(NULL, &strophe_logger);
+		if (!t || !t->ctx || pthread_setspecific(x->ctx_key, t) != 0) {
+			if (t && t->ctx)
+				xmpp_ctx_free(t->ctx);
+			free(t);
+			return NULL;
+		}
+	}
+	return t;
+}
 
 xmpp_ctx_t *xa_thread_ctx(struct xmpp *x)
 {
-	xmpp_ctx_t *c = pthread_getspecific(x->ctx_key);
-	if (!c) {
-		c = xmpp_ctx_new(NULL, &strophe_logger);
-		if (c)
-			pthread_setspecific(x->ctx_key, c);
-	}
-	return c;
+	struct thread_strophe *t = thread_strophe(x);
+	return t ? t->ctx : NULL;
+}
+
+struct xm_keep *xa_thread_keep(struct xmpp *x)
+{
+	struct thread_strophe *t = thread_strophe(x);
+	return t ? &t->keep : NULL;
 }
 
 struct xcomp *xa_comp_by_domain(struct xmpp *x, const char *domain)
@@ -1928,9 +1959,9 @@ void xa_free(struct xmpp *x)
 		json_decref(xc->muc_gone);
 		json_decref(xc->muc_stored);
 	}
-	xmpp_ctx_t *c = pthread_getspecific(x->ctx_key);
-	if (c) {
-		xmpp_ctx_free(c);
+	struct thread_strophe *t = pthread_getspecific(x->ctx_key);
+	if (t) {
+		ctx_release(t);
 		pthread_setspecific(x->ctx_key, NULL);
 	}
 	pthread_key_delete(x->ctx_key);

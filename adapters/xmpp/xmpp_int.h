@@ -250,11 +250,14 @@ struct xmpp {
 	struct xcomp comp[XMPP_COMPONENTS_MAX];
 	int ncomp;
 	atomic_bool stop;
-	pthread_key_t ctx_key;          /* each thread's own xmpp_ctx_t (stanzas are built off the stream thread) */
+	pthread_key_t ctx_key;          /* each thread's own xmpp_ctx_t and kept chat stanza (stanzas are built off the stream thread) */
 };
 
 /* This thread's libstrophe context (for building and parsing stanzas). */
 xmpp_ctx_t *xa_thread_ctx(struct xmpp *x);
+/* The calling thread's kept chat stanza (xm_keep, in xa_thread_ctx's
+ * context), or NULL without memory. */
+struct xm_keep *xa_thread_keep(struct xmpp *x);
 /* The component of a domain, or NULL. */
 struct xcomp *xa_comp_by_domain(struct xmpp *x, const char *domain);
 struct xcomp *xa_comp_by_peer(struct xmpp *x, const char *peer);

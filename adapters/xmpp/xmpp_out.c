@@ -429,7 +429,10 @@ static bool build(struct xmpp *x, struct outbox_row *row, PGresult *r, int k, st
 	/* A peer's files reach the user as links of Causeway's, which fetches
 	 * them signed: the peer's store may not serve a bare link to anyone. */
 	json_t *ev = peer_media_public(x->app, row->event);
-	enum xm_out_result res = ctx ? xm_from_neutral(ctx, ev, &info, &st, why, sizeof(why)) : XM_OUT_NOMEM;
+	/* A plain message's stanza is the thread's kept one (xm_keep), changed
+	 * in place: rendered and released below, before the next row's. */
+	enum xm_out_result res =
+		ctx ? xm_from_neutral_kept(ctx, xa_thread_keep(x), ev, &info, &st, why, sizeof(why)) : XM_OUT_NOMEM;
 	json_decref(ev);
 	json_decref(set);
 	json_decref(quoted);

@@ -962,6 +962,76 @@ START_TEST(out_cases)
 }
 END_TEST
 
+/* The kept chat stanza (xm_keep): every case of xmpp_out.txt, in the
+ * file's order through one keep (plain messages between the others, each
+ * with its own from, to and id), renders the bytes a new stanza renders,
+ * and a plain message after another is the kept stanza, changed in place. */
+START_TEST(out_kept_same_bytes)
+{
+	FILE *f = fopen(unit_data_path("xmpp_out.txt"), "r");
+	ck_assert_msg(f != NULL, "cannot open %s", unit_data_path("xmpp_out.txt"));
+	struct xm_keep keep = { 0 };
+	char *line = NULL;
+	size_t cap = 0;
+	int lineno = 0, kept = 0, fresh = 0;
+	while (getline(&line, &cap, f) != -1) {
+		lineno++;
+		trim_newline(line);
+		if (line[0] == '#' || line[0] == '\0')
+			continue;
+		char *fl[8];
+		ck_assert_int_eq(split_on(line, " | ", fl, 8), 7);
+		size_t len;
+		char *ev_text = unit_decode(fl[1], &len);
+		json_t *ev = json_loads(ev_text, JSON_DECODE_ANY, NULL);
+		ck_assert_ptr_nonnull(ev);
+		char *set_text = strcmp(fl[4], "-") ? unit_decode(fl[4], &len) : NULL;
+		json_t *set = set_text ? json_loads(set_text, JSON_DECODE_ANY, NULL) : NULL;
+		free(set_text);
+		char from[64], to[64], id[32];
+		snprintf(from, sizeof(from), "+49151%d@wa.example.org", lineno * 7);
+		snprintf(to, sizeof(to), "u%d@example.org", lineno);
+		snprintf(id, sizeof(id), "cw-%d", lineno * 13);
+		struct xm_out_info info = { .from = from, .to = to, .id = id, .target = target_named(fl[2], lineno),
+					    .reacted = target_named(fl[3], lineno), .reaction_set = set };
+		xmpp_stanza_t *a = NULL, *b = NULL;
+		char wa[200], wb[200];
+		xmpp_stanza_t *before = keep.msg;
+		enum xm_out_result ra = xm_from_neutral_kept(ctx, &keep, ev, &info, &a, wa, sizeof(wa));
+		enum xm_out_result rb = xm_from_neutral(ctx, ev, &info, &b, wb, sizeof(wb));
+		ck_assert_msg(ra == rb, "line %d: %s kept, %s new", lineno, out_name(ra), out_name(rb));
+		ck_assert_str_eq(wa, wb);
+		if (ra == XM_OUT_STANZA) {
+			char *ta, *tb;
+			size_t la, lb;
+			ck_assert_int_eq(xmpp_stanza_to_text(a, &ta, &la), XMPP_EOK);
+			ck_assert_int_eq(xmpp_stanza_to_text(b, &tb, &lb), XMPP_EOK);
+			ck_assert_msg(strcmp(ta, tb) == 0, "line %d: kept %s\nnew  %s", lineno, ta, tb);
+			if (before && a == before)
+				kept++;
+			else
+				fresh++;
+			xmpp_free(ctx, ta);
+			xmpp_free(ctx, tb);
+			xmpp_stanza_release(a);
+			xmpp_stanza_release(b);
+		}
+		target_free(&info.target);
+		target_free(&info.reacted);
+		json_decref(set);
+		json_decref(ev);
+		free(ev_text);
+	}
+	free(line);
+	fclose(f);
+	/* the plain messages after the first one went through the kept stanza */
+	ck_assert_int_ge(kept, 3);
+	ck_assert_int_ge(fresh, 40);
+	xm_keep_drop(&keep);
+	ck_assert_ptr_null(keep.msg);
+}
+END_TEST
+
 START_TEST(out_edges)
 {
 	json_t *ev = json_loads("{\"type\":\"message\",\"content\":{\"parts\":[{\"type\":\"text/plain\",\"body\":\"x\"}]}}",
@@ -3221,6 +3291,7 @@ int main(void)
 	tcase_add_test(tc, in_edges);
 	tcase_add_test(tc, ids_and_refs);
 	tcase_add_test(tc, out_cases);
+	tcase_add_test(tc, out_kept_same_bytes);
 	tcase_add_test(tc, out_edges);
 	tcase_add_test(tc, out_memory_is_not_invalid);
 	tcase_add_test(tc, round_trip_property);
