@@ -1203,12 +1203,12 @@ void xm_keep_drop(struct xm_keep *keep)
 }
 
 /* The kept stanza made the next plain message's: its text as out_message
- * makes it (the same function), its attributes set again in the order a
- * new stanza gets them (xmpp_message_new: type, id, to; then from; in
- * <origin-id> xmlns, then id).  libstrophe's attribute table puts a key
- * set again at the head of its bucket's chain, and renders in the table's
- * order: setting again the keys a new stanza set last, in their order,
- * leaves every chain as a new stanza's, so the rendering is its bytes. */
+ * makes it (the same function), its attributes set again (the message's
+ * id, to and from, the <origin-id>'s id: type and the xmlns stay).
+ * libstrophe's attribute table puts a key set again at the head of its
+ * bucket's chain and renders in the table's order; the keys set again
+ * are those a new stanza gets last, so the chains, and the bytes, are a
+ * new stanza's (check_xmpp's out_kept_same_bytes compares them). */
 static enum xm_out_result from_kept(struct xm_keep *keep, const json_t *content, const struct xm_out_info *info,
 				    xmpp_stanza_t **out, char *why, size_t whylen)
 {

@@ -277,7 +277,7 @@ struct xm_keep {
  * A plain message's *out is then the kept stanza (a reference of its
  * own): the caller renders and releases it before its next call with the
  * same keep, and changes nothing in it.  The bytes it renders are a new
- * stanza's (check_xm compares them). */
+ * stanza's (check_xmpp compares them). */
 enum xm_out_result xm_from_neutral_kept(xmpp_ctx_t *ctx, struct xm_keep *keep, const json_t *event,
 					const struct xm_out_info *info, xmpp_stanza_t **out, char *why, size_t whylen);
 
