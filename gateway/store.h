@@ -341,8 +341,14 @@ struct store_piped {
  * none of whose parameters is read from an earlier one's answer.  On a
  * failure the results are cleared and the first failed statement's error
  * returned (store_result_err's code): those after it did not run, and a
- * transaction block is aborted, as by one statement that failed.  On a
- * connection in pipeline mode already, one statement at a time. */
+ * transaction block is aborted, as by one statement that failed.  Outside
+ * a transaction block the n statements are one transaction (PostgreSQL's
+ * implicit one, up to the Sync): a failure undoes those before it too,
+ * where one statement at a time would have kept them.  Not for a
+ * connection in pipeline mode already (a pipelined job's send): libpq
+ * runs no statement at once there, and the call fails (CW_EUNAVAIL, "not
+ * allowed in pipeline mode"); one whose last results were not read is
+ * run one statement at a time (PQexecParams drops them first). */
 cw_err store_pipeline(PGconn *c, struct store_piped *q, int n, cw_errmsg *e);
 /* Runs a command without results; a failure is store_result_err's code
  * (CW_EUNAVAIL: the connection lost, CW_ECONFLICT: a key taken or
