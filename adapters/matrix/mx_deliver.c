@@ -2663,9 +2663,13 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 				run->next++;
 			} else if (token_refusal_seen) {
 				release_rest(run, rows, run->next, 2, 0);
-			} else if (status == 403 && ask_portal(m, run->h, &run->rq, &run->to)) {
+			} else if (status == 403 && !stopping && ask_portal(m, run->h, &run->rq, &run->to)) {
 				/* who acted there may be out of the room: asked
-				 * while the other rooms go on (ask_portal) */
+				 * while the other rooms go on (ask_portal); not
+				 * once the daemon is stopping (the question could
+				 * hold its stop up to the request's timeout): the
+				 * row fails as any 403 and is asked after the
+				 * start again */
 				run->refused_code = status;
 				snprintf(run->refused_why, sizeof(run->refused_why), "%s", fe.msg);
 				curl_easy_setopt(run->h, CURLOPT_PRIVATE, run);
