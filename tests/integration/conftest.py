@@ -12,9 +12,26 @@ from harness import Daemon, Postgres  # noqa: E402
 @pytest.fixture(scope="session")
 def pg():
     """One PostgreSQL for the tests that do not stop it."""
-    p = Postgres()
+    p = Postgres(spares=True)
     yield p
     p.destroy()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """No test runs beside the work the session's clusters do between the
+    tests (Postgres.between_tests): it ends first."""
+    for p in list(Postgres.WITH_SPARES):
+        p.before_test()
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """The next test's database made while this one's daemons stop."""
+    for p in list(Postgres.WITH_SPARES):
+        p.between_tests()
+    yield
 
 
 @pytest.fixture(autouse=True)
