@@ -6,7 +6,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from harness import Daemon, Postgres  # noqa: E402
+from harness import Daemon, Postgres, destroy_pristine  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -15,6 +15,11 @@ def pg():
     p = Postgres(spares=True)
     yield p
     p.destroy()
+
+
+def pytest_sessionfinish(session):
+    """The stopped cluster the clusters of this process were copied from."""
+    destroy_pristine()
 
 
 @pytest.hookimpl(hookwrapper=True)
