@@ -191,12 +191,18 @@ class Postgres:
         template = self._migrated_template() if migrated else "template0"
         self._end_work("spare")
         self.psql(f'DROP DATABASE IF EXISTS "{name}"')
+        made = False
         if migrated and self._spare:
             # the copy made ahead, renamed: what CREATE DATABASE would have
             # made then (a database nothing has connected to)
             spare, self._spare = self._spare, None
-            self._sessions.run_alone(f'ALTER DATABASE "{spare}" RENAME TO "{name}"', self.url)
-        else:
+            try:
+                self._sessions.run_alone(f'ALTER DATABASE "{spare}" RENAME TO "{name}"', self.url)
+                made = True
+            except RuntimeError as ex:
+                print(f"pg: {spare} not renamed to {name}: {ex}", file=sys.stderr)
+                self._made.append(spare)  # dropped with the test's
+        if not made:
             self.psql(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
         self._made.append(name)
         return self._url_of(name)
