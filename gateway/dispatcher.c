@@ -514,7 +514,20 @@ static const struct store_stmt lane_stmts[] = {
 		 * leaves a message with a row in flight alone (expiry_sql's
 		 * raced, since the thirty-fifth session; before, a row claimed
 		 * under the sweep had its content erased so): a defence. */
+		/* $13: the far side's ids of delivered rows (outbox_row's
+		 * remote_id), an object by outbox id (jsonb's ->> finds a key
+		 * by a binary search; NULL: none): written in the row version
+		 * that says it is delivered, and kept for references to it
+		 * (n).  Both commit with the outcome or not at all: a crash
+		 * before leaves the row in flight, its claim runs out and the
+		 * retry finds the event sent (the Matrix adapter's txnId and
+		 * already_sent: docs/matrix.md), whose id is recorded then.
+		 * Until the fifty-fourth session the Matrix adapter wrote them
+		 * in a statement of its own, committed first: a second update
+		 * of each row, and for want of an estimate of its
+		 * jsonb_to_recordset a hash join over the whole outbox. */
 		"up AS (UPDATE outbox SET claimed_by = NULL, claimed_until = NULL, "
+		" remote_id = coalesce($13::jsonb ->> outbox.id::text, remote_id), "
 		" attempts = CASE WHEN $2::boolean OR $10::boolean THEN attempts ELSE greatest(attempts - 1, 0) END, "
 		" state = CASE WHEN $2::boolean THEN 'delivered' "
 		"  WHEN EXISTS (SELECT 1 FROM events ev WHERE ev.id = outbox.event_id AND ev.expired) THEN 'expired' "
@@ -531,7 +544,9 @@ static const struct store_stmt lane_stmts[] = {
 		"  greatest($9::bigint / 1000.0, least($7::bigint, $6::bigint * (1::bigint << least(attempts - 1, 30))) "
 		"  / 1000.0 * (0.5 + random() / 2))) END "
 		"FROM cfg WHERE id = ANY($1::bigint[]) AND state = 'in_flight' AND destination = $12 AND claimed_by = $11 "
-		"RETURNING outbox.id, outbox.room_id, outbox.state), "
+		"RETURNING outbox.id, outbox.room_id, outbox.state, outbox.event_id, $13::jsonb ->> outbox.id::text AS rid), "
+		"n AS (INSERT INTO event_native_ids (event_id, network, kind, native_id) "
+		" SELECT event_id, $12, 'event_id', rid FROM up WHERE rid IS NOT NULL ON CONFLICT DO NOTHING), "
 		"behind AS (UPDATE outbox p SET state = 'dead', last_error = 'not sent: an earlier message of its room to '"
 		" || $12 || ' ran out of retries (replay them oldest first)' "
 		" FROM (SELECT room_id, min(id) AS id FROM up WHERE state = 'dead' GROUP BY room_id) d "
@@ -1288,17 +1303,33 @@ static void record(struct lane *l, const struct outbox_row *rows, const size_t *
 	snprintf(started, sizeof(started), "%lld", (long long)started_ms);
 	snprintf(wait, sizeof(wait), "%ld", outbox_retry_after_ms(0, retry_after_ms));
 	bool limited = !ok && code == 429;
+	/* The delivered rows' remote ids ($13: see cw_record), NULL when
+	 * none has one (every adapter but Matrix's); out of memory, they
+	 * are not recorded (nor are they when the statement fails), as a
+	 * failed recording of them was only logged before. */
+	char *remote = NULL;
+	json_t *rid = ok ? json_object() : NULL;
+	for (size_t i = 0; rid && i < n; i++) {
+		const struct outbox_row *row = ROW_AT(rows, at, i);
+		char key[24];
+		snprintf(key, sizeof(key), "%lld", (long long)row->id);
+		if (row->remote_id[0])
+			json_object_set_new(rid, key, json_string(row->remote_id));
+	}
+	if (rid && json_object_size(rid))
+		remote = json_dumps(rid, JSON_COMPACT);
+	json_decref(rid);
 	/* The destination is named (every row of a lane's batch has it): a
 	 * generic plan may take the (state, destination, id) index, which
 	 * without it walks every row in flight once per id (100 ms and more
 	 * a batch of 500). */
 	const char *params[] = { ids, ok ? "t" : "f", codes, why, budget, base, max, started, wait, limited ? "f" : "t",
-				 l->name, ROW_AT(rows, at, 0)->destination };
+				 l->name, ROW_AT(rows, at, 0)->destination, remote };
 	/* One statement: the attempts are recorded and the rows move on.  Its
 	 * commit does not wait for the WAL flush (set_config(..., true) holds
 	 * for this statement's own transaction): see claim_open. */
 	cw_errmsg e;
-	PGresult *r = exec_claimed(l, "cw_record", NULL, 12, params, PGRES_TUPLES_OK, &e);
+	PGresult *r = exec_claimed(l, "cw_record", NULL, 13, params, PGRES_TUPLES_OK, &e);
 	if (r) {
 		if (limited)
 			atomic_fetch_add(&d->rate_limited, (uint64_t)PQntuples(r));
@@ -1324,6 +1355,7 @@ static void record(struct lane *l, const struct outbox_row *rows, const size_t *
 		       "detail", e.msg);
 	}
 	PQclear(r);
+	free(remote);
 	free(ids);
 }
 
@@ -1740,6 +1772,7 @@ static void deliver(struct lane *l, struct outbox_row *rows, size_t n)
 		rows[x].outcome = 0;
 		rows[x].code = 0;
 		rows[x].retry_after_ms = 0;
+		rows[x].remote_id[0] = '\0';
 	}
 	bool local = d->o.local_deliver && strcmp(dest, d->o.local_destination) == 0;
 	size_t done = 0;

@@ -58,6 +58,16 @@ struct outbox_row {
 	 * dispatcher thread on tests/bench/xmpp's release (docs/performance.md,
 	 * "Fifty-first session"). */
 	bool typing;
+	/* Delivered (outcome 1, or among the *done rows): the id the far side
+	 * gave it (a Matrix event id), "" if none.  The record of its outcome
+	 * writes it, in the same statement and row version, to
+	 * outbox.remote_id and to event_native_ids (its destination as the
+	 * network, kind 'event_id': only the Matrix adapter, destination
+	 * "matrix", sets it).  Until the fifty-fourth session matrix_deliver
+	 * wrote both in a statement of its own before the record: each
+	 * delivered row updated twice, a statement and a commit more a batch
+	 * (docs/performance.md, "Fifty-fourth session"). */
+	char remote_id[256];
 };
 
 /* The wait a far side asked for, given in seconds (a Retry-After header),

@@ -1558,13 +1558,15 @@ static int info_row(PGresult *info, size_t k, int *from)
 	return -1;
 }
 
-/* Notes the Matrix event id a row's event got, for the batch's record and
- * for later rows that refer to it (to_native).  An id that is none (the
+/* Notes the Matrix event id a row's event got: in the row, recorded with
+ * its outcome (outbox_row's remote_id: outbox.remote_id and
+ * event_native_ids, in cw_record), and in sent for later rows of the
+ * batch that refer to it (to_native).  An id that is none (the
  * homeserver's answer, or an event it listed: mx_event_id_valid) is not
  * noted, with a line in the log: until the
  * forty-ninth session it was stored as the event's Matrix id, and later
  * replies, edits and deletes of the message named it. */
-static void note_sent(json_t *sent, const struct outbox_row *row, const char *eid)
+static void note_sent(json_t *sent, struct outbox_row *row, const char *eid)
 {
 	if (!mx_event_id_valid(eid)) {
 		char id[24];
@@ -1573,6 +1575,7 @@ static void note_sent(json_t *sent, const struct outbox_row *row, const char *ei
 			       "outbox_id", id);
 		return;
 	}
+	snprintf(row->remote_id, sizeof(row->remote_id), "%s", eid); /* mx_event_id_valid: at most MX_ID_MAX */
 	json_array_append_new(sent, json_pack("{s:I, s:s, s:I, s:I, s:s?}", "ev", (json_int_t)row->event_id, "eid", eid,
 					      "row", (json_int_t)row->id, "tg", (json_int_t)row->target_id, "pid",
 					      json_string_value(json_object_get(row->event, "id"))));
@@ -2702,18 +2705,9 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 	free(run_of);
 	free(info_of);
 
-	char *doc = json_array_size(sent) ? json_dumps(sent, JSON_COMPACT) : NULL;
+	/* The rows' event ids (note_sent) are recorded with their outcomes
+	 * (cw_record), not here. */
 	json_decref(sent);
-	if (doc) {
-		const char *p[] = { doc };
-		cw_errmsg e2;
-		if (store_command(c, "WITH v AS (SELECT * FROM jsonb_to_recordset($1::jsonb) AS v(ev bigint, eid text, row bigint)), "
-				  "n AS (INSERT INTO event_native_ids (event_id, network, kind, native_id) "
-				  " SELECT ev, 'matrix', 'event_id', eid FROM v ON CONFLICT DO NOTHING) "
-				  "UPDATE outbox o SET remote_id = v.eid FROM v WHERE o.id = v.row", 1, p, &e2))
-			LOG_KV(CW_LOG_WARN, "cannot record Matrix event ids", "detail", e2.msg);
-		free(doc);
-	}
 	/* The outcome per row (rows[].outcome); *done and the return say the
 	 * same of the first rows, for the log. */
 	rc = CW_OK;

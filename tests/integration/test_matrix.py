@@ -6014,8 +6014,16 @@ def test_references_within_one_delivery_batch(mx, hs, gk, pg, db_url):
     """A message, its edit and a reaction to it, held for consent and then
     released together, go out in one dispatcher batch: the Matrix event ids
     are recorded once per batch, so the edit and the reaction must find the
-    id the homeserver gave the message earlier in the same batch."""
+    id the homeserver gave the message earlier in the same batch. Each
+    row's event id goes in the row version that records its delivery: a
+    row is updated twice, by its claim and by its outcome (until the
+    fifty-fourth session a third time, its event id first)."""
     a, _ = gk
+    pg.psql("CREATE TABLE test_outbox_updates (n bigserial, id bigint, state text); "
+            "CREATE FUNCTION test_outbox_update() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$BEGIN INSERT INTO test_outbox_updates (id, state) VALUES (NEW.id, NEW.state); RETURN NEW; END$$; "
+            "CREATE TRIGGER test_outbox_update BEFORE UPDATE ON outbox FOR EACH ROW "
+            "WHEN (NEW.destination = 'matrix') EXECUTE FUNCTION test_outbox_update()", db_url)
     assert mx.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
     hs.create_user("alice")
     room = a.create_room([a.user("wally"), ALICE]).json()["id"]
@@ -6052,6 +6060,11 @@ def test_references_within_one_delivery_batch(mx, hs, gk, pg, db_url):
     assert rows == [e["event_id"] for e in evs]
     assert pg.psql("SELECT count(*) FROM event_native_ids WHERE network = 'matrix' AND kind = 'event_id' "
                    f"AND native_id IN ('{orig}', '{evs[1]['event_id']}', '{evs[2]['event_id']}')", db_url) == "3"
+    # Updates of the rows from their release on: claimed, then delivered
+    # with its event id (none between, nor after).
+    assert pg.psql("SELECT string_agg(u.state, ',' ORDER BY u.n) FROM test_outbox_updates u "
+                   "JOIN outbox o ON o.id = u.id WHERE u.state <> 'held' AND u.state <> 'pending' "
+                   "GROUP BY u.id ORDER BY u.id", db_url).split() == ["in_flight,delivered"] * 3
 
 
 def test_a_reaction_whose_answer_was_lost_long_ago_keeps_its_event(mx, hs, gk, pg, db_url):
