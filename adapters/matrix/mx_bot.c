@@ -40,7 +40,7 @@
  * work or not, and planned at each call they cost the database 5-7 ms of
  * planning a round, more than running them (docs/performance.md,
  * "Forty-fifth session"). */
-enum bot_look { BOT_INBOX, BOT_REQUESTS, BOT_EXPIRIES, BOT_EXPIRY_CURSOR, BOT_NOTICES, BOT_DEPARTURES, BOT_RENAMES, BOT_INVITATIONS, BOT_INVITEES, BOT_LOOKS };
+enum bot_look { BOT_INBOX, BOT_REQUESTS, BOT_EXPIRIES, BOT_EXPIRY_CURSOR, BOT_NOTICES, BOT_DEPARTURES, BOT_RENAMES, BOT_INVITATIONS, BOT_INVITEES, BOT_NOTICE_SAY, BOT_REQUEST_SAY, BOT_LOOKS };
 static const struct store_stmt bot_stmts[BOT_LOOKS + 1];
 
 static PGresult *bot_look(PGconn *c, enum bot_look k, int n, const char *const *params)
@@ -1319,7 +1319,11 @@ static int hers_alone(struct matrix *m, PGconn *c, const char *room, const char 
  * after it as it would have been, so someone let in after that look is
  * the race the look always had (the look before the send, never after
  * it), open now until the room's last word of the batch is sent, never
- * beyond the batch (BOT_BATCH words): the next batch looks again.  A
+ * beyond the batch (BOT_BATCH words): the next batch looks again.  Each
+ * word asks the database too, at its send (notice_still, request_still):
+ * a newcomer whose member event causewayd stored meanwhile is not sent
+ * the room's later words (the members read once, that race is the
+ * homeserver's delay in pushing the event, no longer the batch's).  A
  * "not known for now" (-2) is not kept: the next word asks again, as
  * before (a failure is no steady cost).  The room strings are the
  * batch's (PQgetvalue), alive as long as it is. */
@@ -1353,6 +1357,69 @@ static void hers_alone_forget(struct alone_memo *memo, const char *room)
 			memo->alone[k] = memo->alone[memo->n];
 			return;
 		}
+}
+
+/* The parameters $3-$5 of INBOX_NEWCOMER (BOT_NOTICE_SAY,
+ * BOT_REQUEST_SAY), into p[2..4]; ghosts holds the namespace's start. */
+static void newcomer_params(const struct matrix *m, const char **p, char *ghosts, size_t size)
+{
+	snprintf(ghosts, size, "@%s", m->cfg->mx_user_prefix);
+	p[2] = m->bot;
+	p[3] = ghosts;
+	p[4] = mx_server_name(m->cfg);
+}
+
+/* Whether the bot's word of notices' row id, about to be sent, is still
+ * to be said: what the database knows at its send, one statement a word
+ * (hers_alone_once's look is the batch's first word's of the room, and
+ * the newcomer's member event, stored by the transaction path meanwhile,
+ * waits in the bot's inbox until the batch is done: until the
+ * fifty-fourth session's review the room's later words of the batch
+ * were said to whoever came in during its first send).  mgmt: the
+ * batch's look found the room her management room, hers alone (1), or
+ * no management room (0: a word of another room).  1: to be sent; 0:
+ * not now (the room is no longer what the look found, someone else's
+ * member event there waits for the bot, or the database did not
+ * answer): tried again later, after the inbox (intruded hushes it, if
+ * someone else came in); -1: done with meanwhile (end_mgmt_room), or
+ * gone: nothing to send nor mark. */
+static int notice_still(struct matrix *m, PGconn *c, const char *id, bool mgmt)
+{
+	char ghosts[80];
+	const char *p[5] = { id, mgmt ? "t" : "f" };
+	newcomer_params(m, p, ghosts, sizeof(ghosts));
+	PGresult *r = bot_look(c, BOT_NOTICE_SAY, 5, p);
+	cw_errmsg e;
+	if (store_check(c, r, PGRES_TUPLES_OK, &e)) { /* clears r */
+		LOG_KV_LIMITED(CW_LOG_WARN, "a notice waits: whether it is still to be said was not read", "notice", id,
+			       "detail", e.msg);
+		return 0;
+	}
+	int still = PQntuples(r) != 1 || PQgetvalue(r, 0, 0)[0] == 't' ? -1 : PQgetvalue(r, 0, 1)[0] == 't' ? 0 : 1;
+	PQclear(r);
+	return still;
+}
+
+/* Whether consent request id is still to be shown in room, at its send,
+ * as notice_still says of a word: still pending and not shown, room
+ * still her management room, no member event of someone else there
+ * waiting for the bot.  1: to be shown; 0: not (the request waits for
+ * her next room, or the inbox's run); -2: not known for now. */
+static int request_still(struct matrix *m, PGconn *c, const char *id, const char *room)
+{
+	char ghosts[80];
+	const char *p[5] = { id, room };
+	newcomer_params(m, p, ghosts, sizeof(ghosts));
+	PGresult *r = bot_look(c, BOT_REQUEST_SAY, 5, p);
+	cw_errmsg e;
+	if (store_check(c, r, PGRES_TUPLES_OK, &e)) { /* clears r */
+		LOG_KV_LIMITED(CW_LOG_WARN, "a consent request waits: whether it is still to be shown was not read",
+			       "request", id, "detail", e.msg);
+		return -2;
+	}
+	int still = PQntuples(r) == 1;
+	PQclear(r);
+	return still;
 }
 
 /* The ghost says why it goes (a notice), and leaves the room; the word's
@@ -1520,7 +1587,17 @@ static void notices(struct matrix *m, PGconn *c)
 		 * the bot leaves after (then_leave: to an intruder, to a room
 		 * it moved from) is for whoever is there.  Looked at once for
 		 * the batch's words of a room (hers_alone_once). */
-		int alone = !user && PQgetvalue(r, i, 6)[0] != 't' ? hers_alone_once(m, c, &memo, room, txn) : 1;
+		bool looked = !user && PQgetvalue(r, i, 6)[0] != 't';
+		int alone = looked ? hers_alone_once(m, c, &memo, room, txn) : 1;
+		/* and, at its send, still queued, and the room still what the
+		 * look found (notice_still); not now: as not known */
+		if (looked && alone >= 0) {
+			int still = notice_still(m, c, id, alone == 1);
+			if (still < 0)
+				continue;
+			if (still == 0)
+				alone = -2;
+		}
 		long status = 0, wait = 0;
 		bool sent = alone >= 0 && say_txn(m, room, user, PQgetvalue(r, i, 2), txn, &status, &wait);
 		if (!sent && status == 429 && !stale) {
@@ -2780,6 +2857,8 @@ static void requests(struct matrix *m, PGconn *c, int64_t *after_us)
 		 * of the room do; not known for now: tried again later.  Looked
 		 * at once for the batch's requests of a room (hers_alone_once). */
 		int alone = hers_alone_once(m, c, &memo, PQgetvalue(r, i, 1), txn);
+		if (alone == 1) /* and at its send (request_still) */
+			alone = request_still(m, c, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1));
 		if (alone != 1) {
 			refused[i] = true;
 			if (alone == -2 && cw_now_us() + 30 * 1000000LL > *after_us)
@@ -3214,11 +3293,26 @@ static void invitees_joined(struct matrix *m, PGconn *c)
 	PQclear(r);
 }
 
+/* A member event of someone other than management room mr's user and
+ * the bot (and its ghosts: the namespace as mx_in_ghost_namespace reads
+ * it, $4 "@" and the prefix, $5 the server name; $3 the bot), invited
+ * or joining, waiting in the bot's inbox (stored by the transaction
+ * path, matrix.c txn_bot_send, for the bot to handle after the batch it
+ * is in: intruded).  The unhandled rows are few (matrix_bot_inbox_due_idx). */
+#define INBOX_NEWCOMER(mr)                                                                                           \
+	"EXISTS (SELECT 1 FROM matrix_bot_inbox b WHERE b.handled_at IS NULL AND b.event->>'room_id' = " mr ".room_id " \
+	" AND b.event->>'type' = 'm.room.member' AND b.event->'content'->>'membership' IN ('invite', 'join') "         \
+	" AND b.event->>'state_key' NOT IN (" mr ".user_id, $3::text) "                                                \
+	" AND NOT (starts_with(b.event->>'state_key', $4::text) "                                                      \
+	" AND right(b.event->>'state_key', length($5::text) + 1) = ':' || $5::text))"
+
 /* The looks of enum bot_look, each the statement of the function of its
  * name (inbox, requests, expiries, notices, invitees_joined;
  * BOT_DEPARTURES, BOT_RENAMES and BOT_INVITATIONS the rounds of
  * departure_row, rename_row and invitation_row), which says what it
- * looks for; and dead_letters' (dispatcher_dead_stmts). */
+ * looks for; BOT_NOTICE_SAY and BOT_REQUEST_SAY the checks at a send of
+ * notice_still and request_still; and dead_letters'
+ * (dispatcher_dead_stmts). */
 static const struct store_stmt bot_stmts[BOT_LOOKS + 1] = {
 	[BOT_INBOX] = { "mx_bot_inbox",
 		"SELECT id, event::text, attempts FROM matrix_bot_inbox WHERE handled_at IS NULL "
@@ -3293,6 +3387,14 @@ static const struct store_stmt bot_stmts[BOT_LOOKS + 1] = {
 		"LEFT JOIN identity_bindings ib ON ib.identity_id = x.identity_id AND ib.network = 'matrix' "
 		"WHERE x.membership = 'invited' AND x.updated_at < now() - interval '1 minute' "
 		"ORDER BY x.updated_at LIMIT 16" },
+	[BOT_NOTICE_SAY] = { "mx_bot_notice_say",
+		"SELECT x.done_at IS NOT NULL, EXISTS (SELECT 1 FROM matrix_mgmt_rooms mr WHERE mr.room_id = x.room_id) "
+		" <> $2::boolean OR EXISTS (SELECT 1 FROM matrix_mgmt_rooms mr WHERE mr.room_id = x.room_id AND "
+		INBOX_NEWCOMER("mr") ") FROM matrix_notices x WHERE x.id = $1::bigint" },
+	[BOT_REQUEST_SAY] = { "mx_bot_request_say",
+		"SELECT 1 FROM consent_requests q JOIN matrix_mgmt_rooms mr ON mr.identity_id = q.local_identity_id "
+		" AND mr.room_id = $2 WHERE q.id = $1::bigint AND q.state = 'pending' AND q.notified_at IS NULL "
+		" AND NOT " INBOX_NEWCOMER("mr") },
 	[BOT_LOOKS] = { NULL, NULL },
 };
 static const struct store_stmt *const bot_stmt_lists[] = { bot_stmts, dispatcher_dead_stmts, NULL };

@@ -8966,6 +8966,108 @@ def members_reads_after_help(hs, room, last_word):
     raise AssertionError("the help or the last word not said in " + room)
 
 
+def test_a_queued_word_is_not_sent_once_a_newcomers_member_event_is_in(mx, hs, pg, db_url):
+    """Five of the bot's words are queued for alice's management room
+    (matrix_notices, as a report's answers are) and go out in one batch;
+    the homeserver is slow to take the first.  Meanwhile bob is invited,
+    and his member event reaches the adapter (a transaction: stored in the
+    bot's inbox, handled by the bot after the batch).  The first word's
+    send began before anyone else was in; none after it may be sent: each
+    word asks the database, right before its send, whether its row is
+    still queued, the room still her management room and no member event
+    of someone else waiting for the bot there.  Until the fifty-fourth
+    session's review the batch took the room's first look for all its
+    words (hers_alone_once), and the four others were said to bob.  Then
+    the bot handles his member event: the words are done with unsaid, it
+    says what it says to an intruder, and leaves."""
+    bot = "@_cw_bot:example.org"
+    alice, mgmt, said = alice_and_the_bot(hs)
+    hs.create_user("bob")
+    sending, slow = threading.Event(), [True]
+
+    def latency(user):
+        if user == bot and slow[0]:
+            slow[0] = False
+            sending.set()
+            return 4.0
+        return 0.0
+
+    hs.send_latency = latency
+    try:
+        pg.psql("INSERT INTO matrix_notices (room_id, body) SELECT '%s', 'word ' || g "
+                "FROM generate_series(1, 5) g ORDER BY g; NOTIFY causeway_matrix_bot" % mgmt, db_url)
+        assert sending.wait(30), "the first word not sent"
+        alice.invite(mgmt, "@bob:example.org")
+        wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_bot_inbox "
+                                   "WHERE event->>'state_key' = '@bob:example.org'", db_url) == "1",
+                   timeout=3, what="bob's invitation in the bot's inbox during the first send")
+    finally:
+        hs.send_latency = 0.0
+    wait_until(lambda: hs.members(mgmt).get(bot) == "leave", timeout=30, what="the bot leaving")
+    time.sleep(1)  # anything else the bot would send there
+    tried = [q["body"].get("body") for q in hs.requests
+             if q["method"] == "PUT" and "/send/m.room.message/" in urllib.parse.unquote(q["path"])
+             and mgmt in urllib.parse.unquote(q["path"]) and q.get("user") == bot
+             and q["body"].get("body", "").startswith("word ")]
+    assert tried == ["word 1"], tried
+    assert "Someone else is in this room now" in said()[-1], said()
+    assert pg.psql("SELECT count(*) FROM matrix_notices WHERE room_id = '%s' AND body LIKE 'word %%' "
+                   "AND done_at IS NULL" % mgmt, db_url) == "0"
+    assert pg.psql("SELECT count(*) FROM matrix_mgmt_rooms", db_url) == "0"
+
+
+def test_a_consent_request_is_not_shown_once_a_newcomers_member_event_is_in(mx, hs, gk, pg, db_url):
+    """Three consent requests wait for alice's management room; she opens
+    one, and they go out in one batch, the homeserver slow to take the
+    first.  Meanwhile bob is invited, and his member event reaches the
+    adapter (stored in the bot's inbox, handled after the batch).  The
+    first request's send began before he was in; the two others are not
+    shown (request_still, at each send): until the fifty-fourth session's
+    review the batch's first look stood for them and they were shown to
+    bob.  They stay unshown, for her next management room."""
+    a, _ = gk
+    bot = "@_cw_bot:example.org"
+    assert mx.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+    wait_until(lambda: hs.user_exists(bot), what="the bot registered")
+    _, alice_token = hs.create_user("alice")
+    alice = hs.as_user(alice_token)
+    hs.create_user("bob")
+    for who in ("ed", "fay", "gus"):
+        room = a.create_room([a.user(who), ALICE]).json()["id"]
+        a.send(room, a.user(who), "hi alice")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM consent_requests WHERE state = 'pending'", db_url) == "3",
+               what="the three requests")
+    sending, sends = threading.Event(), [0]
+
+    def latency(user):
+        if user != bot:
+            return 0.0
+        sends[0] += 1
+        if sends[0] == 2:  # the first request, after the help
+            sending.set()
+            return 4.0
+        return 0.0
+
+    hs.send_latency = latency
+    try:
+        mgmt = alice.create_dm(bot)
+        assert sending.wait(30), "the first request not sent"
+        alice.invite(mgmt, "@bob:example.org")
+        wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_bot_inbox "
+                                   "WHERE event->>'state_key' = '@bob:example.org'", db_url) == "1",
+                   timeout=3, what="bob's invitation in the bot's inbox during the first send")
+    finally:
+        hs.send_latency = 0.0
+    wait_until(lambda: hs.members(mgmt).get(bot) == "leave", timeout=30, what="the bot leaving")
+    time.sleep(1)
+    tried = [q["body"].get("body") for q in hs.requests
+             if q["method"] == "PUT" and "/send/m.room.message/" in urllib.parse.unquote(q["path"])
+             and mgmt in urllib.parse.unquote(q["path"]) and q.get("user") == bot
+             and "wants to write" in q["body"].get("body", "")]
+    assert len(tried) == 1, tried
+    assert pg.psql("SELECT count(*) FROM consent_requests WHERE notified_at IS NULL", db_url) == "2"
+
+
 def test_the_bots_queued_words_of_one_room_read_its_members_once(make_daemon, pg_planned, hs):
     """Ten of the bot's words queued for alice's management room (as a
     report's answers, answers the homeserver did not take at once,
