@@ -1308,12 +1308,17 @@ static void record(struct lane *l, const struct outbox_row *rows, const size_t *
 	 * are not recorded (nor are they when the statement fails), as a
 	 * failed recording of them was only logged before. */
 	char *remote = NULL;
-	json_t *rid = ok ? json_object() : NULL;
-	for (size_t i = 0; rid && i < n; i++) {
+	json_t *rid = NULL; /* made at the first row with an id: none on the XMPP and peers' paths */
+	bool nomem = false;
+	for (size_t i = 0; ok && !nomem && i < n; i++) {
 		const struct outbox_row *row = ROW_AT(rows, at, i);
+		if (!row->remote_id[0])
+			continue;
 		char key[24];
 		snprintf(key, sizeof(key), "%lld", (long long)row->id);
-		if (row->remote_id[0])
+		if (!rid && !(rid = json_object()))
+			nomem = true;
+		else
 			json_object_set_new(rid, key, json_string(row->remote_id));
 	}
 	if (rid && json_object_size(rid))

@@ -102,8 +102,9 @@ long outbox_dead_unreadable(PGconn *c, const char *row, const char *event, const
  * *done: how many rows, from the first, the far side acknowledged; CW_OK
  * when all of them, otherwise e says why the next one failed and *code
  * holds its HTTP status (0: no answer).  c is the delivering lane's own
- * connection (autocommit), for lookups (a delivered row's remote id goes
- * in the row: the dispatcher records it with the outcome).  Two
+ * connection (autocommit), for its lookups and its own records (rooms,
+ * members); a delivered row's remote id goes in the row, and the
+ * dispatcher records it with the outcome (cw_record).  Two
  * lanes may call a deliver_fn at once, never for the same destination. */
 typedef cw_err (*deliver_fn)(void *ctx, PGconn *c, const char *destination, struct outbox_row *rows,
 			     size_t n, size_t *done, long *code, cw_errmsg *e);

@@ -539,7 +539,9 @@ static const char *to_native(void *arg, const char *msg_id)
 	 * room (an edit goes as a new message; a reaction, delete or receipt
 	 * as nothing).  Until the fifty-first session it named the other
 	 * room's event, and the row failed for its whole retry budget.  A
-	 * delivery not recorded yet (no delivered_at) counts as this room's. */
+	 * row with an id and no delivered_at (the id was recorded before the
+	 * outcome until the fifty-fourth session: a crash between them left
+	 * such rows) counts as this room's. */
 	PGresult *r = PQexecParams(l->c,
 		"SELECT coalesce((SELECT o.remote_id FROM outbox o WHERE o.event_id = e.id AND o.destination = 'matrix' "
 		" AND o.target_identity_id = $2::bigint AND o.remote_id IS NOT NULL "
@@ -2471,10 +2473,12 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 	(void)destination;
 	*done = 0;
 	*code = 0;
-	/* The Matrix event ids the homeserver gave, recorded for the whole
-	 * batch in one statement (one commit, not one per message).  Until
-	 * then a crash loses only the ids: the rows are still in flight, go
-	 * again, and already_sent() finds the events by the outbox id. */
+	/* The Matrix event ids the homeserver gave, for the batch's later
+	 * rows that name an earlier one; each is also left in its row
+	 * (note_sent: remote_id), which the dispatcher records with the
+	 * outcome (cw_record).  Until then a crash loses the ids with the
+	 * outcome: the rows are still in flight, go again, and their txnId
+	 * or already_sent() finds the events sent. */
 	json_t *sent = json_array(), *made = json_object();
 	struct room_run *runs = calloc(n, sizeof(*runs));
 	size_t *idx = calloc(n, sizeof(*idx)), *run_of = calloc(n, sizeof(*run_of));
