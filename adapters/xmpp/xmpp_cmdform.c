@@ -266,9 +266,16 @@ void xa_cmd_read(xmpp_stanza_t *iq, struct xa_cmd_req *out)
 		addr_fold_lower(dom, "/");
 		/* RFC 7622 §3.2: a domainpart's final dot "MUST be stripped"
 		 * before the JID is compared (until the forty-seventh session
-		 * wally@gk.xmpp.test. named nobody) */
-		size_t dn = strcspn(dom, "/");
-		if (dn > 1 && dom[dn - 1] == '.' && dom[dn - 2] != '.')
+		 * wally@gk.xmpp.test. named nobody); not one after white space
+		 * ("x  ." names nobody): stripped, it left the value ending in
+		 * white space (found by the fuzz smoke, fifty-fourth session) */
+		size_t dn = strcspn(dom, "/"), before = 0;
+		for (size_t i = 0, l; i + 1 < dn; i += l) { /* where the character before the dot starts */
+			l = cw_utf8_seq((const unsigned char *)dom + i, dn - 1 - i, NULL);
+			l = l ? l : 1;
+			before = i;
+		}
+		if (dn > 1 && dom[dn - 1] == '.' && dom[dn - 2] != '.' && !cw_utf8_space_at(dom + before))
 			memmove(dom + dn - 1, dom + dn, strlen(dom + dn) + 1);
 	}
 	out->what = XA_CMD_SUBMIT;

@@ -79,8 +79,13 @@ static bool domain_has_final_dot(const char *jid)
 		return false;
 	const char *slash = strchr(jid, '/'), *at = strchr(jid, '@');
 	const char *p = at && (!slash || at < slash) ? at + 1 : jid;
-	size_t n = strcspn(p, "/");
-	return n > 1 && p[n - 1] == '.' && p[n - 2] != '.';
+	size_t n = strcspn(p, "/"), before = 0;
+	for (size_t k = 0, l; k + 1 < n; k += l) { /* a dot after white space is none (stripped, the value ended so) */
+		l = cw_utf8_seq((const unsigned char *)p + k, n - 1 - k, NULL);
+		l = l ? l : 1;
+		before = k;
+	}
+	return n > 1 && p[n - 1] == '.' && p[n - 2] != '.' && !cw_utf8_space_at(p + before);
 }
 
 static void check(const struct xa_cmd_req *r)

@@ -1919,6 +1919,10 @@ START_TEST(a_command_forms_values_are_trimmed)
 		{ " gk.xmpp.test. ", "", "gk.xmpp.test", "" },
 		{ "a.@gk.xmpp.test", "", "a.@gk.xmpp.test", "" },
 		{ "wally@gk.xmpp.test../x.", "", "wally@gk.xmpp.test../x.", "" },
+		/* not a final dot after white space: stripped, the value ended
+		 * in white space (the fuzz smoke's finding, fifty-fourth session) */
+		{ "x  .  ", "", "x  .", "" },
+		{ "w@x\xc2\xa0.", "", "w@x\xc2\xa0.", "" },
 		/* zero-width characters around them too (until the forty-third
 		 * session kept: the contact named nobody); within a reason kept */
 		{ "\xe2\x80\x8bwally@gk.xmpp.test\xef\xbb\xbf", "\xe2\x81\xa0he\xe2\x80\x8dspams\xe2\x80\x8c",
