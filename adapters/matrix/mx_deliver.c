@@ -499,7 +499,10 @@ bool matrix_ready(void *ctx)
 
 struct lookup_ctx {
 	PGconn *c;
-	json_t *sent;  /* this batch's deliveries, not recorded yet: [{pid, eid, tg, ...}] */
+	/* The batch's rows: those delivered before this one, their event ids
+	 * (remote_id) not recorded yet, are looked for there (in_batch). */
+	const struct outbox_row *rows;
+	size_t n;
 	int64_t target; /* the local user whose room the row goes to */
 	struct matrix *m;
 	const char *room, *actor; /* the row's Matrix room, and who sends into it (NULL: the bot) */
@@ -513,17 +516,28 @@ struct lookup_ctx {
  * member's portal), or its own when that user sent it from Matrix. */
 static const char *thread_root(struct lookup_ctx *l, const char *event_id);
 
+/* The Matrix event id row got, delivered earlier in this batch (its id
+ * not recorded yet: the dispatcher writes it with the outcome, after the
+ * batch; note_event_id), or NULL.  The dispatcher clears remote_id and
+ * outcome before the batch, so an id here is this batch's. */
+static const char *in_batch(const struct outbox_row *row)
+{
+	return row->outcome == 1 && row->remote_id[0] ? row->remote_id : NULL;
+}
+
 static const char *to_native(void *arg, const char *msg_id)
 {
 	struct lookup_ctx *l = arg;
 	if (msg_id[0] == '$')
 		return thread_root(l, msg_id);
-	size_t i;
-	json_t *s;
-	json_array_foreach(l->sent, i, s) {
-		const char *pid = json_string_value(json_object_get(s, "pid"));
-		if (pid && strcmp(pid, msg_id) == 0 && json_integer_value(json_object_get(s, "tg")) == l->target) {
-			snprintf(l->out, sizeof(l->out), "%s", json_string_value(json_object_get(s, "eid")));
+	/* Delivered earlier in this batch to the same user: her room's event
+	 * (the outbox holds one row an event and user, outbox_event_dest_key) */
+	for (size_t j = 0; j < l->n; j++) {
+		const struct outbox_row *o = &l->rows[j];
+		const char *pid, *eid;
+		if (o->target_id == l->target && (eid = in_batch(o)) &&
+		    (pid = json_string_value(json_object_get(o->event, "id"))) && strcmp(pid, msg_id) == 0) {
+			snprintf(l->out, sizeof(l->out), "%s", eid);
 			return l->out;
 		}
 	}
@@ -1562,13 +1576,16 @@ static int info_row(PGresult *info, size_t k, int *from)
 
 /* Notes the Matrix event id a row's event got: in the row, recorded with
  * its outcome (outbox_row's remote_id: outbox.remote_id and
- * event_native_ids, in cw_record), and in sent for later rows of the
- * batch that refer to it (to_native).  An id that is none (the
- * homeserver's answer, or an event it listed: mx_event_id_valid) is not
- * noted, with a line in the log: until the
- * forty-ninth session it was stored as the event's Matrix id, and later
- * replies, edits and deletes of the message named it. */
-static void note_sent(json_t *sent, struct outbox_row *row, const char *eid)
+ * event_native_ids, in cw_record), where later rows of the batch that
+ * refer to it find it (in_batch).  Until the fifty-fifth session it was
+ * also kept in a JSON array of the batch's deliveries, an object made
+ * per delivered row (note_sent: 2.4 % of the dispatcher thread,
+ * docs/performance.md, "Fifty-fourth session"), which said nothing the
+ * rows do not.  An id that is none (the homeserver's answer, or an event
+ * it listed: mx_event_id_valid) is not noted, with a line in the log:
+ * until the forty-ninth session it was stored as the event's Matrix id,
+ * and later replies, edits and deletes of the message named it. */
+static void note_event_id(struct outbox_row *row, const char *eid)
 {
 	if (!mx_event_id_valid(eid)) {
 		char id[24];
@@ -1578,9 +1595,6 @@ static void note_sent(json_t *sent, struct outbox_row *row, const char *eid)
 		return;
 	}
 	snprintf(row->remote_id, sizeof(row->remote_id), "%s", eid); /* mx_event_id_valid: at most MX_ID_MAX */
-	json_array_append_new(sent, json_pack("{s:I, s:s, s:I, s:I, s:s?}", "ev", (json_int_t)row->event_id, "eid", eid,
-					      "row", (json_int_t)row->id, "tg", (json_int_t)row->target_id, "pid",
-					      json_string_value(json_object_get(row->event, "id"))));
 }
 
 /* Remembers eid, the event of a file of row's message sent before the
@@ -1910,8 +1924,9 @@ struct sent_to {
 /* Resolves the row's ghost and direct room (making them the first time:
  * calls to the homeserver and writes, here on the dispatcher's thread),
  * maps the event, and sets up its request on h (a send's where in to). */
-static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, PGresult *r, int i, json_t *made,
-			  json_t *sent, CURL *h, struct mx_req *rq, struct sent_to *to, cw_errmsg *e)
+static enum prep prep_row(struct matrix *m, PGconn *c, const struct outbox_row *rows, size_t n,
+			  struct outbox_row *row, PGresult *r, int i, json_t *made, CURL *h, struct mx_req *rq,
+			  struct sent_to *to, cw_errmsg *e)
 {
 	to->room[0] = '\0';
 	to->portal[0] = '\0';
@@ -2103,7 +2118,8 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 		snprintf(html, sizeof(html), "<b>%s</b>: ", localpart);
 		ev = labelled = event_label(ev, text, html);
 	}
-	struct lookup_ctx l = { .c = c, .sent = sent, .target = row->target_id, .m = m, .room = room, .actor = actor };
+	struct lookup_ctx l = { .c = c, .rows = rows, .n = n, .target = row->target_id, .m = m, .room = room,
+				.actor = actor };
 	char marker[24];
 	snprintf(marker, sizeof(marker), "%lld", (long long)row->id);
 	struct mx_out out;
@@ -2141,7 +2157,7 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 		if (row->attempts > 1 && (rc = already_sent(m, room, actor, row->id, -1, eid, sizeof(eid), &found, e)))
 			break;
 		if (found) {
-			note_sent(sent, row, eid);
+			note_event_id(row, eid);
 			res = PREP_NOTHING;
 			break;
 		}
@@ -2210,10 +2226,9 @@ static const char *reaction_key(const json_t *ev)
 
 /* The Matrix event of the reaction row k of rows repeats (the same
  * sender's, to the same message, with the same key in Matrix, in the same
- * user's room): one delivered earlier in this batch (sent) or before.
+ * user's room): one delivered earlier in this batch (in_batch) or before.
  * Into eid; false when none is known. */
-static bool repeated_reaction(PGconn *c, const struct outbox_row *rows, size_t n, size_t k, const json_t *sent,
-			      char *eid, size_t len)
+static bool repeated_reaction(PGconn *c, const struct outbox_row *rows, size_t n, size_t k, char *eid, size_t len)
 {
 	const json_t *ev = rows[k].event;
 	const char *key = reaction_key(ev);
@@ -2222,19 +2237,14 @@ static bool repeated_reaction(PGconn *c, const struct outbox_row *rows, size_t n
 		return false;
 	for (size_t j = 0; j < n; j++) {
 		const json_t *other = rows[j].event;
-		if (j == k || rows[j].outcome != 1 || rows[j].target_id != rows[k].target_id ||
+		const char *id;
+		if (j == k || !(id = in_batch(&rows[j])) || rows[j].target_id != rows[k].target_id ||
 		    !json_equal(json_object_get(other, "sender"), json_object_get(ev, "sender")) ||
 		    !json_equal(json_object_get(json_object_get(other, "content"), "in_reply_to"), target) ||
 		    !same_key(reaction_key(other), key))
 			continue;
-		size_t i;
-		json_t *s;
-		json_array_foreach(sent, i, s) {
-			if (json_integer_value(json_object_get(s, "row")) == rows[j].id) {
-				snprintf(eid, len, "%s", json_string_value(json_object_get(s, "eid")));
-				return true;
-			}
-		}
+		snprintf(eid, len, "%s", id);
+		return true;
 	}
 	char id[24], tg[24];
 	snprintf(id, sizeof(id), "%lld", (long long)rows[k].event_id);
@@ -2373,14 +2383,14 @@ static bool portal_answer(struct matrix *m, CURL *h, struct mx_req *rq, CURLcode
 	return !rc && out_by(m, to->by, to->portal, ms, false, why, len);
 }
 
-/* The answer to a row's request: its Matrix event id is noted in sent.
+/* The answer to a row's request: its Matrix event id is noted in the row.
  * *repeated: the homeserver has the reaction already (Synapse's 400
  * M_DUPLICATE_ANNOTATION: the same sender's annotation of the event with
  * the key, not redacted), which no retry changes and the room shows: the
  * row is delivered, its event the one there (the caller notes it).
  * *final: refused for good (refused_for_good). */
 static cw_err finish_row(struct matrix *m, CURL *h, struct mx_req *rq, CURLcode cc, struct outbox_row *row,
-			 json_t *sent, long *code, bool *repeated, bool *final, cw_errmsg *e)
+			 long *code, bool *repeated, bool *final, cw_errmsg *e)
 {
 	long status = 0;
 	json_t *answer = NULL;
@@ -2393,7 +2403,7 @@ static cw_err finish_row(struct matrix *m, CURL *h, struct mx_req *rq, CURLcode 
 		rc = CW_OK;
 	const char *eid = json_string_value(json_object_get(answer, "event_id"));
 	if (!rc && eid)
-		note_sent(sent, row, eid);
+		note_event_id(row, eid);
 	if (rc && status == 429) {
 		/* M_LIMIT_EXCEEDED (rate_limited, set by req_done): the row's
 		 * room waits that long; its other rooms go on. */
@@ -2473,18 +2483,18 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 	(void)destination;
 	*done = 0;
 	*code = 0;
-	/* The Matrix event ids the homeserver gave, for the batch's later
-	 * rows that name an earlier one; each is also left in its row
-	 * (note_sent: remote_id), which the dispatcher records with the
-	 * outcome (cw_record).  Until then a crash loses the ids with the
-	 * outcome: the rows are still in flight, go again, and their txnId
-	 * or already_sent() finds the events sent. */
-	json_t *sent = json_array(), *made = json_object();
+	/* The Matrix event ids the homeserver gave are left in their rows
+	 * (note_event_id: remote_id), where the batch's later rows that name
+	 * an earlier one find them (in_batch), and which the dispatcher
+	 * records with the outcome (cw_record).  Until then a crash loses the
+	 * ids with the outcome: the rows are still in flight, go again, and
+	 * their txnId or already_sent() finds the events sent. */
+	json_t *made = json_object();
 	struct room_run *runs = calloc(n, sizeof(*runs));
 	size_t *idx = calloc(n, sizeof(*idx)), *run_of = calloc(n, sizeof(*run_of));
 	int *info_of = calloc(n, sizeof(*info_of)); /* row k's line of info, or -1 */
 	PGresult *info = NULL;
-	cw_err rc = sent && made && runs && idx && run_of && info_of ? CW_OK : cw_fail(e, CW_ENOMEM, "out of memory");
+	cw_err rc = made && runs && idx && run_of && info_of ? CW_OK : cw_fail(e, CW_ENOMEM, "out of memory");
 	if (!rc && !m->multi) {
 		if (!(m->multi = curl_multi_init()))
 			rc = cw_fail(e, CW_ENOMEM, "out of memory");
@@ -2494,7 +2504,6 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 	if (!rc)
 		rc = batch_info(c, rows, n, &info, e);
 	if (rc) {
-		json_decref(sent);
 		json_decref(made);
 		free(runs);
 		free(idx);
@@ -2546,8 +2555,8 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 				}
 				rate_limited.seen = false;
 				token_refusal_seen = false;
-				enum prep p = prep_row(m, c, &rows[k], info, info_of[k], made, sent, run->h, &run->rq, &run->to,
-						       &pe);
+				enum prep p = prep_row(m, c, rows, n, &rows[k], info, info_of[k], made, run->h, &run->rq,
+						       &run->to, &pe);
 				if (p == PREP_FAIL && token_refusal_seen) {
 					release_rest(run, rows, run->next, 2, 0);
 					break;
@@ -2641,12 +2650,12 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 			bool repeated = false, final = false;
 			cw_errmsg fe = { { 0 } };
 			token_refusal_seen = false;
-			if (finish_row(m, run->h, &run->rq, cc, row, sent, &status, &repeated, &final, &fe) == CW_OK) {
+			if (finish_row(m, run->h, &run->rq, cc, row, &status, &repeated, &final, &fe) == CW_OK) {
 				char eid[MX_ID_MAX + 1];
 				/* a reaction the room has: its delete takes that one away */
-				if (repeated && (repeated_reaction(c, rows, n, (size_t)(row - rows), sent, eid, sizeof(eid)) ||
+				if (repeated && (repeated_reaction(c, rows, n, (size_t)(row - rows), eid, sizeof(eid)) ||
 						 annotation_of(m, &run->to, eid, sizeof(eid))))
-					note_sent(sent, row, eid);
+					note_event_id(row, eid);
 				row->outcome = 1;
 				row->code = status;
 				run->next++;
@@ -2709,9 +2718,8 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 	free(run_of);
 	free(info_of);
 
-	/* The rows' event ids (note_sent) are recorded with their outcomes
-	 * (cw_record), not here. */
-	json_decref(sent);
+	/* The rows' event ids (note_event_id) are recorded with their
+	 * outcomes (cw_record), not here. */
 	/* The outcome per row (rows[].outcome); *done and the return say the
 	 * same of the first rows, for the log. */
 	rc = CW_OK;

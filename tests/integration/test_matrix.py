@@ -6067,6 +6067,74 @@ def test_references_within_one_delivery_batch(mx, hs, gk, pg, db_url):
                    "GROUP BY u.id ORDER BY u.id", db_url).split() == ["in_flight,delivered"] * 3
 
 
+def test_a_reply_in_the_batch_of_its_message_names_each_users_own_event(mx, hs, gk, pg, db_url):
+    """wally's message to a group of alice's and carol's (each her own room
+    of it) and his reply to it, queued behind a slow send, go out in one
+    dispatcher batch: the message's rows, then the reply's. The message's
+    Matrix event ids are recorded only after the batch, so each reply finds
+    the one the homeserver gave earlier in the same batch, in its own
+    user's room: alice's reply names the message's event in her room,
+    carol's the one in hers (an event of another room is no reference:
+    Synapse refuses a relation to it)."""
+    a, _ = gk
+    bot, ghost, wally = "@_cw_bot:example.org", "@_cw_gk_wally:example.org", a.user("wally")
+    carol_uri, carol_mx = "mimi://example.org/u/carol", "@carol:example.org"
+    consent_alice(mx)
+    assert mx.admin("POST", "/optins", json={"user": carol_uri, "network": "peer:gk", "opted_in": True}).ok
+    assert mx.admin("POST", "/consents", json={"user": carol_uri, "subject_kind": "user", "subject": wally,
+                                              "state": "allowed"}).ok
+    hs.create_user("alice")
+    hs.create_user("carol")
+    gid = a.create_room([wally, ALICE, carol_uri], kind="group").json()["id"]
+    assert a.send(gid, wally, "hello").status_code == 202
+
+    def portal(user):
+        return next((rid for rid in hs.rooms() if hs.state(rid, "m.room.create")
+                     and hs.state(rid, "m.room.create")["sender"] == bot
+                     and hs.members(rid).get(user) in ("invite", "join")), None)
+
+    def said(rid, body):
+        return next((e for e in hs.events(rid) if e["type"] == "m.room.message" and e["sender"] == ghost
+                     and e["content"].get("body") == body), None)
+
+    rooms = [wait_until(lambda u=u: portal(u), what=f"{u}'s room of the group") for u in (ALICE_MX, carol_mx)]
+    assert rooms[0] != rooms[1]
+    for rid in rooms:
+        wait_until(lambda rid=rid: said(rid, "hello"), what="wally's first message")
+    held, go = [], threading.Event()
+
+    def held_first_send(user):
+        if user == ghost and not held:
+            held.append(time.time())
+            go.wait(8)  # within the adapter's request timeout
+        return 0
+
+    # one send held holds the delivery while the message and its reply
+    # are queued: the next batch takes them all
+    hs.send_latency = held_first_send
+    assert a.send(gid, wally, "before").status_code == 202
+    wait_until(lambda: held, what="the held send")
+    m1 = a.send(gid, wally, "the message").json()["id"]
+    reply = {"type": "message", "sender": wally,
+             "content": {"in_reply_to": m1, "parts": [{"type": "text/plain", "body": "the reply"}]}}
+    r = a.call("POST", f"/v1/rooms/{gid}/messages", reply, idem="reply-1")
+    assert r.status_code == 202, r.text
+    r1 = r.json()["id"]
+    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox o JOIN events e ON e.id = o.event_id "
+                               f"WHERE o.destination = 'matrix' AND e.public_id IN ('{m1}', '{r1}') "
+                               "AND o.state = 'pending'", db_url) == "4", what="the four rows queued")
+    go.set()
+    for rid in rooms:
+        answer = wait_until(lambda rid=rid: said(rid, "the reply"), what="the reply")
+        assert answer["content"].get("m.relates_to") == \
+            {"m.in_reply_to": {"event_id": said(rid, "the message")["event_id"]}}, (rid, answer)
+    hs.send_latency = 0.0
+    # One batch: the four rows share one delivery attempt's start time.
+    assert pg.psql("SELECT count(*) || ' ' || count(DISTINCT a.started_at) FROM delivery_attempts a "
+                   "JOIN outbox o ON o.id = a.outbox_id JOIN events e ON e.id = o.event_id "
+                   f"WHERE o.destination = 'matrix' AND e.public_id IN ('{m1}', '{r1}')", db_url) == "4 1"
+
+
 def test_a_reaction_whose_answer_was_lost_long_ago_keeps_its_event(mx, hs, gk, pg, db_url):
     """wally's reaction reaches Matrix, but the answer is lost; before its
     retry more than 50 events come into the room (the retry's look among
