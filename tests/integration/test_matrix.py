@@ -3523,16 +3523,14 @@ def test_a_second_room_with_a_ghost_takes_over_and_a_second_ghost_makes_it_a_gro
 
 
 
-def test_a_ghost_banned_from_a_users_room_of_a_group_is_not_delivered_there(mx, hs, gk, pg, db_url):
-    """alice makes a group of her room with wally's ghost by inviting bob's,
-    then bans bob's ghost (her room: hers to ban in). What bob writes to
-    the group is not delivered to her, at once (dropped, "not delivered"
-    for the peer), and what wally writes after it comes as before. Until
-    the thirteenth session bob's row failed on the refused join again and
-    again until it was dead, and the room's later rows waited behind it."""
-    a, srv = gk
+def alice_makes_a_group_with_bob(mx, hs, a, srv, pg, db_url, others=()):
+    """alice, who consented to wally, bob and the others, makes a group of
+    her direct room with wally's ghost (alice_writes_to_wally) by inviting
+    bob's (the peer a introduced him). (her client, her room, wally's
+    ghost, the group's id), once the peer has her "hi both"."""
     consent_alice(mx)
-    consent_alice(mx, "mimi://wa.example/u/bob")
+    for who in ("bob",) + others:
+        consent_alice(mx, a.user(who))
     a.create_room([a.user("bob"), "mimi://example.org/u/someone"])  # the peer introduced bob
     alice, room, wally = alice_writes_to_wally(hs, a)
     bob = "@_cw_gk_bob:example.org"
@@ -3542,6 +3540,19 @@ def test_a_ghost_banned_from_a_users_room_of_a_group_is_not_delivered_there(mx, 
     alice.send_text(room, "hi both")
     gid = wait_until(lambda: next((e["room_id"] for e in list(srv.events) if e.get("type") == "message"
                                    and e["content"]["parts"][0]["body"] == "hi both"), None), what="the group")
+    return alice, room, wally, gid
+
+
+def test_a_ghost_banned_from_a_users_room_of_a_group_is_not_delivered_there(mx, hs, gk, pg, db_url):
+    """alice makes a group of her room with wally's ghost by inviting bob's,
+    then bans bob's ghost (her room: hers to ban in). What bob writes to
+    the group is not delivered to her, at once (dropped, "not delivered"
+    for the peer), and what wally writes after it comes as before. Until
+    the thirteenth session bob's row failed on the refused join again and
+    again until it was dead, and the room's later rows waited behind it."""
+    a, srv = gk
+    alice, room, wally, gid = alice_makes_a_group_with_bob(mx, hs, a, srv, pg, db_url)
+    bob = "@_cw_gk_bob:example.org"
     r = alice.request("POST", f"/_matrix/client/v3/rooms/{room}/ban", {"user_id": bob, "reason": "spam"})
     assert r.status_code == 200, r.text
     wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_portal_members", db_url) == "1", what="bob's ghost out")
@@ -3574,17 +3585,8 @@ def test_a_ghost_banned_from_a_room_of_a_group_before_the_adapter_hears_of_it_is
     the fifty-third session each row was tried again for its whole retry
     budget and then a dead letter that said nothing of the ban."""
     a, srv = gk
-    consent_alice(mx)
-    consent_alice(mx, "mimi://wa.example/u/bob")
-    a.create_room([a.user("bob"), "mimi://example.org/u/someone"])  # the peer introduced bob
-    alice, room, wally = alice_writes_to_wally(hs, a)
+    alice, room, wally, gid = alice_makes_a_group_with_bob(mx, hs, a, srv, pg, db_url)
     bob = "@_cw_gk_bob:example.org"
-    alice.invite(room, bob)
-    wait_until(lambda: hs.members(room).get(bob) == "join", what="bob's ghost in")
-    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_portal_members", db_url) == "2", what="a group")
-    alice.send_text(room, "hi both")
-    gid = wait_until(lambda: next((e["room_id"] for e in list(srv.events) if e.get("type") == "message"
-                                   and e["content"]["parts"][0]["body"] == "hi both"), None), what="the group")
     hs.stop_pushing()
     r = alice.request("POST", f"/_matrix/client/v3/rooms/{room}/ban", {"user_id": bob, "reason": "spam"})
     assert r.status_code == 200, r.text
@@ -3624,18 +3626,8 @@ def test_the_membership_question_after_a_403_holds_up_no_other_room(mx, hs, gk, 
     Until the fifty-fourth session the question was asked on the delivery
     thread, and every other room in flight waited for its answer."""
     a, srv = gk
-    consent_alice(mx)
-    consent_alice(mx, a.user("bob"))
-    consent_alice(mx, a.user("zed"))
-    a.create_room([a.user("bob"), "mimi://example.org/u/someone"])  # the peer introduced bob
-    alice, room, wally = alice_writes_to_wally(hs, a)
+    alice, room, wally, gid = alice_makes_a_group_with_bob(mx, hs, a, srv, pg, db_url, others=("zed",))
     bob, zed = "@_cw_gk_bob:example.org", "@_cw_gk_zed:example.org"
-    alice.invite(room, bob)
-    wait_until(lambda: hs.members(room).get(bob) == "join", what="bob's ghost in")
-    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_portal_members", db_url) == "2", what="a group")
-    alice.send_text(room, "hi both")
-    gid = wait_until(lambda: next((e["room_id"] for e in list(srv.events) if e.get("type") == "message"
-                                   and e["content"]["parts"][0]["body"] == "hi both"), None), what="the group")
     zid = a.create_room([a.user("zed"), ALICE]).json()["id"]
     assert a.send(zid, a.user("zed"), "hello").status_code == 202
     zroom = wait_until(lambda: next((rid for rid in hs.rooms() if any(
@@ -3686,6 +3678,38 @@ def test_the_membership_question_after_a_403_holds_up_no_other_room(mx, hs, gk, 
     hs.resume_pushing()
 
 
+def alice_makes_a_group_the_bot_can_be_put_out_of(mx, hs, a, srv, pg, db_url, others=()):
+    """alice, who consented to wally, bob and the others (each introduced by
+    the peer a), makes a private_chat room with wally's ghost, where only
+    she has power (the ghosts and the bot none: hers to kick the bot), and
+    a group of it by inviting bob's ghost; the bot joins it. (her client,
+    her room, the group's id), once the peer has her "hi both"."""
+    consent_alice(mx)
+    for who in ("bob",) + others:
+        consent_alice(mx, a.user(who))
+    for who in ("bob", "wally") + others:
+        a.create_room([a.user(who), "mimi://example.org/u/someone"])  # the peer introduced them
+    alice = hs.as_user(hs.create_user("alice")[1])
+    wally, bob, bot = "@_cw_gk_wally:example.org", "@_cw_gk_bob:example.org", "@_cw_bot:example.org"
+    room = alice.create_room(preset="private_chat", is_direct=True, invite=[wally])
+    wait_until(lambda: hs.members(room).get(wally) == "join", what="the ghost joins")
+    alice.invite(room, bob)
+    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_portal_members", db_url) == "2", what="a group")
+    wait_until(lambda: hs.members(room).get(bot) == "join", what="the bot in alice's room of the group")
+    alice.send_text(room, "hi both")
+    gid = wait_until(lambda: next((e["room_id"] for e in list(srv.events) if e.get("type") == "message"
+                                   and e["content"]["parts"][0]["body"] == "hi both"), None), what="the group")
+    return alice, room, gid
+
+
+def alice_kicks_the_bot(hs, alice, room):
+    """alice puts the bot out of her room (of a group), and it is out."""
+    bot = "@_cw_bot:example.org"
+    r = alice.request("POST", f"/_matrix/client/v3/rooms/{room}/kick", {"user_id": bot, "reason": "no bots"})
+    assert r.status_code == 200, r.text
+    wait_until(lambda: hs.members(room).get(bot) == "leave", what="the bot out")
+
+
 def test_what_the_bot_relays_into_a_room_of_a_group_it_was_put_out_of_is_not_delivered(mx, hs, gk, pg, db_url):
     """alice makes a group of her room (wally's and bob's ghosts); carol,
     another user here, becomes a member in a room of her own. alice then
@@ -3696,21 +3720,8 @@ def test_what_the_bot_relays_into_a_room_of_a_group_it_was_put_out_of_is_not_del
     its retry budget and ended a dead letter naming no cause). alice
     inviting the bot back lets carol's next message in."""
     a, srv = gk
-    consent_alice(mx)
-    consent_alice(mx, "mimi://wa.example/u/bob")
-    a.create_room([a.user("bob"), "mimi://example.org/u/someone"])  # the peer introduced bob
-    a.create_room([a.user("wally"), "mimi://example.org/u/someone"])
-    alice = hs.as_user(hs.create_user("alice")[1])
-    wally, bob, bot = "@_cw_gk_wally:example.org", "@_cw_gk_bob:example.org", "@_cw_bot:example.org"
-    # private_chat: only alice has power there (the ghosts and the bot none), hers to kick the bot
-    room = alice.create_room(preset="private_chat", is_direct=True, invite=[wally])
-    wait_until(lambda: hs.members(room).get(wally) == "join", what="the ghost joins")
-    alice.invite(room, bob)
-    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_portal_members", db_url) == "2", what="a group")
-    wait_until(lambda: hs.members(room).get(bot) == "join", what="the bot in alice's room of the group")
-    alice.send_text(room, "hi both")
-    gid = wait_until(lambda: next((e["room_id"] for e in list(srv.events) if e.get("type") == "message"
-                                   and e["content"]["parts"][0]["body"] == "hi both"), None), what="the group")
+    alice, room, gid = alice_makes_a_group_the_bot_can_be_put_out_of(mx, hs, a, srv, pg, db_url)
+    bot = "@_cw_bot:example.org"
     carol = hs.as_user(hs.create_user("carol")[1])
     carol_uri, carol_mx = "mimi://example.org/u/carol", "@carol:example.org"
     assert mx.admin("POST", "/optins", json={"user": carol_uri, "network": "peer:gk", "opted_in": True}).ok
@@ -3723,9 +3734,7 @@ def test_what_the_bot_relays_into_a_room_of_a_group_it_was_put_out_of_is_not_del
     carol.join(hers)
     wait_until(lambda: {m["user"]: m["membership"] for m in a.call("GET", f"/v1/rooms/{gid}").json()["members"]}
                .get(carol_uri) == "joined", what="carol a member")
-    r = alice.request("POST", f"/_matrix/client/v3/rooms/{room}/kick", {"user_id": bot, "reason": "no bots"})
-    assert r.status_code == 200, r.text
-    wait_until(lambda: hs.members(room).get(bot) == "leave", what="the bot out")
+    alice_kicks_the_bot(hs, alice, room)
     n = len(hs.events(room))
     for i in range(3):
         carol.send_text(hers, f"carol {i}")
@@ -3767,26 +3776,9 @@ def test_a_ghost_the_bot_cannot_let_into_a_room_it_was_put_out_of_is_not_deliver
     fifty-third session it said "banned there". alice inviting the bot back
     lets his next message in."""
     a, srv = gk
-    consent_alice(mx)
-    consent_alice(mx, a.user("bob"))
-    consent_alice(mx, a.user("zed"))
-    a.create_room([a.user("bob"), "mimi://example.org/u/someone"])  # the peer introduced bob
-    a.create_room([a.user("wally"), "mimi://example.org/u/someone"])
-    a.create_room([a.user("zed"), "mimi://example.org/u/someone"])
-    alice = hs.as_user(hs.create_user("alice")[1])
-    wally, bob, bot = "@_cw_gk_wally:example.org", "@_cw_gk_bob:example.org", "@_cw_bot:example.org"
-    # private_chat: only alice has power there (the ghosts and the bot none), hers to kick the bot
-    room = alice.create_room(preset="private_chat", is_direct=True, invite=[wally])
-    wait_until(lambda: hs.members(room).get(wally) == "join", what="the ghost joins")
-    alice.invite(room, bob)
-    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_portal_members", db_url) == "2", what="a group")
-    wait_until(lambda: hs.members(room).get(bot) == "join", what="the bot in alice's room of the group")
-    alice.send_text(room, "hi both")
-    gid = wait_until(lambda: next((e["room_id"] for e in list(srv.events) if e.get("type") == "message"
-                                   and e["content"]["parts"][0]["body"] == "hi both"), None), what="the group")
-    r = alice.request("POST", f"/_matrix/client/v3/rooms/{room}/kick", {"user_id": bot, "reason": "no bots"})
-    assert r.status_code == 200, r.text
-    wait_until(lambda: hs.members(room).get(bot) == "leave", what="the bot out")
+    alice, room, gid = alice_makes_a_group_the_bot_can_be_put_out_of(mx, hs, a, srv, pg, db_url, others=("zed",))
+    bob, bot = "@_cw_gk_bob:example.org", "@_cw_bot:example.org"
+    alice_kicks_the_bot(hs, alice, room)
     members = lambda: {m["user"]: m["membership"]  # noqa: E731
                        for m in a.call("GET", f"/v1/rooms/{gid}").json()["members"]}
     if who == "new member":
@@ -3841,26 +3833,9 @@ def test_a_refused_joins_questions_are_awaited_briefly(mx, hs, gk, pg, db_url):
     homeserver's refusal. Until the fifty-fourth session each was awaited
     the adapter's 10 s request timeout."""
     a, srv = gk
-    consent_alice(mx)
-    consent_alice(mx, a.user("bob"))
-    consent_alice(mx, a.user("zed"))
-    a.create_room([a.user("bob"), "mimi://example.org/u/someone"])  # the peer introduced bob
-    a.create_room([a.user("wally"), "mimi://example.org/u/someone"])
-    a.create_room([a.user("zed"), "mimi://example.org/u/someone"])
-    alice = hs.as_user(hs.create_user("alice")[1])
-    wally, bob, bot = "@_cw_gk_wally:example.org", "@_cw_gk_bob:example.org", "@_cw_bot:example.org"
-    ghost = "@_cw_gk_zed:example.org"
-    room = alice.create_room(preset="private_chat", is_direct=True, invite=[wally])
-    wait_until(lambda: hs.members(room).get(wally) == "join", what="the ghost joins")
-    alice.invite(room, bob)
-    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_portal_members", db_url) == "2", what="a group")
-    wait_until(lambda: hs.members(room).get(bot) == "join", what="the bot in alice's room of the group")
-    alice.send_text(room, "hi both")
-    gid = wait_until(lambda: next((e["room_id"] for e in list(srv.events) if e.get("type") == "message"
-                                   and e["content"]["parts"][0]["body"] == "hi both"), None), what="the group")
-    r = alice.request("POST", f"/_matrix/client/v3/rooms/{room}/kick", {"user_id": bot, "reason": "no bots"})
-    assert r.status_code == 200, r.text
-    wait_until(lambda: hs.members(room).get(bot) == "leave", what="the bot out")
+    alice, room, gid = alice_makes_a_group_the_bot_can_be_put_out_of(mx, hs, a, srv, pg, db_url, others=("zed",))
+    bot, ghost = "@_cw_bot:example.org", "@_cw_gk_zed:example.org"
+    alice_kicks_the_bot(hs, alice, room)
     r = a.call("POST", f"/v1/rooms/{gid}/members", {"add": [a.user("zed")]})
     assert r.status_code == 200, r.text
     wait_until(lambda: {m["user"]: m["membership"] for m in a.call("GET", f"/v1/rooms/{gid}").json()["members"]}
