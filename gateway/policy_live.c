@@ -82,6 +82,7 @@ void policy_view_put(struct policy_view *v)
 		policy_view_put(v->base); /* after: the overlay refers to it */
 		free(v->users);
 		free(v->outs);
+		free(v->blocks_lately);
 		free(v);
 	}
 }
@@ -172,7 +173,12 @@ struct optouts {
 	size_t n, cap;
 };
 
-static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, struct optouts *outs, cw_errmsg *e);
+/* A remote block as recent as this is a view's (policy_view.blocks_lately):
+ * as BLOCKED_LATELY, longer than a reload's interval. */
+#define BLOCKS_LATELY "10 minutes"
+
+static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, struct optouts *outs,
+			 struct optouts *lately, cw_errmsg *e);
 
 static int optout_cmp(const void *a, const void *b)
 {
@@ -184,7 +190,7 @@ static int optout_cmp(const void *a, const void *b)
 
 struct load_all_arg {
 	struct policy_settings set;
-	struct optouts outs;
+	struct optouts outs, lately;
 	enum policy_mode kept_mode; /* for a default mode that cannot be read */
 	char bad_mode[64];          /* that row's value, for the log */
 };
@@ -277,12 +283,30 @@ static cw_err load_all(PGconn *c, struct policy_builder *b, void *arg, cw_errmsg
 	 * connection) decided again every waiting row, everyone's, where her
 	 * walk had decided hers already (policy_view.outs). */
 	set->fingerprint = fp;
-	return load_facts(c, b, NULL, &la->outs, e);
+	return load_facts(c, b, NULL, &la->outs, &la->lately, e);
+}
+
+/* An entry more of list l; false out of memory. */
+static bool optouts_add(struct optouts *l, struct policy_optout x)
+{
+	if (l->n == l->cap) {
+		size_t cap = l->cap ? 2 * l->cap : 16;
+		struct policy_optout *v = realloc(l->v, cap * sizeof(*v));
+		if (!v)
+			return false;
+		l->v = v;
+		l->cap = cap;
+	}
+	l->v[l->n++] = x;
+	return true;
 }
 
 /* The facts of the local users ids (a PostgreSQL array text), or of all
- * (NULL); the opt-outs into outs, in (user, network) order. */
-static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, struct optouts *outs, cw_errmsg *e)
+ * (NULL); the opt-outs into outs, in (user, network) order; the remote
+ * blocks of the last minutes into lately (policy_view.blocks_lately), in
+ * (user, blocker) order. */
+static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, struct optouts *outs,
+			 struct optouts *lately, cw_errmsg *e)
 {
 	PGresult *r;
 	cw_err rc;
@@ -320,14 +344,23 @@ static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, s
 			goto oom;
 	PQclear(r);
 
-	if ((rc = query_ids(c, "SELECT rb.uri, lb.uri FROM blocks b JOIN identities rb ON rb.id = b.blocker_id "
+	if ((rc = query_ids(c, "SELECT rb.uri, lb.uri, b.blocked_id, b.blocker_id, "
+			   " b.created_at > now() - interval '" BLOCKS_LATELY "' FROM blocks b "
+			   "JOIN identities rb ON rb.id = b.blocker_id "
 			   "JOIN identities lb ON lb.id = b.blocked_id WHERE NOT rb.is_local AND lb.is_local "
 			   "AND ($1::bigint[] IS NULL OR b.blocked_id = ANY($1::bigint[]))", ids, &r, e)))
 		return rc;
-	for (int i = 0; i < PQntuples(r); i++)
+	for (int i = 0; i < PQntuples(r); i++) {
 		if (policy_builder_remote_block(b, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1)) == -2)
 			goto oom;
+		if (PQgetvalue(r, i, 4)[0] == 't' &&
+		    !optouts_add(lately, (struct policy_optout){ atoll(PQgetvalue(r, i, 2)),
+								  (uint64_t)atoll(PQgetvalue(r, i, 3)) }))
+			goto oom;
+	}
 	PQclear(r);
+	if (lately->n > 1)
+		qsort(lately->v, lately->n, sizeof(*lately->v), optout_cmp);
 	return CW_OK;
 oom:
 	PQclear(r);
@@ -386,11 +419,14 @@ cw_err policy_load(PGconn *c, uint64_t version, const struct policy_view *prev, 
 	cw_err rc = load_view(c, version, policy_builder_new(), load_all, &la, cw_now_us(), out, e);
 	if (rc) {
 		free(la.outs.v);
+		free(la.lately.v);
 		return rc;
 	}
 	(*out)->set = la.set;
 	(*out)->outs = la.outs.v;
 	(*out)->nouts = la.outs.n;
+	(*out)->blocks_lately = la.lately.v;
+	(*out)->nblocks_lately = la.lately.n;
 	/* Said once a run, when it starts (each reload reads it again). */
 	if (la.set.default_mode_unreadable && !(prev && prev->set.default_mode_unreadable))
 		LOG_KV(CW_LOG_ERROR, "policy.default_mode cannot be read (not \"open\", \"allowlist\" or "
@@ -406,7 +442,7 @@ cw_err policy_load(PGconn *c, uint64_t version, const struct policy_view *prev, 
  * whether one of them opted out of a network. */
 struct users_fill {
 	const char *ids;
-	struct optouts outs;
+	struct optouts outs, lately;
 };
 static cw_err fill_users(PGconn *c, struct policy_builder *b, void *arg, cw_errmsg *e)
 {
@@ -419,7 +455,7 @@ static cw_err fill_users(PGconn *c, struct policy_builder *b, void *arg, cw_errm
 		if (policy_builder_user(b, PQgetvalue(r, i, 0)) == -2)
 			rc = cw_fail(e, CW_ENOMEM, "out of memory");
 	PQclear(r);
-	return rc ? rc : load_facts(c, b, f->ids, &f->outs, e);
+	return rc ? rc : load_facts(c, b, f->ids, &f->outs, &f->lately, e);
 }
 
 cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, const int64_t *ids, size_t n,
@@ -442,12 +478,13 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
 		len += (size_t)snprintf(arr + len, cap - len, "%s%lld", i ? "," : "", (long long)ids[i]);
 	snprintf(arr + len, cap - len, "}");
 	memcpy(users, ids, n * sizeof(*users));
-	struct users_fill f = { arr, { NULL, 0, 0 } };
+	struct users_fill f = { arr, { NULL, 0, 0 }, { NULL, 0, 0 } };
 	cw_err rc = load_view(c, version, policy_builder_overlay(base->snap), fill_users, &f, t0, out, e);
 	free(arr);
 	if (rc) {
 		free(users);
 		free(f.outs.v);
+		free(f.lately.v);
 		return rc;
 	}
 	struct policy_view *v = *out;
@@ -459,6 +496,8 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
 	v->opted_out = f.outs.n > 0;
 	v->outs = f.outs.v;
 	v->nouts = f.outs.n;
+	v->blocks_lately = f.lately.v;
+	v->nblocks_lately = f.lately.n;
 	return CW_OK;
 }
 
@@ -952,8 +991,10 @@ static cw_err policy_sweep_with(PGconn *c, const struct policy_view *v, const ch
  * a dead letter's notice owed to her lost with it — a review of the
  * session's change), 10 the sender is
  * local, 11 the peer's domain (a peer's row), 12 the peer's joined members
- * in the room (JSON), 13 the target's id, 14 the room's (a walk's cursor);
- * RECHECK_COLUMNS in (destination, id) order.  Each row of the batch (b)
+ * in the room (JSON), 13 the target's id, 14 the room's (a walk's cursor),
+ * 15 true when the row is a local user's own event to a peer (of those
+ * column 9 calls not the policy's, the ones a remote user's block of her
+ * still stops: recheck_refused); RECHECK_COLUMNS in (destination, id) order.  Each row of the batch (b)
  * takes its event, sender, user and peer by one descent of their keys
  * (LATERAL, OFFSET 0: not flattened into joins), whatever the planner
  * guesses of the batch: as joins, a batch of 500 hashed all of events
@@ -979,7 +1020,9 @@ static cw_err policy_sweep_with(PGconn *c, const struct policy_view *v, const ch
 	" (e.origin_network = 'gateway' OR e.type IN ('membership', 'block') OR (s.is_local AND t.is_local) " \
 	"  OR (t.id IS NULL AND p.id IS NULL) OR (t.id IS NOT NULL AND NOT t.is_local) "                     \
 	"  OR s.is_local), s.is_local, p.domain, CASE WHEN p.id IS NOT NULL THEN pm.members END, "          \
-	" b.target_identity_id, b.room_id "                                                                  \
+	" b.target_identity_id, b.room_id, "                                                                 \
+	" (s.is_local AND p.id IS NOT NULL AND e.origin_network <> 'gateway' "                               \
+	"  AND e.type NOT IN ('membership', 'block')) "                                                      \
 	"FROM b CROSS JOIN LATERAL (SELECT e.type, e.origin_network, e.sender_id FROM events e "            \
 	"  WHERE e.id = b.event_id OFFSET 0) e "                                                            \
 	"CROSS JOIN LATERAL (SELECT s.uri, s.domain, s.network, s.is_local FROM identities s "              \
@@ -1031,6 +1074,34 @@ static const char *const recheck_state_sql[] = {
 	" AND (o.target_identity_id, o.room_id, o.id) > ($2::bigint, $3::bigint, $4::bigint) "               \
 	" ORDER BY o.target_identity_id, o.room_id, o.id LIMIT $5::int) "                                      \
 	RECHECK_SELECT "ORDER BY b.target_identity_id, b.room_id, b.id"
+/* The last kind: the users' own rows to the peers of remote users who
+ * blocked them (blocks: a peer's POST /v1/blocks, block event or revoked
+ * consent), waiting (pending, dead or failed: in flight, a row is the
+ * lane's to decide if its try fails, policy_live_screen_claim), in the
+ * rooms each blocker is a member of (bu: one descent of blocks_blocked_idx
+ * a user, of room_members_identity_idx a blocker; none for a user no one
+ * blocked, most of those whose facts change), by (room, destination, id)
+ * from after the cursor, each room's rows to that peer in outbox_room_order_idx
+ * and outbox_state_dest_idx; of a group's rows only the blocked user's own
+ * (her event's sender, a descent of events_pkey a row).  recheck_refused
+ * decides them (column 15): dropped when every member of the peer in the
+ * room blocked her.  Until the fifty-fifth session a remote block stopped
+ * only what she wrote after it. */
+#define RECHECK_BLOCKED_OF(state)                                                                       \
+	"(SELECT o.id, o.destination, o.event_id, o.target_identity_id, o.room_id FROM outbox o "           \
+	" WHERE " state " AND o.room_id = bu.room_id AND o.destination = bu.dest "                           \
+	" AND o.target_identity_id IS NULL AND (o.room_id, o.destination, o.id) > ($2::bigint, $3, $4::bigint) " \
+	" AND (SELECT e.sender_id FROM events e WHERE e.id = o.event_id) = bu.u ORDER BY o.id LIMIT $5::int)"
+#define RECHECK_BLOCKED_ROWS                                                                            \
+	"WITH bu AS MATERIALIZED (SELECT DISTINCT m.room_id, 'peer:' || p.name AS dest, b.blocked_id AS u " \
+	" FROM blocks b JOIN identities i ON i.id = b.blocker_id AND NOT i.is_local "                        \
+	" JOIN peers p ON p.id = i.peer_id JOIN room_members m ON m.identity_id = i.id "                     \
+	" WHERE b.blocked_id = ANY($1::bigint[]) AND m.room_id >= $2::bigint), "                             \
+	"b AS MATERIALIZED (SELECT o.id, o.destination, o.event_id, o.target_identity_id, o.room_id FROM bu " \
+	" CROSS JOIN LATERAL (" RECHECK_BLOCKED_OF("o.state = 'pending'") " UNION ALL "                      \
+	RECHECK_BLOCKED_OF("o.state IN ('dead', 'failed')") ") o "                                           \
+	" ORDER BY o.room_id, o.destination, o.id LIMIT $5::int) "                                           \
+	RECHECK_SELECT "ORDER BY b.room_id, b.destination, b.id"
 static const char *const recheck_users_sql[] = {
 	RECHECK_USER_ROWS(OUTBOX_HELD("o")),
 	RECHECK_USER_ROWS("o.state IN ('dead', 'failed') AND o.target_identity_id IS NOT NULL"),
@@ -1047,8 +1118,17 @@ static const char *const recheck_users_sql[] = {
 	"b AS MATERIALIZED (SELECT o.id, o.destination, o.event_id, o.target_identity_id, o.room_id FROM outbox o "
 	" WHERE o.id = ANY((SELECT ids FROM w ORDER BY k DESC LIMIT 1)::bigint[])) "
 	RECHECK_SELECT "ORDER BY b.room_id, b.destination, b.id",
+	RECHECK_BLOCKED_ROWS,
 };
-#define RECHECK_USER_KINDS 3
+#define RECHECK_USER_KINDS 4
+
+/* Whether the kind-th kind of recheck_users_sql walks by (room,
+ * destination, id), its cursor's second key a destination; the others by
+ * (user, room, id). */
+static bool users_by_room(int kind)
+{
+	return kind >= 2;
+}
 
 /* The rows $1 (an array of ids) in those states, or in flight under the
  * claim $2 (a dispatcher lane's: policy_live_screen; NULL: none).  A $2
@@ -1101,6 +1181,35 @@ static const char recheck_drop_sql[] =
 	"  FROM (SELECT reason, kind, count(*) AS n FROM ch GROUP BY reason, kind) x)::text "
 	"FROM ch";
 
+/* Whether every one of the peer's joined members in the room of row i of a
+ * RECHECK_COLUMNS result (a local user's own event to a peer: column 15)
+ * blocked its sender (a peer's POST /v1/blocks, block event or revoked
+ * consent): *d recipient_blocked_sender, *subject the first of them.  Her
+ * message was decided when she wrote, and nothing else of that decision is
+ * asked again; but one that waited for its peer (down, or its retry not
+ * due) when her recipient blocked her was delivered after the block: until
+ * the fifty-fifth session nothing decided it again.  In a group, as at the
+ * write (docs/policy.md, "Groups"), one member's block does not take the
+ * peer's row from the others: only when all of them blocked her.  No
+ * member left (none joined): nothing to decide, the row stays. */
+static bool recipients_blocked_her(const struct policy_snapshot *snap, PGresult *r, int i, struct policy_decision *d,
+				   char *subject, size_t len)
+{
+	if (PQgetisnull(r, i, 12))
+		return false;
+	json_t *members = json_loads(PQgetvalue(r, i, 12), 0, NULL);
+	size_t n = json_array_size(members);
+	bool all = n > 0;
+	for (size_t k = 0; all && k < n; k++)
+		all = policy_remote_block_fact(snap, json_string_value(json_array_get(members, k)), PQgetvalue(r, i, 2));
+	if (all) {
+		*d = (struct policy_decision){ .verdict = POLICY_DENY, .reason = "recipient_blocked_sender" };
+		snprintf(subject, len, "%s", json_string_value(json_array_get(members, 0)));
+	}
+	json_decref(members);
+	return all;
+}
+
 /* Whether the server's rules (and an inbound row's user's opt-out or her
  * block of the sender) refuse row i of a RECHECK_COLUMNS result now: *d
  * the refusal, *subject whom it is about (the row's user; a peer's row:
@@ -1116,7 +1225,7 @@ static bool recheck_refused(const struct policy_snapshot *snap, PGresult *r, int
 			    struct policy_decision *d, char *subject, size_t len)
 {
 	if (PQgetvalue(r, i, 9)[0] == 't')
-		return false;
+		return PQgetvalue(r, i, 15)[0] == 't' && recipients_blocked_her(snap, r, i, d, subject, len);
 	struct policy_request q = {
 		.action = POLICY_ACT_EVENT,
 		.event_type = PQgetvalue(r, i, 8),
@@ -1171,6 +1280,7 @@ static bool recheck_refused(const struct policy_snapshot *snap, PGresult *r, int
 const char *const policy_recheck_reasons[POLICY_RECHECK_REASONS] = {
 	"server_denied_user", "server_denied_domain", "server_denied_network", "server_closed",
 	"server_not_allowlisted", "user_not_opted_in", "user_blocked_sender", "user_blocked_domain",
+	"recipient_blocked_sender",
 };
 const char *const policy_recheck_kinds[POLICY_RECHECK_KINDS] = { "inbound", "outbound", "transit" };
 
@@ -2344,22 +2454,34 @@ static bool put_in_force(struct policy_live *pl, cw_err rc, struct policy_view *
 /* The users with an opt-out in v (a whole load) that the view in force,
  * cur, has not (its overlay's, for the users it holds; else its base's):
  * their ids into *ids (malloc'd), how many; -1 out of memory. */
-static long opt_outs_new(const struct policy_view *cur, const struct policy_view *v, int64_t **ids)
+/* A view's list of opt-outs (blocks false) or of remote blocks of the
+ * last minutes (true), into *l, how many. */
+static size_t view_list(const struct policy_view *v, bool blocks, const struct policy_optout **l)
+{
+	*l = blocks ? v->blocks_lately : v->outs;
+	return blocks ? v->nblocks_lately : v->nouts;
+}
+
+static long opt_outs_new(const struct policy_view *cur, const struct policy_view *v, bool blocks, int64_t **ids)
 {
 	const struct policy_view *base = cur->base ? cur->base : cur;
+	const struct policy_optout *vl;
+	size_t vn = view_list(v, blocks, &vl);
 	long n = 0;
-	*ids = v->nouts ? malloc(v->nouts * sizeof(**ids)) : NULL;
-	if (v->nouts && !*ids)
+	*ids = vn ? malloc(vn * sizeof(**ids)) : NULL;
+	if (vn && !*ids)
 		return -1;
-	for (size_t i = 0; i < v->nouts; i++) {
+	for (size_t i = 0; i < vn; i++) {
 		const struct policy_view *of = base;
 		for (size_t k = 0; cur->base && k < cur->nusers; k++)
-			if (cur->users[k] == v->outs[i].id)
+			if (cur->users[k] == vl[i].id)
 				of = cur;
-		if (bsearch(&v->outs[i], of->outs, of->nouts, sizeof(*of->outs), optout_cmp))
+		const struct policy_optout *ol;
+		size_t on = view_list(of, blocks, &ol);
+		if (on && bsearch(&vl[i], ol, on, sizeof(*ol), optout_cmp))
 			continue;
-		if (n == 0 || (*ids)[n - 1] != v->outs[i].id) /* in user order */
-			(*ids)[n++] = v->outs[i].id;
+		if (n == 0 || (*ids)[n - 1] != vl[i].id) /* in user order */
+			(*ids)[n++] = vl[i].id;
 	}
 	return n;
 }
@@ -2380,17 +2502,25 @@ static bool reload(struct policy_live *pl, bool *hook_ok)
 	cw_errmsg e;
 	struct policy_view *cur = policy_live_get(pl);
 	cw_err rc = policy_load(pl->c, ++pl->version, cur->base ? cur->base : cur, &v, &e);
-	int64_t *ids = NULL;
-	long n = rc ? 0 : opt_outs_new(cur, v, &ids);
+	int64_t *ids = NULL, *bids = NULL;
+	long n = rc ? 0 : opt_outs_new(cur, v, false, &ids);
+	long nb = rc ? 0 : opt_outs_new(cur, v, true, &bids);
 	if (!rc)
 		v->opted_out = n != 0;
 	policy_view_put(cur);
 	bool ok = put_in_force(pl, rc, v, &e);
-	if (ok && n < 0)
+	if (ok && (n < 0 || nb < 0))
 		recheck_whole(pl);
-	else if (ok && n > 0)
+	if (ok && n > 0)
 		recheck_users_add(pl, ids, (size_t)n);
+	/* A remote user's new block of a local one (a block no NOTIFY named
+	 * as hers: one of more users than an overlay holds, or missed while
+	 * the connection was gone) has her rows to his peer decided again, as
+	 * her NOTIFY's walk does (recheck_users_sql's last kind). */
+	if (ok && nb > 0)
+		recheck_users_add(pl, bids, (size_t)nb);
 	free(ids);
+	free(bids);
 	/* The hook's state (the admin tokens) is read whether or not the
 	 * policy loaded: it needs nothing of it.  Until the thirty-seventh
 	 * session it followed only a load that succeeded, and while the
@@ -2544,11 +2674,12 @@ static void users_walk_from(struct policy_live *pl, int kind)
 {
 	pl->users_kind = kind;
 	pl->users_key1 = pl->users_key3 = 0;
-	snprintf(pl->users_key2, sizeof(pl->users_key2), "%s", kind == RECHECK_USER_KINDS - 1 ? "" : "0");
+	snprintf(pl->users_key2, sizeof(pl->users_key2), "%s", users_by_room(kind) ? "" : "0");
 }
 
-/* The users whose facts changed (an opt-out among them, maybe): their rows
- * are decided again; too many for the list, a whole pass. */
+/* The users whose facts changed (an opt-out among them, maybe, or a remote
+ * user's block of them): their rows are decided again; too many for the
+ * list, a whole pass. */
 static void recheck_users_add(struct policy_live *pl, const int64_t *ids, size_t n)
 {
 	bool added = false;
@@ -2855,7 +2986,7 @@ static bool recheck_turn(struct policy_live *pl)
 	if (!rc) {
 		n = PQntuples(r);
 		if (n) {
-			bool rooms = !pass && pl->users_kind == RECHECK_USER_KINDS - 1;
+			bool rooms = !pass && users_by_room(pl->users_kind);
 			last = atoll(PQgetvalue(r, n - 1, 0));
 			key1 = atoll(PQgetvalue(r, n - 1, rooms ? 14 : 13));
 			snprintf(last_dest, sizeof(last_dest), "%s", PQgetvalue(r, n - 1, pass || rooms ? 1 : 14));

@@ -102,6 +102,13 @@ struct policy_view {
 	 * waiting row (policy_live.c, opt_outs_new). */
 	struct policy_optout { int64_t id; uint64_t net; } *outs;
 	size_t nouts;
+	/* The remote users' blocks of local users (blocks) of the last
+	 * minutes the load read, as (local user, blocker) in that order (the
+	 * blocker's id in net): a whole reload decides again the rows to his
+	 * peer of the users it finds a new one of (their walk), as a NOTIFY
+	 * naming her does. */
+	struct policy_optout *blocks_lately;
+	size_t nblocks_lately;
 };
 
 /* Loads rules, settings and consent facts in one read-only transaction on
@@ -440,10 +447,11 @@ bool policy_live_sync_user(struct policy_live *pl, int64_t local_id, const char 
 bool policy_live_catch_up(struct policy_live *pl, const int64_t *ids, size_t n, long timeout_ms);
 
 /* What the recheck drops, by refusal (policy_recheck_reasons: the server's
- * refusals, then a user's block of the sender or of his domain) and by
+ * refusals, then a user's block of the sender or of his domain, then a
+ * remote user's block of a local sender) and by
  * kind of row (policy_recheck_kinds: to a local user, from one to a peer,
  * from a peer to a peer). */
-#define POLICY_RECHECK_REASONS 8
+#define POLICY_RECHECK_REASONS 9
 #define POLICY_RECHECK_KINDS 3
 extern const char *const policy_recheck_reasons[POLICY_RECHECK_REASONS];
 extern const char *const policy_recheck_kinds[POLICY_RECHECK_KINDS];

@@ -1276,6 +1276,16 @@ int policy_consent_fact(const struct policy_snapshot *s, const char *local_uri, 
 	return consent(facts_of(s, &l.uri), &l, subject_is_domain ? "d" : "u", &subj);
 }
 
+bool policy_remote_block_fact(const struct policy_snapshot *s, const char *remote_uri, const char *local_uri)
+{
+	if (!s || !remote_uri || !local_uri || !*remote_uri || !*local_uri)
+		return false;
+	struct part l = mkpart(local_uri);
+	const struct policy_snapshot *f = facts_of(s, &l);
+	struct part k[2] = { mkpart(remote_uri), l };
+	return f->blocks.count && table_find(&f->blocks, f->arena, k, 2);
+}
+
 /* ------------------------------------------------------------------ names */
 
 const char *policy_reason_text(const char *reason)

@@ -259,6 +259,10 @@ int policy_optin_fact(const struct policy_snapshot *s, const char *local_uri, co
 bool policy_optin_default(const struct policy_snapshot *s);
 int policy_consent_fact(const struct policy_snapshot *s, const char *local_uri, bool subject_is_domain,
 			const char *subject);
+/* Whether remote user remote_uri blocked local user local_uri (a peer's
+ * POST /v1/blocks, block event or revoked consent: the fact step 2 reads
+ * for recipient_blocked_sender).  s may be NULL (no facts). */
+bool policy_remote_block_fact(const struct policy_snapshot *s, const char *remote_uri, const char *local_uri);
 
 /* What a deny reason means to the local user whose message it stopped
  * (outbound), as the end of "Not delivered: ...": this server's rules,

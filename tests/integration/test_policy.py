@@ -4555,11 +4555,13 @@ def test_a_block_of_more_users_than_its_notify_names_leaves_their_waiting_rows_a
     walk): what waits from those users to the peer is treated the same
     either way.  A remote user's block of a local one refuses what she
     writes to him from then on (recipient_blocked_sender, decided as she
-    writes); her messages written before it are hers to send, not the
-    server's to decide again (the recheck's column 9: a local sender's
-    row is never dropped by it, nor by a dispatcher's screen), so no
-    recheck of them is lost with the users' names.  The blocks are in
-    force after either (the facts counted)."""
+    writes), and since the fifty-fifth session what she wrote before it
+    and still waits for his peer (here dead letters): dropped by her walk
+    (named) or, a whole reload finding blocks of the last minutes it had
+    not (policy_view.blocks_lately), by theirs (here a pass: more users
+    than a walk holds).  Until then her waiting messages were hers to
+    send, and this test said they stayed.  The blocks are in force after
+    either (the facts counted)."""
     (a, _), _ = peers
     wally = a.user("wally")
     room = a.create_room([wally, ALICE]).json()
@@ -4585,18 +4587,20 @@ def test_a_block_of_more_users_than_its_notify_names_leaves_their_waiting_rows_a
             for t in targets]})
         assert r.status_code == 200 and all(x["status"] == "accepted" for x in r.json()["results"]), r.text
 
-    waiting = ("SELECT string_agg(o.state || ':' || n, ',') FROM (SELECT o.state, count(*) AS n FROM outbox o "
-               "JOIN events e ON e.id = o.event_id WHERE e.public_id LIKE 'msg_many_%' GROUP BY 1) o")
+    waiting = ("SELECT string_agg(o.state || ':' || n, ',' ORDER BY o.state) FROM (SELECT o.state, count(*) AS n "
+               "FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id LIKE 'msg_many_%' GROUP BY 1) o")
     named, whole = reloads(daemon), reloads(daemon)["whole"]
     post([f"mimi://example.org/u/many{i}" for i in range(1, 65)])  # 64: named
     wait_until(lambda: gauge(daemon, "causeway_policy_facts") == was + 64, timeout=30, what="the 64 blocks in force")
     assert reloads(daemon)["whole"] == whole and reloads(daemon)["users"] > named["users"]
+    wait_until(lambda: pg.psql(waiting, db_url) == "dead:65,dropped:64", timeout=30,
+               what="the 64 named users' rows dropped")
     post([f"mimi://example.org/u/many{i}" for i in range(65, 130)])  # 65: the transaction alone
     wait_until(lambda: gauge(daemon, "causeway_policy_facts") == was + 129, timeout=30,
                what="the 65 blocks in force")
     assert reloads(daemon)["whole"] > whole
-    time.sleep(1.5)  # a recheck of either would have run by now
-    assert pg.psql(waiting, db_url) == "dead:129"
+    wait_until(lambda: pg.psql(waiting, db_url) == "dropped:129", timeout=30,
+               what="the other 65 users' rows dropped")
     assert "recheck of waiting rows failed" not in daemon.log()
 
 

@@ -300,3 +300,46 @@ def test_a_message_to_someone_who_blocked_her_says_so(xd, gk, alice, pg, db_url)
     assert [e["content"]["parts"][0]["body"] for e in got if e.get("type") == "message"] == ["hello again"], got
     wait_until(lambda: stored_lines(pg, db_url, "xmpp") == "dropped -,delivered hello again",
                what="her second message delivered")
+
+
+def test_her_messages_waiting_for_his_peer_when_he_blocks_her_are_never_delivered(xd, gk, alice, pg, db_url):
+    """A remote user's block of her (POST /v1/blocks) stops what she wrote
+    to him before it and is still waiting: his peer refused it (503, down),
+    its retry pending (or in flight: a try that fails is decided again
+    before it goes back to waiting).  The block drops it (not_delivered,
+    recipient_blocked_sender in the admin API), and once the peer is back
+    it is never delivered.  His unblock brings back nothing.  Until the
+    fifty-fifth session a remote block stopped only what she wrote after
+    it: the waiting messages reached him at the peer's next answer."""
+    a, srv = gk
+    wally = a.user("wally")
+    alice.send_message(WALLY_JID, "before")
+    srv.wait_events(1)
+    srv.fail_next = 1000000  # the peer down
+    for i in range(2):
+        alice.send_message(WALLY_JID, f"waiting {i}")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox o JOIN events e ON e.id = o.event_id "
+                               "WHERE e.origin_network = 'xmpp' AND o.attempts > 0 AND o.state <> 'delivered'",
+                               db_url) == "2", timeout=20, what="her two messages tried and refused")
+    peer_blocks_alice(xd, a, "block")
+    wait_until(lambda: stored_lines(pg, db_url, "xmpp") == "delivered before,dropped -,dropped -", timeout=20,
+               what="her waiting messages dropped")
+    assert pg.psql("SELECT string_agg(reason_code || ' ' || subject || ' ' || (details->>'by'), ',' ORDER BY id) "
+                   "FROM audit_log WHERE action = 'policy.deny'", db_url) == \
+        f"recipient_blocked_sender {wally} sweep,recipient_blocked_sender {wally} sweep"
+    ids = pg.psql("SELECT string_agg(e.public_id, ' ' ORDER BY e.id) FROM events e "
+                  "WHERE e.origin_network = 'xmpp' AND e.type = 'message'", db_url).split()
+    for m in ids[1:]:
+        r = xd.admin("GET", f"/messages/{m}/decision")
+        assert r.status_code == 200, r.text
+        got = [(x["destination"], x["state"], x["verdict"], x["reason"]) for x in r.json()["recipients"]]
+        assert got == [("peer:gk", "dropped", "deny", "recipient_blocked_sender")], r.json()
+    # The peer back: nothing of them reaches him, not after his unblock either.
+    srv.fail_next = 0
+    peer_blocks_alice(xd, a, "unblock")
+    alice.send_message(WALLY_JID, "after")
+    srv.wait_events(2)
+    time.sleep(1.5)  # past the retries' longest wait (retry_max_ms)
+    assert [e["content"]["parts"][0]["body"] for e in srv.events if e.get("type") == "message"] == \
+        ["before", "after"], srv.events
+    assert stored_lines(pg, db_url, "xmpp") == "delivered before,dropped -,dropped -,delivered after"

@@ -1016,6 +1016,9 @@ START_TEST(prop_overlay_decides_as_a_whole_rebuild)
 				if (f->kind == 1)
 					ck_assert_int_eq(policy_consent_fact(ov, locals[l], f->domain, f->subj),
 							 policy_consent_fact(whole, locals[l], f->domain, f->subj));
+				if (f->kind == 2)
+					ck_assert_int_eq(policy_remote_block_fact(ov, f->subj, locals[l]),
+							 policy_remote_block_fact(whole, f->subj, locals[l]));
 			}
 		policy_snapshot_free(ov);
 		policy_snapshot_free(whole);
@@ -1408,6 +1411,14 @@ START_TEST(builder_facts_and_counts)
 	policy_snapshot_free(sd);
 	ck_assert_int_eq(policy_consent_fact(s, l, false, "mimi://x.example/u/b"), 1);
 	ck_assert_int_eq(policy_consent_fact(s, l, true, "mimi://x.example/u/b"), 0);
+	/* A remote user's block of a local one (the recheck asks it of her
+	 * waiting rows to his peer), one way only. */
+	ck_assert(policy_remote_block_fact(s, "mimi://x.example/u/b", l));
+	ck_assert(!policy_remote_block_fact(s, l, "mimi://x.example/u/b"));
+	ck_assert(!policy_remote_block_fact(s, "mimi://x.example/u/c", l));
+	ck_assert(!policy_remote_block_fact(s, NULL, l));
+	ck_assert(!policy_remote_block_fact(s, "mimi://x.example/u/b", ""));
+	ck_assert(!policy_remote_block_fact(NULL, "mimi://x.example/u/b", l));
 	ck_assert_int_eq(policy_consent_fact(s, l, false, "mimi://x.example/u/c"), -1);
 	ck_assert_int_eq(policy_consent_fact(s, l, true, "x.example"), -1);
 	ck_assert_int_eq(policy_consent_fact(s, "mimi://x.example/u/b", false, l), -1); /* not the other way round */
