@@ -1006,22 +1006,27 @@ static cw_err policy_sweep_with(PGconn *c, const struct policy_view *v, const ch
  * not once a row: a batch of 500 rows of a room of 3,003 members read
  * 1.5 million members and identities (until the fifty-second session:
  * test_the_recheck_reads_a_peers_members_of_a_room_once_a_batch).  The
+ * peer itself (its id, for them, and its domain, column 11) is looked up
+ * there too, once for each (room, destination): until the fifty-fifth
+ * session pm looked it up for the members and a LATERAL of each row
+ * again, a descent of peers_name_key a row more for the same peer.  The
  * statement that ends with b's CTE goes on with RECHECK_SELECT, which
  * starts with pm's. */
 #define RECHECK_BATCH 500
 #define RECHECK_SELECT                                                                                  \
-	", pm AS MATERIALIZED (SELECT x.room_id, x.destination, "                                           \
+	", pm AS MATERIALIZED (SELECT x.room_id, x.destination, p.id, p.domain, "                           \
 	" (SELECT json_agg(i.uri ORDER BY i.id) FROM room_members m JOIN identities i ON i.id = m.identity_id " \
-	"  WHERE m.room_id = x.room_id AND m.membership = 'joined' "                                         \
-	"  AND i.peer_id = (SELECT p.id FROM peers p WHERE p.name = substr(x.destination, 6)))::text AS members " \
+	"  WHERE m.room_id = x.room_id AND m.membership = 'joined' AND i.peer_id = p.id)::text AS members "   \
 	" FROM (SELECT DISTINCT room_id, destination FROM b WHERE target_identity_id IS NULL "               \
-	"  AND destination LIKE 'peer:%') x) "                                                               \
+	"  AND destination LIKE 'peer:%') x "                                                                \
+	" LEFT JOIN LATERAL (SELECT p.id, p.domain FROM peers p WHERE p.name = substr(x.destination, 6) "     \
+	"  OFFSET 0) p ON true) "                                                                            \
 	"SELECT b.id, b.destination, s.uri, s.domain, s.network, t.uri, t.domain, t.network, e.type, "      \
 	" (e.origin_network = 'gateway' OR e.type IN ('membership', 'block') OR (s.is_local AND t.is_local) " \
-	"  OR (t.id IS NULL AND p.id IS NULL) OR (t.id IS NOT NULL AND NOT t.is_local) "                     \
-	"  OR s.is_local), s.is_local, p.domain, CASE WHEN p.id IS NOT NULL THEN pm.members END, "          \
+	"  OR (t.id IS NULL AND pm.id IS NULL) OR (t.id IS NOT NULL AND NOT t.is_local) "                    \
+	"  OR s.is_local), s.is_local, pm.domain, pm.members, "                                              \
 	" b.target_identity_id, b.room_id, "                                                                 \
-	" (s.is_local AND p.id IS NOT NULL AND e.origin_network <> 'gateway' "                               \
+	" (s.is_local AND pm.id IS NOT NULL AND e.origin_network <> 'gateway' "                              \
 	"  AND e.type NOT IN ('membership', 'block')) "                                                      \
 	"FROM b CROSS JOIN LATERAL (SELECT e.type, e.origin_network, e.sender_id FROM events e "            \
 	"  WHERE e.id = b.event_id OFFSET 0) e "                                                            \
@@ -1029,9 +1034,8 @@ static cw_err policy_sweep_with(PGconn *c, const struct policy_view *v, const ch
 	"  WHERE s.id = e.sender_id OFFSET 0) s "                                                           \
 	"LEFT JOIN LATERAL (SELECT t.id, t.uri, t.domain, t.network, t.is_local FROM identities t "        \
 	"  WHERE t.id = b.target_identity_id OFFSET 0) t ON true "                                          \
-	"LEFT JOIN LATERAL (SELECT p.id, p.domain FROM peers p WHERE b.target_identity_id IS NULL "         \
-	"  AND b.destination LIKE 'peer:%' AND p.name = substr(b.destination, 6) OFFSET 0) p ON true "      \
-	"LEFT JOIN pm ON pm.room_id = b.room_id AND pm.destination = b.destination "
+	"LEFT JOIN pm ON b.target_identity_id IS NULL AND pm.room_id = b.room_id "                          \
+	" AND pm.destination = b.destination "
 #define RECHECK_COLUMNS RECHECK_SELECT "ORDER BY b.destination, b.id"
 
 /* One state's rows in outbox_state_dest_idx order, from after ($1, $2)
