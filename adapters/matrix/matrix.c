@@ -880,8 +880,7 @@ static cw_err txn_bot_send(PGconn *c, struct txn *t, cw_errmsg *e)
 	int ok = PQsendQueryParams(c,
 		"WITH ins AS (INSERT INTO matrix_bot_inbox (event_id, event) "
 		" SELECT x->>'event_id', x FROM jsonb_array_elements($1::jsonb) AS x, "
-		"  LATERAL (SELECT starts_with(x->>'state_key', $4) "
-		"   AND right(x->>'state_key', length($3) + 1) = ':' || $3 AS ghost) g " /* mx_in_ghost_namespace */
+		"  LATERAL (SELECT " MX_GHOST_SQL("(x->>'state_key')", "$4::text", "$3::text") " AS ghost) g "
 		" WHERE (x->>'type' = 'm.room.member' AND NOT g.ghost AND x->>'state_key' <> $2 " /* an intruder, any sender's */
 		"   AND x->'content'->>'membership' IN ('invite', 'join') "
 		"   AND EXISTS (SELECT 1 FROM matrix_mgmt_rooms mm WHERE mm.room_id = x->>'room_id' "

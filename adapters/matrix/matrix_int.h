@@ -93,6 +93,17 @@ struct matrix {
 
 enum { MX_EV_ACCEPTED, MX_EV_REFUSED, MX_EV_INVALID, MX_EV_IGNORED };
 
+/* SQL: whether the Matrix id key (an expression of text) is a ghost's,
+ * in the namespace as mx_in_ghost_namespace reads it: prefix is a
+ * parameter holding "@" and matrix.user_prefix, server one holding the
+ * server name (each as the statement spells it, "$4" or "$4::text").
+ * One spelling for the transaction path's (matrix.c, txn_bot_send) and
+ * the bot's (mx_bot.c, INBOX_NEWCOMER): until the fifty-fifth session
+ * each wrote its own, with its own parameter numbers. */
+#define MX_GHOST_SQL(key, prefix, server)                                                                    \
+	"(starts_with(" key ", " prefix ") AND length(" key ") >= length(" prefix ") + length(" server ") + 1 " \
+	"AND right(" key ", length(" server ") + 1) = ':' || " server ")"
+
 const char *mx_server_name(const struct cw_config *cfg);
 /* The length of matrix.homeserver_url without its trailing slashes: every
  * request's URL is that prefix and an absolute path. */

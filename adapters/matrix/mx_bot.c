@@ -1269,6 +1269,8 @@ static int intruded(struct matrix *m, PGconn *c, const char *room, const char *w
  * queued notice, a word of another room, is sent: notices);
  * -1: someone else was in it (ended as said); -2: not known for now (the
  * database or the homeserver did not answer). */
+static int hers_alone_of(struct matrix *m, PGconn *c, const char *room, const char *owner, const char *txn);
+
 static int hers_alone(struct matrix *m, PGconn *c, const char *room, const char *txn)
 {
 	const char *p[] = { room };
@@ -1280,13 +1282,23 @@ static int hers_alone(struct matrix *m, PGconn *c, const char *room, const char 
 			       room, "detail", e.msg);
 		return -2;
 	}
-	if (PQntuples(r) != 1) { /* no log here: for notices, a word of another room, said (answer logs) */
-		PQclear(r);
-		return 0;
-	}
-	char owner[MX_ID_MAX + 1];
-	snprintf(owner, sizeof(owner), "%s", PQgetvalue(r, 0, 0));
+	char owner[MX_ID_MAX + 1] = "";
+	if (PQntuples(r) == 1)
+		snprintf(owner, sizeof(owner), "%s", PQgetvalue(r, 0, 0));
 	PQclear(r);
+	return hers_alone_of(m, c, room, owner[0] ? owner : NULL, txn);
+}
+
+/* hers_alone where whose room it is was read already (owner: her Matrix
+ * id; NULL: no management room, 0): by the statement that took the
+ * bot's words or requests of a batch (BOT_NOTICES, BOT_REQUESTS), whose
+ * send asks again whether the room is still hers (notice_still,
+ * request_still).  Until the fifty-fifth session the batch's first word
+ * of a room read it again here, one query more. */
+static int hers_alone_of(struct matrix *m, PGconn *c, const char *room, const char *owner, const char *txn)
+{
+	if (!owner)
+		return 0; /* no log here: for notices, a word of another room, said (answer logs) */
 	long refused;
 	int others = others_in_st(m, room, NULL, owner, &refused);
 	/* The members not given because the homeserver refuses the bot (a
@@ -1325,8 +1337,10 @@ static int hers_alone(struct matrix *m, PGconn *c, const char *room, const char 
  * the room's later words (the members read once, that race is the
  * homeserver's delay in pushing the event, no longer the batch's).  A
  * "not known for now" (-2) is not kept: the next word asks again, as
- * before (a failure is no steady cost).  The room strings are the
- * batch's (PQgetvalue), alive as long as it is. */
+ * before (a failure is no steady cost).  Whose room it is (owner: NULL
+ * for none) is the batch's statement's answer (hers_alone_of), which
+ * each send's look confirms.  The room strings are the batch's
+ * (PQgetvalue), alive as long as it is. */
 struct alone_memo {
 	int n;
 	const char *room[BOT_BATCH];
@@ -1334,12 +1348,12 @@ struct alone_memo {
 };
 
 static int hers_alone_once(struct matrix *m, PGconn *c, struct alone_memo *memo, const char *room,
-			   const char *txn)
+			   const char *owner, const char *txn)
 {
 	for (int k = 0; k < memo->n; k++)
 		if (strcmp(memo->room[k], room) == 0)
 			return memo->alone[k];
-	int alone = hers_alone(m, c, room, txn);
+	int alone = hers_alone_of(m, c, room, owner, txn);
 	if (alone != -2 && memo->n < BOT_BATCH) {
 		memo->room[memo->n] = room;
 		memo->alone[memo->n++] = alone;
@@ -1359,14 +1373,15 @@ static void hers_alone_forget(struct alone_memo *memo, const char *room)
 		}
 }
 
-/* The parameters $3-$5 of INBOX_NEWCOMER (BOT_NOTICE_SAY,
- * BOT_REQUEST_SAY), into p[2..4]; ghosts holds the namespace's start. */
+/* The parameters of INBOX_NEWCOMER (the bot, the namespace's start, the
+ * server name: $3-$5 of BOT_NOTICE_SAY and BOT_REQUEST_SAY), into
+ * p[0..2]; ghosts holds the namespace's start. */
 static void newcomer_params(const struct matrix *m, const char **p, char *ghosts, size_t size)
 {
 	snprintf(ghosts, size, "@%s", m->cfg->mx_user_prefix);
-	p[2] = m->bot;
-	p[3] = ghosts;
-	p[4] = mx_server_name(m->cfg);
+	p[0] = m->bot;
+	p[1] = ghosts;
+	p[2] = mx_server_name(m->cfg);
 }
 
 /* Whether the bot's word of notices' row id, about to be sent, is still
@@ -1375,19 +1390,20 @@ static void newcomer_params(const struct matrix *m, const char **p, char *ghosts
  * the newcomer's member event, stored by the transaction path meanwhile,
  * waits in the bot's inbox until the batch is done: until the
  * fifty-fourth session's review the room's later words of the batch
- * were said to whoever came in during its first send).  mgmt: the
- * batch's look found the room her management room, hers alone (1), or
- * no management room (0: a word of another room).  1: to be sent; 0:
+ * were said to whoever came in during its first send).  owner: the
+ * batch's look found the room the management room of this user, hers
+ * alone (1), or (NULL) no management room (0: a word of another room);
+ * the room must still be so.  1: to be sent; 0:
  * not now (the room is no longer what the look found, someone else's
  * member event there waits for the bot, or the database did not
  * answer): tried again later, after the inbox (intruded hushes it, if
  * someone else came in); -1: done with meanwhile (end_mgmt_room), or
  * gone: nothing to send nor mark. */
-static int notice_still(struct matrix *m, PGconn *c, const char *id, bool mgmt)
+static int notice_still(struct matrix *m, PGconn *c, const char *id, const char *owner)
 {
 	char ghosts[80];
-	const char *p[5] = { id, mgmt ? "t" : "f" };
-	newcomer_params(m, p, ghosts, sizeof(ghosts));
+	const char *p[5] = { id, owner };
+	newcomer_params(m, p + 2, ghosts, sizeof(ghosts));
 	PGresult *r = bot_look(c, BOT_NOTICE_SAY, 5, p);
 	cw_errmsg e;
 	if (store_check(c, r, PGRES_TUPLES_OK, &e)) { /* clears r */
@@ -1409,7 +1425,7 @@ static int request_still(struct matrix *m, PGconn *c, const char *id, const char
 {
 	char ghosts[80];
 	const char *p[5] = { id, room };
-	newcomer_params(m, p, ghosts, sizeof(ghosts));
+	newcomer_params(m, p + 2, ghosts, sizeof(ghosts));
 	PGresult *r = bot_look(c, BOT_REQUEST_SAY, 5, p);
 	cw_errmsg e;
 	if (store_check(c, r, PGRES_TUPLES_OK, &e)) { /* clears r */
@@ -1588,11 +1604,12 @@ static void notices(struct matrix *m, PGconn *c)
 		 * it moved from) is for whoever is there.  Looked at once for
 		 * the batch's words of a room (hers_alone_once). */
 		bool looked = !user && PQgetvalue(r, i, 6)[0] != 't';
-		int alone = looked ? hers_alone_once(m, c, &memo, room, txn) : 1;
+		const char *owner = PQgetisnull(r, i, 7) ? NULL : PQgetvalue(r, i, 7);
+		int alone = looked ? hers_alone_once(m, c, &memo, room, owner, txn) : 1;
 		/* and, at its send, still queued, and the room still what the
 		 * look found (notice_still); not now: as not known */
 		if (looked && alone >= 0) {
-			int still = notice_still(m, c, id, alone == 1);
+			int still = notice_still(m, c, id, owner);
 			if (still < 0)
 				continue;
 			if (still == 0)
@@ -2856,7 +2873,7 @@ static void requests(struct matrix *m, PGconn *c, int64_t *after_us)
 		 * the request waits for her next one, as the batch's others
 		 * of the room do; not known for now: tried again later.  Looked
 		 * at once for the batch's requests of a room (hers_alone_once). */
-		int alone = hers_alone_once(m, c, &memo, PQgetvalue(r, i, 1), txn);
+		int alone = hers_alone_once(m, c, &memo, PQgetvalue(r, i, 1), PQgetvalue(r, i, 5), txn);
 		if (alone == 1) /* and at its send (request_still) */
 			alone = request_still(m, c, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1));
 		if (alone != 1) {
@@ -3294,17 +3311,16 @@ static void invitees_joined(struct matrix *m, PGconn *c)
 }
 
 /* A member event of someone other than management room mr's user and
- * the bot (and its ghosts: the namespace as mx_in_ghost_namespace reads
- * it, $4 "@" and the prefix, $5 the server name; $3 the bot), invited
- * or joining, waiting in the bot's inbox (stored by the transaction
- * path, matrix.c txn_bot_send, for the bot to handle after the batch it
- * is in: intruded).  The unhandled rows are few (matrix_bot_inbox_due_idx). */
-#define INBOX_NEWCOMER(mr)                                                                                           \
+ * the bot (and its ghosts: MX_GHOST_SQL, prefix the parameter of "@" and
+ * the prefix, server the server name's; bot the bot's), invited or
+ * joining, waiting in the bot's inbox (stored by the transaction path,
+ * matrix.c txn_bot_send, for the bot to handle after the batch it is in:
+ * intruded).  The unhandled rows are few (matrix_bot_inbox_due_idx). */
+#define INBOX_NEWCOMER(mr, bot, prefix, server)                                                                      \
 	"EXISTS (SELECT 1 FROM matrix_bot_inbox b WHERE b.handled_at IS NULL AND b.event->>'room_id' = " mr ".room_id " \
 	" AND b.event->>'type' = 'm.room.member' AND b.event->'content'->>'membership' IN ('invite', 'join') "         \
-	" AND b.event->>'state_key' NOT IN (" mr ".user_id, $3::text) "                                                \
-	" AND NOT (starts_with(b.event->>'state_key', $4::text) "                                                      \
-	" AND right(b.event->>'state_key', length($5::text) + 1) = ':' || $5::text))"
+	" AND b.event->>'state_key' NOT IN (" mr ".user_id, " bot ") "                                                 \
+	" AND NOT " MX_GHOST_SQL("(b.event->>'state_key')", prefix, server) ")"
 
 /* The looks of enum bot_look, each the statement of the function of its
  * name (inbox, requests, expiries, notices, invitees_joined;
@@ -3318,7 +3334,8 @@ static const struct store_stmt bot_stmts[BOT_LOOKS + 1] = {
 		"SELECT id, event::text, attempts FROM matrix_bot_inbox WHERE handled_at IS NULL "
 		"AND (not_before IS NULL OR not_before <= now()) ORDER BY id LIMIT $1::int" },
 	[BOT_REQUESTS] = { "mx_bot_requests",
-		"SELECT q.id, mr.room_id, ri.uri, ri.network, coalesce(ri.display_name, '') FROM consent_requests q "
+		"SELECT q.id, mr.room_id, ri.uri, ri.network, coalesce(ri.display_name, ''), mr.user_id "
+		"FROM consent_requests q "
 		" JOIN matrix_mgmt_rooms mr ON mr.identity_id = q.local_identity_id "
 		" JOIN identities ri ON ri.id = q.remote_identity_id "
 		"WHERE q.state = 'pending' AND q.notified_at IS NULL AND NOT EXISTS (SELECT 1 FROM matrix_notices x "
@@ -3353,7 +3370,8 @@ static const struct store_stmt bot_stmts[BOT_LOOKS + 1] = {
 		"  RETURNING x.id, x.room_id, x.body, x.created_at < now() - interval '1 day' AS stale, x.sender, x.txn_id, "
 		"  x.then_leave) "
 		"SELECT t.id, t.room_id, t.body, t.stale, coalesce(t.sender, " NOTICE_SENDER_SQL("t.room_id") "), t.txn_id, "
-		" t.then_leave FROM t ORDER BY t.id" },
+		" t.then_leave, (SELECT mr.user_id FROM matrix_mgmt_rooms mr WHERE mr.room_id = t.room_id) "
+		"FROM t ORDER BY t.id" },
 	[BOT_DEPARTURES] = { "mx_bot_departures",
 		"SELECT b.native_id, ib.native_id, pm.binding_id, pm.identity_id FROM matrix_portal_members pm "
 		"JOIN room_bindings b ON b.id = pm.binding_id "
@@ -3388,13 +3406,13 @@ static const struct store_stmt bot_stmts[BOT_LOOKS + 1] = {
 		"WHERE x.membership = 'invited' AND x.updated_at < now() - interval '1 minute' "
 		"ORDER BY x.updated_at LIMIT 16" },
 	[BOT_NOTICE_SAY] = { "mx_bot_notice_say",
-		"SELECT x.done_at IS NOT NULL, EXISTS (SELECT 1 FROM matrix_mgmt_rooms mr WHERE mr.room_id = x.room_id) "
-		" <> $2::boolean OR EXISTS (SELECT 1 FROM matrix_mgmt_rooms mr WHERE mr.room_id = x.room_id AND "
-		INBOX_NEWCOMER("mr") ") FROM matrix_notices x WHERE x.id = $1::bigint" },
+		"SELECT x.done_at IS NOT NULL, (SELECT mr.user_id FROM matrix_mgmt_rooms mr WHERE mr.room_id = x.room_id) "
+		" IS DISTINCT FROM $2::text OR EXISTS (SELECT 1 FROM matrix_mgmt_rooms mr WHERE mr.room_id = x.room_id AND "
+		INBOX_NEWCOMER("mr", "$3::text", "$4::text", "$5::text") ") FROM matrix_notices x WHERE x.id = $1::bigint" },
 	[BOT_REQUEST_SAY] = { "mx_bot_request_say",
 		"SELECT 1 FROM consent_requests q JOIN matrix_mgmt_rooms mr ON mr.identity_id = q.local_identity_id "
 		" AND mr.room_id = $2 WHERE q.id = $1::bigint AND q.state = 'pending' AND q.notified_at IS NULL "
-		" AND NOT " INBOX_NEWCOMER("mr") },
+		" AND NOT " INBOX_NEWCOMER("mr", "$3::text", "$4::text", "$5::text") },
 	[BOT_LOOKS] = { NULL, NULL },
 };
 static const struct store_stmt *const bot_stmt_lists[] = { bot_stmts, dispatcher_dead_stmts, NULL };
