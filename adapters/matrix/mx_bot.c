@@ -1374,8 +1374,8 @@ static void hers_alone_forget(struct alone_memo *memo, const char *room)
 }
 
 /* The parameters of INBOX_NEWCOMER (the bot, the namespace's start, the
- * server name: $3-$5 of BOT_NOTICE_SAY and BOT_REQUEST_SAY), into
- * p[0..2]; ghosts holds the namespace's start. */
+ * server name: $3-$5 of BOT_NOTICE_SAY and BOT_REQUEST_SAY, $1-$3 of
+ * BOT_REQUESTS), into p[0..2]; ghosts holds the namespace's start. */
 static void newcomer_params(const struct matrix *m, const char **p, char *ghosts, size_t size)
 {
 	snprintf(ghosts, size, "@%s", m->cfg->mx_user_prefix);
@@ -2838,12 +2838,26 @@ static void mgmt_room_refuses(struct matrix *m, PGconn *c, const char *room, lon
  * same transaction id; after a 429, when the homeserver asks, the rest
  * then too.  One it refuses for good (a 403 or a 404, while it takes
  * the bot elsewhere: mx_bot_taken) waits for the user's next management
- * room (mgmt_room_refuses), as do the batch's others of that room. */
+ * room (mgmt_room_refuses), as do the batch's others of that room.
+ *
+ * The requests of a room where someone else's member event waits in the
+ * bot's inbox (INBOX_NEWCOMER) are not read at all: request_still would
+ * hold each back, and the bot's handling of that event ends the room.
+ * Until the fifty-fifth session they were read, and the room's members
+ * read from the homeserver (hers_alone), at every round of the bot (each
+ * half second at most) until it handled the event; when its handling
+ * failed (the room's end refused by the database), the event waited up
+ * to BOT_RETRY_MAX_S between tries, each of the requests' rooms read
+ * meanwhile twice a second; and such rooms' requests, the oldest, could
+ * fill the batch (BOT_BATCH) and hold back every other user's. */
 static void requests(struct matrix *m, PGconn *c, int64_t *after_us)
 {
 	if (cw_now_us() < *after_us)
 		return;
-	PGresult *r = bot_look(c, BOT_REQUESTS, 0, NULL);
+	char ghosts[80];
+	const char *p[3];
+	newcomer_params(m, p, ghosts, sizeof(ghosts));
+	PGresult *r = bot_look(c, BOT_REQUESTS, 3, p);
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		PQclear(r);
 		return;
@@ -3340,6 +3354,7 @@ static const struct store_stmt bot_stmts[BOT_LOOKS + 1] = {
 		" JOIN identities ri ON ri.id = q.remote_identity_id "
 		"WHERE q.state = 'pending' AND q.notified_at IS NULL AND NOT EXISTS (SELECT 1 FROM matrix_notices x "
 		" WHERE x.room_id = mr.room_id AND " NOTICE_WAITS("x") ") "
+		" AND NOT " INBOX_NEWCOMER("mr", "$1::text", "$2::text", "$3::text") " "
 		"ORDER BY q.id LIMIT " BOT_BATCH_SQL },
 	[BOT_EXPIRIES] = { "mx_bot_expiries",
 		"SELECT a.id, mr.room_id, ri.uri, ri.network, coalesce(ri.display_name, ''), "

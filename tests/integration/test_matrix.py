@@ -10017,3 +10017,60 @@ def test_a_stop_while_the_databases_address_swallows_reconnects_is_at_once(make_
         d = start_mx(make_daemon, px.url, hs)
         time.sleep(1.0)  # its threads connected
         stop_while_connects_swallowed(px, d, pg, db_url)
+
+
+def test_a_consent_request_held_by_a_newcomers_waiting_member_event_does_not_read_the_room_each_round(
+        mx, hs, gk, pg, db_url):
+    """bob is invited into alice's management room; the bot's handling of
+    his member event (which ends the room) fails in the database (its end
+    refused: the row waits, backed off), and alice takes the invitation
+    back, so that the room's members, read from the homeserver, show
+    nobody else.  A consent request for her comes meanwhile: it is not
+    shown while bob's member event waits in the bot's inbox.  Until the
+    fifty-fifth session it was read again at each round of the bot (each
+    half second at most), and the room's members with it (GET /members:
+    some eight in four seconds here), until the bot handled the event;
+    now such a room's requests are not read at all.  Once the event is
+    handled, the room ends, the request unshown, for her next room."""
+    a, _ = gk
+    bot = "@_cw_bot:example.org"
+    assert mx.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+    alice, mgmt, said = alice_and_the_bot(hs)
+    hs.create_user("bob")
+    pg.psql("CREATE FUNCTION test_fail() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "RAISE EXCEPTION 'injected failure'; END $$; "
+            "CREATE TRIGGER test_fail BEFORE DELETE ON matrix_mgmt_rooms FOR EACH ROW "
+            "EXECUTE FUNCTION test_fail()", db_url)
+    try:
+        alice.invite(mgmt, "@bob:example.org")
+        wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_bot_inbox WHERE attempts > 0 AND handled_at IS NULL "
+                                   "AND event->>'state_key' = '@bob:example.org'", db_url) == "1",
+                   what="the handling of bob's invitation failed once")
+        alice.call("POST", f"/_matrix/client/v3/rooms/{urllib.parse.quote(mgmt, safe='')}/kick",
+                   {"user_id": "@bob:example.org"})
+        assert hs.members(mgmt).get("@bob:example.org") == "leave"
+        room = a.create_room([a.user("ed"), ALICE]).json()["id"]
+        a.send(room, a.user("ed"), "hi alice")
+        wait_until(lambda: pg.psql("SELECT count(*) FROM consent_requests WHERE state = 'pending'", db_url) == "1",
+                   what="ed's request")
+
+        def reads():
+            return sum(1 for q in hs.requests if q["method"] == "GET"
+                       and urllib.parse.unquote(q["path"]).endswith(mgmt + "/members"))
+
+        reads0 = reads()
+        time.sleep(4)
+        held = reads() - reads0
+        assert pg.psql("SELECT count(*) FROM matrix_bot_inbox WHERE handled_at IS NULL "
+                       "AND event->>'state_key' = '@bob:example.org'", db_url) == "1", "bob's event handled meanwhile"
+        assert held <= 1, held
+        assert not [w for w in said() if "wants to write" in w], said()
+    finally:
+        pg.psql("DROP TRIGGER test_fail ON matrix_mgmt_rooms; DROP FUNCTION test_fail()", db_url)
+    pg.psql("UPDATE matrix_bot_inbox SET not_before = now() WHERE handled_at IS NULL; "
+            "NOTIFY causeway_matrix_bot", db_url)
+    wait_until(lambda: hs.members(mgmt).get(bot) == "leave", timeout=30, what="the bot leaving")
+    assert "Someone else is in this room now" in said()[-1], said()
+    assert not [w for w in said() if "wants to write" in w], said()
+    assert pg.psql("SELECT count(*) FROM consent_requests WHERE notified_at IS NULL", db_url) == "1"
+    assert pg.psql("SELECT count(*) FROM matrix_mgmt_rooms", db_url) == "0"
