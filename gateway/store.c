@@ -282,8 +282,12 @@ PGresult *store_exec_generic(PGconn *c, const char *name, int n, const char *con
 	 * transaction, which a local setting does not outlive; in a caller's
 	 * block it would, so it is set and reset. */
 	bool block = PQtransactionStatus(c) != PQTRANS_IDLE;
+	/* In pipeline mode already PQenterPipelineMode succeeds doing nothing
+	 * (the statements would join the caller's pipeline); it fails with
+	 * results unread, its message saying so.  A caller's mistake either
+	 * way: answered as a failure, nothing sent. */
 	if (PQpipelineStatus(c) != PQ_PIPELINE_OFF || !PQenterPipelineMode(c))
-		return PQexecPrepared(c, name, n, params, NULL, NULL, 0);
+		return PQmakeEmptyPGresult(c, PGRES_FATAL_ERROR);
 	PGresult *first[3] = { NULL, NULL, NULL }; /* each query's first result */
 	int nq = block ? 3 : 2;
 	if (PQsendQueryParams(c, block ? "SET plan_cache_mode = force_generic_plan"
@@ -345,69 +349,36 @@ PGresult *store_exec_generic_sql(PGconn *c, const char *name, const char *sql, i
 	return store_exec_generic(c, name, n, params);
 }
 
-static PGresult *piped_exec(PGconn *c, const struct store_piped *q)
-{
-	return q->sql ? PQexecParams(c, q->sql, q->n, NULL, q->params, NULL, NULL, 0)
-		      : PQexecPrepared(c, q->name, q->n, q->params, NULL, NULL, 0);
-}
-
-static bool piped_ok(const PGresult *r)
-{
-	return PQresultStatus(r) == PGRES_TUPLES_OK || PQresultStatus(r) == PGRES_COMMAND_OK;
-}
-
 cw_err store_pipeline(PGconn *c, struct store_piped *q, int n, cw_errmsg *e)
 {
-	cw_err rc = CW_OK;
 	for (int i = 0; i < n; i++)
 		q[i].r = NULL;
-	if (PQpipelineStatus(c) != PQ_PIPELINE_OFF || !PQenterPipelineMode(c)) {
-		for (int i = 0; i < n && !rc; i++) {
-			PGresult *r = piped_exec(c, &q[i]);
-			if (piped_ok(r))
-				q[i].r = r;
-			else {
-				rc = store_result_err(c, r, e);
-				PQclear(r);
-			}
-		}
+	/* As store_exec_generic: a caller's mistake, nothing sent. */
+	if (PQpipelineStatus(c) != PQ_PIPELINE_OFF)
+		return cw_fail(e, CW_EUNAVAIL, "not allowed in pipeline mode");
+	if (!PQenterPipelineMode(c))
+		return cw_fail(e, CW_EUNAVAIL, "cannot enter pipeline mode: %s", PQerrorMessage(c));
+	cw_err rc = CW_OK;
+	int sent = 0;
+	while (sent < n && (q[sent].sql ? PQsendQueryParams(c, q[sent].sql, q[sent].n, NULL, q[sent].params, NULL,
+							    NULL, 0)
+					: PQsendQueryPrepared(c, q[sent].name, q[sent].n, q[sent].params, NULL, NULL, 0)))
+		sent++;
+	if (sent < n)
+		rc = cw_fail(e, CW_EUNAVAIL, "a statement could not be sent: %s", PQerrorMessage(c));
+	if (!PQpipelineSync(c)) {
+		if (!rc)
+			rc = cw_fail(e, CW_EUNAVAIL, "the pipeline could not be sent: %s", PQerrorMessage(c));
 	} else {
-		int sent = 0;
-		while (sent < n && (q[sent].sql ? PQsendQueryParams(c, q[sent].sql, q[sent].n, NULL, q[sent].params,
-								    NULL, NULL, 0)
-						: PQsendQueryPrepared(c, q[sent].name, q[sent].n, q[sent].params, NULL,
-								      NULL, 0)))
-			sent++;
-		if (sent < n)
-			rc = cw_fail(e, CW_EUNAVAIL, "a statement could not be sent: %s", PQerrorMessage(c));
-		if (!PQpipelineSync(c)) {
-			if (!rc)
-				rc = cw_fail(e, CW_EUNAVAIL, "the pipeline could not be sent: %s", PQerrorMessage(c));
-		} else {
-			/* Each statement's results end with a NULL; after the
-			 * first failure the others answer PGRES_PIPELINE_ABORTED. */
-			for (int i = 0; i < sent; i++) {
-				PGresult *r = PQgetResult(c), *extra;
-				while (r && (extra = PQgetResult(c)))
-					PQclear(extra);
-				if (!r) {
-					if (!rc)
-						rc = cw_fail(e, CW_EUNAVAIL, "no result: %s", PQerrorMessage(c));
-					break;
-				}
-				if (!rc && piped_ok(r))
-					q[i].r = r;
-				else {
-					if (!rc)
-						rc = store_result_err(c, r, e);
-					PQclear(r);
-				}
-			}
-			if (!store_pipe_drain(c) && !rc)
-				rc = cw_fail(e, CW_EUNAVAIL, "the connection was lost: %s", PQerrorMessage(c));
-		}
-		PQexitPipelineMode(c); /* fails only with results unread: a connection lost */
+		/* The first failure is the one reported: the results after it
+		 * (PGRES_PIPELINE_ABORTED, the statements not run) are read up
+		 * to the Sync unseen. */
+		for (int i = 0; i < sent && !rc; i++)
+			rc = store_pipe_result(c, STORE_ROWS_OR_COMMAND, &q[i].r, e);
+		if (!store_pipe_drain(c) && !rc)
+			rc = cw_fail(e, CW_EUNAVAIL, "the connection was lost: %s", PQerrorMessage(c));
 	}
+	PQexitPipelineMode(c); /* fails only with results unread: a connection lost */
 	if (rc)
 		for (int i = 0; i < n; i++) {
 			PQclear(q[i].r);
@@ -1453,9 +1424,10 @@ cw_err store_pipe_result(PGconn *c, ExecStatusType want, PGresult **out, cw_errm
 	if (!r)
 		return cw_fail(e, CW_EUNAVAIL, "no result: %s", PQerrorMessage(c));
 	cw_err rc = CW_OK;
-	if (PQresultStatus(r) == PGRES_PIPELINE_ABORTED)
+	ExecStatusType st = PQresultStatus(r);
+	if (st == PGRES_PIPELINE_ABORTED)
 		rc = cw_fail(e, CW_EIO, "an earlier statement of the pipeline failed");
-	else if (PQresultStatus(r) != want)
+	else if (want == STORE_ROWS_OR_COMMAND ? st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK : st != want)
 		rc = store_result_err(c, r, e);
 	if (rc) {
 		PQclear(r);

@@ -160,10 +160,16 @@ struct store_pipe_ops {
 	const char *(*first_locks)(void *arg);
 };
 
+/* store_pipe_result's want for a statement of either kind: rows
+ * (PGRES_TUPLES_OK) or a command's (PGRES_COMMAND_OK), as store_pipeline
+ * takes each of its statements.  It is PGRES_EMPTY_QUERY, which no
+ * statement here wants (an empty query's result is refused). */
+#define STORE_ROWS_OR_COMMAND PGRES_EMPTY_QUERY
 /* In recv: the result of the next queued statement into *out (the caller
  * PQclear()s it); an error (and *out NULL) if it failed or its status is not
- * want: CW_ECONFLICT for a key taken or removed (store_result_err),
- * CW_EUNAVAIL for a lost connection. */
+ * want (STORE_ROWS_OR_COMMAND: either): CW_ECONFLICT for a key taken or
+ * removed (store_result_err), CW_EUNAVAIL for a lost connection, CW_EIO
+ * for a statement not run as an earlier one of the pipeline failed. */
 cw_err store_pipe_result(PGconn *c, ExecStatusType want, PGresult **out, cw_errmsg *e);
 /* Reads what is left up to the pipeline's sync point (PQpipelineSync);
  * false if the connection was lost first. */
@@ -317,7 +323,9 @@ bool store_prepare_all(PGconn *c, const struct store_stmt *const *lists, cw_errm
  * is made again whenever the statistics of a table it reads change (an
  * ANALYZE).  Returns the statement's result, or the first error among
  * them (one made by libpq, without SQLSTATE, when the connection failed;
- * NULL when memory ran out). */
+ * NULL when memory ran out).  As store_pipeline, not for a connection in
+ * pipeline mode or with results unread: nothing is sent, and the result
+ * is a failure made by libpq (PGRES_FATAL_ERROR, without SQLSTATE). */
 PGresult *store_exec_generic(PGconn *c, const char *name, int n, const char *const *params);
 /* store_exec_generic of sql, prepared on c as name the first time it is
  * missing there (SQLSTATE 26000): for an adapter's statements run on the
@@ -345,10 +353,11 @@ struct store_piped {
  * a transaction block the n statements are one transaction (PostgreSQL's
  * implicit one, up to the Sync): a failure undoes those before it too,
  * where one statement at a time would have kept them.  Not for a
- * connection in pipeline mode already (a pipelined job's send): libpq
- * runs no statement at once there, and the call fails (CW_EUNAVAIL, "not
- * allowed in pipeline mode"); one whose last results were not read is
- * run one statement at a time (PQexecParams drops them first). */
+ * connection in pipeline mode already (a pipelined job's send: its
+ * statements would join the job's pipeline) nor one whose last results
+ * were not read: the call fails (CW_EUNAVAIL) and sends nothing.  Until
+ * the fifty-fifth session it fell back to one statement at a time: which
+ * libpq refuses in pipeline mode, and which dropped the unread results. */
 cw_err store_pipeline(PGconn *c, struct store_piped *q, int n, cw_errmsg *e);
 /* Runs a command without results; a failure is store_result_err's code
  * (CW_EUNAVAIL: the connection lost, CW_ECONFLICT: a key taken or

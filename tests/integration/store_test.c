@@ -739,6 +739,162 @@ START_TEST(a_job_that_leaves_its_transaction_spoils_nothing)
 }
 END_TEST
 
+/* store_pipeline: the statements' results in order; on a failure the
+ * first failed statement's error (not the PGRES_PIPELINE_ABORTED of those
+ * after it), every result cleared, nothing after it run, and the
+ * connection left out of pipeline mode with nothing unread. */
+START_TEST(a_pipeline_reports_its_first_failure_and_clears_every_result)
+{
+	PGconn *c = begin_on("CREATE TEMP TABLE store_test_piped (x int)");
+	PGresult *p = PQprepare(c, "store_test_twice", "SELECT $1::int * 2", 1, NULL);
+	ck_assert_int_eq(PQresultStatus(p), PGRES_COMMAND_OK);
+	PQclear(p);
+	cw_errmsg e;
+	const char *one[] = { "21" };
+	/* Rows, a command's and a prepared statement's, in order. */
+	struct store_piped q[3] = {
+		{ "SELECT 1", NULL, 0, NULL, NULL },
+		{ "INSERT INTO store_test_piped VALUES (1)", NULL, 0, NULL, NULL },
+		{ NULL, "store_test_twice", 1, one, NULL },
+	};
+	ck_assert_msg(store_pipeline(c, q, 3, &e) == CW_OK, "%s", e.msg);
+	ck_assert_int_eq(PQresultStatus(q[0].r), PGRES_TUPLES_OK);
+	ck_assert_str_eq(PQgetvalue(q[0].r, 0, 0), "1");
+	ck_assert_int_eq(PQresultStatus(q[1].r), PGRES_COMMAND_OK);
+	ck_assert_str_eq(PQgetvalue(q[2].r, 0, 0), "42");
+	for (int i = 0; i < 3; i++)
+		PQclear(q[i].r);
+
+	/* The second fails: its error, no result kept, the third not run and
+	 * the first undone with it (one implicit transaction). */
+	struct store_piped f[3] = {
+		{ "INSERT INTO store_test_piped VALUES (2)", NULL, 0, NULL, NULL },
+		{ "SELECT 1/0", NULL, 0, NULL, NULL },
+		{ "INSERT INTO store_test_piped VALUES (3)", NULL, 0, NULL, NULL },
+	};
+	ck_assert_int_eq(store_pipeline(c, f, 3, &e), CW_EIO);
+	ck_assert_msg(strstr(e.msg, "22012") && strstr(e.msg, "division by zero"), "%s", e.msg);
+	for (int i = 0; i < 3; i++)
+		ck_assert_ptr_null(f[i].r);
+	ck_assert_int_eq(PQpipelineStatus(c), PQ_PIPELINE_OFF);
+	ck_assert_int_eq(PQtransactionStatus(c), PQTRANS_IDLE);
+	ck_assert_ptr_null(PQgetResult(c));
+	PGresult *r = PQexec(c, "SELECT string_agg(x::text, ',' ORDER BY x) FROM store_test_piped");
+	ck_assert_int_eq(PQresultStatus(r), PGRES_TUPLES_OK);
+	ck_assert_str_eq(PQgetvalue(r, 0, 0), "1");
+	PQclear(r);
+
+	/* In the caller's transaction block the failure aborts it, as one
+	 * statement's would. */
+	ck_assert_int_eq(store_exec(c, "BEGIN", &e), CW_OK);
+	ck_assert_int_eq(store_pipeline(c, f, 3, &e), CW_EIO);
+	ck_assert_int_eq(PQtransactionStatus(c), PQTRANS_INERROR);
+	ck_assert_int_eq(store_exec(c, "ROLLBACK", &e), CW_OK);
+	PQfinish(c);
+}
+END_TEST
+
+/* store_pipeline takes rows or a command's (STORE_ROWS_OR_COMMAND), and
+ * refuses an empty query's result (PGRES_EMPTY_QUERY, the value of
+ * STORE_ROWS_OR_COMMAND itself). */
+START_TEST(a_pipeline_takes_rows_or_a_command_only)
+{
+	PGconn *c = begin_on("CREATE TEMP TABLE store_test_piped (x int)");
+	cw_errmsg e;
+	struct store_piped w[2] = {
+		{ "INSERT INTO store_test_piped VALUES (1)", NULL, 0, NULL, NULL },
+		{ "SELECT 2", NULL, 0, NULL, NULL },
+	};
+	ck_assert_msg(store_pipeline(c, w, 2, &e) == CW_OK, "%s", e.msg);
+	ck_assert_int_eq(PQresultStatus(w[0].r), PGRES_COMMAND_OK);
+	ck_assert_int_eq(PQresultStatus(w[1].r), PGRES_TUPLES_OK);
+	PQclear(w[0].r);
+	PQclear(w[1].r);
+	struct store_piped d[2] = {
+		{ "SELECT 3", NULL, 0, NULL, NULL },
+		{ "", NULL, 0, NULL, NULL },
+	};
+	ck_assert_int_ne(store_pipeline(c, d, 2, &e), CW_OK);
+	ck_assert_ptr_null(d[0].r);
+	ck_assert_ptr_null(d[1].r);
+	ck_assert_int_eq(PQpipelineStatus(c), PQ_PIPELINE_OFF);
+	ck_assert_int_eq(PQtransactionStatus(c), PQTRANS_IDLE);
+	ck_assert_ptr_null(PQgetResult(c));
+	PQfinish(c);
+}
+END_TEST
+
+/* store_pipeline and store_exec_generic on a connection in pipeline mode
+ * already, or with a statement's results unread: a caller's mistake,
+ * refused with nothing sent and the caller's statement left as it was.
+ * Until the fifty-fifth session both fell back to running the statements
+ * one at a time: refused by libpq in pipeline mode, and with results
+ * unread run after dropping them. */
+START_TEST(a_pipeline_is_refused_on_a_connection_not_idle)
+{
+	PGconn *c = begin_on("CREATE TEMP TABLE store_test_piped (x int)");
+	PGresult *p = PQprepare(c, "store_test_twice", "SELECT $1::int * 2", 1, NULL);
+	ck_assert_int_eq(PQresultStatus(p), PGRES_COMMAND_OK);
+	PQclear(p);
+	cw_errmsg e;
+	const char *one[] = { "21" };
+	struct store_piped q[2] = {
+		{ "INSERT INTO store_test_piped VALUES (1)", NULL, 0, NULL, NULL },
+		{ NULL, "store_test_twice", 1, one, NULL },
+	};
+	/* A statement sent, its results unread. */
+	ck_assert(PQsendQuery(c, "SELECT 5"));
+	ck_assert_int_eq(store_pipeline(c, q, 2, &e), CW_EUNAVAIL);
+	ck_assert_msg(strstr(e.msg, "cannot enter pipeline mode"), "%s", e.msg);
+	ck_assert_ptr_null(q[0].r);
+	ck_assert_ptr_null(q[1].r);
+	PGresult *r = store_exec_generic(c, "store_test_twice", 1, one);
+	ck_assert_int_eq(PQresultStatus(r), PGRES_FATAL_ERROR);
+	ck_assert_msg(strstr(PQresultErrorMessage(r), "cannot enter pipeline mode"), "%s", PQresultErrorMessage(r));
+	PQclear(r);
+	r = PQgetResult(c); /* the caller's, still there */
+	ck_assert_int_eq(PQresultStatus(r), PGRES_TUPLES_OK);
+	ck_assert_str_eq(PQgetvalue(r, 0, 0), "5");
+	PQclear(r);
+	ck_assert_ptr_null(PQgetResult(c));
+
+	/* In pipeline mode: the caller's pipeline is not joined. */
+	ck_assert(PQenterPipelineMode(c));
+	ck_assert(PQsendQueryParams(c, "SELECT 7", 0, NULL, NULL, NULL, NULL, 0));
+	ck_assert_int_eq(store_pipeline(c, q, 2, &e), CW_EUNAVAIL);
+	ck_assert_msg(strstr(e.msg, "pipeline mode"), "%s", e.msg);
+	ck_assert_ptr_null(q[0].r);
+	r = store_exec_generic(c, "store_test_twice", 1, one);
+	ck_assert_int_eq(PQresultStatus(r), PGRES_FATAL_ERROR);
+	PQclear(r);
+	ck_assert_int_eq(PQpipelineStatus(c), PQ_PIPELINE_ON);
+	ck_assert(PQpipelineSync(c));
+	r = PQgetResult(c);
+	ck_assert_int_eq(PQresultStatus(r), PGRES_TUPLES_OK);
+	ck_assert_str_eq(PQgetvalue(r, 0, 0), "7");
+	PQclear(r);
+	ck_assert_ptr_null(PQgetResult(c));
+	r = PQgetResult(c);
+	ck_assert_int_eq(PQresultStatus(r), PGRES_PIPELINE_SYNC);
+	PQclear(r);
+	ck_assert(PQexitPipelineMode(c));
+
+	/* Nothing of theirs ran; idle again, both work. */
+	r = PQexec(c, "SELECT count(*) FROM store_test_piped");
+	ck_assert_str_eq(PQgetvalue(r, 0, 0), "0");
+	PQclear(r);
+	ck_assert_msg(store_pipeline(c, q, 2, &e) == CW_OK, "%s", e.msg);
+	ck_assert_str_eq(PQgetvalue(q[1].r, 0, 0), "42");
+	PQclear(q[0].r);
+	PQclear(q[1].r);
+	r = store_exec_generic(c, "store_test_twice", 1, one);
+	ck_assert_int_eq(PQresultStatus(r), PGRES_TUPLES_OK);
+	ck_assert_str_eq(PQgetvalue(r, 0, 0), "42");
+	PQclear(r);
+	PQfinish(c);
+}
+END_TEST
+
 int main(int argc, char **argv)
 {
 	cw_log_set_level(CW_LOG_WARN);
@@ -756,6 +912,9 @@ int main(int argc, char **argv)
 	tcase_add_test(tc, a_reader_that_cannot_connect_does_not_stop_writes);
 	tcase_add_test(tc, store_end_commits_only_what_committed);
 	tcase_add_test(tc, a_job_that_leaves_its_transaction_spoils_nothing);
+	tcase_add_test(tc, a_pipeline_reports_its_first_failure_and_clears_every_result);
+	tcase_add_test(tc, a_pipeline_takes_rows_or_a_command_only);
+	tcase_add_test(tc, a_pipeline_is_refused_on_a_connection_not_idle);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
 }
