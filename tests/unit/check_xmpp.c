@@ -880,13 +880,18 @@ static void check_envelope(xmpp_stanza_t *m, const struct xm_out_info *info, con
 	ck_assert_str_eq(xmpp_stanza_get_id(m), info->id);
 }
 
-START_TEST(out_cases)
+/* Each case of xmpp_out.txt (name | event | target | reacted | reaction
+ * set | result | checks), to fn with its fields, its event and its info
+ * (from FROM, to TO, id OUT_ID; the case's targets and reaction set), all
+ * freed after it; returns how many. */
+static int each_out_case(void (*fn)(char **fl, int lineno, json_t *ev, struct xm_out_info *info, void *arg),
+			 void *arg)
 {
 	FILE *f = fopen(unit_data_path("xmpp_out.txt"), "r");
 	ck_assert_msg(f != NULL, "cannot open %s", unit_data_path("xmpp_out.txt"));
 	char *line = NULL;
 	size_t cap = 0;
-	int lineno = 0, cases = 0, stanzas = 0;
+	int lineno = 0, cases = 0;
 	while (getline(&line, &cap, f) != -1) {
 		lineno++;
 		trim_newline(line);
@@ -895,7 +900,6 @@ START_TEST(out_cases)
 		char *fl[8];
 		int n = split_on(line, " | ", fl, 8);
 		ck_assert_msg(n == 7, "line %d: expected 7 fields, got %d", lineno, n);
-		const char *name = fl[0];
 		size_t len;
 		char *ev_text = unit_decode(fl[1], &len);
 		json_error_t je;
@@ -908,46 +912,9 @@ START_TEST(out_cases)
 			ck_assert_msg(set != NULL, "line %d: bad set JSON: %s", lineno, je.text);
 			free(set_text);
 		}
-		struct xm_out_info info = {
-			.from = FROM,
-			.to = TO,
-			.id = OUT_ID,
-			.target = target_named(fl[2], lineno),
-			.reacted = target_named(fl[3], lineno),
-			.reaction_set = set,
-		};
-		xmpp_stanza_t *st = (xmpp_stanza_t *)1;
-		char why[200] = "x";
-		enum xm_out_result r = xm_from_neutral(ctx, ev, &info, &st, why, sizeof(why));
-		ck_assert_msg(strcmp(out_name(r), fl[5]) == 0, "line %d (%s): got %s (%s)", lineno, name, out_name(r), why);
-		if (r == XM_OUT_STANZA) {
-			xmpp_stanza_t *back = reparse(st, name);
-			check_envelope(back, &info, name);
-			char *checks[40];
-			int nc = split_on(fl[6], " ; ", checks, 40);
-			for (int i = 0; i < nc; i++)
-				run_check(back, checks[i], name, lineno);
-			/* Deterministic: the same event gives the same text. */
-			xmpp_stanza_t *again = NULL;
-			ck_assert_int_eq(xm_from_neutral(ctx, ev, &info, &again, NULL, 0), XM_OUT_STANZA);
-			char *t1, *t2;
-			size_t l1, l2;
-			xmpp_stanza_to_text(st, &t1, &l1);
-			xmpp_stanza_to_text(again, &t2, &l2);
-			ck_assert_str_eq(t1, t2);
-			xmpp_free(ctx, t1);
-			xmpp_free(ctx, t2);
-			xmpp_stanza_release(again);
-			xmpp_stanza_release(back);
-			xmpp_stanza_release(st);
-			stanzas++;
-		} else {
-			ck_assert_ptr_null(st);
-			ck_assert_msg(why[0], "line %d: no reason", lineno);
-			if (strcmp(fl[6], "-") != 0)
-				ck_assert_msg(strstr(why, fl[6]) != NULL, "line %d (%s): reason '%s' lacks '%s'", lineno, name,
-					      why, fl[6]);
-		}
+		struct xm_out_info info = { .from = FROM, .to = TO, .id = OUT_ID, .target = target_named(fl[2], lineno),
+					    .reacted = target_named(fl[3], lineno), .reaction_set = set };
+		fn(fl, lineno, ev, &info, arg);
 		target_free(&info.target);
 		target_free(&info.reacted);
 		json_decref(set);
@@ -957,10 +924,93 @@ START_TEST(out_cases)
 	}
 	free(line);
 	fclose(f);
-	ck_assert_int_ge(cases, 65);
+	return cases;
+}
+
+static void out_case(char **fl, int lineno, json_t *ev, struct xm_out_info *info, void *arg)
+{
+	int *stanzas = arg;
+	const char *name = fl[0];
+	xmpp_stanza_t *st = (xmpp_stanza_t *)1;
+	char why[200] = "x";
+	enum xm_out_result r = xm_from_neutral(ctx, ev, info, &st, why, sizeof(why));
+	ck_assert_msg(strcmp(out_name(r), fl[5]) == 0, "line %d (%s): got %s (%s)", lineno, name, out_name(r), why);
+	if (r == XM_OUT_STANZA) {
+		xmpp_stanza_t *back = reparse(st, name);
+		check_envelope(back, info, name);
+		char *checks[40];
+		int nc = split_on(fl[6], " ; ", checks, 40);
+		for (int i = 0; i < nc; i++)
+			run_check(back, checks[i], name, lineno);
+		/* Deterministic: the same event gives the same text. */
+		xmpp_stanza_t *again = NULL;
+		ck_assert_int_eq(xm_from_neutral(ctx, ev, info, &again, NULL, 0), XM_OUT_STANZA);
+		char *t1, *t2;
+		size_t l1, l2;
+		xmpp_stanza_to_text(st, &t1, &l1);
+		xmpp_stanza_to_text(again, &t2, &l2);
+		ck_assert_str_eq(t1, t2);
+		xmpp_free(ctx, t1);
+		xmpp_free(ctx, t2);
+		xmpp_stanza_release(again);
+		xmpp_stanza_release(back);
+		xmpp_stanza_release(st);
+		(*stanzas)++;
+	} else {
+		ck_assert_ptr_null(st);
+		ck_assert_msg(why[0], "line %d: no reason", lineno);
+		if (strcmp(fl[6], "-") != 0)
+			ck_assert_msg(strstr(why, fl[6]) != NULL, "line %d (%s): reason '%s' lacks '%s'", lineno, name, why,
+				      fl[6]);
+	}
+}
+
+START_TEST(out_cases)
+{
+	int stanzas = 0;
+	ck_assert_int_ge(each_out_case(out_case, &stanzas), 65);
 	ck_assert_int_ge(stanzas, 45);
 }
 END_TEST
+
+struct kept_count {
+	struct xm_keep keep;
+	int kept, fresh;
+};
+
+static void out_kept_case(char **fl, int lineno, json_t *ev, struct xm_out_info *info, void *arg)
+{
+	struct kept_count *k = arg;
+	char from[64], to[64], id[32];
+	snprintf(from, sizeof(from), "+49151%d@wa.example.org", lineno * 7);
+	snprintf(to, sizeof(to), "u%d@example.org", lineno);
+	snprintf(id, sizeof(id), "cw-%d", lineno * 13);
+	info->from = from;
+	info->to = to;
+	info->id = id;
+	xmpp_stanza_t *a = NULL, *b = NULL;
+	char wa[200], wb[200];
+	xmpp_stanza_t *before = k->keep.msg;
+	enum xm_out_result ra = xm_from_neutral_kept(ctx, &k->keep, ev, info, &a, wa, sizeof(wa));
+	enum xm_out_result rb = xm_from_neutral(ctx, ev, info, &b, wb, sizeof(wb));
+	ck_assert_msg(ra == rb, "line %d: %s kept, %s new", lineno, out_name(ra), out_name(rb));
+	ck_assert_str_eq(wa, wb);
+	if (ra == XM_OUT_STANZA) {
+		char *ta, *tb;
+		size_t la, lb;
+		ck_assert_int_eq(xmpp_stanza_to_text(a, &ta, &la), XMPP_EOK);
+		ck_assert_int_eq(xmpp_stanza_to_text(b, &tb, &lb), XMPP_EOK);
+		ck_assert_msg(strcmp(ta, tb) == 0, "line %d: kept %s\nnew  %s", lineno, ta, tb);
+		if (before && a == before)
+			k->kept++;
+		else
+			k->fresh++;
+		xmpp_free(ctx, ta);
+		xmpp_free(ctx, tb);
+		xmpp_stanza_release(a);
+		xmpp_stanza_release(b);
+	}
+}
 
 /* The kept chat stanza (xm_keep): every case of xmpp_out.txt, in the
  * file's order through one keep (plain messages between the others, each
@@ -968,67 +1018,13 @@ END_TEST
  * and a plain message after another is the kept stanza, changed in place. */
 START_TEST(out_kept_same_bytes)
 {
-	FILE *f = fopen(unit_data_path("xmpp_out.txt"), "r");
-	ck_assert_msg(f != NULL, "cannot open %s", unit_data_path("xmpp_out.txt"));
-	struct xm_keep keep = { 0 };
-	char *line = NULL;
-	size_t cap = 0;
-	int lineno = 0, kept = 0, fresh = 0;
-	while (getline(&line, &cap, f) != -1) {
-		lineno++;
-		trim_newline(line);
-		if (line[0] == '#' || line[0] == '\0')
-			continue;
-		char *fl[8];
-		ck_assert_int_eq(split_on(line, " | ", fl, 8), 7);
-		size_t len;
-		char *ev_text = unit_decode(fl[1], &len);
-		json_t *ev = json_loads(ev_text, JSON_DECODE_ANY, NULL);
-		ck_assert_ptr_nonnull(ev);
-		char *set_text = strcmp(fl[4], "-") ? unit_decode(fl[4], &len) : NULL;
-		json_t *set = set_text ? json_loads(set_text, JSON_DECODE_ANY, NULL) : NULL;
-		free(set_text);
-		char from[64], to[64], id[32];
-		snprintf(from, sizeof(from), "+49151%d@wa.example.org", lineno * 7);
-		snprintf(to, sizeof(to), "u%d@example.org", lineno);
-		snprintf(id, sizeof(id), "cw-%d", lineno * 13);
-		struct xm_out_info info = { .from = from, .to = to, .id = id, .target = target_named(fl[2], lineno),
-					    .reacted = target_named(fl[3], lineno), .reaction_set = set };
-		xmpp_stanza_t *a = NULL, *b = NULL;
-		char wa[200], wb[200];
-		xmpp_stanza_t *before = keep.msg;
-		enum xm_out_result ra = xm_from_neutral_kept(ctx, &keep, ev, &info, &a, wa, sizeof(wa));
-		enum xm_out_result rb = xm_from_neutral(ctx, ev, &info, &b, wb, sizeof(wb));
-		ck_assert_msg(ra == rb, "line %d: %s kept, %s new", lineno, out_name(ra), out_name(rb));
-		ck_assert_str_eq(wa, wb);
-		if (ra == XM_OUT_STANZA) {
-			char *ta, *tb;
-			size_t la, lb;
-			ck_assert_int_eq(xmpp_stanza_to_text(a, &ta, &la), XMPP_EOK);
-			ck_assert_int_eq(xmpp_stanza_to_text(b, &tb, &lb), XMPP_EOK);
-			ck_assert_msg(strcmp(ta, tb) == 0, "line %d: kept %s\nnew  %s", lineno, ta, tb);
-			if (before && a == before)
-				kept++;
-			else
-				fresh++;
-			xmpp_free(ctx, ta);
-			xmpp_free(ctx, tb);
-			xmpp_stanza_release(a);
-			xmpp_stanza_release(b);
-		}
-		target_free(&info.target);
-		target_free(&info.reacted);
-		json_decref(set);
-		json_decref(ev);
-		free(ev_text);
-	}
-	free(line);
-	fclose(f);
+	struct kept_count k = { 0 };
+	each_out_case(out_kept_case, &k);
 	/* the plain messages after the first one went through the kept stanza */
-	ck_assert_int_ge(kept, 3);
-	ck_assert_int_ge(fresh, 40);
-	xm_keep_drop(&keep);
-	ck_assert_ptr_null(keep.msg);
+	ck_assert_int_ge(k.kept, 3);
+	ck_assert_int_ge(k.fresh, 40);
+	xm_keep_drop(&k.keep);
+	ck_assert_ptr_null(k.keep.msg);
 }
 END_TEST
 
