@@ -1682,17 +1682,26 @@ def test_a_stop_while_the_bot_waits_for_the_homeserver_is_at_once(make_daemon, d
     mx = start_mx(make_daemon, db_url, hs)
     alice, mgmt, said = alice_and_the_bot(hs)
     bot = "@_cw_bot:example.org"
-    hs.send_latency = lambda user: 8.0 if user == bot else 0.0
+    sending = threading.Event()
+
+    def latency(user):
+        if user != bot:
+            return 0.0
+        sending.set()
+        return 8.0
+    hs.send_latency = latency
     try:
         alice.send_text(mgmt, "help")
-        time.sleep(1.5)  # the bot in its send of the answer
+        # the bot in its send of the answer (not a fixed 1.5 s, which a
+        # loaded machine's bot can take to get there)
+        assert sending.wait(20), "the bot's answer not sent"
         t0 = time.monotonic()
         mx.signal(signal.SIGTERM)
         assert mx.wait_exit(30) == 0, mx.log()[-3000:]
         took = time.monotonic() - t0
     finally:
         hs.send_latency = 0.0
-    assert took < 3.5, took
+    assert took < 6, took  # the send's 8 s not waited for (3.5 s before: close on a loaded machine)
     assert not any(r.get("msg", "").startswith("the stop took too long") for r in mx.records)
 
 
@@ -3620,7 +3629,8 @@ def test_the_membership_question_after_a_403_holds_up_no_other_room(mx, hs, gk, 
     """As above, bob's ghost banned from alice's room of the group before the
     adapter hears of it: his row's send is refused 403, and the adapter asks
     the homeserver the ghost's membership. The homeserver is slow to answer
-    that question (5 s here); the rows of another of alice's rooms (zed's
+    that question (answered only once the other room's rows are in, 8 s at
+    most here); the rows of another of alice's rooms (zed's
     direct room), delivered in the same batch, go on meanwhile, one after
     the other, and bob's row is not delivered once the answer says banned.
     Until the fifty-fourth session the question was asked on the delivery
@@ -3635,44 +3645,56 @@ def test_the_membership_question_after_a_403_holds_up_no_other_room(mx, hs, gk, 
     hs.stop_pushing()
     r = alice.request("POST", f"/_matrix/client/v3/rooms/{room}/ban", {"user_id": bob, "reason": "spam"})
     assert r.status_code == 200, r.text
-    asked = []
+    asked, answered, released = [], [], threading.Event()
 
+    # The question is answered only once zed's five rows are in (8 s at
+    # most, within the adapter's 10 s request timeout): each of zed's sends
+    # coming before its answer shows they did not wait for it, however
+    # slow a loaded machine makes them (a fixed 5 s against a 2.5 s bound
+    # before).
     def slow_question(room_id, etype, state_key, user):
         if room_id == room and etype == "m.room.member" and state_key == bob:
             asked.append(time.time())
-            return 5.0
+            released.wait(8)
+            answered.append(time.time())
         return 0
 
-    slow = []
+    slow, queued = [], threading.Event()
 
     def slow_first_send(user):
         if user == zed and not slow:
             slow.append(time.time())
-            return 2.0
+            queued.wait(8)
         return 0
 
     hs.state_latency = slow_question
     # one slow send of zed's holds the delivery while bob's row and zed's
     # next ones are queued: the next batch takes them all
     hs.send_latency = slow_first_send
-    assert a.send(zid, a.user("zed"), "first").status_code == 202
-    wait_until(lambda: slow, what="zed's slow send")
-    spam = a.send(gid, a.user("bob"), "spam")
-    assert spam.status_code == 202, spam.text
-    for i in range(5):
-        assert a.send(zid, a.user("zed"), f"z {i}").status_code == 202
+    try:
+        assert a.send(zid, a.user("zed"), "first").status_code == 202
+        wait_until(lambda: slow, what="zed's slow send")
+        spam = a.send(gid, a.user("bob"), "spam")
+        assert spam.status_code == 202, spam.text
+        for i in range(5):
+            assert a.send(zid, a.user("zed"), f"z {i}").status_code == 202
+        queued.set()
+        wait_until(lambda: sum(e["sender"] == zed and e["type"] == "m.room.message"
+                               and e["content"]["body"].startswith("z ") for e in hs.events(zroom)) == 5,
+                   timeout=30, what="zed's messages")
+    finally:
+        queued.set()
+        released.set()
     row = ("SELECT o.state || ' ' || o.attempts FROM outbox o JOIN events e ON e.id = o.event_id "
            f"WHERE e.public_id = '{spam.json()['id']}' AND o.destination = 'matrix'")
     wait_until(lambda: pg.psql(row, db_url) == "dropped 1", timeout=30, what="bob's row not delivered, tried once")
     error = pg.psql(row.replace("o.state || ' ' || o.attempts", "o.last_error"), db_url)
     assert error.startswith("the recipient's room refuses the sender (banned there)"), error
-    wait_until(lambda: sum(e["sender"] == zed and e["type"] == "m.room.message" and e["content"]["body"].startswith("z ")
-                           for e in hs.events(zroom)) == 5, what="zed's messages")
     sends = [q["time"] for q in hs.requests if q["method"] == "PUT" and q["user"] == zed and q["status"] == 200
              and str((q["body"] or {}).get("body", "")).startswith("z ")]
-    assert len(sends) == 5 and len(asked) == 1, (sends, asked)
-    # zed's rows went one after the other while the question waited its 5 s
-    assert max(sends) < asked[0] + 2.5, (sends, asked)
+    assert len(sends) == 5 and len(asked) == 1 and len(answered) == 1, (sends, asked, answered)
+    # zed's rows went one after the other while the question waited for its answer
+    assert max(sends) < answered[0], (sends, asked, answered)
     hs.state_latency = 0.0
     hs.send_latency = 0.0
     hs.resume_pushing()
@@ -3855,8 +3877,11 @@ def test_a_refused_joins_questions_are_awaited_briefly(mx, hs, gk, pg, db_url):
            f"WHERE e.public_id = '{s.json()['id']}' AND o.destination = 'matrix'")
     wait_until(lambda: pg.psql(row, db_url) == "dropped 1", timeout=30, what="the row not delivered, tried once")
     done = time.time()
-    assert asked and done - asked[0][1] < 7, (asked, done)  # not 9 s each
-    assert [who for who, _ in asked] == [bot, ghost], asked
+    assert [who for who, _ in asked] == [bot, ghost], (asked, done)
+    # each question given up long before its answer (9 s): the ghost's was
+    # asked, then the row done with, within 7 s of the question before
+    # (2 s awaited; 7 s for both before, too close on a loaded machine)
+    assert asked[1][1] - asked[0][1] < 7 and done - asked[1][1] < 7, (asked, done)
     error = pg.psql(row.replace("o.state || ' ' || o.attempts", "o.last_error"), db_url)
     assert error.startswith("the recipient's room of the group does not let the sender's ghost in: "), error
     hs.state_latency = 0.0
@@ -7098,7 +7123,7 @@ def test_sigterm_during_slow_delivery_stops_soon_and_nothing_is_lost(mx, hs, gk,
     t0 = time.monotonic()
     mx.signal(signal.SIGTERM)
     assert mx.wait_exit(timeout=30) == 0
-    assert time.monotonic() - t0 < 5, "the daemon waited for the whole batch"
+    assert time.monotonic() - t0 < 7, "the daemon waited for the whole batch"  # some 9 s left of it
     # What was not tried is pending again, its attempt not counted.
     left = pg.psql("SELECT count(*), count(*) FILTER (WHERE state = 'pending' AND attempts = 0 "
                    "AND last_error IS NULL) FROM outbox WHERE destination = 'matrix' AND state <> 'delivered'",
@@ -9026,13 +9051,16 @@ def test_a_queued_word_is_not_sent_once_a_newcomers_member_event_is_in(mx, hs, p
     bot = "@_cw_bot:example.org"
     alice, mgmt, said = alice_and_the_bot(hs)
     hs.create_user("bob")
-    sending, slow = threading.Event(), [True]
+    sending, slow, inbox, held = threading.Event(), [True], threading.Event(), []
 
+    # the first word is answered once bob's member event is in the bot's
+    # inbox (8 s at most, within the adapter's 10 s request timeout), not
+    # after a fixed 4 s the event had to come within on a loaded machine
     def latency(user):
         if user == bot and slow[0]:
             slow[0] = False
             sending.set()
-            return 4.0
+            held.append(inbox.wait(8))
         return 0.0
 
     hs.send_latency = latency
@@ -9043,10 +9071,13 @@ def test_a_queued_word_is_not_sent_once_a_newcomers_member_event_is_in(mx, hs, p
         alice.invite(mgmt, "@bob:example.org")
         wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_bot_inbox "
                                    "WHERE event->>'state_key' = '@bob:example.org'", db_url) == "1",
-                   timeout=3, what="bob's invitation in the bot's inbox during the first send")
+                   timeout=8, what="bob's invitation in the bot's inbox during the first send")
+        inbox.set()
     finally:
+        inbox.set()
         hs.send_latency = 0.0
     wait_until(lambda: hs.members(mgmt).get(bot) == "leave", timeout=30, what="the bot leaving")
+    assert held == [True], "the first send answered before bob's invitation was in the bot's inbox"
     time.sleep(1)  # anything else the bot would send there
     tried = [q["body"].get("body") for q in hs.requests
              if q["method"] == "PUT" and "/send/m.room.message/" in urllib.parse.unquote(q["path"])
@@ -9080,15 +9111,17 @@ def test_a_consent_request_is_not_shown_once_a_newcomers_member_event_is_in(mx, 
         a.send(room, a.user(who), "hi alice")
     wait_until(lambda: pg.psql("SELECT count(*) FROM consent_requests WHERE state = 'pending'", db_url) == "3",
                what="the three requests")
-    sending, sends = threading.Event(), [0]
+    sending, sends, inbox, held = threading.Event(), [0], threading.Event(), []
 
+    # as above: the first request answered once bob's member event is in
+    # the bot's inbox, 8 s at most
     def latency(user):
         if user != bot:
             return 0.0
         sends[0] += 1
         if sends[0] == 2:  # the first request, after the help
             sending.set()
-            return 4.0
+            held.append(inbox.wait(8))
         return 0.0
 
     hs.send_latency = latency
@@ -9098,10 +9131,13 @@ def test_a_consent_request_is_not_shown_once_a_newcomers_member_event_is_in(mx, 
         alice.invite(mgmt, "@bob:example.org")
         wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_bot_inbox "
                                    "WHERE event->>'state_key' = '@bob:example.org'", db_url) == "1",
-                   timeout=3, what="bob's invitation in the bot's inbox during the first send")
+                   timeout=8, what="bob's invitation in the bot's inbox during the first send")
+        inbox.set()
     finally:
+        inbox.set()
         hs.send_latency = 0.0
     wait_until(lambda: hs.members(mgmt).get(bot) == "leave", timeout=30, what="the bot leaving")
+    assert held == [True], "the first send answered before bob's invitation was in the bot's inbox"
     time.sleep(1)
     tried = [q["body"].get("body") for q in hs.requests
              if q["method"] == "PUT" and "/send/m.room.message/" in urllib.parse.unquote(q["path"])
