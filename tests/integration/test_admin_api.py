@@ -253,7 +253,7 @@ def test_a_reports_handling_waits_for_no_policy_reload(daemon, pg, db_url):
             r = daemon.admin(method, path, json=body) if body else daemon.admin(method, path)
             took = time.time() - t0
             assert r.status_code in (200, 201), (path, r.text)
-            assert took < 1.0, f"{path} took {took:.2f} s"
+            assert took < 1.5, f"{path} took {took:.2f} s"  # not the 2 s wait (1 s before: tight under load)
         assert "not yet in force here" not in daemon.log()
     finally:
         locker.end()

@@ -642,7 +642,7 @@ def test_a_pull_peer_keeps_at_most_max_long_polls_waiting(make_daemon, db_url):
         t0 = time.time()
         r = b.call("GET", f"/v1/events?after={cursor}&wait=20")
         assert r.status_code == 429 and r.json()["code"] == "rate_limited", r.text
-        assert int(r.headers["Retry-After"]) >= 1 and time.time() - t0 < 2
+        assert int(r.headers["Retry-After"]) >= 1 and time.time() - t0 < 10  # at once, not the 20 s wait
         assert "max_long_polls" not in r.text and "2" in r.json()["detail"], r.text
         r = b.call("GET", f"/v1/events?after={cursor}")  # no wait: not counted
         assert r.status_code == 200 and r.json()["events"] == [], r.text
@@ -695,7 +695,7 @@ def test_a_pull_peer_keeps_at_most_max_long_polls_pulls_without_wait_open(make_d
         threads.append(threading.Thread(target=pull, args=(2,)))
         threads[-1].start()
         wait_until(lambda: answers, what="a pull refused")
-        assert time.time() - t0 < 2
+        assert time.time() - t0 < 10  # at once: the two others wait for as long as the lock is held
         (refused, r), = answers.items()
         assert r.status_code == 429 and r.json()["code"] == "rate_limited", r.text
         assert int(r.headers["Retry-After"]) >= 1
@@ -1032,7 +1032,7 @@ def test_a_dead_letter_replayed_to_a_pull_peer_wakes_its_waiting_long_poll(daemo
         t.join(15)
         took = time.time() - t0
         assert [e["id"] for e in result["r"].json()["events"]] == [mid], result["r"].text
-        assert took < 3, took
+        assert took < 6, took  # at once, not at the poll's 8 s (3 s before: tight under load)
     finally:
         srv.close()
 

@@ -1465,7 +1465,9 @@ def test_rule_change_is_in_force_on_every_process_without_restart(daemon, make_d
         return states(pg, db_url, [m])[0][1] == "dropped"
     wait_policy(other, lambda: denied(a2), "the rule on the second daemon")
     took = time.monotonic() - t0
-    assert took < 1.0, took
+    # the NOTIFY's reload, not the minute's (policy.reload_interval_s): 1 s
+    # before, which a loaded machine's sends and reads could take
+    assert took < 10, took
     assert denied(a)
     m = send(a2, room, "why").json()["id"]
     rec = decision(daemon, m)["recipients"][0]
