@@ -6240,15 +6240,18 @@ def test_a_profile_change_to_many_contacts_does_not_hold_back_messages(xd, gk, a
     wait_until(lambda: component_state(xd)["stanzas_out"] - out0 >= 200, timeout=20, what="the fan-out under way")
     sent = time.monotonic()
     assert a.send(room, a.user("eve"), "while wally's profile goes out").status_code == 202
-    message_from(alice, eve, lambda el: body(el) == "while wally's profile goes out", timeout=60)
+    message_from(alice, eve, lambda el: body(el) == "while wally's profile goes out", timeout=120)
     waited = time.monotonic() - sent
     alice.wait_for_presence(lambda el: el.get("from", "").split("/")[0] == WALLY_JID and el.find(
-        "{vcard-temp:x:update}x/{vcard-temp:x:update}photo") is not None, start=start, timeout=60)
-    wait_until(lambda: component_state(xd)["stanzas_out"] - out0 >= 2 * (n + 1), timeout=60,
+        "{vcard-temp:x:update}x/{vcard-temp:x:update}photo") is not None, start=start, timeout=120)
+    wait_until(lambda: component_state(xd)["stanzas_out"] - out0 >= 2 * (n + 1), timeout=120,
                what="every contact's presence and event")
     took = time.monotonic() - sent
     print(f"eve's message waited {waited:.3f} s; the fan-out took {took:.3f} s after it was sent")
-    assert waited < 1.0, (waited, took)
+    # Behind the whole fan-out it would wait about all of it (took); a
+    # loaded machine slows both, so the bound is a share of it (and 1 s
+    # at least, one batch's worth on a fast machine).
+    assert waited < max(1.0, took / 4), (waited, took)
 
 
 @pytest.mark.parametrize("how", ["block", "revoke"])
