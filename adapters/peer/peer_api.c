@@ -2260,6 +2260,15 @@ struct submit *submit_new(size_t n)
  * events' ids when the statement gives them; REPLACES, REPLY: the
  * references' event ids; OB_WHERE: GROUP_OB_WHERE or empty. */
 #define WRITE_EVENTS_OF(WITH, IT, PEERS, ITEM_OK, JM, REFS, ID_COL, ID, REPLACES, REPLY, OB_WHERE) \
+	WRITE_EVENTS_FROM_OF(WITH, IT, PEERS, ITEM_OK, JM, REFS, ID_COL, ID, REPLACES, REPLY, OB_ITEMS, OB_WHERE)
+/* OB_FROM: where ob's rows come from, d(dest, target, state, dn) with
+ * the item's it and ev: OB_ITEMS, each item's comma-separated lists, or
+ * OB_LOCAL_ROWS (WRITE_ITEMS_LOCAL). */
+#define OB_ITEMS \
+	"it JOIN ev ON ev.public_id = it.pid, " \
+	"  unnest(string_to_array(it.dests, ','), string_to_array(it.targets, ','), " \
+	"   string_to_array(it.states, ',')) WITH ORDINALITY AS d(dest, target, state, dn) "
+#define WRITE_EVENTS_FROM_OF(WITH, IT, PEERS, ITEM_OK, JM, REFS, ID_COL, ID, REPLACES, REPLY, OB_FROM, OB_WHERE) \
 	WITH " " IT ", " \
 	"lk AS MATERIALIZED (" ROOM_LOCKS_SQL("SELECT DISTINCT it.room AS r FROM it") "), " \
 	PEERS JM REFS \
@@ -2269,10 +2278,7 @@ struct submit *submit_new(size_t n)
 	"  WHERE (SELECT n FROM lk) >= 0 AND it.pid NOT IN (SELECT pid FROM gn) AND " ITEM_OK " ORDER BY it.n ON CONFLICT (origin_network, origin_native_id) WHERE origin_native_id IS NOT NULL DO NOTHING " \
 	"  RETURNING id, public_id, room_id, (extract(epoch FROM accepted_at) * 1000)::bigint AS ms), " \
 	"ob AS (INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state) " \
-	"  SELECT ev.id, d.dest, NULLIF(d.target::bigint, 0), ev.room_id, d.state FROM it " \
-	"  JOIN ev ON ev.public_id = it.pid, " \
-	"  unnest(string_to_array(it.dests, ','), string_to_array(it.targets, ','), " \
-	"   string_to_array(it.states, ',')) WITH ORDINALITY AS d(dest, target, state, dn) " \
+	"  SELECT ev.id, d.dest, NULLIF(d.target::bigint, 0), ev.room_id, d.state FROM " OB_FROM \
 	"  " OB_WHERE "ORDER BY ev.id, d.dn) "
 #define WRITE_EVENTS_WITH_OF(JM, REFS, OB_WHERE) \
 	WRITE_EVENTS_OF("WITH", "it AS (" IT_ROWS ")", PEERS_CHECKED, PEERS_OK, JM, REFS, "", "", "it.replaces", \
@@ -2340,9 +2346,32 @@ struct submit *submit_new(size_t n)
  * rows and the same answer.  PostgreSQL sets up and tears down the whole
  * plan of a statement at every call, its never-run parts included: these
  * were some 2 us an event of the write's 15-45 (fifty-first session,
- * docs/performance.md). */
+ * docs/performance.md).  Its items are only the ten columns it reads
+ * (IT_ROWS_LOCAL; LOCAL_COLS, in its order: write_send sends those alone,
+ * $1-$10), not IT_ROWS' thirty and three scalars, and its outbox rows come
+ * as four columns of a row each (OB_LOCAL_ROWS, $11-$14: the item's index,
+ * the destination, the target, the state; write_send, from ob_rows_add),
+ * not from each item's comma-separated lists.  PostgreSQL makes a
+ * set-returning function's whole result before the scan reads it: each
+ * unnest() column is a tuplestore of its own, and the columns such a job
+ * leaves NULL (the peer's, the nonces', the consent asks', the
+ * references: it names no stored event and no earlier item) cost as much
+ * to make, store and read back as the others; and OB_ITEMS' unnest() of
+ * three string_to_array()s is made again for every item, three arrays and
+ * three tuplestores an item (fifty-fifth session, docs/performance.md).
+ * The same rows in the same order: d.dn counts the rows of all the items
+ * in the items' order, each item's in its lists' order. */
+#define IT_ROWS_LOCAL \
+	"SELECT x.n::int AS n, x.pid, x.room::bigint AS room, x.sender::bigint AS sender, x.type, " \
+	"  x.content::jsonb AS content, x.ts::bigint AS ts, x.key, x.hash, x.scope " \
+	"FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], " \
+	"  $8::text[], $9::text[], $10::text[]) AS x(n, pid, room, sender, type, content, ts, key, hash, scope)"
+#define OB_LOCAL_ROWS \
+	"unnest($11::text[], $12::text[], $13::text[], $14::text[]) WITH ORDINALITY AS d(n, dest, target, state, dn) " \
+	"  JOIN it ON it.n = d.n::int JOIN ev ON ev.public_id = it.pid "
 #define WRITE_ITEMS_LOCAL \
-	WRITE_EVENTS_OF("WITH", "it AS (" IT_ROWS ")", "", "true", "", REFS_NONE, "", "", "it.replaces", "it.reply", "") \
+	WRITE_EVENTS_FROM_OF("WITH", "it AS (" IT_ROWS_LOCAL ")", "", "true", "", REFS_NONE, "", "", "NULL::bigint", \
+			     "NULL::bigint", OB_LOCAL_ROWS, "") \
 	EV_ROWS
 
 /* The consent requests of a job: cq, each pair (local user, sender) of its
@@ -2647,6 +2676,12 @@ enum write_col {
 /* The scalars after the columns ($31-$33: expiry, win, crl) and the audit
  * records ($34, the full statements only). */
 #define WRITE_PARAMS (WC_COLS + 4)
+/* The columns of WRITE_ITEMS_LOCAL (IT_ROWS_LOCAL), in its order, then
+ * its outbox rows' (OB_LOCAL_ROWS), and no scalar. */
+static const enum write_col LOCAL_COLS[] = { WC_N, WC_PID, WC_ROOM, WC_SENDER, WC_TYPE,
+					     WC_CONTENT, WC_TS, WC_KEY, WC_HASH, WC_SCOPE };
+#define LOCAL_COLS_N (sizeof(LOCAL_COLS) / sizeof(LOCAL_COLS[0]))
+enum ob_col { OC_N, OC_DEST, OC_TARGET, OC_STATE, OC_COLS };
 #define TEXT_OID 25
 
 static void put_be32(char *p, uint32_t v)
@@ -2715,6 +2750,37 @@ static cw_err text_array_joined(struct cw_buf *a, json_t *arr)
 	return CW_OK;
 }
 
+/* An element: the value at x of a JSON array of strings and integers, as
+ * text_array_joined writes it (an integer in decimal, anything else but a
+ * string empty), or NULL past its end (as unnest() pads a shorter array). */
+static cw_err text_array_at(struct cw_buf *a, json_t *arr, size_t x)
+{
+	json_t *v = json_array_get(arr, x);
+	char num[24];
+	if (json_is_integer(v)) {
+		snprintf(num, sizeof(num), "%lld", (long long)json_integer_value(v));
+		return text_array_str(a, num);
+	}
+	return text_array_str(a, !v ? NULL : json_string_value(v) ? json_string_value(v) : "");
+}
+
+/* The outbox rows of item n for OB_LOCAL_ROWS: a row per destination (its
+ * target and state at the same place of their lists), *rows counted. */
+static cw_err ob_rows_add(struct cw_buf *oc, const char *n, json_t *dests, json_t *targets, json_t *states,
+			  size_t *rows)
+{
+	size_t k = json_array_size(dests);
+	if (json_array_size(targets) > k)
+		k = json_array_size(targets);
+	if (json_array_size(states) > k)
+		k = json_array_size(states);
+	for (size_t x = 0; x < k; x++, (*rows)++)
+		if (text_array_str(&oc[OC_N], n) || text_array_at(&oc[OC_DEST], dests, x) ||
+		    text_array_at(&oc[OC_TARGET], targets, x) || text_array_at(&oc[OC_STATE], states, x))
+			return CW_ENOMEM;
+	return CW_OK;
+}
+
 /* A reference in round 1's columns: the event's id in col, NULL; or (the
  * item names an earlier item of the job, "#j") NULL and in key_col that
  * item's public id; else both NULL. */
@@ -2729,13 +2795,18 @@ static cw_err ref_cols(struct cw_buf *cols, const struct submit *b, const char *
 
 /* Sends round 1's write (IT_ROWS): its columns (binary text[]s), the
  * policy's held expiry, consent window and requests' bound, and the
- * audit records (if not NULL: the full statements). */
-static cw_err write_send(PGconn *c, const char *stmt, struct cw_buf *cols, long long expiry, long long win,
-			 long long bound, json_t *audit, cw_errmsg *e)
+ * audit records (if not NULL: the full statements); or, when oc is not
+ * NULL (the statement submit_write_local), its columns LOCAL_COLS and
+ * then its outbox rows' oc alone. */
+static cw_err write_send(PGconn *c, const char *stmt, struct cw_buf *cols, struct cw_buf *oc, long long expiry,
+			 long long win, long long bound, json_t *audit, cw_errmsg *e)
 {
 	for (size_t k = 0; k < WC_COLS; k++)
 		if (cols[k].len > (size_t)INT_MAX) /* libpq's lengths are ints (PostgreSQL takes 1 GB a value) */
 			return cw_fail(e, CW_EINVAL, "a write's column of %zu bytes is too large", cols[k].len);
+	for (size_t k = 0; oc && k < OC_COLS; k++)
+		if (oc[k].len > (size_t)INT_MAX)
+			return cw_fail(e, CW_EINVAL, "a write's column of %zu bytes is too large", oc[k].len);
 	char *text = audit ? json_dumps(audit, JSON_COMPACT) : NULL;
 	if (audit && !text)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
@@ -2753,7 +2824,19 @@ static cw_err write_send(PGconn *c, const char *stmt, struct cw_buf *cols, long 
 	for (size_t k = 0; k < 3; k++)
 		params[WC_COLS + k] = scalars[k];
 	params[WC_COLS + 3] = text;
-	int ok = PQsendQueryPrepared(c, stmt, WC_COLS + 3 + (text ? 1 : 0), params, lengths, formats, 0);
+	int n = WC_COLS + 3 + (text ? 1 : 0);
+	if (oc) {
+		for (size_t k = 0; k < LOCAL_COLS_N; k++) {
+			params[k] = cols[LOCAL_COLS[k]].p;
+			lengths[k] = (int)cols[LOCAL_COLS[k]].len;
+		}
+		for (size_t k = 0; k < OC_COLS; k++) {
+			params[LOCAL_COLS_N + k] = oc[k].p;
+			lengths[LOCAL_COLS_N + k] = (int)oc[k].len;
+		}
+		n = (int)(LOCAL_COLS_N + OC_COLS);
+	}
+	int ok = PQsendQueryPrepared(c, stmt, n, params, lengths, formats, 0);
 	free(text);
 	return ok ? CW_OK : cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(c));
 }
@@ -2995,11 +3078,13 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 	struct policy_view *v = policy_live_get(b->app->policy);
 	long long bound = v->set.user_requests_per_day;
 	long long expiry = v->set.held_expiry_s, win = v->set.consent_window_s;
-	struct cw_buf doc, cols[WC_COLS];
+	struct cw_buf doc, cols[WC_COLS], oc[OC_COLS];
 	cw_buf_init(&doc, SIZE_MAX / 2);
 	for (size_t k = 0; k < WC_COLS; k++)
 		cw_buf_init(&cols[k], SIZE_MAX / 2);
-	size_t items = 0;
+	for (size_t k = 0; k < OC_COLS; k++)
+		cw_buf_init(&oc[k], SIZE_MAX / 2);
+	size_t items = 0, ob_rows = 0;
 	bool plain = json_array_size(b->audit) == 0; /* round 1: the plain statement will do */
 	bool refs = false;                           /* round 1: an item names an earlier one */
 	bool stored = false;                         /* round 1: an item names a stored event */
@@ -3009,6 +3094,8 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 	cw_err rc = round == 0 ? (cw_buf_add(&doc, "[", 1) ? CW_ENOMEM : CW_OK) : CW_OK;
 	for (size_t k = 0; round == 1 && k < WC_COLS && !rc; k++)
 		rc = text_array_begin(&cols[k]);
+	for (size_t k = 0; round == 1 && k < OC_COLS && !rc; k++)
+		rc = text_array_begin(&oc[k]);
 	for (size_t i = 0; i < b->n && !rc; i++) {
 		struct msg_input *in = b->items[i];
 		if (!in || (round == 1 && !b->write[i]))
@@ -3083,12 +3170,18 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 		local = local && !in->p && !in->nonces;
 		plain = plain && !in->read_receipt && !json_array_size(b->held[i]) && !json_array_size(b->outbound[i]) &&
 			!b->wrote[i] && !in->block_target[0];
+		/* the local statement's outbox rows, while it is still the
+		 * one (each flag, once false, stays so) */
+		if (!rc && plain && local && !group && !stored && !refs)
+			rc = ob_rows_add(oc, n, b->dests[i], b->targets[i], b->states[i], &ob_rows);
 	}
 	policy_view_put(v);
 	if (!rc && round == 0 && cw_buf_add(&doc, "]", 1))
 		rc = CW_ENOMEM;
 	for (size_t k = 0; round == 1 && k < WC_COLS && !rc; k++)
 		text_array_end(&cols[k], items);
+	for (size_t k = 0; round == 1 && k < OC_COLS && !rc; k++)
+		text_array_end(&oc[k], ob_rows);
 	if (rc)
 		rc = cw_fail(e, rc, "cannot build the statement's parameters (out of memory, or an id not UTF-8)");
 	else if (round == 0 && items)
@@ -3112,13 +3205,16 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 		if ((plain || (rc = lock_users_send(c, b, bound, e)) == CW_OK) &&
 		    (!(group || chk || refs) || (rc = lock_rooms_send(c, b, e)) == CW_OK) &&
 		    (!group || (rc = joins_send(c, b, e)) == CW_OK))
-			rc = write_send(c, name, cols, expiry, win, bound, plain && !refs ? NULL : b->audit, e);
+			rc = write_send(c, name, cols, strcmp(name, "submit_write_local") == 0 ? oc : NULL, expiry, win,
+					bound, plain && !refs ? NULL : b->audit, e);
 		if (!rc)
 			rc = leaves_send(c, b, e);
 	}
 	cw_buf_free(&doc);
 	for (size_t k = 0; k < WC_COLS; k++)
 		cw_buf_free(&cols[k]);
+	for (size_t k = 0; k < OC_COLS; k++)
+		cw_buf_free(&oc[k]);
 	/* Who has rows to deliver now: the dispatcher (its channel wakes the
 	 * pull stream too), or only the pull stream.  Held and dropped rows
 	 * wake no one: a consent releases held rows and notifies then. */
