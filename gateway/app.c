@@ -674,7 +674,8 @@ static void metrics_done(void *arg, cw_err rc, const cw_errmsg *e)
 				  "Retention sweeps in which a kind failed (the others still ran), by kind.",
 				  ps.retention_failures);
 		cw_buf_printf(&b, "# HELP causeway_policy_rechecked_total Waiting outbox rows decided again after a "
-				  "change of the server's rules or an opt-out, and of those dropped.\n"
+				  "change of the server's rules, an opt-out or a remote user's block of a local one, and of those "
+				  "dropped.\n"
 				  "# TYPE causeway_policy_rechecked_total counter\n"
 				  "causeway_policy_rechecked_total{outcome=\"decided\"} %llu\n"
 				  "causeway_policy_rechecked_total{outcome=\"dropped\"} %llu\n",

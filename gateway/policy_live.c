@@ -173,8 +173,10 @@ struct optouts {
 	size_t n, cap;
 };
 
-/* A remote block as recent as this is a view's (policy_view.blocks_lately):
- * as BLOCKED_LATELY, longer than a reload's interval. */
+/* A remote block as recent as this is a view's (policy_view.blocks_lately)
+ * and its user's walk's (RECHECK_BLOCKED_ROWS): a whole reload finds a block
+ * no NOTIFY named only within it, so only while the connection was away
+ * (or policy.reload_interval_s is) less than that (docs/policy.md). */
 #define BLOCKS_LATELY "10 minutes"
 
 static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, struct optouts *outs,
@@ -493,7 +495,9 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
 	v->base = base;
 	v->users = users;
 	v->nusers = n;
-	v->opted_out = f.outs.n > 0;
+	/* a remote block of the last minutes counts too: a lane's claim of
+	 * one of her rows before her walk reaches it decides it again */
+	v->opted_out = f.outs.n > 0 || f.lately.n > 0;
 	v->outs = f.outs.v;
 	v->nouts = f.outs.n;
 	v->blocks_lately = f.lately.v;
@@ -975,7 +979,9 @@ static cw_err policy_sweep_with(PGconn *c, const struct policy_view *v, const ch
 /* Rows not handed over yet are decided again after a change of what the
  * server's side of a decision reads (policy_settings.fingerprint: a rule
  * made, changed, deleted or expired, the default mode, an opt-out) and of
- * some users' facts (an opt-out: their rows).  Until the thirty-first
+ * some users' facts (an opt-out: their rows; since the fifty-fifth
+ * session a remote user's new block of a local one: her pending rows to
+ * his peer, RECHECK_BLOCKED_ROWS).  Until the thirty-first
  * session only a held row's release asked the rules again (rule_denials),
  * and a row pending (backing off), dead or failed when the operator
  * denied its sender's domain was delivered after the deny, or on a replay
@@ -987,14 +993,16 @@ static cw_err policy_sweep_with(PGconn *c, const struct policy_view *v, const ch
  * true when the row is not the policy's (the expiry's taking back, a
  * membership or block event, a local user's own event: her message, edit
  * or retraction to a peer is hers to send, and was decided when she
- * wrote; dropped here it went without a word to her, its content erased,
+ * wrote, a remote block of her alone excepted, column 15; dropped here
+ * it went without a word to her, its content erased,
  * a dead letter's notice owed to her lost with it — a review of the
  * session's change), 10 the sender is
  * local, 11 the peer's domain (a peer's row), 12 the peer's joined members
  * in the room (JSON), 13 the target's id, 14 the room's (a walk's cursor),
  * 15 true when the row is a local user's own event to a peer (of those
  * column 9 calls not the policy's, the ones a remote user's block of her
- * still stops: recheck_refused); RECHECK_COLUMNS in (destination, id) order.  Each row of the batch (b)
+ * still stops: recheck_refused; not her retraction, a delete, of a message
+ * he had before the block: it still goes); RECHECK_COLUMNS in (destination, id) order.  Each row of the batch (b)
  * takes its event, sender, user and peer by one descent of their keys
  * (LATERAL, OFFSET 0: not flattened into joins), whatever the planner
  * guesses of the batch: as joins, a batch of 500 hashed all of events
@@ -1027,7 +1035,7 @@ static cw_err policy_sweep_with(PGconn *c, const struct policy_view *v, const ch
 	"  OR s.is_local), s.is_local, pm.domain, pm.members, "                                              \
 	" b.target_identity_id, b.room_id, "                                                                 \
 	" (s.is_local AND pm.id IS NOT NULL AND e.origin_network <> 'gateway' "                              \
-	"  AND e.type NOT IN ('membership', 'block')) "                                                      \
+	"  AND e.type NOT IN ('membership', 'block', 'delete')) "                                            \
 	"FROM b CROSS JOIN LATERAL (SELECT e.type, e.origin_network, e.sender_id FROM events e "            \
 	"  WHERE e.id = b.event_id OFFSET 0) e "                                                            \
 	"CROSS JOIN LATERAL (SELECT s.uri, s.domain, s.network, s.is_local FROM identities s "              \
@@ -1079,9 +1087,14 @@ static const char *const recheck_state_sql[] = {
 	" ORDER BY o.target_identity_id, o.room_id, o.id LIMIT $5::int) "                                      \
 	RECHECK_SELECT "ORDER BY b.target_identity_id, b.room_id, b.id"
 /* The last kind: the users' own rows to the peers of remote users who
- * blocked them (blocks: a peer's POST /v1/blocks, block event or revoked
- * consent), waiting (pending, dead or failed: in flight, a row is the
- * lane's to decide if its try fails, policy_live_screen_claim), in the
+ * blocked them lately (blocks: a peer's POST /v1/blocks, block event or
+ * revoked consent, of the last BLOCKS_LATELY: an older block's rows were
+ * walked when it came, and a NOTIFY naming her for another fact walks
+ * nothing here), pending (in flight, a row is the lane's to decide if its
+ * try fails, policy_live_screen_claim; not dead or failed: no index serves
+ * them by room and destination, a dead letter dropped untold would lose
+ * her "Not delivered" notice, and one comes back only by the admin's
+ * replay, which decides it again, recheck_refused's column 15 too), in the
  * rooms each blocker is a member of (bu: one descent of blocks_blocked_idx
  * a user, of room_members_identity_idx a blocker; none for a user no one
  * blocked, most of those whose facts change), by (room, destination, id)
@@ -1100,10 +1113,10 @@ static const char *const recheck_state_sql[] = {
 	"WITH bu AS MATERIALIZED (SELECT DISTINCT m.room_id, 'peer:' || p.name AS dest, b.blocked_id AS u " \
 	" FROM blocks b JOIN identities i ON i.id = b.blocker_id AND NOT i.is_local "                        \
 	" JOIN peers p ON p.id = i.peer_id JOIN room_members m ON m.identity_id = i.id "                     \
-	" WHERE b.blocked_id = ANY($1::bigint[]) AND m.room_id >= $2::bigint), "                             \
+	" WHERE b.blocked_id = ANY($1::bigint[]) AND b.created_at > now() - interval '" BLOCKS_LATELY "' "   \
+	" AND m.room_id >= $2::bigint), "                                                                    \
 	"b AS MATERIALIZED (SELECT o.id, o.destination, o.event_id, o.target_identity_id, o.room_id FROM bu " \
-	" CROSS JOIN LATERAL (" RECHECK_BLOCKED_OF("o.state = 'pending'") " UNION ALL "                      \
-	RECHECK_BLOCKED_OF("o.state IN ('dead', 'failed')") ") o "                                           \
+	" CROSS JOIN LATERAL " RECHECK_BLOCKED_OF("o.state = 'pending'") " o "                               \
 	" ORDER BY o.room_id, o.destination, o.id LIMIT $5::int) "                                           \
 	RECHECK_SELECT "ORDER BY b.room_id, b.destination, b.id"
 static const char *const recheck_users_sql[] = {
@@ -2510,7 +2523,7 @@ static bool reload(struct policy_live *pl, bool *hook_ok)
 	long n = rc ? 0 : opt_outs_new(cur, v, false, &ids);
 	long nb = rc ? 0 : opt_outs_new(cur, v, true, &bids);
 	if (!rc)
-		v->opted_out = n != 0;
+		v->opted_out = n != 0 || nb != 0;
 	policy_view_put(cur);
 	bool ok = put_in_force(pl, rc, v, &e);
 	if (ok && (n < 0 || nb < 0))
@@ -3024,7 +3037,7 @@ static bool recheck_turn(struct policy_live *pl)
 	} else {
 		pl->nrecheck_users = 0;
 	}
-	recheck_counted(pl, counts, &by, "waiting rows the server's rules now refuse dropped");
+	recheck_counted(pl, counts, &by, "waiting rows the server's rules or a remote user's block now refuse dropped");
 	if (pl->recheck_state == RECHECK_STATES && !pl->more && pl->nrecheck_users == 0 && !pl->nkept)
 		atomic_store(&pl->settled, changes);
 	return pl->recheck_state < RECHECK_STATES || pl->nrecheck_users || req_more;

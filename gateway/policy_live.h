@@ -94,7 +94,10 @@ struct policy_view {
 	int64_t *users;
 	size_t nusers;
 	/* One of those users opted out of a network (a full view: one
-	 * opted out that the view before it had not: reload). */
+	 * opted out that the view before it had not: reload), or since the
+	 * fifty-fifth session a remote user blocked one lately (a full view:
+	 * a block of blocks_lately the view before it had not): a change for
+	 * the dispatcher's claims (swap_in). */
 	bool opted_out;
 	/* The opt-outs the load read (a full view: all; an overlay: its
 	 * users'), in (user, network) order: a whole reload decides again the

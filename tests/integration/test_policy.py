@@ -4326,7 +4326,8 @@ def test_the_recheck_reads_only_its_batch_whatever_the_statistics(make_daemon, d
         assert m and int(m.group(1)) == 6002, metrics
         assert not re.search(r'^causeway_policy_recheck_dropped_total\{reason="(?!server_denied_domain)\w+",'
                              r'kind="\w+"\} [1-9]', metrics, re.M)
-        told = [x for x in list(d.records) if x.get("msg") == "waiting rows the server's rules now refuse dropped"]
+        told = [x for x in list(d.records)
+                if x.get("msg") == "waiting rows the server's rules or a remote user's block now refuse dropped"]
         assert sum(int(x["dropped"]) for x in told) == 6002, told
         assert all(x["by"] == "server_denied_domain/inbound=" + x["dropped"] for x in told), told
         assert "recheck of waiting rows failed" not in d.log()
@@ -4558,12 +4559,15 @@ def test_a_block_of_more_users_than_its_notify_names_leaves_their_waiting_rows_a
     either way.  A remote user's block of a local one refuses what she
     writes to him from then on (recipient_blocked_sender, decided as she
     writes), and since the fifty-fifth session what she wrote before it
-    and still waits for his peer (here dead letters): dropped by her walk
-    (named) or, a whole reload finding blocks of the last minutes it had
-    not (policy_view.blocks_lately), by theirs (here a pass: more users
-    than a walk holds).  Until then her waiting messages were hers to
-    send, and this test said they stayed.  The blocks are in force after
-    either (the facts counted)."""
+    and still waits for his peer (here pending, its retry not due):
+    dropped by her walk (named) or, a whole reload finding blocks of the
+    last minutes it had not (policy_view.blocks_lately), by theirs (here a
+    pass: more users than a walk holds).  Until then her waiting messages
+    were hers to send, and this test said they stayed.  Her dead letters
+    stay dead (no walk reads them: her "Not delivered" notice is still
+    owed); one comes back only by the admin's replay, which refuses it
+    (409) and drops it.  The blocks are in force after either (the facts
+    counted)."""
     (a, _), _ = peers
     wally = a.user("wally")
     room = a.create_room([wally, ALICE]).json()
@@ -4577,8 +4581,14 @@ def test_a_block_of_more_users_than_its_notify_names_leaves_their_waiting_rows_a
             f"SELECT 'msg_many_' || i.localpart, {rid}, i.id, 'message', "
             "jsonb_build_object('type', 'message', 'sender', i.uri, 'content', jsonb_build_object('text', 'hi')), "
             f"'{net}', 0 FROM identities i WHERE i.localpart LIKE 'many%' ORDER BY i.id", db_url)
-    pg.psql("INSERT INTO outbox (event_id, destination, room_id, state) SELECT e.id, 'peer:gk', e.room_id, 'dead' "
-            "FROM events e WHERE e.public_id LIKE 'msg_many_%' ORDER BY e.id", db_url)
+    pg.psql("INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
+            f"SELECT 'msg_dead_' || i.localpart, {rid}, i.id, 'message', "
+            "jsonb_build_object('type', 'message', 'sender', i.uri, 'content', jsonb_build_object('text', 'hi')), "
+            f"'{net}', 0 FROM identities i WHERE i.localpart LIKE 'many%' ORDER BY i.id", db_url)
+    pg.psql("INSERT INTO outbox (event_id, destination, room_id, state, next_attempt_at) SELECT e.id, 'peer:gk', "
+            "e.room_id, CASE WHEN e.public_id LIKE 'msg_many_%' THEN 'pending' ELSE 'dead' END, now() + interval '1 hour' "
+            "FROM events e WHERE e.public_id LIKE 'msg_many_%' OR e.public_id LIKE 'msg_dead_%' ORDER BY e.id",
+            db_url)
     wait_until(lambda: reloads(daemon).get("whole", 0) >= 1, what="the first snapshot")
     was = gauge(daemon, "causeway_policy_facts")
 
@@ -4591,11 +4601,12 @@ def test_a_block_of_more_users_than_its_notify_names_leaves_their_waiting_rows_a
 
     waiting = ("SELECT string_agg(o.state || ':' || n, ',' ORDER BY o.state) FROM (SELECT o.state, count(*) AS n "
                "FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id LIKE 'msg_many_%' GROUP BY 1) o")
+    dead = waiting.replace("msg_many_", "msg_dead_")
     named, whole = reloads(daemon), reloads(daemon)["whole"]
     post([f"mimi://example.org/u/many{i}" for i in range(1, 65)])  # 64: named
     wait_until(lambda: gauge(daemon, "causeway_policy_facts") == was + 64, timeout=30, what="the 64 blocks in force")
     assert reloads(daemon)["whole"] == whole and reloads(daemon)["users"] > named["users"]
-    wait_until(lambda: pg.psql(waiting, db_url) == "dead:65,dropped:64", timeout=30,
+    wait_until(lambda: pg.psql(waiting, db_url) == "dropped:64,pending:65", timeout=30,
                what="the 64 named users' rows dropped")
     post([f"mimi://example.org/u/many{i}" for i in range(65, 130)])  # 65: the transaction alone
     wait_until(lambda: gauge(daemon, "causeway_policy_facts") == was + 129, timeout=30,
@@ -4603,6 +4614,12 @@ def test_a_block_of_more_users_than_its_notify_names_leaves_their_waiting_rows_a
     assert reloads(daemon)["whole"] > whole
     wait_until(lambda: pg.psql(waiting, db_url) == "dropped:129", timeout=30,
                what="the other 65 users' rows dropped")
+    assert pg.psql(dead, db_url) == "dead:129"
+    row = pg.psql("SELECT o.id FROM outbox o JOIN events e ON e.id = o.event_id "
+                  "WHERE e.public_id = 'msg_dead_many1'", db_url)
+    r = daemon.admin("POST", f"/outbox/{row}/replay")
+    assert r.status_code == 409 and "recipient_blocked_sender" in r.json()["detail"], r.text
+    assert pg.psql(dead, db_url) == "dead:128,dropped:1"
     assert "recheck of waiting rows failed" not in daemon.log()
 
 

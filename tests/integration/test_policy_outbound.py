@@ -343,3 +343,29 @@ def test_her_messages_waiting_for_his_peer_when_he_blocks_her_are_never_delivere
     assert [e["content"]["parts"][0]["body"] for e in srv.events if e.get("type") == "message"] == \
         ["before", "after"], srv.events
     assert stored_lines(pg, db_url, "xmpp") == "delivered before,dropped -,dropped -,delivered after"
+
+
+def test_her_retraction_waiting_for_his_peer_when_he_blocks_her_still_goes(xd, gk, alice, pg, db_url):
+    """Her retraction (XEP-0424: a delete) of a message he has, still
+    waiting for his peer when he blocks her, is not dropped with her
+    waiting messages: it takes back what he had before the block, and
+    dropping it would leave her message shown to him.  Until the
+    fifty-fifth session's review the recheck dropped it with them."""
+    a, srv = gk
+    a.user("wally")
+    s1 = alice.send_message(WALLY_JID, "oops")
+    srv.wait_events(1)
+    srv.fail_next = 1000000  # the peer down
+    alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='d1'><retract xmlns='urn:xmpp:message-retract:1' "
+                   f"id='{s1}'/><body>retracted</body></message>")
+    deletes = ("SELECT string_agg(o.state, ',') FROM outbox o JOIN events e ON e.id = o.event_id "
+               "WHERE e.origin_network = 'xmpp' AND e.type = 'delete'%s")
+    wait_until(lambda: pg.psql(deletes % " AND o.attempts > 0", db_url) == "pending", timeout=20,
+               what="her retraction tried and refused")
+    peer_blocks_alice(xd, a, "block")
+    time.sleep(1.0)  # her walk (and a claim's screen) would have dropped it by now
+    assert pg.psql(deletes % "", db_url) in ("pending", "in_flight")
+    srv.fail_next = 0
+    got = srv.wait_events(2)
+    assert got[1]["type"] == "delete", got
+    wait_until(lambda: pg.psql(deletes % "", db_url) == "delivered", what="her retraction delivered")
