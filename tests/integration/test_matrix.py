@@ -5079,8 +5079,9 @@ def test_a_queued_word_of_the_bot_in_a_groups_room_is_said_without_a_false_log_l
     finally:
         hs.refuse = None
     assert refused
-    assert pg.psql("SELECT count(*) FROM matrix_notices WHERE room_id = '%s' AND done_at IS NOT NULL" % room,
-                   db_url) == "1"
+    # marked done once its send was answered: the event can be seen first
+    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_notices WHERE room_id = '%s' AND done_at IS NOT NULL"
+                               % room, db_url) == "1", what="the notice marked done")
     false_lines = [r for r in mx.records[start:] if r.get("msg", "").startswith("a command's answer is not said")]
     assert not false_lines, false_lines
 
