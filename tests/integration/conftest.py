@@ -81,9 +81,10 @@ def empty_db_url(pg, request):
 
 
 @pytest.fixture
-def make_daemon(tmp_path):
+def make_daemon(tmp_path, request):
     """Builds daemons that are stopped (and checked for a clean exit) at the end."""
     made = []
+    request.node.causeway_daemons = made
 
     def make(db_url, **kw):
         # The daemons of one test share one signing key, as every process of
@@ -102,6 +103,25 @@ def make_daemon(tmp_path):
             assert rc == 0, f"causewayd exited {rc} at teardown; log:\n{d.log()}"
         elif d.proc:
             keep_log(d)
+
+
+LOG_TAIL = 60
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report ends with the last lines of each of its
+    daemons' logs: a wait never reached said nothing of what the daemon
+    did, and the CI's machine keeps no pytest basetemp (keep_log)."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when != "call" or not rep.failed:
+        return
+    for i, d in enumerate(getattr(item, "causeway_daemons", ())):
+        lines = d.log().splitlines()
+        if lines:
+            rep.sections.append((f"causewayd d{i}: the last {min(LOG_TAIL, len(lines))} of {len(lines)} log lines",
+                                 "\n".join(lines[-LOG_TAIL:])))
 
 
 def keep_log(d):
