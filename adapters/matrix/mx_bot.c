@@ -1207,6 +1207,12 @@ static void intruder_words(struct matrix *m, PGconn *c, const char *room, const 
  * (intruder_words) in the same statement: a failure between the two left
  * the room ended and its words to be said as words of a room that is no
  * management room (until a review of the fifty-third session's change).
+ * Where the room is user's no more (owner, 0: ended, left, or moved to a
+ * new room of hers since the caller read whose it was) and now no one's
+ * management room, its words are done with all the same: someone else is
+ * in it (hers_alone_of), and they would go out as words of a room that is
+ * no management room (until the fifty-sixth session they did, but for the
+ * one being sent).
  * 1: the room was ended; 0: it is no such management room; -1: the
  * database did not answer (nothing changed: the caller tries again). */
 static int end_mgmt_room(struct matrix *m, PGconn *c, const char *room, const char *user, bool owner)
@@ -1216,7 +1222,8 @@ static int end_mgmt_room(struct matrix *m, PGconn *c, const char *room, const ch
 		"WITH gone AS (DELETE FROM matrix_mgmt_rooms WHERE room_id = $1 AND (user_id = $2) = $3::boolean "
 		"RETURNING 1), hushed AS (UPDATE matrix_notices SET done_at = now(), next_at = 'infinity' "
 		"WHERE room_id = $1 AND done_at IS NULL AND NOT then_leave AND (sender IS NULL OR sender = $4) "
-		"AND EXISTS (SELECT 1 FROM gone)) SELECT count(*) FROM gone",
+		"AND (EXISTS (SELECT 1 FROM gone) OR ($3::boolean "
+		"AND NOT EXISTS (SELECT 1 FROM matrix_mgmt_rooms WHERE room_id = $1)))) SELECT count(*) FROM gone",
 		4, NULL, p, NULL, NULL, 0);
 	cw_errmsg e;
 	if (store_check(c, r, PGRES_TUPLES_OK, &e)) { /* clears r */
@@ -1267,8 +1274,9 @@ static int intruded(struct matrix *m, PGconn *c, const char *room, const char *w
  *
  * 1: hers alone; 0: no management room (answer says nothing there; a
  * queued notice, a word of another room, is sent: notices);
- * -1: someone else was in it (ended as said); -2: not known for now (the
- * database or the homeserver did not answer). */
+ * -1: someone else was in it (ended as said, or hers no more meanwhile:
+ * hers_alone_of); -2: not known for now (the database or the homeserver
+ * did not answer). */
 static int hers_alone_of(struct matrix *m, PGconn *c, const char *room, const char *owner, const char *txn);
 
 static int hers_alone(struct matrix *m, PGconn *c, const char *room, const char *txn)
@@ -1319,6 +1327,20 @@ static int hers_alone_of(struct matrix *m, PGconn *c, const char *room, const ch
 		return -2; /* not ended: looked at again when sent */
 	if (ended)
 		intruder_words(m, c, room, txn);
+	else
+		/* Not ended by this look: the room is hers no more since
+		 * owner was read (ended, left, moved to her new room, by
+		 * whatever says its own word there), and someone else is in
+		 * it all the same.  The word is hers: -1, not said (a notice
+		 * done with, as the room's others are, end_mgmt_room; a
+		 * request kept for her next room; a command's answer
+		 * dropped: she may ask again).  -2 would look again when
+		 * sent, find no management room (0), and say a notice or a
+		 * command's answer queued as a word of another room, to
+		 * whoever came in; and a request's -2 holds every user's
+		 * requests 30 s. */
+		LOG_KV_LIMITED(CW_LOG_INFO, "a word of the bot's is not said: someone else is in a room no longer "
+			       "her management room", "room", room);
 	return -1;
 }
 
