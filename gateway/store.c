@@ -200,10 +200,27 @@ static void fail_list(struct job *j, cw_err rc, const char *why)
 
 /* ----------------------------------------------------------- connections */
 
-cw_err store_result_err(PGconn *c, const PGresult *r, cw_errmsg *e)
+/* The error for r, whose status is not the caller's want (its name, or
+ * NULL: not known here). */
+static cw_err result_err(PGconn *c, const PGresult *r, const char *want, cw_errmsg *e)
 {
 	if (PQstatus(c) != CONNECTION_OK)
 		return cw_fail(e, CW_EUNAVAIL, "database connection lost: %s", PQerrorMessage(c));
+	/* A statement that ran well, with another status than its caller
+	 * wanted (rows where a command was asked for, or none where rows
+	 * were: the statement's text and the code reading it disagree): a
+	 * bug, which the same request meets again.  Such a result has no
+	 * SQLSTATE, and until the fifty-sixth session was taken below for
+	 * libpq's own error: "database connection lost", CW_EUNAVAIL, on
+	 * which a reader drops its good connection and runs the read again,
+	 * a patient one until its deadline, and the client is told 503. */
+	ExecStatusType got = PQresultStatus(r);
+	if (r && got != PGRES_FATAL_ERROR && got != PGRES_NONFATAL_ERROR && got != PGRES_BAD_RESPONSE &&
+	    got != PGRES_PIPELINE_ABORTED)
+		return want ? cw_fail(e, CW_EINTERNAL, "a statement's result is %s where %s was wanted", PQresStatus(got),
+				      want)
+			    : cw_fail(e, CW_EINTERNAL, "a statement's result (%s) is not the one its caller wanted",
+				      PQresStatus(got));
 	const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
 	const char *msg = r ? PQresultErrorMessage(r) : PQerrorMessage(c);
 	/* 23505 unique, 23503 foreign key, 23P01 exclusion: a key another
@@ -242,6 +259,11 @@ cw_err store_result_err(PGconn *c, const PGresult *r, cw_errmsg *e)
 	return cw_fail(e, CW_EIO, "database error %s: %s", state ? state : "", msg);
 }
 
+cw_err store_result_err(PGconn *c, const PGresult *r, cw_errmsg *e)
+{
+	return result_err(c, r, NULL, e);
+}
+
 bool store_prepare_all(PGconn *c, const struct store_stmt *const *lists, cw_errmsg *e)
 {
 	for (; *lists; lists++)
@@ -271,7 +293,7 @@ cw_err store_check(PGconn *c, PGresult *r, ExecStatusType st, cw_errmsg *e)
 {
 	if (PQresultStatus(r) == st)
 		return CW_OK;
-	cw_err rc = store_result_err(c, r, e);
+	cw_err rc = result_err(c, r, PQresStatus(st), e);
 	PQclear(r);
 	return rc;
 }
@@ -1428,7 +1450,8 @@ cw_err store_pipe_result(PGconn *c, ExecStatusType want, PGresult **out, cw_errm
 	if (st == PGRES_PIPELINE_ABORTED)
 		rc = cw_fail(e, CW_EIO, "an earlier statement of the pipeline failed");
 	else if (want == STORE_ROWS_OR_COMMAND ? st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK : st != want)
-		rc = store_result_err(c, r, e);
+		rc = result_err(c, r, want == STORE_ROWS_OR_COMMAND ? "PGRES_TUPLES_OK or PGRES_COMMAND_OK" : PQresStatus(want),
+				e);
 	if (rc) {
 		PQclear(r);
 		return rc;

@@ -169,7 +169,8 @@ struct store_pipe_ops {
  * PQclear()s it); an error (and *out NULL) if it failed or its status is not
  * want (STORE_ROWS_OR_COMMAND: either): CW_ECONFLICT for a key taken or
  * removed (store_result_err), CW_EUNAVAIL for a lost connection, CW_EIO
- * for a statement not run as an earlier one of the pipeline failed. */
+ * for a statement not run as an earlier one of the pipeline failed,
+ * CW_EINTERNAL for one that ran with another status than want. */
 cw_err store_pipe_result(PGconn *c, ExecStatusType want, PGresult **out, cw_errmsg *e);
 /* Reads what is left up to the pipeline's sync point (PQpipelineSync);
  * false if the connection was lost first. */
@@ -372,11 +373,15 @@ cw_err store_exec(PGconn *c, const char *sql, cw_errmsg *e);
 cw_err store_end(PGconn *c, cw_err rc, cw_errmsg *e);
 /* Runs a command with text parameters and no result rows. */
 cw_err store_command(PGconn *c, const char *sql, int n, const char *const *params, cw_errmsg *e);
-/* CW_OK when r has status st; otherwise r's error, and r is cleared. */
+/* CW_OK when r has status st; otherwise r's error, and r is cleared: for
+ * a statement that ran well with another status (its text and the code
+ * disagree) CW_EINTERNAL, the message naming both statuses. */
 cw_err store_check(PGconn *c, PGresult *r, ExecStatusType st, cw_errmsg *e);
 /* The cw_err for a failed PGresult (NULL: the connection's state): a
  * unique, foreign-key or exclusion violation CW_ECONFLICT (a race), any
- * other integrity violation (CHECK, NOT NULL) CW_EINTERNAL. */
+ * other integrity violation (CHECK, NOT NULL) CW_EINTERNAL; a connection
+ * lost CW_EUNAVAIL; a result that is no error (a status other than its
+ * caller's wanted, on a good connection) CW_EINTERNAL. */
 cw_err store_result_err(PGconn *c, const PGresult *r, cw_errmsg *e);
 
 /* A listener's notifications.  libpq reads a NOTIFY that arrives while a

@@ -895,6 +895,55 @@ START_TEST(a_pipeline_is_refused_on_a_connection_not_idle)
 }
 END_TEST
 
+/* A statement that runs well with another status than its caller wants
+ * (its text changed: a command where rows are read, rows where a command
+ * is run) is a bug: CW_EINTERNAL, the message naming both statuses, the
+ * connection kept.  Until the fifty-sixth session it was answered
+ * "database connection lost: " (CW_EUNAVAIL: a reader dropped the good
+ * connection and ran the read again, the client was told 503).  A
+ * connection really lost still is one. */
+START_TEST(a_wrong_status_is_a_bug_not_a_lost_connection)
+{
+	cw_errmsg e;
+	PGconn *c = store_connect(db_url(), 10000, &e);
+	ck_assert_msg(c, "%s", e.msg);
+	PGresult *r = PQexec(c, "SET application_name = 'store_test'");
+	ck_assert_int_eq(store_check(c, r, PGRES_TUPLES_OK, &e), CW_EINTERNAL); /* r cleared */
+	ck_assert_msg(strstr(e.msg, "PGRES_COMMAND_OK where PGRES_TUPLES_OK was wanted"), "%s", e.msg);
+	r = PQexec(c, "SELECT 1");
+	ck_assert_int_eq(store_check(c, r, PGRES_COMMAND_OK, &e), CW_EINTERNAL);
+	ck_assert_msg(strstr(e.msg, "PGRES_TUPLES_OK where PGRES_COMMAND_OK was wanted"), "%s", e.msg);
+	/* store_result_err, as its callers use it when the status is not
+	 * theirs, */
+	r = PQexec(c, "SELECT 1");
+	ck_assert_int_eq(store_result_err(c, r, &e), CW_EINTERNAL);
+	ck_assert_msg(strstr(e.msg, "(PGRES_TUPLES_OK) is not the one its caller wanted"), "%s", e.msg);
+	PQclear(r);
+	/* and a pipelined statement's result (store_pipe_result). */
+	ck_assert(PQenterPipelineMode(c));
+	ck_assert(PQsendQueryParams(c, "SELECT 1", 0, NULL, NULL, NULL, NULL, 0));
+	ck_assert(PQsendQueryParams(c, "SET application_name = 'store_test'", 0, NULL, NULL, NULL, NULL, 0));
+	ck_assert(PQsendQueryParams(c, "SELECT 3", 0, NULL, NULL, NULL, NULL, 0));
+	ck_assert(PQpipelineSync(c));
+	ck_assert_int_eq(store_pipe_result(c, PGRES_COMMAND_OK, &r, &e), CW_EINTERNAL);
+	ck_assert_ptr_null(r);
+	ck_assert_msg(strstr(e.msg, "PGRES_TUPLES_OK where PGRES_COMMAND_OK was wanted"), "%s", e.msg);
+	ck_assert_int_eq(store_pipe_result(c, PGRES_TUPLES_OK, &r, &e), CW_EINTERNAL);
+	ck_assert_msg(strstr(e.msg, "PGRES_COMMAND_OK where PGRES_TUPLES_OK was wanted"), "%s", e.msg);
+	ck_assert_msg(store_pipe_result(c, STORE_ROWS_OR_COMMAND, &r, &e) == CW_OK, "%s", e.msg);
+	ck_assert_str_eq(PQgetvalue(r, 0, 0), "3");
+	PQclear(r);
+	ck_assert(store_pipe_drain(c));
+	ck_assert(PQexitPipelineMode(c));
+	ck_assert_int_eq(PQstatus(c), CONNECTION_OK);
+	/* The connection lost under a statement: CW_EUNAVAIL. */
+	r = PQexec(c, "SELECT pg_terminate_backend(pg_backend_pid())");
+	ck_assert_int_eq(store_check(c, r, PGRES_TUPLES_OK, &e), CW_EUNAVAIL);
+	ck_assert_msg(strstr(e.msg, "database connection lost"), "%s", e.msg);
+	PQfinish(c);
+}
+END_TEST
+
 int main(int argc, char **argv)
 {
 	cw_log_set_level(CW_LOG_WARN);
@@ -915,6 +964,7 @@ int main(int argc, char **argv)
 	tcase_add_test(tc, a_pipeline_reports_its_first_failure_and_clears_every_result);
 	tcase_add_test(tc, a_pipeline_takes_rows_or_a_command_only);
 	tcase_add_test(tc, a_pipeline_is_refused_on_a_connection_not_idle);
+	tcase_add_test(tc, a_wrong_status_is_a_bug_not_a_lost_connection);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
 }
