@@ -2781,6 +2781,27 @@ static cw_err ob_rows_add(struct cw_buf *oc, const char *n, json_t *dests, json_
 	return CW_OK;
 }
 
+/* The columns oc of the statement submit_write_local: the outbox rows of
+ * each item round 1 writes (ob_rows_add), in its order. */
+static cw_err ob_cols_build(const struct submit *b, struct cw_buf *oc)
+{
+	size_t rows = 0;
+	for (size_t k = 0; k < OC_COLS; k++)
+		if (text_array_begin(&oc[k]))
+			return CW_ENOMEM;
+	for (size_t i = 0; i < b->n; i++) {
+		char n[24];
+		if (!b->items[i] || !b->write[i])
+			continue;
+		snprintf(n, sizeof(n), "%zu", i);
+		if (ob_rows_add(oc, n, b->dests[i], b->targets[i], b->states[i], &rows))
+			return CW_ENOMEM;
+	}
+	for (size_t k = 0; k < OC_COLS; k++)
+		text_array_end(&oc[k], rows);
+	return CW_OK;
+}
+
 /* A reference in round 1's columns: the event's id in col, NULL; or (the
  * item names an earlier item of the job, "#j") NULL and in key_col that
  * item's public id; else both NULL. */
@@ -3084,7 +3105,7 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 		cw_buf_init(&cols[k], SIZE_MAX / 2);
 	for (size_t k = 0; k < OC_COLS; k++)
 		cw_buf_init(&oc[k], SIZE_MAX / 2);
-	size_t items = 0, ob_rows = 0;
+	size_t items = 0;
 	bool plain = json_array_size(b->audit) == 0; /* round 1: the plain statement will do */
 	bool refs = false;                           /* round 1: an item names an earlier one */
 	bool stored = false;                         /* round 1: an item names a stored event */
@@ -3094,8 +3115,6 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 	cw_err rc = round == 0 ? (cw_buf_add(&doc, "[", 1) ? CW_ENOMEM : CW_OK) : CW_OK;
 	for (size_t k = 0; round == 1 && k < WC_COLS && !rc; k++)
 		rc = text_array_begin(&cols[k]);
-	for (size_t k = 0; round == 1 && k < OC_COLS && !rc; k++)
-		rc = text_array_begin(&oc[k]);
 	for (size_t i = 0; i < b->n && !rc; i++) {
 		struct msg_input *in = b->items[i];
 		if (!in || (round == 1 && !b->write[i]))
@@ -3170,18 +3189,21 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 		local = local && !in->p && !in->nonces;
 		plain = plain && !in->read_receipt && !json_array_size(b->held[i]) && !json_array_size(b->outbound[i]) &&
 			!b->wrote[i] && !in->block_target[0];
-		/* the local statement's outbox rows, while it is still the
-		 * one (each flag, once false, stays so) */
-		if (!rc && plain && local && !group && !stored && !refs)
-			rc = ob_rows_add(oc, n, b->dests[i], b->targets[i], b->states[i], &ob_rows);
 	}
 	policy_view_put(v);
+	/* Round 1's write is the statement submit_write_local (WRITE_ITEMS_LOCAL,
+	 * its outbox rows the columns oc) for a plain job of local senders'
+	 * items naming no event, in no group: decided here once, from the
+	 * flags of all its items, for the rows, the statement and its
+	 * parameters alike (until the fifty-sixth session in three spellings:
+	 * the loop's, the statement's choice, and a strcmp of its name). */
+	bool local_stmt = round == 1 && plain && local && !group && !stored && !refs;
 	if (!rc && round == 0 && cw_buf_add(&doc, "]", 1))
 		rc = CW_ENOMEM;
 	for (size_t k = 0; round == 1 && k < WC_COLS && !rc; k++)
 		text_array_end(&cols[k], items);
-	for (size_t k = 0; round == 1 && k < OC_COLS && !rc; k++)
-		text_array_end(&oc[k], ob_rows);
+	if (!rc && local_stmt)
+		rc = ob_cols_build(b, oc);
 	if (rc)
 		rc = cw_fail(e, rc, "cannot build the statement's parameters (out of memory, or an id not UTF-8)");
 	else if (round == 0 && items)
@@ -3195,18 +3217,17 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 		 * (DELETED_TARGETS) or with items naming earlier ones (its
 		 * event ids drawn after the locks: WRITE_EVENTS_REFS_OF):
 		 * its rooms' locks first */
-		const char *w = refs ? "submit_write_refs"
-			      : plain ? (stored		     ? "submit_write_plain"
-					 : local && !group ? "submit_write_local"
-							   : "submit_write_plain_norefs")
-				      : (stored ? "submit_write" : "submit_write_norefs");
+		const char *w = refs	     ? "submit_write_refs"
+				: local_stmt ? "submit_write_local"
+				: plain	     ? (stored ? "submit_write_plain" : "submit_write_plain_norefs")
+					     : (stored ? "submit_write" : "submit_write_norefs");
 		char name[40];
 		snprintf(name, sizeof(name), "%s%s", w, group ? "_g" : "");
 		if ((plain || (rc = lock_users_send(c, b, bound, e)) == CW_OK) &&
 		    (!(group || chk || refs) || (rc = lock_rooms_send(c, b, e)) == CW_OK) &&
 		    (!group || (rc = joins_send(c, b, e)) == CW_OK))
-			rc = write_send(c, name, cols, strcmp(name, "submit_write_local") == 0 ? oc : NULL, expiry, win,
-					bound, plain && !refs ? NULL : b->audit, e);
+			rc = write_send(c, name, cols, local_stmt ? oc : NULL, expiry, win, bound,
+					plain && !refs ? NULL : b->audit, e);
 		if (!rc)
 			rc = leaves_send(c, b, e);
 	}
