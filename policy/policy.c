@@ -708,6 +708,18 @@ static inline struct part mkpart(const char *s)
 	return p;
 }
 
+/* Whether remote user r blocked local user l: f holds l's facts
+ * (facts_of).  Asked by the decision (outbound, step 2) and by
+ * policy_remote_block_fact (the gateway's recheck of her waiting rows):
+ * one lookup, so that the two never disagree.  An empty uri is no one. */
+static inline bool remote_block(const struct policy_snapshot *f, const struct part *r, const struct part *l)
+{
+	if (r->n == 0 || l->n == 0)
+		return false;
+	struct part k[2] = { *r, *l };
+	return table_find(&f->blocks, f->arena, k, 2) != NULL;
+}
+
 static inline void mkparty(struct pparty *pp, const struct policy_party *p, bool present)
 {
 	pp->present = present;
@@ -1150,12 +1162,9 @@ void policy_decide(const struct policy_snapshot *ov, const struct policy_request
 						    : "user_blocked_domain", 0);
 			return;
 		}
-		if (dir == POLICY_OUTBOUND && f->blocks.count && p->uri.n && local->uri.n) {
-			struct part k[2] = { p->uri, local->uri };
-			if (table_find(&f->blocks, f->arena, k, 2)) {
-				set(d, POLICY_DENY, "recipient_blocked_sender", 0);
-				return;
-			}
+		if (dir == POLICY_OUTBOUND && remote_block(f, &p->uri, &local->uri)) {
+			set(d, POLICY_DENY, "recipient_blocked_sender", 0);
+			return;
 		}
 	}
 
@@ -1278,12 +1287,10 @@ int policy_consent_fact(const struct policy_snapshot *s, const char *local_uri, 
 
 bool policy_remote_block_fact(const struct policy_snapshot *s, const char *remote_uri, const char *local_uri)
 {
-	if (!s || !remote_uri || !local_uri || !*remote_uri || !*local_uri)
+	if (!s || !remote_uri || !local_uri)
 		return false;
-	struct part l = mkpart(local_uri);
-	const struct policy_snapshot *f = facts_of(s, &l);
-	struct part k[2] = { mkpart(remote_uri), l };
-	return f->blocks.count && table_find(&f->blocks, f->arena, k, 2);
+	struct part l = mkpart(local_uri), r = mkpart(remote_uri);
+	return remote_block(facts_of(s, &l), &r, &l);
 }
 
 /* ------------------------------------------------------------------ names */
