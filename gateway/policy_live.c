@@ -1090,7 +1090,8 @@ static const char *const recheck_state_sql[] = {
  * blocked them lately (blocks: a peer's POST /v1/blocks, block event or
  * revoked consent, of the last BLOCKS_LATELY: an older block's rows were
  * walked when it came, and a NOTIFY naming her for another fact walks
- * nothing here), pending (in flight, a row is the lane's to decide if its
+ * nothing here, nor runs this statement when the view holds no such block
+ * of the users: recheck_turn, blocked_lately), pending (in flight, a row is the lane's to decide if its
  * try fails, policy_live_screen_claim; not dead or failed: no index serves
  * them by room and destination, a dead letter dropped untold would lose
  * her "Not delivered" notice, and one comes back only by the admin's
@@ -2479,9 +2480,37 @@ static size_t view_list(const struct policy_view *v, bool blocks, const struct p
 	return blocks ? v->nblocks_lately : v->nouts;
 }
 
+/* The view of v whose lists hold local user id's facts: an overlay's own
+ * for the users it holds, its base's for the others. */
+static const struct policy_view *view_of(const struct policy_view *v, int64_t id)
+{
+	for (size_t k = 0; v->base && k < v->nusers; k++)
+		if (v->users[k] == id)
+			return v;
+	return v->base ? v->base : v;
+}
+
+static int optout_id_cmp(const void *a, const void *b)
+{
+	const struct policy_optout *x = a, *y = b;
+	return x->id < y->id ? -1 : x->id > y->id;
+}
+
+/* Whether one of the local users ids (n) has a remote block of the last
+ * BLOCKS_LATELY in v (policy_view.blocks_lately, as of v's load). */
+static bool blocked_lately(const struct policy_view *v, const int64_t *ids, size_t n)
+{
+	for (size_t i = 0; i < n; i++) {
+		const struct policy_optout *l, key = { ids[i], 0 };
+		size_t ln = view_list(view_of(v, ids[i]), true, &l);
+		if (ln && bsearch(&key, l, ln, sizeof(*l), optout_id_cmp))
+			return true;
+	}
+	return false;
+}
+
 static long opt_outs_new(const struct policy_view *cur, const struct policy_view *v, bool blocks, int64_t **ids)
 {
-	const struct policy_view *base = cur->base ? cur->base : cur;
 	const struct policy_optout *vl;
 	size_t vn = view_list(v, blocks, &vl);
 	long n = 0;
@@ -2489,12 +2518,8 @@ static long opt_outs_new(const struct policy_view *cur, const struct policy_view
 	if (vn && !*ids)
 		return -1;
 	for (size_t i = 0; i < vn; i++) {
-		const struct policy_view *of = base;
-		for (size_t k = 0; cur->base && k < cur->nusers; k++)
-			if (cur->users[k] == vl[i].id)
-				of = cur;
 		const struct policy_optout *ol;
-		size_t on = view_list(of, blocks, &ol);
+		size_t on = view_list(view_of(cur, vl[i].id), blocks, &ol);
 		if (on && bsearch(&vl[i], ol, on, sizeof(*ol), optout_cmp))
 			continue;
 		if (n == 0 || (*ids)[n - 1] != vl[i].id) /* in user order */
@@ -2934,6 +2959,20 @@ static bool recheck_turn(struct policy_live *pl)
 	if (pl->nkept && cw_now_us() >= pl->kept_at_us)
 		kept_turn(pl, v);
 	bool pass = pl->recheck_state < RECHECK_STATES;
+	/* The walk's last kind (RECHECK_BLOCKED_ROWS) is not asked of the
+	 * database for users none of whom has a remote block of the last
+	 * BLOCKS_LATELY in v: most walks (a NOTIFY naming her for a consent,
+	 * an opt-in) have none.  No drop is lost: a block v holds but not
+	 * among its recent ones was older than BLOCKS_LATELY at v's load,
+	 * and the statement leaves it too; a row found for a block v does
+	 * not hold is not dropped under v (recipients_blocked_her asks v),
+	 * and that block's NOTIFY, or the whole reload that finds it, names
+	 * her again and is loaded before her walk's next turn (her walk
+	 * anew, or this one's last kind still to come).  Until the
+	 * fifty-sixth session it ran at every walk: a statement for nothing. */
+	if (!pass && pl->nrecheck_users && pl->users_kind == RECHECK_USER_KINDS - 1 &&
+	    !blocked_lately(v, pl->recheck_users, pl->nrecheck_users))
+		pl->nrecheck_users = 0; /* the last kind: the walk is over */
 	if (!pass && pl->nrecheck_users == 0) {
 		policy_view_put(v);
 		if (!pl->nkept)

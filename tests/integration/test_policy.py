@@ -4627,6 +4627,57 @@ def test_a_block_of_more_users_than_its_notify_names_leaves_their_waiting_rows_a
     assert "recheck of waiting rows failed" not in daemon.log()
 
 
+def test_her_walk_reads_her_rows_to_a_blocker_only_when_a_remote_block_of_her_is_recent(make_daemon, pg_planned):
+    """A NOTIFY naming a local user (here her consents: three of them) has
+    her rows decided again, one kind after the other (recheck_users_sql);
+    the last kind, her rows to the peers of remote users who blocked her
+    lately (RECHECK_BLOCKED_ROWS), is not even asked of the database when
+    the view she is decided with holds no remote block of her of the last
+    BLOCKS_LATELY: it could find nothing, and what it found would not be
+    dropped under that view anyway.  Until the fifty-sixth session it ran
+    at every walk of every user, a statement for nothing.  A block of her
+    by wally still drops what she wrote him and still waits for his peer
+    (pending, its retry not due), by that statement."""
+    db_url = pg_planned.new_database("t_blocked_rows_only_when_recent")
+    d = make_daemon(db_url).start()
+    made = push_peers(d)
+    try:
+        (a, _), _ = made
+        wally = a.user("wally")
+        room = a.create_room([wally, ALICE]).json()
+        rid = pg_planned.psql(f"SELECT m.room_id FROM room_members m JOIN identities i ON i.id = m.identity_id "
+                              f"WHERE i.uri = '{wally}'", db_url)
+        pg_planned.psql("INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
+                        f"SELECT 'msg_hers_' || g, {rid}, i.id, 'message', jsonb_build_object('type', 'message', "
+                        "'sender', i.uri, 'content', jsonb_build_object('text', 'hi')), i.network, 0 "
+                        f"FROM identities i, generate_series(1, 3) g WHERE i.uri = '{ALICE}' ORDER BY g", db_url)
+        pg_planned.psql("INSERT INTO outbox (event_id, destination, room_id, state, next_attempt_at) SELECT e.id, "
+                        "'peer:gk', e.room_id, 'pending', now() + interval '1 hour' FROM events e "
+                        "WHERE e.public_id LIKE 'msg_hers_%' ORDER BY e.id", db_url)
+        waiting = ("SELECT string_agg(o.state || ':' || n, ',' ORDER BY o.state) FROM (SELECT o.state, count(*) AS n "
+                   "FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id LIKE 'msg_hers_%' GROUP BY 1) o")
+        opted_rooms = "WITH RECURSIVE ou AS MATERIALIZED (SELECT array_agg(DISTINCT identity_id)"  # the third kind
+        blocked = "WITH bu AS MATERIALIZED (SELECT DISTINCT m.room_id, "  # the last
+        for i, who in enumerate(("ed", "fay", "gus")):
+            consent(d, a.user(who), "allowed")
+            wait_until(lambda: pg_planned.planned(db_url, opted_rooms)[0] >= i + 1, timeout=30,
+                       what=f"her walk's third kind after consent {i + 1}")
+        time.sleep(1.0)  # the last kind comes a turn after the third: at once, the walk having more to do
+        assert pg_planned.planned(db_url, blocked)[0] == 0
+        assert pg_planned.psql(waiting, db_url) == "pending:3"
+        r = a.call("POST", "/v1/batch", {"events": [
+            {"idempotency_key": idem(), "room": room["uri"],
+             "event": {"type": "block", "sender": wally, "content": {"target": ALICE, "action": "block"}}}]})
+        assert r.status_code == 200 and r.json()["results"][0]["status"] == "accepted", r.text
+        wait_until(lambda: pg_planned.psql(waiting, db_url) == "dropped:3", timeout=30,
+                   what="her rows to the peer of wally, who blocked her, dropped")
+        assert pg_planned.planned(db_url, blocked)[0] >= 1
+        assert "recheck of waiting rows failed" not in d.log()
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
 def test_a_rule_change_decides_the_waiting_rows_once_when_none_is_in_flight(make_daemon, db_url, pg):
     """A rule with a mode decides every waiting row again by one pass; the
     pass after the claims in flight at its start comes only when some
