@@ -167,9 +167,10 @@ static cw_err query_ids(PGconn *c, const char *sql, const char *ids, PGresult **
 	return store_check(c, *out, PGRES_TUPLES_OK, e);
 }
 
-/* The opt-outs a load read (policy_view.outs), as it reads them. */
-struct optouts {
-	struct policy_optout *v;
+/* The opt-outs or the recent remote blocks a load read (policy_view.outs,
+ * blocks_lately), as it reads them. */
+struct fact_list {
+	struct policy_user_fact *v;
 	size_t n, cap;
 };
 
@@ -179,20 +180,20 @@ struct optouts {
  * (or policy.reload_interval_s is) less than that (docs/policy.md). */
 #define BLOCKS_LATELY "10 minutes"
 
-static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, struct optouts *outs,
-			 struct optouts *lately, cw_errmsg *e);
+static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, struct fact_list *outs,
+			 struct fact_list *lately, cw_errmsg *e);
 
-static int optout_cmp(const void *a, const void *b)
+static int user_fact_cmp(const void *a, const void *b)
 {
-	const struct policy_optout *x = a, *y = b;
+	const struct policy_user_fact *x = a, *y = b;
 	if (x->id != y->id)
 		return x->id < y->id ? -1 : 1;
-	return x->net < y->net ? -1 : x->net > y->net;
+	return x->about < y->about ? -1 : x->about > y->about;
 }
 
 struct load_all_arg {
 	struct policy_settings set;
-	struct optouts outs, lately;
+	struct fact_list outs, lately;
 	enum policy_mode kept_mode; /* for a default mode that cannot be read */
 	char bad_mode[64];          /* that row's value, for the log */
 };
@@ -289,11 +290,11 @@ static cw_err load_all(PGconn *c, struct policy_builder *b, void *arg, cw_errmsg
 }
 
 /* An entry more of list l; false out of memory. */
-static bool optouts_add(struct optouts *l, struct policy_optout x)
+static bool fact_list_add(struct fact_list *l, struct policy_user_fact x)
 {
 	if (l->n == l->cap) {
 		size_t cap = l->cap ? 2 * l->cap : 16;
-		struct policy_optout *v = realloc(l->v, cap * sizeof(*v));
+		struct policy_user_fact *v = realloc(l->v, cap * sizeof(*v));
 		if (!v)
 			return false;
 		l->v = v;
@@ -307,8 +308,8 @@ static bool optouts_add(struct optouts *l, struct policy_optout x)
  * (NULL); the opt-outs into outs, in (user, network) order; the remote
  * blocks of the last minutes into lately (policy_view.blocks_lately), in
  * (user, blocker) order. */
-static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, struct optouts *outs,
-			 struct optouts *lately, cw_errmsg *e)
+static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, struct fact_list *outs,
+			 struct fact_list *lately, cw_errmsg *e)
 {
 	PGresult *r;
 	cw_err rc;
@@ -317,24 +318,16 @@ static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, s
 			   "OR o.identity_id = ANY($1::bigint[])", ids, &r, e)))
 		return rc;
 	for (int i = 0; i < PQntuples(r); i++) {
-		if (PQgetvalue(r, i, 2)[0] != 't') {
-			if (outs->n == outs->cap) {
-				size_t cap = outs->cap ? 2 * outs->cap : 16;
-				struct policy_optout *v = realloc(outs->v, cap * sizeof(*v));
-				if (!v)
-					goto oom;
-				outs->v = v;
-				outs->cap = cap;
-			}
-			outs->v[outs->n++] = (struct policy_optout){ atoll(PQgetvalue(r, i, 3)),
-								     fnv1a_field(FNV1A_START, PQgetvalue(r, i, 1)) };
-		}
+		if (PQgetvalue(r, i, 2)[0] != 't' &&
+		    !fact_list_add(outs, (struct policy_user_fact){ atoll(PQgetvalue(r, i, 3)),
+								   fnv1a_field(FNV1A_START, PQgetvalue(r, i, 1)) }))
+			goto oom;
 		if (policy_builder_optin(b, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), PQgetvalue(r, i, 2)[0] == 't') == -2)
 			goto oom;
 	}
 	PQclear(r);
 	if (outs->n > 1)
-		qsort(outs->v, outs->n, sizeof(*outs->v), optout_cmp);
+		qsort(outs->v, outs->n, sizeof(*outs->v), user_fact_cmp);
 
 	if ((rc = query_ids(c, "SELECT i.uri, c.subject_kind = 'domain', c.subject, c.state = 'allowed' FROM consents c "
 			   "JOIN identities i ON i.id = c.local_identity_id WHERE $1::bigint[] IS NULL "
@@ -356,13 +349,13 @@ static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, s
 		if (policy_builder_remote_block(b, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1)) == -2)
 			goto oom;
 		if (PQgetvalue(r, i, 4)[0] == 't' &&
-		    !optouts_add(lately, (struct policy_optout){ atoll(PQgetvalue(r, i, 2)),
+		    !fact_list_add(lately, (struct policy_user_fact){ atoll(PQgetvalue(r, i, 2)),
 								  (uint64_t)atoll(PQgetvalue(r, i, 3)) }))
 			goto oom;
 	}
 	PQclear(r);
 	if (lately->n > 1)
-		qsort(lately->v, lately->n, sizeof(*lately->v), optout_cmp);
+		qsort(lately->v, lately->n, sizeof(*lately->v), user_fact_cmp);
 	return CW_OK;
 oom:
 	PQclear(r);
@@ -444,7 +437,7 @@ cw_err policy_load(PGconn *c, uint64_t version, const struct policy_view *prev, 
  * whether one of them opted out of a network. */
 struct users_fill {
 	const char *ids;
-	struct optouts outs, lately;
+	struct fact_list outs, lately;
 };
 static cw_err fill_users(PGconn *c, struct policy_builder *b, void *arg, cw_errmsg *e)
 {
@@ -2469,12 +2462,9 @@ static bool put_in_force(struct policy_live *pl, cw_err rc, struct policy_view *
 	return true;
 }
 
-/* The users with an opt-out in v (a whole load) that the view in force,
- * cur, has not (its overlay's, for the users it holds; else its base's):
- * their ids into *ids (malloc'd), how many; -1 out of memory. */
 /* A view's list of opt-outs (blocks false) or of remote blocks of the
  * last minutes (true), into *l, how many. */
-static size_t view_list(const struct policy_view *v, bool blocks, const struct policy_optout **l)
+static size_t view_list(const struct policy_view *v, bool blocks, const struct policy_user_fact **l)
 {
 	*l = blocks ? v->blocks_lately : v->outs;
 	return blocks ? v->nblocks_lately : v->nouts;
@@ -2490,9 +2480,9 @@ static const struct policy_view *view_of(const struct policy_view *v, int64_t id
 	return v->base ? v->base : v;
 }
 
-static int optout_id_cmp(const void *a, const void *b)
+static int user_fact_id_cmp(const void *a, const void *b)
 {
-	const struct policy_optout *x = a, *y = b;
+	const struct policy_user_fact *x = a, *y = b;
 	return x->id < y->id ? -1 : x->id > y->id;
 }
 
@@ -2501,26 +2491,30 @@ static int optout_id_cmp(const void *a, const void *b)
 static bool blocked_lately(const struct policy_view *v, const int64_t *ids, size_t n)
 {
 	for (size_t i = 0; i < n; i++) {
-		const struct policy_optout *l, key = { ids[i], 0 };
+		const struct policy_user_fact *l, key = { ids[i], 0 };
 		size_t ln = view_list(view_of(v, ids[i]), true, &l);
-		if (ln && bsearch(&key, l, ln, sizeof(*l), optout_id_cmp))
+		if (ln && bsearch(&key, l, ln, sizeof(*l), user_fact_id_cmp))
 			return true;
 	}
 	return false;
 }
 
-static long opt_outs_new(const struct policy_view *cur, const struct policy_view *v, bool blocks, int64_t **ids)
+/* The users with an opt-out (blocks false) or a remote block of the last
+ * minutes (true) in v (a whole load) that the view in force, cur, has not
+ * (its overlay's, for the users it holds; else its base's): their ids
+ * into *ids (malloc'd), how many; -1 out of memory. */
+static long facts_new(const struct policy_view *cur, const struct policy_view *v, bool blocks, int64_t **ids)
 {
-	const struct policy_optout *vl;
+	const struct policy_user_fact *vl;
 	size_t vn = view_list(v, blocks, &vl);
 	long n = 0;
 	*ids = vn ? malloc(vn * sizeof(**ids)) : NULL;
 	if (vn && !*ids)
 		return -1;
 	for (size_t i = 0; i < vn; i++) {
-		const struct policy_optout *ol;
+		const struct policy_user_fact *ol;
 		size_t on = view_list(view_of(cur, vl[i].id), blocks, &ol);
-		if (on && bsearch(&vl[i], ol, on, sizeof(*ol), optout_cmp))
+		if (on && bsearch(&vl[i], ol, on, sizeof(*ol), user_fact_cmp))
 			continue;
 		if (n == 0 || (*ids)[n - 1] != vl[i].id) /* in user order */
 			(*ids)[n++] = vl[i].id;
@@ -2545,8 +2539,8 @@ static bool reload(struct policy_live *pl, bool *hook_ok)
 	struct policy_view *cur = policy_live_get(pl);
 	cw_err rc = policy_load(pl->c, ++pl->version, cur->base ? cur->base : cur, &v, &e);
 	int64_t *ids = NULL, *bids = NULL;
-	long n = rc ? 0 : opt_outs_new(cur, v, false, &ids);
-	long nb = rc ? 0 : opt_outs_new(cur, v, true, &bids);
+	long n = rc ? 0 : facts_new(cur, v, false, &ids);
+	long nb = rc ? 0 : facts_new(cur, v, true, &bids);
 	if (!rc)
 		v->opted_out = n != 0 || nb != 0;
 	policy_view_put(cur);

@@ -99,18 +99,21 @@ struct policy_view {
 	 * a block of blocks_lately the view before it had not): a change for
 	 * the dispatcher's claims (swap_in). */
 	bool opted_out;
-	/* The opt-outs the load read (a full view: all; an overlay: its
-	 * users'), in (user, network) order: a whole reload decides again the
-	 * rows of the users it finds a new one of (their walk), not every
-	 * waiting row (policy_live.c, opt_outs_new). */
-	struct policy_optout { int64_t id; uint64_t net; } *outs;
+	/* A local user's fact as the two lists below hold it: her identity
+	 * id and what it is about (an opt-out: the network's FNV-1a hash; a
+	 * remote block: the blocker's identity id), each list in (id, about)
+	 * order.  The opt-outs the load read (a full view: all; an overlay:
+	 * its users'): a whole reload decides again the rows of the users it
+	 * finds a new one of (their walk), not every waiting row
+	 * (policy_live.c, facts_new). */
+	struct policy_user_fact { int64_t id; uint64_t about; } *outs;
 	size_t nouts;
 	/* The remote users' blocks of local users (blocks) of the last
-	 * minutes the load read, as (local user, blocker) in that order (the
-	 * blocker's id in net): a whole reload decides again the rows to his
+	 * minutes the load read: a whole reload decides again the rows to his
 	 * peer of the users it finds a new one of (their walk), as a NOTIFY
-	 * naming her does. */
-	struct policy_optout *blocks_lately;
+	 * naming her does; a walk reads her rows to a blocker's peer only for
+	 * a user listed here (policy_live.c, blocked_lately). */
+	struct policy_user_fact *blocks_lately;
 	size_t nblocks_lately;
 };
 
