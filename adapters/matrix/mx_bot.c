@@ -1098,13 +1098,29 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 	}
 	/* A user has one management room: a new one takes over.  The old
 	 * one would otherwise stay a room with the bot in it where commands
-	 * get no answer at all: the bot says where it went, and leaves. */
-	const char *params[] = { sender, room, local_id };
+	 * get no answer at all: the bot says where it went, and leaves.
+	 * The bot's words still queued for her there (a command's or a
+	 * report's answer the homeserver did not take at once, an expiry:
+	 * its own, or the room's notices, as end_mgmt_room hushes them) go
+	 * to the new room with the move, in the same statement: once the old
+	 * room is no management room, notices could no longer tell them from
+	 * words of another room (hers_alone's 0), and said them there,
+	 * unlooked at, to whoever is in it (until the fifty-sixth session
+	 * they were, before the "moved" word and the leave queued behind
+	 * them).  Due at once there: what held one back (the old room's
+	 * failed sends) is not the new room's.  Their ids come back (text,
+	 * NULL for none): given back to the old room if the new one is
+	 * given up below. */
+	const char *params[] = { sender, room, local_id, m->bot };
 	PGresult *r = PQexecParams(c,
 		"WITH old AS (SELECT room_id FROM matrix_mgmt_rooms WHERE user_id = $1 AND room_id <> $2), "
 		"up AS (INSERT INTO matrix_mgmt_rooms (user_id, room_id, identity_id) VALUES ($1, $2, $3::bigint) "
-		" ON CONFLICT (user_id) DO UPDATE SET room_id = excluded.room_id) "
-		"SELECT room_id FROM old", 3, NULL, params, NULL, NULL, 0);
+		" ON CONFLICT (user_id) DO UPDATE SET room_id = excluded.room_id), "
+		"moved AS (UPDATE matrix_notices SET room_id = $2, next_at = least(next_at, now()) "
+		" WHERE room_id = (SELECT room_id FROM old) "
+		" AND done_at IS NULL AND NOT then_leave AND (sender IS NULL OR sender = $4) RETURNING id) "
+		"SELECT room_id, (SELECT array_agg(id ORDER BY id) FROM moved)::text FROM old",
+		4, NULL, params, NULL, NULL, 0);
 	if (store_check(c, r, PGRES_TUPLES_OK, &e)) {
 		LOG_KV(CW_LOG_WARN, "cannot record a management room", "detail", e.msg);
 		return false;
@@ -1123,15 +1139,28 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 	if ((others = others_in(m, room, NULL, sender)) != 0 || (enc = room_encrypted(m, room, NULL)) != 0) {
 		/* someone came in meanwhile, or the room is encrypted (or no
 		 * answer for now): the old room, if any, is hers again, else
-		 * she has none */
-		const char *gp[] = { sender, room, PQntuples(r) == 1 ? PQgetvalue(r, 0, 0) : NULL };
+		 * she has none.  Her words moved with the room go back with
+		 * it; where the old room is not hers again they are done with,
+		 * unsaid, as an ended room's are: left in this room, they
+		 * would be said before the bot's leave, as words of a room
+		 * that is no management room, to whoever came in.  (This
+		 * statement failing leaves the room hers, and its words
+		 * looked at as hers: notices ends it if someone else is in.) */
+		bool had = PQntuples(r) == 1;
+		const char *gp[] = { sender, room, had ? PQgetvalue(r, 0, 0) : NULL,
+				     had && !PQgetisnull(r, 0, 1) ? PQgetvalue(r, 0, 1) : NULL };
 		PGresult *g = PQexecParams(c,
 			"WITH back AS (UPDATE matrix_mgmt_rooms SET room_id = $3::text "
 			" WHERE user_id = $1 AND room_id = $2 AND $3::text IS NOT NULL "
-			" AND NOT EXISTS (SELECT 1 FROM matrix_mgmt_rooms o WHERE o.room_id = $3::text) RETURNING 1) "
+			" AND NOT EXISTS (SELECT 1 FROM matrix_mgmt_rooms o WHERE o.room_id = $3::text) RETURNING 1), "
+			"words AS (UPDATE matrix_notices SET room_id = CASE WHEN EXISTS (SELECT 1 FROM back) "
+			" THEN $3::text ELSE room_id END, "
+			" done_at = CASE WHEN EXISTS (SELECT 1 FROM back) THEN done_at ELSE now() END, "
+			" next_at = CASE WHEN EXISTS (SELECT 1 FROM back) THEN next_at ELSE 'infinity' END "
+			" WHERE id = ANY ($4::bigint[]) AND room_id = $2 AND done_at IS NULL) "
 			"DELETE FROM matrix_mgmt_rooms WHERE user_id = $1 AND room_id = $2 "
 			" AND NOT EXISTS (SELECT 1 FROM back)",
-			3, NULL, gp, NULL, NULL, 0);
+			4, NULL, gp, NULL, NULL, 0);
 		cw_err grc = store_check(c, g, PGRES_COMMAND_OK, &e);
 		PQclear(r);
 		if (!grc)

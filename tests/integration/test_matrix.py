@@ -1990,6 +1990,60 @@ def test_a_second_management_room_takes_over_and_the_first_says_so(mx, hs, pg, d
     assert hs.members(second).get(bot) == "join"
 
 
+@pytest.mark.parametrize("new", ["plain", "encrypted"])
+def test_the_bots_words_queued_in_a_management_room_she_moved_from_go_with_her(mx, hs, pg, db_url, new):
+    """Two words of the bot's wait for alice in her management room (one of
+    the room's notices, as a report's answer is, and one of the bot's own
+    with its transaction id, as a command's answer the homeserver did not
+    take at once), held back as a failed send holds them.  She opens a new
+    room with the bot: the words go there with the move, due at once, and
+    nothing of hers is said in the old room, where bob is now (invited by
+    her once the bot moved).  Until the fifty-sixth session they stayed in
+    the old room, words of a room that was no management room any more,
+    and went out there unlooked at, to bob, before the "moved" word and the
+    leave queued behind them.  A new room the bot gives up (encrypted) gives
+    her old room back, and the words with it: said there, never in the
+    encrypted room before the bot's leave."""
+    bot = "@_cw_bot:example.org"
+    alice, first, said_first = alice_and_the_bot(hs)
+    hs.create_user("bob")
+    pg.psql("INSERT INTO matrix_notices (room_id, body, next_at) VALUES ('%s', 'word 1', now() + interval '1 hour'); "
+            "INSERT INTO matrix_notices (room_id, body, sender, txn_id, next_at) "
+            "VALUES ('%s', 'word 2', '%s', 'test-word-2', now() + interval '1 hour')" % (first, first, bot), db_url)
+    words = "SELECT room_id FROM matrix_notices WHERE body LIKE 'word %' AND done_at IS NULL GROUP BY room_id"
+
+    def said(room):
+        return [e["content"]["body"] for e in hs.events(room) if e["type"] == "m.room.message" and e["sender"] == bot]
+    if new == "encrypted":
+        second = alice.create_dm(bot, initial_state=[{"type": "m.room.encryption",
+                                                      "content": {"algorithm": "m.megolm.v1.aes-sha2"}}])
+        wait_until(lambda: hs.members(second).get(bot) == "leave", what="the bot leaving the encrypted room")
+        assert pg.psql("SELECT room_id FROM matrix_mgmt_rooms", db_url) == first
+        # back with the room (due at once as the move made them, or later)
+        pg.psql("UPDATE matrix_notices SET next_at = now() WHERE body LIKE 'word %' AND done_at IS NULL; "
+                "NOTIFY causeway_matrix_bot", db_url)
+        wait_until(lambda: "word 2" in said_first(), what="the words said in her room")
+        assert pg.psql(words, db_url) == ""
+        assert [w for w in said_first() if w.startswith("word ")] == ["word 1", "word 2"], said_first()
+        assert not [w for w in said(second) if w.startswith("word ")], said(second)
+        assert hs.members(first).get(bot) == "join"
+        return
+    second = alice.create_room(preset="private_chat", is_direct=True, invite=[bot])
+    wait_until(lambda: pg.psql("SELECT room_id FROM matrix_mgmt_rooms", db_url) == second, what="the move")
+    wait_until(lambda: any("Commands" in w for w in said(second)), what="the bot's help in the new room")
+    alice.invite(first, "@bob:example.org")
+    # whatever held them back: due now, wherever they are
+    pg.psql("UPDATE matrix_notices SET next_at = now() WHERE body LIKE 'word %' AND done_at IS NULL; "
+            "NOTIFY causeway_matrix_bot", db_url)
+    wait_until(lambda: hs.members(first).get(bot) == "leave", timeout=30, what="the bot leaving the old room")
+    time.sleep(1)
+    assert not [w for w in said_first() if w.startswith("word ")], said_first()
+    assert "new room with me" in said_first()[-1], said_first()
+    wait_until(lambda: "word 2" in said(second), what="the words said in her new room")
+    assert [w for w in said(second) if w.startswith("word ")] == ["word 1", "word 2"], said(second)
+    assert pg.psql(words, db_url) == ""
+
+
 def test_a_command_in_a_transaction_sent_again_runs_once(mx, hs, gk, pg, db_url):
     """The homeserver does not get the answer to the transaction that
     carried alice's command (a dropped connection), and sends the same
