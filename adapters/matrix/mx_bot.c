@@ -3380,12 +3380,28 @@ static void invitees_joined(struct matrix *m, PGconn *c)
  * the prefix, server the server name's; bot the bot's), invited or
  * joining, waiting in the bot's inbox (stored by the transaction path,
  * matrix.c txn_bot_send, for the bot to handle after the batch it is in:
- * intruded).  The unhandled rows are few (matrix_bot_inbox_due_idx). */
+ * intruded).
+ *
+ * The room's rows are found by matrix_bot_inbox_room_idx (schema/054), a
+ * probe of mr's room alone, whatever the number of unhandled rows: those
+ * waiting for a retry (the homeserver did not answer their handling) are
+ * as many as the bot's events during an outage, thousands, and until the
+ * fifty-sixth session every one was read (matrix_bot_inbox_due_idx, its
+ * event parsed) for each look: BOT_REQUESTS, whose planner took the jsonb
+ * conditions for 2 or 3 rows and compared each with each request read
+ * (half a second a round at 10,000 rows), and each send's look (10-600
+ * ms).  OFFSET 0 keeps the subquery a probe per room (the planner may not
+ * make it an anti-join over all of them); "(handled_at IS NULL) IS TRUE"
+ * says the same as "handled_at IS NULL" in a form the due index's
+ * predicate cannot be proved from, so that stale statistics, which take
+ * that index for empty, do not choose it (docs/performance.md,
+ * "Fifty-sixth session"). */
 #define INBOX_NEWCOMER(mr, bot, prefix, server)                                                                      \
-	"EXISTS (SELECT 1 FROM matrix_bot_inbox b WHERE b.handled_at IS NULL AND b.event->>'room_id' = " mr ".room_id " \
+	"EXISTS (SELECT 1 FROM matrix_bot_inbox b WHERE (b.handled_at IS NULL) IS TRUE "                               \
+	" AND b.event->>'room_id' = " mr ".room_id "                                                                   \
 	" AND b.event->>'type' = 'm.room.member' AND b.event->'content'->>'membership' IN ('invite', 'join') "         \
 	" AND b.event->>'state_key' NOT IN (" mr ".user_id, " bot ") "                                                 \
-	" AND NOT " MX_GHOST_SQL("(b.event->>'state_key')", prefix, server) ")"
+	" AND NOT " MX_GHOST_SQL("(b.event->>'state_key')", prefix, server) " OFFSET 0)"
 
 /* The looks of enum bot_look, each the statement of the function of its
  * name (inbox, requests, expiries, notices, invitees_joined;

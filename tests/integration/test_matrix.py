@@ -10266,3 +10266,73 @@ def test_a_consent_request_held_by_a_newcomers_waiting_member_event_does_not_rea
     assert not [w for w in said() if "wants to write" in w], said()
     assert pg.psql("SELECT count(*) FROM consent_requests WHERE notified_at IS NULL", db_url) == "1"
     assert pg.psql("SELECT count(*) FROM matrix_mgmt_rooms", db_url) == "0"
+
+
+@pytest.mark.parametrize("stats", ["stale", "fresh"])
+def test_the_bots_look_for_a_newcomer_reads_only_its_rooms_rows_whatever_the_inbox_backlog(
+        make_daemon, pg, db_url, hs, stats):
+    """The bot's look for someone else's member event waiting in its inbox
+    for a management room (INBOX_NEWCOMER: the round that reads the
+    consent requests to show, and each send's look of a request or a
+    word) reads that room's rows alone, by matrix_bot_inbox_room_idx
+    (054), however many unhandled rows wait elsewhere: 5,000 member
+    events of other rooms waiting for a retry (as after a homeserver
+    outage), the inbox's statistics taken before they came (stale: a
+    backlog under autovacuum's threshold) or after (fresh).  Until the
+    fifty-sixth session each look read every unhandled row
+    (matrix_bot_inbox_due_idx, or the whole table), and the round's
+    planner, taking them for 2 or 3 rows, compared each with each request
+    (half a second a round at 10,000 rows).  Their plans, logged by
+    auto_explain as run, with the buffers each read."""
+    name = db_url.split("?")[0].rsplit("/", 1)[1]
+    for setting in ("session_preload_libraries = 'auto_explain'", "auto_explain.log_min_duration = 0",
+                    "auto_explain.log_analyze = on", "auto_explain.log_buffers = on",
+                    "auto_explain.log_timing = off"):
+        pg.psql(f'ALTER DATABASE "{name}" SET {setting}')
+    log = os.path.join(pg.dir, "postgresql.log")
+    d = start_mx(make_daemon, db_url, hs)
+    a, srv = add_gk(d)
+    try:
+        assert d.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+        alice, mgmt, said = alice_and_the_bot(hs)
+        pg.psql("ALTER TABLE matrix_bot_inbox SET (autovacuum_enabled = false); ANALYZE matrix_bot_inbox", db_url)
+        # realistic pushes (about 600 bytes), 5 per room, not due
+        pg.psql("INSERT INTO matrix_bot_inbox (event_id, event, attempts, not_before) "
+                "SELECT '$backlog' || g, jsonb_build_object('type', 'm.room.member', "
+                " 'room_id', '!room' || g % 1000 || ':example.org', 'sender', '@someone' || g || ':example.org', "
+                " 'state_key', '@someone' || g || ':example.org', 'event_id', '$backlog' || g || repeat('x', 40), "
+                " 'origin_server_ts', 1765000000000 + g, 'content', jsonb_build_object('membership', 'join', "
+                " 'displayname', 'Someone Number ' || g, 'avatar_url', 'mxc://example.org/' || repeat('a', 24)), "
+                " 'unsigned', jsonb_build_object('age', 1234, 'replaces_state', '$prev' || g || repeat('y', 40), "
+                " 'prev_content', jsonb_build_object('membership', 'invite', 'displayname', 'Someone Number ' || g))), "
+                " 3, now() + interval '1 hour' FROM generate_series(1, 5000) g"
+                + ("; ANALYZE matrix_bot_inbox" if stats == "fresh" else ""), db_url)
+        start = os.path.getsize(log)
+        for who in ("ed", "fay", "gus"):
+            room = a.create_room([a.user(who), ALICE]).json()["id"]
+            a.send(room, a.user(who), "hi alice")
+        wait_until(lambda: sum("wants to write" in w for w in said()) == 3, timeout=30,
+                   what="the three requests shown")
+        pg.psql("INSERT INTO matrix_notices (room_id, body) VALUES ('%s', 'a word'); "
+                "NOTIFY causeway_matrix_bot" % mgmt, db_url)
+        wait_until(lambda: "a word" in said(), timeout=30, what="the word said")
+        time.sleep(0.5)  # the log's last lines written
+        with open(log, encoding="utf-8", errors="replace") as f:
+            f.seek(start)
+            plans = f.read().split("plan:")
+        looks = {"requests": "SELECT q.id, mr.room_id, ri.uri",
+                 "request's send": "SELECT 1 FROM consent_requests q JOIN matrix_mgmt_rooms mr",
+                 "word's send": "SELECT x.done_at IS NOT NULL, (SELECT mr.user_id"}
+        for what, marker in looks.items():
+            mine = [p for p in plans if marker in p and "matrix_bot_inbox" in p]
+            assert mine, f"no plan of the {what} logged"
+            if what == "requests":  # one round that read the requests at least
+                assert any(re.search(r"\n\s*Limit .*actual rows=[1-9]", p) for p in mine), mine
+            for p in mine:
+                top = re.search(r"Buffers: shared (?:hit=(\d+))? ?(?:read=(\d+))?", p)
+                read = sum(int(x) for x in top.groups() if x) if top else 0
+                assert read < 100, (what, read, p)
+                assert "matrix_bot_inbox_due_idx" not in p, (what, p)
+                assert "matrix_bot_inbox_room_idx" in p, (what, p)
+    finally:
+        srv.close()

@@ -1,0 +1,28 @@
+-- 054_matrix_bot_inbox_room_index.sql: the Matrix bot's look for a
+-- newcomer's member event waiting in its inbox (adapters/matrix/mx_bot.c,
+-- INBOX_NEWCOMER: a management room's consent requests to show, and each
+-- send's look of a word or a request there) reads that room's rows alone.
+--
+-- It matches event->>'room_id', which no index served: every unhandled
+-- row was read by matrix_bot_inbox_due_idx (023) and its event parsed, at
+-- each look.  The unhandled rows that stay are those waiting for a retry
+-- (the homeserver did not answer their handling: up to 12 tries over some
+-- 37 minutes), as many as the bot's events during an outage: thousands.
+-- At 10,000 of them the bot's round that reads the requests to show took
+-- half a second of the database (2.2-3.4 s at 50,000), each send's look
+-- 10-600 ms; with this index and the look kept a probe of its room, about
+-- a millisecond (docs/performance.md, "Fifty-sixth session").
+--
+-- All rows, not only the unhandled ones: the look says its condition on
+-- handled_at in a form no partial index's predicate can be proved from,
+-- so that stale statistics (a backlog of thousands is under autovacuum's
+-- threshold) cannot steer it back to the due index.  A handled row's
+-- event is emptied: its key is NULL, a small entry (2.8 MB for 350,000
+-- rows).  The cost on the transaction path: one entry per event stored.
+--
+-- The build reads the whole table and blocks the writers of
+-- matrix_bot_inbox (the homeserver's transactions) while it runs; on a
+-- large inbox build it first with CREATE INDEX CONCURRENTLY under this
+-- name (docs/operations.md, "Upgrades and migrations"), and this file
+-- then builds nothing.
+CREATE INDEX IF NOT EXISTS matrix_bot_inbox_room_idx ON matrix_bot_inbox ((event->>'room_id'));
