@@ -3382,7 +3382,7 @@ static void invitees_joined(struct matrix *m, PGconn *c)
  * matrix.c txn_bot_send, for the bot to handle after the batch it is in:
  * intruded).
  *
- * The room's rows are found by matrix_bot_inbox_room_idx (schema/054), a
+ * The room's rows are found by matrix_bot_inbox_room_idx (schema/053), a
  * probe of mr's room alone, whatever the number of unhandled rows: those
  * waiting for a retry (the homeserver did not answer their handling) are
  * as many as the bot's events during an outage, thousands, and until the

@@ -10275,7 +10275,7 @@ def test_the_bots_look_for_a_newcomer_reads_only_its_rooms_rows_whatever_the_inb
     for a management room (INBOX_NEWCOMER: the round that reads the
     consent requests to show, and each send's look of a request or a
     word) reads that room's rows alone, by matrix_bot_inbox_room_idx
-    (054), however many unhandled rows wait elsewhere: 5,000 member
+    (053), however many unhandled rows wait elsewhere: 5,000 member
     events of other rooms waiting for a retry (as after a homeserver
     outage), the inbox's statistics taken before they came (stale: a
     backlog under autovacuum's threshold) or after (fresh).  Until the

@@ -1,4 +1,4 @@
--- 054_matrix_bot_inbox_room_index.sql: the Matrix bot's look for a
+-- 053_matrix_bot_inbox_room_index.sql: the Matrix bot's look for a
 -- newcomer's member event waiting in its inbox (adapters/matrix/mx_bot.c,
 -- INBOX_NEWCOMER: a management room's consent requests to show, and each
 -- send's look of a word or a request there) reads that room's rows alone.
