@@ -1055,9 +1055,11 @@ static const char *const recheck_state_sql[] = {
 /* Some local users' rows ($1, an array), of those who opted out of a
  * network (only an opt-out among a user's facts is the server's side of a
  * decision; most changes are consents of users who opted out of nothing:
- * no row is read), one kind after the other, each a walk in an index's
- * order from after the cursor ($2, $3, $4), $5 rows at a time: held ones
- * in outbox_held_probe_idx (OUTBOX_HELD) and dead and failed ones in
+ * no row is read, and since the fifty-sixth session none of these is
+ * asked when the view holds no opt-out of the users: recheck_turn), one
+ * kind after the other, each a walk in an index's order from after the
+ * cursor ($2, $3, $4), $5 rows at a time: held ones in
+ * outbox_held_probe_idx (OUTBOX_HELD) and dead and failed ones in
  * outbox_dead_target_order_idx (schema/039), by (user, room, id); pending
  * ones in outbox_room_order_idx, by (room, destination, id), as a block's
  * sweep finds them (no index on the pending rows' user: every row written
@@ -1084,7 +1086,7 @@ static const char *const recheck_state_sql[] = {
  * revoked consent, of the last BLOCKS_LATELY: an older block's rows were
  * walked when it came, and a NOTIFY naming her for another fact walks
  * nothing here, nor runs this statement when the view holds no such block
- * of the users: recheck_turn, blocked_lately), pending (in flight, a row is the lane's to decide if its
+ * of the users: recheck_turn, has_fact), pending (in flight, a row is the lane's to decide if its
  * try fails, policy_live_screen_claim; not dead or failed: no index serves
  * them by room and destination, a dead letter dropped untold would lose
  * her "Not delivered" notice, and one comes back only by the admin's
@@ -2062,6 +2064,10 @@ struct policy_live {
 	int64_t recheck_users[POLICY_OVERLAY_MAX];
 	size_t nrecheck_users;
 	int users_kind;
+	/* The walk passed over its first kinds, none of its users having an
+	 * opt-out in the view it decided with (recheck_turn): asked after
+	 * all once the view in force has one. */
+	bool users_outs_skipped;
 	long long users_key1, users_key3;
 	char users_key2[300]; /* a room id, or a destination */
 	/* The rows a batch found refused and did not drop, another
@@ -2486,13 +2492,14 @@ static int user_fact_id_cmp(const void *a, const void *b)
 	return x->id < y->id ? -1 : x->id > y->id;
 }
 
-/* Whether one of the local users ids (n) has a remote block of the last
- * BLOCKS_LATELY in v (policy_view.blocks_lately, as of v's load). */
-static bool blocked_lately(const struct policy_view *v, const int64_t *ids, size_t n)
+/* Whether one of the local users ids (n) has an opt-out (blocks false:
+ * policy_view.outs) or a remote block of the last BLOCKS_LATELY (true:
+ * policy_view.blocks_lately) in v, as of v's load. */
+static bool has_fact(const struct policy_view *v, bool blocks, const int64_t *ids, size_t n)
 {
 	for (size_t i = 0; i < n; i++) {
 		const struct policy_user_fact *l, key = { ids[i], 0 };
-		size_t ln = view_list(view_of(v, ids[i]), true, &l);
+		size_t ln = view_list(view_of(v, ids[i]), blocks, &l);
 		if (ln && bsearch(&key, l, ln, sizeof(*l), user_fact_id_cmp))
 			return true;
 	}
@@ -2709,6 +2716,7 @@ static void recheck_kept_add(struct policy_live *pl, const json_t *kept)
 static void users_walk_from(struct policy_live *pl, int kind)
 {
 	pl->users_kind = kind;
+	pl->users_outs_skipped = false;
 	pl->users_key1 = pl->users_key3 = 0;
 	snprintf(pl->users_key2, sizeof(pl->users_key2), "%s", users_by_room(kind) ? "" : "0");
 }
@@ -2953,6 +2961,34 @@ static bool recheck_turn(struct policy_live *pl)
 	if (pl->nkept && cw_now_us() >= pl->kept_at_us)
 		kept_turn(pl, v);
 	bool pass = pl->recheck_state < RECHECK_STATES;
+	/* The walk's first kinds (her held rows, her dead and failed ones,
+	 * her pending ones room after room) read only the rows of those of
+	 * its users who opted out of a network (RECHECK_OPTED_OUT, the
+	 * user_optin rows not opted in, as the view's outs lists them): for
+	 * users none of whom has an opt-out in v, none is asked of the
+	 * database.  Most walks (a consent's, an opt-in's, a block's) are of
+	 * such users: three statements a walk found nothing until the
+	 * fifty-sixth session.  No drop is lost: an opt-out v lacks was
+	 * made after v's load, and its NOTIFY, or the whole reload that
+	 * finds it, names her before her walk's next turn: her walk anew
+	 * when this one is over, else this one, past its first kinds, has
+	 * them asked at its next turn (users_outs_skipped, with the view
+	 * that has it).  Until then a row they found for such an opt-out
+	 * was decided under v, without it: the server's rules or her block
+	 * of its sender alone, as for a user with no opt-out, whose rows no
+	 * walk reads (a rule's change has every row decided by a pass, her
+	 * block its own sweep).  Her held rows released by a consent are
+	 * the sweep's (policy_sweep), not the walk's: it only drops. */
+	if (!pass && pl->nrecheck_users) {
+		bool outs = has_fact(v, false, pl->recheck_users, pl->nrecheck_users);
+		if (!outs && pl->users_kind < RECHECK_USER_KINDS - 1) {
+			users_walk_from(pl, RECHECK_USER_KINDS - 1);
+			pl->users_outs_skipped = true;
+		} else if (outs && pl->users_outs_skipped) {
+			users_walk_from(pl, 0); /* an opt-out loaded since: her walk anew */
+			requests_walk_from_start(pl);
+		}
+	}
 	/* The walk's last kind (RECHECK_BLOCKED_ROWS) is not asked of the
 	 * database for users none of whom has a remote block of the last
 	 * BLOCKS_LATELY in v: most walks (a NOTIFY naming her for a consent,
@@ -2965,7 +3001,7 @@ static bool recheck_turn(struct policy_live *pl)
 	 * anew, or this one's last kind still to come).  Until the
 	 * fifty-sixth session it ran at every walk: a statement for nothing. */
 	if (!pass && pl->nrecheck_users && pl->users_kind == RECHECK_USER_KINDS - 1 &&
-	    !blocked_lately(v, pl->recheck_users, pl->nrecheck_users))
+	    !has_fact(v, true, pl->recheck_users, pl->nrecheck_users))
 		pl->nrecheck_users = 0; /* the last kind: the walk is over */
 	if (!pass && pl->nrecheck_users == 0) {
 		policy_view_put(v);

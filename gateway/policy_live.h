@@ -105,14 +105,16 @@ struct policy_view {
 	 * order.  The opt-outs the load read (a full view: all; an overlay:
 	 * its users'): a whole reload decides again the rows of the users it
 	 * finds a new one of (their walk), not every waiting row
-	 * (policy_live.c, facts_new). */
+	 * (policy_live.c, facts_new); a walk reads her held, dead, failed
+	 * and pending rows only when one of its users is listed here
+	 * (has_fact). */
 	struct policy_user_fact { int64_t id; uint64_t about; } *outs;
 	size_t nouts;
 	/* The remote users' blocks of local users (blocks) of the last
 	 * minutes the load read: a whole reload decides again the rows to his
 	 * peer of the users it finds a new one of (their walk), as a NOTIFY
 	 * naming her does; a walk reads her rows to a blocker's peer only for
-	 * a user listed here (policy_live.c, blocked_lately). */
+	 * a user listed here (policy_live.c, has_fact). */
 	struct policy_user_fact *blocks_lately;
 	size_t nblocks_lately;
 };
