@@ -609,12 +609,22 @@ class Daemon:
                     i += 1
                 left = deadline - time.time()
                 if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
-                    raise AssertionError(f"no such log record in {timeout}s; log:\n" + self.log())
+                    raise AssertionError(f"no such log record in {timeout}s; " + self.log_tail())
                 self._cond.wait(min(left, 0.2))
 
     def log(self):
         with self._cond:
             return "\n".join(self.lines)
+
+    def log_tail(self, n=150):
+        """The log's last n lines, for an assertion's message: the whole
+        log is the test directory's causewayd.log (conftest.keep_log), and
+        a message of thousands of lines buried the CI's report."""
+        with self._cond:
+            lines = self.lines[-n:]
+            skipped = len(self.lines) - len(lines)
+        return (f"log (the last {len(lines)} lines, {skipped} before them in causewayd.log):\n" if skipped
+                else "log:\n") + "\n".join(lines)
 
     @property
     def url(self):
