@@ -748,3 +748,25 @@ def outbox_state_of(pg, db_url, msg):
 
 __all__ = ["ADMIN_TOKEN", "ADMIN_HEADERS", "Postgres", "Daemon", "run_causewayd", "wait_until", "parse_logfmt", "free_port",
            "TOP_SRCDIR", "TOP_BUILDDIR", "SCHEMA_DIR", "CAUSEWAYD", "shlex"]
+
+
+# Times a test bounds, on the daemon's clock.  With four test workers on
+# two cores (CAUSEWAY_TEST_JOBS=4) a test's own clock around an HTTP call
+# counted its Python's wait for a processor, and the connection's wait to
+# be read, as much as the daemon's answer: bounds such as "503 by the 1 s
+# deadline" failed on the test's overhead, not on the daemon's.
+def served_in(daemon, answer, timeout=10):
+    """The seconds daemon took over the request of answer (a requests
+    response, or a dict of lower-cased headers): its access log's
+    duration_ms, from its request line read to its answer sent."""
+    headers = answer if isinstance(answer, dict) else {k.lower(): v for k, v in answer.headers.items()}
+    rid = headers["x-request-id"]
+    rec = daemon.wait_for(lambda r: r.get("msg") == "request" and r.get("request_id") == rid, timeout=timeout)
+    return float(rec["duration_ms"]) / 1000
+
+
+def logged_at(rec):
+    """A log record's ts (UTC, to the millisecond) as time.time() counts."""
+    import datetime
+    return datetime.datetime.strptime(rec["ts"], "%Y-%m-%dT%H:%M:%S.%fZ") \
+        .replace(tzinfo=datetime.timezone.utc).timestamp()

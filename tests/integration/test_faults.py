@@ -14,7 +14,7 @@ import time
 import pytest
 import requests
 
-from harness import free_port, wait_until
+from harness import free_port, served_in, wait_until
 from peer import Signer, push_peers
 from pgproxy import PgProxy
 from test_matrix import (ALICE, ALICE_MX, HS_TOKEN, add_gk, as_put, consent_alice, hs,  # noqa: F401 (hs: the fixture)
@@ -639,13 +639,21 @@ def test_a_storm_of_probes_on_a_held_database_is_timed_by_one_thread(make_daemon
                     time.sleep(0.05)
                 took = time.time() - t0
                 answers = [c.result() for c in calls]
-            assert took < 3 + 4, took  # the deadline, and the time to send 24 requests
             assert max(seen) == 1, seen  # it was one per probe pending: up to 24
             for i, r in enumerate(answers):
                 if i % 2:
                     assert r.status_code == 503 and r.json()["database"]["status"] == "down", r.text
                 else:
                     assert r.status_code == 200 and "causeway_database_up 0" in r.text, r.text[:2000]
+            # Each by its deadline (3 s) on the daemon's clock: from its
+            # request read to its answer sent (the access log).  The test's
+            # clock around the 24 (Python's threads sending them and reading
+            # the answers) took more than 7 s with four test workers on the
+            # two cores; it bounds here only that the probes were not taken
+            # a batch after another (two HTTP threads held 3 s a batch: 36 s).
+            served = [served_in(d, r) for r in answers]
+            assert max(served) < 3 + 2, served
+            assert took < 3 + 9, took
             p.thaw()
             wait_until(lambda: d.get("/readyz").status_code == 200, timeout=30, what="ready again")
             assert probe_threads(d.proc.pid) == 1  # kept, not one made per probe
@@ -1057,13 +1065,18 @@ def test_a_request_after_the_drain_is_answered_503_at_once(make_daemon, db_url):
     d.signal(signal.SIGTERM)
     d.wait_for(lambda r: r.get("msg") == "stopping")
     time.sleep(0.6)  # past the drain's 300 ms; the stop then waits up to 1 s more for the held request
-    t0 = time.time()
     idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     status, headers, closed = http_answer(idle)
     assert status == 503 and headers.get("retry-after") and headers.get("connection") == "close" and closed, \
         (status, headers, closed)
-    assert time.time() - t0 < 1
     assert d.wait_exit(15) == 0
+    # At once on the daemon's clock (its access log: from the request
+    # read to the answer sent), not when the rest of the stop ends.  The
+    # test's clock around it, the same bound until the fifty-sixth
+    # session, counted the test's own wait for a processor too, and the
+    # close read after the answer: over 1 s with four test workers on the
+    # two cores.
+    assert served_in(d, headers) < 0.5, headers
     stopped = d.wait_for(lambda r: r.get("msg") == "stopped")
     assert stopped["drained"] == "false" and stopped["abandoned_requests"] == "1", stopped  # the held one
     idle.close()
@@ -1143,11 +1156,19 @@ def test_a_read_still_running_at_its_deadline_is_cancelled_there(make_daemon, db
         return [x for x in d.records if x.get("msg") in ("database unreachable", "database connection established")]
     before = len(connects())
     with outbox_locked(pg, db_url, "ACCESS EXCLUSIVE"):
-        t0 = time.time()
+        mark = len(d.records)
         r = d.admin("GET", "/outbox?state=dead")
-        took = time.time() - t0
         assert r.status_code == 503 and r.headers.get("Retry-After"), r.text
-        assert took < 3, took  # the deadline (1 s), far below the statement's 30 s
+        # The deadline (1 s), far below the statement's 30 s, on the
+        # daemon's clock (its access log: from the request read to the
+        # answer sent), with the cancel's round trip to the server.  The
+        # test's clock around the call, the same bound until the
+        # fifty-sixth session, counted the test's wait for a processor
+        # too: over 3 s once with four test workers on the two cores.
+        took = served_in(d, r)
+        assert 0.95 < took < 3, took
+        d.wait_for(lambda x: x.get("msg") == "a statement still running at its job's deadline is cancelled",
+                   start=mark)
         assert d.get("/readyz").status_code == 200
     assert d.admin("GET", "/outbox?state=dead").status_code == 200
     assert len(connects()) == before, connects()  # the same connection: not lost, not made again
@@ -1238,11 +1259,13 @@ def test_a_backend_stuck_while_its_server_answers_is_dropped_late_and_the_databa
         mark = len(d.records)
         os.kill(pid, signal.SIGSTOP)
         stopped.append(pid)
-        t0 = time.time()
         r = d.admin("GET", "/outbox?state=dead")
-        took = time.time() - t0
         assert r.status_code == 503 and r.headers.get("Retry-After"), r.text
-        assert 5 < took < 9, took  # the deadline (1 s) and the late bound (5 s), with room
+        # the deadline (1 s) and the late bound (5 s), with room, on the
+        # daemon's clock (its access log), not the test's around the call
+        # (which counted its own wait for a processor too)
+        took = served_in(d, r)
+        assert 5 < took < 9, took
         assert a.send(room, a.user("alice"), "right after", idem="stuck-1").status_code == 202
         assert d.admin("GET", "/outbox?state=dead").status_code == 200
         got = [x.get("msg") for x in d.records[mark:]]
