@@ -2068,6 +2068,16 @@ struct policy_live {
 	 * opt-out in the view it decided with (recheck_turn): asked after
 	 * all once the view in force has one. */
 	bool users_outs_skipped;
+	/* A user of the walk named again (recheck_users_add: a load that
+	 * changed her facts, her second opt-out say) while its cursor is past
+	 * the start: her rows behind it were decided without that change, so
+	 * the walk, at its end, starts again from its first kind (and the
+	 * requests' walk) rather than ending.  Not at once: a stream of
+	 * NOTIFYs naming her would keep it from ever reaching its last rows
+	 * (as restarting a pass did: more).  Until the fifty-sixth session
+	 * the walk ended, stored settled with the overlay counted, and a
+	 * claim took her pending row to the network she had just left. */
+	bool users_again;
 	long long users_key1, users_key3;
 	char users_key2[300]; /* a room id, or a destination */
 	/* The rows a batch found refused and did not drop, another
@@ -2717,8 +2727,24 @@ static void users_walk_from(struct policy_live *pl, int kind)
 {
 	pl->users_kind = kind;
 	pl->users_outs_skipped = false;
+	if (kind == 0)
+		pl->users_again = false; /* anew: every user's rows are ahead of it */
 	pl->users_key1 = pl->users_key3 = 0;
 	snprintf(pl->users_key2, sizeof(pl->users_key2), "%s", users_by_room(kind) ? "" : "0");
+}
+
+/* The users' walk past its last kind: over, its users' rows all decided
+ * (settled may be stored), unless one of them was named again while it
+ * ran (users_again): then anew from its first kind, and the requests'
+ * walk with it. */
+static void users_walk_over(struct policy_live *pl)
+{
+	if (pl->users_again) {
+		users_walk_from(pl, 0);
+		requests_walk_from_start(pl);
+	} else {
+		pl->nrecheck_users = 0;
+	}
 }
 
 /* The users whose facts changed (an opt-out among them, maybe, or a remote
@@ -2731,8 +2757,13 @@ static void recheck_users_add(struct policy_live *pl, const int64_t *ids, size_t
 		size_t k = 0;
 		while (k < pl->nrecheck_users && pl->recheck_users[k] != ids[i])
 			k++;
-		if (k < pl->nrecheck_users)
+		if (k < pl->nrecheck_users) {
+			/* in the walk already: again at its end, unless it has
+			 * not moved yet (users_again) */
+			if (pl->users_kind > 0 || pl->users_key1 || pl->users_key3)
+				pl->users_again = true;
 			continue;
+		}
 		if (pl->nrecheck_users == POLICY_OVERLAY_MAX) {
 			pl->nrecheck_users = 0;
 			recheck_whole(pl);
@@ -3002,7 +3033,7 @@ static bool recheck_turn(struct policy_live *pl)
 	 * fifty-sixth session it ran at every walk: a statement for nothing. */
 	if (!pass && pl->nrecheck_users && pl->users_kind == RECHECK_USER_KINDS - 1 &&
 	    !has_fact(v, true, pl->recheck_users, pl->nrecheck_users))
-		pl->nrecheck_users = 0; /* the last kind: the walk is over */
+		users_walk_over(pl); /* the last kind: the walk is over, or anew */
 	if (!pass && pl->nrecheck_users == 0) {
 		policy_view_put(v);
 		if (!pl->nkept)
@@ -3104,7 +3135,7 @@ static bool recheck_turn(struct policy_live *pl)
 	} else if (pl->users_kind + 1 < RECHECK_USER_KINDS) {
 		users_walk_from(pl, pl->users_kind + 1);
 	} else {
-		pl->nrecheck_users = 0;
+		users_walk_over(pl);
 	}
 	recheck_counted(pl, counts, &by, "waiting rows the server's rules or a remote user's block now refuse dropped");
 	if (pl->recheck_state == RECHECK_STATES && !pl->more && pl->nrecheck_users == 0 && !pl->nkept)

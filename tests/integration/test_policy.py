@@ -4726,6 +4726,53 @@ def test_her_walk_reads_her_waiting_rows_only_when_one_of_its_users_opted_out(ma
             srv.close()
 
 
+def test_her_second_opt_out_loaded_while_her_walk_runs_has_her_walk_again(make_daemon, pg_planned):
+    """Bob opts out of one network (gk), then at once of another (tg): the
+    second is loaded while the walk of the first runs (his dead rows,
+    RECHECK_BATCH at a time, tg's room first in its order, then 3,000 of
+    gk's), its cursor past some of his rows from tg.  The walk named again
+    (users_again) starts anew at its end: every row from tg is dropped.
+    Until the fifty-sixth session the walk ended there, the rows from tg
+    behind its cursor left dead (and, were they pending, settled stored
+    with the overlay counted: a claim delivered them).  A window in the
+    walk, not a certainty: the rows make it long."""
+    db_url = pg_planned.new_database("t_second_opt_out_walks_again")
+    d = make_daemon(db_url, options={"policy": {"reload_interval_s": "3600"}}).start()
+    made = push_peers(d)
+    try:
+        (a, _), (b, _) = made
+        seeds = {}
+        for net, p, n in (("peer:tg", b, 700), ("peer:gk", a, 3000)):  # tg's room and rows first
+            opt_in(d, user=BOB, network=net)
+            consent(d, p.user("wally"), "allowed", user=BOB)
+            seed = send(p, dm(p, local=BOB), "seed").json()["id"]
+            wait_policy(d, lambda: len(states(pg_planned, db_url, [seed])) == 1, "the seed's row")
+            pg_planned.psql("INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
+                            f"SELECT 'msg_{net[5:]}_' || g, room_id, sender_id, type, content, origin_network, ts "
+                            f"FROM events, generate_series(1, {n}) g WHERE public_id = '{seed}' ORDER BY g", db_url)
+            pg_planned.psql("INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state) "
+                            "SELECT e.id, o.destination, o.target_identity_id, o.room_id, 'dead' FROM events e, outbox o "
+                            f"WHERE o.event_id = (SELECT id FROM events WHERE public_id = '{seed}') "
+                            f"AND e.public_id LIKE 'msg_{net[5:]}_%' ORDER BY e.id", db_url)
+            seeds[net] = seed
+        dead = ("SELECT string_agg(o.state || ':' || n, ',' ORDER BY o.state) FROM (SELECT o.state, count(*) AS n "
+                "FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id LIKE 'msg_%s_%%' GROUP BY 1) o")
+        assert (pg_planned.psql(dead % "tg", db_url), pg_planned.psql(dead % "gk", db_url)) == ("dead:700", "dead:3000")
+        time.sleep(1.0)  # his walks (opt-ins, consents) over
+        opt_in(d, user=BOB, network="peer:gk", on=False)
+        wait_until(lambda: pg_planned.psql(dead % "gk", db_url) != "dead:3000", timeout=30, interval=0.02,
+                   what="his walk in gk's rows")
+        opt_in(d, user=BOB, network="peer:tg", on=False)
+        wait_until(lambda: pg_planned.psql(dead % "gk", db_url) == "dropped:3000", timeout=60,
+                   what="his rows from gk dropped")
+        wait_until(lambda: pg_planned.psql(dead % "tg", db_url) == "dropped:700", timeout=30,
+                   what="his rows from tg dropped, behind the walk's cursor at his second opt-out")
+        assert "recheck of waiting rows failed" not in d.log()
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
 def test_a_rule_change_decides_the_waiting_rows_once_when_none_is_in_flight(make_daemon, db_url, pg):
     """A rule with a mode decides every waiting row again by one pass; the
     pass after the claims in flight at its start comes only when some
