@@ -1037,6 +1037,14 @@ static int others_in_st(struct matrix *m, const char *room, const char *ghost, c
  * stays, so that a room found shared never takes over the user's
  * management room; one the second finds shared (or cannot read for now)
  * gives it back. */
+/* The bot's words (matrix_notices) still owed to the user of a
+ * management room: not yet said, not its leave and last word, the room's
+ * notices and the bot's own (bot: the statement's parameter naming it).
+ * The words that go with her to a new room (invited) and those done with
+ * when the room is hers no more (end_mgmt_room): one filter, so that the
+ * two never differ. */
+#define MGMT_WORDS_OWED(bot) "done_at IS NULL AND NOT then_leave AND (sender IS NULL OR sender = " bot ")"
+
 static bool invited(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *eid,
 		    bool retry)
 {
@@ -1118,7 +1126,7 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 		" ON CONFLICT (user_id) DO UPDATE SET room_id = excluded.room_id), "
 		"moved AS (UPDATE matrix_notices SET room_id = $2, next_at = least(next_at, now()) "
 		" WHERE room_id = (SELECT room_id FROM old) "
-		" AND done_at IS NULL AND NOT then_leave AND (sender IS NULL OR sender = $4) RETURNING id) "
+		" AND " MGMT_WORDS_OWED("$4") " RETURNING id) "
 		"SELECT room_id, (SELECT array_agg(id ORDER BY id) FROM moved)::text FROM old",
 		4, NULL, params, NULL, NULL, 0);
 	if (store_check(c, r, PGRES_TUPLES_OK, &e)) {
@@ -1250,7 +1258,7 @@ static int end_mgmt_room(struct matrix *m, PGconn *c, const char *room, const ch
 	PGresult *r = PQexecParams(c,
 		"WITH gone AS (DELETE FROM matrix_mgmt_rooms WHERE room_id = $1 AND (user_id = $2) = $3::boolean "
 		"RETURNING 1), hushed AS (UPDATE matrix_notices SET done_at = now(), next_at = 'infinity' "
-		"WHERE room_id = $1 AND done_at IS NULL AND NOT then_leave AND (sender IS NULL OR sender = $4) "
+		"WHERE room_id = $1 AND " MGMT_WORDS_OWED("$4") " "
 		"AND (EXISTS (SELECT 1 FROM gone) OR ($3::boolean "
 		"AND NOT EXISTS (SELECT 1 FROM matrix_mgmt_rooms WHERE room_id = $1)))) SELECT count(*) FROM gone",
 		4, NULL, p, NULL, NULL, 0);
