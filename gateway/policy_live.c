@@ -174,14 +174,28 @@ struct fact_list {
 	size_t n, cap;
 };
 
-/* A remote block as recent as this is a view's (policy_view.blocks_lately)
- * and its user's walk's (RECHECK_BLOCKED_ROWS): a whole reload finds a block
- * no NOTIFY named only within it, so only while the connection was away
- * (or policy.reload_interval_s is) less than that (docs/policy.md). */
-#define BLOCKS_LATELY "10 minutes"
+/* A block is "of the last minutes" for policy_view.lately_s seconds: a
+ * remote one is in a view's blocks_lately and has its user's walk read her
+ * rows to his peer (RECHECK_BLOCKED_ROWS), a local user's has the periodic
+ * sweep drop what a process let through with a view still without it
+ * (BLOCKED_LATELY).  A block no NOTIFY named (made by SQL, one of more
+ * users than an overlay holds is named, or while the connection was
+ * away) is first seen by the next whole reload: the periodic one comes
+ * policy.reload_interval_s after the last, the new connection's as it is
+ * made.  A block older than the window at that reload was never applied:
+ * her rows waiting went to his peer, and what a view without his block
+ * let through to her was delivered.  Until the fifty-seventh session the
+ * window was a fixed ten minutes, and policy.reload_interval_s may be an
+ * hour.  The margin: the connection away, a load or a walk slow to come,
+ * a block committed later than its created_at (docs/policy.md). */
+#define LATELY_MARGIN_S 600
+static long lately_s_of(long reload_interval_s)
+{
+	return reload_interval_s + LATELY_MARGIN_S;
+}
 
-static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, struct fact_list *outs,
-			 struct fact_list *lately, cw_errmsg *e);
+static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, long lately_s,
+			 struct fact_list *outs, struct fact_list *lately, cw_errmsg *e);
 
 static int user_fact_cmp(const void *a, const void *b)
 {
@@ -194,6 +208,7 @@ static int user_fact_cmp(const void *a, const void *b)
 struct load_all_arg {
 	struct policy_settings set;
 	struct fact_list outs, lately;
+	long lately_s;              /* policy_view.lately_s */
 	enum policy_mode kept_mode; /* for a default mode that cannot be read */
 	char bad_mode[64];          /* that row's value, for the log */
 };
@@ -286,7 +301,7 @@ static cw_err load_all(PGconn *c, struct policy_builder *b, void *arg, cw_errmsg
 	 * connection) decided again every waiting row, everyone's, where her
 	 * walk had decided hers already (policy_view.outs). */
 	set->fingerprint = fp;
-	return load_facts(c, b, NULL, &la->outs, &la->lately, e);
+	return load_facts(c, b, NULL, la->lately_s, &la->outs, &la->lately, e);
 }
 
 /* An entry more of list l; false out of memory. */
@@ -306,10 +321,10 @@ static bool fact_list_add(struct fact_list *l, struct policy_user_fact x)
 
 /* The facts of the local users ids (a PostgreSQL array text), or of all
  * (NULL); the opt-outs into outs, in (user, network) order; the remote
- * blocks of the last minutes into lately (policy_view.blocks_lately), in
- * (user, blocker) order. */
-static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, struct fact_list *outs,
-			 struct fact_list *lately, cw_errmsg *e)
+ * blocks of the last lately_s seconds into lately
+ * (policy_view.blocks_lately), in (user, blocker) order. */
+static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, long lately_s,
+			 struct fact_list *outs, struct fact_list *lately, cw_errmsg *e)
 {
 	PGresult *r;
 	cw_err rc;
@@ -339,11 +354,15 @@ static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, s
 			goto oom;
 	PQclear(r);
 
-	if ((rc = query_ids(c, "SELECT rb.uri, lb.uri, b.blocked_id, b.blocker_id, "
-			   " b.created_at > now() - interval '" BLOCKS_LATELY "' FROM blocks b "
-			   "JOIN identities rb ON rb.id = b.blocker_id "
-			   "JOIN identities lb ON lb.id = b.blocked_id WHERE NOT rb.is_local AND lb.is_local "
-			   "AND ($1::bigint[] IS NULL OR b.blocked_id = ANY($1::bigint[]))", ids, &r, e)))
+	char secs[24];
+	snprintf(secs, sizeof(secs), "%ld", lately_s);
+	const char *bp[] = { ids, secs };
+	r = PQexecParams(c, "SELECT rb.uri, lb.uri, b.blocked_id, b.blocker_id, "
+			 " b.created_at > now() - make_interval(secs => $2::bigint) FROM blocks b "
+			 "JOIN identities rb ON rb.id = b.blocker_id "
+			 "JOIN identities lb ON lb.id = b.blocked_id WHERE NOT rb.is_local AND lb.is_local "
+			 "AND ($1::bigint[] IS NULL OR b.blocked_id = ANY($1::bigint[]))", 2, NULL, bp, NULL, NULL, 0);
+	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
 		return rc;
 	for (int i = 0; i < PQntuples(r); i++) {
 		if (policy_builder_remote_block(b, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1)) == -2)
@@ -406,10 +425,11 @@ static cw_err load_view(PGconn *c, uint64_t version, struct policy_builder *b, f
 	return CW_OK;
 }
 
-cw_err policy_load(PGconn *c, uint64_t version, const struct policy_view *prev, struct policy_view **out,
-		   cw_errmsg *e)
+cw_err policy_load(PGconn *c, uint64_t version, const struct policy_view *prev, long lately_s,
+		   struct policy_view **out, cw_errmsg *e)
 {
-	struct load_all_arg la = { .kept_mode = prev ? prev->set.default_mode : POLICY_MODE_CLOSED };
+	struct load_all_arg la = { .kept_mode = prev ? prev->set.default_mode : POLICY_MODE_CLOSED,
+				   .lately_s = lately_s };
 	policy_settings_defaults(&la.set);
 	cw_err rc = load_view(c, version, policy_builder_new(), load_all, &la, cw_now_us(), out, e);
 	if (rc) {
@@ -422,6 +442,7 @@ cw_err policy_load(PGconn *c, uint64_t version, const struct policy_view *prev, 
 	(*out)->nouts = la.outs.n;
 	(*out)->blocks_lately = la.lately.v;
 	(*out)->nblocks_lately = la.lately.n;
+	(*out)->lately_s = lately_s;
 	/* Said once a run, when it starts (each reload reads it again). */
 	if (la.set.default_mode_unreadable && !(prev && prev->set.default_mode_unreadable))
 		LOG_KV(CW_LOG_ERROR, "policy.default_mode cannot be read (not \"open\", \"allowlist\" or "
@@ -437,6 +458,7 @@ cw_err policy_load(PGconn *c, uint64_t version, const struct policy_view *prev, 
  * whether one of them opted out of a network. */
 struct users_fill {
 	const char *ids;
+	long lately_s;
 	struct fact_list outs, lately;
 };
 static cw_err fill_users(PGconn *c, struct policy_builder *b, void *arg, cw_errmsg *e)
@@ -450,7 +472,7 @@ static cw_err fill_users(PGconn *c, struct policy_builder *b, void *arg, cw_errm
 		if (policy_builder_user(b, PQgetvalue(r, i, 0)) == -2)
 			rc = cw_fail(e, CW_ENOMEM, "out of memory");
 	PQclear(r);
-	return rc ? rc : load_facts(c, b, f->ids, &f->outs, &f->lately, e);
+	return rc ? rc : load_facts(c, b, f->ids, f->lately_s, &f->outs, &f->lately, e);
 }
 
 cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, const int64_t *ids, size_t n,
@@ -473,7 +495,7 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
 		len += (size_t)snprintf(arr + len, cap - len, "%s%lld", i ? "," : "", (long long)ids[i]);
 	snprintf(arr + len, cap - len, "}");
 	memcpy(users, ids, n * sizeof(*users));
-	struct users_fill f = { arr, { NULL, 0, 0 }, { NULL, 0, 0 } };
+	struct users_fill f = { arr, base->lately_s, { NULL, 0, 0 }, { NULL, 0, 0 } };
 	cw_err rc = load_view(c, version, policy_builder_overlay(base->snap), fill_users, &f, t0, out, e);
 	free(arr);
 	if (rc) {
@@ -495,6 +517,7 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
 	v->nouts = f.outs.n;
 	v->blocks_lately = f.lately.v;
 	v->nblocks_lately = f.lately.n;
+	v->lately_s = base->lately_s;
 	return CW_OK;
 }
 
@@ -531,10 +554,10 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
  * sweeps find no one, and then no row either. */
 #define BLOCKERS                                                                                        \
 	"ARRAY(SELECT b.local_identity_id FROM consents b WHERE b.state = 'blocked' "                       \
-	" AND (b.local_identity_id = $2::bigint OR ($2::bigint IS NULL AND " BLOCKED_LATELY ")))"
-/* A block b of the last minutes (BLOCKERS of the periodic sweep;
- * recent_blocks_sql asks whether there is one). */
-#define BLOCKED_LATELY "b.updated_at > now() - interval '10 minutes'"
+	" AND (b.local_identity_id = $2::bigint OR ($2::bigint IS NULL AND " BLOCKED_LATELY("$5") ")))"
+/* A block b of the last P seconds (policy_view.lately_s: BLOCKERS of the
+ * periodic sweep; recent_blocks_sql asks whether there is one). */
+#define BLOCKED_LATELY(P) "b.updated_at > now() - make_interval(secs => " P "::bigint)"
 
 /* A row of such a user (TO_BLOCKER), from a remote sender they blocked
  * (or its domain: FROM_BLOCKED), not the expiry's taking back of what
@@ -616,7 +639,8 @@ static const char releasable_sql[] =
  * Locks are taken in id order and skipped when held by another sweep, so
  * two daemons never deadlock.  A pending row a dispatcher is claiming is
  * skipped too: it goes in flight (not recalled); one skipped for another
- * reason is seen by a periodic sweep of the next ten minutes.  A pending
+ * reason is seen by a periodic sweep while the block is of the last
+ * minutes (BLOCKED_LATELY: policy_view.lately_s).  A pending
  * row is locked only if it is dropped (TO_BLOCKER), so a claim that passes
  * over it (SKIP LOCKED) and sends a later row of its room passes over a
  * row that is not sent (unless the sweep's transaction fails).  The
@@ -733,13 +757,14 @@ static const char sweep_sql[] = SWEEP_SQL(SWEPT_ROWS);
  * pending rows to keep none, 60-80 ms a sweep at 120,000 of them, up to
  * 0.4 of a core with the test harness's 200 ms sweeps
  * (docs/performance.md, "Forty-third session").  A block now costs that
- * at most for ten minutes. */
+ * at most while it is of the last minutes (policy_view.lately_s: eleven
+ * by default). */
 static const char sweep_held_sql[] = SWEEP_SQL("(" SWEPT_HELD ")");
 
 /* Whether BLOCKERS of the periodic sweep ($2 NULL) names anyone: its
  * condition, read in consents_updated_idx. */
 static const char recent_blocks_sql[] =
-	"SELECT EXISTS (SELECT 1 FROM consents b WHERE b.state = 'blocked' AND " BLOCKED_LATELY ")";
+	"SELECT EXISTS (SELECT 1 FROM consents b WHERE b.state = 'blocked' AND " BLOCKED_LATELY("$1") ")";
 
 /* The periodic sweep's statements, prepared on the policy thread's
  * connection: sent whole, they were planned on every sweep, 1 ms each
@@ -902,7 +927,10 @@ static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const
 	char secs[24];
 	snprintf(secs, sizeof(secs), "%lld", (long long)v->set.held_expiry_s);
 	char *denials = NULL;
-	const char *params[] = { secs, target_id, NULL, notify ? "t" : "f" };
+	char lately[24];
+	snprintf(lately, sizeof(lately), "%ld", v->lately_s);
+	const char *params[] = { secs, target_id, NULL, notify ? "t" : "f", lately };
+	const char *const lparams[] = { lately };
 	bool own = PQtransactionStatus(c) == PQTRANS_IDLE;
 	cw_err rc = own ? store_exec(c, "BEGIN", e) : CW_OK;
 	/* The content only when a rule limits it (releasable_sql's $3; NULL
@@ -918,7 +946,7 @@ static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const
 	q[n++] = (struct store_piped){ "SELECT pg_advisory_xact_lock(" SWEEP_LOCK_KEY ")", NULL, 0, NULL, NULL };
 	q[n++] = sweep_piped(prepared, 0, 3, rparams);
 	if (!target_id)
-		q[n++] = sweep_piped(prepared, 3, 0, NULL);
+		q[n++] = sweep_piped(prepared, 3, 1, lparams);
 	if (!rc)
 		rc = store_pipeline(c, q, n, e);
 	int k = 1; /* sweep_sql; 2: sweep_held_sql */
@@ -934,7 +962,7 @@ static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const
 	params[2] = denials;
 	if (!rc) {
 		n = 0;
-		q[n++] = sweep_piped(prepared, k, 4, params);
+		q[n++] = sweep_piped(prepared, k, k == 1 ? 5 : 4, params); /* sweep_held_sql: no BLOCKERS, no $5 */
 		if (then)
 			q[n++] = *then;
 		rc = store_pipeline(c, q, n, e);
@@ -1083,7 +1111,7 @@ static const char *const recheck_state_sql[] = {
 	RECHECK_SELECT "ORDER BY b.target_identity_id, b.room_id, b.id"
 /* The last kind: the users' own rows to the peers of remote users who
  * blocked them lately (blocks: a peer's POST /v1/blocks, block event or
- * revoked consent, of the last BLOCKS_LATELY: an older block's rows were
+ * revoked consent, of the last policy_view.lately_s seconds, $6: an older block's rows were
  * walked when it came, and a NOTIFY naming her for another fact walks
  * nothing here, nor runs this statement when the view holds no such block
  * of the users: recheck_turn, has_fact), pending (in flight, a row is the lane's to decide if its
@@ -1109,7 +1137,7 @@ static const char *const recheck_state_sql[] = {
 	"WITH bu AS MATERIALIZED (SELECT DISTINCT m.room_id, 'peer:' || p.name AS dest, b.blocked_id AS u " \
 	" FROM blocks b JOIN identities i ON i.id = b.blocker_id AND NOT i.is_local "                        \
 	" JOIN peers p ON p.id = i.peer_id JOIN room_members m ON m.identity_id = i.id "                     \
-	" WHERE b.blocked_id = ANY($1::bigint[]) AND b.created_at > now() - interval '" BLOCKS_LATELY "' "   \
+	" WHERE b.blocked_id = ANY($1::bigint[]) AND b.created_at > now() - make_interval(secs => $6::bigint) " \
 	" AND m.room_id >= $2::bigint), "                                                                    \
 	"b AS MATERIALIZED (SELECT o.id, o.destination, o.event_id, o.target_identity_id, o.room_id FROM bu " \
 	" CROSS JOIN LATERAL " RECHECK_BLOCKED_OF("o.state = 'pending'") " o "                               \
@@ -2503,7 +2531,7 @@ static int user_fact_id_cmp(const void *a, const void *b)
 }
 
 /* Whether one of the local users ids (n) has an opt-out (blocks false:
- * policy_view.outs) or a remote block of the last BLOCKS_LATELY (true:
+ * policy_view.outs) or a remote block of the last lately_s (true:
  * policy_view.blocks_lately) in v, as of v's load. */
 static bool has_fact(const struct policy_view *v, bool blocks, const int64_t *ids, size_t n)
 {
@@ -2554,7 +2582,8 @@ static bool reload(struct policy_live *pl, bool *hook_ok)
 	struct policy_view *v = NULL;
 	cw_errmsg e;
 	struct policy_view *cur = policy_live_get(pl);
-	cw_err rc = policy_load(pl->c, ++pl->version, cur->base ? cur->base : cur, &v, &e);
+	cw_err rc = policy_load(pl->c, ++pl->version, cur->base ? cur->base : cur,
+				lately_s_of(pl->o.reload_interval_s), &v, &e);
 	int64_t *ids = NULL, *bids = NULL;
 	long n = rc ? 0 : facts_new(cur, v, false, &ids);
 	long nb = rc ? 0 : facts_new(cur, v, true, &bids);
@@ -3022,9 +3051,9 @@ static bool recheck_turn(struct policy_live *pl)
 	}
 	/* The walk's last kind (RECHECK_BLOCKED_ROWS) is not asked of the
 	 * database for users none of whom has a remote block of the last
-	 * BLOCKS_LATELY in v: most walks (a NOTIFY naming her for a consent,
+	 * lately_s in v: most walks (a NOTIFY naming her for a consent,
 	 * an opt-in) have none.  No drop is lost: a block v holds but not
-	 * among its recent ones was older than BLOCKS_LATELY at v's load,
+	 * among its recent ones was older than lately_s at v's load,
 	 * and the statement leaves it too; a row found for a block v does
 	 * not hold is not dropped under v (recipients_blocked_her asks v),
 	 * and that block's NOTIFY, or the whole reload that finds it, names
@@ -3084,8 +3113,12 @@ static bool recheck_turn(struct policy_live *pl)
 		char key3[24];
 		snprintf(after, sizeof(after), "%lld", pl->users_key1);
 		snprintf(key3, sizeof(key3), "%lld", pl->users_key3);
-		const char *params[] = { users, after, pl->users_key2, key3, limit };
-		r = PQexecParams(pl->c, recheck_users_sql[pl->users_kind], 5, NULL, params, NULL, NULL, 0);
+		char lately[24];
+		snprintf(lately, sizeof(lately), "%ld", v->lately_s);
+		const char *params[] = { users, after, pl->users_key2, key3, limit, lately };
+		/* $6 the last kind's alone (RECHECK_BLOCKED_ROWS) */
+		r = PQexecParams(pl->c, recheck_users_sql[pl->users_kind], pl->users_kind == RECHECK_USER_KINDS - 1 ? 6 : 5,
+				 NULL, params, NULL, NULL, 0);
 	}
 	if (!rc)
 		rc = store_check(pl->c, r, PGRES_TUPLES_OK, &e);
@@ -3458,7 +3491,7 @@ cw_err policy_live_start(struct policy_live **out, const struct policy_live_opts
 		return CW_EUNAVAIL;
 	}
 	struct policy_view *v;
-	cw_err rc = policy_load(pl->c, ++pl->version, NULL, &v, e);
+	cw_err rc = policy_load(pl->c, ++pl->version, NULL, lately_s_of(pl->o.reload_interval_s), &v, e);
 	if (rc) {
 		policy_live_free(pl);
 		return rc;

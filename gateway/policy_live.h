@@ -117,15 +117,22 @@ struct policy_view {
 	 * a user listed here (policy_live.c, has_fact). */
 	struct policy_user_fact *blocks_lately;
 	size_t nblocks_lately;
+	/* How recent, in seconds, a block is "of the last minutes": the
+	 * remote ones in blocks_lately, and a local user's for the periodic
+	 * sweep (policy_live.c, lately_s_of): policy.reload_interval_s and a
+	 * margin, the longest a block can go unseen by a reload.  An
+	 * overlay's is its base's. */
+	long lately_s;
 };
 
 /* Loads rules, settings and consent facts in one read-only transaction on
  * c and compiles them (a new view with one reference).  prev (or NULL at
  * the first load): the view in force, whose default mode stays when the
  * settings' one cannot be read.  A rule row that cannot be read fails the
- * load (CW_EINVAL, naming the row): the rules in force stay whole. */
-cw_err policy_load(PGconn *c, uint64_t version, const struct policy_view *prev, struct policy_view **out,
-		   cw_errmsg *e);
+ * load (CW_EINVAL, naming the row): the rules in force stay whole.
+ * lately_s: policy_view.lately_s. */
+cw_err policy_load(PGconn *c, uint64_t version, const struct policy_view *prev, long lately_s,
+		   struct policy_view **out, cw_errmsg *e);
 /* An overlay of base (a full view, or an overlay whose base is taken): the
  * current facts of the n local users ids (identity ids) over everything
  * else of base (a new view with one reference, holding one on base). */

@@ -4678,6 +4678,87 @@ def test_her_walk_reads_her_rows_to_a_blocker_only_when_a_remote_block_of_her_is
             srv.close()
 
 
+def test_a_remote_block_no_notify_named_is_walked_by_the_whole_reload_of_an_hour_later(make_daemon, db_url, pg):
+    """A remote user's block of a local one that no NOTIFY named (made by
+    SQL here; or while the policy connection was away) is first seen by the
+    next whole reload, with policy.reload_interval_s at an hour up to an
+    hour after it was made (here 15 minutes; a bare NOTIFY stands for the
+    periodic reload).  That reload still finds it among the blocks "of the
+    last minutes" (policy_view.blocks_lately: the reload interval and ten
+    minutes), and her walk drops what she wrote him and still waits for his
+    peer (pending, its retry not due).  Until the fifty-seventh session the
+    window was a fixed ten minutes: the block was not found, and her rows
+    went to his peer."""
+    d = make_daemon(db_url, options={"policy": {"reload_interval_s": "3600"}}).start()
+    made = push_peers(d)
+    try:
+        (a, _), _ = made
+        wally = a.user("wally")
+        a.create_room([wally, ALICE]).json()
+        rid = pg.psql(f"SELECT m.room_id FROM room_members m JOIN identities i ON i.id = m.identity_id "
+                      f"WHERE i.uri = '{wally}'", db_url)
+        pg.psql("INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
+                f"SELECT 'msg_hers_' || g, {rid}, i.id, 'message', jsonb_build_object('type', 'message', "
+                "'sender', i.uri, 'content', jsonb_build_object('text', 'hi')), i.network, 0 "
+                f"FROM identities i, generate_series(1, 3) g WHERE i.uri = '{ALICE}' ORDER BY g", db_url)
+        pg.psql("INSERT INTO outbox (event_id, destination, room_id, state, next_attempt_at) SELECT e.id, "
+                "'peer:gk', e.room_id, 'pending', now() + interval '1 hour' FROM events e "
+                "WHERE e.public_id LIKE 'msg_hers_%' ORDER BY e.id", db_url)
+        waiting = ("SELECT string_agg(o.state || ':' || n, ',' ORDER BY o.state) FROM (SELECT o.state, count(*) AS n "
+                   "FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id LIKE 'msg_hers_%' GROUP BY 1) o")
+        was = gauge(d, "causeway_policy_facts")
+        pg.psql("INSERT INTO blocks (blocker_id, blocked_id, created_at) SELECT w.id, h.id, "
+                f"now() - interval '15 minutes' FROM identities w, identities h WHERE w.uri = '{wally}' "
+                f"AND h.uri = '{ALICE}'", db_url)
+        time.sleep(0.5)
+        assert gauge(d, "causeway_policy_facts") == was  # no NOTIFY: not in force yet
+        whole = reloads(d)["whole"]
+        pg.psql("NOTIFY causeway_policy", db_url)  # the whole reload that finds it
+        wait_until(lambda: reloads(d)["whole"] > whole and gauge(d, "causeway_policy_facts") == was + 1,
+                   what="the whole reload with wally's block")
+        wait_until(lambda: pg.psql(waiting, db_url) == "dropped:3", timeout=20,
+                   what="her rows to the peer of wally, who blocked her 15 minutes ago, dropped")
+        assert "recheck of waiting rows failed" not in d.log()
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
+def test_the_periodic_sweep_drops_what_waits_from_a_sender_blocked_within_the_reload_interval(
+        make_daemon, db_url, pg):
+    """A local user's block that no NOTIFY named (made by SQL here, so no
+    sweep of its own either) is in force in a process only after its next
+    whole reload, with policy.reload_interval_s at an hour up to an hour
+    later: what the process lets through meanwhile waits for delivery to
+    her.  The periodic sweep drops the rows from the sender she blocked
+    while her block is "of the last minutes" (BLOCKED_LATELY: the reload
+    interval and ten minutes): here one made 15 minutes ago, her rows
+    pending (her destination backing off).  Until the fifty-seventh
+    session the window was a fixed ten minutes, and they were delivered."""
+    d = make_daemon(db_url, options={"policy": {"reload_interval_s": "3600"}}).start()
+    made = push_peers(d)
+    try:
+        (a, _), _ = made
+        opt_in(d)
+        consent(d, a.user("wally"), "allowed")
+        room = dm(a)
+        wait_policy(d, lambda: states(pg, db_url, [send(a, room, "probe").json()["id"]])[0][1] == "pending",
+                    "the consent in force")
+        ids = [send(a, room, f"let through {i}").json()["id"] for i in range(3)]
+        pg.psql("UPDATE outbox SET next_attempt_at = now() + interval '1 hour' WHERE state = 'pending'", db_url)
+        time.sleep(0.5)  # periodic sweeps: nothing of hers blocked yet
+        assert [s for _, s in states(pg, db_url, ids)] == ["pending"] * 3
+        pg.psql("UPDATE consents SET state = 'blocked', updated_at = now() - interval '15 minutes' "
+                f"WHERE subject = '{a.user('wally')}'", db_url)
+        wait_until(lambda: [s for _, s in states(pg, db_url, ids)] == ["dropped"] * 3, timeout=20,
+                   what="her rows from wally, whom she blocked 15 minutes ago, dropped by the periodic sweep")
+        why = decision(d, ids[0])["recipients"][0]
+        assert (why["verdict"], why["reason"]) == ("deny", "user_blocked_sender"), why
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
 def test_her_walk_reads_her_waiting_rows_only_when_one_of_its_users_opted_out(make_daemon, pg_planned):
     """A NOTIFY naming local users (here alice's consents: three of them)
     has their rows decided again, one kind after the other
