@@ -4633,7 +4633,7 @@ def test_her_walk_reads_her_rows_to_a_blocker_only_when_a_remote_block_of_her_is
     the last kind, her rows to the peers of remote users who blocked her
     lately (RECHECK_BLOCKED_ROWS), is not even asked of the database when
     the view she is decided with holds no remote block of her of the last
-    BLOCKS_LATELY: it could find nothing, and what it found would not be
+    minutes (policy_view.lately_s): it could find nothing, and what it found would not be
     dropped under that view anyway.  Until the fifty-sixth session it ran
     at every walk of every user, a statement for nothing.  A block of her
     by wally still drops what she wrote him and still waits for his peer
