@@ -201,8 +201,9 @@ static void fail_list(struct job *j, cw_err rc, const char *why)
 /* ----------------------------------------------------------- connections */
 
 /* The error for r, whose status is not the caller's want (its name, or
- * NULL: not known here). */
-static cw_err result_err(PGconn *c, const PGresult *r, const char *want, cw_errmsg *e)
+ * NULL: not known here); piped: r is a pipelined statement's, read by
+ * store_pipe_result (the connection in pipeline mode, as it should be). */
+static cw_err result_err(PGconn *c, const PGresult *r, const char *want, bool piped, cw_errmsg *e)
 {
 	if (PQstatus(c) != CONNECTION_OK)
 		return cw_fail(e, CW_EUNAVAIL, "database connection lost: %s", PQerrorMessage(c));
@@ -221,8 +222,27 @@ static cw_err result_err(PGconn *c, const PGresult *r, const char *want, cw_errm
 				      want)
 			    : cw_fail(e, CW_EINTERNAL, "a statement's result (%s) is not the one its caller wanted",
 				      PQresStatus(got));
+	/* A statement not run as an earlier one of its pipeline failed,
+	 * read as if it were a statement's own result: answered as
+	 * store_pipe_result answers it (it has no SQLSTATE, and was taken
+	 * below for a lost connection). */
+	if (got == PGRES_PIPELINE_ABORTED)
+		return cw_fail(e, CW_EIO, "an earlier statement of the pipeline failed");
 	const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
 	const char *msg = r ? PQresultErrorMessage(r) : PQerrorMessage(c);
+	/* No SQLSTATE on a good connection that is in pipeline mode, or has
+	 * a statement's results unread, under a statement of its caller's
+	 * own: libpq refused it ("synchronous command execution functions
+	 * are not allowed in pipeline mode", a NULL result), or
+	 * store_exec_generic did ("cannot enter pipeline mode"), or could not
+	 * send it and left its pipeline.  The caller's mistake, which the
+	 * same request meets again: not "database connection lost" (below),
+	 * on which a reader dropped the connection and ran the read again,
+	 * and the client was told 503 to retry. */
+	if (!piped && !state &&
+	    (PQpipelineStatus(c) != PQ_PIPELINE_OFF || PQtransactionStatus(c) == PQTRANS_ACTIVE))
+		return cw_fail(e, CW_EINTERNAL,
+			       "a statement was run on a connection in pipeline mode or with results unread: %s", msg);
 	/* 23505 unique, 23503 foreign key, 23P01 exclusion: a key another
 	 * request's commit took or removed between the checks and the
 	 * write, a race a retry settles.  The rest of class 23 (a CHECK,
@@ -261,7 +281,7 @@ static cw_err result_err(PGconn *c, const PGresult *r, const char *want, cw_errm
 
 cw_err store_result_err(PGconn *c, const PGresult *r, cw_errmsg *e)
 {
-	return result_err(c, r, NULL, e);
+	return result_err(c, r, NULL, false, e);
 }
 
 bool store_prepare_all(PGconn *c, const struct store_stmt *const *lists, cw_errmsg *e)
@@ -293,7 +313,7 @@ cw_err store_check(PGconn *c, PGresult *r, ExecStatusType st, cw_errmsg *e)
 {
 	if (PQresultStatus(r) == st)
 		return CW_OK;
-	cw_err rc = result_err(c, r, PQresStatus(st), e);
+	cw_err rc = result_err(c, r, PQresStatus(st), false, e);
 	PQclear(r);
 	return rc;
 }
@@ -1443,15 +1463,24 @@ cw_err store_pipe_result(PGconn *c, ExecStatusType want, PGresult **out, cw_errm
 	PGresult *extra;
 	while (r && (extra = PQgetResult(c)))
 		PQclear(extra);
+	if (!r && PQstatus(c) != CONNECTION_OK)
+		return cw_fail(e, CW_EUNAVAIL, "database connection lost: %s", PQerrorMessage(c));
+	/* A connection lost comes as a result (PGRES_FATAL_ERROR, the
+	 * connection bad) before the NULLs.  A NULL on a good connection:
+	 * nothing left to read, up to and past the pipeline's sync point (its
+	 * caller read more results than it sent statements, or read outside
+	 * pipeline mode): its mistake.  Until the fifty-seventh session
+	 * "no result: " with an empty message, CW_EUNAVAIL. */
 	if (!r)
-		return cw_fail(e, CW_EUNAVAIL, "no result: %s", PQerrorMessage(c));
+		return cw_fail(e, CW_EINTERNAL,
+			       "no statement's result left to read: more results read than statements sent");
 	cw_err rc = CW_OK;
 	ExecStatusType st = PQresultStatus(r);
 	if (st == PGRES_PIPELINE_ABORTED)
 		rc = cw_fail(e, CW_EIO, "an earlier statement of the pipeline failed");
 	else if (want == STORE_ROWS_OR_COMMAND ? st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK : st != want)
 		rc = result_err(c, r, want == STORE_ROWS_OR_COMMAND ? "PGRES_TUPLES_OK or PGRES_COMMAND_OK" : PQresStatus(want),
-				e);
+				true, e);
 	if (rc) {
 		PQclear(r);
 		return rc;
@@ -1535,6 +1564,23 @@ static enum pipe_outcome run_pipelined(struct conn *sc, struct job *list, cw_err
 					out = PIPE_JOB_FAILED;
 				}
 				drained = store_pipe_drain(c);
+				break;
+			}
+			/* The round's sync point is still to be read, so libpq
+			 * reports a command in progress: a recv that read it too
+			 * (more results than its send queued) leaves the
+			 * connection idle in its transaction.  Its mistake,
+			 * which it makes again: it fails alone (CW_EINTERNAL),
+			 * where until the fifty-seventh session the drain below
+			 * found no sync point and the batch was failed as a
+			 * connection lost (the connection dropped, writes
+			 * refused a moment, each job answered 503). */
+			if (PQtransactionStatus(c) != PQTRANS_ACTIVE && PQstatus(c) == CONNECTION_OK) {
+				LOG_KV(CW_LOG_ERROR, "a pipelined write read past its round's sync point; failing it");
+				j->rc = cw_fail(&j->err, CW_EINTERNAL,
+						"a pipelined write read more results than its statements sent");
+				out = PIPE_JOB_FAILED;
+				drained = true;
 				break;
 			}
 			j->going = more;
@@ -1937,6 +1983,18 @@ static void *writer_main(void *arg)
 static bool read_left_idle(struct cw_store *s, struct reader *rd, struct job *j)
 {
 	PGconn *c = rd->conn.c;
+	/* One that left its connection in pipeline mode: libpq refuses every
+	 * later statement on it, a caller's mistake (result_err) that is not
+	 * the next read's, and which no retry on the same connection mends.
+	 * It fails, and the connection is dropped, a fresh one for the next
+	 * read. */
+	if (PQstatus(c) == CONNECTION_OK && PQpipelineStatus(c) != PQ_PIPELINE_OFF) {
+		LOG_KV(CW_LOG_ERROR, "a read job left its connection in pipeline mode; dropped");
+		if (!j->rc)
+			j->rc = cw_fail(&j->err, CW_EINTERNAL, "the read left its connection in pipeline mode");
+		conn_lost(s, &rd->conn);
+		return false;
+	}
 	PGTransactionStatusType ts = PQtransactionStatus(c);
 	if (PQstatus(c) != CONNECTION_OK || ts == PQTRANS_IDLE)
 		return true;

@@ -170,7 +170,8 @@ struct store_pipe_ops {
  * want (STORE_ROWS_OR_COMMAND: either): CW_ECONFLICT for a key taken or
  * removed (store_result_err), CW_EUNAVAIL for a lost connection, CW_EIO
  * for a statement not run as an earlier one of the pipeline failed,
- * CW_EINTERNAL for one that ran with another status than want. */
+ * CW_EINTERNAL for one that ran with another status than want, or when
+ * no result is left to read on a good connection (more read than sent). */
 cw_err store_pipe_result(PGconn *c, ExecStatusType want, PGresult **out, cw_errmsg *e);
 /* Reads what is left up to the pipeline's sync point (PQpipelineSync);
  * false if the connection was lost first. */

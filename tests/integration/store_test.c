@@ -944,6 +944,142 @@ START_TEST(a_wrong_status_is_a_bug_not_a_lost_connection)
 }
 END_TEST
 
+/* A read that leaves its connection in pipeline mode (a caller's bug). */
+static cw_err read_leaves_pipeline_mode(PGconn *c, void *arg, cw_errmsg *e)
+{
+	(void)arg;
+	return PQenterPipelineMode(c) ? CW_OK : cw_fail(e, CW_EINTERNAL, "%s", PQerrorMessage(c));
+}
+
+/* A pipelined write whose recv reads one result too many: its statement's,
+ * then the round's sync point as well. */
+static cw_err overread_send(PGconn *c, void *arg, int round, cw_errmsg *e)
+{
+	(void)arg;
+	(void)round;
+	return PQsendQueryParams(c, "SELECT 1", 0, NULL, NULL, NULL, NULL, 0)
+		       ? CW_OK
+		       : cw_fail(e, CW_EUNAVAIL, "%s", PQerrorMessage(c));
+}
+
+static cw_err overread_recv(PGconn *c, void *arg, int round, bool *more, cw_errmsg *e)
+{
+	(void)arg;
+	(void)round;
+	*more = false;
+	PGresult *r;
+	cw_err rc = store_pipe_result(c, PGRES_TUPLES_OK, &r, e);
+	PQclear(r);
+	while (!rc && (r = PQgetResult(c))) /* the sync point's */
+		PQclear(r);
+	return rc;
+}
+
+struct outcome {
+	cw_err rc;
+	cw_errmsg err;
+	atomic_int done;
+};
+
+static void outcome_done(void *arg, cw_err rc, const cw_errmsg *e)
+{
+	struct outcome *o = arg;
+	o->rc = rc;
+	o->err = *e;
+	atomic_store(&o->done, 1);
+}
+
+static void wait_outcome(struct outcome *o)
+{
+	while (!atomic_load(&o->done))
+		usleep(1000);
+}
+
+/* A caller's misuse of its connection, found on a good one, is a bug
+ * (CW_EINTERNAL, the message saying what was wrong), not "database
+ * connection lost" (CW_EUNAVAIL: a reader drops the connection and reads
+ * again, a writer's batch is failed as lost and writes refused a moment,
+ * and the client is told 503 to retry what fails the same way), as it was
+ * until the fifty-seventh session: a statement run in pipeline mode or
+ * with results unread, a pipelined result read where none was left, a
+ * pipeline's PGRES_PIPELINE_ABORTED read as a statement's own, a
+ * pipelined write reading past its sync point, a read leaving pipeline
+ * mode on.  The store's connections go on serving. */
+START_TEST(a_callers_mistake_is_not_a_lost_connection)
+{
+	cw_errmsg e;
+	PGconn *c = store_connect(db_url(), 10000, &e);
+	ck_assert_msg(c, "%s", e.msg);
+	/* A statement run in pipeline mode: libpq answers NULL. */
+	ck_assert(PQenterPipelineMode(c));
+	PGresult *r = PQexec(c, "SELECT 1");
+	ck_assert_int_eq(store_check(c, r, PGRES_TUPLES_OK, &e), CW_EINTERNAL);
+	ck_assert_msg(strstr(e.msg, "pipeline mode or with results unread") &&
+			      strstr(e.msg, "not allowed in pipeline mode"),
+		      "%s", e.msg);
+	ck_assert_int_eq(store_exec(c, "SELECT 1", &e), CW_EINTERNAL);
+	ck_assert(PQexitPipelineMode(c));
+	/* store_exec_generic refused, a statement's results unread. */
+	ck_assert(PQsendQuery(c, "SELECT 5"));
+	r = store_exec_generic(c, "no_such_statement", 0, NULL);
+	ck_assert_int_eq(store_check(c, r, PGRES_TUPLES_OK, &e), CW_EINTERNAL);
+	ck_assert_msg(strstr(e.msg, "cannot enter pipeline mode"), "%s", e.msg);
+	while ((r = PQgetResult(c)))
+		PQclear(r);
+	/* A pipeline's statements: one fails, the next is not run; a result
+	 * read past the sync point. */
+	ck_assert(PQenterPipelineMode(c));
+	ck_assert(PQsendQueryParams(c, "SELECT 1/0", 0, NULL, NULL, NULL, NULL, 0));
+	ck_assert(PQsendQueryParams(c, "SELECT 2", 0, NULL, NULL, NULL, NULL, 0));
+	ck_assert(PQpipelineSync(c));
+	ck_assert_int_eq(store_pipe_result(c, PGRES_TUPLES_OK, &r, &e), CW_EIO); /* 22012 */
+	r = PQgetResult(c);
+	ck_assert_int_eq(store_check(c, r, PGRES_TUPLES_OK, &e), CW_EIO);
+	ck_assert_msg(strstr(e.msg, "an earlier statement of the pipeline failed"), "%s", e.msg);
+	ck_assert_ptr_null(PQgetResult(c));
+	ck_assert_int_eq(store_pipe_result(c, PGRES_TUPLES_OK, &r, &e), CW_EINTERNAL); /* the sync point */
+	ck_assert_int_eq(store_pipe_result(c, PGRES_TUPLES_OK, &r, &e), CW_EINTERNAL); /* nothing */
+	ck_assert_ptr_null(r);
+	ck_assert_msg(strstr(e.msg, "more results read than statements sent"), "%s", e.msg);
+	ck_assert(PQexitPipelineMode(c));
+	ck_assert_int_eq(PQstatus(c), CONNECTION_OK);
+	ck_assert_int_eq(store_exec(c, "SELECT 1", &e), CW_OK);
+	PQfinish(c);
+
+	/* The store: a read that leaves pipeline mode on fails, and the next
+	 * read is served; a pipelined write that reads past its sync point
+	 * fails alone, the database not taken for away. */
+	reset_table();
+	struct cw_store *s;
+	struct store_opts o = opts(64, 1000);
+	o.readers = 1;
+	ck_assert_int_eq(store_open(&s, &o, &e), CW_OK);
+	ck_assert_int_eq(store_read_wait(s, read_leaves_pipeline_mode, NULL, &e), CW_EINTERNAL);
+	ck_assert_msg(strstr(e.msg, "pipeline mode"), "%s", e.msg);
+	struct rjob w = { 0 };
+	ck_assert_msg(store_read_wait(s, read_one, &w, &e) == CW_OK, "the next read: %s", e.msg);
+	ck_assert_int_eq(w.value, 42);
+	static const struct store_pipe_ops overread = { overread_send, overread_recv, NULL };
+	struct outcome bad = { 0 };
+	ck_assert_int_eq(store_write_pipe(s, &overread, outcome_done, &bad), CW_OK);
+	wait_outcome(&bad);
+	ck_assert_int_eq(bad.rc, CW_EINTERNAL);
+	ck_assert_msg(strstr(bad.err.msg, "read more results than its statements sent"), "%s", bad.err.msg);
+	struct store_stats st;
+	store_get_stats(s, &st);
+	ck_assert(st.db_up);
+	pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+	pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+	atomic_int left = 1;
+	struct wjob next = { .id = 7, .left = &left, .mu = &mu, .cv = &cv, .rc = CW_EINTERNAL };
+	ck_assert_int_eq(store_write(s, insert_row, wjob_done, &next), CW_OK);
+	wait_all(&left, &mu, &cv);
+	ck_assert_int_eq(next.rc, CW_OK);
+	store_close(s);
+	ck_assert_int_eq(count_rows("SELECT count(*) FROM store_test_rows WHERE id = 7"), 1);
+}
+END_TEST
+
 int main(int argc, char **argv)
 {
 	cw_log_set_level(CW_LOG_WARN);
@@ -965,6 +1101,7 @@ int main(int argc, char **argv)
 	tcase_add_test(tc, a_pipeline_takes_rows_or_a_command_only);
 	tcase_add_test(tc, a_pipeline_is_refused_on_a_connection_not_idle);
 	tcase_add_test(tc, a_wrong_status_is_a_bug_not_a_lost_connection);
+	tcase_add_test(tc, a_callers_mistake_is_not_a_lost_connection);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
 }
