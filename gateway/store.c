@@ -395,11 +395,14 @@ cw_err store_pipeline(PGconn *c, struct store_piped *q, int n, cw_errmsg *e)
 {
 	for (int i = 0; i < n; i++)
 		q[i].r = NULL;
-	/* As store_exec_generic: a caller's mistake, nothing sent. */
+	/* As store_exec_generic: a caller's mistake, nothing sent; a bug
+	 * (CW_EINTERNAL), not the database away (CW_EUNAVAIL until the
+	 * fifty-seventh session: a reader dropped its connection, the same
+	 * mistake met again on the next). */
 	if (PQpipelineStatus(c) != PQ_PIPELINE_OFF)
-		return cw_fail(e, CW_EUNAVAIL, "not allowed in pipeline mode");
+		return cw_fail(e, CW_EINTERNAL, "not allowed in pipeline mode");
 	if (!PQenterPipelineMode(c))
-		return cw_fail(e, CW_EUNAVAIL, "cannot enter pipeline mode: %s", PQerrorMessage(c));
+		return cw_fail(e, CW_EINTERNAL, "cannot enter pipeline mode: %s", PQerrorMessage(c));
 	cw_err rc = CW_OK;
 	int sent = 0;
 	while (sent < n && (q[sent].sql ? PQsendQueryParams(c, q[sent].sql, q[sent].n, NULL, q[sent].params, NULL,

@@ -327,7 +327,8 @@ bool store_prepare_all(PGconn *c, const struct store_stmt *const *lists, cw_errm
  * them (one made by libpq, without SQLSTATE, when the connection failed;
  * NULL when memory ran out).  As store_pipeline, not for a connection in
  * pipeline mode or with results unread: nothing is sent, and the result
- * is a failure made by libpq (PGRES_FATAL_ERROR, without SQLSTATE). */
+ * is a failure made by libpq (PGRES_FATAL_ERROR, without SQLSTATE), which
+ * store_check and store_result_err answer CW_EINTERNAL (a bug). */
 PGresult *store_exec_generic(PGconn *c, const char *name, int n, const char *const *params);
 /* store_exec_generic of sql, prepared on c as name the first time it is
  * missing there (SQLSTATE 26000): for an adapter's statements run on the
@@ -357,7 +358,7 @@ struct store_piped {
  * where one statement at a time would have kept them.  Not for a
  * connection in pipeline mode already (a pipelined job's send: its
  * statements would join the job's pipeline) nor one whose last results
- * were not read: the call fails (CW_EUNAVAIL) and sends nothing.  Until
+ * were not read: the call fails (CW_EINTERNAL, a bug) and sends nothing.  Until
  * the fifty-fifth session it fell back to one statement at a time: which
  * libpq refuses in pipeline mode, and which dropped the unread results. */
 cw_err store_pipeline(PGconn *c, struct store_piped *q, int n, cw_errmsg *e);
