@@ -1153,7 +1153,9 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 		 * would be said before the bot's leave, as words of a room
 		 * that is no management room, to whoever came in.  (This
 		 * statement failing leaves the room hers, and its words
-		 * looked at as hers: notices ends it if someone else is in.) */
+		 * looked at as hers: notices ends it if someone else is in.)
+		 * Whether the old room is hers again is asked once (went), for
+		 * the words' three columns and the delete. */
 		bool had = PQntuples(r) == 1;
 		const char *gp[] = { sender, room, had ? PQgetvalue(r, 0, 0) : NULL,
 				     had && !PQgetisnull(r, 0, 1) ? PQgetvalue(r, 0, 1) : NULL };
@@ -1161,13 +1163,13 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 			"WITH back AS (UPDATE matrix_mgmt_rooms SET room_id = $3::text "
 			" WHERE user_id = $1 AND room_id = $2 AND $3::text IS NOT NULL "
 			" AND NOT EXISTS (SELECT 1 FROM matrix_mgmt_rooms o WHERE o.room_id = $3::text) RETURNING 1), "
-			"words AS (UPDATE matrix_notices SET room_id = CASE WHEN EXISTS (SELECT 1 FROM back) "
-			" THEN $3::text ELSE room_id END, "
-			" done_at = CASE WHEN EXISTS (SELECT 1 FROM back) THEN done_at ELSE now() END, "
-			" next_at = CASE WHEN EXISTS (SELECT 1 FROM back) THEN next_at ELSE 'infinity' END "
-			" WHERE id = ANY ($4::bigint[]) AND room_id = $2 AND done_at IS NULL) "
+			"went AS (SELECT EXISTS (SELECT 1 FROM back) AS back), "
+			"words AS (UPDATE matrix_notices SET room_id = CASE WHEN went.back THEN $3::text ELSE room_id END, "
+			" done_at = CASE WHEN went.back THEN done_at ELSE now() END, "
+			" next_at = CASE WHEN went.back THEN next_at ELSE 'infinity' END "
+			" FROM went WHERE id = ANY ($4::bigint[]) AND room_id = $2 AND done_at IS NULL) "
 			"DELETE FROM matrix_mgmt_rooms WHERE user_id = $1 AND room_id = $2 "
-			" AND NOT EXISTS (SELECT 1 FROM back)",
+			" AND NOT (SELECT back FROM went)",
 			4, NULL, gp, NULL, NULL, 0);
 		cw_err grc = store_check(c, g, PGRES_COMMAND_OK, &e);
 		PQclear(r);
