@@ -1497,13 +1497,26 @@ static cw_err already_sent(struct matrix *m, const char *room, const char *ghost
 /* batch_info's statement, prepared on the dispatcher's connection and run
  * with its generic plan (store_exec_generic_sql): sent whole, it was
  * planned at each batch (1.4 ms, more than half of running it; until the
- * forty-fifth session). */
+ * forty-fifth session).
+ *
+ * Its last column (a leave of the row's Matrix room waiting in the bot's
+ * inbox) probes that room alone (its portal's or its direct room's: db,
+ * one of the two, as the room is a group or not) through
+ * matrix_bot_inbox_room_idx (schema/053), as INBOX_NEWCOMER does in
+ * mx_bot.c, and for the same reasons: OFFSET 0 keeps it a probe per row
+ * (the planner may not make it a hashed subplan over all the leaves), and
+ * "(handled_at IS NULL) IS TRUE" is a form matrix_bot_inbox_due_idx's
+ * predicate cannot be proved from, so that stale statistics do not steer
+ * it there.  Until the fifty-seventh session every unhandled leave, ban
+ * and tombstone of the inbox was read, and its event parsed, at each
+ * batch: those waiting for a retry are thousands during a homeserver
+ * outage, when the batches are many (docs/performance.md, "Fifty-seventh
+ * session"). */
 static const char batch_info_sql[] =
 	"SELECT x.k - 1, t.localpart, (SELECT native_id FROM identity_bindings WHERE identity_id = t.id AND network = 'matrix'), "
 	" s.id, s.localpart, s.is_local, p.name, "
 	" (SELECT native_id FROM identity_bindings WHERE identity_id = s.id AND network = 'matrix'), "
-	" CASE WHEN rm.kind = 'direct' THEN (SELECT native_id FROM room_bindings WHERE network = 'matrix' "
-	"  AND local_identity_id = t.id AND remote_identity_id = s.id) END, coalesce(s.display_name, ''), ev.room_id, ev.ts, s.avatar::text, "
+	" db.native_id, coalesce(s.display_name, ''), ev.room_id, ev.ts, s.avatar::text, "
 	" s.profile_changed_at IS NOT NULL AND coalesce((SELECT profile_synced_at FROM identity_bindings "
 	"  WHERE identity_id = s.id AND network = 'matrix'), '-infinity') < s.profile_changed_at, "
 	" s.profile_changed_at::text, rm.kind, pb.native_id, pb.id, "
@@ -1511,17 +1524,16 @@ static const char batch_info_sql[] =
 	" rm.name, rm.kind = 'group' AND NOT EXISTS (SELECT 1 FROM room_members x WHERE x.room_id = ev.room_id "
 	"  AND x.identity_id = t.id AND (x.membership = 'joined' OR (x.membership = 'invited' AND x.peer_invited))), "
 	" p.domain, "
-	" coalesce(lv.rooms IS NOT NULL AND (pb.native_id = ANY (lv.rooms) OR (SELECT native_id FROM room_bindings "
-	"  WHERE network = 'matrix' AND local_identity_id = t.id AND remote_identity_id = s.id AND rm.kind = 'direct') "
-	"  = ANY (lv.rooms)), false) "
+	" EXISTS (SELECT 1 FROM matrix_bot_inbox b WHERE (b.handled_at IS NULL) IS TRUE "
+	"  AND b.event->>'room_id' = coalesce(pb.native_id, db.native_id) AND ((b.event->>'type' = 'm.room.member' "
+	"  AND b.event->'content'->>'membership' IN ('leave', 'ban')) OR b.event->>'type' = 'm.room.tombstone') OFFSET 0) "
 	"FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS x(ev, tg, k) "
 	"JOIN events ev ON ev.id = x.ev JOIN identities s ON s.id = ev.sender_id JOIN identities t ON t.id = x.tg "
 	"JOIN rooms rm ON rm.id = ev.room_id LEFT JOIN peers p ON p.id = s.peer_id "
 	"LEFT JOIN room_bindings pb ON rm.kind = 'group' AND pb.network = 'matrix' AND pb.room_id = ev.room_id "
 	" AND pb.local_identity_id = t.id AND pb.remote_identity_id IS NULL "
-	"CROSS JOIN (SELECT array_agg(DISTINCT event->>'room_id') AS rooms FROM matrix_bot_inbox "
-	" WHERE handled_at IS NULL AND ((event->>'type' = 'm.room.member' "
-	"  AND event->'content'->>'membership' IN ('leave', 'ban')) OR event->>'type' = 'm.room.tombstone')) lv "
+	"LEFT JOIN room_bindings db ON rm.kind = 'direct' AND db.network = 'matrix' AND db.local_identity_id = t.id "
+	" AND db.remote_identity_id = s.id "
 	"ORDER BY x.k";
 
 /* What the rows of a batch need, in one statement: per row (in the order
@@ -1533,7 +1545,7 @@ static const char batch_info_sql[] =
  * recipient's portal (Matrix room, binding id), whether the sender's
  * ghost has joined it, and the group's name (for a portal made now);
  * whether the leave of the row's Matrix room (or its upgrade, or its ghost
- * put out) waits in the bot's inbox (its unbinding to come: lv). */
+ * put out) waits in the bot's inbox (its unbinding to come). */
 static cw_err batch_info(PGconn *c, const struct outbox_row *rows, size_t n, PGresult **out, cw_errmsg *e)
 {
 	*out = NULL;
