@@ -5764,6 +5764,85 @@ def test_a_message_between_her_leave_and_its_unbinding_waits_for_a_new_room(mx, 
     wait_until(lambda: pg.psql(state, db_url) == "delivered", timeout=20, what="the row delivered")
 
 
+@pytest.mark.parametrize("stats", ["stale", "fresh"])
+def test_a_batchs_look_for_a_waiting_leave_reads_only_its_rooms_rows_whatever_the_inbox_backlog(
+        make_daemon, pg, db_url, hs, stats):
+    """A delivery batch's look for a leave of a row's Matrix room waiting
+    in the bot's inbox (batch_info_sql's last column: the row then waits
+    for the room's unbinding) probes that room alone, by
+    matrix_bot_inbox_room_idx (053), however many leaves of other rooms
+    wait for a retry (5,000, as after a homeserver outage), the inbox's
+    statistics taken before they came (stale) or after (fresh): wally's
+    message goes into alice's direct room amid them, and once her own
+    leave waits among them (the bot's unbinding of the room fails until
+    the test lets it go), his next one waits for a new room.  Until the
+    fifty-seventh session each batch read every unhandled leave of the
+    inbox and parsed its event (over 400 buffers here, thousands during
+    an outage).  The batches' plans, logged by auto_explain as run, with
+    the buffers each read."""
+    name = db_url.split("?")[0].rsplit("/", 1)[1]
+    for setting in ("session_preload_libraries = 'auto_explain'", "auto_explain.log_min_duration = 0",
+                    "auto_explain.log_analyze = on", "auto_explain.log_buffers = on",
+                    "auto_explain.log_timing = off"):
+        pg.psql(f'ALTER DATABASE "{name}" SET {setting}')
+    log = os.path.join(pg.dir, "postgresql.log")
+    d = start_mx(make_daemon, db_url, hs)
+    a, srv = add_gk(d)
+    try:
+        room, mx_room, alice, ghost = wally_writes_to_alice(d, hs, (a, srv))
+        alice.join(mx_room)
+        srv.wait_events(1)
+        pg.psql("ALTER TABLE matrix_bot_inbox SET (autovacuum_enabled = false); ANALYZE matrix_bot_inbox", db_url)
+        # realistic pushes (about 600 bytes), 5 per room, not due
+        pg.psql("INSERT INTO matrix_bot_inbox (event_id, event, attempts, not_before) "
+                "SELECT '$backlog' || g, jsonb_build_object('type', 'm.room.member', "
+                " 'room_id', '!room' || g % 1000 || ':example.org', 'sender', '@someone' || g || ':example.org', "
+                " 'state_key', '@someone' || g || ':example.org', 'event_id', '$backlog' || g || repeat('x', 40), "
+                " 'origin_server_ts', 1765000000000 + g, 'content', jsonb_build_object('membership', 'leave', "
+                " 'displayname', 'Someone Number ' || g, 'avatar_url', 'mxc://example.org/' || repeat('a', 24)), "
+                " 'unsigned', jsonb_build_object('age', 1234, 'replaces_state', '$prev' || g || repeat('y', 40), "
+                " 'prev_content', jsonb_build_object('membership', 'join', 'displayname', 'Someone Number ' || g))), "
+                " 3, now() + interval '1 hour' FROM generate_series(1, 5000) g"
+                + ("; ANALYZE matrix_bot_inbox" if stats == "fresh" else ""), db_url)
+        start = os.path.getsize(log)
+        a.send(room, a.user("wally"), "still there?")
+        wait_until(lambda: bodies(hs, mx_room) == ["hello", "still there?"], timeout=20,
+                   what="the message delivered amid the other rooms' leaves")
+        pg.psql("CREATE SEQUENCE test_fail; "
+                "CREATE FUNCTION test_fail() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                " PERFORM nextval('test_fail'); RAISE EXCEPTION 'injected failure'; END $$; "
+                "CREATE TRIGGER test_fail BEFORE DELETE ON room_bindings FOR EACH ROW EXECUTE FUNCTION test_fail()",
+                db_url)
+        alice.leave(mx_room)
+        wait_until(lambda: "cannot unbind a room its user left" in d.log(), what="the first unbinding failing")
+        sent = a.send(room, a.user("wally"), "are you there?").json()["id"]
+        state = ("SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id "
+                 f"WHERE e.public_id = '{sent}' AND o.destination = 'matrix'")
+
+        def failures():
+            return int(pg.psql("SELECT last_value FROM test_fail", db_url))
+        tried = failures()  # the row is tried (and waits) until a try of the unbinding after it
+        wait_until(lambda: failures() > tried, timeout=30, what="the unbinding failing again")
+        assert pg.psql(state, db_url) in ("pending", "in_flight")
+        assert bodies(hs, mx_room) == ["hello", "still there?"]
+        pg.psql("DROP TRIGGER test_fail ON room_bindings", db_url)
+        new_room = new_room_of(hs, mx_room, ghost, timeout=40)
+        assert bodies(hs, new_room) == ["are you there?"]
+        time.sleep(0.5)  # the log's last lines written
+        with open(log, encoding="utf-8", errors="replace") as f:
+            f.seek(start)
+            plans = [p for p in f.read().split("plan:") if "WITH ORDINALITY AS x(ev, tg, k)" in p]
+        assert len(plans) >= 3, plans  # the delivered row's, the waiting row's at least once, the new room's
+        for p in plans:
+            top = re.search(r"Buffers: shared (?:hit=(\d+))? ?(?:read=(\d+))?", p)
+            read = sum(int(x) for x in top.groups() if x) if top else 0
+            assert read < 100, (read, p)
+            assert "matrix_bot_inbox_due_idx" not in p, p
+            assert "matrix_bot_inbox_room_idx" in p, p
+    finally:
+        srv.close()
+
+
 def test_a_leave_whose_user_the_database_did_not_give_is_tried_again(mx, hs, gk, pg, db_url):
     """alice leaves her direct room with wally, and the bot's look-up of her
     identity fails once (a statement refused on a live connection: a lock
