@@ -798,3 +798,12 @@ def logged_at(rec):
     import datetime
     return datetime.datetime.strptime(rec["ts"], "%Y-%m-%dT%H:%M:%S.%fZ") \
         .replace(tzinfo=datetime.timezone.utc).timestamp()
+
+
+def stopped_in(daemon, timeout=10):
+    """The seconds daemon's stop took on its own clock: its "stopped"
+    record's shutdown_ms, from the stop signal read to the stop done (the
+    process's exit after it, under the sanitizers a loaded machine's
+    second or more, not counted)."""
+    rec = daemon.wait_for(lambda r: r.get("msg") == "stopped", timeout=timeout)
+    return float(rec["shutdown_ms"]) / 1000
