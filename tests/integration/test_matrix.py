@@ -3,6 +3,7 @@
 errors, transactions (dedupe, echoes), and messages both ways between a peer
 and a Matrix user in a direct room."""
 import collections
+import contextlib
 import hashlib
 import json
 import os
@@ -9022,6 +9023,24 @@ def test_someone_else_in_a_management_room_ends_it(mx, hs, gk, pg, db_url):
                            if e["sender"] == bot), what="ed's request in her new room")
 
 
+@contextlib.contextmanager
+def her_list_held(alice, mgmt, pg, db_url):
+    """alice's "list" sent in her management room mgmt, and the bot's
+    answer waiting on a lock of blocks (a table the list reads), held in
+    the block (its session, which end() ends: the lock freed) and at its
+    end freed whatever came."""
+    held = HeldSession(db_url)
+    try:
+        held.run("BEGIN; LOCK TABLE blocks IN ACCESS EXCLUSIVE MODE;")
+        alice.send_text(mgmt, "list")
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                   "AND query LIKE '%FROM blocks%'", db_url) == "1",
+                   timeout=30, what="her list waiting for the lock")
+        yield held
+    finally:
+        held.end()
+
+
 def test_a_command_queued_before_someone_else_came_in_is_not_answered_to_them(mx, hs, gk, pg, db_url):
     """alice's "list" is in the bot's inbox before bob is invited into her
     management room; bob's member event comes after it, so the intruder's
@@ -9035,20 +9054,12 @@ def test_a_command_queued_before_someone_else_came_in_is_not_answered_to_them(mx
     consent_alice(mx)
     alice, mgmt, said = alice_and_the_bot(hs)
     hs.create_user("bob")
-    held = HeldSession(db_url)
-    try:
-        held.run("BEGIN; LOCK TABLE blocks IN ACCESS EXCLUSIVE MODE;")
-        alice.send_text(mgmt, "list")
-        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                   "AND query LIKE '%FROM blocks%'", db_url) == "1",
-                   timeout=30, what="her list waiting for the lock")
+    with her_list_held(alice, mgmt, pg, db_url) as held:
         alice.invite(mgmt, "@bob:example.org")
         wait_until(lambda: any(t["done"] and any(e["type"] == "m.room.member"
                                                  and e.get("state_key") == "@bob:example.org"
                                                  for e in t["events"]) for t in hs.transactions),
                    what="the transaction with bob's invitation taken")
-        held.end()
-    finally:
         held.end()
     wait_until(lambda: hs.members(mgmt).get(bot) == "leave", what="the bot leaving")
     time.sleep(1)  # the intruder's member event handled too
@@ -9249,21 +9260,15 @@ def test_a_commands_answer_is_not_said_where_someone_else_is_once_the_room_is_he
             changed.append(path)
         return False
 
-    held = HeldSession(db_url)
     try:
-        held.run("BEGIN; LOCK TABLE blocks IN ACCESS EXCLUSIVE MODE;")
-        alice.send_text(mgmt, "list")
-        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                   "AND query LIKE '%FROM blocks%'", db_url) == "1",
-                   timeout=30, what="her list waiting for the lock")
-        hs.stop_pushing()
-        alice.invite(mgmt, "@bob:example.org")
-        hs.refuse = refuse
-        held.end()
-        wait_until(lambda: changed, timeout=30, what="the members read before the answer")
-        time.sleep(4)  # an answer queued would be sent meanwhile (2 s)
+        with her_list_held(alice, mgmt, pg, db_url) as held:
+            hs.stop_pushing()
+            alice.invite(mgmt, "@bob:example.org")
+            hs.refuse = refuse
+            held.end()
+            wait_until(lambda: changed, timeout=30, what="the members read before the answer")
+            time.sleep(4)  # an answer queued would be sent meanwhile (2 s)
     finally:
-        held.end()
         hs.refuse = None
         hs.resume_pushing()
     words = said()
