@@ -67,6 +67,23 @@ def wait_policy(daemon, pred, what):
     wait_until(pred, interval=0.05, what=what)
 
 
+# The policy thread's expiry sweep, run at each of its sweeps (the tests'
+# policy.sweep_interval_ms: 200) and by no other thread.
+EXPIRY_SWEEP = "WITH due AS MATERIALIZED (SELECT e.id, e.room_id FROM events e"
+
+
+def policy_turns(pg_planned, db_url, turns=3):
+    """Waits until the policy thread has swept turns more times (its expiry
+    sweep's calls, pg_stat_statements): its turns after the loads before
+    the call (a user's walk, in the same turn as her load when it reads
+    no rows, or a pass first) have run.  A fixed second before, which a
+    loaded machine's thread could not have had: a check that the walk
+    asked nothing then passed whether it would have or not."""
+    was = pg_planned.planned(db_url, EXPIRY_SWEEP)[0]
+    wait_until(lambda: pg_planned.planned(db_url, EXPIRY_SWEEP)[0] >= was + turns, timeout=30,
+               what=f"{turns} more sweeps of the policy thread")
+
+
 def test_first_contact_held_one_request_then_accept_releases_in_order(daemon, peers, pg, db_url):
     (a, _), _ = peers
     opt_in(daemon)
@@ -4662,7 +4679,7 @@ def test_her_walk_reads_her_rows_to_a_blocker_only_when_a_remote_block_of_her_is
         # Her walk, the thread's next turn after each load: its first kinds
         # are not asked either, she has no opt-out (since the fifty-sixth
         # session; test_her_walk_reads_her_waiting_rows_only_when_one_of_its_users_opted_out).
-        time.sleep(1.0)
+        policy_turns(pg_planned, db_url)
         assert pg_planned.planned(db_url, blocked)[0] == 0
         assert pg_planned.psql(waiting, db_url) == "pending:3"
         r = a.call("POST", "/v1/batch", {"events": [
@@ -4791,10 +4808,10 @@ def test_her_walk_reads_her_waiting_rows_only_when_one_of_its_users_opted_out(ma
         assert pg_planned.psql(dead, db_url) == "dead:3"
         by_user = "WITH ou AS MATERIALIZED (SELECT array_agg(DISTINCT identity_id)"  # held, dead and failed
         by_room = "WITH RECURSIVE ou AS MATERIALIZED (SELECT array_agg(DISTINCT identity_id)"  # pending
-        time.sleep(1.0)  # bob's walks (his opt-in, his consent) over
+        policy_turns(pg_planned, db_url)  # bob's walks (his opt-in, his consent) over
         for who in ("ed", "fay", "gus"):
             consent(d, a.user(who), "allowed")  # answered once her facts are loaded
-        time.sleep(1.0)  # her walk: the thread's next turn after each load
+        policy_turns(pg_planned, db_url)  # her walk: the thread's next turn after each load
         assert (pg_planned.planned(db_url, by_user)[0], pg_planned.planned(db_url, by_room)[0]) == (0, 0)
         opt_in(d, user=BOB, on=False)
         wait_until(lambda: pg_planned.psql(dead, db_url) == "dropped:3", timeout=30,
@@ -4839,7 +4856,7 @@ def test_her_second_opt_out_loaded_while_her_walk_runs_has_her_walk_again(make_d
         dead = ("SELECT string_agg(o.state || ':' || n, ',' ORDER BY o.state) FROM (SELECT o.state, count(*) AS n "
                 "FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id LIKE 'msg_%s_%%' GROUP BY 1) o")
         assert (pg_planned.psql(dead % "tg", db_url), pg_planned.psql(dead % "gk", db_url)) == ("dead:700", "dead:3000")
-        time.sleep(1.0)  # his walks (opt-ins, consents) over
+        policy_turns(pg_planned, db_url)  # his walks (opt-ins, consents) over
         opt_in(d, user=BOB, network="peer:gk", on=False)
         wait_until(lambda: pg_planned.psql(dead % "gk", db_url) != "dead:3000", timeout=30, interval=0.02,
                    what="his walk in gk's rows")
