@@ -14,7 +14,7 @@ import time
 import pytest
 import requests
 
-from harness import free_port, served_in, wait_until
+from harness import free_port, logged_at, served_in, wait_until
 from peer import Signer, push_peers
 from pgproxy import PgProxy
 from test_matrix import (ALICE, ALICE_MX, HS_TOKEN, add_gk, as_put, consent_alice, hs,  # noqa: F401 (hs: the fixture)
@@ -161,13 +161,21 @@ def test_deliveries_a_postgresql_crash_forgot_to_record_go_again_at_once(make_da
         own.stop("immediate")
         own.start()
         assert own.psql(state) in ("in_flight", "pending")  # the crash forgot the recording (the case tested)
-        t0 = time.time()
         second = wait_until(lambda: (lambda r: r.status_code == 202 and r.json()["id"])(
             a.send(room, a.user("alice"), "after the crash", idem="after-1")), timeout=30, what="accepted again")
         got = sb.wait_events(2, timeout=30)
         assert [e["id"] for e in got] == [first, second]
-        assert time.time() - t0 < 15, time.time() - t0  # not the claim's minute
         wait_until(lambda: own.psql(state) == "delivered", what="the first one recorded again")
+        # Delivered again within seconds of the server's start, not the
+        # claim's minute, on PostgreSQL's clock (its recording's now()):
+        # the test's clock from the start, bounded so until the
+        # fifty-seventh session, counted its own sends until one was
+        # taken and its wait for a processor (four test workers on the
+        # two cores) as well.
+        again = float(own.psql("SELECT extract(epoch FROM o.delivered_at - pg_postmaster_start_time()) "
+                               "FROM outbox o JOIN events e ON e.id = o.event_id "
+                               f"WHERE e.public_id = '{first}'"))
+        assert again < 15, again
         assert own.psql("SELECT count(*) FROM outbox WHERE state = 'in_flight'") == "0"
         d.stop()
         sa.close()
@@ -455,16 +463,20 @@ def test_writes_blocked_by_a_lock_are_answered_503_near_their_deadline(make_daem
         before = pg.psql("SELECT count(*) FROM events", db_url)
         with outbox_locked(pg, db_url, "SHARE"):
             def one(i):
-                t0 = time.time()
                 r = a.call("POST", f"/v1/rooms/{room}/messages", {
                     "type": "message", "sender": a.user("alice"),
                     "content": {"parts": [{"type": "text/plain", "body": f"m{i}"}]}}, idem=f"blk-{i}")
-                return r.status_code, r.headers.get("Retry-After"), time.time() - t0
+                return r.status_code, r.headers.get("Retry-After"), served_in(d, r)
             with concurrent.futures.ThreadPoolExecutor(8) as ex:
                 got = list(ex.map(one, range(8)))
             assert all(st == 503 and ra for st, ra, _ in got), got
-            # the deadline (3 s) and one statement's timeout (1 s), with room for a loaded machine
-            assert max(t for _, _, t in got) < 8, got
+            # The deadline (3 s) and one statement's timeout (1 s), with
+            # room, on the daemon's clock (its access log: from the request
+            # read to the answer sent), not eight statement timeouts one
+            # after another.  The test's clock around each call, bounded
+            # at 8 s until the fifty-seventh session, counted its eight
+            # threads' connects and waits for a processor as well.
+            assert max(t for _, _, t in got) < 6, got
             assert pg.psql("SELECT count(*) FROM events", db_url) == before
         wait_until(lambda: a.send(room, a.user("alice"), "after").status_code == 202, what="writes again")
     finally:
@@ -490,17 +502,20 @@ def test_a_write_still_running_at_its_deadline_is_cancelled_there(make_daemon, d
         before = int(pg.psql("SELECT count(*) FROM events", db_url))
 
         def one(i):
-            t0 = time.time()
             r = a.call("POST", f"/v1/rooms/{room}/messages", {
                 "type": "message", "sender": a.user("alice"),
                 "content": {"parts": [{"type": "text/plain", "body": f"late{i}"}]}}, idem=f"late-{i}")
-            return r, time.time() - t0
+            return r, r.status_code == 503 and served_in(d, r)
         with outbox_locked(pg, db_url, "SHARE"):
             with concurrent.futures.ThreadPoolExecutor(4) as ex:
                 got = list(ex.map(one, range(4)))
             assert all(r.status_code == 503 and r.headers.get("Retry-After") for r, _ in got), \
                 [(r.status_code, r.text) for r, _ in got]
-            # the deadline (1 s) with room for a loaded machine, far below the statement's 30 s
+            # The deadline (1 s) with room, far below the statement's 30 s,
+            # on the daemon's clock (its access log: from the request read
+            # to the answer sent).  The test's clock around each call, the
+            # same bound until the fifty-seventh session, counted its four
+            # threads' connects and waits for a processor as well.
             assert max(t for _, t in got) < 3, [t for _, t in got]
             assert int(pg.psql("SELECT count(*) FROM events", db_url)) == before
             assert d.get("/readyz").status_code == 200
@@ -537,12 +552,17 @@ def test_sigterm_while_the_database_blocks_writes_exits_in_bounded_time(make_dae
                 wait_until(lambda: pg.psql("SELECT count(*) FROM pg_locks WHERE relation = 'outbox'::regclass "
                                            "AND NOT granted", db_url) != "0", what="a statement waiting for the lock")
                 time.sleep(1.5)
-                t0 = time.time()
                 d.signal(signal.SIGTERM)
-                assert d.wait_exit(30) == 0
-                took = time.time() - t0
+                assert d.wait_exit(30) == 0, d.log()[-3000:]
                 statuses = [c.result().status_code for c in calls]
-            assert took < 20, took  # some 7 s here; it was over 30 (systemd's TimeoutStopSec)
+            # It was over 30 s (systemd's TimeoutStopSec).  The clean exit
+            # (0) says the stop ended before its deadline (drain plus 10
+            # s: 11 s here, then exit 1); its own time is the daemon's
+            # shutdown_ms.  The test's clock until the exit, bounded at 20
+            # s until the fifty-seventh session, counted the sanitizers'
+            # exit and its own wait for a processor too.
+            stopped = d.wait_for(lambda r: r.get("msg") == "stopped")
+            assert float(stopped["shutdown_ms"]) < 10000, stopped
             assert set(statuses) <= {503}, statuses  # answered, and nothing taken that was not stored
     finally:
         sb.close()
@@ -608,6 +628,17 @@ def test_health_endpoints_answer_by_the_deadline_when_the_database_stopped_answe
                 d.proc.wait()
 
 
+def served_span(daemon, answers):
+    """The seconds from the first of answers' requests read to the last
+    one's answer sent, on daemon's clock: their access log lines' times,
+    less each one's duration_ms for its start."""
+    recs = []
+    for r in answers:
+        rid = r.headers["X-Request-Id"]
+        recs.append(daemon.wait_for(lambda x: x.get("msg") == "request" and x.get("request_id") == rid))
+    return max(logged_at(x) for x in recs) - min(logged_at(x) - float(x["duration_ms"]) / 1000 for x in recs)
+
+
 def probe_threads(pid):
     """How many of the daemon's threads keep the probes' deadlines (named cw-probe...)."""
     n = 0
@@ -639,7 +670,6 @@ def test_a_storm_of_probes_on_a_held_database_is_timed_by_one_thread(make_daemon
                 while not all(c.done() for c in calls) and time.time() - t0 < 30:
                     seen.append(probe_threads(d.proc.pid))
                     time.sleep(0.05)
-                took = time.time() - t0
                 answers = [c.result() for c in calls]
             assert max(seen) == 1, seen  # it was one per probe pending: up to 24
             for i, r in enumerate(answers):
@@ -651,11 +681,15 @@ def test_a_storm_of_probes_on_a_held_database_is_timed_by_one_thread(make_daemon
             # request read to its answer sent (the access log).  The test's
             # clock around the 24 (Python's threads sending them and reading
             # the answers) took more than 7 s with four test workers on the
-            # two cores; it bounds here only that the probes were not taken
-            # a batch after another (two HTTP threads held 3 s a batch: 36 s).
+            # two cores.  The probes were not taken a batch after another
+            # (two HTTP threads held 3 s a batch: 36 s): from the first
+            # request read to the last answer sent, on the daemon's clock
+            # too (the test's, bounded so until the fifty-seventh session,
+            # counted its own sends, reads and /proc polls).
             served = [served_in(d, r) for r in answers]
             assert max(served) < 3 + 2, served
-            assert took < 3 + 9, took
+            span = served_span(d, answers)
+            assert span < 3 + 9, span
             p.thaw()
             wait_until(lambda: d.get("/readyz").status_code == 200, timeout=30, what="ready again")
             assert probe_threads(d.proc.pid) == 1  # kept, not one made per probe
@@ -759,9 +793,8 @@ def test_requests_answer_by_the_deadline_when_the_database_stopped_answering(mak
                 assert read().status_code == 200, name
 
             def timed(name, call):
-                t0 = time.time()
                 r = call()
-                return name, r, time.time() - t0
+                return name, r, served_in(d, r)
             p.freeze()
             mark = len(d.records)
             # Three rounds: the first finds the readers' connections (and
@@ -774,7 +807,11 @@ def test_requests_answer_by_the_deadline_when_the_database_stopped_answering(mak
                 for name, r, took in got:
                     assert r.status_code == 503 and r.headers.get("Retry-After"), (name, r.status_code, r.text)
                     assert r.headers["Content-Type"].startswith("application/problem+json"), (name, r.headers)
-                    # the deadline (1 s) and the cancel's or ping's grace (2 s), with room for a loaded machine
+                    # The deadline (1 s) and the cancel's or ping's grace
+                    # (2 s), with room, on the daemon's clock (its access
+                    # log): the test's clock around the call, the same
+                    # bound until the fifty-seventh session, counted its
+                    # four threads' connects and waits for a processor too.
                     assert took < 5, (name, took)
             assert d.get("/readyz").status_code == 503
             d.wait_for(lambda r: r.get("msg") == "the database stopped answering: a connection is dropped",
@@ -815,12 +852,14 @@ def test_matrix_calls_answer_by_the_deadline_when_the_database_stopped_answering
             assert query().status_code == 404
             p.freeze()
             for _ in range(3):
-                t0 = time.time()
                 r = query()
-                took = time.time() - t0
                 assert r.status_code == 503 and r.json()["errcode"] == "M_UNKNOWN", r.text
                 assert r.headers.get("Retry-After"), r.headers
-                assert took < 5, took  # the deadline (1 s) and the cancel's grace (2 s), with room
+                # the deadline (1 s) and the cancel's grace (2 s), with
+                # room, on the daemon's clock (its access log), not the
+                # test's around the call (its own wait for a processor too)
+                took = served_in(d, r)
+                assert took < 5, took
             p.thaw()
             wait_until(lambda: query().status_code == 404, timeout=30, what="the query answered again")
         finally:
@@ -868,7 +907,12 @@ def test_homeserver_transactions_while_postgresql_is_stopped_get_an_error_then_a
                               "content": {"membership": "invite", "is_direct": True}}], ()),
         }
         private_pg.stop()
-        stopped = time.time()
+        # Each answered at once on the daemon's clock (its access log), not
+        # at its deadline (database.request_timeout_ms, 5 s): the test's
+        # clock around the fourteen, bounded at 10 s until the
+        # fifty-seventh session, counted its own connects and waits for a
+        # processor too.
+        took = {}
         for rnd in range(2):  # at once (the store may not know yet), and once it reported the database down
             if rnd:
                 wait_until(lambda: d.get("/readyz").status_code == 503, what="the database reported down")
@@ -876,10 +920,12 @@ def test_homeserver_transactions_while_postgresql_is_stopped_get_an_error_then_a
                 r = put(f"down-{name}", events, ephemeral)
                 assert r.status_code == 503 and r.json()["errcode"] == "M_UNKNOWN", (name, r.status_code, r.text)
                 assert r.headers.get("Retry-After"), (name, r.headers)
+                took[(rnd, name)] = served_in(d, r)
             for name, events in {"echo": [message(9, sender=ghost)], "empty": []}.items():
                 r = put(f"down-{name}-{rnd}", events)
                 assert r.status_code == 200, (name, r.status_code, r.text)
-        assert time.time() - stopped < 10
+                took[(rnd, name)] = served_in(d, r)
+        assert max(took.values()) < 2.5, took
         private_pg.start()
         wait_until(lambda: put("down-message", [message(1)]).status_code == 200, timeout=30,
                    what="the retried transaction taken")
@@ -1091,14 +1137,18 @@ def test_sigterm_with_a_database_that_stopped_answering_exits_in_bounded_time(ma
     Before, the stop cancelled the blocked statements with PQcancel, which
     waited for ever for the frozen server's answer: only SIGKILL ended it."""
     with frozen_database(make_daemon, db_url) as d:
-        t0 = time.time()
+        sent = time.time()
         d.signal(signal.SIGTERM)
         rc = d.wait_exit(60)
-        took = time.time() - t0
         assert rc == 1, d.log()[-3000:]
-        assert 10 < took < 25, took  # the bound, and well within systemd's TimeoutStopSec=30
         rec = d.wait_for(lambda r: r.get("msg") == "the stop took too long: exiting without finishing it")
         assert rec.get("waiting_for"), rec
+        # The bound, and well within systemd's TimeoutStopSec=30, on the
+        # daemon's clock (its record, then _exit): the test's clock until
+        # the exit, bounded so until the fifty-seventh session, counted
+        # its own wait for a processor too.
+        took = logged_at(rec) - sent
+        assert 10 < took < 25, took
 
 
 def test_a_second_signal_during_the_stop_exits_at_once(make_daemon, db_url):
@@ -1108,13 +1158,17 @@ def test_a_second_signal_during_the_stop_exits_at_once(make_daemon, db_url):
     with frozen_database(make_daemon, db_url) as d:
         d.signal(signal.SIGTERM)
         d.wait_for(lambda r: r.get("msg") == "stopping")
-        t0 = time.time()
+        sent = time.time()
         d.signal(signal.SIGINT)
         rc = d.wait_exit(60)
-        took = time.time() - t0
         assert rc == 1, d.log()[-3000:]
-        assert took < 8, took  # not the stop's deadline (11 s here)
-        d.wait_for(lambda r: r.get("msg") == "a second signal during the stop: exiting at once")
+        rec = d.wait_for(lambda r: r.get("msg") == "a second signal during the stop: exiting at once")
+        # At once, not the stop's deadline (11 s here), on the daemon's
+        # clock (its record, then _exit): the test's clock until the exit,
+        # bounded at 8 s until the fifty-seventh session, counted its own
+        # wait for a processor too.
+        took = logged_at(rec) - sent
+        assert took < 2, took
 
 
 def test_a_read_that_waits_out_a_lock_is_503_and_the_database_stays_up(make_daemon, db_url, pg):
@@ -1128,15 +1182,17 @@ def test_a_read_that_waits_out_a_lock_is_503_and_the_database_stays_up(make_daem
     assert d.admin("GET", "/outbox?state=dead").status_code == 200
     with outbox_locked(pg, db_url, "ACCESS EXCLUSIVE"):
         # One statement timeout (1.5 s), not two: a read run twice takes
-        # 3 s every time. The quickest of up to three reads is measured, so
-        # that a moment the machine's two cores are taken by the other
-        # test worker (a clean-clone run once saw 7.9 s) does not fail it.
+        # 3 s every time. On the daemon's clock (its access log), and the
+        # quickest of up to three reads, so that a moment the machine's two
+        # cores are taken by the other test workers (a clean-clone run once
+        # saw 7.9 s on the test's clock, which counted the test's own wait
+        # for a processor too until the fifty-seventh session) does not
+        # fail it.
         took = []
         for _ in range(3):
-            t0 = time.time()
             r = d.admin("GET", "/outbox?state=dead")
-            took.append(time.time() - t0)
             assert r.status_code == 503 and r.headers.get("Retry-After"), r.text
+            took.append(served_in(d, r))
             if took[-1] < 2.5:
                 break
         assert min(took) < 2.5, took
@@ -1233,12 +1289,14 @@ def test_a_cancel_a_slow_database_answers_late_keeps_the_connection(make_daemon,
             mark = len(d.records)
             with outbox_locked(pg, db_url, "ACCESS EXCLUSIVE"):
                 p.slow(connect=1.5)
-                t0 = time.time()
                 r = d.admin("GET", "/outbox?state=dead")
-                took = time.time() - t0
                 p.slow()
                 assert r.status_code == 503 and r.headers.get("Retry-After"), r.text
-                assert took < 5, took  # the deadline (1 s) and the cancel's 1.5 s, with room
+                # the deadline (1 s) and the cancel's 1.5 s, with room, on
+                # the daemon's clock (its access log), not the test's
+                # around the call (its own wait for a processor too)
+                took = served_in(d, r)
+                assert took < 5, took
             assert d.admin("GET", "/outbox?state=dead").status_code == 200
             assert d.get("/readyz").status_code == 200
             assert not [x for x in d.records[mark:] if x.get("msg") in (
@@ -1328,15 +1386,19 @@ def test_writes_queued_behind_a_slow_commit_are_answered_by_their_deadline(make_
                 wait_until(writes_commit_held, timeout=30, what="the write's COMMIT held")
                 p.slow()  # the next COMMITs at once: only the write's is slow
                 p.stop_recording()
-                t0 = time.time()
                 behind = [ex.submit(a.send, room, a.user("alice"), f"behind {i}", idem=f"queued-slow-{i + 1}")
                           for i in range(3)]
                 answers = [f.result(timeout=30) for f in behind]
-                took = time.time() - t0
                 assert all(r.status_code == 503 and r.headers.get("Retry-After") for r in answers), \
                     [(r.status_code, r.text) for r in answers]
                 assert not [r for r in answers if "may have been stored" in r.text], [r.text for r in answers]
-                assert took < 5, took  # the deadline (1 s) with room; the COMMIT holds the writer 8 s
+                # the deadline (1 s) with room, the COMMIT holding the
+                # writer 8 s, on the daemon's clock (its access log): the
+                # test's clock around the three, the same bound until the
+                # fifty-seventh session, counted its threads' connects and
+                # waits for a processor too
+                took = [served_in(d, r) for r in answers]
+                assert max(took) < 5, took
                 r = first.result(timeout=30)
                 assert r.status_code == 202, (r.status_code, r.text)
             # counted, whichever thread answered them (the watchdog in the
