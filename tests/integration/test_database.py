@@ -12,7 +12,7 @@ import urllib.parse
 
 import pytest
 
-from harness import N_MIGRATIONS, SCHEMA_DIR, TOP_SRCDIR, HeldSession, logged_at, run_causewayd, wait_until
+from harness import N_MIGRATIONS, SCHEMA_DIR, TOP_SRCDIR, HeldSession, logged_at, run_causewayd, served_in, wait_until
 from peer import NotifyServer, PeerClient, push_peers
 
 
@@ -198,11 +198,16 @@ def test_database_outage_gives_503_then_recovers(make_daemon, private_pg):
     assert d.get("/healthz").status_code == 200
     m = d.get("/metrics")
     assert m.status_code == 200 and "causeway_database_up 0" in m.text
-    # Answers stay fast while the database is away.
-    t0 = time.time()
+    # Answers stay fast while the database is away, on the daemon's clock
+    # (its access log): the test's clock around the ten, bounded at 5 s
+    # until the fifty-seventh session, counted its own connects and waits
+    # for a processor too.
+    took = []
     for _ in range(10):
-        assert d.get("/readyz").status_code == 503
-    assert time.time() - t0 < 5
+        r = d.get("/readyz")
+        assert r.status_code == 503
+        took.append(served_in(d, r))
+    assert max(took) < 0.5, took
     private_pg.start()
     wait_until(lambda: d.get("/readyz").status_code == 200, timeout=20, what="readyz 200 again")
     assert "causeway_database_up 1" in d.get("/metrics").text
@@ -331,13 +336,16 @@ def test_sigterm_while_the_dispatcher_waits_for_the_database_stops_at_once(make_
         assert answered.wait(10)
         assert d.get("/readyz").status_code == 503
         d.wait_for(lambda r: r.get("msg") == "database unreachable")
-        t0 = time.time()
         d.signal(signal.SIGTERM)
         rc = d.wait_exit(30)
-        took = time.time() - t0
         assert rc == 0, d.log()[-3000:]
-        assert took < 5, took
         assert not any(r.get("msg", "").startswith("the stop took too long") for r in d.records)
+        # The drain and a moment, on the daemon's clock (its shutdown_ms):
+        # the test's clock until the exit, the same bound until the
+        # fifty-seventh session, counted the sanitizers' exit and its own
+        # wait for a processor too.
+        took = float(d.wait_for(lambda r: r.get("msg") == "stopped")["shutdown_ms"]) / 1000
+        assert took < 5, took
 
 
 def test_daemon_waits_for_a_database_that_comes_up(make_daemon, private_pg):
