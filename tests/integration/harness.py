@@ -2,6 +2,7 @@
 causewayd binary, started, read (its logfmt stderr) and stopped by tests."""
 import atexit
 import os
+import math
 import re
 import select
 import shlex
@@ -36,6 +37,14 @@ import hashlib
 ADMIN_TOKEN = "cwa_test-admin-token"
 ADMIN_HEADERS = {"Authorization": "Bearer " + ADMIN_TOKEN}
 
+
+
+def _readable(fd, timeout):
+    """Whether fd is readable within timeout seconds: poll, not select,
+    which refuses a descriptor of 1024 or more."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(max(0, math.ceil(timeout * 1000))))
 
 def self_signed_ca(directory, common_name, dns_names=(), ips=()):
     """A certificate of its own CA for a test's TLS server, valid an hour
@@ -468,7 +477,7 @@ class _SqlSessions:
         try:
             if conn.status != pq.ConnStatus.OK:
                 return False
-            if select.select([conn.socket], [], [], 0)[0]:
+            if _readable(conn.socket, 0):
                 conn.consume_input()
             return conn.status == pq.ConnStatus.OK and not conn.is_busy()
         except (psycopg.OperationalError, OSError):
@@ -480,7 +489,7 @@ class _SqlSessions:
             if not conn.is_busy():
                 return conn.get_result()
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([conn.socket], [], [], left)[0]:
+            if left <= 0 or not _readable(conn.socket, left):
                 raise RuntimeError(f"psql failed: no answer in {self.TIMEOUT_S} s")
 
     def _run(self, conn, sql):
@@ -662,8 +671,17 @@ class Daemon:
         if self.proc.returncode is None:
             self._exited(timeout)
         rc = self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        self._reader.join(timeout=5)
+        self._log_read()
         return rc
+
+    def _log_read(self):
+        """The log read to its end (the reader thread joined), then its pipe
+        closed: kept open, each daemon held a descriptor until the worker
+        ended (the Daemon lives on in its test's item), over a thousand in a
+        long worker."""
+        self._reader.join(timeout=5)
+        if not self._reader.is_alive() and self.proc.stdout and not self.proc.stdout.closed:
+            self.proc.stdout.close()
 
     def _exited(self, timeout):
         """Returns when the process has exited (its pidfd readable), or
@@ -675,8 +693,10 @@ class Daemon:
             fd = os.pidfd_open(self.proc.pid)
         except (AttributeError, OSError):  # not Linux 5.3, Python 3.9: Popen.wait's polling
             return
-        try:
-            select.select([fd], [], [], timeout)
+        try:  # poll, not select: select refuses a descriptor of 1024 or more
+            p = select.poll()
+            p.register(fd, select.POLLIN)
+            p.poll(max(0, math.ceil(timeout * 1000)))
         finally:
             os.close(fd)
 
@@ -693,6 +713,10 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait()
                 raise
+        if self.proc and self._reader:
+            # exited already (a test's daemons are told to stop together):
+            # its last lines (an AddressSanitizer's report) read all the same
+            self._log_read()
         return self.proc.returncode if self.proc else None
 
 
