@@ -38,13 +38,13 @@ ADMIN_TOKEN = "cwa_test-admin-token"
 ADMIN_HEADERS = {"Authorization": "Bearer " + ADMIN_TOKEN}
 
 
-
 def _readable(fd, timeout):
     """Whether fd is readable within timeout seconds: poll, not select,
     which refuses a descriptor of 1024 or more."""
     p = select.poll()
     p.register(fd, select.POLLIN)
     return bool(p.poll(max(0, math.ceil(timeout * 1000))))
+
 
 def self_signed_ca(directory, common_name, dns_names=(), ips=()):
     """A certificate of its own CA for a test's TLS server, valid an hour
@@ -693,10 +693,8 @@ class Daemon:
             fd = os.pidfd_open(self.proc.pid)
         except (AttributeError, OSError):  # not Linux 5.3, Python 3.9: Popen.wait's polling
             return
-        try:  # poll, not select: select refuses a descriptor of 1024 or more
-            p = select.poll()
-            p.register(fd, select.POLLIN)
-            p.poll(max(0, math.ceil(timeout * 1000)))
+        try:
+            _readable(fd, timeout)
         finally:
             os.close(fd)
 
@@ -807,14 +805,26 @@ __all__ = ["ADMIN_TOKEN", "ADMIN_HEADERS", "Postgres", "Daemon", "run_causewayd"
 # counted its Python's wait for a processor, and the connection's wait to
 # be read, as much as the daemon's answer: bounds such as "503 by the 1 s
 # deadline" failed on the test's overhead, not on the daemon's.
-def served_in(daemon, answer, timeout=10):
-    """The seconds daemon took over the request of answer (a requests
-    response, or a dict of lower-cased headers): its access log's
-    duration_ms, from its request line read to its answer sent."""
+def served_record(daemon, answer, timeout=10):
+    """daemon's access log record of the request of answer (a requests
+    response, or a dict of lower-cased headers), matched by its
+    X-Request-Id: its time is the answer's sending, its duration_ms the
+    time from the request line read to then."""
     headers = answer if isinstance(answer, dict) else {k.lower(): v for k, v in answer.headers.items()}
     rid = headers["x-request-id"]
-    rec = daemon.wait_for(lambda r: r.get("msg") == "request" and r.get("request_id") == rid, timeout=timeout)
-    return float(rec["duration_ms"]) / 1000
+    return daemon.wait_for(lambda r: r.get("msg") == "request" and r.get("request_id") == rid, timeout=timeout)
+
+
+def served_in(daemon, answer, timeout=10):
+    """The seconds daemon took over the request of answer, on its own
+    clock (served_record's duration_ms)."""
+    return float(served_record(daemon, answer, timeout)["duration_ms"]) / 1000
+
+
+def answered_at(daemon, answer, timeout=10):
+    """When daemon sent its answer to the request of answer, on its own
+    clock (served_record's time, as time.time() counts)."""
+    return logged_at(served_record(daemon, answer, timeout))
 
 
 def logged_at(rec):

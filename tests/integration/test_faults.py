@@ -14,7 +14,7 @@ import time
 import pytest
 import requests
 
-from harness import free_port, logged_at, served_in, wait_until
+from harness import free_port, logged_at, served_in, served_record, wait_until
 from peer import Signer, push_peers
 from pgproxy import PgProxy
 from test_matrix import (ALICE, ALICE_MX, HS_TOKEN, add_gk, as_put, consent_alice, hs,  # noqa: F401 (hs: the fixture)
@@ -632,10 +632,7 @@ def served_span(daemon, answers):
     """The seconds from the first of answers' requests read to the last
     one's answer sent, on daemon's clock: their access log lines' times,
     less each one's duration_ms for its start."""
-    recs = []
-    for r in answers:
-        rid = r.headers["X-Request-Id"]
-        recs.append(daemon.wait_for(lambda x: x.get("msg") == "request" and x.get("request_id") == rid))
+    recs = [served_record(daemon, r) for r in answers]
     return max(logged_at(x) for x in recs) - min(logged_at(x) - float(x["duration_ms"]) / 1000 for x in recs)
 
 

@@ -16,7 +16,7 @@ import time
 import pytest
 import requests
 
-from harness import free_port, logged_at, stopped_in, wait_until
+from harness import answered_at, free_port, stopped_in, wait_until
 from homeserver import Homeserver
 from peer import MediaServer, NotifyServer, PeerClient, verify_get
 from test_matrix import ALICE, ALICE_MX, AS_TOKEN, HS_TOKEN, as_put, consent_alice, registration
@@ -94,12 +94,6 @@ def wally_room(mx, hs, gk_local):
 def attachment(url, data, ctype="image/png", name="cat.png", size=None, sha=None):
     return {"content_type": ctype, "url": url, "size": len(data) if size is None else size,
             "sha256": sha or hashlib.sha256(data).hexdigest(), "filename": name}
-
-
-def answered_at(d, r):
-    """When d's answer to the request of r was sent (its access log record)."""
-    rid = r.headers["X-Request-Id"]
-    return logged_at(d.wait_for(lambda x: x.get("msg") == "request" and x.get("request_id") == rid))
 
 
 def sent_at(hs, user):

@@ -9,7 +9,7 @@ import time
 
 import requests
 
-from harness import logged_at, served_in, stopped_in, wait_until
+from harness import answered_at, served_in, stopped_in, wait_until
 from peer import NotifyServer, PeerClient
 
 
@@ -30,13 +30,6 @@ def in_flight(base):
     left out."""
     text = requests.get(base + "/metrics", timeout=10).text
     return int(float(re.search(r"^causeway_http_requests_in_flight (\S+)$", text, re.M).group(1))) - 1
-
-
-def answered_at(d, r):
-    """When d sent its answer to the request of r (a requests response):
-    its access log record's time."""
-    rid = r.headers["X-Request-Id"]
-    return logged_at(d.wait_for(lambda x: x.get("msg") == "request" and x.get("request_id") == rid))
 
 
 def long_poll(b, cursor, wait, others=0):
