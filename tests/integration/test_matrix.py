@@ -5768,6 +5768,54 @@ def test_a_message_between_her_leave_and_its_unbinding_waits_for_a_new_room(mx, 
     wait_until(lambda: pg.psql(state, db_url) == "delivered", timeout=20, what="the row delivered")
 
 
+def auto_explained(pg, db_url):
+    """The test database's statements' plans logged by auto_explain as run,
+    with the buffers each read: the PostgreSQL log's path."""
+    name = db_url.split("?")[0].rsplit("/", 1)[1]
+    for setting in ("session_preload_libraries = 'auto_explain'", "auto_explain.log_min_duration = 0",
+                    "auto_explain.log_analyze = on", "auto_explain.log_buffers = on",
+                    "auto_explain.log_timing = off"):
+        pg.psql(f'ALTER DATABASE "{name}" SET {setting}')
+    return os.path.join(pg.dir, "postgresql.log")
+
+
+def inbox_backlog(pg, db_url, membership, prev, stats):
+    """5,000 member events (membership, after prev) of 1,000 other rooms
+    waiting in the bot's inbox for a retry, as after a homeserver outage;
+    the inbox's statistics taken before they came (stats "stale": a
+    backlog under autovacuum's threshold) or after ("fresh")."""
+    pg.psql("ALTER TABLE matrix_bot_inbox SET (autovacuum_enabled = false); ANALYZE matrix_bot_inbox", db_url)
+    # realistic pushes (about 600 bytes), 5 per room, not due
+    pg.psql("INSERT INTO matrix_bot_inbox (event_id, event, attempts, not_before) "
+            "SELECT '$backlog' || g, jsonb_build_object('type', 'm.room.member', "
+            " 'room_id', '!room' || g % 1000 || ':example.org', 'sender', '@someone' || g || ':example.org', "
+            " 'state_key', '@someone' || g || ':example.org', 'event_id', '$backlog' || g || repeat('x', 40), "
+            f" 'origin_server_ts', 1765000000000 + g, 'content', jsonb_build_object('membership', '{membership}', "
+            " 'displayname', 'Someone Number ' || g, 'avatar_url', 'mxc://example.org/' || repeat('a', 24)), "
+            " 'unsigned', jsonb_build_object('age', 1234, 'replaces_state', '$prev' || g || repeat('y', 40), "
+            f" 'prev_content', jsonb_build_object('membership', '{prev}', 'displayname', 'Someone Number ' || g))), "
+            " 3, now() + interval '1 hour' FROM generate_series(1, 5000) g"
+            + ("; ANALYZE matrix_bot_inbox" if stats == "fresh" else ""), db_url)
+
+
+def plans_logged(log, start):
+    """The plans auto_explain logged in log from its offset start on."""
+    time.sleep(0.5)  # the log's last lines written
+    with open(log, encoding="utf-8", errors="replace") as f:
+        f.seek(start)
+        return f.read().split("plan:")
+
+
+def reads_its_rooms_rows(plan, what):
+    """plan (auto_explain's) read its room's inbox rows alone: under 100
+    buffers, by matrix_bot_inbox_room_idx, not matrix_bot_inbox_due_idx."""
+    top = re.search(r"Buffers: shared (?:hit=(\d+))? ?(?:read=(\d+))?", plan)
+    read = sum(int(x) for x in top.groups() if x) if top else 0
+    assert read < 100, (what, read, plan)
+    assert "matrix_bot_inbox_due_idx" not in plan, (what, plan)
+    assert "matrix_bot_inbox_room_idx" in plan, (what, plan)
+
+
 @pytest.mark.parametrize("stats", ["stale", "fresh"])
 def test_a_batchs_look_for_a_waiting_leave_reads_only_its_rooms_rows_whatever_the_inbox_backlog(
         make_daemon, pg, db_url, hs, stats):
@@ -5784,30 +5832,14 @@ def test_a_batchs_look_for_a_waiting_leave_reads_only_its_rooms_rows_whatever_th
     inbox and parsed its event (over 400 buffers here, thousands during
     an outage).  The batches' plans, logged by auto_explain as run, with
     the buffers each read."""
-    name = db_url.split("?")[0].rsplit("/", 1)[1]
-    for setting in ("session_preload_libraries = 'auto_explain'", "auto_explain.log_min_duration = 0",
-                    "auto_explain.log_analyze = on", "auto_explain.log_buffers = on",
-                    "auto_explain.log_timing = off"):
-        pg.psql(f'ALTER DATABASE "{name}" SET {setting}')
-    log = os.path.join(pg.dir, "postgresql.log")
+    log = auto_explained(pg, db_url)
     d = start_mx(make_daemon, db_url, hs)
     a, srv = add_gk(d)
     try:
         room, mx_room, alice, ghost = wally_writes_to_alice(d, hs, (a, srv))
         alice.join(mx_room)
         srv.wait_events(1)
-        pg.psql("ALTER TABLE matrix_bot_inbox SET (autovacuum_enabled = false); ANALYZE matrix_bot_inbox", db_url)
-        # realistic pushes (about 600 bytes), 5 per room, not due
-        pg.psql("INSERT INTO matrix_bot_inbox (event_id, event, attempts, not_before) "
-                "SELECT '$backlog' || g, jsonb_build_object('type', 'm.room.member', "
-                " 'room_id', '!room' || g % 1000 || ':example.org', 'sender', '@someone' || g || ':example.org', "
-                " 'state_key', '@someone' || g || ':example.org', 'event_id', '$backlog' || g || repeat('x', 40), "
-                " 'origin_server_ts', 1765000000000 + g, 'content', jsonb_build_object('membership', 'leave', "
-                " 'displayname', 'Someone Number ' || g, 'avatar_url', 'mxc://example.org/' || repeat('a', 24)), "
-                " 'unsigned', jsonb_build_object('age', 1234, 'replaces_state', '$prev' || g || repeat('y', 40), "
-                " 'prev_content', jsonb_build_object('membership', 'join', 'displayname', 'Someone Number ' || g))), "
-                " 3, now() + interval '1 hour' FROM generate_series(1, 5000) g"
-                + ("; ANALYZE matrix_bot_inbox" if stats == "fresh" else ""), db_url)
+        inbox_backlog(pg, db_url, "leave", "join", stats)
         start = os.path.getsize(log)
         a.send(room, a.user("wally"), "still there?")
         wait_until(lambda: bodies(hs, mx_room) == ["hello", "still there?"], timeout=20,
@@ -5832,17 +5864,10 @@ def test_a_batchs_look_for_a_waiting_leave_reads_only_its_rooms_rows_whatever_th
         pg.psql("DROP TRIGGER test_fail ON room_bindings", db_url)
         new_room = new_room_of(hs, mx_room, ghost, timeout=40)
         assert bodies(hs, new_room) == ["are you there?"]
-        time.sleep(0.5)  # the log's last lines written
-        with open(log, encoding="utf-8", errors="replace") as f:
-            f.seek(start)
-            plans = [p for p in f.read().split("plan:") if "WITH ORDINALITY AS x(ev, tg, k)" in p]
+        plans = [p for p in plans_logged(log, start) if "WITH ORDINALITY AS x(ev, tg, k)" in p]
         assert len(plans) >= 3, plans  # the delivered row's, the waiting row's at least once, the new room's
         for p in plans:
-            top = re.search(r"Buffers: shared (?:hit=(\d+))? ?(?:read=(\d+))?", p)
-            read = sum(int(x) for x in top.groups() if x) if top else 0
-            assert read < 100, (read, p)
-            assert "matrix_bot_inbox_due_idx" not in p, p
-            assert "matrix_bot_inbox_room_idx" in p, p
+            reads_its_rooms_rows(p, "a batch's look")
     finally:
         srv.close()
 
@@ -10397,29 +10422,13 @@ def test_the_bots_look_for_a_newcomer_reads_only_its_rooms_rows_whatever_the_inb
     planner, taking them for 2 or 3 rows, compared each with each request
     (half a second a round at 10,000 rows).  Their plans, logged by
     auto_explain as run, with the buffers each read."""
-    name = db_url.split("?")[0].rsplit("/", 1)[1]
-    for setting in ("session_preload_libraries = 'auto_explain'", "auto_explain.log_min_duration = 0",
-                    "auto_explain.log_analyze = on", "auto_explain.log_buffers = on",
-                    "auto_explain.log_timing = off"):
-        pg.psql(f'ALTER DATABASE "{name}" SET {setting}')
-    log = os.path.join(pg.dir, "postgresql.log")
+    log = auto_explained(pg, db_url)
     d = start_mx(make_daemon, db_url, hs)
     a, srv = add_gk(d)
     try:
         assert d.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
         alice, mgmt, said = alice_and_the_bot(hs)
-        pg.psql("ALTER TABLE matrix_bot_inbox SET (autovacuum_enabled = false); ANALYZE matrix_bot_inbox", db_url)
-        # realistic pushes (about 600 bytes), 5 per room, not due
-        pg.psql("INSERT INTO matrix_bot_inbox (event_id, event, attempts, not_before) "
-                "SELECT '$backlog' || g, jsonb_build_object('type', 'm.room.member', "
-                " 'room_id', '!room' || g % 1000 || ':example.org', 'sender', '@someone' || g || ':example.org', "
-                " 'state_key', '@someone' || g || ':example.org', 'event_id', '$backlog' || g || repeat('x', 40), "
-                " 'origin_server_ts', 1765000000000 + g, 'content', jsonb_build_object('membership', 'join', "
-                " 'displayname', 'Someone Number ' || g, 'avatar_url', 'mxc://example.org/' || repeat('a', 24)), "
-                " 'unsigned', jsonb_build_object('age', 1234, 'replaces_state', '$prev' || g || repeat('y', 40), "
-                " 'prev_content', jsonb_build_object('membership', 'invite', 'displayname', 'Someone Number ' || g))), "
-                " 3, now() + interval '1 hour' FROM generate_series(1, 5000) g"
-                + ("; ANALYZE matrix_bot_inbox" if stats == "fresh" else ""), db_url)
+        inbox_backlog(pg, db_url, "join", "invite", stats)
         start = os.path.getsize(log)
         for who in ("ed", "fay", "gus"):
             room = a.create_room([a.user(who), ALICE]).json()["id"]
@@ -10429,10 +10438,7 @@ def test_the_bots_look_for_a_newcomer_reads_only_its_rooms_rows_whatever_the_inb
         pg.psql("INSERT INTO matrix_notices (room_id, body) VALUES ('%s', 'a word'); "
                 "NOTIFY causeway_matrix_bot" % mgmt, db_url)
         wait_until(lambda: "a word" in said(), timeout=30, what="the word said")
-        time.sleep(0.5)  # the log's last lines written
-        with open(log, encoding="utf-8", errors="replace") as f:
-            f.seek(start)
-            plans = f.read().split("plan:")
+        plans = plans_logged(log, start)
         looks = {"requests": "SELECT q.id, mr.room_id, ri.uri",
                  "request's send": "SELECT 1 FROM consent_requests q JOIN matrix_mgmt_rooms mr",
                  "word's send": "SELECT x.done_at IS NOT NULL, (SELECT mr.user_id"}
@@ -10442,10 +10448,6 @@ def test_the_bots_look_for_a_newcomer_reads_only_its_rooms_rows_whatever_the_inb
             if what == "requests":  # one round that read the requests at least
                 assert any(re.search(r"\n\s*Limit .*actual rows=[1-9]", p) for p in mine), mine
             for p in mine:
-                top = re.search(r"Buffers: shared (?:hit=(\d+))? ?(?:read=(\d+))?", p)
-                read = sum(int(x) for x in top.groups() if x) if top else 0
-                assert read < 100, (what, read, p)
-                assert "matrix_bot_inbox_due_idx" not in p, (what, p)
-                assert "matrix_bot_inbox_room_idx" in p, (what, p)
+                reads_its_rooms_rows(p, what)
     finally:
         srv.close()
