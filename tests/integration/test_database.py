@@ -12,7 +12,7 @@ import urllib.parse
 
 import pytest
 
-from harness import N_MIGRATIONS, SCHEMA_DIR, TOP_SRCDIR, HeldSession, logged_at, run_causewayd, served_in, wait_until
+from harness import N_MIGRATIONS, SCHEMA_DIR, TOP_SRCDIR, HeldSession, logged_at, run_causewayd, served_in, stopped_in, wait_until
 from peer import NotifyServer, PeerClient, push_peers
 
 
@@ -344,7 +344,7 @@ def test_sigterm_while_the_dispatcher_waits_for_the_database_stops_at_once(make_
         # the test's clock until the exit, the same bound until the
         # fifty-seventh session, counted the sanitizers' exit and its own
         # wait for a processor too.
-        took = float(d.wait_for(lambda r: r.get("msg") == "stopped")["shutdown_ms"]) / 1000
+        took = stopped_in(d)
         assert took < 5, took
 
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from harness import logged_at, stopped_in, wait_until
+from harness import answered_at, stopped_in, wait_until
 from peer import push_peers
 from test_faults import outbox_locked
 from test_peer_api import room
@@ -101,8 +101,7 @@ def test_a_destination_enabled_while_every_known_one_is_busy_is_claimed(make_dae
         # From the enable answered (the daemon's access log) to the push's
         # arrival at xx's server (its thread's clock): not the test's
         # around the call and its wait, which counted its own turns too.
-        rid = enable.headers["X-Request-Id"]
-        enabled = logged_at(d.wait_for(lambda x: x.get("msg") == "request" and x.get("request_id") == rid))
+        enabled = answered_at(d, enable)
         took = min(came for came, status in sc.answers[n0:] if status == 200) - enabled
         assert took < 10, took  # and both slow pushes still held: it waited for neither
         assert sa.requests == ga + 1 and sb.requests == gb + 1

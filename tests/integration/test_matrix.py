@@ -20,7 +20,7 @@ import pytest
 import requests
 import yaml
 
-from harness import (CAUSEWAYD, NAMES_SHOWN, HeldSession, delivered_to_her, free_port, logged_at, outbox_state_of,
+from harness import (CAUSEWAYD, NAMES_SHOWN, HeldSession, answered_at, delivered_to_her, free_port, outbox_state_of,
                      stopped_in, wait_until)
 import homeserver
 from homeserver import Homeserver
@@ -7614,8 +7614,7 @@ def test_a_ghosts_refused_leave_holds_up_no_other_departure(mx, hs, gk, pg, db_u
         # From the removal answered (the daemon's access log) to the ghost's
         # leave at the homeserver (its thread's clock): not the test's
         # around its polls of the room, which counted its own turns too.
-        rid = removed.headers["X-Request-Id"]
-        answered = logged_at(mx.wait_for(lambda x: x.get("msg") == "request" and x.get("request_id") == rid))
+        answered = answered_at(mx, removed)
         took = min(q["time"] for q in leaves(fred_ghost)) - answered
         assert took < 3, took  # the bot's next round (500 ms); 5-8 s before
         assert {q["status"] for q in leaves(ed_ghost)} == {503} and hs.members(mine).get(ed_ghost) == "join"
