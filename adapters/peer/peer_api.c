@@ -3539,8 +3539,14 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	 * leaves_send, joins_send), else as round 0 read her. */
 	const char *joiner = NULL; /* her identity's id, when she joins with this job */
 	int in_job = 0;            /* 1: an earlier item joins her, -1: leaves her */
+	/* Only an earlier item that joins or leaves counts, and that is looked
+	 * at before its sender and room are compared: until the fifty-eighth
+	 * session every earlier item's two strings were, the item's by item
+	 * (4,950 pairs of strcmp in a Matrix transaction of 100 messages, 2 %
+	 * of the reader thread's samples in tests/bench/matrix). */
 	for (size_t j = 0; j < i; j++)
-		if (b->items[j] && b->write[j] && strcmp(b->items[j]->sender, in->sender) == 0 &&
+		if ((b->joins[j] || leaves_group(b, j)) && b->items[j] && b->write[j] &&
+		    strcmp(b->items[j]->sender, in->sender) == 0 &&
 		    strcmp(b->room_id[j], PQgetvalue(r, first, 1)) == 0) {
 			if (leaves_group(b, j))
 				in_job = -1;
