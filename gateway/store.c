@@ -93,6 +93,7 @@ struct conn {
 	struct store_backoff backoff; /* its connects' pace while the database is away */
 	int failures;
 	bool was_up;
+	bool unprepared; /* connected, its statements not prepared yet (conn_ensure_to) */
 };
 
 struct reader {
@@ -901,6 +902,7 @@ static void conn_lost(struct cw_store *s, struct conn *sc)
 	sc->killed = false;
 	sc->dead = false;
 	pthread_mutex_unlock(&sc->watch_mu);
+	sc->unprepared = false;
 	if (sc->was_up) {
 		sc->was_up = false;
 		atomic_fetch_sub(&s->conns_up, 1);
@@ -938,40 +940,55 @@ static void db_down(struct cw_store *s)
 	}
 }
 
+/* Prepares the store's statements on sc's connection; false (e set, the
+ * connection dropped) when that fails. */
+static bool conn_prepare(struct cw_store *s, struct conn *sc, cw_errmsg *e)
+{
+	sc->unprepared = false;
+	if (!s->o.stmts)
+		return true;
+	/* Watched as a job's statements are, a deadline of their own: a
+	 * server that stops answering here (or a lock that a statement's
+	 * table waits for) does not keep the thread past it. */
+	watch_arm(s, sc, cw_now_us() + s->o.deadline_us, false);
+	bool ok = store_prepare_all(sc->c, s->o.stmts, e);
+	if (watch_disarm(sc) && ok) {
+		cw_fail(e, CW_ETIMEDOUT, "the database did not answer in time");
+		ok = false;
+	}
+	if (!ok)
+		conn_lost(s, sc);
+	return ok;
+}
+
 /* True when sc has a usable connection, connecting if its backoff allows;
  * a connection made for a job gives up near its deadline (until_us, 0:
- * none; connect_by).  One the watchdog shut down is finished here. */
-static bool conn_ensure(struct cw_store *s, struct conn *sc, int64_t until_us)
+ * none; connect_by).  One the watchdog shut down is finished here.  With
+ * prepare false (store_open's connection of the writer), the statements
+ * are left to the next call, which prepares them first. */
+static bool conn_ensure_to(struct cw_store *s, struct conn *sc, int64_t until_us, bool prepare)
 {
 	const char *who = sc->name;
-	if (sc->c && PQstatus(sc->c) == CONNECTION_OK && !conn_killed(sc))
-		return true;
-	conn_lost(s, sc);
-	int64_t now = cw_now_us();
-	if (now < sc->backoff.retry_at_us)
-		return false;
 	cw_errmsg e;
-	PGconn *c = connect_by(s->url, s->o.statement_timeout_ms, until_us, &e);
-	if (c) {
-		sc->c = c;
-		store_canceller_set(&sc->cancel, c);
-		int fd = fcntl(PQsocket(c), F_DUPFD_CLOEXEC, 0);
-		pthread_mutex_lock(&sc->watch_mu);
-		sc->fd = fd;
-		pthread_mutex_unlock(&sc->watch_mu);
-		if (s->o.stmts) {
-			/* Watched as a job's statements are, a deadline of their
-			 * own: a server that stops answering here (or a lock
-			 * that a statement's table waits for) does not keep the
-			 * thread past it. */
-			watch_arm(s, sc, cw_now_us() + s->o.deadline_us, false);
-			bool ok = store_prepare_all(c, s->o.stmts, &e);
-			if (watch_disarm(sc) && ok) {
-				cw_fail(&e, CW_ETIMEDOUT, "the database did not answer in time");
-				ok = false;
-			}
-			if (!ok)
-				conn_lost(s, sc);
+	if (sc->c && PQstatus(sc->c) == CONNECTION_OK && !conn_killed(sc)) {
+		if (!sc->unprepared || !prepare || conn_prepare(s, sc, &e))
+			return true;
+	} else {
+		conn_lost(s, sc);
+		int64_t now = cw_now_us();
+		if (now < sc->backoff.retry_at_us)
+			return false;
+		PGconn *c = connect_by(s->url, s->o.statement_timeout_ms, until_us, &e);
+		if (c) {
+			sc->c = c;
+			store_canceller_set(&sc->cancel, c);
+			int fd = fcntl(PQsocket(c), F_DUPFD_CLOEXEC, 0);
+			pthread_mutex_lock(&sc->watch_mu);
+			sc->fd = fd;
+			pthread_mutex_unlock(&sc->watch_mu);
+			sc->unprepared = true;
+			if (prepare)
+				conn_prepare(s, sc, &e);
 		}
 	}
 	if (!sc->c) {
@@ -993,6 +1010,11 @@ static bool conn_ensure(struct cw_store *s, struct conn *sc, int64_t until_us)
 	atomic_fetch_add(&s->conns_up, 1);
 	atomic_store(&s->db_up, true);
 	return true;
+}
+
+static bool conn_ensure(struct cw_store *s, struct conn *sc, int64_t until_us)
+{
+	return conn_ensure_to(s, sc, until_us, true);
 }
 
 /* ------------------------------------------------------- cancel requests */
@@ -1924,6 +1946,16 @@ static void *writer_main(void *arg)
 {
 	cw_thread_name("cw-writer");
 	struct cw_store *s = arg;
+	/* store_open's connection: until the fifty-eighth session its 19
+	 * statements were prepared there, before the daemon's "ready" (some
+	 * 50 ms of a start of 110 ms in a plain build on a loaded machine,
+	 * the server's parse analysis, not round trips: docs/performance.md);
+	 * now here, while the HTTP front starts, as each reader prepares its
+	 * own on its first job.  A write that comes meanwhile waits for them
+	 * in the queue, as it would have waited for "ready".  Failed, it is
+	 * the writer's connection lost: the reconnects of writer_check. */
+	if (s->wconn.unprepared)
+		conn_ensure(s, &s->wconn, cw_now_us() + s->o.deadline_us);
 	pthread_mutex_lock(&s->mu);
 	for (;;) {
 		if (s->stopping) {
@@ -2247,7 +2279,10 @@ cw_err store_open(struct cw_store **out, const struct store_opts *o, cw_errmsg *
 	for (int i = 0; i < o->readers; i++)
 		conn_init(&s->readers[i].conn, "reader");
 
-	conn_ensure(s, &s->wconn, 0); /* so that db_up is true from the start */
+	/* Connected here, so that db_up is true from the start (the daemon's
+	 * "ready" says the database is connected); its statements are
+	 * prepared by the writer thread, first thing (writer_main). */
+	conn_ensure_to(s, &s->wconn, 0, false);
 	if (pthread_create(&s->writer, NULL, writer_main, s)) {
 		conn_lost(s, &s->wconn);
 		conn_destroy(&s->wconn);
