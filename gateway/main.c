@@ -315,8 +315,15 @@ static bool local_network_precheck(PGconn *c, const char *net)
 
 /* net: the configured local network (configured_network), asked of the
  * database before any migration (local_network_precheck), --migrate's
- * too. */
-static int run_migrations(const struct cw_config *cfg, const struct migration_set *set, bool apply, const char *net)
+ * too.  The migrations are checked (and applied) on a connection of their
+ * own; with keep, that connection is handed to the caller when they succeed,
+ * its session as a fresh connection's (migrate's timeouts undone): until
+ * the fifty-eighth session the start made another one at once for the
+ * peers, the admin tokens and the local network, and a third for the move
+ * of the local users, 3-20 ms each on a loaded machine (a backend forked,
+ * its catalog caches cold). */
+static int run_migrations(const struct cw_config *cfg, const struct migration_set *set, bool apply, const char *net,
+			  PGconn **keep)
 {
 	cw_errmsg e;
 	PGconn *c = connect_at_start(cfg, &e);
@@ -331,7 +338,20 @@ static int run_migrations(const struct cw_config *cfg, const struct migration_se
 	}
 	int applied = 0, pending = 0;
 	cw_err rc = migrate(c, set, apply, stop_asked, NULL, &applied, &pending, &e);
-	PQfinish(c);
+	if (!rc && keep) {
+		/* migrate's SET statement_timeout and lock_timeout; store_connect's own */
+		char sql[128];
+		snprintf(sql, sizeof(sql), "SET statement_timeout = %ld; RESET lock_timeout",
+			 cfg->db_statement_timeout_ms);
+		if (store_exec(c, sql, &e)) {
+			LOG_KV(CW_LOG_ERROR, "database unreachable", "detail", e.msg);
+			PQfinish(c);
+			return 1;
+		}
+		*keep = c;
+	} else {
+		PQfinish(c);
+	}
 	/* A migration that failed is not a schema that does not match: until
 	 * the twenty-fourth session both were told as the latter. */
 	if (rc == CW_EINVAL)
@@ -734,7 +754,7 @@ int main(int argc, char **argv)
 	}
 	if (only_migrate) {
 		/* Stopped, it exits 1: the schema is not current. */
-		int rc = run_migrations(&cfg, &app.migrations, true, configured_network(&cfg));
+		int rc = run_migrations(&cfg, &app.migrations, true, configured_network(&cfg), NULL);
 		if (stopped_at_start)
 			LOG_KV(CW_LOG_INFO, "stopped before the schema was current", "signal",
 			       stop_signal_name(stopped_at_start));
@@ -751,6 +771,9 @@ int main(int argc, char **argv)
 	signal(SIGPIPE, SIG_IGN);
 
 	int exit_code = 1;
+	/* The start's connection: the migrations', then the peers', the admin
+	 * tokens', the local network's and the local users' move's. */
+	PGconn *start_conn = NULL;
 	/* Before the migrations: a key file that cannot be read stops the
 	 * start before it changes the database (until the twenty-fourth
 	 * session it was read after them). */
@@ -765,7 +788,7 @@ int main(int argc, char **argv)
 		       cfg.signing_key_file);
 		goto out_migrations;
 	}
-	if (run_migrations(&cfg, &app.migrations, true, configured_network(&cfg)))
+	if (run_migrations(&cfg, &app.migrations, true, configured_network(&cfg), &start_conn))
 		goto out_migrations;
 	{
 		unsigned char h[32];
@@ -795,20 +818,16 @@ int main(int argc, char **argv)
 		goto out_migrations;
 	}
 	{
-		PGconn *c = connect_at_start(&cfg, &e);
-		if (!c || peer_registry_load(app.peers, c, &e) || admin_tokens_load(app.admins, c, &e)) {
+		PGconn *c = start_conn;
+		if (peer_registry_load(app.peers, c, &e) || admin_tokens_load(app.admins, c, &e)) {
 			LOG_KV(CW_LOG_ERROR, "cannot load the peers and admin tokens", "detail", e.msg);
-			PQfinish(c);
 			goto out_migrations;
 		}
 		/* Before anything this process writes (key_compare, the policy
 		 * thread's sweeps, the move of local users below). */
-		if (!local_network_claim(c, configured_network(&cfg))) {
-			PQfinish(c);
+		if (!local_network_claim(c, configured_network(&cfg)))
 			goto out_migrations;
-		}
 		key_compare(c, app.public_key_b64);
-		PQfinish(c);
 	}
 
 	struct policy_live_opts po = {
@@ -835,20 +854,18 @@ int main(int argc, char **argv)
 		/* This provider's users met before the adapter was configured
 		 * ("local": no adapter) are its users now, and what waits for
 		 * them goes there. */
-		PGconn *c = connect_at_start(&cfg, &e);
+		PGconn *c = start_conn;
 		const char *net[] = { app_local_network(&app) };
-		PGresult *r = c ? PQexecParams(c, "WITH i AS (UPDATE identities SET network = $1, updated_at = now() "
-					       "WHERE is_local AND network = 'local' RETURNING 1), "
-					       "o AS (UPDATE outbox SET destination = $1 WHERE destination = 'local' "
-					       "AND state IN ('pending', 'held') RETURNING 1) "
-					       "SELECT (SELECT count(*) FROM i), (SELECT count(*) FROM o)",
-					       1, NULL, net, NULL, NULL, 0)
-				: NULL;
-		if (!r || PQresultStatus(r) != PGRES_TUPLES_OK) {
+		PGresult *r = PQexecParams(c, "WITH i AS (UPDATE identities SET network = $1, updated_at = now() "
+					   "WHERE is_local AND network = 'local' RETURNING 1), "
+					   "o AS (UPDATE outbox SET destination = $1 WHERE destination = 'local' "
+					   "AND state IN ('pending', 'held') RETURNING 1) "
+					   "SELECT (SELECT count(*) FROM i), (SELECT count(*) FROM o)",
+					   1, NULL, net, NULL, NULL, 0);
+		if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 			LOG_KV(CW_LOG_ERROR, "cannot move local users to the local adapter",
-			       "detail", c ? PQerrorMessage(c) : e.msg);
+			       "detail", PQerrorMessage(c));
 			PQclear(r);
-			PQfinish(c);
 			goto out_migrations;
 		}
 		if (atoi(PQgetvalue(r, 0, 0)) || atoi(PQgetvalue(r, 0, 1)))
@@ -856,8 +873,9 @@ int main(int argc, char **argv)
 			       "users", PQgetvalue(r, 0, 0),
 			       "waiting_rows", PQgetvalue(r, 0, 1));
 		PQclear(r);
-		PQfinish(c);
 	}
+	PQfinish(start_conn);
+	start_conn = NULL;
 
 	static const struct store_stmt *const stmt_lists[] = { peer_api_statements, matrix_statements, NULL };
 	struct store_opts so = {
@@ -1024,6 +1042,7 @@ out_store:
 	store_close(app.store);
 	app_probes_free(&app); /* every probe answered: the store's reads are done */
 out_migrations:
+	PQfinish(start_conn); /* a start that failed before its end */
 	if (stopped_at_start) {
 		/* A stop asked for during start-up is a stop: exit 0, as after "ready". */
 		LOG_KV(CW_LOG_INFO, "stopped before ready", "signal", stop_signal_name(stopped_at_start));
