@@ -2048,6 +2048,7 @@ struct policy_live {
 	bool sweep_slow; /* the last periodic sweep took SWEEP_REPLAN_US or more (replan_sweep) */
 	bool events_known; /* events' statistics count what it holds (analyze_grown_events) */
 	bool drop_conn;    /* c to be made again at the next turn (replan_sweep failed) */
+	bool unprepared;   /* c (policy_live_start's) without the sweep's statements yet (live_main) */
 	struct retention_state retention; /* the retention sweep's, from run to run */
 	struct store_canceller cancel; /* c's statement, cancelled at a stop that waits for it */
 	uint64_t version;
@@ -3280,6 +3281,14 @@ static void *live_main(void *arg)
 	 * that said). */
 	struct store_backoff reconnect = { 0, 0 };
 	int64_t retry_us = 0; /* after a failed reload: the wait before the next try, doubled each time */
+	if (pl->unprepared) {
+		/* policy_live_start's connection; failed, it is made again
+		 * (ensure_conn, conn_ready), and the policy loaded again on it */
+		cw_errmsg e;
+		pl->unprepared = false;
+		if (!store_prepare_all(pl->c, sweep_stmt_lists, &e))
+			pl->drop_conn = true;
+	}
 	while (!atomic_load(&pl->stop)) {
 		bool fresh = false, want = false;
 		if (!ensure_conn(pl, &fresh)) {
@@ -3486,7 +3495,12 @@ cw_err policy_live_start(struct policy_live **out, const struct policy_live_opts
 		return cw_fail(e, CW_ENOMEM, "out of resources");
 	}
 	pl->c = store_connect(pl->url, o->statement_timeout_ms, e);
-	if (!pl->c || !conn_ready(pl->c, e)) {
+	/* Listening before the load: a change committed after the load's
+	 * snapshot is heard.  The sweep's statements are prepared by the
+	 * thread (live_main); until the fifty-eighth session here, before
+	 * the daemon's "ready" (10-20 ms on a loaded machine, the server's
+	 * parse analysis), for a sweep that comes after it anyway. */
+	if (!pl->c || store_exec(pl->c, "LISTEN causeway_policy", e)) {
 		policy_live_free(pl);
 		return CW_EUNAVAIL;
 	}
@@ -3498,6 +3512,7 @@ cw_err policy_live_start(struct policy_live **out, const struct policy_live_opts
 	}
 	swap_in(pl, v);
 	store_canceller_set(&pl->cancel, pl->c);
+	pl->unprepared = true;
 	if (!cw_thread_start(&pl->thread, live_main, pl)) {
 		policy_live_free(pl);
 		return cw_fail(e, CW_ENOMEM, "cannot start the policy thread");
