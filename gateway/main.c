@@ -877,7 +877,9 @@ int main(int argc, char **argv)
 	PQfinish(start_conn);
 	start_conn = NULL;
 
-	static const struct store_stmt *const stmt_lists[] = { peer_api_statements, matrix_statements, NULL };
+	static const struct store_stmt *const stmt_lists[] = { peer_api_read_statements, peer_api_statements,
+							       matrix_statements, NULL };
+	static const struct store_stmt *const reader_lists[] = { peer_api_read_statements, matrix_statements, NULL };
 	struct store_opts so = {
 		.url = cfg.db_url,
 		.readers = (int)cfg.db_pool_size,
@@ -887,6 +889,7 @@ int main(int argc, char **argv)
 		.statement_timeout_ms = cfg.db_statement_timeout_ms,
 		.reconnect_max_ms = cfg.db_reconnect_max_ms,
 		.stmts = stmt_lists,
+		.reader_stmts = reader_lists,
 	};
 	if (store_open(&app.store, &so, &e)) {
 		LOG_KV(CW_LOG_ERROR, "cannot start the store", "detail", e.msg);

@@ -945,13 +945,14 @@ static void db_down(struct cw_store *s)
 static bool conn_prepare(struct cw_store *s, struct conn *sc, cw_errmsg *e)
 {
 	sc->unprepared = false;
-	if (!s->o.stmts)
+	const struct store_stmt *const *stmts = sc != &s->wconn && s->o.reader_stmts ? s->o.reader_stmts : s->o.stmts;
+	if (!stmts)
 		return true;
 	/* Watched as a job's statements are, a deadline of their own: a
 	 * server that stops answering here (or a lock that a statement's
 	 * table waits for) does not keep the thread past it. */
 	watch_arm(s, sc, cw_now_us() + s->o.deadline_us, false);
-	bool ok = store_prepare_all(sc->c, s->o.stmts, e);
+	bool ok = store_prepare_all(sc->c, stmts, e);
 	if (watch_disarm(sc) && ok) {
 		cw_fail(e, CW_ETIMEDOUT, "the database did not answer in time");
 		ok = false;

@@ -124,6 +124,11 @@ struct store_opts {
 	/* statements prepared on every connection: lists (each NULL-terminated
 	 * by name) in a NULL-terminated array; may be NULL */
 	const struct store_stmt *const *stmts;
+	/* the readers' instead, when not NULL: those of stmts a read job runs.
+	 * Each is parsed and analysed by the server on each connection (the
+	 * writer's 19 took 50-130 ms on a loaded machine, docs/performance.md,
+	 * fifty-eighth session), at a reader's first job. */
+	const struct store_stmt *const *reader_stmts;
 };
 
 /* A unit of work run on a connection.  A write runs inside the batch's

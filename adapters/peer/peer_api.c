@@ -2585,11 +2585,19 @@ struct submit *submit_new(size_t n)
 	"updated_at = now() WHERE room_members.membership = 'left' OR (room_members.membership = 'joined' " \
 	"AND room_members.room_id || ':' || room_members.identity_id = ANY (string_to_array($3, ',')))"
 
-const struct store_stmt peer_api_statements[] = {
+/* Round 0 of a submit: on a reader (submit_prepare, the prepared pipes
+ * of the interop API and of Matrix transactions) or on the writer (an
+ * XMPP stanza's pipe). */
+const struct store_stmt peer_api_read_statements[] = {
 	{ "submit_read_by_id", READ_ITEMS("public_id = it.room") },
 	{ "submit_read_by_uri", READ_ITEMS("uri = it.room") },
 	{ "submit_read_by_native", READ_ITEMS("id = (SELECT b.room_id FROM room_bindings b WHERE b.network = it.scope "
 					      "AND b.native_id = it.room LIMIT 1)") },
+	{ NULL, NULL },
+};
+
+/* The later rounds: the writer's alone (store_write_pipe). */
+const struct store_stmt peer_api_statements[] = {
 	{ "submit_write", WRITE_ITEMS },
 	{ "submit_write_plain", WRITE_ITEMS_PLAIN },
 	{ "submit_write_norefs", WRITE_ITEMS_NOREFS },

@@ -116,7 +116,11 @@ cw_err room_members_audit(PGconn *c, const char *actor, const char *public_id, c
 struct submit_queue *submit_queue_new(void);
 void submit_queue_free(struct submit_queue *q);
 
-/* The statements the submit path prepares on every store connection. */
+/* The statements of the submit path: round 0's reads, prepared on every
+ * store connection, and the writes of the later rounds, on the writer's
+ * (store_opts.reader_stmts; until the fifty-eighth session all of them on
+ * every reader too, which never ran the writes). */
+extern const struct store_stmt peer_api_read_statements[];
 extern const struct store_stmt peer_api_statements[];
 
 void peer_api_directory(struct cw_req *req, void *ctx);
