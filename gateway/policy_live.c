@@ -523,12 +523,20 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
 
 /* The held rows a sweep looks at: one user's ($2), or (the periodic
  * sweep) those held past the expiry ($1 seconds), those whose user's
- * consents changed in the last minutes (a message decided with the
- * snapshot of just before a change) and those of a group whose user
- * wrote there in the last minutes (WROTE_IN_GROUP: the write stamps
+ * consents changed in the last minutes (a message decided with a
+ * snapshot of before the change) and those of a group whose user wrote
+ * there in the last minutes (WROTE_IN_GROUP: the write stamps
  * room_members.wrote_at, found in room_members_wrote_idx, so the next
  * periodic sweep releases what waited; one that arrived as she wrote is
- * seen by a later one).  One user's rows are a descent of
+ * seen by a later one).  The last minutes are policy_view.lately_s
+ * seconds (LATELY_SINCE), as for a block (BLOCKED_LATELY): a process
+ * whose view is still without her allow, or her writing in the group
+ * (made on another process, or by SQL: no NOTIFY), holds what comes
+ * until its next whole reload, up to policy.reload_interval_s later.  Until the fifty-eighth session
+ * both windows were a fixed ten minutes, and a row held more than ten
+ * minutes after her change waited for the expiry
+ * (test_the_periodic_sweep_releases_what_was_held_after_her_consent_or_her_writing_within_the_reload_interval).
+ * One user's rows are a descent of
  * outbox_held_probe_idx (OUTBOX_HELD: a custom plan folds the CASE into
  * its arm); the periodic sweep's generic plan keeps state = 'held' for
  * outbox_held_age_idx, whose range on created_at releasable_sql reads
@@ -537,9 +545,27 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
 	"o.state = 'held' AND CASE WHEN $2::bigint IS NOT NULL THEN o.target_identity_id = $2::bigint "     \
 	" AND " OUTBOX_HELD("o") " "                                                                          \
 	" ELSE (o.created_at < now() - make_interval(secs => $1::bigint) OR o.target_identity_id IN "       \
-	"  (SELECT local_identity_id FROM consents WHERE updated_at > now() - interval '10 minutes') "      \
+	"  (SELECT local_identity_id FROM consents WHERE updated_at > " LATELY_SINCE ") "                   \
 	"  OR (o.target_identity_id, o.room_id) IN (SELECT identity_id, room_id FROM room_members "         \
-	"   WHERE wrote_at > now() - interval '10 minutes')) END"
+	"   WHERE wrote_at > " LATELY_SINCE ")) END"
+
+/* The start of "the last minutes" of the periodic sweep's held rows
+ * (SWEPT_HELD): policy_view.lately_s seconds ago, read from the policy
+ * thread's connection's setting causeway.lately_s (conn_ready), not a
+ * parameter.  The statements are prepared, and a generic plan cannot
+ * estimate a parameter's range: with make_interval(secs => $5) it guessed
+ * a third of consents and of the writers recent, where a stable
+ * function's value is taken as it is planned (as now()'s was with the
+ * fixed ten minutes).  With 100,000 consents, 50,000 writers and 5,000
+ * held rows PostgreSQL then found the generic plan dearer than a custom
+ * one and planned the sweep's two statements again at 20 of 39 sweeps
+ * (none with the ten minutes), and the generic plan of releasable_sql
+ * read the 50,000 identities at every sweep (16-87 ms, 1-5 ms with the
+ * ten minutes; docs/performance.md, "Fifty-eighth session").  A
+ * connection without the setting (not the policy thread's: only a
+ * user's sweep, $2, whose custom plan drops the ELSE) finds no one
+ * lately. */
+#define LATELY_SINCE "now() - make_interval(secs => current_setting('causeway.lately_s', true)::bigint)"
 
 /* The row o's user (who) blocked the sender s or its domain. */
 #define BLOCKED_SENDER(who)                                                                             \
@@ -2362,10 +2388,15 @@ void policy_live_get_stats(struct policy_live *pl, struct policy_live_stats *st)
 }
 
 /* A fresh connection of the policy thread made ready: it listens for
- * changes and has the periodic sweep's statements prepared. */
-static bool conn_ready(PGconn *c, cw_errmsg *e)
+ * changes, has the length of "the last minutes" of its views (lately_s)
+ * as its setting causeway.lately_s (LATELY_SINCE), and the periodic
+ * sweep's statements prepared. */
+static bool conn_ready(PGconn *c, long lately_s, bool prepare, cw_errmsg *e)
 {
-	return !store_exec(c, "LISTEN causeway_policy", e) && store_prepare_all(c, sweep_stmt_lists, e);
+	char sql[96];
+	snprintf(sql, sizeof(sql), "SELECT set_config('causeway.lately_s', '%ld', false)", lately_s);
+	return !store_exec(c, "LISTEN causeway_policy", e) && !store_exec(c, sql, e) &&
+	       (!prepare || store_prepare_all(c, sweep_stmt_lists, e));
 }
 
 /* A periodic sweep that takes this long or longer has its statements
@@ -2483,7 +2514,7 @@ static bool ensure_conn(struct policy_live *pl, bool *fresh)
 	 * connection and never answers (until the forty-eighth session: up to
 	 * connect_timeout, 5 s); a poke meanwhile is taken at the next turn. */
 	pl->c = store_connect_abortable(pl->url, pl->o.statement_timeout_ms, pl->wake[0], policy_gives_up, pl, &e);
-	if (pl->c && !conn_ready(pl->c, &e)) {
+	if (pl->c && !conn_ready(pl->c, lately_s_of(pl->o.reload_interval_s), true, &e)) {
 		PQfinish(pl->c);
 		pl->c = NULL;
 	}
@@ -3500,7 +3531,7 @@ cw_err policy_live_start(struct policy_live **out, const struct policy_live_opts
 	 * thread (live_main); until the fifty-eighth session here, before
 	 * the daemon's "ready" (10-20 ms on a loaded machine, the server's
 	 * parse analysis), for a sweep that comes after it anyway. */
-	if (!pl->c || store_exec(pl->c, "LISTEN causeway_policy", e)) {
+	if (!pl->c || !conn_ready(pl->c, lately_s_of(pl->o.reload_interval_s), false, e)) {
 		policy_live_free(pl);
 		return CW_EUNAVAIL;
 	}

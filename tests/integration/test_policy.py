@@ -4981,3 +4981,49 @@ def test_a_rooms_block_events_notify_the_transaction_that_wrote_them(daemon, pee
                    what="the 65 blocks in force")
         assert reloads(daemon)["whole"] > whole
     assert pg.psql("SELECT count(*) FROM blocks", db_url) == "67"
+
+
+def test_the_periodic_sweep_releases_what_was_held_after_her_consent_or_her_writing_within_the_reload_interval(
+        make_daemon, db_url, pg):
+    """A process whose view is still without alice's allow of wally (made
+    by SQL here, so no NOTIFY and no sweep of its own; or on another
+    process before its next whole reload, up to policy.reload_interval_s
+    later, an hour here) holds what wally sends her; one whose view is
+    without bob's writing in a group holds what ed sends him there.  The
+    periodic sweep releases a held row whose user's consents changed, or
+    who wrote in its group, "in the last minutes" (SWEPT_HELD:
+    policy_view.lately_s, the reload interval and ten minutes): here 15
+    minutes ago.  Two users, as the consent window would have the sweep
+    look at all of alice's held rows, her groups' too.  Until the
+    fifty-eighth session those two windows were a fixed ten minutes (the
+    blocks' became lately_s in the fifty-seventh), and both rows waited
+    for the expiry."""
+    d = make_daemon(db_url, options={"policy": {"reload_interval_s": "3600"}}).start()
+    made = push_peers(d)
+    try:
+        (a, _), _ = made
+        opt_in(d)
+        opt_in(d, user=BOB)
+        wally, ed = a.user("wally"), a.user("ed")
+        r = a.create_room([wally, ed, BOB])
+        assert r.status_code == 201, r.text
+        group = r.json()["id"]
+        ids = [send(a, dm(a), "from wally").json()["id"], send(a, group, "from ed", sender="ed").json()["id"]]
+        wait_policy(d, lambda: [s for _, s in states(pg, db_url, ids)] == ["held", "held"], "both held")
+        pg.psql("INSERT INTO consents (local_identity_id, subject_kind, subject, state, source, updated_at) "
+                f"SELECT id, 'user', '{wally}', 'allowed', 'admin', now() - interval '15 minutes' "
+                f"FROM identities WHERE uri = '{ALICE}'", db_url)
+        member = ("UPDATE room_members m SET %s FROM identities i, rooms r WHERE i.id = m.identity_id "
+                  f"AND r.id = m.room_id AND r.public_id = '{group}' AND i.uri = '%s'")
+        pg.psql(member % ("updated_at = now() - interval '20 minutes'", ed), db_url)  # a member before he wrote
+        pg.psql(member % ("membership = 'joined', wrote_at = now() - interval '15 minutes'", BOB), db_url)
+        whats = ("alice's row from wally, whom she allowed", "bob's from ed, in the group he wrote in")
+        for msg, what in zip(ids, whats):
+            wait_until(lambda: states(pg, db_url, [msg])[0][1] != "held", timeout=20,
+                       what=what + " 15 minutes ago, released by the periodic sweep")
+        why = [decision(d, i)["recipients"][0] for i in ids]
+        assert [(w["verdict"], w["reason"]) for w in why] == [("allow", "user_allowed_sender"),
+                                                              ("allow", "user_wrote_in_group")], why
+    finally:
+        for _, srv in made:
+            srv.close()
