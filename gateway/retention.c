@@ -330,13 +330,20 @@ static const char requests_sql[] =
  * page, and every page once deleted rows' space is reused).  The members
  * and replies by events_replaces_idx and events_in_reply_to_idx, the
  * idempotency keys by idempotency_keys_event_idx, the outbox rows by
- * outbox_event_dest_key.  At most $2 families a run, among at most $5
- * old events looked at (s, SCANNED: the three indexes merged, from the
- * cursor), the families due looked for up to the last of those (w), so
- * that no index is read further: until the fifty-first session each run
- * read from the oldest, every old event kept (an open row of it, of a
- * member or of a reply; an expiry to come; an edit or a reaction whose
- * target is there) checked on the way, its family walked: 100,000 kept
+ * outbox_event_dest_key, the families' events locked by events_pkey (an
+ * array of their ids: until the fifty-eighth session e.id IN (SELECT id
+ * FROM fam), which the planner, guessing a recursive query's rows by the
+ * thousand, hashed against the whole of a small events table, read
+ * whenever a family was due: 3,002 rows to lock one family of one event
+ * in test_a_run_reads_no_young_message_that_expires; at 40,000 events
+ * it probed the key).  At most $2 families a
+ * run, among at most $5 old events looked at (s, SCANNED: the three
+ * indexes merged, from the cursor), the families due looked for up to
+ * the last of those (w), so that no index is read further: until the
+ * fifty-first session each run read from the oldest, every old event
+ * kept (an open row of it, of a member or of a reply; an expiry to come;
+ * an edit or a reaction whose target is there) checked on the way, its
+ * family walked: 100,000 kept
  * took 0.7-1.3 s a run (docs/performance.md, "Fifty-first session"), a
  * million more than database.statement_timeout_ms, and then no row was
  * deleted any more.
@@ -352,8 +359,8 @@ static const char rows_lock_sql[] =
 	"c AS MATERIALIZED (SELECT id, accepted_at FROM (" ROWS_OF(ERASED) " UNION ALL " ROWS_OF(CONTENT_DUE)
 	" UNION ALL " ROWS_OF(TRIMMED) ") a ORDER BY accepted_at, id LIMIT $2::int), "
 	"fam(id, at) AS (SELECT id, accepted_at FROM c UNION " MEMBERS_OF("fam") ") "
-	"SELECT (SELECT array_agg(l.id)::text FROM (SELECT e.id FROM events e WHERE e.id IN (SELECT id FROM fam) "
-	"  FOR UPDATE OF e SKIP LOCKED) l), " SCAN_NEXT;
+	"SELECT (SELECT array_agg(l.id)::text FROM (SELECT e.id FROM events e "
+	"  WHERE e.id = ANY (ARRAY(SELECT id FROM fam)) FOR UPDATE OF e SKIP LOCKED) l), " SCAN_NEXT;
 static const char rows_sql[] =
 	"WITH RECURSIVE fam(id, at) AS (SELECT e.id, e.accepted_at FROM events e WHERE e.id = ANY($2::bigint[]) "
 	"  AND " DUE(" OR f.id <> ALL($2::bigint[])") " UNION " MEMBERS_OF("fam") "), "
