@@ -61,6 +61,9 @@ struct peer_pull {
 	 * notified while there was none (its LISTEN not yet made) reached no
 	 * one, so the waiting polls are asked again as on a notification. */
 	bool reconnected;
+	/* Whether the poller has had a connection (ensure_conn: a connect
+	 * after it, or after a failed attempt, is a reconnect, logged). */
+	bool was_connected;
 	/* While the database is away: the pace of attempts to connect (ensure_conn). */
 	struct store_backoff backoff;
 	int64_t connect_started_us; /* of the attempt under way (give_up_connect) */
@@ -670,6 +673,14 @@ static bool ensure_conn(struct peer_pull *p)
 		p->c = NULL;
 	}
 	if (p->c) {
+		/* Once a reconnect, at info, as the pool's connections say
+		 * "database connection established": until the fifty-eighth
+		 * session the poller logged each failed attempt and nothing
+		 * when it was back, and a test could only tell it by pulling
+		 * until a pull was answered, on its own clock. */
+		if (p->was_connected || p->backoff.delay_us)
+			LOG_KV(CW_LOG_INFO, "pull poller connected to the database again");
+		p->was_connected = true;
 		p->next_reload_us = 0; /* changes may have been missed while away */
 		p->reconnected = true;
 		store_backoff_reset(&p->backoff);
