@@ -221,7 +221,9 @@ def test_peer_down_up_cycles(make_daemon, db_url, pg):
                 assert write().status_code == 202
             time.sleep(1.5)
             sb.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
-            sb.thread = threading.Thread(target=sb.httpd.serve_forever, daemon=True)
+            # as NotifyServer's own (peer.py): its next close() waits 25 ms on
+            # average for serve_forever to see it, not 0.25 s
+            sb.thread = threading.Thread(target=sb.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
             sb.thread.start()
             sb.wait_events(seq[0], timeout=60)
 
