@@ -40,7 +40,9 @@ class StallProxy:
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(4)
         self.local_port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.closed = False
+        self.acceptor = threading.Thread(target=self._accept, daemon=True)
+        self.acceptor.start()
 
     def _accept(self):
         while True:
@@ -48,7 +50,14 @@ class StallProxy:
                 client, _ = self.sock.accept()
             except OSError:
                 return
-            server = socket.create_connection(("127.0.0.1", self.port))
+            if self.closed:
+                client.close()
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.port))
+            except OSError:  # the server gone: the component is refused, as it would be
+                client.close()
+                continue
             self.conns.append((client, server))
             threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
@@ -79,8 +88,19 @@ class StallProxy:
                     s.shutdown(socket.SHUT_RDWR)
 
     def close(self):
-        self.cut()
+        """Stops accepting, then cuts the streams.  Until the fifty-eighth
+        session close() cut first and closed the listening socket from
+        this thread, which does not wake an accept() under way in another:
+        the daemon's reconnect after the cut was still accepted and
+        relayed, or, the server's fixture gone, the relay's connect to it
+        raised in the accepting thread ("Exception in thread").  Shut down,
+        the socket's accept() returns at once (EINVAL)."""
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.acceptor.join(5)
         self.sock.close()
+        self.cut()
 
 
 def test_a_server_that_does_not_read_gets_no_stanza_counted_before_it_is_written(make_daemon, db_url, prosody,
