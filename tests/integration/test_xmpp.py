@@ -6239,19 +6239,34 @@ def test_a_profile_change_to_many_contacts_does_not_hold_back_messages(xd, gk, a
     assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally Busy"}).status_code == 200
     wait_until(lambda: component_state(xd)["stanzas_out"] - out0 >= 200, timeout=20, what="the fan-out under way")
     sent = time.monotonic()
-    assert a.send(room, a.user("eve"), "while wally's profile goes out").status_code == 202
+    r = a.send(room, a.user("eve"), "while wally's profile goes out")
+    assert r.status_code == 202, r.text
     message_from(alice, eve, lambda el: body(el) == "while wally's profile goes out", timeout=120)
-    waited = time.monotonic() - sent
     alice.wait_for_presence(lambda el: el.get("from", "").split("/")[0] == WALLY_JID and el.find(
         "{vcard-temp:x:update}x/{vcard-temp:x:update}photo") is not None, start=start, timeout=120)
     wait_until(lambda: component_state(xd)["stanzas_out"] - out0 >= 2 * (n + 1), timeout=120,
                what="every contact's presence and event")
     took = time.monotonic() - sent
+    # The message's wait on PostgreSQL's clock: from its acceptance to its
+    # row's delivery, which the component marks once its stanza is written
+    # (xmpp_out.c).  Until the fifty-eighth session it was the test's,
+    # from before the send to alice's client having it, which counted the
+    # send's signing and connect and her client's wait for a processor on
+    # a loaded machine.
+    waited = float(pg.psql("SELECT extract(epoch FROM o.delivered_at - e.accepted_at) FROM outbox o "
+                           "JOIN events e ON e.id = o.event_id WHERE o.destination = 'xmpp' AND "
+                           f"o.state = 'delivered' AND e.public_id = '{r.json()['id']}'", db_url))
     print(f"eve's message waited {waited:.3f} s; the fan-out took {took:.3f} s after it was sent")
-    # Behind the whole fan-out it would wait about all of it (took); a
-    # loaded machine slows both, so the bound is a share of it (and 1 s
-    # at least, one batch's worth on a fast machine).
-    assert waited < max(1.0, took / 4), (waited, took)
+    # Behind the whole fan-out it waits a good part of it (took, on the
+    # test's clock: longer, if anything, than on the daemon's); a loaded
+    # machine slows both, so the bound is a share of it, and 0.5 s at least.
+    # Measured in the fifty-eighth session: behind a batch, 0.07 and 0.23 s
+    # of 8.7 and 15.9 s fan-outs (under 1.5 %); with the fan-out
+    # queued at once ahead of it (drain() left out of fanout_turn,
+    # FANOUT_BATCH 20,000), 1.4-1.6 s of 15.7-18.8 s (9 %), and 1.1 s of
+    # 6.8 s with the whole batch written at once.  The bound until then, a
+    # quarter of took and 1 s at least, let those pass.
+    assert waited < max(0.5, took / 20), (waited, took)
 
 
 @pytest.mark.parametrize("how", ["block", "revoke"])
