@@ -16,7 +16,7 @@ import time
 import pytest
 import requests
 
-from harness import answered_at, free_port, stopped_in, wait_until
+from harness import answered_at, free_port, logged_at, stopped_in, wait_until
 from homeserver import Homeserver
 from peer import MediaServer, NotifyServer, PeerClient, verify_get
 from test_matrix import ALICE, ALICE_MX, AS_TOKEN, HS_TOKEN, as_put, consent_alice, registration
@@ -1513,6 +1513,47 @@ def test_a_slow_homeserver_does_not_hold_up_the_shutdown(make_daemon, db_url, hs
         srv.close()
 
 
+class ThreadWatch:
+    """Looks at the threads of process pid, as often as it can, until
+    stop(): looks, [(time.time() at the look's start, the names of the
+    threads alive then)], a thread that has begun its exit (PF_EXITING in
+    its stat's flags: a joined thread may still be listed a moment) not
+    counted."""
+
+    PF_EXITING = 0x4
+
+    def __init__(self, pid):
+        self.pid, self.looks, self.done = pid, [], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _alive(self):
+        names = []
+        for tid in os.listdir(f"/proc/{self.pid}/task"):
+            try:
+                with open(f"/proc/{self.pid}/task/{tid}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue  # gone meanwhile
+            name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+            if not int(rest[6]) & self.PF_EXITING:  # rest[0] is the state (field 3), rest[6] the flags (9)
+                names.append(name)
+        return names
+
+    def _run(self):
+        while not self.done.is_set():
+            at = time.time()
+            try:
+                self.looks.append((at, self._alive()))
+            except OSError:
+                return  # the process is gone
+            time.sleep(0.005)
+
+    def stop(self):
+        self.done.set()
+        self.thread.join(5)
+
+
 def test_a_stop_while_a_file_is_uploaded_to_a_slow_homeserver_is_at_once(make_daemon, db_url, hs, media):
     """A peer's file is being uploaded to the homeserver, which takes 10 s
     to answer, when SIGTERM comes: the media worker's upload ends with the
@@ -1522,7 +1563,9 @@ def test_a_stop_while_a_file_is_uploaded_to_a_slow_homeserver_is_at_once(make_da
     here, as in test_daemon.py::test_the_process_exits_at_once_after_stopped).
     Until the fiftieth session's review the media workers were stopped
     only after "stopped": an upload in flight kept the process alive past
-    it, up to a second, outside shutdown_ms."""
+    it, up to a second, outside shutdown_ms.  Since the fifty-eighth
+    session the workers' end is looked at in the process's threads, not
+    the exit's time on the test's clock (see below)."""
     env = {"ASAN_OPTIONS": os.environ.get("ASAN_OPTIONS", "") + ":detect_leaks=0"}
     port = free_port()
     hs.registration["url"] = f"http://127.0.0.1:{port}"
@@ -1541,20 +1584,31 @@ def test_a_stop_while_a_file_is_uploaded_to_a_slow_homeserver_is_at_once(make_da
         send_file(a, room, "a cat", attachment(url, cat), "f1")
         wait_until(lambda: hs.uploads_started > 0, what="the upload")
         time.sleep(0.3)
-        t0 = time.monotonic()
+        watch = ThreadWatch(d.proc.pid)
         d.signal(signal.SIGTERM)
         assert d.wait_exit(30) == 0, d.log()[-3000:]
-        exit_ms = (time.monotonic() - t0) * 1000
+        exited = time.time()
+        watch.stop()
         stopped = d.wait_for(lambda r: r.get("msg") == "stopped")
     finally:
         hs.upload_latency = 0
         srv.close()
-    extra = exit_ms - float(stopped["shutdown_ms"])
     # not the homeserver's 10 s, nor the upload's 30 s timeout: on the
     # daemon's clock (the test's from the signal to the exit counted the
     # sanitizers' exit and its own wait for a processor too)
     assert float(stopped["shutdown_ms"]) < 3500, stopped
-    assert extra < 300, f"the process exited {extra:.0f} ms after its stop was said done ({stopped})"
+    # The workers ended before "stopped": none of their threads is alive
+    # in a look at the process begun after that record's time (its ts
+    # cut to the millisecond, hence the 2 ms), whatever the load; a worker
+    # still in its upload was seen so (the fifty-eighth session, with
+    # mx_media_stop left to matrix_free: 116 and 129 looks, to 0.79 s after it).
+    # Until then the bound was the exit within 300 ms of "stopped" on the
+    # test's clock, its own wait for a processor and the sanitizers' exit
+    # counted (the exit stays checked below, widened for that reason).
+    after = logged_at(stopped) + 0.002
+    late = [(round(at - after, 3), names) for at, names in watch.looks if at > after and "cw-mx-media" in names]
+    assert not late, f"a media worker was alive after \"stopped\": {late[:3]} ({len(late)} looks, to {late[-1][0]} s)"
+    assert exited - logged_at(stopped) < 3, (exited - logged_at(stopped), stopped)
     assert not any(r.get("msg", "").startswith("the stop took too long") for r in d.records)
     assert ghost_messages_now(hs) == []  # the message waited for its file: it goes at the next start
 
