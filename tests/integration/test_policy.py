@@ -3717,8 +3717,10 @@ def test_an_opt_out_decides_every_waiting_row_of_the_user_in_batches(make_daemon
                     "the consent in force")
         seeds = [send(a, r, "seed", sender="wendy" if r == rooms[1] else "wally").json()["id"] for r in rooms]
         wait_policy(d, lambda: len(states(pg, db_url, seeds)) == 5, "the seeds' rows")
-        # The consents are old: the periodic sweep leaves the held rows.
-        pg.psql("UPDATE consents SET updated_at = now() - interval '1 hour'", db_url)
+        # The consents are old, older than the periodic sweep's "lately"
+        # (policy_view.lately_s: the reload interval, an hour here, and ten
+        # minutes): the sweep leaves the held rows.
+        pg.psql("UPDATE consents SET updated_at = now() - interval '2 hours'", db_url)
         # Each seed's event copied 400 times, its rows with it, in turn
         # pending, held, dead and failed.
         pg.psql("INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
