@@ -940,9 +940,19 @@ static void db_down(struct cw_store *s)
 	}
 }
 
-/* Prepares the store's statements on sc's connection; false (e set, the
- * connection dropped) when that fails. */
-static bool conn_prepare(struct cw_store *s, struct conn *sc, cw_errmsg *e)
+/* The deadline of the writer's first prepare, left by store_open to its
+ * thread (writer_main), whatever database.request_timeout_ms: until the
+ * fifty-eighth session store_open prepared them, before the watchdog
+ * ran, without any deadline; with a request timeout of a second, as an
+ * operator may set, a loaded server (their parse analysis 100-500 ms)
+ * would have the writer give up and reconnect from its start on (a
+ * review's finding).  A server that does not answer at all still does
+ * not keep it for ever. */
+#define FIRST_PREPARE_MIN_US 10000000
+
+/* Prepares the store's statements on sc's connection, within within_us;
+ * false (e set, the connection dropped) when that fails. */
+static bool conn_prepare(struct cw_store *s, struct conn *sc, int64_t within_us, cw_errmsg *e)
 {
 	sc->unprepared = false;
 	const struct store_stmt *const *stmts = sc != &s->wconn && s->o.reader_stmts ? s->o.reader_stmts : s->o.stmts;
@@ -951,7 +961,7 @@ static bool conn_prepare(struct cw_store *s, struct conn *sc, cw_errmsg *e)
 	/* Watched as a job's statements are, a deadline of their own: a
 	 * server that stops answering here (or a lock that a statement's
 	 * table waits for) does not keep the thread past it. */
-	watch_arm(s, sc, cw_now_us() + s->o.deadline_us, false);
+	watch_arm(s, sc, cw_now_us() + within_us, false);
 	bool ok = store_prepare_all(sc->c, stmts, e);
 	if (watch_disarm(sc) && ok) {
 		cw_fail(e, CW_ETIMEDOUT, "the database did not answer in time");
@@ -972,7 +982,9 @@ static bool conn_ensure_to(struct cw_store *s, struct conn *sc, int64_t until_us
 	const char *who = sc->name;
 	cw_errmsg e;
 	if (sc->c && PQstatus(sc->c) == CONNECTION_OK && !conn_killed(sc)) {
-		if (!sc->unprepared || !prepare || conn_prepare(s, sc, &e))
+		/* connected, not prepared: store_open's connection of the writer */
+		int64_t within = s->o.deadline_us > FIRST_PREPARE_MIN_US ? s->o.deadline_us : FIRST_PREPARE_MIN_US;
+		if (!sc->unprepared || !prepare || conn_prepare(s, sc, within, &e))
 			return true;
 	} else {
 		conn_lost(s, sc);
@@ -989,7 +1001,7 @@ static bool conn_ensure_to(struct cw_store *s, struct conn *sc, int64_t until_us
 			pthread_mutex_unlock(&sc->watch_mu);
 			sc->unprepared = true;
 			if (prepare)
-				conn_prepare(s, sc, &e);
+				conn_prepare(s, sc, s->o.deadline_us, &e);
 		}
 	}
 	if (!sc->c) {
