@@ -1624,7 +1624,25 @@ static void turn(struct xcomp *xc, int64_t next_house)
 		while (read(xc->wake_fd[0], buf, sizeof(buf)) > 0)
 			;
 	}
+	/* libstrophe logs each piece it has written whole ("SENT: %s", at
+	 * debug level, in xmpp_run_once) and, with a handler of the caller's,
+	 * formats it before the handler can say no: the text of a drained
+	 * batch (up to DRAIN_BATCH_BYTES) copied twice through vsnprintf
+	 * (into 1 KB, then again at full size), for strophe_log to drop it
+	 * at every level.  Until the fifty-eighth session that was some 45 %
+	 * of this thread's CPU on tests/bench/xmpp's release, about 1 us a
+	 * message (docs/performance.md, "Fifty-eighth session").  A turn that
+	 * has something to write runs without a handler unless debug lines
+	 * are logged.  What libstrophe 0.12 says at error level on a stream
+	 * that is up is a failed allocation or select()'s own error ("event
+	 * watcher internal error"), lost in such a turn; a stream that breaks
+	 * still reaches on_conn, which logs it, and the handshake's errors come
+	 * before the stream is up, with the handler. */
+	bool quiet = xmpp_conn_send_queue_len(xc->conn) > 0 && !cw_log_enabled(CW_LOG_DEBUG);
+	if (quiet)
+		xc->log.handler = NULL;
 	xmpp_run_once(xc->ctx, 0);
+	xc->log.handler = strophe_log;
 }
 
 /* A profile change's presences (xa_fanout_add) go a batch of FANOUT_BATCH
@@ -1903,7 +1921,8 @@ void xa_start(struct xmpp *x)
 			continue;
 		}
 		reserve_low_fd(xc);
-		xc->ctx = xmpp_ctx_new(NULL, &strophe_logger);
+		xc->log = strophe_logger;
+		xc->ctx = xmpp_ctx_new(NULL, &xc->log);
 		if (xc->ctx && pthread_create(&xc->thread, NULL, comp_main, xc) == 0)
 			xc->started = true;
 		else

@@ -156,6 +156,9 @@ struct xcomp {
 	int reserve_fd;                 /* a low descriptor kept for the stream's socket (see reserve_low_fd) */
 	/* the thread's own */
 	xmpp_ctx_t *ctx;
+	/* ctx's logger (strophe_log), its own so that turn can take the
+	 * handler away while libstrophe writes (see turn, xmpp.c) */
+	xmpp_log_t log;
 	xmpp_conn_t *conn;
 	struct xr_item recent[XMPP_RECENT_MAX];
 	size_t recent_head, recent_n;
