@@ -260,6 +260,44 @@ def test_wrong_secret_is_reported(make_daemon, db_url, prosody):
     assert d.wait_for(lambda r: r.get("msg") == "xmpp component" and r.get("state") == "auth_failed")
 
 
+def test_libstrophes_errors_are_logged_after_turns_that_wrote(make_daemon, db_url, tmp_path):
+    """Since the fifty-eighth session a turn with something to write runs
+    without libstrophe's log handler (turn, xmpp.c: its "SENT" line of each
+    piece written was formatted for a handler that drops it); the handler
+    comes back after such a turn, so what libstrophe says at error level
+    later is still logged: here, after the stream was up and wrote, a
+    server in Prosody's place that opens no stream."""
+    p = Prosody(tmp_path / "prosody2", host=HOST, components={COMP: SECRET})
+    p.start()
+    fake = None
+    try:
+        p.register("alice", "pw-alice")
+        d = make_daemon(db_url, options=daemon_options(p)).start()
+        wait_until(lambda: component_state(d)["state"] == "up", what="the component's stream")
+        c = p.client("alice", "pw-alice")
+        try:
+            c.send_message(COMP, "hello?")
+            assert body(message_from(c, COMP)).startswith("This is the Causeway gateway to gk.")  # written
+        finally:
+            c.disconnect()
+        p.stop()
+        fake = socket.socket()
+        fake.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        fake.bind(("127.0.0.1", p.component_port))
+        fake.listen(8)
+        fake.settimeout(30)
+        conn, _ = fake.accept()
+        conn.recv(4096)  # the component's stream header
+        conn.sendall(b"<?xml version='1.0'?><nostream xmlns='jabber:component:accept'>")
+        assert d.wait_for(lambda r: r.get("msg") == "libstrophe" and r.get("level") == "warn"
+                          and "did not open valid stream" in r.get("detail", ""))
+        conn.close()
+    finally:
+        if fake:
+            fake.close()
+        p.stop()
+
+
 def test_a_component_domain_is_not_a_peer_domain(xd):
     for domain in (COMP, HOST):
         r = xd.admin("POST", "/peers", json={"name": "x", "domain": domain, "mode": "pull",
