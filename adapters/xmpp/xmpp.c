@@ -1965,6 +1965,14 @@ void xa_free(struct xmpp *x)
 		for (int k = 0; k < 2; k++)
 			if (xc->wake_fd[k] >= 0)
 				close(xc->wake_fd[k]);
+		/* What is left queued: the answers to users' stanzas kept for a
+		 * next stream (queue_take_lost_locked keeps them when one breaks)
+		 * that does not come.  Nothing is queued after xa_stop (x->stop,
+		 * append_locked).  Until the fifty-eighth session they were left
+		 * unfreed: an answer stored just after the stream broke, then the
+		 * stop, was a leak LeakSanitizer reported in a CI run. */
+		queue_free(xc->head);
+		xc->head = xc->tail = NULL;
 		pthread_mutex_destroy(&xc->mu);
 		pthread_mutex_destroy(&xc->in_mu); /* nothing waits: every store job has finished (in_finished) */
 		json_decref(xc->in_flight);
