@@ -684,15 +684,8 @@ def test_content_behind_a_long_owed_backlog_is_erased(make_daemon, db_url, pg):
     of them a run, so the difference of two runs failed 2 times in 3."""
     n = 30000
     owed_backlog(make_daemon, db_url, pg, n, OLD, "now() - interval '35 days'")
-    log = logged_plans(pg, db_url, analyze=True)
-    pg.psql('ALTER DATABASE "%s" SET auto_explain.log_format = json' % db_url.split("?")[0].rsplit("/", 1)[1])
-    start_at = os.path.getsize(log)
-    add_old_key(pg, db_url)  # the run's witness
-    d = start(make_daemon, db_url, rows_days=0, interval_s=3600)  # one run: nothing hurries it
-    wait_until(lambda: "witness" not in keys(pg, db_url), timeout=60, interval=0.2, what="the run")
-    assert d.stop() == 0
-    plans = plans_since(log, start_at, "UPDATE events e SET content = x.kept")
-    runs = [rows_read(json.JSONDecoder().raw_decode(p, p.index("{"))[0]["Plan"], "events") for p in plans]
+    plans, _ = run_plans(make_daemon, db_url, pg, ("UPDATE events e SET content = x.kept",), rows_days=0)
+    runs = [rows_read(p, "events") for p in plans]
     assert len(runs) == 1 and runs[0] < n / 2, (runs, plans)  # the plans: how it read them
     d = start(make_daemon, db_url, rows_days=0)
     wait_until(lambda: contents(pg, db_url, ["msg_done1"])["msg_done1"] == "{}", timeout=60, interval=0.2,
