@@ -982,9 +982,11 @@ static bool conn_ensure_to(struct cw_store *s, struct conn *sc, int64_t until_us
 	const char *who = sc->name;
 	cw_errmsg e;
 	if (sc->c && PQstatus(sc->c) == CONNECTION_OK && !conn_killed(sc)) {
+		if (!sc->unprepared || !prepare)
+			return true;
 		/* connected, not prepared: store_open's connection of the writer */
-		int64_t within = s->o.deadline_us > FIRST_PREPARE_MIN_US ? s->o.deadline_us : FIRST_PREPARE_MIN_US;
-		if (!sc->unprepared || !prepare || conn_prepare(s, sc, within, &e))
+		if (conn_prepare(s, sc, s->o.deadline_us > FIRST_PREPARE_MIN_US ? s->o.deadline_us : FIRST_PREPARE_MIN_US,
+				 &e))
 			return true;
 	} else {
 		conn_lost(s, sc);
