@@ -437,9 +437,8 @@ def test_a_claim_reads_the_events_it_takes_not_every_due_one(make_daemon, pg_pla
     pg = pg_planned
     db_url = pg.new_database("t_claim_reads_the_events_it_takes")
     d = make_daemon(db_url, options={"policy": {"sweep_interval_ms": "600000"}}).start()
-    # the expiry sweep's calls (test_policy.EXPIRY_SWEEP, which imports this file)
-    expiry = "WITH due AS MATERIALIZED (SELECT e.id, e.room_id FROM events e"
-    wait_until(lambda: pg.planned(db_url, expiry)[0] >= 1, what="the policy thread's first sweep")
+    from test_policy import EXPIRY_SWEEP  # here: test_policy imports this file at its top
+    wait_until(lambda: pg.planned(db_url, EXPIRY_SWEEP)[0] >= 1, what="the policy thread's first sweep")
     peers = push_peers(d)
     (a, _), (b, sb) = peers
     rm = room(a, b)
