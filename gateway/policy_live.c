@@ -550,7 +550,8 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
 	"   WHERE wrote_at > " LATELY_SINCE ")) END"
 
 /* The start of "the last minutes" of the periodic sweep's held rows
- * (SWEPT_HELD): policy_view.lately_s seconds ago, read from the policy
+ * (SWEPT_HELD) and, since the fifty-ninth session, of its blocks
+ * (BLOCKED_LATELY): policy_view.lately_s seconds ago, read from the policy
  * thread's connection's setting causeway.lately_s (conn_ready), not a
  * parameter.  The statements are prepared, and a generic plan cannot
  * estimate a parameter's range: with make_interval(secs => $5) it guessed
@@ -580,10 +581,25 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
  * sweeps find no one, and then no row either. */
 #define BLOCKERS                                                                                        \
 	"ARRAY(SELECT b.local_identity_id FROM consents b WHERE b.state = 'blocked' "                       \
-	" AND (b.local_identity_id = $2::bigint OR ($2::bigint IS NULL AND " BLOCKED_LATELY("$5") ")))"
-/* A block b of the last P seconds (policy_view.lately_s: BLOCKERS of the
- * periodic sweep; recent_blocks_sql asks whether there is one). */
-#define BLOCKED_LATELY(P) "b.updated_at > now() - make_interval(secs => " P "::bigint)"
+	" AND (b.local_identity_id = $2::bigint OR ($2::bigint IS NULL AND " BLOCKED_LATELY ")))"
+/* A block b of the last policy_view.lately_s seconds (BLOCKERS of the
+ * periodic sweep; recent_blocks_sql asks whether there is one), from the
+ * policy thread's connection's setting (LATELY_SINCE), as the held rows'
+ * windows.  Until the fifty-ninth session the window was a parameter
+ * (make_interval(secs => $5), $1 in recent_blocks_sql), and the generic
+ * plans guessed a third of consents recent.  With 100,000 consents whose
+ * updated_at is not in the table's order, the first of those guessed
+ * thousands was cheaper to reach by a scan of the table than through
+ * consents_updated_idx, and recent_blocks_sql's generic plan read all of
+ * consents (1,137 buffers, 17.7 ms) at every periodic sweep that found no
+ * recent block, most of them, where the index reads 2 (0.02 ms); and
+ * while a block was of the last minutes, sweep_sql's generic plan, its
+ * BLOCKERS costed at 2,676 against 17, was dearer than a custom one and
+ * the statement was planned again at every sweep (41 plans of 41 sweeps,
+ * 6 now; docs/performance.md, "Fifty-ninth session").  A connection
+ * without the setting (a user's sweep, $2, on a request's connection:
+ * its custom plan drops the arm) finds no one lately. */
+#define BLOCKED_LATELY "b.updated_at > " LATELY_SINCE
 
 /* A row of such a user (TO_BLOCKER), from a remote sender they blocked
  * (or its domain: FROM_BLOCKED), not the expiry's taking back of what
@@ -790,7 +806,7 @@ static const char sweep_held_sql[] = SWEEP_SQL("(" SWEPT_HELD ")");
 /* Whether BLOCKERS of the periodic sweep ($2 NULL) names anyone: its
  * condition, read in consents_updated_idx. */
 static const char recent_blocks_sql[] =
-	"SELECT EXISTS (SELECT 1 FROM consents b WHERE b.state = 'blocked' AND " BLOCKED_LATELY("$1") ")";
+	"SELECT EXISTS (SELECT 1 FROM consents b WHERE b.state = 'blocked' AND " BLOCKED_LATELY ")";
 
 /* The periodic sweep's statements, prepared on the policy thread's
  * connection: sent whole, they were planned on every sweep, 1 ms each
@@ -953,10 +969,7 @@ static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const
 	char secs[24];
 	snprintf(secs, sizeof(secs), "%lld", (long long)v->set.held_expiry_s);
 	char *denials = NULL;
-	char lately[24];
-	snprintf(lately, sizeof(lately), "%ld", v->lately_s);
-	const char *params[] = { secs, target_id, NULL, notify ? "t" : "f", lately };
-	const char *const lparams[] = { lately };
+	const char *params[] = { secs, target_id, NULL, notify ? "t" : "f" };
 	bool own = PQtransactionStatus(c) == PQTRANS_IDLE;
 	cw_err rc = own ? store_exec(c, "BEGIN", e) : CW_OK;
 	/* The content only when a rule limits it (releasable_sql's $3; NULL
@@ -972,7 +985,7 @@ static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const
 	q[n++] = (struct store_piped){ "SELECT pg_advisory_xact_lock(" SWEEP_LOCK_KEY ")", NULL, 0, NULL, NULL };
 	q[n++] = sweep_piped(prepared, 0, 3, rparams);
 	if (!target_id)
-		q[n++] = sweep_piped(prepared, 3, 1, lparams);
+		q[n++] = sweep_piped(prepared, 3, 0, NULL);
 	if (!rc)
 		rc = store_pipeline(c, q, n, e);
 	int k = 1; /* sweep_sql; 2: sweep_held_sql */
@@ -988,7 +1001,7 @@ static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const
 	params[2] = denials;
 	if (!rc) {
 		n = 0;
-		q[n++] = sweep_piped(prepared, k, k == 1 ? 5 : 4, params); /* sweep_held_sql: no BLOCKERS, no $5 */
+		q[n++] = sweep_piped(prepared, k, 4, params);
 		if (then)
 			q[n++] = *then;
 		rc = store_pipeline(c, q, n, e);

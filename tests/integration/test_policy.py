@@ -5029,3 +5029,60 @@ def test_the_periodic_sweep_releases_what_was_held_after_her_consent_or_her_writ
     finally:
         for _, srv in made:
             srv.close()
+
+
+def test_the_periodic_sweeps_window_of_blocks_is_planned_for_its_range(make_daemon, pg_planned):
+    """The periodic sweep asks whether anyone blocked anyone in the last
+    minutes (recent_blocks_sql), and when someone did, its statement
+    drops what waits for them (sweep_sql's BLOCKERS); both are prepared,
+    and both read the window (BLOCKED_LATELY) from the policy thread's
+    setting causeway.lately_s (LATELY_SINCE), as the held rows' windows
+    do.  Until the fifty-ninth session it was a parameter, whose range a
+    generic plan cannot estimate (a third of consents taken as recent):
+    with consents whose updated_at is not in the table's order, the
+    question's generic plan was a scan of all consents at every sweep
+    that found no recent block (most of them), some 230 buffers a sweep
+    here where the index reads 2; and with a block of the last minutes
+    the sweep's statement, its generic plan dearer than a custom one, was
+    planned again at every sweep.  A sweep slow on a loaded machine has
+    the sweep's statements prepared again (replan_sweep: five custom
+    plans each, then the generic one), releasable_sql's as sweep_sql's:
+    the sweep's plans are counted against releasable_sql's, run at the
+    same sweeps."""
+    db_url = pg_planned.new_database("t_blocks_window_planned")
+    pg_planned.psql("INSERT INTO identities (uri, domain, localpart, is_local, network) SELECT "
+                    "'mimi://example.org/u/o' || g, 'example.org', 'o' || g, true, 'matrix' "
+                    "FROM generate_series(1, 10000) g", db_url)
+    # two consents a user, every tenth a block, updated between two hours
+    # and a month ago, not in the table's order
+    pg_planned.psql("INSERT INTO consents (local_identity_id, subject_kind, subject, state, source, updated_at) "
+                    "SELECT i.id, 'user', 'mimi://remote.example/u/r' || k, "
+                    " CASE WHEN (i.id + k) % 10 = 0 THEN 'blocked' ELSE 'allowed' END, 'user', "
+                    " now() - interval '2 hours' - random() * interval '30 days' "
+                    "FROM identities i, generate_series(1, 2) k WHERE i.localpart LIKE 'o%'", db_url)
+    pg_planned.psql("ANALYZE consents", db_url)
+    stats = ("SELECT coalesce(sum(calls), 0) || ' ' || coalesce(sum(plans), 0) || ' ' || "
+             "coalesce(sum(shared_blks_hit + shared_blks_read), 0) FROM pg_stat_statements "
+             "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = 't_blocks_window_planned') AND %s")
+    asked = "query LIKE 'SELECT EXISTS (SELECT $_ FROM consents b WHERE b.state = $_ AND%'"
+    swept = "starts_with(query, 'WITH dn AS') AND strpos(query, 'ARRAY(SELECT b.local_identity_id') > 0"
+    released = "starts_with(query, 'SELECT o.id, s.uri, s.domain, s.network, t.uri')"
+
+    def counts(which):
+        return [int(x) for x in pg_planned.psql(stats % which).split()]
+
+    make_daemon(db_url, options={"policy": {"reload_interval_s": "3600"}}).start()
+    policy_turns(pg_planned, db_url, turns=8)  # the question's generic plan made (its sixth run)
+    was = counts(asked)
+    policy_turns(pg_planned, db_url, turns=10)
+    now = counts(asked)
+    calls, pages = now[0] - was[0], now[2] - was[2]
+    assert calls >= 10 and pages <= 5 * calls, (calls, pages)
+    pg_planned.psql("UPDATE consents SET updated_at = now() WHERE (local_identity_id, subject) = "
+                    "(SELECT local_identity_id, subject FROM consents WHERE state = 'blocked' LIMIT 1)", db_url)
+    wait_until(lambda: counts(swept)[0] >= 8, timeout=30, what="the sweep of a recent block, eight times")
+    was = counts(swept) + counts(released)
+    policy_turns(pg_planned, db_url, turns=20)
+    now = counts(swept) + counts(released)
+    calls, plans, rel_plans = now[0] - was[0], now[1] - was[1], now[4] - was[4]
+    assert calls >= 20 and plans - rel_plans <= 5, (calls, plans, rel_plans)
