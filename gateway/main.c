@@ -772,7 +772,8 @@ int main(int argc, char **argv)
 
 	int exit_code = 1;
 	/* The start's connection: the migrations', then the peers', the admin
-	 * tokens', the local network's and the local users' move's. */
+	 * tokens', the local network's, the key's and the local users' move's;
+	 * closed before the policy thread starts. */
 	PGconn *start_conn = NULL;
 	/* Before the migrations: a key file that cannot be read stops the
 	 * start before it changes the database (until the twenty-fourth
@@ -817,6 +818,17 @@ int main(int argc, char **argv)
 				    : "the submit queue");
 		goto out_migrations;
 	}
+	/* The adapters are made (no thread, no connection yet) before the
+	 * start's connection serves the move of the local users to theirs,
+	 * which it does before the policy thread starts (below). */
+	if (matrix_new(&app.matrix, &app, &e)) {
+		LOG_KV(CW_LOG_ERROR, "cannot start the Matrix adapter", "detail", e.msg);
+		goto out_migrations;
+	}
+	if (xa_new(&app.xmpp, &app, &e)) {
+		LOG_KV(CW_LOG_ERROR, "cannot start the XMPP adapter", "detail", e.msg);
+		goto out_migrations;
+	}
 	{
 		PGconn *c = start_conn;
 		if (peer_registry_load(app.peers, c, &e) || admin_tokens_load(app.admins, c, &e)) {
@@ -828,7 +840,42 @@ int main(int argc, char **argv)
 		if (!local_network_claim(c, configured_network(&cfg)))
 			goto out_migrations;
 		key_compare(c, app.public_key_b64);
+		if (app.matrix || app.xmpp) {
+			/* This provider's users met before the adapter was configured
+			 * ("local": no adapter) are its users now, and what waits for
+			 * them goes there: moved before the policy thread's first
+			 * load and sweep, which see them moved. */
+			const char *net[] = { app_local_network(&app) };
+			PGresult *r = PQexecParams(c, "WITH i AS (UPDATE identities SET network = $1, updated_at = now() "
+						   "WHERE is_local AND network = 'local' RETURNING 1), "
+						   "o AS (UPDATE outbox SET destination = $1 WHERE destination = 'local' "
+						   "AND state IN ('pending', 'held') RETURNING 1) "
+						   "SELECT (SELECT count(*) FROM i), (SELECT count(*) FROM o)",
+						   1, NULL, net, NULL, NULL, 0);
+			if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+				LOG_KV(CW_LOG_ERROR, "cannot move local users to the local adapter",
+				       "detail", PQerrorMessage(c));
+				PQclear(r);
+				goto out_migrations;
+			}
+			if (atoi(PQgetvalue(r, 0, 0)) || atoi(PQgetvalue(r, 0, 1)))
+				LOG_KV(CW_LOG_INFO, "local users now served by the local adapter", "network", net[0],
+				       "users", PQgetvalue(r, 0, 0),
+				       "waiting_rows", PQgetvalue(r, 0, 1));
+			PQclear(r);
+		}
 	}
+	/* Closed before the policy thread starts: until the fifty-ninth
+	 * session the move above came after that start (its connection,
+	 * LISTEN, the sweep's statements prepared, the load: 10-50 ms, or as
+	 * long as a lock on a table they read is held) and the adapters', the
+	 * connection idle meanwhile, so that an idle_session_timeout shorter
+	 * than that, or a PostgreSQL restart in that window, failed the move
+	 * and the start (exit 1), where the fifty-seventh session's fresh
+	 * connection had not.  Nothing after this uses it: no connection of
+	 * the start's is left idle while the daemon's own threads connect. */
+	PQfinish(start_conn);
+	start_conn = NULL;
 
 	struct policy_live_opts po = {
 		.url = cfg.db_url, .statement_timeout_ms = cfg.db_statement_timeout_ms,
@@ -841,41 +888,6 @@ int main(int argc, char **argv)
 		LOG_KV(CW_LOG_ERROR, "cannot load the policy", "detail", app.limits ? e.msg : "out of memory");
 		goto out_migrations;
 	}
-
-	if (matrix_new(&app.matrix, &app, &e)) {
-		LOG_KV(CW_LOG_ERROR, "cannot start the Matrix adapter", "detail", e.msg);
-		goto out_migrations;
-	}
-	if (xa_new(&app.xmpp, &app, &e)) {
-		LOG_KV(CW_LOG_ERROR, "cannot start the XMPP adapter", "detail", e.msg);
-		goto out_migrations;
-	}
-	if (app.matrix || app.xmpp) {
-		/* This provider's users met before the adapter was configured
-		 * ("local": no adapter) are its users now, and what waits for
-		 * them goes there. */
-		PGconn *c = start_conn;
-		const char *net[] = { app_local_network(&app) };
-		PGresult *r = PQexecParams(c, "WITH i AS (UPDATE identities SET network = $1, updated_at = now() "
-					   "WHERE is_local AND network = 'local' RETURNING 1), "
-					   "o AS (UPDATE outbox SET destination = $1 WHERE destination = 'local' "
-					   "AND state IN ('pending', 'held') RETURNING 1) "
-					   "SELECT (SELECT count(*) FROM i), (SELECT count(*) FROM o)",
-					   1, NULL, net, NULL, NULL, 0);
-		if (PQresultStatus(r) != PGRES_TUPLES_OK) {
-			LOG_KV(CW_LOG_ERROR, "cannot move local users to the local adapter",
-			       "detail", PQerrorMessage(c));
-			PQclear(r);
-			goto out_migrations;
-		}
-		if (atoi(PQgetvalue(r, 0, 0)) || atoi(PQgetvalue(r, 0, 1)))
-			LOG_KV(CW_LOG_INFO, "local users now served by the local adapter", "network", net[0],
-			       "users", PQgetvalue(r, 0, 0),
-			       "waiting_rows", PQgetvalue(r, 0, 1));
-		PQclear(r);
-	}
-	PQfinish(start_conn);
-	start_conn = NULL;
 
 	static const struct store_stmt *const stmt_lists[] = { peer_api_read_statements, peer_api_statements,
 							       matrix_statements, NULL };

@@ -1077,3 +1077,47 @@ def test_a_replay_cache_that_cannot_be_had_stops_the_start(make_daemon, db_url):
     rec = d.wait_for(lambda r: r.get("msg") in ("ready", "out of memory"), timeout=30)
     assert rec["msg"] == "out of memory" and "peer.replay_cache_entries" in rec["detail"], d.log()
     assert d.wait_exit() == 1, d.log()
+
+
+def test_the_start_holds_no_connection_idle_while_the_policy_thread_starts(make_daemon, db_url, pg):
+    """The migrations' connection serves the peers, the admin tokens, the
+    local network, the key and the move of the local users to the adapter
+    (since the fifty-eighth session: one backend, not three), and is closed
+    before the policy thread starts.  Until the fifty-ninth session the
+    move came after the policy thread's start (its connection, LISTEN, the
+    sweep's statements, the load) and the adapters', the connection held
+    idle meanwhile: an idle_session_timeout shorter than that window (here
+    the policy thread's statements wait 2 s for a lock on consents, the
+    timeout 1 s) ended the session, the move failed and the start exited 1
+    ("cannot move local users to the local adapter", "terminating
+    connection due to idle-session timeout") where a fresh connection had
+    been made before; and while the policy thread waited, the start's
+    connection was the daemon's second backend."""
+    import urllib.parse
+
+    from harness import HeldSession
+    pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network) VALUES "
+            "('mimi://example.org/u/carol', 'example.org', 'carol', true, 'local')", db_url)
+    name = urllib.parse.urlparse(db_url).path.lstrip("/")
+    pg.psql(f"ALTER DATABASE \"{name}\" SET idle_session_timeout = '1s'")
+    daemons = ("SELECT count(*) FILTER (WHERE wait_event_type = 'Lock'), count(*) FROM pg_stat_activity "
+               f"WHERE datname = '{name}' AND application_name = 'causewayd'")
+    held = HeldSession(db_url)
+    try:
+        held.run("BEGIN; LOCK TABLE consents IN ACCESS EXCLUSIVE MODE;")
+        d = make_daemon(db_url, options=MATRIX_ONLY)
+        d.start(wait_ready=False)
+        # the policy thread waits for the lock; the start's connection, closed, is not beside it
+        seen = wait_until(lambda: (lambda w, n: (w, n) if w == "1" else None)(*pg.psql(daemons).split("|")),
+                          timeout=30, what="the policy thread waiting for the lock")
+        assert seen == ("1", "1"), (seen, d.log())
+        time.sleep(2)  # past idle_session_timeout: an idle connection of the start's is ended
+    finally:
+        held.end()
+    rec = d.wait_for(lambda r: r.get("msg") in ("ready", "cannot move local users to the local adapter"), timeout=30)
+    assert rec["msg"] == "ready", d.log()
+    assert pg.psql("SELECT network FROM identities WHERE localpart = 'carol'", db_url) == "matrix"
+    assert any(r.get("msg") == "local users now served by the local adapter" and r.get("users") == "1"
+               for r in d.records), d.log()
+    pg.psql(f'ALTER DATABASE "{name}" RESET idle_session_timeout')
+    assert d.stop() == 0, d.log()
