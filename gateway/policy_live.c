@@ -2399,16 +2399,43 @@ void policy_live_get_stats(struct policy_live *pl, struct policy_live_stats *st)
 	pthread_mutex_unlock(&pl->mu);
 }
 
+/* The periodic sweep's statements prepared on c; false with e set (the
+ * statement named, then PostgreSQL's words) and *failed the name of the
+ * one refused.  Logged by the callers, not here as store_prepare_all
+ * logs: the thread's reconnects try every 250 ms doubling to
+ * database.reconnect_max_ms, and until the fifty-ninth session a refusal
+ * that lasted (a table locked past the statement timeout, a column
+ * renamed by hand) wrote an error line at every try, besides the once a
+ * run of "policy cannot connect to the database" that did not name the
+ * statement. */
+static bool sweep_prepare(PGconn *c, const char **failed, cw_errmsg *e)
+{
+	for (const struct store_stmt *const *l = sweep_stmt_lists; *l; l++)
+		for (const struct store_stmt *st = *l; st->name; st++) {
+			PGresult *r = PQprepare(c, st->name, st->sql, 0, NULL);
+			if (PQresultStatus(r) != PGRES_COMMAND_OK) {
+				cw_errmsg why;
+				cw_err rc = store_result_err(c, r, &why);
+				PQclear(r);
+				*failed = st->name;
+				cw_fail(e, rc, "cannot prepare the statement %s: %s", st->name, why.msg);
+				return false;
+			}
+			PQclear(r);
+		}
+	return true;
+}
+
 /* A fresh connection of the policy thread made ready: it listens for
  * changes, has the length of "the last minutes" of its views (lately_s)
  * as its setting causeway.lately_s (LATELY_SINCE), and the periodic
- * sweep's statements prepared. */
-static bool conn_ready(PGconn *c, long lately_s, cw_errmsg *e)
+ * sweep's statements prepared (*failed: the one refused, else NULL). */
+static bool conn_ready(PGconn *c, long lately_s, const char **failed, cw_errmsg *e)
 {
 	char sql[96];
+	*failed = NULL;
 	snprintf(sql, sizeof(sql), "SELECT set_config('causeway.lately_s', '%ld', false)", lately_s);
-	return !store_exec(c, "LISTEN causeway_policy", e) && !store_exec(c, sql, e) &&
-	       store_prepare_all(c, sweep_stmt_lists, e);
+	return !store_exec(c, "LISTEN causeway_policy", e) && !store_exec(c, sql, e) && sweep_prepare(c, failed, e);
 }
 
 /* A periodic sweep that takes this long or longer has its statements
@@ -2442,7 +2469,8 @@ static void replan_sweep(struct policy_live *pl, int64_t took_us)
 		snprintf(sql + len, sizeof(sql) - len, "DEALLOCATE %s; ", st->name);
 	}
 	cw_errmsg e;
-	if (store_exec(pl->c, sql, &e) || !store_prepare_all(pl->c, sweep_stmt_lists, &e)) {
+	const char *failed;
+	if (store_exec(pl->c, sql, &e) || !sweep_prepare(pl->c, &failed, &e)) {
 		LOG_KV(CW_LOG_WARN, "cannot plan the periodic sweep again; reconnecting", "detail", e.msg);
 		pl->drop_conn = true;
 	}
@@ -2526,15 +2554,22 @@ static bool ensure_conn(struct policy_live *pl, bool *fresh)
 	 * connection and never answers (until the forty-eighth session: up to
 	 * connect_timeout, 5 s); a poke meanwhile is taken at the next turn. */
 	pl->c = store_connect_abortable(pl->url, pl->o.statement_timeout_ms, pl->wake[0], policy_gives_up, pl, &e);
-	if (pl->c && !conn_ready(pl->c, lately_s_of(pl->o.reload_interval_s), &e)) {
+	const char *failed = NULL;
+	if (pl->c && !conn_ready(pl->c, lately_s_of(pl->o.reload_interval_s), &failed, &e)) {
 		PQfinish(pl->c);
 		pl->c = NULL;
 	}
 	store_canceller_set(&pl->cancel, pl->c);
 	*fresh = pl->c != NULL; /* changes may have been missed while away */
-	if (!pl->c && !atomic_load(&pl->stop) && note_failure(pl, CW_EUNAVAIL, &e, false))
-		LOG_KV(CW_LOG_WARN, "policy cannot connect to the database; the previous rules stay in force", "detail",
-		       e.msg);
+	/* Once a run, a statement the new connection could not prepare named */
+	if (!pl->c && !atomic_load(&pl->stop) && note_failure(pl, CW_EUNAVAIL, &e, false)) {
+		if (failed)
+			LOG_KV(CW_LOG_WARN, "policy cannot connect to the database; the previous rules stay in force",
+			       "statement", failed, "detail", e.msg);
+		else
+			LOG_KV(CW_LOG_WARN, "policy cannot connect to the database; the previous rules stay in force",
+			       "detail", e.msg);
+	}
 	return pl->c != NULL;
 }
 
@@ -3538,7 +3573,13 @@ cw_err policy_live_start(struct policy_live **out, const struct policy_live_opts
 	 * test's set-up made just after "ready" and read what the test
 	 * counted (test_peer_api.py's claim test, in a CI run); a first
 	 * sweep that comes at once is what operators and tests had. */
-	if (!pl->c || !conn_ready(pl->c, lately_s_of(pl->o.reload_interval_s), e)) {
+	const char *failed = NULL;
+	if (!pl->c || !conn_ready(pl->c, lately_s_of(pl->o.reload_interval_s), &failed, e)) {
+		/* The start's one line of it, as store_prepare_all's before the
+		 * fifty-ninth session; the daemon's "cannot load the policy"
+		 * follows. */
+		if (failed)
+			LOG_KV(CW_LOG_ERROR, "cannot prepare a statement", "statement", failed, "detail", e->msg);
 		policy_live_free(pl);
 		return CW_EUNAVAIL;
 	}

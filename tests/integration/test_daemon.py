@@ -1121,3 +1121,51 @@ def test_the_start_holds_no_connection_idle_while_the_policy_thread_starts(make_
                for r in d.records), d.log()
     pg.psql(f'ALTER DATABASE "{name}" RESET idle_session_timeout')
     assert d.stop() == 0, d.log()
+
+
+def test_a_statement_the_policy_thread_cannot_prepare_is_logged_once_with_its_name(make_daemon, db_url, pg):
+    """The policy thread's statements refused by PostgreSQL (here a lock
+    held on consents past a 300 ms statement timeout): at the start, one
+    line naming the statement, then "cannot load the policy", exit 1; on
+    the thread's reconnects (every 250 ms doubling to reconnect_max_ms,
+    500 ms here), once a run, the line "policy cannot connect" naming it.
+    Until the fifty-ninth session each try wrote an error line "cannot
+    prepare a statement" (store_prepare_all's), one every reconnect_max_ms
+    for as long as it lasted, and the line of the run did not name it."""
+    import urllib.parse
+
+    from harness import HeldSession
+    name = urllib.parse.urlparse(db_url).path.lstrip("/")
+    opts = {"database": {"statement_timeout_ms": "300"}}
+    held = HeldSession(db_url)
+    held.run("BEGIN; LOCK TABLE consents IN ACCESS EXCLUSIVE MODE;")
+    try:
+        d = make_daemon(db_url, options=opts)
+        d.start(wait_ready=False)
+        assert d.wait_exit() == 1, d.log()
+    finally:
+        held.end()
+    told = [r for r in d.records if r.get("msg") == "cannot prepare a statement"]
+    assert len(told) == 1 and told[0]["statement"].startswith("cw_"), d.log()
+    assert "statement timeout" in told[0]["detail"], told
+    loaded = d.wait_for(lambda r: r.get("msg") == "cannot load the policy")
+    assert told[0]["statement"] in loaded["detail"], loaded
+
+    d = make_daemon(db_url, options=opts).start()
+    held = HeldSession(db_url)
+    try:
+        held.run("BEGIN; LOCK TABLE consents IN ACCESS EXCLUSIVE MODE;")
+        start = len(d.records)
+        pg.psql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' "
+                "AND application_name = 'causewayd'")
+        run = d.wait_for(lambda r: r.get("msg", "").startswith("policy cannot connect"), timeout=30, start=start)
+        time.sleep(3)  # four tries or more, each refused
+    finally:
+        held.end()
+    d.wait_for(lambda r: r.get("msg", "").startswith("policy reloaded after failures"), timeout=30, start=start)
+    assert run.get("statement", "").startswith("cw_") and run["statement"] in run["detail"], run
+    runs = [r for r in d.records[start:] if r.get("msg", "").startswith("policy cannot connect")]
+    again = [r for r in d.records[start:] if r.get("msg") == "cannot prepare a statement"
+             and r.get("statement") == run["statement"]]
+    assert len(runs) == 1 and not again, d.log()
+    assert d.stop() == 0, d.log()
