@@ -339,7 +339,12 @@ static int run_migrations(const struct cw_config *cfg, const struct migration_se
 	int applied = 0, pending = 0;
 	cw_err rc = migrate(c, set, apply, stop_asked, NULL, &applied, &pending, &e);
 	if (!rc && keep) {
-		/* migrate's SET statement_timeout and lock_timeout; store_connect's own */
+		/* migrate's SET statement_timeout = 0 and lock_timeout undone:
+		 * store_connect's own again.  Not a restatement of the connect's
+		 * (the fifty-ninth session's question): without it the peers'
+		 * load waited on a locked table until it was released
+		 * (test_daemon.py::test_the_start_connection_keeps_the_statement_
+		 * timeout_after_the_migrations). */
 		char sql[128];
 		snprintf(sql, sizeof(sql), "SET statement_timeout = %ld; RESET lock_timeout",
 			 cfg->db_statement_timeout_ms);

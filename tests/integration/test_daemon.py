@@ -1169,3 +1169,24 @@ def test_a_statement_the_policy_thread_cannot_prepare_is_logged_once_with_its_na
              and r.get("statement") == run["statement"]]
     assert len(runs) == 1 and not again, d.log()
     assert d.stop() == 0, d.log()
+
+
+def test_the_start_connection_keeps_the_statement_timeout_after_the_migrations(make_daemon, db_url):
+    """The migrations run without the daemon's statement timeout (migrate
+    sets statement_timeout 0 and its own lock_timeout); the connection, kept
+    for the peers, the admin tokens, the local network, the key and the
+    move of the local users since the fifty-eighth session, has
+    database.statement_timeout_ms set back (run_migrations: not a
+    restatement of the connect's).  Without it a lock held on peers held
+    the start until it was released, where a fresh connection timed out."""
+    from harness import HeldSession
+    held = HeldSession(db_url)
+    try:
+        held.run("BEGIN; LOCK TABLE peers IN ACCESS EXCLUSIVE MODE;")
+        d = make_daemon(db_url, options={"database": {"statement_timeout_ms": "300"}})
+        d.start(wait_ready=False)
+        rec = d.wait_for(lambda r: r.get("msg") in ("ready", "cannot load the peers and admin tokens"), timeout=20)
+        assert rec["msg"] != "ready" and "statement timeout" in rec["detail"], d.log()
+        assert d.wait_exit() == 1, d.log()
+    finally:
+        held.end()
