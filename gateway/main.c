@@ -778,7 +778,7 @@ int main(int argc, char **argv)
 	int exit_code = 1;
 	/* The start's connection: the migrations', then the peers', the admin
 	 * tokens', the local network's, the key's and the local users' move's;
-	 * closed before the policy thread starts. */
+	 * then the policy thread's. */
 	PGconn *start_conn = NULL;
 	/* Before the migrations: a key file that cannot be read stops the
 	 * start before it changes the database (until the twenty-fourth
@@ -870,27 +870,31 @@ int main(int argc, char **argv)
 			PQclear(r);
 		}
 	}
-	/* Closed before the policy thread starts: until the fifty-ninth
-	 * session the move above came after that start (its connection,
-	 * LISTEN, the sweep's statements prepared, the load: 10-50 ms, or as
-	 * long as a lock on a table they read is held) and the adapters', the
-	 * connection idle meanwhile, so that an idle_session_timeout shorter
-	 * than that, or a PostgreSQL restart in that window, failed the move
-	 * and the start (exit 1), where the fifty-seventh session's fresh
-	 * connection had not.  Nothing after this uses it: no connection of
-	 * the start's is left idle while the daemon's own threads connect. */
-	PQfinish(start_conn);
-	start_conn = NULL;
-
+	/* Handed to the policy thread, its first connection (LISTEN, the
+	 * sweep's statements prepared, the load), not left idle: until the
+	 * fifty-ninth session the move above came after the policy thread's
+	 * start (10-50 ms, or as long as a lock on a table it reads is held)
+	 * and the adapters', this connection idle meanwhile, so that an
+	 * idle_session_timeout shorter than that, or a PostgreSQL restart in
+	 * that window, failed the move and the start (exit 1), where the
+	 * fifty-seventh session's fresh connection had not.  The policy thread
+	 * made a connection of its own besides (docs/performance.md,
+	 * "Fifty-ninth session"). */
+	app.limits = ratelimit_new((size_t)cfg.policy_rate_buckets);
+	if (!app.limits) {
+		LOG_KV(CW_LOG_ERROR, "cannot load the policy", "detail", "out of memory");
+		goto out_migrations;
+	}
 	struct policy_live_opts po = {
 		.url = cfg.db_url, .statement_timeout_ms = cfg.db_statement_timeout_ms,
 		.sweep_interval_ms = cfg.policy_sweep_interval_ms, .reload_interval_s = cfg.policy_reload_interval_s,
 		.reconnect_max_ms = cfg.db_reconnect_max_ms,
 		.retention = &cfg, .on_reload = reload_admins, .reload_arg = app.admins,
+		.conn = start_conn, /* taken */
 	};
-	app.limits = ratelimit_new((size_t)cfg.policy_rate_buckets);
-	if (!app.limits || policy_live_start(&app.policy, &po, &e)) {
-		LOG_KV(CW_LOG_ERROR, "cannot load the policy", "detail", app.limits ? e.msg : "out of memory");
+	start_conn = NULL;
+	if (policy_live_start(&app.policy, &po, &e)) {
+		LOG_KV(CW_LOG_ERROR, "cannot load the policy", "detail", e.msg);
 		goto out_migrations;
 	}
 

@@ -3548,9 +3548,13 @@ static void *live_main(void *arg)
 cw_err policy_live_start(struct policy_live **out, const struct policy_live_opts *o, cw_errmsg *e)
 {
 	struct policy_live *pl = calloc(1, sizeof(*pl));
-	if (!pl)
+	if (!pl) {
+		PQfinish(o->conn);
 		return cw_fail(e, CW_ENOMEM, "out of memory");
+	}
 	pl->o = *o;
+	pl->o.conn = NULL;
+	pl->c = o->conn; /* policy_live_free finishes it */
 	pl->url = strdup(o->url);
 	pthread_mutex_init(&pl->mu, NULL);
 	pthread_cond_init(&pl->loaded, NULL);
@@ -3564,7 +3568,8 @@ cw_err policy_live_start(struct policy_live **out, const struct policy_live_opts
 		policy_live_free(pl);
 		return cw_fail(e, CW_ENOMEM, "out of resources");
 	}
-	pl->c = store_connect(pl->url, o->statement_timeout_ms, e);
+	if (!pl->c)
+		pl->c = store_connect(pl->url, o->statement_timeout_ms, e);
 	/* Listening before the load: a change committed after the load's
 	 * snapshot is heard.  The sweep's statements are prepared here too,
 	 * before the daemon's "ready" (10-20 ms of a start on a loaded

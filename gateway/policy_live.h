@@ -296,6 +296,10 @@ struct policy_live_opts {
 	 * loaded. */
 	bool (*on_reload)(PGconn *c, void *arg);
 	void *reload_arg;
+	/* A connection made by the caller, taken whatever policy_live_start
+	 * answers: the thread's first, made ready as a new one is (the
+	 * start's, since the fifty-ninth session); NULL: one is made. */
+	PGconn *conn;
 };
 /* Loads the first snapshot (failing start-up if it cannot) and starts the
  * thread. */

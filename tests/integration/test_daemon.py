@@ -1082,8 +1082,8 @@ def test_a_replay_cache_that_cannot_be_had_stops_the_start(make_daemon, db_url):
 def test_the_start_holds_no_connection_idle_while_the_policy_thread_starts(make_daemon, db_url, pg):
     """The migrations' connection serves the peers, the admin tokens, the
     local network, the key and the move of the local users to the adapter
-    (since the fifty-eighth session: one backend, not three), and is closed
-    before the policy thread starts.  Until the fifty-ninth session the
+    (since the fifty-eighth session: one backend, not three), and then the
+    policy thread as its first connection.  Until the fifty-ninth session the
     move came after the policy thread's start (its connection, LISTEN, the
     sweep's statements, the load) and the adapters', the connection held
     idle meanwhile: an idle_session_timeout shorter than that window (here
@@ -1092,7 +1092,7 @@ def test_the_start_holds_no_connection_idle_while_the_policy_thread_starts(make_
     ("cannot move local users to the local adapter", "terminating
     connection due to idle-session timeout") where a fresh connection had
     been made before; and while the policy thread waited, the start's
-    connection was the daemon's second backend."""
+    connection, idle, was the daemon's second backend."""
     import urllib.parse
 
     from harness import HeldSession
@@ -1107,7 +1107,7 @@ def test_the_start_holds_no_connection_idle_while_the_policy_thread_starts(make_
         held.run("BEGIN; LOCK TABLE consents IN ACCESS EXCLUSIVE MODE;")
         d = make_daemon(db_url, options=MATRIX_ONLY)
         d.start(wait_ready=False)
-        # the policy thread waits for the lock; the start's connection, closed, is not beside it
+        # the policy thread waits for the lock on the start's connection, no other beside it
         seen = wait_until(lambda: (lambda w, n: (w, n) if w == "1" else None)(*pg.psql(daemons).split("|")),
                           timeout=30, what="the policy thread waiting for the lock")
         assert seen == ("1", "1"), (seen, d.log())
