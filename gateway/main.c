@@ -851,10 +851,12 @@ int main(int argc, char **argv)
 			 * them goes there: moved before the policy thread's first
 			 * load and sweep, which see them moved. */
 			const char *net[] = { app_local_network(&app) };
-			PGresult *r = PQexecParams(c, "WITH i AS (UPDATE identities SET network = $1, updated_at = now() "
+			PGresult *r = PQexecParams(c,
+						   "WITH i AS (UPDATE identities SET network = $1, updated_at = now() "
 						   "WHERE is_local AND network = 'local' RETURNING 1), "
-						   "o AS (UPDATE outbox SET destination = $1 WHERE destination = 'local' "
-						   "AND state IN ('pending', 'held') RETURNING 1) "
+						   "o AS (UPDATE outbox SET destination = $1 "
+						   "WHERE destination = 'local' AND state IN ('pending', 'held') "
+						   "RETURNING 1) "
 						   "SELECT (SELECT count(*) FROM i), (SELECT count(*) FROM o)",
 						   1, NULL, net, NULL, NULL, 0);
 			if (PQresultStatus(r) != PGRES_TUPLES_OK) {
