@@ -1376,8 +1376,9 @@ static int hers_alone_of(struct matrix *m, PGconn *c, const char *room, const ch
 		 * dropped: she may ask again).  -2 would look again when
 		 * sent, find no management room (0), and say a notice or a
 		 * command's answer queued as a word of another room, to
-		 * whoever came in; and a request's -2 holds every user's
-		 * requests 30 s. */
+		 * whoever came in; and a request's -2 holds the room's
+		 * requests 30 s (every user's until the fifty-ninth
+		 * session: struct request_pauses). */
 		LOG_KV_LIMITED(CW_LOG_INFO, "a word of the bot's is not said: someone else is in a room no longer "
 			       "her management room", "room", room);
 	return -1;
@@ -2893,13 +2894,110 @@ static void mgmt_room_refuses(struct matrix *m, PGconn *c, const char *room, lon
 			       "detail", e.msg);
 }
 
+/* The consent requests' pauses (requests): a room whose request was not
+ * taken for now waits REQUEST_PAUSE_US, the others go on.  Until the
+ * fifty-ninth session one time for every room held them all: one
+ * management room whose members could not be read, or whose sends the
+ * homeserver failed (a room in a bad state, a homeserver slow for it),
+ * held every other user's requests half a minute at each of its tries,
+ * that is for as long as it failed.  The paused rooms are left out of
+ * the look (BOT_REQUESTS, $4), so that their requests, the oldest, do
+ * not fill the batch (BOT_BATCH) and hold back the others'.  At most
+ * REQUEST_PAUSES rooms: a room that fails when as many are paused
+ * pauses everyone, as before, until the soonest of theirs ends (so no
+ * longer than REQUEST_PAUSE_US): that many rooms failing at once is
+ * rather the homeserver's trouble than theirs.  all_until: everyone's
+ * pause (a 429, the bot's own rate limit; the bot refused everywhere; a
+ * room past the bound).  In memory: a restart, or the bot's lock taken by
+ * another process, tries the rooms at once (the same transaction ids). */
+#define REQUEST_PAUSES 64
+#define REQUEST_PAUSE_US (30 * 1000000LL)
+
+struct request_pauses {
+	int64_t all_until; /* on the monotonic clock, as the others */
+	int n;
+	int64_t until[REQUEST_PAUSES];
+	char room[REQUEST_PAUSES][MX_ID_MAX + 1];
+};
+
+static void pauses_prune(struct request_pauses *ps, int64_t now)
+{
+	for (int k = 0; k < ps->n;)
+		if (ps->until[k] <= now) {
+			ps->n--;
+			ps->until[k] = ps->until[ps->n];
+			memcpy(ps->room[k], ps->room[ps->n], sizeof(ps->room[k]));
+		} else {
+			k++;
+		}
+}
+
+static void pause_all(struct request_pauses *ps, int64_t until)
+{
+	if (until > ps->all_until)
+		ps->all_until = until;
+}
+
+static void pause_room(struct request_pauses *ps, const char *room, int64_t until)
+{
+	for (int k = 0; k < ps->n; k++)
+		if (strcmp(ps->room[k], room) == 0) {
+			if (until > ps->until[k])
+				ps->until[k] = until;
+			return;
+		}
+	if (ps->n < REQUEST_PAUSES && strlen(room) <= MX_ID_MAX) {
+		snprintf(ps->room[ps->n], sizeof(ps->room[ps->n]), "%s", room);
+		ps->until[ps->n++] = until;
+		return;
+	}
+	int64_t soonest = until;
+	for (int k = 0; k < ps->n; k++)
+		if (ps->until[k] < soonest)
+			soonest = ps->until[k];
+	LOG_KV_LIMITED(CW_LOG_WARN, "too many management rooms wait to be shown a consent request: every room waits",
+		       "room", room);
+	pause_all(ps, soonest);
+}
+
+/* The paused rooms as a PostgreSQL array (text form, each element
+ * quoted), for BOT_REQUESTS's $4; malloc'd, NULL when out of memory. */
+static char *pauses_array(const struct request_pauses *ps)
+{
+	size_t size = 3;
+	for (int k = 0; k < ps->n; k++)
+		size += 2 * strlen(ps->room[k]) + 3;
+	char *out = malloc(size), *o = out;
+	if (!out)
+		return NULL;
+	*o++ = '{';
+	for (int k = 0; k < ps->n; k++) {
+		if (k)
+			*o++ = ',';
+		*o++ = '"';
+		for (const char *s = ps->room[k]; *s; s++) {
+			if (*s == '"' || *s == '\\')
+				*o++ = '\\';
+			*o++ = *s;
+		}
+		*o++ = '"';
+	}
+	*o++ = '}';
+	*o = '\0';
+	return out;
+}
+
 /* Shows pending consent requests that were not shown yet; one the
  * homeserver did not take for now stays unshown, and is tried again
- * half a minute later (*after_us: when, on the monotonic clock), with the
- * same transaction id; after a 429, when the homeserver asks, the rest
- * then too.  One it refuses for good (a 403 or a 404, while it takes
- * the bot elsewhere: mx_bot_taken) waits for the user's next management
- * room (mgmt_room_refuses), as do the batch's others of that room.
+ * half a minute later, with the same transaction id, as are the batch's
+ * others of its room (ps: its room paused, the other rooms' requests
+ * shown meanwhile: struct request_pauses); after a 429, when the
+ * homeserver asks, everyone's, as after a refusal that is the bot's
+ * everywhere (a 401; a 403 or a 404 while the homeserver does not take
+ * the bot at all). One it refuses for good (a 403 or a 404, while it
+ * takes the bot elsewhere: mx_bot_taken) waits for the user's next
+ * management room (mgmt_room_refuses), as do the batch's others of that
+ * room.
  *
  * The requests of a room where someone else's member event waits in the
  * bot's inbox (INBOX_NEWCOMER) are not read at all: request_still would
@@ -2911,24 +3009,31 @@ static void mgmt_room_refuses(struct matrix *m, PGconn *c, const char *room, lon
  * to BOT_RETRY_MAX_S between tries, each of the requests' rooms read
  * meanwhile twice a second; and such rooms' requests, the oldest, could
  * fill the batch (BOT_BATCH) and hold back every other user's. */
-static void requests(struct matrix *m, PGconn *c, int64_t *after_us)
+static void requests(struct matrix *m, PGconn *c, struct request_pauses *ps)
 {
-	if (cw_now_us() < *after_us)
+	int64_t now = cw_now_us();
+	if (now < ps->all_until)
 		return;
+	pauses_prune(ps, now);
 	char ghosts[80];
-	const char *p[3];
+	const char *p[4];
 	newcomer_params(m, p, ghosts, sizeof(ghosts));
-	PGresult *r = bot_look(c, BOT_REQUESTS, 3, p);
+	char *paused = pauses_array(ps);
+	if (!paused)
+		return;
+	p[3] = paused;
+	PGresult *r = bot_look(c, BOT_REQUESTS, 4, p);
+	free(paused);
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		PQclear(r);
 		return;
 	}
-	bool refused[BOT_BATCH] = { false }; /* the batch's rows whose room refused the bot */
+	bool done[BOT_BATCH] = { false }; /* the batch's rows whose room is done with (refused, paused) */
 	struct alone_memo memo = { 0 };
 	for (int i = 0; i < PQntuples(r) && i < BOT_BATCH; i++) {
 		bool gone = false;
 		for (int k = 0; k < i && !gone; k++)
-			gone = refused[k] && strcmp(PQgetvalue(r, k, 1), PQgetvalue(r, i, 1)) == 0;
+			gone = done[k] && strcmp(PQgetvalue(r, k, 1), PQgetvalue(r, i, 1)) == 0;
 		if (gone)
 			continue;
 		char text[2400], name[81];
@@ -2946,29 +3051,33 @@ static void requests(struct matrix *m, PGconn *c, int64_t *after_us)
 		 * event not handled yet, would read it (until the fifty-second
 		 * session they did).  Ended so, or no management room now,
 		 * the request waits for her next one, as the batch's others
-		 * of the room do; not known for now: tried again later.  Looked
+		 * of the room do; not known for now: the room paused.  Looked
 		 * at once for the batch's requests of a room (hers_alone_once). */
 		int alone = hers_alone_once(m, c, &memo, PQgetvalue(r, i, 1), PQgetvalue(r, i, 5), txn);
 		if (alone == 1) /* and at its send (request_still) */
 			alone = request_still(m, c, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1));
 		if (alone != 1) {
-			refused[i] = true;
-			if (alone == -2 && cw_now_us() + 30 * 1000000LL > *after_us)
-				*after_us = cw_now_us() + 30 * 1000000LL;
+			done[i] = true;
+			if (alone == -2)
+				pause_room(ps, PQgetvalue(r, i, 1), cw_now_us() + REQUEST_PAUSE_US);
 			continue;
 		}
 		long status, wait;
 		if (!say_txn(m, PQgetvalue(r, i, 1), NULL, text, txn, &status, &wait)) {
+			done[i] = true;
 			if ((status == 403 || status == 404) && mx_bot_taken(m)) {
 				mgmt_room_refuses(m, c, PQgetvalue(r, i, 1), status);
-				refused[i] = true;
 				continue;
 			}
-			int64_t until = cw_now_us() + (status == 429 ? wait * 1000LL : 30 * 1000000LL);
-			if (until > *after_us)
-				*after_us = until;
-			if (status == 429)
+			if (status == 429) {
+				pause_all(ps, cw_now_us() + wait * 1000LL);
 				break; /* the others are the bot's too, limited as much */
+			}
+			if (status == 401 || status == 403 || status == 404) {
+				pause_all(ps, cw_now_us() + REQUEST_PAUSE_US);
+				break; /* the bot refused everywhere: the others would be */
+			}
+			pause_room(ps, PQgetvalue(r, i, 1), cw_now_us() + REQUEST_PAUSE_US);
 			continue;
 		}
 		const char *id[] = { PQgetvalue(r, i, 0) };
@@ -3432,6 +3541,7 @@ static const struct store_stmt bot_stmts[BOT_LOOKS + 1] = {
 		"WHERE q.state = 'pending' AND q.notified_at IS NULL AND NOT EXISTS (SELECT 1 FROM matrix_notices x "
 		" WHERE x.room_id = mr.room_id AND " NOTICE_WAITS("x") ") "
 		" AND NOT " INBOX_NEWCOMER("mr", "$1::text", "$2::text", "$3::text") " "
+		" AND mr.room_id <> ALL ($4::text[]) "
 		"ORDER BY q.id LIMIT " BOT_BATCH_SQL },
 	[BOT_EXPIRIES] = { "mx_bot_expiries",
 		"SELECT a.id, mr.room_id, ri.uri, ri.network, coalesce(ri.display_name, ''), "
@@ -3524,7 +3634,8 @@ static void *bot_main(void *arg)
 	mx_call_stop_on(&m->bot_stop);
 	PGconn *c = NULL;
 	bool mine = false;
-	int64_t requests_after = 0, forget_after = 0, expired_seen = -1;
+	int64_t forget_after = 0, expired_seen = -1;
+	struct request_pauses request_pauses = { 0 };
 	struct bot_round invitations = { 0 }, renames = { 0 }, departures = { 0 };
 	/* The pace of its connects while the database is away: 250 ms, then
 	 * twice as long each time up to database.reconnect_max_ms (until the
@@ -3571,7 +3682,7 @@ static void *bot_main(void *arg)
 			while (!atomic_load(&m->bot_stop) && !atomic_load(&m->token_refused) && inbox(m, c))
 				;
 			if (!held) {
-				requests(m, c, &requests_after);
+				requests(m, c, &request_pauses);
 				expiries(m, c, &expired_seen);
 			}
 			dead_letters(c);

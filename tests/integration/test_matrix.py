@@ -10450,3 +10450,64 @@ def test_the_bots_look_for_a_newcomer_reads_only_its_rooms_rows_whatever_the_inb
                 reads_its_rooms_rows(p, what)
     finally:
         srv.close()
+
+
+@pytest.mark.parametrize("fails", ["send", "members"])
+def test_a_management_room_failing_for_now_holds_up_only_its_own_requests(mx, hs, gk, pg, db_url, fails):
+    """alice's management room fails the bot for now (the homeserver
+    answers 503 to the send of her first request's notice, or to the read
+    of the room's members before it): her twenty requests wait half a
+    minute, and are then shown, once each, the first with the same
+    transaction id. bob's request, made meanwhile, is shown at once,
+    though alice's twenty, older, would fill the bot's batch (BOT_BATCH):
+    her room is left out of its look while it waits. Until the
+    fifty-ninth session the pause was one for every room: bob waited out
+    alice's half minute, and every other user's requests waited as long
+    as one room failed."""
+    a, srv = gk
+    bot = "@_cw_bot:example.org"
+    bob = "mimi://example.org/u/bob"
+    assert mx.admin("PATCH", "/settings", json={"policy.consent_requests_per_user_per_day": 0}).ok
+    for user in (ALICE, bob):
+        assert mx.admin("POST", "/optins", json={"user": user, "network": "peer:gk", "opted_in": True}).ok
+    alice, mgmt, said = alice_and_the_bot(hs)
+    _, bob_mgmt, bob_said = alice_and_the_bot(hs, name="bob")
+    healed = threading.Event()
+
+    def in_her_room(method, path):
+        path = urllib.parse.unquote(path)
+        if fails == "send":
+            return method == "PUT" and f"/rooms/{mgmt}/send/m.room.message/cwreq-" in path
+        return method == "GET" and path.endswith(f"/rooms/{mgmt}/members")
+    since = len(hs.requests)
+    tries = lambda: [q for q in hs.requests[since:]  # noqa: E731
+                     if q["user"] == bot and in_her_room(q["method"], q["path"])]
+    hs.refuse = lambda method, path, user: user == bot and in_her_room(method, path) and not healed.is_set()
+    try:
+        for k in range(20):
+            room = a.create_room([a.user(f"s{k}"), ALICE]).json()["id"]
+            assert a.send(room, a.user(f"s{k}"), f"may I? (s{k})").status_code == 202
+        wait_until(lambda: tries(), what="alice's room failing")
+        room = a.create_room([a.user("zoe"), bob]).json()["id"]
+        asked = time.monotonic()
+        assert a.send(room, a.user("zoe"), "may I? (zoe)").status_code == 202
+        wait_until(lambda: any("wants to write to you" in n for n in bob_said()), timeout=15,
+                   what="zoe's request shown to bob while alice's room fails")
+        shown_in = time.monotonic() - asked
+        assert [q["status"] for q in tries()] == [503], tries()  # her room not tried again meanwhile
+        assert not any("wants to write to you" in n for n in said()), said()
+    finally:
+        healed.set()
+        hs.refuse = None
+    wait_until(lambda: sum("wants to write to you" in n for n in said()) == 20, timeout=45,
+               what="her requests shown to alice once her room heals")
+    time.sleep(1)
+    assert sum("wants to write to you" in n for n in said()) == 20, said()
+    assert "mimi://wa.example/u/s0 " in [n for n in said() if "wants to write to you" in n][0], said()
+    assert sum("wants to write to you" in n for n in bob_said()) == 1, bob_said()
+    first, again = tries()[0], tries()[1]
+    assert again["status"] == 200 and again["time"] - first["time"] > 25, (first, again)
+    if fails == "send":
+        assert again["path"] == first["path"], (first, again)  # the same transaction id
+    assert pg.psql("SELECT count(*) FROM consent_requests WHERE notified_at IS NOT NULL", db_url) == "21"
+    print(f"bob's request shown {shown_in:.2f} s after it was made")
