@@ -10511,3 +10511,51 @@ def test_a_management_room_failing_for_now_holds_up_only_its_own_requests(mx, hs
         assert again["path"] == first["path"], (first, again)  # the same transaction id
     assert pg.psql("SELECT count(*) FROM consent_requests WHERE notified_at IS NOT NULL", db_url) == "21"
     print(f"bob's request shown {shown_in:.2f} s after it was made")
+
+
+def test_management_rooms_failing_past_the_bound_make_everyone_wait_as_before(mx, hs, gk, pg, db_url):
+    """65 management rooms fail the bot for now (the homeserver answers
+    503 to the reads of their members), one request waiting in each: the
+    bot keeps 64 rooms' pauses, and the 65th room's failure makes everyone
+    wait, as before the fifty-ninth session, until the soonest of the 64
+    pauses ends (logged once: "too many management rooms wait ..."). No
+    room is read again meanwhile: the 65th is not tried at each of the
+    bot's rounds for want of room to note it. Once they heal, bob's
+    request, made meanwhile, is shown."""
+    a, srv = gk
+    bot = "@_cw_bot:example.org"
+    bob = "mimi://example.org/u/bob"
+    assert mx.admin("POST", "/optins", json={"user": bob, "network": "peer:gk", "opted_in": True}).ok
+    _, bob_mgmt, bob_said = alice_and_the_bot(hs, name="bob")
+    healed = threading.Event()
+    fake = re.compile(r"/rooms/!fake\d+:example\.org/members$")
+    hs.refuse = lambda method, path, user: (user == bot and method == "GET" and not healed.is_set()
+                                            and bool(fake.search(urllib.parse.unquote(path))))
+    since = len(hs.requests)
+    reads = lambda: collections.Counter(urllib.parse.unquote(q["path"]) for q in hs.requests[since:]  # noqa: E731
+                                        if q["user"] == bot and fake.search(urllib.parse.unquote(q["path"])))
+    try:
+        pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network) "
+                "SELECT 'mimi://example.org/u/f' || g, 'example.org', 'f' || g, true, 'matrix' "
+                "FROM generate_series(1, 65) g; "
+                "INSERT INTO identities (uri, domain, localpart, is_local, network) "
+                "VALUES ('mimi://xmpp.example/u/wally', 'xmpp.example', 'wally', false, 'xmpp'); "
+                "INSERT INTO matrix_mgmt_rooms (user_id, room_id, identity_id) "
+                "SELECT '@f' || g || ':example.org', '!fake' || g || ':example.org', i.id "
+                "FROM generate_series(1, 65) g JOIN identities i ON i.uri = 'mimi://example.org/u/f' || g; "
+                "INSERT INTO consent_requests (local_identity_id, remote_identity_id, expires_at) "
+                "SELECT f.id, w.id, now() + interval '1 day' FROM identities f, identities w "
+                "WHERE f.localpart ~ '^f[0-9]+$' AND w.uri = 'mimi://xmpp.example/u/wally' ORDER BY f.id; "
+                "NOTIFY causeway_matrix_bot", db_url)
+        wait_until(lambda: any(r.get("msg", "").startswith("too many management rooms wait") for r in mx.records),
+                   timeout=20, what="the bound reached")
+        room = a.create_room([a.user("zoe"), bob]).json()["id"]
+        assert a.send(room, a.user("zoe"), "may I? (zoe)").status_code == 202
+        time.sleep(10)
+        assert len(reads()) == 65 and set(reads().values()) == {1}, reads()
+    finally:
+        healed.set()
+        hs.refuse = None
+    wait_until(lambda: any("wants to write to you" in n for n in bob_said()), timeout=45,
+               what="zoe's request shown to bob")
+    assert sum(r.get("msg", "").startswith("too many management rooms wait") for r in mx.records) == 1
