@@ -966,11 +966,18 @@ static enum xm_out_result message_text(struct ob *b, const json_t *content, bool
 			strcat(list, url);
 		}
 	}
-	char *raw = concat(text, list, NULL);
-	free(text);
+	/* text is clean already (neutral_text), and xm_xml_text changes
+	 * nothing of what it made: only the links listed need it.  Until the
+	 * fifty-ninth session the text of every message was copied and
+	 * cleaned a second time, listed links or none. */
+	char *main_text = text;
+	if (list && *list) {
+		char *raw = concat(text, list, NULL);
+		free(text);
+		main_text = raw ? xm_xml_text(raw) : NULL;
+		free(raw);
+	}
 	free(list);
-	char *main_text = raw ? xm_xml_text(raw) : NULL;
-	free(raw);
 	if (!main_text) {
 		b->oom = true;
 		return XM_OUT_INVALID;
