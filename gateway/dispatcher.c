@@ -745,20 +745,34 @@ static int cmp_row(const void *a, const void *b)
 	return (x->id > y->id) - (x->id < y->id);
 }
 
+/* A column's text as a JSON string (its length from libpq: no strlen;
+ * still checked as UTF-8, as json_string did). */
+static json_t *col_string(PGresult *r, int row, int col)
+{
+	return json_stringn(PQgetvalue(r, row, col), (size_t)PQgetlength(r, row, col));
+}
+
+/* The members are set under their constant names with their lengths
+ * (json_object_setn_new_nocheck) and the columns' texts with libpq's
+ * lengths, still checked as UTF-8 (col_string): until the fifty-ninth
+ * session json_object_set_new measured each name and checked it as UTF-8
+ * again, json_string measured each text, and json_loads measured the
+ * stored event's text on its way through it (a small part of the
+ * dispatcher's thread: docs/performance.md, "Fifty-ninth session"). */
 json_t *outbox_event_json(PGresult *r, int row, int col, bool *unreadable)
 {
 	json_error_t je;
-	json_t *ev = json_loads(PQgetvalue(r, row, col + 1), 0, &je);
+	json_t *ev = json_loadb(PQgetvalue(r, row, col + 1), (size_t)PQgetlength(r, row, col + 1), 0, &je);
 	*unreadable = !ev && json_error_code(&je) != json_error_out_of_memory;
 	if (!ev)
 		return NULL;
-	json_object_set_new(ev, "id", json_string(PQgetvalue(r, row, col)));
-	json_object_set_new(ev, "room", json_string(PQgetvalue(r, row, col + 2)));
-	json_object_set_new(ev, "room_id", json_string(PQgetvalue(r, row, col + 3)));
-	json_object_set_new(ev, "sender", json_string(PQgetvalue(r, row, col + 4)));
-	json_object_set_new(ev, "accepted_ts", json_integer(atoll(PQgetvalue(r, row, col + 5))));
-	if (!json_object_get(ev, "ts")) /* the sender gave none: the time it was accepted */
-		json_object_set_new(ev, "ts", json_integer(atoll(PQgetvalue(r, row, col + 6))));
+	json_object_setn_new_nocheck(ev, "id", 2, col_string(r, row, col));
+	json_object_setn_new_nocheck(ev, "room", 4, col_string(r, row, col + 2));
+	json_object_setn_new_nocheck(ev, "room_id", 7, col_string(r, row, col + 3));
+	json_object_setn_new_nocheck(ev, "sender", 6, col_string(r, row, col + 4));
+	json_object_setn_new_nocheck(ev, "accepted_ts", 11, json_integer(atoll(PQgetvalue(r, row, col + 5))));
+	if (!json_object_getn(ev, "ts", 2)) /* the sender gave none: the time it was accepted */
+		json_object_setn_new_nocheck(ev, "ts", 2, json_integer(atoll(PQgetvalue(r, row, col + 6))));
 	return ev;
 }
 
@@ -835,9 +849,9 @@ static bool claim_destination(struct lane *l, const char *dest, struct outbox_ro
 		row->event = ev;
 		row->event_id = atoll(PQgetvalue(r, i, 10));
 		row->target_id = atoll(PQgetvalue(r, i, 11));
-		json_t *stored = json_object_get(row->event, "type");
+		json_t *stored = json_object_getn(row->event, "type", 4);
 		if (!stored)
-			json_object_set_new(row->event, "type", json_string(PQgetvalue(r, i, 12)));
+			json_object_setn_new_nocheck(row->event, "type", 4, col_string(r, i, 12));
 		const char *type = stored ? json_string_value(stored) : PQgetvalue(r, i, 12);
 		row->typing = type && strcmp(type, "typing") == 0;
 		row->expired = PQgetvalue(r, i, 13)[0] == 't';
