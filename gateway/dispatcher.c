@@ -844,7 +844,10 @@ static bool claim_destination(struct lane *l, const char *dest, struct outbox_ro
 		struct outbox_row *row = &(*rows)[(*n)++];
 		memset(row, 0, sizeof(*row));
 		row->id = atoll(PQgetvalue(r, i, 0));
-		snprintf(row->destination, sizeof(row->destination), "%s", PQgetvalue(r, i, 1));
+		/* as snprintf's "%s" cut it (until the fifty-ninth session, snprintf) */
+		size_t dlen = strnlen(PQgetvalue(r, i, 1), sizeof(row->destination) - 1);
+		memcpy(row->destination, PQgetvalue(r, i, 1), dlen);
+		row->destination[dlen] = '\0';
 		row->attempts = atoi(PQgetvalue(r, i, 2));
 		row->event = ev;
 		row->event_id = atoll(PQgetvalue(r, i, 10));
@@ -990,15 +993,35 @@ static cw_err screen_recovered(struct lane *l, PGresult *recovered, cw_errmsg *e
  * selection of its own per outcome). */
 #define ROW_AT(rows, at, i) (&(rows)[(at) ? (at)[i] : (i)])
 
+size_t outbox_put_ll(char *p, long long v)
+{
+	char digits[20];
+	unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+	size_t n = 0, k = 0;
+	do {
+		digits[n++] = (char)('0' + u % 10);
+		u /= 10;
+	} while (u);
+	if (v < 0)
+		p[k++] = '-';
+	while (n)
+		p[k++] = digits[--n];
+	return k;
+}
+
+/* Until the fifty-ninth session each id was printed with snprintf. */
 static char *id_array(const struct outbox_row *rows, const size_t *at, size_t n)
 {
-	size_t cap = 2 + n * 21;
+	size_t cap = 3 + n * 21;
 	char *s = malloc(cap), *p = s;
 	if (!s)
 		return NULL;
 	*p++ = '{';
-	for (size_t i = 0; i < n; i++)
-		p += snprintf(p, cap - (size_t)(p - s), "%s%lld", i ? "," : "", (long long)ROW_AT(rows, at, i)->id);
+	for (size_t i = 0; i < n; i++) {
+		if (i)
+			*p++ = ',';
+		p += outbox_put_ll(p, (long long)ROW_AT(rows, at, i)->id);
+	}
 	*p++ = '}';
 	*p = '\0';
 	return s;

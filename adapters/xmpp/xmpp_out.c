@@ -186,9 +186,11 @@ static bool comp_and_user(struct xmpp *x, PGresult *r, int k, struct xcomp *on, 
 		cw_fail(e, CW_EINVAL, "no XMPP component stands for the peer %s (xmpp.components)", peer ? peer : "");
 		return false;
 	}
-	if (col(r, k, 2))
-		snprintf(jid, len, "%s", col(r, k, 2));
-	else
+	if (col(r, k, 2)) { /* as snprintf's "%s" cut it (until the fifty-ninth session, snprintf) */
+		size_t n = strnlen(col(r, k, 2), len - 1);
+		memcpy(jid, col(r, k, 2), n);
+		jid[n] = '\0';
+	} else
 		snprintf(jid, len, "%s@%s", col(r, k, 1), x->local_domain);
 	return true;
 }
@@ -503,10 +505,19 @@ cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_r
 	cw_buf_init(&in, SIZE_MAX / 2);
 	bool oom = cw_buf_add(&in, "[", 1) != CW_OK;
 	for (size_t i = 0; i < n && !oom; i++) {
-		char one[72];
-		int k = snprintf(one, sizeof(one), "%s[%zu,%lld,%lld]", i ? "," : "", i, (long long)rows[i].event_id,
-				 (long long)rows[i].target_id);
-		oom = cw_buf_add(&in, one, (size_t)k) != CW_OK;
+		/* the three numbers without snprintf (until the fifty-ninth
+		 * session: 0.8 % of the thread, docs/performance.md) */
+		char one[72], *p = one;
+		if (i)
+			*p++ = ',';
+		*p++ = '[';
+		p += outbox_put_ll(p, (long long)i);
+		*p++ = ',';
+		p += outbox_put_ll(p, (long long)rows[i].event_id);
+		*p++ = ',';
+		p += outbox_put_ll(p, (long long)rows[i].target_id);
+		*p++ = ']';
+		oom = cw_buf_add(&in, one, (size_t)(p - one)) != CW_OK;
 	}
 	oom = oom || cw_buf_add(&in, "]", 1) != CW_OK;
 	char *text = cw_buf_take(&in, NULL);

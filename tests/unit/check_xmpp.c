@@ -14,6 +14,7 @@
 #include "unit.h"
 
 #include <expat.h>
+#include <limits.h>
 #include <stdint.h>
 
 #define SENDER "mimi://example.org/u/alice"
@@ -1025,6 +1026,25 @@ START_TEST(out_kept_same_bytes)
 	ck_assert_int_ge(k.fresh, 40);
 	xm_keep_drop(&k.keep);
 	ck_assert_ptr_null(k.keep.msg);
+}
+END_TEST
+
+/* outbox_put_ll prints what snprintf's "%lld" prints: the lookup's rows
+ * (xa_deliver) and the outcomes' ids (dispatcher.c's id_array) are
+ * printed with it since the fifty-ninth session. */
+START_TEST(put_ll_is_snprintfs)
+{
+	static const long long edges[] = { 0, 1, -1, 9, 10, -10, 99, 100, 123456789, -987654321, LLONG_MAX, LLONG_MIN,
+					   LLONG_MIN + 1 };
+	for (size_t i = 0; i < CW_ARRAY_LEN(edges) + 5000; i++) {
+		long long v = i < CW_ARRAY_LEN(edges) ? edges[i] : (long long)(rnd() >> rnd_below(64));
+		char got[32], want[32];
+		size_t n = outbox_put_ll(got, v);
+		ck_assert_uint_le(n, 20);
+		got[n] = '\0';
+		snprintf(want, sizeof(want), "%lld", v);
+		ck_assert_str_eq(got, want);
+	}
 }
 END_TEST
 
@@ -3288,6 +3308,7 @@ int main(void)
 	tcase_add_test(tc, escape_property);
 	tcase_add_test(tc, unescape_property);
 	tcase_add_test(tc, in_cases);
+	tcase_add_test(tc, put_ll_is_snprintfs);
 	tcase_add_test(tc, in_edges);
 	tcase_add_test(tc, ids_and_refs);
 	tcase_add_test(tc, out_cases);
