@@ -173,25 +173,44 @@ void dispatcher_get_stats(struct dispatcher *d, struct dispatcher_stats *st);
 /* True while asked to stop (adapters abort long transfers on it). */
 bool dispatcher_stopping(const struct dispatcher *d);
 
-/* Dead letters whose sender is a local user of network (matrix, xmpp) and
- * was not told yet, to destination (NULL: any), at most 50: marked told
- * in a transaction this begins, and locked, which the caller ends with
- * dispatcher_dead_told once it has told them (told at least once, by one
- * process: a lost answer leaves them to tell again).  Per row: outbox id,
- * destination, attempts, event type, the sender's native room of the
- * conversation (the binding of the event's room, NULL when there is
- * none), the remote user's local part there, the sender's native id, and
- * the event's native id on network (NULL: none), the first 60 characters
- * of its text (NULL: none).  NULL result on failure (e set).  c has
- * dispatcher_dead_stmts prepared (store_prepare_all): the look runs
- * twice a second in each adapter's loop, and its planning cost 3 ms. */
+/* What a notice to a message's writer quotes of it: the first 60
+ * characters of the text of the stored event E (SQL, its content column),
+ * with an ellipsis when there was more; NULL when it has none.  The look
+ * below takes it from a dead letter's event, and the recheck's drop of a
+ * row for a block (gateway/policy_live.c, recheck_drop_sql) keeps it in
+ * outbox.sender_quote before it erases the content: one text for both. */
+#define DISPATCHER_QUOTE(E)                                                                      \
+	"(SELECT CASE WHEN length(b) > 60 THEN left(b, 60) || '\u2026' ELSE b END FROM (SELECT " E \
+	"->'content'->'parts'->0->>'body' AS b) x)"
+
+/* The rows whose local sender, a user of network (matrix, xmpp), is owed a
+ * notice and was not told yet, to destination (NULL: any), at most 50 of
+ * each kind:
+ * dead letters, and since the fifty-ninth session the rows the recheck
+ * dropped as they waited because their remote recipient blocked her
+ * (outbox.sender_quote, schema/054), until then dropped without a word.
+ * Marked told in a transaction this begins (the quote kept for a drop
+ * cleared), and locked, which the caller ends with dispatcher_dead_told
+ * once it has told them (told at least once, by one process: a lost
+ * answer leaves them to tell again).  Per row: outbox id, destination,
+ * attempts, event type, the sender's native room of the conversation
+ * (the binding of the event's room, NULL when there is none), the remote
+ * user's local part there, the sender's native id, and the event's
+ * native id on network (NULL: none), the first 60 characters of its text
+ * (NULL: none), the row's state (dead, dropped).  NULL result on failure
+ * (e set).  c has dispatcher_dead_stmts prepared (store_prepare_all): the
+ * look runs twice a second in each adapter's loop, and its planning cost
+ * 3 ms. */
 extern const struct store_stmt dispatcher_dead_stmts[];
 PGresult *dispatcher_dead_untold(PGconn *c, const char *network, const char *destination, cw_errmsg *e);
 /* Ends dispatcher_dead_untold's transaction: commits the rows' marks when
  * told (the telling queued or sent), else rolls them back. */
 cw_err dispatcher_dead_told(PGconn *c, bool told, cw_errmsg *e);
-/* "Not delivered ("quote"): ..." for such a row (into buf; quote may be
- * NULL). */
-void dispatcher_dead_text(char *buf, size_t len, const char *destination, const char *attempts, const char *quote);
+/* What row i of a dispatcher_dead_untold result tells its writer (into
+ * buf): "Not delivered ("quote"): <peer> could not be reached (...)" for a
+ * dead letter, "Not delivered ("quote"): this person blocked you." for a
+ * drop by a block, the words of the refusal of what she writes after it.
+ * Until the fifty-ninth session it took the row's columns one by one. */
+void dispatcher_dead_text(char *buf, size_t len, const PGresult *r, int i);
 
 #endif

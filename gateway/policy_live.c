@@ -1,6 +1,7 @@
 /* The policy in force: loading, swapping and the held-message sweep. */
 #include "config.h"
 #include "policy_live.h"
+#include "dispatcher.h"
 #include "event.h"
 #include "fnv.h"
 #include "log.h"
@@ -1234,7 +1235,17 @@ static const char recheck_ids_sql[] =
  * count of rows dropped, the reason of the first, their ids (JSON), the
  * ids of those not dropped (JSON: skipped as locked, or no longer
  * waiting), and how many were dropped of each reason and kind (JSON:
- * [[reason, kind, count], ...], kind an index of policy_recheck_kinds). */
+ * [[reason, kind, count], ...], kind an index of policy_recheck_kinds).
+ * A local user's message or edit dropped for her recipient's block
+ * (recipient_blocked_sender, outbound: it waited for his peer, decided
+ * when she wrote) keeps the start of its text in sender_quote (schema/054,
+ * '' when it has none), read before the content goes: the adapters' look
+ * for dead letters tells her as it tells a dead letter
+ * (dispatcher_dead_untold), "Not delivered ("quote"): this person blocked
+ * you.", and clears it.  Until the fifty-ninth session such a row went
+ * without a word to her, who believed it delivered or on its way; a row
+ * refused as she wrote is dropped there, not here, and was told then.
+ * Her retraction, reaction or receipt is no message to tell of: none. */
 /* The events of the rows $1 ([{id, ...}]) locked, in id order, before
  * recheck_drop_sql (in the same transaction). */
 static const char recheck_lock_sql[] =
@@ -1248,7 +1259,10 @@ static const char recheck_drop_sql[] =
 	"  AND " RECHECK_WAITING " ORDER BY o.id FOR UPDATE OF o SKIP LOCKED), "
 	"ch AS (UPDATE outbox o SET state = 'dropped', next_attempt_at = now(), claimed_by = NULL, "
 	"  claimed_until = NULL, attempts = CASE WHEN o.state = 'in_flight' AND o.id = ANY($3::bigint[]) "
-	"  THEN greatest(o.attempts - 1, 0) ELSE o.attempts END "
+	"  THEN greatest(o.attempts - 1, 0) ELSE o.attempts END, "
+	"  sender_quote = CASE WHEN dn.reason = 'recipient_blocked_sender' AND dn.kind = 1 THEN "
+	"  (SELECT coalesce(" DISPATCHER_QUOTE("e.content") ", '') FROM events e WHERE e.id = o.event_id "
+	"   AND e.type IN ('message', 'edit')) END "
 	"  FROM dn WHERE o.id = dn.id AND o.id IN (SELECT id FROM lk) "
 	"  RETURNING o.id, o.event_id, dn.reason, NULLIF(dn.rule, 0) AS rule, dn.subject, dn.kind), "
 	"au AS (INSERT INTO audit_log (actor, action, reason_code, rule_id, event_id, subject, details) "

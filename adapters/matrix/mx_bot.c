@@ -1549,7 +1549,9 @@ void mx_bot_notice(struct matrix *m, const char *room, const char *text, const c
 }
 
 /* A Matrix user's message that became a dead letter (its peer unreachable
- * for the whole retry budget) is told to them in its room: the notice is
+ * for the whole retry budget), or since the fifty-ninth session that
+ * waited for its peer and was dropped by her recipient's block
+ * (dispatcher_dead_untold), is told to them in its room: the notice is
  * queued in the transaction that marks the row told, so either both are
  * kept or neither (the row is told at the next look). */
 static void dead_letters(PGconn *c)
@@ -1570,8 +1572,7 @@ static void dead_letters(PGconn *c)
 		    PQgetlength(r, i, 4) > 255)
 			continue;
 		char text[600];
-		dispatcher_dead_text(text, sizeof(text), PQgetvalue(r, i, 1), PQgetvalue(r, i, 2),
-				     PQgetisnull(r, i, 8) ? NULL : PQgetvalue(r, i, 8));
+		dispatcher_dead_text(text, sizeof(text), r, i);
 		rc = notice_queue(c, PQgetvalue(r, i, 4), text, NULL, &e);
 	}
 	PQclear(r);

@@ -411,8 +411,10 @@ int64_t xa_open_write_wait_ms(const struct xcomp *xc);
  * (up_ms: how long it was up; negative: it never came up). */
 long xa_reconnect_backoff(long prev, int64_t up_ms, bool auth, long max);
 /* A local user's message to this component's peer that became a dead
- * letter is told to them in a chat message from the component's domain
- * (which remote user, what, why, what the operator can do). */
+ * letter, or (since the fifty-ninth session) that waited and was dropped
+ * by the remote user's block, is told to them in a chat message from the
+ * component's domain (which remote user, what, why, what the operator can
+ * do: dispatcher_dead_text). */
 void xa_dead_letters(struct xcomp *xc, PGconn *c);
 
 /* XEP-0054 vcard-temp for a remote user's JID (an iq get, answered from a

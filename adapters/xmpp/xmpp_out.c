@@ -702,8 +702,7 @@ void xa_dead_letters(struct xcomp *xc, PGconn *c)
 		char remote[XJ_JID_MAX + 1], text[600];
 		if (!xa_remote_jid(xc, PQgetvalue(r, i, 5), remote, sizeof(remote)))
 			continue;
-		dispatcher_dead_text(text, sizeof(text), PQgetvalue(r, i, 1), PQgetvalue(r, i, 2),
-				     PQgetisnull(r, i, 8) ? NULL : PQgetvalue(r, i, 8));
+		dispatcher_dead_text(text, sizeof(text), r, i); /* a dead letter or a drop by a block */
 		/* From the component, as a chat message: an error stanza would
 		 * have to go to the full JID that sent the message (the server
 		 * drops an error to a bare JID, RFC 6121), and that resource may

@@ -369,3 +369,47 @@ def test_her_retraction_waiting_for_his_peer_when_he_blocks_her_still_goes(xd, g
     got = srv.wait_events(2)
     assert got[1]["type"] == "delete", got
     wait_until(lambda: pg.psql(deletes % "", db_url) == "delivered", what="her retraction delivered")
+
+
+def test_her_waiting_message_dropped_by_his_block_is_told_by_the_component(xd, gk, alice, prosody, make_daemon, pg,
+                                                                           db_url):
+    """As on Matrix (test_policy_outbound_matrix.py): her message still
+    waiting for his peer (down) when wally blocks her is dropped, and the
+    component tells her once, in a chat message from its domain as it tells
+    a dead letter, quoting it though its content was erased with the drop,
+    in the words of the refusal of what she writes after the block.  A
+    restart (whose reload walks her rows again) tells nothing twice; a
+    message refused as she writes is told by its error alone.  Until the
+    fifty-ninth session the dropped one went without a word."""
+    from test_policy_outbound_matrix import told_marks, waiting_tried
+    from test_xmpp import component_state, daemon_options
+    a, srv = gk
+    alice.send_message(WALLY_JID, "before")
+    srv.wait_events(1)
+    srv.fail_next = 1000000  # the peer down
+    start = alice.count()
+    alice.send_message(WALLY_JID, "are you still there, wally?")
+    waiting_tried(pg, db_url, "xmpp", 1)
+    peer_blocks_alice(xd, a, "block")
+    wait_until(lambda: stored_lines(pg, db_url, "xmpp") == "delivered before,dropped -", timeout=20,
+               what="her waiting message dropped")
+
+    def told():
+        return [body(el) for el in alice.stanzas()[start:] if el.tag == "{jabber:client}message"
+                and el.get("from") == COMP]
+    told_text = f"To {WALLY_JID}: Not delivered \u201care you still there, wally?\u201d: this person blocked you."
+    wait_until(told, timeout=20, what="the telling")
+    wait_until(lambda: told_marks(pg, db_url, "xmpp") == "true false", what="the row marked told")
+    xd.stop()
+    again = make_daemon(db_url, options=daemon_options(prosody)).start()
+    wait_until(lambda: component_state(again)["state"] == "up", timeout=30, what="the component's stream again")
+    sid = alice.send_message(WALLY_JID, "hello?")
+    assert stanza_error(alice, sid) == ("cancel", ["service-unavailable"], BLOCKED_TEXT)
+    alice.iq("get", COMP, "<ping xmlns='urn:xmpp:ping'/>")  # a round trip after any second telling
+    time.sleep(1.5)  # past the component's next look (once a second)
+    alice.iq("get", COMP, "<ping xmlns='urn:xmpp:ping'/>")
+    assert told() == [told_text], told()
+    assert told_marks(pg, db_url, "xmpp") == "true false,false false"
+    srv.fail_next = 0
+    time.sleep(1.0)  # past a retry's wait: nothing of hers reaches him
+    assert [e["content"]["parts"][0]["body"] for e in srv.events if e.get("type") == "message"] == ["before"]

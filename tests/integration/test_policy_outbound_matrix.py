@@ -228,3 +228,58 @@ def test_a_message_to_someone_who_blocked_her_says_so_on_matrix(mx, hs, gk, pg, 
     assert [e["content"]["parts"][0]["body"] for e in list(srv.events) if e.get("type") == "message"] == \
         ["hello again"]
     assert notices() == [BLOCKED_TEXT]
+
+
+def waiting_tried(pg, db_url, network, n):
+    """Waits until n of her messages of that network were tried and refused
+    by the peer (down), still to be delivered."""
+    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox o JOIN events e ON e.id = o.event_id "
+                               f"WHERE e.origin_network = '{network}' AND e.type = 'message' AND o.attempts > 0 "
+                               "AND o.state <> 'delivered'", db_url) == str(n), timeout=20,
+               what=f"{n} message(s) of hers tried and refused")
+
+
+def told_marks(pg, db_url, network):
+    """Her dropped rows of that network as "told quote-kept", in order."""
+    return pg.psql("SELECT string_agg((o.sender_told_at IS NOT NULL)::text || ' ' || "
+                   "(o.sender_quote IS NOT NULL)::text, ',' ORDER BY o.id) FROM outbox o "
+                   f"JOIN events e ON e.id = o.event_id WHERE e.origin_network = '{network}' "
+                   "AND o.state = 'dropped'", db_url)
+
+
+def test_her_waiting_message_dropped_by_his_block_is_told_in_her_room(mx, hs, gk, pg, db_url):
+    """Her message still waiting for his peer (down) when wally blocks her
+    is dropped (test_policy_outbound.py); the ghost tells her in the room,
+    once, as a dead letter is told, in the words of the refusal of what she
+    writes after the block, quoting it though its content was erased with
+    the drop.  A restart (whose reload walks her rows again) tells nothing
+    twice, and a message refused as she writes is told once, by its own
+    refusal.  Until the fifty-ninth session the dropped one went without a
+    word: she believed it delivered or on its way."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    alice.send_text(room, "before")
+    srv.wait_events(1)
+    srv.fail_next = 1000000  # the peer down
+    alice.send_text(room, "are you still there, wally?")
+    waiting_tried(pg, db_url, "matrix", 1)
+    peer_blocks_alice(mx, a, "block")
+    wait_until(lambda: stored_lines(pg, db_url, "matrix") == "delivered before,dropped -", timeout=20,
+               what="her waiting message dropped")
+
+    def notices():
+        return [e["content"]["body"] for e in hs.events(room)
+                if e["sender"] == ghost and e["content"].get("msgtype") == "m.notice"]
+    told = "Not delivered \u201care you still there, wally?\u201d: this person blocked you."
+    assert all_told(pg, db_url, notices, 1) == [told]
+    assert told_marks(pg, db_url, "matrix") == "true false"
+    assert mx.stop() == 0
+    seen = len(mx.records)
+    mx.start()
+    mx.wait_for(lambda r: r.get("msg") == "ready", timeout=30, start=seen)  # start's own look finds the first
+    alice.send_text(room, "hello?")
+    assert all_told(pg, db_url, notices, 2) == [told, BLOCKED_TEXT]
+    assert told_marks(pg, db_url, "matrix") == "true false,false false"
+    srv.fail_next = 0
+    time.sleep(1.0)  # past a retry's wait: nothing of hers reaches him
+    assert [e["content"]["parts"][0]["body"] for e in list(srv.events) if e.get("type") == "message"] == ["before"]
