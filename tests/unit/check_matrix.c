@@ -10,6 +10,7 @@
 #include "unit.h"
 
 #include <ctype.h>
+#include <pthread.h>
 #include <stdint.h>
 
 #define PREFIX "_cw_"
@@ -1221,6 +1222,89 @@ START_TEST(html_property)
 }
 END_TEST
 
+/* Each thread keeps its HTML parser context between parses (fifty-ninth
+ * session): what a parse leaves in it (a document's parse without implied
+ * elements, one stopped at its first element, one whose first-element
+ * handler never ran, a deep one) must change nothing of the next.  The
+ * same inputs, one after another on one thread, against each on a thread
+ * of its own (a new context). */
+#define KEPT_INPUTS 300
+
+struct kept_run {
+	char **in;
+	size_t *len;
+	char **out;
+	size_t first, count;
+};
+
+static void *kept_run_thread(void *arg)
+{
+	struct kept_run *r = arg;
+	for (size_t i = r->first; i < r->first + r->count; i++) {
+		char *html = mx_sanitize_html(r->in[i], r->len[i]);
+		json_t *c = json_pack("{s:s, s:s}", "format", "org.matrix.custom.html", "formatted_body", r->in[i]);
+		struct mx_mention m[4];
+		size_t n = mx_mentions(c, NULL, m, 4);
+		json_decref(c);
+		size_t l = strlen(html ? html : "-") + 64 + n * sizeof(m[0].user_id);
+		r->out[i] = malloc(l);
+		int w = snprintf(r->out[i], l, "%s|%zu", html ? html : "-", n);
+		for (size_t k = 0; k < n && k < 4 && w > 0; k++)
+			w += snprintf(r->out[i] + w, l - (size_t)w, "|%s", m[k].user_id);
+		free(html);
+	}
+	return NULL;
+}
+
+START_TEST(html_kept_context_changes_no_parse)
+{
+	static const char *const pieces[] = {
+		"<html>", "<body>", "<head><title>t</title></head>", "</body>", "</html>", "<!-- <html> -->", "<!DOCTYPE html>",
+		"<b>", "</b>", "<p>", "</p>", "</br>", "text", " ", "<a href=\"https://matrix.to/#/@bob:example.org\">",
+		"Bob", "</a>", "<mx-reply>", "</mx-reply>", "<div>", "</div>", "&amp;", "&#x80;", "<htmlx>", "<x-y z=1>",
+		"\xc3\xa9", "<table><tr><td>", "<?xml version=\"1.0\"?>", "<ul><li>", "<br>",
+	};
+	static char *in[KEPT_INPUTS], *fresh[KEPT_INPUTS], *kept[KEPT_INPUTS];
+	static size_t len[KEPT_INPUTS];
+	for (size_t i = 0; i < KEPT_INPUTS; i++) {
+		char buf[2048];
+		size_t n = 0;
+		int count = 1 + (int)rnd_below(12);
+		for (int k = 0; k < count; k++) {
+			const char *piece = pieces[rnd_below(CW_ARRAY_LEN(pieces))];
+			size_t l = strlen(piece);
+			memcpy(buf + n, piece, l);
+			n += l;
+		}
+		if (i % 50 == 7) { /* deep: stacks past what a kept context keeps */
+			n = 0;
+			for (int k = 0; k < 400; k++)
+				n += (size_t)sprintf(buf + n, "<b>");
+		}
+		buf[n] = '\0';
+		in[i] = strdup(buf);
+		len[i] = n;
+	}
+	for (size_t i = 0; i < KEPT_INPUTS; i++) {
+		struct kept_run r = { in, len, fresh, i, 1 };
+		pthread_t t;
+		ck_assert_int_eq(pthread_create(&t, NULL, kept_run_thread, &r), 0);
+		pthread_join(t, NULL);
+	}
+	struct kept_run r = { in, len, kept, 0, KEPT_INPUTS };
+	pthread_t t;
+	ck_assert_int_eq(pthread_create(&t, NULL, kept_run_thread, &r), 0);
+	pthread_join(t, NULL);
+	for (size_t i = 0; i < KEPT_INPUTS; i++) {
+		ck_assert_msg(strcmp(fresh[i], kept[i]) == 0, "input %s (after %s): alone %s, after others %s", in[i],
+			      i ? in[i - 1] : "-", fresh[i], kept[i]);
+		free(in[i]);
+		free(fresh[i]);
+		free(kept[i]);
+	}
+}
+END_TEST
+
 START_TEST(from_neutral_edges)
 {
 	struct mx_out o;
@@ -2096,6 +2180,7 @@ int main(void)
 	tcase_add_test(tc, random_events_property);
 	tcase_add_test(tc, random_round_trip_property);
 	tcase_add_test(tc, html_property);
+	tcase_add_test(tc, html_kept_context_changes_no_parse);
 	tcase_add_test(tc, from_neutral_edges);
 	tcase_add_test(tc, from_neutral_fits_an_event);
 	tcase_add_test(tc, to_neutral_fits_any_envelope);
