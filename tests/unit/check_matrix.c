@@ -1225,10 +1225,12 @@ END_TEST
 /* Each thread keeps its HTML parser context between parses (fifty-ninth
  * session): what a parse leaves in it (a document's parse without implied
  * elements, one stopped at its first element, one whose first-element
- * handler never ran, a deep one) must change nothing of the next.  The
- * same inputs, one after another on one thread, against each on a thread
- * of its own (a new context). */
-#define KEPT_INPUTS 300
+ * handler never ran, a deep one) must change nothing of the next, nor may
+ * the way a kept context takes its input (a UTF-8 byte order mark at the
+ * start, skipped by the encoding switch, is one difference that shows).
+ * The same inputs, one after another on one thread, against each on a
+ * thread of its own (a new context). */
+#define KEPT_INPUTS 2000
 
 struct kept_run {
 	char **in;
@@ -1262,7 +1264,8 @@ START_TEST(html_kept_context_changes_no_parse)
 		"<html>", "<body>", "<head><title>t</title></head>", "</body>", "</html>", "<!-- <html> -->", "<!DOCTYPE html>",
 		"<b>", "</b>", "<p>", "</p>", "</br>", "text", " ", "<a href=\"https://matrix.to/#/@bob:example.org\">",
 		"Bob", "</a>", "<mx-reply>", "</mx-reply>", "<div>", "</div>", "&amp;", "&#x80;", "<htmlx>", "<x-y z=1>",
-		"\xc3\xa9", "<table><tr><td>", "<?xml version=\"1.0\"?>", "<ul><li>", "<br>",
+		"\xc3\xa9", "<table><tr><td>", "<?xml version=\"1.0\"?>", "<ul><li>", "<br>", "\xef\xbb\xbf", "\xff",
+		"\xe2\x80", "\xf0\x9f\x98\x80", "<meta charset=\"latin1\">", "&#150;", "\x01", "<a title=\"\xc3\xa9\">",
 	};
 	static char *in[KEPT_INPUTS], *fresh[KEPT_INPUTS], *kept[KEPT_INPUTS];
 	static size_t len[KEPT_INPUTS];
@@ -1295,9 +1298,10 @@ START_TEST(html_kept_context_changes_no_parse)
 	pthread_t t;
 	ck_assert_int_eq(pthread_create(&t, NULL, kept_run_thread, &r), 0);
 	pthread_join(t, NULL);
-	for (size_t i = 0; i < KEPT_INPUTS; i++) {
+	for (size_t i = 0; i < KEPT_INPUTS; i++)
 		ck_assert_msg(strcmp(fresh[i], kept[i]) == 0, "input %s (after %s): alone %s, after others %s", in[i],
 			      i ? in[i - 1] : "-", fresh[i], kept[i]);
+	for (size_t i = 0; i < KEPT_INPUTS; i++) {
 		free(in[i]);
 		free(fresh[i]);
 		free(kept[i]);
