@@ -116,8 +116,11 @@ static const char *const line_tags[] = {
 
 static bool in_list(const char *s, const char *const *list)
 {
+	/* The first bytes first: most tags differ there, and strcmp is a
+	 * call (in a Matrix transaction's HTML walk some 2 % of the reader's
+	 * samples until the fifty-ninth session). */
 	for (; *list; list++)
-		if (strcmp(s, *list) == 0)
+		if (s[0] == (*list)[0] && strcmp(s, *list) == 0)
 			return true;
 	return false;
 }

@@ -212,8 +212,11 @@ static char *clean_input(const char *s, size_t n, size_t *outlen)
 
 static bool in_list(const char *name, const char *const *list)
 {
+	/* The first bytes first: most tags differ there, and strcmp is a
+	 * call (in a Matrix transaction's HTML walk some 2 % of the reader's
+	 * samples until the fifty-ninth session). */
 	for (; *list; list++)
-		if (strcmp(name, *list) == 0)
+		if (name[0] == (*list)[0] && strcmp(name, *list) == 0)
 			return true;
 	return false;
 }
