@@ -10144,7 +10144,7 @@ def test_the_bots_looks_for_work_are_not_planned_at_each_round(make_daemon, pg_p
     looks = {"inbox": "SELECT id, event::text, attempts FROM matrix_bot_inbox",
              "requests": "SELECT q.id, mr.room_id, ri.uri",
              "expiries": "SELECT a.id, mr.room_id, ri.uri",
-             "dead letters": "WITH d AS (SELECT o.id, o.destination, o.attempts",
+             "dead letters": "WITH dd AS (SELECT o.id, o.destination, o.attempts",
              "notices": "WITH d AS (SELECT id FROM matrix_notices x",
              "departures": "SELECT b.native_id, ib.native_id, pm.binding_id",
              "renames": "SELECT b.native_id, b.id, rm.name",
