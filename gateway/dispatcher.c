@@ -348,7 +348,10 @@ bool dispatcher_stopping(const struct dispatcher *d) { return atomic_load(&((str
  * each its own range of its own index.  As one look whose condition said
  * "dead untold OR dropped owed", the planner walked the whole outbox in
  * id order for the 50 (101 ms at 450,000 rows, against 0.1 ms, twice a
- * second in each adapter: docs/performance.md, "Fifty-ninth session"). */
+ * second in each adapter: docs/performance.md, "Fifty-ninth session").
+ * A drop's quote is not said when its message expired meanwhile (its
+ * sender's content.expires: the expiry erased the content, and its quote
+ * would outlive it in her notice). */
 #define UNTOLD(COND, QUOTE)                                                                                  \
 	"(SELECT o.id, o.destination, o.attempts, o.state, e.id AS ev, e.room_id, e.sender_id, e.type, " QUOTE \
 	" AS quote FROM outbox o JOIN events e ON e.id = o.event_id JOIN identities s ON s.id = e.sender_id "   \
@@ -357,7 +360,8 @@ bool dispatcher_stopping(const struct dispatcher *d) { return atomic_load(&((str
 const struct store_stmt dispatcher_dead_stmts[] = {
 	{ "cw_dead_untold",
 		"WITH dd AS " UNTOLD("o.state = 'dead' AND o.sender_told_at IS NULL", DISPATCHER_QUOTE("e.content")) ", "
-		"db AS " UNTOLD("o.state = 'dropped' AND o.sender_quote IS NOT NULL", "NULLIF(o.sender_quote, '')") ", "
+		"db AS " UNTOLD("o.state = 'dropped' AND o.sender_quote IS NOT NULL",
+			       "CASE WHEN e.expired THEN NULL ELSE NULLIF(o.sender_quote, '') END") ", "
 		"d AS (SELECT * FROM dd UNION ALL SELECT * FROM db), "
 		"u AS (UPDATE outbox x SET sender_told_at = now(), sender_quote = NULL FROM d WHERE x.id = d.id), "
 		"nl AS (UPDATE outbox x SET sender_told_at = now() FROM (SELECT o.id FROM outbox o "
@@ -769,13 +773,15 @@ static json_t *col_string(PGresult *r, int row, int col)
 	return json_stringn(PQgetvalue(r, row, col), (size_t)PQgetlength(r, row, col));
 }
 
-/* The members are set under their constant names with their lengths
- * (json_object_setn_new_nocheck) and the columns' texts with libpq's
- * lengths, still checked as UTF-8 (col_string): until the fifty-ninth
- * session json_object_set_new measured each name and checked it as UTF-8
+/* The members are set under their constant names unchecked
+ * (json_object_set_new_nocheck: the names are ours, ASCII) and the columns'
+ * texts with libpq's lengths, still checked as UTF-8 (col_string): until
+ * the fifty-ninth session json_object_set_new checked each name as UTF-8
  * again, json_string measured each text, and json_loads measured the
  * stored event's text on its way through it (a small part of the
- * dispatcher's thread: docs/performance.md, "Fifty-ninth session"). */
+ * dispatcher's thread: docs/performance.md, "Fifty-ninth session").  Not
+ * jansson 2.14's json_object_setn/getn, which the session first took:
+ * configure accepts 2.13, which has neither (the session's review). */
 json_t *outbox_event_json(PGresult *r, int row, int col, bool *unreadable)
 {
 	json_error_t je;
@@ -783,13 +789,13 @@ json_t *outbox_event_json(PGresult *r, int row, int col, bool *unreadable)
 	*unreadable = !ev && json_error_code(&je) != json_error_out_of_memory;
 	if (!ev)
 		return NULL;
-	json_object_setn_new_nocheck(ev, "id", 2, col_string(r, row, col));
-	json_object_setn_new_nocheck(ev, "room", 4, col_string(r, row, col + 2));
-	json_object_setn_new_nocheck(ev, "room_id", 7, col_string(r, row, col + 3));
-	json_object_setn_new_nocheck(ev, "sender", 6, col_string(r, row, col + 4));
-	json_object_setn_new_nocheck(ev, "accepted_ts", 11, json_integer(atoll(PQgetvalue(r, row, col + 5))));
-	if (!json_object_getn(ev, "ts", 2)) /* the sender gave none: the time it was accepted */
-		json_object_setn_new_nocheck(ev, "ts", 2, json_integer(atoll(PQgetvalue(r, row, col + 6))));
+	json_object_set_new_nocheck(ev, "id", col_string(r, row, col));
+	json_object_set_new_nocheck(ev, "room", col_string(r, row, col + 2));
+	json_object_set_new_nocheck(ev, "room_id", col_string(r, row, col + 3));
+	json_object_set_new_nocheck(ev, "sender", col_string(r, row, col + 4));
+	json_object_set_new_nocheck(ev, "accepted_ts", json_integer(atoll(PQgetvalue(r, row, col + 5))));
+	if (!json_object_get(ev, "ts")) /* the sender gave none: the time it was accepted */
+		json_object_set_new_nocheck(ev, "ts", json_integer(atoll(PQgetvalue(r, row, col + 6))));
 	return ev;
 }
 
@@ -869,9 +875,9 @@ static bool claim_destination(struct lane *l, const char *dest, struct outbox_ro
 		row->event = ev;
 		row->event_id = atoll(PQgetvalue(r, i, 10));
 		row->target_id = atoll(PQgetvalue(r, i, 11));
-		json_t *stored = json_object_getn(row->event, "type", 4);
+		json_t *stored = json_object_get(row->event, "type");
 		if (!stored)
-			json_object_setn_new_nocheck(row->event, "type", 4, col_string(r, i, 12));
+			json_object_set_new_nocheck(row->event, "type", col_string(r, i, 12));
 		const char *type = stored ? json_string_value(stored) : PQgetvalue(r, i, 12);
 		row->typing = type && strcmp(type, "typing") == 0;
 		row->expired = PQgetvalue(r, i, 13)[0] == 't';
