@@ -489,10 +489,22 @@ static void first_element(void *ctx, const xmlChar *name, const xmlChar **atts)
 /* A kept context is let go rather than kept past these: its dictionary
  * holds every element and attribute name it has read (the documents' nodes
  * hold copies of their own: libxml2's HTML parser leaves the dictionary
- * out of the tree), which a sender's made-up names would grow without
- * end, and its stacks are as deep as the deepest input it has read. */
+ * out of the tree), and the names of entity references, processing
+ * instructions and doctypes, of any length (libxml2 2.9's htmlParseName,
+ * under XML_PARSE_HUGE), which a sender's made-up names would grow without
+ * end; so it is bounded by its names and by the bytes of its string pools
+ * (xmlDictGetUsage: the session's review found a bound of names alone let
+ * a thousand names of up to an event's size stay, tens of MB a thread).
+ * Its stacks are as deep as the deepest input it has read. */
 #define HTML_CTXT_DICT_MAX 1024
+#define HTML_CTXT_DICT_BYTES_MAX (64 * 1024)
 #define HTML_CTXT_STACK_MAX 256
+/* Kept only with the libxml2 it was tested with (Debian 12's 2.9.14):
+ * reset and a new input reach into the parser's state (inputPush, the
+ * options set back by hand), which later versions changed (2.12 the
+ * parser's errors, later ones deprecate inputPush); from 2.10 on, a
+ * context a parse, as before the fifty-ninth session. */
+#define HTML_CTXT_KEPT (LIBXML_VERSION < 21000)
 
 /* A parser context of the n bytes at buf with options, as cw_html_context
  * makes one: the thread's kept one (html_parse_done), reset there, with a
@@ -502,9 +514,7 @@ static void first_element(void *ctx, const xmlChar *name, const xmlChar **atts)
  * with formatted_body. */
 static htmlParserCtxtPtr html_context(const char *buf, size_t n, int options)
 {
-#if LIBXML_VERSION >= 21200
-	/* Taken as tested: libxml2 2.9's reset and input (2.12 changed the
-	 * parser's errors, later ones deprecate inputPush). */
+#if !HTML_CTXT_KEPT
 	return cw_html_context(buf, n, options);
 #else
 	htmlParserCtxtPtr ctxt = html_ctxt_keyed ? pthread_getspecific(html_ctxt_key) : NULL;
@@ -539,7 +549,8 @@ static void html_parse_done(htmlParserCtxtPtr ctxt)
 {
 	ctxt->sax->startElement = xmlSAX2StartElement;
 	ctxt->_private = NULL;
-	if (LIBXML_VERSION >= 21200 || !html_ctxt_keyed || pthread_getspecific(html_ctxt_key) || xmlDictSize(ctxt->dict) > HTML_CTXT_DICT_MAX ||
+	if (!HTML_CTXT_KEPT || !html_ctxt_keyed || pthread_getspecific(html_ctxt_key) ||
+	    xmlDictSize(ctxt->dict) > HTML_CTXT_DICT_MAX || xmlDictGetUsage(ctxt->dict) > HTML_CTXT_DICT_BYTES_MAX ||
 	    ctxt->nodeMax > HTML_CTXT_STACK_MAX || ctxt->nameMax > HTML_CTXT_STACK_MAX ||
 	    ctxt->spaceMax > HTML_CTXT_STACK_MAX) {
 		htmlFreeParserCtxt(ctxt);
