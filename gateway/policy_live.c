@@ -1245,7 +1245,10 @@ static const char recheck_ids_sql[] =
  * you.", and clears it.  Until the fifty-ninth session such a row went
  * without a word to her, who believed it delivered or on its way; a row
  * refused as she wrote is dropped there, not here, and was told then.
- * Her retraction, reaction or receipt is no message to tell of: none. */
+ * Her retraction, reaction or receipt is no message to tell of: none.
+ * Nor a dead letter she was told of already (sender_told_at: the walk
+ * takes dead rows too): the session's review found it told twice, "could
+ * not be reached", then "this person blocked you". */
 /* The events of the rows $1 ([{id, ...}]) locked, in id order, before
  * recheck_drop_sql (in the same transaction). */
 static const char recheck_lock_sql[] =
@@ -1260,7 +1263,8 @@ static const char recheck_drop_sql[] =
 	"ch AS (UPDATE outbox o SET state = 'dropped', next_attempt_at = now(), claimed_by = NULL, "
 	"  claimed_until = NULL, attempts = CASE WHEN o.state = 'in_flight' AND o.id = ANY($3::bigint[]) "
 	"  THEN greatest(o.attempts - 1, 0) ELSE o.attempts END, "
-	"  sender_quote = CASE WHEN dn.reason = 'recipient_blocked_sender' AND dn.kind = 1 THEN "
+	"  sender_quote = CASE WHEN dn.reason = 'recipient_blocked_sender' AND dn.kind = 1 "
+	"  AND o.sender_told_at IS NULL THEN "
 	"  (SELECT coalesce(" DISPATCHER_QUOTE("e.content") ", '') FROM events e WHERE e.id = o.event_id "
 	"   AND e.type IN ('message', 'edit')) END "
 	"  FROM dn WHERE o.id = dn.id AND o.id IN (SELECT id FROM lk) "
