@@ -17,6 +17,8 @@
 -- notice, a handful between a drop and the next look (twice a second).
 -- Nothing of it is shown outward: the peer and the admin API still see the
 -- row dropped.
-ALTER TABLE outbox ADD COLUMN sender_quote text;
-CREATE INDEX outbox_dropped_untold_idx ON outbox (id) WHERE sender_quote IS NOT NULL;
+-- IF NOT EXISTS: on a large outbox the operator adds the column (no
+-- rewrite) and builds the index CONCURRENTLY first (docs/operations.md).
+ALTER TABLE outbox ADD COLUMN IF NOT EXISTS sender_quote text;
+CREATE INDEX IF NOT EXISTS outbox_dropped_untold_idx ON outbox (id) WHERE sender_quote IS NOT NULL;
 COMMENT ON COLUMN outbox.sender_quote IS 'A local sender''s row dropped while it waited, by her recipient''s block: the start of its text (empty: none) for the notice that tells her, cleared when told.';
