@@ -13,16 +13,20 @@
 #include <string.h>
 #include <strings.h>
 
-htmlParserCtxtPtr cw_html_context(const char *buf, size_t n, int options)
+void cw_html_context_set(htmlParserCtxtPtr ctxt, int options)
 {
-	htmlParserCtxtPtr ctxt = htmlCreateMemoryParserCtxt(buf, (int)n);
-	if (!ctxt)
-		return NULL;
 	htmlCtxtUseOptions(ctxt, options);
 	ctxt->options |= XML_PARSE_HUGE;
 	xmlCharEncodingHandlerPtr utf8 = xmlFindCharEncodingHandler("UTF-8");
 	if (utf8)
 		xmlSwitchToEncoding(ctxt, utf8);
+}
+
+htmlParserCtxtPtr cw_html_context(const char *buf, size_t n, int options)
+{
+	htmlParserCtxtPtr ctxt = htmlCreateMemoryParserCtxt(buf, (int)n);
+	if (ctxt)
+		cw_html_context_set(ctxt, options);
 	return ctxt;
 }
 

@@ -14,6 +14,9 @@
  * the context by hand.  The caller runs cw_html_parse(), takes myDoc
  * and frees the context. */
 htmlParserCtxtPtr cw_html_context(const char *buf, size_t n, int options);
+/* What cw_html_context sets on a context it made (options, XML_PARSE_HUGE,
+ * UTF-8), for one the caller made or reset itself (mx_map.c's kept one). */
+void cw_html_context_set(htmlParserCtxtPtr ctxt, int options);
 
 /* htmlParseDocument(ctxt) as the HTML Standard reads two end tags that
  * libxml2 2.9 drops when their element is not open: a stray </br> is a

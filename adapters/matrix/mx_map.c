@@ -534,11 +534,7 @@ static htmlParserCtxtPtr html_context(const char *buf, size_t n, int options)
 	/* htmlCtxtUseOptions adds to the options it finds (2.9 sets no
 	 * flag back): the last parse's HTML_PARSE_NOIMPLIED would stay. */
 	ctxt->options = 0;
-	htmlCtxtUseOptions(ctxt, options);
-	ctxt->options |= XML_PARSE_HUGE;
-	xmlCharEncodingHandlerPtr utf8 = xmlFindCharEncodingHandler("UTF-8");
-	if (utf8)
-		xmlSwitchToEncoding(ctxt, utf8);
+	cw_html_context_set(ctxt, options);
 	return ctxt;
 #endif
 }
