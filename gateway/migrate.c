@@ -420,8 +420,18 @@ cw_err migrate(PGconn *c, const struct migration_set *set, bool apply, migrate_s
 			return cw_fail(e, CW_ESHUTDOWN, "stopped while waiting for the migrations of another process");
 	}
 	rc = check_and_apply(c, set, apply, stop, stop_arg, applied_now, pending, e);
-	cw_errmsg ignored;
-	store_exec(c, "SELECT pg_advisory_unlock(" MIGRATE_LOCK_KEY ")", &ignored);
+	/* An unlock that fails fails a start that went well: since the
+	 * fifty-ninth session this connection lives on as the policy thread's
+	 * (main.c), and a lock left on it would hold every other process's
+	 * migrations for as long as it does (the session's review); before,
+	 * it was closed at the start's end.  On a connection still usable the
+	 * unlock does not fail. */
+	cw_errmsg ue;
+	cw_err urc = store_exec(c, "SELECT pg_advisory_unlock(" MIGRATE_LOCK_KEY ")", &ue);
+	if (!rc && urc) {
+		*e = ue;
+		rc = urc;
+	}
 	if (!rc)
 		warn_invalid_indexes(c);
 	return rc;
