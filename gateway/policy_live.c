@@ -645,7 +645,7 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
 
 /* Of the held rows, the ones the sweep would release: their user allowed the
  * sender or its domain, or wrote in its group (column 8), and blocked
- * neither (the rules are asked again first: policy_sweep); column 9 the
+ * neither (the rules are asked again first: sweep); column 9 the
  * event's content, whose size and kinds are asked again (server_denials),
  * when $3 is true (a rule limits what a message holds:
  * policy_snapshot_limits_content), else NULL: PostgreSQL then reads none
@@ -953,7 +953,7 @@ static struct store_piped sweep_piped(bool prepared, int k, int n, const char *c
  * turn; on an idle connection the sweep is its own transaction. */
 #define SWEEP_LOCK_KEY "7161132091431352699"
 
-/* policy_sweep, its statements prepared on c (sweep_stmts) or not.
+/* The sweep, its statements prepared on c (sweep_stmts) or not.
  * Its statements go in two round trips (store_pipeline): the turn's lock
  * and the reads (the rows to release, for the rules to be asked again:
  * rule_denials; whether anyone blocked lately), then the sweep's
@@ -1021,12 +1021,7 @@ static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const
 	return own ? store_end(c, rc, e) : rc;
 }
 
-cw_err policy_sweep(PGconn *c, const struct policy_view *v, const char *target_id, long counts[3], cw_errmsg *e)
-{
-	return sweep(c, false, v, target_id, counts, NULL, NULL, false, e);
-}
-
-/* policy_sweep of a user's rows (target_id) in the caller's transaction,
+/* The sweep of a user's rows (target_id) in the caller's transaction,
  * with the caller's statements first and then (sweep's) in its round
  * trips, NOTIFYing the dispatchers of the rows it released. */
 static cw_err policy_sweep_with(PGconn *c, const struct policy_view *v, const char *target_id, long counts[3],
@@ -3135,7 +3130,7 @@ static bool recheck_turn(struct policy_live *pl)
 	 * of its sender alone, as for a user with no opt-out, whose rows no
 	 * walk reads (a rule's change has every row decided by a pass, her
 	 * block its own sweep).  Her held rows released by a consent are
-	 * the sweep's (policy_sweep), not the walk's: it only drops. */
+	 * the sweep's, not the walk's: it only drops. */
 	if (!pass && pl->nrecheck_users) {
 		bool outs = has_fact(v, false, pl->recheck_users, pl->nrecheck_users);
 		if (!outs && pl->users_kind < RECHECK_USER_KINDS - 1) {

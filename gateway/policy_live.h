@@ -158,11 +158,6 @@ cw_err policy_notify_user(PGconn *c, const char *local_id, cw_errmsg *e);
 #define POLICY_NOTIFY_USER_SQL "SELECT " POLICY_NOTIFY_EXPR("$1::bigint")
 void policy_view_put(struct policy_view *v);
 
-/* Applies consent to held rows (all local users, or only target_id when it
- * is not NULL) and expires old ones; the counts of rows changed.  A row
- * about to be released is first decided again by v's rules (a deny rule,
- * the server's mode, the user's opt-in): one they now stop is dropped. */
-cw_err policy_sweep(PGconn *c, const struct policy_view *v, const char *target_id, long counts[3], cw_errmsg *e);
 
 /* Decides the outbox row outbox_id again, if it is not handed over yet
  * (pending, held, dead, failed), by the server rules of pl's view in
@@ -232,7 +227,7 @@ cw_err policy_live_screen_claim(struct policy_live *pl, PGconn *c, const int64_t
  * about a remote user (kind "user", subject a URI) or domain, from source
  * (user, admin, peer, outbound): stored; the pending consent requests of
  * that pair decided; the user's held messages released in order or dropped
- * now; every process told (NOTIFY).  counts as policy_sweep's; *decided:
+ * now; every process told (NOTIFY).  counts as the sweep's (held rows released, dropped, expired); *decided:
  * the consent requests decided.  *repeat: the decision is the one stored
  * (none: nothing stored) and no pending request of that pair is left to
  * decide; then nothing is done (counts and *decided 0, the consent's
