@@ -557,6 +557,12 @@ static void html_parse_done(htmlParserCtxtPtr ctxt)
 		htmlFreeParserCtxt(ctxt);
 }
 
+size_t mx_map_kept_html_usage(void)
+{
+	htmlParserCtxtPtr ctxt = html_ctxt_keyed ? pthread_getspecific(html_ctxt_key) : NULL;
+	return ctxt ? xmlDictGetUsage(ctxt->dict) : 0;
+}
+
 /* libxml2's tree of the n bytes at buf (UTF-8), or NULL (no memory, or
  * with only_document when the input is not a whole document). */
 static htmlDocPtr html_parse(const char *buf, size_t n, bool only_document)

@@ -336,6 +336,10 @@ bool mx_json_duplicate_key(const json_t *v, bool deep);
  * 1 MiB. */
 char *mx_sanitize_html(const char *html, size_t len);
 
+/* The bytes of the string pools of the HTML parser context this thread
+ * keeps between parses (0: none kept), for the unit test of its bound. */
+size_t mx_map_kept_html_usage(void);
+
 
 /* The length of a plain-text reply fallback at the start of body: a line
  * "> <@user:server>" or "> * <@user:server>" (a valid user id, then a
