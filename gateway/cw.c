@@ -163,6 +163,22 @@ bool cw_ascii_alnum(unsigned char ch)
 	return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9');
 }
 
+bool cw_in_list(const char *s, const char *const *list)
+{
+	for (; *list; list++)
+		if (s[0] == (*list)[0] && strcmp(s, *list) == 0)
+			return true;
+	return false;
+}
+
+size_t cw_copy_cut(char *dst, size_t len, const char *s)
+{
+	size_t n = strnlen(s, len - 1);
+	memcpy(dst, s, n);
+	dst[n] = '\0';
+	return n;
+}
+
 long cw_b64_decode(unsigned char *out, size_t outlen, const char *in)
 {
 	size_t len = strlen(in);

@@ -118,20 +118,9 @@ static const char *const line_tags[] = {
 #define LIST_INDENT_MAX 8 /* levels of list indented */
 #define HREF_MAX 2048     /* bytes of a link's href shown */
 
-static bool in_list(const char *s, const char *const *list)
-{
-	/* The first bytes first: most tags differ there, and strcmp is a
-	 * call (in a Matrix transaction's HTML walk some 2 % of the reader's
-	 * samples until the fifty-ninth session). */
-	for (; *list; list++)
-		if (s[0] == (*list)[0] && strcmp(s, *list) == 0)
-			return true;
-	return false;
-}
-
 bool cw_html_hidden(const char *tag)
 {
-	return in_list(tag, skipped_tags);
+	return cw_in_list(tag, skipped_tags);
 }
 
 struct tw {
@@ -253,9 +242,9 @@ static bool says_href(const struct tw *w, size_t start, const char *href)
  * list, 1 for another block, else 0. */
 static int tw_block(const struct tw *w, const char *tag)
 {
-	if (in_list(tag, paragraph_tags) || ((strcmp(tag, "ul") == 0 || strcmp(tag, "ol") == 0) && !w->lists))
+	if (cw_in_list(tag, paragraph_tags) || ((strcmp(tag, "ul") == 0 || strcmp(tag, "ol") == 0) && !w->lists))
 		return 2;
-	return in_list(tag, line_tags) ? 1 : 0;
+	return cw_in_list(tag, line_tags) ? 1 : 0;
 }
 
 static const char *attr(xmlNode *n, const char *name, xmlChar **keep)
@@ -270,7 +259,7 @@ static bool tw_enter(struct tw *w, xmlNode *n)
 	const char *tag = (const char *)n->name;
 	const char *parent = n->parent && n->parent->type == XML_ELEMENT_NODE ? (const char *)n->parent->name : "";
 	n->_private = NULL;
-	if (cw_html_hidden(tag) || (w->skip && in_list(tag, w->skip)))
+	if (cw_html_hidden(tag) || (w->skip && cw_in_list(tag, w->skip)))
 		return false;
 	if (strcmp(tag, "br") == 0) {
 		w->space = false; /* no space at a line's end */
