@@ -867,10 +867,7 @@ static bool claim_destination(struct lane *l, const char *dest, struct outbox_ro
 		struct outbox_row *row = &(*rows)[(*n)++];
 		memset(row, 0, sizeof(*row));
 		row->id = atoll(PQgetvalue(r, i, 0));
-		/* as snprintf's "%s" cut it (until the fifty-ninth session, snprintf) */
-		size_t dlen = strnlen(PQgetvalue(r, i, 1), sizeof(row->destination) - 1);
-		memcpy(row->destination, PQgetvalue(r, i, 1), dlen);
-		row->destination[dlen] = '\0';
+		cw_copy_cut(row->destination, sizeof(row->destination), PQgetvalue(r, i, 1));
 		row->attempts = atoi(PQgetvalue(r, i, 2));
 		row->event = ev;
 		row->event_id = atoll(PQgetvalue(r, i, 10));

@@ -186,11 +186,9 @@ static bool comp_and_user(struct xmpp *x, PGresult *r, int k, struct xcomp *on, 
 		cw_fail(e, CW_EINVAL, "no XMPP component stands for the peer %s (xmpp.components)", peer ? peer : "");
 		return false;
 	}
-	if (col(r, k, 2)) { /* as snprintf's "%s" cut it (until the fifty-ninth session, snprintf) */
-		size_t n = strnlen(col(r, k, 2), len - 1);
-		memcpy(jid, col(r, k, 2), n);
-		jid[n] = '\0';
-	} else
+	if (col(r, k, 2))
+		cw_copy_cut(jid, len, col(r, k, 2));
+	else
 		snprintf(jid, len, "%s@%s", col(r, k, 1), x->local_domain);
 	return true;
 }
