@@ -2414,29 +2414,20 @@ void policy_live_get_stats(struct policy_live *pl, struct policy_live_stats *st)
 
 /* The periodic sweep's statements prepared on c; false with e set (the
  * statement named, then PostgreSQL's words) and *failed the name of the
- * one refused.  Logged by the callers, not here as store_prepare_all
- * logs: the thread's reconnects try every 250 ms doubling to
- * database.reconnect_max_ms, and until the fifty-ninth session a refusal
+ * one refused (store_prepare_each).  Logged by the callers, not as
+ * store_prepare_all logs: the thread's reconnects try every 250 ms
+ * doubling to database.reconnect_max_ms, and until the fifty-ninth session a refusal
  * that lasted (a table locked past the statement timeout, a column
  * renamed by hand) wrote an error line at every try, besides the once a
  * run of "policy cannot connect to the database" that did not name the
  * statement. */
 static bool sweep_prepare(PGconn *c, const char **failed, cw_errmsg *e)
 {
-	for (const struct store_stmt *const *l = sweep_stmt_lists; *l; l++)
-		for (const struct store_stmt *st = *l; st->name; st++) {
-			PGresult *r = PQprepare(c, st->name, st->sql, 0, NULL);
-			if (PQresultStatus(r) != PGRES_COMMAND_OK) {
-				cw_errmsg why;
-				cw_err rc = store_result_err(c, r, &why);
-				PQclear(r);
-				*failed = st->name;
-				cw_fail(e, rc, "cannot prepare the statement %s: %s", st->name, why.msg);
-				return false;
-			}
-			PQclear(r);
-		}
-	return true;
+	cw_errmsg why;
+	cw_err rc = store_prepare_each(c, sweep_stmt_lists, failed, &why);
+	if (rc)
+		cw_fail(e, rc, "cannot prepare the statement %s: %s", *failed, why.msg);
+	return !rc;
 }
 
 /* A fresh connection of the policy thread made ready: it listens for

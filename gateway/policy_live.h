@@ -158,7 +158,6 @@ cw_err policy_notify_user(PGconn *c, const char *local_id, cw_errmsg *e);
 #define POLICY_NOTIFY_USER_SQL "SELECT " POLICY_NOTIFY_EXPR("$1::bigint")
 void policy_view_put(struct policy_view *v);
 
-
 /* Decides the outbox row outbox_id again, if it is not handed over yet
  * (pending, held, dead, failed), by the server rules of pl's view in
  * force, its user's opt-out
@@ -227,8 +226,8 @@ cw_err policy_live_screen_claim(struct policy_live *pl, PGconn *c, const int64_t
  * about a remote user (kind "user", subject a URI) or domain, from source
  * (user, admin, peer, outbound): stored; the pending consent requests of
  * that pair decided; the user's held messages released in order or dropped
- * now; every process told (NOTIFY).  counts as the sweep's (held rows released, dropped, expired); *decided:
- * the consent requests decided.  *repeat: the decision is the one stored
+ * now; every process told (NOTIFY).  counts as the sweep's (held rows
+ * released, dropped, expired); *decided: the consent requests decided.  *repeat: the decision is the one stored
  * (none: nothing stored) and no pending request of that pair is left to
  * decide; then nothing is done (counts and *decided 0, the consent's
  * source and updated_at kept), and the caller answers it as a change but

@@ -285,20 +285,29 @@ cw_err store_result_err(PGconn *c, const PGresult *r, cw_errmsg *e)
 	return result_err(c, r, NULL, false, e);
 }
 
-bool store_prepare_all(PGconn *c, const struct store_stmt *const *lists, cw_errmsg *e)
+cw_err store_prepare_each(PGconn *c, const struct store_stmt *const *lists, const char **failed, cw_errmsg *e)
 {
 	for (; *lists; lists++)
 		for (const struct store_stmt *st = *lists; st->name; st++) {
 			PGresult *r = PQprepare(c, st->name, st->sql, 0, NULL);
 			if (PQresultStatus(r) != PGRES_COMMAND_OK) {
-				store_result_err(c, r, e);
+				cw_err rc = store_result_err(c, r, e);
 				PQclear(r);
-				LOG_KV(CW_LOG_ERROR, "cannot prepare a statement", "statement", st->name, "detail", e->msg);
-				return false;
+				*failed = st->name;
+				return rc;
 			}
 			PQclear(r);
 		}
-	return true;
+	return CW_OK;
+}
+
+bool store_prepare_all(PGconn *c, const struct store_stmt *const *lists, cw_errmsg *e)
+{
+	const char *failed;
+	if (!store_prepare_each(c, lists, &failed, e))
+		return true;
+	LOG_KV(CW_LOG_ERROR, "cannot prepare a statement", "statement", failed, "detail", e->msg);
+	return false;
 }
 
 cw_err store_command(PGconn *c, const char *sql, int n, const char *const *params, cw_errmsg *e)

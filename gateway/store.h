@@ -316,6 +316,10 @@ bool store_sleep_fd(int wake_fd, int ms);
 /* Prepares every statement of lists (as store_opts.stmts) on c; false with
  * e set (and logged) when one fails. */
 bool store_prepare_all(PGconn *c, const struct store_stmt *const *lists, cw_errmsg *e);
+/* The same, not logged: the code of the first refusal, e PostgreSQL's
+ * words and *failed its statement's name (the policy thread logs its own,
+ * once a run of its reconnects). */
+cw_err store_prepare_each(PGconn *c, const struct store_stmt *const *lists, const char **failed, cw_errmsg *e);
 
 /* PQexecPrepared(c, name, n, params) with the statement's generic plan.
  * PostgreSQL plans a prepared statement again for its parameters (a
