@@ -371,6 +371,45 @@ def test_her_retraction_waiting_for_his_peer_when_he_blocks_her_still_goes(xd, g
     wait_until(lambda: pg.psql(deletes % "", db_url) == "delivered", what="her retraction delivered")
 
 
+def waiting_tried(pg, db_url, network, n):
+    """Waits until n of her messages of that network were tried and refused
+    by the peer (down), still to be delivered."""
+    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox o JOIN events e ON e.id = o.event_id "
+                               f"WHERE e.origin_network = '{network}' AND e.type = 'message' AND o.attempts > 0 "
+                               "AND o.state <> 'delivered'", db_url) == str(n), timeout=20,
+               what=f"{n} message(s) of hers tried and refused")
+
+
+def told_marks(pg, db_url, network):
+    """Her dropped rows of that network as "told quote-kept", in order."""
+    return pg.psql("SELECT string_agg((o.sender_told_at IS NOT NULL)::text || ' ' || "
+                   "(o.sender_quote IS NOT NULL)::text, ',' ORDER BY o.id) FROM outbox o "
+                   f"JOIN events e ON e.id = o.event_id WHERE e.origin_network = '{network}' "
+                   "AND o.state = 'dropped'", db_url)
+
+
+WAITING = "are you still there, wally?"
+
+
+def dropped_by_his_block(d, gk, write, pg, db_url, network, meanwhile=None):
+    """The blocked-drop tests' set-up, on either network (write(text):
+    alice writes it to wally there): "before" delivered, then, his peer
+    down, WAITING tried and refused; meanwhile() (when given) while it
+    waits; wally blocks her, and it is dropped.  Until the sixtieth session
+    each network's test wrote these steps out."""
+    a, srv = gk
+    write("before")
+    srv.wait_events(1)
+    srv.fail_next = 1000000  # the peer down
+    write(WAITING)
+    waiting_tried(pg, db_url, network, 1)
+    if meanwhile:
+        meanwhile()
+    peer_blocks_alice(d, a, "block")
+    wait_until(lambda: stored_lines(pg, db_url, network) == "delivered before,dropped -", timeout=20,
+               what="her waiting message dropped")
+
+
 def test_her_waiting_message_dropped_by_his_block_is_told_by_the_component(xd, gk, alice, prosody, make_daemon, pg,
                                                                            db_url):
     """As on Matrix (test_policy_outbound_matrix.py): her message still
@@ -381,18 +420,10 @@ def test_her_waiting_message_dropped_by_his_block_is_told_by_the_component(xd, g
     restart (whose reload walks her rows again) tells nothing twice; a
     message refused as she writes is told by its error alone.  Until the
     fifty-ninth session the dropped one went without a word."""
-    from test_policy_outbound_matrix import told_marks, waiting_tried
     from test_xmpp import component_state, daemon_options
-    a, srv = gk
-    alice.send_message(WALLY_JID, "before")
-    srv.wait_events(1)
-    srv.fail_next = 1000000  # the peer down
+    srv = gk[1]
     start = alice.count()
-    alice.send_message(WALLY_JID, "are you still there, wally?")
-    waiting_tried(pg, db_url, "xmpp", 1)
-    peer_blocks_alice(xd, a, "block")
-    wait_until(lambda: stored_lines(pg, db_url, "xmpp") == "delivered before,dropped -", timeout=20,
-               what="her waiting message dropped")
+    dropped_by_his_block(xd, gk, lambda text: alice.send_message(WALLY_JID, text), pg, db_url, "xmpp")
 
     def told():
         return [body(el) for el in alice.stanzas()[start:] if el.tag == "{jabber:client}message"

@@ -11,8 +11,8 @@ import time
 from harness import wait_until
 from test_matrix import ALICE, alice_writes_to_wally, metrics
 from test_matrix import gk, hs, mx  # noqa: F401  (the fixtures)
-from test_policy_outbound import (BLOCKED_TEXT, CLOSED_TEXT, close_wa, denials, limit_records, peer_blocks_alice,
-                                  stored_lines)
+from test_policy_outbound import (BLOCKED_TEXT, CLOSED_TEXT, close_wa, denials, dropped_by_his_block, limit_records,
+                                  peer_blocks_alice, stored_lines, told_marks)
 
 TOO_MANY = re.compile(r"Not delivered: you sent more messages than this server allows in a minute; "
                       r"write again in (\d+) s\.")
@@ -230,23 +230,6 @@ def test_a_message_to_someone_who_blocked_her_says_so_on_matrix(mx, hs, gk, pg, 
     assert notices() == [BLOCKED_TEXT]
 
 
-def waiting_tried(pg, db_url, network, n):
-    """Waits until n of her messages of that network were tried and refused
-    by the peer (down), still to be delivered."""
-    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox o JOIN events e ON e.id = o.event_id "
-                               f"WHERE e.origin_network = '{network}' AND e.type = 'message' AND o.attempts > 0 "
-                               "AND o.state <> 'delivered'", db_url) == str(n), timeout=20,
-               what=f"{n} message(s) of hers tried and refused")
-
-
-def told_marks(pg, db_url, network):
-    """Her dropped rows of that network as "told quote-kept", in order."""
-    return pg.psql("SELECT string_agg((o.sender_told_at IS NOT NULL)::text || ' ' || "
-                   "(o.sender_quote IS NOT NULL)::text, ',' ORDER BY o.id) FROM outbox o "
-                   f"JOIN events e ON e.id = o.event_id WHERE e.origin_network = '{network}' "
-                   "AND o.state = 'dropped'", db_url)
-
-
 def test_her_waiting_message_dropped_by_his_block_is_told_in_her_room(mx, hs, gk, pg, db_url):
     """Her message still waiting for his peer (down) when wally blocks her
     is dropped (test_policy_outbound.py); the ghost tells her in the room,
@@ -258,14 +241,7 @@ def test_her_waiting_message_dropped_by_his_block_is_told_in_her_room(mx, hs, gk
     word: she believed it delivered or on its way."""
     a, srv = gk
     alice, room, ghost = alice_writes_to_wally(hs, a)
-    alice.send_text(room, "before")
-    srv.wait_events(1)
-    srv.fail_next = 1000000  # the peer down
-    alice.send_text(room, "are you still there, wally?")
-    waiting_tried(pg, db_url, "matrix", 1)
-    peer_blocks_alice(mx, a, "block")
-    wait_until(lambda: stored_lines(pg, db_url, "matrix") == "delivered before,dropped -", timeout=20,
-               what="her waiting message dropped")
+    dropped_by_his_block(mx, gk, lambda text: alice.send_text(room, text), pg, db_url, "matrix")
 
     def notices():
         return [e["content"]["body"] for e in hs.events(room)
