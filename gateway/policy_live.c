@@ -1243,7 +1243,11 @@ static const char recheck_ids_sql[] =
  * Her retraction, reaction or receipt is no message to tell of: none.
  * Nor a dead letter she was told of already (sender_told_at: the walk
  * takes dead rows too): the session's review found it told twice, "could
- * not be reached", then "this person blocked you". */
+ * not be reached", then "this person blocked you".  A message that expires
+ * (content.expires) keeps '' (told without its text) since the sixtieth
+ * session: the quote, in her room for good, would outlive the expiry, and
+ * once the drop erased the content nothing finds the row by its expiry to
+ * clear it (the erasures clear a quote: docs/policy.md, "Blocks travel"). */
 /* The events of the rows $1 ([{id, ...}]) locked, in id order, before
  * recheck_drop_sql (in the same transaction). */
 static const char recheck_lock_sql[] =
@@ -1260,7 +1264,8 @@ static const char recheck_drop_sql[] =
 	"  THEN greatest(o.attempts - 1, 0) ELSE o.attempts END, "
 	"  sender_quote = CASE WHEN dn.reason = 'recipient_blocked_sender' AND dn.kind = 1 "
 	"  AND o.sender_told_at IS NULL THEN "
-	"  (SELECT coalesce(" DISPATCHER_QUOTE("e.content") ", '') FROM events e WHERE e.id = o.event_id "
+	"  (SELECT coalesce(CASE WHEN event_expires(e.content) IS NULL THEN " DISPATCHER_QUOTE("e.content") " END, '') "
+	"   FROM events e WHERE e.id = o.event_id "
 	"   AND e.type IN ('message', 'edit')) END "
 	"  FROM dn WHERE o.id = dn.id AND o.id IN (SELECT id FROM lk) "
 	"  RETURNING o.id, o.event_id, dn.reason, NULLIF(dn.rule, 0) AS rule, dn.subject, dn.kind), "
@@ -1558,7 +1563,12 @@ cw_err policy_recheck_row(struct policy_live *pl, PGconn *c, const char *outbox_
  * index (an OR in the join scanned events).  What it expires is marked
  * (events.expired, schema/035): its content alone is what retention
  * leaves too, and an edit sent after the expiry is expired by the peer
- * API as it comes (submit_decide), not delivered.
+ * API as it comes (submit_decide), not delivered.  A quote of it that a
+ * drop for a block kept for its writer's notice (outbox.sender_quote,
+ * schema/054) goes with the content (sq: '', the notice still owed is
+ * told without its text): until the sixtieth session it stayed until the
+ * notice was told, or for ever with no process of her network running
+ * (the look only left it unsaid).
  * $1: now (ms). */
 static const char expiry_sql[] =
 	"WITH due AS MATERIALIZED (SELECT e.id, e.room_id FROM events e "
@@ -1596,6 +1606,8 @@ static const char expiry_sql[] =
 	"  JOIN loc ON loc.id = dv.replaces_id ORDER BY dv.id RETURNING 1), "
 	"wipe AS MATERIALIZED (SELECT id FROM xe WHERE msg NOT IN (SELECT msg FROM raced)), "
 	"sc AS (UPDATE events e SET content = '{}'::jsonb, expired = true WHERE e.id IN (SELECT id FROM wipe)), "
+	"sq AS (UPDATE outbox o SET sender_quote = '' FROM wipe WHERE o.event_id = wipe.id AND o.state = 'dropped' "
+	"  AND o.sender_quote <> ''), "
 	RETENTION_FORGET_FILES("(SELECT " RETENTION_ATTS("f") " FROM events f WHERE f.id IN (SELECT id FROM wipe))") " "
 	"SELECT (SELECT count(*) FROM done), (SELECT count(*) FROM ob), (SELECT count(*) FROM gone)";
 

@@ -112,6 +112,24 @@ static const char content_sql[] =
 	"  FROM x WHERE e.id = x.id AND " CONTENT_DUE " RETURNING 1) "
 	"SELECT (SELECT count(*) FROM u), " SCAN_NEXT;
 
+/* The quotes kept for a notice owed (outbox.sender_quote, schema/054: a
+ * local user's message that waited and was dropped by her recipient's
+ * block keeps its first 60 characters until the adapters' look tells her)
+ * of events accepted more than content_days ($1) ago, emptied ('': the
+ * notice still owed is told without its text), $2 a run, by
+ * outbox_dropped_untold_idx (only the rows owed a notice).  By the age of
+ * the event, not by content_sql's erasure of it: the drop itself erased
+ * the content of a message no one else was to get, which content_sql
+ * then never meets.  Until the sixtieth session a quote stayed until the
+ * notice was told, and with no process of her network running the look,
+ * until rows_days deleted the row (off by default: for ever), 60
+ * characters of a message whose content retention had erased. */
+static const char quotes_sql[] =
+	"UPDATE outbox o SET sender_quote = '' WHERE o.id = ANY (ARRAY(SELECT q.id FROM outbox q "
+	"  JOIN events e ON e.id = q.event_id WHERE q.sender_quote <> '' "
+	"  AND e.accepted_at < now() - make_interval(days => $1::int) ORDER BY q.id LIMIT $2::int "
+	"  FOR UPDATE OF q SKIP LOCKED))";
+
 /* A message whose expiry is still to come rows_days ($1) after it was
  * accepted has it brought forward to now (the database's clock, in ms: a
  * daemon whose clock is behind it takes it back that much later): the
@@ -485,8 +503,9 @@ static cw_err run(PGconn *c, const char *sql, long days, int64_t win, long *coun
 }
 
 /* content_sql (above), its own transaction, from cur, which it
- * moves on (back to the oldest when the scan came to the end).  count:
- * the events whose content went.  A scan that stopped short of the end
+ * moves on (back to the oldest when the scan came to the end), then
+ * quotes_sql in a transaction of its own.  count: the events whose
+ * content went (not the quotes emptied).  A scan that stopped short of the end
  * goes on at the next run, at retention.interval_s as ever (a full batch
  * erased: a second later): a backlog kept for ever (a pull peer gone)
  * would otherwise keep every kind running each second. */
@@ -503,7 +522,8 @@ static cw_err run_content(PGconn *c, long days, struct retention_cursor *cur, lo
 	*count = atol(PQgetvalue(r, 0, 0));
 	scan_next(cur, r);
 	PQclear(r);
-	return CW_OK;
+	long quotes;
+	return run(c, quotes_sql, days, -1, &quotes, e);
 }
 
 /* A local identity (i) nothing refers to, made more than $days days ago

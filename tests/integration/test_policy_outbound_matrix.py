@@ -11,8 +11,8 @@ import time
 from harness import wait_until
 from test_matrix import ALICE, alice_writes_to_wally, metrics
 from test_matrix import gk, hs, mx  # noqa: F401  (the fixtures)
-from test_policy_outbound import (BLOCKED_TEXT, CLOSED_TEXT, close_wa, denials, dropped_by_his_block, limit_records,
-                                  peer_blocks_alice, stored_lines, told_marks)
+from test_policy_outbound import (BLOCKED_TEXT, CLOSED_TEXT, WAITING, close_wa, denials, dropped_by_his_block,
+                                  limit_records, peer_blocks_alice, stored_lines, told_marks)
 
 TOO_MANY = re.compile(r"Not delivered: you sent more messages than this server allows in a minute; "
                       r"write again in (\d+) s\.")
@@ -259,3 +259,30 @@ def test_her_waiting_message_dropped_by_his_block_is_told_in_her_room(mx, hs, gk
     srv.fail_next = 0
     time.sleep(1.0)  # past a retry's wait: nothing of hers reaches him
     assert [e["content"]["parts"][0]["body"] for e in list(srv.events) if e.get("type") == "message"] == ["before"]
+
+
+def ghost_notices(hs, room, ghost):
+    return lambda: [e["content"]["body"] for e in hs.events(room)
+                    if e["sender"] == ghost and e["content"].get("msgtype") == "m.notice"]
+
+
+def test_her_dropped_message_that_expires_is_told_without_its_text(mx, hs, gk, pg, db_url):
+    """A message of hers that expires (content.expires), dropped by his
+    block as it waited, is told without its text: "Not delivered: this
+    person blocked you."  Her notice stays in her room for good, past the
+    expiry, and the drop erased the content, so nothing would find the
+    quote by the expiry to clear it.  Until the sixtieth session the drop
+    kept its first 60 characters all the same (Matrix and XMPP write no
+    such message: a peer's API does; here the waiting one is given an
+    expiry a day off)."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    later = int(time.time() * 1000) + 86400 * 1000
+
+    def expires():
+        pg.psql("UPDATE events SET content = jsonb_set(content, '{content,expires}', "
+                f"to_jsonb({later}::bigint)) WHERE origin_network = 'matrix' AND type = 'message' "
+                f"AND content #>> '{{content,parts,0,body}}' = '{WAITING}'", db_url)
+    dropped_by_his_block(mx, gk, lambda text: alice.send_text(room, text), pg, db_url, "matrix", meanwhile=expires)
+    assert all_told(pg, db_url, ghost_notices(hs, room, ghost), 1) == [BLOCKED_TEXT]
+    assert told_marks(pg, db_url, "matrix") == "true false"

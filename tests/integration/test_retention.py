@@ -1271,3 +1271,39 @@ def test_consent_requests_answered_or_expired_go_at_consent_requests_days(make_d
                what="the requests no longer kept deleted")
     assert set(request_states(pg, db_url)) == set(names) - gone
     srv.close()
+
+
+def test_a_kept_quote_goes_with_the_content_at_content_days_and_at_its_expiry(make_daemon, db_url, pg):
+    """The quote a drop for a block keeps for its writer's notice
+    (outbox.sender_quote, schema/054: its first 60 characters, until the
+    adapters' look tells her) goes as the content would: at
+    retention.content_days after the message was accepted, though the drop
+    erased the content itself (content_sql never meets it), and at its
+    expiry (content.expires), both leaving '' (the notice still owed, told
+    without its text).  A young one stays.  Until the sixtieth session the
+    quote stayed until the notice was told, with no process of her network
+    running until rows_days (off by default).  The drops are made here with
+    SQL, a peer's user's rows (no look tells them)."""
+    d = start(make_daemon, db_url)
+    a, b, rm, srv = peers(d)
+    alice = a.user("alice")
+    msgs = {k: a.send(rm["id"], alice, f"{k} quote").json()["id"] for k in ("old", "young", "expiring")}
+    ids = ",".join(f"'{m}'" for m in msgs.values())
+    pg.psql("UPDATE outbox o SET state = 'dropped', sender_quote = e.content #>> '{content,parts,0,body}' "
+            f"FROM events e WHERE e.id = o.event_id AND e.public_id IN ({ids}); "
+            f"UPDATE events SET content = '{{}}' WHERE public_id IN ('{msgs['old']}', '{msgs['young']}'); "
+            f"UPDATE events SET accepted_at = {OLD} WHERE public_id = '{msgs['old']}'; "
+            "UPDATE events SET content = jsonb_set(content, '{content,expires}', "
+            f"to_jsonb((extract(epoch FROM now()) * 1000)::bigint)) WHERE public_id = '{msgs['expiring']}'", db_url)
+
+    def quotes():
+        rows = pg.psql("SELECT e.public_id, coalesce(o.sender_quote, 'NULL') FROM outbox o "
+                       f"JOIN events e ON e.id = o.event_id WHERE e.public_id IN ({ids})", db_url)
+        got = dict(r.split("|", 1) for r in rows.splitlines())
+        return {k: got.get(m) for k, m in msgs.items()}
+    wait_until(lambda: quotes() == {"old": "", "young": "young quote", "expiring": ""}, timeout=30,
+               what="the old and the expired quotes emptied")
+    assert contents(pg, db_url, [msgs["expiring"]]) == {msgs["expiring"]: "{}"}
+    time.sleep(1.5)  # another run of each
+    assert quotes() == {"old": "", "young": "young quote", "expiring": ""}
+    srv.close()
