@@ -351,7 +351,14 @@ bool dispatcher_stopping(const struct dispatcher *d) { return atomic_load(&((str
  * second in each adapter: docs/performance.md, "Fifty-ninth session").
  * A drop's quote is not said when its message expired meanwhile (its
  * sender's content.expires: the expiry erased the content, and its quote
- * would outlive it in her notice). */
+ * would outlive it in her notice; since the sixtieth session the expiry
+ * empties the quote too).  One message, one notice: the rows of one
+ * event dropped for blocks (a group's, one row a peer, each peer's
+ * members blocking her) are told as the first of them (DISTINCT ON), and
+ * all of them marked told, those past the 50 too (dx: every owed row of
+ * those events, by outbox_event_dest_key); until the sixtieth session
+ * each row was a notice, two for a group message to two peers.  Not a
+ * row dropped after its event's first was told: a notice again. */
 #define UNTOLD(COND, QUOTE)                                                                                  \
 	"(SELECT o.id, o.destination, o.attempts, o.state, e.id AS ev, e.room_id, e.sender_id, e.type, " QUOTE \
 	" AS quote FROM outbox o JOIN events e ON e.id = o.event_id JOIN identities s ON s.id = e.sender_id "   \
@@ -362,8 +369,12 @@ const struct store_stmt dispatcher_dead_stmts[] = {
 		"WITH dd AS " UNTOLD("o.state = 'dead' AND o.sender_told_at IS NULL", DISPATCHER_QUOTE("e.content")) ", "
 		"db AS " UNTOLD("o.state = 'dropped' AND o.sender_quote IS NOT NULL",
 			       "CASE WHEN e.expired THEN NULL ELSE NULLIF(o.sender_quote, '') END") ", "
-		"d AS (SELECT * FROM dd UNION ALL SELECT * FROM db), "
-		"u AS (UPDATE outbox x SET sender_told_at = now(), sender_quote = NULL FROM d WHERE x.id = d.id), "
+		"dx AS (SELECT x.id FROM outbox x WHERE x.event_id = ANY (ARRAY(SELECT ev FROM db)) "
+		"  AND x.state = 'dropped' AND x.sender_quote IS NOT NULL AND x.id NOT IN (SELECT id FROM db) "
+		"  FOR UPDATE SKIP LOCKED), "
+		"d AS (SELECT * FROM dd UNION ALL (SELECT DISTINCT ON (ev) * FROM db ORDER BY ev, id)), "
+		"u AS (UPDATE outbox x SET sender_told_at = now(), sender_quote = NULL "
+		"  WHERE x.id = ANY (ARRAY(SELECT id FROM dd UNION ALL SELECT id FROM db UNION ALL SELECT id FROM dx))), "
 		"nl AS (UPDATE outbox x SET sender_told_at = now() FROM (SELECT o.id FROM outbox o "
 		"  JOIN events e ON e.id = o.event_id JOIN identities s ON s.id = e.sender_id "
 		"  WHERE o.state = 'dead' AND o.sender_told_at IS NULL AND NOT s.is_local "

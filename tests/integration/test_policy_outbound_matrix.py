@@ -286,3 +286,24 @@ def test_her_dropped_message_that_expires_is_told_without_its_text(mx, hs, gk, p
     dropped_by_his_block(mx, gk, lambda text: alice.send_text(room, text), pg, db_url, "matrix", meanwhile=expires)
     assert all_told(pg, db_url, ghost_notices(hs, room, ghost), 1) == [BLOCKED_TEXT]
     assert told_marks(pg, db_url, "matrix") == "true false"
+
+
+def test_her_message_dropped_for_two_peers_at_once_is_told_once(mx, hs, gk, pg, db_url):
+    """One message, one notice: the rows of one message of hers dropped for
+    blocks before a look (a group's, one row a peer, each peer's members
+    blocking her) are told as one notice, and all marked told.  Here her
+    told row is owed again with a second peer's row of the same message,
+    made in one statement so that one look finds both.  Until the sixtieth
+    session each row was a notice of its own."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    dropped_by_his_block(mx, gk, lambda text: alice.send_text(room, text), pg, db_url, "matrix")
+    notices = ghost_notices(hs, room, ghost)
+    told = f"Not delivered \u201c{WAITING}\u201d: this person blocked you."
+    assert all_told(pg, db_url, notices, 1) == [told]
+    pg.psql("WITH o AS (UPDATE outbox x SET sender_told_at = NULL, sender_quote = 'once?' FROM events e "
+            "WHERE e.id = x.event_id AND e.origin_network = 'matrix' AND x.state = 'dropped' RETURNING x.*) "
+            "INSERT INTO outbox (event_id, destination, room_id, state, sender_quote) "
+            "SELECT event_id, 'peer:tg', room_id, 'dropped', 'once?' FROM o", db_url)
+    assert all_told(pg, db_url, notices, 2) == [told, "Not delivered \u201conce?\u201d: this person blocked you."]
+    assert told_marks(pg, db_url, "matrix") == "true false,true false"
