@@ -1241,9 +1241,14 @@ static const char recheck_ids_sql[] =
  * without a word to her, who believed it delivered or on its way; a row
  * refused as she wrote is dropped there, not here, and was told then.
  * Her retraction, reaction or receipt is no message to tell of: none.
- * Nor a dead letter she was told of already (sender_told_at: the walk
- * takes dead rows too): the session's review found it told twice, "could
- * not be reached", then "this person blocked you".  A message that expires
+ * Nor a row she was told of already (sender_told_at), but a dead letter
+ * (or failed row) the admin's replay decides again and refuses (the one
+ * path that drops such a row: the walk and the claims take waiting rows):
+ * told "could not be reached (...). The operator can send it again.", she
+ * is told now what became of that, "this person blocked you".  The
+ * fifty-ninth session's review took that second notice for a repeat and
+ * kept no quote for a row told already, so a refused replay told nothing
+ * (until the sixtieth session).  A message that expires
  * (content.expires) keeps '' (told without its text) since the sixtieth
  * session: the quote, in her room for good, would outlive the expiry, and
  * once the drop erased the content nothing finds the row by its expiry to
@@ -1263,7 +1268,7 @@ static const char recheck_drop_sql[] =
 	"  claimed_until = NULL, attempts = CASE WHEN o.state = 'in_flight' AND o.id = ANY($3::bigint[]) "
 	"  THEN greatest(o.attempts - 1, 0) ELSE o.attempts END, "
 	"  sender_quote = CASE WHEN dn.reason = 'recipient_blocked_sender' AND dn.kind = 1 "
-	"  AND o.sender_told_at IS NULL THEN "
+	"  AND (o.sender_told_at IS NULL OR o.state IN ('dead', 'failed')) THEN "
 	"  (SELECT coalesce(CASE WHEN event_expires(e.content) IS NULL THEN " DISPATCHER_QUOTE("e.content") " END, '') "
 	"   FROM events e WHERE e.id = o.event_id "
 	"   AND e.type IN ('message', 'edit')) END "

@@ -12,7 +12,7 @@ from harness import wait_until
 from test_matrix import ALICE, alice_writes_to_wally, metrics
 from test_matrix import gk, hs, mx  # noqa: F401  (the fixtures)
 from test_policy_outbound import (BLOCKED_TEXT, CLOSED_TEXT, WAITING, close_wa, denials, dropped_by_his_block,
-                                  limit_records, peer_blocks_alice, stored_lines, told_marks)
+                                  limit_records, peer_blocks_alice, stored_lines, told_marks, waiting_tried)
 
 TOO_MANY = re.compile(r"Not delivered: you sent more messages than this server allows in a minute; "
                       r"write again in (\d+) s\.")
@@ -307,3 +307,33 @@ def test_her_message_dropped_for_two_peers_at_once_is_told_once(mx, hs, gk, pg, 
             "SELECT event_id, 'peer:tg', room_id, 'dropped', 'once?' FROM o", db_url)
     assert all_told(pg, db_url, notices, 2) == [told, "Not delivered \u201conce?\u201d: this person blocked you."]
     assert told_marks(pg, db_url, "matrix") == "true false,true false"
+
+
+def test_her_dead_letter_replayed_after_his_block_is_told_the_block(mx, hs, gk, pg, db_url):
+    """Her message a dead letter ("could not be reached ... The operator
+    can send it again."), then wally blocks her: the admin's replay is
+    refused (409) and drops it, and she is told that too, "this person
+    blocked you", quoting it: what became of the resend her first notice
+    promised.  The fifty-ninth session's review kept no quote for a row
+    told already, and until the sixtieth session a refused replay told
+    nothing."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    alice.send_text(room, "before")
+    srv.wait_events(1)
+    srv.fail_next = 1000000  # the peer down
+    alice.send_text(room, WAITING)
+    waiting_tried(pg, db_url, "matrix", 1)
+    dead = ("WITH u AS (UPDATE outbox o SET state = 'dead' FROM events e WHERE e.id = o.event_id "
+            "AND e.origin_network = 'matrix' AND o.state = 'pending' AND o.attempts > 0 RETURNING o.id) "
+            "SELECT coalesce(max(id), 0) FROM u")
+    row = wait_until(lambda: int(pg.psql(dead, db_url)), what="her waiting message made a dead letter")
+    notices = ghost_notices(hs, room, ghost)
+    unreached = all_told(pg, db_url, notices, 1)
+    assert unreached[0].startswith(f"Not delivered \u201c{WAITING}\u201d: gk could not be reached"), unreached
+    peer_blocks_alice(mx, a, "block")
+    r = mx.admin("POST", f"/outbox/{row}/replay")
+    assert r.status_code == 409 and "recipient_blocked_sender" in r.text, r.text
+    assert all_told(pg, db_url, notices, 2) == unreached + [f"Not delivered \u201c{WAITING}\u201d: "
+                                                            "this person blocked you."]
+    assert told_marks(pg, db_url, "matrix") == "true false"
