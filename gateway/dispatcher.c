@@ -383,8 +383,14 @@ const struct store_stmt dispatcher_dead_stmts[] = {
 		"  (SELECT native_id FROM identity_bindings WHERE identity_id = d.sender_id AND network = $1), "
 		"  (SELECT substr(n.native_id, length(d.room_id::text) + 2) FROM event_native_ids n "
 		"   WHERE n.event_id = d.ev AND n.network = $1 AND n.kind = 'id' "
-		"   AND starts_with(n.native_id, d.room_id::text || '/') LIMIT 1), d.quote, d.state "
-		"FROM d LEFT JOIN room_bindings b ON b.room_id = d.room_id AND b.network = $1 "
+		"   AND starts_with(n.native_id, d.room_id::text || '/') LIMIT 1), d.quote, d.state, rm.kind, rm.public_id, "
+		"  CASE WHEN b.native_id IS NULL AND $1 = 'matrix' THEN (SELECT g.room_id FROM matrix_mgmt_rooms g "
+		"   WHERE g.identity_id = d.sender_id ORDER BY g.created_at DESC LIMIT 1) END, "
+		"  CASE WHEN b.native_id IS NULL AND rm.kind <> 'group' THEN (SELECT i.uri FROM room_members m "
+		"   JOIN identities i ON i.id = m.identity_id WHERE m.room_id = d.room_id AND NOT i.is_local "
+		"   ORDER BY i.id LIMIT 1) END, rm.name "
+		"FROM d JOIN rooms rm ON rm.id = d.room_id LEFT JOIN room_bindings b ON b.room_id = d.room_id "
+		"  AND b.network = $1 "
 		"  AND b.local_identity_id = d.sender_id "
 		"LEFT JOIN identities ri ON ri.id = b.remote_identity_id ORDER BY d.id" },
 	{ NULL, NULL },

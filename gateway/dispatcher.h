@@ -197,7 +197,12 @@ bool dispatcher_stopping(const struct dispatcher *d);
  * (the binding of the event's room, NULL when there is none), the remote
  * user's local part there, the sender's native id, and the event's
  * native id on network (NULL: none), the first 60 characters of its text
- * (NULL: none), the row's state (dead, dropped).  NULL result on failure
+ * (NULL: none), the row's state (dead, dropped), and since the sixtieth
+ * session the room's kind (direct, group) and public id, and for a row
+ * with no native room of hers (the first NULL) her Matrix management room
+ * (NULL: none, or not Matrix) and, not in a group, the remote user's URI:
+ * where and about whom to tell her instead; the room's name (NULL: none).
+ * NULL result on failure
  * (e set).  c has dispatcher_dead_stmts prepared (store_prepare_all): the
  * look runs twice a second in each adapter's loop, and its planning cost
  * 3 ms. */

@@ -1553,7 +1553,14 @@ void mx_bot_notice(struct matrix *m, const char *room, const char *text, const c
  * waited for its peer and was dropped by her recipient's block
  * (dispatcher_dead_untold), is told to them in its room: the notice is
  * queued in the transaction that marks the row told, so either both are
- * kept or neither (the row is told at the next look). */
+ * kept or neither (the row is told at the next look).  A conversation
+ * with no room of hers any more (she left it, put the ghost out, the room
+ * was upgraded) is told since the sixtieth session in her management room
+ * with the bot, if she has one, saying to whom ("To mimi://...: Not
+ * delivered ..."; a group's "In the group ...: "): until then it was
+ * marked told and said nowhere.  With no management room either there is
+ * nowhere she reads the bot: marked told unsaid (the bot opens no room
+ * unasked). */
 static void dead_letters(PGconn *c)
 {
 	cw_errmsg e;
@@ -1568,12 +1575,20 @@ static void dead_letters(PGconn *c)
 		/* a room id longer than matrix_notices takes (none is, in
 		 * Matrix) is passed over: refused, it would keep every other
 		 * row from being told */
-		if ((strcmp(type, "message") != 0 && strcmp(type, "edit") != 0) || PQgetisnull(r, i, 4) ||
-		    PQgetlength(r, i, 4) > 255)
+		int where = PQgetisnull(r, i, 4) ? 12 : 4;
+		if ((strcmp(type, "message") != 0 && strcmp(type, "edit") != 0) || PQgetisnull(r, i, where) ||
+		    PQgetlength(r, i, where) > 255)
 			continue;
-		char text[600];
+		char text[600], said[1200];
 		dispatcher_dead_text(text, sizeof(text), r, i);
-		rc = notice_queue(c, PQgetvalue(r, i, 4), text, NULL, &e);
+		if (where == 12 && strcmp(PQgetvalue(r, i, 10), "group") == 0)
+			snprintf(said, sizeof(said), "In the group %s: %s",
+				 PQgetvalue(r, i, PQgetisnull(r, i, 14) ? 11 : 14), text);
+		else if (where == 12 && !PQgetisnull(r, i, 13))
+			snprintf(said, sizeof(said), "To %s: %s", PQgetvalue(r, i, 13), text);
+		else
+			snprintf(said, sizeof(said), "%s", text);
+		rc = notice_queue(c, PQgetvalue(r, i, where), said, NULL, &e);
 	}
 	PQclear(r);
 	cw_errmsg e2;

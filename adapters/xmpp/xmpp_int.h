@@ -414,7 +414,8 @@ long xa_reconnect_backoff(long prev, int64_t up_ms, bool auth, long max);
  * letter, or (since the fifty-ninth session) that waited and was dropped
  * by the remote user's block, is told to them in a chat message from the
  * component's domain (which remote user, what, why, what the operator can
- * do: dispatcher_dead_text). */
+ * do: dispatcher_dead_text); a group's, since the sixtieth session, naming
+ * the group's JID ("In #...@...: ..."), until then marked told unsaid. */
 void xa_dead_letters(struct xcomp *xc, PGconn *c);
 
 /* XEP-0054 vcard-temp for a remote user's JID (an iq get, answered from a

@@ -682,6 +682,20 @@ out:
 	return rc;
 }
 
+/* The JID of the group of row i of a dispatcher_dead_untold result, as its
+ * writer has it: her binding's pair key holds it ("her-JID room-JID",
+ * xa_room_native), or, hashed when the two were long, this component's
+ * JID of the group's public id (column 11). */
+static bool group_jid(const struct xcomp *xc, const PGresult *r, int i, char *out, size_t len)
+{
+	const char *native = PQgetvalue(r, i, 4), *sp = strchr(native, ' ');
+	if (strncmp(native, "h:", 2) != 0 && sp && strlen(sp + 1) < len) {
+		snprintf(out, len, "%s", sp + 1);
+		return true;
+	}
+	return xa_muc_room_jid(xc, PQgetvalue(r, i, 11), out, len);
+}
+
 void xa_dead_letters(struct xcomp *xc, PGconn *c)
 {
 	char dest[PEER_NAME_MAX + 8];
@@ -694,18 +708,22 @@ void xa_dead_letters(struct xcomp *xc, PGconn *c)
 	}
 	for (int i = 0; i < PQntuples(r); i++) {
 		const char *type = PQgetvalue(r, i, 3);
-		if ((strcmp(type, "message") != 0 && strcmp(type, "edit") != 0) || PQgetisnull(r, i, 5) ||
+		if ((strcmp(type, "message") != 0 && strcmp(type, "edit") != 0) || PQgetisnull(r, i, 4) ||
 		    PQgetisnull(r, i, 6))
 			continue; /* not a message, or no conversation to say it about */
 		char remote[XJ_JID_MAX + 1], text[600];
-		if (!xa_remote_jid(xc, PQgetvalue(r, i, 5), remote, sizeof(remote)))
+		if (!PQgetisnull(r, i, 5)) {
+			if (!xa_remote_jid(xc, PQgetvalue(r, i, 5), remote, sizeof(remote)))
+				continue;
+		} else if (strcmp(PQgetvalue(r, i, 10), "group") != 0 || !group_jid(xc, r, i, remote, sizeof(remote)))
 			continue;
 		dispatcher_dead_text(text, sizeof(text), r, i); /* a dead letter or a drop by a block */
 		/* From the component, as a chat message: an error stanza would
 		 * have to go to the full JID that sent the message (the server
 		 * drops an error to a bare JID, RFC 6121), and that resource may
 		 * be long gone. */
-		xa_notice(xc, XA_NOW_KEPT, PQgetvalue(r, i, 6), "To %s: %s", remote, text); /* marked told below */
+		xa_notice(xc, XA_NOW_KEPT, PQgetvalue(r, i, 6), "%s %s: %s", PQgetisnull(r, i, 5) ? "In" : "To", remote,
+			  text); /* marked told below */
 	}
 	PQclear(r);
 	/* Marked told once sent: a mark that did not commit leaves them to

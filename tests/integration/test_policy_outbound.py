@@ -444,3 +444,36 @@ def test_her_waiting_message_dropped_by_his_block_is_told_by_the_component(xd, g
     srv.fail_next = 0
     time.sleep(1.0)  # past a retry's wait: nothing of hers reaches him
     assert [e["content"]["parts"][0]["body"] for e in srv.events if e.get("type") == "message"] == ["before"]
+
+
+def test_her_waiting_group_message_dropped_by_his_block_is_told_naming_the_group(xd, gk, alice, pg, db_url):
+    """Her groupchat still waiting for his peer (down) when wally, its one
+    member there, blocks her is dropped, and the component tells her in a
+    chat message from its domain naming the group's room: "In #...@...:
+    Not delivered ...".  Until the sixtieth session a group's row was
+    marked told and said nowhere (the component told a chat only)."""
+    from test_xmpp import MUC, MUC_USER, consent_alice, q
+    a, srv = gk
+    consent_alice(xd)
+    gid = a.create_room([a.user("wally"), ALICE], kind="group").json()["id"]
+    assert a.send(gid, a.user("wally"), "hello group").status_code == 202
+    room = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None).get("from")
+    start = alice.count()
+    alice.send_presence(to=f"{room}/alice", payload=f"<x xmlns='{MUC}'/>")
+    alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+    srv.fail_next = 1000000  # the peer down
+    alice.send_message(room, WAITING, mtype="groupchat", id="g1")
+    waiting_tried(pg, db_url, "xmpp", 1)
+    peer_blocks_alice(xd, a, "block")
+    wait_until(lambda: stored_lines(pg, db_url, "xmpp") == "dropped -", timeout=20, what="her groupchat dropped")
+
+    def told():
+        return [body(el) for el in alice.stanzas()[start:] if el.tag == "{jabber:client}message"
+                and el.get("from") == COMP and el.get("type") != "groupchat"]
+    text = f"In {room}: Not delivered \u201c{WAITING}\u201d: this person blocked you."
+    wait_until(lambda: text in told(), timeout=20, what="the telling")
+    wait_until(lambda: told_marks(pg, db_url, "xmpp") == "true false", what="the row marked told")
+    alice.iq("get", COMP, "<ping xmlns='urn:xmpp:ping'/>")
+    time.sleep(1.5)  # past the component's next look (once a second)
+    alice.iq("get", COMP, "<ping xmlns='urn:xmpp:ping'/>")
+    assert told() == [text], told()

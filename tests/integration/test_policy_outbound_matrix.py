@@ -337,3 +337,30 @@ def test_her_dead_letter_replayed_after_his_block_is_told_the_block(mx, hs, gk, 
     assert all_told(pg, db_url, notices, 2) == unreached + [f"Not delivered \u201c{WAITING}\u201d: "
                                                             "this person blocked you."]
     assert told_marks(pg, db_url, "matrix") == "true false"
+
+
+def test_her_dropped_message_with_no_room_of_hers_is_told_in_her_management_room(mx, hs, gk, pg, db_url):
+    """Her waiting message dropped by his block after she left their room
+    (its binding gone: no room of hers to say it in) is told in her
+    management room with the bot, naming to whom: "To mimi://...: Not
+    delivered ...".  Until the sixtieth session it was marked told and said
+    nowhere."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    bot = "@_cw_bot:example.org"
+    mgmt = alice.create_dm(bot)
+
+    def said():
+        return [e["content"]["body"] for e in hs.events(mgmt) if e["type"] == "m.room.message" and e["sender"] == bot]
+    wait_until(lambda: any("Commands" in n for n in said()), what="the bot's help")
+
+    def leaves():
+        alice.leave(room)
+        wait_until(lambda: pg.psql("SELECT count(*) FROM room_bindings WHERE network = 'matrix' "
+                                   f"AND native_id = '{room}'", db_url) == "0", what="her room unbound")
+    dropped_by_his_block(mx, gk, lambda text: alice.send_text(room, text), pg, db_url, "matrix", meanwhile=leaves)
+    told = f"To {a.user('wally')}: Not delivered \u201c{WAITING}\u201d: this person blocked you."
+    wait_until(lambda: told in said(), timeout=20, what="the notice in her management room")
+    wait_until(lambda: told_marks(pg, db_url, "matrix") == "true false", what="the row marked told")
+    time.sleep(1.0)  # past two more looks
+    assert said().count(told) == 1, said()
