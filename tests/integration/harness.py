@@ -573,6 +573,8 @@ class Daemon:
                 del self.env[k]
         self.env.update(env or {})
         self.proc = None
+        self._reader = None
+        self.run_start = 0
         self.lines = []
         self.records = []
         self._cond = threading.Condition()
@@ -588,13 +590,27 @@ class Daemon:
                     f.write(f"{k} = {v}\n")
 
     def start(self, wait_ready=True, args=None):
+        """The daemon spawned, and with wait_ready its "ready" record
+        awaited: the one this process writes (self.run_start, the index of
+        its first record in self.records, which keeps every run's).  Until
+        the sixtieth session the wait read from record 0, so a daemon
+        restarted (its port 0: the kernel's choice, another each run) took
+        the previous run's "ready", its port, and went on before the new
+        process listened: a test's next request was refused, or reached
+        nothing; the tests that restarted one each looked past the old
+        records themselves (start=seen), and the others were racy."""
+        if self.proc and self._reader and self.proc.poll() is not None:
+            self._reader.join(timeout=5)  # the last run's lines all in before the mark
+        with self._cond:
+            self.run_start = len(self.records)
         cmd = self.wrapper + [CAUSEWAYD, "--config", self.config_path] + list(args or [])
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      env=self.env, text=True, errors="replace")
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         if wait_ready:
-            rec = self.wait_for(lambda r: r.get("msg") == "ready", timeout=self.ready_timeout)
+            rec = self.wait_for(lambda r: r.get("msg") == "ready", timeout=self.ready_timeout,
+                                start=self.run_start)
             self.port = int(rec["port"])
         return self
 

@@ -272,6 +272,23 @@ def test_a_long_path_keeps_the_status_in_the_access_log(daemon):
     assert rec["path"] == "/healthz" and "path_truncated" not in rec
 
 
+def test_a_daemon_restarted_on_port_0_is_reached_at_once(make_daemon, db_url):
+    """The harness's start() returns once the process it spawned said
+    "ready", its port the one that process listens on.  A daemon on port 0
+    listens where the kernel says, another port each run, and its Daemon
+    keeps every run's log records: until the sixtieth session start() took
+    the first "ready" of them all, the old run's, and a request made at
+    once went to the old port before the new process listened (refused).
+    Twice: the second restart must not take the first restart's either."""
+    d = make_daemon(db_url).start()
+    for _ in range(2):
+        assert d.stop() == 0
+        d.start()
+        readies = [r for r in list(d.records) if r.get("msg") == "ready" and r.get("pid") == str(d.proc.pid)]
+        assert len(readies) == 1 and int(readies[0]["port"]) == d.port, (d.port, readies)
+        assert d.get("/healthz").status_code == 200
+
+
 def test_a_signal_as_the_process_starts_does_not_kill_it(make_daemon, db_url, pg):
     """TERM, INT and HUP were blocked only after the configuration and the
     migrations were read: a SIGHUP in those first milliseconds (a reload
