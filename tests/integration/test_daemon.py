@@ -1140,6 +1140,36 @@ def test_the_start_holds_no_connection_idle_while_the_policy_thread_starts(make_
     assert d.stop() == 0, d.log()
 
 
+def test_a_move_of_local_users_longer_than_the_statement_timeout_runs_to_its_end(make_daemon, db_url, pg):
+    """The start's move of the local users met before the adapter was
+    configured (one statement, a rewrite of each) runs to its end as the
+    migrations do, whatever database.statement_timeout_ms says: until the
+    sixtieth session it ran under it, and a move longer than it (200,000
+    users took 5-9 s on a loaded machine against the default 10 s,
+    docs/performance.md) was cancelled, the start exited 1 ("cannot move
+    local users to the local adapter", "canceling statement due to
+    statement timeout"), and so did every start after it.  Here a trigger
+    makes the move last 1.5 s, the timeout 1 s.  Only the move's: SET
+    LOCAL, ended by its COMMIT, and the policy thread that takes the
+    connection on has the timeout again."""
+    pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network) VALUES "
+            "('mimi://example.org/u/carol', 'example.org', 'carol', true, 'local'); "
+            "CREATE FUNCTION test_slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            " PERFORM pg_sleep(1.5); RETURN NULL; END $$; "
+            "CREATE TRIGGER test_slow BEFORE UPDATE ON identities FOR EACH STATEMENT EXECUTE FUNCTION test_slow()",
+            db_url)
+    opts = dict(MATRIX_ONLY, database={"statement_timeout_ms": "1000"})
+    d = make_daemon(db_url, options=opts)
+    d.start(wait_ready=False)
+    rec = d.wait_for(lambda r: r.get("msg") in ("ready", "cannot move local users to the local adapter"), timeout=30)
+    assert rec["msg"] == "ready", d.log()
+    pg.psql("DROP TRIGGER test_slow ON identities", db_url)
+    assert pg.psql("SELECT network FROM identities WHERE localpart = 'carol'", db_url) == "matrix"
+    assert any(r.get("msg") == "local users now served by the local adapter" and r.get("users") == "1"
+               for r in d.records), d.log()
+    assert d.stop() == 0, d.log()
+
+
 def test_a_statement_the_policy_thread_cannot_prepare_is_logged_once_with_its_name(make_daemon, db_url, pg):
     """The policy thread's statements refused by PostgreSQL (here a lock
     held on consents past a 300 ms statement timeout): at the start, one
