@@ -374,6 +374,55 @@ static int run_migrations(const struct cw_config *cfg, const struct migration_se
 	return 0;
 }
 
+/* The local users met before the adapter was configured (network
+ * "local") and the rows waiting for them, moved to the adapter's network
+ * net.  Run to its end, as the migrations are, a wait for a lock bounded
+ * by the statement timeout: a one-off rewrite of every such user, under
+ * database.statement_timeout_ms until the sixtieth session, was cancelled
+ * past some hundred thousand of them (200,000 took 5-9 s on a loaded
+ * machine, once past the 10 s default: tests/bench/startup --adapters),
+ * and the start failed at every try
+ * (test_daemon.py::test_a_move_of_local_users_longer_than_the_statement_
+ * timeout_runs_to_its_end).  False after saying why. */
+static bool move_local_users(PGconn *c, const char *net, long statement_timeout_ms)
+{
+	char begin[128], users[32] = "", rows[32] = "";
+	snprintf(begin, sizeof(begin), "BEGIN; SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = %ld",
+		 statement_timeout_ms);
+	PGresult *r = PQexec(c, begin);
+	bool ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+	PQclear(r);
+	if (ok) {
+		const char *params[] = { net };
+		r = PQexecParams(c,
+				 "WITH i AS (UPDATE identities SET network = $1, updated_at = now() "
+				 "WHERE is_local AND network = 'local' RETURNING 1), "
+				 "o AS (UPDATE outbox SET destination = $1 "
+				 "WHERE destination = 'local' AND state IN ('pending', 'held') RETURNING 1) "
+				 "SELECT (SELECT count(*) FROM i), (SELECT count(*) FROM o)",
+				 1, NULL, params, NULL, NULL, 0);
+		ok = PQresultStatus(r) == PGRES_TUPLES_OK;
+		if (ok) {
+			snprintf(users, sizeof(users), "%s", PQgetvalue(r, 0, 0));
+			snprintf(rows, sizeof(rows), "%s", PQgetvalue(r, 0, 1));
+		}
+		PQclear(r);
+	}
+	if (ok) {
+		r = PQexec(c, "COMMIT");
+		ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+		PQclear(r);
+	}
+	if (!ok) {
+		LOG_KV(CW_LOG_ERROR, "cannot move local users to the local adapter", "detail", PQerrorMessage(c));
+		return false;
+	}
+	if (atoi(users) || atoi(rows))
+		LOG_KV(CW_LOG_INFO, "local users now served by the local adapter", "network", net, "users", users,
+		       "waiting_rows", rows);
+	return true;
+}
+
 /* Every process of one database must sign with the same key: peers pin
  * the one the directory shows, and a file link made by one process opens
  * only in a process of the same key (its MAC key is derived from it).  A
@@ -850,57 +899,8 @@ int main(int argc, char **argv)
 			 * ("local": no adapter) are its users now, and what waits for
 			 * them goes there: moved before the policy thread's first
 			 * load and sweep, which see them moved. */
-			const char *net[] = { app_local_network(&app) };
-			/* Run to its end, as the migrations are, a wait for a lock
-			 * bounded by the statement timeout: a one-off rewrite of
-			 * every such user, under database.statement_timeout_ms
-			 * until the sixtieth session, was cancelled past some
-			 * hundred thousand of them (200,000 took 5-9 s on a loaded
-			 * machine, once past the 10 s default: tests/bench/startup
-			 * --adapters), and the start failed at every try
-			 * (test_daemon.py::test_a_move_of_local_users_longer_than_
-			 * the_statement_timeout_runs_to_its_end). */
-			char begin[128];
-			snprintf(begin, sizeof(begin), "BEGIN; SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = %ld",
-				 cfg.db_statement_timeout_ms);
-			PGresult *r = PQexec(c, begin);
-			if (PQresultStatus(r) != PGRES_COMMAND_OK) {
-				LOG_KV(CW_LOG_ERROR, "cannot move local users to the local adapter", "detail",
-				       PQerrorMessage(c));
-				PQclear(r);
+			if (!move_local_users(c, app_local_network(&app), cfg.db_statement_timeout_ms))
 				goto out_migrations;
-			}
-			PQclear(r);
-			r = PQexecParams(c,
-						   "WITH i AS (UPDATE identities SET network = $1, updated_at = now() "
-						   "WHERE is_local AND network = 'local' RETURNING 1), "
-						   "o AS (UPDATE outbox SET destination = $1 "
-						   "WHERE destination = 'local' AND state IN ('pending', 'held') "
-						   "RETURNING 1) "
-						   "SELECT (SELECT count(*) FROM i), (SELECT count(*) FROM o)",
-						   1, NULL, net, NULL, NULL, 0);
-			if (PQresultStatus(r) != PGRES_TUPLES_OK) {
-				LOG_KV(CW_LOG_ERROR, "cannot move local users to the local adapter",
-				       "detail", PQerrorMessage(c));
-				PQclear(r);
-				goto out_migrations;
-			}
-			bool moved = atoi(PQgetvalue(r, 0, 0)) || atoi(PQgetvalue(r, 0, 1));
-			char users[32], rows[32];
-			snprintf(users, sizeof(users), "%s", PQgetvalue(r, 0, 0));
-			snprintf(rows, sizeof(rows), "%s", PQgetvalue(r, 0, 1));
-			PQclear(r);
-			r = PQexec(c, "COMMIT");
-			if (PQresultStatus(r) != PGRES_COMMAND_OK) {
-				LOG_KV(CW_LOG_ERROR, "cannot move local users to the local adapter", "detail",
-				       PQerrorMessage(c));
-				PQclear(r);
-				goto out_migrations;
-			}
-			PQclear(r);
-			if (moved)
-				LOG_KV(CW_LOG_INFO, "local users now served by the local adapter", "network", net[0],
-				       "users", users, "waiting_rows", rows);
 		}
 	}
 	/* Handed to the policy thread, its first connection (LISTEN, the
