@@ -1071,10 +1071,61 @@ static bool edits_an_edit(struct txn *t, const json_t *ev)
 	return target && json_object_get(t->edits, target) && lookup_ref_or_user(t, target);
 }
 
+/* An event converted (txn_convert): its Matrix room, its native id (a
+ * room event's Matrix id, borrowed from the event or its with_prior copy;
+ * an ephemeral one's, in id), its sender's URI and its neutral body (a
+ * reference); a room event's neutral message id in id.  Until the
+ * sixtieth session each was a JSON array of five strings made by
+ * json_pack, some 7 allocations an event and the reading of a format,
+ * on the reader, only for txn_convert to read them back. */
+struct conv_item {
+	const char *room, *event_id, *uri; /* event_id NULL: an ephemeral event, its native id in id */
+	json_t *neutral;
+	char id[80];
+};
+
+struct conv {
+	struct conv_item *v;
+	size_t n, cap;
+};
+
+/* Appends an item, neutral's reference stolen (dropped when there is no
+ * memory, or no neutral body, as the array's append of a json_pack that
+ * failed dropped it). */
+static void conv_add(struct conv *cv, const char *room, const char *event_id, const char *uri, json_t *neutral,
+		     const char *id)
+{
+	if (!neutral)
+		return;
+	if (cv->n == cv->cap) {
+		size_t cap = cv->cap ? 2 * cv->cap : 16;
+		struct conv_item *v = realloc(cv->v, cap * sizeof(*v));
+		if (!v) {
+			json_decref(neutral);
+			return;
+		}
+		cv->v = v;
+		cv->cap = cap;
+	}
+	struct conv_item *it = &cv->v[cv->n++];
+	it->room = room;
+	it->event_id = event_id;
+	it->uri = uri;
+	it->neutral = neutral;
+	snprintf(it->id, sizeof(it->id), "%s", id);
+}
+
+static void conv_free(struct conv *cv)
+{
+	for (size_t i = 0; i < cv->n; i++)
+		json_decref(cv->v[i].neutral);
+	free(cv->v);
+}
+
 /* One room event of the transaction into conv (as txn_convert says), or
  * counted as ignored or invalid (and its writer told, when that is
  * due). */
-static void convert_event(struct txn *t, json_t *ev, json_t *conv, json_t *copies)
+static void convert_event(struct txn *t, json_t *ev, struct conv *conv, json_t *copies)
 {
 	const char *room = json_string_value(json_object_get(ev, "room_id"));
 	const char *sender = json_string_value(json_object_get(ev, "sender"));
@@ -1145,7 +1196,7 @@ static void convert_event(struct txn *t, json_t *ev, json_t *conv, json_t *copie
 		if (is_edit)
 			json_object_set_new(t->edits, event_id, json_true());
 	}
-	json_array_append_new(conv, json_pack("[s, s, s, o, s]", room, event_id, uri, neutral, pid));
+	conv_add(conv, room, event_id, uri, neutral, pid);
 }
 
 /* Whether ev names an event of its transaction not converted yet
@@ -1175,7 +1226,7 @@ static bool names_pending(const json_t *ev, const json_t *pending)
  * what is left until one puts nothing after another; what names one
  * another in a circle goes in its order then.  Member events keep their
  * place (nothing of theirs names an event). */
-static void convert_events(struct txn *t, json_t *conv, json_t *copies)
+static void convert_events(struct txn *t, struct conv *conv, json_t *copies)
 {
 	json_t *pending = json_object(), *todo = json_copy(t->events), *ev;
 	size_t i;
@@ -1221,8 +1272,8 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 	t->ir_text.len = 0;
 	json_array_clear(t->refusals);
 	size_t n = json_array_size(t->events);
-	json_t *conv = json_array(); /* [ [room, event_id, sender uri, neutral body], ... ] */
-	json_t *copies = json_array(); /* with_prior's */
+	struct conv conv = { 0 };
+	json_t *copies = json_array(); /* with_prior's (conv borrows their ids) */
 	size_t i;
 	json_t *ev;
 	json_array_foreach(t->nul, i, ev) {
@@ -1244,9 +1295,7 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 					 "cannot be told"
 				       : "it holds the character U+0000 (NUL), which this gateway cannot store");
 	}
-	convert_events(t, conv, copies);
-	json_decref(copies);
-	json_t *eph = json_array();
+	convert_events(t, &conv, copies);
 	json_object_clear(t->typing); /* this step may run again: from the stored state each time */
 	json_array_foreach(t->ephemeral, i, ev) {
 		const char *room = json_string_value(json_object_get(ev, "room_id"));
@@ -1295,63 +1344,61 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 			free(text);
 			cw_hex(hex, h, 16);
 			snprintf(native, sizeof(native), "eph:%s", hex);
-			json_array_append_new(eph, json_pack("[s, s, s, o]", room, native, uri, neutral));
+			conv_add(&conv, room, NULL, uri, neutral, native);
 		}
 		json_decref(list);
 	}
-	json_array_extend(conv, eph);
-	json_decref(eph);
 	(void)n;
-	size_t total = json_array_size(conv);
+	size_t total = conv.n;
+	cw_err rc = CW_OK;
 	t->b = submit_new(total);
 	if (!t->b) {
-		json_decref(conv);
-		return cw_fail(e, CW_ENOMEM, "out of memory");
+		rc = cw_fail(e, CW_ENOMEM, "out of memory");
+		goto out;
 	}
 	submit_setup(t->b, t->app, SUBMIT_ROOM_BY_NATIVE);
 	struct event_limits lim = event_limits_default();
 	t->item_rooms = calloc(total ? total : 1, sizeof(*t->item_rooms));
 	if (!t->item_rooms) {
-		json_decref(conv);
-		return cw_fail(e, CW_ENOMEM, "out of memory");
+		rc = cw_fail(e, CW_ENOMEM, "out of memory");
+		goto out;
 	}
-	json_t *x;
-	json_array_foreach(conv, i, x) {
-		json_t *neutral = json_array_get(x, 3);
-		if (item_room_set(t, i, json_string_value(json_array_get(x, 0)),
-				  json_string_value(json_object_get(neutral, "type")),
-				  json_string_value(json_array_get(x, 1)))) {
-			json_decref(conv);
-			return cw_fail(e, CW_ENOMEM, "out of memory");
+	for (i = 0; i < total; i++) {
+		const struct conv_item *x = &conv.v[i];
+		json_t *neutral = x->neutral;
+		const char *native = x->event_id ? x->event_id : x->id;
+		if (item_room_set(t, i, x->room, json_string_value(json_object_get(neutral, "type")), native)) {
+			rc = cw_fail(e, CW_ENOMEM, "out of memory");
+			goto out;
 		}
 		struct event pev;
 		struct event_error err;
-		cw_err rc = event_from_json(neutral, &lim, 0, &pev, &err);
-		if (rc == CW_ENOMEM) {
-			json_decref(conv);
-			return cw_fail(e, CW_ENOMEM, "out of memory");
+		cw_err erc = event_from_json(neutral, &lim, 0, &pev, &err);
+		if (erc == CW_ENOMEM) {
+			rc = cw_fail(e, CW_ENOMEM, "out of memory");
+			goto out;
 		}
-		if (rc) {
-			LOG_KV_LIMITED(CW_LOG_INFO, "matrix event not representable", "event_id",
-				       json_string_value(json_array_get(x, 1)), "detail", err.detail);
+		if (erc) {
+			LOG_KV_LIMITED(CW_LOG_INFO, "matrix event not representable", "event_id", native, "detail",
+				       err.detail);
 			t->conv_invalid++;
 			const char *type = json_string_value(json_object_get(neutral, "type"));
 			if (type && (strcmp(type, "message") == 0 || strcmp(type, "edit") == 0))
-				refusal(t->refusals, json_string_value(json_array_get(x, 0)),
-					json_string_value(json_array_get(x, 1)), err.detail);
+				refusal(t->refusals, x->room, native, err.detail);
 			continue;
 		}
-		bool ok = submit_put_local(t->b, i, t->app, "matrix", json_string_value(json_array_get(x, 0)),
-					   json_string_value(json_array_get(x, 1)), json_string_value(json_array_get(x, 2)),
-					   &pev, json_string_value(json_array_get(x, 4)));
+		bool ok = submit_put_local(t->b, i, t->app, "matrix", x->room, native, x->uri, &pev,
+					   x->event_id ? x->id : NULL);
 		event_free(&pev);
 		if (!ok) {
-			json_decref(conv);
-			return cw_fail(e, CW_ENOMEM, "out of memory");
+			rc = cw_fail(e, CW_ENOMEM, "out of memory");
+			goto out;
 		}
 	}
-	json_decref(conv);
-	return CW_OK;
+out:
+	conv_free(&conv);
+	json_decref(copies);
+	return rc;
 }
 
 static void txn_answer(struct txn *t, struct app_job *j);
