@@ -607,11 +607,13 @@ static bool join_after_join(const json_t *ev, const char *ms)
 static void add_member(struct id_set *s, const json_t *ev)
 {
 	const char *type = json_string_value(json_object_get(ev, "type"));
+	if (!type || strcmp(type, "m.room.member") != 0)
+		return; /* before the other members' look-ups (joins_of_invitees) */
 	const char *key = json_string_value(json_object_get(ev, "state_key"));
 	const char *sender = json_string_value(json_object_get(ev, "sender"));
 	const char *room = json_string_value(json_object_get(ev, "room_id"));
 	const char *ms = json_string_value(json_object_get(json_object_get(ev, "content"), "membership"));
-	if (!type || strcmp(type, "m.room.member") != 0 || !key || !sender || strcmp(key, sender) != 0 || !room ||
+	if (!key || !sender || strcmp(key, sender) != 0 || !room ||
 	    !ms || (strcmp(ms, "join") != 0 && strcmp(ms, "leave") != 0) || (prev_membership(ev) && !join_after_join(ev, ms)))
 		return;
 	json_t *pair = json_pack("[s, s]", room, key);
@@ -972,11 +974,13 @@ static bool is_rejoin(struct txn *t, json_t *ev)
 static json_t *with_prior(struct txn *t, json_t *ev, json_t *copies)
 {
 	const char *type = json_string_value(json_object_get(ev, "type"));
+	if (!type || strcmp(type, "m.room.member") != 0)
+		return ev; /* before the other members' look-ups (joins_of_invitees) */
 	const char *key = json_string_value(json_object_get(ev, "state_key"));
 	const char *sender = json_string_value(json_object_get(ev, "sender"));
 	const char *room = json_string_value(json_object_get(ev, "room_id"));
 	const char *ms = json_string_value(json_object_get(json_object_get(ev, "content"), "membership"));
-	if (!type || strcmp(type, "m.room.member") != 0 || !key || !room || !ms)
+	if (!key || !room || !ms)
 		return ev;
 	char k[REJOIN_KEY_MAX];
 	rejoin_key(k, room, key);
@@ -1495,13 +1499,17 @@ static cw_err joins_of_invitees(PGconn *c, struct txn *t, cw_errmsg *e)
 	size_t i;
 	json_t *ev;
 	json_array_foreach(t->events, i, ev) {
+		/* The type first: until the sixtieth session the five other
+		 * members were looked up in every event, a message too, some
+		 * 3 % of the reader's samples in a transaction of messages. */
+		if (strcmp(json_string_value(json_object_get(ev, "type")), "m.room.member") != 0)
+			continue;
 		const char *room = json_string_value(json_object_get(ev, "room_id"));
 		const char *sender = json_string_value(json_object_get(ev, "sender"));
 		const char *key = json_string_value(json_object_get(ev, "state_key"));
 		const char *ms = json_string_value(json_object_get(json_object_get(ev, "content"), "membership"));
-		if (strcmp(json_string_value(json_object_get(ev, "type")), "m.room.member") == 0 && key && ms &&
-		    strcmp(ms, "join") == 0 && strcmp(key, sender) == 0 && json_object_get(t->rooms, room) &&
-		    json_object_get(t->senders, sender))
+		if (key && ms && strcmp(ms, "join") == 0 && strcmp(key, sender) == 0 &&
+		    json_object_get(t->rooms, room) && json_object_get(t->senders, sender))
 			json_array_append_new(joins, json_pack("[s, s, s, s]", room, sender,
 							       json_string_value(json_object_get(t->rooms, room)),
 							       lookup_map(t->senders, sender)));
