@@ -500,14 +500,21 @@ static cw_err sf_dictionary(struct sf *s, sf_member_fn fn, void *ctx)
 	}
 }
 
-/* Serialises a string already known to be printable ASCII. */
+/* Serialises a string already known to be printable ASCII: its runs
+ * without a quote or backslash copied whole.  Until the sixtieth session
+ * one sb_add a byte: the nonce, keyid and tag of every signature verified,
+ * 0.5-1 % of the daemon's samples in tests/bench/single (0.4 after). */
 static void ser_string(struct sbuf *b, const char *str)
 {
 	sb_add(b, "\"", 1);
-	for (const char *c = str; *c; c++) {
-		if (*c == '"' || *c == '\\')
+	for (const char *c = str; *c;) {
+		size_t run = strcspn(c, "\"\\");
+		sb_add(b, c, run);
+		c += run;
+		if (*c) {
 			sb_add(b, "\\", 1);
-		sb_add(b, c, 1);
+			sb_add(b, c++, 1);
+		}
 	}
 	sb_add(b, "\"", 1);
 }

@@ -905,6 +905,14 @@ START_TEST(signing_refuses_bad_input)
 	struct httpsig_result res;
 	ck_assert_msg(httpsig_verify(&m, si, sig, &o, &res, &e) == CW_OK, "%s", e.msg);
 	ck_assert_str_eq(res.keyid, "we\"ird\\id");
+	/* At either end and side by side too: the sixtieth session's
+	 * ser_string copies the runs between them whole. */
+	q.keyid = "\"\\\"x\\";
+	ck_assert_int_eq(httpsig_sign(&m, our_components, a, &q, si, sizeof(si), sig, sizeof(sig), &e), CW_OK);
+	ck_assert_ptr_nonnull(strstr(si, ";keyid=\"\\\"\\\\\\\"x\\\\\";"));
+	kr.ids[0] = q.keyid;
+	ck_assert_msg(httpsig_verify(&m, si, sig, &o, &res, &e) == CW_OK, "%s", e.msg);
+	ck_assert_str_eq(res.keyid, q.keyid);
 
 	req_free(&r);
 	EVP_PKEY_free(a);
