@@ -44,6 +44,10 @@ void cw_deadline_ts(struct timespec *ts, clockid_t clock, int64_t wait_us);
 /* Fills buf with n cryptographically random bytes (OpenSSL); aborts the
  * process if the generator fails (always CW_OK otherwise). */
 cw_err cw_random(void *buf, size_t n);
+/* The same bytes by way of a per-thread pool that cw_random fills a
+ * kilobyte at a time (each byte handed out once, and wiped from the pool):
+ * for the many small draws of a busy thread (ids, a table's seed). */
+void cw_random_pooled(void *buf, size_t n);
 /* A new opaque id: prefix + 22 base64url characters (128 random bits);
  * len must hold them and the NUL. */
 void cw_new_id(char *out, size_t len, const char *prefix);

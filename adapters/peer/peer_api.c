@@ -4554,7 +4554,7 @@ static cw_err merged_send(PGconn *c, void *arg, int round, cw_errmsg *e)
 		}
 		size_t i = 0;
 		uint64_t seed;
-		cw_random(&seed, sizeof(seed));
+		cw_random_pooled(&seed, sizeof(seed));
 		for (struct msg_input *x = list, *next; x; x = next) {
 			next = x->next;
 			x->next = NULL;

@@ -99,6 +99,35 @@ END_TEST
  * pull's answer are made, fifty-third session) is jansson's text of it,
  * after what the buffer held; cw_buf_cut takes an event off again; a cap
  * passed fails the printing, never grows the buffer past it. */
+/* cw_random_pooled (the sixtieth session): each draw fresh bytes, across
+ * the pool's refills (draws of 24 bytes leave 16 of a kilobyte over, which
+ * must not be handed out as part of the next), and a draw larger than the
+ * pool whole. */
+START_TEST(random_pooled_cases)
+{
+	enum { DRAWS = 200, SIZE = 24 };
+	static unsigned char got[DRAWS][SIZE];
+	static const unsigned char zero[SIZE];
+	for (int i = 0; i < DRAWS; i++) {
+		cw_random_pooled(got[i], SIZE);
+		ck_assert_msg(memcmp(got[i], zero, SIZE) != 0, "draw %d is all zero", i);
+		for (int j = 0; j < i; j++)
+			ck_assert_msg(memcmp(got[i], got[j], SIZE) != 0, "draws %d and %d are the same", j, i);
+	}
+	static unsigned char big[3000];
+	cw_random_pooled(big, sizeof(big));
+	size_t zeros = 0;
+	for (size_t i = 0; i < sizeof(big); i++)
+		zeros += big[i] == 0;
+	ck_assert_msg(zeros < 100, "%zu of 3000 bytes zero", zeros);
+	char a[40], b[40];
+	cw_new_id(a, sizeof(a), "msg_");
+	cw_new_id(b, sizeof(b), "msg_");
+	ck_assert_str_ne(a, b);
+	ck_assert_uint_eq(strlen(a), 4 + 22);
+}
+END_TEST
+
 START_TEST(buf_json_cases)
 {
 	json_t *j = json_pack("{s:s, s:f, s:[i, b]}", "body", "h\u00e9 \"x\"/", "r", 0.123456789, "l", 7, 1);
@@ -136,6 +165,7 @@ int main(void)
 	tcase_add_test(tc, decimal_cases);
 	tcase_add_test(tc, unhex_cases);
 	tcase_add_test(tc, sha256_cases);
+	tcase_add_test(tc, random_pooled_cases);
 	tcase_add_test(tc, buf_json_cases);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
