@@ -1619,7 +1619,9 @@ struct msg_input {
 				       claimed by the write (PEER_NONCES), JSON; else NULL */
 	int64_t nonces_stale;         /* and the created below which the peer's claims are forgotten */
 	unsigned char hash[32];
-	unsigned char hash_old[32];   /* the same request as stored before the sixteenth session */
+	unsigned char hash_old[32];   /* the same request as stored before the sixteenth session, once
+				       hash_old_set (item_hash_old) */
+	bool hash_old_set;
 	unsigned char hash_spelled[32]; /* as stored in the forty-second session: its `by` respelled */
 	bool spelled;                 /* hash_spelled is set (membership_by_spelled) */
 	char room[MIMI_URI_MAX + 1]; /* public id, or URI in a batch */
@@ -1682,6 +1684,25 @@ static void request_hash_old(const char *room, const char *text, unsigned char o
 	cw_sha256_pair(room, strlen(room), text ? text : "", text ? strlen(text) : 0, out);
 }
 
+/* An item's hash_old, made when first asked for: only a key answered
+ * before (submit_decide) compares it, and until the sixtieth session every
+ * item hashed its room and event a second time for it on the HTTP thread
+ * (0.3 % of the daemon's samples in tests/bench/single).  Its room and
+ * event as the request named and sent them: made at once where the item
+ * keeps neither (msg_input_from_event, membership_by_spelled). */
+static void item_hash_old_of(struct msg_input *in, const char *room)
+{
+	request_hash_old(room, in->event_text, in->hash_old);
+	in->hash_old_set = true;
+}
+
+static const unsigned char *item_hash_old(struct msg_input *in)
+{
+	if (!in->hash_old_set)
+		item_hash_old_of(in, in->room);
+	return in->hash_old;
+}
+
 /* A typing notification as stored and sent: its type, sender, room, ts,
  * content.state and content.in_reply_to (one typing a reply to that
  * message), nothing else (NULL: out of memory).  It is a moment's state,
@@ -1728,7 +1749,9 @@ static void msg_input_from_event(struct msg_input *in, struct cw_app *app, const
 	in->event_text = ev->text ? ev->text : json_dumps(ev->json, JSON_COMPACT | JSON_SORT_KEYS);
 	ev->text = NULL;
 	request_hash(in->event_text, in->hash);
-	request_hash_old(room, in->event_text, in->hash_old);
+	in->hash_old_set = false;
+	if (ev->type == EVENT_TYPING || strlen(room) >= sizeof(in->room)) /* text replaced below; room cut */
+		item_hash_old_of(in, room);
 	if (ev->type == EVENT_TYPING && in->event_text) {
 		free(in->event_text);
 		in->event_text = typing_text(ev);
@@ -3523,7 +3546,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	if (!PQgetisnull(r, first, 9)) { /* this key answered before */
 		char hex[65], hex_old[65], hex_spelled[65];
 		cw_hex(hex, in->hash, 32);
-		cw_hex(hex_old, in->hash_old, 32);
+		cw_hex(hex_old, item_hash_old(in), 32);
 		cw_hex(hex_spelled, in->hash_spelled, 32);
 		const char *stored = PQgetvalue(r, first, 9);
 		if ((strcmp(hex, stored) != 0 && strcmp(hex_old, stored) != 0 &&
@@ -4710,6 +4733,7 @@ static void membership_by_spelled(struct msg_input *in, struct event *ev, const 
 	json_t *by = ev->type == EVENT_MEMBERSHIP ? json_object_get(json_object_get(ev->json, "content"), "by") : NULL;
 	if (!in->event_text || !json_is_string(by) || strcmp(json_string_value(by), p->domain) == 0)
 		return;
+	item_hash_old(in); /* of the event as sent */
 	free(in->event_text);
 	in->event_text = json_string_set(by, p->domain) == 0 ? json_dumps(ev->json, JSON_COMPACT | JSON_SORT_KEYS)
 							      : NULL;
