@@ -383,7 +383,11 @@ static int run_migrations(const struct cw_config *cfg, const struct migration_se
  * machine, once past the 10 s default: tests/bench/startup --adapters),
  * and the start failed at every try
  * (test_daemon.py::test_a_move_of_local_users_longer_than_the_statement_
- * timeout_runs_to_its_end).  False after saying why. */
+ * timeout_runs_to_its_end).  A stop asked for meanwhile cancels it, as it
+ * cancels a migration (a review's finding in the sixtieth session: without
+ * a timeout a move of millions held a SIGTERM for minutes, then "ready";
+ * test_a_stop_during_the_move_of_local_users_ends_the_start).  False after
+ * saying why, or stopped (stopped_at_start set, nothing moved). */
 static bool move_local_users(PGconn *c, const char *net, long statement_timeout_ms)
 {
 	char begin[128], users[32] = "", rows[32] = "";
@@ -394,13 +398,22 @@ static bool move_local_users(PGconn *c, const char *net, long statement_timeout_
 	PQclear(r);
 	if (ok) {
 		const char *params[] = { net };
-		r = PQexecParams(c,
-				 "WITH i AS (UPDATE identities SET network = $1, updated_at = now() "
-				 "WHERE is_local AND network = 'local' RETURNING 1), "
-				 "o AS (UPDATE outbox SET destination = $1 "
-				 "WHERE destination = 'local' AND state IN ('pending', 'held') RETURNING 1) "
-				 "SELECT (SELECT count(*) FROM i), (SELECT count(*) FROM o)",
-				 1, NULL, params, NULL, NULL, 0);
+		bool stopped = false;
+		r = PQsendQueryParams(c,
+				      "WITH i AS (UPDATE identities SET network = $1, updated_at = now() "
+				      "WHERE is_local AND network = 'local' RETURNING 1), "
+				      "o AS (UPDATE outbox SET destination = $1 "
+				      "WHERE destination = 'local' AND state IN ('pending', 'held') RETURNING 1) "
+				      "SELECT (SELECT count(*) FROM i), (SELECT count(*) FROM o)",
+				      1, NULL, params, NULL, NULL, 0)
+			    ? migrate_result_stoppable(c, stop_asked, NULL, &stopped)
+			    : NULL;
+		if (stopped) {
+			/* Rolled back when the connection closes: the next
+			 * start moves them all. */
+			PQclear(r);
+			return false;
+		}
 		ok = PQresultStatus(r) == PGRES_TUPLES_OK;
 		if (ok) {
 			snprintf(users, sizeof(users), "%s", PQgetvalue(r, 0, 0));

@@ -170,6 +170,12 @@ static PGresult *exec_stoppable(PGconn *c, const char *sql, migrate_stop_fn *sto
 	*stopped = false;
 	if (!PQsendQuery(c, sql))
 		return NULL;
+	return migrate_result_stoppable(c, stop, stop_arg, stopped);
+}
+
+PGresult *migrate_result_stoppable(PGconn *c, migrate_stop_fn *stop, void *stop_arg, bool *stopped)
+{
+	*stopped = false;
 	while (PQisBusy(c)) {
 		struct pollfd p = { .fd = PQsocket(c), .events = POLLIN };
 		poll(&p, 1, 100);

@@ -31,6 +31,14 @@ void migration_set_free(struct migration_set *set);
  * returns true when the process is to stop. */
 typedef bool migrate_stop_fn(void *arg, int wait_ms);
 
+/* The result of the statement sent on c (PQsendQuery, PQsendQueryParams),
+ * read as PQexec reads it (the last one), but a stop asked for while it
+ * runs (stop, looked at every 100 ms) cancels it (PQcancel) and sets
+ * *stopped: what the migrations run their files by, and since the sixtieth
+ * session the start's move of local users, which runs without a statement
+ * timeout as they do.  NULL if the connection broke before a result. */
+PGresult *migrate_result_stoppable(PGconn *c, migrate_stop_fn *stop, void *stop_arg, bool *stopped);
+
 /* Compares set with the database and, when apply is true, applies what is
  * missing.  *applied_now counts the files applied by this call, *pending
  * those still missing (when apply is false).  The connection is c's for the

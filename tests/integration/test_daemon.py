@@ -1237,3 +1237,37 @@ def test_the_start_connection_keeps_the_statement_timeout_after_the_migrations(m
         assert d.wait_exit() == 1, d.log()
     finally:
         held.end()
+
+
+def test_a_stop_during_the_move_of_local_users_ends_the_start(make_daemon, db_url, pg):
+    """The start's move of the local users runs without a statement timeout
+    since the sixtieth session (the test above), so a stop asked for while
+    it runs cancels it, as it cancels a migration's statement: exit 0
+    ("stopped before ready"), nothing moved, the next start moves them.
+    Until a review in that session the move was a plain PQexec, and a move
+    of millions held a SIGTERM for as long as it took, then said "ready".
+    Here a trigger makes the move last 60 s."""
+    pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network) VALUES "
+            "('mimi://example.org/u/dora', 'example.org', 'dora', true, 'local'); "
+            "CREATE FUNCTION test_slower() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            " PERFORM pg_sleep(60); RETURN NULL; END $$; "
+            "CREATE TRIGGER test_slower BEFORE UPDATE ON identities FOR EACH STATEMENT EXECUTE FUNCTION test_slower()",
+            db_url)
+    try:
+        d = make_daemon(db_url, options=MATRIX_ONLY)
+        d.start(wait_ready=False)
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE "
+                                   "'WITH i AS (UPDATE identities SET network%' AND state = 'active'", db_url) == "1",
+                   timeout=30)
+        t0 = time.monotonic()
+        d.signal(signal.SIGTERM)
+        assert d.wait_exit(10) == 0, d.log()
+        assert time.monotonic() - t0 < 5, d.log()
+        assert d.wait_for(lambda r: r.get("msg") == "stopped before ready")["signal"] == "SIGTERM"
+        assert not any(r.get("msg") == "ready" for r in d.records), d.log()
+        assert pg.psql("SELECT network FROM identities WHERE localpart = 'dora'", db_url) == "local"
+    finally:
+        pg.psql("DROP TRIGGER test_slower ON identities", db_url)
+    d = make_daemon(db_url, options=MATRIX_ONLY).start()
+    assert pg.psql("SELECT network FROM identities WHERE localpart = 'dora'", db_url) == "matrix"
+    assert d.stop() == 0, d.log()
