@@ -358,12 +358,18 @@ static bool build_group(struct xmpp *x, struct outbox_row *row, PGresult *r, int
  * and *never set when no stanza can ever be made of it, for a fact of the
  * row's own: its event, its recipient not a local user, its sender not a
  * remote user, or one whose id makes no JID or whose peer no component
- * stands for (retrying cannot help).  Memory that ran out is not one. */
+ * stands for (retrying cannot help).  Memory that ran out is not one.
+ * *text is libstrophe's when *owner is set (xmpp_free with it), else
+ * malloc's (a group's, several stanzas joined).  Until the sixtieth
+ * session a chat's stanza was copied out of libstrophe's buffer with
+ * strdup, and the queue's item copied it again (xa_enqueue): one copy,
+ * one malloc and one free a message more than the item needs. */
 static bool build(struct xmpp *x, struct outbox_row *row, PGresult *r, int k, struct xcomp **xc, char **text,
-		  size_t *len, json_t *bind, bool *never, cw_errmsg *e)
+		  size_t *len, xmpp_ctx_t **owner, json_t *bind, bool *never, cw_errmsg *e)
 {
 	*text = NULL;
 	*len = 0;
+	*owner = NULL;
 	*never = false;
 	if (strcmp(PQgetvalue(r, k, 21), "group") == 0)
 		return build_group(x, row, r, k, xc, text, len, bind, never, e);
@@ -449,11 +455,11 @@ static bool build(struct xmpp *x, struct outbox_row *row, PGresult *r, int k, st
 	char *buf = NULL;
 	bool ok = xmpp_stanza_to_text(st, &buf, len) == XMPP_EOK && buf;
 	if (ok) {
-		*text = strdup(buf);
-		ok = *text != NULL;
-	}
-	if (buf)
+		*text = buf;
+		*owner = ctx;
+	} else if (buf) {
 		xmpp_free(ctx, buf);
+	}
 	xmpp_stanza_release(st);
 	if (!ok)
 		cw_fail(e, CW_ENOMEM, "out of memory");
@@ -569,9 +575,10 @@ cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_r
 		char *st = NULL;
 		size_t len = 0;
 		struct xcomp *xc = NULL;
+		xmpp_ctx_t *owner = NULL;
 		cw_errmsg why = { { 0 } };
 		bool never = false;
-		bool made = build(x, &rows[i], r, k, &xc, &st, &len, bind, &never, &why);
+		bool made = build(x, &rows[i], r, k, &xc, &st, &len, &owner, bind, &never, &why);
 		if (!made && never) {
 			row_dead(&rows[i], why.msg); /* retries cannot help */
 			continue;
@@ -588,7 +595,10 @@ cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_r
 			 * stream that is not up refuses it (under the queue's
 			 * lock: none slips in while the stream is given up). */
 			bool ok = xa_enqueue(xc, st, len, &seqs[i], false);
-			free(st);
+			if (owner)
+				xmpp_free(owner, st);
+			else
+				free(st);
 			if (!ok) {
 				pthread_mutex_lock(&xc->mu);
 				bool up = xc->state == XC_UP;
