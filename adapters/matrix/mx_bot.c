@@ -1316,7 +1316,8 @@ static int intruded(struct matrix *m, PGconn *c, const char *room, const char *w
  * -1: someone else was in it (ended as said, or hers no more meanwhile:
  * hers_alone_of); -2: not known for now (the database or the homeserver
  * did not answer). */
-static int hers_alone_of(struct matrix *m, PGconn *c, const char *room, const char *owner, const char *txn);
+static int hers_alone_of(struct matrix *m, PGconn *c, const char *room, const char *owner, const char *txn,
+			 long *unread);
 
 static int hers_alone(struct matrix *m, PGconn *c, const char *room, const char *txn)
 {
@@ -1333,7 +1334,7 @@ static int hers_alone(struct matrix *m, PGconn *c, const char *room, const char 
 	if (PQntuples(r) == 1)
 		snprintf(owner, sizeof(owner), "%s", PQgetvalue(r, 0, 0));
 	PQclear(r);
-	return hers_alone_of(m, c, room, owner[0] ? owner : NULL, txn);
+	return hers_alone_of(m, c, room, owner[0] ? owner : NULL, txn, NULL);
 }
 
 /* hers_alone where whose room it is was read already (owner: her Matrix
@@ -1341,9 +1342,16 @@ static int hers_alone(struct matrix *m, PGconn *c, const char *room, const char 
  * bot's words or requests of a batch (BOT_NOTICES, BOT_REQUESTS), whose
  * send asks again whether the room is still hers (notice_still,
  * request_still).  Until the fifty-fifth session the batch's first word
- * of a room read it again here, one query more. */
-static int hers_alone_of(struct matrix *m, PGconn *c, const char *room, const char *owner, const char *txn)
+ * of a room read it again here, one query more.  *unread (unless NULL):
+ * the homeserver's status when its members were not read for now (a -2
+ * of the homeserver's: 0 no answer, a 5xx, a 408, a 429), else -1, so
+ * that requests tells the homeserver's trouble from the room's (struct
+ * request_pauses). */
+static int hers_alone_of(struct matrix *m, PGconn *c, const char *room, const char *owner, const char *txn,
+			 long *unread)
 {
+	if (unread)
+		*unread = -1;
 	if (!owner)
 		return 0; /* no log here: for notices, a word of another room, said (answer logs) */
 	long refused;
@@ -1359,6 +1367,8 @@ static int hers_alone_of(struct matrix *m, PGconn *c, const char *room, const ch
 	if (others < 0) {
 		LOG_KV_LIMITED(CW_LOG_WARN, "a command's answer is not said: the room's members were not read",
 			       "room", room);
+		if (unread)
+			*unread = refused;
 		return -2;
 	}
 	int ended = end_mgmt_room(m, c, room, owner, true);
@@ -1410,12 +1420,14 @@ struct alone_memo {
 };
 
 static int hers_alone_once(struct matrix *m, PGconn *c, struct alone_memo *memo, const char *room,
-			   const char *owner, const char *txn)
+			   const char *owner, const char *txn, long *unread)
 {
+	if (unread)
+		*unread = -1;
 	for (int k = 0; k < memo->n; k++)
 		if (strcmp(memo->room[k], room) == 0)
 			return memo->alone[k];
-	int alone = hers_alone_of(m, c, room, owner, txn);
+	int alone = hers_alone_of(m, c, room, owner, txn, unread);
 	if (alone != -2 && memo->n < BOT_BATCH) {
 		memo->room[memo->n] = room;
 		memo->alone[memo->n++] = alone;
@@ -1683,7 +1695,7 @@ static void notices(struct matrix *m, PGconn *c)
 		 * the batch's words of a room (hers_alone_once). */
 		bool looked = !user && PQgetvalue(r, i, 6)[0] != 't';
 		const char *owner = PQgetisnull(r, i, 7) ? NULL : PQgetvalue(r, i, 7);
-		int alone = looked ? hers_alone_once(m, c, &memo, room, owner, txn) : 1;
+		int alone = looked ? hers_alone_once(m, c, &memo, room, owner, txn, NULL) : 1;
 		/* and, at its send, still queued, and the room still what the
 		 * look found (notice_still); not now: as not known */
 		if (looked && alone >= 0) {
@@ -2923,9 +2935,16 @@ static void mgmt_room_refuses(struct matrix *m, PGconn *c, const char *room, lon
  * pauses everyone, as before, until the soonest of theirs ends (so no
  * longer than REQUEST_PAUSE_US): that many rooms failing at once is
  * rather the homeserver's trouble than theirs.  all_until: everyone's
- * pause (a 429, the bot's own rate limit; the bot refused everywhere; a
- * room past the bound).  In memory: a restart, or the bot's lock taken by
- * another process, tries the rooms at once (the same transaction ids). */
+ * pause (a 429, the bot's own rate limit; the bot refused everywhere;
+ * no answer at all; a room past the bound: request_paused).  Each room
+ * id is kept whole, whatever its length (malloc'd): until the sixtieth
+ * session a room id longer than MX_ID_MAX, which no homeserver makes
+ * (the transactions refuse one: matrix.c) but a row written by hand may
+ * hold, was no room to the bound and paused everyone, with the "too many
+ * management rooms" line (said now past the bound only, or when no
+ * memory is found for the room's id).  In memory: a restart, or the
+ * bot's lock taken by another process, tries the rooms at once (the
+ * same transaction ids). */
 #define REQUEST_PAUSES 64
 #define REQUEST_PAUSE_US (30 * 1000000LL)
 
@@ -2933,19 +2952,28 @@ struct request_pauses {
 	int64_t all_until; /* on the monotonic clock, as the others */
 	int n;
 	int64_t until[REQUEST_PAUSES];
-	char room[REQUEST_PAUSES][MX_ID_MAX + 1];
+	char *room[REQUEST_PAUSES];
 };
 
 static void pauses_prune(struct request_pauses *ps, int64_t now)
 {
 	for (int k = 0; k < ps->n;)
 		if (ps->until[k] <= now) {
+			free(ps->room[k]);
 			ps->n--;
 			ps->until[k] = ps->until[ps->n];
-			memcpy(ps->room[k], ps->room[ps->n], sizeof(ps->room[k]));
+			ps->room[k] = ps->room[ps->n];
 		} else {
 			k++;
 		}
+}
+
+/* The pauses' rooms freed (the bot's stop). */
+static void pauses_free(struct request_pauses *ps)
+{
+	for (int k = 0; k < ps->n; k++)
+		free(ps->room[k]);
+	ps->n = 0;
 }
 
 static void pause_all(struct request_pauses *ps, int64_t until)
@@ -2962,8 +2990,7 @@ static void pause_room(struct request_pauses *ps, const char *room, int64_t unti
 				ps->until[k] = until;
 			return;
 		}
-	if (ps->n < REQUEST_PAUSES && strlen(room) <= MX_ID_MAX) {
-		snprintf(ps->room[ps->n], sizeof(ps->room[ps->n]), "%s", room);
+	if (ps->n < REQUEST_PAUSES && (ps->room[ps->n] = strdup(room)) != NULL) {
 		ps->until[ps->n++] = until;
 		return;
 	}
@@ -2974,6 +3001,40 @@ static void pause_room(struct request_pauses *ps, const char *room, int64_t unti
 	LOG_KV_LIMITED(CW_LOG_WARN, "too many management rooms wait to be shown a consent request: every room waits",
 		       "room", room);
 	pause_all(ps, soonest);
+}
+
+/* A consent request of room not shown for now, status the homeserver's
+ * answer to its send or to the read of the room's members (0: none, -1:
+ * not the homeserver's, a database look not answered), wait_ms the wait
+ * a 429 asked for: whose pause it is.  True when it is everyone's (the
+ * batch's other requests are not tried).  No answer at all (status 0:
+ * the homeserver down or unreachable, its address not resolved, or 10 s,
+ * MX_TIMEOUT_MS, without an answer) is the homeserver's, as a 429 is,
+ * and the other rooms would fare no better (mx_all_refused, the line the
+ * bot's other rounds draw: backed_off_round): a management room holds
+ * the user and the bot, and reading its members or saying a notice there
+ * is the homeserver's lightest work.  An answer for the room (a 5xx, a
+ * 408) is the room's: the homeserver is up and may fail that room alone.
+ * Until the sixtieth session no answer was the room's too, and while the
+ * homeserver was down each management room with a request waiting had
+ * its try (up to REQUEST_PAUSES, then everyone waited) every half
+ * minute, where one try does: up to 64 connections refused, or 64
+ * times 10 s of the bot's thread, which answers the commands, where the
+ * homeserver took connections and answered none. */
+static bool request_paused(struct request_pauses *ps, const char *room, long status, long wait_ms)
+{
+	if (status == 429) {
+		pause_all(ps, cw_now_us() + wait_ms * 1000LL);
+		return true; /* the others are the bot's too, limited as much */
+	}
+	if (status == 0) {
+		LOG_KV_LIMITED(CW_LOG_WARN, "the homeserver did not answer the bot: every room's consent requests wait",
+			       "room", room);
+		pause_all(ps, cw_now_us() + REQUEST_PAUSE_US);
+		return true;
+	}
+	pause_room(ps, room, cw_now_us() + REQUEST_PAUSE_US);
+	return false;
 }
 
 /* The paused rooms as a PostgreSQL array (text form, each element
@@ -3069,13 +3130,15 @@ static void requests(struct matrix *m, PGconn *c, struct request_pauses *ps)
 		 * the request waits for her next one, as the batch's others
 		 * of the room do; not known for now: the room paused.  Looked
 		 * at once for the batch's requests of a room (hers_alone_once). */
-		int alone = hers_alone_once(m, c, &memo, PQgetvalue(r, i, 1), PQgetvalue(r, i, 5), txn);
+		long unread;
+		int alone = hers_alone_once(m, c, &memo, PQgetvalue(r, i, 1), PQgetvalue(r, i, 5), txn, &unread);
 		if (alone == 1) /* and at its send (request_still) */
 			alone = request_still(m, c, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1));
 		if (alone != 1) {
 			done[i] = true;
-			if (alone == -2)
-				pause_room(ps, PQgetvalue(r, i, 1), cw_now_us() + REQUEST_PAUSE_US);
+			if (alone == -2 && request_paused(ps, PQgetvalue(r, i, 1), unread,
+							  mx_rate_limited_wait_ms() > 0 ? mx_rate_limited_wait_ms() : 1000))
+				break;
 			continue;
 		}
 		long status, wait;
@@ -3085,15 +3148,12 @@ static void requests(struct matrix *m, PGconn *c, struct request_pauses *ps)
 				mgmt_room_refuses(m, c, PQgetvalue(r, i, 1), status);
 				continue;
 			}
-			if (status == 429) {
-				pause_all(ps, cw_now_us() + wait * 1000LL);
-				break; /* the others are the bot's too, limited as much */
-			}
 			if (status == 401 || status == 403 || status == 404) {
 				pause_all(ps, cw_now_us() + REQUEST_PAUSE_US);
 				break; /* the bot refused everywhere: the others would be */
 			}
-			pause_room(ps, PQgetvalue(r, i, 1), cw_now_us() + REQUEST_PAUSE_US);
+			if (request_paused(ps, PQgetvalue(r, i, 1), status, wait))
+				break;
 			continue;
 		}
 		const char *id[] = { PQgetvalue(r, i, 0) };
@@ -3719,6 +3779,7 @@ static void *bot_main(void *arg)
 		store_wait_notify(c, m->bot_wake[0], 500, NULL, NULL);
 	}
 	PQfinish(c);
+	pauses_free(&request_pauses);
 	return NULL;
 }
 

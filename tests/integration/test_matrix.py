@@ -10577,3 +10577,127 @@ def test_management_rooms_failing_past_the_bound_make_everyone_wait_as_before(mx
     wait_until(lambda: any("wants to write to you" in n for n in bob_said()), timeout=45,
                what="zoe's request shown to bob")
     assert sum(r.get("msg", "").startswith("too many management rooms wait") for r in mx.records) == 1
+
+
+def fake_management_rooms(pg, db_url, n):
+    """n management rooms of users f1..fn that the stand-in does not know
+    (!fake<k>:example.org), one consent request (from wally, of XMPP)
+    waiting in each, the bot woken."""
+    pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network) "
+            "SELECT 'mimi://example.org/u/f' || g, 'example.org', 'f' || g, true, 'matrix' "
+            f"FROM generate_series(1, {n}) g; "
+            "INSERT INTO identities (uri, domain, localpart, is_local, network) "
+            "VALUES ('mimi://xmpp.example/u/wally', 'xmpp.example', 'wally', false, 'xmpp'); "
+            "INSERT INTO matrix_mgmt_rooms (user_id, room_id, identity_id) "
+            "SELECT '@f' || g || ':example.org', '!fake' || g || ':example.org', i.id "
+            f"FROM generate_series(1, {n}) g JOIN identities i ON i.uri = 'mimi://example.org/u/f' || g; "
+            "INSERT INTO consent_requests (local_identity_id, remote_identity_id, expires_at) "
+            "SELECT f.id, w.id, now() + interval '1 day' FROM identities f, identities w "
+            "WHERE f.localpart ~ '^f[0-9]+$' AND w.uri = 'mimi://xmpp.example/u/wally' ORDER BY f.id; "
+            "NOTIFY causeway_matrix_bot", db_url)
+
+
+@pytest.mark.parametrize("how", ["unanswered", "down"])
+def test_a_homeserver_that_does_not_answer_makes_every_room_wait_after_one_try(mx, hs, pg, db_url, how):
+    """Eight management rooms, a consent request waiting in each, while the
+    homeserver gives the bot no answer at all: it closes the connection
+    unanswered (unanswered), or it is down, its port refusing connections
+    (down). The first room's read of its members gets no answer, and every
+    room waits half a minute: no other room is tried meanwhile (logged: "the
+    homeserver did not answer the bot"). Once the half minute is over, the
+    homeserver back, each room is read again. Until the sixtieth session
+    no answer was the room's, as a 503 still is: each of the eight rooms
+    had its try (up to 64 rooms, every half minute, each 10 s of the bot's
+    thread when the homeserver took connections and answered none)."""
+    bot = "@_cw_bot:example.org"
+    fake = re.compile(r"/rooms/!fake\d+:example\.org/members$")
+    n = 8
+    hs.keep_alive = False  # no kept connection of the bot's outlives the homeserver's going down
+    wait_until(lambda: hs.user_exists(bot), what="the bot registered")
+    alice_and_the_bot(hs)  # a call or two of the bot's on a connection closed after it
+    since = len(hs.requests)
+
+    def reads(after=since):
+        return [q for q in hs.requests[after:] if q["user"] == bot and q["method"] == "GET"
+                and fake.search(urllib.parse.unquote(q["path"]))]
+
+    def failed():
+        return [r for r in mx.records if r.get("msg") == "cannot read a room"
+                and r.get("room", "").startswith("!fake")]
+    if how == "unanswered":
+        hs.refuse = hs.lose_reply = lambda method, path, user: (  # noqa: E731
+            user == bot and bool(fake.search(urllib.parse.unquote(path))))
+    else:
+        hs._httpd.shutdown()
+        hs._httpd.server_close()
+    t0, t0_wall = time.monotonic(), time.time()
+    try:
+        fake_management_rooms(pg, db_url, n)
+        wait_until(lambda: failed(), timeout=20, what="a room's members not read")
+        time.sleep(5)
+        tried = {r["room"] for r in failed()}
+        assert len(tried) == 1, sorted(tried)
+        if how == "unanswered":
+            assert {urllib.parse.unquote(q["path"]) for q in reads()} == {
+                f"/_matrix/client/v3/rooms/{t}/members" for t in tried}, reads()
+            assert len(reads()) <= 2, reads()  # (libcurl may send it again once on a fresh connection)
+        assert any(r.get("msg", "").startswith("the homeserver did not answer the bot") for r in mx.records)
+        assert time.monotonic() - t0 < 29  # all of it within the half minute
+    finally:
+        hs.refuse = hs.lose_reply = None
+        if how == "down":
+            srv = type(hs._httpd)(("127.0.0.1", hs.port), hs._httpd.RequestHandlerClass)
+            srv.daemon_threads = True
+            hs._httpd = srv
+            threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        healed = len(hs.requests)
+    # each room read again once the half minute is over (the stand-in knows
+    # none of them: the bot is refused there, and they are management rooms
+    # no more)
+    wait_until(lambda: len({q["path"] for q in reads(healed)}) == n, timeout=45, what="every room read again")
+    first = min(q["time"] for q in reads(healed))
+    assert first - t0_wall > 25, first - t0_wall  # the half minute waited out
+    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_mgmt_rooms WHERE room_id LIKE '!fake%'", db_url) == "0",
+               timeout=20, what="the fake rooms forgotten")
+
+
+def test_a_management_room_id_past_255_bytes_waits_alone(mx, hs, gk, pg, db_url):
+    """A management room whose id is 312 bytes long (no homeserver makes
+    one, and the transactions refuse one: a row written by hand) fails the
+    bot for now (503 to the read of its members), a request waiting
+    there: it waits half a minute alone, as any room, and bob's request,
+    made meanwhile, is shown at once. Until the sixtieth session its id
+    did not fit the bot's note of a paused room (255 bytes), and it made
+    everyone wait as 64 rooms failing at once do ("too many management
+    rooms wait ..."): bob waited out its half minute."""
+    a, srv = gk
+    bot = "@_cw_bot:example.org"
+    bob = "mimi://example.org/u/bob"
+    long_room = "!" + "l" * 299 + ":example.org"
+    assert mx.admin("POST", "/optins", json={"user": bob, "network": "peer:gk", "opted_in": True}).ok
+    _, _, bob_said = alice_and_the_bot(hs, name="bob")
+    since = len(hs.requests)
+    reads = lambda: [q for q in hs.requests[since:]  # noqa: E731
+                     if q["user"] == bot and long_room in urllib.parse.unquote(q["path"])]
+    hs.refuse = lambda method, path, user: user == bot and long_room in urllib.parse.unquote(path)
+    try:
+        pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network) VALUES "
+                "('mimi://example.org/u/lou', 'example.org', 'lou', true, 'matrix'), "
+                "('mimi://xmpp.example/u/wally', 'xmpp.example', 'wally', false, 'xmpp'); "
+                "INSERT INTO matrix_mgmt_rooms (user_id, room_id, identity_id) "
+                f"SELECT '@lou:example.org', '{long_room}', id FROM identities WHERE localpart = 'lou'; "
+                "INSERT INTO consent_requests (local_identity_id, remote_identity_id, expires_at) "
+                "SELECT l.id, w.id, now() + interval '1 day' FROM identities l, identities w "
+                "WHERE l.localpart = 'lou' AND w.localpart = 'wally'; NOTIFY causeway_matrix_bot", db_url)
+        wait_until(lambda: reads(), what="the long room's members read")
+        assert [q["status"] for q in reads()] == [503], reads()
+        room = a.create_room([a.user("zoe"), bob]).json()["id"]
+        asked = time.monotonic()
+        assert a.send(room, a.user("zoe"), "may I? (zoe)").status_code == 202
+        wait_until(lambda: any("wants to write to you" in n for n in bob_said()), timeout=15,
+                   what="zoe's request shown to bob while the long room waits")
+        assert time.monotonic() - asked < 10
+        assert [q["status"] for q in reads()] == [503], reads()  # not tried again meanwhile
+        assert not any(r.get("msg", "").startswith("too many management rooms wait") for r in mx.records)
+    finally:
+        hs.refuse = None
