@@ -513,13 +513,65 @@ static cw_err inbox_handled(PGconn *c, const char *id, cw_errmsg *e)
  * bucket bounds; given back, a user past her changes' limit would have the
  * bot look up a party for each message she sent, as fast as she sent them
  * (test_a_change_refused_by_her_changes_limit_counts_as_a_command). */
-static bool change_allowed(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *sender)
+/* The buckets' answers to a command's first run (command_allowed,
+ * change_allowed), kept for its runs again: a command whose inbox row's
+ * handled mark was lost (its statement failed, or skipped) runs again
+ * from the next look, answered once (its answer's transaction id is its
+ * event's), and until the sixtieth session took a second token of her
+ * commands bucket (and of her changes', for a change) at each run: 25
+ * commands run twice took 50 tokens of the 31 a minute, and her next
+ * command was refused, unanswered
+ * (test_a_command_run_again_after_its_handled_mark_was_lost_takes_one_token).
+ * A run again now takes the first run's answers, so that it is neither
+ * charged again nor let through where the first was refused.  In
+ * memory, as the buckets are (a restart fills them again), for the last
+ * COMMAND_RUNS commands: a row whose mark is lost runs again at the
+ * bot's next look of its inbox (at most BOT_BATCH rows before it), as an
+ * invitation tried again is known by its row's attempts (invited); a
+ * command is never tried again so, and a mark of it before its run would
+ * be a statement more for each command. */
+#define COMMAND_RUNS 64
+
+struct command_run {
+	long long row;      /* its inbox row's id; 0: none */
+	bool allowed;       /* command_allowed's answer */
+	signed char change; /* change_allowed's: 1 allowed, -1 refused, 0 not asked (or its token given back) */
+};
+
+struct command_runs {
+	int next; /* the slot the next first run takes, the oldest */
+	struct command_run run[COMMAND_RUNS];
+};
+
+/* The note of the command of inbox row inbox_id: its first run's (*again)
+ * or, for a first run, a note cleared for it. */
+static struct command_run *command_run_of(struct command_runs *runs, const char *inbox_id, bool *again)
 {
+	long long row = atoll(inbox_id);
+	for (int k = 0; k < COMMAND_RUNS && row > 0; k++)
+		if (runs->run[k].row == row) {
+			*again = true;
+			return &runs->run[k];
+		}
+	struct command_run *run = &runs->run[runs->next];
+	runs->next = (runs->next + 1) % COMMAND_RUNS;
+	*run = (struct command_run){ .row = row };
+	*again = false;
+	return run;
+}
+
+static bool change_allowed(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *sender,
+			   struct command_run *run)
+{
+	if (run->change)
+		return run->change > 0; /* a run again: its first run's answer (struct command_runs) */
 	char localpart[MX_ID_MAX + 1], server[MX_ID_MAX + 1];
 	bool notice = false;
+	run->change = 1;
 	if (!mx_user_id_parse(sender, localpart, sizeof(localpart), server, sizeof(server)) ||
 	    policy_user_update_allowed(m->app->policy, m->app->limits, localpart, &notice))
 		return true; /* not parsed: not a local user, who has no command (local_identity) */
+	run->change = -1;
 	if (notice)
 		answer(m, c, room, txn, "You made too many changes in a short time: this command was not carried out, nor "
 				     "are the next ones for a minute, and I will not say so again. Try again in a minute.");
@@ -533,13 +585,18 @@ static bool change_allowed(struct matrix *m, PGconn *c, const char *room, const 
  * answered, the others are not.  Until the fifty-second session only the
  * changes were limited (change_allowed): each list, help or unknown word
  * was a notice (and a list a query) as fast as she could send them. */
-static bool command_allowed(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *sender)
+static bool command_allowed(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *sender,
+			    struct command_run *run, bool again)
 {
+	if (again)
+		return run->allowed; /* its first run's answer (struct command_runs) */
 	char localpart[MX_ID_MAX + 1], server[MX_ID_MAX + 1];
 	bool notice = false;
+	run->allowed = true;
 	if (!mx_user_id_parse(sender, localpart, sizeof(localpart), server, sizeof(server)) ||
 	    policy_user_command_allowed(m->app->policy, m->app->limits, localpart, &notice))
 		return true; /* not parsed: not a local user, who has no command (local_identity) */
+	run->allowed = false;
 	if (notice)
 		answer(m, c, room, txn, "Slow down: you sent me too many commands in a short time. Those sent too "
 				     "fast are neither carried out nor answered, and I will not say so again for a "
@@ -552,9 +609,10 @@ static bool command_allowed(struct matrix *m, PGconn *c, const char *room, const
  * back (xmpp_cmd.c, token_back).  Until the forty-sixth session a failure
  * kept it: a few while the database was away, and her real change was
  * refused as too many. */
-static void change_back(struct matrix *m, const char *sender)
+static void change_back(struct matrix *m, const char *sender, struct command_run *run)
 {
 	char localpart[MX_ID_MAX + 1], server[MX_ID_MAX + 1];
+	run->change = 0; /* a run again takes its own */
 	if (mx_user_id_parse(sender, localpart, sizeof(localpart), server, sizeof(server)))
 		policy_user_update_give(m->app->policy, m->app->limits, localpart);
 }
@@ -661,7 +719,7 @@ static const char *echo(const char *typed, char *out, size_t len)
 }
 
 static void command(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *sender,
-		    const json_t *content, const char *inbox_id)
+		    const json_t *content, const char *inbox_id, struct command_runs *runs)
 {
 	/* An edit of a command (m.replace) is the command as edited, whose
 	 * answer is the edit's own (its event's transaction id); a reply may
@@ -672,7 +730,9 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 	struct mx_bot_cmd cmd;
 	if (!mx_bot_parse(content, sender, &names, &cmd))
 		return;
-	if (!command_allowed(m, c, room, txn, sender))
+	bool again;
+	struct command_run *run = command_run_of(runs, inbox_id, &again);
+	if (!command_allowed(m, c, room, txn, sender, run, again))
 		return;
 	/* An image, a file, an emote...: no command, one line (not the help,
 	 * which an image got until the forty-seventh session). */
@@ -783,7 +843,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 			answer(m, c, room, txn, "Whom? Give an address (mimi://...), a bridged user's Matrix id, or a domain.");
 			return;
 		}
-		if (!change_allowed(m, c, room, txn, sender))
+		if (!change_allowed(m, c, room, txn, sender, run))
 			return;
 		struct policy_view *v = policy_live_get(m->app->policy);
 		long counts[3] = { 0, 0, 0 }, decided = 0;
@@ -802,7 +862,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 		}
 		rc = store_end(c, rc, &e);
 		if (rc) {
-			change_back(m, sender);
+			change_back(m, sender, run);
 			answer(m, c, room, txn, "That did not work; try again in a moment.");
 			LOG_KV(CW_LOG_WARN, "a bot command failed", "detail", e.msg);
 			return;
@@ -866,7 +926,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 			return;
 		}
 		PQclear(pr);
-		if (!change_allowed(m, c, room, txn, sender))
+		if (!change_allowed(m, c, room, txn, sender, run))
 			return;
 		/* The opt-in and the policy's word of it (which sweeps her
 		 * held rows and requests) together or not at all, as accept and
@@ -885,7 +945,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 			rc = policy_notify_user(c, local_id, &e);
 		rc = store_end(c, rc, &e);
 		if (rc) {
-			change_back(m, sender);
+			change_back(m, sender, run);
 			LOG_KV(CW_LOG_WARN, "a bot command failed", "detail", e.msg);
 			answer(m, c, room, txn, "That did not work; try again in a moment.");
 			return;
@@ -917,7 +977,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 						"report again without it.");
 			return;
 		}
-		if (!change_allowed(m, c, room, txn, sender))
+		if (!change_allowed(m, c, room, txn, sender, run))
 			return;
 		/* What he sent her goes with it (policy_report_store), the
 		 * message her command replies to first. */
@@ -948,7 +1008,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 		json_decref(ans);
 		if (!store_end(c, rc, &e))
 			return;
-		change_back(m, sender); /* a run again takes its own */
+		change_back(m, sender, run); /* a run again takes its own */
 		if (PQstatus(c) == CONNECTION_OK) /* else the command runs again, or its notice tells */
 			answer(m, c, room, txn, "The report could not be stored; try again.");
 	} else if (strcmp(verb, "list") == 0) {
@@ -2762,7 +2822,7 @@ static void held_tried(PGconn *c, const char *id)
 }
 
 /* Works off the inbox's due rows; false when there were none. */
-static bool inbox(struct matrix *m, PGconn *c)
+static bool inbox(struct matrix *m, PGconn *c, struct command_runs *runs)
 {
 	char lim[8];
 	snprintf(lim, sizeof(lim), "%d", BOT_BATCH);
@@ -2842,7 +2902,7 @@ static bool inbox(struct matrix *m, PGconn *c)
 			cw_sha256_pair("cwcmd", 5, eid ? eid : "", eid ? strlen(eid) : 0, h);
 			cw_hex(hex, h, 16);
 			snprintf(txn, sizeof(txn), "cwcmd-%s", hex);
-			command(m, c, room, txn, sender, content, PQgetvalue(r, i, 0));
+			command(m, c, room, txn, sender, content, PQgetvalue(r, i, 0), runs);
 		}
 		json_decref(ev);
 		const char *id[] = { PQgetvalue(r, i, 0) };
@@ -3712,6 +3772,7 @@ static void *bot_main(void *arg)
 	bool mine = false;
 	int64_t forget_after = 0, expired_seen = -1;
 	struct request_pauses request_pauses = { 0 };
+	struct command_runs command_runs = { 0 };
 	struct bot_round invitations = { 0 }, renames = { 0 }, departures = { 0 };
 	/* The pace of its connects while the database is away: 250 ms, then
 	 * twice as long each time up to database.reconnect_max_ms (until the
@@ -3755,7 +3816,7 @@ static void *bot_main(void *arg)
 		 * the notices backed off to 10 minutes a try. */
 		if (mine) {
 			bool held = atomic_load(&m->token_refused);
-			while (!atomic_load(&m->bot_stop) && !atomic_load(&m->token_refused) && inbox(m, c))
+			while (!atomic_load(&m->bot_stop) && !atomic_load(&m->token_refused) && inbox(m, c, &command_runs))
 				;
 			if (!held) {
 				requests(m, c, &request_pauses);

@@ -10701,3 +10701,38 @@ def test_a_management_room_id_past_255_bytes_waits_alone(mx, hs, gk, pg, db_url)
         assert not any(r.get("msg", "").startswith("too many management rooms wait") for r in mx.records)
     finally:
         hs.refuse = None
+
+
+def test_a_command_run_again_after_its_handled_mark_was_lost_takes_one_token(mx, hs, pg, db_url):
+    """Each of alice's 25 commands has its inbox row's handled mark lost
+    once (a trigger skips the row's first update to handled: as a mark
+    whose statement failed), so each runs again at once, answered once
+    (its answer's transaction id is its event's). A run again takes no
+    token of her commands bucket (31 a minute; the invitation took one),
+    so her next command, a list, is answered. Until the sixtieth session
+    each run again took one, 51 tokens for 26 commands, and her list was
+    refused, unanswered, though she had given 26 commands."""
+    assert mx.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 1}).ok
+    alice, mgmt, said = alice_and_the_bot(hs)  # one token
+    pg.psql("CREATE TABLE lost_marks (id bigint PRIMARY KEY); "
+            "CREATE FUNCTION lose_mark() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            " IF NEW.handled_at IS NOT NULL AND OLD.handled_at IS NULL AND OLD.event->>'type' = 'm.room.message' "
+            "  AND NOT EXISTS (SELECT 1 FROM lost_marks WHERE id = OLD.id) THEN "
+            "  INSERT INTO lost_marks VALUES (OLD.id); RETURN NULL; END IF; RETURN NEW; END $$; "
+            "CREATE TRIGGER lose_mark BEFORE UPDATE ON matrix_bot_inbox FOR EACH ROW EXECUTE FUNCTION lose_mark()",
+            db_url)
+    try:
+        for i in range(25):
+            alice.send_text(mgmt, "help")
+        # each ran twice (its mark lost once), and is handled
+        wait_until(lambda: pg.psql("SELECT count(*) FROM lost_marks", db_url) == "25"
+                   and pg.psql("SELECT count(*) FROM matrix_bot_inbox WHERE handled_at IS NULL", db_url) == "0",
+                   timeout=30, what="every command run twice and handled")
+        alice.send_text(mgmt, "list")
+        wait_until(lambda: "Nothing yet: no requests, no decisions." in said(), timeout=15,
+                   what="her list answered")
+        assert sum("Commands" in n for n in said()) == 26, said()  # each help said once
+        assert not any(n.startswith("Slow down") for n in said()), said()
+    finally:
+        pg.psql("DROP TRIGGER lose_mark ON matrix_bot_inbox; DROP FUNCTION lose_mark(); DROP TABLE lost_marks",
+                db_url)
