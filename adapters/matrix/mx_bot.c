@@ -1178,7 +1178,10 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 	 * them).  Due at once there: what held one back (the old room's
 	 * failed sends) is not the new room's.  Their ids come back (text,
 	 * NULL for none): given back to the old room if the new one is
-	 * given up below. */
+	 * given up below.  A word whose send in the old room was left
+	 * unanswered (the homeserver may have it) is said here too: a
+	 * transaction id is known for one room's path (docs/matrix.md
+	 * says why that is kept). */
 	const char *params[] = { sender, room, local_id, m->bot };
 	PGresult *r = PQexecParams(c,
 		"WITH old AS (SELECT room_id FROM matrix_mgmt_rooms WHERE user_id = $1 AND room_id <> $2), "
