@@ -1680,29 +1680,71 @@ static const char *notice_sender(const struct matrix *m, const PGresult *r, int 
 	return PQgetisnull(r, i, 4) || strcmp(PQgetvalue(r, i, 4), m->bot) == 0 ? NULL : PQgetvalue(r, i, 4);
 }
 
+/* The n strings s as a PostgreSQL array (its text form, for a $n::text[]
+ * or $n::bigint[] parameter), each element quoted, '"' and '\\'
+ * escaped: the bot's one builder of such a literal, for the paused rooms
+ * (requests) and the notices given back (notices, hold_room), where until
+ * the sixtieth session each of the four wrote its own.  malloc'd, NULL
+ * when out of memory. */
+static char *pg_array(const char *const *s, int n)
+{
+	size_t size = 3;
+	for (int k = 0; k < n; k++)
+		size += 2 * strlen(s[k]) + 3;
+	char *out = malloc(size), *o = out;
+	if (!out)
+		return NULL;
+	*o++ = '{';
+	for (int k = 0; k < n; k++) {
+		if (k)
+			*o++ = ',';
+		*o++ = '"';
+		for (const char *c = s[k]; *c; c++) {
+			if (*c == '"' || *c == '\\')
+				*o++ = '\\';
+			*o++ = *c;
+		}
+		*o++ = '"';
+	}
+	*o++ = '}';
+	*o = '\0';
+	return out;
+}
+
+/* The notices of ids (n of them: the rows of a batch) given back by the
+ * statement sql, whose $1 is their ids (pg_array) and $2, unless NULL,
+ * arg; why: the log's line when it failed. */
+static void notices_give_back(PGconn *c, const char *sql, const char *const *ids, int n, const char *arg,
+			      const char *why)
+{
+	if (n == 0)
+		return;
+	char *array = pg_array(ids, n);
+	const char *p[] = { array, arg };
+	cw_errmsg e;
+	if (!array)
+		LOG_KV(CW_LOG_WARN, why, "detail", "out of memory");
+	else if (store_command(c, sql, arg ? 2 : 1, p, &e))
+		LOG_KV(CW_LOG_WARN, why, "detail", e.msg);
+	free(array);
+}
+
 /* Row i of notices' batch r was not sent (and is due again later): the
  * batch's later rows of its room, whoever says them, are given back
  * untried, the try not counted, so that they do not pass it (their next
  * try waits for it: notices' NOT EXISTS). */
 static void hold_room(PGconn *c, const PGresult *r, int i, int n_rows, bool *given_back)
 {
-	char ids[BOT_BATCH * 24 + 4];
-	size_t n = 0;
-	ids[n++] = '{';
+	const char *ids[BOT_BATCH];
+	int n = 0;
 	for (int k = i + 1; k < n_rows && k < BOT_BATCH; k++) {
 		if (given_back[k] || strcmp(PQgetvalue(r, k, 1), PQgetvalue(r, i, 1)) != 0)
 			continue;
 		given_back[k] = true;
-		n += (size_t)snprintf(ids + n, sizeof(ids) - n, "%s%s", n > 1 ? "," : "", PQgetvalue(r, k, 0));
+		ids[n++] = PQgetvalue(r, k, 0);
 	}
-	if (n == 1)
-		return;
-	snprintf(ids + n, sizeof(ids) - n, "}");
-	const char *p[] = { ids };
-	cw_errmsg e;
-	if (store_command(c, "UPDATE matrix_notices SET tries = tries - 1, next_at = now() WHERE id = ANY ($1::bigint[])",
-			  1, p, &e))
-		LOG_KV(CW_LOG_WARN, "cannot give back a notice behind one not sent: tried again later", "detail", e.msg);
+	notices_give_back(c, "UPDATE matrix_notices SET tries = tries - 1, next_at = now() WHERE id = ANY ($1::bigint[])",
+			  ids, n, NULL, "cannot give back a notice behind one not sent: tried again later");
 }
 
 /* The notices due (matrix_notices), each from its sender (the ghost of
@@ -1774,25 +1816,20 @@ static void notices(struct matrix *m, PGconn *c)
 			/* this row and the batch's later ones of its sender, due
 			 * when it asks (a stale one among them is given up at its
 			 * next try, as any) */
-			char ids[BOT_BATCH * 24 + 4], ms[24];
-			size_t n = 0;
-			ids[n++] = '{';
+			const char *ids[BOT_BATCH];
+			char ms[24];
+			int n = 0;
 			for (int k = i; k < n_rows && k < BOT_BATCH; k++) {
 				const char *other = notice_sender(m, r, k);
 				if (given_back[k] || !(other == user || (other && user && strcmp(other, user) == 0)))
 					continue;
 				given_back[k] = true;
-				n += (size_t)snprintf(ids + n, sizeof(ids) - n, "%s%s", k > i ? "," : "", PQgetvalue(r, k, 0));
+				ids[n++] = PQgetvalue(r, k, 0);
 			}
-			snprintf(ids + n, sizeof(ids) - n, "}");
 			snprintf(ms, sizeof(ms), "%ld", wait);
-			const char *p[] = { ids, ms };
-			cw_errmsg e;
-			if (store_command(c, "UPDATE matrix_notices SET tries = tries - 1, "
+			notices_give_back(c, "UPDATE matrix_notices SET tries = tries - 1, "
 					     "next_at = now() + $2::bigint * interval '1 millisecond' WHERE id = ANY ($1::bigint[])",
-					  2, p, &e))
-				LOG_KV(CW_LOG_WARN, "cannot give back a rate-limited notice: tried again later", "detail",
-				       e.msg);
+					  ids, n, ms, "cannot give back a rate-limited notice: tried again later");
 			hold_room(c, r, i, n_rows, given_back);
 			continue;
 		}
@@ -1801,23 +1838,17 @@ static void notices(struct matrix *m, PGconn *c)
 			 * ones wait for it, due at once when it is taken again,
 			 * the try not counted, none given up (bot_main does not
 			 * look meanwhile) */
-			char ids[BOT_BATCH * 24 + 4];
-			size_t n = 0;
-			ids[n++] = '{';
+			const char *ids[BOT_BATCH];
+			int n = 0;
 			for (int k = i; k < n_rows && k < BOT_BATCH; k++) {
 				if (given_back[k])
 					continue;
 				given_back[k] = true;
-				n += (size_t)snprintf(ids + n, sizeof(ids) - n, "%s%s", n > 1 ? "," : "",
-						      PQgetvalue(r, k, 0));
+				ids[n++] = PQgetvalue(r, k, 0);
 			}
-			snprintf(ids + n, sizeof(ids) - n, "}");
-			const char *p[] = { ids };
-			cw_errmsg e;
-			if (store_command(c, "UPDATE matrix_notices SET tries = tries - 1, next_at = now() "
-					     "WHERE id = ANY ($1::bigint[])", 1, p, &e))
-				LOG_KV(CW_LOG_WARN, "cannot give back a notice the as_token's refusal held: "
-				       "tried again later", "detail", e.msg);
+			notices_give_back(c, "UPDATE matrix_notices SET tries = tries - 1, next_at = now() "
+					     "WHERE id = ANY ($1::bigint[])", ids, n, NULL,
+					  "cannot give back a notice the as_token's refusal held: tried again later");
 			break;
 		}
 		bool refused = !sent && (status == 403 || status == 404 || alone == -1);
@@ -3100,33 +3131,6 @@ static bool request_paused(struct request_pauses *ps, const char *room, long sta
 	return false;
 }
 
-/* The paused rooms as a PostgreSQL array (text form, each element
- * quoted), for BOT_REQUESTS's $4; malloc'd, NULL when out of memory. */
-static char *pauses_array(const struct request_pauses *ps)
-{
-	size_t size = 3;
-	for (int k = 0; k < ps->n; k++)
-		size += 2 * strlen(ps->room[k]) + 3;
-	char *out = malloc(size), *o = out;
-	if (!out)
-		return NULL;
-	*o++ = '{';
-	for (int k = 0; k < ps->n; k++) {
-		if (k)
-			*o++ = ',';
-		*o++ = '"';
-		for (const char *s = ps->room[k]; *s; s++) {
-			if (*s == '"' || *s == '\\')
-				*o++ = '\\';
-			*o++ = *s;
-		}
-		*o++ = '"';
-	}
-	*o++ = '}';
-	*o = '\0';
-	return out;
-}
-
 /* Shows pending consent requests that were not shown yet; one the
  * homeserver did not take for now stays unshown, and is tried again
  * half a minute later, with the same transaction id, as are the batch's
@@ -3158,7 +3162,7 @@ static void requests(struct matrix *m, PGconn *c, struct request_pauses *ps)
 	char ghosts[80];
 	const char *p[4];
 	newcomer_params(m, p, ghosts, sizeof(ghosts));
-	char *paused = pauses_array(ps);
+	char *paused = pg_array((const char *const *)ps->room, ps->n); /* BOT_REQUESTS's $4 */
 	if (!paused)
 		return;
 	p[3] = paused;
