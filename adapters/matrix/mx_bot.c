@@ -1743,8 +1743,9 @@ static void hold_room(PGconn *c, const PGresult *r, int i, int n_rows, bool *giv
 		given_back[k] = true;
 		ids[n++] = PQgetvalue(r, k, 0);
 	}
-	notices_give_back(c, "UPDATE matrix_notices SET tries = tries - 1, next_at = now() WHERE id = ANY ($1::bigint[])",
-			  ids, n, NULL, "cannot give back a notice behind one not sent: tried again later");
+	notices_give_back(c, "UPDATE matrix_notices SET tries = tries - 1, next_at = now() "
+			     "WHERE id = ANY ($1::bigint[])", ids, n, NULL,
+			  "cannot give back a notice behind one not sent: tried again later");
 }
 
 /* The notices due (matrix_notices), each from its sender (the ghost of
@@ -3203,8 +3204,9 @@ static void requests(struct matrix *m, PGconn *c, struct request_pauses *ps)
 			alone = request_still(m, c, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1));
 		if (alone != 1) {
 			done[i] = true;
-			if (alone == -2 && request_paused(ps, PQgetvalue(r, i, 1), unread,
-							  mx_rate_limited_wait_ms() > 0 ? mx_rate_limited_wait_ms() : 1000))
+			/* a 429 of the members' read: the wait it asked for */
+			long asked = mx_rate_limited_wait_ms() > 0 ? mx_rate_limited_wait_ms() : 1000;
+			if (alone == -2 && request_paused(ps, PQgetvalue(r, i, 1), unread, asked))
 				break;
 			continue;
 		}
@@ -3823,7 +3825,8 @@ static void *bot_main(void *arg)
 		 * the notices backed off to 10 minutes a try. */
 		if (mine) {
 			bool held = atomic_load(&m->token_refused);
-			while (!atomic_load(&m->bot_stop) && !atomic_load(&m->token_refused) && inbox(m, c, &command_runs))
+			while (!atomic_load(&m->bot_stop) && !atomic_load(&m->token_refused) &&
+			       inbox(m, c, &command_runs))
 				;
 			if (!held) {
 				requests(m, c, &request_pauses);
