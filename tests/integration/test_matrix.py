@@ -10736,3 +10736,44 @@ def test_a_command_run_again_after_its_handled_mark_was_lost_takes_one_token(mx,
     finally:
         pg.psql("DROP TRIGGER lose_mark ON matrix_bot_inbox; DROP FUNCTION lose_mark(); DROP TABLE lost_marks",
                 db_url)
+
+
+def test_a_429_to_the_read_of_a_management_rooms_members_waits_as_asked(mx, hs, gk, pg, db_url):
+    """The homeserver answers the bot's first read of alice's management
+    room's members, before her consent request is shown, with 429
+    M_LIMIT_EXCEEDED asking 3 s: the bot waits what it asked, as after a
+    429 to a send (every room's requests wait: the limit is the bot's),
+    and her request is shown at the read after it. Until the sixtieth
+    session such a 429 was the room's alone and paused it the half
+    minute of a failing room: her request waited some 30 s."""
+    a, srv = gk
+    bot = "@_cw_bot:example.org"
+    assert mx.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+    alice, mgmt, said = alice_and_the_bot(hs)
+    limited = []
+
+    def members(method, path):
+        return method == "GET" and urllib.parse.unquote(path).endswith(f"/rooms/{mgmt}/members")
+
+    def refuse(method, path, user):
+        if user == bot and members(method, path) and not limited:
+            limited.append(time.monotonic())
+            return 429
+        return False
+    since = len(hs.requests)
+    hs.refuse_retry_after_ms = 3000
+    hs.refuse = refuse
+    try:
+        room = a.create_room([a.user("s0"), ALICE]).json()["id"]
+        assert a.send(room, a.user("s0"), "may I? (s0)").status_code == 202
+        wait_until(lambda: limited, what="her room's members read, answered 429")
+        wait_until(lambda: any("wants to write to you" in n for n in said()), timeout=20,
+                   what="her request shown once the wait is over")
+        shown_in = time.monotonic() - limited[0]
+    finally:
+        hs.refuse = None
+        hs.refuse_retry_after_ms = 1000
+    reads = [q for q in hs.requests[since:] if q["user"] == bot and members(q["method"], q["path"])]
+    assert [q["status"] for q in reads][:2] == [429, 200], reads
+    assert 2.5 < reads[1]["time"] - reads[0]["time"] < 15, reads
+    print(f"her request shown {shown_in:.2f} s after the 429")
