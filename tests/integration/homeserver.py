@@ -288,6 +288,16 @@ class Room:
         return ev["content"].get("join_rule") if ev else "invite"
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    """socketserver's listen backlog is 5: until the sixtieth session 64 clients connecting at once (the
+    delivery's rooms in flight, each on a connection of its own) overflowed it, the connections dropped
+    were tried again by the kernel after 1 s, 3 s, ..., and the stand-in answered 100 sends/s where it
+    answers 2,000 (docs/performance.md, "Sixtieth session").  A homeserver's is larger (Synapse listens
+    with Twisted's default of 50, a reverse proxy before it with 511), and the kernel bounds it by
+    net.core.somaxconn."""
+    request_queue_size = 128
+
+
 class Homeserver:
     """The stand-in. registration is the appservice registration as a dict; it is kept by reference, so a
     test may change it (its url, say) while the server runs."""
@@ -465,7 +475,7 @@ class Homeserver:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_OPTIONS = do_PATCH = do_HEAD = _any
 
-        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = _Server(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
