@@ -14,10 +14,18 @@
 
 #define ANSWER_MAX (1 << 20)
 #define MX_TIMEOUT_MS 10000L
-/* Rooms delivered to at the same time (each with one request in flight):
- * a homeserver answers a send in milliseconds, so one room after another
- * would bound the whole gateway by that latency. */
-#define MX_ROOMS_IN_FLIGHT 16
+/* Rooms delivered to at the same time (each with one request in flight,
+ * on a connection of its own): a homeserver answers a send in
+ * milliseconds, so one room after another would bound the whole gateway
+ * by that latency.  Until the sixtieth session 16: a batch of 20 rooms
+ * (tests/bench/matrix --rooms) went in two waves, its last four rooms
+ * after the first sixteen, and its sends took 194-219 ms a batch of 250
+ * where 64 took 147-174 (docs/performance.md, "Sixtieth session").  An
+ * application service registered with rate_limited: false is held to no
+ * rate by Synapse, and a send's work there is serialised per room, not
+ * per sender, so 64 requests of 64 rooms are 64 connections it takes side
+ * by side. */
+#define MX_ROOMS_IN_FLIGHT 64
 /* The wait for the answer to a membership question that only words a
  * refused join's reason (join_refusal): it is asked while the delivery
  * waits, every room with it, and no answer words it as well as a late one

@@ -6495,6 +6495,46 @@ def test_rooms_are_delivered_side_by_side_and_a_failing_one_holds_no_other(mx, h
                    db_url) == "0"
 
 
+def test_twenty_rooms_messages_go_to_the_homeserver_at_once(mx, hs, gk, pg, db_url):
+    """A batch's rooms are sent to side by side, up to 64 at once: until the sixtieth session 16, and of a
+    batch of 20 rooms the last four waited for the first sixteen's sends (docs/performance.md, "Sixtieth
+    session").  Each room's first message makes its room and ghost; the second round, one message a room in
+    one claim, is sent with the homeserver answering each after 1.5 s: every send starts before any is
+    answered."""
+    a, _ = gk
+    assert mx.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+    assert mx.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "domain", "subject": "wa.example",
+                                               "state": "allowed"}).ok
+    hs.create_user("alice")
+    rooms = [a.create_room([a.user(f"w{k:02d}"), ALICE]).json() for k in range(20)]
+
+    def send_round(tag):
+        items = [{"idempotency_key": f"twenty-{tag}-{k}", "room": room["uri"],
+                  "event": {"type": "message", "sender": a.user(f"w{k:02d}"),
+                            "content": {"parts": [{"type": "text/plain", "body": f"{tag}{k}"}]}}}
+                 for k, room in enumerate(rooms)]
+        r = a.call("POST", "/v1/batch", {"events": items})
+        assert r.status_code == 200 and all(x["status"] == "accepted" for x in r.json()["results"]), r.text
+
+    delivered = "SELECT count(*) FROM outbox WHERE destination = 'matrix' AND state = 'delivered'"
+    send_round("first")
+    wait_until(lambda: pg.psql(delivered, db_url) == "20", timeout=30, what="the first round delivered")
+    started = {}
+
+    def latency(user):
+        started.setdefault(user, time.monotonic())
+        return 1.5
+
+    hs.send_latency = latency
+    send_round("second")
+    wait_until(lambda: pg.psql(delivered, db_url) == "40", timeout=60, what="the second round delivered")
+    assert len(started) == 20, started
+    spread = max(started.values()) - min(started.values())
+    assert spread < 1.0, f"the last room's send started {spread:.2f} s after the first's"
+    bodies = [e["content"]["body"] for rid in hs.rooms() for e in hs.events(rid) if e["type"] == "m.room.message"]
+    assert sorted(bodies) == sorted([f"first{k}" for k in range(20)] + [f"second{k}" for k in range(20)])
+
+
 def broken_then_after_it(d, a, hs, pg, db_url):
     """wally (of the peer a) writes "broken", then "after it", to alice, who
     opted in but has not consented yet: the two messages' ids, once both
