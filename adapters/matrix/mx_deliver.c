@@ -22,9 +22,10 @@
  * after the first sixteen, and its sends took 194-219 ms a batch of 250
  * where 64 took 147-174 (docs/performance.md, "Sixtieth session").  An
  * application service registered with rate_limited: false is held to no
- * rate by Synapse, and a send's work there is serialised per room, not
- * per sender, so 64 requests of 64 rooms are 64 connections it takes side
- * by side. */
+ * rate by Synapse, which queues the making of events per room (at most 5
+ * at once in a room: EventCreationHandler's limiter, a Linearizer keyed
+ * by the room), not per sender, so 64 requests of 64 rooms are 64
+ * connections it serves side by side. */
 #define MX_ROOMS_IN_FLIGHT 64
 /* The wait for the answer to a membership question that only words a
  * refused join's reason (join_refusal): it is asked while the delivery
