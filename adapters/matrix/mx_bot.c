@@ -536,6 +536,7 @@ struct command_run {
 	long long row;      /* its inbox row's id; 0: none */
 	bool allowed;       /* command_allowed's answer */
 	signed char change; /* change_allowed's: 1 allowed, -1 refused, 0 not asked (or its token given back) */
+	bool took;          /* this run took change's token (not a run again's answer): change_back's to give */
 };
 
 struct command_runs {
@@ -563,15 +564,19 @@ static struct command_run *command_run_of(struct command_runs *runs, const char 
 static bool change_allowed(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *sender,
 			   struct command_run *run)
 {
-	if (run->change)
+	if (run->change) {
+		run->took = false; /* its first run's token, spent on what it stored */
 		return run->change > 0; /* a run again: its first run's answer (struct command_runs) */
+	}
 	char localpart[MX_ID_MAX + 1], server[MX_ID_MAX + 1];
 	bool notice = false;
 	run->change = 1;
+	run->took = true;
 	if (!mx_user_id_parse(sender, localpart, sizeof(localpart), server, sizeof(server)) ||
 	    policy_user_update_allowed(m->app->policy, m->app->limits, localpart, &notice))
 		return true; /* not parsed: not a local user, who has no command (local_identity) */
 	run->change = -1;
+	run->took = false;
 	if (notice)
 		answer(m, c, room, txn, "You made too many changes in a short time: this command was not carried out, nor "
 				     "are the next ones for a minute, and I will not say so again. Try again in a minute.");
@@ -612,6 +617,12 @@ static bool command_allowed(struct matrix *m, PGconn *c, const char *room, const
 static void change_back(struct matrix *m, const char *sender, struct command_run *run)
 {
 	char localpart[MX_ID_MAX + 1], server[MX_ID_MAX + 1];
+	/* A run again that failed took nothing: its first run's statements
+	 * were stored, and their token stays spent (a review's finding in the
+	 * sixtieth session: it was given back, the change then free). */
+	if (!run->took)
+		return;
+	run->took = false;
 	run->change = 0; /* a run again takes its own */
 	if (mx_user_id_parse(sender, localpart, sizeof(localpart), server, sizeof(server)))
 		policy_user_update_give(m->app->policy, m->app->limits, localpart);
@@ -3116,15 +3127,23 @@ static void pause_room(struct request_pauses *ps, const char *room, int64_t unti
  * minute, where one try does: up to 64 connections refused, or 64
  * times 10 s of the bot's thread, which answers the commands, where the
  * homeserver took connections and answered none. */
-static bool request_paused(struct request_pauses *ps, const char *room, long status, long wait_ms)
+static bool request_paused(struct matrix *m, struct request_pauses *ps, const char *room, long status, long wait_ms)
 {
 	if (status == 429) {
 		pause_all(ps, cw_now_us() + wait_ms * 1000LL);
 		return true; /* the others are the bot's too, limited as much */
 	}
 	if (status == 0) {
-		LOG_KV_LIMITED(CW_LOG_WARN, "the homeserver did not answer the bot: every room's consent requests wait",
-			       "room", room);
+		/* The room waits longer than everyone, so that the next try is
+		 * another room's: a room whose read never answers (past 10 s,
+		 * an answer past ANSWER_MAX) is not the first tried at every
+		 * pause's end, holding up the others for good (the session's
+		 * review); with the homeserver down, still one try a pause. */
+		if (!atomic_load(&m->bot_stop)) /* a read the stop ended is no silence */
+			LOG_KV_LIMITED(CW_LOG_WARN,
+				       "the homeserver did not answer the bot: every room's consent requests wait",
+				       "room", room);
+		pause_room(ps, room, cw_now_us() + 2 * REQUEST_PAUSE_US);
 		pause_all(ps, cw_now_us() + REQUEST_PAUSE_US);
 		return true;
 	}
@@ -3204,9 +3223,11 @@ static void requests(struct matrix *m, PGconn *c, struct request_pauses *ps)
 			alone = request_still(m, c, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1));
 		if (alone != 1) {
 			done[i] = true;
-			/* a 429 of the members' read: the wait it asked for */
-			long asked = mx_rate_limited_wait_ms() > 0 ? mx_rate_limited_wait_ms() : 1000;
-			if (alone == -2 && request_paused(ps, PQgetvalue(r, i, 1), unread, asked))
+			/* a 429 of the members' read: the wait it asked for, or a
+			 * pause's when it named none (not a try a second) */
+			long asked = mx_rate_limited_wait_ms() > 0 ? mx_rate_limited_wait_ms()
+								   : (long)(REQUEST_PAUSE_US / 1000);
+			if (alone == -2 && request_paused(m, ps, PQgetvalue(r, i, 1), unread, asked))
 				break;
 			continue;
 		}
@@ -3221,7 +3242,7 @@ static void requests(struct matrix *m, PGconn *c, struct request_pauses *ps)
 				pause_all(ps, cw_now_us() + REQUEST_PAUSE_US);
 				break; /* the bot refused everywhere: the others would be */
 			}
-			if (request_paused(ps, PQgetvalue(r, i, 1), status, wait))
+			if (request_paused(m, ps, PQgetvalue(r, i, 1), status, wait))
 				break;
 			continue;
 		}
