@@ -1242,17 +1242,29 @@ static const char recheck_ids_sql[] =
  * refused as she wrote is dropped there, not here, and was told then.
  * Her retraction, reaction or receipt is no message to tell of: none.
  * Nor a row she was told of already (sender_told_at), but a dead letter
- * (or failed row) the admin's replay decides again and refuses (the one
- * path that drops such a row: the walk and the claims take waiting rows):
- * told "could not be reached (...). The operator can send it again.", she
- * is told now what became of that, "this person blocked you".  The
- * fifty-ninth session's review took that second notice for a repeat and
- * kept no quote for a row told already, so a refused replay told nothing
- * (until the sixtieth session).  A message that expires
- * (content.expires) keeps '' (told without its text) since the sixtieth
- * session: the quote, in her room for good, would outlive the expiry, and
- * once the drop erased the content nothing finds the row by its expiry to
- * clear it (the erasures clear a quote: docs/policy.md, "Blocks travel"). */
+ * (or failed row) the admin's replay decides again and refuses ($4 true:
+ * policy_recheck_row): told "could not be reached (...). The operator can
+ * send it again.", she is told now what became of the resend he asked
+ * for, "this person blocked you".  The fifty-ninth session's review took
+ * that second notice for a repeat and kept no quote for a row told
+ * already, so a refused replay told nothing; the sixtieth session's first
+ * mend quoted every dead or failed row told already, taking the replay
+ * for the one path that drops one, but the whole pass walks dead and
+ * failed rows too (recheck_state_sql), at every start of the daemon and
+ * after every change of the rules: a dead letter she was told of weeks
+ * before was told again, "this person blocked you", at the first pass
+ * after his block, one notice a dead letter (a review of that session;
+ * test_her_told_dead_letter_dropped_by_a_pass_after_his_block_is_not_told_again).
+ * A dead row the dispatcher marked told without a notice (dispatcher.c,
+ * dead_now and outbox_dead_unreadable: no replay can help it, and the
+ * chat is told nothing) is quoted by a replay alone too.  A message that expires (content.expires; an
+ * edit, of a message that does or did: the expiry finds the edits by
+ * replaces_id, and an edit carries no expiry of its own) keeps '' (told
+ * without its text) since the sixtieth session: the quote, in her room
+ * for good, would outlive the expiry, and once the drop erased the
+ * content nothing finds the row by its expiry to clear it (the erasures
+ * clear a quote: docs/policy.md, "Blocks travel"); until a review of that
+ * session an edit of such a message was quoted all the same. */
 /* The events of the rows $1 ([{id, ...}]) locked, in id order, before
  * recheck_drop_sql (in the same transaction). */
 static const char recheck_lock_sql[] =
@@ -1268,8 +1280,10 @@ static const char recheck_drop_sql[] =
 	"  claimed_until = NULL, attempts = CASE WHEN o.state = 'in_flight' AND o.id = ANY($3::bigint[]) "
 	"  THEN greatest(o.attempts - 1, 0) ELSE o.attempts END, "
 	"  sender_quote = CASE WHEN dn.reason = 'recipient_blocked_sender' AND dn.kind = 1 "
-	"  AND (o.sender_told_at IS NULL OR o.state IN ('dead', 'failed')) THEN "
-	"  (SELECT coalesce(CASE WHEN event_expires(e.content) IS NULL THEN " DISPATCHER_QUOTE("e.content") " END, '') "
+	"  AND (o.sender_told_at IS NULL OR ($4::boolean AND o.state IN ('dead', 'failed'))) THEN "
+	"  (SELECT coalesce(CASE WHEN event_expires(e.content) IS NULL AND NOT e.expired "
+	"   AND NOT EXISTS (SELECT 1 FROM events m WHERE m.id = e.replaces_id "
+	"    AND (m.expired OR event_expires(m.content) IS NOT NULL)) THEN " DISPATCHER_QUOTE("e.content") " END, '') "
 	"   FROM events e WHERE e.id = o.event_id "
 	"   AND e.type IN ('message', 'edit')) END "
 	"  FROM dn WHERE o.id = dn.id AND o.id IN (SELECT id FROM lk) "
@@ -1425,15 +1439,16 @@ static bool recheck_drops_parse(const char *text, struct recheck_drops *by)
 }
 
 /* Decides the rows of r (RECHECK_COLUMNS) again with v and drops those
- * refused (recheck_drop_sql; claimed_by its $2, uncounted its $3);
+ * refused (recheck_drop_sql; claimed_by its $2, uncounted its $3,
+ * replay its $4: the admin's replay of a dead letter, policy_recheck_row);
  * counts: rows decided, dropped; *reason: the first drop's (static), or NULL; *gone (NULL: not
  * wanted) the ids dropped, a JSON array (NULL: none); *kept (NULL: not
  * wanted) the ids refused and not dropped (another transaction held
  * them, or they were no longer waiting), a JSON array (NULL: none); by
  * (NULL: not wanted) the drops by reason and kind. */
 static cw_err recheck(PGconn *c, const struct policy_view *v, PGresult *r, const char *claimed_by,
-		      const char *uncounted, long counts[2], const char **reason, json_t **gone, json_t **kept,
-		      struct recheck_drops *by, cw_errmsg *e)
+		      const char *uncounted, bool replay, long counts[2], const char **reason, json_t **gone,
+		      json_t **kept, struct recheck_drops *by, cw_errmsg *e)
 {
 	if (by)
 		memset(by, 0, sizeof(*by));
@@ -1471,7 +1486,7 @@ static cw_err recheck(PGconn *c, const struct policy_view *v, PGresult *r, const
 	json_decref(list);
 	if (!text)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
-	const char *params[] = { text, claimed_by, uncounted };
+	const char *params[] = { text, claimed_by, uncounted, replay ? "t" : "f" };
 	/* The rows' events first, in id order, as a statement of their own:
 	 * two processes dropping rows of one event take turns, and the later
 	 * one's drop (a snapshot of after the other's commit) sees the other's
@@ -1486,7 +1501,7 @@ static cw_err recheck(PGconn *c, const struct policy_view *v, PGresult *r, const
 		return lrc;
 	}
 	PQclear(lr);
-	PGresult *dr = PQexecParams(c, recheck_drop_sql, 3, NULL, params, NULL, NULL, 0);
+	PGresult *dr = PQexecParams(c, recheck_drop_sql, 4, NULL, params, NULL, NULL, 0);
 	free(text);
 	cw_err rc = store_check(c, dr, PGRES_TUPLES_OK, e);
 	if (rc)
@@ -1521,7 +1536,7 @@ cw_err policy_recheck_row(struct policy_live *pl, PGconn *c, const char *outbox_
 	long counts[2] = { 0, 0 };
 	struct recheck_drops by = { 0 };
 	struct policy_view *v = policy_live_get(pl);
-	rc = recheck(c, v, r, NULL, NULL, counts, reason, NULL, NULL, &by, e);
+	rc = recheck(c, v, r, NULL, NULL, true, counts, reason, NULL, NULL, &by, e);
 	policy_view_put(v);
 	PQclear(r);
 	/* counted as the policy thread's and the lanes' rechecks are (until
@@ -3070,7 +3085,7 @@ static void kept_turn(struct policy_live *pl, const struct policy_view *v)
 	struct recheck_drops by = { 0 };
 	if (!rc && !(rc = store_check(pl->c, r, PGRES_TUPLES_OK, &e))) {
 		const char *reason;
-		rc = recheck(pl->c, v, r, NULL, NULL, counts, &reason, NULL, &kept, &by, &e);
+		rc = recheck(pl->c, v, r, NULL, NULL, false, counts, &reason, NULL, &kept, &by, &e);
 		PQclear(r);
 	}
 	if (arr)
@@ -3242,7 +3257,7 @@ static bool recheck_turn(struct policy_live *pl)
 			snprintf(last_dest, sizeof(last_dest), "%s", PQgetvalue(r, n - 1, pass || rooms ? 1 : 14));
 		}
 		const char *reason;
-		rc = recheck(pl->c, v, r, NULL, NULL, counts, &reason, NULL, &kept, &by, &e);
+		rc = recheck(pl->c, v, r, NULL, NULL, false, counts, &reason, NULL, &kept, &by, &e);
 		PQclear(r);
 	}
 	rc = store_end(pl->c, rc, &e);
@@ -3336,7 +3351,7 @@ cw_err policy_live_screen_claim(struct policy_live *pl, PGconn *c, const int64_t
 	struct recheck_drops by = { 0 };
 	if (!rc && !(rc = store_check(c, r, PGRES_TUPLES_OK, e))) {
 		const char *reason;
-		rc = recheck(c, v, r, claimed_by, back, counts, &reason, &list, NULL, &by, e);
+		rc = recheck(c, v, r, claimed_by, back, false, counts, &reason, &list, NULL, &by, e);
 		PQclear(r);
 	}
 	if (own)

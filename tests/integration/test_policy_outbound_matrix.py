@@ -272,18 +272,29 @@ def test_her_dropped_message_that_expires_is_told_without_its_text(mx, hs, gk, p
     quote by the expiry to clear it.  Until the sixtieth session the drop
     kept its first 60 characters all the same (Matrix and XMPP write no
     such message: a peer's API does; here the waiting one is given an
-    expiry a day off)."""
+    expiry a day off).  Her edit of it, waiting too, alike: an edit
+    carries no expiry of its own (the expiry finds it by its message), and
+    until a review of the sixtieth session its new text was quoted."""
     a, srv = gk
     alice, room, ghost = alice_writes_to_wally(hs, a)
     later = int(time.time() * 1000) + 86400 * 1000
+    sent = {}
+
+    def write(text):
+        sent[text] = alice.send_text(room, text)
 
     def expires():
         pg.psql("UPDATE events SET content = jsonb_set(content, '{content,expires}', "
                 f"to_jsonb({later}::bigint)) WHERE origin_network = 'matrix' AND type = 'message' "
                 f"AND content #>> '{{content,parts,0,body}}' = '{WAITING}'", db_url)
-    dropped_by_his_block(mx, gk, lambda text: alice.send_text(room, text), pg, db_url, "matrix", meanwhile=expires)
-    assert all_told(pg, db_url, ghost_notices(hs, room, ghost), 1) == [BLOCKED_TEXT]
-    assert told_marks(pg, db_url, "matrix") == "true false"
+        alice.edit(room, sent[WAITING], "still there?")
+        wait_until(lambda: pg.psql("SELECT count(*) FROM outbox o JOIN events e ON e.id = o.event_id "
+                                   "WHERE e.origin_network = 'matrix' AND e.type = 'edit' "
+                                   "AND o.state IN ('pending', 'held')", db_url) == "1", what="her edit waiting")
+    dropped_by_his_block(mx, gk, write, pg, db_url, "matrix", meanwhile=expires)
+    wait_until(lambda: told_marks(pg, db_url, "matrix") == "true false,true false", timeout=20,
+               what="her message and her edit dropped and told")
+    assert all_told(pg, db_url, ghost_notices(hs, room, ghost), 2) == [BLOCKED_TEXT, BLOCKED_TEXT]
 
 
 def test_her_message_dropped_for_two_peers_at_once_is_told_once(mx, hs, gk, pg, db_url):
@@ -334,6 +345,38 @@ def test_her_dead_letter_replayed_after_his_block_is_told_the_block(mx, hs, gk, 
     assert r.status_code == 409 and "recipient_blocked_sender" in r.text, r.text
     assert all_told(pg, db_url, notices, 2) == unreached + [f"Not delivered \u201c{WAITING}\u201d: "
                                                             "this person blocked you."]
+    assert told_marks(pg, db_url, "matrix") == "true false"
+
+
+def test_her_told_dead_letter_dropped_by_a_pass_after_his_block_is_not_told_again(mx, hs, gk, pg, db_url):
+    """Her message a dead letter she was told of ("could not be reached
+    ... The operator can send it again."), then wally blocks her: the
+    policy's whole pass (at every start of the daemon, after every change
+    of the rules: here an unrelated rule) walks dead rows and drops it, and
+    she is told nothing more, only the replay she was promised being worth
+    a word.  The sixtieth session's first mend of the replay's notice
+    quoted every told dead row a drop met, and she was told "this person
+    blocked you" at the next pass, weeks after her message."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    alice.send_text(room, "before")
+    srv.wait_events(1)
+    srv.fail_next = 1000000  # the peer down
+    alice.send_text(room, WAITING)
+    waiting_tried(pg, db_url, "matrix", 1)
+    dead = ("WITH u AS (UPDATE outbox o SET state = 'dead' FROM events e WHERE e.id = o.event_id "
+            "AND e.origin_network = 'matrix' AND o.state = 'pending' AND o.attempts > 0 RETURNING o.id) "
+            "SELECT coalesce(max(id), 0) FROM u")
+    row = wait_until(lambda: int(pg.psql(dead, db_url)), what="her waiting message made a dead letter")
+    notices = ghost_notices(hs, room, ghost)
+    unreached = all_told(pg, db_url, notices, 1)
+    assert unreached[0].startswith(f"Not delivered \u201c{WAITING}\u201d: gk could not be reached"), unreached
+    peer_blocks_alice(mx, a, "block")
+    r = mx.admin("POST", "/rules", json={"scope": "domain", "pattern": "elsewhere.example", "mode": "closed"})
+    assert r.status_code == 201, r.text
+    wait_until(lambda: pg.psql(f"SELECT state || ' ' || (sender_quote IS NULL) FROM outbox WHERE id = {row}",
+                               db_url) == "dropped true", what="the pass's drop of her dead letter, no quote owed")
+    assert all_told(pg, db_url, notices, 1) == unreached
     assert told_marks(pg, db_url, "matrix") == "true false"
 
 
