@@ -358,7 +358,21 @@ bool dispatcher_stopping(const struct dispatcher *d) { return atomic_load(&((str
  * all of them marked told, those past the 50 too (dx: every owed row of
  * those events, by outbox_event_dest_key); until the sixtieth session
  * each row was a notice, two for a group message to two peers.  Not a
- * row dropped after its event's first was told: a notice again. */
+ * row dropped after its event's first was told: a notice again.  Nor two
+ * looks at once (each XMPP component's, of its peer's rows; two
+ * processes'): each takes the event's lock (DEAD_NOTICE_LOCK_CLASS, a
+ * transaction-level advisory lock, tried) with its first row of it, and
+ * a look that cannot passes its rows by; the other's dx marks them told
+ * (or, if it commits first, this look's locks find them told).  Until a
+ * review of the sixtieth session each look skipped the other's locked
+ * rows and told its own: two notices.  The lock is asked last, of the
+ * rows of this network's local writers alone (the CASE: a condition on
+ * e alone would be asked as events are read, and lock other networks'
+ * events against their looks). */
+/* "CWDN": the class (the first key) of the locks of the events whose drop
+ * notices a look tells (the second key: the event's id folded into an
+ * int), beside store.h's classes ("CWSR", "CWCR") and the XMPP groups' ("CWXG"). */
+#define DEAD_NOTICE_LOCK_CLASS "1129792590"
 #define UNTOLD(COND, QUOTE)                                                                                  \
 	"(SELECT o.id, o.destination, o.attempts, o.state, e.id AS ev, e.room_id, e.sender_id, e.type, " QUOTE \
 	" AS quote FROM outbox o JOIN events e ON e.id = o.event_id JOIN identities s ON s.id = e.sender_id "   \
@@ -367,7 +381,9 @@ bool dispatcher_stopping(const struct dispatcher *d) { return atomic_load(&((str
 const struct store_stmt dispatcher_dead_stmts[] = {
 	{ "cw_dead_untold",
 		"WITH dd AS " UNTOLD("o.state = 'dead' AND o.sender_told_at IS NULL", DISPATCHER_QUOTE("e.content")) ", "
-		"db AS " UNTOLD("o.state = 'dropped' AND o.sender_quote IS NOT NULL",
+		"db AS " UNTOLD("o.state = 'dropped' AND o.sender_quote IS NOT NULL AND CASE WHEN s.is_local "
+				"AND s.network = $1 THEN pg_try_advisory_xact_lock(" DEAD_NOTICE_LOCK_CLASS
+				", (e.id % 2147483647)::int) END",
 			       "CASE WHEN e.expired THEN NULL ELSE NULLIF(o.sender_quote, '') END") ", "
 		"dx AS (SELECT x.id FROM outbox x WHERE x.event_id = ANY (ARRAY(SELECT ev FROM db)) "
 		"  AND x.state = 'dropped' AND x.sender_quote IS NOT NULL AND x.id NOT IN (SELECT id FROM db) "

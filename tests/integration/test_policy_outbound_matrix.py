@@ -8,6 +8,8 @@ needs no more)."""
 import re
 import time
 
+import psycopg
+
 from harness import wait_until
 from test_matrix import ALICE, alice_writes_to_wally, metrics
 from test_matrix import gk, hs, mx  # noqa: F401  (the fixtures)
@@ -316,6 +318,33 @@ def test_her_message_dropped_for_two_peers_at_once_is_told_once(mx, hs, gk, pg, 
             "SELECT event_id, 'peer:tg', room_id, 'dropped', 'once?' FROM o", db_url)
     assert all_told(pg, db_url, notices, 2) == [told, "Not delivered \u201conce?\u201d: this person blocked you."]
     assert told_marks(pg, db_url, "matrix") == "true false,true false"
+
+
+def test_a_message_another_look_holds_is_not_told_by_this_one(mx, hs, gk, pg, db_url):
+    """One message, one notice across looks at once (each XMPP component
+    looks at its own peer's rows, each Matrix process at all): a look
+    passes by a message whose lock another look holds (the event's
+    transaction-level advisory lock, class "CWDN"), and tells it once
+    that one lets go (here a session of the test holds it, as a look
+    would while it tells).  Until a review of the sixtieth session each
+    look skipped the other's locked row and told its own: two notices."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    dropped_by_his_block(mx, gk, lambda text: alice.send_text(room, text), pg, db_url, "matrix")
+    notices = ghost_notices(hs, room, ghost)
+    told = f"Not delivered \u201c{WAITING}\u201d: this person blocked you."
+    assert all_told(pg, db_url, notices, 1) == [told]
+    ev = pg.psql("SELECT o.event_id FROM outbox o JOIN events e ON e.id = o.event_id "
+                 "WHERE e.origin_network = 'matrix' AND o.state = 'dropped'", db_url)
+    with psycopg.connect(db_url) as other:
+        other.execute(f"SELECT pg_advisory_xact_lock({int.from_bytes(b'CWDN', 'big')}, {ev})")
+        pg.psql(f"UPDATE outbox SET sender_told_at = NULL, sender_quote = 'held?' WHERE event_id = {ev}", db_url)
+        time.sleep(1.5)  # past three looks
+        assert notices() == [told]
+        assert told_marks(pg, db_url, "matrix") == "false true"
+        other.rollback()
+    assert all_told(pg, db_url, notices, 2) == [told, "Not delivered \u201cheld?\u201d: this person blocked you."]
+    assert told_marks(pg, db_url, "matrix") == "true false"
 
 
 def test_her_dead_letter_replayed_after_his_block_is_told_the_block(mx, hs, gk, pg, db_url):
