@@ -1672,6 +1672,11 @@ static void dead_letters(PGconn *c)
 				 PQgetvalue(r, i, PQgetisnull(r, i, 14) ? 11 : 14), text);
 		else if (where == 12 && !PQgetisnull(r, i, 13))
 			snprintf(said, sizeof(said), "To %s: %s", PQgetvalue(r, i, 13), text);
+		else if (where == 12 && strncmp(PQgetvalue(r, i, 1), "peer:", 5) == 0)
+			/* no remote member of the room left: the peer, as a dead
+			 * letter names it (until a review of the sixtieth session
+			 * "...: this person blocked you." named no one) */
+			snprintf(said, sizeof(said), "To %s: %s", PQgetvalue(r, i, 1) + 5, text);
 		else
 			snprintf(said, sizeof(said), "%s", text);
 		rc = notice_queue(c, PQgetvalue(r, i, where), said, NULL, &e);

@@ -695,7 +695,12 @@ out:
 /* The JID of the group of row i of a dispatcher_dead_untold result, as its
  * writer has it: her binding's pair key holds it ("her-JID room-JID",
  * xa_room_native), or, hashed when the two were long, this component's
- * JID of the group's public id (column 11). */
+ * JID of the group's public id (column 11) when the pair of that JID and
+ * hers (column 6) hashes to her key; else (she is in the group through
+ * another component's JID) "the group " and its name (column 14; its
+ * public id when it has none), as the Matrix bot names a group.  Until a
+ * review of the sixtieth session a hashed key named this component's JID
+ * of the group whatever she had joined. */
 static bool group_jid(const struct xcomp *xc, const PGresult *r, int i, char *out, size_t len)
 {
 	const char *native = PQgetvalue(r, i, 4), *sp = strchr(native, ' ');
@@ -703,7 +708,20 @@ static bool group_jid(const struct xcomp *xc, const PGresult *r, int i, char *ou
 		snprintf(out, len, "%s", sp + 1);
 		return true;
 	}
-	return xa_muc_room_jid(xc, PQgetvalue(r, i, 11), out, len);
+	char pair[2 * XJ_JID_MAX + 2], hex[65];
+	unsigned char h[32];
+	if (strncmp(native, "h:", 2) == 0 && xa_muc_room_jid(xc, PQgetvalue(r, i, 11), out, len)) {
+		/* as xa_room_native hashes a long pair */
+		int k = snprintf(pair, sizeof(pair), "%s %s", PQgetvalue(r, i, 6), out);
+		if (k > 0 && (size_t)k < sizeof(pair)) {
+			cw_sha256(pair, (size_t)k, h);
+			cw_hex(hex, h, 32);
+			if (strcmp(native + 2, hex) == 0)
+				return true;
+		}
+	}
+	int n = snprintf(out, len, "the group %s", PQgetvalue(r, i, PQgetisnull(r, i, 14) ? 11 : 14));
+	return n > 0 && (size_t)n < len;
 }
 
 void xa_dead_letters(struct xcomp *xc, PGconn *c)

@@ -434,3 +434,10 @@ def test_her_dropped_message_with_no_room_of_hers_is_told_in_her_management_room
     wait_until(lambda: told_marks(pg, db_url, "matrix") == "true false", what="the row marked told")
     time.sleep(1.0)  # past two more looks
     assert said().count(told) == 1, said()
+    # no remote member of the room left to name (here taken out, and the
+    # row owed again): the peer is, as a dead letter names it; until a
+    # review of the sixtieth session the notice named no one
+    pg.psql("DELETE FROM room_members m USING identities i WHERE i.id = m.identity_id AND NOT i.is_local; "
+            "UPDATE outbox SET sender_told_at = NULL, sender_quote = 'who?' WHERE state = 'dropped'", db_url)
+    wait_until(lambda: "To gk: Not delivered \u201cwho?\u201d: this person blocked you." in said(), timeout=20,
+               what="the notice naming the peer")
