@@ -164,7 +164,8 @@ const struct cfg_option cfg_options[] = {
 	{ "database", "request_timeout_ms", CFG_INT, OFF(db_request_timeout_ms), "5000", 100, 600000, false, false,
 	  "deadline of a queued database job; past it the request answers 503" },
 	{ "database", "statement_timeout_ms", CFG_INT, OFF(db_statement_timeout_ms), "10000", 100, 3600000, false, false,
-	  "PostgreSQL statement_timeout set on every connection but the migrations' (they run to their end)" },
+	  "PostgreSQL statement_timeout set on every connection but the migrations' and the start's move of local "
+	  "users (they run to their end; the move's wait for a lock is bounded by it)" },
 	{ "database", "retry_after_s", CFG_INT, OFF(db_retry_after_s), "2", 1, 3600, false, false,
 	  "Retry-After sent with 503 while the database is away" },
 	{ "database", "reconnect_max_ms", CFG_INT, OFF(db_reconnect_max_ms), "5000", 50, 600000, false, false,
