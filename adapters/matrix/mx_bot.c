@@ -3132,23 +3132,27 @@ static void pause_room(struct request_pauses *ps, const char *room, int64_t unti
  * minute, where one try does: up to 64 connections refused, or 64
  * times 10 s of the bot's thread, which answers the commands, where the
  * homeserver took connections and answered none. */
-static bool request_paused(struct matrix *m, struct request_pauses *ps, const char *room, long status, long wait_ms)
+static bool request_paused(struct matrix *m, struct request_pauses *ps, const char *room, long status, long wait_ms,
+			   int *silent)
 {
 	if (status == 429) {
 		pause_all(ps, cw_now_us() + wait_ms * 1000LL);
 		return true; /* the others are the bot's too, limited as much */
 	}
 	if (status == 0) {
-		/* The room waits longer than everyone, so that the next try is
-		 * another room's: a room whose read never answers (past 10 s,
-		 * an answer past ANSWER_MAX) is not the first tried at every
-		 * pause's end, holding up the others for good (the session's
-		 * review); with the homeserver down, still one try a pause. */
+		/* The room waits, and everyone once a second room of the round
+		 * has had no answer either: a room whose own read never answers
+		 * (past 10 s, an answer past ANSWER_MAX) waits alone, where the
+		 * helper's first version made everyone wait at each of its tries
+		 * and held everyone's requests up for good (the session's
+		 * reviews); with the homeserver down, two tries a pause. */
+		pause_room(ps, room, cw_now_us() + REQUEST_PAUSE_US);
+		if (++*silent < 2)
+			return false;
 		if (!atomic_load(&m->bot_stop)) /* a read the stop ended is no silence */
 			LOG_KV_LIMITED(CW_LOG_WARN,
 				       "the homeserver did not answer the bot: every room's consent requests wait",
 				       "room", room);
-		pause_room(ps, room, cw_now_us() + 2 * REQUEST_PAUSE_US);
 		pause_all(ps, cw_now_us() + REQUEST_PAUSE_US);
 		return true;
 	}
@@ -3198,6 +3202,7 @@ static void requests(struct matrix *m, PGconn *c, struct request_pauses *ps)
 		return;
 	}
 	bool done[BOT_BATCH] = { false }; /* the batch's rows whose room is done with (refused, paused) */
+	int silent = 0;                   /* rooms of the round that had no answer at all (request_paused) */
 	struct alone_memo memo = { 0 };
 	for (int i = 0; i < PQntuples(r) && i < BOT_BATCH; i++) {
 		bool gone = false;
@@ -3232,7 +3237,7 @@ static void requests(struct matrix *m, PGconn *c, struct request_pauses *ps)
 			 * pause's when it named none (not a try a second) */
 			long asked = mx_rate_limited_wait_ms() > 0 ? mx_rate_limited_wait_ms()
 								   : (long)(REQUEST_PAUSE_US / 1000);
-			if (alone == -2 && request_paused(m, ps, PQgetvalue(r, i, 1), unread, asked))
+			if (alone == -2 && request_paused(m, ps, PQgetvalue(r, i, 1), unread, asked, &silent))
 				break;
 			continue;
 		}
@@ -3247,7 +3252,9 @@ static void requests(struct matrix *m, PGconn *c, struct request_pauses *ps)
 				pause_all(ps, cw_now_us() + REQUEST_PAUSE_US);
 				break; /* the bot refused everywhere: the others would be */
 			}
-			if (request_paused(m, ps, PQgetvalue(r, i, 1), status, wait))
+			if (status == 429 && mx_rate_limited_wait_ms() <= 0) /* a 429 naming no wait: a pause's */
+				wait = (long)(REQUEST_PAUSE_US / 1000);
+			if (request_paused(m, ps, PQgetvalue(r, i, 1), status, wait, &silent))
 				break;
 			continue;
 		}

@@ -37,6 +37,7 @@ class AbruptServer:
 
     def __init__(self, httpd):
         self.handler = httpd.RequestHandlerClass
+        self.server_class = type(httpd)  # the stand-in's own (its listen backlog: homeserver.py's _Server)
         self.port = httpd.server_address[1]
         self.conns = set()
         self.lock = threading.Lock()
@@ -90,7 +91,7 @@ class AbruptServer:
         deadline = time.time() + 10
         while True:
             try:
-                httpd = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), self.handler)
+                httpd = self.server_class(("127.0.0.1", self.port), self.handler)
                 break
             except OSError:
                 if time.time() > deadline:
