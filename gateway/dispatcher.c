@@ -365,10 +365,14 @@ bool dispatcher_stopping(const struct dispatcher *d) { return atomic_load(&((str
  * a look that cannot passes its rows by; the other's dx marks them told
  * (or, if it commits first, this look's locks find them told).  Until a
  * review of the sixtieth session each look skipped the other's locked
- * rows and told its own: two notices.  The lock is asked last, of the
- * rows of this network's local writers alone (the CASE: a condition on
- * e alone would be asked as events are read, and lock other networks'
- * events against their looks). */
+ * rows and told its own: two notices.  The lock is asked of the 50 rows
+ * found first (dc, materialized, no lock) alone, by a condition on the
+ * outbox row (its event_id) that can only be a filter of their own scan:
+ * as a condition in the look itself (the session's first mend), where it
+ * was asked depended on the plan, and a plan that read events first or
+ * sorted before the LIMIT would have asked it of every owed row or every
+ * event of her network's writers, tens of thousands of locks, past the
+ * lock table (the session's second review). */
 /* "CWDN": the class (the first key) of the locks of the events whose drop
  * notices a look tells (the second key: the event's id folded into an
  * int), beside store.h's classes ("CWSR", "CWCR") and the XMPP groups' ("CWXG"). */
@@ -381,10 +385,16 @@ bool dispatcher_stopping(const struct dispatcher *d) { return atomic_load(&((str
 const struct store_stmt dispatcher_dead_stmts[] = {
 	{ "cw_dead_untold",
 		"WITH dd AS " UNTOLD("o.state = 'dead' AND o.sender_told_at IS NULL", DISPATCHER_QUOTE("e.content")) ", "
-		"db AS " UNTOLD("o.state = 'dropped' AND o.sender_quote IS NOT NULL AND CASE WHEN s.is_local "
-				"AND s.network = $1 THEN pg_try_advisory_xact_lock(" DEAD_NOTICE_LOCK_CLASS
-				", (e.id % 2147483647)::int) END",
-			       "CASE WHEN e.expired THEN NULL ELSE NULLIF(o.sender_quote, '') END") ", "
+		"dc AS MATERIALIZED (SELECT o.id FROM outbox o JOIN events e ON e.id = o.event_id "
+		"  JOIN identities s ON s.id = e.sender_id WHERE o.state = 'dropped' AND o.sender_quote IS NOT NULL "
+		"  AND s.is_local AND s.network = $1 AND ($2::text IS NULL OR o.destination = $2) "
+		"  ORDER BY o.id LIMIT 50), "
+		"db AS (SELECT o.id, o.destination, o.attempts, o.state, e.id AS ev, e.room_id, e.sender_id, e.type, "
+		"  CASE WHEN e.expired THEN NULL ELSE NULLIF(o.sender_quote, '') END AS quote "
+		"  FROM outbox o JOIN events e ON e.id = o.event_id WHERE o.id = ANY (ARRAY(SELECT id FROM dc)) "
+		"  AND o.state = 'dropped' AND o.sender_quote IS NOT NULL "
+		"  AND pg_try_advisory_xact_lock(" DEAD_NOTICE_LOCK_CLASS ", (o.event_id % 2147483647)::int) "
+		"  ORDER BY o.id FOR UPDATE OF o SKIP LOCKED), "
 		"dx AS (SELECT x.id FROM outbox x WHERE x.event_id = ANY (ARRAY(SELECT ev FROM db)) "
 		"  AND x.state = 'dropped' AND x.sender_quote IS NOT NULL AND x.id NOT IN (SELECT id FROM db) "
 		"  FOR UPDATE SKIP LOCKED), "

@@ -1264,7 +1264,10 @@ static const char recheck_ids_sql[] =
  * for good, would outlive the expiry, and once the drop erased the
  * content nothing finds the row by its expiry to clear it (the erasures
  * clear a quote: docs/policy.md, "Blocks travel"); until a review of that
- * session an edit of such a message was quoted all the same. */
+ * session an edit of such a message was quoted all the same.  Nor an
+ * edit whose message's content is gone ('{}': dropped in an earlier
+ * statement, a batch of the pass before, its expiry then never found
+ * again: the session's second review). */
 /* The events of the rows $1 ([{id, ...}]) locked, in id order, before
  * recheck_drop_sql (in the same transaction). */
 static const char recheck_lock_sql[] =
@@ -1283,7 +1286,7 @@ static const char recheck_drop_sql[] =
 	"  AND (o.sender_told_at IS NULL OR ($4::boolean AND o.state IN ('dead', 'failed'))) THEN "
 	"  (SELECT coalesce(CASE WHEN event_expires(e.content) IS NULL AND NOT e.expired "
 	"   AND NOT EXISTS (SELECT 1 FROM events m WHERE m.id = e.replaces_id "
-	"    AND (m.expired OR event_expires(m.content) IS NOT NULL)) THEN " DISPATCHER_QUOTE("e.content") " END, '') "
+	"    AND (m.expired OR event_expires(m.content) IS NOT NULL OR m.content = '{}'::jsonb)) THEN " DISPATCHER_QUOTE("e.content") " END, '') "
 	"   FROM events e WHERE e.id = o.event_id "
 	"   AND e.type IN ('message', 'edit')) END "
 	"  FROM dn WHERE o.id = dn.id AND o.id IN (SELECT id FROM lk) "
