@@ -3132,8 +3132,14 @@ static void pause_room(struct request_pauses *ps, const char *room, int64_t unti
  * minute, where one try does: up to 64 connections refused, or 64
  * times 10 s of the bot's thread, which answers the commands, where the
  * homeserver took connections and answered none. */
+/* The rooms of a round of requests() that had no answer at all. */
+struct silence {
+	int n;
+	const char *first; /* the first one's id (the round's result holds it) */
+};
+
 static bool request_paused(struct matrix *m, struct request_pauses *ps, const char *room, long status, long wait_ms,
-			   int *silent)
+			   struct silence *silent)
 {
 	if (status == 429) {
 		pause_all(ps, cw_now_us() + wait_ms * 1000LL);
@@ -3141,19 +3147,27 @@ static bool request_paused(struct matrix *m, struct request_pauses *ps, const ch
 	}
 	if (status == 0) {
 		/* The room waits, and everyone once a second room of the round
-		 * has had no answer either: a room whose own read never answers
-		 * (past 10 s, an answer past ANSWER_MAX) waits alone, where the
-		 * helper's first version made everyone wait at each of its tries
-		 * and held everyone's requests up for good (the session's
-		 * reviews); with the homeserver down, two tries a pause. */
-		pause_room(ps, room, cw_now_us() + REQUEST_PAUSE_US);
-		if (++*silent < 2)
+		 * has had no answer either, the two rooms twice as long, so
+		 * that the next round tries others first: a room whose own read
+		 * never answers (past 10 s, an answer past ANSWER_MAX) waits
+		 * alone, and two such rooms do not come first again at every
+		 * pause's end, where the helper's first version made everyone
+		 * wait at each try of one and held everyone's requests up for
+		 * good (the session's reviews); with the homeserver down, two
+		 * tries a half minute. */
+		int64_t now = cw_now_us();
+		if (silent->n++ == 0) {
+			silent->first = room;
+			pause_room(ps, room, now + REQUEST_PAUSE_US);
 			return false;
+		}
 		if (!atomic_load(&m->bot_stop)) /* a read the stop ended is no silence */
 			LOG_KV_LIMITED(CW_LOG_WARN,
 				       "the homeserver did not answer the bot: every room's consent requests wait",
 				       "room", room);
-		pause_all(ps, cw_now_us() + REQUEST_PAUSE_US);
+		pause_room(ps, silent->first, now + 2 * REQUEST_PAUSE_US);
+		pause_room(ps, room, now + 2 * REQUEST_PAUSE_US);
+		pause_all(ps, now + REQUEST_PAUSE_US);
 		return true;
 	}
 	pause_room(ps, room, cw_now_us() + REQUEST_PAUSE_US);
@@ -3202,7 +3216,7 @@ static void requests(struct matrix *m, PGconn *c, struct request_pauses *ps)
 		return;
 	}
 	bool done[BOT_BATCH] = { false }; /* the batch's rows whose room is done with (refused, paused) */
-	int silent = 0;                   /* rooms of the round that had no answer at all (request_paused) */
+	struct silence silent = { 0, NULL }; /* rooms of the round that had no answer at all (request_paused) */
 	struct alone_memo memo = { 0 };
 	for (int i = 0; i < PQntuples(r) && i < BOT_BATCH; i++) {
 		bool gone = false;
