@@ -367,7 +367,11 @@ bool dispatcher_stopping(const struct dispatcher *d) { return atomic_load(&((str
  * review of the sixtieth session each look skipped the other's locked
  * rows and told its own: two notices.  The lock is asked of the 50 rows
  * found first (dc, materialized, no lock) alone, by a condition on the
- * outbox row (its event_id) that can only be a filter of their own scan:
+ * outbox row (its event_id) that can only be a filter of their own scan,
+ * behind their ids' test in a CASE (a filter's conditions run in the
+ * order of their costs, and the lock's is the cheaper: on a plan that
+ * scans outbox rather than looking the ids up, a later review saw, every
+ * owed row of every network would be tried):
  * as a condition in the look itself (the session's first mend), where it
  * was asked depended on the plan, and a plan that read events first or
  * sorted before the LIMIT would have asked it of every owed row or every
@@ -393,7 +397,8 @@ const struct store_stmt dispatcher_dead_stmts[] = {
 		"  CASE WHEN e.expired THEN NULL ELSE NULLIF(o.sender_quote, '') END AS quote "
 		"  FROM outbox o JOIN events e ON e.id = o.event_id WHERE o.id = ANY (ARRAY(SELECT id FROM dc)) "
 		"  AND o.state = 'dropped' AND o.sender_quote IS NOT NULL "
-		"  AND pg_try_advisory_xact_lock(" DEAD_NOTICE_LOCK_CLASS ", (o.event_id % 2147483647)::int) "
+		"  AND CASE WHEN o.id = ANY (ARRAY(SELECT id FROM dc)) THEN pg_try_advisory_xact_lock("
+		DEAD_NOTICE_LOCK_CLASS ", (o.event_id % 2147483647)::int) END "
 		"  ORDER BY o.id FOR UPDATE OF o SKIP LOCKED), "
 		"dx AS (SELECT x.id FROM outbox x WHERE x.event_id = ANY (ARRAY(SELECT ev FROM db)) "
 		"  AND x.state = 'dropped' AND x.sender_quote IS NOT NULL AND x.id NOT IN (SELECT id FROM db) "
