@@ -299,6 +299,18 @@ def test_her_dropped_message_that_expires_is_told_without_its_text(mx, hs, gk, p
     assert all_told(pg, db_url, ghost_notices(hs, room, ghost), 2) == [BLOCKED_TEXT, BLOCKED_TEXT]
 
 
+def her_drop_told(mx, hs, gk, pg, db_url):
+    """Her waiting message dropped by wally's block and told in her room:
+    (her notices, the notice's line), for the two tests after it."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    dropped_by_his_block(mx, gk, lambda text: alice.send_text(room, text), pg, db_url, "matrix")
+    notices = ghost_notices(hs, room, ghost)
+    told = f"Not delivered \u201c{WAITING}\u201d: this person blocked you."
+    assert all_told(pg, db_url, notices, 1) == [told]
+    return notices, told
+
+
 def test_her_message_dropped_for_two_peers_at_once_is_told_once(mx, hs, gk, pg, db_url):
     """One message, one notice: the rows of one message of hers dropped for
     blocks before a look (a group's, one row a peer, each peer's members
@@ -306,12 +318,7 @@ def test_her_message_dropped_for_two_peers_at_once_is_told_once(mx, hs, gk, pg, 
     told row is owed again with a second peer's row of the same message,
     made in one statement so that one look finds both.  Until the sixtieth
     session each row was a notice of its own."""
-    a, srv = gk
-    alice, room, ghost = alice_writes_to_wally(hs, a)
-    dropped_by_his_block(mx, gk, lambda text: alice.send_text(room, text), pg, db_url, "matrix")
-    notices = ghost_notices(hs, room, ghost)
-    told = f"Not delivered \u201c{WAITING}\u201d: this person blocked you."
-    assert all_told(pg, db_url, notices, 1) == [told]
+    notices, told = her_drop_told(mx, hs, gk, pg, db_url)
     pg.psql("WITH o AS (UPDATE outbox x SET sender_told_at = NULL, sender_quote = 'once?' FROM events e "
             "WHERE e.id = x.event_id AND e.origin_network = 'matrix' AND x.state = 'dropped' RETURNING x.*) "
             "INSERT INTO outbox (event_id, destination, room_id, state, sender_quote) "
@@ -328,12 +335,7 @@ def test_a_message_another_look_holds_is_not_told_by_this_one(mx, hs, gk, pg, db
     that one lets go (here a session of the test holds it, as a look
     would while it tells).  Until a review of the sixtieth session each
     look skipped the other's locked row and told its own: two notices."""
-    a, srv = gk
-    alice, room, ghost = alice_writes_to_wally(hs, a)
-    dropped_by_his_block(mx, gk, lambda text: alice.send_text(room, text), pg, db_url, "matrix")
-    notices = ghost_notices(hs, room, ghost)
-    told = f"Not delivered \u201c{WAITING}\u201d: this person blocked you."
-    assert all_told(pg, db_url, notices, 1) == [told]
+    notices, told = her_drop_told(mx, hs, gk, pg, db_url)
     ev = pg.psql("SELECT o.event_id FROM outbox o JOIN events e ON e.id = o.event_id "
                  "WHERE e.origin_network = 'matrix' AND o.state = 'dropped'", db_url)
     with psycopg.connect(db_url) as other:
@@ -347,14 +349,10 @@ def test_a_message_another_look_holds_is_not_told_by_this_one(mx, hs, gk, pg, db
     assert told_marks(pg, db_url, "matrix") == "true false"
 
 
-def test_her_dead_letter_replayed_after_his_block_is_told_the_block(mx, hs, gk, pg, db_url):
-    """Her message a dead letter ("could not be reached ... The operator
-    can send it again."), then wally blocks her: the admin's replay is
-    refused (409) and drops it, and she is told that too, "this person
-    blocked you", quoting it: what became of the resend her first notice
-    promised.  The fifty-ninth session's review kept no quote for a row
-    told already, and until the sixtieth session a refused replay told
-    nothing."""
+def her_told_dead_letter_then_his_block(mx, hs, gk, pg, db_url):
+    """Her waiting message made a dead letter (the peer down), she told
+    "could not be reached", then wally blocks her: (a, the row, her
+    notices, the first notice's lines), for the two tests after it."""
     a, srv = gk
     alice, room, ghost = alice_writes_to_wally(hs, a)
     alice.send_text(room, "before")
@@ -370,6 +368,18 @@ def test_her_dead_letter_replayed_after_his_block_is_told_the_block(mx, hs, gk, 
     unreached = all_told(pg, db_url, notices, 1)
     assert unreached[0].startswith(f"Not delivered \u201c{WAITING}\u201d: gk could not be reached"), unreached
     peer_blocks_alice(mx, a, "block")
+    return a, row, notices, unreached
+
+
+def test_her_dead_letter_replayed_after_his_block_is_told_the_block(mx, hs, gk, pg, db_url):
+    """Her message a dead letter ("could not be reached ... The operator
+    can send it again."), then wally blocks her: the admin's replay is
+    refused (409) and drops it, and she is told that too, "this person
+    blocked you", quoting it: what became of the resend her first notice
+    promised.  The fifty-ninth session's review kept no quote for a row
+    told already, and until the sixtieth session a refused replay told
+    nothing."""
+    a, row, notices, unreached = her_told_dead_letter_then_his_block(mx, hs, gk, pg, db_url)
     r = mx.admin("POST", f"/outbox/{row}/replay")
     assert r.status_code == 409 and "recipient_blocked_sender" in r.text, r.text
     assert all_told(pg, db_url, notices, 2) == unreached + [f"Not delivered \u201c{WAITING}\u201d: "
@@ -386,21 +396,7 @@ def test_her_told_dead_letter_dropped_by_a_pass_after_his_block_is_not_told_agai
     a word.  The sixtieth session's first mend of the replay's notice
     quoted every told dead row a drop met, and she was told "this person
     blocked you" at the next pass, weeks after her message."""
-    a, srv = gk
-    alice, room, ghost = alice_writes_to_wally(hs, a)
-    alice.send_text(room, "before")
-    srv.wait_events(1)
-    srv.fail_next = 1000000  # the peer down
-    alice.send_text(room, WAITING)
-    waiting_tried(pg, db_url, "matrix", 1)
-    dead = ("WITH u AS (UPDATE outbox o SET state = 'dead' FROM events e WHERE e.id = o.event_id "
-            "AND e.origin_network = 'matrix' AND o.state = 'pending' AND o.attempts > 0 RETURNING o.id) "
-            "SELECT coalesce(max(id), 0) FROM u")
-    row = wait_until(lambda: int(pg.psql(dead, db_url)), what="her waiting message made a dead letter")
-    notices = ghost_notices(hs, room, ghost)
-    unreached = all_told(pg, db_url, notices, 1)
-    assert unreached[0].startswith(f"Not delivered \u201c{WAITING}\u201d: gk could not be reached"), unreached
-    peer_blocks_alice(mx, a, "block")
+    a, row, notices, unreached = her_told_dead_letter_then_his_block(mx, hs, gk, pg, db_url)
     r = mx.admin("POST", "/rules", json={"scope": "domain", "pattern": "elsewhere.example", "mode": "closed"})
     assert r.status_code == 201, r.text
     wait_until(lambda: pg.psql(f"SELECT state || ' ' || (sender_quote IS NULL) FROM outbox WHERE id = {row}",
