@@ -366,17 +366,17 @@ bool dispatcher_stopping(const struct dispatcher *d) { return atomic_load(&((str
  * (or, if it commits first, this look's locks find them told).  Until a
  * review of the sixtieth session each look skipped the other's locked
  * rows and told its own: two notices.  The lock is asked of the 50 rows
- * found first (dc, materialized, no lock) alone, by a condition on the
- * outbox row (its event_id) that can only be a filter of their own scan,
- * behind their ids' test in a CASE (a filter's conditions run in the
- * order of their costs, and the lock's is the cheaper: on a plan that
- * scans outbox rather than looking the ids up, a later review saw, every
- * owed row of every network would be tried):
- * as a condition in the look itself (the session's first mend), where it
- * was asked depended on the plan, and a plan that read events first or
- * sorted before the LIMIT would have asked it of every owed row or every
- * event of her network's writers, tens of thousands of locks, past the
- * lock table (the session's second review). */
+ * found first (dc, materialized, no lock) alone: by a condition on the
+ * outbox row (its event_id), so that it can only be a filter of their
+ * own scan, and behind their ids' test in a CASE, since a filter's
+ * conditions run in the order of their costs and the lock's is the
+ * cheaper (on a plan scanning outbox rather than looking the ids up it
+ * would be tried for every owed row of every network: the session's
+ * third review).  As a condition of the look itself (the session's first
+ * mend) where it was asked hung on the plan, and a plan reading events
+ * first or sorting before the LIMIT would have asked it of every owed
+ * row or every event of her network's writers, tens of thousands of
+ * locks, past the lock table (the second review). */
 /* "CWDN": the class (the first key) of the locks of the events whose drop
  * notices a look tells (the second key: the event's id folded into an
  * int), beside store.h's classes ("CWSR", "CWCR") and the XMPP groups' ("CWXG"). */

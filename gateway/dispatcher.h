@@ -202,10 +202,10 @@ bool dispatcher_stopping(const struct dispatcher *d);
  * with no native room of hers (the first NULL) her Matrix management room
  * (NULL: none, or not Matrix) and, not in a group, the remote user's URI:
  * where and about whom to tell her instead; the room's name (NULL: none).
- * NULL result on failure
- * (e set).  c has dispatcher_dead_stmts prepared (store_prepare_all): the
- * look runs twice a second in each adapter's loop, and its planning cost
- * 3 ms. */
+ * NULL result on failure (e set).  c has
+ * dispatcher_dead_stmts prepared (store_prepare_all): the look runs in
+ * each adapter's loop (an XMPP component's once a second while its stream
+ * is up), and its planning cost 3 ms. */
 extern const struct store_stmt dispatcher_dead_stmts[];
 PGresult *dispatcher_dead_untold(PGconn *c, const char *network, const char *destination, cw_errmsg *e);
 /* Ends dispatcher_dead_untold's transaction: commits the rows' marks when

@@ -1257,10 +1257,11 @@ static const char recheck_ids_sql[] =
  * test_her_told_dead_letter_dropped_by_a_pass_after_his_block_is_not_told_again).
  * A dead row the dispatcher marked told without a notice (dispatcher.c,
  * dead_now and outbox_dead_unreadable: no replay can help it, and the
- * chat is told nothing) is quoted by a replay alone too.  A message that expires (content.expires; an
- * edit, of a message that does or did: the expiry finds the edits by
- * replaces_id, and an edit carries no expiry of its own) keeps '' (told
- * without its text) since the sixtieth session: the quote, in her room
+ * chat is told nothing) is quoted by a replay alone too.  A message that
+ * expires (content.expires; an edit, of a message that does or did: the
+ * expiry finds the edits by replaces_id, and an edit carries no expiry of
+ * its own) keeps '' (told without its text) since the sixtieth session:
+ * the quote, in her room
  * for good, would outlive the expiry, and once the drop erased the
  * content nothing finds the row by its expiry to clear it (the erasures
  * clear a quote: docs/policy.md, "Blocks travel"); until a review of that
@@ -1286,7 +1287,8 @@ static const char recheck_drop_sql[] =
 	"  AND (o.sender_told_at IS NULL OR ($4::boolean AND o.state IN ('dead', 'failed'))) THEN "
 	"  (SELECT coalesce(CASE WHEN event_expires(e.content) IS NULL AND NOT e.expired "
 	"   AND NOT EXISTS (SELECT 1 FROM events m WHERE m.id = e.replaces_id "
-	"    AND (m.expired OR event_expires(m.content) IS NOT NULL OR m.content = '{}'::jsonb)) THEN " DISPATCHER_QUOTE("e.content") " END, '') "
+	"    AND (m.expired OR event_expires(m.content) IS NOT NULL OR m.content = '{}'::jsonb)) THEN "
+	DISPATCHER_QUOTE("e.content") " END, '') "
 	"   FROM events e WHERE e.id = o.event_id "
 	"   AND e.type IN ('message', 'edit')) END "
 	"  FROM dn WHERE o.id = dn.id AND o.id IN (SELECT id FROM lk) "
