@@ -419,7 +419,7 @@ const struct store_stmt dispatcher_dead_stmts[] = {
 		"   WHERE g.identity_id = d.sender_id ORDER BY g.created_at DESC LIMIT 1) END, "
 		"  CASE WHEN b.native_id IS NULL AND rm.kind <> 'group' THEN (SELECT i.uri FROM room_members m "
 		"   JOIN identities i ON i.id = m.identity_id WHERE m.room_id = d.room_id AND NOT i.is_local "
-		"   ORDER BY i.id LIMIT 1) END, rm.name "
+		"   ORDER BY i.id LIMIT 1) END, coalesce(rm.name, rm.public_id) "
 		"FROM d JOIN rooms rm ON rm.id = d.room_id LEFT JOIN room_bindings b ON b.room_id = d.room_id "
 		"  AND b.network = $1 "
 		"  AND b.local_identity_id = d.sender_id "

@@ -201,8 +201,8 @@ bool dispatcher_stopping(const struct dispatcher *d);
  * session the room's kind (direct, group) and public id, and for a row
  * with no native room of hers (the first NULL) her Matrix management room
  * (NULL: none, or not Matrix) and, not in a group, the remote user's URI:
- * where and about whom to tell her instead; the room's name (NULL: none).
- * NULL result on failure (e set).  c has
+ * where and about whom to tell her instead; the room's name (its public
+ * id when it has none).  NULL result on failure (e set).  c has
  * dispatcher_dead_stmts prepared (store_prepare_all): the look runs in
  * each adapter's loop (an XMPP component's once a second while its stream
  * is up), and its planning cost 3 ms. */

@@ -1669,7 +1669,7 @@ static void dead_letters(PGconn *c)
 		dispatcher_dead_text(text, sizeof(text), r, i);
 		if (where == 12 && strcmp(PQgetvalue(r, i, 10), "group") == 0)
 			snprintf(said, sizeof(said), "In the group %s: %s",
-				 PQgetvalue(r, i, PQgetisnull(r, i, 14) ? 11 : 14), text);
+				 PQgetvalue(r, i, 14), text);
 		else if (where == 12 && !PQgetisnull(r, i, 13))
 			snprintf(said, sizeof(said), "To %s: %s", PQgetvalue(r, i, 13), text);
 		else if (where == 12 && strncmp(PQgetvalue(r, i, 1), "peer:", 5) == 0)

@@ -697,7 +697,7 @@ out:
  * xa_room_native), or, hashed when the two were long, this component's
  * JID of the group's public id (column 11) when the pair of that JID and
  * hers (column 6) hashes to her key; else (she is in the group through
- * another component's JID) "the group " and its name (column 14; its
+ * another component's JID) "the group " and its name (column 14: its
  * public id when it has none), as the Matrix bot names a group.  Until a
  * review of the sixtieth session a hashed key named this component's JID
  * of the group whatever she had joined. */
@@ -720,7 +720,7 @@ static bool group_jid(const struct xcomp *xc, const PGresult *r, int i, char *ou
 				return true;
 		}
 	}
-	int n = snprintf(out, len, "the group %s", PQgetvalue(r, i, PQgetisnull(r, i, 14) ? 11 : 14));
+	int n = snprintf(out, len, "the group %s", PQgetvalue(r, i, 14));
 	return n > 0 && (size_t)n < len;
 }
 
