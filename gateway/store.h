@@ -31,12 +31,13 @@ struct cw_store;
 			      "safe (it may be refused as existing, or done twice)"
 
 /* Every write of events takes, in room id order and until its commit, a
- * transaction-level advisory lock per room (class ROOM_LOCK_CLASS, "CWRR"):
- * the outbox ids of one room's rows then follow the order in which they
- * were committed, across daemon processes too.  ROOM_LOCK_SQL(room) takes
- * the lock of one room, room being an SQL expression of its id (bigint,
- * folded into the int key); the statements share it so that their keys
- * cannot drift apart. */
+ * transaction-level advisory lock per room (class ROOM_LOCK_CLASS, "CWSR",
+ * the letters its value spells; until the sixty-first session this comment
+ * said "CWRR", which no value spells): the outbox ids of one room's rows then
+ * follow the order in which they were committed, across daemon processes
+ * too.  ROOM_LOCK_SQL(room) takes the lock of one room, room being an SQL
+ * expression of its id (bigint, folded into the int key); the statements
+ * share it so that their keys cannot drift apart. */
 #define ROOM_LOCK_CLASS "1129796434"
 #define ROOM_LOCK_SQL(room) "pg_advisory_xact_lock(" ROOM_LOCK_CLASS ", (" room " % 2147483647)::int)"
 /* The locks of several rooms, in room id order (so that two writes never
