@@ -310,8 +310,13 @@ def test_sigterm_while_the_claims_keeper_connects_to_a_frozen_postmaster_stops_i
 
 
 def _claims_plans(make_daemon, pg, db_url):
-    """The plans of the claims (logged by auto_explain, which the caller
-    turned on) of one message from a to b through a daemon started now."""
+    """The plans of the claims (logged by auto_explain, turned on here for
+    the test's database, the daemon's sessions to come) of one message from
+    a to b through a daemon started now.  Until the sixty-first session
+    each caller turned auto_explain on by the same three lines."""
+    name = db_url.split("?")[0].rsplit("/", 1)[1]
+    pg.psql(f'ALTER DATABASE "{name}" SET session_preload_libraries = \'auto_explain\'')
+    pg.psql(f'ALTER DATABASE "{name}" SET auto_explain.log_min_duration = 0')
     log = os.path.join(pg.dir, "postgresql.log")
     start = os.path.getsize(log)
     d = make_daemon(db_url).start()
@@ -342,9 +347,6 @@ def test_the_claims_rows_backing_off_are_read_in_their_index_whatever_the_statis
     analyzed it yet) had it.  The daemon's sessions log their plans
     (auto_explain); the statistics of outbox are removed before the daemon
     starts."""
-    name = db_url.split("?")[0].rsplit("/", 1)[1]
-    pg.psql(f'ALTER DATABASE "{name}" SET session_preload_libraries = \'auto_explain\'')
-    pg.psql(f'ALTER DATABASE "{name}" SET auto_explain.log_min_duration = 0')
     pg.psql("INSERT INTO outbox (event_id, destination, room_id, state, delivered_at) "
             "SELECT -g, 'peer:zz', -1, 'delivered', now() FROM generate_series(1, 5000) g", db_url)
     pg.psql("DELETE FROM pg_statistic WHERE starelid = 'outbox'::regclass", db_url)
@@ -368,9 +370,6 @@ def test_the_claims_held_rows_probe_is_one_descent_whatever_the_statistics(make_
     autovacuum is off for outbox, so the statistics stay as made.  (A
     bitmap scan of that index, with the same conditions, is the same
     descent.)"""
-    name = db_url.split("?")[0].rsplit("/", 1)[1]
-    pg.psql(f'ALTER DATABASE "{name}" SET session_preload_libraries = \'auto_explain\'')
-    pg.psql(f'ALTER DATABASE "{name}" SET auto_explain.log_min_duration = 0')
     pg.psql("ALTER TABLE outbox SET (autovacuum_enabled = off)", db_url)
     held = ("INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state) "
             "SELECT -g, 'peer:zz', -1 - g % 4, -1 - g % 4, 'held' FROM generate_series(1, 3000) g")
