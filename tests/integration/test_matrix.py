@@ -10134,12 +10134,18 @@ def test_a_row_out_of_retries_takes_the_untried_rows_behind_it_dead(make_daemon,
     """The rows waiting untried behind a failing one (above) still go dead
     with it when it runs out of retries, so that none overtakes it and a
     replay oldest first keeps the room's order: they are given back
-    before its failure is recorded."""
+    before its failure is recorded.  The sends are refused only once the
+    room's "hello" is delivered, as in the test above since the sixtieth
+    session: until the sixty-first here the hello, sent just after the
+    binding, could be refused too and, out of its three tries, take the
+    batch's rows dead behind it untried (none "dead:3")."""
     mx = start_mx(make_daemon, db_url, hs,
                   dispatcher={"retry_budget": "3", "retry_base_ms": "20", "retry_max_ms": "50"})
     a, srv = add_gk(mx)
     try:
         room, mx_room = wally_wrote_to_alice(mx, hs, a, pg, db_url)
+        wait_until(lambda: any(e["type"] == "m.room.message" and e["content"].get("body") == "hello"
+                               for e in hs.events(mx_room)), what="hello delivered")
         uri = a.call("GET", f"/v1/rooms/{room}").json()["uri"]
         hs.refuse_send = lambda path: True
         r = a.call("POST", "/v1/batch", {"events": [
