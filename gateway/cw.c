@@ -191,6 +191,22 @@ size_t cw_copy_cut(char *dst, size_t len, const char *s)
 	return n;
 }
 
+size_t outbox_put_ll(char *p, long long v)
+{
+	char digits[20];
+	unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+	size_t n = 0, k = 0;
+	do {
+		digits[n++] = (char)('0' + u % 10);
+		u /= 10;
+	} while (u);
+	if (v < 0)
+		p[k++] = '-';
+	while (n)
+		p[k++] = digits[--n];
+	return k;
+}
+
 long cw_b64_decode(unsigned char *out, size_t outlen, const char *in)
 {
 	size_t len = strlen(in);

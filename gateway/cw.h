@@ -70,6 +70,14 @@ bool cw_in_list(const char *s, const char *const *list);
  * dispatcher's rows and the XMPP JIDs of a batch, since the fifty-ninth
  * session); the bytes copied. */
 size_t cw_copy_cut(char *dst, size_t len, const char *s);
+/* v in decimal at p, without a NUL; how many characters (at most 20).
+ * snprintf's "%lld" without the format's parse, for the ids a batch
+ * prints per row (docs/performance.md, "Fifty-ninth session"): the
+ * dispatcher's outcomes (id_array) and the XMPP lookup's rows
+ * (xa_deliver).  Declared in dispatcher.h and defined in dispatcher.c
+ * until the sixty-first session, though nothing of it is the
+ * dispatcher's; its name kept. */
+size_t outbox_put_ll(char *p, long long v);
 
 /* A whole number from outside written as decimal digits and nothing else
  * (no sign, no white space, no exponent), 1 to 18 of them, from lo to hi

@@ -1061,22 +1061,6 @@ static cw_err screen_recovered(struct lane *l, PGresult *recovered, cw_errmsg *e
  * selection of its own per outcome). */
 #define ROW_AT(rows, at, i) (&(rows)[(at) ? (at)[i] : (i)])
 
-size_t outbox_put_ll(char *p, long long v)
-{
-	char digits[20];
-	unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
-	size_t n = 0, k = 0;
-	do {
-		digits[n++] = (char)('0' + u % 10);
-		u /= 10;
-	} while (u);
-	if (v < 0)
-		p[k++] = '-';
-	while (n)
-		p[k++] = digits[--n];
-	return k;
-}
-
 /* Until the fifty-ninth session each id was printed with snprintf. */
 static char *id_array(const struct outbox_row *rows, const size_t *at, size_t n)
 {

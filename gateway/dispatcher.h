@@ -86,11 +86,6 @@ long outbox_retry_after_ms(int64_t secs, int64_t ms);
  * out as a shell (ids, no content) and was marked delivered. */
 json_t *outbox_event_json(PGresult *r, int row, int col, bool *unreadable);
 
-/* v in decimal at p, without a NUL; how many characters (at most 20).
- * snprintf's "%lld" without the format's parse, for the ids a batch
- * prints per row (docs/performance.md, "Fifty-ninth session"). */
-size_t outbox_put_ll(char *p, long long v);
-
 /* Makes outbox row `row` (its id), in flight to destination under
  * claimed_by, whose stored event (public id `event`, for the log line)
  * does not parse (outbox_event_json) a dead letter, with a log line: it
