@@ -775,6 +775,27 @@ NAMES_SHOWN = [
 ]
 
 
+def thread_names(pid, exiting=False):
+    """The names of process pid's threads (/proc/PID/task/*/stat), a
+    thread that has begun its exit (PF_EXITING in its stat's flags: a
+    joined thread may still be listed a moment) left out unless exiting;
+    a thread gone between the listing and its read left out.  OSError
+    when the process is gone.  Until the sixty-first session
+    test_matrix_media.py's ThreadWatch, test_faults.py's probe_threads and
+    leak_cycles.py's snap each listed the threads their own way."""
+    names = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        if exiting or not int(rest[6]) & 0x4:  # rest[0] is the state (field 3), rest[6] the flags (9)
+            names.append(name)
+    return names
+
+
 def wait_until(fn, timeout=15, interval=0.1, what="condition"):
     """fn()'s first true value, polled every interval; the first polls
     sooner (10 ms, doubled up to interval): most conditions (a delivery, a

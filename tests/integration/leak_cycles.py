@@ -25,7 +25,7 @@ import time
 
 import requests
 
-from harness import CAUSEWAYD, Postgres, wait_until
+from harness import CAUSEWAYD, Postgres, thread_names, wait_until
 from peer import push_peers
 from pgproxy import PgProxy
 
@@ -54,10 +54,7 @@ def snap(d, pg, db_url, tables=()):
             continue
         kinds[t.split(":")[0] if ":" in t and not t.startswith("/") else ("dev" if t.startswith("/dev") else "file")] += 1
     st = open(f"/proc/{pid}/status").read()
-    names = collections.Counter()
-    for t in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(OSError):
-            names[open(f"/proc/{pid}/task/{t}/comm").read().strip()] += 1
+    names = collections.Counter(thread_names(pid, exiting=True))
     dbname = db_url.split("?")[0].rsplit("/", 1)[1]
     sess = pg.psql("SELECT coalesce(nullif(application_name, ''), '-') || ':' || count(*) FROM pg_stat_activity "
                    f"WHERE datname = '{dbname}' AND pid <> pg_backend_pid() AND application_name <> '' "

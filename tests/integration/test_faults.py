@@ -4,7 +4,6 @@ none twice after the peer's deduplication, in order per room."""
 import concurrent.futures
 import contextlib
 import json
-import os
 import re
 import signal
 import socket
@@ -14,7 +13,7 @@ import time
 import pytest
 import requests
 
-from harness import free_port, logged_at, served_in, served_record, wait_until
+from harness import free_port, logged_at, served_in, served_record, thread_names, wait_until
 from peer import Signer, push_peers
 from pgproxy import PgProxy
 from test_matrix import (ALICE, ALICE_MX, HS_TOKEN, add_gk, as_put, consent_alice, hs,  # noqa: F401 (hs: the fixture)
@@ -637,12 +636,9 @@ def served_span(daemon, answers):
 
 
 def probe_threads(pid):
-    """How many of the daemon's threads keep the probes' deadlines (named cw-probe...)."""
-    n = 0
-    for t in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{t}/comm") as f:
-            n += f.read().startswith("cw-probe")
-    return n
+    """How many of the daemon's threads keep the probes' deadlines (named
+    cw-probe...), one ending counted too."""
+    return sum(name.startswith("cw-probe") for name in thread_names(pid, exiting=True))
 
 
 def test_a_storm_of_probes_on_a_held_database_is_timed_by_one_thread(make_daemon, db_url):

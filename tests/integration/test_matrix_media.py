@@ -16,7 +16,7 @@ import time
 import pytest
 import requests
 
-from harness import answered_at, free_port, logged_at, stopped_in, wait_until
+from harness import answered_at, free_port, logged_at, stopped_in, thread_names, wait_until
 from homeserver import Homeserver
 from peer import MediaServer, NotifyServer, PeerClient, verify_get
 from test_matrix import ALICE, ALICE_MX, AS_TOKEN, HS_TOKEN, as_put, consent_alice, registration
@@ -1516,35 +1516,19 @@ def test_a_slow_homeserver_does_not_hold_up_the_shutdown(make_daemon, db_url, hs
 class ThreadWatch:
     """Looks at the threads of process pid, as often as it can, until
     stop(): looks, [(time.time() at the look's start, the names of the
-    threads alive then)], a thread that has begun its exit (PF_EXITING in
-    its stat's flags: a joined thread may still be listed a moment) not
-    counted."""
-
-    PF_EXITING = 0x4
+    threads alive then)], a thread that has begun its exit not counted
+    (harness.thread_names)."""
 
     def __init__(self, pid):
         self.pid, self.looks, self.done = pid, [], threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def _alive(self):
-        names = []
-        for tid in os.listdir(f"/proc/{self.pid}/task"):
-            try:
-                with open(f"/proc/{self.pid}/task/{tid}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue  # gone meanwhile
-            name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
-            if not int(rest[6]) & self.PF_EXITING:  # rest[0] is the state (field 3), rest[6] the flags (9)
-                names.append(name)
-        return names
-
     def _run(self):
         while not self.done.is_set():
             at = time.time()
             try:
-                self.looks.append((at, self._alive()))
+                self.looks.append((at, thread_names(self.pid)))
             except OSError:
                 return  # the process is gone
             time.sleep(0.005)
