@@ -299,6 +299,12 @@ int main(int argc, char **argv)
 		}
 	}
 	run(reqs, count, conns, 0, rate);
+	for (size_t i = 0; i < count; i++) {
+		free(reqs[i].url);
+		free(reqs[i].body);
+		curl_slist_free_all(reqs[i].headers);
+	}
+	free(reqs);
 	EVP_PKEY_free(key);
 	curl_global_cleanup();
 	return 0;
