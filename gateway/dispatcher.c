@@ -832,6 +832,11 @@ static json_t *col_string(PGresult *r, int row, int col)
  * configure accepts 2.13, which has neither (the session's review). */
 json_t *outbox_event_json(PGresult *r, int row, int col, bool *unreadable)
 {
+	return outbox_event_json_omit(r, row, col, 0, unreadable);
+}
+
+json_t *outbox_event_json_omit(PGresult *r, int row, int col, unsigned omit, bool *unreadable)
+{
 	json_error_t je;
 	json_t *ev = json_loadb(PQgetvalue(r, row, col + 1), (size_t)PQgetlength(r, row, col + 1), 0, &je);
 	*unreadable = !ev && json_error_code(&je) != json_error_out_of_memory;
@@ -839,10 +844,12 @@ json_t *outbox_event_json(PGresult *r, int row, int col, bool *unreadable)
 		return NULL;
 	json_object_set_new_nocheck(ev, "id", col_string(r, row, col));
 	json_object_set_new_nocheck(ev, "room", col_string(r, row, col + 2));
-	json_object_set_new_nocheck(ev, "room_id", col_string(r, row, col + 3));
+	if (!(omit & OUTBOX_ROOM_ID))
+		json_object_set_new_nocheck(ev, "room_id", col_string(r, row, col + 3));
 	json_object_set_new_nocheck(ev, "sender", col_string(r, row, col + 4));
-	json_object_set_new_nocheck(ev, "accepted_ts", json_integer(atoll(PQgetvalue(r, row, col + 5))));
-	if (!json_object_get(ev, "ts")) /* the sender gave none: the time it was accepted */
+	if (!(omit & OUTBOX_ACCEPTED_TS))
+		json_object_set_new_nocheck(ev, "accepted_ts", json_integer(atoll(PQgetvalue(r, row, col + 5))));
+	if (!(omit & OUTBOX_TS) && !json_object_get(ev, "ts")) /* the sender gave none: the time it was accepted */
 		json_object_set_new_nocheck(ev, "ts", json_integer(atoll(PQgetvalue(r, row, col + 6))));
 	return ev;
 }
@@ -896,9 +903,10 @@ static bool claim_destination(struct lane *l, const char *dest, struct outbox_ro
 		*rows = p;
 		*cap = ncap;
 	}
+	unsigned omit = d->o.local_deliver && strcmp(dest, d->o.local_destination) == 0 ? d->o.local_omits : 0;
 	for (int i = 0; i < got; i++) {
 		bool unreadable;
-		json_t *ev = outbox_event_json(r, i, 3, &unreadable);
+		json_t *ev = outbox_event_json_omit(r, i, 3, omit, &unreadable);
 		long changed = 0;
 		if (!ev && (!unreadable || (changed = outbox_dead_unreadable(l->c, PQgetvalue(r, i, 0),
 									      PQgetvalue(r, i, 3), dest, l->name,
@@ -926,6 +934,7 @@ static bool claim_destination(struct lane *l, const char *dest, struct outbox_ro
 		const char *type = stored ? json_string_value(stored) : PQgetvalue(r, i, 12);
 		row->typing = type && strcmp(type, "typing") == 0;
 		row->expired = PQgetvalue(r, i, 13)[0] == 't';
+		row->accepted_ms = atoll(PQgetvalue(r, i, 8));
 	}
 	PQclear(r);
 	return true;
@@ -1666,8 +1675,7 @@ static bool stale_typing(const struct outbox_row *row, int64_t now_ms, long stal
 {
 	if (!row->typing || stale_ms <= 0)
 		return false;
-	json_t *at = json_object_get(row->event, "accepted_ts");
-	return json_is_integer(at) && now_ms - json_integer_value(at) > stale_ms;
+	return now_ms - row->accepted_ms > stale_ms;
 }
 
 /* A row of an event the expiry sweep took back (events.expired: its

@@ -58,6 +58,11 @@ struct outbox_row {
 	 * dispatcher thread on tests/bench/xmpp's release (docs/performance.md,
 	 * "Fifty-first session"). */
 	bool typing;
+	/* When its event was accepted (ms), from the claim's column: read by
+	 * stale_typing, which until the sixty-first session read the tree's
+	 * accepted_ts, a member a destination may do without
+	 * (dispatcher_opts.local_omits). */
+	int64_t accepted_ms;
 	/* Delivered (outcome 1, or among the *done rows): the id the far side
 	 * gave it (a Matrix event id), "" if none.  The record of its outcome
 	 * writes it, in the same statement and row version, to
@@ -85,6 +90,14 @@ long outbox_retry_after_ms(int64_t secs, int64_t ms);
  * read (1e19, kept by jsonb as 20 digits).  Until then such an event went
  * out as a shell (ids, no content) and was marked delivered. */
 json_t *outbox_event_json(PGresult *r, int row, int col, bool *unreadable);
+
+/* The members of outbox_event_json's tree that a destination may do
+ * without (dispatcher_opts.local_omits): the room's public id, the
+ * acceptance time, and ts where the sender gave none.  id, room (the
+ * dispatcher's order), sender and the stored event are always there. */
+enum outbox_member { OUTBOX_ROOM_ID = 1, OUTBOX_ACCEPTED_TS = 2, OUTBOX_TS = 4 };
+/* outbox_event_json without the members in omit (enum outbox_member). */
+json_t *outbox_event_json_omit(PGresult *r, int row, int col, unsigned omit, bool *unreadable);
 
 /* Makes outbox row `row` (its id), in flight to destination under
  * claimed_by, whose stored event (public id `event`, for the log line)
@@ -133,6 +146,12 @@ struct dispatcher_opts {
 	deliver_fn local_deliver;  /* destination local_destination: the local adapter (NULL: none) */
 	void *local_ctx;
 	const char *local_destination; /* "matrix" or "xmpp" */
+	/* The members of the claim's trees (enum outbox_member) the local
+	 * adapter never reads: its rows' trees are made without them (0:
+	 * all made).  Since the sixty-first session (the XMPP adapter's
+	 * XA_CLAIM_OMITS): making, hashing and freeing them was some 0.4 µs
+	 * of the 12 a message of tests/bench/xmpp (docs/performance.md). */
+	unsigned local_omits;
 	/* Whether the local adapter can deliver from this process now (NULL:
 	 * always): while not, its rows are left to other processes, not
 	 * claimed and refused (an XMPP process whose streams another process

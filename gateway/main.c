@@ -991,6 +991,7 @@ int main(int argc, char **argv)
 		.local_deliver = app.matrix ? matrix_deliver : app.xmpp ? xa_deliver : NULL,
 		.local_ctx = app.matrix ? (void *)app.matrix : (void *)app.xmpp,
 		.local_destination = app_local_network(&app),
+		.local_omits = app.matrix ? 0 : app.xmpp ? XA_CLAIM_OMITS : 0,
 		.local_ready = app.matrix ? matrix_ready : app.xmpp ? xa_ready : NULL,
 		.policy = app.policy,
 	};

@@ -54,6 +54,13 @@ void xa_free(struct xmpp *x);
 /* Whether a component's stream is up in this process (ctx: struct xmpp):
  * the dispatcher claims rows for "xmpp" only then. */
 bool xa_ready(void *ctx);
+/* The members of the claim's trees (dispatcher.h, enum outbox_member)
+ * that xa_deliver never reads: the XMPP path reads a row's id, room,
+ * sender (peer_media_public) and its stored type and content (xm.c), and
+ * never its room_id, accepted_ts or ts (no stanza of xm.c carries the
+ * event's time).  check_xmpp's out_without_omitted makes every stanza of
+ * its cases with and without them. */
+#define XA_CLAIM_OMITS (OUTBOX_ROOM_ID | OUTBOX_ACCEPTED_TS | OUTBOX_TS)
 /* The dispatcher's delivery for destination "xmpp" (ctx: struct xmpp). */
 cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_row *rows, size_t n,
 		    size_t *done, long *code, cw_errmsg *e);

@@ -1029,6 +1029,67 @@ START_TEST(out_kept_same_bytes)
 }
 END_TEST
 
+/* The members a claim of destination "xmpp" leaves out of its trees
+ * (XA_CLAIM_OMITS, dispatcher_opts.local_omits): every case of
+ * xmpp_out.txt made from its event with them (as a claim of another
+ * destination makes it) and without them gives the same outcome, reason
+ * and bytes.  Since the sixty-first session, when the claim stopped
+ * making them for the XMPP adapter. */
+static void out_without_omitted_case(char **fl, int lineno, json_t *ev, struct xm_out_info *info, void *arg)
+{
+	(void)fl;
+	int *compared = arg;
+	static const struct {
+		unsigned bit;
+		const char *name;
+		json_int_t value;
+	} members[] = { { OUTBOX_ROOM_ID, "room_id", 0 },
+			{ OUTBOX_ACCEPTED_TS, "accepted_ts", 1700000000123 },
+			{ OUTBOX_TS, "ts", 1700000000456 } };
+	json_t *full = json_deep_copy(ev), *lean = json_deep_copy(ev);
+	ck_assert_ptr_nonnull(full);
+	ck_assert_ptr_nonnull(lean);
+	int omitted = 0;
+	for (size_t i = 0; i < CW_ARRAY_LEN(members); i++) {
+		if (!(XA_CLAIM_OMITS & members[i].bit))
+			continue;
+		omitted++;
+		json_object_del(lean, members[i].name);
+		if (!json_object_get(full, members[i].name))
+			json_object_set_new(full, members[i].name,
+					    members[i].value ? json_integer(members[i].value) : json_string("!r1:example.org"));
+	}
+	ck_assert_int_eq(omitted, 3);
+	xmpp_stanza_t *a = NULL, *b = NULL;
+	char wa[200], wb[200];
+	enum xm_out_result ra = xm_from_neutral(ctx, full, info, &a, wa, sizeof(wa));
+	enum xm_out_result rb = xm_from_neutral(ctx, lean, info, &b, wb, sizeof(wb));
+	ck_assert_msg(ra == rb, "line %d: %s with the members, %s without", lineno, out_name(ra), out_name(rb));
+	ck_assert_str_eq(wa, wb);
+	if (ra == XM_OUT_STANZA) {
+		char *ta, *tb;
+		size_t la, lb;
+		ck_assert_int_eq(xmpp_stanza_to_text(a, &ta, &la), XMPP_EOK);
+		ck_assert_int_eq(xmpp_stanza_to_text(b, &tb, &lb), XMPP_EOK);
+		ck_assert_msg(strcmp(ta, tb) == 0, "line %d: with %s\nwithout %s", lineno, ta, tb);
+		xmpp_free(ctx, ta);
+		xmpp_free(ctx, tb);
+		xmpp_stanza_release(a);
+		xmpp_stanza_release(b);
+		(*compared)++;
+	}
+	json_decref(full);
+	json_decref(lean);
+}
+
+START_TEST(out_without_omitted)
+{
+	int compared = 0;
+	ck_assert_int_ge(each_out_case(out_without_omitted_case, &compared), 65);
+	ck_assert_int_ge(compared, 45);
+}
+END_TEST
+
 /* outbox_put_ll prints what snprintf's "%lld" prints: the lookup's rows
  * (xa_deliver) and the outcomes' ids (dispatcher.c's id_array) are
  * printed with it since the fifty-ninth session. */
@@ -3313,6 +3374,7 @@ int main(void)
 	tcase_add_test(tc, ids_and_refs);
 	tcase_add_test(tc, out_cases);
 	tcase_add_test(tc, out_kept_same_bytes);
+	tcase_add_test(tc, out_without_omitted);
 	tcase_add_test(tc, out_edges);
 	tcase_add_test(tc, out_memory_is_not_invalid);
 	tcase_add_test(tc, round_trip_property);
