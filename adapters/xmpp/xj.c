@@ -17,6 +17,16 @@ static bool part_ok(const char *s, size_t n, const char *forbidden)
 		return false;
 	const unsigned char *p = (const unsigned char *)s;
 	while (n) {
+		/* ASCII judged here, the same way (until the sixty-first
+		 * session a call of cw_utf8_seq a byte: each message checks
+		 * its two JIDs, xm_from_neutral_kept) */
+		if (*p < 0x80) {
+			if (*p < 0x20 || *p == 0x7F || (forbidden && strchr(forbidden, *p)))
+				return false;
+			p++;
+			n--;
+			continue;
+		}
 		unsigned cp;
 		size_t l = cw_utf8_seq(p, n, &cp);
 		if (l == 0 || cp < 0x20 || cp == 0x7F || (cp < 0x80 && forbidden && strchr(forbidden, (int)cp)))
