@@ -355,14 +355,24 @@ bool dispatcher_stopping(const struct dispatcher *d) { return atomic_load(&((str
  * empties the quote too).  One message, one notice: the rows of one
  * event dropped for blocks (a group's, one row a peer, each peer's
  * members blocking her) are told as the first of them (DISTINCT ON), and
- * all of them marked told, those past the 50 too (dx: every owed row of
- * those events, by outbox_event_dest_key); until the sixtieth session
- * each row was a notice, two for a group message to two peers.  Not a
- * row dropped after its event's first was told: a notice again.  Nor two
+ * all of them marked told, those past the 50 too (sb: every dropped row
+ * of those events, by outbox_event_dest_key); until the sixtieth session
+ * each row was a notice, two for a group message to two peers.  Nor a
+ * row dropped after its event was told of (the block of a second peer's
+ * members, later; a row another transaction held at the look, which sb
+ * skipped): marked told without a word.  A drop's row is marked told
+ * with the time of its drop (next_attempt_at, which the drop set and
+ * nothing changes after), which no other told row can have (a dead
+ * letter told, then dropped by a pass: told before the drop set it), so
+ * that a row of the event so marked says she was told of its drop; sb
+ * locks them, as a look that told them may have committed after this
+ * statement's snapshot, and a locked row is read as it is now.  Until
+ * the sixty-first session such a row was a notice again, and since then
+ * a row told before it (no mark) still is, once.  Nor two
  * looks at once (each XMPP component's, of its peer's rows; two
  * processes'): each takes the event's lock (DEAD_NOTICE_LOCK_CLASS, a
  * transaction-level advisory lock, tried) with its first row of it, and
- * a look that cannot passes its rows by; the other's dx marks them told
+ * a look that cannot passes its rows by; the other's sb marks them told
  * (or, if it commits first, this look's locks find them told).  Until a
  * review of the sixtieth session each look skipped the other's locked
  * rows and told its own: two notices.  The lock is asked of the 50 rows
@@ -400,12 +410,16 @@ const struct store_stmt dispatcher_dead_stmts[] = {
 		"  AND CASE WHEN o.id = ANY (ARRAY(SELECT id FROM dc)) THEN pg_try_advisory_xact_lock("
 		DEAD_NOTICE_LOCK_CLASS ", (o.event_id % 2147483647)::int) END "
 		"  ORDER BY o.id FOR UPDATE OF o SKIP LOCKED), "
-		"dx AS (SELECT x.id FROM outbox x WHERE x.event_id = ANY (ARRAY(SELECT ev FROM db)) "
-		"  AND x.state = 'dropped' AND x.sender_quote IS NOT NULL AND x.id NOT IN (SELECT id FROM db) "
-		"  FOR UPDATE SKIP LOCKED), "
-		"d AS (SELECT * FROM dd UNION ALL (SELECT DISTINCT ON (ev) * FROM db ORDER BY ev, id)), "
-		"u AS (UPDATE outbox x SET sender_told_at = now(), sender_quote = NULL "
-		"  WHERE x.id = ANY (ARRAY(SELECT id FROM dd UNION ALL SELECT id FROM db UNION ALL SELECT id FROM dx))), "
+		"sb AS (SELECT x.id, x.event_id, x.sender_quote IS NOT NULL AS owed, x.sender_quote IS NULL "
+		"  AND x.sender_told_at = x.next_attempt_at AS told FROM outbox x "
+		"  WHERE x.event_id = ANY (ARRAY(SELECT ev FROM db)) AND x.state = 'dropped' "
+		"  AND x.id NOT IN (SELECT id FROM db) FOR UPDATE SKIP LOCKED), "
+		"d AS (SELECT * FROM dd UNION ALL (SELECT DISTINCT ON (ev) * FROM db "
+		"  WHERE ev NOT IN (SELECT event_id FROM sb WHERE told) ORDER BY ev, id)), "
+		"u AS (UPDATE outbox x SET sender_told_at = CASE WHEN x.state = 'dropped' THEN x.next_attempt_at "
+		"  ELSE now() END, sender_quote = NULL "
+		"  WHERE x.id = ANY (ARRAY(SELECT id FROM dd UNION ALL SELECT id FROM db "
+		"  UNION ALL SELECT id FROM sb WHERE owed))), "
 		"nl AS (UPDATE outbox x SET sender_told_at = now() FROM (SELECT o.id FROM outbox o "
 		"  JOIN events e ON e.id = o.event_id JOIN identities s ON s.id = e.sender_id "
 		"  WHERE o.state = 'dead' AND o.sender_told_at IS NULL AND NOT s.is_local "

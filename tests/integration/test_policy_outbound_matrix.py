@@ -327,6 +327,55 @@ def test_her_message_dropped_for_two_peers_at_once_is_told_once(mx, hs, gk, pg, 
     assert told_marks(pg, db_url, "matrix") == "true false,true false"
 
 
+def test_a_second_peers_row_of_her_message_dropped_after_the_first_was_told_is_not_told(mx, hs, gk, pg, db_url):
+    """One message, one notice whatever the timing: a row of her message
+    dropped for a block after another row of it was told of its drop (a
+    group's second peer, whose members blocked her later; or a row another
+    transaction held at the first look) is marked told without a word.
+    Here the second peer's row is made dropped and owed after the first
+    notice.  Until the sixty-first session it was a second notice.  A row
+    of her next message is told (the mark is the message's, not hers)."""
+    notices, told = her_drop_told(mx, hs, gk, pg, db_url)
+    ev = pg.psql("SELECT o.event_id FROM outbox o JOIN events e ON e.id = o.event_id "
+                 "WHERE e.origin_network = 'matrix' AND o.state = 'dropped'", db_url)
+    pg.psql("INSERT INTO outbox (event_id, destination, room_id, state, sender_quote) "
+            f"SELECT event_id, 'peer:tg', room_id, 'dropped', 'twice?' FROM outbox WHERE event_id = {ev}", db_url)
+    wait_until(lambda: told_marks(pg, db_url, "matrix") == "true false,true false", what="the second row marked told")
+    time.sleep(0.5)  # a notice the look would have sent
+    assert all_told(pg, db_url, notices, 1) == [told]
+    # a second message of hers dropped alike is told: the mark is the message's
+    ev2 = pg.psql("SELECT e.id FROM events e WHERE e.origin_network = 'matrix' AND e.type = 'message' "
+                  f"AND e.id <> {ev} ORDER BY e.id LIMIT 1", db_url)
+    pg.psql("INSERT INTO outbox (event_id, destination, room_id, state, sender_quote) "
+            f"SELECT id, 'peer:tg', room_id, 'dropped', 'other?' FROM events WHERE id = {ev2}", db_url)
+    assert all_told(pg, db_url, notices, 2) == [told, "Not delivered \u201cother?\u201d: this person blocked you."]
+
+
+def test_a_row_of_her_message_held_elsewhere_at_the_look_is_not_told_after_it(mx, hs, gk, pg, db_url):
+    """One message, one notice whatever the timing: a second peer's row of
+    her message that another transaction holds (here a session of the
+    test, FOR KEY SHARE) when a look tells the message is passed by then,
+    and marked told without a word once let go: the first row's mark says
+    the message was told.  Until the sixty-first session the next look
+    told it: a second notice."""
+    notices, told = her_drop_told(mx, hs, gk, pg, db_url)
+    ev = pg.psql("SELECT o.event_id FROM outbox o JOIN events e ON e.id = o.event_id "
+                 "WHERE e.origin_network = 'matrix' AND o.state = 'dropped'", db_url)
+    second = pg.psql("INSERT INTO outbox (event_id, destination, room_id, state) "
+                     f"SELECT event_id, 'peer:tg', room_id, 'dropped' FROM outbox WHERE event_id = {ev} RETURNING id",
+                     db_url)
+    held = "Not delivered \u201cheld?\u201d: this person blocked you."
+    with psycopg.connect(db_url) as other:
+        other.execute(f"SELECT 1 FROM outbox WHERE id = {second} FOR KEY SHARE")
+        pg.psql(f"UPDATE outbox SET sender_told_at = NULL, sender_quote = 'held?' WHERE event_id = {ev}", db_url)
+        assert all_told(pg, db_url, notices, 2) == [told, held]
+        assert told_marks(pg, db_url, "matrix") == "true false,false true"
+        other.rollback()
+    wait_until(lambda: told_marks(pg, db_url, "matrix") == "true false,true false", what="the held row marked told")
+    time.sleep(0.5)  # a notice the look would have sent
+    assert all_told(pg, db_url, notices, 2) == [told, held]
+
+
 def test_a_message_another_look_holds_is_not_told_by_this_one(mx, hs, gk, pg, db_url):
     """One message, one notice across looks at once (each XMPP component
     looks at its own peer's rows, each Matrix process at all): a look
