@@ -448,18 +448,10 @@ def test_her_waiting_message_dropped_by_his_block_is_told_by_the_component(xd, g
     assert [e["content"]["parts"][0]["body"] for e in srv.events if e.get("type") == "message"] == ["before"]
 
 
-@pytest.mark.parametrize("key", ["pair", "hashed", "hashed elsewhere"])
-def test_her_waiting_group_message_dropped_by_his_block_is_told_naming_the_group(xd, gk, alice, pg, db_url, key):
-    """Her groupchat still waiting for his peer (down) when wally, its one
-    member there, blocks her is dropped, and the component tells her in a
-    chat message from its domain naming the group's room: "In #...@...:
-    Not delivered ...".  Until the sixtieth session a group's row was
-    marked told and said nowhere (the component told a chat only).  Her
-    binding's key hashed (a long pair of JIDs: set here), the room's JID
-    is this component's when it hashes to her key, else the group is named
-    ("In the group <name>: ", its public id when it has none): she may be
-    in it by another component's JID, which until a review of the
-    sixtieth session the notice named as this one's all the same."""
+def her_groupchat_tried(xd, gk, alice, pg, db_url):
+    """alice in a group of the peer gk with wally, its one member there,
+    her groupchat WAITING tried and refused (the peer down): (the group's
+    room JID, its public id, where her stanzas after the join start)."""
     from test_xmpp import MUC, MUC_USER, consent_alice, q
     a, srv = gk
     consent_alice(xd)
@@ -472,6 +464,23 @@ def test_her_waiting_group_message_dropped_by_his_block_is_told_naming_the_group
     srv.fail_next = 1000000  # the peer down
     alice.send_message(room, WAITING, mtype="groupchat", id="g1")
     waiting_tried(pg, db_url, "xmpp", 1)
+    return room, gid, start
+
+
+@pytest.mark.parametrize("key", ["pair", "hashed", "hashed elsewhere"])
+def test_her_waiting_group_message_dropped_by_his_block_is_told_naming_the_group(xd, gk, alice, pg, db_url, key):
+    """Her groupchat still waiting for his peer (down) when wally, its one
+    member there, blocks her is dropped, and the component tells her in a
+    chat message from its domain naming the group's room: "In #...@...:
+    Not delivered ...".  Until the sixtieth session a group's row was
+    marked told and said nowhere (the component told a chat only).  Her
+    binding's key hashed (a long pair of JIDs: set here), the room's JID
+    is this component's when it hashes to her key, else the group is named
+    ("In the group <name>: ", its public id when it has none): she may be
+    in it by another component's JID, which until a review of the
+    sixtieth session the notice named as this one's all the same."""
+    a, srv = gk
+    room, gid, start = her_groupchat_tried(xd, gk, alice, pg, db_url)
     if key != "pair":
         pair = f"{ALICE_JID} {room if key == 'hashed' else room.replace(COMP, 'elsewhere.' + HOST)}"
         hashed = "h:" + hashlib.sha256(pair.encode()).hexdigest()
@@ -488,6 +497,36 @@ def test_her_waiting_group_message_dropped_by_his_block_is_told_naming_the_group
         "this person blocked you."
     wait_until(lambda: text in told(), timeout=20, what="the telling")
     wait_until(lambda: told_marks(pg, db_url, "xmpp") == "true false", what="the row marked told")
+    alice.iq("get", COMP, "<ping xmlns='urn:xmpp:ping'/>")
+    time.sleep(1.5)  # past the component's next look (once a second)
+    alice.iq("get", COMP, "<ping xmlns='urn:xmpp:ping'/>")
+    assert told() == [text], told()
+
+
+def test_her_group_message_a_dead_letter_is_told_naming_the_group(xd, gk, alice, pg, db_url):
+    """Her groupchat whose peer stayed down past the retry budget (here made
+    a dead letter at once) is told by the component as a drop for a block
+    is (test_her_waiting_group_message_dropped_by_his_block_is_told_naming_the_group),
+    in a chat message from its domain naming the group's room: "In
+    #...@...: Not delivered "...": gk could not be reached (...). The
+    operator can send it again.", once.  Until the sixtieth session a
+    group's row was marked told and said nowhere; until the sixty-first
+    no test said so of a dead letter."""
+    room, gid, start = her_groupchat_tried(xd, gk, alice, pg, db_url)
+    dead = ("WITH u AS (UPDATE outbox o SET state = 'dead' FROM events e WHERE e.id = o.event_id "
+            "AND e.origin_network = 'xmpp' AND e.type = 'message' AND o.state = 'pending' AND o.attempts > 0 "
+            "RETURNING o.attempts) SELECT coalesce(max(attempts), 0) FROM u")
+    tries = wait_until(lambda: int(pg.psql(dead, db_url)), what="her groupchat made a dead letter")
+
+    def told():
+        return [body(el) for el in alice.stanzas()[start:] if el.tag == "{jabber:client}message"
+                and el.get("from") == COMP and el.get("type") != "groupchat"]
+    text = f"In {room}: Not delivered \u201c{WAITING}\u201d: gk could not be reached " \
+        f"({tries} tries over the retry budget). The operator can send it again."
+    wait_until(lambda: text in told(), timeout=20, what="the telling")
+    assert pg.psql("SELECT string_agg(o.state || ' ' || (o.sender_told_at IS NOT NULL), ',') FROM outbox o "
+                   "JOIN events e ON e.id = o.event_id WHERE e.origin_network = 'xmpp' AND e.type = 'message'",
+                   db_url) == "dead true"
     alice.iq("get", COMP, "<ping xmlns='urn:xmpp:ping'/>")
     time.sleep(1.5)  # past the component's next look (once a second)
     alice.iq("get", COMP, "<ping xmlns='urn:xmpp:ping'/>")
