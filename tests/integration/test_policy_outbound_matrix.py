@@ -9,6 +9,7 @@ import re
 import time
 
 import psycopg
+import pytest
 
 from harness import wait_until
 from test_matrix import ALICE, alice_writes_to_wally, metrics
@@ -486,3 +487,56 @@ def test_her_dropped_message_with_no_room_of_hers_is_told_in_her_management_room
             "UPDATE outbox SET sender_told_at = NULL, sender_quote = 'who?' WHERE state = 'dropped'", db_url)
     wait_until(lambda: "To gk: Not delivered \u201cwho?\u201d: this person blocked you." in said(), timeout=20,
                what="the notice naming the peer")
+
+
+@pytest.mark.parametrize("how", ["dropped", "dead"])
+def test_her_group_message_with_no_room_of_hers_is_told_in_her_management_room(mx, hs, gk, pg, db_url, how):
+    """Her message in a peer's group, waiting for its peer (down), then
+    dropped by wally's block or made a dead letter after she left the
+    group's room (its binding gone: no room of hers to say it in), is
+    told in her management room with the bot, naming the group: "In the
+    group Lunch club: Not delivered ...", once (the binding here taken out
+    by SQL, as in a room upgraded away).  Until the sixtieth session
+    it was marked told and said nowhere; until the sixty-first no test
+    said so of a group (test_her_dropped_message_with_no_room_of_hers_is_told_in_her_management_room
+    is of a direct conversation's)."""
+    from test_matrix import ALICE_MX, consent_alice
+    a, srv = gk
+    bot = "@_cw_bot:example.org"
+    consent_alice(mx)
+    _, token = hs.create_user("alice")
+    alice = hs.as_user(token)
+    mgmt = alice.create_dm(bot)
+
+    def said():
+        return [e["content"]["body"] for e in hs.events(mgmt) if e["type"] == "m.room.message" and e["sender"] == bot]
+    wait_until(lambda: any("Commands" in n for n in said()), what="the bot's help")
+    gid = a.create_room([a.user("wally"), ALICE], kind="group", name="Lunch club").json()["id"]
+    assert a.send(gid, a.user("wally"), "lunch at noon?").status_code == 202
+    mine = wait_until(lambda: next((rid for rid in hs.rooms() if rid != mgmt and hs.state(rid, "m.room.create")
+                                    and hs.state(rid, "m.room.create")["sender"] == bot
+                                    and hs.members(rid).get(ALICE_MX) in ("invite", "join")), None),
+                      what="alice's room of the group")
+    alice.join(mine)
+    srv.fail_next = 1000000  # the peer down
+    alice.send_text(mine, WAITING)
+    waiting_tried(pg, db_url, "matrix", 1)
+    pg.psql(f"DELETE FROM room_bindings WHERE network = 'matrix' AND native_id = '{mine}'", db_url)
+    if how == "dropped":
+        peer_blocks_alice(mx, a, "block")
+        wait_until(lambda: stored_lines(pg, db_url, "matrix") == "dropped -", timeout=20,
+                   what="her group message dropped")
+        told = f"In the group Lunch club: Not delivered \u201c{WAITING}\u201d: this person blocked you."
+    else:
+        dead = ("WITH u AS (UPDATE outbox o SET state = 'dead' FROM events e WHERE e.id = o.event_id "
+                "AND e.origin_network = 'matrix' AND e.type = 'message' AND o.state = 'pending' "
+                "AND o.attempts > 0 RETURNING o.attempts) SELECT coalesce(max(attempts), 0) FROM u")
+        tries = wait_until(lambda: int(pg.psql(dead, db_url)), what="her group message made a dead letter")
+        told = f"In the group Lunch club: Not delivered \u201c{WAITING}\u201d: gk could not be reached " \
+            f"({tries} tries over the retry budget). The operator can send it again."
+    wait_until(lambda: told in said(), timeout=20, what="the notice in her management room")
+    wait_until(lambda: pg.psql("SELECT string_agg((o.sender_told_at IS NOT NULL)::text, ',') FROM outbox o "
+                               "JOIN events e ON e.id = o.event_id WHERE e.origin_network = 'matrix' "
+                               "AND e.type = 'message'", db_url) == "true", what="the row marked told")
+    time.sleep(1.0)  # past two more looks
+    assert said().count(told) == 1, said()
