@@ -204,7 +204,9 @@ bool dispatcher_stopping(const struct dispatcher *d);
  * dropped as they waited because their remote recipient blocked her
  * (outbox.sender_quote, schema/054), until then dropped without a word.
  * Marked told in a transaction this begins (the quote kept for a drop
- * cleared), and locked, which the caller ends with dispatcher_dead_told
+ * cleared; a drop's row, since the sixty-first session, with the time of
+ * its drop, the mark that keeps a later row of its message from a second
+ * notice), and locked, which the caller ends with dispatcher_dead_told
  * once it has told them (told at least once, by one process: a lost
  * answer leaves them to tell again).  Per row: outbox id, destination,
  * attempts, event type, the sender's native room of the conversation
