@@ -497,8 +497,8 @@ static cw_err notice_queue(PGconn *c, const char *room, const char *body, const 
 static cw_err inbox_handled(PGconn *c, const char *id, cw_errmsg *e)
 {
 	const char *p[] = { id };
-	return store_command(c, "UPDATE matrix_bot_inbox SET handled_at = now(), event = '{}' WHERE id = $1::bigint", 1,
-			     p, e);
+	return store_command(c, "UPDATE matrix_bot_inbox SET handled_at = now(), event = '{}', command_allowed = NULL, "
+			     "change_allowed = NULL WHERE id = $1::bigint", 1, p, e);
 }
 
 /* policy.user_updates_per_minute (policy_user_update_allowed): whether
@@ -515,21 +515,31 @@ static cw_err inbox_handled(PGconn *c, const char *id, cw_errmsg *e)
  * (test_a_change_refused_by_her_changes_limit_counts_as_a_command). */
 /* The buckets' answers to a command's first run (command_allowed,
  * change_allowed), kept for its runs again: a command whose inbox row's
- * handled mark was lost (its statement failed, or skipped) runs again
- * from the next look, answered once (its answer's transaction id is its
- * event's), and until the sixtieth session took a second token of her
- * commands bucket (and of her changes', for a change) at each run: 25
- * commands run twice took 50 tokens of the 31 a minute, and her next
- * command was refused, unanswered
+ * handled mark was lost (its statement failed, or skipped, or the process
+ * stopped between the command's effect and the mark) runs again from the
+ * next look, answered once (its answer's transaction id is its event's),
+ * and until the sixtieth session took a second token of her commands
+ * bucket (and of her changes', for a change) at each run: 25 commands run
+ * twice took 50 tokens of the 31 a minute, and her next command was
+ * refused, unanswered
  * (test_a_command_run_again_after_its_handled_mark_was_lost_takes_one_token).
- * A run again now takes the first run's answers, so that it is neither
- * charged again nor let through where the first was refused.  In
- * memory, as the buckets are (a restart fills them again), for the last
- * COMMAND_RUNS commands: a row whose mark is lost runs again at the
- * bot's next look of its inbox (at most BOT_BATCH rows before it), as an
- * invitation tried again is known by its row's attempts (invited); a
- * command is never tried again so, and a mark of it before its run would
- * be a statement more for each command. */
+ * A run again takes the first run's answers, so that it is neither
+ * charged again nor let through where the first was refused.  The note
+ * is written to the command's inbox row (its command_allowed and
+ * change_allowed, schema/056) before the command's effect, one statement
+ * for a command and one more for a change, and comes back with the row
+ * at its run again (BOT_INBOX), whichever process runs it; the mark
+ * clears it (inbox_handled: a handled row never runs again).  Until the
+ * sixty-first session it was in memory only, for the last COMMAND_RUNS
+ * commands, and a restart, or the bot's lock taken by another process,
+ * lost it: a change refused as too many was carried out by its run after
+ * the restart, and a change allowed took a token of the new process's
+ * bucket, the user's next change refused
+ * (test_a_change_refused_before_a_restart_stays_refused_after_it,
+ * test_a_change_run_again_after_a_restart_takes_no_second_token).  The
+ * note in memory stays, for the last COMMAND_RUNS commands, for a run
+ * again in the same process whose note's statement failed (the database
+ * away a moment): it is the more recent, and taken first. */
 #define COMMAND_RUNS 64
 
 struct command_run {
@@ -544,9 +554,12 @@ struct command_runs {
 	struct command_run run[COMMAND_RUNS];
 };
 
-/* The note of the command of inbox row inbox_id: its first run's (*again)
- * or, for a first run, a note cleared for it. */
-static struct command_run *command_run_of(struct command_runs *runs, const char *inbox_id, bool *again)
+/* The note of the command of inbox row inbox_id: its first run's (*again),
+ * from memory or, failing that, from the row (stored: its note as
+ * BOT_INBOX read it, .row 0 for none), or, for a first run, a note cleared
+ * for it. */
+static struct command_run *command_run_of(struct command_runs *runs, const char *inbox_id,
+					  const struct command_run *stored, bool *again)
 {
 	long long row = atoll(inbox_id);
 	for (int k = 0; k < COMMAND_RUNS && row > 0; k++)
@@ -556,9 +569,28 @@ static struct command_run *command_run_of(struct command_runs *runs, const char 
 		}
 	struct command_run *run = &runs->run[runs->next];
 	runs->next = (runs->next + 1) % COMMAND_RUNS;
-	*run = (struct command_run){ .row = row };
-	*again = false;
+	*again = row > 0 && stored->row == row;
+	*run = *again ? *stored : (struct command_run){ .row = row };
+	run->took = false; /* a token of another run's (or process's) */
 	return run;
+}
+
+/* The note of run written to its inbox row (struct command_runs), before
+ * what it allowed is done.  Not written: logged; a run again in this
+ * process has the note in memory, one after a restart takes a token
+ * again, as before the sixty-first session. */
+static void command_run_note(PGconn *c, const struct command_run *run)
+{
+	char id[24], change[8];
+	snprintf(id, sizeof(id), "%lld", run->row);
+	snprintf(change, sizeof(change), "%d", run->change);
+	const char *p[] = { id, run->allowed ? "t" : "f", change };
+	cw_errmsg e;
+	if (run->row > 0 &&
+	    store_command(c, "UPDATE matrix_bot_inbox SET command_allowed = $2::boolean, change_allowed = $3::smallint "
+			     "WHERE id = $1::bigint", 3, p, &e))
+		LOG_KV_LIMITED(CW_LOG_WARN, "cannot note a command's run: a run again after a restart is charged again",
+			       "inbox_row", id, "detail", e.msg);
 }
 
 static bool change_allowed(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *sender,
@@ -573,10 +605,13 @@ static bool change_allowed(struct matrix *m, PGconn *c, const char *room, const 
 	run->change = 1;
 	run->took = true;
 	if (!mx_user_id_parse(sender, localpart, sizeof(localpart), server, sizeof(server)) ||
-	    policy_user_update_allowed(m->app->policy, m->app->limits, localpart, &notice))
+	    policy_user_update_allowed(m->app->policy, m->app->limits, localpart, &notice)) {
+		command_run_note(c, run);
 		return true; /* not parsed: not a local user, who has no command (local_identity) */
+	}
 	run->change = -1;
 	run->took = false;
+	command_run_note(c, run);
 	if (notice)
 		answer(m, c, room, txn, "You made too many changes in a short time: this command was not carried out, nor "
 				     "are the next ones for a minute, and I will not say so again. Try again in a minute.");
@@ -599,9 +634,12 @@ static bool command_allowed(struct matrix *m, PGconn *c, const char *room, const
 	bool notice = false;
 	run->allowed = true;
 	if (!mx_user_id_parse(sender, localpart, sizeof(localpart), server, sizeof(server)) ||
-	    policy_user_command_allowed(m->app->policy, m->app->limits, localpart, &notice))
+	    policy_user_command_allowed(m->app->policy, m->app->limits, localpart, &notice)) {
+		command_run_note(c, run);
 		return true; /* not parsed: not a local user, who has no command (local_identity) */
+	}
 	run->allowed = false;
+	command_run_note(c, run);
 	if (notice)
 		answer(m, c, room, txn, "Slow down: you sent me too many commands in a short time. Those sent too "
 				     "fast are neither carried out nor answered, and I will not say so again for a "
@@ -614,7 +652,7 @@ static bool command_allowed(struct matrix *m, PGconn *c, const char *room, const
  * back (xmpp_cmd.c, token_back).  Until the forty-sixth session a failure
  * kept it: a few while the database was away, and her real change was
  * refused as too many. */
-static void change_back(struct matrix *m, const char *sender, struct command_run *run)
+static void change_back(struct matrix *m, PGconn *c, const char *sender, struct command_run *run)
 {
 	char localpart[MX_ID_MAX + 1], server[MX_ID_MAX + 1];
 	/* A run again that failed took nothing: its first run's statements
@@ -624,6 +662,7 @@ static void change_back(struct matrix *m, const char *sender, struct command_run
 		return;
 	run->took = false;
 	run->change = 0; /* a run again takes its own */
+	command_run_note(c, run); /* its statements failed: the database may not take this one either (logged) */
 	if (mx_user_id_parse(sender, localpart, sizeof(localpart), server, sizeof(server)))
 		policy_user_update_give(m->app->policy, m->app->limits, localpart);
 }
@@ -730,7 +769,8 @@ static const char *echo(const char *typed, char *out, size_t len)
 }
 
 static void command(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *sender,
-		    const json_t *content, const char *inbox_id, struct command_runs *runs)
+		    const json_t *content, const char *inbox_id, const struct command_run *stored,
+		    struct command_runs *runs)
 {
 	/* An edit of a command (m.replace) is the command as edited, whose
 	 * answer is the edit's own (its event's transaction id); a reply may
@@ -742,7 +782,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 	if (!mx_bot_parse(content, sender, &names, &cmd))
 		return;
 	bool again;
-	struct command_run *run = command_run_of(runs, inbox_id, &again);
+	struct command_run *run = command_run_of(runs, inbox_id, stored, &again);
 	if (!command_allowed(m, c, room, txn, sender, run, again))
 		return;
 	/* An image, a file, an emote...: no command, one line (not the help,
@@ -873,7 +913,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 		}
 		rc = store_end(c, rc, &e);
 		if (rc) {
-			change_back(m, sender, run);
+			change_back(m, c, sender, run);
 			answer(m, c, room, txn, "That did not work; try again in a moment.");
 			LOG_KV(CW_LOG_WARN, "a bot command failed", "detail", e.msg);
 			return;
@@ -956,7 +996,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 			rc = policy_notify_user(c, local_id, &e);
 		rc = store_end(c, rc, &e);
 		if (rc) {
-			change_back(m, sender, run);
+			change_back(m, c, sender, run);
 			LOG_KV(CW_LOG_WARN, "a bot command failed", "detail", e.msg);
 			answer(m, c, room, txn, "That did not work; try again in a moment.");
 			return;
@@ -1019,7 +1059,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 		json_decref(ans);
 		if (!store_end(c, rc, &e))
 			return;
-		change_back(m, sender, run); /* a run again takes its own */
+		change_back(m, c, sender, run); /* a run again takes its own */
 		if (PQstatus(c) == CONNECTION_OK) /* else the command runs again, or its notice tells */
 			answer(m, c, room, txn, "The report could not be stored; try again.");
 	} else if (strcmp(verb, "list") == 0) {
@@ -2953,7 +2993,14 @@ static bool inbox(struct matrix *m, PGconn *c, struct command_runs *runs)
 			cw_sha256_pair("cwcmd", 5, eid ? eid : "", eid ? strlen(eid) : 0, h);
 			cw_hex(hex, h, 16);
 			snprintf(txn, sizeof(txn), "cwcmd-%s", hex);
-			command(m, c, room, txn, sender, content, PQgetvalue(r, i, 0), runs);
+			/* its first run's note (struct command_runs), if any */
+			struct command_run stored = { 0 };
+			if (!PQgetisnull(r, i, 3)) {
+				stored.row = atoll(PQgetvalue(r, i, 0));
+				stored.allowed = PQgetvalue(r, i, 3)[0] == 't';
+				stored.change = (signed char)(PQgetisnull(r, i, 4) ? 0 : atoi(PQgetvalue(r, i, 4)));
+			}
+			command(m, c, room, txn, sender, content, PQgetvalue(r, i, 0), &stored, runs);
 		}
 		json_decref(ev);
 		const char *id[] = { PQgetvalue(r, i, 0) };
@@ -3055,7 +3102,12 @@ static void mgmt_room_refuses(struct matrix *m, PGconn *c, const char *room, lon
  * management rooms" line (said now past the bound only, or when no
  * memory is found for the room's id).  In memory: a restart, or the
  * bot's lock taken by another process, tries the rooms at once (the
- * same transaction ids). */
+ * same transaction ids).  Weighed and kept so in the sixty-first
+ * session, when the commands' notes went to the database (struct
+ * command_runs): a restart tries each paused room once (at most
+ * REQUEST_PAUSES), the homeserver's own trouble pausing everyone again
+ * from the first or second room tried; stored, each pause would be a
+ * write, and a table to trim, for a restart's one try a room. */
 #define REQUEST_PAUSES 64
 #define REQUEST_PAUSE_US (30 * 1000000LL)
 
@@ -3723,7 +3775,8 @@ static void invitees_joined(struct matrix *m, PGconn *c)
  * (dispatcher_dead_stmts). */
 static const struct store_stmt bot_stmts[BOT_LOOKS + 1] = {
 	[BOT_INBOX] = { "mx_bot_inbox",
-		"SELECT id, event::text, attempts FROM matrix_bot_inbox WHERE handled_at IS NULL "
+		"SELECT id, event::text, attempts, command_allowed, change_allowed FROM matrix_bot_inbox "
+		"WHERE handled_at IS NULL "
 		"AND (not_before IS NULL OR not_before <= now()) ORDER BY id LIMIT $1::int" },
 	[BOT_REQUESTS] = { "mx_bot_requests",
 		"SELECT q.id, mr.room_id, ri.uri, ri.network, coalesce(ri.display_name, ''), mr.user_id "

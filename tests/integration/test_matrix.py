@@ -10200,7 +10200,7 @@ def test_the_bots_looks_for_work_are_not_planned_at_each_round(make_daemon, pg_p
     5-7 ms of the database's CPU a round under load (docs/performance.md)."""
     db_url = pg_planned.new_database("t_bot_looks_planned")
     start_mx(make_daemon, db_url, hs)
-    looks = {"inbox": "SELECT id, event::text, attempts FROM matrix_bot_inbox",
+    looks = {"inbox": "SELECT id, event::text, attempts, command_allowed, change_allowed FROM matrix_bot_inbox",
              "requests": "SELECT q.id, mr.room_id, ri.uri",
              "expiries": "SELECT a.id, mr.room_id, ri.uri",
              "dead letters": "WITH dd AS (SELECT o.id, o.destination, o.attempts",
@@ -10834,3 +10834,82 @@ def test_a_429_to_the_read_of_a_management_rooms_members_waits_as_asked(mx, hs, 
     assert [q["status"] for q in reads][:2] == [429, 200], reads
     assert 2.5 < reads[1]["time"] - reads[0]["time"] < 15, reads
     print(f"her request shown {shown_in:.2f} s after the 429")
+
+
+def defer_marks_of(pg, db_url, verb):
+    """The handled mark of each of the bot's inbox rows holding a command
+    starting with verb is deferred once: the row kept unhandled, as after a
+    mark lost, and not due for an hour, so that its run again waits for
+    release_marks (after a restart). The first run's note stays on it."""
+    pg.psql("CREATE TABLE IF NOT EXISTS deferred_marks (id bigint PRIMARY KEY); "
+            "CREATE OR REPLACE FUNCTION defer_mark() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            " IF NEW.handled_at IS NOT NULL AND OLD.handled_at IS NULL "
+            f"  AND OLD.event->'content'->>'body' LIKE '{verb} %' "
+            "  AND NOT EXISTS (SELECT 1 FROM deferred_marks WHERE id = OLD.id) THEN "
+            "  INSERT INTO deferred_marks VALUES (OLD.id); NEW := OLD; "
+            "  NEW.not_before := now() + interval '1 hour'; END IF; RETURN NEW; END $$; "
+            "CREATE TRIGGER defer_mark BEFORE UPDATE ON matrix_bot_inbox FOR EACH ROW EXECUTE FUNCTION defer_mark()",
+            db_url)
+
+
+def release_marks(pg, db_url):
+    """The rows defer_marks_of held made due, and waited for until handled."""
+    pg.psql("UPDATE matrix_bot_inbox SET not_before = NULL WHERE id IN (SELECT id FROM deferred_marks); "
+            "NOTIFY causeway_matrix_bot", db_url)
+    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_bot_inbox WHERE handled_at IS NULL", db_url) == "0",
+               timeout=20, what="the deferred commands run again and handled")
+    assert pg.psql("SELECT count(*) FROM matrix_bot_inbox WHERE command_allowed IS NOT NULL "
+                   "OR change_allowed IS NOT NULL", db_url) == "0"  # the notes cleared with the marks
+
+
+def test_a_change_refused_before_a_restart_stays_refused_after_it(mx, hs, gk, pg, db_url):
+    """alice may make one change a minute: her block of wally is carried
+    out, her accept of him right after is refused ("too many changes"),
+    and the accept's handled mark is lost; the daemon restarts before its
+    run again. The run again takes the first run's refusal, noted on its
+    inbox row, and wally stays blocked. Until the sixty-first session the
+    note was in memory only, and the new process, its buckets full, carried
+    the refused accept out."""
+    a, _ = gk
+    wally = a.user("wally")
+    assert mx.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 1}).ok
+    alice, mgmt, said = alice_and_the_bot(hs)
+    defer_marks_of(pg, db_url, "accept")
+    alice.send_text(mgmt, f"block {wally}")
+    wait_until(lambda: any(n.startswith("Blocked " + wally) for n in said()), what="the block")
+    alice.send_text(mgmt, f"accept {wally}")
+    wait_until(lambda: any("too many changes" in n for n in said()), what="the accept refused")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM deferred_marks", db_url) == "1", what="its mark deferred")
+    assert pg.psql("SELECT command_allowed::text || ' ' || change_allowed FROM matrix_bot_inbox "
+                   "WHERE id IN (SELECT id FROM deferred_marks)", db_url) == "true -1"
+    mx.stop()
+    mx.start()
+    release_marks(pg, db_url)
+    assert pg.psql("SELECT string_agg(subject || ' ' || state, ',') FROM consents", db_url) == wally + " blocked"
+    assert not any(n.startswith("Accepted") for n in said()), said()
+
+
+def test_a_change_run_again_after_a_restart_takes_no_second_token(mx, hs, gk, pg, db_url):
+    """alice may make one change a minute: her block of wally is carried
+    out, its handled mark lost, and the daemon restarts before its run
+    again. The run again takes the first run's answer, noted on its inbox
+    row, and no token of the new process's bucket: her accept of wally
+    right after is carried out. Until the sixty-first session the note was
+    in memory only, the run again took the new process's one token, and
+    her accept was refused ("too many changes")."""
+    a, _ = gk
+    wally = a.user("wally")
+    assert mx.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 1}).ok
+    alice, mgmt, said = alice_and_the_bot(hs)
+    defer_marks_of(pg, db_url, "block")
+    alice.send_text(mgmt, f"block {wally}")
+    wait_until(lambda: any(n.startswith("Blocked " + wally) for n in said()), what="the block")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM deferred_marks", db_url) == "1", what="its mark deferred")
+    mx.stop()
+    mx.start()
+    release_marks(pg, db_url)
+    alice.send_text(mgmt, f"accept {wally}")
+    wait_until(lambda: any(n.startswith("Accepted " + wally) or "too many changes" in n for n in said()),
+               what="the accept answered")
+    assert not any("too many changes" in n for n in said()), said()
+    assert pg.psql("SELECT string_agg(subject || ' ' || state, ',') FROM consents", db_url) == wally + " allowed"
