@@ -1479,8 +1479,17 @@ static int hers_alone_of(struct matrix *m, PGconn *c, const char *room, const ch
 	if (others == 0 || refused == 401 || refused == 403 || refused == 404)
 		return 1;
 	if (others < 0) {
-		LOG_KV_LIMITED(CW_LOG_WARN, "a command's answer is not said: the room's members were not read",
-			       "room", room);
+		/* Said by what waits (its transaction id's kind): until the
+		 * sixty-first session every word was "a command's answer". */
+		if (strncmp(txn, "cwcmd-", 6) == 0)
+			LOG_KV_LIMITED(CW_LOG_WARN, "a command's answer is not said for now: the room's members were "
+				       "not read", "room", room);
+		else if (strncmp(txn, "cwreq-", 6) == 0)
+			LOG_KV_LIMITED(CW_LOG_WARN, "a consent request is not shown for now: the room's members were "
+				       "not read", "room", room);
+		else
+			LOG_KV_LIMITED(CW_LOG_WARN, "a notice is not said for now: the room's members were not read",
+				       "room", room);
 		if (unread)
 			*unread = refused;
 		return -2;

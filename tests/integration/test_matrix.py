@@ -10833,6 +10833,9 @@ def test_a_429_to_the_read_of_a_management_rooms_members_waits_as_asked(mx, hs, 
     reads = [q for q in hs.requests[since:] if q["user"] == bot and members(q["method"], q["path"])]
     assert [q["status"] for q in reads][:2] == [429, 200], reads
     assert 2.5 < reads[1]["time"] - reads[0]["time"] < 15, reads
+    # logged as what waited: until the sixty-first session "a command's answer is not said"
+    unread = [r["msg"] for r in mx.records if "the room's members were not read" in r.get("msg", "")]
+    assert unread == ["a consent request is not shown for now: the room's members were not read"], unread
     print(f"her request shown {shown_in:.2f} s after the 429")
 
 
