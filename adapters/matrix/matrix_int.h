@@ -205,6 +205,14 @@ cw_err mx_call(struct matrix *m, const char *method, const char *path, const cha
  * MX_TIMEOUT_MS, 10 s, per call (the bot's thread: mx_bot_stop; the
  * ping's: mx_ping_stop).  Such a call fails "not answered before the stop". */
 void mx_call_stop_on(atomic_bool *stop);
+/* libcurl's code for this thread's last call (CURLE_OK: answered, with
+ * whatever status), which tells apart the calls of status 0: a connection
+ * refused or a name not resolved (CURLE_COULDNT_CONNECT,
+ * CURLE_COULDNT_RESOLVE_HOST: the homeserver down, or not reachable from
+ * here) from an answer not come in time (CURLE_OPERATION_TIMEDOUT) or a
+ * connection closed unanswered (CURLE_GOT_NOTHING).  Since the
+ * sixty-first session (mx_bot.c, request_paused). */
+CURLcode mx_last_call_code(void);
 /* The wait (ms) the last 429 answer of this thread's calls asked for: its
  * retry_after_ms or Retry-After header, the longer (0: it said none). */
 long mx_rate_limited_wait_ms(void);

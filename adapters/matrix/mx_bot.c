@@ -3179,9 +3179,10 @@ static void pause_room(struct request_pauses *ps, const char *room, int64_t unti
  * answer to its send or to the read of the room's members (0: none, -1:
  * not the homeserver's, a database look not answered), wait_ms the wait
  * a 429 asked for: whose pause it is.  True when it is everyone's (the
- * batch's other requests are not tried).  No answer at all (status 0:
- * the homeserver down or unreachable, its address not resolved, or 10 s,
- * MX_TIMEOUT_MS, without an answer) is the homeserver's, as a 429 is,
+ * batch's other requests are not tried).  No connection at all (refused,
+ * the address not resolved: request_unreached) is the homeserver's at
+ * once.  No answer at all (status 0: a connection closed unanswered, or
+ * 10 s, MX_TIMEOUT_MS, without an answer) is the homeserver's, as a 429 is,
  * and the other rooms would fare no better (mx_all_refused, the line the
  * bot's other rounds draw: backed_off_round): a management room holds
  * the user and the bot, and reading its members or saying a notice there
@@ -3199,12 +3200,37 @@ struct silence {
 	const char *first; /* the first one's id (the round's result holds it) */
 };
 
+/* Whether the last call of the bot's thread found no homeserver to ask
+ * (mx_last_call_code): a connection refused, or its name or its proxy's
+ * not resolved, at once; not a timeout (10 s) nor a connection closed
+ * unanswered, which a homeserver in trouble with one room may give. */
+static bool request_unreached(void)
+{
+	CURLcode cc = mx_last_call_code();
+	return cc == CURLE_COULDNT_CONNECT || cc == CURLE_COULDNT_RESOLVE_HOST || cc == CURLE_COULDNT_RESOLVE_PROXY;
+}
+
 static bool request_paused(struct matrix *m, struct request_pauses *ps, const char *room, long status, long wait_ms,
 			   struct silence *silent)
 {
 	if (status == 429) {
 		pause_all(ps, cw_now_us() + wait_ms * 1000LL);
 		return true; /* the others are the bot's too, limited as much */
+	}
+	if (status == 0 && request_unreached()) {
+		/* No connection at all (refused, the name not resolved): the
+		 * homeserver down or not reachable from here, whatever the
+		 * room; everyone waits at once, the room no longer than the
+		 * others (it was not its own trouble).  Until the sixty-first
+		 * session it was told apart from a silence by nothing
+		 * (mx_last_call_code): a second room was tried, and the two
+		 * waited a minute, behind the others, once the homeserver was
+		 * back. */
+		if (!atomic_load(&m->bot_stop))
+			LOG_KV_LIMITED(CW_LOG_WARN, "the homeserver is not reachable (connection refused, or its name "
+				       "not resolved): every room's consent requests wait", "room", room);
+		pause_all(ps, cw_now_us() + REQUEST_PAUSE_US);
+		return true;
 	}
 	if (status == 0) {
 		/* The room waits, and everyone once a second room of the round

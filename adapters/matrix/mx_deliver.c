@@ -251,6 +251,12 @@ long mx_limit_wait_ms(CURL *c, const json_t *answer)
 }
 
 static _Thread_local atomic_bool *call_stop; /* mx_call_stop_on */
+static _Thread_local CURLcode last_cc; /* mx_last_call_code */
+
+CURLcode mx_last_call_code(void)
+{
+	return last_cc;
+}
 
 /* Whether this thread's calls end now: its stop is set.  A call that
  * failed then failed for the stop, not for the homeserver. */
@@ -264,6 +270,7 @@ static cw_err req_done(struct matrix *m, CURL *c, struct mx_req *rq, CURLcode cc
 		       cw_errmsg *e)
 {
 	*status = 0;
+	last_cc = cc;
 	curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, status);
 	cw_err rc = CW_OK;
 	/* Read as a transaction is (mx_json_load): one event of a page (the
