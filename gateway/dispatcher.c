@@ -60,15 +60,6 @@ struct lane {
 	size_t nrows;
 	uint64_t gen; /* counts the lane's deliveries: which one a renewal was of (under d->mu) */
 	uint64_t renewing; /* the keeper's: the delivery (gen) its renewal under way covers, 0 for none */
-	/* The record of its last batch's delivered rows, sent on a connection
-	 * of its own (rc) and not waited for yet (record_async): its ids (an
-	 * array's text; NULL: none under way), which the next claim, made
-	 * meanwhile, does not take for rows that hold their rooms back, and
-	 * its other parameters, for a record again on c if rc fails. */
-	PGconn *rc;
-	char *rec_ids, *rec_remote;
-	char rec_code[16], rec_started[24];
-	char rec_dest[sizeof(((struct outbox_row *)0)->destination)];
 };
 
 /* A destination whose last claim scanned long and found nothing: no lane
@@ -539,7 +530,7 @@ void dispatcher_dead_text(char *buf, size_t len, const PGresult *r, int i)
 static const struct store_stmt lane_stmts[] = {
 	{ "cw_claim",
 		"WITH RECURSIVE blocked AS ("
-		" SELECT room_id FROM outbox WHERE state = 'in_flight' AND destination = $4 AND id <> ALL($6::bigint[])"
+		" SELECT room_id FROM outbox WHERE state = 'in_flight' AND destination = $4"
 		" UNION (SELECT room_id FROM outbox WHERE state = 'pending' AND next_attempt_at > now() AND destination = $4"
 		"  ORDER BY next_attempt_at)), "
 		"due AS ("
@@ -907,8 +898,8 @@ static bool claim_destination(struct lane *l, const char *dest, struct outbox_ro
 	snprintf(limit, sizeof(limit), "%d", d->o.batch_max);
 	snprintf(timeout, sizeof(timeout), "%ld", d->o.claim_timeout_s);
 	snprintf(bytes, sizeof(bytes), "%ld", d->o.claim_bytes > 0 ? d->o.claim_bytes : CLAIM_BYTES_DEFAULT);
-	const char *params[] = { limit, l->name, timeout, dest, bytes, l->rec_ids ? l->rec_ids : "{}" };
-	PGresult *r = PQexecPrepared(l->c, "cw_claim", 6, params, NULL, NULL, 0);
+	const char *params[] = { limit, l->name, timeout, dest, bytes };
+	PGresult *r = PQexecPrepared(l->c, "cw_claim", 5, params, NULL, NULL, 0);
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		store_result_err(l->c, r, e);
 		PQclear(r);
@@ -1403,52 +1394,6 @@ static void retries_count(struct dispatcher *d, const struct retries *rt)
 	atomic_fetch_add(&d->retried, k);
 }
 
-/* The delivered rows' remote ids as cw_record's $13, NULL when none has
- * one (every adapter but Matrix's); out of memory, they are not recorded
- * (nor are they when the statement fails), as a failed recording of them
- * was only logged before. */
-static char *remote_ids(const struct outbox_row *rows, const size_t *at, size_t n)
-{
-	json_t *rid = NULL; /* made at the first row with an id: none on the XMPP and peers' paths */
-	for (size_t i = 0; i < n; i++) {
-		const struct outbox_row *row = ROW_AT(rows, at, i);
-		if (!row->remote_id[0])
-			continue;
-		char key[24];
-		snprintf(key, sizeof(key), "%lld", (long long)row->id);
-		if (!rid && !(rid = json_object()))
-			return NULL;
-		json_object_set_new(rid, key, json_string(row->remote_id));
-	}
-	char *remote = rid && json_object_size(rid) ? json_dumps(rid, JSON_COMPACT) : NULL;
-	json_decref(rid);
-	return remote;
-}
-
-/* Counts what a cw_record (r, its answer) made of its rows. */
-static void counted(struct dispatcher *d, const PGresult *r, bool limited, struct retries *rt)
-{
-	if (limited)
-		atomic_fetch_add(&d->rate_limited, (uint64_t)PQntuples(r));
-	for (int i = 0; i < PQntuples(r); i++) {
-		const char *st = PQgetvalue(r, i, 0);
-		int64_t id = strtoll(PQgetvalue(r, i, 1), NULL, 10);
-		if (rt && strcmp(st, "pending") == 0 && rt->n < rt->cap) {
-			rt->ids[rt->n++] = id;
-			rt->sorted = false;
-			continue;
-		}
-		if (rt && strcmp(st, "dead") == 0)
-			retries_taken_down(rt, id);
-		/* expired: its event was taken back meanwhile, not to be
-		 * tried again (counted as the claim's expiry counts it) */
-		atomic_fetch_add(strcmp(st, "delivered") == 0 ? &d->delivered
-				 : strcmp(st, "dead") == 0    ? &d->dead
-				 : strcmp(st, "expired") == 0 ? &d->expired
-							      : &d->retried, 1);
-	}
-}
-
 /* Records the attempt of rows and moves them on: delivered, or pending
  * again after the backoff (at least retry_after_ms), or dead once the retry
  * budget is spent.  A 429 is not an attempt that counts: the far side is
@@ -1470,8 +1415,27 @@ static void record(struct lane *l, const struct outbox_row *rows, const size_t *
 	snprintf(started, sizeof(started), "%lld", (long long)started_ms);
 	snprintf(wait, sizeof(wait), "%ld", outbox_retry_after_ms(0, retry_after_ms));
 	bool limited = !ok && code == 429;
-	/* the delivered rows' remote ids ($13: see cw_record) */
-	char *remote = ok ? remote_ids(rows, at, n) : NULL;
+	/* The delivered rows' remote ids ($13: see cw_record), NULL when
+	 * none has one (every adapter but Matrix's); out of memory, they
+	 * are not recorded (nor are they when the statement fails), as a
+	 * failed recording of them was only logged before. */
+	char *remote = NULL;
+	json_t *rid = NULL; /* made at the first row with an id: none on the XMPP and peers' paths */
+	bool nomem = false;
+	for (size_t i = 0; ok && !nomem && i < n; i++) {
+		const struct outbox_row *row = ROW_AT(rows, at, i);
+		if (!row->remote_id[0])
+			continue;
+		char key[24];
+		snprintf(key, sizeof(key), "%lld", (long long)row->id);
+		if (!rid && !(rid = json_object()))
+			nomem = true;
+		else
+			json_object_set_new(rid, key, json_string(row->remote_id));
+	}
+	if (rid && json_object_size(rid))
+		remote = json_dumps(rid, JSON_COMPACT);
+	json_decref(rid);
 	/* The destination is named (every row of a lane's batch has it): a
 	 * generic plan may take the (state, destination, id) index, which
 	 * without it walks every row in flight once per id (100 ms and more
@@ -1484,7 +1448,25 @@ static void record(struct lane *l, const struct outbox_row *rows, const size_t *
 	cw_errmsg e;
 	PGresult *r = exec_claimed(l, "cw_record", NULL, 13, params, PGRES_TUPLES_OK, &e);
 	if (r) {
-		counted(d, r, limited, rt);
+		if (limited)
+			atomic_fetch_add(&d->rate_limited, (uint64_t)PQntuples(r));
+		for (int i = 0; i < PQntuples(r); i++) {
+			const char *st = PQgetvalue(r, i, 0);
+			int64_t id = strtoll(PQgetvalue(r, i, 1), NULL, 10);
+			if (rt && strcmp(st, "pending") == 0 && rt->n < rt->cap) {
+				rt->ids[rt->n++] = id;
+				rt->sorted = false;
+				continue;
+			}
+			if (rt && strcmp(st, "dead") == 0)
+				retries_taken_down(rt, id);
+			/* expired: its event was taken back meanwhile, not to be
+			 * tried again (counted as the claim's expiry counts it) */
+			atomic_fetch_add(strcmp(st, "delivered") == 0 ? &d->delivered
+					 : strcmp(st, "dead") == 0    ? &d->dead
+					 : strcmp(st, "expired") == 0 ? &d->expired
+								      : &d->retried, 1);
+		}
 	} else {
 		LOG_KV(CW_LOG_WARN, "recording a delivery failed; the claim will run out and the rows go again",
 		       "detail", e.msg);
@@ -1492,110 +1474,6 @@ static void record(struct lane *l, const struct outbox_row *rows, const size_t *
 	PQclear(r);
 	free(remote);
 	free(ids);
-}
-
-/* The lane's second connection, for its records of delivered rows
- * (record_async), made again when lost; false if it cannot be had now
- * (the record then runs on the lane's own).  Its statements take their
- * generic plans, as store_exec_generic has them on the lane's. */
-static bool ensure_rc(struct lane *l)
-{
-	struct dispatcher *d = l->d;
-	if (l->rc && PQstatus(l->rc) == CONNECTION_OK)
-		return true;
-	PQfinish(l->rc);
-	cw_errmsg e;
-	l->rc = atomic_load(&d->stop) ? NULL : store_connect_abortable(d->url, 30000, d->wake[0], lane_gives_up, d, &e);
-	if (l->rc && (!store_prepare_all(l->rc, lane_stmt_lists, &e) ||
-		      store_exec(l->rc, "SET plan_cache_mode = force_generic_plan", &e))) {
-		PQfinish(l->rc);
-		l->rc = NULL;
-	}
-	return l->rc != NULL;
-}
-
-static void rec_clear(struct lane *l)
-{
-	free(l->rec_ids);
-	free(l->rec_remote);
-	l->rec_ids = l->rec_remote = NULL;
-}
-
-/* Waits for the lane's record under way (record_async), if any, and counts
- * what it made of its rows.  Failed (its connection lost, say), it runs
- * again on the lane's own connection as record does (exec_claimed: changes
- * only rows still in flight under this lane's claim, so a second run of a
- * record that committed changes nothing). */
-static void record_wait(struct lane *l)
-{
-	if (!l->rec_ids)
-		return;
-	struct dispatcher *d = l->d;
-	store_canceller_set(&l->cancel, l->rc); /* a stop that waits for it cancels it */
-	PGresult *r = PQgetResult(l->rc), *x;
-	while ((x = PQgetResult(l->rc)))
-		PQclear(x);
-	store_canceller_set(&l->cancel, l->c);
-	cw_errmsg e;
-	if (store_check(l->rc, r, PGRES_TUPLES_OK, &e) != CW_OK) { /* clears r */
-		PQfinish(l->rc);
-		l->rc = NULL;
-		char budget[16], base[24], max[24];
-		snprintf(budget, sizeof(budget), "%d", d->o.retry_budget);
-		snprintf(base, sizeof(base), "%ld", d->o.retry_base_ms);
-		snprintf(max, sizeof(max), "%ld", d->o.retry_max_ms);
-		const char *params[] = { l->rec_ids, "t", l->rec_code, NULL, budget, base, max, l->rec_started, "0", "t",
-					 l->name, l->rec_dest, l->rec_remote };
-		r = exec_claimed(l, "cw_record", NULL, 13, params, PGRES_TUPLES_OK, &e);
-		if (!r)
-			LOG_KV(CW_LOG_WARN, "recording a delivery failed; the claim will run out and the rows go again",
-			       "detail", e.msg);
-	}
-	if (r)
-		counted(d, r, false, NULL);
-	PQclear(r);
-	rec_clear(l);
-}
-
-/* record of delivered rows (ok), sent on the lane's second connection and
- * not waited for: the lane's next claim runs while it does, and takes the
- * rows' rooms as free of them (cw_claim's $6), though they are still in
- * flight until it commits: delivered, they hold nothing back.  The lane
- * waits for it (record_wait) before its adapter sends anything again (so
- * that the adapter's look-ups of what was delivered before, the Matrix
- * event ids of replies and edits, find it recorded), before a claim that
- * found nothing, before it takes back its own rows after a reconnect, and
- * as it stops.  Until the sixty-first session the record ran on the lane's
- * connection before its next claim, one after the other: in
- * tests/bench/matrix --rooms, 20-43 ms and 16-57 ms of each batch of 250
- * rows (docs/performance.md, "Sixty-first session"). */
-static void record_async(struct lane *l, const struct outbox_row *rows, const size_t *at, size_t n, long code,
-			 int64_t started_ms)
-{
-	struct dispatcher *d = l->d;
-	record_wait(l); /* one at a time */
-	char *ids = id_array(rows, at, n), *remote = remote_ids(rows, at, n);
-	if (ids && ensure_rc(l)) {
-		char budget[16], base[24], max[24];
-		snprintf(l->rec_code, sizeof(l->rec_code), "%ld", code);
-		snprintf(l->rec_started, sizeof(l->rec_started), "%lld", (long long)started_ms);
-		snprintf(l->rec_dest, sizeof(l->rec_dest), "%s", ROW_AT(rows, at, 0)->destination);
-		snprintf(budget, sizeof(budget), "%d", d->o.retry_budget);
-		snprintf(base, sizeof(base), "%ld", d->o.retry_base_ms);
-		snprintf(max, sizeof(max), "%ld", d->o.retry_max_ms);
-		const char *params[] = { ids, "t", l->rec_code, NULL, budget, base, max, l->rec_started, "0", "t",
-					 l->name, l->rec_dest, remote };
-		if (PQsendQueryPrepared(l->rc, "cw_record", 13, params, NULL, NULL, 0)) {
-			l->rec_ids = ids;
-			l->rec_remote = remote;
-			return;
-		}
-		PQfinish(l->rc); /* in a state not worth finding out */
-		l->rc = NULL;
-	}
-	free(ids);
-	free(remote);
-	record(l, rows, at, n, true, code, NULL, started_ms, 0, NULL);
 }
 
 /* Runs sql, an UPDATE of claimed rows (rows, at: ROW_AT) whose ids are
@@ -1746,7 +1624,7 @@ static void record_outcomes(struct lane *l, struct outbox_row *rows, size_t n, i
 			taken[i] = true;
 		}
 	if (k)
-		record_async(l, rows, sel, k, 200, t0);
+		record(l, rows, sel, k, true, 200, NULL, t0, 0, NULL);
 	k = 0;
 	for (size_t i = 0; i < n; i++)
 		if (rows[i].outcome == 2) {
@@ -2014,7 +1892,6 @@ static void deliver(struct lane *l, struct outbox_row *rows, size_t n)
 	}
 	bool local = d->o.local_deliver && strcmp(dest, d->o.local_destination) == 0;
 	size_t done = 0;
-	record_wait(l); /* the last batch's: recorded before the adapter looks up what it delivered */
 	cw_err rc = local ? d->o.local_deliver(d->o.local_ctx, l->c, dest, rows, n, &done, &code, &e)
 		       : d->o.peer_deliver(d->o.peer_ctx, l->c, dest, rows, n, &done, &code, &e);
 	bool per_row = false;
@@ -2066,7 +1943,7 @@ static void deliver(struct lane *l, struct outbox_row *rows, size_t n)
 		if (done > n)
 			done = n;
 		if (done)
-			record_async(l, rows, NULL, done, rc ? 200 : code, t0);
+			record(l, rows, NULL, done, true, rc ? 200 : code, NULL, t0, 0, NULL);
 		if (done < n) {
 			/* The whole destination was told to wait (a peer's 429 or
 			 * 503 answers for all its rooms): no lane claims it until
@@ -2118,7 +1995,6 @@ static void *dispatcher_main(void *arg)
 		uint_fast64_t reconnects = atomic_load(&d->reconnects);
 		if (l->adopted_at != reconnects) {
 			cw_errmsg e;
-			record_wait(l); /* its rows are not to be taken back */
 			if (!adopt_own_rows(l, &e)) {
 				/* quietly when its connection was one the restart broke, unused since */
 				if (l->c && PQstatus(l->c) == CONNECTION_OK)
@@ -2155,8 +2031,6 @@ static void *dispatcher_main(void *arg)
 		struct outbox_row *rows;
 		int n = claim(l, &rows);
 		failed = n < 0;
-		if (n <= 0)
-			record_wait(l); /* nothing more to overlap: counted before the lane waits */
 		if (n > 0) {
 			unwatch(l);
 			atomic_fetch_add(&d->claims, 1);
@@ -2178,9 +2052,6 @@ static void *dispatcher_main(void *arg)
 			fresh = true;
 		}
 	}
-	record_wait(l);
-	PQfinish(l->rc);
-	l->rc = NULL;
 	unwatch(l);
 	drop_conn(l);
 	return NULL;
