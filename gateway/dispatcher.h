@@ -149,7 +149,7 @@ struct dispatcher_opts {
 	/* The members of the claim's trees (enum outbox_member) the local
 	 * adapter never reads: its rows' trees are made without them (0:
 	 * all made).  Since the sixty-first session (the XMPP adapter's
-	 * XA_CLAIM_OMITS): making, hashing and freeing them was some 0.4 µs
+	 * XA_CLAIM_OMITS): making, hashing and freeing them was some 0.3 µs
 	 * of the 12 a message of tests/bench/xmpp (docs/performance.md). */
 	unsigned local_omits;
 	/* Whether the local adapter can deliver from this process now (NULL:
