@@ -358,21 +358,31 @@ static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, l
 	char secs[24];
 	snprintf(secs, sizeof(secs), "%ld", lately_s);
 	const char *bp[] = { ids, secs };
-	/* EXISTS (SELECT 1 FROM blocks): a one-time filter, the join not run
-	 * on a table without a block.  Until the sixty-first session a blocks
+	/* A whole load asks first whether there is a block at all, and joins
+	 * none when there is not.  Until the sixty-first session a blocks
 	 * table never written (no page: the planner assumes ten, some 1,570
 	 * rows) beside identities of local users alone (NOT is_local: one row
 	 * estimated, none there) was joined from a sequential scan of every
-	 * identity, 40-56 ms of every start's first load (and of every
+	 * identity, 37-56 ms of every start's first load (and of every
 	 * periodic reload) at 200,000 local users, a quarter of the 200 ms
-	 * the start has (docs/performance.md, "Sixty-first session").  Once
-	 * the table has a page the planner's estimates are its own again. */
+	 * the start has; the same condition inside the join (a one-time
+	 * filter) was not enough, the planner making it a parallel plan
+	 * whose two workers were started before the filter said no, 11-33 ms
+	 * on a loaded machine (docs/performance.md, "Sixty-first session"). */
+	if (!ids) {
+		r = PQexec(c, "SELECT EXISTS (SELECT 1 FROM blocks)");
+		if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
+			return rc;
+		bool none = PQgetvalue(r, 0, 0)[0] != 't';
+		PQclear(r);
+		if (none)
+			return CW_OK;
+	}
 	r = PQexecParams(c, "SELECT rb.uri, lb.uri, b.blocked_id, b.blocker_id, "
 			 " b.created_at > now() - make_interval(secs => $2::bigint) FROM blocks b "
 			 "JOIN identities rb ON rb.id = b.blocker_id "
 			 "JOIN identities lb ON lb.id = b.blocked_id WHERE NOT rb.is_local AND lb.is_local "
-			 "AND ($1::bigint[] IS NULL OR b.blocked_id = ANY($1::bigint[])) "
-			 "AND EXISTS (SELECT 1 FROM blocks)", 2, NULL, bp, NULL, NULL, 0);
+			 "AND ($1::bigint[] IS NULL OR b.blocked_id = ANY($1::bigint[]))", 2, NULL, bp, NULL, NULL, 0);
 	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
 		return rc;
 	for (int i = 0; i < PQntuples(r); i++) {
