@@ -376,63 +376,115 @@ static int run_migrations(const struct cw_config *cfg, const struct migration_se
 
 /* The local users met before the adapter was configured (network
  * "local") and the rows waiting for them, moved to the adapter's network
- * net.  Run to its end, as the migrations are, a wait for a lock bounded
- * by the statement timeout: a one-off rewrite of every such user, under
- * database.statement_timeout_ms until the sixtieth session, was cancelled
- * past some hundred thousand of them (200,000 took 5-9 s on a loaded
- * machine, once past the 10 s default: tests/bench/startup --adapters),
- * and the start failed at every try
+ * net, MOVE_BATCH rows a statement, each statement its own transaction.
+ * Run to its end, as the migrations are (statement_timeout 0 on the
+ * start's connection for the move, set back after it), a wait for a lock
+ * bounded by the statement timeout: a one-off rewrite of every such user,
+ * under database.statement_timeout_ms until the sixtieth session, was
+ * cancelled past some hundred thousand of them (200,000 took 5-9 s on a
+ * loaded machine, once past the 10 s default: tests/bench/startup
+ * --adapters), and the start failed at every try
  * (test_daemon.py::test_a_move_of_local_users_longer_than_the_statement_
- * timeout_runs_to_its_end).  A stop asked for meanwhile cancels it, as it
- * cancels a migration (a review's finding in the sixtieth session: without
- * a timeout a move of millions held a SIGTERM for minutes, then "ready";
- * test_a_stop_during_the_move_of_local_users_ends_the_start).  False after
- * saying why, or stopped (stopped_at_start set, nothing moved). */
+ * timeout_runs_to_its_end).  Until the sixty-first session the move was
+ * one statement, which held the row lock of every user it moved for those
+ * seconds (a user's profile or block written meanwhile waited, or timed
+ * out); a batch holds those of MOVE_BATCH users for 0.2-0.9 s there, and the
+ * move in all takes as long (docs/performance.md, "Sixty-first session").
+ * The batches go by id, a range (after, hi] a statement, hi the
+ * MOVE_BATCH-th row left to move: an UPDATE of that range by the partial
+ * index (migration 055) is as fast a row as the one statement, where one
+ * joined to the batch's ids was planned as a hash join over every
+ * identity, 300 ms a batch.  A row of the range another process moved
+ * meanwhile is waited for, then passed (the UPDATE's own condition, read
+ * again on the row committed), so that processes starting together move
+ * each row once, and none says "ready" before every row is moved
+ * (test_daemons_of_one_network_started_together_move_each_local_user_once).
+ * A stop asked for cancels the batch running (as it cancels a migration)
+ * or comes between two: the batches committed stay moved, the next start
+ * moves the rest (test_a_stop_during_the_move_of_local_users_ends_the_start,
+ * test_a_stop_between_two_batches_of_the_move_keeps_the_first).  False after
+ * saying why, or stopped (stopped_at_start set). */
+#define MOVE_BATCH 20000
+static const char *const move_sql[] = {
+	"WITH b AS MATERIALIZED (SELECT count(*) AS n, max(id) AS hi FROM (SELECT id FROM identities "
+	" WHERE is_local AND network = 'local' AND id > $2::bigint ORDER BY id LIMIT $3::int) x), "
+	"u AS (UPDATE identities SET network = $1, updated_at = now() WHERE is_local AND network = 'local' "
+	" AND id > $2::bigint AND id <= (SELECT hi FROM b) RETURNING 1) "
+	"SELECT (SELECT n FROM b), (SELECT coalesce(hi, 0) FROM b), (SELECT count(*) FROM u)",
+	/* after the users: a row written for one of them meanwhile by
+	 * another process (for "local", the user's network then) is met */
+	"WITH b AS MATERIALIZED (SELECT count(*) AS n, max(id) AS hi FROM (SELECT id FROM outbox "
+	" WHERE destination = 'local' AND state IN ('pending', 'held') AND id > $2::bigint ORDER BY id "
+	" LIMIT $3::int) x), "
+	"u AS (UPDATE outbox SET destination = $1 WHERE destination = 'local' AND state IN ('pending', 'held') "
+	" AND id > $2::bigint AND id <= (SELECT hi FROM b) RETURNING 1) "
+	"SELECT (SELECT n FROM b), (SELECT coalesce(hi, 0) FROM b), (SELECT count(*) FROM u)",
+};
 static bool move_local_users(PGconn *c, const char *net, long statement_timeout_ms)
 {
-	char begin[128], users[32] = "", rows[32] = "";
-	snprintf(begin, sizeof(begin), "BEGIN; SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = %ld",
-		 statement_timeout_ms);
-	PGresult *r = PQexec(c, begin);
+	char sql[128];
+	long long moved[2] = { 0, 0 };
+	int batches = 0;
+	snprintf(sql, sizeof(sql), "SET statement_timeout = 0; SET lock_timeout = %ld", statement_timeout_ms);
+	PGresult *r = PQexec(c, sql);
 	bool ok = PQresultStatus(r) == PGRES_COMMAND_OK;
 	PQclear(r);
-	if (ok) {
-		const char *params[] = { net };
-		bool stopped = false;
-		r = PQsendQueryParams(c,
-				      "WITH i AS (UPDATE identities SET network = $1, updated_at = now() "
-				      "WHERE is_local AND network = 'local' RETURNING 1), "
-				      "o AS (UPDATE outbox SET destination = $1 "
-				      "WHERE destination = 'local' AND state IN ('pending', 'held') RETURNING 1) "
-				      "SELECT (SELECT count(*) FROM i), (SELECT count(*) FROM o)",
-				      1, NULL, params, NULL, NULL, 0)
-			    ? migrate_result_stoppable(c, stop_asked, NULL, &stopped)
-			    : NULL;
-		if (stopped) {
-			/* Rolled back when the connection closes: the next
-			 * start moves them all. */
+	for (int k = 0; ok && k < 2; k++) {
+		char after[24] = "0", limit[16];
+		snprintf(limit, sizeof(limit), "%d", MOVE_BATCH);
+		for (;;) {
+			if (stop_asked(NULL, 0))
+				break;
+			const char *params[] = { net, after, limit };
+			bool stopped = false;
+			r = PQsendQueryParams(c, move_sql[k], 3, NULL, params, NULL, NULL, 0)
+				    ? migrate_result_stoppable(c, stop_asked, NULL, &stopped)
+				    : NULL;
+			if (stopped) {
+				PQclear(r); /* cancelled: this batch rolled back, the earlier ones stay */
+				break;
+			}
+			if (!(ok = PQresultStatus(r) == PGRES_TUPLES_OK)) {
+				PQclear(r);
+				break;
+			}
+			/* the rows found, the last of them, those moved */
+			long long found = atoll(PQgetvalue(r, 0, 0));
+			snprintf(after, sizeof(after), "%s", PQgetvalue(r, 0, 1));
+			moved[k] += atoll(PQgetvalue(r, 0, 2));
 			PQclear(r);
-			return false;
+			batches++;
+			if (found < MOVE_BATCH)
+				break;
 		}
-		ok = PQresultStatus(r) == PGRES_TUPLES_OK;
-		if (ok) {
-			snprintf(users, sizeof(users), "%s", PQgetvalue(r, 0, 0));
-			snprintf(rows, sizeof(rows), "%s", PQgetvalue(r, 0, 1));
-		}
-		PQclear(r);
+		if (stopped_at_start)
+			break;
+	}
+	char users[24], rows[24], nb[16];
+	snprintf(users, sizeof(users), "%lld", moved[0]);
+	snprintf(rows, sizeof(rows), "%lld", moved[1]);
+	snprintf(nb, sizeof(nb), "%d", batches);
+	if (ok && stopped_at_start) {
+		if (moved[0] || moved[1])
+			LOG_KV(CW_LOG_INFO, "the move of local users to the local adapter stopped; the next start "
+					    "moves the rest", "network", net, "users", users, "waiting_rows", rows);
+		return false;
 	}
 	if (ok) {
-		r = PQexec(c, "COMMIT");
+		/* the connection's own timeouts again, for the policy thread that takes it */
+		snprintf(sql, sizeof(sql), "SET statement_timeout = %ld; RESET lock_timeout", statement_timeout_ms);
+		r = PQexec(c, sql);
 		ok = PQresultStatus(r) == PGRES_COMMAND_OK;
 		PQclear(r);
 	}
 	if (!ok) {
-		LOG_KV(CW_LOG_ERROR, "cannot move local users to the local adapter", "detail", PQerrorMessage(c));
+		LOG_KV(CW_LOG_ERROR, "cannot move local users to the local adapter", "detail", PQerrorMessage(c),
+		       "users_moved", users, "waiting_rows_moved", rows);
 		return false;
 	}
-	if (atoi(users) || atoi(rows))
+	if (moved[0] || moved[1])
 		LOG_KV(CW_LOG_INFO, "local users now served by the local adapter", "network", net, "users", users,
-		       "waiting_rows", rows);
+		       "waiting_rows", rows, "batches", nb);
 	return true;
 }
 

@@ -1239,6 +1239,77 @@ def test_the_start_connection_keeps_the_statement_timeout_after_the_migrations(m
         held.end()
 
 
+def _local_users(pg, db_url, n):
+    pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network) "
+            "SELECT 'mimi://example.org/u/m' || g, 'example.org', 'm' || g, true, 'local' "
+            f"FROM generate_series(1, {n}) g", db_url)
+
+
+def test_a_stop_between_two_batches_of_the_move_keeps_the_first(make_daemon, db_url, pg):
+    """The move of local users goes 20,000 users a statement, each its own
+    transaction (since the sixty-first session: one statement until then,
+    holding every moved user's row lock for the whole move, 5-9 s at
+    200,000).  A stop during the second batch cancels that one; the first
+    stays moved, and the next start moves the rest.  Here a trigger makes
+    the second batch last 60 s (it sleeps once more than 20,000 users are
+    moved: the one statement of old slept with all 45,000, and moved none)."""
+    _local_users(pg, db_url, 45000)
+    pg.psql("CREATE FUNCTION test_second() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            " IF (SELECT count(*) FROM identities WHERE network = 'matrix') > 20000 THEN PERFORM pg_sleep(60); END IF; "
+            " RETURN NULL; END $$; "
+            "CREATE TRIGGER test_second AFTER UPDATE ON identities FOR EACH STATEMENT EXECUTE FUNCTION test_second()",
+            db_url)
+    try:
+        d = make_daemon(db_url, options=MATRIX_ONLY)
+        d.start(wait_ready=False)
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE "
+                                   "'WITH b AS MATERIALIZED (SELECT count(*) AS n%' AND wait_event = 'PgSleep'",
+                                   db_url) == "1", timeout=60, what="the second batch sleeping")
+        d.signal(signal.SIGTERM)
+        assert d.wait_exit(10) == 0, d.log()
+        assert d.wait_for(lambda r: r.get("msg") == "stopped before ready")["signal"] == "SIGTERM"
+        told = [r for r in d.records if r.get("msg", "").startswith("the move of local users to the local adapter "
+                                                                      "stopped")]
+        assert len(told) == 1 and told[0]["users"] == "20000", d.log()
+        assert pg.psql("SELECT network, count(*) FROM identities GROUP BY 1 ORDER BY 1", db_url) == \
+            "local|25000\nmatrix|20000"
+    finally:
+        pg.psql("DROP TRIGGER test_second ON identities", db_url)
+    d = make_daemon(db_url, options=MATRIX_ONLY).start()
+    assert pg.psql("SELECT network, count(*) FROM identities GROUP BY 1", db_url) == "matrix|45000"
+    told = [r for r in d.records if r.get("msg") == "local users now served by the local adapter"]
+    assert len(told) == 1 and told[0]["users"] == "25000" and told[0]["batches"] == "3", d.log()
+    assert d.stop() == 0, d.log()
+
+
+def test_daemons_of_one_network_started_together_move_each_local_user_once(make_daemon, db_url, pg):
+    """Processes starting together each run the batched move: a batch's
+    users another process moved meanwhile are waited for, then passed (the
+    UPDATE's own condition, read again on the row committed), so each user
+    is moved once and counted once, and every process says "ready" with
+    none left.  A trigger makes each batch last 0.3 s, so that they meet."""
+    _local_users(pg, db_url, 45000)
+    pg.psql("CREATE FUNCTION test_slow_batch() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            " PERFORM pg_sleep(0.3); RETURN NULL; END $$; "
+            "CREATE TRIGGER test_slow_batch AFTER UPDATE ON identities FOR EACH STATEMENT "
+            "EXECUTE FUNCTION test_slow_batch()", db_url)
+    try:
+        ds = [make_daemon(db_url, options=MATRIX_ONLY) for _ in range(3)]
+        for d in ds:
+            d.start(wait_ready=False)
+        for d in ds:
+            d.wait_for(lambda r: r.get("msg") == "ready", timeout=60)
+            assert pg.psql("SELECT count(*) FROM identities WHERE network = 'local'", db_url) == "0", d.log()
+    finally:
+        pg.psql("DROP TRIGGER test_slow_batch ON identities", db_url)
+    moved = [int(r["users"]) for d in ds for r in d.records
+             if r.get("msg") == "local users now served by the local adapter"]
+    assert sum(moved) == 45000, ([d.log() for d in ds], moved)
+    assert pg.psql("SELECT count(*) FROM identities WHERE network = 'matrix'", db_url) == "45000"
+    for d in ds:
+        assert d.stop() == 0, d.log()
+
+
 def test_a_stop_during_the_move_of_local_users_ends_the_start(make_daemon, db_url, pg):
     """The start's move of the local users runs without a statement timeout
     since the sixtieth session (the test above), so a stop asked for while
@@ -1257,8 +1328,8 @@ def test_a_stop_during_the_move_of_local_users_ends_the_start(make_daemon, db_ur
         d = make_daemon(db_url, options=MATRIX_ONLY)
         d.start(wait_ready=False)
         wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE "
-                                   "'WITH i AS (UPDATE identities SET network%' AND state = 'active'", db_url) == "1",
-                   timeout=30)
+                                   "'WITH b AS MATERIALIZED (SELECT count(*) AS n%' AND state = 'active'",
+                                   db_url) == "1", timeout=30)
         t0 = time.monotonic()
         d.signal(signal.SIGTERM)
         assert d.wait_exit(10) == 0, d.log()
