@@ -184,7 +184,7 @@ PGresult *migrate_result_stoppable(PGconn *c, migrate_stop_fn *stop, void *stop_
 			char err[256];
 			PGcancel *k = PQgetCancel(c);
 			if (!k || !PQcancel(k, err, sizeof(err)))
-				LOG_KV(CW_LOG_WARN, "cannot cancel the migration's statement; it runs to its end",
+				LOG_KV(CW_LOG_WARN, "cannot cancel the start's statement at the stop; it runs to its end",
 				       "detail", k ? err : "out of memory");
 			PQfreeCancel(k);
 		}
