@@ -364,7 +364,8 @@ bool dispatcher_stopping(const struct dispatcher *d) { return atomic_load(&((str
  * with the time of its drop (next_attempt_at, which the drop set and
  * nothing changes after), which no other told row can have (a dead
  * letter told, then dropped by a pass: told before the drop set it), so
- * that a row of the event so marked says she was told of its drop; sb
+ * that a row of the event so marked says she was told of its drop (or
+ * had nowhere to be told: a row marked told unsaid carries it too); sb
  * locks them, as a look that told them may have committed after this
  * statement's snapshot, and a locked row is read as it is now.  Until
  * the sixty-first session such a row was a notice again, and since then

@@ -1265,7 +1265,10 @@ static const char recheck_ids_sql[] =
  * (or failed row) the admin's replay decides again and refuses ($4 true:
  * policy_recheck_row): told "could not be reached (...). The operator can
  * send it again.", she is told now what became of the resend he asked
- * for, "this person blocked you".  The fifty-ninth session's review took
+ * for, "this person blocked you" (unless a row of the same message was
+ * told of a drop already, the look's mark since the sixty-first session:
+ * then the words would be that notice again, and she hears nothing
+ * more).  The fifty-ninth session's review took
  * that second notice for a repeat and kept no quote for a row told
  * already, so a refused replay told nothing; the sixtieth session's first
  * mend quoted every dead or failed row told already, taking the replay
