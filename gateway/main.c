@@ -388,8 +388,14 @@ static int run_migrations(const struct cw_config *cfg, const struct migration_se
  * timeout_runs_to_its_end).  Until the sixty-first session the move was
  * one statement, which held the row lock of every user it moved for those
  * seconds (a user's profile or block written meanwhile waited, or timed
- * out); a batch holds those of MOVE_BATCH users for 0.2-0.9 s there, and the
- * move in all takes as long (docs/performance.md, "Sixty-first session").
+ * out); a batch holds those of MOVE_BATCH users for 0.15-0.6 s there, and
+ * the move in all takes as long (docs/performance.md, "Sixty-first
+ * session").  A user's waiting rows move in her batch's statement, with
+ * her: moved after every user's batch (as the batches were first
+ * written), a row another process wrote meanwhile for her new network was
+ * sent before her older one still waiting for "local", the order of her
+ * room broken for seconds (a review).  A room's rows (no one recipient)
+ * and rows written for "local" meanwhile move after the users.
  * The batches go by id, a range (after, hi] a statement, hi the
  * MOVE_BATCH-th row left to move: an UPDATE of that range by the partial
  * index (migration 055) is as fast a row as the one statement, where one
@@ -409,10 +415,14 @@ static const char *const move_sql[] = {
 	"WITH b AS MATERIALIZED (SELECT count(*) AS n, max(id) AS hi FROM (SELECT id FROM identities "
 	" WHERE is_local AND network = 'local' AND id > $2::bigint ORDER BY id LIMIT $3::int) x), "
 	"u AS (UPDATE identities SET network = $1, updated_at = now() WHERE is_local AND network = 'local' "
-	" AND id > $2::bigint AND id <= (SELECT hi FROM b) RETURNING 1) "
-	"SELECT (SELECT n FROM b), (SELECT coalesce(hi, 0) FROM b), (SELECT count(*) FROM u)",
-	/* after the users: a row written for one of them meanwhile by
-	 * another process (for "local", the user's network then) is met */
+	" AND id > $2::bigint AND id <= (SELECT hi FROM b) RETURNING id), "
+	"o AS (UPDATE outbox SET destination = $1 WHERE destination = 'local' AND state IN ('pending', 'held') "
+	" AND target_identity_id IN (SELECT id FROM u) RETURNING 1) "
+	"SELECT (SELECT n FROM b), (SELECT coalesce(hi, 0) FROM b), (SELECT count(*) FROM u), "
+	" (SELECT count(*) FROM o)",
+	/* after the users: a room's row (no one recipient), and a row written
+	 * for one of them meanwhile by another process (for "local", the
+	 * user's network then), are met */
 	"WITH b AS MATERIALIZED (SELECT count(*) AS n, max(id) AS hi FROM (SELECT id FROM outbox "
 	" WHERE destination = 'local' AND state IN ('pending', 'held') AND id > $2::bigint ORDER BY id "
 	" LIMIT $3::int) x), "
@@ -441,7 +451,15 @@ static bool move_local_users(PGconn *c, const char *net, long statement_timeout_
 				    ? migrate_result_stoppable(c, stop_asked, NULL, &stopped)
 				    : NULL;
 			if (stopped) {
-				PQclear(r); /* cancelled: this batch rolled back, the earlier ones stay */
+				/* cancelled: this batch rolled back, the earlier ones
+				 * stay; or the stop came as the batch committed (its
+				 * answer read after it), moved then and counted */
+				if (PQresultStatus(r) == PGRES_TUPLES_OK) {
+					moved[k] += atoll(PQgetvalue(r, 0, 2));
+					if (k == 0)
+						moved[1] += atoll(PQgetvalue(r, 0, 3));
+				}
+				PQclear(r);
 				break;
 			}
 			if (!(ok = PQresultStatus(r) == PGRES_TUPLES_OK)) {
@@ -452,6 +470,8 @@ static bool move_local_users(PGconn *c, const char *net, long statement_timeout_
 			long long found = atoll(PQgetvalue(r, 0, 0));
 			snprintf(after, sizeof(after), "%s", PQgetvalue(r, 0, 1));
 			moved[k] += atoll(PQgetvalue(r, 0, 2));
+			if (k == 0) /* her rows, moved with her */
+				moved[1] += atoll(PQgetvalue(r, 0, 3));
 			PQclear(r);
 			batches++;
 			if (found < MOVE_BATCH)

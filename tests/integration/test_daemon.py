@@ -1252,8 +1252,21 @@ def test_a_stop_between_two_batches_of_the_move_keeps_the_first(make_daemon, db_
     200,000).  A stop during the second batch cancels that one; the first
     stays moved, and the next start moves the rest.  Here a trigger makes
     the second batch last 60 s (it sleeps once more than 20,000 users are
-    moved: the one statement of old slept with all 45,000, and moved none)."""
+    moved: the one statement of old slept with all 45,000, and moved none).
+    A user's waiting message moves with her, in her batch (a review of the
+    sixty-first session: moved after every user's batch, a message another
+    process wrote meanwhile for her new network could be sent before her
+    older one still waiting for "local"); a room's message (no one
+    recipient) with the waiting messages' own batches, after the users'."""
     _local_users(pg, db_url, 45000)
+    # Waiting rows (due tomorrow: no lane takes them), one of a user of
+    # the first batch, one of the second's, one of a whole room; no
+    # foreign key binds them (schema/005).
+    pg.psql("INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state, next_attempt_at) "
+            "SELECT g, 'local', (SELECT id FROM identities WHERE localpart = CASE g WHEN 1 THEN 'm1' "
+            " WHEN 2 THEN 'm45000' END), 1, 'pending', now() + interval '1 day' FROM generate_series(1, 3) g",
+            db_url)
+    rows = "SELECT string_agg(event_id || ':' || destination, ' ' ORDER BY event_id) FROM outbox"
     pg.psql("CREATE FUNCTION test_second() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
             " IF (SELECT count(*) FROM identities WHERE network = 'matrix') > 20000 THEN PERFORM pg_sleep(60); END IF; "
             " RETURN NULL; END $$; "
@@ -1270,15 +1283,18 @@ def test_a_stop_between_two_batches_of_the_move_keeps_the_first(make_daemon, db_
         assert d.wait_for(lambda r: r.get("msg") == "stopped before ready")["signal"] == "SIGTERM"
         told = [r for r in d.records if r.get("msg", "").startswith("the move of local users to the local adapter "
                                                                       "stopped")]
-        assert len(told) == 1 and told[0]["users"] == "20000", d.log()
+        assert len(told) == 1 and told[0]["users"] == "20000" and told[0]["waiting_rows"] == "1", d.log()
         assert pg.psql("SELECT network, count(*) FROM identities GROUP BY 1 ORDER BY 1", db_url) == \
             "local|25000\nmatrix|20000"
+        assert pg.psql(rows, db_url) == "1:matrix 2:local 3:local"
     finally:
         pg.psql("DROP TRIGGER test_second ON identities", db_url)
     d = make_daemon(db_url, options=MATRIX_ONLY).start()
     assert pg.psql("SELECT network, count(*) FROM identities GROUP BY 1", db_url) == "matrix|45000"
     told = [r for r in d.records if r.get("msg") == "local users now served by the local adapter"]
     assert len(told) == 1 and told[0]["users"] == "25000" and told[0]["batches"] == "3", d.log()
+    assert told[0]["waiting_rows"] == "2", d.log()
+    assert pg.psql(rows, db_url) == "1:matrix 2:matrix 3:matrix"
     assert d.stop() == 0, d.log()
 
 
