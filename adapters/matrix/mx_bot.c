@@ -526,20 +526,35 @@ static cw_err inbox_handled(PGconn *c, const char *id, cw_errmsg *e)
  * A run again takes the first run's answers, so that it is neither
  * charged again nor let through where the first was refused.  The note
  * is written to the command's inbox row (its command_allowed and
- * change_allowed, schema/056) before the command's effect, one statement
- * for a command and one more for a change, and comes back with the row
- * at its run again (BOT_INBOX), whichever process runs it; the mark
- * clears it (inbox_handled: a handled row never runs again).  Until the
- * sixty-first session it was in memory only, for the last COMMAND_RUNS
- * commands, and a restart, or the bot's lock taken by another process,
- * lost it: a change refused as too many was carried out by its run after
- * the restart, and a change allowed took a token of the new process's
- * bucket, the user's next change refused
+ * change_allowed, schema/056), and comes back with the row at its run
+ * again (BOT_INBOX), whichever process runs it; the mark clears it
+ * (inbox_handled: a handled row never runs again).  The commands
+ * bucket's answer, and a change refused, are noted before anything else
+ * is done (command_run_note, a statement of its own); a change allowed
+ * is noted inside its effect's transaction, right after its BEGIN
+ * (change_noted), so that the note is stored if and only if the change
+ * is: a change that failed (its transaction rolled back) leaves the row's
+ * change_allowed 0, and its run again takes a token of its own, as its
+ * token was given back (change_back), and the process stopped between
+ * the change's COMMIT and the handled mark leaves 1, the run again free.
+ * Until the sixty-first session it was in memory only, for the last
+ * COMMAND_RUNS commands, and a restart, or the bot's lock taken by
+ * another process, lost it: a change refused as too many was carried
+ * out by its run after the restart, and a change allowed took a token of
+ * the new process's bucket, the user's next change refused
  * (test_a_change_refused_before_a_restart_stays_refused_after_it,
  * test_a_change_run_again_after_a_restart_takes_no_second_token).  The
  * note in memory stays, for the last COMMAND_RUNS commands, for a run
  * again in the same process whose note's statement failed (the database
- * away a moment): it is the more recent, and taken first. */
+ * away a moment): it is taken first, but for a change the row says was
+ * stored (command_run_of).  In the helper's first version of the
+ * sixty-first session the change's note was written before the change,
+ * on its own, and a failed change wrote a second note (0) from
+ * change_back: a failure is mostly the database away, which took that
+ * second write too, and the row kept 1, so that the run again after a
+ * restart took no token and carried the change out for free (a review's
+ * finding;
+ * test_a_change_that_failed_before_a_restart_is_charged_at_its_run_again). */
 #define COMMAND_RUNS 64
 
 struct command_run {
@@ -557,7 +572,13 @@ struct command_runs {
 /* The note of the command of inbox row inbox_id: its first run's (*again),
  * from memory or, failing that, from the row (stored: its note as
  * BOT_INBOX read it, .row 0 for none), or, for a first run, a note cleared
- * for it. */
+ * for it.  A change the row says was allowed (change_allowed 1) is
+ * taken from the row over memory: the row's 1 is written by the change's
+ * own transaction (change_noted), the truth of whether it was stored,
+ * where memory says 0 after a COMMIT whose answer was lost (store_end
+ * failed, the token given back though the change is stored).  Memory is
+ * taken otherwise: its -1 or its commands' answer may be one whose
+ * statement failed (command_run_note), the row's then 0 or NULL. */
 static struct command_run *command_run_of(struct command_runs *runs, const char *inbox_id,
 					  const struct command_run *stored, bool *again)
 {
@@ -565,6 +586,8 @@ static struct command_run *command_run_of(struct command_runs *runs, const char 
 	for (int k = 0; k < COMMAND_RUNS && row > 0; k++)
 		if (runs->run[k].row == row) {
 			*again = true;
+			if (stored->row == row && stored->change > 0)
+				runs->run[k].change = stored->change;
 			return &runs->run[k];
 		}
 	struct command_run *run = &runs->run[runs->next];
@@ -575,22 +598,42 @@ static struct command_run *command_run_of(struct command_runs *runs, const char 
 	return run;
 }
 
-/* The note of run written to its inbox row (struct command_runs), before
- * what it allowed is done.  Not written: logged; a run again in this
- * process has the note in memory, one after a restart takes a token
- * again, as before the sixty-first session. */
-static void command_run_note(PGconn *c, const struct command_run *run)
+/* The note of run written to its inbox row (struct command_runs). */
+static cw_err command_run_store(PGconn *c, const struct command_run *run, cw_errmsg *e)
 {
 	char id[24], change[8];
 	snprintf(id, sizeof(id), "%lld", run->row);
 	snprintf(change, sizeof(change), "%d", run->change);
 	const char *p[] = { id, run->allowed ? "t" : "f", change };
+	if (run->row <= 0)
+		return CW_OK;
+	return store_command(c, "UPDATE matrix_bot_inbox SET command_allowed = $2::boolean, change_allowed = $3::smallint "
+			     "WHERE id = $1::bigint", 3, p, e);
+}
+
+/* The note of run, a statement of its own, before what it allowed (a
+ * command) or refused is done.  Not written: logged; a run again in this
+ * process has the note in memory, one after a restart asks her buckets
+ * again, as before the sixty-first session: a command takes a token of
+ * her commands bucket again, a change refused as too many may be let
+ * through. */
+static void command_run_note(PGconn *c, const struct command_run *run)
+{
 	cw_errmsg e;
-	if (run->row > 0 &&
-	    store_command(c, "UPDATE matrix_bot_inbox SET command_allowed = $2::boolean, change_allowed = $3::smallint "
-			     "WHERE id = $1::bigint", 3, p, &e))
-		LOG_KV_LIMITED(CW_LOG_WARN, "cannot note a command's run: a run again after a restart is charged again",
-			       "inbox_row", id, "detail", e.msg);
+	if (command_run_store(c, run, &e)) {
+		char id[24];
+		snprintf(id, sizeof(id), "%lld", run->row);
+		LOG_KV_LIMITED(CW_LOG_WARN, "cannot note a command's run: a run again after a restart asks her rate "
+			       "limits again", "inbox_row", id, "detail", e.msg);
+	}
+}
+
+/* The note of a change allowed (run->change 1), written inside the
+ * change's transaction, after its BEGIN: stored with the change or not
+ * at all (struct command_runs).  Its failure is the change's. */
+static cw_err change_noted(PGconn *c, const struct command_run *run, cw_errmsg *e)
+{
+	return command_run_store(c, run, e);
 }
 
 static bool change_allowed(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *sender,
@@ -604,11 +647,10 @@ static bool change_allowed(struct matrix *m, PGconn *c, const char *room, const 
 	bool notice = false;
 	run->change = 1;
 	run->took = true;
+	/* allowed: noted inside the change's transaction (change_noted) */
 	if (!mx_user_id_parse(sender, localpart, sizeof(localpart), server, sizeof(server)) ||
-	    policy_user_update_allowed(m->app->policy, m->app->limits, localpart, &notice)) {
-		command_run_note(c, run);
+	    policy_user_update_allowed(m->app->policy, m->app->limits, localpart, &notice))
 		return true; /* not parsed: not a local user, who has no command (local_identity) */
-	}
 	run->change = -1;
 	run->took = false;
 	command_run_note(c, run);
@@ -652,7 +694,7 @@ static bool command_allowed(struct matrix *m, PGconn *c, const char *room, const
  * back (xmpp_cmd.c, token_back).  Until the forty-sixth session a failure
  * kept it: a few while the database was away, and her real change was
  * refused as too many. */
-static void change_back(struct matrix *m, PGconn *c, const char *sender, struct command_run *run)
+static void change_back(struct matrix *m, const char *sender, struct command_run *run)
 {
 	char localpart[MX_ID_MAX + 1], server[MX_ID_MAX + 1];
 	/* A run again that failed took nothing: its first run's statements
@@ -661,8 +703,7 @@ static void change_back(struct matrix *m, PGconn *c, const char *sender, struct 
 	if (!run->took)
 		return;
 	run->took = false;
-	run->change = 0; /* a run again takes its own */
-	command_run_note(c, run); /* its statements failed: the database may not take this one either (logged) */
+	run->change = 0; /* a run again takes its own: the row's note, rolled back with the change, says 0 too */
 	if (mx_user_id_parse(sender, localpart, sizeof(localpart), server, sizeof(server)))
 		policy_user_update_give(m->app->policy, m->app->limits, localpart);
 }
@@ -901,6 +942,8 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 		bool repeat = false;
 		cw_err rc = store_exec(c, "BEGIN", &e);
 		if (!rc)
+			rc = change_noted(c, run, &e);
+		if (!rc)
 			rc = policy_consent_apply(c, v, local_id, kind, subject, verb[0] == 'a' ? "allowed" : "blocked",
 						  "user", counts, &decided, &repeat, &e);
 		policy_view_put(v);
@@ -913,7 +956,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 		}
 		rc = store_end(c, rc, &e);
 		if (rc) {
-			change_back(m, c, sender, run);
+			change_back(m, sender, run);
 			answer(m, c, room, txn, "That did not work; try again in a moment.");
 			LOG_KV(CW_LOG_WARN, "a bot command failed", "detail", e.msg);
 			return;
@@ -988,6 +1031,8 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 		const char *params[] = { local_id, net, verb[4] == 'i' ? "t" : "f" };
 		cw_err rc = store_exec(c, "BEGIN", &e);
 		if (!rc)
+			rc = change_noted(c, run, &e);
+		if (!rc)
 			rc = store_command(c, "INSERT INTO user_optin (identity_id, network, opted_in, updated_by) "
 					      "VALUES ($1::bigint, $2, $3::boolean, 'user') ON CONFLICT (identity_id, network) DO "
 					      "UPDATE SET opted_in = excluded.opted_in, updated_by = 'user', updated_at = now()",
@@ -996,7 +1041,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 			rc = policy_notify_user(c, local_id, &e);
 		rc = store_end(c, rc, &e);
 		if (rc) {
-			change_back(m, c, sender, run);
+			change_back(m, sender, run);
 			LOG_KV(CW_LOG_WARN, "a bot command failed", "detail", e.msg);
 			answer(m, c, room, txn, "That did not work; try again in a moment.");
 			return;
@@ -1045,7 +1090,9 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 		 * by its notice when it was kept, else stored and told when
 		 * the command runs again after the reconnect (until the
 		 * twenty-third session alice was told it could not be stored,
-		 * and the rerun stored a second one). */
+		 * and the rerun stored a second one).  No change_noted: the
+		 * mark, in this transaction, clears the note, and a report
+		 * stored never runs again; rolled back, the row keeps its 0. */
 		cw_err rc = store_exec(c, "BEGIN", &e);
 		if (!rc)
 			rc = policy_report_store(c, m->app, &rep, &ans, NULL, &e);
@@ -1059,7 +1106,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 		json_decref(ans);
 		if (!store_end(c, rc, &e))
 			return;
-		change_back(m, c, sender, run); /* a run again takes its own */
+		change_back(m, sender, run); /* a run again takes its own */
 		if (PQstatus(c) == CONNECTION_OK) /* else the command runs again, or its notice tells */
 			answer(m, c, room, txn, "The report could not be stored; try again.");
 	} else if (strcmp(verb, "list") == 0) {

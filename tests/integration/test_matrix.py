@@ -10934,3 +10934,43 @@ def test_a_change_run_again_after_a_restart_takes_no_second_token(mx, hs, gk, pg
                what="the accept answered")
     assert not any("too many changes" in n for n in said()), said()
     assert pg.psql("SELECT string_agg(subject || ' ' || state, ',') FROM consents", db_url) == wally + " allowed"
+
+
+def test_a_change_that_failed_before_a_restart_is_charged_at_its_run_again(mx, hs, gk, pg, db_url):
+    """alice may make one change a minute: her block of wally fails (its
+    audit record refused, as when the database goes away), and so does
+    any write after it of the row's note (the database still away); the
+    block's handled mark is lost and the daemon restarts before its run
+    again. Her accept of wally takes the new process's one token, and the
+    block's run again is then refused as too many: the change's note is
+    written inside its own transaction, rolled back with it, so the row
+    says its token was given back. In the sixty-first session's first
+    version the note said "allowed" before the change, the write of
+    "given back" after its failure failed too, and the run again was
+    carried out for free: wally blocked."""
+    a, _ = gk
+    wally = a.user("wally")
+    assert mx.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 1}).ok
+    alice, mgmt, said = alice_and_the_bot(hs)
+    defer_marks_of(pg, db_url, "block")
+    pg.psql("CREATE FUNCTION fail_block() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            " IF NEW.action = 'consent.block' THEN RAISE EXCEPTION 'injected failure'; END IF; RETURN NEW; END $$; "
+            "CREATE TRIGGER fail_block BEFORE INSERT ON audit_log FOR EACH ROW EXECUTE FUNCTION fail_block(); "
+            "CREATE FUNCTION fail_given_back() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            " IF OLD.change_allowed = 1 AND NEW.change_allowed = 0 THEN RAISE EXCEPTION 'injected failure'; END IF; "
+            " RETURN NEW; END $$; "
+            "CREATE TRIGGER fail_given_back BEFORE UPDATE ON matrix_bot_inbox FOR EACH ROW "
+            "EXECUTE FUNCTION fail_given_back()", db_url)
+    alice.send_text(mgmt, f"block {wally}")
+    wait_until(lambda: any("That did not work" in n for n in said()), what="the block failing")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM deferred_marks", db_url) == "1", what="its mark deferred")
+    assert pg.psql("SELECT command_allowed::text || ' ' || change_allowed FROM matrix_bot_inbox "
+                   "WHERE id IN (SELECT id FROM deferred_marks)", db_url) == "true 0"
+    pg.psql("DROP TRIGGER fail_block ON audit_log; DROP TRIGGER fail_given_back ON matrix_bot_inbox", db_url)
+    mx.stop()
+    mx.start()
+    alice.send_text(mgmt, f"accept {wally}")
+    wait_until(lambda: any(n.startswith("Accepted " + wally) for n in said()), what="the accept")
+    release_marks(pg, db_url)
+    assert pg.psql("SELECT string_agg(subject || ' ' || state, ',') FROM consents", db_url) == wally + " allowed"
+    assert not any(n.startswith("Blocked") for n in said()), said()
