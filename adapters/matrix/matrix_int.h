@@ -210,7 +210,8 @@ void mx_call_stop_on(atomic_bool *stop);
  * refused or a name not resolved (CURLE_COULDNT_CONNECT,
  * CURLE_COULDNT_RESOLVE_HOST: the homeserver down, or not reachable from
  * here) from an answer not come in time (CURLE_OPERATION_TIMEDOUT) or a
- * connection closed unanswered (CURLE_GOT_NOTHING).  Since the
+ * connection closed unanswered (CURLE_GOT_NOTHING); CURLE_FAILED_INIT
+ * for a call that failed before libcurl ran (out of memory).  Since the
  * sixty-first session (mx_bot.c, request_paused). */
 CURLcode mx_last_call_code(void);
 /* The wait (ms) the last 429 answer of this thread's calls asked for: its

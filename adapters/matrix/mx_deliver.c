@@ -325,6 +325,12 @@ static cw_err call_timed(struct matrix *m, const char *method, const char *path,
 	*status = 0;
 	if (answer)
 		*answer = NULL;
+	/* No code of curl's yet (mx_last_call_code): a call that fails
+	 * before curl runs (out of memory, no client) is not read as the
+	 * previous call's (a refusal of its connection: until the
+	 * sixty-first session's review an out of memory read so paused
+	 * every room's requests). */
+	last_cc = CURLE_FAILED_INIT;
 	/* One client per thread (kept alive between calls); no lock is held
 	 * while the homeserver answers: it may call us meanwhile (the ping). */
 	CURL *c = pthread_getspecific(m->curl_key);
@@ -645,6 +651,7 @@ cw_err mx_room_call(struct matrix *m, const char *method, const char *room, cons
 	char path[700], *rs = seg(m, room);
 	if (!rs) {
 		json_decref(body);
+		last_cc = CURLE_FAILED_INIT; /* no call made (call_timed) */
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	}
 	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/%s", rs, what);
