@@ -10,8 +10,11 @@
 -- command_runs); a restart, or the bot's lock taken by another process,
 -- lost it: a change refused as too many ran after the restart, and a
 -- change allowed took a second token of her changes' bucket (the next
--- one refused).  The note is now written to the row before the command's
--- effect: NULL until its first run asked the bucket, cleared with the
+-- one refused).  The note is now written to the row: the commands'
+-- bucket's answer and a refused change before the command's effect, an
+-- allowed change inside the change's own transaction (noted if and only
+-- if the change is committed: a failed change is charged again at its
+-- run again); NULL until its first run asked the bucket, cleared with the
 -- row's handled mark (a handled row never runs again), the row itself
 -- forgotten seven days after it was handled, as before (forget_handled):
 -- so it is bounded by the unhandled rows.  Two nullable columns, no
