@@ -574,9 +574,10 @@ struct command_runs {
  * BOT_INBOX read it, .row 0 for none), or, for a first run, a note cleared
  * for it.  A change the row says was allowed (change_allowed 1) is
  * taken from the row over memory: the row's 1 is written by the change's
- * own transaction (change_noted), the truth of whether it was stored,
- * where memory says 0 after a COMMIT whose answer was lost (store_end
- * failed, the token given back though the change is stored).  Memory is
+ * own transaction (change_noted), the truth of whether it was stored
+ * (written by another process that held the bot's lock, or by this one
+ * before a restart of the bot's thread; a COMMIT whose answer was lost
+ * keeps its token and says 1 in memory too, change_back).  Memory is
  * taken otherwise: its -1 or its commands' answer may be one whose
  * statement failed (command_run_note), the row's then 0 or NULL. */
 static struct command_run *command_run_of(struct command_runs *runs, const char *inbox_id,
@@ -694,7 +695,7 @@ static bool command_allowed(struct matrix *m, PGconn *c, const char *room, const
  * back (xmpp_cmd.c, token_back).  Until the forty-sixth session a failure
  * kept it: a few while the database was away, and her real change was
  * refused as too many. */
-static void change_back(struct matrix *m, const char *sender, struct command_run *run)
+static void change_back(struct matrix *m, PGconn *c, const char *sender, struct command_run *run)
 {
 	char localpart[MX_ID_MAX + 1], server[MX_ID_MAX + 1];
 	/* A run again that failed took nothing: its first run's statements
@@ -703,6 +704,17 @@ static void change_back(struct matrix *m, const char *sender, struct command_run
 	if (!run->took)
 		return;
 	run->took = false;
+	/* The connection lost: whether the change was stored is not known (a
+	 * COMMIT whose answer was lost, store_end's CW_EUNAVAIL).  The token
+	 * is kept and the note in memory says allowed: a run again here takes
+	 * no other, and pays with this one whether the row then says stored
+	 * (1) or rolled back.  Until the sixty-first session's second review
+	 * it was given back, and a change stored with its answer lost was
+	 * carried out for nothing (the row's 1 believed at the run again). */
+	if (c && PQstatus(c) != CONNECTION_OK) {
+		run->change = 1;
+		return;
+	}
 	run->change = 0; /* a run again takes its own: the row's note, rolled back with the change, says 0 too */
 	if (mx_user_id_parse(sender, localpart, sizeof(localpart), server, sizeof(server)))
 		policy_user_update_give(m->app->policy, m->app->limits, localpart);
@@ -956,7 +968,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 		}
 		rc = store_end(c, rc, &e);
 		if (rc) {
-			change_back(m, sender, run);
+			change_back(m, c, sender, run);
 			answer(m, c, room, txn, "That did not work; try again in a moment.");
 			LOG_KV(CW_LOG_WARN, "a bot command failed", "detail", e.msg);
 			return;
@@ -1041,7 +1053,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 			rc = policy_notify_user(c, local_id, &e);
 		rc = store_end(c, rc, &e);
 		if (rc) {
-			change_back(m, sender, run);
+			change_back(m, c, sender, run);
 			LOG_KV(CW_LOG_WARN, "a bot command failed", "detail", e.msg);
 			answer(m, c, room, txn, "That did not work; try again in a moment.");
 			return;
@@ -1106,7 +1118,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 		json_decref(ans);
 		if (!store_end(c, rc, &e))
 			return;
-		change_back(m, sender, run); /* a run again takes its own */
+		change_back(m, c, sender, run); /* a run again takes its own */
 		if (PQstatus(c) == CONNECTION_OK) /* else the command runs again, or its notice tells */
 			answer(m, c, room, txn, "The report could not be stored; try again.");
 	} else if (strcmp(verb, "list") == 0) {
