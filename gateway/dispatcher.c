@@ -508,7 +508,16 @@ void dispatcher_dead_text(char *buf, size_t len, const PGresult *r, int i)
  * ms a claim of a backlog of 20,000 (docs/performance.md, "Forty-sixth
  * session").  Their ORDER BY, which that index gives and
  * outbox_state_dest_idx does not, is what makes it the cheaper where the
- * counts make both cost alike (a table never analyzed).  A row
+ * counts make both cost alike (a table never analyzed).  The rows in
+ * flight are read so too: their ORDER BY id is given by
+ * outbox_state_dest_idx alone (state and destination, its first
+ * columns, both equal).  Without it the planner took
+ * outbox_room_order_idx, whose first column is the room, and read it
+ * whole (every pending, held and in-flight row of every destination,
+ * the destination a filter) in each of the twenty claims of
+ * tests/bench/matrix --rooms: 6,700 of a claim's 17,100 buffers and 15
+ * of the 16 ms it took to find its rows, until the sixty-first session
+ * (docs/performance.md).  A row
  * also waits while an earlier row of its room from the same sender to the
  * same user is still held: a consent releases the held rows, but two
  * sweeps at once (SKIP LOCKED) or a message decided after the consent may
@@ -531,7 +540,7 @@ void dispatcher_dead_text(char *buf, size_t len, const PGresult *r, int i)
 static const struct store_stmt lane_stmts[] = {
 	{ "cw_claim",
 		"WITH RECURSIVE blocked AS ("
-		" SELECT room_id FROM outbox WHERE state = 'in_flight' AND destination = $4"
+		" (SELECT room_id FROM outbox WHERE state = 'in_flight' AND destination = $4 ORDER BY id)"
 		" UNION (SELECT room_id FROM outbox WHERE state = 'pending' AND next_attempt_at > now() AND destination = $4"
 		"  ORDER BY next_attempt_at)), "
 		"due AS ("
