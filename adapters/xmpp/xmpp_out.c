@@ -25,10 +25,20 @@
  * the forty-ninth session it was given whatever became of the quoted
  * message for her, and a member's reply in a group quoted to her the
  * text of a message the policy had dropped for her (she had blocked its
- * writer). */
+ * writer).  The outbox row is probed by its event (outbox_event_dest_key)
+ * as a scalar subquery, and only when there is an event: until the
+ * sixty-first session it was an EXISTS, which PostgreSQL turned into a
+ * hashed subplan built by a scan of the whole outbox's delivered and
+ * in-flight rows, once a batch for each of the two quotes, and every
+ * batch built it (a plain message has no target, its probe's event null,
+ * and the OR still asked): 6-40 ms of a 250-row batch at 20,000 rows of
+ * outbox in tests/bench/xmpp, growing with the outbox, kept delivered
+ * rows and all (docs/performance.md, "Sixty-first session: the XMPP
+ * lookup ..."). */
 #define SEEN_BY(ev, t)                                                                                        \
-	"(" ev ".sender_id = " t " OR EXISTS (SELECT 1 FROM outbox so WHERE so.event_id = " ev ".id "         \
-	"AND so.target_identity_id = " t " AND so.state IN ('delivered', 'in_flight')))"
+	"(" ev ".id IS NOT NULL AND (" ev ".sender_id = " t " OR (SELECT true FROM outbox so "                \
+	"WHERE so.event_id = " ev ".id AND so.target_identity_id = " t                                     \
+	" AND so.state IN ('delivered', 'in_flight') LIMIT 1) IS NOT NULL))"
 
 static const char batch_sql[] =
 	"WITH x AS (SELECT (j->>0)::bigint AS i, (j->>1)::bigint AS ev_id, (j->>2)::bigint AS target "
@@ -69,7 +79,10 @@ static const char batch_sql[] =
 	"   ORDER BY l.id LIMIT 1000) w) END, "
 	"  CASE WHEN r.type IN ('message', 'edit') AND " SEEN_BY("tg", "r.t_id") " THEN (tg.content->'content')::text END, "
 	"  r.tg_type = 'reaction', "
-	/* 14-16: the message reacted to (ids) and the sender's whole set on it */
+	/* 14-17: the message reacted to (ids) and the sender's whole set on it
+	 * ('[]' without one, as the aggregate of no rows gave, without its
+	 * subplan and sort for every plain message until the sixty-first
+	 * session) */
 	"  r.rt_id IS NOT NULL, "
 	"  coalesce((SELECT substr(n.native_id, length(r.room_id::text) + 2) FROM event_native_ids n "
 	"   WHERE n.event_id = r.rt_id AND n.network = 'xmpp' AND n.kind = 'id' "
@@ -77,14 +90,18 @@ static const char batch_sql[] =
 	"  (SELECT substr(n.native_id, length(r.room_id::text) + 2) FROM event_native_ids n "
 	"   WHERE n.event_id = r.rt_id AND n.network = 'xmpp' AND n.kind = 'origin_id' "
 	"   AND starts_with(n.native_id, r.room_id::text || '/') LIMIT 1), "
-	"  (SELECT coalesce(jsonb_agg(DISTINCT k.body), '[]'::jsonb)::text FROM (SELECT rr.content->'content'->'parts'->0->>'body' AS body "
+	"  CASE WHEN r.rt_id IS NULL THEN '[]' ELSE (SELECT coalesce(jsonb_agg(DISTINCT k.body), '[]'::jsonb)::text "
+	"   FROM (SELECT rr.content->'content'->'parts'->0->>'body' AS body "
 	"   FROM events rr WHERE rr.in_reply_to_id = r.rt_id AND rr.type = 'reaction' AND rr.sender_id = r.s_id "
 	"   AND NOT EXISTS (SELECT 1 FROM events d WHERE d.type = 'delete' AND d.replaces_id = rr.id)) AS k "
-	"   WHERE r.rt_id IS NOT NULL AND k.body IS NOT NULL), "
+	"   WHERE k.body IS NOT NULL) END, "
 	"  r.t_id, r.s_id, r.room_id, rm.kind, "
-	/* 22-26: a group's: its public id, the peer that made it, the public ids of
+	/* 22-26: a group's: its public id, the peer that made it (read for a
+	 * group's row only: a 1:1 room's was looked up and never read until the
+	 * sixty-first session), the public ids of
 	 * the target and the message reacted to, whether the user was invited */
-	"  rm.public_id, (SELECT name FROM peers WHERE id = rm.created_by_peer_id), tg.public_id, rt.public_id, "
+	"  rm.public_id, CASE WHEN rm.kind = 'group' THEN (SELECT name FROM peers WHERE id = rm.created_by_peer_id) END, "
+	"  tg.public_id, rt.public_id, "
 	"  rm.kind = 'group' AND EXISTS (SELECT 1 FROM room_bindings b WHERE b.network = 'xmpp' "
 	"   AND b.room_id = r.room_id AND b.local_identity_id = r.t_id AND b.remote_identity_id IS NULL), "
 	/* 27: a group made here: the room JID its first member has it under
