@@ -32,9 +32,10 @@
  * in-flight rows, once a batch for each of the two quotes, and every
  * batch built it (a plain message has no target, its probe's event null,
  * and the OR still asked): 6-40 ms of a 250-row batch at 20,000 rows of
- * outbox in tests/bench/xmpp, growing with the outbox, kept delivered
- * rows and all (docs/performance.md, "Sixty-first session: the XMPP
- * lookup ..."). */
+ * outbox in tests/bench/xmpp, the most of the lookup's time (its plan
+ * chose the hash up to some tens of thousands of rows, kept delivered ones
+ * counted; docs/performance.md, "Sixty-first session: the XMPP lookup's
+ * outbox probes"). */
 #define SEEN_BY(ev, t)                                                                                        \
 	"(" ev ".id IS NOT NULL AND (" ev ".sender_id = " t " OR (SELECT true FROM outbox so "                \
 	"WHERE so.event_id = " ev ".id AND so.target_identity_id = " t                                     \

@@ -3577,6 +3577,48 @@ def test_a_resend_with_an_origin_id_is_a_resend_after_the_window(make_daemon, db
         srv.close()
 
 
+def test_the_lookup_of_a_plain_message_reads_no_more_of_a_large_outbox(make_daemon, pg_planned, prosody, alice):
+    """A plain message's lookup (xmpp_out.c's batch_sql) reads its own rows
+    by key, whatever the size of the outbox: until the sixty-first session
+    its quotes' check of what the user had seen (SEEN_BY) was an EXISTS
+    that PostgreSQL ran as a hashed subplan, built by reading all the
+    outbox's delivered and in-flight rows at every batch, for two quotes,
+    even of messages that quote nothing (docs/performance.md)."""
+    db_url = pg_planned.new_database("t_xmpp_lookup_large_outbox")
+    d, a, srv = start_with_gk(make_daemon, db_url, prosody)
+    try:
+        consent_alice(d)
+        room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+        assert a.send(room, a.user("wally"), "first").status_code == 202
+        message_from(alice, WALLY_JID, lambda el: body(el) == "first")
+        # 20,000 delivered rows more, analyzed (at 60,000 PostgreSQL chose the
+        # probes by key even then)
+        pg_planned.psql("WITH e AS (INSERT INTO events (public_id, room_id, sender_id, type, content, "
+                        "origin_network, ts) SELECT 'msg_fill' || g, e.room_id, e.sender_id, e.type, e.content, "
+                        "e.origin_network, e.ts FROM events e, generate_series(1, 20000) g "
+                        "WHERE e.id = (SELECT min(id) FROM events WHERE type = 'message') RETURNING id, room_id) "
+                        "INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state, delivered_at) "
+                        "SELECT e.id, 'xmpp', (SELECT id FROM identities WHERE localpart = 'alice'), e.room_id, "
+                        "'delivered', now() FROM e", db_url)
+        pg_planned.psql("ANALYZE events; ANALYZE outbox", db_url)
+        # planned again after the ANALYZE (its reads of the catalogs counted)
+        assert a.send(room, a.user("wally"), "planned").status_code == 202
+        message_from(alice, WALLY_JID, lambda el: body(el) == "planned")
+        lookup = "WITH x AS (SELECT (j->>$"
+        calls0, pages0 = pg_planned.pages_read(db_url, lookup)
+        for i in range(12):
+            assert a.send(room, a.user("wally"), f"plain {i}").status_code == 202
+            message_from(alice, WALLY_JID, lambda el: body(el) == f"plain {i}")
+        calls1, pages1 = pg_planned.pages_read(db_url, lookup)
+        # a call's rows are some 13 pages, and a plan's reads of the catalogs
+        # some hundreds (it is planned again a few times): some 100 a call
+        # here; the hashed subplans read the outbox's 300 pages twice a call
+        assert calls1 - calls0 >= 12 and (pages1 - pages0) / (calls1 - calls0) < 300, (
+            calls1 - calls0, pages1 - pages0, pg_planned.planned(db_url, lookup))
+    finally:
+        srv.close()
+
+
 def test_a_correction_of_a_peers_reply_keeps_the_reply(xd, gk, alice):
     """XEP-0308: the sender "MUST re-send the entire stanza, only altering
     id and the payloads being corrected", and the receiver treats it as a
