@@ -9526,7 +9526,16 @@ def test_the_consent_requests_waiting_for_her_room_read_its_members_once(mx, hs,
     for who in ("ed", "fay", "gus"):
         assert sum(f"mimi://wa.example/u/{who}" in w for w in shown()) == 1, shown()
     last = shown()[-1]
-    assert members_reads_after_help(hs, mgmt, lambda b: b == last) == 1
+    # The room's requests in the order served, for a failure's message: it
+    # failed once in CI under load (the sixty-first session) and never in
+    # 19 runs of ours with the cores busy, its cause not known.
+
+    def line(q):
+        body = q.get("body") if isinstance(q.get("body"), dict) else {}
+        where = urllib.parse.unquote(q["path"]).rsplit(mgmt, 1)[-1][:40]
+        return f'{q["method"]} {where} {q["status"]} {str(body.get("body", ""))[:30]!r}'
+    served = "\n".join(line(q) for q in hs.requests if mgmt in urllib.parse.unquote(q["path"]))
+    assert members_reads_after_help(hs, mgmt, lambda b: b == last) == 1, served
     assert pg.psql("SELECT count(*) FROM consent_requests WHERE notified_at IS NULL", db_url) == "0"
 
 
