@@ -509,9 +509,9 @@ void dispatcher_dead_text(char *buf, size_t len, const PGresult *r, int i)
  * session").  Their ORDER BY, which that index gives and
  * outbox_state_dest_idx does not, is what makes it the cheaper where the
  * counts make both cost alike (a table never analyzed).  The rows in
- * flight are read so too: their ORDER BY id is given by
- * outbox_state_dest_idx alone (state and destination, its first
- * columns, both equal).  Without it the planner took
+ * flight are read so too: outbox_state_dest_idx is the one index that
+ * gives their ORDER BY id with state and destination as its conditions
+ * (its first columns, both equal).  Without it the planner took
  * outbox_room_order_idx, whose first column is the room, and read it
  * whole (every pending, held and in-flight row of every destination,
  * the destination a filter) in each of the twenty claims of
