@@ -871,6 +871,28 @@ static const char *out_name(enum xm_out_result r)
 	return "?";
 }
 
+/* Asserts that two conversions of one case came out the same (result,
+ * reason, and the stanza's bytes), the two named by label_a and label_b in
+ * a failure; the stanzas released (the file's ctx).  True when they were stanzas. */
+static bool same_out(int lineno, const char *label_a, const char *label_b, enum xm_out_result ra,
+		     enum xm_out_result rb, const char *wa, const char *wb, xmpp_stanza_t *a, xmpp_stanza_t *b)
+{
+	ck_assert_msg(ra == rb, "line %d: %s %s, %s %s", lineno, out_name(ra), label_a, out_name(rb), label_b);
+	ck_assert_str_eq(wa, wb);
+	if (ra != XM_OUT_STANZA)
+		return false;
+	char *ta, *tb;
+	size_t la, lb;
+	ck_assert_int_eq(xmpp_stanza_to_text(a, &ta, &la), XMPP_EOK);
+	ck_assert_int_eq(xmpp_stanza_to_text(b, &tb, &lb), XMPP_EOK);
+	ck_assert_msg(strcmp(ta, tb) == 0, "line %d: %s %s\n%s %s", lineno, label_a, ta, label_b, tb);
+	xmpp_free(ctx, ta);
+	xmpp_free(ctx, tb);
+	xmpp_stanza_release(a);
+	xmpp_stanza_release(b);
+	return true;
+}
+
 /* What every outbound stanza is: <message type="chat" from to id/>. */
 static void check_envelope(xmpp_stanza_t *m, const struct xm_out_info *info, const char *name)
 {
@@ -994,22 +1016,12 @@ static void out_kept_case(char **fl, int lineno, json_t *ev, struct xm_out_info 
 	xmpp_stanza_t *before = k->keep.msg;
 	enum xm_out_result ra = xm_from_neutral_kept(ctx, &k->keep, ev, info, &a, wa, sizeof(wa));
 	enum xm_out_result rb = xm_from_neutral(ctx, ev, info, &b, wb, sizeof(wb));
-	ck_assert_msg(ra == rb, "line %d: %s kept, %s new", lineno, out_name(ra), out_name(rb));
-	ck_assert_str_eq(wa, wb);
-	if (ra == XM_OUT_STANZA) {
-		char *ta, *tb;
-		size_t la, lb;
-		ck_assert_int_eq(xmpp_stanza_to_text(a, &ta, &la), XMPP_EOK);
-		ck_assert_int_eq(xmpp_stanza_to_text(b, &tb, &lb), XMPP_EOK);
-		ck_assert_msg(strcmp(ta, tb) == 0, "line %d: kept %s\nnew  %s", lineno, ta, tb);
-		if (before && a == before)
+	bool kept = before && a == before;
+	if (same_out(lineno, "kept", "new", ra, rb, wa, wb, a, b)) {
+		if (kept)
 			k->kept++;
 		else
 			k->fresh++;
-		xmpp_free(ctx, ta);
-		xmpp_free(ctx, tb);
-		xmpp_stanza_release(a);
-		xmpp_stanza_release(b);
 	}
 }
 
@@ -1064,20 +1076,8 @@ static void out_without_omitted_case(char **fl, int lineno, json_t *ev, struct x
 	char wa[200], wb[200];
 	enum xm_out_result ra = xm_from_neutral(ctx, full, info, &a, wa, sizeof(wa));
 	enum xm_out_result rb = xm_from_neutral(ctx, lean, info, &b, wb, sizeof(wb));
-	ck_assert_msg(ra == rb, "line %d: %s with the members, %s without", lineno, out_name(ra), out_name(rb));
-	ck_assert_str_eq(wa, wb);
-	if (ra == XM_OUT_STANZA) {
-		char *ta, *tb;
-		size_t la, lb;
-		ck_assert_int_eq(xmpp_stanza_to_text(a, &ta, &la), XMPP_EOK);
-		ck_assert_int_eq(xmpp_stanza_to_text(b, &tb, &lb), XMPP_EOK);
-		ck_assert_msg(strcmp(ta, tb) == 0, "line %d: with %s\nwithout %s", lineno, ta, tb);
-		xmpp_free(ctx, ta);
-		xmpp_free(ctx, tb);
-		xmpp_stanza_release(a);
-		xmpp_stanza_release(b);
+	if (same_out(lineno, "with the members", "without", ra, rb, wa, wb, a, b))
 		(*compared)++;
-	}
 	json_decref(full);
 	json_decref(lean);
 }
