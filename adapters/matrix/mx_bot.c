@@ -535,7 +535,9 @@ static cw_err inbox_handled(PGconn *c, const char *id, cw_errmsg *e)
  * (change_noted), so that the note is stored if and only if the change
  * is: a change that failed (its transaction rolled back) leaves the row's
  * change_allowed 0, and its run again takes a token of its own, as its
- * token was given back (change_back), and the process stopped between
+ * token was given back (change_back; kept, when the connection was lost
+ * and whether the change was stored is not known, and then the run again
+ * in this process takes none), and the process stopped between
  * the change's COMMIT and the handled mark leaves 1, the run again free.
  * Until the sixty-first session it was in memory only, for the last
  * COMMAND_RUNS commands, and a restart, or the bot's lock taken by
