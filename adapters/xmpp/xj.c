@@ -27,9 +27,11 @@ static bool part_ok(const char *s, size_t n, const char *forbidden)
 			n--;
 			continue;
 		}
-		unsigned cp;
-		size_t l = cw_utf8_seq(p, n, &cp);
-		if (l == 0 || cp < 0x20 || cp == 0x7F || (cp < 0x80 && forbidden && strchr(forbidden, (int)cp)))
+		/* a sequence of more than one byte: U+0080 or above (an
+		 * overlong form of a lower one is refused, l 0), neither a
+		 * control character nor one of the forbidden, all ASCII */
+		size_t l = cw_utf8_seq(p, n, NULL);
+		if (l == 0)
 			return false;
 		p += l;
 		n -= l;
