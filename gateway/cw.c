@@ -207,6 +207,84 @@ size_t outbox_put_ll(char *p, long long v)
 	return k;
 }
 
+bool cw_pg_ids_begin(struct cw_pg_ids *a, char *buf, size_t n)
+{
+	*a = (struct cw_pg_ids){ buf, 0, n, !buf, false };
+	if (!buf && (n > (SIZE_MAX - 3) / CW_PG_ID_MAX || !(a->s = malloc(CW_PG_IDS_SIZE(n)))))
+		return false;
+	a->s[a->len++] = '{';
+	return true;
+}
+
+void cw_pg_ids_add(struct cw_pg_ids *a, long long id)
+{
+	if (!a->left) {
+		a->refused = true;
+		return;
+	}
+	a->left--;
+	if (a->len > 1)
+		a->s[a->len++] = ',';
+	a->len += outbox_put_ll(a->s + a->len, id);
+}
+
+char *cw_pg_ids_end(struct cw_pg_ids *a)
+{
+	if (a->refused) {
+		if (a->own)
+			free(a->s);
+		return a->s = NULL;
+	}
+	a->s[a->len++] = '}';
+	a->s[a->len] = '\0';
+	return a->s;
+}
+
+char *cw_pg_ids(const int64_t *ids, size_t n, const bool *pick)
+{
+	struct cw_pg_ids a;
+	if (!cw_pg_ids_begin(&a, NULL, n))
+		return NULL;
+	for (size_t i = 0; i < n; i++)
+		if (!pick || pick[i])
+			cw_pg_ids_add(&a, ids[i]);
+	return cw_pg_ids_end(&a);
+}
+
+char *cw_pg_texts(const char *const *s, size_t n)
+{
+	size_t size = 3;
+	for (size_t k = 0; k < n; k++) {
+		size_t len = s[k] ? strlen(s[k]) : 4;
+		if (len > (SIZE_MAX - size - 3) / 2)
+			return NULL;
+		size += 2 * len + 3;
+	}
+	char *out = malloc(size), *o = out;
+	if (!out)
+		return NULL;
+	*o++ = '{';
+	for (size_t k = 0; k < n; k++) {
+		if (k)
+			*o++ = ',';
+		if (!s[k]) {
+			memcpy(o, "NULL", 4);
+			o += 4;
+			continue;
+		}
+		*o++ = '"';
+		for (const char *c = s[k]; *c; c++) {
+			if (*c == '"' || *c == '\\')
+				*o++ = '\\';
+			*o++ = *c;
+		}
+		*o++ = '"';
+	}
+	*o++ = '}';
+	*o = '\0';
+	return out;
+}
+
 long cw_b64_decode(unsigned char *out, size_t outlen, const char *in)
 {
 	size_t len = strlen(in);

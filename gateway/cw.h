@@ -74,10 +74,45 @@ size_t cw_copy_cut(char *dst, size_t len, const char *s);
  * snprintf's "%lld" without the format's parse, for the ids a batch
  * prints per row (docs/performance.md, "Fifty-ninth session"): the
  * dispatcher's outcomes (id_array) and the XMPP lookup's rows
- * (xa_deliver).  Declared in dispatcher.h and defined in dispatcher.c
- * until the sixty-first session, though nothing of it is the
+ * (xa_deliver), and since the sixty-second session every id of an array
+ * literal (cw_pg_ids_add).  Declared in dispatcher.h and defined in
+ * dispatcher.c until the sixty-first session, though nothing of it is the
  * dispatcher's; its name kept. */
 size_t outbox_put_ll(char *p, long long v);
+
+/* PostgreSQL array literals: the text form of a $n::bigint[] or
+ * $n::text[] parameter.  Until the sixty-second session ten places built
+ * their own (the dispatcher's batches, orphans and claim renewal, the
+ * policy's users, user walk and rechecks, the Matrix batch's info, the
+ * bot's rooms and notices, the XMPP requests shown and audit gaps), each
+ * with its own size sum, loop and closing brace, eight of them a printf
+ * an id.
+ *
+ * Ids, one after the other: begun on a buffer of CW_PG_IDS_SIZE(n) bytes
+ * for at most n ids (buf NULL: malloc'd here), an id added at a time (a
+ * call past those n is refused, and makes the end fail: never a write past
+ * the buffer), ended into "{1,2,3}" ("{}" for none).  begin is false when
+ * out of memory or n too large for a size_t; end NULL when an add was
+ * refused (a buffer of the builder's own freed then). */
+#define CW_PG_ID_MAX 21 /* "-9223372036854775808" and its comma */
+#define CW_PG_IDS_SIZE(n) (3 + (size_t)(n) * CW_PG_ID_MAX)
+struct cw_pg_ids {
+	char *s;
+	size_t len, left; /* ids that may still come */
+	bool own, refused;
+};
+bool cw_pg_ids_begin(struct cw_pg_ids *a, char *buf, size_t n);
+void cw_pg_ids_add(struct cw_pg_ids *a, long long id);
+char *cw_pg_ids_end(struct cw_pg_ids *a);
+/* The whole list ids[0..n), or those for which pick[i] is true (pick
+ * NULL: all), malloc'd; NULL when out of memory. */
+char *cw_pg_ids(const int64_t *ids, size_t n, const bool *pick);
+/* The n strings s as a text[] literal, each quoted ('"' and '\\' escaped
+ * within: whatever it holds, commas, braces, white space, an empty string
+ * or the word NULL, is one element as it is), an s[i] NULL as SQL NULL;
+ * malloc'd, NULL when out of memory.  mx_bot.c's pg_array (the bot's
+ * one since the sixtieth session) until the sixty-second. */
+char *cw_pg_texts(const char *const *s, size_t n);
 
 /* A whole number from outside written as decimal digits and nothing else
  * (no sign, no white space, no exponent), 1 to 18 of them, from lo to hi

@@ -1,6 +1,7 @@
 /* The small helpers of gateway/cw.h that read text from outside: decimal
  * numbers (query parameters, path ids, stanza attributes, causewayctl's
- * options) and hex; and gateway/buf.h's printing of JSON into a buffer. */
+ * options) and hex; gateway/buf.h's printing of JSON into a buffer; and
+ * the PostgreSQL array literals (cw_pg_ids, cw_pg_texts). */
 #include "config.h"
 #include "buf.h"
 #include "cw.h"
@@ -158,6 +159,110 @@ START_TEST(buf_json_cases)
 }
 END_TEST
 
+/* The ids' literal (cw_pg_ids, the sixty-second session's one builder of
+ * the ten that were): none is "{}" (whatever pick says), the extremes
+ * fit the size promised with a byte to spare, a pick leaves its others
+ * out, an id past those begun for is refused (the end NULL, the builder's
+ * own buffer freed: the sanitizer's leak check), a count whose size
+ * overflows is refused before any allocation, and a hundred thousand ids
+ * read as snprintf prints them. */
+START_TEST(pg_ids_cases)
+{
+	static const int64_t ids[] = { 7, INT64_MIN, 0, INT64_MAX, -1 };
+	static const bool pick[] = { false, true, true, false, true }, none[5] = { false };
+	static const struct {
+		const int64_t *ids;
+		size_t n;
+		const bool *pick;
+		const char *want;
+	} cases[] = {
+		{ NULL, 0, NULL, "{}" },
+		{ ids, 5, NULL, "{7,-9223372036854775808,0,9223372036854775807,-1}" },
+		{ ids, 5, pick, "{-9223372036854775808,0,-1}" },
+		{ ids, 5, none, "{}" },
+		{ ids, 1, NULL, "{7}" },
+	};
+	char *s;
+	for (size_t i = 0; i < CW_ARRAY_LEN(cases); i++) {
+		s = cw_pg_ids(cases[i].ids, cases[i].n, cases[i].pick);
+		ck_assert_msg(s && strcmp(s, cases[i].want) == 0, "case %zu: %s", i, s ? s : "NULL");
+		free(s);
+	}
+
+	/* a caller's buffer of exactly CW_PG_IDS_SIZE(n), n of the longest */
+	enum { N = 4 };
+	char buf[CW_PG_IDS_SIZE(N) + 8];
+	memset(buf, 'x', sizeof(buf));
+	struct cw_pg_ids a;
+	ck_assert(cw_pg_ids_begin(&a, buf, N));
+	for (int i = 0; i < N; i++)
+		cw_pg_ids_add(&a, INT64_MIN);
+	ck_assert_ptr_eq(cw_pg_ids_end(&a), buf);
+	ck_assert_uint_eq(strlen(buf) + 1, CW_PG_IDS_SIZE(N) - 1);
+	for (size_t i = CW_PG_IDS_SIZE(N); i < sizeof(buf); i++)
+		ck_assert_msg(buf[i] == 'x', "byte %zu past the size written", i);
+	ck_assert(cw_pg_ids_begin(&a, buf, 0));
+	cw_pg_ids_add(&a, 1);
+	ck_assert_ptr_null(cw_pg_ids_end(&a));
+	ck_assert(cw_pg_ids_begin(&a, NULL, 2));
+	cw_pg_ids_add(&a, 1);
+	cw_pg_ids_add(&a, 2);
+	cw_pg_ids_add(&a, 3);
+	ck_assert_ptr_null(cw_pg_ids_end(&a));
+
+	/* more than a size_t can count: refused before malloc (whose own
+	 * refusal the sanitizer turns into an abort) */
+	ck_assert(!cw_pg_ids_begin(&a, NULL, (SIZE_MAX - 3) / CW_PG_ID_MAX + 1));
+	ck_assert_ptr_null(cw_pg_ids(ids, SIZE_MAX / 2, NULL));
+
+	enum { MANY = 100000 };
+	int64_t *many = malloc(MANY * sizeof(*many));
+	char *want = malloc(CW_PG_IDS_SIZE(MANY));
+	ck_assert(many && want);
+	size_t len = (size_t)sprintf(want, "{");
+	for (int i = 0; i < MANY; i++) {
+		many[i] = (int64_t)i * 92233720368547LL * (i % 2 ? -1 : 1);
+		len += (size_t)sprintf(want + len, "%s%lld", i ? "," : "", (long long)many[i]);
+	}
+	sprintf(want + len, "}");
+	s = cw_pg_ids(many, MANY, NULL);
+	ck_assert_ptr_nonnull(s);
+	ck_assert_str_eq(s, want);
+	free(s);
+	free(want);
+	free(many);
+}
+END_TEST
+
+/* The strings' literal (cw_pg_texts): each element quoted, so that a
+ * comma, a brace, white space, an empty string and the word NULL are
+ * elements as they are, '"' and '\' escaped; a NULL pointer is SQL's
+ * NULL; none is "{}". */
+START_TEST(pg_texts_cases)
+{
+	char *s = cw_pg_texts(NULL, 0);
+	ck_assert_str_eq(s, "{}");
+	free(s);
+	const char *const v[] = { "!room:example.org", "", "NULL", "a,b", "{x}", " sp ", "q\"uo\\te", NULL, "\\\\" };
+	s = cw_pg_texts(v, CW_ARRAY_LEN(v));
+	ck_assert_str_eq(s, "{\"!room:example.org\",\"\",\"NULL\",\"a,b\",\"{x}\",\" sp \",\"q\\\"uo\\\\te\",NULL,"
+			    "\"\\\\\\\\\"}");
+	free(s);
+	const char *const nul[] = { NULL };
+	s = cw_pg_texts(nul, 1);
+	ck_assert_str_eq(s, "{NULL}");
+	free(s);
+	/* the most a text takes: every byte escaped */
+	char q[200];
+	memset(q, '"', sizeof(q) - 1);
+	q[sizeof(q) - 1] = '\0';
+	const char *const qs[] = { q, q };
+	s = cw_pg_texts(qs, 2);
+	ck_assert_uint_eq(strlen(s), 2 + 2 * (2 + 2 * 199) + 1);
+	free(s);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("cw");
@@ -167,6 +272,8 @@ int main(void)
 	tcase_add_test(tc, sha256_cases);
 	tcase_add_test(tc, random_pooled_cases);
 	tcase_add_test(tc, buf_json_cases);
+	tcase_add_test(tc, pg_ids_cases);
+	tcase_add_test(tc, pg_texts_cases);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
 }
