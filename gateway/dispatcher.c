@@ -1094,22 +1094,16 @@ static cw_err screen_recovered(struct lane *l, PGresult *recovered, cw_errmsg *e
  * selection of its own per outcome). */
 #define ROW_AT(rows, at, i) (&(rows)[(at) ? (at)[i] : (i)])
 
-/* Until the fifty-ninth session each id was printed with snprintf. */
+/* Until the fifty-ninth session each id was printed with snprintf; until
+ * the sixty-second the literal was built here (cw_pg_ids_begin). */
 static char *id_array(const struct outbox_row *rows, const size_t *at, size_t n)
 {
-	size_t cap = 3 + n * 21;
-	char *s = malloc(cap), *p = s;
-	if (!s)
+	struct cw_pg_ids a;
+	if (!cw_pg_ids_begin(&a, NULL, n))
 		return NULL;
-	*p++ = '{';
-	for (size_t i = 0; i < n; i++) {
-		if (i)
-			*p++ = ',';
-		p += outbox_put_ll(p, (long long)ROW_AT(rows, at, i)->id);
-	}
-	*p++ = '}';
-	*p = '\0';
-	return s;
+	for (size_t i = 0; i < n; i++)
+		cw_pg_ids_add(&a, (long long)ROW_AT(rows, at, i)->id);
+	return cw_pg_ids_end(&a);
 }
 
 #define ORPHANS_SAID "rows of a claim whose commit was not answered are due again"
@@ -1135,16 +1129,11 @@ static bool release_orphans(struct lane *l, const char *said, cw_errmsg *e)
 		free(gone);
 		free(untried);
 	}
-	size_t cap = 2 + l->norphans * 21, len = 0;
-	char *ids = malloc(cap);
+	char *ids = cw_pg_ids(l->orphans, l->norphans, NULL);
 	if (!ids) {
 		cw_fail(e, CW_ENOMEM, "out of memory");
 		return false;
 	}
-	ids[len++] = '{';
-	for (size_t i = 0; i < l->norphans; i++)
-		len += (size_t)snprintf(ids + len, cap - len, "%s%lld", i ? "," : "", (long long)l->orphans[i]);
-	snprintf(ids + len, cap - len, "}");
 	const char *params[] = { ids, l->name };
 	PGresult *r = PQexecParams(l->c,
 				   RELEASE_SQL, 2, NULL, params, NULL, NULL, 0);
@@ -2105,16 +2094,19 @@ static void *keeper_main(void *arg)
 		if (pthread_cond_timedwait(&d->keeper_cv, &d->mu, &ts) != ETIMEDOUT || !d->busy ||
 		    atomic_load(&d->stop))
 			continue;
-		struct cw_buf ids;
-		cw_buf_init(&ids, SIZE_MAX / 2);
-		bool oom = cw_buf_add(&ids, "{", 1) != 0;
+		size_t nids = 0;
+		for (int i = 0; i < d->nlanes; i++)
+			nids += d->lanes[i].nrows;
+		struct cw_pg_ids a;
+		bool oom = !cw_pg_ids_begin(&a, NULL, nids);
 		for (int i = 0; i < d->nlanes && !oom; i++) {
 			struct lane *l = &d->lanes[i];
 			l->renewing = l->nrows ? l->gen : 0;
-			for (size_t k = 0; k < l->nrows && !oom; k++)
-				oom = cw_buf_printf(&ids, "%s%lld", ids.len > 1 ? "," : "", (long long)l->rows[k].id) != 0;
+			for (size_t k = 0; k < l->nrows; k++)
+				cw_pg_ids_add(&a, (long long)l->rows[k].id);
 		}
-		oom = oom || cw_buf_add(&ids, "}", 1) != 0;
+		char *ids = oom ? NULL : cw_pg_ids_end(&a);
+		oom = !ids;
 		pthread_mutex_unlock(&d->mu);
 		cw_errmsg e;
 		if (!c || PQstatus(c) != CONNECTION_OK) {
@@ -2123,7 +2115,7 @@ static void *keeper_main(void *arg)
 			c = store_connect(d->url, 10000, &e);
 			store_canceller_set(&d->keeper_cancel, c);
 		}
-		const char *params[] = { prefix, timeout, oom ? NULL : ids.p };
+		const char *params[] = { prefix, timeout, ids };
 		int64_t began = cw_now_us(); /* before the statement's now() */
 		PGresult *r = c && !oom ? PQexecParams(c, "UPDATE outbox SET claimed_until = now() + make_interval(secs => "
 						    "$2::int) WHERE id = ANY($3::bigint[]) AND state = 'in_flight' AND "
@@ -2157,7 +2149,7 @@ static void *keeper_main(void *arg)
 			LOG_KV(CW_LOG_WARN, "cannot renew the dispatcher's claims; trying again", "detail",
 			       r ? PQresultErrorMessage(r) : oom ? "out of memory" : e.msg);
 		PQclear(r);
-		cw_buf_free(&ids);
+		free(ids);
 		pthread_mutex_lock(&d->mu);
 	}
 	pthread_mutex_unlock(&d->mu);

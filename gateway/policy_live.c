@@ -502,19 +502,13 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
 	int64_t t0 = cw_now_us();
 	if (base->base)
 		base = base->base;
-	size_t cap = n * 21 + 3;
-	char *arr = malloc(cap);
+	char *arr = cw_pg_ids(ids, n, NULL);
 	int64_t *users = malloc((n ? n : 1) * sizeof(*users));
 	if (!arr || !users) {
 		free(arr);
 		free(users);
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	}
-	size_t len = 0;
-	arr[len++] = '{';
-	for (size_t i = 0; i < n; i++)
-		len += (size_t)snprintf(arr + len, cap - len, "%s%lld", i ? "," : "", (long long)ids[i]);
-	snprintf(arr + len, cap - len, "}");
 	memcpy(users, ids, n * sizeof(*users));
 	struct users_fill f = { arr, base->lately_s, { NULL, 0, 0 }, { NULL, 0, 0 } };
 	cw_err rc = load_view(c, version, policy_builder_overlay(base->snap), fill_users, &f, t0, out, e);
@@ -3093,8 +3087,6 @@ static void recheck_counted(struct policy_live *pl, const long counts[2], const 
 	}
 }
 
-static char *id_array_of(const int64_t *ids, size_t n, const bool *pick);
-
 /* The rows a batch found refused and could not drop (pl->kept) decided
  * again with v, in a transaction of their own: those still waiting and
  * refused are dropped, or kept again if still held; the others
@@ -3104,7 +3096,7 @@ static void kept_turn(struct policy_live *pl, const struct policy_view *v)
 {
 	pl->kept_at_us = cw_now_us() + RECHECK_KEPT_RETRY_US;
 	cw_errmsg e;
-	char *arr = id_array_of(pl->kept, pl->nkept, NULL);
+	char *arr = cw_pg_ids(pl->kept, pl->nkept, NULL);
 	cw_err rc = arr ? store_exec(pl->c, "BEGIN", &e) : cw_fail(&e, CW_ENOMEM, "out of memory");
 	const char *params[] = { arr, NULL };
 	PGresult *r = rc ? NULL : PQexecParams(pl->c, recheck_ids_sql, 2, NULL, params, NULL, NULL, 0);
@@ -3213,7 +3205,7 @@ static bool recheck_turn(struct policy_live *pl)
 		return req_more;
 	}
 	cw_errmsg e;
-	char after[24], limit[16], users[POLICY_OVERLAY_MAX * 21 + 3];
+	char after[24], limit[16], users[CW_PG_IDS_SIZE(POLICY_OVERLAY_MAX)];
 	snprintf(limit, sizeof(limit), "%d", RECHECK_BATCH);
 	PGresult *r = NULL;
 	/* a pass's batch: its paths off with the BEGIN, one round trip
@@ -3247,12 +3239,11 @@ static bool recheck_turn(struct policy_live *pl)
 			e = se;
 		}
 	} else if (!rc) {
-		size_t len = 0;
-		users[len++] = '{';
+		struct cw_pg_ids a;
+		cw_pg_ids_begin(&a, users, POLICY_OVERLAY_MAX);
 		for (size_t i = 0; i < pl->nrecheck_users; i++)
-			len += (size_t)snprintf(users + len, sizeof(users) - len, "%s%lld", i ? "," : "",
-						(long long)pl->recheck_users[i]);
-		snprintf(users + len, sizeof(users) - len, "}");
+			cw_pg_ids_add(&a, (long long)pl->recheck_users[i]);
+		cw_pg_ids_end(&a);
 		char key3[24];
 		snprintf(after, sizeof(after), "%lld", pl->users_key1);
 		snprintf(key3, sizeof(key3), "%lld", pl->users_key3);
@@ -3332,22 +3323,6 @@ uint64_t policy_live_facts(struct policy_live *pl)
 	return atomic_load(&pl->facts);
 }
 
-/* The ids (n) for which pick is NULL or pick[i] is true, as a PostgreSQL
- * array's text; NULL when out of memory. */
-static char *id_array_of(const int64_t *ids, size_t n, const bool *pick)
-{
-	size_t cap = n * 21 + 3, len = 0;
-	char *arr = malloc(cap);
-	if (!arr)
-		return NULL;
-	arr[len++] = '{';
-	for (size_t i = 0; i < n; i++)
-		if (!pick || pick[i])
-			len += (size_t)snprintf(arr + len, cap - len, "%s%lld", len > 1 ? "," : "", (long long)ids[i]);
-	snprintf(arr + len, cap - len, "}");
-	return arr;
-}
-
 cw_err policy_live_screen(struct policy_live *pl, PGconn *c, const int64_t *ids, size_t n, const char *claimed_by,
 			  bool *gone, long *dropped, cw_errmsg *e)
 {
@@ -3362,8 +3337,8 @@ cw_err policy_live_screen_claim(struct policy_live *pl, PGconn *c, const int64_t
 		gone[i] = false;
 	if (n == 0)
 		return CW_OK;
-	char *arr = id_array_of(ids, n, NULL);
-	char *back = uncounted ? id_array_of(ids, n, uncounted) : NULL;
+	char *arr = cw_pg_ids(ids, n, NULL);
+	char *back = uncounted ? cw_pg_ids(ids, n, uncounted) : NULL;
 	if (!arr || (uncounted && !back)) {
 		free(arr);
 		free(back);

@@ -1806,46 +1806,15 @@ static const char *notice_sender(const struct matrix *m, const PGresult *r, int 
 	return PQgetisnull(r, i, 4) || strcmp(PQgetvalue(r, i, 4), m->bot) == 0 ? NULL : PQgetvalue(r, i, 4);
 }
 
-/* The n strings s as a PostgreSQL array (its text form, for a $n::text[]
- * or $n::bigint[] parameter), each element quoted, '"' and '\\'
- * escaped: the bot's one builder of such a literal, for the paused rooms
- * (requests) and the notices given back (notices, hold_room), where until
- * the sixtieth session each of the four wrote its own.  malloc'd, NULL
- * when out of memory. */
-static char *pg_array(const char *const *s, int n)
-{
-	size_t size = 3;
-	for (int k = 0; k < n; k++)
-		size += 2 * strlen(s[k]) + 3;
-	char *out = malloc(size), *o = out;
-	if (!out)
-		return NULL;
-	*o++ = '{';
-	for (int k = 0; k < n; k++) {
-		if (k)
-			*o++ = ',';
-		*o++ = '"';
-		for (const char *c = s[k]; *c; c++) {
-			if (*c == '"' || *c == '\\')
-				*o++ = '\\';
-			*o++ = *c;
-		}
-		*o++ = '"';
-	}
-	*o++ = '}';
-	*o = '\0';
-	return out;
-}
-
 /* The notices of ids (n of them: the rows of a batch) given back by the
- * statement sql, whose $1 is their ids (pg_array) and $2, unless NULL,
+ * statement sql, whose $1 is their ids (cw_pg_texts) and $2, unless NULL,
  * arg; why: the log's line when it failed. */
 static void notices_give_back(PGconn *c, const char *sql, const char *const *ids, int n, const char *arg,
 			      const char *why)
 {
 	if (n == 0)
 		return;
-	char *array = pg_array(ids, n);
+	char *array = cw_pg_texts(ids, (size_t)n);
 	const char *p[] = { array, arg };
 	cw_errmsg e;
 	if (!array)
@@ -3353,7 +3322,7 @@ static void requests(struct matrix *m, PGconn *c, struct request_pauses *ps)
 	char ghosts[80];
 	const char *p[4];
 	newcomer_params(m, p, ghosts, sizeof(ghosts));
-	char *paused = pg_array((const char *const *)ps->room, ps->n); /* BOT_REQUESTS's $4 */
+	char *paused = cw_pg_texts((const char *const *)ps->room, (size_t)ps->n); /* BOT_REQUESTS's $4 */
 	if (!paused)
 		return;
 	p[3] = paused;

@@ -1572,22 +1572,18 @@ static const char batch_info_sql[] =
 static cw_err batch_info(PGconn *c, const struct outbox_row *rows, size_t n, PGresult **out, cw_errmsg *e)
 {
 	*out = NULL;
-	size_t cap = n * 42 + 8;
-	char *evs = malloc(cap), *tgs = malloc(cap);
+	struct cw_pg_ids a, b;
+	bool ok_a = cw_pg_ids_begin(&a, NULL, n), ok_b = cw_pg_ids_begin(&b, NULL, n);
+	for (size_t i = 0; ok_a && ok_b && i < n; i++) {
+		cw_pg_ids_add(&a, (long long)rows[i].event_id);
+		cw_pg_ids_add(&b, (long long)rows[i].target_id);
+	}
+	char *evs = ok_a ? cw_pg_ids_end(&a) : NULL, *tgs = ok_b ? cw_pg_ids_end(&b) : NULL;
 	if (!evs || !tgs) {
 		free(evs);
 		free(tgs);
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	}
-	size_t a = 0, b = 0;
-	evs[a++] = '{';
-	tgs[b++] = '{';
-	for (size_t i = 0; i < n; i++) {
-		a += (size_t)snprintf(evs + a, cap - a, "%s%lld", i ? "," : "", (long long)rows[i].event_id);
-		b += (size_t)snprintf(tgs + b, cap - b, "%s%lld", i ? "," : "", (long long)rows[i].target_id);
-	}
-	snprintf(evs + a, cap - a, "}");
-	snprintf(tgs + b, cap - b, "}");
 	const char *params[] = { evs, tgs };
 	PGresult *r = store_exec_generic_sql(c, "causeway_mx_batch", batch_info_sql, 2, params);
 	free(evs);

@@ -1382,14 +1382,13 @@ void xa_requests(struct xcomp *xc, PGconn *c)
 		"WHERE q.state = 'pending' AND (q.notified_at IS NULL OR ($2::boolean AND q.id > $4::bigint)) "
 		"ORDER BY q.id LIMIT $5::int",
 		5, NULL, params, NULL, NULL, 0);
-	/* The requests whose notice goes now (a bigint[] literal, 24 bytes an
-	 * id at most): marked sent in one statement after the page (until the
-	 * fiftieth session one UPDATE a request, a hundred round trips of the
-	 * stream's lock connection for a page of new requests).  No memory:
-	 * the page on the next turn. */
-	size_t cap = PQresultStatus(r) == PGRES_TUPLES_OK ? (size_t)PQntuples(r) * 24 + 3 : 0;
-	char *shown = cap ? malloc(cap) : NULL;
-	if (!shown) {
+	/* The requests whose notice goes now (a bigint[] literal,
+	 * cw_pg_ids_begin): marked sent in one statement after the page
+	 * (until the fiftieth session one UPDATE a request, a hundred round
+	 * trips of the stream's lock connection for a page of new requests).
+	 * No memory: the page on the next turn. */
+	struct cw_pg_ids shown;
+	if (PQresultStatus(r) != PGRES_TUPLES_OK || !cw_pg_ids_begin(&shown, NULL, (size_t)PQntuples(r))) {
 		PQclear(r);
 		return;
 	}
@@ -1404,7 +1403,7 @@ void xa_requests(struct xcomp *xc, PGconn *c)
 		else if (last > xc->resend_after)
 			xc->resend_after = last;
 	}
-	size_t nshown = 0, at = (size_t)snprintf(shown, cap, "{");
+	size_t nshown = 0;
 	for (int i = 0; i < PQntuples(r); i++) {
 		char remote[XJ_JID_MAX + 1];
 		if (!xa_remote_jid(xc, PQgetvalue(r, i, 2), remote, sizeof(remote)))
@@ -1426,19 +1425,19 @@ void xa_requests(struct xcomp *xc, PGconn *c)
 				  "gateway's commands). The conversation is bridged: end-to-end encryption ends at "
 				  "this gateway.",
 				  nick, *nick ? " " : "", remote, PQgetvalue(r, i, 4), xc->peer);
-			at += (size_t)snprintf(shown + at, cap - at, "%s%lld", nshown++ ? "," : "",
-					       atoll(PQgetvalue(r, i, 0)));
+			cw_pg_ids_add(&shown, atoll(PQgetvalue(r, i, 0)));
+			nshown++;
 		}
 	}
 	PQclear(r);
-	if (nshown) {
-		snprintf(shown + at, cap - at, "}");
-		const char *ids[] = { shown };
+	char *text = cw_pg_ids_end(&shown);
+	if (nshown && text) {
+		const char *ids[] = { text };
 		PGresult *u = PQexecParams(c, "UPDATE consent_requests SET notified_at = now() WHERE id = ANY ($1::bigint[])",
 					   1, NULL, ids, NULL, NULL, 0);
 		PQclear(u);
 	}
-	free(shown);
+	free(text);
 }
 
 /* Where the component's roster sync stands (xmpp_roster_sync), or -1 when
@@ -1484,14 +1483,14 @@ int64_t xa_open_write_wait_ms(const struct xcomp *xc)
 	return app_stuck_write_ms(xc->x->cfg);
 }
 
-/* The gaps as a bigint[] literal ("{1,2}"; 24 bytes an id at most). */
-static void audit_gaps_text(const struct xcomp *xc, char *out, size_t cap)
+/* The gaps as a bigint[] literal ("{1,2}") in out. */
+static void audit_gaps_text(const struct xcomp *xc, char out[CW_PG_IDS_SIZE(XA_AUDIT_GAPS)])
 {
-	size_t n = (size_t)snprintf(out, cap, "{");
-	for (int i = 0; i < xc->audit_ngaps && n < cap; i++)
-		n += (size_t)snprintf(out + n, cap - n, "%s%lld", i ? "," : "", xc->audit_gaps[i].id);
-	if (n < cap)
-		snprintf(out + n, cap - n, "}");
+	struct cw_pg_ids a;
+	cw_pg_ids_begin(&a, out, XA_AUDIT_GAPS);
+	for (int i = 0; i < xc->audit_ngaps; i++)
+		cw_pg_ids_add(&a, xc->audit_gaps[i].id);
+	cw_pg_ids_end(&a);
 }
 
 /* The new gaps from missing (ids, highest first, up to XA_AUDIT_GAPS + 1
@@ -1567,11 +1566,11 @@ void xa_roster_sync(struct xcomp *xc, PGconn *c)
 	}
 	long long upto = top < xc->audit_read ? xc->audit_read
 		       : top - xc->audit_read > AUDIT_SPAN ? xc->audit_read + AUDIT_SPAN : top;
-	char seen[24], upto_s[24], gaps[XA_AUDIT_GAPS * 24 + 4], limit[16];
+	char seen[24], upto_s[24], gaps[CW_PG_IDS_SIZE(XA_AUDIT_GAPS)], limit[16];
 	snprintf(seen, sizeof(seen), "%lld", xc->audit_read);
 	snprintf(upto_s, sizeof(upto_s), "%lld", upto);
 	snprintf(limit, sizeof(limit), "%d", XA_AUDIT_GAPS + 1);
-	audit_gaps_text(xc, gaps, sizeof(gaps));
+	audit_gaps_text(xc, gaps);
 	const char *mparams[] = { seen, upto_s, gaps, limit };
 	PGresult *missing = PQexecParams(c,
 		"SELECT s.g FROM (SELECT generate_series($1::bigint + 1, $2::bigint) UNION SELECT unnest($3::bigint[])) s(g) "
