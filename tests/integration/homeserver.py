@@ -401,6 +401,17 @@ class Homeserver:
         self._aliases = {}          # alias -> (room_id, creator)
         self._txn_memory = {}       # (path, scope) -> event_id
         self._requests = []
+        # The request each of the server's threads is serving (its record,
+        # not yet in _requests), and the ids of those records whose request
+        # has already made an effect a test can see (an event stored, a
+        # user registered, a profile or alias changed, a file kept, an EDU
+        # queued): requests waits for those to be recorded.  Until the
+        # sixty-second session a request was recorded only after its
+        # handler had returned, so a test that saw the effect could read
+        # requests a moment before the record was in (stop 75's CI).
+        self._serving = threading.local()
+        self._in_flight = set()     # ids of the records of the requests being served
+        self._unrecorded = set()
         self._transactions = []
         self._queue_events = []
         self._queue_ephemeral = []
@@ -610,9 +621,31 @@ class Homeserver:
     @property
     def requests(self):
         """Every request served: method, path, query, user (acting), appservice (bool), status, body,
-        answer, time (when it came), lost (its reply not sent: lose_reply)."""
-        with self._lock:
+        answer, time (when it came), lost (its reply not sent: lose_reply).  Consistent with what the
+        stand-in shows: a request whose effect (an event, a member, a profile, an alias, a file, an EDU)
+        can already be seen is in the list, with its status and answer, once its handler has finished
+        (which takes no sleep after the effect).  Uploads and downloads only begun (uploads_started,
+        downloads_started) are not: those are listed once answered."""
+        with self._cond:
+            # Not from the server's own threads (a test's predicate, such
+            # as lose_reply, reading the record): one would wait for
+            # itself, or let go of the lock in the middle of a handler.
+            if getattr(self._serving, "rec", None) is None:
+                deadline = time.monotonic() + 30
+                while self._unrecorded and time.monotonic() < deadline:
+                    self._cond.wait(deadline - time.monotonic())
+                if self._unrecorded:
+                    self.errors.append(f"requests: {len(self._unrecorded)} effects never recorded")
             return list(self._requests)
+
+    def _effect(self):
+        """The request this thread serves has made an effect a test can see (lock held, in the same
+        hold as the effect): requests waits for its record from now on.  Nothing from a thread serving
+        none (a test's own call), nor for a request already recorded (createRoom's deferred
+        invitations)."""
+        rec = getattr(self._serving, "rec", None)
+        if rec is not None and id(rec) in self._in_flight:
+            self._unrecorded.add(id(rec))
 
     def wait_for(self, pred, timeout=10, interval=0.02, what="condition"):
         deadline = time.time() + timeout
@@ -650,6 +683,7 @@ class Homeserver:
         with self._lock:
             self._media[media_id] = {"content_type": content_type, "data": bytes(data), "filename": filename,
                                      "user": user_id}
+            self._effect()  # an upload's (a test's own call serves no request)
         return f"mxc://{self.server_name}/{media_id}"
 
     def remote_media(self, server, data, content_type, filename=None):
@@ -762,6 +796,9 @@ class Homeserver:
         query = urllib.parse.parse_qs(split.query, keep_blank_values=True)
         rec = {"method": method, "path": path, "query": {k: v[0] for k, v in query.items()},
                "user": None, "appservice": False, "status": None, "body": None, "time": time.time()}
+        self._serving.rec = rec
+        with self._lock:
+            self._in_flight.add(id(rec))
         try:
             found, known = None, False
             for m, rx, fn, auth in self._routes:
@@ -815,11 +852,18 @@ class Homeserver:
         except Exception:  # the stand-in's own bug: recorded for the test to see
             self.errors.append(traceback.format_exc())
             status, answer = 500, {"errcode": "M_UNKNOWN", "error": "Internal server error"}
-        rec["status"], rec["answer"] = status, answer
-        lost = self.lose_reply is not None and self.lose_reply(method, path, rec["user"])
-        rec["lost"] = bool(lost)
-        with self._lock:
-            self._requests.append(rec)
+        rec["status"], rec["answer"], rec["lost"] = status, answer, False
+        try:
+            lost = self.lose_reply is not None and self.lose_reply(method, path, rec["user"])
+            rec["lost"] = bool(lost)
+        finally:  # recorded even when a test's lose_reply fails, so that requests waits for nothing lost
+            with self._cond:
+                self._requests.append(rec)
+                self._serving.rec = None
+                self._in_flight.discard(id(rec))
+                if id(rec) in self._unrecorded:
+                    self._unrecorded.discard(id(rec))
+                    self._cond.notify_all()
         return (status, LOST) if lost else (status, answer)
 
     def _token(self, req):
@@ -915,6 +959,7 @@ class Homeserver:
             if user_id in self._users:
                 raise MatrixError(400, "M_USER_IN_USE", "User ID already taken.")
             self._users[user_id] = {"displayname": username}
+            self._effect()
             answer = {"user_id": user_id, "home_server": self.server_name}
             if not inhibit:
                 token = "syt_" + _random(24)
@@ -976,6 +1021,7 @@ class Homeserver:
             if p.get(key) == value:
                 return 200, {}
             p[key] = value
+            self._effect()
             if key in ("displayname", "avatar_url"):
                 # As Synapse does: a new membership event in every room the user is joined to.
                 for room in self._rooms.values():
@@ -1017,6 +1063,7 @@ class Homeserver:
             room.state[(etype, state_key)] = ev
         room.timeline.append(ev)
         self._events[ev["event_id"]] = (room, ev)
+        self._effect()
         if self._interested_in_event(room, ev):
             self._queue_events.append(copy.deepcopy(ev))
             self._cond.notify_all()
@@ -1477,6 +1524,7 @@ class Homeserver:
             if old is not None and old >= index:
                 return 200, {}  # not newer than the one it has: no EDU, as Synapse does
             room.receipts[(req.user_id, rtype, thread_id)] = index
+            self._effect()
             receipt = {"ts": now_ms()}
             if thread_id is not None:
                 receipt["thread_id"] = thread_id
@@ -1497,6 +1545,7 @@ class Homeserver:
             room = self._room(room_id, status=403)
             self._require_joined(room, user_id)
             was = user_id in room.typing
+            self._effect()
             if typing:
                 gen = room.typing.get(user_id, 0) + 1
                 room.typing[user_id] = gen
@@ -1704,7 +1753,10 @@ class Homeserver:
                 for u in invite:
                     self._membership(room, user, u, "invite", extra=extra)
             else:
-                def invite_later():
+                rec = self._serving.rec
+
+                def invite_later():  # as part of the createRoom (should it not be recorded yet)
+                    self._serving.rec = rec
                     with self._lock:
                         for u in invite:
                             self._membership(room, user, u, "invite", extra=extra)
@@ -1847,6 +1899,7 @@ class Homeserver:
                 raise MatrixError(409, "M_UNKNOWN", f"Room alias {alias} already exists.")
             self._aliases[alias] = (room_id, req.user_id)
             room.aliases.add(alias)
+            self._effect()
             return 200, {}
 
     def _h_alias_delete(self, req, alias):
@@ -1862,6 +1915,7 @@ class Homeserver:
                 raise MatrixError(403, "M_FORBIDDEN", "You don't have permission to delete the alias.")
             del self._aliases[alias]
             self._rooms[room_id].aliases.discard(alias)
+            self._effect()
             return 200, {}
 
     # ------------------------------------------------------------------ homeserver -> application service

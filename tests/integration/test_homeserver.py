@@ -799,3 +799,65 @@ def test_relations_give_an_events_annotations_newest_first_by_page(world):
         (404, "M_NOT_FOUND")
     _, carol = hs.create_user("carol")
     assert err(hs.as_user(carol).request("GET", rel)) == (403, "M_FORBIDDEN")
+
+
+def test_a_request_whose_effect_shows_is_already_in_requests(world):
+    """requests agrees with what the stand-in shows: once a test sees a request's effect (an event in the
+    room, a user registered, a profile, an alias, a file), the request is in requests with its status.
+    Until the sixty-second session a request was recorded only after its handler had returned, so a test
+    that saw the bot's notice in the room could read requests before the send was in it (stop 75's CI:
+    min() of nothing); a slow lose_reply, asked between the two, widens that moment to a second here.  A
+    request only begun (an upload still taking its upload_latency) is not waited for."""
+    hs, _ = world()
+    alice_id, alice = hs.create_user("alice")
+    a = hs.as_user(alice)
+    room = a.create_room(preset="public_chat")
+    g = ghost(hs, "_cw_ghost")
+    g.join(room)
+    slow = {"on": True}
+
+    def lose_reply(method, path, user):
+        if slow["on"]:
+            time.sleep(1.0)
+        return False
+    hs.lose_reply = lose_reply
+
+    def upload(data, name):
+        r = requests.post(hs.url + "/_matrix/media/v3/upload", params={"filename": name}, data=data, timeout=10,
+                          headers={"Authorization": "Bearer " + alice, "Content-Type": "text/plain"})
+        assert r.status_code == 200, r.text
+
+    oid = "@_cw_other:example.org"
+    cases = [
+        ("a send", lambda: a.send_text(room, "hello"), "/send/",
+         lambda: any(e["content"].get("body") == "hello" for e in hs.events(room))),
+        ("a registration", lambda: ghost(hs, "_cw_other"), "/register",
+         lambda: hs.user_exists(oid)),
+        ("a profile", lambda: hs.appservice(oid).call("PUT", f"{C3}/profile/{oid}/displayname", {"displayname": "O"}),
+         "/profile/", lambda: (hs.profile(oid) or {}).get("displayname") == "O"),  # in no room: no member event
+        ("an alias", lambda: g.call("PUT", C3 + "/directory/room/%23_cw_a:example.org", {"room_id": room}),
+         "/directory/room/", lambda: hs.alias("#_cw_a:example.org") == room),
+        ("an upload", lambda: upload(b"a file", "f.txt"), "/upload", lambda: b"a file" in hs.uploaded()),
+    ]
+    for what, call, path, seen in cases:
+        n = len(hs.requests)
+        t = threading.Thread(target=call)
+        t.start()
+        try:
+            hs.wait_for(seen, timeout=10, what=what)
+            recs = [q for q in hs.requests[n:] if path in q["path"]]
+            assert len(recs) == 1 and recs[0]["status"] == 200 and recs[0]["lost"] is False, (what, recs)
+        finally:
+            t.join()
+    slow["on"] = False
+    hs.upload_latency = 3.0
+    t = threading.Thread(target=upload, args=(b"a slow file", "s.txt"))
+    t.start()
+    try:
+        hs.wait_for(lambda: hs.uploads_started == 2, what="the slow upload begun")
+        began = time.monotonic()
+        n = len([q for q in hs.requests if q["path"].endswith("/upload")])
+        assert time.monotonic() - began < 1.0 and n == 1
+    finally:
+        t.join()
+    assert len([q for q in hs.requests if q["path"].endswith("/upload")]) == 2
