@@ -657,6 +657,25 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
 	" AND w.identity_id = o.target_identity_id AND w.membership = 'joined' "                            \
 	" AND sm.identity_id = e.sender_id AND sm.membership = 'joined' AND sm.updated_at <= w.wrote_at)"
 
+/* The most held rows one sweep releases (releasable_sql's LIMIT; the
+ * sweep's $5 the last of them when it found that many): the rest wait for
+ * the next batch, each its own transaction.  A consent's sweep releases
+ * the first batch in the consent's transaction and NOTIFYs causeway_sweep
+ * when more may wait; a policy thread that hears it sweeps at once, and
+ * its periodic sweep, which finds her rows among those of a consent of
+ * the last minutes (SWEPT_HELD), runs again at its next turn while it
+ * finds a whole batch.  Until the sixty-second session a sweep released
+ * every row it found in one statement: a consent that released 20,000
+ * held rows held their row locks, and the writer's transaction, for the
+ * whole statement (54-150 us a message in tests/bench/xmpp), and no row
+ * of them reached a dispatcher before all were released
+ * (docs/performance.md, "Sixty-second session"; docs/policy.md, "Consent
+ * and the sweep").  The order of a room holds: the rows released are the
+ * first to release in id order, and a later row of the same sender to the
+ * same user waits for an earlier one still held (the claim's probe). */
+#define SWEEP_BATCH 5000
+#define SWEEP_BATCH_S "5000"
+
 /* Of the held rows, the ones the sweep would release: their user allowed the
  * sender or its domain, or wrote in its group (column 8), and blocked
  * neither (the rules are asked again first: sweep); column 9 the
@@ -678,7 +697,7 @@ static const char releasable_sql[] =
 	"AND (g.gw OR EXISTS (SELECT 1 FROM consents c WHERE c.local_identity_id = o.target_identity_id "
 	" AND c.state = 'allowed' AND ((c.subject_kind = 'user' AND c.subject = s.uri) "
 	"  OR (c.subject_kind = 'domain' AND c.subject = s.domain)))) "
-	"AND NOT " BLOCKED_SENDER("o.target_identity_id");
+	"AND NOT " BLOCKED_SENDER("o.target_identity_id") " ORDER BY o.id LIMIT " SWEEP_BATCH_S;
 
 /* Rows not held that a block now stops (SWEPT_ROWS) are dropped as held
  * ones are, with the same reason and record.
@@ -759,7 +778,13 @@ static const char releasable_sql[] =
  * array of them: from the fiftieth session to the fifty-first, o.id = ANY
  * (ARRAY(SELECT id FROM h)) AND o.id = hd.id, each descent went through
  * the whole array, and a consent that released 20,000 held rows took
- * 18-77 s (test_a_consent_that_releases_thousands_of_held_rows_reads_each_once). */
+ * 18-77 s (test_a_consent_that_releases_thousands_of_held_rows_reads_each_once).
+ * $5, when not NULL, is the last of a whole batch of rows to release
+ * (releasable_sql, SWEEP_BATCH): a row after it is taken (and locked)
+ * only to be dropped or expired, so that the rows released are those the
+ * rules were asked about, and the rows to release after them are neither
+ * locked nor written in this batch (a lock writes the row); the last
+ * column NOTIFYs causeway_sweep for the next batch ($4: a consent's). */
 #define SWEEP_SQL(ROWS) \
 	"WITH dn AS (SELECT * FROM jsonb_to_recordset($3::jsonb) AS d(id bigint, reason text, rule bigint)), " \
 	"h AS (SELECT o.id, o.event_id, o.created_at, t.uri AS turi, " \
@@ -771,7 +796,9 @@ static const char releasable_sql[] =
 	" FROM outbox o " BY_ID("events", "e", "e.id, e.sender_id, e.origin_network", "e.id = o.event_id") \
 	BY_ID("identities", "s", "s.uri, s.domain, s.is_local", "s.id = e.sender_id") \
 	BY_ID("identities", "t", "t.uri", "t.id = o.target_identity_id") \
-	" WHERE " ROWS " ORDER BY o.id FOR UPDATE OF o SKIP LOCKED), " \
+	" WHERE " ROWS " AND ($5::bigint IS NULL OR o.id <= $5::bigint " \
+	"  OR o.created_at < now() - make_interval(secs => $1::bigint) OR " BLOCKED_SENDER("o.target_identity_id") ") " \
+	" ORDER BY o.id FOR UPDATE OF o SKIP LOCKED), " \
 	"hd AS (SELECT h.*, dn.reason AS rule_reason, NULLIF(dn.rule, 0) AS rule FROM h LEFT JOIN dn ON dn.id = h.id), " \
 	"ch AS (UPDATE outbox o SET state = CASE WHEN hd.us = 'blocked' OR hd.ds = 'blocked' " \
 	"   OR hd.rule_reason IS NOT NULL THEN 'dropped' " \
@@ -800,7 +827,8 @@ static const char releasable_sql[] =
 	"cra AS (" REQUESTS_EXPIRED_AUDIT("cr") ") " \
 	"SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'dropped'), " \
 	" count(*) FILTER (WHERE state = 'expired'), CASE WHEN $4::boolean AND count(*) FILTER " \
-	" (WHERE state = 'pending') > 0 THEN pg_notify('causeway_outbox', '') END FROM ch"
+	" (WHERE state = 'pending') > 0 THEN pg_notify('causeway_outbox', '') END, " \
+	" CASE WHEN $4::boolean AND $5::bigint IS NOT NULL THEN pg_notify('causeway_sweep', '') END FROM ch"
 
 static const char sweep_sql[] = SWEEP_SQL(SWEPT_ROWS);
 
@@ -979,12 +1007,13 @@ static struct store_piped sweep_piped(bool prepared, int k, int n, const char *c
  * and the caller's statements were a round trip each: a consent's five
  * round trips are two. */
 static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const char *target_id, long counts[3],
-		    struct store_piped *first, struct store_piped *then, bool notify, cw_errmsg *e)
+		    struct store_piped *first, struct store_piped *then, bool notify, bool *more, cw_errmsg *e)
 {
-	char secs[24];
+	char secs[24], last[24];
 	snprintf(secs, sizeof(secs), "%lld", (long long)v->set.held_expiry_s);
 	char *denials = NULL;
-	const char *params[] = { secs, target_id, NULL, notify ? "t" : "f" };
+	const char *params[] = { secs, target_id, NULL, notify ? "t" : "f", NULL };
+	*more = false;
 	bool own = PQtransactionStatus(c) == PQTRANS_IDLE;
 	cw_err rc = own ? store_exec(c, "BEGIN", e) : CW_OK;
 	/* The content only when a rule limits it (releasable_sql's $3; NULL
@@ -1008,6 +1037,12 @@ static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const
 		if (first)
 			first->r = q[0].r;
 		rc = rule_denials(v, q[mine + 1].r, &denials, e);
+		/* a whole batch to release: this one ends at its last row */
+		if (PQntuples(q[mine + 1].r) >= SWEEP_BATCH) {
+			snprintf(last, sizeof(last), "%s", PQgetvalue(q[mine + 1].r, PQntuples(q[mine + 1].r) - 1, 0));
+			params[4] = last;
+			*more = true;
+		}
 		if (!target_id && strcmp(PQgetvalue(q[mine + 2].r, 0, 0), "t") != 0)
 			k = 2;
 		for (int i = mine; i < n; i++)
@@ -1016,7 +1051,7 @@ static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const
 	params[2] = denials;
 	if (!rc) {
 		n = 0;
-		q[n++] = sweep_piped(prepared, k, 4, params);
+		q[n++] = sweep_piped(prepared, k, 5, params);
 		if (then)
 			q[n++] = *then;
 		rc = store_pipeline(c, q, n, e);
@@ -1041,7 +1076,8 @@ static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const
 static cw_err policy_sweep_with(PGconn *c, const struct policy_view *v, const char *target_id, long counts[3],
 				struct store_piped *first, struct store_piped *then, cw_errmsg *e)
 {
-	return sweep(c, false, v, target_id, counts, first, then, true, e);
+	bool more;
+	return sweep(c, false, v, target_id, counts, first, then, true, &more, e);
 }
 
 /* ------------------------------------------------------------ recheck */
@@ -2152,6 +2188,7 @@ struct policy_live {
 	int wake[2];
 	PGconn *c;
 	bool sweep_slow; /* the last periodic sweep took SWEEP_REPLAN_US or more (replan_sweep) */
+	bool sweep_asked; /* a NOTIFY causeway_sweep heard: a consent's release left a batch for the next sweep */
 	bool events_known; /* events' statistics count what it holds (analyze_grown_events) */
 	bool drop_conn;    /* c to be made again at the next turn (replan_sweep failed) */
 	struct retention_state retention; /* the retention sweep's, from run to run */
@@ -2290,8 +2327,11 @@ static void recheck_whole(struct policy_live *pl);
  * thread, the only one that swaps pl->cur. */
 static void heard(const char *channel, const char *payload, void *arg)
 {
-	(void)channel;
 	struct policy_live *pl = arg;
+	if (strcmp(channel, "causeway_sweep") == 0) { /* the next batch of a release (SWEEP_BATCH) */
+		pl->sweep_asked = true;
+		return;
+	}
 	if (pl->want_full)
 		return;
 	uint64_t xid = 0;
@@ -2493,7 +2533,8 @@ static bool conn_ready(PGconn *c, long lately_s, const char **failed, cw_errmsg 
 	char sql[96];
 	*failed = NULL;
 	snprintf(sql, sizeof(sql), "SELECT set_config('causeway.lately_s', '%ld', false)", lately_s);
-	return !store_exec(c, "LISTEN causeway_policy", e) && !store_exec(c, sql, e) && sweep_prepare(c, failed, e);
+	return !store_exec(c, "LISTEN causeway_policy", e) && !store_exec(c, "LISTEN causeway_sweep", e) &&
+	       !store_exec(c, sql, e) && sweep_prepare(c, failed, e);
 }
 
 /* A periodic sweep that takes this long or longer has its statements
@@ -3489,14 +3530,19 @@ static void *live_main(void *arg)
 			pl->done = serving;
 		pthread_cond_broadcast(&pl->loaded);
 		pthread_mutex_unlock(&pl->mu);
+		if (pl->sweep_asked) {
+			pl->sweep_asked = false;
+			next_sweep = now;
+		}
 		if (now >= next_sweep) {
 			struct policy_view *v = policy_live_get(pl);
 			long counts[3];
+			bool more = false;
 			cw_errmsg e;
 			if (!pl->events_known)
 				analyze_grown_events(pl);
 			int64_t t0 = cw_now_us();
-			cw_err src = sweep(pl->c, true, v, NULL, counts, NULL, NULL, false, &e);
+			cw_err src = sweep(pl->c, true, v, NULL, counts, NULL, NULL, false, &more, &e);
 			int64_t took = cw_now_us() - t0;
 			if (src) {
 				LOG_KV(CW_LOG_WARN, "policy sweep failed", "detail", e.msg);
@@ -3522,7 +3568,8 @@ static void *live_main(void *arg)
 			if (took >= SWEEP_REPLAN_US && PQstatus(pl->c) == CONNECTION_OK)
 				replan_sweep(pl, took);
 			pl->sweep_slow = took >= SWEEP_REPLAN_US;
-			next_sweep = now + pl->o.sweep_interval_ms * 1000LL;
+			/* a whole batch released: the next at the next turn */
+			next_sweep = src || !more ? now + pl->o.sweep_interval_ms * 1000LL : now;
 		}
 		/* Its own cadence: old data waits a minute more at no cost.  A
 		 * full batch means a backlog (the first run after an upgrade, a

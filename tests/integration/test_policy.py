@@ -3900,8 +3900,9 @@ def test_a_periodic_sweep_that_expires_held_rows_reads_only_theirs(make_daemon, 
 
 
 def test_a_consent_that_releases_thousands_of_held_rows_reads_each_once(make_daemon, db_url, pg):
-    """alice's consent releases her 6,000 held rows from wally in one
-    sweep: its update of them (ch) finds each row by one descent of
+    """alice's consent releases her 6,000 held rows from wally (in two
+    sweeps since the sixty-second session, a batch of 5,000 in hers and the
+    rest in the policy thread's): its update of them (ch) finds each row by one descent of
     outbox's primary key for its id.  Since the fiftieth session it found
     them by their ids (the array of the rows locked) and by the join's id
     both, and the primary key's scan went through the whole array at each
@@ -3923,7 +3924,10 @@ def test_a_consent_that_releases_thousands_of_held_rows_reads_each_once(make_dae
         t0 = time.monotonic()
         consent(d, a.user("wally"), "allowed")
         took = time.monotonic() - t0
-        assert pg.psql("SELECT count(*) FROM outbox WHERE state = 'held'", db_url) == "0"
+        # the first 5,000 in the consent's sweep, the rest by the policy
+        # thread's (SWEEP_BATCH: since the sixty-second session)
+        wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE state = 'held'", db_url) == "0", timeout=60,
+                   what="the held rows released")
         plans = plans_since(log, start, "hd AS (SELECT h.*")
         assert plans, "no plan of the sweep logged"
         for p in plans:
@@ -5084,3 +5088,44 @@ def test_the_periodic_sweeps_window_of_blocks_is_planned_for_its_range(make_daem
     now = counts(swept) + counts(released)
     calls, plans, rel_plans = now[0] - was[0], now[1] - was[1], now[4] - was[4]
     assert calls >= 20 and plans - rel_plans <= 5, (calls, plans, rel_plans)
+
+
+def test_a_consent_that_releases_more_than_a_batch_releases_the_rest_after_it_in_order(make_daemon, db_url, pg):
+    """alice's consent of wally finds 6,501 of his messages held for her,
+    more than a sweep's batch (SWEEP_BATCH, 5,000, gateway/policy_live.c):
+    her consent's transaction releases the first 5,000 by id (its answer
+    says so), and its NOTIFY causeway_sweep has the policy thread release
+    the rest at once, in transactions of their own, though its periodic
+    sweep is ten minutes away. Each batch's rows (the transaction that
+    wrote them, xmin) come after the rows of the batches committed before
+    it, so no row released overtakes an earlier one still held; each is
+    recorded as the policy's allow. Until the sixty-second session one
+    statement released all of them in the consent's transaction, their row
+    locks held and none of them due until the last was written."""
+    d = make_daemon(db_url, options={"policy": {"sweep_interval_ms": "600000"}}).start()
+    made = push_peers(d)
+    try:
+        (a, _), _ = made
+        opt_in(d)
+        room = dm(a)
+        mine = send(a, room, "wait").json()["id"]
+        alice = pg.psql(f"SELECT id FROM identities WHERE uri = '{ALICE}'", db_url)
+        fill_outbox(pg, db_url, mine, 6500, 0, alice)
+        assert pg.psql(f"SELECT count(*) FROM outbox WHERE state = 'held' AND target_identity_id = {alice}",
+                       db_url) == "6501"
+        out = consent(d, a.user("wally"), "allowed")
+        assert out["released"] == 5000, out
+        wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE state = 'held'", db_url) == "0", timeout=60,
+                   what="the rest of the release, by the policy thread")
+        rows = pg.psql(f"SELECT id, xmin::text::bigint, state FROM outbox WHERE target_identity_id = {alice} "
+                       "ORDER BY id", db_url).splitlines()
+        rows = [r.split("|") for r in rows]
+        assert len(rows) == 6501 and all(r[2] == "pending" for r in rows), rows[:3]
+        xids = [int(r[1]) for r in rows]
+        batches = [xids.count(x) for x in sorted(set(xids))]
+        assert xids == sorted(xids) and len(batches) == 2 and batches[0] == 5000, batches
+        assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'policy.allow' AND reason_code = "
+                       "'user_allowed_sender' AND details->>'by' = 'sweep'", db_url) == "6501"
+    finally:
+        for _, srv in made:
+            srv.close()
