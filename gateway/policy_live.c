@@ -3568,8 +3568,11 @@ static void *live_main(void *arg)
 			if (took >= SWEEP_REPLAN_US && PQstatus(pl->c) == CONNECTION_OK)
 				replan_sweep(pl, took);
 			pl->sweep_slow = took >= SWEEP_REPLAN_US;
-			/* a whole batch released: the next at the next turn */
-			next_sweep = src || !more ? now + pl->o.sweep_interval_ms * 1000LL : now;
+			/* a whole batch released: the next at the next turn; not
+			 * when it decided nothing (its rows locked by another
+			 * transaction): no turn after turn until that one ends */
+			more = !src && more && counts[0] + counts[1] + counts[2] > 0;
+			next_sweep = more ? now : now + pl->o.sweep_interval_ms * 1000LL;
 		}
 		/* Its own cadence: old data waits a minute more at no cost.  A
 		 * full batch means a backlog (the first run after an upgrade, a

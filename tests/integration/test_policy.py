@@ -5091,12 +5091,13 @@ def test_the_periodic_sweeps_window_of_blocks_is_planned_for_its_range(make_daem
 
 
 def test_a_consent_that_releases_more_than_a_batch_releases_the_rest_after_it_in_order(make_daemon, db_url, pg):
-    """alice's consent of wally finds 6,501 of his messages held for her,
-    more than a sweep's batch (SWEEP_BATCH, 5,000, gateway/policy_live.c):
-    her consent's transaction releases the first 5,000 by id (its answer
-    says so), and its NOTIFY causeway_sweep has the policy thread release
-    the rest at once, in transactions of their own, though its periodic
-    sweep is ten minutes away. Each batch's rows (the transaction that
+    """alice's consent of wally finds 12,001 of his messages held for her,
+    more than two of a sweep's batches (SWEEP_BATCH, 5,000,
+    gateway/policy_live.c): her consent's transaction releases the first
+    5,000 by id (its answer says so), and its NOTIFY causeway_sweep has the
+    policy thread release the rest at once, in transactions of their own
+    (the second whole: it sweeps again at its next turn), though its
+    periodic sweep is ten minutes away. Each batch's rows (the transaction that
     wrote them, xmin) come after the rows of the batches committed before
     it, so no row released overtakes an earlier one still held; each is
     recorded as the policy's allow. Until the sixty-second session one
@@ -5110,9 +5111,9 @@ def test_a_consent_that_releases_more_than_a_batch_releases_the_rest_after_it_in
         room = dm(a)
         mine = send(a, room, "wait").json()["id"]
         alice = pg.psql(f"SELECT id FROM identities WHERE uri = '{ALICE}'", db_url)
-        fill_outbox(pg, db_url, mine, 6500, 0, alice)
+        fill_outbox(pg, db_url, mine, 12000, 0, alice)
         assert pg.psql(f"SELECT count(*) FROM outbox WHERE state = 'held' AND target_identity_id = {alice}",
-                       db_url) == "6501"
+                       db_url) == "12001"
         out = consent(d, a.user("wally"), "allowed")
         assert out["released"] == 5000, out
         wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE state = 'held'", db_url) == "0", timeout=60,
@@ -5120,12 +5121,12 @@ def test_a_consent_that_releases_more_than_a_batch_releases_the_rest_after_it_in
         rows = pg.psql(f"SELECT id, xmin::text::bigint, state FROM outbox WHERE target_identity_id = {alice} "
                        "ORDER BY id", db_url).splitlines()
         rows = [r.split("|") for r in rows]
-        assert len(rows) == 6501 and all(r[2] == "pending" for r in rows), rows[:3]
+        assert len(rows) == 12001 and all(r[2] == "pending" for r in rows), rows[:3]
         xids = [int(r[1]) for r in rows]
         batches = [xids.count(x) for x in sorted(set(xids))]
-        assert xids == sorted(xids) and len(batches) == 2 and batches[0] == 5000, batches
+        assert xids == sorted(xids) and batches == [5000, 5000, 2001], batches
         assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'policy.allow' AND reason_code = "
-                       "'user_allowed_sender' AND details->>'by' = 'sweep'", db_url) == "6501"
+                       "'user_allowed_sender' AND details->>'by' = 'sweep'", db_url) == "12001"
     finally:
         for _, srv in made:
             srv.close()
