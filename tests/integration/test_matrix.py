@@ -10996,3 +10996,57 @@ def test_a_change_that_failed_before_a_restart_is_charged_at_its_run_again(mx, h
     release_marks(pg, db_url)
     assert pg.psql("SELECT string_agg(subject || ' ' || state, ',') FROM consents", db_url) == wally + " allowed"
     assert not any(n.startswith("Blocked") for n in said()), said()
+
+
+@pytest.mark.parametrize("lost", ["commit", "audit"])
+def test_a_change_whose_answer_was_lost_is_charged_once(make_daemon, db_url, hs, pg, lost):
+    """alice may make one change a minute. Her block of wally loses its
+    answer with the bot's connection (a proxy drops it and closes): its
+    COMMIT's, the block stored ("commit"), or its audit record's, inside
+    the transaction, which the server then rolls back ("audit"). Stored or
+    not, the bot cannot know; it keeps the token, reconnects and runs the
+    command again, which takes no other: wally is blocked once (one
+    consent, one audit record), alice is answered "Blocked" once and never
+    "That did not work", and her accept of wally right after is refused as
+    too many changes (charged once, not zero times), then her help is
+    answered (the bot recovered). Until the sixty-first session's second
+    review a lost COMMIT's token was given back, and the change stored with
+    its answer lost was free (the row's note of it believed at the run
+    again); until the sixty-second session no test cut a COMMIT of the
+    bot's changes."""
+    with PgProxy(db_url) as px:
+        mx = start_mx(make_daemon, px.url, hs)
+        a, srv = add_gk(mx)
+        try:
+            wally = a.user("wally")
+            assert mx.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 1}).ok
+            alice, mgmt, said = alice_and_the_bot(hs)
+            if lost == "commit":
+                # change_noted's UPDATE, the first statement after the change's BEGIN (a command's
+                # own note, run before, is outside any transaction): counted complete, it arms the COMMIT
+                px.on_complete = True
+                px.cut_commit_matching(lambda t: "UPDATE matrix_bot_inbox SET command_allowed" in t)
+            else:
+                px.cut_statement(lambda t: "INSERT INTO audit_log" in t)
+            alice.send_text(mgmt, f"block {wally}")
+            wait_until(lambda: px.cuts == 1, timeout=20, what="the block's answer lost")
+            wait_until(lambda: any(n.startswith(("Blocked", "You made too many", "That did not work")) for n in said()),
+                       timeout=30, what="the block answered after the reconnect")
+            assert [n for n in said() if "Commands" not in n][0].startswith("Blocked " + wally), said()
+            assert any(r.get("msg") == "a bot command failed" for r in mx.records)  # the change's own answer lost
+            assert pg.psql("SELECT string_agg(subject || ' ' || state, ',') FROM consents", db_url) == \
+                wally + " blocked"
+            assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'consent.block'", db_url) == "1"
+            alice.send_text(mgmt, f"accept {wally}")
+            wait_until(lambda: any("too many changes" in n or n.startswith("Accepted") for n in said()),
+                       timeout=20, what="the accept answered")
+            alice.send_text(mgmt, "help")
+            wait_until(lambda: sum("Commands" in n for n in said()) == 2, timeout=20, what="the help answered")
+            answers = [n for n in said() if "Commands" not in n]
+            assert len(answers) == 2 and answers[0].startswith("Blocked " + wally) and \
+                answers[1].startswith("You made too many changes in a short time"), answers
+            assert pg.psql("SELECT string_agg(subject || ' ' || state, ',') FROM consents", db_url) == \
+                wally + " blocked"
+            assert pg.psql("SELECT count(*) FROM matrix_bot_inbox WHERE handled_at IS NULL", db_url) == "0"
+        finally:
+            srv.close()
