@@ -537,7 +537,9 @@ static cw_err inbox_handled(PGconn *c, const char *id, cw_errmsg *e)
  * change_allowed 0, and its run again takes a token of its own, as its
  * token was given back (change_back; kept, when the connection was lost
  * and whether the change was stored is not known, and then the run again
- * in this process takes none), and the process stopped between
+ * in this process takes none, until txid_status, asked once connected
+ * again, says the change was rolled back: changes_resolved), and the
+ * process stopped between
  * the change's COMMIT and the handled mark leaves 1, the run again free.
  * Until the sixty-first session it was in memory only, for the last
  * COMMAND_RUNS commands, and a restart, or the bot's lock taken by
@@ -564,6 +566,9 @@ struct command_run {
 	bool allowed;       /* command_allowed's answer */
 	signed char change; /* change_allowed's: 1 allowed, -1 refused, 0 not asked (or its token given back) */
 	bool took;          /* this run took change's token (not a run again's answer): change_back's to give */
+	bool unsure;        /* its change's COMMIT answer lost, its token kept: changes_resolved's to ask */
+	long long xid;      /* its change's transaction (change_noted): 0 not known */
+	char who[MX_ID_MAX + 1]; /* unsure: the localpart whose token that is */
 };
 
 struct command_runs {
@@ -634,9 +639,25 @@ static void command_run_note(PGconn *c, const struct command_run *run)
 /* The note of a change allowed (run->change 1), written inside the
  * change's transaction, after its BEGIN: stored with the change or not
  * at all (struct command_runs).  Its failure is the change's. */
-static cw_err change_noted(PGconn *c, const struct command_run *run, cw_errmsg *e)
+static cw_err change_noted(PGconn *c, struct command_run *run, cw_errmsg *e)
 {
-	return command_run_store(c, run, e);
+	/* Its transaction's id too, asked of txid_status should the answer
+	 * of its COMMIT be lost (changes_resolved). */
+	char id[24], change[8];
+	snprintf(id, sizeof(id), "%lld", run->row);
+	snprintf(change, sizeof(change), "%d", run->change);
+	const char *p[] = { id, run->allowed ? "t" : "f", change };
+	run->xid = 0;
+	if (run->row <= 0)
+		return CW_OK;
+	PGresult *r = PQexecParams(c, "UPDATE matrix_bot_inbox SET command_allowed = $2::boolean, change_allowed = "
+				      "$3::smallint WHERE id = $1::bigint RETURNING txid_current()",
+				   3, NULL, p, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (!rc && PQntuples(r) == 1)
+		run->xid = atoll(PQgetvalue(r, 0, 0));
+	PQclear(r);
+	return rc;
 }
 
 static bool change_allowed(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *sender,
@@ -644,6 +665,7 @@ static bool change_allowed(struct matrix *m, PGconn *c, const char *room, const 
 {
 	if (run->change) {
 		run->took = false; /* its first run's token, spent on what it stored */
+		run->unsure = false; /* or kept for it (change_back): spent on this run, whatever the first became */
 		return run->change > 0; /* a run again: its first run's answer (struct command_runs) */
 	}
 	char localpart[MX_ID_MAX + 1], server[MX_ID_MAX + 1];
@@ -712,14 +734,62 @@ static void change_back(struct matrix *m, PGconn *c, const char *sender, struct 
 	 * no other, and pays with this one whether the row then says stored
 	 * (1) or rolled back.  Until the sixty-first session's second review
 	 * it was given back, and a change stored with its answer lost was
-	 * carried out for nothing (the row's 1 believed at the run again). */
+	 * carried out for nothing (the row's 1 believed at the run again).
+	 * Since the sixty-second session the database is asked, once
+	 * connected again, whether the change's transaction was committed
+	 * (changes_resolved): rolled back, the token is given back then. */
 	if (c && PQstatus(c) != CONNECTION_OK) {
 		run->change = 1;
+		if (run->xid && mx_user_id_parse(sender, run->who, sizeof(run->who), server, sizeof(server)))
+			run->unsure = true; /* asked once connected again (changes_resolved) */
 		return;
 	}
 	run->change = 0; /* a run again takes its own: the row's note, rolled back with the change, says 0 too */
 	if (mx_user_id_parse(sender, localpart, sizeof(localpart), server, sizeof(server)))
 		policy_user_update_give(m->app->policy, m->app->limits, localpart);
+}
+
+/* The changes whose COMMIT's answer was lost (change_back's unsure),
+ * asked of the database once connected again: txid_status says whether
+ * each was committed.  Rolled back, its token is given back and the note
+ * in memory says none was taken (a run again here takes its own, as the
+ * row's 0 says); committed, the token stays spent; still in progress (the
+ * server has not yet seen the connection end), asked again at the next
+ * round; no longer known (older than the server keeps), kept.  Until the
+ * sixty-second session the token was kept in every case, and when the
+ * bot's lock went to another process meanwhile (it goes with the lost
+ * connection) and the change had been rolled back, the other process ran
+ * it again and took a token of its own bucket: the change charged twice,
+ * once in each process, and this process's bucket, which her XMPP
+ * commands share and her bot commands use again once the lock comes
+ * back, one token short for a minute
+ * (test_a_change_rolled_back_with_its_answer_lost_while_the_lock_moved_is_given_back). */
+static void changes_resolved(struct matrix *m, PGconn *c, struct command_runs *runs)
+{
+	for (int k = 0; k < COMMAND_RUNS; k++) {
+		struct command_run *run = &runs->run[k];
+		if (!run->unsure)
+			continue;
+		char xid[24];
+		snprintf(xid, sizeof(xid), "%lld", run->xid);
+		const char *p[] = { xid };
+		PGresult *r = PQexecParams(c, "SELECT txid_status($1::bigint)", 1, NULL, p, NULL, NULL, 0);
+		if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1) {
+			PQclear(r);
+			return; /* the next round asks again */
+		}
+		const char *status = PQgetisnull(r, 0, 0) ? "" : PQgetvalue(r, 0, 0);
+		if (strcmp(status, "in progress") != 0) {
+			run->unsure = false;
+			if (strcmp(status, "aborted") == 0) {
+				run->change = 0;
+				policy_user_update_give(m->app->policy, m->app->limits, run->who);
+				LOG_KV(CW_LOG_INFO, "a change whose answer was lost was rolled back: its token given back",
+				       "xid", xid);
+			}
+		}
+		PQclear(r);
+	}
 }
 
 /* Answers that who, the party of an accept, block or report, is none of
@@ -3978,6 +4048,7 @@ static void *bot_main(void *arg)
 			}
 			store_backoff_reset(&reconnect);
 		}
+		changes_resolved(m, c, &command_runs); /* held or not: its tokens are this process's */
 		if (!mine)
 			mine = bot_lock(c);
 		/* While the homeserver refuses the as_token (token_state) no

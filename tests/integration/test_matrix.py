@@ -11050,3 +11050,57 @@ def test_a_change_whose_answer_was_lost_is_charged_once(make_daemon, db_url, hs,
             assert pg.psql("SELECT count(*) FROM matrix_bot_inbox WHERE handled_at IS NULL", db_url) == "0"
         finally:
             srv.close()
+
+
+def test_a_change_rolled_back_with_its_answer_lost_while_the_lock_moved_is_given_back(make_daemon, db_url, hs, pg):
+    """Two processes share the database; the first (through a proxy) holds
+    the bot's lock, and alice may make one change a minute. Her block of
+    wally loses its audit record's answer with the first's connection
+    (the server rolls the change back), and the first cannot connect again
+    for a while: the lock goes with the connection to the second, whose
+    bot runs the block again (the row says no token was taken) with a token
+    of its own bucket. Once connected again the first asks txid_status of
+    the change's transaction, finds it rolled back and gives its token back:
+    when the lock comes back to it, her accept of wally, within the minute,
+    is carried out. Until the sixty-second session the first kept the
+    token whatever became of the change, the change was charged in both
+    processes, and her accept was refused as too many changes."""
+    with PgProxy(db_url) as px:
+        first = start_mx(make_daemon, px.url, hs)
+        first_url = hs.registration["url"]
+        a, srv = add_gk(first)
+        second = None
+        try:
+            wally = a.user("wally")
+            assert first.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 1}).ok
+            alice, mgmt, said = alice_and_the_bot(hs)  # the first's bot: the lock's holder
+            second = make_daemon(db_url, options={
+                "server": {"port": str(free_port())},
+                "matrix": {"homeserver_url": hs.url, "as_token": AS_TOKEN, "hs_token": HS_TOKEN}}).start()
+            px.cut_statement(lambda t: "INSERT INTO audit_log" in t)
+            px.refuse()  # the first's connections open go on; it cannot connect again
+            t0 = time.monotonic()
+            alice.send_text(mgmt, f"block {wally}")
+            wait_until(lambda: px.cuts == 1, timeout=20, what="the block's answer lost")
+            wait_until(lambda: any(n.startswith(("Blocked", "You made too many", "That did not work")) for n in said()),
+                       timeout=30, what="the block answered by the second's bot")
+            assert [n for n in said() if "Commands" not in n] == [n for n in said() if n.startswith("Blocked")]
+            px.thaw()
+            wait_until(lambda: any(r.get("msg", "").startswith("a change whose answer was lost was rolled back")
+                                   for r in first.records), timeout=20, what="the first's token given back")
+            second.stop()
+            second = None
+            hs.registration["url"] = first_url
+            alice.send_text(mgmt, f"accept {wally}")
+            wait_until(lambda: any(n.startswith("Accepted") or "too many changes" in n for n in said()),
+                       timeout=20, what="the accept answered by the first's bot")
+            assert time.monotonic() - t0 < 50  # within the minute that refills the first's token
+            assert not any("too many changes" in n for n in said()), said()
+            assert pg.psql("SELECT string_agg(subject || ' ' || state, ',') FROM consents", db_url) == \
+                wally + " allowed"
+            assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'consent.block'", db_url) == "1"
+        finally:
+            px.thaw()
+            if second is not None:
+                second.stop()
+            srv.close()
