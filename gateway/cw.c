@@ -233,6 +233,10 @@ char *cw_pg_ids_end(struct cw_pg_ids *a)
 	if (a->refused) {
 		if (a->own)
 			free(a->s);
+		else
+			a->s[0] = '\0'; /* a caller that sends it anyway sends "" (a
+					  * malformed literal PostgreSQL refuses), never
+					  * an unended "{1,2" read past its end */
 		return a->s = NULL;
 	}
 	a->s[a->len++] = '}';

@@ -81,7 +81,9 @@ size_t cw_copy_cut(char *dst, size_t len, const char *s);
 size_t outbox_put_ll(char *p, long long v);
 
 /* PostgreSQL array literals: the text form of a $n::bigint[] or
- * $n::text[] parameter.  Until the sixty-second session ten places built
+ * $n::text[] parameter (peers.c's event types, known words written
+ * unquoted into a fixed buffer, left as they were).  Until the
+ * sixty-second session ten places built
  * their own (the dispatcher's batches, orphans and claim renewal, the
  * policy's users, user walk and rechecks, the Matrix batch's info, the
  * bot's rooms and notices, the XMPP requests shown and audit gaps), each
@@ -93,7 +95,8 @@ size_t outbox_put_ll(char *p, long long v);
  * call past those n is refused, and makes the end fail: never a write past
  * the buffer), ended into "{1,2,3}" ("{}" for none).  begin is false when
  * out of memory or n too large for a size_t; end NULL when an add was
- * refused (a buffer of the builder's own freed then). */
+ * refused (a buffer of the builder's own freed then, a caller's left
+ * the empty string). */
 #define CW_PG_ID_MAX 21 /* "-9223372036854775808" and its comma */
 #define CW_PG_IDS_SIZE(n) (3 + (size_t)(n) * CW_PG_ID_MAX)
 struct cw_pg_ids {

@@ -204,6 +204,7 @@ START_TEST(pg_ids_cases)
 	ck_assert(cw_pg_ids_begin(&a, buf, 0));
 	cw_pg_ids_add(&a, 1);
 	ck_assert_ptr_null(cw_pg_ids_end(&a));
+	ck_assert_msg(buf[0] == '\0', "a refused caller's buffer left as \"%.3s\"", buf);
 	ck_assert(cw_pg_ids_begin(&a, NULL, 2));
 	cw_pg_ids_add(&a, 1);
 	cw_pg_ids_add(&a, 2);
