@@ -490,20 +490,8 @@ void dispatcher_dead_text(char *buf, size_t len, const PGresult *r, int i)
  * says why), its parameters $2 and $10 folding its failure's arms away so
  * that each custom plan cost less than the generic one (0.4-1 ms of
  * planning a batch): it runs with its generic plan since the forty-fifth
- * session (docs/performance.md), and so does the claim since the
- * sixty-second.  Left to choose, the claim was planned at 4 % of its calls
- * of tests/bench/xmpp one session and at 63 % the next (209 of 333, some 2
- * ms each): its LIMIT is a parameter ($1), whose value a generic plan does
- * not know, so it costs a tenth of the rows the statistics count due where
- * a custom plan costs batch_max of them.  Once the statistics count a
- * backlog the generic plan costs two to twenty times the custom ones, and
- * after a connection's five custom plans PostgreSQL planned again at every
- * call, the same plan; whether it did went with the statistics of the
- * moment of those five and of each analyze after.  The generic plan is the
- * custom one with that estimate changed (EXPLAIN at 20,000 and 200,000
- * rows pending, analyzed at five moments of a release): the scans below
- * are chosen by their ORDER BYs and indexes, not by the counts
- * (docs/performance.md, "Sixty-second session").
+ * session (docs/performance.md; the claim, planned at 4 % of its calls in
+ * tests/bench/xmpp and 40 % in tests/bench/matrix, is left to choose).
  *
  * The claim takes one destination at a time, so the scan is the
  * (destination, id) index of pending rows, in order, stopping at the
@@ -523,12 +511,8 @@ void dispatcher_dead_text(char *buf, size_t len, const PGresult *r, int i)
  * counts make both cost alike (a table never analyzed).  The rows in
  * flight are read so too: outbox_state_dest_idx is the one index that
  * gives their ORDER BY id with state and destination as its conditions
- * (its first columns, both equal); where the statistics count rows in
- * flight the planner reads outbox_claim_expiry_idx and sorts (the rows in
- * flight to every destination: lanes times batch_max of each process at
- * most; seen in the sixty-second session's EXPLAINs).  Without the
- * ORDER BY the planner took outbox_room_order_idx, whose first column
- * is the room, and read it
+ * (its first columns, both equal).  Without it the planner took
+ * outbox_room_order_idx, whose first column is the room, and read it
  * whole (every pending, held and in-flight row of every destination,
  * the destination a filter) in each of the twenty claims of
  * tests/bench/matrix --rooms: 6,700 of a claim's 17,100 buffers and 15
@@ -925,7 +909,7 @@ static bool claim_destination(struct lane *l, const char *dest, struct outbox_ro
 	snprintf(timeout, sizeof(timeout), "%ld", d->o.claim_timeout_s);
 	snprintf(bytes, sizeof(bytes), "%ld", d->o.claim_bytes > 0 ? d->o.claim_bytes : CLAIM_BYTES_DEFAULT);
 	const char *params[] = { limit, l->name, timeout, dest, bytes };
-	PGresult *r = store_exec_generic(l->c, "cw_claim", 5, params); /* lane_stmts says why */
+	PGresult *r = PQexecPrepared(l->c, "cw_claim", 5, params, NULL, NULL, 0);
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		store_result_err(l->c, r, e);
 		PQclear(r);

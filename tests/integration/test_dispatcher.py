@@ -335,35 +335,6 @@ def _claims_plans(make_daemon, pg, db_url):
             srv.close()
 
 
-def test_the_claim_is_planned_once_a_lane_whatever_the_backlog_the_statistics_count(make_daemon, pg_planned):
-    """The claim runs with its generic plan (store_exec_generic), planned
-    once on the lane's connection, whatever the statistics say.  Left to
-    choose (plan_cache_mode auto) it was planned at nearly every call once
-    the statistics counted a backlog: the generic plan does not know the
-    claim's LIMIT ($1) and costs a tenth of the rows due (here 500 of
-    5,000) where a custom plan costs 250, so after its five custom plans
-    PostgreSQL found the generic one dearer and planned again at each
-    call, the same plan (209 plans in 333 calls of tests/bench/xmpp
-    --release, 2 ms each; docs/performance.md, "Sixty-second session").
-    Here the backlog is another destination's, analyzed, and the lane
-    claims its peers' destinations every 200 ms, idle."""
-    db_url = pg_planned.new_database("t_claim_planned")
-    pg_planned.psql("ALTER TABLE outbox SET (autovacuum_enabled = off)", db_url)
-    pg_planned.psql("INSERT INTO outbox (event_id, destination, room_id, state) "
-                    "SELECT -g, 'peer:zz', -1 - g % 4, 'pending' FROM generate_series(1, 5000) g", db_url)
-    pg_planned.psql("ANALYZE outbox", db_url)
-    d = make_daemon(db_url, options={"dispatcher": {"lanes": "1"}}).start()
-    made = push_peers(d)
-    try:
-        claim = "WITH RECURSIVE blocked AS ("
-        wait_until(lambda: pg_planned.planned(db_url, claim)[0] >= 30, timeout=60, what="30 claims")
-        calls, plans = pg_planned.planned(db_url, claim)
-        assert plans <= 2, (calls, plans)
-    finally:
-        for _, srv in made:
-            srv.close()
-
-
 def test_the_claims_rows_backing_off_are_read_in_their_index_whatever_the_statistics(make_daemon, db_url, pg):
     """The claim's arm of the rows backing off (pending, next_attempt_at
     still to come) is planned, on a table never analyzed, as a descent of
