@@ -411,7 +411,7 @@ class Homeserver:
         # requests a moment before the record was in (stop 75's CI).
         self._serving = threading.local()
         self._in_flight = set()     # ids of the records of the requests being served
-        self._unrecorded = set()
+        self._unrecorded = {}       # id -> record, of those
         self._transactions = []
         self._queue_events = []
         self._queue_ephemeral = []
@@ -630,12 +630,21 @@ class Homeserver:
             # Not from the server's own threads (a test's predicate, such
             # as lose_reply, reading the record): one would wait for
             # itself, or let go of the lock in the middle of a handler.
+            # Only the effects made before this read are waited for (a
+            # snapshot): under steady traffic whose answers are held a while
+            # there is always some request marked, and waiting for none
+            # waited the whole 30 s (the review of the sixty-second
+            # session's change).  A record not in by then fails the test
+            # here, where the cause is, naming the requests.
             if getattr(self._serving, "rec", None) is None:
+                pending = set(self._unrecorded)
                 deadline = time.monotonic() + 30
-                while self._unrecorded and time.monotonic() < deadline:
+                while pending.intersection(self._unrecorded) and time.monotonic() < deadline:
                     self._cond.wait(deadline - time.monotonic())
-                if self._unrecorded:
-                    self.errors.append(f"requests: {len(self._unrecorded)} effects never recorded")
+                left = [self._unrecorded[k] for k in pending.intersection(self._unrecorded)]
+                if left:
+                    raise AssertionError("the stand-in: requests whose effect shows not recorded in 30 s: " +
+                                         ", ".join(f'{r["method"]} {r["path"]}' for r in left))
             return list(self._requests)
 
     def _effect(self):
@@ -645,7 +654,7 @@ class Homeserver:
         invitations)."""
         rec = getattr(self._serving, "rec", None)
         if rec is not None and id(rec) in self._in_flight:
-            self._unrecorded.add(id(rec))
+            self._unrecorded[id(rec)] = rec
 
     def wait_for(self, pred, timeout=10, interval=0.02, what="condition"):
         deadline = time.time() + timeout
@@ -799,70 +808,76 @@ class Homeserver:
         self._serving.rec = rec
         with self._lock:
             self._in_flight.add(id(rec))
+        rec["status"], rec["answer"], rec["lost"] = None, None, True  # until answered: none given
+        lost = False
+        # One try for the whole of it: whatever a test's hook raises (a
+        # BaseException such as pytest.fail too), the record goes in and
+        # the thread's mark is cleared, or every later read of requests
+        # would wait for it (the review of the sixty-second session's
+        # change).
         try:
-            found, known = None, False
-            for m, rx, fn, auth in self._routes:
-                mt = rx.fullmatch(path)
-                if mt:
-                    known = True
-                    if m == method:
-                        found = (fn, auth, mt.groups())
-                        break
-            if found is None:
-                if known and method == "OPTIONS":
-                    status, answer = 200, {}
-                elif known:
-                    raise MatrixError(405, "M_UNRECOGNIZED", "Unrecognized request")
+            try:
+                found, known = None, False
+                for m, rx, fn, auth in self._routes:
+                    mt = rx.fullmatch(path)
+                    if mt:
+                        known = True
+                        if m == method:
+                            found = (fn, auth, mt.groups())
+                            break
+                if found is None:
+                    if known and method == "OPTIONS":
+                        status, answer = 200, {}
+                    elif known:
+                        raise MatrixError(405, "M_UNRECOGNIZED", "Unrecognized request")
+                    else:
+                        raise MatrixError(404, "M_UNRECOGNIZED", "Unrecognized request")
                 else:
-                    raise MatrixError(404, "M_UNRECOGNIZED", "Unrecognized request")
-            else:
-                fn, auth, groups = found
-                req = Requester(None, None, False)
-                req.method, req.path, req.query, req.headers, req.raw = method, path, query, headers, body
-                if auth is not None:
-                    self._authenticate(req, auth)
+                    fn, auth, groups = found
+                    req = Requester(None, None, False)
+                    req.method, req.path, req.query, req.headers, req.raw = method, path, query, headers, body
+                    if auth is not None:
+                        self._authenticate(req, auth)
+                        rec["user"], rec["appservice"] = req.user_id, req.is_as
+                    req.body = None
+                    if fn == self._h_upload:
+                        rec["body"] = {"bytes": len(body)}
+                    elif method in ("POST", "PUT"):
+                        req.body = parse_json(body)
+                        rec["body"] = req.body
+                        if not isinstance(req.body, dict):
+                            raise MatrixError(400, "M_BAD_JSON", "Content must be a JSON object.")
+                    args = [urllib.parse.unquote(g) if g is not None else "" for g in groups]
+                    refused = self.refuse(method, path, req.user_id) if self.refuse else False
+                    if isinstance(refused, MatrixError):
+                        raise refused
+                    if refused == 401:  # the as_token not (or no longer) taken
+                        raise MatrixError(401, "M_UNKNOWN_TOKEN", "Invalid application service token.")
+                    if refused == 403:
+                        raise MatrixError(403, "M_FORBIDDEN", "Refused by the test")
+                    if refused == 429:
+                        raise MatrixError(429, "M_LIMIT_EXCEEDED", "Too Many Requests",
+                                          retry_after_ms=self.refuse_retry_after_ms)
+                    if refused == 400:  # the request itself refused, as invalid content is
+                        raise MatrixError(400, "M_BAD_JSON", "Refused by the test")
+                    if refused:
+                        raise MatrixError(503, "M_UNKNOWN", "Service unavailable")
+                    status, answer = fn(req, *args)
                     rec["user"], rec["appservice"] = req.user_id, req.is_as
-                req.body = None
-                if fn == self._h_upload:
-                    rec["body"] = {"bytes": len(body)}
-                elif method in ("POST", "PUT"):
-                    req.body = parse_json(body)
-                    rec["body"] = req.body
-                    if not isinstance(req.body, dict):
-                        raise MatrixError(400, "M_BAD_JSON", "Content must be a JSON object.")
-                args = [urllib.parse.unquote(g) if g is not None else "" for g in groups]
-                refused = self.refuse(method, path, req.user_id) if self.refuse else False
-                if isinstance(refused, MatrixError):
-                    raise refused
-                if refused == 401:  # the as_token not (or no longer) taken
-                    raise MatrixError(401, "M_UNKNOWN_TOKEN", "Invalid application service token.")
-                if refused == 403:
-                    raise MatrixError(403, "M_FORBIDDEN", "Refused by the test")
-                if refused == 429:
-                    raise MatrixError(429, "M_LIMIT_EXCEEDED", "Too Many Requests",
-                                      retry_after_ms=self.refuse_retry_after_ms)
-                if refused == 400:  # the request itself refused, as invalid content is
-                    raise MatrixError(400, "M_BAD_JSON", "Refused by the test")
-                if refused:
-                    raise MatrixError(503, "M_UNKNOWN", "Service unavailable")
-                status, answer = fn(req, *args)
-                rec["user"], rec["appservice"] = req.user_id, req.is_as
-        except MatrixError as e:
-            status, answer = e.status, e.body()
-        except Exception:  # the stand-in's own bug: recorded for the test to see
-            self.errors.append(traceback.format_exc())
-            status, answer = 500, {"errcode": "M_UNKNOWN", "error": "Internal server error"}
-        rec["status"], rec["answer"], rec["lost"] = status, answer, False
-        try:
+            except MatrixError as e:
+                status, answer = e.status, e.body()
+            except Exception:  # the stand-in's own bug: recorded for the test to see
+                self.errors.append(traceback.format_exc())
+                status, answer = 500, {"errcode": "M_UNKNOWN", "error": "Internal server error"}
+            rec["status"], rec["answer"] = status, answer
             lost = self.lose_reply is not None and self.lose_reply(method, path, rec["user"])
-            rec["lost"] = bool(lost)
-        finally:  # recorded even when a test's lose_reply fails, so that requests waits for nothing lost
+            rec["lost"] = bool(lost)  # a lose_reply that raised leaves it True: no answer goes
+        finally:
             with self._cond:
                 self._requests.append(rec)
                 self._serving.rec = None
                 self._in_flight.discard(id(rec))
-                if id(rec) in self._unrecorded:
-                    self._unrecorded.discard(id(rec))
+                if self._unrecorded.pop(id(rec), None) is not None:
                     self._cond.notify_all()
         return (status, LOST) if lost else (status, answer)
 
