@@ -11109,3 +11109,78 @@ def test_a_change_rolled_back_with_its_answer_lost_while_the_lock_moved_is_given
             if second is not None:
                 second.stop()
             srv.close()
+
+
+def sent_with_its_record_failing(a, hs, pg, db_url, room, mx_room):
+    """wally's message "keep my id" sent to Matrix, the statement that
+    records its delivery refused once by the database (a trigger): its id,
+    its Matrix event's, and a subquery giving its outbox row's id."""
+    pg.psql("CREATE SEQUENCE test_fail; "
+            "CREATE FUNCTION test_fail() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            " IF nextval('test_fail') = 1 THEN RAISE EXCEPTION 'injected failure'; END IF; RETURN NEW; END $$; "
+            "CREATE TRIGGER test_fail BEFORE UPDATE ON outbox FOR EACH ROW "
+            "WHEN (NEW.destination = 'matrix' AND OLD.state = 'in_flight' AND NEW.state = 'delivered') "
+            "EXECUTE FUNCTION test_fail()", db_url)
+    m1 = a.send(room, a.user("wally"), "keep my id").json()["id"]
+    wait_until(lambda: pg.psql("SELECT is_called FROM test_fail", db_url) == "t", what="the record failing")
+    [orig] = [e["event_id"] for e in hs.events(mx_room) if e["type"] == "m.room.message"
+              and e["content"]["body"] == "keep my id"]
+    return m1, orig, f"(SELECT o.id FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id = '{m1}')"
+
+
+@pytest.mark.parametrize("how", ["look", "txn", "restart"])
+def test_a_message_whose_record_failed_keeps_its_matrix_event(make_daemon, db_url, hs, pg, how):
+    """wally's message reaches Matrix, and the statement that records its
+    delivery fails (the database refuses it once: a trigger here; a lock
+    or statement timeout, a failover).  Its row stays in flight until its
+    claim runs out (claim_timeout_s, 5 s here), is tried again, and the
+    retry finds the event sent: by the look at the room's last 50 events
+    (the homeserver has forgotten its txnIds: "look"; or the daemon was
+    restarted meanwhile and the homeserver forgot them too: "restart"), or
+    by the txnId, whose answer repeats the event id (60 notices in the
+    room, beyond the look: "txn").  Either way the row is delivered once
+    with the event id it got first, and wally's edit and reply, queued
+    behind it, name that event.  The sixty-second session pinned it (a
+    long-standing item of the stop notes feared the ids lost)."""
+    d = start_mx(make_daemon, db_url, hs, dispatcher={"claim_timeout_s": "5"})
+    a, srv = add_gk(d)
+    try:
+        room, mx_room = wally_wrote_to_alice(d, hs, a, pg, db_url)
+        wally, ghost = a.user("wally"), "@_cw_gk_wally:example.org"
+        wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'matrix' "
+                                   "AND state <> 'delivered'", db_url) == "0", what="hello delivered")
+        m1, orig, row = sent_with_its_record_failing(a, hs, pg, db_url, room, mx_room)
+        assert pg.psql(f"SELECT state || ' ' || coalesce(remote_id, '-') FROM outbox WHERE id = {row}",
+                       db_url) == "in_flight -"
+        put = f"/send/m.room.message/cw-{pg.psql(f'SELECT {row}', db_url)}"
+        # queued behind it: its room has a row in flight
+        ed = {"type": "edit", "sender": wally,
+              "content": {"replaces": m1, "parts": [{"type": "text/plain", "body": "kept my id"}]}}
+        assert a.call("POST", f"/v1/rooms/{room}/messages", ed, idem="ed-kept").status_code == 202
+        reply = {"type": "message", "sender": wally,
+                 "content": {"in_reply_to": m1, "parts": [{"type": "text/plain", "body": "the reply"}]}}
+        assert a.call("POST", f"/v1/rooms/{room}/messages", reply, idem="reply-kept").status_code == 202
+        if how == "txn":
+            for k in range(60):
+                hs.appservice(ghost).send(mx_room, "m.room.message", {"msgtype": "m.notice", "body": f"filler {k}"})
+        else:
+            hs.forget_txn_ids()
+        if how == "restart":
+            d.stop()
+            d.start()
+        wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'matrix' "
+                                   "AND state <> 'delivered'", db_url) == "0", timeout=40, what="all delivered")
+        msgs = [e for e in hs.events(mx_room) if e["type"] == "m.room.message" and e["sender"] == ghost
+                and e["content"]["msgtype"] != "m.notice"]
+        assert [e["content"]["body"] for e in msgs] == ["hello", "keep my id", "* kept my id", "the reply"], msgs
+        assert msgs[1]["event_id"] == orig
+        assert msgs[2]["content"].get("m.relates_to") == {"rel_type": "m.replace", "event_id": orig}
+        assert msgs[3]["content"].get("m.relates_to") == {"m.in_reply_to": {"event_id": orig}}
+        assert pg.psql(f"SELECT remote_id || ' ' || attempts FROM outbox WHERE id = {row}", db_url) == orig + " 2"
+        assert pg.psql("SELECT count(*) FROM event_native_ids n JOIN outbox o ON o.event_id = n.event_id "
+                       f"WHERE o.id = {row} AND n.network = 'matrix' AND n.native_id = '{orig}'", db_url) == "1"
+        sends = [(x["status"], (x["answer"] or {}).get("event_id")) for x in hs.requests if x["path"].endswith(put)]
+        assert sends == ([(200, orig)] * 2 if how == "txn" else [(200, orig)]), sends
+    finally:
+        srv.close()
+
