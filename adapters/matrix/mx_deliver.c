@@ -1549,8 +1549,9 @@ static const char batch_info_sql[] =
 	" p.domain, "
 	" EXISTS (SELECT 1 FROM matrix_bot_inbox b WHERE (b.handled_at IS NULL) IS TRUE "
 	"  AND b.event->>'room_id' = coalesce(pb.native_id, db.native_id) AND ((b.event->>'type' = 'm.room.member' "
-	"  AND b.event->'content'->>'membership' IN ('leave', 'ban')) OR b.event->>'type' = 'm.room.tombstone') OFFSET 0) "
-	"FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS x(ev, tg, k) "
+	"  AND b.event->'content'->>'membership' IN ('leave', 'ban')) OR b.event->>'type' = 'm.room.tombstone') OFFSET 0), "
+	" EXISTS (SELECT 1 FROM delivery_attempts a WHERE a.outbox_id = x.o AND a.code IS DISTINCT FROM 429) "
+	"FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) WITH ORDINALITY AS x(ev, tg, o, k) "
 	"JOIN events ev ON ev.id = x.ev JOIN identities s ON s.id = ev.sender_id JOIN identities t ON t.id = x.tg "
 	"JOIN rooms rm ON rm.id = ev.room_id LEFT JOIN peers p ON p.id = s.peer_id "
 	"LEFT JOIN room_bindings pb ON rm.kind = 'group' AND pb.network = 'matrix' AND pb.room_id = ev.room_id "
@@ -1568,26 +1569,33 @@ static const char batch_info_sql[] =
  * recipient's portal (Matrix room, binding id), whether the sender's
  * ghost has joined it, and the group's name (for a portal made now);
  * whether the leave of the row's Matrix room (or its upgrade, or its ghost
- * put out) waits in the bot's inbox (its unbinding to come). */
+ * put out) waits in the bot's inbox (its unbinding to come); whether the
+ * row had a try other than a 429's (in delivery_attempts: see prep_row's
+ * sent_before). */
 static cw_err batch_info(PGconn *c, const struct outbox_row *rows, size_t n, PGresult **out, cw_errmsg *e)
 {
 	*out = NULL;
-	struct cw_pg_ids a, b;
-	bool ok_a = cw_pg_ids_begin(&a, NULL, n), ok_b = cw_pg_ids_begin(&b, NULL, n);
-	for (size_t i = 0; ok_a && ok_b && i < n; i++) {
+	struct cw_pg_ids a, b, o;
+	bool ok_a = cw_pg_ids_begin(&a, NULL, n), ok_b = cw_pg_ids_begin(&b, NULL, n),
+	     ok_o = cw_pg_ids_begin(&o, NULL, n);
+	for (size_t i = 0; ok_a && ok_b && ok_o && i < n; i++) {
 		cw_pg_ids_add(&a, (long long)rows[i].event_id);
 		cw_pg_ids_add(&b, (long long)rows[i].target_id);
+		cw_pg_ids_add(&o, (long long)rows[i].id);
 	}
-	char *evs = ok_a ? cw_pg_ids_end(&a) : NULL, *tgs = ok_b ? cw_pg_ids_end(&b) : NULL;
-	if (!evs || !tgs) {
+	char *evs = ok_a ? cw_pg_ids_end(&a) : NULL, *tgs = ok_b ? cw_pg_ids_end(&b) : NULL,
+	     *ids = ok_o ? cw_pg_ids_end(&o) : NULL;
+	if (!evs || !tgs || !ids) {
 		free(evs);
 		free(tgs);
+		free(ids);
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	}
-	const char *params[] = { evs, tgs };
-	PGresult *r = store_exec_generic_sql(c, "causeway_mx_batch", batch_info_sql, 2, params);
+	const char *params[] = { evs, tgs, ids };
+	PGresult *r = store_exec_generic_sql(c, "causeway_mx_batch", batch_info_sql, 3, params);
 	free(evs);
 	free(tgs);
+	free(ids);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e); /* clears r on failure */
 	if (!rc)
 		*out = r;
@@ -1966,6 +1974,20 @@ static enum prep prep_row(struct matrix *m, PGconn *c, const struct outbox_row *
 		return PREP_DEAD;
 	}
 	bool group = i >= 0 && strcmp(PQgetvalue(r, i, 15), "group") == 0;
+	/* Whether the row's own event may be in the room already, to be
+	 * looked for before it is sent again (already_sent): a try counted
+	 * (attempts > 1), or one in delivery_attempts that is not counted
+	 * now, a replayed dead letter's (the replay sets attempts to 0).
+	 * Not after 429s alone: each refused the event (the files sent
+	 * before it are media_parts's, tried_before), and a look would be a
+	 * GET more of a homeserver that asks for a slower pace.  Until the
+	 * sixty-second session only a counted try looked: a row whose
+	 * delivery's record failed on its last try (its claim ran out, the
+	 * budget spent: dead, though its message was in the room), or whose
+	 * last try's answer was lost, went again when replayed, twice in the
+	 * room once the homeserver had forgotten its txnId, and the first
+	 * event's id was lost. */
+	bool sent_before = row->attempts > 1 || (i >= 0 && PQgetvalue(r, i, 23)[0] == 't');
 	/* Another user of this provider in the same group: relayed by the bot
 	 * (an appservice can act only as its own users), named in the text. */
 	bool relay = i >= 0 && PQgetvalue(r, i, 5)[0] == 't';
@@ -2185,7 +2207,7 @@ static enum prep prep_row(struct matrix *m, PGconn *c, const struct outbox_row *
 	switch (out.op) {
 	case MX_OP_SEND: {
 		bool found = false;
-		if (row->attempts > 1 && (rc = already_sent(m, room, actor, row->id, -1, eid, sizeof(eid), &found, e)))
+		if (sent_before && (rc = already_sent(m, room, actor, row->id, -1, eid, sizeof(eid), &found, e)))
 			break;
 		if (found) {
 			note_event_id(row, eid);

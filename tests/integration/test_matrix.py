@@ -11184,3 +11184,39 @@ def test_a_message_whose_record_failed_keeps_its_matrix_event(make_daemon, db_ur
     finally:
         srv.close()
 
+
+def test_a_message_whose_record_failed_on_its_last_try_is_not_sent_again_by_its_replay(make_daemon, db_url, hs, pg):
+    """As above, the record of wally's message fails, but on the row's last
+    try (retry_budget 1): its claim runs out with the budget spent, and it
+    is a dead letter, though its message is in the room.  The operator
+    replays it after the homeserver has forgotten its txnIds: the replay
+    (its attempts back to 0) looks for the event before sending, finds it
+    and records its id, and wally's edit names it.  Until the sixty-second
+    session only a counted try (attempts > 1) looked: the replay sent the
+    message a second time, and the first event's id was lost."""
+    d = start_mx(make_daemon, db_url, hs, dispatcher={"claim_timeout_s": "5", "retry_budget": "1"})
+    a, srv = add_gk(d)
+    try:
+        room, mx_room = wally_wrote_to_alice(d, hs, a, pg, db_url)
+        wally, ghost = a.user("wally"), "@_cw_gk_wally:example.org"
+        wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'matrix' "
+                                   "AND state <> 'delivered'", db_url) == "0", what="hello delivered")
+        m1, orig, row = sent_with_its_record_failing(a, hs, pg, db_url, room, mx_room)
+        state = f"SELECT state || ' ' || coalesce(remote_id, '-') FROM outbox WHERE id = {row}"
+        wait_until(lambda: pg.psql(state, db_url) == "dead -", timeout=30, what="the row dead")
+        hs.forget_txn_ids()
+        assert d.admin("POST", f"/outbox/{pg.psql(f'SELECT {row}', db_url)}/replay").status_code == 200
+        wait_until(lambda: pg.psql(state, db_url).startswith("delivered"), timeout=30, what="the replay")
+        assert pg.psql(state, db_url) == "delivered " + orig
+        ed = {"type": "edit", "sender": wally,
+              "content": {"replaces": m1, "parts": [{"type": "text/plain", "body": "kept my id"}]}}
+        assert a.call("POST", f"/v1/rooms/{room}/messages", ed, idem="ed-kept").status_code == 202
+        wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'matrix' "
+                                   "AND state <> 'delivered'", db_url) == "0", timeout=30, what="the edit delivered")
+        msgs = [e for e in hs.events(mx_room) if e["type"] == "m.room.message" and e["sender"] == ghost]
+        assert [e["content"]["body"] for e in msgs] == ["hello", "keep my id", "* kept my id"], msgs
+        assert msgs[2]["content"].get("m.relates_to") == {"rel_type": "m.replace", "event_id": orig}
+        assert pg.psql("SELECT count(*) FROM event_native_ids n JOIN outbox o ON o.event_id = n.event_id "
+                       f"WHERE o.id = {row} AND n.network = 'matrix' AND n.native_id = '{orig}'", db_url) == "1"
+    finally:
+        srv.close()
