@@ -11220,3 +11220,34 @@ def test_a_message_whose_record_failed_on_its_last_try_is_not_sent_again_by_its_
                        f"WHERE o.id = {row} AND n.network = 'matrix' AND n.native_id = '{orig}'", db_url) == "1"
     finally:
         srv.close()
+
+
+def test_a_message_answered_429_is_not_looked_for_before_it_goes_again(mx, hs, gk, pg, db_url):
+    """wally's message is answered 429 M_LIMIT_EXCEEDED (not made): its
+    next try, not counted (attempts stays 1) but in delivery_attempts,
+    sends it without first looking for it in the room, a request more of
+    a homeserver that asked for a slower pace.  Since the sixty-second
+    session a row with another try there (a replayed dead letter's) is
+    looked for: this says the 429's stays apart."""
+    a, _ = gk
+    room, mx_room = wally_wrote_to_alice(mx, hs, a, pg, db_url)
+    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'matrix' "
+                               "AND state <> 'delivered'", db_url) == "0", what="hello delivered")
+    hs.refuse_retry_after_ms = 200
+    limited, t0 = [], time.time()
+
+    def refuse(method, path, user):
+        if method == "PUT" and "/send/m.room.message/cw-" in path and not limited:
+            limited.append(path)
+            return 429
+        return False
+    hs.refuse = refuse
+    m1 = a.send(room, a.user("wally"), "slower please").json()["id"]
+    row = ("SELECT o.state || ' ' || o.attempts || ' ' || (SELECT count(*) FROM delivery_attempts d "
+           f"WHERE d.outbox_id = o.id) FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id = '{m1}'")
+    wait_until(lambda: pg.psql(row, db_url).startswith("delivered"), timeout=20, what="the message delivered")
+    assert pg.psql(row, db_url) == "delivered 1 2"
+    assert [x["status"] for x in hs.requests if x["path"] == limited[0]] == [429, 200]
+    looks = [x["path"] for x in hs.requests if x["method"] == "GET" and x["path"].endswith("/messages")
+             and x["time"] >= t0]
+    assert looks == [], looks
