@@ -217,7 +217,10 @@ static void *sleeper_main(void *arg)
 
 /* A sleep ends at its time, and at once at a stop, wherever the stop
  * falls (until the forty-ninth session the flag was looked at every
- * 100 ms: a stop 10 ms into the sleep waited 90 ms more). */
+ * 100 ms: a stop 10 ms into the sleep waited 90 ms more).  Each place
+ * of the stop in a poll's period is tried three times and its fastest
+ * counted: a machine loaded to 20 on two cores made one wake 58 ms late
+ * (stop 76's first CI), where the old poll is late at every try. */
 START_TEST(sleep_ends_at_its_time_and_at_once_at_a_stop)
 {
 	atomic_bool never = false;
@@ -230,18 +233,22 @@ START_TEST(sleep_ends_at_its_time_and_at_once_at_a_stop)
 	ck_assert_int_lt(cw_now_us() - t0, 50000);
 	int64_t worst = 0;
 	for (int i = 0; i < 10; i++) {
-		struct sleeper z = { .until_us = cw_now_us() + 10000000 };
-		atomic_init(&z.stop, false);
-		pthread_t t;
-		ck_assert_int_eq(pthread_create(&t, NULL, sleeper_main, &z), 0);
-		struct timespec ts = { 0, (5 + 10 * i) * 1000000L }; /* 5..95 ms in: all along a poll's period */
-		nanosleep(&ts, NULL);
-		int64_t stop_us = cw_now_us();
-		ck_assert(!store_sleepers_stop(&z.stop));
-		ck_assert(store_sleepers_stop(&z.stop)); /* set already */
-		pthread_join(t, NULL);
-		int64_t took = z.woke_us - stop_us;
-		worst = took > worst ? took : worst;
+		int64_t best = INT64_MAX;
+		for (int k = 0; k < 3; k++) {
+			struct sleeper z = { .until_us = cw_now_us() + 10000000 };
+			atomic_init(&z.stop, false);
+			pthread_t t;
+			ck_assert_int_eq(pthread_create(&t, NULL, sleeper_main, &z), 0);
+			struct timespec ts = { 0, (5 + 10 * i) * 1000000L }; /* 5..95 ms in: all along a poll's period */
+			nanosleep(&ts, NULL);
+			int64_t stop_us = cw_now_us();
+			ck_assert(!store_sleepers_stop(&z.stop));
+			ck_assert(store_sleepers_stop(&z.stop)); /* set already */
+			pthread_join(t, NULL);
+			int64_t took = z.woke_us - stop_us;
+			best = took < best ? took : best;
+		}
+		worst = best > worst ? best : worst;
 	}
 	ck_assert_msg(worst < 40000, "a stop took %lld us to end a sleep", (long long)worst);
 }
