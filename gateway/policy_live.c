@@ -686,10 +686,14 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
  * contents for a consent that releases 20,000 rows (docs/performance.md,
  * "Fifty-third session: the XMPP delivery path's CPU").  One statement
  * for both: a custom plan folds the CASE, a generic one skips the column
- * per row. */
+ * per row.  Column 10 counts all the rows to release, this batch's and
+ * the later ones' (read to sort them already: the window's count is taken
+ * before the LIMIT), for a consent's answer (policy_sweep_with): from the
+ * sixty-second session's batches to its mend the answer counted only the
+ * first batch, "5,000 released" of 20,000. */
 static const char releasable_sql[] =
 	"SELECT o.id, s.uri, s.domain, s.network, t.uri, t.domain, t.network, e.type, g.gw, "
-	" CASE WHEN $3::boolean THEN e.content END "
+	" CASE WHEN $3::boolean THEN e.content END, count(*) OVER () "
 	"FROM outbox o JOIN events e ON e.id = o.event_id JOIN identities s ON s.id = e.sender_id "
 	"JOIN identities t ON t.id = o.target_identity_id "
 	"CROSS JOIN LATERAL (SELECT " WROTE_IN_GROUP " AS gw) g "
@@ -1007,13 +1011,15 @@ static struct store_piped sweep_piped(bool prepared, int k, int n, const char *c
  * and the caller's statements were a round trip each: a consent's five
  * round trips are two. */
 static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const char *target_id, long counts[3],
-		    struct store_piped *first, struct store_piped *then, bool notify, bool *more, cw_errmsg *e)
+		    struct store_piped *first, struct store_piped *then, bool notify, bool *more, long *later,
+		    cw_errmsg *e)
 {
 	char secs[24], last[24];
 	snprintf(secs, sizeof(secs), "%lld", (long long)v->set.held_expiry_s);
 	char *denials = NULL;
 	const char *params[] = { secs, target_id, NULL, notify ? "t" : "f", NULL };
 	*more = false;
+	*later = 0;
 	bool own = PQtransactionStatus(c) == PQTRANS_IDLE;
 	cw_err rc = own ? store_exec(c, "BEGIN", e) : CW_OK;
 	/* The content only when a rule limits it (releasable_sql's $3; NULL
@@ -1042,6 +1048,7 @@ static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const
 			snprintf(last, sizeof(last), "%s", PQgetvalue(q[mine + 1].r, PQntuples(q[mine + 1].r) - 1, 0));
 			params[4] = last;
 			*more = true;
+			*later = atol(PQgetvalue(q[mine + 1].r, 0, 10)) - PQntuples(q[mine + 1].r);
 		}
 		if (!target_id && strcmp(PQgetvalue(q[mine + 2].r, 0, 0), "t") != 0)
 			k = 2;
@@ -1072,12 +1079,20 @@ static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const
 
 /* The sweep of a user's rows (target_id) in the caller's transaction,
  * with the caller's statements first and then (sweep's) in its round
- * trips, NOTIFYing the dispatchers of the rows it released. */
+ * trips, NOTIFYing the dispatchers of the rows it released.  counts[0]
+ * counts the rows to release after its batch too (releasable_sql's
+ * column 10, SWEEP_BATCH), which the policy thread releases: the figure
+ * of a consent's answer is all her held messages it releases (a rule
+ * added in between could still stop one at its batch). */
 static cw_err policy_sweep_with(PGconn *c, const struct policy_view *v, const char *target_id, long counts[3],
 				struct store_piped *first, struct store_piped *then, cw_errmsg *e)
 {
 	bool more;
-	return sweep(c, false, v, target_id, counts, first, then, true, &more, e);
+	long later;
+	cw_err rc = sweep(c, false, v, target_id, counts, first, then, true, &more, &later, e);
+	if (!rc)
+		counts[0] += later;
+	return rc;
 }
 
 /* ------------------------------------------------------------ recheck */
@@ -2189,6 +2204,7 @@ struct policy_live {
 	PGconn *c;
 	bool sweep_slow; /* the last periodic sweep took SWEEP_REPLAN_US or more (replan_sweep) */
 	bool sweep_asked; /* a NOTIFY causeway_sweep heard: a consent's release left a batch for the next sweep */
+	bool sweep_due;   /* a connection made: the next sweep turn releases all held rows due first (sweep_due_all) */
 	bool events_known; /* events' statistics count what it holds (analyze_grown_events) */
 	bool drop_conn;    /* c to be made again at the next turn (replan_sweep failed) */
 	struct retention_state retention; /* the retention sweep's, from run to run */
@@ -2658,6 +2674,7 @@ static bool ensure_conn(struct policy_live *pl, bool *fresh)
 		PQfinish(pl->c);
 		pl->c = NULL;
 	}
+	pl->sweep_due = pl->sweep_due || pl->c;
 	store_canceller_set(&pl->cancel, pl->c);
 	*fresh = pl->c != NULL; /* changes may have been missed while away */
 	/* Once a run, a statement the new connection could not prepare named */
@@ -3426,6 +3443,75 @@ static void log_counts(const char *msg, const char *k0, const char *k1, const ch
 	LOG_KV(CW_LOG_INFO, msg, k0, a, k1, b, k2, d);
 }
 
+/* The local users who have held rows a consent of theirs (or their
+ * writing in the row's group) now lets through, whenever it was made
+ * (releasable_sql's test without its window): sweep_due_all's. */
+static const char release_due_sql[] =
+	"SELECT DISTINCT o.target_identity_id FROM outbox o JOIN events e ON e.id = o.event_id "
+	"JOIN identities s ON s.id = e.sender_id WHERE o.state = 'held' "
+	"AND o.created_at >= now() - make_interval(secs => $1::bigint) "
+	"AND (" WROTE_IN_GROUP " OR EXISTS (SELECT 1 FROM consents c WHERE c.local_identity_id = o.target_identity_id "
+	" AND c.state = 'allowed' AND ((c.subject_kind = 'user' AND c.subject = s.uri) "
+	"  OR (c.subject_kind = 'domain' AND c.subject = s.domain)))) "
+	"AND NOT " BLOCKED_SENDER("o.target_identity_id");
+
+/* The first sweep turn on a connection (the process's start, or a new
+ * connection after the database was away) first releases every held row
+ * a consent now lets through, each user's as her consent's own sweep
+ * does (SWEEP_BATCH a transaction, in id order), whatever the age of the
+ * consent.  The periodic sweep finds a user's held rows only while her
+ * consent is of the last minutes (SWEPT_HELD: policy_view.lately_s), and
+ * a release is in batches since the sixty-second session: a daemon
+ * stopped (or away from the database) after a consent's first batch and
+ * started again after that window left the rest held until the expiry
+ * took them, though she had consented
+ * (test_a_release_interrupted_by_a_stop_is_finished_at_the_next_start,
+ * docs/policy.md, "Consent and the sweep").  Its read, once a
+ * connection: every held row not expired, with the probes of her
+ * consents (docs/performance.md, "Sixty-second session: the release's
+ * three mends").  True when done (false: tried again at the next turn). */
+static bool sweep_due_all(struct policy_live *pl)
+{
+	cw_errmsg e;
+	struct policy_view *v = policy_live_get(pl);
+	char secs[24];
+	snprintf(secs, sizeof(secs), "%lld", (long long)v->set.held_expiry_s);
+	const char *params[] = { secs };
+	PGresult *r = PQexecParams(pl->c, release_due_sql, 1, NULL, params, NULL, NULL, 0);
+	bool ok = !store_check(pl->c, r, PGRES_TUPLES_OK, &e), got = ok; /* r cleared when not */
+	if (!ok)
+		LOG_KV(CW_LOG_WARN, "policy cannot read the held messages due at start", "detail", e.msg);
+	long all[3] = { 0, 0, 0 };
+	for (int i = 0; ok && i < PQntuples(r) && !atomic_load(&pl->stop); i++) {
+		bool more = true;
+		while (ok && more && !atomic_load(&pl->stop)) {
+			long counts[3], later;
+			ok = !sweep(pl->c, false, v, PQgetvalue(r, i, 0), counts, NULL, NULL, false, &more, &later, &e);
+			if (!ok) {
+				LOG_KV(CW_LOG_WARN, "policy sweep failed", "detail", e.msg);
+				break;
+			}
+			for (int k = 0; k < 3; k++)
+				all[k] += counts[k];
+			if (counts[0] && store_exec(pl->c, "NOTIFY causeway_outbox", &e))
+				LOG_KV(CW_LOG_WARN, "cannot notify the dispatchers", "detail", e.msg);
+			more = more && counts[0] + counts[1] + counts[2] > 0;
+		}
+	}
+	if (got)
+		PQclear(r);
+	if (all[0] || all[1] || all[2]) {
+		log_counts("held messages due swept", "released", "dropped", "expired", all);
+		pthread_mutex_lock(&pl->mu);
+		pl->st.released += (uint64_t)all[0];
+		pl->st.dropped += (uint64_t)all[1];
+		pl->st.expired += (uint64_t)all[2];
+		pthread_mutex_unlock(&pl->mu);
+	}
+	policy_view_put(v);
+	return ok && !atomic_load(&pl->stop);
+}
+
 static void *live_main(void *arg)
 {
 	cw_thread_name("cw-policy");
@@ -3534,15 +3620,18 @@ static void *live_main(void *arg)
 			pl->sweep_asked = false;
 			next_sweep = now;
 		}
+		if (pl->sweep_due && now >= next_sweep)
+			pl->sweep_due = !sweep_due_all(pl);
 		if (now >= next_sweep) {
 			struct policy_view *v = policy_live_get(pl);
 			long counts[3];
 			bool more = false;
+			long later;
 			cw_errmsg e;
 			if (!pl->events_known)
 				analyze_grown_events(pl);
 			int64_t t0 = cw_now_us();
-			cw_err src = sweep(pl->c, true, v, NULL, counts, NULL, NULL, false, &more, &e);
+			cw_err src = sweep(pl->c, true, v, NULL, counts, NULL, NULL, false, &more, &later, &e);
 			int64_t took = cw_now_us() - t0;
 			if (src) {
 				LOG_KV(CW_LOG_WARN, "policy sweep failed", "detail", e.msg);
@@ -3668,6 +3757,7 @@ cw_err policy_live_start(struct policy_live **out, const struct policy_live_opts
 	 * counted (test_peer_api.py's claim test, in a CI run); a first
 	 * sweep that comes at once is what operators and tests had. */
 	const char *failed = NULL;
+	pl->sweep_due = true;
 	if (!pl->c || !conn_ready(pl->c, lately_s_of(pl->o.reload_interval_s), &failed, e)) {
 		/* The start's one line of it, as store_prepare_all's before the
 		 * fifty-ninth session; the daemon's "cannot load the policy"

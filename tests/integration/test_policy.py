@@ -5115,7 +5115,7 @@ def test_a_consent_that_releases_more_than_a_batch_releases_the_rest_after_it_in
         assert pg.psql(f"SELECT count(*) FROM outbox WHERE state = 'held' AND target_identity_id = {alice}",
                        db_url) == "12001"
         out = consent(d, a.user("wally"), "allowed")
-        assert out["released"] == 5000, out
+        assert out["released"] == 12001, out  # all she releases (the first batch's 5,000 until its mend)
         wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE state = 'held'", db_url) == "0", timeout=60,
                    what="the rest of the release, by the policy thread")
         rows = pg.psql(f"SELECT id, xmin::text::bigint, state FROM outbox WHERE target_identity_id = {alice} "
@@ -5127,6 +5127,55 @@ def test_a_consent_that_releases_more_than_a_batch_releases_the_rest_after_it_in
         assert xids == sorted(xids) and batches == [5000, 5000, 2001], batches
         assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'policy.allow' AND reason_code = "
                        "'user_allowed_sender' AND details->>'by' = 'sweep'", db_url) == "12001"
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
+def test_a_release_interrupted_by_a_stop_is_finished_at_the_next_start(make_daemon, db_url, pg):
+    """alice's consent of wally releases the first 5,000 of his 12,001
+    messages held for her (its answer counts all 12,001), and the daemon
+    stops before the policy thread releases the rest (a transaction of the
+    test holds their rows, which the thread's batches skip). Started again
+    after her consent's "last minutes" (its updated_at put back a day), the
+    daemon's first sweep releases the rest (sweep_due_all), in order: each
+    batch's rows come after those of the batches before it. Until the
+    sixty-second session's mend the periodic sweep found her rows only
+    while her consent was of the last minutes, and the rest waited for
+    the expiry though she had consented."""
+    import psycopg
+    opts = {"policy": {"sweep_interval_ms": "600000"}}
+    d = make_daemon(db_url, options=opts).start()
+    made = push_peers(d)
+    try:
+        (a, _), _ = made
+        opt_in(d)
+        room = dm(a)
+        mine = send(a, room, "wait").json()["id"]
+        alice = pg.psql(f"SELECT id FROM identities WHERE uri = '{ALICE}'", db_url)
+        fill_outbox(pg, db_url, mine, 12000, 0, alice)
+        with psycopg.connect(db_url) as held:
+            rest = held.execute("SELECT id FROM outbox WHERE id IN (SELECT id FROM outbox WHERE target_identity_id = "
+                                f"{alice} AND state = 'held' ORDER BY id OFFSET 5000) FOR UPDATE").fetchall()
+            assert len(rest) == 7001
+            out = consent(d, a.user("wally"), "allowed")
+            assert out["released"] == 12001, out
+            assert d.stop() == 0
+            held.rollback()
+        assert pg.psql(f"SELECT count(*) FROM outbox WHERE state = 'held' AND target_identity_id = {alice}",
+                       db_url) == "7001"
+        pg.psql(f"UPDATE consents SET updated_at = now() - interval '1 day' WHERE local_identity_id = {alice}",
+                db_url)
+        make_daemon(db_url, options=opts).start()
+        wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE state = 'held'", db_url) == "0", timeout=60,
+                   what="the rest of the release, at the next start")
+        rows = pg.psql(f"SELECT id, xmin::text::bigint, state FROM outbox WHERE target_identity_id = {alice} "
+                       "ORDER BY id", db_url).splitlines()
+        rows = [r.split("|") for r in rows]
+        assert len(rows) == 12001 and all(r[2] == "pending" for r in rows), rows[:3]
+        xids = [int(r[1]) for r in rows]
+        batches = [xids.count(x) for x in sorted(set(xids))]
+        assert xids == sorted(xids) and batches == [5000, 5000, 2001], batches
     finally:
         for _, srv in made:
             srv.close()
