@@ -3445,12 +3445,16 @@ static void log_counts(const char *msg, const char *k0, const char *k1, const ch
 
 /* The local users who have held rows a consent of theirs (or their
  * writing in the row's group) now lets through, whenever it was made
- * (releasable_sql's test without its window): sweep_due_all's. */
+ * (releasable_sql's test without its window): sweep_due_all's.  Asked of
+ * each user, sender and room of the held rows once (o, e: WROTE_IN_GROUP
+ * reads their columns), not of each row: a probe of her consents for each
+ * of 20,000 held rows took 1.0-1.4 s at a start. */
 static const char release_due_sql[] =
-	"SELECT DISTINCT o.target_identity_id FROM outbox o JOIN events e ON e.id = o.event_id "
-	"JOIN identities s ON s.id = e.sender_id WHERE o.state = 'held' "
-	"AND o.created_at >= now() - make_interval(secs => $1::bigint) "
-	"AND (" WROTE_IN_GROUP " OR EXISTS (SELECT 1 FROM consents c WHERE c.local_identity_id = o.target_identity_id "
+	"SELECT DISTINCT o.target_identity_id FROM (SELECT DISTINCT h.target_identity_id, h.room_id, x.sender_id "
+	" FROM outbox h JOIN events x ON x.id = h.event_id WHERE h.state = 'held' "
+	" AND h.created_at >= now() - make_interval(secs => $1::bigint)) o "
+	"CROSS JOIN LATERAL (SELECT o.sender_id) e JOIN identities s ON s.id = e.sender_id "
+	"WHERE (" WROTE_IN_GROUP " OR EXISTS (SELECT 1 FROM consents c WHERE c.local_identity_id = o.target_identity_id "
 	" AND c.state = 'allowed' AND ((c.subject_kind = 'user' AND c.subject = s.uri) "
 	"  OR (c.subject_kind = 'domain' AND c.subject = s.domain)))) "
 	"AND NOT " BLOCKED_SENDER("o.target_identity_id");
