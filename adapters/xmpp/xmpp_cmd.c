@@ -20,6 +20,7 @@
 #include <openssl/evp.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define NS_NICK "http://jabber.org/protocol/nick"
 
@@ -122,6 +123,9 @@ struct xconsent {
 	bool blocked;                    /* V_SUBSCRIBE, keep_blocked: the contact (or its network) is blocked */
 	json_t *contacts;                /* remote ids: the requests an accept withdraws from the roster, or the
 					  * contacts a whole network's block takes off it */
+	long long xid;                   /* the last run's transaction (txid_current), 0 not known: asked of
+					  * txid_status when its COMMIT's answer is lost (consent_done) */
+	const char *fate;                /* that look-up's answer (txid_status; "" none), NULL not asked */
 };
 
 /* The remote ids of a local user's contacts of a peer, as far as the
@@ -324,13 +328,18 @@ static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 	cw_err rc = mimi_uri_parse(uri, &u, e);
 	if (rc)
 		return rc;
+	/* With the peer, the batch's transaction id, for the look-up of a
+	 * COMMIT whose answer is lost (consent_done): no round trip more. */
 	const char *pp[] = { j->xc->peer };
-	PGresult *r = PQexecParams(c, "SELECT domain, enabled FROM peers WHERE name = $1", 1, NULL, pp, NULL, NULL, 0);
+	PGresult *r = PQexecParams(c, "SELECT p.domain, p.enabled, x.id FROM (SELECT txid_current() AS id) x "
+				      "LEFT JOIN peers p ON p.name = $1",
+				   1, NULL, pp, NULL, NULL, 0);
 	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
 		return rc;
 	char peer_domain[300] = "";
 	bool peer_off = false; /* the operator switched the peer off (POST /admin/v1/peers/{name}/disable) */
-	if (PQntuples(r) == 1) {
+	j->xid = PQntuples(r) == 1 ? atoll(PQgetvalue(r, 0, 2)) : 0;
+	if (PQntuples(r) == 1 && !PQgetisnull(r, 0, 0)) {
 		snprintf(peer_domain, sizeof(peer_domain), "%s", PQgetvalue(r, 0, 0));
 		peer_off = strcmp(PQgetvalue(r, 0, 1), "f") == 0;
 	}
@@ -683,13 +692,20 @@ static void token_back(const struct xconsent *j)
 	policy_user_update_give(j->xc->x->app->policy, j->xc->x->app->limits, j->local);
 }
 
-static void consent_done(void *arg, cw_err rc, const cw_errmsg *e)
+/* The answer of a change whose outcome stays unknown (consent_done). */
+#define CONSENT_UNKNOWN_NOTE \
+	"The gateway lost its database connection while this was being stored: it may have been done. Use the " \
+	"list command to see before you repeat it."
+
+/* The job's end, its outcome known (rc, the store's; or unknown: its
+ * COMMIT's answer lost and txid_status could not tell, consent_done). */
+static void consent_finish(struct xconsent *j, cw_err rc, const cw_errmsg *e, bool unknown)
 {
-	struct xconsent *j = arg;
 	if (rc)
 		LOG_KV(CW_LOG_WARN, "xmpp consent command failed", "component", j->xc->domain, "detail", e ? e->msg : "");
 	if (j->iq)
-		command_answer(j->xc, j->iq, j->node, rc ? "That did not work; try again in a moment." : j->note,
+		command_answer(j->xc, j->iq, j->node,
+			       unknown ? CONSENT_UNKNOWN_NOTE : rc ? "That did not work; try again in a moment." : j->note,
 			       rc || !j->done ? "error" : "info");
 	/* The job changed nothing (refused in the database, as an address
 	 * of no network's, a contact of a network not configured, or a
@@ -706,8 +722,15 @@ static void consent_done(void *arg, cw_err rc, const cw_errmsg *e)
 	 * and the user is told to try again: its token goes back too,
 	 * a subscribe's as well (until the forty-sixth session it was
 	 * kept, and a few tries while the database was away cost her the
-	 * minute after it came back). */
-	if (rc ? j->verb != V_LIST : !j->done && j->verb != V_LIST && j->verb != V_SUBSCRIBE)
+	 * minute after it came back).  A job whose COMMIT's answer was lost
+	 * with the connection may have been stored: its token is kept unless
+	 * the database, asked once it answers, says its transaction was
+	 * rolled back (consent_done).  Until the sixty-second session it went
+	 * back as any failure's, and a change stored with its answer lost was
+	 * free (the hole the Matrix bot closed in the sixty-first). */
+	if (unknown)
+		; /* kept: charged once, stored or not */
+	else if (rc ? j->verb != V_LIST : !j->done && j->verb != V_LIST && j->verb != V_SUBSCRIBE)
 		token_back(j);
 	/* The roster follows a block (roster_drop), of the contact or of the
 	 * whole network (each of its contacts, j->contacts).  An accept by
@@ -756,6 +779,81 @@ static void consent_done(void *arg, cw_err rc, const cw_errmsg *e)
 			  "To block it, use this gateway's block command.",
 			  j->remote_jid);
 	xconsent_free(j);
+}
+
+/* txid_status's answers (struct xconsent's fate). */
+static const char FATE_COMMITTED[] = "committed", FATE_ABORTED[] = "aborted", FATE_UNKNOWN[] = "";
+
+/* How long fate_fn waits for a transaction the server still runs (it has
+ * not yet seen its connection end): this many looks, 100 ms apart. */
+#define FATE_LOOKS 20
+
+/* Whether the job's transaction (j->xid) was committed, asked of the
+ * database once it answers (store_read_patient). */
+static cw_err fate_fn(PGconn *c, void *arg, cw_errmsg *e)
+{
+	struct xconsent *j = arg;
+	char xid[24];
+	snprintf(xid, sizeof(xid), "%lld", j->xid);
+	const char *p[] = { xid };
+	j->fate = NULL;
+	for (int k = 1; !j->fate; k++) {
+		PGresult *r = PQexecParams(c, "SELECT txid_status($1::bigint)", 1, NULL, p, NULL, NULL, 0);
+		cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+		if (rc)
+			return rc;
+		const char *st = PQntuples(r) == 1 && !PQgetisnull(r, 0, 0) ? PQgetvalue(r, 0, 0) : "";
+		if (strcmp(st, "committed") == 0)
+			j->fate = FATE_COMMITTED;
+		else if (strcmp(st, "aborted") == 0)
+			j->fate = FATE_ABORTED;
+		else if (strcmp(st, "in progress") != 0 || k >= FATE_LOOKS)
+			j->fate = FATE_UNKNOWN; /* no longer known (older than the server keeps), or still running */
+		PQclear(r);
+		if (!j->fate)
+			usleep(100000);
+	}
+	return CW_OK;
+}
+
+static void fate_done(void *arg, cw_err rc, const cw_errmsg *e)
+{
+	struct xconsent *j = arg;
+	const char *fate = rc ? FATE_UNKNOWN : j->fate;
+	char xid[24];
+	snprintf(xid, sizeof(xid), "%lld", j->xid);
+	LOG_KV(CW_LOG_INFO, "an xmpp consent command whose COMMIT's answer was lost, looked up", "component",
+	       j->xc->domain, "xid", xid,
+	       "outcome", fate == FATE_COMMITTED ? "committed" : fate == FATE_ABORTED ? "rolled back" : "unknown",
+	       "detail", rc && e ? e->msg : "");
+	if (fate == FATE_COMMITTED)
+		consent_finish(j, CW_OK, NULL, false); /* as stored: its answer, its token spent */
+	else {
+		const cw_errmsg lost = { .msg = STORE_OUTCOME_UNKNOWN };
+		consent_finish(j, CW_EUNAVAIL, &lost, fate != FATE_ABORTED); /* rolled back: as any failure */
+	}
+}
+
+/* The job's outcome, from the store.  When the connection was lost at its
+ * COMMIT (STORE_OUTCOME_UNKNOWN) the change may have been stored: the
+ * database is asked, once it answers, whether the batch's transaction
+ * (j->xid, read in consent_fn) was committed (txid_status, as the Matrix
+ * bot's changes_resolved): committed, the job ends as stored (its answer,
+ * its roster's following, its token spent); rolled back, as any failure
+ * (its token given back, "try again"); not known (the look-up failed or
+ * timed out, the transaction too old, or still running 2 s after), the
+ * token kept and the user told it may have been done.  The iq is answered
+ * then, within the database's request timeout.  Until the sixty-second
+ * session every failure gave the token back, a lost COMMIT's too, and a
+ * change stored with its answer lost was free (and answered "That did not
+ * work"). */
+static void consent_done(void *arg, cw_err rc, const cw_errmsg *e)
+{
+	struct xconsent *j = arg;
+	bool unknown = rc == CW_EUNAVAIL && e && strcmp(e->msg, STORE_OUTCOME_UNKNOWN) == 0 && j->verb != V_LIST;
+	if (unknown && j->xid && store_read_patient(j->xc->x->app->store, fate_fn, fate_done, j) == CW_OK)
+		return;
+	consent_finish(j, rc, e, unknown);
 }
 
 static void consent_start(struct xconsent *j)

@@ -8374,3 +8374,43 @@ def test_a_stop_while_the_databases_address_swallows_the_lock_reconnect_is_at_on
             stop_while_connects_swallowed(px, d, pg, db_url, settle=2.5)
         finally:
             srv.close()
+
+
+def test_a_consent_command_whose_commit_answer_was_lost_is_charged_once(make_daemon, db_url, prosody, alice, pg):
+    """alice may make one consent change a minute. Her block of wally by
+    ad-hoc command loses its COMMIT's answer with the writer's connection
+    (a proxy lets the COMMIT reach the server, drops its answer and
+    closes): the block is stored. The component asks the database, once it
+    answers, whether the change's transaction was committed (txid_status):
+    it was, so alice is answered "Blocked" (not "That did not work"), the
+    token stays spent (her accept of wally right after is refused as too
+    many changes: charged once, not zero times), wally is blocked once
+    (one audit record), and the component answers her list after. Until
+    the sixty-second session a lost COMMIT's token was given back as any
+    failure's, the block stored with its answer lost was free, and she was
+    told it did not work (the hole the Matrix bot closed in the
+    sixty-first)."""
+    with PgProxy(db_url) as px:
+        d, a, srv = start_with_gk(make_daemon, px.url, prosody)
+        try:
+            assert d.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 1}).ok
+            # consent_fn's first statement (the peer and the transaction's id) returned a row: its COMMIT is cut
+            px.cut_commit_matching(lambda t: "FROM (SELECT txid_current() AS id) x LEFT JOIN peers" in t)
+            done = command_submit(alice, "block", {"jid": WALLY_JID})
+            assert px.cuts == 1
+            note = done.find(f".//{{{CMD}}}note")
+            assert note.get("type") == "info" and note.text.startswith("Blocked mimi://wa.example/u/wally"), \
+                ET.tostring(done)
+            looked = [r for r in d.records if r.get("msg", "").startswith("an xmpp consent command whose COMMIT")]
+            assert [r.get("outcome") for r in looked] == ["committed"], looked
+            assert pg.psql("SELECT string_agg(subject || ' ' || state, ',') FROM consents", db_url) == \
+                "mimi://wa.example/u/wally blocked"
+            assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'consent.block'", db_url) == "1"
+            bad = command_submit(alice, "accept", {"jid": WALLY_JID}, expect_error=True)
+            assert bad.error_condition == "resource-constraint", ET.tostring(bad)
+            lst = alice.iq("set", COMP, f"<command xmlns='{CMD}' node='list' action='execute'/>")
+            assert "blocked: mimi://wa.example/u/wally" in lst.find(f".//{{{CMD}}}note").text, ET.tostring(lst)
+            assert pg.psql("SELECT string_agg(subject || ' ' || state, ',') FROM consents", db_url) == \
+                "mimi://wa.example/u/wally blocked"
+        finally:
+            srv.close()
