@@ -703,9 +703,9 @@ static void consent_finish(struct xconsent *j, cw_err rc, const cw_errmsg *e, bo
 {
 	if (rc)
 		LOG_KV(CW_LOG_WARN, "xmpp consent command failed", "component", j->xc->domain, "detail", e ? e->msg : "");
+	const char *said = rc ? "That did not work; try again in a moment." : j->note;
 	if (j->iq)
-		command_answer(j->xc, j->iq, j->node,
-			       unknown ? CONSENT_UNKNOWN_NOTE : rc ? "That did not work; try again in a moment." : j->note,
+		command_answer(j->xc, j->iq, j->node, unknown ? CONSENT_UNKNOWN_NOTE : said,
 			       rc || !j->done ? "error" : "info");
 	/* The job changed nothing (refused in the database, as an address
 	 * of no network's, a contact of a network not configured, or a
