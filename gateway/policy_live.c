@@ -2205,7 +2205,7 @@ struct policy_live {
 	bool sweep_slow; /* the last periodic sweep took SWEEP_REPLAN_US or more (replan_sweep) */
 	bool sweep_asked; /* a NOTIFY causeway_sweep heard: a consent's release left a batch for the next sweep */
 	bool sweep_due;   /* a connection made: the next sweep turn releases all held rows due first (sweep_due_all) */
-	bool events_known; /* events' statistics count what it holds (analyze_grown_events) */
+	unsigned grown_known; /* bit i: grown_tables[i]'s statistics count what it holds (analyze_grown) */
 	bool drop_conn;    /* c to be made again at the next turn (replan_sweep failed) */
 	struct retention_state retention; /* the retention sweep's, from run to run */
 	struct store_canceller cancel; /* c's statement, cancelled at a stop that waits for it */
@@ -2591,41 +2591,70 @@ static void replan_sweep(struct policy_live *pl, int64_t took_us)
 	}
 }
 
-/* Whether the statistics of events count a thousand events or more, and
- * whether the table takes 1 MB or more. */
-static const char events_grown_sql[] =
-	"SELECT c.reltuples >= 1000, pg_relation_size(c.oid) >= 1048576 FROM pg_class c "
-	"WHERE c.oid = 'events'::regclass";
+/* The tables whose generic plans are made while they are (nearly) empty
+ * on a new database and kept as they grow: each is looked up one row at a
+ * time by a per-message statement (events by id; outbox by destination and
+ * state, the dispatcher's claim; event_native_ids by native id;
+ * delivery_attempts by outbox row, cw_record).  Bit i of grown_known. */
+static const char *const grown_tables[] = { "events", "outbox", "event_native_ids", "delivery_attempts" };
+#define GROWN_ALL ((1u << (sizeof grown_tables / sizeof *grown_tables)) - 1)
 
-/* events analyzed once it has grown, when its statistics still say it is
- * (nearly) empty: on a new database 025 analyzed it empty, and every
+/* For each of grown_tables, by its index: whether its statistics count a
+ * thousand rows or more (never analyzed: -1), and whether it takes 1 MB or
+ * more. */
+static const char grown_sql[] =
+	"SELECT t.i - 1, c.reltuples >= 1000, pg_relation_size(c.oid) >= 1048576 "
+	"FROM unnest('{events,outbox,event_native_ids,delivery_attempts}'::regclass[]) WITH ORDINALITY t(oid, i) "
+	"JOIN pg_class c ON c.oid = t.oid";
+
+/* A table analyzed once it has grown, when its statistics still say it is
+ * (nearly) empty: on a new database 025 analyzed events empty, and every
  * generic plan made before autovacuum's first ANALYZE of it (a minute or
  * more: a naptime, 50 rows changed) took it for empty and read it whole
  * where it looks one event up by id, plans kept while the table grew
  * because nothing changed its statistics: the dispatcher's claim 1.5 s a
  * batch of 250 at 90,000 events, the periodic sweep, a reader's round 0
  * (docs/performance.md, "Forty-third session" and "Forty-fourth
- * session").  ANALYZE invalidates them in every session.  Asked at each
- * periodic sweep until the statistics count a thousand events (by
- * autovacuum's ANALYZE) or this one was tried, then never again: one look
- * at pg_class. */
-static void analyze_grown_events(struct policy_live *pl)
+ * session").  Until the sixty-second session only events was looked at;
+ * outbox, never analyzed on a new database, had the same: the claim's
+ * generic plan (taken after five custom plans, cheaper on an empty table)
+ * scanned outbox and events whole for every row it looked at, 9 minutes
+ * for a claim of a small destination against 9 ms with a custom plan
+ * (docs/performance.md, "Sixty-second session").  ANALYZE invalidates
+ * the plans in every session.  Asked at each periodic sweep until the
+ * statistics of each table count a thousand rows (by autovacuum's
+ * ANALYZE) or this one was tried for it, then never again: one look at
+ * pg_class. */
+static void analyze_grown(struct policy_live *pl)
 {
-	PGresult *r = PQexec(pl->c, events_grown_sql);
-	bool grown = false;
-	if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1) {
-		pl->events_known = PQgetvalue(r, 0, 0)[0] == 't';
-		grown = !pl->events_known && PQgetvalue(r, 0, 1)[0] == 't';
+	PGresult *r = PQexec(pl->c, grown_sql);
+	unsigned grown = 0;
+	if (PQresultStatus(r) == PGRES_TUPLES_OK) {
+		for (int i = 0; i < PQntuples(r); i++) {
+			unsigned bit = 1u << (atoi(PQgetvalue(r, i, 0)) & 31);
+			if (PQgetvalue(r, i, 1)[0] == 't')
+				pl->grown_known |= bit;
+			else if (PQgetvalue(r, i, 2)[0] == 't' && !(pl->grown_known & bit))
+				grown |= bit;
+		}
 	}
 	PQclear(r);
-	if (!grown)
-		return;
-	pl->events_known = true; /* tried once: autovacuum does it too, later */
-	cw_errmsg e;
-	if (store_exec(pl->c, "ANALYZE events", &e))
-		LOG_KV(CW_LOG_WARN, "cannot analyze the events table", "detail", e.msg);
-	else
-		LOG_KV(CW_LOG_INFO, "the events table has grown since its statistics were taken; analyzed");
+	pl->grown_known |= grown; /* tried once: autovacuum does it too, later */
+	for (size_t i = 0; i < sizeof grown_tables / sizeof *grown_tables; i++) {
+		if (!(grown & (1u << i)))
+			continue;
+		char sql[64], msg[96];
+		snprintf(sql, sizeof sql, "ANALYZE %s", grown_tables[i]);
+		cw_errmsg e;
+		if (store_exec(pl->c, sql, &e)) {
+			snprintf(msg, sizeof msg, "cannot analyze the %s table", grown_tables[i]);
+			LOG_KV(CW_LOG_WARN, msg, "detail", e.msg);
+		} else {
+			snprintf(msg, sizeof msg, "the %s table has grown since its statistics were taken; analyzed",
+				grown_tables[i]);
+			LOG_KV(CW_LOG_INFO, msg);
+		}
+	}
 }
 
 /* The rules in force may be behind the database from now on: the first
@@ -3632,8 +3661,8 @@ static void *live_main(void *arg)
 			bool more = false;
 			long later;
 			cw_errmsg e;
-			if (!pl->events_known)
-				analyze_grown_events(pl);
+			if (pl->grown_known != GROWN_ALL)
+				analyze_grown(pl);
 			int64_t t0 = cw_now_us();
 			cw_err src = sweep(pl->c, true, v, NULL, counts, NULL, NULL, false, &more, &later, &e);
 			int64_t took = cw_now_us() - t0;

@@ -5179,3 +5179,41 @@ def test_a_release_interrupted_by_a_stop_is_finished_at_the_next_start(make_daem
     finally:
         for _, srv in made:
             srv.close()
+
+
+def test_the_outbox_table_is_analyzed_once_it_has_grown_on_a_new_database(daemon, peers, pg, db_url):
+    """A new database's outbox table is never analyzed by a migration;
+    autovacuum analyzes it first while it holds a few rows (50 changed),
+    and a prepared statement's generic plan made then (plan_cache_mode
+    auto takes it after five custom plans when it looks cheaper) is kept
+    as a backlog comes: the dispatcher's claim read outbox whole for
+    every row it looked at (45.7 s a claim at 100,000 rows against 66 ms
+    analyzed; one claim of a small destination cancelled after 9 minutes
+    in a review).  Until the sixty-second session only events was
+    analyzed by the policy thread (the test above); now outbox is too,
+    once it takes 1 MB while its statistics count fewer than a thousand
+    rows (here analyzed with the seed's row, as autovacuum would)."""
+    (a, _), _ = peers
+    assert pg.psql("SELECT reltuples < 1000 FROM pg_class WHERE oid = 'outbox'::regclass", db_url) == "t"
+    room = dm(a)
+    seed = send(a, room, "seed")
+    assert seed.status_code == 202, seed.text
+    seed = seed.json()["id"]
+    wait_until(lambda: pg.psql(f"SELECT count(*) FROM outbox o JOIN events e ON e.id = o.event_id "
+                               f"WHERE e.public_id = '{seed}'", db_url) != "0", what="the seed's row stored")
+    # autovacuum's ANALYZE, coming first, would leave the daemon nothing to do
+    pg.psql("ALTER TABLE outbox SET (autovacuum_enabled = false); ANALYZE outbox", db_url)
+    assert pg.psql("SELECT reltuples BETWEEN 1 AND 999 FROM pg_class WHERE oid = 'outbox'::regclass", db_url) == "t"
+    start = len(daemon.records)
+    # Delivered rows to destinations of their own (not claimed); the
+    # lock, ANALYZE's own, holds the daemon's until the commit (as above).
+    pg.psql("BEGIN; LOCK TABLE outbox IN SHARE UPDATE EXCLUSIVE MODE; "
+            "INSERT INTO outbox (event_id, destination, room_id, state, delivered_at, last_error) "
+            "SELECT o.event_id, 'fill:d' || i, o.room_id, 'delivered', now(), repeat('x', 100) "
+            "FROM (SELECT * FROM outbox ORDER BY id LIMIT 1) o, generate_series(1, 20000) i; COMMIT", db_url)
+    size = pg.psql("SELECT pg_relation_size('outbox') || ' ' || (SELECT count(*) FROM outbox)", db_url)
+    assert int(size.split()[0]) >= 1048576, size
+    daemon.wait_for(lambda r: r.get("msg") == "the outbox table has grown since its statistics were taken; analyzed",
+                    timeout=30, start=start)
+    assert pg.psql("SELECT reltuples >= 20000 FROM pg_class WHERE oid = 'outbox'::regclass", db_url) == "t"
+    assert pg.psql("SELECT analyze_count FROM pg_stat_user_tables WHERE relname = 'outbox'", db_url) == "2"
