@@ -594,8 +594,12 @@ static struct command_run *command_run_of(struct command_runs *runs, const char 
 	for (int k = 0; k < COMMAND_RUNS && row > 0; k++)
 		if (runs->run[k].row == row) {
 			*again = true;
-			if (stored->row == row && stored->change > 0)
+			if (stored->row == row && stored->change > 0) {
 				runs->run[k].change = stored->change;
+				/* the row's 1 is the change's own transaction's: committed,
+				 * its kept token spent (changes_resolved's answer, read here) */
+				runs->run[k].unsure = false;
+			}
 			return &runs->run[k];
 		}
 	struct command_run *run = &runs->run[runs->next];
@@ -654,18 +658,28 @@ static cw_err change_noted(PGconn *c, struct command_run *run, cw_errmsg *e)
 				      "$3::smallint WHERE id = $1::bigint RETURNING txid_current()",
 				   3, NULL, p, NULL, NULL, 0);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
-	if (!rc && PQntuples(r) == 1)
+	if (rc)
+		return rc; /* r cleared by store_check (until the sixty-second session's review, a second time here) */
+	if (PQntuples(r) == 1)
 		run->xid = atoll(PQgetvalue(r, 0, 0));
 	PQclear(r);
-	return rc;
+	return CW_OK;
 }
 
 static bool change_allowed(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *sender,
 			   struct command_run *run)
 {
 	if (run->change) {
-		run->took = false; /* its first run's token, spent on what it stored */
-		run->unsure = false; /* or kept for it (change_back): spent on this run, whatever the first became */
+		/* its first run's token, spent on what it stored; or kept for it
+		 * (change_back's unsure, the first's fate not known, the row not
+		 * saying stored: command_run_of), which this run then owns, so
+		 * that its own failure gives it back or, its own answer lost,
+		 * asks txid_status of its own transaction.  Until the
+		 * sixty-second session's review such a run took it as spent,
+		 * and lost its own answer with nothing left to ask: kept for
+		 * good, even where both were rolled back. */
+		run->took = run->unsure;
+		run->unsure = false;
 		return run->change > 0; /* a run again: its first run's answer (struct command_runs) */
 	}
 	char localpart[MX_ID_MAX + 1], server[MX_ID_MAX + 1];
@@ -718,8 +732,12 @@ static bool command_allowed(struct matrix *m, PGconn *c, const char *room, const
  * (its statements failed), as the XMPP component's commands give theirs
  * back (xmpp_cmd.c, token_back).  Until the forty-sixth session a failure
  * kept it: a few while the database was away, and her real change was
- * refused as too many. */
-static void change_back(struct matrix *m, PGconn *c, const char *sender, struct command_run *run)
+ * refused as too many.  commit_sent: the failure is store_end's COMMIT's
+ * (its rc was CW_OK before store_end), whose answer, the connection lost,
+ * does not say whether it was stored; a failure before it (BEGIN, the
+ * note, the change's statements, its audit record) was rolled back,
+ * whatever became of the connection. */
+static void change_back(struct matrix *m, PGconn *c, const char *sender, struct command_run *run, bool commit_sent)
 {
 	char localpart[MX_ID_MAX + 1], server[MX_ID_MAX + 1];
 	/* A run again that failed took nothing: its first run's statements
@@ -737,8 +755,13 @@ static void change_back(struct matrix *m, PGconn *c, const char *sender, struct 
 	 * carried out for nothing (the row's 1 believed at the run again).
 	 * Since the sixty-second session the database is asked, once
 	 * connected again, whether the change's transaction was committed
-	 * (changes_resolved): rolled back, the token is given back then. */
-	if (c && PQstatus(c) != CONNECTION_OK) {
+	 * (changes_resolved): rolled back, the token is given back then.
+	 * The connection lost before the COMMIT was sent (a statement's
+	 * answer lost, the server then rolling the transaction back), the
+	 * token is given back at once: until the sixty-second session's
+	 * review it was kept too, and for good (no transaction id known, or
+	 * txid_status not asked). */
+	if (commit_sent && c && PQstatus(c) != CONNECTION_OK) {
 		run->change = 1;
 		if (run->xid && mx_user_id_parse(sender, run->who, sizeof(run->who), server, sizeof(server)))
 			run->unsure = true; /* asked once connected again (changes_resolved) */
@@ -775,8 +798,20 @@ static void changes_resolved(struct matrix *m, PGconn *c, struct command_runs *r
 		const char *p[] = { xid };
 		PGresult *r = PQexecParams(c, "SELECT txid_status($1::bigint)", 1, NULL, p, NULL, NULL, 0);
 		if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1) {
+			if (PQstatus(c) != CONNECTION_OK) {
+				PQclear(r);
+				return; /* the next round, connected again, asks again */
+			}
+			/* Refused for good (an id "in the future" after a failover or
+			 * a restore): the token kept, as for one no longer known.
+			 * Until the sixty-second session's review any failure asked
+			 * again at the next round, the same failing statement every
+			 * round (some 500 ms) for ever, and the other slots unasked. */
+			run->unsure = false;
+			LOG_KV_LIMITED(CW_LOG_WARN, "cannot ask whether a change whose answer was lost was stored: its token "
+				       "kept", "xid", xid, "detail", PQresultErrorMessage(r));
 			PQclear(r);
-			return; /* the next round asks again */
+			continue;
 		}
 		const char *status = PQgetisnull(r, 0, 0) ? "" : PQgetvalue(r, 0, 0);
 		if (strcmp(status, "in progress") != 0) {
@@ -1038,9 +1073,10 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 			rc = store_command(c, "INSERT INTO audit_log (actor, action, subject) VALUES ('user:' || $1, $2, $3)", 3, ap,
 				     &e);
 		}
+		bool commit_sent = !rc;
 		rc = store_end(c, rc, &e);
 		if (rc) {
-			change_back(m, c, sender, run);
+			change_back(m, c, sender, run, commit_sent);
 			answer(m, c, room, txn, "That did not work; try again in a moment.");
 			LOG_KV(CW_LOG_WARN, "a bot command failed", "detail", e.msg);
 			return;
@@ -1123,9 +1159,10 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 					   3, params, &e);
 		if (!rc)
 			rc = policy_notify_user(c, local_id, &e);
+		bool commit_sent = !rc;
 		rc = store_end(c, rc, &e);
 		if (rc) {
-			change_back(m, c, sender, run);
+			change_back(m, c, sender, run, commit_sent);
 			LOG_KV(CW_LOG_WARN, "a bot command failed", "detail", e.msg);
 			answer(m, c, room, txn, "That did not work; try again in a moment.");
 			return;
@@ -1174,10 +1211,17 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 		 * by its notice when it was kept, else stored and told when
 		 * the command runs again after the reconnect (until the
 		 * twenty-third session alice was told it could not be stored,
-		 * and the rerun stored a second one).  No change_noted: the
-		 * mark, in this transaction, clears the note, and a report
-		 * stored never runs again; rolled back, the row keeps its 0. */
+		 * and the rerun stored a second one).  change_noted for its
+		 * transaction's id (its note the mark, in this transaction, then
+		 * clears, and a report stored never runs again; rolled back, the
+		 * row keeps its 0): a report whose COMMIT's answer was lost is
+		 * asked of txid_status as a change (changes_resolved).  Until
+		 * the sixty-second session's review it was not noted, and its
+		 * token was kept for good, even when the report was rolled back
+		 * and run again by another process with a token of its own. */
 		cw_err rc = store_exec(c, "BEGIN", &e);
+		if (!rc)
+			rc = change_noted(c, run, &e);
 		if (!rc)
 			rc = policy_report_store(c, m->app, &rep, &ans, NULL, &e);
 		if (!rc)
@@ -1188,9 +1232,10 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 			rc = notice_queue(c, room, said, NULL, &e);
 		}
 		json_decref(ans);
+		bool commit_sent = !rc;
 		if (!store_end(c, rc, &e))
 			return;
-		change_back(m, c, sender, run); /* a run again takes its own */
+		change_back(m, c, sender, run, commit_sent); /* a run again takes its own */
 		if (PQstatus(c) == CONNECTION_OK) /* else the command runs again, or its notice tells */
 			answer(m, c, room, txn, "The report could not be stored; try again.");
 	} else if (strcmp(verb, "list") == 0) {

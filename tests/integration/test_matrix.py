@@ -11008,9 +11008,12 @@ def test_a_change_whose_answer_was_lost_is_charged_once(make_daemon, db_url, hs,
     """alice may make one change a minute. Her block of wally loses its
     answer with the bot's connection (a proxy drops it and closes): its
     COMMIT's, the block stored ("commit"), or its audit record's, inside
-    the transaction, which the server then rolls back ("audit"). Stored or
-    not, the bot cannot know; it keeps the token, reconnects and runs the
-    command again, which takes no other: wally is blocked once (one
+    the transaction, which the server then rolls back ("audit"). After a
+    lost COMMIT, stored or not, the bot cannot know: it keeps the token,
+    reconnects and runs the command again, which takes no other; lost
+    before the COMMIT was sent, the change is rolled back: its token is
+    given back at once (since the sixty-second session's review) and the
+    run again takes its own. Either way wally is blocked once (one
     consent, one audit record), alice is answered "Blocked" once and never
     "That did not work", and her accept of wally right after is refused as
     too many changes (charged once, not zero times), then her help is
@@ -11057,45 +11060,69 @@ def test_a_change_whose_answer_was_lost_is_charged_once(make_daemon, db_url, hs,
             srv.close()
 
 
-def test_a_change_rolled_back_with_its_answer_lost_while_the_lock_moved_is_given_back(make_daemon, db_url, hs, pg):
+# A change's note with its transaction's id (change_noted): not the command's own note (command_run_note), the same
+# UPDATE without RETURNING.
+BOT_CHANGE_NOTE = "RETURNING txid_current()"
+
+
+@pytest.mark.parametrize("lost", ["commit", "note", "report"])
+def test_a_change_rolled_back_with_its_answer_lost_while_the_lock_moved_is_given_back(make_daemon, db_url, hs, pg,
+                                                                                      lost):
     """Two processes share the database; the first (through a proxy) holds
     the bot's lock, and alice may make one change a minute. Her block of
-    wally loses its audit record's answer with the first's connection
-    (the server rolls the change back), and the first cannot connect again
-    for a while: the lock goes with the connection to the second, whose
-    bot runs the block again (the row says no token was taken) with a token
-    of its own bucket. Once connected again the first asks txid_status of
-    the change's transaction, finds it rolled back and gives its token back:
-    when the lock comes back to it, her accept of wally, within the minute,
-    is carried out. Until the sixty-second session the first kept the
-    token whatever became of the change, the change was charged in both
-    processes, and her accept was refused as too many changes."""
+    wally (her report of him: "report") is rolled back with the first's
+    connection lost: at its COMMIT, which a deferred check refuses once and
+    whose answer is lost ("commit", "report"), or at the change's note, the
+    first statement after its BEGIN, whose answer is lost ("note"); and the
+    first cannot connect again for a while: the lock goes with the
+    connection to the second, whose bot runs the command again (the row
+    says no token was taken) with a token of its own bucket. The first
+    gives its token back: at once where the COMMIT was never sent, else
+    once connected again and txid_status says the transaction was rolled
+    back. When the lock comes back to it, her accept of wally, within the
+    minute, is carried out. Until the sixty-second session the first kept
+    the token whatever became of the change, and her accept was refused as
+    too many changes; until that session's review a report, and a change
+    lost before its COMMIT, still kept it (no transaction id asked)."""
+    table, action = ("reports", None) if lost == "report" else ("audit_log", "consent.block")
+    if lost != "note":
+        pg.psql("CREATE SEQUENCE refused_once; CREATE FUNCTION refuse_once() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$BEGIN IF nextval('refused_once') = 1 THEN RAISE EXCEPTION 'refused once'; END IF; RETURN NULL; "
+                f"END$$; CREATE CONSTRAINT TRIGGER refuse_once AFTER INSERT ON {table} DEFERRABLE INITIALLY DEFERRED "
+                "FOR EACH ROW " + (f"WHEN (NEW.action = '{action}') " if action else "") +
+                "EXECUTE FUNCTION refuse_once()", db_url)
     with PgProxy(db_url) as px:
         first = start_mx(make_daemon, px.url, hs)
-        first_url = hs.registration["url"]
         a, srv = add_gk(first)
         second = None
         try:
             wally = a.user("wally")
             assert first.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 1}).ok
             alice, mgmt, said = alice_and_the_bot(hs)  # the first's bot: the lock's holder
+            # The homeserver keeps sending to the first process (its registration's url): the inbox is shared,
+            # and whichever holds the bot's lock works it.
             second = make_daemon(db_url, options={
                 "server": {"port": str(free_port())},
                 "matrix": {"homeserver_url": hs.url, "as_token": AS_TOKEN, "hs_token": HS_TOKEN}}).start()
-            px.cut_statement(lambda t: t.startswith(BOT_AUDIT))
+            if lost == "note":
+                px.cut_statement(lambda t: BOT_CHANGE_NOTE in t)
+            else:
+                px.on_complete = True
+                px.cut_commit_matching(lambda t: BOT_CHANGE_NOTE in t)
             px.refuse()  # the first's connections open go on; it cannot connect again
             t0 = time.monotonic()
-            alice.send_text(mgmt, f"block {wally}")
-            wait_until(lambda: px.cuts == 1, timeout=20, what="the block's answer lost")
-            wait_until(lambda: any(n.startswith(("Blocked", "You made too many", "That did not work")) for n in said()),
-                       timeout=30, what="the block answered by the second's bot")
-            assert [n for n in said() if "Commands" not in n] == [n for n in said() if n.startswith("Blocked")]
+            done = "Reported" if lost == "report" else "Blocked"
+            alice.send_text(mgmt, f"report {wally} spam" if lost == "report" else f"block {wally}")
+            wait_until(lambda: px.cuts == 1, timeout=20, what="the change's answer lost")
+            wait_until(lambda: any(n.startswith((done, "You made too many", "That did not work", "The report could"))
+                                   for n in said()), timeout=30, what="the change answered by the second's bot")
+            assert [n for n in said() if "Commands" not in n] == [n for n in said() if n.startswith(done)]
             px.thaw()
-            wait_until(lambda: any(r.get("msg", "").startswith("a change whose answer was lost was rolled back")
-                                   for r in first.records), timeout=20, what="the first's token given back")
+            if lost != "note":
+                wait_until(lambda: any(r.get("msg", "").startswith("a change whose answer was lost was rolled back")
+                                       for r in first.records), timeout=20, what="the first's token given back")
             second.stop()
             second = None
-            hs.registration["url"] = first_url
             alice.send_text(mgmt, f"accept {wally}")
             wait_until(lambda: any(n.startswith("Accepted") or "too many changes" in n for n in said()),
                        timeout=20, what="the accept answered by the first's bot")
@@ -11103,7 +11130,10 @@ def test_a_change_rolled_back_with_its_answer_lost_while_the_lock_moved_is_given
             assert not any("too many changes" in n for n in said()), said()
             assert pg.psql("SELECT string_agg(subject || ' ' || state, ',') FROM consents", db_url) == \
                 wally + " allowed"
-            assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'consent.block'", db_url) == "1"
+            if lost == "report":
+                assert pg.psql("SELECT count(*) FROM reports", db_url) == "1"
+            else:
+                assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'consent.block'", db_url) == "1"
         finally:
             px.thaw()
             if second is not None:
