@@ -11055,7 +11055,9 @@ def test_a_change_whose_answer_was_lost_is_charged_once(make_daemon, db_url, hs,
                 answers[1].startswith("You made too many changes in a short time"), answers
             assert pg.psql("SELECT string_agg(subject || ' ' || state, ',') FROM consents", db_url) == \
                 wally + " blocked"
-            assert pg.psql("SELECT count(*) FROM matrix_bot_inbox WHERE handled_at IS NULL", db_url) == "0"
+            # the help's mark follows its answer (inbox: after command): waited for, not raced
+            wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_bot_inbox WHERE handled_at IS NULL", db_url) == "0",
+                       timeout=10, what="every command marked handled")
         finally:
             srv.close()
 
