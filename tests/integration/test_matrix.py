@@ -11110,7 +11110,7 @@ def test_a_change_rolled_back_with_its_answer_lost_while_the_lock_moved_is_given
                 px.cut_statement(lambda t: BOT_CHANGE_NOTE in t)
             else:
                 px.on_complete = True
-                px.cut_commit_matching(lambda t: BOT_CHANGE_NOTE in t)
+                px.cut_commit_matching(lambda t: ("INSERT INTO reports" if lost == "report" else BOT_CHANGE_NOTE) in t)
             px.refuse()  # the first's connections open go on; it cannot connect again
             t0 = time.monotonic()
             done = "Reported" if lost == "report" else "Blocked"
