@@ -829,8 +829,11 @@ static void fate_done(void *arg, cw_err rc, const cw_errmsg *e)
 	if (fate == FATE_COMMITTED)
 		consent_finish(j, CW_OK, NULL, false); /* as stored: its answer, its token spent */
 	else {
-		const cw_errmsg lost = { .msg = STORE_OUTCOME_UNKNOWN };
-		consent_finish(j, CW_EUNAVAIL, &lost, fate != FATE_ABORTED); /* rolled back: as any failure */
+		/* rolled back: as any failure, and its WARN says so (not "may
+		 * have been stored", which only the unknown fate is) */
+		static const cw_errmsg aborted = { .msg = "the connection was lost at the commit; the transaction was rolled back" };
+		static const cw_errmsg unknown = { .msg = STORE_OUTCOME_UNKNOWN };
+		consent_finish(j, CW_EUNAVAIL, fate == FATE_ABORTED ? &aborted : &unknown, fate != FATE_ABORTED);
 	}
 }
 
