@@ -5865,7 +5865,7 @@ def test_a_batchs_look_for_a_waiting_leave_reads_only_its_rooms_rows_whatever_th
         pg.psql("DROP TRIGGER test_fail ON room_bindings", db_url)
         new_room = new_room_of(hs, mx_room, ghost, timeout=40)
         assert bodies(hs, new_room) == ["are you there?"]
-        plans = [p for p in plans_logged(log, start) if "WITH ORDINALITY AS x(ev, tg, k)" in p]
+        plans = [p for p in plans_logged(log, start) if "WITH ORDINALITY AS x(ev, tg, o, k)" in p]
         assert len(plans) >= 3, plans  # the delivered row's, the waiting row's at least once, the new room's
         for p in plans:
             reads_its_rooms_rows(p, "a batch's look")
