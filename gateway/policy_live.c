@@ -3474,6 +3474,22 @@ static void log_counts(const char *msg, const char *k0, const char *k1, const ch
 	LOG_KV(CW_LOG_INFO, msg, k0, a, k1, b, k2, d);
 }
 
+/* A sweep's released, dropped and expired held messages, logged (msg)
+ * and added to the thread's counts: the periodic sweep's and the start's
+ * pass's (sweep_due_all), where the sixty-second session wrote the five
+ * lines twice.  Nothing when all are 0. */
+static void sweep_counted(struct policy_live *pl, const char *msg, const long counts[3])
+{
+	if (!counts[0] && !counts[1] && !counts[2])
+		return;
+	log_counts(msg, "released", "dropped", "expired", counts);
+	pthread_mutex_lock(&pl->mu);
+	pl->st.released += (uint64_t)counts[0];
+	pl->st.dropped += (uint64_t)counts[1];
+	pl->st.expired += (uint64_t)counts[2];
+	pthread_mutex_unlock(&pl->mu);
+}
+
 /* The local users who have held rows a consent of theirs (or their
  * writing in the row's group) now lets through, whenever it was made
  * (releasable_sql's test without its window): sweep_due_all's.  Asked of
@@ -3535,14 +3551,7 @@ static bool sweep_due_all(struct policy_live *pl)
 	}
 	if (got)
 		PQclear(r);
-	if (all[0] || all[1] || all[2]) {
-		log_counts("held messages due swept", "released", "dropped", "expired", all);
-		pthread_mutex_lock(&pl->mu);
-		pl->st.released += (uint64_t)all[0];
-		pl->st.dropped += (uint64_t)all[1];
-		pl->st.expired += (uint64_t)all[2];
-		pthread_mutex_unlock(&pl->mu);
-	}
+	sweep_counted(pl, "held messages due swept", all);
 	policy_view_put(v);
 	return ok && !atomic_load(&pl->stop);
 }
@@ -3670,13 +3679,8 @@ static void *live_main(void *arg)
 			int64_t took = cw_now_us() - t0;
 			if (src) {
 				LOG_KV(CW_LOG_WARN, "policy sweep failed", "detail", e.msg);
-			} else if (counts[0] || counts[1] || counts[2]) {
-				log_counts("held messages swept", "released", "dropped", "expired", counts);
-				pthread_mutex_lock(&pl->mu);
-				pl->st.released += (uint64_t)counts[0];
-				pl->st.dropped += (uint64_t)counts[1];
-				pl->st.expired += (uint64_t)counts[2];
-				pthread_mutex_unlock(&pl->mu);
+			} else {
+				sweep_counted(pl, "held messages swept", counts);
 				if (counts[0] && store_exec(pl->c, "NOTIFY causeway_outbox", &e))
 					LOG_KV(CW_LOG_WARN, "cannot notify the dispatchers", "detail", e.msg);
 			}
