@@ -125,8 +125,13 @@ class PgProxy:
 
     def cut_statement(self, pred):
         """The next statement (Bind of a prepared one whose name, or
-        Parse/Query whose text, pred accepts), outside a transaction block:
-        it runs, its answer is dropped and the connection closed (once)."""
+        Parse/Query whose text, pred accepts), on its own or inside a
+        transaction block alike: it reaches the server and runs, its answer
+        (all up to the next ReadyForQuery) is dropped and the connection
+        closed (once).  Inside a block (the report's INSERT, a BEGIN) the
+        close leaves the transaction uncommitted and the server rolls it
+        back.  Until the sixty-third session this said "outside a
+        transaction block", which the code never checked."""
         with self.lock:
             self.auto_pred = pred
 

@@ -6486,8 +6486,8 @@ def test_rooms_are_delivered_side_by_side_and_a_failing_one_holds_no_other(mx, h
                                db_url) == "6", what="six held rows")
     assert mx.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "domain", "subject": "wa.example",
                                                "state": "allowed"}).ok
-    b_rows = (f"SELECT {{}} FROM outbox o JOIN rooms r ON r.id = o.room_id WHERE o.destination = 'matrix' "
-              f"AND r.public_id = '{{}}'")
+    b_rows = ("SELECT {} FROM outbox o JOIN rooms r ON r.id = o.room_id WHERE o.destination = 'matrix' "
+              "AND r.public_id = '{}'")
     wait_until(lambda: pg.psql(b_rows.format("count(*) FILTER (WHERE o.state = 'delivered')", room_b["id"]),
                                db_url) == "3", what="room b delivered")
     assert pg.psql(b_rows.format("max(o.attempts)", room_b["id"]), db_url) == "1"

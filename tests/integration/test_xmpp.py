@@ -148,7 +148,7 @@ def body(el):
 def test_component_state_and_disco(xd, alice):
     st = component_state(xd)
     assert st["state"] == "up" and st["peer"] == "gk" and st["connected_since_ms"] > 0
-    info = alice.iq("get", COMP, f"<query xmlns='http://jabber.org/protocol/disco#info'/>")
+    info = alice.iq("get", COMP, "<query xmlns='http://jabber.org/protocol/disco#info'/>")
     ident = info.find(".//{http://jabber.org/protocol/disco#info}identity")
     assert ident is not None and ident.get("category") == "gateway"
     feats = {f.get("var") for f in info.iter("{http://jabber.org/protocol/disco#info}feature")}
@@ -3936,7 +3936,7 @@ def test_consent_by_subscription(xd, gk, alice, pg, db_url):
                    db_url) == "held"
     alice.send_presence(WALLY_JID, "subscribed")
     message_from(alice, WALLY_JID, lambda el: body(el) == "may I?")
-    assert pg.psql(f"SELECT state FROM consents WHERE subject = 'mimi://wa.example/u/wally'", db_url) == "allowed"
+    assert pg.psql("SELECT state FROM consents WHERE subject = 'mimi://wa.example/u/wally'", db_url) == "allowed"
     # eve is refused: her message is dropped, and the roster follows.
     room2 = a.create_room([a.user("eve"), ALICE]).json()["id"]
     mid2 = a.send(room2, a.user("eve"), "buy now").json()["id"]
