@@ -59,8 +59,9 @@
  * was full, else none (the next run starts from the oldest again).  An
  * event kept is looked at again each turn round the table, not each
  * run. */
-#define AFTER_CURSOR(e) \
-	"AND " e ".accepted_at >= $3::timestamptz AND (" e ".accepted_at, " e ".id) > ($3::timestamptz, $4::bigint) "
+#define AFTER_CURSOR_OF(at, id) \
+	"AND " at " >= $3::timestamptz AND (" at ", " id ") > ($3::timestamptz, $4::bigint) "
+#define AFTER_CURSOR(e) AFTER_CURSOR_OF(e ".accepted_at", e ".id")
 #define SCANNED(e) AFTER_CURSOR(e) "ORDER BY " e ".accepted_at, " e ".id LIMIT $5::int"
 #define SCAN_NEXT \
 	"k.accepted_at::text, k.id FROM (SELECT 1) one LEFT JOIN LATERAL (" \
@@ -165,12 +166,50 @@ static const char keys_sql[] =
 	"  FOR UPDATE SKIP LOCKED) "
 	"DELETE FROM idempotency_keys k USING x WHERE k.scope = x.scope AND k.key = x.key";
 
-/* By delivery_attempts_started_idx (schema/025). */
+/* An outbox row (o) a replay may send again: a dead letter ('failed' is
+ * the older name of one), as outbox_admin.c's replay takes. */
+#define REPLAYABLE(o) o ".state IN ('dead', 'failed')"
+
+/* The delivery attempts started more than $1 days ago, but a dead
+ * letter's: its tries are kept while it is one.  A replay sets its
+ * attempts back to 0, and the Matrix adapter looks for its event in the
+ * room before sending it again only when it finds a try of it here
+ * (mx_deliver.c, batch_info's last column and tried_before): until the
+ * sixty-third session they went at 30 days whatever the row's state, and
+ * a dead letter replayed after that, whose message had reached the room
+ * (its record failed on its last try, or its answer was lost), was sent a
+ * second time.  What is kept is bounded by the dead letters themselves,
+ * which content_sql and rows_sql keep whole (OPEN) until the operator
+ * replays or discards them: a dead letter's tries are at most
+ * dispatcher.retry_budget and the try its claim ran out on, the same
+ * again for each replay that ended dead; once delivered, or discarded
+ * (dropped), they go at the next turn.  The trace of a dead letter shows
+ * every try of it, however old.
+ *
+ * By delivery_attempts_started_idx (schema/025), oldest first, as a scan
+ * of at most $5 (RETENTION_CONTENT_SCAN) attempts from a cursor kept from
+ * run to run ($3, $4, as content_sql's; the columns of SCAN_NEXT's
+ * relations named alike): the kept tries are the oldest of the index,
+ * and a walk from its start read them all each run before the first to
+ * delete.  s is not materialized: c pulls it until it has $2 (the
+ * common run, the attempts of a day or two: they are read once), and
+ * only a run that took fewer reads it again, to its $5th (the cursor
+ * when the scan was full; else none, and the next run starts from the
+ * oldest again).  Answers the attempts deleted and the cursor for the
+ * next run. */
 static const char attempts_sql[] =
-	"WITH x AS (SELECT id FROM delivery_attempts "
-	"  WHERE started_at < now() - make_interval(days => $1::int) ORDER BY started_at LIMIT $2::int "
-	"  FOR UPDATE SKIP LOCKED) "
-	"DELETE FROM delivery_attempts d USING x WHERE d.id = x.id";
+	"WITH s AS NOT MATERIALIZED (SELECT d.id, d.outbox_id, d.started_at AS accepted_at FROM delivery_attempts d "
+	"  WHERE d.started_at < now() - make_interval(days => $1::int) " AFTER_CURSOR_OF("d.started_at", "d.id")
+	"  ORDER BY d.started_at, d.id LIMIT $5::int), "
+	"c AS MATERIALIZED (SELECT s.id, s.accepted_at FROM s WHERE NOT EXISTS (SELECT 1 FROM outbox o "
+	"  WHERE o.id = s.outbox_id AND " REPLAYABLE("o") ") ORDER BY s.accepted_at, s.id LIMIT $2::int), "
+	"x AS (SELECT d.id FROM delivery_attempts d WHERE d.id = ANY (ARRAY(SELECT id FROM c)) "
+	"  FOR UPDATE OF d SKIP LOCKED), "
+	"u AS (DELETE FROM delivery_attempts d USING x WHERE d.id = x.id RETURNING 1) "
+	"SELECT (SELECT count(*) FROM u), k.accepted_at::text, k.id FROM (SELECT 1) one LEFT JOIN LATERAL ("
+	"  (SELECT c.accepted_at, c.id FROM c WHERE (SELECT count(*) FROM c) >= $2::int ORDER BY 1 DESC, 2 DESC LIMIT 1) "
+	"  UNION ALL (SELECT s.accepted_at, s.id FROM s WHERE (SELECT count(*) FROM c) < $2::int "
+	"  OFFSET $5::int - 1 LIMIT 1)) k ON true";
 
 /* By audit_log_at_idx (schema/001), oldest first.  No decision is made
  * from an old record: the policy decides by rules, opt-ins, consents,
@@ -502,28 +541,37 @@ static cw_err run(PGconn *c, const char *sql, long days, int64_t win, long *coun
 	return CW_OK;
 }
 
-/* content_sql (above), its own transaction, from cur, which it
- * moves on (back to the oldest when the scan came to the end), then
- * quotes_sql in a transaction of its own.  count: the events whose
- * content went (not the quotes emptied).  A scan that stopped short of the end
- * goes on at the next run, at retention.interval_s as ever (a full batch
- * erased: a second later): a backlog kept for ever (a pull peer gone)
- * would otherwise keep every kind running each second. */
-static cw_err run_content(PGconn *c, long days, struct retention_cursor *cur, long *count, cw_errmsg *e)
+/* A scan's statement sql (content_sql, attempts_sql: their answer the
+ * count and SCAN_NEXT's cursor), its own transaction, from cur, which it
+ * moves on (back to the oldest when the scan came to the end).  A scan
+ * that stopped short of the end goes on at the next run, at
+ * retention.interval_s as ever (a full batch: a second later): a backlog
+ * kept for ever (a pull peer gone, dead letters) would otherwise keep
+ * every kind running each second. */
+static cw_err run_scan(PGconn *c, const char *sql, long days, struct retention_cursor *cur, long *count,
+		       cw_errmsg *e)
 {
 	*count = 0;
 	if (days <= 0)
 		return CW_OK;
 	struct scan_params sp;
-	PGresult *r = PQexecParams(c, content_sql, 5, NULL, scan_params(&sp, days, cur), NULL, NULL, 0);
+	PGresult *r = PQexecParams(c, sql, 5, NULL, scan_params(&sp, days, cur), NULL, NULL, 0);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;
 	*count = atol(PQgetvalue(r, 0, 0));
 	scan_next(cur, r);
 	PQclear(r);
+	return CW_OK;
+}
+
+/* content_sql (run_scan), then quotes_sql in a transaction of its own.
+ * count: the events whose content went (not the quotes emptied). */
+static cw_err run_content(PGconn *c, long days, struct retention_cursor *cur, long *count, cw_errmsg *e)
+{
+	cw_err rc = run_scan(c, content_sql, days, cur, count, e);
 	long quotes;
-	return run(c, quotes_sql, days, -1, &quotes, e);
+	return rc || days <= 0 ? rc : run(c, quotes_sql, days, -1, &quotes, e);
 }
 
 /* A local identity (i) nothing refers to, made more than $days days ago
@@ -663,7 +711,7 @@ cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, struct retention_
 		int64_t win;
 	} kinds[RETENTION_KINDS] = { { NULL, cfg->retention_content_days, -1 },
 				     { keys_sql, cfg->retention_idempotency_days, -1 },
-				     { attempts_sql, cfg->retention_attempts_days, -1 },
+				     { NULL, cfg->retention_attempts_days, -1 },
 				     { NULL, cfg->retention_rows_days, -1 },
 				     { audit_sql, cfg->retention_audit_days, -1 },
 				     { NULL, RETENTION_IDENTITY_DAYS, -1 },
@@ -682,6 +730,8 @@ cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, struct retention_
 			rc = run(c, kinds[i].sql, kinds[i].days, kinds[i].win, &counts[i], &ke);
 		else if (i == 0)
 			rc = run_content(c, kinds[i].days, &st->content_cursor, &counts[i], &ke);
+		else if (i == 2)
+			rc = run_scan(c, attempts_sql, kinds[i].days, &st->attempts_cursor, &counts[i], &ke);
 		else if (i == 5)
 			rc = run_identities(c, &st->identity_cursor, st->consent_window_s, &counts[i], &ke);
 		else if (!(rc = run(c, expiry_due_sql, kinds[i].days, -1, &brought, &ke))) {

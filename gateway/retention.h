@@ -6,7 +6,8 @@
  * failed or dead: a dead letter may still be replayed); its row, ids and
  * native ids stay, so replies, edits, statuses and traces still resolve.
  * Idempotency keys older than retention.idempotency_days and delivery
- * attempts older than retention.attempts_days are deleted.  Events are
+ * attempts older than retention.attempts_days are deleted, but a dead
+ * letter's (its replay looks for what its tries sent).  Events are
  * deleted as families (a message with its edits, deletes, reactions and
  * the reactions' removals), each with its outbox rows, their attempts and
  * its native ids, once every member was accepted more than
@@ -71,7 +72,9 @@
  * of the events' deletion (the old ones) looks at, at most (in
  * accepted_at order, from where the last run stopped, round the table):
  * those kept (for an open delivery) are looked at again each turn, not
- * each run (retention.c, SCANNED). */
+ * each run (retention.c, SCANNED).  The same bound for the old delivery
+ * attempts (in started_at order), a dead letter's kept (since the
+ * sixty-third session). */
 #define RETENTION_CONTENT_SCAN 10000
 
 /* A consent request answered or expired is kept at least this many days
@@ -94,13 +97,13 @@ struct retention_cursor {
 /* What a sweep keeps from one run to the next, and is told: where the
  * look for unused local identities goes on (0: from the first), where the
  * content erasure's and the events' deletion's (since the fifty-first
- * session), the
+ * session) and the delivery attempts' (since the sixty-third), the
  * policy's consent_request_window_seconds (a request expired unanswered
  * within it still stands) and report_window_seconds (the reports made
  * within it count toward the automatic limit). */
 struct retention_state {
 	int64_t identity_cursor;
-	struct retention_cursor content_cursor, rows_cursor;
+	struct retention_cursor content_cursor, rows_cursor, attempts_cursor;
 	int64_t consent_window_s;
 	int64_t report_window_s;
 	/* Set by a sweep: more is due of what no count counts (the expiries

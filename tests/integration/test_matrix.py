@@ -11231,16 +11231,15 @@ def test_a_message_whose_record_failed_keeps_its_matrix_event(make_daemon, db_ur
         srv.close()
 
 
-def test_a_message_whose_record_failed_on_its_last_try_is_not_sent_again_by_its_replay(make_daemon, db_url, hs, pg):
-    """As above, the record of wally's message fails, but on the row's last
-    try (retry_budget 1): its claim runs out with the budget spent, and it
-    is a dead letter, though its message is in the room.  The operator
-    replays it after the homeserver has forgotten its txnIds: the replay
-    (its attempts back to 0) looks for the event before sending, finds it
-    and records its id, and wally's edit names it.  Until the sixty-second
-    session only a counted try (attempts > 1) looked: the replay sent the
-    message a second time, and the first event's id was lost."""
-    d = start_mx(make_daemon, db_url, hs, dispatcher={"claim_timeout_s": "5", "retry_budget": "1"})
+def replayed_after_its_record_failed(make_daemon, db_url, hs, pg, before_replay=None, **sections):
+    """wally's message to alice, whose record fails on its last try
+    (retry_budget 1), dead though it is in her Matrix room, replayed by the
+    operator once the homeserver has forgotten its txnIds (before_replay(d,
+    row) first, row: a subquery giving its outbox row's id; sections: more
+    configuration): the replay finds the event and records its id, wally's
+    edit names it, and the message was sent once."""
+    d = start_mx(make_daemon, db_url, hs, **{"dispatcher": {"claim_timeout_s": "5", "retry_budget": "1"},
+                                             **sections})
     a, srv = add_gk(d)
     try:
         room, mx_room = wally_wrote_to_alice(d, hs, a, pg, db_url)
@@ -11251,7 +11250,10 @@ def test_a_message_whose_record_failed_on_its_last_try_is_not_sent_again_by_its_
         state = f"SELECT state || ' ' || coalesce(remote_id, '-') FROM outbox WHERE id = {row}"
         wait_until(lambda: pg.psql(state, db_url) == "dead -", timeout=30, what="the row dead")
         hs.forget_txn_ids()
-        assert d.admin("POST", f"/outbox/{pg.psql(f'SELECT {row}', db_url)}/replay").status_code == 200
+        if before_replay:
+            before_replay(d, row)
+        row_id = pg.psql(f"SELECT {row}", db_url)
+        assert d.admin("POST", f"/outbox/{row_id}/replay").status_code == 200
         wait_until(lambda: pg.psql(state, db_url).startswith("delivered"), timeout=30, what="the replay")
         assert pg.psql(state, db_url) == "delivered " + orig
         ed = {"type": "edit", "sender": wally,
@@ -11264,8 +11266,23 @@ def test_a_message_whose_record_failed_on_its_last_try_is_not_sent_again_by_its_
         assert msgs[2]["content"].get("m.relates_to") == {"rel_type": "m.replace", "event_id": orig}
         assert pg.psql("SELECT count(*) FROM event_native_ids n JOIN outbox o ON o.event_id = n.event_id "
                        f"WHERE o.id = {row} AND n.network = 'matrix' AND n.native_id = '{orig}'", db_url) == "1"
+        sends = [x["status"] for x in hs.requests if x["method"] == "PUT"
+                 and x["path"].endswith(f"/send/m.room.message/cw-{row_id}")]
+        assert sends == [200], sends
     finally:
         srv.close()
+
+
+def test_a_message_whose_record_failed_on_its_last_try_is_not_sent_again_by_its_replay(make_daemon, db_url, hs, pg):
+    """As above, the record of wally's message fails, but on the row's last
+    try (retry_budget 1): its claim runs out with the budget spent, and it
+    is a dead letter, though its message is in the room.  The operator
+    replays it after the homeserver has forgotten its txnIds: the replay
+    (its attempts back to 0) looks for the event before sending, finds it
+    and records its id, and wally's edit names it.  Until the sixty-second
+    session only a counted try (attempts > 1) looked: the replay sent the
+    message a second time, and the first event's id was lost."""
+    replayed_after_its_record_failed(make_daemon, db_url, hs, pg)
 
 
 def test_a_message_answered_429_is_not_looked_for_before_it_goes_again(mx, hs, gk, pg, db_url):
@@ -11297,3 +11314,23 @@ def test_a_message_answered_429_is_not_looked_for_before_it_goes_again(mx, hs, g
     looks = [x["path"] for x in hs.requests if x["method"] == "GET" and x["path"].endswith("/messages")
              and x["time"] >= t0]
     assert looks == [], looks
+
+
+def test_a_dead_letters_tries_outlive_attempts_days_for_its_replays_look(make_daemon, db_url, hs, pg):
+    """As test_a_message_whose_record_failed_on_its_last_try_is_not_sent_again_by_its_replay,
+    but the dead letter is replayed after retention.attempts_days (30): its
+    tries (and hello's, delivered) are made 40 days old and the sweep runs
+    (hello's go: it ran) before the replay, which still finds the event in
+    the room and sends nothing.  Until the sixty-third session retention
+    deleted the tries whatever the row's state, and the replay, finding
+    none, sent the message a second time (docs/operations.md,
+    "Retention")."""
+    def aged_and_swept(d, row):
+        pg.psql("UPDATE delivery_attempts SET started_at = started_at - interval '40 days', "
+                "finished_at = finished_at - interval '40 days'", db_url)
+        hello = ("SELECT count(*) FROM delivery_attempts d JOIN outbox o ON o.id = d.outbox_id "
+                 f"WHERE o.destination = 'matrix' AND o.id <> {row}")
+        wait_until(lambda: pg.psql(hello, db_url) == "0", timeout=20, what="hello's tries deleted by the sweep")
+        assert pg.psql(f"SELECT count(*) FROM delivery_attempts WHERE outbox_id = {row}", db_url) != "0"
+    replayed_after_its_record_failed(make_daemon, db_url, hs, pg, before_replay=aged_and_swept,
+                                     retention={"interval_s": "1"})

@@ -1307,3 +1307,48 @@ def test_a_kept_quote_goes_with_the_content_at_content_days_and_at_its_expiry(ma
     time.sleep(1.5)  # another run of each
     assert quotes() == {"old": "", "young": "young quote", "expiring": ""}
     srv.close()
+
+
+def test_a_dead_letters_old_tries_are_kept_and_those_behind_them_deleted(make_daemon, db_url, pg):
+    """A dead letter's tries are kept past retention.attempts_days while it
+    is one: its replay (attempts back to 0) has the Matrix adapter look for
+    its event in the room before sending it again only when a try of it is
+    in delivery_attempts (test_matrix.py,
+    test_a_dead_letters_tries_outlive_attempts_days_for_its_replays_look).
+    Kept, they are the oldest of the index the deletion walks, and a walk
+    from its start read them all each run: a run looks at 10,000 from
+    where the last stopped (since the sixty-third session), as the content
+    erasure does.  Here a dead letter with 50,000 tries of 40 days and
+    behind them a delivered row's try of 35 days: one run (interval an
+    hour) reads fewer than half of them (the walk, and its 10,000th read
+    again for the cursor); runs a second apart get to the one behind and
+    delete it, and keep the dead letter's, all of them.  Until the
+    sixty-third session the dead letter's tries went first."""
+    n = 50000
+    d, a, b, rm, srv = started_with_peers(make_daemon, db_url)
+    alice, bob = a.user("alice"), b.user("bob")
+    dead = a.send(rm["id"], alice, "dead letter").json()["id"]
+    pushed = b.send(rm["id"], bob, "pushed").json()["id"]
+    wait_until(lambda: delivered(pg, db_url, pushed) and attempts_of(pg, db_url, pushed) == 1, what="the push")
+    assert d.stop() == 0
+    srv.close()
+    pg.psql("UPDATE outbox SET state = 'dead' WHERE event_id = "
+            f"(SELECT id FROM events WHERE public_id = '{dead}'); "
+            "INSERT INTO delivery_attempts (outbox_id, attempt, started_at, finished_at, ok, code) "
+            f"SELECT o.id, g, {OLD} + g * interval '1 millisecond', {OLD} + g * interval '1 millisecond', false, 503 "
+            f"FROM outbox o JOIN events e ON e.id = o.event_id, generate_series(1, {n}) g "
+            f"WHERE e.public_id = '{dead}'", db_url)
+    age(pg, db_url, attempts_of=[pushed])
+    pg.psql("UPDATE delivery_attempts d SET started_at = started_at + interval '5 days', "
+            "finished_at = finished_at + interval '5 days' FROM outbox o JOIN events e ON e.id = o.event_id "
+            f"WHERE o.id = d.outbox_id AND e.public_id = '{pushed}'; ANALYZE", db_url)
+    plans, _ = run_plans(make_daemon, db_url, pg, ("DELETE FROM delivery_attempts d USING x",),
+                         content_days=0, rows_days=0)
+    read = [rows_read(p, "delivery_attempts") for p in plans]
+    print("delivery attempts read by one run:", read)
+    assert len(read) == 1 and read[0] < n / 2, (read, plans)  # the plans: how it read them
+    d = start(make_daemon, db_url, content_days=0, rows_days=0)
+    wait_until(lambda: attempts_of(pg, db_url, pushed) == 0, timeout=60, interval=0.2,
+               what="the try behind the dead letter's deleted")
+    assert attempts_of(pg, db_url, dead) == n
+    assert d.stop() == 0
