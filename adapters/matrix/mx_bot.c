@@ -677,7 +677,32 @@ static bool change_allowed(struct matrix *m, PGconn *c, const char *room, const 
 		 * asks txid_status of its own transaction.  Until the
 		 * sixty-second session's review such a run took it as spent,
 		 * and lost its own answer with nothing left to ask: kept for
-		 * good, even where both were rolled back. */
+		 * good, even where both were rolled back.
+		 *
+		 * The row this run read is the first run's last word, never a
+		 * view taken while the first's COMMIT still ran on the server
+		 * (a slow fsync, a synchronous standby's wait, the client's side
+		 * of the connection gone): the bot's lock (bot_lock) is a
+		 * session lock of the connection the change ran on, taken anew
+		 * after a reconnect (mine false), and the server frees it only
+		 * when that connection's backend ends, after its transaction
+		 * did; no inbox is read, here or in another process, before.  So
+		 * a run again that owns a kept token follows a first run rolled
+		 * back (one stored leaves the row's 1, which command_run_of
+		 * takes), and giving it back at its own failure is right.  The
+		 * sixty-second session's review feared the contrary (a run again
+		 * reading the row before the first COMMIT ended, failing with its
+		 * connection intact, and giving back a stored change's token);
+		 * the sixty-third session found the lock closes it
+		 * (test_a_lost_commit_still_running_holds_the_run_again_until_it_ends:
+		 * txid_status says "in progress" round after round, and nothing
+		 * runs until the COMMIT ends), and added no check of its own.  It
+		 * holds while the changes run on the lock's connection and the
+		 * lock is a session lock: a change moved to another connection,
+		 * or a transaction-level lock, opens the race again (and the
+		 * note's UPDATE would then need "AND change_allowed IS DISTINCT
+		 * FROM 1", which waits for the first's row and reads what it
+		 * left). */
 		run->took = run->unsure;
 		run->unsure = false;
 		return run->change > 0; /* a run again: its first run's answer (struct command_runs) */
@@ -821,6 +846,13 @@ static void changes_resolved(struct matrix *m, PGconn *c, struct command_runs *r
 				policy_user_update_give(m->app->policy, m->app->limits, run->who);
 				LOG_KV(CW_LOG_INFO, "a change whose answer was lost was rolled back: its token given back",
 				       "xid", xid);
+			} else if (!status[0]) {
+				/* NULL: older than the server keeps the transactions'
+				 * fates (its commit log truncated): kept, as a refused
+				 * question is, and said so (until the sixty-third
+				 * session in silence) */
+				LOG_KV_LIMITED(CW_LOG_WARN, "cannot ask whether a change whose answer was lost was stored: its "
+					       "token kept", "xid", xid, "detail", "its transaction is no longer known");
 			}
 		}
 		PQclear(r);

@@ -11334,3 +11334,229 @@ def test_a_dead_letters_tries_outlive_attempts_days_for_its_replays_look(make_da
         assert pg.psql(f"SELECT count(*) FROM delivery_attempts WHERE outbox_id = {row}", db_url) != "0"
     replayed_after_its_record_failed(make_daemon, db_url, hs, pg, before_replay=aged_and_swept,
                                      retention={"interval_s": "1"})
+
+
+@pytest.mark.parametrize("fate", ["refused", "unknown"])
+def test_a_change_whose_lost_answer_cannot_be_asked_keeps_its_token(make_daemon, db_url, hs, pg, fate):
+    """As in the test above ("commit"), alice's block of wally is rolled
+    back at its COMMIT (a deferred check refuses it once) and the answer is
+    lost with the first process's connection; the bot's lock goes to the
+    second process, whose bot runs the block again with a token of its
+    own. Connected again, the first asks txid_status of the block's
+    transaction, and the question is refused ("refused": the server says
+    the id is in the future, as after a failover to a standby that lagged
+    or a restore) or answered NULL ("unknown": older than the server keeps).
+    Not knowing whether the change was stored, the first keeps its token
+    (logged, WARN) and asks no more: once the lock is back, her accept of
+    wally within the minute is refused as too many changes, and the
+    question was asked once. txid_status is this database's own (a function
+    of public before pg_catalog on its search_path: the real one, asked of
+    an id 2^40 later, for "refused"). Until the sixty-second session's
+    review a refused question was asked again every round, for ever; until
+    the sixty-third session no test made one, and a NULL kept the token in
+    silence."""
+    answer = "pg_catalog.txid_status($1 + 1099511627776)" if fate == "refused" else "NULL"
+    txid_status_of_the_test(pg, db_url, f"RETURN {answer};")
+    pg.psql("CREATE SEQUENCE refused_once; CREATE FUNCTION refuse_once() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$BEGIN IF nextval('refused_once') = 1 THEN RAISE EXCEPTION 'refused once'; END IF; RETURN NULL; "
+            "END$$; CREATE CONSTRAINT TRIGGER refuse_once AFTER INSERT ON audit_log DEFERRABLE INITIALLY DEFERRED "
+            "FOR EACH ROW WHEN (NEW.action = 'consent.block') EXECUTE FUNCTION refuse_once()", db_url)
+    with PgProxy(db_url) as px:
+        first = start_mx(make_daemon, px.url, hs)
+        a, srv = add_gk(first)
+        second = None
+        try:
+            wally = a.user("wally")
+            assert first.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 1}).ok
+            alice, mgmt, said = alice_and_the_bot(hs)  # the first's bot: the lock's holder
+            second = make_daemon(db_url, options={
+                "server": {"port": str(free_port())},
+                "matrix": {"homeserver_url": hs.url, "as_token": AS_TOKEN, "hs_token": HS_TOKEN}}).start()
+            px.on_complete = True
+            px.cut_commit_matching(lambda t: BOT_CHANGE_NOTE in t)
+            px.refuse()  # the first's connections open go on; it cannot connect again
+            t0 = time.monotonic()
+            alice.send_text(mgmt, f"block {wally}")
+            wait_until(lambda: px.cuts == 1, timeout=20, what="the block's answer lost")
+            wait_until(lambda: any(n.startswith(("Blocked", "You made too many", "That did not work"))
+                                   for n in said()), timeout=30, what="the block answered by the second's bot")
+            assert [n for n in said() if "Commands" not in n] == [n for n in said() if n.startswith("Blocked")]
+            px.thaw()
+            kept = "cannot ask whether a change whose answer was lost was stored: its token kept"
+            wait_until(lambda: any(r.get("msg") == kept for r in first.records), timeout=20,
+                       what="the first's question refused, its token kept")
+            [warn] = [r for r in first.records if r.get("msg") == kept]
+            assert ("is in the future" if fate == "refused" else "no longer known") in warn.get("detail", ""), warn
+            second.stop()
+            second = None
+            alice.send_text(mgmt, f"accept {wally}")
+            wait_until(lambda: any(n.startswith("Accepted") or "too many changes" in n for n in said()),
+                       timeout=20, what="the accept answered by the first's bot")
+            assert time.monotonic() - t0 < 50  # within the minute that refills the first's token
+            assert any("too many changes" in n for n in said()), said()
+            assert not any(n.startswith("Accepted") for n in said()), said()
+            assert not any(r.get("msg", "").startswith("a change whose answer was lost was rolled back")
+                           for r in first.records)
+            assert pg.psql("SELECT string_agg(subject || ' ' || state, ',') FROM consents", db_url) == \
+                wally + " blocked"
+            assert pg.psql("SELECT last_value FROM txid_asked", db_url) == "1"  # asked once, not every round
+        finally:
+            px.thaw()
+            if second is not None:
+                second.stop()
+            srv.close()
+
+
+def txid_status_of_the_test(pg, db_url, body):
+    """txid_status, as the daemon's new sessions call it (unqualified), is
+    this database's function public.txid_status(bigint) (public before
+    pg_catalog on the database's search_path), whose plpgsql body is body
+    (pg_catalog.txid_status the real one); each call counted in the
+    sequence txid_asked."""
+    dbname = urllib.parse.urlsplit(db_url).path.lstrip("/")
+    pg.psql("CREATE SEQUENCE txid_asked; CREATE FUNCTION public.txid_status(bigint) RETURNS text LANGUAGE plpgsql "
+            f"AS $$BEGIN PERFORM nextval('public.txid_asked'); {body} END$$; "
+            f"ALTER DATABASE \"{dbname}\" SET search_path = \"$user\", public, pg_catalog", db_url)
+
+
+def test_a_run_again_that_owns_a_kept_token_gives_it_back_when_it_fails(make_daemon, db_url, hs, pg):
+    """alice may make one change a minute. Her block of wally is rolled
+    back at its COMMIT (a deferred check refuses it) and the answer is lost
+    with the bot's connection (a proxy); connected again, the bot asks
+    txid_status, which says "in progress" (as when the server has not yet
+    seen the connection end: here this database's txid_status says so
+    while a gate is shut), so the token is kept, and the block runs again:
+    it takes no token and owns the kept one. Its own COMMIT is refused too,
+    its connection intact: "That did not work", and the token it owns is
+    given back, so that her accept of wally within the minute is carried
+    out. Until the sixty-second session's review such a run again took the
+    kept token as spent: her accept was refused as too many changes, for a
+    change stored neither time; until the sixty-third session no test made
+    a run again own a kept token."""
+    pg.psql("CREATE TABLE gate (open boolean NOT NULL); INSERT INTO gate VALUES (false); "
+            "CREATE SEQUENCE refused; CREATE FUNCTION refuse_twice() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$BEGIN IF nextval('refused') <= 2 THEN RAISE EXCEPTION 'refused at its commit'; END IF; RETURN NULL; "
+            "END$$; CREATE CONSTRAINT TRIGGER refuse_twice AFTER INSERT ON audit_log DEFERRABLE INITIALLY DEFERRED "
+            "FOR EACH ROW WHEN (NEW.action = 'consent.block') EXECUTE FUNCTION refuse_twice()", db_url)
+    txid_status_of_the_test(pg, db_url, "IF NOT (SELECT open FROM public.gate) THEN RETURN 'in progress'; END IF; "
+                            "RETURN pg_catalog.txid_status($1);")
+    with PgProxy(db_url) as px:
+        mx = start_mx(make_daemon, px.url, hs)
+        a, srv = add_gk(mx)
+        try:
+            wally = a.user("wally")
+            assert mx.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 1}).ok
+            alice, mgmt, said = alice_and_the_bot(hs)
+            px.on_complete = True
+            px.cut_commit_matching(lambda t: BOT_CHANGE_NOTE in t)
+            alice.send_text(mgmt, f"block {wally}")
+            wait_until(lambda: px.cuts == 1, timeout=20, what="the block's answer lost")
+            wait_until(lambda: any(n.startswith(("Blocked", "That did not work", "You made too many"))
+                                   for n in said()), timeout=30, what="the block's run again answered")
+            assert [n for n in said() if "Commands" not in n] == ["That did not work; try again in a moment."]
+            assert int(pg.psql("SELECT last_value FROM txid_asked", db_url)) >= 1  # "in progress": kept, not settled
+            assert pg.psql("SELECT last_value FROM refused", db_url) == "2"  # both COMMITs refused
+            pg.psql("UPDATE gate SET open = true", db_url)
+            alice.send_text(mgmt, f"accept {wally}")
+            wait_until(lambda: any(n.startswith("Accepted") or "too many changes" in n for n in said()),
+                       timeout=20, what="the accept answered")
+            assert not any("too many changes" in n for n in said()), said()
+            assert pg.psql("SELECT string_agg(subject || ' ' || state, ',') FROM consents", db_url) == \
+                wally + " allowed"
+            assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'consent.block'", db_url) == "0"
+            # given back by the run again's failure, not by an answer of txid_status (never "aborted" here)
+            assert not any(r.get("msg", "").startswith("a change whose answer was lost was rolled back")
+                           for r in mx.records)
+        finally:
+            srv.close()
+
+
+@pytest.mark.parametrize("first", ["stored", "rolled back"])
+def test_a_lost_commit_still_running_holds_the_run_again_until_it_ends(make_daemon, db_url, hs, pg, monkeypatch,
+                                                                        first):
+    """alice may make one change a minute. Her block of wally reaches its
+    COMMIT, which the server holds (a deferred check waits for a gate: a
+    slow fsync, a synchronous standby's wait), while the bot's side of the
+    connection ends (the proxy closes it; the server goes on). The bot
+    connects again and asks txid_status round after round ("in progress"),
+    but runs nothing: the bot's lock is a session lock of the connection
+    whose COMMIT still runs, and no session, of this process or another,
+    takes it before that backend ends, after its transaction did. So no run
+    again reads the row while the first transaction is undecided (the race
+    a review of the sixty-second session feared: a run again reading the
+    row before the first COMMIT ends, owning its token, failing with its
+    connection intact and giving back the token of a change stored). The
+    gate opens: "stored", the first committed, the run again reads its
+    note, takes no token, and its block, a repeat, is answered "Blocked";
+    her accept right after is refused as too many changes (charged once).
+    "Rolled back", the first refused at its COMMIT: txid_status says
+    aborted, the token is given back, the run again takes its own, its
+    COMMIT is refused too ("That did not work"), gives it back, and her
+    accept is carried out."""
+    import socket
+    import pgproxy
+    conns = []
+
+    class Tracked(pgproxy._Conn):
+        def __init__(self, client, server):
+            super().__init__(client, server)
+            conns.append(self)
+    monkeypatch.setattr(pgproxy, "_Conn", Tracked)
+    pg.psql("CREATE TABLE gate (open boolean NOT NULL); INSERT INTO gate VALUES (false); CREATE SEQUENCE noted; "
+            "CREATE FUNCTION hold_commit() RETURNS trigger LANGUAGE plpgsql AS $$DECLARE n bigint := nextval('noted'); "
+            "BEGIN IF n = 1 THEN WHILE NOT (SELECT open FROM gate) LOOP PERFORM pg_sleep(0.05); END LOOP; END IF; "
+            + ("" if first == "stored" else "IF n <= 2 THEN RAISE EXCEPTION 'refused at its commit'; END IF; ") +
+            "RETURN NULL; END$$; "
+            "CREATE CONSTRAINT TRIGGER hold_commit AFTER UPDATE ON matrix_bot_inbox DEFERRABLE INITIALLY DEFERRED "
+            "FOR EACH ROW WHEN (NEW.change_allowed = 1) EXECUTE FUNCTION hold_commit()", db_url)
+    txid_status_of_the_test(pg, db_url, "RETURN pg_catalog.txid_status($1);")
+    with PgProxy(db_url) as px:
+        mx = start_mx(make_daemon, px.url, hs)
+        a, srv = add_gk(mx)
+        try:
+            wally = a.user("wally")
+            assert mx.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 1}).ok
+            alice, mgmt, said = alice_and_the_bot(hs)
+            sent = px.record()
+            alice.send_text(mgmt, f"block {wally}")
+            held = "SELECT pid FROM pg_stat_activity WHERE query = 'COMMIT' AND wait_event = 'PgSleep'"
+            wait_until(lambda: pg.psql(held, db_url), timeout=20, what="the block's COMMIT held by the server")
+            pid = pg.psql(held, db_url)
+            [n] = {k for k, kind, text in list(sent) if kind == "B" and BOT_CHANGE_NOTE in text}
+            [conn] = [c for c in conns if c.n == n]
+            conn.client.shutdown(socket.SHUT_RDWR)  # the bot's side ends; the server's COMMIT goes on
+            wait_until(lambda: int(pg.psql("SELECT last_value FROM txid_asked", db_url)) >= 3, timeout=20,
+                       what="three rounds of the bot, connected again, asking")
+            assert pg.psql(held, db_url) == pid  # still running
+            # no statement of the bot's waits for the held transaction's row (another thread's may: the sweep's)
+            waiting = pg.psql("SELECT string_agg(query, ' | ') FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                              "AND query LIKE '%matrix_bot_inbox%'", db_url)
+            assert waiting == "", waiting
+            assert pg.psql("SELECT string_agg(l.pid::text, ',') FROM pg_locks l WHERE l.locktype = 'advisory' "
+                           "AND l.granted AND l.objid = (hashtextextended('causeway.matrix-bot', 0) & 4294967295)"
+                           "::bigint::oid", db_url) == pid  # the bot's lock, its old session's
+            assert pg.psql("SELECT count(*) FROM matrix_bot_inbox WHERE handled_at IS NULL", db_url) == "1"
+            assert [n for n in said() if "Commands" not in n] == []
+            pg.psql("UPDATE gate SET open = true", db_url)
+            wait_until(lambda: any(n.startswith(("Blocked", "That did not work")) for n in said()), timeout=20,
+                       what="the run again answered")
+            alice.send_text(mgmt, f"accept {wally}")
+            wait_until(lambda: any(n.startswith("Accepted") or "too many changes" in n for n in said()),
+                       timeout=20, what="the accept answered")
+            answers = [n for n in said() if "Commands" not in n]
+            if first == "stored":
+                assert len(answers) == 2 and answers[0].startswith("Blocked " + wally) and \
+                    answers[1].startswith("You made too many changes in a short time"), answers
+                assert pg.psql("SELECT string_agg(subject || ' ' || state, ',') FROM consents", db_url) == \
+                    wally + " blocked"
+                assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'consent.block'", db_url) == "1"
+            else:
+                assert len(answers) == 2 and answers[0] == "That did not work; try again in a moment." and \
+                    answers[1].startswith("Accepted " + wally), answers
+                assert any(r.get("msg", "").startswith("a change whose answer was lost was rolled back")
+                           for r in mx.records)
+                assert pg.psql("SELECT string_agg(subject || ' ' || state, ',') FROM consents", db_url) == \
+                    wally + " allowed"
+                assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'consent.block'", db_url) == "0"
+        finally:
+            srv.close()
