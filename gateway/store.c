@@ -27,6 +27,7 @@ struct job {
 	int retries;                     /* runs again after a deadlock (CW_ERETRY) */
 	int64_t pause_us;                /* to wait before the next (set by retry_job, taken by run_batch) */
 	bool patient;                    /* a read that waits for the database (store_read_patient) */
+	int64_t not_before_us;           /* a read queued for later: not run before (store_read_patient_after) */
 	struct job *next;
 };
 
@@ -114,6 +115,8 @@ struct cw_store {
 	bool watchdog_started;
 	pthread_t watchdog;
 	struct queue wq, rq;
+	struct queue dq;        /* reads queued for later (store_read_patient_after), in no order: the watchdog
+				 * moves each to rq at its time (delayed_due) */
 	size_t last_batch;      /* writes in the writer's last batch, 0 before the first (under mu) */
 	bool stopping;
 	pthread_t writer;
@@ -1461,6 +1464,41 @@ static void expire_queued(struct cw_store *s, int64_t now, int64_t *next)
 	fail_list(reads, CW_ETIMEDOUT, "the database did not take the read in time");
 }
 
+/* The reads queued for later (dq) whose time has come, moved to the
+ * readers' queue, their deadline counted from now as a read queued now
+ * (rq's deadlines stay in its order, expire_queue); the first time still
+ * to come into *next.  None once the store stops (the watchdog fails them
+ * as it ends, on its own thread as a reader would).
+ * A read asked again a moment later waits here, not on a reader thread
+ * that sleeps: until the sixty-third session the XMPP consent commands'
+ * look-up of a lost COMMIT slept 100 ms between its looks on its reader,
+ * up to 2 s, and two of them held both readers (xmpp_cmd.c, fate_fn). */
+static void delayed_due(struct cw_store *s, int64_t now, int64_t *next)
+{
+	pthread_mutex_lock(&s->mu);
+	struct job *j = s->dq.head;
+	bool moved = false;
+	s->dq.head = s->dq.tail = NULL;
+	s->dq.n = 0;
+	while (j) {
+		struct job *later = j->next;
+		if (!s->stopping && j->not_before_us <= now) {
+			j->enqueued_us = now;
+			j->deadline_us = now + s->o.deadline_us;
+			q_push(&s->rq, j);
+			moved = true;
+		} else {
+			if (j->not_before_us < *next)
+				*next = j->not_before_us;
+			q_push(&s->dq, j);
+		}
+		j = later;
+	}
+	if (moved)
+		pthread_cond_broadcast(&s->rcond);
+	pthread_mutex_unlock(&s->mu);
+}
+
 static void *watchdog_main(void *arg)
 {
 	cw_thread_name("cw-watchdog");
@@ -1483,6 +1521,7 @@ static void *watchdog_main(void *arg)
 			if (r < next)
 				next = r;
 		}
+		delayed_due(s, now, &next);
 		expire_queued(s, now, &next);
 		pthread_mutex_lock(&s->mu);
 		if (next < s->watch_wake_us)
@@ -1496,7 +1535,9 @@ static void *watchdog_main(void *arg)
 			pthread_cond_timedwait(&s->dcond, &s->mu, &ts);
 		}
 	}
+	struct job *later = q_take(&s->dq, (size_t)s->dq.n); /* queued for later, never run: the store stops */
 	pthread_mutex_unlock(&s->mu);
+	fail_list(later, CW_ESHUTDOWN, "the daemon is stopping");
 	return NULL;
 }
 
@@ -2171,7 +2212,7 @@ static void *reader_main(void *arg)
 /* -------------------------------------------------------------- public API */
 
 static cw_err enqueue(struct cw_store *s, bool write, store_fn fn, const struct store_pipe_ops *pipe,
-		      store_done_fn done, void *arg, bool patient)
+		      store_done_fn done, void *arg, bool patient, int64_t delay_us)
 {
 	if (write && !atomic_load(&s->db_up))
 		return CW_EUNAVAIL;
@@ -2191,7 +2232,16 @@ static cw_err enqueue(struct cw_store *s, bool write, store_fn fn, const struct 
 		free(j);
 		return CW_ESHUTDOWN;
 	}
-	if (write) {
+	if (!write && delay_us > 0) {
+		/* for later: the watchdog hands it to the readers (delayed_due) */
+		j->not_before_us = j->enqueued_us + delay_us;
+		j->deadline_us = j->not_before_us + s->o.deadline_us;
+		q_push(&s->dq, j);
+		if (j->not_before_us < s->watch_wake_us) {
+			s->watch_wake_us = j->not_before_us;
+			pthread_cond_signal(&s->dcond);
+		}
+	} else if (write) {
 		q_push(&s->wq, j);
 		/* Wake the writer only when the plan may change: first job, or a
 		 * full batch. */
@@ -2207,22 +2257,27 @@ static cw_err enqueue(struct cw_store *s, bool write, store_fn fn, const struct 
 
 cw_err store_write(struct cw_store *s, store_fn fn, store_done_fn done, void *arg)
 {
-	return enqueue(s, true, fn, NULL, done, arg, false);
+	return enqueue(s, true, fn, NULL, done, arg, false, 0);
 }
 
 cw_err store_write_pipe(struct cw_store *s, const struct store_pipe_ops *ops, store_done_fn done, void *arg)
 {
-	return enqueue(s, true, NULL, ops, done, arg, false);
+	return enqueue(s, true, NULL, ops, done, arg, false, 0);
 }
 
 cw_err store_read(struct cw_store *s, store_fn fn, store_done_fn done, void *arg)
 {
-	return enqueue(s, false, fn, NULL, done, arg, false);
+	return enqueue(s, false, fn, NULL, done, arg, false, 0);
 }
 
 cw_err store_read_patient(struct cw_store *s, store_fn fn, store_done_fn done, void *arg)
 {
-	return enqueue(s, false, fn, NULL, done, arg, true);
+	return enqueue(s, false, fn, NULL, done, arg, true, 0);
+}
+
+cw_err store_read_patient_after(struct cw_store *s, int64_t delay_us, store_fn fn, store_done_fn done, void *arg)
+{
+	return enqueue(s, false, fn, NULL, done, arg, true, delay_us);
 }
 
 struct read_wait {
@@ -2259,7 +2314,7 @@ cw_err store_read_wait(struct cw_store *s, store_fn fn, void *arg, cw_errmsg *e)
 	struct read_wait w = { .fn = fn, .arg = arg, .e = e };
 	pthread_mutex_init(&w.mu, NULL);
 	pthread_cond_init(&w.cv, NULL);
-	cw_err rc = enqueue(s, false, read_wait_fn, NULL, read_waited, &w, false);
+	cw_err rc = enqueue(s, false, read_wait_fn, NULL, read_waited, &w, false, 0);
 	if (rc) {
 		cw_fail(e, rc, "the store is not taking work");
 	} else {

@@ -207,6 +207,11 @@ cw_err store_write_pipe(struct cw_store *s, const struct store_pipe_ops *ops, st
  * than failing at once, since the answer (was it stored?) is only there
  * once the database answers.  It holds its reader meanwhile. */
 cw_err store_read_patient(struct cw_store *s, store_fn fn, store_done_fn done, void *arg);
+/* store_read_patient, handed to the readers delay_us from now (its
+ * deadline counted from then): a look-up asked again a moment later (a
+ * transaction the server still runs) waits in the store meanwhile, not on
+ * a reader that sleeps.  Failed CW_ESHUTDOWN if the store stops first. */
+cw_err store_read_patient_after(struct cw_store *s, int64_t delay_us, store_fn fn, store_done_fn done, void *arg);
 /* store_read, waiting for the outcome (fn's, or the store's: database away,
  * deadline, stopping), for a thread of its own that may block (a worker,
  * workers.h).  Never from a store thread or an HTTP thread. */
