@@ -18,6 +18,7 @@
 #include <jansson.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -125,7 +126,7 @@ struct xconsent {
 					  * contacts a whole network's block takes off it */
 	long long xid;                   /* the last run's transaction (txid_current), 0 not known: asked of
 					  * txid_status when its COMMIT's answer is lost (consent_done) */
-	const char *fate;                /* that look-up's answer (txid_status; "" none), NULL not asked */
+	struct xconsent *next_waiting;   /* the next job waiting for the same look-up (struct fate_look) */
 };
 
 /* The remote ids of a local user's contacts of a peer, as far as the
@@ -781,80 +782,187 @@ static void consent_finish(struct xconsent *j, cw_err rc, const cw_errmsg *e, bo
 	xconsent_free(j);
 }
 
-/* txid_status's answers (struct xconsent's fate). */
+/* txid_status's answers (a look-up's fate). */
 static const char FATE_COMMITTED[] = "committed", FATE_ABORTED[] = "aborted", FATE_UNKNOWN[] = "";
 
-/* How long fate_fn waits for a transaction the server still runs (it has
- * not yet seen its connection end): this many looks, 100 ms apart. */
+/* How long a look-up asks again of a transaction the server still runs
+ * (it has not yet seen its connection end): this many looks, FATE_AGAIN_US
+ * apart, each a read of its own queued for later. */
 #define FATE_LOOKS 20
+#define FATE_AGAIN_US 100000
 
-/* Whether the job's transaction (j->xid) was committed, asked of the
- * database once it answers (store_read_patient). */
+/* The look-ups of the batches whose COMMIT's answer was lost: one per
+ * batch, by its transaction's id (which each of its consent jobs read,
+ * consent_fn), with the batch's jobs that wait for it; its answer kept
+ * until the slot is taken again, for a job of the batch the writer
+ * answers after it came (the writer answers a batch's jobs one after the
+ * other, and the look-up runs on a reader meanwhile).  FATE_SLOTS look-ups
+ * at once: a lost batch needs a connection lost at its COMMIT, and the
+ * writer sends one COMMIT at a time.  Under fates_mu but the look-up's own
+ * fields (status, looks: fate_fn's, then fate_done's, one after the other
+ * through the store's queue).  Until the sixty-third session each job of
+ * a lost batch asked alone, and each slept 100 ms between its looks on
+ * its reader thread, up to 2 s: two such jobs (two readers by default)
+ * held every read of the gateway that long. */
+#define FATE_SLOTS 8
+struct fate_look {
+	long long xid;            /* 0: a free slot */
+	struct cw_store *store;
+	const char *fate;         /* its answer, NULL: being looked up */
+	int64_t answered_us;      /* when (a slot answered is taken again, the oldest first) */
+	struct xconsent *waiting; /* the jobs waiting for the answer, in the writer's order (next_waiting) */
+	const char *status;       /* the last look's: an answer, or NULL (in progress) */
+	int looks;                /* asked so far */
+};
+static pthread_mutex_t fates_mu = PTHREAD_MUTEX_INITIALIZER;
+static struct fate_look fates[FATE_SLOTS];
+
+/* Whether the batch's transaction (f->xid) was committed: one look,
+ * never a wait (fate_done asks again later). */
 static cw_err fate_fn(PGconn *c, void *arg, cw_errmsg *e)
 {
-	struct xconsent *j = arg;
+	struct fate_look *f = arg;
 	char xid[24];
-	snprintf(xid, sizeof(xid), "%lld", j->xid);
+	snprintf(xid, sizeof(xid), "%lld", f->xid);
 	const char *p[] = { xid };
-	j->fate = NULL;
-	for (int k = 1; !j->fate; k++) {
-		PGresult *r = PQexecParams(c, "SELECT txid_status($1::bigint)", 1, NULL, p, NULL, NULL, 0);
-		cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
-		if (rc)
-			return rc;
-		const char *st = PQntuples(r) == 1 && !PQgetisnull(r, 0, 0) ? PQgetvalue(r, 0, 0) : "";
-		if (strcmp(st, "committed") == 0)
-			j->fate = FATE_COMMITTED;
-		else if (strcmp(st, "aborted") == 0)
-			j->fate = FATE_ABORTED;
-		else if (strcmp(st, "in progress") != 0 || k >= FATE_LOOKS)
-			j->fate = FATE_UNKNOWN; /* no longer known (older than the server keeps), or still running */
-		PQclear(r);
-		if (!j->fate)
-			usleep(100000);
-	}
+	PGresult *r = PQexecParams(c, "SELECT txid_status($1::bigint)", 1, NULL, p, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	const char *st = PQntuples(r) == 1 && !PQgetisnull(r, 0, 0) ? PQgetvalue(r, 0, 0) : "";
+	f->looks++;
+	if (strcmp(st, "committed") == 0)
+		f->status = FATE_COMMITTED;
+	else if (strcmp(st, "aborted") == 0)
+		f->status = FATE_ABORTED;
+	else if (strcmp(st, "in progress") == 0)
+		f->status = NULL;
+	else
+		f->status = FATE_UNKNOWN; /* no longer known: older than the server keeps */
+	PQclear(r);
 	return CW_OK;
 }
 
+/* The job's end by its batch's fate: committed, as stored (its answer, its
+ * token spent); rolled back, as any failure, and its WARN says so (not
+ * "may have been stored", which only the unknown fate is). */
+static void fate_end(struct xconsent *j, const char *fate)
+{
+	static const cw_errmsg aborted = { .msg = "the connection was lost at the commit; the transaction was rolled back" };
+	static const cw_errmsg unknown = { .msg = STORE_OUTCOME_UNKNOWN };
+	if (fate == FATE_COMMITTED)
+		consent_finish(j, CW_OK, NULL, false);
+	else
+		consent_finish(j, CW_EUNAVAIL, fate == FATE_ABORTED ? &aborted : &unknown, fate != FATE_ABORTED);
+}
+
+static void fate_told(const char *component, long long id, const char *fate, int jobs, int looks, const char *detail)
+{
+	char xid[24], n[16], k[16];
+	snprintf(xid, sizeof(xid), "%lld", id);
+	snprintf(n, sizeof(n), "%d", jobs);
+	snprintf(k, sizeof(k), "%d", looks);
+	LOG_KV(CW_LOG_INFO, "an xmpp consent command whose COMMIT's answer was lost, looked up", "component",
+	       component, "xid", xid,
+	       "outcome", fate == FATE_COMMITTED ? "committed" : fate == FATE_ABORTED ? "rolled back" : "unknown",
+	       "commands", n, "looks", k, "detail", detail);
+}
+
+/* The look-up's answer, given to each job of the batch waiting for it. */
+static void fate_answer(struct fate_look *f, const char *fate, const char *detail)
+{
+	pthread_mutex_lock(&fates_mu);
+	f->fate = fate;
+	f->answered_us = cw_now_us();
+	struct xconsent *waiting = f->waiting;
+	f->waiting = NULL;
+	long long xid = f->xid;
+	int looks = f->looks, jobs = 0;
+	pthread_mutex_unlock(&fates_mu);
+	for (struct xconsent *j = waiting; j; j = j->next_waiting)
+		jobs++;
+	fate_told(waiting ? waiting->xc->domain : "", xid, fate, jobs, looks, detail);
+	for (struct xconsent *j = waiting, *next; j; j = next) {
+		next = j->next_waiting;
+		fate_end(j, fate);
+	}
+}
+
+/* A look's outcome: a transaction the server still runs is asked again
+ * FATE_AGAIN_US later, queued in the store meanwhile (no reader held),
+ * up to FATE_LOOKS looks; otherwise the batch's jobs have their answer. */
 static void fate_done(void *arg, cw_err rc, const cw_errmsg *e)
 {
-	struct xconsent *j = arg;
-	const char *fate = rc ? FATE_UNKNOWN : j->fate;
-	char xid[24];
-	snprintf(xid, sizeof(xid), "%lld", j->xid);
-	LOG_KV(CW_LOG_INFO, "an xmpp consent command whose COMMIT's answer was lost, looked up", "component",
-	       j->xc->domain, "xid", xid,
-	       "outcome", fate == FATE_COMMITTED ? "committed" : fate == FATE_ABORTED ? "rolled back" : "unknown",
-	       "detail", rc && e ? e->msg : "");
-	if (fate == FATE_COMMITTED)
-		consent_finish(j, CW_OK, NULL, false); /* as stored: its answer, its token spent */
-	else {
-		/* rolled back: as any failure, and its WARN says so (not "may
-		 * have been stored", which only the unknown fate is) */
-		static const cw_errmsg aborted = { .msg = "the connection was lost at the commit; the transaction was rolled back" };
-		static const cw_errmsg unknown = { .msg = STORE_OUTCOME_UNKNOWN };
-		consent_finish(j, CW_EUNAVAIL, fate == FATE_ABORTED ? &aborted : &unknown, fate != FATE_ABORTED);
+	struct fate_look *f = arg;
+	if (!rc && !f->status && f->looks < FATE_LOOKS &&
+	    store_read_patient_after(f->store, FATE_AGAIN_US, fate_fn, fate_done, f) == CW_OK)
+		return;
+	fate_answer(f, rc || !f->status ? FATE_UNKNOWN : f->status, rc && e ? e->msg : "");
+}
+
+/* j, whose batch's COMMIT lost its answer, waits for the look-up of its
+ * transaction (j->xid): the batch's one, joined if under way, taken if
+ * answered (j ended with it), else started.  False when none can start
+ * (every slot being looked up): j ends as not known. */
+static bool fate_wait(struct xconsent *j)
+{
+	pthread_mutex_lock(&fates_mu);
+	struct fate_look *f = NULL, *slot = NULL;
+	for (size_t i = 0; i < FATE_SLOTS && !f; i++) {
+		if (fates[i].xid == j->xid)
+			f = &fates[i];
+		else if ((!fates[i].xid || fates[i].fate) && (!slot || fates[i].answered_us < slot->answered_us))
+			slot = &fates[i]; /* a free one (answered_us 0), else the one answered first */
 	}
+	if (f && f->fate) {
+		const char *fate = f->fate;
+		int looks = f->looks;
+		pthread_mutex_unlock(&fates_mu);
+		fate_told(j->xc->domain, j->xid, fate, 1, looks, "answered already, for its batch");
+		fate_end(j, fate);
+		return true;
+	}
+	if (f) {
+		struct xconsent **tail = &f->waiting;
+		while (*tail)
+			tail = &(*tail)->next_waiting;
+		j->next_waiting = NULL;
+		*tail = j;
+		pthread_mutex_unlock(&fates_mu);
+		return true;
+	}
+	if (!slot) {
+		pthread_mutex_unlock(&fates_mu);
+		LOG_KV_LIMITED(CW_LOG_WARN, "too many xmpp consent look-ups of lost COMMITs at once: one not asked",
+			       "component", j->xc->domain);
+		return false;
+	}
+	j->next_waiting = NULL;
+	*slot = (struct fate_look){ .xid = j->xid, .store = j->xc->x->app->store, .waiting = j };
+	pthread_mutex_unlock(&fates_mu);
+	if (store_read_patient(slot->store, fate_fn, fate_done, slot) != CW_OK)
+		fate_answer(slot, FATE_UNKNOWN, "the store took no read"); /* stopping: j and any joined since */
+	return true;
 }
 
 /* The job's outcome, from the store.  When the connection was lost at its
  * COMMIT (STORE_OUTCOME_UNKNOWN) the change may have been stored: the
  * database is asked, once it answers, whether the batch's transaction
  * (j->xid, read in consent_fn) was committed (txid_status, as the Matrix
- * bot's changes_resolved): committed, the job ends as stored (its answer,
- * its roster's following, its token spent); rolled back, as any failure
- * (its token given back, "try again"); not known (the look-up failed or
- * timed out, the transaction too old, or still running 2 s after), the
- * token kept and the user told it may have been done.  The iq is answered
- * then, within the database's request timeout.  Until the sixty-second
- * session every failure gave the token back, a lost COMMIT's too, and a
- * change stored with its answer lost was free (and answered "That did not
- * work"). */
+ * bot's changes_resolved), once for the whole batch (fate_wait):
+ * committed, the job ends as stored (its answer, its roster's following,
+ * its token spent); rolled back, as any failure (its token given back,
+ * "try again"); not known (the look-up failed or timed out, the
+ * transaction too old, or still running 2 s after), the token kept and
+ * the user told it may have been done.  The iq is answered then.  Until
+ * the sixty-second session every failure gave the token back, a lost
+ * COMMIT's too, and a change stored with its answer lost was free (and
+ * answered "That did not work"). */
 static void consent_done(void *arg, cw_err rc, const cw_errmsg *e)
 {
 	struct xconsent *j = arg;
 	bool unknown = rc == CW_EUNAVAIL && e && strcmp(e->msg, STORE_OUTCOME_UNKNOWN) == 0 && j->verb != V_LIST;
-	if (unknown && j->xid && store_read_patient(j->xc->x->app->store, fate_fn, fate_done, j) == CW_OK)
+	if (unknown && j->xid && fate_wait(j))
 		return;
 	consent_finish(j, rc, e, unknown);
 }
