@@ -23,6 +23,9 @@ routed nowhere, or a firewall that drops, for a client that connects
 anew; refusing (refuse), it closes new connections at once, as a server
 that is down.  Recording (record), it keeps the statements each
 connection sends, to compare what two requests made the server do.
+Cut before it (cut_commit_unsent), a COMMIT never reaches the server:
+lost on its way, the transaction rolled back, or left running (hold) as
+long as the server's side is kept open.
 """
 import time
 import os
@@ -103,6 +106,30 @@ class PgProxy:
         own rows only."""
         with self.lock:
             self.statement = pred
+
+    unsent = None   # cut_commit_unsent's: "close" or "hold"
+
+    def cut_commit_unsent(self, pred, hold=False):
+        """As cut_commit_matching, but the COMMIT never reaches the server:
+        the client's side is closed in its place (once), a COMMIT lost on
+        its way. The server's side is closed too, and the server rolls the
+        transaction back; with hold, it stays open, as in a partition where
+        no reset comes: the transaction runs on, idle, as long as
+        release_held does not close it."""
+        with self.lock:
+            self.statement, self.unsent = pred, "hold" if hold else "close"
+
+    def release_held(self):
+        """The server's sides cut_commit_unsent(hold=True) kept open, closed:
+        their transactions are rolled back."""
+        with self.lock:
+            kept, self.kept = getattr(self, "kept", []), []
+        for s in kept:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
 
     def cut_statement_with_rows(self, pred):
         """As cut_statement, but only a run that returned a row is cut;
@@ -273,6 +300,7 @@ class PgProxy:
                 self._hold()
                 body = msg[5:]
                 delay = 0
+                unsent = None
                 with self.lock:
                     if kind == b"B":   # Bind: portal name, statement name, ...
                         stmt = body.split(b"\0", 2)[1].decode()
@@ -304,13 +332,26 @@ class PgProxy:
                             self.delayed_commits += 1
                             delay = self.commit_delay
                         if text == "COMMIT" and c.rows and self.statement is not None:
-                            c.cut = True
+                            c.cut = self.unsent is None
+                            if self.unsent:   # cut_commit_unsent: the COMMIT goes nowhere
+                                unsent, self.unsent = self.unsent, None
+                                self.cuts += 1
+                                if unsent == "hold":
+                                    self.kept = getattr(self, "kept", []) + [c.server]
                             self.statement = None
                         elif text.startswith("BEGIN"):
                             c.rows = 0
                     if self.recording is not None and kind in (b"B", b"Q", b"S"):
                         self.recording.append((c.n, kind.decode(), stmt if kind == b"B" else
                                                body.rstrip(b"\0").decode(errors="replace") if kind == b"Q" else ""))
+                if unsent:
+                    for side in (c.client,) if unsent == "hold" else (c.client, c.server):
+                        try:
+                            side.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+                        side.close()
+                    return
                 if delay:
                     time.sleep(delay)
                 c.server.sendall(msg)

@@ -8419,3 +8419,125 @@ def test_a_consent_command_whose_commit_answer_was_lost_is_charged_once(make_dae
                 "mimi://wa.example/u/wally blocked"
         finally:
             srv.close()
+
+
+# consent_fn's first statement (the peer and the batch's transaction id): a batch that ran it holds a consent job
+LOST_COMMIT_LOOKED = "an xmpp consent command whose COMMIT's answer was lost, looked up"
+
+
+def consent_job_ran(text):
+    return "FROM (SELECT txid_current() AS id) x LEFT JOIN peers" in text
+
+
+def test_a_consent_command_whose_commit_never_reached_the_server_is_told_it_failed_and_gives_its_token_back(
+        make_daemon, db_url, prosody, alice, pg):
+    """alice may make one consent change a minute. Her block of wally by
+    ad-hoc command loses its COMMIT on its way (a proxy closes the
+    writer's connection in its place): the server rolls the transaction
+    back. The component asks the database whether it was committed
+    (txid_status): rolled back, so alice is told it did not work (not that
+    it may have been done), her token is given back (her block again
+    right after is carried out: one change, not two, in her minute), and
+    the WARN says it was rolled back. The branch the sixty-second
+    session's test left untried (the sixty-third's review: the test of a
+    COMMIT stored with its answer lost saw only "committed")."""
+    with PgProxy(db_url) as px:
+        d, a, srv = start_with_gk(make_daemon, px.url, prosody)
+        try:
+            assert d.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 1}).ok
+            px.cut_commit_unsent(consent_job_ran)
+            done = command_submit(alice, "block", {"jid": WALLY_JID})
+            assert px.cuts == 1
+            note = done.find(f".//{{{CMD}}}note")
+            assert note.get("type") == "error" and note.text == "That did not work; try again in a moment.", \
+                ET.tostring(done)
+            looked = d.wait_for(lambda r: r.get("msg") == LOST_COMMIT_LOOKED)
+            assert looked.get("outcome") == "rolled back" and looked.get("commands") == "1", looked
+            failed = d.wait_for(lambda r: r.get("msg") == "xmpp consent command failed")
+            assert "rolled back" in failed.get("detail", ""), failed
+            assert pg.psql("SELECT count(*) FROM consents", db_url) == "0"
+            assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'consent.block'", db_url) == "0"
+            again = command_submit(alice, "block", {"jid": WALLY_JID})
+            note = again.find(f".//{{{CMD}}}note")
+            assert note.get("type") == "info" and note.text.startswith("Blocked mimi://wa.example/u/wally"), \
+                ET.tostring(again)
+            assert pg.psql("SELECT string_agg(subject || ' ' || state, ',') FROM consents", db_url) == \
+                "mimi://wa.example/u/wally blocked"
+            assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'consent.block'", db_url) == "1"
+            bad = command_submit(alice, "accept", {"jid": WALLY_JID}, expect_error=True)
+            assert bad.error_condition == "resource-constraint", ET.tostring(bad)
+        finally:
+            srv.close()
+
+
+def test_a_batchs_consent_commands_whose_commit_went_unanswered_share_one_look_up_that_holds_no_reader(
+        make_daemon, db_url, prosody, alice, pg):
+    """Two blocks of alice's go in one write batch (queued while the
+    writer waits for a slow COMMIT before them), whose COMMIT never
+    reaches the server while the server's side of the connection stays
+    open (a partition: no reset comes), so that its transaction runs on.
+    The gateway has one store reader. One look-up asks txid_status for
+    the batch, 20 times 100 ms apart, finds the transaction still running,
+    and both blocks are answered that they may have been done, their
+    tokens kept (a change more is refused as too many). Meanwhile her list
+    (a read) is answered at once: the look-up waits between its looks in
+    the store's queue, not on the reader. Until the sixty-third session
+    each job of the batch asked alone and slept between its looks on its
+    reader, up to 2 s each: her list waited 4 s behind them, the whole
+    gateway's reads with it."""
+    with PgProxy(db_url) as px:
+        d, a, srv = start_with_gk(make_daemon, px.url, prosody, database={"pool_size": 1})
+        try:
+            assert d.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 2}).ok
+            sids = [command_first(alice, "block") for _ in range(2)]
+            rec = px.record()
+            # a write whose COMMIT the proxy holds a second (a repeat of the setting: nothing changes)
+            px.slow(commit=1.0)
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                slow = pool.submit(d.admin, "PATCH", "/settings", json={"policy.user_updates_per_minute": 2})
+
+                def held():
+                    conns = {n for n, k, t in list(rec) if k == "B" and "INSERT INTO settings" in t}
+                    return any(n in conns and k == "Q" and t.strip().upper() == "COMMIT" for n, k, t in list(rec))
+                wait_until(held, what="the setting's COMMIT held")
+                px.cut_commit_unsent(consent_job_ran, hold=True)
+                px.slow(commit=0)
+                ids = []
+                for sid, jid in zip(sids, (WALLY_JID, "wanda@" + COMP)):
+                    ids.append(f"lost-{sid}")
+                    alice.send_raw(f"<iq type='set' id='{ids[-1]}' to='{COMP}'><command xmlns='{CMD}' node='block' "
+                                   f"action='complete' sessionid='{sid}'><x xmlns='jabber:x:data' type='submit'>"
+                                   f"<field var='jid'><value>{jid}</value></field></x></command></iq>")
+                assert slow.result(timeout=30).ok
+            wait_until(lambda: px.cuts == 1, timeout=20, what="the blocks' COMMIT cut")
+            wait_until(lambda: any("txid_status" in t for _, _, t in list(rec)), what="the look-up asking")
+            first_look = time.monotonic()
+
+            def answered():
+                return [el for el in alice.iqs() if el.get("id") in ids]
+            lst = alice.iq("set", COMP, f"<command xmlns='{CMD}' node='list' action='execute'/>")
+            assert lst.find(f".//{{{CMD}}}note") is not None, ET.tostring(lst)
+            assert not answered(), [ET.tostring(el) for el in answered()]
+            wait_until(lambda: len(answered()) == 2, timeout=30, what="the blocks' answers")
+            # 20 looks 100 ms apart: the transaction asked about for 2 s, not 20 times at once
+            assert time.monotonic() - first_look > 1.5, time.monotonic() - first_look
+            for el in answered():
+                note = el.find(f".//{{{CMD}}}note")
+                assert note.get("type") == "error" and note.text.startswith(
+                    "The gateway lost its database connection while this was being stored: it may have been done."), \
+                    ET.tostring(el)
+            looked = d.wait_for(lambda r: r.get("msg") == LOST_COMMIT_LOOKED)
+            time.sleep(0.5)  # a second look-up's line, had there been one (the log is read by a thread of its own)
+            lines = [r for r in d.records if r.get("msg") == LOST_COMMIT_LOOKED]
+            assert len(lines) == 1 and looked.get("outcome") == "unknown" and looked.get("commands") == "2" \
+                and looked.get("looks") == "20", lines
+            assert sum("txid_status" in t for _, _, t in list(rec)) == 20, [t for _, _, t in rec if "txid" in t]
+            bad = command_submit(alice, "accept", {"jid": WALLY_JID}, expect_error=True)
+            assert bad.error_condition == "resource-constraint", ET.tostring(bad)
+            px.release_held()
+            wait_until(lambda: pg.psql(f"SELECT txid_status({looked['xid']})", db_url) == "aborted",
+                       what="the held transaction rolled back")
+            assert pg.psql("SELECT count(*) FROM consents", db_url) == "0"
+        finally:
+            px.release_held()
+            srv.close()
