@@ -661,10 +661,14 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
  * sweep's $5 the last of them when it found that many): the rest wait for
  * the next batch, each its own transaction.  A consent's sweep releases
  * the first batch in the consent's transaction and NOTIFYs causeway_sweep
- * when more may wait; a policy thread that hears it sweeps at once, and
+ * ("<her id>:<the batch's last id>") when more may wait; a policy thread
+ * that hears it queues her release, and releases the rest a batch a turn,
+ * each from after the last id of the batch before (release_turn;
+ * releasable_next_sql, sweep_next_sql).  Until the sixty-third session
  * its periodic sweep, which finds her rows among those of a consent of
- * the last minutes (SWEPT_HELD), runs again at its next turn while it
- * finds a whole batch.  Until the sixty-second session a sweep released
+ * the last minutes (SWEPT_HELD), ran at once and again at each turn
+ * while it found a whole batch, reading all her held rows each time.
+ * Until the sixty-second session a sweep released
  * every row it found in one statement: a consent that released 20,000
  * held rows held their row locks, and the writer's transaction, for the
  * whole statement (54-150 us a message in tests/bench/xmpp), and no row
@@ -789,7 +793,7 @@ static const char releasable_sql[] =
  * rules were asked about, and the rows to release after them are neither
  * locked nor written in this batch (a lock writes the row); the last
  * column NOTIFYs causeway_sweep for the next batch ($4: a consent's). */
-#define SWEEP_SQL(ROWS) \
+#define SWEEP_SQL(ROWS, BOUND) \
 	"WITH dn AS (SELECT * FROM jsonb_to_recordset($3::jsonb) AS d(id bigint, reason text, rule bigint)), " \
 	"h AS (SELECT o.id, o.event_id, o.created_at, t.uri AS turi, " \
 	"  (SELECT c.state FROM consents c WHERE c.local_identity_id = o.target_identity_id " \
@@ -800,9 +804,7 @@ static const char releasable_sql[] =
 	" FROM outbox o " BY_ID("events", "e", "e.id, e.sender_id, e.origin_network", "e.id = o.event_id") \
 	BY_ID("identities", "s", "s.uri, s.domain, s.is_local", "s.id = e.sender_id") \
 	BY_ID("identities", "t", "t.uri", "t.id = o.target_identity_id") \
-	" WHERE " ROWS " AND ($5::bigint IS NULL OR o.id <= $5::bigint " \
-	"  OR o.created_at < now() - make_interval(secs => $1::bigint) OR " BLOCKED_SENDER("o.target_identity_id") ") " \
-	" ORDER BY o.id FOR UPDATE OF o SKIP LOCKED), " \
+	" WHERE " ROWS " AND " BOUND " ORDER BY o.id FOR UPDATE OF o SKIP LOCKED), " \
 	"hd AS (SELECT h.*, dn.reason AS rule_reason, NULLIF(dn.rule, 0) AS rule FROM h LEFT JOIN dn ON dn.id = h.id), " \
 	"ch AS (UPDATE outbox o SET state = CASE WHEN hd.us = 'blocked' OR hd.ds = 'blocked' " \
 	"   OR hd.rule_reason IS NOT NULL THEN 'dropped' " \
@@ -832,9 +834,16 @@ static const char releasable_sql[] =
 	"SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'dropped'), " \
 	" count(*) FILTER (WHERE state = 'expired'), CASE WHEN $4::boolean AND count(*) FILTER " \
 	" (WHERE state = 'pending') > 0 THEN pg_notify('causeway_outbox', '') END, " \
-	" CASE WHEN $4::boolean AND $5::bigint IS NOT NULL THEN pg_notify('causeway_sweep', '') END FROM ch"
+	" CASE WHEN $4::boolean AND $5::bigint IS NOT NULL THEN pg_notify('causeway_sweep', " \
+	"  coalesce($2::bigint::text, '') || ':' || $5::bigint) END FROM ch"
 
-static const char sweep_sql[] = SWEEP_SQL(SWEPT_ROWS);
+/* The bound of a sweep's rows past $5 (SWEEP_SQL): those after the
+ * batch's last row are taken only to be dropped or expired. */
+#define SWEEP_BOUND                                                                                     \
+	"($5::bigint IS NULL OR o.id <= $5::bigint " \
+	"  OR o.created_at < now() - make_interval(secs => $1::bigint) OR " BLOCKED_SENDER("o.target_identity_id") ")"
+
+static const char sweep_sql[] = SWEEP_SQL(SWEPT_ROWS, SWEEP_BOUND);
 
 /* The periodic sweep when no one blocked anyone in the last minutes
  * (recent_blocks_sql: BLOCKERS is empty, so SWEPT_ROWS' other arms take
@@ -848,7 +857,45 @@ static const char sweep_sql[] = SWEEP_SQL(SWEPT_ROWS);
  * (docs/performance.md, "Forty-third session").  A block now costs that
  * at most while it is of the last minutes (policy_view.lately_s: eleven
  * by default). */
-static const char sweep_held_sql[] = SWEEP_SQL("(" SWEPT_HELD ")");
+static const char sweep_held_sql[] = SWEEP_SQL("(" SWEPT_HELD ")", SWEEP_BOUND);
+
+/* A later batch of a user's release ($2), from the policy thread's queue
+ * (struct release_due, release_turn): her held rows after $6 (the last
+ * id of the batch before), in outbox_held_user_order_idx (schema/057),
+ * up to the last row of this batch ($5; all of them past $6 when NULL,
+ * the last batch).  Unlike a consent's own sweep, which takes every row
+ * after its batch's last that it drops or expires (SWEEP_BOUND: a block
+ * drops at once all that it stops, however many rows it releases), a
+ * later batch reads nothing past its last row: the block's own sweep
+ * dropped those, and the expiry is the periodic sweep's.  Until the
+ * sixty-third session the later batches were the periodic sweep's, and
+ * each read every row she still had held twice (its releasable_sql's
+ * count and sort, its SWEEP_BOUND's probe of her blocks a row): 100,000
+ * held rows released in 58 s (docs/performance.md, "Sixty-third
+ * session: a release's batches in the order of an index"). */
+static const char sweep_next_sql[] =
+	SWEEP_SQL("o.target_identity_id = $2::bigint AND " OUTBOX_HELD("o") " AND o.id > $6::bigint",
+		  "($5::bigint IS NULL OR o.id <= $5::bigint)");
+
+/* The rows a later batch of a user's release would release (the columns
+ * of releasable_sql, column 10 NULL: the consent counted them): her
+ * first SWEEP_BATCH after $4 in outbox_held_user_order_idx, each
+ * joined to its event and sender by a descent of their keys (BY_ID), so
+ * that the batch reads its own rows and stops at the last
+ * (test_a_release_reads_each_held_row_once_a_batch). */
+static const char releasable_next_sql[] =
+	"SELECT o.id, s.uri, s.domain, s.network, t.uri, t.domain, t.network, e.type, g.gw, "
+	" CASE WHEN $3::boolean THEN e.content END, NULL::bigint "
+	"FROM outbox o " BY_ID("events", "e", "e.id, e.type, e.sender_id, e.content", "e.id = o.event_id")
+	BY_ID("identities", "s", "s.uri, s.domain, s.network", "s.id = e.sender_id")
+	BY_ID("identities", "t", "t.uri, t.domain, t.network", "t.id = o.target_identity_id")
+	"CROSS JOIN LATERAL (SELECT " WROTE_IN_GROUP " AS gw) g "
+	"WHERE o.target_identity_id = $2::bigint AND " OUTBOX_HELD("o") " AND o.id > $4::bigint "
+	"AND o.created_at >= now() - make_interval(secs => $1::bigint) "
+	"AND (g.gw OR EXISTS (SELECT 1 FROM consents c WHERE c.local_identity_id = o.target_identity_id "
+	" AND c.state = 'allowed' AND ((c.subject_kind = 'user' AND c.subject = s.uri) "
+	"  OR (c.subject_kind = 'domain' AND c.subject = s.domain)))) "
+	"AND NOT " BLOCKED_SENDER("o.target_identity_id") " ORDER BY o.id LIMIT " SWEEP_BATCH_S;
 
 /* Whether BLOCKERS of the periodic sweep ($2 NULL) names anyone: its
  * condition, read in consents_updated_idx. */
@@ -999,7 +1046,10 @@ static struct store_piped sweep_piped(bool prepared, int k, int n, const char *c
  * turn; on an idle connection the sweep is its own transaction. */
 #define SWEEP_LOCK_KEY "7161132091431352699"
 
-/* The sweep, its statements prepared on c (sweep_stmts) or not.
+/* The sweep, its statements prepared on c (sweep_stmts) or not; with
+ * after (a user's, target_id), a later batch of her release, of her held
+ * rows after that id (releasable_next_sql, sweep_next_sql, never
+ * prepared), *last_id the last id of a whole batch (0: not whole).
  * Its statements go in two round trips (store_pipeline): the turn's lock
  * and the reads (the rows to release, for the rules to be asked again:
  * rule_denials; whether anyone blocked lately), then the sweep's
@@ -1010,16 +1060,17 @@ static struct store_piped sweep_piped(bool prepared, int k, int n, const char *c
  * it released a row.  Until the fifty-fourth session the lock, the reads
  * and the caller's statements were a round trip each: a consent's five
  * round trips are two. */
-static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const char *target_id, long counts[3],
-		    struct store_piped *first, struct store_piped *then, bool notify, bool *more, long *later,
-		    cw_errmsg *e)
+static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const char *target_id, const char *after,
+		    long counts[3], struct store_piped *first, struct store_piped *then, bool notify, bool *more,
+		    long *later, int64_t *last_id, cw_errmsg *e)
 {
 	char secs[24], last[24];
 	snprintf(secs, sizeof(secs), "%lld", (long long)v->set.held_expiry_s);
 	char *denials = NULL;
-	const char *params[] = { secs, target_id, NULL, notify ? "t" : "f", NULL };
+	const char *params[] = { secs, target_id, NULL, notify ? "t" : "f", NULL, after };
 	*more = false;
 	*later = 0;
+	*last_id = 0;
 	bool own = PQtransactionStatus(c) == PQTRANS_IDLE;
 	cw_err rc = own ? store_exec(c, "BEGIN", e) : CW_OK;
 	/* The content only when a rule limits it (releasable_sql's $3; NULL
@@ -1027,13 +1078,14 @@ static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const
 	 * (event_parse) was most of a consent's CPU when none does, 3.5-5 µs of
 	 * the daemon's a row released in tests/bench/xmpp (docs/performance.md,
 	 * "Fifty-third session"), for sizes and kinds no rule reads. */
-	const char *const rparams[] = { secs, target_id, policy_snapshot_limits_content(v->snap) ? "t" : "f" };
+	const char *const rparams[] = { secs, target_id, policy_snapshot_limits_content(v->snap) ? "t" : "f", after };
 	struct store_piped q[4];
 	int n = 0, mine = first ? 1 : 0;
 	if (first)
 		q[n++] = *first;
 	q[n++] = (struct store_piped){ "SELECT pg_advisory_xact_lock(" SWEEP_LOCK_KEY ")", NULL, 0, NULL, NULL };
-	q[n++] = sweep_piped(prepared, 0, 3, rparams);
+	q[n++] = after ? (struct store_piped){ releasable_next_sql, NULL, 4, rparams, NULL }
+		       : sweep_piped(prepared, 0, 3, rparams);
 	if (!target_id)
 		q[n++] = sweep_piped(prepared, 3, 0, NULL);
 	if (!rc)
@@ -1048,7 +1100,8 @@ static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const
 			snprintf(last, sizeof(last), "%s", PQgetvalue(q[mine + 1].r, PQntuples(q[mine + 1].r) - 1, 0));
 			params[4] = last;
 			*more = true;
-			*later = atol(PQgetvalue(q[mine + 1].r, 0, 10)) - PQntuples(q[mine + 1].r);
+			*later = after ? 0 : atol(PQgetvalue(q[mine + 1].r, 0, 10)) - PQntuples(q[mine + 1].r);
+			*last_id = atoll(last);
 		}
 		if (!target_id && strcmp(PQgetvalue(q[mine + 2].r, 0, 0), "t") != 0)
 			k = 2;
@@ -1058,7 +1111,8 @@ static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const
 	params[2] = denials;
 	if (!rc) {
 		n = 0;
-		q[n++] = sweep_piped(prepared, k, 5, params);
+		q[n++] = after ? (struct store_piped){ sweep_next_sql, NULL, 6, params, NULL }
+			       : sweep_piped(prepared, k, 5, params);
 		if (then)
 			q[n++] = *then;
 		rc = store_pipeline(c, q, n, e);
@@ -1089,7 +1143,8 @@ static cw_err policy_sweep_with(PGconn *c, const struct policy_view *v, const ch
 {
 	bool more;
 	long later;
-	cw_err rc = sweep(c, false, v, target_id, counts, first, then, true, &more, &later, e);
+	int64_t last;
+	cw_err rc = sweep(c, false, v, target_id, NULL, counts, first, then, true, &more, &later, &last, e);
 	if (!rc)
 		counts[0] += later;
 	return rc;
@@ -2191,6 +2246,12 @@ void policy_rate_memo_finish(struct policy_rate_memo *m)
 
 /* ------------------------------------------------------------ the thread */
 
+/* A user's release to go on (policy_live.releasing): her held rows after
+ * id after, tried again from retry_at (µs, cw_now_us) after a failure. */
+struct release_due {
+	int64_t user, after, retry_at;
+};
+
 struct policy_live {
 	struct policy_live_opts o;
 	char *url;
@@ -2203,8 +2264,14 @@ struct policy_live {
 	int wake[2];
 	PGconn *c;
 	bool sweep_slow; /* the last periodic sweep took SWEEP_REPLAN_US or more (replan_sweep) */
-	bool sweep_asked; /* a NOTIFY causeway_sweep heard: a consent's release left a batch for the next sweep */
-	bool sweep_due;   /* a connection made: the next sweep turn releases all held rows due first (sweep_due_all) */
+	bool sweep_asked; /* a NOTIFY causeway_sweep without a user heard (an older process's): a periodic sweep now */
+	bool sweep_due;   /* a connection made: the next sweep turn queues every user with held rows due (sweep_due_all) */
+	/* The users whose release goes on a batch a turn (release_turn), in
+	 * turn: heard from a consent's NOTIFY causeway_sweep, or found at a
+	 * connection's first sweep turn (sweep_due_all); each from after the
+	 * last id of her batch before. */
+	struct release_due *releasing;
+	size_t nreleasing, releasing_cap, releasing_next;
 	unsigned grown_known; /* bit i: grown_tables[i]'s statistics count what it holds (analyze_grown) */
 	bool drop_conn;    /* c to be made again at the next turn (replan_sweep failed) */
 	struct retention_state retention; /* the retention sweep's, from run to run */
@@ -2332,6 +2399,29 @@ static bool view_has(const struct policy_view *v, uint64_t xid, const int64_t *i
 static void recheck_users_add(struct policy_live *pl, const int64_t *ids, size_t n);
 static void recheck_whole(struct policy_live *pl);
 
+/* User's release queued to go on from after id after (the one queued
+ * already from the lesser of the two ids: a second consent's first batch
+ * may have ended before the first's next).  False when out of memory. */
+static bool release_add(struct policy_live *pl, int64_t user, int64_t after)
+{
+	for (size_t i = 0; i < pl->nreleasing; i++)
+		if (pl->releasing[i].user == user) {
+			if (after < pl->releasing[i].after)
+				pl->releasing[i].after = after;
+			return true;
+		}
+	if (pl->nreleasing == pl->releasing_cap) {
+		size_t cap = pl->releasing_cap ? 2 * pl->releasing_cap : 16;
+		struct release_due *m = realloc(pl->releasing, cap * sizeof(*m));
+		if (!m)
+			return false;
+		pl->releasing = m;
+		pl->releasing_cap = cap;
+	}
+	pl->releasing[pl->nreleasing++] = (struct release_due){ user, after, 0 };
+	return true;
+}
+
 /* A NOTIFY causeway_policy: "u:<id>,..." names the local users whose facts
  * changed; anything else (or more users than an overlay holds) asks for a
  * whole reload.  Either may start "x:<xid8>;" (or be "x:<xid8>" alone: a
@@ -2344,8 +2434,11 @@ static void recheck_whole(struct policy_live *pl);
 static void heard(const char *channel, const char *payload, void *arg)
 {
 	struct policy_live *pl = arg;
-	if (strcmp(channel, "causeway_sweep") == 0) { /* the next batch of a release (SWEEP_BATCH) */
-		pl->sweep_asked = true;
+	if (strcmp(channel, "causeway_sweep") == 0) { /* "<user>:<last id>": her release's next batch (SWEEP_BATCH) */
+		char *end;
+		long long user = strtoll(payload, &end, 10), last = *end == ':' ? strtoll(end + 1, &end, 10) : 0;
+		if (user <= 0 || *end || !release_add(pl, user, last))
+			pl->sweep_asked = true;
 		return;
 	}
 	if (pl->want_full)
@@ -3507,53 +3600,95 @@ static const char release_due_sql[] =
 	"AND NOT " BLOCKED_SENDER("o.target_identity_id");
 
 /* The first sweep turn on a connection (the process's start, or a new
- * connection after the database was away) first releases every held row
- * a consent now lets through, each user's as her consent's own sweep
- * does (SWEEP_BATCH a transaction, in id order), whatever the age of the
- * consent.  The periodic sweep finds a user's held rows only while her
- * consent is of the last minutes (SWEPT_HELD: policy_view.lately_s), and
- * a release is in batches since the sixty-second session: a daemon
- * stopped (or away from the database) after a consent's first batch and
- * started again after that window left the rest held until the expiry
- * took them, though she had consented
+ * connection after the database was away) queues every user with held
+ * rows a consent now lets through, whatever the age of the consent, for
+ * release_turn to release each one's as her consent's own sweep does
+ * (SWEEP_BATCH a transaction, in id order).  The periodic sweep finds a
+ * user's held rows only while her consent is of the last minutes
+ * (SWEPT_HELD: policy_view.lately_s), and a release is in batches since
+ * the sixty-second session: a daemon stopped (or away from the database)
+ * after a consent's first batch and started again after that window left
+ * the rest held until the expiry took them, though she had consented
  * (test_a_release_interrupted_by_a_stop_is_finished_at_the_next_start,
  * docs/policy.md, "Consent and the sweep").  Its read, once a
  * connection: every held row not expired, with the probes of her
  * consents (docs/performance.md, "Sixty-second session: the release's
- * three mends").  True when done (false: tried again at the next turn). */
+ * three mends").  Until the sixty-third session this turn released every
+ * batch of every user itself, with no reload of the rules in between,
+ * and one user's failure ended it.  True when done (false: tried again
+ * at the next turn). */
 static bool sweep_due_all(struct policy_live *pl)
 {
 	cw_errmsg e;
 	struct policy_view *v = policy_live_get(pl);
 	char secs[24];
 	snprintf(secs, sizeof(secs), "%lld", (long long)v->set.held_expiry_s);
+	policy_view_put(v);
 	const char *params[] = { secs };
 	PGresult *r = PQexecParams(pl->c, release_due_sql, 1, NULL, params, NULL, NULL, 0);
-	bool ok = !store_check(pl->c, r, PGRES_TUPLES_OK, &e), got = ok; /* r cleared when not */
-	if (!ok)
+	bool ok = !store_check(pl->c, r, PGRES_TUPLES_OK, &e); /* r cleared when not */
+	if (!ok) {
 		LOG_KV(CW_LOG_WARN, "policy cannot read the held messages due at start", "detail", e.msg);
-	long all[3] = { 0, 0, 0 };
-	for (int i = 0; ok && i < PQntuples(r) && !atomic_load(&pl->stop); i++) {
-		bool more = true;
-		while (ok && more && !atomic_load(&pl->stop)) {
-			long counts[3], later;
-			ok = !sweep(pl->c, false, v, PQgetvalue(r, i, 0), counts, NULL, NULL, false, &more, &later, &e);
-			if (!ok) {
-				LOG_KV(CW_LOG_WARN, "policy sweep failed", "detail", e.msg);
-				break;
-			}
-			for (int k = 0; k < 3; k++)
-				all[k] += counts[k];
-			if (counts[0] && store_exec(pl->c, "NOTIFY causeway_outbox", &e))
-				LOG_KV(CW_LOG_WARN, "cannot notify the dispatchers", "detail", e.msg);
-			more = more && counts[0] + counts[1] + counts[2] > 0;
-		}
+		return false;
 	}
-	if (got)
-		PQclear(r);
-	sweep_counted(pl, "held messages due swept", all);
+	for (int i = 0; ok && i < PQntuples(r); i++)
+		ok = release_add(pl, atoll(PQgetvalue(r, i, 0)), 0);
+	PQclear(r);
+	if (!ok)
+		LOG_KV(CW_LOG_WARN, "policy cannot queue the held messages due at start", "detail", "out of memory");
+	return ok;
+}
+
+/* One batch of a queued release (pl->releasing), the next user's in turn
+ * whose retry is due: her held rows after the last of her batch before
+ * (sweep's after: releasable_next_sql, sweep_next_sql), so that a batch
+ * reads its own rows and not all those she still has held.  One batch a
+ * turn of the thread, so that reloads, syncs and the other users'
+ * releases go on in between; a batch that fails is logged and tried
+ * again a second later, the others' going on meanwhile.  Her release is
+ * over at a batch that is not whole, or that decided nothing (its rows
+ * locked by another transaction: the periodic sweep, while her consent
+ * is of the last minutes, or the next start's pass finds them).  Until
+ * the sixty-third session the periodic sweep released the later batches
+ * (a consent's NOTIFY had it run at once, and again while it found a
+ * whole batch) and the start's pass all of them in one turn.  True when
+ * a batch ran (the thread's next turn comes at once while a user waits). */
+static bool release_turn(struct policy_live *pl, int64_t now)
+{
+	size_t n = pl->nreleasing, i = 0;
+	while (i < n && pl->releasing[(pl->releasing_next + i) % n].retry_at > now)
+		i++;
+	if (i == n)
+		return false;
+	size_t k = (pl->releasing_next + i) % n;
+	struct release_due *u = &pl->releasing[k];
+	char user[24], after[24];
+	snprintf(user, sizeof(user), "%lld", (long long)u->user);
+	snprintf(after, sizeof(after), "%lld", (long long)u->after);
+	struct policy_view *v = policy_live_get(pl);
+	long counts[3], later;
+	bool more;
+	int64_t last;
+	cw_errmsg e;
+	cw_err rc = sweep(pl->c, false, v, user, after, counts, NULL, NULL, false, &more, &later, &last, &e);
 	policy_view_put(v);
-	return ok && !atomic_load(&pl->stop);
+	pl->releasing_next = k + 1;
+	if (rc) {
+		LOG_KV(CW_LOG_WARN, "policy sweep failed", "user", user, "detail", e.msg);
+		u->retry_at = now + 1000000;
+		return true;
+	}
+	sweep_counted(pl, "held messages released", counts);
+	if (counts[0] && store_exec(pl->c, "NOTIFY causeway_outbox", &e))
+		LOG_KV(CW_LOG_WARN, "cannot notify the dispatchers", "detail", e.msg);
+	if (more && counts[0] + counts[1] + counts[2] > 0) {
+		u->after = last;
+		u->retry_at = 0;
+	} else {
+		pl->releasing[k] = pl->releasing[--pl->nreleasing];
+		pl->releasing_next = k;
+	}
+	return true;
 }
 
 static void *live_main(void *arg)
@@ -3666,6 +3801,7 @@ static void *live_main(void *arg)
 		}
 		if (pl->sweep_due && now >= next_sweep)
 			pl->sweep_due = !sweep_due_all(pl);
+		bool releasing = pl->nreleasing && !atomic_load(&pl->stop) && release_turn(pl, now);
 		if (now >= next_sweep) {
 			struct policy_view *v = policy_live_get(pl);
 			long counts[3];
@@ -3675,7 +3811,8 @@ static void *live_main(void *arg)
 			if (pl->grown_known != GROWN_ALL)
 				analyze_grown(pl);
 			int64_t t0 = cw_now_us();
-			cw_err src = sweep(pl->c, true, v, NULL, counts, NULL, NULL, false, &more, &later, &e);
+			int64_t last;
+			cw_err src = sweep(pl->c, true, v, NULL, NULL, counts, NULL, NULL, false, &more, &later, &last, &e);
 			int64_t took = cw_now_us() - t0;
 			if (src) {
 				LOG_KV(CW_LOG_WARN, "policy sweep failed", "detail", e.msg);
@@ -3699,7 +3836,7 @@ static void *live_main(void *arg)
 			/* a whole batch released: the next at the next turn; not
 			 * when it decided nothing (its rows locked by another
 			 * transaction): no turn after turn until that one ends */
-			more = !src && more && counts[0] + counts[1] + counts[2] > 0;
+			more = !src && more && counts[0] + counts[1] + counts[2] > 0 && !pl->nreleasing;
 			next_sweep = more ? now : now + pl->o.sweep_interval_ms * 1000LL;
 		}
 		/* Its own cadence: old data waits a minute more at no cost.  A
@@ -3742,8 +3879,10 @@ static void *live_main(void *arg)
 		if (pl->o.retention && next_retention < until)
 			until = next_retention;
 		int timeout = (int)((until - cw_now_us()) / 1000);
-		if (pl->npending || pl->want_full || recheck_more)
-			timeout = 0; /* heard during the sweep; or more rows to decide again */
+		if (pl->npending || pl->want_full || recheck_more || releasing)
+			timeout = 0; /* heard during the sweep; or more rows to decide again, or to release */
+		else if (pl->nreleasing && timeout > 100)
+			timeout = 100; /* a release's batch that failed, tried again soon */
 		if (timeout < 0)
 			timeout = 0;
 		if (timeout > 1000)
@@ -3853,6 +3992,7 @@ void policy_live_free(struct policy_live *pl)
 		close(pl->wake[1]);
 	pthread_mutex_destroy(&pl->mu);
 	pthread_cond_destroy(&pl->loaded);
+	free(pl->releasing);
 	free(pl->url);
 	free(pl);
 }
