@@ -2650,6 +2650,19 @@ static bool conn_ready(PGconn *c, long lately_s, const char **failed, cw_errmsg 
  * prepared again (replan_sweep). */
 #define SWEEP_REPLAN_US 100000
 
+/* The most a periodic sweep due waits while queued releases go on a
+ * batch a turn (release_turn).  It finds the rows of a user whose
+ * consent is of the last minutes, hers among them, and reads (and sorts)
+ * all those still to release for its batch: at the default 2 s interval
+ * during a release of 100,000 held rows it took 1-2.6 s at each of its
+ * runs, a quarter of the release's time (docs/performance.md,
+ * "Sixty-third session: a release's batches in the order of an index").
+ * It waits for the release's end, but not more than this: what only it
+ * does (the expiry, a block of the last minutes seen by a process whose
+ * view was behind) is late by that much at most, however long the
+ * releases. */
+#define SWEEP_WAIT_RELEASES_US 30000000
+
 /* The periodic sweep's statements prepared again on the policy thread's
  * connection, after a sweep that took took_us: their next runs are
  * planned for the tables as they are.  PostgreSQL keeps a statement's
@@ -3802,7 +3815,7 @@ static void *live_main(void *arg)
 		if (pl->sweep_due && now >= next_sweep)
 			pl->sweep_due = !sweep_due_all(pl);
 		bool releasing = pl->nreleasing && !atomic_load(&pl->stop) && release_turn(pl, now);
-		if (now >= next_sweep) {
+		if (now >= next_sweep && (!releasing || now >= next_sweep + SWEEP_WAIT_RELEASES_US)) {
 			struct policy_view *v = policy_live_get(pl);
 			long counts[3];
 			bool more = false;
