@@ -5290,3 +5290,48 @@ def test_a_release_reads_each_held_row_once_a_batch(make_daemon, db_url, pg):
     finally:
         for _, srv in made:
             srv.close()
+
+
+def test_a_release_that_fails_at_start_holds_up_no_other_users(make_daemon, db_url, pg):
+    """At a start the policy thread queues every user with held messages a
+    consent of hers lets through (sweep_due_all), and releases them a batch
+    a turn (release_turn). alice's batch fails (a trigger refuses the
+    update of her rows): it is logged, her user named, and tried again
+    later, while the other user's messages are released all the same.
+    Until the sixty-third session the start's pass ran every user's batches
+    in one turn, and the first user's failure ended it: the pass began
+    again at the next turn with her, and failed again, and the other
+    user's messages stayed held."""
+    opts = {"policy": {"sweep_interval_ms": "600000"}}
+    d = make_daemon(db_url, options=opts).start()
+    made = push_peers(d)
+    try:
+        (a, _), _ = made
+        opt_in(d)
+        room = dm(a)
+        mine = send(a, room, "wait").json()["id"]
+        alice = pg.psql(f"SELECT id FROM identities WHERE uri = '{ALICE}'", db_url)
+        other = other_user(pg, db_url)
+        fill_outbox(pg, db_url, mine, 3, 0, other)
+        pg.psql("INSERT INTO consents (local_identity_id, subject_kind, subject, state, source, updated_at) "
+                f"SELECT u, 'user', '{a.user('wally')}', 'allowed', 'user', now() - interval '1 day' "
+                f"FROM unnest(ARRAY[{alice}, {other}]::bigint[]) u", db_url)
+        assert d.stop() == 0
+        pg.psql("CREATE FUNCTION refuse_alice() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "RAISE EXCEPTION 'refused for the test'; END $$; "
+                "CREATE TRIGGER refuse_alice BEFORE UPDATE ON outbox FOR EACH ROW "
+                f"WHEN (NEW.target_identity_id = {alice} AND NEW.state = 'pending') EXECUTE FUNCTION refuse_alice()",
+                db_url)
+        d2 = make_daemon(db_url, options=opts).start()
+        failed = d2.wait_for(lambda r: r.get("msg") == "policy sweep failed" and "refused for the test" in
+                             r.get("detail", ""), timeout=30)
+        wait_until(lambda: pg.psql(f"SELECT count(*) FROM outbox WHERE state = 'held' AND target_identity_id = "
+                                   f"{other}", db_url) == "0", timeout=30, what="the other user's messages released")
+        assert failed.get("user") == alice, failed
+        assert pg.psql(f"SELECT state FROM outbox WHERE target_identity_id = {alice}", db_url) == "held"
+        pg.psql("DROP TRIGGER refuse_alice ON outbox", db_url)
+        wait_until(lambda: pg.psql(f"SELECT state FROM outbox WHERE target_identity_id = {alice}", db_url) ==
+                   "pending", timeout=30, what="hers, once her batch is let through")
+    finally:
+        for _, srv in made:
+            srv.close()
