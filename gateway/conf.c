@@ -132,8 +132,9 @@ const struct cfg_option cfg_options[] = {
 	  "the idempotency keys of room creations are forgotten after this many days (0: kept for ever); "
 	  "an event's key stays with the event" },
 	{ "retention", "attempts_days", CFG_INT, OFF(retention_attempts_days), "30", 0, 3650, false, false,
-	  "delivery attempts (the admin message trace) are deleted after this many days, but a dead letter's, kept "
-	  "while it is one (its replay looks for what they sent) (0: kept for ever)" },
+	  "delivery attempts (the admin message trace) are deleted after this many days, but those of a message "
+	  "still open (a dead letter, or one replayed and not yet delivered: its replay looks for what they sent) "
+	  "(0: kept for ever)" },
 	{ "retention", "rows_days", CFG_INT, OFF(retention_rows_days), "0", 0, 3650, false, false,
 	  "an event is deleted with its deliveries and native ids, a message with its edits, deletes and reactions, "
 	  "once all of them are this many days old and no delivery of them or of a reply to them is open "

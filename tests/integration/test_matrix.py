@@ -11316,7 +11316,8 @@ def test_a_message_answered_429_is_not_looked_for_before_it_goes_again(mx, hs, g
     assert looks == [], looks
 
 
-def test_a_dead_letters_tries_outlive_attempts_days_for_its_replays_look(make_daemon, db_url, hs, pg):
+@pytest.mark.parametrize("waits", [False, True], ids=["sent_at_once", "waiting_behind_its_room"])
+def test_a_dead_letters_tries_outlive_attempts_days_for_its_replays_look(make_daemon, db_url, hs, pg, waits):
     """As test_a_message_whose_record_failed_on_its_last_try_is_not_sent_again_by_its_replay,
     but the dead letter is replayed after retention.attempts_days (30): its
     tries (and hello's, delivered) are made 40 days old and the sweep runs
@@ -11324,7 +11325,12 @@ def test_a_dead_letters_tries_outlive_attempts_days_for_its_replays_look(make_da
     the room and sends nothing.  Until the sixty-third session retention
     deleted the tries whatever the row's state, and the replay, finding
     none, sent the message a second time (docs/operations.md,
-    "Retention")."""
+    "Retention").  waits: the replayed row waits behind its room (hello's
+    row pending again for 6 s, as a room backing off in the outage that
+    made the dead letter) while the sweep runs each second: until the
+    sixty-third session's review the tries were kept for a dead letter
+    only, the replay's pending row lost them before its claim and was sent
+    twice (reviewer RB's case)."""
     def aged_and_swept(d, row):
         pg.psql("UPDATE delivery_attempts SET started_at = started_at - interval '40 days', "
                 "finished_at = finished_at - interval '40 days'", db_url)
@@ -11332,6 +11338,9 @@ def test_a_dead_letters_tries_outlive_attempts_days_for_its_replays_look(make_da
                  f"WHERE o.destination = 'matrix' AND o.id <> {row}")
         wait_until(lambda: pg.psql(hello, db_url) == "0", timeout=20, what="hello's tries deleted by the sweep")
         assert pg.psql(f"SELECT count(*) FROM delivery_attempts WHERE outbox_id = {row}", db_url) != "0"
+        if waits:
+            pg.psql("UPDATE outbox SET state = 'pending', next_attempt_at = now() + interval '6 s' "
+                    f"WHERE destination = 'matrix' AND id < ({row})", db_url)
     replayed_after_its_record_failed(make_daemon, db_url, hs, pg, before_replay=aged_and_swept,
                                      retention={"interval_s": "1"})
 
