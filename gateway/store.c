@@ -28,6 +28,7 @@ struct job {
 	int64_t pause_us;                /* to wait before the next (set by retry_job, taken by run_batch) */
 	bool patient;                    /* a read that waits for the database (store_read_patient) */
 	int64_t not_before_us;           /* a read queued for later: not run before (store_read_patient_after) */
+	int64_t until_us;                /* its deadline's cap, 0: none (store_read_patient_after's until_us) */
 	struct job *next;
 };
 
@@ -159,6 +160,24 @@ static void q_push(struct queue *q, struct job *j)
 	else
 		q->head = j;
 	q->tail = j;
+	q->n++;
+}
+
+/* Pushes j into q (the readers' queue) by its deadline: after the last job
+ * whose deadline is not later, so that the deadlines still follow the
+ * queue's order (expire_queue) when j's was capped (its until_us) below
+ * those of jobs queued before it. */
+static void q_push_by_deadline(struct queue *q, struct job *j)
+{
+	if (!q->tail || q->tail->deadline_us <= j->deadline_us) {
+		q_push(q, j);
+		return;
+	}
+	struct job **at = &q->head;
+	while (*at && (*at)->deadline_us <= j->deadline_us)
+		at = &(*at)->next;
+	j->next = *at;
+	*at = j;
 	q->n++;
 }
 
@@ -1465,17 +1484,23 @@ static void expire_queued(struct cw_store *s, int64_t now, int64_t *next)
 }
 
 /* The reads queued for later (dq) whose time has come, moved to the
- * readers' queue, their deadline counted from now as a read queued now
- * (rq's deadlines stay in its order, expire_queue); the first time still
+ * readers' queue, their deadline counted from now as a read queued now,
+ * or their until_us if sooner (pushed by deadline then: rq's deadlines
+ * stay in its order, expire_queue); the first time still
  * to come into *next.  None once the store stops (the watchdog fails them
  * as it ends, on its own thread as a reader would).
  * A read asked again a moment later waits here, not on a reader thread
  * that sleeps: until the sixty-third session the XMPP consent commands'
  * look-up of a lost COMMIT slept 100 ms between its looks on its reader,
  * up to 2 s, and two of them held both readers (xmpp_cmd.c, fate_fn). */
-static void delayed_due(struct cw_store *s, int64_t now, int64_t *next)
+static void delayed_due(struct cw_store *s, int64_t *next)
 {
 	pthread_mutex_lock(&s->mu);
+	/* Read now, after the watch_checks: a deadline counted from the time
+	 * the watchdog's turn began would come before those of reads queued
+	 * meanwhile, out of rq's order (the review of the sixty-third
+	 * session's delayed reads). */
+	int64_t now = cw_now_us();
 	struct job *j = s->dq.head;
 	bool moved = false;
 	s->dq.head = s->dq.tail = NULL;
@@ -1485,7 +1510,9 @@ static void delayed_due(struct cw_store *s, int64_t now, int64_t *next)
 		if (!s->stopping && j->not_before_us <= now) {
 			j->enqueued_us = now;
 			j->deadline_us = now + s->o.deadline_us;
-			q_push(&s->rq, j);
+			if (j->until_us && j->until_us < j->deadline_us)
+				j->deadline_us = j->until_us;
+			q_push_by_deadline(&s->rq, j);
 			moved = true;
 		} else {
 			if (j->not_before_us < *next)
@@ -1521,7 +1548,7 @@ static void *watchdog_main(void *arg)
 			if (r < next)
 				next = r;
 		}
-		delayed_due(s, now, &next);
+		delayed_due(s, &next);
 		expire_queued(s, now, &next);
 		pthread_mutex_lock(&s->mu);
 		if (next < s->watch_wake_us)
@@ -1535,8 +1562,11 @@ static void *watchdog_main(void *arg)
 			pthread_cond_timedwait(&s->dcond, &s->mu, &ts);
 		}
 	}
-	struct job *later = q_take(&s->dq, (size_t)s->dq.n); /* queued for later, never run: the store stops */
+	size_t nlater = s->dq.n;
+	struct job *later = q_take(&s->dq, nlater); /* queued for later, never run: the store stops */
 	pthread_mutex_unlock(&s->mu);
+	if (nlater)
+		atomic_fetch_add(&s->reads_done, nlater); /* as the reads expired in rq are (expire_queued) */
 	fail_list(later, CW_ESHUTDOWN, "the daemon is stopping");
 	return NULL;
 }
@@ -2212,7 +2242,7 @@ static void *reader_main(void *arg)
 /* -------------------------------------------------------------- public API */
 
 static cw_err enqueue(struct cw_store *s, bool write, store_fn fn, const struct store_pipe_ops *pipe,
-		      store_done_fn done, void *arg, bool patient, int64_t delay_us)
+		      store_done_fn done, void *arg, bool patient, int64_t delay_us, int64_t until_us)
 {
 	if (write && !atomic_load(&s->db_up))
 		return CW_EUNAVAIL;
@@ -2236,6 +2266,9 @@ static cw_err enqueue(struct cw_store *s, bool write, store_fn fn, const struct 
 		/* for later: the watchdog hands it to the readers (delayed_due) */
 		j->not_before_us = j->enqueued_us + delay_us;
 		j->deadline_us = j->not_before_us + s->o.deadline_us;
+		j->until_us = until_us;
+		if (until_us && until_us < j->deadline_us)
+			j->deadline_us = until_us;
 		q_push(&s->dq, j);
 		if (j->not_before_us < s->watch_wake_us) {
 			s->watch_wake_us = j->not_before_us;
@@ -2257,27 +2290,28 @@ static cw_err enqueue(struct cw_store *s, bool write, store_fn fn, const struct 
 
 cw_err store_write(struct cw_store *s, store_fn fn, store_done_fn done, void *arg)
 {
-	return enqueue(s, true, fn, NULL, done, arg, false, 0);
+	return enqueue(s, true, fn, NULL, done, arg, false, 0, 0);
 }
 
 cw_err store_write_pipe(struct cw_store *s, const struct store_pipe_ops *ops, store_done_fn done, void *arg)
 {
-	return enqueue(s, true, NULL, ops, done, arg, false, 0);
+	return enqueue(s, true, NULL, ops, done, arg, false, 0, 0);
 }
 
 cw_err store_read(struct cw_store *s, store_fn fn, store_done_fn done, void *arg)
 {
-	return enqueue(s, false, fn, NULL, done, arg, false, 0);
+	return enqueue(s, false, fn, NULL, done, arg, false, 0, 0);
 }
 
 cw_err store_read_patient(struct cw_store *s, store_fn fn, store_done_fn done, void *arg)
 {
-	return enqueue(s, false, fn, NULL, done, arg, true, 0);
+	return enqueue(s, false, fn, NULL, done, arg, true, 0, 0);
 }
 
-cw_err store_read_patient_after(struct cw_store *s, int64_t delay_us, store_fn fn, store_done_fn done, void *arg)
+cw_err store_read_patient_after(struct cw_store *s, int64_t delay_us, int64_t until_us, store_fn fn, store_done_fn done,
+				void *arg)
 {
-	return enqueue(s, false, fn, NULL, done, arg, true, delay_us);
+	return enqueue(s, false, fn, NULL, done, arg, true, delay_us, until_us);
 }
 
 struct read_wait {
@@ -2314,7 +2348,7 @@ cw_err store_read_wait(struct cw_store *s, store_fn fn, void *arg, cw_errmsg *e)
 	struct read_wait w = { .fn = fn, .arg = arg, .e = e };
 	pthread_mutex_init(&w.mu, NULL);
 	pthread_cond_init(&w.cv, NULL);
-	cw_err rc = enqueue(s, false, read_wait_fn, NULL, read_waited, &w, false, 0);
+	cw_err rc = enqueue(s, false, read_wait_fn, NULL, read_waited, &w, false, 0, 0);
 	if (rc) {
 		cw_fail(e, rc, "the store is not taking work");
 	} else {
@@ -2440,7 +2474,7 @@ void store_get_stats(struct cw_store *s, struct store_stats *st)
 {
 	pthread_mutex_lock(&s->mu);
 	st->writes_queued = s->wq.n;
-	st->reads_queued = s->rq.n;
+	st->reads_queued = s->rq.n + s->dq.n; /* the reads queued for later too (dq) */
 	pthread_mutex_unlock(&s->mu);
 	st->db_up = atomic_load(&s->db_up);
 	st->conns_total = s->o.readers + 1;

@@ -208,10 +208,15 @@ cw_err store_write_pipe(struct cw_store *s, const struct store_pipe_ops *ops, st
  * once the database answers.  It holds its reader meanwhile. */
 cw_err store_read_patient(struct cw_store *s, store_fn fn, store_done_fn done, void *arg);
 /* store_read_patient, handed to the readers delay_us from now (its
- * deadline counted from then): a look-up asked again a moment later (a
- * transaction the server still runs) waits in the store meanwhile, not on
- * a reader that sleeps.  Failed CW_ESHUTDOWN if the store stops first. */
-cw_err store_read_patient_after(struct cw_store *s, int64_t delay_us, store_fn fn, store_done_fn done, void *arg);
+ * deadline counted from then, but never past until_us, cw_now_us's clock,
+ * unless 0): a look-up asked again a moment later (a transaction the
+ * server still runs) waits in the store meanwhile, not on a reader that
+ * sleeps, and its looks end by until_us however long the readers' queue
+ * (until the sixty-third session's review each look had a deadline of its
+ * own, and 20 of them behind busy readers up to ~100 s).  Failed
+ * CW_ESHUTDOWN if the store stops first. */
+cw_err store_read_patient_after(struct cw_store *s, int64_t delay_us, int64_t until_us, store_fn fn, store_done_fn done,
+				void *arg);
 /* store_read, waiting for the outcome (fn's, or the store's: database away,
  * deadline, stopping), for a thread of its own that may block (a worker,
  * workers.h).  Never from a store thread or an HTTP thread. */

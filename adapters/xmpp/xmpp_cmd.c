@@ -787,7 +787,12 @@ static const char FATE_COMMITTED[] = "committed", FATE_ABORTED[] = "aborted", FA
 
 /* How long a look-up asks again of a transaction the server still runs
  * (it has not yet seen its connection end): this many looks, FATE_AGAIN_US
- * apart, each a read of its own queued for later. */
+ * apart, each a read of its own queued for later, and all of them by the
+ * look-up's until_us: its first look's deadline
+ * (database.request_timeout_ms) and FATE_LOOKS × FATE_AGAIN_US more.
+ * Until the sixty-third session's review each look queued again had a
+ * deadline of its own (request_timeout_ms from its turn), and behind
+ * saturated readers 20 looks could take ~100 s, their slot busy. */
 #define FATE_LOOKS 20
 #define FATE_AGAIN_US 100000
 
@@ -813,6 +818,7 @@ struct fate_look {
 	struct xconsent *waiting; /* the jobs waiting for the answer, in the writer's order (next_waiting) */
 	const char *status;       /* the last look's: an answer, or NULL (in progress) */
 	int looks;                /* asked so far */
+	int64_t until_us;         /* no look after this (cw_now_us's clock): the look-up's bound */
 };
 static pthread_mutex_t fates_mu = PTHREAD_MUTEX_INITIALIZER;
 static struct fate_look fates[FATE_SLOTS];
@@ -890,14 +896,19 @@ static void fate_answer(struct fate_look *f, const char *fate, const char *detai
 
 /* A look's outcome: a transaction the server still runs is asked again
  * FATE_AGAIN_US later, queued in the store meanwhile (no reader held),
- * up to FATE_LOOKS looks; otherwise the batch's jobs have their answer. */
+ * up to FATE_LOOKS looks and while that look can come before the
+ * look-up's until_us (its deadline capped there); otherwise the batch's
+ * jobs have their answer ("not known" for a transaction still running). */
 static void fate_done(void *arg, cw_err rc, const cw_errmsg *e)
 {
 	struct fate_look *f = arg;
-	if (!rc && !f->status && f->looks < FATE_LOOKS &&
-	    store_read_patient_after(f->store, FATE_AGAIN_US, fate_fn, fate_done, f) == CW_OK)
+	bool running = !rc && !f->status;
+	bool in_time = cw_now_us() + FATE_AGAIN_US < f->until_us;
+	if (running && f->looks < FATE_LOOKS && in_time &&
+	    store_read_patient_after(f->store, FATE_AGAIN_US, f->until_us, fate_fn, fate_done, f) == CW_OK)
 		return;
-	fate_answer(f, rc || !f->status ? FATE_UNKNOWN : f->status, rc && e ? e->msg : "");
+	fate_answer(f, rc || !f->status ? FATE_UNKNOWN : f->status,
+		    rc && e ? e->msg : running && !in_time ? "still running at the look-up's time limit" : "");
 }
 
 /* j, whose batch's COMMIT lost its answer, waits for the look-up of its
@@ -938,7 +949,11 @@ static bool fate_wait(struct xconsent *j)
 		return false;
 	}
 	j->next_waiting = NULL;
-	*slot = (struct fate_look){ .xid = j->xid, .store = j->xc->x->app->store, .waiting = j };
+	/* The first look's deadline (store_read_patient: request_timeout_ms
+	 * from now) and the time its looks again may take after it. */
+	int64_t until_us = cw_now_us() + (int64_t)j->xc->x->cfg->db_request_timeout_ms * 1000 +
+			   (int64_t)FATE_LOOKS * FATE_AGAIN_US;
+	*slot = (struct fate_look){ .xid = j->xid, .store = j->xc->x->app->store, .waiting = j, .until_us = until_us };
 	pthread_mutex_unlock(&fates_mu);
 	if (store_read_patient(slot->store, fate_fn, fate_done, slot) != CW_OK)
 		fate_answer(slot, FATE_UNKNOWN, "the store took no read"); /* stopping: j and any joined since */

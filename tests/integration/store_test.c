@@ -251,6 +251,96 @@ START_TEST(reads_and_shutdown)
 }
 END_TEST
 
+/* A read queued for later (store_read_patient_after) that the store's
+ * stop finds still waiting: failed once, CW_ESHUTDOWN, never run, and
+ * counted in the stats' reads_queued while it waits and in reads_done
+ * once failed (until the sixty-third session's review neither counted
+ * it). */
+struct counted_rjob {
+	struct rjob r;
+	atomic_int calls, runs;
+};
+
+static cw_err counted_read(PGconn *c, void *arg, cw_errmsg *e)
+{
+	struct counted_rjob *j = arg;
+	atomic_fetch_add(&j->runs, 1);
+	return read_one(c, &j->r, e);
+}
+
+static void counted_done(void *arg, cw_err rc, const cw_errmsg *e)
+{
+	struct counted_rjob *j = arg;
+	atomic_fetch_add(&j->calls, 1);
+	rjob_done(&j->r, rc, e);
+}
+
+START_TEST(a_stop_fails_a_read_queued_for_later_once)
+{
+	struct cw_store *s;
+	cw_errmsg e;
+	struct store_opts o = opts(64, 1000);
+	ck_assert_msg(store_open(&s, &o, &e) == CW_OK, "%s", e.msg);
+	struct counted_rjob j = { 0 };
+	ck_assert_int_eq(store_read_patient_after(s, 30000000, 0, counted_read, counted_done, &j), CW_OK);
+	struct store_stats st;
+	store_get_stats(s, &st);
+	ck_assert_int_eq(st.reads_queued, 1);
+	uint64_t done_before = st.reads_done;
+	store_stop(s);
+	ck_assert_int_eq(atomic_load(&j.calls), 1);
+	ck_assert_int_eq(atomic_load(&j.runs), 0);
+	ck_assert_int_eq(j.r.rc, CW_ESHUTDOWN);
+	store_get_stats(s, &st);
+	ck_assert_int_eq(st.reads_queued, 0);
+	ck_assert_int_eq(st.reads_done, done_before + 1);
+	store_close(s);
+}
+END_TEST
+
+/* A read queued for later whose until_us comes before a read queued
+ * ahead of it in the readers' queue times out at its until_us, while the
+ * only reader is held by a statement: its deadline capped there, and the
+ * read put in the queue by its deadline, where the watchdog expires it.
+ * Without the cap it waited for the reader and ran (until the sixty-third
+ * session's review, a look-up's 20 looks could take ~100 s so); put at
+ * the queue's tail, it waited behind the other read's 5 s deadline until
+ * the reader took it at ~1.5 s. */
+static cw_err sleep_1_5(PGconn *c, void *arg, cw_errmsg *e)
+{
+	(void)arg;
+	return store_exec(c, "SELECT pg_sleep(1.5)", e);
+}
+
+START_TEST(a_read_queued_for_later_ends_by_its_until)
+{
+	struct cw_store *s;
+	cw_errmsg e;
+	struct store_opts o = opts(64, 1000);
+	o.readers = 1;
+	ck_assert_msg(store_open(&s, &o, &e) == CW_OK, "%s", e.msg);
+	struct rjob hold = { 0 }, ahead = { 0 };
+	struct counted_rjob later = { 0 };
+	ck_assert_int_eq(store_read(s, sleep_1_5, rjob_done, &hold), CW_OK);
+	usleep(100000); /* the reader has taken it */
+	ck_assert_int_eq(store_read(s, read_one, rjob_done, &ahead), CW_OK);
+	int64_t t0 = cw_now_us();
+	ck_assert_int_eq(store_read_patient_after(s, 50000, t0 + 300000, counted_read, counted_done, &later), CW_OK);
+	while (!atomic_load(&later.r.done) && cw_now_us() - t0 < 10000000)
+		usleep(1000);
+	int64_t took = cw_now_us() - t0;
+	ck_assert_int_eq(atomic_load(&later.calls), 1);
+	ck_assert_int_eq(later.r.rc, CW_ETIMEDOUT);
+	ck_assert_int_eq(atomic_load(&later.runs), 0);
+	ck_assert_msg(took < 1000000, "the read queued for later ended %lld us after, its until 300 ms", (long long)took);
+	while (!atomic_load(&ahead.done))
+		usleep(1000);
+	ck_assert_int_eq(ahead.rc, CW_OK);
+	ck_assert_int_eq(hold.rc, CW_OK);
+	store_close(s);
+}
+END_TEST
+
 /* A write that inserts 1 then 2 (each if missing), as two transactions
  * that insert the same new keys in different orders do.  Its run again
  * waits until the other transaction has taken 1 (other_has_one): the
@@ -1092,6 +1182,8 @@ int main(int argc, char **argv)
 	tcase_add_test(tc, group_commit_batches_concurrent_writes);
 	tcase_add_test(tc, one_failing_write_does_not_fail_its_batch);
 	tcase_add_test(tc, reads_and_shutdown);
+	tcase_add_test(tc, a_stop_fails_a_read_queued_for_later_once);
+	tcase_add_test(tc, a_read_queued_for_later_ends_by_its_until);
 	tcase_add_test(tc, a_write_that_loses_a_deadlock_runs_again);
 	tcase_add_test(tc, unreachable_database_fails_fast);
 	tcase_add_test(tc, a_notification_read_during_a_statement_is_not_slept_on);

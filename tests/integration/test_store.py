@@ -16,7 +16,7 @@ def test_store_suite(pg, db_url):
                        env=dict(os.environ, CAUSEWAY_TEST_DATABASE_URL=db_url))
     print(r.stdout)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "100%: Checks: 14, Failures: 0, Errors: 0" in r.stdout
+    assert "100%: Checks: 16, Failures: 0, Errors: 0" in r.stdout
 
 
 def test_store_survives_a_database_restart(private_pg):
