@@ -968,7 +968,8 @@ static bool fate_wait(struct xconsent *j)
  * committed, the job ends as stored (its answer, its roster's following,
  * its token spent); rolled back, as any failure (its token given back,
  * "try again"); not known (the look-up failed or timed out, the
- * transaction too old, or still running 2 s after), the token kept and
+ * transaction too old, or still running at its 20th look or at the
+ * look-up's bound, request_timeout_ms + 2 s: fate_done), the token kept and
  * the user told it may have been done.  The iq is answered then.  Until
  * the sixty-second session every failure gave the token back, a lost
  * COMMIT's too, and a change stored with its answer lost was free (and
