@@ -8497,8 +8497,15 @@ def test_a_batchs_consent_commands_whose_commit_went_unanswered_share_one_look_u
                 slow = pool.submit(d.admin, "PATCH", "/settings", json={"policy.user_updates_per_minute": 2})
 
                 def held():
-                    conns = {n for n, k, t in list(rec) if k == "B" and "INSERT INTO settings" in t}
-                    return any(n in conns and k == "Q" and t.strip().upper() == "COMMIT" for n, k, t in list(rec))
+                    # in the record's order: a COMMIT on a connection after its INSERT INTO settings (a COMMIT
+                    # before it, of another batch, would arm the cut early and split the two blocks)
+                    conns = set()
+                    for n, k, t in list(rec):
+                        if k == "B" and "INSERT INTO settings" in t:
+                            conns.add(n)
+                        elif n in conns and k == "Q" and t.strip().upper() == "COMMIT":
+                            return True
+                    return False
                 wait_until(held, what="the setting's COMMIT held")
                 px.cut_commit_unsent(consent_job_ran, hold=True)
                 px.slow(commit=0)
