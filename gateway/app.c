@@ -555,8 +555,9 @@ static void metrics_done(void *arg, cw_err rc, const cw_errmsg *e)
 			  NULL, st.readers_busy);
 	cw_metrics_sample(&b, "causeway_db_writes_queued", "gauge", "Writes waiting for the group-commit writer.",
 			  NULL, (double)st.writes_queued);
-	cw_metrics_sample(&b, "causeway_db_reads_queued", "gauge", "Reads waiting for a reader connection.",
-			  NULL, (double)st.reads_queued);
+	cw_metrics_sample(&b, "causeway_db_reads_queued", "gauge",
+			  "Reads waiting for a reader connection, and those queued to be asked again later.", NULL,
+			  (double)st.reads_queued);
 	cw_metrics_sample(&b, "causeway_db_commits_total", "counter", "Group-commit transactions committed.",
 			  NULL, (double)st.batches);
 	cw_metrics_sample(&b, "causeway_db_writes_committed_total", "counter", "Writes made durable.",
