@@ -747,6 +747,23 @@ static const char releasable_sql[] =
 	" FROM " X " JOIN identities l ON l.id = " X ".local_identity_id " \
 	" JOIN identities r ON r.id = " X ".remote_identity_id ORDER BY " X ".id"
 
+/* The consent requests past their expiry expired (when COND), a CTE's
+ * body for REQUESTS_EXPIRED_AUDIT: the periodic sweep's (SWEEP_SQL, $2
+ * NULL), or requests_expire_sql's while the periodic sweep of the held
+ * rows waits for the releases (SWEEP_WAIT_RELEASES_US). */
+#define REQUESTS_EXPIRE(COND) \
+	"UPDATE consent_requests SET state = 'expired', decided_at = now() WHERE state = 'pending' " \
+	" AND expires_at < now() AND " COND " RETURNING id, local_identity_id, remote_identity_id, " \
+	" NULL::text AS reason, NULL::bigint AS rule"
+
+/* The consent requests past their expiry expired and recorded, as the
+ * periodic sweep does, on their own: while the periodic sweep of the held
+ * rows waits for the releases (SWEEP_WAIT_RELEASES_US), up to 30 s, a
+ * request's expiry does not (until the sixty-third session's mend it
+ * waited with them). */
+static const char requests_expire_sql[] =
+	"WITH cr AS (" REQUESTS_EXPIRE("true") "), cra AS (" REQUESTS_EXPIRED_AUDIT("cr") ") SELECT count(*) FROM cr";
+
 /* The row of TABLE (its alias A) where COND (its primary key
  * equal to a column of the rows before it), joined to each of them: a
  * descent of the primary key for each.  As a join the planner, on its
@@ -826,10 +843,7 @@ static const char releasable_sql[] =
 	" ORDER BY ch.id), " \
 	CONTENT_GONE("SELECT event_id FROM ch WHERE state <> 'pending' " \
 	" EXCEPT SELECT event_id FROM ch WHERE state = 'pending'") ", " \
-	"cr AS (UPDATE consent_requests SET state = 'expired', decided_at = now() WHERE state = 'pending' " \
-	" AND expires_at < now() " \
-	" AND $2::bigint IS NULL RETURNING id, local_identity_id, remote_identity_id, NULL::text AS reason, " \
-	"  NULL::bigint AS rule), " \
+	"cr AS (" REQUESTS_EXPIRE("$2::bigint IS NULL") "), " \
 	"cra AS (" REQUESTS_EXPIRED_AUDIT("cr") ") " \
 	"SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'dropped'), " \
 	" count(*) FILTER (WHERE state = 'expired'), CASE WHEN $4::boolean AND count(*) FILTER " \
@@ -862,8 +876,13 @@ static const char sweep_held_sql[] = SWEEP_SQL("(" SWEPT_HELD ")", SWEEP_BOUND);
 /* A later batch of a user's release ($2), from the policy thread's queue
  * (struct release_due, release_turn): her held rows after $6 (the last
  * id of the batch before), in outbox_held_user_order_idx (schema/057),
- * up to the last row of this batch ($5; all of them past $6 when NULL,
- * the last batch).  Unlike a consent's own sweep, which takes every row
+ * up to the last row of this batch ($5, the last that releasable_next_sql
+ * read, whole batch or not; the sweep does not run when it read none).
+ * Until the sixty-third session's mend $5 was NULL for the last batch (less
+ * than a whole one), and it took (FOR UPDATE) every row she still had
+ * held past $6, those of senders she never allowed too: 16,001 released
+ * and 20,000 of another sender held, its last batch read 21,001 rows
+ * (test_a_release_s_last_batch_reads_no_held_row_past_its_own).  Unlike a consent's own sweep, which takes every row
  * after its batch's last that it drops or expires (SWEEP_BOUND: a block
  * drops at once all that it stops, however many rows it releases), a
  * later batch reads nothing past its last row: the block's own sweep
@@ -875,7 +894,7 @@ static const char sweep_held_sql[] = SWEEP_SQL("(" SWEPT_HELD ")", SWEEP_BOUND);
  * session: a release's batches in the order of an index"). */
 static const char sweep_next_sql[] =
 	SWEEP_SQL("o.target_identity_id = $2::bigint AND " OUTBOX_HELD("o") " AND o.id > $6::bigint",
-		  "($5::bigint IS NULL OR o.id <= $5::bigint)");
+		  "o.id <= $5::bigint");
 
 /* The rows a later batch of a user's release would release (the columns
  * of releasable_sql, column 10 NULL: the consent counted them): her
@@ -1049,7 +1068,11 @@ static struct store_piped sweep_piped(bool prepared, int k, int n, const char *c
 /* The sweep, its statements prepared on c (sweep_stmts) or not; with
  * after (a user's, target_id), a later batch of her release, of her held
  * rows after that id (releasable_next_sql, sweep_next_sql, never
- * prepared), *last_id the last id of a whole batch (0: not whole).
+ * prepared), *last_id the last id of a whole batch (0: not whole),
+ * *nread the rows it found to release (a batch's: releasable_sql's LIMIT).
+ * A later batch that found none runs no sweep: it has nothing to release,
+ * a block's own sweep dropped what the block stops, and the expiry is the
+ * periodic sweep's.
  * Its statements go in two round trips (store_pipeline): the turn's lock
  * and the reads (the rows to release, for the rules to be asked again:
  * rule_denials; whether anyone blocked lately), then the sweep's
@@ -1062,7 +1085,7 @@ static struct store_piped sweep_piped(bool prepared, int k, int n, const char *c
  * round trips are two. */
 static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const char *target_id, const char *after,
 		    long counts[3], struct store_piped *first, struct store_piped *then, bool notify, bool *more,
-		    long *later, int64_t *last_id, cw_errmsg *e)
+		    long *later, int64_t *last_id, long *nread, cw_errmsg *e)
 {
 	char secs[24], last[24];
 	snprintf(secs, sizeof(secs), "%lld", (long long)v->set.held_expiry_s);
@@ -1071,6 +1094,7 @@ static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const
 	*more = false;
 	*later = 0;
 	*last_id = 0;
+	*nread = 0;
 	bool own = PQtransactionStatus(c) == PQTRANS_IDLE;
 	cw_err rc = own ? store_exec(c, "BEGIN", e) : CW_OK;
 	/* The content only when a rule limits it (releasable_sql's $3; NULL
@@ -1095,10 +1119,14 @@ static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const
 		if (first)
 			first->r = q[0].r;
 		rc = rule_denials(v, q[mine + 1].r, &denials, e);
-		/* a whole batch to release: this one ends at its last row */
-		if (PQntuples(q[mine + 1].r) >= SWEEP_BATCH) {
+		*nread = PQntuples(q[mine + 1].r);
+		/* a whole batch to release: this one ends at its last row; a
+		 * later batch's at its last always (sweep_next_sql) */
+		if (*nread >= SWEEP_BATCH || (after && *nread > 0)) {
 			snprintf(last, sizeof(last), "%s", PQgetvalue(q[mine + 1].r, PQntuples(q[mine + 1].r) - 1, 0));
 			params[4] = last;
+		}
+		if (*nread >= SWEEP_BATCH) {
 			*more = true;
 			*later = after ? 0 : atol(PQgetvalue(q[mine + 1].r, 0, 10)) - PQntuples(q[mine + 1].r);
 			*last_id = atoll(last);
@@ -1109,6 +1137,11 @@ static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const
 			PQclear(q[i].r);
 	}
 	params[2] = denials;
+	if (!rc && after && !params[4] && !then) { /* a later batch that found nothing to release */
+		counts[0] = counts[1] = counts[2] = 0;
+		free(denials);
+		return own ? store_end(c, rc, e) : rc;
+	}
 	if (!rc) {
 		n = 0;
 		q[n++] = after ? (struct store_piped){ sweep_next_sql, NULL, 6, params, NULL }
@@ -1144,7 +1177,8 @@ static cw_err policy_sweep_with(PGconn *c, const struct policy_view *v, const ch
 	bool more;
 	long later;
 	int64_t last;
-	cw_err rc = sweep(c, false, v, target_id, NULL, counts, first, then, true, &more, &later, &last, e);
+	long nread;
+	cw_err rc = sweep(c, false, v, target_id, NULL, counts, first, then, true, &more, &later, &last, &nread, e);
 	if (!rc)
 		counts[0] += later;
 	return rc;
@@ -2247,9 +2281,15 @@ void policy_rate_memo_finish(struct policy_rate_memo *m)
 /* ------------------------------------------------------------ the thread */
 
 /* A user's release to go on (policy_live.releasing): her held rows after
- * id after, tried again from retry_at (µs, cw_now_us) after a failure. */
+ * id after, tried again from retry_at (µs, cw_now_us) after a failure,
+ * backoff_us its wait (1 s doubling to POLICY_RETRY_MAX_S while it
+ * fails).  skipped_after, when not -1, is the lowest after of a batch
+ * that left rows it found locked by another transaction (SKIP LOCKED):
+ * her release goes again from there before it ends, rounds times at
+ * most (RELEASE_ROUNDS). */
 struct release_due {
-	int64_t user, after, retry_at;
+	int64_t user, after, retry_at, backoff_us, skipped_after;
+	int rounds;
 };
 
 struct policy_live {
@@ -2418,7 +2458,7 @@ static bool release_add(struct policy_live *pl, int64_t user, int64_t after)
 		pl->releasing = m;
 		pl->releasing_cap = cap;
 	}
-	pl->releasing[pl->nreleasing++] = (struct release_due){ user, after, 0 };
+	pl->releasing[pl->nreleasing++] = (struct release_due){ user, after, 0, 0, -1, 0 };
 	return true;
 }
 
@@ -3652,20 +3692,31 @@ static bool sweep_due_all(struct policy_live *pl)
 	return ok;
 }
 
+/* The most times a user's release goes again from the first batch that
+ * left rows locked by another transaction (struct release_due), a second
+ * apart; then those rows are the periodic sweep's (while her consent is
+ * of the last minutes) or the next start's pass's. */
+#define RELEASE_ROUNDS 3
+
 /* One batch of a queued release (pl->releasing), the next user's in turn
  * whose retry is due: her held rows after the last of her batch before
  * (sweep's after: releasable_next_sql, sweep_next_sql), so that a batch
  * reads its own rows and not all those she still has held.  One batch a
  * turn of the thread, so that reloads, syncs and the other users'
- * releases go on in between; a batch that fails is logged and tried
- * again a second later, the others' going on meanwhile.  Her release is
- * over at a batch that is not whole, or that decided nothing (its rows
- * locked by another transaction: the periodic sweep, while her consent
- * is of the last minutes, or the next start's pass finds them).  Until
- * the sixty-third session the periodic sweep released the later batches
- * (a consent's NOTIFY had it run at once, and again while it found a
- * whole batch) and the start's pass all of them in one turn.  True when
- * a batch ran (the thread's next turn comes at once while a user waits). */
+ * releases go on in between; a batch that fails is tried again 1 s
+ * later, then 2, 4, ... POLICY_RETRY_MAX_S (logged when the wait
+ * changes), the others' going on meanwhile: until the sixty-third
+ * session's mend it was every second for as long as it failed, a WARN
+ * each.  Her release goes on while a batch is whole, and after the last
+ * goes again (a second later) from the first batch that left rows locked
+ * by another transaction (SKIP LOCKED: fewer decided than found), up to
+ * RELEASE_ROUNDS times: until that mend such a row was passed over, and
+ * with a consent older than the periodic sweep's window nothing found it
+ * before the next start.  Until the sixty-third session the periodic
+ * sweep released the later batches (a consent's NOTIFY had it run at
+ * once, and again while it found a whole batch) and the start's pass all
+ * of them in one turn.  True when a batch ran (the thread's next turn
+ * comes at once while a user waits). */
 static bool release_turn(struct policy_live *pl, int64_t now)
 {
 	size_t n = pl->nreleasing, i = 0;
@@ -3679,25 +3730,43 @@ static bool release_turn(struct policy_live *pl, int64_t now)
 	snprintf(user, sizeof(user), "%lld", (long long)u->user);
 	snprintf(after, sizeof(after), "%lld", (long long)u->after);
 	struct policy_view *v = policy_live_get(pl);
-	long counts[3], later;
+	long counts[3], later, nread;
 	bool more;
 	int64_t last;
 	cw_errmsg e;
-	cw_err rc = sweep(pl->c, false, v, user, after, counts, NULL, NULL, false, &more, &later, &last, &e);
+	cw_err rc = sweep(pl->c, false, v, user, after, counts, NULL, NULL, false, &more, &later, &last, &nread, &e);
 	policy_view_put(v);
 	pl->releasing_next = k + 1;
 	if (rc) {
-		LOG_KV(CW_LOG_WARN, "policy sweep failed", "user", user, "detail", e.msg);
-		u->retry_at = now + 1000000;
+		int64_t was = u->backoff_us;
+		u->backoff_us = store_backoff_next(was, 1000000, POLICY_RETRY_MAX_S * 1000000LL);
+		if (u->backoff_us != was) {
+			char wait[24];
+			snprintf(wait, sizeof(wait), "%lld", (long long)(u->backoff_us / 1000000));
+			LOG_KV(CW_LOG_WARN, "policy sweep failed", "user", user, "detail", e.msg, "retry_s", wait);
+		}
+		u->retry_at = now + u->backoff_us;
 		return true;
 	}
+	u->backoff_us = 0;
 	sweep_counted(pl, "held messages released", counts);
 	if (counts[0] && store_exec(pl->c, "NOTIFY causeway_outbox", &e))
 		LOG_KV(CW_LOG_WARN, "cannot notify the dispatchers", "detail", e.msg);
-	if (more && counts[0] + counts[1] + counts[2] > 0) {
+	/* fewer released or dropped than found to release: rows skipped locked */
+	if (counts[0] + counts[1] < nread && (u->skipped_after < 0 || u->after < u->skipped_after))
+		u->skipped_after = u->after;
+	if (more) {
 		u->after = last;
 		u->retry_at = 0;
+	} else if (u->skipped_after >= 0 && u->rounds < RELEASE_ROUNDS) {
+		u->after = u->skipped_after;
+		u->skipped_after = -1;
+		u->rounds++;
+		u->retry_at = now + 1000000;
 	} else {
+		if (u->skipped_after >= 0)
+			LOG_KV(CW_LOG_INFO, "held messages locked by another transaction left to the periodic sweep",
+			       "user", user);
 		pl->releasing[k] = pl->releasing[--pl->nreleasing];
 		pl->releasing_next = k;
 	}
@@ -3717,6 +3786,7 @@ static void *live_main(void *arg)
 	 * that said). */
 	struct store_backoff reconnect = { 0, 0 };
 	int64_t retry_us = 0; /* after a failed reload: the wait before the next try, doubled each time */
+	int64_t held_wait = 0; /* when the periodic sweep of the held rows came due while a release ran (0: not) */
 	while (!atomic_load(&pl->stop)) {
 		bool fresh = false, want = false;
 		if (!ensure_conn(pl, &fresh)) {
@@ -3815,26 +3885,58 @@ static void *live_main(void *arg)
 		if (pl->sweep_due && now >= next_sweep)
 			pl->sweep_due = !sweep_due_all(pl);
 		bool releasing = pl->nreleasing && !atomic_load(&pl->stop) && release_turn(pl, now);
-		if (now >= next_sweep && (!releasing || now >= next_sweep + SWEEP_WAIT_RELEASES_US)) {
-			struct policy_view *v = policy_live_get(pl);
-			long counts[3];
-			bool more = false;
-			long later;
+		/* The periodic sweep of the held rows waits while a release
+		 * ran a batch this turn, from when it was due (held_wait) for
+		 * SWEEP_WAIT_RELEASES_US at most, and runs at the first turn
+		 * without one; the expiry of messages and of consent requests
+		 * does not wait (until the sixty-third session's mend both
+		 * waited with it, up to 30 s, where interop-api.md promises a
+		 * message's expiry within about two seconds). */
+		bool due = now >= next_sweep;
+		if (due && releasing && !held_wait)
+			held_wait = now;
+		bool held_now = held_wait ? !releasing || now >= held_wait + SWEEP_WAIT_RELEASES_US : due;
+		bool held_more = false;
+		if (due || held_now) {
 			cw_errmsg e;
 			if (pl->grown_known != GROWN_ALL)
 				analyze_grown(pl);
-			int64_t t0 = cw_now_us();
-			int64_t last;
-			cw_err src = sweep(pl->c, true, v, NULL, NULL, counts, NULL, NULL, false, &more, &later, &last, &e);
-			int64_t took = cw_now_us() - t0;
-			if (src) {
-				LOG_KV(CW_LOG_WARN, "policy sweep failed", "detail", e.msg);
-			} else {
-				sweep_counted(pl, "held messages swept", counts);
-				if (counts[0] && store_exec(pl->c, "NOTIFY causeway_outbox", &e))
-					LOG_KV(CW_LOG_WARN, "cannot notify the dispatchers", "detail", e.msg);
+			if (held_now) {
+				struct policy_view *v = policy_live_get(pl);
+				long counts[3], later, nread;
+				int64_t t0 = cw_now_us();
+				int64_t last;
+				held_wait = 0;
+				cw_err src = sweep(pl->c, true, v, NULL, NULL, counts, NULL, NULL, false, &held_more, &later,
+						   &last, &nread, &e);
+				int64_t took = cw_now_us() - t0;
+				if (src) {
+					LOG_KV(CW_LOG_WARN, "policy sweep failed", "detail", e.msg);
+				} else {
+					sweep_counted(pl, "held messages swept", counts);
+					if (counts[0] && store_exec(pl->c, "NOTIFY causeway_outbox", &e))
+						LOG_KV(CW_LOG_WARN, "cannot notify the dispatchers", "detail", e.msg);
+				}
+				policy_view_put(v);
+				if (took >= SWEEP_REPLAN_US && PQstatus(pl->c) == CONNECTION_OK)
+					replan_sweep(pl, took);
+				pl->sweep_slow = took >= SWEEP_REPLAN_US;
+				/* a whole batch released: the next at the next
+				 * turn; not when it decided nothing (its rows locked
+				 * by another transaction: no turn after turn until
+				 * that one ends), nor while a release runs its
+				 * batches (its own rows are among these) */
+				held_more = !src && held_more && counts[0] + counts[1] + counts[2] > 0 && !releasing;
+			} else if (due) { /* the requests' expiry, which the sweep's statement does (SWEEP_SQL) */
+				PGresult *r = PQexec(pl->c, requests_expire_sql);
+				if (store_check(pl->c, r, PGRES_TUPLES_OK, &e)) /* r cleared when not */
+					LOG_KV(CW_LOG_WARN, "consent requests' expiry failed", "detail", e.msg);
+				else
+					PQclear(r);
 			}
-			policy_view_put(v);
+		}
+		if (due) {
+			cw_errmsg e;
 			long ex[3];
 			if (expiry_sweep(pl->c, ex, &e)) {
 				LOG_KV(CW_LOG_WARN, "expiring messages sweep failed", "detail", e.msg);
@@ -3843,15 +3945,10 @@ static void *live_main(void *arg)
 				if (ex[1] && store_exec(pl->c, "NOTIFY causeway_outbox", &e))
 					LOG_KV(CW_LOG_WARN, "cannot notify the dispatchers", "detail", e.msg);
 			}
-			if (took >= SWEEP_REPLAN_US && PQstatus(pl->c) == CONNECTION_OK)
-				replan_sweep(pl, took);
-			pl->sweep_slow = took >= SWEEP_REPLAN_US;
-			/* a whole batch released: the next at the next turn; not
-			 * when it decided nothing (its rows locked by another
-			 * transaction): no turn after turn until that one ends */
-			more = !src && more && counts[0] + counts[1] + counts[2] > 0 && !pl->nreleasing;
-			next_sweep = more ? now : now + pl->o.sweep_interval_ms * 1000LL;
+			next_sweep = now + pl->o.sweep_interval_ms * 1000LL;
 		}
+		if (held_more)
+			next_sweep = now;
 		/* Its own cadence: old data waits a minute more at no cost.  A
 		 * full batch means a backlog (the first run after an upgrade, a
 		 * setting lowered): it runs again a second later, a batch a
@@ -3891,11 +3988,12 @@ static void *live_main(void *arg)
 		int64_t until = next_sweep < next_reload ? next_sweep : next_reload;
 		if (pl->o.retention && next_retention < until)
 			until = next_retention;
+		for (size_t i = 0; i < pl->nreleasing; i++) /* a release's batch that failed, or goes again */
+			if (pl->releasing[i].retry_at < until)
+				until = pl->releasing[i].retry_at;
 		int timeout = (int)((until - cw_now_us()) / 1000);
 		if (pl->npending || pl->want_full || recheck_more || releasing)
 			timeout = 0; /* heard during the sweep; or more rows to decide again, or to release */
-		else if (pl->nreleasing && timeout > 100)
-			timeout = 100; /* a release's batch that failed, tried again soon */
 		if (timeout < 0)
 			timeout = 0;
 		if (timeout > 1000)

@@ -5335,3 +5335,132 @@ def test_a_release_that_fails_at_start_holds_up_no_other_users(make_daemon, db_u
     finally:
         for _, srv in made:
             srv.close()
+
+
+def test_a_release_s_last_batch_reads_no_held_row_past_its_own(make_daemon, db_url, pg):
+    """alice's consent of wally releases his 16,001 held messages a batch at
+    a time; after them 20,000 messages of another sender she never allowed
+    stay held for her. Each later batch's sweep, the last's (1,001 rows)
+    too, takes her held rows only up to its own last (sweep_next_sql's $5):
+    the outbox rows it reads are at most a batch's, and none of the other
+    sender's rows is locked (their xmax stays 0). Until the sixty-third
+    session's mend the last batch's sweep, less than a whole one, took
+    every row she still had held past the batch before (FOR UPDATE), the
+    other sender's too: 21,001 rows, each written by its lock. (The last
+    batch's read of the rows to release, releasable_next_sql, still walks
+    the other sender's 20,000 to find that none is to release: filtered,
+    neither locked nor written.)"""
+    log = logged_plans(pg, db_url, analyze=True)
+    d = make_daemon(db_url, options={"policy": {"sweep_interval_ms": "600000"}}).start()
+    made = push_peers(d)
+    try:
+        (a, _), _ = made
+        opt_in(d)
+        room = dm(a)
+        mine = send(a, room, "wait").json()["id"]
+        alice = pg.psql(f"SELECT id FROM identities WHERE uri = '{ALICE}'", db_url)
+        fill_outbox(pg, db_url, mine, 16000, 0, alice, analyze=False)
+        pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network, peer_id) SELECT s.uri || 'x', "
+                "s.domain, s.localpart || 'x', false, s.network, s.peer_id FROM identities s "
+                "JOIN events e ON e.sender_id = s.id "
+                f"WHERE e.public_id = '{mine}'", db_url)
+        pg.psql("INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
+                "SELECT 'msg_other' || g, e.room_id, x.id, e.type, e.content, e.origin_network, e.ts "
+                "FROM events e JOIN identities s ON s.id = e.sender_id JOIN identities x ON x.uri = s.uri || 'x', "
+                f"generate_series(1, 20000) g WHERE e.public_id = '{mine}' ORDER BY g", db_url)
+        pg.psql("INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state) "
+                f"SELECT e.id, 'peer:zz', {alice}, e.room_id, 'held' FROM events e "
+                "WHERE e.public_id LIKE 'msg_other%' ORDER BY e.id; ANALYZE outbox; ANALYZE events; "
+                "ANALYZE identities", db_url)
+        out = consent(d, a.user("wally"), "allowed")
+        assert out["released"] == 16001, out
+        start = os.path.getsize(log)
+        wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE state = 'pending'", db_url) == "16001",
+                   timeout=60, what="the rest of the release, by the policy thread")
+        time.sleep(0.5)  # the last batch's statements logged
+        plans = plans_since(log, start, "hd AS (SELECT h.*")
+        assert len(plans) >= 3, len(plans)  # the sweeps of three batches at least
+        for p in plans:
+            read = 0
+            for m in re.finditer(r"Scan[^\n]* on outbox o\s[^\n]*actual time=\S+ rows=(\d+) loops=(\d+)\)\n"
+                                 r"(?:\s+(?!->)[^\n]*\n)*?(?:\s+Rows Removed by Filter: (\d+))?", p):
+                read += int(m.group(1)) * int(m.group(2)) + int(m.group(3) or 0)
+            assert 0 < read <= 5000 + 10, (read, p)
+        assert pg.psql(f"SELECT count(*) FROM outbox WHERE state = 'held' AND target_identity_id = {alice} "
+                       "AND xmax = '0'", db_url) == "20000"
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
+def test_a_release_s_row_locked_by_another_transaction_is_released_once_let_go(make_daemon, db_url, pg):
+    """alice's consent of wally releases the first 5,000 of his 5,006 held
+    messages; the policy thread's batch of the other six finds the last
+    locked by a transaction of the test (SKIP LOCKED) and releases five.
+    Her release goes again from that batch a second later (three times at
+    most): once the test lets the row go, it is released. Until the
+    sixty-third session's mend the batch after the locked row's began
+    after it, and with the periodic sweep away (its interval ten minutes;
+    a consent older than its window alike) the row stayed held until the
+    next start."""
+    import psycopg
+    d = make_daemon(db_url, options={"policy": {"sweep_interval_ms": "600000"}}).start()
+    made = push_peers(d)
+    try:
+        (a, _), _ = made
+        opt_in(d)
+        room = dm(a)
+        mine = send(a, room, "wait").json()["id"]
+        alice = pg.psql(f"SELECT id FROM identities WHERE uri = '{ALICE}'", db_url)
+        fill_outbox(pg, db_url, mine, 5005, 0, alice)
+        held_q = f"SELECT count(*) FROM outbox WHERE state = 'held' AND target_identity_id = {alice}"
+        with psycopg.connect(db_url) as held:
+            locked = held.execute(f"SELECT id FROM outbox WHERE target_identity_id = {alice} AND state = 'held' "
+                                  "ORDER BY id DESC LIMIT 1 FOR UPDATE").fetchall()
+            assert len(locked) == 1
+            out = consent(d, a.user("wally"), "allowed")
+            assert out["released"] == 5006, out
+            wait_until(lambda: pg.psql(held_q, db_url) == "1", timeout=30, what="the others released")
+            held.rollback()
+        wait_until(lambda: pg.psql(held_q, db_url) == "0", timeout=15, what="the locked row, once let go")
+        assert pg.psql(f"SELECT state FROM outbox WHERE id = {locked[0][0]}", db_url) in ("pending", "delivered")
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
+def test_a_release_s_failing_batch_is_tried_again_less_and_less_often(make_daemon, db_url, pg):
+    """alice's release fails at every batch (a trigger refuses the update of
+    her rows): it is tried again after 1 s, then 2, 4, ... (up to
+    POLICY_RETRY_MAX_S), each wait logged once with her user. Until the
+    sixty-third session's mend it was tried every second for as long as it
+    failed, a WARN each."""
+    opts = {"policy": {"sweep_interval_ms": "600000"}}
+    d = make_daemon(db_url, options=opts).start()
+    made = push_peers(d)
+    try:
+        (a, _), _ = made
+        opt_in(d)
+        room = dm(a)
+        send(a, room, "wait")
+        alice = pg.psql(f"SELECT id FROM identities WHERE uri = '{ALICE}'", db_url)
+        pg.psql("INSERT INTO consents (local_identity_id, subject_kind, subject, state, source, updated_at) "
+                f"VALUES ({alice}, 'user', '{a.user('wally')}', 'allowed', 'user', now() - interval '1 day')", db_url)
+        assert d.stop() == 0
+        pg.psql("CREATE FUNCTION refuse_alice() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "RAISE EXCEPTION 'refused for the test'; END $$; "
+                "CREATE TRIGGER refuse_alice BEFORE UPDATE ON outbox FOR EACH ROW "
+                f"WHEN (NEW.target_identity_id = {alice} AND NEW.state = 'pending') EXECUTE FUNCTION refuse_alice()",
+                db_url)
+        d2 = make_daemon(db_url, options=opts).start()
+        d2.wait_for(lambda r: r.get("msg") == "policy sweep failed" and r.get("user") == alice, timeout=30)
+        time.sleep(8)
+        waits = [r.get("retry_s") for r in list(d2.records)
+                 if r.get("msg") == "policy sweep failed" and r.get("user") == alice]
+        assert waits[:3] == ["1", "2", "4"] and len(waits) <= 4, waits
+        pg.psql("DROP TRIGGER refuse_alice ON outbox", db_url)
+        wait_until(lambda: pg.psql(f"SELECT state FROM outbox WHERE target_identity_id = {alice}", db_url) ==
+                   "pending", timeout=40, what="hers, once her batch is let through")
+    finally:
+        for _, srv in made:
+            srv.close()
