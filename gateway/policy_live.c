@@ -882,7 +882,13 @@ static const char sweep_held_sql[] = SWEEP_SQL("(" SWEPT_HELD ")", SWEEP_BOUND);
  * than a whole one), and it took (FOR UPDATE) every row she still had
  * held past $6, those of senders she never allowed too: 16,001 released
  * and 20,000 of another sender held, its last batch read 21,001 rows
- * (test_a_release_s_last_batch_reads_no_held_row_past_its_own).  Unlike a consent's own sweep, which takes every row
+ * (test_a_release_s_last_batch_reads_no_held_row_past_its_own).  The
+ * upper bound is a row comparison, which outbox_held_user_order_idx takes
+ * as its index condition and outbox_pkey cannot: as o.id <= $5, on
+ * statistics of before the rows came, the last batch took its rows from
+ * a range of outbox_pkey, every user's rows in it, and
+ * test_a_consent_that_releases_thousands_of_held_rows_reads_each_once saw
+ * that scan.  Unlike a consent's own sweep, which takes every row
  * after its batch's last that it drops or expires (SWEEP_BOUND: a block
  * drops at once all that it stops, however many rows it releases), a
  * later batch reads nothing past its last row: the block's own sweep
@@ -894,7 +900,7 @@ static const char sweep_held_sql[] = SWEEP_SQL("(" SWEPT_HELD ")", SWEEP_BOUND);
  * session: a release's batches in the order of an index"). */
 static const char sweep_next_sql[] =
 	SWEEP_SQL("o.target_identity_id = $2::bigint AND " OUTBOX_HELD("o") " AND o.id > $6::bigint",
-		  "o.id <= $5::bigint");
+		  "(o.target_identity_id, o.id) <= ($2::bigint, $5::bigint)");
 
 /* The rows a later batch of a user's release would release (the columns
  * of releasable_sql, column 10 NULL: the consent counted them): her
@@ -2698,9 +2704,11 @@ static bool conn_ready(PGconn *c, long lately_s, const char **failed, cw_errmsg 
  * runs, a quarter of the release's time (docs/performance.md,
  * "Sixty-third session: a release's batches in the order of an index").
  * It waits for the release's end, but not more than this: what only it
- * does (the expiry, a block of the last minutes seen by a process whose
- * view was behind) is late by that much at most, however long the
- * releases. */
+ * does (the held rows' expiry, a block of the last minutes seen by a
+ * process whose view was behind) is late by that much at most, however
+ * long the releases.  The expiry of messages (expiry_sweep) and of
+ * consent requests (requests_expire_sql) does not wait: until the
+ * sixty-third session's mend they waited with it. */
 #define SWEEP_WAIT_RELEASES_US 30000000
 
 /* The periodic sweep's statements prepared again on the policy thread's

@@ -5375,11 +5375,12 @@ def test_a_release_s_last_batch_reads_no_held_row_past_its_own(make_daemon, db_u
         out = consent(d, a.user("wally"), "allowed")
         assert out["released"] == 16001, out
         start = os.path.getsize(log)
-        wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE state = 'pending'", db_url) == "16001",
-                   timeout=60, what="the rest of the release, by the policy thread")
-        time.sleep(0.5)  # the last batch's statements logged
+        held_q = f"SELECT count(*) FROM outbox WHERE state = 'held' AND target_identity_id = {alice}"
+        wait_until(lambda: pg.psql(held_q, db_url) == "20000", timeout=60,
+                   what="the rest of the release, by the policy thread")
+        # the sweeps of the three later batches (5,000, 5,000, 1,001), logged
+        wait_until(lambda: len(plans_since(log, start, "hd AS (SELECT h.*")) >= 3, timeout=10, what="three plans")
         plans = plans_since(log, start, "hd AS (SELECT h.*")
-        assert len(plans) >= 3, len(plans)  # the sweeps of three batches at least
         for p in plans:
             read = 0
             for m in re.finditer(r"Scan[^\n]* on outbox o\s[^\n]*actual time=\S+ rows=(\d+) loops=(\d+)\)\n"
