@@ -5378,8 +5378,9 @@ def test_a_release_s_last_batch_reads_no_held_row_past_its_own(make_daemon, db_u
         held_q = f"SELECT count(*) FROM outbox WHERE state = 'held' AND target_identity_id = {alice}"
         wait_until(lambda: pg.psql(held_q, db_url) == "20000", timeout=60,
                    what="the rest of the release, by the policy thread")
-        # the sweeps of the three later batches (5,000, 5,000, 1,001), logged
-        wait_until(lambda: len(plans_since(log, start, "hd AS (SELECT h.*")) >= 3, timeout=10, what="three plans")
+        # the sweeps of the later batches (5,000, 5,000, 1,001), logged: the
+        # first may come before start was read, the last two after it
+        wait_until(lambda: len(plans_since(log, start, "hd AS (SELECT h.*")) >= 2, timeout=10, what="the plans")
         plans = plans_since(log, start, "hd AS (SELECT h.*")
         for p in plans:
             read = 0
