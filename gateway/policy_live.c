@@ -849,7 +849,8 @@ static const char requests_expire_sql[] =
 	" count(*) FILTER (WHERE state = 'expired'), CASE WHEN $4::boolean AND count(*) FILTER " \
 	" (WHERE state = 'pending') > 0 THEN pg_notify('causeway_outbox', '') END, " \
 	" CASE WHEN $4::boolean AND $5::bigint IS NOT NULL THEN pg_notify('causeway_sweep', " \
-	"  coalesce($2::bigint::text, '') || ':' || $5::bigint) END FROM ch"
+	"  coalesce($2::bigint::text, '') || ':' || $5::bigint) END, " \
+	" count(*) FILTER (WHERE state = 'pending' OR (state = 'dropped' AND id IN (SELECT id FROM dn))) FROM ch"
 
 /* The bound of a sweep's rows past $5 (SWEEP_SQL): those after the
  * batch's last row are taken only to be dropped or expired. */
@@ -1075,7 +1076,12 @@ static struct store_piped sweep_piped(bool prepared, int k, int n, const char *c
  * after (a user's, target_id), a later batch of her release, of her held
  * rows after that id (releasable_next_sql, sweep_next_sql, never
  * prepared), *last_id the last id of a whole batch (0: not whole),
- * *nread the rows it found to release (a batch's: releasable_sql's LIMIT).
+ * *skipped, of a later batch, the rows it found to release that it
+ * neither released nor dropped by a rule (SWEEP_SQL's column 5: locked
+ * by another transaction, SKIP LOCKED); until the sixty-third session's
+ * second review the caller compared the rows found with all the rows the
+ * sweep released or dropped, and a blocked sender's row dropped in the
+ * batch's range (none of the rows found) hid a locked one.
  * A later batch that found none runs no sweep: it has nothing to release,
  * a block's own sweep dropped what the block stops, and the expiry is the
  * periodic sweep's.
@@ -1091,8 +1097,9 @@ static struct store_piped sweep_piped(bool prepared, int k, int n, const char *c
  * round trips are two. */
 static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const char *target_id, const char *after,
 		    long counts[3], struct store_piped *first, struct store_piped *then, bool notify, bool *more,
-		    long *later, int64_t *last_id, long *nread, cw_errmsg *e)
+		    long *later, int64_t *last_id, long *skipped, cw_errmsg *e)
 {
+	long found = 0;
 	char secs[24], last[24];
 	snprintf(secs, sizeof(secs), "%lld", (long long)v->set.held_expiry_s);
 	char *denials = NULL;
@@ -1100,7 +1107,7 @@ static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const
 	*more = false;
 	*later = 0;
 	*last_id = 0;
-	*nread = 0;
+	*skipped = 0;
 	bool own = PQtransactionStatus(c) == PQTRANS_IDLE;
 	cw_err rc = own ? store_exec(c, "BEGIN", e) : CW_OK;
 	/* The content only when a rule limits it (releasable_sql's $3; NULL
@@ -1125,14 +1132,14 @@ static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const
 		if (first)
 			first->r = q[0].r;
 		rc = rule_denials(v, q[mine + 1].r, &denials, e);
-		*nread = PQntuples(q[mine + 1].r);
+		found = PQntuples(q[mine + 1].r);
 		/* a whole batch to release: this one ends at its last row; a
 		 * later batch's at its last always (sweep_next_sql) */
-		if (*nread >= SWEEP_BATCH || (after && *nread > 0)) {
+		if (found >= SWEEP_BATCH || (after && found > 0)) {
 			snprintf(last, sizeof(last), "%s", PQgetvalue(q[mine + 1].r, PQntuples(q[mine + 1].r) - 1, 0));
 			params[4] = last;
 		}
-		if (*nread >= SWEEP_BATCH) {
+		if (found >= SWEEP_BATCH) {
 			*more = true;
 			*later = after ? 0 : atol(PQgetvalue(q[mine + 1].r, 0, 10)) - PQntuples(q[mine + 1].r);
 			*last_id = atoll(last);
@@ -1160,6 +1167,8 @@ static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const
 	if (!rc) {
 		for (int i = 0; i < 3; i++)
 			counts[i] = atol(PQgetvalue(q[0].r, 0, i));
+		if (after)
+			*skipped = found - atol(PQgetvalue(q[0].r, 0, 5));
 		PQclear(q[0].r);
 		if (then)
 			then->r = q[1].r;
@@ -1183,8 +1192,8 @@ static cw_err policy_sweep_with(PGconn *c, const struct policy_view *v, const ch
 	bool more;
 	long later;
 	int64_t last;
-	long nread;
-	cw_err rc = sweep(c, false, v, target_id, NULL, counts, first, then, true, &more, &later, &last, &nread, e);
+	long skipped;
+	cw_err rc = sweep(c, false, v, target_id, NULL, counts, first, then, true, &more, &later, &last, &skipped, e);
 	if (!rc)
 		counts[0] += later;
 	return rc;
@@ -2452,8 +2461,15 @@ static bool release_add(struct policy_live *pl, int64_t user, int64_t after)
 {
 	for (size_t i = 0; i < pl->nreleasing; i++)
 		if (pl->releasing[i].user == user) {
+			/* a new consent of hers: tried at once, with rounds of its
+			 * own for rows skipped locked (the backoff of a failing
+			 * batch goes on from where it was); until the sixty-third
+			 * session's second review it waited for her failing
+			 * batch's backoff, up to POLICY_RETRY_MAX_S */
 			if (after < pl->releasing[i].after)
 				pl->releasing[i].after = after;
+			pl->releasing[i].retry_at = 0;
+			pl->releasing[i].rounds = 0;
 			return true;
 		}
 	if (pl->nreleasing == pl->releasing_cap) {
@@ -3738,11 +3754,11 @@ static bool release_turn(struct policy_live *pl, int64_t now)
 	snprintf(user, sizeof(user), "%lld", (long long)u->user);
 	snprintf(after, sizeof(after), "%lld", (long long)u->after);
 	struct policy_view *v = policy_live_get(pl);
-	long counts[3], later, nread;
+	long counts[3], later, skipped;
 	bool more;
 	int64_t last;
 	cw_errmsg e;
-	cw_err rc = sweep(pl->c, false, v, user, after, counts, NULL, NULL, false, &more, &later, &last, &nread, &e);
+	cw_err rc = sweep(pl->c, false, v, user, after, counts, NULL, NULL, false, &more, &later, &last, &skipped, &e);
 	policy_view_put(v);
 	pl->releasing_next = k + 1;
 	if (rc) {
@@ -3760,8 +3776,9 @@ static bool release_turn(struct policy_live *pl, int64_t now)
 	sweep_counted(pl, "held messages released", counts);
 	if (counts[0] && store_exec(pl->c, "NOTIFY causeway_outbox", &e))
 		LOG_KV(CW_LOG_WARN, "cannot notify the dispatchers", "detail", e.msg);
-	/* fewer released or dropped than found to release: rows skipped locked */
-	if (counts[0] + counts[1] < nread && (u->skipped_after < 0 || u->after < u->skipped_after))
+	/* rows found to release that were neither released nor dropped by a
+	 * rule: skipped, locked by another transaction */
+	if (skipped > 0 && (u->skipped_after < 0 || u->after < u->skipped_after))
 		u->skipped_after = u->after;
 	if (more) {
 		u->after = last;
@@ -3911,12 +3928,12 @@ static void *live_main(void *arg)
 				analyze_grown(pl);
 			if (held_now) {
 				struct policy_view *v = policy_live_get(pl);
-				long counts[3], later, nread;
+				long counts[3], later, skipped;
 				int64_t t0 = cw_now_us();
 				int64_t last;
 				held_wait = 0;
 				cw_err src = sweep(pl->c, true, v, NULL, NULL, counts, NULL, NULL, false, &held_more, &later,
-						   &last, &nread, &e);
+						   &last, &skipped, &e);
 				int64_t took = cw_now_us() - t0;
 				if (src) {
 					LOG_KV(CW_LOG_WARN, "policy sweep failed", "detail", e.msg);

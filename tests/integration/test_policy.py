@@ -5466,3 +5466,60 @@ def test_a_release_s_failing_batch_is_tried_again_less_and_less_often(make_daemo
     finally:
         for _, srv in made:
             srv.close()
+
+
+def test_a_release_s_row_locked_behind_a_blocked_senders_dropped_row_is_released_once_let_go(make_daemon, db_url, pg):
+    """alice's held messages: wally's, then one of a sender she blocked,
+    then wally's again; her consent of wally is a day old, so the start's
+    pass releases them (a later batch: after id 0). The test holds wally's
+    last row locked during that batch: it is skipped, the blocked
+    sender's is dropped. Her release goes again from that batch a second
+    later, and the row is released once let go. Until the sixty-third
+    session's second review the batch compared the rows it found (two)
+    with all it released or dropped (one and one): the blocked sender's
+    drop hid the skipped row, and it stayed held until the next start
+    (review RA2's case)."""
+    import psycopg
+    opts = {"policy": {"sweep_interval_ms": "600000"}}
+    d = make_daemon(db_url, options=opts).start()
+    made = push_peers(d)
+    try:
+        (a, _), _ = made
+        opt_in(d)
+        room = dm(a)
+        mine = send(a, room, "wait").json()["id"]
+        alice = pg.psql(f"SELECT id FROM identities WHERE uri = '{ALICE}'", db_url)
+        assert d.stop() == 0
+        pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network, peer_id) SELECT s.uri || 'x', "
+                "s.domain, s.localpart || 'x', false, s.network, s.peer_id FROM identities s "
+                f"JOIN events e ON e.sender_id = s.id WHERE e.public_id = '{mine}'", db_url)
+        pg.psql("INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
+                "SELECT 'msg_x', e.room_id, x.id, e.type, e.content, e.origin_network, e.ts "
+                "FROM events e JOIN identities s ON s.id = e.sender_id JOIN identities x ON x.uri = s.uri || 'x' "
+                f"WHERE e.public_id = '{mine}'", db_url)
+        x = pg.psql("INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state) "
+                    f"SELECT e.id, 'peer:zz', {alice}, e.room_id, 'held' FROM events e WHERE e.public_id = 'msg_x' "
+                    "RETURNING id", db_url)
+        pg.psql("INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
+                "SELECT 'msg_y', room_id, sender_id, type, content, origin_network, ts FROM events "
+                f"WHERE public_id = '{mine}'", db_url)
+        y = pg.psql("INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state) "
+                    f"SELECT e.id, 'peer:zz', {alice}, e.room_id, 'held' FROM events e WHERE e.public_id = 'msg_y' "
+                    "RETURNING id", db_url)
+        pg.psql("INSERT INTO consents (local_identity_id, subject_kind, subject, state, source, updated_at) "
+                f"VALUES ({alice}, 'user', '{a.user('wally')}', 'allowed', 'user', now() - interval '1 day'), "
+                f"({alice}, 'user', '{a.user('wally')}x', 'blocked', 'user', now() - interval '1 day')", db_url)
+        with psycopg.connect(db_url) as held:
+            held.execute(f"SELECT id FROM outbox WHERE id = {y} FOR UPDATE").fetchall()
+            make_daemon(db_url, options=opts).start()
+            wait_until(lambda: pg.psql(f"SELECT state FROM outbox o JOIN events e ON e.id = o.event_id "
+                                       f"WHERE e.public_id = '{mine}'", db_url) != "held", timeout=30,
+                       what="her first message of wally released")
+            assert pg.psql(f"SELECT state FROM outbox WHERE id = {x}", db_url) == "dropped"
+            assert pg.psql(f"SELECT state FROM outbox WHERE id = {y}", db_url) == "held"
+            held.rollback()
+        wait_until(lambda: pg.psql(f"SELECT state FROM outbox WHERE id = {y}", db_url) != "held", timeout=15,
+                   what="the row let go released")
+    finally:
+        for _, srv in made:
+            srv.close()
