@@ -166,19 +166,15 @@ static const char keys_sql[] =
 	"  FOR UPDATE SKIP LOCKED) "
 	"DELETE FROM idempotency_keys k USING x WHERE k.scope = x.scope AND k.key = x.key";
 
-/* An outbox row (o) still open: to be sent (pending, held, in flight) or
- * a dead letter a replay may send again ('failed' is the older name of
- * one, as outbox_admin.c's replay takes), OPEN's states.  Until the
- * sixty-third session's review the tries were kept for the dead and
- * failed rows alone: a replay sets the row pending, and it is looked for
- * at its first claim, which waits while its room backs off (minutes or
- * hours in the homeserver outage that made the dead letter); a retention
- * run meanwhile deleted its tries, and it was sent a second time. */
-#define STILL_OPEN(o) o ".state IN ('pending', 'held', 'in_flight', 'failed', 'dead')"
-
 /* The delivery attempts started more than $1 days ago, but those of a
- * row still open (STILL_OPEN): a dead letter's tries are kept while it
- * is one and, replayed, until it is delivered or dropped.  A replay sets its
+ * row still open (OPEN: pending, held, in flight, failed, dead): a dead
+ * letter's tries are kept while it is one and, replayed, until it is
+ * delivered or dropped.  Until the sixty-third session's review they
+ * were kept for the dead and failed rows alone: a replay sets the row
+ * pending, and it is looked for at its first claim, which waits while
+ * its room backs off (minutes or hours in the homeserver outage that
+ * made the dead letter); a retention run meanwhile deleted its tries,
+ * and it was sent a second time.  A replay sets its
  * attempts back to 0, and the Matrix adapter looks for its event in the
  * room before sending it again only when it finds a try of it here
  * (mx_deliver.c, batch_info's last column and tried_before): until the
@@ -210,7 +206,7 @@ static const char attempts_sql[] =
 	"  WHERE d.started_at < now() - make_interval(days => $1::int) " AFTER_CURSOR_OF("d.started_at", "d.id")
 	"  ORDER BY d.started_at, d.id LIMIT $5::int), "
 	"c AS MATERIALIZED (SELECT s.id, s.accepted_at FROM s WHERE NOT EXISTS (SELECT 1 FROM outbox o "
-	"  WHERE o.id = s.outbox_id AND " STILL_OPEN("o") ") ORDER BY s.accepted_at, s.id LIMIT $2::int), "
+	"  WHERE o.id = s.outbox_id " OPEN ") ORDER BY s.accepted_at, s.id LIMIT $2::int), "
 	"x AS (SELECT d.id FROM delivery_attempts d WHERE d.id = ANY (ARRAY(SELECT id FROM c)) "
 	"  FOR UPDATE OF d SKIP LOCKED), "
 	"u AS (DELETE FROM delivery_attempts d USING x WHERE d.id = x.id RETURNING 1) "
