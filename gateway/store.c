@@ -2263,12 +2263,10 @@ static cw_err enqueue(struct cw_store *s, bool write, store_fn fn, const struct 
 		return CW_ESHUTDOWN;
 	}
 	if (!write && delay_us > 0) {
-		/* for later: the watchdog hands it to the readers (delayed_due) */
+		/* for later: the watchdog hands it to the readers (delayed_due),
+		 * which sets its deadline then; none is read while it waits */
 		j->not_before_us = j->enqueued_us + delay_us;
-		j->deadline_us = j->not_before_us + s->o.deadline_us;
 		j->until_us = until_us;
-		if (until_us && until_us < j->deadline_us)
-			j->deadline_us = until_us;
 		q_push(&s->dq, j);
 		if (j->not_before_us < s->watch_wake_us) {
 			s->watch_wake_us = j->not_before_us;
