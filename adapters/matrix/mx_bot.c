@@ -822,37 +822,30 @@ static void changes_resolved(struct matrix *m, PGconn *c, struct command_runs *r
 		snprintf(xid, sizeof(xid), "%lld", run->xid);
 		const char *p[] = { xid };
 		PGresult *r = PQexecParams(c, "SELECT txid_status($1::bigint)", 1, NULL, p, NULL, NULL, 0);
-		if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1) {
-			if (PQstatus(c) != CONNECTION_OK) {
-				PQclear(r);
-				return; /* the next round, connected again, asks again */
-			}
-			/* Refused for good (an id "in the future" after a failover or
-			 * a restore): the token kept, as for one no longer known.
-			 * Until the sixty-second session's review any failure asked
-			 * again at the next round, the same failing statement every
-			 * round (some 500 ms) for ever, and the other slots unasked. */
-			run->unsure = false;
-			LOG_KV_LIMITED(CW_LOG_WARN, "cannot ask whether a change whose answer was lost was stored: its token "
-				       "kept", "xid", xid, "detail", PQresultErrorMessage(r));
+		bool asked = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1;
+		if (!asked && PQstatus(c) != CONNECTION_OK) {
 			PQclear(r);
-			continue;
+			return; /* the next round, connected again, asks again */
 		}
-		const char *status = PQgetisnull(r, 0, 0) ? "" : PQgetvalue(r, 0, 0);
-		if (strcmp(status, "in progress") != 0) {
+		/* Refused for good (an id "in the future" after a failover or a
+		 * restore; until the sixty-second session's review any failure
+		 * asked again at the next round, the same failing statement every
+		 * round, some 500 ms, for ever, and the other slots unasked), or
+		 * NULL: older than the server keeps the transactions' fates (its
+		 * commit log truncated; until the sixty-third session kept in
+		 * silence): the token kept, and said so. */
+		const char *status = !asked ? NULL : PQgetisnull(r, 0, 0) ? "" : PQgetvalue(r, 0, 0);
+		if (!status || strcmp(status, "in progress") != 0) {
 			run->unsure = false;
-			if (strcmp(status, "aborted") == 0) {
+			if (status && strcmp(status, "aborted") == 0) {
 				run->change = 0;
 				policy_user_update_give(m->app->policy, m->app->limits, run->who);
 				LOG_KV(CW_LOG_INFO, "a change whose answer was lost was rolled back: its token given back",
 				       "xid", xid);
-			} else if (!status[0]) {
-				/* NULL: older than the server keeps the transactions'
-				 * fates (its commit log truncated): kept, as a refused
-				 * question is, and said so (until the sixty-third
-				 * session in silence) */
+			} else if (!status || !status[0]) {
 				LOG_KV_LIMITED(CW_LOG_WARN, "cannot ask whether a change whose answer was lost was stored: its "
-					       "token kept", "xid", xid, "detail", "its transaction is no longer known");
+					       "token kept", "xid", xid, "detail",
+					       status ? "its transaction is no longer known" : PQresultErrorMessage(r));
 			}
 		}
 		PQclear(r);
