@@ -695,17 +695,25 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
  * before the LIMIT), for a consent's answer (policy_sweep_with): from the
  * sixty-second session's batches to its mend the answer counted only the
  * first batch, "5,000 released" of 20,000. */
+/* The columns of releasable_sql and releasable_next_sql, but the last
+ * (LAST), and the test after their rows' choice (the window, the
+ * consent or the group, no block), written once for both. */
+#define RELEASABLE_COLS(LAST)                                                                         \
+	"SELECT o.id, s.uri, s.domain, s.network, t.uri, t.domain, t.network, e.type, g.gw, "          \
+	" CASE WHEN $3::boolean THEN e.content END, " LAST " "
+#define RELEASABLE_TEST                                                                               \
+	"o.created_at >= now() - make_interval(secs => $1::bigint) "                                   \
+	"AND (g.gw OR EXISTS (SELECT 1 FROM consents c WHERE c.local_identity_id = o.target_identity_id " \
+	" AND c.state = 'allowed' AND ((c.subject_kind = 'user' AND c.subject = s.uri) "               \
+	"  OR (c.subject_kind = 'domain' AND c.subject = s.domain)))) "                                \
+	"AND NOT " BLOCKED_SENDER("o.target_identity_id") " ORDER BY o.id LIMIT " SWEEP_BATCH_S
+
 static const char releasable_sql[] =
-	"SELECT o.id, s.uri, s.domain, s.network, t.uri, t.domain, t.network, e.type, g.gw, "
-	" CASE WHEN $3::boolean THEN e.content END, count(*) OVER () "
+	RELEASABLE_COLS("count(*) OVER ()")
 	"FROM outbox o JOIN events e ON e.id = o.event_id JOIN identities s ON s.id = e.sender_id "
 	"JOIN identities t ON t.id = o.target_identity_id "
 	"CROSS JOIN LATERAL (SELECT " WROTE_IN_GROUP " AS gw) g "
-	"WHERE " SWEPT_HELD " AND o.created_at >= now() - make_interval(secs => $1::bigint) "
-	"AND (g.gw OR EXISTS (SELECT 1 FROM consents c WHERE c.local_identity_id = o.target_identity_id "
-	" AND c.state = 'allowed' AND ((c.subject_kind = 'user' AND c.subject = s.uri) "
-	"  OR (c.subject_kind = 'domain' AND c.subject = s.domain)))) "
-	"AND NOT " BLOCKED_SENDER("o.target_identity_id") " ORDER BY o.id LIMIT " SWEEP_BATCH_S;
+	"WHERE " SWEPT_HELD " AND " RELEASABLE_TEST;
 
 /* Rows not held that a block now stops (SWEPT_ROWS) are dropped as held
  * ones are, with the same reason and record.
@@ -910,18 +918,13 @@ static const char sweep_next_sql[] =
  * that the batch reads its own rows and stops at the last
  * (test_a_release_reads_each_held_row_once_a_batch). */
 static const char releasable_next_sql[] =
-	"SELECT o.id, s.uri, s.domain, s.network, t.uri, t.domain, t.network, e.type, g.gw, "
-	" CASE WHEN $3::boolean THEN e.content END, NULL::bigint "
+	RELEASABLE_COLS("NULL::bigint")
 	"FROM outbox o " BY_ID("events", "e", "e.id, e.type, e.sender_id, e.content", "e.id = o.event_id")
 	BY_ID("identities", "s", "s.uri, s.domain, s.network", "s.id = e.sender_id")
 	BY_ID("identities", "t", "t.uri, t.domain, t.network", "t.id = o.target_identity_id")
 	"CROSS JOIN LATERAL (SELECT " WROTE_IN_GROUP " AS gw) g "
 	"WHERE o.target_identity_id = $2::bigint AND " OUTBOX_HELD("o") " AND o.id > $4::bigint "
-	"AND o.created_at >= now() - make_interval(secs => $1::bigint) "
-	"AND (g.gw OR EXISTS (SELECT 1 FROM consents c WHERE c.local_identity_id = o.target_identity_id "
-	" AND c.state = 'allowed' AND ((c.subject_kind = 'user' AND c.subject = s.uri) "
-	"  OR (c.subject_kind = 'domain' AND c.subject = s.domain)))) "
-	"AND NOT " BLOCKED_SENDER("o.target_identity_id") " ORDER BY o.id LIMIT " SWEEP_BATCH_S;
+	"AND " RELEASABLE_TEST;
 
 /* Whether BLOCKERS of the periodic sweep ($2 NULL) names anyone: its
  * condition, read in consents_updated_idx. */
@@ -3645,9 +3648,11 @@ static void log_counts(const char *msg, const char *k0, const char *k1, const ch
 }
 
 /* A sweep's released, dropped and expired held messages, logged (msg)
- * and added to the thread's counts: the periodic sweep's and the start's
- * pass's (sweep_due_all), where the sixty-second session wrote the five
- * lines twice.  Nothing when all are 0. */
+ * and added to the thread's counts, and the dispatchers NOTIFYed of the
+ * rows released (the sweeps of the policy thread's connection do not
+ * NOTIFY themselves): the periodic sweep's and a release's batch's,
+ * where the sixty-second and sixty-third sessions wrote these lines at
+ * each.  Nothing when all are 0. */
 static void sweep_counted(struct policy_live *pl, const char *msg, const long counts[3])
 {
 	if (!counts[0] && !counts[1] && !counts[2])
@@ -3658,6 +3663,9 @@ static void sweep_counted(struct policy_live *pl, const char *msg, const long co
 	pl->st.dropped += (uint64_t)counts[1];
 	pl->st.expired += (uint64_t)counts[2];
 	pthread_mutex_unlock(&pl->mu);
+	cw_errmsg e;
+	if (counts[0] && store_exec(pl->c, "NOTIFY causeway_outbox", &e))
+		LOG_KV(CW_LOG_WARN, "cannot notify the dispatchers", "detail", e.msg);
 }
 
 /* The local users who have held rows a consent of theirs (or their
@@ -3774,8 +3782,6 @@ static bool release_turn(struct policy_live *pl, int64_t now)
 	}
 	u->backoff_us = 0;
 	sweep_counted(pl, "held messages released", counts);
-	if (counts[0] && store_exec(pl->c, "NOTIFY causeway_outbox", &e))
-		LOG_KV(CW_LOG_WARN, "cannot notify the dispatchers", "detail", e.msg);
 	/* rows found to release that were neither released nor dropped by a
 	 * rule: skipped, locked by another transaction */
 	if (skipped > 0 && (u->skipped_after < 0 || u->after < u->skipped_after))
@@ -3939,8 +3945,6 @@ static void *live_main(void *arg)
 					LOG_KV(CW_LOG_WARN, "policy sweep failed", "detail", e.msg);
 				} else {
 					sweep_counted(pl, "held messages swept", counts);
-					if (counts[0] && store_exec(pl->c, "NOTIFY causeway_outbox", &e))
-						LOG_KV(CW_LOG_WARN, "cannot notify the dispatchers", "detail", e.msg);
 				}
 				policy_view_put(v);
 				if (took >= SWEEP_REPLAN_US && PQstatus(pl->c) == CONNECTION_OK)
