@@ -142,6 +142,7 @@ def test_a_leave_and_a_join_in_two_requests_of_one_group_commit(daemon, peers, p
         t = threading.Thread(target=lambda: out.update({name: fn()}))
         t.start()
         threads.append(t)
+    committed = metric("causeway_db_writes_committed_total")
     try:
         # the writer held up by a batch (a job of its own) waiting for the other room's lock ...
         held.run(f"BEGIN; SELECT pg_advisory_xact_lock(1129796434, ({rid} % 2147483647)::int);")
@@ -157,7 +158,7 @@ def test_a_leave_and_a_join_in_two_requests_of_one_group_commit(daemon, peers, p
         start("join", lambda: b.call("POST", f"/v1/rooms/{gid}/messages", own("join"), idem="eve-joins"))
         # three requests waiting, and this scrape
         wait_until(lambda: metric("causeway_http_requests_in_flight") == 4, what="the join waiting")
-        assert metric("causeway_db_writes_queued") == 1  # no job of its own: in the leave's
+        assert metric("causeway_db_writes_queued") == 1
         held.end()
         for t in threads:
             t.join(30)
@@ -167,6 +168,12 @@ def test_a_leave_and_a_join_in_two_requests_of_one_group_commit(daemon, peers, p
             t.join(30)
     assert [out[k].status_code for k in ("blocker", "leave", "join")] == [200, 202, 202], \
         [out[k].text for k in ("blocker", "leave", "join")]
+    # Two jobs written, the blocker's and the leave's, which took the join:
+    # it had no job of its own.  The gauge above is 1 whether or not the
+    # join was queued yet (a request is in flight from its first byte, its
+    # handler runs after); until the sixty-fourth session it was all the
+    # test had of this, and it held as well with every request a job.
+    assert metric("causeway_db_writes_committed_total") - committed == 2
     ids = [out[k].json()["id"] for k in ("leave", "join")]
     # one transaction
     assert pg.psql("SELECT count(DISTINCT xmin::text) FROM events WHERE public_id IN "
@@ -744,6 +751,7 @@ def test_one_key_twice_in_a_group_commit_is_told_to_retry_and_another_peers_same
     gid = a.create_room([wally, bob], kind="group").json()["id"]
     other = a.create_room([wally, bob], kind="group").json()
     keys = [f"grp-{k}" for k in range(12)]
+    committed = metric(daemon, "causeway_db_writes_committed_total")
     twice = {"grp-2", "grp-7", "grp-11"}
     calls = [(a, wally, k) for k in keys] + [(b, bob, k) for k in keys] + [(a, wally, k) for k in sorted(twice)]
     held = HeldSession(db_url)
@@ -769,6 +777,10 @@ def test_one_key_twice_in_a_group_commit_is_told_to_retry_and_another_peers_same
         for t in threads:
             t.join(30)
     assert out["blocker"].status_code == 200, out["blocker"].text
+    # two jobs written: the blocker's and the one that took all the others
+    # (the gauge above is 1 too while requests in flight are not queued
+    # yet: until the sixty-fourth session it was all the test had of this)
+    assert metric(daemon, "causeway_db_writes_committed_total") - committed == 2
     res = [out[i] for i in range(len(calls))]
     by_call = {}
     for (c, _, key), r in zip(calls, res):
