@@ -8708,7 +8708,18 @@ def test_a_refused_portal_invitation_of_a_user_a_peer_invited_ends_as_her_declin
         assert a.send(gid, a.user("wally"), "hello bob").status_code == 202
         wait_until(lambda: member() == "left,true", timeout=20, what="bob's refused invitation ended")
         assert a.send(gid, a.user("wally"), "still there?").status_code == 202
-        time.sleep(5)  # the delivery's retries: none makes the room again
+        # Both messages' deliveries to Matrix ended (a row that ended is
+        # tried no more; the second's rows, if any, were written with it,
+        # before the 202): past the moment a retry would have made the room
+        # again.  Until the sixty-fourth session a sleep of five seconds
+        # stood for this, and decided nothing.
+        wait_until(lambda: pg.psql("SELECT count(*) FROM outbox o JOIN rooms r ON r.id = o.room_id "
+                                   f"WHERE r.public_id = '{gid}' AND o.destination = 'matrix' "
+                                   "AND o.state IN ('pending', 'in_flight', 'held')", db_url) == "0",
+                   timeout=20, what="the group's deliveries to Matrix ended")
+        assert pg.psql("SELECT count(*) FROM delivery_attempts x JOIN outbox o ON o.id = x.outbox_id "
+                       f"JOIN rooms r ON r.id = o.room_id WHERE r.public_id = '{gid}' AND o.destination = 'matrix'",
+                       db_url) == "1", pg.psql("SELECT * FROM delivery_attempts", db_url)
         assert len(makings()) == 1, makings()
     finally:
         hs.refuse_invite = None
