@@ -9137,6 +9137,19 @@ def her_list_held(alice, mgmt, pg, db_url):
         held.end()
 
 
+def bobs_member_event_handled(hs, pg, db_url):
+    """The homeserver's transaction with bob's member event taken (the
+    daemon keeps its events in the bot's inbox before it answers), and
+    every row of the inbox handled: what the bot says for bob's coming in
+    is said by then.  Until the sixty-fourth session a sleep of a second
+    stood for this."""
+    wait_until(lambda: any(t["done"] and any(e["type"] == "m.room.member" and e.get("state_key") == "@bob:example.org"
+                                             for e in t["events"]) for t in hs.transactions),
+               timeout=30, what="the transaction with bob's member event taken")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_bot_inbox WHERE handled_at IS NULL", db_url) == "0",
+               timeout=30, what="the bot's inbox handled")
+
+
 def test_a_command_queued_before_someone_else_came_in_is_not_answered_to_them(mx, hs, gk, pg, db_url):
     """alice's "list" is in the bot's inbox before bob is invited into her
     management room; bob's member event comes after it, so the intruder's
@@ -9158,7 +9171,7 @@ def test_a_command_queued_before_someone_else_came_in_is_not_answered_to_them(mx
                    what="the transaction with bob's invitation taken")
         held.end()
     wait_until(lambda: hs.members(mgmt).get(bot) == "leave", what="the bot leaving")
-    time.sleep(1)  # the intruder's member event handled too
+    bobs_member_event_handled(hs, pg, db_url)
     words = said()
     assert not any("mimi://wa.example/u/wally" in w or "opted in" in w for w in words), words
     assert len(words) == 2 and "Someone else is in this room now" in words[1], words
@@ -9205,7 +9218,7 @@ def test_a_queued_notice_is_not_said_to_someone_else_who_came_in(mx, hs, gk, pg,
         hs.refuse = None
     assert refused
     wait_until(lambda: hs.members(mgmt).get(bot) == "leave", what="the bot leaving")
-    time.sleep(1)  # bob's member event handled too
+    bobs_member_event_handled(hs, pg, db_url)
     words = said()
     assert not any("mimi://wa.example/u/wally" in w or "opted in" in w for w in words), words
     assert len(words) == 2 and "Someone else is in this room now" in words[1], words
@@ -9277,7 +9290,7 @@ def test_none_of_the_bots_queued_words_is_said_to_someone_else_who_came_in(mx, h
     finally:
         hs.refuse = None
     assert refused
-    time.sleep(1)  # bob's member event handled too
+    bobs_member_event_handled(hs, pg, db_url)
     words = said()
     assert not any("mimi://wa.example/u/wally" in w or "opted in" in w for w in words), words
     assert len(words) == 2 and "Someone else is in this room now" in words[1], words
