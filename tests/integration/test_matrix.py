@@ -11638,3 +11638,47 @@ def test_a_run_again_that_owns_a_kept_token_and_loses_its_own_answer_passes_it_o
             accept_carried_out_once_the_gate_opens(pg, db_url, mx, alice, mgmt, said, wally, t0)
         finally:
             px.thaw()
+
+
+def test_a_batchs_look_for_a_direct_room_probes_its_pair_alone_however_many_rooms_the_user_has(
+        make_daemon, pg, db_url, hs):
+    """A delivery batch's look for the row's direct room (batch_info_sql's
+    db) probes room_bindings_dm_key by the pair, the recipient and the
+    sender, not by the recipient alone with the sender as a filter: alice
+    has 400 other direct rooms, bound after the look's generic plan was
+    made (the daemon's first batch, with the table's statistics of a young
+    database), and wally's next message into hers reads none of them.
+    Until the sixty-fourth session that plan read every direct room of the
+    recipient for each row (20 of each row's user in tests/bench/matrix
+    --rooms, 4,750 rows filtered out of a batch of 250, 60 % of the
+    statement's time; here, the plan made on this young database read
+    every direct room of the sender instead), and a group's portal look
+    (pb) every portal of the group or of the recipient.  The batches'
+    plans, logged by auto_explain as run: both looks' index conditions
+    name the whole key."""
+    log = auto_explained(pg, db_url)
+    d = start_mx(make_daemon, db_url, hs)
+    a, srv = add_gk(d)
+    try:
+        room, mx_room, alice, ghost = wally_writes_to_alice(d, hs, (a, srv))
+        pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network) "
+                "SELECT 'mimi://other.example/u/p' || g, 'other.example', 'p' || g, false, 'xmpp' "
+                "FROM generate_series(1, 400) g", db_url)
+        pg.psql("INSERT INTO room_bindings (room_id, network, native_id, local_identity_id, remote_identity_id) "
+                "SELECT b.room_id, 'matrix', '!other' || i.localpart || ':example.org', b.local_identity_id, i.id "
+                f"FROM room_bindings b, identities i WHERE b.native_id = '{mx_room}' "
+                "AND i.domain = 'other.example'", db_url)
+        start = os.path.getsize(log)
+        a.send(room, a.user("wally"), "still there?")
+        wait_until(lambda: bodies(hs, mx_room) == ["hello", "still there?"], timeout=20,
+                   what="the message delivered into alice's room amid her 400 others")
+        plans = [p for p in plans_logged(log, start) if "WITH ORDINALITY AS x(ev, tg, o, k)" in p]
+        assert plans
+        for p in plans:
+            assert "Rows Removed by Join Filter" not in p, p
+            for probe, keys in (("db", ("local_identity_id = t.id", "remote_identity_id = s.id")),
+                                ("pb", ("room_id = ev.room_id", "local_identity_id = t.id"))):
+                cond = re.search(r"on room_bindings " + probe + r"\s.*\n\s*Index Cond: ([^\n]*)", p)
+                assert cond and all(k in cond.group(1) for k in keys), (probe, p)
+    finally:
+        srv.close()
