@@ -1534,22 +1534,7 @@ static cw_err already_sent(struct matrix *m, const char *room, const char *ghost
  * and tombstone of the inbox was read, and its event parsed, at each
  * batch: those waiting for a retry are thousands during a homeserver
  * outage, when the batches are many (docs/performance.md, "Fifty-seventh
- * session").
- *
- * The row's portal (pb) and direct room (db) are looked up by their whole
- * unique key (room_bindings_portal_key: the group and the recipient;
- * room_bindings_dm_key: the recipient and the sender), in subqueries of
- * their own that OFFSET 0 keeps as they are: the room's kind is then a
- * one-time filter and every column of the key an index condition.  Until
- * the sixty-fourth session they were LEFT JOINs, and the generic plan,
- * made at the first batch while the tables' statistics said they were
- * nearly empty, probed a part of the key and filtered on the rest: in
- * tests/bench/matrix --rooms every direct room of the row's recipient (20
- * a row, 4,750 rows filtered out of a batch of 250, 60 % of the
- * statement's time), in a test's young database every direct room of the
- * row's sender, and the portals of the recipient, or of the group,
- * likewise: a cost a row that grew with the rooms of the busiest users
- * (docs/performance.md, "Sixty-fourth session"). */
+ * session"). */
 static const char batch_info_sql[] =
 	"SELECT x.k - 1, t.localpart, (SELECT native_id FROM identity_bindings WHERE identity_id = t.id AND network = 'matrix'), "
 	" s.id, s.localpart, s.is_local, p.name, "
@@ -1569,11 +1554,10 @@ static const char batch_info_sql[] =
 	"FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) WITH ORDINALITY AS x(ev, tg, o, k) "
 	"JOIN events ev ON ev.id = x.ev JOIN identities s ON s.id = ev.sender_id JOIN identities t ON t.id = x.tg "
 	"JOIN rooms rm ON rm.id = ev.room_id LEFT JOIN peers p ON p.id = s.peer_id "
-	"LEFT JOIN LATERAL (SELECT pb.id, pb.native_id FROM room_bindings pb WHERE rm.kind = 'group' "
-	" AND pb.network = 'matrix' AND pb.room_id = ev.room_id AND pb.local_identity_id = t.id "
-	" AND pb.remote_identity_id IS NULL OFFSET 0) pb ON true "
-	"LEFT JOIN LATERAL (SELECT db.native_id FROM room_bindings db WHERE rm.kind = 'direct' "
-	" AND db.network = 'matrix' AND db.local_identity_id = t.id AND db.remote_identity_id = s.id OFFSET 0) db ON true "
+	"LEFT JOIN room_bindings pb ON rm.kind = 'group' AND pb.network = 'matrix' AND pb.room_id = ev.room_id "
+	" AND pb.local_identity_id = t.id AND pb.remote_identity_id IS NULL "
+	"LEFT JOIN room_bindings db ON rm.kind = 'direct' AND db.network = 'matrix' AND db.local_identity_id = t.id "
+	" AND db.remote_identity_id = s.id "
 	"ORDER BY x.k";
 
 /* What the rows of a batch need, in one statement: per row (in the order
