@@ -579,19 +579,23 @@ static const struct store_stmt lane_stmts[] = {
 		"RETURNING o.id, o.destination, o.attempts, ev.public_id, take.content, r.uri, r.public_id, "
 		" s.uri, (extract(epoch FROM ev.accepted_at) * 1000)::bigint, ev.ts, ev.id, "
 		" coalesce(o.target_identity_id, 0), ev.type, ev.expired" },
-	/* The attempts are logged for the rows still in flight under this
-	 * claim, as up moves only those (both CTEs see the rows as they were
-	 * before the statement): run again after its answer was lost
+	/* The attempts are logged for the rows up moved, those still in
+	 * flight under this claim: run again after its answer was lost
 	 * (exec_claimed), it logs nothing (until the twenty-third session it
-	 * logged every row's attempt a second time). */
+	 * logged every row's attempt a second time).  a reads up's RETURNING,
+	 * the rows up holds locked: a take-back of the same rows (their claim
+	 * ran out meanwhile) either changed them first, and up, checking the
+	 * claim again, passes over them, or waits for this statement and
+	 * finds them no longer in flight; no two tries of a row get one
+	 * number, and the insert is a plain one.  Until the sixty-fourth
+	 * session a read the rows again from outbox (a probe of its primary
+	 * key and a heap visit a row) and its insert was speculative (ON
+	 * CONFLICT DO NOTHING, from the first day, when the attempt was the
+	 * row's count and a re-run wrote it again): a probe of
+	 * delivery_attempts_key, a speculative token's lock and a WAL record
+	 * more a row (docs/performance.md, "Sixty-fourth session"). */
 	{ "cw_record",
 		"WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) AS v), "
-		"a AS (INSERT INTO delivery_attempts (outbox_id, attempt, started_at, finished_at, ok, code, error) "
-		" SELECT o.id, coalesce((SELECT max(x.attempt) FROM delivery_attempts x WHERE x.outbox_id = o.id), 0) + 1, "
-		"  to_timestamp($8::bigint / 1000.0), now(), $2::boolean, "
-		"  NULLIF($3::int, 0), $4 FROM outbox o WHERE o.id = ANY($1::bigint[]) "
-		"  AND o.state = 'in_flight' AND o.destination = $12 AND o.claimed_by = $11 "
-		" ON CONFLICT (outbox_id, attempt) DO NOTHING), "
 		/* A row out of budget is dead, and so is every later row of its
 		 * room to this destination (in the batch, or waiting): let
 		 * through, they would arrive before it once it is replayed; dead
@@ -638,6 +642,9 @@ static const struct store_stmt lane_stmts[] = {
 		"  / 1000.0 * (0.5 + random() / 2))) END "
 		"FROM cfg WHERE id = ANY($1::bigint[]) AND state = 'in_flight' AND destination = $12 AND claimed_by = $11 "
 		"RETURNING outbox.id, outbox.room_id, outbox.state, outbox.event_id, $13::jsonb ->> outbox.id::text AS rid), "
+		"a AS (INSERT INTO delivery_attempts (outbox_id, attempt, started_at, finished_at, ok, code, error) "
+		" SELECT up.id, coalesce((SELECT max(x.attempt) FROM delivery_attempts x WHERE x.outbox_id = up.id), 0) + 1, "
+		"  to_timestamp($8::bigint / 1000.0), now(), $2::boolean, NULLIF($3::int, 0), $4 FROM up), "
 		"n AS (INSERT INTO event_native_ids (event_id, network, kind, native_id) "
 		" SELECT event_id, $12, 'event_id', rid FROM up WHERE rid IS NOT NULL ON CONFLICT DO NOTHING), "
 		"behind AS (UPDATE outbox p SET state = 'dead', last_error = 'not sent: an earlier message of its room to '"
