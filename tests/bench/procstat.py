@@ -39,10 +39,15 @@ class Meter:
             if r:
                 name = re.sub(r"[-_]?\d+$", "", r[0])
                 threads[name] = threads.get(name, 0) + r[2]
+        # The daemon's sessions by their name (store.c names them
+        # causewayd); any other client is the harness's.  Until the
+        # sixty-fourth session the harness's were told by the name
+        # 'psql', which its libpq session (no name) stopped giving: its
+        # CPU was counted as the daemon's backends'.
         kinds = {}
-        for line in self.pg.psql("SELECT pid, CASE WHEN application_name = 'psql' THEN 'psql' WHEN backend_type = "
-                                 "'client backend' THEN 'daemon' ELSE 'other' END FROM pg_stat_activity",
-                                 self.pg.url).splitlines():
+        for line in self.pg.psql("SELECT pid, CASE WHEN application_name = 'causewayd' THEN 'daemon' "
+                                 "WHEN backend_type = 'client backend' THEN 'psql' ELSE 'other' END "
+                                 "FROM pg_stat_activity", self.pg.url).splitlines():
             pid, kind = line.split("|")
             kinds[int(pid)] = kind
         procs = {}
