@@ -587,7 +587,14 @@ static const struct store_stmt lane_stmts[] = {
 	 * ran out meanwhile) either changed them first, and up, checking the
 	 * claim again, passes over them, or waits for this statement and
 	 * finds them no longer in flight; no two tries of a row get one
-	 * number, and the insert is a plain one.  Until the sixty-fourth
+	 * number, and the insert is a plain one.  One case is left to the
+	 * key: a first run whose answer was lost, still waiting for a row's
+	 * lock on the server while the run again recorded the row and the
+	 * lane claimed it again (the same claimed_by), passes up's check
+	 * and numbers its try as the run again did (max() as its statement
+	 * began); delivery_attempts_key's violation rolls it back, where the
+	 * speculative insert let it write its stale outcome over the new
+	 * claim (both reproduced by the session's review).  Until the sixty-fourth
 	 * session a read the rows again from outbox (a probe of its primary
 	 * key and a heap visit a row) and its insert was speculative (ON
 	 * CONFLICT DO NOTHING, from the first day, when the attempt was the
