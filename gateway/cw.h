@@ -68,7 +68,9 @@ bool cw_in_list(const char *s, const char *const *list);
 /* s copied into dst of len bytes (len > 0) and NUL-ended, cut at len - 1
  * bytes as snprintf's "%s" cuts it, without its format's parse (the
  * dispatcher's rows and the XMPP JIDs of a batch, since the fifty-ninth
- * session); the bytes copied. */
+ * session; since the sixty-fourth the strings of every item of a submit
+ * job, which snprintf copied some twenty times an event, 5 % of the
+ * Matrix transaction reader's samples); the bytes copied. */
 size_t cw_copy_cut(char *dst, size_t len, const char *s);
 /* v in decimal at p, without a NUL; how many characters (at most 20).
  * snprintf's "%lld" without the format's parse, for the ids a batch

@@ -1116,7 +1116,7 @@ static void conv_add(struct conv *cv, const char *room, const char *event_id, co
 	it->event_id = event_id;
 	it->uri = uri;
 	it->neutral = neutral;
-	snprintf(it->id, sizeof(it->id), "%s", id);
+	cw_copy_cut(it->id, sizeof(it->id), id);
 }
 
 static void conv_free(struct conv *cv)

@@ -1,6 +1,7 @@
 /* Validation of the neutral API's inputs: identifiers, event bodies, batches. */
 #include "config.h"
 #include "peer/event.h"
+#include "cw.h"
 #include "media.h"
 #include "utf8.h"
 
@@ -313,7 +314,7 @@ static jptr_mark jptr_push(struct jptr *p, const char *tok)
 static jptr_mark jptr_push_index(struct jptr *p, size_t i)
 {
 	char tok[24];
-	snprintf(tok, sizeof(tok), "%zu", i);
+	tok[outbox_put_ll(tok, (long long)i)] = '\0';
 	return jptr_push(p, tok);
 }
 

@@ -1743,7 +1743,7 @@ static void msg_input_from_event(struct msg_input *in, struct cw_app *app, const
 				 struct event *ev, const char *msg_id)
 {
 	in->app = app;
-	snprintf(in->room, sizeof(in->room), "%s", room);
+	cw_copy_cut(in->room, sizeof(in->room), room);
 	/* Serialised here, on the HTTP thread: the writer only splices it into
 	 * its statement (NULL on allocation failure: the writer refuses it). */
 	in->event_text = ev->text ? ev->text : json_dumps(ev->json, JSON_COMPACT | JSON_SORT_KEYS);
@@ -1757,14 +1757,14 @@ static void msg_input_from_event(struct msg_input *in, struct cw_app *app, const
 		in->event_text = typing_text(ev);
 	}
 	if (msg_id)
-		snprintf(in->msg_id, sizeof(in->msg_id), "%s", msg_id);
+		cw_copy_cut(in->msg_id, sizeof(in->msg_id), msg_id);
 	else
 		cw_new_id(in->msg_id, sizeof(in->msg_id), "msg_");
-	snprintf(in->sender, sizeof(in->sender), "%s", sender);
-	snprintf(in->type, sizeof(in->type), "%s", event_type_name(ev->type));
-	snprintf(in->in_reply_to, sizeof(in->in_reply_to), "%s", ev->in_reply_to ? ev->in_reply_to : "");
-	snprintf(in->replaces, sizeof(in->replaces), "%s", ev->replaces ? ev->replaces : "");
-	snprintf(in->ts, sizeof(in->ts), "%lld", (long long)(ev->ts ? ev->ts : cw_wall_ms()));
+	cw_copy_cut(in->sender, sizeof(in->sender), sender);
+	cw_copy_cut(in->type, sizeof(in->type), event_type_name(ev->type));
+	cw_copy_cut(in->in_reply_to, sizeof(in->in_reply_to), ev->in_reply_to ? ev->in_reply_to : "");
+	cw_copy_cut(in->replaces, sizeof(in->replaces), ev->replaces ? ev->replaces : "");
+	in->ts[outbox_put_ll(in->ts, (long long)(ev->ts ? ev->ts : cw_wall_ms()))] = '\0';
 	in->body_bytes = ev->body_bytes;
 	in->expires = ev->type == EVENT_MESSAGE ? ev->expires : 0;
 	in->attachment_bytes = ev->attachment_bytes;
@@ -3638,8 +3638,8 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 		item_fail(res, 403, "not_allowed", NOT_MEMBER_DETAIL);
 		return;
 	}
-	snprintf(b->room_id[i], sizeof(b->room_id[i]), "%s", PQgetvalue(r, first, 1));
-	snprintf(b->sender_id[i], sizeof(b->sender_id[i]), "%s", joiner ? joiner : "");
+	cw_copy_cut(b->room_id[i], sizeof(b->room_id[i]), PQgetvalue(r, first, 1));
+	cw_copy_cut(b->sender_id[i], sizeof(b->sender_id[i]), joiner ? joiner : "");
 	b->joins[i] = joins;
 	/* A reference not stored may name an earlier item of this job
 	 * (intra_refs checks it once every item is decided). */
@@ -3671,16 +3671,16 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 		return;
 	}
 	if (!reply_here)
-		snprintf(b->reply_id[i], sizeof(b->reply_id[i]), "%s", PQgetvalue(r, first, 12));
+		cw_copy_cut(b->reply_id[i], sizeof(b->reply_id[i]), PQgetvalue(r, first, 12));
 	if (!replaces_here)
-		snprintf(b->replaces_id[i], sizeof(b->replaces_id[i]), "%s", PQgetvalue(r, first, 13));
+		cw_copy_cut(b->replaces_id[i], sizeof(b->replaces_id[i]), PQgetvalue(r, first, 13));
 	/* The recipients: the members other than the sender, except the
 	 * sender's own peer (it has the message already).  The policy decides
 	 * for each: allowed rows are pending, held ones wait for the local
 	 * user's consent (who is asked once), denied ones are kept as dropped
 	 * so that the sender sees "not delivered", never why. */
 	char caller[24];
-	snprintf(caller, sizeof(caller), "%lld", (long long)in->caller_peer);
+	caller[outbox_put_ll(caller, (long long)in->caller_peer)] = '\0';
 	struct policy_view *view = policy_live_get(in->app->policy);
 	struct policy_rate_memo memo;
 	policy_rate_memo_init(&memo, in->app->limits);
@@ -3725,7 +3725,8 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	 * charged, and a peer's users joining and leaving by their own events
 	 * went round the limit its adds keep to. */
 	char peer_sender[MIMI_DOMAIN_MAX + 16];
-	snprintf(peer_sender, sizeof(peer_sender), "mimi://%s", in->sender_domain);
+	memcpy(peer_sender, "mimi://", 7);
+	cw_copy_cut(peer_sender + 7, sizeof(peer_sender) - 7, in->sender_domain);
 	bool add_limited = false;
 	if (b->joins[i]) {
 		struct policy_request areq = {
@@ -3747,7 +3748,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 		if (strcmp(PQgetvalue(r, k, 3), in->sender) == 0) {
 			if (!joined)
 				continue; /* invited: not a member who writes (refused below) */
-			snprintf(b->sender_id[i], sizeof(b->sender_id[i]), "%s", PQgetvalue(r, k, 2));
+			cw_copy_cut(b->sender_id[i], sizeof(b->sender_id[i]), PQgetvalue(r, k, 2));
 			/* A local member's message in a group to members it has
 			 * not written to yet: from now on their messages reach
 			 * them there (not elsewhere). */
@@ -3831,7 +3832,8 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 			wake |= peer_id && strcmp(PQgetvalue(r, k, 16), "pull") == 0 ? WAKE_PULL : WAKE_DISPATCHER;
 		if (peer_id) {
 			char dest[PEER_NAME_MAX + 8];
-			snprintf(dest, sizeof(dest), "peer:%s", PQgetvalue(r, k, 7));
+			memcpy(dest, "peer:", 5);
+			cw_copy_cut(dest + 5, sizeof(dest) - 5, PQgetvalue(r, k, 7));
 			size_t seen = SIZE_MAX, denied = SIZE_MAX;
 			for (size_t x = 0; x < json_array_size(dests); x++)
 				if (strcmp(json_string_value(json_array_get(dests, x)), dest) == 0)
@@ -4395,10 +4397,10 @@ bool submit_put_local(struct submit *b, size_t i, struct cw_app *app, const char
 		return false;
 	in->app = app;
 	in->local_sender = true;
-	snprintf(in->sender_domain, sizeof(in->sender_domain), "%s", app->cfg->domain ? app->cfg->domain : "");
-	snprintf(in->sender_network, sizeof(in->sender_network), "%s", network);
-	snprintf(in->scope, sizeof(in->scope), "%s", network);
-	snprintf(in->native_id, sizeof(in->native_id), "%s", native_id);
+	cw_copy_cut(in->sender_domain, sizeof(in->sender_domain), app->cfg->domain ? app->cfg->domain : "");
+	cw_copy_cut(in->sender_network, sizeof(in->sender_network), network);
+	cw_copy_cut(in->scope, sizeof(in->scope), network);
+	cw_copy_cut(in->native_id, sizeof(in->native_id), native_id);
 	in->idem_key = strdup(native_id);
 	msg_input_from_event(in, app, room, sender, ev, msg_id);
 	if (!in->idem_key || !in->event_text) {

@@ -2199,6 +2199,31 @@ START_TEST(bot_request_reply)
 }
 END_TEST
 
+/* cw_copy_cut copies and cuts as snprintf's "%s" did: since the
+ * sixty-fourth session it copies the strings of every item of a Matrix
+ * transaction (submit_put_local, msg_input_from_event, submit_decide,
+ * conv_add), whose fields are fixed arrays that a long room, sender or
+ * event id fills. */
+START_TEST(copy_cut_is_snprintfs)
+{
+	char src[80];
+	for (size_t n = 0; n < sizeof(src); n++) {
+		for (size_t k = 0; k < n; k++)
+			src[k] = (char)('a' + k % 26);
+		src[n] = '\0';
+		for (size_t len = 1; len <= 72; len++) {
+			char got[80], want[80];
+			memset(got, 'x', sizeof(got));
+			size_t w = cw_copy_cut(got, len, src);
+			ck_assert_int_eq(snprintf(want, len, "%s", src), (int)n);
+			ck_assert_str_eq(got, want);
+			ck_assert_uint_eq(w, strlen(want));
+			ck_assert_int_eq(got[len], 'x'); /* nothing written past len */
+		}
+	}
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("matrix");
@@ -2226,6 +2251,7 @@ int main(void)
 	tcase_add_test(tc, mentions);
 	tcase_add_test(tc, bot_parse);
 	tcase_add_test(tc, bot_request_reply);
+	tcase_add_test(tc, copy_cut_is_snprintfs);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
 }
