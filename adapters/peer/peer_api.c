@@ -3156,7 +3156,10 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 		}
 		items++;
 		if (round == 0) {
-			rc = cw_buf_printf(&doc, "{\"n\":%zu,\"room\":", i) || add_json_string(&doc, in->room) ||
+			char num[24];
+			size_t nl = outbox_put_ll(num, (long long)i);
+			rc = cw_buf_add(&doc, "{\"n\":", 5) || cw_buf_add(&doc, num, nl) ||
+				     cw_buf_add(&doc, ",\"room\":", 8) || add_json_string(&doc, in->room) ||
 				     cw_buf_add(&doc, ",\"key\":", 7) || add_json_string(&doc, in->idem_key) ||
 				     cw_buf_add(&doc, ",\"reply\":", 9) || add_json_string(&doc, in->in_reply_to) ||
 				     cw_buf_add(&doc, ",\"replaces\":", 12) || add_json_string(&doc, in->replaces) ||
@@ -3181,9 +3184,9 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 		const char *dt = checked_target(b, i);
 		const char *content = b->scrub[i] ? "{}" : in->event_text;
 		char *outbound = json_array_size(b->outbound[i]) ? json_dumps(b->outbound[i], JSON_COMPACT) : NULL;
-		snprintf(n, sizeof(n), "%zu", i);
-		snprintf(pp, sizeof(pp), "%lld", in->p ? (long long)in->p->id : 0LL);
-		snprintf(st, sizeof(st), "%lld", (long long)in->nonces_stale);
+		n[outbox_put_ll(n, (long long)i)] = '\0';
+		pp[outbox_put_ll(pp, in->p ? (long long)in->p->id : 0LL)] = '\0';
+		st[outbox_put_ll(st, (long long)in->nonces_stale)] = '\0';
 		rc = !content || (json_array_size(b->outbound[i]) && !outbound) || text_array_str(&cols[WC_N], n) ||
 				     text_array_str(&cols[WC_PID], in->msg_id) ||
 				     text_array_str(&cols[WC_ROOM], b->room_id[i]) ||
