@@ -696,6 +696,24 @@ def ghost_notices(hs, room, ghost):
             if e["sender"] == ghost and e["content"].get("msgtype") == "m.notice"]
 
 
+def all_said(hs, pg, db_url, outbox=False):
+    """What the daemon was given has all been said: every transaction the
+    homeserver pushed answered (a refused event's notice is queued before
+    the answer), the bot's inbox handled (a command's answer is queued
+    then), no notice (matrix_notices) left to send, and with outbox no
+    row for the peer still to go (pending, held, in flight).  Once they
+    hold, a notice or a delivery more could come only from a row that is
+    not there: a test's "nothing more" is read then, where until the
+    sixty-fourth session a sleep (half a second to a second and a half)
+    stood for it (the house rule: a state read once the daemon wrote it)."""
+    wait_until(lambda: all(t["done"] for t in hs.transactions), timeout=30, what="the homeserver's transactions taken")
+    rows = ("SELECT (SELECT count(*) FROM matrix_notices WHERE done_at IS NULL) "
+            "+ (SELECT count(*) FROM matrix_bot_inbox WHERE handled_at IS NULL)"
+            + (" + (SELECT count(*) FROM outbox WHERE state IN ('pending', 'held', 'in_flight'))" if outbox else ""))
+    wait_until(lambda: pg.psql(rows, db_url) == "0", timeout=30, what="every notice sent, the bot's inbox handled"
+               + (", every delivery done" if outbox else ""))
+
+
 def test_an_event_a_plain_json_parse_refuses_is_refused_alone(mx, hs, gk, pg, db_url):
     """Valid JSON that jansson refuses without being asked: a NUL (\\u0000)
     in a string (Synapse stores and sends it) and an integer past 64 bits
@@ -1544,6 +1562,27 @@ def test_accept_or_block_alone_in_a_reply_to_a_request_takes_its_party(mx, hs, g
         "mimi://wa.example/u/ed blocked\nmimi://wa.example/u/wally allowed"
 
 
+def list_answered_after_a_look_for_expiries(alice, mgmt, hs, pg, db_url, answered):
+    """alice's "list" answered (answered() true) by a round of the bot's
+    that looked for expiries before (the look back of a bot started
+    again), and all that look queued said: what the bot tells of expiries
+    is read then.  The answer's first send is refused (500), so that it
+    is queued (matrix_notices) and sent by a later round, whose look for
+    expiries comes before its notices; said at once (in the round's
+    inbox, before its look), it proved no look ran.  Until the
+    sixty-fourth session a sleep of a second and a half after the answer
+    stood for the look."""
+    hs.refuse_send = lambda path: "/cwcmd-" in path
+    try:
+        alice.send_text(mgmt, "list")
+        wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_notices WHERE txn_id LIKE 'cwcmd-%' "
+                                   "AND done_at IS NULL", db_url) != "0", what="the answer to list queued")
+    finally:
+        hs.refuse_send = None
+    wait_until(answered, what="the answer to list")
+    all_said(hs, pg, db_url)
+
+
 def test_an_expired_request_is_withdrawn_in_the_management_room(mx, hs, gk, pg, db_url):
     """A consent request shown in the management room that expires (the
     policy's sweep: docs/policy.md; its held messages expire and are
@@ -1577,9 +1616,8 @@ def test_an_expired_request_is_withdrawn_in_the_management_room(mx, hs, gk, pg, 
     # once: not again after a restart (the bot's look starts over)
     mx.stop()
     mx.start()
-    alice.send_text(mgmt, "list")
-    wait_until(lambda: any("request from mimi://wa.example/u/eve" in n for n in said()), what="the answer to list")
-    time.sleep(1.5)
+    list_answered_after_a_look_for_expiries(alice, mgmt, hs, pg, db_url,
+                                            lambda: any("request from mimi://wa.example/u/eve" in n for n in said()))
     assert len(expired()) == 1, said()
 
 
@@ -4163,7 +4201,12 @@ def test_a_local_user_invited_into_a_direct_room_makes_a_group(mx, hs, gk, pg, d
     wait_until(lambda: any(urllib.parse.unquote(q["path"]).endswith(f"/rooms/{hers}/members")
                            and q["status"] == 200 for q in hs.requests),
                what="the bot's look at her room's members")
-    time.sleep(1)  # what it makes of the answer (a wrong mark came within milliseconds)
+    # What it makes of the answer (a wrong mark came within milliseconds).
+    # The sleep stays a window, not a stand-in for a state: an answer of
+    # "not joined" writes nothing (mx_mark_if_joined returns, the bot's
+    # invitation row is done with the binding), so nothing the daemon
+    # writes marks the moment a wrong mark would have come.
+    time.sleep(1)
     assert members()["mimi://example.org/u/carol"] == "invited"
     carol.join(hers)
     wait_until(lambda: members()["mimi://example.org/u/carol"] == "joined", what="carol joined")
@@ -4421,7 +4464,7 @@ def test_a_message_that_goes_nowhere_is_told_to_its_writer(mx, hs, gk, pg, db_ur
     alice.send_text(room, "x" * 20000)
     wait_until(lambda: len(notices()) == 2, what="the second notice")
     assert notices()[1].startswith("Not delivered: ") and "16384" in notices()[1], notices()
-    time.sleep(0.5)
+    all_said(hs, pg, db_url, outbox=True)
     assert len(srv.events) == 1 and len(notices()) == 2
     # A homeserver that fails the notice's send: the notice is kept
     # (matrix_notices) and sent again later, once.
@@ -4432,9 +4475,7 @@ def test_a_message_that_goes_nowhere_is_told_to_its_writer(mx, hs, gk, pg, db_ur
     assert len(notices()) == 2
     hs.refuse_send = None
     wait_until(lambda: len(notices()) == 3, what="the notice, sent again")
-    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_notices WHERE done_at IS NULL", db_url) == "0",
-               what="the row done")
-    time.sleep(0.5)
+    all_said(hs, pg, db_url)  # the row done, sent once
     assert len(notices()) == 3
     # Each names its refused event, kept once sent (so that a transaction
     # sent again tells it no more).
@@ -5254,7 +5295,7 @@ def test_what_a_user_is_told_of_a_refused_event_is_in_their_words(mx, hs, gk, pg
                            for e in list(srv.events)), what="the marker")
     told = lambda: [n for n in ghost_notices(hs, room, ghost) if n.startswith("Not delivered")]  # noqa: E731
     wait_until(lambda: len(told()) >= 2, what="two notices")
-    time.sleep(1)
+    all_said(hs, pg, db_url, outbox=True)
     assert told() == ["Not delivered: you can edit only your own messages.",
                       "Not delivered: you can delete only your own messages on the other side."], told()
     assert not [e for e in list(srv.events) if e.get("type") in ("edit", "delete", "reaction")]
@@ -5370,7 +5411,7 @@ def test_a_stickers_edit_is_an_edit_at_the_peer(mx, hs, gk, pg, db_url):
     assert as_put(mx, "edit-a-sticker", {"events": evs}).status_code == 200
     told = lambda: [n for n in ghost_notices(hs, room, ghost) if n.startswith("Not delivered")]  # noqa: E731
     wait_until(lambda: len(told()) >= 1 and len(srv.events) >= 3, what="a notice and the valid events")
-    time.sleep(0.5)
+    all_said(hs, pg, db_url, outbox=True)
     assert told() == [EDIT_UNKNOWN], told()
     got = list(srv.events)
     assert [(e["type"], e["content"]["parts"][0]["body"]) for e in got] == [
@@ -5407,7 +5448,7 @@ def test_an_edit_of_a_poll_edit_is_refused_and_told(mx, hs, gk, pg, db_url):
     assert as_put(mx, "edit-a-poll-edit", {"events": evs}).status_code == 200
     told = lambda: [n for n in ghost_notices(hs, room, ghost) if n.startswith("Not delivered")]  # noqa: E731
     wait_until(lambda: len(told()) >= 3 and len(srv.events) >= 3, what="three notices and the valid events")
-    time.sleep(0.5)
+    all_said(hs, pg, db_url, outbox=True)
     assert told() == [EDIT_OF_EDIT] * 2 + [EDIT_UNKNOWN], told()
     got = list(srv.events)
     assert [(e["type"], e["content"]["parts"][0]["body"]) for e in got] == [
@@ -7120,7 +7161,7 @@ def test_a_rate_limited_bot_is_waited_for_too(make_daemon, db_url, pg):
                    what="three answers")
         limited = [q for q in hs.requests if q["user"] == "@_cw_bot:example.org" and q["status"] == 429]
         assert limited, "the homeserver never limited the bot: the test shows nothing"
-        time.sleep(1)
+        all_said(hs, pg, db_url)  # the limited answer's row sent and done: none to send again
         assert len([t for t in said() if t.startswith("Nothing yet")]) == 3
         # Each answer went under its command's transaction id, the queued
         # one too (until the thirty-second session a queued answer took the
@@ -9740,9 +9781,8 @@ def test_an_expiry_is_told_late_after_a_stop_of_up_to_six_days(mx, hs, gk, pg, d
                 f"q.uri, jsonb_build_object('request', q.id), now() - interval '{days} days' FROM q", db_url)
     mx.start()
     wait_until(lambda: any("expired" in n for n in said()), timeout=20, what="the late expiry")
-    alice.send_text(mgmt, "list")
-    wait_until(lambda: any(n.startswith("opted in: peer:gk") for n in said()), what="the answer to list")
-    time.sleep(1.5)
+    list_answered_after_a_look_for_expiries(alice, mgmt, hs, pg, db_url,
+                                            lambda: any(n.startswith("opted in: peer:gk") for n in said()))
     expired = [n for n in said() if "expired" in n]
     assert len(expired) == 1 and "mimi://wa.example/u/wally" in expired[0], expired
 
