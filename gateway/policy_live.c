@@ -694,7 +694,10 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
  * the later ones' (read to sort them already: the window's count is taken
  * before the LIMIT), for a consent's answer (policy_sweep_with): from the
  * sixty-second session's batches to its mend the answer counted only the
- * first batch, "5,000 released" of 20,000. */
+ * first batch, "5,000 released" of 20,000.  Column 11 the last of all
+ * the rows to release (their max(o.id), read with the count): the bound
+ * of the later batches' reads (releasable_next_sql's $5), which a
+ * consent's NOTIFY carries. */
 /* The columns of releasable_sql and releasable_next_sql, but the last
  * (LAST), and the test after their rows' choice (the window, the
  * consent or the group, no block), written once for both. */
@@ -709,7 +712,7 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
 	"AND NOT " BLOCKED_SENDER("o.target_identity_id") " ORDER BY o.id LIMIT " SWEEP_BATCH_S
 
 static const char releasable_sql[] =
-	RELEASABLE_COLS("count(*) OVER ()")
+	RELEASABLE_COLS("count(*) OVER (), max(o.id) OVER ()")
 	"FROM outbox o JOIN events e ON e.id = o.event_id JOIN identities s ON s.id = e.sender_id "
 	"JOIN identities t ON t.id = o.target_identity_id "
 	"CROSS JOIN LATERAL (SELECT " WROTE_IN_GROUP " AS gw) g "
@@ -857,7 +860,7 @@ static const char requests_expire_sql[] =
 	" count(*) FILTER (WHERE state = 'expired'), CASE WHEN $4::boolean AND count(*) FILTER " \
 	" (WHERE state = 'pending') > 0 THEN pg_notify('causeway_outbox', '') END, " \
 	" CASE WHEN $4::boolean AND $5::bigint IS NOT NULL THEN pg_notify('causeway_sweep', " \
-	"  coalesce($2::bigint::text, '') || ':' || $5::bigint) END, " \
+	"  coalesce($2::bigint::text, '') || ':' || $5::bigint || ':' || $6::bigint) END, " \
 	" count(*) FILTER (WHERE state = 'pending' OR (state = 'dropped' AND id IN (SELECT id FROM dn))) FROM ch"
 
 /* The bound of a sweep's rows past $5 (SWEEP_SQL): those after the
@@ -908,23 +911,38 @@ static const char sweep_held_sql[] = SWEEP_SQL("(" SWEPT_HELD ")", SWEEP_BOUND);
  * held rows released in 58 s (docs/performance.md, "Sixty-third
  * session: a release's batches in the order of an index"). */
 static const char sweep_next_sql[] =
-	SWEEP_SQL("o.target_identity_id = $2::bigint AND " OUTBOX_HELD("o") " AND o.id > $6::bigint",
+	SWEEP_SQL("o.target_identity_id = $2::bigint AND " OUTBOX_HELD("o") " AND o.id > $7::bigint",
 		  "(o.target_identity_id, o.id) <= ($2::bigint, $5::bigint)");
 
 /* The rows a later batch of a user's release would release (the columns
- * of releasable_sql, column 10 NULL: the consent counted them): her
- * first SWEEP_BATCH after $4 in outbox_held_user_order_idx, each
- * joined to its event and sender by a descent of their keys (BY_ID), so
- * that the batch reads its own rows and stops at the last
- * (test_a_release_reads_each_held_row_once_a_batch). */
+ * of releasable_sql, columns 10 and 11 NULL: the consent counted them):
+ * her first SWEEP_BATCH after $4 in outbox_held_user_order_idx, up to
+ * $5, the last row to release when her consent read them (releasable_sql's
+ * column 11; the largest id when not known: a start's pass, or the NOTIFY
+ * of an older daemon), each joined to its event and sender by a descent
+ * of their keys (BY_ID), so that the batch reads its own rows and stops
+ * at the last (test_a_release_reads_each_held_row_once_a_batch).  Until
+ * the sixty-fourth session the last batch, less than a whole one, walked
+ * every row she still had held after the batch before, each joined to
+ * its event, sender and consents to be filtered out: with 20,000 held
+ * rows of a sender she never allowed after the 16,001 she released, the
+ * last batch's read passed 21,001 rows to its joins, 128,354 buffers in
+ * 156 ms, against 1,001 rows and 8,354 buffers with the bound
+ * (test_a_release_s_last_batch_reads_no_held_row_past_its_own;
+ * docs/performance.md, "Sixty-fourth session").  A row held after her
+ * consent's read is not the release's: decided at arrival by a view a
+ * moment behind her consent, it is the periodic sweep's while her consent
+ * is of the last minutes (SWEPT_HELD), as when her release was one batch.
+ * The bound is a row comparison, outbox_held_user_order_idx's index
+ * condition (sweep_next_sql's reason). */
 static const char releasable_next_sql[] =
-	RELEASABLE_COLS("NULL::bigint")
+	RELEASABLE_COLS("NULL::bigint, NULL::bigint")
 	"FROM outbox o " BY_ID("events", "e", "e.id, e.type, e.sender_id, e.content", "e.id = o.event_id")
 	BY_ID("identities", "s", "s.uri, s.domain, s.network", "s.id = e.sender_id")
 	BY_ID("identities", "t", "t.uri, t.domain, t.network", "t.id = o.target_identity_id")
 	"CROSS JOIN LATERAL (SELECT " WROTE_IN_GROUP " AS gw) g "
 	"WHERE o.target_identity_id = $2::bigint AND " OUTBOX_HELD("o") " AND o.id > $4::bigint "
-	"AND " RELEASABLE_TEST;
+	"AND (o.target_identity_id, o.id) <= ($2::bigint, $5::bigint) AND " RELEASABLE_TEST;
 
 /* Whether BLOCKERS of the periodic sweep ($2 NULL) names anyone: its
  * condition, read in consents_updated_idx. */
@@ -1099,14 +1117,14 @@ static struct store_piped sweep_piped(bool prepared, int k, int n, const char *c
  * and the caller's statements were a round trip each: a consent's five
  * round trips are two. */
 static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const char *target_id, const char *after,
-		    long counts[3], struct store_piped *first, struct store_piped *then, bool notify, bool *more,
+		    const char *until, long counts[3], struct store_piped *first, struct store_piped *then, bool notify, bool *more,
 		    long *later, int64_t *last_id, long *skipped, cw_errmsg *e)
 {
 	long found = 0;
-	char secs[24], last[24];
+	char secs[24], last[24], upto[24];
 	snprintf(secs, sizeof(secs), "%lld", (long long)v->set.held_expiry_s);
 	char *denials = NULL;
-	const char *params[] = { secs, target_id, NULL, notify ? "t" : "f", NULL, after };
+	const char *params[] = { secs, target_id, NULL, notify ? "t" : "f", NULL, NULL, after };
 	*more = false;
 	*later = 0;
 	*last_id = 0;
@@ -1118,13 +1136,14 @@ static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const
 	 * (event_parse) was most of a consent's CPU when none does, 3.5-5 µs of
 	 * the daemon's a row released in tests/bench/xmpp (docs/performance.md,
 	 * "Fifty-third session"), for sizes and kinds no rule reads. */
-	const char *const rparams[] = { secs, target_id, policy_snapshot_limits_content(v->snap) ? "t" : "f", after };
+	const char *const rparams[] = { secs, target_id, policy_snapshot_limits_content(v->snap) ? "t" : "f", after,
+					until };
 	struct store_piped q[4];
 	int n = 0, mine = first ? 1 : 0;
 	if (first)
 		q[n++] = *first;
 	q[n++] = (struct store_piped){ "SELECT pg_advisory_xact_lock(" SWEEP_LOCK_KEY ")", NULL, 0, NULL, NULL };
-	q[n++] = after ? (struct store_piped){ releasable_next_sql, NULL, 4, rparams, NULL }
+	q[n++] = after ? (struct store_piped){ releasable_next_sql, NULL, 5, rparams, NULL }
 		       : sweep_piped(prepared, 0, 3, rparams);
 	if (!target_id)
 		q[n++] = sweep_piped(prepared, 3, 0, NULL);
@@ -1146,6 +1165,10 @@ static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const
 			*more = true;
 			*later = after ? 0 : atol(PQgetvalue(q[mine + 1].r, 0, 10)) - PQntuples(q[mine + 1].r);
 			*last_id = atoll(last);
+			if (!after) { /* the last row to release of all: the later batches' bound */
+				snprintf(upto, sizeof(upto), "%s", PQgetvalue(q[mine + 1].r, 0, 11));
+				params[5] = upto;
+			}
 		}
 		if (!target_id && strcmp(PQgetvalue(q[mine + 2].r, 0, 0), "t") != 0)
 			k = 2;
@@ -1160,8 +1183,8 @@ static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const
 	}
 	if (!rc) {
 		n = 0;
-		q[n++] = after ? (struct store_piped){ sweep_next_sql, NULL, 6, params, NULL }
-			       : sweep_piped(prepared, k, 5, params);
+		q[n++] = after ? (struct store_piped){ sweep_next_sql, NULL, 7, params, NULL }
+			       : sweep_piped(prepared, k, 6, params);
 		if (then)
 			q[n++] = *then;
 		rc = store_pipeline(c, q, n, e);
@@ -1196,7 +1219,7 @@ static cw_err policy_sweep_with(PGconn *c, const struct policy_view *v, const ch
 	long later;
 	int64_t last;
 	long skipped;
-	cw_err rc = sweep(c, false, v, target_id, NULL, counts, first, then, true, &more, &later, &last, &skipped, e);
+	cw_err rc = sweep(c, false, v, target_id, NULL, NULL, counts, first, then, true, &more, &later, &last, &skipped, e);
 	if (!rc)
 		counts[0] += later;
 	return rc;
@@ -2306,7 +2329,7 @@ void policy_rate_memo_finish(struct policy_rate_memo *m)
  * her release goes again from there before it ends, rounds times at
  * most (RELEASE_ROUNDS). */
 struct release_due {
-	int64_t user, after, retry_at, backoff_us, skipped_after;
+	int64_t user, after, until, retry_at, backoff_us, skipped_after;
 	int rounds;
 };
 
@@ -2460,7 +2483,7 @@ static void recheck_whole(struct policy_live *pl);
 /* User's release queued to go on from after id after (the one queued
  * already from the lesser of the two ids: a second consent's first batch
  * may have ended before the first's next).  False when out of memory. */
-static bool release_add(struct policy_live *pl, int64_t user, int64_t after)
+static bool release_add(struct policy_live *pl, int64_t user, int64_t after, int64_t until)
 {
 	for (size_t i = 0; i < pl->nreleasing; i++)
 		if (pl->releasing[i].user == user) {
@@ -2471,6 +2494,8 @@ static bool release_add(struct policy_live *pl, int64_t user, int64_t after)
 			 * batch's backoff, up to POLICY_RETRY_MAX_S */
 			if (after < pl->releasing[i].after)
 				pl->releasing[i].after = after;
+			if (until > pl->releasing[i].until)
+				pl->releasing[i].until = until;
 			pl->releasing[i].retry_at = 0;
 			pl->releasing[i].rounds = 0;
 			return true;
@@ -2483,7 +2508,7 @@ static bool release_add(struct policy_live *pl, int64_t user, int64_t after)
 		pl->releasing = m;
 		pl->releasing_cap = cap;
 	}
-	pl->releasing[pl->nreleasing++] = (struct release_due){ user, after, 0, 0, -1, 0 };
+	pl->releasing[pl->nreleasing++] = (struct release_due){ user, after, until, 0, 0, -1, 0 };
 	return true;
 }
 
@@ -2499,10 +2524,14 @@ static bool release_add(struct policy_live *pl, int64_t user, int64_t after)
 static void heard(const char *channel, const char *payload, void *arg)
 {
 	struct policy_live *pl = arg;
-	if (strcmp(channel, "causeway_sweep") == 0) { /* "<user>:<last id>": her release's next batch (SWEEP_BATCH) */
+	/* causeway_sweep "<user>:<last id>:<last to release>": her release's
+	 * next batch (SWEEP_BATCH); without the third (an older daemon's
+	 * NOTIFY) her later batches read to the end of her held rows */
+	if (strcmp(channel, "causeway_sweep") == 0) {
 		char *end;
 		long long user = strtoll(payload, &end, 10), last = *end == ':' ? strtoll(end + 1, &end, 10) : 0;
-		if (user <= 0 || *end || !release_add(pl, user, last))
+		long long until = *end == ':' ? strtoll(end + 1, &end, 10) : INT64_MAX;
+		if (user <= 0 || *end || !release_add(pl, user, last, until))
 			pl->sweep_asked = true;
 		return;
 	}
@@ -3717,7 +3746,7 @@ static bool sweep_due_all(struct policy_live *pl)
 		return false;
 	}
 	for (int i = 0; ok && i < PQntuples(r); i++)
-		ok = release_add(pl, atoll(PQgetvalue(r, i, 0)), 0);
+		ok = release_add(pl, atoll(PQgetvalue(r, i, 0)), 0, INT64_MAX);
 	PQclear(r);
 	if (!ok)
 		LOG_KV(CW_LOG_WARN, "policy cannot queue the held messages due at start", "detail", "out of memory");
@@ -3758,15 +3787,16 @@ static bool release_turn(struct policy_live *pl, int64_t now)
 		return false;
 	size_t k = (pl->releasing_next + i) % n;
 	struct release_due *u = &pl->releasing[k];
-	char user[24], after[24];
+	char user[24], after[24], until[24];
 	snprintf(user, sizeof(user), "%lld", (long long)u->user);
 	snprintf(after, sizeof(after), "%lld", (long long)u->after);
+	snprintf(until, sizeof(until), "%lld", (long long)u->until);
 	struct policy_view *v = policy_live_get(pl);
 	long counts[3], later, skipped;
 	bool more;
 	int64_t last;
 	cw_errmsg e;
-	cw_err rc = sweep(pl->c, false, v, user, after, counts, NULL, NULL, false, &more, &later, &last, &skipped, &e);
+	cw_err rc = sweep(pl->c, false, v, user, after, until, counts, NULL, NULL, false, &more, &later, &last, &skipped, &e);
 	policy_view_put(v);
 	pl->releasing_next = k + 1;
 	if (rc) {
@@ -3938,7 +3968,7 @@ static void *live_main(void *arg)
 				int64_t t0 = cw_now_us();
 				int64_t last;
 				held_wait = 0;
-				cw_err src = sweep(pl->c, true, v, NULL, NULL, counts, NULL, NULL, false, &held_more, &later,
+				cw_err src = sweep(pl->c, true, v, NULL, NULL, NULL, counts, NULL, NULL, false, &held_more, &later,
 						   &last, &skipped, &e);
 				int64_t took = cw_now_us() - t0;
 				if (src) {
