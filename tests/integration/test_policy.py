@@ -4,6 +4,7 @@ changes in force without restart on every process, rate limits, abuse
 reports, and the admin API that runs it all."""
 import base64
 import concurrent.futures
+import contextlib
 import json
 import os
 import re
@@ -5093,6 +5094,29 @@ def test_the_periodic_sweeps_window_of_blocks_is_planned_for_its_range(make_daem
     assert calls >= 20 and plans - rel_plans <= 5, (calls, plans, rel_plans)
 
 
+@contextlib.contextmanager
+def a_release_set_up(make_daemon, db_url, pg, sweep_interval_ms="600000"):
+    """The release tests' start: a daemon (its periodic sweep ten minutes
+    away unless said, so that only a consent's NOTIFY or a start drives
+    the batches), its peers, alice opted in, a room of wally's with her
+    and his first message to her held; (the daemon, the peer client, that
+    message's id, alice's identity id). The peers are closed at the end.
+    Until the sixty-fourth session each of these tests wrote the same
+    lines."""
+    d = make_daemon(db_url, options={"policy": {"sweep_interval_ms": sweep_interval_ms}}).start()
+    made = push_peers(d)
+    try:
+        (a, _), _ = made
+        opt_in(d)
+        room = dm(a)
+        mine = send(a, room, "wait").json()["id"]
+        alice = pg.psql(f"SELECT id FROM identities WHERE uri = '{ALICE}'", db_url)
+        yield d, a, mine, alice
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
 def test_a_consent_that_releases_more_than_a_batch_releases_the_rest_after_it_in_order(make_daemon, db_url, pg):
     """alice's consent of wally finds 12,001 of his messages held for her,
     more than two of a sweep's batches (SWEEP_BATCH, 5,000,
@@ -5106,14 +5130,7 @@ def test_a_consent_that_releases_more_than_a_batch_releases_the_rest_after_it_in
     recorded as the policy's allow. Until the sixty-second session one
     statement released all of them in the consent's transaction, their row
     locks held and none of them due until the last was written."""
-    d = make_daemon(db_url, options={"policy": {"sweep_interval_ms": "600000"}}).start()
-    made = push_peers(d)
-    try:
-        (a, _), _ = made
-        opt_in(d)
-        room = dm(a)
-        mine = send(a, room, "wait").json()["id"]
-        alice = pg.psql(f"SELECT id FROM identities WHERE uri = '{ALICE}'", db_url)
+    with a_release_set_up(make_daemon, db_url, pg) as (d, a, mine, alice):
         fill_outbox(pg, db_url, mine, 12000, 0, alice)
         assert pg.psql(f"SELECT count(*) FROM outbox WHERE state = 'held' AND target_identity_id = {alice}",
                        db_url) == "12001"
@@ -5130,9 +5147,6 @@ def test_a_consent_that_releases_more_than_a_batch_releases_the_rest_after_it_in
         assert xids == sorted(xids) and batches == [5000, 5000, 2001], batches
         assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'policy.allow' AND reason_code = "
                        "'user_allowed_sender' AND details->>'by' = 'sweep'", db_url) == "12001"
-    finally:
-        for _, srv in made:
-            srv.close()
 
 
 def test_a_release_interrupted_by_a_stop_is_finished_at_the_next_start(make_daemon, db_url, pg):
@@ -5148,14 +5162,7 @@ def test_a_release_interrupted_by_a_stop_is_finished_at_the_next_start(make_daem
     the expiry though she had consented."""
     import psycopg
     opts = {"policy": {"sweep_interval_ms": "600000"}}
-    d = make_daemon(db_url, options=opts).start()
-    made = push_peers(d)
-    try:
-        (a, _), _ = made
-        opt_in(d)
-        room = dm(a)
-        mine = send(a, room, "wait").json()["id"]
-        alice = pg.psql(f"SELECT id FROM identities WHERE uri = '{ALICE}'", db_url)
+    with a_release_set_up(make_daemon, db_url, pg) as (d, a, mine, alice):
         fill_outbox(pg, db_url, mine, 12000, 0, alice)
         with psycopg.connect(db_url) as held:
             rest = held.execute("SELECT id FROM outbox WHERE id IN (SELECT id FROM outbox WHERE target_identity_id = "
@@ -5179,9 +5186,6 @@ def test_a_release_interrupted_by_a_stop_is_finished_at_the_next_start(make_daem
         xids = [int(r[1]) for r in rows]
         batches = [xids.count(x) for x in sorted(set(xids))]
         assert xids == sorted(xids) and batches == [5000, 5000, 2001], batches
-    finally:
-        for _, srv in made:
-            srv.close()
 
 
 def test_the_outbox_table_is_analyzed_once_it_has_grown_on_a_new_database(daemon, peers, pg, db_url):
@@ -5230,14 +5234,7 @@ def test_a_block_given_while_a_release_waits_for_its_batches_drops_what_it_stops
     sweep's bound, BLOCKED_SENDER past $5). Written by the review of the
     sixty-second session's batches: with BLOCKED_SENDER taken out of the
     bound the other tests of the batches passed; this one fails."""
-    d = make_daemon(db_url, options={"policy": {"sweep_interval_ms": "600000"}}).start()
-    made = push_peers(d)
-    try:
-        (a, _), _ = made
-        opt_in(d)
-        room = dm(a)
-        mine = send(a, room, "wait").json()["id"]
-        alice = pg.psql(f"SELECT id FROM identities WHERE uri = '{ALICE}'", db_url)
+    with a_release_set_up(make_daemon, db_url, pg) as (d, a, mine, alice):
         fill_outbox(pg, db_url, mine, 12000, 0, alice)
         pg.psql("INSERT INTO consents (local_identity_id, subject_kind, subject, state, source, updated_at) "
                 f"VALUES ({alice}, 'user', '{a.user('wally')}', 'allowed', 'user', now() - interval '1 day')", db_url)
@@ -5247,9 +5244,6 @@ def test_a_block_given_while_a_release_waits_for_its_batches_drops_what_it_stops
         st = pg.psql(f"SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id = '{w}'",
                      db_url)
         assert out["dropped"] == 1 and st == "dropped", (out, st)
-    finally:
-        for _, srv in made:
-            srv.close()
 
 
 def test_a_release_reads_each_held_row_once_a_batch(make_daemon, db_url, pg):
@@ -5265,14 +5259,7 @@ def test_a_release_reads_each_held_row_once_a_batch(make_daemon, db_url, pg):
     here) and probed her blocks for each row past its last: 100,000 held
     rows released in 58 s."""
     log = logged_plans(pg, db_url, analyze=True)
-    d = make_daemon(db_url, options={"policy": {"sweep_interval_ms": "600000"}}).start()
-    made = push_peers(d)
-    try:
-        (a, _), _ = made
-        opt_in(d)
-        room = dm(a)
-        mine = send(a, room, "wait").json()["id"]
-        alice = pg.psql(f"SELECT id FROM identities WHERE uri = '{ALICE}'", db_url)
+    with a_release_set_up(make_daemon, db_url, pg) as (d, a, mine, alice):
         fill_outbox(pg, db_url, mine, 16000, 0, alice)
         out = consent(d, a.user("wally"), "allowed")
         assert out["released"] == 16001, out
@@ -5287,9 +5274,6 @@ def test_a_release_reads_each_held_row_once_a_batch(make_daemon, db_url, pg):
                                  r"(?:\s+(?!->)[^\n]*\n)*?(?:\s+Rows Removed by Filter: (\d+))?", p):
                 read += int(m.group(1)) * int(m.group(2)) + int(m.group(3) or 0)
             assert 0 < read <= 5000 + 10, (read, p)
-    finally:
-        for _, srv in made:
-            srv.close()
 
 
 def test_a_release_that_fails_at_start_holds_up_no_other_users(make_daemon, db_url, pg):
@@ -5303,14 +5287,7 @@ def test_a_release_that_fails_at_start_holds_up_no_other_users(make_daemon, db_u
     again at the next turn with her, and failed again, and the other
     user's messages stayed held."""
     opts = {"policy": {"sweep_interval_ms": "600000"}}
-    d = make_daemon(db_url, options=opts).start()
-    made = push_peers(d)
-    try:
-        (a, _), _ = made
-        opt_in(d)
-        room = dm(a)
-        mine = send(a, room, "wait").json()["id"]
-        alice = pg.psql(f"SELECT id FROM identities WHERE uri = '{ALICE}'", db_url)
+    with a_release_set_up(make_daemon, db_url, pg) as (d, a, mine, alice):
         other = other_user(pg, db_url)
         fill_outbox(pg, db_url, mine, 3, 0, other)
         pg.psql("INSERT INTO consents (local_identity_id, subject_kind, subject, state, source, updated_at) "
@@ -5332,9 +5309,6 @@ def test_a_release_that_fails_at_start_holds_up_no_other_users(make_daemon, db_u
         pg.psql("DROP TRIGGER refuse_alice ON outbox", db_url)
         wait_until(lambda: pg.psql(f"SELECT state FROM outbox WHERE target_identity_id = {alice}", db_url) ==
                    "pending", timeout=30, what="hers, once her batch is let through")
-    finally:
-        for _, srv in made:
-            srv.close()
 
 
 def test_a_release_s_last_batch_reads_no_held_row_past_its_own(make_daemon, db_url, pg):
@@ -5356,14 +5330,7 @@ def test_a_release_s_last_batch_reads_no_held_row_past_its_own(make_daemon, db_u
     sixty-fourth session it was read after the answer, and the first
     batches could come before)."""
     log = logged_plans(pg, db_url, analyze=True)
-    d = make_daemon(db_url, options={"policy": {"sweep_interval_ms": "600000"}}).start()
-    made = push_peers(d)
-    try:
-        (a, _), _ = made
-        opt_in(d)
-        room = dm(a)
-        mine = send(a, room, "wait").json()["id"]
-        alice = pg.psql(f"SELECT id FROM identities WHERE uri = '{ALICE}'", db_url)
+    with a_release_set_up(make_daemon, db_url, pg) as (d, a, mine, alice):
         fill_outbox(pg, db_url, mine, 16000, 0, alice, analyze=False)
         pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network, peer_id) SELECT s.uri || 'x', "
                 "s.domain, s.localpart || 'x', false, s.network, s.peer_id FROM identities s "
@@ -5393,9 +5360,6 @@ def test_a_release_s_last_batch_reads_no_held_row_past_its_own(make_daemon, db_u
             assert 0 < read <= 5000 + 10, (read, p)
         assert pg.psql(f"SELECT count(*) FROM outbox WHERE state = 'held' AND target_identity_id = {alice} "
                        "AND xmax = '0'", db_url) == "20000"
-    finally:
-        for _, srv in made:
-            srv.close()
 
 
 def later_plans(log, start):
@@ -5424,14 +5388,7 @@ def test_a_release_s_row_locked_by_another_transaction_is_released_once_let_go(m
     a consent older than its window alike) the row stayed held until the
     next start."""
     import psycopg
-    d = make_daemon(db_url, options={"policy": {"sweep_interval_ms": "600000"}}).start()
-    made = push_peers(d)
-    try:
-        (a, _), _ = made
-        opt_in(d)
-        room = dm(a)
-        mine = send(a, room, "wait").json()["id"]
-        alice = pg.psql(f"SELECT id FROM identities WHERE uri = '{ALICE}'", db_url)
+    with a_release_set_up(make_daemon, db_url, pg) as (d, a, mine, alice):
         fill_outbox(pg, db_url, mine, 5005, 0, alice)
         held_q = f"SELECT count(*) FROM outbox WHERE state = 'held' AND target_identity_id = {alice}"
         with psycopg.connect(db_url) as held:
@@ -5444,9 +5401,6 @@ def test_a_release_s_row_locked_by_another_transaction_is_released_once_let_go(m
             held.rollback()
         wait_until(lambda: pg.psql(held_q, db_url) == "0", timeout=15, what="the locked row, once let go")
         assert pg.psql(f"SELECT state FROM outbox WHERE id = {locked[0][0]}", db_url) in ("pending", "delivered")
-    finally:
-        for _, srv in made:
-            srv.close()
 
 
 def test_a_release_s_failing_batch_is_tried_again_less_and_less_often(make_daemon, db_url, pg):
@@ -5456,14 +5410,7 @@ def test_a_release_s_failing_batch_is_tried_again_less_and_less_often(make_daemo
     sixty-third session's mend it was tried every second for as long as it
     failed, a WARN each."""
     opts = {"policy": {"sweep_interval_ms": "600000"}}
-    d = make_daemon(db_url, options=opts).start()
-    made = push_peers(d)
-    try:
-        (a, _), _ = made
-        opt_in(d)
-        room = dm(a)
-        send(a, room, "wait")
-        alice = pg.psql(f"SELECT id FROM identities WHERE uri = '{ALICE}'", db_url)
+    with a_release_set_up(make_daemon, db_url, pg) as (d, a, mine, alice):
         pg.psql("INSERT INTO consents (local_identity_id, subject_kind, subject, state, source, updated_at) "
                 f"VALUES ({alice}, 'user', '{a.user('wally')}', 'allowed', 'user', now() - interval '1 day')", db_url)
         assert d.stop() == 0
@@ -5481,9 +5428,6 @@ def test_a_release_s_failing_batch_is_tried_again_less_and_less_often(make_daemo
         pg.psql("DROP TRIGGER refuse_alice ON outbox", db_url)
         wait_until(lambda: pg.psql(f"SELECT state FROM outbox WHERE target_identity_id = {alice}", db_url) ==
                    "pending", timeout=40, what="hers, once her batch is let through")
-    finally:
-        for _, srv in made:
-            srv.close()
 
 
 def test_a_release_s_row_locked_behind_a_blocked_senders_dropped_row_is_released_once_let_go(make_daemon, db_url, pg):
@@ -5499,14 +5443,7 @@ def test_a_release_s_row_locked_behind_a_blocked_senders_dropped_row_is_released
     (review RA2's case)."""
     import psycopg
     opts = {"policy": {"sweep_interval_ms": "600000"}}
-    d = make_daemon(db_url, options=opts).start()
-    made = push_peers(d)
-    try:
-        (a, _), _ = made
-        opt_in(d)
-        room = dm(a)
-        mine = send(a, room, "wait").json()["id"]
-        alice = pg.psql(f"SELECT id FROM identities WHERE uri = '{ALICE}'", db_url)
+    with a_release_set_up(make_daemon, db_url, pg) as (d, a, mine, alice):
         assert d.stop() == 0
         pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network, peer_id) SELECT s.uri || 'x', "
                 "s.domain, s.localpart || 'x', false, s.network, s.peer_id FROM identities s "
@@ -5538,6 +5475,3 @@ def test_a_release_s_row_locked_behind_a_blocked_senders_dropped_row_is_released
             held.rollback()
         wait_until(lambda: pg.psql(f"SELECT state FROM outbox WHERE id = {y}", db_url) != "held", timeout=15,
                    what="the row let go released")
-    finally:
-        for _, srv in made:
-            srv.close()
