@@ -5475,3 +5475,71 @@ def test_a_release_s_row_locked_behind_a_blocked_senders_dropped_row_is_released
             held.rollback()
         wait_until(lambda: pg.psql(f"SELECT state FROM outbox WHERE id = {y}", db_url) != "held", timeout=15,
                    what="the row let go released")
+
+
+def test_expiries_are_on_time_while_a_long_release_goes_on(make_daemon, db_url, pg):
+    """While a release runs its batches (slowed here: a trigger sleeps a
+    millisecond for every other row the policy thread releases, 2.5 s a
+    batch),
+    the periodic sweep of the held rows waits for it (at most
+    SWEEP_WAIT_RELEASES_US, 30 s), but a message whose content.expires has
+    passed is taken back, and a consent request past its expiry is expired
+    (requests_expire_sql) and recorded (consent.expire, alice its subject,
+    the request and its sender in details, by the sweep, no reason nor
+    rule), each within a few of the 200 ms sweeps, while her release is
+    still going on. Until the sixty-third session's mend both waited with
+    the held rows' sweep, up to 30 s; untested until the sixty-fourth."""
+    with a_release_set_up(make_daemon, db_url, pg, sweep_interval_ms="200") as (d, a, mine, alice):
+        fill_outbox(pg, db_url, mine, 26000, 0, alice)
+        far = int(time.time() * 1000) + 3600 * 1000
+        room2 = dm(a, remote="wilma")
+        r = a.send(room2, a.user("wilma"), "expires later",
+                   content={"parts": [{"type": "text/plain", "body": "expires later"}], "expires": far})
+        assert r.status_code == 202, r.text
+        gone = r.json()["id"]
+        wilma = pg.psql(f"SELECT id FROM identities WHERE uri = '{a.user('wilma')}'", db_url)
+        req = pg.psql(f"SELECT id FROM consent_requests WHERE local_identity_id = {alice} AND remote_identity_id = "
+                      f"{wilma} AND state = 'pending'", db_url)  # her first contact's
+        assert req, "wilma's consent request"
+        # the policy thread's batches slowed (not the consent's own, the
+        # first 5,000, within its request's deadline): a millisecond for
+        # every other row, 2.5 s a whole batch
+        first = pg.psql(f"SELECT id FROM outbox WHERE target_identity_id = {alice} AND state = 'held' "
+                        "ORDER BY id OFFSET 5000 LIMIT 1", db_url)
+        pg.psql("CREATE FUNCTION slow_release() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "PERFORM pg_sleep(0.001); RETURN NEW; END $$; "
+                "CREATE TRIGGER slow_release BEFORE UPDATE ON outbox FOR EACH ROW "
+                f"WHEN (NEW.target_identity_id = {alice} AND NEW.id >= {first} AND NEW.id % 2 = 0 "
+                "AND NEW.state = 'pending' AND OLD.state = 'held') EXECUTE FUNCTION slow_release()", db_url)
+        held_q = f"SELECT count(*) FROM outbox WHERE state = 'held' AND target_identity_id = {alice}"
+        out = consent(d, a.user("wally"), "allowed")
+        assert out["released"] == 26001, out
+        # Her release queued: a batch after the consent's committed (the
+        # periodic sweep's, which finds her rows while her consent is of
+        # the last minutes, may come first, before the NOTIFY is heard).
+        # Both due then, with 16,001 rows at most (at least three batches,
+        # 5.5 s) still to release.
+        wait_until(lambda: int(pg.psql(held_q, db_url)) <= 16002, timeout=30, what="a batch after the consent's")
+        pg.psql(f"UPDATE consent_requests SET expires_at = now() - interval '1 second' WHERE id = {req}; "
+                "UPDATE events SET content = jsonb_set(content, '{content,expires}', "
+                f"to_jsonb((extract(epoch FROM now()) * 1000)::bigint)) WHERE public_id = '{gone}'", db_url)
+        seen = {}
+
+        def both_done():
+            held = int(pg.psql(held_q, db_url))
+            done = (pg.psql(f"SELECT state FROM consent_requests WHERE id = {req}", db_url) == "expired" and
+                    states(pg, db_url, [gone]) == [(gone, "expired")])
+            if done:
+                seen["held"] = held
+            return done or held <= 1  # 1: the expiring message, held for her until taken back
+        wait_until(both_done, timeout=60, what="the expiries, or the release's end")
+        assert seen.get("held", 0) > 1000, seen  # wally's rows still held: the release was going on
+        # read in the table: the audit list waits for the batch's open
+        # write to audit_log (503 while it is open for more than a second)
+        rec = pg.psql("SELECT jsonb_build_object('actor', actor, 'reason', reason_code, 'rule', rule_id, "
+                      f"'details', details)::text FROM audit_log WHERE action = 'consent.expire' "
+                      f"AND subject = '{ALICE}'", db_url).splitlines()
+        assert [json.loads(x) for x in rec] == [{"actor": "policy", "reason": None, "rule": None, "details": {
+            "request": int(req), "sender": a.user("wilma"), "by": "sweep"}}], rec
+        assert pg.psql(f"SELECT content::text FROM events WHERE public_id = '{gone}'", db_url) == "{}"
+        wait_until(lambda: pg.psql(held_q, db_url) == "0", timeout=60, what="the rest of the release")
