@@ -1117,8 +1117,8 @@ static struct store_piped sweep_piped(bool prepared, int k, int n, const char *c
  * and the caller's statements were a round trip each: a consent's five
  * round trips are two. */
 static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const char *target_id, const char *after,
-		    const char *until, long counts[3], struct store_piped *first, struct store_piped *then, bool notify, bool *more,
-		    long *later, int64_t *last_id, long *skipped, cw_errmsg *e)
+		    const char *until, long counts[3], struct store_piped *first, struct store_piped *then, bool notify,
+		    bool *more, long *later, int64_t *last_id, long *skipped, cw_errmsg *e)
 {
 	long found = 0;
 	char secs[24], last[24], upto[24];
@@ -1219,7 +1219,8 @@ static cw_err policy_sweep_with(PGconn *c, const struct policy_view *v, const ch
 	long later;
 	int64_t last;
 	long skipped;
-	cw_err rc = sweep(c, false, v, target_id, NULL, NULL, counts, first, then, true, &more, &later, &last, &skipped, e);
+	cw_err rc = sweep(c, false, v, target_id, NULL, NULL, counts, first, then, true, &more, &later, &last,
+			  &skipped, e);
 	if (!rc)
 		counts[0] += later;
 	return rc;
@@ -3796,7 +3797,8 @@ static bool release_turn(struct policy_live *pl, int64_t now)
 	bool more;
 	int64_t last;
 	cw_errmsg e;
-	cw_err rc = sweep(pl->c, false, v, user, after, until, counts, NULL, NULL, false, &more, &later, &last, &skipped, &e);
+	cw_err rc = sweep(pl->c, false, v, user, after, until, counts, NULL, NULL, false, &more, &later, &last,
+			  &skipped, &e);
 	policy_view_put(v);
 	pl->releasing_next = k + 1;
 	if (rc) {
@@ -3968,8 +3970,8 @@ static void *live_main(void *arg)
 				int64_t t0 = cw_now_us();
 				int64_t last;
 				held_wait = 0;
-				cw_err src = sweep(pl->c, true, v, NULL, NULL, NULL, counts, NULL, NULL, false, &held_more, &later,
-						   &last, &skipped, &e);
+				cw_err src = sweep(pl->c, true, v, NULL, NULL, NULL, counts, NULL, NULL, false,
+						   &held_more, &later, &last, &skipped, &e);
 				int64_t took = cw_now_us() - t0;
 				if (src) {
 					LOG_KV(CW_LOG_WARN, "policy sweep failed", "detail", e.msg);
