@@ -5261,13 +5261,14 @@ def test_a_release_reads_each_held_row_once_a_batch(make_daemon, db_url, pg):
     log = logged_plans(pg, db_url, analyze=True)
     with a_release_set_up(make_daemon, db_url, pg) as (d, a, mine, alice):
         fill_outbox(pg, db_url, mine, 16000, 0, alice)
+        start = os.path.getsize(log)  # before the consent: no later batch can come before it is read
         out = consent(d, a.user("wally"), "allowed")
         assert out["released"] == 16001, out
-        start = os.path.getsize(log)
         wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE state = 'held'", db_url) == "0", timeout=60,
                    what="the rest of the release, by the policy thread")
-        plans = plans_since(log, start, "SELECT o.id, s.uri") + plans_since(log, start, "hd AS (SELECT h.*")
-        assert len(plans) >= 4, len(plans)  # the releasable rows and the sweep, of two batches at least
+        wait_until(lambda: len(later_plans(log, start)) >= 6, timeout=10, what="the plans")
+        plans = later_plans(log, start)
+        assert len(plans) == 6, len(plans)  # the releasable rows and the sweep of each of the three later batches
         for p in plans:
             read = 0
             for m in re.finditer(r"Scan[^\n]* on outbox o\s[^\n]*actual time=\S+ rows=(\d+) loops=(\d+)\)\n"
