@@ -11095,9 +11095,10 @@ def bot_through_a_proxy(make_daemon, db_url, hs):
 
 
 def refused_at_its_commit(pg, db_url, times, table="audit_log", action="consent.block"):
-    """The first `times` transactions that insert into table (a row of
-    action, for the audit log) refused at their COMMIT (a deferred check);
-    the sequence refused counts the checks."""
+    """The first `times` rows inserted into table (of action, for the
+    audit log) refused at their transaction's COMMIT (a deferred check, a
+    row each: a transaction inserting two such rows uses two; the bot's
+    changes insert one); the sequence refused counts the checks."""
     pg.psql("CREATE SEQUENCE refused; CREATE FUNCTION refuse_at_commit() RETURNS trigger LANGUAGE plpgsql AS "
             f"$$BEGIN IF nextval('refused') <= {times} THEN RAISE EXCEPTION 'refused at its commit'; END IF; "
             f"RETURN NULL; END$$; CREATE CONSTRAINT TRIGGER refuse_at_commit AFTER INSERT ON {table} "

@@ -1746,9 +1746,10 @@ def test_typing_too_old_to_be_shown_is_expired_not_sent_late(make_daemon, db_url
         time.sleep(0.5)
         sb.fail_next = 0
         got = sb.wait_events(1)
-        # the typing's row ended expired (it is sent no more): only then is
-        # what the peer got read.  Until the sixty-fourth session a sleep
-        # of 0.3 s stood for this wait.
+        # the typing's row ended expired (it is sent no more): only then are
+        # all the events the peer got read (got, the first, may be read
+        # before).  Until the sixty-fourth session a sleep of 0.3 s stood
+        # for this wait.
         def typing_row():
             return pg.psql("SELECT o.state || ' ' || o.last_error FROM outbox o JOIN events e ON e.id = o.event_id "
                            "WHERE e.type = 'typing'", db_url)
