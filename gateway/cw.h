@@ -68,16 +68,21 @@ bool cw_in_list(const char *s, const char *const *list);
 /* s copied into dst of len bytes (len > 0) and NUL-ended, cut at len - 1
  * bytes as snprintf's "%s" cuts it, without its format's parse (the
  * dispatcher's rows and the XMPP JIDs of a batch, since the fifty-ninth
- * session; since the sixty-fourth the strings of every item of a submit
- * job, which snprintf copied some twenty times an event, 5 % of the
- * Matrix transaction reader's samples); the bytes copied. */
+ * session; since the sixty-fourth the strings of a submit job's items
+ * put by msg_input_from_event, submit_put_local and submit_decide, which
+ * snprintf copied some twenty times an event, 6-8 % of the Matrix
+ * transaction reader's samples with the numbers below; a peer's items'
+ * domain and "peer:" names, msg_input_from_peer's, are still snprintf's);
+ * the bytes copied. */
 size_t cw_copy_cut(char *dst, size_t len, const char *s);
 /* v in decimal at p, without a NUL; how many characters (at most 20).
  * snprintf's "%lld" without the format's parse, for the ids a batch
  * prints per row (docs/performance.md, "Fifty-ninth session"): the
  * dispatcher's outcomes (id_array) and the XMPP lookup's rows
  * (xa_deliver), and since the sixty-second session every id of an array
- * literal (cw_pg_ids_add).  Declared in dispatcher.h and defined in
+ * literal (cw_pg_ids_add), since the sixty-fourth the submit path's
+ * numbers (an item's ts and index, its caller's and peer's ids, a JSON
+ * pointer's index).  Declared in dispatcher.h and defined in
  * dispatcher.c until the sixty-first session, though nothing of it is the
  * dispatcher's; its name kept. */
 size_t outbox_put_ll(char *p, long long v);
