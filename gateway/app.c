@@ -558,6 +558,9 @@ static void metrics_done(void *arg, cw_err rc, const cw_errmsg *e)
 	cw_metrics_sample(&b, "causeway_db_reads_queued", "gauge",
 			  "Reads waiting for a reader connection, and those queued to be asked again later.", NULL,
 			  (double)st.reads_queued);
+	cw_metrics_sample(&b, "causeway_peer_submits_queued", "gauge",
+			  "Single submits waiting to be coalesced into the writer's next job.", NULL,
+			  (double)submit_queue_count(app->submits));
 	cw_metrics_sample(&b, "causeway_db_commits_total", "counter", "Group-commit transactions committed.",
 			  NULL, (double)st.batches);
 	cw_metrics_sample(&b, "causeway_db_writes_committed_total", "counter", "Writes made durable.",

@@ -4476,6 +4476,7 @@ int submit_result(const struct submit *b, size_t i, const char **code, const cha
 struct submit_queue {
 	pthread_mutex_t mu;
 	struct msg_input *head, *tail;
+	size_t n;          /* items between head and tail (the metric) */
 	bool job_queued;   /* a job exists that has not taken the queue yet */
 };
 
@@ -4500,11 +4501,22 @@ void submit_queue_free(struct submit_queue *q)
 	free(q);
 }
 
+size_t submit_queue_count(struct submit_queue *q)
+{
+	if (!q)
+		return 0;
+	pthread_mutex_lock(&q->mu);
+	size_t n = q->n;
+	pthread_mutex_unlock(&q->mu);
+	return n;
+}
+
 static struct msg_input *queue_take(struct submit_queue *q)
 {
 	pthread_mutex_lock(&q->mu);
 	struct msg_input *list = q->head;
 	q->head = q->tail = NULL;
+	q->n = 0;
 	q->job_queued = false;
 	pthread_mutex_unlock(&q->mu);
 	return list;
@@ -4653,6 +4665,7 @@ static void submit_coalesced(struct cw_app *app, struct cw_req *req, struct msg_
 	else
 		q->head = in;
 	q->tail = in;
+	q->n++;
 	bool start = !q->job_queued;
 	q->job_queued = true;
 	pthread_mutex_unlock(&q->mu);

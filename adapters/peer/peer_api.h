@@ -115,6 +115,9 @@ cw_err room_members_audit(PGconn *c, const char *actor, const char *public_id, c
 /* The queue that coalesces single-event submits (one per daemon). */
 struct submit_queue *submit_queue_new(void);
 void submit_queue_free(struct submit_queue *q);
+/* The single submits waiting in q for the writer's next job to take them
+ * (causeway_peer_submits_queued; 0 for NULL). */
+size_t submit_queue_count(struct submit_queue *q);
 
 /* The statements of the submit path: round 0's reads, prepared on every
  * store connection, and the writes of the later rounds, on the writer's

@@ -155,9 +155,15 @@ def test_a_leave_and_a_join_in_two_requests_of_one_group_commit(daemon, peers, p
         # ... while her leave makes a job that waits, and her join joins its queue
         start("leave", lambda: b.call("POST", f"/v1/rooms/{gid}/messages", own("leave"), idem="eve-leaves"))
         wait_until(lambda: metric("causeway_db_writes_queued") == 1, what="the leave's job queued")
+        assert metric("causeway_peer_submits_queued") == 1
         start("join", lambda: b.call("POST", f"/v1/rooms/{gid}/messages", own("join"), idem="eve-joins"))
-        # three requests waiting, and this scrape
-        wait_until(lambda: metric("causeway_http_requests_in_flight") == 4, what="the join waiting")
+        # Both in the queue the leave's job takes when the writer gets to
+        # it.  Until the sixty-fourth session this waited for four requests
+        # in flight (these three and the scrape); one is in flight from its
+        # first byte, before its handler queues it, and a join queued after
+        # the writer was let go made a job of its own: the test failed
+        # under load.
+        wait_until(lambda: metric("causeway_peer_submits_queued") == 2, what="the join queued")
         assert metric("causeway_db_writes_queued") == 1
         held.end()
         for t in threads:
@@ -169,11 +175,12 @@ def test_a_leave_and_a_join_in_two_requests_of_one_group_commit(daemon, peers, p
     assert [out[k].status_code for k in ("blocker", "leave", "join")] == [200, 202, 202], \
         [out[k].text for k in ("blocker", "leave", "join")]
     # Two jobs written, the blocker's and the leave's, which took the join:
-    # it had no job of its own.  The gauge above is 1 whether or not the
-    # join was queued yet (a request is in flight from its first byte, its
-    # handler runs after); until the sixty-fourth session it was all the
-    # test had of this, and it held as well with every request a job.
+    # it had no job of its own.  The jobs' gauge above is 1 whether or not
+    # the join was queued yet; until the sixty-fourth session it was all
+    # the test had of this, and it held as well with every request a job.
     assert metric("causeway_db_writes_committed_total") - committed == 2
+    # the job took the queue: nothing is left counted in it
+    assert metric("causeway_peer_submits_queued") == 0
     ids = [out[k].json()["id"] for k in ("leave", "join")]
     # one transaction
     assert pg.psql("SELECT count(DISTINCT xmin::text) FROM events WHERE public_id IN "
@@ -765,9 +772,13 @@ def test_one_key_twice_in_a_group_commit_is_told_to_retry_and_another_peers_same
         hold_the_writer(a, pg, db_url, held, start, other)
         for i, (c, sender, key) in enumerate(calls):
             start(i, lambda c=c, sender=sender, key=key: c.send(gid, sender, "body of " + key, idem=key))
-        # every request waiting (and the blocker, and this scrape), in one job
-        wait_until(lambda: metric(daemon, "causeway_http_requests_in_flight") == len(calls) + 2,
-                   timeout=30, what="all the requests waiting")
+        # every request queued for one job (until the sixty-fourth session
+        # this waited for them in flight, which they are from their first
+        # byte, before their handlers queue them: one queued after the
+        # writer was let go made a job of its own, and the test failed
+        # under load)
+        wait_until(lambda: metric(daemon, "causeway_peer_submits_queued") == len(calls),
+                   timeout=30, what="all the requests queued")
         assert metric(daemon, "causeway_db_writes_queued") == 1
         held.end()
         for t in threads:
@@ -778,9 +789,11 @@ def test_one_key_twice_in_a_group_commit_is_told_to_retry_and_another_peers_same
             t.join(30)
     assert out["blocker"].status_code == 200, out["blocker"].text
     # two jobs written: the blocker's and the one that took all the others
-    # (the gauge above is 1 too while requests in flight are not queued
-    # yet: until the sixty-fourth session it was all the test had of this)
+    # (the jobs' gauge above is 1 too while requests in flight are not
+    # queued yet: until the sixty-fourth session it was all the test had
+    # of this), and the queue's gauge back to 0 once it took them
     assert metric(daemon, "causeway_db_writes_committed_total") - committed == 2
+    assert metric(daemon, "causeway_peer_submits_queued") == 0
     res = [out[i] for i in range(len(calls))]
     by_call = {}
     for (c, _, key), r in zip(calls, res):
