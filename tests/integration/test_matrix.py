@@ -697,19 +697,30 @@ def ghost_notices(hs, room, ghost):
 
 
 def all_said(hs, pg, db_url, outbox=False):
-    """What the daemon was given has all been said: every transaction the
-    homeserver pushed answered (a refused event's notice is queued before
-    the answer), the bot's inbox handled (a command's answer is queued
-    then), no notice (matrix_notices) left to send, and with outbox no
-    row for the peer still to go (pending, held, in flight).  Once they
-    hold, a notice or a delivery more could come only from a row that is
-    not there: a test's "nothing more" is read then, where until the
-    sixty-fourth session a sleep (half a second to a second and a half)
-    stood for it (the house rule: a state read once the daemon wrote it)."""
-    wait_until(lambda: all(t["done"] for t in hs.transactions), timeout=30, what="the homeserver's transactions taken")
+    """What the daemon was given has all been said: every event the
+    homeserver has is pushed in a transaction and every transaction
+    answered, the bot's inbox handled (a command's answer is sent or
+    queued before its row is marked), no notice (matrix_notices) left to
+    send, and with outbox no row for the peer still to go (pending, held,
+    in flight) nor a sender still to be told of a row that died or was
+    dropped with its quote (the bot's dead-letter round queues that
+    notice up to half a second after).  A refused event's notice is put
+    in the writer's queue before the transaction's answer but may be
+    committed just after it: the callers first wait for the notices they
+    expect.  Once these hold, a notice or a delivery more could come only
+    from a row that is not there: a test's "nothing more" is read then,
+    where until the sixty-fourth session a sleep (half a second to a
+    second and a half) stood for it (the house rule: a state read once
+    the daemon wrote it)."""
+    def pushed():
+        with hs._cond:
+            return not hs._queue_events and all(t["done"] for t in hs.transactions)
+    wait_until(pushed, timeout=30, what="the homeserver's events pushed and its transactions taken")
     rows = ("SELECT (SELECT count(*) FROM matrix_notices WHERE done_at IS NULL) "
             "+ (SELECT count(*) FROM matrix_bot_inbox WHERE handled_at IS NULL)"
-            + (" + (SELECT count(*) FROM outbox WHERE state IN ('pending', 'held', 'in_flight'))" if outbox else ""))
+            + (" + (SELECT count(*) FROM outbox WHERE state IN ('pending', 'held', 'in_flight') "
+               "OR (state = 'dead' AND sender_told_at IS NULL) OR (state = 'dropped' AND sender_quote IS NOT NULL))"
+               if outbox else ""))
     wait_until(lambda: pg.psql(rows, db_url) == "0", timeout=30, what="every notice sent, the bot's inbox handled"
                + (", every delivery done" if outbox else ""))
 
