@@ -661,7 +661,8 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
  * sweep's $5 the last of them when it found that many): the rest wait for
  * the next batch, each its own transaction.  A consent's sweep releases
  * the first batch in the consent's transaction and NOTIFYs causeway_sweep
- * ("<her id>:<the batch's last id>") when more may wait; a policy thread
+ * ("<her id>:<the batch's last id>:<the last to release>", the third
+ * since the sixty-fourth session) when more may wait; a policy thread
  * that hears it queues her release, and releases the rest a batch a turn,
  * each from after the last id of the batch before (release_turn;
  * releasable_next_sql, sweep_next_sql).  Until the sixty-third session
@@ -820,7 +821,9 @@ static const char requests_expire_sql[] =
  * only to be dropped or expired, so that the rows released are those the
  * rules were asked about, and the rows to release after them are neither
  * locked nor written in this batch (a lock writes the row); the last
- * column NOTIFYs causeway_sweep for the next batch ($4: a consent's). */
+ * column NOTIFYs causeway_sweep for the next batch ($4: a consent's;
+ * $6, the last row the consent found to release, the NOTIFY's bound for
+ * the later batches since the sixty-fourth session). */
 #define SWEEP_SQL(ROWS, BOUND) \
 	"WITH dn AS (SELECT * FROM jsonb_to_recordset($3::jsonb) AS d(id bigint, reason text, rule bigint)), " \
 	"h AS (SELECT o.id, o.event_id, o.created_at, t.uri AS turi, " \
@@ -886,7 +889,7 @@ static const char sweep_sql[] = SWEEP_SQL(SWEPT_ROWS, SWEEP_BOUND);
 static const char sweep_held_sql[] = SWEEP_SQL("(" SWEPT_HELD ")", SWEEP_BOUND);
 
 /* A later batch of a user's release ($2), from the policy thread's queue
- * (struct release_due, release_turn): her held rows after $6 (the last
+ * (struct release_due, release_turn): her held rows after $7 (the last
  * id of the batch before), in outbox_held_user_order_idx (schema/057),
  * up to the last row of this batch ($5, the last that releasable_next_sql
  * read, whole batch or not; the sweep does not run when it read none).
@@ -2323,7 +2326,9 @@ void policy_rate_memo_finish(struct policy_rate_memo *m)
 /* ------------------------------------------------------------ the thread */
 
 /* A user's release to go on (policy_live.releasing): her held rows after
- * id after, tried again from retry_at (µs, cw_now_us) after a failure,
+ * id after and up to until (the last her consent found to release, the
+ * NOTIFY's third figure; INT64_MAX from a start's pass or an older
+ * daemon's NOTIFY: to the end), tried again from retry_at (µs, cw_now_us) after a failure,
  * backoff_us its wait (1 s doubling to POLICY_RETRY_MAX_S while it
  * fails).  skipped_after, when not -1, is the lowest after of a batch
  * that left rows it found locked by another transaction (SKIP LOCKED):
@@ -2481,9 +2486,11 @@ static bool view_has(const struct policy_view *v, uint64_t xid, const int64_t *i
 static void recheck_users_add(struct policy_live *pl, const int64_t *ids, size_t n);
 static void recheck_whole(struct policy_live *pl);
 
-/* User's release queued to go on from after id after (the one queued
- * already from the lesser of the two ids: a second consent's first batch
- * may have ended before the first's next).  False when out of memory. */
+/* User's release queued to go on from after id after up to until (the
+ * one queued already from the lesser of the two afters and to the higher
+ * of the two untils: a second consent's first batch may have ended
+ * before the first's next, and found more to release).  False when out
+ * of memory. */
 static bool release_add(struct policy_live *pl, int64_t user, int64_t after, int64_t until)
 {
 	for (size_t i = 0; i < pl->nreleasing; i++)
