@@ -359,10 +359,23 @@ static const char requests_sql[] =
  * was done would have a reaction removed later, or a removal still owed
  * (a dead letter replayed), never reach XMPP, though its row is marked
  * delivered (before the twenty-first session it was: a review's finding).
- * With the events go their outbox rows (delivery_attempts and
- * event_native_ids follow by their foreign keys' cascade).  The foreign
- * keys from outbox, idempotency_keys and events' own references were
- * dropped (schema/005): the statement deletes and clears them itself.  A
+ * With the events go their outbox rows and those rows' delivery_attempts
+ * (da, probing delivery_attempts_key with the array of the rows deleted,
+ * the form events_pkey is probed in below, whatever the planner guesses
+ * of ob's rows; event_native_ids follow by their foreign key's cascade).
+ * The foreign keys from outbox, idempotency_keys and events' own
+ * references were dropped (schema/005), and delivery_attempts' to outbox
+ * (058: its check, a FOR KEY SHARE of the outbox row for every try the
+ * dispatcher records, was a quarter of the record's shared blocks,
+ * docs/performance.md; until the sixty-fourth session its ON DELETE
+ * CASCADE deleted the tries here): the statement deletes and clears them
+ * itself.  No try is recorded for a row of a family deleted: the
+ * dispatcher records only a row in flight under its claim, which keeps
+ * the family (OPEN), and its commit, the row's new state with its try,
+ * is seen whole by the snapshot that finds the row closed.  A try left
+ * naming a row that is gone would be read by no one (the trace reads a
+ * row's tries by its id, which is never given again) and attempts_sql
+ * deletes it when it is old, its row not open.  A
  * reply to a message that goes stays, its reference cleared (rf: not a
  * row the statement deletes, which one statement must not change twice).
  * Nothing derived is lost: consent given by writing first is a row of
@@ -426,7 +439,8 @@ static const char rows_sql[] =
 	"WITH RECURSIVE fam(id, at) AS (SELECT e.id, e.accepted_at FROM events e WHERE e.id = ANY($2::bigint[]) "
 	"  AND " DUE(" OR f.id <> ALL($2::bigint[])") " UNION " MEMBERS_OF("fam") "), "
 	"x AS MATERIALIZED (SELECT l.id FROM unnest($2::bigint[]) AS l(id) WHERE l.id IN (SELECT id FROM fam)), "
-	"ob AS (DELETE FROM outbox o USING x WHERE o.event_id = x.id), "
+	"ob AS (DELETE FROM outbox o USING x WHERE o.event_id = x.id RETURNING o.id), "
+	"da AS (DELETE FROM delivery_attempts d WHERE d.outbox_id = ANY (ARRAY(SELECT id FROM ob))), "
 	"rf AS (UPDATE events r SET "
 	"  replaces_id = CASE WHEN r.replaces_id IN (SELECT id FROM x) THEN NULL ELSE r.replaces_id END, "
 	"  in_reply_to_id = CASE WHEN r.in_reply_to_id IN (SELECT id FROM x) THEN NULL ELSE r.in_reply_to_id END "

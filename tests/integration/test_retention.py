@@ -17,7 +17,7 @@ import pytest
 
 from harness import HeldSession, wait_until
 from test_peer_pull import make_peers
-from test_policy import logged_plans, plans_since, rows_read
+from test_policy import fill_outbox, logged_plans, plans_since, rows_read
 
 OLD = "now() - interval '40 days'"  # past retention.content_days and attempts_days (30)
 OLD_KEY = "now() - interval '8 days'"  # past retention.idempotency_days (7)
@@ -1357,3 +1357,60 @@ def test_a_dead_letters_old_tries_are_kept_and_those_behind_them_deleted(make_da
                what="the try behind the dead letter's deleted")
     assert attempts_of(pg, db_url, dead) == n
     assert d.stop() == 0
+
+
+def test_an_old_events_delivery_attempts_go_with_its_outbox_rows(make_daemon, db_url, pg):
+    """The deletion of old events (retention.rows_days) deletes their
+    outbox rows' delivery_attempts in its statement: since the sixty-fourth
+    session (schema/058) no foreign key cascades them (its check cost the
+    dispatcher's record a lock of the outbox row for every try).  Here a
+    pushed message with three tries younger than attempts_days (their own
+    retention keeps them) goes at rows_days, and none of its tries is left
+    naming its deleted row; 10,000 young rows' tries stay, and the
+    deletion reads only the old row's (its plan as run, auto_explain: by
+    delivery_attempts_key)."""
+    n = 10000
+    d, a, b, rm, srv = started_with_peers(make_daemon, db_url)
+    bob = b.user("bob")
+    old = b.send(rm["id"], bob, "old, pushed").json()["id"]
+    young = b.send(rm["id"], bob, "young, pushed").json()["id"]
+    srv.wait_events(2)
+    wait_until(lambda: all(delivered(pg, db_url, m) and attempts_of(pg, db_url, m) == 1 for m in (old, young)),
+               what="the pushes")
+    assert d.stop() == 0
+    srv.close()
+    # Two tries more of the old one (a row retried before it was
+    # delivered), and n young delivered rows with a try each.
+    fill_outbox(pg, db_url, young, 0, n, "NULL")
+    pg.psql("INSERT INTO delivery_attempts (outbox_id, attempt, started_at, finished_at, ok, code) "
+            "SELECT o.id, g, now(), now(), false, 503 FROM outbox o JOIN events e ON e.id = o.event_id, "
+            f"generate_series(2, 3) g WHERE e.public_id = '{old}' UNION ALL "
+            "SELECT o.id, 1, now(), now(), true, 200 FROM outbox o JOIN events e ON e.id = o.event_id "
+            "WHERE e.public_id LIKE 'msg_fill%'; ANALYZE delivery_attempts", db_url)
+    rows = pg.psql("SELECT string_agg(o.id::text, ',') FROM outbox o JOIN events e ON e.id = o.event_id "
+                   f"WHERE e.public_id = '{old}'", db_url)
+    assert rows and attempts_of(pg, db_url, old) == 3
+    young_tries = int(pg.psql("SELECT count(*) FROM delivery_attempts", db_url)) - 3
+    assert young_tries == n + 1
+
+    def tries_of_old_rows():
+        return int(pg.psql(f"SELECT count(*) FROM delivery_attempts WHERE outbox_id IN ({rows})", db_url))
+    assert tries_of_old_rows() == 3
+    log = logged_plans(pg, db_url, analyze=True)
+    pg.psql('ALTER DATABASE "%s" SET auto_explain.log_format = json' % db_url.split("?")[0].rsplit("/", 1)[1])
+    start_at = os.path.getsize(log)
+    age(pg, db_url, older=[old])
+    d = start(make_daemon, db_url)
+    wait_until(lambda: not event_exists(pg, db_url, old), timeout=30, interval=0.2, what="the old event deleted")
+    assert d.stop() == 0
+    assert pg.psql(f"SELECT count(*) FROM outbox WHERE id IN ({rows})", db_url) == "0"
+    assert tries_of_old_rows() == 0
+    assert pg.psql("SELECT count(*) FROM delivery_attempts d WHERE NOT EXISTS "
+                   "(SELECT 1 FROM outbox o WHERE o.id = d.outbox_id)", db_url) == "0"
+    assert event_exists(pg, db_url, young) and int(pg.psql("SELECT count(*) FROM delivery_attempts", db_url)) \
+        == young_tries
+    plans = [json.JSONDecoder().raw_decode(p, p.index("{"))[0]
+             for p in plans_since(log, start_at, '"Plan"')]
+    plans = [p["Plan"] for p in plans if "DELETE FROM events e USING x" in p["Query Text"]]
+    read = [rows_read(p, "delivery_attempts") for p in plans]
+    assert len(read) == 1 and read[0] <= 3, (read, plans)

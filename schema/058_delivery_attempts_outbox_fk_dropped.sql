@@ -1,0 +1,29 @@
+-- 058_delivery_attempts_outbox_fk_dropped.sql: no foreign key from a
+-- delivery attempt to its outbox row, for the reason 005 dropped the
+-- other per-message rows' (its part 2).
+--
+-- The dispatcher records a try of every row it delivers (cw_record,
+-- gateway/dispatcher.c; since the sixty-fourth session from its update's
+-- RETURNING, the rows it holds locked), and the key's check, a trigger
+-- queued per inserted try, locked the outbox row again FOR KEY SHARE
+-- and probed outbox_pkey for it: the record's statement read 30.6-31.1
+-- shared blocks and wrote 9.1 WAL records per delivered event with it,
+-- 22.8-23.7 and 8.1 without (tests/bench/e2e, BENCH_PG_STATS; the
+-- trigger was 16 % of the dispatcher lane's backend in perf:
+-- docs/performance.md, "Sixty-fourth session: peer → peer end to end,
+-- what PostgreSQL spends an event on", and the section after it).  Each try is inserted for a
+-- row the same statement has just updated, or one in flight under the
+-- claim, so the check only ever confirmed what the statement knew.
+--
+-- Its ON DELETE CASCADE deleted a row's tries with the row: the one
+-- statement that deletes outbox rows, the retention sweep's deletion of
+-- old events (gateway/retention.c, rows_sql), deletes their tries itself
+-- since this migration, in the same statement.  A try naming a row that
+-- is gone is read by nothing (the admin trace reads a row's tries by its
+-- id; ids are not reused), and the attempts' own retention
+-- (retention.attempts_days) deletes it when old.  An operator who
+-- deletes outbox rows by hand deletes their delivery_attempts first
+-- (docs/schema.md).  delivery_attempts_key (outbox_id, attempt) stays:
+-- the dispatcher numbers a try by it and the sweep finds a row's tries
+-- by it.
+ALTER TABLE delivery_attempts DROP CONSTRAINT IF EXISTS delivery_attempts_outbox_id_fkey;
