@@ -375,7 +375,8 @@ static const char requests_sql[] =
  * is seen whole by the snapshot that finds the row closed.  A try left
  * naming a row that is gone would be read by no one (the trace reads a
  * row's tries by its id, which is never given again) and attempts_sql
- * deletes it when it is old, its row not open.  A
+ * deletes it when it is old, its row not open (unless
+ * retention.attempts_days is 0: kept for ever).  A
  * reply to a message that goes stays, its reference cleared (rf: not a
  * row the statement deletes, which one statement must not change twice).
  * Nothing derived is lost: consent given by writing first is a row of
